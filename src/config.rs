@@ -1,0 +1,1362 @@
+//! The daemon's TOML configuration.
+//!
+//! The file is parsed with serde (`deny_unknown_fields`, so a typo in a key is
+//! an error that names the line and the key) into private "raw" structs, which
+//! are then validated and turned into [`Config`]. Validation happens in two
+//! stages:
+//!
+//! * [`Config::parse`] checks everything that can be checked without touching
+//!   the filesystem (names, addresses, timing, path overlap).
+//! * [`Config::validate_filesystem`] checks that the directories exist, that
+//!   `state_dir` is writable and that the link secret is readable and long
+//!   enough. [`Config::load`] does both.
+//!
+//! Relative paths (`state_dir`, `queue_dir`, mailstores, `link.secret_file`)
+//! are resolved against the directory that contains the configuration file,
+//! and all paths are normalised lexically (`.` dropped, `..` folded), so every
+//! path in a [`Config`] is absolute.
+//!
+//! Durations (`link.heartbeat_interval_ms`, `link.startup_wait_ms`) are either
+//! an integer number of milliseconds or a string understood by
+//! [`humantime::parse_duration`] such as `"200ms"` or `"1s"`.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use crate::failover::{RecoveryPolicy, TieBreak};
+
+/// Heartbeat interval used when `link.heartbeat_interval_ms` is omitted.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+/// Missed heartbeats tolerated when `link.heartbeat_lost_threshold` is omitted.
+pub const DEFAULT_HEARTBEAT_LOST_THRESHOLD: u32 = 5;
+/// Smallest accepted heartbeat interval.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// Largest accepted heartbeat interval.
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest accepted `link.heartbeat_lost_threshold` (the smallest is 1).
+pub const MAX_HEARTBEAT_LOST_THRESHOLD: u32 = 1000;
+/// Largest accepted `link.startup_wait_ms`.
+pub const MAX_STARTUP_WAIT: Duration = Duration::from_secs(10 * 60);
+/// Minimum length of the link secret, after trimming the trailing newline.
+pub const MIN_SECRET_LEN: usize = 16;
+/// Maximum length in bytes of node, peer and mailstore names.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The validated daemon configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name (`[A-Za-z0-9._-]`, 1..=64 bytes).
+    pub node_name: String,
+    /// Start-up election priority; the higher priority wins.
+    pub priority: u8,
+    /// Directory for the epoch file and the control socket (absolute).
+    pub state_dir: PathBuf,
+    /// The mail queue directory that is kept in sync (absolute).
+    pub queue_dir: PathBuf,
+    /// What a recovered former primary does.
+    pub recovery: RecoveryPolicy,
+    /// How an equal-priority election is decided.
+    pub tie_break: TieBreak,
+    /// The heartbeat link to the peer.
+    pub link: LinkConfig,
+    /// Named mailstore directories that are kept in sync (absolute paths).
+    pub mailstores: BTreeMap<String, PathBuf>,
+    /// The file this configuration came from (as given to `load`/`parse`).
+    pub source: PathBuf,
+}
+
+/// The `[link]` table: heartbeat link to the peer node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkConfig {
+    /// Address the heartbeat link listens on.
+    pub listen: SocketAddr,
+    /// The peer's listen address.
+    pub peer: SocketAddr,
+    /// The peer's node name.
+    pub peer_name: String,
+    /// File holding the pre-shared link secret (absolute).
+    pub secret_file: PathBuf,
+    /// Time between heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Number of missed intervals after which the peer is considered lost.
+    pub heartbeat_lost_threshold: u32,
+    /// How long a starting node waits to hear from its peer.
+    pub startup_wait: Duration,
+}
+
+/// Everything that can go wrong while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {}: {error}", path.display())]
+    Read {
+        /// The configuration file.
+        path: PathBuf,
+        /// What went wrong.
+        error: io::Error,
+    },
+    /// TOML syntax error, unknown key, missing key or wrong value type. The
+    /// toml crate's message names the line, the column and the key.
+    #[error("{}: {error}", path.display())]
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// The toml crate's error.
+        error: toml::de::Error,
+    },
+    /// A value that is well-formed but not acceptable, e.g.
+    /// `hasync.toml: link.heartbeat_lost_threshold = 0: must be at least 1`.
+    #[error("{}: {key} = {value}: {problem}", source_file.display())]
+    Invalid {
+        /// The configuration file.
+        source_file: PathBuf,
+        /// Dotted key, e.g. `link.heartbeat_lost_threshold` or `mailstores.inbox`.
+        key: String,
+        /// The offending value, rendered for humans (strings and paths quoted).
+        value: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and fully validates (including the filesystem checks) the
+    /// configuration file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let config = Config::parse(&text, path)?;
+        config.validate_filesystem()?;
+        Ok(config)
+    }
+
+    /// Parses `text` and runs every check that does not need the filesystem.
+    /// `source` is used in error messages and to resolve relative paths.
+    pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: source.to_path_buf(),
+            error,
+        })?;
+        raw.validate(source)
+    }
+
+    /// Checks that `state_dir`, `queue_dir` and every mailstore exist and are
+    /// directories, that `state_dir` is writable, that the synchronised
+    /// directories do not overlap once symlinks are resolved, and that the
+    /// link secret is readable and long enough.
+    pub fn validate_filesystem(&self) -> Result<(), ConfigError> {
+        self.check_dir("state_dir", &self.state_dir)?;
+        rustix::fs::access(
+            &self.state_dir,
+            rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+        )
+        .map_err(|errno| {
+            self.invalid(
+                "state_dir",
+                quote_path(&self.state_dir),
+                format!("directory is not writable: {}", io::Error::from(errno)),
+            )
+        })?;
+        self.check_dir("queue_dir", &self.queue_dir)?;
+        for (name, path) in &self.mailstores {
+            self.check_dir(&mailstore_key(name), path)?;
+        }
+
+        // The lexical overlap check already ran in `parse`; repeat it on the
+        // canonical paths to catch overlap introduced by symlinks.
+        let mut canonical = Vec::with_capacity(self.mailstores.len() + 1);
+        for (key, path) in self.synced_dirs() {
+            let real = std::fs::canonicalize(path).map_err(|e| {
+                self.invalid(&key, quote_path(path), format!("cannot resolve path: {e}"))
+            })?;
+            canonical.push((key, real));
+        }
+        check_overlap(&canonical, " (after resolving symlinks)")
+            .map_err(|(key, value, problem)| self.invalid(&key, value, problem))?;
+
+        self.read_secret()?;
+        Ok(())
+    }
+
+    /// Reads the link secret. One trailing `\n` or `\r\n` is trimmed; the
+    /// remainder must be at least [`MIN_SECRET_LEN`] bytes.
+    pub fn read_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        const KEY: &str = "link.secret_file";
+        let path = &self.link.secret_file;
+        let mut secret = std::fs::read(path).map_err(|e| {
+            let problem = if e.kind() == io::ErrorKind::NotFound {
+                "secret file does not exist".to_string()
+            } else {
+                format!("cannot read secret file: {e}")
+            };
+            self.invalid(KEY, quote_path(path), problem)
+        })?;
+        if secret.last() == Some(&b'\n') {
+            secret.pop();
+            if secret.last() == Some(&b'\r') {
+                secret.pop();
+            }
+        }
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(self.invalid(
+                KEY,
+                quote_path(path),
+                format!(
+                    "secret is {} bytes long (after trimming the trailing newline); \
+                     at least {MIN_SECRET_LEN} bytes are required",
+                    secret.len()
+                ),
+            ));
+        }
+        Ok(secret)
+    }
+
+    /// Time without heartbeats after which the peer is declared lost:
+    /// `heartbeat_interval * heartbeat_lost_threshold`.
+    pub fn detection_time(&self) -> Duration {
+        self.link
+            .heartbeat_interval
+            .checked_mul(self.link.heartbeat_lost_threshold)
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// A multi-line, human-readable explanation of this configuration, for
+    /// `hasync check-config`.
+    pub fn explain(&self) -> String {
+        const W: usize = 20;
+        let mut out = String::new();
+        let link = &self.link;
+        // Writing into a String cannot fail, so the fmt::Results are ignored.
+        let _ = writeln!(out, "hasync configuration from {}", self.source.display());
+
+        let _ = writeln!(out, "\nNode");
+        let _ = writeln!(out, "  {:W$} {}", "node_name", self.node_name);
+        let _ = writeln!(
+            out,
+            "  {:W$} {} (0..=255; at start-up the node with the higher priority becomes primary)",
+            "priority", self.priority
+        );
+        let (lower, higher) = if self.node_name.as_str() <= link.peer_name.as_str() {
+            (&self.node_name, &link.peer_name)
+        } else {
+            (&link.peer_name, &self.node_name)
+        };
+        let tie = match self.tie_break {
+            TieBreak::LowerName => format!(
+                "lower-name: on equal priority the node with the lower name wins (here: {lower})"
+            ),
+            TieBreak::HigherName => format!(
+                "higher-name: on equal priority the node with the higher name wins (here: {higher})"
+            ),
+        };
+        let _ = writeln!(out, "  {:W$} {tie}", "tie_break");
+        let recovery = match self.recovery {
+            RecoveryPolicy::BecomeSecondary => {
+                "become-secondary: a recovered former primary joins as secondary and \
+                 pushes its local queue to the new primary"
+            }
+            RecoveryPolicy::RestoreRole => {
+                "restore-role: a recovered former primary joins as secondary, pushes its \
+                 queue, catches up, then takes the primary role back by a clean switchover"
+            }
+            RecoveryPolicy::Off => {
+                "off: a recovered former primary stays out of the pair until an operator \
+                 runs `hasync join`"
+            }
+        };
+        let _ = writeln!(out, "  {:W$} {recovery}", "recovery");
+
+        let _ = writeln!(out, "\nHeartbeat link");
+        let _ = writeln!(out, "  {:W$} {}", "listen", link.listen);
+        let _ = writeln!(out, "  {:W$} {} at {}", "peer", link.peer_name, link.peer);
+        let _ = writeln!(out, "  {:W$} {}", "secret_file", link.secret_file.display());
+
+        let _ = writeln!(out, "\nTiming");
+        let _ = writeln!(
+            out,
+            "  {:W$} {}",
+            "heartbeat interval",
+            humantime::format_duration(link.heartbeat_interval)
+        );
+        let _ = writeln!(
+            out,
+            "  {:W$} {} missed heartbeat(s)",
+            "lost threshold", link.heartbeat_lost_threshold
+        );
+        let _ = writeln!(
+            out,
+            "  {:W$} {} (interval x threshold: the peer is declared lost after this long without heartbeats)",
+            "failover detection",
+            humantime::format_duration(self.detection_time())
+        );
+        let _ = writeln!(
+            out,
+            "  {:W$} {} (how long a starting node waits to hear its peer)",
+            "startup wait",
+            humantime::format_duration(link.startup_wait)
+        );
+
+        let _ = writeln!(out, "\nDirectories");
+        let _ = writeln!(
+            out,
+            "  {:W$} {} (epoch file, control socket)",
+            "state_dir",
+            self.state_dir.display()
+        );
+        let _ = writeln!(
+            out,
+            "  {:W$} {} (synchronised)",
+            "queue_dir",
+            self.queue_dir.display()
+        );
+
+        if self.mailstores.is_empty() {
+            let _ = writeln!(out, "\nMailstores: none");
+        } else {
+            let _ = writeln!(
+                out,
+                "\nMailstores ({}, synchronised)",
+                self.mailstores.len()
+            );
+            for (name, path) in &self.mailstores {
+                let _ = writeln!(out, "  {name:W$} {}", path.display());
+            }
+        }
+        out
+    }
+
+    fn invalid(&self, key: &str, value: String, problem: impl Into<String>) -> ConfigError {
+        invalid(&self.source, key, value, problem)
+    }
+
+    fn check_dir(&self, key: &str, path: &Path) -> Result<(), ConfigError> {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_dir() => Ok(()),
+            Ok(_) => Err(self.invalid(key, quote_path(path), "exists but is not a directory")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(self.invalid(key, quote_path(path), "directory does not exist"))
+            }
+            Err(e) => Err(self.invalid(key, quote_path(path), format!("cannot access: {e}"))),
+        }
+    }
+
+    /// `queue_dir` followed by the mailstores, each with its dotted key.
+    fn synced_dirs(&self) -> impl Iterator<Item = (String, &Path)> {
+        std::iter::once(("queue_dir".to_string(), self.queue_dir.as_path())).chain(
+            self.mailstores
+                .iter()
+                .map(|(name, path)| (mailstore_key(name), path.as_path())),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw (deserialised, unvalidated) form.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_name: String,
+    // Wider than u8 so that out-of-range values get our own error message.
+    priority: i64,
+    state_dir: PathBuf,
+    queue_dir: PathBuf,
+    #[serde(default)]
+    recovery: RecoveryPolicy,
+    #[serde(default)]
+    tie_break: TieBreak,
+    link: RawLink,
+    #[serde(default)]
+    mailstores: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    listen: SocketAddr,
+    peer: SocketAddr,
+    peer_name: String,
+    secret_file: PathBuf,
+    #[serde(default, deserialize_with = "de_heartbeat_interval")]
+    heartbeat_interval_ms: Option<Duration>,
+    #[serde(default)]
+    heartbeat_lost_threshold: Option<i64>,
+    #[serde(default, deserialize_with = "de_startup_wait")]
+    startup_wait_ms: Option<Duration>,
+}
+
+fn de_heartbeat_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "link.heartbeat_interval_ms").map(Some)
+}
+
+fn de_startup_wait<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "link.startup_wait_ms").map(Some)
+}
+
+/// Deserialises a duration given either as an integer number of milliseconds
+/// or as a humantime string (`"200ms"`, `"1s"`, `"1m 30s"`). `key` is the
+/// dotted key, used in error messages.
+fn deserialize_duration<'de, D: Deserializer<'de>>(
+    d: D,
+    key: &'static str,
+) -> Result<Duration, D::Error> {
+    struct DurationVisitor {
+        key: &'static str,
+    }
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "a duration for {}: integer milliseconds or a string such as \"200ms\" or \"1s\"",
+                self.key
+            )
+        }
+
+        fn visit_u64<E: de::Error>(self, ms: u64) -> Result<Duration, E> {
+            Ok(Duration::from_millis(ms))
+        }
+
+        fn visit_i64<E: de::Error>(self, ms: i64) -> Result<Duration, E> {
+            u64::try_from(ms).map(Duration::from_millis).map_err(|_| {
+                E::custom(format!(
+                    "{} = {ms}: a duration must not be negative",
+                    self.key
+                ))
+            })
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Duration, E> {
+            humantime::parse_duration(text).map_err(|e| {
+                E::custom(format!(
+                    "{} = {text:?}: not a valid duration ({e}); use integer milliseconds \
+                     or a string such as \"200ms\" or \"1s\"",
+                    self.key
+                ))
+            })
+        }
+    }
+
+    d.deserialize_any(DurationVisitor { key })
+}
+
+impl RawConfig {
+    fn validate(self, source: &Path) -> Result<Config, ConfigError> {
+        let err = |key: &str, value: String, problem: String| invalid(source, key, value, problem);
+        let base = config_base_dir(source);
+
+        check_name("node_name", &self.node_name)
+            .map_err(|p| err("node_name", quote(&self.node_name), p))?;
+
+        let priority = u8::try_from(self.priority).map_err(|_| {
+            err(
+                "priority",
+                self.priority.to_string(),
+                "must be between 0 and 255".to_string(),
+            )
+        })?;
+
+        let state_dir = resolve_path(&base, "state_dir", &self.state_dir)
+            .map_err(|p| err("state_dir", quote_path(&self.state_dir), p))?;
+        let queue_dir = resolve_path(&base, "queue_dir", &self.queue_dir)
+            .map_err(|p| err("queue_dir", quote_path(&self.queue_dir), p))?;
+
+        let link = self.link.validate(source, &base, &self.node_name)?;
+
+        let mut mailstores = BTreeMap::new();
+        for (name, path) in self.mailstores {
+            let key = mailstore_key(&name);
+            check_name("mailstore name", &name).map_err(|p| err(&key, quote_path(&path), p))?;
+            let resolved =
+                resolve_path(&base, &key, &path).map_err(|p| err(&key, quote_path(&path), p))?;
+            mailstores.insert(name, resolved);
+        }
+
+        let config = Config {
+            node_name: self.node_name,
+            priority,
+            state_dir,
+            queue_dir,
+            recovery: self.recovery,
+            tie_break: self.tie_break,
+            link,
+            mailstores,
+            source: source.to_path_buf(),
+        };
+
+        let synced: Vec<(String, PathBuf)> = config
+            .synced_dirs()
+            .map(|(key, path)| (key, path.to_path_buf()))
+            .collect();
+        check_overlap(&synced, "").map_err(|(key, value, problem)| err(&key, value, problem))?;
+
+        Ok(config)
+    }
+}
+
+impl RawLink {
+    fn validate(
+        self,
+        source: &Path,
+        base: &Path,
+        node_name: &str,
+    ) -> Result<LinkConfig, ConfigError> {
+        let err = |key: &str, value: String, problem: String| invalid(source, key, value, problem);
+
+        check_address(&self.listen, false)
+            .map_err(|p| err("link.listen", self.listen.to_string(), p))?;
+        check_address(&self.peer, true).map_err(|p| err("link.peer", self.peer.to_string(), p))?;
+        if self.peer == self.listen {
+            return Err(err(
+                "link.peer",
+                self.peer.to_string(),
+                "peer equals self: same address as link.listen".to_string(),
+            ));
+        }
+
+        check_name("peer_name", &self.peer_name)
+            .map_err(|p| err("link.peer_name", quote(&self.peer_name), p))?;
+        if self.peer_name.eq_ignore_ascii_case(node_name) {
+            return Err(err(
+                "link.peer_name",
+                quote(&self.peer_name),
+                "peer equals self: same as node_name (names are compared case-insensitively)"
+                    .to_string(),
+            ));
+        }
+
+        let secret_file = resolve_path(base, "link.secret_file", &self.secret_file)
+            .map_err(|p| err("link.secret_file", quote_path(&self.secret_file), p))?;
+
+        let interval = self
+            .heartbeat_interval_ms
+            .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
+        if interval < MIN_HEARTBEAT_INTERVAL || interval > MAX_HEARTBEAT_INTERVAL {
+            return Err(err(
+                "link.heartbeat_interval_ms",
+                fmt_duration(interval),
+                format!(
+                    "must be between {} and {}",
+                    fmt_duration(MIN_HEARTBEAT_INTERVAL),
+                    fmt_duration(MAX_HEARTBEAT_INTERVAL)
+                ),
+            ));
+        }
+
+        let threshold_raw = self
+            .heartbeat_lost_threshold
+            .unwrap_or(i64::from(DEFAULT_HEARTBEAT_LOST_THRESHOLD));
+        let threshold_err = |problem: String| {
+            err(
+                "link.heartbeat_lost_threshold",
+                threshold_raw.to_string(),
+                problem,
+            )
+        };
+        if threshold_raw < 1 {
+            return Err(threshold_err("must be at least 1".to_string()));
+        }
+        if threshold_raw > i64::from(MAX_HEARTBEAT_LOST_THRESHOLD) {
+            return Err(threshold_err(format!(
+                "must be at most {MAX_HEARTBEAT_LOST_THRESHOLD}"
+            )));
+        }
+        // In 1..=1000 now, so the conversion cannot fail.
+        let threshold = u32::try_from(threshold_raw).unwrap_or(MAX_HEARTBEAT_LOST_THRESHOLD);
+
+        let (startup_wait, defaulted) = match self.startup_wait_ms {
+            Some(wait) => (wait, false),
+            None => (
+                interval
+                    .checked_mul(threshold.saturating_mul(2))
+                    .unwrap_or(Duration::MAX),
+                true,
+            ),
+        };
+        let startup_value = if defaulted {
+            format!(
+                "{} (default: 2 x heartbeat_lost_threshold x heartbeat_interval_ms)",
+                fmt_duration(startup_wait)
+            )
+        } else {
+            fmt_duration(startup_wait)
+        };
+        if startup_wait < interval {
+            return Err(err(
+                "link.startup_wait_ms",
+                startup_value,
+                format!(
+                    "must be at least link.heartbeat_interval_ms ({})",
+                    fmt_duration(interval)
+                ),
+            ));
+        }
+        if startup_wait > MAX_STARTUP_WAIT {
+            let hint = if defaulted {
+                "; set link.startup_wait_ms explicitly or shorten the interval/threshold"
+            } else {
+                ""
+            };
+            return Err(err(
+                "link.startup_wait_ms",
+                startup_value,
+                format!("must be at most {}{hint}", fmt_duration(MAX_STARTUP_WAIT)),
+            ));
+        }
+
+        Ok(LinkConfig {
+            listen: self.listen,
+            peer: self.peer,
+            peer_name: self.peer_name,
+            secret_file,
+            heartbeat_interval: interval,
+            heartbeat_lost_threshold: threshold,
+            startup_wait,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+fn invalid(source: &Path, key: &str, value: String, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        source_file: source.to_path_buf(),
+        key: key.to_string(),
+        value,
+        problem: problem.into(),
+    }
+}
+
+fn quote(s: &str) -> String {
+    format!("{s:?}")
+}
+
+fn quote_path(p: &Path) -> String {
+    quote(&p.display().to_string())
+}
+
+fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+/// Dotted key for a mailstore; names that are not TOML bare keys are quoted.
+fn mailstore_key(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if bare {
+        format!("mailstores.{name}")
+    } else {
+        format!("mailstores.{name:?}")
+    }
+}
+
+/// Node, peer and mailstore names: 1..=64 bytes of `[A-Za-z0-9._-]`, and not
+/// `.` or `..` (names may end up as path components).
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} must not be empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "{what} is {} bytes long; at most {MAX_NAME_LEN} bytes are allowed",
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} contains {c:?}; only letters A-Z a-z, digits 0-9, '.', '_' and '-' are allowed"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{what} must not be \".\" or \"..\""));
+    }
+    Ok(())
+}
+
+/// A listen address may be a wildcard; a peer address must be concrete. No
+/// port may be 0.
+fn check_address(addr: &SocketAddr, is_peer: bool) -> Result<(), String> {
+    if addr.port() == 0 {
+        return Err("port must not be 0".to_string());
+    }
+    if is_peer && addr.ip().is_unspecified() {
+        return Err(
+            "must be the address the peer listens on, not an unspecified (wildcard) address"
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
+/// The absolute directory of the configuration file, against which relative
+/// paths are resolved.
+fn config_base_dir(source: &Path) -> PathBuf {
+    let parent = match source.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    normalize(&std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf()))
+}
+
+/// Resolves `path` against `base`, normalises it and insists on the result
+/// being absolute. Returns the problem description on failure.
+fn resolve_path(base: &Path, key: &str, path: &Path) -> Result<PathBuf, String> {
+    if path.as_os_str().is_empty() {
+        return Err("path must not be empty".to_string());
+    }
+    let resolved = normalize(&base.join(path));
+    if !resolved.is_absolute() {
+        // Only possible when the current directory cannot be determined.
+        return Err(format!(
+            "{key} must be an absolute path (relative paths are resolved against the \
+             directory of the config file, which could not be determined)"
+        ));
+    }
+    Ok(resolved)
+}
+
+/// Lexical normalisation: drops `.` components and folds `..` into the
+/// preceding component (never above the root).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() && !out.has_root() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// No two synchronised directories may be the same or nested in one another.
+/// On failure returns (key, value, problem) for the inner (or later) one.
+fn check_overlap(dirs: &[(String, PathBuf)], note: &str) -> Result<(), (String, String, String)> {
+    for (i, (key_a, a)) in dirs.iter().enumerate() {
+        for (key_b, b) in &dirs[i + 1..] {
+            let (inner_key, inner, outer_key, outer, relation) = if a == b {
+                (key_b, b, key_a, a, "is the same directory as")
+            } else if b.starts_with(a) {
+                (key_b, b, key_a, a, "is nested inside")
+            } else if a.starts_with(b) {
+                (key_a, a, key_b, b, "is nested inside")
+            } else {
+                continue;
+            };
+            return Err((
+                inner_key.clone(),
+                quote_path(inner),
+                format!(
+                    "{relation} {outer_key} ({}){note}; queue_dir and the mailstores must be \
+                     distinct directories that are not nested in one another",
+                    quote_path(outer)
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../fixtures/hasync.example.toml");
+
+    const BASE: &str = r#"
+node_name = "mx1"
+priority = 100
+state_dir = "/var/lib/hasync"
+queue_dir = "/var/spool/postfix"
+
+[link]
+listen = "127.0.0.1:7401"
+peer = "127.0.0.1:7402"
+peer_name = "mx2"
+secret_file = "/etc/hasync/link.secret"
+"#;
+
+    fn src() -> &'static Path {
+        Path::new("/etc/hasync/hasync.toml")
+    }
+
+    /// BASE with each `from` replaced by `to` (each `from` must occur).
+    fn edited(edits: &[(&str, &str)]) -> String {
+        let mut text = BASE.to_string();
+        for (from, to) in edits {
+            assert!(text.contains(from), "test bug: {from:?} not in BASE");
+            text = text.replacen(from, to, 1);
+        }
+        text
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        match Config::parse(text, src()) {
+            Ok(c) => c,
+            Err(e) => panic!("expected success, got: {e}"),
+        }
+    }
+
+    /// Parses `text`, expects an Invalid error and returns (key, display).
+    fn parse_invalid(text: &str) -> (String, String) {
+        match Config::parse(text, src()) {
+            Err(e @ ConfigError::Invalid { .. }) => {
+                let msg = e.to_string();
+                let ConfigError::Invalid { key, .. } = e else {
+                    unreachable!()
+                };
+                (key, msg)
+            }
+            Err(other) => panic!("expected an Invalid error, got: {other}"),
+            Ok(c) => panic!("expected an error, got: {c:?}"),
+        }
+    }
+
+    fn parse_syntax_err(text: &str) -> String {
+        match Config::parse(text, src()) {
+            Err(e @ ConfigError::Parse { .. }) => e.to_string(),
+            Err(other) => panic!("expected a Parse error, got: {other}"),
+            Ok(c) => panic!("expected an error, got: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn example_fixture_parses() {
+        let c = parse_ok(EXAMPLE);
+        assert_eq!(c.node_name, "mx1");
+        assert_eq!(c.priority, 100);
+        assert_eq!(c.state_dir, Path::new("/var/lib/hasync"));
+        assert_eq!(c.queue_dir, Path::new("/var/spool/postfix"));
+        assert_eq!(c.recovery, RecoveryPolicy::BecomeSecondary);
+        assert_eq!(c.tie_break, TieBreak::LowerName);
+        assert_eq!(c.link.listen, "127.0.0.1:7401".parse().unwrap());
+        assert_eq!(c.link.peer, "127.0.0.1:7402".parse().unwrap());
+        assert_eq!(c.link.peer_name, "mx2");
+        assert_eq!(c.link.secret_file, Path::new("/etc/hasync/link.secret"));
+        assert_eq!(c.link.heartbeat_interval, Duration::from_millis(200));
+        assert_eq!(c.link.heartbeat_lost_threshold, 5);
+        assert_eq!(c.link.startup_wait, Duration::from_secs(2));
+        assert_eq!(c.detection_time(), Duration::from_secs(1));
+        let stores: Vec<(&str, &Path)> = c
+            .mailstores
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_path()))
+            .collect();
+        assert_eq!(
+            stores,
+            [
+                ("archive", Path::new("/var/archive")),
+                ("inbox", Path::new("/var/vmail")),
+                ("quarantine", Path::new("/var/quarantine")),
+            ]
+        );
+        assert_eq!(c.source, src());
+    }
+
+    #[test]
+    fn defaults_apply_when_omitted() {
+        let c = parse_ok(BASE);
+        assert_eq!(c.link.heartbeat_interval, Duration::from_millis(200));
+        assert_eq!(c.link.heartbeat_lost_threshold, 5);
+        assert_eq!(c.link.startup_wait, Duration::from_secs(2));
+        assert_eq!(c.recovery, RecoveryPolicy::default());
+        assert_eq!(c.tie_break, TieBreak::default());
+        assert!(c.mailstores.is_empty());
+    }
+
+    #[test]
+    fn default_startup_wait_follows_interval_and_threshold() {
+        let c = parse_ok(&format!(
+            "{BASE}heartbeat_interval_ms = \"1s\"\nheartbeat_lost_threshold = 3\n"
+        ));
+        assert_eq!(c.link.startup_wait, Duration::from_secs(6));
+        assert_eq!(c.detection_time(), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn duration_string_and_integer_both_accepted() {
+        let a = parse_ok(&format!("{BASE}heartbeat_interval_ms = \"200ms\"\n"));
+        let b = parse_ok(&format!("{BASE}heartbeat_interval_ms = 200\n"));
+        assert_eq!(a.link.heartbeat_interval, Duration::from_millis(200));
+        assert_eq!(a, b);
+        let c = parse_ok(&format!("{BASE}startup_wait_ms = \"1m 30s\"\n"));
+        assert_eq!(c.link.startup_wait, Duration::from_secs(90));
+        let d = parse_ok(&format!("{BASE}startup_wait_ms = 1500\n"));
+        assert_eq!(d.link.startup_wait, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn enums_parse_kebab_case() {
+        let c = parse_ok(&edited(&[(
+            "queue_dir = \"/var/spool/postfix\"\n",
+            "queue_dir = \"/var/spool/postfix\"\nrecovery = \"restore-role\"\ntie_break = \"higher-name\"\n",
+        )]));
+        assert_eq!(c.recovery, RecoveryPolicy::RestoreRole);
+        assert_eq!(c.tie_break, TieBreak::HigherName);
+
+        let msg = parse_syntax_err(&edited(&[(
+            "queue_dir = \"/var/spool/postfix\"\n",
+            "queue_dir = \"/var/spool/postfix\"\nrecovery = \"sometimes\"\n",
+        )]));
+        assert!(msg.contains("sometimes"), "{msg}");
+        assert!(msg.contains("become-secondary"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_reports_line_and_key() {
+        // "foo" is on line 4 (BASE starts with a newline).
+        let text = BASE.replacen("priority = 100\n", "priority = 100\nfoo = 1\n", 1);
+        let msg = parse_syntax_err(&text);
+        assert!(msg.starts_with("/etc/hasync/hasync.toml: "), "{msg}");
+        assert!(msg.contains("line 4"), "{msg}");
+        assert!(msg.contains("unknown field `foo`"), "{msg}");
+
+        // A typo inside [link]: the key is `heartbeat_interval_ms`.
+        let msg = parse_syntax_err(&format!("{BASE}heartbeat_interval = 200\n"));
+        assert!(msg.contains("line 12"), "{msg}");
+        assert!(msg.contains("unknown field `heartbeat_interval`"), "{msg}");
+    }
+
+    #[test]
+    fn missing_key_and_wrong_type_are_reported() {
+        let msg = parse_syntax_err(&edited(&[("peer_name = \"mx2\"\n", "")]));
+        assert!(msg.contains("missing field `peer_name`"), "{msg}");
+
+        let msg = parse_syntax_err(&edited(&[("priority = 100", "priority = \"high\"")]));
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("invalid type"), "{msg}");
+
+        let msg = parse_syntax_err(&edited(&[("\"127.0.0.1:7402\"", "\"mx2.example\"")]));
+        assert!(msg.contains("line 9"), "{msg}");
+        assert!(msg.contains("socket address"), "{msg}");
+    }
+
+    #[test]
+    fn threshold_zero_is_rejected() {
+        let (key, msg) = parse_invalid(&format!("{BASE}heartbeat_lost_threshold = 0\n"));
+        assert_eq!(key, "link.heartbeat_lost_threshold");
+        assert_eq!(
+            msg,
+            "/etc/hasync/hasync.toml: link.heartbeat_lost_threshold = 0: must be at least 1"
+        );
+        let (key, msg) = parse_invalid(&format!("{BASE}heartbeat_lost_threshold = 1001\n"));
+        assert_eq!(key, "link.heartbeat_lost_threshold");
+        assert!(msg.ends_with("= 1001: must be at most 1000"), "{msg}");
+    }
+
+    #[test]
+    fn peer_equals_self_by_name() {
+        let (key, msg) = parse_invalid(&edited(&[("peer_name = \"mx2\"", "peer_name = \"mx1\"")]));
+        assert_eq!(key, "link.peer_name");
+        assert!(
+            msg.contains("link.peer_name = \"mx1\": peer equals self"),
+            "{msg}"
+        );
+        let (key, _) = parse_invalid(&edited(&[("peer_name = \"mx2\"", "peer_name = \"MX1\"")]));
+        assert_eq!(key, "link.peer_name");
+    }
+
+    #[test]
+    fn peer_equals_self_by_address() {
+        let (key, msg) = parse_invalid(&edited(&[("\"127.0.0.1:7402\"", "\"127.0.0.1:7401\"")]));
+        assert_eq!(key, "link.peer");
+        assert_eq!(
+            msg,
+            "/etc/hasync/hasync.toml: link.peer = 127.0.0.1:7401: \
+             peer equals self: same address as link.listen"
+        );
+    }
+
+    #[test]
+    fn peer_address_must_be_concrete() {
+        let (key, msg) = parse_invalid(&edited(&[("\"127.0.0.1:7402\"", "\"0.0.0.0:7402\"")]));
+        assert_eq!(key, "link.peer");
+        assert!(msg.contains("unspecified"), "{msg}");
+        let (key, msg) = parse_invalid(&edited(&[("\"127.0.0.1:7401\"", "\"127.0.0.1:0\"")]));
+        assert_eq!(key, "link.listen");
+        assert!(msg.contains("port must not be 0"), "{msg}");
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let (key, msg) = parse_invalid(&edited(&[("node_name = \"mx1\"", "node_name = \"mx 1\"")]));
+        assert_eq!(key, "node_name");
+        assert!(msg.contains("node_name = \"mx 1\""), "{msg}");
+        assert!(msg.contains("contains ' '"), "{msg}");
+
+        let (key, msg) = parse_invalid(&edited(&[("node_name = \"mx1\"", "node_name = \"\"")]));
+        assert_eq!(key, "node_name");
+        assert!(msg.contains("must not be empty"), "{msg}");
+
+        let long = "a".repeat(65);
+        let (key, msg) = parse_invalid(&edited(&[(
+            "peer_name = \"mx2\"",
+            &format!("peer_name = \"{long}\""),
+        )]));
+        assert_eq!(key, "link.peer_name");
+        assert!(msg.contains("65 bytes"), "{msg}");
+
+        // 64 bytes is fine.
+        parse_ok(&edited(&[(
+            "peer_name = \"mx2\"",
+            &format!("peer_name = \"{}\"", "b".repeat(64)),
+        )]));
+
+        let (key, msg) = parse_invalid(&format!(
+            "{BASE}\n[mailstores]\n\"in box\" = \"/var/vmail\"\n"
+        ));
+        assert_eq!(key, "mailstores.\"in box\"");
+        assert!(msg.contains("mailstore name contains ' '"), "{msg}");
+
+        let (key, _) = parse_invalid(&format!("{BASE}\n[mailstores]\n\"..\" = \"/var/vmail\"\n"));
+        assert_eq!(key, "mailstores.\"..\"");
+    }
+
+    #[test]
+    fn priority_out_of_range() {
+        let (key, msg) = parse_invalid(&edited(&[("priority = 100", "priority = 256")]));
+        assert_eq!(key, "priority");
+        assert!(
+            msg.ends_with("priority = 256: must be between 0 and 255"),
+            "{msg}"
+        );
+        let (key, _) = parse_invalid(&edited(&[("priority = 100", "priority = -1")]));
+        assert_eq!(key, "priority");
+        assert_eq!(
+            parse_ok(&edited(&[("priority = 100", "priority = 255")])).priority,
+            255
+        );
+    }
+
+    #[test]
+    fn bad_duration_string_names_key_and_value() {
+        let msg = parse_syntax_err(&format!("{BASE}heartbeat_interval_ms = \"2 fortnights\"\n"));
+        assert!(msg.contains("link.heartbeat_interval_ms"), "{msg}");
+        assert!(msg.contains("\"2 fortnights\""), "{msg}");
+        assert!(msg.contains("not a valid duration"), "{msg}");
+        assert!(msg.contains("line 12"), "{msg}");
+
+        let msg = parse_syntax_err(&format!("{BASE}startup_wait_ms = -5\n"));
+        assert!(msg.contains("link.startup_wait_ms = -5"), "{msg}");
+        assert!(msg.contains("negative"), "{msg}");
+
+        let msg = parse_syntax_err(&format!("{BASE}startup_wait_ms = 1.5\n"));
+        assert!(msg.contains("link.startup_wait_ms"), "{msg}");
+        assert!(msg.contains("floating point"), "{msg}");
+    }
+
+    #[test]
+    fn interval_out_of_range() {
+        let (key, msg) = parse_invalid(&format!("{BASE}heartbeat_interval_ms = 5\n"));
+        assert_eq!(key, "link.heartbeat_interval_ms");
+        assert!(msg.ends_with("= 5ms: must be between 10ms and 1m"), "{msg}");
+        let (key, _) = parse_invalid(&format!("{BASE}heartbeat_interval_ms = \"61s\"\n"));
+        assert_eq!(key, "link.heartbeat_interval_ms");
+        parse_ok(&format!(
+            "{BASE}heartbeat_interval_ms = 10\nstartup_wait_ms = 10\n"
+        ));
+        parse_ok(&format!(
+            "{BASE}heartbeat_interval_ms = \"60s\"\nheartbeat_lost_threshold = 2\n"
+        ));
+    }
+
+    #[test]
+    fn startup_wait_bounds() {
+        let (key, msg) = parse_invalid(&format!("{BASE}startup_wait_ms = \"100ms\"\n"));
+        assert_eq!(key, "link.startup_wait_ms");
+        assert!(
+            msg.ends_with("= 100ms: must be at least link.heartbeat_interval_ms (200ms)"),
+            "{msg}"
+        );
+        let (key, msg) = parse_invalid(&format!("{BASE}startup_wait_ms = \"11m\"\n"));
+        assert_eq!(key, "link.startup_wait_ms");
+        assert!(msg.ends_with("= 11m: must be at most 10m"), "{msg}");
+        // The computed default is checked too, and the message says so.
+        let (key, msg) = parse_invalid(&format!(
+            "{BASE}heartbeat_interval_ms = \"60s\"\nheartbeat_lost_threshold = 10\n"
+        ));
+        assert_eq!(key, "link.startup_wait_ms");
+        assert!(msg.contains("20m (default: 2 x"), "{msg}");
+        assert!(msg.contains("set link.startup_wait_ms explicitly"), "{msg}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_config_dir() {
+        let text = edited(&[
+            ("\"/var/lib/hasync\"", "\"state\""),
+            ("\"/var/spool/postfix\"", "\"../../var/./spool/postfix/\""),
+            ("\"/etc/hasync/link.secret\"", "\"link.secret\""),
+        ]) + "\n[mailstores]\ninbox = \"./vmail\"\narchive = \"/srv/archive\"\n";
+        let c = parse_ok(&text);
+        assert_eq!(c.state_dir, Path::new("/etc/hasync/state"));
+        assert_eq!(c.queue_dir, Path::new("/var/spool/postfix"));
+        assert_eq!(c.link.secret_file, Path::new("/etc/hasync/link.secret"));
+        assert_eq!(c.mailstores["inbox"], Path::new("/etc/hasync/vmail"));
+        assert_eq!(c.mailstores["archive"], Path::new("/srv/archive"));
+
+        let (key, msg) = parse_invalid(&edited(&[("\"/var/lib/hasync\"", "\"\"")]));
+        assert_eq!(key, "state_dir");
+        assert!(msg.contains("must not be empty"), "{msg}");
+    }
+
+    #[test]
+    fn relative_config_path_gives_absolute_dirs() {
+        let text = edited(&[("\"/var/lib/hasync\"", "\"state\"")]);
+        let c = Config::parse(&text, Path::new("hasync.toml")).unwrap();
+        assert!(c.state_dir.is_absolute());
+        assert_eq!(c.state_dir, std::env::current_dir().unwrap().join("state"));
+    }
+
+    #[test]
+    fn nested_or_equal_dirs_are_rejected() {
+        let (key, msg) = parse_invalid(&format!(
+            "{BASE}\n[mailstores]\narchive = \"/var/spool/postfix/archive\"\n"
+        ));
+        assert_eq!(key, "mailstores.archive");
+        assert!(
+            msg.contains("mailstores.archive = \"/var/spool/postfix/archive\": is nested inside queue_dir (\"/var/spool/postfix\")"),
+            "{msg}"
+        );
+
+        // Outer directory listed after the inner one: still the inner key.
+        let (key, msg) = parse_invalid(&format!(
+            "{BASE}\n[mailstores]\na = \"/srv/mail/a\"\nb = \"/srv/mail\"\n"
+        ));
+        assert_eq!(key, "mailstores.a");
+        assert!(msg.contains("nested inside mailstores.b"), "{msg}");
+
+        // Same path spelt differently.
+        let (key, msg) = parse_invalid(&format!(
+            "{BASE}\n[mailstores]\nspool = \"/var/spool/../spool/postfix/\"\n"
+        ));
+        assert_eq!(key, "mailstores.spool");
+        assert!(msg.contains("is the same directory as queue_dir"), "{msg}");
+
+        // Sibling with a common string prefix is fine.
+        parse_ok(&format!(
+            "{BASE}\n[mailstores]\nx = \"/var/spool/postfix2\"\n"
+        ));
+    }
+
+    #[test]
+    fn explain_mentions_everything() {
+        let c = parse_ok(EXAMPLE);
+        let text = c.explain();
+        for needle in [
+            "/etc/hasync/hasync.toml",
+            "mx1",
+            "100",
+            "lower-name",
+            "(here: mx1)",
+            "become-secondary",
+            "127.0.0.1:7401",
+            "mx2 at 127.0.0.1:7402",
+            "/etc/hasync/link.secret",
+            "200ms",
+            "5 missed",
+            "failover detection   1s",
+            "startup wait         2s",
+            "/var/lib/hasync",
+            "/var/spool/postfix",
+            "Mailstores (3, synchronised)",
+            "quarantine           /var/quarantine",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+        }
+        assert!(parse_ok(BASE).explain().contains("Mailstores: none"));
+    }
+
+    // -- filesystem checks -------------------------------------------------
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        config: PathBuf,
+    }
+
+    /// A tempdir with `state/`, `spool/`, `vmail/`, a 32-byte secret and a
+    /// config using relative paths. `edit` may rewrite the config text.
+    fn setup(edit: impl FnOnce(String) -> String) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["state", "spool", "vmail"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("link.secret"),
+            "0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        let text = edited(&[
+            ("\"/var/lib/hasync\"", "\"state\""),
+            ("\"/var/spool/postfix\"", "\"spool\""),
+            ("\"/etc/hasync/link.secret\"", "\"link.secret\""),
+        ]) + "\n[mailstores]\ninbox = \"vmail\"\n";
+        let config = dir.path().join("hasync.toml");
+        std::fs::write(&config, edit(text)).unwrap();
+        Setup { dir, config }
+    }
+
+    fn load_invalid(config: &Path) -> (String, String) {
+        match Config::load(config) {
+            Err(e @ ConfigError::Invalid { .. }) => {
+                let msg = e.to_string();
+                let ConfigError::Invalid { key, .. } = e else {
+                    unreachable!()
+                };
+                (key, msg)
+            }
+            Err(other) => panic!("expected an Invalid error, got: {other}"),
+            Ok(c) => panic!("expected an error, got: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn load_succeeds_on_valid_tree() {
+        let s = setup(|t| t);
+        let c = Config::load(&s.config).unwrap();
+        assert_eq!(c.state_dir, s.dir.path().join("state"));
+        assert_eq!(c.mailstores["inbox"], s.dir.path().join("vmail"));
+        assert_eq!(
+            c.read_secret().unwrap(),
+            b"0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(c.source, s.config);
+    }
+
+    #[test]
+    fn load_reports_unreadable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nope.toml");
+        let err = Config::load(&path).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("No such file"), "{msg}");
+    }
+
+    #[test]
+    fn missing_dir_is_reported_by_load() {
+        let s = setup(|t| t.replace("\"spool\"", "\"missing\""));
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "queue_dir");
+        let missing = s.dir.path().join("missing");
+        assert!(
+            msg.contains(&format!(
+                "queue_dir = {:?}: directory does not exist",
+                missing.display().to_string()
+            )),
+            "{msg}"
+        );
+
+        let s = setup(|t| t.replace("\"vmail\"", "\"gone\""));
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "mailstores.inbox");
+        assert!(msg.contains("directory does not exist"), "{msg}");
+    }
+
+    #[test]
+    fn state_dir_that_is_a_file_is_rejected() {
+        let s = setup(|t| t.replace("\"state\"", "\"link.secret\""));
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "state_dir");
+        assert!(msg.contains("exists but is not a directory"), "{msg}");
+    }
+
+    #[test]
+    fn short_secret_is_rejected() {
+        let s = setup(|t| t);
+        // 15 bytes + CRLF: too short once the line ending is trimmed.
+        std::fs::write(s.dir.path().join("link.secret"), "0123456789abcde\r\n").unwrap();
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "link.secret_file");
+        assert!(msg.contains("secret is 15 bytes long"), "{msg}");
+        assert!(msg.contains("at least 16 bytes"), "{msg}");
+        assert!(
+            !msg.contains("0123456789abcde\""),
+            "secret must not be echoed: {msg}"
+        );
+
+        // Exactly 16 bytes after trimming \r\n is accepted.
+        std::fs::write(s.dir.path().join("link.secret"), "0123456789abcdef\r\n").unwrap();
+        let c = Config::load(&s.config).unwrap();
+        assert_eq!(c.read_secret().unwrap(), b"0123456789abcdef");
+    }
+
+    #[test]
+    fn missing_secret_is_rejected() {
+        let s = setup(|t| t.replace("\"link.secret\"", "\"absent.secret\""));
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "link.secret_file");
+        assert!(msg.contains("absent.secret"), "{msg}");
+        assert!(msg.contains("secret file does not exist"), "{msg}");
+    }
+
+    #[test]
+    fn symlinked_overlap_is_rejected_by_load() {
+        let s = setup(|t| t + "alias = \"alias\"\n");
+        std::os::unix::fs::symlink(s.dir.path().join("spool/sub"), s.dir.path().join("alias"))
+            .unwrap();
+        std::fs::create_dir(s.dir.path().join("spool/sub")).unwrap();
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "mailstores.alias");
+        assert!(msg.contains("nested inside queue_dir"), "{msg}");
+        assert!(msg.contains("after resolving symlinks"), "{msg}");
+    }
+
+    /// Every fixtures/bad/*.toml must fail `parse`, and the message must
+    /// contain each string given on a `# expect: ...` line.
+    #[test]
+    fn bad_fixtures_fail_with_expected_messages() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bad");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            seen += 1;
+            let text = std::fs::read_to_string(&path).unwrap();
+            let expected: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("# expect: "))
+                .collect();
+            assert!(
+                !expected.is_empty(),
+                "{} has no `# expect:` line",
+                path.display()
+            );
+            let msg = match Config::parse(&text, &path) {
+                Ok(_) => panic!("{} parsed successfully", path.display()),
+                Err(e) => e.to_string(),
+            };
+            for want in expected {
+                assert!(
+                    msg.contains(want),
+                    "{}: {want:?} not in: {msg}",
+                    path.display()
+                );
+            }
+        }
+        assert!(seen >= 5, "expected bad fixtures in {}", dir.display());
+    }
+}

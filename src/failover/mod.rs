@@ -1,0 +1,885 @@
+//! The failover state core: a pure state machine that decides this node's role.
+//!
+//! It owns no socket, file, clock or thread. The driver feeds it
+//! [`Core::handle_event`] / [`Core::handle_timeout`] with the current time and
+//! drains [`Core::poll_action`]; [`Core::poll_timeout`] says when to call back.
+//! That is what lets `tests/sim` run thousands of seeded failover scenarios per
+//! second on a virtual clock.
+//!
+//! # Epochs
+//! Every promotion takes a new *epoch* (a term), persisted durably before the
+//! node acts as primary. Epochs are partitioned between the two nodes by
+//! parity (the node whose name sorts first owns the odd epochs, the other the
+//! even ones), so two primaries can never hold the same epoch, even when both
+//! promote during a partition; a split brain therefore always resolves by
+//! "higher epoch wins", and the configured tie-break only decides start-up
+//! elections.
+
+pub mod sim;
+mod timer;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use timer::{Timer, TimerTable};
+
+/// What a recovered former primary does when it finds a new primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryPolicy {
+    /// Join as secondary and push the local queue to the new primary.
+    #[default]
+    BecomeSecondary,
+    /// Join as secondary, push the queue, catch up, then take the primary
+    /// role back by a clean switchover.
+    RestoreRole,
+    /// Stay out of the pair until an operator runs `hasync join`.
+    Off,
+}
+
+/// How a start-up election between equal priorities is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TieBreak {
+    /// The node whose name sorts first wins.
+    #[default]
+    LowerName,
+    /// The node whose name sorts last wins.
+    HigherName,
+}
+
+/// A node's role, as it advertises it in heartbeats and reports it in status.
+///
+/// `Primary`, `Secondary`, `Failed` and `Off` are the effective modes of the
+/// appliance world; the others are transient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Started (or rejoining), waiting to hear the peer before choosing a role.
+    Negotiating,
+    /// Won the role, waiting for the new epoch to be durable.
+    Promoting,
+    Primary,
+    Secondary,
+    /// Was primary, stepped down for a switchover, waiting for the successor.
+    HandingOver,
+    /// Own checks failed; out of the pair until they pass again.
+    Failed,
+    /// HA disabled by policy or operator.
+    Off,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Negotiating => "negotiating",
+            Role::Promoting => "promoting",
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+            Role::HandingOver => "handing-over",
+            Role::Failed => "failed",
+            Role::Off => "off",
+        }
+    }
+
+    /// Wire code of the role (see `wire`).
+    pub fn code(self) -> u8 {
+        match self {
+            Role::Negotiating => 1,
+            Role::Promoting => 2,
+            Role::Primary => 3,
+            Role::Secondary => 4,
+            Role::HandingOver => 5,
+            Role::Failed => 6,
+            Role::Off => 7,
+        }
+    }
+
+    pub fn from_code(code: u8) -> Option<Role> {
+        Some(match code {
+            1 => Role::Negotiating,
+            2 => Role::Promoting,
+            3 => Role::Primary,
+            4 => Role::Secondary,
+            5 => Role::HandingOver,
+            6 => Role::Failed,
+            7 => Role::Off,
+            _ => return None,
+        })
+    }
+
+    /// A peer in this role is, or is about to be, serving as primary.
+    fn is_live_primary(self) -> bool {
+        matches!(self, Role::Primary | Role::Promoting)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Heartbeat flag: the sender (a secondary) asks the primary to hand over.
+pub const FLAG_TAKEOVER_REQUEST: u8 = 0b0000_0001;
+
+/// What a heartbeat says about its sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub node: String,
+    pub role: Role,
+    pub epoch: u64,
+    pub seq: u64,
+    pub priority: u8,
+    pub flags: u8,
+}
+
+/// The durable part of the core: what must survive a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// Highest epoch this node has taken or seen a primary hold.
+    pub epoch: u64,
+    /// The epoch at which this node last served as primary, until its queue
+    /// has been pushed to a successor. `Some` on restart means "I am a former
+    /// primary and may hold queued mail".
+    pub held_primary: Option<u64>,
+}
+
+/// The core's view of its own configuration.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub node_name: String,
+    pub peer_name: String,
+    pub priority: u8,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_lost_threshold: u32,
+    pub startup_wait: Duration,
+    pub recovery: RecoveryPolicy,
+    pub tie_break: TieBreak,
+}
+
+impl CoreConfig {
+    /// How long without a heartbeat before the peer counts as lost.
+    pub fn lost_window(&self) -> Duration {
+        self.heartbeat_interval * self.heartbeat_lost_threshold
+    }
+}
+
+/// Inputs from the driver.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A heartbeat arrived from the (authenticated) peer.
+    Heartbeat(Heartbeat),
+    /// A link to the peer came up: say who we are right away.
+    LinkUp,
+    /// The driver made this record durable (written, fsynced, renamed, dir fsynced).
+    Persisted(EpochRecord),
+    /// Persisting failed; the state directory cannot be trusted any more.
+    PersistFailed(String),
+    /// Result of the driver's periodic self-check.
+    SelfCheck(Result<(), String>),
+    /// The queue push raised by [`Action::StartQueuePush`] finished.
+    QueuePushDone,
+    /// Mailstore catch-up from the primary finished.
+    CatchUpDone,
+}
+
+/// Why the core did something; printed in the log line of every change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    Started,
+    NoPeerAtStartup { waited: Duration },
+    PeerIsPrimary { peer_epoch: u64 },
+    WonElection { peer_priority: u8 },
+    PeerLost { silent_for: Duration },
+    PeerRole(Role),
+    SplitBrainLost { our_epoch: u64, peer_epoch: u64 },
+    SwitchoverRequested,
+    TakeoverRequestedByPeer,
+    HandoverComplete { peer_epoch: u64 },
+    HandoverTimedOut,
+    EpochDurable,
+    SelfCheckFailed(String),
+    SelfCheckPassed,
+    PersistFailed(String),
+    RecoveryPolicyOff,
+    OperatorJoin,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Started => write!(f, "node started"),
+            Reason::NoPeerAtStartup { waited } => {
+                write!(f, "no peer heard during start-up wait of {waited:?}")
+            }
+            Reason::PeerIsPrimary { peer_epoch } => {
+                write!(f, "peer is primary at epoch {peer_epoch}")
+            }
+            Reason::WonElection { peer_priority } => {
+                write!(
+                    f,
+                    "won start-up election against peer priority {peer_priority}"
+                )
+            }
+            Reason::PeerLost { silent_for } => {
+                write!(f, "no heartbeat from peer for {silent_for:?}")
+            }
+            Reason::PeerRole(role) => write!(f, "peer reports role {role}"),
+            Reason::SplitBrainLost {
+                our_epoch,
+                peer_epoch,
+            } => write!(
+                f,
+                "split brain: peer primary at epoch {peer_epoch} wins over our epoch {our_epoch}"
+            ),
+            Reason::SwitchoverRequested => write!(f, "operator requested switchover"),
+            Reason::TakeoverRequestedByPeer => write!(f, "peer requested takeover"),
+            Reason::HandoverComplete { peer_epoch } => {
+                write!(f, "handover complete, peer primary at epoch {peer_epoch}")
+            }
+            Reason::HandoverTimedOut => write!(f, "handover not acknowledged in time"),
+            Reason::EpochDurable => write!(f, "new epoch is durable"),
+            Reason::SelfCheckFailed(why) => write!(f, "self-check failed: {why}"),
+            Reason::SelfCheckPassed => write!(f, "self-check passes again"),
+            Reason::PersistFailed(why) => write!(f, "could not persist epoch: {why}"),
+            Reason::RecoveryPolicyOff => {
+                write!(f, "recovered former primary and recovery policy is off")
+            }
+            Reason::OperatorJoin => write!(f, "operator asked to join the pair"),
+        }
+    }
+}
+
+/// Something an operator should look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Alarm {
+    SplitBrain {
+        our_epoch: u64,
+        peer_epoch: u64,
+        we_stay_primary: bool,
+    },
+    PeerLost {
+        silent_for: Duration,
+    },
+    SelfCheckFailed(String),
+    PersistFailed(String),
+    UnexpectedPeer {
+        name: String,
+    },
+}
+
+impl fmt::Display for Alarm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Alarm::SplitBrain {
+                our_epoch,
+                peer_epoch,
+                we_stay_primary,
+            } => write!(
+                f,
+                "split brain: both nodes primary (ours epoch {our_epoch}, peer epoch {peer_epoch}); {}",
+                if *we_stay_primary {
+                    "this node stays primary"
+                } else {
+                    "this node demotes and pushes its queue"
+                }
+            ),
+            Alarm::PeerLost { silent_for } => {
+                write!(f, "peer lost: no heartbeat for {silent_for:?}")
+            }
+            Alarm::SelfCheckFailed(why) => write!(f, "self-check failed: {why}"),
+            Alarm::PersistFailed(why) => write!(f, "epoch persistence failed: {why}"),
+            Alarm::UnexpectedPeer { name } => {
+                write!(f, "heartbeat from unexpected node {name:?} ignored")
+            }
+        }
+    }
+}
+
+/// Outputs for the driver to execute, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    SendHeartbeat(Heartbeat),
+    /// Make this record durable, then feed back [`Event::Persisted`] (or
+    /// [`Event::PersistFailed`]).
+    PersistEpoch(EpochRecord),
+    /// The node's role changed. Entering `Primary` means "serve mail now";
+    /// leaving it means "stop serving now".
+    Become {
+        role: Role,
+        epoch: u64,
+        reason: Reason,
+    },
+    /// Push the local mail queue to the new primary (which holds `peer_epoch`).
+    StartQueuePush {
+        peer_epoch: u64,
+    },
+    Alarm(Alarm),
+}
+
+/// Why an operator command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandRefused {
+    #[error("switchover needs a live peer in role {needed}, but the peer is {peer}")]
+    PeerNotReady { needed: Role, peer: String },
+    #[error("this node is {0}; the command does not apply")]
+    WrongRole(Role),
+}
+
+#[derive(Debug, Clone)]
+struct PeerView {
+    hb: Heartbeat,
+    last_heard: Instant,
+    alive: bool,
+}
+
+/// A read-only snapshot for `hasync status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreStatus {
+    pub role: Role,
+    pub epoch: u64,
+    pub since: Instant,
+    pub last_reason: Reason,
+    pub peer_role: Option<Role>,
+    pub peer_epoch: Option<u64>,
+    pub peer_alive: bool,
+    pub peer_last_heard: Option<Instant>,
+    pub queue_push_pending: bool,
+    pub restore_pending: bool,
+}
+
+/// The failover state machine.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    role: Role,
+    since: Instant,
+    last_reason: Reason,
+    /// Highest epoch known; for a primary, the epoch it serves at.
+    epoch: u64,
+    held_primary: Option<u64>,
+    peer: Option<PeerView>,
+    seq: u64,
+    timers: TimerTable,
+    actions: VecDeque<Action>,
+    /// The start-up wait has passed without a decision.
+    startup_expired: bool,
+    /// A queue push was raised and has not reported done.
+    push_pending: bool,
+    /// Restore-role: take the primary role back once push and catch-up finish.
+    restore_pending: bool,
+    catch_up_done: bool,
+    /// We (a secondary) asked the primary to hand over.
+    takeover_requested: bool,
+    /// A split brain alarm was raised for this peer epoch (raise it once).
+    split_brain_alarmed: Option<u64>,
+}
+
+impl Core {
+    /// A node starting from its persisted record.
+    pub fn new(cfg: CoreConfig, persisted: EpochRecord, now: Instant) -> Core {
+        let mut core = Core {
+            cfg,
+            role: Role::Negotiating,
+            since: now,
+            last_reason: Reason::Started,
+            epoch: persisted.epoch,
+            held_primary: persisted.held_primary,
+            peer: None,
+            seq: 0,
+            timers: TimerTable::default(),
+            actions: VecDeque::new(),
+            startup_expired: false,
+            push_pending: false,
+            restore_pending: false,
+            catch_up_done: false,
+            takeover_requested: false,
+            split_brain_alarmed: None,
+        };
+        core.enter_negotiating(now, Reason::Started);
+        core
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn record(&self) -> EpochRecord {
+        EpochRecord {
+            epoch: self.epoch,
+            held_primary: self.held_primary,
+        }
+    }
+
+    pub fn status(&self) -> CoreStatus {
+        CoreStatus {
+            role: self.role,
+            epoch: self.epoch,
+            since: self.since,
+            last_reason: self.last_reason.clone(),
+            peer_role: self.peer.as_ref().map(|p| p.hb.role),
+            peer_epoch: self.peer.as_ref().map(|p| p.hb.epoch),
+            peer_alive: self.peer.as_ref().is_some_and(|p| p.alive),
+            peer_last_heard: self.peer.as_ref().map(|p| p.last_heard),
+            queue_push_pending: self.push_pending,
+            restore_pending: self.restore_pending,
+        }
+    }
+
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next_deadline()
+    }
+
+    pub fn handle_event(&mut self, now: Instant, event: Event) {
+        match event {
+            Event::Heartbeat(hb) => self.on_heartbeat(now, hb),
+            Event::LinkUp => self.send_heartbeat(now),
+            Event::Persisted(rec) => self.on_persisted(now, rec),
+            Event::PersistFailed(why) => {
+                self.actions
+                    .push_back(Action::Alarm(Alarm::PersistFailed(why.clone())));
+                self.enter_failed(now, Reason::PersistFailed(why));
+            }
+            Event::SelfCheck(Err(why)) => {
+                if self.role != Role::Failed {
+                    self.actions
+                        .push_back(Action::Alarm(Alarm::SelfCheckFailed(why.clone())));
+                    self.enter_failed(now, Reason::SelfCheckFailed(why));
+                }
+            }
+            Event::SelfCheck(Ok(())) => {
+                // A node failed by a persist error stays failed until its
+                // checks pass again: the check includes a write probe of the
+                // state directory, so "passes" means it is writable again.
+                if self.role == Role::Failed {
+                    self.enter_negotiating(now, Reason::SelfCheckPassed);
+                }
+            }
+            Event::QueuePushDone => {
+                self.push_pending = false;
+                if self.held_primary.is_some() && !self.role.is_live_primary() {
+                    self.held_primary = None;
+                    self.persist();
+                }
+                self.maybe_request_restore(now);
+            }
+            Event::CatchUpDone => {
+                self.catch_up_done = true;
+                self.maybe_request_restore(now);
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(timer) = self.timers.take_expired(now) {
+            match timer {
+                Timer::Heartbeat => self.send_heartbeat(now),
+                Timer::PeerLost => self.on_peer_lost(now),
+                Timer::Startup => {
+                    self.startup_expired = true;
+                    if self.role == Role::Negotiating && !self.peer_alive() {
+                        let waited = self.cfg.startup_wait;
+                        self.promote(now, Reason::NoPeerAtStartup { waited });
+                    }
+                }
+                Timer::Handover => match self.role {
+                    Role::HandingOver => {
+                        self.become_role(now, Role::Secondary, Reason::HandoverTimedOut);
+                        // Give the peer a full window to show up as primary
+                        // before we consider promoting again.
+                        self.timers
+                            .set(Timer::PeerLost, now + self.cfg.lost_window());
+                    }
+                    _ => self.takeover_requested = false,
+                },
+            }
+        }
+    }
+
+    /// Operator: `hasync failover` on either node.
+    pub fn request_switchover(&mut self, now: Instant) -> Result<(), CommandRefused> {
+        match self.role {
+            Role::Primary => {
+                self.require_peer(Role::Secondary)?;
+                self.start_handover(now, Reason::SwitchoverRequested);
+                Ok(())
+            }
+            Role::Secondary => {
+                self.require_peer(Role::Primary)?;
+                self.takeover_requested = true;
+                self.timers
+                    .set(Timer::Handover, now + self.cfg.lost_window());
+                self.send_heartbeat(now);
+                Ok(())
+            }
+            other => Err(CommandRefused::WrongRole(other)),
+        }
+    }
+
+    /// Operator: `hasync join` brings a node that is `off` back into the pair.
+    pub fn join(&mut self, now: Instant) -> Result<(), CommandRefused> {
+        if self.role != Role::Off {
+            return Err(CommandRefused::WrongRole(self.role));
+        }
+        self.enter_negotiating(now, Reason::OperatorJoin);
+        Ok(())
+    }
+
+    // ----- reactions -------------------------------------------------------
+
+    fn on_heartbeat(&mut self, now: Instant, hb: Heartbeat) {
+        if hb.node != self.cfg.peer_name {
+            self.actions.push_back(Action::Alarm(Alarm::UnexpectedPeer {
+                name: hb.node.clone(),
+            }));
+            return;
+        }
+        self.peer = Some(PeerView {
+            hb: hb.clone(),
+            last_heard: now,
+            alive: true,
+        });
+        self.timers
+            .set(Timer::PeerLost, now + self.cfg.lost_window());
+
+        match self.role {
+            Role::Negotiating => self.negotiating_hears(now, &hb),
+            Role::Secondary => self.secondary_hears(now, &hb),
+            Role::Primary => self.primary_hears(now, &hb),
+            Role::HandingOver => {
+                if hb.role.is_live_primary() && hb.epoch > self.epoch {
+                    self.adopt_epoch(hb.epoch);
+                    self.join_as_secondary(
+                        now,
+                        Reason::HandoverComplete {
+                            peer_epoch: hb.epoch,
+                        },
+                        hb.epoch,
+                    );
+                }
+            }
+            // Promoting only waits for durability; Failed and Off only report.
+            Role::Promoting | Role::Failed | Role::Off => {}
+        }
+    }
+
+    fn negotiating_hears(&mut self, now: Instant, hb: &Heartbeat) {
+        match hb.role {
+            Role::Primary => {
+                self.adopt_epoch(hb.epoch);
+                let reason = Reason::PeerIsPrimary {
+                    peer_epoch: hb.epoch,
+                };
+                if self.held_primary.is_some() {
+                    // A recovered former primary: the configured policy applies.
+                    match self.cfg.recovery {
+                        RecoveryPolicy::BecomeSecondary => {
+                            self.join_as_secondary(now, reason, hb.epoch)
+                        }
+                        RecoveryPolicy::RestoreRole => {
+                            self.restore_pending = true;
+                            self.catch_up_done = false;
+                            self.join_as_secondary(now, reason, hb.epoch);
+                        }
+                        RecoveryPolicy::Off => {
+                            self.become_role(now, Role::Off, Reason::RecoveryPolicyOff)
+                        }
+                    }
+                } else {
+                    self.join_as_secondary(now, reason, hb.epoch);
+                }
+            }
+            Role::Negotiating => {
+                if self.wins_election(hb) {
+                    self.promote(
+                        now,
+                        Reason::WonElection {
+                            peer_priority: hb.priority,
+                        },
+                    );
+                }
+            }
+            // The peer is about to be primary, or (a secondary) will promote on
+            // hearing us: wait for it.
+            Role::Promoting | Role::Secondary => {}
+            Role::HandingOver | Role::Failed | Role::Off => {
+                self.promote(now, Reason::PeerRole(hb.role))
+            }
+        }
+    }
+
+    fn secondary_hears(&mut self, now: Instant, hb: &Heartbeat) {
+        match hb.role {
+            Role::Primary | Role::Promoting => {
+                if hb.epoch > self.epoch {
+                    self.adopt_epoch(hb.epoch);
+                }
+                self.maybe_request_restore(now);
+            }
+            Role::Secondary => {
+                if self.wins_election(hb) {
+                    self.promote(
+                        now,
+                        Reason::WonElection {
+                            peer_priority: hb.priority,
+                        },
+                    );
+                }
+            }
+            // No primary exists: the peer (re)started, stepped down or failed.
+            Role::Negotiating | Role::HandingOver | Role::Failed | Role::Off => {
+                self.promote(now, Reason::PeerRole(hb.role))
+            }
+        }
+    }
+
+    fn primary_hears(&mut self, now: Instant, hb: &Heartbeat) {
+        match hb.role {
+            Role::Primary | Role::Promoting => {
+                let we_stay = self.wins_split_brain(hb);
+                if self.split_brain_alarmed != Some(hb.epoch) {
+                    self.split_brain_alarmed = Some(hb.epoch);
+                    self.actions.push_back(Action::Alarm(Alarm::SplitBrain {
+                        our_epoch: self.epoch,
+                        peer_epoch: hb.epoch,
+                        we_stay_primary: we_stay,
+                    }));
+                }
+                if !we_stay {
+                    let our_epoch = self.epoch;
+                    self.adopt_epoch(hb.epoch);
+                    self.join_as_secondary(
+                        now,
+                        Reason::SplitBrainLost {
+                            our_epoch,
+                            peer_epoch: hb.epoch,
+                        },
+                        hb.epoch,
+                    );
+                }
+            }
+            Role::Secondary if hb.flags & FLAG_TAKEOVER_REQUEST != 0 => {
+                self.start_handover(now, Reason::TakeoverRequestedByPeer);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_peer_lost(&mut self, now: Instant) {
+        let Some(peer) = self.peer.as_mut() else {
+            return;
+        };
+        if !peer.alive {
+            return;
+        }
+        peer.alive = false;
+        let silent_for = now.saturating_duration_since(peer.last_heard);
+        self.actions
+            .push_back(Action::Alarm(Alarm::PeerLost { silent_for }));
+        match self.role {
+            Role::Secondary => self.promote(now, Reason::PeerLost { silent_for }),
+            Role::Negotiating if self.startup_expired => {
+                self.promote(now, Reason::PeerLost { silent_for })
+            }
+            _ => {}
+        }
+    }
+
+    fn on_persisted(&mut self, now: Instant, rec: EpochRecord) {
+        if let Role::Promoting = self.role {
+            if rec.held_primary == Some(self.epoch) && rec.epoch == self.epoch {
+                self.restore_pending = false;
+                self.takeover_requested = false;
+                self.become_role(now, Role::Primary, Reason::EpochDurable);
+            }
+        }
+    }
+
+    // ----- transitions -----------------------------------------------------
+
+    fn enter_negotiating(&mut self, now: Instant, reason: Reason) {
+        self.startup_expired = false;
+        self.timers.set(Timer::Startup, now + self.cfg.startup_wait);
+        self.become_role(now, Role::Negotiating, reason);
+        // A heartbeat already heard from a live peer is still news.
+        if let Some(peer) = self.peer.clone() {
+            if peer.alive {
+                self.negotiating_hears(now, &peer.hb);
+            }
+        }
+    }
+
+    fn enter_failed(&mut self, now: Instant, reason: Reason) {
+        self.timers.clear(Timer::Startup);
+        self.timers.clear(Timer::Handover);
+        self.takeover_requested = false;
+        self.become_role(now, Role::Failed, reason);
+    }
+
+    fn join_as_secondary(&mut self, now: Instant, reason: Reason, peer_epoch: u64) {
+        self.timers.clear(Timer::Startup);
+        self.timers.clear(Timer::Handover);
+        self.become_role(now, Role::Secondary, reason);
+        if self.held_primary.is_some() {
+            self.push_pending = true;
+            self.actions
+                .push_back(Action::StartQueuePush { peer_epoch });
+        }
+    }
+
+    fn promote(&mut self, now: Instant, reason: Reason) {
+        let peer_epoch = self.peer.as_ref().map_or(0, |p| p.hb.epoch);
+        let target = self.next_owned_epoch(self.epoch.max(peer_epoch));
+        self.epoch = target;
+        self.held_primary = Some(target);
+        self.timers.clear(Timer::Startup);
+        self.timers.clear(Timer::Handover);
+        self.become_role(now, Role::Promoting, reason);
+        self.persist();
+    }
+
+    fn start_handover(&mut self, now: Instant, reason: Reason) {
+        self.timers
+            .set(Timer::Handover, now + self.cfg.lost_window());
+        self.become_role(now, Role::HandingOver, reason);
+    }
+
+    fn become_role(&mut self, now: Instant, role: Role, reason: Reason) {
+        self.role = role;
+        self.since = now;
+        self.last_reason = reason.clone();
+        self.actions.push_back(Action::Become {
+            role,
+            epoch: self.epoch,
+            reason,
+        });
+        // Tell the peer at once; a role change must not wait for the next tick.
+        self.send_heartbeat(now);
+    }
+
+    fn maybe_request_restore(&mut self, now: Instant) {
+        if self.role == Role::Secondary
+            && self.restore_pending
+            && !self.push_pending
+            && self.catch_up_done
+            && !self.takeover_requested
+            && self.peer_alive()
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.hb.role == Role::Primary)
+        {
+            self.takeover_requested = true;
+            self.timers
+                .set(Timer::Handover, now + self.cfg.lost_window());
+            self.send_heartbeat(now);
+        }
+    }
+
+    // ----- helpers ---------------------------------------------------------
+
+    fn send_heartbeat(&mut self, now: Instant) {
+        self.seq += 1;
+        let flags = if self.takeover_requested && self.role == Role::Secondary {
+            FLAG_TAKEOVER_REQUEST
+        } else {
+            0
+        };
+        self.actions.push_back(Action::SendHeartbeat(Heartbeat {
+            node: self.cfg.node_name.clone(),
+            role: self.role,
+            epoch: self.epoch,
+            seq: self.seq,
+            priority: self.cfg.priority,
+            flags,
+        }));
+        self.timers
+            .set(Timer::Heartbeat, now + self.cfg.heartbeat_interval);
+    }
+
+    fn persist(&mut self) {
+        self.actions.push_back(Action::PersistEpoch(self.record()));
+    }
+
+    fn adopt_epoch(&mut self, epoch: u64) {
+        if epoch > self.epoch {
+            self.epoch = epoch;
+            self.persist();
+        }
+    }
+
+    fn peer_alive(&self) -> bool {
+        self.peer.as_ref().is_some_and(|p| p.alive)
+    }
+
+    fn require_peer(&self, needed: Role) -> Result<(), CommandRefused> {
+        match &self.peer {
+            Some(p) if p.alive && p.hb.role == needed => Ok(()),
+            Some(p) if p.alive => Err(CommandRefused::PeerNotReady {
+                needed,
+                peer: p.hb.role.to_string(),
+            }),
+            _ => Err(CommandRefused::PeerNotReady {
+                needed,
+                peer: "not heard".to_string(),
+            }),
+        }
+    }
+
+    /// Parity of the epochs this node may take (see the module docs).
+    fn owned_parity(&self) -> u64 {
+        if self.cfg.node_name < self.cfg.peer_name {
+            1
+        } else {
+            0
+        }
+    }
+
+    fn next_owned_epoch(&self, after: u64) -> u64 {
+        let mut e = after + 1;
+        if e % 2 != self.owned_parity() {
+            e += 1;
+        }
+        e
+    }
+
+    /// Start-up election: higher priority, then the configured tie-break.
+    fn wins_election(&self, peer: &Heartbeat) -> bool {
+        if self.cfg.priority != peer.priority {
+            return self.cfg.priority > peer.priority;
+        }
+        match self.cfg.tie_break {
+            TieBreak::LowerName => self.cfg.node_name < peer.node,
+            TieBreak::HigherName => self.cfg.node_name > peer.node,
+        }
+    }
+
+    /// Split brain: higher epoch wins (epochs are unique per node, see module
+    /// docs); equal epochs can only come from a misconfigured pair, and fall
+    /// back to the election rule so that the outcome is still one primary.
+    fn wins_split_brain(&self, peer: &Heartbeat) -> bool {
+        if self.epoch != peer.epoch {
+            return self.epoch > peer.epoch;
+        }
+        self.wins_election(peer)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,701 @@
+//! Deterministic simulation of a pair of failover cores on a virtual clock.
+//!
+//! Used by the property tests, and usable by embedders who want to try a
+//! policy against partitions, crashes and restarts without a network. Every
+//! source of randomness comes from one seed, so a failing run replays exactly.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use super::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
+
+/// A fault injected at a point of virtual time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The link drops everything in both directions for a while.
+    Partition { for_ms: u64 },
+    /// Heartbeats are lost with `percent` probability for a while.
+    Loss { for_ms: u64, percent: u8 },
+    /// The node's process dies (only its durable record survives) and
+    /// restarts after `down_ms`.
+    Crash { node: usize, down_ms: u64 },
+    /// The node's self-check fails for a while.
+    SelfFail { node: usize, for_ms: u64 },
+    /// Operator runs `hasync failover` on the node.
+    Switchover { node: usize },
+    /// Operator runs `hasync join` on the node.
+    Join { node: usize },
+}
+
+impl FaultKind {
+    /// How long after its start the fault still acts.
+    fn duration_ms(&self) -> u64 {
+        match *self {
+            FaultKind::Partition { for_ms } | FaultKind::Loss { for_ms, .. } => for_ms,
+            FaultKind::Crash { down_ms, .. } => down_ms,
+            FaultKind::SelfFail { for_ms, .. } => for_ms,
+            FaultKind::Switchover { .. } | FaultKind::Join { .. } => 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fault {
+    pub at_ms: u64,
+    pub kind: FaultKind,
+}
+
+/// One simulated scenario.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub seed: u64,
+    pub configs: [CoreConfig; 2],
+    /// Node 1 starts this much later than node 0.
+    pub start_offset_ms: u64,
+    /// One-way link delay is drawn uniformly from this range (ms).
+    pub delay_ms: (u64, u64),
+    /// Epoch persistence takes this long (ms).
+    pub persist_ms: u64,
+    pub faults: Vec<Fault>,
+}
+
+/// A broken invariant, with the time and history that led to it.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub seed: u64,
+    pub at_ms: u64,
+    pub what: String,
+    pub history: Vec<String>,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "seed {} violated at t={}ms: {}",
+            self.seed, self.at_ms, self.what
+        )?;
+        writeln!(f, "last events:")?;
+        for line in self.history.iter().rev().take(40).rev() {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a finished run looked like.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub final_roles: [Option<Role>; 2],
+    pub final_epochs: [u64; 2],
+    pub promotions: usize,
+    pub queue_pushes: usize,
+    pub split_brain_alarms: usize,
+    /// Virtual time from the end of the last fault to a stable pair.
+    pub converged_after_ms: Option<u64>,
+}
+
+/// SplitMix64: small, fast, and good enough to drive a simulation.
+#[derive(Debug, Clone)]
+pub struct SimRng(u64);
+
+impl SimRng {
+    pub fn new(seed: u64) -> SimRng {
+        SimRng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+
+    pub fn percent(&mut self, p: u8) -> bool {
+        self.next_u64() % 100 < u64::from(p)
+    }
+}
+
+struct SimNode {
+    cfg: CoreConfig,
+    core: Option<Core>,
+    durable: EpochRecord,
+    max_durable_epoch: u64,
+    persists: VecDeque<(u64, EpochRecord)>,
+    self_ok: bool,
+    /// Virtual ms since which the node has been primary without a break.
+    primary_since: Option<u64>,
+    push_done_at: Option<u64>,
+    catch_up_at: Option<u64>,
+}
+
+struct InFlight {
+    deliver_ms: u64,
+    to: usize,
+    hb: Heartbeat,
+}
+
+/// The simulator.
+pub struct Sim {
+    plan: Plan,
+    rng: SimRng,
+    base: Instant,
+    now_ms: u64,
+    nodes: [SimNode; 2],
+    in_flight: Vec<InFlight>,
+    /// Per direction (index = receiver), the time since which every
+    /// heartbeat towards that receiver has been delivered.
+    clean_since: [u64; 2],
+    pending: Vec<(u64, Event2)>,
+    history: Vec<String>,
+    promotions: usize,
+    queue_pushes: usize,
+    split_brain_alarms: usize,
+    last_role_change_ms: u64,
+}
+
+/// Internal scheduled happenings.
+#[derive(Debug, Clone)]
+enum Event2 {
+    Fault(FaultKind),
+    Start(usize),
+    Restart(usize),
+    SelfOk(usize),
+    PartitionEnd,
+    LossEnd,
+}
+
+impl Sim {
+    pub fn new(plan: Plan) -> Sim {
+        let base = Instant::now();
+        let mk = |cfg: &CoreConfig| SimNode {
+            cfg: cfg.clone(),
+            core: None,
+            durable: EpochRecord::default(),
+            max_durable_epoch: 0,
+            persists: VecDeque::new(),
+            self_ok: true,
+            primary_since: None,
+            push_done_at: None,
+            catch_up_at: None,
+        };
+        let nodes = [mk(&plan.configs[0]), mk(&plan.configs[1])];
+        let mut pending = vec![
+            (0, Event2::Start(0)),
+            (plan.start_offset_ms, Event2::Start(1)),
+        ];
+        for f in &plan.faults {
+            pending.push((f.at_ms, Event2::Fault(f.kind.clone())));
+        }
+        Sim {
+            rng: SimRng::new(plan.seed),
+            plan,
+            base,
+            now_ms: 0,
+            nodes,
+            in_flight: Vec::new(),
+            clean_since: [0, 0],
+            pending,
+            history: Vec::new(),
+            promotions: 0,
+            queue_pushes: 0,
+            split_brain_alarms: 0,
+            last_role_change_ms: 0,
+        }
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.base + Duration::from_millis(ms)
+    }
+
+    fn ms_of(&self, t: Instant) -> u64 {
+        // Round up so that a timer is never handled before it is due.
+        let d = t.saturating_duration_since(self.base);
+        let ms = d.as_millis() as u64;
+        if Duration::from_millis(ms) < d {
+            ms + 1
+        } else {
+            ms
+        }
+    }
+
+    fn partitioned(&self) -> bool {
+        self.active_fault(|k| matches!(k, FaultKind::Partition { .. }))
+            .is_some()
+    }
+
+    fn loss_percent(&self) -> u8 {
+        match self.active_fault(|k| matches!(k, FaultKind::Loss { .. })) {
+            Some(FaultKind::Loss { percent, .. }) => percent,
+            _ => 0,
+        }
+    }
+
+    fn active_fault(&self, pred: impl Fn(&FaultKind) -> bool) -> Option<FaultKind> {
+        self.plan
+            .faults
+            .iter()
+            .find(|f| {
+                pred(&f.kind)
+                    && f.at_ms <= self.now_ms
+                    && self.now_ms < f.at_ms + f.kind.duration_ms()
+            })
+            .map(|f| f.kind.clone())
+    }
+
+    /// End of the last fault: from here on the pair must converge.
+    pub fn quiet_from_ms(&self) -> u64 {
+        self.plan
+            .faults
+            .iter()
+            .map(|f| f.at_ms + f.kind.duration_ms())
+            .max()
+            .unwrap_or(0)
+            .max(self.plan.start_offset_ms)
+    }
+
+    /// Bound on convergence after the last fault.
+    pub fn convergence_bound_ms(&self) -> u64 {
+        let c = &self.plan.configs[0];
+        let interval = c.heartbeat_interval.as_millis() as u64;
+        let window = c.lost_window().as_millis() as u64;
+        let startup = self
+            .plan
+            .configs
+            .iter()
+            .map(|c| c.startup_wait.as_millis() as u64)
+            .max()
+            .unwrap_or(0);
+        startup + 3 * window + 10 * interval + 4 * self.plan.persist_ms + 4 * self.plan.delay_ms.1
+    }
+
+    fn log(&mut self, line: String) {
+        let entry = format!("t={:>6}ms {line}", self.now_ms);
+        if self.history.len() > 400 {
+            self.history.drain(..200);
+        }
+        self.history.push(entry);
+    }
+
+    fn violation(&self, what: String) -> Violation {
+        Violation {
+            seed: self.plan.seed,
+            at_ms: self.now_ms,
+            what,
+            history: self.history.clone(),
+        }
+    }
+
+    /// Runs the plan until the pair has been quiet for the convergence bound
+    /// plus a stability margin, checking the invariants after every step.
+    pub fn run(mut self) -> Result<Outcome, Violation> {
+        let quiet = self.quiet_from_ms();
+        let bound = self.convergence_bound_ms();
+        let end = quiet + bound;
+        loop {
+            let next = self.next_step_ms();
+            match next {
+                Some(t) if t <= end => self.now_ms = self.now_ms.max(t),
+                _ => break,
+            }
+            self.step()?;
+            self.check_invariants()?;
+        }
+        self.now_ms = end;
+        // Convergence: exactly one primary, the other secondary or off.
+        let roles = [self.role(0), self.role(1)];
+        let primaries = roles.iter().filter(|r| **r == Some(Role::Primary)).count();
+        let other_ok = roles
+            .iter()
+            .all(|r| matches!(r, Some(Role::Primary | Role::Secondary | Role::Off)));
+        if primaries != 1 || !other_ok {
+            return Err(self.violation(format!(
+                "pair did not converge within {bound}ms after the last fault (ended at {quiet}ms): roles {roles:?}"
+            )));
+        }
+        Ok(Outcome {
+            final_roles: roles,
+            final_epochs: [self.epoch(0), self.epoch(1)],
+            promotions: self.promotions,
+            queue_pushes: self.queue_pushes,
+            split_brain_alarms: self.split_brain_alarms,
+            converged_after_ms: Some(self.last_role_change_ms.saturating_sub(quiet)),
+        })
+    }
+
+    fn role(&self, i: usize) -> Option<Role> {
+        self.nodes[i].core.as_ref().map(|c| c.role())
+    }
+
+    fn epoch(&self, i: usize) -> u64 {
+        self.nodes[i].core.as_ref().map_or(0, |c| c.epoch())
+    }
+
+    fn next_step_ms(&self) -> Option<u64> {
+        let mut next: Option<u64> = None;
+        let mut consider = |t: u64| next = Some(next.map_or(t, |n: u64| n.min(t)));
+        for (t, _) in &self.pending {
+            consider(*t);
+        }
+        for m in &self.in_flight {
+            consider(m.deliver_ms);
+        }
+        for n in &self.nodes {
+            if let Some(core) = &n.core {
+                if let Some(t) = core.poll_timeout() {
+                    consider(self.ms_of(t));
+                }
+            }
+            if let Some((t, _)) = n.persists.front() {
+                consider(*t);
+            }
+            if let Some(t) = n.push_done_at {
+                consider(t);
+            }
+            if let Some(t) = n.catch_up_at {
+                consider(t);
+            }
+        }
+        next
+    }
+
+    fn step(&mut self) -> Result<(), Violation> {
+        let now_ms = self.now_ms;
+        let now = self.at(now_ms);
+
+        // Scheduled happenings.
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|(t, _)| *t <= now_ms);
+        self.pending = rest;
+        for (_, ev) in due {
+            self.apply(now_ms, ev);
+        }
+
+        // Persist completions.
+        for i in 0..2 {
+            while let Some((t, rec)) = self.nodes[i].persists.front().cloned() {
+                if t > now_ms {
+                    break;
+                }
+                self.nodes[i].persists.pop_front();
+                if self.nodes[i].core.is_none() {
+                    continue;
+                }
+                if rec.epoch < self.nodes[i].max_durable_epoch {
+                    return Err(self.violation(format!(
+                        "node {i} persisted epoch {} below its earlier durable epoch {}",
+                        rec.epoch, self.nodes[i].max_durable_epoch
+                    )));
+                }
+                self.nodes[i].durable = rec;
+                self.nodes[i].max_durable_epoch = rec.epoch;
+                self.feed(i, now, Event::Persisted(rec));
+            }
+            if self.nodes[i].push_done_at.is_some_and(|t| t <= now_ms) {
+                self.nodes[i].push_done_at = None;
+                self.feed(i, now, Event::QueuePushDone);
+            }
+            if self.nodes[i].catch_up_at.is_some_and(|t| t <= now_ms) {
+                self.nodes[i].catch_up_at = None;
+                self.feed(i, now, Event::CatchUpDone);
+            }
+        }
+
+        // Deliveries.
+        let (arrived, flying): (Vec<_>, Vec<_>) = std::mem::take(&mut self.in_flight)
+            .into_iter()
+            .partition(|m| m.deliver_ms <= now_ms);
+        self.in_flight = flying;
+        for m in arrived {
+            if self.nodes[m.to].core.is_some() {
+                self.feed(m.to, now, Event::Heartbeat(m.hb));
+            }
+        }
+
+        // Timers.
+        for i in 0..2 {
+            let due = self.nodes[i]
+                .core
+                .as_ref()
+                .and_then(|c| c.poll_timeout())
+                .is_some_and(|t| t <= now);
+            if due {
+                if let Some(core) = self.nodes[i].core.as_mut() {
+                    core.handle_timeout(now);
+                }
+                self.drain(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, now_ms: u64, ev: Event2) {
+        let now = self.at(now_ms);
+        match ev {
+            Event2::Start(i) | Event2::Restart(i) => {
+                if self.nodes[i].core.is_none() {
+                    let core = Core::new(self.nodes[i].cfg.clone(), self.nodes[i].durable, now);
+                    self.log(format!(
+                        "node {i} starts from durable {:?}",
+                        self.nodes[i].durable
+                    ));
+                    self.nodes[i].core = Some(core);
+                    if !self.nodes[i].self_ok {
+                        self.feed(i, now, Event::SelfCheck(Err("simulated".into())));
+                    }
+                    let _ = self.drain(i);
+                }
+            }
+            Event2::SelfOk(i) => {
+                self.nodes[i].self_ok = true;
+                self.feed(i, now, Event::SelfCheck(Ok(())));
+            }
+            Event2::PartitionEnd => self.log("partition heals".into()),
+            Event2::LossEnd => self.log("loss ends".into()),
+            Event2::Fault(kind) => {
+                self.log(format!("fault {kind:?}"));
+                match kind {
+                    FaultKind::Partition { for_ms } => {
+                        self.pending.push((now_ms + for_ms, Event2::PartitionEnd));
+                    }
+                    FaultKind::Loss { for_ms, .. } => {
+                        self.pending.push((now_ms + for_ms, Event2::LossEnd));
+                    }
+                    FaultKind::Crash { node, down_ms } => {
+                        let n = &mut self.nodes[node];
+                        n.core = None;
+                        n.persists.clear();
+                        n.primary_since = None;
+                        n.push_done_at = None;
+                        n.catch_up_at = None;
+                        self.in_flight.retain(|m| m.to != node);
+                        self.pending.push((now_ms + down_ms, Event2::Restart(node)));
+                    }
+                    FaultKind::SelfFail { node, for_ms } => {
+                        self.nodes[node].self_ok = false;
+                        self.feed(node, now, Event::SelfCheck(Err("simulated".into())));
+                        self.pending.push((now_ms + for_ms, Event2::SelfOk(node)));
+                    }
+                    FaultKind::Switchover { node } => {
+                        if let Some(core) = self.nodes[node].core.as_mut() {
+                            let r = core.request_switchover(now);
+                            self.log(format!("switchover on node {node}: {r:?}"));
+                            let _ = self.drain(node);
+                        }
+                    }
+                    FaultKind::Join { node } => {
+                        if let Some(core) = self.nodes[node].core.as_mut() {
+                            let _ = core.join(now);
+                            let _ = self.drain(node);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, i: usize, now: Instant, ev: Event) {
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.handle_event(now, ev);
+            let _ = self.drain(i);
+        }
+    }
+
+    fn drain(&mut self, i: usize) -> Result<(), Violation> {
+        let now_ms = self.now_ms;
+        while let Some(action) = self.nodes[i].core.as_mut().and_then(|c| c.poll_action()) {
+            match action {
+                Action::SendHeartbeat(hb) => {
+                    let to = 1 - i;
+                    let lost = self.partitioned() || {
+                        let p = self.loss_percent();
+                        p > 0 && self.rng.percent(p)
+                    };
+                    if lost || self.nodes[to].core.is_none() {
+                        self.clean_since[to] = now_ms;
+                    } else {
+                        let (lo, hi) = self.plan.delay_ms;
+                        let d = self.rng.range(lo, hi);
+                        // TCP keeps order: never deliver before an earlier frame.
+                        let floor = self
+                            .in_flight
+                            .iter()
+                            .filter(|m| m.to == to)
+                            .map(|m| m.deliver_ms)
+                            .max()
+                            .unwrap_or(0);
+                        self.in_flight.push(InFlight {
+                            deliver_ms: (now_ms + d).max(floor),
+                            to,
+                            hb,
+                        });
+                    }
+                }
+                Action::PersistEpoch(rec) => {
+                    let t = now_ms + self.plan.persist_ms;
+                    self.nodes[i].persists.push_back((t, rec));
+                }
+                Action::Become {
+                    role,
+                    epoch,
+                    reason,
+                } => {
+                    self.log(format!("node {i} -> {role} epoch {epoch} ({reason})"));
+                    self.last_role_change_ms = now_ms;
+                    if role == Role::Promoting {
+                        self.promotions += 1;
+                        self.check_no_spurious_promotion(i)?;
+                    }
+                    if role == Role::Primary {
+                        self.nodes[i].primary_since = Some(now_ms);
+                    } else {
+                        self.nodes[i].primary_since = None;
+                    }
+                    if role == Role::Secondary {
+                        let t = now_ms + 3 * self.plan.persist_ms + 1;
+                        self.nodes[i].catch_up_at = Some(t);
+                    }
+                }
+                Action::StartQueuePush { peer_epoch } => {
+                    self.log(format!("node {i} starts queue push to epoch {peer_epoch}"));
+                    self.queue_pushes += 1;
+                    self.nodes[i].push_done_at = Some(now_ms + 2 * self.plan.persist_ms + 1);
+                }
+                Action::Alarm(alarm) => {
+                    if matches!(alarm, super::Alarm::SplitBrain { .. }) {
+                        self.split_brain_alarms += 1;
+                    }
+                    self.log(format!("node {i} alarm: {alarm}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A secondary that hears a live primary never promotes.
+    fn check_no_spurious_promotion(&self, i: usize) -> Result<(), Violation> {
+        let peer = 1 - i;
+        let cfg = &self.nodes[i].cfg;
+        let margin = cfg.lost_window().as_millis() as u64 + self.plan.delay_ms.1 + 1;
+        let Some(since) = self.nodes[peer].primary_since else {
+            return Ok(());
+        };
+        let quiet_link = self.clean_since[i] + margin <= self.now_ms;
+        let long_primary = since + margin <= self.now_ms;
+        if quiet_link && long_primary {
+            return Err(self.violation(format!(
+                "node {i} promoted although node {peer} has been primary since {since}ms and every heartbeat since {}ms arrived",
+                self.clean_since[i]
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_invariants(&self) -> Result<(), Violation> {
+        if let (Some(a), Some(b)) = (&self.nodes[0].core, &self.nodes[1].core) {
+            if a.role() == Role::Primary && b.role() == Role::Primary && a.epoch() == b.epoch() {
+                return Err(
+                    self.violation(format!("two primaries at the same epoch {}", a.epoch()))
+                );
+            }
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if let Some(core) = &n.core {
+                if core.role() == Role::Primary && n.durable.epoch < core.epoch() {
+                    return Err(self.violation(format!(
+                        "node {i} acts as primary at epoch {} before it is durable (durable {})",
+                        core.epoch(),
+                        n.durable.epoch
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Draws a random plan from a seed: the generator behind the seeded property
+/// test. `faults` says how many faults at most.
+pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
+    let mut rng = SimRng::new(seed ^ 0x005E_ED0F_4A11);
+    let mut configs = base.clone();
+    let interval_ms = rng.range(20, 400);
+    let threshold = rng.range(2, 8) as u32;
+    for c in configs.iter_mut() {
+        c.heartbeat_interval = Duration::from_millis(interval_ms);
+        c.heartbeat_lost_threshold = threshold;
+        c.startup_wait = c.lost_window() * rng.range(1, 3) as u32;
+        c.priority = rng.range(0, 3) as u8 * 50;
+        c.recovery = match rng.range(0, 5) {
+            0 => super::RecoveryPolicy::Off,
+            1 | 2 => super::RecoveryPolicy::RestoreRole,
+            _ => super::RecoveryPolicy::BecomeSecondary,
+        };
+    }
+    let tie = if rng.percent(50) {
+        super::TieBreak::LowerName
+    } else {
+        super::TieBreak::HigherName
+    };
+    configs[0].tie_break = tie;
+    configs[1].tie_break = tie;
+    let window = interval_ms * u64::from(threshold);
+    let horizon = window * 12;
+    let mut list = Vec::new();
+    let n = rng.range(0, faults as u64);
+    for _ in 0..n {
+        let at_ms = rng.range(0, horizon);
+        let node = rng.range(0, 1) as usize;
+        let kind = match rng.range(0, 9) {
+            0 | 1 => FaultKind::Partition {
+                for_ms: rng.range(interval_ms / 2, window * 4),
+            },
+            2 => FaultKind::Loss {
+                for_ms: rng.range(interval_ms, window * 3),
+                percent: rng.range(10, 90) as u8,
+            },
+            3..=5 => FaultKind::Crash {
+                node,
+                down_ms: rng.range(1, window * 4),
+            },
+            6 => FaultKind::SelfFail {
+                node,
+                for_ms: rng.range(1, window * 3),
+            },
+            7 => FaultKind::Switchover { node },
+            _ => FaultKind::Join { node },
+        };
+        list.push(Fault { at_ms, kind });
+    }
+    list.sort_by_key(|f| f.at_ms);
+    // The operator eventually brings a node that stayed `off` back.
+    let last = list
+        .iter()
+        .map(|f| f.at_ms + f.kind.duration_ms())
+        .max()
+        .unwrap_or(0);
+    for node in 0..2 {
+        list.push(Fault {
+            at_ms: last + window * 3,
+            kind: FaultKind::Join { node },
+        });
+    }
+    Plan {
+        seed,
+        configs,
+        start_offset_ms: rng.range(0, window * 2),
+        delay_ms: (0, (interval_ms / 3).max(1)),
+        persist_ms: rng.range(0, (interval_ms / 4).max(1)),
+        faults: list,
+    }
+}

@@ -1,0 +1,256 @@
+//! Scenario tests of the core, on the simulator and directly.
+
+use std::time::{Duration, Instant};
+
+use super::sim::{Fault, FaultKind, Plan, Sim};
+use super::*;
+
+fn cfg(name: &str, peer: &str, priority: u8) -> CoreConfig {
+    CoreConfig {
+        node_name: name.into(),
+        peer_name: peer.into(),
+        priority,
+        heartbeat_interval: Duration::from_millis(100),
+        heartbeat_lost_threshold: 5,
+        startup_wait: Duration::from_millis(1000),
+        recovery: RecoveryPolicy::BecomeSecondary,
+        tie_break: TieBreak::LowerName,
+    }
+}
+
+fn plan(p0: u8, p1: u8, faults: Vec<Fault>) -> Plan {
+    Plan {
+        seed: 1,
+        configs: [cfg("mx1", "mx2", p0), cfg("mx2", "mx1", p1)],
+        start_offset_ms: 0,
+        delay_ms: (1, 5),
+        persist_ms: 3,
+        faults,
+    }
+}
+
+fn drain(core: &mut Core) -> Vec<Action> {
+    std::iter::from_fn(|| core.poll_action()).collect()
+}
+
+#[test]
+fn higher_priority_wins_start_up_election() {
+    let out = Sim::new(plan(10, 200, vec![])).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Secondary), Some(Role::Primary)]
+    );
+    assert_eq!(out.promotions, 1);
+}
+
+#[test]
+fn equal_priority_uses_tie_break() {
+    let out = Sim::new(plan(100, 100, vec![])).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Primary), Some(Role::Secondary)]
+    );
+    let mut p = plan(100, 100, vec![]);
+    for c in p.configs.iter_mut() {
+        c.tie_break = TieBreak::HigherName;
+    }
+    let out = Sim::new(p).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Secondary), Some(Role::Primary)]
+    );
+}
+
+#[test]
+fn crashed_primary_rejoins_as_secondary_and_pushes_its_queue() {
+    let crash = Fault {
+        at_ms: 3000,
+        kind: FaultKind::Crash {
+            node: 0,
+            down_ms: 2000,
+        },
+    };
+    let out = Sim::new(plan(200, 100, vec![crash])).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Secondary), Some(Role::Primary)]
+    );
+    assert_eq!(out.queue_pushes, 1, "former primary must push its queue");
+    assert!(out.final_epochs[1] > 1, "takeover must take a new epoch");
+}
+
+#[test]
+fn restore_role_takes_primary_back_after_push_and_catch_up() {
+    let crash = Fault {
+        at_ms: 3000,
+        kind: FaultKind::Crash {
+            node: 0,
+            down_ms: 2000,
+        },
+    };
+    let mut p = plan(200, 100, vec![crash]);
+    p.configs[0].recovery = RecoveryPolicy::RestoreRole;
+    let out = Sim::new(p).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Primary), Some(Role::Secondary)]
+    );
+    assert_eq!(
+        out.queue_pushes, 2,
+        "old primary pushes, then the handing-over node pushes"
+    );
+    assert_eq!(out.promotions, 3);
+}
+
+#[test]
+fn recovery_policy_off_keeps_the_node_out() {
+    let crash = Fault {
+        at_ms: 3000,
+        kind: FaultKind::Crash {
+            node: 0,
+            down_ms: 2000,
+        },
+    };
+    let mut p = plan(200, 100, vec![crash]);
+    p.configs[0].recovery = RecoveryPolicy::Off;
+    let out = Sim::new(p).run().unwrap();
+    assert_eq!(out.final_roles, [Some(Role::Off), Some(Role::Primary)]);
+    assert_eq!(out.queue_pushes, 0);
+}
+
+#[test]
+fn split_brain_after_partition_resolves_to_higher_epoch() {
+    let part = Fault {
+        at_ms: 3000,
+        kind: FaultKind::Partition { for_ms: 3000 },
+    };
+    let out = Sim::new(plan(200, 100, vec![part])).run().unwrap();
+    // Node 1 promoted during the partition (newer epoch) and stays primary.
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Secondary), Some(Role::Primary)]
+    );
+    assert!(out.split_brain_alarms >= 1);
+    assert_eq!(out.queue_pushes, 1, "the demoted primary pushes its queue");
+}
+
+#[test]
+fn manual_switchover_from_either_side() {
+    for node in 0..2 {
+        let sw = Fault {
+            at_ms: 3000,
+            kind: FaultKind::Switchover { node },
+        };
+        let out = Sim::new(plan(200, 100, vec![sw])).run().unwrap();
+        assert_eq!(
+            out.final_roles,
+            [Some(Role::Secondary), Some(Role::Primary)],
+            "switchover requested on node {node}"
+        );
+    }
+}
+
+#[test]
+fn failed_self_check_steps_out_and_peer_takes_over() {
+    let f = Fault {
+        at_ms: 3000,
+        kind: FaultKind::SelfFail {
+            node: 0,
+            for_ms: 1500,
+        },
+    };
+    let out = Sim::new(plan(200, 100, vec![f])).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Secondary), Some(Role::Primary)]
+    );
+}
+
+#[test]
+fn promotion_waits_for_durable_epoch() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    drain(&mut core);
+    let later = t0 + Duration::from_millis(1000);
+    core.handle_timeout(later);
+    let acts = drain(&mut core);
+    assert_eq!(core.role(), Role::Promoting);
+    let persist = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        })
+        .expect("promotion must persist the epoch");
+    assert!(!acts.iter().any(|a| matches!(
+        a,
+        Action::Become {
+            role: Role::Primary,
+            ..
+        }
+    )));
+    // mx1 < mx2, so mx1 owns the odd epochs.
+    assert_eq!(persist.epoch, 1);
+    assert_eq!(persist.held_primary, Some(1));
+    core.handle_event(later, Event::Persisted(persist));
+    assert_eq!(core.role(), Role::Primary);
+}
+
+#[test]
+fn persist_failure_fails_the_node() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    core.handle_timeout(t0 + Duration::from_secs(1));
+    drain(&mut core);
+    core.handle_event(t0, Event::PersistFailed("EIO on /var/lib/hasync".into()));
+    assert_eq!(core.role(), Role::Failed);
+    let acts = drain(&mut core);
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Alarm(Alarm::PersistFailed(_)))));
+}
+
+#[test]
+fn epochs_are_partitioned_by_node() {
+    let t0 = Instant::now();
+    let a = Core::new(cfg("mx1", "mx2", 1), EpochRecord::default(), t0);
+    let b = Core::new(cfg("mx2", "mx1", 1), EpochRecord::default(), t0);
+    for after in 0..50 {
+        let ea = a.next_owned_epoch(after);
+        let eb = b.next_owned_epoch(after);
+        assert!(ea > after && eb > after && ea != eb);
+        assert!(ea <= after + 2 && eb <= after + 2);
+    }
+}
+
+#[test]
+fn switchover_without_live_peer_is_refused() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    assert_eq!(
+        core.request_switchover(t0),
+        Err(CommandRefused::WrongRole(Role::Negotiating))
+    );
+}
+
+#[test]
+fn heartbeat_from_unexpected_node_is_ignored() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    drain(&mut core);
+    core.handle_event(
+        t0,
+        Event::Heartbeat(Heartbeat {
+            node: "intruder".into(),
+            role: Role::Primary,
+            epoch: 99,
+            seq: 1,
+            priority: 255,
+            flags: 0,
+        }),
+    );
+    assert_eq!(core.role(), Role::Negotiating);
+    assert!(drain(&mut core)
+        .iter()
+        .any(|a| matches!(a, Action::Alarm(Alarm::UnexpectedPeer { .. }))));
+}

@@ -1,0 +1,4 @@
+pub mod config;
+pub mod failover;
+pub mod link;
+pub mod wire;

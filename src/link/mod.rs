@@ -1,0 +1,486 @@
+//! The heartbeat link: authenticated TCP connections to the peer, on tokio-uring.
+//!
+//! Topology: each node dials the peer and *sends* its heartbeats on the
+//! connection it dialled, and *receives* the peer's heartbeats on the
+//! connection it accepted. So there is never a duplicate connection to
+//! arbitrate, and a one-way failure shows as lost heartbeats in that
+//! direction only. Heartbeat connections carry nothing else (channel
+//! `Heartbeat` in the hello), so they never queue behind bulk sync data.
+
+pub mod auth;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tokio::sync::{mpsc, watch};
+use tokio_uring::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::failover::Heartbeat;
+use crate::wire::{decode_frame, Channel, Hello, Message, Proof, WireError, NONCE_LEN};
+use auth::{LinkKey, Side};
+
+/// Bound on simultaneous inbound connections (handshaking or live).
+const MAX_INBOUND: usize = 4;
+/// Read buffer size per connection.
+const READ_CHUNK: usize = 4096;
+/// Reconnect backoff: first retry and ceiling.
+const BACKOFF_MIN: Duration = Duration::from_millis(25);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Who was at fault when a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("peer {peer}: {op}: {source}")]
+    Io {
+        peer: SocketAddr,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("peer {peer} sent a malformed frame: {source}")]
+    Wire { peer: SocketAddr, source: WireError },
+    #[error("peer {peer} ({name}) failed authentication: it does not know the link secret")]
+    AuthFailed { peer: SocketAddr, name: String },
+    #[error("peer {peer} introduced itself as {got:?}, but the configured peer is {expected:?}")]
+    UnexpectedPeer {
+        peer: SocketAddr,
+        got: String,
+        expected: String,
+    },
+    #[error("peer {peer} sent {got} where {expected} was expected")]
+    Protocol {
+        peer: SocketAddr,
+        expected: &'static str,
+        got: String,
+    },
+    #[error("peer {peer}: {what} timed out after {after:?}")]
+    Timeout {
+        peer: SocketAddr,
+        what: &'static str,
+        after: Duration,
+    },
+    #[error("peer {peer} closed the connection")]
+    Closed { peer: SocketAddr },
+}
+
+/// Counters and gauges of the link, read by `hasync status`.
+#[derive(Debug)]
+pub struct LinkStats {
+    pub outbound_connected: Cell<bool>,
+    pub inbound_connections: Cell<usize>,
+    pub auth_failures: Cell<u64>,
+    pub frame_errors: Cell<u64>,
+    pub heartbeats_sent: Cell<u64>,
+    pub heartbeats_received: Cell<u64>,
+    pub last_received: Cell<Option<Instant>>,
+    /// Gaps between consecutive received heartbeats, in microseconds.
+    pub gaps_us: RefCell<Histogram<u64>>,
+}
+
+impl Default for LinkStats {
+    fn default() -> Self {
+        LinkStats {
+            outbound_connected: Cell::new(false),
+            inbound_connections: Cell::new(0),
+            auth_failures: Cell::new(0),
+            frame_errors: Cell::new(0),
+            heartbeats_sent: Cell::new(0),
+            heartbeats_received: Cell::new(0),
+            last_received: Cell::new(None),
+            gaps_us: RefCell::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
+            ),
+        }
+    }
+}
+
+/// What both link tasks need to know.
+#[derive(Debug)]
+pub struct LinkCtx {
+    pub node_name: String,
+    pub peer_name: String,
+    pub peer_addr: SocketAddr,
+    pub key: LinkKey,
+    /// Bound on handshakes and on silence before a connection is dropped.
+    pub io_timeout: Duration,
+    pub stats: LinkStats,
+}
+
+/// One framed connection; owns its read buffer.
+pub struct Conn {
+    stream: TcpStream,
+    peer: SocketAddr,
+    rbuf: Vec<u8>,
+    scratch: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr) -> Conn {
+        // Heartbeats are tiny and latency-critical: no Nagle delay.
+        let _ = stream.set_nodelay(true);
+        Conn {
+            stream,
+            peer,
+            rbuf: Vec::new(),
+            scratch: Vec::with_capacity(READ_CHUNK),
+        }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub async fn send(&self, msg: &Message) -> Result<(), LinkError> {
+        let (res, _) = self.stream.write_all(msg.to_frame_bytes()).await;
+        res.map_err(|source| LinkError::Io {
+            peer: self.peer,
+            op: "write",
+            source,
+        })
+    }
+
+    pub async fn recv(&mut self) -> Result<Message, LinkError> {
+        loop {
+            let peer = self.peer;
+            if let Some((frame, used)) =
+                decode_frame(&self.rbuf).map_err(|source| LinkError::Wire { peer, source })?
+            {
+                self.rbuf.drain(..used);
+                return Message::decode(&frame).map_err(|source| LinkError::Wire { peer, source });
+            }
+            let mut buf = std::mem::take(&mut self.scratch);
+            buf.clear();
+            let (res, buf) = self.stream.read(buf).await;
+            let n = res.map_err(|source| LinkError::Io {
+                peer,
+                op: "read",
+                source,
+            })?;
+            if n == 0 {
+                return Err(LinkError::Closed { peer });
+            }
+            self.rbuf.extend_from_slice(&buf[..n]);
+            self.scratch = buf;
+        }
+    }
+
+    async fn recv_within(
+        &mut self,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Message, LinkError> {
+        let peer = self.peer;
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .map_err(|_| LinkError::Timeout {
+                peer,
+                what,
+                after: limit,
+            })?
+    }
+}
+
+fn nonce() -> [u8; NONCE_LEN] {
+    let mut n = [0u8; NONCE_LEN];
+    let mut filled = 0;
+    while filled < NONCE_LEN {
+        match rustix::rand::getrandom(&mut n[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(k) => filled += k,
+            Err(rustix::io::Errno::INTR) => continue,
+            // getrandom(2) cannot fail on Linux >= 3.17 once the pool is
+            // initialised; a failure here means a broken kernel.
+            Err(e) => panic!("getrandom failed: {e}"),
+        }
+    }
+    n
+}
+
+/// Runs the mutual challenge-response. Nothing else is read from or sent to
+/// the peer before it succeeds.
+pub async fn handshake(
+    conn: &mut Conn,
+    ctx: &LinkCtx,
+    side: Side,
+    channel: Channel,
+) -> Result<(), LinkError> {
+    let peer = conn.peer();
+    let own_nonce = nonce();
+    conn.send(&Message::Hello(Hello {
+        channel,
+        node: ctx.node_name.clone(),
+        nonce: own_nonce,
+    }))
+    .await?;
+    let hello = match conn.recv_within(ctx.io_timeout, "hello").await? {
+        Message::Hello(h) => h,
+        other => {
+            return Err(LinkError::Protocol {
+                peer,
+                expected: "hello",
+                got: format!("{:?}", other.kind()),
+            })
+        }
+    };
+    if hello.node != ctx.peer_name {
+        return Err(LinkError::UnexpectedPeer {
+            peer,
+            got: hello.node,
+            expected: ctx.peer_name.clone(),
+        });
+    }
+    if hello.channel != channel {
+        return Err(LinkError::Protocol {
+            peer,
+            expected: "the same channel",
+            got: format!("{:?}", hello.channel),
+        });
+    }
+    let mac = ctx
+        .key
+        .proof(side, &ctx.node_name, &hello.node, &own_nonce, &hello.nonce);
+    conn.send(&Message::Proof(Proof { mac })).await?;
+    let proof = match conn.recv_within(ctx.io_timeout, "proof").await? {
+        Message::Proof(p) => p,
+        other => {
+            return Err(LinkError::Protocol {
+                peer,
+                expected: "proof",
+                got: format!("{:?}", other.kind()),
+            })
+        }
+    };
+    let peer_side = match side {
+        Side::Initiator => Side::Responder,
+        Side::Responder => Side::Initiator,
+    };
+    if !ctx.key.verify(
+        peer_side,
+        &hello.node,
+        &ctx.node_name,
+        &hello.nonce,
+        &own_nonce,
+        &proof.mac,
+    ) {
+        return Err(LinkError::AuthFailed {
+            peer,
+            name: hello.node,
+        });
+    }
+    Ok(())
+}
+
+/// Capped exponential backoff.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        d
+    }
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+fn note_failure(ctx: &LinkCtx, e: &LinkError) {
+    match e {
+        LinkError::AuthFailed { .. } | LinkError::UnexpectedPeer { .. } => ctx
+            .stats
+            .auth_failures
+            .set(ctx.stats.auth_failures.get() + 1),
+        LinkError::Wire { .. } | LinkError::Protocol { .. } => {
+            ctx.stats.frame_errors.set(ctx.stats.frame_errors.get() + 1)
+        }
+        _ => {}
+    }
+}
+
+/// Dials the peer and sends every heartbeat published on `heartbeats`,
+/// reconnecting with capped exponential backoff. Runs until the sender side
+/// of `heartbeats` is dropped.
+pub async fn run_outbound(ctx: Rc<LinkCtx>, mut heartbeats: watch::Receiver<Option<Heartbeat>>) {
+    let mut backoff = Backoff::default();
+    let mut last_error: Option<String> = None;
+    loop {
+        let attempt = async {
+            let stream =
+                TcpStream::connect(ctx.peer_addr)
+                    .await
+                    .map_err(|source| LinkError::Io {
+                        peer: ctx.peer_addr,
+                        op: "connect",
+                        source,
+                    })?;
+            let mut conn = Conn::new(stream, ctx.peer_addr);
+            handshake(&mut conn, &ctx, Side::Initiator, Channel::Heartbeat).await?;
+            Ok::<Conn, LinkError>(conn)
+        };
+        match tokio::time::timeout(ctx.io_timeout * 2, attempt).await {
+            Ok(Ok(conn)) => {
+                backoff.reset();
+                last_error = None;
+                ctx.stats.outbound_connected.set(true);
+                info!(peer = %ctx.peer_addr, "heartbeat link to peer up");
+                let end = send_loop(&ctx, &conn, &mut heartbeats).await;
+                ctx.stats.outbound_connected.set(false);
+                match end {
+                    None => return,
+                    Some(e) => warn!(peer = %ctx.peer_addr, "heartbeat link to peer down: {e}"),
+                }
+            }
+            Ok(Err(e)) => {
+                note_failure(&ctx, &e);
+                let msg = e.to_string();
+                let refused = matches!(
+                    e,
+                    LinkError::AuthFailed { .. } | LinkError::UnexpectedPeer { .. }
+                );
+                // Say it once per kind of failure, not at every retry.
+                if refused {
+                    warn!(peer = %ctx.peer_addr, "link refused: {msg}");
+                } else if last_error.as_deref() != Some(msg.as_str()) {
+                    info!(peer = %ctx.peer_addr, "cannot reach peer, retrying with backoff: {msg}");
+                } else {
+                    debug!(peer = %ctx.peer_addr, "still cannot reach peer: {msg}");
+                }
+                last_error = Some(msg);
+            }
+            Err(_) => debug!(peer = %ctx.peer_addr, "connect attempt timed out"),
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Returns `None` when the daemon is shutting down, else why the link broke.
+async fn send_loop(
+    ctx: &LinkCtx,
+    conn: &Conn,
+    heartbeats: &mut watch::Receiver<Option<Heartbeat>>,
+) -> Option<LinkError> {
+    loop {
+        let hb = heartbeats.borrow_and_update().clone();
+        if let Some(hb) = hb {
+            let msg = Message::Heartbeat(hb);
+            match tokio::time::timeout(ctx.io_timeout, conn.send(&msg)).await {
+                Ok(Ok(())) => ctx
+                    .stats
+                    .heartbeats_sent
+                    .set(ctx.stats.heartbeats_sent.get() + 1),
+                Ok(Err(e)) => return Some(e),
+                Err(_) => {
+                    return Some(LinkError::Timeout {
+                        peer: conn.peer(),
+                        what: "heartbeat write",
+                        after: ctx.io_timeout,
+                    })
+                }
+            }
+        }
+        if heartbeats.changed().await.is_err() {
+            return None;
+        }
+    }
+}
+
+/// Accepts the peer's connections and forwards its heartbeats.
+pub async fn run_listener(
+    ctx: Rc<LinkCtx>,
+    listener: TcpListener,
+    to_core: mpsc::Sender<Heartbeat>,
+) {
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("accept on heartbeat link failed: {e}");
+                tokio::time::sleep(BACKOFF_MIN).await;
+                continue;
+            }
+        };
+        if ctx.stats.inbound_connections.get() >= MAX_INBOUND {
+            warn!(peer = %addr, "refusing connection: already {MAX_INBOUND} inbound connections");
+            drop(stream);
+            continue;
+        }
+        ctx.stats
+            .inbound_connections
+            .set(ctx.stats.inbound_connections.get() + 1);
+        let ctx2 = ctx.clone();
+        let tx = to_core.clone();
+        tokio_uring::spawn(async move {
+            let why = serve_inbound(&ctx2, Conn::new(stream, addr), tx).await;
+            ctx2.stats
+                .inbound_connections
+                .set(ctx2.stats.inbound_connections.get() - 1);
+            note_failure(&ctx2, &why);
+            match why {
+                LinkError::AuthFailed { .. } | LinkError::UnexpectedPeer { .. } => {
+                    warn!(peer = %addr, "link refused before any state change: {why}")
+                }
+                LinkError::Wire { .. } | LinkError::Protocol { .. } => {
+                    warn!(peer = %addr, "dropping link: {why}")
+                }
+                _ => info!(peer = %addr, "inbound heartbeat link closed: {why}"),
+            }
+        });
+    }
+}
+
+async fn serve_inbound(
+    ctx: &LinkCtx,
+    mut conn: Conn,
+    to_core: mpsc::Sender<Heartbeat>,
+) -> LinkError {
+    if let Err(e) = handshake(&mut conn, ctx, Side::Responder, Channel::Heartbeat).await {
+        return e;
+    }
+    info!(peer = %conn.peer(), "heartbeat link from peer up");
+    // A peer that stops talking is treated as gone after this long.
+    let idle = ctx.io_timeout * 2;
+    loop {
+        match conn.recv_within(idle, "heartbeat").await {
+            Ok(Message::Heartbeat(hb)) => {
+                let now = Instant::now();
+                let stats = &ctx.stats;
+                if let Some(prev) = stats.last_received.replace(Some(now)) {
+                    let gap = now.duration_since(prev).as_micros() as u64;
+                    let _ = stats.gaps_us.borrow_mut().record(gap.max(1));
+                }
+                stats
+                    .heartbeats_received
+                    .set(stats.heartbeats_received.get() + 1);
+                if hb.node != ctx.peer_name {
+                    return LinkError::UnexpectedPeer {
+                        peer: conn.peer(),
+                        got: hb.node,
+                        expected: ctx.peer_name.clone(),
+                    };
+                }
+                // The core only needs the latest news; if it is that far
+                // behind, dropping a heartbeat is harmless.
+                let _ = to_core.try_send(hb);
+            }
+            Ok(other) => {
+                return LinkError::Protocol {
+                    peer: conn.peer(),
+                    expected: "heartbeat",
+                    got: format!("{:?}", other.kind()),
+                }
+            }
+            Err(e) => return e,
+        }
+    }
+}

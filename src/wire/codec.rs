@@ -1,0 +1,107 @@
+//! Little-endian primitives with bounds checked before every read.
+
+use super::{Kind, WireError};
+
+/// Builds a payload.
+#[derive(Debug, Default)]
+pub struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn new() -> Writer {
+        Writer::default()
+    }
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(v);
+        self
+    }
+    /// A string of at most 255 bytes, length-prefixed.
+    pub fn short_str(&mut self, s: &str) -> &mut Self {
+        let len = u8::try_from(s.len()).expect("short string over 255 bytes");
+        self.buf.push(len);
+        self.buf.extend_from_slice(s.as_bytes());
+        self
+    }
+    pub fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// Reads a payload; [`Reader::finish`] refuses trailing bytes.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    kind: Kind,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(kind: Kind, buf: &'a [u8]) -> Reader<'a> {
+        Reader { buf, pos: 0, kind }
+    }
+
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
+        let left = self.buf.len() - self.pos;
+        if left < n {
+            return Err(WireError::Truncated {
+                what,
+                needed: n - left,
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    pub fn u8(&mut self, what: &'static str) -> Result<u8, WireError> {
+        Ok(self.take(1, what)?[0])
+    }
+    pub fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8, what)?);
+        Ok(u64::from_le_bytes(a))
+    }
+    pub fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+    /// A length-prefixed UTF-8 string of at most 255 bytes.
+    pub fn short_str(&mut self, what: &'static str) -> Result<String, WireError> {
+        let len = self.u8(what)? as usize;
+        let raw = self.take(len, what)?;
+        std::str::from_utf8(raw)
+            .map(str::to_owned)
+            .map_err(|_| WireError::BadField {
+                field: what,
+                problem: "not UTF-8".into(),
+            })
+    }
+    pub fn finish(self) -> Result<(), WireError> {
+        let extra = self.buf.len() - self.pos;
+        if extra != 0 {
+            return Err(WireError::TrailingBytes {
+                kind: self.kind,
+                extra,
+            });
+        }
+        Ok(())
+    }
+}

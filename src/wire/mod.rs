@@ -1,0 +1,164 @@
+//! The heartbeat-link wire codec: pure, strict, no I/O.
+//!
+//! Every frame is
+//! ```text
+//! magic "HS" | version u8 | kind u8 | payload length u32 LE | payload | xxh3-64 LE of all before
+//! ```
+//! Lengths are checked against a per-kind cap before anything is allocated,
+//! unknown versions and kinds are refused, a bad checksum is an error, and a
+//! payload must be consumed exactly (trailing bytes are refused).
+
+mod codec;
+mod messages;
+
+pub use codec::{Reader, Writer};
+pub use messages::{Channel, Hello, Message, Proof, NONCE_LEN, PROOF_LEN};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+pub const MAGIC: [u8; 2] = *b"HS";
+pub const VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 8;
+pub const TRAILER_LEN: usize = 8;
+/// Largest payload of any frame kind (bulk sync data).
+pub const MAX_PAYLOAD: u32 = 8 << 20;
+/// Largest payload of a control frame (hello, proof, heartbeat).
+pub const MAX_CONTROL_PAYLOAD: u32 = 1024;
+
+/// Frame kinds. The number is on the wire; never reuse one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    Proof = 2,
+    Heartbeat = 3,
+}
+
+impl Kind {
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::Proof,
+            3 => Kind::Heartbeat,
+            _ => return None,
+        })
+    }
+
+    /// The cap on this kind's payload, checked before allocation.
+    pub fn max_payload(self) -> u32 {
+        match self {
+            Kind::Hello | Kind::Proof | Kind::Heartbeat => MAX_CONTROL_PAYLOAD,
+        }
+    }
+}
+
+/// A malformed or incompatible frame. The peer is at fault for all of these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad magic {0:02x?}: not a hasync link")]
+    BadMagic([u8; 2]),
+    #[error("unsupported protocol version {got} (this node speaks {VERSION})")]
+    UnsupportedVersion { got: u8 },
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("{kind:?} frame of {len} bytes exceeds the limit of {max}")]
+    TooLong { kind: Kind, len: u32, max: u32 },
+    #[error(
+        "checksum mismatch on {kind:?} frame (computed {computed:016x}, frame says {claimed:016x})"
+    )]
+    BadChecksum {
+        kind: Kind,
+        computed: u64,
+        claimed: u64,
+    },
+    #[error("{what} truncated: needed {needed} more bytes")]
+    Truncated { what: &'static str, needed: usize },
+    #[error("{kind:?} payload has {extra} trailing bytes")]
+    TrailingBytes { kind: Kind, extra: usize },
+    #[error("field {field}: {problem}")]
+    BadField {
+        field: &'static str,
+        problem: String,
+    },
+    #[error("expected a {expected:?} frame, got {got:?}")]
+    Unexpected { expected: Kind, got: Kind },
+}
+
+/// One decoded frame: its kind and its (checksum-verified) payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub payload: Vec<u8>,
+}
+
+/// Appends one frame to `out`.
+pub fn encode_frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
+    assert!(
+        payload.len() <= kind.max_payload() as usize,
+        "{kind:?} payload of {} bytes exceeds its cap",
+        payload.len()
+    );
+    let start = out.len();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind as u8);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
+    let sum = xxh3_64(&out[start..]);
+    out.extend_from_slice(&sum.to_le_bytes());
+}
+
+/// Decodes the first frame in `buf`. `Ok(None)` means "need more bytes";
+/// `Ok(Some((frame, used)))` consumed `used` bytes. Errors are final for the
+/// connection.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    if buf.len() < HEADER_LEN {
+        // Refuse garbage as early as the magic allows.
+        if buf.len() >= 2 && buf[..2] != MAGIC {
+            return Err(WireError::BadMagic([buf[0], buf[1]]));
+        }
+        return Ok(None);
+    }
+    let magic = [buf[0], buf[1]];
+    if magic != MAGIC {
+        return Err(WireError::BadMagic(magic));
+    }
+    if buf[2] != VERSION {
+        return Err(WireError::UnsupportedVersion { got: buf[2] });
+    }
+    let kind = Kind::from_u8(buf[3]).ok_or(WireError::UnknownKind(buf[3]))?;
+    let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > kind.max_payload() {
+        return Err(WireError::TooLong {
+            kind,
+            len,
+            max: kind.max_payload(),
+        });
+    }
+    let total = HEADER_LEN + len as usize + TRAILER_LEN;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body_end = HEADER_LEN + len as usize;
+    let computed = xxh3_64(&buf[..body_end]);
+    let mut claimed_bytes = [0u8; 8];
+    claimed_bytes.copy_from_slice(&buf[body_end..total]);
+    let claimed = u64::from_le_bytes(claimed_bytes);
+    if computed != claimed {
+        return Err(WireError::BadChecksum {
+            kind,
+            computed,
+            claimed,
+        });
+    }
+    Ok(Some((
+        Frame {
+            kind,
+            payload: buf[HEADER_LEN..body_end].to_vec(),
+        },
+        total,
+    )))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,139 @@
+use proptest::prelude::*;
+
+use super::*;
+use crate::failover::{Heartbeat, Role};
+
+fn hb() -> Message {
+    Message::Heartbeat(Heartbeat {
+        node: "mx1".into(),
+        role: Role::Primary,
+        epoch: 7,
+        seq: 42,
+        priority: 100,
+        flags: 1,
+    })
+}
+
+#[test]
+fn heartbeat_round_trips() {
+    let bytes = hb().to_frame_bytes();
+    let (frame, used) = decode_frame(&bytes).unwrap().unwrap();
+    assert_eq!(used, bytes.len());
+    assert_eq!(Message::decode(&frame).unwrap(), hb());
+}
+
+#[test]
+fn partial_frames_ask_for_more() {
+    let bytes = hb().to_frame_bytes();
+    for cut in 0..bytes.len() {
+        assert_eq!(decode_frame(&bytes[..cut]), Ok(None), "cut at {cut}");
+    }
+}
+
+#[test]
+fn corrupted_byte_is_refused_by_checksum() {
+    let mut bytes = hb().to_frame_bytes();
+    bytes[HEADER_LEN + 3] ^= 0x40;
+    assert!(matches!(
+        decode_frame(&bytes),
+        Err(WireError::BadChecksum {
+            kind: Kind::Heartbeat,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn unknown_version_and_kind_are_refused() {
+    let mut bytes = hb().to_frame_bytes();
+    bytes[2] = 9;
+    assert_eq!(
+        decode_frame(&bytes),
+        Err(WireError::UnsupportedVersion { got: 9 })
+    );
+    let mut bytes = hb().to_frame_bytes();
+    bytes[3] = 200;
+    assert_eq!(decode_frame(&bytes), Err(WireError::UnknownKind(200)));
+    assert_eq!(
+        decode_frame(b"GET / HTTP/1.1"),
+        Err(WireError::BadMagic(*b"GE"))
+    );
+}
+
+#[test]
+fn over_long_length_is_refused_before_the_payload_arrives() {
+    // Only a header: the length alone must be refused, nothing allocated.
+    let mut header = Vec::new();
+    header.extend_from_slice(&MAGIC);
+    header.push(VERSION);
+    header.push(Kind::Heartbeat as u8);
+    header.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(
+        decode_frame(&header),
+        Err(WireError::TooLong {
+            kind: Kind::Heartbeat,
+            len: u32::MAX,
+            max: MAX_CONTROL_PAYLOAD
+        })
+    );
+}
+
+#[test]
+fn trailing_bytes_in_payload_are_refused() {
+    let mut w = Writer::new();
+    w.u8(Role::Primary.code())
+        .u8(1)
+        .u8(0)
+        .u64(1)
+        .u64(1)
+        .short_str("mx1")
+        .u8(0xff);
+    let mut bytes = Vec::new();
+    encode_frame(Kind::Heartbeat, &w.finish(), &mut bytes);
+    let (frame, _) = decode_frame(&bytes).unwrap().unwrap();
+    assert_eq!(
+        Message::decode(&frame),
+        Err(WireError::TrailingBytes {
+            kind: Kind::Heartbeat,
+            extra: 1
+        })
+    );
+}
+
+#[test]
+fn unknown_role_code_is_refused() {
+    let mut w = Writer::new();
+    w.u8(99).u8(1).u8(0).u64(1).u64(1).short_str("mx1");
+    let mut bytes = Vec::new();
+    encode_frame(Kind::Heartbeat, &w.finish(), &mut bytes);
+    let (frame, _) = decode_frame(&bytes).unwrap().unwrap();
+    assert!(matches!(
+        Message::decode(&frame),
+        Err(WireError::BadField {
+            field: "heartbeat.role",
+            ..
+        })
+    ));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+        if let Ok(Some((frame, used))) = decode_frame(&data) {
+            prop_assert!(used <= data.len());
+            let _ = Message::decode(&frame);
+        }
+    }
+
+    #[test]
+    fn hello_round_trips(node in "[a-z0-9.-]{1,64}", nonce in any::<[u8; 32]>(), sync in any::<bool>()) {
+        let msg = Message::Hello(Hello {
+            channel: if sync { Channel::Sync } else { Channel::Heartbeat },
+            node,
+            nonce,
+        });
+        let bytes = msg.to_frame_bytes();
+        let (frame, _) = decode_frame(&bytes).unwrap().unwrap();
+        prop_assert_eq!(Message::decode(&frame).unwrap(), msg);
+    }
+}
