@@ -1,4 +1,20 @@
+//! hasync: keeps the mail data of an active-passive pair of mail appliances
+//! in step, and makes failover lose no mail and create no duplicate.
+//!
+//! Layers, from pure to glue:
+//! - [`failover`]: the sans-IO failover state core (and its simulator);
+//! - [`wire`]: the strict link codec;
+//! - [`config`]: configuration parsing and validation;
+//! - [`io`]: every file operation, on tokio-uring;
+//! - [`link`]: the authenticated heartbeat link;
+//! - [`daemon`]: the driver that runs the core against real sockets and files;
+//! - [`harness`] and [`demo`]: real-process pairs for the demo and tests.
+
 pub mod config;
+pub mod daemon;
+pub mod demo;
 pub mod failover;
+pub mod harness;
+pub mod io;
 pub mod link;
 pub mod wire;

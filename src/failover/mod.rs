@@ -139,6 +139,7 @@ pub struct Heartbeat {
 
 /// The durable part of the core: what must survive a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct EpochRecord {
     /// Highest epoch this node has taken or seen a primary hold.
     pub epoch: u64,

@@ -1,0 +1,519 @@
+//! The `hasync run` driver: executes the failover core's actions with real
+//! sockets, files and clocks, on one tokio-uring thread.
+
+pub mod control;
+pub mod state;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::failover::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
+use crate::link::{self, auth::LinkKey, LinkCtx, LinkStats};
+use control::{
+    LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, MAX_REQUEST,
+};
+
+/// How many alarms and role changes status keeps.
+const STATUS_HISTORY: usize = 32;
+/// Bound on queued control requests and inbound heartbeats.
+const CONTROL_QUEUE: usize = 16;
+const HEARTBEAT_QUEUE: usize = 64;
+
+/// Why the daemon could not start or had to stop. Each names what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("cannot listen on heartbeat link address {addr} (link.listen): {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    ControlSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another hasync daemon is already running with state directory {0} (its control socket answers)")]
+    AlreadyRunning(PathBuf),
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Starts the daemon and runs until SIGTERM or SIGINT.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    cfg.validate_filesystem()?;
+    let secret = cfg.read_secret()?;
+    let record = state::load(&cfg.state_dir)?;
+    tokio_uring::start(async move {
+        let node = Node::start(cfg, LinkKey::from_secret(&secret), record).await?;
+        node.run().await
+    })
+}
+
+type ControlMsg = (Request, oneshot::Sender<Response>);
+
+struct Node {
+    cfg: Config,
+    core: Core,
+    link: Rc<LinkCtx>,
+    heartbeat_tx: watch::Sender<Option<Heartbeat>>,
+    heartbeat_rx: mpsc::Receiver<Heartbeat>,
+    control_rx: mpsc::Receiver<ControlMsg>,
+    persist_tx: mpsc::UnboundedSender<EpochRecord>,
+    persisted_rx: mpsc::UnboundedReceiver<Result<EpochRecord, String>>,
+    socket_path: PathBuf,
+    started: (Instant, SystemTime),
+    alarms: VecDeque<Logged>,
+    transitions: VecDeque<Logged>,
+    push_requested: u64,
+    push_last: Option<(u64, u64)>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+fn push_bounded(q: &mut VecDeque<Logged>, message: String) {
+    if q.len() == STATUS_HISTORY {
+        q.pop_front();
+    }
+    q.push_back(Logged {
+        at_unix_ms: unix_ms(SystemTime::now()),
+        message,
+    });
+}
+
+impl Node {
+    async fn start(cfg: Config, key: LinkKey, record: EpochRecord) -> Result<Node, DaemonError> {
+        let now = Instant::now();
+        let core_cfg = CoreConfig {
+            node_name: cfg.node_name.clone(),
+            peer_name: cfg.link.peer_name.clone(),
+            priority: cfg.priority,
+            heartbeat_interval: cfg.link.heartbeat_interval,
+            heartbeat_lost_threshold: cfg.link.heartbeat_lost_threshold,
+            startup_wait: cfg.link.startup_wait,
+            recovery: cfg.recovery,
+            tie_break: cfg.tie_break,
+        };
+        info!(
+            node = %cfg.node_name,
+            epoch = record.epoch,
+            held_primary = ?record.held_primary,
+            listen = %cfg.link.listen,
+            peer = %cfg.link.peer,
+            "hasync starting"
+        );
+
+        let listener =
+            std::net::TcpListener::bind(cfg.link.listen).map_err(|source| DaemonError::Listen {
+                addr: cfg.link.listen,
+                source,
+            })?;
+        let listener = tokio_uring::net::TcpListener::from_std(listener);
+        let socket_path = control::socket_path(&cfg.state_dir);
+        let control_listener = bind_control(&socket_path)?;
+
+        // Handshakes and silence are bounded by the failure-detection window
+        // (at least a second, so that a slow handshake on a busy host is not
+        // mistaken for a dead peer).
+        let io_timeout = cfg.detection_time().max(Duration::from_secs(1));
+        let link = Rc::new(LinkCtx {
+            node_name: cfg.node_name.clone(),
+            peer_name: cfg.link.peer_name.clone(),
+            peer_addr: cfg.link.peer,
+            key,
+            io_timeout,
+            stats: LinkStats::default(),
+        });
+        let (heartbeat_tx, heartbeat_out) = watch::channel(None);
+        let (to_core, heartbeat_rx) = mpsc::channel(HEARTBEAT_QUEUE);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (persist_tx, persist_rx) = mpsc::unbounded_channel();
+        let (persisted_tx, persisted_rx) = mpsc::unbounded_channel();
+
+        tokio_uring::spawn(link::run_outbound(link.clone(), heartbeat_out));
+        tokio_uring::spawn(link::run_listener(link.clone(), listener, to_core));
+        std::thread::Builder::new()
+            .name("hasync-control".into())
+            .spawn(move || serve_control(control_listener, control_tx))
+            .map_err(|source| DaemonError::ControlSocket {
+                path: socket_path.clone(),
+                source,
+            })?;
+        tokio_uring::spawn(persist_worker(
+            cfg.state_dir.clone(),
+            persist_rx,
+            persisted_tx,
+        ));
+
+        Ok(Node {
+            core: Core::new(core_cfg, record, now),
+            cfg,
+            link,
+            heartbeat_tx,
+            heartbeat_rx,
+            control_rx,
+            persist_tx,
+            persisted_rx,
+            socket_path,
+            started: (now, SystemTime::now()),
+            alarms: VecDeque::new(),
+            transitions: VecDeque::new(),
+            push_requested: 0,
+            push_last: None,
+        })
+    }
+
+    async fn run(mut self) -> Result<(), DaemonError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        // Checking our own directories more often than the peer checks our
+        // heartbeats would be wasted work; less often would leave a broken
+        // node primary for longer than a crashed one.
+        let mut self_check = tokio::time::interval(
+            self.cfg
+                .link
+                .heartbeat_interval
+                .max(Duration::from_millis(100)),
+        );
+        self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+        loop {
+            self.execute_actions();
+            let deadline = self
+                .core
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    self.core.handle_timeout(Instant::now());
+                }
+                Some(hb) = self.heartbeat_rx.recv() => {
+                    self.core.handle_event(Instant::now(), Event::Heartbeat(hb));
+                }
+                Some(res) = self.persisted_rx.recv() => {
+                    let ev = match res {
+                        Ok(rec) => Event::Persisted(rec),
+                        Err(why) => Event::PersistFailed(why),
+                    };
+                    self.core.handle_event(Instant::now(), ev);
+                }
+                Some((req, reply)) = self.control_rx.recv() => {
+                    let resp = self.handle_request(req);
+                    let _ = reply.send(resp);
+                }
+                _ = self_check.tick() => {
+                    let result = self_check_dirs(&self.cfg);
+                    self.core.handle_event(Instant::now(), Event::SelfCheck(result));
+                }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        info!(role = %self.core.role(), epoch = self.core.epoch(), "hasync stopping on signal");
+        let _ = std::fs::remove_file(&self.socket_path);
+        Ok(())
+    }
+
+    fn execute_actions(&mut self) {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::SendHeartbeat(hb) => {
+                    self.heartbeat_tx.send_replace(Some(hb));
+                }
+                Action::PersistEpoch(rec) => {
+                    // The worker lives as long as the node; a closed channel
+                    // means it panicked, and then no epoch can be made durable.
+                    if self.persist_tx.send(rec).is_err() {
+                        self.core.handle_event(
+                            Instant::now(),
+                            Event::PersistFailed("persist worker is gone".into()),
+                        );
+                    }
+                }
+                Action::Become {
+                    role,
+                    epoch,
+                    reason,
+                } => {
+                    let line = format!("now {role} at epoch {epoch}: {reason}");
+                    match role {
+                        Role::Failed => error!(role = %role, epoch, "{line}"),
+                        _ => info!(role = %role, epoch, "{line}"),
+                    }
+                    push_bounded(&mut self.transitions, line);
+                }
+                Action::StartQueuePush { peer_epoch } => {
+                    self.push_requested += 1;
+                    self.push_last = Some((unix_ms(SystemTime::now()), peer_epoch));
+                    warn!(
+                        peer_epoch,
+                        "queue push requested: this node served as primary before and must hand its queued mail to the primary at epoch {peer_epoch}"
+                    );
+                }
+                Action::Alarm(alarm) => {
+                    let line = alarm.to_string();
+                    warn!(alarm = true, "ALARM: {line}");
+                    push_bounded(&mut self.alarms, line);
+                }
+            }
+        }
+    }
+
+    fn handle_request(&mut self, req: Request) -> Response {
+        let now = Instant::now();
+        let resp = match req {
+            Request::Status => {
+                return Response {
+                    ok: true,
+                    error: None,
+                    message: None,
+                    status: Some(self.status(now)),
+                }
+            }
+            Request::Failover => match self.core.request_switchover(now) {
+                Ok(()) => {
+                    info!("operator requested switchover");
+                    Response::message(format!(
+                        "switchover started from {} at epoch {}",
+                        self.core.role(),
+                        self.core.epoch()
+                    ))
+                }
+                Err(e) => Response::error(format!("switchover refused: {e}")),
+            },
+            Request::Join => match self.core.join(now) {
+                Ok(()) => Response::message("rejoining the pair"),
+                Err(e) => Response::error(format!("join refused: {e}")),
+            },
+        };
+        self.execute_actions();
+        resp
+    }
+
+    fn status(&self, now: Instant) -> Status {
+        let cs = self.core.status();
+        let since = self.started.1 + cs.since.saturating_duration_since(self.started.0);
+        let stats = &self.link.stats;
+        let gaps = stats.gaps_us.borrow();
+        let gap = |q: f64| (!gaps.is_empty()).then(|| gaps.value_at_quantile(q) as f64 / 1000.0);
+        Status {
+            node: self.cfg.node_name.clone(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            mode: cs.role,
+            epoch: cs.epoch,
+            since_unix_ms: unix_ms(since),
+            in_mode_ms: now.saturating_duration_since(cs.since).as_millis() as u64,
+            reason: cs.last_reason.to_string(),
+            peer: PeerStatus {
+                name: self.cfg.link.peer_name.clone(),
+                address: self.cfg.link.peer.to_string(),
+                seen: cs.peer_last_heard.is_some(),
+                alive: cs.peer_alive,
+                role: cs.peer_role,
+                epoch: cs.peer_epoch,
+                last_heartbeat_age_ms: cs
+                    .peer_last_heard
+                    .map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            },
+            link: LinkStatus {
+                outbound_connected: stats.outbound_connected.get(),
+                inbound_connections: stats.inbound_connections.get(),
+                auth_failures: stats.auth_failures.get(),
+                frame_errors: stats.frame_errors.get(),
+                heartbeats_sent: stats.heartbeats_sent.get(),
+                heartbeats_received: stats.heartbeats_received.get(),
+                heartbeat_interval_ms: self.cfg.link.heartbeat_interval.as_millis() as u64,
+                heartbeat_gap_ms_p50: gap(0.5),
+                heartbeat_gap_ms_p99: gap(0.99),
+                heartbeat_gap_ms_max: (!gaps.is_empty()).then(|| gaps.max() as f64 / 1000.0),
+            },
+            queue_push: QueuePushStatus {
+                requested: self.push_requested,
+                pending: cs.queue_push_pending,
+                last_requested_unix_ms: self.push_last.map(|p| p.0),
+                last_target_epoch: self.push_last.map(|p| p.1),
+            },
+            restore_pending: cs.restore_pending,
+            alarms: self.alarms.iter().cloned().collect(),
+            transitions: self.transitions.iter().cloned().collect(),
+        }
+    }
+}
+
+/// The node's own health: the directories it needs are there and usable.
+fn self_check_dirs(cfg: &Config) -> Result<(), String> {
+    use rustix::fs::{access, Access};
+    let is_dir = |key: &str, p: &Path| match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{key} {} is not a directory", p.display())),
+        Err(e) => Err(format!("{key} {}: {e}", p.display())),
+    };
+    is_dir("state_dir", &cfg.state_dir)?;
+    access(&cfg.state_dir, Access::WRITE_OK)
+        .map_err(|e| format!("state_dir {} is not writable: {e}", cfg.state_dir.display()))?;
+    is_dir("queue_dir", &cfg.queue_dir)?;
+    for (name, path) in &cfg.mailstores {
+        is_dir(&format!("mailstores.{name}"), path)?;
+    }
+    Ok(())
+}
+
+/// Writes each requested record durably, newest first: records only grow, so
+/// when several are queued only the latest needs the disk.
+async fn persist_worker(
+    dir: PathBuf,
+    mut requests: mpsc::UnboundedReceiver<EpochRecord>,
+    results: mpsc::UnboundedSender<Result<EpochRecord, String>>,
+) {
+    while let Some(mut rec) = requests.recv().await {
+        while let Ok(newer) = requests.try_recv() {
+            rec = newer;
+        }
+        let res = crate::io::write_atomic(&dir, state::EPOCH_FILE, state::encode(&rec))
+            .await
+            .map(|()| rec)
+            .map_err(|e| format!("{}: {e}", dir.join(state::EPOCH_FILE).display()));
+        if results.send(res).is_err() {
+            return;
+        }
+    }
+}
+
+fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonError> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(DaemonError::AlreadyRunning(
+                path.parent().unwrap_or(path).to_owned(),
+            ));
+        }
+        // A socket left by a daemon that was killed: nobody answers on it.
+        std::fs::remove_file(path).map_err(|source| DaemonError::ControlSocket {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    std::os::unix::net::UnixListener::bind(path).map_err(|source| DaemonError::ControlSocket {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Serves the control socket on a plain thread. tokio-uring 0.5 cannot bind
+/// unix sockets (it sets SO_REUSEPORT, which AF_UNIX refuses), and operator
+/// requests are rare and tiny, so blocking I/O here costs nothing; requests
+/// reach the node's loop through a bounded channel.
+fn serve_control(listener: std::os::unix::net::UnixListener, to_node: mpsc::Sender<ControlMsg>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        control_conn(stream, &to_node);
+        if to_node.is_closed() {
+            return;
+        }
+    }
+}
+
+fn control_conn(stream: std::os::unix::net::UnixStream, to_node: &mpsc::Sender<ControlMsg>) {
+    use std::io::{BufRead, Read, Write};
+    let mut line = Vec::new();
+    let mut reader = std::io::BufReader::new((&stream).take(MAX_REQUEST as u64));
+    if reader.read_until(b'\n', &mut line).is_err() {
+        return;
+    }
+    let resp = match serde_json::from_slice::<Request>(line.trim_ascii()) {
+        Ok(req) => {
+            let (tx, rx) = oneshot::channel();
+            if to_node.blocking_send((req, tx)).is_err() {
+                return;
+            }
+            match rx.blocking_recv() {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+        Err(e) => Response::error(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&resp).expect("response serialises");
+    out.push(b'\n');
+    let _ = (&stream).write_all(&out);
+}
+
+/// Human rendering of a status snapshot (`hasync status`).
+pub fn render_status(s: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "node      {} (pid {}, hasync {})",
+        s.node, s.pid, s.version
+    );
+    let _ = writeln!(
+        o,
+        "mode      {} at epoch {}, for {:.1}s ({})",
+        s.mode,
+        s.epoch,
+        s.in_mode_ms as f64 / 1000.0,
+        s.reason
+    );
+    let peer = match (s.peer.alive, s.peer.role, s.peer.last_heartbeat_age_ms) {
+        (true, Some(role), Some(age)) => format!(
+            "{} at {}: {role} at epoch {}, last heartbeat {age} ms ago",
+            s.peer.name,
+            s.peer.address,
+            s.peer.epoch.unwrap_or_default()
+        ),
+        (false, Some(role), Some(age)) => format!(
+            "{} at {}: LOST (last seen as {role}, {age} ms ago)",
+            s.peer.name, s.peer.address
+        ),
+        _ => format!("{} at {}: never heard", s.peer.name, s.peer.address),
+    };
+    let _ = writeln!(o, "peer      {peer}");
+    let _ = writeln!(
+        o,
+        "link      out {}, in {}; heartbeats sent {} received {}; gap p99 {} max {} (interval {} ms); auth failures {}",
+        if s.link.outbound_connected { "up" } else { "down" },
+        s.link.inbound_connections,
+        s.link.heartbeats_sent,
+        s.link.heartbeats_received,
+        fmt_ms(s.link.heartbeat_gap_ms_p99),
+        fmt_ms(s.link.heartbeat_gap_ms_max),
+        s.link.heartbeat_interval_ms,
+        s.link.auth_failures
+    );
+    if s.queue_push.requested > 0 {
+        let _ = writeln!(
+            o,
+            "queue     push requested {} time(s){}",
+            s.queue_push.requested,
+            if s.queue_push.pending {
+                ", pending"
+            } else {
+                ""
+            }
+        );
+    }
+    for a in s.alarms.iter().rev().take(5) {
+        let _ = writeln!(o, "alarm     {}", a.message);
+    }
+    o
+}
+
+fn fmt_ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1} ms"))
+}

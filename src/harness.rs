@@ -1,0 +1,243 @@
+//! Starts real `hasync` daemons in temporary directories: used by
+//! `hasync demo` and by the integration tests, so both run the same scenario
+//! code against real processes.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::daemon::control::{self, Request, Response, Status};
+
+/// Settings shared by both nodes of a test pair.
+#[derive(Debug, Clone)]
+pub struct PairOptions {
+    pub heartbeat_interval_ms: u64,
+    pub heartbeat_lost_threshold: u32,
+    pub startup_wait_ms: u64,
+    pub recovery: &'static str,
+    pub priorities: [u8; 2],
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        PairOptions {
+            heartbeat_interval_ms: 200,
+            heartbeat_lost_threshold: 5,
+            startup_wait_ms: 2000,
+            recovery: "become-secondary",
+            priorities: [200, 100],
+        }
+    }
+}
+
+/// One node: its directories, config and (when running) process.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub name: String,
+    pub root: PathBuf,
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub queue_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub listen: SocketAddr,
+    exe: PathBuf,
+    child: Option<Child>,
+}
+
+/// Two nodes wired to each other.
+#[derive(Debug)]
+pub struct Pair {
+    pub nodes: [NodeProc; 2],
+    pub options: PairOptions,
+}
+
+fn free_port() -> std::io::Result<SocketAddr> {
+    // Bind port 0 and release it: the kernel hands out ports round-robin, so
+    // the port stays free until the daemon binds it in practice.
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    l.local_addr()
+}
+
+impl Pair {
+    /// Lays out both nodes under `base` (which must exist) with a shared secret.
+    pub fn create(exe: &Path, base: &Path, options: PairOptions) -> std::io::Result<Pair> {
+        let secret = base.join("link.secret");
+        fs::write(&secret, b"demo-secret-0123456789abcdef\n")?;
+        let names = ["mx1", "mx2"];
+        let addrs = [free_port()?, free_port()?];
+        let mut nodes = Vec::new();
+        for i in 0..2 {
+            let root = base.join(names[i]);
+            let state_dir = root.join("state");
+            let queue_dir = root.join("queue");
+            for d in ["state", "queue", "mail/inbox", "mail/quarantine"] {
+                fs::create_dir_all(root.join(d))?;
+            }
+            let config_path = root.join("hasync.toml");
+            let text = format!(
+                r#"node_name = "{name}"
+priority = {prio}
+state_dir = "state"
+queue_dir = "queue"
+recovery = "{recovery}"
+
+[link]
+listen = "{listen}"
+peer = "{peer}"
+peer_name = "{peer_name}"
+secret_file = "{secret}"
+heartbeat_interval_ms = {interval}
+heartbeat_lost_threshold = {threshold}
+startup_wait_ms = {startup}
+
+[mailstores]
+inbox = "mail/inbox"
+quarantine = "mail/quarantine"
+"#,
+                name = names[i],
+                prio = options.priorities[i],
+                recovery = options.recovery,
+                listen = addrs[i],
+                peer = addrs[1 - i],
+                peer_name = names[1 - i],
+                secret = secret.display(),
+                interval = options.heartbeat_interval_ms,
+                threshold = options.heartbeat_lost_threshold,
+                startup = options.startup_wait_ms,
+            );
+            fs::write(&config_path, text)?;
+            nodes.push(NodeProc {
+                name: names[i].to_string(),
+                log_path: root.join("hasync.log"),
+                root,
+                config_path,
+                state_dir,
+                queue_dir,
+                listen: addrs[i],
+                exe: exe.to_owned(),
+                child: None,
+            });
+        }
+        let [a, b]: [NodeProc; 2] = nodes.try_into().expect("two nodes");
+        Ok(Pair {
+            nodes: [a, b],
+            options,
+        })
+    }
+
+    /// The failure-detection window of the pair's settings.
+    pub fn detection_window(&self) -> Duration {
+        Duration::from_millis(
+            self.options.heartbeat_interval_ms * u64::from(self.options.heartbeat_lost_threshold),
+        )
+    }
+
+    /// Waits until one node is primary and the other secondary; returns the
+    /// index of the primary.
+    pub fn wait_formed(&self, timeout: Duration) -> Result<usize, String> {
+        let start = Instant::now();
+        let mut last = String::new();
+        while start.elapsed() < timeout {
+            let s: Vec<_> = self.nodes.iter().map(|n| n.status().ok()).collect();
+            if let (Some(a), Some(b)) = (&s[0], &s[1]) {
+                use crate::failover::Role::{Primary, Secondary};
+                match (a.mode, b.mode) {
+                    (Primary, Secondary) => return Ok(0),
+                    (Secondary, Primary) => return Ok(1),
+                    (x, y) => last = format!("{x} / {y}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "pair did not form within {timeout:?} (last roles: {last})"
+        ))
+    }
+}
+
+impl NodeProc {
+    pub fn socket(&self) -> PathBuf {
+        control::socket_path(&self.state_dir)
+    }
+
+    /// Starts `hasync run` for this node, logging to `log_path`.
+    pub fn start(&mut self) -> std::io::Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)?;
+        let child = Command::new(&self.exe)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: the process gets no chance to tidy up.
+    pub fn kill9(&mut self) -> std::io::Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn request(&self, req: &Request) -> Result<Response, String> {
+        control::request(&self.socket(), req, Duration::from_secs(2)).map_err(|e| e.to_string())
+    }
+
+    pub fn status(&self) -> Result<Status, String> {
+        let r = self.request(&Request::Status)?;
+        r.status
+            .ok_or_else(|| r.error.unwrap_or_else(|| "no status in response".into()))
+    }
+
+    /// Polls status every `every` until `pred` holds.
+    pub fn wait_status(
+        &self,
+        timeout: Duration,
+        every: Duration,
+        pred: impl Fn(&Status) -> bool,
+    ) -> Result<Status, String> {
+        let start = Instant::now();
+        let mut last = Err("never answered".to_string());
+        while start.elapsed() < timeout {
+            last = self.status();
+            if let Ok(s) = &last {
+                if pred(s) {
+                    return Ok(s.clone());
+                }
+            }
+            std::thread::sleep(every);
+        }
+        Err(format!(
+            "{}: condition not reached within {timeout:?}; last status: {last:?}",
+            self.name
+        ))
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
