@@ -63,8 +63,6 @@ fn free_port() -> std::io::Result<SocketAddr> {
 impl Pair {
     /// Lays out both nodes under `base` (which must exist) with a shared secret.
     pub fn create(exe: &Path, base: &Path, options: PairOptions) -> std::io::Result<Pair> {
-        let secret = base.join("link.secret");
-        fs::write(&secret, b"demo-secret-0123456789abcdef\n")?;
         let names = ["mx1", "mx2"];
         let addrs = [free_port()?, free_port()?];
         let mut nodes = Vec::new();
@@ -75,6 +73,10 @@ impl Pair {
             for d in ["state", "queue", "mail/inbox", "mail/quarantine"] {
                 fs::create_dir_all(root.join(d))?;
             }
+            // Each node has its own copy of the shared secret, so a test can
+            // give one node a wrong one.
+            let secret = root.join("link.secret");
+            fs::write(&secret, b"demo-secret-0123456789abcdef\n")?;
             let config_path = root.join("hasync.toml");
             let text = format!(
                 r#"node_name = "{name}"

@@ -1,0 +1,4 @@
+mod cli;
+mod failover_props;
+mod pair;
+mod util;

@@ -1,0 +1,218 @@
+//! Two real `hasync` processes on loopback.
+
+use std::time::{Duration, Instant};
+
+use hasync::daemon::control::Request;
+
+use super::util::*;
+
+#[test]
+fn kill9_primary_fails_over_and_old_primary_rejoins_as_secondary() {
+    let (mut tp, p) = TestPair::formed(fast());
+    let s = 1 - p;
+    let before = tp.nodes[p].status().unwrap();
+    assert_eq!(before.mode, Role::Primary);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let killed = Instant::now();
+    tp.nodes[p].kill9().unwrap();
+    let window = tp.detection_window();
+    let after = tp.nodes[s]
+        .wait_status(window * 10, Duration::from_millis(5), |st| {
+            st.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let detect = killed.elapsed();
+    println!(
+        "failover detection: {} ms (threshold x interval = {} ms, plus one interval = {} ms)",
+        detect.as_millis(),
+        window.as_millis(),
+        (window + Duration::from_millis(tp.options.heartbeat_interval_ms)).as_millis()
+    );
+    assert!(
+        after.epoch > before.epoch,
+        "takeover must take a newer epoch"
+    );
+    assert!(
+        after.reason.contains("new epoch is durable"),
+        "{}",
+        after.reason
+    );
+
+    // The old primary restarts, finds the new primary, becomes secondary and
+    // raises its queue push.
+    tp.nodes[p].start().unwrap();
+    let rejoined = tp.nodes[p]
+        .wait_status(Duration::from_secs(15), Duration::from_millis(20), |st| {
+            st.mode == Role::Secondary && st.queue_push.requested > 0
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(rejoined.epoch, after.epoch);
+    assert_eq!(rejoined.queue_push.last_target_epoch, Some(after.epoch));
+    assert!(
+        tp.nodes[p].log().contains("queue push requested"),
+        "{}",
+        tp.logs()
+    );
+    assert_eq!(tp.nodes[s].status().unwrap().mode, Role::Primary);
+}
+
+#[test]
+fn wrong_secret_is_refused_before_any_state_change() {
+    let mut tp = TestPair::new(fast());
+    std::fs::write(
+        tp.nodes[1].root.join("link.secret"),
+        b"a-different-secret-0000000\n",
+    )
+    .unwrap();
+    tp.start_all();
+    // Give the nodes several handshake attempts.
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |st| {
+            st.link.auth_failures > 0
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::thread::sleep(Duration::from_millis(500));
+    for n in tp.nodes.iter() {
+        let st = n.status().unwrap();
+        assert!(
+            !st.peer.seen,
+            "{}: a peer with the wrong secret must never be heard",
+            n.name
+        );
+        assert_eq!(st.link.heartbeats_received, 0);
+    }
+    assert!(st.link.auth_failures > 0);
+    let log = tp.nodes[0].log();
+    assert!(
+        log.contains("failed authentication") && log.contains("link refused"),
+        "log must say why the peer was refused:\n{log}"
+    );
+}
+
+#[test]
+fn manual_switchover_from_either_node() {
+    let (tp, p) = TestPair::formed(fast());
+    let s = 1 - p;
+    // On the primary: it hands over to the secondary.
+    let out = hasync(&[
+        "failover",
+        "--config",
+        tp.nodes[p].config_path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let new_p = tp.nodes[s]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(5), |st| {
+            st.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let old = tp.nodes[p]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(5), |st| {
+            st.mode == Role::Secondary
+        })
+        .unwrap();
+    let stepped_down = old
+        .transitions
+        .iter()
+        .rev()
+        .find(|t| t.message.starts_with("now handing-over"))
+        .expect("old primary logged its step-down")
+        .at_unix_ms;
+    let took_over = new_p
+        .transitions
+        .iter()
+        .rev()
+        .find(|t| t.message.starts_with("now primary"))
+        .unwrap()
+        .at_unix_ms;
+    println!(
+        "switchover gap without a primary: {} ms (interval {} ms)",
+        took_over.saturating_sub(stepped_down),
+        tp.options.heartbeat_interval_ms
+    );
+    assert!(
+        took_over >= stepped_down,
+        "the new primary must not start before the old one stepped down"
+    );
+
+    // On the (new) secondary: it asks the primary to hand back.
+    let out = hasync(&[
+        "failover",
+        "--socket",
+        tp.nodes[p].socket().to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tp.nodes[p]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(5), |st| {
+            st.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[s]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(5), |st| {
+            st.mode == Role::Secondary
+        })
+        .unwrap();
+}
+
+#[test]
+fn node_whose_directories_vanish_steps_out_as_failed() {
+    let (tp, p) = TestPair::formed(fast());
+    let s = 1 - p;
+    let queue = tp.nodes[p].queue_dir.clone();
+    let moved = queue.with_extension("away");
+    std::fs::rename(&queue, &moved).unwrap();
+    let failed = tp.nodes[p]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
+            st.mode == Role::Failed
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        failed.reason.contains("queue_dir"),
+        "failed mode must say why: {}",
+        failed.reason
+    );
+    tp.nodes[s]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
+            st.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // The directory comes back: the node rejoins as secondary and pushes.
+    std::fs::rename(&moved, &queue).unwrap();
+    tp.nodes[p]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
+            st.mode == Role::Secondary && st.queue_push.requested > 0
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
+#[test]
+fn switchover_without_peer_is_refused_with_a_reason() {
+    let mut tp = TestPair::new(fast());
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |st| {
+            st.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let resp = tp.nodes[0].request(&Request::Failover).unwrap();
+    assert!(!resp.ok);
+    assert!(resp.error.unwrap().contains("not heard"));
+}
+
+#[test]
+fn demo_json_reports_a_successful_failover() {
+    let out = hasync(&["demo", "--json"]);
+    let stdout = text(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("demo --json must print one JSON object ({e}): {stdout}"));
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(v["failover_detect_ms"].as_u64().unwrap() > 0);
+    let roles = v["roles_after"].as_object().unwrap();
+    let mut r: Vec<_> = roles
+        .values()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    r.sort();
+    assert_eq!(r, ["primary", "secondary"]);
+    assert!(out.status.success());
+}
