@@ -17,4 +17,6 @@ pub mod failover;
 pub mod harness;
 pub mod io;
 pub mod link;
+pub mod replica;
+pub mod tracker;
 pub mod wire;

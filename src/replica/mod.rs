@@ -1,0 +1,3 @@
+//! Mailstore replication.
+
+pub mod fsops;
