@@ -68,6 +68,8 @@ pub struct Config {
     pub link: LinkConfig,
     /// Named mailstore directories that are kept in sync (absolute paths).
     pub mailstores: BTreeMap<String, PathBuf>,
+    /// The `[replication]` table: how mailstores are replicated.
+    pub replication: ReplicationConfig,
     /// The file this configuration came from (as given to `load`/`parse`).
     pub source: PathBuf,
 }
@@ -90,6 +92,25 @@ pub struct LinkConfig {
     /// How long a starting node waits to hear from its peer.
     pub startup_wait: Duration,
 }
+
+/// The `[replication]` table: continuous mailstore replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationConfig {
+    /// Address the sync connection listens on (default: link.listen port + 1).
+    /// Bulk data has its own port so that it never delays a heartbeat.
+    pub sync_listen: SocketAddr,
+    /// The peer's sync address (default: link.peer port + 1).
+    pub sync_peer: SocketAddr,
+    /// Glob patterns (relative to a mailstore root) that are not replicated.
+    pub exclude: Vec<String>,
+    /// How often the primary verifies the whole replica (anti-entropy).
+    pub verify_interval: Duration,
+}
+
+/// Default exclude: Maildir `tmp/` holds messages still being written.
+pub const DEFAULT_EXCLUDE: &str = "**/tmp/*";
+/// Default anti-entropy interval.
+pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(600);
 
 /// Everything that can go wrong while loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -377,6 +398,26 @@ struct RawConfig {
     link: RawLink,
     #[serde(default)]
     mailstores: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    replication: RawReplication,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplication {
+    sync_listen: Option<SocketAddr>,
+    sync_peer: Option<SocketAddr>,
+    exclude: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "de_verify_interval")]
+    verify_interval_ms: Option<Duration>,
+}
+
+fn de_verify_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "replication.verify_interval_ms").map(Some)
+}
+
+fn port_plus_one(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip(), a.port().wrapping_add(1))
 }
 
 #[derive(Debug, Deserialize)]
@@ -483,7 +524,52 @@ impl RawConfig {
             mailstores.insert(name, resolved);
         }
 
+        let r = self.replication;
+        let sync_listen = r.sync_listen.unwrap_or_else(|| port_plus_one(link.listen));
+        let sync_peer = r.sync_peer.unwrap_or_else(|| port_plus_one(link.peer));
+        check_address(&sync_listen, false)
+            .map_err(|p| err("replication.sync_listen", sync_listen.to_string(), p))?;
+        check_address(&sync_peer, true)
+            .map_err(|p| err("replication.sync_peer", sync_peer.to_string(), p))?;
+        if sync_listen == link.listen || sync_peer == link.peer {
+            return Err(err(
+                "replication.sync_listen",
+                sync_listen.to_string(),
+                "the sync connection needs its own port, apart from the heartbeat link".into(),
+            ));
+        }
+        if sync_peer == sync_listen {
+            return Err(err(
+                "replication.sync_peer",
+                sync_peer.to_string(),
+                "peer equals self: sync_peer is this node's own sync_listen".into(),
+            ));
+        }
+        let exclude = r
+            .exclude
+            .unwrap_or_else(|| vec![DEFAULT_EXCLUDE.to_string()]);
+        for pat in &exclude {
+            globset::GlobBuilder::new(pat)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| err("replication.exclude", quote(pat), e.to_string()))?;
+        }
+        let verify_interval = r.verify_interval_ms.unwrap_or(DEFAULT_VERIFY_INTERVAL);
+        if verify_interval < Duration::from_secs(1) {
+            return Err(err(
+                "replication.verify_interval_ms",
+                fmt_duration(verify_interval),
+                "must be at least 1s".into(),
+            ));
+        }
+
         let config = Config {
+            replication: ReplicationConfig {
+                sync_listen,
+                sync_peer,
+                exclude,
+                verify_interval,
+            },
             node_name: self.node_name,
             priority,
             state_dir,

@@ -18,6 +18,8 @@ pub struct PairOptions {
     pub startup_wait_ms: u64,
     pub recovery: &'static str,
     pub priorities: [u8; 2],
+    /// Anti-entropy interval of the replication.
+    pub verify_interval_ms: u64,
 }
 
 impl Default for PairOptions {
@@ -28,6 +30,7 @@ impl Default for PairOptions {
             startup_wait_ms: 2000,
             recovery: "become-secondary",
             priorities: [200, 100],
+            verify_interval_ms: 600_000,
         }
     }
 }
@@ -42,6 +45,8 @@ pub struct NodeProc {
     pub queue_dir: PathBuf,
     pub log_path: PathBuf,
     pub listen: SocketAddr,
+    /// Mailstore roots by name.
+    pub mailstores: Vec<(String, PathBuf)>,
     exe: PathBuf,
     child: Option<Child>,
 }
@@ -65,6 +70,7 @@ impl Pair {
     pub fn create(exe: &Path, base: &Path, options: PairOptions) -> std::io::Result<Pair> {
         let names = ["mx1", "mx2"];
         let addrs = [free_port()?, free_port()?];
+        let sync_addrs = [free_port()?, free_port()?];
         let mut nodes = Vec::new();
         for i in 0..2 {
             let root = base.join(names[i]);
@@ -94,10 +100,18 @@ heartbeat_interval_ms = {interval}
 heartbeat_lost_threshold = {threshold}
 startup_wait_ms = {startup}
 
+[replication]
+sync_listen = "{sync_listen}"
+sync_peer = "{sync_peer}"
+verify_interval_ms = {verify}
+
 [mailstores]
 inbox = "mail/inbox"
 quarantine = "mail/quarantine"
 "#,
+                sync_listen = sync_addrs[i],
+                sync_peer = sync_addrs[1 - i],
+                verify = options.verify_interval_ms,
                 name = names[i],
                 prio = options.priorities[i],
                 recovery = options.recovery,
@@ -111,6 +125,10 @@ quarantine = "mail/quarantine"
             );
             fs::write(&config_path, text)?;
             nodes.push(NodeProc {
+                mailstores: vec![
+                    ("inbox".to_string(), root.join("mail/inbox")),
+                    ("quarantine".to_string(), root.join("mail/quarantine")),
+                ],
                 name: names[i].to_string(),
                 log_path: root.join("hasync.log"),
                 root,

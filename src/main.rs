@@ -64,6 +64,11 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Force a full verification of the replica (every file re-hashed), with progress.
+    Resync {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Bring a node that is `off` back into the pair.
     Join {
         #[command(flatten)]
@@ -130,6 +135,15 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Failover { target } => reply(ask(&target, control::Request::Failover)?),
         Cmd::Join { target } => reply(ask(&target, control::Request::Join)?),
+        Cmd::Resync { target } => {
+            let resp = ask(&target, control::Request::Resync)?;
+            if !resp.ok {
+                bail!("{}", resp.error.unwrap_or_default());
+            }
+            println!("{}", resp.message.unwrap_or_default());
+            resync_progress(&target)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo { json } => {
             let exe = std::env::current_exe().context("locating the hasync binary")?;
             let mut say = |line: &str| {
@@ -167,5 +181,66 @@ fn reply(resp: control::Response) -> Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     } else {
         bail!("{}", resp.error.unwrap_or_else(|| "refused".into()))
+    }
+}
+
+/// Follows a verification until it finishes; a progress bar on a terminal,
+/// one line per second otherwise.
+fn resync_progress(target: &Target) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let started = std::time::Instant::now();
+    let mut seen_running = false;
+    loop {
+        let s = ask(target, control::Request::Status)?
+            .status
+            .context("daemon returned no status")?;
+        let r = &s.replication;
+        let running = r.phase == "verifying" || r.phase == "manifest" || r.phase == "initial-sync";
+        if let Some(p) = &r.progress {
+            let frac = if p.files_total == 0 {
+                1.0
+            } else {
+                p.files_done as f64 / p.files_total as f64
+            };
+            let width = 30;
+            let filled = (frac * width as f64).round() as usize;
+            let line = format!(
+                "[{}{}] {}/{} files  {:.1}/{:.1} MB  {:.0} files/s  ETA {}",
+                "#".repeat(filled.min(width)),
+                "-".repeat(width - filled.min(width)),
+                p.files_done,
+                p.files_total,
+                p.bytes_done as f64 / 1e6,
+                p.bytes_total as f64 / 1e6,
+                p.files_per_s,
+                p.eta_s.map_or("-".to_string(), |e| format!("{e:.0}s"))
+            );
+            if tty {
+                print!("\r{line}");
+                std::io::stdout().flush()?;
+            } else {
+                println!("{line}");
+            }
+        }
+        seen_running |= running;
+        if (seen_running && !running)
+            || (!seen_running && started.elapsed() > Duration::from_secs(10))
+        {
+            if tty {
+                println!();
+            }
+            println!(
+                "verification finished: {} paths repaired so far, replica {}",
+                r.repaired,
+                if r.connected {
+                    "connected"
+                } else {
+                    "NOT connected"
+                }
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(if tty { 200 } else { 1000 }));
     }
 }

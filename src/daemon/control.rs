@@ -21,6 +21,7 @@ pub enum Request {
     Status,
     Failover,
     Join,
+    Resync,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +68,7 @@ pub struct Status {
     pub link: LinkStatus,
     pub queue_push: QueuePushStatus,
     pub restore_pending: bool,
+    pub replication: crate::replica::stats::ReplStatus,
     pub alarms: Vec<Logged>,
     pub transitions: Vec<Logged>,
 }

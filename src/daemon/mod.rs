@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError};
 use crate::failover::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
 use crate::link::{self, auth::LinkKey, LinkCtx, LinkStats};
+use crate::replica::engine::{Engine, EngineConfig, EngineError, EngineMode};
 use control::{
     LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, MAX_REQUEST,
 };
@@ -45,6 +46,8 @@ pub enum DaemonError {
     },
     #[error("another hasync daemon is already running with state directory {0} (its control socket answers)")]
     AlreadyRunning(PathBuf),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -54,8 +57,25 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     cfg.validate_filesystem()?;
     let secret = cfg.read_secret()?;
     let record = state::load(&cfg.state_dir)?;
+    let key = LinkKey::from_secret(&secret);
+    let engine = Engine::start(EngineConfig {
+        node_name: cfg.node_name.clone(),
+        peer_name: cfg.link.peer_name.clone(),
+        key: key.clone(),
+        stores: cfg
+            .mailstores
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect(),
+        exclude: cfg.replication.exclude.clone(),
+        state_dir: cfg.state_dir.clone(),
+        sync_listen: cfg.replication.sync_listen,
+        sync_peer: cfg.replication.sync_peer,
+        verify_interval: cfg.replication.verify_interval,
+        io_timeout: cfg.detection_time().max(Duration::from_secs(1)) * 4,
+    })?;
     tokio_uring::start(async move {
-        let node = Node::start(cfg, LinkKey::from_secret(&secret), record).await?;
+        let node = Node::start(cfg, key, record, engine).await?;
         node.run().await
     })
 }
@@ -77,6 +97,8 @@ struct Node {
     transitions: VecDeque<Logged>,
     push_requested: u64,
     push_last: Option<(u64, u64)>,
+    engine: Engine,
+    catch_up_reported: bool,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -94,7 +116,12 @@ fn push_bounded(q: &mut VecDeque<Logged>, message: String) {
 }
 
 impl Node {
-    async fn start(cfg: Config, key: LinkKey, record: EpochRecord) -> Result<Node, DaemonError> {
+    async fn start(
+        cfg: Config,
+        key: LinkKey,
+        record: EpochRecord,
+        engine: Engine,
+    ) -> Result<Node, DaemonError> {
         let now = Instant::now();
         let core_cfg = CoreConfig {
             node_name: cfg.node_name.clone(),
@@ -172,6 +199,8 @@ impl Node {
             transitions: VecDeque::new(),
             push_requested: 0,
             push_last: None,
+            engine,
+            catch_up_reported: false,
         })
     }
 
@@ -217,6 +246,7 @@ impl Node {
                 _ = self_check.tick() => {
                     let result = self_check_dirs(&self.cfg);
                     self.core.handle_event(Instant::now(), Event::SelfCheck(result));
+                    self.report_catch_up();
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -254,6 +284,14 @@ impl Node {
                         _ => info!(role = %role, epoch, "{line}"),
                     }
                     push_bounded(&mut self.transitions, line);
+                    self.engine.set_mode(match role {
+                        Role::Primary => EngineMode::Primary,
+                        Role::Secondary => EngineMode::Secondary,
+                        _ => EngineMode::Idle,
+                    });
+                    if role != Role::Secondary {
+                        self.catch_up_reported = false;
+                    }
                 }
                 Action::StartQueuePush { peer_epoch } => {
                     self.push_requested += 1;
@@ -294,6 +332,13 @@ impl Node {
                 }
                 Err(e) => Response::error(format!("switchover refused: {e}")),
             },
+            Request::Resync => {
+                self.engine.request_resync();
+                Response::message(match self.core.role() {
+                    Role::Primary => "full verification requested: every file is re-hashed on both nodes",
+                    _ => "full verification requested; it runs when this node is primary with a connected secondary",
+                })
+            }
             Request::Join => match self.core.join(now) {
                 Ok(()) => Response::message("rejoining the pair"),
                 Err(e) => Response::error(format!("join refused: {e}")),
@@ -301,6 +346,18 @@ impl Node {
         };
         self.execute_actions();
         resp
+    }
+
+    /// Restore-role waits for the replica to be complete: tell the core once
+    /// the primary has said so on the sync connection.
+    fn report_catch_up(&mut self) {
+        if self.core.role() == Role::Secondary
+            && !self.catch_up_reported
+            && self.engine.status().caught_up
+        {
+            self.catch_up_reported = true;
+            self.core.handle_event(Instant::now(), Event::CatchUpDone);
+        }
     }
 
     fn status(&self, now: Instant) -> Status {
@@ -348,6 +405,7 @@ impl Node {
                 last_target_epoch: self.push_last.map(|p| p.1),
             },
             restore_pending: cs.restore_pending,
+            replication: self.engine.status(),
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),
         }
@@ -508,6 +566,48 @@ pub fn render_status(s: &Status) -> String {
             }
         );
     }
+    let r = &s.replication;
+    let _ = writeln!(
+        o,
+        "replica   {} ({}{}): sent {} files / {:.1} MB, {} renames, {} links, {} deletes; acked {} ops, {} in flight, {} pending; lag p99 {}",
+        r.mode,
+        if r.connected { "connected" } else { "not connected" },
+        if r.phase.is_empty() { String::new() } else { format!(", {}", r.phase) },
+        r.files_sent,
+        r.content_bytes_sent as f64 / 1e6,
+        r.renames_sent,
+        r.links_sent,
+        r.deletes_sent,
+        r.ops_acked,
+        r.ops_inflight,
+        r.ops_pending,
+        fmt_ms(r.lag_ms_p99)
+    );
+    if let Some(p) = &r.progress {
+        let _ = writeln!(
+            o,
+            "progress  {}/{} files, {:.1}/{:.1} MB, {:.0} files/s, ETA {}",
+            p.files_done,
+            p.files_total,
+            p.bytes_done as f64 / 1e6,
+            p.bytes_total as f64 / 1e6,
+            p.files_per_s,
+            p.eta_s.map_or("-".into(), |e| format!("{e:.0}s"))
+        );
+    }
+    let _ = writeln!(
+        o,
+        "          landed {} files / {:.1} MB; watches {}, inotify overflows {}, rescans {}, repaired {}, conflicts kept {}, refused paths {}{}",
+        r.files_landed,
+        r.bytes_landed as f64 / 1e6,
+        r.watches,
+        r.inotify_overflows,
+        r.rescans,
+        r.repaired,
+        r.conflicts_kept,
+        r.refused_paths,
+        if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
+    );
     for a in s.alarms.iter().rev().take(5) {
         let _ = writeln!(o, "alarm     {}", a.message);
     }

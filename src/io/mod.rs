@@ -36,3 +36,22 @@ pub async fn sync_dir(dir: &Path) -> io::Result<()> {
     d.sync_all().await?;
     d.close().await
 }
+
+/// Blocking twin of [`write_atomic`] for callers outside the runtime's hot
+/// path (index snapshots): same temp → fsync → rename → fsync-dir sequence.
+pub fn write_atomic_blocking(target: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = target
+        .parent()
+        .ok_or_else(|| io::Error::other(format!("{} has no parent", target.display())))?;
+    let name = target
+        .file_name()
+        .ok_or_else(|| io::Error::other(format!("{} has no file name", target.display())))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, target)?;
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -20,13 +20,13 @@ use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::failover::Heartbeat;
-use crate::wire::{decode_frame, Channel, Hello, Message, Proof, WireError, NONCE_LEN};
+use crate::wire::{decode_frame, Channel, Frame, Hello, Message, Proof, WireError, NONCE_LEN};
 use auth::{LinkKey, Side};
 
 /// Bound on simultaneous inbound connections (handshaking or live).
 const MAX_INBOUND: usize = 4;
 /// Read buffer size per connection.
-const READ_CHUNK: usize = 4096;
+const READ_CHUNK: usize = 256 * 1024;
 /// Reconnect backoff: first retry and ceiling.
 const BACKOFF_MIN: Duration = Duration::from_millis(25);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -109,23 +109,47 @@ pub struct LinkCtx {
     pub stats: LinkStats,
 }
 
-/// One framed connection; owns its read buffer.
+/// One framed connection. The stream is shared (`Rc`) so that a reader task
+/// and a writer can use it at once; each half owns its own buffers.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Rc<TcpStream>,
+    peer: SocketAddr,
+    reader: FrameReader,
+}
+
+/// The reading half: owns the read buffer.
+pub struct FrameReader {
+    stream: Rc<TcpStream>,
     peer: SocketAddr,
     rbuf: Vec<u8>,
+    /// Start of the undecoded bytes in `rbuf` (advancing a cursor instead of
+    /// draining keeps decoding linear in the bytes received).
+    start: usize,
     scratch: Vec<u8>,
+}
+
+/// The writing half.
+#[derive(Clone)]
+pub struct FrameWriter {
+    stream: Rc<TcpStream>,
+    peer: SocketAddr,
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr) -> Conn {
         // Heartbeats are tiny and latency-critical: no Nagle delay.
         let _ = stream.set_nodelay(true);
+        let stream = Rc::new(stream);
         Conn {
+            reader: FrameReader {
+                stream: stream.clone(),
+                peer,
+                rbuf: Vec::new(),
+                start: 0,
+                scratch: Vec::with_capacity(READ_CHUNK),
+            },
             stream,
             peer,
-            rbuf: Vec::new(),
-            scratch: Vec::with_capacity(READ_CHUNK),
         }
     }
 
@@ -133,24 +157,85 @@ impl Conn {
         self.peer
     }
 
-    pub async fn send(&self, msg: &Message) -> Result<(), LinkError> {
-        let (res, _) = self.stream.write_all(msg.to_frame_bytes()).await;
-        res.map_err(|source| LinkError::Io {
+    pub fn split(self) -> (FrameReader, FrameWriter) {
+        let w = FrameWriter {
+            stream: self.stream,
             peer: self.peer,
-            op: "write",
-            source,
-        })
+        };
+        (self.reader, w)
+    }
+
+    pub async fn send(&self, msg: &Message) -> Result<(), LinkError> {
+        self.writer().send_bytes(msg.to_frame_bytes()).await
+    }
+
+    fn writer(&self) -> FrameWriter {
+        FrameWriter {
+            stream: self.stream.clone(),
+            peer: self.peer,
+        }
     }
 
     pub async fn recv(&mut self) -> Result<Message, LinkError> {
+        self.reader.recv().await
+    }
+
+    async fn recv_within(
+        &mut self,
+        limit: Duration,
+        what: &'static str,
+    ) -> Result<Message, LinkError> {
+        self.reader.recv_within(limit, what).await
+    }
+}
+
+impl FrameWriter {
+    /// Writes already-encoded frames; the buffer is handed to the kernel and
+    /// returned so that the caller can reuse its allocation.
+    pub async fn send_buf(&self, bytes: Vec<u8>) -> (Result<(), LinkError>, Vec<u8>) {
+        let (res, buf) = self.stream.write_all(bytes).await;
+        (
+            res.map_err(|source| LinkError::Io {
+                peer: self.peer,
+                op: "write",
+                source,
+            }),
+            buf,
+        )
+    }
+
+    pub async fn send_bytes(&self, bytes: Vec<u8>) -> Result<(), LinkError> {
+        self.send_buf(bytes).await.0
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Closes both directions, so that the peer's reader ends at once.
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        self.stream.shutdown(std::net::Shutdown::Both)
+    }
+}
+
+impl FrameReader {
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The next checksum-verified frame.
+    pub async fn recv_frame(&mut self) -> Result<Frame, LinkError> {
         loop {
             let peer = self.peer;
-            if let Some((frame, used)) =
-                decode_frame(&self.rbuf).map_err(|source| LinkError::Wire { peer, source })?
+            if let Some((frame, used)) = decode_frame(&self.rbuf[self.start..])
+                .map_err(|source| LinkError::Wire { peer, source })?
             {
-                self.rbuf.drain(..used);
-                return Message::decode(&frame).map_err(|source| LinkError::Wire { peer, source });
+                self.start += used;
+                return Ok(frame);
             }
+            // Only an incomplete frame is left: move it to the front.
+            self.rbuf.drain(..self.start);
+            self.start = 0;
             let mut buf = std::mem::take(&mut self.scratch);
             buf.clear();
             let (res, buf) = self.stream.read(buf).await;
@@ -167,7 +252,15 @@ impl Conn {
         }
     }
 
-    async fn recv_within(
+    pub async fn recv(&mut self) -> Result<Message, LinkError> {
+        let frame = self.recv_frame().await?;
+        Message::decode(&frame).map_err(|source| LinkError::Wire {
+            peer: self.peer,
+            source,
+        })
+    }
+
+    pub async fn recv_within(
         &mut self,
         limit: Duration,
         what: &'static str,

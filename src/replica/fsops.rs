@@ -1,1 +1,1156 @@
-//! placeholder: being written
+//! Receiver-side filesystem layer: every write the secondary makes inside a
+//! mailstore root goes through here, and nothing can escape the root.
+//!
+//! The rule that makes this safe: a peer-supplied path is never handed to a
+//! path-walking syscall as a whole. Its parent directory is opened relative
+//! to the root fd with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, and
+//! the final step is an `*at` call on that parent fd with a single component,
+//! so the final component is never followed either. A symlink anywhere in the
+//! parent chain is a refusal, not an error: the peer (or a local user) put it
+//! there, and following it could write outside the mailstore.
+//!
+//! Durability is the caller's to group: it stages files, fsyncs them (here or
+//! through its own io_uring), lands them, then fsyncs the directories the
+//! methods returned. Two exceptions are done here because they are rare and
+//! the caller cannot see them: directories created on the way to a path, and
+//! moves into the conflicts area.
+//!
+//! One `Root` per mailstore per process: `Root::open` empties the staging
+//! directory, which would discard another live `Root`'s staged files.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustix::fs::{
+    AtFlags, Dir, FileType, Gid, Mode, OFlags, RenameFlags, ResolveFlags, Timespec, Timestamps, Uid,
+};
+use rustix::io::Errno;
+
+#[cfg(test)]
+#[path = "fsops_tests.rs"]
+mod tests;
+
+/// Our internal directory under every mailstore root; peers may not name it.
+pub const INTERNAL_DIR: &str = ".hasync";
+/// Staged (not yet landed) files, relative to the root. Accepted by [`Root::fsync_dir`].
+pub const STAGING_DIR: &str = ".hasync/staging";
+/// Losers of conflicts, kept aside, relative to the root. Accepted by [`Root::fsync_dir`].
+pub const CONFLICTS_DIR: &str = ".hasync/conflicts";
+
+/// Longest relative path a peer may send (Linux `PATH_MAX`).
+const PATH_BYTES_MAX: usize = 4096;
+/// Longest single component (Linux `NAME_MAX`).
+const NAME_BYTES_MAX: usize = 255;
+/// Deepest directory tree `remove` descends into. Each level holds one fd,
+/// so this stays well under the default 1024-fd soft limit. Mailstores are a
+/// handful of levels deep.
+const TREE_DEPTH_MAX: usize = 256;
+/// `openat2` with `RESOLVE_BENEATH` may answer EAGAIN when a rename races
+/// the lookup; retry a few times, then report it.
+const OPENAT2_TRIES_MAX: usize = 8;
+/// Attempts at finding a free temporary or conflict-slot name.
+const NAME_TRIES_MAX: u64 = 1000;
+/// Passes over a directory being removed, in case entries appear meanwhile.
+const REMOVE_PASSES_MAX: usize = 4;
+
+/// How every peer path is resolved: beneath the root, no symlinks at all.
+const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
+    .union(ResolveFlags::NO_SYMLINKS)
+    .union(ResolveFlags::NO_MAGICLINKS);
+/// Parent directories are opened as paths only: enough for every `*at` call.
+const WALK_OFLAGS: OFlags = OFlags::PATH
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOFOLLOW);
+/// Directories we must fchmod/futimens/fsync/read need a real open.
+const DIR_READ_OFLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOFOLLOW);
+
+const TRAVERSES_SYMLINK: &str = "path traverses a symlink";
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The peer sent a path we must not touch. Names the path (lossy) and why.
+    #[error("refused path {path:?}: {why}")]
+    Refused { path: String, why: &'static str },
+    /// Local I/O failed. Names the operation, the path and the errno.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    /// ENOSPC / EDQUOT: the disk is full; nothing was left behind.
+    #[error("no space left while {op} {path}")]
+    NoSpace { op: &'static str, path: String },
+}
+
+impl FsError {
+    /// The peer asked for something we will not do (its fault, not ours).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, FsError::Refused { .. })
+    }
+    /// The local disk or quota is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, FsError::NoSpace { .. })
+    }
+}
+
+/// Metadata carried with every file/dir/symlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// Permission bits including setuid/setgid/sticky (masked with 0o7777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenameOutcome {
+    Renamed,
+    SourceMissing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOutcome {
+    Linked,
+    SourceMissing,
+}
+
+fn refused(raw: &[u8], why: &'static str) -> FsError {
+    FsError::Refused {
+        path: String::from_utf8_lossy(raw).into_owned(),
+        why,
+    }
+}
+
+/// Maps an errno to our error, sorting out a full disk.
+fn fail(op: &'static str, path: impl AsRef<Path>, e: Errno) -> FsError {
+    let path = path.as_ref().to_string_lossy().into_owned();
+    if e == Errno::NOSPC || e == Errno::DQUOT {
+        FsError::NoSpace { op, path }
+    } else {
+        FsError::Io {
+            op,
+            path,
+            source: e.into(),
+        }
+    }
+}
+
+/// Checks a relative path; `internal` admits our own `.hasync` tree.
+fn validate(raw: &[u8], internal: bool) -> Result<(), &'static str> {
+    if raw.is_empty() {
+        return Err("empty path");
+    }
+    if raw.len() > PATH_BYTES_MAX {
+        return Err("path longer than 4096 bytes");
+    }
+    if raw.contains(&0) {
+        return Err("NUL byte in path");
+    }
+    if raw[0] == b'/' {
+        return Err("absolute path");
+    }
+    for (i, comp) in raw.split(|&b| b == b'/').enumerate() {
+        match comp {
+            b"" => return Err("empty path component"),
+            b"." => return Err("`.` path component"),
+            b".." => return Err("`..` path component"),
+            c if c.len() > NAME_BYTES_MAX => return Err("path component longer than 255 bytes"),
+            c if i == 0 && !internal && c == INTERNAL_DIR.as_bytes() => {
+                return Err("names the internal .hasync directory")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Validates a peer-supplied relative path (bytes as received). Refuses: empty, absolute,
+/// any `..` or `.` component, empty components (`a//b`), NUL bytes, a component > 255 bytes,
+/// total > 4096 bytes, and anything whose first component is `.hasync` (our internal dir).
+pub fn check_rel(raw: &[u8]) -> Result<PathBuf, FsError> {
+    validate(raw, false).map_err(|why| refused(raw, why))?;
+    Ok(PathBuf::from(OsStr::from_bytes(raw)))
+}
+
+/// A validated relative path cut into its parent components and final name.
+struct Split<'a> {
+    raw: &'a [u8],
+    /// Everything before the last `/` (empty at the root).
+    parent: &'a [u8],
+    comps: Vec<&'a [u8]>,
+    name: &'a [u8],
+}
+
+impl<'a> Split<'a> {
+    fn new(rel: &'a Path) -> Result<Split<'a>, FsError> {
+        Split::parse(rel.as_os_str().as_bytes(), false)
+    }
+    fn parse(raw: &'a [u8], internal: bool) -> Result<Split<'a>, FsError> {
+        validate(raw, internal).map_err(|why| refused(raw, why))?;
+        let (parent, name) = match raw.iter().rposition(|&b| b == b'/') {
+            Some(i) => (&raw[..i], &raw[i + 1..]),
+            None => (&raw[..0], raw),
+        };
+        let comps = if parent.is_empty() {
+            Vec::new()
+        } else {
+            parent.split(|&b| b == b'/').collect()
+        };
+        Ok(Split {
+            raw,
+            parent,
+            comps,
+            name,
+        })
+    }
+    fn path(&self) -> &'a Path {
+        Path::new(OsStr::from_bytes(self.raw))
+    }
+    fn parent_path(&self) -> PathBuf {
+        PathBuf::from(OsStr::from_bytes(self.parent))
+    }
+}
+
+fn join(comps: &[&[u8]]) -> Vec<u8> {
+    comps.join(&b'/')
+}
+
+fn bytes_path(b: &[u8]) -> &Path {
+    Path::new(OsStr::from_bytes(b))
+}
+
+/// `openat2` with our resolve flags, retrying the EAGAIN a racing rename can cause.
+fn open_beneath(base: BorrowedFd<'_>, rel: &[u8], oflags: OFlags) -> Result<OwnedFd, Errno> {
+    let mut tries = 0;
+    loop {
+        match rustix::fs::openat2(base, rel, oflags, Mode::empty(), RESOLVE) {
+            Err(Errno::AGAIN) if tries + 1 < OPENAT2_TRIES_MAX => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+/// Whether `name` in `dir` is a symlink (not following it).
+fn is_symlink_at(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+    matches!(
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink
+    )
+}
+
+fn timestamps(meta: &Meta) -> Timestamps {
+    let t = Timespec {
+        tv_sec: meta.mtime_sec,
+        tv_nsec: i64::from(meta.mtime_nsec),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+fn perm(meta: &Meta) -> Mode {
+    Mode::from_raw_mode(meta.mode & 0o7777)
+}
+
+/// A parent directory fd: the base itself (root-level names) or a new open.
+enum DirFd<'a> {
+    Borrowed(BorrowedFd<'a>),
+    Owned(OwnedFd),
+}
+
+impl DirFd<'_> {
+    fn fd(&self) -> BorrowedFd<'_> {
+        match self {
+            DirFd::Borrowed(fd) => *fd,
+            DirFd::Owned(fd) => fd.as_fd(),
+        }
+    }
+}
+
+/// An opened parent, and which of its components we had to create (indices
+/// into the component list), so a failed operation can take them back.
+struct Opened<'a> {
+    dir: DirFd<'a>,
+    created: Vec<usize>,
+}
+
+/// Where `keep_aside` put something, so it can be moved back if the
+/// operation it made room for fails.
+struct Aside {
+    parent: OwnedFd,
+    abs: PathBuf,
+}
+
+/// A mailstore root on the receiving side.
+#[derive(Debug)]
+pub struct Root {
+    path: PathBuf,
+    fd: OwnedFd,
+    staging: OwnedFd,
+    conflicts: OwnedFd,
+    owners: bool,
+    /// Feeds temporary names and conflict slots.
+    seq: AtomicU64,
+}
+
+impl Root {
+    /// Opens (O_PATH|O_DIRECTORY) the root and creates `<root>/.hasync/staging` and
+    /// `<root>/.hasync/conflicts` if missing. Removes leftover staged files from a previous
+    /// crash (they were never landed).
+    pub fn open(path: &Path) -> Result<Root, FsError> {
+        let path = std::path::absolute(path).map_err(|source| FsError::Io {
+            op: "open root",
+            path: path.to_string_lossy().into_owned(),
+            source,
+        })?;
+        // The root path is operator configuration: following symlinks in it is fine.
+        let fd = rustix::fs::openat(
+            rustix::fs::CWD,
+            &path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| fail("open root", &path, e))?;
+        let internal = internal_dir(fd.as_fd(), INTERNAL_DIR.as_bytes(), &path)?;
+        let staging = internal_dir(internal.as_fd(), b"staging", &path)?;
+        let conflicts = internal_dir(internal.as_fd(), b"conflicts", &path)?;
+        let root = Root {
+            path,
+            fd,
+            staging,
+            conflicts,
+            owners: rustix::process::geteuid().is_root(),
+            seq: AtomicU64::new(0),
+        };
+        root.clean_staging()?;
+        Ok(root)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether we run as root (then owners are applied; otherwise uid/gid are ignored).
+    pub fn applies_owners(&self) -> bool {
+        self.owners
+    }
+
+    fn abs(&self, rel: impl AsRef<Path>) -> PathBuf {
+        let rel = rel.as_ref();
+        if rel.as_os_str().is_empty() {
+            self.path.clone()
+        } else {
+            self.path.join(rel)
+        }
+    }
+
+    fn staged_name(id: u64) -> String {
+        format!("{id:016x}")
+    }
+
+    fn staged_abs(&self, name: &str) -> PathBuf {
+        self.path.join(STAGING_DIR).join(name)
+    }
+
+    /// Refuses meta the kernel would reject or misread, before anything changes.
+    fn check_meta(&self, rel: &[u8], meta: &Meta) -> Result<(), FsError> {
+        if meta.mtime_nsec >= 1_000_000_000 {
+            return Err(refused(rel, "mtime nanoseconds out of range"));
+        }
+        // -1 means "leave unchanged" to chown; a peer never means that.
+        if self.owners && (meta.uid == u32::MAX || meta.gid == u32::MAX) {
+            return Err(refused(rel, "owner id -1"));
+        }
+        Ok(())
+    }
+
+    /// Owner, then mode (chown clears setuid/setgid), then times.
+    fn apply_meta_fd(&self, fd: BorrowedFd<'_>, meta: &Meta) -> Result<(), (&'static str, Errno)> {
+        if self.owners {
+            rustix::fs::fchown(
+                fd,
+                Some(Uid::from_raw(meta.uid)),
+                Some(Gid::from_raw(meta.gid)),
+            )
+            .map_err(|e| ("fchown", e))?;
+        }
+        rustix::fs::fchmod(fd, perm(meta)).map_err(|e| ("fchmod", e))?;
+        rustix::fs::futimens(fd, &timestamps(meta)).map_err(|e| ("futimens", e))?;
+        Ok(())
+    }
+
+    fn clean_staging(&self) -> Result<(), FsError> {
+        let fd = open_beneath(self.staging.as_fd(), b".", DIR_READ_OFLAGS)
+            .map_err(|e| fail("open staging", self.path.join(STAGING_DIR), e))?;
+        let mut dir =
+            Dir::new(fd).map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
+        let mut removed = 0usize;
+        while let Some(entry) = dir.read() {
+            let entry = entry.map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let dfd = dir
+                .fd()
+                .map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
+            let rel = Path::new(STAGING_DIR).join(OsStr::from_bytes(name.to_bytes()));
+            self.remove_entry(dfd, name, entry.file_type(), &rel, 0)?;
+            removed += 1;
+        }
+        if removed > 0 {
+            tracing::info!(root = %self.path.display(), removed, "removed leftover staged files");
+        }
+        Ok(())
+    }
+
+    /// Opens the parent directory of a split path beneath `base`. With
+    /// `create`, missing directories are made (0755) component by component;
+    /// without it, a missing component gives `Ok(None)`.
+    fn walk<'b>(
+        &self,
+        base: BorrowedFd<'b>,
+        base_rel: &Path,
+        comps: &[&[u8]],
+        parent: &[u8],
+        create: bool,
+        op: &'static str,
+    ) -> Result<Option<Opened<'b>>, FsError> {
+        if comps.is_empty() {
+            return Ok(Some(Opened {
+                dir: DirFd::Borrowed(base),
+                created: Vec::new(),
+            }));
+        }
+        // Fast path: the whole parent exists and is clean.
+        match open_beneath(base, parent, WALK_OFLAGS) {
+            Ok(fd) => {
+                return Ok(Some(Opened {
+                    dir: DirFd::Owned(fd),
+                    created: Vec::new(),
+                }))
+            }
+            Err(Errno::LOOP | Errno::XDEV) => return Err(refused(parent, TRAVERSES_SYMLINK)),
+            Err(Errno::NOENT) if !create => return Ok(None),
+            // Missing components to create, or a non-directory somewhere
+            // (ENOTDIR is also what a symlink as the last component gives
+            // with O_DIRECTORY|O_NOFOLLOW): go one component at a time.
+            Err(Errno::NOENT | Errno::NOTDIR) => {}
+            Err(e) => return Err(fail(op, self.abs(base_rel.join(bytes_path(parent))), e)),
+        }
+        let mut cur =
+            open_beneath(base, b".", WALK_OFLAGS).map_err(|e| fail(op, self.abs(base_rel), e))?;
+        let mut created = Vec::new();
+        let res = self.walk_slow(&mut cur, &mut created, base_rel, comps, create, op);
+        match res {
+            Ok(true) => {}
+            Ok(false) => {
+                self.rollback(base, comps, &created);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.rollback(base, comps, &created);
+                return Err(e);
+            }
+        }
+        if !created.is_empty() {
+            // A created directory is durable once the directory holding it is
+            // fsynced. The caller fsyncs the final parent; we do the rest,
+            // which is rare (a new folder's first message).
+            if let Err(e) = self.fsync_containers(base, base_rel, comps, &created, op) {
+                self.rollback(base, comps, &created);
+                return Err(e);
+            }
+        }
+        Ok(Some(Opened {
+            dir: DirFd::Owned(cur),
+            created,
+        }))
+    }
+
+    fn walk_slow(
+        &self,
+        cur: &mut OwnedFd,
+        created: &mut Vec<usize>,
+        base_rel: &Path,
+        comps: &[&[u8]],
+        create: bool,
+        op: &'static str,
+    ) -> Result<bool, FsError> {
+        for (i, comp) in comps.iter().enumerate() {
+            let here = || base_rel.join(bytes_path(&join(&comps[..=i])));
+            let next = match open_beneath(cur.as_fd(), comp, WALK_OFLAGS) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if create => {
+                    match rustix::fs::mkdirat(cur.as_fd(), *comp, Mode::from_raw_mode(0o755)) {
+                        Ok(()) => created.push(i),
+                        // Someone else made it meanwhile: fine, just not ours to undo.
+                        Err(Errno::EXIST) => {}
+                        Err(e) => return Err(fail(op, self.abs(here()), e)),
+                    }
+                    let fd = match open_beneath(cur.as_fd(), comp, DIR_READ_OFLAGS) {
+                        Ok(fd) => fd,
+                        Err(Errno::LOOP | Errno::XDEV) => {
+                            return Err(refused(&join(&comps[..=i]), TRAVERSES_SYMLINK))
+                        }
+                        Err(e) => return Err(fail(op, self.abs(here()), e)),
+                    };
+                    if created.last() == Some(&i) {
+                        // Exact 0755 whatever the umask; the real meta comes with its Mkdir.
+                        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                            .map_err(|e| fail(op, self.abs(here()), e))?;
+                    }
+                    fd
+                }
+                Err(Errno::NOENT) => return Ok(false),
+                Err(Errno::LOOP | Errno::XDEV) => {
+                    return Err(refused(&join(&comps[..=i]), TRAVERSES_SYMLINK))
+                }
+                Err(Errno::NOTDIR) if is_symlink_at(cur.as_fd(), comp) => {
+                    return Err(refused(&join(&comps[..=i]), TRAVERSES_SYMLINK))
+                }
+                Err(e) => return Err(fail(op, self.abs(here()), e)),
+            };
+            *cur = next;
+        }
+        Ok(true)
+    }
+
+    /// fsyncs every directory that received a directory we created, except
+    /// the last created one's contents (that is the caller's parent).
+    fn fsync_containers(
+        &self,
+        base: BorrowedFd<'_>,
+        base_rel: &Path,
+        comps: &[&[u8]],
+        created: &[usize],
+        op: &'static str,
+    ) -> Result<(), FsError> {
+        for &i in created {
+            let container = join(&comps[..i]);
+            let target: &[u8] = if container.is_empty() {
+                b"."
+            } else {
+                &container
+            };
+            let path = self.abs(base_rel.join(bytes_path(&container)));
+            let fd = open_beneath(base, target, DIR_READ_OFLAGS).map_err(|e| fail(op, &path, e))?;
+            rustix::fs::fsync(&fd).map_err(|e| fail(op, &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Best effort: removes the directories a failed operation created, deepest first.
+    fn rollback(&self, base: BorrowedFd<'_>, comps: &[&[u8]], created: &[usize]) {
+        for &i in created.iter().rev() {
+            let container = join(&comps[..i]);
+            let target: &[u8] = if container.is_empty() {
+                b"."
+            } else {
+                &container
+            };
+            if let Ok(fd) = open_beneath(base, target, WALK_OFLAGS) {
+                let _ = rustix::fs::unlinkat(&fd, comps[i], AtFlags::REMOVEDIR);
+            }
+        }
+    }
+
+    /// Creates a staging file (O_CREAT|O_EXCL|O_WRONLY|O_CLOEXEC, mode 0600) named after `id`
+    /// inside `.hasync/staging`; returns the fd for the caller to write into.
+    pub fn create_staged(&self, id: u64) -> Result<OwnedFd, FsError> {
+        let name = Self::staged_name(id);
+        rustix::fs::openat2(
+            &self.staging,
+            name.as_str(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(0o600),
+            RESOLVE,
+        )
+        .map_err(|e| fail("create staged", self.staged_abs(&name), e))
+    }
+
+    /// Applies meta to the staged file (fchown if root, fchmod, futimens mtime; atime = mtime).
+    pub fn finish_staged(&self, fd: &OwnedFd, meta: &Meta) -> Result<(), FsError> {
+        self.check_meta(b"<staged file>", meta)?;
+        self.apply_meta_fd(fd.as_fd(), meta)
+            .map_err(|(op, e)| fail(op, "<staged file>", e))
+    }
+
+    /// Removes a staged file (hash mismatch, error, ENOSPC). Never fails loudly if already gone.
+    pub fn discard_staged(&self, id: u64) {
+        let name = Self::staged_name(id);
+        match rustix::fs::unlinkat(&self.staging, name.as_str(), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => tracing::warn!(
+                path = %self.staged_abs(&name).display(),
+                error = %std::io::Error::from(e),
+                "could not discard staged file"
+            ),
+        }
+    }
+
+    /// fsync a staged file by fd (callers that prefer to batch fsyncs via io_uring use their
+    /// own fd instead).
+    pub fn fsync_staged(&self, fd: &OwnedFd) -> Result<(), FsError> {
+        rustix::fs::fsync(fd).map_err(|e| fail("fsync", "<staged file>", e))
+    }
+
+    /// Moves staged file `id` to `rel` (renameat into the parent, replacing an existing file).
+    /// Creates missing parent directories (0755). If `rel` is a directory → error (EISDIR).
+    /// With `keep_aside`, an existing non-directory at `rel` is first moved to the conflicts
+    /// dir. Returns the parent directory (relative to the root) to fsync.
+    pub fn land(&self, id: u64, rel: &Path, keep_aside: bool) -> Result<PathBuf, FsError> {
+        const OP: &str = "land";
+        let p = Split::new(rel)?;
+        let base = self.fd.as_fd();
+        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, true, OP)? else {
+            unreachable!("walk with create never reports a missing parent")
+        };
+        let parent = opened.dir.fd();
+        let res = (|| {
+            let mut aside = None;
+            if keep_aside {
+                match rustix::fs::statat(parent, p.name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                        return Err(fail(OP, self.abs(p.path()), Errno::ISDIR));
+                    }
+                    Ok(_) => aside = Some(self.move_aside(parent, &p, OP)?),
+                    Err(Errno::NOENT) => {}
+                    Err(e) => return Err(fail(OP, self.abs(p.path()), e)),
+                }
+            }
+            let name = Self::staged_name(id);
+            // renameat never follows `p.name`: a symlink there is replaced.
+            if let Err(e) = rustix::fs::renameat(&self.staging, name.as_str(), parent, p.name) {
+                if let Some(a) = aside {
+                    self.move_back(&a, parent, &p);
+                }
+                return Err(fail(OP, self.abs(p.path()), e));
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            self.rollback(base, &p.comps, &opened.created);
+            return Err(e);
+        }
+        Ok(p.parent_path())
+    }
+
+    /// Creates directory `rel` (and missing parents) or updates an existing one's meta.
+    /// A non-directory at `rel` is an error (EEXIST). Returns the parent directory to fsync.
+    ///
+    /// The directory's mtime changes again whenever an entry is added or removed in it, so
+    /// the caller re-sends the Mkdir after filling a directory if its mtime matters.
+    pub fn mkdir(&self, rel: &Path, meta: &Meta) -> Result<PathBuf, FsError> {
+        const OP: &str = "mkdir";
+        let p = Split::new(rel)?;
+        self.check_meta(p.raw, meta)?;
+        let base = self.fd.as_fd();
+        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, true, OP)? else {
+            unreachable!("walk with create never reports a missing parent")
+        };
+        let parent = opened.dir.fd();
+        // Created 0700 so it is never visible with looser modes than meant.
+        let made = match rustix::fs::mkdirat(parent, p.name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
+            Err(e) => {
+                self.rollback(base, &p.comps, &opened.created);
+                return Err(fail(OP, self.abs(p.path()), e));
+            }
+        };
+        let res = match open_beneath(parent, p.name, DIR_READ_OFLAGS) {
+            Ok(fd) => self
+                .apply_meta_fd(fd.as_fd(), meta)
+                .map_err(|(op, e)| fail(op, self.abs(p.path()), e)),
+            // A symlink or a file is in the way: the caller decides.
+            Err(Errno::LOOP | Errno::NOTDIR) => Err(fail(OP, self.abs(p.path()), Errno::EXIST)),
+            Err(e) => Err(fail(OP, self.abs(p.path()), e)),
+        };
+        if let Err(e) = res {
+            if made {
+                let _ = rustix::fs::unlinkat(parent, p.name, AtFlags::REMOVEDIR);
+            }
+            self.rollback(base, &p.comps, &opened.created);
+            return Err(e);
+        }
+        Ok(p.parent_path())
+    }
+
+    /// Deletes a file/symlink, or a directory recursively (never following symlinks).
+    /// Missing = `Ok(None)`. With keep_aside, moves it to conflicts instead. Returns the
+    /// parent dir to fsync.
+    pub fn remove(&self, rel: &Path, keep_aside: bool) -> Result<Option<PathBuf>, FsError> {
+        const OP: &str = "remove";
+        let p = Split::new(rel)?;
+        let base = self.fd.as_fd();
+        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, false, OP)? else {
+            return Ok(None);
+        };
+        let parent = opened.dir.fd();
+        let st = match rustix::fs::statat(parent, p.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(fail(OP, self.abs(p.path()), e)),
+        };
+        if keep_aside {
+            self.move_aside(parent, &p, OP)?;
+            return Ok(Some(p.parent_path()));
+        }
+        let name = CString::new(p.name).expect("validated: no NUL");
+        self.remove_entry(
+            parent,
+            &name,
+            FileType::from_raw_mode(st.st_mode),
+            p.path(),
+            0,
+        )?;
+        Ok(Some(p.parent_path()))
+    }
+
+    /// Removes one entry of `dir`, descending into directories without following links.
+    fn remove_entry(
+        &self,
+        dir: BorrowedFd<'_>,
+        name: &CStr,
+        ft: FileType,
+        rel: &Path,
+        depth: usize,
+    ) -> Result<(), FsError> {
+        const OP: &str = "remove";
+        let ft = if ft == FileType::Unknown {
+            match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => FileType::from_raw_mode(st.st_mode),
+                Err(Errno::NOENT) => return Ok(()),
+                Err(e) => return Err(fail(OP, self.abs(rel), e)),
+            }
+        } else {
+            ft
+        };
+        if ft != FileType::Directory {
+            return match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                // It became a directory meanwhile.
+                Err(Errno::ISDIR) => self.remove_tree(dir, name, rel, depth),
+                Err(e) => Err(fail(OP, self.abs(rel), e)),
+            };
+        }
+        self.remove_tree(dir, name, rel, depth)
+    }
+
+    fn remove_tree(
+        &self,
+        parent: BorrowedFd<'_>,
+        name: &CStr,
+        rel: &Path,
+        depth: usize,
+    ) -> Result<(), FsError> {
+        const OP: &str = "remove";
+        if depth >= TREE_DEPTH_MAX {
+            return Err(FsError::Io {
+                op: OP,
+                path: self.abs(rel).to_string_lossy().into_owned(),
+                source: std::io::Error::other("directory tree deeper than 256 levels"),
+            });
+        }
+        let fd = match open_beneath(parent, name.to_bytes(), DIR_READ_OFLAGS) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(()),
+            // Replaced by a symlink or file meanwhile: remove that, never follow it.
+            Err(Errno::LOOP | Errno::NOTDIR) => {
+                return match rustix::fs::unlinkat(parent, name, AtFlags::empty()) {
+                    Ok(()) | Err(Errno::NOENT) => Ok(()),
+                    Err(e) => Err(fail(OP, self.abs(rel), e)),
+                }
+            }
+            Err(e) => return Err(fail(OP, self.abs(rel), e)),
+        };
+        let mut dir = Dir::new(fd).map_err(|e| fail(OP, self.abs(rel), e))?;
+        for pass in 1..=REMOVE_PASSES_MAX {
+            while let Some(entry) = dir.read() {
+                let entry = entry.map_err(|e| fail(OP, self.abs(rel), e))?;
+                let child = entry.file_name();
+                if child == c"." || child == c".." {
+                    continue;
+                }
+                let dfd = dir.fd().map_err(|e| fail(OP, self.abs(rel), e))?;
+                let child_rel = rel.join(OsStr::from_bytes(child.to_bytes()));
+                self.remove_entry(dfd, child, entry.file_type(), &child_rel, depth + 1)?;
+            }
+            match rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
+                Ok(()) | Err(Errno::NOENT) => return Ok(()),
+                Err(Errno::NOTEMPTY) if pass < REMOVE_PASSES_MAX => dir.rewind(),
+                Err(e) => return Err(fail(OP, self.abs(rel), e)),
+            }
+        }
+        unreachable!("the last pass returns")
+    }
+
+    /// renameat(from, to) for a file or directory (replacing a file at `to`; creating `to`'s
+    /// parents). Source missing → `Ok(RenameOutcome::SourceMissing)`.
+    pub fn rename(&self, from: &Path, to: &Path) -> Result<RenameOutcome, FsError> {
+        const OP: &str = "rename";
+        let f = Split::new(from)?;
+        let t = Split::new(to)?;
+        let base = self.fd.as_fd();
+        let Some(fo) = self.walk(base, Path::new(""), &f.comps, f.parent, false, OP)? else {
+            return Ok(RenameOutcome::SourceMissing);
+        };
+        match rustix::fs::statat(fo.dir.fd(), f.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => {}
+            Err(Errno::NOENT) => return Ok(RenameOutcome::SourceMissing),
+            Err(e) => return Err(fail(OP, self.abs(f.path()), e)),
+        }
+        let Some(to_dir) = self.walk(base, Path::new(""), &t.comps, t.parent, true, OP)? else {
+            unreachable!("walk with create never reports a missing parent")
+        };
+        match rustix::fs::renameat(fo.dir.fd(), f.name, to_dir.dir.fd(), t.name) {
+            Ok(()) => Ok(RenameOutcome::Renamed),
+            Err(Errno::NOENT) => {
+                self.rollback(base, &t.comps, &to_dir.created);
+                Ok(RenameOutcome::SourceMissing)
+            }
+            Err(e) => {
+                self.rollback(base, &t.comps, &to_dir.created);
+                Err(fail(OP, self.abs(t.path()), e))
+            }
+        }
+    }
+
+    /// linkat(existing, new) without following `existing`. Same inode already at `new` →
+    /// `Linked`; `existing` missing → `SourceMissing`; another file at `new` is replaced
+    /// atomically (linked to a temp name in staging, then renamed over).
+    pub fn link(&self, existing: &Path, new: &Path) -> Result<LinkOutcome, FsError> {
+        const OP: &str = "link";
+        let e = Split::new(existing)?;
+        let n = Split::new(new)?;
+        let base = self.fd.as_fd();
+        let Some(eo) = self.walk(base, Path::new(""), &e.comps, e.parent, false, OP)? else {
+            return Ok(LinkOutcome::SourceMissing);
+        };
+        let est = match rustix::fs::statat(eo.dir.fd(), e.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Ok(LinkOutcome::SourceMissing),
+            Err(err) => return Err(fail(OP, self.abs(e.path()), err)),
+        };
+        if FileType::from_raw_mode(est.st_mode) == FileType::Directory {
+            return Err(fail(OP, self.abs(e.path()), Errno::PERM));
+        }
+        let Some(no) = self.walk(base, Path::new(""), &n.comps, n.parent, true, OP)? else {
+            unreachable!("walk with create never reports a missing parent")
+        };
+        let res = self.link_into(&eo, &e, &no, &n, &est);
+        if !matches!(res, Ok(LinkOutcome::Linked)) {
+            self.rollback(base, &n.comps, &no.created);
+        }
+        res
+    }
+
+    fn link_into(
+        &self,
+        eo: &Opened<'_>,
+        e: &Split<'_>,
+        no: &Opened<'_>,
+        n: &Split<'_>,
+        est: &rustix::fs::Stat,
+    ) -> Result<LinkOutcome, FsError> {
+        const OP: &str = "link";
+        match rustix::fs::statat(no.dir.fd(), n.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_dev == est.st_dev && st.st_ino == est.st_ino => {
+                return Ok(LinkOutcome::Linked)
+            }
+            Ok(_) => {}
+            Err(Errno::NOENT) => {
+                match rustix::fs::linkat(eo.dir.fd(), e.name, no.dir.fd(), n.name, AtFlags::empty())
+                {
+                    Ok(()) => return Ok(LinkOutcome::Linked),
+                    Err(Errno::NOENT) => return Ok(LinkOutcome::SourceMissing),
+                    // Appeared meanwhile: replace it like any other.
+                    Err(Errno::EXIST) => {}
+                    Err(err) => return Err(fail(OP, self.abs(n.path()), err)),
+                }
+            }
+            Err(err) => return Err(fail(OP, self.abs(n.path()), err)),
+        }
+        let tmp = self.temp_in_staging(|tmp| {
+            rustix::fs::linkat(eo.dir.fd(), e.name, &self.staging, tmp, AtFlags::empty())
+        });
+        let tmp = match tmp {
+            Ok(tmp) => tmp,
+            Err(Errno::NOENT) => return Ok(LinkOutcome::SourceMissing),
+            Err(err) => return Err(fail(OP, self.abs(n.path()), err)),
+        };
+        let res = rustix::fs::renameat(&self.staging, tmp.as_str(), no.dir.fd(), n.name);
+        // After a successful rename the temp name is normally gone; it stays
+        // only if `new` already was the same inode (rename then does nothing).
+        let _ = rustix::fs::unlinkat(&self.staging, tmp.as_str(), AtFlags::empty());
+        res.map_err(|err| fail(OP, self.abs(n.path()), err))?;
+        Ok(LinkOutcome::Linked)
+    }
+
+    /// Runs `make` with fresh temporary names in staging until one is free.
+    fn temp_in_staging(
+        &self,
+        mut make: impl FnMut(&str) -> Result<(), Errno>,
+    ) -> Result<String, Errno> {
+        for _ in 0..NAME_TRIES_MAX {
+            // Staged names are 16 hex digits; the `t-` prefix cannot collide with them.
+            let tmp = format!("t-{:x}", self.seq.fetch_add(1, Ordering::Relaxed));
+            match make(&tmp) {
+                Ok(()) => return Ok(tmp),
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Errno::EXIST)
+    }
+
+    /// Creates/replaces a symlink (target stored verbatim; never followed by us) with meta
+    /// (owner if root, mtime; a symlink's own mode does not exist on Linux). Returns the
+    /// parent dir to fsync.
+    pub fn symlink(&self, rel: &Path, target: &[u8], meta: &Meta) -> Result<PathBuf, FsError> {
+        const OP: &str = "symlink";
+        let p = Split::new(rel)?;
+        if target.is_empty() {
+            return Err(refused(p.raw, "empty symlink target"));
+        }
+        if target.contains(&0) {
+            return Err(refused(p.raw, "NUL byte in symlink target"));
+        }
+        if target.len() >= PATH_BYTES_MAX {
+            return Err(refused(p.raw, "symlink target longer than 4095 bytes"));
+        }
+        self.check_meta(p.raw, meta)?;
+        let base = self.fd.as_fd();
+        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, true, OP)? else {
+            unreachable!("walk with create never reports a missing parent")
+        };
+        // Built complete in staging, then renamed over whatever is at `rel`:
+        // the name never shows a half-made link.
+        let tmp =
+            match self.temp_in_staging(|tmp| rustix::fs::symlinkat(target, &self.staging, tmp)) {
+                Ok(tmp) => tmp,
+                Err(e) => {
+                    self.rollback(base, &p.comps, &opened.created);
+                    return Err(fail(OP, self.abs(p.path()), e));
+                }
+            };
+        let res = (|| {
+            if self.owners {
+                rustix::fs::chownat(
+                    &self.staging,
+                    tmp.as_str(),
+                    Some(Uid::from_raw(meta.uid)),
+                    Some(Gid::from_raw(meta.gid)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| ("fchownat", e))?;
+            }
+            rustix::fs::utimensat(
+                &self.staging,
+                tmp.as_str(),
+                &timestamps(meta),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| ("utimensat", e))?;
+            rustix::fs::renameat(&self.staging, tmp.as_str(), opened.dir.fd(), p.name)
+                .map_err(|e| (OP, e))
+        })();
+        if let Err((op, e)) = res {
+            let _ = rustix::fs::unlinkat(&self.staging, tmp.as_str(), AtFlags::empty());
+            self.rollback(base, &p.comps, &opened.created);
+            return Err(fail(op, self.abs(p.path()), e));
+        }
+        Ok(p.parent_path())
+    }
+
+    /// Moves whatever is at `rel` into `.hasync/conflicts/<unix_seconds>-<counter>/<rel>`;
+    /// returns the new path (absolute, for the log), or `None` if nothing was there. The
+    /// move is made durable here (conflicts are rare; the caller cannot see those dirs).
+    pub fn keep_aside(&self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
+        const OP: &str = "keep aside";
+        let p = Split::new(rel)?;
+        let base = self.fd.as_fd();
+        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, false, OP)? else {
+            return Ok(None);
+        };
+        let parent = opened.dir.fd();
+        match rustix::fs::statat(parent, p.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => {}
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(fail(OP, self.abs(p.path()), e)),
+        }
+        let aside = self.move_aside(parent, &p, OP)?;
+        // The source side, which our caller has no reason to fsync.
+        let src = p.parent_path();
+        let fd =
+            open_beneath(parent, b".", DIR_READ_OFLAGS).map_err(|e| fail(OP, self.abs(&src), e))?;
+        rustix::fs::fsync(&fd).map_err(|e| fail(OP, self.abs(&src), e))?;
+        Ok(Some(aside.abs))
+    }
+
+    /// Moves `p` (whose parent is `parent`) into a fresh conflict slot and
+    /// makes the new name durable.
+    fn move_aside(
+        &self,
+        parent: BorrowedFd<'_>,
+        p: &Split<'_>,
+        op: &'static str,
+    ) -> Result<Aside, FsError> {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut slot = None;
+        for _ in 0..NAME_TRIES_MAX {
+            let name = format!("{secs}-{}", self.seq.fetch_add(1, Ordering::Relaxed));
+            match rustix::fs::mkdirat(&self.conflicts, name.as_str(), Mode::from_raw_mode(0o700)) {
+                Ok(()) => {
+                    slot = Some(name);
+                    break;
+                }
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(fail(op, self.path.join(CONFLICTS_DIR).join(&name), e)),
+            }
+        }
+        let Some(slot) = slot else {
+            return Err(fail(op, self.path.join(CONFLICTS_DIR), Errno::EXIST));
+        };
+        let slot_rel = Path::new(CONFLICTS_DIR).join(&slot);
+        let drop_slot = || {
+            let _ = rustix::fs::unlinkat(&self.conflicts, slot.as_str(), AtFlags::REMOVEDIR);
+        };
+        let slot_fd = match open_beneath(self.conflicts.as_fd(), slot.as_bytes(), WALK_OFLAGS) {
+            Ok(fd) => fd,
+            Err(e) => {
+                drop_slot();
+                return Err(fail(op, self.abs(&slot_rel), e));
+            }
+        };
+        let dest = match self.walk(slot_fd.as_fd(), &slot_rel, &p.comps, p.parent, true, op) {
+            Ok(Some(o)) => o,
+            Ok(None) => unreachable!("walk with create never reports a missing parent"),
+            Err(e) => {
+                drop_slot();
+                return Err(e);
+            }
+        };
+        let abs = self.abs(slot_rel.join(p.path()));
+        let res = rustix::fs::renameat(parent, p.name, dest.dir.fd(), p.name)
+            .map_err(|e| fail(op, &abs, e))
+            .and_then(|()| {
+                // Durable: the entry in its new parent, the slot in conflicts.
+                let fd = open_beneath(dest.dir.fd(), b".", DIR_READ_OFLAGS)
+                    .map_err(|e| fail(op, &abs, e))?;
+                rustix::fs::fsync(&fd).map_err(|e| fail(op, &abs, e))?;
+                let fd = open_beneath(self.conflicts.as_fd(), b".", DIR_READ_OFLAGS)
+                    .map_err(|e| fail(op, self.path.join(CONFLICTS_DIR), e))?;
+                rustix::fs::fsync(&fd).map_err(|e| fail(op, self.path.join(CONFLICTS_DIR), e))?;
+                Ok(())
+            });
+        if let Err(e) = res {
+            // The rename may have happened before a failed fsync.
+            if let Err(back) = rustix::fs::renameat_with(
+                dest.dir.fd(),
+                p.name,
+                parent,
+                p.name,
+                RenameFlags::NOREPLACE,
+            ) {
+                if back != Errno::NOENT {
+                    tracing::warn!(kept = %abs.display(), error = %std::io::Error::from(back), "could not move kept-aside entry back");
+                    return Err(e);
+                }
+            }
+            self.rollback(slot_fd.as_fd(), &p.comps, &dest.created);
+            drop(dest);
+            drop_slot();
+            return Err(e);
+        }
+        tracing::warn!(from = %self.abs(p.path()).display(), to = %abs.display(), "kept conflict loser aside");
+        let parent_fd = match dest.dir {
+            DirFd::Owned(fd) => fd,
+            DirFd::Borrowed(_) => slot_fd,
+        };
+        Ok(Aside {
+            parent: parent_fd,
+            abs,
+        })
+    }
+
+    /// Best effort undo of `move_aside` when what it made room for failed.
+    fn move_back(&self, a: &Aside, parent: BorrowedFd<'_>, p: &Split<'_>) {
+        if let Err(e) =
+            rustix::fs::renameat_with(&a.parent, p.name, parent, p.name, RenameFlags::NOREPLACE)
+        {
+            if e != Errno::NOENT {
+                tracing::warn!(
+                    kept = %a.abs.display(),
+                    error = %std::io::Error::from(e),
+                    "could not move kept-aside file back"
+                );
+            }
+        }
+    }
+
+    /// fsync a directory given as returned by the methods above (relative to root, "" = root),
+    /// or [`STAGING_DIR`] / [`CONFLICTS_DIR`]. A directory that no longer exists is `Ok`:
+    /// a later operation removed it, and its removal is durable with its own parent.
+    pub fn fsync_dir(&self, rel_dir: &Path) -> Result<(), FsError> {
+        const OP: &str = "fsync";
+        let raw = rel_dir.as_os_str().as_bytes();
+        let base = self.fd.as_fd();
+        let fd = if raw.is_empty() {
+            open_beneath(base, b".", DIR_READ_OFLAGS).map_err(|e| fail(OP, &self.path, e))?
+        } else {
+            let p = Split::parse(raw, true)?;
+            let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, false, OP)?
+            else {
+                return Ok(());
+            };
+            let parent = opened.dir.fd();
+            match open_beneath(parent, p.name, DIR_READ_OFLAGS) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => return Ok(()),
+                Err(Errno::LOOP | Errno::XDEV) => return Err(refused(raw, TRAVERSES_SYMLINK)),
+                Err(Errno::NOTDIR) if is_symlink_at(parent, p.name) => {
+                    return Err(refused(raw, TRAVERSES_SYMLINK))
+                }
+                Err(e) => return Err(fail(OP, self.abs(rel_dir), e)),
+            }
+        };
+        rustix::fs::fsync(&fd).map_err(|e| fail(OP, self.abs(rel_dir), e))
+    }
+}
+
+/// Creates (0700) and opens one of our internal directories; refuses a symlink there.
+fn internal_dir(base: BorrowedFd<'_>, name: &[u8], root: &Path) -> Result<OwnedFd, FsError> {
+    let shown = || root.join(INTERNAL_DIR);
+    match rustix::fs::mkdirat(base, name, Mode::from_raw_mode(0o700)) {
+        Ok(()) => {
+            let fd =
+                open_beneath(base, b".", DIR_READ_OFLAGS).map_err(|e| fail("fsync", shown(), e))?;
+            rustix::fs::fsync(&fd).map_err(|e| fail("fsync", shown(), e))?;
+        }
+        Err(Errno::EXIST) => {}
+        Err(e) => return Err(fail("create internal dir", shown(), e)),
+    }
+    match open_beneath(base, name, WALK_OFLAGS) {
+        Ok(fd) => Ok(fd),
+        Err(Errno::LOOP | Errno::XDEV) => Err(refused(name, TRAVERSES_SYMLINK)),
+        Err(Errno::NOTDIR) if is_symlink_at(base, name) => Err(refused(name, TRAVERSES_SYMLINK)),
+        Err(e) => Err(fail("open internal dir", shown(), e)),
+    }
+}

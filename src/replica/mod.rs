@@ -1,3 +1,57 @@
-//! Mailstore replication.
+//! Continuous mailstore replication: the primary's sender streams changes
+//! found by the tracker to the secondary's receiver over the sync connection,
+//! which lands every file atomically and durably and acknowledges batches.
 
+pub mod engine;
 pub mod fsops;
+pub mod index;
+pub mod receiver;
+pub mod sender;
+pub mod stats;
+
+use std::path::Path;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+/// Name of the per-root directory hasync keeps for itself (staging, conflicts).
+pub const INTERNAL_DIR: &str = ".hasync";
+
+/// Paths (relative to a store root) that are not replicated.
+#[derive(Debug, Clone)]
+pub struct Excludes {
+    set: GlobSet,
+}
+
+impl Excludes {
+    /// Patterns were validated with the configuration.
+    pub fn new(patterns: &[String]) -> Result<Excludes, globset::Error> {
+        let mut b = GlobSetBuilder::new();
+        for p in patterns {
+            b.add(GlobBuilder::new(p).literal_separator(true).build()?);
+        }
+        Ok(Excludes { set: b.build()? })
+    }
+
+    pub fn is_excluded(&self, rel: &Path) -> bool {
+        rel.components()
+            .next()
+            .is_some_and(|c| c.as_os_str() == INTERNAL_DIR)
+            || self.set.is_match(rel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maildir_tmp_and_internal_dir_are_excluded() {
+        let e = Excludes::new(&["**/tmp/*".to_string()]).unwrap();
+        assert!(e.is_excluded(Path::new("user/Maildir/tmp/123.host")));
+        assert!(e.is_excluded(Path::new("tmp/123.host")));
+        assert!(!e.is_excluded(Path::new("user/Maildir/tmp")));
+        assert!(!e.is_excluded(Path::new("user/Maildir/new/123.host")));
+        assert!(e.is_excluded(Path::new(".hasync/staging/1")));
+        assert!(!e.is_excluded(Path::new("a/.hasync")));
+    }
+}

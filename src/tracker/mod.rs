@@ -1,1 +1,507 @@
-//! placeholder: being written
+//! The lock-free change tracker: what changed in the mailstores, in order, coalesced per path.
+//!
+//! Three parts, joined by one unbounded crossbeam channel of [`Op`]s:
+//! - an inotify reader thread ([`Tracker`]) that watches every directory under the store roots and
+//!   decodes events into ops (`decode.rs`);
+//! - [`Notifier`]s, for embedders that know what they wrote and call in directly;
+//! - one [`Coalescer`], owned by the sending engine's thread, that drains the channel into an
+//!   ordered pending list and merges redundant ops (`coalesce.rs`).
+//!
+//! Producers only `send`; every map and list lives with the single consumer, so nothing on the
+//! event path takes a lock.
+
+mod coalesce;
+mod decode;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::Sender;
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+pub use coalesce::Coalescer;
+
+/// Path relative to a mailstore root; never absolute, never contains `..`.
+pub type RelPath = PathBuf;
+
+/// One unit of work for the sending engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Send the path's *current* state (content+metadata, or a delete if it no longer exists,
+    /// or the whole subtree if it is a directory that appeared). The sender reads the file at send time.
+    Sync {
+        store: usize,
+        rel: RelPath,
+        since: Instant,
+    },
+    /// A rename seen as a moved_from/moved_to pair (same cookie), file or directory.
+    Rename {
+        store: usize,
+        from: RelPath,
+        to: RelPath,
+        since: Instant,
+    },
+    /// Events may have been lost for this store (IN_Q_OVERFLOW, a watch that could not be added):
+    /// the engine must rescan/compare the whole store.
+    Rescan {
+        store: usize,
+        reason: String,
+        since: Instant,
+    },
+}
+
+impl Op {
+    /// The store this op belongs to.
+    pub fn store(&self) -> usize {
+        match self {
+            Op::Sync { store, .. } | Op::Rename { store, .. } | Op::Rescan { store, .. } => *store,
+        }
+    }
+
+    /// When the oldest change this op stands for was seen.
+    pub fn since(&self) -> Instant {
+        match self {
+            Op::Sync { since, .. } | Op::Rename { since, .. } | Op::Rescan { since, .. } => *since,
+        }
+    }
+}
+
+/// What to watch.
+pub struct TrackerConfig {
+    /// Store roots; the index is the store number.
+    pub roots: Vec<PathBuf>,
+    /// Glob patterns matched against the [`RelPath`] (`literal_separator`), e.g. `"**/tmp/*"`.
+    /// The store's own `.hasync` directory is always excluded.
+    pub exclude: Vec<String>,
+}
+
+/// Counters, as a cheap snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrackerStats {
+    /// inotify watches currently held.
+    pub watches: u64,
+    /// Raw inotify events read plus [`Notifier`] calls.
+    pub events: u64,
+    /// `IN_Q_OVERFLOW`s seen, plus times the change channel hit its bound and dropped ops.
+    pub overflows: u64,
+    /// [`Op::Rescan`]s produced by the tracker (overflow, watch failure, bound collapse).
+    pub rescans: u64,
+    /// Directories that could not be watched (or listed).
+    pub watch_failures: u64,
+    /// Ops waiting in the coalescer, as last seen.
+    pub pending: u64,
+}
+
+/// Tracker failures; each says whose fault it is and names the path and errno.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error("bad configuration: store root {} is not a usable directory: {source}", path.display())]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bad configuration: store roots {} and {} are the same directory", first.display(), second.display())]
+    DuplicateRoot { first: PathBuf, second: PathBuf },
+    #[error("bad configuration: exclude pattern {pattern:?} is invalid: {source}")]
+    Exclude {
+        pattern: String,
+        source: globset::Error,
+    },
+    #[error("local I/O: cannot create an inotify instance: {errno}")]
+    Init { errno: rustix::io::Errno },
+    #[error("local I/O: cannot watch store root {}: {errno}", path.display())]
+    WatchRoot {
+        path: PathBuf,
+        errno: rustix::io::Errno,
+    },
+    #[error("local I/O: cannot start the tracker thread: {source}")]
+    Spawn { source: std::io::Error },
+    #[error("caller error: {} is outside every store root", path.display())]
+    OutsideRoots { path: PathBuf },
+    #[error("caller error: {} is not an absolute path free of `..`", path.display())]
+    BadPath { path: PathBuf },
+    #[error("caller error: {} is a store root itself, not a path inside one", path.display())]
+    StoreRoot { path: PathBuf },
+    #[error("the change consumer (Coalescer) is gone; change to {} not recorded", path.display())]
+    Closed { path: PathBuf },
+}
+
+/// Past this many ops queued in the channel, producers drop ops and mark the store for a rescan.
+/// The coalescer turns the mark into one [`Op::Rescan`] when it next drains.
+pub(crate) const CHANNEL_OPS_MAX: usize = 1_000_000;
+
+/// State shared by producers and the consumer: atomics only.
+pub(crate) struct Shared {
+    watches: AtomicU64,
+    events: AtomicU64,
+    overflows: AtomicU64,
+    rescans: AtomicU64,
+    watch_failures: AtomicU64,
+    pending: AtomicU64,
+    /// Per store: ops were dropped at the channel bound since the last drain.
+    lost: Box<[AtomicBool]>,
+    any_lost: AtomicBool,
+    channel_ops_max: usize,
+}
+
+impl Shared {
+    fn new(stores: usize, channel_ops_max: usize) -> Shared {
+        Shared {
+            watches: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
+            rescans: AtomicU64::new(0),
+            watch_failures: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            lost: (0..stores).map(|_| AtomicBool::new(false)).collect(),
+            any_lost: AtomicBool::new(false),
+            channel_ops_max,
+        }
+    }
+
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> TrackerStats {
+        TrackerStats {
+            watches: self.watches.load(Ordering::Relaxed),
+            events: self.events.load(Ordering::Relaxed),
+            overflows: self.overflows.load(Ordering::Relaxed),
+            rescans: self.rescans.load(Ordering::Relaxed),
+            watch_failures: self.watch_failures.load(Ordering::Relaxed),
+            pending: self.pending.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The producer side: a send that never blocks and never grows the channel past its bound.
+#[derive(Clone)]
+pub(crate) struct Producer {
+    tx: Sender<Op>,
+    shared: Arc<Shared>,
+}
+
+/// The consumer is gone.
+#[derive(Debug)]
+pub(crate) struct Closed;
+
+impl Producer {
+    fn send(&self, op: Op) -> Result<(), Closed> {
+        if self.tx.len() >= self.shared.channel_ops_max {
+            // The consumer is not keeping up: dropping is safe only because the store is marked and
+            // the consumer will rescan it, which covers everything dropped here.
+            let store = op.store();
+            match self.shared.lost.get(store) {
+                Some(flag) => {
+                    if !flag.swap(true, Ordering::SeqCst) {
+                        Shared::add(&self.shared.overflows, 1);
+                        tracing::warn!(
+                            store,
+                            bound = self.shared.channel_ops_max,
+                            "change channel full; dropping changes and scheduling a rescan"
+                        );
+                    }
+                    self.shared.any_lost.store(true, Ordering::SeqCst);
+                    return Ok(());
+                }
+                // Not a tracked store (an injected op): nothing to mark, so queue it anyway.
+                None => return self.tx.send(op).map_err(|_| Closed),
+            }
+        }
+        self.tx.send(op).map_err(|_| Closed)
+    }
+}
+
+/// Which relative paths produce no ops.
+pub(crate) struct Filter {
+    set: GlobSet,
+}
+
+impl Filter {
+    pub(crate) fn new(patterns: &[String]) -> Result<Filter, TrackerError> {
+        let mut builder = GlobSetBuilder::new();
+        // The store's own staging/conflict area: replicating it would echo our own writes.
+        let always = [".hasync".to_string(), ".hasync/**".to_string()];
+        for pattern in always.iter().chain(patterns) {
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(true)
+                .build()
+                .map_err(|source| TrackerError::Exclude {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
+            builder.add(glob);
+        }
+        let set = builder.build().map_err(|source| TrackerError::Exclude {
+            pattern: patterns.join(","),
+            source,
+        })?;
+        Ok(Filter { set })
+    }
+
+    pub(crate) fn excluded(&self, rel: &Path) -> bool {
+        self.set.is_match(rel)
+    }
+}
+
+/// Store roots, for mapping absolute paths to `(store, rel)`.
+pub(crate) struct Roots {
+    /// As configured, lexically normalized: what embedders will pass to [`Notifier`].
+    given: Vec<PathBuf>,
+    /// Resolved: what the inotify side walks.
+    canonical: Vec<PathBuf>,
+}
+
+impl Roots {
+    fn new(roots: &[PathBuf]) -> Result<Roots, TrackerError> {
+        let mut given = Vec::with_capacity(roots.len());
+        let mut canonical = Vec::with_capacity(roots.len());
+        for root in roots {
+            let real = std::fs::canonicalize(root).map_err(|source| TrackerError::Root {
+                path: root.clone(),
+                source,
+            })?;
+            let meta = std::fs::metadata(&real).map_err(|source| TrackerError::Root {
+                path: root.clone(),
+                source,
+            })?;
+            if !meta.is_dir() {
+                return Err(TrackerError::Root {
+                    path: root.clone(),
+                    source: std::io::Error::from(rustix::io::Errno::NOTDIR),
+                });
+            }
+            if let Some(first) = canonical.iter().position(|c| *c == real) {
+                return Err(TrackerError::DuplicateRoot {
+                    first: roots[first].clone(),
+                    second: root.clone(),
+                });
+            }
+            given.push(normalize(root).unwrap_or_else(|| real.clone()));
+            canonical.push(real);
+        }
+        Ok(Roots { given, canonical })
+    }
+
+    /// Longest root prefix wins, so a store nested inside another owns its own subtree.
+    fn locate(&self, abs: &Path) -> Result<(usize, RelPath), TrackerError> {
+        let norm = normalize(abs).ok_or_else(|| TrackerError::BadPath {
+            path: abs.to_path_buf(),
+        })?;
+        let mut best: Option<(usize, &Path, usize)> = None;
+        for list in [&self.given, &self.canonical] {
+            for (store, root) in list.iter().enumerate() {
+                if norm.starts_with(root) {
+                    let depth = root.components().count();
+                    if best.map_or(true, |(_, _, d)| depth > d) {
+                        best = Some((store, root, depth));
+                    }
+                }
+            }
+        }
+        let (store, root, _) = best.ok_or_else(|| TrackerError::OutsideRoots {
+            path: abs.to_path_buf(),
+        })?;
+        let rel = norm
+            .strip_prefix(root)
+            .map(Path::to_path_buf)
+            .map_err(|_| TrackerError::OutsideRoots {
+                path: abs.to_path_buf(),
+            })?;
+        if rel.as_os_str().is_empty() {
+            return Err(TrackerError::StoreRoot {
+                path: abs.to_path_buf(),
+            });
+        }
+        Ok((store, rel))
+    }
+}
+
+/// Absolute and free of `..`, with `.` and doubled separators removed; `None` otherwise.
+fn normalize(path: &Path) -> Option<PathBuf> {
+    if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
+        return None;
+    }
+    Some(path.components().collect())
+}
+
+/// The op for a rename inside one store, given which ends are excluded.
+/// Excluded → included is a new file appearing (Maildir `tmp/` → `new/`); the reverse is a delete.
+pub(crate) fn rename_op(
+    filter: &Filter,
+    store: usize,
+    from: RelPath,
+    to: RelPath,
+    since: Instant,
+) -> Option<Op> {
+    match (filter.excluded(&from), filter.excluded(&to)) {
+        (false, false) => Some(Op::Rename {
+            store,
+            from,
+            to,
+            since,
+        }),
+        (true, false) => Some(Op::Sync {
+            store,
+            rel: to,
+            since,
+        }),
+        (false, true) => Some(Op::Sync {
+            store,
+            rel: from,
+            since,
+        }),
+        (true, true) => None,
+    }
+}
+
+/// Owns the inotify reader thread.
+pub struct Tracker {
+    producer: Producer,
+    roots: Arc<Roots>,
+    filter: Arc<Filter>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Tracker {
+    /// Adds watches recursively on every root (directories created later are watched as they appear),
+    /// starts the reader thread, returns the tracker and the consumer end.
+    pub fn start(cfg: TrackerConfig) -> Result<(Tracker, Coalescer), TrackerError> {
+        let filter = Arc::new(Filter::new(&cfg.exclude)?);
+        let roots = Arc::new(Roots::new(&cfg.roots)?);
+        let shared = Arc::new(Shared::new(cfg.roots.len(), CHANNEL_OPS_MAX));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let producer = Producer {
+            tx: tx.clone(),
+            shared: shared.clone(),
+        };
+        let coalescer = Coalescer::new(rx, tx, shared.clone(), coalesce::PENDING_OPS_MAX);
+
+        let mut decoder = decode::Decoder::new(roots.canonical.clone(), filter.clone(), shared)?;
+        // Failures below the roots become Rescan ops, queued before anything the thread reads.
+        let mut ops = Vec::new();
+        for store in 0..roots.canonical.len() {
+            decoder.watch_root(store, &mut ops)?;
+        }
+        for op in ops {
+            // The consumer is alive: we hold it.
+            let _ = producer.send(op);
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            let producer = producer.clone();
+            std::thread::Builder::new()
+                .name("hasync-tracker".into())
+                .spawn(move || decode::run(decoder, producer, stop))
+                .map_err(|source| TrackerError::Spawn { source })?
+        };
+        let tracker = Tracker {
+            producer,
+            roots,
+            filter,
+            stop,
+            thread: Some(thread),
+        };
+        Ok((tracker, coalescer))
+    }
+
+    /// A handle for embedders that report their own writes.
+    pub fn notifier(&self) -> Notifier {
+        Notifier {
+            producer: self.producer.clone(),
+            roots: self.roots.clone(),
+            filter: self.filter.clone(),
+        }
+    }
+
+    /// A cheap snapshot of the counters.
+    pub fn stats(&self) -> TrackerStats {
+        self.producer.shared.snapshot()
+    }
+
+    /// Stops and joins the reader thread (within one poll interval).
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("tracker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Clonable, Send + Sync: the embedding API for appliances that know what they wrote.
+#[derive(Clone)]
+pub struct Notifier {
+    producer: Producer,
+    roots: Arc<Roots>,
+    filter: Arc<Filter>,
+}
+
+impl Notifier {
+    /// Queues a Sync for `abs_path`, mapped to `(store, rel)` by the longest root prefix.
+    /// Excluded paths are accepted and dropped; a path outside every root is an error.
+    pub fn notify(&self, abs_path: &Path) -> Result<(), TrackerError> {
+        Shared::add(&self.producer.shared.events, 1);
+        let (store, rel) = self.roots.locate(abs_path)?;
+        if self.filter.excluded(&rel) {
+            return Ok(());
+        }
+        let op = Op::Sync {
+            store,
+            rel,
+            since: Instant::now(),
+        };
+        self.producer
+            .send(op)
+            .map_err(|Closed| TrackerError::Closed {
+                path: abs_path.to_path_buf(),
+            })
+    }
+
+    /// Queues a rename. Across stores it becomes a delete in one and a new path in the other.
+    pub fn notify_rename(&self, abs_from: &Path, abs_to: &Path) -> Result<(), TrackerError> {
+        Shared::add(&self.producer.shared.events, 1);
+        let (from_store, from) = self.roots.locate(abs_from)?;
+        let (to_store, to) = self.roots.locate(abs_to)?;
+        let since = Instant::now();
+        let mut ops = Vec::with_capacity(2);
+        if from_store == to_store {
+            ops.extend(rename_op(&self.filter, from_store, from, to, since));
+        } else {
+            for (store, rel) in [(from_store, from), (to_store, to)] {
+                if !self.filter.excluded(&rel) {
+                    ops.push(Op::Sync { store, rel, since });
+                }
+            }
+        }
+        for op in ops {
+            self.producer
+                .send(op)
+                .map_err(|Closed| TrackerError::Closed {
+                    path: abs_to.to_path_buf(),
+                })?;
+        }
+        Ok(())
+    }
+}

@@ -20,6 +20,38 @@ impl Writer {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
     }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn i64(&mut self, v: i64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    pub fn u128(&mut self, v: u128) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// A byte string of at most `u16::MAX` bytes, length-prefixed.
+    pub fn blob16(&mut self, v: &[u8]) -> &mut Self {
+        let len = u16::try_from(v.len()).expect("blob over 64 KiB");
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(v);
+        self
+    }
+    /// A byte string of at most `u32::MAX` bytes, length-prefixed.
+    pub fn blob32(&mut self, v: &[u8]) -> &mut Self {
+        let len = u32::try_from(v.len()).expect("blob over 4 GiB");
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(v);
+        self
+    }
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.buf.extend_from_slice(&v.to_le_bytes());
         self
@@ -72,6 +104,40 @@ impl<'a> Reader<'a> {
     pub fn u16(&mut self, what: &'static str) -> Result<u16, WireError> {
         let b = self.take(2, what)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    pub fn u32(&mut self, what: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array::<4>(what)?))
+    }
+    pub fn i64(&mut self, what: &'static str) -> Result<i64, WireError> {
+        Ok(i64::from_le_bytes(self.array::<8>(what)?))
+    }
+    pub fn u128(&mut self, what: &'static str) -> Result<u128, WireError> {
+        Ok(u128::from_le_bytes(self.array::<16>(what)?))
+    }
+    /// A u16-length-prefixed byte string, at most `max` bytes.
+    pub fn blob16(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], WireError> {
+        let len = self.u16(what)? as usize;
+        if len > max {
+            return Err(WireError::BadField {
+                field: what,
+                problem: format!("length {len} over the limit of {max}"),
+            });
+        }
+        self.take(len, what)
+    }
+    /// A u32-length-prefixed byte string, at most `max` bytes.
+    pub fn blob32(&mut self, what: &'static str, max: usize) -> Result<&'a [u8], WireError> {
+        let len = self.u32(what)? as usize;
+        if len > max {
+            return Err(WireError::BadField {
+                field: what,
+                problem: format!("length {len} over the limit of {max}"),
+            });
+        }
+        self.take(len, what)
+    }
+    pub fn is_done(&self) -> bool {
+        self.pos == self.buf.len()
     }
     pub fn u64(&mut self, what: &'static str) -> Result<u64, WireError> {
         let mut a = [0u8; 8];

@@ -88,6 +88,12 @@ impl Message {
     pub fn decode(frame: &Frame) -> Result<Message, WireError> {
         let mut r = Reader::new(frame.kind, &frame.payload);
         let msg = match frame.kind {
+            Kind::Sync => {
+                return Err(WireError::Unexpected {
+                    expected: Kind::Heartbeat,
+                    got: Kind::Sync,
+                })
+            }
             Kind::Hello => {
                 let channel = match r.u8("hello.channel")? {
                     1 => Channel::Heartbeat,

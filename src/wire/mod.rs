@@ -10,6 +10,7 @@
 
 mod codec;
 mod messages;
+pub mod sync;
 
 pub use codec::{Reader, Writer};
 pub use messages::{Channel, Hello, Message, Proof, NONCE_LEN, PROOF_LEN};
@@ -32,6 +33,8 @@ pub enum Kind {
     Hello = 1,
     Proof = 2,
     Heartbeat = 3,
+    /// Mailstore replication (see [`sync`]).
+    Sync = 16,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
             1 => Kind::Hello,
             2 => Kind::Proof,
             3 => Kind::Heartbeat,
+            16 => Kind::Sync,
             _ => return None,
         })
     }
@@ -48,6 +52,7 @@ impl Kind {
     pub fn max_payload(self) -> u32 {
         match self {
             Kind::Hello | Kind::Proof | Kind::Heartbeat => MAX_CONTROL_PAYLOAD,
+            Kind::Sync => MAX_PAYLOAD,
         }
     }
 }

@@ -1,0 +1,440 @@
+//! The replication engine: its own thread and tokio-uring runtime, so that
+//! bulk sync work never delays the daemon's heartbeats, and its own port.
+//!
+//! The daemon tells it the node's role: as primary it tracks the mailstores
+//! and streams changes to the peer; as secondary it accepts the primary's
+//! sync connection and lands what arrives; otherwise it is idle.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use super::fsops::Root;
+use super::index::Index;
+use super::receiver::{Receiver, RecvStore};
+use super::sender::{SendError, Sender, Store};
+use super::stats::{ReplStats, ReplStatus};
+use super::Excludes;
+use crate::link::auth::{LinkKey, Side};
+use crate::link::{handshake, Backoff, Conn, LinkCtx, LinkStats};
+use crate::tracker::{Notifier, Tracker, TrackerConfig};
+use crate::wire::sync::SyncMsg;
+use crate::wire::Channel;
+
+/// What the engine should be doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineMode {
+    Idle,
+    Primary,
+    Secondary,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub node_name: String,
+    pub peer_name: String,
+    pub key: LinkKey,
+    /// (name, root) of every mailstore, in configuration order.
+    pub stores: Vec<(String, PathBuf)>,
+    pub exclude: Vec<String>,
+    pub state_dir: PathBuf,
+    pub sync_listen: SocketAddr,
+    pub sync_peer: SocketAddr,
+    pub verify_interval: Duration,
+    pub io_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot listen on sync address {addr} (replication.sync_listen): {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("bad exclude pattern: {0}")]
+    Exclude(#[from] globset::Error),
+    #[error("this node is not primary: only the primary tracks changes")]
+    NotPrimary,
+    #[error(transparent)]
+    Tracker(#[from] crate::tracker::TrackerError),
+    #[error("cannot start the replication thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Handle owned by the daemon or an embedding application.
+pub struct Engine {
+    mode_tx: watch::Sender<EngineMode>,
+    stats: Arc<ReplStats>,
+    notifier: Arc<Mutex<Option<Notifier>>>,
+    resync: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let excludes = Excludes::new(&cfg.exclude)?;
+        let listener =
+            std::net::TcpListener::bind(cfg.sync_listen).map_err(|source| EngineError::Listen {
+                addr: cfg.sync_listen,
+                source,
+            })?;
+        let (mode_tx, mode_rx) = watch::channel(EngineMode::Idle);
+        let stats = Arc::new(ReplStats::default());
+        let notifier = Arc::new(Mutex::new(None));
+        let resync = Arc::new(AtomicBool::new(false));
+        let shared = Shared {
+            cfg,
+            excludes,
+            stats: stats.clone(),
+            notifier: notifier.clone(),
+            resync: resync.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("hasync-repl".into())
+            .spawn(move || tokio_uring::start(engine_main(shared, listener, mode_rx)))
+            .map_err(EngineError::Thread)?;
+        Ok(Engine {
+            mode_tx,
+            stats,
+            notifier,
+            resync,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn set_mode(&self, mode: EngineMode) {
+        self.mode_tx.send_if_modified(|m| {
+            let changed = *m != mode;
+            *m = mode;
+            changed
+        });
+    }
+
+    pub fn status(&self) -> ReplStatus {
+        self.stats.snapshot()
+    }
+
+    /// Embedding API: the application wrote `path` inside a mailstore; send
+    /// it without waiting for inotify.
+    pub fn notify(&self, path: &Path) -> Result<(), EngineError> {
+        let n = self.notifier.lock().expect("notifier lock").clone();
+        match n {
+            Some(n) => Ok(n.notify(path)?),
+            None => Err(EngineError::NotPrimary),
+        }
+    }
+
+    /// Forces a full verification (every file re-hashed on both sides) at the
+    /// next opportunity.
+    pub fn request_resync(&self) {
+        self.resync.store(true, Relaxed);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.set_mode(EngineMode::Idle);
+        // Dropping the sender ends the engine thread's loop.
+        let (tx, _) = watch::channel(EngineMode::Idle);
+        drop(std::mem::replace(&mut self.mode_tx, tx));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Shared {
+    cfg: EngineConfig,
+    excludes: Excludes,
+    stats: Arc<ReplStats>,
+    notifier: Arc<Mutex<Option<Notifier>>>,
+    resync: Arc<AtomicBool>,
+}
+
+fn link_ctx(cfg: &EngineConfig) -> LinkCtx {
+    LinkCtx {
+        node_name: cfg.node_name.clone(),
+        peer_name: cfg.peer_name.clone(),
+        peer_addr: cfg.sync_peer,
+        key: cfg.key.clone(),
+        io_timeout: cfg.io_timeout,
+        stats: LinkStats::default(),
+    }
+}
+
+async fn engine_main(
+    shared: Shared,
+    listener: std::net::TcpListener,
+    mut mode_rx: watch::Receiver<EngineMode>,
+) {
+    let shared = Rc::new(shared);
+    let ctx = Rc::new(link_ctx(&shared.cfg));
+    // The receiver's stores (and their indexes) live across connections.
+    let recv_stores: Rc<RefCell<Option<Vec<RecvStore>>>> = Rc::new(RefCell::new(None));
+    tokio_uring::spawn(accept_loop(
+        shared.clone(),
+        ctx.clone(),
+        tokio_uring::net::TcpListener::from_std(listener),
+        mode_rx.clone(),
+        recv_stores.clone(),
+    ));
+    loop {
+        let mode = *mode_rx.borrow_and_update();
+        *shared.stats.mode.lock().expect("mode lock") = match mode {
+            EngineMode::Idle => "idle",
+            EngineMode::Primary => "sending",
+            EngineMode::Secondary => "receiving",
+        };
+        if mode == EngineMode::Primary {
+            run_primary(&shared, &ctx, &mut mode_rx).await;
+        } else if mode_rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Acts as primary until the mode changes: tracker on, sessions to the peer.
+async fn run_primary(
+    shared: &Rc<Shared>,
+    ctx: &Rc<LinkCtx>,
+    mode_rx: &mut watch::Receiver<EngineMode>,
+) {
+    let cfg = &shared.cfg;
+    let roots: Vec<PathBuf> = cfg.stores.iter().map(|(_, p)| p.clone()).collect();
+    let (tracker, coalescer) = match Tracker::start(TrackerConfig {
+        roots: roots.clone(),
+        exclude: cfg.exclude.clone(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!("cannot start the change tracker: {e}; retrying");
+            *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = mode_rx.changed() => {}
+            }
+            return;
+        }
+    };
+    *shared.notifier.lock().expect("notifier lock") = Some(tracker.notifier());
+    // Shared with the status relay of each session; the inotify thread stops
+    // when the last reference is dropped.
+    let tracker = Rc::new(tracker);
+    let stores = cfg
+        .stores
+        .iter()
+        .map(|(name, root)| Store {
+            name: name.clone(),
+            root: root.clone(),
+            index: Index::load(&cfg.state_dir, name),
+        })
+        .collect();
+    let mut sender = Sender::new(
+        stores,
+        shared.excludes.clone(),
+        coalescer,
+        shared.stats.clone(),
+        cfg.verify_interval,
+    );
+    sender.resync_requested = shared.resync.clone();
+    info!(
+        stores = cfg.stores.len(),
+        watches = tracker.stats().watches,
+        "replication: tracking mailstores as primary"
+    );
+    let mut backoff = Backoff::default();
+    let mut last_err = String::new();
+    loop {
+        if *mode_rx.borrow() != EngineMode::Primary {
+            break;
+        }
+        *shared.stats.tracker.lock().expect("tracker stats lock") = tracker.stats();
+        match session(ctx, &mut sender, mode_rx, &tracker, shared).await {
+            Ok(()) => break,
+            Err(SendError::Stopped) => break,
+            Err(e) => {
+                shared.stats.connected.store(false, Relaxed);
+                let msg = e.to_string();
+                if msg != last_err {
+                    info!("sync session to peer ended: {msg}");
+                    last_err = msg;
+                } else {
+                    debug!("sync session to peer ended: {msg}");
+                }
+            }
+        }
+        // Keep the tracker's pending list bounded while disconnected.
+        sender.coalescer.drain();
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = mode_rx.changed() => {}
+        }
+    }
+    shared.stats.connected.store(false, Relaxed);
+    *shared.notifier.lock().expect("notifier lock") = None;
+    sender.save_indexes();
+    match Rc::try_unwrap(tracker) {
+        Ok(t) => t.stop(),
+        Err(rc) => drop(rc),
+    }
+    info!("replication: stopped tracking (no longer primary)");
+}
+
+async fn session(
+    ctx: &Rc<LinkCtx>,
+    sender: &mut Sender,
+    mode_rx: &watch::Receiver<EngineMode>,
+    tracker: &Rc<Tracker>,
+    shared: &Rc<Shared>,
+) -> Result<(), SendError> {
+    let stream = tokio_uring::net::TcpStream::connect(ctx.peer_addr)
+        .await
+        .map_err(|source| crate::link::LinkError::Io {
+            peer: ctx.peer_addr,
+            op: "connect",
+            source,
+        })?;
+    let mut conn = Conn::new(stream, ctx.peer_addr);
+    handshake(&mut conn, ctx, Side::Initiator, Channel::Sync).await?;
+    shared.stats.connected.store(true, Relaxed);
+    info!(peer = %ctx.peer_addr, "sync connection to peer up");
+    let (mut reader, writer) = conn.split();
+    let (tx, mut rx) = mpsc::channel(4096);
+    let reader_task = tokio_uring::spawn(async move {
+        loop {
+            let msg = match reader.recv_frame().await {
+                Ok(f) => SyncMsg::decode(&f).map_err(|source| crate::link::LinkError::Wire {
+                    peer: reader.peer(),
+                    source,
+                }),
+                Err(e) => Err(e),
+            };
+            let stop = msg.is_err();
+            if tx.send(msg).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    // Stop when the role changes; refresh tracker stats meanwhile.
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let mut mode_watch = mode_rx.clone();
+    let stats = shared.stats.clone();
+    let tracker = tracker.clone();
+    let relay = tokio_uring::spawn(async move {
+        loop {
+            tokio::select! {
+                r = mode_watch.changed() => {
+                    if r.is_err() || *mode_watch.borrow() != EngineMode::Primary {
+                        let _ = stop_tx.send(true);
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    *stats.tracker.lock().expect("tracker stats lock") = tracker.stats();
+                }
+            }
+        }
+    });
+    let res = sender.run(&writer, &mut rx, &mut stop_rx).await;
+    relay.abort();
+    reader_task.abort();
+    let _ = writer.shutdown();
+    res
+}
+
+/// Accepts the primary's sync connection while this node is secondary.
+async fn accept_loop(
+    shared: Rc<Shared>,
+    ctx: Rc<LinkCtx>,
+    listener: tokio_uring::net::TcpListener,
+    mode_rx: watch::Receiver<EngineMode>,
+    stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+) {
+    let busy = Rc::new(std::cell::Cell::new(false));
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("accept on sync port failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if *mode_rx.borrow() != EngineMode::Secondary || busy.get() {
+            debug!(peer = %addr, "sync connection refused: not secondary or already receiving");
+            drop(stream);
+            continue;
+        }
+        busy.set(true);
+        let (shared, ctx, stores, busy, mut mode_rx) = (
+            shared.clone(),
+            ctx.clone(),
+            stores.clone(),
+            busy.clone(),
+            mode_rx.clone(),
+        );
+        tokio_uring::spawn(async move {
+            let mut conn = Conn::new(stream, addr);
+            if let Err(e) = handshake(&mut conn, &ctx, Side::Responder, Channel::Sync).await {
+                warn!(peer = %addr, "sync connection refused: {e}");
+                busy.set(false);
+                return;
+            }
+            let taken = stores.borrow_mut().take();
+            let recv_stores = match taken {
+                Some(s) => s,
+                None => match open_recv_stores(&shared.cfg) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("cannot open mailstore roots for receiving: {e}");
+                        *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+                        busy.set(false);
+                        return;
+                    }
+                },
+            };
+            let mut receiver =
+                Receiver::new(recv_stores, shared.excludes.clone(), shared.stats.clone());
+            shared.stats.connected.store(true, Relaxed);
+            info!(peer = %addr, "sync connection from primary up");
+            let (r, w) = conn.split();
+            let res = tokio::select! {
+                res = receiver.serve(r, w.clone()) => res.map_err(|e| e.to_string()),
+                _ = async {
+                    while mode_rx.changed().await.is_ok() {
+                        if *mode_rx.borrow() != EngineMode::Secondary { return; }
+                    }
+                } => Err("no longer secondary".to_string()),
+            };
+            let _ = w.shutdown();
+            receiver.save_indexes();
+            shared.stats.connected.store(false, Relaxed);
+            match res {
+                Ok(()) => info!(peer = %addr, "sync connection closed"),
+                Err(e) => info!(peer = %addr, "sync connection ended: {e}"),
+            }
+            *stores.borrow_mut() = Some(receiver.stores);
+            busy.set(false);
+        });
+    }
+}
+
+fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {
+    cfg.stores
+        .iter()
+        .map(|(name, root)| {
+            Ok(RecvStore {
+                name: name.clone(),
+                root: Root::open(root)?,
+                index: Index::load(&cfg.state_dir, name),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,366 @@
+//! Per-store index of the local tree: each path's content hash (a cache, so
+//! unchanged files are not re-hashed) and whether the peer is known to hold
+//! exactly this version (`synced`, the common base used to decide conflicts).
+//!
+//! Losing the index costs only work and caution: every file is re-hashed,
+//! and files that differ from the peer are kept aside rather than replaced.
+
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, StatxFlags, CWD};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::wire::sync::{EntryKind, ManifestEntry, Meta};
+
+use super::Excludes;
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    pub size: u64,
+    pub mtime_s: i64,
+    pub mtime_ns: u32,
+    pub ino: u64,
+    pub ctime_s: i64,
+    pub ctime_ns: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+}
+
+impl Kind {
+    pub fn wire(self) -> EntryKind {
+        match self {
+            Kind::File => EntryKind::File,
+            Kind::Dir => EntryKind::Dir,
+            Kind::Symlink => EntryKind::Symlink,
+        }
+    }
+}
+
+/// Result of an lstat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub kind: Kind,
+    pub version: Version,
+    pub meta: Meta,
+    pub nlink: u32,
+    pub dev: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: Kind,
+    pub version: Version,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Hex xxh3-128 of the content (files) or target (symlinks); JSON has no u128.
+    pub hash: String,
+    pub synced: bool,
+}
+
+impl Entry {
+    pub fn new(st: &Stat, hash: u128, synced: bool) -> Entry {
+        Entry {
+            kind: st.kind,
+            version: st.version,
+            mode: st.meta.mode,
+            uid: st.meta.uid,
+            gid: st.meta.gid,
+            hash: format!("{hash:032x}"),
+            synced,
+        }
+    }
+
+    pub fn hash(&self) -> u128 {
+        u128::from_str_radix(&self.hash, 16).unwrap_or(0)
+    }
+
+    pub fn meta(&self) -> Meta {
+        Meta {
+            mode: self.mode,
+            uid: self.uid,
+            gid: self.gid,
+            mtime_sec: self.version.mtime_s,
+            mtime_nsec: self.version.mtime_ns,
+        }
+    }
+}
+
+/// lstat through statx; `Ok(None)` when the path does not exist.
+pub fn lstat(abs: &Path) -> std::io::Result<Option<Stat>> {
+    match rustix::fs::statx(CWD, abs, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS) {
+        Ok(x) => {
+            let fmt = u32::from(x.stx_mode) & 0o170000;
+            let kind = match fmt {
+                0o040000 => Kind::Dir,
+                0o120000 => Kind::Symlink,
+                0o100000 => Kind::File,
+                // Sockets, fifos and devices have no place in a mailstore.
+                _ => return Ok(None),
+            };
+            Ok(Some(Stat {
+                kind,
+                version: Version {
+                    size: x.stx_size,
+                    mtime_s: x.stx_mtime.tv_sec,
+                    mtime_ns: x.stx_mtime.tv_nsec,
+                    ino: x.stx_ino,
+                    ctime_s: x.stx_ctime.tv_sec,
+                    ctime_ns: x.stx_ctime.tv_nsec,
+                },
+                meta: Meta {
+                    mode: u32::from(x.stx_mode) & 0o7777,
+                    uid: x.stx_uid,
+                    gid: x.stx_gid,
+                    mtime_sec: x.stx_mtime.tv_sec,
+                    mtime_nsec: x.stx_mtime.tv_nsec,
+                },
+                nlink: x.stx_nlink,
+                dev: (u64::from(x.stx_dev_major) << 32) | u64::from(x.stx_dev_minor),
+            }))
+        }
+        Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn hash_bytes(b: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(b)
+}
+
+/// Hashes a file or a symlink's target.
+pub fn hash_path(abs: &Path, kind: Kind) -> std::io::Result<u128> {
+    match kind {
+        Kind::Dir => Ok(0),
+        Kind::Symlink => Ok(hash_bytes(std::fs::read_link(abs)?.as_os_str().as_bytes())),
+        Kind::File => {
+            use std::io::Read;
+            let mut f = std::fs::File::open(abs)?;
+            let mut h = Xxh3::new();
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            Ok(h.digest128())
+        }
+    }
+}
+
+/// The index of one store.
+#[derive(Debug)]
+pub struct Index {
+    pub entries: HashMap<PathBuf, Entry>,
+    file: PathBuf,
+    dirty: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    entries: Vec<(PathBuf, Entry)>,
+}
+
+impl Index {
+    /// Loads `<state_dir>/index-<store>.json`; a missing or unreadable index
+    /// starts empty (and says so), which is safe.
+    pub fn load(state_dir: &Path, store: &str) -> Index {
+        let file = state_dir.join(format!("index-{store}.json"));
+        let entries = match std::fs::read(&file) {
+            Ok(b) => match serde_json::from_slice::<OnDisk>(&b) {
+                Ok(d) if d.version == 1 => d.entries.into_iter().collect(),
+                Ok(d) => {
+                    warn!(file = %file.display(), "index version {} unknown; starting empty", d.version);
+                    HashMap::new()
+                }
+                Err(e) => {
+                    warn!(file = %file.display(), "index unreadable ({e}); starting empty: files will be re-hashed and conflicts kept aside");
+                    HashMap::new()
+                }
+            },
+            Err(_) => HashMap::new(),
+        };
+        Index {
+            entries,
+            file,
+            dirty: false,
+        }
+    }
+
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Writes the index durably if it changed.
+    pub fn save(&mut self) -> std::io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let mut entries: Vec<_> = self
+            .entries
+            .iter()
+            .map(|(p, e)| (p.clone(), e.clone()))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let bytes = serde_json::to_vec(&OnDisk {
+            version: 1,
+            entries,
+        })
+        .map_err(std::io::Error::other)?;
+        crate::io::write_atomic_blocking(&self.file, &bytes)?;
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Is the file at `rel` (now `st`) exactly the version the peer holds?
+    pub fn unchanged_and_synced(&self, rel: &Path, st: &Stat) -> bool {
+        self.entries
+            .get(rel)
+            .is_some_and(|e| e.synced && e.kind == st.kind && same_version(&e.version, &st.version))
+    }
+
+    pub fn set(&mut self, rel: PathBuf, entry: Entry) {
+        self.entries.insert(rel, entry);
+        self.dirty = true;
+    }
+
+    pub fn remove_tree(&mut self, rel: &Path) {
+        let before = self.entries.len();
+        self.entries.retain(|p, _| !p.starts_with(rel));
+        if self.entries.len() != before {
+            self.dirty = true;
+        }
+    }
+
+    /// Moves `from` (and everything under it) to `to`.
+    pub fn rename_tree(&mut self, from: &Path, to: &Path) {
+        let moved: Vec<(PathBuf, Entry)> = self
+            .entries
+            .iter()
+            .filter(|(p, _)| p.starts_with(from))
+            .map(|(p, e)| {
+                let rest = p.strip_prefix(from).expect("filtered on prefix");
+                let np = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
+                (np, e.clone())
+            })
+            .collect();
+        self.remove_tree(to);
+        self.entries.retain(|p, _| !p.starts_with(from));
+        for (p, mut e) in moved {
+            // A rename changes ctime; match on the rest of the version.
+            e.version.ctime_s = 0;
+            e.version.ctime_ns = 0;
+            self.entries.insert(p, e);
+        }
+        self.dirty = true;
+    }
+
+    /// Walks the store and returns every entry (sorted by path) with its
+    /// hash, re-hashing only what changed since it was last seen (or
+    /// everything, with `full_verify`).
+    pub fn scan(
+        &mut self,
+        root: &Path,
+        excludes: &Excludes,
+        full_verify: bool,
+    ) -> std::io::Result<Vec<(PathBuf, Stat, u128)>> {
+        let mut out = Vec::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(dir) = stack.pop() {
+            let abs_dir = root.join(&dir);
+            let rd = match std::fs::read_dir(&abs_dir) {
+                Ok(rd) => rd,
+                // Vanished while we walked: the tracker reports it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for ent in rd {
+                let ent = ent?;
+                let rel = dir.join(ent.file_name());
+                if excludes.is_excluded(&rel) {
+                    continue;
+                }
+                let abs = root.join(&rel);
+                let Some(st) = lstat(&abs)? else { continue };
+                let cached = self.entries.get(&rel).filter(|e| {
+                    !full_verify && e.kind == st.kind && same_version(&e.version, &st.version)
+                });
+                let hash = match cached {
+                    Some(e) => e.hash(),
+                    None => match hash_path(&abs, st.kind) {
+                        Ok(h) => {
+                            let synced = self
+                                .entries
+                                .get(&rel)
+                                .is_some_and(|e| e.synced && e.hash() == h && e.kind == st.kind);
+                            self.set(rel.clone(), Entry::new(&st, h, synced));
+                            h
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    },
+                };
+                if st.kind == Kind::Dir {
+                    stack.push(rel.clone());
+                }
+                out.push((rel, st, hash));
+            }
+        }
+        // Forget what is gone.
+        let present: std::collections::HashSet<&PathBuf> = out.iter().map(|(p, _, _)| p).collect();
+        let before = self.entries.len();
+        self.entries.retain(|p, _| present.contains(p));
+        if self.entries.len() != before {
+            self.dirty = true;
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}
+
+/// Same version, ignoring ctime when the index does not know it (after a
+/// rename, which changes ctime but not content).
+fn same_version(a: &Version, b: &Version) -> bool {
+    a.size == b.size
+        && a.mtime_s == b.mtime_s
+        && a.mtime_ns == b.mtime_ns
+        && a.ino == b.ino
+        && ((a.ctime_s == 0 && a.ctime_ns == 0)
+            || (a.ctime_s == b.ctime_s && a.ctime_ns == b.ctime_ns))
+}
+
+/// A manifest entry for the wire.
+pub fn manifest_entry(rel: &Path, st: &Stat, hash: u128) -> ManifestEntry {
+    ManifestEntry {
+        path: rel.as_os_str().as_bytes().to_vec(),
+        kind: st.kind.wire(),
+        size: if st.kind == Kind::Dir {
+            0
+        } else {
+            st.version.size
+        },
+        meta: st.meta,
+        hash,
+    }
+}

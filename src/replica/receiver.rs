@@ -1,0 +1,747 @@
+//! The secondary's side of a sync connection: lands every file atomically
+//! (staged under `.hasync/staging`, content checked against its xxh3,
+//! fsynced, renamed into place, parent directory fsynced) and acknowledges
+//! each batch once all of it is durable. Fsyncs are grouped per run of files
+//! and submitted to io_uring together, so durability costs a few journal
+//! commits per batch, not one per file.
+
+use std::collections::BTreeSet;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::fsops::{FsError, LinkOutcome, Meta as FsMeta, RenameOutcome, Root};
+use super::index::{self, Entry, Index, Kind};
+use super::stats::{add, ReplStats};
+use super::Excludes;
+use crate::link::{FrameReader, FrameWriter, LinkError};
+use crate::wire::sync::{Meta, NeedReason, SyncMsg, MAX_MANIFEST_ENTRIES};
+use crate::wire::WireError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("peer {peer} sent a malformed sync frame: {source}")]
+    Malformed { peer: String, source: WireError },
+    #[error("peer {peer} replicates stores {theirs:?}, this node has {ours:?}: the two configurations must name the same mailstores in the same order")]
+    StoresDiffer {
+        peer: String,
+        ours: Vec<String>,
+        theirs: Vec<String>,
+    },
+    #[error("peer {peer} broke the protocol: {what}")]
+    Protocol { peer: String, what: String },
+    #[error("scanning {path}: {source}")]
+    Scan {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// One store on the receiving side.
+pub struct RecvStore {
+    pub name: String,
+    pub root: Root,
+    pub index: Index,
+}
+
+struct Incoming {
+    seq: u64,
+    store: usize,
+    rel: PathBuf,
+    /// `None` once refused or failed: the data frames are read and dropped.
+    file: Option<tokio_uring::fs::File>,
+    /// A duplicate of the staged file's descriptor, for the metadata calls.
+    meta_fd: Option<std::os::fd::OwnedFd>,
+    hasher: Xxh3,
+    size: u64,
+    written: u64,
+    hash: u128,
+    meta: Meta,
+    failure: Option<NeedReason>,
+}
+
+struct Staged {
+    seq: u64,
+    store: usize,
+    rel: PathBuf,
+    file: tokio_uring::fs::File,
+    hash: u128,
+    size: u64,
+}
+
+pub struct Receiver {
+    pub stores: Vec<RecvStore>,
+    pub excludes: Excludes,
+    pub stats: Arc<ReplStats>,
+    staged: Vec<Staged>,
+    dirs: BTreeSet<(usize, PathBuf)>,
+    current: Option<Incoming>,
+    replies: Vec<u8>,
+}
+
+fn fs_meta(m: &Meta) -> FsMeta {
+    FsMeta {
+        mode: m.mode,
+        uid: m.uid,
+        gid: m.gid,
+        mtime_sec: m.mtime_sec,
+        mtime_nsec: m.mtime_nsec,
+    }
+}
+
+fn parent_of(rel: &Path) -> PathBuf {
+    rel.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+impl Receiver {
+    pub fn new(stores: Vec<RecvStore>, excludes: Excludes, stats: Arc<ReplStats>) -> Receiver {
+        Receiver {
+            stores,
+            excludes,
+            stats,
+            staged: Vec::new(),
+            dirs: BTreeSet::new(),
+            current: None,
+            replies: Vec::new(),
+        }
+    }
+
+    pub fn save_indexes(&mut self) {
+        for s in self.stores.iter_mut() {
+            if let Err(e) = s.index.save() {
+                warn!(store = %s.name, "cannot save index: {e}");
+            }
+        }
+    }
+
+    /// Serves one sync connection until it ends. Staged files that were not
+    /// landed are discarded; nothing half-written is ever under a final name.
+    pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), RecvError> {
+        let peer = r.peer().to_string();
+        let result = self.serve_inner(&mut r, &w, &peer).await;
+        // Unacknowledged work is redone by the sender after reconnecting.
+        for s in std::mem::take(&mut self.staged) {
+            let _ = s.file.close().await;
+            self.stores[s.store].root.discard_staged(s.seq);
+        }
+        if let Some(inc) = self.current.take() {
+            if let Some(f) = inc.file {
+                let _ = f.close().await;
+            }
+            self.stores[inc.store].root.discard_staged(inc.seq);
+        }
+        self.save_indexes();
+        result
+    }
+
+    async fn serve_inner(
+        &mut self,
+        r: &mut FrameReader,
+        w: &FrameWriter,
+        peer: &str,
+    ) -> Result<(), RecvError> {
+        loop {
+            let frame = r.recv_frame().await?;
+            let msg = SyncMsg::decode(&frame).map_err(|source| RecvError::Malformed {
+                peer: peer.to_string(),
+                source,
+            })?;
+            self.handle(msg, peer).await?;
+            if !self.replies.is_empty() {
+                let out = std::mem::take(&mut self.replies);
+                let (res, mut buf) = w.send_buf(out).await;
+                res?;
+                buf.clear();
+                self.replies = buf;
+            }
+        }
+    }
+
+    fn protocol(&self, peer: &str, what: impl Into<String>) -> RecvError {
+        RecvError::Protocol {
+            peer: peer.to_string(),
+            what: what.into(),
+        }
+    }
+
+    fn store_index(&self, store: u16, peer: &str) -> Result<usize, RecvError> {
+        let s = store as usize;
+        if s >= self.stores.len() {
+            return Err(self.protocol(peer, format!("unknown store number {s}")));
+        }
+        Ok(s)
+    }
+
+    /// Validates a peer path; a refusal is counted, logged and answered.
+    fn check(&mut self, seq: u64, store: usize, raw: &[u8], peer: &str) -> Option<PathBuf> {
+        match super::fsops::check_rel(raw) {
+            Ok(rel) if !self.excludes.is_excluded(&rel) || rel.starts_with(super::INTERNAL_DIR) => {
+                if rel.starts_with(super::INTERNAL_DIR) {
+                    self.refuse(
+                        seq,
+                        store,
+                        raw,
+                        "path inside hasync's internal directory",
+                        peer,
+                    );
+                    return None;
+                }
+                Some(rel)
+            }
+            Ok(rel) => {
+                // Excluded here but sent by the peer: configurations differ.
+                self.refuse(seq, store, raw, "path is excluded on this node", peer);
+                let _ = rel;
+                None
+            }
+            Err(e) => {
+                self.refuse(seq, store, raw, &e.to_string(), peer);
+                None
+            }
+        }
+    }
+
+    fn refuse(&mut self, seq: u64, store: usize, raw: &[u8], why: &str, peer: &str) {
+        add(&self.stats.refused_paths, 1);
+        warn!(peer, store, path = %String::from_utf8_lossy(raw), "refused op from peer: {why}");
+        SyncMsg::Refused {
+            seq,
+            store: store as u16,
+            path: raw[..raw.len().min(super::super::wire::sync::MAX_PATH)].to_vec(),
+            why: why.to_string(),
+        }
+        .encode(&mut self.replies);
+    }
+
+    fn need(&mut self, store: usize, rel: &Path, reason: NeedReason) {
+        SyncMsg::Need {
+            store: store as u16,
+            path: rel.as_os_str().as_bytes().to_vec(),
+            reason,
+        }
+        .encode(&mut self.replies);
+    }
+
+    fn local_failure(&mut self, store: usize, rel: &Path, e: &FsError, peer: &str) {
+        if e.is_refusal() {
+            add(&self.stats.refused_paths, 1);
+            warn!(peer, store, path = %rel.display(), "refused: {e}");
+            return;
+        }
+        if e.is_no_space() {
+            if !self.stats.disk_full.swap(true, Relaxed) {
+                error!(
+                    alarm = true,
+                    "ALARM: disk full on the replica: replication paused until space returns ({e})"
+                );
+            }
+            self.need(store, rel, NeedReason::NoSpace);
+        } else {
+            warn!(store, path = %rel.display(), "cannot apply op: {e}");
+            *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+            self.need(store, rel, NeedReason::LocalError);
+        }
+    }
+
+    async fn handle(&mut self, msg: SyncMsg, peer: &str) -> Result<(), RecvError> {
+        // Data frames belong to the file being received; anything else ends it.
+        if let SyncMsg::Data { seq, bytes } = msg {
+            return self.on_data(seq, bytes, peer).await;
+        }
+        if self.current.is_some() {
+            return Err(self.protocol(peer, "file ended before all its data arrived"));
+        }
+        match msg {
+            SyncMsg::Start { stores } => {
+                let ours: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
+                if stores != ours {
+                    return Err(RecvError::StoresDiffer {
+                        peer: peer.to_string(),
+                        ours,
+                        theirs: stores,
+                    });
+                }
+                self.stats.caught_up.store(false, Relaxed);
+                info!(peer, "sync session started");
+            }
+            SyncMsg::ManifestRequest { id, full_verify } => self.send_manifest(id, full_verify)?,
+            SyncMsg::File {
+                seq,
+                store,
+                path,
+                meta,
+                size,
+                hash,
+            } => {
+                let s = self.store_index(store, peer)?;
+                let rel = self.check(seq, s, &path, peer);
+                let mut inc = Incoming {
+                    seq,
+                    store: s,
+                    rel: rel.clone().unwrap_or_default(),
+                    file: None,
+                    meta_fd: None,
+                    hasher: Xxh3::new(),
+                    size,
+                    written: 0,
+                    hash,
+                    meta,
+                    failure: None,
+                };
+                if rel.is_none() {
+                    inc.failure = Some(NeedReason::LocalError);
+                } else {
+                    match self.stores[s].root.create_staged(seq) {
+                        Ok(fd) => match fd.try_clone() {
+                            Ok(dup) => {
+                                inc.meta_fd = Some(dup);
+                                inc.file =
+                                    Some(tokio_uring::fs::File::from_std(std::fs::File::from(fd)));
+                            }
+                            Err(e) => {
+                                drop(fd);
+                                self.stores[s].root.discard_staged(seq);
+                                let err = FsError::Io {
+                                    op: "dup",
+                                    path: inc.rel.display().to_string(),
+                                    source: e,
+                                };
+                                let rel = inc.rel.clone();
+                                self.local_failure(s, &rel, &err, peer);
+                                inc.rel = PathBuf::new();
+                            }
+                        },
+                        Err(e) => {
+                            inc.failure = Some(if e.is_no_space() {
+                                NeedReason::NoSpace
+                            } else {
+                                NeedReason::LocalError
+                            });
+                            let rel = inc.rel.clone();
+                            self.local_failure(s, &rel, &e, peer);
+                            inc.failure = None;
+                            inc.rel = PathBuf::new();
+                        }
+                    }
+                }
+                self.current = Some(inc);
+                if size == 0 {
+                    self.complete_file(peer).await;
+                }
+            }
+            SyncMsg::Mkdir {
+                seq,
+                store,
+                path,
+                meta,
+            } => {
+                let s = self.store_index(store, peer)?;
+                let Some(rel) = self.check(seq, s, &path, peer) else {
+                    return Ok(());
+                };
+                self.flush_staged(peer).await;
+                match self.stores[s].root.mkdir(&rel, &fs_meta(&meta)) {
+                    Ok(parent) => {
+                        self.dirs.insert((s, parent));
+                        if let Ok(Some(st)) = index::lstat(&self.stores[s].root.path().join(&rel)) {
+                            self.stores[s].index.set(rel, Entry::new(&st, 0, true));
+                        }
+                    }
+                    Err(e) => self.local_failure(s, &rel, &e, peer),
+                }
+            }
+            SyncMsg::Delete { seq, store, path } => {
+                let s = self.store_index(store, peer)?;
+                let Some(rel) = self.check(seq, s, &path, peer) else {
+                    return Ok(());
+                };
+                self.flush_staged(peer).await;
+                self.apply_delete(s, &rel, peer);
+            }
+            SyncMsg::Rename {
+                seq,
+                store,
+                from,
+                to,
+            } => {
+                let s = self.store_index(store, peer)?;
+                let Some(from) = self.check(seq, s, &from, peer) else {
+                    return Ok(());
+                };
+                let Some(to) = self.check(seq, s, &to, peer) else {
+                    return Ok(());
+                };
+                self.flush_staged(peer).await;
+                match self.stores[s].root.rename(&from, &to) {
+                    Ok(RenameOutcome::Renamed) => {
+                        add(&self.stats.renames_applied, 1);
+                        self.dirs.insert((s, parent_of(&from)));
+                        self.dirs.insert((s, parent_of(&to)));
+                        self.stores[s].index.rename_tree(&from, &to);
+                    }
+                    Ok(RenameOutcome::SourceMissing) => {
+                        add(&self.stats.rename_sources_missing, 1);
+                        self.need(s, &to, NeedReason::SourceMissing);
+                    }
+                    Err(e) => self.local_failure(s, &to, &e, peer),
+                }
+            }
+            SyncMsg::Link {
+                seq,
+                store,
+                existing,
+                path,
+            } => {
+                let s = self.store_index(store, peer)?;
+                let Some(existing) = self.check(seq, s, &existing, peer) else {
+                    return Ok(());
+                };
+                let Some(rel) = self.check(seq, s, &path, peer) else {
+                    return Ok(());
+                };
+                self.flush_staged(peer).await;
+                match self.stores[s].root.link(&existing, &rel) {
+                    Ok(LinkOutcome::Linked) => {
+                        add(&self.stats.links_applied, 1);
+                        self.dirs.insert((s, parent_of(&rel)));
+                        let e = self.stores[s].index.entries.get(&existing).cloned();
+                        if let Some(e) = e {
+                            self.stores[s].index.set(rel, e);
+                        }
+                    }
+                    Ok(LinkOutcome::SourceMissing) => {
+                        add(&self.stats.rename_sources_missing, 1);
+                        self.need(s, &rel, NeedReason::SourceMissing);
+                    }
+                    Err(e) => self.local_failure(s, &rel, &e, peer),
+                }
+            }
+            SyncMsg::Symlink {
+                seq,
+                store,
+                path,
+                target,
+                meta,
+            } => {
+                let s = self.store_index(store, peer)?;
+                let Some(rel) = self.check(seq, s, &path, peer) else {
+                    return Ok(());
+                };
+                self.flush_staged(peer).await;
+                match self.stores[s].root.symlink(&rel, &target, &fs_meta(&meta)) {
+                    Ok(parent) => {
+                        self.dirs.insert((s, parent));
+                        if let Ok(Some(st)) = index::lstat(&self.stores[s].root.path().join(&rel)) {
+                            let h = index::hash_bytes(&target);
+                            self.stores[s].index.set(rel, Entry::new(&st, h, true));
+                        }
+                    }
+                    Err(e) => self.local_failure(s, &rel, &e, peer),
+                }
+            }
+            SyncMsg::CaughtUp => {
+                if !self.stats.caught_up.swap(true, Relaxed) {
+                    info!(peer, "replica caught up with the primary");
+                }
+            }
+            SyncMsg::Barrier { seq } => {
+                self.flush_staged(peer).await;
+                self.sync_dirs().await;
+                SyncMsg::Ack { seq }.encode(&mut self.replies);
+            }
+            other => {
+                return Err(self.protocol(
+                    peer,
+                    format!(
+                        "a primary must not send {:?}",
+                        std::mem::discriminant(&other)
+                    ),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    fn send_manifest(&mut self, id: u64, full_verify: bool) -> Result<(), RecvError> {
+        for s in 0..self.stores.len() {
+            let store = &mut self.stores[s];
+            let root = store.root.path().to_path_buf();
+            let entries = store
+                .index
+                .scan(&root, &self.excludes, full_verify)
+                .map_err(|source| RecvError::Scan {
+                    path: root.clone(),
+                    source,
+                })?;
+            let mut chunk = Vec::new();
+            let total = entries.len();
+            for (i, (rel, st, hash)) in entries.into_iter().enumerate() {
+                chunk.push(index::manifest_entry(&rel, &st, hash));
+                if chunk.len() == MAX_MANIFEST_ENTRIES || i + 1 == total {
+                    SyncMsg::Manifest {
+                        id,
+                        store: s as u16,
+                        entries: std::mem::take(&mut chunk),
+                        last: i + 1 == total,
+                    }
+                    .encode(&mut self.replies);
+                }
+            }
+            if total == 0 {
+                SyncMsg::Manifest {
+                    id,
+                    store: s as u16,
+                    entries: vec![],
+                    last: true,
+                }
+                .encode(&mut self.replies);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_data(&mut self, seq: u64, bytes: Vec<u8>, peer: &str) -> Result<(), RecvError> {
+        let Some(inc) = self.current.as_mut() else {
+            return Err(self.protocol(peer, format!("data for seq {seq} without a file")));
+        };
+        if inc.seq != seq || inc.written + bytes.len() as u64 > inc.size {
+            return Err(self.protocol(
+                peer,
+                format!("data for seq {seq} does not fit the file being received"),
+            ));
+        }
+        let offset = inc.written;
+        inc.written += bytes.len() as u64;
+        inc.hasher.update(&bytes);
+        if let Some(f) = &inc.file {
+            let (res, _) = f.write_all_at(bytes, offset).await;
+            if let Err(e) = res {
+                let err = FsError::Io {
+                    op: "write",
+                    path: inc.rel.display().to_string(),
+                    source: e,
+                };
+                let no_space = matches!(&err, FsError::Io { source, .. } if source.raw_os_error() == Some(28) || source.raw_os_error() == Some(122));
+                inc.failure = Some(if no_space {
+                    NeedReason::NoSpace
+                } else {
+                    NeedReason::LocalError
+                });
+                if let Some(f) = inc.file.take() {
+                    let _ = f.close().await;
+                }
+            }
+        }
+        let done = self.current.as_ref().is_some_and(|i| i.written == i.size);
+        if done {
+            self.complete_file(peer).await;
+        }
+        Ok(())
+    }
+
+    async fn complete_file(&mut self, peer: &str) {
+        let Some(inc) = self.current.take() else {
+            return;
+        };
+        let s = inc.store;
+        if inc.rel.as_os_str().is_empty() {
+            return; // refused earlier; already answered
+        }
+        let Some(file) = inc.file else {
+            self.stores[s].root.discard_staged(inc.seq);
+            match inc.failure {
+                Some(NeedReason::NoSpace) => {
+                    if !self.stats.disk_full.swap(true, Relaxed) {
+                        error!(alarm = true, "ALARM: disk full on the replica: replication paused until space returns");
+                    }
+                    self.need(s, &inc.rel, NeedReason::NoSpace);
+                }
+                _ => self.need(s, &inc.rel, NeedReason::LocalError),
+            }
+            return;
+        };
+        let got = inc.hasher.digest128();
+        if got != inc.hash {
+            let _ = file.close().await;
+            self.stores[s].root.discard_staged(inc.seq);
+            add(&self.stats.hash_mismatches, 1);
+            warn!(peer, path = %inc.rel.display(), "content does not match its hash ({got:032x} != {:032x}); re-requested", inc.hash);
+            self.need(s, &inc.rel, NeedReason::HashMismatch);
+            return;
+        }
+        let finished = match &inc.meta_fd {
+            Some(fd) => self.stores[s].root.finish_staged(fd, &fs_meta(&inc.meta)),
+            None => Err(FsError::Io {
+                op: "dup",
+                path: inc.rel.display().to_string(),
+                source: std::io::Error::other("no descriptor for metadata"),
+            }),
+        };
+        drop(inc.meta_fd);
+        if let Err(e) = finished {
+            let _ = file.close().await;
+            self.stores[s].root.discard_staged(inc.seq);
+            self.local_failure(s, &inc.rel, &e, peer);
+            return;
+        }
+        self.staged.push(Staged {
+            seq: inc.seq,
+            store: s,
+            rel: inc.rel,
+            file,
+            hash: inc.hash,
+            size: inc.size,
+        });
+    }
+
+    /// fsync every staged file (all submitted at once), then rename each into place.
+    async fn flush_staged(&mut self, peer: &str) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        let mut tasks = Vec::with_capacity(staged.len());
+        let mut rest = Vec::with_capacity(staged.len());
+        for st in staged {
+            let Staged {
+                seq,
+                store,
+                rel,
+                file,
+                hash,
+                size,
+            } = st;
+            tasks.push(tokio_uring::spawn(async move {
+                let r = file.sync_all().await;
+                let _ = file.close().await;
+                r
+            }));
+            rest.push((seq, store, rel, hash, size));
+        }
+        for (task, (seq, s, rel, hash, size)) in tasks.into_iter().zip(rest) {
+            let synced = match task.await {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            if let Err(e) = synced {
+                // Never call a file durable after a failed fsync: drop it and
+                // ask again (see STYLE: latch I/O failures).
+                self.stores[s].root.discard_staged(seq);
+                let err = FsError::Io {
+                    op: "fsync",
+                    path: rel.display().to_string(),
+                    source: e,
+                };
+                self.local_failure(s, &rel, &err, peer);
+                continue;
+            }
+            self.land_one(s, seq, rel, hash, size, peer);
+        }
+    }
+
+    fn land_one(&mut self, s: usize, seq: u64, rel: PathBuf, hash: u128, size: u64, peer: &str) {
+        let abs = self.stores[s].root.path().join(&rel);
+        // The new primary's version wins; a local version the peer never had
+        // is kept aside, not destroyed.
+        if let Ok(Some(cur)) = index::lstat(&abs) {
+            let unchanged = self.stores[s].index.unchanged_and_synced(&rel, &cur);
+            let same = cur.kind == Kind::File
+                && cur.version.size == size
+                && index::hash_path(&abs, Kind::File).ok() == Some(hash);
+            if !unchanged && !same && cur.kind != Kind::Dir {
+                self.keep_aside(s, &rel);
+            }
+        }
+        match self.stores[s].root.land(seq, &rel, false) {
+            Ok(parent) => {
+                self.dirs.insert((s, parent));
+                add(&self.stats.files_landed, 1);
+                add(&self.stats.bytes_landed, size);
+                if self.stats.disk_full.swap(false, Relaxed) {
+                    info!("disk space is back: replication resumed");
+                }
+                if let Ok(Some(st)) = index::lstat(&abs) {
+                    self.stores[s].index.set(rel, Entry::new(&st, hash, true));
+                }
+            }
+            Err(e) => {
+                self.stores[s].root.discard_staged(seq);
+                self.local_failure(s, &rel, &e, peer);
+            }
+        }
+    }
+
+    fn keep_aside(&mut self, s: usize, rel: &Path) {
+        match self.stores[s].root.keep_aside(rel) {
+            Ok(Some(to)) => {
+                add(&self.stats.conflicts_kept, 1);
+                warn!(store = %self.stores[s].name, path = %rel.display(), kept = %to.display(), "conflict: local version differs from the primary's; kept aside");
+                self.dirs.insert((s, parent_of(rel)));
+            }
+            Ok(None) => {}
+            Err(e) => warn!(path = %rel.display(), "cannot keep conflicting file aside: {e}"),
+        }
+    }
+
+    fn apply_delete(&mut self, s: usize, rel: &Path, peer: &str) {
+        let abs = self.stores[s].root.path().join(rel);
+        let Ok(Some(cur)) = index::lstat(&abs) else {
+            self.stores[s].index.remove_tree(rel);
+            return;
+        };
+        let keep = match cur.kind {
+            Kind::Dir => self.stores[s]
+                .index
+                .entries
+                .iter()
+                .any(|(p, e)| p.starts_with(rel) && p != rel && !e.synced),
+            _ => !self.stores[s].index.unchanged_and_synced(rel, &cur),
+        };
+        if keep {
+            self.keep_aside(s, rel);
+            self.stores[s].index.remove_tree(rel);
+            return;
+        }
+        match self.stores[s].root.remove(rel, false) {
+            Ok(parent) => {
+                add(&self.stats.deletes_applied, 1);
+                if let Some(p) = parent {
+                    self.dirs.insert((s, p));
+                }
+                self.stores[s].index.remove_tree(rel);
+            }
+            Err(e) => self.local_failure(s, rel, &e, peer),
+        }
+    }
+
+    /// fsync every directory touched since the last barrier, all at once.
+    async fn sync_dirs(&mut self) {
+        let dirs = std::mem::take(&mut self.dirs);
+        let mut tasks = Vec::with_capacity(dirs.len());
+        for (s, rel) in dirs {
+            let abs = self.stores[s].root.path().join(&rel);
+            tasks.push((
+                abs.clone(),
+                tokio_uring::spawn(async move { crate::io::sync_dir(&abs).await }),
+            ));
+        }
+        for (abs, t) in tasks {
+            match t.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Ok(Err(e)) => {
+                    error!(dir = %abs.display(), "directory fsync failed: {e}");
+                    *self.stats.last_error.lock().expect("error lock") =
+                        Some(format!("fsync {}: {e}", abs.display()));
+                }
+                Err(e) => error!("fsync task failed: {e}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,1015 @@
+//! The primary's side of a sync connection: reconcile manifests, then stream
+//! the tracker's coalesced changes, reading files with io_uring.
+//!
+//! Files are read concurrently: every small file of a batch gets its own
+//! open+read task before any is awaited, so one tick of the runtime submits
+//! all of them to the ring together. Frames are then emitted in op order with
+//! a `Barrier` per batch; up to [`MAX_UNACKED_BATCHES`] batches are in flight,
+//! so reading batch N+1 overlaps the secondary's fsync of batch N.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_uring::buf::BoundedBuf;
+use tracing::{info, warn};
+
+use super::index::{self, Entry, Index, Kind, Stat};
+use super::stats::{add, ReplStats};
+use super::Excludes;
+use crate::link::{FrameWriter, LinkError};
+use crate::tracker::{Coalescer, Op};
+use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg, MAX_DATA};
+
+/// Most ops in one batch.
+const BATCH_OPS: usize = 512;
+/// Files up to this size are read whole and concurrently; larger ones are
+/// streamed in `MAX_DATA` chunks, one at a time, so memory stays bounded.
+const SMALL_FILE: u64 = 256 * 1024;
+/// Batches sent but not yet acknowledged.
+const MAX_UNACKED_BATCHES: usize = 4;
+/// Poll interval for new changes when idle.
+const IDLE_POLL: Duration = Duration::from_millis(1);
+/// Retry of paths the peer could not store for lack of space.
+const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(500);
+const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("peer {peer} has stores {theirs:?}, this node has {ours:?}: the two configurations must name the same mailstores")]
+    StoresDiffer {
+        peer: String,
+        ours: Vec<String>,
+        theirs: Vec<String>,
+    },
+    #[error("peer closed the sync connection")]
+    PeerGone,
+    #[error("reading {path}: {source}")]
+    Local {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("peer {peer} sent a message a secondary must not send: {what}")]
+    Protocol { peer: String, what: String },
+    #[error("stopped")]
+    Stopped,
+}
+
+/// One store as the sender sees it.
+pub struct Store {
+    pub name: String,
+    pub root: PathBuf,
+    pub index: Index,
+}
+
+/// What the index learns once the peer acknowledges an op.
+enum OnAck {
+    Set(usize, PathBuf, Entry),
+    Remove(usize, PathBuf),
+    Rename(usize, PathBuf, PathBuf),
+}
+
+struct Inflight {
+    barrier: u64,
+    acks: Vec<OnAck>,
+    sinces: Vec<Instant>,
+    files: u64,
+    bytes: u64,
+}
+
+/// Long-lived sender state (survives reconnects while this node is primary).
+pub struct Sender {
+    pub stores: Vec<Store>,
+    pub excludes: Excludes,
+    pub coalescer: Coalescer,
+    pub stats: Arc<ReplStats>,
+    pub verify_interval: Duration,
+    /// Hard links: (dev, ino) → a path the peer holds with that inode.
+    inodes: HashMap<(u64, u64), (usize, PathBuf)>,
+    seq: u64,
+    manifest_id: u64,
+    inflight: VecDeque<Inflight>,
+    retry: Vec<(Instant, Op)>,
+    retry_delay: Duration,
+    last_save: Instant,
+    /// A rescan asked for a comparison with the replica.
+    pending_verify: bool,
+    /// Directories whose children the last reconciliation already queued.
+    listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
+    /// Lag is measured for changes after the initial sync, not for it.
+    lag_from: Option<Instant>,
+    /// `hasync resync` asked for a full verification.
+    pub resync_requested: Arc<std::sync::atomic::AtomicBool>,
+}
+
+enum Read {
+    Ready(Vec<u8>),
+    Missing,
+}
+
+async fn read_small(path: PathBuf, size: u64) -> std::io::Result<Read> {
+    let f = match tokio_uring::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::Missing),
+        Err(e) => return Err(e),
+    };
+    // Read one byte past the expected size so that growth since the stat
+    // shows; the tracker will send the final version after the writer closes.
+    let mut data = Vec::with_capacity(size as usize + 1);
+    loop {
+        let pos = data.len() as u64;
+        let spare = Vec::with_capacity((size as usize + 1).saturating_sub(data.len()).max(4096));
+        let (res, buf) = f.read_at(spare, pos).await;
+        let n = res?;
+        if n == 0 {
+            break;
+        }
+        data.extend_from_slice(&buf[..n]);
+        if data.len() as u64 > SMALL_FILE * 4 {
+            break;
+        }
+    }
+    f.close().await?;
+    Ok(Read::Ready(data))
+}
+
+fn rel_bytes(p: &Path) -> Vec<u8> {
+    p.as_os_str().as_bytes().to_vec()
+}
+
+fn rel_from(bytes: &[u8]) -> Option<PathBuf> {
+    // The peer only names paths we sent it; validate anyway.
+    super::fsops::check_rel(bytes).ok()
+}
+
+impl Sender {
+    pub fn new(
+        stores: Vec<Store>,
+        excludes: Excludes,
+        coalescer: Coalescer,
+        stats: Arc<ReplStats>,
+        verify_interval: Duration,
+    ) -> Sender {
+        Sender {
+            stores,
+            excludes,
+            coalescer,
+            stats,
+            verify_interval,
+            inodes: HashMap::new(),
+            seq: 0,
+            manifest_id: 0,
+            inflight: VecDeque::new(),
+            retry: Vec::new(),
+            retry_delay: NO_SPACE_RETRY_MIN,
+            last_save: Instant::now(),
+            pending_verify: false,
+            listed_dirs: Default::default(),
+            lag_from: None,
+            resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    pub fn save_indexes(&mut self) {
+        for s in self.stores.iter_mut() {
+            if let Err(e) = s.index.save() {
+                warn!(store = %s.name, "cannot save index: {e}");
+            }
+        }
+        self.last_save = Instant::now();
+    }
+
+    fn set_phase(&self, phase: &'static str) {
+        self.stats.progress.lock().expect("progress lock").phase = phase;
+    }
+
+    /// Runs one sync session on an authenticated connection until it fails
+    /// or `stop` fires. Pending changes stay in the coalescer for the next.
+    pub async fn run(
+        &mut self,
+        w: &FrameWriter,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SendError> {
+        // Anything unacknowledged from a previous session is re-sent by the
+        // reconciliation below (its manifest shows what actually landed).
+        self.inflight.clear();
+        self.stats.ops_inflight.store(0, Relaxed);
+        let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
+        let mut out = Vec::new();
+        SyncMsg::Start { stores }.encode(&mut out);
+        w.send_bytes(out).await?;
+
+        let full = self.resync_requested.swap(false, Relaxed);
+        self.reconcile(w, rx, full, true).await?;
+        let mut next_verify = Instant::now() + self.verify_interval;
+
+        loop {
+            if *stop.borrow() {
+                return Err(SendError::Stopped);
+            }
+            // Acks, needs and refusals.
+            while let Ok(msg) = rx.try_recv() {
+                self.on_peer_msg(msg?)?;
+            }
+            self.requeue_retries();
+            self.coalescer.drain();
+            self.stats
+                .ops_pending
+                .store(self.coalescer.pending() as u64, Relaxed);
+
+            let resync = self.resync_requested.swap(false, Relaxed);
+            if resync || self.pending_verify || Instant::now() >= next_verify {
+                self.pending_verify = false;
+                self.wait_all_acked(rx).await?;
+                self.reconcile(w, rx, resync, false).await?;
+                next_verify = Instant::now() + self.verify_interval;
+                continue;
+            }
+
+            if self.inflight.len() < MAX_UNACKED_BATCHES && self.coalescer.pending() > 0 {
+                let ops = self.coalescer.take_batch(BATCH_OPS);
+                self.send_batch(w, ops, rx).await?;
+                continue;
+            }
+            if let Some(out) = self.finish_initial_if_done(w) {
+                w.send_bytes(out).await?;
+            }
+            if self.last_save.elapsed() > Duration::from_secs(10)
+                && self.stores.iter().any(|s| s.index.is_dirty())
+                && self.inflight.is_empty()
+            {
+                self.save_indexes();
+            }
+            // Idle or window full: wait for a peer message or a short tick.
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.on_peer_msg(m?)?,
+                    None => return Err(SendError::PeerGone),
+                },
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stop.changed() => return Err(SendError::Stopped),
+            }
+        }
+    }
+
+    fn finish_initial_if_done(&mut self, w: &FrameWriter) -> Option<Vec<u8>> {
+        if !self.inflight.is_empty() || self.coalescer.pending() > 0 {
+            return None;
+        }
+        let mut p = self.stats.progress.lock().expect("progress lock");
+        if p.phase == "initial-sync" || p.phase == "verifying" {
+            let secs = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+            info!(
+                files = p.done_files,
+                bytes = p.done_bytes,
+                secs = format!("{secs:.2}"),
+                "{} complete: {} files, {:.1} MB in {:.2}s ({:.0} files/s)",
+                p.phase,
+                p.done_files,
+                p.done_bytes as f64 / 1e6,
+                secs,
+                p.done_files as f64 / secs.max(1e-3)
+            );
+            p.phase = "streaming";
+            drop(p);
+            self.listed_dirs.clear();
+            if self.lag_from.is_none() {
+                self.lag_from = Some(Instant::now());
+            }
+            self.save_indexes();
+            let _ = w;
+            let mut out = Vec::new();
+            SyncMsg::CaughtUp.encode(&mut out);
+            return Some(out);
+        }
+        None
+    }
+
+    async fn wait_all_acked(
+        &mut self,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+    ) -> Result<(), SendError> {
+        while !self.inflight.is_empty() {
+            match rx.recv().await {
+                Some(m) => self.on_peer_msg(m?)?,
+                None => return Err(SendError::PeerGone),
+            }
+        }
+        Ok(())
+    }
+
+    /// Compares the replica's manifest with the local tree and queues every
+    /// difference. Returns how many paths differed.
+    async fn reconcile(
+        &mut self,
+        w: &FrameWriter,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+        full_verify: bool,
+        initial: bool,
+    ) -> Result<u64, SendError> {
+        self.set_phase(if initial { "manifest" } else { "verifying" });
+        self.manifest_id += 1;
+        let id = self.manifest_id;
+        let mut out = Vec::new();
+        SyncMsg::ManifestRequest { id, full_verify }.encode(&mut out);
+        w.send_bytes(out).await?;
+
+        let n = self.stores.len();
+        let mut remote: Vec<HashMap<PathBuf, ManifestEntry>> = vec![HashMap::new(); n];
+        let mut done = vec![false; n];
+        while !done.iter().all(|d| *d) {
+            let msg = match rx.recv().await {
+                Some(m) => m?,
+                None => return Err(SendError::PeerGone),
+            };
+            match msg {
+                SyncMsg::Manifest {
+                    id: mid,
+                    store,
+                    entries,
+                    last,
+                } if mid == id => {
+                    let s = store as usize;
+                    if s >= n {
+                        return Err(SendError::Protocol {
+                            peer: w.peer().to_string(),
+                            what: format!("manifest for store {s}"),
+                        });
+                    }
+                    for e in entries {
+                        if let Some(rel) = rel_from(&e.path) {
+                            remote[s].insert(rel, e);
+                        }
+                    }
+                    done[s] |= last;
+                }
+                other => self.on_peer_msg(other)?,
+            }
+        }
+
+        let mut differ = 0u64;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for (s, remote) in remote.into_iter().enumerate() {
+            let store = &mut self.stores[s];
+            let local = store
+                .index
+                .scan(&store.root, &self.excludes, full_verify)
+                .map_err(|source| SendError::Local {
+                    path: store.root.clone(),
+                    source,
+                })?;
+            let mut remote = remote;
+            let mut queue = Vec::new();
+            for (rel, st, hash) in local {
+                let same = remote
+                    .remove(&rel)
+                    .is_some_and(|r| same_entry(&st, hash, &r));
+                if st.kind == Kind::Dir {
+                    self.listed_dirs.insert((s, rel.clone()));
+                }
+                if let Some(e) = store.index.entries.get_mut(&rel) {
+                    e.synced = same;
+                }
+                if same {
+                    if st.kind == Kind::File && st.nlink > 1 {
+                        self.inodes
+                            .insert((st.dev, st.version.ino), (s, rel.clone()));
+                    }
+                } else {
+                    if st.kind == Kind::File {
+                        files += 1;
+                        bytes += st.version.size;
+                    }
+                    queue.push(rel);
+                }
+            }
+            store.index.mark_dirty();
+            // On the replica only: the sender finds them missing and deletes.
+            queue.extend(remote.into_keys());
+            differ += queue.len() as u64;
+            let now = Instant::now();
+            for rel in queue {
+                self.coalescer.push(Op::Sync {
+                    store: s,
+                    rel,
+                    since: now,
+                });
+            }
+        }
+        self.stats.verify_runs.fetch_add(1, Relaxed);
+        if !initial && differ > 0 {
+            add(&self.stats.repaired, differ);
+            warn!(
+                paths = differ,
+                "anti-entropy found {differ} paths that differ on the replica; repairing"
+            );
+        }
+        {
+            let mut p = self.stats.progress.lock().expect("progress lock");
+            p.phase = if initial { "initial-sync" } else { "verifying" };
+            p.total_files = files;
+            p.total_bytes = bytes;
+            p.done_files = 0;
+            p.done_bytes = 0;
+            p.started = Some(Instant::now());
+        }
+        info!(
+            differ,
+            files,
+            bytes,
+            "{}: {differ} paths to send ({files} files, {:.1} MB)",
+            if initial {
+                "initial sync"
+            } else {
+                "verification"
+            },
+            bytes as f64 / 1e6
+        );
+        Ok(differ)
+    }
+
+    fn requeue_retries(&mut self) {
+        if self.retry.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retry)
+            .into_iter()
+            .partition(|(t, _)| *t <= now);
+        self.retry = later;
+        for (_, op) in due {
+            self.coalescer.push(op);
+        }
+    }
+
+    fn on_peer_msg(&mut self, msg: SyncMsg) -> Result<(), SendError> {
+        match msg {
+            SyncMsg::Ack { seq } => self.on_ack(seq),
+            SyncMsg::Need {
+                store,
+                path,
+                reason,
+            } => {
+                add(&self.stats.needs_received, 1);
+                let Some(rel) = rel_from(&path) else {
+                    return Ok(());
+                };
+                let op = Op::Sync {
+                    store: store as usize,
+                    rel,
+                    since: Instant::now(),
+                };
+                if reason == NeedReason::NoSpace {
+                    if !self.stats.peer_disk_full.swap(true, Relaxed) {
+                        warn!("peer's disk is full: replication paused, retrying with backoff");
+                    }
+                    self.retry.push((Instant::now() + self.retry_delay, op));
+                    self.retry_delay = (self.retry_delay * 2).min(NO_SPACE_RETRY_MAX);
+                } else {
+                    self.coalescer.push(op);
+                }
+            }
+            SyncMsg::Refused {
+                seq,
+                store,
+                path,
+                why,
+            } => {
+                add(&self.stats.refused_by_peer, 1);
+                warn!(seq, store, path = %String::from_utf8_lossy(&path), "peer refused op: {why}");
+            }
+            other => {
+                return Err(SendError::Protocol {
+                    peer: "secondary".into(),
+                    what: format!("{other:?}").chars().take(80).collect(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn on_ack(&mut self, seq: u64) {
+        let now = Instant::now();
+        while self.inflight.front().is_some_and(|b| b.barrier <= seq) {
+            let b = self.inflight.pop_front().expect("checked non-empty");
+            let n = b.sinces.len() as u64;
+            {
+                let mut lag = self.stats.lag_us.lock().expect("lag lock");
+                for since in &b.sinces {
+                    if self.lag_from.is_some_and(|from| *since >= from) {
+                        let _ = lag.record(now.duration_since(*since).as_micros().max(1) as u64);
+                    }
+                }
+            }
+            for a in b.acks {
+                match a {
+                    OnAck::Set(s, rel, entry) => self.stores[s].index.set(rel, entry),
+                    OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
+                    OnAck::Rename(s, from, to) => self.stores[s].index.rename_tree(&from, &to),
+                }
+            }
+            add(&self.stats.ops_acked, n);
+            self.stats.ops_inflight.fetch_sub(n, Relaxed);
+            let mut p = self.stats.progress.lock().expect("progress lock");
+            p.done_files += b.files;
+            p.done_bytes += b.bytes;
+        }
+        if self.retry.is_empty() && self.stats.peer_disk_full.swap(false, Relaxed) {
+            info!("peer accepts data again: replication resumed");
+            self.retry_delay = NO_SPACE_RETRY_MIN;
+        }
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Turns one batch of ops into frames and sends them with a barrier.
+    async fn send_batch(
+        &mut self,
+        w: &FrameWriter,
+        ops: Vec<Op>,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+    ) -> Result<(), SendError> {
+        enum Plan {
+            Frames(Vec<u8>),
+            Small {
+                seq: u64,
+                store: usize,
+                rel: PathBuf,
+                st: Stat,
+                task: tokio::task::JoinHandle<std::io::Result<Read>>,
+            },
+            Large {
+                seq: u64,
+                store: usize,
+                rel: PathBuf,
+                st: Stat,
+            },
+        }
+        let mut plans = Vec::with_capacity(ops.len());
+        let mut batch = Inflight {
+            barrier: 0,
+            acks: Vec::new(),
+            sinces: Vec::new(),
+            files: 0,
+            bytes: 0,
+        };
+        for op in ops {
+            match op {
+                Op::Rescan { store, reason, .. } => {
+                    warn!(store = %self.stores.get(store).map_or("?", |s| s.name.as_str()), "rescan: {reason}");
+                    // A comparison with the replica re-finds whatever the
+                    // tracker missed; it runs at the next loop turn.
+                    self.pending_verify = true;
+                }
+                Op::Rename {
+                    store,
+                    from,
+                    to,
+                    since,
+                } => {
+                    let seq = self.next_seq();
+                    let mut f = Vec::new();
+                    SyncMsg::Rename {
+                        seq,
+                        store: store as u16,
+                        from: rel_bytes(&from),
+                        to: rel_bytes(&to),
+                    }
+                    .encode(&mut f);
+                    add(&self.stats.renames_sent, 1);
+                    batch.acks.push(OnAck::Rename(store, from, to));
+                    batch.sinces.push(since);
+                    plans.push(Plan::Frames(f));
+                }
+                Op::Sync { store, rel, since } => {
+                    batch.sinces.push(since);
+                    let root = &self.stores[store].root;
+                    let abs = root.join(&rel);
+                    let seq = self.next_seq();
+                    let st = index::lstat(&abs).map_err(|source| SendError::Local {
+                        path: abs.clone(),
+                        source,
+                    })?;
+                    let Some(st) = st else {
+                        plans.push(Plan::Frames(self.delete_frame(seq, store, rel, &mut batch)));
+                        continue;
+                    };
+                    match st.kind {
+                        Kind::Dir => {
+                            let mut f = Vec::new();
+                            SyncMsg::Mkdir {
+                                seq,
+                                store: store as u16,
+                                path: rel_bytes(&rel),
+                                meta: st.meta,
+                            }
+                            .encode(&mut f);
+                            add(&self.stats.dirs_sent, 1);
+                            self.expand_dir(store, &rel, since);
+                            batch
+                                .acks
+                                .push(OnAck::Set(store, rel, Entry::new(&st, 0, true)));
+                            plans.push(Plan::Frames(f));
+                        }
+                        Kind::Symlink => {
+                            let target = match std::fs::read_link(&abs) {
+                                Ok(t) => t.into_os_string().into_vec(),
+                                Err(_) => {
+                                    plans.push(Plan::Frames(
+                                        self.delete_frame(seq, store, rel, &mut batch),
+                                    ));
+                                    continue;
+                                }
+                            };
+                            let mut f = Vec::new();
+                            let hash = index::hash_bytes(&target);
+                            SyncMsg::Symlink {
+                                seq,
+                                store: store as u16,
+                                path: rel_bytes(&rel),
+                                target,
+                                meta: st.meta,
+                            }
+                            .encode(&mut f);
+                            add(&self.stats.symlinks_sent, 1);
+                            batch
+                                .acks
+                                .push(OnAck::Set(store, rel, Entry::new(&st, hash, true)));
+                            plans.push(Plan::Frames(f));
+                        }
+                        Kind::File => {
+                            if st.nlink > 1 {
+                                if let Some(f) = self.link_frame(seq, store, &rel, &st, &mut batch)
+                                {
+                                    plans.push(Plan::Frames(f));
+                                    continue;
+                                }
+                            }
+                            if st.version.size <= SMALL_FILE {
+                                let task = tokio_uring::spawn(read_small(abs, st.version.size));
+                                plans.push(Plan::Small {
+                                    seq,
+                                    store,
+                                    rel,
+                                    st,
+                                    task,
+                                });
+                            } else {
+                                plans.push(Plan::Large {
+                                    seq,
+                                    store,
+                                    rel,
+                                    st,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+
+        // Emit in order. Small reads are already in flight together.
+        let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+        for plan in plans {
+            match plan {
+                Plan::Frames(f) => out.extend_from_slice(&f),
+                Plan::Small {
+                    seq,
+                    store,
+                    rel,
+                    st,
+                    task,
+                } => {
+                    let read = task
+                        .await
+                        .map_err(|e| SendError::Local {
+                            path: rel.clone(),
+                            source: std::io::Error::other(format!("read task failed: {e}")),
+                        })?
+                        .map_err(|source| SendError::Local {
+                            path: self.stores[store].root.join(&rel),
+                            source,
+                        })?;
+                    match read {
+                        Read::Missing => {
+                            let f = self.delete_frame(seq, store, rel, &mut batch);
+                            out.extend_from_slice(&f);
+                        }
+                        Read::Ready(data) => {
+                            let hash = index::hash_bytes(&data);
+                            self.file_frames(seq, store, &rel, &st, &data, hash, &mut out);
+                            self.account_file(store, rel, &st, hash, data.len() as u64, &mut batch);
+                        }
+                    }
+                }
+                Plan::Large {
+                    seq,
+                    store,
+                    rel,
+                    st,
+                } => {
+                    // Flush what we have, then stream the big file.
+                    if !out.is_empty() {
+                        let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
+                        res?;
+                        buf.clear();
+                        out = buf;
+                    }
+                    let abs = self.stores[store].root.join(&rel);
+                    match self.stream_large(w, seq, store, &rel, &st, &abs).await? {
+                        Some((hash, len)) => {
+                            self.account_file(store, rel, &st, hash, len, &mut batch)
+                        }
+                        None => {
+                            let f = self.delete_frame(seq, store, rel, &mut batch);
+                            out.extend_from_slice(&f);
+                        }
+                    }
+                    // Keep acks flowing while big files go out.
+                    while let Ok(m) = rx.try_recv() {
+                        self.on_peer_msg(m?)?;
+                    }
+                }
+            }
+        }
+        let barrier = self.seq;
+        SyncMsg::Barrier { seq: barrier }.encode(&mut out);
+        batch.barrier = barrier;
+        let n = batch.sinces.len() as u64;
+        self.stats.ops_inflight.fetch_add(n, Relaxed);
+        self.inflight.push_back(batch);
+        let (res, _) = w.send_buf(out).await;
+        res?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn file_frames(
+        &self,
+        seq: u64,
+        store: usize,
+        rel: &Path,
+        st: &Stat,
+        data: &[u8],
+        hash: u128,
+        out: &mut Vec<u8>,
+    ) {
+        SyncMsg::File {
+            seq,
+            store: store as u16,
+            path: rel_bytes(rel),
+            meta: st.meta,
+            size: data.len() as u64,
+            hash,
+        }
+        .encode(out);
+        for chunk in data.chunks(MAX_DATA) {
+            SyncMsg::Data {
+                seq,
+                bytes: chunk.to_vec(),
+            }
+            .encode(out);
+        }
+    }
+
+    fn account_file(
+        &mut self,
+        store: usize,
+        rel: PathBuf,
+        st: &Stat,
+        hash: u128,
+        len: u64,
+        batch: &mut Inflight,
+    ) {
+        add(&self.stats.files_sent, 1);
+        add(&self.stats.content_bytes_sent, len);
+        batch.files += 1;
+        batch.bytes += len;
+        if st.nlink > 1 {
+            self.inodes
+                .insert((st.dev, st.version.ino), (store, rel.clone()));
+        }
+        let mut v = *st;
+        v.version.size = len;
+        batch
+            .acks
+            .push(OnAck::Set(store, rel, Entry::new(&v, hash, true)));
+    }
+
+    fn delete_frame(
+        &mut self,
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        batch: &mut Inflight,
+    ) -> Vec<u8> {
+        let mut f = Vec::new();
+        SyncMsg::Delete {
+            seq,
+            store: store as u16,
+            path: rel_bytes(&rel),
+        }
+        .encode(&mut f);
+        add(&self.stats.deletes_sent, 1);
+        batch.acks.push(OnAck::Remove(store, rel));
+        f
+    }
+
+    /// A second name of an inode the peer already holds: send a link, not bytes.
+    fn link_frame(
+        &mut self,
+        seq: u64,
+        store: usize,
+        rel: &Path,
+        st: &Stat,
+        batch: &mut Inflight,
+    ) -> Option<Vec<u8>> {
+        let key = (st.dev, st.version.ino);
+        if !self.inodes.contains_key(&key) {
+            // The first name was sent while it had no other link: find it.
+            let found = self.stores[store]
+                .index
+                .entries
+                .iter()
+                .find(|(p, e)| {
+                    e.synced
+                        && e.kind == Kind::File
+                        && e.version.ino == st.version.ino
+                        && p.as_path() != rel
+                })
+                .map(|(p, _)| p.clone());
+            if let Some(p) = found {
+                self.inodes.insert(key, (store, p));
+            }
+        }
+        let (s, existing) = self.inodes.get(&key)?.clone();
+        if s != store || existing == rel {
+            return None;
+        }
+        let e = self.stores[s].index.entries.get(&existing)?;
+        if !e.synced || e.version.ino != st.version.ino {
+            return None;
+        }
+        let hash = e.hash();
+        let mut f = Vec::new();
+        SyncMsg::Link {
+            seq,
+            store: store as u16,
+            existing: rel_bytes(&existing),
+            path: rel_bytes(rel),
+        }
+        .encode(&mut f);
+        add(&self.stats.links_sent, 1);
+        batch.acks.push(OnAck::Set(
+            store,
+            rel.to_path_buf(),
+            Entry::new(st, hash, true),
+        ));
+        Some(f)
+    }
+
+    /// A directory new to the replica: queue its children that the replica
+    /// does not already hold.
+    fn expand_dir(&mut self, store: usize, rel: &Path, since: Instant) {
+        if self.listed_dirs.remove(&(store, rel.to_path_buf())) {
+            return;
+        }
+        let s = &self.stores[store];
+        let abs = s.root.join(rel);
+        let Ok(rd) = std::fs::read_dir(&abs) else {
+            return;
+        };
+        let mut children = Vec::new();
+        for ent in rd.flatten() {
+            let child = rel.join(ent.file_name());
+            if self.excludes.is_excluded(&child) {
+                continue;
+            }
+            let known = s.index.entries.get(&child).is_some_and(|e| e.synced);
+            if !known {
+                children.push(child);
+            }
+        }
+        for child in children {
+            self.coalescer.push(Op::Sync {
+                store,
+                rel: child,
+                since,
+            });
+        }
+    }
+
+    /// Streams a large file in chunks; `None` if it vanished.
+    async fn stream_large(
+        &mut self,
+        w: &FrameWriter,
+        seq: u64,
+        store: usize,
+        rel: &Path,
+        st: &Stat,
+        abs: &Path,
+    ) -> Result<Option<(u128, u64)>, SendError> {
+        let local = |source| SendError::Local {
+            path: abs.to_path_buf(),
+            source,
+        };
+        // The header carries size and hash, so hash first (one extra read,
+        // served from the page cache), then send exactly what was hashed.
+        let file = match tokio_uring::fs::File::open(abs).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(local(e)),
+        };
+        let size = st.version.size;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut pos = 0u64;
+        let mut buf = Vec::with_capacity(MAX_DATA);
+        while pos < size {
+            buf.clear();
+            let want = ((size - pos) as usize).min(MAX_DATA);
+            let (res, b) = file.read_at(buf.slice(0..want), pos).await;
+            buf = b.into_inner();
+            let n = res.map_err(local)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        let len = pos;
+        let hash = h.digest128();
+        let mut out = Vec::new();
+        SyncMsg::File {
+            seq,
+            store: store as u16,
+            path: rel_bytes(rel),
+            meta: st.meta,
+            size: len,
+            hash,
+        }
+        .encode(&mut out);
+        w.send_bytes(out).await?;
+        let mut pos = 0u64;
+        while pos < len {
+            buf.clear();
+            let want = ((len - pos) as usize).min(MAX_DATA);
+            let (res, b) = file.read_at(buf.slice(0..want), pos).await;
+            buf = b.into_inner();
+            let n = res.map_err(local)?;
+            if n == 0 {
+                // Shrunk while we sent it: pad so the frame count stays
+                // right; the hash mismatch makes the peer ask again.
+                buf.resize(want, 0);
+            }
+            let n = n.max(if n == 0 { want } else { 0 });
+            let mut f = Vec::with_capacity(n + 64);
+            SyncMsg::Data {
+                seq,
+                bytes: buf[..n].to_vec(),
+            }
+            .encode(&mut f);
+            w.send_bytes(f).await?;
+            pos += n as u64;
+        }
+        let _ = file.close().await;
+        Ok(Some((hash, len)))
+    }
+}
+
+/// Does the replica's entry match the local one?
+fn same_entry(st: &Stat, hash: u128, r: &ManifestEntry) -> bool {
+    let kind_ok = matches!(
+        (st.kind, r.kind),
+        (Kind::File, EntryKind::File)
+            | (Kind::Dir, EntryKind::Dir)
+            | (Kind::Symlink, EntryKind::Symlink)
+    );
+    if !kind_ok {
+        return false;
+    }
+    let owner_mode =
+        st.meta.mode == r.meta.mode && st.meta.uid == r.meta.uid && st.meta.gid == r.meta.gid;
+    match st.kind {
+        // A directory's mtime moves with every entry landed in it; only its
+        // existence, mode and owner are compared.
+        Kind::Dir => owner_mode,
+        Kind::Symlink => hash == r.hash && st.meta.uid == r.meta.uid,
+        Kind::File => {
+            owner_mode
+                && hash == r.hash
+                && st.version.size == r.size
+                && st.meta.mtime_sec == r.meta.mtime_sec
+                && st.meta.mtime_nsec == r.meta.mtime_nsec
+        }
+    }
+}

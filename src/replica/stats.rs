@@ -1,0 +1,232 @@
+//! Counters shared between the replication thread and the daemon's status.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::tracker::TrackerStats;
+
+#[derive(Debug)]
+pub struct ReplStats {
+    pub mode: Mutex<&'static str>,
+    pub connected: AtomicBool,
+    // sender
+    pub files_sent: AtomicU64,
+    pub content_bytes_sent: AtomicU64,
+    pub renames_sent: AtomicU64,
+    pub links_sent: AtomicU64,
+    pub deletes_sent: AtomicU64,
+    pub dirs_sent: AtomicU64,
+    pub symlinks_sent: AtomicU64,
+    pub ops_acked: AtomicU64,
+    pub ops_inflight: AtomicU64,
+    pub ops_pending: AtomicU64,
+    pub verify_runs: AtomicU64,
+    pub repaired: AtomicU64,
+    pub needs_received: AtomicU64,
+    pub refused_by_peer: AtomicU64,
+    pub peer_disk_full: AtomicBool,
+    pub lag_us: Mutex<Histogram<u64>>,
+    pub progress: Mutex<Progress>,
+    // receiver
+    pub files_landed: AtomicU64,
+    pub bytes_landed: AtomicU64,
+    pub renames_applied: AtomicU64,
+    pub deletes_applied: AtomicU64,
+    pub links_applied: AtomicU64,
+    pub hash_mismatches: AtomicU64,
+    pub refused_paths: AtomicU64,
+    pub conflicts_kept: AtomicU64,
+    pub rename_sources_missing: AtomicU64,
+    pub disk_full: AtomicBool,
+    /// Receiver: the primary said the replica is complete.
+    pub caught_up: AtomicBool,
+    pub tracker: Mutex<TrackerStats>,
+    pub last_error: Mutex<Option<String>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub phase: &'static str,
+    pub total_files: u64,
+    pub total_bytes: u64,
+    pub done_files: u64,
+    pub done_bytes: u64,
+    pub started: Option<Instant>,
+}
+
+impl Default for ReplStats {
+    fn default() -> Self {
+        ReplStats {
+            mode: Mutex::new("idle"),
+            connected: AtomicBool::new(false),
+            files_sent: AtomicU64::new(0),
+            content_bytes_sent: AtomicU64::new(0),
+            renames_sent: AtomicU64::new(0),
+            links_sent: AtomicU64::new(0),
+            deletes_sent: AtomicU64::new(0),
+            dirs_sent: AtomicU64::new(0),
+            symlinks_sent: AtomicU64::new(0),
+            ops_acked: AtomicU64::new(0),
+            ops_inflight: AtomicU64::new(0),
+            ops_pending: AtomicU64::new(0),
+            verify_runs: AtomicU64::new(0),
+            repaired: AtomicU64::new(0),
+            needs_received: AtomicU64::new(0),
+            refused_by_peer: AtomicU64::new(0),
+            peer_disk_full: AtomicBool::new(false),
+            lag_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
+            ),
+            progress: Mutex::new(Progress::default()),
+            files_landed: AtomicU64::new(0),
+            bytes_landed: AtomicU64::new(0),
+            renames_applied: AtomicU64::new(0),
+            deletes_applied: AtomicU64::new(0),
+            links_applied: AtomicU64::new(0),
+            hash_mismatches: AtomicU64::new(0),
+            refused_paths: AtomicU64::new(0),
+            conflicts_kept: AtomicU64::new(0),
+            rename_sources_missing: AtomicU64::new(0),
+            disk_full: AtomicBool::new(false),
+            caught_up: AtomicBool::new(false),
+            tracker: Mutex::new(TrackerStats::default()),
+            last_error: Mutex::new(None),
+        }
+    }
+}
+
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+/// The snapshot `hasync status` shows.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct ReplStatus {
+    pub mode: String,
+    pub connected: bool,
+    pub phase: String,
+    pub progress: Option<ProgressStatus>,
+    pub files_sent: u64,
+    pub content_bytes_sent: u64,
+    pub renames_sent: u64,
+    pub links_sent: u64,
+    pub deletes_sent: u64,
+    pub dirs_sent: u64,
+    pub ops_acked: u64,
+    pub ops_inflight: u64,
+    pub ops_pending: u64,
+    pub verify_runs: u64,
+    pub repaired: u64,
+    pub needs_received: u64,
+    pub refused_by_peer: u64,
+    pub peer_disk_full: bool,
+    pub lag_ms_p50: Option<f64>,
+    pub lag_ms_p99: Option<f64>,
+    pub lag_ms_p999: Option<f64>,
+    pub lag_ms_max: Option<f64>,
+    pub lag_samples: u64,
+    pub files_landed: u64,
+    pub bytes_landed: u64,
+    pub renames_applied: u64,
+    pub deletes_applied: u64,
+    pub links_applied: u64,
+    pub hash_mismatches: u64,
+    pub refused_paths: u64,
+    pub conflicts_kept: u64,
+    pub rename_sources_missing: u64,
+    pub disk_full: bool,
+    pub caught_up: bool,
+    pub watches: u64,
+    pub inotify_overflows: u64,
+    pub rescans: u64,
+    pub watch_failures: u64,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ProgressStatus {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub files_per_s: f64,
+    pub mb_per_s: f64,
+    pub eta_s: Option<f64>,
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> Option<ProgressStatus> {
+        let started = self.started?;
+        let secs = started.elapsed().as_secs_f64().max(1e-3);
+        let fps = self.done_files as f64 / secs;
+        let left = self.total_files.saturating_sub(self.done_files);
+        Some(ProgressStatus {
+            files_done: self.done_files,
+            files_total: self.total_files,
+            bytes_done: self.done_bytes,
+            bytes_total: self.total_bytes,
+            files_per_s: fps,
+            mb_per_s: self.done_bytes as f64 / secs / 1e6,
+            eta_s: (fps > 0.0).then(|| left as f64 / fps),
+        })
+    }
+}
+
+impl ReplStats {
+    pub fn snapshot(&self) -> ReplStatus {
+        let g = |c: &AtomicU64| c.load(Relaxed);
+        let lag = self.lag_us.lock().expect("lag histogram lock");
+        let q = |x: f64| (!lag.is_empty()).then(|| lag.value_at_quantile(x) as f64 / 1000.0);
+        let progress = self.progress.lock().expect("progress lock").clone();
+        let tracker = self.tracker.lock().expect("tracker stats lock").clone();
+        ReplStatus {
+            mode: self.mode.lock().expect("mode lock").to_string(),
+            connected: self.connected.load(Relaxed),
+            phase: progress.phase.to_string(),
+            progress: if progress.phase == "initial-sync" || progress.phase == "verifying" {
+                progress.snapshot()
+            } else {
+                None
+            },
+            files_sent: g(&self.files_sent),
+            content_bytes_sent: g(&self.content_bytes_sent),
+            renames_sent: g(&self.renames_sent),
+            links_sent: g(&self.links_sent),
+            deletes_sent: g(&self.deletes_sent),
+            dirs_sent: g(&self.dirs_sent),
+            ops_acked: g(&self.ops_acked),
+            ops_inflight: g(&self.ops_inflight),
+            ops_pending: g(&self.ops_pending),
+            verify_runs: g(&self.verify_runs),
+            repaired: g(&self.repaired),
+            needs_received: g(&self.needs_received),
+            refused_by_peer: g(&self.refused_by_peer),
+            peer_disk_full: self.peer_disk_full.load(Relaxed),
+            lag_ms_p50: q(0.5),
+            lag_ms_p99: q(0.99),
+            lag_ms_p999: q(0.999),
+            lag_ms_max: (!lag.is_empty()).then(|| lag.max() as f64 / 1000.0),
+            lag_samples: lag.len(),
+            files_landed: g(&self.files_landed),
+            bytes_landed: g(&self.bytes_landed),
+            renames_applied: g(&self.renames_applied),
+            deletes_applied: g(&self.deletes_applied),
+            links_applied: g(&self.links_applied),
+            hash_mismatches: g(&self.hash_mismatches),
+            refused_paths: g(&self.refused_paths),
+            conflicts_kept: g(&self.conflicts_kept),
+            rename_sources_missing: g(&self.rename_sources_missing),
+            disk_full: self.disk_full.load(Relaxed),
+            caught_up: self.caught_up.load(Relaxed),
+            watches: tracker.watches,
+            inotify_overflows: tracker.overflows,
+            rescans: tracker.rescans,
+            watch_failures: tracker.watch_failures,
+            last_error: self.last_error.lock().expect("error lock").clone(),
+        }
+    }
+}

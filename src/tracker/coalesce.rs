@@ -1,0 +1,365 @@
+//! The single consumer: an ordered pending list with per-path dedup.
+//!
+//! A `Sync` reads the path's state when it is *sent*, so a second `Sync` of a path whose first one
+//! is still queued adds nothing — unless a rename touching the path was queued in between, since
+//! the replica must see the rename before anything that happened after it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::{Op, RelPath, Shared};
+
+/// Past this many queued ops the list collapses into one Rescan per store: a rescan is cheaper
+/// than tracking that many paths, and memory stays bounded.
+pub(crate) const PENDING_OPS_MAX: usize = 1_000_000;
+
+/// Tombstones (ops moved elsewhere in the list) are compacted away once they exceed both the
+/// live count and this floor, so compaction stays amortised.
+const TOMBSTONES_MIN_COMPACT: usize = 1024;
+
+/// Single consumer. Owned by the sending engine's thread; no locks.
+pub struct Coalescer {
+    rx: Receiver<Op>,
+    tx: Sender<Op>,
+    shared: Arc<Shared>,
+    /// Ops in order; `None` marks an op that was moved later in the list.
+    queue: VecDeque<Option<Op>>,
+    /// Sequence number of `queue[0]`; an op keeps its sequence number while queued.
+    head_seq: u64,
+    /// `Some` entries in `queue`.
+    live: usize,
+    /// Per store, the queued Syncs that later Syncs of the same path may merge into.
+    /// A rename fences (removes) the entries it touches.
+    syncs: HashMap<usize, BTreeMap<RelPath, u64>>,
+    /// Per store, the queued Rescan, if any.
+    rescans: HashMap<usize, u64>,
+    pending_ops_max: usize,
+}
+
+impl Coalescer {
+    pub(crate) fn new(
+        rx: Receiver<Op>,
+        tx: Sender<Op>,
+        shared: Arc<Shared>,
+        pending_ops_max: usize,
+    ) -> Coalescer {
+        Coalescer {
+            rx,
+            tx,
+            shared,
+            queue: VecDeque::new(),
+            head_seq: 0,
+            live: 0,
+            syncs: HashMap::new(),
+            rescans: HashMap::new(),
+            pending_ops_max,
+        }
+    }
+
+    /// Moves everything queued in the channel into the ordered pending list, coalescing.
+    pub fn drain(&mut self) {
+        // Bounded so a producer outpacing us cannot keep this call from returning.
+        for _ in 0..self.shared.channel_ops_max {
+            match self.rx.try_recv() {
+                Ok(op) => self.push(op),
+                Err(_) => break,
+            }
+        }
+        self.recover_lost();
+    }
+
+    /// Blocks up to `timeout` for the first event if nothing is pending, then drains.
+    /// Returns true if anything is pending.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        if self.live == 0 {
+            self.recover_lost();
+        }
+        if self.live == 0 {
+            match self.rx.recv_timeout(timeout) {
+                Ok(op) => self.push(op),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+            }
+        }
+        self.drain();
+        self.live > 0
+    }
+
+    /// Removes and returns up to `max` ops in order.
+    pub fn take_batch(&mut self, max: usize) -> Vec<Op> {
+        let mut out = Vec::with_capacity(max.min(self.live));
+        while out.len() < max {
+            let Some(slot) = self.queue.pop_front() else {
+                break;
+            };
+            let seq = self.head_seq;
+            self.head_seq += 1;
+            let Some(op) = slot else { continue };
+            self.live -= 1;
+            match &op {
+                Op::Sync { store, rel, .. } => {
+                    if let Some(paths) = self.syncs.get_mut(store) {
+                        if paths.get(rel.as_path()) == Some(&seq) {
+                            paths.remove(rel.as_path());
+                        }
+                    }
+                }
+                Op::Rescan { store, .. } => {
+                    if self.rescans.get(store) == Some(&seq) {
+                        self.rescans.remove(store);
+                    }
+                }
+                Op::Rename { .. } => {}
+            }
+            out.push(op);
+        }
+        self.publish();
+        out
+    }
+
+    /// Lets the engine inject ops (re-requests, manifest differences); same coalescing rules.
+    pub fn push(&mut self, op: Op) {
+        match op {
+            Op::Sync { store, rel, since } => self.push_sync(store, rel, since),
+            Op::Rename {
+                store,
+                from,
+                to,
+                since,
+            } => self.push_rename(store, from, to, since),
+            Op::Rescan {
+                store,
+                reason,
+                since,
+            } => self.push_rescan(store, reason, since),
+        }
+        self.compact_if_sparse();
+        if self.queue.len() > self.pending_ops_max {
+            self.collapse();
+        }
+        self.publish();
+    }
+
+    /// Ops waiting.
+    pub fn pending(&self) -> usize {
+        self.live
+    }
+
+    /// A clone of the producer side, so other threads can also inject ops.
+    pub fn sender(&self) -> Sender<Op> {
+        self.tx.clone()
+    }
+
+    fn publish(&self) {
+        self.shared
+            .pending
+            .store(self.live as u64, Ordering::Relaxed);
+    }
+
+    fn append(&mut self, op: Op) -> u64 {
+        let seq = self.head_seq + self.queue.len() as u64;
+        self.queue.push_back(Some(op));
+        self.live += 1;
+        seq
+    }
+
+    fn slot_index(&self, seq: u64) -> Option<usize> {
+        usize::try_from(seq.checked_sub(self.head_seq)?).ok()
+    }
+
+    fn slot_mut(&mut self, seq: u64) -> Option<&mut Op> {
+        let index = self.slot_index(seq)?;
+        self.queue.get_mut(index)?.as_mut()
+    }
+
+    /// The `since` of the mergeable queued Sync of exactly `rel`.
+    fn live_sync_since(&self, store: usize, rel: &Path) -> Option<Instant> {
+        let seq = *self.syncs.get(&store)?.get(rel)?;
+        self.queue
+            .get(self.slot_index(seq)?)?
+            .as_ref()
+            .map(Op::since)
+    }
+
+    fn push_sync(&mut self, store: usize, rel: RelPath, since: Instant) {
+        if let Some(&seq) = self.syncs.get(&store).and_then(|paths| paths.get(&rel)) {
+            // The queued one reads the latest state when sent; it keeps the earlier `since`.
+            if let Some(Op::Sync { since: queued, .. }) = self.slot_mut(seq) {
+                *queued = (*queued).min(since);
+            }
+            return;
+        }
+        let seq = self.append(Op::Sync {
+            store,
+            rel: rel.clone(),
+            since,
+        });
+        self.syncs.entry(store).or_default().insert(rel, seq);
+    }
+
+    fn push_rescan(&mut self, store: usize, reason: String, since: Instant) {
+        if let Some(&seq) = self.rescans.get(&store) {
+            if let Some(Op::Rescan { since: queued, .. }) = self.slot_mut(seq) {
+                *queued = (*queued).min(since);
+            }
+            return;
+        }
+        let seq = self.append(Op::Rescan {
+            store,
+            reason,
+            since,
+        });
+        self.rescans.insert(store, seq);
+    }
+
+    fn push_rename(&mut self, store: usize, from: RelPath, to: RelPath, since: Instant) {
+        if from == to {
+            // rename(2) onto itself changes nothing.
+            return;
+        }
+        // The replica has never had the content at `from` if a Sync of it, or of a directory above
+        // it, is still queued: renaming there would find nothing. Send `to` in full instead; the
+        // queued Sync sends the delete at `from`.
+        let unsent = from
+            .ancestors()
+            .filter(|p| !p.as_os_str().is_empty())
+            .find_map(|p| self.live_sync_since(store, p));
+        if let Some(unsent_since) = unsent {
+            let since = since.min(unsent_since);
+            self.push_sync(store, from, since);
+            self.push_sync(store, to, since);
+            return;
+        }
+
+        // Queued Syncs under a renamed directory move with it: they are re-queued after the rename
+        // under their new path, so the replica renames first and then receives only what changed.
+        let mut moved: Vec<(RelPath, u64)> = self.take_descendants(store, &from);
+        moved.sort_unstable_by_key(|(_, seq)| *seq);
+        let mut requeue = Vec::with_capacity(moved.len());
+        for (old, seq) in moved {
+            let Some(slot) = self.slot_index(seq).and_then(|i| self.queue.get_mut(i)) else {
+                continue;
+            };
+            if let Some(Op::Sync { since, .. }) = slot {
+                let since = *since;
+                *slot = None;
+                self.live -= 1;
+                let suffix = old.strip_prefix(&from).unwrap_or(Path::new(""));
+                requeue.push((to.join(suffix), since));
+            }
+        }
+        // Fence: Syncs at or under `to` queued before the rename must not absorb changes made
+        // after it, or the replica would apply them before the rename.
+        drop(self.take_descendants(store, &to));
+        if let Some(paths) = self.syncs.get_mut(&store) {
+            paths.remove(from.as_path());
+            paths.remove(to.as_path());
+        }
+
+        self.append(Op::Rename {
+            store,
+            from,
+            to,
+            since,
+        });
+        for (rel, since) in requeue {
+            self.push_sync(store, rel, since);
+        }
+    }
+
+    /// Removes and returns the mergeable Syncs strictly below `dir`.
+    fn take_descendants(&mut self, store: usize, dir: &Path) -> Vec<(RelPath, u64)> {
+        let Some(paths) = self.syncs.get_mut(&store) else {
+            return Vec::new();
+        };
+        // Paths order component-wise, so a directory's descendants directly follow it.
+        let found: Vec<RelPath> = paths
+            .range::<Path, _>((Bound::Excluded(dir), Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(dir))
+            .cloned()
+            .collect();
+        found
+            .into_iter()
+            .filter_map(|p| paths.remove(&p).map(|seq| (p, seq)))
+            .collect()
+    }
+
+    fn compact_if_sparse(&mut self) {
+        let tombstones = self.queue.len() - self.live;
+        if tombstones <= self.live.max(TOMBSTONES_MIN_COMPACT) {
+            return;
+        }
+        let mut new_seq = Vec::with_capacity(self.queue.len());
+        let mut next = self.head_seq;
+        for slot in &self.queue {
+            new_seq.push(next);
+            if slot.is_some() {
+                next += 1;
+            }
+        }
+        let head = self.head_seq;
+        let remap = |seq: &mut u64| *seq = new_seq[(*seq - head) as usize];
+        self.syncs
+            .values_mut()
+            .flat_map(|m| m.values_mut())
+            .for_each(remap);
+        self.rescans.values_mut().for_each(remap);
+        self.queue.retain(Option::is_some);
+    }
+
+    /// Replaces the whole list with one Rescan per store it held.
+    fn collapse(&mut self) {
+        let mut stores: BTreeMap<usize, Instant> = BTreeMap::new();
+        for op in self.queue.iter().flatten() {
+            let since = stores.entry(op.store()).or_insert(op.since());
+            *since = (*since).min(op.since());
+        }
+        let dropped = self.live;
+        self.head_seq += self.queue.len() as u64;
+        self.queue.clear();
+        self.live = 0;
+        self.syncs.clear();
+        self.rescans.clear();
+        tracing::warn!(
+            dropped,
+            bound = self.pending_ops_max,
+            stores = stores.len(),
+            "too many pending changes; collapsing them into a rescan per store"
+        );
+        for (store, since) in stores {
+            let reason = format!(
+                "more than {} changes pending; collapsed into a rescan",
+                self.pending_ops_max
+            );
+            self.push_rescan(store, reason, since);
+            Shared::add(&self.shared.rescans, 1);
+        }
+    }
+
+    /// Producers dropped ops at the channel bound: a rescan covers whatever they dropped.
+    fn recover_lost(&mut self) {
+        if !self.shared.any_lost.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        let now = Instant::now();
+        for store in 0..self.shared.lost.len() {
+            if self.shared.lost[store].swap(false, Ordering::SeqCst) {
+                Shared::add(&self.shared.rescans, 1);
+                self.push(Op::Rescan {
+                    store,
+                    reason: format!(
+                        "change channel exceeded {} ops; changes were dropped",
+                        self.shared.channel_ops_max
+                    ),
+                    since: now,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The inotify side: the watch map, event decoding, and the reader thread.
+//!
+//! [`Decoder::handle`] turns one raw event into ops and is fed synthetic events in tests; the
+//! thread ([`run`]) only polls, reads, decodes and sends.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::mem::MaybeUninit;
+use std::ops::Bound;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fd::OwnedFd;
+use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
+use rustix::io::Errno;
+
+use super::{rename_op, Filter, Op, Producer, RelPath, Shared, TrackerError};
+
+/// How long the thread sleeps in poll before checking for stop: bounds `Tracker::stop` latency.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long a MOVED_FROM waits for its MOVED_TO. The kernel queues the pair back to back, so
+/// only a read that races the rename splits them; anything later was a move out of the tree.
+const MOVE_PAIR_WAIT: Duration = Duration::from_millis(10);
+/// MOVED_FROMs waiting for their pair; past this the oldest is taken as a move out.
+const MOVES_PENDING_MAX: usize = 4096;
+/// One read; the kernel needs 16 bytes + NAME_MAX + 1 per event at most, so this never truncates.
+const READ_BUF_BYTES: usize = 64 * 1024;
+/// Events decoded between two sends, so a flood cannot starve the consumer or the stop flag.
+const BATCH_EVENTS_MAX: usize = 16 * 1024;
+/// Directory levels watched below a root; deeper trees are reported for a rescan instead.
+const TREE_DEPTH_MAX: usize = 128;
+
+fn watch_mask() -> WatchFlags {
+    WatchFlags::CLOSE_WRITE
+        | WatchFlags::CREATE
+        | WatchFlags::DELETE
+        | WatchFlags::MOVED_FROM
+        | WatchFlags::MOVED_TO
+        | WatchFlags::ATTRIB
+        | WatchFlags::DELETE_SELF
+        | WatchFlags::MOVE_SELF
+        | WatchFlags::ONLYDIR
+        | WatchFlags::DONT_FOLLOW
+        | WatchFlags::EXCL_UNLINK
+}
+
+/// One inotify event, owned.
+#[derive(Debug, Clone)]
+pub(crate) struct RawEvent {
+    pub(crate) wd: i32,
+    pub(crate) mask: ReadFlags,
+    pub(crate) cookie: u32,
+    pub(crate) name: Option<OsString>,
+}
+
+/// A MOVED_FROM waiting for the MOVED_TO with the same cookie.
+struct PendingMove {
+    cookie: u32,
+    store: usize,
+    rel: RelPath,
+    is_dir: bool,
+    /// Watches at or under `rel` when it moved; only these follow the rename.
+    wds: Vec<i32>,
+    since: Instant,
+    deadline: Instant,
+}
+
+/// Watch map and event decoding. Owned by the reader thread.
+pub(crate) struct Decoder {
+    fd: OwnedFd,
+    /// Canonical store roots, index = store.
+    roots: Vec<PathBuf>,
+    filter: Arc<Filter>,
+    shared: Arc<Shared>,
+    by_wd: HashMap<i32, (usize, RelPath)>,
+    /// Per store; ordered so a directory's watches are one range.
+    by_path: Vec<BTreeMap<RelPath, i32>>,
+    moves: VecDeque<PendingMove>,
+}
+
+impl Decoder {
+    pub(crate) fn new(
+        roots: Vec<PathBuf>,
+        filter: Arc<Filter>,
+        shared: Arc<Shared>,
+    ) -> Result<Decoder, TrackerError> {
+        let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
+            .map_err(|errno| TrackerError::Init { errno })?;
+        Ok(Decoder {
+            fd,
+            by_path: roots.iter().map(|_| BTreeMap::new()).collect(),
+            roots,
+            filter,
+            shared,
+            by_wd: HashMap::new(),
+            moves: VecDeque::new(),
+        })
+    }
+
+    /// Watches a root and everything below it; only the root itself failing is fatal.
+    pub(crate) fn watch_root(
+        &mut self,
+        store: usize,
+        out: &mut Vec<Op>,
+    ) -> Result<(), TrackerError> {
+        let root = &self.roots[store];
+        let wd = inotify::add_watch(&self.fd, root, watch_mask()).map_err(|errno| {
+            TrackerError::WatchRoot {
+                path: root.clone(),
+                errno,
+            }
+        })?;
+        self.set_watch(wd, store, RelPath::new());
+        self.watch_tree(store, RelPath::new(), out);
+        Ok(())
+    }
+
+    /// Decodes one event into `out`.
+    pub(crate) fn handle(&mut self, ev: RawEvent, now: Instant, out: &mut Vec<Op>) {
+        Shared::add(&self.shared.events, 1);
+        if ev.mask.contains(ReadFlags::QUEUE_OVERFLOW) {
+            self.on_overflow(now, out);
+            return;
+        }
+        if ev.mask.contains(ReadFlags::IGNORED) {
+            self.forget(ev.wd);
+            return;
+        }
+        // Events for a watch already dropped (queued before the removal) carry nothing new.
+        let Some((store, dir)) = self.by_wd.get(&ev.wd).cloned() else {
+            return;
+        };
+        let gone = ReadFlags::DELETE_SELF | ReadFlags::UNMOUNT;
+        if ev.mask.intersects(gone | ReadFlags::MOVE_SELF) {
+            // Below the root, the parent's DELETE/MOVED_* already said it; the root has no parent.
+            if dir.as_os_str().is_empty() || ev.mask.contains(ReadFlags::UNMOUNT) {
+                let what = if ev.mask.contains(ReadFlags::MOVE_SELF) {
+                    "moved"
+                } else {
+                    "deleted or unmounted"
+                };
+                let path = self.roots[store].join(&dir);
+                tracing::warn!(store, path = %path.display(), "watched store directory {what}");
+                let reason = format!("{} was {what}", path.display());
+                self.rescan(store, reason, now, out);
+            }
+            if ev.mask.intersects(gone) {
+                self.forget(ev.wd);
+            }
+            return;
+        }
+        // A directory's own events (no name) are also reported, named, to its parent's watch.
+        let Some(name) = ev.name else {
+            return;
+        };
+        let rel = dir.join(name);
+        let is_dir = ev.mask.contains(ReadFlags::ISDIR);
+
+        if ev.mask.contains(ReadFlags::MOVED_FROM) {
+            self.begin_move(ev.cookie, store, rel, is_dir, now, out);
+        } else if ev.mask.contains(ReadFlags::MOVED_TO) {
+            match self.moves.iter().position(|m| m.cookie == ev.cookie) {
+                Some(i) => {
+                    let Some(from) = self.moves.remove(i) else {
+                        return;
+                    };
+                    if from.store == store {
+                        self.on_rename(from, rel, out);
+                    } else {
+                        // Between two stores on one filesystem: a delete here, a new path there.
+                        self.moved_out(from, out);
+                        self.moved_in(store, rel, is_dir, now, out);
+                    }
+                }
+                None => self.moved_in(store, rel, is_dir, now, out),
+            }
+        } else if ev.mask.contains(ReadFlags::CREATE) {
+            if self.filter.excluded(&rel) {
+                return;
+            }
+            if is_dir {
+                // Files created before the watch exists are covered by sending the subtree.
+                self.sync(store, rel.clone(), now, out);
+                self.watch_tree(store, rel, out);
+            } else if self.created_without_close(store, &rel) {
+                self.sync(store, rel, now, out);
+            }
+        } else if ev
+            .mask
+            .intersects(ReadFlags::CLOSE_WRITE | ReadFlags::DELETE | ReadFlags::ATTRIB)
+        {
+            self.sync(store, rel, now, out);
+        }
+    }
+
+    /// Unpaired MOVED_FROMs older than their wait become moves out of the tree.
+    pub(crate) fn expire_moves(&mut self, now: Instant, out: &mut Vec<Op>) {
+        while self.moves.front().is_some_and(|m| m.deadline <= now) {
+            if let Some(m) = self.moves.pop_front() {
+                self.moved_out(m, out);
+            }
+        }
+    }
+
+    /// Takes every waiting MOVED_FROM as a move out of the tree.
+    pub(crate) fn flush_moves(&mut self, out: &mut Vec<Op>) {
+        while let Some(m) = self.moves.pop_front() {
+            self.moved_out(m, out);
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Duration {
+        match self.moves.front() {
+            Some(m) => POLL_INTERVAL.min(m.deadline.saturating_duration_since(now)),
+            None => POLL_INTERVAL,
+        }
+    }
+
+    /// Whether a new non-directory will get no IN_CLOSE_WRITE: hard links, symlinks, fifos and
+    /// other special files are complete the moment they appear.
+    fn created_without_close(&self, store: usize, rel: &Path) -> bool {
+        match std::fs::symlink_metadata(self.roots[store].join(rel)) {
+            Ok(meta) => !meta.file_type().is_file() || meta.nlink() > 1,
+            // Already gone: its IN_DELETE follows.
+            Err(_) => false,
+        }
+    }
+
+    fn sync(&self, store: usize, rel: RelPath, since: Instant, out: &mut Vec<Op>) {
+        if !self.filter.excluded(&rel) {
+            out.push(Op::Sync { store, rel, since });
+        }
+    }
+
+    fn rescan(&self, store: usize, reason: String, since: Instant, out: &mut Vec<Op>) {
+        Shared::add(&self.shared.rescans, 1);
+        out.push(Op::Rescan {
+            store,
+            reason,
+            since,
+        });
+    }
+
+    fn on_overflow(&mut self, now: Instant, out: &mut Vec<Op>) {
+        // The MOVED_TOs these wait for may be among the lost events.
+        self.flush_moves(out);
+        Shared::add(&self.shared.overflows, 1);
+        tracing::warn!(
+            stores = self.roots.len(),
+            "inotify queue overflowed (IN_Q_OVERFLOW); rescanning every store"
+        );
+        for store in 0..self.roots.len() {
+            let reason = "inotify queue overflowed (IN_Q_OVERFLOW)".to_string();
+            self.rescan(store, reason, now, out);
+        }
+    }
+
+    fn begin_move(
+        &mut self,
+        cookie: u32,
+        store: usize,
+        rel: RelPath,
+        is_dir: bool,
+        now: Instant,
+        out: &mut Vec<Op>,
+    ) {
+        if self.moves.len() >= MOVES_PENDING_MAX {
+            if let Some(oldest) = self.moves.pop_front() {
+                self.moved_out(oldest, out);
+            }
+        }
+        let wds = if is_dir {
+            self.watches_under(store, &rel)
+        } else {
+            Vec::new()
+        };
+        self.moves.push_back(PendingMove {
+            cookie,
+            store,
+            rel,
+            is_dir,
+            wds,
+            since: now,
+            deadline: now + MOVE_PAIR_WAIT,
+        });
+    }
+
+    fn on_rename(&mut self, from: PendingMove, to: RelPath, out: &mut Vec<Op>) {
+        let store = from.store;
+        if from.is_dir {
+            match (self.filter.excluded(&from.rel), self.filter.excluded(&to)) {
+                (false, false) => self.remap(store, &from.rel, &to, &from.wds),
+                (false, true) => self.unwatch(store, &from.rel, &from.wds),
+                (true, false) => self.watch_tree(store, to.clone(), out),
+                (true, true) => {}
+            }
+        }
+        out.extend(rename_op(&self.filter, store, from.rel, to, from.since));
+    }
+
+    fn moved_out(&mut self, from: PendingMove, out: &mut Vec<Op>) {
+        if from.is_dir {
+            // Still watched where it went: its events would be misattributed to the old path.
+            self.unwatch(from.store, &from.rel, &from.wds);
+        }
+        self.sync(from.store, from.rel, from.since, out);
+    }
+
+    fn moved_in(
+        &mut self,
+        store: usize,
+        rel: RelPath,
+        is_dir: bool,
+        now: Instant,
+        out: &mut Vec<Op>,
+    ) {
+        if self.filter.excluded(&rel) {
+            return;
+        }
+        self.sync(store, rel.clone(), now, out);
+        if is_dir {
+            self.watch_tree(store, rel, out);
+        }
+    }
+
+    /// Watches at or under `dir`.
+    fn watches_under(&self, store: usize, dir: &Path) -> Vec<i32> {
+        self.by_path[store]
+            .range::<Path, _>((Bound::Included(dir), Bound::Unbounded))
+            .take_while(|(p, _)| p.starts_with(dir))
+            .map(|(_, wd)| *wd)
+            .collect()
+    }
+
+    /// Points the watches that moved with a directory at their new paths.
+    fn remap(&mut self, store: usize, from: &Path, to: &Path, wds: &[i32]) {
+        for &wd in wds {
+            let new = match self.by_wd.get(&wd) {
+                Some((s, p)) if *s == store => match p.strip_prefix(from) {
+                    Ok(suffix) => to.join(suffix),
+                    Err(_) => continue,
+                },
+                _ => continue,
+            };
+            self.set_watch(wd, store, new);
+        }
+    }
+
+    /// Drops the watches that were under `dir` and still are.
+    fn unwatch(&mut self, store: usize, dir: &Path, wds: &[i32]) {
+        for &wd in wds {
+            let still_there =
+                matches!(self.by_wd.get(&wd), Some((s, p)) if *s == store && p.starts_with(dir));
+            if still_there {
+                // EINVAL means the kernel already dropped it; either way it is gone.
+                let _ = inotify::remove_watch(&self.fd, wd);
+                self.forget(wd);
+            }
+        }
+    }
+
+    fn set_watch(&mut self, wd: i32, store: usize, rel: RelPath) {
+        // The kernel hands back the existing wd for an inode already watched (a directory that
+        // moved away and back): re-point it rather than keep two paths for one watch.
+        if let Some((old_store, old_rel)) = self.by_wd.insert(wd, (store, rel.clone())) {
+            let paths = &mut self.by_path[old_store];
+            if (old_store, &old_rel) != (store, &rel) && paths.get(&old_rel) == Some(&wd) {
+                paths.remove(&old_rel);
+            }
+        }
+        self.by_path[store].insert(rel, wd);
+        self.publish_watches();
+    }
+
+    fn forget(&mut self, wd: i32) {
+        if let Some((store, rel)) = self.by_wd.remove(&wd) {
+            if self.by_path[store].get(&rel) == Some(&wd) {
+                self.by_path[store].remove(&rel);
+            }
+        }
+        self.publish_watches();
+    }
+
+    fn publish_watches(&self) {
+        let n = self.by_wd.len() as u64;
+        self.shared.watches.store(n, Ordering::Relaxed);
+    }
+
+    /// Watches `rel` and every directory below it. Watch before listing, so a subdirectory created
+    /// meanwhile is either listed or reported by the new watch.
+    fn watch_tree(&mut self, store: usize, rel: RelPath, out: &mut Vec<Op>) {
+        let mut stack = vec![rel];
+        while let Some(rel) = stack.pop() {
+            let abs = self.roots[store].join(&rel);
+            // A store nested in this one owns its own subtree.
+            if self
+                .roots
+                .iter()
+                .enumerate()
+                .any(|(s, r)| s != store && *r == abs)
+            {
+                continue;
+            }
+            if rel.components().count() > TREE_DEPTH_MAX {
+                let why = format!("deeper than {TREE_DEPTH_MAX} directory levels");
+                self.watch_failed(store, &abs, &why, out);
+                continue;
+            }
+            match inotify::add_watch(&self.fd, &abs, watch_mask()) {
+                Ok(wd) => self.set_watch(wd, store, rel.clone()),
+                // Gone or replaced already: the parent's watch reports that.
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
+                Err(errno) => {
+                    self.watch_failed(store, &abs, &errno.to_string(), out);
+                    continue;
+                }
+            }
+            let entries = match std::fs::read_dir(&abs) {
+                Ok(entries) => entries,
+                Err(e) if vanished(&e) => continue,
+                Err(e) => {
+                    self.watch_failed(store, &abs, &format!("cannot list: {e}"), out);
+                    continue;
+                }
+            };
+            for entry in entries {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        self.watch_failed(store, &abs, &format!("cannot list: {e}"), out);
+                        break;
+                    }
+                };
+                // d_type, no symlink following: a symlink to a directory is a file here.
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let child = rel.join(entry.file_name());
+                if !self.filter.excluded(&child) {
+                    stack.push(child);
+                }
+            }
+        }
+    }
+
+    fn watch_failed(&self, store: usize, abs: &Path, why: &str, out: &mut Vec<Op>) {
+        Shared::add(&self.shared.watch_failures, 1);
+        tracing::warn!(
+            store,
+            path = %abs.display(),
+            error = why,
+            "cannot watch directory; changes below it are found by a rescan"
+        );
+        let reason = format!("cannot watch {}: {why}", abs.display());
+        self.rescan(store, reason, Instant::now(), out);
+    }
+
+    /// Waits up to `timeout` for events; false on timeout or signal.
+    fn wait_readable(&self, timeout: Duration) -> Result<bool, Errno> {
+        let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
+            tv_sec: 0,
+            tv_nsec: 50_000_000,
+        });
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(n) => Ok(n > 0),
+            Err(Errno::INTR) => Ok(false),
+            Err(errno) => Err(errno),
+        }
+    }
+}
+
+fn vanished(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(code) if code == Errno::NOENT.raw_os_error() || code == Errno::NOTDIR.raw_os_error()
+    )
+}
+
+/// Reads what is queued (non-blocking) into `out`, up to about [`BATCH_EVENTS_MAX`].
+fn read_events(
+    fd: &OwnedFd,
+    buf: &mut [MaybeUninit<u8>],
+    out: &mut Vec<RawEvent>,
+) -> Result<(), Errno> {
+    let mut reader = inotify::Reader::new(fd, buf);
+    loop {
+        match reader.next() {
+            Ok(ev) => {
+                out.push(RawEvent {
+                    wd: ev.wd(),
+                    mask: ev.events(),
+                    cookie: ev.cookie(),
+                    name: ev
+                        .file_name()
+                        .map(|n| std::ffi::OsStr::from_bytes(n.to_bytes()).to_os_string()),
+                });
+                // Stop only between reads, so a MOVED_FROM/MOVED_TO pair in one read stays together.
+                if out.len() >= BATCH_EVENTS_MAX && reader.is_buffer_empty() {
+                    return Ok(());
+                }
+            }
+            Err(Errno::AGAIN) => return Ok(()),
+            Err(Errno::INTR) => continue,
+            Err(errno) => return Err(errno),
+        }
+    }
+}
+
+/// The reader thread: poll, read, decode, send, until `stop` (or the consumer is gone).
+pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool>) {
+    let mut buf = vec![MaybeUninit::<u8>::uninit(); READ_BUF_BYTES];
+    let mut events = Vec::new();
+    let mut ops = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        match decoder.wait_readable(decoder.poll_timeout(Instant::now())) {
+            Ok(true) => {
+                let read = read_events(&decoder.fd, &mut buf, &mut events);
+                let now = Instant::now();
+                for ev in events.drain(..) {
+                    decoder.handle(ev, now, &mut ops);
+                }
+                if let Err(errno) = read {
+                    tracing::warn!(%errno, "reading inotify events failed; rescanning every store");
+                    for store in 0..decoder.roots.len() {
+                        let reason = format!("reading inotify events failed: {errno}");
+                        decoder.rescan(store, reason, now, &mut ops);
+                    }
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+            }
+            Ok(false) => {}
+            Err(errno) => {
+                tracing::warn!(%errno, "polling the inotify descriptor failed; retrying");
+                std::thread::sleep(POLL_INTERVAL);
+            }
+        }
+        decoder.expire_moves(Instant::now(), &mut ops);
+        for op in ops.drain(..) {
+            if producer.send(op).is_err() {
+                tracing::debug!("change consumer dropped; tracker thread exits");
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+impl Decoder {
+    pub(crate) fn watched(&self, store: usize, rel: &Path) -> Option<i32> {
+        self.by_path[store].get(rel).copied()
+    }
+}

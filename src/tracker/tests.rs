@@ -1,0 +1,833 @@
+//! Coalescer rules on `push` alone, event decoding on synthetic events, and the whole tracker on
+//! real inotify in temp dirs.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustix::fs::inotify::ReadFlags;
+
+use super::decode::{Decoder, RawEvent};
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// An op without its timestamp, readable in assertion failures.
+fn plain(op: &Op) -> String {
+    match op {
+        Op::Sync { store, rel, .. } => format!("sync {store} {}", rel.display()),
+        Op::Rename {
+            store, from, to, ..
+        } => format!("rename {store} {} -> {}", from.display(), to.display()),
+        Op::Rescan { store, .. } => format!("rescan {store}"),
+    }
+}
+
+fn plains(ops: &[Op]) -> Vec<String> {
+    ops.iter().map(plain).collect()
+}
+
+fn sync(store: usize, rel: &str) -> Op {
+    Op::Sync {
+        store,
+        rel: rel.into(),
+        since: Instant::now(),
+    }
+}
+
+fn rename(store: usize, from: &str, to: &str) -> Op {
+    Op::Rename {
+        store,
+        from: from.into(),
+        to: to.into(),
+        since: Instant::now(),
+    }
+}
+
+fn rescan(store: usize) -> Op {
+    Op::Rescan {
+        store,
+        reason: "test".into(),
+        since: Instant::now(),
+    }
+}
+
+/// A coalescer with no tracker behind it.
+fn coalescer(pending_ops_max: usize) -> (Coalescer, Arc<Shared>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared::new(4, CHANNEL_OPS_MAX));
+    let c = Coalescer::new(rx, tx, shared.clone(), pending_ops_max);
+    (c, shared)
+}
+
+fn push_all(c: &mut Coalescer, ops: impl IntoIterator<Item = Op>) {
+    for op in ops {
+        c.push(op);
+    }
+}
+
+fn take_all(c: &mut Coalescer) -> Vec<String> {
+    plains(&c.take_batch(usize::MAX))
+}
+
+/// How long to wait for an expected op before failing; generous for loaded CI machines.
+const EXPECT_WITHIN: Duration = Duration::from_secs(10);
+/// How long no new op must arrive before the list is taken as complete.
+const QUIET: Duration = Duration::from_millis(250);
+
+/// A real tracker on one store root inside a temp dir (the temp dir also holds "outside" paths).
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    base: PathBuf,
+    root: PathBuf,
+    tracker: Option<Tracker>,
+    coalescer: Coalescer,
+}
+
+impl Fixture {
+    /// Creates `dirs` (and `files`) under the root before the tracker starts.
+    fn start(dirs: &[&str], files: &[&str], exclude: &[&str]) -> Fixture {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let base = tmp.path().canonicalize().expect("canonicalize");
+        let root = base.join("store");
+        fs::create_dir(&root).expect("mkdir root");
+        for dir in dirs {
+            fs::create_dir_all(root.join(dir)).expect("mkdir");
+        }
+        for file in files {
+            fs::write(root.join(file), b"before").expect("write");
+        }
+        let cfg = TrackerConfig {
+            roots: vec![root.clone()],
+            exclude: exclude.iter().map(|s| s.to_string()).collect(),
+        };
+        let (tracker, coalescer) = Tracker::start(cfg).expect("tracker starts");
+        Fixture {
+            _tmp: tmp,
+            base,
+            root,
+            tracker: Some(tracker),
+            coalescer,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn tracker(&self) -> &Tracker {
+        self.tracker.as_ref().expect("running")
+    }
+
+    /// Waits until at least `n` ops are pending and then until nothing new arrives for [`QUIET`];
+    /// takes them all.
+    fn collect(&mut self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + EXPECT_WITHIN;
+        while self.coalescer.pending() < n && Instant::now() < deadline {
+            self.coalescer.wait(Duration::from_millis(20));
+        }
+        let mut seen = self.coalescer.pending();
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < QUIET {
+            std::thread::sleep(Duration::from_millis(20));
+            self.coalescer.drain();
+            if self.coalescer.pending() != seen {
+                seen = self.coalescer.pending();
+                quiet_since = Instant::now();
+            }
+        }
+        take_all(&mut self.coalescer)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(tracker) = self.tracker.take() {
+            tracker.stop();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// coalescer, on push() alone
+
+#[test]
+fn repeated_syncs_merge_and_keep_the_earliest_since() {
+    let (mut c, shared) = coalescer(PENDING_OPS_MAX_TEST);
+    let t0 = Instant::now();
+    let later = t0 + Duration::from_secs(1);
+    c.push(Op::Sync {
+        store: 0,
+        rel: "a".into(),
+        since: t0,
+    });
+    c.push(sync(1, "a"));
+    c.push(Op::Sync {
+        store: 0,
+        rel: "a".into(),
+        since: later,
+    });
+    assert_eq!(c.pending(), 2);
+    assert_eq!(shared.snapshot().pending, 2);
+    let ops = c.take_batch(10);
+    assert_eq!(plains(&ops), ["sync 0 a", "sync 1 a"]);
+    assert_eq!(ops[0].since(), t0);
+    assert_eq!(shared.snapshot().pending, 0);
+
+    // Once taken, the next change is new work.
+    c.push(sync(0, "a"));
+    assert_eq!(take_all(&mut c), ["sync 0 a"]);
+}
+
+const PENDING_OPS_MAX_TEST: usize = 1000;
+
+#[test]
+fn take_batch_keeps_order_and_respects_max() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    push_all(&mut c, [sync(0, "a"), sync(0, "b"), sync(0, "c")]);
+    assert_eq!(plains(&c.take_batch(2)), ["sync 0 a", "sync 0 b"]);
+    // "a" was taken, "c" is still queued.
+    push_all(&mut c, [sync(0, "a"), sync(0, "c")]);
+    assert_eq!(take_all(&mut c), ["sync 0 c", "sync 0 a"]);
+    assert!(c.take_batch(5).is_empty());
+}
+
+#[test]
+fn rename_of_a_file_whose_sync_is_pending_becomes_two_syncs() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    let t0 = Instant::now();
+    c.push(Op::Sync {
+        store: 0,
+        rel: "new/x".into(),
+        since: t0,
+    });
+    c.push(rename(0, "new/x", "cur/x:2,S"));
+    let ops = c.take_batch(10);
+    assert_eq!(plains(&ops), ["sync 0 new/x", "sync 0 cur/x:2,S"]);
+    assert_eq!(
+        ops[1].since(),
+        t0,
+        "the content has been unsent since the first change"
+    );
+}
+
+#[test]
+fn rename_of_a_sent_file_stays_a_rename() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    c.push(sync(0, "new/x"));
+    c.take_batch(10);
+    c.push(rename(0, "new/x", "cur/x:2,S"));
+    assert_eq!(take_all(&mut c), ["rename 0 new/x -> cur/x:2,S"]);
+}
+
+#[test]
+fn rename_under_a_pending_new_directory_becomes_syncs() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    push_all(&mut c, [sync(0, "d"), rename(0, "d/x", "d/y")]);
+    assert_eq!(take_all(&mut c), ["sync 0 d", "sync 0 d/x", "sync 0 d/y"]);
+}
+
+#[test]
+fn syncs_after_a_rename_are_not_merged_into_syncs_before_it() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    // `to` had a pending change, then something was renamed over it.
+    push_all(
+        &mut c,
+        [
+            sync(0, "b"),
+            rename(0, "a", "b"),
+            sync(0, "b"),
+            sync(0, "b"),
+        ],
+    );
+    assert_eq!(
+        take_all(&mut c),
+        ["sync 0 b", "rename 0 a -> b", "sync 0 b"]
+    );
+
+    // Same below a renamed directory's target, and for the source path.
+    push_all(&mut c, [sync(0, "e/y"), sync(0, "d"), sync(0, "d2")]);
+    c.take_batch(2); // "e/y" and "d" sent; "d2" still pending
+    push_all(
+        &mut c,
+        [
+            sync(0, "e/y"),
+            rename(0, "d", "e"),
+            sync(0, "e/y"),
+            sync(0, "d"),
+            sync(0, "d2"),
+        ],
+    );
+    assert_eq!(
+        take_all(&mut c),
+        [
+            "sync 0 d2",
+            "sync 0 e/y",
+            "rename 0 d -> e",
+            "sync 0 e/y",
+            "sync 0 d"
+        ]
+    );
+}
+
+#[test]
+fn directory_rename_moves_pending_syncs_below_it_after_the_rename() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    let t0 = Instant::now();
+    c.push(Op::Sync {
+        store: 0,
+        rel: "d/sub/x".into(),
+        since: t0,
+    });
+    push_all(
+        &mut c,
+        [
+            sync(0, "d/y"),
+            sync(0, "dd/z"), // a sibling whose name extends "d": not below it
+            sync(1, "d/y"),  // another store
+            rename(0, "d", "e"),
+            sync(0, "e/y"), // merges into the moved entry
+            sync(0, "d/y"), // "d" recreated: new work
+        ],
+    );
+    let ops = c.take_batch(100);
+    assert_eq!(
+        plains(&ops),
+        [
+            "sync 0 dd/z",
+            "sync 1 d/y",
+            "rename 0 d -> e",
+            "sync 0 e/sub/x",
+            "sync 0 e/y",
+            "sync 0 d/y"
+        ]
+    );
+    assert_eq!(ops[3].since(), t0, "a moved entry keeps its since");
+}
+
+#[test]
+fn rename_onto_itself_is_dropped() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    c.push(rename(0, "a", "a"));
+    assert_eq!(c.pending(), 0);
+}
+
+#[test]
+fn rescans_keep_one_per_store_and_subsume_nothing() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    push_all(
+        &mut c,
+        [
+            sync(0, "a"),
+            rescan(0),
+            sync(0, "b"),
+            rescan(1),
+            rescan(0),
+            sync(0, "a"),
+        ],
+    );
+    assert_eq!(
+        take_all(&mut c),
+        ["sync 0 a", "rescan 0", "sync 0 b", "rescan 1"]
+    );
+    c.push(rescan(0));
+    assert_eq!(take_all(&mut c), ["rescan 0"]);
+}
+
+#[test]
+fn too_many_pending_ops_collapse_into_one_rescan_per_store() {
+    let (mut c, shared) = coalescer(5);
+    let t0 = Instant::now();
+    c.push(Op::Sync {
+        store: 1,
+        rel: "first".into(),
+        since: t0,
+    });
+    for i in 0..5 {
+        c.push(sync(0, &format!("f{i}")));
+    }
+    assert_eq!(c.pending(), 2);
+    assert_eq!(shared.snapshot().rescans, 2);
+    let ops = c.take_batch(10);
+    assert_eq!(plains(&ops), ["rescan 0", "rescan 1"]);
+    assert_eq!(
+        ops[1].since(),
+        t0,
+        "a rescan covers changes since the oldest one"
+    );
+
+    // The collapsed rescan still dedups, and the list works normally afterwards.
+    push_all(&mut c, [rescan(0), rescan(0), sync(0, "x"), sync(0, "x")]);
+    assert_eq!(take_all(&mut c), ["rescan 0", "sync 0 x"]);
+}
+
+#[test]
+fn repeated_directory_renames_compact_and_stay_consistent() {
+    let (mut c, _) = coalescer(1_000_000);
+    for i in 0..3000 {
+        c.push(sync(0, &format!("a/f{i}")));
+    }
+    for round in 0..10 {
+        let (from, to) = if round % 2 == 0 {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        };
+        c.push(rename(0, from, to));
+    }
+    assert_eq!(c.pending(), 3000 + 10);
+    // Everything ends up under "a" after the last rename, still mergeable there.
+    c.push(sync(0, "a/f7"));
+    assert_eq!(c.pending(), 3010);
+    let ops = take_all(&mut c);
+    assert_eq!(
+        ops[..10].iter().filter(|s| s.starts_with("rename")).count(),
+        10
+    );
+    assert_eq!(ops[10], "sync 0 a/f0");
+    assert_eq!(ops[3009], "sync 0 a/f2999");
+}
+
+#[test]
+fn producers_past_the_channel_bound_turn_into_a_rescan() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared::new(2, 3));
+    let producer = Producer {
+        tx: tx.clone(),
+        shared: shared.clone(),
+    };
+    let mut c = Coalescer::new(rx, tx, shared.clone(), PENDING_OPS_MAX_TEST);
+    for i in 0..6 {
+        producer
+            .send(sync(1, &format!("f{i}")))
+            .expect("consumer alive");
+    }
+    assert_eq!(shared.snapshot().overflows, 1);
+    c.drain();
+    assert_eq!(
+        take_all(&mut c),
+        ["sync 1 f0", "sync 1 f1", "sync 1 f2", "rescan 1"]
+    );
+    assert_eq!(shared.snapshot().rescans, 1);
+    // Recovered: nothing further is dropped.
+    producer.send(sync(1, "g")).expect("consumer alive");
+    assert!(c.wait(Duration::from_millis(1)));
+    assert_eq!(take_all(&mut c), ["sync 1 g"]);
+}
+
+#[test]
+fn wait_times_out_when_nothing_arrives_and_injected_ops_are_coalesced() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    assert!(!c.wait(Duration::from_millis(5)));
+    let tx = c.sender();
+    std::thread::spawn(move || {
+        for _ in 0..3 {
+            tx.send(sync(0, "x")).expect("consumer alive");
+        }
+    })
+    .join()
+    .expect("sender thread");
+    assert!(c.wait(Duration::from_secs(5)));
+    assert_eq!(take_all(&mut c), ["sync 0 x"]);
+}
+
+#[test]
+fn excludes_match_relative_paths_and_always_cover_hasync() {
+    let f = Filter::new(&["**/tmp/*".to_string()]).expect("valid");
+    assert!(f.excluded(Path::new("tmp/x")));
+    assert!(f.excluded(Path::new("user/Maildir/tmp/1.host")));
+    assert!(!f.excluded(Path::new("user/Maildir/tmp")));
+    assert!(!f.excluded(Path::new("user/Maildir/new/1.host")));
+    assert!(f.excluded(Path::new(".hasync")));
+    assert!(f.excluded(Path::new(".hasync/staging/x")));
+    assert!(!f.excluded(Path::new("user/.hasync")));
+
+    let since = Instant::now();
+    let op =
+        |from: &str, to: &str| rename_op(&f, 0, from.into(), to.into(), since).map(|o| plain(&o));
+    assert_eq!(op("tmp/x", "new/x").as_deref(), Some("sync 0 new/x"));
+    assert_eq!(op("new/x", "tmp/x").as_deref(), Some("sync 0 new/x"));
+    assert_eq!(
+        op("new/x", "cur/x").as_deref(),
+        Some("rename 0 new/x -> cur/x")
+    );
+    assert_eq!(op("tmp/x", "tmp/y"), None);
+
+    let err = Filter::new(&["a[".to_string()])
+        .err()
+        .expect("invalid glob");
+    assert!(err.to_string().contains("a["), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// event decoding on synthetic events
+
+fn decoder(stores: usize) -> (tempfile::TempDir, Decoder, Arc<Shared>, Vec<i32>) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let roots: Vec<PathBuf> = (0..stores)
+        .map(|i| {
+            let root = tmp
+                .path()
+                .canonicalize()
+                .expect("canonicalize")
+                .join(format!("s{i}"));
+            fs::create_dir(&root).expect("mkdir");
+            root
+        })
+        .collect();
+    let filter = Arc::new(Filter::new(&["**/tmp/*".to_string()]).expect("valid"));
+    let shared = Arc::new(Shared::new(stores, CHANNEL_OPS_MAX));
+    let mut d = Decoder::new(roots, filter, shared.clone()).expect("inotify");
+    let mut out = Vec::new();
+    let wds = (0..stores)
+        .map(|s| {
+            d.watch_root(s, &mut out).expect("watch root");
+            d.watched(s, Path::new("")).expect("root watched")
+        })
+        .collect();
+    assert!(out.is_empty());
+    (tmp, d, shared, wds)
+}
+
+fn event(wd: i32, mask: ReadFlags, cookie: u32, name: Option<&str>) -> RawEvent {
+    RawEvent {
+        wd,
+        mask,
+        cookie,
+        name: name.map(Into::into),
+    }
+}
+
+#[test]
+fn queue_overflow_rescans_every_store() {
+    let (_tmp, mut d, shared, _) = decoder(3);
+    let mut out = Vec::new();
+    d.handle(
+        event(-1, ReadFlags::QUEUE_OVERFLOW, 0, None),
+        Instant::now(),
+        &mut out,
+    );
+    assert_eq!(plains(&out), ["rescan 0", "rescan 1", "rescan 2"]);
+    let stats = shared.snapshot();
+    assert_eq!((stats.overflows, stats.rescans, stats.events), (1, 3, 1));
+}
+
+#[test]
+fn queue_overflow_first_settles_a_waiting_moved_from() {
+    let (_tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM, 7, Some("x")),
+        now,
+        &mut out,
+    );
+    assert!(out.is_empty(), "a MOVED_FROM waits for its pair");
+    d.handle(event(-1, ReadFlags::QUEUE_OVERFLOW, 0, None), now, &mut out);
+    assert_eq!(plains(&out), ["sync 0 x", "rescan 0"]);
+}
+
+#[test]
+fn moves_pair_by_cookie_and_unpaired_ones_expire_into_syncs() {
+    let (_tmp, mut d, _, wds) = decoder(2);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let moved_from = ReadFlags::MOVED_FROM;
+    let moved_to = ReadFlags::MOVED_TO;
+    d.handle(event(wds[0], moved_from, 1, Some("a")), now, &mut out);
+    d.handle(event(wds[0], moved_from, 2, Some("gone")), now, &mut out);
+    d.handle(event(wds[0], moved_to, 1, Some("b")), now, &mut out);
+    d.handle(event(wds[0], moved_to, 3, Some("came")), now, &mut out);
+    // Between stores: a delete in one, a new path in the other.
+    d.handle(event(wds[0], moved_from, 4, Some("c")), now, &mut out);
+    d.handle(event(wds[1], moved_to, 4, Some("c")), now, &mut out);
+    // Out of the excluded tmp/: a delivery.
+    assert_eq!(
+        plains(&out),
+        ["rename 0 a -> b", "sync 0 came", "sync 0 c", "sync 1 c"]
+    );
+    out.clear();
+    d.expire_moves(now, &mut out);
+    assert!(out.is_empty(), "not expired yet");
+    d.expire_moves(now + Duration::from_secs(1), &mut out);
+    assert_eq!(plains(&out), ["sync 0 gone"]);
+}
+
+#[test]
+fn ignored_and_delete_self_drop_the_watch() {
+    let (tmp, mut d, shared, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    fs::create_dir(tmp.path().join("s0/sub")).expect("mkdir");
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | ReadFlags::ISDIR, 0, Some("sub")),
+        now,
+        &mut out,
+    );
+    assert_eq!(plains(&out), ["sync 0 sub"]);
+    let sub = d
+        .watched(0, Path::new("sub"))
+        .expect("new directory watched");
+    assert_eq!(shared.snapshot().watches, 2);
+    out.clear();
+    d.handle(event(sub, ReadFlags::DELETE_SELF, 0, None), now, &mut out);
+    d.handle(event(sub, ReadFlags::IGNORED, 0, None), now, &mut out);
+    // Queued before the removal: no longer mapped, so ignored.
+    d.handle(
+        event(sub, ReadFlags::CLOSE_WRITE, 0, Some("late")),
+        now,
+        &mut out,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(d.watched(0, Path::new("sub")), None);
+    assert_eq!(shared.snapshot().watches, 1);
+    // The root itself going away is a rescan: there is no parent to report it.
+    d.handle(
+        event(wds[0], ReadFlags::DELETE_SELF, 0, None),
+        now,
+        &mut out,
+    );
+    assert_eq!(plains(&out), ["rescan 0"]);
+}
+
+#[test]
+fn a_tree_too_deep_to_watch_is_a_watch_failure_and_a_rescan() {
+    let (tmp, mut d, shared, wds) = decoder(1);
+    let mut deep = tmp.path().join("s0/deep");
+    for _ in 0..140 {
+        deep.push("d");
+    }
+    fs::create_dir_all(&deep).expect("mkdir -p");
+    let mut out = Vec::new();
+    d.handle(
+        event(
+            wds[0],
+            ReadFlags::CREATE | ReadFlags::ISDIR,
+            0,
+            Some("deep"),
+        ),
+        Instant::now(),
+        &mut out,
+    );
+    assert_eq!(plains(&out), ["sync 0 deep", "rescan 0"]);
+    let stats = shared.snapshot();
+    assert_eq!((stats.watch_failures, stats.rescans), (1, 1));
+    match &out[1] {
+        Op::Rescan { reason, .. } => assert!(reason.contains("deeper than"), "{reason}"),
+        other => panic!("expected a rescan, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// the whole tracker, on real inotify
+
+#[test]
+fn writes_then_close_give_exactly_one_sync() {
+    let mut fx = Fixture::start(&[], &[], &[]);
+    {
+        let mut f = fs::File::create(fx.path("once-opened")).expect("create");
+        for _ in 0..10 {
+            f.write_all(b"line\n").expect("write");
+        }
+    }
+    for _ in 0..10 {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(fx.path("reopened"))
+            .expect("open");
+        f.write_all(b"line\n").expect("write");
+    }
+    assert_eq!(fx.collect(2), ["sync 0 once-opened", "sync 0 reopened"]);
+    let stats = fx.tracker().stats();
+    // The kernel merges identical consecutive events, so only a lower bound holds.
+    assert!(stats.events >= 2, "{stats:?}");
+    assert_eq!(stats.pending, 0);
+}
+
+#[test]
+fn maildir_delivery_from_excluded_tmp_is_one_sync_of_new() {
+    let mut fx = Fixture::start(&["cur", "new", "tmp"], &[], &["**/tmp/*"]);
+    fs::write(fx.path("tmp/1.host"), b"mail").expect("write");
+    fs::rename(fx.path("tmp/1.host"), fx.path("new/1.host")).expect("rename");
+    assert_eq!(fx.collect(1), ["sync 0 new/1.host"]);
+}
+
+#[test]
+fn flag_change_of_a_sent_file_is_one_rename() {
+    let mut fx = Fixture::start(&["cur", "new", "tmp"], &[], &["**/tmp/*"]);
+    fs::write(fx.path("new/1.host"), b"mail").expect("write");
+    assert_eq!(fx.collect(1), ["sync 0 new/1.host"]);
+    fs::rename(fx.path("new/1.host"), fx.path("cur/1.host:2,S")).expect("rename");
+    assert_eq!(fx.collect(1), ["rename 0 new/1.host -> cur/1.host:2,S"]);
+}
+
+#[test]
+fn rename_of_a_file_whose_sync_is_pending_is_two_syncs() {
+    let mut fx = Fixture::start(&["cur", "new"], &[], &[]);
+    fs::write(fx.path("new/1.host"), b"mail").expect("write");
+    fs::rename(fx.path("new/1.host"), fx.path("cur/1.host:2,S")).expect("rename");
+    assert_eq!(
+        fx.collect(2),
+        ["sync 0 new/1.host", "sync 0 cur/1.host:2,S"]
+    );
+}
+
+#[test]
+fn new_directory_is_synced_whole_and_then_watched() {
+    let mut fx = Fixture::start(&[], &[], &[]);
+    fs::create_dir_all(fx.path("a/b")).expect("mkdir -p");
+    fs::write(fx.path("a/b/f"), b"x").expect("write");
+    let ops = fx.collect(1);
+    // How much of the inside is reported depends on when the watches landed; all of it is
+    // covered by the Sync of "a" either way.
+    assert_eq!(ops[0], "sync 0 a", "{ops:?}");
+    assert!(ops.iter().all(|op| op.starts_with("sync 0 a")), "{ops:?}");
+    assert!(fx.tracker().stats().watches >= 3);
+
+    fs::write(fx.path("a/b/g"), b"y").expect("write");
+    assert_eq!(fx.collect(1), ["sync 0 a/b/g"]);
+}
+
+#[test]
+fn directory_rename_is_one_rename_and_later_writes_use_the_new_path() {
+    let mut fx = Fixture::start(&["folder/sub"], &["folder/old"], &[]);
+    fs::rename(fx.path("folder"), fx.path("renamed")).expect("rename");
+    assert_eq!(fx.collect(1), ["rename 0 folder -> renamed"]);
+    fs::write(fx.path("renamed/new"), b"x").expect("write");
+    fs::write(fx.path("renamed/sub/deeper"), b"x").expect("write");
+    assert_eq!(
+        fx.collect(2),
+        ["sync 0 renamed/new", "sync 0 renamed/sub/deeper"]
+    );
+}
+
+#[test]
+fn directories_moved_out_and_in_are_syncs_and_watched_accordingly() {
+    let mut fx = Fixture::start(&["leaving"], &[], &[]);
+    let outside = fx.base.join("outside");
+    fs::rename(fx.path("leaving"), &outside).expect("move out");
+    assert_eq!(fx.collect(1), ["sync 0 leaving"]);
+    fs::write(outside.join("x"), b"x").expect("write outside");
+    fs::create_dir(outside.join("sub")).expect("mkdir outside");
+    assert_eq!(fx.collect(0), Vec::<String>::new(), "no longer watched");
+
+    fs::rename(&outside, fx.path("arriving")).expect("move in");
+    assert_eq!(fx.collect(1), ["sync 0 arriving"]);
+    fs::write(fx.path("arriving/sub/y"), b"y").expect("write");
+    assert_eq!(fx.collect(1), ["sync 0 arriving/sub/y"]);
+}
+
+#[test]
+fn hard_links_symlinks_deletes_and_attribute_changes_are_syncs() {
+    let mut fx = Fixture::start(&["a", "b"], &["a/msg", "a/gone"], &[]);
+    fs::hard_link(fx.path("a/msg"), fx.path("b/msg")).expect("link");
+    assert_eq!(fx.collect(1), ["sync 0 b/msg"]);
+    std::os::unix::fs::symlink("msg", fx.path("a/link")).expect("symlink");
+    assert_eq!(fx.collect(1), ["sync 0 a/link"]);
+    fs::remove_file(fx.path("a/gone")).expect("unlink");
+    assert_eq!(fx.collect(1), ["sync 0 a/gone"]);
+    let mut perms = fs::metadata(fx.path("a/msg")).expect("stat").permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    fs::set_permissions(fx.path("a/msg"), perms).expect("chmod");
+    assert_eq!(fx.collect(1), ["sync 0 a/msg"]);
+}
+
+#[test]
+fn the_internal_hasync_directory_is_never_watched() {
+    let mut fx = Fixture::start(&[".hasync/staging", "user/.hasync"], &[], &[]);
+    assert_eq!(fx.tracker().stats().watches, 3, "root, user, user/.hasync");
+    fs::write(fx.path(".hasync/staging/x"), b"x").expect("write");
+    fs::write(fx.path(".hasync/y"), b"y").expect("write");
+    fs::write(fx.path("user/.hasync/z"), b"z").expect("write");
+    assert_eq!(fx.collect(1), ["sync 0 user/.hasync/z"]);
+}
+
+#[test]
+fn notifier_maps_paths_to_stores_and_rejects_the_rest() {
+    let mut fx = Fixture::start(&["new", "tmp"], &[], &["**/tmp/*"]);
+    let n = fx.tracker().notifier();
+
+    let outside = fx.base.join("elsewhere/file");
+    let err = n.notify(&outside).expect_err("outside every root");
+    assert!(matches!(err, TrackerError::OutsideRoots { .. }));
+    assert!(
+        err.to_string().contains(&outside.display().to_string()),
+        "{err}"
+    );
+    let err = n.notify(Path::new("relative/file")).expect_err("relative");
+    assert!(matches!(err, TrackerError::BadPath { .. }), "{err}");
+    let err = n.notify(&fx.path("new/../../escape")).expect_err("dot-dot");
+    assert!(matches!(err, TrackerError::BadPath { .. }), "{err}");
+    let err = n.notify(&fx.root).expect_err("the root itself");
+    assert!(matches!(err, TrackerError::StoreRoot { .. }), "{err}");
+
+    n.notify(&fx.path("tmp/1.host"))
+        .expect("excluded is accepted");
+    n.notify(&fx.path("new/./1.host")).expect("inside");
+    let clone = n.clone();
+    std::thread::spawn(move || clone.notify_rename(&outside, &outside))
+        .join()
+        .expect("thread")
+        .expect_err("outside every root");
+    n.notify_rename(&fx.path("tmp/2.host"), &fx.path("new/2.host"))
+        .expect("delivery");
+    assert_eq!(fx.collect(2), ["sync 0 new/1.host", "sync 0 new/2.host"]);
+    n.notify_rename(&fx.path("new/2.host"), &fx.path("new/2.host:2,S"))
+        .expect("rename");
+    assert_eq!(fx.collect(1), ["rename 0 new/2.host -> new/2.host:2,S"]);
+}
+
+#[test]
+fn nested_roots_belong_to_the_longest_prefix() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let outer = tmp
+        .path()
+        .canonicalize()
+        .expect("canonicalize")
+        .join("outer");
+    let inner = outer.join("inner");
+    fs::create_dir_all(&inner).expect("mkdir");
+    let cfg = TrackerConfig {
+        roots: vec![outer.clone(), inner.clone()],
+        exclude: vec![],
+    };
+    let (tracker, mut c) = Tracker::start(cfg).expect("start");
+    assert_eq!(tracker.stats().watches, 2);
+    fs::write(inner.join("x"), b"x").expect("write");
+    fs::write(outer.join("y"), b"y").expect("write");
+    tracker.notifier().notify(&inner.join("z")).expect("inside");
+    let deadline = Instant::now() + EXPECT_WITHIN;
+    while c.pending() < 3 && Instant::now() < deadline {
+        c.wait(Duration::from_millis(20));
+    }
+    let mut ops = take_all(&mut c);
+    ops.sort();
+    assert_eq!(ops, ["sync 0 y", "sync 1 x", "sync 1 z"]);
+    tracker.stop();
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let missing = tmp.path().join("missing");
+    let cfg = TrackerConfig {
+        roots: vec![missing.clone()],
+        exclude: vec![],
+    };
+    let err = Tracker::start(cfg).err().expect("missing root");
+    assert!(
+        err.to_string().contains(&missing.display().to_string()),
+        "{err}"
+    );
+
+    let cfg = TrackerConfig {
+        roots: vec![tmp.path().to_path_buf(), tmp.path().join(".")],
+        exclude: vec![],
+    };
+    let err = Tracker::start(cfg).err().expect("duplicate root");
+    assert!(matches!(err, TrackerError::DuplicateRoot { .. }), "{err}");
+}

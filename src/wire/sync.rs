@@ -1,0 +1,613 @@
+//! Mailstore replication messages, carried in `Kind::Sync` frames on the
+//! sync connection (never on the heartbeat connection).
+//!
+//! Primary → secondary: `Start`, `ManifestRequest`, then a stream of ops
+//! (`File` + `Data`…, `Mkdir`, `Delete`, `Rename`, `Link`, `Symlink`), each
+//! with a sequence number, and `Barrier`s. Secondary → primary: `Manifest`
+//! chunks, `Ack { seq }` once every op up to `seq` is durable, `Need` to
+//! re-request a path, `Refused` for an op it would not apply.
+
+use super::codec::{Reader, Writer};
+use super::{encode_frame, Frame, Kind, WireError};
+
+/// Longest relative path accepted (PATH_MAX).
+pub const MAX_PATH: usize = 4096;
+/// Largest `Data` chunk.
+pub const MAX_DATA: usize = 1 << 20;
+/// Most entries in one `Manifest` chunk.
+pub const MAX_MANIFEST_ENTRIES: usize = 4096;
+/// Most mailstores in one `Start`.
+pub const MAX_STORES: usize = 64;
+/// Longest free-text reason.
+const MAX_TEXT: usize = 1024;
+
+/// File metadata that mail software depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Meta {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+}
+
+/// One path of a manifest. `hash` is the xxh3-128 of a file's content or a
+/// symlink's target, 0 for directories.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestEntry {
+    pub path: Vec<u8>,
+    pub kind: EntryKind,
+    pub size: u64,
+    pub meta: Meta,
+    pub hash: u128,
+}
+
+/// Why the secondary asks for a path again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NeedReason {
+    /// Content did not match its hash.
+    HashMismatch = 1,
+    /// A rename or link source was missing on the replica.
+    SourceMissing = 2,
+    /// The replica's disk is full; retry later.
+    NoSpace = 3,
+    /// A local I/O error on the replica.
+    LocalError = 4,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncMsg {
+    Start {
+        stores: Vec<String>,
+    },
+    ManifestRequest {
+        id: u64,
+        full_verify: bool,
+    },
+    File {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+        meta: Meta,
+        size: u64,
+        hash: u128,
+    },
+    Data {
+        seq: u64,
+        bytes: Vec<u8>,
+    },
+    Mkdir {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+        meta: Meta,
+    },
+    Delete {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+    },
+    Rename {
+        seq: u64,
+        store: u16,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+    Link {
+        seq: u64,
+        store: u16,
+        existing: Vec<u8>,
+        path: Vec<u8>,
+    },
+    Symlink {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+        target: Vec<u8>,
+        meta: Meta,
+    },
+    Barrier {
+        seq: u64,
+    },
+    /// The primary has nothing left from its initial sync or verification:
+    /// the replica is complete (restore-role waits for this).
+    CaughtUp,
+    Manifest {
+        id: u64,
+        store: u16,
+        entries: Vec<ManifestEntry>,
+        last: bool,
+    },
+    Ack {
+        seq: u64,
+    },
+    Need {
+        store: u16,
+        path: Vec<u8>,
+        reason: NeedReason,
+    },
+    Refused {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+        why: String,
+    },
+}
+
+mod tag {
+    pub const START: u8 = 1;
+    pub const MANIFEST_REQUEST: u8 = 2;
+    pub const FILE: u8 = 3;
+    pub const DATA: u8 = 4;
+    pub const MKDIR: u8 = 5;
+    pub const DELETE: u8 = 6;
+    pub const RENAME: u8 = 7;
+    pub const LINK: u8 = 8;
+    pub const SYMLINK: u8 = 9;
+    pub const BARRIER: u8 = 10;
+    pub const CAUGHT_UP: u8 = 11;
+    pub const MANIFEST: u8 = 20;
+    pub const ACK: u8 = 21;
+    pub const NEED: u8 = 22;
+    pub const REFUSED: u8 = 23;
+}
+
+fn put_meta(w: &mut Writer, m: &Meta) {
+    w.u32(m.mode)
+        .u32(m.uid)
+        .u32(m.gid)
+        .i64(m.mtime_sec)
+        .u32(m.mtime_nsec);
+}
+
+fn get_meta(r: &mut Reader<'_>) -> Result<Meta, WireError> {
+    let meta = Meta {
+        mode: r.u32("meta.mode")?,
+        uid: r.u32("meta.uid")?,
+        gid: r.u32("meta.gid")?,
+        mtime_sec: r.i64("meta.mtime_sec")?,
+        mtime_nsec: r.u32("meta.mtime_nsec")?,
+    };
+    if meta.mtime_nsec >= 1_000_000_000 {
+        return Err(WireError::BadField {
+            field: "meta.mtime_nsec",
+            problem: format!("{} is not below 10^9", meta.mtime_nsec),
+        });
+    }
+    if meta.mode & !0o7777 != 0 {
+        return Err(WireError::BadField {
+            field: "meta.mode",
+            problem: format!("{:o} has bits outside 0o7777", meta.mode),
+        });
+    }
+    Ok(meta)
+}
+
+fn path(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u8>, WireError> {
+    Ok(r.blob16(what, MAX_PATH)?.to_vec())
+}
+
+fn text(r: &mut Reader<'_>, what: &'static str) -> Result<String, WireError> {
+    let raw = r.blob16(what, MAX_TEXT)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadField {
+        field: what,
+        problem: "not UTF-8".into(),
+    })
+}
+
+impl SyncMsg {
+    /// Appends this message as one `Kind::Sync` frame.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer::new();
+        match self {
+            SyncMsg::Start { stores } => {
+                w.u8(tag::START).u16(stores.len() as u16);
+                for s in stores {
+                    w.short_str(s);
+                }
+            }
+            SyncMsg::ManifestRequest { id, full_verify } => {
+                w.u8(tag::MANIFEST_REQUEST)
+                    .u64(*id)
+                    .u8(u8::from(*full_verify));
+            }
+            SyncMsg::File {
+                seq,
+                store,
+                path,
+                meta,
+                size,
+                hash,
+            } => {
+                w.u8(tag::FILE).u64(*seq).u16(*store).blob16(path);
+                put_meta(&mut w, meta);
+                w.u64(*size).u128(*hash);
+            }
+            SyncMsg::Data { seq, bytes } => {
+                w.u8(tag::DATA).u64(*seq).blob32(bytes);
+            }
+            SyncMsg::Mkdir {
+                seq,
+                store,
+                path,
+                meta,
+            } => {
+                w.u8(tag::MKDIR).u64(*seq).u16(*store).blob16(path);
+                put_meta(&mut w, meta);
+            }
+            SyncMsg::Delete { seq, store, path } => {
+                w.u8(tag::DELETE).u64(*seq).u16(*store).blob16(path);
+            }
+            SyncMsg::Rename {
+                seq,
+                store,
+                from,
+                to,
+            } => {
+                w.u8(tag::RENAME)
+                    .u64(*seq)
+                    .u16(*store)
+                    .blob16(from)
+                    .blob16(to);
+            }
+            SyncMsg::Link {
+                seq,
+                store,
+                existing,
+                path,
+            } => {
+                w.u8(tag::LINK)
+                    .u64(*seq)
+                    .u16(*store)
+                    .blob16(existing)
+                    .blob16(path);
+            }
+            SyncMsg::Symlink {
+                seq,
+                store,
+                path,
+                target,
+                meta,
+            } => {
+                w.u8(tag::SYMLINK)
+                    .u64(*seq)
+                    .u16(*store)
+                    .blob16(path)
+                    .blob16(target);
+                put_meta(&mut w, meta);
+            }
+            SyncMsg::Barrier { seq } => {
+                w.u8(tag::BARRIER).u64(*seq);
+            }
+            SyncMsg::CaughtUp => {
+                w.u8(tag::CAUGHT_UP);
+            }
+            SyncMsg::Manifest {
+                id,
+                store,
+                entries,
+                last,
+            } => {
+                w.u8(tag::MANIFEST)
+                    .u64(*id)
+                    .u16(*store)
+                    .u8(u8::from(*last))
+                    .u32(entries.len() as u32);
+                for e in entries {
+                    w.blob16(&e.path).u8(e.kind as u8).u64(e.size);
+                    put_meta(&mut w, &e.meta);
+                    w.u128(e.hash);
+                }
+            }
+            SyncMsg::Ack { seq } => {
+                w.u8(tag::ACK).u64(*seq);
+            }
+            SyncMsg::Need {
+                store,
+                path,
+                reason,
+            } => {
+                w.u8(tag::NEED).u16(*store).blob16(path).u8(*reason as u8);
+            }
+            SyncMsg::Refused {
+                seq,
+                store,
+                path,
+                why,
+            } => {
+                let why = &why.as_bytes()[..why.len().min(MAX_TEXT)];
+                w.u8(tag::REFUSED)
+                    .u64(*seq)
+                    .u16(*store)
+                    .blob16(path)
+                    .blob16(why);
+            }
+        }
+        encode_frame(Kind::Sync, &w.finish(), out);
+    }
+
+    pub fn decode(frame: &Frame) -> Result<SyncMsg, WireError> {
+        if frame.kind != Kind::Sync {
+            return Err(WireError::Unexpected {
+                expected: Kind::Sync,
+                got: frame.kind,
+            });
+        }
+        let mut r = Reader::new(frame.kind, &frame.payload);
+        let t = r.u8("sync.tag")?;
+        let msg = match t {
+            tag::START => {
+                let n = r.u16("start.count")? as usize;
+                if n > MAX_STORES {
+                    return Err(WireError::BadField {
+                        field: "start.count",
+                        problem: format!("{n} stores, limit {MAX_STORES}"),
+                    });
+                }
+                let mut stores = Vec::with_capacity(n);
+                for _ in 0..n {
+                    stores.push(r.short_str("start.store")?);
+                }
+                SyncMsg::Start { stores }
+            }
+            tag::MANIFEST_REQUEST => SyncMsg::ManifestRequest {
+                id: r.u64("manifest_request.id")?,
+                full_verify: r.u8("manifest_request.full")? != 0,
+            },
+            tag::FILE => SyncMsg::File {
+                seq: r.u64("file.seq")?,
+                store: r.u16("file.store")?,
+                path: path(&mut r, "file.path")?,
+                meta: get_meta(&mut r)?,
+                size: r.u64("file.size")?,
+                hash: r.u128("file.hash")?,
+            },
+            tag::DATA => SyncMsg::Data {
+                seq: r.u64("data.seq")?,
+                bytes: r.blob32("data.bytes", MAX_DATA)?.to_vec(),
+            },
+            tag::MKDIR => SyncMsg::Mkdir {
+                seq: r.u64("mkdir.seq")?,
+                store: r.u16("mkdir.store")?,
+                path: path(&mut r, "mkdir.path")?,
+                meta: get_meta(&mut r)?,
+            },
+            tag::DELETE => SyncMsg::Delete {
+                seq: r.u64("delete.seq")?,
+                store: r.u16("delete.store")?,
+                path: path(&mut r, "delete.path")?,
+            },
+            tag::RENAME => SyncMsg::Rename {
+                seq: r.u64("rename.seq")?,
+                store: r.u16("rename.store")?,
+                from: path(&mut r, "rename.from")?,
+                to: path(&mut r, "rename.to")?,
+            },
+            tag::LINK => SyncMsg::Link {
+                seq: r.u64("link.seq")?,
+                store: r.u16("link.store")?,
+                existing: path(&mut r, "link.existing")?,
+                path: path(&mut r, "link.path")?,
+            },
+            tag::SYMLINK => SyncMsg::Symlink {
+                seq: r.u64("symlink.seq")?,
+                store: r.u16("symlink.store")?,
+                path: path(&mut r, "symlink.path")?,
+                target: path(&mut r, "symlink.target")?,
+                meta: get_meta(&mut r)?,
+            },
+            tag::BARRIER => SyncMsg::Barrier {
+                seq: r.u64("barrier.seq")?,
+            },
+            tag::CAUGHT_UP => SyncMsg::CaughtUp,
+            tag::MANIFEST => {
+                let id = r.u64("manifest.id")?;
+                let store = r.u16("manifest.store")?;
+                let last = r.u8("manifest.last")? != 0;
+                let n = r.u32("manifest.count")? as usize;
+                if n > MAX_MANIFEST_ENTRIES {
+                    return Err(WireError::BadField {
+                        field: "manifest.count",
+                        problem: format!("{n} entries, limit {MAX_MANIFEST_ENTRIES}"),
+                    });
+                }
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let p = path(&mut r, "manifest.path")?;
+                    let kind = match r.u8("manifest.kind")? {
+                        1 => EntryKind::File,
+                        2 => EntryKind::Dir,
+                        3 => EntryKind::Symlink,
+                        k => {
+                            return Err(WireError::BadField {
+                                field: "manifest.kind",
+                                problem: format!("unknown entry kind {k}"),
+                            })
+                        }
+                    };
+                    entries.push(ManifestEntry {
+                        path: p,
+                        kind,
+                        size: r.u64("manifest.size")?,
+                        meta: get_meta(&mut r)?,
+                        hash: r.u128("manifest.hash")?,
+                    });
+                }
+                SyncMsg::Manifest {
+                    id,
+                    store,
+                    entries,
+                    last,
+                }
+            }
+            tag::ACK => SyncMsg::Ack {
+                seq: r.u64("ack.seq")?,
+            },
+            tag::NEED => {
+                let store = r.u16("need.store")?;
+                let p = path(&mut r, "need.path")?;
+                let reason = match r.u8("need.reason")? {
+                    1 => NeedReason::HashMismatch,
+                    2 => NeedReason::SourceMissing,
+                    3 => NeedReason::NoSpace,
+                    4 => NeedReason::LocalError,
+                    k => {
+                        return Err(WireError::BadField {
+                            field: "need.reason",
+                            problem: format!("unknown reason {k}"),
+                        })
+                    }
+                };
+                SyncMsg::Need {
+                    store,
+                    path: p,
+                    reason,
+                }
+            }
+            tag::REFUSED => SyncMsg::Refused {
+                seq: r.u64("refused.seq")?,
+                store: r.u16("refused.store")?,
+                path: path(&mut r, "refused.path")?,
+                why: text(&mut r, "refused.why")?,
+            },
+            other => {
+                return Err(WireError::BadField {
+                    field: "sync.tag",
+                    problem: format!("unknown sync message {other}"),
+                })
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::decode_frame;
+
+    fn round(m: SyncMsg) {
+        let mut out = Vec::new();
+        m.encode(&mut out);
+        let (f, used) = decode_frame(&out).unwrap().unwrap();
+        assert_eq!(used, out.len());
+        assert_eq!(SyncMsg::decode(&f).unwrap(), m);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let meta = Meta {
+            mode: 0o4751,
+            uid: 1,
+            gid: 2,
+            mtime_sec: -5,
+            mtime_nsec: 999_999_999,
+        };
+        round(SyncMsg::Start {
+            stores: vec!["inbox".into(), "archive".into()],
+        });
+        round(SyncMsg::ManifestRequest {
+            id: 3,
+            full_verify: true,
+        });
+        round(SyncMsg::File {
+            seq: 1,
+            store: 2,
+            path: b"a/cur/x:2,S".to_vec(),
+            meta,
+            size: 10,
+            hash: u128::MAX - 7,
+        });
+        round(SyncMsg::Data {
+            seq: 1,
+            bytes: vec![7; 1000],
+        });
+        round(SyncMsg::Mkdir {
+            seq: 2,
+            store: 0,
+            path: b"d".to_vec(),
+            meta,
+        });
+        round(SyncMsg::Delete {
+            seq: 3,
+            store: 0,
+            path: b"d/x".to_vec(),
+        });
+        round(SyncMsg::Rename {
+            seq: 4,
+            store: 0,
+            from: b"new/x".to_vec(),
+            to: b"cur/x:2,S".to_vec(),
+        });
+        round(SyncMsg::Link {
+            seq: 5,
+            store: 0,
+            existing: b"a".to_vec(),
+            path: b"b".to_vec(),
+        });
+        round(SyncMsg::Symlink {
+            seq: 6,
+            store: 0,
+            path: b"l".to_vec(),
+            target: b"../t".to_vec(),
+            meta,
+        });
+        round(SyncMsg::Barrier { seq: 6 });
+        round(SyncMsg::CaughtUp);
+        round(SyncMsg::Manifest {
+            id: 3,
+            store: 1,
+            entries: vec![ManifestEntry {
+                path: b"x".to_vec(),
+                kind: EntryKind::File,
+                size: 1,
+                meta,
+                hash: 5,
+            }],
+            last: true,
+        });
+        round(SyncMsg::Ack { seq: 6 });
+        round(SyncMsg::Need {
+            store: 0,
+            path: b"x".to_vec(),
+            reason: NeedReason::NoSpace,
+        });
+        round(SyncMsg::Refused {
+            seq: 9,
+            store: 0,
+            path: b"../etc".to_vec(),
+            why: "traversal".into(),
+        });
+    }
+
+    #[test]
+    fn mode_bits_outside_permissions_are_refused() {
+        let mut out = Vec::new();
+        SyncMsg::Mkdir {
+            seq: 2,
+            store: 0,
+            path: b"d".to_vec(),
+            meta: Meta {
+                mode: 0o170755,
+                ..Meta::default()
+            },
+        }
+        .encode(&mut out);
+        let (f, _) = decode_frame(&out).unwrap().unwrap();
+        assert!(matches!(
+            SyncMsg::decode(&f),
+            Err(WireError::BadField {
+                field: "meta.mode",
+                ..
+            })
+        ));
+    }
+}
