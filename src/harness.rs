@@ -192,7 +192,10 @@ impl NodeProc {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("HASYNC_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

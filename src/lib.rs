@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod failover;
+pub mod fixture;
 pub mod harness;
 pub mod io;
 pub mod link;

@@ -423,11 +423,11 @@ impl Root {
         &self,
         base: BorrowedFd<'b>,
         base_rel: &Path,
-        comps: &[&[u8]],
-        parent: &[u8],
+        p: &Split<'_>,
         create: bool,
         op: &'static str,
     ) -> Result<Option<Opened<'b>>, FsError> {
+        let (comps, parent) = (&p.comps[..], p.parent);
         if comps.is_empty() {
             return Ok(Some(Opened {
                 dir: DirFd::Borrowed(base),
@@ -442,7 +442,7 @@ impl Root {
                     created: Vec::new(),
                 }))
             }
-            Err(Errno::LOOP | Errno::XDEV) => return Err(refused(parent, TRAVERSES_SYMLINK)),
+            Err(Errno::LOOP | Errno::XDEV) => return Err(refused(p.raw, TRAVERSES_SYMLINK)),
             Err(Errno::NOENT) if !create => return Ok(None),
             // Missing components to create, or a non-directory somewhere
             // (ENOTDIR is also what a symlink as the last component gives
@@ -453,7 +453,7 @@ impl Root {
         let mut cur =
             open_beneath(base, b".", WALK_OFLAGS).map_err(|e| fail(op, self.abs(base_rel), e))?;
         let mut created = Vec::new();
-        let res = self.walk_slow(&mut cur, &mut created, base_rel, comps, create, op);
+        let res = self.walk_slow(&mut cur, &mut created, base_rel, p, create, op);
         match res {
             Ok(true) => {}
             Ok(false) => {
@@ -485,10 +485,11 @@ impl Root {
         cur: &mut OwnedFd,
         created: &mut Vec<usize>,
         base_rel: &Path,
-        comps: &[&[u8]],
+        p: &Split<'_>,
         create: bool,
         op: &'static str,
     ) -> Result<bool, FsError> {
+        let comps = &p.comps[..];
         for (i, comp) in comps.iter().enumerate() {
             let here = || base_rel.join(bytes_path(&join(&comps[..=i])));
             let next = match open_beneath(cur.as_fd(), comp, WALK_OFLAGS) {
@@ -503,7 +504,7 @@ impl Root {
                     let fd = match open_beneath(cur.as_fd(), comp, DIR_READ_OFLAGS) {
                         Ok(fd) => fd,
                         Err(Errno::LOOP | Errno::XDEV) => {
-                            return Err(refused(&join(&comps[..=i]), TRAVERSES_SYMLINK))
+                            return Err(refused(p.raw, TRAVERSES_SYMLINK))
                         }
                         Err(e) => return Err(fail(op, self.abs(here()), e)),
                     };
@@ -515,11 +516,9 @@ impl Root {
                     fd
                 }
                 Err(Errno::NOENT) => return Ok(false),
-                Err(Errno::LOOP | Errno::XDEV) => {
-                    return Err(refused(&join(&comps[..=i]), TRAVERSES_SYMLINK))
-                }
+                Err(Errno::LOOP | Errno::XDEV) => return Err(refused(p.raw, TRAVERSES_SYMLINK)),
                 Err(Errno::NOTDIR) if is_symlink_at(cur.as_fd(), comp) => {
-                    return Err(refused(&join(&comps[..=i]), TRAVERSES_SYMLINK))
+                    return Err(refused(p.raw, TRAVERSES_SYMLINK))
                 }
                 Err(e) => return Err(fail(op, self.abs(here()), e)),
             };
@@ -582,6 +581,8 @@ impl Root {
     }
 
     /// Applies meta to the staged file (fchown if root, fchmod, futimens mtime; atime = mtime).
+    /// Call it after the last write: a later write moves the mtime again. Its changes are
+    /// made durable by the file's fsync.
     pub fn finish_staged(&self, fd: &OwnedFd, meta: &Meta) -> Result<(), FsError> {
         self.check_meta(b"<staged file>", meta)?;
         self.apply_meta_fd(fd.as_fd(), meta)
@@ -615,7 +616,7 @@ impl Root {
         const OP: &str = "land";
         let p = Split::new(rel)?;
         let base = self.fd.as_fd();
-        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, true, OP)? else {
+        let Some(opened) = self.walk(base, Path::new(""), &p, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
         };
         let parent = opened.dir.fd();
@@ -658,7 +659,7 @@ impl Root {
         let p = Split::new(rel)?;
         self.check_meta(p.raw, meta)?;
         let base = self.fd.as_fd();
-        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, true, OP)? else {
+        let Some(opened) = self.walk(base, Path::new(""), &p, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
         };
         let parent = opened.dir.fd();
@@ -696,7 +697,7 @@ impl Root {
         const OP: &str = "remove";
         let p = Split::new(rel)?;
         let base = self.fd.as_fd();
-        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, false, OP)? else {
+        let Some(opened) = self.walk(base, Path::new(""), &p, false, OP)? else {
             return Ok(None);
         };
         let parent = opened.dir.fd();
@@ -805,7 +806,7 @@ impl Root {
         let f = Split::new(from)?;
         let t = Split::new(to)?;
         let base = self.fd.as_fd();
-        let Some(fo) = self.walk(base, Path::new(""), &f.comps, f.parent, false, OP)? else {
+        let Some(fo) = self.walk(base, Path::new(""), &f, false, OP)? else {
             return Ok(RenameOutcome::SourceMissing);
         };
         match rustix::fs::statat(fo.dir.fd(), f.name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -813,7 +814,7 @@ impl Root {
             Err(Errno::NOENT) => return Ok(RenameOutcome::SourceMissing),
             Err(e) => return Err(fail(OP, self.abs(f.path()), e)),
         }
-        let Some(to_dir) = self.walk(base, Path::new(""), &t.comps, t.parent, true, OP)? else {
+        let Some(to_dir) = self.walk(base, Path::new(""), &t, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
         };
         match rustix::fs::renameat(fo.dir.fd(), f.name, to_dir.dir.fd(), t.name) {
@@ -837,7 +838,7 @@ impl Root {
         let e = Split::new(existing)?;
         let n = Split::new(new)?;
         let base = self.fd.as_fd();
-        let Some(eo) = self.walk(base, Path::new(""), &e.comps, e.parent, false, OP)? else {
+        let Some(eo) = self.walk(base, Path::new(""), &e, false, OP)? else {
             return Ok(LinkOutcome::SourceMissing);
         };
         let est = match rustix::fs::statat(eo.dir.fd(), e.name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -848,7 +849,7 @@ impl Root {
         if FileType::from_raw_mode(est.st_mode) == FileType::Directory {
             return Err(fail(OP, self.abs(e.path()), Errno::PERM));
         }
-        let Some(no) = self.walk(base, Path::new(""), &n.comps, n.parent, true, OP)? else {
+        let Some(no) = self.walk(base, Path::new(""), &n, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
         };
         let res = self.link_into(&eo, &e, &no, &n, &est);
@@ -934,7 +935,7 @@ impl Root {
         }
         self.check_meta(p.raw, meta)?;
         let base = self.fd.as_fd();
-        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, true, OP)? else {
+        let Some(opened) = self.walk(base, Path::new(""), &p, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
         };
         // Built complete in staging, then renamed over whatever is at `rel`:
@@ -983,7 +984,7 @@ impl Root {
         const OP: &str = "keep aside";
         let p = Split::new(rel)?;
         let base = self.fd.as_fd();
-        let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, false, OP)? else {
+        let Some(opened) = self.walk(base, Path::new(""), &p, false, OP)? else {
             return Ok(None);
         };
         let parent = opened.dir.fd();
@@ -1039,7 +1040,7 @@ impl Root {
                 return Err(fail(op, self.abs(&slot_rel), e));
             }
         };
-        let dest = match self.walk(slot_fd.as_fd(), &slot_rel, &p.comps, p.parent, true, op) {
+        let dest = match self.walk(slot_fd.as_fd(), &slot_rel, p, true, op) {
             Ok(Some(o)) => o,
             Ok(None) => unreachable!("walk with create never reports a missing parent"),
             Err(e) => {
@@ -1116,8 +1117,7 @@ impl Root {
             open_beneath(base, b".", DIR_READ_OFLAGS).map_err(|e| fail(OP, &self.path, e))?
         } else {
             let p = Split::parse(raw, true)?;
-            let Some(opened) = self.walk(base, Path::new(""), &p.comps, p.parent, false, OP)?
-            else {
+            let Some(opened) = self.walk(base, Path::new(""), &p, false, OP)? else {
                 return Ok(());
             };
             let parent = opened.dir.fd();

@@ -228,10 +228,10 @@ impl Receiver {
         .encode(&mut self.replies);
     }
 
-    fn local_failure(&mut self, store: usize, rel: &Path, e: &FsError, peer: &str) {
+    fn local_failure(&mut self, seq: u64, store: usize, rel: &Path, e: &FsError, peer: &str) {
         if e.is_refusal() {
-            add(&self.stats.refused_paths, 1);
-            warn!(peer, store, path = %rel.display(), "refused: {e}");
+            let raw = rel.as_os_str().as_bytes().to_vec();
+            self.refuse(seq, store, &raw, &e.to_string(), peer);
             return;
         }
         if e.is_no_space() {
@@ -313,7 +313,7 @@ impl Receiver {
                                     source: e,
                                 };
                                 let rel = inc.rel.clone();
-                                self.local_failure(s, &rel, &err, peer);
+                                self.local_failure(seq, s, &rel, &err, peer);
                                 inc.rel = PathBuf::new();
                             }
                         },
@@ -324,7 +324,7 @@ impl Receiver {
                                 NeedReason::LocalError
                             });
                             let rel = inc.rel.clone();
-                            self.local_failure(s, &rel, &e, peer);
+                            self.local_failure(seq, s, &rel, &e, peer);
                             inc.failure = None;
                             inc.rel = PathBuf::new();
                         }
@@ -353,7 +353,7 @@ impl Receiver {
                             self.stores[s].index.set(rel, Entry::new(&st, 0, true));
                         }
                     }
-                    Err(e) => self.local_failure(s, &rel, &e, peer),
+                    Err(e) => self.local_failure(seq, s, &rel, &e, peer),
                 }
             }
             SyncMsg::Delete { seq, store, path } => {
@@ -362,7 +362,7 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_staged(peer).await;
-                self.apply_delete(s, &rel, peer);
+                self.apply_delete(seq, s, &rel, peer);
             }
             SyncMsg::Rename {
                 seq,
@@ -389,7 +389,7 @@ impl Receiver {
                         add(&self.stats.rename_sources_missing, 1);
                         self.need(s, &to, NeedReason::SourceMissing);
                     }
-                    Err(e) => self.local_failure(s, &to, &e, peer),
+                    Err(e) => self.local_failure(seq, s, &to, &e, peer),
                 }
             }
             SyncMsg::Link {
@@ -419,7 +419,7 @@ impl Receiver {
                         add(&self.stats.rename_sources_missing, 1);
                         self.need(s, &rel, NeedReason::SourceMissing);
                     }
-                    Err(e) => self.local_failure(s, &rel, &e, peer),
+                    Err(e) => self.local_failure(seq, s, &rel, &e, peer),
                 }
             }
             SyncMsg::Symlink {
@@ -442,7 +442,7 @@ impl Receiver {
                             self.stores[s].index.set(rel, Entry::new(&st, h, true));
                         }
                     }
-                    Err(e) => self.local_failure(s, &rel, &e, peer),
+                    Err(e) => self.local_failure(seq, s, &rel, &e, peer),
                 }
             }
             SyncMsg::CaughtUp => {
@@ -587,7 +587,7 @@ impl Receiver {
         if let Err(e) = finished {
             let _ = file.close().await;
             self.stores[s].root.discard_staged(inc.seq);
-            self.local_failure(s, &inc.rel, &e, peer);
+            self.local_failure(inc.seq, s, &inc.rel, &e, peer);
             return;
         }
         self.staged.push(Staged {
@@ -638,7 +638,7 @@ impl Receiver {
                     path: rel.display().to_string(),
                     source: e,
                 };
-                self.local_failure(s, &rel, &err, peer);
+                self.local_failure(seq, s, &rel, &err, peer);
                 continue;
             }
             self.land_one(s, seq, rel, hash, size, peer);
@@ -672,7 +672,7 @@ impl Receiver {
             }
             Err(e) => {
                 self.stores[s].root.discard_staged(seq);
-                self.local_failure(s, &rel, &e, peer);
+                self.local_failure(seq, s, &rel, &e, peer);
             }
         }
     }
@@ -689,7 +689,7 @@ impl Receiver {
         }
     }
 
-    fn apply_delete(&mut self, s: usize, rel: &Path, peer: &str) {
+    fn apply_delete(&mut self, seq: u64, s: usize, rel: &Path, peer: &str) {
         let abs = self.stores[s].root.path().join(rel);
         let Ok(Some(cur)) = index::lstat(&abs) else {
             self.stores[s].index.remove_tree(rel);
@@ -716,7 +716,7 @@ impl Receiver {
                 }
                 self.stores[s].index.remove_tree(rel);
             }
-            Err(e) => self.local_failure(s, rel, &e, peer),
+            Err(e) => self.local_failure(seq, s, rel, &e, peer),
         }
     }
 

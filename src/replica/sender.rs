@@ -36,7 +36,7 @@ const MAX_UNACKED_BATCHES: usize = 4;
 const IDLE_POLL: Duration = Duration::from_millis(1);
 /// Retry of paths the peer could not store for lack of space.
 const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(500);
-const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(30);
+const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -71,6 +71,8 @@ pub struct Store {
 /// What the index learns once the peer acknowledges an op.
 enum OnAck {
     Set(usize, PathBuf, Entry),
+    /// A hard link to `existing` (the hash is the other name's, known by then).
+    Link(usize, PathBuf, PathBuf, Stat),
     Remove(usize, PathBuf),
     Rename(usize, PathBuf, PathBuf),
 }
@@ -78,6 +80,8 @@ enum OnAck {
 struct Inflight {
     barrier: u64,
     acks: Vec<OnAck>,
+    /// Inodes of files this batch sent (see `Sender::recent`).
+    recent_keys: Vec<(u64, u64)>,
     sinces: Vec<Instant>,
     files: u64,
     bytes: u64,
@@ -91,12 +95,16 @@ pub struct Sender {
     pub stats: Arc<ReplStats>,
     pub verify_interval: Duration,
     /// Hard links: (dev, ino) → a path the peer holds with that inode.
-    inodes: HashMap<(u64, u64), (usize, PathBuf)>,
+    inodes: HashMap<(u64, u64), (usize, PathBuf, index::Version)>,
+    /// Every file sent but not yet acknowledged, by inode: a link made to a
+    /// message right after it went out must still travel as a link.
+    recent: HashMap<(u64, u64), (usize, PathBuf, index::Version)>,
     seq: u64,
     manifest_id: u64,
     inflight: VecDeque<Inflight>,
     retry: Vec<(Instant, Op)>,
     retry_delay: Duration,
+    next_backoff: Instant,
     last_save: Instant,
     /// A rescan asked for a comparison with the replica.
     pending_verify: bool,
@@ -163,11 +171,13 @@ impl Sender {
             stats,
             verify_interval,
             inodes: HashMap::new(),
+            recent: HashMap::new(),
             seq: 0,
             manifest_id: 0,
             inflight: VecDeque::new(),
             retry: Vec::new(),
             retry_delay: NO_SPACE_RETRY_MIN,
+            next_backoff: Instant::now(),
             last_save: Instant::now(),
             pending_verify: false,
             listed_dirs: Default::default(),
@@ -380,7 +390,7 @@ impl Sender {
                 if same {
                     if st.kind == Kind::File && st.nlink > 1 {
                         self.inodes
-                            .insert((st.dev, st.version.ino), (s, rel.clone()));
+                            .insert((st.dev, st.version.ino), (s, rel.clone(), st.version));
                     }
                 } else {
                     if st.kind == Kind::File {
@@ -470,8 +480,13 @@ impl Sender {
                     if !self.stats.peer_disk_full.swap(true, Relaxed) {
                         warn!("peer's disk is full: replication paused, retrying with backoff");
                     }
-                    self.retry.push((Instant::now() + self.retry_delay, op));
-                    self.retry_delay = (self.retry_delay * 2).min(NO_SPACE_RETRY_MAX);
+                    let now = Instant::now();
+                    self.retry.push((now + self.retry_delay, op));
+                    // Back off once per round of refusals, not per path.
+                    if now >= self.next_backoff {
+                        self.next_backoff = now + self.retry_delay;
+                        self.retry_delay = (self.retry_delay * 2).min(NO_SPACE_RETRY_MAX);
+                    }
                 } else {
                     self.coalescer.push(op);
                 }
@@ -508,9 +523,20 @@ impl Sender {
                     }
                 }
             }
+            for k in &b.recent_keys {
+                self.recent.remove(k);
+            }
             for a in b.acks {
                 match a {
                     OnAck::Set(s, rel, entry) => self.stores[s].index.set(rel, entry),
+                    OnAck::Link(s, rel, existing, st) => {
+                        let hash = self.stores[s]
+                            .index
+                            .entries
+                            .get(&existing)
+                            .map_or(0, |e| e.hash());
+                        self.stores[s].index.set(rel, Entry::new(&st, hash, true));
+                    }
                     OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
                     OnAck::Rename(s, from, to) => self.stores[s].index.rename_tree(&from, &to),
                 }
@@ -559,6 +585,7 @@ impl Sender {
         let mut batch = Inflight {
             barrier: 0,
             acks: Vec::new(),
+            recent_keys: Vec::new(),
             sinces: Vec::new(),
             files: 0,
             bytes: 0,
@@ -578,6 +605,7 @@ impl Sender {
                     since,
                 } => {
                     let seq = self.next_seq();
+                    tracing::debug!(from = %from.display(), to = %to.display(), "plan rename");
                     let mut f = Vec::new();
                     SyncMsg::Rename {
                         seq,
@@ -587,11 +615,21 @@ impl Sender {
                     }
                     .encode(&mut f);
                     add(&self.stats.renames_sent, 1);
+                    for map in [&mut self.inodes, &mut self.recent] {
+                        for (s2, p, _) in map.values_mut() {
+                            if *s2 == store {
+                                if let Some(moved) = moved_path(p, &from, &to) {
+                                    *p = moved;
+                                }
+                            }
+                        }
+                    }
                     batch.acks.push(OnAck::Rename(store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
                 }
                 Op::Sync { store, rel, since } => {
+                    tracing::debug!(path = %rel.display(), "plan sync");
                     batch.sinces.push(since);
                     let root = &self.stores[store].root;
                     let abs = root.join(&rel);
@@ -648,6 +686,25 @@ impl Sender {
                             plans.push(Plan::Frames(f));
                         }
                         Kind::File => {
+                            // Only ctime moved (a link was added or removed,
+                            // an attribute event): the replica already holds
+                            // exactly this; re-sending would break its links.
+                            let e = self.stores[store].index.entries.get(&rel);
+                            if e.is_some_and(|e| {
+                                e.synced
+                                    && e.kind == Kind::File
+                                    && e.version.size == st.version.size
+                                    && e.version.mtime_s == st.version.mtime_s
+                                    && e.version.mtime_ns == st.version.mtime_ns
+                                    && e.version.ino == st.version.ino
+                                    && e.meta().mode == st.meta.mode
+                                    && e.uid == st.meta.uid
+                                    && e.gid == st.meta.gid
+                            }) {
+                                batch.sinces.pop();
+                                self.seq -= 1;
+                                continue;
+                            }
                             if st.nlink > 1 {
                                 if let Some(f) = self.link_frame(seq, store, &rel, &st, &mut batch)
                                 {
@@ -655,6 +712,11 @@ impl Sender {
                                     continue;
                                 }
                             }
+                            // Known before its bytes go out, so that a link
+                            // to it later in this same batch is sent as a link.
+                            let key = (st.dev, st.version.ino);
+                            self.recent.insert(key, (store, rel.clone(), st.version));
+                            batch.recent_keys.push(key);
                             if st.version.size <= SMALL_FILE {
                                 let task = tokio_uring::spawn(read_small(abs, st.version.size));
                                 plans.push(Plan::Small {
@@ -795,10 +857,11 @@ impl Sender {
         add(&self.stats.content_bytes_sent, len);
         batch.files += 1;
         batch.bytes += len;
+        let key = (st.dev, st.version.ino);
         if st.nlink > 1 {
-            self.inodes
-                .insert((st.dev, st.version.ino), (store, rel.clone()));
+            self.inodes.insert(key, (store, rel.clone(), st.version));
         }
+
         let mut v = *st;
         v.version.size = len;
         batch
@@ -835,32 +898,47 @@ impl Sender {
         batch: &mut Inflight,
     ) -> Option<Vec<u8>> {
         let key = (st.dev, st.version.ino);
-        if !self.inodes.contains_key(&key) {
-            // The first name was sent while it had no other link: find it.
-            let found = self.stores[store]
-                .index
-                .entries
-                .iter()
-                .find(|(p, e)| {
-                    e.synced
-                        && e.kind == Kind::File
-                        && e.version.ino == st.version.ino
-                        && p.as_path() != rel
-                })
-                .map(|(p, _)| p.clone());
-            if let Some(p) = found {
-                self.inodes.insert(key, (store, p));
+        let known = self
+            .inodes
+            .get(&key)
+            .or_else(|| self.recent.get(&key))
+            .cloned();
+        let (s, existing, version) = match known {
+            Some(k) => k,
+            None => {
+                // The first name was acknowledged while it had no other
+                // link: find it in the index, under the name the replica
+                // will have once the renames already sent are applied.
+                let (p, v) = self.stores[store]
+                    .index
+                    .entries
+                    .iter()
+                    .find(|(p, e)| {
+                        e.synced
+                            && e.kind == Kind::File
+                            && e.version.ino == st.version.ino
+                            && p.as_path() != rel
+                    })
+                    .map(|(p, e)| (p.clone(), e.version))?;
+                let p = self.renamed_in_flight(store, p, batch);
+                self.inodes.insert(key, (store, p.clone(), v));
+                (store, p, v)
             }
-        }
-        let (s, existing) = self.inodes.get(&key)?.clone();
+        };
         if s != store || existing == rel {
             return None;
         }
-        let e = self.stores[s].index.entries.get(&existing)?;
-        if !e.synced || e.version.ino != st.version.ino {
+        // The replica holds (or, ops applying in order, will hold) `existing`
+        // as it was sent; it is this content if the inode's size and mtime
+        // have not moved since. Otherwise the bytes travel.
+        if version.ino != st.version.ino
+            || version.size != st.version.size
+            || version.mtime_s != st.version.mtime_s
+            || version.mtime_ns != st.version.mtime_ns
+        {
+            self.inodes.remove(&key);
             return None;
         }
-        let hash = e.hash();
         let mut f = Vec::new();
         SyncMsg::Link {
             seq,
@@ -870,12 +948,32 @@ impl Sender {
         }
         .encode(&mut f);
         add(&self.stats.links_sent, 1);
-        batch.acks.push(OnAck::Set(
-            store,
-            rel.to_path_buf(),
-            Entry::new(st, hash, true),
-        ));
+        tracing::debug!(existing = %existing.display(), path = %rel.display(), "plan link");
+        batch
+            .acks
+            .push(OnAck::Link(store, rel.to_path_buf(), existing, *st));
         Some(f)
+    }
+
+    /// Applies the renames sent but not yet acknowledged to an index path.
+    fn renamed_in_flight(&self, store: usize, mut p: PathBuf, batch: &Inflight) -> PathBuf {
+        for acks in self
+            .inflight
+            .iter()
+            .map(|b| &b.acks)
+            .chain(std::iter::once(&batch.acks))
+        {
+            for a in acks {
+                if let OnAck::Rename(s, from, to) = a {
+                    if *s == store {
+                        if let Some(m) = moved_path(&p, from, to) {
+                            p = m;
+                        }
+                    }
+                }
+            }
+        }
+        p
     }
 
     /// A directory new to the replica: queue its children that the replica
@@ -984,6 +1082,16 @@ impl Sender {
         let _ = file.close().await;
         Ok(Some((hash, len)))
     }
+}
+
+/// `p` after renaming `from` to `to`, if `p` is `from` or below it.
+fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
+    let rest = p.strip_prefix(from).ok()?;
+    Some(if rest.as_os_str().is_empty() {
+        to.to_path_buf()
+    } else {
+        to.join(rest)
+    })
 }
 
 /// Does the replica's entry match the local one?

@@ -1,4 +1,6 @@
 mod cli;
 mod failover_props;
+mod hostile;
 mod pair;
+mod replication;
 mod util;

@@ -1,0 +1,249 @@
+//! A hostile (but authenticated) peer: the test plays the primary against a
+//! real daemon and sends traversal paths and malformed frames.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use hasync::config::Config;
+use hasync::failover::{Heartbeat, Role as WireRole};
+use hasync::link::auth::{LinkKey, Side};
+use hasync::link::{handshake, Conn, LinkCtx, LinkStats};
+use hasync::wire::sync::{Meta, SyncMsg};
+use hasync::wire::{Channel, Message};
+
+use super::util::*;
+
+fn ctx(cfg: &Config, addr: SocketAddr) -> LinkCtx {
+    LinkCtx {
+        node_name: cfg.link.peer_name.clone(),
+        peer_name: cfg.node_name.clone(),
+        peer_addr: addr,
+        key: LinkKey::from_secret(&cfg.read_secret().unwrap()),
+        io_timeout: Duration::from_secs(5),
+        stats: LinkStats::default(),
+    }
+}
+
+fn meta() -> Meta {
+    Meta {
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime_sec: 1_700_000_000,
+        mtime_nsec: 0,
+    }
+}
+
+fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
+    SyncMsg::File {
+        seq,
+        store: 0,
+        path: path.to_vec(),
+        meta: meta(),
+        size: body.len() as u64,
+        hash: xxhash_rust::xxh3::xxh3_128(body),
+    }
+    .encode(out);
+    SyncMsg::Data {
+        seq,
+        bytes: body.to_vec(),
+    }
+    .encode(out);
+}
+
+#[test]
+fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
+    let mut tp = TestPair::new(fast());
+    let base = tp.nodes[0].root.parent().unwrap().to_path_buf();
+    let outside = base.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let inbox = tp.store(0, "inbox");
+    // A symlink inside the root that points outside it.
+    std::os::unix::fs::symlink(&outside, inbox.join("escape")).unwrap();
+    tp.nodes[0].start().unwrap();
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let hb_addr = cfg.link.listen;
+    let sync_addr = cfg.replication.sync_listen;
+
+    let node = &tp.nodes[0];
+    let replies = tokio_uring::start(async {
+        // 1. Heartbeats as a primary make the daemon secondary.
+        let hctx = Rc::new(ctx(&cfg, hb_addr));
+        let mut tries = 0;
+        let stream = loop {
+            match tokio_uring::net::TcpStream::connect(hb_addr).await {
+                Ok(s) => break s,
+                Err(e) if tries < 200 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => panic!("daemon never listened on {hb_addr}: {e}"),
+            }
+        };
+        let mut hconn = Conn::new(stream, hb_addr);
+        handshake(&mut hconn, &hctx, Side::Initiator, Channel::Heartbeat)
+            .await
+            .unwrap();
+        let (_hr, hw) = hconn.split();
+        let hw2 = hw.clone();
+        let peer_name = cfg.link.peer_name.clone();
+        let beat = tokio_uring::spawn(async move {
+            for seq in 1.. {
+                let hb = Message::Heartbeat(Heartbeat {
+                    node: peer_name.clone(),
+                    role: WireRole::Primary,
+                    epoch: 1,
+                    seq,
+                    priority: 255,
+                    flags: 0,
+                });
+                if hw2.send_bytes(hb.to_frame_bytes()).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        for _ in 0..200 {
+            if node.status().is_ok_and(|s| s.mode == Role::Secondary) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(node.status().unwrap().mode, Role::Secondary);
+
+        // 2. The sync connection, with hostile ops.
+        let sctx = ctx(&cfg, sync_addr);
+        let stream = tokio_uring::net::TcpStream::connect(sync_addr)
+            .await
+            .unwrap();
+        let mut conn = Conn::new(stream, sync_addr);
+        handshake(&mut conn, &sctx, Side::Initiator, Channel::Sync)
+            .await
+            .unwrap();
+        let (mut r, w) = conn.split();
+        let mut out = Vec::new();
+        SyncMsg::Start {
+            stores: vec!["inbox".into(), "quarantine".into()],
+        }
+        .encode(&mut out);
+        file(1, b"../../../outside/evil1", b"x", &mut out);
+        file(2, b"/tmp/evil2", b"x", &mut out);
+        file(3, b"escape/evil3", b"x", &mut out);
+        file(4, b"a/\0/evil4", b"x", &mut out);
+        file(5, &[b'a'; 300], b"x", &mut out);
+        file(6, b".hasync/staging/evil6", b"x", &mut out);
+        SyncMsg::Mkdir {
+            seq: 7,
+            store: 0,
+            path: b"escape/newdir".to_vec(),
+            meta: meta(),
+        }
+        .encode(&mut out);
+        SyncMsg::Symlink {
+            seq: 8,
+            store: 0,
+            path: b"ok-link".to_vec(),
+            target: b"/etc/passwd".to_vec(),
+            meta: meta(),
+        }
+        .encode(&mut out);
+        file(
+            9,
+            b"ok-link",
+            b"replaces the link, never writes through it",
+            &mut out,
+        );
+        SyncMsg::Rename {
+            seq: 10,
+            store: 0,
+            from: b"ok-link".to_vec(),
+            to: b"escape/moved".to_vec(),
+        }
+        .encode(&mut out);
+        SyncMsg::Link {
+            seq: 11,
+            store: 0,
+            existing: b"ok-link".to_vec(),
+            path: b"escape/linked".to_vec(),
+        }
+        .encode(&mut out);
+        SyncMsg::Delete {
+            seq: 12,
+            store: 0,
+            path: b"escape/..".to_vec(),
+        }
+        .encode(&mut out);
+        file(13, b"fine/cur/good.msg", b"a legitimate message", &mut out);
+        SyncMsg::Barrier { seq: 13 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+
+        let mut replies = Vec::new();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(10), r.recv_frame())
+                .await
+                .expect("the daemon answers the barrier")
+                .unwrap();
+            let m = SyncMsg::decode(&f).unwrap();
+            let done = matches!(m, SyncMsg::Ack { seq: 13 });
+            replies.push(m);
+            if done {
+                break;
+            }
+        }
+        // 3. A corrupted frame: the daemon drops the connection.
+        let mut bad = Vec::new();
+        file(14, b"fine/cur/after-bad-frame", b"y", &mut bad);
+        let n = bad.len();
+        bad[n - 3] ^= 0xff;
+        w.send_bytes(bad).await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), r.recv_frame()).await;
+        assert!(
+            matches!(closed, Ok(Err(_))),
+            "a bad checksum must drop the connection: {closed:?}"
+        );
+        beat.abort();
+        replies
+    });
+
+    let refused: Vec<u64> = replies
+        .iter()
+        .filter_map(|m| match m {
+            SyncMsg::Refused { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    println!("refused seqs: {refused:?}");
+    for seq in [1, 2, 3, 4, 5, 6, 7, 10, 11, 12] {
+        assert!(
+            refused.contains(&seq),
+            "op {seq} must be refused: {replies:?}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "nothing may appear outside the root"
+    );
+    assert_eq!(
+        std::fs::read(inbox.join("fine/cur/good.msg")).unwrap(),
+        b"a legitimate message"
+    );
+    let link = std::fs::symlink_metadata(inbox.join("ok-link")).unwrap();
+    assert!(
+        link.is_file(),
+        "the file replaced the symlink instead of writing through it"
+    );
+    assert!(!inbox.join("fine/cur/after-bad-frame").exists());
+    let st = tp.nodes[0].status().expect("the daemon survived");
+    assert!(
+        st.replication.refused_paths >= 10,
+        "{}",
+        st.replication.refused_paths
+    );
+    assert!(
+        tp.nodes[0].log().contains("refused"),
+        "refusals are logged with the peer and path"
+    );
+    assert!(tp.nodes[0].is_running());
+}

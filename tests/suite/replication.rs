@@ -1,0 +1,376 @@
+//! Mailstore replication between two real daemons.
+
+use std::time::Duration;
+
+use hasync::fixture::{generate_maildirs, Step, Workload};
+
+use super::util::*;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn started_with_fixture(
+    options: PairOptions,
+    seed: u64,
+    mailboxes: usize,
+    messages: usize,
+) -> TestPair {
+    let _g = inotify_guard();
+    let mut tp = TestPair::new(options);
+    // mx1 has the higher priority: it will be primary and sends the fixture.
+    generate_maildirs(&tp.store(0, "inbox"), &spec(seed, mailboxes, messages)).unwrap();
+    tp.start_all();
+    let p = tp
+        .wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(p, 0, "mx1 has the higher priority");
+    tp
+}
+
+#[test]
+fn seeded_maildir_workload_replicates_exactly_and_renames_send_no_content() {
+    let tp = started_with_fixture(fast(), 7, 6, 300);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    let mut w = Workload::new(&src, spec(7, 6, 300));
+    let mut counts = std::collections::HashMap::new();
+    for i in 0..500 {
+        let step = w.step().unwrap();
+        *counts.entry(format!("{step:?}")).or_insert(0) += 1;
+        if i % 25 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    // Something in the second mailstore too.
+    std::fs::create_dir_all(tp.store(0, "quarantine").join("2026/11")).unwrap();
+    std::fs::write(
+        tp.store(0, "quarantine").join("2026/11/virus.eml"),
+        b"X-Virus: yes\r\n\r\nbad",
+    )
+    .unwrap();
+    println!("workload: {counts:?}");
+    let took = wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| {
+        let _ = std::fs::write("/tmp/hasync-failed-logs.txt", tp.logs());
+        panic!("{e}")
+    });
+    wait_identical(
+        &tp.store(0, "quarantine"),
+        &tp.store(1, "quarantine"),
+        CONVERGE,
+    )
+    .unwrap();
+    println!("converged {took:?} after the workload");
+    let d = digest(&dst);
+    assert!(
+        d.values().any(|s| s.links.len() > 1),
+        "hard links must be kept as links"
+    );
+    assert!(
+        d.values()
+            .any(|s| s.kind == "file" && s.hash == xxhash_rust::xxh3::xxh3_128(b"")),
+        "empty files"
+    );
+    assert!(
+        d.keys().any(|k| k.ends_with("/tmp")),
+        "empty tmp/ directories are replicated"
+    );
+
+    // Renames only: content must not travel again.
+    let before = tp.repl(0);
+    let mut renames = 0;
+    while renames < 60 {
+        if matches!(w.step().unwrap(), Step::FlagRename | Step::MoveToCur) {
+            renames += 1;
+        }
+    }
+    // The loop also ran other steps; let them settle, then measure a pure-rename run.
+    wait_identical(&src, &dst, CONVERGE).unwrap();
+    let before_pure = tp.repl(0);
+    let mut moved = 0;
+    for entry in walk_files(&src) {
+        if moved == 40 {
+            break;
+        }
+        let name = entry.file_name().unwrap().to_string_lossy().into_owned();
+        if entry.parent().unwrap().ends_with("cur") && name.contains(":2,") {
+            let to = entry.with_file_name(format!("{}:2,RS", name.split(":2,").next().unwrap()));
+            if to != entry && !to.exists() {
+                std::fs::rename(&entry, &to).unwrap();
+                moved += 1;
+            }
+        }
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::thread::sleep(Duration::from_millis(300));
+    let after = tp.repl(0);
+    println!(
+        "pure renames: {moved} files, renames sent {} -> {}, content bytes {} -> {} (mixed phase before: {} -> {})",
+        before_pure.renames_sent, after.renames_sent, before_pure.content_bytes_sent, after.content_bytes_sent,
+        before.content_bytes_sent, before_pure.content_bytes_sent
+    );
+    assert!(after.renames_sent >= before_pure.renames_sent + moved);
+    assert_eq!(
+        after.content_bytes_sent, before_pure.content_bytes_sent,
+        "flag renames must move the replica's files, not re-send their bytes"
+    );
+    assert_eq!(after.hash_mismatches, 0);
+}
+
+fn walk_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.file_name().is_some_and(|n| n == ".hasync") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn inotify_overflow_triggers_a_rescan_and_the_replica_converges() {
+    const LIMIT: &str = "/proc/sys/fs/inotify/max_queued_events";
+    let guard = inotify_guard();
+    let old = std::fs::read_to_string(LIMIT).unwrap();
+    let mut tp = TestPair::new(fast());
+    generate_maildirs(&tp.store(0, "inbox"), &spec(11, 4, 50)).unwrap();
+    // The limit is read when an inotify instance is created: lower it only
+    // while the primary's tracker starts.
+    std::fs::write(LIMIT, "32").unwrap();
+    tp.start_all();
+    let formed = tp.wait_formed(Duration::from_secs(20));
+    let tracking =
+        tp.nodes[0].wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.replication.watches > 0
+        });
+    std::fs::write(LIMIT, old.trim()).unwrap();
+    drop(guard);
+    formed.unwrap();
+    tracking.unwrap();
+
+    let src = tp.store(0, "inbox");
+    let mut w = Workload::new(&src, spec(11, 4, 50));
+    for _ in 0..3000 {
+        w.deliver(100).unwrap();
+    }
+    wait_identical(&src, &tp.store(1, "inbox"), CONVERGE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.repl(0);
+    println!("overflows {}, rescans {}", r.inotify_overflows, r.rescans);
+    assert!(
+        r.inotify_overflows > 0,
+        "a queue of 32 events must overflow under 3000 deliveries"
+    );
+    assert!(r.rescans > 0);
+    assert!(
+        tp.nodes[0].log().contains("overflow"),
+        "the overflow is logged"
+    );
+}
+
+#[test]
+fn secondary_killed_mid_sync_resumes_instead_of_starting_over() {
+    let _g = inotify_guard();
+    let mut tp = TestPair::new(fast());
+    let total = 4000u64;
+    let mut s = spec(5, 10, total as usize);
+    s.median_size = 16 * 1024;
+    generate_maildirs(&tp.store(0, "inbox"), &s).unwrap();
+    drop(_g);
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(20)).unwrap();
+    let landed = tp.nodes[1]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(2), |st| {
+            st.replication.files_landed > 300
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()))
+        .replication
+        .files_landed;
+    tp.nodes[1].kill9().unwrap();
+    println!("killed the secondary after it landed {landed} files");
+    std::thread::sleep(Duration::from_millis(300));
+    tp.nodes[1].start().unwrap();
+    wait_identical(&tp.store(0, "inbox"), &tp.store(1, "inbox"), CONVERGE)
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // The second session only sent what had not landed.
+    let log = tp.nodes[0].log();
+    let sessions: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split("initial sync: ").nth(1))
+        .filter_map(|r| r.split(" paths").next()?.parse().ok())
+        .collect();
+    println!("paths to send per session: {sessions:?}");
+    assert!(sessions.len() >= 2, "expected a second session:\n{log}");
+    let second = *sessions.last().unwrap();
+    assert!(
+        second < sessions[0] && second <= sessions[0] - landed.min(sessions[0]) + 600,
+        "resumed session must skip the {landed} landed files: {sessions:?}"
+    );
+}
+
+#[test]
+fn anti_entropy_repairs_drift_on_the_secondary() {
+    let mut opts = fast();
+    opts.verify_interval_ms = 1500;
+    let tp = started_with_fixture(opts, 3, 3, 60);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&src, &dst, CONVERGE).unwrap();
+    let files: Vec<_> = walk_files(&dst)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/cur/"))
+        .collect();
+    std::fs::remove_file(&files[0]).unwrap();
+    let len = std::fs::metadata(&files[1]).unwrap().len() as usize;
+    std::fs::write(&files[1], vec![b'X'; len]).unwrap();
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.repl(0);
+    println!("verify runs {}, repaired {}", r.verify_runs, r.repaired);
+    assert!(
+        r.repaired >= 2,
+        "both the deleted and the corrupted file count as repaired"
+    );
+}
+
+#[test]
+fn after_failover_the_new_primary_wins_and_the_loser_is_kept_aside() {
+    let mut tp = started_with_fixture(fast(), 9, 3, 40);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    // Both sides change the same message during the outage; the old primary
+    // also got a message the new primary never saw.
+    let victim = walk_files(&a)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("/cur/"))
+        .unwrap();
+    let rel = victim.strip_prefix(&a).unwrap().to_path_buf();
+    std::fs::write(&victim, b"old primary's edit").unwrap();
+    std::fs::write(
+        a.join("user0000/Maildir/new/lost.M1.oldprimary"),
+        b"only on the old primary",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(b.join(&rel), b"new primary's edit").unwrap();
+    std::fs::write(
+        b.join("user0001/Maildir/new/fresh.M1.newprimary"),
+        b"delivered after failover",
+    )
+    .unwrap();
+
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(15), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary
+        })
+        .unwrap();
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(std::fs::read(a.join(&rel)).unwrap(), b"new primary's edit");
+    let conflicts = walk_all(&a.join(".hasync/conflicts"));
+    let kept: Vec<String> = conflicts
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect();
+    println!("kept aside: {conflicts:?}");
+    assert!(kept.iter().any(|c| c == "old primary's edit"), "{kept:?}");
+    assert!(
+        kept.iter().any(|c| c == "only on the old primary"),
+        "{kept:?}"
+    );
+    assert!(tp.repl(0).conflicts_kept >= 2);
+}
+
+fn walk_all(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
+    let _g = inotify_guard();
+    let mut tp = TestPair::new(fast());
+    let dst = tp.store(1, "inbox");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&dst)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a small tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(dst.clone());
+    drop(_g);
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(20)).unwrap();
+    let src = tp.store(0, "inbox");
+    std::fs::create_dir_all(src.join("big/cur")).unwrap();
+    for i in 0..24 {
+        std::fs::write(
+            src.join(format!("big/cur/{i}.msg")),
+            vec![b'a' + (i % 26) as u8; 100 * 1024],
+        )
+        .unwrap();
+    }
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
+            s.replication.disk_full
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        tp.nodes[1].log().contains("disk full"),
+        "the alarm is logged"
+    );
+    // No partial file under a final name: whatever landed is complete.
+    for f in walk_files(&dst) {
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().len(),
+            100 * 1024,
+            "{f:?} is partial"
+        );
+    }
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,size=16m"])
+        .arg(&dst)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let staging: Vec<_> = std::fs::read_dir(dst.join(".hasync/staging"))
+        .unwrap()
+        .collect();
+    assert!(staging.is_empty(), "no staged leftovers: {staging:?}");
+}
