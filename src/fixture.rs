@@ -300,3 +300,92 @@ impl Workload {
         Ok(step)
     }
 }
+
+/// What a replica must reproduce of one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    pub kind: &'static str,
+    pub hash: u128,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Files only: directory mtimes move with every landed entry.
+    pub mtime_ns: Option<i128>,
+    /// Other names of the same inode (hard links), sorted.
+    pub links: Vec<String>,
+}
+
+/// Content hash, metadata and hard-link groups of a mailstore tree, leaving
+/// out hasync's own directory and Maildir `tmp/` contents (not replicated).
+pub fn digest(root: &Path) -> std::collections::BTreeMap<String, PathState> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut inodes: std::collections::HashMap<u64, Vec<String>> = Default::default();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        // Trees are read while they may still change: skip what vanishes.
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in rd {
+            let Ok(e) = e else { continue };
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel == ".hasync" || rel.starts_with(".hasync/") {
+                continue;
+            }
+            if p.parent()
+                .and_then(|d| d.file_name())
+                .is_some_and(|n| n == "tmp")
+            {
+                continue;
+            }
+            let Ok(md) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let (kind, hash, mtime) = if md.is_dir() {
+                stack.push(p.clone());
+                ("dir", 0, None)
+            } else if md.file_type().is_symlink() {
+                let Ok(t) = std::fs::read_link(&p) else {
+                    continue;
+                };
+                (
+                    "symlink",
+                    xxhash_rust::xxh3::xxh3_128(t.as_os_str().as_encoded_bytes()),
+                    None,
+                )
+            } else {
+                inodes.entry(md.ino()).or_default().push(rel.clone());
+                let Ok(data) = std::fs::read(&p) else {
+                    continue;
+                };
+                (
+                    "file",
+                    xxhash_rust::xxh3::xxh3_128(&data),
+                    Some(md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128),
+                )
+            };
+            out.insert(
+                rel,
+                PathState {
+                    kind,
+                    hash,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    mtime_ns: mtime,
+                    links: vec![],
+                },
+            );
+        }
+    }
+    for names in inodes.into_values().filter(|n| n.len() > 1) {
+        let mut sorted = names.clone();
+        sorted.sort();
+        for n in &names {
+            out.get_mut(n).unwrap().links = sorted.clone();
+        }
+    }
+    out
+}
