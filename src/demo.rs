@@ -228,9 +228,7 @@ fn scenario(exe: &Path, r: &mut DemoReport, say: &mut dyn FnMut(&str)) -> Result
             fmt_ms(repl.lag_ms_p99)
         ),
     );
-    if let Err(e) = t {
-        return Err(e);
-    }
+    t?;
 
     // Let a few heartbeats flow so that the kill lands in steady state.
     std::thread::sleep(interval * 3);
