@@ -74,6 +74,22 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Generate a deterministic Maildir fixture (for tests and benchmarks).
+    Fixture {
+        /// Directory to fill (created; must be empty or absent).
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of messages.
+        #[arg(long, default_value_t = 20_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 200)]
+        mailboxes: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Median message size in bytes (lognormal-like, clipped 512 B .. 4 MiB).
+        #[arg(long, default_value_t = 10 * 1024)]
+        median_size: u64,
+    },
     /// Start a pair on 127.0.0.1, kill the primary, watch the failover.
     Demo {
         #[arg(long)]
@@ -142,6 +158,31 @@ fn real_main() -> Result<ExitCode> {
             }
             println!("{}", resp.message.unwrap_or_default());
             resync_progress(&target)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Fixture {
+            out,
+            messages,
+            mailboxes,
+            seed,
+            median_size,
+        } => {
+            if out.exists() && std::fs::read_dir(&out)?.next().is_some() {
+                bail!(
+                    "{} is not empty: fixtures go into a fresh directory",
+                    out.display()
+                );
+            }
+            let spec = hasync::fixture::MaildirSpec {
+                seed,
+                mailboxes: mailboxes.max(1),
+                messages,
+                median_size,
+                ..Default::default()
+            };
+            let (files, bytes) = hasync::fixture::generate_maildirs(&out, &spec)
+                .with_context(|| format!("generating into {}", out.display()))?;
+            println!("{files} files, {bytes} bytes in {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { json } => {

@@ -369,18 +369,30 @@ pub async fn handshake(
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
+    max: Duration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { next: BACKOFF_MIN }
+        Backoff {
+            next: BACKOFF_MIN,
+            max: BACKOFF_MAX,
+        }
     }
 }
 
 impl Backoff {
+    /// A backoff with another ceiling.
+    pub fn with_max(max: Duration) -> Backoff {
+        Backoff {
+            next: BACKOFF_MIN,
+            max,
+        }
+    }
+
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
+        self.next = (self.next * 2).min(self.max);
         d
     }
     pub fn reset(&mut self) {

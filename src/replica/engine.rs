@@ -249,7 +249,9 @@ async fn run_primary(
         watches = tracker.stats().watches,
         "replication: tracking mailstores as primary"
     );
-    let mut backoff = Backoff::default();
+    // The peer refuses until it has become secondary itself, which happens
+    // within a heartbeat or two: keep the ceiling low so the sync starts soon.
+    let mut backoff = Backoff::with_max(Duration::from_millis(250));
     let mut last_err = String::new();
     loop {
         if *mode_rx.borrow() != EngineMode::Primary {

@@ -279,12 +279,18 @@ impl Index {
     /// Walks the store and returns every entry (sorted by path) with its
     /// hash, re-hashing only what changed since it was last seen (or
     /// everything, with `full_verify`).
+    ///
+    /// With `hash_uncached == false`, a path whose hash is not cached gets
+    /// `None` instead of being read: the caller hashes only the paths it
+    /// needs to compare (an initial sync to an empty replica reads nothing
+    /// twice).
     pub fn scan(
         &mut self,
         root: &Path,
         excludes: &Excludes,
         full_verify: bool,
-    ) -> std::io::Result<Vec<(PathBuf, Stat, u128)>> {
+        hash_uncached: bool,
+    ) -> std::io::Result<Vec<(PathBuf, Stat, Option<u128>)>> {
         let mut out = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(dir) = stack.pop() {
@@ -307,7 +313,8 @@ impl Index {
                     !full_verify && e.kind == st.kind && same_version(&e.version, &st.version)
                 });
                 let hash = match cached {
-                    Some(e) => e.hash(),
+                    Some(e) => Some(e.hash()),
+                    None if !hash_uncached && st.kind == Kind::File => None,
                     None => match hash_path(&abs, st.kind) {
                         Ok(h) => {
                             let synced = self
@@ -315,7 +322,7 @@ impl Index {
                                 .get(&rel)
                                 .is_some_and(|e| e.synced && e.hash() == h && e.kind == st.kind);
                             self.set(rel.clone(), Entry::new(&st, h, synced));
-                            h
+                            Some(h)
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                         Err(e) => return Err(e),

@@ -108,6 +108,9 @@ pub struct Sender {
     last_save: Instant,
     /// A rescan asked for a comparison with the replica.
     pending_verify: bool,
+    /// Paths the peer asked for again: their pending acks must not mark
+    /// them as held by the replica.
+    needed: std::collections::HashSet<(usize, PathBuf)>,
     /// Directories whose children the last reconciliation already queued.
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
@@ -138,7 +141,12 @@ async fn read_small(path: PathBuf, size: u64) -> std::io::Result<Read> {
         if n == 0 {
             break;
         }
+        let asked = buf.capacity();
         data.extend_from_slice(&buf[..n]);
+        // A short read of a regular file is its end: no second round trip.
+        if n < asked {
+            break;
+        }
         if data.len() as u64 > SMALL_FILE * 4 {
             break;
         }
@@ -180,6 +188,7 @@ impl Sender {
             next_backoff: Instant::now(),
             last_save: Instant::now(),
             pending_verify: false,
+            needed: Default::default(),
             listed_dirs: Default::default(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -370,7 +379,7 @@ impl Sender {
             let store = &mut self.stores[s];
             let local = store
                 .index
-                .scan(&store.root, &self.excludes, full_verify)
+                .scan(&store.root, &self.excludes, full_verify, false)
                 .map_err(|source| SendError::Local {
                     path: store.root.clone(),
                     source,
@@ -378,9 +387,21 @@ impl Sender {
             let mut remote = remote;
             let mut queue = Vec::new();
             for (rel, st, hash) in local {
-                let same = remote
-                    .remove(&rel)
-                    .is_some_and(|r| same_entry(&st, hash, &r));
+                let same = match remote.remove(&rel) {
+                    // Hash only what could be equal: same kind, size, mtime, owner.
+                    Some(r) if same_entry(&st, r.hash, &r) => {
+                        let hash = match hash {
+                            Some(h) => Some(h),
+                            None => index::hash_path(&store.root.join(&rel), st.kind)
+                                .ok()
+                                .inspect(|h| {
+                                    store.index.set(rel.clone(), Entry::new(&st, *h, false));
+                                }),
+                        };
+                        hash == Some(r.hash)
+                    }
+                    _ => false,
+                };
                 if st.kind == Kind::Dir {
                     self.listed_dirs.insert((s, rel.clone()));
                 }
@@ -471,6 +492,13 @@ impl Sender {
                 let Some(rel) = rel_from(&path) else {
                     return Ok(());
                 };
+                let s = store as usize;
+                if let Some(st) = self.stores.get_mut(s) {
+                    if let Some(e) = st.index.entries.get_mut(&rel) {
+                        e.synced = false;
+                    }
+                }
+                self.needed.insert((s, rel.clone()));
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
@@ -528,7 +556,13 @@ impl Sender {
             }
             for a in b.acks {
                 match a {
-                    OnAck::Set(s, rel, entry) => self.stores[s].index.set(rel, entry),
+                    OnAck::Set(s, rel, mut entry) => {
+                        if self.needed.remove(&(s, rel.clone())) {
+                            entry.synced = false;
+                        }
+                        self.stores[s].index.set(rel, entry)
+                    }
+                    OnAck::Link(s, rel, _, _) if self.needed.remove(&(s, rel.clone())) => {}
                     OnAck::Link(s, rel, existing, st) => {
                         let hash = self.stores[s]
                             .index
@@ -546,6 +580,10 @@ impl Sender {
             let mut p = self.stats.progress.lock().expect("progress lock");
             p.done_files += b.files;
             p.done_bytes += b.bytes;
+        }
+        if self.inflight.is_empty() {
+            // Every ack that could carry a re-requested path has arrived.
+            self.needed.clear();
         }
         if self.retry.is_empty() && self.stats.peer_disk_full.swap(false, Relaxed) {
             info!("peer accepts data again: replication resumed");
