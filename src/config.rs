@@ -70,6 +70,8 @@ pub struct Config {
     pub mailstores: BTreeMap<String, PathBuf>,
     /// The `[replication]` table: how mailstores are replicated.
     pub replication: ReplicationConfig,
+    /// The `[queue]` table: the mail queue's layout and its failover push.
+    pub queue: QueueConfig,
     /// The file this configuration came from (as given to `load`/`parse`).
     pub source: PathBuf,
 }
@@ -105,6 +107,19 @@ pub struct ReplicationConfig {
     pub exclude: Vec<String>,
     /// How often the primary verifies the whole replica (anti-entropy).
     pub verify_interval: Duration,
+}
+
+/// The `[queue]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// How messages are stored in `queue_dir`.
+    pub layout: crate::queue::layout::Layout,
+    /// Command (argv) run on the new primary after pushed messages land,
+    /// e.g. `["postsuper", "-s"]` to repair Postfix queue file names.
+    pub post_ingest_hook: Option<Vec<String>>,
+    /// Dedup ledger bounds: entries and age.
+    pub ledger_max_entries: usize,
+    pub ledger_max_age: Duration,
 }
 
 /// Default exclude: Maildir `tmp/` holds messages still being written.
@@ -400,6 +415,23 @@ struct RawConfig {
     mailstores: BTreeMap<String, PathBuf>,
     #[serde(default)]
     replication: RawReplication,
+    #[serde(default)]
+    queue: RawQueue,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    #[serde(default)]
+    layout: crate::queue::layout::Layout,
+    post_ingest_hook: Option<Vec<String>>,
+    ledger_max_entries: Option<i64>,
+    #[serde(default, deserialize_with = "de_ledger_max_age")]
+    ledger_max_age_ms: Option<Duration>,
+}
+
+fn de_ledger_max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "queue.ledger_max_age_ms").map(Some)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -563,7 +595,45 @@ impl RawConfig {
             ));
         }
 
+        let q = self.queue;
+        if let Some(h) = &q.post_ingest_hook {
+            if h.is_empty() || h[0].trim().is_empty() {
+                return Err(err(
+                    "queue.post_ingest_hook",
+                    format!("{h:?}"),
+                    "must name a command, e.g. [\"postsuper\", \"-s\"]".into(),
+                ));
+            }
+        }
+        let ledger_max_entries = match q.ledger_max_entries {
+            None => 1_000_000,
+            Some(n) if (1_000..=100_000_000).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(err(
+                    "queue.ledger_max_entries",
+                    n.to_string(),
+                    "must be between 1000 and 100000000".into(),
+                ))
+            }
+        };
+        let ledger_max_age = q
+            .ledger_max_age_ms
+            .unwrap_or(Duration::from_secs(7 * 24 * 3600));
+        if ledger_max_age < Duration::from_secs(3600) {
+            return Err(err(
+                "queue.ledger_max_age_ms",
+                fmt_duration(ledger_max_age),
+                "must be at least 1h: a replayed push must still find its record".into(),
+            ));
+        }
+
         let config = Config {
+            queue: QueueConfig {
+                layout: q.layout,
+                post_ingest_hook: q.post_ingest_hook,
+                ledger_max_entries,
+                ledger_max_age,
+            },
             replication: ReplicationConfig {
                 sync_listen,
                 sync_peer,

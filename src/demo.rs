@@ -88,6 +88,12 @@ pub struct DemoReport {
     pub content_bytes_sent: u64,
     pub lag_ms_p50: Option<f64>,
     pub lag_ms_p99: Option<f64>,
+    /// Counted by content hash on both nodes' queues, not by the engine.
+    pub queue_messages_before: u64,
+    pub queue_pushed: u64,
+    pub queue_duplicates_dropped: u64,
+    pub queue_lost: u64,
+    pub queue_duplicated: u64,
     pub steps: Vec<String>,
     pub error: Option<String>,
 }
@@ -112,6 +118,11 @@ pub fn run(exe: &Path, say: &mut dyn FnMut(&str)) -> DemoReport {
         content_bytes_sent: 0,
         lag_ms_p50: None,
         lag_ms_p99: None,
+        queue_messages_before: 0,
+        queue_pushed: 0,
+        queue_duplicates_dropped: 0,
+        queue_lost: 0,
+        queue_duplicated: 0,
         steps: vec![],
         error: None,
     };
@@ -230,6 +241,21 @@ fn scenario(exe: &Path, r: &mut DemoReport, say: &mut dyn FnMut(&str)) -> Result
     );
     t?;
 
+    // Mail waiting in the primary's queue when it dies.
+    let layout = crate::queue::layout::Layout::Postfix;
+    crate::fixture::generate_queue(layout, &pair.nodes[p].queue_dir, 50, 7)
+        .map_err(|e| format!("queueing mail: {e}"))?;
+    let queued = crate::fixture::queue_digest(layout, &pair.nodes[p].queue_dir)
+        .map_err(|e| e.to_string())?;
+    r.queue_messages_before = queued.values().sum::<usize>() as u64;
+    step(
+        r,
+        format!(
+            "{} messages waiting in {}'s Postfix queue (deferred/ and hold/)",
+            r.queue_messages_before, pair.nodes[p].name
+        ),
+    );
+
     // Let a few heartbeats flow so that the kill lands in steady state.
     std::thread::sleep(interval * 3);
     let killed_at = Instant::now();
@@ -269,6 +295,39 @@ fn scenario(exe: &Path, r: &mut DemoReport, say: &mut dyn FnMut(&str)) -> Result
             pair.nodes[p].name, rejoined.epoch
         ),
     );
+    let pushed =
+        pair.nodes[p].wait_status(Duration::from_secs(60), Duration::from_millis(20), |st| {
+            !st.queue_push.pending && !st.queue_push.running && st.queue_push.requested > 0
+        })?;
+    let old_q = crate::fixture::queue_digest(layout, &pair.nodes[p].queue_dir)
+        .map_err(|e| e.to_string())?;
+    let new_q = crate::fixture::queue_digest(layout, &pair.nodes[s].queue_dir)
+        .map_err(|e| e.to_string())?;
+    r.queue_pushed = pushed.queue_push.last.pushed;
+    r.queue_duplicates_dropped = pushed.queue_push.last.duplicates_dropped;
+    for (k, n) in &queued {
+        let total = old_q.get(k).copied().unwrap_or(0) + new_q.get(k).copied().unwrap_or(0);
+        if total < *n {
+            r.queue_lost += (*n - total) as u64;
+        }
+        if total > *n {
+            r.queue_duplicated += (total - *n) as u64;
+        }
+    }
+    step(
+        r,
+        format!(
+            "queue push: {} messages pushed to {}, {} duplicates dropped; by content hash: {} lost, {} duplicated, {} left on {}",
+            r.queue_pushed,
+            pair.nodes[s].name,
+            r.queue_duplicates_dropped,
+            r.queue_lost,
+            r.queue_duplicated,
+            old_q.values().sum::<usize>(),
+            pair.nodes[p].name
+        ),
+    );
+
     // The direction reverses: mail delivered on the new primary reaches the old one.
     let mut w2 = Workload::new(&dst, MaildirSpec { seed: 43, ..spec });
     for _ in 0..20 {
@@ -299,7 +358,10 @@ fn scenario(exe: &Path, r: &mut DemoReport, say: &mut dyn FnMut(&str)) -> Result
         && r.queue_push_requested
         && took_over.epoch > before.epoch
         && r.mailstore_identical
-        && r.mailstore_identical_after_failover;
+        && r.mailstore_identical_after_failover
+        && r.queue_lost == 0
+        && r.queue_duplicated == 0
+        && r.queue_messages_before > 0;
     for n in pair.nodes.iter_mut() {
         let _ = n.kill9();
     }

@@ -389,3 +389,92 @@ pub fn digest(root: &Path) -> std::collections::BTreeMap<String, PathState> {
     }
     out
 }
+
+/// Queues `n` messages in `layout` form under `dir` (Postfix: `deferred/` with
+/// hash directories, retry times in the mtime, some force-expired (g+x), some
+/// on `hold/`; Exim: `input/` `-H`/`-D` pairs; flat: one file each).
+pub fn generate_queue(
+    layout: crate::queue::layout::Layout,
+    dir: &Path,
+    n: usize,
+    seed: u64,
+) -> io::Result<()> {
+    use crate::queue::layout::Layout;
+    let mut rng = SimRng::new(seed);
+    let now = std::time::SystemTime::now();
+    for i in 0..n {
+        let spec = MaildirSpec::default();
+        let size = message_size(&mut rng, &spec).min(256 * 1024);
+        let body = message(&mut rng, size);
+        match layout {
+            Layout::Flat => fs::write(dir.join(format!("Q{seed:02}{i:06X}")), &body)?,
+            Layout::Postfix => {
+                let id = format!("{:X}{:07X}", 0xA + (seed % 6), i);
+                let (sub, mode, retry_s): (&str, u32, i64) = match i % 4 {
+                    0 | 1 => ("deferred", 0o700, 3600),
+                    2 => ("hold", 0o700, -60),
+                    _ => ("deferred", 0o710, 600),
+                };
+                let d = if sub == "deferred" {
+                    dir.join(sub).join(&id[..1])
+                } else {
+                    dir.join(sub)
+                };
+                fs::create_dir_all(&d)?;
+                let p = d.join(&id);
+                fs::write(&p, &body)?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+                let t = if retry_s >= 0 {
+                    now + std::time::Duration::from_secs(retry_s as u64)
+                } else {
+                    now - std::time::Duration::from_secs(retry_s.unsigned_abs())
+                };
+                fs::File::options().write(true).open(&p)?.set_modified(t)?;
+            }
+            Layout::Exim => {
+                let id = format!("1v{seed:04}-{i:06}-00");
+                let d = dir.join("input");
+                fs::create_dir_all(&d)?;
+                fs::write(
+                    d.join(format!("{id}-H")),
+                    format!("{id}-H\nmailnull 47 12\n<sender@example.net>\n"),
+                )?;
+                fs::write(
+                    d.join(format!("{id}-D")),
+                    [format!("{id}-D\n").as_bytes(), &body].concat(),
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each queued message's content (all parts, plus mode and, for Postfix,
+/// sub-queue and mtime) → how many times it is queued. Exim's first `-H`
+/// line names the message and may change with a new ID: left out.
+pub fn queue_digest(
+    layout: crate::queue::layout::Layout,
+    dir: &Path,
+) -> io::Result<std::collections::BTreeMap<u128, usize>> {
+    use crate::queue::layout::{self, Layout};
+    let scan = layout::scan(layout, dir).map_err(io::Error::other)?;
+    let mut out = std::collections::BTreeMap::new();
+    for m in scan.messages {
+        let mut bytes = Vec::new();
+        for p in &m.parts {
+            let b = fs::read(&p.path)?;
+            let skip = if p.suffix.is_empty() {
+                0
+            } else {
+                b.iter().position(|c| *c == b'\n').map_or(0, |x| x + 1)
+            };
+            bytes.extend_from_slice(&b[skip..]);
+            bytes.extend_from_slice(format!("|{:o}|", p.meta.mode).as_bytes());
+            if layout == Layout::Postfix {
+                bytes.extend_from_slice(format!("{}|{}", m.sub_queue, p.meta.mtime_sec).as_bytes());
+            }
+        }
+        *out.entry(xxhash_rust::xxh3::xxh3_128(&bytes)).or_insert(0) += 1;
+    }
+    Ok(out)
+}

@@ -20,6 +20,8 @@ pub struct PairOptions {
     pub priorities: [u8; 2],
     /// Anti-entropy interval of the replication.
     pub verify_interval_ms: u64,
+    /// `queue.layout` of both nodes.
+    pub queue_layout: &'static str,
 }
 
 impl Default for PairOptions {
@@ -31,6 +33,7 @@ impl Default for PairOptions {
             recovery: "become-secondary",
             priorities: [200, 100],
             verify_interval_ms: 600_000,
+            queue_layout: "postfix",
         }
     }
 }
@@ -58,11 +61,34 @@ pub struct Pair {
     pub options: PairOptions,
 }
 
+/// A port for a daemon to listen on, below the kernel's ephemeral range:
+/// ports from that range are handed to outgoing connections, and one of them
+/// could hold a listen port while its node restarts. Ports are handed out
+/// once per process, starting at an offset taken from the pid so that
+/// parallel test processes rarely meet; each is checked by binding it.
 fn free_port() -> std::io::Result<SocketAddr> {
-    // Bind port 0 and release it: the kernel hands out ports round-robin, so
-    // the port stays free until the daemon binds it in practice.
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    l.local_addr()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (start, span) = (10_000u32, low.saturating_sub(10_000).max(1000));
+    let _ = NEXT.compare_exchange(
+        0,
+        std::process::id() * 97 % span + 1,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = start + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            return l.local_addr();
+        }
+    }
+    Err(std::io::Error::other(
+        "no free port below the ephemeral range",
+    ))
 }
 
 impl Pair {
@@ -105,10 +131,14 @@ sync_listen = "{sync_listen}"
 sync_peer = "{sync_peer}"
 verify_interval_ms = {verify}
 
+[queue]
+layout = "{layout}"
+
 [mailstores]
 inbox = "mail/inbox"
 quarantine = "mail/quarantine"
 "#,
+                layout = options.queue_layout,
                 sync_listen = sync_addrs[i],
                 sync_peer = sync_addrs[1 - i],
                 verify = options.verify_interval_ms,
@@ -184,6 +214,11 @@ impl NodeProc {
 
     /// Starts `hasync run` for this node, logging to `log_path`.
     pub fn start(&mut self) -> std::io::Result<()> {
+        self.start_with_env(&[])
+    }
+
+    /// Like [`NodeProc::start`] with extra environment (e.g. failpoints).
+    pub fn start_with_env(&mut self, env: &[(&str, &str)]) -> std::io::Result<()> {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -197,6 +232,7 @@ impl NodeProc {
                 std::env::var("HASYNC_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -212,6 +248,21 @@ impl NodeProc {
             c.wait()?;
         }
         Ok(())
+    }
+
+    /// Waits for the process to exit (e.g. at a failpoint); true if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            match self.child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(_))) | None => {
+                    self.child = None;
+                    return true;
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        false
     }
 
     pub fn is_running(&mut self) -> bool {

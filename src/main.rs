@@ -69,6 +69,11 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Push this (secondary) node's mail queue to the primary now.
+    PushQueue {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Bring a node that is `off` back into the pair.
     Join {
         #[command(flatten)]
@@ -151,6 +156,7 @@ fn real_main() -> Result<ExitCode> {
         }
         Cmd::Failover { target } => reply(ask(&target, control::Request::Failover)?),
         Cmd::Join { target } => reply(ask(&target, control::Request::Join)?),
+        Cmd::PushQueue { target } => reply(ask(&target, control::Request::PushQueue)?),
         Cmd::Resync { target } => {
             let resp = ask(&target, control::Request::Resync)?;
             if !resp.ok {

@@ -22,6 +22,7 @@ pub enum Request {
     Failover,
     Join,
     Resync,
+    PushQueue,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -105,6 +106,12 @@ pub struct QueuePushStatus {
     pub pending: bool,
     pub last_requested_unix_ms: Option<u64>,
     pub last_target_epoch: Option<u64>,
+    pub running: bool,
+    /// The latest push from this node (counts as it goes).
+    pub last: crate::queue::push::PushReport,
+    pub last_error: Option<String>,
+    /// Pushes this node received as primary.
+    pub ingest: crate::queue::push::IngestStats,
 }
 
 /// A timestamped line kept for status (alarms, role changes).

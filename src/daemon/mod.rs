@@ -16,7 +16,8 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError};
 use crate::failover::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
 use crate::link::{self, auth::LinkKey, LinkCtx, LinkStats};
-use crate::replica::engine::{Engine, EngineConfig, EngineError, EngineMode};
+use crate::queue::push::PushReport;
+use crate::replica::engine::{Engine, EngineConfig, EngineError, EngineMode, QueueSettings};
 use control::{
     LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, MAX_REQUEST,
 };
@@ -58,24 +59,36 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let secret = cfg.read_secret()?;
     let record = state::load(&cfg.state_dir)?;
     let key = LinkKey::from_secret(&secret);
-    let engine = Engine::start(EngineConfig {
-        node_name: cfg.node_name.clone(),
-        peer_name: cfg.link.peer_name.clone(),
-        key: key.clone(),
-        stores: cfg
-            .mailstores
-            .iter()
-            .map(|(n, p)| (n.clone(), p.clone()))
-            .collect(),
-        exclude: cfg.replication.exclude.clone(),
-        state_dir: cfg.state_dir.clone(),
-        sync_listen: cfg.replication.sync_listen,
-        sync_peer: cfg.replication.sync_peer,
-        verify_interval: cfg.replication.verify_interval,
-        io_timeout: cfg.detection_time().max(Duration::from_secs(1)) * 4,
-    })?;
+    let (push_done_tx, push_done_rx) = mpsc::unbounded_channel();
+    let engine = Engine::start(
+        EngineConfig {
+            node_name: cfg.node_name.clone(),
+            peer_name: cfg.link.peer_name.clone(),
+            key: key.clone(),
+            stores: cfg
+                .mailstores
+                .iter()
+                .map(|(n, p)| (n.clone(), p.clone()))
+                .collect(),
+            exclude: cfg.replication.exclude.clone(),
+            state_dir: cfg.state_dir.clone(),
+            sync_listen: cfg.replication.sync_listen,
+            sync_peer: cfg.replication.sync_peer,
+            verify_interval: cfg.replication.verify_interval,
+            io_timeout: cfg.detection_time().max(Duration::from_secs(1)) * 4,
+            queue: QueueSettings {
+                layout: cfg.queue.layout,
+                queue_dir: cfg.queue_dir.clone(),
+                ledger: cfg.state_dir.join("queue-ledger.log"),
+                ledger_max_entries: cfg.queue.ledger_max_entries,
+                ledger_max_age: cfg.queue.ledger_max_age,
+                hook: cfg.queue.post_ingest_hook.clone(),
+            },
+        },
+        push_done_tx,
+    )?;
     tokio_uring::start(async move {
-        let node = Node::start(cfg, key, record, engine).await?;
+        let node = Node::start(cfg, key, record, engine, push_done_rx).await?;
         node.run().await
     })
 }
@@ -99,6 +112,7 @@ struct Node {
     push_last: Option<(u64, u64)>,
     engine: Engine,
     catch_up_reported: bool,
+    push_done_rx: mpsc::UnboundedReceiver<Result<PushReport, String>>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -121,6 +135,7 @@ impl Node {
         key: LinkKey,
         record: EpochRecord,
         engine: Engine,
+        push_done_rx: mpsc::UnboundedReceiver<Result<PushReport, String>>,
     ) -> Result<Node, DaemonError> {
         let now = Instant::now();
         let core_cfg = CoreConfig {
@@ -201,6 +216,7 @@ impl Node {
             push_last: None,
             engine,
             catch_up_reported: false,
+            push_done_rx,
         })
     }
 
@@ -239,6 +255,7 @@ impl Node {
                     };
                     self.core.handle_event(Instant::now(), ev);
                 }
+                Some(res) = self.push_done_rx.recv() => self.on_push_done(res),
                 Some((req, reply)) = self.control_rx.recv() => {
                     let resp = self.handle_request(req);
                     let _ = reply.send(resp);
@@ -300,6 +317,7 @@ impl Node {
                         peer_epoch,
                         "queue push requested: this node served as primary before and must hand its queued mail to the primary at epoch {peer_epoch}"
                     );
+                    self.engine.push_queue();
                 }
                 Action::Alarm(alarm) => {
                     let line = alarm.to_string();
@@ -332,6 +350,17 @@ impl Node {
                 }
                 Err(e) => Response::error(format!("switchover refused: {e}")),
             },
+            Request::PushQueue => {
+                if self.core.role() == Role::Secondary {
+                    self.engine.push_queue();
+                    Response::message("queue push started: see `hasync status` for progress")
+                } else {
+                    Response::error(format!(
+                        "push-queue refused: this node is {}; only a secondary pushes its queue to the primary",
+                        self.core.role()
+                    ))
+                }
+            }
             Request::Resync => {
                 self.engine.request_resync();
                 Response::message(match self.core.role() {
@@ -346,6 +375,47 @@ impl Node {
         };
         self.execute_actions();
         resp
+    }
+
+    fn on_push_done(&mut self, res: Result<PushReport, String>) {
+        match res {
+            Ok(r) if r.failed == 0 => {
+                info!(
+                    messages = r.messages,
+                    ingested = r.ingested,
+                    duplicates = r.duplicates_dropped,
+                    "queue push complete: {} messages handed to the primary ({} ingested, {} duplicates dropped, {} left in place as garbage)",
+                    r.messages, r.ingested, r.duplicates_dropped, r.garbage.len()
+                );
+                if !r.garbage.is_empty() {
+                    push_bounded(
+                        &mut self.alarms,
+                        format!(
+                            "queue push left {} unpushable files in place: {}",
+                            r.garbage.len(),
+                            r.garbage.join("; ")
+                        ),
+                    );
+                }
+                if r.hook_ok == Some(false) {
+                    push_bounded(
+                        &mut self.alarms,
+                        "post-ingest hook failed on the primary".to_string(),
+                    );
+                }
+                self.core.handle_event(Instant::now(), Event::QueuePushDone);
+            }
+            Ok(r) => {
+                let line = format!("queue push incomplete: {} of {} messages refused by the primary and left in place; retry with `hasync push-queue`", r.failed, r.messages);
+                warn!(alarm = true, "ALARM: {line}");
+                push_bounded(&mut self.alarms, line);
+            }
+            Err(e) => {
+                let line = format!("queue push failed: {e}; retry with `hasync push-queue`");
+                warn!(alarm = true, "ALARM: {line}");
+                push_bounded(&mut self.alarms, line);
+            }
+        }
     }
 
     /// Restore-role waits for the replica to be complete: tell the core once
@@ -399,6 +469,32 @@ impl Node {
                 heartbeat_gap_ms_max: (!gaps.is_empty()).then(|| gaps.max() as f64 / 1000.0),
             },
             queue_push: QueuePushStatus {
+                running: self
+                    .engine
+                    .queue
+                    .running
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                last: self
+                    .engine
+                    .queue
+                    .report
+                    .lock()
+                    .expect("queue report lock")
+                    .clone(),
+                last_error: self
+                    .engine
+                    .queue
+                    .last_error
+                    .lock()
+                    .expect("queue error lock")
+                    .clone(),
+                ingest: self
+                    .engine
+                    .queue
+                    .ingest
+                    .lock()
+                    .expect("ingest lock")
+                    .clone(),
                 requested: self.push_requested,
                 pending: cs.queue_push_pending,
                 last_requested_unix_ms: self.push_last.map(|p| p.0),

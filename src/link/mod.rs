@@ -299,6 +299,21 @@ pub async fn handshake(
     side: Side,
     channel: Channel,
 ) -> Result<(), LinkError> {
+    handshake_accepting(conn, ctx, side, channel, &[channel])
+        .await
+        .map(|_| ())
+}
+
+/// Like [`handshake`]; a responder accepts any channel in `allowed` and
+/// returns the one the initiator asked for (the initiator chose it, so it
+/// does not check the responder's).
+pub async fn handshake_accepting(
+    conn: &mut Conn,
+    ctx: &LinkCtx,
+    side: Side,
+    channel: Channel,
+    allowed: &[Channel],
+) -> Result<Channel, LinkError> {
     let peer = conn.peer();
     let own_nonce = nonce();
     conn.send(&Message::Hello(Hello {
@@ -324,10 +339,10 @@ pub async fn handshake(
             expected: ctx.peer_name.clone(),
         });
     }
-    if hello.channel != channel {
+    if side == Side::Responder && !allowed.contains(&hello.channel) {
         return Err(LinkError::Protocol {
             peer,
-            expected: "the same channel",
+            expected: "a channel this port serves",
             got: format!("{:?}", hello.channel),
         });
     }
@@ -362,7 +377,11 @@ pub async fn handshake(
             name: hello.node,
         });
     }
-    Ok(())
+    Ok(if side == Side::Responder {
+        hello.channel
+    } else {
+        channel
+    })
 }
 
 /// Capped exponential backoff.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::fsops::Root;
 use super::index::Index;
@@ -23,7 +23,9 @@ use super::sender::{SendError, Sender, Store};
 use super::stats::{ReplStats, ReplStatus};
 use super::Excludes;
 use crate::link::auth::{LinkKey, Side};
-use crate::link::{handshake, Backoff, Conn, LinkCtx, LinkStats};
+use crate::link::{handshake, handshake_accepting, Backoff, Conn, LinkCtx, LinkStats};
+use crate::queue::layout::Layout;
+use crate::queue::push::{self, IngestStats, Ingester, PushReport};
 use crate::tracker::{Notifier, Tracker, TrackerConfig};
 use crate::wire::sync::SyncMsg;
 use crate::wire::Channel;
@@ -49,6 +51,27 @@ pub struct EngineConfig {
     pub sync_peer: SocketAddr,
     pub verify_interval: Duration,
     pub io_timeout: Duration,
+    pub queue: QueueSettings,
+}
+
+/// What the engine needs for the queue push (both directions).
+#[derive(Debug, Clone)]
+pub struct QueueSettings {
+    pub layout: Layout,
+    pub queue_dir: PathBuf,
+    pub ledger: PathBuf,
+    pub ledger_max_entries: usize,
+    pub ledger_max_age: Duration,
+    pub hook: Option<Vec<String>>,
+}
+
+/// Queue push state for status.
+#[derive(Debug, Default)]
+pub struct QueueState {
+    pub running: std::sync::atomic::AtomicBool,
+    pub report: Mutex<PushReport>,
+    pub last_error: Mutex<Option<String>>,
+    pub ingest: Mutex<IngestStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +94,8 @@ pub enum EngineError {
 /// Handle owned by the daemon or an embedding application.
 pub struct Engine {
     mode_tx: watch::Sender<EngineMode>,
+    push_tx: mpsc::UnboundedSender<()>,
+    pub queue: Arc<QueueState>,
     stats: Arc<ReplStats>,
     notifier: Arc<Mutex<Option<Notifier>>>,
     resync: Arc<AtomicBool>,
@@ -78,7 +103,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(cfg: EngineConfig) -> Result<Engine, EngineError> {
+    /// `done` receives the outcome of every queue push this engine runs.
+    pub fn start(
+        cfg: EngineConfig,
+        done: mpsc::UnboundedSender<Result<PushReport, String>>,
+    ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
         let listener =
             std::net::TcpListener::bind(cfg.sync_listen).map_err(|source| EngineError::Listen {
@@ -89,7 +118,11 @@ impl Engine {
         let stats = Arc::new(ReplStats::default());
         let notifier = Arc::new(Mutex::new(None));
         let resync = Arc::new(AtomicBool::new(false));
+        let queue = Arc::new(QueueState::default());
+        let (push_tx, push_rx) = mpsc::unbounded_channel();
         let shared = Shared {
+            queue: queue.clone(),
+            push_done: done,
             cfg,
             excludes,
             stats: stats.clone(),
@@ -98,10 +131,12 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("hasync-repl".into())
-            .spawn(move || tokio_uring::start(engine_main(shared, listener, mode_rx)))
+            .spawn(move || tokio_uring::start(engine_main(shared, listener, mode_rx, push_rx)))
             .map_err(EngineError::Thread)?;
         Ok(Engine {
             mode_tx,
+            push_tx,
+            queue,
             stats,
             notifier,
             resync,
@@ -131,6 +166,12 @@ impl Engine {
         }
     }
 
+    /// Pushes the local queue to the primary peer (this node must be
+    /// secondary). The outcome arrives on the `done` channel.
+    pub fn push_queue(&self) {
+        let _ = self.push_tx.send(());
+    }
+
     /// Forces a full verification (every file re-hashed on both sides) at the
     /// next opportunity.
     pub fn request_resync(&self) {
@@ -151,6 +192,8 @@ impl Drop for Engine {
 }
 
 struct Shared {
+    queue: Arc<QueueState>,
+    push_done: mpsc::UnboundedSender<Result<PushReport, String>>,
     cfg: EngineConfig,
     excludes: Excludes,
     stats: Arc<ReplStats>,
@@ -173,9 +216,21 @@ async fn engine_main(
     shared: Shared,
     listener: std::net::TcpListener,
     mut mode_rx: watch::Receiver<EngineMode>,
+    mut push_rx: mpsc::UnboundedReceiver<()>,
 ) {
     let shared = Rc::new(shared);
     let ctx = Rc::new(link_ctx(&shared.cfg));
+    {
+        let (shared, ctx, mode_rx) = (shared.clone(), ctx.clone(), mode_rx.clone());
+        tokio_uring::spawn(async move {
+            while push_rx.recv().await.is_some() {
+                // Requests that arrive during a push are served by it.
+                while push_rx.try_recv().is_ok() {}
+                let res = run_push(&shared, &ctx, &mode_rx).await;
+                let _ = shared.push_done.send(res);
+            }
+        });
+    }
     // The receiver's stores (and their indexes) live across connections.
     let recv_stores: Rc<RefCell<Option<Vec<RecvStore>>>> = Rc::new(RefCell::new(None));
     tokio_uring::spawn(accept_loop(
@@ -360,6 +415,28 @@ async fn accept_loop(
     stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
 ) {
     let busy = Rc::new(std::cell::Cell::new(false));
+    // Opened at start so that an ingest a crash interrupted is rolled
+    // forward at once, not at the next push.
+    let q = &shared.cfg.queue;
+    let opened = match Ingester::open(
+        q.layout,
+        &q.queue_dir,
+        &q.ledger,
+        q.ledger_max_entries,
+        q.ledger_max_age,
+        q.hook.clone(),
+    ) {
+        Ok(i) => {
+            *shared.queue.ingest.lock().expect("ingest lock") = i.stats.clone();
+            Some(i)
+        }
+        Err(e) => {
+            error!("cannot open the queue ledger: {e}; queue pushes to this node will be refused");
+            *shared.queue.last_error.lock().expect("queue error lock") = Some(e.to_string());
+            None
+        }
+    };
+    let ingester: Rc<RefCell<Option<Ingester>>> = Rc::new(RefCell::new(opened));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -369,7 +446,19 @@ async fn accept_loop(
                 continue;
             }
         };
-        if *mode_rx.borrow() != EngineMode::Secondary || busy.get() {
+        let mode = *mode_rx.borrow();
+        if mode == EngineMode::Primary {
+            // A former primary pushing its queue to us.
+            tokio_uring::spawn(serve_queue_push(
+                shared.clone(),
+                ctx.clone(),
+                stream,
+                addr,
+                ingester.clone(),
+            ));
+            continue;
+        }
+        if mode != EngineMode::Secondary || busy.get() {
             debug!(peer = %addr, "sync connection refused: not secondary or already receiving");
             drop(stream);
             continue;
@@ -439,4 +528,96 @@ fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::
             })
         })
         .collect()
+}
+
+/// Runs one queue push to the primary, retrying the connection for a while
+/// (the peer accepts pushes only once it acts as primary).
+async fn run_push(
+    shared: &Rc<Shared>,
+    ctx: &Rc<LinkCtx>,
+    mode_rx: &watch::Receiver<EngineMode>,
+) -> Result<PushReport, String> {
+    let q = &shared.cfg.queue;
+    shared.queue.running.store(true, Relaxed);
+    let mut backoff = Backoff::with_max(Duration::from_secs(2));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let res = loop {
+        if *mode_rx.borrow() != EngineMode::Secondary {
+            break Err(
+                "queue push needs this node to be secondary with a primary peer".to_string(),
+            );
+        }
+        let attempt = async {
+            let stream = tokio_uring::net::TcpStream::connect(ctx.peer_addr)
+                .await
+                .map_err(|source| {
+                    push::PushError::Link(crate::link::LinkError::Io {
+                        peer: ctx.peer_addr,
+                        op: "connect",
+                        source,
+                    })
+                })?;
+            let mut conn = Conn::new(stream, ctx.peer_addr);
+            handshake(&mut conn, ctx, Side::Initiator, Channel::Queue).await?;
+            let (r, w) = conn.split();
+            let out = push::push(q.layout, &q.queue_dir, r, w.clone(), &shared.queue.report).await;
+            let _ = w.shutdown();
+            out
+        };
+        match attempt.await {
+            Ok(report) => break Ok(report),
+            Err(e) => {
+                let last = e.to_string();
+                debug!("queue push attempt failed: {last}");
+                if std::time::Instant::now() > deadline {
+                    break Err(format!("queue push gave up after 120s: {last}"));
+                }
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    };
+    shared.queue.running.store(false, Relaxed);
+    if let Err(e) = &res {
+        warn!("queue push failed: {e}");
+        *shared.queue.last_error.lock().expect("queue error lock") = Some(e.clone());
+    }
+    res
+}
+
+async fn serve_queue_push(
+    shared: Rc<Shared>,
+    ctx: Rc<LinkCtx>,
+    stream: tokio_uring::net::TcpStream,
+    addr: SocketAddr,
+    ingester: Rc<RefCell<Option<Ingester>>>,
+) {
+    let mut conn = Conn::new(stream, addr);
+    match handshake_accepting(
+        &mut conn,
+        &ctx,
+        Side::Responder,
+        Channel::Queue,
+        &[Channel::Queue],
+    )
+    .await
+    {
+        Ok(_) => {}
+        Err(e) => {
+            warn!(peer = %addr, "queue push connection refused: {e}");
+            return;
+        }
+    }
+    // One push at a time: the ledger has a single owner.
+    let taken = ingester.borrow_mut().take();
+    let Some(mut ing) = taken else {
+        warn!(peer = %addr, "queue push refused: another push is being ingested, or the ledger could not be opened");
+        return;
+    };
+    let (r, w) = conn.split();
+    if let Err(e) = ing.serve(r, w.clone()).await {
+        warn!(peer = %addr, "queue push from peer ended: {e}");
+    }
+    let _ = w.shutdown();
+    *shared.queue.ingest.lock().expect("ingest lock") = ing.stats.clone();
+    *ingester.borrow_mut() = Some(ing);
 }

@@ -15,6 +15,8 @@ const MAX_NAME: usize = 64;
 pub enum Channel {
     Heartbeat = 1,
     Sync = 2,
+    /// Queue push from a former primary to the new primary.
+    Queue = 3,
 }
 
 /// First frame on a connection, from both sides.
@@ -98,6 +100,7 @@ impl Message {
                 let channel = match r.u8("hello.channel")? {
                     1 => Channel::Heartbeat,
                     2 => Channel::Sync,
+                    3 => Channel::Queue,
                     other => {
                         return Err(WireError::BadField {
                             field: "hello.channel",

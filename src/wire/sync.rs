@@ -139,7 +139,51 @@ pub enum SyncMsg {
         path: Vec<u8>,
         why: String,
     },
+    /// Queue push (former primary → new primary): the layout must match.
+    QueueStart {
+        layout: u8,
+    },
+    /// One queued message; `Data` frames with the same `id` carry its parts'
+    /// bytes, in order. `key` is its dedup identity.
+    QueueMsg {
+        id: u64,
+        sub_queue: String,
+        queue_id: String,
+        key: u128,
+        parts: Vec<QueuePart>,
+    },
+    /// The message is durable in the new primary's queue (or was already).
+    QueueAck {
+        id: u64,
+        outcome: QueueOutcome,
+        detail: String,
+    },
+    QueueEnd,
+    QueueEndAck {
+        hook_ok: bool,
+    },
 }
+
+/// One file of a queued message (Exim: `-H` and `-D`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePart {
+    pub suffix: String,
+    pub meta: Meta,
+    pub size: u64,
+    pub hash: u128,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOutcome {
+    Ingested = 1,
+    Duplicate = 2,
+    Refused = 3,
+}
+
+/// Most parts in one queued message.
+pub const MAX_QUEUE_PARTS: usize = 4;
+/// Largest queued message part accepted.
+pub const MAX_QUEUE_PART: u64 = 1 << 30;
 
 mod tag {
     pub const START: u8 = 1;
@@ -157,6 +201,11 @@ mod tag {
     pub const ACK: u8 = 21;
     pub const NEED: u8 = 22;
     pub const REFUSED: u8 = 23;
+    pub const QUEUE_START: u8 = 30;
+    pub const QUEUE_MSG: u8 = 31;
+    pub const QUEUE_ACK: u8 = 32;
+    pub const QUEUE_END: u8 = 33;
+    pub const QUEUE_END_ACK: u8 = 34;
 }
 
 fn put_meta(w: &mut Writer, m: &Meta) {
@@ -329,6 +378,42 @@ impl SyncMsg {
                     .blob16(path)
                     .blob16(why);
             }
+            SyncMsg::QueueStart { layout } => {
+                w.u8(tag::QUEUE_START).u8(*layout);
+            }
+            SyncMsg::QueueMsg {
+                id,
+                sub_queue,
+                queue_id,
+                key,
+                parts,
+            } => {
+                w.u8(tag::QUEUE_MSG)
+                    .u64(*id)
+                    .short_str(sub_queue)
+                    .short_str(queue_id)
+                    .u128(*key)
+                    .u8(parts.len() as u8);
+                for p in parts {
+                    w.short_str(&p.suffix);
+                    put_meta(&mut w, &p.meta);
+                    w.u64(p.size).u128(p.hash);
+                }
+            }
+            SyncMsg::QueueAck {
+                id,
+                outcome,
+                detail,
+            } => {
+                let d = &detail.as_bytes()[..detail.len().min(MAX_TEXT)];
+                w.u8(tag::QUEUE_ACK).u64(*id).u8(*outcome as u8).blob16(d);
+            }
+            SyncMsg::QueueEnd => {
+                w.u8(tag::QUEUE_END);
+            }
+            SyncMsg::QueueEndAck { hook_ok } => {
+                w.u8(tag::QUEUE_END_ACK).u8(u8::from(*hook_ok));
+            }
         }
         encode_frame(Kind::Sync, &w.finish(), out);
     }
@@ -477,6 +562,70 @@ impl SyncMsg {
                 path: path(&mut r, "refused.path")?,
                 why: text(&mut r, "refused.why")?,
             },
+            tag::QUEUE_START => SyncMsg::QueueStart {
+                layout: r.u8("queue_start.layout")?,
+            },
+            tag::QUEUE_MSG => {
+                let id = r.u64("queue_msg.id")?;
+                let sub_queue = r.short_str("queue_msg.sub_queue")?;
+                let queue_id = r.short_str("queue_msg.queue_id")?;
+                let key = r.u128("queue_msg.key")?;
+                let n = r.u8("queue_msg.parts")? as usize;
+                if n == 0 || n > MAX_QUEUE_PARTS {
+                    return Err(WireError::BadField {
+                        field: "queue_msg.parts",
+                        problem: format!("{n} parts, expected 1..={MAX_QUEUE_PARTS}"),
+                    });
+                }
+                let mut parts = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let suffix = r.short_str("queue_part.suffix")?;
+                    let meta = get_meta(&mut r)?;
+                    let size = r.u64("queue_part.size")?;
+                    if size > MAX_QUEUE_PART {
+                        return Err(WireError::BadField {
+                            field: "queue_part.size",
+                            problem: format!("{size} bytes, limit {MAX_QUEUE_PART}"),
+                        });
+                    }
+                    parts.push(QueuePart {
+                        suffix,
+                        meta,
+                        size,
+                        hash: r.u128("queue_part.hash")?,
+                    });
+                }
+                SyncMsg::QueueMsg {
+                    id,
+                    sub_queue,
+                    queue_id,
+                    key,
+                    parts,
+                }
+            }
+            tag::QUEUE_ACK => {
+                let id = r.u64("queue_ack.id")?;
+                let outcome = match r.u8("queue_ack.outcome")? {
+                    1 => QueueOutcome::Ingested,
+                    2 => QueueOutcome::Duplicate,
+                    3 => QueueOutcome::Refused,
+                    k => {
+                        return Err(WireError::BadField {
+                            field: "queue_ack.outcome",
+                            problem: format!("unknown outcome {k}"),
+                        })
+                    }
+                };
+                SyncMsg::QueueAck {
+                    id,
+                    outcome,
+                    detail: text(&mut r, "queue_ack.detail")?,
+                }
+            }
+            tag::QUEUE_END => SyncMsg::QueueEnd,
+            tag::QUEUE_END_ACK => SyncMsg::QueueEndAck {
+                hook_ok: r.u8("queue_end_ack.hook_ok")? != 0,
+            },
             other => {
                 return Err(WireError::BadField {
                     field: "sync.tag",
@@ -575,6 +724,26 @@ mod tests {
             last: true,
         });
         round(SyncMsg::Ack { seq: 6 });
+        round(SyncMsg::QueueStart { layout: 2 });
+        round(SyncMsg::QueueMsg {
+            id: 1,
+            sub_queue: "deferred".into(),
+            queue_id: "ABC123DEF".into(),
+            key: 99,
+            parts: vec![QueuePart {
+                suffix: String::new(),
+                meta,
+                size: 10,
+                hash: 5,
+            }],
+        });
+        round(SyncMsg::QueueAck {
+            id: 1,
+            outcome: QueueOutcome::Duplicate,
+            detail: "seen".into(),
+        });
+        round(SyncMsg::QueueEnd);
+        round(SyncMsg::QueueEndAck { hook_ok: true });
         round(SyncMsg::Need {
             store: 0,
             path: b"x".to_vec(),

@@ -1,0 +1,394 @@
+//! The durable dedup ledger of the receiving (new) primary.
+//!
+//! Exactly-once ingest, crash at any point:
+//! 1. the message's parts are written to staging and fsynced;
+//! 2. an *intent* record (key, staged → final names) is appended and fsynced:
+//!    from here on the message counts as ingested;
+//! 3. the parts are renamed into the live queue and the directory fsynced;
+//! 4. a *done* record is appended (lazily) and the pusher is acknowledged.
+//!
+//! A crash after 2 is rolled forward at the next start ([`Ledger::pending`]):
+//! the staged files are still there and are renamed into place. A crash before
+//! 2 leaves only staged garbage (removed) and no acknowledgement, so the pusher
+//! sends again. A replay of a key already recorded is acknowledged and
+//! dropped: never queued twice.
+//!
+//! File format: one record per line, `<kind> <key hex> <unix ms> <payload>
+//! #<xxh3-64 of the rest>`, so a torn last line (crash mid-append) is
+//! recognised and ignored, while damage elsewhere is an error naming the line.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("queue ledger {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("queue ledger {path} line {line}: {problem}; refusing to guess which messages were ingested (move the file aside only if the queue was checked by hand)")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+}
+
+/// Where the parts of one ingested message go.
+pub type Moves = Vec<(PathBuf, PathBuf)>;
+
+#[derive(Debug, Clone)]
+struct Record {
+    at_ms: u64,
+    queue_id: String,
+    /// Present until the done record is written.
+    moves: Option<Moves>,
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    path: PathBuf,
+    file: File,
+    entries: HashMap<u128, Record>,
+    max_entries: usize,
+    max_age: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+fn seal(body: &str) -> String {
+    format!("{body} #{:016x}\n", xxh3_64(body.as_bytes()))
+}
+
+fn hex_path(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str()
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unhex_path(s: &str) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect();
+    Some(PathBuf::from(std::ffi::OsString::from_vec(bytes?)))
+}
+
+impl Ledger {
+    /// Opens (creating) the ledger. Records older than `max_age` and the
+    /// oldest beyond `max_entries` are forgotten at the next compaction.
+    pub fn open(path: &Path, max_entries: usize, max_age: Duration) -> Result<Ledger, LedgerError> {
+        let io_err = |source| LedgerError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let mut entries: HashMap<u128, Record> = HashMap::new();
+        let mut torn_tail = false;
+        if let Ok(f) = File::open(path) {
+            let lines: Vec<String> = BufReader::new(f)
+                .split(b'\n')
+                .map(|l| l.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .collect::<Result<_, _>>()
+                .map_err(io_err)?;
+            let n = lines.len();
+            for (i, line) in lines.into_iter().enumerate() {
+                match parse_line(&line) {
+                    Ok(Parsed::Intent(key, rec)) => {
+                        entries.insert(key, rec);
+                    }
+                    Ok(Parsed::Done(key)) => {
+                        if let Some(r) = entries.get_mut(&key) {
+                            r.moves = None;
+                        }
+                    }
+                    Ok(Parsed::Blank) => {}
+                    // Only the last line can be torn by a crash mid-append.
+                    Err(_) if i + 1 == n => torn_tail = true,
+                    Err(problem) => {
+                        return Err(LedgerError::Corrupt {
+                            path: path.to_owned(),
+                            line: i + 1,
+                            problem,
+                        })
+                    }
+                }
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err)?;
+        let mut ledger = Ledger {
+            path: path.to_owned(),
+            file,
+            entries,
+            max_entries,
+            max_age,
+        };
+        if torn_tail {
+            // Rewrite without the torn line so that appends start clean.
+            ledger.rewrite().map_err(io_err)?;
+        }
+        Ok(ledger)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn contains(&self, key: u128) -> bool {
+        self.entries.contains_key(&key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Step 2: the message is ingested once this returns.
+    pub fn record_intent(&mut self, key: u128, queue_id: &str, moves: &Moves) -> io::Result<()> {
+        let at_ms = now_ms();
+        let payload: Vec<String> = moves
+            .iter()
+            .map(|(a, b)| format!("{}>{}", hex_path(a), hex_path(b)))
+            .collect();
+        let body = format!("I {key:032x} {at_ms} {queue_id} {}", payload.join(","));
+        self.file.write_all(seal(&body).as_bytes())?;
+        self.file.sync_data()?;
+        self.entries.insert(
+            key,
+            Record {
+                at_ms,
+                queue_id: queue_id.to_string(),
+                moves: Some(moves.clone()),
+            },
+        );
+        Ok(())
+    }
+
+    /// Step 4: the renames are durable. Not fsynced here: losing a done
+    /// record only makes the next start roll forward an already-landed move.
+    pub fn record_done(&mut self, keys: &[u128]) -> io::Result<()> {
+        let mut out = String::new();
+        for k in keys {
+            out.push_str(&seal(&format!("D {k:032x}")));
+            if let Some(r) = self.entries.get_mut(k) {
+                r.moves = None;
+            }
+        }
+        self.file.write_all(out.as_bytes())
+    }
+
+    /// Intents without a done record: roll these forward before ingesting.
+    pub fn pending(&self) -> Vec<(u128, String, Moves)> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .filter_map(|(k, r)| r.moves.clone().map(|m| (*k, r.queue_id.clone(), m)))
+            .collect();
+        v.sort_by_key(|(k, _, _)| *k);
+        v
+    }
+
+    /// Drops records past the age or size bound (never pending ones) and
+    /// rewrites the file atomically.
+    pub fn compact_if_needed(&mut self) -> io::Result<bool> {
+        let cutoff = now_ms().saturating_sub(self.max_age.as_millis() as u64);
+        let old = self
+            .entries
+            .values()
+            .any(|r| r.moves.is_none() && r.at_ms < cutoff);
+        if !old && self.entries.len() <= self.max_entries {
+            return Ok(false);
+        }
+        self.entries
+            .retain(|_, r| r.moves.is_some() || r.at_ms >= cutoff);
+        if self.entries.len() > self.max_entries {
+            let mut by_age: Vec<(u64, u128)> = self
+                .entries
+                .iter()
+                .filter(|(_, r)| r.moves.is_none())
+                .map(|(k, r)| (r.at_ms, *k))
+                .collect();
+            by_age.sort();
+            let excess = self.entries.len() - self.max_entries;
+            for (_, k) in by_age.into_iter().take(excess) {
+                self.entries.remove(&k);
+            }
+        }
+        self.rewrite()?;
+        Ok(true)
+    }
+
+    fn rewrite(&mut self) -> io::Result<()> {
+        let mut keys: Vec<_> = self.entries.keys().copied().collect();
+        keys.sort();
+        let mut out = String::new();
+        for k in keys {
+            let r = &self.entries[&k];
+            let moves = r.moves.clone().unwrap_or_default();
+            let payload: Vec<String> = moves
+                .iter()
+                .map(|(a, b)| format!("{}>{}", hex_path(a), hex_path(b)))
+                .collect();
+            out.push_str(&seal(&format!(
+                "I {k:032x} {} {} {}",
+                r.at_ms,
+                r.queue_id,
+                payload.join(",")
+            )));
+            if r.moves.is_none() {
+                out.push_str(&seal(&format!("D {k:032x}")));
+            }
+        }
+        crate::io::write_atomic_blocking(&self.path, out.as_bytes())?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        Ok(())
+    }
+}
+
+enum Parsed {
+    Intent(u128, Record),
+    Done(u128),
+    Blank,
+}
+
+fn parse_line(line: &str) -> Result<Parsed, String> {
+    if line.is_empty() {
+        return Ok(Parsed::Blank);
+    }
+    let (body, sum) = line
+        .rsplit_once(" #")
+        .ok_or_else(|| "no checksum".to_string())?;
+    let want = u64::from_str_radix(sum, 16).map_err(|_| format!("bad checksum field {sum:?}"))?;
+    if xxh3_64(body.as_bytes()) != want {
+        return Err("checksum mismatch".into());
+    }
+    let mut f = body.split(' ');
+    let kind = f.next().unwrap_or_default();
+    let key = f
+        .next()
+        .and_then(|k| u128::from_str_radix(k, 16).ok())
+        .ok_or_else(|| "bad key".to_string())?;
+    match kind {
+        "D" => Ok(Parsed::Done(key)),
+        "I" => {
+            let at_ms = f
+                .next()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| "bad time".to_string())?;
+            let queue_id = f
+                .next()
+                .ok_or_else(|| "no queue id".to_string())?
+                .to_string();
+            let moves_s = f.next().unwrap_or_default();
+            let mut moves = Vec::new();
+            for m in moves_s.split(',').filter(|m| !m.is_empty()) {
+                let (a, b) = m.split_once('>').ok_or_else(|| "bad move".to_string())?;
+                moves.push((
+                    unhex_path(a).ok_or_else(|| "bad path".to_string())?,
+                    unhex_path(b).ok_or_else(|| "bad path".to_string())?,
+                ));
+            }
+            Ok(Parsed::Intent(
+                key,
+                Record {
+                    at_ms,
+                    queue_id,
+                    moves: Some(moves),
+                },
+            ))
+        }
+        other => Err(format!("unknown record kind {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moves() -> Moves {
+        vec![(
+            PathBuf::from("/q/.hasync/staging/1"),
+            PathBuf::from("/q/deferred/A/ABC123"),
+        )]
+    }
+
+    #[test]
+    fn intent_survives_reopen_and_done_clears_pending() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        l.record_intent(7, "ABC123", &moves()).unwrap();
+        drop(l);
+        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        assert!(l.contains(7));
+        assert_eq!(l.pending(), vec![(7, "ABC123".to_string(), moves())]);
+        l.record_done(&[7]).unwrap();
+        drop(l);
+        let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        assert!(l.contains(7) && l.pending().is_empty());
+    }
+
+    #[test]
+    fn torn_last_line_is_ignored_but_damage_elsewhere_is_an_error_naming_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        l.record_intent(1, "A1", &moves()).unwrap();
+        l.record_intent(2, "A2", &moves()).unwrap();
+        drop(l);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text.push_str("I 0000000000000000000000000000000");
+        std::fs::write(&p, &text).unwrap();
+        let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        assert_eq!(l.len(), 2);
+        drop(l);
+        let mut text = std::fs::read_to_string(&p).unwrap();
+        text = text.replacen("A1", "B1", 1);
+        std::fs::write(&p, &text).unwrap();
+        let err = Ledger::open(&p, 100, Duration::from_secs(3600))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn compaction_bounds_size_but_keeps_pending() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        let mut l = Ledger::open(&p, 3, Duration::from_secs(3600)).unwrap();
+        for k in 1..=6u128 {
+            l.record_intent(k, "X", &moves()).unwrap();
+            if k != 6 {
+                l.record_done(&[k]).unwrap();
+            }
+        }
+        assert!(l.compact_if_needed().unwrap());
+        assert_eq!(l.len(), 3);
+        assert!(l.contains(6), "a pending intent is never dropped");
+        drop(l);
+        let l = Ledger::open(&p, 3, Duration::from_secs(3600)).unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l.pending().len(), 1);
+    }
+}

@@ -1,0 +1,5 @@
+//! Mail queue failover.
+
+pub mod layout;
+pub mod ledger;
+pub mod push;

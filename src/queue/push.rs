@@ -1,0 +1,713 @@
+//! Queue push after a failover: the former primary hands its queued mail to
+//! the new primary, which ingests each message exactly once.
+//!
+//! Pusher: scan the queue, send each message (parts + identity), and delete
+//! the local copy only after the new primary acknowledged it as durable (or
+//! as a duplicate). Ingester: verify, dedup through the [`Ledger`], stage,
+//! record the intent, rename into the queue layout, fsync, acknowledge.
+//! A crash anywhere loses nothing and queues nothing twice (see `ledger`).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+use xxhash_rust::xxh3::xxh3_128;
+
+use super::layout::{self, Layout, QueuedMessage};
+use super::ledger::{Ledger, LedgerError, Moves};
+use crate::failpoint;
+use crate::link::{FrameReader, FrameWriter, LinkError};
+use crate::wire::sync::{Meta, QueueOutcome, QueuePart, SyncMsg, MAX_DATA};
+
+/// Messages sent but not yet acknowledged.
+const WINDOW: usize = 32;
+/// Staging area inside the queue directory (same filesystem as the queue).
+pub const STAGING: &str = ".hasync/staging";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("scanning queue {path}: {source}")]
+    Scan {
+        path: PathBuf,
+        source: layout::QueueError,
+    },
+    #[error("peer {peer} broke the queue protocol: {what}")]
+    Protocol { peer: String, what: String },
+    #[error("{op} {path}: {source}")]
+    Local {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("the peer uses queue layout {theirs}, this node {ours}: configure the same queue.layout on both")]
+    LayoutDiffers { ours: String, theirs: String },
+}
+
+fn layout_code(l: Layout) -> u8 {
+    match l {
+        Layout::Flat => 1,
+        Layout::Postfix => 2,
+        Layout::Exim => 3,
+    }
+}
+
+/// Outcome of one push, for status and the log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PushReport {
+    pub messages: u64,
+    pub pushed: u64,
+    pub ingested: u64,
+    pub duplicates_dropped: u64,
+    pub failed: u64,
+    pub garbage: Vec<String>,
+    pub incomplete: u64,
+    pub hook_ok: Option<bool>,
+    pub seconds: f64,
+}
+
+/// Counters of the ingesting side.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct IngestStats {
+    pub ingested: u64,
+    pub duplicates_dropped: u64,
+    pub refused: u64,
+    pub renamed_ids: u64,
+    pub rolled_forward: u64,
+    pub hook_runs: u64,
+    pub hook_failures: u64,
+    pub ledger_entries: u64,
+    pub last_hook_output: Option<String>,
+}
+
+fn read_parts(msg: &QueuedMessage) -> std::io::Result<Vec<Vec<u8>>> {
+    msg.parts.iter().map(|p| std::fs::read(&p.path)).collect()
+}
+
+/// Pushes the whole queue over an authenticated `Channel::Queue` connection.
+pub async fn push(
+    layout_kind: Layout,
+    queue_dir: &Path,
+    mut r: FrameReader,
+    w: FrameWriter,
+    progress: &Mutex<PushReport>,
+) -> Result<PushReport, PushError> {
+    let started = Instant::now();
+    let peer = w.peer().to_string();
+    let scan = layout::scan(layout_kind, queue_dir).map_err(|source| PushError::Scan {
+        path: queue_dir.to_owned(),
+        source,
+    })?;
+    let mut report = PushReport {
+        messages: scan.messages.len() as u64,
+        incomplete: scan.incomplete.len() as u64,
+        garbage: scan
+            .garbage
+            .iter()
+            .map(|g| format!("{}: {}", g.path.display(), g.reason))
+            .collect(),
+        ..PushReport::default()
+    };
+    for g in &scan.garbage {
+        warn!(path = %g.path.display(), "queue push: left in place, not a pushable message: {}", g.reason);
+    }
+    for p in &scan.incomplete {
+        warn!(path = %p.display(), "queue push: incomplete message (still being written when the node stopped) left in place");
+    }
+    info!(
+        messages = report.messages,
+        "queue push: pushing {} messages to the new primary {peer}", report.messages
+    );
+    *progress.lock().expect("push progress lock") = report.clone();
+
+    let mut out = Vec::new();
+    SyncMsg::QueueStart {
+        layout: layout_code(layout_kind),
+    }
+    .encode(&mut out);
+    w.send_bytes(out).await?;
+
+    let mut inflight: VecDeque<(u64, QueuedMessage)> = VecDeque::new();
+    let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut next = scan.messages.into_iter();
+    let mut id = 0u64;
+    loop {
+        while inflight.len() < WINDOW {
+            let Some(msg) = next.next() else { break };
+            let parts = match read_parts(&msg) {
+                Ok(p) => p,
+                Err(e) => {
+                    report.failed += 1;
+                    report
+                        .garbage
+                        .push(format!("{}: unreadable: {e}", msg.parts[0].path.display()));
+                    warn!(queue_id = %msg.queue_id, "queue push: cannot read message, left in place: {e}");
+                    continue;
+                }
+            };
+            id += 1;
+            let views: Vec<(&str, &[u8])> = msg
+                .parts
+                .iter()
+                .zip(&parts)
+                .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
+                .collect();
+            let key = layout::identity_of(&msg.queue_id, &views);
+            let mut out = Vec::new();
+            SyncMsg::QueueMsg {
+                id,
+                sub_queue: msg.sub_queue.clone(),
+                queue_id: msg.queue_id.clone(),
+                key,
+                parts: msg
+                    .parts
+                    .iter()
+                    .zip(&parts)
+                    .map(|(p, b)| QueuePart {
+                        suffix: p.suffix.clone(),
+                        meta: p.meta,
+                        size: b.len() as u64,
+                        hash: xxh3_128(b),
+                    })
+                    .collect(),
+            }
+            .encode(&mut out);
+            for b in &parts {
+                for chunk in b.chunks(MAX_DATA) {
+                    SyncMsg::Data {
+                        seq: id,
+                        bytes: chunk.to_vec(),
+                    }
+                    .encode(&mut out);
+                }
+            }
+            w.send_bytes(out).await?;
+            report.pushed += 1;
+            inflight.push_back((id, msg));
+        }
+        let Some(_) = inflight.front() else { break };
+        let frame = r.recv_frame().await?;
+        let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
+            peer: r.peer(),
+            source,
+        })?;
+        let SyncMsg::QueueAck {
+            id: acked,
+            outcome,
+            detail,
+        } = m
+        else {
+            return Err(PushError::Protocol {
+                peer,
+                what: "expected a queue acknowledgement".into(),
+            });
+        };
+        let pos = inflight
+            .iter()
+            .position(|(i, _)| *i == acked)
+            .ok_or_else(|| PushError::Protocol {
+                peer: peer.clone(),
+                what: format!("acknowledgement for unknown message {acked}"),
+            })?;
+        let (_, msg) = inflight.remove(pos).expect("position is valid");
+        match outcome {
+            QueueOutcome::Ingested | QueueOutcome::Duplicate => {
+                if outcome == QueueOutcome::Ingested {
+                    report.ingested += 1;
+                } else {
+                    report.duplicates_dropped += 1;
+                }
+                failpoint::hit("push.after_ack_before_delete");
+                // The new primary holds it durably: only now is ours removed.
+                for p in &msg.parts {
+                    match std::fs::remove_file(&p.path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(PushError::Local {
+                                op: "remove pushed message",
+                                path: p.path.clone(),
+                                source: e,
+                            })
+                        }
+                    }
+                    if let Some(d) = p.path.parent() {
+                        dirs.insert(d.to_owned());
+                    }
+                }
+            }
+            QueueOutcome::Refused => {
+                report.failed += 1;
+                warn!(queue_id = %msg.queue_id, "queue push: new primary refused message, left in place: {detail}");
+            }
+        }
+        *progress.lock().expect("push progress lock") = report.clone();
+    }
+    // Removals are durable once their directories are.
+    for d in dirs {
+        if let Err(e) = crate::io::sync_dir(&d).await {
+            warn!(dir = %d.display(), "fsync after queue push: {e}");
+        }
+    }
+    let mut out = Vec::new();
+    SyncMsg::QueueEnd.encode(&mut out);
+    w.send_bytes(out).await?;
+    let frame = r.recv_frame().await?;
+    match SyncMsg::decode(&frame) {
+        Ok(SyncMsg::QueueEndAck { hook_ok }) => report.hook_ok = Some(hook_ok),
+        _ => {
+            return Err(PushError::Protocol {
+                peer,
+                what: "expected the end acknowledgement".into(),
+            })
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    info!(
+        messages = report.messages,
+        ingested = report.ingested,
+        duplicates = report.duplicates_dropped,
+        failed = report.failed,
+        garbage = report.garbage.len(),
+        "queue push finished in {:.2}s",
+        report.seconds
+    );
+    *progress.lock().expect("push progress lock") = report.clone();
+    Ok(report)
+}
+
+/// The new primary's side.
+pub struct Ingester {
+    layout: Layout,
+    queue_dir: PathBuf,
+    staging: PathBuf,
+    ledger: Ledger,
+    hook: Option<Vec<String>>,
+    pub stats: IngestStats,
+    counter: u64,
+    /// Identities of the messages in the local queue when the push began.
+    held: std::collections::HashSet<u128>,
+}
+
+fn set_meta(f: &std::fs::File, meta: &Meta) -> std::io::Result<()> {
+    use rustix::fs::{fchmod, fchown, futimens, Gid, Mode, Timespec, Timestamps, Uid};
+    if rustix::process::geteuid().is_root() {
+        fchown(
+            f.as_fd(),
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )?;
+    }
+    // After chown: chown clears setuid/setgid bits.
+    fchmod(f.as_fd(), Mode::from_raw_mode(meta.mode & 0o7777))?;
+    let t = Timespec {
+        tv_sec: meta.mtime_sec,
+        tv_nsec: meta.mtime_nsec.into(),
+    };
+    futimens(
+        f.as_fd(),
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+    )?;
+    Ok(())
+}
+
+impl Ingester {
+    /// Opens the ledger and rolls forward any ingest a crash interrupted.
+    pub fn open(
+        layout: Layout,
+        queue_dir: &Path,
+        ledger_path: &Path,
+        max_entries: usize,
+        max_age: Duration,
+        hook: Option<Vec<String>>,
+    ) -> Result<Ingester, PushError> {
+        let staging = queue_dir.join(STAGING);
+        std::fs::create_dir_all(&staging).map_err(|source| PushError::Local {
+            op: "create",
+            path: staging.clone(),
+            source,
+        })?;
+        let ledger = Ledger::open(ledger_path, max_entries, max_age)?;
+        let mut ing = Ingester {
+            layout,
+            queue_dir: queue_dir.to_owned(),
+            staging,
+            ledger,
+            hook,
+            stats: IngestStats::default(),
+            counter: 0,
+            held: Default::default(),
+        };
+        ing.recover()?;
+        Ok(ing)
+    }
+
+    fn recover(&mut self) -> Result<(), PushError> {
+        let pending = self.ledger.pending();
+        let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut done = Vec::new();
+        for (key, queue_id, moves) in pending {
+            for (staged, fin) in &moves {
+                if staged.exists() {
+                    if let Some(d) = fin.parent() {
+                        let _ = std::fs::create_dir_all(d);
+                    }
+                    std::fs::rename(staged, fin).map_err(|source| PushError::Local {
+                        op: "roll forward",
+                        path: staged.clone(),
+                        source,
+                    })?;
+                    if let Some(d) = fin.parent() {
+                        let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
+                    }
+                    keep.insert(fin.clone());
+                }
+            }
+            info!(
+                queue_id,
+                "queue ingest: rolled forward a message a crash interrupted"
+            );
+            self.stats.rolled_forward += 1;
+            done.push(key);
+        }
+        if !done.is_empty() {
+            self.ledger
+                .record_done(&done)
+                .map_err(|source| PushError::Local {
+                    op: "ledger",
+                    path: self.ledger.path().to_owned(),
+                    source,
+                })?;
+        }
+        // Staged files without an intent never counted: the pusher kept its copy.
+        if let Ok(rd) = std::fs::read_dir(&self.staging) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        self.stats.ledger_entries = self.ledger.len() as u64;
+        Ok(())
+    }
+
+    /// Serves one push connection.
+    pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), PushError> {
+        let peer = r.peer().to_string();
+        let first = SyncMsg::decode(&r.recv_frame().await?).map_err(|source| LinkError::Wire {
+            peer: r.peer(),
+            source,
+        })?;
+        match first {
+            SyncMsg::QueueStart { layout } if layout == layout_code(self.layout) => {}
+            SyncMsg::QueueStart { layout } => {
+                return Err(PushError::LayoutDiffers {
+                    ours: format!("{:?}", self.layout),
+                    theirs: format!("code {layout}"),
+                })
+            }
+            _ => {
+                return Err(PushError::Protocol {
+                    peer,
+                    what: "expected QueueStart".into(),
+                })
+            }
+        }
+        // A message this node already holds (it came over through queue
+        // replication, or a push interrupted before its acknowledgement and
+        // then sent back after roles changed) is a duplicate too.
+        self.held = match layout::scan(self.layout, &self.queue_dir) {
+            Ok(scan) => scan
+                .messages
+                .iter()
+                .filter_map(|m| layout::identity(m).ok())
+                .collect(),
+            Err(e) => {
+                return Err(PushError::Scan {
+                    path: self.queue_dir.clone(),
+                    source: e,
+                })
+            }
+        };
+        info!(
+            peer,
+            held = self.held.len(),
+            "queue push from the former primary started"
+        );
+        let mut landed_any = false;
+        loop {
+            let frame = r.recv_frame().await?;
+            let msg = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
+                peer: r.peer(),
+                source,
+            })?;
+            match msg {
+                SyncMsg::QueueMsg {
+                    id,
+                    sub_queue,
+                    queue_id,
+                    key,
+                    parts,
+                } => {
+                    // The parts' bytes follow, in order.
+                    let mut bodies = Vec::with_capacity(parts.len());
+                    for p in &parts {
+                        let mut b = Vec::with_capacity(p.size.min(64 << 20) as usize);
+                        while (b.len() as u64) < p.size {
+                            let f = r.recv_frame().await?;
+                            match SyncMsg::decode(&f) {
+                                Ok(SyncMsg::Data { seq, bytes })
+                                    if seq == id
+                                        && b.len() as u64 + bytes.len() as u64 <= p.size =>
+                                {
+                                    b.extend_from_slice(&bytes)
+                                }
+                                _ => {
+                                    return Err(PushError::Protocol {
+                                        peer,
+                                        what: format!("bad data for queued message {id}"),
+                                    })
+                                }
+                            }
+                        }
+                        bodies.push(b);
+                    }
+                    let (outcome, detail) =
+                        self.ingest(&sub_queue, &queue_id, key, &parts, &bodies);
+                    if outcome == QueueOutcome::Ingested {
+                        landed_any = true;
+                    }
+                    failpoint::hit("queue.before_ack");
+                    let mut out = Vec::new();
+                    SyncMsg::QueueAck {
+                        id,
+                        outcome,
+                        detail,
+                    }
+                    .encode(&mut out);
+                    w.send_bytes(out).await?;
+                }
+                SyncMsg::QueueEnd => {
+                    let hook_ok = if landed_any { self.run_hook() } else { true };
+                    let _ = self.ledger.compact_if_needed();
+                    self.stats.ledger_entries = self.ledger.len() as u64;
+                    let mut out = Vec::new();
+                    SyncMsg::QueueEndAck { hook_ok }.encode(&mut out);
+                    w.send_bytes(out).await?;
+                    info!(
+                        peer,
+                        ingested = self.stats.ingested,
+                        duplicates = self.stats.duplicates_dropped,
+                        "queue push from the former primary finished"
+                    );
+                    return Ok(());
+                }
+                _ => {
+                    return Err(PushError::Protocol {
+                        peer,
+                        what: "unexpected message in a queue push".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Lands one message; never errors out of the connection for a bad
+    /// message: it is refused (the pusher keeps it) and counted.
+    fn ingest(
+        &mut self,
+        sub_queue: &str,
+        queue_id: &str,
+        key: u128,
+        parts: &[QueuePart],
+        bodies: &[Vec<u8>],
+    ) -> (QueueOutcome, String) {
+        let refuse = |s: &mut IngestStats, why: String| {
+            s.refused += 1;
+            warn!(queue_id, "queue ingest refused: {why}");
+            (QueueOutcome::Refused, why)
+        };
+        // Integrity first: each part against its hash, the whole against its key.
+        for (p, b) in parts.iter().zip(bodies) {
+            if xxh3_128(b) != p.hash {
+                return refuse(&mut self.stats, "content does not match its hash".into());
+            }
+        }
+        let suffixes: Vec<&str> = parts.iter().map(|p| p.suffix.as_str()).collect();
+        if suffixes != layout::valid_suffixes(self.layout) {
+            return refuse(
+                &mut self.stats,
+                format!("parts {suffixes:?} do not fit the {:?} layout", self.layout),
+            );
+        }
+        let views: Vec<(&str, &[u8])> = parts
+            .iter()
+            .zip(bodies)
+            .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
+            .collect();
+        if layout::identity_of(queue_id, &views) != key {
+            return refuse(
+                &mut self.stats,
+                "identity does not match the content".into(),
+            );
+        }
+        if self.ledger.contains(key) || self.held.contains(&key) {
+            self.stats.duplicates_dropped += 1;
+            info!(
+                queue_id,
+                "queue ingest: duplicate dropped (already ingested)"
+            );
+            return (QueueOutcome::Duplicate, "already ingested".into());
+        }
+        if !layout::valid_sub_queue(self.layout, sub_queue) {
+            return refuse(
+                &mut self.stats,
+                format!("sub-queue {sub_queue:?} is not valid for {:?}", self.layout),
+            );
+        }
+        // Names from the peer are validated, or replaced; never used verbatim as paths.
+        let mut id = queue_id.to_string();
+        if !layout::valid_queue_id(self.layout, &id)
+            || !layout::id_free(self.layout, &self.queue_dir, sub_queue, &id)
+        {
+            let mut seed = key as u64;
+            loop {
+                seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let fresh = layout::fresh_queue_id(self.layout, seed);
+                if layout::id_free(self.layout, &self.queue_dir, sub_queue, &fresh) {
+                    id = fresh;
+                    break;
+                }
+            }
+            self.stats.renamed_ids += 1;
+            info!(from = queue_id, to = %id, "queue ingest: queue ID invalid or taken here; message gets a new ID");
+        }
+        match self.land(sub_queue, &id, key, parts, bodies) {
+            Ok(()) => {
+                self.stats.ingested += 1;
+                self.stats.ledger_entries = self.ledger.len() as u64;
+                (QueueOutcome::Ingested, id)
+            }
+            Err(e) => {
+                // Nothing counted: no intent was recorded, or it is rolled forward.
+                error!(queue_id, "queue ingest failed: {e}");
+                self.stats.refused += 1;
+                (QueueOutcome::Refused, e.to_string())
+            }
+        }
+    }
+
+    fn land(
+        &mut self,
+        sub_queue: &str,
+        id: &str,
+        key: u128,
+        parts: &[QueuePart],
+        bodies: &[Vec<u8>],
+    ) -> Result<(), PushError> {
+        use std::io::Write;
+        let local = |op: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| PushError::Local { op, path, source }
+        };
+        let dir = layout::target_dir(self.layout, &self.queue_dir, sub_queue, id);
+        std::fs::create_dir_all(&dir).map_err(local("create", &dir))?;
+        let mut moves: Moves = Vec::new();
+        for (p, b) in parts.iter().zip(bodies) {
+            self.counter += 1;
+            let staged = self.staging.join(format!("{key:032x}-{}", self.counter));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&staged)
+                .map_err(local("create", &staged))?;
+            let mut content = b.clone();
+            // Exim's files name their message on the first line (and find
+            // the body by that line's length): a new ID rewrites both.
+            if self.layout == Layout::Exim && id != first_line_id(&content, &p.suffix) {
+                let rewritten = if p.suffix == "-H" {
+                    layout::rewrite_exim_header(&content, id)
+                } else {
+                    layout::rewrite_exim_data(&content, id)
+                };
+                content = rewritten.ok_or_else(|| PushError::Local {
+                    op: "rewrite the ID line of",
+                    path: staged.clone(),
+                    source: std::io::Error::other("not an Exim spool file"),
+                })?;
+            }
+            f.write_all(&content).map_err(local("write", &staged))?;
+            set_meta(&f, &p.meta).map_err(local("set metadata of", &staged))?;
+            f.sync_all().map_err(local("fsync", &staged))?;
+            moves.push((staged, dir.join(format!("{id}{}", p.suffix))));
+        }
+        failpoint::hit("queue.after_stage");
+        self.ledger
+            .record_intent(key, id, &moves)
+            .map_err(local("append to", self.ledger.path()))?;
+        failpoint::hit("queue.after_intent");
+        for (staged, fin) in &moves {
+            std::fs::rename(staged, fin).map_err(local("rename", fin))?;
+        }
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(local("fsync", &dir))?;
+        failpoint::hit("queue.after_rename");
+        self.ledger
+            .record_done(&[key])
+            .map_err(local("append to", self.ledger.path()))?;
+        Ok(())
+    }
+
+    /// Runs the post-ingest hook (e.g. `postsuper -s`); output is logged,
+    /// failure alarmed.
+    fn run_hook(&mut self) -> bool {
+        let Some(argv) = self.hook.clone() else {
+            return true;
+        };
+        self.stats.hook_runs += 1;
+        match std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+        {
+            Ok(out) => {
+                let text = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                self.stats.last_hook_output = Some(text.chars().take(2000).collect());
+                if out.status.success() {
+                    info!(hook = ?argv, "post-ingest hook ran: {}", text.trim());
+                    true
+                } else {
+                    self.stats.hook_failures += 1;
+                    error!(alarm = true, hook = ?argv, "ALARM: post-ingest hook failed ({}): {}", out.status, text.trim());
+                    false
+                }
+            }
+            Err(e) => {
+                self.stats.hook_failures += 1;
+                self.stats.last_hook_output = Some(e.to_string());
+                error!(alarm = true, hook = ?argv, "ALARM: post-ingest hook could not run: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// The message ID an Exim spool file names on its first line.
+fn first_line_id<'a>(h: &'a [u8], suffix: &str) -> &'a str {
+    let line = h.split(|b| *b == b'\n').next().unwrap_or_default();
+    std::str::from_utf8(line)
+        .unwrap_or_default()
+        .trim_end_matches(suffix)
+}

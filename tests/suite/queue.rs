@@ -1,0 +1,202 @@
+//! Queue failover with real processes: push after kill -9, crash points,
+//! garbage in the queue.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use hasync::queue::layout::Layout;
+
+use super::util::*;
+
+fn parse_layout(l: &str) -> Layout {
+    match l {
+        "flat" => Layout::Flat,
+        "postfix" => Layout::Postfix,
+        _ => Layout::Exim,
+    }
+}
+
+/// Queues `n` messages; returns their content digest.
+fn fill_queue(dir: &Path, l: &str, n: usize, seed: u64) -> BTreeMap<u128, usize> {
+    hasync::fixture::generate_queue(parse_layout(l), dir, n, seed).unwrap();
+    queue_digest(dir, l)
+}
+
+fn queue_digest(dir: &Path, l: &str) -> BTreeMap<u128, usize> {
+    hasync::fixture::queue_digest(parse_layout(l), dir).unwrap()
+}
+
+fn opts(layout: &'static str) -> PairOptions {
+    PairOptions {
+        queue_layout: layout,
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 600,
+        ..PairOptions::default()
+    }
+}
+
+fn push_settled(tp: &TestPair, i: usize) -> hasync::daemon::control::Status {
+    tp.nodes[i]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary
+                && s.queue_push.requested > 0
+                && !s.queue_push.pending
+                && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()))
+}
+
+fn kill9_failover_push(layout: &'static str) {
+    let (mut tp, p) = TestPair::formed(opts(layout));
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, layout, 40, 1);
+    assert_eq!(before.values().sum::<usize>(), 40);
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    tp.nodes[0].start().unwrap();
+    let st = push_settled(&tp, 0);
+    println!("{layout}: push report {:?}", st.queue_push.last);
+    let old = queue_digest(&tp.nodes[0].queue_dir, layout);
+    let new = queue_digest(&tp.nodes[1].queue_dir, layout);
+    assert!(
+        old.is_empty(),
+        "{layout}: the old primary's queue must be empty: {old:?}"
+    );
+    assert_eq!(
+        new, before,
+        "{layout}: every message exactly once on the new primary, metadata intact"
+    );
+    assert!(tp.nodes[1].status().unwrap().queue_push.ingest.ingested >= 40);
+}
+
+#[test]
+fn kill9_failover_pushes_a_postfix_queue_exactly_once() {
+    kill9_failover_push("postfix");
+}
+
+#[test]
+fn kill9_failover_pushes_an_exim_queue_exactly_once() {
+    kill9_failover_push("exim");
+}
+
+#[test]
+fn kill9_failover_pushes_a_flat_queue_exactly_once() {
+    kill9_failover_push("flat");
+}
+
+/// Crash points on both sides of the push, several hit counts each: the
+/// union of both queues always holds every message exactly once, and once
+/// the pair settles the secondary's queue is empty.
+#[test]
+fn queue_push_interrupted_by_crashes_never_loses_or_duplicates() {
+    let points = [
+        (1usize, "queue.after_stage"),
+        (1, "queue.after_intent"),
+        (1, "queue.after_rename"),
+        (1, "queue.before_ack"),
+        (0, "push.after_ack_before_delete"),
+    ];
+    for (victim, point) in points {
+        for hit in [1u32, 9] {
+            let (mut tp, _) = TestPair::formed(opts("flat"));
+            let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 3);
+            // mx1 fails; mx2 takes over (and, for a receiving-side point, is
+            // restarted with the crash point armed).
+            tp.nodes[0].kill9().unwrap();
+            tp.nodes[1]
+                .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+                    s.mode == Role::Primary
+                })
+                .unwrap();
+            let spec = format!("{point}={hit}");
+            let env = [("HASYNC_FAILPOINTS", spec.as_str())];
+            if victim == 1 {
+                tp.nodes[1].kill9().unwrap();
+                tp.nodes[1].start_with_env(&env).unwrap();
+                tp.nodes[1]
+                    .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+                        s.mode == Role::Primary
+                    })
+                    .unwrap_or_else(|e| panic!("{point}={hit}: {e}\n{}", tp.logs()));
+                tp.nodes[0].start().unwrap();
+            } else {
+                tp.nodes[0].start_with_env(&env).unwrap();
+            }
+            let crashed = tp.nodes[victim].wait_exit(Duration::from_secs(30));
+            assert!(
+                crashed,
+                "{point}={hit}: the armed node must reach its crash point\n{}",
+                tp.logs()
+            );
+            // Bring the crashed node back without crash points and let the pair settle.
+            tp.nodes[victim].start().unwrap();
+            let settled = tp.wait_formed(Duration::from_secs(30)).unwrap_or_else(|e| {
+                let running = [tp.nodes[0].is_running(), tp.nodes[1].is_running()];
+                panic!("{point}={hit}: {e} (running: {running:?})\n{}", tp.logs())
+            });
+            let secondary = 1 - settled;
+            tp.nodes[secondary]
+                .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+                    !s.queue_push.pending && !s.queue_push.running
+                })
+                .unwrap_or_else(|e| panic!("{point}={hit}: {e}\n{}", tp.logs()));
+            let a = queue_digest(&tp.nodes[0].queue_dir, "flat");
+            let b = queue_digest(&tp.nodes[1].queue_dir, "flat");
+            let mut union = a.clone();
+            for (k, v) in &b {
+                *union.entry(*k).or_insert(0) += v;
+            }
+            assert_eq!(
+                union,
+                before,
+                "{point}={hit}: lost or duplicated messages\n{}",
+                tp.logs()
+            );
+            let on_secondary = if secondary == 0 { &a } else { &b };
+            assert!(
+                on_secondary.is_empty(),
+                "{point}={hit}: the secondary still holds {on_secondary:?}"
+            );
+            println!("{point}={hit}: ok (primary is {})", tp.nodes[settled].name);
+        }
+    }
+}
+
+#[test]
+fn garbage_in_the_queue_is_reported_and_left_in_place() {
+    let (mut tp, _) = TestPair::formed(opts("exim"));
+    let q = tp.nodes[0].queue_dir.clone();
+    let before = fill_queue(&q, "exim", 5, 4);
+    // A truncated pair and a header that names another message.
+    std::fs::write(q.join("input/1vAAAA-000001-00-H"), "1vAAAA-000001-00-H\n").unwrap();
+    std::fs::write(q.join("input/1vBBBB-000002-00-H"), "1vZZZZ-000009-00-H\n").unwrap();
+    std::fs::write(
+        q.join("input/1vBBBB-000002-00-D"),
+        "1vBBBB-000002-00-D\nbody\n",
+    )
+    .unwrap();
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    tp.nodes[0].start().unwrap();
+    let st = push_settled(&tp, 0);
+    let g = &st.queue_push.last.garbage;
+    println!("garbage: {g:?}");
+    assert!(g.iter().any(|x| x.contains("1vAAAA-000001-00-H")), "{g:?}");
+    assert!(g.iter().any(|x| x.contains("1vBBBB-000002-00")), "{g:?}");
+    assert!(
+        q.join("input/1vAAAA-000001-00-H").exists(),
+        "garbage is left in place"
+    );
+    assert_eq!(queue_digest(&tp.nodes[1].queue_dir, "exim"), before);
+    assert!(tp.nodes[0].is_running());
+}
