@@ -157,11 +157,12 @@ impl Node {
             "hasync starting"
         );
 
-        let listener =
-            std::net::TcpListener::bind(cfg.link.listen).map_err(|source| DaemonError::Listen {
+        let listener = crate::io::bind_listener(cfg.link.listen, Duration::from_secs(10)).map_err(
+            |source| DaemonError::Listen {
                 addr: cfg.link.listen,
                 source,
-            })?;
+            },
+        )?;
         let listener = tokio_uring::net::TcpListener::from_std(listener);
         let socket_path = control::socket_path(&cfg.state_dir);
         let control_listener = bind_control(&socket_path)?;

@@ -64,3 +64,22 @@ pub fn syncfs(path: &Path) -> io::Result<()> {
     let f = std::fs::File::open(path)?;
     rustix::fs::syncfs(&f).map_err(io::Error::from)
 }
+
+/// Binds a listening TCP socket, waiting out `EADDRINUSE` for up to
+/// `patience`: when a process that used io_uring is killed, the kernel tears
+/// its ring down asynchronously and a pending accept keeps the old listener
+/// alive for a moment, so a restart right after a crash would otherwise fail.
+pub fn bind_listener(
+    addr: std::net::SocketAddr,
+    patience: std::time::Duration,
+) -> io::Result<std::net::TcpListener> {
+    let start = std::time::Instant::now();
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && start.elapsed() < patience => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}

@@ -109,11 +109,12 @@ impl Engine {
         done: mpsc::UnboundedSender<Result<PushReport, String>>,
     ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
-        let listener =
-            std::net::TcpListener::bind(cfg.sync_listen).map_err(|source| EngineError::Listen {
+        let listener = crate::io::bind_listener(cfg.sync_listen, Duration::from_secs(10)).map_err(
+            |source| EngineError::Listen {
                 addr: cfg.sync_listen,
                 source,
-            })?;
+            },
+        )?;
         let (mode_tx, mode_rx) = watch::channel(EngineMode::Idle);
         let stats = Arc::new(ReplStats::default());
         let notifier = Arc::new(Mutex::new(None));

@@ -143,7 +143,7 @@ fn inotify_overflow_triggers_a_rescan_and_the_replica_converges() {
     generate_maildirs(&tp.store(0, "inbox"), &spec(11, 4, 50)).unwrap();
     // The limit is read when an inotify instance is created: lower it only
     // while the primary's tracker starts.
-    std::fs::write(LIMIT, "32").unwrap();
+    std::fs::write(LIMIT, "4").unwrap();
     tp.start_all();
     let formed = tp.wait_formed(Duration::from_secs(20));
     let tracking =
@@ -166,7 +166,7 @@ fn inotify_overflow_triggers_a_rescan_and_the_replica_converges() {
     println!("overflows {}, rescans {}", r.inotify_overflows, r.rescans);
     assert!(
         r.inotify_overflows > 0,
-        "a queue of 32 events must overflow under 3000 deliveries"
+        "a queue of 4 events must overflow under 3000 deliveries"
     );
     assert!(r.rescans > 0);
     assert!(
