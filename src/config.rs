@@ -120,6 +120,22 @@ pub struct QueueConfig {
     /// Dedup ledger bounds: entries and age.
     pub ledger_max_entries: usize,
     pub ledger_max_age: Duration,
+    /// Queue replication to the secondary (kept outside its live queue).
+    pub sync: QueueSync,
+}
+
+/// `queue.sync`: whether the queue is replicated beyond the failover push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueSync {
+    /// As on the appliances: only the push after a failover.
+    #[default]
+    Off,
+    /// Every change, through the change tracker, like the mailstores.
+    Continuous,
+    /// Not built yet: refused with an error rather than silently treated
+    /// as something else.
+    Periodic,
 }
 
 /// Default exclude: Maildir `tmp/` holds messages still being written.
@@ -428,6 +444,8 @@ struct RawQueue {
     ledger_max_entries: Option<i64>,
     #[serde(default, deserialize_with = "de_ledger_max_age")]
     ledger_max_age_ms: Option<Duration>,
+    #[serde(default)]
+    sync: QueueSync,
 }
 
 fn de_ledger_max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -627,8 +645,16 @@ impl RawConfig {
             ));
         }
 
+        if q.sync == QueueSync::Periodic {
+            return Err(err(
+                "queue.sync",
+                "\"periodic\"".into(),
+                "periodic queue replication is not built yet; use \"continuous\" or \"off\"".into(),
+            ));
+        }
         let config = Config {
             queue: QueueConfig {
+                sync: q.sync,
                 layout: q.layout,
                 post_ingest_hook: q.post_ingest_hook,
                 ledger_max_entries,

@@ -22,6 +22,8 @@ pub struct PairOptions {
     pub verify_interval_ms: u64,
     /// `queue.layout` of both nodes.
     pub queue_layout: &'static str,
+    /// `queue.sync` of both nodes.
+    pub queue_sync: &'static str,
 }
 
 impl Default for PairOptions {
@@ -34,6 +36,7 @@ impl Default for PairOptions {
             priorities: [200, 100],
             verify_interval_ms: 600_000,
             queue_layout: "postfix",
+            queue_sync: "off",
         }
     }
 }
@@ -133,12 +136,14 @@ verify_interval_ms = {verify}
 
 [queue]
 layout = "{layout}"
+sync = "{queue_sync}"
 
 [mailstores]
 inbox = "mail/inbox"
 quarantine = "mail/quarantine"
 "#,
                 layout = options.queue_layout,
+                queue_sync = options.queue_sync,
                 sync_listen = sync_addrs[i],
                 sync_peer = sync_addrs[1 - i],
                 verify = options.verify_interval_ms,

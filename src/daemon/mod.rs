@@ -17,7 +17,9 @@ use crate::config::{Config, ConfigError};
 use crate::failover::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
 use crate::link::{self, auth::LinkKey, LinkCtx, LinkStats};
 use crate::queue::push::PushReport;
-use crate::replica::engine::{Engine, EngineConfig, EngineError, EngineMode, QueueSettings};
+use crate::replica::engine::{
+    Engine, EngineConfig, EngineError, EngineMode, QueueSettings, StoreSpec, QUEUE_STORE,
+};
 use control::{
     LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, MAX_REQUEST,
 };
@@ -53,6 +55,29 @@ pub enum DaemonError {
     Signal(std::io::Error),
 }
 
+/// The replicated trees: every mailstore in place, and with
+/// `queue.sync = "continuous"` the queue into a replica outside the
+/// secondary's live queue (`<state_dir>/queue-replica`).
+fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
+    let mut v: Vec<StoreSpec> = cfg
+        .mailstores
+        .iter()
+        .map(|(n, p)| StoreSpec {
+            name: n.clone(),
+            root: p.clone(),
+            replica_root: p.clone(),
+        })
+        .collect();
+    if cfg.queue.sync == crate::config::QueueSync::Continuous {
+        v.push(StoreSpec {
+            name: QUEUE_STORE.to_string(),
+            root: cfg.queue_dir.clone(),
+            replica_root: cfg.state_dir.join("queue-replica"),
+        });
+    }
+    v
+}
+
 /// Starts the daemon and runs until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     cfg.validate_filesystem()?;
@@ -65,11 +90,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             node_name: cfg.node_name.clone(),
             peer_name: cfg.link.peer_name.clone(),
             key: key.clone(),
-            stores: cfg
-                .mailstores
-                .iter()
-                .map(|(n, p)| (n.clone(), p.clone()))
-                .collect(),
+            stores: store_specs(&cfg),
             exclude: cfg.replication.exclude.clone(),
             state_dir: cfg.state_dir.clone(),
             sync_listen: cfg.replication.sync_listen,
@@ -302,6 +323,10 @@ impl Node {
                         _ => info!(role = %role, epoch, "{line}"),
                     }
                     push_bounded(&mut self.transitions, line);
+                    if role == Role::Primary && self.cfg.queue.sync != crate::config::QueueSync::Off
+                    {
+                        self.engine.promote_queue_replica();
+                    }
                     self.engine.set_mode(match role {
                         Role::Primary => EngineMode::Primary,
                         Role::Secondary => EngineMode::Secondary,

@@ -520,6 +520,65 @@ impl Ingester {
         }
     }
 
+    /// Moves the messages of a replicated queue (`replica`, same layout) into
+    /// the live queue, exactly once: through the ledger, so that the former
+    /// primary's later push of the same messages is dropped as duplicates.
+    /// Returns (moved, duplicates).
+    pub fn ingest_local(&mut self, replica: &Path) -> Result<(u64, u64), PushError> {
+        let scan = layout::scan(self.layout, replica).map_err(|source| PushError::Scan {
+            path: replica.to_owned(),
+            source,
+        })?;
+        self.held = layout::scan(self.layout, &self.queue_dir)
+            .map_err(|source| PushError::Scan {
+                path: self.queue_dir.clone(),
+                source,
+            })?
+            .messages
+            .iter()
+            .filter_map(|m| layout::identity(m).ok())
+            .collect();
+        let (mut moved, mut dups) = (0, 0);
+        for msg in scan.messages {
+            let bodies = read_parts(&msg).map_err(|source| PushError::Local {
+                op: "read",
+                path: msg.parts[0].path.clone(),
+                source,
+            })?;
+            let views: Vec<(&str, &[u8])> = msg
+                .parts
+                .iter()
+                .zip(&bodies)
+                .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
+                .collect();
+            let key = layout::identity_of(&msg.queue_id, &views);
+            let parts: Vec<QueuePart> = msg
+                .parts
+                .iter()
+                .zip(&bodies)
+                .map(|(p, b)| QueuePart {
+                    suffix: p.suffix.clone(),
+                    meta: p.meta,
+                    size: b.len() as u64,
+                    hash: xxh3_128(b),
+                })
+                .collect();
+            match self.ingest(&msg.sub_queue, &msg.queue_id, key, &parts, &bodies) {
+                (QueueOutcome::Ingested, _) => moved += 1,
+                (QueueOutcome::Duplicate, _) => dups += 1,
+                (QueueOutcome::Refused, why) => {
+                    warn!(queue_id = %msg.queue_id, "queue replica message not promoted, left in the replica: {why}");
+                    continue;
+                }
+            }
+            // Durable in the live queue (or already there): drop the replica copy.
+            for p in &msg.parts {
+                let _ = std::fs::remove_file(&p.path);
+            }
+        }
+        Ok((moved, dups))
+    }
+
     /// Lands one message; never errors out of the connection for a bad
     /// message: it is refused (the pusher keeps it) and counted.
     fn ingest(

@@ -43,8 +43,8 @@ pub struct EngineConfig {
     pub node_name: String,
     pub peer_name: String,
     pub key: LinkKey,
-    /// (name, root) of every mailstore, in configuration order.
-    pub stores: Vec<(String, PathBuf)>,
+    /// Every replicated store, in configuration order.
+    pub stores: Vec<StoreSpec>,
     pub exclude: Vec<String>,
     pub state_dir: PathBuf,
     pub sync_listen: SocketAddr,
@@ -53,6 +53,19 @@ pub struct EngineConfig {
     pub io_timeout: Duration,
     pub queue: QueueSettings,
 }
+
+/// One replicated tree: sent from `root` as primary, received into
+/// `replica_root` as secondary (the same directory for a mailstore; a
+/// replica kept outside the live queue for the queue itself).
+#[derive(Debug, Clone)]
+pub struct StoreSpec {
+    pub name: String,
+    pub root: PathBuf,
+    pub replica_root: PathBuf,
+}
+
+/// Name of the store that replicates the mail queue (`queue.sync`).
+pub const QUEUE_STORE: &str = "queue";
 
 /// What the engine needs for the queue push (both directions).
 #[derive(Debug, Clone)]
@@ -95,6 +108,7 @@ pub enum EngineError {
 pub struct Engine {
     mode_tx: watch::Sender<EngineMode>,
     push_tx: mpsc::UnboundedSender<()>,
+    promote_tx: mpsc::UnboundedSender<()>,
     pub queue: Arc<QueueState>,
     stats: Arc<ReplStats>,
     notifier: Arc<Mutex<Option<Notifier>>>,
@@ -121,6 +135,7 @@ impl Engine {
         let resync = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(QueueState::default());
         let (push_tx, push_rx) = mpsc::unbounded_channel();
+        let (promote_tx, promote_rx) = mpsc::unbounded_channel();
         let shared = Shared {
             queue: queue.clone(),
             push_done: done,
@@ -132,11 +147,14 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("hasync-repl".into())
-            .spawn(move || tokio_uring::start(engine_main(shared, listener, mode_rx, push_rx)))
+            .spawn(move || {
+                tokio_uring::start(engine_main(shared, listener, mode_rx, push_rx, promote_rx))
+            })
             .map_err(EngineError::Thread)?;
         Ok(Engine {
             mode_tx,
             push_tx,
+            promote_tx,
             queue,
             stats,
             notifier,
@@ -171,6 +189,12 @@ impl Engine {
     /// secondary). The outcome arrives on the `done` channel.
     pub fn push_queue(&self) {
         let _ = self.push_tx.send(());
+    }
+
+    /// On promotion with queue replication on: moves the replicated queue
+    /// into the live queue through the dedup ledger.
+    pub fn promote_queue_replica(&self) {
+        let _ = self.promote_tx.send(());
     }
 
     /// Forces a full verification (every file re-hashed on both sides) at the
@@ -218,9 +242,11 @@ async fn engine_main(
     listener: std::net::TcpListener,
     mut mode_rx: watch::Receiver<EngineMode>,
     mut push_rx: mpsc::UnboundedReceiver<()>,
+    promote_rx: mpsc::UnboundedReceiver<()>,
 ) {
     let shared = Rc::new(shared);
     let ctx = Rc::new(link_ctx(&shared.cfg));
+    let promote_rx = Rc::new(RefCell::new(Some(promote_rx)));
     {
         let (shared, ctx, mode_rx) = (shared.clone(), ctx.clone(), mode_rx.clone());
         tokio_uring::spawn(async move {
@@ -240,6 +266,7 @@ async fn engine_main(
         tokio_uring::net::TcpListener::from_std(listener),
         mode_rx.clone(),
         recv_stores.clone(),
+        promote_rx.borrow_mut().take().expect("taken once"),
     ));
     loop {
         let mode = *mode_rx.borrow_and_update();
@@ -263,7 +290,7 @@ async fn run_primary(
     mode_rx: &mut watch::Receiver<EngineMode>,
 ) {
     let cfg = &shared.cfg;
-    let roots: Vec<PathBuf> = cfg.stores.iter().map(|(_, p)| p.clone()).collect();
+    let roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
     let (tracker, coalescer) = match Tracker::start(TrackerConfig {
         roots: roots.clone(),
         exclude: cfg.exclude.clone(),
@@ -286,10 +313,10 @@ async fn run_primary(
     let stores = cfg
         .stores
         .iter()
-        .map(|(name, root)| Store {
-            name: name.clone(),
-            root: root.clone(),
-            index: Index::load(&cfg.state_dir, name),
+        .map(|s| Store {
+            name: s.name.clone(),
+            root: s.root.clone(),
+            index: Index::load(&cfg.state_dir, &s.name),
         })
         .collect();
     let mut sender = Sender::new(
@@ -414,6 +441,7 @@ async fn accept_loop(
     listener: tokio_uring::net::TcpListener,
     mode_rx: watch::Receiver<EngineMode>,
     stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    mut promote_rx: mpsc::UnboundedReceiver<()>,
 ) {
     let busy = Rc::new(std::cell::Cell::new(false));
     // Opened at start so that an ingest a crash interrupted is rolled
@@ -438,6 +466,41 @@ async fn accept_loop(
         }
     };
     let ingester: Rc<RefCell<Option<Ingester>>> = Rc::new(RefCell::new(opened));
+    {
+        // Promotion: the replicated queue joins the live queue.
+        let (shared, ingester) = (shared.clone(), ingester.clone());
+        tokio_uring::spawn(async move {
+            while promote_rx.recv().await.is_some() {
+                let Some(replica) = shared
+                    .cfg
+                    .stores
+                    .iter()
+                    .find(|s| s.name == QUEUE_STORE)
+                    .map(|s| s.replica_root.clone())
+                else {
+                    continue;
+                };
+                let taken = ingester.borrow_mut().take();
+                let Some(mut ing) = taken else {
+                    warn!("cannot promote the queue replica: the ledger is busy or unavailable");
+                    continue;
+                };
+                match ing.ingest_local(&replica) {
+                    Ok((moved, dups)) => info!(
+                        moved,
+                        duplicates = dups,
+                        "queue replica promoted into the live queue: {moved} messages, {dups} already there"
+                    ),
+                    Err(e) => {
+                        error!(alarm = true, "ALARM: promoting the queue replica failed: {e}");
+                        *shared.queue.last_error.lock().expect("queue error lock") = Some(e.to_string());
+                    }
+                }
+                *shared.queue.ingest.lock().expect("ingest lock") = ing.stats.clone();
+                *ingester.borrow_mut() = Some(ing);
+            }
+        });
+    }
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -521,11 +584,24 @@ async fn accept_loop(
 fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {
     cfg.stores
         .iter()
-        .map(|(name, root)| {
+        .map(|s| {
+            // The receiving side keeps its own index: its tree is the replica.
+            let index_name = if s.replica_root == s.root {
+                s.name.clone()
+            } else {
+                format!("{}-replica", s.name)
+            };
+            std::fs::create_dir_all(&s.replica_root).map_err(|source| {
+                super::fsops::FsError::Io {
+                    op: "create",
+                    path: s.replica_root.display().to_string(),
+                    source,
+                }
+            })?;
             Ok(RecvStore {
-                name: name.clone(),
-                root: Root::open(root)?,
-                index: Index::load(&cfg.state_dir, name),
+                name: s.name.clone(),
+                root: Root::open(&s.replica_root)?,
+                index: Index::load(&cfg.state_dir, &index_name),
             })
         })
         .collect()

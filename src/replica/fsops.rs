@@ -102,16 +102,8 @@ impl FsError {
     }
 }
 
-/// Metadata carried with every file/dir/symlink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Meta {
-    /// Permission bits including setuid/setgid/sticky (masked with 0o7777).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime_sec: i64,
-    pub mtime_nsec: u32,
-}
+/// Metadata carried with every file/dir/symlink: the wire's own type.
+pub use crate::wire::sync::Meta;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RenameOutcome {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::fsops::{FsError, LinkOutcome, Meta as FsMeta, RenameOutcome, Root};
+use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind};
 use super::stats::{add, ReplStats};
 use super::Excludes;
@@ -88,16 +88,6 @@ pub struct Receiver {
     dirs: BTreeSet<(usize, PathBuf)>,
     current: Option<Incoming>,
     replies: Vec<u8>,
-}
-
-fn fs_meta(m: &Meta) -> FsMeta {
-    FsMeta {
-        mode: m.mode,
-        uid: m.uid,
-        gid: m.gid,
-        mtime_sec: m.mtime_sec,
-        mtime_nsec: m.mtime_nsec,
-    }
 }
 
 fn parent_of(rel: &Path) -> PathBuf {
@@ -351,7 +341,7 @@ impl Receiver {
                     return Ok(());
                 };
                 // Creating a directory early never conflicts with staged files.
-                match self.stores[s].root.mkdir(&rel, &fs_meta(&meta)) {
+                match self.stores[s].root.mkdir(&rel, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
                         if let Ok(Some(st)) = index::lstat(&self.stores[s].root.path().join(&rel)) {
@@ -439,7 +429,7 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&rel], peer).await;
-                match self.stores[s].root.symlink(&rel, &target, &fs_meta(&meta)) {
+                match self.stores[s].root.symlink(&rel, &target, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
                         if let Ok(Some(st)) = index::lstat(&self.stores[s].root.path().join(&rel)) {
@@ -581,7 +571,7 @@ impl Receiver {
             return;
         }
         let finished = match &inc.meta_fd {
-            Some(fd) => self.stores[s].root.finish_staged(fd, &fs_meta(&inc.meta)),
+            Some(fd) => self.stores[s].root.finish_staged(fd, &inc.meta),
             None => Err(FsError::Io {
                 op: "dup",
                 path: inc.rel.display().to_string(),

@@ -200,3 +200,56 @@ fn garbage_in_the_queue_is_reported_and_left_in_place() {
     assert_eq!(queue_digest(&tp.nodes[1].queue_dir, "exim"), before);
     assert!(tp.nodes[0].is_running());
 }
+
+/// With continuous queue replication, the new primary delivers from the
+/// promoted replica even if the old primary never comes back; when it does
+/// come back, its push finds only duplicates.
+#[test]
+fn continuous_queue_replication_survives_a_primary_that_never_returns() {
+    let mut o = opts("postfix");
+    o.queue_sync = "continuous";
+    let (mut tp, p) = TestPair::formed(o);
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, "postfix", 30, 5);
+    let replica = tp.nodes[1].state_dir.join("queue-replica");
+    // Wait until the replica holds the queue (outside the live queue).
+    let start = std::time::Instant::now();
+    while queue_digest(&replica, "postfix") != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "queue never replicated\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        queue_digest(&tp.nodes[1].queue_dir, "postfix").is_empty(),
+        "the replica stays out of the live queue"
+    );
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    let start = std::time::Instant::now();
+    while queue_digest(&tp.nodes[1].queue_dir, "postfix") != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "replica not promoted\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The old primary returns after all: everything it pushes is a duplicate.
+    tp.nodes[0].start().unwrap();
+    let st = push_settled(&tp, 0);
+    println!("push after promotion: {:?}", st.queue_push.last);
+    assert_eq!(st.queue_push.last.duplicates_dropped, 30);
+    assert_eq!(
+        queue_digest(&tp.nodes[1].queue_dir, "postfix"),
+        before,
+        "still exactly once"
+    );
+    assert!(queue_digest(&tp.nodes[0].queue_dir, "postfix").is_empty());
+}
