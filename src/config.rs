@@ -122,6 +122,9 @@ pub struct QueueConfig {
     pub ledger_max_age: Duration,
     /// Queue replication to the secondary (kept outside its live queue).
     pub sync: QueueSync,
+    /// Zero-loss commit: how long a commit waits for the peer before it
+    /// returns as local-only.
+    pub commit_timeout: Duration,
 }
 
 /// `queue.sync`: whether the queue is replicated beyond the failover push.
@@ -446,6 +449,12 @@ struct RawQueue {
     ledger_max_age_ms: Option<Duration>,
     #[serde(default)]
     sync: QueueSync,
+    #[serde(default, deserialize_with = "de_commit_timeout")]
+    commit_timeout_ms: Option<Duration>,
+}
+
+fn de_commit_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "queue.commit_timeout_ms").map(Some)
 }
 
 fn de_ledger_max_age<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -654,6 +663,7 @@ impl RawConfig {
         }
         let config = Config {
             queue: QueueConfig {
+                commit_timeout: q.commit_timeout_ms.unwrap_or(Duration::from_secs(2)),
                 sync: q.sync,
                 layout: q.layout,
                 post_ingest_hook: q.post_ingest_hook,

@@ -74,6 +74,13 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Zero-loss commit: return once FILE is durable on the peer too (prints
+    /// `replicated: …`), or `local-only: …` after queue.commit_timeout_ms.
+    Commit {
+        #[command(flatten)]
+        target: Target,
+        file: PathBuf,
+    },
     /// Bring a node that is `off` back into the pair.
     Join {
         #[command(flatten)]
@@ -157,6 +164,11 @@ fn real_main() -> Result<ExitCode> {
         Cmd::Failover { target } => reply(ask(&target, control::Request::Failover)?),
         Cmd::Join { target } => reply(ask(&target, control::Request::Join)?),
         Cmd::PushQueue { target } => reply(ask(&target, control::Request::PushQueue)?),
+        Cmd::Commit { target, file } => {
+            let path =
+                std::fs::canonicalize(&file).with_context(|| format!("{}", file.display()))?;
+            reply(ask(&target, control::Request::Commit { path })?)
+        }
         Cmd::Resync { target } => {
             let resp = ask(&target, control::Request::Resync)?;
             if !resp.ok {

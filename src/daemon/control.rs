@@ -23,6 +23,10 @@ pub enum Request {
     Join,
     Resync,
     PushQueue,
+    /// Zero-loss commit of one file (for MTAs that cannot embed the library).
+    Commit {
+        path: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ use crate::queue::push::PushReport;
 use crate::replica::engine::{
     Engine, EngineConfig, EngineError, EngineMode, QueueSettings, StoreSpec, QUEUE_STORE,
 };
+use crate::replica::sender::CommitOutcome;
 use control::{
     LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, MAX_REQUEST,
 };
@@ -279,8 +280,25 @@ impl Node {
                 }
                 Some(res) = self.push_done_rx.recv() => self.on_push_done(res),
                 Some((req, reply)) = self.control_rx.recv() => {
-                    let resp = self.handle_request(req);
-                    let _ = reply.send(resp);
+                    if let Request::Commit { path } = req {
+                        // Waits for the peer without holding up the loop.
+                        let rx = self.engine.commit(&path, self.cfg.queue.commit_timeout);
+                        tokio_uring::spawn(async move {
+                            let resp = match rx.await {
+                                Ok(CommitOutcome::Replicated { waited }) => Response::message(format!(
+                                    "replicated: {} is durable on both nodes ({} ms)",
+                                    path.display(),
+                                    waited.as_millis()
+                                )),
+                                Ok(CommitOutcome::LocalOnly { reason }) => Response::message(format!("local-only: {reason}")),
+                                Err(_) => Response::message("local-only: the replication engine stopped before confirming"),
+                            };
+                            let _ = reply.send(resp);
+                        });
+                    } else {
+                        let resp = self.handle_request(req);
+                        let _ = reply.send(resp);
+                    }
                 }
                 _ = self_check.tick() => {
                     let result = self_check_dirs(&self.cfg);
@@ -387,6 +405,7 @@ impl Node {
                     ))
                 }
             }
+            Request::Commit { .. } => Response::error("commit is handled asynchronously"),
             Request::Resync => {
                 self.engine.request_resync();
                 Response::message(match self.core.role() {

@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use super::fsops::Root;
 use super::index::Index;
 use super::receiver::{Receiver, RecvStore};
-use super::sender::{SendError, Sender, Store};
+use super::sender::{CommitOutcome, CommitReq, SendError, Sender, Store};
 use super::stats::{ReplStats, ReplStatus};
 use super::Excludes;
 use crate::link::auth::{LinkKey, Side};
@@ -106,6 +106,8 @@ pub enum EngineError {
 
 /// Handle owned by the daemon or an embedding application.
 pub struct Engine {
+    commit_tx: crossbeam_channel::Sender<CommitReq>,
+    store_roots: Vec<PathBuf>,
     mode_tx: watch::Sender<EngineMode>,
     push_tx: mpsc::UnboundedSender<()>,
     promote_tx: mpsc::UnboundedSender<()>,
@@ -123,6 +125,7 @@ impl Engine {
         done: mpsc::UnboundedSender<Result<PushReport, String>>,
     ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
+        let store_roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
         let listener = crate::io::bind_listener(cfg.sync_listen, Duration::from_secs(10)).map_err(
             |source| EngineError::Listen {
                 addr: cfg.sync_listen,
@@ -136,7 +139,11 @@ impl Engine {
         let queue = Arc::new(QueueState::default());
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (promote_tx, promote_rx) = mpsc::unbounded_channel();
+        // Bounded: an application that commits faster than the pair can
+        // confirm gets back-pressure (and then local-only outcomes).
+        let (commit_tx, commit_rx) = crossbeam_channel::bounded(65_536);
         let shared = Shared {
+            commit_rx,
             queue: queue.clone(),
             push_done: done,
             cfg,
@@ -152,6 +159,8 @@ impl Engine {
             })
             .map_err(EngineError::Thread)?;
         Ok(Engine {
+            commit_tx,
+            store_roots,
             mode_tx,
             push_tx,
             promote_tx,
@@ -191,6 +200,56 @@ impl Engine {
         let _ = self.push_tx.send(());
     }
 
+    /// Zero-loss commit: resolves once `path` (inside a replicated store) is
+    /// durable on the peer as well, or after `timeout` as local-only. Many
+    /// concurrent commits share one round trip (group commit).
+    pub fn commit(
+        &self,
+        path: &Path,
+        timeout: Duration,
+    ) -> tokio::sync::oneshot::Receiver<CommitOutcome> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let local_only = |tx: tokio::sync::oneshot::Sender<CommitOutcome>, reason: String| {
+            let _ = tx.send(CommitOutcome::LocalOnly { reason });
+        };
+        if *self.mode_tx.borrow() != EngineMode::Primary {
+            local_only(
+                tx,
+                "this node is not primary: nothing to replicate to".into(),
+            );
+            return rx;
+        }
+        let found = self
+            .store_roots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, root)| {
+                path.strip_prefix(root)
+                    .ok()
+                    .map(|rel| (i, root, rel.to_path_buf()))
+            })
+            .max_by_key(|(_, root, _)| root.as_os_str().len());
+        let Some((store, _, rel)) = found.filter(|(_, _, rel)| !rel.as_os_str().is_empty()) else {
+            local_only(
+                tx,
+                format!("{} is not inside a replicated store", path.display()),
+            );
+            return rx;
+        };
+        let now = std::time::Instant::now();
+        let req = CommitReq {
+            store,
+            rel,
+            at: now,
+            deadline: now + timeout,
+            reply: tx,
+        };
+        if let Err(e) = self.commit_tx.try_send(req) {
+            local_only(e.into_inner().reply, "too many commits waiting".into());
+        }
+        rx
+    }
+
     /// On promotion with queue replication on: moves the replicated queue
     /// into the live queue through the dedup ledger.
     pub fn promote_queue_replica(&self) {
@@ -217,6 +276,7 @@ impl Drop for Engine {
 }
 
 struct Shared {
+    commit_rx: crossbeam_channel::Receiver<CommitReq>,
     queue: Arc<QueueState>,
     push_done: mpsc::UnboundedSender<Result<PushReport, String>>,
     cfg: EngineConfig,
@@ -327,6 +387,7 @@ async fn run_primary(
         cfg.verify_interval,
     );
     sender.resync_requested = shared.resync.clone();
+    sender.commits = Some(shared.commit_rx.clone());
     info!(
         stores = cfg.stores.len(),
         watches = tracker.stats().watches,
@@ -355,8 +416,11 @@ async fn run_primary(
                 }
             }
         }
-        // Keep the tracker's pending list bounded while disconnected.
+        // Keep the tracker's pending list bounded while disconnected, and
+        // let commits waiting for a peer that is gone degrade on time.
         sender.coalescer.drain();
+        sender.forget_inflight_commits();
+        sender.expire_commits();
         tokio::select! {
             _ = tokio::time::sleep(backoff.next_delay()) => {}
             _ = mode_rx.changed() => {}

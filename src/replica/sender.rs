@@ -61,6 +61,27 @@ pub enum SendError {
     Stopped,
 }
 
+/// What a zero-loss commit learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Durable on the peer too.
+    Replicated { waited: Duration },
+    /// Durable here only: the peer did not confirm in time (or this node is
+    /// not primary). Like semi-synchronous replication, the pair degrades
+    /// instead of blocking mail.
+    LocalOnly { reason: String },
+}
+
+/// A pending `Engine::commit`.
+#[derive(Debug)]
+pub struct CommitReq {
+    pub store: usize,
+    pub rel: PathBuf,
+    pub at: Instant,
+    pub deadline: Instant,
+    pub reply: tokio::sync::oneshot::Sender<CommitOutcome>,
+}
+
 /// One store as the sender sees it.
 pub struct Store {
     pub name: String,
@@ -115,6 +136,10 @@ pub struct Sender {
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
     lag_from: Option<Instant>,
+    /// Zero-loss commits: arrive on `commits`, wait in `waiting` with the
+    /// barrier of the batch that carries their path (once planned).
+    pub commits: Option<crossbeam_channel::Receiver<CommitReq>>,
+    waiting: Vec<(CommitReq, Option<u64>)>,
     /// `hasync resync` asked for a full verification.
     pub resync_requested: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -188,6 +213,8 @@ impl Sender {
             next_backoff: Instant::now(),
             last_save: Instant::now(),
             pending_verify: false,
+            commits: None,
+            waiting: Vec::new(),
             needed: Default::default(),
             listed_dirs: Default::default(),
             lag_from: None,
@@ -238,6 +265,8 @@ impl Sender {
                 self.on_peer_msg(msg?)?;
             }
             self.requeue_retries();
+            self.take_commits();
+            self.expire_commits();
             self.coalescer.drain();
             self.stats
                 .ops_pending
@@ -585,9 +614,77 @@ impl Sender {
             // Every ack that could carry a re-requested path has arrived.
             self.needed.clear();
         }
+        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(_, b)| b.is_some_and(|b| b <= seq));
+        self.waiting = rest;
+        for (req, _) in done {
+            self.stats.commits_replicated.fetch_add(1, Relaxed);
+            self.stats.synchronous.store(true, Relaxed);
+            let _ = req.reply.send(CommitOutcome::Replicated {
+                waited: now.duration_since(req.at),
+            });
+        }
         if self.retry.is_empty() && self.stats.peer_disk_full.swap(false, Relaxed) {
             info!("peer accepts data again: replication resumed");
             self.retry_delay = NO_SPACE_RETRY_MIN;
+        }
+    }
+
+    fn take_commits(&mut self) {
+        let Some(rx) = &self.commits else { return };
+        while let Ok(req) = rx.try_recv() {
+            // Make sure the path travels even if inotify has not seen it yet.
+            self.coalescer.push(Op::Sync {
+                store: req.store,
+                rel: req.rel.clone(),
+                since: req.at,
+            });
+            self.waiting.push((req, None));
+        }
+    }
+
+    fn satisfy_now(&mut self, store: usize, rel: &Path) {
+        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(r, b)| b.is_none() && r.store == store && r.rel == rel);
+        self.waiting = rest;
+        for (req, _) in done {
+            self.stats.commits_replicated.fetch_add(1, Relaxed);
+            let _ = req.reply.send(CommitOutcome::Replicated {
+                waited: req.at.elapsed(),
+            });
+        }
+    }
+
+    /// Commits past their deadline return as local-only; the pair is then
+    /// reported as degraded until a commit is confirmed again.
+    pub fn expire_commits(&mut self) {
+        self.take_commits();
+        let now = Instant::now();
+        let (late, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(r, _)| r.deadline <= now);
+        self.waiting = rest;
+        for (req, _) in late {
+            if self.stats.synchronous.swap(false, Relaxed) {
+                warn!("zero-loss commit degraded to local-only: the peer did not confirm in time");
+            }
+            self.stats.commits_degraded.fetch_add(1, Relaxed);
+            let _ = req.reply.send(CommitOutcome::LocalOnly {
+                reason: format!(
+                    "the peer did not confirm within {:?}; durable on this node only",
+                    req.deadline.duration_since(req.at)
+                ),
+            });
+        }
+    }
+
+    /// A lost connection loses the batches in flight: their commits wait for
+    /// the re-send after reconnecting.
+    pub fn forget_inflight_commits(&mut self) {
+        for (_, b) in self.waiting.iter_mut() {
+            *b = None;
         }
     }
 
@@ -620,6 +717,21 @@ impl Sender {
             },
         }
         let mut plans = Vec::with_capacity(ops.len());
+        // Paths this batch carries, for commits waiting on them.
+        let mut batch_paths: std::collections::HashSet<(usize, PathBuf)> = Default::default();
+        if !self.waiting.is_empty() {
+            for op in &ops {
+                match op {
+                    Op::Sync { store, rel, .. } => {
+                        batch_paths.insert((*store, rel.clone()));
+                    }
+                    Op::Rename { store, to, .. } => {
+                        batch_paths.insert((*store, to.clone()));
+                    }
+                    Op::Rescan { .. } => {}
+                }
+            }
+        }
         let mut batch = Inflight {
             barrier: 0,
             acks: Vec::new(),
@@ -741,6 +853,8 @@ impl Sender {
                             }) {
                                 batch.sinces.pop();
                                 self.seq -= 1;
+                                // The replica acknowledged exactly this version.
+                                self.satisfy_now(store, &rel);
                                 continue;
                             }
                             if st.nlink > 1 {
@@ -845,6 +959,11 @@ impl Sender {
         let barrier = self.seq;
         SyncMsg::Barrier { seq: barrier }.encode(&mut out);
         batch.barrier = barrier;
+        for (req, b) in self.waiting.iter_mut() {
+            if b.is_none() && batch_paths.contains(&(req.store, req.rel.clone())) {
+                *b = Some(barrier);
+            }
+        }
         let n = batch.sinces.len() as u64;
         self.stats.ops_inflight.fetch_add(n, Relaxed);
         self.inflight.push_back(batch);

@@ -44,6 +44,10 @@ pub struct ReplStats {
     pub disk_full: AtomicBool,
     /// Receiver: the primary said the replica is complete.
     pub caught_up: AtomicBool,
+    /// Zero-loss commit: true while commits are confirmed by the peer.
+    pub synchronous: AtomicBool,
+    pub commits_replicated: AtomicU64,
+    pub commits_degraded: AtomicU64,
     pub tracker: Mutex<TrackerStats>,
     pub last_error: Mutex<Option<String>>,
 }
@@ -93,6 +97,9 @@ impl Default for ReplStats {
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
+            synchronous: AtomicBool::new(false),
+            commits_replicated: AtomicU64::new(0),
+            commits_degraded: AtomicU64::new(0),
             tracker: Mutex::new(TrackerStats::default()),
             last_error: Mutex::new(None),
         }
@@ -140,6 +147,11 @@ pub struct ReplStatus {
     pub rename_sources_missing: u64,
     pub disk_full: bool,
     pub caught_up: bool,
+    /// Zero-loss commit: "synchronous" while the peer confirms commits,
+    /// "degraded" (local-only) after one timed out, "-" before any.
+    pub commit_mode: String,
+    pub commits_replicated: u64,
+    pub commits_degraded: u64,
     pub watches: u64,
     pub inotify_overflows: u64,
     pub rescans: u64,
@@ -222,6 +234,16 @@ impl ReplStats {
             rename_sources_missing: g(&self.rename_sources_missing),
             disk_full: self.disk_full.load(Relaxed),
             caught_up: self.caught_up.load(Relaxed),
+            commit_mode: match (
+                self.synchronous.load(Relaxed),
+                g(&self.commits_replicated) + g(&self.commits_degraded),
+            ) {
+                (_, 0) => "-".into(),
+                (true, _) => "synchronous".into(),
+                (false, _) => "degraded".into(),
+            },
+            commits_replicated: g(&self.commits_replicated),
+            commits_degraded: g(&self.commits_degraded),
             watches: tracker.watches,
             inotify_overflows: tracker.overflows,
             rescans: tracker.rescans,

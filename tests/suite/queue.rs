@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use hasync::queue::layout::Layout;
+use hasync::queue::layout::{self, Layout};
 
 use super::util::*;
 
@@ -252,4 +252,78 @@ fn continuous_queue_replication_survives_a_primary_that_never_returns() {
         "still exactly once"
     );
     assert!(queue_digest(&tp.nodes[0].queue_dir, "postfix").is_empty());
+}
+
+/// Zero-loss commit: a message whose commit returned "replicated" survives
+/// the primary's sudden death, even though it never comes back; with the
+/// peer gone, commits degrade to local-only after the timeout.
+#[test]
+fn committed_messages_survive_the_primary_never_returning() {
+    let mut o = opts("postfix");
+    o.queue_sync = "continuous";
+    let (mut tp, _) = TestPair::formed(o);
+    let q = tp.nodes[0].queue_dir.clone();
+    let cfg = tp.nodes[0].config_path.to_str().unwrap().to_string();
+    std::fs::create_dir_all(q.join("incoming")).unwrap();
+    let mut committed = BTreeMap::new();
+    for i in 0..20 {
+        let p = q.join("incoming").join(format!("C{i:09X}"));
+        let body = format!("committed message {i}\r\n");
+        std::fs::write(&p, &body).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let out = hasync(&["commit", "--config", &cfg, p.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && text.starts_with("replicated"),
+            "commit {i}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        committed.insert(xxhash_rust::xxh3::xxh3_128(body.as_bytes()), 1);
+    }
+    let st = tp.nodes[0].status().unwrap();
+    assert_eq!(st.replication.commit_mode, "synchronous");
+    // The primary dies right after the last commit returned, for good.
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    let start = std::time::Instant::now();
+    let live = loop {
+        let scan = layout::scan(Layout::Postfix, &tp.nodes[1].queue_dir).unwrap();
+        let got: BTreeMap<u128, usize> = scan
+            .messages
+            .iter()
+            .filter(|m| m.queue_id.starts_with('C'))
+            .map(|m| {
+                (
+                    xxhash_rust::xxh3::xxh3_128(&std::fs::read(&m.parts[0].path).unwrap()),
+                    1,
+                )
+            })
+            .collect();
+        if got == committed || start.elapsed() > Duration::from_secs(20) {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        live,
+        committed,
+        "every committed message is in the new primary's queue\n{}",
+        tp.logs()
+    );
+
+    // Now the new primary is alone: a commit degrades to local-only.
+    let cfg2 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+    let p = tp.nodes[1].queue_dir.join("incoming").join("D000000001");
+    std::fs::write(&p, "after the peer died").unwrap();
+    let out = hasync(&["commit", "--config", &cfg2, p.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("local-only"), "{text}");
+    assert_eq!(
+        tp.nodes[1].status().unwrap().replication.commit_mode,
+        "degraded"
+    );
 }

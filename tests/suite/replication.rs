@@ -356,11 +356,10 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     );
     // No partial file under a final name: whatever landed is complete.
     for f in walk_files(&dst) {
-        assert_eq!(
-            std::fs::metadata(&f).unwrap().len(),
-            100 * 1024,
-            "{f:?} is partial"
-        );
+        // (A file may still be moving while we look; what is there is whole.)
+        if let Ok(md) = std::fs::metadata(&f) {
+            assert_eq!(md.len(), 100 * 1024, "{f:?} is partial");
+        }
     }
     let ok = std::process::Command::new("mount")
         .args(["-o", "remount,size=16m"])
