@@ -695,16 +695,42 @@ pub fn render_status(s: &Status) -> String {
         s.link.heartbeat_interval_ms,
         s.link.auth_failures
     );
-    if s.queue_push.requested > 0 {
+    let q = &s.queue_push;
+    if q.requested > 0 || q.running || q.last.messages > 0 {
         let _ = writeln!(
             o,
-            "queue     push requested {} time(s){}",
-            s.queue_push.requested,
-            if s.queue_push.pending {
-                ", pending"
-            } else {
-                ""
-            }
+            "queue     push requested {} time(s){}{}; last: {} messages, {} pushed, {} ingested, {} duplicates dropped, {} failed, {} garbage",
+            q.requested,
+            if q.pending { ", pending" } else { "" },
+            if q.running { ", RUNNING" } else { "" },
+            q.last.messages,
+            q.last.pushed,
+            q.last.ingested,
+            q.last.duplicates_dropped,
+            q.last.failed,
+            q.last.garbage.len()
+        );
+    }
+    if q.ingest.ingested + q.ingest.duplicates_dropped + q.ingest.refused > 0 {
+        let _ = writeln!(
+            o,
+            "ingest    {} ingested, {} duplicates dropped, {} refused, {} IDs replaced; ledger {} entries; hook runs {} (failed {})",
+            q.ingest.ingested,
+            q.ingest.duplicates_dropped,
+            q.ingest.refused,
+            q.ingest.renamed_ids,
+            q.ingest.ledger_entries,
+            q.ingest.hook_runs,
+            q.ingest.hook_failures
+        );
+    }
+    if s.replication.commits_replicated + s.replication.commits_degraded > 0 {
+        let _ = writeln!(
+            o,
+            "commit    {}: {} replicated, {} local-only",
+            s.replication.commit_mode,
+            s.replication.commits_replicated,
+            s.replication.commits_degraded
         );
     }
     let r = &s.replication;
