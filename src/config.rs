@@ -125,6 +125,8 @@ pub struct QueueConfig {
     /// Zero-loss commit: how long a commit waits for the peer before it
     /// returns as local-only.
     pub commit_timeout: Duration,
+    /// With `sync = "periodic"`: how often queue changes are sent.
+    pub sync_interval: Duration,
 }
 
 /// `queue.sync`: whether the queue is replicated beyond the failover push.
@@ -136,8 +138,7 @@ pub enum QueueSync {
     Off,
     /// Every change, through the change tracker, like the mailstores.
     Continuous,
-    /// Not built yet: refused with an error rather than silently treated
-    /// as something else.
+    /// Changes of the queue are sent at most every `queue.sync_interval_ms`.
     Periodic,
 }
 
@@ -451,6 +452,12 @@ struct RawQueue {
     sync: QueueSync,
     #[serde(default, deserialize_with = "de_commit_timeout")]
     commit_timeout_ms: Option<Duration>,
+    #[serde(default, deserialize_with = "de_sync_interval")]
+    sync_interval_ms: Option<Duration>,
+}
+
+fn de_sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "queue.sync_interval_ms").map(Some)
 }
 
 fn de_commit_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -654,15 +661,17 @@ impl RawConfig {
             ));
         }
 
-        if q.sync == QueueSync::Periodic {
+        let sync_interval = q.sync_interval_ms.unwrap_or(Duration::from_secs(60));
+        if sync_interval < Duration::from_secs(1) || sync_interval > Duration::from_secs(3600) {
             return Err(err(
-                "queue.sync",
-                "\"periodic\"".into(),
-                "periodic queue replication is not built yet; use \"continuous\" or \"off\"".into(),
+                "queue.sync_interval_ms",
+                fmt_duration(sync_interval),
+                "must be between 1s and 1h".into(),
             ));
         }
         let config = Config {
             queue: QueueConfig {
+                sync_interval,
                 commit_timeout: q.commit_timeout_ms.unwrap_or(Duration::from_secs(2)),
                 sync: q.sync,
                 layout: q.layout,

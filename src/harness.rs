@@ -24,6 +24,8 @@ pub struct PairOptions {
     pub queue_layout: &'static str,
     /// `queue.sync` of both nodes.
     pub queue_sync: &'static str,
+    /// `queue.sync_interval_ms` (periodic queue sync).
+    pub queue_sync_interval_ms: u64,
 }
 
 impl Default for PairOptions {
@@ -37,6 +39,7 @@ impl Default for PairOptions {
             verify_interval_ms: 600_000,
             queue_layout: "postfix",
             queue_sync: "off",
+            queue_sync_interval_ms: 60_000,
         }
     }
 }
@@ -137,6 +140,7 @@ verify_interval_ms = {verify}
 [queue]
 layout = "{layout}"
 sync = "{queue_sync}"
+sync_interval_ms = {queue_sync_interval}
 
 [mailstores]
 inbox = "mail/inbox"
@@ -144,6 +148,7 @@ quarantine = "mail/quarantine"
 "#,
                 layout = options.queue_layout,
                 queue_sync = options.queue_sync,
+                queue_sync_interval = options.queue_sync_interval_ms,
                 sync_listen = sync_addrs[i],
                 sync_peer = sync_addrs[1 - i],
                 verify = options.verify_interval_ms,

@@ -67,13 +67,16 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
             name: n.clone(),
             root: p.clone(),
             replica_root: p.clone(),
+            period: None,
         })
         .collect();
-    if cfg.queue.sync == crate::config::QueueSync::Continuous {
+    use crate::config::QueueSync;
+    if cfg.queue.sync != QueueSync::Off {
         v.push(StoreSpec {
             name: QUEUE_STORE.to_string(),
             root: cfg.queue_dir.clone(),
             replica_root: cfg.state_dir.join("queue-replica"),
+            period: (cfg.queue.sync == QueueSync::Periodic).then_some(cfg.queue.sync_interval),
         });
     }
     v

@@ -62,6 +62,9 @@ pub struct StoreSpec {
     pub name: String,
     pub root: PathBuf,
     pub replica_root: PathBuf,
+    /// Send this store's changes at most this often (periodic queue sync);
+    /// `None`: continuously.
+    pub period: Option<Duration>,
 }
 
 /// Name of the store that replicates the mail queue (`queue.sync`).
@@ -388,6 +391,7 @@ async fn run_primary(
     );
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
+    sender.periods = cfg.stores.iter().map(|s| s.period).collect();
     info!(
         stores = cfg.stores.len(),
         watches = tracker.stats().watches,

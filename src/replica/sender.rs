@@ -129,6 +129,7 @@ pub struct Sender {
     last_save: Instant,
     /// A rescan asked for a comparison with the replica.
     pending_verify: bool,
+    last_progress_log: Instant,
     /// Paths the peer asked for again: their pending acks must not mark
     /// them as held by the replica.
     needed: std::collections::HashSet<(usize, PathBuf)>,
@@ -136,6 +137,14 @@ pub struct Sender {
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
     lag_from: Option<Instant>,
+    /// Per store: send changes at most this often (periodic queue sync).
+    pub periods: Vec<Option<Duration>>,
+    /// Changes of periodic stores held until their next release, the paths
+    /// released (allowed through once), and when each store releases next.
+    held: Vec<Op>,
+    held_syncs: std::collections::HashSet<(usize, PathBuf)>,
+    released: std::collections::HashSet<(usize, PathBuf)>,
+    next_release: HashMap<usize, Instant>,
     /// Zero-loss commits: arrive on `commits`, wait in `waiting` with the
     /// barrier of the batch that carries their path (once planned).
     pub commits: Option<crossbeam_channel::Receiver<CommitReq>>,
@@ -213,6 +222,12 @@ impl Sender {
             next_backoff: Instant::now(),
             last_save: Instant::now(),
             pending_verify: false,
+            periods: Vec::new(),
+            held: Vec::new(),
+            held_syncs: Default::default(),
+            released: Default::default(),
+            next_release: HashMap::new(),
+            last_progress_log: Instant::now(),
             commits: None,
             waiting: Vec::new(),
             needed: Default::default(),
@@ -265,6 +280,7 @@ impl Sender {
                 self.on_peer_msg(msg?)?;
             }
             self.requeue_retries();
+            self.release_periodic();
             self.take_commits();
             self.expire_commits();
             self.coalescer.drain();
@@ -286,6 +302,7 @@ impl Sender {
                 self.send_batch(w, ops, rx).await?;
                 continue;
             }
+            self.log_progress();
             if let Some(out) = self.finish_initial_if_done(w) {
                 w.send_bytes(out).await?;
             }
@@ -304,6 +321,30 @@ impl Sender {
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.changed() => return Err(SendError::Stopped),
             }
+        }
+    }
+
+    /// A long initial sync or verification says how far it is, every 5 s.
+    fn log_progress(&mut self) {
+        if self.last_progress_log.elapsed() < Duration::from_secs(5) {
+            return;
+        }
+        self.last_progress_log = Instant::now();
+        let p = self.stats.progress.lock().expect("progress lock").clone();
+        if p.phase != "initial-sync" && p.phase != "verifying" {
+            return;
+        }
+        if let Some(s) = p.snapshot() {
+            info!(
+                "{}: {}/{} files, {:.1}/{:.1} MB, {:.0} files/s, ETA {}",
+                p.phase,
+                s.files_done,
+                s.files_total,
+                s.bytes_done as f64 / 1e6,
+                s.bytes_total as f64 / 1e6,
+                s.files_per_s,
+                s.eta_s.map_or("-".to_string(), |e| format!("{e:.0}s"))
+            );
         }
     }
 
@@ -631,6 +672,54 @@ impl Sender {
         }
     }
 
+    /// Holds a change of a periodic store until its release; true if held.
+    fn hold_if_periodic(&mut self, op: &Op) -> bool {
+        let (store, rel) = match op {
+            Op::Sync { store, rel, .. } => (*store, rel.clone()),
+            Op::Rename { store, to, .. } => (*store, to.clone()),
+            Op::Rescan { .. } => return false,
+        };
+        if self.periods.get(store).copied().flatten().is_none() {
+            return false;
+        }
+        if self.released.remove(&(store, rel.clone())) {
+            return false;
+        }
+        // A later Sync of a held path adds nothing: the release reads the
+        // path's state then.
+        let is_sync = matches!(op, Op::Sync { .. });
+        if !is_sync || self.held_syncs.insert((store, rel)) {
+            self.held.push(op.clone());
+        }
+        true
+    }
+
+    fn release_periodic(&mut self) {
+        let now = Instant::now();
+        for (store, period) in self.periods.clone().into_iter().enumerate() {
+            let Some(period) = period else { continue };
+            let next = *self.next_release.entry(store).or_insert(now + period);
+            if now < next {
+                continue;
+            }
+            self.next_release.insert(store, now + period);
+            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+                .into_iter()
+                .partition(|op| op.store() == store);
+            self.held = rest;
+            self.held_syncs.retain(|(s, _)| *s != store);
+            for op in mine {
+                let key = match &op {
+                    Op::Sync { rel, .. } => rel.clone(),
+                    Op::Rename { to, .. } => to.clone(),
+                    Op::Rescan { .. } => continue,
+                };
+                self.released.insert((store, key));
+                self.coalescer.push(op);
+            }
+        }
+    }
+
     fn take_commits(&mut self) {
         let Some(rx) = &self.commits else { return };
         while let Ok(req) = rx.try_recv() {
@@ -716,6 +805,10 @@ impl Sender {
                 st: Stat,
             },
         }
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter(|op| !self.hold_if_periodic(op))
+            .collect();
         let mut plans = Vec::with_capacity(ops.len());
         // Paths this batch carries, for commits waiting on them.
         let mut batch_paths: std::collections::HashSet<(usize, PathBuf)> = Default::default();

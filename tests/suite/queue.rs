@@ -327,3 +327,31 @@ fn committed_messages_survive_the_primary_never_returning() {
         "degraded"
     );
 }
+
+/// Periodic queue replication sends queue changes at the interval, not at once.
+#[test]
+fn periodic_queue_replication_sends_changes_at_the_interval() {
+    let mut o = opts("flat");
+    o.queue_sync = "periodic";
+    o.queue_sync_interval_ms = 2000;
+    let (tp, _) = TestPair::formed(o);
+    let replica = tp.nodes[1].state_dir.join("queue-replica");
+    // Let the first release pass, then queue mail right after one.
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 5, 9);
+    let queued = std::time::Instant::now();
+    let mut seen_at = None;
+    while queued.elapsed() < Duration::from_secs(10) {
+        if queue_digest(&replica, "flat") == before {
+            seen_at = Some(queued.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at = seen_at.unwrap_or_else(|| panic!("periodic sync never sent the queue\n{}", tp.logs()));
+    println!("queue replicated {at:?} after queueing (interval 2 s)");
+    assert!(
+        at <= Duration::from_secs(5),
+        "sent within an interval or two"
+    );
+}
