@@ -185,6 +185,35 @@ impl Ledger {
         Ok(())
     }
 
+    /// Step 2 for a whole batch: one append, one fsync.
+    pub fn record_intents(&mut self, items: &[(u128, String, Moves)]) -> io::Result<()> {
+        let at_ms = now_ms();
+        let mut out = String::new();
+        for (key, queue_id, moves) in items {
+            let payload: Vec<String> = moves
+                .iter()
+                .map(|(a, b)| format!("{}>{}", hex_path(a), hex_path(b)))
+                .collect();
+            out.push_str(&seal(&format!(
+                "I {key:032x} {at_ms} {queue_id} {}",
+                payload.join(",")
+            )));
+        }
+        self.file.write_all(out.as_bytes())?;
+        self.file.sync_data()?;
+        for (key, queue_id, moves) in items {
+            self.entries.insert(
+                *key,
+                Record {
+                    at_ms,
+                    queue_id: queue_id.clone(),
+                    moves: Some(moves.clone()),
+                },
+            );
+        }
+        Ok(())
+    }
+
     /// Step 4: the renames are durable. Not fsynced here: losing a done
     /// record only makes the next start roll forward an already-landed move.
     pub fn record_done(&mut self, keys: &[u128]) -> io::Result<()> {

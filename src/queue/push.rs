@@ -23,8 +23,8 @@ use crate::failpoint;
 use crate::link::{FrameReader, FrameWriter, LinkError};
 use crate::wire::sync::{Meta, QueueOutcome, QueuePart, SyncMsg, MAX_DATA};
 
-/// Messages sent but not yet acknowledged.
-const WINDOW: usize = 32;
+/// Messages sent but not yet acknowledged (one ingest batch on the peer).
+const WINDOW: usize = 256;
 /// Staging area inside the queue directory (same filesystem as the queue).
 pub const STAGING: &str = ".hasync/staging";
 
@@ -138,8 +138,15 @@ pub async fn push(
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let mut next = scan.messages.into_iter();
     let mut id = 0u64;
+    let mut unflushed = false;
+    let mut in_window = 0usize;
     loop {
-        while inflight.len() < WINDOW {
+        // Whole windows: the new primary commits each as one batch (one flush
+        // for all of it); refilling one slot per ack would make every later
+        // batch a batch of one. Two windows outstanding overlap reading and
+        // sending the next with the peer's commit of the previous.
+        let may_open = inflight.len() <= WINDOW;
+        while may_open && in_window < WINDOW {
             let Some(msg) = next.next() else { break };
             let parts = match read_parts(&msg) {
                 Ok(p) => p,
@@ -190,9 +197,19 @@ pub async fn push(
             }
             w.send_bytes(out).await?;
             report.pushed += 1;
+            unflushed = true;
+            in_window += 1;
             inflight.push_back((id, msg));
         }
         let Some(_) = inflight.front() else { break };
+        if unflushed {
+            // The new primary commits what it has staged as one batch.
+            let mut out = Vec::new();
+            SyncMsg::Barrier { seq: id }.encode(&mut out);
+            w.send_bytes(out).await?;
+            unflushed = false;
+            in_window = 0;
+        }
         let frame = r.recv_frame().await?;
         let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
             peer: r.peer(),
@@ -282,6 +299,22 @@ pub async fn push(
     *progress.lock().expect("push progress lock") = report.clone();
     Ok(report)
 }
+
+/// A message written to staging, waiting for its batch's commit.
+struct Staged {
+    key: u128,
+    id: String,
+    moves: Moves,
+}
+
+/// Outcome of looking at one pushed message.
+enum Verdict {
+    Staged(Staged),
+    Done(QueueOutcome, String),
+}
+
+/// Most messages committed together.
+const INGEST_BATCH: usize = 256;
 
 /// The new primary's side.
 pub struct Ingester {
@@ -443,6 +476,7 @@ impl Ingester {
             "queue push from the former primary started"
         );
         let mut landed_any = false;
+        let mut batch: Vec<(u64, Staged)> = Vec::new();
         loop {
             let frame = r.recv_frame().await?;
             let msg = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
@@ -480,22 +514,30 @@ impl Ingester {
                         }
                         bodies.push(b);
                     }
-                    let (outcome, detail) =
-                        self.ingest(&sub_queue, &queue_id, key, &parts, &bodies);
-                    if outcome == QueueOutcome::Ingested {
-                        landed_any = true;
+                    let pending_keys: std::collections::HashSet<u128> =
+                        batch.iter().map(|(_, st)| st.key).collect();
+                    match self.ingest(&sub_queue, &queue_id, key, &parts, &bodies, &pending_keys) {
+                        Verdict::Staged(st) => batch.push((id, st)),
+                        Verdict::Done(outcome, detail) => {
+                            let mut out = Vec::new();
+                            SyncMsg::QueueAck {
+                                id,
+                                outcome,
+                                detail,
+                            }
+                            .encode(&mut out);
+                            w.send_bytes(out).await?;
+                        }
                     }
-                    failpoint::hit("queue.before_ack");
-                    let mut out = Vec::new();
-                    SyncMsg::QueueAck {
-                        id,
-                        outcome,
-                        detail,
+                    if batch.len() >= INGEST_BATCH {
+                        landed_any |= self.commit_and_ack(&mut batch, &w).await?;
                     }
-                    .encode(&mut out);
-                    w.send_bytes(out).await?;
+                }
+                SyncMsg::Barrier { .. } => {
+                    landed_any |= self.commit_and_ack(&mut batch, &w).await?;
                 }
                 SyncMsg::QueueEnd => {
+                    landed_any |= self.commit_and_ack(&mut batch, &w).await?;
                     let hook_ok = if landed_any { self.run_hook() } else { true };
                     let _ = self.ledger.compact_if_needed();
                     self.stats.ledger_entries = self.ledger.len() as u64;
@@ -539,6 +581,7 @@ impl Ingester {
             .filter_map(|m| layout::identity(m).ok())
             .collect();
         let (mut moved, mut dups) = (0, 0);
+        let mut batch: Vec<(QueuedMessage, Staged)> = Vec::new();
         for msg in scan.messages {
             let bodies = read_parts(&msg).map_err(|source| PushError::Local {
                 op: "read",
@@ -563,24 +606,123 @@ impl Ingester {
                     hash: xxh3_128(b),
                 })
                 .collect();
-            match self.ingest(&msg.sub_queue, &msg.queue_id, key, &parts, &bodies) {
-                (QueueOutcome::Ingested, _) => moved += 1,
-                (QueueOutcome::Duplicate, _) => dups += 1,
-                (QueueOutcome::Refused, why) => {
+            let pending_keys: std::collections::HashSet<u128> =
+                batch.iter().map(|(_, st)| st.key).collect();
+            match self.ingest(
+                &msg.sub_queue,
+                &msg.queue_id,
+                key,
+                &parts,
+                &bodies,
+                &pending_keys,
+            ) {
+                Verdict::Staged(st) => batch.push((msg, st)),
+                Verdict::Done(QueueOutcome::Duplicate, _) => {
+                    dups += 1;
+                    // Already in the live queue: drop the replica copy.
+                    for p in &msg.parts {
+                        let _ = std::fs::remove_file(&p.path);
+                    }
+                }
+                Verdict::Done(_, why) => {
                     warn!(queue_id = %msg.queue_id, "queue replica message not promoted, left in the replica: {why}");
-                    continue;
                 }
             }
-            // Durable in the live queue (or already there): drop the replica copy.
+            if batch.len() >= INGEST_BATCH {
+                moved += self.commit_local(&mut batch)?;
+            }
+        }
+        moved += self.commit_local(&mut batch)?;
+        Ok((moved, dups))
+    }
+
+    /// Commits promoted replica messages, then drops their replica copies.
+    fn commit_local(&mut self, batch: &mut Vec<(QueuedMessage, Staged)>) -> Result<u64, PushError> {
+        let taken = std::mem::take(batch);
+        let staged: Vec<Staged> = taken
+            .iter()
+            .map(|(_, s)| Staged {
+                key: s.key,
+                id: s.id.clone(),
+                moves: s.moves.clone(),
+            })
+            .collect();
+        self.commit_batch(&staged)?;
+        self.stats.ingested += taken.len() as u64;
+        for (msg, _) in &taken {
             for p in &msg.parts {
                 let _ = std::fs::remove_file(&p.path);
             }
         }
-        Ok((moved, dups))
+        Ok(taken.len() as u64)
     }
 
-    /// Lands one message; never errors out of the connection for a bad
-    /// message: it is refused (the pusher keeps it) and counted.
+    /// Commits the staged batch and acknowledges each message of it: as
+    /// ingested once durable, or as refused (the pusher keeps it) if the
+    /// commit failed. Returns whether anything landed.
+    async fn commit_and_ack(
+        &mut self,
+        batch: &mut Vec<(u64, Staged)>,
+        w: &FrameWriter,
+    ) -> Result<bool, PushError> {
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let taken = std::mem::take(batch);
+        let staged: Vec<Staged> = taken
+            .iter()
+            .map(|(_, s)| Staged {
+                key: s.key,
+                id: s.id.clone(),
+                moves: s.moves.clone(),
+            })
+            .collect();
+        let t0 = Instant::now();
+        let result = self.commit_batch(&staged);
+        tracing::debug!(
+            n = staged.len(),
+            us = t0.elapsed().as_micros() as u64,
+            "ingest batch committed"
+        );
+        let mut out = Vec::new();
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            // No intent recorded, or rolled forward at the next start; the
+            // pusher keeps its copies and may try again.
+            error!("queue ingest batch failed: {e}");
+            for (_, st) in &taken {
+                for (staged, _) in &st.moves {
+                    let _ = std::fs::remove_file(staged);
+                }
+            }
+        }
+        failpoint::hit("queue.before_ack");
+        for (id, st) in taken {
+            let (outcome, detail) = match &result {
+                Ok(()) => {
+                    self.stats.ingested += 1;
+                    (QueueOutcome::Ingested, st.id)
+                }
+                Err(e) => {
+                    self.stats.refused += 1;
+                    (QueueOutcome::Refused, e.to_string())
+                }
+            };
+            SyncMsg::QueueAck {
+                id,
+                outcome,
+                detail,
+            }
+            .encode(&mut out);
+        }
+        self.stats.ledger_entries = self.ledger.len() as u64;
+        w.send_bytes(out).await?;
+        Ok(ok)
+    }
+
+    /// Looks at one message: a duplicate or a refusal is decided at once;
+    /// anything else is staged for its batch. Never errors out of the
+    /// connection for a bad message: it is refused (the pusher keeps it).
     fn ingest(
         &mut self,
         sub_queue: &str,
@@ -588,11 +730,12 @@ impl Ingester {
         key: u128,
         parts: &[QueuePart],
         bodies: &[Vec<u8>],
-    ) -> (QueueOutcome, String) {
+        pending: &std::collections::HashSet<u128>,
+    ) -> Verdict {
         let refuse = |s: &mut IngestStats, why: String| {
             s.refused += 1;
             warn!(queue_id, "queue ingest refused: {why}");
-            (QueueOutcome::Refused, why)
+            Verdict::Done(QueueOutcome::Refused, why)
         };
         // Integrity first: each part against its hash, the whole against its key.
         for (p, b) in parts.iter().zip(bodies) {
@@ -618,13 +761,13 @@ impl Ingester {
                 "identity does not match the content".into(),
             );
         }
-        if self.ledger.contains(key) || self.held.contains(&key) {
+        if self.ledger.contains(key) || self.held.contains(&key) || pending.contains(&key) {
             self.stats.duplicates_dropped += 1;
             info!(
                 queue_id,
                 "queue ingest: duplicate dropped (already ingested)"
             );
-            return (QueueOutcome::Duplicate, "already ingested".into());
+            return Verdict::Done(QueueOutcome::Duplicate, "already ingested".into());
         }
         if !layout::valid_sub_queue(self.layout, sub_queue) {
             return refuse(
@@ -649,29 +792,27 @@ impl Ingester {
             self.stats.renamed_ids += 1;
             info!(from = queue_id, to = %id, "queue ingest: queue ID invalid or taken here; message gets a new ID");
         }
-        match self.land(sub_queue, &id, key, parts, bodies) {
-            Ok(()) => {
-                self.stats.ingested += 1;
-                self.stats.ledger_entries = self.ledger.len() as u64;
-                (QueueOutcome::Ingested, id)
-            }
+        match self.stage(sub_queue, &id, key, parts, bodies) {
+            Ok(st) => Verdict::Staged(st),
             Err(e) => {
-                // Nothing counted: no intent was recorded, or it is rolled forward.
+                // Nothing counted: staged files without an intent are removed.
                 error!(queue_id, "queue ingest failed: {e}");
                 self.stats.refused += 1;
-                (QueueOutcome::Refused, e.to_string())
+                Verdict::Done(QueueOutcome::Refused, e.to_string())
             }
         }
     }
 
-    fn land(
+    /// Writes a message's parts to staging with their metadata (not yet
+    /// durable: [`Ingester::commit_batch`] makes a whole batch durable).
+    fn stage(
         &mut self,
         sub_queue: &str,
         id: &str,
         key: u128,
         parts: &[QueuePart],
         bodies: &[Vec<u8>],
-    ) -> Result<(), PushError> {
+    ) -> Result<Staged, PushError> {
         use std::io::Write;
         let local = |op: &'static str, path: &Path| {
             let path = path.to_owned();
@@ -705,23 +846,47 @@ impl Ingester {
             }
             f.write_all(&content).map_err(local("write", &staged))?;
             set_meta(&f, &p.meta).map_err(local("set metadata of", &staged))?;
-            f.sync_all().map_err(local("fsync", &staged))?;
             moves.push((staged, dir.join(format!("{id}{}", p.suffix))));
         }
+        Ok(Staged {
+            key,
+            id: id.to_string(),
+            moves,
+        })
+    }
+
+    /// Makes a batch of staged messages part of the queue, durably and
+    /// exactly once: one syncfs for their data, one ledger append + fsync
+    /// for their intents, the renames, one syncfs for the directories.
+    fn commit_batch(&mut self, batch: &[Staged]) -> Result<(), PushError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let local = |op: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| PushError::Local { op, path, source }
+        };
+        crate::io::syncfs(&self.queue_dir).map_err(local("syncfs", &self.queue_dir))?;
         failpoint::hit("queue.after_stage");
+        let items: Vec<(u128, String, Moves)> = batch
+            .iter()
+            .map(|m| (m.key, m.id.clone(), m.moves.clone()))
+            .collect();
         self.ledger
-            .record_intent(key, id, &moves)
+            .record_intents(&items)
             .map_err(local("append to", self.ledger.path()))?;
         failpoint::hit("queue.after_intent");
-        for (staged, fin) in &moves {
-            std::fs::rename(staged, fin).map_err(local("rename", fin))?;
+        for m in batch {
+            failpoint::hit("queue.mid_rename");
+            for (staged, fin) in &m.moves {
+                std::fs::rename(staged, fin).map_err(local("rename", fin))?;
+            }
         }
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(local("fsync", &dir))?;
+        crate::io::syncfs(&self.queue_dir).map_err(local("syncfs", &self.queue_dir))?;
         failpoint::hit("queue.after_rename");
+        let keys: Vec<u128> = batch.iter().map(|m| m.key).collect();
         self.ledger
-            .record_done(&[key])
+            .record_done(&keys)
             .map_err(local("append to", self.ledger.path()))?;
         Ok(())
     }

@@ -95,15 +95,18 @@ fn kill9_failover_pushes_a_flat_queue_exactly_once() {
 /// the pair settles the secondary's queue is empty.
 #[test]
 fn queue_push_interrupted_by_crashes_never_loses_or_duplicates() {
-    let points = [
-        (1usize, "queue.after_stage"),
-        (1, "queue.after_intent"),
-        (1, "queue.after_rename"),
-        (1, "queue.before_ack"),
-        (0, "push.after_ack_before_delete"),
+    // Batch-level points are reached once per ingest batch; per-message
+    // points are tried at the first and the ninth message.
+    let points: [(usize, &str, &[u32]); 6] = [
+        (1, "queue.after_stage", &[1]),
+        (1, "queue.after_intent", &[1]),
+        (1, "queue.mid_rename", &[1, 9]),
+        (1, "queue.after_rename", &[1]),
+        (1, "queue.before_ack", &[1]),
+        (0, "push.after_ack_before_delete", &[1, 9]),
     ];
-    for (victim, point) in points {
-        for hit in [1u32, 9] {
+    for (victim, point, hits) in points {
+        for &hit in hits {
             let (mut tp, _) = TestPair::formed(opts("flat"));
             let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 3);
             // mx1 fails; mx2 takes over (and, for a receiving-side point, is
