@@ -1,0 +1,610 @@
+"""Shared helpers for scripts/bench.sh: hasync pairs, the control socket,
+/proc accounting, ports, Maildir delivery and queue fixtures.
+
+Python 3.11 standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# processes we started: recorded so that bench.sh's trap can end them by pid
+
+_PIDFILE: Path | None = None
+_PROCS: list[subprocess.Popen] = []
+
+
+def set_pidfile(path: Path) -> None:
+    global _PIDFILE
+    _PIDFILE = path
+
+
+def track(proc: subprocess.Popen) -> subprocess.Popen:
+    _PROCS.append(proc)
+    if _PIDFILE is not None:
+        with open(_PIDFILE, "a") as f:
+            f.write(f"{proc.pid}\n")
+    return proc
+
+
+def stop_all() -> None:
+    """Ends every process this run started (by pid), SIGTERM then SIGKILL."""
+    for p in _PROCS:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 3
+    for p in _PROCS:
+        try:
+            p.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+# --------------------------------------------------------------------------
+# ports below the ephemeral range
+
+_next_port = [0]
+
+
+def free_port() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    start, span = 12000, max(1000, low - 12000)
+    if _next_port[0] == 0:
+        _next_port[0] = (os.getpid() * 131) % span
+    for _ in range(span):
+        port = start + _next_port[0] % span
+        _next_port[0] += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
+# --------------------------------------------------------------------------
+# /proc accounting
+
+
+def proc_cpu_s(pid: int, children: bool = False) -> float:
+    """utime+stime (and waited-for children's, if asked) of pid, in seconds."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = raw[raw.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime=14, stime=15, cutime=16, cstime=17
+    t = int(fields[11]) + int(fields[12])
+    if children:
+        t += int(fields[13]) + int(fields[14])
+    return t / CLK_TCK
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def count_tree(root: Path) -> tuple[int, int]:
+    """(regular files, bytes) under root, following nothing."""
+    files = size = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for n in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, n))
+            except FileNotFoundError:
+                continue
+            if (st.st_mode & 0o170000) == 0o100000:
+                files += 1
+                size += st.st_size
+    return files, size
+
+
+def machine_info() -> dict:
+    info: dict = {"cores": os.cpu_count(), "kernel": os.uname().release}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["mem_mib"] = round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    try:
+        info["os"] = next(
+            l.split("=", 1)[1].strip('"')
+            for l in Path("/etc/os-release").read_text().splitlines()
+            if l.startswith("PRETTY_NAME=")
+        )
+    except (OSError, StopIteration):
+        pass
+    return info
+
+
+def fs_info(path: Path) -> dict:
+    out = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "--target", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    parts = out.stdout.split()
+    if len(parts) >= 2:
+        return {"device": parts[0], "fstype": parts[1], "options": parts[2] if len(parts) > 2 else ""}
+    return {}
+
+
+def stats(xs: list[float]) -> dict:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return {"median": None, "min": None, "max": None, "n": 0}
+    s = sorted(xs)
+    n = len(s)
+    med = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return {"median": med, "min": s[0], "max": s[-1], "n": n, "all": xs}
+
+
+# --------------------------------------------------------------------------
+# a hasync node and pair
+
+CONFIG = """node_name = "{name}"
+priority = {prio}
+state_dir = "{state}"
+queue_dir = "{queue}"
+recovery = "become-secondary"
+
+[link]
+listen = "127.0.0.1:{listen}"
+peer = "127.0.0.1:{peer}"
+peer_name = "{peer_name}"
+secret_file = "{secret}"
+heartbeat_interval_ms = {interval}
+heartbeat_lost_threshold = {threshold}
+startup_wait_ms = {startup}
+
+[replication]
+sync_listen = "127.0.0.1:{sync_listen}"
+sync_peer = "127.0.0.1:{sync_peer}"
+verify_interval_ms = 600000
+
+[queue]
+layout = "{layout}"
+sync = "off"
+
+[mailstores]
+{stores}
+"""
+
+
+class StatusError(RuntimeError):
+    pass
+
+
+class Node:
+    def __init__(self, exe: Path, root: Path, name: str, stores: dict[str, Path], queue_dir: Path):
+        self.exe = exe
+        self.root = root
+        self.name = name
+        self.stores = stores
+        self.queue_dir = queue_dir
+        self.state_dir = root / "state"
+        self.config = root / "hasync.toml"
+        self.log_path = root / "hasync.log"
+        self.proc: subprocess.Popen | None = None
+        self.cpu_at_start = 0.0
+        self.started_at = 0.0
+        self.hwm_kib = 0
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / "hasync.sock"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self) -> None:
+        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        logf = open(self.log_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = track(
+            subprocess.Popen(
+                [str(self.exe), "run", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                env=env,
+            )
+        )
+        logf.close()
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def cpu_s(self) -> float:
+        return proc_cpu_s(self.proc.pid) if self.running() else float("nan")
+
+    def sample_hwm(self) -> int:
+        """Reads VmHWM (peak RSS) now; remembers the largest seen."""
+        if self.running():
+            v = proc_status_kib(self.proc.pid, "VmHWM")
+            if v:
+                self.hwm_kib = max(self.hwm_kib, v)
+        return self.hwm_kib
+
+    def kill9(self) -> None:
+        if self.running():
+            self.sample_hwm()
+            self.proc.kill()
+        if self.proc:
+            self.proc.wait()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (the daemon saves its indexes), SIGKILL after timeout."""
+        if self.running():
+            self.sample_hwm()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def status(self, timeout: float = 2.0) -> dict:
+        """One `{"cmd":"status"}` request on the control socket (what `hasync status --json` does)."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(str(self.socket))
+            s.sendall(b'{"cmd":"status"}\n')
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+        except OSError as e:
+            raise StatusError(f"{self.name}: control socket: {e}") from e
+        finally:
+            s.close()
+        try:
+            resp = json.loads(buf)
+        except ValueError as e:
+            raise StatusError(f"{self.name}: malformed status: {buf[:200]!r}") from e
+        if not resp.get("ok") or "status" not in resp:
+            raise StatusError(f"{self.name}: {resp.get('error')}")
+        return resp["status"]
+
+    def try_status(self) -> dict | None:
+        try:
+            return self.status(timeout=1.0)
+        except StatusError:
+            return None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, n: int = 15) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+
+class Pair:
+    """Two nodes on 127.0.0.1; node 0 has the higher priority and starts as primary."""
+
+    def __init__(
+        self,
+        exe: Path,
+        base: Path,
+        stores: list[dict[str, Path]],
+        queues: list[Path] | None = None,
+        layout: str = "postfix",
+        interval_ms: int = 200,
+        threshold: int = 5,
+        startup_wait_ms: int = 2000,
+    ):
+        self.base = base
+        self.interval_ms = interval_ms
+        self.threshold = threshold
+        names = ["mx1", "mx2"]
+        links = [free_port(), free_port()]
+        syncs = [free_port(), free_port()]
+        self.nodes: list[Node] = []
+        for i in range(2):
+            root = base / names[i]
+            (root / "state").mkdir(parents=True, exist_ok=True)
+            q = queues[i] if queues else root / "queue"
+            q.mkdir(parents=True, exist_ok=True)
+            for p in stores[i].values():
+                p.mkdir(parents=True, exist_ok=True)
+            secret = root / "link.secret"
+            secret.write_text("bench-secret-0123456789abcdef\n")
+            node = Node(exe, root, names[i], stores[i], q)
+            node.config.write_text(
+                CONFIG.format(
+                    name=names[i],
+                    prio=200 if i == 0 else 100,
+                    state=node.state_dir,
+                    queue=q,
+                    listen=links[i],
+                    peer=links[1 - i],
+                    peer_name=names[1 - i],
+                    secret=secret,
+                    interval=interval_ms,
+                    threshold=threshold,
+                    startup=startup_wait_ms,
+                    sync_listen=syncs[i],
+                    sync_peer=syncs[1 - i],
+                    layout=layout,
+                    stores="\n".join(f'{k} = "{v}"' for k, v in stores[i].items()),
+                )
+            )
+            self.nodes.append(node)
+
+    def start(self) -> None:
+        for n in self.nodes:
+            n.start()
+
+    def stop(self) -> None:
+        """Samples both nodes' peak RSS, then stops them in reverse order: the
+        secondary (usually node 1) first, so that it does not take over (and
+        scan the store as a new primary) while the pair shuts down."""
+        for n in self.nodes:
+            n.sample_hwm()
+        for n in reversed(self.nodes):
+            n.stop()
+
+    def sample_hwm(self) -> None:
+        for n in self.nodes:
+            n.sample_hwm()
+
+    def roles(self) -> list[str | None]:
+        out = []
+        for n in self.nodes:
+            s = n.try_status() if n.running() else None
+            out.append(s["mode"] if s else None)
+        return out
+
+    def wait_formed(self, timeout: float = 30.0, every: float = 0.01) -> int:
+        """Waits for one primary and one secondary that sees it alive; returns the primary's index."""
+        t0 = time.monotonic()
+        last = None
+        while time.monotonic() - t0 < timeout:
+            st = [n.try_status() if n.running() else None for n in self.nodes]
+            if all(st):
+                last = [s["mode"] for s in st]
+                for p in (0, 1):
+                    if (
+                        st[p]["mode"] == "primary"
+                        and st[1 - p]["mode"] == "secondary"
+                        and st[1 - p]["peer"]["alive"]
+                        and st[p]["peer"]["alive"]
+                    ):
+                        return p
+            for n in self.nodes:
+                if n.proc is not None and n.proc.poll() is not None and n.proc.returncode not in (-9,):
+                    raise RuntimeError(f"{n.name} exited ({n.proc.returncode}):\n{n.log_tail()}")
+            time.sleep(every)
+        raise RuntimeError(
+            f"pair did not form within {timeout}s (roles {last})\n"
+            + "\n".join(f"--- {n.name}\n{n.log_tail()}" for n in self.nodes)
+        )
+
+
+# --------------------------------------------------------------------------
+# message content
+
+
+class Bodies:
+    """Message bodies: RFC 5322-ish headers + text, sizes lognormal-like
+    (median ~10 KiB, clipped 512 B .. `clip`), unique per message."""
+
+    WORDS = [b"mail ", b"queue ", b"relay ", b"spam ", b"archive ", b"inbox ", b"deliver ", b"ok\r\n"]
+
+    def __init__(self, seed: int, median: int = 10240, clip: int = 256 * 1024):
+        self.rng = random.Random(seed)
+        self.median = median
+        self.clip = clip
+        rng = random.Random(seed ^ 0x5EED)
+        text = bytearray()
+        while len(text) < clip + 4096:
+            text += self.WORDS[rng.randrange(8)]
+        self.text = bytes(text)
+
+    def size(self) -> int:
+        return int(min(self.clip, max(512, self.median * math.exp(self.rng.gauss(0.0, 1.0)))))
+
+    def body(self, n: int) -> bytes:
+        size = self.size()
+        head = (
+            f"Return-Path: <bench{n % 997}@example.net>\r\n"
+            f"Message-ID: <{self.rng.getrandbits(64):016x}.{n}@bench.example.net>\r\n"
+            f"Subject: bench {n}\r\n\r\n"
+        ).encode()
+        off = self.rng.randrange(4096)
+        return head + self.text[off : off + max(0, size - len(head))]
+
+
+def write_postfix_queue(qdir: Path, n: int, seed: int) -> tuple[int, int]:
+    """N deferred messages in Postfix form: deferred/<first char>/<ID>, mode 0700,
+    ID = 10 uppercase hex digits. Returns (files, bytes)."""
+    bodies = Bodies(seed, median=8192, clip=256 * 1024)
+    rng = random.Random(seed)
+    total = 0
+    made: set[str] = set()
+    for i in range(n):
+        while True:
+            qid = f"{rng.getrandbits(40):010X}"
+            if qid not in made:
+                made.add(qid)
+                break
+        d = qdir / "deferred" / qid[0]
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / qid
+        b = bodies.body(i)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        os.write(fd, b)
+        os.close(fd)
+        os.chmod(p, 0o700)
+        total += len(b)
+    return n, total
+
+
+def maildirs(root: Path) -> list[Path]:
+    """The Maildir folders (directories with cur/new/tmp) under root, sorted."""
+    out = []
+    for dirpath, dirs, _names in os.walk(root):
+        if {"cur", "new", "tmp"} <= set(dirs):
+            out.append(Path(dirpath))
+            dirs[:] = []
+    return sorted(out)
+
+
+def paced_delivery(
+    boxes: list[Path],
+    rate: float,
+    seconds: float,
+    seed: int,
+    on_delivered=None,
+) -> dict:
+    """Delivers messages the Maildir way (write tmp/<name>, rename to new/<name>)
+    at a fixed offered rate; a late writer catches up (no coordinated omission
+    on the offered side). Returns counts and the achieved rate."""
+    bodies = Bodies(seed)
+    total = int(rate * seconds)
+    prebuilt = [bodies.body(i) for i in range(min(total, 4096))]
+    host = "bench.example.net"
+    pid = os.getpid()
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.monotonic()
+    behind_max = 0.0
+    nbytes = 0
+    for i in range(total):
+        due = t0 + i / rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            behind_max = max(behind_max, now - due)
+        box = boxes[i % len(boxes)]
+        name = f"{int(time.time())}.M{i}P{pid}.{host},S={len(prebuilt[i % len(prebuilt)])}"
+        tmp = box / "tmp" / name
+        new = box / "new" / name
+        body = prebuilt[i % len(prebuilt)]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, body)
+        os.close(fd)
+        os.rename(tmp, new)
+        nbytes += len(body)
+        if on_delivered is not None:
+            on_delivered(new, time.monotonic())
+    elapsed = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "writer_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+        "messages": total,
+        "bytes": nbytes,
+        "seconds": elapsed,
+        "offered_per_s": rate,
+        "achieved_per_s": total / elapsed if elapsed > 0 else None,
+        "writer_behind_ms_max": behind_max * 1000,
+    }
+
+
+class ArrivalWatcher:
+    """Polls for delivered files to appear under a mirror root; records
+    change-to-visible lag per file (a copy, not a durability, measure)."""
+
+    def __init__(self, src_root: Path, dst_root: Path, poll_s: float = 0.001):
+        self.src_root = src_root
+        self.dst_root = dst_root
+        self.poll_s = poll_s
+        self.pending: list[tuple[str, float]] = []
+        self.lock = threading.Lock()
+        self.lags_ms: list[float] = []
+        self.stop_at: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def delivered(self, path: Path, at: float) -> None:
+        rel = os.path.relpath(path, self.src_root)
+        with self.lock:
+            self.pending.append((os.path.join(self.dst_root, rel), at))
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                todo = list(self.pending)
+            if not todo:
+                if self.stop_at is not None:
+                    return
+            now = time.monotonic()
+            seen = set()
+            for dst, at in todo:
+                if os.path.exists(dst):
+                    self.lags_ms.append((now - at) * 1000)
+                    seen.add(dst)
+            if seen:
+                with self.lock:
+                    self.pending = [p for p in self.pending if p[0] not in seen]
+            if self.stop_at is not None and time.monotonic() > self.stop_at:
+                return
+            time.sleep(self.poll_s)
+
+    def finish(self, grace_s: float) -> dict:
+        self.stop_at = time.monotonic() + grace_s
+        self.thread.join()
+        with self.lock:
+            missing = len(self.pending)
+        return summarize_lags(self.lags_ms) | {"missing": missing}
+
+
+def summarize_lags(lags_ms: list[float]) -> dict:
+    if not lags_ms:
+        return {"samples": 0, "p50": None, "p99": None, "p999": None, "max": None}
+    s = sorted(lags_ms)
+
+    def q(p: float) -> float:
+        return s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))]
+
+    return {"samples": len(s), "p50": q(0.50), "p99": q(0.99), "p999": q(0.999), "max": s[-1]}

@@ -1,0 +1,818 @@
+#!/usr/bin/env python3
+"""The measurements of scripts/bench.sh. Writes <out>/raw.json; report.py
+turns it into report.json / report.md / report.svg.
+
+Every measurement gets fresh directories under --run-dir; nothing is deleted
+until the end (bench.sh's trap), because creating files right after deleting
+many is several times slower on ext4 for a while.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hb  # noqa: E402
+from hb import log  # noqa: E402
+
+
+def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def settle() -> None:
+    """Untimed: flush what the previous measurement left dirty so it does not
+    bill its writeback to the next one."""
+    subprocess.run(["sync"], check=True)
+    time.sleep(0.3)
+
+
+def children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def version_of(cmd: list[str]) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return " ".join(text[0].split()) if text else None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.quick = args.quick
+        self.exe = Path(args.exe).resolve()
+        self.run = Path(args.run_dir).resolve()
+        self.out = Path(args.out).resolve()
+        self.raw: dict = {
+            "mode": "quick" if self.quick else "full",
+            "started_unix": time.time(),
+            "machine": hb.machine_info() | {"fs": hb.fs_info(self.run)},
+            "versions": {
+                "hasync": version_of([str(self.exe), "--version"]),
+                "hasync_git": version_of(["git", "-C", str(Path(__file__).resolve().parents[2]), "describe", "--always", "--dirty"]),
+                "rsync": version_of(["rsync", "--version"]),
+                "lsyncd": version_of(["lsyncd", "--version"]) if shutil.which("lsyncd") else None,
+            },
+            "errors": {},
+            "not_measured": [],
+            "conditions": {
+                "loadavg_start": os.getloadavg()[0],
+                "last_cleanup_s_ago": args.last_cleanup_s if args.last_cleanup_s >= 0 else None,
+                "leftover_run_dirs": args.leftover_runs,
+            },
+        }
+        self.rsyncd: subprocess.Popen | None = None
+        self.rsync_port = 0
+        self.dst = self.run / "dst"
+        self.dst.mkdir(parents=True, exist_ok=True)
+        self.hwm: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ util
+
+    def note_hwm(self, scenario: str, pair: hb.Pair) -> None:
+        for n in pair.nodes:
+            n.sample_hwm()
+            key = f"{scenario}.{n.name}"
+            self.hwm[key] = max(self.hwm.get(key, 0), n.hwm_kib)
+
+    def step(self, name: str, fn) -> None:
+        t0 = time.monotonic()
+        log(f"== {name}")
+        try:
+            fn()
+        except Exception as e:  # keep going: report what could be measured
+            self.raw["errors"][name] = f"{type(e).__name__}: {e}"
+            log(f"!! {name} failed: {e}")
+            traceback.print_exc()
+        log(f"== {name} took {time.monotonic() - t0:.1f}s")
+
+    # --------------------------------------------------------------- fixture
+
+    def fixture(self) -> None:
+        a = self.args
+        self.fx = self.run / "fixture"
+        t0 = time.monotonic()
+        out = subprocess.run(
+            [str(self.exe), "fixture", "--out", str(self.fx), "--messages", str(a.messages),
+             "--mailboxes", str(a.mailboxes), "--seed", str(a.seed), "--median-size", str(a.median_size)],
+            check=True, capture_output=True, text=True,
+        )
+        gen_s = time.monotonic() - t0
+        files, size = hb.count_tree(self.fx)
+        self.files, self.bytes = files, size
+        self.raw["fixture"] = {
+            "messages": a.messages,
+            "mailboxes": a.mailboxes,
+            "seed": a.seed,
+            "median_size_bytes": a.median_size,
+            "files": files,
+            "bytes": size,
+            "generate_s": gen_s,
+            "generator_says": out.stdout.strip(),
+        }
+        log(f"fixture: {files} files, {size / 1e6:.1f} MB in {gen_s:.1f}s")
+
+    # ----------------------------------------------------------- rsync daemon
+
+    def start_rsyncd(self) -> None:
+        conf = self.run / "rsyncd.conf"
+        self.rsync_port = hb.free_port()
+        conf.write_text(
+            f"pid file = {self.run}/rsyncd.pid\n"
+            f"log file = {self.run}/rsyncd.log\n"
+            "use chroot = no\nuid = root\ngid = root\nmax connections = 8\n"
+            f"[bench]\n  path = {self.dst}\n  read only = no\n"
+        )
+        self.rsyncd = hb.track(
+            subprocess.Popen(
+                ["rsync", "--daemon", "--no-detach", f"--config={conf}", "--address=127.0.0.1",
+                 f"--port={self.rsync_port}"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(self.run / "rsyncd.stderr", "wb"),
+            )
+        )
+        for _ in range(500):
+            try:
+                with socket.create_connection(("127.0.0.1", self.rsync_port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.01)
+        raise RuntimeError(f"rsync daemon did not listen on {self.rsync_port}")
+
+    def rsync_url(self, sub: str) -> str:
+        return f"rsync://127.0.0.1:{self.rsync_port}/bench/{sub}/"
+
+    def rsync_once(self, sub: str, fsync: bool) -> dict:
+        cmd = ["rsync", "-a"] + (["--fsync"] if fsync else []) + [f"{self.fx}/", self.rsync_url(sub)]
+        d_cpu0 = hb.proc_cpu_s(self.rsyncd.pid, children=True)
+        c_cpu0 = children_cpu_s()
+        t0 = time.monotonic()
+        sh(cmd)
+        secs = time.monotonic() - t0
+        c_cpu = children_cpu_s() - c_cpu0
+        # the daemon reaps its per-connection child asynchronously
+        d_cpu = 0.0
+        for _ in range(50):
+            time.sleep(0.02)
+            d_cpu = hb.proc_cpu_s(self.rsyncd.pid, children=True) - d_cpu0
+            if d_cpu > 0:
+                break
+        return {"seconds": secs, "cpu_s": c_cpu + d_cpu, "cmd": " ".join(cmd)}
+
+    # ------------------------------------------------------- initial sync
+
+    def hasync_initial(self, rep: int) -> dict:
+        base = self.run / "pairs" / f"initial-{rep}"
+        replica = self.dst / f"hasync-{rep}"
+        pair = hb.Pair(self.exe, base, [{"mail": self.fx}, {"mail": replica}])
+        t0 = time.monotonic()
+        pair.start()
+        p, s = pair.nodes
+        formed_ms = None
+        seen_phases = []
+        deadline = t0 + self.args.sync_timeout
+        st0 = st1 = None
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(
+                    f"hasync initial sync did not finish in {self.args.sync_timeout}s; last primary status "
+                    f"{json.dumps(st0 and st0['replication'])[:600]}\n{p.log_tail()}\n{s.log_tail()}"
+                )
+            if not p.running() or not s.running():
+                raise RuntimeError(f"a daemon exited\n{p.log_tail()}\n{s.log_tail()}")
+            st0 = p.try_status()
+            if st0:
+                if formed_ms is None and st0["mode"] == "primary":
+                    formed_ms = (time.monotonic() - t0) * 1000
+                ph = st0["replication"]["phase"]
+                if not seen_phases or seen_phases[-1] != ph:
+                    seen_phases.append(ph)
+                if ph == "streaming":
+                    st1 = s.try_status()
+                    if st1 and st1["replication"]["files_landed"] >= self.files:
+                        break
+            time.sleep(0.01)
+        secs = time.monotonic() - t0
+        cpu_p, cpu_s = p.cpu_s(), s.cpu_s()
+        cpu = cpu_p + cpu_s
+        self.note_hwm("initial_sync", pair)
+        st0 = p.status()
+        st1 = s.status()
+        # let the pair track the fixture a little longer, then sample peak RSS again
+        time.sleep(1.0 if self.quick else 2.0)
+        self.note_hwm("initial_sync", pair)
+        engine = None
+        m = None
+        for m in re.finditer(
+            r"initial-sync complete: (\d+) files, ([\d.]+) MB in ([\d.]+)s \((\d+) files/s\)", p.log_text()
+        ):
+            pass
+        if m:
+            engine = {"files": int(m.group(1)), "mb": float(m.group(2)), "seconds": float(m.group(3))}
+        pair.stop()
+        rf, rb = hb.count_tree(replica)
+        stage_f, _ = hb.count_tree(replica / ".hasync") if (replica / ".hasync").exists() else (0, 0)
+        res = {
+            "seconds": secs,
+            "cpu_s": cpu,
+            "cpu_s_primary": cpu_p,
+            "cpu_s_secondary": cpu_s,
+            "formed_ms": formed_ms,
+            "phases": seen_phases,
+            "files_sent": st0["replication"]["files_sent"],
+            "content_bytes_sent": st0["replication"]["content_bytes_sent"],
+            "files_landed": st1["replication"]["files_landed"],
+            "hash_mismatches": st1["replication"]["hash_mismatches"],
+            "replica_files": rf - stage_f,
+            "replica_bytes": rb,
+            "engine": engine,
+            "hb_gap_ms_max_secondary": st1["link"]["heartbeat_gap_ms_max"],
+            "hb_gap_ms_p99_secondary": st1["link"]["heartbeat_gap_ms_p99"],
+            "hb_gap_ms_max_primary": st0["link"]["heartbeat_gap_ms_max"],
+            "hwm_kib_primary": p.hwm_kib,
+            "hwm_kib_secondary": s.hwm_kib,
+            "watches": st0["replication"].get("watches"),
+        }
+        self.pairs_initial[rep] = pair
+        return res
+
+    def cp_once(self, rep: int) -> dict:
+        dst = self.dst / f"cp-{rep}"
+        c0 = children_cpu_s()
+        t0 = time.monotonic()
+        sh(["cp", "-a", str(self.fx), str(dst)])
+        t_cp = time.monotonic() - t0
+        sh(["sync"])
+        secs = time.monotonic() - t0
+        return {"seconds": secs, "cp_seconds": t_cp, "cpu_s": children_cpu_s() - c0}
+
+    def initial_sync(self) -> None:
+        reps = self.args.reps
+        self.pairs_initial: dict[int, hb.Pair] = {}
+        runs: dict[str, list] = {"hasync": [], "rsync": [], "rsync_fsync": [], "cp_sync": []}
+        for rep in range(reps):
+            for name in ("hasync", "rsync", "rsync_fsync", "cp_sync"):
+                settle()
+                try:
+                    if name == "hasync":
+                        r = self.hasync_initial(rep)
+                    elif name == "rsync":
+                        r = self.rsync_once(f"rsync-{rep}", fsync=False)
+                    elif name == "rsync_fsync":
+                        r = self.rsync_once(f"rsync-fsync-{rep}", fsync=True)
+                    else:
+                        r = self.cp_once(rep)
+                except Exception as e:
+                    self.raw["errors"][f"initial_sync.{name}.{rep}"] = f"{type(e).__name__}: {e}"
+                    log(f"!! {name} rep {rep}: {e}")
+                    continue
+                r["files_per_s"] = self.files / r["seconds"]
+                r["mb_per_s"] = self.bytes / r["seconds"] / 1e6
+                r["cpu_s_per_1k_files"] = r["cpu_s"] / self.files * 1000
+                runs[name].append(r)
+                log(f"{name} rep {rep}: {r['seconds']:.2f}s = {r['files_per_s']:.0f} files/s, "
+                    f"{r['mb_per_s']:.1f} MB/s, cpu {r['cpu_s_per_1k_files']:.3f} s/1k files")
+        self.raw["initial_sync"] = {"files": self.files, "bytes": self.bytes, "reps": reps, "runs": runs}
+
+    # ------------------------------------------------------- 1% incremental
+
+    def incremental(self) -> None:
+        """Modify 1% of the message files (append a header-ish line: size and
+        mtime change), then: rsync into the rsync replicas of rep 0, and a
+        restart of the rep-0 hasync pair (the secondary still holds the old
+        replica: only differences travel)."""
+        msgs = []
+        for dirpath, _dirs, names in os.walk(self.fx):
+            for n in names:
+                if n != "dovecot-uidlist":
+                    msgs.append(os.path.join(dirpath, n))
+        msgs.sort()
+        changed = msgs[::100]
+        time.sleep(1.1)  # a new mtime second, whatever the fs granularity
+        for path in changed:
+            with open(path, "ab") as f:
+                f.write(b"X-Bench-Touched: 1\r\n")
+        inc: dict = {"modified_files": len(changed), "of_files": self.files}
+        for name, sub, fsync in (("rsync", "rsync-0", False), ("rsync_fsync", "rsync-fsync-0", True)):
+            if not (self.dst / sub).exists():
+                continue
+            settle()
+            r = self.rsync_once(sub, fsync)
+            inc[name] = r
+            log(f"incremental {name}: {r['seconds']:.2f}s")
+        pair = self.pairs_initial.get(0)
+        if pair is not None:
+            settle()
+            p, s = pair.nodes
+            t0 = time.monotonic()
+            pair.start()
+            sent0 = None
+            while True:
+                if time.monotonic() - t0 > self.args.sync_timeout:
+                    raise RuntimeError(f"hasync did not catch up after restart\n{p.log_tail()}\n{s.log_tail()}")
+                st = p.try_status()
+                if st and st["mode"] == "primary" and st["replication"]["phase"] == "streaming":
+                    sent0 = st["replication"]["files_sent"]
+                    break
+                time.sleep(0.01)
+            secs = time.monotonic() - t0
+            cpu = p.cpu_s() + s.cpu_s()
+            self.note_hwm("incremental", pair)
+            pair.stop()
+            inc["hasync"] = {"seconds": secs, "cpu_s": cpu, "files_sent": sent0,
+                             "note": "restart of both daemons; secondary holds the pre-change replica"}
+            log(f"incremental hasync (restart + catch-up): {secs:.2f}s, {sent0} files sent")
+        self.raw["incremental"] = inc
+
+    # ------------------------------------------------------------------ lag
+
+    def lag_store(self, name: str, messages: int) -> Path:
+        d = self.run / "lagstores" / name
+        sh([str(self.exe), "fixture", "--out", str(d), "--messages", str(messages), "--mailboxes", "50",
+            "--seed", "7", "--median-size", str(self.args.median_size)], capture_output=True)
+        return d
+
+    def wait_streaming(self, node: hb.Node, timeout: float) -> dict:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            st = node.try_status()
+            if st and st["mode"] == "primary" and st["replication"]["phase"] == "streaming":
+                return st
+            time.sleep(0.02)
+        raise RuntimeError(f"{node.name}: no streaming within {timeout}s\n{node.log_tail()}")
+
+    def lag(self) -> None:
+        out: dict = {"rates": {}, "store_messages": self.args.lag_store_messages}
+        for rate in self.args.rates:
+            store = self.lag_store(f"hasync-{rate}", self.args.lag_store_messages)
+            base = self.run / "pairs" / f"lag-{rate}"
+            replica = self.dst / f"lag-{rate}"
+            pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": replica}])
+            settle()
+            pair.start()
+            p, s = pair.nodes
+            pair.wait_formed()
+            self.wait_streaming(p, self.args.sync_timeout)
+            boxes = hb.maildirs(store)
+            watcher = hb.ArrivalWatcher(store, replica) if rate <= 1000 else None
+            cpu0 = p.cpu_s() + s.cpu_s()
+            landed0 = s.status()["replication"]["files_landed"]
+            d = hb.paced_delivery(boxes, rate, self.args.lag_seconds, seed=rate,
+                                  on_delivered=watcher.delivered if watcher else None)
+            # wait until everything delivered is acked (durable on the secondary)
+            t0 = time.monotonic()
+            while True:
+                st = p.status()
+                r = st["replication"]
+                if r["ops_pending"] == 0 and r["ops_inflight"] == 0 and r["lag_samples"] >= d["messages"]:
+                    break
+                if time.monotonic() - t0 > 60:
+                    log(f"lag {rate}/s: not drained after 60 s: {json.dumps(r)[:400]}")
+                    break
+                time.sleep(0.02)
+            drain_s = time.monotonic() - t0
+            cpu = p.cpu_s() + s.cpu_s() - cpu0
+            visible = watcher.finish(grace_s=5.0) if watcher else None
+            st1 = s.status()
+            self.note_hwm("lag", pair)
+            res = {
+                "offered_per_s": rate,
+                "delivery": d,
+                "drain_after_last_s": drain_s,
+                "engine_lag_ms": {
+                    "p50": r["lag_ms_p50"], "p99": r["lag_ms_p99"], "p999": r["lag_ms_p999"],
+                    "max": r["lag_ms_max"], "samples": r["lag_samples"],
+                },
+                "landed": st1["replication"]["files_landed"] - landed0,
+                "visible_lag_ms": visible,
+                "cpu_s_per_1k_msgs": cpu / d["messages"] * 1000,
+                "hb_gap_ms_max_secondary": st1["link"]["heartbeat_gap_ms_max"],
+            }
+            out["rates"][str(rate)] = res
+            log(f"lag {rate}/s (achieved {d['achieved_per_s']:.0f}/s): p50 {r['lag_ms_p50']} p99 {r['lag_ms_p99']} "
+                f"p999 {r['lag_ms_p999']} max {r['lag_ms_max']} ms over {r['lag_samples']} samples; "
+                f"landed {res['landed']}/{d['messages']}")
+            pair.stop()
+        self.raw["lag"] = out
+
+    # --------------------------------------------------------------- lsyncd
+
+    def lsyncd(self) -> None:
+        if not shutil.which("lsyncd"):
+            self.raw["lsyncd"] = {"installed": False, "reason": self.args.lsyncd_reason or "lsyncd not on PATH"}
+            self.raw["not_measured"].append("lsyncd change-to-copy lag: " + self.raw["lsyncd"]["reason"])
+            return
+        res: dict = {
+            "installed": True,
+            "delay_s": self.args.lsyncd_delay,
+            "default_delay_s": 15,
+            "note": "change-to-copy (visible on the target, not fsynced): lsyncd default.rsync to the local "
+            "rsync daemon, maxProcesses=1, logging errors only",
+            "rates": {},
+        }
+        self.raw["lsyncd"] = res
+        for rate in self.args.lsyncd_rates:
+            res["rates"][str(rate)] = self.lsyncd_rate(rate)
+
+    def lsyncd_rate(self, rate: int) -> dict:
+        store = self.lag_store(f"lsyncd-{rate}", self.args.lag_store_messages)
+        src_files, _ = hb.count_tree(store)
+        target = self.dst / f"lsyncd-{rate}"
+        target.mkdir()
+        conf = self.run / f"lsyncd-{rate}.lua"
+        lsync_log = self.run / f"lsyncd-{rate}.log"
+        conf.write_text(
+            "settings {\n"
+            f'  logfile = "{lsync_log}",\n'
+            f'  statusFile = "{self.run}/lsyncd-{rate}.status",\n'
+            "  nodaemon = true,\n"
+            "  maxProcesses = 1,\n"
+            "}\n"
+            "sync {\n"
+            "  default.rsync,\n"
+            f'  source = "{store}",\n'
+            f'  target = "{self.rsync_url(f"lsyncd-{rate}")}",\n'
+            f"  delay = {self.args.lsyncd_delay},\n"
+            '  exclude = { "tmp/**" },\n'
+            "  rsync = { archive = true },\n"
+            "}\n"
+        )
+        settle()
+        proc = hb.track(subprocess.Popen(["lsyncd", "-log", "scarce", str(conf)], stdin=subprocess.DEVNULL,
+                                         stdout=open(self.run / f"lsyncd-{rate}.stdout", "wb"),
+                                         stderr=subprocess.STDOUT))
+        # lsyncd's startup is a full rsync of the source: wait until the target has every file
+        t0 = time.monotonic()
+        while hb.count_tree(target)[0] < src_files:
+            if proc.poll() is not None:
+                txt = lsync_log.read_text(errors="replace") if lsync_log.exists() else ""
+                raise RuntimeError(f"lsyncd exited {proc.returncode}: {txt[-800:]} "
+                                   f"{(self.run / f'lsyncd-{rate}.stdout').read_text(errors='replace')[-800:]}")
+            if time.monotonic() - t0 > 120:
+                raise RuntimeError("lsyncd startup sync not finished in 120 s")
+            time.sleep(0.05)
+        startup_s = time.monotonic() - t0
+        time.sleep(0.5)
+        watcher = hb.ArrivalWatcher(store, target)
+        seconds = self.args.lag_seconds
+        d = hb.paced_delivery(hb.maildirs(store), rate, seconds, seed=rate + 1, on_delivered=watcher.delivered)
+        vis = watcher.finish(grace_s=max(10.0, 2 * self.args.lsyncd_delay + 5))
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log(f"lsyncd (delay={self.args.lsyncd_delay}) at {rate}/s: p50 {vis['p50']:.1f} p99 {vis['p99']:.1f} "
+            f"max {vis['max']:.1f} ms, missing {vis['missing']}")
+        return {"offered_per_s": rate, "startup_sync_s": startup_s, "delivery": d, "visible_lag_ms": vis}
+
+    # ----------------------------------------------------------- queue push
+
+    def queue_push(self) -> None:
+        n = self.args.queue_messages
+        base = self.run / "pairs" / "queue"
+        stores = [{"mail": base / "mx1-mail"}, {"mail": base / "mx2-mail"}]
+        queues = [base / "mx1-queue", base / "mx2-queue"]
+        for q in queues:
+            q.mkdir(parents=True)
+        t0 = time.monotonic()
+        _, qbytes = hb.write_postfix_queue(queues[0], n, seed=self.args.seed)
+        log(f"queue fixture: {n} messages, {qbytes / 1e6:.1f} MB in {time.monotonic() - t0:.1f}s")
+        pair = hb.Pair(self.exe, base, stores, queues=queues, layout="postfix")
+        settle()
+        pair.start()
+        prim = pair.wait_formed()
+        p, s = pair.nodes[prim], pair.nodes[1 - prim]
+        time.sleep(0.5)
+        t_kill = time.monotonic()
+        p.kill9()
+        detect = self.wait_promoted(s, t_kill)
+        t_restart = time.monotonic()
+        cpu_new0 = s.cpu_s()
+        p.start()
+        t_end = None
+        last = None
+        while time.monotonic() - t_restart < self.args.queue_timeout:
+            st = p.try_status()
+            if st:
+                q = st["queue_push"]
+                last = q
+                if q["requested"] >= 1 and not q["running"] and not q["pending"] and (
+                    q["last"]["messages"] > 0 or q["last_error"]
+                ):
+                    t_end = time.monotonic()
+                    break
+            time.sleep(0.01)
+        if t_end is None:
+            raise RuntimeError(f"queue push did not finish: {json.dumps(last)[:600]}\n{p.log_tail()}\n{s.log_tail()}")
+        cpu_old, cpu_new = p.cpu_s(), s.cpu_s() - cpu_new0
+        self.note_hwm("queue_push", pair)
+        st_new = s.status()
+        pair.stop()
+        rep = last["last"]
+
+        def queued(q: Path) -> int:
+            c = 0
+            for dirpath, dirs, names in os.walk(q):
+                if ".hasync" in dirs:
+                    dirs.remove(".hasync")
+                c += sum(1 for x in names if os.path.isfile(os.path.join(dirpath, x)))
+            return c
+
+        res = {
+            "messages": rep["messages"],
+            "queued": n,
+            "bytes": qbytes,
+            "pushed": rep["pushed"],
+            "ingested": rep["ingested"],
+            "duplicates_dropped": rep["duplicates_dropped"],
+            "failed": rep["failed"],
+            "garbage": rep["garbage"],
+            "push_seconds": rep["seconds"],
+            "msgs_per_s": rep["messages"] / rep["seconds"] if rep["seconds"] else None,
+            "restart_to_empty_s": t_end - t_restart,
+            "new_primary_queue_files": queued(queues[1 - prim]),
+            "old_primary_queue_files_after": queued(queues[prim]),
+            "new_primary_ingest": st_new["queue_push"]["ingest"],
+            "detect_ms": detect,
+            "last_error": last["last_error"],
+            "cpu_s_old_primary": cpu_old,
+            "cpu_s_new_primary": cpu_new,
+        }
+        self.raw["queue_push"] = res
+        log(f"queue push: {res['messages']} msgs in {res['push_seconds']:.2f}s = {res['msgs_per_s'] or 0:.0f} msgs/s; "
+            f"restart→empty {res['restart_to_empty_s']:.2f}s; new primary holds {res['new_primary_queue_files']}, "
+            f"old primary {res['old_primary_queue_files_after']}")
+
+    # -------------------------------------------------------------- failover
+
+    def wait_promoted(self, node: hb.Node, t_kill: float, timeout: float = 30.0) -> float:
+        while time.monotonic() - t_kill < timeout:
+            st = node.try_status()
+            if st and st["mode"] == "primary":
+                return (time.monotonic() - t_kill) * 1000
+            time.sleep(0.005)
+        raise RuntimeError(f"{node.name} did not take over within {timeout}s\n{node.log_tail()}")
+
+    def failover(self) -> None:
+        base = self.run / "pairs" / "failover"
+        pair = hb.Pair(self.exe, base, [{"mail": base / "mx1-mail"}, {"mail": base / "mx2-mail"}])
+        settle()
+        pair.start()
+        samples = []
+        for k in range(self.args.kills):
+            prim = pair.wait_formed()
+            time.sleep(0.6)  # a few heartbeats of a settled pair
+            p, s = pair.nodes[prim], pair.nodes[1 - prim]
+            t_kill = time.monotonic()
+            p.kill9()
+            ms = self.wait_promoted(s, t_kill)
+            samples.append(ms)
+            log(f"failover {k + 1}: {s.name} primary {ms:.0f} ms after kill -9 of {p.name}")
+            p.start()
+        pair.wait_formed()
+        self.note_hwm("failover", pair)
+        pair.stop()
+        self.raw["failover"] = {
+            "kills": len(samples),
+            "detect_ms_all": samples,
+            "detect_ms_median": hb.stats(samples)["median"],
+            "heartbeat_interval_ms": pair.interval_ms,
+            "heartbeat_lost_threshold": pair.threshold,
+            "window_ms": pair.interval_ms * pair.threshold,
+            "poll_ms": 5,
+        }
+
+    # ------------------------------------------------------------ rss 100k
+
+    def rss_large(self) -> None:
+        """Peak RSS of both daemons while tracking a large mailstore (the bar is
+        stated for 100k files). Small messages: RSS depends on the file count."""
+        n = self.args.rss_messages
+        store = self.run / "rss-store"
+        t0 = time.monotonic()
+        sh([str(self.exe), "fixture", "--out", str(store), "--messages", str(n), "--mailboxes", str(max(1, n // 100)),
+            "--seed", "3", "--median-size", "1024"], capture_output=True)
+        files, size = hb.count_tree(store)
+        log(f"rss fixture: {files} files, {size / 1e6:.0f} MB in {time.monotonic() - t0:.1f}s")
+        base = self.run / "pairs" / "rss"
+        pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": self.dst / "rss"}])
+        settle()
+        t0 = time.monotonic()
+        pair.start()
+        p, s = pair.nodes
+        st = self.wait_streaming(p, self.args.sync_timeout)
+        secs = time.monotonic() - t0
+        self.note_hwm("rss_large", pair)
+        # some steady-state traffic while it tracks the store
+        hb.paced_delivery(hb.maildirs(store)[:50], 500, 2.0, seed=5)
+        time.sleep(1.0)
+        self.note_hwm("rss_large", pair)
+        pair.stop()
+        self.raw["rss_large"] = {
+            "files": files, "bytes": size, "initial_sync_s": secs, "files_per_s": files / secs,
+            "watches": st["replication"].get("watches"),
+            "hwm_kib_primary": p.hwm_kib, "hwm_kib_secondary": s.hwm_kib,
+        }
+        log(f"rss at {files} files: primary {p.hwm_kib / 1024:.1f} MiB, secondary {s.hwm_kib / 1024:.1f} MiB "
+            f"(initial sync {files / secs:.0f} files/s)")
+
+    # --------------------------------------------------------------- profile
+
+    def perf_attach(self, node: hb.Node, tag: str) -> tuple[hb.Node, Path, subprocess.Popen]:
+        data = self.run / f"perf-{tag}-{node.name}.data"
+        pr = hb.track(subprocess.Popen(
+            ["perf", "record", "-e", "cpu-clock", "-F", "499", "--call-graph", "dwarf,8192", "-o", str(data), "-p", str(node.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        return node, data, pr
+
+    def perf_collect(self, perfs: list, tag: str, roles: dict[str, str]) -> dict:
+        for _n, _d, pr in perfs:
+            if pr.poll() is None:
+                pr.send_signal(2)  # SIGINT: perf writes its data and exits
+        for _n, _d, pr in perfs:
+            pr.wait(timeout=60)
+        reports = {}
+        for n, data, _pr in perfs:
+            role = roles[n.name]
+            by_sym = subprocess.run(
+                ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol", "--stdio",
+                 "-g", "none", "--percent-limit", "0.5"],
+                capture_output=True, text=True, timeout=300).stdout
+            inclusive = subprocess.run(
+                ["perf", "report", "-i", str(data), "--children", "--sort", "symbol",
+                 "--stdio", "-g", "none", "--percent-limit", "2"],
+                capture_output=True, text=True, timeout=300).stdout
+            by_dso = subprocess.run(
+                ["perf", "report", "-i", str(data), "--no-children", "--sort", "dso", "--stdio", "-g", "none"],
+                capture_output=True, text=True, timeout=300).stdout
+
+            def rows(text: str) -> list[str]:
+                out = []
+                for line in text.splitlines():
+                    line = re.sub(r"(\s+-)+\s*$", "", line.strip())
+                    if re.match(r"^[0-9.]+%", line) and "std::sys::backtrace" not in line:
+                        out.append(" ".join(line.split()))
+                return out
+
+            dest = self.out / f"profile-{tag}-{role}.txt"
+            dest.write_text(by_dso + "\n" + by_sym + "\n" + inclusive)
+            reports[role] = {"file": str(dest), "by_dso": rows(by_dso)[:6], "top": rows(by_sym)[:25],
+                             "hasync_inclusive": [r for r in rows(inclusive) if "hasync::" in r][:25]}
+        return reports
+
+    def profile(self) -> None:
+        """Untimed extra runs with `perf record -e cpu-clock` on the daemons:
+        where the CPU time goes in the initial sync and in the queue push."""
+        if not shutil.which("perf"):
+            self.raw["not_measured"].append("CPU profiles: perf not installed")
+            return
+        out: dict = {}
+        self.raw["profile"] = out
+        # initial sync of the fixture
+        base = self.run / "pairs" / "profile"
+        pair = hb.Pair(self.exe, base, [{"mail": self.fx}, {"mail": self.dst / "hasync-profile"}])
+        settle()
+        pair.start()
+        perfs = [self.perf_attach(n, "initial-sync") for n in pair.nodes]
+        t0 = time.monotonic()
+        self.wait_streaming(pair.nodes[0], self.args.sync_timeout)
+        secs = time.monotonic() - t0
+        reports = self.perf_collect(perfs, "initial-sync", {"mx1": "primary", "mx2": "secondary"})
+        pair.stop()
+        out["initial_sync"] = {"seconds": secs, "files": self.files, "reports": reports}
+        # queue push (the ingesting new primary and the pushing old primary)
+        n = self.args.profile_queue_messages
+        base = self.run / "pairs" / "profile-queue"
+        queues = [base / "mx1-queue", base / "mx2-queue"]
+        for q in queues:
+            q.mkdir(parents=True)
+        hb.write_postfix_queue(queues[0], n, seed=self.args.seed + 1)
+        pair = hb.Pair(self.exe, base, [{"mail": base / "mx1-mail"}, {"mail": base / "mx2-mail"}], queues=queues)
+        settle()
+        pair.start()
+        prim = pair.wait_formed()
+        p, s = pair.nodes[prim], pair.nodes[1 - prim]
+        time.sleep(0.5)
+        t_kill = time.monotonic()
+        p.kill9()
+        self.wait_promoted(s, t_kill)
+        perfs = [self.perf_attach(s, "queue-push")]
+        p.start()
+        perfs.append(self.perf_attach(p, "queue-push"))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < self.args.queue_timeout:
+            st = p.try_status()
+            if st and st["queue_push"]["requested"] >= 1 and not st["queue_push"]["running"] \
+                    and not st["queue_push"]["pending"] and st["queue_push"]["last"]["messages"] > 0:
+                break
+            time.sleep(0.05)
+        secs = time.monotonic() - t0
+        reports = self.perf_collect(perfs, "queue-push", {s.name: "new-primary", p.name: "old-primary"})
+        pair.stop()
+        out["queue_push"] = {"seconds": secs, "messages": n, "reports": reports}
+        log(f"profiles written to {self.out}/profile-*.txt")
+
+    # ------------------------------------------------------------------ all
+
+    def all(self) -> None:
+        t0 = time.monotonic()
+        self.step("fixture", self.fixture)
+        if not hasattr(self, "files"):
+            raise SystemExit("no fixture; nothing to measure")
+        self.step("rsync daemon", self.start_rsyncd)
+        self.step("initial sync", self.initial_sync)
+        self.step("incremental", self.incremental)
+        self.step("lag", self.lag)
+        self.step("lsyncd", self.lsyncd)
+        self.step("queue push", self.queue_push)
+        self.step("failover", self.failover)
+        if self.args.rss_messages:
+            self.step("rss large", self.rss_large)
+        else:
+            self.raw["not_measured"].append("RSS while tracking a 100k-file store: skipped in --quick")
+        if self.args.perf:
+            self.step("profile", self.profile)
+        self.raw["conditions"]["loadavg_end"] = os.getloadavg()[0]
+        self.raw["rss_kib"] = self.hwm
+        self.raw["bench_seconds"] = time.monotonic() - t0
+        self.raw["run_dir"] = str(self.run)
+        self.raw["settings"] = {k: v for k, v in vars(self.args).items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--exe", required=True)
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--messages", type=int)
+    ap.add_argument("--mailboxes", type=int)
+    ap.add_argument("--median-size", type=int, default=10240)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--lag-seconds", type=float)
+    ap.add_argument("--lag-store-messages", type=int)
+    ap.add_argument("--queue-messages", type=int)
+    ap.add_argument("--kills", type=int)
+    ap.add_argument("--lsyncd-delay", type=float, default=0)
+    ap.add_argument("--lsyncd-rates", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10])
+    ap.add_argument("--lsyncd-reason", default="")
+    ap.add_argument("--rss-messages", type=int)
+    ap.add_argument("--perf", type=int, help="1: profile an extra initial sync with perf (default: full runs)")
+    ap.add_argument("--profile-queue-messages", type=int, default=3000)
+    ap.add_argument("--last-cleanup-s", type=int, default=-1)
+    ap.add_argument("--leftover-runs", type=int, default=0)
+    ap.add_argument("--sync-timeout", type=float, default=600)
+    ap.add_argument("--queue-timeout", type=float, default=600)
+    a = ap.parse_args()
+    defaults = (
+        dict(messages=2000, mailboxes=50, reps=1, rates=[1000, 10], lag_seconds=3, lag_store_messages=500,
+             queue_messages=1000, kills=3, rss_messages=0, perf=0)
+        if a.quick
+        else dict(messages=20000, mailboxes=200, reps=3, rates=[1000, 5000, 10], lag_seconds=10,
+                  lag_store_messages=2000, queue_messages=10000, kills=5, rss_messages=100000,
+                  perf=1 if shutil.which("perf") else 0)
+    )
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    sys.setswitchinterval(0.0005)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("profile-*.txt"):
+        old.unlink()
+    hb.set_pidfile(Path(a.run_dir) / "pids")
+    b = Bench(a)
+    try:
+        b.all()
+    finally:
+        hb.stop_all()
+        b.raw["finished_unix"] = time.time()
+        (out / "raw.json").write_text(json.dumps(b.raw, indent=2, default=str))
+        log(f"raw results: {out / 'raw.json'}")
+
+
+if __name__ == "__main__":
+    main()
