@@ -979,15 +979,15 @@ fn first_line_is(file: &File, id: &str, suffix: &str) -> Result<(), FirstLine> {
 // Placement helpers
 
 /// Single-character subdirectories of `dir` (not following symlinks).
+///
+/// Probes the 62 possible names with lstat instead of reading `dir`: a busy
+/// sub-queue holds thousands of files, and placement asks this per message.
 fn single_char_subdirs(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter(|e| {
-            is_hash_dir_name(e.file_name().to_str()) && e.file_type().is_ok_and(|t| t.is_dir())
-        })
-        .map(|e| e.path())
+    (b'0'..=b'9')
+        .chain(b'A'..=b'Z')
+        .chain(b'a'..=b'z')
+        .map(|c| dir.join((c as char).to_string()))
+        .filter(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()))
         .collect()
 }
 
