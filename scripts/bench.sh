@@ -5,7 +5,8 @@
 #   scripts/bench.sh            full run (20,000 messages, 3 repetitions; ~10 min on 2 cores)
 #   scripts/bench.sh --quick    smoke run (2,000 messages, 1 repetition; < 2 min)
 #   scripts/bench.sh --keep     keep target/bench/run-<timestamp>/ for inspection
-#   scripts/bench.sh --wait     first wait until 5 min have passed since the last run's cleanup
+#   scripts/bench.sh --wait     first wait for a running bench and until 5 min have passed since
+#                               the last run's cleanup
 #
 # Leave 5 minutes between runs (or pass --wait): the cleanup deletes a few
 # hundred thousand files, and ext4 then skips the freed inodes for up to 5 min
@@ -30,7 +31,7 @@ while [ $# -gt 0 ]; do
         --quick) QUICK=1 ;;
         --keep) KEEP=1 ;;
         --wait) WAIT=1 ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) echo "bench.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -86,6 +87,18 @@ say "build took $(( $(date +%s) - T_BUILD ))s"
 # ---------------------------------------------------------------- run dir
 OUT="$ROOT/target/bench"
 mkdir -p "$OUT"
+# One run at a time: two runs measure each other (and write the same reports).
+exec 9>"$OUT/.lock"
+if ! flock -n 9; then
+    if [ "$WAIT" = 1 ]; then
+        say "another scripts/bench.sh is running; waiting for it to finish (--wait)"
+        flock 9
+    else
+        echo "bench.sh: another scripts/bench.sh is running on this checkout ($OUT/.lock);" \
+            "running two at once measures each other. Wait for it, or pass --wait." >&2
+        exit 1
+    fi
+fi
 # Conditions that make the disk slow (see the header): a recent cleanup, and
 # leftover run directories (not deleted here: deleting them now is the trap).
 CLEANUP_AGO=-1

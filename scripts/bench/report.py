@@ -393,9 +393,9 @@ def markdown(rep: dict) -> str:
         ps = q["push_seconds_s"] or 0
         lines.append(
             f"\nCPU during the push ({fmt(ps, 2)} s): old primary (pusher) {fmt(q.get('cpu_s_old_primary'), 2)} s "
-            f"= {fmt(100 * (q.get('cpu_s_old_primary') or 0) / ps if ps else None, 0)}% of one core; new primary "
+            f"= {100 * (q.get('cpu_s_old_primary') or 0) / max(ps, 1e-9):.0f}% of one core; new primary "
             f"(ingester) {fmt(q.get('cpu_s_new_primary'), 2)} s = "
-            f"{fmt(100 * (q.get('cpu_s_new_primary') or 0) / ps if ps else None, 0)}% of one core."
+            f"{100 * (q.get('cpu_s_new_primary') or 0) / max(ps, 1e-9):.0f}% of one core."
         )
     else:
         lines.append("not measured (see errors)")
