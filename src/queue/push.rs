@@ -301,6 +301,7 @@ pub async fn push(
 }
 
 /// A message written to staging, waiting for its batch's commit.
+#[derive(Clone)]
 struct Staged {
     key: u128,
     id: String,
@@ -639,14 +640,7 @@ impl Ingester {
     /// Commits promoted replica messages, then drops their replica copies.
     fn commit_local(&mut self, batch: &mut Vec<(QueuedMessage, Staged)>) -> Result<u64, PushError> {
         let taken = std::mem::take(batch);
-        let staged: Vec<Staged> = taken
-            .iter()
-            .map(|(_, s)| Staged {
-                key: s.key,
-                id: s.id.clone(),
-                moves: s.moves.clone(),
-            })
-            .collect();
+        let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
         self.commit_batch(&staged)?;
         self.stats.ingested += taken.len() as u64;
         for (msg, _) in &taken {
@@ -669,14 +663,7 @@ impl Ingester {
             return Ok(false);
         }
         let taken = std::mem::take(batch);
-        let staged: Vec<Staged> = taken
-            .iter()
-            .map(|(_, s)| Staged {
-                key: s.key,
-                id: s.id.clone(),
-                moves: s.moves.clone(),
-            })
-            .collect();
+        let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
         let t0 = Instant::now();
         let result = self.commit_batch(&staged);
         tracing::debug!(
