@@ -248,11 +248,18 @@ fn continuous_queue_replication_survives_a_primary_that_never_returns() {
     tp.nodes[0].start().unwrap();
     let st = push_settled(&tp, 0);
     println!("push after promotion: {:?}", st.queue_push.last);
-    assert_eq!(st.queue_push.last.duplicates_dropped, 30);
+    assert_eq!(
+        st.queue_push.last.duplicates_dropped,
+        30,
+        "{:?}\n{}",
+        st.queue_push,
+        tp.logs()
+    );
     assert_eq!(
         queue_digest(&tp.nodes[1].queue_dir, "postfix"),
         before,
-        "still exactly once"
+        "still exactly once\n{}",
+        tp.logs()
     );
     assert!(queue_digest(&tp.nodes[0].queue_dir, "postfix").is_empty());
 }
