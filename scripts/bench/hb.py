@@ -592,11 +592,18 @@ class ArrivalWatcher:
             time.sleep(self.poll_s)
 
     def finish(self, grace_s: float) -> dict:
+        """Waits up to grace_s for the stragglers. A file still missing then
+        counts with its age at that moment, a lower bound of its lag, and the
+        summary says `lower_bound`."""
         self.stop_at = time.monotonic() + grace_s
         self.thread.join()
+        now = time.monotonic()
         with self.lock:
-            missing = len(self.pending)
-        return summarize_lags(self.lags_ms) | {"missing": missing}
+            missing = list(self.pending)
+        lags = self.lags_ms + [(now - at) * 1000 for _dst, at in missing]
+        out = summarize_lags(lags) | {"missing": len(missing), "grace_s": grace_s}
+        out["lower_bound"] = bool(missing)
+        return out
 
 
 def summarize_lags(lags_ms: list[float]) -> dict:

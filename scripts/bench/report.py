@@ -361,10 +361,19 @@ def markdown(rep: dict) -> str:
     if ls and ls.get("installed") and ls.get("rates"):
         for k, r in ls["rates"].items():
             vis = r["visible_lag_ms"]
+            ge = "≥ " if vis.get("lower_bound") else ""
+            n_miss = vis.get("missing") or 0
+            if not n_miss:
+                samples = fmt(vis["samples"])
+            elif "lower_bound" in vis:
+                samples = (f"{fmt(vis['samples'])} ({fmt(n_miss)} not copied {fmt(vis.get('grace_s'), 0)} s after "
+                           "the last delivery; counted with their age then)")
+            else:
+                samples = f"{fmt(vis['samples'])} + {fmt(n_miss)} never copied (percentiles over the copied ones)"
             lines.append(
                 f"| lsyncd (delay={ls['delay_s']:g} s; default {ls['default_delay_s']} s) change → copied | "
-                f"{fmt(r['offered_per_s'])} | {fmt(r['achieved_per_s'])} | {fmt(vis['p50'], 2)} | {fmt(vis['p99'], 2)} | "
-                f"{fmt(vis['p999'], 2)} | {fmt(vis['max'], 2)} | {fmt(vis['samples'])} | |"
+                f"{fmt(r['offered_per_s'])} | {fmt(r['achieved_per_s'])} | {ge}{fmt(vis['p50'], 2)} | "
+                f"{ge}{fmt(vis['p99'], 2)} | {ge}{fmt(vis['p999'], 2)} | {ge}{fmt(vis['max'], 2)} | {samples} | |"
             )
     if ls and (ls.get("reason") or ls.get("error")):
         lines.append(f"\nlsyncd: not measured ({ls.get('reason') or ls.get('error')})")
@@ -508,8 +517,11 @@ def svg(rep: dict) -> str:
     if need and max(need) < vmax:
         y = y0 + ph - max(need) / vmax * ph
         out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + pw}" y2="{y:.1f}" stroke="#e03131" stroke-dasharray="4 3"/>')
-        out.append(f'<text x="{x0 + pw - 2}" y="{y - 4:.1f}" text-anchor="end" fill="#e03131" font-size="10">'
-                   f'bar for hasync: {max(need):,.0f} (max of 3× fsync, 1× rsync, 0.8× cp)</text>')
+        ly = y0 + ph + 38
+        out.append(f'<line x1="{x0}" y1="{ly - 4}" x2="{x0 + 10}" y2="{ly - 4}" stroke="#e03131" stroke-dasharray="4 3"/>')
+        out.append(f'<text x="{x0 + 15}" y="{ly}" fill="#e03131">the bar for hasync: {max(need):,.0f} files/s</text>')
+        out.append(f'<text x="{x0 + 15}" y="{ly + 15}" fill="#e03131" font-size="11">'
+                   "(max of 3× rsync --fsync, 1× rsync, 0.8× cp + sync)</text>")
     bw = pw / len(bars)
     for i, (label, v, color) in enumerate(bars):
         bx = x0 + i * bw + bw * 0.15
