@@ -19,28 +19,10 @@ use hasync::wire::sync::{Meta, SyncMsg, MAX_DATA};
 use hasync::wire::{decode_frame, Message};
 use xxhash_rust::xxh3::xxh3_128;
 
-/// Deterministic message-like bytes (headers and words, like the fixtures).
+/// Deterministic message-like bytes: the fixtures' own generator.
 fn mail_bytes(len: usize) -> Vec<u8> {
-    const WORDS: [&[u8]; 8] = [
-        b"mail ",
-        b"queue ",
-        b"relay ",
-        b"spam ",
-        b"archive ",
-        b"inbox ",
-        b"deliver ",
-        b"ok\r\n",
-    ];
-    let mut out = b"Return-Path: <bench@example.net>\r\nSubject: micro-benchmark\r\n\r\n".to_vec();
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(WORDS[(x % 8) as usize]);
-    }
-    out.truncate(len);
-    out
+    let mut rng = hasync::failover::sim::SimRng::new(0x9E37_79B9_7F4A_7C15);
+    hasync::fixture::message(&mut rng, len as u64)
 }
 
 fn heartbeat() -> Message {

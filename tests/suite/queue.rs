@@ -48,11 +48,9 @@ fn push_settled(tp: &TestPair, i: usize) -> hasync::daemon::control::Status {
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()))
 }
 
-fn kill9_failover_push(layout: &'static str) {
-    let (mut tp, p) = TestPair::formed(opts(layout));
-    assert_eq!(p, 0);
-    let before = fill_queue(&tp.nodes[0].queue_dir, layout, 40, 1);
-    assert_eq!(before.values().sum::<usize>(), 40);
+/// kill -9 of the primary mx1, takeover by mx2, mx1 restarted: returns
+/// mx1's status once its queue push has settled.
+fn fail_over_and_rejoin(tp: &mut TestPair) -> hasync::daemon::control::Status {
     tp.nodes[0].kill9().unwrap();
     tp.nodes[1]
         .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
@@ -60,7 +58,15 @@ fn kill9_failover_push(layout: &'static str) {
         })
         .unwrap();
     tp.nodes[0].start().unwrap();
-    let st = push_settled(&tp, 0);
+    push_settled(tp, 0)
+}
+
+fn kill9_failover_push(layout: &'static str) {
+    let (mut tp, p) = TestPair::formed(opts(layout));
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, layout, 40, 1);
+    assert_eq!(before.values().sum::<usize>(), 40);
+    let st = fail_over_and_rejoin(&mut tp);
     println!("{layout}: push report {:?}", st.queue_push.last);
     let old = queue_digest(&tp.nodes[0].queue_dir, layout);
     let new = queue_digest(&tp.nodes[1].queue_dir, layout);
@@ -184,14 +190,7 @@ fn garbage_in_the_queue_is_reported_and_left_in_place() {
         "1vBBBB-000002-00-D\nbody\n",
     )
     .unwrap();
-    tp.nodes[0].kill9().unwrap();
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap();
-    tp.nodes[0].start().unwrap();
-    let st = push_settled(&tp, 0);
+    let st = fail_over_and_rejoin(&mut tp);
     let g = &st.queue_push.last.garbage;
     println!("garbage: {g:?}");
     assert!(g.iter().any(|x| x.contains("1vAAAA-000001-00-H")), "{g:?}");
