@@ -107,6 +107,8 @@ pub struct ReplicationConfig {
     pub exclude: Vec<String>,
     /// How often the primary verifies the whole replica (anti-entropy).
     pub verify_interval: Duration,
+    /// How the secondary makes a batch durable (`syncfs` or `fsync`).
+    pub durability: crate::replica::Durability,
 }
 
 /// The `[queue]` table.
@@ -476,6 +478,8 @@ struct RawReplication {
     exclude: Option<Vec<String>>,
     #[serde(default, deserialize_with = "de_verify_interval")]
     verify_interval_ms: Option<Duration>,
+    #[serde(default)]
+    durability: crate::replica::Durability,
 }
 
 fn de_verify_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -684,6 +688,7 @@ impl RawConfig {
                 sync_peer,
                 exclude,
                 verify_interval,
+                durability: r.durability,
             },
             node_name: self.node_name,
             priority,
@@ -1059,6 +1064,7 @@ secret_file = "/etc/hasync/link.secret"
         assert_eq!(c.link.heartbeat_lost_threshold, 5);
         assert_eq!(c.link.startup_wait, Duration::from_secs(2));
         assert_eq!(c.detection_time(), Duration::from_secs(1));
+        assert_eq!(c.replication.durability, crate::replica::Durability::Syncfs);
         let stores: Vec<(&str, &Path)> = c
             .mailstores
             .iter()
@@ -1122,6 +1128,21 @@ secret_file = "/etc/hasync/link.secret"
         )]));
         assert!(msg.contains("sometimes"), "{msg}");
         assert!(msg.contains("become-secondary"), "{msg}");
+    }
+
+    #[test]
+    fn replication_durability_defaults_to_syncfs_and_names_bad_values() {
+        assert_eq!(
+            parse_ok(BASE).replication.durability,
+            crate::replica::Durability::Syncfs
+        );
+        let c = parse_ok(&format!("{BASE}\n[replication]\ndurability = \"fsync\"\n"));
+        assert_eq!(c.replication.durability, crate::replica::Durability::Fsync);
+        let msg = parse_syntax_err(&format!(
+            "{BASE}\n[replication]\ndurability = \"fdatasync\"\n"
+        ));
+        assert!(msg.contains("fdatasync"), "{msg}");
+        assert!(msg.contains("syncfs"), "{msg}");
     }
 
     #[test]

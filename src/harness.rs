@@ -20,6 +20,8 @@ pub struct PairOptions {
     pub priorities: [u8; 2],
     /// Anti-entropy interval of the replication.
     pub verify_interval_ms: u64,
+    /// `replication.durability` of both nodes.
+    pub durability: &'static str,
     /// `queue.layout` of both nodes.
     pub queue_layout: &'static str,
     /// `queue.sync` of both nodes.
@@ -37,6 +39,7 @@ impl Default for PairOptions {
             recovery: "become-secondary",
             priorities: [200, 100],
             verify_interval_ms: 600_000,
+            durability: "syncfs",
             queue_layout: "postfix",
             queue_sync: "off",
             queue_sync_interval_ms: 60_000,
@@ -136,6 +139,7 @@ startup_wait_ms = {startup}
 sync_listen = "{sync_listen}"
 sync_peer = "{sync_peer}"
 verify_interval_ms = {verify}
+durability = "{durability}"
 
 [queue]
 layout = "{layout}"
@@ -152,6 +156,7 @@ quarantine = "mail/quarantine"
                 sync_listen = sync_addrs[i],
                 sync_peer = sync_addrs[1 - i],
                 verify = options.verify_interval_ms,
+                durability = options.durability,
                 name = names[i],
                 prio = options.priorities[i],
                 recovery = options.recovery,

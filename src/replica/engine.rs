@@ -50,6 +50,7 @@ pub struct EngineConfig {
     pub sync_listen: SocketAddr,
     pub sync_peer: SocketAddr,
     pub verify_interval: Duration,
+    pub durability: super::Durability,
     pub io_timeout: Duration,
     pub queue: QueueSettings,
 }
@@ -623,8 +624,12 @@ async fn accept_loop(
                     }
                 },
             };
-            let mut receiver =
-                Receiver::new(recv_stores, shared.excludes.clone(), shared.stats.clone());
+            let mut receiver = Receiver::new(
+                recv_stores,
+                shared.excludes.clone(),
+                shared.stats.clone(),
+                shared.cfg.durability,
+            );
             shared.stats.connected.store(true, Relaxed);
             info!(peer = %addr, "sync connection from primary up");
             let (r, w) = conn.split();

@@ -63,9 +63,26 @@ pub struct Entry {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Hex xxh3-128 of the content (files) or target (symlinks); JSON has no u128.
-    pub hash: String,
+    /// xxh3-128 of the content (files) or target (symlinks); hex on disk
+    /// (JSON has no u128), 16 bytes in memory.
+    #[serde(with = "hex128")]
+    hash: u128,
     pub synced: bool,
+}
+
+/// An u128 as 32 hex digits in the index file.
+mod hex128 {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u128, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:032x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u128, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        u128::from_str_radix(&text, 16)
+            .map_err(|e| D::Error::custom(format!("hash {text:?} is not 32 hex digits: {e}")))
+    }
 }
 
 impl Entry {
@@ -76,13 +93,13 @@ impl Entry {
             mode: st.meta.mode,
             uid: st.meta.uid,
             gid: st.meta.gid,
-            hash: format!("{hash:032x}"),
+            hash,
             synced,
         }
     }
 
     pub fn hash(&self) -> u128 {
-        u128::from_str_radix(&self.hash, 16).unwrap_or(0)
+        self.hash
     }
 
     pub fn meta(&self) -> Meta {
@@ -168,10 +185,17 @@ pub struct Index {
     dirty: bool,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct OnDisk {
     version: u32,
     entries: Vec<(PathBuf, Entry)>,
+}
+
+/// The same shape, borrowed: saving does not copy the index.
+#[derive(Serialize)]
+struct OnDiskRef<'a> {
+    version: u32,
+    entries: Vec<(&'a PathBuf, &'a Entry)>,
 }
 
 impl Index {
@@ -213,18 +237,15 @@ impl Index {
         if !self.dirty {
             return Ok(());
         }
-        let mut entries: Vec<_> = self
-            .entries
-            .iter()
-            .map(|(p, e)| (p.clone(), e.clone()))
-            .collect();
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let bytes = serde_json::to_vec(&OnDisk {
+        let mut entries: Vec<_> = self.entries.iter().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let doc = OnDiskRef {
             version: 1,
             entries,
-        })
-        .map_err(std::io::Error::other)?;
-        crate::io::write_atomic_blocking(&self.file, &bytes)?;
+        };
+        crate::io::write_atomic_with(&self.file, |w| {
+            serde_json::to_writer(w, &doc).map_err(std::io::Error::other)
+        })?;
         self.dirty = false;
         Ok(())
     }

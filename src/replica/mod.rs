@@ -6,6 +6,7 @@ pub mod engine;
 pub mod fsops;
 pub mod index;
 pub mod receiver;
+pub use receiver::Durability;
 pub mod sender;
 pub mod stats;
 

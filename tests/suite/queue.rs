@@ -214,9 +214,10 @@ fn continuous_queue_replication_survives_a_primary_that_never_returns() {
     assert_eq!(p, 0);
     let before = fill_queue(&tp.nodes[0].queue_dir, "postfix", 30, 5);
     let replica = tp.nodes[1].state_dir.join("queue-replica");
-    // Wait until the replica holds the queue (outside the live queue).
+    // Wait until the replica holds the queue (outside the live queue); the
+    // secondary creates the replica directory with the first change it lands.
     let start = std::time::Instant::now();
-    while queue_digest(&replica, "postfix") != before {
+    while !replica.exists() || queue_digest(&replica, "postfix") != before {
         assert!(
             start.elapsed() < Duration::from_secs(30),
             "queue never replicated\n{}",

@@ -114,6 +114,39 @@ fn seeded_maildir_workload_replicates_exactly_and_renames_send_no_content() {
     assert_eq!(after.hash_mismatches, 0);
 }
 
+#[test]
+fn per_file_fsync_durability_replicates_the_same_workload_exactly() {
+    let tp = started_with_fixture(
+        PairOptions {
+            durability: "fsync",
+            ..fast()
+        },
+        11,
+        4,
+        200,
+    );
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    let mut w = Workload::new(&src, spec(11, 4, 200));
+    for i in 0..300 {
+        w.step().unwrap();
+        if i % 25 == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.repl(1);
+    assert!(r.files_landed >= 200, "landed only {}", r.files_landed);
+    assert_eq!(r.hash_mismatches, 0);
+    assert!(
+        !dst.join(".hasync/staging").exists()
+            || std::fs::read_dir(dst.join(".hasync/staging"))
+                .unwrap()
+                .count()
+                == 0,
+        "nothing left staged"
+    );
+}
+
 fn walk_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
