@@ -129,3 +129,82 @@ pub fn pwrite_all(
     }
     Ok(())
 }
+
+/// The outcome of a flush requested from [`SyncfsWorker`].
+pub type FlushResult = Result<(), String>;
+
+/// A thread that runs `syncfs` calls for an io_uring event loop: io_uring has
+/// no syncfs operation, and a syncfs can take tens of milliseconds, during
+/// which the loop must keep receiving and staging the next files. The thread
+/// ends when the worker is dropped.
+pub struct SyncfsWorker {
+    tx: crossbeam_channel::Sender<(
+        Vec<std::path::PathBuf>,
+        tokio::sync::oneshot::Sender<FlushResult>,
+    )>,
+}
+
+impl SyncfsWorker {
+    pub fn start(name: &str) -> io::Result<SyncfsWorker> {
+        let (tx, rx) = crossbeam_channel::unbounded::<(
+            Vec<std::path::PathBuf>,
+            tokio::sync::oneshot::Sender<FlushResult>,
+        )>();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                for (paths, reply) in rx {
+                    let res = paths.iter().try_for_each(|p| {
+                        syncfs(p).map_err(|e| format!("syncfs of {}: {e}", p.display()))
+                    });
+                    let _ = reply.send(res);
+                }
+            })?;
+        Ok(SyncfsWorker { tx })
+    }
+
+    /// Flushes the filesystems holding `paths`, in order; the receiver
+    /// resolves once all are durable or one failed.
+    pub fn flush(
+        &self,
+        paths: Vec<std::path::PathBuf>,
+    ) -> tokio::sync::oneshot::Receiver<FlushResult> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        if paths.is_empty() {
+            let _ = reply.send(Ok(()));
+        } else if let Err(crossbeam_channel::SendError((_, reply))) = self.tx.send((paths, reply)) {
+            let _ = reply.send(Err("the flush thread is gone".into()));
+        }
+        rx
+    }
+}
+
+/// fsyncs every descriptor through io_uring, all submitted at once; the
+/// receiver resolves when all are done (with the first error, if any).
+/// Must be called on a tokio-uring runtime.
+pub fn fsync_all(fds: Vec<std::os::fd::OwnedFd>) -> tokio::sync::oneshot::Receiver<FlushResult> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    tokio_uring::spawn(async move {
+        let pending: Vec<_> = fds
+            .into_iter()
+            .map(|fd| {
+                let f = File::from_std(std::fs::File::from(fd));
+                tokio_uring::spawn(async move {
+                    let r = f.sync_all().await;
+                    let _ = f.close().await;
+                    r
+                })
+            })
+            .collect();
+        let mut res = Ok(());
+        for p in pending {
+            match p.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => res = Err(format!("fsync: {e}")),
+                Err(e) => res = Err(format!("fsync task: {e}")),
+            }
+        }
+        let _ = reply.send(res);
+    });
+    rx
+}

@@ -1102,6 +1102,15 @@ impl Root {
     /// or [`STAGING_DIR`] / [`CONFLICTS_DIR`]. A directory that no longer exists is `Ok`:
     /// a later operation removed it, and its removal is durable with its own parent.
     pub fn fsync_dir(&self, rel_dir: &Path) -> Result<(), FsError> {
+        match self.open_dir(rel_dir)? {
+            Some(fd) => rustix::fs::fsync(&fd).map_err(|e| fail("fsync", self.abs(rel_dir), e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens a directory as [`Root::fsync_dir`] names it, for an fsync
+    /// submitted elsewhere (io_uring); `None` when it no longer exists.
+    pub fn open_dir(&self, rel_dir: &Path) -> Result<Option<OwnedFd>, FsError> {
         const OP: &str = "fsync";
         let raw = rel_dir.as_os_str().as_bytes();
         let base = self.fd.as_fd();
@@ -1110,12 +1119,12 @@ impl Root {
         } else {
             let p = Split::parse(raw, true)?;
             let Some(opened) = self.walk(base, Path::new(""), &p, false, OP)? else {
-                return Ok(());
+                return Ok(None);
             };
             let parent = opened.dir.fd();
             match open_beneath(parent, p.name, DIR_READ_OFLAGS) {
                 Ok(fd) => fd,
-                Err(Errno::NOENT) => return Ok(()),
+                Err(Errno::NOENT) => return Ok(None),
                 Err(Errno::LOOP | Errno::XDEV) => return Err(refused(raw, TRAVERSES_SYMLINK)),
                 Err(Errno::NOTDIR) if is_symlink_at(parent, p.name) => {
                     return Err(refused(raw, TRAVERSES_SYMLINK))
@@ -1123,7 +1132,7 @@ impl Root {
                 Err(e) => return Err(fail(OP, self.abs(rel_dir), e)),
             }
         };
-        rustix::fs::fsync(&fd).map_err(|e| fail(OP, self.abs(rel_dir), e))
+        Ok(Some(fd))
     }
 }
 

@@ -109,14 +109,35 @@ pub struct Receiver {
     dirs: BTreeSet<(usize, PathBuf)>,
     current: Option<Incoming>,
     replies: Vec<u8>,
-    /// Barriers received but not yet acknowledged (see `may_group`).
+    /// Barriers received and not yet part of a commit.
     barriers: Vec<u64>,
     durability: Durability,
+    inflight: Option<Commit>,
+    flusher: Option<crate::io::SyncfsWorker>,
 }
 
-/// Bounds on grouping barriers into one commit.
-const MAX_GROUPED_BARRIERS: usize = 16;
-const MAX_GROUPED_FILES: usize = 1024;
+/// Files staged while a commit is in flight, before reading stops until it
+/// finishes (bounds open descriptors in `fsync` mode and unflushed data).
+const MAX_STAGED_FILES: usize = 2048;
+
+/// A group commit in flight: every barrier seen when it started, and the
+/// files staged before them. It runs in two flushes, each off the event
+/// loop (a syncfs thread, or io_uring fsyncs), while the loop keeps staging
+/// what arrives next: first the files' data, then (after the renames into
+/// place) the directories.
+struct Commit {
+    barriers: Vec<u64>,
+    /// Waiting for their data flush; renamed into place when it is done.
+    files: Vec<Staged>,
+    phase: Phase,
+    done: tokio::sync::oneshot::Receiver<crate::io::FlushResult>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Data,
+    Dirs,
+}
 
 fn parent_of(rel: &Path) -> PathBuf {
     rel.parent().map(Path::to_path_buf).unwrap_or_default()
@@ -139,6 +160,8 @@ impl Receiver {
             replies: Vec::new(),
             barriers: Vec::new(),
             durability,
+            inflight: None,
+            flusher: None,
         }
     }
 
@@ -154,9 +177,25 @@ impl Receiver {
     /// landed are discarded; nothing half-written is ever under a final name.
     pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), RecvError> {
         let peer = r.peer().to_string();
+        if self.durability == Durability::Syncfs && self.flusher.is_none() {
+            match crate::io::SyncfsWorker::start("hasync-flush") {
+                Ok(f) => self.flusher = Some(f),
+                Err(e) => {
+                    return Err(RecvError::Durability {
+                        path: PathBuf::from("<syncfs thread>"),
+                        source: e,
+                    })
+                }
+            }
+        }
         let result = self.serve_inner(&mut r, &w, &peer).await;
         self.barriers.clear();
         // Unacknowledged work is redone by the sender after reconnecting.
+        if let Some(c) = self.inflight.take() {
+            for f in c.files {
+                self.stores[f.store].root.discard_staged(f.seq);
+            }
+        }
         for s in std::mem::take(&mut self.staged) {
             self.stores[s.store].root.discard_staged(s.seq);
         }
@@ -175,42 +214,212 @@ impl Receiver {
         peer: &str,
     ) -> Result<(), RecvError> {
         loop {
+            if self.inflight.is_none() && !self.barriers.is_empty() {
+                self.start_commit();
+            }
+            if let Some(c) = self.inflight.as_mut() {
+                // Advance a commit whose flush finished; wait for it when
+                // nothing else is here to stage meanwhile.
+                let res = match c.done.try_recv() {
+                    Ok(res) => Some(res),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                        if r.more_ready() && self.staged.len() < MAX_STAGED_FILES =>
+                    {
+                        None
+                    }
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Some(
+                        (&mut c.done)
+                            .await
+                            .unwrap_or_else(|_| Err("flush abandoned".into())),
+                    ),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                        Some(Err("flush abandoned".into()))
+                    }
+                };
+                if let Some(res) = res {
+                    self.advance(res, peer)?;
+                    self.send_replies(w).await?;
+                    continue;
+                }
+            }
             let frame = r.recv_frame().await?;
             let msg = SyncMsg::decode(&frame).map_err(|source| RecvError::Malformed {
                 peer: peer.to_string(),
                 source,
             })?;
             self.handle(msg, peer).await?;
-            if !self.barriers.is_empty() && !self.may_group(r) {
-                self.commit(peer).await?;
+            self.send_replies(w).await?;
+        }
+    }
+
+    async fn send_replies(&mut self, w: &FrameWriter) -> Result<(), RecvError> {
+        if !self.replies.is_empty() {
+            let out = std::mem::take(&mut self.replies);
+            let (res, mut buf) = w.send_buf(out).await;
+            res?;
+            buf.clear();
+            self.replies = buf;
+        }
+        Ok(())
+    }
+
+    /// Starts a group commit of everything staged and every barrier seen.
+    fn start_commit(&mut self) {
+        let mut files = std::mem::take(&mut self.staged);
+        let barriers = std::mem::take(&mut self.barriers);
+        let done = match self.durability {
+            Durability::Syncfs => {
+                let roots = self.roots_of(files.iter().map(|f| f.store));
+                self.flush_roots(roots)
             }
-            if !self.replies.is_empty() {
-                let out = std::mem::take(&mut self.replies);
-                let (res, mut buf) = w.send_buf(out).await;
-                res?;
-                buf.clear();
-                self.replies = buf;
+            Durability::Fsync => {
+                let handles: Vec<_> = files.iter_mut().filter_map(|f| f.fsync.take()).collect();
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                tokio_uring::spawn(async move {
+                    let mut res = Ok(());
+                    for h in handles {
+                        match h.await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(e)) => res = Err(format!("fsync: {e}")),
+                            Err(e) => res = Err(format!("fsync task: {e}")),
+                        }
+                    }
+                    let _ = reply.send(res);
+                });
+                rx
+            }
+        };
+        self.inflight = Some(Commit {
+            barriers,
+            files,
+            phase: Phase::Data,
+            done,
+        });
+    }
+
+    fn roots_of(&self, stores: impl Iterator<Item = usize>) -> Vec<PathBuf> {
+        let set: BTreeSet<usize> = stores.collect();
+        set.into_iter()
+            .map(|s| self.stores[s].root.path().to_path_buf())
+            .collect()
+    }
+
+    fn flush_roots(
+        &self,
+        roots: Vec<PathBuf>,
+    ) -> tokio::sync::oneshot::Receiver<crate::io::FlushResult> {
+        match &self.flusher {
+            Some(f) => f.flush(roots),
+            None => {
+                let (reply, rx) = tokio::sync::oneshot::channel();
+                let _ = reply.send(
+                    roots
+                        .iter()
+                        .try_for_each(|p| crate::io::syncfs(p))
+                        .map_err(|e| e.to_string()),
+                );
+                rx
             }
         }
     }
 
-    /// Whether the barriers seen so far may wait for the next one: only
-    /// while more of the stream is already here (so waiting costs no idle
-    /// time) and within bounds on what is staged. Under load this turns
-    /// several small batches into one flush; an idle link commits at once.
-    fn may_group(&self, r: &FrameReader) -> bool {
-        self.barriers.len() < MAX_GROUPED_BARRIERS
-            && self.staged.len() < MAX_GROUPED_FILES
-            && r.more_ready()
+    /// The in-flight commit's current flush finished with `res`: after the
+    /// data flush, land the files and flush the directories; after that,
+    /// acknowledge its barriers.
+    fn advance(&mut self, res: crate::io::FlushResult, peer: &str) -> Result<(), RecvError> {
+        let Some(mut c) = self.inflight.take() else {
+            return Ok(());
+        };
+        match c.phase {
+            Phase::Data => {
+                for f in std::mem::take(&mut c.files) {
+                    if let Err(why) = &res {
+                        // Never call a file durable after a failed flush:
+                        // drop it and ask again (STYLE: latch I/O failures).
+                        error!("flush failed: {why}; {} is re-requested", f.rel.display());
+                        self.stores[f.store].root.discard_staged(f.seq);
+                        let err = FsError::Io {
+                            op: "flush",
+                            path: f.rel.display().to_string(),
+                            source: std::io::Error::other(why.clone()),
+                        };
+                        self.local_failure(f.seq, f.store, &f.rel, &err, peer);
+                        continue;
+                    }
+                    self.land_one(f.store, f.seq, f.rel, f.hash, f.size, peer);
+                }
+                c.phase = Phase::Dirs;
+                c.done = self.flush_dirs()?;
+                self.inflight = Some(c);
+            }
+            Phase::Dirs => {
+                if let Err(why) = res {
+                    return Err(RecvError::Durability {
+                        path: self
+                            .stores
+                            .first()
+                            .map(|s| s.root.path().to_path_buf())
+                            .unwrap_or_default(),
+                        source: std::io::Error::other(why),
+                    });
+                }
+                for seq in c.barriers {
+                    SyncMsg::Ack { seq }.encode(&mut self.replies);
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Lands everything staged, makes it and every directory change since
-    /// the last commit durable, then acknowledges every barrier seen.
-    async fn commit(&mut self, peer: &str) -> Result<(), RecvError> {
-        self.flush_staged(peer).await;
-        self.sync_dirs().await?;
-        for seq in std::mem::take(&mut self.barriers) {
-            SyncMsg::Ack { seq }.encode(&mut self.replies);
+    /// Starts making every rename, delete and new directory so far durable.
+    fn flush_dirs(
+        &mut self,
+    ) -> Result<tokio::sync::oneshot::Receiver<crate::io::FlushResult>, RecvError> {
+        let dirs = std::mem::take(&mut self.dirs);
+        match self.durability {
+            // One syncfs per filesystem covers every parent directory.
+            Durability::Syncfs => Ok(self.flush_roots(self.roots_of(dirs.iter().map(|d| d.0)))),
+            Durability::Fsync => {
+                let mut fds = Vec::with_capacity(dirs.len());
+                for (s, dir) in &dirs {
+                    let root = &self.stores[*s].root;
+                    match root.open_dir(dir) {
+                        Ok(Some(fd)) => fds.push(fd),
+                        Ok(None) => {}
+                        Err(e) => {
+                            return Err(RecvError::Durability {
+                                path: root.path().join(dir),
+                                source: std::io::Error::other(e.to_string()),
+                            })
+                        }
+                    }
+                }
+                Ok(crate::io::fsync_all(fds))
+            }
+        }
+    }
+
+    /// Lands the in-flight commit's files if they are still waiting for
+    /// their flush: an op on any path must see every earlier file in place.
+    async fn land_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
+        if let Some(c) = self.inflight.as_mut() {
+            if c.phase == Phase::Data {
+                let res = (&mut c.done)
+                    .await
+                    .unwrap_or_else(|_| Err("flush abandoned".into()));
+                self.advance(res, peer)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes the in-flight commit entirely (before a manifest is taken).
+    async fn finish_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
+        while let Some(c) = self.inflight.as_mut() {
+            let res = (&mut c.done)
+                .await
+                .unwrap_or_else(|_| Err("flush abandoned".into()));
+            self.advance(res, peer)?;
         }
         Ok(())
     }
@@ -271,8 +480,9 @@ impl Receiver {
         .encode(&mut self.replies);
     }
 
-    fn need(&mut self, store: usize, rel: &Path, reason: NeedReason) {
+    fn need(&mut self, seq: u64, store: usize, rel: &Path, reason: NeedReason) {
         SyncMsg::Need {
+            seq,
             store: store as u16,
             path: rel.as_os_str().as_bytes().to_vec(),
             reason,
@@ -293,11 +503,11 @@ impl Receiver {
                     "ALARM: disk full on the replica: replication paused until space returns ({e})"
                 );
             }
-            self.need(store, rel, NeedReason::NoSpace);
+            self.need(seq, store, rel, NeedReason::NoSpace);
         } else {
             warn!(store, path = %rel.display(), "cannot apply op: {e}");
             *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
-            self.need(store, rel, NeedReason::LocalError);
+            self.need(seq, store, rel, NeedReason::LocalError);
         }
     }
 
@@ -308,6 +518,19 @@ impl Receiver {
         }
         if self.current.is_some() {
             return Err(self.protocol(peer, "file ended before all its data arrived"));
+        }
+        match &msg {
+            // Ops on paths apply in order: earlier files land first.
+            SyncMsg::Delete { .. }
+            | SyncMsg::Rename { .. }
+            | SyncMsg::Link { .. }
+            | SyncMsg::Symlink { .. }
+            | SyncMsg::Mkdir { .. } => self.land_inflight(peer).await?,
+            SyncMsg::ManifestRequest { .. } => {
+                self.land_staged_now(peer).await?;
+                self.finish_inflight(peer).await?;
+            }
+            _ => {}
         }
         match msg {
             SyncMsg::Start { stores } => {
@@ -394,7 +617,7 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&rel], peer).await;
+                self.flush_if_touching(s, &[&rel], peer).await?;
                 self.apply_delete(seq, s, &rel, peer);
             }
             SyncMsg::Rename {
@@ -410,7 +633,7 @@ impl Receiver {
                 let Some(to) = self.check(seq, s, &to, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&from, &to], peer).await;
+                self.flush_if_touching(s, &[&from, &to], peer).await?;
                 match self.stores[s].root.rename(&from, &to) {
                     Ok(RenameOutcome::Renamed) => {
                         add(&self.stats.renames_applied, 1);
@@ -420,7 +643,7 @@ impl Receiver {
                     }
                     Ok(RenameOutcome::SourceMissing) => {
                         add(&self.stats.rename_sources_missing, 1);
-                        self.need(s, &to, NeedReason::SourceMissing);
+                        self.need(seq, s, &to, NeedReason::SourceMissing);
                     }
                     Err(e) => self.local_failure(seq, s, &to, &e, peer),
                 }
@@ -438,7 +661,7 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&existing, &rel], peer).await;
+                self.flush_if_touching(s, &[&existing, &rel], peer).await?;
                 match self.stores[s].root.link(&existing, &rel) {
                     Ok(LinkOutcome::Linked) => {
                         add(&self.stats.links_applied, 1);
@@ -450,7 +673,7 @@ impl Receiver {
                     }
                     Ok(LinkOutcome::SourceMissing) => {
                         add(&self.stats.rename_sources_missing, 1);
-                        self.need(s, &rel, NeedReason::SourceMissing);
+                        self.need(seq, s, &rel, NeedReason::SourceMissing);
                     }
                     Err(e) => self.local_failure(seq, s, &rel, &e, peer),
                 }
@@ -466,7 +689,7 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&rel], peer).await;
+                self.flush_if_touching(s, &[&rel], peer).await?;
                 match self.stores[s].root.symlink(&rel, &target, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
@@ -484,8 +707,7 @@ impl Receiver {
                 }
             }
             SyncMsg::Barrier { seq } => {
-                // Acknowledged by `commit`, possibly together with the
-                // barriers that are already on their way.
+                // Acknowledged when the group commit that takes it is durable.
                 self.barriers.push(seq);
             }
             other => {
@@ -586,9 +808,9 @@ impl Receiver {
                     if !self.stats.disk_full.swap(true, Relaxed) {
                         error!(alarm = true, "ALARM: disk full on the replica: replication paused until space returns");
                     }
-                    self.need(s, &inc.rel, NeedReason::NoSpace);
+                    self.need(inc.seq, s, &inc.rel, NeedReason::NoSpace);
                 }
-                _ => self.need(s, &inc.rel, NeedReason::LocalError),
+                _ => self.need(inc.seq, s, &inc.rel, NeedReason::LocalError),
             }
             return;
         };
@@ -598,7 +820,7 @@ impl Receiver {
             self.stores[s].root.discard_staged(inc.seq);
             add(&self.stats.hash_mismatches, 1);
             warn!(peer, path = %inc.rel.display(), "content does not match its hash ({got:032x} != {:032x}); re-requested", inc.hash);
-            self.need(s, &inc.rel, NeedReason::HashMismatch);
+            self.need(inc.seq, s, &inc.rel, NeedReason::HashMismatch);
             return;
         }
         // Metadata after the last write (a write would move the mtime).
@@ -635,78 +857,32 @@ impl Receiver {
 
     /// Ops on other paths may overtake staged files; an op on a staged path
     /// (or a directory above one) must see it landed first.
-    async fn flush_if_touching(&mut self, store: usize, paths: &[&Path], peer: &str) {
+    async fn flush_if_touching(
+        &mut self,
+        store: usize,
+        paths: &[&Path],
+        peer: &str,
+    ) -> Result<(), RecvError> {
         let touches = self
             .staged
             .iter()
             .any(|st| st.store == store && paths.iter().any(|p| st.rel.starts_with(p)));
         if touches {
-            self.flush_staged(peer).await;
+            self.land_staged_now(peer).await?;
         }
+        Ok(())
     }
 
-    /// fsync every staged file (all submitted at once), then rename each into place.
-    async fn flush_staged(&mut self, peer: &str) {
-        if self.staged.is_empty() {
-            return;
+    /// Lands every staged file now (after the in-flight commit): a commit
+    /// of its own, waited for up to its renames; its directory flush and
+    /// acknowledgements complete in the background like any other.
+    async fn land_staged_now(&mut self, peer: &str) -> Result<(), RecvError> {
+        self.finish_inflight(peer).await?;
+        if !self.staged.is_empty() || !self.barriers.is_empty() {
+            self.start_commit();
+            self.land_inflight(peer).await?;
         }
-        let staged = std::mem::take(&mut self.staged);
-        let mut rest = Vec::with_capacity(staged.len());
-        let mut failed = BTreeSet::new();
-        for st in staged {
-            if let Some(h) = st.fsync {
-                let r = match h.await {
-                    Ok(r) => r,
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
-                };
-                if let Err(e) = r {
-                    self.stores[st.store].root.discard_staged(st.seq);
-                    let err = FsError::Io {
-                        op: "fsync",
-                        path: st.rel.display().to_string(),
-                        source: e,
-                    };
-                    self.local_failure(st.seq, st.store, &st.rel, &err, peer);
-                    continue;
-                }
-            }
-            rest.push((st.seq, st.store, st.rel, st.hash, st.size));
-        }
-        if self.durability == Durability::Syncfs {
-            self.syncfs_stores(&rest, &mut failed);
-        }
-        for (seq, s, rel, hash, size) in rest {
-            if let Some((_, why)) = failed.iter().find(|(fs, _)| *fs == s) {
-                // Never call a file durable after a failed flush: drop it and
-                // ask again (STYLE: latch I/O failures).
-                self.stores[s].root.discard_staged(seq);
-                let err = FsError::Io {
-                    op: "syncfs",
-                    path: rel.display().to_string(),
-                    source: std::io::Error::other(why.clone()),
-                };
-                self.local_failure(seq, s, &rel, &err, peer);
-                continue;
-            }
-            self.land_one(s, seq, rel, hash, size, peer);
-        }
-    }
-
-    fn syncfs_stores(
-        &mut self,
-        rest: &[(u64, usize, PathBuf, u128, u64)],
-        failed: &mut BTreeSet<(usize, String)>,
-    ) {
-        // One syncfs per filesystem makes every staged file's data durable
-        // before any of them is renamed into place: the same guarantee as an
-        // fsync per file, for one journal commit instead of hundreds.
-        let stores: BTreeSet<usize> = rest.iter().map(|r| r.1).collect();
-        for s in stores {
-            if let Err(e) = crate::io::syncfs(self.stores[s].root.path()) {
-                error!(store = %self.stores[s].name, "syncfs failed: {e}; the batch is not durable and is re-requested");
-                failed.insert((s, e.to_string()));
-            }
-        }
+        Ok(())
     }
 
     fn land_one(&mut self, s: usize, seq: u64, rel: PathBuf, hash: u128, size: u64, peer: &str) {
@@ -782,32 +958,5 @@ impl Receiver {
             }
             Err(e) => self.local_failure(seq, s, rel, &e, peer),
         }
-    }
-
-    /// Makes every rename, delete and new directory since the last barrier
-    /// durable: one syncfs per filesystem touched (it covers every parent
-    /// directory at once). An error here means nothing of the batch may be
-    /// acknowledged.
-    async fn sync_dirs(&mut self) -> Result<(), RecvError> {
-        let dirs = std::mem::take(&mut self.dirs);
-        if self.durability == Durability::Fsync {
-            for (s, dir) in &dirs {
-                self.stores[*s]
-                    .root
-                    .fsync_dir(dir)
-                    .map_err(|e| RecvError::Durability {
-                        path: self.stores[*s].root.path().join(dir),
-                        source: std::io::Error::other(e.to_string()),
-                    })?;
-            }
-            return Ok(());
-        }
-        let stores: BTreeSet<usize> = dirs.iter().map(|(s, _)| *s).collect();
-        for s in stores {
-            let root = self.stores[s].root.path().to_path_buf();
-            crate::io::syncfs(&root)
-                .map_err(|source| RecvError::Durability { path: root, source })?;
-        }
-        Ok(())
     }
 }

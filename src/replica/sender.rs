@@ -91,9 +91,10 @@ pub struct Store {
 
 /// What the index learns once the peer acknowledges an op.
 enum OnAck {
-    Set(usize, PathBuf, Entry),
+    /// The op numbered `.0` set the path's entry.
+    Set(u64, usize, PathBuf, Entry),
     /// A hard link to `existing` (the hash is the other name's, known by then).
-    Link(usize, PathBuf, PathBuf, Stat),
+    Link(u64, usize, PathBuf, PathBuf, Stat),
     Remove(usize, PathBuf),
     Rename(usize, PathBuf, PathBuf),
 }
@@ -132,7 +133,7 @@ pub struct Sender {
     last_progress_log: Instant,
     /// Paths the peer asked for again: their pending acks must not mark
     /// them as held by the replica.
-    needed: std::collections::HashSet<(usize, PathBuf)>,
+    needed: std::collections::HashSet<u64>,
     /// Directories whose children the last reconciliation already queued.
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
@@ -554,6 +555,7 @@ impl Sender {
         match msg {
             SyncMsg::Ack { seq } => self.on_ack(seq),
             SyncMsg::Need {
+                seq,
                 store,
                 path,
                 reason,
@@ -568,7 +570,10 @@ impl Sender {
                         e.synced = false;
                     }
                 }
-                self.needed.insert((s, rel.clone()));
+                // Exactly this op failed: its ack must not mark the path as
+                // held by the peer (another op on the same path may still
+                // land, and be acknowledged, before or after it).
+                self.needed.insert(seq);
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
@@ -626,14 +631,14 @@ impl Sender {
             }
             for a in b.acks {
                 match a {
-                    OnAck::Set(s, rel, mut entry) => {
-                        if self.needed.remove(&(s, rel.clone())) {
+                    OnAck::Set(seq, s, rel, mut entry) => {
+                        if self.needed.remove(&seq) {
                             entry.synced = false;
                         }
                         self.stores[s].index.set(rel, entry)
                     }
-                    OnAck::Link(s, rel, _, _) if self.needed.remove(&(s, rel.clone())) => {}
-                    OnAck::Link(s, rel, existing, st) => {
+                    OnAck::Link(seq, ..) if self.needed.remove(&seq) => {}
+                    OnAck::Link(_, s, rel, existing, st) => {
                         let hash = self.stores[s]
                             .index
                             .entries
@@ -899,7 +904,7 @@ impl Sender {
                             self.expand_dir(store, &rel, since);
                             batch
                                 .acks
-                                .push(OnAck::Set(store, rel, Entry::new(&st, 0, true)));
+                                .push(OnAck::Set(seq, store, rel, Entry::new(&st, 0, true)));
                             plans.push(Plan::Frames(f));
                         }
                         Kind::Symlink => {
@@ -923,9 +928,12 @@ impl Sender {
                             }
                             .encode(&mut f);
                             add(&self.stats.symlinks_sent, 1);
-                            batch
-                                .acks
-                                .push(OnAck::Set(store, rel, Entry::new(&st, hash, true)));
+                            batch.acks.push(OnAck::Set(
+                                seq,
+                                store,
+                                rel,
+                                Entry::new(&st, hash, true),
+                            ));
                             plans.push(Plan::Frames(f));
                         }
                         Kind::File => {
@@ -1015,7 +1023,15 @@ impl Sender {
                         Read::Ready(data) => {
                             let hash = index::hash_bytes(&data);
                             self.file_frames(seq, store, &rel, &st, &data, hash, &mut out);
-                            self.account_file(store, rel, &st, hash, data.len() as u64, &mut batch);
+                            self.account_file(
+                                seq,
+                                store,
+                                rel,
+                                &st,
+                                hash,
+                                data.len() as u64,
+                                &mut batch,
+                            );
                         }
                     }
                 }
@@ -1035,7 +1051,7 @@ impl Sender {
                     let abs = self.stores[store].root.join(&rel);
                     match self.stream_large(w, seq, store, &rel, &st, &abs).await? {
                         Some((hash, len)) => {
-                            self.account_file(store, rel, &st, hash, len, &mut batch)
+                            self.account_file(seq, store, rel, &st, hash, len, &mut batch)
                         }
                         None => {
                             let f = self.delete_frame(seq, store, rel, &mut batch);
@@ -1094,8 +1110,10 @@ impl Sender {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn account_file(
         &mut self,
+        seq: u64,
         store: usize,
         rel: PathBuf,
         st: &Stat,
@@ -1116,7 +1134,7 @@ impl Sender {
         v.version.size = len;
         batch
             .acks
-            .push(OnAck::Set(store, rel, Entry::new(&v, hash, true)));
+            .push(OnAck::Set(seq, store, rel, Entry::new(&v, hash, true)));
     }
 
     fn delete_frame(
@@ -1201,7 +1219,7 @@ impl Sender {
         tracing::debug!(existing = %existing.display(), path = %rel.display(), "plan link");
         batch
             .acks
-            .push(OnAck::Link(store, rel.to_path_buf(), existing, *st));
+            .push(OnAck::Link(seq, store, rel.to_path_buf(), existing, *st));
         Some(f)
     }
 

@@ -128,7 +128,9 @@ pub enum SyncMsg {
     Ack {
         seq: u64,
     },
+    /// The op numbered `seq` did not land; send `path` again.
     Need {
+        seq: u64,
         store: u16,
         path: Vec<u8>,
         reason: NeedReason,
@@ -359,11 +361,16 @@ impl SyncMsg {
                 w.u8(tag::ACK).u64(*seq);
             }
             SyncMsg::Need {
+                seq,
                 store,
                 path,
                 reason,
             } => {
-                w.u8(tag::NEED).u16(*store).blob16(path).u8(*reason as u8);
+                w.u8(tag::NEED)
+                    .u64(*seq)
+                    .u16(*store)
+                    .blob16(path)
+                    .u8(*reason as u8);
             }
             SyncMsg::Refused {
                 seq,
@@ -536,6 +543,7 @@ impl SyncMsg {
                 seq: r.u64("ack.seq")?,
             },
             tag::NEED => {
+                let seq = r.u64("need.seq")?;
                 let store = r.u16("need.store")?;
                 let p = path(&mut r, "need.path")?;
                 let reason = match r.u8("need.reason")? {
@@ -551,6 +559,7 @@ impl SyncMsg {
                     }
                 };
                 SyncMsg::Need {
+                    seq,
                     store,
                     path: p,
                     reason,
@@ -745,6 +754,7 @@ mod tests {
         round(SyncMsg::QueueEnd);
         round(SyncMsg::QueueEndAck { hook_ok: true });
         round(SyncMsg::Need {
+            seq: 12,
             store: 0,
             path: b"x".to_vec(),
             reason: NeedReason::NoSpace,
