@@ -424,6 +424,128 @@ pub fn id_free(layout: Layout, queue_dir: &Path, sub_queue: &str, queue_id: &str
         })
 }
 
+/// What an ingest needs to know about the receiving queue, read once per
+/// push instead of probed per message: every queue ID in use (what
+/// [`id_free`] stats its candidate paths for) and each sub-queue's hash
+/// depth (what [`target_dir`] probes up to 62 × 17 names for). IDs this
+/// process lands are added as it goes; the exact target paths are still
+/// checked per message, so a file the MTA created after the walk is never
+/// replaced.
+#[derive(Debug)]
+pub struct QueueView {
+    layout: Layout,
+    root: PathBuf,
+    ids: std::collections::HashSet<String>,
+    depths: std::collections::HashMap<String, usize>,
+    exim_split: Option<bool>,
+}
+
+impl QueueView {
+    /// Walks the ID directories of `queue_dir` once.
+    pub fn load(layout: Layout, queue_dir: &Path) -> io::Result<QueueView> {
+        let root = std::path::absolute(queue_dir).unwrap_or_else(|_| queue_dir.to_owned());
+        let mut ids = std::collections::HashSet::new();
+        match layout {
+            Layout::Flat => collect_names(&root, 0, &mut ids, &[])?,
+            Layout::Postfix => {
+                for dir in POSTFIX_ID_DIRS {
+                    collect_names(&root.join(dir), POSTFIX_MAX_HASH_DEPTH, &mut ids, &[])?;
+                }
+            }
+            Layout::Exim => {
+                collect_names(&root.join(EXIM_INPUT), 1, &mut ids, &EXIM_SUFFIXES)?;
+                collect_names(&root.join(EXIM_MSGLOG), 1, &mut ids, &[])?;
+            }
+        }
+        Ok(QueueView {
+            layout,
+            root,
+            ids,
+            depths: Default::default(),
+            exim_split: None,
+        })
+    }
+
+    /// Like [`target_dir`], with the directory geometry read once.
+    pub fn target_dir(&mut self, sub_queue: &str, queue_id: &str) -> PathBuf {
+        match self.layout {
+            Layout::Flat => self.root.clone(),
+            Layout::Postfix => {
+                let base = self.root.join(sub_queue);
+                let depth = *self.depths.entry(sub_queue.to_string()).or_insert_with(|| {
+                    match hash_depth(&base) {
+                        0 if POSTFIX_HASHED.contains(&sub_queue) => 1,
+                        d => d,
+                    }
+                });
+                postfix_hashed(base, queue_id, depth)
+            }
+            Layout::Exim => {
+                let input = self.root.join(EXIM_INPUT);
+                let split = *self
+                    .exim_split
+                    .get_or_insert_with(|| !single_char_subdirs(&input).is_empty());
+                match exim_split_char(queue_id) {
+                    Some(c) if split => input.join(c.to_string()),
+                    _ => input,
+                }
+            }
+        }
+    }
+
+    /// Whether `queue_id` may be given to a message landing in `sub_queue`:
+    /// valid, not in use anywhere in the queue when it was walked or since
+    /// landed by us, and nothing at its target paths now.
+    pub fn is_free(&mut self, sub_queue: &str, queue_id: &str) -> bool {
+        if !valid_queue_id(self.layout, queue_id) || self.ids.contains(queue_id) {
+            return false;
+        }
+        let dir = self.target_dir(sub_queue, queue_id);
+        valid_suffixes(self.layout).iter().all(|s| {
+            match std::fs::symlink_metadata(dir.join(format!("{queue_id}{s}"))) {
+                Ok(_) => false,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            }
+        })
+    }
+
+    /// Records an ID as taken (a message this process is landing).
+    pub fn insert(&mut self, queue_id: &str) {
+        self.ids.insert(queue_id.to_string());
+    }
+}
+
+/// Adds the name of every entry under `dir` (descending into single-character
+/// hash directories up to `depth` levels) to `ids`, minus any of `suffixes`.
+/// A missing directory has no names.
+fn collect_names(
+    dir: &Path,
+    depth: usize,
+    ids: &mut std::collections::HashSet<String>,
+    suffixes: &[&str],
+) -> io::Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir && depth > 0 && name.len() == 1 {
+            collect_names(&e.path(), depth - 1, ids, suffixes)?;
+            continue;
+        }
+        let id = suffixes
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        ids.insert(id.to_string());
+    }
+    Ok(())
+}
+
 /// Exim's `-H` file starts with the line `<id>-H`. Returns the `-H` bytes with
 /// that line naming `new_id` instead, or `None` if `h` does not start with a
 /// valid `<id>-H` line or `new_id` is not a valid Exim ID.

@@ -1009,6 +1009,84 @@ fn fresh_queue_ids_are_valid_distinct_and_deterministic() {
     }
 }
 
+/// `QueueView::is_free` answers what `id_free` answers, from one walk.
+#[test]
+fn queue_view_agrees_with_id_free() {
+    let cases: [(&str, Layout, &[(&str, &str)]); 3] = [
+        (
+            "postfix",
+            Layout::Postfix,
+            &[
+                ("deferred", "A1B2C3D4E5"),
+                ("incoming", "A1B2C3D4E5"),
+                ("hold", "3B7C10A2F1"),
+                ("incoming", "4F2A91D0C4"),
+                ("deferred", "4VtRdK5Tq9z1Hf3"),
+                ("deferred", "ABCDEF0123"),
+                ("incoming", "FEDCBA9876"),
+                ("deferred", "bad id"),
+            ],
+        ),
+        (
+            "exim",
+            Layout::Exim,
+            &[
+                ("", EXIM_A),
+                ("", EXIM_K),
+                ("", "1tAbCw-000Www-W9"),
+                ("", "not-an-id"),
+            ],
+        ),
+        (
+            "flat",
+            Layout::Flat,
+            &[("", "msg-0002.eml"), ("", "msg-0009.eml")],
+        ),
+    ];
+    for (fixture, layout, probes) in cases {
+        let t = copy_fixture(fixture);
+        let r = t.path();
+        if layout == Layout::Postfix {
+            write(&r.join("defer/F/FEDCBA9876"), b"stale log");
+        }
+        let mut view = QueueView::load(layout, r).expect("walk");
+        for (sub, id) in probes {
+            assert_eq!(
+                view.is_free(sub, id),
+                id_free(layout, r, sub, id),
+                "{fixture}: {sub}/{id}"
+            );
+            assert_eq!(
+                view.target_dir(sub, id),
+                target_dir(layout, r, sub, id),
+                "{fixture}: {sub}/{id}"
+            );
+        }
+        // Taken once landed by us, and a file created after the walk at the
+        // exact target path is seen too.
+        let fresh = fresh_queue_id(layout, 99);
+        let sub = if layout == Layout::Postfix {
+            "deferred"
+        } else {
+            ""
+        };
+        assert!(view.is_free(sub, &fresh));
+        view.insert(&fresh);
+        assert!(!view.is_free(sub, &fresh));
+        let other = fresh_queue_id(layout, 100);
+        let dir = view.target_dir(sub, &other);
+        std::fs::create_dir_all(&dir).unwrap();
+        write(
+            &dir.join(format!("{other}{}", valid_suffixes(layout)[0])),
+            b"x",
+        );
+        assert!(
+            !view.is_free(sub, &other),
+            "{fixture}: created after the walk"
+        );
+    }
+}
+
 #[test]
 fn id_free_sees_every_collision() {
     let t = copy_fixture("postfix");

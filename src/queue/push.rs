@@ -328,6 +328,8 @@ pub struct Ingester {
     counter: u64,
     /// Identities of the messages in the local queue when the push began.
     held: std::collections::HashSet<u128>,
+    /// Queue IDs and directory geometry of the local queue (per push).
+    view: Option<layout::QueueView>,
 }
 
 fn set_meta(f: &std::fs::File, meta: &Meta) -> std::io::Result<()> {
@@ -381,9 +383,24 @@ impl Ingester {
             stats: IngestStats::default(),
             counter: 0,
             held: Default::default(),
+            view: None,
         };
         ing.recover()?;
         Ok(ing)
+    }
+
+    /// Reads the local queue's IDs and geometry for this push.
+    fn load_view(&mut self) -> Result<(), PushError> {
+        self.view = Some(
+            layout::QueueView::load(self.layout, &self.queue_dir).map_err(|source| {
+                PushError::Local {
+                    op: "read",
+                    path: self.queue_dir.clone(),
+                    source,
+                }
+            })?,
+        );
+        Ok(())
     }
 
     fn recover(&mut self) -> Result<(), PushError> {
@@ -471,6 +488,7 @@ impl Ingester {
                 })
             }
         };
+        self.load_view()?;
         info!(
             peer,
             held = self.held.len(),
@@ -581,6 +599,7 @@ impl Ingester {
             .iter()
             .filter_map(|m| layout::identity(m).ok())
             .collect();
+        self.load_view()?;
         let (mut moved, mut dups) = (0, 0);
         let mut batch: Vec<(QueuedMessage, Staged)> = Vec::new();
         for msg in scan.messages {
@@ -764,14 +783,21 @@ impl Ingester {
         }
         // Names from the peer are validated, or replaced; never used verbatim as paths.
         let mut id = queue_id.to_string();
-        if !layout::valid_queue_id(self.layout, &id)
-            || !layout::id_free(self.layout, &self.queue_dir, sub_queue, &id)
-        {
+        let view = match self.view.as_mut() {
+            Some(v) => v,
+            None => {
+                return refuse(
+                    &mut self.stats,
+                    "the local queue was not read before the push".into(),
+                )
+            }
+        };
+        if !view.is_free(sub_queue, &id) {
             let mut seed = key as u64;
             loop {
                 seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
                 let fresh = layout::fresh_queue_id(self.layout, seed);
-                if layout::id_free(self.layout, &self.queue_dir, sub_queue, &fresh) {
+                if view.is_free(sub_queue, &fresh) {
                     id = fresh;
                     break;
                 }
@@ -805,8 +831,16 @@ impl Ingester {
             let path = path.to_owned();
             move |source| PushError::Local { op, path, source }
         };
-        let dir = layout::target_dir(self.layout, &self.queue_dir, sub_queue, id);
-        std::fs::create_dir_all(&dir).map_err(local("create", &dir))?;
+        let dir = match self.view.as_mut() {
+            Some(v) => {
+                v.insert(id);
+                v.target_dir(sub_queue, id)
+            }
+            None => layout::target_dir(self.layout, &self.queue_dir, sub_queue, id),
+        };
+        if !dir.is_dir() {
+            std::fs::create_dir_all(&dir).map_err(local("create", &dir))?;
+        }
         let mut moves: Moves = Vec::new();
         for (p, b) in parts.iter().zip(bodies) {
             self.counter += 1;
