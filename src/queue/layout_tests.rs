@@ -1009,10 +1009,13 @@ fn fresh_queue_ids_are_valid_distinct_and_deterministic() {
     }
 }
 
+/// Probes of one fixture: (sub-queue, queue ID).
+type Probes<'a> = &'a [(&'a str, &'a str)];
+
 /// `QueueView::is_free` answers what `id_free` answers, from one walk.
 #[test]
 fn queue_view_agrees_with_id_free() {
-    let cases: [(&str, Layout, &[(&str, &str)]); 3] = [
+    let cases: [(&str, Layout, Probes); 3] = [
         (
             "postfix",
             Layout::Postfix,
