@@ -145,7 +145,7 @@ impl Engine {
         let (promote_tx, promote_rx) = mpsc::unbounded_channel();
         // Bounded: an application that commits faster than the pair can
         // confirm gets back-pressure (and then local-only outcomes).
-        let (commit_tx, commit_rx) = crossbeam_channel::bounded(65_536);
+        let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
         let shared = Shared {
             commit_rx,
             queue: queue.clone(),

@@ -666,7 +666,7 @@ impl Receiver {
                     Ok(LinkOutcome::Linked) => {
                         add(&self.stats.links_applied, 1);
                         self.dirs.insert((s, parent_of(&rel)));
-                        let e = self.stores[s].index.entries.get(&existing).cloned();
+                        let e = self.stores[s].index.get(&existing).cloned();
                         if let Some(e) = e {
                             self.stores[s].index.set(rel, e);
                         }
@@ -940,7 +940,7 @@ impl Receiver {
                 .index
                 .entries
                 .iter()
-                .any(|(p, e)| p.starts_with(rel) && p != rel && !e.synced),
+                .any(|(p, e)| p.starts_with(rel) && **p != *rel && !e.synced),
             _ => !self.stores[s].index.unchanged_and_synced(rel, &cur),
         };
         if keep {

@@ -134,6 +134,11 @@ pub struct Sender {
     /// Paths the peer asked for again: their pending acks must not mark
     /// them as held by the replica.
     needed: std::collections::HashSet<u64>,
+    /// Paths a comparison found different, waiting to enter the coalescer
+    /// a few batches at a time: a 100k-file initial sync holds one boxed
+    /// path each here instead of a full pending op.
+    backlog: VecDeque<(usize, Box<Path>)>,
+    backlog_since: Instant,
     /// Directories whose children the last reconciliation already queued.
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
@@ -232,6 +237,8 @@ impl Sender {
             commits: None,
             waiting: Vec::new(),
             needed: Default::default(),
+            backlog: VecDeque::new(),
+            backlog_since: Instant::now(),
             listed_dirs: Default::default(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -285,9 +292,11 @@ impl Sender {
             self.take_commits();
             self.expire_commits();
             self.coalescer.drain();
-            self.stats
-                .ops_pending
-                .store(self.coalescer.pending() as u64, Relaxed);
+            self.feed_backlog();
+            self.stats.ops_pending.store(
+                (self.coalescer.pending() + self.backlog.len()) as u64,
+                Relaxed,
+            );
 
             let resync = self.resync_requested.swap(false, Relaxed);
             if resync || self.pending_verify || Instant::now() >= next_verify {
@@ -349,8 +358,24 @@ impl Sender {
         }
     }
 
+    /// Moves backlog paths into the coalescer while it holds less than a
+    /// few batches.
+    fn feed_backlog(&mut self) {
+        let room = (MAX_UNACKED_BATCHES * BATCH_OPS).saturating_sub(self.coalescer.pending());
+        for _ in 0..room.min(self.backlog.len()) {
+            let Some((store, rel)) = self.backlog.pop_front() else {
+                break;
+            };
+            self.coalescer.push(Op::Sync {
+                store,
+                rel: rel.into_path_buf(),
+                since: self.backlog_since,
+            });
+        }
+    }
+
     fn finish_initial_if_done(&mut self, w: &FrameWriter) -> Option<Vec<u8>> {
-        if !self.inflight.is_empty() || self.coalescer.pending() > 0 {
+        if !self.inflight.is_empty() || self.coalescer.pending() > 0 || !self.backlog.is_empty() {
             return None;
         }
         let mut p = self.stats.progress.lock().expect("progress lock");
@@ -405,6 +430,8 @@ impl Sender {
         initial: bool,
     ) -> Result<u64, SendError> {
         self.set_phase(if initial { "manifest" } else { "verifying" });
+        // This comparison finds everything still different.
+        self.backlog.clear();
         self.manifest_id += 1;
         let id = self.manifest_id;
         let mut out = Vec::new();
@@ -455,6 +482,10 @@ impl Sender {
                     path: store.root.clone(),
                     source,
                 })?;
+            // Every local path gets an entry once acknowledged: one
+            // allocation of the final size instead of doublings.
+            let known = store.index.entries.len();
+            store.index.reserve(local.len().saturating_sub(known));
             let mut remote = remote;
             let mut queue = Vec::new();
             for (rel, st, hash) in local {
@@ -476,7 +507,7 @@ impl Sender {
                 if st.kind == Kind::Dir {
                     self.listed_dirs.insert((s, rel.clone()));
                 }
-                if let Some(e) = store.index.entries.get_mut(&rel) {
+                if let Some(e) = store.index.get_mut(&rel) {
                     e.synced = same;
                 }
                 if same {
@@ -496,14 +527,9 @@ impl Sender {
             // On the replica only: the sender finds them missing and deletes.
             queue.extend(remote.into_keys());
             differ += queue.len() as u64;
-            let now = Instant::now();
-            for rel in queue {
-                self.coalescer.push(Op::Sync {
-                    store: s,
-                    rel,
-                    since: now,
-                });
-            }
+            self.backlog_since = Instant::now();
+            self.backlog
+                .extend(queue.into_iter().map(|rel| (s, rel.into_boxed_path())));
         }
         self.stats.verify_runs.fetch_add(1, Relaxed);
         if !initial && differ > 0 {
@@ -566,7 +592,7 @@ impl Sender {
                 };
                 let s = store as usize;
                 if let Some(st) = self.stores.get_mut(s) {
-                    if let Some(e) = st.index.entries.get_mut(&rel) {
+                    if let Some(e) = st.index.get_mut(&rel) {
                         e.synced = false;
                     }
                 }
@@ -639,11 +665,7 @@ impl Sender {
                     }
                     OnAck::Link(seq, ..) if self.needed.remove(&seq) => {}
                     OnAck::Link(_, s, rel, existing, st) => {
-                        let hash = self.stores[s]
-                            .index
-                            .entries
-                            .get(&existing)
-                            .map_or(0, |e| e.hash());
+                        let hash = self.stores[s].index.get(&existing).map_or(0, |e| e.hash());
                         self.stores[s].index.set(rel, Entry::new(&st, hash, true));
                     }
                     OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
@@ -940,7 +962,7 @@ impl Sender {
                             // Only ctime moved (a link was added or removed,
                             // an attribute event): the replica already holds
                             // exactly this; re-sending would break its links.
-                            let e = self.stores[store].index.entries.get(&rel);
+                            let e = self.stores[store].index.get(&rel);
                             if e.is_some_and(|e| {
                                 e.synced
                                     && e.kind == Kind::File
@@ -1185,9 +1207,9 @@ impl Sender {
                         e.synced
                             && e.kind == Kind::File
                             && e.version.ino == st.version.ino
-                            && p.as_path() != rel
+                            && ***p != *rel
                     })
-                    .map(|(p, e)| (p.clone(), e.version))?;
+                    .map(|(p, e)| (p.to_path_buf(), e.version))?;
                 let p = self.renamed_in_flight(store, p, batch);
                 self.inodes.insert(key, (store, p.clone(), v));
                 (store, p, v)
@@ -1261,7 +1283,7 @@ impl Sender {
             if self.excludes.is_excluded(&child) {
                 continue;
             }
-            let known = s.index.entries.get(&child).is_some_and(|e| e.synced);
+            let known = s.index.get(&child).is_some_and(|e| e.synced);
             if !known {
                 children.push(child);
             }
