@@ -30,6 +30,8 @@ const BATCH_OPS: usize = 512;
 /// Files up to this size are read whole and concurrently; larger ones are
 /// streamed in `MAX_DATA` chunks, one at a time, so memory stays bounded.
 const SMALL_FILE: u64 = 256 * 1024;
+/// Encoded bytes of a batch sent at a time.
+const SEND_CHUNK: usize = 256 * 1024;
 /// Batches sent but not yet acknowledged.
 const MAX_UNACKED_BATCHES: usize = 4;
 /// Poll interval for new changes when idle.
@@ -139,6 +141,8 @@ pub struct Sender {
     /// path each here instead of a full pending op.
     backlog: VecDeque<(usize, Box<Path>)>,
     backlog_since: Instant,
+    /// The send buffer, kept between batches.
+    spare: Vec<u8>,
     /// Directories whose children the last reconciliation already queued.
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
@@ -239,6 +243,7 @@ impl Sender {
             needed: Default::default(),
             backlog: VecDeque::new(),
             backlog_since: Instant::now(),
+            spare: Vec::new(),
             listed_dirs: Default::default(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -1015,8 +1020,13 @@ impl Sender {
             }
         }
 
-        // Emit in order. Small reads are already in flight together.
-        let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+        // Emit in order. Small reads are already in flight together; what
+        // is encoded goes out every SEND_CHUNK bytes (the receiver starts on
+        // a batch while the rest is still being read), through one reused
+        // buffer instead of a fresh multi-megabyte one per batch.
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        out.reserve(2 * SEND_CHUNK);
         for plan in plans {
             match plan {
                 Plan::Frames(f) => out.extend_from_slice(&f),
@@ -1055,6 +1065,12 @@ impl Sender {
                                 &mut batch,
                             );
                         }
+                    }
+                    if out.len() >= SEND_CHUNK {
+                        let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
+                        res?;
+                        buf.clear();
+                        out = buf;
                     }
                 }
                 Plan::Large {
@@ -1098,8 +1114,9 @@ impl Sender {
         let n = batch.sinces.len() as u64;
         self.stats.ops_inflight.fetch_add(n, Relaxed);
         self.inflight.push_back(batch);
-        let (res, _) = w.send_buf(out).await;
+        let (res, buf) = w.send_buf(out).await;
         res?;
+        self.spare = buf;
         Ok(())
     }
 
