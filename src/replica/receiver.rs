@@ -125,12 +125,21 @@ const MAX_STAGED_FILES: usize = 2048;
 /// loop (a syncfs thread, or io_uring fsyncs), while the loop keeps staging
 /// what arrives next: first the files' data, then (after the renames into
 /// place) the directories.
+///
+/// With syncfs, one flush serves two commits: the directory flush of this
+/// one is also the data flush of the files staged meanwhile (`next`), which
+/// land as soon as it completes and form the following commit. Under a
+/// steady stream that is one syncfs per commit instead of two.
 struct Commit {
     barriers: Vec<u64>,
     /// Waiting for their data flush; renamed into place when it is done.
     files: Vec<Staged>,
     phase: Phase,
     done: tokio::sync::oneshot::Receiver<crate::io::FlushResult>,
+    /// Staged files (and barriers) folded into this commit's directory
+    /// flush as their data flush.
+    next: Vec<Staged>,
+    next_barriers: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,7 +201,7 @@ impl Receiver {
         self.barriers.clear();
         // Unacknowledged work is redone by the sender after reconnecting.
         if let Some(c) = self.inflight.take() {
-            for f in c.files {
+            for f in c.files.into_iter().chain(c.next) {
                 self.stores[f.store].root.discard_staged(f.seq);
             }
         }
@@ -294,6 +303,8 @@ impl Receiver {
             files,
             phase: Phase::Data,
             done,
+            next: Vec::new(),
+            next_barriers: Vec::new(),
         });
     }
 
@@ -332,28 +343,13 @@ impl Receiver {
         };
         match c.phase {
             Phase::Data => {
-                for f in std::mem::take(&mut c.files) {
-                    if let Err(why) = &res {
-                        // Never call a file durable after a failed flush:
-                        // drop it and ask again (STYLE: latch I/O failures).
-                        error!("flush failed: {why}; {} is re-requested", f.rel.display());
-                        self.stores[f.store].root.discard_staged(f.seq);
-                        let err = FsError::Io {
-                            op: "flush",
-                            path: f.rel.display().to_string(),
-                            source: std::io::Error::other(why.clone()),
-                        };
-                        self.local_failure(f.seq, f.store, &f.rel, &err, peer);
-                        continue;
-                    }
-                    self.land_one(f.store, f.seq, f.rel, f.hash, f.size, peer);
-                }
-                c.phase = Phase::Dirs;
-                c.done = self.flush_dirs()?;
-                self.inflight = Some(c);
+                self.land_flushed(std::mem::take(&mut c.files), &res, peer);
+                self.fold_and_flush_dirs(c)?;
             }
             Phase::Dirs => {
                 if let Err(why) = res {
+                    // The folded files are discarded with the connection.
+                    self.inflight = Some(c);
                     return Err(RecvError::Durability {
                         path: self
                             .stores
@@ -363,22 +359,75 @@ impl Receiver {
                         source: std::io::Error::other(why),
                     });
                 }
-                for seq in c.barriers {
+                for seq in std::mem::take(&mut c.barriers) {
                     SyncMsg::Ack { seq }.encode(&mut self.replies);
+                }
+                if !c.next.is_empty() || !c.next_barriers.is_empty() {
+                    // Their data is durable: land them, and go on as the
+                    // next commit's directory flush.
+                    self.land_flushed(std::mem::take(&mut c.next), &Ok(()), peer);
+                    c.barriers = std::mem::take(&mut c.next_barriers);
+                    self.fold_and_flush_dirs(c)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Starts making every rename, delete and new directory so far durable.
+    /// Renames files whose data flush finished into place (or, if it
+    /// failed, drops them and asks for them again).
+    fn land_flushed(&mut self, files: Vec<Staged>, res: &crate::io::FlushResult, peer: &str) {
+        for f in files {
+            if let Err(why) = res {
+                // Never call a file durable after a failed flush: drop it
+                // and ask again (STYLE: latch I/O failures).
+                error!("flush failed: {why}; {} is re-requested", f.rel.display());
+                self.stores[f.store].root.discard_staged(f.seq);
+                let err = FsError::Io {
+                    op: "flush",
+                    path: f.rel.display().to_string(),
+                    source: std::io::Error::other(why.clone()),
+                };
+                self.local_failure(f.seq, f.store, &f.rel, &err, peer);
+                continue;
+            }
+            self.land_one(f.store, f.seq, f.rel, f.hash, f.size, peer);
+        }
+    }
+
+    /// Starts `c`'s directory flush; with syncfs, files staged meanwhile
+    /// (and the barriers seen) ride along as their data flush.
+    fn fold_and_flush_dirs(&mut self, mut c: Commit) -> Result<(), RecvError> {
+        c.phase = Phase::Dirs;
+        if self.durability == Durability::Syncfs {
+            c.next = std::mem::take(&mut self.staged);
+            c.next_barriers = std::mem::take(&mut self.barriers);
+        }
+        let extra: Vec<usize> = c.next.iter().map(|f| f.store).collect();
+        let done = self.flush_dirs(&extra);
+        c.done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                self.inflight = Some(c);
+                return Err(e);
+            }
+        };
+        self.inflight = Some(c);
+        Ok(())
+    }
+
+    /// Starts making every rename, delete and new directory so far durable
+    /// (and, with syncfs, the data of files in `also_stores`).
     fn flush_dirs(
         &mut self,
+        also_stores: &[usize],
     ) -> Result<tokio::sync::oneshot::Receiver<crate::io::FlushResult>, RecvError> {
         let dirs = std::mem::take(&mut self.dirs);
         match self.durability {
             // One syncfs per filesystem covers every parent directory.
-            Durability::Syncfs => Ok(self.flush_roots(self.roots_of(dirs.iter().map(|d| d.0)))),
+            Durability::Syncfs => Ok(self.flush_roots(
+                self.roots_of(dirs.iter().map(|d| d.0).chain(also_stores.iter().copied())),
+            )),
             Durability::Fsync => {
                 let mut fds = Vec::with_capacity(dirs.len());
                 for (s, dir) in &dirs {
@@ -402,13 +451,14 @@ impl Receiver {
     /// Lands the in-flight commit's files if they are still waiting for
     /// their flush: an op on any path must see every earlier file in place.
     async fn land_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
-        if let Some(c) = self.inflight.as_mut() {
-            if c.phase == Phase::Data {
-                let res = (&mut c.done)
-                    .await
-                    .unwrap_or_else(|_| Err("flush abandoned".into()));
-                self.advance(res, peer)?;
+        while let Some(c) = self.inflight.as_mut() {
+            if c.phase == Phase::Dirs && c.next.is_empty() {
+                break;
             }
+            let res = (&mut c.done)
+                .await
+                .unwrap_or_else(|_| Err("flush abandoned".into()));
+            self.advance(res, peer)?;
         }
         Ok(())
     }
