@@ -4,8 +4,10 @@
 //! Files are read concurrently: every small file of a batch gets its own
 //! open+read task before any is awaited, so one tick of the runtime submits
 //! all of them to the ring together. Frames are then emitted in op order with
-//! a `Barrier` per batch; up to [`MAX_UNACKED_BATCHES`] batches are in flight,
-//! so reading batch N+1 overlaps the secondary's fsync of batch N.
+//! a `Barrier` per batch; up to [`MAX_UNACKED_BATCHES`] full batches' worth of
+//! ops (in at most [`MAX_INFLIGHT_BATCHES`] batches) are in flight, so reading
+//! batch N+1 overlaps the secondary's flush of batch N, and a trickle of small
+//! batches never waits behind a window counted in batches.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -34,6 +36,8 @@ const SMALL_FILE: u64 = 256 * 1024;
 const SEND_CHUNK: usize = 256 * 1024;
 /// Batches sent but not yet acknowledged.
 const MAX_UNACKED_BATCHES: usize = 4;
+/// Batches in flight at most, however small.
+const MAX_INFLIGHT_BATCHES: usize = 32;
 /// Poll interval for new changes when idle.
 const IDLE_POLL: Duration = Duration::from_millis(1);
 /// Retry of paths the peer could not store for lack of space.
@@ -312,7 +316,7 @@ impl Sender {
                 continue;
             }
 
-            if self.inflight.len() < MAX_UNACKED_BATCHES && self.coalescer.pending() > 0 {
+            if self.window_open() && self.coalescer.pending() > 0 {
                 let ops = self.coalescer.take_batch(BATCH_OPS);
                 self.send_batch(w, ops, rx).await?;
                 continue;
@@ -361,6 +365,15 @@ impl Sender {
                 s.eta_s.map_or("-".to_string(), |e| format!("{e:.0}s"))
             );
         }
+    }
+
+    /// Room for another batch: at most MAX_UNACKED_BATCHES full batches'
+    /// worth of ops in flight, and at most MAX_INFLIGHT_BATCHES batches (a
+    /// trickle of small batches may pipeline deeper than big ones).
+    fn window_open(&self) -> bool {
+        let ops: usize = self.inflight.iter().map(|b| b.sinces.len()).sum();
+        self.inflight.len() < MAX_INFLIGHT_BATCHES && ops < MAX_UNACKED_BATCHES * BATCH_OPS
+            || self.inflight.is_empty()
     }
 
     /// Moves backlog paths into the coalescer while it holds less than a
