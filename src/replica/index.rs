@@ -126,7 +126,26 @@ impl Entry {
 
 /// lstat through statx; `Ok(None)` when the path does not exist.
 pub fn lstat(abs: &Path) -> std::io::Result<Option<Stat>> {
-    match rustix::fs::statx(CWD, abs, AtFlags::SYMLINK_NOFOLLOW, StatxFlags::BASIC_STATS) {
+    stat_of(rustix::fs::statx(
+        CWD,
+        abs,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS,
+    ))
+}
+
+/// The same for an open file (no path walk).
+pub fn fstat(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<Stat>> {
+    stat_of(rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH,
+        StatxFlags::BASIC_STATS,
+    ))
+}
+
+fn stat_of(r: rustix::io::Result<rustix::fs::Statx>) -> std::io::Result<Option<Stat>> {
+    match r {
         Ok(x) => {
             let fmt = u32::from(x.stx_mode) & 0o170000;
             let kind = match fmt {

@@ -79,6 +79,9 @@ struct Staged {
     rel: PathBuf,
     hash: u128,
     size: u64,
+    /// The staged file as written (from its descriptor), for the index
+    /// entry once landed: a rename keeps everything but the ctime.
+    st: Option<index::Stat>,
     /// Per-file durability: the file's fsync, submitted to io_uring when
     /// its last byte arrived (see [`Durability`]).
     fsync: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
@@ -391,7 +394,7 @@ impl Receiver {
                 self.local_failure(f.seq, f.store, &f.rel, &err, peer);
                 continue;
             }
-            self.land_one(f.store, f.seq, f.rel, f.hash, f.size, peer);
+            self.land_one(f.store, f.seq, f.rel, f.hash, f.size, f.st, peer);
         }
     }
 
@@ -875,6 +878,7 @@ impl Receiver {
         }
         // Metadata after the last write (a write would move the mtime).
         let finished = self.stores[s].root.finish_staged(&fd, &inc.meta);
+        let st = index::fstat(fd.as_fd()).ok().flatten();
         let fsync = match (&finished, self.durability) {
             (Ok(()), Durability::Fsync) => {
                 let f = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
@@ -901,6 +905,7 @@ impl Receiver {
             rel: inc.rel,
             hash: inc.hash,
             size: inc.size,
+            st,
             fsync,
         });
     }
@@ -935,7 +940,17 @@ impl Receiver {
         Ok(())
     }
 
-    fn land_one(&mut self, s: usize, seq: u64, rel: PathBuf, hash: u128, size: u64, peer: &str) {
+    #[allow(clippy::too_many_arguments)]
+    fn land_one(
+        &mut self,
+        s: usize,
+        seq: u64,
+        rel: PathBuf,
+        hash: u128,
+        size: u64,
+        staged: Option<index::Stat>,
+        peer: &str,
+    ) {
         let abs = self.stores[s].root.path().join(&rel);
         // The new primary's version wins; a local version the peer never had
         // is kept aside, not destroyed.
@@ -956,7 +971,16 @@ impl Receiver {
                 if self.stats.disk_full.swap(false, Relaxed) {
                     info!("disk space is back: replication resumed");
                 }
-                if let Ok(Some(st)) = index::lstat(&abs) {
+                let st = match staged {
+                    Some(mut st) => {
+                        // Unknown after the rename; matched on the rest.
+                        st.version.ctime_s = 0;
+                        st.version.ctime_ns = 0;
+                        Some(st)
+                    }
+                    None => index::lstat(&abs).ok().flatten(),
+                };
+                if let Some(st) = st {
                     self.stores[s].index.set(rel, Entry::new(&st, hash, true));
                 }
             }

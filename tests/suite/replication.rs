@@ -369,14 +369,23 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     drop(_g);
     tp.start_all();
     tp.wait_formed(Duration::from_secs(20)).unwrap();
+    // Past the initial comparison: a scan racing the writes below could
+    // send an empty early version of a file, complete in its own right.
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+            s.replication.phase == "streaming"
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let src = tp.store(0, "inbox");
     std::fs::create_dir_all(src.join("big/cur")).unwrap();
+    std::fs::create_dir_all(src.join("big/tmp")).unwrap();
+    // Delivered the Maildir way (written in tmp/, renamed into cur/): a
+    // file written in place can be sent mid-write as an earlier, shorter
+    // version (superseded at its close), which is not what this checks.
     for i in 0..24 {
-        std::fs::write(
-            src.join(format!("big/cur/{i}.msg")),
-            vec![b'a' + (i % 26) as u8; 100 * 1024],
-        )
-        .unwrap();
+        let tmp = src.join(format!("big/tmp/{i}.msg"));
+        std::fs::write(&tmp, vec![b'a' + (i % 26) as u8; 100 * 1024]).unwrap();
+        std::fs::rename(&tmp, src.join(format!("big/cur/{i}.msg"))).unwrap();
     }
     tp.nodes[1]
         .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
