@@ -179,32 +179,40 @@ impl SyncfsWorker {
     }
 }
 
-/// fsyncs every descriptor through io_uring, all submitted at once; the
-/// receiver resolves when all are done (with the first error, if any).
-/// Must be called on a tokio-uring runtime.
-pub fn fsync_all(fds: Vec<std::os::fd::OwnedFd>) -> tokio::sync::oneshot::Receiver<FlushResult> {
+/// Submits an fsync of `fd` to io_uring (then closes it); must be called on
+/// a tokio-uring runtime.
+pub fn fsync_owned(fd: std::os::fd::OwnedFd) -> tokio::task::JoinHandle<io::Result<()>> {
+    let f = File::from_std(std::fs::File::from(fd));
+    tokio_uring::spawn(async move {
+        let r = f.sync_all().await;
+        let _ = f.close().await;
+        r
+    })
+}
+
+/// Resolves once every fsync has finished, with the first error, if any.
+pub fn join_fsyncs(
+    pending: Vec<tokio::task::JoinHandle<io::Result<()>>>,
+) -> tokio::sync::oneshot::Receiver<FlushResult> {
     let (reply, rx) = tokio::sync::oneshot::channel();
     tokio_uring::spawn(async move {
-        let pending: Vec<_> = fds
-            .into_iter()
-            .map(|fd| {
-                let f = File::from_std(std::fs::File::from(fd));
-                tokio_uring::spawn(async move {
-                    let r = f.sync_all().await;
-                    let _ = f.close().await;
-                    r
-                })
-            })
-            .collect();
         let mut res = Ok(());
         for p in pending {
-            match p.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => res = Err(format!("fsync: {e}")),
-                Err(e) => res = Err(format!("fsync task: {e}")),
+            let r = match p.await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("fsync: {e}"),
+                Err(e) => format!("fsync task: {e}"),
+            };
+            if res.is_ok() {
+                res = Err(r);
             }
         }
         let _ = reply.send(res);
     });
     rx
+}
+
+/// fsyncs every descriptor through io_uring, all submitted at once.
+pub fn fsync_all(fds: Vec<std::os::fd::OwnedFd>) -> tokio::sync::oneshot::Receiver<FlushResult> {
+    join_fsyncs(fds.into_iter().map(fsync_owned).collect())
 }

@@ -314,23 +314,62 @@ pub fn valid_suffixes(layout: Layout) -> &'static [&'static str] {
 ///   `input/` contains single-character subdirectories (`split_spool_directory`).
 pub fn target_dir(layout: Layout, queue_dir: &Path, sub_queue: &str, queue_id: &str) -> PathBuf {
     let root = std::path::absolute(queue_dir).unwrap_or_else(|_| queue_dir.to_owned());
+    target_in(
+        layout,
+        &root,
+        sub_queue,
+        queue_id,
+        |base| postfix_depth(base, sub_queue),
+        exim_split,
+    )
+}
+
+/// [`target_dir`] with the directory geometry supplied by the caller (probed
+/// each time, or read once by [`QueueView`]).
+fn target_in(
+    layout: Layout,
+    root: &Path,
+    sub_queue: &str,
+    queue_id: &str,
+    depth_of: impl FnOnce(&Path) -> usize,
+    split_of: impl FnOnce(&Path) -> bool,
+) -> PathBuf {
     match layout {
-        Layout::Flat => root,
+        Layout::Flat => root.to_owned(),
         Layout::Postfix => {
             let base = root.join(sub_queue);
-            let depth = match hash_depth(&base) {
-                0 if POSTFIX_HASHED.contains(&sub_queue) => 1,
-                d => d,
-            };
+            let depth = depth_of(&base);
             postfix_hashed(base, queue_id, depth)
         }
         Layout::Exim => {
             let input = root.join(EXIM_INPUT);
             match exim_split_char(queue_id) {
-                Some(c) if !single_char_subdirs(&input).is_empty() => input.join(c.to_string()),
+                Some(c) if split_of(&input) => input.join(c.to_string()),
                 _ => input,
             }
         }
+    }
+}
+
+/// Hash depth a Postfix sub-queue uses (at least 1 for a hashed one).
+fn postfix_depth(base: &Path, sub_queue: &str) -> usize {
+    match hash_depth(base) {
+        0 if POSTFIX_HASHED.contains(&sub_queue) => 1,
+        d => d,
+    }
+}
+
+/// Whether Exim's `input/` is split (`split_spool_directory`).
+fn exim_split(input: &Path) -> bool {
+    !single_char_subdirs(input).is_empty()
+}
+
+/// Nothing (not even a dangling symlink) at `p`; an error other than
+/// "not found" counts as taken.
+fn nothing_at(p: &Path) -> bool {
+    match std::fs::symlink_metadata(p) {
+        Ok(_) => false,
+        Err(e) => e.kind() == io::ErrorKind::NotFound,
     }
 }
 
@@ -416,12 +455,7 @@ pub fn id_free(layout: Layout, queue_dir: &Path, sub_queue: &str, queue_id: &str
         }
     }
     // Anything there (even a dangling symlink) or unknowable means taken.
-    candidates
-        .iter()
-        .all(|p| match std::fs::symlink_metadata(p) {
-            Ok(_) => false,
-            Err(e) => e.kind() == io::ErrorKind::NotFound,
-        })
+    candidates.iter().all(|p| nothing_at(p))
 }
 
 /// What an ingest needs to know about the receiving queue, read once per
@@ -468,29 +502,19 @@ impl QueueView {
 
     /// Like [`target_dir`], with the directory geometry read once.
     pub fn target_dir(&mut self, sub_queue: &str, queue_id: &str) -> PathBuf {
-        match self.layout {
-            Layout::Flat => self.root.clone(),
-            Layout::Postfix => {
-                let base = self.root.join(sub_queue);
-                let depth = *self.depths.entry(sub_queue.to_string()).or_insert_with(|| {
-                    match hash_depth(&base) {
-                        0 if POSTFIX_HASHED.contains(&sub_queue) => 1,
-                        d => d,
-                    }
-                });
-                postfix_hashed(base, queue_id, depth)
-            }
-            Layout::Exim => {
-                let input = self.root.join(EXIM_INPUT);
-                let split = *self
-                    .exim_split
-                    .get_or_insert_with(|| !single_char_subdirs(&input).is_empty());
-                match exim_split_char(queue_id) {
-                    Some(c) if split => input.join(c.to_string()),
-                    _ => input,
-                }
-            }
-        }
+        let (depths, split) = (&mut self.depths, &mut self.exim_split);
+        target_in(
+            self.layout,
+            &self.root,
+            sub_queue,
+            queue_id,
+            |base| {
+                *depths
+                    .entry(sub_queue.to_string())
+                    .or_insert_with(|| postfix_depth(base, sub_queue))
+            },
+            |input| *split.get_or_insert_with(|| exim_split(input)),
+        )
     }
 
     /// Whether `queue_id` may be given to a message landing in `sub_queue`:
@@ -501,12 +525,9 @@ impl QueueView {
             return false;
         }
         let dir = self.target_dir(sub_queue, queue_id);
-        valid_suffixes(self.layout).iter().all(|s| {
-            match std::fs::symlink_metadata(dir.join(format!("{queue_id}{s}"))) {
-                Ok(_) => false,
-                Err(e) => e.kind() == io::ErrorKind::NotFound,
-            }
-        })
+        valid_suffixes(self.layout)
+            .iter()
+            .all(|s| nothing_at(&dir.join(format!("{queue_id}{s}"))))
     }
 
     /// Records an ID as taken (a message this process is landing).

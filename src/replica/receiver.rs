@@ -285,20 +285,7 @@ impl Receiver {
                 self.flush_roots(roots)
             }
             Durability::Fsync => {
-                let handles: Vec<_> = files.iter_mut().filter_map(|f| f.fsync.take()).collect();
-                let (reply, rx) = tokio::sync::oneshot::channel();
-                tokio_uring::spawn(async move {
-                    let mut res = Ok(());
-                    for h in handles {
-                        match h.await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => res = Err(format!("fsync: {e}")),
-                            Err(e) => res = Err(format!("fsync task: {e}")),
-                        }
-                    }
-                    let _ = reply.send(res);
-                });
-                rx
+                crate::io::join_fsyncs(files.iter_mut().filter_map(|f| f.fsync.take()).collect())
             }
         };
         self.inflight = Some(Commit {
@@ -324,14 +311,10 @@ impl Receiver {
     ) -> tokio::sync::oneshot::Receiver<crate::io::FlushResult> {
         match &self.flusher {
             Some(f) => f.flush(roots),
+            // `serve` starts the thread before any commit in syncfs mode.
             None => {
                 let (reply, rx) = tokio::sync::oneshot::channel();
-                let _ = reply.send(
-                    roots
-                        .iter()
-                        .try_for_each(|p| crate::io::syncfs(p))
-                        .map_err(|e| e.to_string()),
-                );
+                let _ = reply.send(Err("no syncfs thread".into()));
                 rx
             }
         }
@@ -880,14 +863,7 @@ impl Receiver {
         let finished = self.stores[s].root.finish_staged(&fd, &inc.meta);
         let st = index::fstat(fd.as_fd()).ok().flatten();
         let fsync = match (&finished, self.durability) {
-            (Ok(()), Durability::Fsync) => {
-                let f = tokio_uring::fs::File::from_std(std::fs::File::from(fd));
-                Some(tokio_uring::spawn(async move {
-                    let r = f.sync_all().await;
-                    let _ = f.close().await;
-                    r
-                }))
-            }
+            (Ok(()), Durability::Fsync) => Some(crate::io::fsync_owned(fd)),
             // The grouped flush needs no descriptor.
             _ => {
                 drop(fd);

@@ -371,7 +371,7 @@ impl Sender {
     /// worth of ops in flight, and at most MAX_INFLIGHT_BATCHES batches (a
     /// trickle of small batches may pipeline deeper than big ones).
     fn window_open(&self) -> bool {
-        let ops: usize = self.inflight.iter().map(|b| b.sinces.len()).sum();
+        let ops = self.stats.ops_inflight.load(Relaxed) as usize;
         self.inflight.len() < MAX_INFLIGHT_BATCHES && ops < MAX_UNACKED_BATCHES * BATCH_OPS
             || self.inflight.is_empty()
     }
