@@ -109,6 +109,9 @@ pub struct ReplicationConfig {
     pub verify_interval: Duration,
     /// How the secondary makes a batch durable (`syncfs` or `fsync`).
     pub durability: crate::replica::Durability,
+    /// Send large files' content by splice (page cache → socket) instead of
+    /// reading it into memory first.
+    pub zero_copy: bool,
 }
 
 /// The `[queue]` table.
@@ -480,6 +483,7 @@ struct RawReplication {
     verify_interval_ms: Option<Duration>,
     #[serde(default)]
     durability: crate::replica::Durability,
+    zero_copy: Option<bool>,
 }
 
 fn de_verify_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -689,6 +693,7 @@ impl RawConfig {
                 exclude,
                 verify_interval,
                 durability: r.durability,
+                zero_copy: r.zero_copy.unwrap_or(true),
             },
             node_name: self.node_name,
             priority,

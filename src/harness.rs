@@ -22,6 +22,8 @@ pub struct PairOptions {
     pub verify_interval_ms: u64,
     /// `replication.durability` of both nodes.
     pub durability: &'static str,
+    /// `replication.zero_copy` of both nodes.
+    pub zero_copy: bool,
     /// `queue.layout` of both nodes.
     pub queue_layout: &'static str,
     /// `queue.sync` of both nodes.
@@ -40,6 +42,7 @@ impl Default for PairOptions {
             priorities: [200, 100],
             verify_interval_ms: 600_000,
             durability: "syncfs",
+            zero_copy: true,
             queue_layout: "postfix",
             queue_sync: "off",
             queue_sync_interval_ms: 60_000,
@@ -140,6 +143,7 @@ sync_listen = "{sync_listen}"
 sync_peer = "{sync_peer}"
 verify_interval_ms = {verify}
 durability = "{durability}"
+zero_copy = {zero_copy}
 
 [queue]
 layout = "{layout}"
@@ -157,6 +161,7 @@ quarantine = "mail/quarantine"
                 sync_peer = sync_addrs[1 - i],
                 verify = options.verify_interval_ms,
                 durability = options.durability,
+                zero_copy = options.zero_copy,
                 name = names[i],
                 prio = options.priorities[i],
                 recovery = options.recovery,

@@ -101,6 +101,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             sync_peer: cfg.replication.sync_peer,
             verify_interval: cfg.replication.verify_interval,
             durability: cfg.replication.durability,
+            zero_copy: cfg.replication.zero_copy,
             io_timeout: cfg.detection_time().max(Duration::from_secs(1)) * 4,
             queue: QueueSettings {
                 layout: cfg.queue.layout,

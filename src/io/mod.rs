@@ -2,7 +2,10 @@
 //! tokio-uring, so that the runtime can be replaced (the raw io-uring crate,
 //! or another runtime) without touching the engine. tokio-uring's own API is
 //! safe; any `unsafe` the project needs (raw io_uring ops that tokio-uring
-//! lacks, mmap) belongs in this module and nowhere else.
+//! lacks, such as splice in [`splice`]) belongs in this module and nowhere
+//! else.
+
+pub mod splice;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -103,6 +106,16 @@ pub fn readable_bytes(sock: &impl AsRawFd) -> io::Result<u64> {
     // does not outlive this function.
     let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
     rustix::io::ioctl_fionread(fd).map_err(io::Error::from)
+}
+
+/// A new descriptor (close-on-exec) for the file or socket `f` holds, to
+/// hand to another thread while `f` stays with its owner.
+pub fn dup_fd(f: &impl AsRawFd) -> io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: `f` is borrowed for the whole call and owns its descriptor,
+    // so the fd stays open while `fd` exists; `fd` does not outlive this
+    // call (the duplicate is a descriptor of its own).
+    let fd = unsafe { BorrowedFd::borrow_raw(f.as_raw_fd()) };
+    Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?)
 }
 
 /// Writes all of `buf` at `offset` with plain `pwrite` calls. The receiver

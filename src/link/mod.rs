@@ -189,6 +189,14 @@ impl Conn {
     }
 }
 
+impl std::os::fd::AsRawFd for FrameWriter {
+    /// The socket, for a splice pump (`crate::io::splice`) that writes
+    /// while this writer waits.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
 impl FrameWriter {
     /// Writes already-encoded frames; the buffer is handed to the kernel and
     /// returned so that the caller can reuse its allocation.

@@ -51,6 +51,8 @@ pub struct EngineConfig {
     pub sync_peer: SocketAddr,
     pub verify_interval: Duration,
     pub durability: super::Durability,
+    /// Large files go out by splice (`[replication] zero_copy`).
+    pub zero_copy: bool,
     pub io_timeout: Duration,
     pub queue: QueueSettings,
 }
@@ -393,6 +395,7 @@ async fn run_primary(
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
     sender.periods = cfg.stores.iter().map(|s| s.period).collect();
+    sender.zero_copy = cfg.zero_copy;
     info!(
         stores = cfg.stores.len(),
         watches = tracker.stats().watches,

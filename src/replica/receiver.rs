@@ -255,6 +255,15 @@ impl Receiver {
                 }
             }
             let frame = r.recv_frame().await?;
+            if frame.kind == crate::wire::Kind::Bulk {
+                // Raw content of the file being received (spliced by the sender).
+                let Some(seq) = self.current.as_ref().map(|i| i.seq) else {
+                    return Err(self.protocol(peer, "bulk data without a file"));
+                };
+                self.on_data(seq, frame.payload, peer).await?;
+                self.send_replies(w).await?;
+                continue;
+            }
             let msg = SyncMsg::decode(&frame).map_err(|source| RecvError::Malformed {
                 peer: peer.to_string(),
                 source,

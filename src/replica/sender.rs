@@ -147,6 +147,11 @@ pub struct Sender {
     backlog_since: Instant,
     /// The send buffer, kept between batches.
     spare: Vec<u8>,
+    /// Send large files by splice (`[replication] zero_copy`).
+    pub zero_copy: bool,
+    /// The splice pump of the current session's socket, made at its first
+    /// large file and dropped with the session.
+    pump: Option<crate::io::splice::SplicePump>,
     /// Directories whose children the last reconciliation already queued.
     listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
     /// Lag is measured for changes after the initial sync, not for it.
@@ -248,6 +253,8 @@ impl Sender {
             backlog: VecDeque::new(),
             backlog_since: Instant::now(),
             spare: Vec::new(),
+            zero_copy: true,
+            pump: None,
             listed_dirs: Default::default(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -270,6 +277,18 @@ impl Sender {
     /// Runs one sync session on an authenticated connection until it fails
     /// or `stop` fires. Pending changes stay in the coalescer for the next.
     pub async fn run(
+        &mut self,
+        w: &FrameWriter,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SendError> {
+        self.pump = None;
+        let res = self.session(w, rx, stop).await;
+        self.pump = None;
+        res
+    }
+
+    async fn session(
         &mut self,
         w: &FrameWriter,
         rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
@@ -1327,6 +1346,27 @@ impl Sender {
         }
     }
 
+    /// The session's splice pump, made on first use; `None` when zero-copy
+    /// is off or unavailable (said once in the log and in status).
+    fn splice_pump(&mut self, w: &FrameWriter) -> Option<&crate::io::splice::SplicePump> {
+        if !self.zero_copy {
+            return None;
+        }
+        if self.pump.is_none() {
+            match crate::io::splice::SplicePump::new(w) {
+                Ok(p) => self.pump = Some(p),
+                Err(e) => {
+                    warn!("zero-copy sending unavailable, large files are read instead: {e}");
+                    *self.stats.last_error.lock().expect("error lock") =
+                        Some(format!("zero-copy sending unavailable: {e}"));
+                    self.zero_copy = false;
+                    return None;
+                }
+            }
+        }
+        self.pump.as_ref()
+    }
+
     /// Streams a large file in chunks; `None` if it vanished.
     async fn stream_large(
         &mut self,
@@ -1377,6 +1417,21 @@ impl Sender {
         }
         .encode(&mut out);
         w.send_bytes(out).await?;
+        if let Some(pump) = self.splice_pump(w) {
+            let fd = crate::io::dup_fd(&file).map_err(local)?;
+            let sent = pump.send(fd, len).await.map_err(|source| LinkError::Io {
+                peer: w.peer(),
+                op: "splice",
+                source,
+            })?;
+            if sent.padded > 0 {
+                tracing::debug!(path = %abs.display(), padded = sent.padded, "file shrank while spliced; the peer will ask again");
+            }
+            add(&self.stats.files_spliced, 1);
+            add(&self.stats.bytes_spliced, len);
+            let _ = file.close().await;
+            return Ok(Some((hash, len)));
+        }
         let mut pos = 0u64;
         while pos < len {
             buf.clear();

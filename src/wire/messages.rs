@@ -90,10 +90,10 @@ impl Message {
     pub fn decode(frame: &Frame) -> Result<Message, WireError> {
         let mut r = Reader::new(frame.kind, &frame.payload);
         let msg = match frame.kind {
-            Kind::Sync => {
+            Kind::Sync | Kind::Bulk => {
                 return Err(WireError::Unexpected {
                     expected: Kind::Heartbeat,
-                    got: Kind::Sync,
+                    got: frame.kind,
                 })
             }
             Kind::Hello => {

@@ -7,6 +7,16 @@
 //! Lengths are checked against a per-kind cap before anything is allocated,
 //! unknown versions and kinds are refused, a bad checksum is an error, and a
 //! payload must be consumed exactly (trailing bytes are refused).
+//!
+//! One kind differs: a `Bulk` frame carries raw file content that the sender
+//! splices from the page cache straight into the socket, bytes it never sees,
+//! so its checksum covers only the header and comes before the payload:
+//! ```text
+//! magic "HS" | version u8 | kind 17 u8 | payload length u32 LE | xxh3-64 LE of the 8 bytes before | payload
+//! ```
+//! A `Bulk` payload is always part of a file announced with its size and
+//! xxh3-128 (`sync::SyncMsg::File`), which the receiver checks before the file
+//! lands; a corrupted payload is refused there and sent again.
 
 mod codec;
 mod messages;
@@ -18,9 +28,14 @@ pub use messages::{Channel, Hello, Message, Proof, NONCE_LEN, PROOF_LEN};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 2] = *b"HS";
-pub const VERSION: u8 = 1;
+/// Version 2: `Bulk` frames; `Need` names the op it answers.
+pub const VERSION: u8 = 2;
 pub const HEADER_LEN: usize = 8;
 pub const TRAILER_LEN: usize = 8;
+/// Header of a `Bulk` frame: the common 8 bytes and their checksum.
+pub const BULK_HEADER_LEN: usize = 16;
+/// Largest payload of a `Bulk` frame.
+pub const MAX_BULK_PAYLOAD: u32 = 1 << 20;
 /// Largest payload of any frame kind (bulk sync data).
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 /// Largest payload of a control frame (hello, proof, heartbeat).
@@ -35,6 +50,8 @@ pub enum Kind {
     Heartbeat = 3,
     /// Mailstore replication (see [`sync`]).
     Sync = 16,
+    /// Raw content of the file being sent on the sync connection.
+    Bulk = 17,
 }
 
 impl Kind {
@@ -44,6 +61,7 @@ impl Kind {
             2 => Kind::Proof,
             3 => Kind::Heartbeat,
             16 => Kind::Sync,
+            17 => Kind::Bulk,
             _ => return None,
         })
     }
@@ -53,6 +71,7 @@ impl Kind {
         match self {
             Kind::Hello | Kind::Proof | Kind::Heartbeat => MAX_CONTROL_PAYLOAD,
             Kind::Sync => MAX_PAYLOAD,
+            Kind::Bulk => MAX_BULK_PAYLOAD,
         }
     }
 }
@@ -98,6 +117,11 @@ pub struct Frame {
 
 /// Appends one frame to `out`.
 pub fn encode_frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
+    if kind == Kind::Bulk {
+        out.extend_from_slice(&bulk_header(payload.len() as u32));
+        out.extend_from_slice(payload);
+        return;
+    }
     assert!(
         payload.len() <= kind.max_payload() as usize,
         "{kind:?} payload of {} bytes exceeds its cap",
@@ -111,6 +135,22 @@ pub fn encode_frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
     let sum = xxh3_64(&out[start..]);
     out.extend_from_slice(&sum.to_le_bytes());
+}
+
+/// The header of a `Bulk` frame of `len` payload bytes; the payload follows.
+pub fn bulk_header(len: u32) -> [u8; BULK_HEADER_LEN] {
+    assert!(
+        len <= MAX_BULK_PAYLOAD,
+        "bulk payload of {len} bytes exceeds its cap"
+    );
+    let mut h = [0u8; BULK_HEADER_LEN];
+    h[..2].copy_from_slice(&MAGIC);
+    h[2] = VERSION;
+    h[3] = Kind::Bulk as u8;
+    h[4..8].copy_from_slice(&len.to_le_bytes());
+    let sum = xxh3_64(&h[..HEADER_LEN]);
+    h[HEADER_LEN..].copy_from_slice(&sum.to_le_bytes());
+    h
 }
 
 /// Decodes the first frame in `buf`. `Ok(None)` means "need more bytes";
@@ -140,6 +180,9 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
             max: kind.max_payload(),
         });
     }
+    if kind == Kind::Bulk {
+        return decode_bulk(buf, len);
+    }
     let total = HEADER_LEN + len as usize + TRAILER_LEN;
     if buf.len() < total {
         return Ok(None);
@@ -160,6 +203,35 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         Frame {
             kind,
             payload: buf[HEADER_LEN..body_end].to_vec(),
+        },
+        total,
+    )))
+}
+
+/// The rest of a `Bulk` frame whose common header (`len`) was checked.
+fn decode_bulk(buf: &[u8], len: u32) -> Result<Option<(Frame, usize)>, WireError> {
+    if buf.len() < BULK_HEADER_LEN {
+        return Ok(None);
+    }
+    let computed = xxh3_64(&buf[..HEADER_LEN]);
+    let mut claimed_bytes = [0u8; 8];
+    claimed_bytes.copy_from_slice(&buf[HEADER_LEN..BULK_HEADER_LEN]);
+    let claimed = u64::from_le_bytes(claimed_bytes);
+    if computed != claimed {
+        return Err(WireError::BadChecksum {
+            kind: Kind::Bulk,
+            computed,
+            claimed,
+        });
+    }
+    let total = BULK_HEADER_LEN + len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    Ok(Some((
+        Frame {
+            kind: Kind::Bulk,
+            payload: buf[BULK_HEADER_LEN..total].to_vec(),
         },
         total,
     )))

@@ -13,7 +13,7 @@ use super::{encode_frame, Frame, Kind, WireError};
 /// Longest relative path accepted (PATH_MAX).
 pub const MAX_PATH: usize = 4096;
 /// Largest `Data` chunk.
-pub const MAX_DATA: usize = 1 << 20;
+pub const MAX_DATA: usize = super::MAX_BULK_PAYLOAD as usize;
 /// Most entries in one `Manifest` chunk.
 pub const MAX_MANIFEST_ENTRIES: usize = 4096;
 /// Most mailstores in one `Start`.

@@ -137,3 +137,54 @@ proptest! {
         prop_assert_eq!(Message::decode(&frame).unwrap(), msg);
     }
 }
+
+#[test]
+fn bulk_frame_round_trips_and_asks_for_more_until_complete() {
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    let mut bytes = Vec::new();
+    encode_frame(Kind::Bulk, &payload, &mut bytes);
+    assert_eq!(bytes.len(), BULK_HEADER_LEN + payload.len());
+    assert_eq!(&bytes[..BULK_HEADER_LEN], &bulk_header(5000));
+    for cut in [0, 7, 8, 15, 16, 4000, bytes.len() - 1] {
+        assert_eq!(decode_frame(&bytes[..cut]), Ok(None), "cut at {cut}");
+    }
+    // A frame after it is left alone.
+    bytes.extend_from_slice(&hb().to_frame_bytes());
+    let (frame, used) = decode_frame(&bytes).unwrap().unwrap();
+    assert_eq!(used, BULK_HEADER_LEN + payload.len());
+    assert_eq!(frame.kind, Kind::Bulk);
+    assert_eq!(frame.payload, payload);
+    let (next, _) = decode_frame(&bytes[used..]).unwrap().unwrap();
+    assert_eq!(Message::decode(&next).unwrap(), hb());
+}
+
+#[test]
+fn bulk_header_corruption_and_over_long_length_are_refused() {
+    let mut h = bulk_header(100).to_vec();
+    h[5] ^= 1; // length changed: the header checksum no longer matches
+    assert!(matches!(
+        decode_frame(&h),
+        Err(WireError::BadChecksum {
+            kind: Kind::Bulk,
+            ..
+        })
+    ));
+    let mut h = Vec::new();
+    h.extend_from_slice(&MAGIC);
+    h.push(VERSION);
+    h.push(Kind::Bulk as u8);
+    h.extend_from_slice(&(MAX_BULK_PAYLOAD + 1).to_le_bytes());
+    assert_eq!(
+        decode_frame(&h),
+        Err(WireError::TooLong {
+            kind: Kind::Bulk,
+            len: MAX_BULK_PAYLOAD + 1,
+            max: MAX_BULK_PAYLOAD
+        })
+    );
+    // Not a message: the heartbeat connection refuses it.
+    let mut bytes = Vec::new();
+    encode_frame(Kind::Bulk, b"abc", &mut bytes);
+    let (frame, _) = decode_frame(&bytes).unwrap().unwrap();
+    assert!(Message::decode(&frame).is_err());
+}

@@ -10,7 +10,7 @@ use hasync::failover::{Heartbeat, Role as WireRole};
 use hasync::link::auth::{LinkKey, Side};
 use hasync::link::{handshake, Conn, LinkCtx, LinkStats};
 use hasync::wire::sync::{Meta, SyncMsg};
-use hasync::wire::{Channel, Message};
+use hasync::wire::{encode_frame, Channel, Kind, Message, MAX_BULK_PAYLOAD};
 
 use super::util::*;
 
@@ -50,6 +50,23 @@ fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
         bytes: body.to_vec(),
     }
     .encode(out);
+}
+
+/// A file whose content comes in `Bulk` frames (as the sender splices it),
+/// announced with the hash of `claimed`.
+fn bulk_file(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u8>) {
+    SyncMsg::File {
+        seq,
+        store: 0,
+        path: path.to_vec(),
+        meta: meta(),
+        size: body.len() as u64,
+        hash: xxhash_rust::xxh3::xxh3_128(claimed),
+    }
+    .encode(out);
+    for chunk in body.chunks(MAX_BULK_PAYLOAD as usize) {
+        encode_frame(Kind::Bulk, chunk, out);
+    }
 }
 
 #[test]
@@ -176,7 +193,12 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         }
         .encode(&mut out);
         file(13, b"fine/cur/good.msg", b"a legitimate message", &mut out);
-        SyncMsg::Barrier { seq: 13 }.encode(&mut out);
+        let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+        bulk_file(14, b"fine/cur/bulk-good", &big, &big, &mut out);
+        let mut tampered = big.clone();
+        tampered[1_200_000] ^= 1;
+        bulk_file(15, b"fine/cur/bulk-bad", &tampered, &big, &mut out);
+        SyncMsg::Barrier { seq: 15 }.encode(&mut out);
         w.send_bytes(out).await.unwrap();
 
         let mut replies = Vec::new();
@@ -186,7 +208,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
                 .expect("the daemon answers the barrier")
                 .unwrap();
             let m = SyncMsg::decode(&f).unwrap();
-            let done = matches!(m, SyncMsg::Ack { seq: 13 });
+            let done = matches!(m, SyncMsg::Ack { seq: 15 });
             replies.push(m);
             if done {
                 break;
@@ -194,7 +216,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         }
         // 3. A corrupted frame: the daemon drops the connection.
         let mut bad = Vec::new();
-        file(14, b"fine/cur/after-bad-frame", b"y", &mut bad);
+        file(16, b"fine/cur/after-bad-frame", b"y", &mut bad);
         let n = bad.len();
         bad[n - 3] ^= 0xff;
         w.send_bytes(bad).await.unwrap();
@@ -235,6 +257,18 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         "the file replaced the symlink instead of writing through it"
     );
     assert!(!inbox.join("fine/cur/after-bad-frame").exists());
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    assert!(std::fs::read(inbox.join("fine/cur/bulk-good")).unwrap() == big);
+    assert!(
+        !inbox.join("fine/cur/bulk-bad").exists(),
+        "bulk content that does not match its hash never lands"
+    );
+    assert!(
+        replies
+            .iter()
+            .any(|m| matches!(m, SyncMsg::Need { seq: 15, .. })),
+        "the tampered file is asked for again: {replies:?}"
+    );
     let st = tp.nodes[0].status().expect("the daemon survived");
     assert!(
         st.replication.refused_paths >= 10,

@@ -58,6 +58,19 @@ fn seeded_maildir_workload_replicates_exactly_and_renames_send_no_content() {
     )
     .unwrap();
     println!("converged {took:?} after the workload");
+    let spliced = tp.repl(0);
+    assert!(
+        spliced.files_spliced > 0 && spliced.bytes_spliced > (256 << 10),
+        "large files go out by splice: {} files, {} bytes",
+        spliced.files_spliced,
+        spliced.bytes_spliced
+    );
+    assert!(
+        walk_files(&dst)
+            .iter()
+            .any(|p| p.metadata().is_ok_and(|m| m.len() > (1 << 20))),
+        "the replica holds large files"
+    );
     let d = digest(&dst);
     assert!(
         d.values().any(|s| s.links.len() > 1),
@@ -115,10 +128,11 @@ fn seeded_maildir_workload_replicates_exactly_and_renames_send_no_content() {
 }
 
 #[test]
-fn per_file_fsync_durability_replicates_the_same_workload_exactly() {
+fn per_file_fsync_durability_and_plain_reads_replicate_the_same_workload_exactly() {
     let tp = started_with_fixture(
         PairOptions {
             durability: "fsync",
+            zero_copy: false,
             ..fast()
         },
         11,
@@ -137,6 +151,13 @@ fn per_file_fsync_durability_replicates_the_same_workload_exactly() {
     let r = tp.repl(1);
     assert!(r.files_landed >= 200, "landed only {}", r.files_landed);
     assert_eq!(r.hash_mismatches, 0);
+    assert!(
+        walk_files(&dst)
+            .iter()
+            .any(|p| p.metadata().is_ok_and(|m| m.len() > (256 << 10))),
+        "large files were streamed"
+    );
+    assert_eq!(tp.repl(0).files_spliced, 0, "zero_copy = false reads them");
     assert!(
         !dst.join(".hasync/staging").exists()
             || std::fs::read_dir(dst.join(".hasync/staging"))

@@ -140,7 +140,8 @@ pub fn inotify_guard() -> std::sync::MutexGuard<'static, ()> {
     INOTIFY_LIMIT.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A small Maildir fixture.
+/// A small Maildir fixture; its few big messages (up to 3 MiB) take the
+/// large-file path (over 256 KiB: streamed, spliced by default).
 pub fn spec(seed: u64, mailboxes: usize, messages: usize) -> hasync::fixture::MaildirSpec {
     hasync::fixture::MaildirSpec {
         seed,
@@ -148,7 +149,7 @@ pub fn spec(seed: u64, mailboxes: usize, messages: usize) -> hasync::fixture::Ma
         messages,
         median_size: 4 * 1024,
         min_size: 0,
-        max_size: 256 * 1024,
+        max_size: 3 << 20,
     }
 }
 
