@@ -1151,6 +1151,15 @@ secret_file = "/etc/hasync/link.secret"
     }
 
     #[test]
+    fn zero_copy_defaults_on_and_must_be_a_boolean() {
+        assert!(parse_ok(BASE).replication.zero_copy);
+        let c = parse_ok(&format!("{BASE}\n[replication]\nzero_copy = false\n"));
+        assert!(!c.replication.zero_copy);
+        let msg = parse_syntax_err(&format!("{BASE}\n[replication]\nzero_copy = \"yes\"\n"));
+        assert!(msg.contains("zero_copy"), "{msg}");
+    }
+
+    #[test]
     fn unknown_key_reports_line_and_key() {
         // "foo" is on line 4 (BASE starts with a newline).
         let text = BASE.replacen("priority = 100\n", "priority = 100\nfoo = 1\n", 1);

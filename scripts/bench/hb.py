@@ -202,7 +202,7 @@ startup_wait_ms = {startup}
 sync_listen = "127.0.0.1:{sync_listen}"
 sync_peer = "127.0.0.1:{sync_peer}"
 verify_interval_ms = 600000
-
+{replication_extra}
 [queue]
 layout = "{layout}"
 sync = "off"
@@ -340,6 +340,7 @@ class Pair:
         interval_ms: int = 200,
         threshold: int = 5,
         startup_wait_ms: int = 2000,
+        replication_extra: str = "",
     ):
         self.base = base
         self.interval_ms = interval_ms
@@ -374,6 +375,7 @@ class Pair:
                     sync_listen=syncs[i],
                     sync_peer=syncs[1 - i],
                     layout=layout,
+                    replication_extra=replication_extra,
                     stores="\n".join(f'{k} = "{v}"' for k, v in stores[i].items()),
                 )
             )

@@ -104,6 +104,21 @@ def build(raw: dict) -> dict:
             "until the primary is streaming again",
         }
 
+    big = raw.get("large_files")
+    if big:
+        lf: dict = {"files": big.get("files"), "bytes": big.get("bytes"),
+                    "method": "initial sync of files of 1-16 MiB (source in the page cache), timed from the "
+                    "pair being formed until every file landed on the secondary; zero_copy = true (splice) and "
+                    "false (plain io_uring reads) alternating"}
+        for mode in ("splice", "read"):
+            runs = big["runs"].get(mode, [])
+            lf[mode] = {"mb_per_s": med(runs, "mb_per_s"), "cpu_s_primary": med(runs, "cpu_s_primary"),
+                        "cpu_s_secondary": med(runs, "cpu_s_secondary"), "reps": len(runs),
+                        "mb_per_s_all": [r.get("mb_per_s") for r in runs]}
+        lf["splice_vs_read_mb_per_s"] = ratio(lf["splice"]["mb_per_s"], lf["read"]["mb_per_s"])
+        lf["primary_cpu_read_vs_splice"] = ratio(lf["read"]["cpu_s_primary"], lf["splice"]["cpu_s_primary"])
+        rep["large_files"] = lf
+
     # ------------------------------------------------------------------- lag
     lag = raw.get("lag", {})
     rates = lag.get("rates", {})
@@ -341,6 +356,18 @@ def markdown(rep: dict) -> str:
                      f"{fmt(inc.get('hasync_seconds_s'), 2)} |")
         lines.append(f"| `rsync -a` | {fmt(inc.get('rsync_seconds_s'), 2)} |")
         lines.append(f"| `rsync -a --fsync` | {fmt(inc.get('rsync_fsync_seconds_s'), 2)} |")
+
+    lf = rep.get("large_files")
+    if lf:
+        lines.append(f"\n## Large files: splice vs plain reads ({fmt(lf.get('files'))} files, "
+                     f"{fmt((lf.get('bytes') or 0) / 1e6)} MB)\n")
+        lines.append(lf["method"] + ".\n")
+        lines.append("| sending | MB/s (median) | primary CPU s | secondary CPU s | reps (MB/s) |")
+        lines.append("|---|---:|---:|---:|---|")
+        for mode, label in (("splice", "`zero_copy = true` (splice)"), ("read", "`zero_copy = false` (reads)")):
+            m = lf[mode]
+            lines.append(f"| {label} | {fmt(m['mb_per_s'])} | {fmt(m['cpu_s_primary'], 2)} | "
+                         f"{fmt(m['cpu_s_secondary'], 2)} | {', '.join(fmt(x) for x in m['mb_per_s_all'])} |")
 
     lines.append("\n## Steady-state replication lag (ms)\n")
     lines.append("| what | offered/s | achieved/s | p50 | p99 | p99.9 | max | samples | CPU s / 1k msgs |")

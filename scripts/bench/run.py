@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -733,6 +734,80 @@ class Bench:
         out["queue_push"] = {"seconds": secs, "messages": n, "reports": reports}
         log(f"profiles written to {self.out}/profile-*.txt")
 
+    # ------------------------------------------------------------ large files
+
+    def large_files(self) -> None:
+        """Initial sync of a store of large files (attachments, archives), with
+        large files sent by splice (zero_copy = true, the default) and by plain
+        reads (zero_copy = false), alternating, on the same fixture."""
+        a = self.args
+        src = self.run / "large-fixture"
+        rng = random.Random(a.seed)
+        sizes = [rng.randint(1 << 20, 16 << 20) for _ in range(a.large_files)]
+        block = os.urandom(1 << 20)
+        for i, size in enumerate(sizes):
+            d = src / f"box{i % 4}" / "cur"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / f"{1700000000 + i}.M{i}P1.bench:2,S", "wb") as f:
+                left = size
+                while left > 0:
+                    f.write(block[: min(left, len(block))])
+                    left -= len(block)
+        files, total = hb.count_tree(src)
+        sh(["sync"])
+        for root, _, names in os.walk(src):  # the page cache holds the source for every run
+            for n in names:
+                with open(os.path.join(root, n), "rb") as f:
+                    while f.read(1 << 22):
+                        pass
+        runs: dict[str, list] = {"splice": [], "read": []}
+        for rep in range(a.large_reps):
+            for mode in ("splice", "read") if rep % 2 == 0 else ("read", "splice"):
+                settle()
+                base = self.run / "pairs" / f"large-{mode}-{rep}"
+                replica = self.dst / f"large-{mode}-{rep}"
+                extra = f"zero_copy = {'true' if mode == 'splice' else 'false'}\n"
+                pair = hb.Pair(self.exe, base, [{"mail": src}, {"mail": replica}], replication_extra=extra)
+                pair.start()
+                p, s = pair.nodes
+                deadline = time.monotonic() + a.sync_timeout
+                t0 = None
+                while True:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"large-file sync ({mode}) did not finish\n{p.log_tail()}\n{s.log_tail()}")
+                    if t0 is None:
+                        st0 = p.try_status()
+                        if st0 and st0["mode"] == "primary":
+                            t0 = time.monotonic()
+                        time.sleep(0.002)
+                        continue
+                    if not p.running() or not s.running():
+                        raise RuntimeError(f"a daemon exited\n{p.log_tail()}\n{s.log_tail()}")
+                    st1 = s.try_status()
+                    if st1 and st1["replication"]["files_landed"] >= files:
+                        break
+                    time.sleep(0.01)
+                secs = time.monotonic() - t0
+                st0 = p.status()
+                cpu_p, cpu_s = p.cpu_s(), s.cpu_s()
+                pair.stop()
+                rf, rb = hb.count_tree(replica)
+                stage_f, stage_b = hb.count_tree(replica / ".hasync") if (replica / ".hasync").exists() else (0, 0)
+                if rf - stage_f != files or rb - stage_b != total:
+                    raise RuntimeError(f"large-file replica ({mode}) has {rf - stage_f} files, {rb - stage_b} bytes; "
+                                       f"expected {files}, {total}")
+                r = {"seconds": secs, "mb_per_s": total / 1e6 / secs, "cpu_s_primary": cpu_p,
+                     "cpu_s_secondary": cpu_s, "files_spliced": st0["replication"].get("files_spliced"),
+                     "bytes_spliced": st0["replication"].get("bytes_spliced")}
+                if mode == "splice" and not r["files_spliced"]:
+                    raise RuntimeError("zero_copy = true but no file went out by splice")
+                if mode == "read" and r["files_spliced"]:
+                    raise RuntimeError("zero_copy = false but files went out by splice")
+                runs[mode].append(r)
+                log(f"large files ({mode}) rep {rep}: {secs:.2f}s, {r['mb_per_s']:.0f} MB/s, "
+                    f"primary CPU {cpu_p:.2f}s, secondary CPU {cpu_s:.2f}s")
+        self.raw["large_files"] = {"files": files, "bytes": total, "runs": runs}
+
     # ------------------------------------------------------------------ all
 
     def all(self) -> None:
@@ -751,6 +826,8 @@ class Bench:
             self.step("initial sync", self.initial_sync)
         if want("incremental"):
             self.step("incremental", self.incremental)
+        if want("large"):
+            self.step("large files", self.large_files)
         if want("lag"):
             self.step("lag", self.lag)
         if want("lsyncd"):
@@ -794,6 +871,8 @@ def main() -> None:
     ap.add_argument("--lsyncd-rates", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10])
     ap.add_argument("--lsyncd-reason", default="")
     ap.add_argument("--rss-messages", type=int)
+    ap.add_argument("--large-files", type=int, help="files of 1-16 MiB in the large-file step")
+    ap.add_argument("--large-reps", type=int)
     ap.add_argument("--perf", type=int, help="1: profile an extra initial sync with perf (default: full runs)")
     ap.add_argument("--profile-queue-messages", type=int, default=3000)
     ap.add_argument("--last-cleanup-s", type=int, default=-1)
@@ -801,15 +880,16 @@ def main() -> None:
     ap.add_argument("--sync-timeout", type=float, default=600)
     ap.add_argument("--queue-timeout", type=float, default=600)
     ap.add_argument("--only", type=lambda s: set(s.split(",")),
-                    help="run only these steps (comma-separated: initial, incremental, lag, lsyncd, "
-                         "queue, failover, rss, profile); the report marks the run as partial")
+                    help="run only these steps (comma-separated: initial, incremental, large, lag, "
+                         "lsyncd, queue, failover, rss, profile); the report marks the run as partial")
     a = ap.parse_args()
     defaults = (
         dict(messages=2000, mailboxes=50, reps=1, rates=[1000, 10], lag_seconds=3, lag_store_messages=500,
-             queue_messages=1000, kills=3, rss_messages=0, perf=0)
+             queue_messages=1000, kills=3, rss_messages=0, perf=0, large_files=12, large_reps=2)
         if a.quick
         else dict(messages=20000, mailboxes=200, reps=3, rates=[1000, 5000, 10], lag_seconds=10,
                   lag_store_messages=2000, queue_messages=10000, kills=5, rss_messages=100000,
+                  large_files=48, large_reps=4,
                   perf=1 if shutil.which("perf") else 0)
     )
     for k, v in defaults.items():
