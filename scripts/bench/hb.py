@@ -183,6 +183,9 @@ def stats(xs: list[float]) -> dict:
 # --------------------------------------------------------------------------
 # a hasync node and pair
 
+# Lines added to every pair's [replication] table (run.py --durability).
+REPLICATION_EXTRA = ""
+
 CONFIG = """node_name = "{name}"
 priority = {prio}
 state_dir = "{state}"
@@ -342,6 +345,7 @@ class Pair:
         startup_wait_ms: int = 2000,
         replication_extra: str = "",
     ):
+        replication_extra = REPLICATION_EXTRA + replication_extra
         self.base = base
         self.interval_ms = interval_ms
         self.threshold = threshold

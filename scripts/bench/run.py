@@ -407,8 +407,13 @@ class Bench:
                 "visible_lag_ms": visible,
                 "cpu_s_per_1k_msgs": cpu / d["messages"] * 1000,
                 "hb_gap_ms_max_secondary": st1["link"]["heartbeat_gap_ms_max"],
+                # where the lag goes (since each daemon started): sender queueing, secondary commit
+                "stages_ms": {"primary": r.get("stages_ms"), "secondary": st1["replication"].get("stages_ms")},
             }
             out["rates"][str(rate)] = res
+            for side, st in res["stages_ms"].items():
+                for k, v in (st or {}).items():
+                    log(f"  stage {side}.{k}: p50 {v['p50']:.2f} p99 {v['p99']:.2f} max {v['max']:.2f} ms ({v['samples']})")
             log(f"lag {rate}/s (achieved {d['achieved_per_s']:.0f}/s): p50 {r['lag_ms_p50']} p99 {r['lag_ms_p99']} "
                 f"p999 {r['lag_ms_p999']} max {r['lag_ms_max']} ms over {r['lag_samples']} samples; "
                 f"landed {res['landed']}/{d['messages']}")
@@ -871,6 +876,8 @@ def main() -> None:
     ap.add_argument("--lsyncd-rates", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 10])
     ap.add_argument("--lsyncd-reason", default="")
     ap.add_argument("--rss-messages", type=int)
+    ap.add_argument("--durability", choices=["syncfs", "fsync"],
+                    help="[replication] durability of every pair (default: the daemon's default, syncfs)")
     ap.add_argument("--large-files", type=int, help="files of 1-16 MiB in the large-file step")
     ap.add_argument("--large-reps", type=int)
     ap.add_argument("--perf", type=int, help="1: profile an extra initial sync with perf (default: full runs)")
@@ -895,6 +902,8 @@ def main() -> None:
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.durability:
+        hb.REPLICATION_EXTRA = f'durability = "{a.durability}"\n'
     sys.setswitchinterval(0.0005)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

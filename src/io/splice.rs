@@ -329,28 +329,29 @@ mod tests {
     use crate::wire::{decode_frame, Kind};
 
     /// Reads the peer side until `n` frames are decoded; returns their
-    /// concatenated payloads.
-    fn read_frames(mut peer: TcpStream, n: u64) -> Vec<u8> {
+    /// concatenated payloads and the bytes read after them.
+    fn read_frames(mut peer: TcpStream, n: u64) -> (Vec<u8>, Vec<u8>) {
         let mut buf = Vec::new();
         let mut out = Vec::new();
         let mut frames = 0;
         let mut chunk = vec![0u8; 256 * 1024];
-        while frames < n {
-            while let Some((f, used)) = decode_frame(&buf).unwrap() {
+        loop {
+            while frames < n {
+                let Some((f, used)) = decode_frame(&buf).unwrap() else {
+                    break;
+                };
                 assert_eq!(f.kind, Kind::Bulk);
                 out.extend_from_slice(&f.payload);
                 buf.drain(..used);
                 frames += 1;
             }
             if frames == n {
-                break;
+                return (out, buf);
             }
             let k = peer.read(&mut chunk).unwrap();
             assert!(k > 0, "pump closed the socket after {frames} frames");
             buf.extend_from_slice(&chunk[..k]);
         }
-        assert!(buf.is_empty(), "{} stray bytes after the frames", buf.len());
-        out
     }
 
     fn pair() -> (TcpStream, TcpStream) {
@@ -374,9 +375,10 @@ mod tests {
         let pump = SplicePump::new(&a).unwrap();
         let frames = data.len().div_ceil(pump.chunk() as usize) as u64;
         let reader = std::thread::spawn(move || {
-            let payload = read_frames(b.try_clone().unwrap(), frames);
-            let mut tail = [0u8; 5];
-            (&b).read_exact(&mut tail).unwrap();
+            let (payload, mut tail) = read_frames(b.try_clone().unwrap(), frames);
+            let mut rest = vec![0u8; 5 - tail.len()];
+            (&b).read_exact(&mut rest).unwrap();
+            tail.extend_from_slice(&rest);
             (payload, tail)
         });
         let file = std::fs::File::open(&path).unwrap();
@@ -399,7 +401,15 @@ mod tests {
         let pump = SplicePump::new(&a).unwrap();
         let announced = MAX_BULK_PAYLOAD as u64 + 50_000;
         let frames = announced.div_ceil(u64::from(pump.chunk()));
-        let reader = std::thread::spawn(move || read_frames(b, frames));
+        let reader = std::thread::spawn(move || {
+            let (payload, rest) = read_frames(b, frames);
+            assert!(
+                rest.is_empty(),
+                "{} stray bytes after the frames",
+                rest.len()
+            );
+            payload
+        });
         let file = std::fs::File::open(&path).unwrap();
         let sent = tokio_uring::start(pump.send(file.into(), announced)).unwrap();
         assert_eq!(sent.padded, announced - data.len() as u64);

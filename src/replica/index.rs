@@ -222,6 +222,35 @@ struct OnDisk {
     entries: Vec<(PathBuf, Entry)>,
 }
 
+/// An index as it was at one moment, to be written elsewhere.
+pub struct Snapshot {
+    file: PathBuf,
+    entries: Vec<(Box<Path>, Entry)>,
+}
+
+impl Snapshot {
+    /// Writes the snapshot atomically and durably (what [`Index::save`] does).
+    pub fn write(self) -> std::io::Result<()> {
+        write_entries(&self.file, self.entries.iter().map(|(p, e)| (&**p, e)))
+    }
+}
+
+/// Sorted by path, so the file is stable for the same index.
+fn write_entries<'a>(
+    file: &Path,
+    entries: impl Iterator<Item = (&'a Path, &'a Entry)>,
+) -> std::io::Result<()> {
+    let mut entries: Vec<(&Path, &Entry)> = entries.collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let doc = OnDiskRef {
+        version: 1,
+        entries,
+    };
+    crate::io::write_atomic_with(file, |w| {
+        serde_json::to_writer(w, &doc).map_err(std::io::Error::other)
+    })
+}
+
 /// The same shape, borrowed: saving does not copy the index.
 #[derive(Serialize)]
 struct OnDiskRef<'a> {
@@ -272,18 +301,28 @@ impl Index {
         if !self.dirty {
             return Ok(());
         }
-        let mut entries: Vec<(&Path, &Entry)> =
-            self.entries.iter().map(|(p, e)| (&**p, e)).collect();
-        entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        let doc = OnDiskRef {
-            version: 1,
-            entries,
-        };
-        crate::io::write_atomic_with(&self.file, |w| {
-            serde_json::to_writer(w, &doc).map_err(std::io::Error::other)
-        })?;
+        write_entries(&self.file, self.entries.iter().map(|(p, e)| (&**p, e)))?;
         self.dirty = false;
         Ok(())
+    }
+
+    /// An owned copy of a changed index, for [`Snapshot::write`] on another
+    /// thread (the sender's loop must not stop for a sort, a serialization
+    /// and an fsync). `None` if nothing changed since the last save. Call
+    /// [`Index::mark_dirty`] if writing the snapshot fails.
+    pub fn snapshot(&mut self) -> Option<Snapshot> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        Some(Snapshot {
+            file: self.file.clone(),
+            entries: self
+                .entries
+                .iter()
+                .map(|(p, e)| (p.clone(), e.clone()))
+                .collect(),
+        })
     }
 
     /// Is the file at `rel` (now `st`) exactly the version the peer holds?
@@ -553,5 +592,33 @@ mod tests {
         assert!(text.contains(&format!("{:032x}", u128::MAX - 7)), "{text}");
         let back = Index::load(dir.path(), "inbox");
         assert_eq!(back.get(Path::new("m/cur/1")), ix.get(Path::new("m/cur/1")));
+    }
+
+    #[test]
+    fn a_snapshot_written_elsewhere_is_the_index_of_its_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ix = Index::load(dir.path(), "inbox");
+        assert!(ix.snapshot().is_none(), "nothing changed, nothing to write");
+        ix.set(PathBuf::from("m/cur/1"), entry(Kind::File, 1));
+        let snap = ix.snapshot().expect("changed");
+        assert!(!ix.is_dirty());
+        // A change after the snapshot is not in it, and keeps the index dirty.
+        ix.set(PathBuf::from("m/cur/2"), entry(Kind::File, 2));
+        std::thread::spawn(move || snap.write())
+            .join()
+            .unwrap()
+            .unwrap();
+        let back = Index::load(dir.path(), "inbox");
+        assert_eq!(back.get(Path::new("m/cur/1")), ix.get(Path::new("m/cur/1")));
+        assert!(back.get(Path::new("m/cur/2")).is_none());
+        assert!(ix.is_dirty());
+        ix.save().unwrap();
+        assert!(Index::load(dir.path(), "inbox")
+            .get(Path::new("m/cur/2"))
+            .is_some());
+        // A failed background write is marked so the next save retries.
+        let mut ix = Index::load(dir.path(), "inbox");
+        ix.mark_dirty();
+        assert!(ix.snapshot().is_some());
     }
 }

@@ -11,17 +11,21 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+use tokio::sync::oneshot::error::TryRecvError;
 
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind};
-use super::stats::{add, ReplStats};
+use super::stats::{add, ReplStats, Stages};
 use super::Excludes;
 use crate::link::{FrameReader, FrameWriter, LinkError};
 use crate::wire::sync::{Meta, NeedReason, SyncMsg, MAX_MANIFEST_ENTRIES};
-use crate::wire::WireError;
+use crate::wire::{Frame, WireError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
@@ -113,7 +117,9 @@ pub struct Receiver {
     current: Option<Incoming>,
     replies: Vec<u8>,
     /// Barriers received and not yet part of a commit.
-    barriers: Vec<u64>,
+    barriers: Vec<(u64, Instant)>,
+    /// When the frame being handled was read from the socket.
+    frame_read_at: Instant,
     durability: Durability,
     inflight: Option<Commit>,
     flusher: Option<crate::io::SyncfsWorker>,
@@ -122,6 +128,13 @@ pub struct Receiver {
 /// Files staged while a commit is in flight, before reading stops until it
 /// finishes (bounds open descriptors in `fsync` mode and unflushed data).
 const MAX_STAGED_FILES: usize = 2048;
+/// Frames read ahead of the loop at most, and their payload bytes at most
+/// (beyond one frame).
+const READ_AHEAD_FRAMES: usize = 4096;
+const READ_AHEAD_BYTES: usize = 4 << 20;
+
+/// A frame read ahead, holding its share of the read-ahead byte budget.
+type ReadAhead = Result<(Frame, Instant, tokio::sync::OwnedSemaphorePermit), LinkError>;
 
 /// A group commit in flight: every barrier seen when it started, and the
 /// files staged before them. It runs in two flushes, each off the event
@@ -134,7 +147,7 @@ const MAX_STAGED_FILES: usize = 2048;
 /// land as soon as it completes and form the following commit. Under a
 /// steady stream that is one syncfs per commit instead of two.
 struct Commit {
-    barriers: Vec<u64>,
+    barriers: Vec<(u64, Instant)>,
     /// Waiting for their data flush; renamed into place when it is done.
     files: Vec<Staged>,
     phase: Phase,
@@ -142,7 +155,9 @@ struct Commit {
     /// Staged files (and barriers) folded into this commit's directory
     /// flush as their data flush.
     next: Vec<Staged>,
-    next_barriers: Vec<u64>,
+    next_barriers: Vec<(u64, Instant)>,
+    /// When the current phase's flush was asked for.
+    started: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,6 +186,7 @@ impl Receiver {
             current: None,
             replies: Vec::new(),
             barriers: Vec::new(),
+            frame_read_at: Instant::now(),
             durability,
             inflight: None,
             flusher: None,
@@ -200,7 +216,31 @@ impl Receiver {
                 }
             }
         }
-        let result = self.serve_inner(&mut r, &w, &peer).await;
+        // Frames are read by a task of their own, so that the loop can wait
+        // for a flush and for the next frame at once.
+        let peer_addr = r.peer();
+        let (tx, mut frames) = mpsc::channel(READ_AHEAD_FRAMES);
+        let budget = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+        let reader = tokio_uring::spawn(async move {
+            loop {
+                let f = match r.recv_frame().await {
+                    Ok(f) => {
+                        let cost = f.payload.len().clamp(1, READ_AHEAD_BYTES) as u32;
+                        match budget.clone().acquire_many_owned(cost).await {
+                            Ok(permit) => Ok((f, Instant::now(), permit)),
+                            Err(_) => return,
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                let end = f.is_err();
+                if tx.send(f).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let result = self.serve_inner(&mut frames, &w, &peer, peer_addr).await;
+        reader.abort();
         self.barriers.clear();
         // Unacknowledged work is redone by the sender after reconnecting.
         if let Some(c) = self.inflight.take() {
@@ -221,40 +261,52 @@ impl Receiver {
 
     async fn serve_inner(
         &mut self,
-        r: &mut FrameReader,
+        frames: &mut mpsc::Receiver<ReadAhead>,
         w: &FrameWriter,
         peer: &str,
+        peer_addr: std::net::SocketAddr,
     ) -> Result<(), RecvError> {
+        enum Next {
+            Flushed(crate::io::FlushResult),
+            Frame(Option<ReadAhead>),
+        }
+        let abandoned = || Err("flush abandoned".into());
         loop {
             if self.inflight.is_none() && !self.barriers.is_empty() {
                 self.start_commit();
             }
-            if let Some(c) = self.inflight.as_mut() {
-                // Advance a commit whose flush finished; wait for it when
-                // nothing else is here to stage meanwhile.
-                let res = match c.done.try_recv() {
-                    Ok(res) => Some(res),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty)
-                        if r.more_ready() && self.staged.len() < MAX_STAGED_FILES =>
-                    {
-                        None
+            let next = match self.inflight.as_mut() {
+                // Advance a commit whose flush finished; meanwhile keep
+                // staging what arrives (up to a bound), so that it rides
+                // along with the next flush.
+                Some(c) => match c.done.try_recv() {
+                    Ok(res) => Next::Flushed(res),
+                    Err(TryRecvError::Closed) => Next::Flushed(abandoned()),
+                    Err(TryRecvError::Empty) if self.staged.len() >= MAX_STAGED_FILES => {
+                        Next::Flushed((&mut c.done).await.unwrap_or_else(|_| abandoned()))
                     }
-                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Some(
-                        (&mut c.done)
-                            .await
-                            .unwrap_or_else(|_| Err("flush abandoned".into())),
-                    ),
-                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                        Some(Err("flush abandoned".into()))
-                    }
-                };
-                if let Some(res) = res {
+                    Err(TryRecvError::Empty) => tokio::select! {
+                        biased;
+                        res = &mut c.done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
+                        f = frames.recv() => Next::Frame(f),
+                    },
+                },
+                None => Next::Frame(frames.recv().await),
+            };
+            let frame = match next {
+                Next::Flushed(res) => {
                     self.advance(res, peer)?;
                     self.send_replies(w).await?;
                     continue;
                 }
-            }
-            let frame = r.recv_frame().await?;
+                Next::Frame(None) => return Err(LinkError::Closed { peer: peer_addr }.into()),
+                Next::Frame(Some(f)) => {
+                    let (f, at, _) = f?;
+                    self.frame_read_at = at;
+                    f
+                }
+            };
+            let handled = Instant::now();
             if frame.kind == crate::wire::Kind::Bulk {
                 // Raw content of the file being received (spliced by the sender).
                 let Some(seq) = self.current.as_ref().map(|i| i.seq) else {
@@ -269,6 +321,10 @@ impl Receiver {
                 source,
             })?;
             self.handle(msg, peer).await?;
+            Stages::record(
+                &mut self.stats.stages.lock().expect("stages lock").handle,
+                handled.elapsed(),
+            );
             self.send_replies(w).await?;
         }
     }
@@ -301,6 +357,7 @@ impl Receiver {
             barriers,
             files,
             phase: Phase::Data,
+            started: Instant::now(),
             done,
             next: Vec::new(),
             next_barriers: Vec::new(),
@@ -338,6 +395,9 @@ impl Receiver {
         };
         match c.phase {
             Phase::Data => {
+                let mut st = self.stats.stages.lock().expect("stages lock");
+                Stages::record(&mut st.data_flush, c.started.elapsed());
+                drop(st);
                 self.land_flushed(std::mem::take(&mut c.files), &res, peer);
                 self.fold_and_flush_dirs(c)?;
             }
@@ -354,7 +414,15 @@ impl Receiver {
                         source: std::io::Error::other(why),
                     });
                 }
-                for seq in std::mem::take(&mut c.barriers) {
+                let now = Instant::now();
+                {
+                    let mut st = self.stats.stages.lock().expect("stages lock");
+                    Stages::record(&mut st.dir_flush, now.duration_since(c.started));
+                    for (_, at) in &c.barriers {
+                        Stages::record(&mut st.barrier_to_ack, now.duration_since(*at));
+                    }
+                }
+                for (seq, _) in std::mem::take(&mut c.barriers) {
                     SyncMsg::Ack { seq }.encode(&mut self.replies);
                 }
                 if !c.next.is_empty() || !c.next_barriers.is_empty() {
@@ -394,6 +462,7 @@ impl Receiver {
     /// (and the barriers seen) ride along as their data flush.
     fn fold_and_flush_dirs(&mut self, mut c: Commit) -> Result<(), RecvError> {
         c.phase = Phase::Dirs;
+        c.started = Instant::now();
         if self.durability == Durability::Syncfs {
             c.next = std::mem::take(&mut self.staged);
             c.next_barriers = std::mem::take(&mut self.barriers);
@@ -753,7 +822,7 @@ impl Receiver {
             }
             SyncMsg::Barrier { seq } => {
                 // Acknowledged when the group commit that takes it is durable.
-                self.barriers.push(seq);
+                self.barriers.push((seq, self.frame_read_at));
             }
             other => {
                 return Err(self.protocol(

@@ -33,6 +33,8 @@ pub struct ReplStats {
     pub refused_by_peer: AtomicU64,
     pub peer_disk_full: AtomicBool,
     pub lag_us: Mutex<Histogram<u64>>,
+    /// Where the lag goes, stage by stage (µs): see [`Stages`].
+    pub stages: Mutex<Stages>,
     pub progress: Mutex<Progress>,
     // receiver
     pub files_landed: AtomicU64,
@@ -90,6 +92,7 @@ impl Default for ReplStats {
             lag_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
             ),
+            stages: Mutex::new(Stages::new()),
             progress: Mutex::new(Progress::default()),
             files_landed: AtomicU64::new(0),
             bytes_landed: AtomicU64::new(0),
@@ -109,6 +112,60 @@ impl Default for ReplStats {
             last_error: Mutex::new(None),
         }
     }
+}
+
+/// Stage histograms (µs) that split the change → durable lag:
+/// sender `queued` (change seen → its batch written to the socket) and
+/// `sent_to_ack` (batch written → its ack handled by the sender) and, on
+/// the secondary, `barrier_to_ack` (a batch's barrier read → its ack sent),
+/// made of `data_flush` (a commit's first flush, until the loop saw it
+/// finish) and `dir_flush` (the second, after the renames); `handle` is the
+/// loop's time per message (its max shows the longest stall).
+#[derive(Debug)]
+pub struct Stages {
+    pub queued: Histogram<u64>,
+    pub sent_to_ack: Histogram<u64>,
+    pub barrier_to_ack: Histogram<u64>,
+    pub data_flush: Histogram<u64>,
+    pub dir_flush: Histogram<u64>,
+    pub handle: Histogram<u64>,
+}
+
+impl Stages {
+    fn new() -> Stages {
+        let h =
+            || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds");
+        Stages {
+            queued: h(),
+            sent_to_ack: h(),
+            barrier_to_ack: h(),
+            data_flush: h(),
+            dir_flush: h(),
+            handle: h(),
+        }
+    }
+
+    pub fn record(h: &mut Histogram<u64>, d: std::time::Duration) {
+        let _ = h.record(d.as_micros().max(1) as u64);
+    }
+}
+
+/// p50 / p99 / max of one stage, in ms.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
+pub struct StageStatus {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub samples: u64,
+}
+
+fn stage(h: &Histogram<u64>) -> Option<StageStatus> {
+    (!h.is_empty()).then(|| StageStatus {
+        p50: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99: h.value_at_quantile(0.99) as f64 / 1000.0,
+        max: h.max() as f64 / 1000.0,
+        samples: h.len(),
+    })
 }
 
 pub fn add(c: &AtomicU64, n: u64) {
@@ -143,6 +200,9 @@ pub struct ReplStatus {
     pub lag_ms_p999: Option<f64>,
     pub lag_ms_max: Option<f64>,
     pub lag_samples: u64,
+    /// Stage breakdown of the lag (ms); absent until a stage has samples.
+    #[serde(default)]
+    pub stages_ms: std::collections::BTreeMap<String, StageStatus>,
     pub files_landed: u64,
     pub bytes_landed: u64,
     pub renames_applied: u64,
@@ -232,6 +292,20 @@ impl ReplStats {
             lag_ms_p999: q(0.999),
             lag_ms_max: (!lag.is_empty()).then(|| lag.max() as f64 / 1000.0),
             lag_samples: lag.len(),
+            stages_ms: {
+                let st = self.stages.lock().expect("stages lock");
+                [
+                    ("queued", &st.queued),
+                    ("sent_to_ack", &st.sent_to_ack),
+                    ("barrier_to_ack", &st.barrier_to_ack),
+                    ("data_flush", &st.data_flush),
+                    ("dir_flush", &st.dir_flush),
+                    ("handle", &st.handle),
+                ]
+                .into_iter()
+                .filter_map(|(k, h)| stage(h).map(|s| (k.to_string(), s)))
+                .collect()
+            },
             files_landed: g(&self.files_landed),
             bytes_landed: g(&self.bytes_landed),
             renames_applied: g(&self.renames_applied),
