@@ -780,6 +780,22 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    if !r.stages_ms.is_empty() {
+        let parts: Vec<String> = r
+            .stages_ms
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}/{:.1}/{:.1}", v.p50, v.p99, v.max))
+            .collect();
+        let _ = writeln!(o, "stages    p50/p99/max ms: {}", parts.join(", "));
+    }
+    if r.files_spliced > 0 {
+        let _ = writeln!(
+            o,
+            "zero-copy {} large files / {:.1} MB spliced",
+            r.files_spliced,
+            r.bytes_spliced as f64 / 1e6
+        );
+    }
     for a in s.alarms.iter().rev().take(5) {
         let _ = writeln!(o, "alarm     {}", a.message);
     }

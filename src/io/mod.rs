@@ -98,16 +98,6 @@ pub fn bind_listener(
     }
 }
 
-/// Bytes waiting in a socket's receive queue (`FIONREAD`): lets a reader
-/// tell "more is already here" from "the peer is idle" without a read.
-pub fn readable_bytes(sock: &impl AsRawFd) -> io::Result<u64> {
-    // SAFETY: `sock` is borrowed for the whole call and owns its descriptor,
-    // so the fd stays open (and cannot be reused) while `fd` exists; `fd`
-    // does not outlive this function.
-    let fd = unsafe { BorrowedFd::borrow_raw(sock.as_raw_fd()) };
-    rustix::io::ioctl_fionread(fd).map_err(io::Error::from)
-}
-
 /// A new descriptor (close-on-exec) for the file or socket `f` holds, to
 /// hand to another thread while `f` stays with its owner.
 pub fn dup_fd(f: &impl AsRawFd) -> io::Result<std::os::fd::OwnedFd> {

@@ -227,14 +227,6 @@ impl FrameWriter {
 }
 
 impl FrameReader {
-    /// Whether more bytes are already here: buffered but not yet decoded,
-    /// or waiting in the socket. A receiver uses it to group work (one
-    /// flush for several batches) without ever waiting for the peer.
-    pub fn more_ready(&self) -> bool {
-        self.start < self.rbuf.len()
-            || crate::io::readable_bytes(&*self.stream).is_ok_and(|n| n > 0)
-    }
-
     pub fn peer(&self) -> SocketAddr {
         self.peer
     }
