@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, watch};
+use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
@@ -125,7 +126,6 @@ pub struct FrameReader {
     /// Start of the undecoded bytes in `rbuf` (advancing a cursor instead of
     /// draining keeps decoding linear in the bytes received).
     start: usize,
-    scratch: Vec<u8>,
 }
 
 /// The writing half.
@@ -146,7 +146,6 @@ impl Conn {
                 peer,
                 rbuf: Vec::new(),
                 start: 0,
-                scratch: Vec::with_capacity(READ_CHUNK),
             },
             stream,
             peer,
@@ -231,7 +230,9 @@ impl FrameReader {
         self.peer
     }
 
-    /// The next checksum-verified frame.
+    /// The next checksum-verified frame. Not cancel-safe: bytes already
+    /// buffered are lost if the future is dropped, so a reader whose receive
+    /// was cancelled (a timeout) must be dropped with its connection.
     pub async fn recv_frame(&mut self) -> Result<Frame, LinkError> {
         loop {
             let peer = self.peer;
@@ -241,12 +242,16 @@ impl FrameReader {
                 self.start += used;
                 return Ok(frame);
             }
-            // Only an incomplete frame is left: move it to the front.
+            // Only an incomplete frame is left: move it to the front, then
+            // read straight into the buffer's free space (no copy).
             self.rbuf.drain(..self.start);
             self.start = 0;
-            let mut buf = std::mem::take(&mut self.scratch);
-            buf.clear();
-            let (res, buf) = self.stream.read(buf).await;
+            let mut buf = std::mem::take(&mut self.rbuf);
+            buf.reserve(READ_CHUNK);
+            let len = buf.len();
+            let cap = buf.capacity();
+            let (res, slice) = self.stream.read(buf.slice(len..cap)).await;
+            self.rbuf = slice.into_inner();
             let n = res.map_err(|source| LinkError::Io {
                 peer,
                 op: "read",
@@ -255,8 +260,6 @@ impl FrameReader {
             if n == 0 {
                 return Err(LinkError::Closed { peer });
             }
-            self.rbuf.extend_from_slice(&buf[..n]);
-            self.scratch = buf;
         }
     }
 

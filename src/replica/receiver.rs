@@ -312,7 +312,16 @@ impl Receiver {
                 let Some(seq) = self.current.as_ref().map(|i| i.seq) else {
                     return Err(self.protocol(peer, "bulk data without a file"));
                 };
-                self.on_data(seq, frame.payload, peer).await?;
+                self.on_data(seq, &frame.payload, peer).await?;
+                self.send_replies(w).await?;
+                continue;
+            }
+            if let Some(data) = SyncMsg::data_view(&frame) {
+                let (seq, bytes) = data.map_err(|source| RecvError::Malformed {
+                    peer: peer.to_string(),
+                    source,
+                })?;
+                self.on_data(seq, bytes, peer).await?;
                 self.send_replies(w).await?;
                 continue;
             }
@@ -628,7 +637,7 @@ impl Receiver {
     async fn handle(&mut self, msg: SyncMsg, peer: &str) -> Result<(), RecvError> {
         // Data frames belong to the file being received; anything else ends it.
         if let SyncMsg::Data { seq, bytes } = msg {
-            return self.on_data(seq, bytes, peer).await;
+            return self.on_data(seq, &bytes, peer).await;
         }
         if self.current.is_some() {
             return Err(self.protocol(peer, "file ended before all its data arrived"));
@@ -875,7 +884,7 @@ impl Receiver {
         Ok(())
     }
 
-    async fn on_data(&mut self, seq: u64, bytes: Vec<u8>, peer: &str) -> Result<(), RecvError> {
+    async fn on_data(&mut self, seq: u64, bytes: &[u8], peer: &str) -> Result<(), RecvError> {
         let Some(inc) = self.current.as_mut() else {
             return Err(self.protocol(peer, format!("data for seq {seq} without a file")));
         };
@@ -887,9 +896,9 @@ impl Receiver {
         }
         let offset = inc.written;
         inc.written += bytes.len() as u64;
-        inc.hasher.update(&bytes);
+        inc.hasher.update(bytes);
         if let Some(fd) = &inc.fd {
-            if let Err(e) = crate::io::pwrite_all(fd.as_fd(), &bytes, offset) {
+            if let Err(e) = crate::io::pwrite_all(fd.as_fd(), bytes, offset) {
                 let no_space = matches!(e.raw_os_error(), Some(28) | Some(122));
                 warn!(path = %inc.rel.display(), "cannot write staged file: {e}");
                 inc.failure = Some(if no_space {

@@ -425,6 +425,22 @@ impl SyncMsg {
         encode_frame(Kind::Sync, &w.finish(), out);
     }
 
+    /// A `Data` frame's seq and bytes, borrowed from the frame (the
+    /// receiver writes them without a copy); `None` for any other message.
+    /// The same checks as [`SyncMsg::decode`].
+    pub fn data_view(frame: &Frame) -> Option<Result<(u64, &[u8]), WireError>> {
+        if frame.kind != Kind::Sync || frame.payload.first() != Some(&tag::DATA) {
+            return None;
+        }
+        let mut r = Reader::new(frame.kind, &frame.payload[1..]);
+        Some((|| {
+            let seq = r.u64("data.seq")?;
+            let bytes = r.blob32("data.bytes", MAX_DATA)?;
+            r.finish()?;
+            Ok((seq, bytes))
+        })())
+    }
+
     pub fn decode(frame: &Frame) -> Result<SyncMsg, WireError> {
         if frame.kind != Kind::Sync {
             return Err(WireError::Unexpected {
@@ -684,6 +700,24 @@ mod tests {
             size: 10,
             hash: u128::MAX - 7,
         });
+        let mut f = Vec::new();
+        SyncMsg::Data {
+            seq: 9,
+            bytes: b"content".to_vec(),
+        }
+        .encode(&mut f);
+        let (frame, _) = crate::wire::decode_frame(&f).unwrap().unwrap();
+        assert_eq!(
+            SyncMsg::data_view(&frame).unwrap().unwrap(),
+            (9, &b"content"[..])
+        );
+        let mut bad = frame.clone();
+        bad.payload.push(0);
+        assert!(SyncMsg::data_view(&bad).unwrap().is_err(), "trailing bytes");
+        let mut f = Vec::new();
+        SyncMsg::Barrier { seq: 1 }.encode(&mut f);
+        let (frame, _) = crate::wire::decode_frame(&f).unwrap().unwrap();
+        assert!(SyncMsg::data_view(&frame).is_none());
         round(SyncMsg::Data {
             seq: 1,
             bytes: vec![7; 1000],
