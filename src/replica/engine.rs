@@ -113,6 +113,8 @@ pub enum EngineError {
 /// Handle owned by the daemon or an embedding application.
 pub struct Engine {
     commit_tx: crossbeam_channel::Sender<CommitReq>,
+    /// Wakes the sender when a commit request is queued.
+    commit_wake: Arc<tokio::sync::Notify>,
     store_roots: Vec<PathBuf>,
     mode_tx: watch::Sender<EngineMode>,
     push_tx: mpsc::UnboundedSender<()>,
@@ -148,8 +150,10 @@ impl Engine {
         // Bounded: an application that commits faster than the pair can
         // confirm gets back-pressure (and then local-only outcomes).
         let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
+        let commit_wake = Arc::new(tokio::sync::Notify::new());
         let shared = Shared {
             commit_rx,
+            commit_wake: commit_wake.clone(),
             queue: queue.clone(),
             push_done: done,
             cfg,
@@ -166,6 +170,7 @@ impl Engine {
             .map_err(EngineError::Thread)?;
         Ok(Engine {
             commit_tx,
+            commit_wake,
             store_roots,
             mode_tx,
             push_tx,
@@ -250,8 +255,9 @@ impl Engine {
             deadline: now + timeout,
             reply: tx,
         };
-        if let Err(e) = self.commit_tx.try_send(req) {
-            local_only(e.into_inner().reply, "too many commits waiting".into());
+        match self.commit_tx.try_send(req) {
+            Ok(()) => self.commit_wake.notify_one(),
+            Err(e) => local_only(e.into_inner().reply, "too many commits waiting".into()),
         }
         rx
     }
@@ -283,6 +289,7 @@ impl Drop for Engine {
 
 struct Shared {
     commit_rx: crossbeam_channel::Receiver<CommitReq>,
+    commit_wake: Arc<tokio::sync::Notify>,
     queue: Arc<QueueState>,
     push_done: mpsc::UnboundedSender<Result<PushReport, String>>,
     cfg: EngineConfig,
@@ -394,6 +401,7 @@ async fn run_primary(
     );
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
+    sender.commit_wake = Some(shared.commit_wake.clone());
     sender.periods = cfg.stores.iter().map(|s| s.period).collect();
     sender.zero_copy = cfg.zero_copy;
     info!(

@@ -38,8 +38,9 @@ const SEND_CHUNK: usize = 256 * 1024;
 const MAX_UNACKED_BATCHES: usize = 4;
 /// Batches in flight at most, however small.
 const MAX_INFLIGHT_BATCHES: usize = 32;
-/// Poll interval for new changes when idle.
-const IDLE_POLL: Duration = Duration::from_millis(1);
+/// Housekeeping tick when idle (retries, periodic releases, verification,
+/// index saves); changes and commit requests wake the sender at once.
+const IDLE_POLL: Duration = Duration::from_millis(10);
 /// Retry of paths the peer could not store for lack of space.
 const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(500);
 const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -154,6 +155,8 @@ pub struct Sender {
     backlog_since: Instant,
     /// The send buffer, kept between batches.
     spare: Vec<u8>,
+    /// Woken when a commit request is queued (the tracker has its own).
+    pub commit_wake: Option<Arc<tokio::sync::Notify>>,
     /// Send large files by splice (`[replication] zero_copy`).
     pub zero_copy: bool,
     /// The splice pump of the current session's socket, made at its first
@@ -262,6 +265,7 @@ impl Sender {
             backlog_since: Instant::now(),
             spare: Vec::new(),
             zero_copy: true,
+            commit_wake: None,
             pump: None,
             listed_dirs: Default::default(),
             lag_from: None,
@@ -370,6 +374,7 @@ impl Sender {
         let full = self.resync_requested.swap(false, Relaxed);
         self.reconcile(w, rx, full, true).await?;
         let mut next_verify = Instant::now() + self.verify_interval;
+        let tracker_wake = self.coalescer.waker();
 
         loop {
             if *stop.borrow() {
@@ -418,12 +423,22 @@ impl Sender {
             {
                 self.save_indexes_in_background();
             }
-            // Idle or window full: wait for a peer message or a short tick.
+            // Idle or window full: wait for a peer message, a change, a
+            // commit request, or the housekeeping tick.
+            let commit_wake = self.commit_wake.clone();
+            let commit_queued = async move {
+                match commit_wake {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => self.on_peer_msg(m?)?,
                     None => return Err(SendError::PeerGone),
                 },
+                _ = tracker_wake.notified() => {}
+                _ = commit_queued => {}
                 _ = tokio::time::sleep(IDLE_POLL) => {}
                 _ = stop.changed() => return Err(SendError::Stopped),
             }

@@ -150,7 +150,14 @@ impl Coalescer {
         self.live
     }
 
-    /// A clone of the producer side, so other threads can also inject ops.
+    /// Notified after every op a producer queues (or drops for a rescan):
+    /// a consumer can sleep on it instead of polling.
+    pub fn waker(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.wake.clone()
+    }
+
+    /// A clone of the producer side, so other threads can also inject ops
+    /// (they do not wake the consumer: embedders use [`super::Notifier`]).
     pub fn sender(&self) -> Sender<Op> {
         self.tx.clone()
     }

@@ -148,6 +148,8 @@ pub(crate) struct Shared {
     lost: Box<[AtomicBool]>,
     any_lost: AtomicBool,
     channel_ops_max: usize,
+    /// Woken after every send, so the consumer can sleep until there is work.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -162,6 +164,7 @@ impl Shared {
             lost: (0..stores).map(|_| AtomicBool::new(false)).collect(),
             any_lost: AtomicBool::new(false),
             channel_ops_max,
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -198,24 +201,24 @@ impl Producer {
             // The consumer is not keeping up: dropping is safe only because the store is marked and
             // the consumer will rescan it, which covers everything dropped here.
             let store = op.store();
-            match self.shared.lost.get(store) {
-                Some(flag) => {
-                    if !flag.swap(true, Ordering::SeqCst) {
-                        Shared::add(&self.shared.overflows, 1);
-                        tracing::warn!(
-                            store,
-                            bound = self.shared.channel_ops_max,
-                            "change channel full; dropping changes and scheduling a rescan"
-                        );
-                    }
-                    self.shared.any_lost.store(true, Ordering::SeqCst);
-                    return Ok(());
+            // Not a tracked store (an injected op): nothing to mark, so it is queued anyway.
+            if let Some(flag) = self.shared.lost.get(store) {
+                if !flag.swap(true, Ordering::SeqCst) {
+                    Shared::add(&self.shared.overflows, 1);
+                    tracing::warn!(
+                        store,
+                        bound = self.shared.channel_ops_max,
+                        "change channel full; dropping changes and scheduling a rescan"
+                    );
                 }
-                // Not a tracked store (an injected op): nothing to mark, so queue it anyway.
-                None => return self.tx.send(op).map_err(|_| Closed),
+                self.shared.any_lost.store(true, Ordering::SeqCst);
+                self.shared.wake.notify_one();
+                return Ok(());
             }
         }
-        self.tx.send(op).map_err(|_| Closed)
+        self.tx.send(op).map_err(|_| Closed)?;
+        self.shared.wake.notify_one();
+        Ok(())
     }
 }
 

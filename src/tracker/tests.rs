@@ -831,3 +831,28 @@ fn bad_configuration_is_refused_with_the_path() {
     let err = Tracker::start(cfg).err().expect("duplicate root");
     assert!(matches!(err, TrackerError::DuplicateRoot { .. }), "{err}");
 }
+
+#[test]
+fn the_consumer_is_woken_by_inotify_changes_and_by_notify() {
+    let mut fx = Fixture::start(&["new"], &[], &[]);
+    let waker = fx.coalescer.waker();
+    let woken = |w: &Arc<tokio::sync::Notify>| {
+        let w = w.clone();
+        tokio_uring::start(async move {
+            tokio::time::timeout(EXPECT_WITHIN, w.notified())
+                .await
+                .is_ok()
+        })
+    };
+    // Consume whatever the start-up queued, so the next wake is ours.
+    let _ = tokio_uring::start(async { tokio::time::timeout(QUIET, waker.notified()).await });
+    fs::write(fx.path("new/1.host"), b"x").expect("write");
+    assert!(woken(&waker), "an inotify change wakes the consumer");
+    assert_eq!(fx.collect(1), ["sync 0 new/1.host"]);
+    let _ = tokio_uring::start(async { tokio::time::timeout(QUIET, waker.notified()).await });
+    fx.tracker()
+        .notifier()
+        .notify(&fx.path("new/2.host"))
+        .expect("inside");
+    assert!(woken(&waker), "an embedder's notify wakes the consumer");
+}
