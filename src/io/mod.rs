@@ -140,6 +140,7 @@ pub type FlushResult = Result<(), String>;
 /// no syncfs operation, and a syncfs can take tens of milliseconds, during
 /// which the loop must keep receiving and staging the next files. The thread
 /// ends when the worker is dropped.
+#[derive(Clone)]
 pub struct SyncfsWorker {
     tx: crossbeam_channel::Sender<(
         Vec<std::path::PathBuf>,
@@ -166,6 +167,19 @@ impl SyncfsWorker {
         Ok(SyncfsWorker { tx })
     }
 
+    /// Like [`SyncfsWorker::flush`], answering on `reply`.
+    pub fn flush_with(
+        &self,
+        paths: Vec<std::path::PathBuf>,
+        reply: tokio::sync::oneshot::Sender<FlushResult>,
+    ) {
+        if paths.is_empty() {
+            let _ = reply.send(Ok(()));
+        } else if let Err(crossbeam_channel::SendError((_, reply))) = self.tx.send((paths, reply)) {
+            let _ = reply.send(Err("the flush thread is gone".into()));
+        }
+    }
+
     /// Flushes the filesystems holding `paths`, in order; the receiver
     /// resolves once all are durable or one failed.
     pub fn flush(
@@ -173,11 +187,7 @@ impl SyncfsWorker {
         paths: Vec<std::path::PathBuf>,
     ) -> tokio::sync::oneshot::Receiver<FlushResult> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        if paths.is_empty() {
-            let _ = reply.send(Ok(()));
-        } else if let Err(crossbeam_channel::SendError((_, reply))) = self.tx.send((paths, reply)) {
-            let _ = reply.send(Err("the flush thread is gone".into()));
-        }
+        self.flush_with(paths, reply);
         rx
     }
 }

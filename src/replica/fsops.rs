@@ -370,19 +370,32 @@ impl Root {
 
     /// Owner, then mode (chown clears setuid/setgid), then times.
     fn apply_meta_fd(&self, fd: BorrowedFd<'_>, meta: &Meta) -> Result<(), (&'static str, Errno)> {
-        if self.owners {
-            rustix::fs::fchown(
-                fd,
-                Some(Uid::from_raw(meta.uid)),
-                Some(Gid::from_raw(meta.gid)),
-            )
-            .map_err(|e| ("fchown", e))?;
-        }
-        rustix::fs::fchmod(fd, perm(meta)).map_err(|e| ("fchmod", e))?;
-        rustix::fs::futimens(fd, &timestamps(meta)).map_err(|e| ("futimens", e))?;
-        Ok(())
+        apply_meta(fd, meta, self.owners)
     }
+}
 
+/// Metadata of a staged file whose content is written (checked before with
+/// [`Root::check_staged_meta`]); `owners` as [`Root::owners`].
+pub fn apply_staged_meta(fd: BorrowedFd<'_>, meta: &Meta, owners: bool) -> Result<(), FsError> {
+    apply_meta(fd, meta, owners).map_err(|(op, e)| fail(op, "<staged file>", e))
+}
+
+/// Owner, then mode (chown clears setuid/setgid), then times.
+fn apply_meta(fd: BorrowedFd<'_>, meta: &Meta, owners: bool) -> Result<(), (&'static str, Errno)> {
+    if owners {
+        rustix::fs::fchown(
+            fd,
+            Some(Uid::from_raw(meta.uid)),
+            Some(Gid::from_raw(meta.gid)),
+        )
+        .map_err(|e| ("fchown", e))?;
+    }
+    rustix::fs::fchmod(fd, perm(meta)).map_err(|e| ("fchmod", e))?;
+    rustix::fs::futimens(fd, &timestamps(meta)).map_err(|e| ("futimens", e))?;
+    Ok(())
+}
+
+impl Root {
     fn clean_staging(&self) -> Result<(), FsError> {
         let fd = open_beneath(self.staging.as_fd(), b".", DIR_READ_OFLAGS)
             .map_err(|e| fail("open staging", self.path.join(STAGING_DIR), e))?;
@@ -575,6 +588,17 @@ impl Root {
     /// Applies meta to the staged file (fchown if root, fchmod, futimens mtime; atime = mtime).
     /// Call it after the last write: a later write moves the mtime again. Its changes are
     /// made durable by the file's fsync.
+    /// Refuses metadata a staged file cannot take (before it is queued for
+    /// [`apply_staged_meta`] on another thread).
+    pub fn check_staged_meta(&self, meta: &Meta) -> Result<(), FsError> {
+        self.check_meta(b"<staged file>", meta)
+    }
+
+    /// Whether owners are applied (running as root).
+    pub fn owners(&self) -> bool {
+        self.owners
+    }
+
     pub fn finish_staged(&self, fd: &OwnedFd, meta: &Meta) -> Result<(), FsError> {
         self.check_meta(b"<staged file>", meta)?;
         self.apply_meta_fd(fd.as_fd(), meta)

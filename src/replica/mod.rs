@@ -8,6 +8,7 @@ pub mod index;
 pub mod receiver;
 pub use receiver::Durability;
 pub mod sender;
+pub mod stager;
 pub mod stats;
 
 use std::path::Path;

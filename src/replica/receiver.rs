@@ -21,6 +21,7 @@ use xxhash_rust::xxh3::Xxh3;
 
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind};
+use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
 use super::Excludes;
 use crate::link::{FrameReader, FrameWriter, LinkError};
@@ -66,7 +67,7 @@ struct Incoming {
     rel: PathBuf,
     /// The staged file; `None` once refused or failed: the data frames are
     /// read and dropped.
-    fd: Option<std::os::fd::OwnedFd>,
+    fd: Option<Arc<StagedFile>>,
     hasher: Xxh3,
     size: u64,
     written: u64,
@@ -123,6 +124,10 @@ pub struct Receiver {
     durability: Durability,
     inflight: Option<Commit>,
     flusher: Option<crate::io::SyncfsWorker>,
+    /// Syncfs durability: the writer thread for staged content (in front
+    /// of `flusher`), and the outcomes it reported, by seq.
+    stager: Option<Stager>,
+    done_files: std::collections::HashMap<u64, Result<Option<index::Stat>, FsError>>,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -190,6 +195,8 @@ impl Receiver {
             durability,
             inflight: None,
             flusher: None,
+            stager: None,
+            done_files: Default::default(),
         }
     }
 
@@ -206,11 +213,16 @@ impl Receiver {
     pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), RecvError> {
         let peer = r.peer().to_string();
         if self.durability == Durability::Syncfs && self.flusher.is_none() {
-            match crate::io::SyncfsWorker::start("hasync-flush") {
-                Ok(f) => self.flusher = Some(f),
+            let started = crate::io::SyncfsWorker::start("hasync-flush")
+                .and_then(|f| Ok((Stager::start(f.clone())?, f)));
+            match started {
+                Ok((stager, f)) => {
+                    self.flusher = Some(f);
+                    self.stager = Some(stager);
+                }
                 Err(e) => {
                     return Err(RecvError::Durability {
-                        path: PathBuf::from("<syncfs thread>"),
+                        path: PathBuf::from("<syncfs and staging threads>"),
                         source: e,
                     })
                 }
@@ -255,6 +267,13 @@ impl Receiver {
             drop(inc.fd);
             self.stores[inc.store].root.discard_staged(inc.seq);
         }
+        // Outcomes of this session's files must not meet the next session's
+        // sequence numbers.
+        if let Some(st) = &self.stager {
+            st.drained().await;
+            st.take_done().for_each(drop);
+        }
+        self.done_files.clear();
         self.save_indexes();
         result
     }
@@ -312,16 +331,17 @@ impl Receiver {
                 let Some(seq) = self.current.as_ref().map(|i| i.seq) else {
                     return Err(self.protocol(peer, "bulk data without a file"));
                 };
-                self.on_data(seq, &frame.payload, peer).await?;
+                let len = frame.payload.len();
+                self.on_data(seq, frame.payload, 0..len, peer).await?;
                 self.send_replies(w).await?;
                 continue;
             }
             if let Some(data) = SyncMsg::data_view(&frame) {
-                let (seq, bytes) = data.map_err(|source| RecvError::Malformed {
+                let (seq, range) = data.map_err(|source| RecvError::Malformed {
                     peer: peer.to_string(),
                     source,
                 })?;
-                self.on_data(seq, bytes, peer).await?;
+                self.on_data(seq, frame.payload, range, peer).await?;
                 self.send_replies(w).await?;
                 continue;
             }
@@ -384,10 +404,12 @@ impl Receiver {
         &self,
         roots: Vec<PathBuf>,
     ) -> tokio::sync::oneshot::Receiver<crate::io::FlushResult> {
-        match &self.flusher {
-            Some(f) => f.flush(roots),
+        match (&self.stager, &self.flusher) {
+            // After every write queued before it.
+            (Some(st), _) => st.flush(roots),
+            (None, Some(f)) => f.flush(roots),
             // `serve` starts the thread before any commit in syncfs mode.
-            None => {
+            (None, None) => {
                 let (reply, rx) = tokio::sync::oneshot::channel();
                 let _ = reply.send(Err("no syncfs thread".into()));
                 rx
@@ -463,7 +485,31 @@ impl Receiver {
                 self.local_failure(f.seq, f.store, &f.rel, &err, peer);
                 continue;
             }
-            self.land_one(f.store, f.seq, f.rel, f.hash, f.size, f.st, peer);
+            let st = if self.stager.is_some() {
+                // The staging thread's outcome for this file: it arrived
+                // before the flush that covered the file reported.
+                if let Some(stager) = &self.stager {
+                    self.done_files
+                        .extend(stager.take_done().map(|d| (d.seq, d.res)));
+                }
+                match self.done_files.remove(&f.seq) {
+                    Some(Ok(st)) => st,
+                    Some(Err(e)) => {
+                        self.stores[f.store].root.discard_staged(f.seq);
+                        self.local_failure(f.seq, f.store, &f.rel, &e, peer);
+                        continue;
+                    }
+                    None => {
+                        error!(path = %f.rel.display(), "no outcome from the staging thread; re-requested");
+                        self.stores[f.store].root.discard_staged(f.seq);
+                        self.need(f.seq, f.store, &f.rel, NeedReason::LocalError);
+                        continue;
+                    }
+                }
+            } else {
+                f.st
+            };
+            self.land_one(f.store, f.seq, f.rel, f.hash, f.size, st, peer);
         }
     }
 
@@ -637,7 +683,8 @@ impl Receiver {
     async fn handle(&mut self, msg: SyncMsg, peer: &str) -> Result<(), RecvError> {
         // Data frames belong to the file being received; anything else ends it.
         if let SyncMsg::Data { seq, bytes } = msg {
-            return self.on_data(seq, &bytes, peer).await;
+            let len = bytes.len();
+            return self.on_data(seq, bytes, 0..len, peer).await;
         }
         if self.current.is_some() {
             return Err(self.protocol(peer, "file ended before all its data arrived"));
@@ -695,7 +742,7 @@ impl Receiver {
                     inc.failure = Some(NeedReason::LocalError);
                 } else {
                     match self.stores[s].root.create_staged(seq) {
-                        Ok(fd) => inc.fd = Some(fd),
+                        Ok(fd) => inc.fd = Some(StagedFile::new(fd)),
                         Err(e) => {
                             inc.failure = Some(if e.is_no_space() {
                                 NeedReason::NoSpace
@@ -884,7 +931,14 @@ impl Receiver {
         Ok(())
     }
 
-    async fn on_data(&mut self, seq: u64, bytes: &[u8], peer: &str) -> Result<(), RecvError> {
+    async fn on_data(
+        &mut self,
+        seq: u64,
+        buf: Vec<u8>,
+        range: std::ops::Range<usize>,
+        peer: &str,
+    ) -> Result<(), RecvError> {
+        let bytes = &buf[range.clone()];
         let Some(inc) = self.current.as_mut() else {
             return Err(self.protocol(peer, format!("data for seq {seq} without a file")));
         };
@@ -897,8 +951,12 @@ impl Receiver {
         let offset = inc.written;
         inc.written += bytes.len() as u64;
         inc.hasher.update(bytes);
-        if let Some(fd) = &inc.fd {
-            if let Err(e) = crate::io::pwrite_all(fd.as_fd(), bytes, offset) {
+        if let (Some(file), Some(stager)) = (&inc.fd, &self.stager) {
+            // Written on the staging thread; a failure shows in its outcome.
+            let file = file.clone();
+            stager.write(&file, offset, buf, range).await;
+        } else if let Some(fd) = &inc.fd {
+            if let Err(e) = crate::io::pwrite_all(fd.fd(), bytes, offset) {
                 let no_space = matches!(e.raw_os_error(), Some(28) | Some(122));
                 warn!(path = %inc.rel.display(), "cannot write staged file: {e}");
                 inc.failure = Some(if no_space {
@@ -946,7 +1004,36 @@ impl Receiver {
             self.need(inc.seq, s, &inc.rel, NeedReason::HashMismatch);
             return;
         }
+        if let Some(stager) = &self.stager {
+            // Metadata is applied (and the file's state read) on the
+            // staging thread after its writes; the outcome arrives before
+            // any flush that covers the file reports.
+            let root = &self.stores[s].root;
+            if let Err(e) = root.check_staged_meta(&inc.meta) {
+                drop(fd);
+                self.stores[s].root.discard_staged(inc.seq);
+                self.local_failure(inc.seq, s, &inc.rel, &e, peer);
+                return;
+            }
+            stager.finish(inc.seq, fd, inc.meta, root.owners());
+            self.staged.push(Staged {
+                seq: inc.seq,
+                store: s,
+                rel: inc.rel,
+                hash: inc.hash,
+                size: inc.size,
+                st: None,
+                fsync: None,
+            });
+            return;
+        }
         // Metadata after the last write (a write would move the mtime).
+        let Some(fd) = fd.into_fd() else {
+            self.stores[s].root.discard_staged(inc.seq);
+            warn!(path = %inc.rel.display(), "staged file still shared; re-requested");
+            self.need(inc.seq, s, &inc.rel, NeedReason::LocalError);
+            return;
+        };
         let finished = self.stores[s].root.finish_staged(&fd, &inc.meta);
         let st = index::fstat(fd.as_fd()).ok().flatten();
         let fsync = match (&finished, self.durability) {

@@ -425,19 +425,20 @@ impl SyncMsg {
         encode_frame(Kind::Sync, &w.finish(), out);
     }
 
-    /// A `Data` frame's seq and bytes, borrowed from the frame (the
-    /// receiver writes them without a copy); `None` for any other message.
-    /// The same checks as [`SyncMsg::decode`].
-    pub fn data_view(frame: &Frame) -> Option<Result<(u64, &[u8]), WireError>> {
+    /// A `Data` frame's seq and where its bytes are in the frame's payload
+    /// (the receiver writes them from the frame, without a copy); `None`
+    /// for any other message. The same checks as [`SyncMsg::decode`].
+    pub fn data_view(frame: &Frame) -> Option<Result<(u64, std::ops::Range<usize>), WireError>> {
         if frame.kind != Kind::Sync || frame.payload.first() != Some(&tag::DATA) {
             return None;
         }
         let mut r = Reader::new(frame.kind, &frame.payload[1..]);
         Some((|| {
             let seq = r.u64("data.seq")?;
-            let bytes = r.blob32("data.bytes", MAX_DATA)?;
+            let len = r.blob32("data.bytes", MAX_DATA)?.len();
             r.finish()?;
-            Ok((seq, bytes))
+            let end = frame.payload.len();
+            Ok((seq, end - len..end))
         })())
     }
 
@@ -707,10 +708,8 @@ mod tests {
         }
         .encode(&mut f);
         let (frame, _) = crate::wire::decode_frame(&f).unwrap().unwrap();
-        assert_eq!(
-            SyncMsg::data_view(&frame).unwrap().unwrap(),
-            (9, &b"content"[..])
-        );
+        let (seq, range) = SyncMsg::data_view(&frame).unwrap().unwrap();
+        assert_eq!((seq, &frame.payload[range]), (9, &b"content"[..]));
         let mut bad = frame.clone();
         bad.payload.push(0);
         assert!(SyncMsg::data_view(&bad).unwrap().is_err(), "trailing bytes");
