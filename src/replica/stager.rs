@@ -214,3 +214,71 @@ impl Stager {
         let _ = self.jobs.send(job);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            mode: 0o640,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_600_000_000,
+            mtime_nsec: 5,
+        }
+    }
+
+    #[test]
+    fn outcomes_are_in_before_a_later_flush_reports_and_content_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let stager = Stager::start(SyncfsWorker::start("test-flush").unwrap()).unwrap();
+        let path = dir.path().join("staged");
+        let fd: OwnedFd = std::fs::File::create(&path).unwrap().into();
+        let file = StagedFile::new(fd);
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let flushed = tokio_uring::start(async {
+            // Two frames' worth, each handed over with its whole buffer.
+            let mut framed = b"HEADER".to_vec();
+            framed.extend_from_slice(&body[..100_000]);
+            stager.write(&file, 0, framed, 6..100_006).await;
+            stager
+                .write(&file, 100_000, body[100_000..].to_vec(), 0..200_000)
+                .await;
+            stager.finish(7, file, meta(), false);
+            stager.flush(vec![dir.path().to_path_buf()]).await
+        });
+        assert_eq!(flushed.expect("flush answered"), Ok(()));
+        let done: Vec<Done> = stager.take_done().collect();
+        assert_eq!(done.len(), 1, "the outcome is in when the flush reports");
+        assert_eq!(done[0].seq, 7);
+        let st = done[0].res.as_ref().unwrap().as_ref().unwrap();
+        assert_eq!(st.version.size, body.len() as u64);
+        assert!(std::fs::read(&path).unwrap() == body);
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (m.mode() & 0o7777, m.mtime(), m.mtime_nsec()),
+            (0o640, 1_600_000_000, 5)
+        );
+    }
+
+    #[test]
+    fn a_failed_write_is_the_files_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let stager = Stager::start(SyncfsWorker::start("test-flush").unwrap()).unwrap();
+        // A read-only descriptor: every write fails.
+        std::fs::write(dir.path().join("ro"), b"").unwrap();
+        let fd: OwnedFd = std::fs::File::open(dir.path().join("ro")).unwrap().into();
+        let file = StagedFile::new(fd);
+        tokio_uring::start(async {
+            stager.write(&file, 0, b"data".to_vec(), 0..4).await;
+            stager.finish(3, file, meta(), false);
+            stager.drained().await;
+        });
+        let done: Vec<Done> = stager.take_done().collect();
+        assert_eq!(done.len(), 1);
+        let err = done[0].res.as_ref().err().expect("the write failed");
+        assert!(err.to_string().contains("write"), "{err}");
+    }
+}
