@@ -278,7 +278,7 @@ mod tests {
         });
         let done: Vec<Done> = stager.take_done().collect();
         assert_eq!(done.len(), 1);
-        let err = done[0].res.as_ref().err().expect("the write failed");
+        let err = done[0].res.as_ref().expect_err("the write failed");
         assert!(err.to_string().contains("write"), "{err}");
     }
 }
