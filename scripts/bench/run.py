@@ -831,8 +831,6 @@ class Bench:
             self.step("initial sync", self.initial_sync)
         if want("incremental"):
             self.step("incremental", self.incremental)
-        if want("large"):
-            self.step("large files", self.large_files)
         if want("lag"):
             self.step("lag", self.lag)
         if want("lsyncd"):
@@ -841,6 +839,10 @@ class Bench:
             self.step("queue push", self.queue_push)
         if want("failover"):
             self.step("failover", self.failover)
+        # After the lag runs: its gigabytes of writes would still be on
+        # their way to the disk during them.
+        if want("large"):
+            self.step("large files", self.large_files)
         if self.args.rss_messages and want("rss"):
             self.step("rss large", self.rss_large)
         elif want("rss"):
