@@ -33,6 +33,9 @@ const SPLICE_F_MOVE: u32 = 1;
 const SPLICE_F_NONBLOCK: u32 = 2;
 const SPLICE_F_MORE: u32 = 4;
 const MSG_MORE: i32 = 0x8000;
+const MSG_WAITALL: i32 = 0x100;
+const EINVAL: i32 = 22;
+const EOPNOTSUPP: i32 = 95;
 const ECANCELED: i32 = 125;
 const EAGAIN: i32 = 11;
 
@@ -85,6 +88,7 @@ impl SplicePump {
             sock: sock.clone(),
             chunk,
             header: Box::new([0; BULK_HEADER_LEN]),
+            ring_failed: false,
         };
         let thread = std::thread::Builder::new()
             .name("hasync-splice".into())
@@ -120,10 +124,10 @@ impl Drop for SplicePump {
         self.jobs = None;
         // Ends a send in progress (its splice into the socket fails) and
         // tells the peer the session is over.
+        // Not joined: a file splice stuck on hung storage must not stop
+        // the event loop; the thread ends once its send fails or finishes.
         let _ = rustix::net::shutdown(&*self.sock, Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.thread = None;
     }
 }
 
@@ -137,6 +141,8 @@ struct Pump {
     /// The current chunk's header, on the heap so that it can be leaked if
     /// the ring fails with ops possibly still reading it.
     header: Box<[u8; BULK_HEADER_LEN]>,
+    /// A submission failed: ops may still be pending in the kernel.
+    ring_failed: bool,
 }
 
 /// One completion's result: bytes, or the errno.
@@ -144,16 +150,27 @@ type Res = Result<u32, i32>;
 
 impl Pump {
     fn serve(mut self, jobs: crossbeam_channel::Receiver<Job>) {
-        for job in jobs {
-            let res = self.send_file(job.file.as_raw_fd(), job.len);
-            let failed = res.is_err();
-            let _ = job.done.send(res);
-            if failed {
-                // The stream is out of step; the session drops the socket.
-                // Ops of a failed submission may still read the header:
-                // leak its 16 bytes rather than free them under the kernel.
-                Box::leak(self.header);
+        for Job { file, len, done } in jobs {
+            let res = self.send_file(file.as_raw_fd(), len);
+            let outcome = match &res {
+                Ok(_) => None,
+                Err(e) => Some(e.kind()),
+            };
+            let _ = done.send(res);
+            if self.ring_failed {
+                // Ops of a failed submission may still be pending: leak
+                // everything they name (header, pipe, socket, ring, file)
+                // rather than free or close it under the kernel.
+                std::mem::forget(file);
+                std::mem::forget(self);
                 return;
+            }
+            match outcome {
+                // Nothing went out: the stream is in step, the sender
+                // sends this file (and the next) another way.
+                None | Some(io::ErrorKind::Unsupported) => {}
+                // The stream is out of step; the session drops the socket.
+                Some(_) => return,
             }
         }
     }
@@ -184,8 +201,10 @@ impl Pump {
                 .flags(SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
                 .build()
                 .flags(squeue::Flags::IO_LINK),
+            // MSG_WAITALL: a short header send must fail the chain rather
+            // than let the payload follow it (without it, any count counts).
             opcode::Send::new(types::Fd(sock), hdr, BULK_HEADER_LEN as u32)
-                .flags(MSG_MORE)
+                .flags(MSG_MORE | MSG_WAITALL)
                 .build()
                 .flags(squeue::Flags::IO_LINK),
             opcode::Splice::new(types::Fd(pipe_r), -1, types::Fd(sock), -1, want)
@@ -197,6 +216,11 @@ impl Pump {
         let mut in_pipe = match r_in {
             Ok(n) => n,
             Err(EAGAIN) => 0,
+            // A filesystem without splice, before anything went out.
+            Err(e @ (EINVAL | EOPNOTSUPP)) if pos == 0 && r_hdr == Err(ECANCELED) => {
+                let err = errno(e, "splice from the file");
+                return Err(io::Error::new(io::ErrorKind::Unsupported, err));
+            }
             Err(e) => return Err(errno(e, "splice from the file")),
         };
         let mut hdr_sent = match r_hdr {
@@ -283,18 +307,20 @@ impl Pump {
     fn run<const N: usize>(&mut self, ops: &[squeue::Entry; N]) -> io::Result<[Res; N]> {
         for (i, op) in ops.iter().enumerate() {
             let op = op.clone().user_data(i as u64);
-            // SAFETY: every buffer an op names outlives it: the header is
-            // `self.header` (rewritten only between chains, leaked if the
-            // ring fails, see `serve`), padding is the static `ZEROS`, and
-            // on success this function returns only after the kernel has
-            // completed all `N` ops (below). Descriptors are referenced by
-            // the kernel from submission on, so closing one early cannot
-            // make an op touch another file.
+            // SAFETY: every buffer and descriptor an op names outlives it:
+            // the header is `self.header` (rewritten only between chains),
+            // padding is the static `ZEROS`, and on success this function
+            // returns only after the kernel has completed all `N` ops
+            // (below). If a submission fails, `ring_failed` makes `serve`
+            // leak the header, pipe, socket, ring and file instead of
+            // freeing or closing them (a linked op looks its descriptor up
+            // only when it runs, so a closed and reused number would be
+            // another file).
             unsafe {
-                self.ring
-                    .submission()
-                    .push(&op)
-                    .map_err(|_| io::Error::other("splice ring is full"))?;
+                self.ring.submission().push(&op).map_err(|_| {
+                    self.ring_failed = true;
+                    io::Error::other("splice ring is full")
+                })?;
             }
         }
         let mut res = [Err(ECANCELED); N];
@@ -303,7 +329,10 @@ impl Pump {
             match self.ring.submit_and_wait(N - seen) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(4) => continue, // EINTR
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.ring_failed = true;
+                    return Err(e);
+                }
             }
             for cqe in self.ring.completion() {
                 let r = cqe.result();

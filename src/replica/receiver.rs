@@ -138,7 +138,8 @@ const MAX_STAGED_FILES: usize = 2048;
 const READ_AHEAD_FRAMES: usize = 4096;
 const READ_AHEAD_BYTES: usize = 4 << 20;
 
-/// A frame read ahead, holding its share of the read-ahead byte budget.
+/// A frame read ahead, holding its share of the read-ahead byte budget
+/// while it waits in the channel (released when the loop takes it).
 type ReadAhead = Result<(Frame, Instant, tokio::sync::OwnedSemaphorePermit), LinkError>;
 
 /// A group commit in flight: every barrier seen when it started, and the
@@ -477,6 +478,11 @@ impl Receiver {
                 // and ask again (STYLE: latch I/O failures).
                 error!("flush failed: {why}; {} is re-requested", f.rel.display());
                 self.stores[f.store].root.discard_staged(f.seq);
+                if let Some(stager) = &self.stager {
+                    self.done_files
+                        .extend(stager.take_done().map(|d| (d.seq, d.res)));
+                }
+                self.done_files.remove(&f.seq);
                 let err = FsError::Io {
                     op: "flush",
                     path: f.rel.display().to_string(),

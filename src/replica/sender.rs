@@ -1519,18 +1519,33 @@ impl Sender {
         w.send_bytes(out).await?;
         if let Some(pump) = self.splice_pump(w) {
             let fd = crate::io::dup_fd(&file).map_err(local)?;
-            let sent = pump.send(fd, len).await.map_err(|source| LinkError::Io {
-                peer: w.peer(),
-                op: "splice",
-                source,
-            })?;
-            if sent.padded > 0 {
-                tracing::debug!(path = %abs.display(), padded = sent.padded, "file shrank while spliced; the peer will ask again");
+            match pump.send(fd, len).await {
+                Ok(sent) => {
+                    if sent.padded > 0 {
+                        tracing::debug!(path = %abs.display(), padded = sent.padded, "file shrank while spliced; the peer will ask again");
+                    }
+                    add(&self.stats.files_spliced, 1);
+                    add(&self.stats.bytes_spliced, len);
+                    let _ = file.close().await;
+                    return Ok(Some((hash, len)));
+                }
+                // Nothing went out: read this file (and the next) instead.
+                Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+                    warn!(path = %abs.display(), "zero-copy sending unsupported here, large files are read instead: {e}");
+                    *self.stats.last_error.lock().expect("error lock") =
+                        Some(format!("zero-copy sending unsupported: {e}"));
+                    // The pump stays (idle): dropping it would end the session.
+                    self.zero_copy = false;
+                }
+                Err(source) => {
+                    return Err(LinkError::Io {
+                        peer: w.peer(),
+                        op: "splice",
+                        source,
+                    }
+                    .into())
+                }
             }
-            add(&self.stats.files_spliced, 1);
-            add(&self.stats.bytes_spliced, len);
-            let _ = file.close().await;
-            return Ok(Some((hash, len)));
         }
         let mut pos = 0u64;
         while pos < len {
