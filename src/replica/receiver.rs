@@ -1118,6 +1118,17 @@ impl Receiver {
             if !unchanged && !same && cur.kind != Kind::Dir {
                 self.keep_aside(s, &rel);
             }
+            // The same content and metadata already here under a name that
+            // shares its inode (a message linked into another folder while
+            // its first copy was in flight): keep the inode, so the link
+            // stays a link, instead of renaming a copy over it.
+            if same && cur.nlink > 1 && staged.is_some_and(|st| st.meta == cur.meta) {
+                self.stores[s].root.discard_staged(seq);
+                add(&self.stats.files_landed, 1);
+                add(&self.stats.bytes_landed, size);
+                self.stores[s].index.set(rel, Entry::new(&cur, hash, true));
+                return;
+            }
         }
         match self.stores[s].root.land(seq, &rel, false) {
             Ok(parent) => {

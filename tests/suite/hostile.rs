@@ -198,7 +198,18 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         let mut tampered = big.clone();
         tampered[1_200_000] ^= 1;
         bulk_file(15, b"fine/cur/bulk-bad", &tampered, &big, &mut out);
-        SyncMsg::Barrier { seq: 15 }.encode(&mut out);
+        // A message sent, linked into another folder, then sent again
+        // unchanged (its link event raced its first copy): one inode stays.
+        file(16, b"fine/cur/linked", b"linked message", &mut out);
+        SyncMsg::Link {
+            seq: 17,
+            store: 0,
+            existing: b"fine/cur/linked".to_vec(),
+            path: b"other/cur/linked-copy".to_vec(),
+        }
+        .encode(&mut out);
+        file(18, b"fine/cur/linked", b"linked message", &mut out);
+        SyncMsg::Barrier { seq: 18 }.encode(&mut out);
         w.send_bytes(out).await.unwrap();
 
         let mut replies = Vec::new();
@@ -208,7 +219,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
                 .expect("the daemon answers the barrier")
                 .unwrap();
             let m = SyncMsg::decode(&f).unwrap();
-            let done = matches!(m, SyncMsg::Ack { seq: 15 });
+            let done = matches!(m, SyncMsg::Ack { seq: 18 });
             replies.push(m);
             if done {
                 break;
@@ -216,7 +227,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         }
         // 3. A corrupted frame: the daemon drops the connection.
         let mut bad = Vec::new();
-        file(16, b"fine/cur/after-bad-frame", b"y", &mut bad);
+        file(19, b"fine/cur/after-bad-frame", b"y", &mut bad);
         let n = bad.len();
         bad[n - 3] ^= 0xff;
         w.send_bytes(bad).await.unwrap();
@@ -259,6 +270,16 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
     assert!(!inbox.join("fine/cur/after-bad-frame").exists());
     let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
     assert!(std::fs::read(inbox.join("fine/cur/bulk-good")).unwrap() == big);
+    {
+        use std::os::unix::fs::MetadataExt;
+        let a = std::fs::metadata(inbox.join("fine/cur/linked")).unwrap();
+        let b = std::fs::metadata(inbox.join("other/cur/linked-copy")).unwrap();
+        assert_eq!(
+            (a.ino(), a.nlink()),
+            (b.ino(), 2),
+            "resending unchanged content keeps the hard link"
+        );
+    }
     assert!(
         !inbox.join("fine/cur/bulk-bad").exists(),
         "bulk content that does not match its hash never lands"
