@@ -22,22 +22,27 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, squeue, types, IoUring};
-use rustix::net::Shutdown;
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags, Shutdown};
+use rustix::pipe::SpliceFlags;
 
 use crate::wire::{bulk_header, BULK_HEADER_LEN, MAX_BULK_PAYLOAD};
 
 /// Padding for a file that shrank while it was sent.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
-const SPLICE_F_MOVE: u32 = 1;
-const SPLICE_F_NONBLOCK: u32 = 2;
-const SPLICE_F_MORE: u32 = 4;
-const MSG_MORE: i32 = 0x8000;
-const MSG_WAITALL: i32 = 0x100;
-const EINVAL: i32 = 22;
-const EOPNOTSUPP: i32 = 95;
-const ECANCELED: i32 = 125;
-const EAGAIN: i32 = 11;
+const SPLICE_F_MOVE: u32 = SpliceFlags::MOVE.bits();
+const SPLICE_F_NONBLOCK: u32 = SpliceFlags::NONBLOCK.bits();
+const SPLICE_F_MORE: u32 = SpliceFlags::MORE.bits();
+const MSG_MORE: i32 = SendFlags::MORE.bits() as i32;
+/// The MSG_WAITALL bit (rustix files it under receive flags); io_uring's
+/// send honours it too.
+const MSG_WAITALL: i32 = RecvFlags::WAITALL.bits() as i32;
+const EINVAL: i32 = Errno::INVAL.raw_os_error();
+const EOPNOTSUPP: i32 = Errno::OPNOTSUPP.raw_os_error();
+const ECANCELED: i32 = Errno::CANCELED.raw_os_error();
+const EAGAIN: i32 = Errno::AGAIN.raw_os_error();
+const EINTR: i32 = Errno::INTR.raw_os_error();
 
 /// What sending one file took.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -304,18 +309,18 @@ impl Pump {
 
     /// Submits `ops` (a chain or one op), waits for all of them, and returns
     /// their results in order.
+    ///
+    /// Every buffer and descriptor an op names outlives it: the header is
+    /// `self.header` (rewritten only between chains), padding is the static
+    /// `ZEROS`, and on success this returns only after the kernel completed
+    /// all `N` ops. If a submission fails, `ring_failed` makes `serve` leak
+    /// the header, pipe, socket, ring and file instead of freeing or closing
+    /// them (a linked op looks its descriptor up only when it runs, so a
+    /// closed and reused number would be another file).
     fn run<const N: usize>(&mut self, ops: &[squeue::Entry; N]) -> io::Result<[Res; N]> {
         for (i, op) in ops.iter().enumerate() {
             let op = op.clone().user_data(i as u64);
-            // SAFETY: every buffer and descriptor an op names outlives it:
-            // the header is `self.header` (rewritten only between chains),
-            // padding is the static `ZEROS`, and on success this function
-            // returns only after the kernel has completed all `N` ops
-            // (below). If a submission fails, `ring_failed` makes `serve`
-            // leak the header, pipe, socket, ring and file instead of
-            // freeing or closing them (a linked op looks its descriptor up
-            // only when it runs, so a closed and reused number would be
-            // another file).
+            // SAFETY: what `op` names outlives it (see this function's doc).
             unsafe {
                 self.ring.submission().push(&op).map_err(|_| {
                     self.ring_failed = true;
@@ -328,7 +333,7 @@ impl Pump {
         while seen < N {
             match self.ring.submit_and_wait(N - seen) {
                 Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(4) => continue, // EINTR
+                Err(e) if e.raw_os_error() == Some(EINTR) => continue,
                 Err(e) => {
                     self.ring_failed = true;
                     return Err(e);

@@ -100,6 +100,18 @@ impl FsError {
     pub fn is_no_space(&self) -> bool {
         matches!(self, FsError::NoSpace { .. })
     }
+    /// An I/O error of `op` on `path`, as [`FsError::NoSpace`] if the disk
+    /// or quota is full.
+    pub fn from_io(op: &'static str, path: impl AsRef<Path>, e: std::io::Error) -> FsError {
+        match e.raw_os_error() {
+            Some(n) => fail(op, path, Errno::from_raw_os_error(n)),
+            None => FsError::Io {
+                op,
+                path: path.as_ref().to_string_lossy().into_owned(),
+                source: e,
+            },
+        }
+    }
 }
 
 /// Metadata carried with every file/dir/symlink: the wire's own type.

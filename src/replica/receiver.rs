@@ -73,7 +73,6 @@ struct Incoming {
     written: u64,
     hash: u128,
     meta: Meta,
-    failure: Option<NeedReason>,
 }
 
 /// A file whose content and metadata are written (descriptor closed) and
@@ -472,16 +471,18 @@ impl Receiver {
     /// Renames files whose data flush finished into place (or, if it
     /// failed, drops them and asks for them again).
     fn land_flushed(&mut self, files: Vec<Staged>, res: &crate::io::FlushResult, peer: &str) {
+        // The staging thread's outcomes for these files arrived before the
+        // flush that covered them reported.
+        if let Some(stager) = &self.stager {
+            self.done_files
+                .extend(stager.take_done().map(|d| (d.seq, d.res)));
+        }
         for f in files {
             if let Err(why) = res {
                 // Never call a file durable after a failed flush: drop it
                 // and ask again (STYLE: latch I/O failures).
                 error!("flush failed: {why}; {} is re-requested", f.rel.display());
                 self.stores[f.store].root.discard_staged(f.seq);
-                if let Some(stager) = &self.stager {
-                    self.done_files
-                        .extend(stager.take_done().map(|d| (d.seq, d.res)));
-                }
                 self.done_files.remove(&f.seq);
                 let err = FsError::Io {
                     op: "flush",
@@ -492,12 +493,6 @@ impl Receiver {
                 continue;
             }
             let st = if self.stager.is_some() {
-                // The staging thread's outcome for this file: it arrived
-                // before the flush that covered the file reported.
-                if let Some(stager) = &self.stager {
-                    self.done_files
-                        .extend(stager.take_done().map(|d| (d.seq, d.res)));
-                }
                 match self.done_files.remove(&f.seq) {
                     Some(Ok(st)) => st,
                     Some(Err(e)) => {
@@ -742,23 +737,15 @@ impl Receiver {
                     written: 0,
                     hash,
                     meta,
-                    failure: None,
                 };
-                if rel.is_none() {
-                    inc.failure = Some(NeedReason::LocalError);
-                } else {
+                // A refused path was answered by `check`; its data frames
+                // are read and dropped.
+                if rel.is_some() {
                     match self.stores[s].root.create_staged(seq) {
                         Ok(fd) => inc.fd = Some(StagedFile::new(fd)),
                         Err(e) => {
-                            inc.failure = Some(if e.is_no_space() {
-                                NeedReason::NoSpace
-                            } else {
-                                NeedReason::LocalError
-                            });
-                            let rel = inc.rel.clone();
+                            let rel = std::mem::take(&mut inc.rel);
                             self.local_failure(seq, s, &rel, &e, peer);
-                            inc.failure = None;
-                            inc.rel = PathBuf::new();
                         }
                     }
                 }
@@ -961,17 +948,9 @@ impl Receiver {
             // Written on the staging thread; a failure shows in its outcome.
             let file = file.clone();
             stager.write(&file, offset, buf, range).await;
-        } else if let Some(fd) = &inc.fd {
-            if let Err(e) = crate::io::pwrite_all(fd.fd(), bytes, offset) {
-                let no_space = matches!(e.raw_os_error(), Some(28) | Some(122));
-                warn!(path = %inc.rel.display(), "cannot write staged file: {e}");
-                inc.failure = Some(if no_space {
-                    NeedReason::NoSpace
-                } else {
-                    NeedReason::LocalError
-                });
-                inc.fd = None;
-            }
+        } else if let Some(file) = &inc.fd {
+            // A failure is kept with the file and reported when it is complete.
+            file.write(bytes, offset);
         }
         let done = self.current.as_ref().is_some_and(|i| i.written == i.size);
         if done {
@@ -989,16 +968,7 @@ impl Receiver {
             return; // refused earlier; already answered
         }
         let Some(fd) = inc.fd else {
-            self.stores[s].root.discard_staged(inc.seq);
-            match inc.failure {
-                Some(NeedReason::NoSpace) => {
-                    if !self.stats.disk_full.swap(true, Relaxed) {
-                        error!(alarm = true, "ALARM: disk full on the replica: replication paused until space returns");
-                    }
-                    self.need(inc.seq, s, &inc.rel, NeedReason::NoSpace);
-                }
-                _ => self.need(inc.seq, s, &inc.rel, NeedReason::LocalError),
-            }
+            // Its staged file could not be created (already answered).
             return;
         };
         let got = inc.hasher.digest128();
@@ -1010,7 +980,7 @@ impl Receiver {
             self.need(inc.seq, s, &inc.rel, NeedReason::HashMismatch);
             return;
         }
-        if let Some(stager) = &self.stager {
+        let (st, fsync) = if let Some(stager) = &self.stager {
             // Metadata is applied (and the file's state read) on the
             // staging thread after its writes; the outcome arrives before
             // any flush that covers the file reports.
@@ -1022,39 +992,38 @@ impl Receiver {
                 return;
             }
             stager.finish(inc.seq, fd, inc.meta, root.owners());
-            self.staged.push(Staged {
-                seq: inc.seq,
-                store: s,
-                rel: inc.rel,
-                hash: inc.hash,
-                size: inc.size,
-                st: None,
-                fsync: None,
+            (None, None)
+        } else {
+            let written = match fd.take_failure() {
+                Some(e) => Err(e),
+                None => fd.into_fd().ok_or_else(|| FsError::Io {
+                    op: "finish",
+                    path: "<staged file>".into(),
+                    source: std::io::Error::other("staged file still shared"),
+                }),
+            };
+            // Metadata after the last write (a write would move the mtime).
+            let finished = written.and_then(|fd| {
+                self.stores[s].root.finish_staged(&fd, &inc.meta)?;
+                Ok(fd)
             });
-            return;
-        }
-        // Metadata after the last write (a write would move the mtime).
-        let Some(fd) = fd.into_fd() else {
-            self.stores[s].root.discard_staged(inc.seq);
-            warn!(path = %inc.rel.display(), "staged file still shared; re-requested");
-            self.need(inc.seq, s, &inc.rel, NeedReason::LocalError);
-            return;
-        };
-        let finished = self.stores[s].root.finish_staged(&fd, &inc.meta);
-        let st = index::fstat(fd.as_fd()).ok().flatten();
-        let fsync = match (&finished, self.durability) {
-            (Ok(()), Durability::Fsync) => Some(crate::io::fsync_owned(fd)),
-            // The grouped flush needs no descriptor.
-            _ => {
-                drop(fd);
-                None
+            match finished {
+                Ok(fd) => {
+                    let st = index::fstat(fd.as_fd()).ok().flatten();
+                    let fsync = match self.durability {
+                        Durability::Fsync => Some(crate::io::fsync_owned(fd)),
+                        // The grouped flush needs no descriptor.
+                        Durability::Syncfs => None,
+                    };
+                    (st, fsync)
+                }
+                Err(e) => {
+                    self.stores[s].root.discard_staged(inc.seq);
+                    self.local_failure(inc.seq, s, &inc.rel, &e, peer);
+                    return;
+                }
             }
         };
-        if let Err(e) = finished {
-            self.stores[s].root.discard_staged(inc.seq);
-            self.local_failure(inc.seq, s, &inc.rel, &e, peer);
-            return;
-        }
         self.staged.push(Staged {
             seq: inc.seq,
             store: s,

@@ -54,24 +54,22 @@ impl StagedFile {
         Arc::try_unwrap(self).ok().map(|f| f.fd)
     }
 
-    fn write(&self, buf: &[u8], offset: u64) {
+    /// Writes `buf` at `offset` (here, or on the staging thread); after a
+    /// failure, later writes are skipped and [`StagedFile::take_failure`]
+    /// reports it.
+    pub fn write(&self, buf: &[u8], offset: u64) {
         let mut failed = self.failed.lock().expect("staged file lock");
         if failed.is_some() {
             return;
         }
         if let Err(e) = crate::io::pwrite_all(self.fd.as_fd(), buf, offset) {
-            *failed = Some(match e.raw_os_error() {
-                Some(28) | Some(122) => FsError::NoSpace {
-                    op: "write",
-                    path: "<staged file>".into(),
-                },
-                _ => FsError::Io {
-                    op: "write",
-                    path: "<staged file>".into(),
-                    source: e,
-                },
-            });
+            *failed = Some(FsError::from_io("write", "<staged file>", e));
         }
+    }
+
+    /// The first write that failed, if any.
+    pub fn take_failure(&self) -> Option<FsError> {
+        self.failed.lock().expect("staged file lock").take()
     }
 }
 
@@ -131,8 +129,7 @@ impl Stager {
                             meta,
                             owners,
                         } => {
-                            let failed = file.failed.lock().expect("staged file lock").take();
-                            let res = match failed {
+                            let res = match file.take_failure() {
                                 Some(e) => Err(e),
                                 // Metadata after the last write (a write moves the mtime).
                                 None => apply_staged_meta(file.fd.as_fd(), &meta, owners)

@@ -188,17 +188,7 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         return Ok(None);
     }
     let body_end = HEADER_LEN + len as usize;
-    let computed = xxh3_64(&buf[..body_end]);
-    let mut claimed_bytes = [0u8; 8];
-    claimed_bytes.copy_from_slice(&buf[body_end..total]);
-    let claimed = u64::from_le_bytes(claimed_bytes);
-    if computed != claimed {
-        return Err(WireError::BadChecksum {
-            kind,
-            computed,
-            claimed,
-        });
-    }
+    check_sum(kind, &buf[..body_end], &buf[body_end..total])?;
     Ok(Some((
         Frame {
             kind,
@@ -208,22 +198,32 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
     )))
 }
 
+/// `covered`'s xxh3-64 must be the 8 little-endian bytes `sum`.
+fn check_sum(kind: Kind, covered: &[u8], sum: &[u8]) -> Result<(), WireError> {
+    let computed = xxh3_64(covered);
+    let mut claimed_bytes = [0u8; 8];
+    claimed_bytes.copy_from_slice(sum);
+    let claimed = u64::from_le_bytes(claimed_bytes);
+    if computed != claimed {
+        return Err(WireError::BadChecksum {
+            kind,
+            computed,
+            claimed,
+        });
+    }
+    Ok(())
+}
+
 /// The rest of a `Bulk` frame whose common header (`len`) was checked.
 fn decode_bulk(buf: &[u8], len: u32) -> Result<Option<(Frame, usize)>, WireError> {
     if buf.len() < BULK_HEADER_LEN {
         return Ok(None);
     }
-    let computed = xxh3_64(&buf[..HEADER_LEN]);
-    let mut claimed_bytes = [0u8; 8];
-    claimed_bytes.copy_from_slice(&buf[HEADER_LEN..BULK_HEADER_LEN]);
-    let claimed = u64::from_le_bytes(claimed_bytes);
-    if computed != claimed {
-        return Err(WireError::BadChecksum {
-            kind: Kind::Bulk,
-            computed,
-            claimed,
-        });
-    }
+    check_sum(
+        Kind::Bulk,
+        &buf[..HEADER_LEN],
+        &buf[HEADER_LEN..BULK_HEADER_LEN],
+    )?;
     let total = BULK_HEADER_LEN + len as usize;
     if buf.len() < total {
         return Ok(None);

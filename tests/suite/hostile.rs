@@ -35,16 +35,21 @@ fn meta() -> Meta {
     }
 }
 
-fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
+/// The `File` header of `body`, announced with the hash of `claimed`.
+fn file_header(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u8>) {
     SyncMsg::File {
         seq,
         store: 0,
         path: path.to_vec(),
         meta: meta(),
         size: body.len() as u64,
-        hash: xxhash_rust::xxh3::xxh3_128(body),
+        hash: xxhash_rust::xxh3::xxh3_128(claimed),
     }
     .encode(out);
+}
+
+fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
+    file_header(seq, path, body, body, out);
     SyncMsg::Data {
         seq,
         bytes: body.to_vec(),
@@ -55,15 +60,7 @@ fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
 /// A file whose content comes in `Bulk` frames (as the sender splices it),
 /// announced with the hash of `claimed`.
 fn bulk_file(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u8>) {
-    SyncMsg::File {
-        seq,
-        store: 0,
-        path: path.to_vec(),
-        meta: meta(),
-        size: body.len() as u64,
-        hash: xxhash_rust::xxh3::xxh3_128(claimed),
-    }
-    .encode(out);
+    file_header(seq, path, body, claimed, out);
     for chunk in body.chunks(MAX_BULK_PAYLOAD as usize) {
         encode_frame(Kind::Bulk, chunk, out);
     }
