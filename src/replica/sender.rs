@@ -720,6 +720,7 @@ impl Sender {
                 // held by the peer (another op on the same path may still
                 // land, and be acknowledged, before or after it).
                 self.needed.insert(seq);
+                self.forget_link_source(seq, s, &rel);
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
@@ -1323,8 +1324,48 @@ impl Sender {
         }
         .encode(&mut f);
         add(&self.stats.deletes_sent, 1);
+        // A later name of the same inode must not be sent as a link to this one.
+        self.forget_names_under(store, &rel);
         batch.acks.push(OnAck::Remove(store, rel));
         f
+    }
+
+    /// The peer asked again for `rel` (op `seq`): it does not hold that
+    /// name, and if the op was a link, it does not hold the link's source
+    /// either. Neither may stand for the inode again, or the next send of
+    /// the name would be the same link, refused the same way, forever.
+    fn forget_link_source(&mut self, seq: u64, store: usize, rel: &Path) {
+        let failed_link = self
+            .inflight
+            .iter()
+            .flat_map(|b| &b.acks)
+            .find_map(|a| match a {
+                OnAck::Link(s, link_store, _, existing, st) if *s == seq => {
+                    Some(((st.dev, st.version.ino), *link_store, existing.clone()))
+                }
+                _ => None,
+            });
+        if let Some((key, link_store, existing)) = failed_link {
+            self.inodes.remove(&key);
+            self.recent.remove(&key);
+            if let Some(e) = self.stores[link_store].index.get_mut(&existing) {
+                e.synced = false;
+            }
+            // The source is missing there: if it still exists here, send it.
+            self.coalescer.push(Op::Sync {
+                store: link_store,
+                rel: existing,
+                since: Instant::now(),
+            });
+        }
+        self.forget_names_under(store, rel);
+    }
+
+    /// Drops every recorded name of an inode at or under `rel`.
+    fn forget_names_under(&mut self, store: usize, rel: &Path) {
+        for map in [&mut self.inodes, &mut self.recent] {
+            map.retain(|_, (s, p, _)| *s != store || !p.starts_with(rel));
+        }
     }
 
     /// A second name of an inode the peer already holds: send a link, not bytes.

@@ -436,3 +436,41 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
         .collect();
     assert!(staging.is_empty(), "no staged leftovers: {staging:?}");
 }
+
+/// A message with two names loses the one the sender had recorded for its
+/// inode, then gains a third name: the third must still reach the replica
+/// (as a link to the name that remains, or as bytes), not be asked for
+/// forever as a link to the deleted name.
+#[test]
+fn a_link_to_a_message_whose_first_name_was_deleted_still_arrives() {
+    let tp = started_with_fixture(fast(), 21, 1, 3);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let cur = src.join("user0000/Maildir/cur");
+    let (a, b, c) = (cur.join("a:2,"), cur.join("b:2,S"), cur.join("c:2,T"));
+    std::fs::write(&a, vec![b'm'; 5000]).unwrap();
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::fs::hard_link(&a, &b).unwrap();
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::fs::remove_file(&a).unwrap();
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::fs::hard_link(&b, &c).unwrap();
+    wait_identical(&src, &dst, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    use std::os::unix::fs::MetadataExt;
+    let (mb, mc) = (
+        std::fs::metadata(dst.join("user0000/Maildir/cur/b:2,S")).unwrap(),
+        std::fs::metadata(dst.join("user0000/Maildir/cur/c:2,T")).unwrap(),
+    );
+    assert_eq!(
+        mb.ino(),
+        mc.ino(),
+        "the replica's two names share one inode"
+    );
+    let r = tp.repl(0);
+    assert!(
+        r.needs_received < 10,
+        "the third name was asked for {} times",
+        r.needs_received
+    );
+}
