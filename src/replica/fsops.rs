@@ -537,6 +537,8 @@ impl Root {
                 Err(Errno::NOTDIR) if is_symlink_at(cur.as_fd(), comp) => {
                     return Err(refused(p.raw, TRAVERSES_SYMLINK))
                 }
+                // A file where a folder is named: nothing below it exists.
+                Err(Errno::NOTDIR) if !create => return Ok(false),
                 Err(e) => return Err(fail(op, self.abs(here()), e)),
             };
             *cur = next;

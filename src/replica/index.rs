@@ -366,6 +366,19 @@ impl Index {
         }
     }
 
+    /// Marks `rel` and everything under it as not held by the replica.
+    pub fn unsync_tree(&mut self, rel: &Path) {
+        if let Some(e) = self.entries.get_mut(rel) {
+            e.synced = false;
+            if e.kind != Kind::Dir {
+                return;
+            }
+        }
+        for (_, e) in self.entries.iter_mut().filter(|(p, _)| p.starts_with(rel)) {
+            e.synced = false;
+        }
+    }
+
     /// Moves `from` (and everything under it) to `to`. Renaming a file
     /// (a Maildir flag change) costs a few lookups, not a walk of the index.
     pub fn rename_tree(&mut self, from: &Path, to: &Path) {

@@ -765,6 +765,7 @@ impl Receiver {
                     return Ok(());
                 };
                 // Creating a directory early never conflicts with staged files.
+                self.clear_other_kind(seq, s, &rel, true, peer);
                 match self.stores[s].root.mkdir(&rel, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
@@ -797,6 +798,10 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&from, &to], peer).await?;
+                let root = self.stores[s].root.path();
+                if let Ok(Some(src)) = index::lstat(&root.join(&from)) {
+                    self.clear_other_kind(seq, s, &to, src.kind == Kind::Dir, peer);
+                }
                 match self.stores[s].root.rename(&from, &to) {
                     Ok(RenameOutcome::Renamed) => {
                         add(&self.stats.renames_applied, 1);
@@ -825,6 +830,7 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&existing, &rel], peer).await?;
+                self.clear_other_kind(seq, s, &rel, false, peer);
                 match self.stores[s].root.link(&existing, &rel) {
                     Ok(LinkOutcome::Linked) => {
                         add(&self.stats.links_applied, 1);
@@ -853,6 +859,7 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&rel], peer).await?;
+                self.clear_other_kind(seq, s, &rel, false, peer);
                 match self.stores[s].root.symlink(&rel, &target, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
@@ -1080,6 +1087,10 @@ impl Receiver {
         // The new primary's version wins; a local version the peer never had
         // is kept aside, not destroyed.
         if let Ok(Some(cur)) = index::lstat(&abs) {
+            if cur.kind == Kind::Dir {
+                // The primary has a file where this replica has a folder.
+                self.apply_delete(seq, s, &rel, peer);
+            }
             let unchanged = self.stores[s].index.unchanged_and_synced(&rel, &cur);
             let same = cur.kind == Kind::File
                 && cur.version.size == size
@@ -1136,6 +1147,18 @@ impl Receiver {
             }
             Ok(None) => {}
             Err(e) => warn!(path = %rel.display(), "cannot keep conflicting file aside: {e}"),
+        }
+    }
+
+    /// Removes (or keeps aside, as a delete would) a folder where the
+    /// primary now has a file, or a file or symlink where it has a folder:
+    /// the op that follows could never replace it.
+    fn clear_other_kind(&mut self, seq: u64, s: usize, rel: &Path, want_dir: bool, peer: &str) {
+        let abs = self.stores[s].root.path().join(rel);
+        if let Ok(Some(cur)) = index::lstat(&abs) {
+            if (cur.kind == Kind::Dir) != want_dir {
+                self.apply_delete(seq, s, rel, peer);
+            }
         }
     }
 

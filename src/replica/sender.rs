@@ -44,6 +44,9 @@ const IDLE_POLL: Duration = Duration::from_millis(10);
 /// Retry of paths the peer could not store for lack of space.
 const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(500);
 const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
+/// An op the peer failed to apply for another local reason is sent again
+/// after this long, so a lasting failure there does not spin both nodes.
+const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -103,7 +106,8 @@ enum OnAck {
     /// A hard link to `existing` (the hash is the other name's, known by then).
     Link(u64, usize, PathBuf, PathBuf, Stat),
     Remove(usize, PathBuf),
-    Rename(usize, PathBuf, PathBuf),
+    /// The rename numbered `.0`.
+    Rename(u64, usize, PathBuf, PathBuf),
 }
 
 struct Inflight {
@@ -365,6 +369,7 @@ impl Sender {
         // Anything unacknowledged from a previous session is re-sent by the
         // reconciliation below (its manifest shows what actually landed).
         self.inflight.clear();
+        self.recent.clear();
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -495,7 +500,11 @@ impl Sender {
     }
 
     fn finish_initial_if_done(&mut self, w: &FrameWriter) -> Option<Vec<u8>> {
-        if !self.inflight.is_empty() || self.coalescer.pending() > 0 || !self.backlog.is_empty() {
+        if !self.inflight.is_empty()
+            || self.coalescer.pending() > 0
+            || !self.backlog.is_empty()
+            || !self.retry.is_empty()
+        {
             return None;
         }
         let mut p = self.stats.progress.lock().expect("progress lock");
@@ -698,6 +707,16 @@ impl Sender {
     }
 
     fn on_peer_msg(&mut self, msg: SyncMsg) -> Result<(), SendError> {
+        self.on_peer_msg_while(msg, None)
+    }
+
+    /// `building`: the batch being sent, not yet in flight (a Need for one
+    /// of its ops can arrive while its large files stream).
+    fn on_peer_msg_while(
+        &mut self,
+        msg: SyncMsg,
+        building: Option<&Inflight>,
+    ) -> Result<(), SendError> {
         match msg {
             SyncMsg::Ack { seq } => self.on_ack(seq),
             SyncMsg::Need {
@@ -720,13 +739,21 @@ impl Sender {
                 // held by the peer (another op on the same path may still
                 // land, and be acknowledged, before or after it).
                 self.needed.insert(seq);
-                self.forget_link_source(seq, s, &rel);
+                if s < self.stores.len() {
+                    self.forget_names_under(s, &rel);
+                    if reason == NeedReason::SourceMissing {
+                        self.forget_link_source(seq, building);
+                    }
+                }
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
                     since: Instant::now(),
                 };
-                if reason == NeedReason::NoSpace {
+                if reason == NeedReason::LocalError {
+                    // Whatever failed there may fail again: not in a loop.
+                    self.retry.push((Instant::now() + LOCAL_ERROR_RETRY, op));
+                } else if reason == NeedReason::NoSpace {
                     if !self.stats.peer_disk_full.swap(true, Relaxed) {
                         warn!("peer's disk is full: replication paused, retrying with backoff");
                     }
@@ -796,7 +823,20 @@ impl Sender {
                         self.stores[s].index.set(rel, Entry::new(&st, hash, true));
                     }
                     OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
-                    OnAck::Rename(s, from, to) => self.stores[s].index.rename_tree(&from, &to),
+                    OnAck::Rename(seq, s, from, to) => {
+                        // The local tree has moved either way.
+                        self.stores[s].index.rename_tree(&from, &to);
+                        if self.needed.remove(&seq) {
+                            // The replica could not rename: it may still
+                            // hold `from`, and lacks `to` (asked for).
+                            self.stores[s].index.unsync_tree(&to);
+                            self.coalescer.push(Op::Sync {
+                                store: s,
+                                rel: from,
+                                since: now,
+                            });
+                        }
+                    }
                 }
             }
             add(&self.stats.ops_acked, n);
@@ -1013,6 +1053,8 @@ impl Sender {
                     }
                     .encode(&mut f);
                     add(&self.stats.renames_sent, 1);
+                    // Whatever the replica held at `to` is replaced.
+                    self.forget_names_under(store, &to);
                     for map in [&mut self.inodes, &mut self.recent] {
                         for (s2, p, _) in map.values_mut() {
                             if *s2 == store {
@@ -1022,7 +1064,7 @@ impl Sender {
                             }
                         }
                     }
-                    batch.acks.push(OnAck::Rename(store, from, to));
+                    batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
                 }
@@ -1221,7 +1263,7 @@ impl Sender {
                     }
                     // Keep acks flowing while big files go out.
                     while let Ok(m) = rx.try_recv() {
-                        self.on_peer_msg(m?)?;
+                        self.on_peer_msg_while(m?, Some(&batch))?;
                     }
                 }
             }
@@ -1298,6 +1340,17 @@ impl Sender {
         batch.files += 1;
         batch.bytes += len;
         let key = (st.dev, st.version.ino);
+        // A name that held another inode (recreated, or renamed over, in
+        // one merged change) now holds this one: no other inode may claim it.
+        let reused = self.stores[store]
+            .index
+            .get(&rel)
+            .is_some_and(|e| e.version.ino != st.version.ino);
+        if reused {
+            for map in [&mut self.inodes, &mut self.recent] {
+                map.retain(|k, (s, p, _)| *k == key || *s != store || *p != rel);
+            }
+        }
         if st.nlink > 1 {
             self.inodes.insert(key, (store, rel.clone(), st.version));
         }
@@ -1326,18 +1379,22 @@ impl Sender {
         add(&self.stats.deletes_sent, 1);
         // A later name of the same inode must not be sent as a link to this one.
         self.forget_names_under(store, &rel);
+        if let Some(e) = self.stores[store].index.get_mut(&rel) {
+            e.synced = false;
+        }
         batch.acks.push(OnAck::Remove(store, rel));
         f
     }
 
-    /// The peer asked again for `rel` (op `seq`): it does not hold that
-    /// name, and if the op was a link, it does not hold the link's source
-    /// either. Neither may stand for the inode again, or the next send of
-    /// the name would be the same link, refused the same way, forever.
-    fn forget_link_source(&mut self, seq: u64, store: usize, rel: &Path) {
+    /// The peer could not apply op `seq` because a source was missing: if
+    /// it was a link, the peer does not hold the link's source name. It
+    /// may not stand for the inode again, or the next send of the name
+    /// would be the same link, refused the same way, forever.
+    fn forget_link_source(&mut self, seq: u64, building: Option<&Inflight>) {
         let failed_link = self
             .inflight
             .iter()
+            .chain(building)
             .flat_map(|b| &b.acks)
             .find_map(|a| match a {
                 OnAck::Link(s, link_store, _, existing, st) if *s == seq => {
@@ -1358,7 +1415,6 @@ impl Sender {
                 since: Instant::now(),
             });
         }
-        self.forget_names_under(store, rel);
     }
 
     /// Drops every recorded name of an inode at or under `rel`.
@@ -1429,6 +1485,11 @@ impl Sender {
         .encode(&mut f);
         add(&self.stats.links_sent, 1);
         tracing::debug!(existing = %existing.display(), path = %rel.display(), "plan link");
+        // The newest name stands for the inode from now on (ops apply in
+        // order there): if `existing` is deleted next, a later name is
+        // still sent as a link, to this one.
+        self.inodes
+            .insert(key, (store, rel.to_path_buf(), st.version));
         batch
             .acks
             .push(OnAck::Link(seq, store, rel.to_path_buf(), existing, *st));
@@ -1444,7 +1505,7 @@ impl Sender {
             .chain(std::iter::once(&batch.acks))
         {
             for a in acks {
-                if let OnAck::Rename(s, from, to) = a {
+                if let OnAck::Rename(_, s, from, to) = a {
                     if *s == store {
                         if let Some(m) = moved_path(&p, from, to) {
                             p = m;

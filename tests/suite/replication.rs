@@ -474,3 +474,83 @@ fn a_link_to_a_message_whose_first_name_was_deleted_still_arrives() {
         r.needs_received
     );
 }
+
+/// A name that turns from a folder into a file, or from a file into a
+/// folder, while the pair runs (one merged change) and while the secondary
+/// is down (found by the comparison at reconnect): the replica follows
+/// both ways instead of failing the same op forever.
+#[test]
+fn a_name_that_changes_between_file_and_folder_replicates_both_ways() {
+    let mut tp = started_with_fixture(fast(), 23, 1, 3);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    let base = src.join("user0000/Maildir");
+    for name in ["live-d2f", "down-d2f"] {
+        std::fs::create_dir_all(base.join(name).join("sub")).unwrap();
+        std::fs::write(base.join(name).join("sub/m1"), b"first").unwrap();
+        std::fs::write(base.join(name).join("m2"), b"second").unwrap();
+    }
+    for name in ["live-f2d", "down-f2d"] {
+        std::fs::write(base.join(name), b"a file for now").unwrap();
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+
+    let flip = |name: &str| {
+        let p = base.join(name);
+        if p.is_dir() {
+            std::fs::remove_dir_all(&p).unwrap();
+            std::fs::write(&p, b"now a file").unwrap();
+        } else {
+            std::fs::remove_file(&p).unwrap();
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("inside"), b"now in a folder").unwrap();
+        }
+    };
+    flip("live-d2f");
+    flip("live-f2d");
+    wait_identical(&src, &dst, Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("while running: {e}\n{}", tp.logs()));
+
+    tp.nodes[1].kill9().unwrap();
+    flip("down-d2f");
+    flip("down-f2d");
+    tp.nodes[1].start().unwrap();
+    wait_identical(&src, &dst, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("after a restart: {e}\n{}", tp.logs()));
+    assert!(dst.join("user0000/Maildir/down-d2f").is_file());
+    assert!(dst.join("user0000/Maildir/down-f2d/inside").is_file());
+}
+
+/// Flag renames of messages the replica lost by hand: each rename is
+/// refused there (source missing), and the renamed message must then
+/// arrive in full, now, not at the next verification ten minutes later.
+#[test]
+fn a_rename_the_replica_cannot_apply_is_sent_in_full() {
+    let tp = started_with_fixture(fast(), 25, 1, 3);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    let cur = "user0000/Maildir/cur";
+    for i in 0..40 {
+        std::fs::write(
+            src.join(cur).join(format!("m{i}:2,")),
+            format!("message {i}"),
+        )
+        .unwrap();
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    for i in 0..40 {
+        std::fs::remove_file(dst.join(cur).join(format!("m{i}:2,"))).unwrap();
+    }
+    for i in 0..40 {
+        std::fs::rename(
+            src.join(cur).join(format!("m{i}:2,")),
+            src.join(cur).join(format!("m{i}:2,S")),
+        )
+        .unwrap();
+        // One rename per batch: each is its own race between the refusal
+        // and the acknowledgement.
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    wait_identical(&src, &dst, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.repl(1);
+    assert!(r.rename_sources_missing >= 1, "renames were refused there");
+}
