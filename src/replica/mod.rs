@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod fsops;
 pub mod index;
+pub mod links;
 pub mod receiver;
 pub use receiver::Durability;
 pub mod sender;

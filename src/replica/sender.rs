@@ -21,6 +21,7 @@ use tokio_uring::buf::BoundedBuf;
 use tracing::{info, warn};
 
 use super::index::{self, Entry, Index, Kind, Stat};
+use super::links::{InodeKey, LinkNames};
 use super::stats::{add, ReplStats, Stages};
 use super::Excludes;
 use crate::link::{FrameWriter, LinkError};
@@ -113,8 +114,8 @@ enum OnAck {
 struct Inflight {
     barrier: u64,
     acks: Vec<OnAck>,
-    /// Inodes of files this batch sent (see `Sender::recent`).
-    recent_keys: Vec<(u64, u64)>,
+    /// Names of files this batch sent (see `Sender::recent`).
+    recent_names: Vec<(InodeKey, usize, PathBuf)>,
     sinces: Vec<Instant>,
     files: u64,
     bytes: u64,
@@ -132,11 +133,11 @@ pub struct Sender {
     pub coalescer: Coalescer,
     pub stats: Arc<ReplStats>,
     pub verify_interval: Duration,
-    /// Hard links: (dev, ino) → a path the peer holds with that inode.
-    inodes: HashMap<(u64, u64), (usize, PathBuf, index::Version)>,
+    /// Hard links: the names the peer holds of each linked inode.
+    inodes: LinkNames,
     /// Every file sent but not yet acknowledged, by inode: a link made to a
     /// message right after it went out must still travel as a link.
-    recent: HashMap<(u64, u64), (usize, PathBuf, index::Version)>,
+    recent: LinkNames,
     seq: u64,
     manifest_id: u64,
     inflight: VecDeque<Inflight>,
@@ -245,8 +246,8 @@ impl Sender {
             coalescer,
             stats,
             verify_interval,
-            inodes: HashMap::new(),
-            recent: HashMap::new(),
+            inodes: LinkNames::default(),
+            recent: LinkNames::default(),
             seq: 0,
             manifest_id: 0,
             inflight: VecDeque::new(),
@@ -642,7 +643,7 @@ impl Sender {
                 if same {
                     if st.kind == Kind::File && st.nlink > 1 {
                         self.inodes
-                            .insert((st.dev, st.version.ino), (s, rel.clone(), st.version));
+                            .record((st.dev, st.version.ino), s, &rel, st.version);
                     }
                 } else {
                     if st.kind == Kind::File {
@@ -806,8 +807,8 @@ impl Sender {
                     }
                 }
             }
-            for k in &b.recent_keys {
-                self.recent.remove(k);
+            for (k, s, p) in &b.recent_names {
+                self.recent.forget_name(*k, *s, p);
             }
             for a in b.acks {
                 match a {
@@ -1022,7 +1023,7 @@ impl Sender {
         let mut batch = Inflight {
             barrier: 0,
             acks: Vec::new(),
-            recent_keys: Vec::new(),
+            recent_names: Vec::new(),
             sinces: Vec::new(),
             sent_at: None,
             files: 0,
@@ -1053,17 +1054,8 @@ impl Sender {
                     }
                     .encode(&mut f);
                     add(&self.stats.renames_sent, 1);
-                    // Whatever the replica held at `to` is replaced.
-                    self.forget_names_under(store, &to);
-                    for map in [&mut self.inodes, &mut self.recent] {
-                        for (s2, p, _) in map.values_mut() {
-                            if *s2 == store {
-                                if let Some(moved) = moved_path(p, &from, &to) {
-                                    *p = moved;
-                                }
-                            }
-                        }
-                    }
+                    self.inodes.renamed(store, &from, &to);
+                    self.recent.renamed(store, &from, &to);
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
@@ -1160,8 +1152,8 @@ impl Sender {
                             // Known before its bytes go out, so that a link
                             // to it later in this same batch is sent as a link.
                             let key = (st.dev, st.version.ino);
-                            self.recent.insert(key, (store, rel.clone(), st.version));
-                            batch.recent_keys.push(key);
+                            self.recent.record(key, store, &rel, st.version);
+                            batch.recent_names.push((key, store, rel.clone()));
                             if st.version.size <= SMALL_FILE {
                                 let task = tokio_uring::spawn(read_small(abs, st.version.size));
                                 plans.push(Plan::Small {
@@ -1347,12 +1339,11 @@ impl Sender {
             .get(&rel)
             .is_some_and(|e| e.version.ino != st.version.ino);
         if reused {
-            for map in [&mut self.inodes, &mut self.recent] {
-                map.retain(|k, (s, p, _)| *k == key || *s != store || *p != rel);
-            }
+            self.inodes.forget_under(store, &rel, Some(key));
+            self.recent.forget_under(store, &rel, Some(key));
         }
         if st.nlink > 1 {
-            self.inodes.insert(key, (store, rel.clone(), st.version));
+            self.inodes.record(key, store, &rel, st.version);
         }
 
         let mut v = *st;
@@ -1403,8 +1394,8 @@ impl Sender {
                 _ => None,
             });
         if let Some((key, link_store, existing)) = failed_link {
-            self.inodes.remove(&key);
-            self.recent.remove(&key);
+            self.inodes.forget_name(key, link_store, &existing);
+            self.recent.forget_name(key, link_store, &existing);
             if let Some(e) = self.stores[link_store].index.get_mut(&existing) {
                 e.synced = false;
             }
@@ -1419,9 +1410,8 @@ impl Sender {
 
     /// Drops every recorded name of an inode at or under `rel`.
     fn forget_names_under(&mut self, store: usize, rel: &Path) {
-        for map in [&mut self.inodes, &mut self.recent] {
-            map.retain(|_, (s, p, _)| *s != store || !p.starts_with(rel));
-        }
+        self.inodes.forget_under(store, rel, None);
+        self.recent.forget_under(store, rel, None);
     }
 
     /// A second name of an inode the peer already holds: send a link, not bytes.
@@ -1436,10 +1426,10 @@ impl Sender {
         let key = (st.dev, st.version.ino);
         let known = self
             .inodes
-            .get(&key)
-            .or_else(|| self.recent.get(&key))
-            .cloned();
-        let (s, existing, version) = match known {
+            .other_name(key, store, rel)
+            .or_else(|| self.recent.other_name(key, store, rel))
+            .map(|n| (n.path.clone(), n.version));
+        let (existing, version) = match known {
             Some(k) => k,
             None => {
                 // The first name was acknowledged while it had no other
@@ -1457,13 +1447,10 @@ impl Sender {
                     })
                     .map(|(p, e)| (p.to_path_buf(), e.version))?;
                 let p = self.renamed_in_flight(store, p, batch);
-                self.inodes.insert(key, (store, p.clone(), v));
-                (store, p, v)
+                self.inodes.record(key, store, &p, v);
+                (p, v)
             }
         };
-        if s != store || existing == rel {
-            return None;
-        }
         // The replica holds (or, ops applying in order, will hold) `existing`
         // as it was sent; it is this content if the inode's size and mtime
         // have not moved since. Otherwise the bytes travel.
@@ -1472,7 +1459,7 @@ impl Sender {
             || version.mtime_s != st.version.mtime_s
             || version.mtime_ns != st.version.mtime_ns
         {
-            self.inodes.remove(&key);
+            self.inodes.forget_inode(key);
             return None;
         }
         let mut f = Vec::new();
@@ -1485,11 +1472,9 @@ impl Sender {
         .encode(&mut f);
         add(&self.stats.links_sent, 1);
         tracing::debug!(existing = %existing.display(), path = %rel.display(), "plan link");
-        // The newest name stands for the inode from now on (ops apply in
-        // order there): if `existing` is deleted next, a later name is
-        // still sent as a link, to this one.
-        self.inodes
-            .insert(key, (store, rel.to_path_buf(), st.version));
+        // Another name to link to (ops apply in order there), should
+        // `existing` be deleted next.
+        self.inodes.record(key, store, rel, st.version);
         batch
             .acks
             .push(OnAck::Link(seq, store, rel.to_path_buf(), existing, *st));

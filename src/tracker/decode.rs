@@ -116,7 +116,7 @@ impl Decoder {
             }
         })?;
         self.set_watch(wd, store, RelPath::new());
-        self.watch_tree(store, RelPath::new(), out);
+        self.watch_tree(store, RelPath::new(), None, out);
         Ok(())
     }
 
@@ -184,9 +184,8 @@ impl Decoder {
                 return;
             }
             if is_dir {
-                // Files created before the watch exists are covered by sending the subtree.
                 self.sync(store, rel.clone(), now, out);
-                self.watch_tree(store, rel, out);
+                self.watch_tree(store, rel, Some(now), out);
             } else if self.created_without_close(store, &rel) {
                 self.sync(store, rel, now, out);
             }
@@ -296,7 +295,7 @@ impl Decoder {
             match (self.filter.excluded(&from.rel), self.filter.excluded(&to)) {
                 (false, false) => self.remap(store, &from.rel, &to, &from.wds),
                 (false, true) => self.unwatch(store, &from.rel, &from.wds),
-                (true, false) => self.watch_tree(store, to.clone(), out),
+                (true, false) => self.watch_tree(store, to.clone(), Some(from.since), out),
                 (true, true) => {}
             }
         }
@@ -324,7 +323,7 @@ impl Decoder {
         }
         self.sync(store, rel.clone(), now, out);
         if is_dir {
-            self.watch_tree(store, rel, out);
+            self.watch_tree(store, rel, Some(now), out);
         }
     }
 
@@ -393,7 +392,19 @@ impl Decoder {
 
     /// Watches `rel` and every directory below it. Watch before listing, so a subdirectory created
     /// meanwhile is either listed or reported by the new watch.
-    fn watch_tree(&mut self, store: usize, rel: RelPath, out: &mut Vec<Op>) {
+    /// Watches `rel` and every directory under it. With `report` (a tree
+    /// that is new here), also reports every entry found under it: entries
+    /// made before their directory's watch existed have no event of their
+    /// own, and the listing after the watch is added is the only place that
+    /// sees them (an earlier listing, such as a comparison's scan, may have
+    /// run before they were made).
+    fn watch_tree(
+        &mut self,
+        store: usize,
+        rel: RelPath,
+        report: Option<Instant>,
+        out: &mut Vec<Op>,
+    ) {
         let mut stack = vec![rel];
         while let Some(rel) = stack.pop() {
             let abs = self.roots[store].join(&rel);
@@ -436,12 +447,15 @@ impl Decoder {
                         break;
                     }
                 };
-                // d_type, no symlink following: a symlink to a directory is a file here.
-                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let child = rel.join(entry.file_name());
+                if self.filter.excluded(&child) {
                     continue;
                 }
-                let child = rel.join(entry.file_name());
-                if !self.filter.excluded(&child) {
+                if let Some(since) = report {
+                    self.sync(store, child.clone(), since, out);
+                }
+                // d_type, no symlink following: a symlink to a directory is a file here.
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
                     stack.push(child);
                 }
             }

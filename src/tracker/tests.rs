@@ -612,10 +612,17 @@ fn a_tree_too_deep_to_watch_is_a_watch_failure_and_a_rescan() {
         Instant::now(),
         &mut out,
     );
-    assert_eq!(plains(&out), ["sync 0 deep", "rescan 0"]);
+    // The new tree is reported down to where watching stops, and the rest is rescanned.
+    let ops = plains(&out);
+    assert_eq!(ops.len(), 130, "{ops:?}");
+    assert!(ops[..129]
+        .iter()
+        .enumerate()
+        .all(|(i, op)| *op == format!("sync 0 deep{}", "/d".repeat(i))));
+    assert_eq!(ops[129], "rescan 0");
     let stats = shared.snapshot();
     assert_eq!((stats.watch_failures, stats.rescans), (1, 1));
-    match &out[1] {
+    match &out[129] {
         Op::Rescan { reason, .. } => assert!(reason.contains("deeper than"), "{reason}"),
         other => panic!("expected a rescan, got {other:?}"),
     }
@@ -681,10 +688,13 @@ fn new_directory_is_synced_whole_and_then_watched() {
     let mut fx = Fixture::start(&[], &[], &[]);
     fs::create_dir_all(fx.path("a/b")).expect("mkdir -p");
     fs::write(fx.path("a/b/f"), b"x").expect("write");
-    let ops = fx.collect(1);
-    // How much of the inside is reported depends on when the watches landed; all of it is
-    // covered by the Sync of "a" either way.
+    let ops = fx.collect(3);
+    // Made before or after their directory's watch landed, every entry is reported: by its
+    // own event, or by the listing that follows the watch.
     assert_eq!(ops[0], "sync 0 a", "{ops:?}");
+    for want in ["sync 0 a/b", "sync 0 a/b/f"] {
+        assert!(ops.iter().any(|op| op == want), "{want} missing: {ops:?}");
+    }
     assert!(ops.iter().all(|op| op.starts_with("sync 0 a")), "{ops:?}");
     assert!(fx.tracker().stats().watches >= 3);
 
@@ -716,7 +726,17 @@ fn directories_moved_out_and_in_are_syncs_and_watched_accordingly() {
     assert_eq!(fx.collect(0), Vec::<String>::new(), "no longer watched");
 
     fs::rename(&outside, fx.path("arriving")).expect("move in");
-    assert_eq!(fx.collect(1), ["sync 0 arriving"]);
+    let mut ops = fx.collect(3);
+    ops[1..].sort();
+    // What it brought had no events here: the listing after its watch reports it.
+    assert_eq!(
+        ops,
+        [
+            "sync 0 arriving",
+            "sync 0 arriving/sub",
+            "sync 0 arriving/x"
+        ]
+    );
     fs::write(fx.path("arriving/sub/y"), b"y").expect("write");
     assert_eq!(fx.collect(1), ["sync 0 arriving/sub/y"]);
 }

@@ -48,8 +48,16 @@ fn seeded_maildir_workload_replicates_exactly_and_renames_send_no_content() {
     .unwrap();
     println!("workload: {counts:?}");
     let took = wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| {
-        let _ = std::fs::write("/tmp/hasync-failed-logs.txt", tp.logs());
-        panic!("{e}")
+        // The logs of this workload are long: kept in a file, named here.
+        let logs = std::env::temp_dir().join(format!(
+            "hasync-failed-logs-{}-{}.txt",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        ));
+        let _ = std::fs::write(&logs, tp.logs());
+        panic!("{e}\n(daemon logs: {})", logs.display())
     });
     wait_identical(
         &tp.store(0, "quarantine"),
