@@ -136,8 +136,28 @@ pub fn wait_identical(a: &Path, b: &Path, timeout: Duration) -> Result<Duration,
 /// limit (a global sysctl) against other tests starting trackers.
 pub static INOTIFY_LIMIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-pub fn inotify_guard() -> std::sync::MutexGuard<'static, ()> {
-    INOTIFY_LIMIT.lock().unwrap_or_else(|e| e.into_inner())
+pub fn inotify_guard() -> InotifyGuard {
+    let mutex = INOTIFY_LIMIT.lock().unwrap_or_else(|e| e.into_inner());
+    // The sysctl is global: two test processes (two clones, a second
+    // `cargo test`) must not interleave either.
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(std::env::temp_dir().join("hasync-test-inotify-limit.lock"))
+        .unwrap();
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    InotifyGuard {
+        _file: file,
+        _mutex: mutex,
+    }
+}
+
+/// Held while a tracker starts or while the inotify limit is lowered; the
+/// file lock is released when the file closes.
+pub struct InotifyGuard {
+    _file: std::fs::File,
+    _mutex: std::sync::MutexGuard<'static, ()>,
 }
 
 /// A small Maildir fixture; its few big messages (up to 3 MiB) take the
@@ -163,6 +183,16 @@ impl TestPair {
             .unwrap()
             .1
             .clone()
+    }
+
+    /// Waits until node `i`'s tracker has its watches (hold the inotify
+    /// guard until then: the queue limit is read when it starts).
+    pub fn wait_tracking(&self, i: usize) {
+        self.pair.nodes[i]
+            .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+                s.replication.watches > 0
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
     }
 
     pub fn repl(&self, i: usize) -> hasync::replica::stats::ReplStatus {
