@@ -1005,6 +1005,8 @@ impl Sender {
             .filter(|op| !self.hold_if_periodic(op))
             .collect();
         let mut plans = Vec::with_capacity(ops.len());
+        // Directories new to the replica, listed once the batch is planned.
+        let mut expand = Vec::new();
         // Paths this batch carries, for commits waiting on them.
         let mut batch_paths: std::collections::HashSet<(usize, PathBuf)> = Default::default();
         if !self.waiting.is_empty() {
@@ -1085,7 +1087,7 @@ impl Sender {
                             }
                             .encode(&mut f);
                             add(&self.stats.dirs_sent, 1);
-                            self.expand_dir(store, &rel, since);
+                            expand.push((store, rel.clone(), since));
                             batch
                                 .acks
                                 .push(OnAck::Set(seq, store, rel, Entry::new(&st, 0, true)));
@@ -1174,6 +1176,24 @@ impl Sender {
                         }
                     }
                 }
+            }
+        }
+
+        if !expand.is_empty() {
+            // Children this batch already carries are not queued again.
+            let mut carried: std::collections::HashSet<(usize, &Path)> = Default::default();
+            for p in &plans {
+                if let Plan::Small { store, rel, .. } | Plan::Large { store, rel, .. } = p {
+                    carried.insert((*store, rel.as_path()));
+                }
+            }
+            for a in &batch.acks {
+                if let OnAck::Set(_, s, rel, _) | OnAck::Link(_, s, rel, ..) = a {
+                    carried.insert((*s, rel.as_path()));
+                }
+            }
+            for (store, rel, since) in &expand {
+                self.expand_dir(*store, rel, *since, &carried);
             }
         }
 
@@ -1504,7 +1524,13 @@ impl Sender {
 
     /// A directory new to the replica: queue its children that the replica
     /// does not already hold.
-    fn expand_dir(&mut self, store: usize, rel: &Path, since: Instant) {
+    fn expand_dir(
+        &mut self,
+        store: usize,
+        rel: &Path,
+        since: Instant,
+        carried: &std::collections::HashSet<(usize, &Path)>,
+    ) {
         if self.listed_dirs.remove(&(store, rel.to_path_buf())) {
             return;
         }
@@ -1519,7 +1545,8 @@ impl Sender {
             if self.excludes.is_excluded(&child) {
                 continue;
             }
-            let known = s.index.get(&child).is_some_and(|e| e.synced);
+            let known = s.index.get(&child).is_some_and(|e| e.synced)
+                || carried.contains(&(store, child.as_path()));
             if !known {
                 children.push(child);
             }
