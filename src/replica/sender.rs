@@ -167,8 +167,9 @@ pub struct Sender {
     /// The splice pump of the current session's socket, made at its first
     /// large file and dropped with the session.
     pump: Option<crate::io::splice::SplicePump>,
-    /// Directories whose children the last reconciliation already queued.
-    listed_dirs: std::collections::HashSet<(usize, PathBuf)>,
+    /// Directories whose children the last reconciliation already queued,
+    /// with their inode and ctime when it listed them.
+    listed_dirs: HashMap<(usize, PathBuf), (u64, i64, u32)>,
     /// Lag is measured for changes after the initial sync, not for it.
     lag_from: Option<Instant>,
     /// Per store: send changes at most this often (periodic queue sync).
@@ -635,7 +636,9 @@ impl Sender {
                     _ => false,
                 };
                 if st.kind == Kind::Dir {
-                    self.listed_dirs.insert((s, rel.clone()));
+                    let v = st.version;
+                    self.listed_dirs
+                        .insert((s, rel.clone()), (v.ino, v.ctime_s, v.ctime_ns));
                 }
                 if let Some(e) = store.index.get_mut(&rel) {
                     e.synced = same;
@@ -1531,11 +1534,19 @@ impl Sender {
         since: Instant,
         carried: &std::collections::HashSet<(usize, &Path)>,
     ) {
-        if self.listed_dirs.remove(&(store, rel.to_path_buf())) {
-            return;
-        }
         let s = &self.stores[store];
         let abs = s.root.join(rel);
+        if let Some(listed) = self.listed_dirs.remove(&(store, rel.to_path_buf())) {
+            // Listed by the comparison and unchanged since: its children
+            // are queued already. An entry added or removed since (also
+            // while the folder was renamed away and back, which no event
+            // under this name reports) moves its ctime.
+            if index::lstat(&abs).ok().flatten().is_some_and(|st| {
+                (st.version.ino, st.version.ctime_s, st.version.ctime_ns) == listed
+            }) {
+                return;
+            }
+        }
         let Ok(rd) = std::fs::read_dir(&abs) else {
             return;
         };

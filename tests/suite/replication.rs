@@ -161,7 +161,7 @@ fn per_file_fsync_durability_and_plain_reads_replicate_the_same_workload_exactly
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| fail_with_logs(&tp, &e));
     let r = tp.repl(1);
     assert!(r.files_landed >= 200, "landed only {}", r.files_landed);
     assert_eq!(r.hash_mismatches, 0);
