@@ -847,6 +847,23 @@ impl Root {
         let Some(to_dir) = self.walk(base, Path::new(""), &t, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
         };
+        // rename(2) between two names of one inode does nothing and leaves
+        // both; the primary has only `to` now (its name arrived first, as a
+        // link): drop `from`.
+        let same_inode = |a: &rustix::fs::Stat, b: &rustix::fs::Stat| {
+            a.st_dev == b.st_dev && a.st_ino == b.st_ino
+        };
+        if let (Ok(a), Ok(b)) = (
+            rustix::fs::statat(fo.dir.fd(), f.name, AtFlags::SYMLINK_NOFOLLOW),
+            rustix::fs::statat(to_dir.dir.fd(), t.name, AtFlags::SYMLINK_NOFOLLOW),
+        ) {
+            if same_inode(&a, &b) && FileType::from_raw_mode(a.st_mode) != FileType::Directory {
+                return match rustix::fs::unlinkat(fo.dir.fd(), f.name, AtFlags::empty()) {
+                    Ok(()) | Err(Errno::NOENT) => Ok(RenameOutcome::Renamed),
+                    Err(e) => Err(fail(OP, self.abs(f.path()), e)),
+                };
+            }
+        }
         match rustix::fs::renameat(fo.dir.fd(), f.name, to_dir.dir.fd(), t.name) {
             Ok(()) => Ok(RenameOutcome::Renamed),
             Err(Errno::NOENT) => {

@@ -397,6 +397,27 @@ fn failed_land_takes_back_the_parents_it_made() {
 }
 
 #[test]
+fn rename_between_two_names_of_one_file_leaves_only_the_target() {
+    let f = fixture();
+    put(&f.root, 1, "cur/m:2,S", b"message");
+    // The new flag name arrived first, as a link; then the rename.
+    assert!(matches!(
+        f.root.link(p("cur/m:2,S"), p("cur/m:2,FS")).unwrap(),
+        LinkOutcome::Linked
+    ));
+    assert!(matches!(
+        f.root.rename(p("cur/m:2,S"), p("cur/m:2,FS")).unwrap(),
+        RenameOutcome::Renamed
+    ));
+    assert_eq!(names(&f.root_dir.join("cur")), ["m:2,FS"]);
+    let md = fs::metadata(f.root_dir.join("cur/m:2,FS")).unwrap();
+    assert_eq!(
+        (md.nlink(), fs::read(f.root_dir.join("cur/m:2,FS")).unwrap()),
+        (1, b"message".to_vec())
+    );
+}
+
+#[test]
 fn rename_moves_subtrees_and_reports_missing_sources() {
     let f = fixture();
     f.root.mkdir(p("a/b/c"), &meta(0o750)).unwrap();
