@@ -200,6 +200,38 @@ enum Read {
     Missing,
 }
 
+/// One op of a batch being sent, in order.
+enum Plan {
+    Frames(Vec<u8>),
+    /// Read through io_uring with the rest of the batch.
+    Small {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        st: Stat,
+        task: tokio::task::JoinHandle<std::io::Result<Read>>,
+    },
+    /// Hashed, then streamed (spliced) on its own.
+    Large {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        st: Stat,
+    },
+}
+
+impl Plan {
+    /// The file content this plan sends, if any.
+    fn file(&self) -> Option<(usize, &Path)> {
+        match self {
+            Plan::Small { store, rel, .. } | Plan::Large { store, rel, .. } => {
+                Some((*store, rel.as_path()))
+            }
+            Plan::Frames(_) => None,
+        }
+    }
+}
+
 async fn read_small(path: PathBuf, size: u64) -> std::io::Result<Read> {
     let f = match tokio_uring::fs::File::open(&path).await {
         Ok(f) => f,
@@ -995,22 +1027,6 @@ impl Sender {
         ops: Vec<Op>,
         rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
     ) -> Result<(), SendError> {
-        enum Plan {
-            Frames(Vec<u8>),
-            Small {
-                seq: u64,
-                store: usize,
-                rel: PathBuf,
-                st: Stat,
-                task: tokio::task::JoinHandle<std::io::Result<Read>>,
-            },
-            Large {
-                seq: u64,
-                store: usize,
-                rel: PathBuf,
-                st: Stat,
-            },
-        }
         let ops: Vec<Op> = ops
             .into_iter()
             .filter(|op| !self.hold_if_periodic(op))
@@ -1042,7 +1058,8 @@ impl Sender {
             files: 0,
             bytes: 0,
         };
-        for op in ops {
+        let mut ops: VecDeque<Op> = ops.into();
+        while let Some(op) = ops.pop_front() {
             match op {
                 Op::Rescan { store, reason, .. } => {
                     warn!(store = %self.stores.get(store).map_or("?", |s| s.name.as_str()), "rescan: {reason}");
@@ -1056,6 +1073,23 @@ impl Sender {
                     to,
                     since,
                 } => {
+                    if !self.replica_has(store, &from, &plans, &batch) {
+                        // The replica never got `from` (a comparison found
+                        // `to` first, say): a rename there would be refused.
+                        // Send what each name holds now instead.
+                        tracing::debug!(from = %from.display(), to = %to.display(), "rename of a path the replica lacks: syncing both");
+                        ops.push_front(Op::Sync {
+                            store,
+                            rel: to,
+                            since,
+                        });
+                        ops.push_front(Op::Sync {
+                            store,
+                            rel: from,
+                            since,
+                        });
+                        continue;
+                    }
                     let seq = self.next_seq();
                     tracing::debug!(from = %from.display(), to = %to.display(), "plan rename");
                     let mut f = Vec::new();
@@ -1194,11 +1228,7 @@ impl Sender {
         if !expand.is_empty() {
             // Children this batch already carries are not queued again.
             let mut carried: std::collections::HashSet<(usize, &Path)> = Default::default();
-            for p in &plans {
-                if let Plan::Small { store, rel, .. } | Plan::Large { store, rel, .. } = p {
-                    carried.insert((*store, rel.as_path()));
-                }
-            }
+            carried.extend(plans.iter().filter_map(Plan::file));
             for a in &batch.acks {
                 if let OnAck::Set(_, s, rel, _) | OnAck::Link(_, s, rel, ..) = a {
                     carried.insert((*s, rel.as_path()));
@@ -1475,6 +1505,28 @@ impl Sender {
         for rel in moved {
             self.coalescer.push(Op::Sync { store, rel, since });
         }
+    }
+
+    /// Does the replica hold `rel` (or will it, once the ops already sent
+    /// or planned in this batch apply)?
+    fn replica_has(&self, store: usize, rel: &Path, plans: &[Plan], batch: &Inflight) -> bool {
+        if self.stores[store].index.get(rel).is_some_and(|e| e.synced) {
+            return true;
+        }
+        if plans.iter().any(|p| p.file() == Some((store, rel))) {
+            return true;
+        }
+        self.inflight
+            .iter()
+            .chain(std::iter::once(batch))
+            .flat_map(|b| &b.acks)
+            .any(|a| match a {
+                OnAck::Set(_, s, p, _) | OnAck::Link(_, s, p, ..) => *s == store && p == rel,
+                // Under a folder renamed in flight: the index still has
+                // the old names; trust the rename.
+                OnAck::Rename(_, s, _, to) => *s == store && rel.starts_with(to),
+                OnAck::Remove(..) => false,
+            })
     }
 
     /// A file found missing when read, after this batch (or one in flight)
