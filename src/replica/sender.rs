@@ -48,10 +48,6 @@ const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// An op the peer failed to apply for another local reason is sent again
 /// after this long, so a lasting failure there does not spin both nodes.
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
-/// How long, and how many, deletes of paths found missing are remembered
-/// in case a rename of a folder above them follows (`follow_vanished`).
-const VANISHED_WINDOW: Duration = Duration::from_secs(10);
-const VANISHED_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -171,9 +167,6 @@ pub struct Sender {
     /// The splice pump of the current session's socket, made at its first
     /// large file and dropped with the session.
     pump: Option<crate::io::splice::SplicePump>,
-    /// Paths recently sent as deletes, because they were missing when read
-    /// (see [`Sender::follow_vanished`]).
-    vanished: VecDeque<(Instant, usize, PathBuf)>,
     /// Directories whose children the last reconciliation already queued,
     /// with their inode and ctime when it listed them.
     listed_dirs: HashMap<(usize, PathBuf), (u64, i64, u32)>,
@@ -313,7 +306,6 @@ impl Sender {
             commit_wake: None,
             pump: None,
             listed_dirs: Default::default(),
-            vanished: VecDeque::new(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -1102,7 +1094,6 @@ impl Sender {
                     .encode(&mut f);
                     add(&self.stats.renames_sent, 1);
                     self.inodes.renamed(store, &from, &to);
-                    self.follow_vanished(store, &from, &to, since);
                     self.recent.renamed(store, &from, &to);
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
@@ -1268,7 +1259,6 @@ impl Sender {
                         })?;
                     match read {
                         Read::Missing => {
-                            self.follow_renamed_in_flight(store, &rel, &batch);
                             let f = self.delete_frame(seq, store, rel, &mut batch);
                             out.extend_from_slice(&f);
                         }
@@ -1312,7 +1302,6 @@ impl Sender {
                             self.account_file(seq, store, rel, &st, hash, len, &mut batch)
                         }
                         None => {
-                            self.follow_renamed_in_flight(store, &rel, &batch);
                             let f = self.delete_frame(seq, store, rel, &mut batch);
                             out.extend_from_slice(&f);
                         }
@@ -1432,7 +1421,7 @@ impl Sender {
         }
         .encode(&mut f);
         add(&self.stats.deletes_sent, 1);
-        self.note_vanished(store, &rel);
+        self.verify_if_folder_vanished(store, &rel);
         // A later name of the same inode must not be sent as a link to this one.
         self.forget_names_under(store, &rel);
         if let Some(e) = self.stores[store].index.get_mut(&rel) {
@@ -1473,40 +1462,6 @@ impl Sender {
         }
     }
 
-    fn note_vanished(&mut self, store: usize, rel: &Path) {
-        let now = Instant::now();
-        while self.vanished.front().is_some_and(|(t, ..)| {
-            now.duration_since(*t) > VANISHED_WINDOW || self.vanished.len() >= VANISHED_MAX
-        }) {
-            self.vanished.pop_front();
-        }
-        self.vanished.push_back((now, store, rel.to_path_buf()));
-    }
-
-    /// A folder renamed while a file in it was being read: the read found
-    /// nothing and a delete went out, but the file lives on under the new
-    /// name, where no event reports it (it was made before). Sync it there,
-    /// after the rename.
-    fn follow_vanished(&mut self, store: usize, from: &Path, to: &Path, since: Instant) {
-        // A message renamed (a flag change) is a file: nothing lives under it.
-        let is_file = self.stores[store]
-            .index
-            .get(from)
-            .is_some_and(|e| e.kind != Kind::Dir);
-        if is_file || self.vanished.is_empty() {
-            return;
-        }
-        let moved: Vec<PathBuf> = self
-            .vanished
-            .iter()
-            .filter(|(_, s, p)| *s == store && p.starts_with(from) && p != from)
-            .filter_map(|(_, _, p)| moved_path(p, from, to))
-            .collect();
-        for rel in moved {
-            self.coalescer.push(Op::Sync { store, rel, since });
-        }
-    }
-
     /// Does the replica hold `rel` (or will it, once the ops already sent
     /// or planned in this batch apply)?
     fn replica_has(&self, store: usize, rel: &Path, plans: &[Plan], batch: &Inflight) -> bool {
@@ -1529,16 +1484,19 @@ impl Sender {
             })
     }
 
-    /// A file found missing when read, after this batch (or one in flight)
-    /// planned a rename of a folder above it: it moved with the folder.
-    fn follow_renamed_in_flight(&mut self, store: usize, rel: &Path, batch: &Inflight) {
-        let moved = self.renamed_in_flight(store, rel.to_path_buf(), batch);
-        if moved != rel {
-            self.coalescer.push(Op::Sync {
-                store,
-                rel: moved,
-                since: Instant::now(),
-            });
+    /// A path found missing whose folder is missing too: the folder was
+    /// deleted, or renamed while its files were being read, and a file
+    /// made in it before its watch existed lives on under a name no event
+    /// reports (renamed away and back, say). Only a comparison with the
+    /// replica finds it for sure; it runs at the next loop turn.
+    fn verify_if_folder_vanished(&mut self, store: usize, rel: &Path) {
+        let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return;
+        };
+        let abs = self.stores[store].root.join(parent);
+        if !self.pending_verify && matches!(index::lstat(&abs), Ok(None)) {
+            tracing::debug!(folder = %parent.display(), "a folder vanished under a file being sent: comparing with the replica");
+            self.pending_verify = true;
         }
     }
 
