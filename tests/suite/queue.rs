@@ -344,6 +344,10 @@ fn periodic_queue_replication_sends_changes_at_the_interval() {
     let mut o = opts("flat");
     o.queue_sync = "periodic";
     o.queue_sync_interval_ms = 2000;
+    // No failover here: a loaded machine must not fake one (the 200 ms
+    // window of the failover tests did, once, under two test suites).
+    o.heartbeat_interval_ms = 100;
+    o.heartbeat_lost_threshold = 10;
     let (tp, _) = TestPair::formed(o);
     let replica = tp.nodes[1].state_dir.join("queue-replica");
     // Let the first release pass, then queue mail right after one.
