@@ -18,6 +18,21 @@ use crate::wire::sync::{EntryKind, ManifestEntry, Meta};
 
 use super::Excludes;
 
+#[cfg(test)]
+impl Version {
+    /// A fixed version of inode `ino`, for tests.
+    pub(crate) fn sample(ino: u64) -> Version {
+        Version {
+            size: 10,
+            mtime_s: 1,
+            mtime_ns: 2,
+            ino,
+            ctime_s: 3,
+            ctime_ns: 4,
+        }
+    }
+}
+
 /// What identifies one version of a file without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Version {
@@ -522,14 +537,7 @@ mod tests {
     fn entry(kind: Kind, ino: u64) -> Entry {
         let st = Stat {
             kind,
-            version: Version {
-                size: 10,
-                mtime_s: 1,
-                mtime_ns: 2,
-                ino,
-                ctime_s: 3,
-                ctime_ns: 4,
-            },
+            version: Version::sample(ino),
             meta: Meta {
                 mode: 0o600,
                 uid: 0,

@@ -119,14 +119,7 @@ mod tests {
     use super::*;
 
     fn v(ino: u64) -> Version {
-        Version {
-            size: 10,
-            mtime_s: 1,
-            mtime_ns: 2,
-            ino,
-            ctime_s: 3,
-            ctime_ns: 4,
-        }
+        Version::sample(ino)
     }
 
     const K: InodeKey = (1, 7);

@@ -111,6 +111,24 @@ enum OnAck {
     Rename(u64, usize, PathBuf, PathBuf),
 }
 
+impl OnAck {
+    /// The path this op gives content or a link (a name the replica will hold).
+    fn carries(&self) -> Option<(usize, &Path)> {
+        match self {
+            OnAck::Set(_, s, rel, _) | OnAck::Link(_, s, rel, ..) => Some((*s, rel.as_path())),
+            OnAck::Remove(..) | OnAck::Rename(..) => None,
+        }
+    }
+}
+
+/// What a batch being planned gives content or a link so far.
+fn carried<'a>(plans: &'a [Plan], batch: &'a Inflight) -> impl Iterator<Item = (usize, &'a Path)> {
+    plans
+        .iter()
+        .filter_map(Plan::file)
+        .chain(batch.acks.iter().filter_map(OnAck::carries))
+}
+
 struct Inflight {
     barrier: u64,
     acks: Vec<OnAck>,
@@ -776,7 +794,7 @@ impl Sender {
                 // land, and be acknowledged, before or after it).
                 self.needed.insert(seq);
                 if s < self.stores.len() {
-                    self.forget_names_under(s, &rel);
+                    self.forget_names_under(s, &rel, None);
                     if reason == NeedReason::SourceMissing {
                         self.forget_link_source(seq, building);
                     }
@@ -1093,8 +1111,9 @@ impl Sender {
                     }
                     .encode(&mut f);
                     add(&self.stats.renames_sent, 1);
-                    self.inodes.renamed(store, &from, &to);
-                    self.recent.renamed(store, &from, &to);
+                    for names in self.link_names() {
+                        names.renamed(store, &from, &to);
+                    }
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
@@ -1218,13 +1237,8 @@ impl Sender {
 
         if !expand.is_empty() {
             // Children this batch already carries are not queued again.
-            let mut carried: std::collections::HashSet<(usize, &Path)> = Default::default();
-            carried.extend(plans.iter().filter_map(Plan::file));
-            for a in &batch.acks {
-                if let OnAck::Set(_, s, rel, _) | OnAck::Link(_, s, rel, ..) = a {
-                    carried.insert((*s, rel.as_path()));
-                }
-            }
+            let carried: std::collections::HashSet<(usize, &Path)> =
+                carried(&plans, &batch).collect();
             for (store, rel, since) in &expand {
                 self.expand_dir(*store, rel, *since, &carried);
             }
@@ -1392,8 +1406,7 @@ impl Sender {
             .get(&rel)
             .is_some_and(|e| e.version.ino != st.version.ino);
         if reused {
-            self.inodes.forget_under(store, &rel, Some(key));
-            self.recent.forget_under(store, &rel, Some(key));
+            self.forget_names_under(store, &rel, Some(key));
         }
         if st.nlink > 1 {
             self.inodes.record(key, store, &rel, st.version);
@@ -1423,7 +1436,7 @@ impl Sender {
         add(&self.stats.deletes_sent, 1);
         self.verify_if_folder_vanished(store, &rel);
         // A later name of the same inode must not be sent as a link to this one.
-        self.forget_names_under(store, &rel);
+        self.forget_names_under(store, &rel, None);
         if let Some(e) = self.stores[store].index.get_mut(&rel) {
             e.synced = false;
         }
@@ -1448,8 +1461,9 @@ impl Sender {
                 _ => None,
             });
         if let Some((key, link_store, existing)) = failed_link {
-            self.inodes.forget_name(key, link_store, &existing);
-            self.recent.forget_name(key, link_store, &existing);
+            for names in self.link_names() {
+                names.forget_name(key, link_store, &existing);
+            }
             if let Some(e) = self.stores[link_store].index.get_mut(&existing) {
                 e.synced = false;
             }
@@ -1465,23 +1479,22 @@ impl Sender {
     /// Does the replica hold `rel` (or will it, once the ops already sent
     /// or planned in this batch apply)?
     fn replica_has(&self, store: usize, rel: &Path, plans: &[Plan], batch: &Inflight) -> bool {
-        if self.stores[store].index.get(rel).is_some_and(|e| e.synced) {
-            return true;
-        }
-        if plans.iter().any(|p| p.file() == Some((store, rel))) {
-            return true;
-        }
-        self.inflight
-            .iter()
-            .chain(std::iter::once(batch))
-            .flat_map(|b| &b.acks)
-            .any(|a| match a {
-                OnAck::Set(_, s, p, _) | OnAck::Link(_, s, p, ..) => *s == store && p == rel,
-                // Under a folder renamed in flight: the index still has
-                // the old names; trust the rename.
-                OnAck::Rename(_, s, _, to) => *s == store && rel.starts_with(to),
-                OnAck::Remove(..) => false,
-            })
+        // Under a folder renamed in flight, the index still has the old
+        // names: trust the rename.
+        let renamed_into = |a: &OnAck| matches!(a, OnAck::Rename(_, s, _, to) if *s == store && rel.starts_with(to));
+        self.stores[store].index.get(rel).is_some_and(|e| e.synced)
+            || carried(plans, batch).any(|c| c == (store, rel))
+            || self
+                .inflight
+                .iter()
+                .flat_map(|b| &b.acks)
+                .any(|a| a.carries() == Some((store, rel)))
+            || self
+                .inflight
+                .iter()
+                .chain(std::iter::once(batch))
+                .flat_map(|b| &b.acks)
+                .any(renamed_into)
     }
 
     /// A path found missing whose folder is missing too: the folder was
@@ -1500,10 +1513,16 @@ impl Sender {
         }
     }
 
-    /// Drops every recorded name of an inode at or under `rel`.
-    fn forget_names_under(&mut self, store: usize, rel: &Path) {
-        self.inodes.forget_under(store, rel, None);
-        self.recent.forget_under(store, rel, None);
+    /// Both records of hard-link names: acknowledged and in flight.
+    fn link_names(&mut self) -> [&mut LinkNames; 2] {
+        [&mut self.inodes, &mut self.recent]
+    }
+
+    /// Drops every recorded name at or under `rel`, except those of `keep`.
+    fn forget_names_under(&mut self, store: usize, rel: &Path, keep: Option<InodeKey>) {
+        for names in self.link_names() {
+            names.forget_under(store, rel, keep);
+        }
     }
 
     /// A second name of an inode the peer already holds: send a link, not bytes.
