@@ -101,6 +101,9 @@ pub struct LinkStatus {
     pub heartbeat_gap_ms_p50: Option<f64>,
     pub heartbeat_gap_ms_p99: Option<f64>,
     pub heartbeat_gap_ms_max: Option<f64>,
+    /// Admission on the heartbeat port (strangers, authentication failures).
+    #[serde(default)]
+    pub heartbeat_port: crate::link::gate::GateStatus,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

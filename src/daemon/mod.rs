@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -140,6 +141,7 @@ struct Node {
     engine: Engine,
     catch_up_reported: bool,
     push_done_rx: mpsc::UnboundedReceiver<Result<PushReport, String>>,
+    gate_stats: Arc<link::gate::GateStats>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -213,7 +215,14 @@ impl Node {
         let (persisted_tx, persisted_rx) = mpsc::unbounded_channel();
 
         tokio_uring::spawn(link::run_outbound(link.clone(), heartbeat_out));
-        tokio_uring::spawn(link::run_listener(link.clone(), listener, to_core));
+        let gate_stats = Arc::new(link::gate::GateStats::default());
+        let gate = Rc::new(link::gate::Gate::new(
+            "heartbeat",
+            link::gate::Limits::default(),
+            Some(cfg.link.peer.ip()),
+            gate_stats.clone(),
+        ));
+        tokio_uring::spawn(link::run_listener(link.clone(), listener, gate, to_core));
         std::thread::Builder::new()
             .name("hasync-control".into())
             .spawn(move || serve_control(control_listener, control_tx))
@@ -245,6 +254,7 @@ impl Node {
             engine,
             catch_up_reported: false,
             push_done_rx,
+            gate_stats,
         })
     }
 
@@ -517,6 +527,7 @@ impl Node {
                 heartbeat_gap_ms_p50: gap(0.5),
                 heartbeat_gap_ms_p99: gap(0.99),
                 heartbeat_gap_ms_max: (!gaps.is_empty()).then(|| gaps.max() as f64 / 1000.0),
+                heartbeat_port: self.gate_stats.snapshot(),
             },
             queue_push: QueuePushStatus {
                 running: self

@@ -8,8 +8,10 @@
 //! `Heartbeat` in the hello), so they never queue behind bulk sync data.
 
 pub mod auth;
+pub mod gate;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -21,13 +23,19 @@ use tokio_uring::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::failover::Heartbeat;
-use crate::wire::{decode_frame, Channel, Frame, Hello, Message, Proof, WireError, NONCE_LEN};
+use crate::wire::{
+    decode_frame_under, Channel, Frame, FramePolicy, Hello, Message, Proof, WireError, NONCE_LEN,
+};
 use auth::{LinkKey, Side};
 
-/// Bound on simultaneous inbound connections (handshaking or live).
-const MAX_INBOUND: usize = 4;
-/// Read buffer size per connection.
+/// Authenticated inbound heartbeat connections kept at once; a newer one
+/// replaces the oldest (the peer reconnected and the old one is dead).
+const INBOUND_AUTHENTICATED_MAX: usize = 2;
+/// Read buffer size per authenticated connection.
 const READ_CHUNK: usize = 256 * 1024;
+/// Read buffer of a connection that has not authenticated: room for the
+/// largest handshake frame, so a stranger costs a few hundred bytes.
+const HANDSHAKE_READ_CHUNK: usize = 512;
 /// Reconnect backoff: first retry and ceiling.
 const BACKOFF_MIN: Duration = Duration::from_millis(25);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -43,7 +51,7 @@ pub enum LinkError {
     },
     #[error("peer {peer} sent a malformed frame: {source}")]
     Wire { peer: SocketAddr, source: WireError },
-    #[error("peer {peer} ({name}) failed authentication: it does not know the link secret")]
+    #[error("peer {peer} ({name:?}) failed authentication: it does not know the link secret")]
     AuthFailed { peer: SocketAddr, name: String },
     #[error("peer {peer} introduced itself as {got:?}, but the configured peer is {expected:?}")]
     UnexpectedPeer {
@@ -99,7 +107,6 @@ impl Default for LinkStats {
 }
 
 /// What both link tasks need to know.
-#[derive(Debug)]
 pub struct LinkCtx {
     pub node_name: String,
     pub peer_name: String,
@@ -108,6 +115,16 @@ pub struct LinkCtx {
     /// Bound on handshakes and on silence before a connection is dropped.
     pub io_timeout: Duration,
     pub stats: LinkStats,
+}
+
+impl std::fmt::Debug for LinkCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkCtx")
+            .field("node_name", &self.node_name)
+            .field("peer_name", &self.peer_name)
+            .field("peer_addr", &self.peer_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One framed connection. The stream is shared (`Rc`) so that a reader task
@@ -119,6 +136,12 @@ pub struct Conn {
 }
 
 /// The reading half: owns the read buffer.
+///
+/// Dropping it shuts the socket's read side down. tokio-uring keeps a read
+/// that is in flight (and with it the descriptor) until it completes, so a
+/// reader abandoned mid-read (a handshake timeout, an evicted stranger)
+/// would otherwise hold its socket open for as long as the other end stays
+/// silent.
 pub struct FrameReader {
     stream: Rc<TcpStream>,
     peer: SocketAddr,
@@ -126,6 +149,15 @@ pub struct FrameReader {
     /// Start of the undecoded bytes in `rbuf` (advancing a cursor instead of
     /// draining keeps decoding linear in the bytes received).
     start: usize,
+    /// Which frames are accepted now: handshake frames until the peer has
+    /// authenticated, then those of the connection's channel.
+    policy: FramePolicy,
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Read);
+    }
 }
 
 /// The writing half.
@@ -146,6 +178,7 @@ impl Conn {
                 peer,
                 rbuf: Vec::new(),
                 start: 0,
+                policy: FramePolicy::Handshake,
             },
             stream,
             peer,
@@ -154,6 +187,20 @@ impl Conn {
 
     pub fn peer(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// A handle that can close this connection from elsewhere (an evicted
+    /// stranger): shutting the socket down ends a read in flight.
+    pub fn closer(&self) -> FrameWriter {
+        self.writer()
+    }
+
+    /// After a successful handshake: accept the frames of `channel`.
+    fn authenticated(&mut self, channel: Channel) {
+        self.reader.policy = match channel {
+            Channel::Heartbeat => FramePolicy::Control,
+            Channel::Sync | Channel::Queue => FramePolicy::Sync,
+        };
     }
 
     pub fn split(self) -> (FrameReader, FrameWriter) {
@@ -236,7 +283,7 @@ impl FrameReader {
     pub async fn recv_frame(&mut self) -> Result<Frame, LinkError> {
         loop {
             let peer = self.peer;
-            if let Some((frame, used)) = decode_frame(&self.rbuf[self.start..])
+            if let Some((frame, used)) = decode_frame_under(&self.rbuf[self.start..], self.policy)
                 .map_err(|source| LinkError::Wire { peer, source })?
             {
                 self.start += used;
@@ -247,7 +294,11 @@ impl FrameReader {
             self.rbuf.drain(..self.start);
             self.start = 0;
             let mut buf = std::mem::take(&mut self.rbuf);
-            buf.reserve(READ_CHUNK);
+            buf.reserve(if self.policy == FramePolicy::Handshake {
+                HANDSHAKE_READ_CHUNK
+            } else {
+                READ_CHUNK
+            });
             let len = buf.len();
             let cap = buf.capacity();
             let (res, slice) = self.stream.read(buf.slice(len..cap)).await;
@@ -388,11 +439,83 @@ pub async fn handshake_accepting(
             name: hello.node,
         });
     }
-    Ok(if side == Side::Responder {
+    let channel = if side == Side::Responder {
         hello.channel
     } else {
         channel
-    })
+    };
+    conn.authenticated(channel);
+    Ok(channel)
+}
+
+/// Admits an inbound connection through `gate` and runs the responder's
+/// handshake within the gate's deadline. Returns the authenticated
+/// connection and the channel it asked for; `None` when it was refused
+/// (counted and, rate-limited, logged by the gate) — its socket is closed
+/// by then.
+pub async fn accept_authenticated(
+    gate: &gate::Gate,
+    ctx: &LinkCtx,
+    stream: TcpStream,
+    addr: SocketAddr,
+    allowed: &[Channel],
+) -> Option<(Conn, Channel)> {
+    let mut conn = Conn::new(stream, addr);
+    let ticket = gate.admit(addr, conn.closer());
+    let res = tokio::time::timeout(
+        gate.handshake_timeout(),
+        handshake_accepting(&mut conn, ctx, Side::Responder, allowed[0], allowed),
+    )
+    .await;
+    let evicted = gate.was_evicted(&ticket);
+    drop(ticket);
+    let now = Instant::now();
+    match res {
+        Ok(Ok(channel)) => {
+            gate.authenticated();
+            Some((conn, channel))
+        }
+        Ok(Err(e)) => {
+            use gate::Refusal;
+            let why = match &e {
+                _ if evicted => Refusal::Evicted,
+                LinkError::AuthFailed { .. } | LinkError::UnexpectedPeer { .. } => {
+                    Refusal::AuthFailed
+                }
+                LinkError::Wire { .. } | LinkError::Protocol { .. } => Refusal::BadFrames,
+                LinkError::Timeout { .. } => Refusal::Timeout,
+                LinkError::Io { .. } | LinkError::Closed { .. } => Refusal::Closed,
+            };
+            gate.refused(now, addr, why, &e.to_string());
+            None
+        }
+        Err(_) => {
+            // Dropping the connection shuts its socket down: the read in
+            // flight ends and the descriptor is closed.
+            gate.refused(
+                now,
+                addr,
+                gate::Refusal::Timeout,
+                &format!(
+                    "no complete handshake within {:?}",
+                    gate.handshake_timeout()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Logs a gate's refusal summaries once a second, for as long as the gate
+/// is alive elsewhere.
+pub async fn gate_ticker(gate: std::rc::Weak<gate::Gate>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match gate.upgrade() {
+            Some(g) => g.tick(Instant::now()),
+            None => return,
+        }
+    }
 }
 
 /// Capped exponential backoff.
@@ -530,40 +653,58 @@ async fn send_loop(
     }
 }
 
-/// Accepts the peer's connections and forwards its heartbeats.
+/// Accepts the peer's connections and forwards its heartbeats. Strangers
+/// go through `gate` (see [`gate`]); authenticated connections have a
+/// budget of their own.
 pub async fn run_listener(
     ctx: Rc<LinkCtx>,
     listener: TcpListener,
+    gate: Rc<gate::Gate>,
     to_core: mpsc::Sender<Heartbeat>,
 ) {
+    tokio_uring::spawn(gate_ticker(Rc::downgrade(&gate)));
+    // Live authenticated connections, oldest first, with a closer each.
+    let live: Rc<RefCell<VecDeque<(u64, FrameWriter)>>> = Rc::default();
+    let mut next_id = 0u64;
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
                 warn!("accept on heartbeat link failed: {e}");
                 tokio::time::sleep(BACKOFF_MIN).await;
                 continue;
             }
         };
-        if ctx.stats.inbound_connections.get() >= MAX_INBOUND {
-            warn!(peer = %addr, "refusing connection: already {MAX_INBOUND} inbound connections");
-            drop(stream);
-            continue;
-        }
-        ctx.stats
-            .inbound_connections
-            .set(ctx.stats.inbound_connections.get() + 1);
-        let ctx2 = ctx.clone();
-        let tx = to_core.clone();
+        let (ctx2, gate, live, tx) = (ctx.clone(), gate.clone(), live.clone(), to_core.clone());
+        let id = next_id;
+        next_id += 1;
         tokio_uring::spawn(async move {
-            let why = serve_inbound(&ctx2, Conn::new(stream, addr), tx).await;
-            ctx2.stats
-                .inbound_connections
-                .set(ctx2.stats.inbound_connections.get() - 1);
+            let Some((conn, _)) =
+                accept_authenticated(&gate, &ctx2, stream, addr, &[Channel::Heartbeat]).await
+            else {
+                return;
+            };
+            {
+                let mut l = live.borrow_mut();
+                while l.len() >= INBOUND_AUTHENTICATED_MAX {
+                    if let Some((_, old)) = l.pop_front() {
+                        let _ = old.shutdown();
+                    }
+                }
+                l.push_back((id, conn.closer()));
+                ctx2.stats.inbound_connections.set(l.len());
+            }
+            let why = serve_inbound(&ctx2, conn, tx).await;
+            {
+                let mut l = live.borrow_mut();
+                l.retain(|(i, _)| *i != id);
+                ctx2.stats.inbound_connections.set(l.len());
+            }
             note_failure(&ctx2, &why);
             match why {
                 LinkError::AuthFailed { .. } | LinkError::UnexpectedPeer { .. } => {
-                    warn!(peer = %addr, "link refused before any state change: {why}")
+                    warn!(peer = %addr, "heartbeat link from peer dropped: {why}")
                 }
                 LinkError::Wire { .. } | LinkError::Protocol { .. } => {
                     warn!(peer = %addr, "dropping link: {why}")
@@ -579,9 +720,6 @@ async fn serve_inbound(
     mut conn: Conn,
     to_core: mpsc::Sender<Heartbeat>,
 ) -> LinkError {
-    if let Err(e) = handshake(&mut conn, ctx, Side::Responder, Channel::Heartbeat).await {
-        return e;
-    }
     info!(peer = %conn.peer(), "heartbeat link from peer up");
     // A peer that stops talking is treated as gone after this long.
     let idle = ctx.io_timeout * 2;

@@ -23,7 +23,8 @@ use super::sender::{CommitOutcome, CommitReq, SendError, Sender, Store};
 use super::stats::{ReplStats, ReplStatus};
 use super::Excludes;
 use crate::link::auth::{LinkKey, Side};
-use crate::link::{handshake, handshake_accepting, Backoff, Conn, LinkCtx, LinkStats};
+use crate::link::gate::{Gate, Limits};
+use crate::link::{accept_authenticated, handshake, Backoff, Conn, LinkCtx, LinkStats};
 use crate::queue::layout::Layout;
 use crate::queue::push::{self, IngestStats, Ingester, PushReport};
 use crate::tracker::{Notifier, Tracker, TrackerConfig};
@@ -523,7 +524,6 @@ async fn accept_loop(
     stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
     mut promote_rx: mpsc::UnboundedReceiver<()>,
 ) {
-    let busy = Rc::new(std::cell::Cell::new(false));
     // Opened at start so that an ingest a crash interrupted is rolled
     // forward at once, not at the next push.
     let q = &shared.cfg.queue;
@@ -581,88 +581,143 @@ async fn accept_loop(
             }
         });
     }
+    let gate = Rc::new(Gate::new(
+        "sync",
+        Limits::default(),
+        Some(shared.cfg.sync_peer.ip()),
+        shared.stats.gate.clone(),
+    ));
+    tokio_uring::spawn(crate::link::gate_ticker(Rc::downgrade(&gate)));
+    let receiving = Rc::new(Receiving::default());
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
+                // EMFILE and the like: back off instead of spinning.
                 warn!("accept on sync port failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
-        let mode = *mode_rx.borrow();
-        if mode == EngineMode::Primary {
-            // A former primary pushing its queue to us.
-            tokio_uring::spawn(serve_queue_push(
-                shared.clone(),
-                ctx.clone(),
-                stream,
-                addr,
-                ingester.clone(),
-            ));
-            continue;
-        }
-        if mode != EngineMode::Secondary || busy.get() {
-            debug!(peer = %addr, "sync connection refused: not secondary or already receiving");
-            drop(stream);
-            continue;
-        }
-        busy.set(true);
-        let (shared, ctx, stores, busy, mut mode_rx) = (
+        let (shared, ctx, gate, stores, receiving, ingester, mode_rx) = (
             shared.clone(),
             ctx.clone(),
+            gate.clone(),
             stores.clone(),
-            busy.clone(),
+            receiving.clone(),
+            ingester.clone(),
             mode_rx.clone(),
         );
         tokio_uring::spawn(async move {
-            let mut conn = Conn::new(stream, addr);
-            if let Err(e) = handshake(&mut conn, &ctx, Side::Responder, Channel::Sync).await {
-                warn!(peer = %addr, "sync connection refused: {e}");
-                busy.set(false);
+            let Some((conn, channel)) =
+                accept_authenticated(&gate, &ctx, stream, addr, &[Channel::Sync, Channel::Queue])
+                    .await
+            else {
                 return;
-            }
-            let taken = stores.borrow_mut().take();
-            let recv_stores = match taken {
-                Some(s) => s,
-                None => match open_recv_stores(&shared.cfg) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!("cannot open mailstore roots for receiving: {e}");
-                        *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
-                        busy.set(false);
-                        return;
-                    }
-                },
             };
-            let mut receiver = Receiver::new(
-                recv_stores,
-                shared.excludes.clone(),
-                shared.stats.clone(),
-                shared.cfg.durability,
-            );
-            shared.stats.connected.store(true, Relaxed);
-            info!(peer = %addr, "sync connection from primary up");
-            let (r, w) = conn.split();
-            let res = tokio::select! {
-                res = receiver.serve(r, w.clone()) => res.map_err(|e| e.to_string()),
-                _ = async {
-                    while mode_rx.changed().await.is_ok() {
-                        if *mode_rx.borrow() != EngineMode::Secondary { return; }
-                    }
-                } => Err("no longer secondary".to_string()),
-            };
-            let _ = w.shutdown();
-            receiver.save_indexes();
-            shared.stats.connected.store(false, Relaxed);
-            match res {
-                Ok(()) => info!(peer = %addr, "sync connection closed"),
-                Err(e) => info!(peer = %addr, "sync connection ended: {e}"),
+            drop(gate);
+            let mode = *mode_rx.borrow();
+            match (mode, channel) {
+                // A former primary pushing its queue to us.
+                (EngineMode::Primary, Channel::Queue) => {
+                    serve_queue_push(shared, conn, addr, ingester).await
+                }
+                (EngineMode::Secondary, Channel::Sync) => {
+                    serve_sync(shared, conn, addr, stores, receiving, mode_rx).await
+                }
+                _ => debug!(
+                    peer = %addr,
+                    "{channel:?} connection from the peer closed: this node is {mode:?}"
+                ),
             }
-            *stores.borrow_mut() = Some(receiver.stores);
-            busy.set(false);
         });
     }
+}
+
+/// The receiving session in progress, if any.
+#[derive(Default)]
+struct Receiving {
+    busy: std::cell::Cell<bool>,
+    /// Closes the session in progress (a newer one replaces it).
+    closer: RefCell<Option<crate::link::FrameWriter>>,
+    /// Bumped by every authenticated sync connection: only the newest one
+    /// waits for the session it replaces.
+    latest: std::cell::Cell<u64>,
+    released: tokio::sync::Notify,
+}
+
+/// Serves the primary's sync connection. The newest authenticated
+/// connection wins: the peer reconnected (it restarted, or the old
+/// connection is half-dead), so the session in progress is cut.
+async fn serve_sync(
+    shared: Rc<Shared>,
+    conn: Conn,
+    addr: SocketAddr,
+    stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    receiving: Rc<Receiving>,
+    mut mode_rx: watch::Receiver<EngineMode>,
+) {
+    let generation = receiving.latest.get() + 1;
+    receiving.latest.set(generation);
+    loop {
+        let released = receiving.released.notified();
+        if !receiving.busy.get() {
+            break;
+        }
+        if let Some(old) = receiving.closer.borrow_mut().take() {
+            info!(peer = %addr, "a new sync connection from the primary replaces the one in progress");
+            let _ = old.shutdown();
+        }
+        released.await;
+        if receiving.latest.get() != generation {
+            return; // an even newer connection took over
+        }
+    }
+    receiving.busy.set(true);
+    *receiving.closer.borrow_mut() = Some(conn.closer());
+    let taken = stores.borrow_mut().take();
+    let recv_stores = match taken {
+        Some(s) => s,
+        None => match open_recv_stores(&shared.cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!("cannot open mailstore roots for receiving: {e}");
+                *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+                receiving.busy.set(false);
+                receiving.closer.borrow_mut().take();
+                receiving.released.notify_waiters();
+                return;
+            }
+        },
+    };
+    let mut receiver = Receiver::new(
+        recv_stores,
+        shared.excludes.clone(),
+        shared.stats.clone(),
+        shared.cfg.durability,
+    );
+    shared.stats.connected.store(true, Relaxed);
+    info!(peer = %addr, "sync connection from primary up");
+    let (r, w) = conn.split();
+    let res = tokio::select! {
+        res = receiver.serve(r, w.clone()) => res.map_err(|e| e.to_string()),
+        _ = async {
+            while mode_rx.changed().await.is_ok() {
+                if *mode_rx.borrow() != EngineMode::Secondary { return; }
+            }
+        } => Err("no longer secondary".to_string()),
+    };
+    let _ = w.shutdown();
+    receiver.save_indexes();
+    shared.stats.connected.store(false, Relaxed);
+    match res {
+        Ok(()) => info!(peer = %addr, "sync connection closed"),
+        Err(e) => info!(peer = %addr, "sync connection ended: {e}"),
+    }
+    *stores.borrow_mut() = Some(receiver.stores);
+    receiving.busy.set(false);
+    receiving.closer.borrow_mut().take();
+    receiving.released.notify_waiters();
 }
 
 fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {
@@ -747,27 +802,10 @@ async fn run_push(
 
 async fn serve_queue_push(
     shared: Rc<Shared>,
-    ctx: Rc<LinkCtx>,
-    stream: tokio_uring::net::TcpStream,
+    conn: Conn,
     addr: SocketAddr,
     ingester: Rc<RefCell<Option<Ingester>>>,
 ) {
-    let mut conn = Conn::new(stream, addr);
-    match handshake_accepting(
-        &mut conn,
-        &ctx,
-        Side::Responder,
-        Channel::Queue,
-        &[Channel::Queue],
-    )
-    .await
-    {
-        Ok(_) => {}
-        Err(e) => {
-            warn!(peer = %addr, "queue push connection refused: {e}");
-            return;
-        }
-    }
     // One push at a time: the ledger has a single owner.
     let taken = ingester.borrow_mut().take();
     let Some(mut ing) = taken else {

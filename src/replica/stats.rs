@@ -55,6 +55,8 @@ pub struct ReplStats {
     pub commits_degraded: AtomicU64,
     pub tracker: Mutex<TrackerStats>,
     pub last_error: Mutex<Option<String>>,
+    /// Admission on the sync port (strangers, authentication failures).
+    pub gate: std::sync::Arc<crate::link::gate::GateStats>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -110,6 +112,7 @@ impl Default for ReplStats {
             commits_degraded: AtomicU64::new(0),
             tracker: Mutex::new(TrackerStats::default()),
             last_error: Mutex::new(None),
+            gate: Default::default(),
         }
     }
 }
@@ -224,6 +227,9 @@ pub struct ReplStatus {
     pub rescans: u64,
     pub watch_failures: u64,
     pub last_error: Option<String>,
+    /// Admission on the sync port.
+    #[serde(default)]
+    pub sync_port: crate::link::gate::GateStatus,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -332,6 +338,7 @@ impl ReplStats {
             rescans: tracker.rescans,
             watch_failures: tracker.watch_failures,
             last_error: self.last_error.lock().expect("error lock").clone(),
+            sync_port: self.gate.snapshot(),
         }
     }
 }

@@ -40,6 +40,41 @@ pub const MAX_BULK_PAYLOAD: u32 = 1 << 20;
 pub const MAX_PAYLOAD: u32 = 8 << 20;
 /// Largest payload of a control frame (hello, proof, heartbeat).
 pub const MAX_CONTROL_PAYLOAD: u32 = 1024;
+/// Largest payload read from a peer that has not authenticated yet: a
+/// `Hello` (98 bytes at most) or a `Proof` (32).
+pub const MAX_HANDSHAKE_PAYLOAD: u32 = 128;
+
+/// Which frames a connection accepts in its current state, checked on the
+/// 8-byte header before the payload is read or buffered: a stranger's
+/// connection can make the reader hold at most one handshake frame, and a
+/// heartbeat connection never buffers bulk data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramePolicy {
+    /// Before authentication: `Hello` and `Proof`, at most
+    /// [`MAX_HANDSHAKE_PAYLOAD`] bytes.
+    Handshake,
+    /// An authenticated heartbeat connection: control frames only.
+    Control,
+    /// An authenticated sync or queue connection: every kind, each within
+    /// its own cap.
+    Sync,
+}
+
+impl FramePolicy {
+    /// The cap on `kind`'s payload under this policy; `None` if the kind is
+    /// not accepted at all.
+    pub fn cap(self, kind: Kind) -> Option<u32> {
+        match (self, kind) {
+            (FramePolicy::Handshake, Kind::Hello | Kind::Proof) => Some(MAX_HANDSHAKE_PAYLOAD),
+            (FramePolicy::Handshake, _) => None,
+            (FramePolicy::Control, Kind::Hello | Kind::Proof | Kind::Heartbeat) => {
+                Some(kind.max_payload())
+            }
+            (FramePolicy::Control, _) => None,
+            (FramePolicy::Sync, k) => Some(k.max_payload()),
+        }
+    }
+}
 
 /// Frame kinds. The number is on the wire; never reuse one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +141,8 @@ pub enum WireError {
     },
     #[error("expected a {expected:?} frame, got {got:?}")]
     Unexpected { expected: Kind, got: Kind },
+    #[error("{kind:?} frame not accepted {state}")]
+    NotAccepted { kind: Kind, state: &'static str },
 }
 
 /// One decoded frame: its kind and its (checksum-verified) payload.
@@ -157,6 +194,16 @@ pub fn bulk_header(len: u32) -> [u8; BULK_HEADER_LEN] {
 /// `Ok(Some((frame, used)))` consumed `used` bytes. Errors are final for the
 /// connection.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
+    decode_frame_under(buf, FramePolicy::Sync)
+}
+
+/// [`decode_frame`] for a connection in the state `policy` describes: a
+/// kind the policy does not accept, or a length over its cap, is refused on
+/// the header, before the payload arrives.
+pub fn decode_frame_under(
+    buf: &[u8],
+    policy: FramePolicy,
+) -> Result<Option<(Frame, usize)>, WireError> {
     if buf.len() < HEADER_LEN {
         // Refuse garbage as early as the magic allows.
         if buf.len() >= 2 && buf[..2] != MAGIC {
@@ -172,13 +219,19 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>, WireError> {
         return Err(WireError::UnsupportedVersion { got: buf[2] });
     }
     let kind = Kind::from_u8(buf[3]).ok_or(WireError::UnknownKind(buf[3]))?;
-    let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    if len > kind.max_payload() {
-        return Err(WireError::TooLong {
+    let Some(max) = policy.cap(kind) else {
+        return Err(WireError::NotAccepted {
             kind,
-            len,
-            max: kind.max_payload(),
+            state: match policy {
+                FramePolicy::Handshake => "before authentication",
+                FramePolicy::Control => "on a heartbeat connection",
+                FramePolicy::Sync => "on a sync connection",
+            },
         });
+    };
+    let len = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > max {
+        return Err(WireError::TooLong { kind, len, max });
     }
     if kind == Kind::Bulk {
         return decode_bulk(buf, len);

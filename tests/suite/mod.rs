@@ -1,5 +1,6 @@
 mod cli;
 mod failover_props;
+mod flood;
 mod hostile;
 mod pair;
 mod queue;
