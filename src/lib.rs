@@ -19,6 +19,7 @@ pub mod fixture;
 pub mod harness;
 pub mod io;
 pub mod link;
+pub mod logging;
 pub mod queue;
 pub mod replica;
 pub mod tracker;

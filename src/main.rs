@@ -109,16 +109,6 @@ enum Cmd {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none())
-        .init();
-}
-
 fn ask(target: &Target, req: control::Request) -> Result<control::Response> {
     let socket = target.socket()?;
     Ok(control::request(&socket, &req, Duration::from_secs(5))?)
@@ -138,7 +128,7 @@ fn real_main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run { config } => {
-            init_logging();
+            hasync::logging::init();
             let cfg = Config::load(&config)?;
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)

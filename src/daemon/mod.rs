@@ -670,6 +670,7 @@ fn control_conn(stream: std::os::unix::net::UnixStream, to_node: &mpsc::Sender<C
 
 /// Human rendering of a status snapshot (`hasync status`).
 pub fn render_status(s: &Status) -> String {
+    use crate::logging::printable;
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(
@@ -683,7 +684,7 @@ pub fn render_status(s: &Status) -> String {
         s.mode,
         s.epoch,
         s.in_mode_ms as f64 / 1000.0,
-        s.reason
+        printable(&s.reason)
     );
     let peer = match (s.peer.alive, s.peer.role, s.peer.last_heartbeat_age_ms) {
         (true, Some(role), Some(age)) => format!(
@@ -711,6 +712,17 @@ pub fn render_status(s: &Status) -> String {
         s.link.heartbeat_interval_ms,
         s.link.auth_failures
     );
+    let gate = |g: &crate::link::gate::GateStatus| {
+        format!(
+            "{} refused ({} failed authentication, {} timed out, {} bad frames, {} evicted), {} handshaking now",
+            g.refused_total, g.auth_failures, g.handshake_timeouts, g.frame_errors, g.evicted, g.unauthenticated
+        )
+    };
+    let (hp, sp) = (&s.link.heartbeat_port, &s.replication.sync_port);
+    if hp.refused_total + sp.refused_total + hp.unauthenticated + sp.unauthenticated > 0 {
+        let _ = writeln!(o, "strangers heartbeat port: {}", gate(hp));
+        let _ = writeln!(o, "          sync port: {}", gate(sp));
+    }
     let q = &s.queue_push;
     if q.requested > 0 || q.running || q.last.messages > 0 {
         let _ = writeln!(
@@ -807,8 +819,11 @@ pub fn render_status(s: &Status) -> String {
             r.bytes_spliced as f64 / 1e6
         );
     }
+    if let Some(e) = &r.last_error {
+        let _ = writeln!(o, "error     {}", printable(e));
+    }
     for a in s.alarms.iter().rev().take(5) {
-        let _ = writeln!(o, "alarm     {}", a.message);
+        let _ = writeln!(o, "alarm     {}", printable(&a.message));
     }
     o
 }

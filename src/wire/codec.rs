@@ -2,6 +2,20 @@
 
 use super::{Kind, WireError};
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary (cutting inside a multibyte character would make the
+/// text undecodable on the other side).
+pub fn cut_at_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Builds a payload.
 #[derive(Debug, Default)]
 pub struct Writer {
@@ -60,10 +74,12 @@ impl Writer {
         self.buf.extend_from_slice(v);
         self
     }
-    /// A string of at most 255 bytes, length-prefixed.
+    /// A string of at most 255 bytes, length-prefixed. A longer one is cut
+    /// at the last character boundary that fits (callers validate the names
+    /// they send; the encoder never produces what the decoder refuses).
     pub fn short_str(&mut self, s: &str) -> &mut Self {
-        let len = u8::try_from(s.len()).expect("short string over 255 bytes");
-        self.buf.push(len);
+        let s = cut_at_char_boundary(s, u8::MAX as usize);
+        self.buf.push(s.len() as u8);
         self.buf.extend_from_slice(s.as_bytes());
         self
     }

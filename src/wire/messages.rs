@@ -40,11 +40,23 @@ pub enum Message {
     Heartbeat(Heartbeat),
 }
 
+/// Node names as the configuration allows them: 1..=64 bytes of
+/// `[A-Za-z0-9._-]` (so a peer's name can never carry a newline or a
+/// terminal escape into a log line).
 fn check_name(field: &'static str, name: String) -> Result<String, WireError> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(WireError::BadField {
             field,
             problem: format!("length {} outside 1..={MAX_NAME}", name.len()),
+        });
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(WireError::BadField {
+            field,
+            problem: format!("character {c:?} is not allowed in a node name"),
         });
     }
     Ok(name)

@@ -22,7 +22,7 @@ mod codec;
 mod messages;
 pub mod sync;
 
-pub use codec::{Reader, Writer};
+pub use codec::{cut_at_char_boundary, Reader, Writer};
 pub use messages::{Channel, Hello, Message, Proof, NONCE_LEN, PROOF_LEN};
 
 use xxhash_rust::xxh3::xxh3_64;

@@ -7,7 +7,7 @@
 //! chunks, `Ack { seq }` once every op up to `seq` is durable, `Need` to
 //! re-request a path, `Refused` for an op it would not apply.
 
-use super::codec::{Reader, Writer};
+use super::codec::{cut_at_char_boundary, Reader, Writer};
 use super::{encode_frame, Frame, Kind, WireError};
 
 /// Longest relative path accepted (PATH_MAX).
@@ -18,8 +18,9 @@ pub const MAX_DATA: usize = super::MAX_BULK_PAYLOAD as usize;
 pub const MAX_MANIFEST_ENTRIES: usize = 4096;
 /// Most mailstores in one `Start`.
 pub const MAX_STORES: usize = 64;
-/// Longest free-text reason.
-const MAX_TEXT: usize = 1024;
+/// Longest free-text reason (`Refused.why`, `QueueAck.detail`); longer
+/// text is cut at a character boundary when encoded.
+pub const MAX_TEXT: usize = 1024;
 
 /// File metadata that mail software depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -378,7 +379,7 @@ impl SyncMsg {
                 path,
                 why,
             } => {
-                let why = &why.as_bytes()[..why.len().min(MAX_TEXT)];
+                let why = cut_at_char_boundary(why, MAX_TEXT).as_bytes();
                 w.u8(tag::REFUSED)
                     .u64(*seq)
                     .u16(*store)
@@ -412,7 +413,7 @@ impl SyncMsg {
                 outcome,
                 detail,
             } => {
-                let d = &detail.as_bytes()[..detail.len().min(MAX_TEXT)];
+                let d = cut_at_char_boundary(detail, MAX_TEXT).as_bytes();
                 w.u8(tag::QUEUE_ACK).u64(*id).u8(*outcome as u8).blob16(d);
             }
             SyncMsg::QueueEnd => {
@@ -667,7 +668,7 @@ impl SyncMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::decode_frame;
+    use crate::wire::{decode_frame, Frame, Kind};
 
     fn round(m: SyncMsg) {
         let mut out = Vec::new();
@@ -798,6 +799,268 @@ mod tests {
             path: b"../etc".to_vec(),
             why: "traversal".into(),
         });
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..=16),
+                proptest::collection::vec(any::<u8>(), max..=max),
+                proptest::collection::vec(any::<u8>(), 0..=max),
+            ]
+        }
+
+        fn path() -> impl Strategy<Value = Vec<u8>> {
+            bytes(MAX_PATH)
+        }
+
+        /// Any text, often longer than the limit and full of multibyte
+        /// characters (the encoder must cut it where the decoder can read it).
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                ".{0,40}",
+                "[\\u{80}-\\u{10ffff}]{300,700}",
+                "(a|\\u{e9}|\\u{20ac}|\\u{1f600}){1000,1100}",
+            ]
+        }
+
+        /// A name within its 255-byte limit, multibyte characters included.
+        fn short() -> impl Strategy<Value = String> {
+            ".{0,90}".prop_map(|s| cut_at_char_boundary(&s, 255).to_string())
+        }
+
+        fn meta() -> impl Strategy<Value = Meta> {
+            (
+                0u32..=0o7777,
+                any::<u32>(),
+                any::<u32>(),
+                any::<i64>(),
+                0u32..1_000_000_000,
+            )
+                .prop_map(|(mode, uid, gid, mtime_sec, mtime_nsec)| Meta {
+                    mode,
+                    uid,
+                    gid,
+                    mtime_sec,
+                    mtime_nsec,
+                })
+        }
+
+        fn entry() -> impl Strategy<Value = ManifestEntry> {
+            (path(), 1u8..=3, any::<u64>(), meta(), any::<u128>()).prop_map(
+                |(path, k, size, meta, hash)| ManifestEntry {
+                    path,
+                    kind: match k {
+                        1 => EntryKind::File,
+                        2 => EntryKind::Dir,
+                        _ => EntryKind::Symlink,
+                    },
+                    size,
+                    meta,
+                    hash,
+                },
+            )
+        }
+
+        fn part() -> impl Strategy<Value = QueuePart> {
+            (short(), meta(), 0..=MAX_QUEUE_PART, any::<u128>()).prop_map(
+                |(suffix, meta, size, hash)| QueuePart {
+                    suffix,
+                    meta,
+                    size,
+                    hash,
+                },
+            )
+        }
+
+        fn msg() -> impl Strategy<Value = SyncMsg> {
+            let (seq, store) = (any::<u64>(), any::<u16>());
+            prop_oneof![
+                proptest::collection::vec(short(), 0..=MAX_STORES)
+                    .prop_map(|stores| SyncMsg::Start { stores }),
+                (any::<u64>(), any::<bool>())
+                    .prop_map(|(id, full_verify)| SyncMsg::ManifestRequest { id, full_verify }),
+                (
+                    seq,
+                    store,
+                    path(),
+                    meta(),
+                    any::<u64>(),
+                    any::<u128>()
+                )
+                    .prop_map(|(seq, store, path, meta, size, hash)| {
+                        SyncMsg::File {
+                            seq,
+                            store,
+                            path,
+                            meta,
+                            size,
+                            hash,
+                        }
+                    }),
+                (seq, bytes(MAX_DATA))
+                    .prop_map(|(seq, bytes)| SyncMsg::Data { seq, bytes }),
+                (seq, store, path(), meta()).prop_map(
+                    |(seq, store, path, meta)| SyncMsg::Mkdir {
+                        seq,
+                        store,
+                        path,
+                        meta
+                    }
+                ),
+                (seq, store, path())
+                    .prop_map(|(seq, store, path)| SyncMsg::Delete { seq, store, path }),
+                (seq, store, path(), path()).prop_map(|(seq, store, from, to)| {
+                    SyncMsg::Rename {
+                        seq,
+                        store,
+                        from,
+                        to,
+                    }
+                }),
+                (seq, store, path(), path()).prop_map(
+                    |(seq, store, existing, path)| SyncMsg::Link {
+                        seq,
+                        store,
+                        existing,
+                        path
+                    }
+                ),
+                (seq, store, path(), path(), meta()).prop_map(
+                    |(seq, store, path, target, meta)| SyncMsg::Symlink {
+                        seq,
+                        store,
+                        path,
+                        target,
+                        meta
+                    }
+                ),
+                seq.prop_map(|seq| SyncMsg::Barrier { seq }),
+                Just(SyncMsg::CaughtUp),
+                (
+                    any::<u64>(),
+                    store,
+                    proptest::collection::vec(entry(), 0..4),
+                    any::<bool>()
+                )
+                    .prop_map(|(id, store, entries, last)| SyncMsg::Manifest {
+                        id,
+                        store,
+                        entries,
+                        last
+                    }),
+                seq.prop_map(|seq| SyncMsg::Ack { seq }),
+                (seq, store, path(), 1u8..=4).prop_map(|(seq, store, path, r)| {
+                    SyncMsg::Need {
+                        seq,
+                        store,
+                        path,
+                        reason: match r {
+                            1 => NeedReason::HashMismatch,
+                            2 => NeedReason::SourceMissing,
+                            3 => NeedReason::NoSpace,
+                            _ => NeedReason::LocalError,
+                        },
+                    }
+                }),
+                (seq, store, path(), text()).prop_map(|(seq, store, path, why)| {
+                    SyncMsg::Refused {
+                        seq,
+                        store,
+                        path,
+                        why,
+                    }
+                }),
+                any::<u8>().prop_map(|layout| SyncMsg::QueueStart { layout }),
+                (
+                    any::<u64>(),
+                    short(),
+                    short(),
+                    any::<u128>(),
+                    proptest::collection::vec(part(), 1..=MAX_QUEUE_PARTS)
+                )
+                    .prop_map(|(id, sub_queue, queue_id, key, parts)| {
+                        SyncMsg::QueueMsg {
+                            id,
+                            sub_queue,
+                            queue_id,
+                            key,
+                            parts,
+                        }
+                    }),
+                (any::<u64>(), 1u8..=3, text()).prop_map(|(id, o, detail)| SyncMsg::QueueAck {
+                    id,
+                    outcome: match o {
+                        1 => QueueOutcome::Ingested,
+                        2 => QueueOutcome::Duplicate,
+                        _ => QueueOutcome::Refused,
+                    },
+                    detail
+                }),
+                Just(SyncMsg::QueueEnd),
+                any::<bool>().prop_map(|hook_ok| SyncMsg::QueueEndAck { hook_ok }),
+            ]
+        }
+
+        /// What the peer must decode: `m` with its free text cut to the
+        /// limit at a character boundary, and nothing else changed.
+        fn as_sent(m: &SyncMsg) -> SyncMsg {
+            let mut m = m.clone();
+            match &mut m {
+                SyncMsg::Refused { why: t, .. } | SyncMsg::QueueAck { detail: t, .. } => {
+                    *t = cut_at_char_boundary(t, MAX_TEXT).to_string();
+                }
+                _ => {}
+            }
+            m
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+
+            #[test]
+            fn every_message_decodes_to_what_was_encoded(m in msg()) {
+                let mut out = Vec::new();
+                m.encode(&mut out);
+                let (f, used) = decode_frame(&out)
+                    .expect("the encoder never produces a frame the decoder refuses")
+                    .expect("one whole frame");
+                prop_assert_eq!(used, out.len());
+                let back = SyncMsg::decode(&f).expect("the encoder never produces a message the decoder refuses");
+                prop_assert_eq!(&back, &as_sent(&m));
+                if let SyncMsg::Refused { why: t, .. } | SyncMsg::QueueAck { detail: t, .. } = &back {
+                    prop_assert!(t.len() <= MAX_TEXT);
+                }
+            }
+
+            #[test]
+            fn decoding_arbitrary_sync_payloads_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let _ = SyncMsg::decode(&Frame { kind: Kind::Sync, payload: payload.clone() });
+                let _ = SyncMsg::data_view(&Frame { kind: Kind::Sync, payload });
+            }
+        }
+    }
+
+    #[test]
+    fn a_reason_cut_inside_a_multibyte_character_still_decodes() {
+        // 1,023 ASCII bytes then a 3-byte character: byte 1,024 is inside it.
+        let why = format!("{}\u{20ac}tail", "x".repeat(MAX_TEXT - 1));
+        let mut out = Vec::new();
+        SyncMsg::Refused {
+            seq: 1,
+            store: 0,
+            path: b"p".to_vec(),
+            why: why.clone(),
+        }
+        .encode(&mut out);
+        let (f, _) = decode_frame(&out).unwrap().unwrap();
+        match SyncMsg::decode(&f).unwrap() {
+            SyncMsg::Refused { why: got, .. } => assert_eq!(got, "x".repeat(MAX_TEXT - 1)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -126,6 +126,61 @@ proptest! {
     }
 
     #[test]
+    fn heartbeat_round_trips_with_any_valid_name(
+        node in "[A-Za-z0-9._-]{1,64}",
+        role in 0u8..4,
+        priority in any::<u8>(),
+        flags in any::<u8>(),
+        epoch in any::<u64>(),
+        seq in any::<u64>(),
+    ) {
+        let msg = Message::Heartbeat(Heartbeat {
+            node,
+            role: Role::from_code(role).unwrap_or(Role::Secondary),
+            epoch,
+            seq,
+            priority,
+            flags,
+        });
+        let bytes = msg.to_frame_bytes();
+        let (frame, _) = decode_frame_under(&bytes, FramePolicy::Control).unwrap().unwrap();
+        prop_assert_eq!(Message::decode(&frame).unwrap(), msg);
+    }
+
+    #[test]
+    fn node_names_outside_the_config_charset_are_refused(node in "[^A-Za-z0-9._-]{1,8}") {
+        let msg = Message::Hello(Hello { channel: Channel::Sync, node, nonce: [0; 32] });
+        let bytes = msg.to_frame_bytes();
+        if let Ok(Some((frame, _))) = decode_frame_under(&bytes, FramePolicy::Handshake) {
+            prop_assert!(Message::decode(&frame).is_err());
+        }
+    }
+
+    #[test]
+    fn before_authentication_only_small_handshake_frames_are_read(
+        kind in prop_oneof![Just(Kind::Heartbeat), Just(Kind::Sync), Just(Kind::Bulk)],
+        len in any::<u32>(),
+    ) {
+        let mut header = Vec::new();
+        header.extend_from_slice(&MAGIC);
+        header.push(VERSION);
+        header.push(kind as u8);
+        header.extend_from_slice(&len.to_le_bytes());
+        let refused = matches!(
+            decode_frame_under(&header, FramePolicy::Handshake),
+            Err(WireError::NotAccepted { .. })
+        );
+        prop_assert!(refused);
+        let mut hello = header.clone();
+        hello[3] = Kind::Hello as u8;
+        let res = decode_frame_under(&hello, FramePolicy::Handshake);
+        if len > MAX_HANDSHAKE_PAYLOAD {
+            let too_long = matches!(res, Err(WireError::TooLong { .. }));
+            prop_assert!(too_long, "{:?}", res);
+        }
+    }
+
+    #[test]
     fn hello_round_trips(node in "[a-z0-9.-]{1,64}", nonce in any::<[u8; 32]>(), sync in any::<bool>()) {
         let msg = Message::Hello(Hello {
             channel: if sync { Channel::Sync } else { Channel::Heartbeat },
