@@ -1595,4 +1595,23 @@ secret_file = "/etc/hasync/link.secret"
         }
         assert!(seen >= 5, "expected bad fixtures in {}", dir.display());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+        /// Any text, or the example with one line replaced by anything, is
+        /// parsed or refused with an error naming the file, never a panic.
+        #[test]
+        fn any_config_text_parses_or_is_refused_naming_the_file(
+            junk in "\\PC{0,200}",
+            line in 0usize..60,
+        ) {
+            let _ = Config::parse(&junk, src());
+            let mut lines: Vec<&str> = EXAMPLE.lines().collect();
+            let at = line % lines.len();
+            lines[at] = &junk;
+            if let Err(e) = Config::parse(&lines.join("\n"), src()) {
+                proptest::prop_assert!(e.to_string().contains("hasync.toml"), "{}", e);
+            }
+        }
+    }
 }

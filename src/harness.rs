@@ -270,6 +270,22 @@ impl NodeProc {
         Ok(())
     }
 
+    /// SIGTERM, then waits up to `timeout` for a clean exit; true if it
+    /// exited (SIGKILL after the timeout).
+    pub fn stop(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_ref() else {
+            return true;
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let exited = self.wait_exit(timeout);
+        if !exited {
+            let _ = self.kill9();
+        }
+        exited
+    }
+
     /// Waits for the process to exit (e.g. at a failpoint); true if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> bool {
         let start = Instant::now();

@@ -59,4 +59,16 @@ mod tests {
         std::fs::write(d.path().join(EPOCH_FILE), encode(&rec)).unwrap();
         assert_eq!(load(d.path()).unwrap(), rec);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        #[test]
+        fn any_epoch_file_loads_or_is_refused_naming_the_file(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(d.path().join(EPOCH_FILE), &bytes).unwrap();
+            if let Err(e) = load(d.path()) {
+                proptest::prop_assert!(e.to_string().contains("epoch.json"));
+            }
+        }
+    }
 }

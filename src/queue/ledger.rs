@@ -77,14 +77,20 @@ fn hex_path(p: &Path) -> String {
         .collect()
 }
 
+/// The path whose bytes `s` spells in hex; `None` for anything else (odd
+/// length, a character that is not a hex digit, multibyte ones included).
 fn unhex_path(s: &str) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStringExt;
-    if s.len() % 2 != 0 {
+    fn nibble(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let raw = s.as_bytes();
+    if raw.len() % 2 != 0 {
         return None;
     }
-    let bytes: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+    let bytes: Option<Vec<u8>> = raw
+        .chunks_exact(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
         .collect();
     Some(PathBuf::from(std::ffi::OsString::from_vec(bytes?)))
 }
@@ -399,6 +405,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 1") && err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_crafted_line_with_multibyte_hex_is_an_error_naming_the_line() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        // "é" is two bytes: slicing the hex pairs inside it panicked once.
+        let body = format!("I {:032x} 1 Q1 a\u{e9}0>00", 7u128);
+        let mut text = seal(&body);
+        text.push_str(&seal(&format!("D {:032x}", 7u128)));
+        std::fs::write(&p, text).unwrap();
+        let err = Ledger::open(&p, 100, Duration::from_secs(3600))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 1") && err.contains("bad path"), "{err}");
+        assert!(err.contains(&p.display().to_string()), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_line_parses_or_is_refused_without_panicking(line in "\\PC{0,120}", sealed in proptest::bool::ANY) {
+            let line = if sealed { seal(&line).trim_end().to_string() } else { line };
+            let _ = parse_line(&line);
+        }
+
+        #[test]
+        fn hex_paths_round_trip(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            use std::os::unix::ffi::OsStringExt;
+            let p = PathBuf::from(std::ffi::OsString::from_vec(bytes));
+            proptest::prop_assert_eq!(unhex_path(&hex_path(&p)), Some(p));
+        }
     }
 
     #[test]

@@ -231,6 +231,8 @@ pub struct Index {
     dirty: bool,
 }
 
+/// The index file of an older release (JSON, UTF-8 names only): read once
+/// to migrate, then replaced by the binary file.
 #[derive(Deserialize)]
 struct OnDisk {
     version: u32,
@@ -250,6 +252,57 @@ impl Snapshot {
     }
 }
 
+/// Binary index file: `HSIX` | version u32 | entry count u64, then per
+/// entry `path length u16 | path bytes | kind u8 | synced u8 | size u64 |
+/// mtime s i64, ns u32 | inode u64 | ctime s i64, ns u32 | mode, uid, gid
+/// u32 | hash u128`, all little-endian, then the xxh3-64 of everything
+/// before it. Names are stored as the bytes the filesystem has (a name need
+/// not be UTF-8).
+const MAGIC: &[u8; 4] = b"HSIX";
+const FORMAT_VERSION: u32 = 1;
+/// Fixed bytes of one entry after its path.
+const ENTRY_FIXED: usize = 2 + 8 + 12 + 8 + 12 + 12 + 16;
+
+/// Why an index file could not be read; names the file and where.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index {file}: {problem} (at byte {offset}, entry {entry})")]
+    Corrupt {
+        file: PathBuf,
+        offset: usize,
+        entry: u64,
+        problem: String,
+    },
+    #[error("index {file}: {source}")]
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn encode_entry(out: &mut Vec<u8>, p: &Path, e: &Entry) {
+    let raw = p.as_os_str().as_bytes();
+    out.extend_from_slice(&(raw.len() as u16).to_le_bytes());
+    out.extend_from_slice(raw);
+    out.push(match e.kind {
+        Kind::File => 1,
+        Kind::Dir => 2,
+        Kind::Symlink => 3,
+    });
+    out.push(u8::from(e.synced));
+    let v = &e.version;
+    out.extend_from_slice(&v.size.to_le_bytes());
+    out.extend_from_slice(&v.mtime_s.to_le_bytes());
+    out.extend_from_slice(&v.mtime_ns.to_le_bytes());
+    out.extend_from_slice(&v.ino.to_le_bytes());
+    out.extend_from_slice(&v.ctime_s.to_le_bytes());
+    out.extend_from_slice(&v.ctime_ns.to_le_bytes());
+    out.extend_from_slice(&e.mode.to_le_bytes());
+    out.extend_from_slice(&e.uid.to_le_bytes());
+    out.extend_from_slice(&e.gid.to_le_bytes());
+    out.extend_from_slice(&e.hash().to_le_bytes());
+}
+
 /// Sorted by path, so the file is stable for the same index.
 fn write_entries<'a>(
     file: &Path,
@@ -257,49 +310,180 @@ fn write_entries<'a>(
 ) -> std::io::Result<()> {
     let mut entries: Vec<(&Path, &Entry)> = entries.collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let doc = OnDiskRef {
-        version: 1,
-        entries,
-    };
     crate::io::write_atomic_with(file, |w| {
-        serde_json::to_writer(w, &doc).map_err(std::io::Error::other)
+        let mut sum = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = Vec::with_capacity(64 * 1024);
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+        for (p, e) in entries {
+            if p.as_os_str().len() > u16::MAX as usize {
+                // Cannot be replicated either (longer than any path the
+                // wire carries); leaving it out only costs a re-hash.
+                continue;
+            }
+            encode_entry(&mut buf, p, e);
+            if buf.len() >= 60 * 1024 {
+                sum.update(&buf);
+                w.write_all(&buf)?;
+                buf.clear();
+            }
+        }
+        sum.update(&buf);
+        buf.extend_from_slice(&sum.digest().to_le_bytes());
+        w.write_all(&buf)
     })
 }
 
-/// The same shape, borrowed: saving does not copy the index.
-#[derive(Serialize)]
-struct OnDiskRef<'a> {
-    version: u32,
-    entries: Vec<(&'a Path, &'a Entry)>,
+/// Decodes an index file's bytes (checked before anything is trusted).
+fn decode_entries(file: &Path, bytes: &[u8]) -> Result<HashMap<Box<Path>, Entry>, IndexError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let corrupt = |offset: usize, entry: u64, problem: String| IndexError::Corrupt {
+        file: file.to_path_buf(),
+        offset,
+        entry,
+        problem,
+    };
+    if bytes.len() < 16 + 8 {
+        return Err(corrupt(0, 0, format!("only {} bytes", bytes.len())));
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(corrupt(0, 0, "not a hasync index (bad magic)".into()));
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - 8);
+    let want = u64::from_le_bytes(trailer.try_into().expect("8 bytes"));
+    if xxhash_rust::xxh3::xxh3_64(body) != want {
+        return Err(corrupt(
+            body.len(),
+            0,
+            "checksum mismatch (torn or damaged file)".into(),
+        ));
+    }
+    let version = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(corrupt(4, 0, format!("unknown format version {version}")));
+    }
+    let count = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+    // Each entry takes at least its fixed part: a count the file cannot hold
+    // is refused before anything is reserved.
+    if count > (body.len() / (2 + ENTRY_FIXED)) as u64 {
+        return Err(corrupt(8, 0, format!("{count} entries cannot fit")));
+    }
+    let mut entries = HashMap::with_capacity(count as usize);
+    let mut at = 16;
+    for n in 0..count {
+        let take = |at: &mut usize, len: usize| -> Result<&[u8], IndexError> {
+            let s = body
+                .get(*at..*at + len)
+                .ok_or_else(|| corrupt(*at, n, "truncated entry".into()))?;
+            *at += len;
+            Ok(s)
+        };
+        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8"));
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4"));
+        let start = at;
+        let len = u16::from_le_bytes(take(&mut at, 2)?.try_into().expect("2 bytes")) as usize;
+        let raw = take(&mut at, len)?;
+        if raw.is_empty() || raw.contains(&0) || raw.first() == Some(&b'/') {
+            return Err(corrupt(start, n, "bad path".into()));
+        }
+        let f = take(&mut at, ENTRY_FIXED)?;
+        let kind = match f[0] {
+            1 => Kind::File,
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            k => return Err(corrupt(start, n, format!("unknown kind {k}"))),
+        };
+        let synced = match f[1] {
+            0 => false,
+            1 => true,
+            b => return Err(corrupt(start, n, format!("bad synced flag {b}"))),
+        };
+        let version = Version {
+            size: u64_at(f, 2),
+            mtime_s: u64_at(f, 10) as i64,
+            mtime_ns: u32_at(f, 18),
+            ino: u64_at(f, 22),
+            ctime_s: u64_at(f, 30) as i64,
+            ctime_ns: u32_at(f, 38),
+        };
+        let hash = u128::from_le_bytes(f[54..70].try_into().expect("16 bytes"));
+        let entry = Entry {
+            kind,
+            version,
+            mode: u32_at(f, 42),
+            uid: u32_at(f, 46),
+            gid: u32_at(f, 50),
+            hash: split128(hash),
+            synced,
+        };
+        let path: Box<Path> = Path::new(std::ffi::OsStr::from_bytes(raw)).into();
+        if entries.insert(path, entry).is_some() {
+            return Err(corrupt(start, n, "path listed twice".into()));
+        }
+    }
+    if at != body.len() {
+        return Err(corrupt(
+            at,
+            count,
+            format!("{} trailing bytes", body.len() - at),
+        ));
+    }
+    Ok(entries)
 }
 
 impl Index {
-    /// Loads `<state_dir>/index-<store>.json`; a missing or unreadable index
-    /// starts empty (and says so), which is safe.
+    /// Loads `<state_dir>/index-<store>.bin` (or migrates an older
+    /// `index-<store>.json`). A missing index starts empty; an unreadable
+    /// one starts empty and says why, which is safe: files are re-hashed
+    /// and conflicts kept aside.
     pub fn load(state_dir: &Path, store: &str) -> Index {
-        let file = state_dir.join(format!("index-{store}.json"));
-        let entries = match std::fs::read(&file) {
-            Ok(b) => match serde_json::from_slice::<OnDisk>(&b) {
-                Ok(d) if d.version == 1 => d
-                    .entries
-                    .into_iter()
-                    .map(|(p, e)| (p.into_boxed_path(), e))
-                    .collect(),
-                Ok(d) => {
-                    warn!(file = %file.display(), "index version {} unknown; starting empty", d.version);
-                    HashMap::new()
-                }
+        let file = state_dir.join(format!("index-{store}.bin"));
+        let legacy = state_dir.join(format!("index-{store}.json"));
+        let (entries, dirty) = match std::fs::read(&file) {
+            Ok(b) => match decode_entries(&file, &b) {
+                Ok(e) => (e, false),
                 Err(e) => {
-                    warn!(file = %file.display(), "index unreadable ({e}); starting empty: files will be re-hashed and conflicts kept aside");
-                    HashMap::new()
+                    warn!("{e}; starting empty: files will be re-hashed and conflicts kept aside");
+                    (HashMap::new(), false)
                 }
             },
-            Err(_) => HashMap::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read(&legacy) {
+                Ok(b) => match serde_json::from_slice::<OnDisk>(&b) {
+                    Ok(d) if d.version == 1 => (
+                        d.entries
+                            .into_iter()
+                            .map(|(p, e)| (p.into_boxed_path(), e))
+                            .collect(),
+                        // Rewritten in the binary format at the next save.
+                        true,
+                    ),
+                    Ok(d) => {
+                        warn!(file = %legacy.display(), "index version {} unknown; starting empty", d.version);
+                        (HashMap::new(), false)
+                    }
+                    Err(e) => {
+                        warn!(file = %legacy.display(), "index unreadable ({e}); starting empty: files will be re-hashed and conflicts kept aside");
+                        (HashMap::new(), false)
+                    }
+                },
+                Err(_) => (HashMap::new(), false),
+            },
+            Err(e) => {
+                warn!(
+                    "{}; starting empty",
+                    IndexError::Io {
+                        file: file.clone(),
+                        source: e
+                    }
+                );
+                (HashMap::new(), false)
+            }
         };
         Index {
             entries,
             file,
-            dirty: false,
+            dirty,
         }
     }
 
@@ -317,6 +501,8 @@ impl Index {
             return Ok(());
         }
         write_entries(&self.file, self.entries.iter().map(|(p, e)| (&**p, e)))?;
+        // Migrated: the older JSON file must not be read again.
+        let _ = std::fs::remove_file(self.file.with_extension("json"));
         self.dirty = false;
         Ok(())
     }
@@ -604,15 +790,88 @@ mod tests {
     }
 
     #[test]
-    fn hashes_round_trip_through_the_index_file_as_hex() {
+    fn names_round_trip_byte_exact_through_the_index_file() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut ix = Index::load(dir.path(), "inbox");
+        let odd = [
+            &b"m/cur/1"[..],
+            b"m/cur/latin1-\xe9t\xe9",
+            b"m/cur/\xff\xfe not utf-8",
+            b"m/new/line\nbreak",
+        ];
+        for (i, raw) in odd.iter().enumerate() {
+            ix.set(
+                PathBuf::from(std::ffi::OsStr::from_bytes(raw)),
+                entry(Kind::File, i as u64),
+            );
+        }
+        ix.save().unwrap();
+        let back = Index::load(dir.path(), "inbox");
+        assert_eq!(back.entries, ix.entries);
+        for raw in odd {
+            assert!(back
+                .get(Path::new(std::ffi::OsStr::from_bytes(raw)))
+                .is_some());
+        }
+    }
+
+    #[test]
+    fn a_damaged_index_is_refused_naming_the_file_and_starts_empty() {
         let dir = tempfile::tempdir().unwrap();
         let mut ix = Index::load(dir.path(), "inbox");
         ix.set(PathBuf::from("m/cur/1"), entry(Kind::File, 7));
+        ix.set(PathBuf::from("m/cur/2"), entry(Kind::File, 8));
         ix.save().unwrap();
-        let text = std::fs::read_to_string(dir.path().join("index-inbox.json")).unwrap();
-        assert!(text.contains(&format!("{:032x}", u128::MAX - 7)), "{text}");
-        let back = Index::load(dir.path(), "inbox");
-        assert_eq!(back.get(Path::new("m/cur/1")), ix.get(Path::new("m/cur/1")));
+        let file = dir.path().join("index-inbox.bin");
+        let good = std::fs::read(&file).unwrap();
+        let mut bad = good.clone();
+        bad[30] ^= 1;
+        let err = decode_entries(&file, &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("index-inbox.bin") && err.contains("checksum"),
+            "{err}"
+        );
+        std::fs::write(&file, &bad).unwrap();
+        assert!(Index::load(dir.path(), "inbox").entries.is_empty());
+        // Truncated anywhere: an error, never a panic.
+        for cut in 0..good.len() {
+            assert!(decode_entries(&file, &good[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn an_index_of_an_older_release_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = entry(Kind::File, 3);
+        let json = serde_json::json!({ "version": 1, "entries": [["m/cur/1", e]] });
+        std::fs::write(dir.path().join("index-inbox.json"), json.to_string()).unwrap();
+        let mut ix = Index::load(dir.path(), "inbox");
+        assert_eq!(ix.get(Path::new("m/cur/1")), Some(&e));
+        ix.save().unwrap();
+        assert!(!dir.path().join("index-inbox.json").exists());
+        assert_eq!(
+            Index::load(dir.path(), "inbox").get(Path::new("m/cur/1")),
+            Some(&e)
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_index_bytes_are_refused_without_panicking(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            sealed in proptest::bool::ANY,
+        ) {
+            let mut bytes = bytes;
+            if sealed && bytes.len() >= 16 {
+                // Past the checksum, so the entry parser itself is exercised.
+                bytes[..4].copy_from_slice(MAGIC);
+                bytes[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+                let sum = xxhash_rust::xxh3::xxh3_64(&bytes);
+                bytes.extend_from_slice(&sum.to_le_bytes());
+            }
+            let _ = decode_entries(Path::new("/x/index-a.bin"), &bytes);
+        }
     }
 
     #[test]

@@ -883,15 +883,8 @@ mod tests {
                     .prop_map(|stores| SyncMsg::Start { stores }),
                 (any::<u64>(), any::<bool>())
                     .prop_map(|(id, full_verify)| SyncMsg::ManifestRequest { id, full_verify }),
-                (
-                    seq,
-                    store,
-                    path(),
-                    meta(),
-                    any::<u64>(),
-                    any::<u128>()
-                )
-                    .prop_map(|(seq, store, path, meta, size, hash)| {
+                (seq, store, path(), meta(), any::<u64>(), any::<u128>()).prop_map(
+                    |(seq, store, path, meta, size, hash)| {
                         SyncMsg::File {
                             seq,
                             store,
@@ -900,19 +893,20 @@ mod tests {
                             size,
                             hash,
                         }
-                    }),
-                (seq, bytes(MAX_DATA))
-                    .prop_map(|(seq, bytes)| SyncMsg::Data { seq, bytes }),
-                (seq, store, path(), meta()).prop_map(
-                    |(seq, store, path, meta)| SyncMsg::Mkdir {
-                        seq,
-                        store,
-                        path,
-                        meta
                     }
                 ),
-                (seq, store, path())
-                    .prop_map(|(seq, store, path)| SyncMsg::Delete { seq, store, path }),
+                (seq, bytes(MAX_DATA)).prop_map(|(seq, bytes)| SyncMsg::Data { seq, bytes }),
+                (seq, store, path(), meta()).prop_map(|(seq, store, path, meta)| SyncMsg::Mkdir {
+                    seq,
+                    store,
+                    path,
+                    meta
+                }),
+                (seq, store, path()).prop_map(|(seq, store, path)| SyncMsg::Delete {
+                    seq,
+                    store,
+                    path
+                }),
                 (seq, store, path(), path()).prop_map(|(seq, store, from, to)| {
                     SyncMsg::Rename {
                         seq,
@@ -921,14 +915,14 @@ mod tests {
                         to,
                     }
                 }),
-                (seq, store, path(), path()).prop_map(
-                    |(seq, store, existing, path)| SyncMsg::Link {
+                (seq, store, path(), path()).prop_map(|(seq, store, existing, path)| {
+                    SyncMsg::Link {
                         seq,
                         store,
                         existing,
-                        path
+                        path,
                     }
-                ),
+                }),
                 (seq, store, path(), path(), meta()).prop_map(
                     |(seq, store, path, target, meta)| SyncMsg::Symlink {
                         seq,

@@ -1,4 +1,5 @@
 mod cli;
+mod edges;
 mod failover_props;
 mod flood;
 mod hostile;
