@@ -243,6 +243,15 @@ impl Config {
         }
         check_overlap(&canonical, " (after resolving symlinks)")
             .map_err(|(key, value, problem)| self.invalid(&key, value, problem))?;
+        let state = std::fs::canonicalize(&self.state_dir).map_err(|e| {
+            self.invalid(
+                "state_dir",
+                quote_path(&self.state_dir),
+                format!("cannot resolve path: {e}"),
+            )
+        })?;
+        check_state_dir(&state, &canonical, " (after resolving symlinks)")
+            .map_err(|(key, value, problem)| self.invalid(&key, value, problem))?;
 
         self.read_secret()?;
         Ok(())
@@ -251,8 +260,35 @@ impl Config {
     /// Reads the link secret. One trailing `\n` or `\r\n` is trimmed; the
     /// remainder must be at least [`MIN_SECRET_LEN`] bytes.
     pub fn read_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        use std::os::unix::fs::MetadataExt;
         const KEY: &str = "link.secret_file";
         let path = &self.link.secret_file;
+        // Like ssh with a private key: a secret others can read is not one.
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.mode() & 0o7777;
+            if mode & 0o077 != 0 {
+                return Err(self.invalid(
+                    KEY,
+                    quote_path(path),
+                    format!(
+                        "secret file has mode {mode:04o}: group or others may read it; \
+                         run `chmod 600 {}`",
+                        path.display()
+                    ),
+                ));
+            }
+            let euid = rustix::process::geteuid().as_raw();
+            if meta.uid() != euid && meta.uid() != 0 {
+                return Err(self.invalid(
+                    KEY,
+                    quote_path(path),
+                    format!(
+                        "secret file is owned by uid {}, neither root nor this user (uid {euid})",
+                        meta.uid()
+                    ),
+                ));
+            }
+        }
         let mut secret = std::fs::read(path).map_err(|e| {
             let problem = if e.kind() == io::ErrorKind::NotFound {
                 "secret file does not exist".to_string()
@@ -605,11 +641,18 @@ impl RawConfig {
             .map_err(|p| err("replication.sync_listen", sync_listen.to_string(), p))?;
         check_address(&sync_peer, true)
             .map_err(|p| err("replication.sync_peer", sync_peer.to_string(), p))?;
-        if sync_listen == link.listen || sync_peer == link.peer {
+        if sync_listen == link.listen {
             return Err(err(
                 "replication.sync_listen",
                 sync_listen.to_string(),
-                "the sync connection needs its own port, apart from the heartbeat link".into(),
+                "the sync connection needs its own port, apart from the heartbeat link (link.listen)".into(),
+            ));
+        }
+        if sync_peer == link.peer {
+            return Err(err(
+                "replication.sync_peer",
+                sync_peer.to_string(),
+                "the peer's sync port must differ from its heartbeat port (link.peer)".into(),
             ));
         }
         if sync_peer == sync_listen {
@@ -711,6 +754,20 @@ impl RawConfig {
             .map(|(key, path)| (key, path.to_path_buf()))
             .collect();
         check_overlap(&synced, "").map_err(|(key, value, problem)| err(&key, value, problem))?;
+        check_state_dir(&config.state_dir, &synced, "")
+            .map_err(|(key, value, problem)| err(&key, value, problem))?;
+        let socket = crate::daemon::control::socket_path(&config.state_dir);
+        if socket.as_os_str().len() > SOCKET_PATH_MAX {
+            return Err(err(
+                "state_dir",
+                quote_path(&config.state_dir),
+                format!(
+                    "the control socket {} would be {} bytes long; a unix socket path holds at most {SOCKET_PATH_MAX}: choose a shorter state_dir",
+                    socket.display(),
+                    socket.as_os_str().len()
+                ),
+            ));
+        }
 
         Ok(config)
     }
@@ -959,6 +1016,40 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Longest path a unix socket address holds (`sun_path` is 108 bytes with
+/// its terminating NUL).
+pub const SOCKET_PATH_MAX: usize = 107;
+
+/// `state_dir` holds hasync's own files (epoch, indexes, ledger, the queue
+/// replica): it must not be, or be inside, a replicated directory (they
+/// would be replicated and rewritten by the peer), nor contain one.
+fn check_state_dir(
+    state: &Path,
+    dirs: &[(String, PathBuf)],
+    note: &str,
+) -> Result<(), (String, String, String)> {
+    for (key, d) in dirs {
+        let relation = if d == state {
+            "is the same directory as"
+        } else if state.starts_with(d) {
+            "is inside"
+        } else if d.starts_with(state) {
+            "contains"
+        } else {
+            continue;
+        };
+        return Err((
+            "state_dir".to_string(),
+            quote_path(state),
+            format!(
+                "{relation} {key} ({}){note}; hasync's own state must be kept apart from the replicated directories",
+                quote_path(d)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// No two synchronised directories may be the same or nested in one another.
@@ -1365,6 +1456,38 @@ secret_file = "/etc/hasync/link.secret"
     }
 
     #[test]
+    fn state_dir_apart_from_replicated_dirs_and_short_enough_for_the_socket() {
+        let with_store = |state: &str| {
+            edited(&[("state_dir = \"/var/lib/hasync\"", state)])
+                + "\n[mailstores]\ninbox = \"/var/vmail\"\n"
+        };
+        let (key, msg) = parse_invalid(&with_store("state_dir = \"/var/vmail\""));
+        assert_eq!(key, "state_dir");
+        assert!(msg.contains("same directory as mailstores.inbox"), "{msg}");
+        let (key, msg) = parse_invalid(&with_store("state_dir = \"/var/vmail/.state\""));
+        assert_eq!(key, "state_dir");
+        assert!(msg.contains("is inside"), "{msg}");
+        let long = format!("state_dir = \"/{}\"", "s".repeat(100));
+        let (key, msg) = parse_invalid(&edited(&[("state_dir = \"/var/lib/hasync\"", &long)]));
+        assert_eq!(key, "state_dir");
+        assert!(msg.contains("unix socket path"), "{msg}");
+    }
+
+    #[test]
+    fn sync_port_clashes_blame_the_key_at_fault() {
+        let with = |line: &str| {
+            edited(&[(
+                "secret_file = \"/etc/hasync/link.secret\"",
+                &format!("secret_file = \"/etc/hasync/link.secret\"\n[replication]\n{line}"),
+            )])
+        };
+        let (key, _) = parse_invalid(&with("sync_peer = \"127.0.0.1:7402\""));
+        assert_eq!(key, "replication.sync_peer");
+        let (key, _) = parse_invalid(&with("sync_listen = \"127.0.0.1:7401\""));
+        assert_eq!(key, "replication.sync_listen");
+    }
+
+    #[test]
     fn nested_or_equal_dirs_are_rejected() {
         let (key, msg) = parse_invalid(&format!(
             "{BASE}\n[mailstores]\narchive = \"/var/spool/postfix/archive\"\n"
@@ -1437,11 +1560,10 @@ secret_file = "/etc/hasync/link.secret"
         for d in ["state", "spool", "vmail"] {
             std::fs::create_dir(dir.path().join(d)).unwrap();
         }
-        std::fs::write(
-            dir.path().join("link.secret"),
-            "0123456789abcdef0123456789abcdef\n",
-        )
-        .unwrap();
+        let secret = dir.path().join("link.secret");
+        std::fs::write(&secret, "0123456789abcdef0123456789abcdef\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         let text = edited(&[
             ("\"/var/lib/hasync\"", "\"state\""),
             ("\"/var/spool/postfix\"", "\"spool\""),
@@ -1450,6 +1572,24 @@ secret_file = "/etc/hasync/link.secret"
         let config = dir.path().join("hasync.toml");
         std::fs::write(&config, edit(text)).unwrap();
         Setup { dir, config }
+    }
+
+    #[test]
+    fn a_secret_others_can_read_is_refused_naming_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = setup(|t| t);
+        let secret = s.dir.path().join("link.secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (key, msg) = load_invalid(&s.config);
+        assert_eq!(key, "link.secret_file");
+        assert!(
+            msg.contains("mode 0644") && msg.contains("chmod 600"),
+            "{msg}"
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(load_invalid(&s.config).0, "link.secret_file");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o400)).unwrap();
+        Config::load(&s.config).unwrap();
     }
 
     fn load_invalid(config: &Path) -> (String, String) {

@@ -121,6 +121,10 @@ impl Pair {
             // give one node a wrong one.
             let secret = root.join("link.secret");
             fs::write(&secret, b"demo-secret-0123456789abcdef\n")?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(&secret, fs::Permissions::from_mode(0o600))?;
+            }
             let config_path = root.join("hasync.toml");
             let text = format!(
                 r#"node_name = "{name}"

@@ -362,6 +362,7 @@ class Pair:
                 p.mkdir(parents=True, exist_ok=True)
             secret = root / "link.secret"
             secret.write_text("bench-secret-0123456789abcdef\n")
+            secret.chmod(0o600)
             node = Node(exe, root, names[i], stores[i], q)
             node.config.write_text(
                 CONFIG.format(

@@ -7,6 +7,11 @@ fn valid_config(dir: &std::path::Path) -> std::path::PathBuf {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
     write(&dir.join("secret"), "0123456789abcdef0123456789\n");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let secret = dir.join("secret");
+        std::fs::set_permissions(secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     let cfg = dir.join("hasync.toml");
     write(
         &cfg,
@@ -46,7 +51,19 @@ fn check_config_names_the_key_of_each_problem() {
     let d = tempfile::tempdir().unwrap();
     let cfg = valid_config(d.path());
     let good = std::fs::read_to_string(&cfg).unwrap();
-    let cases: [(&str, &str, &str); 4] = [
+    let long_state = format!("state_dir = \"{}\"", "s".repeat(110));
+    let cases: [(&str, &str, &str); 7] = [
+        (
+            "state_dir = \"state\"",
+            "state_dir = \"inbox\"",
+            "state_dir",
+        ),
+        ("state_dir = \"state\"", &long_state, "state_dir"),
+        (
+            "[mailstores]",
+            "[replication]\nsync_peer = \"127.0.0.1:17452\"\n[mailstores]",
+            "replication.sync_peer",
+        ),
         (
             "heartbeat_interval_ms = \"250ms\"",
             "heartbeat_interval_ms = \"250ms\"\nheartbeat_lost_threshold = 0",
@@ -80,6 +97,21 @@ fn check_config_names_the_key_of_each_problem() {
             Some(2),
             "run must refuse a bad config ({key})"
         );
+    }
+    // A secret others can read is refused like ssh refuses such a key.
+    write(&cfg, &good);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let secret = d.path().join("secret");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = hasync(&["check-config", "--config", cfg.to_str().unwrap()]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("link.secret_file") && stderr.contains("mode 0644"),
+            "{stderr}"
+        );
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     // An unknown key is reported with its line.
     write(
