@@ -87,6 +87,13 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
     cfg.validate_filesystem()?;
     let secret = cfg.read_secret()?;
+    match crate::io::remove_stale_temps(&cfg.state_dir) {
+        Ok(0) => {}
+        Ok(n) => {
+            info!(state_dir = %cfg.state_dir.display(), "removed {n} temporary files an interrupted write left")
+        }
+        Err(e) => warn!(state_dir = %cfg.state_dir.display(), "cannot clean temporary files: {e}"),
+    }
     let record = state::load(&cfg.state_dir)?;
     let key = LinkKey::from_secret(&secret);
     let (push_done_tx, push_done_rx) = mpsc::unbounded_channel();

@@ -208,6 +208,7 @@ pub enum Reason {
     PersistFailed(String),
     RecoveryPolicyOff,
     OperatorJoin,
+    PersistRecovered,
 }
 
 impl fmt::Display for Reason {
@@ -251,6 +252,9 @@ impl fmt::Display for Reason {
                 write!(f, "recovered former primary and recovery policy is off")
             }
             Reason::OperatorJoin => write!(f, "operator asked to join the pair"),
+            Reason::PersistRecovered => {
+                write!(f, "the state directory takes writes again")
+            }
         }
     }
 }
@@ -378,6 +382,15 @@ pub struct Core {
     takeover_requested: bool,
     /// A split brain alarm was raised for this peer epoch (raise it once).
     split_brain_alarmed: Option<u64>,
+    /// The last record made durable (or loaded at start).
+    durable: EpochRecord,
+    /// While promoting: the epoch being made durable. It is not this
+    /// node's epoch (not advertised, not served at) until it is durable.
+    promoting_to: Option<u64>,
+    /// The state directory refused a write: the node stays failed, and
+    /// every passing self-check retries the write as its probe, until one
+    /// succeeds.
+    persist_failed: bool,
 }
 
 impl Core {
@@ -400,6 +413,9 @@ impl Core {
             catch_up_done: false,
             takeover_requested: false,
             split_brain_alarmed: None,
+            durable: persisted,
+            promoting_to: None,
+            persist_failed: false,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -417,11 +433,23 @@ impl Core {
         &self.cfg
     }
 
+    /// The record this node wants durable: while promoting, the new epoch.
     pub fn record(&self) -> EpochRecord {
-        EpochRecord {
-            epoch: self.epoch,
-            held_primary: self.held_primary,
+        match self.promoting_to {
+            Some(target) => EpochRecord {
+                epoch: target,
+                held_primary: Some(target),
+            },
+            None => EpochRecord {
+                epoch: self.epoch,
+                held_primary: self.held_primary,
+            },
         }
+    }
+
+    /// The last record known to be durable.
+    pub fn durable(&self) -> EpochRecord {
+        self.durable
     }
 
     pub fn status(&self) -> CoreStatus {
@@ -452,11 +480,7 @@ impl Core {
             Event::Heartbeat(hb) => self.on_heartbeat(now, hb),
             Event::LinkUp => self.send_heartbeat(now),
             Event::Persisted(rec) => self.on_persisted(now, rec),
-            Event::PersistFailed(why) => {
-                self.actions
-                    .push_back(Action::Alarm(Alarm::PersistFailed(why.clone())));
-                self.enter_failed(now, Reason::PersistFailed(why));
-            }
+            Event::PersistFailed(why) => self.on_persist_failed(now, why),
             Event::SelfCheck(Err(why)) => {
                 if self.role != Role::Failed {
                     self.actions
@@ -465,10 +489,12 @@ impl Core {
                 }
             }
             Event::SelfCheck(Ok(())) => {
-                // A node failed by a persist error stays failed until its
-                // checks pass again: the check includes a write probe of the
-                // state directory, so "passes" means it is writable again.
-                if self.role == Role::Failed {
+                if self.role != Role::Failed {
+                } else if self.persist_failed {
+                    // Directories look fine, but only a write proves the
+                    // state directory takes records again: retry it.
+                    self.persist();
+                } else {
                     self.enter_negotiating(now, Reason::SelfCheckPassed);
                 }
             }
@@ -703,12 +729,49 @@ impl Core {
     }
 
     fn on_persisted(&mut self, now: Instant, rec: EpochRecord) {
-        if let Role::Promoting = self.role {
-            if rec.held_primary == Some(self.epoch) && rec.epoch == self.epoch {
+        if rec.epoch >= self.durable.epoch {
+            self.durable = rec;
+        }
+        if self.persist_failed {
+            self.persist_failed = false;
+            if self.role == Role::Failed {
+                self.enter_negotiating(now, Reason::PersistRecovered);
+            }
+            return;
+        }
+        if let (Role::Promoting, Some(target)) = (self.role, self.promoting_to) {
+            if rec.held_primary == Some(target) && rec.epoch == target {
+                self.promoting_to = None;
+                self.epoch = target;
+                self.held_primary = Some(target);
                 self.restore_pending = false;
                 self.takeover_requested = false;
                 self.become_role(now, Role::Primary, Reason::EpochDurable);
             }
+        }
+    }
+
+    /// A record could not be made durable: fall back to the last durable
+    /// one (an epoch that is not on disk is not ours), and stay failed
+    /// until a write succeeds. The alarm is raised once per episode.
+    fn on_persist_failed(&mut self, now: Instant, why: String) {
+        self.promoting_to = None;
+        if self.role != Role::Primary {
+            // A primary's epoch is durable (it became primary only then);
+            // anything else not on disk is not this node's to advertise.
+            self.epoch = self.durable.epoch;
+            self.held_primary = self.durable.held_primary;
+        }
+        let first = !self.persist_failed;
+        self.persist_failed = true;
+        if first {
+            self.actions
+                .push_back(Action::Alarm(Alarm::PersistFailed(why.clone())));
+        }
+        if first || self.role != Role::Failed {
+            self.enter_failed(now, Reason::PersistFailed(why));
+        } else {
+            self.last_reason = Reason::PersistFailed(why);
         }
     }
 
@@ -747,8 +810,7 @@ impl Core {
     fn promote(&mut self, now: Instant, reason: Reason) {
         let peer_epoch = self.peer.as_ref().map_or(0, |p| p.hb.epoch);
         let target = self.next_owned_epoch(self.epoch.max(peer_epoch));
-        self.epoch = target;
-        self.held_primary = Some(target);
+        self.promoting_to = Some(target);
         self.timers.clear(Timer::Startup);
         self.timers.clear(Timer::Handover);
         self.become_role(now, Role::Promoting, reason);

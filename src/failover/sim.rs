@@ -25,6 +25,9 @@ pub enum FaultKind {
     Switchover { node: usize },
     /// Operator runs `hasync join` on the node.
     Join { node: usize },
+    /// The node's state directory refuses writes (disk full) for a while:
+    /// every epoch persisted meanwhile fails.
+    StateDirFull { node: usize, for_ms: u64 },
 }
 
 impl FaultKind {
@@ -33,7 +36,7 @@ impl FaultKind {
         match *self {
             FaultKind::Partition { for_ms } | FaultKind::Loss { for_ms, .. } => for_ms,
             FaultKind::Crash { down_ms, .. } => down_ms,
-            FaultKind::SelfFail { for_ms, .. } => for_ms,
+            FaultKind::SelfFail { for_ms, .. } | FaultKind::StateDirFull { for_ms, .. } => for_ms,
             FaultKind::Switchover { .. } | FaultKind::Join { .. } => 0,
         }
     }
@@ -136,6 +139,12 @@ struct SimNode {
     primary_since: Option<u64>,
     push_done_at: Option<u64>,
     catch_up_at: Option<u64>,
+    /// Persists fail until this time (a full state directory).
+    state_full_until: u64,
+    /// The driver's next periodic self-check.
+    next_check_ms: u64,
+    /// Highest epoch heard from the peer.
+    heard_max: u64,
 }
 
 struct InFlight {
@@ -187,6 +196,9 @@ impl Sim {
             primary_since: None,
             push_done_at: None,
             catch_up_at: None,
+            state_full_until: 0,
+            next_check_ms: 0,
+            heard_max: 0,
         };
         let nodes = [mk(&plan.configs[0]), mk(&plan.configs[1])];
         let mut pending = vec![
@@ -358,6 +370,9 @@ impl Sim {
             if let Some((t, _)) = n.persists.front() {
                 consider(*t);
             }
+            if n.core.is_some() {
+                consider(n.next_check_ms);
+            }
             if let Some(t) = n.push_done_at {
                 consider(t);
             }
@@ -391,6 +406,13 @@ impl Sim {
                 if self.nodes[i].core.is_none() {
                     continue;
                 }
+                if now_ms < self.nodes[i].state_full_until {
+                    self.log(format!(
+                        "node {i} cannot persist {rec:?}: state directory full"
+                    ));
+                    self.feed(i, now, Event::PersistFailed("simulated: no space".into()));
+                    continue;
+                }
                 if rec.epoch < self.nodes[i].max_durable_epoch {
                     return Err(self.violation(format!(
                         "node {i} persisted epoch {} below its earlier durable epoch {}",
@@ -400,6 +422,17 @@ impl Sim {
                 self.nodes[i].durable = rec;
                 self.nodes[i].max_durable_epoch = rec.epoch;
                 self.feed(i, now, Event::Persisted(rec));
+            }
+            if self.nodes[i].core.is_some() && self.nodes[i].next_check_ms <= now_ms {
+                // The driver checks its directories every heartbeat interval.
+                let every = self.nodes[i].cfg.heartbeat_interval.as_millis() as u64;
+                self.nodes[i].next_check_ms = now_ms + every.max(1);
+                let res = if self.nodes[i].self_ok {
+                    Ok(())
+                } else {
+                    Err("simulated".to_string())
+                };
+                self.feed(i, now, Event::SelfCheck(res));
             }
             if self.nodes[i].push_done_at.is_some_and(|t| t <= now_ms) {
                 self.nodes[i].push_done_at = None;
@@ -418,6 +451,8 @@ impl Sim {
         self.in_flight = flying;
         for m in arrived {
             if self.nodes[m.to].core.is_some() {
+                let n = &mut self.nodes[m.to];
+                n.heard_max = n.heard_max.max(m.hb.epoch);
                 self.feed(m.to, now, Event::Heartbeat(m.hb));
             }
         }
@@ -499,6 +534,9 @@ impl Sim {
                             let _ = self.drain(node);
                         }
                     }
+                    FaultKind::StateDirFull { node, for_ms } => {
+                        self.nodes[node].state_full_until = now_ms + for_ms;
+                    }
                 }
             }
         }
@@ -516,6 +554,13 @@ impl Sim {
         while let Some(action) = self.nodes[i].core.as_mut().and_then(|c| c.poll_action()) {
             match action {
                 Action::SendHeartbeat(hb) => {
+                    let n = &self.nodes[i];
+                    if hb.epoch > n.durable.epoch.max(n.heard_max) {
+                        return Err(self.violation(format!(
+                            "node {i} advertises epoch {} as {} although its durable epoch is {} and the peer's highest is {}",
+                            hb.epoch, hb.role, n.durable.epoch, n.heard_max
+                        )));
+                    }
                     let to = 1 - i;
                     let lost = self.partitioned() || {
                         let p = self.loss_percent();
@@ -656,7 +701,7 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
     for _ in 0..n {
         let at_ms = rng.range(0, horizon);
         let node = rng.range(0, 1) as usize;
-        let kind = match rng.range(0, 9) {
+        let kind = match rng.range(0, 10) {
             0 | 1 => FaultKind::Partition {
                 for_ms: rng.range(interval_ms / 2, window * 4),
             },
@@ -673,6 +718,10 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
                 for_ms: rng.range(1, window * 3),
             },
             7 => FaultKind::Switchover { node },
+            8 => FaultKind::StateDirFull {
+                node,
+                for_ms: rng.range(1, window * 4),
+            },
             _ => FaultKind::Join { node },
         };
         list.push(Fault { at_ms, kind });

@@ -211,6 +211,77 @@ fn persist_failure_fails_the_node() {
 }
 
 #[test]
+fn a_full_state_directory_keeps_the_node_failed_at_its_durable_epoch_until_a_write_succeeds() {
+    let t0 = Instant::now();
+    let durable = EpochRecord {
+        epoch: 1,
+        held_primary: None,
+    };
+    let mut core = Core::new(cfg("mx1", "mx2", 100), durable, t0);
+    drain(&mut core);
+    let mut t = t0 + Duration::from_secs(1);
+    core.handle_timeout(t);
+    assert_eq!(core.role(), Role::Promoting);
+    let acts = drain(&mut core);
+    let wanted = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(wanted.epoch, 3);
+    // Not durable: never advertised while promoting.
+    for a in &acts {
+        if let Action::SendHeartbeat(hb) = a {
+            assert_eq!(hb.epoch, 1, "{a:?}");
+        }
+    }
+    core.handle_event(t, Event::PersistFailed("no space left on device".into()));
+    assert_eq!((core.role(), core.epoch()), (Role::Failed, 1));
+    let alarms = |acts: &[Action]| {
+        acts.iter()
+            .filter(|a| matches!(a, Action::Alarm(Alarm::PersistFailed(_))))
+            .count()
+    };
+    assert_eq!(alarms(&drain(&mut core)), 1);
+    // Passing self-checks retry the write; failures keep it failed, at its
+    // durable epoch, with one alarm for the whole episode.
+    for _ in 0..50 {
+        t += Duration::from_millis(100);
+        core.handle_event(t, Event::SelfCheck(Ok(())));
+        core.handle_timeout(t);
+        let acts = drain(&mut core);
+        let probe = acts.iter().find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        });
+        assert_eq!(probe, Some(durable), "the probe writes the durable record");
+        assert_eq!(alarms(&acts), 0);
+        for a in &acts {
+            if let Action::SendHeartbeat(hb) = a {
+                assert_eq!((hb.role, hb.epoch), (Role::Failed, 1));
+            }
+        }
+        core.handle_event(t, Event::PersistFailed("no space left on device".into()));
+        assert_eq!((core.role(), core.epoch()), (Role::Failed, 1));
+    }
+    // Space is back: the probe lands, the node negotiates again and
+    // promotes to the same epoch it tried first.
+    core.handle_event(t, Event::SelfCheck(Ok(())));
+    drain(&mut core);
+    core.handle_event(t, Event::Persisted(durable));
+    assert_eq!(core.role(), Role::Negotiating);
+    t += Duration::from_secs(2);
+    core.handle_timeout(t);
+    assert_eq!(core.role(), Role::Promoting);
+    let acts = drain(&mut core);
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::PersistEpoch(r) if r.epoch == 3)));
+}
+
+#[test]
 fn epochs_are_partitioned_by_node() {
     let t0 = Instant::now();
     let a = Core::new(cfg("mx1", "mx2", 1), EpochRecord::default(), t0);

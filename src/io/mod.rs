@@ -17,21 +17,48 @@ use tokio_uring::fs::{File, OpenOptions};
 /// temporary file, fsync it, rename it over the target, fsync the directory
 /// (a rename is durable only once its parent directory is). A crash at any
 /// point leaves either the old or the new content, never a mix.
+/// A failed attempt removes its temporary file (a full disk must not be
+/// left fuller, nor a state directory littered with empty temp files).
 pub async fn write_atomic(dir: &Path, name: &str, bytes: Vec<u8>) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     let target = dir.join(name);
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .await?;
-    let (res, _) = file.write_all_at(bytes, 0).await;
-    res?;
-    file.sync_all().await?;
-    file.close().await?;
-    tokio_uring::fs::rename(&tmp, &target).await?;
+    let res = async {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .await?;
+        let (res, _) = file.write_all_at(bytes, 0).await;
+        if let Err(e) = res.and(file.sync_all().await) {
+            let _ = file.close().await;
+            return Err(e);
+        }
+        file.close().await?;
+        tokio_uring::fs::rename(&tmp, &target).await
+    }
+    .await;
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     sync_dir(dir).await
+}
+
+/// Removes temporary files an interrupted [`write_atomic`] or
+/// [`write_atomic_with`] left in `dir` (`.<name>.tmp`); returns how many.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.as_encoded_bytes();
+        if name.starts_with(b".") && name.ends_with(b".tmp") && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// fsync a directory so that entries created or renamed in it are durable.
@@ -61,12 +88,18 @@ pub fn write_atomic_with(
         .file_name()
         .ok_or_else(|| io::Error::other(format!("{} has no file name", target.display())))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut w = io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
-    fill(&mut w)?;
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, target)?;
+    let res = (|| {
+        let mut w = io::BufWriter::with_capacity(256 * 1024, std::fs::File::create(&tmp)?);
+        fill(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, target)
+    })();
+    if let Err(e) = res {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     std::fs::File::open(dir)?.sync_all()
 }
 

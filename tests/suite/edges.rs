@@ -43,3 +43,72 @@ fn non_utf8_names_replicate_and_the_index_keeps_them_byte_exact() {
     }
     assert!(!tp.logs().contains("cannot save index"), "{}", tp.logs());
 }
+
+#[test]
+fn a_full_state_directory_keeps_the_node_failed_at_its_durable_epoch_until_space_returns() {
+    let mut tp = TestPair::new(fast());
+    // mx2 (priority 100) will be the secondary; its state directory is small.
+    let state = tp.nodes[1].state_dir.clone();
+    let _unmount = mount_tmpfs(&state, "size=256k");
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let before = tp.nodes[1].status().unwrap();
+    assert_eq!(before.mode, Role::Secondary);
+    let fill = fill_up(&state);
+    // The primary dies: mx2 must promote, and cannot make its epoch durable.
+    tp.nodes[0].kill9().unwrap();
+    let failed = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Failed
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(failed.reason.contains("persist"), "{}", failed.reason);
+    // It stays failed, at its durable epoch, with one alarm, and leaves no
+    // temporary file behind.
+    let mut modes = std::collections::BTreeSet::new();
+    for _ in 0..30 {
+        let s = tp.nodes[1].status().unwrap();
+        modes.insert(s.mode.to_string());
+        assert_eq!(s.epoch, before.epoch, "the epoch must not climb: {s:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = tp.nodes[1].status().unwrap();
+    assert_eq!(
+        modes.into_iter().collect::<Vec<_>>(),
+        ["failed"],
+        "{}",
+        tp.logs()
+    );
+    let alarms = s
+        .alarms
+        .iter()
+        .filter(|a| a.message.contains("persist"))
+        .count();
+    assert_eq!(alarms, 1, "{:?}", s.alarms);
+    let temps: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(temps.is_empty(), "temporary files left: {temps:?}");
+    // Space returns: the node takes the next epoch it owns, once.
+    std::fs::remove_file(fill).unwrap();
+    let primary = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        primary.epoch > before.epoch && primary.epoch <= before.epoch + 2,
+        "{} after {}",
+        primary.epoch,
+        before.epoch
+    );
+    let on_disk = std::fs::read_to_string(state.join("epoch.json")).unwrap();
+    assert!(
+        on_disk.contains(&format!("\"epoch\":{}", primary.epoch)),
+        "{on_disk}"
+    );
+}

@@ -390,22 +390,7 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     let _g = inotify_guard();
     let mut tp = TestPair::new(fast());
     let dst = tp.store(1, "inbox");
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
-        .arg(&dst)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mounting a small tmpfs needs root");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(dst.clone());
+    let _unmount = mount_tmpfs(&dst, "size=1m");
     drop(_g);
     tp.start_all();
     tp.wait_formed(Duration::from_secs(20)).unwrap();

@@ -199,3 +199,39 @@ impl TestPair {
         self.pair.nodes[i].status().unwrap().replication
     }
 }
+
+/// Unmounts (lazily) when dropped.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Mounts a tmpfs with `options` (e.g. `size=1m,nr_inodes=64`) over `dir`
+/// (the tests run as root).
+pub fn mount_tmpfs(dir: &Path, options: &str) -> Unmount {
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a small tmpfs needs root");
+    Unmount(dir.to_path_buf())
+}
+
+/// Fills the filesystem holding `dir` (a file `fill` of everything that
+/// fits); remove the file to give the space back.
+pub fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("fill");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    p
+}
