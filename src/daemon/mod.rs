@@ -326,6 +326,9 @@ impl Node {
                     let result = self_check_dirs(&self.cfg);
                     self.core.handle_event(Instant::now(), Event::SelfCheck(result));
                     self.report_catch_up();
+                    for line in self.engine.take_alarms() {
+                        push_bounded(&mut self.alarms, line);
+                    }
                 }
                 _ = term.recv() => break,
                 _ = int.recv() => break,
@@ -810,6 +813,9 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    if let Some(why) = &r.disk_full_why {
+        let _ = writeln!(o, "DISK FULL {}", printable(why));
+    }
     if !r.stages_ms.is_empty() {
         let parts: Vec<String> = r
             .stages_ms

@@ -196,6 +196,11 @@ impl Engine {
         self.stats.snapshot()
     }
 
+    /// Alarms the replication raised since the last call (already logged).
+    pub fn take_alarms(&self) -> Vec<String> {
+        self.stats.take_alarms()
+    }
+
     /// Embedding API: the application wrote `path` inside a mailstore; send
     /// it without waiting for inotify.
     pub fn notify(&self, path: &Path) -> Result<(), EngineError> {

@@ -309,6 +309,32 @@ pub struct Root {
     seq: AtomicU64,
 }
 
+/// Free space and inodes on a root's filesystem, for unprivileged writers
+/// (what `df` and `df -i` call available).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub bytes: u64,
+    pub inodes: u64,
+    pub total_bytes: u64,
+}
+
+impl Root {
+    /// Space and inodes left on the filesystem that holds the root.
+    pub fn room(&self) -> Result<Room, FsError> {
+        let st = rustix::fs::fstatvfs(&self.fd).map_err(|e| fail("statvfs", &self.path, e))?;
+        let unit = if st.f_frsize > 0 {
+            st.f_frsize
+        } else {
+            st.f_bsize
+        };
+        Ok(Room {
+            bytes: st.f_bavail.saturating_mul(unit),
+            inodes: st.f_favail,
+            total_bytes: st.f_blocks.saturating_mul(unit),
+        })
+    }
+}
+
 impl Root {
     /// Opens (O_PATH|O_DIRECTORY) the root and creates `<root>/.hasync/staging` and
     /// `<root>/.hasync/conflicts` if missing. Removes leftover staged files from a previous

@@ -9,6 +9,7 @@ pub mod links;
 pub mod receiver;
 pub use receiver::Durability;
 pub mod sender;
+pub mod space;
 pub mod stager;
 pub mod stats;
 

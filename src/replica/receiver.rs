@@ -127,6 +127,8 @@ pub struct Receiver {
     /// of `flusher`), and the outcomes it reported, by seq.
     stager: Option<Stager>,
     done_files: std::collections::HashMap<u64, Result<Option<index::Stat>, FsError>>,
+    /// Disk-space condition per store.
+    space: Vec<super::space::Space>,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -182,6 +184,7 @@ impl Receiver {
         stats: Arc<ReplStats>,
         durability: Durability,
     ) -> Receiver {
+        let n_stores = stores.len();
         Receiver {
             stores,
             excludes,
@@ -197,6 +200,7 @@ impl Receiver {
             flusher: None,
             stager: None,
             done_files: Default::default(),
+            space: vec![Default::default(); n_stores],
         }
     }
 
@@ -326,6 +330,7 @@ impl Receiver {
                 }
             };
             let handled = Instant::now();
+            self.recheck_space();
             if frame.kind == crate::wire::Kind::Bulk {
                 // Raw content of the file being received (spliced by the sender).
                 let Some(seq) = self.current.as_ref().map(|i| i.seq) else {
@@ -667,17 +672,76 @@ impl Receiver {
             return;
         }
         if e.is_no_space() {
-            if !self.stats.disk_full.swap(true, Relaxed) {
-                error!(
-                    alarm = true,
-                    "ALARM: disk full on the replica: replication paused until space returns ({e})"
-                );
+            let why = e.to_string();
+            if self.space[store]
+                .refused(Instant::now(), 0, why.clone())
+                .is_some()
+            {
+                self.disk_full(store, &why);
             }
             self.need(seq, store, rel, NeedReason::NoSpace);
         } else {
             warn!(store, path = %rel.display(), "cannot apply op: {e}");
             *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
             self.need(seq, store, rel, NeedReason::LocalError);
+        }
+    }
+
+    /// Raises the disk-full condition of `store` (once per episode).
+    fn disk_full(&mut self, store: usize, why: &str) {
+        let line = format!(
+            "disk full on the replica: store {} ({}): {why}; what does not fit waits until space returns",
+            self.stores[store].name,
+            self.stores[store].root.path().display()
+        );
+        error!(alarm = true, "ALARM: {line}");
+        self.stats.raise_alarm(line.clone());
+        *self.stats.disk_full_why.lock().expect("disk full lock") = Some(line);
+        self.stats.disk_full.store(true, Relaxed);
+    }
+
+    /// While a store's disk counts as full, looks again (at most every
+    /// `space::RECHECK`) whether what was refused fits now.
+    fn recheck_space(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.stores.len() {
+            if !self.space[i].due(now) {
+                continue;
+            }
+            let Ok(room) = self.stores[i].root.room() else {
+                continue;
+            };
+            if self.space[i].recheck(now, room) == Some(super::space::Change::Cleared) {
+                info!(
+                    store = %self.stores[i].name,
+                    free_mib = room.bytes >> 20,
+                    free_inodes = room.inodes,
+                    "disk space is back on the replica: replication resumes"
+                );
+            }
+        }
+        if !self.space.iter().any(|s| s.is_full()) && self.stats.disk_full.swap(false, Relaxed) {
+            *self.stats.disk_full_why.lock().expect("disk full lock") = None;
+        }
+    }
+
+    /// Whether the store's filesystem can take a file of `size` bytes (and
+    /// an inode); if not, the file is answered "no space" before anything
+    /// is staged.
+    fn room_for(&mut self, store: usize, size: u64) -> Result<(), String> {
+        let room = match self.stores[store].root.room() {
+            Ok(r) => r,
+            // Cannot tell: let the write itself find out.
+            Err(_) => return Ok(()),
+        };
+        match self.space[store].admit(Instant::now(), room, size) {
+            Ok(()) => Ok(()),
+            Err(no) => {
+                if no.became_full {
+                    self.disk_full(store, &no.why);
+                }
+                Err(no.why)
+            }
         }
     }
 
@@ -739,8 +803,19 @@ impl Receiver {
                     meta,
                 };
                 // A refused path was answered by `check`; its data frames
-                // are read and dropped.
+                // are read and dropped, as are those of a file that does
+                // not fit.
                 if rel.is_some() {
+                    if let Err(why) = self.room_for(s, size) {
+                        let rel = std::mem::take(&mut inc.rel);
+                        warn!(store = %self.stores[s].name, path = %rel.display(), "no room for {size} bytes: {why}; asked again later");
+                        self.need(seq, s, &rel, NeedReason::NoSpace);
+                        self.current = Some(inc);
+                        if size == 0 {
+                            self.complete_file(peer).await;
+                        }
+                        return Ok(());
+                    }
                     match self.stores[s].root.create_staged(seq) {
                         Ok(fd) => inc.fd = Some(StagedFile::new(fd)),
                         Err(e) => {
@@ -1115,9 +1190,6 @@ impl Receiver {
                 self.dirs.insert((s, parent));
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
-                if self.stats.disk_full.swap(false, Relaxed) {
-                    info!("disk space is back: replication resumed");
-                }
                 let st = match staged {
                     Some(mut st) => {
                         // Unknown after the rename; matched on the rest.

@@ -57,6 +57,30 @@ pub struct ReplStats {
     pub last_error: Mutex<Option<String>>,
     /// Admission on the sync port (strangers, authentication failures).
     pub gate: std::sync::Arc<crate::link::gate::GateStats>,
+    /// Alarms raised on the replication thread, collected by the daemon
+    /// into its alarm list (bounded: the oldest are dropped).
+    pub alarms: Mutex<std::collections::VecDeque<String>>,
+    /// Why the replica's disk counts as full, while it does.
+    pub disk_full_why: Mutex<Option<String>>,
+}
+
+/// Alarms kept for the daemon to collect.
+const ALARMS_QUEUED_MAX: usize = 64;
+
+impl ReplStats {
+    /// Queues an alarm for status (the caller logs it).
+    pub fn raise_alarm(&self, message: String) {
+        let mut q = self.alarms.lock().expect("alarms lock");
+        if q.len() == ALARMS_QUEUED_MAX {
+            q.pop_front();
+        }
+        q.push_back(message);
+    }
+
+    /// The alarms raised since the last call.
+    pub fn take_alarms(&self) -> Vec<String> {
+        self.alarms.lock().expect("alarms lock").drain(..).collect()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -113,6 +137,8 @@ impl Default for ReplStats {
             tracker: Mutex::new(TrackerStats::default()),
             last_error: Mutex::new(None),
             gate: Default::default(),
+            alarms: Mutex::new(std::collections::VecDeque::new()),
+            disk_full_why: Mutex::new(None),
         }
     }
 }
@@ -216,6 +242,9 @@ pub struct ReplStatus {
     pub conflicts_kept: u64,
     pub rename_sources_missing: u64,
     pub disk_full: bool,
+    /// Why the disk counts as full (free bytes, inodes, what was refused).
+    #[serde(default)]
+    pub disk_full_why: Option<String>,
     pub caught_up: bool,
     /// Zero-loss commit: "synchronous" while the peer confirms commits,
     /// "degraded" (local-only) after one timed out, "-" before any.
@@ -322,6 +351,7 @@ impl ReplStats {
             conflicts_kept: g(&self.conflicts_kept),
             rename_sources_missing: g(&self.rename_sources_missing),
             disk_full: self.disk_full.load(Relaxed),
+            disk_full_why: self.disk_full_why.lock().expect("disk full lock").clone(),
             caught_up: self.caught_up.load(Relaxed),
             commit_mode: match (
                 self.synchronous.load(Relaxed),

@@ -112,3 +112,150 @@ fn a_full_state_directory_keeps_the_node_failed_at_its_durable_epoch_until_space
         "{on_disk}"
     );
 }
+
+/// Free bytes of the filesystem holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> u64 {
+    let st = rustix::fs::statvfs(dir).unwrap();
+    st.f_bavail * st.f_frsize
+}
+
+#[test]
+fn an_announced_size_that_cannot_fit_is_refused_before_a_byte_is_staged() {
+    use hasync::wire::sync::SyncMsg;
+    let mut tp = TestPair::new(fast());
+    let inbox = tp.store(0, "inbox");
+    let _unmount = mount_tmpfs(&inbox, "size=48m");
+    tp.nodes[0].start().unwrap();
+    let cfg = hasync::config::Config::load(&tp.nodes[0].config_path).unwrap();
+    let free_before = free_bytes(&inbox);
+    let node = &tp.nodes[0];
+    let (answer, free_during) = tokio_uring::start(async {
+        let (beat, mut r, w) = super::hostile::act_as_primary(node, &cfg).await;
+        let mut out = Vec::new();
+        SyncMsg::File {
+            seq: 1,
+            store: 0,
+            path: b"huge/cur/10GiB".to_vec(),
+            meta: super::hostile::meta(),
+            size: 10 << 30,
+            hash: 0,
+        }
+        .encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        // The answer comes before any data is sent.
+        let f = tokio::time::timeout(Duration::from_secs(5), r.recv_frame())
+            .await
+            .expect("answered at once")
+            .unwrap();
+        let answer = SyncMsg::decode(&f).unwrap();
+        // Whatever content follows is read and dropped, never staged.
+        for _ in 0..64 {
+            let mut out = Vec::new();
+            SyncMsg::Data {
+                seq: 1,
+                bytes: vec![7u8; 1 << 20],
+            }
+            .encode(&mut out);
+            w.send_bytes(out).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let free_during = free_bytes(&inbox);
+        beat.abort();
+        (answer, free_during)
+    });
+    assert!(
+        matches!(
+            answer,
+            SyncMsg::Need {
+                seq: 1,
+                reason: hasync::wire::sync::NeedReason::NoSpace,
+                ..
+            }
+        ),
+        "{answer:?}"
+    );
+    assert!(
+        free_before - free_during < 2 << 20,
+        "{} bytes staged",
+        free_before - free_during
+    );
+    let st = tp.nodes[0].status().unwrap();
+    assert!(st.replication.disk_full, "{:?}", st.replication);
+    let why = st.replication.disk_full_why.unwrap_or_default();
+    assert!(why.contains("10240.0 MiB announced"), "{why}");
+    assert_eq!(
+        st.alarms
+            .iter()
+            .filter(|a| a.message.contains("disk full"))
+            .count(),
+        1,
+        "{:?}",
+        st.alarms
+    );
+}
+
+#[test]
+fn exhausted_inodes_hold_the_disk_full_alarm_until_they_return() {
+    let mut tp = TestPair::new(fast());
+    let dst = tp.store(1, "quarantine");
+    let _unmount = mount_tmpfs(&dst, "size=16m,nr_inodes=40");
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let src = tp.store(0, "quarantine");
+    std::fs::create_dir_all(src.join("q/cur")).unwrap();
+    for i in 0..80 {
+        std::fs::write(src.join(format!("q/cur/{i}.msg")), format!("held {i}")).unwrap();
+    }
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |s| {
+            s.replication.disk_full
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Renames of files that did land still succeed on a full disk; the
+    // condition must hold all the same, with one alarm.
+    for i in 0..5 {
+        let _ = std::fs::rename(
+            src.join(format!("q/cur/{i}.msg")),
+            src.join(format!("q/cur/{i}.msg:2,S")),
+        );
+    }
+    for _ in 0..30 {
+        let s = tp.nodes[1].status().unwrap();
+        assert!(
+            s.replication.disk_full,
+            "the alarm must hold\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let s = tp.nodes[1].status().unwrap();
+    assert_eq!(
+        s.alarms
+            .iter()
+            .filter(|a| a.message.contains("disk full"))
+            .count(),
+        1,
+        "{:?}",
+        s.alarms
+    );
+    assert!(
+        !tp.nodes[1].log().contains("disk space is back"),
+        "{}",
+        tp.logs()
+    );
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,nr_inodes=10000"])
+        .arg(&dst)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    wait_identical(&src, &dst, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            !s.replication.disk_full && s.replication.disk_full_why.is_none()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(tp.nodes[1].log().contains("disk space is back"));
+}

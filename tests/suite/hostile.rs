@@ -14,7 +14,7 @@ use hasync::wire::{encode_frame, Channel, Kind, Message, MAX_BULK_PAYLOAD};
 
 use super::util::*;
 
-fn ctx(cfg: &Config, addr: SocketAddr) -> LinkCtx {
+pub fn ctx(cfg: &Config, addr: SocketAddr) -> LinkCtx {
     LinkCtx {
         node_name: cfg.link.peer_name.clone(),
         peer_name: cfg.node_name.clone(),
@@ -25,7 +25,7 @@ fn ctx(cfg: &Config, addr: SocketAddr) -> LinkCtx {
     }
 }
 
-fn meta() -> Meta {
+pub fn meta() -> Meta {
     Meta {
         mode: 0o644,
         uid: 0,
@@ -36,7 +36,7 @@ fn meta() -> Meta {
 }
 
 /// The `File` header of `body`, announced with the hash of `claimed`.
-fn file_header(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u8>) {
+pub fn file_header(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u8>) {
     SyncMsg::File {
         seq,
         store: 0,
@@ -48,7 +48,7 @@ fn file_header(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec
     .encode(out);
 }
 
-fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
+pub fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
     file_header(seq, path, body, body, out);
     SyncMsg::Data {
         seq,
@@ -63,6 +63,98 @@ fn bulk_file(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u
     file_header(seq, path, body, claimed, out);
     for chunk in body.chunks(MAX_BULK_PAYLOAD as usize) {
         encode_frame(Kind::Bulk, chunk, out);
+    }
+}
+
+/// Plays the primary against `node` (started, alone): heartbeats as an
+/// authenticated primary until the daemon is secondary, then a sync
+/// connection with `Start` sent. Returns the heartbeat task (abort it at
+/// the end) and both halves of the sync connection.
+pub async fn act_as_primary(
+    node: &hasync::harness::NodeProc,
+    cfg: &Config,
+) -> (
+    tokio::task::JoinHandle<()>,
+    hasync::link::FrameReader,
+    hasync::link::FrameWriter,
+) {
+    let hb_addr = cfg.link.listen;
+    let sync_addr = cfg.replication.sync_listen;
+    let hctx = Rc::new(ctx(cfg, hb_addr));
+    let mut tries = 0;
+    let stream = loop {
+        match tokio_uring::net::TcpStream::connect(hb_addr).await {
+            Ok(s) => break s,
+            Err(e) if tries < 200 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => panic!("daemon never listened on {hb_addr}: {e}"),
+        }
+    };
+    let mut hconn = Conn::new(stream, hb_addr);
+    handshake(&mut hconn, &hctx, Side::Initiator, Channel::Heartbeat)
+        .await
+        .unwrap();
+    let (hr, hw) = hconn.split();
+    let peer_name = cfg.link.peer_name.clone();
+    let beat = tokio_uring::spawn(async move {
+        let _keep = hr;
+        for seq in 1.. {
+            let hb = Message::Heartbeat(Heartbeat {
+                node: peer_name.clone(),
+                role: WireRole::Primary,
+                epoch: 1,
+                seq,
+                priority: 255,
+                flags: 0,
+            });
+            if hw.send_bytes(hb.to_frame_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    for _ in 0..200 {
+        if node.status().is_ok_and(|s| s.mode == Role::Secondary) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(node.status().unwrap().mode, Role::Secondary);
+    let sctx = ctx(cfg, sync_addr);
+    let stream = tokio_uring::net::TcpStream::connect(sync_addr)
+        .await
+        .unwrap();
+    let mut conn = Conn::new(stream, sync_addr);
+    handshake(&mut conn, &sctx, Side::Initiator, Channel::Sync)
+        .await
+        .unwrap();
+    let (r, w) = conn.split();
+    let mut out = Vec::new();
+    SyncMsg::Start {
+        stores: vec!["inbox".into(), "quarantine".into()],
+    }
+    .encode(&mut out);
+    w.send_bytes(out).await.unwrap();
+    (beat, r, w)
+}
+
+/// Every reply up to the `Ack` of `seq`.
+pub async fn replies_until_ack(r: &mut hasync::link::FrameReader, seq: u64) -> Vec<SyncMsg> {
+    let mut replies = Vec::new();
+    loop {
+        let f = tokio::time::timeout(Duration::from_secs(10), r.recv_frame())
+            .await
+            .expect("the daemon answers the barrier")
+            .unwrap();
+        let m = SyncMsg::decode(&f).unwrap();
+        let done = matches!(m, SyncMsg::Ack { seq: s } if s == seq);
+        replies.push(m);
+        if done {
+            return replies;
+        }
     }
 }
 
@@ -209,19 +301,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         SyncMsg::Barrier { seq: 18 }.encode(&mut out);
         w.send_bytes(out).await.unwrap();
 
-        let mut replies = Vec::new();
-        loop {
-            let f = tokio::time::timeout(Duration::from_secs(10), r.recv_frame())
-                .await
-                .expect("the daemon answers the barrier")
-                .unwrap();
-            let m = SyncMsg::decode(&f).unwrap();
-            let done = matches!(m, SyncMsg::Ack { seq: 18 });
-            replies.push(m);
-            if done {
-                break;
-            }
-        }
+        let replies = replies_until_ack(&mut r, 18).await;
         // 3. A corrupted frame: the daemon drops the connection.
         let mut bad = Vec::new();
         file(19, b"fine/cur/after-bad-frame", b"y", &mut bad);

@@ -2,7 +2,7 @@ mod cli;
 mod edges;
 mod failover_props;
 mod flood;
-mod hostile;
+pub mod hostile;
 mod pair;
 mod queue;
 mod replication;
