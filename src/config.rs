@@ -112,6 +112,10 @@ pub struct ReplicationConfig {
     /// Send large files' content by splice (page cache → socket) instead of
     /// reading it into memory first.
     pub zero_copy: bool,
+    /// Let the peer set setuid, setgid and world-writable modes on the
+    /// replica (refused by default: the primary mirrors mail, it does not
+    /// own the secondary).
+    pub allow_special_modes: bool,
 }
 
 /// The `[queue]` table.
@@ -520,6 +524,7 @@ struct RawReplication {
     #[serde(default)]
     durability: crate::replica::Durability,
     zero_copy: Option<bool>,
+    allow_special_modes: Option<bool>,
 }
 
 fn de_verify_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -737,6 +742,7 @@ impl RawConfig {
                 verify_interval,
                 durability: r.durability,
                 zero_copy: r.zero_copy.unwrap_or(true),
+                allow_special_modes: r.allow_special_modes.unwrap_or(false),
             },
             node_name: self.node_name,
             priority,

@@ -110,6 +110,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             verify_interval: cfg.replication.verify_interval,
             durability: cfg.replication.durability,
             zero_copy: cfg.replication.zero_copy,
+            allow_special_modes: cfg.replication.allow_special_modes,
             io_timeout: cfg.detection_time().max(Duration::from_secs(1)) * 4,
             queue: QueueSettings {
                 layout: cfg.queue.layout,

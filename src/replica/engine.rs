@@ -54,6 +54,8 @@ pub struct EngineConfig {
     pub durability: super::Durability,
     /// Large files go out by splice (`[replication] zero_copy`).
     pub zero_copy: bool,
+    /// `[replication] allow_special_modes` (receiving side).
+    pub allow_special_modes: bool,
     pub io_timeout: Duration,
     pub queue: QueueSettings,
 }
@@ -744,7 +746,7 @@ fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::
             })?;
             Ok(RecvStore {
                 name: s.name.clone(),
-                root: Root::open(&s.replica_root)?,
+                root: Root::open(&s.replica_root)?.allow_special_modes(cfg.allow_special_modes),
                 index: Index::load(&cfg.state_dir, &index_name),
             })
         })

@@ -305,9 +305,15 @@ pub struct Root {
     staging: OwnedFd,
     conflicts: OwnedFd,
     owners: bool,
+    /// Which metadata the peer may set (see [`check_meta`](Root::check_meta)).
+    allow_special_modes: bool,
     /// Feeds temporary names and conflict slots.
     seq: AtomicU64,
 }
+
+/// Largest owner id a peer may set: ids from 2^31 up (-1, -2 and the
+/// like as signed numbers) are overflow or "nobody" markers, not users.
+pub const OWNER_ID_MAX: u32 = i32::MAX as u32;
 
 /// Free space and inodes on a root's filesystem, for unprivileged writers
 /// (what `df` and `df -i` call available).
@@ -362,10 +368,18 @@ impl Root {
             staging,
             conflicts,
             owners: rustix::process::geteuid().is_root(),
+            allow_special_modes: false,
             seq: AtomicU64::new(0),
         };
         root.clean_staging()?;
         Ok(root)
+    }
+
+    /// Lets the peer set setuid, setgid and world-writable modes
+    /// (`[replication] allow_special_modes`); refused by default.
+    pub fn allow_special_modes(mut self, allow: bool) -> Root {
+        self.allow_special_modes = allow;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -394,14 +408,30 @@ impl Root {
         self.path.join(STAGING_DIR).join(name)
     }
 
-    /// Refuses meta the kernel would reject or misread, before anything changes.
+    /// Refuses meta the kernel would reject or misread, and meta that would
+    /// let the peer own this machine rather than mirror mail onto it,
+    /// before anything changes: owner ids past [`OWNER_ID_MAX`], and
+    /// (unless allowed) setuid, setgid and world-writable modes.
     fn check_meta(&self, rel: &[u8], meta: &Meta) -> Result<(), FsError> {
         if meta.mtime_nsec >= 1_000_000_000 {
             return Err(refused(rel, "mtime nanoseconds out of range"));
         }
-        // -1 means "leave unchanged" to chown; a peer never means that.
-        if self.owners && (meta.uid == u32::MAX || meta.gid == u32::MAX) {
-            return Err(refused(rel, "owner id -1"));
+        if self.owners && (meta.uid > OWNER_ID_MAX || meta.gid > OWNER_ID_MAX) {
+            return Err(refused(rel, "owner or group id of 2^31 or more"));
+        }
+        if !self.allow_special_modes {
+            if meta.mode & 0o6000 != 0 {
+                return Err(refused(
+                    rel,
+                    "setuid or setgid mode (set replication.allow_special_modes to allow it)",
+                ));
+            }
+            if meta.mode & 0o002 != 0 {
+                return Err(refused(
+                    rel,
+                    "world-writable mode (set replication.allow_special_modes to allow it)",
+                ));
+            }
         }
         Ok(())
     }
@@ -729,9 +759,14 @@ impl Root {
             }
         };
         let res = match open_beneath(parent, p.name, DIR_READ_OFLAGS) {
-            Ok(fd) => self
-                .apply_meta_fd(fd.as_fd(), meta)
-                .map_err(|(op, e)| fail(op, self.abs(p.path()), e)),
+            // An existing directory keeps its owner: the peer mirrors
+            // folders, it does not re-own what is already here.
+            Ok(fd) => if made {
+                self.apply_meta_fd(fd.as_fd(), meta)
+            } else {
+                apply_meta(fd.as_fd(), meta, false)
+            }
+            .map_err(|(op, e)| fail(op, self.abs(p.path()), e)),
             // A symlink or a file is in the way: the caller decides.
             Err(Errno::LOOP | Errno::NOTDIR) => Err(fail(OP, self.abs(p.path()), Errno::EXIST)),
             Err(e) => Err(fail(OP, self.abs(p.path()), e)),
@@ -866,7 +901,15 @@ impl Root {
             return Ok(RenameOutcome::SourceMissing);
         };
         match rustix::fs::statat(fo.dir.fd(), f.name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(_) => {}
+            Ok(st) => match FileType::from_raw_mode(st.st_mode) {
+                FileType::RegularFile | FileType::Directory | FileType::Symlink => {}
+                _ => {
+                    return Err(refused(
+                        f.raw,
+                        "rename source is not a file, folder or symlink",
+                    ))
+                }
+            },
             Err(Errno::NOENT) => return Ok(RenameOutcome::SourceMissing),
             Err(e) => return Err(fail(OP, self.abs(f.path()), e)),
         }
@@ -919,8 +962,16 @@ impl Root {
             Err(Errno::NOENT) => return Ok(LinkOutcome::SourceMissing),
             Err(err) => return Err(fail(OP, self.abs(e.path()), err)),
         };
-        if FileType::from_raw_mode(est.st_mode) == FileType::Directory {
-            return Err(fail(OP, self.abs(e.path()), Errno::PERM));
+        match FileType::from_raw_mode(est.st_mode) {
+            // A hard link to a symlink is a link to the symlink itself.
+            FileType::RegularFile | FileType::Symlink => {}
+            FileType::Directory => return Err(fail(OP, self.abs(e.path()), Errno::PERM)),
+            _ => {
+                return Err(refused(
+                    e.raw,
+                    "link source is not a regular file or symlink",
+                ))
+            }
         }
         let Some(no) = self.walk(base, Path::new(""), &n, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")
@@ -1006,7 +1057,14 @@ impl Root {
         if target.len() >= PATH_BYTES_MAX {
             return Err(refused(p.raw, "symlink target longer than 4095 bytes"));
         }
-        self.check_meta(p.raw, meta)?;
+        // A symlink has no mode of its own on Linux (lstat shows 0777).
+        self.check_meta(
+            p.raw,
+            &Meta {
+                mode: 0o755,
+                ..*meta
+            },
+        )?;
         let base = self.fd.as_fd();
         let Some(opened) = self.walk(base, Path::new(""), &p, true, OP)? else {
             unreachable!("walk with create never reports a missing parent")

@@ -3,7 +3,7 @@
 use super::*;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -228,7 +228,7 @@ fn symlink_as_final_component_is_replaced_not_followed() {
 
     // mkdir on a symlink to a directory neither follows nor chmods it.
     let before = fs::metadata(&f.outside).unwrap().mode();
-    let e = f.root.mkdir(p("ldir"), &meta(0o777)).unwrap_err();
+    let e = f.root.mkdir(p("ldir"), &meta(0o755)).unwrap_err();
     assert!(matches!(e, FsError::Io { .. }), "{e}");
     assert_eq!(fs::metadata(&f.outside).unwrap().mode(), before);
     assert!(fs::symlink_metadata(f.root_dir.join("ldir"))
@@ -265,13 +265,13 @@ fn symlink_as_final_component_is_replaced_not_followed() {
 #[test]
 fn land_applies_exact_mode_mtime_and_owner() {
     let f = fixture();
-    let m = meta(0o4751);
+    let m = meta(0o751);
     stage(&f.root, 7, b"From: a\r\n\r\nbody", &m);
     let parent = f.root.land(7, p("a/b/cur/msg"), false).unwrap();
     assert_eq!(parent, p("a/b/cur"));
 
     let md = fs::symlink_metadata(f.root_dir.join("a/b/cur/msg")).unwrap();
-    assert_eq!(md.mode() & 0o7777, 0o4751);
+    assert_eq!(md.mode() & 0o7777, 0o751);
     assert_eq!(md.mtime(), 1_700_000_000);
     assert_eq!(md.mtime_nsec(), 123_456_789);
     assert_eq!((md.atime(), md.atime_nsec()), (md.mtime(), md.mtime_nsec()));
@@ -625,29 +625,30 @@ fn mkdir_creates_or_updates_meta_and_never_replaces_files() {
     let m = Meta {
         mtime_sec: 1_600_000_000,
         mtime_nsec: 5,
-        ..meta(0o2750)
+        ..meta(0o750)
     };
     assert_eq!(
         f.root.mkdir(p("Maildir/.Sent/tmp"), &m).unwrap(),
         p("Maildir/.Sent")
     );
     let md = fs::metadata(f.root_dir.join("Maildir/.Sent/tmp")).unwrap();
-    assert_eq!(md.mode() & 0o7777, 0o2750);
+    assert_eq!(md.mode() & 0o7777, 0o750);
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 5));
     assert_eq!((md.uid(), md.gid()), (1234, 5678));
 
-    // Existing directory: meta updated in place, contents kept.
+    // Existing directory: mode and time updated in place, contents kept,
+    // and its owner too: the peer does not re-own what is already here.
     put(&f.root, 1, "Maildir/.Sent/tmp/x", b"x");
     let m2 = Meta {
-        mode: 0o1777,
+        mode: 0o1770,
         uid: 0,
         gid: 0,
         ..m
     };
     f.root.mkdir(p("Maildir/.Sent/tmp"), &m2).unwrap();
     let md = fs::metadata(f.root_dir.join("Maildir/.Sent/tmp")).unwrap();
-    assert_eq!(md.mode() & 0o7777, 0o1777);
-    assert_eq!((md.uid(), md.gid()), (0, 0));
+    assert_eq!(md.mode() & 0o7777, 0o1770);
+    assert_eq!((md.uid(), md.gid()), (1234, 5678));
     assert_eq!((md.mtime(), md.mtime_nsec()), (1_600_000_000, 5));
     assert!(f.root_dir.join("Maildir/.Sent/tmp/x").exists());
 
@@ -707,4 +708,77 @@ fn full_disk_errors_are_no_space() {
     let e = fail("land", "/r/x", Errno::ISDIR);
     assert!(!e.is_no_space() && !e.is_refusal());
     assert!(e.to_string().contains("land /r/x"), "{e}");
+}
+
+#[test]
+fn metadata_that_would_own_the_machine_is_refused_unless_allowed() {
+    let f = fixture();
+    let refused_as = |r: Result<PathBuf, FsError>, want: &str| {
+        let e = r.unwrap_err();
+        assert!(e.is_refusal() && e.to_string().contains(want), "{e}");
+    };
+    // setuid / setgid files, world-writable files and directories.
+    for (mode, want) in [
+        (0o4755, "setuid"),
+        (0o2755, "setgid"),
+        (0o666, "world-writable"),
+    ] {
+        let e = f.root.check_staged_meta(&meta(mode)).unwrap_err();
+        assert!(
+            e.is_refusal() && e.to_string().contains(want),
+            "{mode:o}: {e}"
+        );
+    }
+    refused_as(f.root.mkdir(p("d1"), &meta(0o3777)), "setuid or setgid");
+    refused_as(f.root.mkdir(p("d2"), &meta(0o777)), "world-writable");
+    // Owner ids that are not users.
+    let nobody = Meta {
+        uid: 4_294_967_294,
+        ..meta(0o600)
+    };
+    assert!(f.root.check_staged_meta(&nobody).unwrap_err().is_refusal());
+    let group = Meta {
+        gid: 1 << 31,
+        ..meta(0o700)
+    };
+    refused_as(f.root.mkdir(p("d3"), &group), "2^31");
+    assert!(!f.root_dir.join("d1").exists() && !f.root_dir.join("d2").exists());
+    // A symlink's own mode (0777 as lstat shows it) is not a mode it has.
+    f.root.symlink(p("l"), b"t", &meta(0o777)).unwrap();
+    // With the key set, the modes are mirrored as they are.
+    let dir = f.root_dir.parent().unwrap().join("allowed");
+    fs::create_dir_all(&dir).unwrap();
+    let allowed = Root::open(&dir).unwrap().allow_special_modes(true);
+    stage(&allowed, 1, b"x", &meta(0o4751));
+    allowed.land(1, p("suid"), false).unwrap();
+    assert_eq!(
+        fs::metadata(dir.join("suid")).unwrap().mode() & 0o7777,
+        0o4751
+    );
+}
+
+#[test]
+fn links_and_renames_of_special_files_are_refused() {
+    let f = fixture();
+    let fifo = f.root_dir.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let e = f.root.link(p("fifo"), p("cur/linked")).unwrap_err();
+    assert!(
+        e.is_refusal() && e.to_string().contains("not a regular file"),
+        "{e}"
+    );
+    let e = f.root.rename(p("fifo"), p("cur/moved")).unwrap_err();
+    assert!(
+        e.is_refusal() && e.to_string().contains("not a file"),
+        "{e}"
+    );
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(!f.root_dir.join("cur/linked").exists() && !f.root_dir.join("cur/moved").exists());
 }

@@ -379,3 +379,178 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
     );
     assert!(tp.nodes[0].is_running());
 }
+
+#[test]
+fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut tp = TestPair::new(fast());
+    let inbox = tp.store(0, "inbox");
+    // What local users and the system already have on the secondary.
+    let local = inbox.join("localuser");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o700)).unwrap();
+    rustix::fs::chown(
+        &local,
+        Some(rustix::fs::Uid::from_raw(1000)),
+        Some(rustix::fs::Gid::from_raw(1000)),
+    )
+    .unwrap();
+    let mknod = |name: &str, ft: rustix::fs::FileType, dev: u64| {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &inbox.join(name),
+            ft,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            dev,
+        )
+        .unwrap()
+    };
+    mknod("fifo", rustix::fs::FileType::Fifo, 0);
+    mknod(
+        "chardev",
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::makedev(1, 3),
+    );
+    tp.nodes[0].start().unwrap();
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let forged = "2026-12-01T00:00:00Z INFO hasync::daemon: FORGED role change";
+    let node = &tp.nodes[0];
+    let replies = tokio_uring::start(async {
+        let (beat, mut r, w) = act_as_primary(node, &cfg).await;
+        let with = |mode: u32, uid: u32| Meta {
+            mode,
+            uid,
+            gid: uid,
+            ..meta()
+        };
+        let mut out = Vec::new();
+        let mut file_as = |seq: u64, path: &[u8], m: Meta, out: &mut Vec<u8>| {
+            SyncMsg::File {
+                seq,
+                store: 0,
+                path: path.to_vec(),
+                meta: m,
+                size: 3,
+                hash: xxhash_rust::xxh3::xxh3_128(b"abc"),
+            }
+            .encode(out);
+            SyncMsg::Data {
+                seq,
+                bytes: b"abc".to_vec(),
+            }
+            .encode(out);
+        };
+        file_as(1, b"user/cur/setuid-root", with(0o4755, 0), &mut out);
+        file_as(2, b"user/cur/world-writable", with(0o666, 1000), &mut out);
+        SyncMsg::Mkdir {
+            seq: 3,
+            store: 0,
+            path: b"shared".to_vec(),
+            meta: with(0o3777, 0),
+        }
+        .encode(&mut out);
+        file_as(4, b"user/cur/nobody", with(0o600, 4_294_967_294), &mut out);
+        // Re-owning an existing local directory, loosely or plainly.
+        SyncMsg::Mkdir {
+            seq: 5,
+            store: 0,
+            path: b"localuser".to_vec(),
+            meta: with(0o777, 0),
+        }
+        .encode(&mut out);
+        SyncMsg::Mkdir {
+            seq: 6,
+            store: 0,
+            path: b"localuser".to_vec(),
+            meta: with(0o750, 0),
+        }
+        .encode(&mut out);
+        SyncMsg::Link {
+            seq: 7,
+            store: 0,
+            existing: b"fifo".to_vec(),
+            path: b"user/cur/fifo-link".to_vec(),
+        }
+        .encode(&mut out);
+        SyncMsg::Rename {
+            seq: 8,
+            store: 0,
+            from: b"chardev".to_vec(),
+            to: b"user/cur/dev".to_vec(),
+        }
+        .encode(&mut out);
+        // A name that tries to forge a log line (refused: internal dir).
+        file_as(
+            9,
+            format!(".hasync/x\n{forged}").as_bytes(),
+            with(0o600, 1000),
+            &mut out,
+        );
+        // And plain mail still lands.
+        file_as(10, b"user/cur/fine", with(0o600, 1000), &mut out);
+        SyncMsg::Barrier { seq: 10 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let replies = replies_until_ack(&mut r, 10).await;
+        beat.abort();
+        replies
+    });
+    let refused: Vec<u64> = replies
+        .iter()
+        .filter_map(|m| match m {
+            SyncMsg::Refused { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    for seq in [1, 2, 3, 4, 5, 7, 8, 9] {
+        assert!(
+            refused.contains(&seq),
+            "op {seq} must be refused: {replies:?}"
+        );
+    }
+    assert!(
+        !refused.contains(&6) && !refused.contains(&10),
+        "{replies:?}"
+    );
+    for gone in [
+        "user/cur/setuid-root",
+        "user/cur/world-writable",
+        "shared",
+        "user/cur/nobody",
+        "user/cur/fifo-link",
+        "user/cur/dev",
+    ] {
+        assert!(
+            std::fs::symlink_metadata(inbox.join(gone)).is_err(),
+            "{gone} was written"
+        );
+    }
+    let md = std::fs::metadata(&local).unwrap();
+    assert_eq!(
+        (md.uid(), md.gid()),
+        (1000, 1000),
+        "the local directory keeps its owner"
+    );
+    assert_eq!(md.mode() & 0o7777, 0o750);
+    assert_eq!(std::fs::read(inbox.join("user/cur/fine")).unwrap(), b"abc");
+    assert!(inbox.join("chardev").exists() && inbox.join("fifo").exists());
+    let st = tp.nodes[0].status().unwrap();
+    assert!(
+        st.replication.refused_paths >= 8,
+        "{}",
+        st.replication.refused_paths
+    );
+    let log = tp.nodes[0].log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refused op from peer") && l.contains("setuid")),
+        "refusals are logged with their reason\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with(forged)),
+        "a file name forged a log line\n{log}"
+    );
+    assert!(
+        log.contains("\\n2026-12-01T00:00:00Z"),
+        "the name is logged escaped\n{log}"
+    );
+}
