@@ -398,7 +398,7 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
     let mknod = |name: &str, ft: rustix::fs::FileType, dev: u64| {
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &inbox.join(name),
+            inbox.join(name),
             ft,
             rustix::fs::Mode::from_raw_mode(0o600),
             dev,
@@ -424,7 +424,7 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
             ..meta()
         };
         let mut out = Vec::new();
-        let mut file_as = |seq: u64, path: &[u8], m: Meta, out: &mut Vec<u8>| {
+        let file_as = |seq: u64, path: &[u8], m: Meta, out: &mut Vec<u8>| {
             SyncMsg::File {
                 seq,
                 store: 0,
