@@ -391,15 +391,31 @@ async fn run_primary(
     // Shared with the status relay of each session; the inotify thread stops
     // when the last reference is dropped.
     let tracker = Rc::new(tracker);
-    let stores = cfg
-        .stores
-        .iter()
-        .map(|s| Store {
-            name: s.name.clone(),
-            root: s.root.clone(),
-            index: Index::load(&cfg.state_dir, &s.name),
-        })
-        .collect();
+    let mut stores = Vec::with_capacity(cfg.stores.len());
+    for s in &cfg.stores {
+        match super::tree::Tree::open(&s.root) {
+            Ok(tree) => stores.push(Store {
+                name: s.name.clone(),
+                root: s.root.clone(),
+                tree,
+                index: Index::load(&cfg.state_dir, &s.name),
+            }),
+            Err(e) => {
+                warn!(
+                    "cannot open mailstore {} ({}): {e}; retrying",
+                    s.name,
+                    s.root.display()
+                );
+                *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = mode_rx.changed() => {}
+                }
+                *shared.notifier.lock().expect("notifier lock") = None;
+                return;
+            }
+        }
+    }
     let mut sender = Sender::new(
         stores,
         shared.excludes.clone(),

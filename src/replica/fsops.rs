@@ -41,14 +41,11 @@ pub const STAGING_DIR: &str = ".hasync/staging";
 /// Losers of conflicts, kept aside, relative to the root. Accepted by [`Root::fsync_dir`].
 pub const CONFLICTS_DIR: &str = ".hasync/conflicts";
 
-/// Longest relative path a peer may send (Linux `PATH_MAX`).
-const PATH_BYTES_MAX: usize = 4096;
+/// Longest relative path a peer may send: what one `*at` call below the
+/// root's descriptor takes.
+const PATH_BYTES_MAX: usize = super::tree::REL_PATH_BYTES_MAX;
 /// Longest single component (Linux `NAME_MAX`).
 const NAME_BYTES_MAX: usize = 255;
-/// Deepest directory tree `remove` descends into. Each level holds one fd,
-/// so this stays well under the default 1024-fd soft limit. Mailstores are a
-/// handful of levels deep.
-const TREE_DEPTH_MAX: usize = 256;
 /// `openat2` with `RESOLVE_BENEATH` may answer EAGAIN when a rename races
 /// the lookup; retry a few times, then report it.
 const OPENAT2_TRIES_MAX: usize = 8;
@@ -156,7 +153,7 @@ fn validate(raw: &[u8], internal: bool) -> Result<(), &'static str> {
         return Err("empty path");
     }
     if raw.len() > PATH_BYTES_MAX {
-        return Err("path longer than 4096 bytes");
+        return Err("path longer than 4095 bytes");
     }
     if raw.contains(&0) {
         return Err("NUL byte in path");
@@ -223,6 +220,14 @@ impl<'a> Split<'a> {
     }
     fn parent_path(&self) -> PathBuf {
         PathBuf::from(OsStr::from_bytes(self.parent))
+    }
+}
+
+/// `a/b/c` → (`a/b`, `c`); a single component has `.` as its parent.
+fn split_last(sub: &[u8]) -> (&[u8], &[u8]) {
+    match sub.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&sub[..i], &sub[i + 1..]),
+        None => (b".", sub),
     }
 }
 
@@ -309,6 +314,8 @@ pub struct Root {
     allow_special_modes: bool,
     /// Feeds temporary names and conflict slots.
     seq: AtomicU64,
+    /// The root for lookups (stat, hash, listing) below it.
+    tree: super::tree::Tree,
 }
 
 /// Largest owner id a peer may set: ids from 2^31 up (-1, -2 and the
@@ -362,7 +369,11 @@ impl Root {
         let internal = internal_dir(fd.as_fd(), INTERNAL_DIR.as_bytes(), &path)?;
         let staging = internal_dir(internal.as_fd(), b"staging", &path)?;
         let conflicts = internal_dir(internal.as_fd(), b"conflicts", &path)?;
+        let tree_fd = fd
+            .try_clone()
+            .map_err(|e| FsError::from_io("open root", &path, e))?;
         let root = Root {
+            tree: super::tree::Tree::from_fd(&path, tree_fd),
             path,
             fd,
             staging,
@@ -384,6 +395,11 @@ impl Root {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The root for lookups below it (by descriptor, whatever the depth).
+    pub fn tree(&self) -> &super::tree::Tree {
+        &self.tree
     }
 
     /// Whether we run as root (then owners are applied; otherwise uid/gid are ignored).
@@ -480,7 +496,7 @@ impl Root {
                 .fd()
                 .map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
             let rel = Path::new(STAGING_DIR).join(OsStr::from_bytes(name.to_bytes()));
-            self.remove_entry(dfd, name, entry.file_type(), &rel, 0)?;
+            self.remove_entry(dfd, name, entry.file_type(), &rel)?;
             removed += 1;
         }
         if removed > 0 {
@@ -802,13 +818,7 @@ impl Root {
             return Ok(Some(p.parent_path()));
         }
         let name = CString::new(p.name).expect("validated: no NUL");
-        self.remove_entry(
-            parent,
-            &name,
-            FileType::from_raw_mode(st.st_mode),
-            p.path(),
-            0,
-        )?;
+        self.remove_entry(parent, &name, FileType::from_raw_mode(st.st_mode), p.path())?;
         Ok(Some(p.parent_path()))
     }
 
@@ -819,7 +829,6 @@ impl Root {
         name: &CStr,
         ft: FileType,
         rel: &Path,
-        depth: usize,
     ) -> Result<(), FsError> {
         const OP: &str = "remove";
         let ft = if ft == FileType::Unknown {
@@ -835,29 +844,22 @@ impl Root {
             return match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => Ok(()),
                 // It became a directory meanwhile.
-                Err(Errno::ISDIR) => self.remove_tree(dir, name, rel, depth),
+                Err(Errno::ISDIR) => self.remove_tree(dir, name, rel),
                 Err(e) => Err(fail(OP, self.abs(rel), e)),
             };
         }
-        self.remove_tree(dir, name, rel, depth)
+        self.remove_tree(dir, name, rel)
     }
 
-    fn remove_tree(
-        &self,
-        parent: BorrowedFd<'_>,
-        name: &CStr,
-        rel: &Path,
-        depth: usize,
-    ) -> Result<(), FsError> {
+    /// Removes the directory `name` of `parent` and everything in it.
+    ///
+    /// Iterative, holding no descriptor across levels: each folder is
+    /// opened below the tree's top by its path (beneath it, no symlinks),
+    /// emptied of files, and removed once its subfolders are, deepest
+    /// first. Depth costs no descriptors and no stack.
+    fn remove_tree(&self, parent: BorrowedFd<'_>, name: &CStr, rel: &Path) -> Result<(), FsError> {
         const OP: &str = "remove";
-        if depth >= TREE_DEPTH_MAX {
-            return Err(FsError::Io {
-                op: OP,
-                path: self.abs(rel).to_string_lossy().into_owned(),
-                source: std::io::Error::other("directory tree deeper than 256 levels"),
-            });
-        }
-        let fd = match open_beneath(parent, name.to_bytes(), DIR_READ_OFLAGS) {
+        let top = match open_beneath(parent, name.to_bytes(), WALK_OFLAGS) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(()),
             // Replaced by a symlink or file meanwhile: remove that, never follow it.
@@ -869,25 +871,100 @@ impl Root {
             }
             Err(e) => return Err(fail(OP, self.abs(rel), e)),
         };
-        let mut dir = Dir::new(fd).map_err(|e| fail(OP, self.abs(rel), e))?;
+        let here = |sub: &[u8]| {
+            if sub.is_empty() {
+                self.abs(rel)
+            } else {
+                self.abs(rel.join(bytes_path(sub)))
+            }
+        };
         for pass in 1..=REMOVE_PASSES_MAX {
-            while let Some(entry) = dir.read() {
-                let entry = entry.map_err(|e| fail(OP, self.abs(rel), e))?;
-                let child = entry.file_name();
-                if child == c"." || child == c".." {
-                    continue;
+            // Folders below the top, parents before children.
+            let mut found: Vec<Vec<u8>> = Vec::new();
+            let mut todo: Vec<Vec<u8>> = vec![Vec::new()];
+            while let Some(sub) = todo.pop() {
+                let target: &[u8] = if sub.is_empty() { b"." } else { &sub };
+                let fd = match open_beneath(top.as_fd(), target, DIR_READ_OFLAGS) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) => continue,
+                    Err(Errno::LOOP | Errno::NOTDIR | Errno::XDEV) => {
+                        // A symlink or file took the folder's place: unlink it.
+                        let (p, last) = split_last(&sub);
+                        let pfd = open_beneath(top.as_fd(), p, WALK_OFLAGS)
+                            .map_err(|e| fail(OP, here(&sub), e))?;
+                        match rustix::fs::unlinkat(&pfd, last, AtFlags::empty()) {
+                            Ok(()) | Err(Errno::NOENT) => continue,
+                            Err(e) => return Err(fail(OP, here(&sub), e)),
+                        }
+                    }
+                    Err(e) => return Err(fail(OP, here(&sub), e)),
+                };
+                let mut dir = Dir::new(fd).map_err(|e| fail(OP, here(&sub), e))?;
+                while let Some(entry) = dir.read() {
+                    let entry = entry.map_err(|e| fail(OP, here(&sub), e))?;
+                    let child = entry.file_name();
+                    if child == c"." || child == c".." {
+                        continue;
+                    }
+                    let mut child_sub = sub.clone();
+                    if !child_sub.is_empty() {
+                        child_sub.push(b'/');
+                    }
+                    child_sub.extend_from_slice(child.to_bytes());
+                    let dfd = dir.fd().map_err(|e| fail(OP, here(&sub), e))?;
+                    let is_dir = match entry.file_type() {
+                        FileType::Directory => true,
+                        FileType::Unknown => {
+                            match rustix::fs::statat(dfd, child, AtFlags::SYMLINK_NOFOLLOW) {
+                                Ok(st) => {
+                                    FileType::from_raw_mode(st.st_mode) == FileType::Directory
+                                }
+                                Err(Errno::NOENT) => continue,
+                                Err(e) => return Err(fail(OP, here(&child_sub), e)),
+                            }
+                        }
+                        _ => false,
+                    };
+                    if is_dir {
+                        found.push(child_sub.clone());
+                        todo.push(child_sub);
+                        continue;
+                    }
+                    match rustix::fs::unlinkat(dfd, child, AtFlags::empty()) {
+                        Ok(()) | Err(Errno::NOENT) => {}
+                        // Became a folder meanwhile: the next pass takes it.
+                        Err(Errno::ISDIR) => {}
+                        Err(e) => return Err(fail(OP, here(&child_sub), e)),
+                    }
                 }
-                let dfd = dir.fd().map_err(|e| fail(OP, self.abs(rel), e))?;
-                let child_rel = rel.join(OsStr::from_bytes(child.to_bytes()));
-                self.remove_entry(dfd, child, entry.file_type(), &child_rel, depth + 1)?;
+            }
+            // Deepest first: a child's path is longer than its parent's.
+            found.sort_by_key(|sub| std::cmp::Reverse(sub.len()));
+            let mut busy = false;
+            for sub in &found {
+                let (p, last) = split_last(sub);
+                let pfd = match open_beneath(top.as_fd(), p, WALK_OFLAGS) {
+                    Ok(fd) => fd,
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(fail(OP, here(sub), e)),
+                };
+                match rustix::fs::unlinkat(&pfd, last, AtFlags::REMOVEDIR) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(Errno::NOTEMPTY) => busy = true,
+                    Err(e) => return Err(fail(OP, here(sub), e)),
+                }
+            }
+            if busy {
+                continue;
             }
             match rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR) {
                 Ok(()) | Err(Errno::NOENT) => return Ok(()),
-                Err(Errno::NOTEMPTY) if pass < REMOVE_PASSES_MAX => dir.rewind(),
+                // Entries appeared meanwhile: another pass.
+                Err(Errno::NOTEMPTY) if pass < REMOVE_PASSES_MAX => {}
                 Err(e) => return Err(fail(OP, self.abs(rel), e)),
             }
         }
-        unreachable!("the last pass returns")
+        Err(fail(OP, self.abs(rel), Errno::NOTEMPTY))
     }
 
     /// renameat(from, to) for a file or directory (replacing a file at `to`; creating `to`'s

@@ -126,9 +126,12 @@ fn check_rel_accepts_mail_names_and_limits() {
     assert_eq!(ok, p("a/b/cur/1700000000.M1P2.host:2,S"));
     let comp255 = vec![b'y'; 255];
     check_rel(&comp255).unwrap();
-    // 17 components of 240 bytes and 16 slashes: exactly 4096.
-    let exact = vec![vec![b'a'; 240]; 17].join(&b'/');
+    // 17 components of 240 bytes and 16 slashes: 4,096 bytes, one too many
+    // for a single call below the root's descriptor; one byte less fits.
+    let mut exact = vec![vec![b'a'; 240]; 17].join(&b'/');
     assert_eq!(exact.len(), 4096);
+    assert!(check_rel(&exact).unwrap_err().is_refusal());
+    exact.pop();
     check_rel(&exact).unwrap();
     check_rel(b".hasyncx/a").unwrap();
     check_rel(b"a/.hasync").unwrap();
@@ -781,4 +784,27 @@ fn links_and_renames_of_special_files_are_refused() {
     );
     assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     assert!(!f.root_dir.join("cur/linked").exists() && !f.root_dir.join("cur/moved").exists());
+}
+
+#[test]
+fn a_tree_two_thousand_levels_deep_is_removed() {
+    let f = fixture();
+    let mut rel = String::new();
+    for i in 0..2000 {
+        if i > 0 {
+            rel.push('/');
+        }
+        rel.push('d');
+    }
+    f.root.mkdir(p(&rel), &meta(0o755)).unwrap();
+    put(&f.root, 1, &format!("{rel}/msg"), b"deep");
+    put(&f.root, 2, "d/d/side", b"side");
+    assert!(f
+        .root
+        .tree()
+        .lstat(p(&format!("{rel}/msg")))
+        .unwrap()
+        .is_some());
+    f.root.remove(p("d"), false).unwrap();
+    assert!(!f.root_dir.join("d").exists());
 }

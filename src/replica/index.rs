@@ -9,10 +9,9 @@ use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{AtFlags, StatxFlags, CWD};
+use rustix::fs::{AtFlags, StatxFlags};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
-use xxhash_rust::xxh3::Xxh3;
 
 use crate::wire::sync::{EntryKind, ManifestEntry, Meta};
 
@@ -139,16 +138,6 @@ impl Entry {
     }
 }
 
-/// lstat through statx; `Ok(None)` when the path does not exist.
-pub fn lstat(abs: &Path) -> std::io::Result<Option<Stat>> {
-    stat_of(rustix::fs::statx(
-        CWD,
-        abs,
-        AtFlags::SYMLINK_NOFOLLOW,
-        StatxFlags::BASIC_STATS,
-    ))
-}
-
 /// The same for an open file (no path walk).
 pub fn fstat(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<Stat>> {
     stat_of(rustix::fs::statx(
@@ -159,7 +148,7 @@ pub fn fstat(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<Option<Stat>> {
     ))
 }
 
-fn stat_of(r: rustix::io::Result<rustix::fs::Statx>) -> std::io::Result<Option<Stat>> {
+pub(crate) fn stat_of(r: rustix::io::Result<rustix::fs::Statx>) -> std::io::Result<Option<Stat>> {
     match r {
         Ok(x) => {
             let fmt = u32::from(x.stx_mode) & 0o170000;
@@ -198,28 +187,6 @@ fn stat_of(r: rustix::io::Result<rustix::fs::Statx>) -> std::io::Result<Option<S
 
 pub fn hash_bytes(b: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(b)
-}
-
-/// Hashes a file or a symlink's target.
-pub fn hash_path(abs: &Path, kind: Kind) -> std::io::Result<u128> {
-    match kind {
-        Kind::Dir => Ok(0),
-        Kind::Symlink => Ok(hash_bytes(std::fs::read_link(abs)?.as_os_str().as_bytes())),
-        Kind::File => {
-            use std::io::Read;
-            let mut f = std::fs::File::open(abs)?;
-            let mut h = Xxh3::new();
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            Ok(h.digest128())
-        }
-    }
 }
 
 /// The index of one store.
@@ -627,38 +594,67 @@ impl Index {
     /// `None` instead of being read: the caller hashes only the paths it
     /// needs to compare (an initial sync to an empty replica reads nothing
     /// twice).
+    ///
+    /// Folders are listed, and entries looked up and read, relative to
+    /// their folder's descriptor: depth and the root's own path length do
+    /// not matter. Paths past [`super::tree::REL_PATH_BYTES_MAX`] are not
+    /// entered; they come back in [`Scan::too_long`].
     pub fn scan(
         &mut self,
-        root: &Path,
+        tree: &super::tree::Tree,
         excludes: &Excludes,
         full_verify: bool,
         hash_uncached: bool,
-    ) -> std::io::Result<Vec<(PathBuf, Stat, Option<u128>)>> {
+    ) -> std::io::Result<Scan> {
+        use std::io::ErrorKind;
+        let named = |rel: &Path, e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("{}: {e}", tree.abs(rel).display()))
+        };
         let mut out = Vec::new();
+        let mut too_long = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(dir) = stack.pop() {
-            let abs_dir = root.join(&dir);
-            let rd = match std::fs::read_dir(&abs_dir) {
-                Ok(rd) => rd,
-                // Vanished while we walked: the tracker reports it.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+            let fd = match tree.open_dir(&dir) {
+                Ok(fd) => fd,
+                // Vanished (or replaced) while we walked: the tracker reports it.
+                Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                    continue
+                }
+                Err(e) => return Err(named(&dir, e)),
             };
-            for ent in rd {
-                let ent = ent?;
-                let rel = dir.join(ent.file_name());
+            let mut listing = rustix::fs::Dir::new(fd).map_err(|e| named(&dir, e.into()))?;
+            while let Some(ent) = listing.read() {
+                let ent = ent.map_err(|e| named(&dir, e.into()))?;
+                let name = ent.file_name();
+                if name == c"." || name == c".." {
+                    continue;
+                }
+                let rel = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
                 if excludes.is_excluded(&rel) {
                     continue;
                 }
-                let abs = root.join(&rel);
-                let Some(st) = lstat(&abs)? else { continue };
+                if !super::tree::fits(&rel) {
+                    too_long.push(rel);
+                    continue;
+                }
+                let dfd = listing.fd().map_err(|e| named(&dir, e.into()))?;
+                let st = match stat_of(rustix::fs::statx(
+                    dfd,
+                    name,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                    StatxFlags::BASIC_STATS,
+                )) {
+                    Ok(Some(st)) => st,
+                    Ok(None) => continue,
+                    Err(e) => return Err(named(&rel, e)),
+                };
                 let cached = self.entries.get(rel.as_path()).filter(|e| {
                     !full_verify && e.kind == st.kind && same_version(&e.version, &st.version)
                 });
                 let hash = match cached {
                     Some(e) => Some(e.hash()),
                     None if !hash_uncached && st.kind == Kind::File => None,
-                    None => match hash_path(&abs, st.kind) {
+                    None => match hash_at(dfd, name, st.kind) {
                         Ok(h) => {
                             let synced = self
                                 .entries
@@ -667,8 +663,8 @@ impl Index {
                             self.set(rel.clone(), Entry::new(&st, h, synced));
                             Some(h)
                         }
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e),
+                        Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                        Err(e) => return Err(named(&rel, e)),
                     },
                 };
                 if st.kind == Kind::Dir {
@@ -686,7 +682,40 @@ impl Index {
             self.dirty = true;
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok(Scan {
+            entries: out,
+            too_long,
+        })
+    }
+}
+
+/// What [`Index::scan`] found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Every entry, sorted by path, with its hash when known.
+    pub entries: Vec<(PathBuf, Stat, Option<u128>)>,
+    /// Paths too long to replicate (not entered).
+    pub too_long: Vec<PathBuf>,
+}
+
+/// Hashes `name` in the folder `dir` (a file's content, a symlink's target).
+fn hash_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+    kind: Kind,
+) -> std::io::Result<u128> {
+    use rustix::fs::{Mode, OFlags};
+    match kind {
+        Kind::Dir => Ok(0),
+        Kind::Symlink => Ok(hash_bytes(
+            rustix::fs::readlinkat(dir, name, Vec::new())?.as_bytes(),
+        )),
+        Kind::File => super::tree::hash_file(std::fs::File::from(rustix::fs::openat(
+            dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?)),
     }
 }
 

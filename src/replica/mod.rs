@@ -12,6 +12,7 @@ pub mod sender;
 pub mod space;
 pub mod stager;
 pub mod stats;
+pub mod tree;
 
 use std::path::Path;
 

@@ -131,6 +131,12 @@ pub struct Receiver {
     space: Vec<super::space::Space>,
 }
 
+/// Encoded bytes of a manifest entry besides its path.
+const MANIFEST_ENTRY_FIXED_BYTES: usize = 2 + 1 + 8 + 24 + 16;
+/// A manifest chunk is sent once its entries reach this many bytes (the
+/// frame cap is 8 MiB: 4,096 entries of 4 KiB paths would not fit one).
+const MANIFEST_CHUNK_BYTES: usize = 2 << 20;
+
 /// Files staged while a commit is in flight, before reading stops until it
 /// finishes (bounds open descriptors in `fsync` mode and unflushed data).
 const MAX_STAGED_FILES: usize = 2048;
@@ -844,7 +850,7 @@ impl Receiver {
                 match self.stores[s].root.mkdir(&rel, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
-                        if let Ok(Some(st)) = index::lstat(&self.stores[s].root.path().join(&rel)) {
+                        if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&rel) {
                             self.stores[s].index.set(rel, Entry::new(&st, 0, true));
                         }
                     }
@@ -873,8 +879,7 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&from, &to], peer).await?;
-                let root = self.stores[s].root.path();
-                if let Ok(Some(src)) = index::lstat(&root.join(&from)) {
+                if let Ok(Some(src)) = self.stores[s].root.tree().lstat(&from) {
                     self.clear_other_kind(seq, s, &to, src.kind == Kind::Dir, peer);
                 }
                 match self.stores[s].root.rename(&from, &to) {
@@ -938,7 +943,7 @@ impl Receiver {
                 match self.stores[s].root.symlink(&rel, &target, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
-                        if let Ok(Some(st)) = index::lstat(&self.stores[s].root.path().join(&rel)) {
+                        if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&rel) {
                             let h = index::hash_bytes(&target);
                             self.stores[s].index.set(rel, Entry::new(&st, h, true));
                         }
@@ -974,16 +979,26 @@ impl Receiver {
             let root = store.root.path().to_path_buf();
             let entries = store
                 .index
-                .scan(&root, &self.excludes, full_verify, true)
+                .scan(store.root.tree(), &self.excludes, full_verify, true)
                 .map_err(|source| RecvError::Scan {
                     path: root.clone(),
                     source,
-                })?;
+                })?
+                .entries;
             let mut chunk = Vec::new();
+            let mut chunk_bytes = 0usize;
             let total = entries.len();
             for (i, (rel, st, hash)) in entries.into_iter().enumerate() {
-                chunk.push(index::manifest_entry(&rel, &st, hash.unwrap_or(0)));
-                if chunk.len() == MAX_MANIFEST_ENTRIES || i + 1 == total {
+                let e = index::manifest_entry(&rel, &st, hash.unwrap_or(0));
+                chunk_bytes += e.path.len() + MANIFEST_ENTRY_FIXED_BYTES;
+                chunk.push(e);
+                // Within the entry count and well within the frame cap,
+                // however long the paths.
+                if chunk.len() == MAX_MANIFEST_ENTRIES
+                    || chunk_bytes >= MANIFEST_CHUNK_BYTES
+                    || i + 1 == total
+                {
+                    chunk_bytes = 0;
                     SyncMsg::Manifest {
                         id,
                         store: s as u16,
@@ -1158,10 +1173,9 @@ impl Receiver {
         staged: Option<index::Stat>,
         peer: &str,
     ) {
-        let abs = self.stores[s].root.path().join(&rel);
         // The new primary's version wins; a local version the peer never had
         // is kept aside, not destroyed.
-        if let Ok(Some(cur)) = index::lstat(&abs) {
+        if let Ok(Some(cur)) = self.stores[s].root.tree().lstat(&rel) {
             if cur.kind == Kind::Dir {
                 // The primary has a file where this replica has a folder.
                 self.apply_delete(seq, s, &rel, peer);
@@ -1169,7 +1183,7 @@ impl Receiver {
             let unchanged = self.stores[s].index.unchanged_and_synced(&rel, &cur);
             let same = cur.kind == Kind::File
                 && cur.version.size == size
-                && index::hash_path(&abs, Kind::File).ok() == Some(hash);
+                && self.stores[s].root.tree().hash(&rel, Kind::File).ok() == Some(hash);
             if !unchanged && !same && cur.kind != Kind::Dir {
                 self.keep_aside(s, &rel);
             }
@@ -1197,7 +1211,7 @@ impl Receiver {
                         st.version.ctime_ns = 0;
                         Some(st)
                     }
-                    None => index::lstat(&abs).ok().flatten(),
+                    None => self.stores[s].root.tree().lstat(&rel).ok().flatten(),
                 };
                 if let Some(st) = st {
                     self.stores[s].index.set(rel, Entry::new(&st, hash, true));
@@ -1226,8 +1240,7 @@ impl Receiver {
     /// primary now has a file, or a file or symlink where it has a folder:
     /// the op that follows could never replace it.
     fn clear_other_kind(&mut self, seq: u64, s: usize, rel: &Path, want_dir: bool, peer: &str) {
-        let abs = self.stores[s].root.path().join(rel);
-        if let Ok(Some(cur)) = index::lstat(&abs) {
+        if let Ok(Some(cur)) = self.stores[s].root.tree().lstat(rel) {
             if (cur.kind == Kind::Dir) != want_dir {
                 self.apply_delete(seq, s, rel, peer);
             }
@@ -1235,8 +1248,7 @@ impl Receiver {
     }
 
     fn apply_delete(&mut self, seq: u64, s: usize, rel: &Path, peer: &str) {
-        let abs = self.stores[s].root.path().join(rel);
-        let Ok(Some(cur)) = index::lstat(&abs) else {
+        let Ok(Some(cur)) = self.stores[s].root.tree().lstat(rel) else {
             self.stores[s].index.remove_tree(rel);
             return;
         };

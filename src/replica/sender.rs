@@ -10,7 +10,7 @@
 //! batches never waits behind a window counted in batches.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -97,6 +97,8 @@ pub struct CommitReq {
 pub struct Store {
     pub name: String,
     pub root: PathBuf,
+    /// The root, opened: every lookup below it goes through its descriptor.
+    pub tree: super::tree::Tree,
     pub index: Index,
 }
 
@@ -188,6 +190,8 @@ pub struct Sender {
     /// Directories whose children the last reconciliation already queued,
     /// with their inode and ctime when it listed them.
     listed_dirs: HashMap<(usize, PathBuf), (u64, i64, u32)>,
+    /// Paths too long to replicate, each reported once.
+    out_of_reach: super::tree::OutOfReach,
     /// Lag is measured for changes after the initial sync, not for it.
     lag_from: Option<Instant>,
     /// Per store: send changes at most this often (periodic queue sync).
@@ -243,8 +247,31 @@ impl Plan {
     }
 }
 
-async fn read_small(path: PathBuf, size: u64) -> std::io::Result<Read> {
-    let f = match tokio_uring::fs::File::open(&path).await {
+/// Opens `rel` for reading: through io_uring when its absolute path fits
+/// one system call, else through the root's descriptor (a blocking
+/// `openat`; only paths past `PATH_MAX` from `/` take it).
+fn open_for_reading(
+    tree: &super::tree::Tree,
+    rel: &Path,
+) -> impl std::future::Future<Output = std::io::Result<tokio_uring::fs::File>> + 'static {
+    let direct = tree.io_path(rel);
+    let through_root = direct
+        .is_none()
+        .then(|| tree.open_read(rel).map(tokio_uring::fs::File::from_std));
+    async move {
+        match (direct, through_root) {
+            (Some(abs), _) => tokio_uring::fs::File::open(abs).await,
+            (None, Some(opened)) => opened,
+            (None, None) => unreachable!("one of the two is set"),
+        }
+    }
+}
+
+async fn read_small(
+    open: impl std::future::Future<Output = std::io::Result<tokio_uring::fs::File>>,
+    size: u64,
+) -> std::io::Result<Read> {
+    let f = match open.await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Read::Missing),
         Err(e) => return Err(e),
@@ -324,6 +351,7 @@ impl Sender {
             commit_wake: None,
             pump: None,
             listed_dirs: Default::default(),
+            out_of_reach: Default::default(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -656,13 +684,19 @@ impl Sender {
         let (mut files, mut bytes) = (0u64, 0u64);
         for (s, remote) in remote.into_iter().enumerate() {
             let store = &mut self.stores[s];
-            let local = store
+            let scan = store
                 .index
-                .scan(&store.root, &self.excludes, full_verify, false)
+                .scan(&store.tree, &self.excludes, full_verify, false)
                 .map_err(|source| SendError::Local {
                     path: store.root.clone(),
                     source,
                 })?;
+            let local = scan.entries;
+            for rel in scan.too_long {
+                self.out_of_reach
+                    .report(&self.stats, &self.stores[s].name, &rel);
+            }
+            let store = &mut self.stores[s];
             // Every local path gets an entry once acknowledged: one
             // allocation of the final size instead of doublings.
             let known = store.index.entries.len();
@@ -675,11 +709,9 @@ impl Sender {
                     Some(r) if same_entry(&st, r.hash, &r) => {
                         let hash = match hash {
                             Some(h) => Some(h),
-                            None => index::hash_path(&store.root.join(&rel), st.kind)
-                                .ok()
-                                .inspect(|h| {
-                                    store.index.set(rel.clone(), Entry::new(&st, *h, false));
-                                }),
+                            None => store.tree.hash(&rel, st.kind).ok().inspect(|h| {
+                                store.index.set(rel.clone(), Entry::new(&st, *h, false));
+                            }),
                         };
                         hash == Some(r.hash)
                     }
@@ -1121,11 +1153,16 @@ impl Sender {
                 Op::Sync { store, rel, since } => {
                     tracing::debug!(path = %rel.display(), "plan sync");
                     batch.sinces.push(since);
-                    let root = &self.stores[store].root;
-                    let abs = root.join(&rel);
+                    if !super::tree::fits(&rel) {
+                        batch.sinces.pop();
+                        let name = self.stores[store].name.clone();
+                        self.out_of_reach.report(&self.stats, &name, &rel);
+                        continue;
+                    }
                     let seq = self.next_seq();
-                    let st = index::lstat(&abs).map_err(|source| SendError::Local {
-                        path: abs.clone(),
+                    let tree = &self.stores[store].tree;
+                    let st = tree.lstat(&rel).map_err(|source| SendError::Local {
+                        path: tree.abs(&rel),
                         source,
                     })?;
                     let Some(st) = st else {
@@ -1150,8 +1187,8 @@ impl Sender {
                             plans.push(Plan::Frames(f));
                         }
                         Kind::Symlink => {
-                            let target = match std::fs::read_link(&abs) {
-                                Ok(t) => t.into_os_string().into_vec(),
+                            let target = match self.stores[store].tree.read_link(&rel) {
+                                Ok(t) => t,
                                 Err(_) => {
                                     plans.push(Plan::Frames(
                                         self.delete_frame(seq, store, rel, &mut batch),
@@ -1213,7 +1250,10 @@ impl Sender {
                             self.recent.record(key, store, &rel, st.version);
                             batch.recent_names.push((key, store, rel.clone()));
                             if st.version.size <= SMALL_FILE {
-                                let task = tokio_uring::spawn(read_small(abs, st.version.size));
+                                let task = tokio_uring::spawn(read_small(
+                                    open_for_reading(&self.stores[store].tree, &rel),
+                                    st.version.size,
+                                ));
                                 plans.push(Plan::Small {
                                     seq,
                                     store,
@@ -1268,7 +1308,7 @@ impl Sender {
                             source: std::io::Error::other(format!("read task failed: {e}")),
                         })?
                         .map_err(|source| SendError::Local {
-                            path: self.stores[store].root.join(&rel),
+                            path: self.stores[store].tree.abs(&rel),
                             source,
                         })?;
                     match read {
@@ -1310,8 +1350,7 @@ impl Sender {
                         buf.clear();
                         out = buf;
                     }
-                    let abs = self.stores[store].root.join(&rel);
-                    match self.stream_large(w, seq, store, &rel, &st, &abs).await? {
+                    match self.stream_large(w, seq, store, &rel, &st).await? {
                         Some((hash, len)) => {
                             self.account_file(seq, store, rel, &st, hash, len, &mut batch)
                         }
@@ -1506,8 +1545,7 @@ impl Sender {
         let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
             return;
         };
-        let abs = self.stores[store].root.join(parent);
-        if !self.pending_verify && matches!(index::lstat(&abs), Ok(None)) {
+        if !self.pending_verify && matches!(self.stores[store].tree.lstat(parent), Ok(None)) {
             tracing::debug!(folder = %parent.display(), "a folder vanished under a file being sent: comparing with the replica");
             self.pending_verify = true;
         }
@@ -1623,24 +1661,30 @@ impl Sender {
         carried: &std::collections::HashSet<(usize, &Path)>,
     ) {
         let s = &self.stores[store];
-        let abs = s.root.join(rel);
         if let Some(listed) = self.listed_dirs.remove(&(store, rel.to_path_buf())) {
             // Listed by the comparison and unchanged since: its children
             // are queued already. An entry added or removed since (also
             // while the folder was renamed away and back, which no event
             // under this name reports) moves its ctime.
-            if index::lstat(&abs).ok().flatten().is_some_and(|st| {
+            if s.tree.lstat(rel).ok().flatten().is_some_and(|st| {
                 (st.version.ino, st.version.ctime_s, st.version.ctime_ns) == listed
             }) {
                 return;
             }
         }
-        let Ok(rd) = std::fs::read_dir(&abs) else {
+        let Ok(fd) = s.tree.open_dir(rel) else {
+            return;
+        };
+        let Ok(mut listing) = rustix::fs::Dir::new(fd) else {
             return;
         };
         let mut children = Vec::new();
-        for ent in rd.flatten() {
-            let child = rel.join(ent.file_name());
+        while let Some(Ok(ent)) = listing.read() {
+            let name = ent.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
             if self.excludes.is_excluded(&child) {
                 continue;
             }
@@ -1688,15 +1732,15 @@ impl Sender {
         store: usize,
         rel: &Path,
         st: &Stat,
-        abs: &Path,
     ) -> Result<Option<(u128, u64)>, SendError> {
+        let abs = self.stores[store].tree.abs(rel);
         let local = |source| SendError::Local {
-            path: abs.to_path_buf(),
+            path: abs.clone(),
             source,
         };
         // The header carries size and hash, so hash first (one extra read,
         // served from the page cache), then send exactly what was hashed.
-        let file = match tokio_uring::fs::File::open(abs).await {
+        let file = match open_for_reading(&self.stores[store].tree, rel).await {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(local(e)),

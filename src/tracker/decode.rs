@@ -32,8 +32,9 @@ const MOVES_PENDING_MAX: usize = 4096;
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Events decoded between two sends, so a flood cannot starve the consumer or the stop flag.
 const BATCH_EVENTS_MAX: usize = 16 * 1024;
-/// Directory levels watched below a root; deeper trees are reported for a rescan instead.
-const TREE_DEPTH_MAX: usize = 128;
+/// Folders whose path below their root is longer than this are not watched
+/// (nor replicated: see `replica::tree`); the sender's scans report them.
+const REL_PATH_BYTES_MAX: usize = crate::replica::tree::REL_PATH_BYTES_MAX;
 
 fn watch_mask() -> WatchFlags {
     WatchFlags::CLOSE_WRITE
@@ -75,6 +76,9 @@ pub(crate) struct Decoder {
     fd: OwnedFd,
     /// Canonical store roots, index = store.
     roots: Vec<PathBuf>,
+    /// The roots, opened: folders are listed (and, past `PATH_MAX` from
+    /// `/`, watched) through them, whatever their depth.
+    root_fds: Vec<Option<OwnedFd>>,
     filter: Arc<Filter>,
     shared: Arc<Shared>,
     by_wd: HashMap<i32, (usize, RelPath)>,
@@ -91,9 +95,23 @@ impl Decoder {
     ) -> Result<Decoder, TrackerError> {
         let fd = inotify::init(CreateFlags::CLOEXEC | CreateFlags::NONBLOCK)
             .map_err(|errno| TrackerError::Init { errno })?;
+        let root_fds = roots
+            .iter()
+            .map(|r| {
+                rustix::fs::open(
+                    r,
+                    rustix::fs::OFlags::PATH
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                )
+                .ok()
+            })
+            .collect();
         Ok(Decoder {
             fd,
             by_path: roots.iter().map(|_| BTreeMap::new()).collect(),
+            root_fds,
             roots,
             filter,
             shared,
@@ -417,37 +435,65 @@ impl Decoder {
             {
                 continue;
             }
-            if rel.components().count() > TREE_DEPTH_MAX {
-                let why = format!("deeper than {TREE_DEPTH_MAX} directory levels");
-                self.watch_failed(store, &abs, &why, out);
+            if rel.as_os_str().len() > REL_PATH_BYTES_MAX {
+                // Out of reach for replication as well; a rescan cannot help.
+                tracing::debug!(
+                    store,
+                    bytes = rel.as_os_str().len(),
+                    "folder path too long to watch"
+                );
                 continue;
             }
-            match inotify::add_watch(&self.fd, &abs, watch_mask()) {
-                Ok(wd) => self.set_watch(wd, store, rel.clone()),
+            let dir = match self.open_dir(store, &rel) {
+                Ok(fd) => fd,
                 // Gone or replaced already: the parent's watch reports that.
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => continue,
+                Err(errno) => {
+                    self.watch_failed(store, &abs, &format!("cannot open: {errno}"), out);
+                    continue;
+                }
+            };
+            let added = if abs.as_os_str().len() <= REL_PATH_BYTES_MAX {
+                inotify::add_watch(&self.fd, &abs, watch_mask())
+            } else {
+                // Past PATH_MAX from `/`: name the folder by its descriptor.
+                use std::os::fd::AsRawFd;
+                let by_fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
+                inotify::add_watch(
+                    &self.fd,
+                    by_fd.as_str(),
+                    watch_mask() - WatchFlags::DONT_FOLLOW,
+                )
+            };
+            match added {
+                Ok(wd) => self.set_watch(wd, store, rel.clone()),
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
                 Err(errno) => {
                     self.watch_failed(store, &abs, &errno.to_string(), out);
                     continue;
                 }
             }
-            let entries = match std::fs::read_dir(&abs) {
-                Ok(entries) => entries,
-                Err(e) if vanished(&e) => continue,
-                Err(e) => {
-                    self.watch_failed(store, &abs, &format!("cannot list: {e}"), out);
+            let mut listing = match rustix::fs::Dir::new(dir) {
+                Ok(l) => l,
+                Err(errno) => {
+                    self.watch_failed(store, &abs, &format!("cannot list: {errno}"), out);
                     continue;
                 }
             };
-            for entry in entries {
+            while let Some(entry) = listing.read() {
                 let entry = match entry {
                     Ok(entry) => entry,
-                    Err(e) => {
-                        self.watch_failed(store, &abs, &format!("cannot list: {e}"), out);
+                    Err(Errno::NOENT) => break,
+                    Err(errno) => {
+                        self.watch_failed(store, &abs, &format!("cannot list: {errno}"), out);
                         break;
                     }
                 };
-                let child = rel.join(entry.file_name());
+                let name = entry.file_name();
+                if name == c"." || name == c".." {
+                    continue;
+                }
+                let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
                 if self.filter.excluded(&child) {
                     continue;
                 }
@@ -455,10 +501,37 @@ impl Decoder {
                     self.sync(store, child.clone(), since, out);
                 }
                 // d_type, no symlink following: a symlink to a directory is a file here.
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let is_dir = match entry.file_type() {
+                    rustix::fs::FileType::Directory => true,
+                    rustix::fs::FileType::Unknown => listing.fd().ok().is_some_and(|d| {
+                        rustix::fs::statat(d, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+                            .is_ok_and(|st| {
+                                rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                    == rustix::fs::FileType::Directory
+                            })
+                    }),
+                    _ => false,
+                };
+                if is_dir {
                     stack.push(child);
                 }
             }
+        }
+    }
+
+    /// Opens folder `rel` of `store` for listing, through the root's
+    /// descriptor (any depth), never following a symlink as its last step.
+    fn open_dir(&self, store: usize, rel: &Path) -> Result<OwnedFd, Errno> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let arg = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        match &self.root_fds[store] {
+            Some(root) => rustix::fs::openat(root, arg, flags, Mode::empty()),
+            None => rustix::fs::open(self.roots[store].join(rel), flags, Mode::empty()),
         }
     }
 
@@ -487,13 +560,6 @@ impl Decoder {
             Err(errno) => Err(errno),
         }
     }
-}
-
-fn vanished(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(code) if code == Errno::NOENT.raw_os_error() || code == Errno::NOTDIR.raw_os_error()
-    )
 }
 
 /// Reads what is queued (non-blocking) into `out`, up to about [`BATCH_EVENTS_MAX`].

@@ -259,3 +259,110 @@ fn exhausted_inodes_hold_the_disk_full_alarm_until_they_return() {
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert!(tp.nodes[1].log().contains("disk space is back"));
 }
+
+/// Makes the nested folders `dirs` under `base` (walking by descriptor:
+/// the path soon exceeds what one syscall takes) and a file `name` at the
+/// bottom; returns the relative path of that file.
+fn deep_tree(base: &std::path::Path, dirs: &[String], name: &str) -> Vec<u8> {
+    use rustix::fs::{Mode, OFlags};
+    let mut dir = rustix::fs::open(base, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+    let mut rel = Vec::new();
+    for d in dirs {
+        match rustix::fs::mkdirat(&dir, d.as_str(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => panic!("{e}"),
+        }
+        dir = rustix::fs::openat(
+            &dir,
+            d.as_str(),
+            OFlags::PATH | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        rel.extend_from_slice(d.as_bytes());
+        rel.push(b'/');
+    }
+    let fd = rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::CREATE | OFlags::WRONLY,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&fd, b"at the bottom").unwrap();
+    rel.extend_from_slice(name.as_bytes());
+    rel
+}
+
+#[test]
+fn deep_folders_never_stop_the_rest_of_the_store() {
+    let (tp, p) = TestPair::formed(fast());
+    let s = 1 - p;
+    let inbox = tp.store(p, "inbox");
+    // A path of 4,076 bytes below the root (past PATH_MAX with the root's
+    // own path) and a tree 400 levels deep replicate; a path of 5,000
+    // bytes (over the 4,095-byte limit) is refused with an alarm naming
+    // it; mail elsewhere keeps flowing.
+    let long = |c: char, n: usize| {
+        (0..n)
+            .map(|i| format!("{c}{i:02}{}", "x".repeat(247)))
+            .collect::<Vec<_>>()
+    };
+    let ok = deep_tree(&inbox, &long('a', 16), &"m".repeat(60));
+    assert_eq!(ok.len(), 4076);
+    assert!(inbox.as_os_str().len() + 1 + ok.len() > 4096);
+    let deep = deep_tree(&inbox, &vec!["d".to_string(); 400], "deep-ok");
+    std::fs::create_dir_all(inbox.join("x")).unwrap();
+    let mut too_deep = b"x/".to_vec();
+    too_deep.extend(deep_tree(&inbox.join("x"), &long('b', 20), "refused"));
+    std::fs::create_dir_all(inbox.join("user/cur")).unwrap();
+    for i in 0..20 {
+        std::fs::write(inbox.join(format!("user/cur/{i}")), format!("mail {i}")).unwrap();
+    }
+    let dst = tp.store(s, "inbox");
+    let landed = |rel: &[u8]| {
+        let fd =
+            rustix::fs::open(&dst, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+        rustix::fs::statat(
+            &fd,
+            std::ffi::OsStr::from_bytes(rel),
+            rustix::fs::AtFlags::empty(),
+        )
+        .is_ok()
+    };
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if (0..20).all(|i| dst.join(format!("user/cur/{i}")).exists())
+            && landed(&ok)
+            && landed(&deep)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        (0..20).all(|i| dst.join(format!("user/cur/{i}")).exists()),
+        "mail elsewhere stopped\n{}",
+        tp.logs()
+    );
+    assert!(
+        landed(&ok),
+        "a 4,076-byte path did not replicate\n{}",
+        tp.logs()
+    );
+    assert!(
+        landed(&deep),
+        "a 400-level tree did not replicate\n{}",
+        tp.logs()
+    );
+    assert!(!landed(&too_deep));
+    let st = tp.nodes[p].status().unwrap();
+    assert!(
+        st.alarms
+            .iter()
+            .any(|a| a.message.contains("x/b00") && a.message.contains("4095")),
+        "{:?}\n{}",
+        st.alarms,
+        tp.logs()
+    );
+}
