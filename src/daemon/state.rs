@@ -24,12 +24,18 @@ pub enum StateError {
 pub fn load(state_dir: &Path) -> Result<EpochRecord, StateError> {
     let path = state_dir.join(EPOCH_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).map_err(|source| StateError::Corrupt { path, source })
-        }
+        Ok(bytes) => parse(&path, &bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EpochRecord::default()),
         Err(source) => Err(StateError::Read { path, source }),
     }
+}
+
+/// The record in an epoch file's bytes; an error names `path`.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<EpochRecord, StateError> {
+    serde_json::from_slice(bytes).map_err(|source| StateError::Corrupt {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 pub fn encode(rec: &EpochRecord) -> Vec<u8> {

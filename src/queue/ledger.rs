@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -103,38 +103,11 @@ impl Ledger {
             path: path.to_owned(),
             source,
         };
-        let mut entries: HashMap<u128, Record> = HashMap::new();
-        let mut torn_tail = false;
-        if let Ok(f) = File::open(path) {
-            let lines: Vec<String> = BufReader::new(f)
-                .split(b'\n')
-                .map(|l| l.map(|b| String::from_utf8_lossy(&b).into_owned()))
-                .collect::<Result<_, _>>()
-                .map_err(io_err)?;
-            let n = lines.len();
-            for (i, line) in lines.into_iter().enumerate() {
-                match parse_line(&line) {
-                    Ok(Parsed::Intent(key, rec)) => {
-                        entries.insert(key, rec);
-                    }
-                    Ok(Parsed::Done(key)) => {
-                        if let Some(r) = entries.get_mut(&key) {
-                            r.moves = None;
-                        }
-                    }
-                    Ok(Parsed::Blank) => {}
-                    // Only the last line can be torn by a crash mid-append.
-                    Err(_) if i + 1 == n => torn_tail = true,
-                    Err(problem) => {
-                        return Err(LedgerError::Corrupt {
-                            path: path.to_owned(),
-                            line: i + 1,
-                            problem,
-                        })
-                    }
-                }
-            }
-        }
+        let (entries, torn_tail) = match std::fs::read(path) {
+            Ok(bytes) => parse_records(path, &bytes)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (HashMap::new(), false),
+            Err(e) => return Err(io_err(e)),
+        };
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -299,6 +272,48 @@ impl Ledger {
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         Ok(())
     }
+}
+
+/// Parses a whole ledger file's bytes: its records by key, and whether
+/// the last line is torn (a crash mid-append; it is ignored). Damage
+/// anywhere else is an error naming `path` and the line.
+fn parse_records(path: &Path, bytes: &[u8]) -> Result<(HashMap<u128, Record>, bool), LedgerError> {
+    let mut entries: HashMap<u128, Record> = HashMap::new();
+    let mut torn_tail = false;
+    let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+    // A file that ends with a newline has an empty last piece, not a line.
+    let n = lines.len() - usize::from(bytes.ends_with(b"\n") || bytes.is_empty());
+    for (i, raw) in lines.into_iter().take(n).enumerate() {
+        let line = String::from_utf8_lossy(raw);
+        match parse_line(&line) {
+            Ok(Parsed::Intent(key, rec)) => {
+                entries.insert(key, rec);
+            }
+            Ok(Parsed::Done(key)) => {
+                if let Some(r) = entries.get_mut(&key) {
+                    r.moves = None;
+                }
+            }
+            Ok(Parsed::Blank) => {}
+            // Only the last line can be torn by a crash mid-append.
+            Err(_) if i + 1 == n => torn_tail = true,
+            Err(problem) => {
+                return Err(LedgerError::Corrupt {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    problem,
+                })
+            }
+        }
+    }
+    Ok((entries, torn_tail))
+}
+
+/// Checks a ledger file's bytes as [`Ledger::open`] would: how many
+/// records it holds, or the error naming `path` and the line. For tools
+/// and fuzzing; nothing is written.
+pub fn check_bytes(path: &Path, bytes: &[u8]) -> Result<usize, LedgerError> {
+    parse_records(path, bytes).map(|(e, _)| e.len())
 }
 
 enum Parsed {

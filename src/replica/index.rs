@@ -302,6 +302,18 @@ fn write_entries<'a>(
     })
 }
 
+/// The checksum that seals an index file (xxh3-64 of everything before it).
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// Checks an index file's bytes as [`Index::load`] reads them: how many
+/// entries it holds, or the error naming `file` and where. For tools and
+/// fuzzing.
+pub fn check_bytes(file: &Path, bytes: &[u8]) -> Result<usize, IndexError> {
+    decode_entries(file, bytes).map(|e| e.len())
+}
+
 /// Decodes an index file's bytes (checked before anything is trusted).
 fn decode_entries(file: &Path, bytes: &[u8]) -> Result<HashMap<Box<Path>, Entry>, IndexError> {
     use std::os::unix::ffi::OsStrExt as _;

@@ -2,6 +2,7 @@ mod cli;
 mod edges;
 mod failover_props;
 mod flood;
+mod fuzz_seeds;
 pub mod hostile;
 mod pair;
 mod queue;
