@@ -316,6 +316,9 @@ enum Verdict {
 
 /// Most messages committed together.
 const INGEST_BATCH: usize = 256;
+/// Largest queued message (all parts) a push may hand over: it is held in
+/// memory until staged. Mail queues hold messages of megabytes.
+pub const INGEST_MESSAGE_BYTES_MAX: u64 = 256 << 20;
 
 /// The new primary's side.
 pub struct Ingester {
@@ -510,6 +513,22 @@ impl Ingester {
                     key,
                     parts,
                 } => {
+                    // Before a byte is buffered: is it a size this node
+                    // takes, and does the queue's filesystem have room?
+                    if let Err(why) = self.room_for(&parts) {
+                        drain_parts(&mut r, id, &parts, &peer).await?;
+                        warn!(peer, queue_id, "queued message refused: {why}");
+                        self.stats.refused += 1;
+                        let mut out = Vec::new();
+                        SyncMsg::QueueAck {
+                            id,
+                            outcome: QueueOutcome::Refused,
+                            detail: why,
+                        }
+                        .encode(&mut out);
+                        w.send_bytes(out).await?;
+                        continue;
+                    }
                     // The parts' bytes follow, in order.
                     let mut bodies = Vec::with_capacity(parts.len());
                     for p in &parts {
@@ -579,6 +598,37 @@ impl Ingester {
                 }
             }
         }
+    }
+
+    /// Whether a message of these parts may be ingested: within
+    /// [`INGEST_MESSAGE_BYTES_MAX`] (it is held in memory until staged) and
+    /// with room for it on the queue's filesystem (1 % kept free, at most
+    /// 4 MiB, and some inodes).
+    fn room_for(&self, parts: &[crate::wire::sync::QueuePart]) -> Result<(), String> {
+        let total: u64 = parts.iter().map(|p| p.size).sum();
+        if total > INGEST_MESSAGE_BYTES_MAX {
+            return Err(format!(
+                "message of {total} bytes exceeds the {INGEST_MESSAGE_BYTES_MAX}-byte limit of a pushed message; it stays in the former primary's queue"
+            ));
+        }
+        let Ok(st) = rustix::fs::statvfs(&self.queue_dir) else {
+            return Ok(()); // cannot tell: the writes will say
+        };
+        let unit = if st.f_frsize > 0 {
+            st.f_frsize
+        } else {
+            st.f_bsize
+        };
+        let free = st.f_bavail.saturating_mul(unit);
+        let margin = (st.f_blocks.saturating_mul(unit) / 100).min(4 << 20);
+        if free < total.saturating_add(margin) || st.f_favail <= 16 {
+            return Err(format!(
+                "no room in {} for a message of {total} bytes ({free} bytes, {} inodes free); it stays in the former primary's queue",
+                self.queue_dir.display(),
+                st.f_favail
+            ));
+        }
+        Ok(())
     }
 
     /// Moves the messages of a replicated queue (`replica`, same layout) into
@@ -950,6 +1000,32 @@ impl Ingester {
 }
 
 /// The message ID an Exim spool file names on its first line.
+/// Reads and drops the data frames of queued message `id` (a refused
+/// message's bytes still arrive; the stream stays framed).
+async fn drain_parts(
+    r: &mut FrameReader,
+    id: u64,
+    parts: &[crate::wire::sync::QueuePart],
+    peer: &str,
+) -> Result<(), PushError> {
+    let mut left: u64 = parts.iter().map(|p| p.size).sum();
+    while left > 0 {
+        let f = r.recv_frame().await?;
+        match SyncMsg::data_view(&f) {
+            Some(Ok((seq, range))) if seq == id && (range.len() as u64) <= left => {
+                left -= range.len() as u64;
+            }
+            _ => {
+                return Err(PushError::Protocol {
+                    peer: peer.to_string(),
+                    what: format!("bad data for queued message {id}"),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 fn first_line_id<'a>(h: &'a [u8], suffix: &str) -> &'a str {
     let line = h.split(|b| *b == b'\n').next().unwrap_or_default();
     std::str::from_utf8(line)

@@ -554,3 +554,88 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
         "the name is logged escaped\n{log}"
     );
 }
+
+#[test]
+fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
+    use hasync::wire::sync::{QueueOutcome, QueuePart};
+    let mut tp = TestPair::new(fast());
+    tp.nodes[0].start().unwrap();
+    // Alone, the node becomes primary after its start-up wait.
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let sync_addr = cfg.replication.sync_listen;
+    let size = hasync::queue::push::INGEST_MESSAGE_BYTES_MAX + 1;
+    let (answer, rss_kib) = tokio_uring::start(async {
+        let sctx = ctx(&cfg, sync_addr);
+        let stream = tokio_uring::net::TcpStream::connect(sync_addr)
+            .await
+            .unwrap();
+        let mut conn = Conn::new(stream, sync_addr);
+        handshake(&mut conn, &sctx, Side::Initiator, Channel::Queue)
+            .await
+            .unwrap();
+        let (mut r, w) = conn.split();
+        let mut out = Vec::new();
+        SyncMsg::QueueStart { layout: 2 }.encode(&mut out);
+        SyncMsg::QueueMsg {
+            id: 1,
+            sub_queue: "deferred".into(),
+            queue_id: "4ABCDEF123".into(),
+            key: 7,
+            parts: vec![QueuePart {
+                suffix: String::new(),
+                meta: meta(),
+                size,
+                hash: 0,
+            }],
+        }
+        .encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let chunk = vec![0x42u8; 1 << 20];
+        let mut left = size;
+        let mut rss = 0;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            let mut out = Vec::new();
+            SyncMsg::Data {
+                seq: 1,
+                bytes: chunk[..n].to_vec(),
+            }
+            .encode(&mut out);
+            w.send_bytes(out).await.unwrap();
+            left -= n as u64;
+            if left % (64 << 20) < (1 << 20) {
+                rss = rss.max(
+                    std::fs::read_to_string(format!("/proc/{}/status", st.pid))
+                        .unwrap()
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmRSS:"))
+                        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+                        .unwrap(),
+                );
+            }
+        }
+        let f = tokio::time::timeout(Duration::from_secs(10), r.recv_frame())
+            .await
+            .expect("answered")
+            .unwrap();
+        (SyncMsg::decode(&f).unwrap(), rss)
+    });
+    match answer {
+        SyncMsg::QueueAck {
+            id: 1,
+            outcome: QueueOutcome::Refused,
+            detail,
+        } => assert!(detail.contains("exceeds"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        rss_kib < 128 * 1024,
+        "the daemon buffered it: RSS {rss_kib} KiB"
+    );
+    assert!(tp.nodes[0].is_running());
+}
