@@ -72,6 +72,9 @@ pub struct Config {
     pub replication: ReplicationConfig,
     /// The `[queue]` table: the mail queue's layout and its failover push.
     pub queue: QueueConfig,
+    /// The `[internal_dirs]` table: where hasync keeps its staging and
+    /// conflicts for a store (or `queue`), when not under `state_dir`.
+    pub internal_dirs: BTreeMap<String, PathBuf>,
     /// The file this configuration came from (as given to `load`/`parse`).
     pub source: PathBuf,
 }
@@ -256,6 +259,45 @@ impl Config {
         })?;
         check_state_dir(&state, &canonical, " (after resolving symlinks)")
             .map_err(|(key, value, problem)| self.invalid(&key, value, problem))?;
+        // A staged file lands by rename: its internal directory must be on
+        // the store's filesystem, or the rename is not atomic (EXDEV).
+        for (name, dir) in self.internal_layout() {
+            let key = format!("internal_dirs.{name}");
+            let (store_key, store) = if name == QUEUE_INTERNAL {
+                ("queue_dir".to_string(), self.queue_dir.clone())
+            } else {
+                (mailstore_key(&name), self.mailstores[&name].clone())
+            };
+            // It may not exist yet (the daemon makes it): resolve what does.
+            let real = nearest_existing(&dir).and_then(|p| std::fs::canonicalize(p).ok());
+            let resolved = nearest_existing(&dir)
+                .zip(real.as_ref())
+                .and_then(|(anc, real)| dir.strip_prefix(anc).ok().map(|rest| real.join(rest)));
+            if let Some(resolved) = &resolved {
+                check_internal(resolved, &canonical, " (after resolving symlinks)")
+                    .map_err(|p| self.invalid(&key, quote_path(&dir), p))?;
+            }
+            let dev =
+                |p: &Path| std::fs::metadata(p).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+            match (dev(&store), real.as_deref().map(dev)) {
+                (Ok(a), Some(Ok(b))) if a != b => {
+                    let hint = store
+                        .parent()
+                        .unwrap_or(&store)
+                        .join(format!(".hasync-{name}"));
+                    return Err(self.invalid(
+                        &key,
+                        quote_path(&dir),
+                        format!(
+                            "is on another filesystem than {store_key} ({}): staged files could not be renamed into place atomically; set internal_dirs.{name} to a directory on that filesystem, outside the store (for example {})",
+                            quote_path(&store),
+                            quote_path(&hint)
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+        }
 
         self.read_secret()?;
         Ok(())
@@ -432,6 +474,13 @@ impl Config {
                 let _ = writeln!(out, "  {name:W$} {}", path.display());
             }
         }
+        let _ = writeln!(
+            out,
+            "\nInternal directories (staging and conflicts: outside the live trees, each on its store's filesystem)"
+        );
+        for (name, dir) in self.internal_layout() {
+            let _ = writeln!(out, "  {name:W$} {}", dir.display());
+        }
         out
     }
 
@@ -448,6 +497,29 @@ impl Config {
             }
             Err(e) => Err(self.invalid(key, quote_path(path), format!("cannot access: {e}"))),
         }
+    }
+
+    /// Where hasync keeps its own files (staging, conflicts) for store
+    /// `name` (a mailstore, or [`QUEUE_INTERNAL`] for the queue push):
+    /// `internal_dirs.<name>`, else `<state_dir>/internal/<name>`. Never
+    /// inside a live tree, always on the store's filesystem (checked).
+    pub fn internal_dir(&self, name: &str) -> PathBuf {
+        self.internal_dirs
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| self.state_dir.join("internal").join(name))
+    }
+
+    /// Each store's internal directory, and the queue's.
+    fn internal_layout(&self) -> Vec<(String, PathBuf)> {
+        self.mailstores
+            .keys()
+            .map(|n| (n.clone(), self.internal_dir(n)))
+            .chain(std::iter::once((
+                QUEUE_INTERNAL.to_string(),
+                self.internal_dir(QUEUE_INTERNAL),
+            )))
+            .collect()
     }
 
     /// `queue_dir` followed by the mailstores, each with its dotted key.
@@ -482,6 +554,8 @@ struct RawConfig {
     replication: RawReplication,
     #[serde(default)]
     queue: RawQueue,
+    #[serde(default)]
+    internal_dirs: BTreeMap<String, PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -753,6 +827,7 @@ impl RawConfig {
             link,
             mailstores,
             source: source.to_path_buf(),
+            internal_dirs: BTreeMap::new(),
         };
 
         let synced: Vec<(String, PathBuf)> = config
@@ -773,6 +848,24 @@ impl RawConfig {
                     socket.as_os_str().len()
                 ),
             ));
+        }
+        let mut config = config;
+        for (name, path) in self.internal_dirs {
+            let key = format!("internal_dirs.{name}");
+            if name != QUEUE_INTERNAL && !config.mailstores.contains_key(&name) {
+                return Err(err(
+                    &key,
+                    quote_path(&path),
+                    format!("names no mailstore (nor \"{QUEUE_INTERNAL}\")"),
+                ));
+            }
+            let resolved =
+                resolve_path(&base, &key, &path).map_err(|p| err(&key, quote_path(&path), p))?;
+            config.internal_dirs.insert(name, resolved);
+        }
+        for (name, dir) in config.internal_layout() {
+            let key = format!("internal_dirs.{name}");
+            check_internal(&dir, &synced, "").map_err(|p| err(&key, quote_path(&dir), p))?;
         }
 
         Ok(config)
@@ -1022,6 +1115,31 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// The `internal_dirs` key of the queue push's staging (on `queue_dir`'s
+/// filesystem).
+pub const QUEUE_INTERNAL: &str = "queue";
+
+/// The path itself or its nearest ancestor that exists.
+fn nearest_existing(p: &Path) -> Option<&Path> {
+    p.ancestors().find(|a| a.exists())
+}
+
+/// An internal directory must be outside every live tree, and hold none.
+fn check_internal(dir: &Path, synced: &[(String, PathBuf)], note: &str) -> Result<(), String> {
+    for (key, d) in synced {
+        if dir.starts_with(d) {
+            return Err(format!(
+                "is inside {key} ({}){note}: hasync's own files must stay out of the live trees",
+                quote_path(d)
+            ));
+        }
+        if d.starts_with(dir) {
+            return Err(format!("contains {key} ({}){note}", quote_path(d)));
+        }
+    }
+    Ok(())
 }
 
 /// Longest path a unix socket address holds (`sun_path` is 108 bytes with

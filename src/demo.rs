@@ -32,9 +32,6 @@ fn dir_bytes(root: &Path) -> u64 {
         };
         for e in rd.flatten() {
             let p = e.path();
-            if p.file_name().is_some_and(|n| n == ".hasync") {
-                continue;
-            }
             match std::fs::symlink_metadata(&p) {
                 Ok(m) if m.is_dir() => stack.push(p),
                 Ok(m) if m.is_file() && !p.parent().is_some_and(|d| d.ends_with("tmp")) => {

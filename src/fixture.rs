@@ -331,9 +331,6 @@ pub fn digest(root: &Path) -> std::collections::BTreeMap<String, PathState> {
             let Ok(e) = e else { continue };
             let p = e.path();
             let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel == ".hasync" || rel.starts_with(".hasync/") {
-                continue;
-            }
             if p.parent()
                 .and_then(|d| d.file_name())
                 .is_some_and(|n| n == "tmp")

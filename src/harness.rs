@@ -30,6 +30,10 @@ pub struct PairOptions {
     pub queue_sync: &'static str,
     /// `queue.sync_interval_ms` (periodic queue sync).
     pub queue_sync_interval_ms: u64,
+    /// hasync's internal directories beside the stores (`mail/.hasync-<store>`,
+    /// `queue-internal`) instead of under `state_dir`: for tests that mount a
+    /// filesystem of their own over `mail/` (see [`NodeProc::mail_dir`]).
+    pub internal_beside_stores: bool,
 }
 
 impl Default for PairOptions {
@@ -46,6 +50,7 @@ impl Default for PairOptions {
             queue_layout: "postfix",
             queue_sync: "off",
             queue_sync_interval_ms: 60_000,
+            internal_beside_stores: false,
         }
     }
 }
@@ -157,7 +162,12 @@ sync_interval_ms = {queue_sync_interval}
 [mailstores]
 inbox = "mail/inbox"
 quarantine = "mail/quarantine"
-"#,
+{internal}"#,
+                internal = if options.internal_beside_stores {
+                    "\n[internal_dirs]\ninbox = \"mail/.hasync-inbox\"\nquarantine = \"mail/.hasync-quarantine\"\nqueue = \"queue-internal\"\n"
+                } else {
+                    ""
+                },
                 layout = options.queue_layout,
                 queue_sync = options.queue_sync,
                 queue_sync_interval = options.queue_sync_interval_ms,
@@ -232,6 +242,21 @@ quarantine = "mail/quarantine"
 }
 
 impl NodeProc {
+    /// The folder holding this node's mailstores (and, with
+    /// `internal_beside_stores`, their internal directories).
+    pub fn mail_dir(&self) -> PathBuf {
+        self.root.join("mail")
+    }
+
+    /// Makes the store folders again (after a filesystem was mounted over
+    /// [`NodeProc::mail_dir`]).
+    pub fn make_store_dirs(&self) -> std::io::Result<()> {
+        for (_, p) in &self.mailstores {
+            fs::create_dir_all(p)?;
+        }
+        Ok(())
+    }
+
     pub fn socket(&self) -> PathBuf {
         control::socket_path(&self.state_dir)
     }

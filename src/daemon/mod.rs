@@ -69,6 +69,7 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
             root: p.clone(),
             replica_root: p.clone(),
             period: None,
+            internal: cfg.internal_dir(n),
         })
         .collect();
     use crate::config::QueueSync;
@@ -78,6 +79,8 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
             root: cfg.queue_dir.clone(),
             replica_root: cfg.state_dir.join("queue-replica"),
             period: (cfg.queue.sync == QueueSync::Periodic).then_some(cfg.queue.sync_interval),
+            // Beside the replica, in state_dir (same filesystem by construction).
+            internal: cfg.state_dir.join("internal").join("queue-replica"),
         });
     }
     v
@@ -119,6 +122,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 ledger_max_entries: cfg.queue.ledger_max_entries,
                 ledger_max_age: cfg.queue.ledger_max_age,
                 hook: cfg.queue.post_ingest_hook.clone(),
+                staging: cfg
+                    .internal_dir(crate::config::QUEUE_INTERNAL)
+                    .join("staging"),
             },
         },
         push_done_tx,

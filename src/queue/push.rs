@@ -26,7 +26,8 @@ use crate::wire::sync::{Meta, QueueOutcome, QueuePart, SyncMsg, MAX_DATA};
 /// Messages sent but not yet acknowledged (one ingest batch on the peer).
 const WINDOW: usize = 256;
 /// Staging area inside the queue directory (same filesystem as the queue).
-pub const STAGING: &str = ".hasync/staging";
+/// Where older releases staged pushed messages (inside the queue).
+const LEGACY_STAGING: &str = ".hasync/staging";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
@@ -369,8 +370,9 @@ impl Ingester {
         max_entries: usize,
         max_age: Duration,
         hook: Option<Vec<String>>,
+        staging: &Path,
     ) -> Result<Ingester, PushError> {
-        let staging = queue_dir.join(STAGING);
+        let staging = staging.to_path_buf();
         std::fs::create_dir_all(&staging).map_err(|source| PushError::Local {
             op: "create",
             path: staging.clone(),
@@ -389,6 +391,15 @@ impl Ingester {
             view: None,
         };
         ing.recover()?;
+        // An older release staged inside the queue directory, where Postfix
+        // does not expect an entry of ours: intents were rolled forward
+        // above, what is left there is garbage.
+        let legacy = queue_dir.join(LEGACY_STAGING);
+        if legacy.is_dir() {
+            let _ = std::fs::remove_dir_all(&legacy);
+            let _ = std::fs::remove_dir(queue_dir.join(".hasync"));
+            info!(path = %legacy.display(), "removed an older release's staging from the queue directory");
+        }
         Ok(ing)
     }
 

@@ -71,6 +71,9 @@ pub struct StoreSpec {
     /// Send this store's changes at most this often (periodic queue sync);
     /// `None`: continuously.
     pub period: Option<Duration>,
+    /// hasync's own directory for the receiving side (staging, conflicts):
+    /// outside the live tree, on `replica_root`'s filesystem.
+    pub internal: PathBuf,
 }
 
 /// Name of the store that replicates the mail queue (`queue.sync`).
@@ -85,6 +88,8 @@ pub struct QueueSettings {
     pub ledger_max_entries: usize,
     pub ledger_max_age: Duration,
     pub hook: Option<Vec<String>>,
+    /// Staging of pushed messages (on `queue_dir`'s filesystem).
+    pub staging: PathBuf,
 }
 
 /// Queue push state for status.
@@ -557,6 +562,7 @@ async fn accept_loop(
         q.ledger_max_entries,
         q.ledger_max_age,
         q.hook.clone(),
+        &q.staging,
     ) {
         Ok(i) => {
             *shared.queue.ingest.lock().expect("ingest lock") = i.stats.clone();
@@ -731,6 +737,11 @@ async fn serve_sync(
         } => Err("no longer secondary".to_string()),
     };
     let _ = w.shutdown();
+    if res.is_err() {
+        // Whatever the session had staged and not landed is dropped now,
+        // not at the next start.
+        receiver.abandon();
+    }
     receiver.save_indexes();
     shared.stats.connected.store(false, Relaxed);
     match res {
@@ -762,7 +773,8 @@ fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::
             })?;
             Ok(RecvStore {
                 name: s.name.clone(),
-                root: Root::open(&s.replica_root)?.allow_special_modes(cfg.allow_special_modes),
+                root: Root::open(&s.replica_root, &s.internal)?
+                    .allow_special_modes(cfg.allow_special_modes),
                 index: Index::load(&cfg.state_dir, &index_name),
             })
         })

@@ -34,12 +34,14 @@ use rustix::io::Errno;
 #[path = "fsops_tests.rs"]
 mod tests;
 
-/// Our internal directory under every mailstore root; peers may not name it.
-pub const INTERNAL_DIR: &str = ".hasync";
-/// Staged (not yet landed) files, relative to the root. Accepted by [`Root::fsync_dir`].
-pub const STAGING_DIR: &str = ".hasync/staging";
-/// Losers of conflicts, kept aside, relative to the root. Accepted by [`Root::fsync_dir`].
-pub const CONFLICTS_DIR: &str = ".hasync/conflicts";
+/// Where older releases kept staging and conflicts, inside the root (a
+/// Maildir++ root takes it for an IMAP folder named "hasync"): migrated
+/// out by [`Root::open`].
+pub const LEGACY_INTERNAL_DIR: &str = ".hasync";
+/// Staged (not yet landed) files, in the store's internal directory.
+pub const STAGING_DIR: &str = "staging";
+/// Losers of conflicts, kept aside, in the store's internal directory.
+pub const CONFLICTS_DIR: &str = "conflicts";
 
 /// Longest relative path a peer may send: what one `*at` call below the
 /// root's descriptor takes.
@@ -147,8 +149,8 @@ fn fail(op: &'static str, path: impl AsRef<Path>, e: Errno) -> FsError {
     }
 }
 
-/// Checks a relative path; `internal` admits our own `.hasync` tree.
-fn validate(raw: &[u8], internal: bool) -> Result<(), &'static str> {
+/// Checks a relative path.
+fn validate(raw: &[u8]) -> Result<(), &'static str> {
     if raw.is_empty() {
         return Err("empty path");
     }
@@ -161,15 +163,12 @@ fn validate(raw: &[u8], internal: bool) -> Result<(), &'static str> {
     if raw[0] == b'/' {
         return Err("absolute path");
     }
-    for (i, comp) in raw.split(|&b| b == b'/').enumerate() {
+    for comp in raw.split(|&b| b == b'/') {
         match comp {
             b"" => return Err("empty path component"),
             b"." => return Err("`.` path component"),
             b".." => return Err("`..` path component"),
             c if c.len() > NAME_BYTES_MAX => return Err("path component longer than 255 bytes"),
-            c if i == 0 && !internal && c == INTERNAL_DIR.as_bytes() => {
-                return Err("names the internal .hasync directory")
-            }
             _ => {}
         }
     }
@@ -178,9 +177,9 @@ fn validate(raw: &[u8], internal: bool) -> Result<(), &'static str> {
 
 /// Validates a peer-supplied relative path (bytes as received). Refuses: empty, absolute,
 /// any `..` or `.` component, empty components (`a//b`), NUL bytes, a component > 255 bytes,
-/// total > 4096 bytes, and anything whose first component is `.hasync` (our internal dir).
+/// total > 4095 bytes.
 pub fn check_rel(raw: &[u8]) -> Result<PathBuf, FsError> {
-    validate(raw, false).map_err(|why| refused(raw, why))?;
+    validate(raw).map_err(|why| refused(raw, why))?;
     Ok(PathBuf::from(OsStr::from_bytes(raw)))
 }
 
@@ -195,10 +194,10 @@ struct Split<'a> {
 
 impl<'a> Split<'a> {
     fn new(rel: &'a Path) -> Result<Split<'a>, FsError> {
-        Split::parse(rel.as_os_str().as_bytes(), false)
+        Split::parse(rel.as_os_str().as_bytes())
     }
-    fn parse(raw: &'a [u8], internal: bool) -> Result<Split<'a>, FsError> {
-        validate(raw, internal).map_err(|why| refused(raw, why))?;
+    fn parse(raw: &'a [u8]) -> Result<Split<'a>, FsError> {
+        validate(raw).map_err(|why| refused(raw, why))?;
         let (parent, name) = match raw.iter().rposition(|&b| b == b'/') {
             Some(i) => (&raw[..i], &raw[i + 1..]),
             None => (&raw[..0], raw),
@@ -306,6 +305,8 @@ struct Aside {
 #[derive(Debug)]
 pub struct Root {
     path: PathBuf,
+    /// hasync's own directory for this store: `staging/`, `conflicts/`.
+    internal: PathBuf,
     fd: OwnedFd,
     staging: OwnedFd,
     conflicts: OwnedFd,
@@ -349,10 +350,12 @@ impl Root {
 }
 
 impl Root {
-    /// Opens (O_PATH|O_DIRECTORY) the root and creates `<root>/.hasync/staging` and
-    /// `<root>/.hasync/conflicts` if missing. Removes leftover staged files from a previous
-    /// crash (they were never landed).
-    pub fn open(path: &Path) -> Result<Root, FsError> {
+    /// Opens (O_PATH|O_DIRECTORY) the root, and creates `<internal>/staging` and
+    /// `<internal>/conflicts` if missing: hasync's own files, outside the live tree and on
+    /// its filesystem (a staged file lands by rename; refused otherwise). Removes leftover
+    /// staged files from a previous crash (they were never landed), and moves an older
+    /// release's `<root>/.hasync` out of the live tree.
+    pub fn open(path: &Path, internal: &Path) -> Result<Root, FsError> {
         let path = std::path::absolute(path).map_err(|source| FsError::Io {
             op: "open root",
             path: path.to_string_lossy().into_owned(),
@@ -366,15 +369,41 @@ impl Root {
             Mode::empty(),
         )
         .map_err(|e| fail("open root", &path, e))?;
-        let internal = internal_dir(fd.as_fd(), INTERNAL_DIR.as_bytes(), &path)?;
-        let staging = internal_dir(internal.as_fd(), b"staging", &path)?;
-        let conflicts = internal_dir(internal.as_fd(), b"conflicts", &path)?;
+        let internal = std::path::absolute(internal)
+            .map_err(|e| FsError::from_io("open internal dir", internal, e))?;
+        std::fs::create_dir_all(&internal)
+            .map_err(|e| FsError::from_io("create internal dir", &internal, e))?;
+        let internal_fd = rustix::fs::openat(
+            rustix::fs::CWD,
+            &internal,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| fail("open internal dir", &internal, e))?;
+        let dev_of = |fd: BorrowedFd<'_>, p: &Path| {
+            rustix::fs::fstat(fd)
+                .map(|st| st.st_dev)
+                .map_err(|e| fail("stat", p, e))
+        };
+        if dev_of(fd.as_fd(), &path)? != dev_of(internal_fd.as_fd(), &internal)? {
+            return Err(FsError::Io {
+                op: "open internal dir",
+                path: internal.to_string_lossy().into_owned(),
+                source: std::io::Error::other(format!(
+                    "on another filesystem than the store {}: staged files could not be renamed into place atomically",
+                    path.display()
+                )),
+            });
+        }
+        let staging = internal_dir(internal_fd.as_fd(), STAGING_DIR.as_bytes(), &internal)?;
+        let conflicts = internal_dir(internal_fd.as_fd(), CONFLICTS_DIR.as_bytes(), &internal)?;
         let tree_fd = fd
             .try_clone()
             .map_err(|e| FsError::from_io("open root", &path, e))?;
         let root = Root {
             tree: super::tree::Tree::from_fd(&path, tree_fd),
             path,
+            internal,
             fd,
             staging,
             conflicts,
@@ -383,7 +412,47 @@ impl Root {
             seq: AtomicU64::new(0),
         };
         root.clean_staging()?;
+        root.migrate_legacy();
         Ok(root)
+    }
+
+    /// An older release kept `staging/` and `conflicts/` in `<root>/.hasync`:
+    /// staged files are dropped, kept-aside ones moved to this release's
+    /// conflicts, and the folder removed. A `.hasync` holding anything else
+    /// is a user's folder and stays.
+    fn migrate_legacy(&self) {
+        let legacy = self.path.join(LEGACY_INTERNAL_DIR);
+        let Ok(entries) = std::fs::read_dir(&legacy) else {
+            return;
+        };
+        let names: Vec<std::ffi::OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        if names.is_empty() || !names.iter().all(|n| n == STAGING_DIR || n == CONFLICTS_DIR) {
+            return;
+        }
+        let _ = std::fs::remove_dir_all(legacy.join(STAGING_DIR));
+        if let Ok(slots) = std::fs::read_dir(legacy.join(CONFLICTS_DIR)) {
+            for slot in slots.flatten() {
+                let to = self.internal.join(CONFLICTS_DIR).join(slot.file_name());
+                if let Err(e) = std::fs::rename(slot.path(), &to) {
+                    tracing::warn!(from = %slot.path().display(), to = %to.display(), "cannot move an older release's kept-aside files: {e}");
+                    return;
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(legacy.join(CONFLICTS_DIR));
+        match std::fs::remove_dir(&legacy) {
+            Ok(()) => {
+                tracing::info!(from = %legacy.display(), to = %self.internal.display(), "moved hasync's internal directory out of the live tree")
+            }
+            Err(e) => {
+                tracing::warn!(path = %legacy.display(), "cannot remove an older release's internal directory: {e}")
+            }
+        }
+    }
+
+    /// hasync's own directory for this store (staging, conflicts).
+    pub fn internal_path(&self) -> &Path {
+        &self.internal
     }
 
     /// Lets the peer set setuid, setgid and world-writable modes
@@ -421,7 +490,7 @@ impl Root {
     }
 
     fn staged_abs(&self, name: &str) -> PathBuf {
-        self.path.join(STAGING_DIR).join(name)
+        self.internal.join(STAGING_DIR).join(name)
     }
 
     /// Refuses meta the kernel would reject or misread, and meta that would
@@ -480,21 +549,24 @@ fn apply_meta(fd: BorrowedFd<'_>, meta: &Meta, owners: bool) -> Result<(), (&'st
 }
 
 impl Root {
-    fn clean_staging(&self) -> Result<(), FsError> {
+    /// Removes every staged file (none is landed any more: at start, or
+    /// after a receiving session was cut short).
+    pub fn clean_staging(&self) -> Result<(), FsError> {
         let fd = open_beneath(self.staging.as_fd(), b".", DIR_READ_OFLAGS)
-            .map_err(|e| fail("open staging", self.path.join(STAGING_DIR), e))?;
+            .map_err(|e| fail("open staging", self.internal.join(STAGING_DIR), e))?;
         let mut dir =
-            Dir::new(fd).map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
+            Dir::new(fd).map_err(|e| fail("read staging", self.internal.join(STAGING_DIR), e))?;
         let mut removed = 0usize;
         while let Some(entry) = dir.read() {
-            let entry = entry.map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
+            let entry =
+                entry.map_err(|e| fail("read staging", self.internal.join(STAGING_DIR), e))?;
             let name = entry.file_name();
             if name == c"." || name == c".." {
                 continue;
             }
             let dfd = dir
                 .fd()
-                .map_err(|e| fail("read staging", self.path.join(STAGING_DIR), e))?;
+                .map_err(|e| fail("read staging", self.internal.join(STAGING_DIR), e))?;
             let rel = Path::new(STAGING_DIR).join(OsStr::from_bytes(name.to_bytes()));
             self.remove_entry(dfd, name, entry.file_type(), &rel)?;
             removed += 1;
@@ -1231,13 +1303,15 @@ impl Root {
                     break;
                 }
                 Err(Errno::EXIST) => continue,
-                Err(e) => return Err(fail(op, self.path.join(CONFLICTS_DIR).join(&name), e)),
+                Err(e) => return Err(fail(op, self.internal.join(CONFLICTS_DIR).join(&name), e)),
             }
         }
         let Some(slot) = slot else {
-            return Err(fail(op, self.path.join(CONFLICTS_DIR), Errno::EXIST));
+            return Err(fail(op, self.internal.join(CONFLICTS_DIR), Errno::EXIST));
         };
-        let slot_rel = Path::new(CONFLICTS_DIR).join(&slot);
+        // Absolute: `abs` of it, and of anything walked below it, names
+        // the internal directory, not the store.
+        let slot_rel = self.internal.join(CONFLICTS_DIR).join(&slot);
         let drop_slot = || {
             let _ = rustix::fs::unlinkat(&self.conflicts, slot.as_str(), AtFlags::REMOVEDIR);
         };
@@ -1265,8 +1339,9 @@ impl Root {
                     .map_err(|e| fail(op, &abs, e))?;
                 rustix::fs::fsync(&fd).map_err(|e| fail(op, &abs, e))?;
                 let fd = open_beneath(self.conflicts.as_fd(), b".", DIR_READ_OFLAGS)
-                    .map_err(|e| fail(op, self.path.join(CONFLICTS_DIR), e))?;
-                rustix::fs::fsync(&fd).map_err(|e| fail(op, self.path.join(CONFLICTS_DIR), e))?;
+                    .map_err(|e| fail(op, self.internal.join(CONFLICTS_DIR), e))?;
+                rustix::fs::fsync(&fd)
+                    .map_err(|e| fail(op, self.internal.join(CONFLICTS_DIR), e))?;
                 Ok(())
             });
         if let Err(e) = res {
@@ -1314,8 +1389,8 @@ impl Root {
         }
     }
 
-    /// fsync a directory given as returned by the methods above (relative to root, "" = root),
-    /// or [`STAGING_DIR`] / [`CONFLICTS_DIR`]. A directory that no longer exists is `Ok`:
+    /// fsync a directory given as returned by the methods above (relative to root, "" = root).
+    /// A directory that no longer exists is `Ok`:
     /// a later operation removed it, and its removal is durable with its own parent.
     pub fn fsync_dir(&self, rel_dir: &Path) -> Result<(), FsError> {
         match self.open_dir(rel_dir)? {
@@ -1333,7 +1408,7 @@ impl Root {
         let fd = if raw.is_empty() {
             open_beneath(base, b".", DIR_READ_OFLAGS).map_err(|e| fail(OP, &self.path, e))?
         } else {
-            let p = Split::parse(raw, true)?;
+            let p = Split::parse(raw)?;
             let Some(opened) = self.walk(base, Path::new(""), &p, false, OP)? else {
                 return Ok(None);
             };
@@ -1353,8 +1428,8 @@ impl Root {
 }
 
 /// Creates (0700) and opens one of our internal directories; refuses a symlink there.
-fn internal_dir(base: BorrowedFd<'_>, name: &[u8], root: &Path) -> Result<OwnedFd, FsError> {
-    let shown = || root.join(INTERNAL_DIR);
+fn internal_dir(base: BorrowedFd<'_>, name: &[u8], internal: &Path) -> Result<OwnedFd, FsError> {
+    let shown = || internal.join(OsStr::from_bytes(name));
     match rustix::fs::mkdirat(base, name, Mode::from_raw_mode(0o700)) {
         Ok(()) => {
             let fd =

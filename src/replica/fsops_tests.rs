@@ -8,6 +8,8 @@ use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
 struct Fixture {
     _tmp: tempfile::TempDir,
     root_dir: PathBuf,
+    /// hasync's own directory for the store: staging, conflicts.
+    internal: PathBuf,
     outside: PathBuf,
     root: Root,
 }
@@ -16,12 +18,14 @@ fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let root_dir = tmp.path().join("root");
     let outside = tmp.path().join("outside");
+    let internal = tmp.path().join("state/internal/root");
     fs::create_dir(&root_dir).unwrap();
     fs::create_dir(&outside).unwrap();
-    let root = Root::open(&root_dir).unwrap();
+    let root = Root::open(&root_dir, &internal).unwrap();
     Fixture {
         _tmp: tmp,
         root_dir,
+        internal,
         outside,
         root,
     }
@@ -66,8 +70,8 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
-/// Every file under `.hasync/conflicts`, with its content.
-fn conflicts(root_dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+/// Every file kept aside under `<internal>/conflicts`, with its content.
+fn conflicts(internal: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     fn walk(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
         for e in fs::read_dir(dir).unwrap() {
             let e = e.unwrap();
@@ -80,7 +84,7 @@ fn conflicts(root_dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         }
     }
     let mut out = Vec::new();
-    walk(&root_dir.join(CONFLICTS_DIR), &mut out);
+    walk(&internal.join(CONFLICTS_DIR), &mut out);
     out
 }
 
@@ -107,8 +111,6 @@ fn check_rel_refuses_each_bad_form() {
         b"a\0b",
         &long_comp,
         &too_long,
-        b".hasync",
-        b".hasync/staging/0000000000000001",
     ];
     for raw in bad {
         let err = check_rel(raw).unwrap_err();
@@ -135,6 +137,9 @@ fn check_rel_accepts_mail_names_and_limits() {
     check_rel(&exact).unwrap();
     check_rel(b".hasyncx/a").unwrap();
     check_rel(b"a/.hasync").unwrap();
+    // hasync's own files live outside the store: a Maildir++ folder named
+    // "hasync" is mail like any other.
+    check_rel(b".hasync/cur/1700000000.M1P2.host:2,S").unwrap();
     check_rel(b"Mail Box/cur/x y:2,S").unwrap();
     // Non-UTF-8 bytes are kept verbatim.
     let raw = b"caf\xe9/cur/m";
@@ -188,7 +193,7 @@ fn symlink_in_parent_chain_is_refused_and_outside_untouched() {
     assert_eq!(fs::read(f.root_dir.join("real")).unwrap(), b"real");
     assert!(!f.root_dir.join("moved").exists());
     assert!(!f.root_dir.join("linked").exists());
-    assert!(conflicts(&f.root_dir).is_empty());
+    assert!(conflicts(&f.internal).is_empty());
 }
 
 fn refused_fsync(root: &Root, rel: &str) {
@@ -291,11 +296,9 @@ fn land_applies_exact_mode_mtime_and_owner() {
         assert!(md.is_dir());
         assert_eq!(md.mode() & 0o7777, 0o755, "{d}");
     }
-    assert!(names(&f.root_dir.join(STAGING_DIR)).is_empty());
+    assert!(names(&f.internal.join(STAGING_DIR)).is_empty());
     f.root.fsync_dir(&parent).unwrap();
     f.root.fsync_dir(p("")).unwrap();
-    f.root.fsync_dir(p(STAGING_DIR)).unwrap();
-    f.root.fsync_dir(p(CONFLICTS_DIR)).unwrap();
     // A directory removed since is nothing left to make durable.
     f.root.fsync_dir(p("gone/away")).unwrap();
     assert!(f.root.fsync_dir(p("../x")).unwrap_err().is_refusal());
@@ -326,7 +329,7 @@ fn meta_out_of_range_is_refused_before_any_change() {
     assert!(f.root.create_staged(1).is_err());
     f.root.discard_staged(1);
     f.root.discard_staged(1);
-    assert!(names(&f.root_dir.join(STAGING_DIR)).is_empty());
+    assert!(names(&f.internal.join(STAGING_DIR)).is_empty());
 }
 
 #[test]
@@ -335,7 +338,7 @@ fn land_replaces_or_keeps_aside() {
     put(&f.root, 1, "inbox/cur/m", b"first");
     put(&f.root, 2, "inbox/cur/m", b"second");
     assert_eq!(fs::read(f.root_dir.join("inbox/cur/m")).unwrap(), b"second");
-    assert!(conflicts(&f.root_dir).is_empty());
+    assert!(conflicts(&f.internal).is_empty());
 
     stage(&f.root, 3, b"third", &meta(0o600));
     assert_eq!(
@@ -343,7 +346,7 @@ fn land_replaces_or_keeps_aside() {
         p("inbox/cur")
     );
     assert_eq!(fs::read(f.root_dir.join("inbox/cur/m")).unwrap(), b"third");
-    let kept = conflicts(&f.root_dir);
+    let kept = conflicts(&f.internal);
     assert_eq!(kept.len(), 1);
     assert!(kept[0].0.ends_with("inbox/cur/m"), "{:?}", kept[0].0);
     assert_eq!(kept[0].1, b"second");
@@ -351,17 +354,17 @@ fn land_replaces_or_keeps_aside() {
     // keep_aside with nothing there just lands.
     stage(&f.root, 4, b"fresh", &meta(0o600));
     f.root.land(4, p("inbox/new/n"), true).unwrap();
-    assert_eq!(conflicts(&f.root_dir).len(), 1);
+    assert_eq!(conflicts(&f.internal).len(), 1);
 
     // Explicit keep_aside returns where it went.
     let to = f.root.keep_aside(p("inbox/new/n")).unwrap().unwrap();
     assert!(to.is_absolute());
-    assert!(to.starts_with(f.root_dir.join(CONFLICTS_DIR)));
+    assert!(to.starts_with(f.internal.join(CONFLICTS_DIR)));
     assert_eq!(fs::read(&to).unwrap(), b"fresh");
     assert!(!f.root_dir.join("inbox/new/n").exists());
     assert_eq!(f.root.keep_aside(p("inbox/new/n")).unwrap(), None);
     assert_eq!(f.root.keep_aside(p("nowhere/n")).unwrap(), None);
-    assert_eq!(conflicts(&f.root_dir).len(), 2);
+    assert_eq!(conflicts(&f.internal).len(), 2);
 }
 
 #[test]
@@ -380,8 +383,8 @@ fn land_never_replaces_a_directory() {
         fs::read(f.root_dir.join("box/cur/inner")).unwrap(),
         b"inner"
     );
-    assert!(conflicts(&f.root_dir).is_empty());
-    assert!(names(&f.root_dir.join(STAGING_DIR)).is_empty());
+    assert!(conflicts(&f.internal).is_empty());
+    assert!(names(&f.internal.join(STAGING_DIR)).is_empty());
 }
 
 #[test]
@@ -500,7 +503,7 @@ fn link_makes_second_name_of_same_inode() {
     assert_eq!(c.ino(), a.ino());
     assert_eq!(c.nlink(), 3);
     assert_eq!(fs::read(f.root_dir.join("Trash/cur/m1")).unwrap(), b"msg");
-    assert!(names(&f.root_dir.join(STAGING_DIR)).is_empty());
+    assert!(names(&f.internal.join(STAGING_DIR)).is_empty());
 
     for existing in ["INBOX/cur/gone", "Nope/cur/gone"] {
         let r = f.root.link(p(existing), p("Drafts/cur/x")).unwrap();
@@ -545,7 +548,7 @@ fn remove_tree_removes_links_not_their_targets() {
     put(&f.root, 3, "old/cur/a", b"a");
     assert_eq!(f.root.remove(p("old"), true).unwrap(), Some(PathBuf::new()));
     assert!(!f.root_dir.join("old").exists());
-    let kept = conflicts(&f.root_dir);
+    let kept = conflicts(&f.internal);
     assert_eq!(kept.len(), 1);
     assert!(kept[0].0.ends_with("old/cur/a"));
     assert_eq!(kept[0].1, b"a");
@@ -564,9 +567,10 @@ fn remove_tree_removes_links_not_their_targets() {
 fn open_cleans_leftover_staging() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("root");
+    let internal = tmp.path().join("internal");
     fs::create_dir(&dir).unwrap();
     {
-        let root = Root::open(&dir).unwrap();
+        let root = Root::open(&dir, &internal).unwrap();
         stage(&root, 1, b"never landed", &meta(0o600));
         stage(&root, 2, b"", &meta(0o600));
         put(&root, 3, "kept/cur/m", b"landed");
@@ -574,15 +578,17 @@ fn open_cleans_leftover_staging() {
         root.keep_aside(p("kept/cur/m")).unwrap().unwrap();
         put(&root, 5, "kept/cur/m", b"landed");
     }
-    fs::write(dir.join(".hasync/staging/t-7"), b"temp").unwrap();
-    fs::create_dir_all(dir.join(".hasync/staging/odd/dir")).unwrap();
-    assert_eq!(names(&dir.join(STAGING_DIR)).len(), 5);
+    fs::write(internal.join("staging/t-7"), b"temp").unwrap();
+    fs::create_dir_all(internal.join("staging/odd/dir")).unwrap();
+    assert_eq!(names(&internal.join(STAGING_DIR)).len(), 5);
 
-    let root = Root::open(&dir).unwrap();
-    assert!(names(&dir.join(STAGING_DIR)).is_empty());
+    let root = Root::open(&dir, &internal).unwrap();
+    assert!(names(&internal.join(STAGING_DIR)).is_empty());
     // Landed files and kept-aside losers survive.
     assert_eq!(fs::read(dir.join("kept/cur/m")).unwrap(), b"landed");
-    assert_eq!(conflicts(&dir).len(), 1);
+    assert_eq!(conflicts(&internal).len(), 1);
+    // Nothing of hasync's is in the live tree.
+    assert_eq!(names(&dir), ["kept"]);
     // The ids are usable again.
     stage(&root, 1, b"again", &meta(0o600));
     root.land(1, p("again"), false).unwrap();
@@ -594,12 +600,36 @@ fn open_cleans_leftover_staging() {
 fn open_refuses_internal_dir_symlink() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("root");
+    let internal = tmp.path().join("internal");
     let outside = tmp.path().join("outside");
     fs::create_dir(&dir).unwrap();
+    fs::create_dir(&internal).unwrap();
     fs::create_dir(&outside).unwrap();
-    symlink(&outside, dir.join(".hasync")).unwrap();
-    assert!(Root::open(&dir).unwrap_err().is_refusal());
+    symlink(&outside, internal.join("staging")).unwrap();
+    assert!(Root::open(&dir, &internal).unwrap_err().is_refusal());
     assert!(names(&outside).is_empty());
+}
+
+#[test]
+fn an_older_releases_internal_dir_moves_out_of_the_live_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("root");
+    let internal = tmp.path().join("internal");
+    fs::create_dir_all(dir.join(".hasync/staging")).unwrap();
+    fs::create_dir_all(dir.join(".hasync/conflicts/1700000000-1/u/cur")).unwrap();
+    fs::write(dir.join(".hasync/staging/0000000000000001"), b"half").unwrap();
+    fs::write(dir.join(".hasync/conflicts/1700000000-1/u/cur/m"), b"kept").unwrap();
+    // A user's Maildir++ folder "hasync" is left alone.
+    let user = tmp.path().join("user");
+    fs::create_dir_all(user.join(".hasync/cur")).unwrap();
+    let _root = Root::open(&dir, &internal).unwrap();
+    assert!(!dir.join(".hasync").exists());
+    assert_eq!(
+        fs::read(internal.join("conflicts/1700000000-1/u/cur/m")).unwrap(),
+        b"kept"
+    );
+    let _user = Root::open(&user, &tmp.path().join("internal-user")).unwrap();
+    assert!(user.join(".hasync/cur").is_dir());
 }
 
 #[test]
@@ -693,7 +723,7 @@ fn symlink_stores_target_verbatim_with_meta() {
     f.root.mkdir(p("links/d"), &meta(0o755)).unwrap();
     assert!(f.root.symlink(p("links/d"), b"t", &m).is_err());
     assert!(f.root_dir.join("links/d").is_dir());
-    assert!(names(&f.root_dir.join(STAGING_DIR)).is_empty());
+    assert!(names(&f.internal.join(STAGING_DIR)).is_empty());
 
     for bad in [&b""[..], b"a\0b"] {
         assert!(f
@@ -751,7 +781,9 @@ fn metadata_that_would_own_the_machine_is_refused_unless_allowed() {
     // With the key set, the modes are mirrored as they are.
     let dir = f.root_dir.parent().unwrap().join("allowed");
     fs::create_dir_all(&dir).unwrap();
-    let allowed = Root::open(&dir).unwrap().allow_special_modes(true);
+    let allowed = Root::open(&dir, &f.internal.with_file_name("allowed"))
+        .unwrap()
+        .allow_special_modes(true);
     stage(&allowed, 1, b"x", &meta(0o4751));
     allowed.land(1, p("suid"), false).unwrap();
     assert_eq!(

@@ -18,9 +18,6 @@ use std::path::Path;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
-/// Name of the per-root directory hasync keeps for itself (staging, conflicts).
-pub const INTERNAL_DIR: &str = ".hasync";
-
 /// Paths (relative to a store root) that are not replicated.
 #[derive(Debug, Clone)]
 pub struct Excludes {
@@ -38,10 +35,7 @@ impl Excludes {
     }
 
     pub fn is_excluded(&self, rel: &Path) -> bool {
-        rel.components()
-            .next()
-            .is_some_and(|c| c.as_os_str() == INTERNAL_DIR)
-            || self.set.is_match(rel)
+        self.set.is_match(rel)
     }
 }
 
@@ -50,13 +44,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn maildir_tmp_and_internal_dir_are_excluded() {
+    fn maildir_tmp_is_excluded_and_a_hasync_folder_is_mail() {
         let e = Excludes::new(&["**/tmp/*".to_string()]).unwrap();
         assert!(e.is_excluded(Path::new("user/Maildir/tmp/123.host")));
         assert!(e.is_excluded(Path::new("tmp/123.host")));
         assert!(!e.is_excluded(Path::new("user/Maildir/tmp")));
         assert!(!e.is_excluded(Path::new("user/Maildir/new/123.host")));
-        assert!(e.is_excluded(Path::new(".hasync/staging/1")));
+        // hasync's own files live outside the stores: a Maildir++ folder
+        // named "hasync" is mail like any other.
+        assert!(!e.is_excluded(Path::new(".hasync/cur/1")));
         assert!(!e.is_excluded(Path::new("a/.hasync")));
     }
 }

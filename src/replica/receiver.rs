@@ -218,6 +218,31 @@ impl Receiver {
         }
     }
 
+    /// Discards everything staged and not landed, after [`Receiver::serve`]
+    /// was cut short (the node changed role mid-session, so its own cleanup
+    /// never ran), and sweeps the staging directories.
+    pub fn abandon(&mut self) {
+        self.barriers.clear();
+        if let Some(c) = self.inflight.take() {
+            for f in c.files.into_iter().chain(c.next) {
+                self.stores[f.store].root.discard_staged(f.seq);
+            }
+        }
+        for st in std::mem::take(&mut self.staged) {
+            self.stores[st.store].root.discard_staged(st.seq);
+        }
+        if let Some(inc) = self.current.take() {
+            drop(inc.fd);
+            self.stores[inc.store].root.discard_staged(inc.seq);
+        }
+        self.done_files.clear();
+        for s in &self.stores {
+            if let Err(e) = s.root.clean_staging() {
+                warn!(store = %s.name, "cannot clean staging: {e}");
+            }
+        }
+    }
+
     /// Serves one sync connection until it ends. Staged files that were not
     /// landed are discarded; nothing half-written is ever under a final name.
     pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), RecvError> {
@@ -623,23 +648,10 @@ impl Receiver {
     /// Validates a peer path; a refusal is counted, logged and answered.
     fn check(&mut self, seq: u64, store: usize, raw: &[u8], peer: &str) -> Option<PathBuf> {
         match super::fsops::check_rel(raw) {
-            Ok(rel) if !self.excludes.is_excluded(&rel) || rel.starts_with(super::INTERNAL_DIR) => {
-                if rel.starts_with(super::INTERNAL_DIR) {
-                    self.refuse(
-                        seq,
-                        store,
-                        raw,
-                        "path inside hasync's internal directory",
-                        peer,
-                    );
-                    return None;
-                }
-                Some(rel)
-            }
-            Ok(rel) => {
+            Ok(rel) if !self.excludes.is_excluded(&rel) => Some(rel),
+            Ok(_) => {
                 // Excluded here but sent by the peer: configurations differ.
                 self.refuse(seq, store, raw, "path is excluded on this node", peer);
-                let _ = rel;
                 None
             }
             Err(e) => {

@@ -77,7 +77,6 @@ pub struct TrackerConfig {
     /// Store roots; the index is the store number.
     pub roots: Vec<PathBuf>,
     /// Glob patterns matched against the [`RelPath`] (`literal_separator`), e.g. `"**/tmp/*"`.
-    /// The store's own `.hasync` directory is always excluded.
     pub exclude: Vec<String>,
 }
 
@@ -230,9 +229,7 @@ pub(crate) struct Filter {
 impl Filter {
     pub(crate) fn new(patterns: &[String]) -> Result<Filter, TrackerError> {
         let mut builder = GlobSetBuilder::new();
-        // The store's own staging/conflict area: replicating it would echo our own writes.
-        let always = [".hasync".to_string(), ".hasync/**".to_string()];
-        for pattern in always.iter().chain(patterns) {
+        for pattern in patterns {
             let glob = GlobBuilder::new(pattern)
                 .literal_separator(true)
                 .build()

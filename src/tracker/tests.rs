@@ -435,14 +435,15 @@ fn wait_times_out_when_nothing_arrives_and_injected_ops_are_coalesced() {
 }
 
 #[test]
-fn excludes_match_relative_paths_and_always_cover_hasync() {
+fn excludes_match_relative_paths_and_a_hasync_folder_is_mail() {
     let f = Filter::new(&["**/tmp/*".to_string()]).expect("valid");
     assert!(f.excluded(Path::new("tmp/x")));
     assert!(f.excluded(Path::new("user/Maildir/tmp/1.host")));
     assert!(!f.excluded(Path::new("user/Maildir/tmp")));
     assert!(!f.excluded(Path::new("user/Maildir/new/1.host")));
-    assert!(f.excluded(Path::new(".hasync")));
-    assert!(f.excluded(Path::new(".hasync/staging/x")));
+    // hasync's own files live outside the stores.
+    assert!(!f.excluded(Path::new(".hasync")));
+    assert!(!f.excluded(Path::new(".hasync/cur/x")));
     assert!(!f.excluded(Path::new("user/.hasync")));
 
     let since = Instant::now();
@@ -778,13 +779,18 @@ fn hard_links_symlinks_deletes_and_attribute_changes_are_syncs() {
 }
 
 #[test]
-fn the_internal_hasync_directory_is_never_watched() {
-    let mut fx = Fixture::start(&[".hasync/staging", "user/.hasync"], &[], &[]);
-    assert_eq!(fx.tracker().stats().watches, 3, "root, user, user/.hasync");
-    fs::write(fx.path(".hasync/staging/x"), b"x").expect("write");
-    fs::write(fx.path(".hasync/y"), b"y").expect("write");
+fn a_maildir_plus_plus_folder_named_hasync_is_watched_like_any_other() {
+    let mut fx = Fixture::start(&[".hasync/cur", "user/.hasync"], &[], &[]);
+    assert_eq!(
+        fx.tracker().stats().watches,
+        5,
+        "root, .hasync, .hasync/cur, user, user/.hasync"
+    );
+    fs::write(fx.path(".hasync/cur/x"), b"x").expect("write");
     fs::write(fx.path("user/.hasync/z"), b"z").expect("write");
-    assert_eq!(fx.collect(1), ["sync 0 user/.hasync/z"]);
+    let mut got = fx.collect(2);
+    got.sort();
+    assert_eq!(got, ["sync 0 .hasync/cur/x", "sync 0 user/.hasync/z"]);
 }
 
 #[test]

@@ -46,7 +46,12 @@ fn non_utf8_names_replicate_and_the_index_keeps_them_byte_exact() {
 
 #[test]
 fn a_full_state_directory_keeps_the_node_failed_at_its_durable_epoch_until_space_returns() {
-    let mut tp = TestPair::new(fast());
+    // The stores' internal directories are beside them: the state
+    // directory is a filesystem of its own here.
+    let mut tp = TestPair::new(PairOptions {
+        internal_beside_stores: true,
+        ..fast()
+    });
     // mx2 (priority 100) will be the secondary; its state directory is small.
     let state = tp.nodes[1].state_dir.clone();
     let _unmount = mount_tmpfs(&state, "size=256k");
@@ -122,9 +127,13 @@ fn free_bytes(dir: &std::path::Path) -> u64 {
 #[test]
 fn an_announced_size_that_cannot_fit_is_refused_before_a_byte_is_staged() {
     use hasync::wire::sync::SyncMsg;
-    let mut tp = TestPair::new(fast());
+    let mut tp = TestPair::new(PairOptions {
+        internal_beside_stores: true,
+        ..fast()
+    });
     let inbox = tp.store(0, "inbox");
-    let _unmount = mount_tmpfs(&inbox, "size=48m");
+    let _unmount = mount_tmpfs(&tp.nodes[0].mail_dir(), "size=48m");
+    tp.nodes[0].make_store_dirs().unwrap();
     tp.nodes[0].start().unwrap();
     let cfg = hasync::config::Config::load(&tp.nodes[0].config_path).unwrap();
     let free_before = free_bytes(&inbox);
@@ -196,9 +205,14 @@ fn an_announced_size_that_cannot_fit_is_refused_before_a_byte_is_staged() {
 
 #[test]
 fn exhausted_inodes_hold_the_disk_full_alarm_until_they_return() {
-    let mut tp = TestPair::new(fast());
+    let mut tp = TestPair::new(PairOptions {
+        internal_beside_stores: true,
+        ..fast()
+    });
     let dst = tp.store(1, "quarantine");
-    let _unmount = mount_tmpfs(&dst, "size=16m,nr_inodes=40");
+    // The stores, their internal directories and 36 more inodes.
+    let _unmount = mount_tmpfs(&tp.nodes[1].mail_dir(), "size=16m,nr_inodes=48");
+    tp.nodes[1].make_store_dirs().unwrap();
     tp.start_all();
     tp.wait_formed(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
@@ -246,7 +260,7 @@ fn exhausted_inodes_hold_the_disk_full_alarm_until_they_return() {
     );
     let ok = std::process::Command::new("mount")
         .args(["-o", "remount,nr_inodes=10000"])
-        .arg(&dst)
+        .arg(tp.nodes[1].mail_dir())
         .status()
         .unwrap();
     assert!(ok.success());

@@ -239,7 +239,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         file(3, b"escape/evil3", b"x", &mut out);
         file(4, b"a/\0/evil4", b"x", &mut out);
         file(5, &[b'a'; 300], b"x", &mut out);
-        file(6, b".hasync/staging/evil6", b"x", &mut out);
+        file(6, b"fine/./evil6", b"x", &mut out);
         SyncMsg::Mkdir {
             seq: 7,
             store: 0,
@@ -479,10 +479,10 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
             to: b"user/cur/dev".to_vec(),
         }
         .encode(&mut out);
-        // A name that tries to forge a log line (refused: internal dir).
+        // A name that tries to forge a log line (refused: `..`).
         file_as(
             9,
-            format!(".hasync/x\n{forged}").as_bytes(),
+            format!("../x\n{forged}").as_bytes(),
             with(0o600, 1000),
             &mut out,
         );

@@ -172,12 +172,9 @@ fn per_file_fsync_durability_and_plain_reads_replicate_the_same_workload_exactly
         "large files were streamed"
     );
     assert_eq!(tp.repl(0).files_spliced, 0, "zero_copy = false reads them");
+    let staging = tp.nodes[1].state_dir.join("internal/inbox/staging");
     assert!(
-        !dst.join(".hasync/staging").exists()
-            || std::fs::read_dir(dst.join(".hasync/staging"))
-                .unwrap()
-                .count()
-                == 0,
+        !staging.exists() || std::fs::read_dir(&staging).unwrap().count() == 0,
         "nothing left staged"
     );
 }
@@ -188,9 +185,6 @@ fn walk_files(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
             let p = e.path();
-            if p.file_name().is_some_and(|n| n == ".hasync") {
-                continue;
-            }
             if p.is_dir() {
                 stack.push(p);
             } else {
@@ -351,7 +345,7 @@ fn after_failover_the_new_primary_wins_and_the_loser_is_kept_aside() {
         .unwrap();
     wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert_eq!(std::fs::read(a.join(&rel)).unwrap(), b"new primary's edit");
-    let conflicts = walk_all(&a.join(".hasync/conflicts"));
+    let conflicts = walk_all(&tp.nodes[0].state_dir.join("internal/inbox/conflicts"));
     let kept: Vec<String> = conflicts
         .iter()
         .filter_map(|p| std::fs::read(p).ok())
@@ -388,9 +382,14 @@ fn walk_all(root: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     let _g = inotify_guard();
-    let mut tp = TestPair::new(fast());
+    let mut tp = TestPair::new(PairOptions {
+        internal_beside_stores: true,
+        ..fast()
+    });
     let dst = tp.store(1, "inbox");
-    let _unmount = mount_tmpfs(&dst, "size=1m");
+    // The store and its internal directory share the small filesystem.
+    let _unmount = mount_tmpfs(&tp.nodes[1].mail_dir(), "size=1m");
+    tp.nodes[1].make_store_dirs().unwrap();
     drop(_g);
     tp.start_all();
     tp.wait_formed(Duration::from_secs(20)).unwrap();
@@ -430,7 +429,7 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     }
     let ok = std::process::Command::new("mount")
         .args(["-o", "remount,size=16m"])
-        .arg(&dst)
+        .arg(tp.nodes[1].mail_dir())
         .status()
         .unwrap();
     assert!(ok.success());
@@ -439,9 +438,10 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     // flight; what must not happen is a staged file that stays.
     let start = std::time::Instant::now();
     loop {
-        let staging: Vec<_> = std::fs::read_dir(dst.join(".hasync/staging"))
-            .unwrap()
-            .collect();
+        let staging: Vec<_> =
+            std::fs::read_dir(tp.nodes[1].mail_dir().join(".hasync-inbox/staging"))
+                .unwrap()
+                .collect();
         if staging.is_empty() {
             break;
         }
