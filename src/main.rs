@@ -86,6 +86,13 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Versions a former primary held that the new primary never had,
+    /// kept aside after a failover: list them, or restore them into the
+    /// live tree as new files (on the primary).
+    Conflicts {
+        #[command(subcommand)]
+        action: ConflictsCmd,
+    },
     /// Generate a deterministic Maildir fixture (for tests and benchmarks).
     Fixture {
         /// Directory to fill (created; must be empty or absent).
@@ -106,6 +113,30 @@ enum Cmd {
     Demo {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConflictsCmd {
+    /// List the versions kept aside on this node, oldest first.
+    List {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put kept versions back into the live tree as new files (a Maildir
+    /// message gets a new name in `new/`, so the IMAP server gives it a new
+    /// UID). Only on the primary.
+    Restore {
+        #[command(flatten)]
+        target: Target,
+        /// The conflict's id, as `list` shows it.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Restore every kept version.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -152,6 +183,39 @@ fn real_main() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Failover { target } => reply(ask(&target, control::Request::Failover)?),
+        Cmd::Conflicts {
+            action: ConflictsCmd::List { target, json },
+        } => {
+            let resp = ask(&target, control::Request::Conflicts)?;
+            let Some(list) = resp.conflicts else {
+                bail!("{}", resp.error.unwrap_or_else(|| "no answer".into()));
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no conflicts kept aside on this node");
+            } else {
+                for c in &list {
+                    println!(
+                        "{}  {} bytes  kept at {}  {}",
+                        c.id,
+                        c.size,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_secs(c.kept_at.max(0) as u64)
+                        ),
+                        hasync::logging::printable(&c.path)
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Conflicts {
+            action: ConflictsCmd::Restore { target, id, all },
+        } => {
+            let id = if all { None } else { id };
+            reply(ask(&target, control::Request::RestoreConflicts { id })?)
+        }
         Cmd::Join { target } => reply(ask(&target, control::Request::Join)?),
         Cmd::PushQueue { target } => reply(ask(&target, control::Request::PushQueue)?),
         Cmd::Commit { target, file } => {

@@ -27,6 +27,13 @@ pub enum Request {
     Commit {
         path: std::path::PathBuf,
     },
+    /// The versions kept aside as genuine conflicts on this node.
+    Conflicts,
+    /// Puts kept versions back into the live tree as new files: one by id,
+    /// or all of them (`id` absent). Only on the primary.
+    RestoreConflicts {
+        id: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +45,8 @@ pub struct Response {
     pub message: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<Vec<crate::replica::conflicts::Conflict>>,
 }
 
 impl Response {
@@ -47,6 +56,7 @@ impl Response {
             error: Some(e.into()),
             message: None,
             status: None,
+            conflicts: None,
         }
     }
     pub fn message(m: impl Into<String>) -> Response {
@@ -55,6 +65,7 @@ impl Response {
             error: None,
             message: Some(m.into()),
             status: None,
+            conflicts: None,
         }
     }
 }
@@ -73,6 +84,9 @@ pub struct Status {
     pub link: LinkStatus,
     pub queue_push: QueuePushStatus,
     pub restore_pending: bool,
+    /// Versions kept aside as genuine conflicts on this node.
+    #[serde(default)]
+    pub conflicts: ConflictsStatus,
     pub replication: crate::replica::stats::ReplStatus,
     pub alarms: Vec<Logged>,
     pub transitions: Vec<Logged>,
@@ -119,6 +133,14 @@ pub struct QueuePushStatus {
     pub last_error: Option<String>,
     /// Pushes this node received as primary.
     pub ingest: crate::queue::push::IngestStats,
+}
+
+/// Genuine conflicts held on this node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ConflictsStatus {
+    pub count: u64,
+    /// Age of the oldest, in seconds.
+    pub oldest_age_s: Option<u64>,
 }
 
 /// A timestamped line kept for status (alarms, role changes).

@@ -413,8 +413,22 @@ impl Node {
                     error: None,
                     message: None,
                     status: Some(self.status(now)),
+                    conflicts: None,
                 }
             }
+            Request::Conflicts => match self.conflicts() {
+                Ok(list) => {
+                    return Response {
+                        ok: true,
+                        error: None,
+                        message: None,
+                        status: None,
+                        conflicts: Some(list),
+                    }
+                }
+                Err(e) => Response::error(e),
+            },
+            Request::RestoreConflicts { id } => self.restore_conflicts(id.as_deref()),
             Request::Failover => match self.core.request_switchover(now) {
                 Ok(()) => {
                     info!("operator requested switchover");
@@ -452,6 +466,64 @@ impl Node {
         };
         self.execute_actions();
         resp
+    }
+
+    /// Every version kept aside on this node, oldest first.
+    fn conflicts(&self) -> Result<Vec<crate::replica::conflicts::Conflict>, String> {
+        let mut all = Vec::new();
+        for name in self.cfg.mailstores.keys() {
+            let internal = self.cfg.internal_dir(name);
+            let list = crate::replica::conflicts::list(name, &internal)
+                .map_err(|e| format!("listing {}: {e}", internal.display()))?;
+            all.extend(list);
+        }
+        all.sort_by(|a, b| (a.kept_at, &a.id).cmp(&(b.kept_at, &b.id)));
+        Ok(all)
+    }
+
+    /// Puts kept versions back into the live tree as new files (where the
+    /// users are: only on the primary; a secondary hands its own to the
+    /// primary in the next session).
+    fn restore_conflicts(&self, id: Option<&str>) -> Response {
+        if self.core.role() != Role::Primary {
+            return Response::error(format!(
+                "restore refused: this node is {}; conflicts are restored on the primary (a secondary hands the versions it kept aside to the primary when they connect)",
+                self.core.role()
+            ));
+        }
+        let all = match self.conflicts() {
+            Ok(a) => a,
+            Err(e) => return Response::error(e),
+        };
+        let chosen: Vec<_> = match id {
+            Some(id) => all.into_iter().filter(|c| c.id == id).collect(),
+            None => all,
+        };
+        if chosen.is_empty() {
+            return Response::error(match id {
+                Some(id) => format!("no conflict {id:?}: see `hasync conflicts list`"),
+                None => "no conflicts to restore".to_string(),
+            });
+        }
+        let mut lines = Vec::new();
+        for c in &chosen {
+            let root = &self.cfg.mailstores[&c.store];
+            let internal = self.cfg.internal_dir(&c.store);
+            match crate::replica::conflicts::restore(c, &internal, root) {
+                Ok(to) => {
+                    info!(id = %c.id, to = %to.display(), "conflict restored into the live tree");
+                    lines.push(format!("restored {} -> {}", c.id, to.display()));
+                }
+                Err(e) => {
+                    return Response::error(format!(
+                        "restoring {}: {e} (restored before it: {})",
+                        c.id,
+                        lines.len()
+                    ))
+                }
+            }
+        }
+        Response::message(lines.join("\n"))
     }
 
     fn on_push_done(&mut self, res: Result<PushReport, String>) {
@@ -579,6 +651,17 @@ impl Node {
                 last_target_epoch: self.push_last.map(|p| p.1),
             },
             restore_pending: cs.restore_pending,
+            conflicts: {
+                let list = self.conflicts().unwrap_or_default();
+                let now_s = unix_ms(SystemTime::now()) / 1000;
+                control::ConflictsStatus {
+                    count: list.len() as u64,
+                    oldest_age_s: list
+                        .iter()
+                        .map(|c| now_s.saturating_sub(c.kept_at.max(0) as u64))
+                        .max(),
+                }
+            },
             replication: self.engine.status(),
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),
@@ -820,6 +903,14 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    if s.conflicts.count > 0 {
+        let _ = writeln!(
+            o,
+            "conflicts {} kept aside, oldest {}s ago: `hasync conflicts list`, then `hasync conflicts restore ID|--all` on the primary",
+            s.conflicts.count,
+            s.conflicts.oldest_age_s.unwrap_or(0)
+        );
+    }
     if let Some(why) = &r.disk_full_why {
         let _ = writeln!(o, "DISK FULL {}", printable(why));
     }

@@ -404,6 +404,8 @@ async fn run_primary(
                 root: s.root.clone(),
                 tree,
                 index: Index::load(&cfg.state_dir, &s.name),
+                internal: s.internal.clone(),
+                conflicts: s.replica_root == s.root && s.period.is_none(),
             }),
             Err(e) => {
                 warn!(
@@ -421,6 +423,7 @@ async fn run_primary(
             }
         }
     }
+    record_takeover(cfg, &shared.excludes, &mut stores);
     let mut sender = Sender::new(
         stores,
         shared.excludes.clone(),
@@ -428,6 +431,7 @@ async fn run_primary(
         shared.stats.clone(),
         cfg.verify_interval,
     );
+    sender.state_dir = cfg.state_dir.clone();
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
     sender.commit_wake = Some(shared.commit_wake.clone());
@@ -479,6 +483,47 @@ async fn run_primary(
         Err(rc) => drop(rc),
     }
     info!("replication: stopped tracking (no longer primary)");
+}
+
+/// This node starts serving as primary: record what it holds now (the
+/// content of every file, per mailstore), durably, before any change it
+/// sends, and mark it as a node that served as primary. A former primary
+/// that rejoins later is checked against this record (see `takeover`).
+fn record_takeover(cfg: &EngineConfig, excludes: &super::Excludes, stores: &mut [Store]) {
+    let started = std::time::Instant::now();
+    let mut files = 0usize;
+    for st in stores.iter_mut().filter(|s| s.conflicts) {
+        let hashes: std::collections::HashSet<u128> = match st
+            .index
+            .scan(&st.tree, excludes, false, true)
+        {
+            Ok(scan) => scan
+                .entries
+                .iter()
+                .filter(|(_, s, _)| s.kind == super::index::Kind::File)
+                .filter_map(|(_, _, h)| *h)
+                .collect(),
+            Err(e) => {
+                error!(alarm = true, store = %st.name, "ALARM: cannot record what this node holds as it takes over ({e}); a former primary that rejoins will have every version this node lacks kept aside as a conflict");
+                continue;
+            }
+        };
+        files += hashes.len();
+        if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &hashes) {
+            error!(alarm = true, store = %st.name, "ALARM: cannot write the takeover record: {e}");
+        }
+    }
+    if let Err(e) = super::takeover::mark_former_primary(&cfg.state_dir) {
+        error!(
+            alarm = true,
+            "ALARM: cannot mark this node as serving primary: {e}"
+        );
+    }
+    info!(
+        versions = files,
+        ms = started.elapsed().as_millis() as u64,
+        "takeover record written"
+    );
 }
 
 async fn session(
@@ -725,6 +770,7 @@ async fn serve_sync(
         shared.stats.clone(),
         shared.cfg.durability,
     );
+    receiver.state_dir = Some(shared.cfg.state_dir.clone());
     shared.stats.connected.store(true, Relaxed);
     info!(peer = %addr, "sync connection from primary up");
     let (r, w) = conn.split();
@@ -772,6 +818,7 @@ fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::
                 }
             })?;
             Ok(RecvStore {
+                conflicts: s.replica_root == s.root && s.period.is_none(),
                 name: s.name.clone(),
                 root: Root::open(&s.replica_root, &s.internal)?
                     .allow_special_modes(cfg.allow_special_modes),

@@ -2,6 +2,7 @@
 //! found by the tracker to the secondary's receiver over the sync connection,
 //! which lands every file atomically and durably and acknowledges batches.
 
+pub mod conflicts;
 pub mod engine;
 pub mod fsops;
 pub mod index;
@@ -12,6 +13,7 @@ pub mod sender;
 pub mod space;
 pub mod stager;
 pub mod stats;
+pub mod takeover;
 pub mod tree;
 
 use std::path::Path;

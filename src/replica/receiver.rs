@@ -59,6 +59,9 @@ pub struct RecvStore {
     pub name: String,
     pub root: Root,
     pub index: Index,
+    /// A mailstore replicated in place (not the queue's replica): a former
+    /// primary's genuine conflicts in it are kept aside and handed over.
+    pub conflicts: bool,
 }
 
 struct Incoming {
@@ -129,6 +132,17 @@ pub struct Receiver {
     done_files: std::collections::HashMap<u64, Result<Option<index::Stat>, FsError>>,
     /// Disk-space condition per store.
     space: Vec<super::space::Space>,
+    /// The state directory (the former-primary mark), when the node has one.
+    pub state_dir: Option<PathBuf>,
+    /// Versions kept aside and being handed to the primary: id → (store,
+    /// the kept file).
+    uploads: std::collections::HashMap<u64, (usize, PathBuf)>,
+    /// Kept versions still to hand over in this session.
+    to_upload: std::collections::VecDeque<(usize, super::conflicts::Conflict)>,
+    next_upload: u64,
+    /// Paths the primary asked to keep aside where that failed: nothing
+    /// may replace or delete them in this session.
+    protected: std::collections::HashSet<(usize, PathBuf)>,
 }
 
 /// Encoded bytes of a manifest entry besides its path.
@@ -207,6 +221,11 @@ impl Receiver {
             stager: None,
             done_files: Default::default(),
             space: vec![Default::default(); n_stores],
+            state_dir: None,
+            uploads: Default::default(),
+            to_upload: Default::default(),
+            next_upload: 1,
+            protected: Default::default(),
         }
     }
 
@@ -391,6 +410,9 @@ impl Receiver {
                 handled.elapsed(),
             );
             self.send_replies(w).await?;
+            if !self.to_upload.is_empty() {
+                self.upload_conflicts(w).await?;
+            }
         }
     }
 
@@ -797,6 +819,41 @@ impl Receiver {
                 }
                 self.stats.caught_up.store(false, Relaxed);
                 info!(peer, "sync session started");
+                let former_primary = self
+                    .state_dir
+                    .as_deref()
+                    .is_some_and(super::takeover::is_former_primary);
+                if former_primary {
+                    info!(peer, "this node served as primary: the primary decides which of its changes are genuine conflicts");
+                }
+                SyncMsg::PeerState { former_primary }.encode(&mut self.replies);
+                self.uploads.clear();
+                self.protected.clear();
+                // Versions kept aside and not yet acknowledged by a primary
+                // (an earlier session ended first) are handed over again.
+                for (i, st) in self.stores.iter().enumerate() {
+                    match super::conflicts::list(&st.name, st.root.internal_path()) {
+                        Ok(list) => self.to_upload.extend(list.into_iter().map(|c| (i, c))),
+                        Err(e) => warn!(store = %st.name, "cannot list kept-aside versions: {e}"),
+                    }
+                }
+            }
+            SyncMsg::KeepAside { seq, store, path } => {
+                let s = self.store_index(store, peer)?;
+                let Some(rel) = self.check(seq, s, &path, peer) else {
+                    return Ok(());
+                };
+                self.flush_if_touching(s, &[&rel], peer).await?;
+                self.keep_aside_for_primary(seq, s, rel, peer);
+            }
+            SyncMsg::ConflictAck { id } => {
+                if let Some((s, file)) = self.uploads.remove(&id) {
+                    if let Err(e) =
+                        super::conflicts::remove(self.stores[s].root.internal_path(), &file)
+                    {
+                        warn!(file = %file.display(), "cannot remove a version the primary now holds: {e}");
+                    }
+                }
             }
             SyncMsg::ManifestRequest { id, full_verify } => self.send_manifest(id, full_verify)?,
             SyncMsg::File {
@@ -922,6 +979,10 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&existing, &rel], peer).await?;
+                if self.is_protected(s, &rel) {
+                    self.need(seq, s, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
                 self.clear_other_kind(seq, s, &rel, false, peer);
                 match self.stores[s].root.link(&existing, &rel) {
                     Ok(LinkOutcome::Linked) => {
@@ -951,6 +1012,10 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&rel], peer).await?;
+                if self.is_protected(s, &rel) {
+                    self.need(seq, s, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
                 self.clear_other_kind(seq, s, &rel, false, peer);
                 match self.stores[s].root.symlink(&rel, &target, &meta) {
                     Ok(parent) => {
@@ -966,6 +1031,18 @@ impl Receiver {
             SyncMsg::CaughtUp => {
                 if !self.stats.caught_up.swap(true, Relaxed) {
                     info!(peer, "replica caught up with the primary");
+                }
+                // Reconciled completely (its genuine conflicts kept aside):
+                // from now on a plain secondary.
+                if let Some(dir) = self.state_dir.as_deref() {
+                    if super::takeover::is_former_primary(dir) && self.uploads.is_empty() {
+                        match super::takeover::clear_former_primary(dir) {
+                            Ok(()) => {
+                                info!(peer, "reconciled with the primary after serving as primary")
+                            }
+                            Err(e) => warn!("cannot clear the former-primary mark: {e}"),
+                        }
+                    }
                 }
             }
             SyncMsg::Barrier { seq } => {
@@ -1185,20 +1262,23 @@ impl Receiver {
         staged: Option<index::Stat>,
         peer: &str,
     ) {
-        // The new primary's version wins; a local version the peer never had
-        // is kept aside, not destroyed.
+        if self.is_protected(s, &rel) {
+            self.stores[s].root.discard_staged(seq);
+            self.need(seq, s, &rel, NeedReason::LocalError);
+            return;
+        }
+        // The primary's version replaces what is here. A version only a
+        // former primary held was kept aside before, on the primary's word
+        // (`KeepAside`): the replica never guesses from its own index, which
+        // a crash can leave behind.
         if let Ok(Some(cur)) = self.stores[s].root.tree().lstat(&rel) {
             if cur.kind == Kind::Dir {
                 // The primary has a file where this replica has a folder.
                 self.apply_delete(seq, s, &rel, peer);
             }
-            let unchanged = self.stores[s].index.unchanged_and_synced(&rel, &cur);
             let same = cur.kind == Kind::File
                 && cur.version.size == size
                 && self.stores[s].root.tree().hash(&rel, Kind::File).ok() == Some(hash);
-            if !unchanged && !same && cur.kind != Kind::Dir {
-                self.keep_aside(s, &rel);
-            }
             // The same content and metadata already here under a name that
             // shares its inode (a message linked into another folder while
             // its first copy was in flight): keep the inode, so the link
@@ -1236,16 +1316,127 @@ impl Receiver {
         }
     }
 
-    fn keep_aside(&mut self, s: usize, rel: &Path) {
-        match self.stores[s].root.keep_aside(rel) {
-            Ok(Some(to)) => {
+    /// The primary says the version at `rel` is a genuine conflict: move it
+    /// aside (durably) and queue it for handing over. If that fails, the
+    /// path is protected for the session: nothing replaces or deletes it.
+    fn keep_aside_for_primary(&mut self, seq: u64, s: usize, rel: PathBuf, peer: &str) {
+        match self.stores[s].root.keep_aside(&rel) {
+            Ok(Some(kept)) => {
                 add(&self.stats.conflicts_kept, 1);
-                warn!(store = %self.stores[s].name, path = %rel.display(), kept = %to.display(), "conflict: local version differs from the primary's; kept aside");
-                self.dirs.insert((s, parent_of(rel)));
+                warn!(store = %self.stores[s].name, path = %rel.display(), kept = %kept.display(), "genuine conflict: a version the primary never had is kept aside and handed to it");
+                self.dirs.insert((s, parent_of(&rel)));
+                let size = std::fs::symlink_metadata(&kept)
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                let kept_at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs() as i64)
+                    .unwrap_or(0);
+                self.to_upload.push_back((
+                    s,
+                    super::conflicts::Conflict {
+                        id: String::new(),
+                        store: self.stores[s].name.clone(),
+                        path: String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned(),
+                        size,
+                        kept_at,
+                        file: kept,
+                    },
+                ));
             }
             Ok(None) => {}
-            Err(e) => warn!(path = %rel.display(), "cannot keep conflicting file aside: {e}"),
+            Err(e) => {
+                error!(alarm = true, store = %self.stores[s].name, path = %rel.display(), "ALARM: cannot keep a genuine conflict aside: {e}; the path is left alone");
+                self.stats.raise_alarm(format!(
+                    "cannot keep a genuine conflict aside in store {}: {}: {e}",
+                    self.stores[s].name,
+                    rel.display()
+                ));
+                self.protected.insert((s, rel.clone()));
+                self.local_failure(seq, s, &rel, &e, peer);
+            }
         }
+    }
+
+    /// Whether an op on `rel` must wait: a genuine conflict there could not
+    /// be kept aside.
+    fn is_protected(&self, s: usize, rel: &Path) -> bool {
+        !self.protected.is_empty()
+            && self
+                .protected
+                .iter()
+                .any(|(ps, p)| *ps == s && (p.starts_with(rel) || rel.starts_with(p)))
+    }
+
+    /// Hands every queued kept-aside version to the primary (`ConflictFile`
+    /// and its content in 64 KiB `Data` frames); the primary acknowledges
+    /// each once durable, and only then is the copy here removed.
+    async fn upload_conflicts(&mut self, w: &FrameWriter) -> Result<(), RecvError> {
+        use std::io::Read;
+        const CHUNK: usize = 64 * 1024;
+        while let Some((s, c)) = self.to_upload.pop_front() {
+            if !self.stores[s].conflicts {
+                continue;
+            }
+            let rel = match super::fsops::check_rel(c.path.as_bytes()) {
+                Ok(r) => r,
+                Err(_) => continue,
+            };
+            let Ok(mut f) = std::fs::File::open(&c.file) else {
+                continue;
+            };
+            let Ok(Some(st)) = index::fstat(f.as_fd()) else {
+                continue;
+            };
+            if st.kind != Kind::File {
+                continue;
+            }
+            let hash = match super::tree::hash_file(match f.try_clone() {
+                Ok(f) => f,
+                Err(_) => continue,
+            }) {
+                Ok(h) => h,
+                Err(_) => continue,
+            };
+            let id = self.next_upload;
+            self.next_upload += 1;
+            SyncMsg::ConflictFile {
+                id,
+                store: s as u16,
+                path: rel.as_os_str().as_bytes().to_vec(),
+                meta: st.meta,
+                size: st.version.size,
+                hash,
+                kept_at: c.kept_at,
+            }
+            .encode(&mut self.replies);
+            let mut left = st.version.size;
+            let mut buf = vec![0u8; CHUNK];
+            use std::io::Seek;
+            let _ = f.seek(std::io::SeekFrom::Start(0));
+            while left > 0 {
+                let want = (left as usize).min(CHUNK);
+                let n = match f.read(&mut buf[..want]) {
+                    Ok(0) | Err(_) => {
+                        // Shrunk under us (nobody should touch it): pad,
+                        // the primary's hash check refuses it.
+                        buf[..want].fill(0);
+                        want
+                    }
+                    Ok(n) => n,
+                };
+                SyncMsg::Data {
+                    seq: id,
+                    bytes: buf[..n].to_vec(),
+                }
+                .encode(&mut self.replies);
+                left -= n as u64;
+                self.send_replies(w).await?;
+            }
+            self.send_replies(w).await?;
+            self.uploads.insert(id, (s, c.file));
+        }
+        Ok(())
     }
 
     /// Removes (or keeps aside, as a delete would) a folder where the
@@ -1260,20 +1451,11 @@ impl Receiver {
     }
 
     fn apply_delete(&mut self, seq: u64, s: usize, rel: &Path, peer: &str) {
-        let Ok(Some(cur)) = self.stores[s].root.tree().lstat(rel) else {
-            self.stores[s].index.remove_tree(rel);
+        if self.is_protected(s, rel) {
+            self.need(seq, s, rel, NeedReason::LocalError);
             return;
-        };
-        let keep = match cur.kind {
-            Kind::Dir => self.stores[s]
-                .index
-                .entries
-                .iter()
-                .any(|(p, e)| p.starts_with(rel) && **p != *rel && !e.synced),
-            _ => !self.stores[s].index.unchanged_and_synced(rel, &cur),
-        };
-        if keep {
-            self.keep_aside(s, rel);
+        }
+        if !matches!(self.stores[s].root.tree().lstat(rel), Ok(Some(_))) {
             self.stores[s].index.remove_tree(rel);
             return;
         }

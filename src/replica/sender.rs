@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_uring::buf::BoundedBuf;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::index::{self, Entry, Index, Kind, Stat};
 use super::links::{InodeKey, LinkNames};
@@ -72,6 +72,17 @@ pub enum SendError {
     Stopped,
 }
 
+/// A version the peer is handing over.
+enum Incoming {
+    Receiving(Box<super::conflicts::Incoming>),
+    /// Could not be taken (logged): its content is read and dropped, and
+    /// it is not acknowledged, so the peer keeps its copy.
+    Skipping {
+        id: u64,
+        left: u64,
+    },
+}
+
 /// What a zero-loss commit learned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -100,6 +111,11 @@ pub struct Store {
     /// The root, opened: every lookup below it goes through its descriptor.
     pub tree: super::tree::Tree,
     pub index: Index,
+    /// hasync's own directory for this store (conflicts handed over).
+    pub internal: PathBuf,
+    /// A mailstore replicated in place: a former primary's versions that
+    /// this node never held are genuine conflicts (not for the queue).
+    pub conflicts: bool,
 }
 
 /// What the index learns once the peer acknowledges an op.
@@ -153,6 +169,16 @@ pub struct Sender {
     pub coalescer: Coalescer,
     pub stats: Arc<ReplStats>,
     pub verify_interval: Duration,
+    /// Where the takeover records are (see `takeover`).
+    pub state_dir: PathBuf,
+    /// The peer says it served as primary and was not reconciled since.
+    peer_former_primary: bool,
+    /// A version the peer is handing over (`ConflictFile` + `Data`).
+    incoming: Option<Incoming>,
+    /// Conflicts received this session (one alarm per session).
+    conflicts_received: u64,
+    /// Replies to the peer (conflict acknowledgements), written by the loop.
+    replies_out: Vec<u8>,
     /// Hard links: the names the peer holds of each linked inode.
     inodes: LinkNames,
     /// Every file sent but not yet acknowledged, by inode: a link made to a
@@ -352,6 +378,11 @@ impl Sender {
             pump: None,
             listed_dirs: Default::default(),
             out_of_reach: Default::default(),
+            state_dir: PathBuf::new(),
+            peer_former_primary: false,
+            incoming: None,
+            conflicts_received: 0,
+            replies_out: Vec::new(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -450,6 +481,10 @@ impl Sender {
         // reconciliation below (its manifest shows what actually landed).
         self.inflight.clear();
         self.recent.clear();
+        self.peer_former_primary = false;
+        self.incoming = None;
+        self.conflicts_received = 0;
+        self.replies_out.clear();
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -468,6 +503,9 @@ impl Sender {
             // Acks, needs and refusals.
             while let Ok(msg) = rx.try_recv() {
                 self.on_peer_msg(msg?)?;
+            }
+            if !self.replies_out.is_empty() {
+                w.send_bytes(std::mem::take(&mut self.replies_out)).await?;
             }
             self.requeue_retries();
             self.release_periodic();
@@ -682,7 +720,31 @@ impl Sender {
 
         let mut differ = 0u64;
         let (mut files, mut bytes) = (0u64, 0u64);
+        let mut aside: Vec<(usize, PathBuf)> = Vec::new();
         for (s, remote) in remote.into_iter().enumerate() {
+            // A former primary's versions are decided exactly: what this
+            // node held when it took over was superseded by its users;
+            // anything else is a genuine conflict, kept aside there.
+            let takeover = if self.peer_former_primary && self.stores[s].conflicts {
+                match super::takeover::load(&self.state_dir, &self.stores[s].name) {
+                    Ok(Some(t)) => Some(t),
+                    Ok(None) => {
+                        warn!(store = %self.stores[s].name, "no takeover record: every version the former primary holds and this node does not is kept aside");
+                        Some(Default::default())
+                    }
+                    Err(e) => {
+                        warn!(store = %self.stores[s].name, "takeover record unreadable ({e}): every version the former primary holds and this node does not is kept aside");
+                        Some(Default::default())
+                    }
+                }
+            } else {
+                None
+            };
+            let genuine = |r: &ManifestEntry| {
+                takeover
+                    .as_ref()
+                    .is_some_and(|t| r.kind == EntryKind::File && !t.contains(&r.hash))
+            };
             let store = &mut self.stores[s];
             let scan = store
                 .index
@@ -704,9 +766,10 @@ impl Sender {
             let mut remote = remote;
             let mut queue = Vec::new();
             for (rel, st, hash) in local {
-                let same = match remote.remove(&rel) {
+                let theirs = remote.remove(&rel);
+                let same = match &theirs {
                     // Hash only what could be equal: same kind, size, mtime, owner.
-                    Some(r) if same_entry(&st, r.hash, &r) => {
+                    Some(r) if same_entry(&st, r.hash, r) => {
                         let hash = match hash {
                             Some(h) => Some(h),
                             None => store.tree.hash(&rel, st.kind).ok().inspect(|h| {
@@ -717,6 +780,9 @@ impl Sender {
                     }
                     _ => false,
                 };
+                if !same && theirs.as_ref().is_some_and(&genuine) {
+                    aside.push((s, rel.clone()));
+                }
                 if st.kind == Kind::Dir {
                     let v = st.version;
                     self.listed_dirs
@@ -740,11 +806,35 @@ impl Sender {
             }
             store.index.mark_dirty();
             // On the replica only: the sender finds them missing and deletes.
-            queue.extend(remote.into_keys());
+            for (rel, r) in remote {
+                if genuine(&r) {
+                    aside.push((s, rel.clone()));
+                }
+                queue.push(rel);
+            }
             differ += queue.len() as u64;
             self.backlog_since = Instant::now();
             self.backlog
                 .extend(queue.into_iter().map(|rel| (s, rel.into_boxed_path())));
+        }
+        if !aside.is_empty() {
+            // Before any op that would replace or delete them.
+            let mut out = Vec::new();
+            for (s, rel) in &aside {
+                let seq = self.next_seq();
+                SyncMsg::KeepAside {
+                    seq,
+                    store: *s as u16,
+                    path: rel_bytes(rel),
+                }
+                .encode(&mut out);
+            }
+            warn!(
+                versions = aside.len(),
+                "the former primary holds {} versions this node never had (its replication lag window): they are kept aside and handed over here as conflicts",
+                aside.len()
+            );
+            w.send_bytes(out).await?;
         }
         self.stats.verify_runs.fetch_add(1, Relaxed);
         if !initial && differ > 0 {
@@ -863,11 +953,126 @@ impl Sender {
                 add(&self.stats.refused_by_peer, 1);
                 warn!(seq, store, path = %String::from_utf8_lossy(&path), "peer refused op: {why}");
             }
+            SyncMsg::PeerState { former_primary } => {
+                self.peer_former_primary = former_primary;
+                if former_primary {
+                    info!("the peer served as primary: its changes are checked against this node's takeover record");
+                }
+            }
+            SyncMsg::ConflictFile {
+                id,
+                store,
+                path,
+                meta,
+                size,
+                hash,
+                kept_at,
+            } => self.begin_conflict(id, store, &path, meta, size, hash, kept_at)?,
+            SyncMsg::Data { seq, bytes } => self.conflict_data(seq, &bytes)?,
             other => {
                 return Err(SendError::Protocol {
                     peer: "secondary".into(),
                     what: format!("{other:?}").chars().take(80).collect(),
                 })
+            }
+        }
+        Ok(())
+    }
+
+    /// A version the peer kept aside starts arriving.
+    #[allow(clippy::too_many_arguments)]
+    fn begin_conflict(
+        &mut self,
+        id: u64,
+        store: u16,
+        path: &[u8],
+        meta: super::fsops::Meta,
+        size: u64,
+        hash: u128,
+        kept_at: i64,
+    ) -> Result<(), SendError> {
+        let s = store as usize;
+        let (Some(st), Some(rel)) = (self.stores.get(s), rel_from(path)) else {
+            return Err(SendError::Protocol {
+                peer: "secondary".into(),
+                what: format!("conflict {id} names store {s} or an invalid path"),
+            });
+        };
+        if self.incoming.is_some() {
+            return Err(SendError::Protocol {
+                peer: "secondary".into(),
+                what: format!("conflict {id} begins before the previous one ended"),
+            });
+        }
+        match super::conflicts::Incoming::begin(
+            &st.internal,
+            id,
+            s,
+            rel.clone(),
+            meta,
+            size,
+            hash,
+            kept_at,
+        ) {
+            Ok(None) => SyncMsg::ConflictAck { id }.encode(&mut self.replies_out),
+            Ok(Some(inc)) => {
+                self.incoming = Some(Incoming::Receiving(Box::new(inc)));
+                if size == 0 {
+                    self.conflict_data(id, &[])?;
+                }
+            }
+            Err(e) => {
+                error!(store = %st.name, path = %rel.display(), "cannot keep a conflict handed over by the peer: {e}; the peer keeps its copy");
+                self.incoming = (size > 0).then_some(Incoming::Skipping { id, left: size });
+            }
+        }
+        Ok(())
+    }
+
+    /// Content of the version being handed over.
+    fn conflict_data(&mut self, seq: u64, bytes: &[u8]) -> Result<(), SendError> {
+        let protocol = |what: String| SendError::Protocol {
+            peer: "secondary".into(),
+            what,
+        };
+        match self.incoming.take() {
+            Some(Incoming::Skipping { id, left }) if id == seq => {
+                let left = left.saturating_sub(bytes.len() as u64);
+                if left > 0 {
+                    self.incoming = Some(Incoming::Skipping { id, left });
+                }
+            }
+            Some(Incoming::Receiving(mut inc)) if inc.id == seq => {
+                let done = inc
+                    .write(bytes)
+                    .map_err(|e| protocol(format!("conflict {seq}: {e}")))?;
+                if !done {
+                    self.incoming = Some(Incoming::Receiving(inc));
+                    return Ok(());
+                }
+                let s = inc.store;
+                match (*inc).finish() {
+                    Ok(kept) => {
+                        self.conflicts_received += 1;
+                        if self.conflicts_received == 1 {
+                            let line = format!(
+                                "genuine conflicts: the former primary held versions this node never had (its replication lag window); kept aside in {} — see `hasync conflicts list`",
+                                self.stores[s].internal.display()
+                            );
+                            error!(alarm = true, "ALARM: {line}");
+                            self.stats.raise_alarm(line);
+                        }
+                        info!(store = %self.stores[s].name, kept = %kept.display(), "conflict handed over by the peer and kept aside");
+                        SyncMsg::ConflictAck { id: seq }.encode(&mut self.replies_out);
+                    }
+                    Err(e) => {
+                        error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy")
+                    }
+                }
+            }
+            other => {
+                self.incoming = other;
+                return Err(protocol(format!("data for seq {seq} outside a conflict")));
             }
         }
         Ok(())

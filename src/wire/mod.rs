@@ -28,8 +28,9 @@ pub use messages::{Channel, Hello, Message, Proof, NONCE_LEN, PROOF_LEN};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 2] = *b"HS";
-/// Version 2: `Bulk` frames; `Need` names the op it answers.
-pub const VERSION: u8 = 2;
+/// Version 3: exact conflicts (`PeerState`, `KeepAside`, `ConflictFile`,
+/// `ConflictAck`). Version 2 added `Bulk` frames and `Need` naming its op.
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 8;
 pub const TRAILER_LEN: usize = 8;
 /// Header of a `Bulk` frame: the common 8 bytes and their checksum.

@@ -165,6 +165,37 @@ pub enum SyncMsg {
     QueueEndAck {
         hook_ok: bool,
     },
+    /// Secondary → primary, first thing in a session: whether this node
+    /// served as primary and has not been reconciled since (its files may
+    /// hold changes the primary never got: conflicts are decided exactly).
+    PeerState {
+        former_primary: bool,
+    },
+    /// Primary → secondary: the file or symlink at `path` is a genuine
+    /// conflict (a version the primary never held): move it aside before
+    /// the ops that follow replace or delete it.
+    KeepAside {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+    },
+    /// Secondary → primary: a version kept aside here, handed to the primary
+    /// (where conflicts are listed and restored); `Data` frames with
+    /// `seq == id` carry its bytes. `kept_at` is when it was kept aside
+    /// (unix seconds).
+    ConflictFile {
+        id: u64,
+        store: u16,
+        path: Vec<u8>,
+        meta: Meta,
+        size: u64,
+        hash: u128,
+        kept_at: i64,
+    },
+    /// Primary → secondary: conflict `id` is durable on the primary.
+    ConflictAck {
+        id: u64,
+    },
 }
 
 /// One file of a queued message (Exim: `-H` and `-D`).
@@ -209,6 +240,10 @@ mod tag {
     pub const QUEUE_ACK: u8 = 32;
     pub const QUEUE_END: u8 = 33;
     pub const QUEUE_END_ACK: u8 = 34;
+    pub const KEEP_ASIDE: u8 = 12;
+    pub const CONFLICT_ACK: u8 = 13;
+    pub const PEER_STATE: u8 = 24;
+    pub const CONFLICT_FILE: u8 = 25;
 }
 
 fn put_meta(w: &mut Writer, m: &Meta) {
@@ -421,6 +456,28 @@ impl SyncMsg {
             }
             SyncMsg::QueueEndAck { hook_ok } => {
                 w.u8(tag::QUEUE_END_ACK).u8(u8::from(*hook_ok));
+            }
+            SyncMsg::PeerState { former_primary } => {
+                w.u8(tag::PEER_STATE).u8(u8::from(*former_primary));
+            }
+            SyncMsg::KeepAside { seq, store, path } => {
+                w.u8(tag::KEEP_ASIDE).u64(*seq).u16(*store).blob16(path);
+            }
+            SyncMsg::ConflictFile {
+                id,
+                store,
+                path,
+                meta,
+                size,
+                hash,
+                kept_at,
+            } => {
+                w.u8(tag::CONFLICT_FILE).u64(*id).u16(*store).blob16(path);
+                put_meta(&mut w, meta);
+                w.u64(*size).u128(*hash).i64(*kept_at);
+            }
+            SyncMsg::ConflictAck { id } => {
+                w.u8(tag::CONFLICT_ACK).u64(*id);
             }
         }
         encode_frame(Kind::Sync, &w.finish(), out);
@@ -652,6 +709,26 @@ impl SyncMsg {
             tag::QUEUE_END => SyncMsg::QueueEnd,
             tag::QUEUE_END_ACK => SyncMsg::QueueEndAck {
                 hook_ok: r.u8("queue_end_ack.hook_ok")? != 0,
+            },
+            tag::PEER_STATE => SyncMsg::PeerState {
+                former_primary: r.u8("peer_state.former_primary")? != 0,
+            },
+            tag::KEEP_ASIDE => SyncMsg::KeepAside {
+                seq: r.u64("keep_aside.seq")?,
+                store: r.u16("keep_aside.store")?,
+                path: path(&mut r, "keep_aside.path")?,
+            },
+            tag::CONFLICT_FILE => SyncMsg::ConflictFile {
+                id: r.u64("conflict_file.id")?,
+                store: r.u16("conflict_file.store")?,
+                path: path(&mut r, "conflict_file.path")?,
+                meta: get_meta(&mut r)?,
+                size: r.u64("conflict_file.size")?,
+                hash: r.u128("conflict_file.hash")?,
+                kept_at: r.i64("conflict_file.kept_at")?,
+            },
+            tag::CONFLICT_ACK => SyncMsg::ConflictAck {
+                id: r.u64("conflict_ack.id")?,
             },
             other => {
                 return Err(WireError::BadField {
@@ -996,6 +1073,33 @@ mod tests {
                 }),
                 Just(SyncMsg::QueueEnd),
                 any::<bool>().prop_map(|hook_ok| SyncMsg::QueueEndAck { hook_ok }),
+                any::<bool>().prop_map(|former_primary| SyncMsg::PeerState { former_primary }),
+                (seq, store, path()).prop_map(|(seq, store, path)| SyncMsg::KeepAside {
+                    seq,
+                    store,
+                    path
+                }),
+                (
+                    any::<u64>(),
+                    store,
+                    path(),
+                    meta(),
+                    any::<u64>(),
+                    any::<u128>(),
+                    any::<i64>()
+                )
+                    .prop_map(|(id, store, path, meta, size, hash, kept_at)| {
+                        SyncMsg::ConflictFile {
+                            id,
+                            store,
+                            path,
+                            meta,
+                            size,
+                            hash,
+                            kept_at,
+                        }
+                    }),
+                any::<u64>().prop_map(|id| SyncMsg::ConflictAck { id }),
             ]
         }
 

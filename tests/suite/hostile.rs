@@ -138,6 +138,18 @@ pub async fn act_as_primary(
     }
     .encode(&mut out);
     w.send_bytes(out).await.unwrap();
+    // The replica says first whether it served as primary.
+    let mut r = r;
+    let f = tokio::time::timeout(Duration::from_secs(5), r.recv_frame())
+        .await
+        .expect("the replica answers Start")
+        .unwrap();
+    assert_eq!(
+        SyncMsg::decode(&f).unwrap(),
+        SyncMsg::PeerState {
+            former_primary: false
+        }
+    );
     (beat, r, w)
 }
 

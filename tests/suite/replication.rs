@@ -306,7 +306,8 @@ fn anti_entropy_repairs_drift_on_the_secondary() {
 }
 
 #[test]
-fn after_failover_the_new_primary_wins_and_the_loser_is_kept_aside() {
+fn after_failover_exactly_the_versions_the_new_primary_never_had_are_conflicts() {
+    use hasync::daemon::control::Request;
     let mut tp = started_with_fixture(fast(), 9, 3, 40);
     let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     wait_identical(&a, &b, CONVERGE).unwrap();
@@ -316,21 +317,29 @@ fn after_failover_the_new_primary_wins_and_the_loser_is_kept_aside() {
             s.mode == Role::Primary
         })
         .unwrap();
-    // Both sides change the same message during the outage; the old primary
-    // also got a message the new primary never saw.
-    let victim = walk_files(&a)
+    let cur: Vec<_> = walk_files(&a)
         .into_iter()
-        .find(|p| p.to_string_lossy().contains("/cur/"))
-        .unwrap();
-    let rel = victim.strip_prefix(&a).unwrap().to_path_buf();
-    std::fs::write(&victim, b"old primary's edit").unwrap();
+        .filter(|p| p.to_string_lossy().contains("/cur/"))
+        .collect();
+    let rel = |p: &std::path::Path| p.strip_prefix(&a).unwrap().to_path_buf();
+    // Changed on the old primary inside its lag window: genuine conflicts.
+    let victim = rel(&cur[0]);
+    std::fs::write(a.join(&victim), b"old primary's edit").unwrap();
     std::fs::write(
         a.join("user0000/Maildir/new/lost.M1.oldprimary"),
         b"only on the old primary",
     )
     .unwrap();
+    // What the new primary's users did with mail it held at takeover:
+    // followed, never a conflict (the old primary still has the old state).
+    let expunged = rel(&cur[1]);
+    let flagged = rel(&cur[2]);
     std::thread::sleep(Duration::from_millis(200));
-    std::fs::write(b.join(&rel), b"new primary's edit").unwrap();
+    std::fs::write(b.join(&victim), b"new primary's edit").unwrap();
+    std::fs::remove_file(b.join(&expunged)).unwrap();
+    let mut renamed = flagged.as_os_str().to_owned();
+    renamed.push("T");
+    std::fs::rename(b.join(&flagged), b.join(&renamed)).unwrap();
     std::fs::write(
         b.join("user0001/Maildir/new/fresh.M1.newprimary"),
         b"delivered after failover",
@@ -344,40 +353,76 @@ fn after_failover_the_new_primary_wins_and_the_loser_is_kept_aside() {
         })
         .unwrap();
     wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    assert_eq!(std::fs::read(a.join(&rel)).unwrap(), b"new primary's edit");
-    let conflicts = walk_all(&tp.nodes[0].state_dir.join("internal/inbox/conflicts"));
-    let kept: Vec<String> = conflicts
-        .iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .collect();
-    println!("kept aside: {conflicts:?}");
-    assert!(kept.iter().any(|c| c == "old primary's edit"), "{kept:?}");
-    assert!(
-        kept.iter().any(|c| c == "only on the old primary"),
-        "{kept:?}"
+    assert_eq!(
+        std::fs::read(a.join(&victim)).unwrap(),
+        b"new primary's edit"
     );
-    assert!(tp.repl(0).conflicts_kept >= 2);
+    assert!(!a.join(&expunged).exists() && !a.join(&flagged).exists());
+    // Exactly the two genuine ones, handed to the new primary; none stays
+    // on the old one once acknowledged.
+    let listed = |i: usize| {
+        tp.nodes[i]
+            .request(&Request::Conflicts)
+            .unwrap()
+            .conflicts
+            .unwrap()
+    };
+    let start = std::time::Instant::now();
+    while listed(0).len() + listed(1).len() != 2 || !listed(0).is_empty() {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "{:?} / {:?}\n{}",
+            listed(0),
+            listed(1),
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_b = listed(1);
+    let mut contents: Vec<String> = on_b
+        .iter()
+        .map(|c| {
+            let file = tp.nodes[1]
+                .state_dir
+                .join("internal/inbox/conflicts")
+                .join(c.id.split_once('/').unwrap().1);
+            String::from_utf8(std::fs::read(file).unwrap()).unwrap()
+        })
+        .collect();
+    contents.sort();
+    assert_eq!(
+        contents,
+        ["old primary's edit", "only on the old primary"],
+        "{on_b:?}"
+    );
+    let st = tp.nodes[1].status().unwrap();
+    assert_eq!(st.conflicts.count, 2);
+    assert!(
+        st.alarms
+            .iter()
+            .any(|a| a.message.contains("genuine conflicts")),
+        "{:?}",
+        st.alarms
+    );
+    // Restored on the primary as new messages; they replicate like any.
+    let r = tp.nodes[0]
+        .request(&Request::RestoreConflicts { id: None })
+        .unwrap();
+    assert!(!r.ok, "a secondary does not restore");
+    let r = tp.nodes[1]
+        .request(&Request::RestoreConflicts { id: None })
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    assert!(listed(1).is_empty());
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let restored: Vec<String> = walk_files(&b)
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".hasync-restored"))
+        .map(|p| String::from_utf8(std::fs::read(p).unwrap()).unwrap())
+        .collect();
+    assert_eq!(restored.len(), 2, "{restored:?}");
 }
 
-fn walk_all(root: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {

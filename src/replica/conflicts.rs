@@ -1,0 +1,422 @@
+//! Genuine conflicts: versions a former primary held that the new primary
+//! never had (changed on the old primary inside the replication lag window).
+//!
+//! The replica keeps such a version aside (never overwritten, never
+//! deleted) and hands it to the primary, where the users are: there
+//! `hasync conflicts list` shows it and `hasync conflicts restore` puts it
+//! back into the live tree as a new file (for a Maildir message: a new
+//! name in `new/`, so the IMAP server gives it a new UID). Until the
+//! primary acknowledges it, a copy stays on the replica and is handed over
+//! again at the next session.
+//!
+//! Layout, in a store's internal directory (outside the live tree, on its
+//! filesystem): `conflicts/<slot>/<original path>`, one version per slot.
+//! The primary names a slot `<kept unix seconds>-<first 16 hex digits of
+//! the content hash>`, so a version handed over twice lands once; the
+//! replica names its own `<unix seconds>-<counter>`.
+
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::Xxh3;
+
+use super::fsops::CONFLICTS_DIR;
+use crate::wire::sync::Meta;
+
+/// One version kept aside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    /// `<store>/<slot>/<path>`: what `hasync conflicts restore` takes.
+    pub id: String,
+    pub store: String,
+    /// Where it was in the store.
+    pub path: String,
+    pub size: u64,
+    /// When it was kept aside (unix seconds).
+    pub kept_at: i64,
+    /// The file itself.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+fn conflicts_dir(internal: &Path) -> PathBuf {
+    internal.join(CONFLICTS_DIR)
+}
+
+/// Every version kept aside in `store`'s internal directory, oldest first.
+pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
+    let dir = conflicts_dir(internal);
+    let slots = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for slot in slots {
+        let slot = slot?;
+        let name = slot.file_name();
+        let name_b = name.as_bytes();
+        // In-progress hand-overs are dot files.
+        if name_b.starts_with(b".") || !slot.file_type()?.is_dir() {
+            continue;
+        }
+        let kept_at = std::str::from_utf8(name_b)
+            .ok()
+            .and_then(|n| n.split('-').next()?.parse::<i64>().ok())
+            .unwrap_or(0);
+        let mut stack = vec![slot.path()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                let ft = e.file_type()?;
+                if ft.is_dir() {
+                    stack.push(e.path());
+                } else if ft.is_file() || ft.is_symlink() {
+                    let file = e.path();
+                    let rel = file.strip_prefix(slot.path()).unwrap_or(&file);
+                    let size = std::fs::symlink_metadata(&file)?.len();
+                    out.push(Conflict {
+                        id: format!(
+                            "{store}/{}/{}",
+                            String::from_utf8_lossy(name_b),
+                            String::from_utf8_lossy(rel.as_os_str().as_bytes())
+                        ),
+                        store: store.to_string(),
+                        path: String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned(),
+                        size,
+                        kept_at,
+                        file,
+                    });
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.kept_at, &a.id).cmp(&(b.kept_at, &b.id)));
+    Ok(out)
+}
+
+/// Removes a kept version and the folders it leaves empty, up to its slot.
+pub fn remove(internal: &Path, file: &Path) -> io::Result<()> {
+    std::fs::remove_file(file)?;
+    let top = conflicts_dir(internal);
+    let mut d = file.parent();
+    while let Some(dir) = d {
+        if dir == top || !dir.starts_with(&top) || std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+        d = dir.parent();
+    }
+    std::fs::File::open(&top)?.sync_all()
+}
+
+/// A version being handed over to the primary.
+pub struct Incoming {
+    pub id: u64,
+    pub store: usize,
+    rel: PathBuf,
+    meta: Meta,
+    size: u64,
+    hash: u128,
+    slot: PathBuf,
+    tmp: PathBuf,
+    file: Option<std::fs::File>,
+    hasher: Xxh3,
+    written: u64,
+}
+
+impl Incoming {
+    /// Starts receiving version `hash` of `rel` kept aside at `kept_at`;
+    /// `Ok(None)` when the primary already holds it (handed over before,
+    /// the acknowledgement lost): acknowledge it again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin(
+        internal: &Path,
+        id: u64,
+        store: usize,
+        rel: PathBuf,
+        meta: Meta,
+        size: u64,
+        hash: u128,
+        kept_at: i64,
+    ) -> io::Result<Option<Incoming>> {
+        let dir = conflicts_dir(internal);
+        std::fs::create_dir_all(&dir)?;
+        let slot = dir.join(format!("{kept_at}-{:016x}", (hash >> 64) as u64));
+        if slot.join(&rel).exists() {
+            return Ok(None);
+        }
+        let tmp = dir.join(format!(".incoming-{id}"));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        Ok(Some(Incoming {
+            id,
+            store,
+            rel,
+            meta,
+            size,
+            hash,
+            slot,
+            tmp,
+            file: Some(file),
+            hasher: Xxh3::new(),
+            written: 0,
+        }))
+    }
+
+    /// Appends content; `Ok(true)` once all of it arrived.
+    pub fn write(&mut self, bytes: &[u8]) -> io::Result<bool> {
+        if self.written + bytes.len() as u64 > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "more content than announced",
+            ));
+        }
+        self.hasher.update(bytes);
+        if let Some(f) = self.file.as_mut() {
+            f.write_all(bytes)?;
+        }
+        self.written += bytes.len() as u64;
+        Ok(self.written == self.size)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.written == self.size
+    }
+
+    /// Checks the content, applies mode (special bits dropped: it goes back
+    /// into a live tree one day) and mtime, makes it durable under its slot.
+    pub fn finish(mut self) -> io::Result<PathBuf> {
+        let file = self.file.take().expect("finished once");
+        if self.hasher.digest128() != self.hash {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "content does not match its hash",
+            ));
+        }
+        rustix::fs::fchmod(
+            file.as_fd(),
+            rustix::fs::Mode::from_raw_mode(self.meta.mode & 0o777),
+        )?;
+        let t = rustix::fs::Timespec {
+            tv_sec: self.meta.mtime_sec,
+            tv_nsec: i64::from(self.meta.mtime_nsec),
+        };
+        rustix::fs::futimens(
+            file.as_fd(),
+            &rustix::fs::Timestamps {
+                last_access: t,
+                last_modification: t,
+            },
+        )?;
+        file.sync_all()?;
+        drop(file);
+        let dest = self.slot.join(&self.rel);
+        let parent = dest.parent().unwrap_or(&self.slot).to_path_buf();
+        std::fs::create_dir_all(&parent)?;
+        std::fs::rename(&self.tmp, &dest)?;
+        for d in parent.ancestors() {
+            std::fs::File::open(d)?.sync_all()?;
+            if d == self.slot.parent().unwrap_or(&self.slot) {
+                break;
+            }
+        }
+        Ok(dest)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Where a restored version goes in the live tree: a Maildir message gets a
+/// new name in its folder's `new/` (a new message to the IMAP server, with
+/// a new UID); anything else goes beside its old name.
+fn restore_target(c: &Conflict, root: &Path, n: u32) -> PathBuf {
+    let rel = Path::new(&c.path);
+    let in_maildir = rel
+        .parent()
+        .and_then(|p| p.file_name())
+        .is_some_and(|d| d == "cur" || d == "new");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    if in_maildir {
+        let folder = rel
+            .parent()
+            .and_then(|p| p.parent())
+            .unwrap_or(Path::new(""));
+        root.join(folder).join("new").join(format!(
+            "{}.M{}P{}Q{n}.hasync-restored",
+            now.as_secs(),
+            now.subsec_micros(),
+            std::process::id()
+        ))
+    } else {
+        let slot = c.id.split('/').nth(1).unwrap_or("restored");
+        let mut name = rel.as_os_str().to_os_string();
+        name.push(format!(
+            ".restored-{slot}{}",
+            if n > 0 {
+                format!("-{n}")
+            } else {
+                String::new()
+            }
+        ));
+        root.join(name)
+    }
+}
+
+/// Puts a kept version back into the live tree under `root` as a new file
+/// (never over an existing one), durably; returns where it went.
+pub fn restore(c: &Conflict, internal: &Path, root: &Path) -> io::Result<PathBuf> {
+    for n in 0..100 {
+        let to = restore_target(c, root, n);
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // Same filesystem (checked at start): a rename, atomic. A hard link
+        // first so that an existing name is never replaced.
+        match std::fs::hard_link(&c.file, &to) {
+            Ok(()) => {
+                if let Some(parent) = to.parent() {
+                    std::fs::File::open(parent)?.sync_all()?;
+                }
+                remove(internal, &c.file)?;
+                return Ok(to);
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::other("no free name to restore to"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta() -> Meta {
+        Meta {
+            mode: 0o4640,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 5,
+        }
+    }
+
+    fn hand_over(
+        internal: &Path,
+        id: u64,
+        rel: &str,
+        body: &[u8],
+        kept_at: i64,
+    ) -> Option<PathBuf> {
+        let hash = xxhash_rust::xxh3::xxh3_128(body);
+        let mut inc = Incoming::begin(
+            internal,
+            id,
+            0,
+            rel.into(),
+            meta(),
+            body.len() as u64,
+            hash,
+            kept_at,
+        )
+        .unwrap()?;
+        for chunk in body.chunks(3) {
+            inc.write(chunk).unwrap();
+        }
+        assert!(inc.is_complete());
+        Some(inc.finish().unwrap())
+    }
+
+    #[test]
+    fn handed_over_versions_are_listed_once_and_restored_as_new_messages() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let (internal, root) = (d.path().join("internal"), d.path().join("store"));
+        std::fs::create_dir_all(root.join("u/Maildir/cur")).unwrap();
+        let kept = hand_over(
+            &internal,
+            1,
+            "u/Maildir/cur/1.M1.host:2,S",
+            b"late mail",
+            1_700_000_100,
+        )
+        .unwrap();
+        assert!(
+            hand_over(
+                &internal,
+                2,
+                "u/Maildir/cur/1.M1.host:2,S",
+                b"late mail",
+                1_700_000_100
+            )
+            .is_none(),
+            "twice is once"
+        );
+        hand_over(
+            &internal,
+            3,
+            "u/Maildir/dovecot-uidlist",
+            b"3 V1 N9\n",
+            1_700_000_000,
+        )
+        .unwrap();
+        let md = std::fs::metadata(&kept).unwrap();
+        assert_eq!(
+            (md.mode() & 0o7777, md.mtime()),
+            (0o640, 1_700_000_000),
+            "special bits dropped"
+        );
+        let all = list("inbox", &internal).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].path, "u/Maildir/dovecot-uidlist", "oldest first");
+        assert_eq!(all[1].size, 9);
+        assert!(all[1].id.starts_with("inbox/1700000100-"), "{}", all[1].id);
+        // Restored as a new message in new/, never over anything.
+        let to = restore(&all[1], &internal, &root).unwrap();
+        assert_eq!(to.parent().unwrap(), root.join("u/Maildir/new"));
+        assert_eq!(std::fs::read(&to).unwrap(), b"late mail");
+        let to2 = restore(&all[0], &internal, &root).unwrap();
+        assert!(
+            to2.to_string_lossy().contains("dovecot-uidlist.restored-"),
+            "{}",
+            to2.display()
+        );
+        assert!(list("inbox", &internal).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(internal.join(CONFLICTS_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn content_that_does_not_match_its_hash_is_not_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let mut inc = Incoming::begin(d.path(), 1, 0, "a".into(), meta(), 3, 7, 1)
+            .unwrap()
+            .unwrap();
+        inc.write(b"abc").unwrap();
+        assert!(inc.finish().is_err());
+        assert!(list("s", d.path()).unwrap().is_empty());
+        let mut inc = Incoming::begin(d.path(), 2, 0, "a".into(), meta(), 2, 7, 1)
+            .unwrap()
+            .unwrap();
+        assert!(inc.write(b"abc").is_err(), "more than announced");
+    }
+}
