@@ -285,18 +285,34 @@ pub fn restore(c: &Conflict, internal: &Path, root: &Path) -> io::Result<PathBuf
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        // Same filesystem (checked at start): a rename, atomic. A hard link
-        // first so that an existing name is never replaced.
-        match std::fs::hard_link(&c.file, &to) {
+        // Same filesystem (checked at start): one atomic rename that never
+        // replaces an existing name, and that the change tracker sees as a
+        // file moved in.
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &c.file,
+            rustix::fs::CWD,
+            &to,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
             Ok(()) => {
                 if let Some(parent) = to.parent() {
                     std::fs::File::open(parent)?.sync_all()?;
                 }
-                remove(internal, &c.file)?;
+                // The slot's folders it leaves empty.
+                let top = conflicts_dir(internal);
+                let mut d = c.file.parent();
+                while let Some(dir) = d {
+                    if dir == top || !dir.starts_with(&top) || std::fs::remove_dir(dir).is_err() {
+                        break;
+                    }
+                    d = dir.parent();
+                }
+                std::fs::File::open(&top)?.sync_all()?;
                 return Ok(to);
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
+            Err(rustix::io::Errno::EXIST) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
     Err(io::Error::other("no free name to restore to"))

@@ -179,6 +179,11 @@ pub struct Sender {
     conflicts_received: u64,
     /// Replies to the peer (conflict acknowledgements), written by the loop.
     replies_out: Vec<u8>,
+    /// While reconciling a former primary: per mailstore, the versions
+    /// this node held at takeover (its record) or has sent since. A
+    /// version of the peer's outside it is a genuine conflict.
+    known: Vec<Option<std::collections::HashSet<u128>>>,
+    known_dirty: bool,
     /// Hard links: the names the peer holds of each linked inode.
     inodes: LinkNames,
     /// Every file sent but not yet acknowledged, by inode: a link made to a
@@ -383,6 +388,8 @@ impl Sender {
             incoming: None,
             conflicts_received: 0,
             replies_out: Vec::new(),
+            known: Vec::new(),
+            known_dirty: false,
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
@@ -390,6 +397,7 @@ impl Sender {
 
     /// Saves every changed index now, on this thread (session end, stop).
     pub fn save_indexes(&mut self) {
+        self.save_known();
         self.join_saver();
         for s in self.stores.iter_mut() {
             if let Err(e) = s.index.save() {
@@ -468,6 +476,7 @@ impl Sender {
         self.pump = None;
         let res = self.session(w, rx, stop).await;
         self.pump = None;
+        self.save_known();
         res
     }
 
@@ -725,18 +734,8 @@ impl Sender {
             // A former primary's versions are decided exactly: what this
             // node held when it took over was superseded by its users;
             // anything else is a genuine conflict, kept aside there.
-            let takeover = if self.peer_former_primary && self.stores[s].conflicts {
-                match super::takeover::load(&self.state_dir, &self.stores[s].name) {
-                    Ok(Some(t)) => Some(t),
-                    Ok(None) => {
-                        warn!(store = %self.stores[s].name, "no takeover record: every version the former primary holds and this node does not is kept aside");
-                        Some(Default::default())
-                    }
-                    Err(e) => {
-                        warn!(store = %self.stores[s].name, "takeover record unreadable ({e}): every version the former primary holds and this node does not is kept aside");
-                        Some(Default::default())
-                    }
-                }
+            let takeover = if self.peer_former_primary {
+                self.known.get(s).cloned().flatten()
             } else {
                 None
             };
@@ -957,6 +956,10 @@ impl Sender {
                 self.peer_former_primary = former_primary;
                 if former_primary {
                     info!("the peer served as primary: its changes are checked against this node's takeover record");
+                    self.load_known();
+                } else {
+                    self.save_known();
+                    self.known.clear();
                 }
             }
             SyncMsg::ConflictFile {
@@ -977,6 +980,51 @@ impl Sender {
             }
         }
         Ok(())
+    }
+
+    /// Loads, per mailstore, what this node held at takeover (the record;
+    /// sent versions are added as they are acknowledged).
+    fn load_known(&mut self) {
+        if !self.known.is_empty() {
+            return; // kept across sessions with the same peer
+        }
+        self.known = self
+            .stores
+            .iter()
+            .map(|st| {
+                st.conflicts.then(|| {
+                    match super::takeover::load(&self.state_dir, &st.name) {
+                        Ok(Some(t)) => t,
+                        Ok(None) => {
+                            warn!(store = %st.name, "no takeover record: every version the former primary holds and this node never had is kept aside");
+                            Default::default()
+                        }
+                        Err(e) => {
+                            warn!(store = %st.name, "takeover record unreadable ({e}): every version the former primary holds and this node never had is kept aside");
+                            Default::default()
+                        }
+                    }
+                })
+            })
+            .collect();
+    }
+
+    /// Persists what was added to the known versions (a later session
+    /// with the same former primary, after a restart of this node, must
+    /// still know what it sent).
+    pub fn save_known(&mut self) {
+        if !self.known_dirty {
+            return;
+        }
+        for (st, known) in self.stores.iter().zip(&self.known) {
+            if let Some(k) = known {
+                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, k) {
+                    warn!(store = %st.name, "cannot update the takeover record: {e}");
+                    return;
+                }
+            }
+        }
+        self.known_dirty = false;
     }
 
     /// A version the peer kept aside starts arriving.
@@ -1105,6 +1153,14 @@ impl Sender {
                     OnAck::Set(seq, s, rel, mut entry) => {
                         if self.needed.remove(&seq) {
                             entry.synced = false;
+                        }
+                        // A former primary holds it now because this node
+                        // sent it: never a conflict of that peer's.
+                        if entry.synced && entry.kind == Kind::File {
+                            if let Some(Some(t)) = self.known.get_mut(s) {
+                                t.insert(entry.hash());
+                                self.known_dirty = true;
+                            }
                         }
                         self.stores[s].index.set(rel, entry)
                     }

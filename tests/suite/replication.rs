@@ -423,7 +423,6 @@ fn after_failover_exactly_the_versions_the_new_primary_never_had_are_conflicts()
     assert_eq!(restored.len(), 2, "{restored:?}");
 }
 
-
 #[test]
 fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     let _g = inotify_guard();
