@@ -4,6 +4,7 @@ mod failover_props;
 mod flood;
 mod fuzz_seeds;
 pub mod hostile;
+mod killloop;
 mod pair;
 mod queue;
 mod replication;
