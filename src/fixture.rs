@@ -309,7 +309,7 @@ pub struct PathState {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    /// Files only: directory mtimes move with every landed entry.
+    /// Files and folders (but Maildir `tmp/`, whose entries are excluded).
     pub mtime_ns: Option<i128>,
     /// Other names of the same inode (hard links), sorted.
     pub links: Vec<String>,
@@ -342,7 +342,11 @@ pub fn digest(root: &Path) -> std::collections::BTreeMap<String, PathState> {
             };
             let (kind, hash, mtime) = if md.is_dir() {
                 stack.push(p.clone());
-                ("dir", 0, None)
+                // A Maildir tmp/ changes with entries that are not
+                // replicated (excluded): its mtime is not the replica's.
+                let t = (p.file_name().map_or(true, |n| n != "tmp"))
+                    .then(|| md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128);
+                ("dir", 0, t)
             } else if md.file_type().is_symlink() {
                 let Ok(t) = std::fs::read_link(&p) else {
                     continue;

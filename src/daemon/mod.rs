@@ -49,6 +49,11 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot write {path}: {source}")]
+    StateWrite {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("another hasync daemon is already running with state directory {0} (its control socket answers)")]
     AlreadyRunning(PathBuf),
     #[error(transparent)]
@@ -98,6 +103,21 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         Err(e) => warn!(state_dir = %cfg.state_dir.display(), "cannot clean temporary files: {e}"),
     }
     let record = state::load(&cfg.state_dir)?;
+    // The epoch record says durably whether this node served as primary
+    // (before it acted as one); the engine's own mark may not have been
+    // written yet when it died. A former primary's mailstores are
+    // reconciled exactly (see `replica::takeover`).
+    if record.held_primary.is_some() && !crate::replica::takeover::is_former_primary(&cfg.state_dir)
+    {
+        crate::replica::takeover::mark_former_primary(&cfg.state_dir).map_err(|source| {
+            DaemonError::StateWrite {
+                path: cfg
+                    .state_dir
+                    .join(crate::replica::takeover::FORMER_PRIMARY_FILE),
+                source,
+            }
+        })?;
+    }
     let key = LinkKey::from_secret(&secret);
     let (push_done_tx, push_done_rx) = mpsc::unbounded_channel();
     let engine = Engine::start(
@@ -408,13 +428,18 @@ impl Node {
         let now = Instant::now();
         let resp = match req {
             Request::Status => {
+                // Alarms the replication raised since the last tick belong
+                // in this answer already.
+                for line in self.engine.take_alarms() {
+                    push_bounded(&mut self.alarms, line);
+                }
                 return Response {
                     ok: true,
                     error: None,
                     message: None,
                     status: Some(self.status(now)),
                     conflicts: None,
-                }
+                };
             }
             Request::Conflicts => match self.conflicts() {
                 Ok(list) => {

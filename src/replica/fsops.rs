@@ -1399,6 +1399,30 @@ impl Root {
         }
     }
 
+    /// Refuses a folder's metadata as [`Root::mkdir`] would.
+    pub fn check_dir_meta(&self, rel: &Path, meta: &Meta) -> Result<(), FsError> {
+        self.check_meta(rel.as_os_str().as_bytes(), meta)
+    }
+
+    /// Sets a folder's mtime (and atime) to `meta`'s; `Ok(false)` when the
+    /// folder is gone. Its mode and owner are [`Root::mkdir`]'s.
+    pub fn set_dir_times(&self, rel_dir: &Path, meta: &Meta) -> Result<bool, FsError> {
+        if meta.mtime_nsec >= 1_000_000_000 {
+            return Err(refused(
+                rel_dir.as_os_str().as_bytes(),
+                "mtime nanoseconds out of range",
+            ));
+        }
+        match self.open_dir(rel_dir)? {
+            Some(fd) => {
+                rustix::fs::futimens(&fd, &timestamps(meta))
+                    .map_err(|e| fail("futimens", self.abs(rel_dir), e))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
     /// Opens a directory as [`Root::fsync_dir`] names it, for an fsync
     /// submitted elsewhere (io_uring); `None` when it no longer exists.
     pub fn open_dir(&self, rel_dir: &Path) -> Result<Option<OwnedFd>, FsError> {

@@ -143,6 +143,10 @@ pub struct Receiver {
     /// Paths the primary asked to keep aside where that failed: nothing
     /// may replace or delete them in this session.
     protected: std::collections::HashSet<(usize, PathBuf)>,
+    /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
+    dir_times: std::collections::HashMap<(usize, PathBuf), Meta>,
+    /// Folders whose mtime to apply at the next commit's directory phase.
+    retime: BTreeSet<(usize, PathBuf)>,
 }
 
 /// Encoded bytes of a manifest entry besides its path.
@@ -226,6 +230,8 @@ impl Receiver {
             to_upload: Default::default(),
             next_upload: 1,
             protected: Default::default(),
+            dir_times: Default::default(),
+            retime: BTreeSet::new(),
         }
     }
 
@@ -575,6 +581,7 @@ impl Receiver {
     /// Starts `c`'s directory flush; with syncfs, files staged meanwhile
     /// (and the barriers seen) ride along as their data flush.
     fn fold_and_flush_dirs(&mut self, mut c: Commit) -> Result<(), RecvError> {
+        self.apply_dir_times();
         c.phase = Phase::Dirs;
         c.started = Instant::now();
         if self.durability == Durability::Syncfs {
@@ -592,6 +599,37 @@ impl Receiver {
         };
         self.inflight = Some(c);
         Ok(())
+    }
+
+    /// Entries landed (or were removed) in these folders since the last
+    /// commit: their mtime is the primary's again, before the flush that
+    /// makes the directories durable.
+    fn apply_dir_times(&mut self) {
+        let retime = std::mem::take(&mut self.retime);
+        let touched: Vec<(usize, PathBuf)> = self
+            .dirs
+            .iter()
+            .cloned()
+            .chain(retime)
+            .filter(|k| self.dir_times.contains_key(k))
+            .collect();
+        for key in touched {
+            let meta = self.dir_times[&key];
+            let (s, dir) = key;
+            match self.stores[s].root.set_dir_times(&dir, &meta) {
+                Ok(true) => {
+                    if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&dir) {
+                        self.stores[s].index.set(dir, Entry::new(&st, 0, true));
+                    }
+                }
+                Ok(false) => {
+                    self.dir_times.remove(&(s, dir));
+                }
+                Err(e) => {
+                    warn!(store = %self.stores[s].name, dir = %dir.display(), "cannot set a folder's mtime: {e}")
+                }
+            }
+        }
     }
 
     /// Starts making every rename, delete and new directory so far durable
@@ -846,6 +884,24 @@ impl Receiver {
                 self.flush_if_touching(s, &[&rel], peer).await?;
                 self.keep_aside_for_primary(seq, s, rel, peer);
             }
+            SyncMsg::DirMeta {
+                seq,
+                store,
+                path,
+                meta,
+            } => {
+                let s = self.store_index(store, peer)?;
+                let Some(rel) = self.check(seq, s, &path, peer) else {
+                    return Ok(());
+                };
+                if let Err(e) = self.stores[s].root.check_dir_meta(&rel, &meta) {
+                    self.local_failure(seq, s, &rel, &e, peer);
+                    return Ok(());
+                }
+                // Applied once the batch's entries there have landed.
+                self.dir_times.insert((s, rel.clone()), meta);
+                self.retime.insert((s, rel));
+            }
             SyncMsg::ConflictAck { id } => {
                 if let Some((s, file)) = self.uploads.remove(&id) {
                     if let Err(e) =
@@ -919,6 +975,8 @@ impl Receiver {
                 match self.stores[s].root.mkdir(&rel, &meta) {
                     Ok(parent) => {
                         self.dirs.insert((s, parent));
+                        self.dir_times.insert((s, rel.clone()), meta);
+                        self.retime.insert((s, rel.clone()));
                         if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&rel) {
                             self.stores[s].index.set(rel, Entry::new(&st, 0, true));
                         }

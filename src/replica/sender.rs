@@ -767,6 +767,15 @@ impl Sender {
             for (rel, st, hash) in local {
                 let theirs = remote.remove(&rel);
                 let same = match &theirs {
+                    // A folder whose entries are excluded (Maildir tmp/)
+                    // changes its mtime with what is not replicated.
+                    Some(r)
+                        if st.kind == Kind::Dir
+                            && self.excludes.is_excluded(&rel.join("x"))
+                            && same_entry_but_mtime(&st, r) =>
+                    {
+                        true
+                    }
                     // Hash only what could be equal: same kind, size, mtime, owner.
                     Some(r) if same_entry(&st, r.hash, r) => {
                         let hash = match hash {
@@ -1361,8 +1370,22 @@ impl Sender {
             files: 0,
             bytes: 0,
         };
+        // Folders whose entries this batch changes: their mtime follows.
+        let mut touched: std::collections::BTreeSet<(usize, PathBuf)> = Default::default();
         let mut ops: VecDeque<Op> = ops.into();
         while let Some(op) = ops.pop_front() {
+            match &op {
+                Op::Sync { store, rel, .. } => {
+                    touched.insert((*store, parent_dir(rel)));
+                }
+                Op::Rename {
+                    store, from, to, ..
+                } => {
+                    touched.insert((*store, parent_dir(from)));
+                    touched.insert((*store, parent_dir(to)));
+                }
+                Op::Rescan { .. } => {}
+            }
             match op {
                 Op::Rescan { store, reason, .. } => {
                     warn!(store = %self.stores.get(store).map_or("?", |s| s.name.as_str()), "rescan: {reason}");
@@ -1624,6 +1647,29 @@ impl Sender {
                     while let Ok(m) = rx.try_recv() {
                         self.on_peer_msg_while(m?, Some(&batch))?;
                     }
+                }
+            }
+        }
+        // After the entries: each touched folder's mtime as it is now (the
+        // replica applies it once the entries have landed; the store's own
+        // root is the operator's, not replicated).
+        for (store, dir) in touched {
+            if dir.as_os_str().is_empty() {
+                continue;
+            }
+            if let Ok(Some(st)) = self.stores[store].tree.lstat(&dir) {
+                if st.kind == Kind::Dir {
+                    let seq = self.next_seq();
+                    SyncMsg::DirMeta {
+                        seq,
+                        store: store as u16,
+                        path: rel_bytes(&dir),
+                        meta: st.meta,
+                    }
+                    .encode(&mut out);
+                    batch
+                        .acks
+                        .push(OnAck::Set(seq, store, dir, Entry::new(&st, 0, true)));
                 }
             }
         }
@@ -2103,6 +2149,19 @@ fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
 }
 
 /// Does the replica's entry match the local one?
+/// The folder holding `rel` ("" for the store's root).
+fn parent_dir(rel: &Path) -> PathBuf {
+    rel.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// A folder with the same mode and owner (its mtime aside).
+fn same_entry_but_mtime(st: &Stat, r: &ManifestEntry) -> bool {
+    r.kind == EntryKind::Dir
+        && st.meta.mode == r.meta.mode
+        && st.meta.uid == r.meta.uid
+        && st.meta.gid == r.meta.gid
+}
+
 fn same_entry(st: &Stat, hash: u128, r: &ManifestEntry) -> bool {
     let kind_ok = matches!(
         (st.kind, r.kind),
@@ -2116,9 +2175,12 @@ fn same_entry(st: &Stat, hash: u128, r: &ManifestEntry) -> bool {
     let owner_mode =
         st.meta.mode == r.meta.mode && st.meta.uid == r.meta.uid && st.meta.gid == r.meta.gid;
     match st.kind {
-        // A directory's mtime moves with every entry landed in it; only its
-        // existence, mode and owner are compared.
-        Kind::Dir => owner_mode,
+        // A folder's mtime follows each batch that changes its entries.
+        Kind::Dir => {
+            owner_mode
+                && st.meta.mtime_sec == r.meta.mtime_sec
+                && st.meta.mtime_nsec == r.meta.mtime_nsec
+        }
         Kind::Symlink => hash == r.hash && st.meta.uid == r.meta.uid,
         Kind::File => {
             owner_mode

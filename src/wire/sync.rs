@@ -196,6 +196,15 @@ pub enum SyncMsg {
     ConflictAck {
         id: u64,
     },
+    /// Primary → secondary: a folder's mtime after the changes of the batch
+    /// it closes (entries landing there move it on the replica): applied
+    /// once those entries have landed, not at once.
+    DirMeta {
+        seq: u64,
+        store: u16,
+        path: Vec<u8>,
+        meta: Meta,
+    },
 }
 
 /// One file of a queued message (Exim: `-H` and `-D`).
@@ -242,6 +251,7 @@ mod tag {
     pub const QUEUE_END_ACK: u8 = 34;
     pub const KEEP_ASIDE: u8 = 12;
     pub const CONFLICT_ACK: u8 = 13;
+    pub const DIR_META: u8 = 14;
     pub const PEER_STATE: u8 = 24;
     pub const CONFLICT_FILE: u8 = 25;
 }
@@ -478,6 +488,15 @@ impl SyncMsg {
             }
             SyncMsg::ConflictAck { id } => {
                 w.u8(tag::CONFLICT_ACK).u64(*id);
+            }
+            SyncMsg::DirMeta {
+                seq,
+                store,
+                path,
+                meta,
+            } => {
+                w.u8(tag::DIR_META).u64(*seq).u16(*store).blob16(path);
+                put_meta(&mut w, meta);
             }
         }
         encode_frame(Kind::Sync, &w.finish(), out);
@@ -729,6 +748,12 @@ impl SyncMsg {
             },
             tag::CONFLICT_ACK => SyncMsg::ConflictAck {
                 id: r.u64("conflict_ack.id")?,
+            },
+            tag::DIR_META => SyncMsg::DirMeta {
+                seq: r.u64("dir_meta.seq")?,
+                store: r.u16("dir_meta.store")?,
+                path: path(&mut r, "dir_meta.path")?,
+                meta: get_meta(&mut r)?,
             },
             other => {
                 return Err(WireError::BadField {
@@ -1100,6 +1125,14 @@ mod tests {
                         }
                     }),
                 any::<u64>().prop_map(|id| SyncMsg::ConflictAck { id }),
+                (seq, store, path(), meta()).prop_map(|(seq, store, path, meta)| {
+                    SyncMsg::DirMeta {
+                        seq,
+                        store,
+                        path,
+                        meta,
+                    }
+                }),
             ]
         }
 
