@@ -34,6 +34,8 @@ pub struct PairOptions {
     /// `queue-internal`) instead of under `state_dir`: for tests that mount a
     /// filesystem of their own over `mail/` (see [`NodeProc::mail_dir`]).
     pub internal_beside_stores: bool,
+    /// `queue.post_ingest_hook` of both nodes (argv).
+    pub post_ingest_hook: Option<Vec<String>>,
 }
 
 impl Default for PairOptions {
@@ -51,6 +53,7 @@ impl Default for PairOptions {
             queue_sync: "off",
             queue_sync_interval_ms: 60_000,
             internal_beside_stores: false,
+            post_ingest_hook: None,
         }
     }
 }
@@ -158,7 +161,7 @@ zero_copy = {zero_copy}
 layout = "{layout}"
 sync = "{queue_sync}"
 sync_interval_ms = {queue_sync_interval}
-
+{hook}
 [mailstores]
 inbox = "mail/inbox"
 quarantine = "mail/quarantine"
@@ -168,6 +171,11 @@ quarantine = "mail/quarantine"
                 } else {
                     ""
                 },
+                hook = options
+                    .post_ingest_hook
+                    .as_ref()
+                    .map(|h| format!("post_ingest_hook = {h:?}\n"))
+                    .unwrap_or_default(),
                 layout = options.queue_layout,
                 queue_sync = options.queue_sync,
                 queue_sync_interval = options.queue_sync_interval_ms,

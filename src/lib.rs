@@ -17,6 +17,7 @@ pub mod failover;
 pub mod failpoint;
 pub mod fixture;
 pub mod harness;
+pub mod hooks;
 pub mod io;
 pub mod link;
 pub mod logging;

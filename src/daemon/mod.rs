@@ -17,9 +17,9 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError};
 use crate::failover::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
 use crate::link::{self, auth::LinkKey, LinkCtx, LinkStats};
-use crate::queue::push::PushReport;
 use crate::replica::engine::{
-    Engine, EngineConfig, EngineError, EngineMode, QueueSettings, StoreSpec, QUEUE_STORE,
+    Engine, EngineConfig, EngineError, EngineMode, PushOutcome, QueueSettings, StoreSpec,
+    QUEUE_STORE,
 };
 use crate::replica::sender::CommitOutcome;
 use control::{
@@ -174,7 +174,7 @@ struct Node {
     push_last: Option<(u64, u64)>,
     engine: Engine,
     catch_up_reported: bool,
-    push_done_rx: mpsc::UnboundedReceiver<Result<PushReport, String>>,
+    push_done_rx: mpsc::UnboundedReceiver<PushOutcome>,
     gate_stats: Arc<link::gate::GateStats>,
 }
 
@@ -198,7 +198,7 @@ impl Node {
         key: LinkKey,
         record: EpochRecord,
         engine: Engine,
-        push_done_rx: mpsc::UnboundedReceiver<Result<PushReport, String>>,
+        push_done_rx: mpsc::UnboundedReceiver<PushOutcome>,
     ) -> Result<Node, DaemonError> {
         let now = Instant::now();
         let core_cfg = CoreConfig {
@@ -551,7 +551,29 @@ impl Node {
         Response::message(lines.join("\n"))
     }
 
-    fn on_push_done(&mut self, res: Result<PushReport, String>) {
+    fn on_push_done(&mut self, res: PushOutcome) {
+        let res = match res {
+            PushOutcome::Cancelled(why) => {
+                // Nothing to retry: the push no longer applies.
+                info!("queue push cancelled: {why}");
+                self.core
+                    .handle_event(Instant::now(), Event::QueuePushCancelled);
+                return;
+            }
+            PushOutcome::Done(r) => Ok(r),
+            PushOutcome::Failed(e) if self.core.role() != Role::Secondary => {
+                // It failed because the peer went away and this node has
+                // since become (or is becoming) primary: nothing to retry.
+                info!(
+                    "queue push cancelled: this node is {} now (last attempt: {e})",
+                    self.core.role()
+                );
+                self.core
+                    .handle_event(Instant::now(), Event::QueuePushCancelled);
+                return;
+            }
+            PushOutcome::Failed(e) => Err(e),
+        };
         match res {
             Ok(r) if r.failed == 0 => {
                 info!(

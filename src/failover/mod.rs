@@ -184,6 +184,9 @@ pub enum Event {
     SelfCheck(Result<(), String>),
     /// The queue push raised by [`Action::StartQueuePush`] finished.
     QueuePushDone,
+    /// That push no longer applies (this node is not secondary any more);
+    /// the queue stays here, where it is the live queue.
+    QueuePushCancelled,
     /// Mailstore catch-up from the primary finished.
     CatchUpDone,
 }
@@ -391,6 +394,9 @@ pub struct Core {
     /// every passing self-check retries the write as its probe, until one
     /// succeeds.
     persist_failed: bool,
+    /// The operator ran `hasync join`: the recovery policy `off` has been
+    /// served; a primary found now is joined as secondary.
+    operator_joined: bool,
 }
 
 impl Core {
@@ -416,6 +422,7 @@ impl Core {
             durable: persisted,
             promoting_to: None,
             persist_failed: false,
+            operator_joined: false,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -506,6 +513,7 @@ impl Core {
                 }
                 self.maybe_request_restore(now);
             }
+            Event::QueuePushCancelled => self.push_pending = false,
             Event::CatchUpDone => {
                 self.catch_up_done = true;
                 self.maybe_request_restore(now);
@@ -564,6 +572,7 @@ impl Core {
         if self.role != Role::Off {
             return Err(CommandRefused::WrongRole(self.role));
         }
+        self.operator_joined = true;
         self.enter_negotiating(now, Reason::OperatorJoin);
         Ok(())
     }
@@ -624,9 +633,12 @@ impl Core {
                             self.catch_up_done = false;
                             self.join_as_secondary(now, reason, hb.epoch);
                         }
-                        RecoveryPolicy::Off => {
+                        RecoveryPolicy::Off if !self.operator_joined => {
                             self.become_role(now, Role::Off, Reason::RecoveryPolicyOff)
                         }
+                        // `hasync join`: the operator's decision that the
+                        // policy is served: rejoin and hand the queue over.
+                        RecoveryPolicy::Off => self.join_as_secondary(now, reason, hb.epoch),
                     }
                 } else {
                     self.join_as_secondary(now, reason, hb.epoch);
@@ -746,6 +758,9 @@ impl Core {
                 self.held_primary = Some(target);
                 self.restore_pending = false;
                 self.takeover_requested = false;
+                // A push towards a primary no longer applies: this node's
+                // queue is the live queue again.
+                self.push_pending = false;
                 self.become_role(now, Role::Primary, Reason::EpochDurable);
             }
         }

@@ -119,6 +119,33 @@ fn recovery_policy_off_keeps_the_node_out() {
 }
 
 #[test]
+fn join_after_recovery_policy_off_rejoins_as_secondary_and_pushes_the_queue() {
+    let crash = Fault {
+        at_ms: 3000,
+        kind: FaultKind::Crash {
+            node: 0,
+            down_ms: 2000,
+        },
+    };
+    let join = Fault {
+        at_ms: 9000,
+        kind: FaultKind::Join { node: 0 },
+    };
+    let mut p = plan(200, 100, vec![crash, join]);
+    p.configs[0].recovery = RecoveryPolicy::Off;
+    let out = Sim::new(p).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Secondary), Some(Role::Primary)],
+        "the operator's join serves the policy: the former primary rejoins"
+    );
+    assert_eq!(
+        out.queue_pushes, 1,
+        "the former primary's queue goes to the new primary on join"
+    );
+}
+
+#[test]
 fn split_brain_after_partition_resolves_to_higher_epoch() {
     let part = Fault {
         at_ms: 3000,

@@ -61,6 +61,42 @@ pub struct QueuedMessage {
     pub sub_queue: String,
     /// Exim: exactly `[-H, -D]`, in that order; otherwise one part.
     pub parts: Vec<Part>,
+    /// Files the MTA keeps per message under its queue ID, elsewhere in
+    /// the queue: Postfix's `defer/`, `bounce/` and `trace/` logs (the
+    /// reasons in delay and bounce notices), Exim's `msglog/`. They travel
+    /// with the message (renamed with it) but are not part of its identity:
+    /// they grow with every delivery attempt. `suffix` is the kind.
+    pub side: Vec<Part>,
+}
+
+/// Kinds of per-message side files of `layout` ([`QueuedMessage::side`]).
+pub fn side_kinds(layout: Layout) -> &'static [&'static str] {
+    match layout {
+        Layout::Flat => &[],
+        Layout::Postfix => &POSTFIX_LOG_DIRS,
+        Layout::Exim => &[EXIM_MSGLOG],
+    }
+}
+
+/// Where the side file `kind` of a message with this ID lands.
+pub fn side_target(layout: Layout, queue_dir: &Path, kind: &str, queue_id: &str) -> PathBuf {
+    let root = std::path::absolute(queue_dir).unwrap_or_else(|_| queue_dir.to_owned());
+    match layout {
+        Layout::Postfix => {
+            let base = root.join(kind);
+            let depth = postfix_depth(&base, kind);
+            postfix_hashed(base, queue_id, depth).join(queue_id)
+        }
+        Layout::Exim => {
+            let dir = root.join(EXIM_MSGLOG);
+            match exim_split_char(queue_id) {
+                Some(c) if !single_char_subdirs(&dir).is_empty() => dir.join(c.to_string()),
+                _ => dir,
+            }
+            .join(queue_id)
+        }
+        Layout::Flat => root.join(kind).join(queue_id),
+    }
 }
 
 /// Something in a queue that is not a usable message; left in place.
@@ -127,6 +163,8 @@ const POSTFIX_ID_DIRS: [&str; 10] = [
     "incoming", "active", "deferred", "hold", "maildrop", "defer", "bounce", "trace", "corrupt",
     "saved",
 ];
+/// Postfix's per-message logs, named by queue ID.
+const POSTFIX_LOG_DIRS: [&str; 3] = ["defer", "bounce", "trace"];
 /// Deepest Postfix hash (`hash_queue_depth`) that [`scan`] descends into.
 const POSTFIX_MAX_HASH_DEPTH: usize = 2;
 /// Postfix's long-queue-ID alphabet (base 52, no vowels), in digit order.
@@ -811,6 +849,7 @@ impl Scanner {
                     queue_id: name.to_owned(),
                     sub_queue: String::new(),
                     parts: vec![Self::part("", &e.path, &o)],
+                    side: Vec::new(),
                 }),
                 Open::Gone => {}
                 Open::Bad(reason) => self.garbage(&e.path, reason),
@@ -889,6 +928,7 @@ impl Scanner {
                     queue_id: name.to_owned(),
                     sub_queue: sub.to_owned(),
                     parts: vec![Self::part("", &e.path, &o)],
+                    side: Vec::new(),
                 }),
                 Open::Gone => {}
                 Open::Bad(reason) => self.garbage(&e.path, reason),
@@ -1026,6 +1066,7 @@ impl Scanner {
                 Self::part("-H", &h.path, &ho),
                 Self::part("-D", &d.path, &doo),
             ],
+            side: Vec::new(),
         });
     }
 
@@ -1076,12 +1117,50 @@ impl Scanner {
             messages.push(group[keep].clone());
             i = j;
         }
+        attach_side_files(layout, root, &mut messages);
         self.garbage.sort_by(|a, b| a.path.cmp(&b.path));
         self.incomplete.sort();
         QueueScan {
             messages,
             garbage: self.garbage,
             incomplete: self.incomplete,
+        }
+    }
+}
+
+/// Finds each message's side files (regular files named by its ID in the
+/// layout's log directories, hashed or not) and attaches them. Side files
+/// of no message are left alone.
+fn attach_side_files(layout: Layout, root: &Path, messages: &mut [QueuedMessage]) {
+    for kind in side_kinds(layout) {
+        let mut found: std::collections::HashMap<String, (PathBuf, Opened)> = Default::default();
+        let mut stack = vec![(root.join(kind), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(Some(ents)) = list_dir(&dir) else {
+                continue;
+            };
+            for e in ents {
+                if e.ft.is_dir() {
+                    if depth < POSTFIX_MAX_HASH_DEPTH && is_hash_dir_name(e.name.as_deref()) {
+                        stack.push((e.path, depth + 1));
+                    }
+                    continue;
+                }
+                let (true, Some(name)) = (e.ft.is_file(), e.name) else {
+                    continue;
+                };
+                if let Open::File(o) = open_regular(&e.path) {
+                    found.insert(name, (e.path, o));
+                }
+            }
+        }
+        if found.is_empty() {
+            continue;
+        }
+        for m in messages.iter_mut() {
+            if let Some((path, o)) = found.remove(&m.queue_id) {
+                m.side.push(Scanner::part(kind, &path, &o));
+            }
         }
     }
 }

@@ -125,6 +125,7 @@ fn expected(root: &Path, name: &str, sub: &str, id: &str, parts: &[(&str, &str)]
                 }
             })
             .collect(),
+        side: Vec::new(),
     }
 }
 
@@ -277,12 +278,37 @@ fn flat_garbage_is_reported_and_left_in_place() {
 // ---------------------------------------------------------------------------
 // Postfix
 
+/// `m` with its side file `kind` at `rel` (as the copy on disk has it).
+fn with_side(mut m: QueuedMessage, root: &Path, kind: &str, rel: &str) -> QueuedMessage {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::symlink_metadata(root.join(rel)).unwrap();
+    m.side.push(Part {
+        suffix: kind.into(),
+        path: root.join(rel),
+        size: md.len(),
+        meta: Meta {
+            mode: md.mode() & 0o7777,
+            uid: md.uid(),
+            gid: md.gid(),
+            mtime_sec: md.mtime(),
+            mtime_nsec: md.mtime_nsec() as u32,
+        },
+    });
+    m
+}
+
 fn postfix_expected(root: &Path) -> Vec<QueuedMessage> {
     let e = |sub: &str, id: &str, rel: &str| expected(root, "postfix", sub, id, &[("", rel)]);
     vec![
         e("active", "3B7C10A2F1", "active/3B7C10A2F1"),
         e("deferred", "4VtRdK5Tq9z1Hf3", "deferred/B/4VtRdK5Tq9z1Hf3"),
-        e("deferred", "A1B2C3D4E5", "deferred/A/A1B2C3D4E5"),
+        // Its delay log travels with it.
+        with_side(
+            e("deferred", "A1B2C3D4E5", "deferred/A/A1B2C3D4E5"),
+            root,
+            "defer",
+            "defer/A/A1B2C3D4E5",
+        ),
         e("deferred", "B9F0E1D2C3", "deferred/B/B9F0E1D2C3"),
         e("hold", "5C6D7E8F90", "hold/5C6D7E8F90"),
         e("incoming", "4F2A81C0B3", "incoming/4F2A81C0B3"),
@@ -495,7 +521,12 @@ fn exim_scan_finds_pairs_in_order_with_exact_meta() {
         s.messages,
         vec![
             exim_expected(root, "exim", EXIM_K, "input/K/"),
-            exim_expected(root, "exim", EXIM_A, "input/"),
+            with_side(
+                exim_expected(root, "exim", EXIM_A, "input/"),
+                root,
+                "msglog",
+                &format!("msglog/{EXIM_A}"),
+            ),
             exim_expected(root, "exim", EXIM_B, "input/"),
         ]
     );

@@ -92,6 +92,19 @@ fn read_parts(msg: &QueuedMessage) -> std::io::Result<Vec<Vec<u8>>> {
     msg.parts.iter().map(|p| std::fs::read(&p.path)).collect()
 }
 
+/// Suffix of a side file's part on the wire: `@` and its kind (a message
+/// part's suffix never starts with `@`).
+const SIDE_PREFIX: char = '@';
+
+/// A message's side files, read (one that vanished meanwhile is skipped:
+/// the MTA removed it).
+fn read_side(msg: &QueuedMessage) -> Vec<(&layout::Part, Vec<u8>)> {
+    msg.side
+        .iter()
+        .filter_map(|p| std::fs::read(&p.path).ok().map(|b| (p, b)))
+        .collect()
+}
+
 /// Pushes the whole queue over an authenticated `Channel::Queue` connection.
 pub async fn push(
     layout_kind: Layout,
@@ -168,6 +181,8 @@ pub async fn push(
                 .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
                 .collect();
             let key = layout::identity_of(&msg.queue_id, &views);
+            // The message's own logs travel with it (not in its identity).
+            let side = read_side(&msg);
             let mut out = Vec::new();
             SyncMsg::QueueMsg {
                 id,
@@ -184,10 +199,16 @@ pub async fn push(
                         size: b.len() as u64,
                         hash: xxh3_128(b),
                     })
+                    .chain(side.iter().map(|(p, b)| QueuePart {
+                        suffix: format!("{SIDE_PREFIX}{}", p.suffix),
+                        meta: p.meta,
+                        size: b.len() as u64,
+                        hash: xxh3_128(b),
+                    }))
                     .collect(),
             }
             .encode(&mut out);
-            for b in &parts {
+            for b in parts.iter().chain(side.iter().map(|(_, b)| b)) {
                 for chunk in b.chunks(MAX_DATA) {
                     SyncMsg::Data {
                         seq: id,
@@ -243,8 +264,9 @@ pub async fn push(
                     report.duplicates_dropped += 1;
                 }
                 failpoint::hit("push.after_ack_before_delete");
-                // The new primary holds it durably: only now is ours removed.
-                for p in &msg.parts {
+                // The new primary holds it durably: only now is ours
+                // removed, with its logs.
+                for p in msg.parts.iter().chain(&msg.side) {
                     match std::fs::remove_file(&p.path) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -509,6 +531,7 @@ impl Ingester {
             "queue push from the former primary started"
         );
         let mut landed_any = false;
+        let ingested_before = self.stats.ingested;
         let mut batch: Vec<(u64, Staged)> = Vec::new();
         loop {
             let frame = r.recv_frame().await?;
@@ -587,7 +610,12 @@ impl Ingester {
                 }
                 SyncMsg::QueueEnd => {
                     landed_any |= self.commit_and_ack(&mut batch, &w).await?;
-                    let hook_ok = if landed_any { self.run_hook() } else { true };
+                    let landed = self.stats.ingested - ingested_before;
+                    let hook_ok = if landed_any {
+                        self.run_hook("push", landed).await
+                    } else {
+                        true
+                    };
                     let _ = self.ledger.compact_if_needed();
                     self.stats.ledger_entries = self.ledger.len() as u64;
                     let mut out = Vec::new();
@@ -664,7 +692,7 @@ impl Ingester {
         let (mut moved, mut dups) = (0, 0);
         let mut batch: Vec<(QueuedMessage, Staged)> = Vec::new();
         for msg in scan.messages {
-            let bodies = read_parts(&msg).map_err(|source| PushError::Local {
+            let mut bodies = read_parts(&msg).map_err(|source| PushError::Local {
                 op: "read",
                 path: msg.parts[0].path.clone(),
                 source,
@@ -676,7 +704,8 @@ impl Ingester {
                 .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
                 .collect();
             let key = layout::identity_of(&msg.queue_id, &views);
-            let parts: Vec<QueuePart> = msg
+            let side = read_side(&msg);
+            let mut parts: Vec<QueuePart> = msg
                 .parts
                 .iter()
                 .zip(&bodies)
@@ -687,6 +716,15 @@ impl Ingester {
                     hash: xxh3_128(b),
                 })
                 .collect();
+            for (p, b) in side {
+                parts.push(QueuePart {
+                    suffix: format!("{SIDE_PREFIX}{}", p.suffix),
+                    meta: p.meta,
+                    size: b.len() as u64,
+                    hash: xxh3_128(&b),
+                });
+                bodies.push(b);
+            }
             let pending_keys: std::collections::HashSet<u128> =
                 batch.iter().map(|(_, st)| st.key).collect();
             match self.ingest(
@@ -701,7 +739,7 @@ impl Ingester {
                 Verdict::Done(QueueOutcome::Duplicate, _) => {
                     dups += 1;
                     // Already in the live queue: drop the replica copy.
-                    for p in &msg.parts {
+                    for p in msg.parts.iter().chain(&msg.side) {
                         let _ = std::fs::remove_file(&p.path);
                     }
                 }
@@ -724,7 +762,7 @@ impl Ingester {
         self.commit_batch(&staged)?;
         self.stats.ingested += taken.len() as u64;
         for (msg, _) in &taken {
-            for p in &msg.parts {
+            for p in msg.parts.iter().chain(&msg.side) {
                 let _ = std::fs::remove_file(&p.path);
             }
         }
@@ -810,14 +848,32 @@ impl Ingester {
                 return refuse(&mut self.stats, "content does not match its hash".into());
             }
         }
-        let suffixes: Vec<&str> = parts.iter().map(|p| p.suffix.as_str()).collect();
+        let main = parts
+            .iter()
+            .take_while(|p| !p.suffix.starts_with(SIDE_PREFIX))
+            .count();
+        let suffixes: Vec<&str> = parts[..main].iter().map(|p| p.suffix.as_str()).collect();
         if suffixes != layout::valid_suffixes(self.layout) {
             return refuse(
                 &mut self.stats,
                 format!("parts {suffixes:?} do not fit the {:?} layout", self.layout),
             );
         }
-        let views: Vec<(&str, &[u8])> = parts
+        let kinds = layout::side_kinds(self.layout);
+        let mut seen = std::collections::HashSet::new();
+        for p in &parts[main..] {
+            let kind = p.suffix.trim_start_matches(SIDE_PREFIX);
+            if !p.suffix.starts_with(SIDE_PREFIX) || !kinds.contains(&kind) || !seen.insert(kind) {
+                return refuse(
+                    &mut self.stats,
+                    format!(
+                        "side file {:?} does not fit the {:?} layout",
+                        p.suffix, self.layout
+                    ),
+                );
+            }
+        }
+        let views: Vec<(&str, &[u8])> = parts[..main]
             .iter()
             .zip(bodies)
             .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
@@ -904,6 +960,24 @@ impl Ingester {
         }
         let mut moves: Moves = Vec::new();
         for (p, b) in parts.iter().zip(bodies) {
+            if let Some(kind) = p.suffix.strip_prefix(SIDE_PREFIX) {
+                // A log of the message, under its (possibly new) ID.
+                let target = layout::side_target(self.layout, &self.queue_dir, kind, id);
+                if let Some(d) = target.parent() {
+                    std::fs::create_dir_all(d).map_err(local("create", d))?;
+                }
+                self.counter += 1;
+                let staged = self.staging.join(format!("{key:032x}-{}", self.counter));
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&staged)
+                    .map_err(local("create", &staged))?;
+                f.write_all(b).map_err(local("write", &staged))?;
+                set_meta(&f, &p.meta).map_err(local("set metadata of", &staged))?;
+                moves.push((staged, target));
+                continue;
+            }
             self.counter += 1;
             let staged = self.staging.join(format!("{key:032x}-{}", self.counter));
             let mut f = std::fs::OpenOptions::new()
@@ -973,42 +1047,49 @@ impl Ingester {
         Ok(())
     }
 
-    /// Runs the post-ingest hook (e.g. `postsuper -s`); output is logged,
-    /// failure alarmed.
-    fn run_hook(&mut self) -> bool {
+    /// Runs the post-ingest hook (e.g. `postsuper -c <config dir> -s`)
+    /// after messages landed in the queue, with `HASYNC_QUEUE_DIR`,
+    /// `HASYNC_EVENT` (`push` or `promotion`) and `HASYNC_MESSAGES` in its
+    /// environment; killed after [`HOOK_TIMEOUT`]. Output is logged and
+    /// kept for status, failure alarmed.
+    pub async fn run_hook(&mut self, event: &str, landed: u64) -> bool {
         let Some(argv) = self.hook.clone() else {
             return true;
         };
         self.stats.hook_runs += 1;
-        match std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .output()
-        {
-            Ok(out) => {
-                let text = format!(
-                    "{}{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                self.stats.last_hook_output = Some(text.chars().take(2000).collect());
-                if out.status.success() {
-                    info!(hook = ?argv, "post-ingest hook ran: {}", text.trim());
-                    true
-                } else {
-                    self.stats.hook_failures += 1;
-                    error!(alarm = true, hook = ?argv, "ALARM: post-ingest hook failed ({}): {}", out.status, text.trim());
-                    false
-                }
-            }
-            Err(e) => {
-                self.stats.hook_failures += 1;
-                self.stats.last_hook_output = Some(e.to_string());
-                error!(alarm = true, hook = ?argv, "ALARM: post-ingest hook could not run: {e}");
-                false
-            }
+        let env = vec![
+            (
+                "HASYNC_QUEUE_DIR".to_string(),
+                self.queue_dir.display().to_string(),
+            ),
+            ("HASYNC_EVENT".to_string(), event.to_string()),
+            ("HASYNC_MESSAGES".to_string(), landed.to_string()),
+        ];
+        let out = crate::hooks::run_async(argv, env, HOOK_TIMEOUT).await;
+        self.stats.last_hook_output = Some(out.output.clone());
+        if out.ok {
+            info!("post-ingest hook: {}: {}", out.summary(), out.output);
+            true
+        } else {
+            self.stats.hook_failures += 1;
+            error!(
+                alarm = true,
+                "ALARM: post-ingest hook: {}: {}",
+                out.summary(),
+                out.output
+            );
+            false
         }
     }
+
+    /// Entries in the dedup ledger.
+    pub fn ledger_len(&self) -> usize {
+        self.ledger.len()
+    }
 }
+
+/// How long a post-ingest hook may run before it is killed.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The message ID an Exim spool file names on its first line.
 /// Reads and drops the data frames of queued message `id` (a refused

@@ -92,6 +92,16 @@ pub struct QueueSettings {
     pub staging: PathBuf,
 }
 
+/// How a queue push ended.
+#[derive(Debug, Clone)]
+pub enum PushOutcome {
+    Done(PushReport),
+    /// It no longer applies (this node is not secondary any more: it is
+    /// primary again, its queue is the live queue).
+    Cancelled(String),
+    Failed(String),
+}
+
 /// Queue push state for status.
 #[derive(Debug, Default)]
 pub struct QueueState {
@@ -138,7 +148,7 @@ impl Engine {
     /// `done` receives the outcome of every queue push this engine runs.
     pub fn start(
         cfg: EngineConfig,
-        done: mpsc::UnboundedSender<Result<PushReport, String>>,
+        done: mpsc::UnboundedSender<PushOutcome>,
     ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
         let store_roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
@@ -304,7 +314,7 @@ struct Shared {
     commit_rx: crossbeam_channel::Receiver<CommitReq>,
     commit_wake: Arc<tokio::sync::Notify>,
     queue: Arc<QueueState>,
-    push_done: mpsc::UnboundedSender<Result<PushReport, String>>,
+    push_done: mpsc::UnboundedSender<PushOutcome>,
     cfg: EngineConfig,
     excludes: Excludes,
     stats: Arc<ReplStats>,
@@ -609,7 +619,8 @@ async fn accept_loop(
         q.hook.clone(),
         &q.staging,
     ) {
-        Ok(i) => {
+        Ok(mut i) => {
+            i.stats.ledger_entries = i.ledger_len() as u64;
             *shared.queue.ingest.lock().expect("ingest lock") = i.stats.clone();
             Some(i)
         }
@@ -640,16 +651,28 @@ async fn accept_loop(
                     continue;
                 };
                 match ing.ingest_local(&replica) {
-                    Ok((moved, dups)) => info!(
-                        moved,
-                        duplicates = dups,
-                        "queue replica promoted into the live queue: {moved} messages, {dups} already there"
-                    ),
+                    Ok((moved, dups)) => {
+                        info!(
+                            moved,
+                            duplicates = dups,
+                            "queue replica promoted into the live queue: {moved} messages, {dups} already there"
+                        );
+                        // As after a push: the MTA must learn of them
+                        // (`postsuper -s`), before anything delivers them.
+                        if moved > 0 {
+                            ing.run_hook("promotion", moved).await;
+                        }
+                    }
                     Err(e) => {
-                        error!(alarm = true, "ALARM: promoting the queue replica failed: {e}");
-                        *shared.queue.last_error.lock().expect("queue error lock") = Some(e.to_string());
+                        error!(
+                            alarm = true,
+                            "ALARM: promoting the queue replica failed: {e}"
+                        );
+                        *shared.queue.last_error.lock().expect("queue error lock") =
+                            Some(e.to_string());
                     }
                 }
+                ing.stats.ledger_entries = ing.ledger_len() as u64;
                 *shared.queue.ingest.lock().expect("ingest lock") = ing.stats.clone();
                 *ingester.borrow_mut() = Some(ing);
             }
@@ -834,16 +857,17 @@ async fn run_push(
     shared: &Rc<Shared>,
     ctx: &Rc<LinkCtx>,
     mode_rx: &watch::Receiver<EngineMode>,
-) -> Result<PushReport, String> {
+) -> PushOutcome {
     let q = &shared.cfg.queue;
     shared.queue.running.store(true, Relaxed);
     let mut backoff = Backoff::with_max(Duration::from_secs(2));
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let res = loop {
-        if *mode_rx.borrow() != EngineMode::Secondary {
-            break Err(
-                "queue push needs this node to be secondary with a primary peer".to_string(),
-            );
+        let mode = *mode_rx.borrow();
+        if mode != EngineMode::Secondary {
+            break PushOutcome::Cancelled(format!(
+                "this node is no longer secondary ({mode:?}): its queue is not handed over"
+            ));
         }
         let attempt = async {
             let stream = tokio_uring::net::TcpStream::connect(ctx.peer_addr)
@@ -863,21 +887,26 @@ async fn run_push(
             out
         };
         match attempt.await {
-            Ok(report) => break Ok(report),
+            Ok(report) => break PushOutcome::Done(report),
             Err(e) => {
                 let last = e.to_string();
                 debug!("queue push attempt failed: {last}");
                 if std::time::Instant::now() > deadline {
-                    break Err(format!("queue push gave up after 120s: {last}"));
+                    break PushOutcome::Failed(format!("queue push gave up after 120s: {last}"));
                 }
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;
     };
     shared.queue.running.store(false, Relaxed);
-    if let Err(e) = &res {
-        warn!("queue push failed: {e}");
-        *shared.queue.last_error.lock().expect("queue error lock") = Some(e.clone());
+    match &res {
+        PushOutcome::Failed(e) => {
+            warn!("queue push failed: {e}");
+            *shared.queue.last_error.lock().expect("queue error lock") = Some(e.clone());
+        }
+        PushOutcome::Cancelled(_) | PushOutcome::Done(_) => {
+            *shared.queue.last_error.lock().expect("queue error lock") = None;
+        }
     }
     res
 }

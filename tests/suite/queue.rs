@@ -96,6 +96,110 @@ fn kill9_failover_pushes_a_flat_queue_exactly_once() {
     kill9_failover_push("flat");
 }
 
+#[test]
+fn join_after_recovery_off_hands_the_queue_over() {
+    let (mut tp, p) = TestPair::formed(PairOptions {
+        recovery: "off",
+        ..opts("postfix")
+    });
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, "postfix", 25, 7);
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    tp.nodes[0].start().unwrap();
+    // The policy keeps the recovered former primary out, its queue in place.
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.mode == Role::Off
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tp.nodes[0].status().unwrap().mode, Role::Off);
+    assert_eq!(queue_digest(&tp.nodes[0].queue_dir, "postfix"), before);
+    // The operator's `hasync join`: rejoin as secondary, queue handed over.
+    let r = tp.nodes[0]
+        .request(&hasync::daemon::control::Request::Join)
+        .unwrap();
+    assert!(r.ok, "join refused: {r:?}");
+    let st = push_settled(&tp, 0);
+    assert!(
+        !st.alarms.iter().any(|a| a.message.contains("queue")),
+        "alarms: {:?}",
+        st.alarms
+    );
+    assert!(queue_digest(&tp.nodes[0].queue_dir, "postfix").is_empty());
+    assert_eq!(queue_digest(&tp.nodes[1].queue_dir, "postfix"), before);
+}
+
+#[test]
+fn push_cut_by_the_new_primarys_crash_is_cancelled_not_left_pending() {
+    let (mut tp, p) = TestPair::formed(opts("flat"));
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 5);
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    // mx2 dies while it ingests mx1's push, and stays down: mx1 becomes
+    // primary again with its queue.
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.after_stage=1")])
+        .unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[0].start().unwrap();
+    assert!(
+        tp.nodes[1].wait_exit(Duration::from_secs(30)),
+        "mx2 must reach its crash point\n{}",
+        tp.logs()
+    );
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
+            s.mode == Role::Primary && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Let any retry or late outcome land, then check what status claims.
+    std::thread::sleep(Duration::from_secs(3));
+    let st2 = tp.nodes[0].status().unwrap();
+    for s in [&st, &st2] {
+        assert!(
+            !s.queue_push.pending,
+            "no push can happen on a primary: {:?}",
+            s.queue_push
+        );
+        assert!(
+            !s.alarms.iter().any(|a| a.message.contains("push-queue")),
+            "no alarm asks for a push that is refused on a primary: {:?}",
+            s.alarms
+        );
+    }
+    assert!(
+        tp.nodes[0].log().contains("queue push cancelled"),
+        "the cancel is logged\n{}",
+        tp.nodes[0].log()
+    );
+    // What mx2 durably took in before its crash is handed back by its own
+    // push when it returns; meanwhile, nothing is lost: the union holds
+    // every message exactly once.
+    let a = queue_digest(&tp.nodes[0].queue_dir, "flat");
+    let b = queue_digest(&tp.nodes[1].queue_dir, "flat");
+    let mut union = a.clone();
+    for (k, v) in &b {
+        *union.entry(*k).or_insert(0) += v;
+    }
+    assert_eq!(union, before);
+}
+
 /// Crash points on both sides of the push, several hit counts each: the
 /// union of both queues always holds every message exactly once, and once
 /// the pair settles the secondary's queue is empty.
@@ -210,6 +314,16 @@ fn garbage_in_the_queue_is_reported_and_left_in_place() {
 fn continuous_queue_replication_survives_a_primary_that_never_returns() {
     let mut o = opts("postfix");
     o.queue_sync = "continuous";
+    let marks = tempfile::tempdir().unwrap();
+    let mark = marks.path().join("hook-runs");
+    o.post_ingest_hook = Some(vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        format!(
+            "echo \"$HASYNC_EVENT $HASYNC_MESSAGES $HASYNC_QUEUE_DIR\" >> {}",
+            mark.display()
+        ),
+    ]);
     let (mut tp, p) = TestPair::formed(o);
     assert_eq!(p, 0);
     let before = fill_queue(&tp.nodes[0].queue_dir, "postfix", 30, 5);
@@ -244,6 +358,24 @@ fn continuous_queue_replication_survives_a_primary_that_never_returns() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // As after a push, the MTA is told (postsuper -s) of what the
+    // promotion put in its queue, and the ledger counts it.
+    let st = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.queue_push.ingest.hook_runs >= 1
+        })
+        .unwrap_or_else(|e| panic!("the promotion ran no hook: {e}\n{}", tp.logs()));
+    assert_eq!(
+        st.queue_push.ingest.ledger_entries, 30,
+        "{:?}",
+        st.queue_push.ingest
+    );
+    let runs = std::fs::read_to_string(&mark).unwrap();
+    assert_eq!(
+        runs.trim(),
+        format!("promotion 30 {}", tp.nodes[1].queue_dir.display()),
+        "{runs}"
+    );
     // The old primary returns after all: everything it pushes is a duplicate.
     tp.nodes[0].start().unwrap();
     let st = push_settled(&tp, 0);
@@ -368,4 +500,95 @@ fn periodic_queue_replication_sends_changes_at_the_interval() {
         at <= Duration::from_secs(5),
         "sent within an interval or two"
     );
+}
+
+/// Postfix keeps each message's delay, bounce and trace logs under its
+/// queue ID in `defer/`, `bounce/`, `trace/`: they travel with it (renamed
+/// with it when the new primary gives it a new ID) and leave the old
+/// primary with it.
+#[test]
+fn per_message_logs_travel_with_their_message() {
+    let (mut tp, p) = TestPair::formed(opts("postfix"));
+    assert_eq!(p, 0);
+    let (qa, qb) = (tp.nodes[0].queue_dir.clone(), tp.nodes[1].queue_dir.clone());
+    fill_queue(&qa, "postfix", 12, 7);
+    let scan = layout::scan(Layout::Postfix, &qa).unwrap();
+    // Logs for the first few messages, of every kind.
+    let mut logs: BTreeMap<Vec<u8>, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+    for (i, m) in scan.messages.iter().take(4).enumerate() {
+        let body = std::fs::read(&m.parts[0].path).unwrap();
+        for kind in ["defer", "bounce", "trace"].iter().take(i % 3 + 1) {
+            let log = format!("recipient=<u{i}@example.net>\nreason=4.4.1 {kind} try {i}\n");
+            let at = layout::side_target(Layout::Postfix, &qa, kind, &m.queue_id);
+            std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+            std::fs::write(&at, &log).unwrap();
+            logs.entry(body.clone())
+                .or_default()
+                .push((kind.to_string(), log.into_bytes()));
+        }
+    }
+    // A stale log on the new primary takes the first message's ID there:
+    // it lands under a new ID, and its logs must follow it.
+    let taken = &scan.messages[0].queue_id;
+    let stale = layout::side_target(Layout::Postfix, &qb, "defer", taken);
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    std::fs::write(&stale, b"someone else's log\n").unwrap();
+
+    fail_over_and_rejoin(&mut tp);
+    let on_b = layout::scan(Layout::Postfix, &qb).unwrap();
+    let mut found = 0;
+    for m in &on_b.messages {
+        let body = std::fs::read(&m.parts[0].path).unwrap();
+        let Some(want) = logs.get(&body) else {
+            assert!(m.side.is_empty() || m.queue_id == *taken, "{m:?}");
+            continue;
+        };
+        let mut got: Vec<(String, Vec<u8>)> = m
+            .side
+            .iter()
+            .map(|s| (s.suffix.clone(), std::fs::read(&s.path).unwrap()))
+            .collect();
+        got.sort();
+        let mut want = want.clone();
+        want.sort();
+        assert_eq!(got, want, "logs of {} on the new primary", m.queue_id);
+        for s in &m.side {
+            assert!(s.path.ends_with(&m.queue_id), "{s:?} named by its message");
+        }
+        found += 1;
+    }
+    assert_eq!(found, 4, "{:?}", on_b.messages);
+    assert!(
+        on_b.messages
+            .iter()
+            .all(|m| &m.queue_id != taken || m.side.is_empty()),
+        "the message whose ID was taken got a new one"
+    );
+    assert_eq!(std::fs::read(&stale).unwrap(), b"someone else's log\n");
+    // Nothing of them is left on the old primary.
+    for kind in ["defer", "bounce", "trace"] {
+        let left: Vec<_> = walkdir(&qa.join(kind));
+        assert!(
+            left.is_empty(),
+            "{kind} logs left on the old primary: {left:?}"
+        );
+    }
+}
+
+fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
 }
