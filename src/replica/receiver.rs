@@ -606,7 +606,8 @@ impl Receiver {
     /// makes the directories durable.
     fn apply_dir_times(&mut self) {
         let retime = std::mem::take(&mut self.retime);
-        let touched: Vec<(usize, PathBuf)> = self
+        // A folder can be both touched and due a retime: once each.
+        let touched: std::collections::BTreeSet<(usize, PathBuf)> = self
             .dirs
             .iter()
             .cloned()
@@ -614,7 +615,9 @@ impl Receiver {
             .filter(|k| self.dir_times.contains_key(k))
             .collect();
         for key in touched {
-            let meta = self.dir_times[&key];
+            let Some(&meta) = self.dir_times.get(&key) else {
+                continue;
+            };
             let (s, dir) = key;
             match self.stores[s].root.set_dir_times(&dir, &meta) {
                 Ok(true) => {

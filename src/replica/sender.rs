@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_uring::buf::BoundedBuf;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::index::{self, Entry, Index, Kind, Stat};
 use super::links::{InodeKey, LinkNames};
@@ -47,6 +47,9 @@ const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(500);
 const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// An op the peer failed to apply for another local reason is sent again
 /// after this long, so a lasting failure there does not spin both nodes.
+/// Refused paths remembered per session (bounded: a peer refusing
+/// everything must not grow this without end).
+const REFUSED_REMEMBERED_MAX: usize = 100_000;
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +224,9 @@ pub struct Sender {
     /// Directories whose children the last reconciliation already queued,
     /// with their inode and ctime when it listed them.
     listed_dirs: HashMap<(usize, PathBuf), (u64, i64, u32)>,
+    /// Paths the peer refused this session (its metadata policy, say):
+    /// known differences, not drift.
+    refused: std::collections::HashSet<(usize, PathBuf)>,
     /// Paths too long to replicate, each reported once.
     out_of_reach: super::tree::OutOfReach,
     /// Lag is measured for changes after the initial sync, not for it.
@@ -383,6 +389,7 @@ impl Sender {
             pump: None,
             listed_dirs: Default::default(),
             out_of_reach: Default::default(),
+            refused: Default::default(),
             state_dir: PathBuf::new(),
             peer_former_primary: false,
             incoming: None,
@@ -494,6 +501,7 @@ impl Sender {
         self.incoming = None;
         self.conflicts_received = 0;
         self.replies_out.clear();
+        self.refused.clear();
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -686,6 +694,11 @@ impl Sender {
         initial: bool,
     ) -> Result<u64, SendError> {
         self.set_phase(if initial { "manifest" } else { "verifying" });
+        // What is on its way explains a difference; only the rest is drift.
+        let mut on_way = super::drift::InFlight::new(std::time::SystemTime::now());
+        for (s, rel) in &self.backlog {
+            on_way.add_path(*s, rel);
+        }
         // This comparison finds everything still different.
         self.backlog.clear();
         self.manifest_id += 1;
@@ -728,6 +741,9 @@ impl Sender {
         }
 
         let mut differ = 0u64;
+        // Differing paths with the ctime that may explain them (not for
+        // the first comparison of a session: everything differs then).
+        let mut differing: Vec<super::drift::Difference> = Vec::new();
         let (mut files, mut bytes) = (0u64, 0u64);
         let mut aside: Vec<(usize, PathBuf)> = Vec::new();
         for (s, remote) in remote.into_iter().enumerate() {
@@ -757,6 +773,9 @@ impl Sender {
                 self.out_of_reach
                     .report(&self.stats, &self.stores[s].name, &rel);
             }
+            // Folder ctimes looked up for differing paths (a folder renamed
+            // or changed while the comparison ran explains its contents).
+            let mut dir_changes: HashMap<PathBuf, Option<(i64, u32)>> = HashMap::new();
             let store = &mut self.stores[s];
             // Every local path gets an entry once acknowledged: one
             // allocation of the final size instead of doublings.
@@ -809,6 +828,12 @@ impl Sender {
                         files += 1;
                         bytes += st.version.size;
                     }
+                    if !initial {
+                        let v = st.version;
+                        let own = Some((v.ctime_s, v.ctime_ns));
+                        let above = newest_change_above(&store.tree, &rel, &mut dir_changes);
+                        differing.push((s, rel.clone(), own.max(above)));
+                    }
                     queue.push(rel);
                 }
             }
@@ -817,6 +842,12 @@ impl Sender {
             for (rel, r) in remote {
                 if genuine(&r) {
                     aside.push((s, rel.clone()));
+                }
+                if !initial {
+                    // A delete or a rename away changed the nearest folder
+                    // that is still here.
+                    let changed = newest_change_above(&store.tree, &rel, &mut dir_changes);
+                    differing.push((s, rel.clone(), changed));
                 }
                 queue.push(rel);
             }
@@ -845,12 +876,39 @@ impl Sender {
             w.send_bytes(out).await?;
         }
         self.stats.verify_runs.fetch_add(1, Relaxed);
-        if !initial && differ > 0 {
-            add(&self.stats.repaired, differ);
-            warn!(
-                paths = differ,
-                "anti-entropy found {differ} paths that differ on the replica; repairing"
+        if !differing.is_empty() {
+            // Changes made while the comparison ran, queued since.
+            self.coalescer.drain();
+            for op in self
+                .coalescer
+                .pending_ops()
+                .chain(self.retry.iter().map(|(_, op)| op))
+                .chain(self.held.iter())
+            {
+                on_way.add_op(op);
+            }
+            let refused = &self.refused;
+            let drift: Vec<&super::drift::Difference> = differing
+                .iter()
+                .filter(|(s, rel, changed)| {
+                    !on_way.explains(*s, rel, *changed) && !refused.contains(&(*s, rel.clone()))
+                })
+                .collect();
+            let in_transit = differing.len() - drift.len();
+            debug!(
+                in_transit,
+                "anti-entropy: {in_transit} differences are changes on their way"
             );
+            if let Some((s, rel, _)) = drift.first() {
+                let n = drift.len() as u64;
+                add(&self.stats.repaired, n);
+                let line = format!(
+                    "anti-entropy found {n} paths on the replica that differ with no change pending here (drift: the replica was changed outside hasync, or a change was missed); repairing. First: {}",
+                    self.stores[*s].tree.abs(rel).display()
+                );
+                warn!(alarm = true, paths = n, "ALARM: {line}");
+                self.stats.raise_alarm(line);
+            }
         }
         {
             let mut p = self.stats.progress.lock().expect("progress lock");
@@ -960,6 +1018,12 @@ impl Sender {
             } => {
                 add(&self.stats.refused_by_peer, 1);
                 warn!(seq, store, path = %String::from_utf8_lossy(&path), "peer refused op: {why}");
+                // A known difference (said and counted), not drift.
+                if let Some(rel) = rel_from(&path) {
+                    if self.refused.len() < REFUSED_REMEMBERED_MAX {
+                        self.refused.insert((store as usize, rel));
+                    }
+                }
             }
             SyncMsg::PeerState { former_primary } => {
                 self.peer_former_primary = former_primary;
@@ -1175,8 +1239,19 @@ impl Sender {
                     }
                     OnAck::Link(seq, ..) if self.needed.remove(&seq) => {}
                     OnAck::Link(_, s, rel, existing, st) => {
-                        let hash = self.stores[s].index.get(&existing).map_or(0, |e| e.hash());
-                        self.stores[s].index.set(rel, Entry::new(&st, hash, true));
+                        // The link shares the content of `existing`; when
+                        // that hash is not known here (renamed or deleted
+                        // since), the next comparison hashes the file
+                        // rather than trusting a made-up value.
+                        let hash = self.stores[s]
+                            .index
+                            .get(&existing)
+                            .filter(|e| e.kind == Kind::File && e.version.ino == st.version.ino)
+                            .map(|e| e.hash());
+                        match hash {
+                            Some(h) => self.stores[s].index.set(rel, Entry::new(&st, h, true)),
+                            None => self.stores[s].index.remove_tree(&rel),
+                        }
                     }
                     OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
                     OnAck::Rename(seq, s, from, to) => {
@@ -1430,6 +1505,7 @@ impl Sender {
                     for names in self.link_names() {
                         names.renamed(store, &from, &to);
                     }
+                    self.follow_folder_rename(store, &from, &to, since, &mut expand);
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
@@ -1937,6 +2013,59 @@ impl Sender {
         Some(f)
     }
 
+    /// A folder renamed while some of its entries were still on their way
+    /// (a folder new to the replica whose children were queued after its
+    /// mkdir, or a comparison's backlog): those would be looked up under
+    /// the old name, find nothing and be sent as deletes, and the entries
+    /// under the new name would never travel. They follow the rename.
+    fn follow_folder_rename(
+        &mut self,
+        store: usize,
+        from: &Path,
+        to: &Path,
+        since: Instant,
+        expand: &mut [(usize, PathBuf, Instant)],
+    ) {
+        let is_dir = self.stores[store]
+            .tree
+            .lstat(to)
+            .ok()
+            .flatten()
+            .is_some_and(|st| st.kind == Kind::Dir);
+        if !is_dir {
+            return;
+        }
+        // Folders this batch lists once planned: list them where they are.
+        for (s, dir, _) in expand.iter_mut() {
+            if *s == store {
+                if let Some(m) = moved_path(dir, from, to) {
+                    *dir = m;
+                }
+            }
+        }
+        let under = |s: usize, p: &Path| s == store && p != from && p.starts_with(from);
+        let mut follow: Vec<PathBuf> = self
+            .coalescer
+            .pending_ops()
+            .filter_map(|op| match op {
+                Op::Sync { store: s, rel, .. } if under(*s, rel) => moved_path(rel, from, to),
+                _ => None,
+            })
+            .collect();
+        follow.extend(
+            self.backlog
+                .iter()
+                .filter(|(s, p)| under(*s, p))
+                .filter_map(|(_, p)| moved_path(p, from, to)),
+        );
+        if !follow.is_empty() {
+            tracing::debug!(from = %from.display(), to = %to.display(), entries = follow.len(), "folder renamed with entries on their way: they follow it");
+        }
+        for rel in follow {
+            self.coalescer.push(Op::Sync { store, rel, since });
+        }
+    }
+
     /// Applies the renames sent but not yet acknowledged to an index path.
     fn renamed_in_flight(&self, store: usize, mut p: PathBuf, batch: &Inflight) -> PathBuf {
         for acks in self
@@ -2139,6 +2268,27 @@ impl Sender {
 }
 
 /// `p` after renaming `from` to `to`, if `p` is `from` or below it.
+/// The newest ctime among the folders above `rel` that exist here (a
+/// folder renamed, or an entry added or removed in it, moves its ctime;
+/// a folder renamed does not move its entries' ctimes).
+fn newest_change_above(
+    tree: &super::tree::Tree,
+    rel: &Path,
+    seen: &mut HashMap<PathBuf, Option<(i64, u32)>>,
+) -> Option<(i64, u32)> {
+    let mut newest = None;
+    for dir in rel.ancestors().skip(1) {
+        let c = *seen.entry(dir.to_path_buf()).or_insert_with(|| {
+            tree.lstat(dir)
+                .ok()
+                .flatten()
+                .map(|st| (st.version.ctime_s, st.version.ctime_ns))
+        });
+        newest = newest.max(c);
+    }
+    newest
+}
+
 fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
     let rest = p.strip_prefix(from).ok()?;
     Some(if rest.as_os_str().is_empty() {

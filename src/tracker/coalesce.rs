@@ -145,6 +145,12 @@ impl Coalescer {
         self.publish();
     }
 
+    /// The ops waiting, in order (the anti-entropy check asks which paths
+    /// have a change on its way).
+    pub fn pending_ops(&self) -> impl Iterator<Item = &Op> {
+        self.queue.iter().flatten()
+    }
+
     /// Ops waiting.
     pub fn pending(&self) -> usize {
         self.live

@@ -289,6 +289,9 @@ fn anti_entropy_repairs_drift_on_the_secondary() {
     let tp = started_with_fixture(opts, 3, 3, 60);
     let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     wait_identical(&src, &dst, CONVERGE).unwrap();
+    // Drift on paths nobody changed lately (a difference at a path changed
+    // in the last 2 s counts as a change in flight).
+    std::thread::sleep(Duration::from_millis(2500));
     let files: Vec<_> = walk_files(&dst)
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("/cur/"))
@@ -302,6 +305,63 @@ fn anti_entropy_repairs_drift_on_the_secondary() {
     assert!(
         r.repaired >= 2,
         "both the deleted and the corrupted file count as repaired"
+    );
+    let alarms = tp.pair.nodes[0].status().unwrap().alarms;
+    assert!(
+        alarms.iter().any(|a| a.message.contains("drift")),
+        "real drift is an alarm: {alarms:?}"
+    );
+}
+
+/// Periodic verification during live traffic (deliveries, flag renames,
+/// deletes, folder renames): the differences it meets are changes on
+/// their way, not drift; none is counted as a repair, none alarmed, and
+/// the replica still converges.
+#[test]
+fn anti_entropy_during_live_traffic_counts_no_changes_in_flight_as_drift() {
+    let mut opts = fast();
+    opts.verify_interval_ms = 1000;
+    let tp = started_with_fixture(opts, 11, 6, 120);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&src, &dst, CONVERGE).unwrap();
+    let runs_before = tp.repl(0).verify_runs;
+    let mut w = Workload::new(&src, spec(11, 6, 120));
+    let started = std::time::Instant::now();
+    let mut steps = 0u32;
+    let mut dir_renames = 0u32;
+    // Long enough for many verifications to meet changes in flight.
+    while started.elapsed() < Duration::from_secs(10) {
+        if matches!(w.step().unwrap(), Step::DirRename) {
+            dir_renames += 1;
+        }
+        steps += 1;
+        if steps % 10 == 0 {
+            std::thread::sleep(Duration::from_millis(3));
+        }
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    std::thread::sleep(Duration::from_millis(600));
+    let r = tp.repl(0);
+    let runs = r.verify_runs - runs_before;
+    println!(
+        "{steps} steps ({dir_renames} folder renames), {runs} verifications, repaired {}",
+        r.repaired
+    );
+    assert!(
+        runs >= 5,
+        "verification ran during the traffic ({runs} runs)"
+    );
+    assert!(dir_renames > 0, "the traffic renamed folders");
+    if r.repaired != 0 {
+        fail_with_logs(
+            &tp,
+            &format!("{} changes in flight were counted as drift", r.repaired),
+        );
+    }
+    let alarms = tp.pair.nodes[0].status().unwrap().alarms;
+    assert!(
+        !alarms.iter().any(|a| a.message.contains("drift")),
+        "no drift alarm: {alarms:?}"
     );
 }
 
