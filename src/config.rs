@@ -127,7 +127,9 @@ pub struct QueueConfig {
     /// How messages are stored in `queue_dir`.
     pub layout: crate::queue::layout::Layout,
     /// Command (argv) run on the new primary after pushed messages land,
-    /// e.g. `["postsuper", "-s"]` to repair Postfix queue file names.
+    /// e.g. `["postsuper", "-c", "/etc/postfix", "-s"]` to rename Postfix
+    /// queue files to their new inodes (`-c` names the instance whose
+    /// `queue_directory` is `queue_dir`).
     pub post_ingest_hook: Option<Vec<String>>,
     /// Dedup ledger bounds: entries and age.
     pub ledger_max_entries: usize,
@@ -765,7 +767,8 @@ impl RawConfig {
                 return Err(err(
                     "queue.post_ingest_hook",
                     format!("{h:?}"),
-                    "must name a command, e.g. [\"postsuper\", \"-s\"]".into(),
+                    "must name a command, e.g. [\"postsuper\", \"-c\", \"/etc/postfix\", \"-s\"]"
+                        .into(),
                 ));
             }
         }

@@ -34,7 +34,8 @@ pub struct PairOptions {
     /// `queue-internal`) instead of under `state_dir`: for tests that mount a
     /// filesystem of their own over `mail/` (see [`NodeProc::mail_dir`]).
     pub internal_beside_stores: bool,
-    /// `queue.post_ingest_hook` of both nodes (argv).
+    /// `queue.post_ingest_hook` of both nodes (argv); `{node_root}` in an
+    /// argument becomes the node's directory.
     pub post_ingest_hook: Option<Vec<String>>,
 }
 
@@ -174,7 +175,13 @@ quarantine = "mail/quarantine"
                 hook = options
                     .post_ingest_hook
                     .as_ref()
-                    .map(|h| format!("post_ingest_hook = {h:?}\n"))
+                    .map(|h| {
+                        let h: Vec<String> = h
+                            .iter()
+                            .map(|a| a.replace("{node_root}", &root.display().to_string()))
+                            .collect();
+                        format!("post_ingest_hook = {h:?}\n")
+                    })
                     .unwrap_or_default(),
                 layout = options.queue_layout,
                 queue_sync = options.queue_sync,

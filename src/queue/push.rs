@@ -447,7 +447,7 @@ impl Ingester {
             for (staged, fin) in &moves {
                 if staged.exists() {
                     if let Some(d) = fin.parent() {
-                        let _ = std::fs::create_dir_all(d);
+                        let _ = make_queue_dirs(&self.queue_dir, d);
                     }
                     std::fs::rename(staged, fin).map_err(|source| PushError::Local {
                         op: "roll forward",
@@ -956,7 +956,7 @@ impl Ingester {
             None => layout::target_dir(self.layout, &self.queue_dir, sub_queue, id),
         };
         if !dir.is_dir() {
-            std::fs::create_dir_all(&dir).map_err(local("create", &dir))?;
+            make_queue_dirs(&self.queue_dir, &dir).map_err(local("create", &dir))?;
         }
         let mut moves: Moves = Vec::new();
         for (p, b) in parts.iter().zip(bodies) {
@@ -964,7 +964,7 @@ impl Ingester {
                 // A log of the message, under its (possibly new) ID.
                 let target = layout::side_target(self.layout, &self.queue_dir, kind, id);
                 if let Some(d) = target.parent() {
-                    std::fs::create_dir_all(d).map_err(local("create", d))?;
+                    make_queue_dirs(&self.queue_dir, d).map_err(local("create", d))?;
                 }
                 self.counter += 1;
                 let staged = self.staging.join(format!("{key:032x}-{}", self.counter));
@@ -1086,6 +1086,49 @@ impl Ingester {
     pub fn ledger_len(&self) -> usize {
         self.ledger.len()
     }
+}
+
+/// Creates the missing folders of `dir` inside `queue_dir` (a hash
+/// subfolder such as Postfix's `deferred/E` or `defer/E`), each with its
+/// parent's owner and mode: the MTA (Postfix's daemons and `postsuper`
+/// run as its mail owner) must be able to rename and remove in them as in
+/// the folders it made itself.
+fn make_queue_dirs(queue_dir: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let rel = dir.strip_prefix(queue_dir).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{} is outside the queue {}",
+                dir.display(),
+                queue_dir.display()
+            ),
+        )
+    })?;
+    let mut cur = queue_dir.to_path_buf();
+    for c in rel.components() {
+        let parent = std::fs::metadata(&cur)?;
+        cur.push(c);
+        if cur.is_dir() {
+            continue;
+        }
+        let mode = parent.mode() & 0o7777;
+        match std::fs::DirBuilder::new().mode(mode).create(&cur) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        // mkdir applies the umask: set the mode exactly, then the owner.
+        std::fs::set_permissions(&cur, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        let made = std::fs::metadata(&cur)?;
+        if (made.uid(), made.gid()) != (parent.uid(), parent.gid()) {
+            std::os::unix::fs::chown(&cur, Some(parent.uid()), Some(parent.gid()))?;
+        }
+    }
+    Ok(())
 }
 
 /// How long a post-ingest hook may run before it is killed.

@@ -5,6 +5,7 @@ mod flood;
 mod fuzz_seeds;
 pub mod hostile;
 mod killloop;
+mod mta;
 mod pair;
 mod queue;
 mod replication;

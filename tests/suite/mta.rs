@@ -1,0 +1,338 @@
+//! Against real mail software from Debian (installed by `.ci/run`):
+//! Postfix instances of their own (a config directory per node, its queue
+//! the node's `queue_dir`, no network listener) and Dovecot's deliver and
+//! IMAP programs on the nodes' Maildirs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::util::*;
+
+fn need(program: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/lib/dovecot"] {
+        let p = Path::new(dir).join(program);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "{program} is not installed: .ci/run installs it (apt-get install postfix dovecot-imapd)"
+    )
+}
+
+/// The daemons of Postfix run as the `postfix` user: it must reach the
+/// node's directories (a test's temporary directory is 0700).
+fn open_up_to_root(dir: &Path) {
+    for d in dir.ancestors() {
+        if d == Path::new("/") || d == Path::new("/tmp") {
+            break;
+        }
+        let mode = std::fs::metadata(d).unwrap().permissions().mode();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();
+    }
+}
+
+/// One Postfix instance: its own config directory; its queue is the node's
+/// `queue_dir`; mail to anywhere is relayed to a closed port, so it stays
+/// deferred with a reason in its defer log.
+struct Postfix {
+    etc: PathBuf,
+    running: bool,
+}
+
+impl Postfix {
+    fn create(node_root: &Path, queue_dir: &Path, host: &str) -> Postfix {
+        need("postfix");
+        let etc = node_root.join("postfix-etc");
+        let data = node_root.join("postfix-data");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::create_dir_all(&data).unwrap();
+        open_up_to_root(node_root);
+        // The log is written by postlogd (root) and, while Postfix is
+        // stopped, by postsuper as the mail owner: the owner's file.
+        std::fs::write(data.join("postfix.log"), b"").unwrap();
+        let st = Command::new("chown")
+            .arg("-R")
+            .arg("postfix")
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::write(
+            etc.join("main.cf"),
+            format!(
+                "compatibility_level = 3.6\n\
+                 queue_directory = {q}\n\
+                 data_directory = {d}\n\
+                 mail_owner = postfix\n\
+                 setgid_group = postdrop\n\
+                 inet_interfaces = loopback-only\n\
+                 inet_protocols = ipv4\n\
+                 myhostname = {host}.example.net\n\
+                 mydestination =\n\
+                 relayhost = [127.0.0.1]:9\n\
+                 maillog_file = {d}/postfix.log\n\
+                 maillog_file_prefixes = {d}\n",
+                q = queue_dir.display(),
+                d = data.display(),
+            ),
+        )
+        .unwrap();
+        // Debian's master.cf without the SMTP listener and without chroot
+        // (a chroot would need copies of /etc in the queue directory).
+        let master = std::fs::read_to_string("/etc/postfix/master.cf").unwrap();
+        let mut out = String::new();
+        for line in master.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if line.starts_with(|c: char| c.is_ascii_lowercase()) && f.len() >= 8 {
+                if f[1] == "inet" {
+                    continue;
+                }
+                let mut f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+                f[4] = "n".into();
+                out.push_str(&f.join(" "));
+            } else {
+                out.push_str(line);
+            }
+            out.push('\n');
+        }
+        std::fs::write(etc.join("master.cf"), out).unwrap();
+        Postfix {
+            etc,
+            running: false,
+        }
+    }
+
+    fn postfix(&self, what: &str) -> std::process::Output {
+        Command::new("postfix")
+            .arg("-c")
+            .arg(&self.etc)
+            .arg(what)
+            .output()
+            .unwrap()
+    }
+
+    fn start(&mut self) {
+        let out = self.postfix("start");
+        assert!(
+            out.status.success(),
+            "postfix start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.running = true;
+    }
+
+    fn stop(&mut self) {
+        if self.running {
+            let out = self.postfix("stop");
+            assert!(out.status.success(), "postfix stop: {out:?}");
+            self.running = false;
+            // `stop` returns once master is told; wait for it to be gone.
+            let until = Instant::now() + Duration::from_secs(20);
+            while self.postfix("status").status.success() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn submit(&self, from: &str, to: &str, subject: &str) {
+        let mut child = Command::new("sendmail")
+            .arg("-C")
+            .arg(&self.etc)
+            .arg("-f")
+            .arg(from)
+            .arg(to)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("Subject: {subject}\n\nbody of {subject}\n").as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "sendmail failed");
+    }
+
+    /// `postqueue -j`: one JSON object per queued message.
+    fn queue(&self) -> Vec<serde_json::Value> {
+        let out = Command::new("postqueue")
+            .arg("-c")
+            .arg(&self.etc)
+            .arg("-j")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "postqueue -j: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn wait_deferred(&self, n: usize) -> Vec<serde_json::Value> {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let q = self.queue();
+            let deferred = q
+                .iter()
+                .filter(|m| {
+                    m["queue_name"] == "deferred"
+                        && m["recipients"][0]["delay_reason"].as_str().is_some()
+                })
+                .count();
+            if deferred == n {
+                return q;
+            }
+            assert!(
+                Instant::now() < until,
+                "{n} messages not deferred in time: {q:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        if self.running {
+            let _ = self.postfix("abort");
+        }
+    }
+}
+
+/// Queue files under `queue_dir/<sub>` (hashed subfolders included).
+fn queue_files(queue_dir: &Path, sub: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![queue_dir.join(sub)];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A Postfix queue that is not the system's (`queue_dir` of an instance
+/// with its own config directory): after a failover the pushed messages
+/// land on the new primary, the hook `postsuper -c <that config dir> -s`
+/// renames each to its new inode as Postfix requires, and that Postfix
+/// then lists every message with its earlier deferral reason (the defer
+/// logs travelled with their messages); the old primary keeps nothing.
+#[test]
+fn postfix_queue_with_its_own_config_dir_survives_failover_with_its_defer_logs() {
+    need("postsuper");
+    let (mut tp, p) = TestPair::formed(PairOptions {
+        queue_layout: "postfix",
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 600,
+        post_ingest_hook: Some(vec![
+            "postsuper".into(),
+            "-c".into(),
+            "{node_root}/postfix-etc".into(),
+            "-s".into(),
+        ]),
+        ..PairOptions::default()
+    });
+    assert_eq!(p, 0);
+    let roots: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.root.clone()).collect();
+    let queues: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.queue_dir.clone()).collect();
+    let mut pf1 = Postfix::create(&roots[0], &queues[0], "mx1");
+    let mut pf2 = Postfix::create(&roots[1], &queues[1], "mx2");
+    // The secondary's MTA is installed and has run before (its queue
+    // directory has Postfix's structure); it is stopped while secondary.
+    pf2.start();
+    pf2.stop();
+    pf1.start();
+    const N: usize = 6;
+    for i in 0..N {
+        pf1.submit(
+            "alice@example.net",
+            &format!("user{i}@remote.example"),
+            &format!("message {i}"),
+        );
+    }
+    let before = pf1.wait_deferred(N);
+    assert_eq!(
+        queue_files(&queues[0], "defer").len(),
+        N,
+        "one defer log each"
+    );
+    // The appliance dies: its MTA and hasync with it.
+    pf1.stop();
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    // It comes back and hands its queue over.
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary
+                && s.queue_push.requested > 0
+                && !s.queue_push.pending
+                && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    for sub in ["deferred", "defer", "active", "incoming"] {
+        assert!(
+            queue_files(&queues[0], sub).is_empty(),
+            "the old primary keeps nothing in {sub}/: {:?}",
+            queue_files(&queues[0], sub)
+        );
+    }
+    let ingest = tp.nodes[1].status().unwrap().queue_push.ingest;
+    assert!(
+        ingest.hook_runs >= 1 && ingest.hook_failures == 0,
+        "the hook ran and succeeded: {ingest:?}\n{}",
+        tp.logs()
+    );
+    // postsuper -s acted on this queue: every message file is named after
+    // its own inode (short queue IDs: 5 hex digits of time, then the inode).
+    let landed = queue_files(&queues[1], "deferred");
+    assert_eq!(landed.len(), N, "{landed:?}");
+    for f in &landed {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(f).unwrap().ino();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.ends_with(&format!("{ino:X}")),
+            "{name} does not match its inode {ino:X}: postsuper -s did not act on this queue"
+        );
+    }
+    // The new primary's MTA starts on that queue and knows every message,
+    // with the reason of its earlier deferral.
+    pf2.start();
+    let after = pf2.wait_deferred(N);
+    let who = |q: &[serde_json::Value]| {
+        let mut v: Vec<String> = q
+            .iter()
+            .map(|m| format!("{} -> {}", m["sender"], m["recipients"][0]["address"]))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(who(&after), who(&before));
+    for m in &after {
+        let reason = m["recipients"][0]["delay_reason"].as_str().unwrap();
+        assert!(
+            reason.contains("Connection refused"),
+            "the deferral reason travelled: {m}"
+        );
+    }
+    pf2.stop();
+}
