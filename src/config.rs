@@ -68,6 +68,9 @@ pub struct Config {
     pub link: LinkConfig,
     /// Named mailstore directories that are kept in sync (absolute paths).
     pub mailstores: BTreeMap<String, PathBuf>,
+    /// Mailstores that are more than a tree of files (`kind = …` in their
+    /// table form); the others are absent.
+    pub mailstore_kinds: BTreeMap<String, StoreKind>,
     /// The `[replication]` table: how mailstores are replicated.
     pub replication: ReplicationConfig,
     /// The `[queue]` table: the mail queue's layout and its failover push.
@@ -537,6 +540,47 @@ impl Config {
 // ---------------------------------------------------------------------------
 // Raw (deserialised, unvalidated) form.
 
+/// What a mailstore is, beyond a tree of files to mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    /// Dovecot Maildirs: at promotion, before any role hook starts
+    /// Dovecot, each mailbox's next IMAP UID (`N` in `dovecot-uidlist`) is
+    /// raised by `uid_margin`, so a UID the old primary handed out in its
+    /// replication lag window is never given to another message.
+    DovecotMaildir { uid_margin: u32 },
+}
+
+/// Default `uid_margin`: more deliveries than one mailbox takes in any
+/// replication lag window an appliance sees.
+pub const DEFAULT_UID_MARGIN: i64 = 1000;
+/// Largest `uid_margin` (UIDs are 32-bit; a margin this size leaves room
+/// for millions of failovers).
+pub const UID_MARGIN_MAX: i64 = 1_000_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum MailstoreKind {
+    /// A tree of files (the default).
+    Plain,
+    DovecotMaildir,
+}
+
+/// `name = "path"`, or `name = { path = "…", kind = "dovecot-maildir" }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawMailstore {
+    Path(PathBuf),
+    Table(RawMailstoreTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMailstoreTable {
+    path: PathBuf,
+    kind: Option<MailstoreKind>,
+    uid_margin: Option<i64>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -551,7 +595,7 @@ struct RawConfig {
     tie_break: TieBreak,
     link: RawLink,
     #[serde(default)]
-    mailstores: BTreeMap<String, PathBuf>,
+    mailstores: BTreeMap<String, RawMailstore>,
     #[serde(default)]
     replication: RawReplication,
     #[serde(default)]
@@ -707,11 +751,42 @@ impl RawConfig {
         let link = self.link.validate(source, &base, &self.node_name)?;
 
         let mut mailstores = BTreeMap::new();
-        for (name, path) in self.mailstores {
+        let mut mailstore_kinds = BTreeMap::new();
+        for (name, raw) in self.mailstores {
             let key = mailstore_key(&name);
+            let (path, kind) = match raw {
+                RawMailstore::Path(p) => (p, None),
+                RawMailstore::Table(t) => {
+                    if t.uid_margin.is_some() && t.kind != Some(MailstoreKind::DovecotMaildir) {
+                        return Err(err(
+                            &format!("{key}.uid_margin"),
+                            t.uid_margin.unwrap_or_default().to_string(),
+                            "applies to kind = \"dovecot-maildir\" only".into(),
+                        ));
+                    }
+                    let margin = t.uid_margin.unwrap_or(DEFAULT_UID_MARGIN);
+                    if !(1..=UID_MARGIN_MAX).contains(&margin) {
+                        return Err(err(
+                            &format!("{key}.uid_margin"),
+                            margin.to_string(),
+                            format!("must be from 1 to {UID_MARGIN_MAX}"),
+                        ));
+                    }
+                    let kind = match t.kind {
+                        Some(MailstoreKind::DovecotMaildir) => Some(StoreKind::DovecotMaildir {
+                            uid_margin: margin as u32,
+                        }),
+                        Some(MailstoreKind::Plain) | None => None,
+                    };
+                    (t.path, kind)
+                }
+            };
             check_name("mailstore name", &name).map_err(|p| err(&key, quote_path(&path), p))?;
             let resolved =
                 resolve_path(&base, &key, &path).map_err(|p| err(&key, quote_path(&path), p))?;
+            if let Some(kind) = kind {
+                mailstore_kinds.insert(name.clone(), kind);
+            }
             mailstores.insert(name, resolved);
         }
 
@@ -829,6 +904,7 @@ impl RawConfig {
             tie_break: self.tie_break,
             link,
             mailstores,
+            mailstore_kinds,
             source: source.to_path_buf(),
             internal_dirs: BTreeMap::new(),
         };

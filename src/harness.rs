@@ -34,6 +34,9 @@ pub struct PairOptions {
     /// `queue-internal`) instead of under `state_dir`: for tests that mount a
     /// filesystem of their own over `mail/` (see [`NodeProc::mail_dir`]).
     pub internal_beside_stores: bool,
+    /// Extra keys of the `inbox` mailstore's table, e.g.
+    /// `kind = "dovecot-maildir", uid_margin = 1000`.
+    pub inbox_kind: Option<&'static str>,
     /// `queue.post_ingest_hook` of both nodes (argv); `{node_root}` in an
     /// argument becomes the node's directory.
     pub post_ingest_hook: Option<Vec<String>>,
@@ -55,6 +58,7 @@ impl Default for PairOptions {
             queue_sync_interval_ms: 60_000,
             internal_beside_stores: false,
             post_ingest_hook: None,
+            inbox_kind: None,
         }
     }
 }
@@ -164,7 +168,7 @@ sync = "{queue_sync}"
 sync_interval_ms = {queue_sync_interval}
 {hook}
 [mailstores]
-inbox = "mail/inbox"
+inbox = {inbox}
 quarantine = "mail/quarantine"
 {internal}"#,
                 internal = if options.internal_beside_stores {
@@ -183,6 +187,10 @@ quarantine = "mail/quarantine"
                         format!("post_ingest_hook = {h:?}\n")
                     })
                     .unwrap_or_default(),
+                inbox = match options.inbox_kind {
+                    Some(extra) => format!("{{ path = \"mail/inbox\", {extra} }}"),
+                    None => "\"mail/inbox\"".to_string(),
+                },
                 layout = options.queue_layout,
                 queue_sync = options.queue_sync,
                 queue_sync_interval = options.queue_sync_interval_ms,
@@ -303,6 +311,23 @@ impl NodeProc {
             .spawn()?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// SIGSTOP / SIGCONT: a frozen daemon (neither heartbeats nor
+    /// replicates) that still exists, e.g. to hold a lag window open.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(pid) = self
+            .child
+            .as_ref()
+            .and_then(|c| rustix::process::Pid::from_raw(c.id() as i32))
+        {
+            let sig = if frozen {
+                rustix::process::Signal::STOP
+            } else {
+                rustix::process::Signal::CONT
+            };
+            let _ = rustix::process::kill_process(pid, sig);
+        }
     }
 
     /// SIGKILL: the process gets no chance to tidy up.

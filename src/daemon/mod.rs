@@ -75,6 +75,7 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
             replica_root: p.clone(),
             period: None,
             internal: cfg.internal_dir(n),
+            kind: cfg.mailstore_kinds.get(n).copied(),
         })
         .collect();
     use crate::config::QueueSync;
@@ -86,6 +87,7 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
             period: (cfg.queue.sync == QueueSync::Periodic).then_some(cfg.queue.sync_interval),
             // Beside the replica, in state_dir (same filesystem by construction).
             internal: cfg.state_dir.join("internal").join("queue-replica"),
+            kind: None,
         });
     }
     v

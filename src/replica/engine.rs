@@ -74,6 +74,8 @@ pub struct StoreSpec {
     /// hasync's own directory for the receiving side (staging, conflicts):
     /// outside the live tree, on `replica_root`'s filesystem.
     pub internal: PathBuf,
+    /// What the store is beyond a tree of files (`None`: just that).
+    pub kind: Option<crate::config::StoreKind>,
 }
 
 /// Name of the store that replicates the mail queue (`queue.sync`).
@@ -416,6 +418,7 @@ async fn run_primary(
                 index: Index::load(&cfg.state_dir, &s.name),
                 internal: s.internal.clone(),
                 conflicts: s.replica_root == s.root && s.period.is_none(),
+                dovecot: s.kind.is_some(),
             }),
             Err(e) => {
                 warn!(
@@ -433,6 +436,7 @@ async fn run_primary(
             }
         }
     }
+    raise_imap_uids(cfg, &shared.stats);
     record_takeover(cfg, &shared.excludes, &mut stores);
     let mut sender = Sender::new(
         stores,
@@ -493,6 +497,36 @@ async fn run_primary(
         Err(rc) => drop(rc),
     }
     info!("replication: stopped tracking (no longer primary)");
+}
+
+/// This node starts serving as primary: in every Dovecot Maildir store,
+/// each mailbox's next IMAP UID is raised past what the old primary may
+/// have handed out in its lag window (see `dovecot`).
+fn raise_imap_uids(cfg: &EngineConfig, stats: &ReplStats) {
+    for s in &cfg.stores {
+        let Some(crate::config::StoreKind::DovecotMaildir { uid_margin }) = s.kind else {
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let r = super::dovecot::raise_next_uids(&s.root, uid_margin);
+        info!(
+            store = %s.name,
+            mailboxes = r.raised,
+            margin = uid_margin,
+            ms = started.elapsed().as_millis() as u64,
+            "IMAP next UIDs raised by {uid_margin} in {} mailboxes",
+            r.raised
+        );
+        if let Some(first) = r.failed.first() {
+            let line = format!(
+                "cannot raise the next IMAP UID of {} mailboxes in {} (a UID the old primary handed out may be given again there); first: {first}",
+                r.failed.len(),
+                s.name
+            );
+            error!(alarm = true, "ALARM: {line}");
+            stats.raise_alarm(line);
+        }
+    }
 }
 
 /// This node starts serving as primary: record what it holds now (the

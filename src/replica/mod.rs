@@ -3,6 +3,7 @@
 //! which lands every file atomically and durably and acknowledges batches.
 
 pub mod conflicts;
+pub mod dovecot;
 pub mod drift;
 pub mod engine;
 pub mod fsops;

@@ -119,6 +119,9 @@ pub struct Store {
     /// A mailstore replicated in place: a former primary's versions that
     /// this node never held are genuine conflicts (not for the queue).
     pub conflicts: bool,
+    /// A Dovecot Maildir store: Dovecot's own files (uidlist, indexes)
+    /// of a former primary are never conflicts.
+    pub dovecot: bool,
 }
 
 /// What the index learns once the peer acknowledges an op.
@@ -755,10 +758,14 @@ impl Sender {
             } else {
                 None
             };
-            let genuine = |r: &ManifestEntry| {
+            // Dovecot's own files (uidlist, indexes) follow this node: they
+            // describe the mail it holds; the old primary's never are mail.
+            let dovecot = self.stores[s].dovecot;
+            let genuine = |rel: &Path, r: &ManifestEntry| {
                 takeover
                     .as_ref()
                     .is_some_and(|t| r.kind == EntryKind::File && !t.contains(&r.hash))
+                    && !(dovecot && super::dovecot::is_dovecot_metadata(rel))
             };
             let store = &mut self.stores[s];
             let scan = store
@@ -807,7 +814,7 @@ impl Sender {
                     }
                     _ => false,
                 };
-                if !same && theirs.as_ref().is_some_and(&genuine) {
+                if !same && theirs.as_ref().is_some_and(|r| genuine(&rel, r)) {
                     aside.push((s, rel.clone()));
                 }
                 if st.kind == Kind::Dir {
@@ -840,7 +847,7 @@ impl Sender {
             store.index.mark_dirty();
             // On the replica only: the sender finds them missing and deletes.
             for (rel, r) in remote {
-                if genuine(&r) {
+                if genuine(&rel, &r) {
                     aside.push((s, rel.clone()));
                 }
                 if !initial {

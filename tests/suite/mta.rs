@@ -336,3 +336,231 @@ fn postfix_queue_with_its_own_config_dir_survives_failover_with_its_defer_logs()
     }
     pf2.stop();
 }
+
+/// A Dovecot instance of its own (no listener): its mail users live in a
+/// node's `inbox` mailstore (`<store>/<user>/Maildir`, owned by `mail`);
+/// `dovecot-lda` delivers, `doveadm` reads what IMAP clients see.
+struct Dovecot {
+    conf: PathBuf,
+    running: bool,
+}
+
+impl Dovecot {
+    fn create(node_root: &Path, store: &Path) -> Dovecot {
+        need("dovecot");
+        need("dovecot-lda");
+        open_up_to_root(store);
+        let conf = node_root.join("dovecot.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "protocols =\n\
+                 ssl = no\n\
+                 base_dir = {root}/dovecot-run\n\
+                 state_dir = {root}/dovecot-state\n\
+                 log_path = {root}/dovecot.log\n\
+                 default_internal_user = dovenull\n\
+                 default_login_user = dovenull\n\
+                 first_valid_uid = 8\n\
+                 mail_location = maildir:~/Maildir\n\
+                 userdb {{\n  driver = static\n  args = uid=mail gid=mail home={store}/%u\n}}\n\
+                 passdb {{\n  driver = static\n  args = nopassword=y\n}}\n",
+                root = node_root.display(),
+                store = store.display(),
+            ),
+        )
+        .unwrap();
+        Dovecot {
+            conf,
+            running: false,
+        }
+    }
+
+    fn start(&mut self) {
+        // The master daemonizes with the standard streams it was given:
+        // not pipes this process would wait on.
+        let st = Command::new("dovecot")
+            .arg("-c")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "dovecot did not start: see {}",
+            self.conf.display()
+        );
+        self.running = true;
+    }
+
+    fn stop(&mut self) {
+        if self.running {
+            let _ = Command::new("doveadm")
+                .arg("-c")
+                .arg(&self.conf)
+                .arg("stop")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            self.running = false;
+        }
+    }
+
+    fn doveadm(&self, args: &[&str]) -> String {
+        let out = Command::new("doveadm")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "doveadm {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn deliver(&self, user: &str, subject: &str) {
+        let mut child = Command::new(need("dovecot-lda"))
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-d", user, "-f", "sender@example.net"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("Subject: {subject}\n\nbody of {subject}\n").as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "dovecot-lda failed");
+    }
+
+    /// (UID, subject) of every message in the user's INBOX, as IMAP shows them.
+    fn uids(&self, user: &str) -> Vec<(u32, String)> {
+        let text = self.doveadm(&[
+            "fetch",
+            "-u",
+            user,
+            "uid hdr.subject",
+            "mailbox",
+            "INBOX",
+            "all",
+        ]);
+        let mut out = Vec::new();
+        let mut uid = None;
+        for line in text.lines() {
+            if let Some(u) = line.strip_prefix("uid: ") {
+                uid = u.trim().parse().ok();
+            } else if let Some(s) = line.strip_prefix("hdr.subject: ") {
+                out.push((
+                    uid.take().expect("uid before subject"),
+                    s.trim().to_string(),
+                ));
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn uidvalidity(&self, user: &str) -> String {
+        self.doveadm(&["mailbox", "status", "-u", user, "uidvalidity", "INBOX"])
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A delivery in the old primary's lag window is missing on the new
+/// primary; with `kind = "dovecot-maildir"` the new primary raised each
+/// mailbox's next UID at promotion, so its next delivery does not reuse a
+/// UID the old primary handed out, while the UIDs it holds and
+/// UIDVALIDITY stay as clients cached them.
+#[test]
+fn dovecot_never_reuses_a_uid_the_old_primary_handed_out() {
+    const MARGIN: u32 = 1000;
+    let (mut tp, p) = TestPair::formed(PairOptions {
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 600,
+        inbox_kind: Some("kind = \"dovecot-maildir\", uid_margin = 1000"),
+        ..PairOptions::default()
+    });
+    assert_eq!(p, 0);
+    let stores: Vec<PathBuf> = (0..2).map(|i| tp.store(i, "inbox")).collect();
+    let roots: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.root.clone()).collect();
+    // The user's home, owned by the mail user like the rest of the store.
+    std::fs::create_dir_all(stores[0].join("alice")).unwrap();
+    std::os::unix::fs::chown(stores[0].join("alice"), Some(8), Some(8)).unwrap();
+    let mut dv1 = Dovecot::create(&roots[0], &stores[0]);
+    let mut dv2 = Dovecot::create(&roots[1], &stores[1]);
+    dv1.start();
+    for i in 1..=5 {
+        dv1.deliver("alice", &format!("m{i}"));
+    }
+    let replicated = dv1.uids("alice");
+    assert_eq!(
+        replicated.iter().map(|u| u.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    let validity = dv1.uidvalidity("alice");
+    wait_identical(&stores[0], &stores[1], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // The lag window: hasync on mx1 stops replicating; Dovecot there still
+    // delivers (UIDs 6, 7, 8); then the appliance dies.
+    tp.nodes[0].freeze(true);
+    for i in 6..=8 {
+        dv1.deliver("alice", &format!("lost-window m{i}"));
+    }
+    assert_eq!(dv1.uids("alice").last().unwrap().0, 8);
+    dv1.stop();
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Dovecot starts once the node is primary and its UIDs are raised (as
+    // a role hook would).
+    let until = Instant::now() + Duration::from_secs(10);
+    while !tp.nodes[1].log().contains("IMAP next UIDs raised") {
+        assert!(Instant::now() < until, "no UID raise logged\n{}", tp.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dv2.start();
+    // What clients cached is still true.
+    assert_eq!(dv2.uids("alice"), replicated);
+    assert_eq!(dv2.uidvalidity("alice"), validity);
+    dv2.deliver("alice", "after failover");
+    let after = dv2.uids("alice");
+    let new_uid = after
+        .iter()
+        .find(|(_, s)| s == "after failover")
+        .expect("delivered")
+        .0;
+    assert!(
+        new_uid > 8,
+        "UID {new_uid} was handed out by the old primary in its lag window: {after:?}"
+    );
+    assert_eq!(
+        new_uid,
+        5 + 1 + MARGIN,
+        "next UID raised by the margin exactly"
+    );
+    assert!(
+        tp.nodes[1]
+            .status()
+            .unwrap()
+            .alarms
+            .iter()
+            .all(|a| !a.message.contains("UID")),
+        "no UID alarm"
+    );
+}
