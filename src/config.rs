@@ -476,7 +476,18 @@ impl Config {
                 self.mailstores.len()
             );
             for (name, path) in &self.mailstores {
-                let _ = writeln!(out, "  {name:W$} {}", path.display());
+                match self.mailstore_kinds.get(name) {
+                    Some(StoreKind::DovecotMaildir { uid_margin }) => {
+                        let _ = writeln!(
+                            out,
+                            "  {name:W$} {} (dovecot-maildir: next IMAP UIDs raised by {uid_margin} at promotion)",
+                            path.display()
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(out, "  {name:W$} {}", path.display());
+                    }
+                }
             }
         }
         let _ = writeln!(
@@ -566,11 +577,36 @@ enum MailstoreKind {
 }
 
 /// `name = "path"`, or `name = { path = "…", kind = "dovecot-maildir" }`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 enum RawMailstore {
     Path(PathBuf),
     Table(RawMailstoreTable),
+}
+
+// By hand rather than `untagged`, so that a mistake inside the table form
+// is reported as itself (an unknown key, an unknown kind), not as "data
+// did not match any variant".
+impl<'de> Deserialize<'de> for RawMailstore {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawMailstore;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a path, or a table { path = \"…\", kind = \"dovecot-maildir\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawMailstore, E> {
+                Ok(RawMailstore::Path(PathBuf::from(v)))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                m: A,
+            ) -> Result<RawMailstore, A::Error> {
+                RawMailstoreTable::deserialize(serde::de::value::MapAccessDeserializer::new(m))
+                    .map(RawMailstore::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -1324,6 +1360,46 @@ secret_file = "/etc/hasync/link.secret"
     }
 
     /// Parses `text`, expects an Invalid error and returns (key, display).
+    #[test]
+    fn a_mailstore_can_be_a_dovecot_maildir_with_a_uid_margin() {
+        let c = Config::parse(
+            &format!(
+                "{BASE}\n[mailstores]\nplain = \"/srv/a\"\nmail = {{ path = \"/var/vmail\", kind = \"dovecot-maildir\" }}\nother = {{ path = \"/srv/b\", kind = \"dovecot-maildir\", uid_margin = 50 }}\n"
+            ),
+            src(),
+        )
+        .unwrap();
+        assert_eq!(c.mailstores.len(), 3);
+        assert_eq!(c.mailstores["mail"], Path::new("/var/vmail"));
+        assert_eq!(
+            c.mailstore_kinds["mail"],
+            StoreKind::DovecotMaildir { uid_margin: 1000 }
+        );
+        assert_eq!(
+            c.mailstore_kinds["other"],
+            StoreKind::DovecotMaildir { uid_margin: 50 }
+        );
+        assert!(!c.mailstore_kinds.contains_key("plain"));
+        let (key, _) = parse_invalid(&format!(
+            "{BASE}\n[mailstores]\nm = {{ path = \"/x\", uid_margin = 5 }}\n"
+        ));
+        assert_eq!(key, "mailstores.m.uid_margin");
+        for bad in [
+            "m = { path = \"/x\", kind = \"bogus\" }",
+            "m = { path = \"/x\", kind = \"dovecot-maildir\", uid_margn = 5 }",
+            "m = { kind = \"dovecot-maildir\" }",
+            "m = 5",
+        ] {
+            let e = Config::parse(&format!("{BASE}\n[mailstores]\n{bad}\n"), src())
+                .expect_err(bad)
+                .to_string();
+            assert!(
+                e.contains("bogus") || e.contains("uid_margn") || e.contains("path"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
     fn parse_invalid(text: &str) -> (String, String) {
         match Config::parse(text, src()) {
             Err(e @ ConfigError::Invalid { .. }) => {
@@ -1389,6 +1465,7 @@ secret_file = "/etc/hasync/link.secret"
         assert_eq!(c.recovery, RecoveryPolicy::default());
         assert_eq!(c.tie_break, TieBreak::default());
         assert!(c.mailstores.is_empty());
+        assert!(c.mailstore_kinds.is_empty());
     }
 
     #[test]
