@@ -241,6 +241,62 @@ fn inotify_overflow_triggers_a_rescan_and_the_replica_converges() {
     );
 }
 
+/// With the inotify queue overflowing in the middle of traffic, the
+/// rescans converge exactly, deletions included: messages moved new/ →
+/// cur/ leave no stale new/ copy on the replica (after a failover it would
+/// be a duplicate in the user's mailbox).
+#[test]
+fn overflow_rescans_converge_exactly_including_names_moved_away() {
+    const LIMIT: &str = "/proc/sys/fs/inotify/max_queued_events";
+    let guard = inotify_guard();
+    let old = std::fs::read_to_string(LIMIT).unwrap();
+    let mut tp = TestPair::new(fast());
+    let src = tp.store(0, "inbox");
+    for f in 0..20 {
+        for d in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(src.join(format!("f{f:02}/Maildir/{d}"))).unwrap();
+        }
+    }
+    std::fs::write(LIMIT, "16").unwrap();
+    tp.start_all();
+    let formed = tp.wait_formed(Duration::from_secs(20));
+    let tracking =
+        tp.nodes[0].wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.replication.watches > 0
+        });
+    let old = old.trim().parse::<u64>().unwrap();
+    let restore = if old < 1024 { 16384 } else { old };
+    std::fs::write(LIMIT, restore.to_string()).unwrap();
+    drop(guard);
+    formed.unwrap();
+    tracking.unwrap();
+    for f in 0..20 {
+        let mb = src.join(format!("f{f:02}/Maildir"));
+        for m in 0..100 {
+            let tmp = mb.join(format!("tmp/{m}.M{m}P1.mx"));
+            std::fs::write(&tmp, format!("message {f}/{m}\n")).unwrap();
+            std::fs::rename(&tmp, mb.join(format!("new/{m}.M{m}P1.mx"))).unwrap();
+        }
+    }
+    for f in 0..20 {
+        // Spread over the comparisons the overflows start.
+        std::thread::sleep(Duration::from_millis(30));
+        let mb = src.join(format!("f{f:02}/Maildir"));
+        for m in (0..100).step_by(2) {
+            std::fs::rename(
+                mb.join(format!("new/{m}.M{m}P1.mx")),
+                mb.join(format!("cur/{m}.M{m}P1.mx:2,S")),
+            )
+            .unwrap();
+        }
+    }
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(20))
+        .unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    let r = tp.repl(0);
+    println!("overflows {}, rescans {}", r.inotify_overflows, r.rescans);
+    assert!(r.inotify_overflows > 0, "a queue of 16 events overflows");
+}
+
 #[test]
 fn secondary_killed_mid_sync_resumes_instead_of_starting_over() {
     let _g = inotify_guard();
