@@ -75,6 +75,8 @@ pub struct Config {
     pub replication: ReplicationConfig,
     /// The `[queue]` table: the mail queue's layout and its failover push.
     pub queue: QueueConfig,
+    /// The `[hooks]` table: commands run as the role changes.
+    pub hooks: HooksConfig,
     /// The `[internal_dirs]` table: where hasync keeps its staging and
     /// conflicts for a store (or `queue`), when not under `state_dir`.
     pub internal_dirs: BTreeMap<String, PathBuf>,
@@ -144,6 +146,55 @@ pub struct QueueConfig {
     pub commit_timeout: Duration,
     /// With `sync = "periodic"`: how often queue changes are sent.
     pub sync_interval: Duration,
+}
+
+/// The `[hooks]` table: commands run as the node's role changes, so the
+/// machine acts on it (the MTA and IMAP server run on the primary only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HooksConfig {
+    /// Once the node serves as primary: its epoch durable, a continuous
+    /// queue replica promoted, IMAP UIDs raised.
+    pub on_primary: Option<Vec<String>>,
+    /// When the node stops serving or starts as secondary: at start, on
+    /// demotion, before a switchover hands over, at shutdown of a primary.
+    pub on_secondary: Option<Vec<String>>,
+    /// On entering `failed`.
+    pub on_failed: Option<Vec<String>>,
+    /// On entering `off`.
+    pub on_off: Option<Vec<String>>,
+    /// A hook still running after this long is killed (with what it started).
+    pub timeout: Duration,
+    /// What a failed `on_primary` does.
+    pub on_primary_failure: HookFailure,
+    /// How long a switchover may take to stop services and drain
+    /// replication before it is abandoned.
+    pub switchover_timeout: Duration,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            on_primary: None,
+            on_secondary: None,
+            on_failed: None,
+            on_off: None,
+            timeout: Duration::from_secs(60),
+            on_primary_failure: HookFailure::Alarm,
+            switchover_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `hooks.on_primary_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HookFailure {
+    /// Alarm and keep serving.
+    #[default]
+    Alarm,
+    /// Alarm and go `off` (the peer takes over); `hasync join` brings the
+    /// node back.
+    StepDown,
 }
 
 /// `queue.sync`: whether the queue is replicated beyond the failover push.
@@ -638,6 +689,8 @@ struct RawConfig {
     queue: RawQueue,
     #[serde(default)]
     internal_dirs: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    hooks: RawHooks,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -655,6 +708,29 @@ struct RawQueue {
     commit_timeout_ms: Option<Duration>,
     #[serde(default, deserialize_with = "de_sync_interval")]
     sync_interval_ms: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHooks {
+    on_primary: Option<Vec<String>>,
+    on_secondary: Option<Vec<String>>,
+    on_failed: Option<Vec<String>>,
+    on_off: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "de_hook_timeout")]
+    timeout_ms: Option<Duration>,
+    #[serde(default)]
+    on_primary_failure: HookFailure,
+    #[serde(default, deserialize_with = "de_switchover_timeout")]
+    switchover_timeout_ms: Option<Duration>,
+}
+
+fn de_hook_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "hooks.timeout_ms").map(Some)
+}
+
+fn de_switchover_timeout<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "hooks.switchover_timeout_ms").map(Some)
 }
 
 fn de_sync_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -913,7 +989,53 @@ impl RawConfig {
                 "must be between 1s and 1h".into(),
             ));
         }
+        let h = self.hooks;
+        for (key, argv) in [
+            ("hooks.on_primary", &h.on_primary),
+            ("hooks.on_secondary", &h.on_secondary),
+            ("hooks.on_failed", &h.on_failed),
+            ("hooks.on_off", &h.on_off),
+        ] {
+            if let Some(argv) = argv {
+                if argv.is_empty() || argv[0].trim().is_empty() {
+                    return Err(err(
+                        key,
+                        format!("{argv:?}"),
+                        "must name a command (an argv list, no shell), e.g. [\"/usr/share/hasync/hooks/postfix\", \"primary\"]"
+                            .into(),
+                    ));
+                }
+            }
+        }
+        let hook_timeout = h.timeout_ms.unwrap_or(Duration::from_secs(60));
+        if hook_timeout < Duration::from_secs(1) || hook_timeout > Duration::from_secs(3600) {
+            return Err(err(
+                "hooks.timeout_ms",
+                fmt_duration(hook_timeout),
+                "must be between 1s and 1h".into(),
+            ));
+        }
+        let switchover_timeout = h.switchover_timeout_ms.unwrap_or(Duration::from_secs(30));
+        if switchover_timeout < Duration::from_secs(1)
+            || switchover_timeout > Duration::from_secs(3600)
+        {
+            return Err(err(
+                "hooks.switchover_timeout_ms",
+                fmt_duration(switchover_timeout),
+                "must be between 1s and 1h".into(),
+            ));
+        }
+        let hooks = HooksConfig {
+            on_primary: h.on_primary,
+            on_secondary: h.on_secondary,
+            on_failed: h.on_failed,
+            on_off: h.on_off,
+            timeout: hook_timeout,
+            on_primary_failure: h.on_primary_failure,
+            switchover_timeout,
+        };
         let config = Config {
+            hooks,
             queue: QueueConfig {
                 sync_interval,
                 commit_timeout: q.commit_timeout_ms.unwrap_or(Duration::from_secs(2)),

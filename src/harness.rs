@@ -34,6 +34,9 @@ pub struct PairOptions {
     /// `queue-internal`) instead of under `state_dir`: for tests that mount a
     /// filesystem of their own over `mail/` (see [`NodeProc::mail_dir`]).
     pub internal_beside_stores: bool,
+    /// More configuration (tables such as `[hooks]`) appended to both
+    /// nodes' files; `{node_root}` becomes the node's directory.
+    pub extra_toml: Option<String>,
     /// Extra keys of the `inbox` mailstore's table, e.g.
     /// `kind = "dovecot-maildir", uid_margin = 1000`.
     pub inbox_kind: Option<&'static str>,
@@ -59,6 +62,7 @@ impl Default for PairOptions {
             internal_beside_stores: false,
             post_ingest_hook: None,
             inbox_kind: None,
+            extra_toml: None,
         }
     }
 }
@@ -170,7 +174,15 @@ sync_interval_ms = {queue_sync_interval}
 [mailstores]
 inbox = {inbox}
 quarantine = "mail/quarantine"
-{internal}"#,
+{internal}{extra}"#,
+                extra = options
+                    .extra_toml
+                    .as_deref()
+                    .map(|t| format!(
+                        "\n{}\n",
+                        t.replace("{node_root}", &root.display().to_string())
+                    ))
+                    .unwrap_or_default(),
                 internal = if options.internal_beside_stores {
                     "\n[internal_dirs]\ninbox = \"mail/.hasync-inbox\"\nquarantine = \"mail/.hasync-quarantine\"\nqueue = \"queue-internal\"\n"
                 } else {

@@ -88,8 +88,19 @@ pub struct Status {
     #[serde(default)]
     pub conflicts: ConflictsStatus,
     pub replication: crate::replica::stats::ReplStatus,
+    /// Role hooks: which are configured, each one's last run, and whether a
+    /// switchover is being prepared.
+    #[serde(default)]
+    pub hooks: HooksStatus,
     pub alarms: Vec<Logged>,
     pub transitions: Vec<Logged>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HooksStatus {
+    pub configured: Vec<String>,
+    pub last: Vec<crate::daemon::roles::HookRun>,
+    pub switchover_preparing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

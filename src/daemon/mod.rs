@@ -2,6 +2,7 @@
 //! sockets, files and clocks, on one tokio-uring thread.
 
 pub mod control;
+pub mod roles;
 pub mod state;
 
 use std::collections::VecDeque;
@@ -178,6 +179,14 @@ struct Node {
     catch_up_reported: bool,
     push_done_rx: mpsc::UnboundedReceiver<PushOutcome>,
     gate_stats: Arc<link::gate::GateStats>,
+    roles: roles::RoleHooks,
+    role_rx: mpsc::UnboundedReceiver<roles::RoleMsg>,
+    /// The role before the last change (for the hooks' environment).
+    prev_role: Role,
+    /// `on_secondary` already ran for a switchover being prepared.
+    stopped_for_handover: bool,
+    /// The engine's current primary tenure.
+    tenure: u64,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -212,6 +221,7 @@ impl Node {
             startup_wait: cfg.link.startup_wait,
             recovery: cfg.recovery,
             tie_break: cfg.tie_break,
+            prepare_handover: Some(cfg.hooks.switchover_timeout),
         };
         info!(
             node = %cfg.node_name,
@@ -272,7 +282,13 @@ impl Node {
             persisted_tx,
         ));
 
+        let (roles, role_rx) = roles::RoleHooks::start(cfg.hooks.clone());
         Ok(Node {
+            roles,
+            role_rx,
+            prev_role: Role::Negotiating,
+            stopped_for_handover: false,
+            tenure: 0,
             core: Core::new(core_cfg, record, now),
             cfg,
             link,
@@ -330,6 +346,7 @@ impl Node {
                     self.core.handle_event(Instant::now(), ev);
                 }
                 Some(res) = self.push_done_rx.recv() => self.on_push_done(res),
+                Some(msg) = self.role_rx.recv() => self.on_role_msg(msg),
                 Some((req, reply)) = self.control_rx.recv() => {
                     if let Request::Commit { path } = req {
                         // Waits for the peer without holding up the loop.
@@ -364,8 +381,59 @@ impl Node {
             }
         }
         info!(role = %self.core.role(), epoch = self.core.epoch(), "hasync stopping on signal");
+        if self.core.role() == Role::Primary {
+            // A primary that stops stops serving: the MTA goes down with it.
+            let env = self.hook_env(Role::Primary, "shutdown", "hasync stopping".into());
+            if let Some(run) = self.roles.run_now(roles::HookKind::OnSecondary, env).await {
+                self.roles.record(run);
+            }
+        }
         let _ = std::fs::remove_file(&self.socket_path);
         Ok(())
+    }
+
+    fn hook_env(&self, role: Role, event: &'static str, reason: String) -> roles::HookEnv {
+        roles::HookEnv {
+            node: self.cfg.node_name.clone(),
+            peer: self.cfg.link.peer_name.clone(),
+            role: role.to_string(),
+            previous_role: self.prev_role.to_string(),
+            epoch: self.core.epoch(),
+            reason,
+            event,
+        }
+    }
+
+    fn on_role_msg(&mut self, msg: roles::RoleMsg) {
+        let now = Instant::now();
+        match msg {
+            roles::RoleMsg::Ran { run, kind } => {
+                if !run.ok {
+                    let line = format!("{} hook failed: {}", kind.key(), run.summary);
+                    warn!(alarm = true, "ALARM: {line}");
+                    push_bounded(&mut self.alarms, line);
+                    if kind == roles::HookKind::OnPrimary
+                        && self.roles.config().on_primary_failure
+                            == crate::config::HookFailure::StepDown
+                        && self.core.role() == Role::Primary
+                        && run.epoch == self.core.epoch()
+                    {
+                        let why = format!("on_primary hook failed ({})", run.summary);
+                        if self.core.step_down(now, why).is_ok() {
+                            warn!("stepped down: hooks.on_primary_failure = \"step-down\"; `hasync join` brings the node back");
+                        }
+                    }
+                }
+                self.roles.record(run);
+            }
+            roles::RoleMsg::Prepared(Ok(())) => {
+                self.core.handle_event(now, Event::HandoverPrepared);
+            }
+            roles::RoleMsg::Prepared(Err(why)) => {
+                self.core
+                    .handle_event(now, Event::HandoverPrepareFailed(why));
+            }
+        }
     }
 
     fn execute_actions(&mut self) {
@@ -395,11 +463,10 @@ impl Node {
                         _ => info!(role = %role, epoch, "{line}"),
                     }
                     push_bounded(&mut self.transitions, line);
-                    if role == Role::Primary && self.cfg.queue.sync != crate::config::QueueSync::Off
-                    {
-                        self.engine.promote_queue_replica();
-                    }
-                    self.engine.set_mode(match role {
+                    let promoted = (role == Role::Primary
+                        && self.cfg.queue.sync != crate::config::QueueSync::Off)
+                        .then(|| self.engine.promote_queue_replica());
+                    self.tenure = self.engine.set_mode(match role {
                         Role::Primary => EngineMode::Primary,
                         Role::Secondary => EngineMode::Secondary,
                         _ => EngineMode::Idle,
@@ -407,6 +474,27 @@ impl Node {
                     if role != Role::Secondary {
                         self.catch_up_reported = false;
                     }
+                    let env = self.hook_env(role, "role-change", reason.to_string());
+                    match role {
+                        Role::Primary => {
+                            let prepared = self.engine.primary_prepared(self.tenure);
+                            self.roles.on_primary(env, async move {
+                                if let Some(p) = promoted {
+                                    let _ = p.await;
+                                }
+                                prepared.await
+                            });
+                        }
+                        Role::Secondary if self.stopped_for_handover => {}
+                        Role::Secondary => self.roles.run(roles::HookKind::OnSecondary, env),
+                        Role::Failed => self.roles.run(roles::HookKind::OnFailed, env),
+                        Role::Off => self.roles.run(roles::HookKind::OnOff, env),
+                        _ => {}
+                    }
+                    if role != Role::HandingOver {
+                        self.stopped_for_handover = false;
+                    }
+                    self.prev_role = role;
                 }
                 Action::StartQueuePush { peer_epoch } => {
                     self.push_requested += 1;
@@ -416,6 +504,21 @@ impl Node {
                         "queue push requested: this node served as primary before and must hand its queued mail to the primary at epoch {peer_epoch}"
                     );
                     self.engine.push_queue();
+                }
+                Action::PrepareHandover => {
+                    self.stopped_for_handover = true;
+                    let env = self.hook_env(
+                        Role::Secondary,
+                        "switchover",
+                        "switchover: this node hands over".into(),
+                    );
+                    let drain = self.engine.drain_handle();
+                    self.roles.prepare_handover(env, move || drain.request());
+                }
+                Action::ResumeService { why } => {
+                    self.stopped_for_handover = false;
+                    let env = self.hook_env(Role::Primary, "resume", why);
+                    self.roles.on_primary(env, std::future::ready(true));
                 }
                 Action::Alarm(alarm) => {
                     let line = alarm.to_string();
@@ -712,6 +815,20 @@ impl Node {
                 }
             },
             replication: self.engine.status(),
+            hooks: control::HooksStatus {
+                configured: [
+                    ("on_primary", &self.cfg.hooks.on_primary),
+                    ("on_secondary", &self.cfg.hooks.on_secondary),
+                    ("on_failed", &self.cfg.hooks.on_failed),
+                    ("on_off", &self.cfg.hooks.on_off),
+                ]
+                .into_iter()
+                .filter(|(_, h)| h.is_some())
+                .map(|(k, _)| k.to_string())
+                .collect(),
+                last: self.roles.last.iter().cloned().collect(),
+                switchover_preparing: cs.handover_preparing,
+            },
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),
         }

@@ -160,6 +160,11 @@ pub struct CoreConfig {
     pub startup_wait: Duration,
     pub recovery: RecoveryPolicy,
     pub tie_break: TieBreak,
+    /// Before handing over (a switchover), the primary stops its services
+    /// and drains its replication ([`Action::PrepareHandover`]), and hands
+    /// over only once that is done ([`Event::HandoverPrepared`]), giving up
+    /// after this long. `None`: hand over at once (nothing to prepare).
+    pub prepare_handover: Option<Duration>,
 }
 
 impl CoreConfig {
@@ -189,21 +194,40 @@ pub enum Event {
     QueuePushCancelled,
     /// Mailstore catch-up from the primary finished.
     CatchUpDone,
+    /// [`Action::PrepareHandover`] is done: services stopped, every change
+    /// durable on the peer. The handover proceeds.
+    HandoverPrepared,
+    /// [`Action::PrepareHandover`] failed: the switchover is abandoned and
+    /// this node keeps serving ([`Action::ResumeService`]).
+    HandoverPrepareFailed(String),
 }
 
 /// Why the core did something; printed in the log line of every change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reason {
     Started,
-    NoPeerAtStartup { waited: Duration },
-    PeerIsPrimary { peer_epoch: u64 },
-    WonElection { peer_priority: u8 },
-    PeerLost { silent_for: Duration },
+    NoPeerAtStartup {
+        waited: Duration,
+    },
+    PeerIsPrimary {
+        peer_epoch: u64,
+    },
+    WonElection {
+        peer_priority: u8,
+    },
+    PeerLost {
+        silent_for: Duration,
+    },
     PeerRole(Role),
-    SplitBrainLost { our_epoch: u64, peer_epoch: u64 },
+    SplitBrainLost {
+        our_epoch: u64,
+        peer_epoch: u64,
+    },
     SwitchoverRequested,
     TakeoverRequestedByPeer,
-    HandoverComplete { peer_epoch: u64 },
+    HandoverComplete {
+        peer_epoch: u64,
+    },
     HandoverTimedOut,
     EpochDurable,
     SelfCheckFailed(String),
@@ -212,12 +236,16 @@ pub enum Reason {
     RecoveryPolicyOff,
     OperatorJoin,
     PersistRecovered,
+    /// The driver took the node out of service (a failed `on_primary`
+    /// hook with `on_primary_failure = "step-down"`).
+    SteppedDown(String),
 }
 
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::Started => write!(f, "node started"),
+            Reason::SteppedDown(why) => write!(f, "stepped down: {why}"),
             Reason::NoPeerAtStartup { waited } => {
                 write!(f, "no peer heard during start-up wait of {waited:?}")
             }
@@ -278,6 +306,7 @@ pub enum Alarm {
     UnexpectedPeer {
         name: String,
     },
+    SwitchoverAbandoned(String),
 }
 
 impl fmt::Display for Alarm {
@@ -304,6 +333,9 @@ impl fmt::Display for Alarm {
             Alarm::UnexpectedPeer { name } => {
                 write!(f, "heartbeat from unexpected node {name:?} ignored")
             }
+            Alarm::SwitchoverAbandoned(why) => {
+                write!(f, "switchover abandoned, this node keeps serving: {why}")
+            }
         }
     }
 }
@@ -325,6 +357,16 @@ pub enum Action {
     /// Push the local mail queue to the new primary (which holds `peer_epoch`).
     StartQueuePush {
         peer_epoch: u64,
+    },
+    /// A switchover from this primary: stop serving (the secondary's
+    /// hooks) and make every change durable on the peer, then feed back
+    /// [`Event::HandoverPrepared`] (or [`Event::HandoverPrepareFailed`]).
+    /// The node stays primary meanwhile.
+    PrepareHandover,
+    /// A prepared handover was abandoned: serve again (the primary's
+    /// hooks), at the same epoch.
+    ResumeService {
+        why: String,
     },
     Alarm(Alarm),
 }
@@ -358,6 +400,9 @@ pub struct CoreStatus {
     pub peer_last_heard: Option<Instant>,
     pub queue_push_pending: bool,
     pub restore_pending: bool,
+    /// A switchover is being prepared (services stopping, replication
+    /// draining) before the handover.
+    pub handover_preparing: bool,
 }
 
 /// The failover state machine.
@@ -397,6 +442,8 @@ pub struct Core {
     /// The operator ran `hasync join`: the recovery policy `off` has been
     /// served; a primary found now is joined as secondary.
     operator_joined: bool,
+    /// A switchover being prepared ([`Action::PrepareHandover`]), and why.
+    preparing: Option<Reason>,
 }
 
 impl Core {
@@ -423,6 +470,7 @@ impl Core {
             promoting_to: None,
             persist_failed: false,
             operator_joined: false,
+            preparing: None,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -471,6 +519,7 @@ impl Core {
             peer_last_heard: self.peer.as_ref().map(|p| p.last_heard),
             queue_push_pending: self.push_pending,
             restore_pending: self.restore_pending,
+            handover_preparing: self.preparing.is_some(),
         }
     }
 
@@ -514,6 +563,22 @@ impl Core {
                 self.maybe_request_restore(now);
             }
             Event::QueuePushCancelled => self.push_pending = false,
+            Event::HandoverPrepared => {
+                if let Some(reason) = self.preparing.take() {
+                    self.timers.clear(Timer::Prepare);
+                    if self.role == Role::Primary && self.peer_alive() {
+                        self.hand_over(now, reason);
+                    } else {
+                        self.abandon_handover("the peer is gone".into());
+                    }
+                }
+            }
+            Event::HandoverPrepareFailed(why) => {
+                if self.preparing.take().is_some() {
+                    self.timers.clear(Timer::Prepare);
+                    self.abandon_handover(why);
+                }
+            }
             Event::CatchUpDone => {
                 self.catch_up_done = true;
                 self.maybe_request_restore(now);
@@ -531,6 +596,14 @@ impl Core {
                     if self.role == Role::Negotiating && !self.peer_alive() {
                         let waited = self.cfg.startup_wait;
                         self.promote(now, Reason::NoPeerAtStartup { waited });
+                    }
+                }
+                Timer::Prepare => {
+                    if self.preparing.take().is_some() {
+                        let limit = self.cfg.prepare_handover.unwrap_or_default();
+                        self.abandon_handover(format!(
+                            "stopping services and draining replication took longer than {limit:?}"
+                        ));
                     }
                 }
                 Timer::Handover => match self.role {
@@ -565,6 +638,16 @@ impl Core {
             }
             other => Err(CommandRefused::WrongRole(other)),
         }
+    }
+
+    /// Driver: take this primary out of service (`off`; the peer takes
+    /// over; `hasync join` brings it back).
+    pub fn step_down(&mut self, now: Instant, why: String) -> Result<(), CommandRefused> {
+        if self.role != Role::Primary {
+            return Err(CommandRefused::WrongRole(self.role));
+        }
+        self.become_role(now, Role::Off, Reason::SteppedDown(why));
+        Ok(())
     }
 
     /// Operator: `hasync join` brings a node that is `off` back into the pair.
@@ -731,6 +814,10 @@ impl Core {
         let silent_for = now.saturating_duration_since(peer.last_heard);
         self.actions
             .push_back(Action::Alarm(Alarm::PeerLost { silent_for }));
+        if self.preparing.take().is_some() {
+            self.timers.clear(Timer::Prepare);
+            self.abandon_handover("the peer was lost during the switchover".into());
+        }
         match self.role {
             Role::Secondary => self.promote(now, Reason::PeerLost { silent_for }),
             Role::Negotiating if self.startup_expired => {
@@ -833,12 +920,40 @@ impl Core {
     }
 
     fn start_handover(&mut self, now: Instant, reason: Reason) {
+        if self.preparing.is_some() {
+            return;
+        }
+        match self.cfg.prepare_handover {
+            Some(limit) => {
+                self.preparing = Some(reason);
+                self.timers.set(Timer::Prepare, now + limit);
+                self.actions.push_back(Action::PrepareHandover);
+            }
+            None => self.hand_over(now, reason),
+        }
+    }
+
+    /// The switchover is off: this node serves again at its epoch.
+    fn abandon_handover(&mut self, why: String) {
+        self.actions
+            .push_back(Action::Alarm(Alarm::SwitchoverAbandoned(why.clone())));
+        if self.role == Role::Primary {
+            self.actions.push_back(Action::ResumeService { why });
+        }
+    }
+
+    fn hand_over(&mut self, now: Instant, reason: Reason) {
         self.timers
             .set(Timer::Handover, now + self.cfg.lost_window());
         self.become_role(now, Role::HandingOver, reason);
     }
 
     fn become_role(&mut self, now: Instant, role: Role, reason: Reason) {
+        if role != Role::Primary && self.preparing.take().is_some() {
+            // Left primary some other way (split brain, a failed check):
+            // the preparation no longer applies.
+            self.timers.clear(Timer::Prepare);
+        }
         self.role = role;
         self.since = now;
         self.last_reason = reason.clone();

@@ -139,6 +139,8 @@ struct SimNode {
     primary_since: Option<u64>,
     push_done_at: Option<u64>,
     catch_up_at: Option<u64>,
+    /// A switchover's preparation (services, replication drain) ends then.
+    prepared_at: Option<u64>,
     /// Persists fail until this time (a full state directory).
     state_full_until: u64,
     /// The driver's next periodic self-check.
@@ -196,6 +198,7 @@ impl Sim {
             primary_since: None,
             push_done_at: None,
             catch_up_at: None,
+            prepared_at: None,
             state_full_until: 0,
             next_check_ms: 0,
             heard_max: 0,
@@ -376,6 +379,9 @@ impl Sim {
             if let Some(t) = n.push_done_at {
                 consider(t);
             }
+            if let Some(t) = n.prepared_at {
+                consider(t);
+            }
             if let Some(t) = n.catch_up_at {
                 consider(t);
             }
@@ -441,6 +447,10 @@ impl Sim {
             if self.nodes[i].catch_up_at.is_some_and(|t| t <= now_ms) {
                 self.nodes[i].catch_up_at = None;
                 self.feed(i, now, Event::CatchUpDone);
+            }
+            if self.nodes[i].prepared_at.is_some_and(|t| t <= now_ms) {
+                self.nodes[i].prepared_at = None;
+                self.feed(i, now, Event::HandoverPrepared);
             }
         }
 
@@ -513,6 +523,7 @@ impl Sim {
                         n.primary_since = None;
                         n.push_done_at = None;
                         n.catch_up_at = None;
+                        n.prepared_at = None;
                         self.in_flight.retain(|m| m.to != node);
                         self.pending.push((now_ms + down_ms, Event2::Restart(node)));
                     }
@@ -615,6 +626,13 @@ impl Sim {
                     self.log(format!("node {i} starts queue push to epoch {peer_epoch}"));
                     self.queue_pushes += 1;
                     self.nodes[i].push_done_at = Some(now_ms + 2 * self.plan.persist_ms + 1);
+                }
+                Action::PrepareHandover => {
+                    self.log(format!("node {i} prepares its handover"));
+                    self.nodes[i].prepared_at = Some(now_ms + 5 * self.plan.persist_ms + 1);
+                }
+                Action::ResumeService { why } => {
+                    self.log(format!("node {i} serves again: {why}"));
                 }
                 Action::Alarm(alarm) => {
                     if matches!(alarm, super::Alarm::SplitBrain { .. }) {
@@ -738,6 +756,17 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
             at_ms: last + window * 3,
             kind: FaultKind::Join { node },
         });
+    }
+    // Switchovers prepared (services stopped, replication drained) or not;
+    // a preparation limit shorter than the simulated preparation abandons
+    // the switchover. Drawn apart so the rest of a seed's plan is unchanged.
+    let mut prep = SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15);
+    for c in configs.iter_mut() {
+        c.prepare_handover = match prep.range(0, 2) {
+            0 => None,
+            1 => Some(Duration::from_millis(prep.range(1, 40))),
+            _ => Some(Duration::from_secs(2)),
+        };
     }
     Plan {
         seed,

@@ -15,6 +15,7 @@ fn cfg(name: &str, peer: &str, priority: u8) -> CoreConfig {
         startup_wait: Duration::from_millis(1000),
         recovery: RecoveryPolicy::BecomeSecondary,
         tie_break: TieBreak::LowerName,
+        prepare_handover: None,
     }
 }
 

@@ -12,14 +12,17 @@ pub(super) enum Timer {
     Startup,
     /// End of a switchover attempt (handing over, or a takeover request).
     Handover,
+    /// Deadline of a switchover's preparation (services, replication).
+    Prepare,
 }
 
 impl Timer {
-    const ALL: [Timer; 4] = [
+    const ALL: [Timer; 5] = [
         Timer::Heartbeat,
         Timer::PeerLost,
         Timer::Startup,
         Timer::Handover,
+        Timer::Prepare,
     ];
 
     fn index(self) -> usize {

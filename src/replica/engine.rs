@@ -13,13 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use super::fsops::Root;
 use super::index::Index;
 use super::receiver::{Receiver, RecvStore};
-use super::sender::{CommitOutcome, CommitReq, SendError, Sender, Store};
+use super::sender::{CommitOutcome, CommitReq, DrainRequest, SendError, Sender, Store};
 use super::stats::{ReplStats, ReplStatus};
 use super::Excludes;
 use crate::link::auth::{LinkKey, Side};
@@ -138,7 +138,13 @@ pub struct Engine {
     store_roots: Vec<PathBuf>,
     mode_tx: watch::Sender<EngineMode>,
     push_tx: mpsc::UnboundedSender<()>,
-    promote_tx: mpsc::UnboundedSender<()>,
+    promote_tx: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    /// A switchover's drain request, answered by the sender.
+    drain: Arc<Mutex<Option<DrainRequest>>>,
+    /// Primary tenures started (`set_mode(Primary)`), and the last one
+    /// whose preparation (IMAP UIDs, takeover record) is done.
+    primary_gen: Arc<std::sync::atomic::AtomicU64>,
+    prepared_rx: watch::Receiver<u64>,
     pub queue: Arc<QueueState>,
     stats: Arc<ReplStats>,
     notifier: Arc<Mutex<Option<Notifier>>>,
@@ -167,6 +173,9 @@ impl Engine {
         let queue = Arc::new(QueueState::default());
         let (push_tx, push_rx) = mpsc::unbounded_channel();
         let (promote_tx, promote_rx) = mpsc::unbounded_channel();
+        let drain: Arc<Mutex<Option<DrainRequest>>> = Default::default();
+        let primary_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (prepared_tx, prepared_rx) = watch::channel(0u64);
         // Bounded: an application that commits faster than the pair can
         // confirm gets back-pressure (and then local-only outcomes).
         let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
@@ -181,6 +190,9 @@ impl Engine {
             stats: stats.clone(),
             notifier: notifier.clone(),
             resync: resync.clone(),
+            drain: drain.clone(),
+            primary_gen: primary_gen.clone(),
+            prepared_tx,
         };
         let thread = std::thread::Builder::new()
             .name("hasync-repl".into())
@@ -195,6 +207,9 @@ impl Engine {
             mode_tx,
             push_tx,
             promote_tx,
+            drain,
+            primary_gen,
+            prepared_rx,
             queue,
             stats,
             notifier,
@@ -203,12 +218,53 @@ impl Engine {
         })
     }
 
-    pub fn set_mode(&self, mode: EngineMode) {
+    /// Returns the primary tenure this mode belongs to (a new one each
+    /// time the mode becomes `Primary`).
+    pub fn set_mode(&self, mode: EngineMode) -> u64 {
+        let current = *self.mode_tx.borrow();
+        if mode == EngineMode::Primary && current != EngineMode::Primary {
+            self.primary_gen.fetch_add(1, Relaxed);
+        }
         self.mode_tx.send_if_modified(|m| {
             let changed = *m != mode;
             *m = mode;
             changed
         });
+        self.primary_gen.load(Relaxed)
+    }
+
+    /// Resolves once primary tenure `gen` is prepared (IMAP UIDs raised,
+    /// takeover record written); `false` if the node left that tenure
+    /// first, or the engine stopped.
+    pub fn primary_prepared(&self, gen: u64) -> impl std::future::Future<Output = bool> {
+        let mut rx = self.prepared_rx.clone();
+        let tenure = self.primary_gen.clone();
+        async move {
+            loop {
+                if *rx.borrow_and_update() >= gen {
+                    return true;
+                }
+                if tenure.load(Relaxed) != gen {
+                    return false;
+                }
+                let tick = tokio::time::sleep(Duration::from_millis(50));
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return false },
+                    _ = tick => {}
+                }
+            }
+        }
+    }
+
+    /// A switchover: resolves once every local change is durable on the
+    /// peer (nothing pending, in flight or held, the tracker quiet).
+    pub fn drain(&self) -> oneshot::Receiver<()> {
+        self.drain_handle().request()
+    }
+
+    /// [`Engine::drain`], to call later from elsewhere.
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle(self.drain.clone())
     }
 
     pub fn status(&self) -> ReplStatus {
@@ -288,9 +344,12 @@ impl Engine {
     }
 
     /// On promotion with queue replication on: moves the replicated queue
-    /// into the live queue through the dedup ledger.
-    pub fn promote_queue_replica(&self) {
-        let _ = self.promote_tx.send(());
+    /// into the live queue through the dedup ledger; resolves once done
+    /// (its post-ingest hook included).
+    pub fn promote_queue_replica(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.promote_tx.send(tx);
+        rx
     }
 
     /// Forces a full verification (every file re-hashed on both sides) at the
@@ -322,6 +381,9 @@ struct Shared {
     stats: Arc<ReplStats>,
     notifier: Arc<Mutex<Option<Notifier>>>,
     resync: Arc<AtomicBool>,
+    drain: Arc<Mutex<Option<DrainRequest>>>,
+    primary_gen: Arc<std::sync::atomic::AtomicU64>,
+    prepared_tx: watch::Sender<u64>,
 }
 
 fn link_ctx(cfg: &EngineConfig) -> LinkCtx {
@@ -340,7 +402,7 @@ async fn engine_main(
     listener: std::net::TcpListener,
     mut mode_rx: watch::Receiver<EngineMode>,
     mut push_rx: mpsc::UnboundedReceiver<()>,
-    promote_rx: mpsc::UnboundedReceiver<()>,
+    promote_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     let shared = Rc::new(shared);
     let ctx = Rc::new(link_ctx(&shared.cfg));
@@ -436,8 +498,10 @@ async fn run_primary(
             }
         }
     }
+    let tenure = shared.primary_gen.load(Relaxed);
     raise_imap_uids(cfg, &shared.stats);
     record_takeover(cfg, &shared.excludes, &mut stores);
+    shared.prepared_tx.send_replace(tenure);
     let mut sender = Sender::new(
         stores,
         shared.excludes.clone(),
@@ -451,6 +515,7 @@ async fn run_primary(
     sender.commit_wake = Some(shared.commit_wake.clone());
     sender.periods = cfg.stores.iter().map(|s| s.period).collect();
     sender.zero_copy = cfg.zero_copy;
+    sender.drain = shared.drain.clone();
     info!(
         stores = cfg.stores.len(),
         watches = tracker.stats().watches,
@@ -497,6 +562,29 @@ async fn run_primary(
         Err(rc) => drop(rc),
     }
     info!("replication: stopped tracking (no longer primary)");
+}
+
+/// Asks the sender for a drain (see [`Engine::drain`]).
+#[derive(Clone)]
+pub struct DrainHandle(Arc<Mutex<Option<DrainRequest>>>);
+
+impl DrainHandle {
+    pub fn request(&self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        *self.0.lock().expect("drain lock") = Some(DrainRequest { reply: tx });
+        rx
+    }
+}
+
+/// Sends on its oneshot when dropped (a promotion answered on every path).
+struct DropSignal(Option<oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 /// This node starts serving as primary: in every Dovecot Maildir store,
@@ -639,7 +727,7 @@ async fn accept_loop(
     listener: tokio_uring::net::TcpListener,
     mode_rx: watch::Receiver<EngineMode>,
     stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
-    mut promote_rx: mpsc::UnboundedReceiver<()>,
+    mut promote_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     // Opened at start so that an ingest a crash interrupted is rolled
     // forward at once, not at the next push.
@@ -669,7 +757,9 @@ async fn accept_loop(
         // Promotion: the replicated queue joins the live queue.
         let (shared, ingester) = (shared.clone(), ingester.clone());
         tokio_uring::spawn(async move {
-            while promote_rx.recv().await.is_some() {
+            while let Some(done) = promote_rx.recv().await {
+                // Answered when this iteration ends, whatever the outcome.
+                let _done = DropSignal(Some(done));
                 let Some(replica) = shared
                     .cfg
                     .stores

@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -47,6 +47,17 @@ const NO_SPACE_RETRY_MIN: Duration = Duration::from_millis(500);
 const NO_SPACE_RETRY_MAX: Duration = Duration::from_secs(5);
 /// An op the peer failed to apply for another local reason is sent again
 /// after this long, so a lasting failure there does not spin both nodes.
+/// A switchover's request: answer once nothing is pending, in flight or
+/// held, and the tracker has been quiet for [`DRAIN_QUIET`].
+#[derive(Debug)]
+pub struct DrainRequest {
+    pub reply: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How long the tracker must stay quiet before a drain counts as done (a
+/// change made just before is still on its way from inotify).
+pub const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
 /// Refused paths remembered per session (bounded: a peer refusing
 /// everything must not grow this without end).
 const REFUSED_REMEMBERED_MAX: usize = 100_000;
@@ -227,6 +238,11 @@ pub struct Sender {
     /// Directories whose children the last reconciliation already queued,
     /// with their inode and ctime when it listed them.
     listed_dirs: HashMap<(usize, PathBuf), (u64, i64, u32)>,
+    /// A switchover waits for every local change to be durable on the
+    /// peer (see [`DrainRequest`]).
+    pub drain: Arc<Mutex<Option<DrainRequest>>>,
+    /// When the tracker last delivered a change (for the drain's quiet time).
+    last_change: Instant,
     /// Paths the peer refused this session (its metadata policy, say):
     /// known differences, not drift.
     refused: std::collections::HashSet<(usize, PathBuf)>,
@@ -393,6 +409,8 @@ impl Sender {
             listed_dirs: Default::default(),
             out_of_reach: Default::default(),
             refused: Default::default(),
+            drain: Default::default(),
+            last_change: Instant::now(),
             state_dir: PathBuf::new(),
             peer_former_primary: false,
             incoming: None,
@@ -531,7 +549,12 @@ impl Sender {
             self.release_periodic();
             self.take_commits();
             self.expire_commits();
+            let before = self.coalescer.pending();
             self.coalescer.drain();
+            if self.coalescer.pending() != before {
+                self.last_change = Instant::now();
+            }
+            self.answer_drain();
             self.feed_backlog();
             self.stats.ops_pending.store(
                 (self.coalescer.pending() + self.backlog.len()) as u64,
@@ -939,6 +962,37 @@ impl Sender {
             bytes as f64 / 1e6
         );
         Ok(differ)
+    }
+
+    /// Answers a switchover's drain once every change is durable on the
+    /// peer: held (periodic) changes are released at once.
+    fn answer_drain(&mut self) {
+        let mut d = self.drain.lock().expect("drain lock");
+        let Some(req) = d.as_ref() else { return };
+        if req.reply.is_closed() {
+            *d = None;
+            return;
+        }
+        drop(d);
+        if !self.held.is_empty() {
+            let held = std::mem::take(&mut self.held);
+            self.held_syncs.clear();
+            for op in held {
+                self.coalescer.push(op);
+            }
+            self.last_change = Instant::now();
+        }
+        let idle = self.coalescer.pending() == 0
+            && self.inflight.is_empty()
+            && self.backlog.is_empty()
+            && self.retry.is_empty()
+            && self.last_change.elapsed() >= DRAIN_QUIET;
+        if idle {
+            if let Some(req) = self.drain.lock().expect("drain lock").take() {
+                info!("switchover: every change is durable on the peer");
+                let _ = req.reply.send(());
+            }
+        }
     }
 
     fn requeue_retries(&mut self) {

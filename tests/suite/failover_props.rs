@@ -27,6 +27,7 @@ fn base() -> [CoreConfig; 2] {
         startup_wait: Duration::from_secs(2),
         recovery: RecoveryPolicy::BecomeSecondary,
         tie_break: TieBreak::LowerName,
+        prepare_handover: None,
     };
     [mk("mx1", "mx2"), mk("mx2", "mx1")]
 }

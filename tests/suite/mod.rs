@@ -9,4 +9,5 @@ mod mta;
 mod pair;
 mod queue;
 mod replication;
+mod roles;
 mod util;
