@@ -94,6 +94,8 @@ pub struct Outcome {
     pub promotions: usize,
     pub queue_pushes: usize,
     pub split_brain_alarms: usize,
+    /// Switchovers abandoned (their preparation failed or took too long).
+    pub switchovers_abandoned: usize,
     /// Virtual time from the end of the last fault to a stable pair.
     pub converged_after_ms: Option<u64>,
 }
@@ -171,6 +173,7 @@ pub struct Sim {
     promotions: usize,
     queue_pushes: usize,
     split_brain_alarms: usize,
+    switchovers_abandoned: usize,
     last_role_change_ms: u64,
 }
 
@@ -224,6 +227,7 @@ impl Sim {
             promotions: 0,
             queue_pushes: 0,
             split_brain_alarms: 0,
+            switchovers_abandoned: 0,
             last_role_change_ms: 0,
         }
     }
@@ -343,6 +347,7 @@ impl Sim {
             promotions: self.promotions,
             queue_pushes: self.queue_pushes,
             split_brain_alarms: self.split_brain_alarms,
+            switchovers_abandoned: self.switchovers_abandoned,
             converged_after_ms: Some(self.last_role_change_ms.saturating_sub(quiet)),
         })
     }
@@ -637,6 +642,9 @@ impl Sim {
                 Action::Alarm(alarm) => {
                     if matches!(alarm, super::Alarm::SplitBrain { .. }) {
                         self.split_brain_alarms += 1;
+                    }
+                    if matches!(alarm, super::Alarm::SwitchoverAbandoned(_)) {
+                        self.switchovers_abandoned += 1;
                     }
                     self.log(format!("node {i} alarm: {alarm}"));
                 }

@@ -147,6 +147,102 @@ fn join_after_recovery_policy_off_rejoins_as_secondary_and_pushes_the_queue() {
 }
 
 #[test]
+fn a_prepared_switchover_hands_over_once_prepared() {
+    for node in 0..2 {
+        let sw = Fault {
+            at_ms: 3000,
+            kind: FaultKind::Switchover { node },
+        };
+        let mut p = plan(200, 100, vec![sw]);
+        for c in p.configs.iter_mut() {
+            c.prepare_handover = Some(Duration::from_secs(2));
+        }
+        let out = Sim::new(p).run().unwrap();
+        assert_eq!(
+            out.final_roles,
+            [Some(Role::Secondary), Some(Role::Primary)],
+            "switchover requested on node {node}"
+        );
+        assert_eq!(out.switchovers_abandoned, 0);
+    }
+}
+
+#[test]
+fn a_switchover_whose_preparation_overruns_is_abandoned_and_the_primary_serves_on() {
+    let sw = Fault {
+        at_ms: 3000,
+        kind: FaultKind::Switchover { node: 0 },
+    };
+    let mut p = plan(200, 100, vec![sw]);
+    for c in p.configs.iter_mut() {
+        // Shorter than the simulated preparation.
+        c.prepare_handover = Some(Duration::from_millis(1));
+    }
+    let out = Sim::new(p).run().unwrap();
+    assert_eq!(
+        out.final_roles,
+        [Some(Role::Primary), Some(Role::Secondary)]
+    );
+    assert_eq!(out.switchovers_abandoned, 1);
+    assert_eq!(out.promotions, 1, "nobody promoted");
+}
+
+#[test]
+fn a_primary_preparing_its_handover_keeps_serving_and_abandons_if_the_peer_is_lost() {
+    let t0 = Instant::now();
+    let mut c = Core::new(
+        CoreConfig {
+            prepare_handover: Some(Duration::from_secs(30)),
+            ..cfg("mx1", "mx2", 200)
+        },
+        EpochRecord::default(),
+        t0,
+    );
+    // Win the start-up wait, become primary.
+    c.handle_timeout(t0 + Duration::from_secs(2));
+    let rec = EpochRecord {
+        epoch: 1,
+        held_primary: Some(1),
+    };
+    c.handle_event(t0 + Duration::from_secs(2), Event::Persisted(rec));
+    assert_eq!(c.role(), Role::Primary);
+    let t1 = t0 + Duration::from_secs(3);
+    c.handle_event(
+        t1,
+        Event::Heartbeat(Heartbeat {
+            node: "mx2".into(),
+            role: Role::Secondary,
+            epoch: 1,
+            priority: 100,
+            seq: 1,
+            flags: 0,
+        }),
+    );
+    drain(&mut c);
+    c.request_switchover(t1).unwrap();
+    let acts = drain(&mut c);
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::PrepareHandover)),
+        "{acts:?}"
+    );
+    assert_eq!(c.role(), Role::Primary, "still serving while preparing");
+    assert!(c.status().handover_preparing);
+    // The peer goes silent: the switchover is off, the node serves on.
+    c.handle_timeout(t1 + Duration::from_secs(5));
+    let acts = drain(&mut c);
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::ResumeService { .. })),
+        "{acts:?}"
+    );
+    assert_eq!(c.role(), Role::Primary);
+    assert!(!c.status().handover_preparing);
+    // A late "prepared" changes nothing.
+    c.handle_event(t1 + Duration::from_secs(6), Event::HandoverPrepared);
+    assert_eq!(c.role(), Role::Primary);
+}
+
+#[test]
 fn split_brain_after_partition_resolves_to_higher_epoch() {
     let part = Fault {
         at_ms: 3000,
