@@ -44,6 +44,11 @@ struct Postfix {
 
 impl Postfix {
     fn create(node_root: &Path, queue_dir: &Path, host: &str) -> Postfix {
+        Postfix::create_with(node_root, queue_dir, host, None)
+    }
+
+    /// `smtp`: a port on 127.0.0.1 where its smtpd accepts mail.
+    fn create_with(node_root: &Path, queue_dir: &Path, host: &str, smtp: Option<u16>) -> Postfix {
         need("postfix");
         let etc = node_root.join("postfix-etc");
         let data = node_root.join("postfix-data");
@@ -73,6 +78,7 @@ impl Postfix {
                  myhostname = {host}.example.net\n\
                  mydestination =\n\
                  relayhost = [127.0.0.1]:9\n\
+                 mynetworks = 127.0.0.0/8\n\
                  maillog_file = {d}/postfix.log\n\
                  maillog_file_prefixes = {d}\n",
                 q = queue_dir.display(),
@@ -87,10 +93,13 @@ impl Postfix {
         for line in master.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
             if line.starts_with(|c: char| c.is_ascii_lowercase()) && f.len() >= 8 {
-                if f[1] == "inet" {
-                    continue;
-                }
                 let mut f: Vec<String> = f.iter().map(|s| s.to_string()).collect();
+                if f[1] == "inet" {
+                    match smtp {
+                        Some(port) if f[0] == "smtp" => f[0] = format!("127.0.0.1:{port}"),
+                        _ => continue,
+                    }
+                }
                 f[4] = "n".into();
                 out.push_str(&f.join(" "));
             } else {
@@ -563,4 +572,167 @@ fn dovecot_never_reuses_a_uid_the_old_primary_handed_out() {
             .all(|a| !a.message.contains("UID")),
         "no UID alarm"
     );
+}
+
+/// One SMTP transaction to 127.0.0.1:`port`; the server's last reply.
+fn smtp_send(port: u16, rcpt: &str) -> Result<String, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut w = stream;
+    let mut reply = |r: &mut BufReader<std::net::TcpStream>| -> Result<String, String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| e.to_string())?;
+            if line.is_empty() {
+                return Err(format!("connection closed after {all:?}"));
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return Ok(all);
+            }
+        }
+    };
+    let expect = |got: String, code: &str| {
+        if got.starts_with(code) {
+            Ok(got)
+        } else {
+            Err(format!("expected {code}, got {got:?}"))
+        }
+    };
+    expect(reply(&mut r)?, "220")?;
+    for (cmd, code) in [
+        ("EHLO client.example.net".to_string(), "250"),
+        ("MAIL FROM:<alice@example.net>".to_string(), "250"),
+        (format!("RCPT TO:<{rcpt}>"), "250"),
+        ("DATA".to_string(), "354"),
+        ("Subject: hello\r\n\r\nbody\r\n.".to_string(), "250"),
+    ] {
+        write!(w, "{cmd}\r\n").map_err(|e| e.to_string())?;
+        let got = expect(reply(&mut r)?, code)?;
+        if cmd.ends_with('.') {
+            let _ = write!(w, "QUIT\r\n");
+            return Ok(got);
+        }
+    }
+    unreachable!()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_smtp(port: u16, accepting: bool, what: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = smtp_send(port, "bob@remote.example");
+        if r.is_ok() == accepting {
+            return;
+        }
+        assert!(Instant::now() < until, "{what}: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The example Postfix hooks (contrib/hooks/postfix) run a real Postfix on
+/// the primary only: after a kill -9 failover the new primary's Postfix
+/// accepts mail and the old one's stays stopped; after a switchover back,
+/// the other way round.
+#[test]
+fn the_example_postfix_hooks_run_the_mta_on_the_primary_only() {
+    need("postfix");
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/hooks/postfix");
+    let h = |action: &str| {
+        format!(
+            "[\"{}\", \"{action}\", \"{{node_root}}/postfix-etc\"]",
+            hook.display()
+        )
+    };
+    let extra = format!(
+        "[hooks]\non_primary = {}\non_secondary = {}\non_off = {}\n",
+        h("primary"),
+        h("secondary"),
+        h("off")
+    );
+    let mut tp = TestPair::new(PairOptions {
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 600,
+        extra_toml: Some(extra),
+        ..PairOptions::default()
+    });
+    let ports = [free_port(), free_port()];
+    let roots: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.root.clone()).collect();
+    let queues: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.queue_dir.clone()).collect();
+    let mut pf: Vec<Postfix> = (0..2)
+        .map(|i| {
+            Postfix::create_with(
+                &roots[i],
+                &queues[i],
+                &format!("mx{}", i + 1),
+                Some(ports[i]),
+            )
+        })
+        .collect();
+    // Installed appliances: each Postfix has run before (queue structure).
+    for p in pf.iter_mut() {
+        p.start();
+        p.stop();
+    }
+    // From here on only the hooks start and stop them; abort both at the end.
+    for p in pf.iter_mut() {
+        p.running = true;
+    }
+    tp.start_all();
+    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    wait_smtp(ports[0], true, "the primary's Postfix accepts mail");
+    wait_smtp(ports[1], false, "the secondary's Postfix refuses");
+    // The primary dies, with its MTA.
+    tp.nodes[0].kill9().unwrap();
+    let _ = pf[0].postfix("abort");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    wait_smtp(ports[1], true, "the new primary's Postfix accepts mail");
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && !s.queue_push.pending && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_smtp(
+        ports[0],
+        false,
+        "the rejoined secondary's Postfix stays stopped",
+    );
+    // Switchover back: mx2 stops its Postfix before mx1 promotes.
+    let r = tp.nodes[1]
+        .request(&hasync::daemon::control::Request::Failover)
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_smtp(
+        ports[0],
+        true,
+        "after the switchover mx1's Postfix accepts mail",
+    );
+    wait_smtp(ports[1], false, "and mx2's refuses");
+    for n in 0..2 {
+        let st = tp.nodes[n].status().unwrap();
+        assert!(st.hooks.last.iter().all(|r| r.ok), "{:?}", st.hooks.last);
+    }
 }
