@@ -583,7 +583,7 @@ fn smtp_send(port: u16, rcpt: &str) -> Result<String, String> {
         .unwrap();
     let mut r = BufReader::new(stream.try_clone().unwrap());
     let mut w = stream;
-    let mut reply = |r: &mut BufReader<std::net::TcpStream>| -> Result<String, String> {
+    let reply = |r: &mut BufReader<std::net::TcpStream>| -> Result<String, String> {
         let mut all = String::new();
         loop {
             let mut line = String::new();
