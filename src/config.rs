@@ -101,7 +101,22 @@ pub struct LinkConfig {
     pub heartbeat_lost_threshold: u32,
     /// How long a starting node waits to hear from its peer.
     pub startup_wait: Duration,
+    /// More heartbeat paths (another interface or network), each with its
+    /// own connections: the peer counts as lost only when every path is
+    /// silent.
+    pub paths: Vec<HeartbeatPath>,
 }
+
+/// One more heartbeat path (`link.paths`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatPath {
+    pub listen: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+/// At most this many paths besides `link.listen`/`link.peer`.
+pub const EXTRA_PATHS_MAX: usize = 3;
 
 /// The `[replication]` table: continuous mailstore replication.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -780,6 +795,8 @@ struct RawLink {
     heartbeat_lost_threshold: Option<i64>,
     #[serde(default, deserialize_with = "de_startup_wait")]
     startup_wait_ms: Option<Duration>,
+    #[serde(default)]
+    paths: Vec<HeartbeatPath>,
 }
 
 fn de_heartbeat_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -914,6 +931,14 @@ impl RawConfig {
                 "replication.sync_listen",
                 sync_listen.to_string(),
                 "the sync connection needs its own port, apart from the heartbeat link (link.listen)".into(),
+            ));
+        }
+        if link.paths.iter().any(|p| p.listen == sync_listen) {
+            return Err(err(
+                "replication.sync_listen",
+                sync_listen.to_string(),
+                "is a heartbeat path's address (link.paths); the sync connection needs its own"
+                    .into(),
             ));
         }
         if sync_peer == link.peer {
@@ -1219,6 +1244,39 @@ impl RawLink {
             ));
         }
 
+        if self.paths.len() > EXTRA_PATHS_MAX {
+            return Err(err(
+                "link.paths",
+                format!("{} paths", self.paths.len()),
+                format!("at most {EXTRA_PATHS_MAX} paths besides link.listen/link.peer"),
+            ));
+        }
+        let mut listens = vec![self.listen];
+        let mut peers = vec![self.peer];
+        for (i, p) in self.paths.iter().enumerate() {
+            let key = |k: &str| format!("link.paths[{i}].{k}");
+            check_address(&p.listen, false)
+                .map_err(|e| err(&key("listen"), p.listen.to_string(), e))?;
+            check_address(&p.peer, true).map_err(|e| err(&key("peer"), p.peer.to_string(), e))?;
+            if listens.contains(&p.listen) {
+                return Err(err(
+                    &key("listen"),
+                    p.listen.to_string(),
+                    "already used by another heartbeat path: each path needs its own address"
+                        .into(),
+                ));
+            }
+            if peers.contains(&p.peer) || p.peer == p.listen {
+                return Err(err(
+                    &key("peer"),
+                    p.peer.to_string(),
+                    "already used by another heartbeat path (or this node's own listen address)"
+                        .into(),
+                ));
+            }
+            listens.push(p.listen);
+            peers.push(p.peer);
+        }
         Ok(LinkConfig {
             listen: self.listen,
             peer: self.peer,
@@ -1227,6 +1285,7 @@ impl RawLink {
             heartbeat_interval: interval,
             heartbeat_lost_threshold: threshold,
             startup_wait,
+            paths: self.paths,
         })
     }
 }

@@ -34,6 +34,12 @@ pub struct PairOptions {
     /// `queue-internal`) instead of under `state_dir`: for tests that mount a
     /// filesystem of their own over `mail/` (see [`NodeProc::mail_dir`]).
     pub internal_beside_stores: bool,
+    /// Like `extra_toml`, one text per node.
+    pub extra_toml_nodes: Option<[String; 2]>,
+    /// Run each node in a network namespace of its own (name, address);
+    /// the heartbeat link on port 7000 and the sync port on 7001 of these
+    /// addresses.
+    pub netns: Option<[(&'static str, std::net::IpAddr); 2]>,
     /// More configuration (tables such as `[hooks]`) appended to both
     /// nodes' files; `{node_root}` becomes the node's directory.
     pub extra_toml: Option<String>,
@@ -63,6 +69,8 @@ impl Default for PairOptions {
             post_ingest_hook: None,
             inbox_kind: None,
             extra_toml: None,
+            netns: None,
+            extra_toml_nodes: None,
         }
     }
 }
@@ -80,6 +88,8 @@ pub struct NodeProc {
     /// Mailstore roots by name.
     pub mailstores: Vec<(String, PathBuf)>,
     exe: PathBuf,
+    /// Runs inside this network namespace (`ip netns exec`).
+    netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -124,8 +134,20 @@ impl Pair {
     /// Lays out both nodes under `base` (which must exist) with a shared secret.
     pub fn create(exe: &Path, base: &Path, options: PairOptions) -> std::io::Result<Pair> {
         let names = ["mx1", "mx2"];
-        let addrs = [free_port()?, free_port()?];
-        let sync_addrs = [free_port()?, free_port()?];
+        let (addrs, sync_addrs) = match &options.netns {
+            // Each node in a network namespace of its own: fixed ports.
+            Some(ns) => (
+                [
+                    SocketAddr::new(ns[0].1, 7000),
+                    SocketAddr::new(ns[1].1, 7000),
+                ],
+                [
+                    SocketAddr::new(ns[0].1, 7001),
+                    SocketAddr::new(ns[1].1, 7001),
+                ],
+            ),
+            None => ([free_port()?, free_port()?], [free_port()?, free_port()?]),
+        };
         let mut nodes = Vec::new();
         for i in 0..2 {
             let root = base.join(names[i]);
@@ -177,12 +199,13 @@ quarantine = "mail/quarantine"
 {internal}{extra}"#,
                 extra = options
                     .extra_toml
-                    .as_deref()
+                    .iter()
+                    .chain(options.extra_toml_nodes.as_ref().map(|n| &n[i]))
                     .map(|t| format!(
                         "\n{}\n",
                         t.replace("{node_root}", &root.display().to_string())
                     ))
-                    .unwrap_or_default(),
+                    .collect::<String>(),
                 internal = if options.internal_beside_stores {
                     "\n[internal_dirs]\ninbox = \"mail/.hasync-inbox\"\nquarantine = \"mail/.hasync-quarantine\"\nqueue = \"queue-internal\"\n"
                 } else {
@@ -236,6 +259,7 @@ quarantine = "mail/quarantine"
                 queue_dir,
                 listen: addrs[i],
                 exe: exe.to_owned(),
+                netns: options.netns.as_ref().map(|ns| ns[i].0.to_string()),
                 child: None,
             });
         }
@@ -307,7 +331,16 @@ impl NodeProc {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let child = Command::new(&self.exe)
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the daemon: the child's pid is hasync's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)

@@ -129,6 +129,21 @@ pub struct LinkStatus {
     /// Admission on the heartbeat port (strangers, authentication failures).
     #[serde(default)]
     pub heartbeat_port: crate::link::gate::GateStatus,
+    /// Every heartbeat path, the main one (`link.listen` → `link.peer`)
+    /// first: the peer is lost only when all are silent.
+    #[serde(default)]
+    pub paths: Vec<PathStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PathStatus {
+    pub listen: String,
+    pub peer: String,
+    /// A heartbeat arrived on it within the failure-detection window.
+    pub up: bool,
+    pub outbound_connected: bool,
+    pub heartbeats_received: u64,
+    pub last_heartbeat_age_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

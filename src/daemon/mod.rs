@@ -187,6 +187,11 @@ struct Node {
     stopped_for_handover: bool,
     /// The engine's current primary tenure.
     tenure: u64,
+    /// More heartbeat paths (`link.paths`): each with its own connections,
+    /// and whether its loss is alarmed now.
+    paths: Vec<(crate::config::HeartbeatPath, Rc<LinkCtx>, bool)>,
+    /// The main path's loss is alarmed now.
+    main_path_alarmed: bool,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -268,7 +273,46 @@ impl Node {
             Some(cfg.link.peer.ip()),
             gate_stats.clone(),
         ));
-        tokio_uring::spawn(link::run_listener(link.clone(), listener, gate, to_core));
+        tokio_uring::spawn(link::run_listener(
+            link.clone(),
+            listener,
+            gate,
+            to_core.clone(),
+        ));
+        // More heartbeat paths: the same heartbeats out on each, every one
+        // received into the core (it keys on the peer, not the path).
+        let mut paths = Vec::new();
+        for p in &cfg.link.paths {
+            let listener =
+                crate::io::bind_listener(p.listen, Duration::from_secs(10)).map_err(|source| {
+                    DaemonError::Listen {
+                        addr: p.listen,
+                        source,
+                    }
+                })?;
+            let ctx = Rc::new(LinkCtx {
+                node_name: cfg.node_name.clone(),
+                peer_name: cfg.link.peer_name.clone(),
+                peer_addr: p.peer,
+                key: link.key.clone(),
+                io_timeout,
+                stats: LinkStats::default(),
+            });
+            let gate = Rc::new(link::gate::Gate::new(
+                "heartbeat",
+                link::gate::Limits::default(),
+                Some(p.peer.ip()),
+                gate_stats.clone(),
+            ));
+            tokio_uring::spawn(link::run_outbound(ctx.clone(), heartbeat_tx.subscribe()));
+            tokio_uring::spawn(link::run_listener(
+                ctx.clone(),
+                tokio_uring::net::TcpListener::from_std(listener),
+                gate,
+                to_core.clone(),
+            ));
+            paths.push((*p, ctx, false));
+        }
         std::thread::Builder::new()
             .name("hasync-control".into())
             .spawn(move || serve_control(control_listener, control_tx))
@@ -289,6 +333,8 @@ impl Node {
             prev_role: Role::Negotiating,
             stopped_for_handover: false,
             tenure: 0,
+            paths,
+            main_path_alarmed: false,
             core: Core::new(core_cfg, record, now),
             cfg,
             link,
@@ -369,6 +415,7 @@ impl Node {
                     }
                 }
                 _ = self_check.tick() => {
+                    self.watch_paths();
                     let result = self_check_dirs(&self.cfg);
                     self.core.handle_event(Instant::now(), Event::SelfCheck(result));
                     self.report_catch_up();
@@ -390,6 +437,75 @@ impl Node {
         }
         let _ = std::fs::remove_file(&self.socket_path);
         Ok(())
+    }
+
+    /// Every heartbeat path, the main one first.
+    fn path_status(&self, now: Instant) -> Vec<control::PathStatus> {
+        let window = self.cfg.detection_time();
+        std::iter::once((self.cfg.link.listen, self.cfg.link.peer, &self.link))
+            .chain(self.paths.iter().map(|(p, ctx, _)| (p.listen, p.peer, ctx)))
+            .map(|(listen, peer, ctx)| {
+                let age = ctx
+                    .stats
+                    .last_received
+                    .get()
+                    .map(|t| now.saturating_duration_since(t));
+                control::PathStatus {
+                    listen: listen.to_string(),
+                    peer: peer.to_string(),
+                    up: age.is_some_and(|a| a <= window),
+                    outbound_connected: ctx.stats.outbound_connected.get(),
+                    heartbeats_received: ctx.stats.heartbeats_received.get(),
+                    last_heartbeat_age_ms: age.map(|a| a.as_millis() as u64),
+                }
+            })
+            .collect()
+    }
+
+    /// With more than one heartbeat path: a path silent while another
+    /// still carries heartbeats is an alarm (not a failover); its return
+    /// is logged.
+    fn watch_paths(&mut self) {
+        if self.paths.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let status = self.path_status(now);
+        if !status.iter().any(|p| p.up) {
+            return; // The peer is silent on every path: the core decides.
+        }
+        let mut main_alarmed = self.main_path_alarmed;
+        let mut flags: Vec<&mut bool> = std::iter::once(&mut main_alarmed)
+            .chain(self.paths.iter_mut().map(|(_, _, a)| a))
+            .collect();
+        let mut lines = Vec::new();
+        for (p, alarmed) in status.iter().zip(flags.iter_mut()) {
+            if !p.up && !**alarmed {
+                **alarmed = true;
+                lines.push((true, format!(
+                    "heartbeat path {} -> {} is down (no heartbeat for {}); the peer is still heard on another path",
+                    p.listen,
+                    p.peer,
+                    p.last_heartbeat_age_ms.map_or("ever".to_string(), |ms| format!("{ms} ms"))
+                )));
+            } else if p.up && **alarmed {
+                **alarmed = false;
+                lines.push((
+                    false,
+                    format!("heartbeat path {} -> {} is up again", p.listen, p.peer),
+                ));
+            }
+        }
+        drop(flags);
+        self.main_path_alarmed = main_alarmed;
+        for (alarm, line) in lines {
+            if alarm {
+                warn!(alarm = true, "ALARM: {line}");
+                push_bounded(&mut self.alarms, line);
+            } else {
+                info!("{line}");
+            }
+        }
     }
 
     fn hook_env(&self, role: Role, event: &'static str, reason: String) -> roles::HookEnv {
@@ -769,6 +885,7 @@ impl Node {
                 heartbeat_gap_ms_p99: gap(0.99),
                 heartbeat_gap_ms_max: (!gaps.is_empty()).then(|| gaps.max() as f64 / 1000.0),
                 heartbeat_port: self.gate_stats.snapshot(),
+                paths: self.path_status(now),
             },
             queue_push: QueuePushStatus {
                 running: self

@@ -444,6 +444,8 @@ pub struct Core {
     operator_joined: bool,
     /// A switchover being prepared ([`Action::PrepareHandover`]), and why.
     preparing: Option<Reason>,
+    /// The highest epoch the peer has shown (see `on_heartbeat`).
+    peer_epoch_max: u64,
 }
 
 impl Core {
@@ -471,6 +473,7 @@ impl Core {
             persist_failed: false,
             operator_joined: false,
             preparing: None,
+            peer_epoch_max: 0,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -669,6 +672,15 @@ impl Core {
             }));
             return;
         }
+        // A node's epoch never decreases: a heartbeat below the highest the
+        // peer has shown is stale (queued in a cut link and delivered at
+        // the heal, or overtaken on another path). Taken as current, an old
+        // "secondary" would make this node win an election against a peer
+        // that has since promoted.
+        if hb.epoch < self.peer_epoch_max {
+            return;
+        }
+        self.peer_epoch_max = hb.epoch;
         self.peer = Some(PeerView {
             hb: hb.clone(),
             last_heard: now,

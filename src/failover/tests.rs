@@ -243,6 +243,50 @@ fn a_primary_preparing_its_handover_keeps_serving_and_abandons_if_the_peer_is_lo
 }
 
 #[test]
+fn a_stale_heartbeat_from_before_the_peers_promotion_is_ignored() {
+    // mx1 (higher priority) demoted after a split brain to mx2 at epoch 2;
+    // a heartbeat mx2 sent as secondary at epoch 1, queued in the cut link,
+    // arrives after the heal. Taken as current, mx1 would win an election
+    // against a primary.
+    let t0 = Instant::now();
+    let mut c = Core::new(
+        cfg("mx1", "mx2", 200),
+        EpochRecord {
+            epoch: 1,
+            held_primary: None,
+        },
+        t0,
+    );
+    let hb = |role, epoch, seq| {
+        Event::Heartbeat(Heartbeat {
+            node: "mx2".into(),
+            role,
+            epoch,
+            priority: 100,
+            seq,
+            flags: 0,
+        })
+    };
+    c.handle_event(t0, hb(Role::Primary, 2, 10));
+    assert_eq!(c.role(), Role::Secondary);
+    drain(&mut c);
+    c.handle_event(t0 + Duration::from_millis(10), hb(Role::Secondary, 1, 3));
+    assert_eq!(
+        c.role(),
+        Role::Secondary,
+        "the stale heartbeat changed nothing"
+    );
+    assert!(!drain(&mut c).iter().any(|a| matches!(
+        a,
+        Action::Become {
+            role: Role::Promoting,
+            ..
+        }
+    )));
+    assert_eq!(c.status().peer_role, Some(Role::Primary));
+}
+
+#[test]
 fn split_brain_after_partition_resolves_to_higher_epoch() {
     let part = Fault {
         at_ms: 3000,

@@ -6,6 +6,7 @@ mod fuzz_seeds;
 pub mod hostile;
 mod killloop;
 mod mta;
+mod netns;
 mod pair;
 mod queue;
 mod replication;

@@ -1,0 +1,223 @@
+//! Partitions for real: each node in a network namespace of its own, joined
+//! by veth pairs that a test cuts and heals (`ip link set … down`), and a
+//! third namespace both reach over links of their own that does not
+//! forward between them (ping targets). Both nodes are polled every 100 ms
+//! and every poll with two primaries is counted.
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::util::*;
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Three namespaces: `a` and `b` (the nodes) and `q` (what both reach).
+/// Links: `ha` (10.N.1.0/24, the HA link), `hb` (10.N.2.0/24, a second
+/// path), `aq` (10.N.3.0/24) and `bq` (10.N.4.0/24).
+pub struct Net {
+    pub a: String,
+    pub b: String,
+    pub q: String,
+    n: u32,
+}
+
+impl Net {
+    pub fn new() -> Net {
+        let n = 100 + (std::process::id() % 50) * 2 + NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = |x: &str| format!("hs{n}{x}");
+        let net = Net {
+            a: name("a"),
+            b: name("b"),
+            q: name("q"),
+            n,
+        };
+        for ns in [&net.a, &net.b, &net.q] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        net.veth(&net.a, "ha", &net.b, "ha", 1);
+        net.veth(&net.a, "hb", &net.b, "hb", 2);
+        net.veth(&net.a, "aq", &net.q, "qa", 3);
+        net.veth(&net.b, "bq", &net.q, "qb", 4);
+        net
+    }
+
+    fn veth(&self, ns1: &str, if1: &str, ns2: &str, if2: &str, subnet: u8) {
+        ip(&[
+            "link", "add", if1, "netns", ns1, "type", "veth", "peer", "name", if2, "netns", ns2,
+        ]);
+        let (a1, a2) = if ns2 == self.q {
+            (
+                format!("{}/24", self.addr(subnet, 1)),
+                format!("{}/24", self.addr(subnet, 254)),
+            )
+        } else {
+            (
+                format!("{}/24", self.addr(subnet, 1)),
+                format!("{}/24", self.addr(subnet, 2)),
+            )
+        };
+        ip(&["-n", ns1, "addr", "add", &a1, "dev", if1]);
+        ip(&["-n", ns2, "addr", "add", &a2, "dev", if2]);
+        ip(&["-n", ns1, "link", "set", if1, "up"]);
+        ip(&["-n", ns2, "link", "set", if2, "up"]);
+    }
+
+    /// 10.N.subnet.host
+    pub fn addr(&self, subnet: u8, host: u8) -> IpAddr {
+        IpAddr::from([10, (self.n % 250) as u8, subnet, host])
+    }
+
+    /// Takes `dev` in `ns` down (both directions of its link are cut).
+    pub fn cut(&self, ns: &str, dev: &str) {
+        ip(&["-n", ns, "link", "set", dev, "down"]);
+    }
+
+    pub fn heal(&self, ns: &str, dev: &str) {
+        ip(&["-n", ns, "link", "set", dev, "up"]);
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b, &self.q] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Polls both nodes every 100 ms for `d`; returns (polls, polls with two
+/// primaries).
+pub fn watch(tp: &TestPair, d: Duration) -> (u32, u32) {
+    let until = Instant::now() + d;
+    let (mut polls, mut dual) = (0, 0);
+    while Instant::now() < until {
+        let roles: Vec<Option<Role>> = (0..2)
+            .map(|i| tp.nodes[i].status().ok().map(|s| s.mode))
+            .collect();
+        polls += 1;
+        if roles.iter().all(|r| *r == Some(Role::Primary)) {
+            dual += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (polls, dual)
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// The pair on the HA link (`ha`), with `extra` per node.
+pub fn pair_in(net: &Net, extra: [String; 2]) -> TestPair {
+    let tp = TestPair::new(PairOptions {
+        heartbeat_interval_ms: 100,
+        heartbeat_lost_threshold: 5,
+        startup_wait_ms: 1500,
+        netns: Some([
+            (leak(net.a.clone()), net.addr(1, 1)),
+            (leak(net.b.clone()), net.addr(1, 2)),
+        ]),
+        extra_toml_nodes: Some(extra),
+        ..PairOptions::default()
+    });
+    tp
+}
+
+/// A second heartbeat path: cutting the HA link alone causes no failover
+/// (an alarm instead); cutting both paths does.
+#[test]
+fn a_second_heartbeat_path_keeps_the_pair_through_a_cut_of_the_ha_link() {
+    let net = Net::new();
+    let path = |i: usize| {
+        let (me, peer) = if i == 0 { (1, 2) } else { (2, 1) };
+        format!(
+            "[[link.paths]]\nlisten = \"{}:7000\"\npeer = \"{}:7000\"\n",
+            net.addr(2, me),
+            net.addr(2, peer)
+        )
+    };
+    let mut tp = pair_in(&net, [path(0), path(1)]);
+    tp.start_all();
+    let p = tp
+        .wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(p, 0);
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(5), Duration::from_millis(50), |s| {
+            s.link.paths.len() == 2 && s.link.paths.iter().all(|p| p.up)
+        })
+        .unwrap_or_else(|e| panic!("both paths up: {e}"));
+    let epoch = tp.nodes[0].status().unwrap().epoch;
+    for round in 0..3 {
+        net.cut(&net.a, "ha");
+        let (polls, dual) = watch(&tp, Duration::from_secs(3));
+        let (s1, s2) = (tp.nodes[0].status().unwrap(), tp.nodes[1].status().unwrap());
+        net.heal(&net.a, "ha");
+        assert_eq!(
+            dual, 0,
+            "round {round}: {dual} of {polls} polls with two primaries"
+        );
+        assert_eq!(
+            (s1.mode, s2.mode, s1.epoch),
+            (Role::Primary, Role::Secondary, epoch),
+            "round {round}: a cut of one path is no failover\n{}",
+            tp.logs()
+        );
+        assert!(
+            !s1.link.paths[0].up && s1.link.paths[1].up,
+            "{:?}",
+            s1.link.paths
+        );
+        assert!(
+            s1.alarms
+                .iter()
+                .any(|a| a.message.contains("heartbeat path")),
+            "losing one path is an alarm: {:?}",
+            s1.alarms
+        );
+        tp.nodes[0]
+            .wait_status(Duration::from_secs(5), Duration::from_millis(50), |s| {
+                s.link.paths.iter().all(|p| p.up)
+            })
+            .unwrap_or_else(|e| panic!("round {round}: the path comes back: {e}"));
+    }
+    // Both paths cut: without a third vote the secondary takes over.
+    net.cut(&net.a, "ha");
+    net.cut(&net.a, "hb");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("with every path cut the secondary promotes: {e}"));
+    net.heal(&net.a, "ha");
+    net.heal(&net.a, "hb");
+    let p = tp
+        .wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let (s1, s2) = (tp.nodes[0].status().unwrap(), tp.nodes[1].status().unwrap());
+    println!(
+        "after the heal, mx{} is primary: mx1 {} at {}, mx2 {} at {}",
+        p + 1,
+        s1.mode,
+        s1.epoch,
+        s2.mode,
+        s2.epoch
+    );
+    for l in s1.transitions.iter().chain(s2.transitions.iter()) {
+        println!("  {}", l.message);
+    }
+}
