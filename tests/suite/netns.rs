@@ -123,7 +123,7 @@ fn leak(s: String) -> &'static str {
 
 /// The pair on the HA link (`ha`), with `extra` per node.
 pub fn pair_in(net: &Net, extra: [String; 2]) -> TestPair {
-    let tp = TestPair::new(PairOptions {
+    TestPair::new(PairOptions {
         heartbeat_interval_ms: 100,
         heartbeat_lost_threshold: 5,
         startup_wait_ms: 1500,
@@ -133,8 +133,7 @@ pub fn pair_in(net: &Net, extra: [String; 2]) -> TestPair {
         ]),
         extra_toml_nodes: Some(extra),
         ..PairOptions::default()
-    });
-    tp
+    })
 }
 
 /// A second heartbeat path: cutting the HA link alone causes no failover
