@@ -77,6 +77,8 @@ pub struct Config {
     pub queue: QueueConfig,
     /// The `[hooks]` table: commands run as the role changes.
     pub hooks: HooksConfig,
+    /// The `[quorum]` table: the third vote.
+    pub quorum: QuorumConfig,
     /// The `[internal_dirs]` table: where hasync keeps its staging and
     /// conflicts for a store (or `queue`), when not under `state_dir`.
     pub internal_dirs: BTreeMap<String, PathBuf>,
@@ -198,6 +200,44 @@ impl Default for HooksConfig {
             switchover_timeout: Duration::from_secs(30),
         }
     }
+}
+
+/// The `[quorum]` table: the third vote.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QuorumConfig {
+    pub mode: QuorumMode,
+    /// Ping mode: what this node must reach (a majority of them).
+    pub targets: Vec<crate::quorum::Target>,
+    /// Ping mode: time between probe rounds.
+    pub interval: Duration,
+}
+
+/// `quorum.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuorumMode {
+    /// A silent peer is a dead peer (a cut of every link between the
+    /// nodes gives two primaries until it heals).
+    #[default]
+    None,
+    /// A node must reach a majority of `targets` to promote, and a primary
+    /// that reaches neither its peer nor them steps down.
+    Ping,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuorum {
+    #[serde(default)]
+    mode: QuorumMode,
+    #[serde(default)]
+    targets: Vec<String>,
+    #[serde(default, deserialize_with = "de_quorum_interval")]
+    interval_ms: Option<Duration>,
+}
+
+fn de_quorum_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "quorum.interval_ms").map(Some)
 }
 
 /// `hooks.on_primary_failure`.
@@ -706,6 +746,8 @@ struct RawConfig {
     internal_dirs: BTreeMap<String, PathBuf>,
     #[serde(default)]
     hooks: RawHooks,
+    #[serde(default)]
+    quorum: RawQuorum,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1059,7 +1101,67 @@ impl RawConfig {
             on_primary_failure: h.on_primary_failure,
             switchover_timeout,
         };
+        let qr = self.quorum;
+        let mut targets = Vec::new();
+        for (i, t) in qr.targets.iter().enumerate() {
+            let key = format!("quorum.targets[{i}]");
+            let target: crate::quorum::Target =
+                t.parse().map_err(|p: String| err(&key, quote(t), p))?;
+            let ip = match target {
+                crate::quorum::Target::Icmp(ip) => ip,
+                crate::quorum::Target::Tcp(a) => a.ip(),
+            };
+            if ip == link.peer.ip() || link.paths.iter().any(|p| p.peer.ip() == ip) {
+                return Err(err(
+                    &key,
+                    quote(t),
+                    "is the peer: a target must be something both nodes reach apart from each other (the gateway, a switch), or it cannot tell a dead peer from a cut link".into(),
+                ));
+            }
+            if ip == link.listen.ip() {
+                return Err(err(&key, quote(t), "is this node's own address".into()));
+            }
+            if targets.contains(&target) {
+                return Err(err(&key, quote(t), "is listed twice".into()));
+            }
+            targets.push(target);
+        }
+        match qr.mode {
+            QuorumMode::Ping if targets.is_empty() => {
+                return Err(err(
+                    "quorum.targets",
+                    "[]".into(),
+                    "mode = \"ping\" needs at least one target (better three: a majority must be reachable)".into(),
+                ))
+            }
+            QuorumMode::None if !targets.is_empty() => {
+                return Err(err(
+                    "quorum.targets",
+                    format!("{} targets", targets.len()),
+                    "apply only with mode = \"ping\"".into(),
+                ))
+            }
+            _ => {}
+        }
+        let quorum_interval = qr.interval_ms.unwrap_or(
+            link.heartbeat_interval
+                .clamp(Duration::from_millis(50), Duration::from_secs(10)),
+        );
+        if quorum_interval < Duration::from_millis(50) || quorum_interval > Duration::from_secs(10)
+        {
+            return Err(err(
+                "quorum.interval_ms",
+                fmt_duration(quorum_interval),
+                "must be between 50ms and 10s".into(),
+            ));
+        }
+        let quorum = QuorumConfig {
+            mode: qr.mode,
+            targets,
+            interval: quorum_interval,
+        };
         let config = Config {
+            quorum,
             hooks,
             queue: QueueConfig {
                 sync_interval,

@@ -22,6 +22,7 @@ pub mod io;
 pub mod link;
 pub mod logging;
 pub mod queue;
+pub mod quorum;
 pub mod replica;
 pub mod tracker;
 pub mod wire;

@@ -92,6 +92,9 @@ pub struct Status {
     /// switchover is being prepared.
     #[serde(default)]
     pub hooks: HooksStatus,
+    /// The third vote (ping targets reached).
+    #[serde(default)]
+    pub quorum: crate::quorum::QuorumStatus,
     pub alarms: Vec<Logged>,
     pub transitions: Vec<Logged>,
 }

@@ -61,6 +61,8 @@ pub enum DaemonError {
     Engine(#[from] EngineError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("quorum: {0}")]
+    Quorum(std::io::Error),
 }
 
 /// The replicated trees: every mailstore in place, and with
@@ -192,6 +194,9 @@ struct Node {
     paths: Vec<(crate::config::HeartbeatPath, Rc<LinkCtx>, bool)>,
     /// The main path's loss is alarmed now.
     main_path_alarmed: bool,
+    /// Ping quorum: the prober and its verdicts.
+    prober: Option<crate::quorum::Prober>,
+    quorum_rx: mpsc::UnboundedReceiver<bool>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -227,6 +232,14 @@ impl Node {
             recovery: cfg.recovery,
             tie_break: cfg.tie_break,
             prepare_handover: Some(cfg.hooks.switchover_timeout),
+            quorum: match cfg.quorum.mode {
+                crate::config::QuorumMode::None => crate::failover::QuorumRule::None,
+                // The peer's own detection plus a probe round: time for an
+                // isolated primary to see both losses and step down first.
+                crate::config::QuorumMode::Ping => crate::failover::QuorumRule::Ping {
+                    grace: cfg.detection_time() + cfg.quorum.interval,
+                },
+            },
         };
         info!(
             node = %cfg.node_name,
@@ -327,6 +340,19 @@ impl Node {
         ));
 
         let (roles, role_rx) = roles::RoleHooks::start(cfg.hooks.clone());
+        let (quorum_tx, quorum_rx) = mpsc::unbounded_channel();
+        let prober = match cfg.quorum.mode {
+            crate::config::QuorumMode::Ping => Some(
+                crate::quorum::Prober::start(
+                    cfg.quorum.targets.clone(),
+                    cfg.quorum.interval,
+                    cfg.detection_time(),
+                    quorum_tx,
+                )
+                .map_err(DaemonError::Quorum)?,
+            ),
+            crate::config::QuorumMode::None => None,
+        };
         Ok(Node {
             roles,
             role_rx,
@@ -335,6 +361,8 @@ impl Node {
             tenure: 0,
             paths,
             main_path_alarmed: false,
+            prober,
+            quorum_rx,
             core: Core::new(core_cfg, record, now),
             cfg,
             link,
@@ -393,6 +421,9 @@ impl Node {
                 }
                 Some(res) = self.push_done_rx.recv() => self.on_push_done(res),
                 Some(msg) = self.role_rx.recv() => self.on_role_msg(msg),
+                Some(ok) = self.quorum_rx.recv() => {
+                    self.core.handle_event(Instant::now(), Event::Quorum(ok));
+                }
                 Some((req, reply)) = self.control_rx.recv() => {
                     if let Request::Commit { path } = req {
                         // Waits for the peer without holding up the loop.
@@ -945,6 +976,13 @@ impl Node {
                 .collect(),
                 last: self.roles.last.iter().cloned().collect(),
                 switchover_preparing: cs.handover_preparing,
+            },
+            quorum: match &self.prober {
+                Some(p) => p.status.lock().expect("quorum status lock").clone(),
+                None => crate::quorum::QuorumStatus {
+                    mode: "none".into(),
+                    ..Default::default()
+                },
             },
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),

@@ -165,6 +165,24 @@ pub struct CoreConfig {
     /// over only once that is done ([`Event::HandoverPrepared`]), giving up
     /// after this long. `None`: hand over at once (nothing to prepare).
     pub prepare_handover: Option<Duration>,
+    /// The third vote: what a node needs besides a silent peer to promote.
+    pub quorum: QuorumRule,
+}
+
+/// How a node that does not hear its peer decides (see the README's
+/// quorum section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QuorumRule {
+    /// A silent peer is a dead peer: the secondary promotes. A cut of every
+    /// link between the nodes gives two primaries until it heals.
+    #[default]
+    None,
+    /// The driver reports whether this node reaches a majority of its
+    /// targets ([`Event::Quorum`]). A node that lost its peer promotes only
+    /// with the majority, after `grace` (time for an isolated primary to
+    /// step down); a primary that lost both its peer and the majority
+    /// steps down (to `negotiating`) at once.
+    Ping { grace: Duration },
 }
 
 impl CoreConfig {
@@ -200,6 +218,9 @@ pub enum Event {
     /// [`Action::PrepareHandover`] failed: the switchover is abandoned and
     /// this node keeps serving ([`Action::ResumeService`]).
     HandoverPrepareFailed(String),
+    /// Whether this node reaches a majority of its quorum targets (ping
+    /// mode); sent on every change.
+    Quorum(bool),
 }
 
 /// Why the core did something; printed in the log line of every change.
@@ -239,6 +260,12 @@ pub enum Reason {
     /// The driver took the node out of service (a failed `on_primary`
     /// hook with `on_primary_failure = "step-down"`).
     SteppedDown(String),
+    /// Neither the peer nor a majority of the quorum targets is reachable:
+    /// this node may be the isolated one.
+    Isolated,
+    /// The peer is silent and the quorum targets are reachable: the peer
+    /// is down, or cut off.
+    PeerLostWithQuorum,
 }
 
 impl fmt::Display for Reason {
@@ -246,6 +273,14 @@ impl fmt::Display for Reason {
         match self {
             Reason::Started => write!(f, "node started"),
             Reason::SteppedDown(why) => write!(f, "stepped down: {why}"),
+            Reason::Isolated => write!(
+                f,
+                "isolated: neither the peer nor a majority of the quorum targets is reachable"
+            ),
+            Reason::PeerLostWithQuorum => write!(
+                f,
+                "peer silent while a majority of the quorum targets is reachable"
+            ),
             Reason::NoPeerAtStartup { waited } => {
                 write!(f, "no peer heard during start-up wait of {waited:?}")
             }
@@ -307,6 +342,9 @@ pub enum Alarm {
         name: String,
     },
     SwitchoverAbandoned(String),
+    /// The peer is silent but this node reaches no majority of its quorum
+    /// targets: it does not promote.
+    NoQuorum,
 }
 
 impl fmt::Display for Alarm {
@@ -333,6 +371,10 @@ impl fmt::Display for Alarm {
             Alarm::UnexpectedPeer { name } => {
                 write!(f, "heartbeat from unexpected node {name:?} ignored")
             }
+            Alarm::NoQuorum => write!(
+                f,
+                "peer silent and no majority of the quorum targets reachable: not promoting (this node may be the isolated one)"
+            ),
             Alarm::SwitchoverAbandoned(why) => {
                 write!(f, "switchover abandoned, this node keeps serving: {why}")
             }
@@ -446,6 +488,13 @@ pub struct Core {
     preparing: Option<Reason>,
     /// The highest epoch the peer has shown (see `on_heartbeat`).
     peer_epoch_max: u64,
+    /// After an abandoned switchover, the peer's takeover requests are not
+    /// served before this.
+    handover_cooldown_until: Option<Instant>,
+    /// Ping quorum: this node reaches a majority of its targets.
+    quorum_ok: bool,
+    /// A promotion waiting for the quorum grace (ping mode), and why.
+    quorum_promotion: Option<Reason>,
 }
 
 impl Core {
@@ -474,6 +523,9 @@ impl Core {
             operator_joined: false,
             preparing: None,
             peer_epoch_max: 0,
+            handover_cooldown_until: None,
+            quorum_ok: false,
+            quorum_promotion: None,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -572,14 +624,29 @@ impl Core {
                     if self.role == Role::Primary && self.peer_alive() {
                         self.hand_over(now, reason);
                     } else {
-                        self.abandon_handover("the peer is gone".into());
+                        self.abandon_handover(now, "the peer is gone".into());
                     }
                 }
             }
             Event::HandoverPrepareFailed(why) => {
                 if self.preparing.take().is_some() {
                     self.timers.clear(Timer::Prepare);
-                    self.abandon_handover(why);
+                    self.abandon_handover(now, why);
+                }
+            }
+            Event::Quorum(ok) => {
+                let was = self.quorum_ok;
+                self.quorum_ok = ok;
+                if was == ok || !matches!(self.cfg.quorum, QuorumRule::Ping { .. }) {
+                } else if !ok {
+                    if self.role.is_live_primary() && !self.peer_alive() {
+                        self.step_down_isolated(now);
+                    }
+                } else if !self.peer_alive()
+                    && (self.role == Role::Secondary
+                        || (self.role == Role::Negotiating && self.startup_expired))
+                {
+                    self.promote_without_peer(now, Reason::PeerLostWithQuorum);
                 }
             }
             Event::CatchUpDone => {
@@ -598,15 +665,26 @@ impl Core {
                     self.startup_expired = true;
                     if self.role == Role::Negotiating && !self.peer_alive() {
                         let waited = self.cfg.startup_wait;
-                        self.promote(now, Reason::NoPeerAtStartup { waited });
+                        self.promote_without_peer(now, Reason::NoPeerAtStartup { waited });
+                    }
+                }
+                Timer::QuorumGrace => {
+                    if let Some(reason) = self.quorum_promotion.take() {
+                        let waiting = matches!(self.role, Role::Secondary | Role::Negotiating);
+                        if waiting && !self.peer_alive() && self.quorum_ok {
+                            self.promote(now, reason);
+                        }
                     }
                 }
                 Timer::Prepare => {
                     if self.preparing.take().is_some() {
                         let limit = self.cfg.prepare_handover.unwrap_or_default();
-                        self.abandon_handover(format!(
+                        self.abandon_handover(
+                            now,
+                            format!(
                             "stopping services and draining replication took longer than {limit:?}"
-                        ));
+                        ),
+                        );
                     }
                 }
                 Timer::Handover => match self.role {
@@ -672,12 +750,14 @@ impl Core {
             }));
             return;
         }
-        // A node's epoch never decreases: a heartbeat below the highest the
-        // peer has shown is stale (queued in a cut link and delivered at
-        // the heal, or overtaken on another path). Taken as current, an old
-        // "secondary" would make this node win an election against a peer
-        // that has since promoted.
-        if hb.epoch < self.peer_epoch_max {
+        // While the peer is heard, its epoch does not decrease: a heartbeat
+        // below the highest it has shown is stale (overtaken on another
+        // path, or queued in a link). Taken as current, an old "secondary"
+        // would make this node win an election against a peer that has
+        // since promoted. Once the peer was lost this is forgotten: a peer
+        // that restarts may show a lower epoch than it advertised (an
+        // adopted epoch is advertised before it is durable).
+        if self.peer_alive() && hb.epoch < self.peer_epoch_max {
             return;
         }
         self.peer_epoch_max = hb.epoch;
@@ -808,7 +888,10 @@ impl Core {
                     );
                 }
             }
-            Role::Secondary if hb.flags & FLAG_TAKEOVER_REQUEST != 0 => {
+            Role::Secondary
+                if hb.flags & FLAG_TAKEOVER_REQUEST != 0
+                    && !matches!(self.handover_cooldown_until, Some(t) if now < t) =>
+            {
                 self.start_handover(now, Reason::TakeoverRequestedByPeer);
             }
             _ => {}
@@ -823,20 +906,52 @@ impl Core {
             return;
         }
         peer.alive = false;
+        self.peer_epoch_max = 0;
         let silent_for = now.saturating_duration_since(peer.last_heard);
         self.actions
             .push_back(Action::Alarm(Alarm::PeerLost { silent_for }));
         if self.preparing.take().is_some() {
             self.timers.clear(Timer::Prepare);
-            self.abandon_handover("the peer was lost during the switchover".into());
+            self.abandon_handover(now, "the peer was lost during the switchover".into());
         }
         match self.role {
-            Role::Secondary => self.promote(now, Reason::PeerLost { silent_for }),
+            Role::Secondary => self.promote_without_peer(now, Reason::PeerLost { silent_for }),
             Role::Negotiating if self.startup_expired => {
-                self.promote(now, Reason::PeerLost { silent_for })
+                self.promote_without_peer(now, Reason::PeerLost { silent_for })
+            }
+            Role::Primary | Role::Promoting
+                if matches!(self.cfg.quorum, QuorumRule::Ping { .. }) && !self.quorum_ok =>
+            {
+                self.step_down_isolated(now)
             }
             _ => {}
         }
+    }
+
+    /// The peer is silent: promote, if the quorum rule allows (ping: with a
+    /// majority of the targets, after the grace).
+    fn promote_without_peer(&mut self, now: Instant, reason: Reason) {
+        match self.cfg.quorum {
+            QuorumRule::None => self.promote(now, reason),
+            QuorumRule::Ping { grace } => {
+                if !self.quorum_ok {
+                    self.actions.push_back(Action::Alarm(Alarm::NoQuorum));
+                    return;
+                }
+                if self.quorum_promotion.is_none() {
+                    self.quorum_promotion = Some(reason);
+                    self.timers.set(Timer::QuorumGrace, now + grace);
+                }
+            }
+        }
+    }
+
+    /// A primary (or promoting node) that reaches neither its peer nor a
+    /// majority of its targets stops serving: it may be the isolated one,
+    /// and the peer may be promoting.
+    fn step_down_isolated(&mut self, now: Instant) {
+        self.promoting_to = None;
+        self.enter_negotiating(now, Reason::Isolated);
     }
 
     fn on_persisted(&mut self, now: Instant, rec: EpochRecord) {
@@ -946,7 +1061,10 @@ impl Core {
     }
 
     /// The switchover is off: this node serves again at its epoch.
-    fn abandon_handover(&mut self, why: String) {
+    fn abandon_handover(&mut self, now: Instant, why: String) {
+        // The peer's takeover requests keep coming for a while: do not
+        // start over (and flap the services) at each of them.
+        self.handover_cooldown_until = Some(now + self.cfg.lost_window() * 4);
         self.actions
             .push_back(Action::Alarm(Alarm::SwitchoverAbandoned(why.clone())));
         if self.role == Role::Primary {

@@ -28,6 +28,9 @@ pub enum FaultKind {
     /// The node's state directory refuses writes (disk full) for a while:
     /// every epoch persisted meanwhile fails.
     StateDirFull { node: usize, for_ms: u64 },
+    /// The node is cut off from everything for a while: its peer (both
+    /// directions) and its quorum targets.
+    Isolate { node: usize, for_ms: u64 },
 }
 
 impl FaultKind {
@@ -36,7 +39,9 @@ impl FaultKind {
         match *self {
             FaultKind::Partition { for_ms } | FaultKind::Loss { for_ms, .. } => for_ms,
             FaultKind::Crash { down_ms, .. } => down_ms,
-            FaultKind::SelfFail { for_ms, .. } | FaultKind::StateDirFull { for_ms, .. } => for_ms,
+            FaultKind::SelfFail { for_ms, .. }
+            | FaultKind::StateDirFull { for_ms, .. }
+            | FaultKind::Isolate { for_ms, .. } => for_ms,
             FaultKind::Switchover { .. } | FaultKind::Join { .. } => 0,
         }
     }
@@ -143,6 +148,8 @@ struct SimNode {
     catch_up_at: Option<u64>,
     /// A switchover's preparation (services, replication drain) ends then.
     prepared_at: Option<u64>,
+    /// The quorum verdict last fed to the core (ping mode).
+    quorum_view: Option<bool>,
     /// Persists fail until this time (a full state directory).
     state_full_until: u64,
     /// The driver's next periodic self-check.
@@ -202,6 +209,7 @@ impl Sim {
             push_done_at: None,
             catch_up_at: None,
             prepared_at: None,
+            quorum_view: None,
             state_full_until: 0,
             next_check_ms: 0,
             heard_max: 0,
@@ -248,8 +256,37 @@ impl Sim {
     }
 
     fn partitioned(&self) -> bool {
-        self.active_fault(|k| matches!(k, FaultKind::Partition { .. }))
+        self.active_fault(|k| matches!(k, FaultKind::Partition { .. } | FaultKind::Isolate { .. }))
             .is_some()
+    }
+
+    /// The node isolated now, if any.
+    fn isolated(&self) -> Option<usize> {
+        match self.active_fault(|k| matches!(k, FaultKind::Isolate { .. })) {
+            Some(FaultKind::Isolate { node, .. }) => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Since when node `i` has reached (true) or missed (false) its
+    /// quorum targets without a break.
+    fn targets_since(&self, i: usize) -> (bool, u64) {
+        let mut reach = true;
+        let mut since = 0;
+        for f in &self.plan.faults {
+            if let FaultKind::Isolate { node, for_ms } = f.kind {
+                if node == i && f.at_ms <= self.now_ms {
+                    if self.now_ms < f.at_ms + for_ms {
+                        // Overlapping isolations: cut off since the first.
+                        since = if reach { f.at_ms } else { since.min(f.at_ms) };
+                        reach = false;
+                    } else if reach {
+                        since = since.max(f.at_ms + for_ms);
+                    }
+                }
+            }
+        }
+        (reach, since)
     }
 
     fn loss_percent(&self) -> u8 {
@@ -444,6 +481,18 @@ impl Sim {
                     Err("simulated".to_string())
                 };
                 self.feed(i, now, Event::SelfCheck(res));
+                // The quorum prober's verdict: targets missed for a whole
+                // detection window count as lost; one answer brings them
+                // back.
+                if matches!(self.nodes[i].cfg.quorum, super::QuorumRule::Ping { .. }) {
+                    let (reach, since) = self.targets_since(i);
+                    let window = self.nodes[i].cfg.lost_window().as_millis() as u64;
+                    let view = reach || now_ms < since + window;
+                    if self.nodes[i].quorum_view != Some(view) {
+                        self.nodes[i].quorum_view = Some(view);
+                        self.feed(i, now, Event::Quorum(view));
+                    }
+                }
             }
             if self.nodes[i].push_done_at.is_some_and(|t| t <= now_ms) {
                 self.nodes[i].push_done_at = None;
@@ -529,6 +578,7 @@ impl Sim {
                         n.push_done_at = None;
                         n.catch_up_at = None;
                         n.prepared_at = None;
+                        n.quorum_view = None;
                         self.in_flight.retain(|m| m.to != node);
                         self.pending.push((now_ms + down_ms, Event2::Restart(node)));
                     }
@@ -552,6 +602,10 @@ impl Sim {
                     }
                     FaultKind::StateDirFull { node, for_ms } => {
                         self.nodes[node].state_full_until = now_ms + for_ms;
+                    }
+                    FaultKind::Isolate { node, for_ms } => {
+                        self.log(format!("node {node} isolated for {for_ms}ms"));
+                        self.pending.push((now_ms + for_ms, Event2::PartitionEnd));
                     }
                 }
             }
@@ -673,6 +727,34 @@ impl Sim {
     }
 
     fn check_invariants(&self) -> Result<(), Violation> {
+        let ping = self
+            .nodes
+            .iter()
+            .all(|n| matches!(n.cfg.quorum, super::QuorumRule::Ping { .. }));
+        if let (Some(a), Some(b), Some(k), true) = (
+            &self.nodes[0].core,
+            &self.nodes[1].core,
+            self.isolated(),
+            ping,
+        ) {
+            // Two primaries before the isolation (a partition that left
+            // both reaching their targets) end once the isolated one has
+            // seen its targets and its peer gone: a detection window and a
+            // probe round, the stated bound.
+            let (_, since) = self.targets_since(k);
+            let cfg = &self.nodes[k].cfg;
+            let bound = cfg.lost_window().as_millis() as u64
+                + 2 * cfg.heartbeat_interval.as_millis() as u64
+                + self.plan.delay_ms.1
+                + 1;
+            if a.role() == Role::Primary && b.role() == Role::Primary && self.now_ms > since + bound
+            {
+                return Err(self.violation(format!(
+                    "two primaries while node {k} is cut off from its peer and its quorum targets (ping quorum), {}ms into the isolation",
+                    self.now_ms - since
+                )));
+            }
+        }
         if let (Some(a), Some(b)) = (&self.nodes[0].core, &self.nodes[1].core) {
             if a.role() == Role::Primary && b.role() == Role::Primary && a.epoch() == b.epoch() {
                 return Err(
@@ -775,6 +857,25 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
             1 => Some(Duration::from_millis(prep.range(1, 40))),
             _ => Some(Duration::from_secs(2)),
         };
+    }
+    // A third of the plans use the ping quorum, and isolate nodes (cut from
+    // the peer and the targets) on top of their other faults.
+    if prep.percent(33) {
+        for c in configs.iter_mut() {
+            c.quorum = super::QuorumRule::Ping {
+                grace: c.lost_window() + c.heartbeat_interval,
+            };
+        }
+        for _ in 0..prep.range(1, 3) {
+            list.push(Fault {
+                at_ms: prep.range(0, horizon),
+                kind: FaultKind::Isolate {
+                    node: prep.range(0, 1) as usize,
+                    for_ms: prep.range(interval_ms, window * 6),
+                },
+            });
+        }
+        list.sort_by_key(|f| f.at_ms);
     }
     Plan {
         seed,

@@ -16,6 +16,7 @@ fn cfg(name: &str, peer: &str, priority: u8) -> CoreConfig {
         recovery: RecoveryPolicy::BecomeSecondary,
         tie_break: TieBreak::LowerName,
         prepare_handover: None,
+        quorum: QuorumRule::None,
     }
 }
 

@@ -14,15 +14,18 @@ pub(super) enum Timer {
     Handover,
     /// Deadline of a switchover's preparation (services, replication).
     Prepare,
+    /// A promotion waiting for the ping-quorum grace.
+    QuorumGrace,
 }
 
 impl Timer {
-    const ALL: [Timer; 5] = [
+    const ALL: [Timer; 6] = [
         Timer::Heartbeat,
         Timer::PeerLost,
         Timer::Startup,
         Timer::Handover,
         Timer::Prepare,
+        Timer::QuorumGrace,
     ];
 
     fn index(self) -> usize {

@@ -28,6 +28,7 @@ fn base() -> [CoreConfig; 2] {
         recovery: RecoveryPolicy::BecomeSecondary,
         tie_break: TieBreak::LowerName,
         prepare_handover: None,
+        quorum: hasync::failover::QuorumRule::None,
     };
     [mk("mx1", "mx2"), mk("mx2", "mx1")]
 }

@@ -220,3 +220,81 @@ fn a_second_heartbeat_path_keeps_the_pair_through_a_cut_of_the_ha_link() {
         println!("  {}", l.message);
     }
 }
+
+/// Ping quorum: a node cut off from everything (its peer and the targets)
+/// never stays or becomes primary while the other is; the isolated
+/// primary steps down, the other promotes after its grace; an isolated
+/// secondary does not promote. Epochs never decrease, and after each heal
+/// one primary.
+#[test]
+fn ping_quorum_keeps_an_isolated_node_from_being_a_second_primary() {
+    let net = Net::new();
+    let quorum = |i: usize| {
+        let subnet = if i == 0 { 3 } else { 4 };
+        format!(
+            "[quorum]\nmode = \"ping\"\ntargets = [\"{}\"]\n",
+            net.addr(subnet, 254)
+        )
+    };
+    let mut tp = pair_in(&net, [quorum(0), quorum(1)]);
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let mut epochs = [0u64; 2];
+    let mut total = (0, 0);
+    for round in 0..4 {
+        let primary = tp
+            .wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", tp.logs()));
+        // Even rounds isolate the primary, odd ones the secondary.
+        let victim = if round % 2 == 0 { primary } else { 1 - primary };
+        let (ns, devs) = if victim == 0 {
+            (&net.a, ["ha", "aq"])
+        } else {
+            (&net.b, ["ha", "bq"])
+        };
+        for d in devs {
+            net.cut(ns, d);
+        }
+        let (polls, dual) = watch(&tp, Duration::from_secs(3));
+        let st: Vec<_> = (0..2).map(|i| tp.nodes[i].status().unwrap()).collect();
+        for d in devs {
+            net.heal(ns, d);
+        }
+        total = (total.0 + polls, total.1 + dual);
+        assert_eq!(
+            dual,
+            0,
+            "round {round} (mx{} isolated): {dual} of {polls} polls with two primaries\n{}",
+            victim + 1,
+            tp.logs()
+        );
+        let other = 1 - victim;
+        assert_eq!(
+            st[other].mode,
+            Role::Primary,
+            "round {round}: the connected node serves\n{}",
+            tp.logs()
+        );
+        assert_ne!(
+            st[victim].mode,
+            Role::Primary,
+            "round {round}: the isolated node does not"
+        );
+        for i in 0..2 {
+            assert!(st[i].epoch >= epochs[i], "epochs never decrease");
+            epochs[i] = st[i].epoch;
+        }
+        if victim == primary {
+            assert!(
+                st[victim].reason.contains("isolated") || st[victim].mode != Role::Primary,
+                "{}",
+                st[victim].reason
+            );
+        }
+    }
+    println!(
+        "ping quorum: {} polls during isolations, {} with two primaries",
+        total.0, total.1
+    );
+}
