@@ -79,6 +79,8 @@ pub struct Config {
     pub hooks: HooksConfig,
     /// The `[quorum]` table: the third vote.
     pub quorum: QuorumConfig,
+    /// `[[vip]]`: service addresses that follow the primary.
+    pub vips: Vec<crate::vip::VipSpec>,
     /// The `[internal_dirs]` table: where hasync keeps its staging and
     /// conflicts for a store (or `queue`), when not under `state_dir`.
     pub internal_dirs: BTreeMap<String, PathBuf>,
@@ -225,6 +227,16 @@ pub enum QuorumMode {
     Ping,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVip {
+    address: String,
+    interface: String,
+}
+
+/// At most this many `[[vip]]` addresses.
+pub const VIPS_MAX: usize = 16;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawQuorum {
@@ -333,6 +345,15 @@ impl Config {
     /// directories do not overlap once symlinks are resolved, and that the
     /// link secret is readable and long enough.
     pub fn validate_filesystem(&self) -> Result<(), ConfigError> {
+        for (i, v) in self.vips.iter().enumerate() {
+            if !Path::new("/sys/class/net").join(&v.interface).exists() {
+                return Err(self.invalid(
+                    &format!("vip[{i}].interface"),
+                    quote(&v.interface),
+                    "no such network interface on this machine",
+                ));
+            }
+        }
         self.check_dir("state_dir", &self.state_dir)?;
         rustix::fs::access(
             &self.state_dir,
@@ -748,6 +769,8 @@ struct RawConfig {
     hooks: RawHooks,
     #[serde(default)]
     quorum: RawQuorum,
+    #[serde(default)]
+    vip: Vec<RawVip>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1160,7 +1183,58 @@ impl RawConfig {
             targets,
             interval: quorum_interval,
         };
+        if self.vip.len() > VIPS_MAX {
+            return Err(err(
+                "vip",
+                format!("{} addresses", self.vip.len()),
+                format!("at most {VIPS_MAX}"),
+            ));
+        }
+        let mut vips: Vec<crate::vip::VipSpec> = Vec::new();
+        for (i, v) in self.vip.iter().enumerate() {
+            let key = |k: &str| format!("vip[{i}].{k}");
+            let (address, prefix) = crate::vip::parse_cidr(&v.address)
+                .map_err(|p| err(&key("address"), quote(&v.address), p))?;
+            if v.interface.is_empty()
+                || v.interface.len() > 15
+                || v.interface.contains(['/', '\0'])
+                || v.interface == "."
+                || v.interface == ".."
+            {
+                return Err(err(
+                    &key("interface"),
+                    quote(&v.interface),
+                    "is not an interface name (1 to 15 bytes, no '/')".into(),
+                ));
+            }
+            if address == link.listen.ip()
+                || address == link.peer.ip()
+                || link
+                    .paths
+                    .iter()
+                    .any(|p| p.listen.ip() == address || p.peer.ip() == address)
+            {
+                return Err(err(
+                    &key("address"),
+                    quote(&v.address),
+                    "is a heartbeat address: the service address must be one that moves between the nodes".into(),
+                ));
+            }
+            if vips.iter().any(|o| o.address == address) {
+                return Err(err(
+                    &key("address"),
+                    quote(&v.address),
+                    "is listed twice".into(),
+                ));
+            }
+            vips.push(crate::vip::VipSpec {
+                address,
+                prefix,
+                interface: v.interface.clone(),
+            });
+        }
         let config = Config {
+            vips,
             quorum,
             hooks,
             queue: QueueConfig {

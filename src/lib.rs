@@ -25,4 +25,5 @@ pub mod queue;
 pub mod quorum;
 pub mod replica;
 pub mod tracker;
+pub mod vip;
 pub mod wire;

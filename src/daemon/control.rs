@@ -95,6 +95,9 @@ pub struct Status {
     /// The third vote (ping targets reached).
     #[serde(default)]
     pub quorum: crate::quorum::QuorumStatus,
+    /// The service addresses (`[[vip]]`).
+    #[serde(default)]
+    pub vip: crate::vip::VipStatus,
     pub alarms: Vec<Logged>,
     pub transitions: Vec<Logged>,
 }

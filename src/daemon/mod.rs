@@ -63,6 +63,8 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("quorum: {0}")]
     Quorum(std::io::Error),
+    #[error("service addresses: {0}")]
+    Vip(std::io::Error),
 }
 
 /// The replicated trees: every mailstore in place, and with
@@ -197,6 +199,9 @@ struct Node {
     /// Ping quorum: the prober and its verdicts.
     prober: Option<crate::quorum::Prober>,
     quorum_rx: mpsc::UnboundedReceiver<bool>,
+    /// `[[vip]]`: the service addresses, and the last error alarmed.
+    vips: Option<crate::vip::Vips>,
+    vip_alarmed: Option<String>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -339,7 +344,16 @@ impl Node {
             persisted_tx,
         ));
 
-        let (roles, role_rx) = roles::RoleHooks::start(cfg.hooks.clone());
+        let vips = if cfg.vips.is_empty() {
+            None
+        } else {
+            let v = crate::vip::Vips::start(cfg.vips.clone()).map_err(DaemonError::Vip)?;
+            // A previous run (killed) may have left them: not ours until
+            // this node is primary.
+            v.release_in_background();
+            Some(v)
+        };
+        let (roles, role_rx) = roles::RoleHooks::start(cfg.hooks.clone(), vips.clone());
         let (quorum_tx, quorum_rx) = mpsc::unbounded_channel();
         let prober = match cfg.quorum.mode {
             crate::config::QuorumMode::Ping => Some(
@@ -363,6 +377,8 @@ impl Node {
             main_path_alarmed: false,
             prober,
             quorum_rx,
+            vips,
+            vip_alarmed: None,
             core: Core::new(core_cfg, record, now),
             cfg,
             link,
@@ -447,6 +463,7 @@ impl Node {
                 }
                 _ = self_check.tick() => {
                     self.watch_paths();
+                    self.watch_vips();
                     let result = self_check_dirs(&self.cfg);
                     self.core.handle_event(Instant::now(), Event::SelfCheck(result));
                     self.report_catch_up();
@@ -459,6 +476,9 @@ impl Node {
             }
         }
         info!(role = %self.core.role(), epoch = self.core.epoch(), "hasync stopping on signal");
+        if let Some(v) = &self.vips {
+            let _ = tokio::time::timeout(Duration::from_secs(5), v.release()).await;
+        }
         if self.core.role() == Role::Primary {
             // A primary that stops stops serving: the MTA goes down with it.
             let env = self.hook_env(Role::Primary, "shutdown", "hasync stopping".into());
@@ -491,6 +511,25 @@ impl Node {
                 }
             })
             .collect()
+    }
+
+    /// The service addresses: held only while primary (a demotion releases
+    /// them at once; this also catches an acquisition that raced one), and
+    /// their errors alarmed once each.
+    fn watch_vips(&mut self) {
+        let Some(v) = &self.vips else { return };
+        let st = v.status.lock().expect("vip status").clone();
+        if st.held && self.core.role() != Role::Primary {
+            v.release_in_background();
+        }
+        if st.last_error != self.vip_alarmed {
+            if let Some(e) = &st.last_error {
+                let line = format!("service addresses: {e}");
+                warn!(alarm = true, "ALARM: {line}");
+                push_bounded(&mut self.alarms, line);
+            }
+            self.vip_alarmed = st.last_error;
+        }
     }
 
     /// With more than one heartbeat path: a path silent while another
@@ -640,6 +679,11 @@ impl Node {
                     }
                     if role != Role::HandingOver {
                         self.stopped_for_handover = false;
+                    }
+                    if role != Role::Primary && self.prev_role == Role::Primary {
+                        if let Some(v) = &self.vips {
+                            v.release_in_background();
+                        }
                     }
                     self.prev_role = role;
                 }
@@ -984,6 +1028,11 @@ impl Node {
                     ..Default::default()
                 },
             },
+            vip: self
+                .vips
+                .as_ref()
+                .map(|v| v.status.lock().expect("vip status").clone())
+                .unwrap_or_default(),
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),
         }

@@ -121,6 +121,7 @@ enum Job {
 /// The hook runner of a node.
 pub struct RoleHooks {
     cfg: HooksConfig,
+    vips: Option<crate::vip::Vips>,
     jobs: mpsc::UnboundedSender<Job>,
     /// Each hook's last run.
     pub last: VecDeque<HookRun>,
@@ -128,18 +129,25 @@ pub struct RoleHooks {
 
 impl RoleHooks {
     /// Starts the hook task on the current tokio-uring runtime.
-    pub fn start(cfg: HooksConfig) -> (RoleHooks, mpsc::UnboundedReceiver<RoleMsg>) {
+    /// `vips`: the service addresses, added before `on_primary` runs and
+    /// removed before a switchover hands over.
+    pub fn start(
+        cfg: HooksConfig,
+        vips: Option<crate::vip::Vips>,
+    ) -> (RoleHooks, mpsc::UnboundedReceiver<RoleMsg>) {
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
         let (out, out_rx) = mpsc::unbounded_channel();
         let task_cfg = cfg.clone();
+        let task_vips = vips.clone();
         tokio_uring::spawn(async move {
             while let Some(job) = rx.recv().await {
-                run_job(&task_cfg, job, &out).await;
+                run_job(&task_cfg, task_vips.as_ref(), job, &out).await;
             }
         });
         (
             RoleHooks {
                 cfg,
+                vips,
                 jobs,
                 last: VecDeque::new(),
             },
@@ -158,9 +166,10 @@ impl RoleHooks {
         }
     }
 
-    /// Queues `on_primary`, to run once `ready` resolves true.
+    /// Queues `on_primary` (and the service addresses before it), to run
+    /// once `ready` resolves true.
     pub fn on_primary(&self, env: HookEnv, ready: impl Future<Output = bool> + 'static) {
-        if self.cfg.on_primary.is_some() {
+        if self.cfg.on_primary.is_some() || self.vips.is_some() {
             let _ = self.jobs.send(Job::OnPrimary(env, Box::pin(ready)));
         }
     }
@@ -188,7 +197,12 @@ impl RoleHooks {
     }
 }
 
-async fn run_job(cfg: &HooksConfig, job: Job, out: &mpsc::UnboundedSender<RoleMsg>) {
+async fn run_job(
+    cfg: &HooksConfig,
+    vips: Option<&crate::vip::Vips>,
+    job: Job,
+    out: &mpsc::UnboundedSender<RoleMsg>,
+) {
     match job {
         Job::Hook(kind, env) => {
             if let Some(argv) = kind.argv(cfg) {
@@ -203,6 +217,17 @@ async fn run_job(cfg: &HooksConfig, job: Job, out: &mpsc::UnboundedSender<RoleMs
                     "on_primary not run: the node left the primary role before it was prepared"
                 );
                 return;
+            }
+            if let Some(v) = vips {
+                let outcome = match v.acquire().await {
+                    Ok(r) => r,
+                    Err(_) => Err("the service address thread stopped".to_string()),
+                };
+                match outcome {
+                    Ok(()) => info!("service addresses added and announced"),
+                    // Alarmed by the daemon from the addresses' status.
+                    Err(e) => error!("cannot add the service addresses: {e}"),
+                }
             }
             if let Some(argv) = &cfg.on_primary {
                 let run = run_hook(HookKind::OnPrimary, argv.clone(), &env, cfg.timeout).await;
@@ -235,6 +260,13 @@ async fn run_job(cfg: &HooksConfig, job: Job, out: &mpsc::UnboundedSender<RoleMs
                         ms = started.elapsed().as_millis() as u64,
                         "switchover: replication drained"
                     );
+                    // The address moves with the role: off here before the
+                    // peer takes it.
+                    if let Some(v) = vips {
+                        if let Ok(Err(e)) = v.release().await {
+                            warn!("switchover: cannot remove the service addresses: {e}");
+                        }
+                    }
                     Ok(())
                 }
                 Ok(Err(_)) => Err("the replication engine stopped".to_string()),

@@ -298,3 +298,194 @@ fn ping_quorum_keeps_an_isolated_node_from_being_a_second_primary() {
         total.0, total.1
     );
 }
+
+/// Runs `f` on a thread inside network namespace `ns`.
+fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).expect("netns");
+        use std::os::fd::AsFd;
+        rustix::thread::move_into_link_name_space(
+            fd.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .expect("setns");
+        f()
+    })
+}
+
+/// A TCP server on 0.0.0.0:8025 in `ns` that answers `name` to every
+/// connection, until `stop`.
+fn name_server(ns: &str, name: &'static str, stop: Arc<AtomicBool>) {
+    in_ns(ns, move || {
+        let l = std::net::TcpListener::bind("0.0.0.0:8025").unwrap();
+        l.set_nonblocking(true).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    use std::io::Write;
+                    let _ = s.write_all(name.as_bytes());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+}
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+/// When the client tried, and who answered.
+type Answers = Vec<(Instant, Option<String>)>;
+
+/// The service address follows the primary: a client on the LAN that
+/// connects to it every 50 ms reaches the new primary within detection
+/// time + 1 s of a kill -9 failover, the restarted node removes what its
+/// killed run left, and a switchover moves the address back; the client
+/// never reaches the node it left again.
+#[test]
+fn the_service_address_follows_the_primary() {
+    let net = Net::new();
+    // The LAN: a bridge in q with both nodes and a client namespace.
+    let c = format!("{}c", &net.q[..net.q.len() - 1]);
+    let _ = Command::new("ip").args(["netns", "del", &c]).output();
+    ip(&["netns", "add", &c]);
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        }
+    }
+    let _c_guard = DelNs(c.clone());
+    ip(&["-n", &net.q, "link", "add", "br0", "type", "bridge"]);
+    ip(&["-n", &net.q, "link", "set", "br0", "up"]);
+    for (ns, host, peer) in [(&net.a, 1u8, "la"), (&net.b, 2, "lb"), (&c, 50, "lc")] {
+        ip(&[
+            "link", "add", "lan", "netns", ns, "type", "veth", "peer", "name", peer, "netns",
+            &net.q,
+        ]);
+        ip(&["-n", &net.q, "link", "set", peer, "master", "br0"]);
+        ip(&["-n", &net.q, "link", "set", peer, "up"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", net.addr(5, host)),
+            "dev",
+            "lan",
+        ]);
+        ip(&["-n", ns, "link", "set", "lan", "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+    }
+    let vip = net.addr(5, 100);
+    let extra = format!("[[vip]]\naddress = \"{vip}/24\"\ninterface = \"lan\"\n");
+    let mut tp = pair_in(&net, [extra.clone(), extra]);
+    let stop = Arc::new(AtomicBool::new(false));
+    name_server(&net.a, "mx1", stop.clone());
+    name_server(&net.b, "mx2", stop.clone());
+    // The client: who answers at the VIP, every 50 ms.
+    let seen: Arc<Mutex<Answers>> = Arc::default();
+    {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        in_ns(&c, move || {
+            while !stop.load(Ordering::Relaxed) {
+                let got = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(vip, 8025),
+                    Duration::from_millis(200),
+                )
+                .ok()
+                .and_then(|mut s| {
+                    use std::io::Read;
+                    s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+                    let mut b = String::new();
+                    s.read_to_string(&mut b).ok()?;
+                    Some(b)
+                });
+                seen.lock().unwrap().push((Instant::now(), got));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
+    let answered_since = |t: Instant| -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at >= t)
+            .filter_map(|(_, n)| n.clone())
+            .collect()
+    };
+    let wait_answer = |name: &str, since: Instant, limit: Duration| -> Duration {
+        loop {
+            if answered_since(since).iter().any(|n| n == name) {
+                return since.elapsed();
+            }
+            assert!(
+                since.elapsed() < limit,
+                "{name} not reached within {limit:?}: {:?}",
+                answered_since(since)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    tp.start_all();
+    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    wait_answer("mx1", Instant::now(), Duration::from_secs(10));
+    // The primary's machine dies: hasync killed, its LAN link gone.
+    let t0 = Instant::now();
+    tp.nodes[0].kill9().unwrap();
+    net.cut(&net.a, "lan");
+    let detection = Duration::from_millis(100 * 5);
+    let took = wait_answer(
+        "mx2",
+        t0,
+        detection + Duration::from_secs(1) + Duration::from_millis(500),
+    );
+    println!("the client reached the new primary {took:?} after the kill");
+    // The machine comes back: hasync removes the address its killed run
+    // left before anything else, then the link is up again.
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let out = Command::new("ip")
+        .args(["-n", &net.a, "addr", "show", "dev", "lan"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&vip.to_string()),
+        "a restarted node holds no service address: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    net.heal(&net.a, "lan");
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        answered_since(t1).iter().all(|n| n == "mx2"),
+        "only the primary answers at the service address: {:?}",
+        answered_since(t1)
+    );
+    // Switchover back: mx2 removes the address before mx1 takes it.
+    let t2 = Instant::now();
+    let r = tp.nodes[1]
+        .request(&hasync::daemon::control::Request::Failover)
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    wait_answer("mx1", t2, Duration::from_secs(10));
+    let t3 = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        answered_since(t3).iter().all(|n| n == "mx1"),
+        "after the switchover only mx1: {:?}",
+        answered_since(t3)
+    );
+    let st = tp.nodes[0].status().unwrap();
+    assert!(st.vip.held, "{:?}", st.vip);
+    assert!(!tp.nodes[1].status().unwrap().vip.held);
+    stop.store(true, Ordering::Relaxed);
+}

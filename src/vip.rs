@@ -1,0 +1,261 @@
+//! The service address follows the primary: `[[vip]]` addresses are added
+//! to their interfaces (rtnetlink) when the node starts serving, announced
+//! (gratuitous ARP for IPv4, unsolicited neighbour advertisement for IPv6)
+//! so switches and clients move at once, and removed on demotion, failure,
+//! `off` and shutdown, and at start (a previous run may have left them).
+//!
+//! Netlink runs on a thread of its own with its own small tokio runtime;
+//! the daemon sends it commands and reads its status.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::TryStreamExt;
+use rtnetlink::packet_route::address::AddressHeaderFlags;
+use rtnetlink::packet_route::link::LinkAttribute;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+/// One service address (`[[vip]]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipSpec {
+    pub address: IpAddr,
+    pub prefix: u8,
+    pub interface: String,
+}
+
+impl std::fmt::Display for VipSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} on {}", self.address, self.prefix, self.interface)
+    }
+}
+
+/// Parses `"10.0.0.100/24"` (or an IPv6 address with its prefix length).
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or("needs a prefix length, e.g. 10.0.0.100/24")?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IP address"))?;
+    let prefix: u8 = p
+        .parse()
+        .map_err(|_| format!("{p:?} is not a prefix length"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max {
+        return Err(format!("prefix length {prefix} is over {max}"));
+    }
+    Ok((addr, prefix))
+}
+
+/// What the addresses are doing, for status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipStatus {
+    pub addresses: Vec<String>,
+    /// Held by this node now.
+    pub held: bool,
+    pub last_error: Option<String>,
+}
+
+enum Cmd {
+    Acquire(oneshot::Sender<Result<(), String>>),
+    Release(oneshot::Sender<Result<(), String>>),
+}
+
+/// Handle to the VIP thread.
+#[derive(Clone)]
+pub struct Vips {
+    tx: mpsc::UnboundedSender<Cmd>,
+    pub status: Arc<Mutex<VipStatus>>,
+}
+
+/// Announcements sent after the address is added, this far apart.
+const ANNOUNCE: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(500),
+];
+
+impl Vips {
+    pub fn start(specs: Vec<VipSpec>) -> std::io::Result<Vips> {
+        let status = Arc::new(Mutex::new(VipStatus {
+            addresses: specs.iter().map(|s| s.to_string()).collect(),
+            ..VipStatus::default()
+        }));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
+        let st = status.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("hasync-vip".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let (conn, handle, _) = match rtnetlink::new_connection() {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let why = format!("cannot open a netlink socket: {e}");
+                            st.lock().expect("vip status").last_error = Some(why.clone());
+                            while let Some(cmd) = rx.recv().await {
+                                let (Cmd::Acquire(r) | Cmd::Release(r)) = cmd;
+                                let _ = r.send(Err(why.clone()));
+                            }
+                            return;
+                        }
+                    };
+                    tokio::spawn(conn);
+                    while let Some(cmd) = rx.recv().await {
+                        let (acquire, reply) = match cmd {
+                            Cmd::Acquire(r) => (true, r),
+                            Cmd::Release(r) => (false, r),
+                        };
+                        let mut errors = Vec::new();
+                        for s in &specs {
+                            let res = if acquire {
+                                add(&handle, s).await
+                            } else {
+                                remove(&handle, s).await
+                            };
+                            if let Err(e) = res {
+                                errors.push(format!("{s}: {e}"));
+                            }
+                        }
+                        let res = if errors.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(errors.join("; "))
+                        };
+                        {
+                            let mut g = st.lock().expect("vip status");
+                            g.held = acquire && res.is_ok();
+                            g.last_error = res.as_ref().err().cloned();
+                        }
+                        let _ = reply.send(res);
+                    }
+                });
+            })?;
+        Ok(Vips { tx, status })
+    }
+
+    /// Adds and announces every address; resolves with the outcome.
+    pub fn acquire(&self) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Acquire(tx));
+        rx
+    }
+
+    /// [`Vips::release`] without waiting for the outcome (in status).
+    pub fn release_in_background(&self) {
+        let (tx, _rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Release(tx));
+    }
+
+    /// Removes every address this node holds (none held is no error).
+    pub fn release(&self) -> oneshot::Receiver<Result<(), String>> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Cmd::Release(tx));
+        rx
+    }
+}
+
+/// The interface's index and hardware address.
+async fn link(handle: &rtnetlink::Handle, name: &str) -> Result<(u32, Option<[u8; 6]>), String> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    let msg = links
+        .try_next()
+        .await
+        .map_err(|e| format!("interface {name}: {e}"))?
+        .ok_or_else(|| format!("no interface {name}"))?;
+    let mac = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(b) if b.len() == 6 => {
+            let mut m = [0u8; 6];
+            m.copy_from_slice(b);
+            Some(m)
+        }
+        _ => None,
+    });
+    Ok((msg.header.index, mac))
+}
+
+async fn add(handle: &rtnetlink::Handle, s: &VipSpec) -> Result<(), String> {
+    let (index, mac) = link(handle, &s.interface).await?;
+    let mut req = handle.address().add(index, s.address, s.prefix).replace();
+    if s.address.is_ipv6() {
+        // Usable at once, not after duplicate address detection.
+        req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+    }
+    req.execute().await.map_err(|e| format!("add: {e}"))?;
+    info!(vip = %s, "service address added");
+    let Some(mac) = mac else {
+        return Ok(()); // No link-layer address (loopback, a tunnel): nothing to announce.
+    };
+    for d in ANNOUNCE {
+        tokio::time::sleep(d).await;
+        let sent = match s.address {
+            IpAddr::V4(ip) => crate::io::packet::send_gratuitous_arp(index, mac, ip),
+            IpAddr::V6(ip) => crate::io::packet::send_unsolicited_na(index, mac, ip),
+        };
+        if let Err(e) = sent {
+            warn!(vip = %s, "cannot announce the service address: {e}");
+            return Err(format!("announce: {e}"));
+        }
+    }
+    Ok(())
+}
+
+async fn remove(handle: &rtnetlink::Handle, s: &VipSpec) -> Result<(), String> {
+    let (index, _) = match link(handle, &s.interface).await {
+        Ok(l) => l,
+        // The interface is gone, and the address with it.
+        Err(e) if e.starts_with("no interface") => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut found = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .set_address_filter(s.address)
+        .execute();
+    let mut removed = false;
+    while let Some(msg) = found.try_next().await.map_err(|e| format!("list: {e}"))? {
+        handle
+            .address()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|e| format!("remove: {e}"))?;
+        removed = true;
+    }
+    if removed {
+        info!(vip = %s, "service address removed");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_with_clear_errors() {
+        assert_eq!(
+            parse_cidr("10.0.0.100/24"),
+            Ok(("10.0.0.100".parse().unwrap(), 24))
+        );
+        assert_eq!(
+            parse_cidr("fd00::1/64"),
+            Ok(("fd00::1".parse().unwrap(), 64))
+        );
+        for bad in [
+            "10.0.0.100",
+            "10.0.0.100/33",
+            "fd00::1/129",
+            "x/24",
+            "10.0.0.1/y",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad}");
+        }
+    }
+}
