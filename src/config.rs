@@ -212,6 +212,12 @@ pub struct QuorumConfig {
     pub targets: Vec<crate::quorum::Target>,
     /// Ping mode: time between probe rounds.
     pub interval: Duration,
+    /// Etcd mode: the cluster's client URLs.
+    pub endpoints: Vec<String>,
+    /// Etcd mode: the key whose holder is primary.
+    pub key: String,
+    /// Etcd mode: the lease's time to live (whole seconds).
+    pub lease_ttl: Duration,
 }
 
 /// `quorum.mode`.
@@ -225,6 +231,8 @@ pub enum QuorumMode {
     /// A node must reach a majority of `targets` to promote, and a primary
     /// that reaches neither its peer nor them steps down.
     Ping,
+    /// The primary role is a lease in an etcd cluster (`endpoints`).
+    Etcd,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +254,15 @@ struct RawQuorum {
     targets: Vec<String>,
     #[serde(default, deserialize_with = "de_quorum_interval")]
     interval_ms: Option<Duration>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    key: Option<String>,
+    #[serde(default, deserialize_with = "de_lease_ttl")]
+    lease_ttl_ms: Option<Duration>,
+}
+
+fn de_lease_ttl<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "quorum.lease_ttl_ms").map(Some)
 }
 
 fn de_quorum_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -1157,7 +1174,7 @@ impl RawConfig {
                     "mode = \"ping\" needs at least one target (better three: a majority must be reachable)".into(),
                 ))
             }
-            QuorumMode::None if !targets.is_empty() => {
+            QuorumMode::Etcd | QuorumMode::None if !targets.is_empty() => {
                 return Err(err(
                     "quorum.targets",
                     format!("{} targets", targets.len()),
@@ -1178,10 +1195,82 @@ impl RawConfig {
                 "must be between 50ms and 10s".into(),
             ));
         }
+        if qr.mode != QuorumMode::Etcd
+            && (!qr.endpoints.is_empty() || qr.key.is_some() || qr.lease_ttl_ms.is_some())
+        {
+            return Err(err(
+                "quorum.endpoints",
+                format!("{:?}", qr.endpoints),
+                "endpoints, key and lease_ttl_ms apply only with mode = \"etcd\"".into(),
+            ));
+        }
+        if qr.mode == QuorumMode::Etcd {
+            if !cfg!(feature = "etcd") {
+                return Err(err(
+                    "quorum.mode",
+                    quote("etcd"),
+                    "this build of hasync has no etcd support (cargo feature \"etcd\")".into(),
+                ));
+            }
+            if qr.endpoints.is_empty() {
+                return Err(err(
+                    "quorum.endpoints",
+                    "[]".into(),
+                    "mode = \"etcd\" needs the cluster's client URLs, e.g. [\"http://10.0.0.5:2379\"]".into(),
+                ));
+            }
+            for (i, e) in qr.endpoints.iter().enumerate() {
+                if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() > 256 {
+                    return Err(err(
+                        &format!("quorum.endpoints[{i}]"),
+                        quote(e),
+                        "must be an http:// or https:// URL".into(),
+                    ));
+                }
+            }
+        }
+        let detection = link.heartbeat_interval * link.heartbeat_lost_threshold;
+        let lease_ttl = qr
+            .lease_ttl_ms
+            .unwrap_or_else(|| (detection * 3).max(Duration::from_secs(5)));
+        // etcd counts TTLs in whole seconds.
+        let lease_ttl =
+            Duration::from_secs(lease_ttl.as_secs() + u64::from(lease_ttl.subsec_nanos() > 0));
+        if lease_ttl < Duration::from_secs(2)
+            || lease_ttl < detection * 2
+            || lease_ttl > Duration::from_secs(300)
+        {
+            return Err(err(
+                "quorum.lease_ttl_ms",
+                fmt_duration(lease_ttl),
+                format!(
+                    "must be at least 2s and twice the failure detection time ({}), at most 5m",
+                    fmt_duration(detection)
+                ),
+            ));
+        }
+        let key = match qr.key {
+            Some(k) if k.is_empty() || k.len() > 512 || k.contains('\0') => {
+                return Err(err(
+                    "quorum.key",
+                    quote(&k),
+                    "must be 1 to 512 bytes, no NUL".into(),
+                ))
+            }
+            Some(k) => k,
+            None => {
+                let mut names = [self.node_name.to_lowercase(), link.peer_name.to_lowercase()];
+                names.sort();
+                format!("/hasync/{}-{}/primary", names[0], names[1])
+            }
+        };
         let quorum = QuorumConfig {
             mode: qr.mode,
             targets,
             interval: quorum_interval,
+            endpoints: qr.endpoints,
+            key,
+            lease_ttl,
         };
         if self.vip.len() > VIPS_MAX {
             return Err(err(

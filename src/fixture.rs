@@ -344,7 +344,7 @@ pub fn digest(root: &Path) -> std::collections::BTreeMap<String, PathState> {
                 stack.push(p.clone());
                 // A Maildir tmp/ changes with entries that are not
                 // replicated (excluded): its mtime is not the replica's.
-                let t = (p.file_name().map_or(true, |n| n != "tmp"))
+                let t = (p.file_name().is_none_or(|n| n != "tmp"))
                     .then(|| md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128);
                 ("dir", 0, t)
             } else if md.file_type().is_symlink() {

@@ -19,6 +19,8 @@ pub mod fixture;
 pub mod harness;
 pub mod hooks;
 pub mod io;
+#[cfg(feature = "etcd")]
+pub mod lease;
 pub mod link;
 pub mod logging;
 pub mod queue;

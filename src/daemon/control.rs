@@ -95,6 +95,10 @@ pub struct Status {
     /// The third vote (ping targets reached).
     #[serde(default)]
     pub quorum: crate::quorum::QuorumStatus,
+    /// Etcd mode: the primary lease as this node sees it.
+    #[cfg(feature = "etcd")]
+    #[serde(default)]
+    pub lease: Option<crate::lease::LeaseStatus>,
     /// The service addresses (`[[vip]]`).
     #[serde(default)]
     pub vip: crate::vip::VipStatus,

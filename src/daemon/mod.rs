@@ -164,6 +164,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
 type ControlMsg = (Request, oneshot::Sender<Response>);
 
+#[cfg(feature = "etcd")]
+type LeaseMsg = crate::lease::LeaseEvent;
+#[cfg(not(feature = "etcd"))]
+type LeaseMsg = std::convert::Infallible;
+
 struct Node {
     cfg: Config,
     core: Core,
@@ -199,6 +204,10 @@ struct Node {
     /// Ping quorum: the prober and its verdicts.
     prober: Option<crate::quorum::Prober>,
     quorum_rx: mpsc::UnboundedReceiver<bool>,
+    /// Etcd mode: the lease thread and its answers.
+    #[cfg(feature = "etcd")]
+    lease: Option<crate::lease::Lease>,
+    lease_rx: mpsc::UnboundedReceiver<LeaseMsg>,
     /// `[[vip]]`: the service addresses, and the last error alarmed.
     vips: Option<crate::vip::Vips>,
     vip_alarmed: Option<String>,
@@ -243,6 +252,14 @@ impl Node {
                 // isolated primary to see both losses and step down first.
                 crate::config::QuorumMode::Ping => crate::failover::QuorumRule::Ping {
                     grace: cfg.detection_time() + cfg.quorum.interval,
+                },
+                // The peer's detection plus a heartbeat before asking etcd;
+                // a primary stops two heartbeats (at least 0.5 s) before its
+                // lease would run out.
+                crate::config::QuorumMode::Etcd => crate::failover::QuorumRule::Lease {
+                    grace: cfg.detection_time() + cfg.link.heartbeat_interval,
+                    margin: (cfg.link.heartbeat_interval * 2).max(Duration::from_millis(500)),
+                    ttl: cfg.quorum.lease_ttl,
                 },
             },
         };
@@ -365,8 +382,25 @@ impl Node {
                 )
                 .map_err(DaemonError::Quorum)?,
             ),
-            crate::config::QuorumMode::None => None,
+            crate::config::QuorumMode::None | crate::config::QuorumMode::Etcd => None,
         };
+        let (lease_tx, lease_rx) = mpsc::unbounded_channel();
+        #[cfg(feature = "etcd")]
+        let lease = match cfg.quorum.mode {
+            crate::config::QuorumMode::Etcd => Some(
+                crate::lease::Lease::start(
+                    cfg.quorum.endpoints.clone(),
+                    cfg.quorum.key.clone(),
+                    cfg.node_name.clone(),
+                    cfg.quorum.lease_ttl,
+                    lease_tx,
+                )
+                .map_err(DaemonError::Quorum)?,
+            ),
+            _ => None,
+        };
+        #[cfg(not(feature = "etcd"))]
+        drop(lease_tx);
         Ok(Node {
             roles,
             role_rx,
@@ -377,6 +411,9 @@ impl Node {
             main_path_alarmed: false,
             prober,
             quorum_rx,
+            #[cfg(feature = "etcd")]
+            lease,
+            lease_rx,
             vips,
             vip_alarmed: None,
             core: Core::new(core_cfg, record, now),
@@ -440,6 +477,7 @@ impl Node {
                 Some(ok) = self.quorum_rx.recv() => {
                     self.core.handle_event(Instant::now(), Event::Quorum(ok));
                 }
+                Some(ev) = self.lease_rx.recv() => self.on_lease(ev),
                 Some((req, reply)) = self.control_rx.recv() => {
                     if let Request::Commit { path } = req {
                         // Waits for the peer without holding up the loop.
@@ -578,6 +616,33 @@ impl Node {
         }
     }
 
+    #[cfg(feature = "etcd")]
+    fn on_lease(&mut self, ev: LeaseMsg) {
+        use crate::lease::LeaseEvent;
+        let now = Instant::now();
+        let ev = match ev {
+            LeaseEvent::Acquired {
+                valid_until,
+                revision,
+            } => {
+                info!(revision, "primary lease held (fencing revision {revision})");
+                Event::LeaseAcquired {
+                    valid_until,
+                    revision,
+                }
+            }
+            LeaseEvent::Renewed { valid_until } => Event::LeaseRenewed { valid_until },
+            LeaseEvent::Refused(why) => Event::LeaseRefused(why),
+            LeaseEvent::Lost(why) => Event::LeaseLost(why),
+        };
+        self.core.handle_event(now, ev);
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn on_lease(&mut self, ev: LeaseMsg) {
+        match ev {}
+    }
+
     fn hook_env(&self, role: Role, event: &'static str, reason: String) -> roles::HookEnv {
         roles::HookEnv {
             node: self.cfg.node_name.clone(),
@@ -705,6 +770,20 @@ impl Node {
                     );
                     let drain = self.engine.drain_handle();
                     self.roles.prepare_handover(env, move || drain.request());
+                }
+                Action::AcquireLease =>
+                {
+                    #[cfg(feature = "etcd")]
+                    if let Some(l) = &self.lease {
+                        l.acquire();
+                    }
+                }
+                Action::ReleaseLease =>
+                {
+                    #[cfg(feature = "etcd")]
+                    if let Some(l) = &self.lease {
+                        l.release();
+                    }
                 }
                 Action::ResumeService { why } => {
                     self.stopped_for_handover = false;
@@ -1028,6 +1107,11 @@ impl Node {
                     ..Default::default()
                 },
             },
+            #[cfg(feature = "etcd")]
+            lease: self.lease.as_ref().map(|l| {
+                l.refresh_status();
+                l.status.lock().expect("lease status").clone()
+            }),
             vip: self
                 .vips
                 .as_ref()

@@ -125,6 +125,9 @@ impl fmt::Display for Role {
 
 /// Heartbeat flag: the sender (a secondary) asks the primary to hand over.
 pub const FLAG_TAKEOVER_REQUEST: u8 = 0b0000_0001;
+/// Heartbeat flag: the sender hears its peer (the receiver) now. A primary
+/// that serves on without its lease counts only on a peer that hears it.
+pub const FLAG_HEARS_PEER: u8 = 0b0000_0010;
 
 /// What a heartbeat says about its sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +186,17 @@ pub enum QuorumRule {
     /// step down); a primary that lost both its peer and the majority
     /// steps down (to `negotiating`) at once.
     Ping { grace: Duration },
+    /// The primary role is a lease in an etcd cluster: a node promotes only
+    /// once it holds the lease ([`Action::AcquireLease`], answered by
+    /// [`Event::LeaseAcquired`]); one that lost its peer tries after
+    /// `grace`; a primary whose lease will run out within `margin` steps
+    /// down unless it still hears its peer. `ttl` is the lease's time to
+    /// live in etcd (the driver's; the core goes by what it is told).
+    Lease {
+        grace: Duration,
+        margin: Duration,
+        ttl: Duration,
+    },
 }
 
 impl CoreConfig {
@@ -221,6 +235,15 @@ pub enum Event {
     /// Whether this node reaches a majority of its quorum targets (ping
     /// mode); sent on every change.
     Quorum(bool),
+    /// Lease mode: this node holds the lease until `valid_until` (unless
+    /// renewed); `revision` is the tenure's fencing token.
+    LeaseAcquired { valid_until: Instant, revision: i64 },
+    /// Lease mode: the lease was renewed.
+    LeaseRenewed { valid_until: Instant },
+    /// Lease mode: the lease is held by the peer, or etcd is unreachable.
+    LeaseRefused(String),
+    /// Lease mode: etcd says the lease is gone.
+    LeaseLost(String),
 }
 
 /// Why the core did something; printed in the log line of every change.
@@ -266,6 +289,9 @@ pub enum Reason {
     /// The peer is silent and the quorum targets are reachable: the peer
     /// is down, or cut off.
     PeerLostWithQuorum,
+    /// Lease mode: the lease runs out (etcd unreachable) and the peer is
+    /// silent: the peer may take the lease.
+    LeaseLost(String),
 }
 
 impl fmt::Display for Reason {
@@ -277,6 +303,7 @@ impl fmt::Display for Reason {
                 f,
                 "isolated: neither the peer nor a majority of the quorum targets is reachable"
             ),
+            Reason::LeaseLost(why) => write!(f, "primary lease lost: {why}"),
             Reason::PeerLostWithQuorum => write!(
                 f,
                 "peer silent while a majority of the quorum targets is reachable"
@@ -345,6 +372,11 @@ pub enum Alarm {
     /// The peer is silent but this node reaches no majority of its quorum
     /// targets: it does not promote.
     NoQuorum,
+    /// Lease mode: the lease cannot be renewed; this primary serves on
+    /// because its peer still hears it.
+    LeaseUnrenewed(String),
+    /// Lease mode: a promotion is waiting for the lease.
+    LeaseRefused(String),
 }
 
 impl fmt::Display for Alarm {
@@ -371,6 +403,11 @@ impl fmt::Display for Alarm {
             Alarm::UnexpectedPeer { name } => {
                 write!(f, "heartbeat from unexpected node {name:?} ignored")
             }
+            Alarm::LeaseUnrenewed(why) => write!(
+                f,
+                "the primary lease cannot be renewed ({why}); serving on while the peer hears this node"
+            ),
+            Alarm::LeaseRefused(why) => write!(f, "not promoting without the primary lease: {why}"),
             Alarm::NoQuorum => write!(
                 f,
                 "peer silent and no majority of the quorum targets reachable: not promoting (this node may be the isolated one)"
@@ -410,6 +447,11 @@ pub enum Action {
     ResumeService {
         why: String,
     },
+    /// Lease mode: try to take the lease (feed back `LeaseAcquired` or
+    /// `LeaseRefused`).
+    AcquireLease,
+    /// Lease mode: give the lease up.
+    ReleaseLease,
     Alarm(Alarm),
 }
 
@@ -495,6 +537,14 @@ pub struct Core {
     quorum_ok: bool,
     /// A promotion waiting for the quorum grace (ping mode), and why.
     quorum_promotion: Option<Reason>,
+    /// Lease mode: held until then (unless renewed).
+    lease_until: Option<Instant>,
+    /// Lease mode: the fencing token of the lease held.
+    lease_revision: Option<i64>,
+    /// Lease mode: a promotion waiting for the lease, and why.
+    lease_wanted: Option<Reason>,
+    /// Lease mode: an unrenewable lease already alarmed.
+    lease_alarmed: bool,
 }
 
 impl Core {
@@ -526,6 +576,10 @@ impl Core {
             handover_cooldown_until: None,
             quorum_ok: false,
             quorum_promotion: None,
+            lease_until: None,
+            lease_revision: None,
+            lease_wanted: None,
+            lease_alarmed: false,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -634,6 +688,63 @@ impl Core {
                     self.abandon_handover(now, why);
                 }
             }
+            Event::LeaseAcquired {
+                valid_until,
+                revision,
+            } => {
+                self.lease_until = Some(valid_until);
+                self.lease_revision = Some(revision);
+                self.lease_alarmed = false;
+                self.arm_lease_check();
+                if let Some(reason) = self.lease_wanted.take() {
+                    if matches!(self.role, Role::Secondary | Role::Negotiating)
+                        && !self.peer_is_live_primary()
+                    {
+                        self.promote(now, reason);
+                    } else {
+                        // Taken for nothing: the peer serves after all.
+                        self.release_lease();
+                    }
+                } else if !self.role.is_live_primary() {
+                    self.release_lease();
+                }
+            }
+            Event::LeaseRenewed { valid_until } => {
+                if self.lease_until.is_some() {
+                    self.lease_until = Some(valid_until);
+                    self.lease_alarmed = false;
+                    self.arm_lease_check();
+                }
+            }
+            Event::LeaseRefused(why) => {
+                if self.role.is_live_primary() && self.lease_until.is_none() && !self.peer_defers()
+                {
+                    self.stop_serving(now, Reason::LeaseLost(why.clone()));
+                }
+                if self.lease_wanted.is_some() {
+                    if !self.lease_alarmed {
+                        self.lease_alarmed = true;
+                        self.actions
+                            .push_back(Action::Alarm(Alarm::LeaseRefused(why)));
+                    }
+                    // Asked again a heartbeat interval later while it is
+                    // still wanted.
+                    self.timers
+                        .set(Timer::LeaseRetry, now + self.cfg.heartbeat_interval);
+                }
+            }
+            Event::LeaseLost(why) => {
+                self.lease_until = None;
+                if self.role.is_live_primary() {
+                    if self.peer_defers() {
+                        self.actions
+                            .push_back(Action::Alarm(Alarm::LeaseUnrenewed(why)));
+                        self.actions.push_back(Action::AcquireLease);
+                    } else {
+                        self.stop_serving(now, Reason::LeaseLost(why));
+                    }
+                }
+            }
             Event::Quorum(ok) => {
                 let was = self.quorum_ok;
                 self.quorum_ok = ok;
@@ -668,10 +779,45 @@ impl Core {
                         self.promote_without_peer(now, Reason::NoPeerAtStartup { waited });
                     }
                 }
+                Timer::LeaseRetry => {
+                    if self.lease_wanted.is_some() {
+                        if matches!(self.role, Role::Secondary | Role::Negotiating)
+                            && !self.peer_is_live_primary()
+                        {
+                            self.actions.push_back(Action::AcquireLease);
+                        } else {
+                            self.lease_wanted = None;
+                        }
+                    }
+                }
+                Timer::LeaseCheck => {
+                    if let QuorumRule::Lease { margin, .. } = self.cfg.quorum {
+                        let running_out = self.lease_until.is_none_or(|u| u <= now + margin);
+                        if self.role.is_live_primary() && running_out {
+                            if self.peer_defers() {
+                                if !self.lease_alarmed {
+                                    self.lease_alarmed = true;
+                                    self.actions.push_back(Action::Alarm(Alarm::LeaseUnrenewed(
+                                        "etcd does not answer".into(),
+                                    )));
+                                }
+                                self.timers
+                                    .set(Timer::LeaseCheck, now + self.cfg.heartbeat_interval);
+                            } else {
+                                self.stop_serving(
+                                    now,
+                                    Reason::LeaseLost("it runs out and the peer is silent".into()),
+                                );
+                            }
+                        }
+                    }
+                }
                 Timer::QuorumGrace => {
                     if let Some(reason) = self.quorum_promotion.take() {
                         let waiting = matches!(self.role, Role::Secondary | Role::Negotiating);
-                        if waiting && !self.peer_alive() && self.quorum_ok {
+                        let quorum =
+                            self.quorum_ok || matches!(self.cfg.quorum, QuorumRule::Lease { .. });
+                        if waiting && !self.peer_alive() && quorum {
                             self.promote(now, reason);
                         }
                     }
@@ -761,6 +907,17 @@ impl Core {
             return;
         }
         self.peer_epoch_max = hb.epoch;
+        if matches!(hb.role, Role::Primary | Role::Promoting) {
+            // A serving peer: a promotion this node was waiting to make
+            // (quorum grace, lease) no longer applies; after a new loss it
+            // starts over with its grace.
+            if self.quorum_promotion.take().is_some() {
+                self.timers.clear(Timer::QuorumGrace);
+            }
+            if self.lease_wanted.take().is_some() {
+                self.timers.clear(Timer::LeaseRetry);
+            }
+        }
         self.peer = Some(PeerView {
             hb: hb.clone(),
             last_heard: now,
@@ -924,6 +1081,16 @@ impl Core {
             {
                 self.step_down_isolated(now)
             }
+            Role::Primary | Role::Promoting => {
+                if let QuorumRule::Lease { margin, .. } = self.cfg.quorum {
+                    if self.lease_until.is_none_or(|u| u <= now + margin) {
+                        self.stop_serving(
+                            now,
+                            Reason::LeaseLost("unrenewed, and the peer is silent".into()),
+                        );
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -933,6 +1100,12 @@ impl Core {
     fn promote_without_peer(&mut self, now: Instant, reason: Reason) {
         match self.cfg.quorum {
             QuorumRule::None => self.promote(now, reason),
+            QuorumRule::Lease { grace, .. } => {
+                if self.quorum_promotion.is_none() {
+                    self.quorum_promotion = Some(reason);
+                    self.timers.set(Timer::QuorumGrace, now + grace);
+                }
+            }
             QuorumRule::Ping { grace } => {
                 if !self.quorum_ok {
                     self.actions.push_back(Action::Alarm(Alarm::NoQuorum));
@@ -950,8 +1123,7 @@ impl Core {
     /// majority of its targets stops serving: it may be the isolated one,
     /// and the peer may be promoting.
     fn step_down_isolated(&mut self, now: Instant) {
-        self.promoting_to = None;
-        self.enter_negotiating(now, Reason::Isolated);
+        self.stop_serving(now, Reason::Isolated);
     }
 
     fn on_persisted(&mut self, now: Instant, rec: EpochRecord) {
@@ -1037,6 +1209,16 @@ impl Core {
     }
 
     fn promote(&mut self, now: Instant, reason: Reason) {
+        if let QuorumRule::Lease { margin, .. } = self.cfg.quorum {
+            if self.lease_until.is_none_or(|u| u <= now + margin) {
+                // Nobody promotes without the lease.
+                if self.lease_wanted.is_none() {
+                    self.actions.push_back(Action::AcquireLease);
+                }
+                self.lease_wanted = Some(reason);
+                return;
+            }
+        }
         let peer_epoch = self.peer.as_ref().map_or(0, |p| p.hb.epoch);
         let target = self.next_owned_epoch(self.epoch.max(peer_epoch));
         self.promoting_to = Some(target);
@@ -1076,9 +1258,64 @@ impl Core {
         self.timers
             .set(Timer::Handover, now + self.cfg.lost_window());
         self.become_role(now, Role::HandingOver, reason);
+        // The successor needs the lease.
+        self.release_lease();
+    }
+
+    fn release_lease(&mut self) {
+        if matches!(self.cfg.quorum, QuorumRule::Lease { .. }) {
+            self.lease_until = None;
+            self.lease_revision = None;
+            self.timers.clear(Timer::LeaseCheck);
+            self.actions.push_back(Action::ReleaseLease);
+        }
+    }
+
+    /// Lease mode: check again when the lease is about to run out.
+    fn arm_lease_check(&mut self) {
+        if let (QuorumRule::Lease { margin, .. }, Some(until)) = (self.cfg.quorum, self.lease_until)
+        {
+            self.timers.set(Timer::LeaseCheck, until - margin);
+        }
+    }
+
+    /// The peer is heard and follows this node (it will not promote while
+    /// it hears it): a secondary, or a node handing over, failed or off. A
+    /// negotiating (restarting) peer does not count: it may promote.
+    fn peer_defers(&self) -> bool {
+        self.peer.as_ref().is_some_and(|p| {
+            p.alive
+                && p.hb.flags & FLAG_HEARS_PEER != 0
+                && matches!(
+                    p.hb.role,
+                    Role::Secondary | Role::HandingOver | Role::Failed | Role::Off
+                )
+        })
+    }
+
+    fn peer_is_live_primary(&self) -> bool {
+        self.peer
+            .as_ref()
+            .is_some_and(|p| p.alive && matches!(p.hb.role, Role::Primary | Role::Promoting))
+    }
+
+    /// Stops serving for `reason` (lease or quorum lost): negotiating, so
+    /// a primary peer is joined and, without one, promotion needs the
+    /// lease or the quorum again.
+    fn stop_serving(&mut self, now: Instant, reason: Reason) {
+        self.promoting_to = None;
+        self.release_lease();
+        self.enter_negotiating(now, reason);
     }
 
     fn become_role(&mut self, now: Instant, role: Role, reason: Reason) {
+        if self.role.is_live_primary()
+            && !matches!(role, Role::Primary | Role::Promoting | Role::HandingOver)
+            && self.lease_until.is_some()
+        {
+            // Demoted (split brain, a failed check, off): the lease goes.
+            self.release_lease();
+        }
         if role != Role::Primary && self.preparing.take().is_some() {
             // Left primary some other way (split brain, a failed check):
             // the preparation no longer applies.
@@ -1119,11 +1356,14 @@ impl Core {
 
     fn send_heartbeat(&mut self, now: Instant) {
         self.seq += 1;
-        let flags = if self.takeover_requested && self.role == Role::Secondary {
+        let mut flags = if self.takeover_requested && self.role == Role::Secondary {
             FLAG_TAKEOVER_REQUEST
         } else {
             0
         };
+        if self.peer_alive() {
+            flags |= FLAG_HEARS_PEER;
+        }
         self.actions.push_back(Action::SendHeartbeat(Heartbeat {
             node: self.cfg.node_name.clone(),
             role: self.role,

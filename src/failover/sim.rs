@@ -150,6 +150,11 @@ struct SimNode {
     prepared_at: Option<u64>,
     /// The quorum verdict last fed to the core (ping mode).
     quorum_view: Option<bool>,
+    /// Lease mode: the next renewal of a lease this node holds.
+    next_renew_ms: u64,
+    /// Lease mode: this process's driver holds a lease (a crash loses it;
+    /// the key then runs out with its TTL).
+    renewing: bool,
     /// Persists fail until this time (a full state directory).
     state_full_until: u64,
     /// The driver's next periodic self-check.
@@ -181,6 +186,11 @@ pub struct Sim {
     queue_pushes: usize,
     split_brain_alarms: usize,
     switchovers_abandoned: usize,
+    /// Lease mode: the etcd key (holder, expiry) and its revision.
+    lease: Option<(usize, u64)>,
+    lease_revision: u64,
+    /// Answers from etcd on their way: (due, node, event).
+    lease_events: Vec<(u64, usize, Event)>,
     last_role_change_ms: u64,
 }
 
@@ -210,6 +220,8 @@ impl Sim {
             catch_up_at: None,
             prepared_at: None,
             quorum_view: None,
+            next_renew_ms: 0,
+            renewing: false,
             state_full_until: 0,
             next_check_ms: 0,
             heard_max: 0,
@@ -236,6 +248,9 @@ impl Sim {
             queue_pushes: 0,
             split_brain_alarms: 0,
             switchovers_abandoned: 0,
+            lease: None,
+            lease_revision: 0,
+            lease_events: Vec::new(),
             last_role_change_ms: 0,
         }
     }
@@ -389,6 +404,13 @@ impl Sim {
         })
     }
 
+    fn lease_ttl_ms(&self, i: usize) -> u64 {
+        match self.nodes[i].cfg.quorum {
+            super::QuorumRule::Lease { ttl, .. } => ttl.as_millis() as u64,
+            _ => 0,
+        }
+    }
+
     fn role(&self, i: usize) -> Option<Role> {
         self.nodes[i].core.as_ref().map(|c| c.role())
     }
@@ -406,7 +428,14 @@ impl Sim {
         for m in &self.in_flight {
             consider(m.deliver_ms);
         }
-        for n in &self.nodes {
+        for (t, _, _) in &self.lease_events {
+            consider(*t);
+        }
+        let holder = self.lease.map(|(h, _)| h);
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.core.is_some() && n.renewing && holder == Some(i) {
+                consider(n.next_renew_ms);
+            }
             if let Some(core) = &n.core {
                 if let Some(t) = core.poll_timeout() {
                     consider(self.ms_of(t));
@@ -424,6 +453,7 @@ impl Sim {
             if let Some(t) = n.prepared_at {
                 consider(t);
             }
+
             if let Some(t) = n.catch_up_at {
                 consider(t);
             }
@@ -506,6 +536,39 @@ impl Sim {
                 self.nodes[i].prepared_at = None;
                 self.feed(i, now, Event::HandoverPrepared);
             }
+            // etcd's answers, and the holder's renewals (every ttl/3 while
+            // it reaches etcd; an isolated holder's lease runs out).
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.lease_events)
+                .into_iter()
+                .partition(|(t, n, _)| *t <= now_ms && *n == i);
+            self.lease_events = later;
+            for (_, _, ev) in due {
+                if self.nodes[i].core.is_some() {
+                    self.feed(i, now, ev);
+                }
+            }
+            let ttl = self.lease_ttl_ms(i);
+            if let Some((h, expires)) = self.lease {
+                if h == i
+                    && self.nodes[i].core.is_some()
+                    && self.nodes[i].renewing
+                    && self.nodes[i].next_renew_ms <= now_ms
+                {
+                    self.nodes[i].next_renew_ms = now_ms + (ttl / 3).max(1);
+                    if self.isolated() == Some(i) {
+                        // Unanswered: nothing to tell.
+                    } else if expires > now_ms {
+                        self.lease = Some((i, now_ms + ttl));
+                        let valid_until = self.base + Duration::from_millis(now_ms + ttl);
+                        self.feed(i, now, Event::LeaseRenewed { valid_until });
+                    } else {
+                        // etcd answers that the lease has expired.
+                        self.nodes[i].renewing = false;
+                        self.lease = None;
+                        self.feed(i, now, Event::LeaseLost("expired".into()));
+                    }
+                }
+            }
         }
 
         // Deliveries.
@@ -579,6 +642,7 @@ impl Sim {
                         n.catch_up_at = None;
                         n.prepared_at = None;
                         n.quorum_view = None;
+                        n.renewing = false;
                         self.in_flight.retain(|m| m.to != node);
                         self.pending.push((now_ms + down_ms, Event2::Restart(node)));
                     }
@@ -693,6 +757,48 @@ impl Sim {
                 Action::ResumeService { why } => {
                     self.log(format!("node {i} serves again: {why}"));
                 }
+                Action::AcquireLease => {
+                    let ttl = self.lease_ttl_ms(i);
+                    let reachable = self.isolated() != Some(i);
+                    let free = match self.lease {
+                        None => true,
+                        Some((holder, expires)) => holder == i || expires <= now_ms,
+                    };
+                    let at = now_ms + self.plan.persist_ms;
+                    if reachable && free {
+                        self.lease_revision += 1;
+                        self.lease = Some((i, now_ms + ttl));
+                        self.nodes[i].renewing = true;
+                        self.nodes[i].next_renew_ms = now_ms + (ttl / 3).max(1);
+                        self.log(format!(
+                            "node {i} takes the lease (revision {})",
+                            self.lease_revision
+                        ));
+                        self.lease_events.push((
+                            at,
+                            i,
+                            Event::LeaseAcquired {
+                                valid_until: self.base + Duration::from_millis(now_ms + ttl),
+                                revision: self.lease_revision as i64,
+                            },
+                        ));
+                    } else {
+                        let why = if reachable {
+                            "held by the peer"
+                        } else {
+                            "etcd unreachable"
+                        };
+                        self.lease_events
+                            .push((at, i, Event::LeaseRefused(why.to_string())));
+                    }
+                }
+                Action::ReleaseLease => {
+                    self.nodes[i].renewing = false;
+                    if self.isolated() != Some(i) && matches!(self.lease, Some((h, _)) if h == i) {
+                        self.log(format!("node {i} releases the lease"));
+                        self.lease = None;
+                    }
+                }
                 Action::Alarm(alarm) => {
                     if matches!(alarm, super::Alarm::SplitBrain { .. }) {
                         self.split_brain_alarms += 1;
@@ -727,6 +833,24 @@ impl Sim {
     }
 
     fn check_invariants(&self) -> Result<(), Violation> {
+        // Lease mode: never two primaries, partitions and isolations
+        // included (heartbeat loss, which can be one-sided, excepted: a
+        // primary that still hears its peer serves on without the lease
+        // until it hears the successor).
+        let lease = self
+            .nodes
+            .iter()
+            .all(|n| matches!(n.cfg.quorum, super::QuorumRule::Lease { .. }));
+        if lease && self.role(0) == Some(Role::Primary) && self.role(1) == Some(Role::Primary) {
+            let lossy = self.plan.faults.iter().any(|f| {
+                matches!(f.kind, FaultKind::Loss { .. })
+                    && f.at_ms <= self.now_ms
+                    && self.now_ms < f.at_ms + f.kind.duration_ms() + self.lease_ttl_ms(0) * 2
+            });
+            if !lossy {
+                return Err(self.violation("two primaries in lease mode".to_string()));
+            }
+        }
         let ping = self
             .nodes
             .iter()
@@ -858,9 +982,29 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
             _ => Some(Duration::from_secs(2)),
         };
     }
-    // A third of the plans use the ping quorum, and isolate nodes (cut from
-    // the peer and the targets) on top of their other faults.
-    if prep.percent(33) {
+    // A third of the plans use the ping quorum, another third the etcd
+    // lease, and isolate nodes (cut from the peer and the targets or etcd)
+    // on top of their other faults.
+    let third_vote = prep.range(0, 2);
+    if third_vote == 2 {
+        for c in configs.iter_mut() {
+            c.quorum = super::QuorumRule::Lease {
+                grace: c.lost_window() + c.heartbeat_interval,
+                margin: c.heartbeat_interval * 2,
+                ttl: c.lost_window() * 3,
+            };
+        }
+        for _ in 0..prep.range(1, 3) {
+            list.push(Fault {
+                at_ms: prep.range(0, horizon),
+                kind: FaultKind::Isolate {
+                    node: prep.range(0, 1) as usize,
+                    for_ms: prep.range(interval_ms, window * 6),
+                },
+            });
+        }
+        list.sort_by_key(|f| f.at_ms);
+    } else if third_vote == 1 {
         for c in configs.iter_mut() {
             c.quorum = super::QuorumRule::Ping {
                 grace: c.lost_window() + c.heartbeat_interval,

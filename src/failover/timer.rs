@@ -16,16 +16,22 @@ pub(super) enum Timer {
     Prepare,
     /// A promotion waiting for the ping-quorum grace.
     QuorumGrace,
+    /// Lease mode: ask for the lease again.
+    LeaseRetry,
+    /// Lease mode: the lease held is about to run out.
+    LeaseCheck,
 }
 
 impl Timer {
-    const ALL: [Timer; 6] = [
+    const ALL: [Timer; 8] = [
         Timer::Heartbeat,
         Timer::PeerLost,
         Timer::Startup,
         Timer::Handover,
         Timer::Prepare,
         Timer::QuorumGrace,
+        Timer::LeaseRetry,
+        Timer::LeaseCheck,
     ];
 
     fn index(self) -> usize {

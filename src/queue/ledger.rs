@@ -85,7 +85,7 @@ fn unhex_path(s: &str) -> Option<PathBuf> {
         (b as char).to_digit(16).map(|d| d as u8)
     }
     let raw = s.as_bytes();
-    if raw.len() % 2 != 0 {
+    if !raw.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = raw

@@ -300,7 +300,7 @@ impl Roots {
             for (store, root) in list.iter().enumerate() {
                 if norm.starts_with(root) {
                     let depth = root.components().count();
-                    if best.map_or(true, |(_, _, d)| depth > d) {
+                    if best.is_none_or(|(_, _, d)| depth > d) {
                         best = Some((store, root, depth));
                     }
                 }

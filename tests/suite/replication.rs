@@ -391,7 +391,7 @@ fn anti_entropy_during_live_traffic_counts_no_changes_in_flight_as_drift() {
             dir_renames += 1;
         }
         steps += 1;
-        if steps % 10 == 0 {
+        if steps.is_multiple_of(10) {
             std::thread::sleep(Duration::from_millis(3));
         }
     }
