@@ -1236,9 +1236,10 @@ impl RawConfig {
         // etcd counts TTLs in whole seconds.
         let lease_ttl =
             Duration::from_secs(lease_ttl.as_secs() + u64::from(lease_ttl.subsec_nanos() > 0));
-        if lease_ttl < Duration::from_secs(2)
-            || lease_ttl < detection * 2
-            || lease_ttl > Duration::from_secs(300)
+        if qr.mode == QuorumMode::Etcd
+            && (lease_ttl < Duration::from_secs(2)
+                || lease_ttl < detection * 2
+                || lease_ttl > Duration::from_secs(300))
         {
             return Err(err(
                 "quorum.lease_ttl_ms",
