@@ -142,6 +142,22 @@ pub fn dup_fd(f: &impl AsRawFd) -> io::Result<std::os::fd::OwnedFd> {
     Ok(rustix::io::fcntl_dupfd_cloexec(fd, 0)?)
 }
 
+/// Bounds how long data written to TCP socket `s` may stay unacknowledged
+/// before the kernel aborts the connection (`TCP_USER_TIMEOUT`). Without
+/// it a connection through a cut link survives the cut in retransmission
+/// backoff (which grows to minutes after repeated cuts), and writes into
+/// it succeed into the send buffer while nothing arrives.
+pub fn set_user_timeout(s: &impl AsRawFd, timeout: std::time::Duration) -> io::Result<()> {
+    // SAFETY: `s` is borrowed for the whole call and owns its descriptor,
+    // so the fd stays open while the borrow exists; it does not outlive
+    // this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(s.as_raw_fd()) };
+    let ms = u32::try_from(timeout.as_millis())
+        .unwrap_or(u32::MAX)
+        .max(1);
+    Ok(rustix::net::sockopt::set_tcp_user_timeout(fd, ms)?)
+}
+
 /// Writes all of `buf` at `offset` with plain `pwrite` calls. The receiver
 /// uses this for staged files instead of an io_uring write: ext4 has no
 /// non-blocking buffered writes, so io_uring hands every such write to an

@@ -582,6 +582,15 @@ pub async fn run_outbound(ctx: Rc<LinkCtx>, mut heartbeats: watch::Receiver<Opti
                         op: "connect",
                         source,
                     })?;
+            // A heartbeat unacknowledged this long means a dead path:
+            // reconnect rather than sit in retransmission backoff.
+            crate::io::set_user_timeout(&stream, ctx.io_timeout).map_err(|source| {
+                LinkError::Io {
+                    peer: ctx.peer_addr,
+                    op: "set TCP_USER_TIMEOUT",
+                    source,
+                }
+            })?;
             let mut conn = Conn::new(stream, ctx.peer_addr);
             handshake(&mut conn, &ctx, Side::Initiator, Channel::Heartbeat).await?;
             Ok::<Conn, LinkError>(conn)

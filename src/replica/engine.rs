@@ -672,6 +672,15 @@ async fn session(
             op: "connect",
             source,
         })?;
+    // No progress for this long through a cut link: reconnect instead of
+    // waiting out TCP's retransmission backoff.
+    crate::io::set_user_timeout(&stream, ctx.io_timeout).map_err(|source| {
+        crate::link::LinkError::Io {
+            peer: ctx.peer_addr,
+            op: "set TCP_USER_TIMEOUT",
+            source,
+        }
+    })?;
     let mut conn = Conn::new(stream, ctx.peer_addr);
     handshake(&mut conn, ctx, Side::Initiator, Channel::Sync).await?;
     shared.stats.connected.store(true, Relaxed);

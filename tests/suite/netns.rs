@@ -489,3 +489,153 @@ fn the_service_address_follows_the_primary() {
     assert!(!tp.nodes[1].status().unwrap().vip.held);
     stop.store(true, Ordering::Relaxed);
 }
+
+/// etcd (Debian's etcd-server) in the third namespace, reachable from each
+/// node over its own link; stopped (and its data removed) when dropped.
+struct Etcd {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start(net: &Net) -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let urls = format!(
+            "http://{}:2379,http://{}:2379",
+            net.addr(3, 254),
+            net.addr(4, 254)
+        );
+        let log = std::fs::File::create(dir.path().join("etcd.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &net.q, "etcd"])
+            .args(["--name", "q", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &urls])
+            .args(["--advertise-client-urls", &urls])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "q=http://127.0.0.1:2380"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (etcd-server) is not installed: .ci/run installs it");
+        // Ready when the client port answers from a node's side.
+        let addr = std::net::SocketAddr::new(net.addr(3, 254), 2379);
+        let ready = in_ns(&net.a, move || {
+            let until = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < until {
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        });
+        assert!(ready.join().unwrap(), "etcd did not start");
+        Etcd { child, _dir: dir }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The primary role as an etcd lease: 20 cuts of 3 s of the link between
+/// the nodes (both still reach etcd) give no failover and no second
+/// primary; isolating either node from everything gives no second
+/// primary either (the isolated primary steps down before its lease runs
+/// out; the other takes the lease once it has). Epochs never decrease;
+/// after each heal, one primary.
+#[test]
+fn an_etcd_lease_means_never_two_primaries_through_cuts_and_isolations() {
+    let net = Net::new();
+    let _etcd = Etcd::start(&net);
+    let quorum = |i: usize| {
+        let subnet = if i == 0 { 3 } else { 4 };
+        format!(
+            "[quorum]\nmode = \"etcd\"\nendpoints = [\"http://{}:2379\"]\nlease_ttl_ms = \"2s\"\n",
+            net.addr(subnet, 254)
+        )
+    };
+    let mut tp = pair_in(&net, [quorum(0), quorum(1)]);
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let mut epochs = [0u64; 2];
+    let mut total = (0, 0);
+    let mut check = |tp: &TestPair, what: &str, polls: u32, dual: u32| {
+        assert_eq!(
+            dual,
+            0,
+            "{what}: {dual} of {polls} polls with two primaries\n{}",
+            tp.logs()
+        );
+        for (node, seen) in tp.nodes.iter().zip(epochs.iter_mut()) {
+            let e = node.status().unwrap().epoch;
+            assert!(e >= *seen, "{what}: epochs never decrease");
+            *seen = e;
+        }
+        total = (total.0 + polls, total.1 + dual);
+    };
+    let primary = tp.wait_formed(Duration::from_secs(10)).unwrap();
+    let cuts: u32 = std::env::var("HASYNC_NETNS_CUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    for cut in 0..cuts {
+        net.cut(&net.a, "ha");
+        let (polls, dual) = watch(&tp, Duration::from_secs(3));
+        let roles: Vec<Role> = (0..2).map(|i| tp.nodes[i].status().unwrap().mode).collect();
+        net.heal(&net.a, "ha");
+        check(&tp, &format!("cut {cut}"), polls, dual);
+        assert_eq!(
+            roles[primary],
+            Role::Primary,
+            "cut {cut}: the lease holder serves on"
+        );
+        let p = tp
+            .wait_formed(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("cut {cut}: {e}\n{}", tp.logs()));
+        assert_eq!(p, primary, "cut {cut}: no failover");
+    }
+    for round in 0..4 {
+        let primary = tp.wait_formed(Duration::from_secs(20)).unwrap_or_else(|e| {
+            let st: Vec<_> = (0..2).map(|i| tp.nodes[i].status()).collect();
+            panic!("round {round}: {e}\n{st:#?}\n{}", tp.logs())
+        });
+        let victim = if round % 2 == 0 { primary } else { 1 - primary };
+        let (ns, devs) = if victim == 0 {
+            (&net.a, ["ha", "aq"])
+        } else {
+            (&net.b, ["ha", "bq"])
+        };
+        for d in devs {
+            net.cut(ns, d);
+        }
+        let (polls, dual) = watch(&tp, Duration::from_secs(5));
+        let roles: Vec<Role> = (0..2).map(|i| tp.nodes[i].status().unwrap().mode).collect();
+        for d in devs {
+            net.heal(ns, d);
+        }
+        check(
+            &tp,
+            &format!("isolation {round} of mx{}", victim + 1),
+            polls,
+            dual,
+        );
+        assert_eq!(
+            roles[1 - victim],
+            Role::Primary,
+            "isolation {round}: the connected node serves\n{}",
+            tp.logs()
+        );
+        assert_ne!(roles[victim], Role::Primary);
+    }
+    println!(
+        "etcd lease: {} polls during 20 cuts and 4 isolations, {} with two primaries",
+        total.0, total.1
+    );
+}
