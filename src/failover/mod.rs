@@ -1130,6 +1130,19 @@ impl Core {
         if rec.epoch >= self.durable.epoch {
             self.durable = rec;
         }
+        let landing_promotion =
+            self.role == Role::Promoting && self.promoting_to == Some(rec.epoch);
+        if rec.epoch > self.epoch && !landing_promotion {
+            // The record of a promotion abandoned while it was being written
+            // (isolated, failed, lost the lease) landed after all. Durable
+            // epochs never go back, so the epoch is spent and becomes this
+            // node's; but it never served at it, and the record says so
+            // again before anything relies on it.
+            self.epoch = rec.epoch;
+            if rec.held_primary != self.held_primary {
+                self.persist();
+            }
+        }
         if self.persist_failed {
             self.persist_failed = false;
             if self.role == Role::Failed {
@@ -1315,6 +1328,12 @@ impl Core {
         {
             // Demoted (split brain, a failed check, off): the lease goes.
             self.release_lease();
+        }
+        if role != Role::Promoting {
+            // Whatever ends a promotion (isolation, a failed check, a lost
+            // lease) ends its claim; a record still being written is dealt
+            // with when it lands (`on_persisted`).
+            self.promoting_to = None;
         }
         if role != Role::Primary && self.preparing.take().is_some() {
             // Left primary some other way (split brain, a failed check):

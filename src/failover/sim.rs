@@ -497,6 +497,7 @@ impl Sim {
                         rec.epoch, self.nodes[i].max_durable_epoch
                     )));
                 }
+                self.log(format!("node {i} persisted {rec:?}"));
                 self.nodes[i].durable = rec;
                 self.nodes[i].max_durable_epoch = rec.epoch;
                 self.feed(i, now, Event::Persisted(rec));

@@ -366,6 +366,59 @@ fn promotion_waits_for_durable_epoch() {
 }
 
 #[test]
+fn a_promotion_record_landing_after_the_promotion_ended_never_lets_the_epoch_go_back() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    drain(&mut core);
+    let t1 = t0 + Duration::from_millis(1000);
+    core.handle_timeout(t1);
+    let promotion = drain(&mut core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(r),
+            _ => None,
+        })
+        .expect("promotion persists its epoch");
+    assert_eq!(core.role(), Role::Promoting);
+    // The check fails while the record is being written: the promotion ends.
+    core.handle_event(t1, Event::SelfCheck(Err("disk gone".into())));
+    assert_eq!(core.role(), Role::Failed);
+    drain(&mut core);
+    // The record lands after all: the epoch is spent, but the node never
+    // served at it and says so durably.
+    core.handle_event(t1, Event::Persisted(promotion));
+    assert_eq!(core.role(), Role::Failed);
+    assert_eq!(core.epoch(), promotion.epoch);
+    let fix = drain(&mut core)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(r),
+            _ => None,
+        })
+        .expect("the record is corrected");
+    assert_eq!(fix.epoch, promotion.epoch);
+    assert_eq!(fix.held_primary, None);
+    // Every later record keeps at least that epoch.
+    core.handle_event(t1, Event::Persisted(fix));
+    core.handle_event(t1, Event::SelfCheck(Ok(())));
+    let hb = Heartbeat {
+        node: "mx2".into(),
+        role: Role::Primary,
+        epoch: 2,
+        seq: 1,
+        priority: 100,
+        flags: 0,
+    };
+    core.handle_event(t1, Event::Heartbeat(hb));
+    assert_eq!(core.role(), Role::Secondary);
+    for a in drain(&mut core) {
+        if let Action::PersistEpoch(r) = a {
+            assert!(r.epoch >= promotion.epoch, "epoch went back: {r:?}");
+        }
+    }
+}
+
+#[test]
 fn persist_failure_fails_the_node() {
     let t0 = Instant::now();
     let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
