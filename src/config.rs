@@ -143,6 +143,9 @@ pub struct ReplicationConfig {
     /// replica (refused by default: the primary mirrors mail, it does not
     /// own the secondary).
     pub allow_special_modes: bool,
+    /// A secondary watches its replica for writes by other processes
+    /// (fanotify), keeps them aside and alarms.
+    pub watch_foreign_writes: bool,
 }
 
 /// The `[queue]` table.
@@ -854,6 +857,7 @@ struct RawReplication {
     durability: crate::replica::Durability,
     zero_copy: Option<bool>,
     allow_special_modes: Option<bool>,
+    watch_foreign_writes: Option<bool>,
 }
 
 fn de_verify_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -1344,6 +1348,7 @@ impl RawConfig {
                 durability: r.durability,
                 zero_copy: r.zero_copy.unwrap_or(true),
                 allow_special_modes: r.allow_special_modes.unwrap_or(false),
+                watch_foreign_writes: r.watch_foreign_writes.unwrap_or(true),
             },
             node_name: self.node_name,
             priority,

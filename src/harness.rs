@@ -24,6 +24,8 @@ pub struct PairOptions {
     pub durability: &'static str,
     /// `replication.zero_copy` of both nodes.
     pub zero_copy: bool,
+    /// `replication.watch_foreign_writes` of both nodes.
+    pub watch_foreign_writes: bool,
     /// `queue.layout` of both nodes.
     pub queue_layout: &'static str,
     /// `queue.sync` of both nodes.
@@ -62,6 +64,7 @@ impl Default for PairOptions {
             verify_interval_ms: 600_000,
             durability: "syncfs",
             zero_copy: true,
+            watch_foreign_writes: true,
             queue_layout: "postfix",
             queue_sync: "off",
             queue_sync_interval_ms: 60_000,
@@ -187,6 +190,7 @@ sync_peer = "{sync_peer}"
 verify_interval_ms = {verify}
 durability = "{durability}"
 zero_copy = {zero_copy}
+watch_foreign_writes = {watch_foreign}
 
 [queue]
 layout = "{layout}"
@@ -234,6 +238,7 @@ quarantine = "mail/quarantine"
                 verify = options.verify_interval_ms,
                 durability = options.durability,
                 zero_copy = options.zero_copy,
+                watch_foreign = options.watch_foreign_writes,
                 name = names[i],
                 prio = options.priorities[i],
                 recovery = options.recovery,

@@ -141,6 +141,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             durability: cfg.replication.durability,
             zero_copy: cfg.replication.zero_copy,
             allow_special_modes: cfg.replication.allow_special_modes,
+            watch_foreign_writes: cfg.replication.watch_foreign_writes,
             io_timeout: cfg.detection_time().max(Duration::from_secs(1)) * 4,
             queue: QueueSettings {
                 layout: cfg.queue.layout,
@@ -1148,10 +1149,9 @@ async fn persist_worker(
     mut requests: mpsc::UnboundedReceiver<EpochRecord>,
     results: mpsc::UnboundedSender<Result<EpochRecord, String>>,
 ) {
-    while let Some(mut rec) = requests.recv().await {
-        while let Ok(newer) = requests.try_recv() {
-            rec = newer;
-        }
+    // One answer per record, in order: the core counts them (records are
+    // rare; none is skipped for a newer one).
+    while let Some(rec) = requests.recv().await {
         let res = crate::io::write_atomic(&dir, state::EPOCH_FILE, state::encode(&rec))
             .await
             .map(|()| rec)
@@ -1357,6 +1357,14 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    if r.foreign_watch != "-" || r.foreign_writes > 0 {
+        let _ = writeln!(
+            o,
+            "          foreign-write watch {}, foreign writes {}",
+            printable(&r.foreign_watch),
+            r.foreign_writes
+        );
+    }
     if s.conflicts.count > 0 {
         let _ = writeln!(
             o,

@@ -424,7 +424,7 @@ impl fmt::Display for Alarm {
 pub enum Action {
     SendHeartbeat(Heartbeat),
     /// Make this record durable, then feed back [`Event::Persisted`] (or
-    /// [`Event::PersistFailed`]).
+    /// [`Event::PersistFailed`]): one answer per record, in order.
     PersistEpoch(EpochRecord),
     /// The node's role changed. Entering `Primary` means "serve mail now";
     /// leaving it means "stop serving now".
@@ -516,6 +516,13 @@ pub struct Core {
     split_brain_alarmed: Option<u64>,
     /// The last record made durable (or loaded at start).
     durable: EpochRecord,
+    /// The highest epoch of any record handed out to be written. Records
+    /// are written in order, so none may go below it: a record still in
+    /// flight may land after a failure made this node fall back.
+    persist_floor: u64,
+    /// Records handed out and not answered yet; when none is left, the
+    /// floor is the durable epoch again.
+    persists_in_flight: u32,
     /// While promoting: the epoch being made durable. It is not this
     /// node's epoch (not advertised, not served at) until it is durable.
     promoting_to: Option<u64>,
@@ -568,6 +575,8 @@ impl Core {
             takeover_requested: false,
             split_brain_alarmed: None,
             durable: persisted,
+            persist_floor: persisted.epoch,
+            persists_in_flight: 0,
             promoting_to: None,
             persist_failed: false,
             operator_joined: false,
@@ -644,8 +653,14 @@ impl Core {
         match event {
             Event::Heartbeat(hb) => self.on_heartbeat(now, hb),
             Event::LinkUp => self.send_heartbeat(now),
-            Event::Persisted(rec) => self.on_persisted(now, rec),
-            Event::PersistFailed(why) => self.on_persist_failed(now, why),
+            Event::Persisted(rec) => {
+                self.persist_answered();
+                self.on_persisted(now, rec)
+            }
+            Event::PersistFailed(why) => {
+                self.persist_answered();
+                self.on_persist_failed(now, why)
+            }
             Event::SelfCheck(Err(why)) => {
                 if self.role != Role::Failed {
                     self.actions
@@ -1169,6 +1184,11 @@ impl Core {
     /// one (an epoch that is not on disk is not ours), and stay failed
     /// until a write succeeds. The alarm is raised once per episode.
     fn on_persist_failed(&mut self, now: Instant, why: String) {
+        if self.persists_in_flight == 0 {
+            // Nothing else is on its way to the disk: it holds the durable
+            // record, and the next one may start from there again.
+            self.persist_floor = self.durable.epoch;
+        }
         self.promoting_to = None;
         if self.role != Role::Primary {
             // A primary's epoch is durable (it became primary only then);
@@ -1233,7 +1253,7 @@ impl Core {
             }
         }
         let peer_epoch = self.peer.as_ref().map_or(0, |p| p.hb.epoch);
-        let target = self.next_owned_epoch(self.epoch.max(peer_epoch));
+        let target = self.next_owned_epoch(self.epoch.max(peer_epoch).max(self.persist_floor));
         self.promoting_to = Some(target);
         self.timers.clear(Timer::Startup);
         self.timers.clear(Timer::Handover);
@@ -1396,7 +1416,15 @@ impl Core {
     }
 
     fn persist(&mut self) {
-        self.actions.push_back(Action::PersistEpoch(self.record()));
+        let mut rec = self.record();
+        rec.epoch = rec.epoch.max(self.persist_floor);
+        self.persist_floor = rec.epoch;
+        self.persists_in_flight += 1;
+        self.actions.push_back(Action::PersistEpoch(rec));
+    }
+
+    fn persist_answered(&mut self) {
+        self.persists_in_flight = self.persists_in_flight.saturating_sub(1);
     }
 
     fn adopt_epoch(&mut self, epoch: u64) {

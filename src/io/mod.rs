@@ -5,6 +5,7 @@
 //! lacks, such as splice in [`splice`]) belongs in this module and nowhere
 //! else.
 
+pub mod fanotify;
 pub mod packet;
 pub mod splice;
 

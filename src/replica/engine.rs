@@ -56,6 +56,8 @@ pub struct EngineConfig {
     pub zero_copy: bool,
     /// `[replication] allow_special_modes` (receiving side).
     pub allow_special_modes: bool,
+    /// `[replication] watch_foreign_writes` (receiving side).
+    pub watch_foreign_writes: bool,
     pub io_timeout: Duration,
     pub queue: QueueSettings,
 }
@@ -420,13 +422,23 @@ async fn engine_main(
     }
     // The receiver's stores (and their indexes) live across connections.
     let recv_stores: Rc<RefCell<Option<Vec<RecvStore>>>> = Rc::new(RefCell::new(None));
+    let receiving = Rc::new(Receiving::default());
     tokio_uring::spawn(accept_loop(
         shared.clone(),
         ctx.clone(),
         tokio_uring::net::TcpListener::from_std(listener),
         mode_rx.clone(),
         recv_stores.clone(),
+        receiving.clone(),
         promote_rx.borrow_mut().take().expect("taken once"),
+    ));
+    let (foreign_tx, foreign_rx) = mpsc::unbounded_channel();
+    tokio_uring::spawn(foreign_loop(
+        shared.clone(),
+        foreign_rx,
+        receiving,
+        recv_stores,
+        mode_rx.clone(),
     ));
     loop {
         let mode = *mode_rx.borrow_and_update();
@@ -437,9 +449,140 @@ async fn engine_main(
         };
         if mode == EngineMode::Primary {
             run_primary(&shared, &ctx, &mut mode_rx).await;
-        } else if mode_rx.changed().await.is_err() {
-            return;
+        } else {
+            let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
+                .then(|| start_foreign_watch(&shared, &foreign_tx))
+                .flatten();
+            let changed = mode_rx.changed().await;
+            drop(watch);
+            *shared
+                .stats
+                .foreign_watch
+                .lock()
+                .expect("foreign watch lock") = "-".into();
+            if changed.is_err() {
+                return;
+            }
         }
+    }
+}
+
+/// While secondary: watch the replica roots for writes by other processes.
+fn start_foreign_watch(
+    shared: &Shared,
+    tx: &mpsc::UnboundedSender<super::foreign::Batch>,
+) -> Option<super::foreign::ForeignWatch> {
+    use super::foreign::{ForeignWatch, WatchedRoot};
+    let roots: Vec<WatchedRoot> = shared
+        .cfg
+        .stores
+        .iter()
+        .map(|s| WatchedRoot {
+            root: s.replica_root.clone(),
+            internal: s.internal.clone(),
+        })
+        .collect();
+    let started = roots
+        .iter()
+        .try_for_each(|r| std::fs::create_dir_all(&r.root))
+        .and_then(|()| ForeignWatch::start(roots, shared.excludes.clone(), tx.clone()));
+    let state = &shared.stats.foreign_watch;
+    match started {
+        Ok(w) => {
+            *state.lock().expect("foreign watch lock") = "on".into();
+            Some(w)
+        }
+        Err(e) => {
+            let why =
+                format!("cannot watch the replica for foreign writes (fanotify needs root): {e}");
+            warn!("{why}");
+            *state.lock().expect("foreign watch lock") = format!("off: {e}");
+            None
+        }
+    }
+}
+
+/// Acts on writes into the replica by other processes: ends the session in
+/// progress (the primary's next one reconciles the replica with its tree),
+/// keeps every foreign file aside as a conflict, alarms.
+async fn foreign_loop(
+    shared: Rc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<super::foreign::Batch>,
+    receiving: Rc<Receiving>,
+    stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    mode_rx: watch::Receiver<EngineMode>,
+) {
+    use super::foreign;
+    while let Some(batch) = rx.recv().await {
+        if *mode_rx.borrow() != EngineMode::Secondary {
+            continue; // changes made as the node's role changed are its own
+        }
+        while receiving.busy.get() {
+            let released = receiving.released.notified();
+            if let Some(c) = receiving.closer.borrow_mut().take() {
+                info!("ending the sync session: the replica was changed outside hasync");
+                let _ = c.shutdown();
+            }
+            released.await;
+        }
+        if *mode_rx.borrow() != EngineMode::Secondary {
+            continue;
+        }
+        // No await from here on: no session can start meanwhile.
+        let taken = stores.borrow_mut().take();
+        let mut st = match taken {
+            Some(s) => s,
+            None => match open_recv_stores(&shared.cfg) {
+                Ok(s) => s,
+                Err(e) => {
+                    let msg = format!(
+                        "the replica was changed outside hasync ({} paths) and cannot be opened to keep them aside: {e}",
+                        batch.paths.len()
+                    );
+                    error!(alarm = true, "ALARM: {msg}");
+                    shared.stats.raise_alarm(msg);
+                    continue;
+                }
+            },
+        };
+        let mut kept: Vec<(usize, PathBuf)> = Vec::new();
+        for p in batch.paths.iter().filter(|p| p.holds_foreign_data()) {
+            if foreign::inside_kept(&kept, p.store, &p.rel) {
+                continue;
+            }
+            let Some(rs) = st.get_mut(p.store) else {
+                continue;
+            };
+            match rs.root.keep_aside(&p.rel) {
+                Ok(Some(to)) => {
+                    info!(store = %rs.name, path = %p.rel.display(), kept = %to.display(), by = %p.by, "foreign write kept aside");
+                    rs.index.remove_tree(&p.rel);
+                    kept.push((p.store, p.rel.clone()));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(store = %rs.name, path = %p.rel.display(), "cannot keep a foreign write aside: {e}")
+                }
+            }
+        }
+        for p in &batch.paths {
+            if let Some(rs) = st.get_mut(p.store) {
+                rs.index.unsync_tree(&p.rel);
+            }
+        }
+        let names: Vec<String> = st.iter().map(|s| s.name.clone()).collect();
+        *stores.borrow_mut() = Some(st);
+        shared
+            .stats
+            .foreign_writes
+            .fetch_add(batch.paths.len() as u64 + batch.unlisted, Relaxed);
+        shared
+            .stats
+            .conflicts_kept
+            .fetch_add(kept.len() as u64, Relaxed);
+        let msg = foreign::describe(&names, &batch, kept.len());
+        error!(alarm = true, "ALARM: {msg}");
+        shared.stats.raise_alarm(msg);
     }
 }
 
@@ -736,6 +879,7 @@ async fn accept_loop(
     listener: tokio_uring::net::TcpListener,
     mode_rx: watch::Receiver<EngineMode>,
     stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    receiving: Rc<Receiving>,
     mut promote_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     // Opened at start so that an ingest a crash interrupted is rolled
@@ -818,7 +962,6 @@ async fn accept_loop(
         shared.stats.gate.clone(),
     ));
     tokio_uring::spawn(crate::link::gate_ticker(Rc::downgrade(&gate)));
-    let receiving = Rc::new(Receiving::default());
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(x) => x,

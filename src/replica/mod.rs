@@ -6,6 +6,7 @@ pub mod conflicts;
 pub mod dovecot;
 pub mod drift;
 pub mod engine;
+pub mod foreign;
 pub mod fsops;
 pub mod index;
 pub mod links;

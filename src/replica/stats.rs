@@ -45,6 +45,10 @@ pub struct ReplStats {
     pub hash_mismatches: AtomicU64,
     pub refused_paths: AtomicU64,
     pub conflicts_kept: AtomicU64,
+    /// Paths in the replica changed by another process while secondary.
+    pub foreign_writes: AtomicU64,
+    /// Whether the secondary watches its replica for foreign writes.
+    pub foreign_watch: Mutex<String>,
     pub rename_sources_missing: AtomicU64,
     pub disk_full: AtomicBool,
     /// Receiver: the primary said the replica is complete.
@@ -128,6 +132,8 @@ impl Default for ReplStats {
             hash_mismatches: AtomicU64::new(0),
             refused_paths: AtomicU64::new(0),
             conflicts_kept: AtomicU64::new(0),
+            foreign_writes: AtomicU64::new(0),
+            foreign_watch: Mutex::new("-".into()),
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
@@ -240,6 +246,13 @@ pub struct ReplStatus {
     pub hash_mismatches: u64,
     pub refused_paths: u64,
     pub conflicts_kept: u64,
+    /// Paths of the replica changed by another process while secondary.
+    #[serde(default)]
+    pub foreign_writes: u64,
+    /// "on" while a secondary watches its replica for foreign writes, "off:
+    /// <why>" when it cannot, "-" otherwise.
+    #[serde(default)]
+    pub foreign_watch: String,
     pub rename_sources_missing: u64,
     pub disk_full: bool,
     /// Why the disk counts as full (free bytes, inodes, what was refused).
@@ -349,6 +362,12 @@ impl ReplStats {
             hash_mismatches: g(&self.hash_mismatches),
             refused_paths: g(&self.refused_paths),
             conflicts_kept: g(&self.conflicts_kept),
+            foreign_writes: g(&self.foreign_writes),
+            foreign_watch: self
+                .foreign_watch
+                .lock()
+                .expect("foreign watch lock")
+                .clone(),
             rename_sources_missing: g(&self.rename_sources_missing),
             disk_full: self.disk_full.load(Relaxed),
             disk_full_why: self.disk_full_why.lock().expect("disk full lock").clone(),

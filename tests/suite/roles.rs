@@ -232,3 +232,100 @@ fn on_primary_failure_with_step_down_hands_the_role_over() {
         st.epoch
     );
 }
+
+/// Something left running on the secondary (an MTA, a script) writes into
+/// its replica: the secondary notices at once, alarms naming the process,
+/// keeps the new and rewritten files aside (handed to the primary as
+/// conflicts, so the mail is not lost), and puts its replica back to the
+/// primary's tree (a deleted file comes back, the rewritten one too).
+#[test]
+fn a_secondary_keeps_writes_by_other_processes_aside_and_alarms() {
+    let (tp, p) = TestPair::formed(fast());
+    let s = 1 - p;
+    let (src, dst) = (tp.store(p, "inbox"), tp.store(s, "inbox"));
+    for i in 0..10 {
+        let d = src.join("INBOX/cur");
+        std::fs::create_dir_all(&d).unwrap();
+        write(&d.join(format!("{i}.mx1:2,S")), &format!("message {i}\n"));
+    }
+    wait_identical(&src, &dst, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let before = tp.repl(s);
+    assert_eq!(before.foreign_watch, "on", "{before:?}");
+    assert_eq!(before.foreign_writes, 0);
+
+    // This test process is "the MTA left running".
+    let t0 = Instant::now();
+    let stray = dst.join("INBOX/new");
+    std::fs::create_dir_all(&stray).unwrap();
+    for i in 0..20 {
+        write(
+            &stray.join(format!("stray{i}.local")),
+            &format!("delivered on the secondary {i}\n"),
+        );
+    }
+    std::fs::remove_file(dst.join("INBOX/cur/3.mx1:2,S")).unwrap();
+    write(&dst.join("INBOX/cur/4.mx1:2,S"), "rewritten locally\n");
+
+    let alarm = loop {
+        let st = tp.nodes[s].status().unwrap();
+        if let Some(a) = st
+            .alarms
+            .iter()
+            .find(|a| a.message.contains("changed outside hasync"))
+        {
+            break a.message.clone();
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no alarm for foreign writes: {:?}\n{}",
+            st.alarms,
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let noticed = t0.elapsed();
+    println!("alarm after {noticed:?}: {alarm}");
+    assert!(
+        alarm.contains(&format!("pid {}", std::process::id())),
+        "{alarm}"
+    );
+
+    // The replica is the primary's tree again, and every foreign version
+    // reaches the primary's conflicts.
+    wait_identical(&src, &dst, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let repaired = t0.elapsed();
+    let conflicts = tp.nodes[p]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |st| {
+            st.conflicts.count >= 21
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.repl(s);
+    println!(
+        "replica restored after {repaired:?}; secondary foreign writes {}, primary conflicts {}",
+        r.foreign_writes, conflicts.conflicts.count
+    );
+    assert!(r.foreign_writes >= 22, "{r:?}");
+    let mut kept = Vec::new();
+    let mut stack = vec![tp.nodes[p].state_dir.clone()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else if e.file_name().to_string_lossy().starts_with("stray") {
+                kept.push(e.path());
+            }
+        }
+    }
+    assert_eq!(
+        kept.len(),
+        20,
+        "every stray delivery reaches the primary: {kept:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(src.join("INBOX/cur/4.mx1:2,S")).unwrap(),
+        "message 4\n",
+        "the primary's version stays"
+    );
+}

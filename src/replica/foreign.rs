@@ -1,0 +1,288 @@
+//! Writes into a secondary's replica by anything but hasync: an MTA or an
+//! IMAP server left running on the secondary, an operator's script. A
+//! secondary's replica is the primary's copy; anything written there
+//! locally is either lost at the next reconciliation or, after a failover,
+//! a silent divergence. So while a node is secondary it watches its
+//! replica roots with fanotify, which names the process behind every
+//! change: changes made by this process are its landings; any other pid
+//! is foreign.
+//!
+//! Foreign changes are gathered until they settle ([`SETTLE`]), then
+//! handed to the engine as one [`Batch`]. The engine ends the sync session
+//! in progress, keeps every foreign file aside as a conflict (handed to
+//! the primary like a failover's conflicts, so nothing written is lost),
+//! and raises one alarm; the primary's next session puts the replica back
+//! to the primary's tree (what was deleted, renamed or re-stamped comes
+//! back).
+//!
+//! Limits: at most [`PENDING_PATHS_MAX`] paths per batch (more are counted
+//! and repaired by the reconciliation, not kept aside); a kernel queue
+//! overflow is reported the same way. Needs root (fanotify marks and
+//! `open_by_handle_at`); without it the watch is off and status says why.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::Excludes;
+use crate::io::fanotify::{self, Fanotify, RawEvent};
+
+/// Quiet time after the last foreign change before a batch is acted on
+/// (a writer finishing its file, a rename following a create).
+pub const SETTLE: Duration = Duration::from_millis(250);
+/// A batch is acted on after this long even if changes keep coming.
+pub const BATCH_AGE_MAX: Duration = Duration::from_secs(2);
+/// Paths gathered per batch; further ones are only counted.
+pub const PENDING_PATHS_MAX: usize = 100_000;
+/// Directories outside every replica remembered, so that another process's
+/// busy tree elsewhere on the filesystem costs one lookup per directory.
+const OUTSIDE_CACHE_MAX: usize = 16_384;
+const POLL: Duration = Duration::from_millis(100);
+
+/// One path changed by another process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignPath {
+    pub store: usize,
+    pub rel: PathBuf,
+    /// Union of the fanotify event bits seen for it.
+    pub mask: u64,
+    pub is_dir: bool,
+    /// The first process seen changing it, as "pid (comm)".
+    pub by: String,
+}
+
+impl ForeignPath {
+    /// A file (or folder) that a foreign process created or wrote: it holds
+    /// data the primary never had, and is kept aside. Deletions, renames
+    /// away and attribute changes only need the primary's version back.
+    pub fn holds_foreign_data(&self) -> bool {
+        let added = libc::FAN_CREATE | libc::FAN_MOVED_TO;
+        if self.is_dir {
+            self.mask & added != 0
+        } else {
+            self.mask & (added | libc::FAN_CLOSE_WRITE) != 0
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub paths: Vec<ForeignPath>,
+    /// Foreign changes not in `paths` (over the limit, or lost in a kernel
+    /// queue overflow).
+    pub unlisted: u64,
+    pub overflow: bool,
+}
+
+/// The watching thread; dropping it stops the watch.
+pub struct ForeignWatch {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for ForeignWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+    }
+}
+
+/// A replica root to watch: where it is, and hasync's internal directory
+/// for it (never reported).
+#[derive(Debug, Clone)]
+pub struct WatchedRoot {
+    pub root: PathBuf,
+    pub internal: PathBuf,
+}
+
+impl ForeignWatch {
+    /// Marks the filesystems of `roots` and starts the thread; batches go to
+    /// `tx`. Fails when fanotify is not available (not root).
+    pub fn start(
+        roots: Vec<WatchedRoot>,
+        excludes: Excludes,
+        tx: mpsc::UnboundedSender<Batch>,
+    ) -> std::io::Result<ForeignWatch> {
+        let fan = Fanotify::new()?;
+        let mut watched = Vec::new();
+        for r in roots {
+            let root = std::fs::canonicalize(&r.root)?;
+            let internal = std::fs::canonicalize(&r.internal).unwrap_or(r.internal.clone());
+            fan.mark_filesystem(&root, fanotify::CHANGE_MASK)?;
+            let fd = File::open(&root)?;
+            watched.push((root, internal, fd));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("hasync-foreign".into())
+            .spawn(move || watch_loop(fan, watched, excludes, tx, flag))?;
+        Ok(ForeignWatch { stop })
+    }
+}
+
+fn comm(pid: i32) -> String {
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "exited".into());
+    format!("pid {pid} ({name})")
+}
+
+fn watch_loop(
+    mut fan: Fanotify,
+    roots: Vec<(PathBuf, PathBuf, File)>,
+    excludes: Excludes,
+    tx: mpsc::UnboundedSender<Batch>,
+    stop: Arc<AtomicBool>,
+) {
+    let me = std::process::id() as i32;
+    let mut outside: HashSet<(i32, Vec<u8>)> = HashSet::new();
+    let mut pending: BTreeMap<(usize, PathBuf), ForeignPath> = BTreeMap::new();
+    let mut names: HashMap<i32, String> = HashMap::new();
+    let mut batch = Batch::default();
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    let mut events = Vec::new();
+    while !stop.load(Relaxed) {
+        events.clear();
+        match fan.read(POLL, &mut events) {
+            Ok(overflow) => {
+                if overflow {
+                    batch.overflow = true;
+                    first.get_or_insert_with(Instant::now);
+                    last = Instant::now();
+                }
+            }
+            Err(e) => {
+                warn!("watching the replica for foreign writes failed: {e}");
+                std::thread::sleep(POLL);
+            }
+        }
+        for ev in events.iter().filter(|e| e.pid != me) {
+            let Some((store, rel)) = locate(&roots, &mut outside, ev) else {
+                continue;
+            };
+            if excludes.is_excluded(&rel) {
+                continue;
+            }
+            first.get_or_insert_with(Instant::now);
+            last = Instant::now();
+            let key = (store, rel);
+            if let Some(p) = pending.get_mut(&key) {
+                p.mask |= ev.mask;
+                continue;
+            }
+            if pending.len() >= PENDING_PATHS_MAX {
+                batch.unlisted += 1;
+                continue;
+            }
+            let by = names.entry(ev.pid).or_insert_with(|| comm(ev.pid)).clone();
+            let rel = key.1.clone();
+            pending.insert(
+                key,
+                ForeignPath {
+                    store,
+                    rel,
+                    mask: ev.mask,
+                    is_dir: ev.is_dir(),
+                    by,
+                },
+            );
+        }
+        let due = first.is_some_and(|f| last.elapsed() >= SETTLE || f.elapsed() >= BATCH_AGE_MAX);
+        if due && !stop.load(Relaxed) {
+            batch.paths = std::mem::take(&mut pending).into_values().collect();
+            if tx.send(std::mem::take(&mut batch)).is_err() {
+                return;
+            }
+            names.clear();
+            first = None;
+        }
+    }
+}
+
+/// Which store and path inside it an event is about, if any.
+fn locate(
+    roots: &[(PathBuf, PathBuf, File)],
+    outside: &mut HashSet<(i32, Vec<u8>)>,
+    ev: &RawEvent,
+) -> Option<(usize, PathBuf)> {
+    if ev.is_dir() && ev.mask & libc::FAN_MOVED_TO != 0 {
+        // A folder moved: one that was outside may now be inside.
+        outside.clear();
+    }
+    let key = (ev.handle_type, ev.handle.clone());
+    if outside.contains(&key) {
+        return None;
+    }
+    let dir = roots
+        .iter()
+        .find_map(|(_, _, fd)| fanotify::dir_path(fd.as_fd(), ev))?;
+    let full = if ev.name.is_empty() {
+        dir.clone()
+    } else {
+        dir.join(&ev.name)
+    };
+    for (i, (root, internal, _)) in roots.iter().enumerate() {
+        if dir.starts_with(internal) || full.starts_with(internal) {
+            return None;
+        }
+        if let Ok(rel) = full.strip_prefix(root) {
+            if rel.as_os_str().is_empty() {
+                return None; // the root itself: its own metadata follows the primary's
+            }
+            return Some((i, rel.to_path_buf()));
+        }
+    }
+    if !roots.iter().any(|(root, _, _)| root.starts_with(&dir)) {
+        if outside.len() >= OUTSIDE_CACHE_MAX {
+            outside.clear();
+        }
+        outside.insert(key);
+    }
+    None
+}
+
+/// One line for the alarm: how many paths, by whom, a few examples.
+pub fn describe(store_names: &[String], batch: &Batch, kept: usize) -> String {
+    let mut by: Vec<&str> = batch.paths.iter().map(|p| p.by.as_str()).collect();
+    by.sort_unstable();
+    by.dedup();
+    let examples: Vec<String> = batch
+        .paths
+        .iter()
+        .take(3)
+        .map(|p| {
+            let store = store_names.get(p.store).map_or("?", |s| s.as_str());
+            format!("{store}:{}", p.rel.display())
+        })
+        .collect();
+    let mut s = format!(
+        "the replica was changed outside hasync: {} path(s) by {} (e.g. {}); {} kept aside as conflicts (files or whole new folders, handed to the primary), the primary's tree is restored",
+        batch.paths.len() as u64 + batch.unlisted,
+        if by.is_empty() { "an unknown process".to_string() } else { by.join(", ") },
+        if examples.is_empty() { "-".to_string() } else { examples.join(", ") },
+        kept,
+    );
+    if batch.unlisted > 0 || batch.overflow {
+        s.push_str(&format!(
+            "; {} change(s) could not be listed{} and are repaired from the primary, not kept aside",
+            batch.unlisted,
+            if batch.overflow { " (the kernel's event queue overflowed)" } else { "" }
+        ));
+    }
+    s.push_str(
+        "; stop whatever writes into the secondary's mailstores (is the MTA still running here?)",
+    );
+    s
+}
+
+/// Whether `rel` lies inside one of the paths already kept aside.
+pub fn inside_kept(kept: &[(usize, PathBuf)], store: usize, rel: &Path) -> bool {
+    kept.iter().any(|(s, p)| *s == store && rel.starts_with(p))
+}
