@@ -574,6 +574,22 @@ impl Config {
         let _ = writeln!(out, "  {:W$} {}", "listen", link.listen);
         let _ = writeln!(out, "  {:W$} {} at {}", "peer", link.peer_name, link.peer);
         let _ = writeln!(out, "  {:W$} {}", "secret_file", link.secret_file.display());
+        for (i, p) in link.paths.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "  {:W$} listen {}, peer {} (heartbeats on every path; the peer is lost only when all are silent, one silent path is an alarm)",
+                format!("path {}", i + 2),
+                p.listen,
+                p.peer
+            );
+        }
+        if link.paths.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {:W$} one (a cut of this link alone looks like a dead peer: add [[link.paths]] or a quorum)",
+                "paths"
+            );
+        }
 
         let _ = writeln!(out, "\nTiming");
         let _ = writeln!(
@@ -644,7 +660,100 @@ impl Config {
         for (name, dir) in self.internal_layout() {
             let _ = writeln!(out, "  {name:W$} {}", dir.display());
         }
+        let _ = writeln!(
+            out,
+            "  {:W$} {}",
+            "foreign writes",
+            if self.replication.watch_foreign_writes {
+                "watched while secondary: writes into the replica by other processes are kept aside and alarmed"
+            } else {
+                "not watched (replication.watch_foreign_writes = false): only verification finds them"
+            }
+        );
+        self.explain_roles(&mut out);
         out
+    }
+
+    fn explain_roles(&self, out: &mut String) {
+        const W: usize = 20;
+        let q = &self.quorum;
+        let _ = writeln!(out, "\nQuorum");
+        let detection = humantime::format_duration(self.detection_time());
+        match q.mode {
+            QuorumMode::None => {
+                let _ = writeln!(
+                    out,
+                    "  {:W$} none: a silent peer counts as dead; a cut of every path between the nodes gives two primaries until it heals (the higher epoch wins then)",
+                    "mode"
+                );
+            }
+            QuorumMode::Ping => {
+                let targets: Vec<String> = q.targets.iter().map(|t| t.to_string()).collect();
+                let _ = writeln!(
+                    out,
+                    "  {:W$} ping: {} target(s) ({}), probed every {}; a node promotes without its peer only when it reaches {} of them, a primary that reaches neither its peer nor them steps down within about {detection}. Ping cannot decide when both nodes reach the targets but not each other",
+                    "mode",
+                    q.targets.len(),
+                    targets.join(", "),
+                    humantime::format_duration(q.interval),
+                    q.targets.len() / 2 + 1,
+                );
+            }
+            QuorumMode::Etcd => {
+                let _ = writeln!(
+                    out,
+                    "  {:W$} etcd: the primary holds {} under a lease of {} at {}; nobody promotes without it, a primary that cannot renew steps down before it runs out unless it still hears its peer",
+                    "mode",
+                    q.key,
+                    humantime::format_duration(q.lease_ttl),
+                    q.endpoints.join(", "),
+                );
+            }
+        }
+        let h = &self.hooks;
+        let _ = writeln!(
+            out,
+            "\nRole hooks (argv, no shell; killed after {})",
+            humantime::format_duration(h.timeout)
+        );
+        for (name, argv) in [
+            ("on_primary", &h.on_primary),
+            ("on_secondary", &h.on_secondary),
+            ("on_failed", &h.on_failed),
+            ("on_off", &h.on_off),
+        ] {
+            let _ = writeln!(
+                out,
+                "  {name:W$} {}",
+                argv.as_ref().map_or("-".to_string(), |a| format!("{a:?}"))
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  {:W$} {}",
+            "on_primary fails",
+            match h.on_primary_failure {
+                HookFailure::Alarm => "alarm and keep serving",
+                HookFailure::StepDown => "alarm and step down to off (the peer takes over)",
+            }
+        );
+        let _ = writeln!(
+            out,
+            "  {:W$} {} (stop services and drain replication before the peer promotes)",
+            "switchover limit",
+            humantime::format_duration(h.switchover_timeout)
+        );
+        if self.vips.is_empty() {
+            let _ = writeln!(out, "\nService addresses: none");
+        } else {
+            let _ = writeln!(
+                out,
+                "\nService addresses (added and announced on the primary before on_primary, removed on any demotion)"
+            );
+            for v in &self.vips {
+                let _ = writeln!(out, "  {v}");
+            }
+        }
     }
 
     fn invalid(&self, key: &str, value: String, problem: impl Into<String>) -> ConfigError {
@@ -2251,6 +2360,24 @@ secret_file = "/etc/hasync/link.secret"
     }
 
     #[test]
+    fn explain_states_the_quorum_paths_and_service_addresses() {
+        let c = parse_ok(&format!(
+            "{}\n[[link.paths]]\nlisten = \"192.0.2.1:7401\"\npeer = \"192.0.2.2:7401\"\n\n[quorum]\nmode = \"ping\"\ntargets = [\"192.0.2.254\", \"192.0.2.10:443\", \"192.0.2.253\"]\n\n[[vip]]\naddress = \"192.0.2.25/24\"\ninterface = \"eth0\"\n",
+            BASE
+        ));
+        let text = c.explain();
+        for needle in [
+            "path 2               listen 192.0.2.1:7401, peer 192.0.2.2:7401",
+            "ping: 3 target(s) (192.0.2.254, tcp 192.0.2.10:443, 192.0.2.253)",
+            "reaches 2 of them",
+            "Ping cannot decide when both nodes reach the targets",
+            "192.0.2.25/24 on eth0",
+        ] {
+            assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
     fn explain_mentions_everything() {
         let c = parse_ok(EXAMPLE);
         let text = c.explain();
@@ -2268,6 +2395,13 @@ secret_file = "/etc/hasync/link.secret"
             "5 missed",
             "failover detection   1s",
             "startup wait         2s",
+            "paths                one (a cut of this link alone",
+            "mode                 none: a silent peer counts as dead",
+            "/usr/share/hasync/hooks/postfix",
+            "killed after 1m",
+            "switchover limit     30s",
+            "foreign writes       watched while secondary",
+            "Service addresses: none",
             "/var/lib/hasync",
             "/var/spool/postfix",
             "Mailstores (3, synchronised)",
