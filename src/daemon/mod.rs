@@ -294,6 +294,7 @@ impl Node {
             key,
             io_timeout,
             stats: LinkStats::default(),
+            redial: tokio::sync::Notify::new(),
         });
         let (heartbeat_tx, heartbeat_out) = watch::channel(None);
         let (to_core, heartbeat_rx) = mpsc::channel(HEARTBEAT_QUEUE);
@@ -333,6 +334,7 @@ impl Node {
                 key: link.key.clone(),
                 io_timeout,
                 stats: LinkStats::default(),
+                redial: tokio::sync::Notify::new(),
             });
             let gate = Rc::new(link::gate::Gate::new(
                 "heartbeat",

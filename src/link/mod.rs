@@ -115,6 +115,10 @@ pub struct LinkCtx {
     /// Bound on handshakes and on silence before a connection is dropped.
     pub io_timeout: Duration,
     pub stats: LinkStats,
+    /// Wakes the dialer out of its backoff: the peer just connected to us,
+    /// so it is up (a restarted peer must hear us within its start-up
+    /// wait, not after our backoff of up to 2 s).
+    pub redial: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for LinkCtx {
@@ -627,7 +631,13 @@ pub async fn run_outbound(ctx: Rc<LinkCtx>, mut heartbeats: watch::Receiver<Opti
             }
             Err(_) => debug!(peer = %ctx.peer_addr, "connect attempt timed out"),
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = ctx.redial.notified() => {
+                debug!(peer = %ctx.peer_addr, "the peer connected to us: dialing it now");
+                backoff.reset();
+            }
+        }
     }
 }
 
@@ -730,6 +740,9 @@ async fn serve_inbound(
     to_core: mpsc::Sender<Heartbeat>,
 ) -> LinkError {
     info!(peer = %conn.peer(), "heartbeat link from peer up");
+    if !ctx.stats.outbound_connected.get() {
+        ctx.redial.notify_one();
+    }
     // A peer that stops talking is treated as gone after this long.
     let idle = ctx.io_timeout * 2;
     loop {

@@ -396,6 +396,7 @@ fn link_ctx(cfg: &EngineConfig) -> LinkCtx {
         key: cfg.key.clone(),
         io_timeout: cfg.io_timeout,
         stats: LinkStats::default(),
+        redial: tokio::sync::Notify::new(),
     }
 }
 
@@ -548,6 +549,15 @@ async fn foreign_loop(
         let mut kept: Vec<(usize, PathBuf)> = Vec::new();
         for p in batch.paths.iter().filter(|p| p.holds_foreign_data()) {
             if foreign::inside_kept(&kept, p.store, &p.rel) {
+                continue;
+            }
+            let dovecot = matches!(
+                shared.cfg.stores.get(p.store).and_then(|s| s.kind.as_ref()),
+                Some(crate::config::StoreKind::DovecotMaildir { .. })
+            );
+            if dovecot && !p.is_dir && super::dovecot::is_dovecot_metadata(&p.rel) {
+                // A Dovecot running here wrote its own index or uidlist:
+                // not mail; the primary's version comes back.
                 continue;
             }
             let Some(rs) = st.get_mut(p.store) else {

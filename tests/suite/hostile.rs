@@ -22,6 +22,7 @@ pub fn ctx(cfg: &Config, addr: SocketAddr) -> LinkCtx {
         key: LinkKey::from_secret(&cfg.read_secret().unwrap()),
         io_timeout: Duration::from_secs(5),
         stats: LinkStats::default(),
+        redial: tokio::sync::Notify::new(),
     }
 }
 

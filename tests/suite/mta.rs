@@ -356,14 +356,28 @@ struct Dovecot {
 
 impl Dovecot {
     fn create(node_root: &Path, store: &Path) -> Dovecot {
+        Dovecot::create_with(node_root, store, None)
+    }
+
+    /// With `imap_port`, an IMAP listener on 127.0.0.1 (plain LOGIN, no TLS).
+    fn create_with(node_root: &Path, store: &Path, imap_port: Option<u16>) -> Dovecot {
         need("dovecot");
         need("dovecot-lda");
         open_up_to_root(store);
         let conf = node_root.join("dovecot.conf");
+        let protocols = match imap_port {
+            None => "protocols =\n".to_string(),
+            Some(port) => format!(
+                "protocols = imap\n\
+                 listen = 127.0.0.1\n\
+                 disable_plaintext_auth = no\n\
+                 service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n  inet_listener imaps {{\n    port = 0\n  }}\n}}\n"
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "protocols =\n\
+                "{protocols}\
                  ssl = no\n\
                  base_dir = {root}/dovecot-run\n\
                  state_dir = {root}/dovecot-state\n\
@@ -376,6 +390,7 @@ impl Dovecot {
                  passdb {{\n  driver = static\n  args = nopassword=y\n}}\n",
                 root = node_root.display(),
                 store = store.display(),
+                protocols = protocols,
             ),
         )
         .unwrap();
@@ -435,6 +450,7 @@ impl Dovecot {
             .arg(&self.conf)
             .args(["-d", user, "-f", "sender@example.net"])
             .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         use std::io::Write;
@@ -444,7 +460,13 @@ impl Dovecot {
             .unwrap()
             .write_all(format!("Subject: {subject}\n\nbody of {subject}\n").as_bytes())
             .unwrap();
-        assert!(child.wait().unwrap().success(), "dovecot-lda failed");
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "dovecot-lda failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(self.conf.with_file_name("dovecot.log")).unwrap_or_default()
+        );
     }
 
     /// (UID, subject) of every message in the user's INBOX, as IMAP shows them.
@@ -734,5 +756,162 @@ fn the_example_postfix_hooks_run_the_mta_on_the_primary_only() {
     for n in 0..2 {
         let st = tp.nodes[n].status().unwrap();
         assert!(st.hooks.last.iter().all(|r| r.ok), "{:?}", st.hooks.last);
+    }
+}
+
+/// What an IMAP client sees at 127.0.0.1:`port`: logs in as `user` and
+/// returns how many messages INBOX holds.
+fn imap_inbox_count(port: u16, user: &str) -> Result<u64, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut w = stream;
+    let mut lines = Vec::new();
+    let mut until_tagged =
+        |r: &mut BufReader<std::net::TcpStream>, tag: &str| -> Result<(), String> {
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).map_err(|e| e.to_string())?;
+                if line.is_empty() {
+                    return Err(format!("connection closed: {lines:?}"));
+                }
+                let done = line.starts_with(&format!("{tag} "));
+                let ok = line.starts_with(&format!("{tag} OK"));
+                lines.push(line.trim_end().to_string());
+                if done {
+                    return if ok {
+                        Ok(())
+                    } else {
+                        Err(format!("{lines:?}"))
+                    };
+                }
+            }
+        };
+    until_tagged(&mut r, "*")?;
+    write!(w, "a LOGIN {user} secret\r\n").map_err(|e| e.to_string())?;
+    until_tagged(&mut r, "a")?;
+    write!(w, "b SELECT INBOX\r\n").map_err(|e| e.to_string())?;
+    until_tagged(&mut r, "b")?;
+    let _ = write!(w, "c LOGOUT\r\n");
+    drop(until_tagged);
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("* ")?.strip_suffix(" EXISTS")?.parse().ok())
+        .ok_or_else(|| format!("no EXISTS in {lines:?}"))
+}
+
+fn wait_imap(port: u16, want: Option<u64>, what: &str) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = imap_inbox_count(port, "alice");
+        match (&r, want) {
+            (Ok(n), Some(w)) if *n == w => return,
+            (Err(_), None) => return,
+            _ => {}
+        }
+        assert!(Instant::now() < until, "{what}: {r:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The example Dovecot hooks (contrib/hooks/dovecot) serve IMAP from the
+/// primary only: clients read the replicated mailbox from the new primary
+/// after a kill -9 failover, the rejoined node serves nothing, and a
+/// switchover moves IMAP back.
+#[test]
+fn the_example_dovecot_hooks_serve_imap_on_the_primary_only() {
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/hooks/dovecot");
+    let h = |action: &str| {
+        format!(
+            "[\"{}\", \"{action}\", \"{{node_root}}/dovecot.conf\"]",
+            hook.display()
+        )
+    };
+    let extra = format!(
+        "[hooks]\non_primary = {}\non_secondary = {}\non_failed = {}\non_off = {}\n",
+        h("primary"),
+        h("secondary"),
+        h("failed"),
+        h("off")
+    );
+    let mut tp = TestPair::new(PairOptions {
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 600,
+        inbox_kind: Some("kind = \"dovecot-maildir\", uid_margin = 1000"),
+        extra_toml: Some(extra),
+        ..PairOptions::default()
+    });
+    let ports = [free_port(), free_port()];
+    let stores: Vec<PathBuf> = (0..2).map(|i| tp.store(i, "inbox")).collect();
+    let roots: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.root.clone()).collect();
+    std::fs::create_dir_all(stores[0].join("alice")).unwrap();
+    std::os::unix::fs::chown(stores[0].join("alice"), Some(8), Some(8)).unwrap();
+    let mut dv: Vec<Dovecot> = (0..2)
+        .map(|i| Dovecot::create_with(&roots[i], &stores[i], Some(ports[i])))
+        .collect();
+    // Only the hooks start and stop them; both are stopped at the end.
+    for d in dv.iter_mut() {
+        d.running = true;
+    }
+    tp.start_all();
+    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    wait_imap(ports[0], Some(0), "on_primary started Dovecot");
+    for i in 1..=3 {
+        dv[0].deliver("alice", &format!("m{i}"));
+    }
+    wait_imap(ports[0], Some(3), "the primary serves IMAP");
+    wait_imap(ports[1], None, "the secondary serves no IMAP");
+    wait_identical(&stores[0], &stores[1], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // The primary's machine dies, Dovecot with it.
+    tp.nodes[0].kill9().unwrap();
+    dv[0].stop();
+    dv[0].running = true;
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_imap(
+        ports[1],
+        Some(3),
+        "the new primary serves the replicated mailbox",
+    );
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && !s.queue_push.pending && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_imap(ports[0], None, "the rejoined secondary serves no IMAP");
+    dv[1].deliver("alice", "after failover");
+    wait_identical(&stores[1], &stores[0], Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.nodes[1]
+        .request(&hasync::daemon::control::Request::Failover)
+        .unwrap();
+    assert!(r.ok, "{r:?}");
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_imap(
+        ports[0],
+        Some(4),
+        "after the switchover mx1 serves every message",
+    );
+    wait_imap(ports[1], None, "and mx2 serves none");
+    for n in 0..2 {
+        let st = tp.nodes[n].status().unwrap();
+        assert!(st.hooks.last.iter().all(|r| r.ok), "{:?}", st.hooks.last);
+        assert_eq!(
+            st.replication.foreign_writes, 0,
+            "nothing wrote into a replica"
+        );
     }
 }

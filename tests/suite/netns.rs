@@ -439,11 +439,7 @@ fn the_service_address_follows_the_primary() {
     tp.nodes[0].kill9().unwrap();
     net.cut(&net.a, "lan");
     let detection = Duration::from_millis(100 * 5);
-    let took = wait_answer(
-        "mx2",
-        t0,
-        detection + Duration::from_secs(1),
-    );
+    let took = wait_answer("mx2", t0, detection + Duration::from_secs(1));
     println!("the client reached the new primary {took:?} after the kill");
     // The machine comes back: hasync removes the address its killed run
     // left before anything else, then the link is up again.

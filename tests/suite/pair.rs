@@ -216,3 +216,45 @@ fn demo_json_reports_a_successful_failover() {
     assert_eq!(r, ["primary", "secondary"]);
     assert!(out.status.success());
 }
+
+/// A node restarted long after its peer lost it (the peer's dialer backs off
+/// to 2 s between attempts) hears the peer within a start-up wait shorter
+/// than that backoff: connecting to the peer wakes the peer's dialer. It
+/// joins as secondary and never promotes itself (before, it promoted and
+/// won the split brain with a stale replica).
+#[test]
+fn a_node_restarted_after_a_long_outage_hears_its_peer_within_a_short_startup_wait() {
+    let (mut tp, p) = TestPair::formed(PairOptions {
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 400,
+        ..PairOptions::default()
+    });
+    let s = 1 - p;
+    tp.nodes[p].kill9().unwrap();
+    tp.nodes[s]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
+            st.mode == Role::Primary
+        })
+        .unwrap();
+    // Long enough for the survivor's dialer to reach its 2 s ceiling.
+    std::thread::sleep(Duration::from_secs(5));
+    for round in 0..3 {
+        tp.nodes[p].start().unwrap();
+        let st = tp.nodes[p]
+            .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
+                st.mode == Role::Secondary
+            })
+            .unwrap_or_else(|e| panic!("round {round}: {e}\n{}", tp.logs()));
+        assert!(
+            st.transitions
+                .iter()
+                .all(|t| !t.message.contains("now promoting")),
+            "round {round}: the restarted node promoted itself: {:?}",
+            st.transitions
+        );
+        assert_eq!(tp.nodes[s].status().unwrap().mode, Role::Primary);
+        tp.nodes[p].kill9().unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+    }
+}
