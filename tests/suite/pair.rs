@@ -227,7 +227,7 @@ fn a_node_restarted_after_a_long_outage_hears_its_peer_within_a_short_startup_wa
     let (mut tp, p) = TestPair::formed(PairOptions {
         heartbeat_interval_ms: 50,
         heartbeat_lost_threshold: 4,
-        startup_wait_ms: 400,
+        startup_wait_ms: 150,
         ..PairOptions::default()
     });
     let s = 1 - p;
@@ -239,7 +239,7 @@ fn a_node_restarted_after_a_long_outage_hears_its_peer_within_a_short_startup_wa
         .unwrap();
     // Long enough for the survivor's dialer to reach its 2 s ceiling.
     std::thread::sleep(Duration::from_secs(5));
-    for round in 0..3 {
+    for round in 0..4 {
         tp.nodes[p].start().unwrap();
         let st = tp.nodes[p]
             .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
