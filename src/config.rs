@@ -350,6 +350,33 @@ impl Config {
         Ok(config)
     }
 
+    /// Only `state_dir` (where the control socket is), for the commands that
+    /// talk to a running daemon: they must answer when the node is
+    /// unhealthy (a vanished mailstore directory, which is what made the
+    /// node fail) or the file was edited since the daemon started.
+    pub fn load_state_dir(path: &Path) -> Result<PathBuf, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        #[derive(Deserialize)]
+        struct OnlyStateDir {
+            state_dir: PathBuf,
+        }
+        let raw: OnlyStateDir = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        resolve_path(&config_base_dir(path), "state_dir", &raw.state_dir).map_err(|problem| {
+            ConfigError::Invalid {
+                source_file: path.to_path_buf(),
+                key: "state_dir".into(),
+                value: quote_path(&raw.state_dir),
+                problem,
+            }
+        })
+    }
+
     /// Parses `text` and runs every check that does not need the filesystem.
     /// `source` is used in error messages and to resolve relative paths.
     pub fn parse(text: &str, source: &Path) -> Result<Config, ConfigError> {

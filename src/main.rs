@@ -35,8 +35,8 @@ impl Target {
         if let Some(s) = &self.socket {
             return Ok(s.clone());
         }
-        let cfg = Config::load(&self.config)?;
-        Ok(control::socket_path(&cfg.state_dir))
+        let state_dir = Config::load_state_dir(&self.config)?;
+        Ok(control::socket_path(&state_dir))
     }
 }
 

@@ -796,7 +796,6 @@ fn imap_inbox_count(port: u16, user: &str) -> Result<u64, String> {
     write!(w, "b SELECT INBOX\r\n").map_err(|e| e.to_string())?;
     until_tagged(&mut r, "b")?;
     let _ = write!(w, "c LOGOUT\r\n");
-    drop(until_tagged);
     lines
         .iter()
         .find_map(|l| l.strip_prefix("* ")?.strip_suffix(" EXISTS")?.parse().ok())

@@ -171,6 +171,16 @@ fn node_whose_directories_vanish_steps_out_as_failed() {
         "failed mode must say why: {}",
         failed.reason
     );
+    // The operator asks why with the command line: it needs only the
+    // control socket, not a config whose directories all exist.
+    let cfg = tp.nodes[p].config_path.to_str().unwrap().to_string();
+    let out = hasync(&["status", "--config", &cfg]);
+    assert!(out.status.success(), "status refused: {out:?}");
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("failed") && shown.contains("queue_dir"),
+        "status shows the failure and why: {shown}"
+    );
     tp.nodes[s]
         .wait_status(Duration::from_secs(10), Duration::from_millis(10), |st| {
             st.mode == Role::Primary
