@@ -4,6 +4,7 @@
 pub mod control;
 pub mod roles;
 pub mod state;
+pub mod systemd;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -197,6 +198,7 @@ struct Node {
     stopped_for_handover: bool,
     /// The engine's current primary tenure.
     tenure: u64,
+    systemd: systemd::Systemd,
     /// More heartbeat paths (`link.paths`): each with its own connections,
     /// and whether its loss is alarmed now.
     paths: Vec<(crate::config::HeartbeatPath, Rc<LinkCtx>, bool)>,
@@ -410,6 +412,7 @@ impl Node {
             prev_role: Role::Negotiating,
             stopped_for_handover: false,
             tenure: 0,
+            systemd: systemd::Systemd::from_env(),
             paths,
             main_path_alarmed: false,
             prober,
@@ -454,6 +457,14 @@ impl Node {
                 .max(Duration::from_millis(100)),
         );
         self_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Ports are bound and the config is valid: ready. The watchdog is
+        // fed from this loop, so a loop that stops turning is restarted.
+        let mut watchdog = self.systemd.watchdog_every().map(tokio::time::interval);
+        self.systemd.ready(&format!(
+            "{} at epoch {}",
+            self.core.role(),
+            self.core.epoch()
+        ));
 
         loop {
             self.execute_actions();
@@ -512,10 +523,17 @@ impl Node {
                         push_bounded(&mut self.alarms, line);
                     }
                 }
+                _ = async {
+                    match watchdog.as_mut() {
+                        Some(w) => w.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => self.systemd.watchdog(),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
+        self.systemd.stopping();
         info!(role = %self.core.role(), epoch = self.core.epoch(), "hasync stopping on signal");
         if let Some(v) = &self.vips {
             let _ = tokio::time::timeout(Duration::from_secs(5), v.release()).await;
@@ -716,6 +734,7 @@ impl Node {
                         Role::Failed => error!(role = %role, epoch, "{line}"),
                         _ => info!(role = %role, epoch, "{line}"),
                     }
+                    self.systemd.status(&line);
                     push_bounded(&mut self.transitions, line);
                     let promoted = (role == Role::Primary
                         && self.cfg.queue.sync != crate::config::QueueSync::Off)

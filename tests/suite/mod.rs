@@ -7,6 +7,7 @@ pub mod hostile;
 mod killloop;
 mod mta;
 mod netns;
+mod ops;
 mod pair;
 mod queue;
 mod replication;

@@ -1,0 +1,164 @@
+//! Operating the daemon: the systemd notify protocol against a real
+//! datagram socket, the unit file.
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::util::*;
+
+/// Every datagram sent to a notify socket, with when it arrived.
+fn listen(path: &std::path::Path) -> Arc<Mutex<Vec<(Instant, String)>>> {
+    let sock = UnixDatagram::bind(path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let out = got.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n) => out.lock().unwrap().push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(_) => return,
+            }
+            if Arc::strong_count(&out) == 1 {
+                return;
+            }
+        }
+    });
+    got
+}
+
+fn wait_for(got: &Mutex<Vec<(Instant, String)>>, what: &str, timeout: Duration) -> Instant {
+    let until = Instant::now() + timeout;
+    loop {
+        if let Some((t, _)) = got.lock().unwrap().iter().find(|(_, m)| m.contains(what)) {
+            return *t;
+        }
+        assert!(
+            Instant::now() < until,
+            "no {what:?} among {:?}",
+            got.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `Type=notify`: READY=1 with a status once ports are bound, STATUS= on
+/// every role change, WATCHDOG=1 at half the manager's timeout from the
+/// daemon's loop (none while the process is stopped), STOPPING=1 on
+/// SIGTERM; hooks do not inherit the protocol's variables.
+#[test]
+fn the_daemon_speaks_the_systemd_notify_protocol() {
+    let hook = "[hooks]\non_primary = [\"/bin/sh\", \"-c\", \"env > {node_root}/hook.env\"]\n";
+    let mut tp = TestPair::new(PairOptions {
+        extra_toml: Some(hook.into()),
+        ..fast()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("notify.sock");
+    let got = listen(&sock);
+    let sock_s = sock.to_str().unwrap().to_string();
+    tp.nodes[0]
+        .start_with_env(&[("NOTIFY_SOCKET", &sock_s), ("WATCHDOG_USEC", "200000")])
+        .unwrap();
+    tp.nodes[1].start().unwrap();
+    let ready = wait_for(&got, "READY=1", Duration::from_secs(10));
+    {
+        let msgs = got.lock().unwrap();
+        let first = &msgs[0].1;
+        assert!(
+            first.contains("READY=1") && first.contains("STATUS=negotiating at epoch"),
+            "{first:?}"
+        );
+    }
+    // The control socket answers once READY=1 was sent.
+    tp.nodes[0].status().unwrap();
+    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    wait_for(&got, "STATUS=now primary at epoch", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_secs(1));
+    let pings = |after: Instant| {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, m)| *t > after && m.contains("WATCHDOG=1"))
+            .count()
+    };
+    let since = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    let per_s = pings(since);
+    assert!(
+        (7..=14).contains(&per_s),
+        "WATCHDOG=1 every 100 ms (half of 200 ms): {per_s} in 1 s"
+    );
+    // A stopped loop stops feeding the watchdog.
+    tp.nodes[0].freeze(true);
+    std::thread::sleep(Duration::from_millis(200));
+    let frozen = Instant::now();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        pings(frozen),
+        0,
+        "watchdog fed while the process was stopped"
+    );
+    tp.nodes[0].freeze(false);
+    let env = std::fs::read_to_string(tp.nodes[0].root.join("hook.env")).unwrap();
+    assert!(env.contains("HASYNC_ROLE=primary"), "{env}");
+    for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC"] {
+        assert!(!env.contains(var), "a hook inherited {var}: {env}");
+    }
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    let stopping = wait_for(&got, "STOPPING=1", Duration::from_secs(5));
+    assert!(stopping > ready);
+}
+
+/// The shipped unit passes `systemd-analyze verify` (where systemd's tools
+/// are installed).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd/hasync.service");
+    let text = std::fs::read_to_string(&unit).unwrap();
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "NotifyAccess=main",
+        "ExecStart=/usr/bin/hasync run",
+    ] {
+        assert!(text.contains(key), "{key} missing from the unit");
+    }
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        panic!("systemd-analyze is not installed: .ci/run installs systemd");
+    };
+    assert!(out.status.success());
+    // Verify a copy whose ExecStart points at the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("hasync.service");
+    std::fs::write(
+        &copy,
+        text.replace("/usr/bin/hasync", exe().to_str().unwrap()),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let problems: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("hasync.service"))
+        .collect();
+    assert!(
+        out.status.success() && problems.is_empty(),
+        "systemd-analyze verify: {out:?}"
+    );
+}
