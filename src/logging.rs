@@ -96,16 +96,69 @@ impl<W: Write> Write for EscapingWriter<W> {
 /// Installs the global subscriber: `RUST_LOG` filtering (default `info`),
 /// records on stderr, escaped; colours only on a terminal without
 /// `NO_COLOR`.
+/// `--log-format`: how the daemon's records are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// journald when systemd started the daemon (`JOURNAL_STREAM` set),
+    /// human lines on stderr otherwise.
+    #[default]
+    Auto,
+    /// Human lines on stderr (coloured on a terminal).
+    Text,
+    /// One JSON object per line on stderr (`timestamp`, `level`, `target`,
+    /// `fields` with `message` and the structured fields), for shippers.
+    Json,
+    /// The native journal protocol: every field (role, epoch, peer, store,
+    /// path, alarm) a journal field of its own.
+    Journald,
+}
+
 pub fn init() {
+    init_with(LogFormat::Text);
+}
+
+pub fn init_with(format: LogFormat) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::prelude::*;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let format = match format {
+        LogFormat::Auto if std::env::var_os("JOURNAL_STREAM").is_some() => LogFormat::Journald,
+        LogFormat::Auto => LogFormat::Text,
+        f => f,
+    };
+    let journald_failed = match format {
+        LogFormat::Journald => match tracing_journald::layer() {
+            Ok(layer) => {
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer.with_syslog_identifier("hasync".into()))
+                    .init();
+                return;
+            }
+            Err(e) => Some(e),
+        },
+        _ => None,
+    };
+    if format == LogFormat::Json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter())
+            .with_writer(move || EscapingWriter::new(io::stderr(), false))
+            .init();
+        return;
+    }
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(filter())
         .with_writer(move || EscapingWriter::new(io::stderr(), ansi))
         .with_ansi(ansi)
         .init();
+    if let Some(e) = journald_failed {
+        tracing::warn!("cannot reach the journal ({e}): logging to stderr instead");
+    }
 }
 
 #[cfg(test)]

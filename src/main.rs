@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand};
 use hasync::config::Config;
 use hasync::daemon::{self, control};
 
+/// Where every subcommand looks for the configuration by default.
+const DEFAULT_CONFIG: &str = "/etc/hasync/hasync.toml";
+
 #[derive(Parser)]
 #[command(
     name = "hasync",
@@ -23,7 +26,7 @@ struct Cli {
 #[derive(clap::Args)]
 struct Target {
     /// Daemon configuration (its state_dir holds the control socket).
-    #[arg(long, default_value = "/etc/hasync/hasync.toml")]
+    #[arg(long, default_value = DEFAULT_CONFIG)]
     config: PathBuf,
     /// Talk to this control socket instead of the config's.
     #[arg(long)]
@@ -44,12 +47,16 @@ impl Target {
 enum Cmd {
     /// Run the daemon.
     Run {
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// How records are written: journald when systemd started the
+        /// daemon, human lines otherwise (auto), or text, json, journald.
+        #[arg(long, value_enum, env = "HASYNC_LOG_FORMAT", default_value = "auto")]
+        log_format: hasync::logging::LogFormat,
     },
     /// Validate a configuration and explain what it does.
     CheckConfig {
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Show the running daemon's mode, epoch and peer.
@@ -158,8 +165,8 @@ fn main() -> ExitCode {
 fn real_main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Run { config } => {
-            hasync::logging::init();
+        Cmd::Run { config, log_format } => {
+            hasync::logging::init_with(log_format);
             let cfg = Config::load(&config)?;
             daemon::run(cfg)?;
             Ok(ExitCode::SUCCESS)

@@ -162,3 +162,35 @@ fn the_systemd_unit_verifies() {
         "systemd-analyze verify: {out:?}"
     );
 }
+
+/// `--log-format json` (here through `HASYNC_LOG_FORMAT`): every record is
+/// one JSON object with its structured fields, a file name with a newline
+/// included.
+#[test]
+fn json_logs_are_one_object_per_line_with_fields() {
+    let mut tp = TestPair::new(fast());
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_LOG_FORMAT", "json")])
+        .unwrap();
+    tp.nodes[1].start().unwrap();
+    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    let store = tp.store(0, "inbox");
+    std::fs::create_dir_all(store.join("INBOX/cur")).unwrap();
+    write(&store.join("INBOX/cur/forged\nline:2,S"), "x");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    let log = tp.nodes[0].log();
+    let mut roles = 0;
+    for line in log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line:?}\n{log}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{v}");
+        let msg = v["fields"]["message"].as_str().unwrap_or_default();
+        if msg.starts_with("now primary at epoch") {
+            roles += 1;
+            assert_eq!(v["fields"]["role"], "primary", "{v}");
+            assert!(v["fields"]["epoch"].is_u64(), "{v}");
+        }
+    }
+    assert_eq!(roles, 1, "{log}");
+}
