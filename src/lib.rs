@@ -18,6 +18,7 @@ pub mod failpoint;
 pub mod fixture;
 pub mod harness;
 pub mod hooks;
+pub mod init;
 pub mod io;
 #[cfg(feature = "etcd")]
 pub mod lease;

@@ -100,6 +100,27 @@ enum Cmd {
         #[command(subcommand)]
         action: ConflictsCmd,
     },
+    /// Write a matching pair of configurations and a fresh link secret:
+    /// OUT/<name>/hasync.toml for each node and OUT/link.secret (copy each
+    /// node's file and the secret to /etc/hasync/ on that node).
+    Init {
+        /// A node as NAME=ADDRESS (the address its peer reaches it at); twice.
+        #[arg(long = "node", required = true, num_args = 1, value_parser = hasync::init::parse_node)]
+        nodes: Vec<(String, std::net::IpAddr)>,
+        /// A mailstore as NAME=PATH; repeat for each.
+        #[arg(long = "mailstore", value_parser = hasync::init::parse_store)]
+        mailstores: Vec<(String, PathBuf)>,
+        #[arg(long, default_value = "/var/spool/postfix")]
+        queue_dir: PathBuf,
+        #[arg(long, default_value = "/var/lib/hasync")]
+        state_dir: PathBuf,
+        /// Heartbeat port; the sync port is the next one.
+        #[arg(long, default_value_t = 7401)]
+        port: u16,
+        /// Where the files are written.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generate a deterministic Maildir fixture (for tests and benchmarks).
     Fixture {
         /// Directory to fill (created; must be empty or absent).
@@ -237,6 +258,37 @@ fn real_main() -> Result<ExitCode> {
             }
             println!("{}", resp.message.unwrap_or_default());
             resync_progress(&target)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Init {
+            nodes,
+            mailstores,
+            queue_dir,
+            state_dir,
+            port,
+            out,
+        } => {
+            let [a, b]: [(String, std::net::IpAddr); 2] =
+                nodes.try_into().map_err(|n: Vec<_>| {
+                    anyhow::anyhow!("--node takes exactly two nodes, got {}", n.len())
+                })?;
+            if port == u16::MAX {
+                bail!("--port {port}: the sync port (the next one) would not fit");
+            }
+            let spec = hasync::init::InitSpec {
+                nodes: [a, b],
+                port,
+                mailstores,
+                queue_dir,
+                state_dir,
+                secret_file: PathBuf::from("/etc/hasync/link.secret"),
+            };
+            for f in hasync::init::write_pair(&spec, &out)? {
+                println!("wrote {}", f.display());
+            }
+            println!(
+                "copy each node's hasync.toml and link.secret (mode 0600) to /etc/hasync/ on that node, then: hasync check-config"
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Fixture {
