@@ -81,6 +81,8 @@ pub struct Config {
     pub quorum: QuorumConfig,
     /// `[[vip]]`: service addresses that follow the primary.
     pub vips: Vec<crate::vip::VipSpec>,
+    /// `[metrics] listen`: Prometheus metrics at `/metrics`.
+    pub metrics_listen: Option<SocketAddr>,
     /// The `[internal_dirs]` table: where hasync keeps its staging and
     /// conflicts for a store (or `queue`), when not under `state_dir`.
     pub internal_dirs: BTreeMap<String, PathBuf>,
@@ -770,6 +772,14 @@ impl Config {
             "switchover limit",
             humantime::format_duration(h.switchover_timeout)
         );
+        match self.metrics_listen {
+            Some(m) => {
+                let _ = writeln!(out, "\nMetrics: Prometheus text at http://{m}/metrics");
+            }
+            None => {
+                let _ = writeln!(out, "\nMetrics: off (add [metrics] listen)");
+            }
+        }
         if self.vips.is_empty() {
             let _ = writeln!(out, "\nService addresses: none");
         } else {
@@ -927,6 +937,13 @@ struct RawConfig {
     quorum: RawQuorum,
     #[serde(default)]
     vip: Vec<RawVip>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: SocketAddr,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1463,7 +1480,25 @@ impl RawConfig {
                 interface: v.interface.clone(),
             });
         }
+        let metrics_listen = self.metrics.as_ref().map(|m| m.listen);
+        if let Some(m) = metrics_listen {
+            let taken = std::iter::once(link.listen)
+                .chain(link.paths.iter().map(|p| p.listen))
+                .chain(std::iter::once(sync_listen));
+            for t in taken {
+                if t.port() == m.port()
+                    && (t.ip() == m.ip() || t.ip().is_unspecified() || m.ip().is_unspecified())
+                {
+                    return Err(err(
+                        "metrics.listen",
+                        m.to_string(),
+                        format!("collides with {t}, which hasync already listens on"),
+                    ));
+                }
+            }
+        }
         let config = Config {
+            metrics_listen,
             vips,
             quorum,
             hooks,
@@ -2384,6 +2419,22 @@ secret_file = "/etc/hasync/link.secret"
         parse_ok(&format!(
             "{BASE}\n[mailstores]\nx = \"/var/spool/postfix2\"\n"
         ));
+    }
+
+    #[test]
+    fn metrics_listen_must_not_take_a_port_hasync_uses() {
+        let c = parse_ok(&format!("{BASE}\n[metrics]\nlisten = \"127.0.0.1:9437\"\n"));
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9437".parse().unwrap()));
+        let e = Config::parse(
+            &format!("{BASE}\n[metrics]\nlisten = \"0.0.0.0:7402\"\n"),
+            src(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("metrics.listen") && e.contains("collides"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -143,6 +143,9 @@ pub struct LinkStatus {
     /// first: the peer is lost only when all are silent.
     #[serde(default)]
     pub paths: Vec<PathStatus>,
+    /// Heartbeat gaps as a histogram (for metrics).
+    #[serde(default)]
+    pub heartbeat_gap: Option<crate::daemon::metrics::HistSnapshot>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

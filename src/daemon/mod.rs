@@ -2,6 +2,7 @@
 //! sockets, files and clocks, on one tokio-uring thread.
 
 pub mod control;
+pub mod metrics;
 pub mod roles;
 pub mod state;
 pub mod systemd;
@@ -352,6 +353,16 @@ impl Node {
                 to_core.clone(),
             ));
             paths.push((*p, ctx, false));
+        }
+        if let Some(addr) = cfg.metrics_listen {
+            let listener =
+                metrics::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?;
+            let to_node = control_tx.clone();
+            std::thread::Builder::new()
+                .name("hasync-metrics".into())
+                .spawn(move || metrics::serve(listener, to_node))
+                .map_err(|source| DaemonError::Listen { addr, source })?;
+            info!(%addr, "Prometheus metrics at /metrics");
         }
         std::thread::Builder::new()
             .name("hasync-control".into())
@@ -1062,6 +1073,7 @@ impl Node {
                 heartbeat_gap_ms_max: (!gaps.is_empty()).then(|| gaps.max() as f64 / 1000.0),
                 heartbeat_port: self.gate_stats.snapshot(),
                 paths: self.path_status(now),
+                heartbeat_gap: Some(crate::daemon::metrics::HistSnapshot::from_micros(&gaps)),
             },
             queue_push: QueuePushStatus {
                 running: self

@@ -235,6 +235,9 @@ pub struct ReplStatus {
     pub lag_ms_p999: Option<f64>,
     pub lag_ms_max: Option<f64>,
     pub lag_samples: u64,
+    /// The change → durable lag as a histogram (for metrics).
+    #[serde(default)]
+    pub lag: Option<crate::daemon::metrics::HistSnapshot>,
     /// Stage breakdown of the lag (ms); absent until a stage has samples.
     #[serde(default)]
     pub stages_ms: std::collections::BTreeMap<String, StageStatus>,
@@ -340,6 +343,7 @@ impl ReplStats {
             lag_ms_p999: q(0.999),
             lag_ms_max: (!lag.is_empty()).then(|| lag.max() as f64 / 1000.0),
             lag_samples: lag.len(),
+            lag: Some(crate::daemon::metrics::HistSnapshot::from_micros(&lag)),
             stages_ms: {
                 let st = self.stages.lock().expect("stages lock");
                 [

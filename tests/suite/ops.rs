@@ -194,3 +194,144 @@ fn json_logs_are_one_object_per_line_with_fields() {
     }
     assert_eq!(roles, 1, "{log}");
 }
+
+fn http_get(port: u16, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `[metrics] listen`: a scrape of a running primary passes `promtool check
+/// metrics` (Debian's prometheus package) and shows role, epoch, heartbeat
+/// gaps and the change → durable lag as histograms; anything but
+/// `GET /metrics` is refused, and a stranger that never finishes its
+/// request does not keep the port.
+#[test]
+fn metrics_are_scraped_and_pass_promtool() {
+    let ports = [free_port(), free_port()];
+    let mut tp = TestPair::new(PairOptions {
+        extra_toml_nodes: Some(ports.map(|p| format!("[metrics]\nlisten = \"127.0.0.1:{p}\"\n"))),
+        ..fast()
+    });
+    tp.start_all();
+    let p = tp.wait_formed(Duration::from_secs(20)).unwrap();
+    let store = tp.store(p, "inbox");
+    std::fs::create_dir_all(store.join("INBOX/new")).unwrap();
+    for i in 0..50 {
+        write(&store.join(format!("INBOX/new/{i}.m")), "hello\n");
+    }
+    wait_identical(&store, &tp.store(1 - p, "inbox"), Duration::from_secs(20)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A stranger opens a connection and sends half a request.
+    let mut stuck = std::net::TcpStream::connect(("127.0.0.1", ports[p])).unwrap();
+    std::io::Write::write_all(&mut stuck, b"GET /metr").unwrap();
+    let t0 = Instant::now();
+    let resp = http_get(ports[p], "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "a half request held the port"
+    );
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    println!("lag samples on the primary: {}", tp.repl(p).lag_samples);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    for needle in [
+        "hasync_role{role=\"primary\"} 1",
+        "hasync_role{role=\"secondary\"} 0",
+        "hasync_epoch ",
+        "hasync_heartbeat_gap_seconds_bucket{le=",
+        "hasync_replication_lag_seconds_count ",
+        "hasync_auth_failures_total{port=\"sync\"} 0",
+    ] {
+        assert!(body.contains(needle), "{needle:?} missing:\n{body}");
+    }
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert!(value(body, "hasync_files_sent_total") >= 50.0);
+    assert!(value(body, "hasync_replication_lag_seconds_count") >= 50.0);
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(body);
+    assert!(
+        promtool.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&promtool.stdout),
+        String::from_utf8_lossy(&promtool.stderr)
+    );
+    promtool.stdout.clear();
+    // Every series the shipped Grafana dashboard queries exists.
+    let dash = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("contrib/grafana/hasync-dashboard.json"),
+    )
+    .unwrap();
+    let _: serde_json::Value = serde_json::from_str(&dash).unwrap();
+    let mut names: Vec<&str> = dash
+        .match_indices("hasync_")
+        .map(|(i, _)| {
+            let rest = &dash[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            &rest[..end]
+        })
+        .filter(|n| *n != "hasync_")
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() > 10, "{names:?}");
+    for n in names {
+        assert!(
+            body.lines().any(|l| l.starts_with(n)),
+            "the dashboard queries {n}, which the daemon does not export"
+        );
+    }
+    let secondary = http_get(ports[1 - p], "GET /metrics HTTP/1.0\r\n\r\n");
+    assert!(
+        secondary.contains("hasync_role{role=\"secondary\"} 1"),
+        "{secondary}"
+    );
+    assert!(value(&secondary, "hasync_files_landed_total") >= 50.0);
+    assert!(http_get(ports[p], "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+    assert!(http_get(ports[p], "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
+    let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    assert!(http_get(ports[p], &huge).starts_with("HTTP/1.1 431"));
+    drop(stuck);
+}
+
+trait OutputWithStdin {
+    fn output_with_stdin(&mut self, input: &str) -> std::process::Output;
+}
+
+impl OutputWithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool is installed by .ci/run (Debian's prometheus package)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
