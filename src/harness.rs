@@ -426,6 +426,23 @@ impl NodeProc {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// A manual switchover as `hasync failover --wait` makes it: asked
+    /// again while the node says it would leave changes behind.
+    pub fn switchover(&self, timeout: Duration) -> Result<Response, String> {
+        let until = Instant::now() + timeout;
+        loop {
+            let r = self.request(&Request::Failover { force: false })?;
+            let not_safe = r
+                .error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(crate::daemon::NOT_SAFE));
+            if !not_safe || Instant::now() >= until {
+                return Ok(r);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn request(&self, req: &Request) -> Result<Response, String> {
         control::request(&self.socket(), req, Duration::from_secs(2)).map_err(|e| e.to_string())
     }

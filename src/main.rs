@@ -66,10 +66,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Manual switchover: the primary hands over to the secondary.
+    /// Manual switchover: the primary hands over to the secondary. Refused
+    /// while it would leave changes behind (see `hasync status`).
     Failover {
         #[command(flatten)]
         target: Target,
+        /// Switch over even if changes would be left behind.
+        #[arg(long, conflicts_with = "wait")]
+        force: bool,
+        /// Wait until it is safe (replica caught up, backlog drained), then
+        /// switch over.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds.
+        #[arg(long, default_value_t = 600, requires = "wait")]
+        timeout: u64,
     },
     /// Force a full verification of the replica (every file re-hashed), with progress.
     Resync {
@@ -210,7 +221,36 @@ fn real_main() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Failover { target } => reply(ask(&target, control::Request::Failover)?),
+        Cmd::Failover {
+            target,
+            force,
+            wait,
+            timeout,
+        } => {
+            let until = std::time::Instant::now() + Duration::from_secs(timeout);
+            let mut said = String::new();
+            loop {
+                let resp = ask(&target, control::Request::Failover { force })?;
+                let err = resp.error.clone().unwrap_or_default();
+                if !wait || resp.ok || !err.starts_with(daemon::NOT_SAFE) {
+                    return reply(resp);
+                }
+                if std::time::Instant::now() >= until {
+                    bail!("gave up after {timeout} s: {err}");
+                }
+                let why = err
+                    .trim_start_matches(daemon::NOT_SAFE)
+                    .split("; `hasync failover")
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+                if why != said {
+                    println!("waiting: {why}");
+                    said = why;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
         Cmd::Conflicts {
             action: ConflictsCmd::List { target, json },
         } => {

@@ -19,7 +19,13 @@ pub const MAX_REQUEST: usize = 4096;
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
     Status,
-    Failover,
+    /// Manual switchover. Refused while it would leave changes behind (the
+    /// replica not caught up, the sync session down, a large backlog)
+    /// unless `force`.
+    Failover {
+        #[serde(default)]
+        force: bool,
+    },
     Join,
     Resync,
     PushQueue,
@@ -104,6 +110,10 @@ pub struct Status {
     pub vip: crate::vip::VipStatus,
     pub alarms: Vec<Logged>,
     pub transitions: Vec<Logged>,
+    /// Is it safe to fail over now? `None`: yes; otherwise what would be
+    /// left behind (what `hasync failover` refuses without `--force`).
+    #[serde(default)]
+    pub switchover_blocker: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

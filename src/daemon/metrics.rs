@@ -76,7 +76,10 @@ struct Hist(HistSnapshot);
 
 impl EncodeMetric for Hist {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let bounds = BUCKETS_S.iter().copied().chain(std::iter::once(f64::MAX));
+        let bounds = BUCKETS_S
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::INFINITY));
         let buckets: Vec<(f64, u64)> = bounds
             .zip(self.0.buckets.iter().copied().chain(std::iter::repeat(0)))
             .collect();

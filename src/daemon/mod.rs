@@ -167,6 +167,13 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
 
 type ControlMsg = (Request, oneshot::Sender<Response>);
 
+/// How a switchover refused for what it would leave behind starts (the
+/// command line's `--wait` retries on it).
+pub const NOT_SAFE: &str = "switchover not safe now: ";
+/// Changes queued or in flight beyond which a switchover is refused: the
+/// drain before the peer promotes would not finish in time.
+const SWITCHOVER_BACKLOG_MAX: u64 = 5_000;
+
 #[cfg(feature = "etcd")]
 type LeaseMsg = crate::lease::LeaseEvent;
 #[cfg(not(feature = "etcd"))]
@@ -832,6 +839,51 @@ impl Node {
         }
     }
 
+    /// What a switchover now would leave behind, if anything.
+    fn switchover_blocker(&self) -> Option<String> {
+        let r = self.engine.status();
+        match self.core.role() {
+            Role::Primary => {
+                if !r.connected {
+                    return Some(
+                        "the sync session to the secondary is down: changes since it dropped are not on the peer".into(),
+                    );
+                }
+                if let Some(p) = &r.progress {
+                    return Some(format!(
+                        "the replica is being {} ({} of {} files, {:.1} of {:.1} MB)",
+                        if r.phase == "initial-sync" {
+                            "filled"
+                        } else {
+                            "verified"
+                        },
+                        p.files_done,
+                        p.files_total,
+                        p.bytes_done as f64 / 1e6,
+                        p.bytes_total as f64 / 1e6
+                    ));
+                }
+                let backlog = r.ops_pending + r.ops_inflight;
+                (backlog > SWITCHOVER_BACKLOG_MAX).then(|| {
+                    format!(
+                        "{backlog} changes are queued for the secondary (more than {SWITCHOVER_BACKLOG_MAX})"
+                    )
+                })
+            }
+            Role::Secondary => {
+                if !r.connected {
+                    Some("no sync session from the primary: this replica may be behind".into())
+                } else if !r.caught_up {
+                    Some("this replica has not caught up with the primary yet".into())
+                } else {
+                    None
+                }
+            }
+            // The core refuses these with its own reason.
+            _ => None,
+        }
+    }
+
     fn handle_request(&mut self, req: Request) -> Response {
         let now = Instant::now();
         let resp = match req {
@@ -862,7 +914,16 @@ impl Node {
                 Err(e) => Response::error(e),
             },
             Request::RestoreConflicts { id } => self.restore_conflicts(id.as_deref()),
-            Request::Failover => match self.core.request_switchover(now) {
+            // Without a live peer the core refuses, with its own reason.
+            Request::Failover { force: false }
+                if self.core.status().peer_alive && self.switchover_blocker().is_some() =>
+            {
+                Response::error(format!(
+                    "{NOT_SAFE}{}; `hasync failover --wait` waits for it, `--force` switches over anyway",
+                    self.switchover_blocker().unwrap_or_default()
+                ))
+            }
+            Request::Failover { .. } => match self.core.request_switchover(now) {
                 Ok(()) => {
                     info!("operator requested switchover");
                     Response::message(format!(
@@ -1153,6 +1214,7 @@ impl Node {
                 .unwrap_or_default(),
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),
+            switchover_blocker: self.switchover_blocker(),
         }
     }
 }
@@ -1390,6 +1452,25 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    match &s.switchover_blocker {
+        None => {
+            let _ = writeln!(
+                o,
+                "failover  safe now{}",
+                match (s.mode, r.last_ack_age_ms) {
+                    (Role::Primary, Some(a)) => format!(
+                        ": {} changes queued, last durable ack {a} ms ago",
+                        r.ops_pending + r.ops_inflight
+                    ),
+                    (Role::Secondary, _) => ": the replica has caught up".to_string(),
+                    _ => String::new(),
+                }
+            );
+        }
+        Some(why) => {
+            let _ = writeln!(o, "failover  NOT SAFE: {}", printable(why));
+        }
+    }
     if r.foreign_watch != "-" || r.foreign_writes > 0 {
         let _ = writeln!(
             o,

@@ -1332,6 +1332,7 @@ impl Sender {
                 }
             }
             add(&self.stats.ops_acked, n);
+            *self.stats.last_ack.lock().expect("last ack lock") = Some(Instant::now());
             self.stats.ops_inflight.fetch_sub(n, Relaxed);
             let mut p = self.stats.progress.lock().expect("progress lock");
             p.done_files += b.files;

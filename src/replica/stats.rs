@@ -49,6 +49,8 @@ pub struct ReplStats {
     pub foreign_writes: AtomicU64,
     /// Whether the secondary watches its replica for foreign writes.
     pub foreign_watch: Mutex<String>,
+    /// When the secondary last acknowledged a batch as durable.
+    pub last_ack: Mutex<Option<Instant>>,
     pub rename_sources_missing: AtomicU64,
     pub disk_full: AtomicBool,
     /// Receiver: the primary said the replica is complete.
@@ -134,6 +136,7 @@ impl Default for ReplStats {
             conflicts_kept: AtomicU64::new(0),
             foreign_writes: AtomicU64::new(0),
             foreign_watch: Mutex::new("-".into()),
+            last_ack: Mutex::new(None),
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
@@ -256,6 +259,10 @@ pub struct ReplStatus {
     /// <why>" when it cannot, "-" otherwise.
     #[serde(default)]
     pub foreign_watch: String,
+    /// Primary: how long ago the secondary last acknowledged a batch as
+    /// durable.
+    #[serde(default)]
+    pub last_ack_age_ms: Option<u64>,
     pub rename_sources_missing: u64,
     pub disk_full: bool,
     /// Why the disk counts as full (free bytes, inodes, what was refused).
@@ -372,6 +379,11 @@ impl ReplStats {
                 .lock()
                 .expect("foreign watch lock")
                 .clone(),
+            last_ack_age_ms: self
+                .last_ack
+                .lock()
+                .expect("last ack lock")
+                .map(|t| t.elapsed().as_millis() as u64),
             rename_sources_missing: g(&self.rename_sources_missing),
             disk_full: self.disk_full.load(Relaxed),
             disk_full_why: self.disk_full_why.lock().expect("disk full lock").clone(),

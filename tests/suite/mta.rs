@@ -738,9 +738,7 @@ fn the_example_postfix_hooks_run_the_mta_on_the_primary_only() {
         "the rejoined secondary's Postfix stays stopped",
     );
     // Switchover back: mx2 stops its Postfix before mx1 promotes.
-    let r = tp.nodes[1]
-        .request(&hasync::daemon::control::Request::Failover)
-        .unwrap();
+    let r = tp.nodes[1].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
     tp.nodes[0]
         .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
@@ -890,9 +888,7 @@ fn the_example_dovecot_hooks_serve_imap_on_the_primary_only() {
     dv[1].deliver("alice", "after failover");
     wait_identical(&stores[1], &stores[0], Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let r = tp.nodes[1]
-        .request(&hasync::daemon::control::Request::Failover)
-        .unwrap();
+    let r = tp.nodes[1].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
     tp.nodes[0]
         .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {

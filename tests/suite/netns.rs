@@ -468,9 +468,7 @@ fn the_service_address_follows_the_primary() {
     );
     // Switchover back: mx2 removes the address before mx1 takes it.
     let t2 = Instant::now();
-    let r = tp.nodes[1]
-        .request(&hasync::daemon::control::Request::Failover)
-        .unwrap();
+    let r = tp.nodes[1].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
     wait_answer("mx1", t2, Duration::from_secs(10));
     let t3 = Instant::now();

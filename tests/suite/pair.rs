@@ -97,6 +97,7 @@ fn manual_switchover_from_either_node() {
     // On the primary: it hands over to the secondary.
     let out = hasync(&[
         "failover",
+        "--wait",
         "--config",
         tp.nodes[p].config_path.to_str().unwrap(),
     ]);
@@ -138,6 +139,7 @@ fn manual_switchover_from_either_node() {
     // On the (new) secondary: it asks the primary to hand back.
     let out = hasync(&[
         "failover",
+        "--wait",
         "--socket",
         tp.nodes[p].socket().to_str().unwrap(),
     ]);
@@ -204,7 +206,9 @@ fn switchover_without_peer_is_refused_with_a_reason() {
             st.mode == Role::Primary
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let resp = tp.nodes[0].request(&Request::Failover).unwrap();
+    let resp = tp.nodes[0]
+        .request(&Request::Failover { force: false })
+        .unwrap();
     assert!(!resp.ok);
     assert!(resp.error.unwrap().contains("not heard"));
 }
@@ -267,4 +271,70 @@ fn a_node_restarted_after_a_long_outage_hears_its_peer_within_a_short_startup_wa
         tp.nodes[p].kill9().unwrap();
         std::thread::sleep(Duration::from_secs(5));
     }
+}
+
+/// "Is it safe to fail over now?": while the secondary is still being
+/// filled, status says what would be left behind and `hasync failover`
+/// refuses; `--wait` waits for the catch-up and then switches over with
+/// nothing left behind; `--force` does not wait.
+#[test]
+fn a_switchover_that_would_leave_changes_behind_is_refused_unless_waited_for_or_forced() {
+    let mut tp = TestPair::new(fast());
+    hasync::fixture::generate_maildirs(&tp.store(0, "inbox"), &spec(7, 40, 6000)).unwrap();
+    tp.start_all();
+    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    let cfg0 = tp.nodes[0].config_path.to_str().unwrap().to_string();
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(5), |s| {
+            s.switchover_blocker.is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let why = st.switchover_blocker.unwrap();
+    println!("status during the initial sync: {why}");
+    let shown = text(&hasync(&["status", "--config", &cfg0]).stdout);
+    assert!(shown.contains("failover  NOT SAFE"), "{shown}");
+    let out = hasync(&["failover", "--config", &cfg0]);
+    assert!(!out.status.success(), "refused while the replica is filled");
+    let err = text(&out.stderr);
+    assert!(err.contains("not safe") && err.contains("--force"), "{err}");
+    assert_eq!(tp.nodes[0].status().unwrap().mode, Role::Primary);
+    let t0 = Instant::now();
+    let out = hasync(&["failover", "--wait", "--config", &cfg0]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    println!(
+        "--wait: {} after {:?}",
+        text(&out.stdout).trim(),
+        t0.elapsed()
+    );
+    assert!(text(&out.stdout).contains("waiting: "), "it waited");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    wait_identical(
+        &tp.store(0, "inbox"),
+        &tp.store(1, "inbox"),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Back at once with --force (the new secondary may not have caught up).
+    let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(10), |s| {
+            s.mode == Role::Secondary
+        })
+        .unwrap();
+    let out = hasync(&["failover", "--force", "--config", &cfg1]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }

@@ -153,9 +153,7 @@ fn switchover_stops_the_writer_and_drains_before_the_peer_promotes() {
         })
     };
     std::thread::sleep(Duration::from_millis(700));
-    let r = tp.nodes[0]
-        .request(&hasync::daemon::control::Request::Failover)
-        .unwrap();
+    let r = tp.nodes[0].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
     let st = tp.nodes[1]
         .wait_status(Duration::from_secs(20), Duration::from_millis(1), |s| {
