@@ -200,7 +200,7 @@ fn real_main() -> Result<ExitCode> {
         Cmd::Run { config, log_format } => {
             hasync::logging::init_with(log_format);
             let cfg = Config::load(&config)?;
-            daemon::run(cfg)?;
+            hasync::Node::run_until_signal(cfg)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::CheckConfig { config } => {

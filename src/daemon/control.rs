@@ -35,6 +35,11 @@ pub enum Request {
     },
     /// The versions kept aside as genuine conflicts on this node.
     Conflicts,
+    /// An embedder's own change to `path` (the primary sends it at once,
+    /// as if the tracker had seen it).
+    Notify {
+        path: std::path::PathBuf,
+    },
     /// Puts kept versions back into the live tree as new files: one by id,
     /// or all of them (`id` absent). Only on the primary.
     RestoreConflicts {

@@ -102,6 +102,29 @@ fn store_specs(cfg: &Config) -> Vec<StoreSpec> {
 
 /// Starts the daemon and runs until SIGTERM or SIGINT.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    run_with(cfg, None)
+}
+
+/// A role change, as embedders see it ([`crate::Node::roles`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleChange {
+    pub role: Role,
+    pub epoch: u64,
+    pub reason: String,
+}
+
+/// The channels an embedding process holds instead of signals and the
+/// control socket's clients.
+pub(crate) struct Embedding {
+    /// Gets the node's request channel once every port is bound.
+    pub ready: std::sync::mpsc::Sender<mpsc::Sender<ControlMsg>>,
+    pub shutdown: oneshot::Receiver<()>,
+    pub roles: watch::Sender<RoleChange>,
+}
+
+/// Runs the node on the calling thread until SIGTERM/SIGINT, or, embedded,
+/// until `embed.shutdown`.
+pub(crate) fn run_with(cfg: Config, embed: Option<Embedding>) -> Result<(), DaemonError> {
     cfg.validate_filesystem()?;
     let secret = cfg.read_secret()?;
     match crate::io::remove_stale_temps(&cfg.state_dir) {
@@ -160,12 +183,20 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         push_done_tx,
     )?;
     tokio_uring::start(async move {
-        let node = Node::start(cfg, key, record, engine, push_done_rx).await?;
-        node.run().await
+        let mut node = Node::start(cfg, key, record, engine, push_done_rx).await?;
+        let shutdown = match embed {
+            Some(e) => {
+                node.roles_tx = Some(e.roles);
+                let _ = e.ready.send(node.control_tx.clone());
+                Some(e.shutdown)
+            }
+            None => None,
+        };
+        node.run(shutdown).await
     })
 }
 
-type ControlMsg = (Request, oneshot::Sender<Response>);
+pub(crate) type ControlMsg = (Request, oneshot::Sender<Response>);
 
 /// How a switchover refused for what it would leave behind starts (the
 /// command line's `--wait` retries on it).
@@ -207,6 +238,11 @@ struct Node {
     /// The engine's current primary tenure.
     tenure: u64,
     systemd: systemd::Systemd,
+    /// Requests from an embedding process (the control socket's thread
+    /// holds another sender).
+    control_tx: mpsc::Sender<ControlMsg>,
+    /// Role changes for an embedding process.
+    roles_tx: Option<watch::Sender<RoleChange>>,
     /// More heartbeat paths (`link.paths`): each with its own connections,
     /// and whether its loss is alarmed now.
     paths: Vec<(crate::config::HeartbeatPath, Rc<LinkCtx>, bool)>,
@@ -309,6 +345,7 @@ impl Node {
         let (heartbeat_tx, heartbeat_out) = watch::channel(None);
         let (to_core, heartbeat_rx) = mpsc::channel(HEARTBEAT_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let control_tx_node = control_tx.clone();
         let (persist_tx, persist_rx) = mpsc::unbounded_channel();
         let (persisted_tx, persisted_rx) = mpsc::unbounded_channel();
 
@@ -431,6 +468,8 @@ impl Node {
             stopped_for_handover: false,
             tenure: 0,
             systemd: systemd::Systemd::from_env(),
+            control_tx: control_tx_node,
+            roles_tx: None,
             paths,
             main_path_alarmed: false,
             prober,
@@ -461,10 +500,17 @@ impl Node {
         })
     }
 
-    async fn run(mut self) -> Result<(), DaemonError> {
+    async fn run(mut self, mut shutdown: Option<oneshot::Receiver<()>>) -> Result<(), DaemonError> {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        // Embedded, the process is the embedder's: its signals too.
+        let (mut term, mut int) = if shutdown.is_none() {
+            (
+                Some(signal(SignalKind::terminate()).map_err(DaemonError::Signal)?),
+                Some(signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?),
+            )
+        } else {
+            (None, None)
+        };
         // Checking our own directories more often than the peer checks our
         // heartbeats would be wasted work; less often would leave a broken
         // node primary for longer than a crashed one.
@@ -547,12 +593,29 @@ impl Node {
                         None => std::future::pending().await,
                     }
                 } => self.systemd.watchdog(),
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = async {
+                    match term.as_mut() {
+                        Some(s) => { s.recv().await; }
+                        None => std::future::pending().await,
+                    }
+                } => break,
+                _ = async {
+                    match int.as_mut() {
+                        Some(s) => { s.recv().await; }
+                        None => std::future::pending().await,
+                    }
+                } => break,
+                _ = async {
+                    match shutdown.as_mut() {
+                        // A dropped handle stops the node too.
+                        Some(rx) => { let _ = rx.await; }
+                        None => std::future::pending().await,
+                    }
+                } => break,
             }
         }
         self.systemd.stopping();
-        info!(role = %self.core.role(), epoch = self.core.epoch(), "hasync stopping on signal");
+        info!(role = %self.core.role(), epoch = self.core.epoch(), "hasync stopping");
         if let Some(v) = &self.vips {
             let _ = tokio::time::timeout(Duration::from_secs(5), v.release()).await;
         }
@@ -753,6 +816,13 @@ impl Node {
                         _ => info!(role = %role, epoch, "{line}"),
                     }
                     self.systemd.status(&line);
+                    if let Some(tx) = &self.roles_tx {
+                        tx.send_replace(RoleChange {
+                            role,
+                            epoch,
+                            reason: reason.to_string(),
+                        });
+                    }
                     push_bounded(&mut self.transitions, line);
                     let promoted = (role == Role::Primary
                         && self.cfg.queue.sync != crate::config::QueueSync::Off)
@@ -933,6 +1003,10 @@ impl Node {
                     ))
                 }
                 Err(e) => Response::error(format!("switchover refused: {e}")),
+            },
+            Request::Notify { path } => match self.engine.notify(&path) {
+                Ok(()) => Response::message(format!("{} queued for the secondary", path.display())),
+                Err(e) => Response::error(format!("notify refused: {e}")),
             },
             Request::PushQueue => {
                 if self.core.role() == Role::Secondary {

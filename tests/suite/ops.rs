@@ -344,3 +344,52 @@ impl OutputWithStdin for std::process::Command {
         child.wait_with_output().unwrap()
     }
 }
+
+/// The embedding facade against a real peer: a node started in this
+/// process (as an appliance would) pairs with a `hasync run` daemon,
+/// reports its role changes, commits a queue file to both nodes, and on
+/// shutdown hands the service to the daemon.
+#[test]
+fn an_embedded_node_pairs_with_a_daemon_and_hands_over_on_shutdown() {
+    use hasync::{Config, Node, Role};
+    let mut tp = TestPair::new(PairOptions {
+        queue_sync: "continuous",
+        ..fast()
+    });
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let node = Node::start(cfg).unwrap();
+    tp.nodes[1].start().unwrap();
+    let mut roles = node.roles();
+    let mut seen = vec![roles.current().role];
+    let t0 = Instant::now();
+    while *seen.last().unwrap() != Role::Primary {
+        assert!(t0.elapsed() < Duration::from_secs(20), "{seen:?}");
+        seen.push(roles.wait_change().expect("running").role);
+    }
+    println!("embedded node's roles: {seen:?}");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && s.replication.connected
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.nodes[1].log()));
+    let q = tp.nodes[0].queue_dir.join("incoming");
+    std::fs::create_dir_all(&q).unwrap();
+    let msg = q.join("E000000001");
+    std::fs::write(&msg, "an embedded commit\r\n").unwrap();
+    let answer = node.commit(&msg).unwrap();
+    assert!(answer.starts_with("replicated"), "{answer}");
+    let st = node.status().unwrap();
+    assert_eq!(st.mode, Role::Primary);
+    assert!(
+        st.replication.commits_replicated >= 1,
+        "{:?}",
+        st.replication
+    );
+    // Shut down like SIGTERM: the daemon takes over.
+    node.shutdown().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.nodes[1].log()));
+}
