@@ -148,6 +148,13 @@ enum Cmd {
         #[arg(long, default_value_t = 10 * 1024)]
         median_size: u64,
     },
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Directory for man/ and completions/.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Start a pair on 127.0.0.1, kill the primary, watch the failover.
     Demo {
         #[arg(long)]
@@ -354,6 +361,26 @@ fn real_main() -> Result<ExitCode> {
             let (files, bytes) = hasync::fixture::generate_maildirs(&out, &spec)
                 .with_context(|| format!("generating into {}", out.display()))?;
             println!("{files} files, {bytes} bytes in {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GenerateDocs { out } => {
+            use clap::CommandFactory;
+            let cmd = Cli::command();
+            let man = out.join("man");
+            let completions = out.join("completions");
+            std::fs::create_dir_all(&man)?;
+            std::fs::create_dir_all(&completions)?;
+            clap_mangen::generate_to(cmd.clone(), &man)
+                .with_context(|| format!("writing man pages to {}", man.display()))?;
+            for shell in [
+                clap_complete::Shell::Bash,
+                clap_complete::Shell::Zsh,
+                clap_complete::Shell::Fish,
+            ] {
+                clap_complete::generate_to(shell, &mut cmd.clone(), "hasync", &completions)
+                    .with_context(|| format!("writing {shell} completions"))?;
+            }
+            println!("man pages in {}, completions in {}", man.display(), completions.display());
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { json } => {
