@@ -380,7 +380,11 @@ fn real_main() -> Result<ExitCode> {
                 clap_complete::generate_to(shell, &mut cmd.clone(), "hasync", &completions)
                     .with_context(|| format!("writing {shell} completions"))?;
             }
-            println!("man pages in {}, completions in {}", man.display(), completions.display());
+            println!(
+                "man pages in {}, completions in {}",
+                man.display(),
+                completions.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Demo { json } => {

@@ -8,6 +8,7 @@ mod killloop;
 mod mta;
 mod netns;
 mod ops;
+mod package;
 mod pair;
 mod queue;
 mod replication;
