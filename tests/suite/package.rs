@@ -72,7 +72,7 @@ fn the_debian_package_installs_into_a_scratch_root() {
     }
     let conffiles = std::fs::read_to_string(r.join("var/lib/dpkg/info/hasync.conffiles")).unwrap();
     assert_eq!(conffiles.trim(), "/etc/hasync/hasync.toml");
-    let version = run(&mut Command::new(r.join("usr/bin/hasync")).arg("--version"));
+    let version = run(Command::new(r.join("usr/bin/hasync")).arg("--version"));
     assert!(version.starts_with("hasync "), "{version}");
     // The installed config is the documented example: it parses.
     let installed = std::fs::read_to_string(r.join("etc/hasync/hasync.toml")).unwrap();
