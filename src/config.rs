@@ -2421,6 +2421,67 @@ secret_file = "/etc/hasync/link.secret"
         ));
     }
 
+    /// The keys the parser accepts in each table, from its own refusal of
+    /// an unknown one ("expected one of `a`, `b`").
+    fn accepted_keys(text: &str) -> Vec<String> {
+        let e = Config::parse(text, src()).unwrap_err().to_string();
+        let list = e
+            .split("expected one of ")
+            .nth(1)
+            .or_else(|| e.split("expected ").nth(1))
+            .unwrap_or_else(|| panic!("no key list in: {e}"));
+        let list = list.lines().next().unwrap();
+        list.split(", ")
+            .flat_map(|k| k.split(" or "))
+            .map(|k| k.trim().trim_matches('`').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn docs_config_lists_every_key() {
+        let doc = include_str!("../docs/CONFIG.md");
+        let link = "[link]\nlisten = \"127.0.0.1:7401\"\npeer = \"127.0.0.1:7402\"\npeer_name = \"mx2\"\nsecret_file = \"/etc/x\"\n";
+        let top = "node_name = \"mx1\"\npriority = 100\nstate_dir = \"/s\"\nqueue_dir = \"/q\"\n";
+        let mut expected: Vec<String> = Vec::new();
+        expected.extend(accepted_keys(&format!("zz_unknown = 1\n{top}{link}")));
+        let with = |prefix: &str, table: &str| -> Vec<String> {
+            accepted_keys(&format!("{top}{link}{table}"))
+                .into_iter()
+                .map(|k| format!("{prefix}.{k}"))
+                .collect()
+        };
+        expected.extend(
+            accepted_keys(&format!("{top}{link}zz_unknown = 1\n"))
+                .into_iter()
+                .map(|k| format!("link.{k}")),
+        );
+        expected.extend(with("link.paths", "[[link.paths]]\nzz_unknown = 1\n"));
+        for t in ["replication", "queue", "hooks", "quorum", "metrics"] {
+            expected.extend(with(t, &format!("[{t}]\nzz_unknown = 1\n")));
+        }
+        expected.extend(with("vip", "[[vip]]\nzz_unknown = 1\n"));
+        expected.extend(with(
+            "mailstores.<name>",
+            "[mailstores]\nm = { path = \"/m\", zz_unknown = 1 }\n",
+        ));
+        expected.push("mailstores.<name>".into());
+        assert!(expected.len() > 40, "{expected:?}");
+        for k in &expected {
+            assert!(
+                doc.contains(&format!("| `{k}` |")),
+                "docs/CONFIG.md does not document `{k}`"
+            );
+        }
+        // And nothing documented that the parser would refuse.
+        for line in doc.lines().filter(|l| l.starts_with("| `")) {
+            let key = line[3..].split('`').next().unwrap();
+            assert!(
+                expected.iter().any(|k| k == key),
+                "docs/CONFIG.md documents `{key}`, which the parser does not accept"
+            );
+        }
+    }
+
     #[test]
     fn metrics_listen_must_not_take_a_port_hasync_uses() {
         let c = parse_ok(&format!("{BASE}\n[metrics]\nlisten = \"127.0.0.1:9437\"\n"));
