@@ -393,3 +393,34 @@ fn an_embedded_node_pairs_with_a_daemon_and_hands_over_on_shutdown() {
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.nodes[1].log()));
 }
+
+/// Every field docs/OPERATIONS.md promises in `hasync status --json` is
+/// there, under that name.
+#[test]
+fn the_documented_status_fields_are_in_status_json() {
+    let (tp, p) = TestPair::formed(fast());
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/OPERATIONS.md"),
+    )
+    .unwrap();
+    let start = doc.find("| `mode` |").expect("the status field table");
+    let fields: Vec<&str> = doc[start..]
+        .lines()
+        .take_while(|l| l.trim_start().starts_with("| `"))
+        .map(|l| l.trim_start()[3..].split('`').next().unwrap())
+        .collect();
+    assert!(fields.len() >= 20, "{fields:?}");
+    let cfg = tp.nodes[p].config_path.to_str().unwrap().to_string();
+    let out = hasync(&["status", "--json", "--config", &cfg]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for f in fields {
+        let mut at = &v;
+        for part in f.split('.') {
+            at = at
+                .get(part)
+                .unwrap_or_else(|| panic!("status --json has no `{f}`: {v:#}"));
+        }
+    }
+    assert_eq!(v["mode"], "primary");
+}
