@@ -437,8 +437,8 @@ async fn engine_main(
     tokio_uring::spawn(foreign_loop(
         shared.clone(),
         foreign_rx,
-        receiving,
-        recv_stores,
+        receiving.clone(),
+        recv_stores.clone(),
         mode_rx.clone(),
     ));
     loop {
@@ -462,7 +462,35 @@ async fn engine_main(
                 .lock()
                 .expect("foreign watch lock") = "-".into();
             if changed.is_err() {
+                finish_receiving(&receiving, &recv_stores).await;
                 return;
+            }
+        }
+    }
+}
+
+/// The engine is stopping (the daemon shuts down): the receiving session
+/// ends on the mode change and saves its index; wait for it (bounded), and
+/// save the indexes of the stores between sessions, so that a restarted
+/// secondary does not re-read and re-hash its whole store.
+async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<Vec<RecvStore>>>>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while receiving.busy.get() {
+        let released = receiving.released.notified();
+        if let Some(c) = receiving.closer.borrow_mut().take() {
+            let _ = c.shutdown();
+        }
+        if tokio::time::timeout_at(deadline, released).await.is_err() {
+            warn!(
+                "the receiving session did not end within 10 s of shutdown: its index is not saved"
+            );
+            return;
+        }
+    }
+    if let Some(st) = stores.borrow_mut().as_mut() {
+        for s in st.iter_mut() {
+            if let Err(e) = s.index.save() {
+                warn!(store = %s.name, "cannot save index at shutdown: {e}");
             }
         }
     }

@@ -732,3 +732,34 @@ fn a_rename_the_replica_cannot_apply_is_sent_in_full() {
     let r = tp.repl(1);
     assert!(r.rename_sources_missing >= 1, "renames were refused there");
 }
+
+/// A secondary stopped with SIGTERM in the middle of a steady session
+/// saves its index first, so that after a restart it does not re-read and
+/// re-hash its whole store (before, the session was dropped before it
+/// could save, and the index on disk was empty or stale).
+#[test]
+fn a_secondary_saves_its_index_when_it_stops() {
+    let mut tp = started_with_fixture(fast(), 11, 20, 1500);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Live changes after the initial sync, so the session is mid-stream.
+    for i in 0..50 {
+        let d = src.join("live/new");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(format!("{i}.m")), format!("live {i}\n")).unwrap();
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let files = walk_files(&dst).len();
+    assert!(tp.nodes[1].stop(Duration::from_secs(20)), "stopped");
+    let state = tp.nodes[1].state_dir.clone();
+    let ix = hasync::replica::index::Index::load(&state, "inbox");
+    println!(
+        "{files} files on the replica, {} in its saved index",
+        ix.entries.len()
+    );
+    assert!(
+        ix.entries.len() >= files,
+        "the saved index has {} of {files} files",
+        ix.entries.len()
+    );
+}
