@@ -735,8 +735,7 @@ fn a_rename_the_replica_cannot_apply_is_sent_in_full() {
 
 /// A secondary stopped with SIGTERM in the middle of a steady session
 /// saves its index first, so that after a restart it does not re-read and
-/// re-hash its whole store (before, the session was dropped before it
-/// could save, and the index on disk was empty or stale).
+/// re-hash its whole store.
 #[test]
 fn a_secondary_saves_its_index_when_it_stops() {
     let mut tp = started_with_fixture(fast(), 11, 20, 1500);
