@@ -344,7 +344,10 @@ class Pair:
         threshold: int = 5,
         startup_wait_ms: int = 2000,
         replication_extra: str = "",
+        roots: list[Path] | None = None,
     ):
+        """`roots`: a directory per node for its state and queue (each node
+        on a filesystem of its own); default: both under `base`."""
         replication_extra = REPLICATION_EXTRA + replication_extra
         self.base = base
         self.interval_ms = interval_ms
@@ -354,7 +357,7 @@ class Pair:
         syncs = [free_port(), free_port()]
         self.nodes: list[Node] = []
         for i in range(2):
-            root = base / names[i]
+            root = (roots[i] if roots else base) / names[i]
             (root / "state").mkdir(parents=True, exist_ok=True)
             q = queues[i] if queues else root / "queue"
             q.mkdir(parents=True, exist_ok=True)
@@ -622,3 +625,33 @@ def summarize_lags(lags_ms: list[float]) -> dict:
         return s[min(len(s) - 1, max(0, math.ceil(p * len(s)) - 1))]
 
     return {"samples": len(s), "p50": q(0.50), "p99": q(0.99), "p999": q(0.999), "max": s[-1]}
+
+
+class TwoFilesystems:
+    """Two loop-mounted ext4 images (sparse files on the run directory's
+    disk), one per node, so that the secondary's syncfs flushes only its
+    own filesystem, as on a pair of machines."""
+
+    def __init__(self, run: Path, sizes_gib: tuple[int, int] = (8, 24)):
+        self.mounts: list[Path] = []
+        for name, gib in zip(("fs-a", "fs-b"), sizes_gib):
+            img = run / f"{name}.ext4"
+            mnt = run / name
+            mnt.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["truncate", "-s", f"{gib}G", str(img)], check=True)
+            # Initialised now, not lazily in the background during the runs.
+            subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                            str(img)], check=True)
+            subprocess.run(["mount", "-o", "loop,noatime", str(img), str(mnt)], check=True)
+            self.mounts.append(mnt)
+
+    def close(self) -> None:
+        for mnt in self.mounts:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        for mnt in self.mounts:
+            img = mnt.with_suffix(".ext4")
+            try:
+                img.unlink()
+            except FileNotFoundError:
+                pass
+        self.mounts = []

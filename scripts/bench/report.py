@@ -29,6 +29,9 @@ def build(raw: dict) -> dict:
     rep: dict = {
         "schema": 1,
         "mode": raw.get("mode"),
+        # Which layout the initial-sync, incremental and lag figures are from.
+        "layout": raw.get("layout", "shared"),
+        "layout_note": raw.get("layout_note"),
         "generated_unix": time.time(),
         "bench_seconds": raw.get("bench_seconds"),
         "machine": raw.get("machine", {}),
@@ -291,6 +294,7 @@ def markdown(rep: dict) -> str:
     isync = rep["initial_sync"]
     lines = []
     lines.append(f"# hasync benchmark ({rep['mode']})\n")
+    lines.append(f"**Layout:** {rep.get('layout')} ({rep.get('layout_note') or '-'})  ")
     fs = m.get("fs", {})
     lines.append(
         f"**Machine:** {m.get('cores')} cores ({m.get('cpu', '?')}), {m.get('mem_mib', '?')} MiB RAM, "

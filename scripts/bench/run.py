@@ -81,11 +81,35 @@ class Bench:
         }
         self.rsyncd: subprocess.Popen | None = None
         self.rsync_port = 0
-        self.dst = self.run / "dst"
+        # Layout: each node (and each peer's destination) on a filesystem of
+        # its own, or everything on the run directory's filesystem.
+        self.layout = args.layout
+        self.fs: hb.TwoFilesystems | None = None
+        if self.layout == "two-fs":
+            self.fs = hb.TwoFilesystems(self.run)
+            self.side = list(self.fs.mounts)
+        else:
+            self.side = [self.run, self.run]
+        self.raw["layout"] = self.layout
+        self.raw["layout_note"] = (
+            "two-fs: the primary's tree and state on one loop-mounted ext4 image, the secondary's "
+            "(and rsync's and cp's destinations) on another, both on the run directory's disk"
+            if self.layout == "two-fs" else "shared: both nodes and every destination on one filesystem"
+        )
+        self.dst = self.side[1] / "dst"
         self.dst.mkdir(parents=True, exist_ok=True)
         self.hwm: dict[str, int] = {}
 
     # ------------------------------------------------------------------ util
+
+    def pair_roots(self, name: str) -> list[Path]:
+        """Each node's state on its own side's filesystem (its internal
+        directories must share the filesystem of its tree)."""
+        return [self.side[0] / "pairs" / name, self.side[1] / "pairs" / name]
+
+    def close(self) -> None:
+        if self.fs is not None:
+            self.fs.close()
 
     def note_hwm(self, scenario: str, pair: hb.Pair) -> None:
         for n in pair.nodes:
@@ -108,7 +132,7 @@ class Bench:
 
     def fixture(self) -> None:
         a = self.args
-        self.fx = self.run / "fixture"
+        self.fx = self.side[0] / "fixture"
         t0 = time.monotonic()
         out = subprocess.run(
             [str(self.exe), "fixture", "--out", str(self.fx), "--messages", str(a.messages),
@@ -183,7 +207,8 @@ class Bench:
     def hasync_initial(self, rep: int) -> dict:
         base = self.run / "pairs" / f"initial-{rep}"
         replica = self.dst / f"hasync-{rep}"
-        pair = hb.Pair(self.exe, base, [{"mail": self.fx}, {"mail": replica}])
+        pair = hb.Pair(self.exe, base, [{"mail": self.fx}, {"mail": replica}],
+                       roots=self.pair_roots(f"initial-{rep}"))
         t0 = time.monotonic()
         pair.start()
         p, s = pair.nodes
@@ -347,7 +372,7 @@ class Bench:
     # ------------------------------------------------------------------ lag
 
     def lag_store(self, name: str, messages: int) -> Path:
-        d = self.run / "lagstores" / name
+        d = self.side[0] / "lagstores" / name
         sh([str(self.exe), "fixture", "--out", str(d), "--messages", str(messages), "--mailboxes", "50",
             "--seed", "7", "--median-size", str(self.args.median_size)], capture_output=True)
         return d
@@ -367,7 +392,8 @@ class Bench:
             store = self.lag_store(f"hasync-{rate}", self.args.lag_store_messages)
             base = self.run / "pairs" / f"lag-{rate}"
             replica = self.dst / f"lag-{rate}"
-            pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": replica}])
+            pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": replica}],
+                           roots=self.pair_roots(f"lag-{rate}"))
             settle()
             pair.start()
             p, s = pair.nodes
@@ -888,6 +914,9 @@ def main() -> None:
     ap.add_argument("--leftover-runs", type=int, default=0)
     ap.add_argument("--sync-timeout", type=float, default=600)
     ap.add_argument("--queue-timeout", type=float, default=600)
+    ap.add_argument("--layout", choices=["two-fs", "shared"], default="two-fs",
+                    help="two-fs (default): each node on a loop-mounted ext4 image of its own; "
+                         "shared: everything on the run directory's filesystem")
     ap.add_argument("--only", type=lambda s: set(s.split(",")),
                     help="run only these steps (comma-separated: initial, incremental, large, lag, "
                          "lsyncd, queue, failover, rss, profile); the report marks the run as partial")
@@ -917,6 +946,7 @@ def main() -> None:
         b.all()
     finally:
         hb.stop_all()
+        b.close()
         b.raw["finished_unix"] = time.time()
         (out / "raw.json").write_text(json.dumps(b.raw, indent=2, default=str))
         log(f"raw results: {out / 'raw.json'}")
