@@ -733,6 +733,21 @@ impl Sender {
         SyncMsg::ManifestRequest { id, full_verify }.encode(&mut out);
         w.send_bytes(out).await?;
 
+        // This side's scan runs while the replica builds its manifest (the
+        // two used to run one after the other: a restart's catch-up waited
+        // for both).
+        let mut scans = Vec::with_capacity(self.stores.len());
+        for store in self.stores.iter_mut() {
+            let scan = store
+                .index
+                .scan(&store.tree, &self.excludes, full_verify, false)
+                .map_err(|source| SendError::Local {
+                    path: store.root.clone(),
+                    source,
+                })?;
+            scans.push(Some(scan));
+        }
+
         let n = self.stores.len();
         let mut remote: Vec<HashMap<PathBuf, ManifestEntry>> = vec![HashMap::new(); n];
         let mut done = vec![false; n];
@@ -790,14 +805,7 @@ impl Sender {
                     .is_some_and(|t| r.kind == EntryKind::File && !t.contains(&r.hash))
                     && !(dovecot && super::dovecot::is_dovecot_metadata(rel))
             };
-            let store = &mut self.stores[s];
-            let scan = store
-                .index
-                .scan(&store.tree, &self.excludes, full_verify, false)
-                .map_err(|source| SendError::Local {
-                    path: store.root.clone(),
-                    source,
-                })?;
+            let scan = scans[s].take().expect("one scan per store");
             let local = scan.entries;
             for rel in scan.too_long {
                 self.out_of_reach
