@@ -93,6 +93,19 @@ def build(raw: dict) -> dict:
     )
     rep["initial_sync"] = isync
 
+    sc = raw.get("scale")
+    if sc:
+        # Per tree size: files, initial files/s, peak RSS MiB, restart catch-up s.
+        rep["scale"] = {
+            k: {
+                "files": v["files"],
+                "initial_files_per_s": v["initial_files_per_s"],
+                "peak_rss_mib": v["peak_rss_mib"],
+                "restart_catch_up_s": v["restart_catch_up_s"],
+                "watches": v.get("watches"),
+            }
+            for k, v in sorted(sc.items(), key=lambda kv: int(kv[0]))
+        }
     inc = raw.get("incremental")
     if inc:
         rep["incremental"] = {
@@ -351,6 +364,19 @@ def markdown(rep: dict) -> str:
             f"rsync --fsync {', '.join(fmt(x) for x in isync.get('rsync_fsync_files_per_s_all', []))}; "
             f"cp+sync {', '.join(fmt(x) for x in isync.get('cp_sync_files_per_s_all', []))}."
         )
+    sc = rep.get("scale")
+    if sc:
+        lines.append("\n## Scale (one pair per tree size, two-fs layout when chosen)\n")
+        lines.append("| messages | files | initial files/s | vs smallest | peak RSS MiB | inotify watches | restart catch-up s (1% changed) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+        first = None
+        for k, v in sc.items():
+            first = first or v["initial_files_per_s"]
+            lines.append(
+                f"| {int(k):,} | {v['files']:,} | {v['initial_files_per_s']:,.0f} | "
+                f"{v['initial_files_per_s'] / first:.2f}× | {v['peak_rss_mib']:.1f} | {fmt(v.get('watches'))} | "
+                f"{v['restart_catch_up_s']:.2f} |"
+            )
     inc = rep.get("incremental")
     if inc:
         lines.append(f"\n## 1% incremental ({fmt(inc.get('modified_files'))} of {fmt(inc.get('of_files'))} files changed)\n")

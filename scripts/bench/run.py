@@ -86,7 +86,9 @@ class Bench:
         self.layout = args.layout
         self.fs: hb.TwoFilesystems | None = None
         if self.layout == "two-fs":
-            self.fs = hb.TwoFilesystems(self.run)
+            # ~30 KB per message at the default median size, a copy on each side.
+            big = max(args.scale or [0]) * 30e3 / 2**30
+            self.fs = hb.TwoFilesystems(self.run, (int(8 + 1.3 * big), int(24 + 1.3 * big)))
             self.side = list(self.fs.mounts)
         else:
             self.side = [self.run, self.run]
@@ -368,6 +370,80 @@ class Bench:
                              "note": "restart of both daemons; secondary holds the pre-change replica"}
             log(f"incremental hasync (restart + catch-up): {secs:.2f}s, {sent0} files sent")
         self.raw["incremental"] = inc
+
+    # ---------------------------------------------------------------- scale
+
+    def scale(self) -> None:
+        """Per tree size (messages): a fresh fixture, the initial sync of a
+        fresh pair (files/s, peak RSS of both daemons, inotify watches), then
+        1% of the files changed while both daemons are stopped and the
+        restart catch-up timed; fixture and replica deleted before the next
+        size (a million messages take about 10 GB per copy)."""
+        out: dict = {}
+        for n in self.args.scale:
+            fx = self.side[0] / f"scale-{n}"
+            replica = self.dst / f"scale-{n}"
+            sh([str(self.exe), "fixture", "--out", str(fx), "--messages", str(n),
+                "--mailboxes", str(max(50, n // 100)), "--seed", "3",
+                "--median-size", str(self.args.median_size)], capture_output=True)
+            files, size = hb.count_tree(fx)
+            base = self.run / "pairs" / f"scale-{n}"
+            pair = hb.Pair(self.exe, base, [{"mail": fx}, {"mail": replica}],
+                           roots=self.pair_roots(f"scale-{n}"))
+            settle()
+            t0 = time.monotonic()
+            pair.start()
+            p, s = pair.nodes
+            while True:
+                if time.monotonic() - t0 > self.args.sync_timeout * max(1, n // 20000):
+                    raise RuntimeError(f"scale {n}: initial sync did not finish\n{p.log_tail()}")
+                st0 = p.try_status()
+                if st0 and st0["mode"] == "primary" and st0["replication"]["phase"] == "streaming":
+                    st1 = s.try_status()
+                    if st1 and st1["replication"]["files_landed"] >= files:
+                        break
+                time.sleep(0.05)
+            secs = time.monotonic() - t0
+            time.sleep(2.0)  # steady tracking
+            for node in pair.nodes:
+                node.sample_hwm()
+            watches = p.status()["replication"].get("watches")
+            rss = {node.name: node.hwm_kib / 1024 for node in pair.nodes}
+            pair.stop()
+            # 1% of the files change while both daemons are down.
+            msgs = sorted(str(x) for x in fx.rglob("*") if x.is_file() and x.name != "dovecot-uidlist")
+            time.sleep(1.1)
+            for path in msgs[::100]:
+                with open(path, "ab") as f:
+                    f.write(b"X-Bench-Touched: 1\r\n")
+            settle()
+            t1 = time.monotonic()
+            pair.start()
+            while True:
+                if time.monotonic() - t1 > self.args.sync_timeout:
+                    raise RuntimeError(f"scale {n}: no catch-up after restart\n{p.log_tail()}")
+                st = p.try_status()
+                if st and st["mode"] == "primary" and st["replication"]["phase"] == "streaming":
+                    break
+                time.sleep(0.01)
+            catch_up = time.monotonic() - t1
+            for node in pair.nodes:
+                node.sample_hwm()
+            rss_restart = {node.name: node.hwm_kib / 1024 for node in pair.nodes}
+            pair.stop()
+            out[str(n)] = {
+                "messages": n, "files": files, "bytes": size,
+                "initial_s": secs, "initial_files_per_s": files / secs,
+                "peak_rss_mib": max(rss.values()), "peak_rss_mib_by_node": rss,
+                "peak_rss_mib_after_restart": rss_restart,
+                "watches": watches,
+                "restart_catch_up_s": catch_up, "changed_files": len(msgs[::100]),
+            }
+            log(f"scale {n}: {files} files, initial {files / secs:.0f} files/s, peak RSS "
+                f"{max(rss.values()):.1f} MiB, restart catch-up {catch_up:.2f}s")
+            shutil.rmtree(fx, ignore_errors=True)
+            shutil.rmtree(replica, ignore_errors=True)
+        self.raw["scale"] = out
 
     # ------------------------------------------------------------------ lag
 
@@ -859,6 +935,8 @@ class Bench:
             self.step("incremental", self.incremental)
         if want("lag"):
             self.step("lag", self.lag)
+        if self.args.scale and want("scale"):
+            self.step("scale", self.scale)
         if want("lsyncd"):
             self.step("lsyncd", self.lsyncd)
         if want("queue"):
@@ -914,20 +992,24 @@ def main() -> None:
     ap.add_argument("--leftover-runs", type=int, default=0)
     ap.add_argument("--sync-timeout", type=float, default=600)
     ap.add_argument("--queue-timeout", type=float, default=600)
+    ap.add_argument("--scale", type=lambda s: [int(x) for x in s.split(",") if x],
+                    help="tree sizes (messages) for the scale step, e.g. 20000,200000,1000000 "
+                         "(default 20000,200000 in a full run; a million needs ~25 GB free)")
     ap.add_argument("--layout", choices=["two-fs", "shared"], default="two-fs",
                     help="two-fs (default): each node on a loop-mounted ext4 image of its own; "
                          "shared: everything on the run directory's filesystem")
     ap.add_argument("--only", type=lambda s: set(s.split(",")),
                     help="run only these steps (comma-separated: initial, incremental, large, lag, "
-                         "lsyncd, queue, failover, rss, profile); the report marks the run as partial")
+                         "scale, lsyncd, queue, failover, rss, profile); the report marks the run as partial")
     a = ap.parse_args()
     defaults = (
         dict(messages=2000, mailboxes=50, reps=1, rates=[1000, 10], lag_seconds=3, lag_store_messages=500,
-             queue_messages=1000, kills=3, rss_messages=0, perf=0, large_files=12, large_reps=2)
+             queue_messages=1000, kills=3, rss_messages=0, perf=0, large_files=12, large_reps=2,
+             scale=[])
         if a.quick
         else dict(messages=20000, mailboxes=200, reps=3, rates=[1000, 5000, 10], lag_seconds=10,
                   lag_store_messages=2000, queue_messages=10000, kills=5, rss_messages=100000,
-                  large_files=48, large_reps=4,
+                  large_files=48, large_reps=4, scale=[20000, 200000],
                   perf=1 if shutil.which("perf") else 0)
     )
     for k, v in defaults.items():
