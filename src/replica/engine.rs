@@ -681,7 +681,9 @@ async fn run_primary(
     }
     let tenure = shared.primary_gen.load(Relaxed);
     raise_imap_uids(cfg, &shared.stats);
-    record_takeover(cfg, &shared.excludes, &mut stores);
+    // The tracker runs already: what changes after these scans is queued.
+    let scanned_at = std::time::Instant::now();
+    let scans = record_takeover(cfg, &shared.excludes, &mut stores);
     shared.prepared_tx.send_replace(tenure);
     let mut sender = Sender::new(
         stores,
@@ -691,6 +693,7 @@ async fn run_primary(
         cfg.verify_interval,
     );
     sender.state_dir = cfg.state_dir.clone();
+    sender.prescanned = Some((scanned_at, scans));
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
     sender.commit_wake = Some(shared.commit_wake.clone());
@@ -802,20 +805,31 @@ fn raise_imap_uids(cfg: &EngineConfig, stats: &ReplStats) {
 /// content of every file, per mailstore), durably, before any change it
 /// sends, and mark it as a node that served as primary. A former primary
 /// that rejoins later is checked against this record (see `takeover`).
-fn record_takeover(cfg: &EngineConfig, excludes: &super::Excludes, stores: &mut [Store]) {
+/// Returns the scans it took (per store; `None` where it took none), for the
+/// first comparison with the replica.
+fn record_takeover(
+    cfg: &EngineConfig,
+    excludes: &super::Excludes,
+    stores: &mut [Store],
+) -> Vec<Option<super::index::Scan>> {
     let started = std::time::Instant::now();
     let mut files = 0usize;
-    for st in stores.iter_mut().filter(|s| s.conflicts) {
+    let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
+    for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
         let hashes: std::collections::HashSet<u128> = match st
             .index
             .scan(&st.tree, excludes, false, true)
         {
-            Ok(scan) => scan
-                .entries
-                .iter()
-                .filter(|(_, s, _)| s.kind == super::index::Kind::File)
-                .filter_map(|(_, _, h)| *h)
-                .collect(),
+            Ok(scan) => {
+                let h = scan
+                    .entries
+                    .iter()
+                    .filter(|(_, s, _)| s.kind == super::index::Kind::File)
+                    .filter_map(|(_, _, h)| *h)
+                    .collect();
+                scans[i] = Some(scan);
+                h
+            }
             Err(e) => {
                 error!(alarm = true, store = %st.name, "ALARM: cannot record what this node holds as it takes over ({e}); a former primary that rejoins will have every version this node lacks kept aside as a conflict");
                 continue;
@@ -837,6 +851,7 @@ fn record_takeover(cfg: &EngineConfig, excludes: &super::Excludes, stores: &mut 
         ms = started.elapsed().as_millis() as u64,
         "takeover record written"
     );
+    scans
 }
 
 async fn session(

@@ -180,7 +180,15 @@ struct Inflight {
 type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 
 /// Long-lived sender state (survives reconnects while this node is primary).
+/// How old a scan taken as the tenure began may be and still serve the
+/// first comparison (changes since are in the tracker's queue).
+const PRESCAN_FRESH: Duration = Duration::from_secs(10);
+
 pub struct Sender {
+    /// Scans taken as the tenure began (the takeover record's), with the
+    /// tracker already running: the first comparison uses them instead of
+    /// walking the trees again, if they are recent.
+    pub prescanned: Option<(Instant, Vec<Option<super::index::Scan>>)>,
     pub stores: Vec<Store>,
     pub excludes: Excludes,
     pub coalescer: Coalescer,
@@ -420,6 +428,7 @@ impl Sender {
             known_dirty: false,
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            prescanned: None,
         }
     }
 
@@ -737,7 +746,15 @@ impl Sender {
         // two used to run one after the other: a restart's catch-up waited
         // for both).
         let mut scans = Vec::with_capacity(self.stores.len());
-        for store in self.stores.iter_mut() {
+        let mut pre = match self.prescanned.take() {
+            Some((at, v)) if !full_verify && at.elapsed() < PRESCAN_FRESH => v,
+            _ => Vec::new(),
+        };
+        for (i, store) in self.stores.iter_mut().enumerate() {
+            if let Some(scan) = pre.get_mut(i).and_then(Option::take) {
+                scans.push(Some(scan));
+                continue;
+            }
             let scan = store
                 .index
                 .scan(&store.tree, &self.excludes, full_verify, false)
