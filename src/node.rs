@@ -81,8 +81,8 @@ pub enum NodeError {
     Thread(std::io::Error),
 }
 
-/// A running node. Dropping it shuts the node down (as [`Node::shutdown`],
-/// without waiting).
+/// A running node. Dropping it shuts the node down and waits, as
+/// [`Node::shutdown`] does (which also reports how it ended).
 pub struct Node {
     requests: mpsc::Sender<ControlMsg>,
     roles: watch::Receiver<RoleChange>,
@@ -223,9 +223,9 @@ impl Roles {
 }
 
 impl Drop for Node {
+    /// Stops the node and waits for it, as [`Node::shutdown`] does (a
+    /// primary runs `on_secondary` and releases its service addresses).
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+        let _ = self.stop_and_join();
     }
 }

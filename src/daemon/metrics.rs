@@ -44,21 +44,17 @@ pub struct HistSnapshot {
 impl HistSnapshot {
     /// From an hdrhistogram of microseconds.
     pub fn from_micros(h: &hdrhistogram::Histogram<u64>) -> HistSnapshot {
-        let mut buckets = Vec::with_capacity(BUCKETS_S.len() + 1);
-        let mut low = 0u64;
-        let mut seen = 0u64;
-        for b in BUCKETS_S {
-            let high = (b * 1e6) as u64;
-            let n = if h.is_empty() {
-                0
-            } else {
-                h.count_between(low, high)
-            };
-            buckets.push(n);
-            seen += n;
-            low = high + 1;
+        // Each recorded value in exactly one bucket (count_between works on
+        // the histogram's own buckets, which straddle these bounds).
+        let mut buckets = vec![0u64; BUCKETS_S.len() + 1];
+        for v in h.iter_recorded() {
+            let us = h.highest_equivalent(v.value_iterated_to());
+            let i = BUCKETS_S
+                .iter()
+                .position(|b| us as f64 <= b * 1e6)
+                .unwrap_or(BUCKETS_S.len());
+            buckets[i] += v.count_at_value();
         }
-        buckets.push(h.len().saturating_sub(seen));
         HistSnapshot {
             sum_s: if h.is_empty() {
                 0.0
@@ -361,8 +357,15 @@ pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 type ControlMsg = (Request, oneshot::Sender<super::control::Response>);
 
 /// Serves scrapes until the node's loop is gone.
-pub fn serve(listener: TcpListener, to_node: mpsc::Sender<ControlMsg>) {
+pub fn serve(
+    listener: TcpListener,
+    to_node: mpsc::Sender<ControlMsg>,
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     for stream in listener.incoming() {
+        if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let Ok(stream) = stream else { continue };
         scrape(stream, &to_node);
         if to_node.is_closed() {
@@ -454,7 +457,8 @@ fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let mut sink = [0u8; 4096];
     let mut left: usize = 64 * 1024;
-    while left > 0 {
+    let until = std::time::Instant::now() + Duration::from_millis(500);
+    while left > 0 && std::time::Instant::now() < until {
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => left = left.saturating_sub(n),
@@ -469,6 +473,17 @@ mod tests {
 
     #[test]
     fn a_histogram_snapshot_puts_every_value_in_one_bucket() {
+        let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
+        for us in [500, 900, 1_000, 3_000, 70_000, 250_010, 20_000_000] {
+            h.record(us).unwrap();
+        }
+        let s = HistSnapshot::from_micros(&h);
+        assert_eq!(s.buckets.iter().sum::<u64>(), 7, "{:?}", s.buckets);
+        assert_eq!(
+            s.buckets[8], 1,
+            "250.01 ms in (0.25, 0.5] only: {:?}",
+            s.buckets
+        );
         let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).unwrap();
         for us in [500, 900, 1_000, 3_000, 70_000, 20_000_000] {
             h.record(us).unwrap();

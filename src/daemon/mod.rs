@@ -186,6 +186,7 @@ pub(crate) fn run_with(cfg: Config, embed: Option<Embedding>) -> Result<(), Daem
         let mut node = Node::start(cfg, key, record, engine, push_done_rx).await?;
         let shutdown = match embed {
             Some(e) => {
+                node.systemd = systemd::Systemd::disabled();
                 node.roles_tx = Some(e.roles);
                 let _ = e.ready.send(node.control_tx.clone());
                 Some(e.shutdown)
@@ -243,6 +244,9 @@ struct Node {
     control_tx: mpsc::Sender<ControlMsg>,
     /// Role changes for an embedding process.
     roles_tx: Option<watch::Sender<RoleChange>>,
+    /// Set as the node stops: the accept loops of the control socket and
+    /// the metrics port end at their next connection.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
     /// More heartbeat paths (`link.paths`): each with its own connections,
     /// and whether its loss is alarmed now.
     paths: Vec<(crate::config::HeartbeatPath, Rc<LinkCtx>, bool)>,
@@ -398,19 +402,24 @@ impl Node {
             ));
             paths.push((*p, ctx, false));
         }
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let Some(addr) = cfg.metrics_listen {
             let listener =
                 metrics::bind(addr).map_err(|source| DaemonError::Listen { addr, source })?;
             let to_node = control_tx.clone();
+            let stop = stopping.clone();
             std::thread::Builder::new()
                 .name("hasync-metrics".into())
-                .spawn(move || metrics::serve(listener, to_node))
+                .spawn(move || metrics::serve(listener, to_node, stop))
                 .map_err(|source| DaemonError::Listen { addr, source })?;
             info!(%addr, "Prometheus metrics at /metrics");
         }
         std::thread::Builder::new()
             .name("hasync-control".into())
-            .spawn(move || serve_control(control_listener, control_tx))
+            .spawn({
+                let stop = stopping.clone();
+                move || serve_control(control_listener, control_tx, stop)
+            })
             .map_err(|source| DaemonError::ControlSocket {
                 path: socket_path.clone(),
                 source,
@@ -470,6 +479,7 @@ impl Node {
             systemd: systemd::Systemd::from_env(),
             control_tx: control_tx_node,
             roles_tx: None,
+            stopping,
             paths,
             main_path_alarmed: false,
             prober,
@@ -625,6 +635,20 @@ impl Node {
             if let Some(run) = self.roles.run_now(roles::HookKind::OnSecondary, env).await {
                 self.roles.record(run);
             }
+        }
+        // The control and metrics threads sit in accept(): let them see
+        // that the node is gone (an embedder may start another node on the
+        // same ports in this process).
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = std::os::unix::net::UnixStream::connect(&self.socket_path);
+        if let Some(m) = self.cfg.metrics_listen {
+            let to = if m.ip().is_unspecified() {
+                std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), m.port())
+            } else {
+                m
+            };
+            let _ = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(200));
         }
         let _ = std::fs::remove_file(&self.socket_path);
         Ok(())
@@ -816,12 +840,16 @@ impl Node {
                         _ => info!(role = %role, epoch, "{line}"),
                     }
                     self.systemd.status(&line);
-                    if let Some(tx) = &self.roles_tx {
-                        tx.send_replace(RoleChange {
-                            role,
-                            epoch,
-                            reason: reason.to_string(),
-                        });
+                    // An embedder hears "primary" when on_primary would run
+                    // (epoch durable, queue replica promoted, tenure
+                    // prepared, addresses up); anything else at once.
+                    let change = RoleChange {
+                        role,
+                        epoch,
+                        reason: reason.to_string(),
+                    };
+                    if role != Role::Primary {
+                        self.publish_role(change.clone());
                     }
                     push_bounded(&mut self.transitions, line);
                     let promoted = (role == Role::Primary
@@ -839,11 +867,16 @@ impl Node {
                     match role {
                         Role::Primary => {
                             let prepared = self.engine.primary_prepared(self.tenure);
+                            let embed = self.roles_tx.clone();
                             self.roles.on_primary(env, async move {
                                 if let Some(p) = promoted {
                                     let _ = p.await;
                                 }
-                                prepared.await
+                                let ready = prepared.await;
+                                if let (true, Some(tx)) = (ready, embed) {
+                                    tx.send_replace(change);
+                                }
+                                ready
                             });
                         }
                         Role::Secondary if self.stopped_for_handover => {}
@@ -873,6 +906,12 @@ impl Node {
                 }
                 Action::PrepareHandover => {
                     self.stopped_for_handover = true;
+                    self.publish_role(RoleChange {
+                        role: Role::HandingOver,
+                        epoch: self.core.epoch(),
+                        reason: "switchover: stop serving; the peer takes over once replication has drained"
+                            .into(),
+                    });
                     let env = self.hook_env(
                         Role::Secondary,
                         "switchover",
@@ -897,6 +936,11 @@ impl Node {
                 }
                 Action::ResumeService { why } => {
                     self.stopped_for_handover = false;
+                    self.publish_role(RoleChange {
+                        role: Role::Primary,
+                        epoch: self.core.epoch(),
+                        reason: why.clone(),
+                    });
                     let env = self.hook_env(Role::Primary, "resume", why);
                     self.roles.on_primary(env, std::future::ready(true));
                 }
@@ -906,6 +950,12 @@ impl Node {
                     push_bounded(&mut self.alarms, line);
                 }
             }
+        }
+    }
+
+    fn publish_role(&self, change: RoleChange) {
+        if let Some(tx) = &self.roles_tx {
+            tx.send_replace(change);
         }
     }
 
@@ -1318,8 +1368,8 @@ async fn persist_worker(
     mut requests: mpsc::UnboundedReceiver<EpochRecord>,
     results: mpsc::UnboundedSender<Result<EpochRecord, String>>,
 ) {
-    // One answer per record, in order: the core counts them (records are
-    // rare; none is skipped for a newer one).
+    // One answer per record, in order, oldest first: the core counts them
+    // (records are rare; none is skipped for a newer one).
     while let Some(rec) = requests.recv().await {
         let res = crate::io::write_atomic(&dir, state::EPOCH_FILE, state::encode(&rec))
             .await
@@ -1354,8 +1404,15 @@ fn bind_control(path: &Path) -> Result<std::os::unix::net::UnixListener, DaemonE
 /// unix sockets (it sets SO_REUSEPORT, which AF_UNIX refuses), and operator
 /// requests are rare and tiny, so blocking I/O here costs nothing; requests
 /// reach the node's loop through a bounded channel.
-fn serve_control(listener: std::os::unix::net::UnixListener, to_node: mpsc::Sender<ControlMsg>) {
+fn serve_control(
+    listener: std::os::unix::net::UnixListener,
+    to_node: mpsc::Sender<ControlMsg>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) {
     for stream in listener.incoming() {
+        if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         let Ok(stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));

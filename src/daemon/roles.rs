@@ -121,7 +121,6 @@ enum Job {
 /// The hook runner of a node.
 pub struct RoleHooks {
     cfg: HooksConfig,
-    vips: Option<crate::vip::Vips>,
     jobs: mpsc::UnboundedSender<Job>,
     /// Each hook's last run.
     pub last: VecDeque<HookRun>,
@@ -147,7 +146,6 @@ impl RoleHooks {
         (
             RoleHooks {
                 cfg,
-                vips,
                 jobs,
                 last: VecDeque::new(),
             },
@@ -168,10 +166,9 @@ impl RoleHooks {
 
     /// Queues `on_primary` (and the service addresses before it), to run
     /// once `ready` resolves true.
+    /// (`ready` is awaited even without a hook: it also tells an embedder.)
     pub fn on_primary(&self, env: HookEnv, ready: impl Future<Output = bool> + 'static) {
-        if self.cfg.on_primary.is_some() || self.vips.is_some() {
-            let _ = self.jobs.send(Job::OnPrimary(env, Box::pin(ready)));
-        }
+        let _ = self.jobs.send(Job::OnPrimary(env, Box::pin(ready)));
     }
 
     /// Queues a switchover's preparation: `on_secondary`, then `drain()`

@@ -16,6 +16,8 @@ pub const INHERITED_VARS: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHD
 pub struct Systemd {
     watchdog: Option<Duration>,
     failed_once: std::cell::Cell<bool>,
+    /// Embedded, the process and its service manager are the embedder's.
+    off: bool,
 }
 
 impl Systemd {
@@ -23,6 +25,16 @@ impl Systemd {
         Systemd {
             watchdog: sd_notify::watchdog_enabled(),
             failed_once: std::cell::Cell::new(false),
+            off: false,
+        }
+    }
+
+    /// Says nothing to any service manager (an embedded node).
+    pub fn disabled() -> Systemd {
+        Systemd {
+            watchdog: None,
+            failed_once: std::cell::Cell::new(false),
+            off: true,
         }
     }
 
@@ -33,6 +45,9 @@ impl Systemd {
     }
 
     fn send(&self, state: &[NotifyState]) {
+        if self.off {
+            return;
+        }
         if let Err(e) = sd_notify::notify(state) {
             if !self.failed_once.replace(true) {
                 warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");

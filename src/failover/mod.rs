@@ -672,8 +672,12 @@ impl Core {
                 if self.role != Role::Failed {
                 } else if self.persist_failed {
                     // Directories look fine, but only a write proves the
-                    // state directory takes records again: retry it.
-                    self.persist();
+                    // state directory takes records again: retry it, one
+                    // write at a time (a slow failing disk must not build
+                    // a backlog of retries).
+                    if self.persists_in_flight == 0 {
+                        self.persist();
+                    }
                 } else {
                     self.enter_negotiating(now, Reason::SelfCheckPassed);
                 }

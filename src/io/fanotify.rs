@@ -33,6 +33,8 @@ pub const CHANGE_MASK: u64 = libc::FAN_CREATE
 pub struct RawEvent {
     pub mask: u64,
     pub pid: i32,
+    /// The filesystem's id (a handle is unique only within it).
+    pub fsid: [u8; 8],
     /// `struct file_handle`'s type and bytes of the directory.
     pub handle_type: i32,
     pub handle: Vec<u8>,
@@ -186,9 +188,12 @@ pub fn parse(mut b: &[u8], out: &mut Vec<RawEvent>) -> bool {
                         } else {
                             OsString::new()
                         };
+                        let mut fsid = [0u8; FSID_LEN];
+                        fsid.copy_from_slice(&rec[INFO_HDR_LEN..INFO_HDR_LEN + FSID_LEN]);
                         out.push(RawEvent {
                             mask,
                             pid,
+                            fsid,
                             handle_type,
                             handle,
                             name,
@@ -206,7 +211,10 @@ pub fn parse(mut b: &[u8], out: &mut Vec<RawEvent>) -> bool {
 
 /// The path of the directory behind `ev`'s handle, opened through
 /// `mount` (any descriptor on the same filesystem). `None` when it is gone
-/// or on another filesystem.
+/// or on another filesystem: a handle is only unique within its
+/// filesystem (another filesystem's root directory has the same inode
+/// number and generation), so the opened directory must be on `mount`'s
+/// device.
 pub fn dir_path(mount: BorrowedFd<'_>, ev: &RawEvent) -> Option<PathBuf> {
     // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }
     // in a u32 buffer for its alignment.
@@ -239,6 +247,10 @@ pub fn dir_path(mount: BorrowedFd<'_>, ev: &RawEvent) -> Option<PathBuf> {
     }
     // SAFETY: a new descriptor returned by the kernel, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let on = rustix::fs::fstat(&fd).ok()?.st_dev;
+    if on != rustix::fs::fstat(mount).ok()?.st_dev {
+        return None;
+    }
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd())).ok()?;
     if link.as_os_str().as_bytes().ends_with(b" (deleted)") {
         return None;

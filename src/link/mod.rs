@@ -599,7 +599,20 @@ pub async fn run_outbound(ctx: Rc<LinkCtx>, mut heartbeats: watch::Receiver<Opti
             handshake(&mut conn, &ctx, Side::Initiator, Channel::Heartbeat).await?;
             Ok::<Conn, LinkError>(conn)
         };
-        match tokio::time::timeout(ctx.io_timeout * 2, attempt).await {
+        // A connect hanging on a peer that was down is given up as soon as
+        // the peer connects to us: dial again at once.
+        let attempt = async {
+            tokio::select! {
+                r = tokio::time::timeout(ctx.io_timeout * 2, attempt) => Some(r),
+                _ = ctx.redial.notified() => None,
+            }
+        };
+        let Some(outcome) = attempt.await else {
+            debug!(peer = %ctx.peer_addr, "the peer connected to us during a dial: dialing it again");
+            backoff.reset();
+            continue;
+        };
+        match outcome {
             Ok(Ok(conn)) => {
                 backoff.reset();
                 last_error = None;

@@ -542,10 +542,37 @@ async fn foreign_loop(
     mode_rx: watch::Receiver<EngineMode>,
 ) {
     use super::foreign;
-    while let Some(batch) = rx.recv().await {
+    // A stray writer that keeps writing must not keep the replica from
+    // catching up: sessions end for foreign writes at most this often.
+    const SESSION_END_EVERY: Duration = Duration::from_secs(10);
+    let mut last_end: Option<tokio::time::Instant> = None;
+    while let Some(mut batch) = rx.recv().await {
         if *mode_rx.borrow() != EngineMode::Secondary {
             continue; // changes made as the node's role changed are its own
         }
+        if batch.paths.is_empty() {
+            // Only a kernel queue overflow (hasync's own landings during an
+            // initial sync can cause it): nothing to keep aside; whatever a
+            // stranger wrote meanwhile is found by the next verification.
+            warn!(
+                "the fanotify event queue overflowed: foreign writes during it cannot be told from hasync's own ({} unlisted)",
+                batch.unlisted
+            );
+            continue;
+        }
+        if let Some(t) = last_end {
+            tokio::time::sleep_until(t + SESSION_END_EVERY).await;
+        }
+        // Whatever arrived meanwhile is handled with it.
+        while let Ok(more) = rx.try_recv() {
+            batch.paths.extend(more.paths);
+            batch.unlisted += more.unlisted;
+            batch.overflow |= more.overflow;
+        }
+        if *mode_rx.borrow() != EngineMode::Secondary {
+            continue;
+        }
+        last_end = Some(tokio::time::Instant::now());
         while receiving.busy.get() {
             let released = receiving.released.notified();
             if let Some(c) = receiving.closer.borrow_mut().take() {

@@ -141,7 +141,7 @@ fn watch_loop(
     stop: Arc<AtomicBool>,
 ) {
     let me = std::process::id() as i32;
-    let mut outside: HashSet<(i32, Vec<u8>)> = HashSet::new();
+    let mut outside: HashSet<([u8; 8], i32, Vec<u8>)> = HashSet::new();
     let mut pending: BTreeMap<(usize, PathBuf), ForeignPath> = BTreeMap::new();
     let mut names: HashMap<i32, String> = HashMap::new();
     let mut batch = Batch::default();
@@ -209,14 +209,14 @@ fn watch_loop(
 /// Which store and path inside it an event is about, if any.
 fn locate(
     roots: &[(PathBuf, PathBuf, File)],
-    outside: &mut HashSet<(i32, Vec<u8>)>,
+    outside: &mut HashSet<([u8; 8], i32, Vec<u8>)>,
     ev: &RawEvent,
 ) -> Option<(usize, PathBuf)> {
     if ev.is_dir() && ev.mask & libc::FAN_MOVED_TO != 0 {
         // A folder moved: one that was outside may now be inside.
         outside.clear();
     }
-    let key = (ev.handle_type, ev.handle.clone());
+    let key = (ev.fsid, ev.handle_type, ev.handle.clone());
     if outside.contains(&key) {
         return None;
     }
