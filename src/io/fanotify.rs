@@ -209,13 +209,34 @@ pub fn parse(mut b: &[u8], out: &mut Vec<RawEvent>) -> bool {
     overflow
 }
 
+/// The filesystem id of the filesystem holding `fd`, as fanotify reports
+/// it in its records.
+pub fn fsid_of(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `fd` is an open descriptor for the call's duration and `st`
+    // is a writable `struct statfs`; the result is checked before use.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstatfs succeeded, so the kernel filled the whole struct.
+    let st = unsafe { st.assume_init() };
+    // SAFETY: `fsid_t` is `#[repr(C)] struct { int val[2]; }`: 8 bytes with
+    // no padding, and any bytes are valid `[u8; 8]`. libc keeps the field
+    // private, so the bytes are taken whole, in the kernel's order (the
+    // order fanotify writes them in its records).
+    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [u8; 8]>(st.f_fsid) })
+}
+
 /// The path of the directory behind `ev`'s handle, opened through
-/// `mount` (any descriptor on the same filesystem). `None` when it is gone
+/// `mount`, whose filesystem id is `mount_fsid`. `None` when it is gone
 /// or on another filesystem: a handle is only unique within its
-/// filesystem (another filesystem's root directory has the same inode
-/// number and generation), so the opened directory must be on `mount`'s
-/// device.
-pub fn dir_path(mount: BorrowedFd<'_>, ev: &RawEvent) -> Option<PathBuf> {
+/// filesystem (on ext4 every root directory is inode 2, generation 0), so
+/// it is opened only through a descriptor on the filesystem the event
+/// names.
+pub fn dir_path(mount: BorrowedFd<'_>, mount_fsid: [u8; 8], ev: &RawEvent) -> Option<PathBuf> {
+    if ev.fsid != mount_fsid {
+        return None;
+    }
     // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[]; }
     // in a u32 buffer for its alignment.
     let words = 2 + ev.handle.len().div_ceil(4);
@@ -247,10 +268,6 @@ pub fn dir_path(mount: BorrowedFd<'_>, ev: &RawEvent) -> Option<PathBuf> {
     }
     // SAFETY: a new descriptor returned by the kernel, owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let on = rustix::fs::fstat(&fd).ok()?.st_dev;
-    if on != rustix::fs::fstat(mount).ok()?.st_dev {
-        return None;
-    }
     let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd())).ok()?;
     if link.as_os_str().as_bytes().ends_with(b" (deleted)") {
         return None;
@@ -309,6 +326,81 @@ mod tests {
         assert_eq!(out[1].handle.len(), 12);
     }
 
+    /// Two filesystems: the root directory of each has the same inode
+    /// number and generation, so a handle from one must never resolve
+    /// through the other's descriptor.
+    #[test]
+    fn a_handle_resolves_only_through_its_own_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let mut mounted = Vec::new();
+        // ext4: every filesystem's root is inode 2, generation 0.
+        for m in [&a, &b] {
+            std::fs::create_dir(m).unwrap();
+            let img = m.with_extension("img");
+            std::fs::File::create(&img)
+                .unwrap()
+                .set_len(8 << 20)
+                .unwrap();
+            let st = std::process::Command::new("mkfs.ext4")
+                .args(["-q", "-F"])
+                .arg(&img)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mkfs.ext4 (e2fsprogs) is needed");
+            let st = std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(m)
+                .status()
+                .unwrap();
+            assert!(st.success(), "mounting a loop device needs root");
+            mounted.push(m.clone());
+        }
+        let result = std::panic::catch_unwind(|| {
+            let mut fan = Fanotify::new().unwrap();
+            fan.mark_filesystem(&a, CHANGE_MASK).unwrap();
+            fan.mark_filesystem(&b, CHANGE_MASK).unwrap();
+            let st = std::process::Command::new("touch")
+                .arg(b.join("in-b"))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let fa = std::fs::File::open(&a).unwrap();
+            let fb = std::fs::File::open(&b).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                let mut evs = Vec::new();
+                fan.read(Duration::from_millis(100), &mut evs).unwrap();
+                if let Some(ev) = evs.iter().find(|e| e.name == "in-b") {
+                    let (ida, idb) = (fsid_of(fa.as_fd()).unwrap(), fsid_of(fb.as_fd()).unwrap());
+                    assert_ne!(ida, idb);
+                    assert_eq!(
+                        dir_path(fa.as_fd(), ida, ev),
+                        None,
+                        "resolved through the wrong filesystem"
+                    );
+                    assert_eq!(
+                        dir_path(fb.as_fd(), idb, ev),
+                        Some(std::fs::canonicalize(&b).unwrap())
+                    );
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no event for the file in b"
+                );
+            }
+        });
+        for m in mounted {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&m)
+                .status();
+        }
+        result.unwrap();
+    }
+
     #[test]
     fn sees_another_process_create_a_file_and_resolves_its_directory() {
         let dir = tempfile::tempdir().unwrap();
@@ -327,6 +419,7 @@ mod tests {
             .unwrap();
         assert!(st.success());
         let mount = std::fs::File::open(dir.path()).unwrap();
+        let mount_fsid = fsid_of(mount.as_fd()).unwrap();
         let me = std::process::id() as i32;
         let want = std::fs::canonicalize(dir.path()).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -336,7 +429,7 @@ mod tests {
             fan.read(Duration::from_millis(100), &mut evs).unwrap();
             for ev in evs {
                 if ev.name == "from-touch" && ev.mask & libc::FAN_CREATE != 0 {
-                    found = Some((ev.pid, dir_path(mount.as_fd(), &ev)));
+                    found = Some((ev.pid, dir_path(mount.as_fd(), mount_fsid, &ev)));
                 }
             }
         }

@@ -115,7 +115,8 @@ impl ForeignWatch {
             let internal = std::fs::canonicalize(&r.internal).unwrap_or(r.internal.clone());
             fan.mark_filesystem(&root, fanotify::CHANGE_MASK)?;
             let fd = File::open(&root)?;
-            watched.push((root, internal, fd));
+            let fsid = fanotify::fsid_of(fd.as_fd())?;
+            watched.push((root, internal, fd, fsid));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
@@ -135,7 +136,7 @@ fn comm(pid: i32) -> String {
 
 fn watch_loop(
     mut fan: Fanotify,
-    roots: Vec<(PathBuf, PathBuf, File)>,
+    roots: Vec<(PathBuf, PathBuf, File, [u8; 8])>,
     excludes: Excludes,
     tx: mpsc::UnboundedSender<Batch>,
     stop: Arc<AtomicBool>,
@@ -208,7 +209,7 @@ fn watch_loop(
 
 /// Which store and path inside it an event is about, if any.
 fn locate(
-    roots: &[(PathBuf, PathBuf, File)],
+    roots: &[(PathBuf, PathBuf, File, [u8; 8])],
     outside: &mut HashSet<([u8; 8], i32, Vec<u8>)>,
     ev: &RawEvent,
 ) -> Option<(usize, PathBuf)> {
@@ -222,13 +223,13 @@ fn locate(
     }
     let dir = roots
         .iter()
-        .find_map(|(_, _, fd)| fanotify::dir_path(fd.as_fd(), ev))?;
+        .find_map(|(_, _, fd, fsid)| fanotify::dir_path(fd.as_fd(), *fsid, ev))?;
     let full = if ev.name.is_empty() {
         dir.clone()
     } else {
         dir.join(&ev.name)
     };
-    for (i, (root, internal, _)) in roots.iter().enumerate() {
+    for (i, (root, internal, _, _)) in roots.iter().enumerate() {
         if dir.starts_with(internal) || full.starts_with(internal) {
             return None;
         }
@@ -239,7 +240,7 @@ fn locate(
             return Some((i, rel.to_path_buf()));
         }
     }
-    if !roots.iter().any(|(root, _, _)| root.starts_with(&dir)) {
+    if !roots.iter().any(|(root, _, _, _)| root.starts_with(&dir)) {
         if outside.len() >= OUTSIDE_CACHE_MAX {
             outside.clear();
         }
