@@ -131,7 +131,12 @@ impl Node {
     }
 
     /// Role changes: the current one, and every change after it (a slow
-    /// reader sees the latest, never a backlog).
+    /// reader sees the latest, never a backlog). `Primary` arrives when the
+    /// node is ready to serve (its epoch durable, a queue replica promoted,
+    /// IMAP UIDs raised, service addresses up: when `on_primary` would run);
+    /// `HandingOver` when a switchover starts (stop serving: the peer
+    /// promotes once replication has drained), `Primary` again if it is
+    /// abandoned; every other role at once.
     pub fn roles(&self) -> Roles {
         Roles {
             rx: self.roles.clone(),

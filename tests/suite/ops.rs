@@ -227,8 +227,14 @@ fn metrics_are_scraped_and_pass_promtool() {
     });
     tp.start_all();
     let p = tp.wait_formed(Duration::from_secs(20)).unwrap();
-    // Changes the tracker sees (not the initial sync) are timed.
+    // Changes the tracker sees once the session streams (not the initial
+    // sync) are timed.
     tp.wait_tracking(p);
+    tp.nodes[p]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+            s.replication.connected && s.replication.phase == "streaming"
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let store = tp.store(p, "inbox");
     std::fs::create_dir_all(store.join("INBOX/new")).unwrap();
     for i in 0..50 {
