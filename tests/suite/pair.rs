@@ -241,7 +241,7 @@ fn a_node_restarted_after_a_long_outage_hears_its_peer_within_a_short_startup_wa
     let (mut tp, p) = TestPair::formed(PairOptions {
         heartbeat_interval_ms: 50,
         heartbeat_lost_threshold: 4,
-        startup_wait_ms: 150,
+        startup_wait_ms: 400,
         ..PairOptions::default()
     });
     let s = 1 - p;
