@@ -496,6 +496,24 @@ async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<
     }
 }
 
+/// Whether the file at `rel` is still the version this node landed (size,
+/// mtime and inode as in the index; the ctime moves with the landing's
+/// rename, so it is not compared).
+fn landed_unchanged(rs: &RecvStore, rel: &Path) -> bool {
+    let Some(e) = rs.index.get(rel) else {
+        return false;
+    };
+    let Ok(m) = std::fs::symlink_metadata(rs.root.path().join(rel)) else {
+        return false;
+    };
+    use std::os::unix::fs::MetadataExt;
+    m.is_file()
+        && e.version.size == m.len()
+        && e.version.mtime_s == m.mtime()
+        && i64::from(e.version.mtime_ns) == m.mtime_nsec()
+        && e.version.ino == m.ino()
+}
+
 /// While secondary: watch the replica roots for writes by other processes.
 fn start_foreign_watch(
     shared: &Shared,
@@ -618,6 +636,11 @@ async fn foreign_loop(
             let Some(rs) = st.get_mut(p.store) else {
                 continue;
             };
+            if p.only_closed_after_write() && landed_unchanged(rs, &p.rel) {
+                // Opened for writing and closed, but not written (same
+                // size, mtime and inode as landed): nothing to keep aside.
+                continue;
+            }
             match rs.root.keep_aside(&p.rel) {
                 Ok(Some(to)) => {
                     info!(store = %rs.name, path = %p.rel.display(), kept = %to.display(), by = %p.by, "foreign write kept aside");

@@ -62,6 +62,14 @@ impl ForeignPath {
     /// A file (or folder) that a foreign process created or wrote: it holds
     /// data the primary never had, and is kept aside. Deletions, renames
     /// away and attribute changes only need the primary's version back.
+    /// Seen only as closed after being opened for writing (an open for
+    /// writing reports this even when nothing was written).
+    pub fn only_closed_after_write(&self) -> bool {
+        !self.is_dir
+            && self.mask & (libc::FAN_CREATE | libc::FAN_MOVED_TO) == 0
+            && self.mask & libc::FAN_CLOSE_WRITE != 0
+    }
+
     pub fn holds_foreign_data(&self) -> bool {
         let added = libc::FAN_CREATE | libc::FAN_MOVED_TO;
         if self.is_dir {

@@ -264,6 +264,14 @@ fn a_secondary_keeps_writes_by_other_processes_aside_and_alarms() {
     }
     std::fs::remove_file(dst.join("INBOX/cur/3.mx1:2,S")).unwrap();
     write(&dst.join("INBOX/cur/4.mx1:2,S"), "rewritten locally\n");
+    // Opened for writing and closed without a write: not a conflict.
+    drop(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dst.join("INBOX/cur/5.mx1:2,S"))
+            .unwrap(),
+    );
 
     let alarm = loop {
         let st = tp.nodes[s].status().unwrap();
@@ -306,6 +314,7 @@ fn a_secondary_keeps_writes_by_other_processes_aside_and_alarms() {
     );
     assert!(r.foreign_writes >= 22, "{r:?}");
     let mut kept = Vec::new();
+    let mut untouched = Vec::new();
     let mut stack = vec![tp.nodes[p].state_dir.clone()];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
@@ -313,9 +322,15 @@ fn a_secondary_keeps_writes_by_other_processes_aside_and_alarms() {
                 stack.push(e.path());
             } else if e.file_name().to_string_lossy().starts_with("stray") {
                 kept.push(e.path());
+            } else if e.file_name().to_string_lossy().starts_with("5.mx1") {
+                untouched.push(e.path());
             }
         }
     }
+    assert!(
+        untouched.is_empty(),
+        "a file only opened for writing became a conflict: {untouched:?}"
+    );
     assert_eq!(
         kept.len(),
         20,
