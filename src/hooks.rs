@@ -69,13 +69,14 @@ pub fn run(argv: &[String], env: &[(String, String)], timeout: Duration) -> Outc
     };
     // A process group of its own, so a timeout kills what the command
     // started too (a shell's children would otherwise keep the pipes open).
-    let mut child = match Command::new(prog)
+    let mut cmd = Command::new(prog);
+    for var in crate::daemon::systemd::INHERITED_VARS {
+        cmd.env_remove(var);
+    }
+    let mut child = match cmd
         .process_group(0)
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .env_remove(crate::daemon::systemd::INHERITED_VARS[0])
-        .env_remove(crate::daemon::systemd::INHERITED_VARS[1])
-        .env_remove(crate::daemon::systemd::INHERITED_VARS[2])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -960,8 +960,7 @@ impl Node {
     }
 
     /// What a switchover now would leave behind, if anything.
-    fn switchover_blocker(&self) -> Option<String> {
-        let r = self.engine.status();
+    fn switchover_blocker(&self, r: &crate::replica::stats::ReplStatus) -> Option<String> {
         match self.core.role() {
             Role::Primary => {
                 if !r.connected {
@@ -1034,26 +1033,28 @@ impl Node {
                 Err(e) => Response::error(e),
             },
             Request::RestoreConflicts { id } => self.restore_conflicts(id.as_deref()),
-            // Without a live peer the core refuses, with its own reason.
-            Request::Failover { force: false }
-                if self.core.status().peer_alive && self.switchover_blocker().is_some() =>
-            {
-                Response::error(format!(
-                    "{NOT_SAFE}{}; `hasync failover --wait` waits for it, `--force` switches over anyway",
-                    self.switchover_blocker().unwrap_or_default()
-                ))
-            }
-            Request::Failover { .. } => match self.core.request_switchover(now) {
-                Ok(()) => {
-                    info!("operator requested switchover");
-                    Response::message(format!(
-                        "switchover started from {} at epoch {}",
-                        self.core.role(),
-                        self.core.epoch()
-                    ))
+            Request::Failover { force } => {
+                // Without a live peer the core refuses, with its own reason.
+                let blocker = (!force && self.core.status().peer_alive)
+                    .then(|| self.switchover_blocker(&self.engine.status()))
+                    .flatten();
+                if let Some(why) = blocker {
+                    return Response::error(format!(
+                        "{NOT_SAFE}{why}; `hasync failover --wait` waits for it, `--force` switches over anyway"
+                    ));
                 }
-                Err(e) => Response::error(format!("switchover refused: {e}")),
-            },
+                match self.core.request_switchover(now) {
+                    Ok(()) => {
+                        info!("operator requested switchover");
+                        Response::message(format!(
+                            "switchover started from {} at epoch {}",
+                            self.core.role(),
+                            self.core.epoch()
+                        ))
+                    }
+                    Err(e) => Response::error(format!("switchover refused: {e}")),
+                }
+            }
             Request::Notify { path } => match self.engine.notify(&path) {
                 Ok(()) => Response::message(format!("{} queued for the secondary", path.display())),
                 Err(e) => Response::error(format!("notify refused: {e}")),
@@ -1225,6 +1226,8 @@ impl Node {
         let stats = &self.link.stats;
         let gaps = stats.gaps_us.borrow();
         let gap = |q: f64| (!gaps.is_empty()).then(|| gaps.value_at_quantile(q) as f64 / 1000.0);
+        let replication = self.engine.status();
+        let switchover_blocker = self.switchover_blocker(&replication);
         Status {
             node: self.cfg.node_name.clone(),
             pid: std::process::id(),
@@ -1304,7 +1307,7 @@ impl Node {
                         .max(),
                 }
             },
-            replication: self.engine.status(),
+            replication,
             hooks: control::HooksStatus {
                 configured: [
                     ("on_primary", &self.cfg.hooks.on_primary),
@@ -1338,7 +1341,7 @@ impl Node {
                 .unwrap_or_default(),
             alarms: self.alarms.iter().cloned().collect(),
             transitions: self.transitions.iter().cloned().collect(),
-            switchover_blocker: self.switchover_blocker(),
+            switchover_blocker,
         }
     }
 }

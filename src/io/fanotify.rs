@@ -220,11 +220,11 @@ pub fn fsid_of(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
     }
     // SAFETY: fstatfs succeeded, so the kernel filled the whole struct.
     let st = unsafe { st.assume_init() };
-    // SAFETY: `fsid_t` is `#[repr(C)] struct { int val[2]; }`: 8 bytes with
-    // no padding, and any bytes are valid `[u8; 8]`. libc keeps the field
-    // private, so the bytes are taken whole, in the kernel's order (the
-    // order fanotify writes them in its records).
-    Ok(unsafe { std::mem::transmute::<libc::fsid_t, [u8; 8]>(st.f_fsid) })
+    // libc keeps `fsid_t`'s field private: its bytes are taken whole, in
+    // the kernel's order (the order fanotify writes them in its records).
+    // SAFETY: `fsid_t` is `#[repr(C)] struct { int val[2]; }`, 8 bytes without padding; any bytes are a valid `[u8; 8]`.
+    let fsid = unsafe { std::mem::transmute::<libc::fsid_t, [u8; 8]>(st.f_fsid) };
+    Ok(fsid)
 }
 
 /// The path of the directory behind `ev`'s handle, opened through

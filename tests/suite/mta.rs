@@ -644,12 +644,37 @@ fn smtp_send(port: u16, rcpt: &str) -> Result<String, String> {
     unreachable!()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `[hooks]` running the example hook `contrib/hooks/<name>` for every role,
+/// with the node's `<conf>` (relative to the node's directory).
+fn example_hooks(name: &str, conf: &str) -> String {
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("contrib/hooks")
+        .join(name);
+    let h = |action: &str| {
+        format!(
+            "[\"{}\", \"{action}\", \"{{node_root}}/{conf}\"]",
+            hook.display()
+        )
+    };
+    format!(
+        "[hooks]\non_primary = {}\non_secondary = {}\non_failed = {}\non_off = {}\n",
+        h("primary"),
+        h("secondary"),
+        h("failed"),
+        h("off")
+    )
+}
+
+/// A pair with fast failure detection and the given extra configuration.
+fn hooked_pair(extra: String, inbox_kind: Option<&'static str>) -> TestPair {
+    TestPair::new(PairOptions {
+        heartbeat_interval_ms: 50,
+        heartbeat_lost_threshold: 4,
+        startup_wait_ms: 600,
+        extra_toml: Some(extra),
+        inbox_kind,
+        ..PairOptions::default()
+    })
 }
 
 fn wait_smtp(port: u16, accepting: bool, what: &str) {
@@ -671,26 +696,7 @@ fn wait_smtp(port: u16, accepting: bool, what: &str) {
 #[test]
 fn the_example_postfix_hooks_run_the_mta_on_the_primary_only() {
     need("postfix");
-    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/hooks/postfix");
-    let h = |action: &str| {
-        format!(
-            "[\"{}\", \"{action}\", \"{{node_root}}/postfix-etc\"]",
-            hook.display()
-        )
-    };
-    let extra = format!(
-        "[hooks]\non_primary = {}\non_secondary = {}\non_off = {}\n",
-        h("primary"),
-        h("secondary"),
-        h("off")
-    );
-    let mut tp = TestPair::new(PairOptions {
-        heartbeat_interval_ms: 50,
-        heartbeat_lost_threshold: 4,
-        startup_wait_ms: 600,
-        extra_toml: Some(extra),
-        ..PairOptions::default()
-    });
+    let mut tp = hooked_pair(example_hooks("postfix", "postfix-etc"), None);
     let ports = [free_port(), free_port()];
     let roots: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.root.clone()).collect();
     let queues: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.queue_dir.clone()).collect();
@@ -820,28 +826,10 @@ fn wait_imap(port: u16, want: Option<u64>, what: &str) {
 /// switchover moves IMAP back.
 #[test]
 fn the_example_dovecot_hooks_serve_imap_on_the_primary_only() {
-    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/hooks/dovecot");
-    let h = |action: &str| {
-        format!(
-            "[\"{}\", \"{action}\", \"{{node_root}}/dovecot.conf\"]",
-            hook.display()
-        )
-    };
-    let extra = format!(
-        "[hooks]\non_primary = {}\non_secondary = {}\non_failed = {}\non_off = {}\n",
-        h("primary"),
-        h("secondary"),
-        h("failed"),
-        h("off")
+    let mut tp = hooked_pair(
+        example_hooks("dovecot", "dovecot.conf"),
+        Some("kind = \"dovecot-maildir\", uid_margin = 1000"),
     );
-    let mut tp = TestPair::new(PairOptions {
-        heartbeat_interval_ms: 50,
-        heartbeat_lost_threshold: 4,
-        startup_wait_ms: 600,
-        inbox_kind: Some("kind = \"dovecot-maildir\", uid_margin = 1000"),
-        extra_toml: Some(extra),
-        ..PairOptions::default()
-    });
     let ports = [free_port(), free_port()];
     let stores: Vec<PathBuf> = (0..2).map(|i| tp.store(i, "inbox")).collect();
     let roots: Vec<PathBuf> = tp.pair.nodes.iter().map(|n| n.root.clone()).collect();

@@ -205,14 +205,6 @@ fn http_get(port: u16, request: &str) -> String {
     out
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `[metrics] listen`: a scrape of a running primary passes `promtool check
 /// metrics` (Debian's prometheus package) and shows role, epoch, heartbeat
 /// gaps and the change → durable lag as histograms; anything but
@@ -278,17 +270,30 @@ fn metrics_are_scraped_and_pass_promtool() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(body);
+    let promtool = {
+        use std::io::Write;
+        use std::process::Stdio;
+        let mut child = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("promtool is installed by .ci/run (Debian's prometheus package)");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
     assert!(
         promtool.status.success(),
         "promtool check metrics: {}{}",
         String::from_utf8_lossy(&promtool.stdout),
         String::from_utf8_lossy(&promtool.stderr)
     );
-    promtool.stdout.clear();
     // Every series the shipped Grafana dashboard queries exists.
     let dash = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -327,28 +332,6 @@ fn metrics_are_scraped_and_pass_promtool() {
     let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000));
     assert!(http_get(ports[p], &huge).starts_with("HTTP/1.1 431"));
     drop(stuck);
-}
-
-trait OutputWithStdin {
-    fn output_with_stdin(&mut self, input: &str) -> std::process::Output;
-}
-
-impl OutputWithStdin for std::process::Command {
-    fn output_with_stdin(&mut self, input: &str) -> std::process::Output {
-        use std::io::Write;
-        let mut child = self
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("promtool is installed by .ci/run (Debian's prometheus package)");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    }
 }
 
 /// The embedding facade against a real peer: a node started in this

@@ -79,6 +79,15 @@ impl TestPair {
     }
 }
 
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Runs the hasync binary with `args`.
 pub fn hasync(args: &[&str]) -> Output {
     Command::new(exe()).args(args).output().unwrap()
