@@ -553,11 +553,7 @@ fn dovecot_never_reuses_a_uid_the_old_primary_handed_out() {
     assert_eq!(dv1.uids("alice").last().unwrap().0, 8);
     dv1.stop();
     tp.nodes[0].kill9().unwrap();
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(10));
     // Dovecot starts once the node is primary and its UIDs are raised (as
     // a role hook would).
     let until = Instant::now() + Duration::from_secs(10);
@@ -596,15 +592,21 @@ fn dovecot_never_reuses_a_uid_the_old_primary_handed_out() {
     );
 }
 
-/// One SMTP transaction to 127.0.0.1:`port`; the server's last reply.
-fn smtp_send(port: u16, rcpt: &str) -> Result<String, String> {
-    use std::io::{BufRead, BufReader, Write};
+/// A line-reading client connection to 127.0.0.1:`port` (10 s read timeout).
+fn line_client(
+    port: u16,
+) -> Result<(std::io::BufReader<std::net::TcpStream>, std::net::TcpStream), String> {
     let stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let mut r = BufReader::new(stream.try_clone().unwrap());
-    let mut w = stream;
+    Ok((std::io::BufReader::new(stream.try_clone().unwrap()), stream))
+}
+
+/// One SMTP transaction to 127.0.0.1:`port`; the server's last reply.
+fn smtp_send(port: u16, rcpt: &str) -> Result<String, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let (mut r, mut w) = line_client(port)?;
     let reply = |r: &mut BufReader<std::net::TcpStream>| -> Result<String, String> {
         let mut all = String::new();
         loop {
@@ -746,11 +748,7 @@ fn the_example_postfix_hooks_run_the_mta_on_the_primary_only() {
     // Switchover back: mx2 stops its Postfix before mx1 promotes.
     let r = tp.nodes[1].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
-    tp.nodes[0]
-        .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(30));
     wait_smtp(
         ports[0],
         true,
@@ -767,12 +765,7 @@ fn the_example_postfix_hooks_run_the_mta_on_the_primary_only() {
 /// returns how many messages INBOX holds.
 fn imap_inbox_count(port: u16, user: &str) -> Result<u64, String> {
     use std::io::{BufRead, BufReader, Write};
-    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut r = BufReader::new(stream.try_clone().unwrap());
-    let mut w = stream;
+    let (mut r, mut w) = line_client(port)?;
     let mut lines = Vec::new();
     let mut until_tagged =
         |r: &mut BufReader<std::net::TcpStream>, tag: &str| -> Result<(), String> {
@@ -856,11 +849,7 @@ fn the_example_dovecot_hooks_serve_imap_on_the_primary_only() {
     tp.nodes[0].kill9().unwrap();
     dv[0].stop();
     dv[0].running = true;
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(10));
     wait_imap(
         ports[1],
         Some(3),
@@ -878,11 +867,7 @@ fn the_example_dovecot_hooks_serve_imap_on_the_primary_only() {
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let r = tp.nodes[1].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
-    tp.nodes[0]
-        .wait_status(Duration::from_secs(30), Duration::from_millis(20), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(30));
     wait_imap(
         ports[0],
         Some(4),

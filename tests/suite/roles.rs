@@ -155,11 +155,7 @@ fn switchover_stops_the_writer_and_drains_before_the_peer_promotes() {
     std::thread::sleep(Duration::from_millis(700));
     let r = tp.nodes[0].switchover(Duration::from_secs(30)).unwrap();
     assert!(r.ok, "{r:?}");
-    let st = tp.nodes[1]
-        .wait_status(Duration::from_secs(20), Duration::from_millis(1), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let st = tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     // The instant the peer is primary, it holds every file written.
     let on_new = digest(&tp.store(1, "inbox"));
     done.store(true, Ordering::Relaxed);
@@ -203,16 +199,8 @@ fn on_primary_failure_with_step_down_hands_the_role_over() {
     // mx2 will be healthy, mx1 (the higher priority) not.
     std::fs::write(tp.pair.nodes[1].root.join("healthy"), b"").unwrap();
     tp.start_all();
-    let st = tp.nodes[1]
-        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let st1 = tp.nodes[0]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
-            s.mode == Role::Off
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let st = tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    let st1 = tp.wait_mode(0, Role::Off, Duration::from_secs(10));
     assert!(
         st1.reason.contains("on_primary hook failed"),
         "{}",

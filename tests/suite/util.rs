@@ -204,6 +204,13 @@ impl TestPair {
             .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
     }
 
+    /// Waits until node `i` is in `role`; its status then.
+    pub fn wait_mode(&self, i: usize, role: Role, timeout: Duration) -> hasync::Status {
+        self.pair.nodes[i]
+            .wait_status(timeout, Duration::from_millis(10), |s| s.mode == role)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
+    }
+
     pub fn repl(&self, i: usize) -> hasync::replica::stats::ReplStatus {
         self.pair.nodes[i].status().unwrap().replication
     }
