@@ -182,6 +182,8 @@ pub(crate) fn run_with(cfg: Config, embed: Option<Embedding>) -> Result<(), Daem
         },
         push_done_tx,
     )?;
+    // Sessions from below the durable epoch are refused from the start.
+    engine.observe_epoch(record.epoch);
     tokio_uring::start(async move {
         let mut node = Node::start(cfg, key, record, engine, push_done_rx).await?;
         let shutdown = match embed {
@@ -555,7 +557,10 @@ impl Node {
                 }
                 Some(res) = self.persisted_rx.recv() => {
                     let ev = match res {
-                        Ok(rec) => Event::Persisted(rec),
+                        Ok(rec) => {
+                            self.engine.observe_epoch(rec.epoch);
+                            Event::Persisted(rec)
+                        }
                         Err(why) => Event::PersistFailed(why),
                     };
                     self.core.handle_event(Instant::now(), ev);
@@ -855,11 +860,14 @@ impl Node {
                     let promoted = (role == Role::Primary
                         && self.cfg.queue.sync != crate::config::QueueSync::Off)
                         .then(|| self.engine.promote_queue_replica());
-                    self.tenure = self.engine.set_mode(match role {
-                        Role::Primary => EngineMode::Primary,
-                        Role::Secondary => EngineMode::Secondary,
-                        _ => EngineMode::Idle,
-                    });
+                    self.tenure = self.engine.set_mode(
+                        match role {
+                            Role::Primary => EngineMode::Primary,
+                            Role::Secondary => EngineMode::Secondary,
+                            _ => EngineMode::Idle,
+                        },
+                        epoch,
+                    );
                     if role != Role::Secondary {
                         self.catch_up_reported = false;
                     }
@@ -902,7 +910,7 @@ impl Node {
                         peer_epoch,
                         "queue push requested: this node served as primary before and must hand its queued mail to the primary at epoch {peer_epoch}"
                     );
-                    self.engine.push_queue();
+                    self.engine.push_queue(peer_epoch);
                 }
                 Action::PrepareHandover => {
                     self.stopped_for_handover = true;
@@ -1061,7 +1069,7 @@ impl Node {
             },
             Request::PushQueue => {
                 if self.core.role() == Role::Secondary {
-                    self.engine.push_queue();
+                    self.engine.push_queue(self.core.epoch());
                     Response::message("queue push started: see `hasync status` for progress")
                 } else {
                     Response::error(format!(

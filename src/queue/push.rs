@@ -50,6 +50,8 @@ pub enum PushError {
     Ledger(#[from] LedgerError),
     #[error("the peer uses queue layout {theirs}, this node {ours}: configure the same queue.layout on both")]
     LayoutDiffers { ours: String, theirs: String },
+    #[error("the push is addressed to the primary of epoch {addressed}, but the receiving node serves epoch {serving}: refused")]
+    Fenced { addressed: u64, serving: u64 },
 }
 
 fn layout_code(l: Layout) -> u8 {
@@ -112,6 +114,7 @@ pub async fn push(
     mut r: FrameReader,
     w: FrameWriter,
     progress: &Mutex<PushReport>,
+    epoch: u64,
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
     let peer = w.peer().to_string();
@@ -144,6 +147,7 @@ pub async fn push(
     let mut out = Vec::new();
     SyncMsg::QueueStart {
         layout: layout_code(layout_kind),
+        epoch,
     }
     .encode(&mut out);
     w.send_bytes(out).await?;
@@ -237,6 +241,12 @@ pub async fn push(
             peer: r.peer(),
             source,
         })?;
+        if let SyncMsg::Fenced { seen } = m {
+            return Err(PushError::Fenced {
+                addressed: epoch,
+                serving: seen,
+            });
+        }
         let SyncMsg::QueueAck {
             id: acked,
             outcome,
@@ -302,6 +312,12 @@ pub async fn push(
     let frame = r.recv_frame().await?;
     match SyncMsg::decode(&frame) {
         Ok(SyncMsg::QueueEndAck { hook_ok }) => report.hook_ok = Some(hook_ok),
+        Ok(SyncMsg::Fenced { seen }) => {
+            return Err(PushError::Fenced {
+                addressed: epoch,
+                serving: seen,
+            })
+        }
         _ => {
             return Err(PushError::Protocol {
                 peer,
@@ -486,16 +502,33 @@ impl Ingester {
         Ok(())
     }
 
-    /// Serves one push connection.
-    pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), PushError> {
+    /// Serves one push connection, addressed to the primary tenure `epoch`
+    /// (this node's): a push addressed to any other is refused.
+    pub async fn serve(
+        &mut self,
+        mut r: FrameReader,
+        w: FrameWriter,
+        epoch: u64,
+    ) -> Result<(), PushError> {
         let peer = r.peer().to_string();
         let first = SyncMsg::decode(&r.recv_frame().await?).map_err(|source| LinkError::Wire {
             peer: r.peer(),
             source,
         })?;
         match first {
-            SyncMsg::QueueStart { layout } if layout == layout_code(self.layout) => {}
-            SyncMsg::QueueStart { layout } => {
+            SyncMsg::QueueStart {
+                epoch: addressed, ..
+            } if addressed != epoch => {
+                let mut out = Vec::new();
+                SyncMsg::Fenced { seen: epoch }.encode(&mut out);
+                let _ = w.send_bytes(out).await;
+                return Err(PushError::Fenced {
+                    addressed,
+                    serving: epoch,
+                });
+            }
+            SyncMsg::QueueStart { layout, .. } if layout == layout_code(self.layout) => {}
+            SyncMsg::QueueStart { layout, .. } => {
                 return Err(PushError::LayoutDiffers {
                     ours: format!("{:?}", self.layout),
                     theirs: format!("code {layout}"),

@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
+use super::fence::Fence;
 use super::fsops::Root;
 use super::index::Index;
 use super::receiver::{Receiver, RecvStore};
@@ -130,6 +131,8 @@ pub enum EngineError {
     Tracker(#[from] crate::tracker::TrackerError),
     #[error("cannot start the replication thread: {0}")]
     Thread(std::io::Error),
+    #[error("the data path's fence: {0}")]
+    Fence(#[from] super::fence::FenceError),
 }
 
 /// Handle owned by the daemon or an embedding application.
@@ -139,7 +142,12 @@ pub struct Engine {
     commit_wake: Arc<tokio::sync::Notify>,
     store_roots: Vec<PathBuf>,
     mode_tx: watch::Sender<EngineMode>,
-    push_tx: mpsc::UnboundedSender<()>,
+    /// The highest epoch known: a primary's sessions carry it, sessions
+    /// from below it are refused.
+    fence: Arc<Fence>,
+    /// Sync sessions this node has open as primary.
+    sending: Arc<Sending>,
+    push_tx: mpsc::UnboundedSender<u64>,
     promote_tx: mpsc::UnboundedSender<oneshot::Sender<()>>,
     /// A switchover's drain request, answered by the sender.
     drain: Arc<Mutex<Option<DrainRequest>>>,
@@ -161,6 +169,8 @@ impl Engine {
         done: mpsc::UnboundedSender<PushOutcome>,
     ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
+        let fence = Arc::new(Fence::load(&cfg.state_dir)?);
+        let sending = Arc::new(Sending::default());
         let store_roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
         let listener = crate::io::bind_listener(cfg.sync_listen, Duration::from_secs(10)).map_err(
             |source| EngineError::Listen {
@@ -183,6 +193,8 @@ impl Engine {
         let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
         let commit_wake = Arc::new(tokio::sync::Notify::new());
         let shared = Shared {
+            fence: fence.clone(),
+            sending: sending.clone(),
             commit_rx,
             commit_wake: commit_wake.clone(),
             queue: queue.clone(),
@@ -203,6 +215,8 @@ impl Engine {
             })
             .map_err(EngineError::Thread)?;
         Ok(Engine {
+            fence,
+            sending,
             commit_tx,
             commit_wake,
             store_roots,
@@ -220,19 +234,56 @@ impl Engine {
         })
     }
 
-    /// Returns the primary tenure this mode belongs to (a new one each
-    /// time the mode becomes `Primary`).
-    pub fn set_mode(&self, mode: EngineMode) -> u64 {
+    /// Sets the role the engine acts in, at `epoch` (a primary's or a
+    /// secondary's epoch is known to be real: it is taken into the fence).
+    /// Returns the primary tenure this
+    /// mode belongs to (a new one each time the mode becomes `Primary`).
+    ///
+    /// Leaving `Primary`, it returns only once every sync session this
+    /// node sent is cut (or after [`DEMOTION_CUT_WAIT`], logged): the caller
+    /// announces the demotion after this, so the peer never hears it while
+    /// this node still streams as primary.
+    pub fn set_mode(&self, mode: EngineMode, epoch: u64) -> u64 {
         let current = *self.mode_tx.borrow();
         if mode == EngineMode::Primary && current != EngineMode::Primary {
             self.primary_gen.fetch_add(1, Relaxed);
+        }
+        if matches!(mode, EngineMode::Primary | EngineMode::Secondary) {
+            self.fence.observe_durable(epoch);
         }
         self.mode_tx.send_if_modified(|m| {
             let changed = *m != mode;
             *m = mode;
             changed
         });
+        if current == EngineMode::Primary && mode != EngineMode::Primary {
+            let started = std::time::Instant::now();
+            if !self.sending.wait_closed(DEMOTION_CUT_WAIT) {
+                warn!(
+                    "demoted, but a sync session sent as primary was not cut within {} ms",
+                    DEMOTION_CUT_WAIT.as_millis()
+                );
+            } else {
+                debug!(
+                    us = started.elapsed().as_micros() as u64,
+                    "demoted: sync sessions cut"
+                );
+            }
+        }
         self.primary_gen.load(Relaxed)
+    }
+
+    /// The node's epoch record is durable at `epoch`: a primary's sessions
+    /// carry it from now on, and sessions from below it are refused (see
+    /// `fence`).
+    pub fn observe_epoch(&self, epoch: u64) {
+        self.fence.observe_durable(epoch);
+    }
+
+    /// The highest epoch this node knows of (its durable record, or one a
+    /// session brought).
+    pub fn fence_epoch(&self) -> u64 {
+        self.fence.seen()
     }
 
     /// Resolves once primary tenure `gen` is prepared (IMAP UIDs raised,
@@ -288,10 +339,10 @@ impl Engine {
         }
     }
 
-    /// Pushes the local queue to the primary peer (this node must be
-    /// secondary). The outcome arrives on the `done` channel.
-    pub fn push_queue(&self) {
-        let _ = self.push_tx.send(());
+    /// Pushes the local queue to the primary peer of tenure `epoch` (this
+    /// node must be secondary). The outcome arrives on the `done` channel.
+    pub fn push_queue(&self, epoch: u64) {
+        let _ = self.push_tx.send(epoch);
     }
 
     /// Zero-loss commit: resolves once `path` (inside a replicated store) is
@@ -363,7 +414,7 @@ impl Engine {
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        self.set_mode(EngineMode::Idle);
+        self.set_mode(EngineMode::Idle, 0);
         // Dropping the sender ends the engine thread's loop.
         let (tx, _) = watch::channel(EngineMode::Idle);
         drop(std::mem::replace(&mut self.mode_tx, tx));
@@ -373,7 +424,49 @@ impl Drop for Engine {
     }
 }
 
+/// How long a demotion waits for the sync sessions it sent to be cut.
+pub const DEMOTION_CUT_WAIT: Duration = Duration::from_secs(1);
+
+/// Counts the sync sessions open as primary; a demotion waits for none.
+#[derive(Default)]
+struct Sending {
+    open: Mutex<u32>,
+    closed: std::sync::Condvar,
+}
+
+impl Sending {
+    fn opened(self: &Arc<Self>) -> SendingGuard {
+        *self.open.lock().expect("sending lock") += 1;
+        SendingGuard(self.clone())
+    }
+
+    /// Whether none is open, waiting up to `wait`.
+    fn wait_closed(&self, wait: Duration) -> bool {
+        let open = self.open.lock().expect("sending lock");
+        let (open, _) = self
+            .closed
+            .wait_timeout_while(open, wait, |n| *n > 0)
+            .expect("sending lock");
+        *open == 0
+    }
+}
+
+/// One open session; dropped once its socket is shut down.
+struct SendingGuard(Arc<Sending>);
+
+impl Drop for SendingGuard {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().expect("sending lock");
+        *open -= 1;
+        if *open == 0 {
+            self.0.closed.notify_all();
+        }
+    }
+}
+
 struct Shared {
+    fence: Arc<Fence>,
+    sending: Arc<Sending>,
     commit_rx: crossbeam_channel::Receiver<CommitReq>,
     commit_wake: Arc<tokio::sync::Notify>,
     queue: Arc<QueueState>,
@@ -404,7 +497,7 @@ async fn engine_main(
     shared: Shared,
     listener: std::net::TcpListener,
     mut mode_rx: watch::Receiver<EngineMode>,
-    mut push_rx: mpsc::UnboundedReceiver<()>,
+    mut push_rx: mpsc::UnboundedReceiver<u64>,
     promote_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
     let shared = Rc::new(shared);
@@ -413,10 +506,12 @@ async fn engine_main(
     {
         let (shared, ctx, mode_rx) = (shared.clone(), ctx.clone(), mode_rx.clone());
         tokio_uring::spawn(async move {
-            while push_rx.recv().await.is_some() {
+            while let Some(mut epoch) = push_rx.recv().await {
                 // Requests that arrive during a push are served by it.
-                while push_rx.try_recv().is_ok() {}
-                let res = run_push(&shared, &ctx, &mode_rx).await;
+                while let Ok(e) = push_rx.try_recv() {
+                    epoch = epoch.max(e);
+                }
+                let res = run_push(&shared, &ctx, &mode_rx, epoch).await;
                 let _ = shared.push_done.send(res);
             }
         });
@@ -929,6 +1024,12 @@ async fn session(
     })?;
     let mut conn = Conn::new(stream, ctx.peer_addr);
     handshake(&mut conn, ctx, Side::Initiator, Channel::Sync).await?;
+    // Counted from here until the socket is shut down (a demotion waits).
+    let _open = shared.sending.opened();
+    if *mode_rx.borrow() != EngineMode::Primary {
+        return Err(SendError::Stopped);
+    }
+    sender.epoch = shared.fence.seen();
     shared.stats.connected.store(true, Relaxed);
     info!(peer = %ctx.peer_addr, "sync connection to peer up");
     let (mut reader, writer) = conn.split();
@@ -1096,7 +1197,7 @@ async fn accept_loop(
             match (mode, channel) {
                 // A former primary pushing its queue to us.
                 (EngineMode::Primary, Channel::Queue) => {
-                    serve_queue_push(shared, conn, addr, ingester).await
+                    serve_queue_push(shared, conn, addr, ingester, mode_rx).await
                 }
                 (EngineMode::Secondary, Channel::Sync) => {
                     serve_sync(shared, conn, addr, stores, receiving, mode_rx).await
@@ -1173,6 +1274,9 @@ async fn serve_sync(
         shared.cfg.durability,
     );
     receiver.state_dir = Some(shared.cfg.state_dir.clone());
+    receiver.fence = Some(shared.fence.clone());
+    let session_epoch = receiver.session_epoch.clone();
+    let mut fence_rx = shared.fence.subscribe();
     shared.stats.connected.store(true, Relaxed);
     info!(peer = %addr, "sync connection from primary up");
     let (r, w) = conn.split();
@@ -1183,6 +1287,22 @@ async fn serve_sync(
                 if *mode_rx.borrow() != EngineMode::Secondary { return; }
             }
         } => Err("no longer secondary".to_string()),
+        seen = async {
+            // A higher epoch became known (the node's own record, or a
+            // newer primary's session): this session's sender is deposed.
+            loop {
+                let seen = *fence_rx.borrow_and_update();
+                if session_epoch.get().is_some_and(|e| e < seen) {
+                    return seen;
+                }
+                if fence_rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        } => Err(format!(
+            "cut: the session's epoch {} is below {seen}, the highest this node knows",
+            session_epoch.get().unwrap_or_default()
+        )),
     };
     let _ = w.shutdown();
     if res.is_err() {
@@ -1236,6 +1356,7 @@ async fn run_push(
     shared: &Rc<Shared>,
     ctx: &Rc<LinkCtx>,
     mode_rx: &watch::Receiver<EngineMode>,
+    requested_epoch: u64,
 ) -> PushOutcome {
     let q = &shared.cfg.queue;
     shared.queue.running.store(true, Relaxed);
@@ -1261,7 +1382,17 @@ async fn run_push(
             let mut conn = Conn::new(stream, ctx.peer_addr);
             handshake(&mut conn, ctx, Side::Initiator, Channel::Queue).await?;
             let (r, w) = conn.split();
-            let out = push::push(q.layout, &q.queue_dir, r, w.clone(), &shared.queue.report).await;
+            // Addressed to the newest primary tenure this node knows of.
+            let epoch = requested_epoch.max(shared.fence.seen());
+            let out = push::push(
+                q.layout,
+                &q.queue_dir,
+                r,
+                w.clone(),
+                &shared.queue.report,
+                epoch,
+            )
+            .await;
             let _ = w.shutdown();
             out
         };
@@ -1295,6 +1426,7 @@ async fn serve_queue_push(
     conn: Conn,
     addr: SocketAddr,
     ingester: Rc<RefCell<Option<Ingester>>>,
+    mut mode_rx: watch::Receiver<EngineMode>,
 ) {
     // One push at a time: the ledger has a single owner.
     let taken = ingester.borrow_mut().take();
@@ -1303,7 +1435,29 @@ async fn serve_queue_push(
         return;
     };
     let (r, w) = conn.split();
-    if let Err(e) = ing.serve(r, w.clone()).await {
+    let tenure = shared.fence.seen();
+    let mut fence_rx = shared.fence.subscribe();
+    let res = tokio::select! {
+        res = ing.serve(r, w.clone(), tenure) => res.map_err(|e| e.to_string()),
+        why = async {
+            // Deposed (a higher epoch known, or no longer primary): cut.
+            // What was acknowledged is durable and in the ledger; the rest
+            // the pusher keeps and sends again.
+            loop {
+                if *fence_rx.borrow_and_update() > tenure {
+                    return "a newer primary exists";
+                }
+                if *mode_rx.borrow_and_update() != EngineMode::Primary {
+                    return "this node is no longer primary";
+                }
+                tokio::select! {
+                    r = fence_rx.changed() => if r.is_err() { std::future::pending::<()>().await },
+                    r = mode_rx.changed() => if r.is_err() { std::future::pending::<()>().await },
+                }
+            }
+        } => Err(format!("cut: {why}")),
+    };
+    if let Err(e) = res {
         warn!(peer = %addr, "queue push from peer ended: {e}");
     }
     let _ = w.shutdown();

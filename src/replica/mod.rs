@@ -6,6 +6,7 @@ pub mod conflicts;
 pub mod dovecot;
 pub mod drift;
 pub mod engine;
+pub mod fence;
 pub mod foreign;
 pub mod fsops;
 pub mod index;

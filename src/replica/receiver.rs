@@ -52,6 +52,12 @@ pub enum RecvError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("session from peer {peer} at epoch {epoch} refused: {why}")]
+    Fenced {
+        peer: String,
+        epoch: u64,
+        why: super::fence::Admission,
+    },
 }
 
 /// One store on the receiving side.
@@ -113,6 +119,10 @@ pub enum Durability {
 
 pub struct Receiver {
     pub stores: Vec<RecvStore>,
+    /// Admits sessions by epoch (`None`: every session, for tools).
+    pub fence: Option<Arc<super::fence::Fence>>,
+    /// The epoch the session in progress started with, once admitted.
+    pub session_epoch: std::rc::Rc<std::cell::Cell<Option<u64>>>,
     pub excludes: Excludes,
     pub stats: Arc<ReplStats>,
     staged: Vec<Staged>,
@@ -226,6 +236,8 @@ impl Receiver {
             done_files: Default::default(),
             space: vec![Default::default(); n_stores],
             state_dir: None,
+            fence: None,
+            session_epoch: Default::default(),
             uploads: Default::default(),
             to_upload: Default::default(),
             next_upload: 1,
@@ -410,7 +422,13 @@ impl Receiver {
                 peer: peer.to_string(),
                 source,
             })?;
-            self.handle(msg, peer).await?;
+            if let Err(e) = self.handle(msg, peer).await {
+                if matches!(e, RecvError::Fenced { .. }) {
+                    // The peer learns why (`Fenced`) before the close.
+                    let _ = self.send_replies(w).await;
+                }
+                return Err(e);
+            }
             Stages::record(
                 &mut self.stats.stages.lock().expect("stages lock").handle,
                 handled.elapsed(),
@@ -849,7 +867,20 @@ impl Receiver {
             _ => {}
         }
         match msg {
-            SyncMsg::Start { stores } => {
+            SyncMsg::Start { stores, epoch } => {
+                if let Some(fence) = &self.fence {
+                    if let Err(why) = fence.admit(epoch) {
+                        if let super::fence::Admission::Stale { seen } = why {
+                            SyncMsg::Fenced { seen }.encode(&mut self.replies);
+                        }
+                        return Err(RecvError::Fenced {
+                            peer: peer.to_string(),
+                            epoch,
+                            why,
+                        });
+                    }
+                }
+                self.session_epoch.set(Some(epoch));
                 let ours: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
                 if stores != ours {
                     return Err(RecvError::StoresDiffer {

@@ -84,6 +84,8 @@ pub enum SendError {
     Protocol { peer: String, what: String },
     #[error("stopped")]
     Stopped,
+    #[error("the peer refused this node's epoch {ours}: it has seen epoch {seen} (a newer primary exists)")]
+    Fenced { ours: u64, seen: u64 },
 }
 
 /// A version the peer is handing over.
@@ -185,6 +187,9 @@ type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 const PRESCAN_FRESH: Duration = Duration::from_secs(10);
 
 pub struct Sender {
+    /// The epoch of the primary tenure sending (set before each session):
+    /// the fencing token every session starts with.
+    pub epoch: u64,
     /// Scans taken as the tenure began (the takeover record's), with the
     /// tracker already running: the first comparison uses them instead of
     /// walking the trees again, if they are recent.
@@ -383,6 +388,7 @@ impl Sender {
         verify_interval: Duration,
     ) -> Sender {
         Sender {
+            epoch: 0,
             stores,
             excludes,
             coalescer,
@@ -535,7 +541,11 @@ impl Sender {
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
-        SyncMsg::Start { stores }.encode(&mut out);
+        SyncMsg::Start {
+            stores,
+            epoch: self.epoch,
+        }
+        .encode(&mut out);
         w.send_bytes(out).await?;
 
         let full = self.resync_requested.swap(false, Relaxed);
@@ -1131,6 +1141,12 @@ impl Sender {
                 kept_at,
             } => self.begin_conflict(id, store, &path, meta, size, hash, kept_at)?,
             SyncMsg::Data { seq, bytes } => self.conflict_data(seq, &bytes)?,
+            SyncMsg::Fenced { seen } => {
+                return Err(SendError::Fenced {
+                    ours: self.epoch,
+                    seen,
+                })
+            }
             other => {
                 return Err(SendError::Protocol {
                     peer: "secondary".into(),

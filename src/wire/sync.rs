@@ -65,8 +65,12 @@ pub enum NeedReason {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyncMsg {
+    /// First message of a sync session: the stores it replicates and the
+    /// epoch of the primary tenure sending it (the fencing token: a
+    /// replica that has seen a higher epoch refuses the session).
     Start {
         stores: Vec<String>,
+        epoch: u64,
     },
     ManifestRequest {
         id: u64,
@@ -143,8 +147,16 @@ pub enum SyncMsg {
         why: String,
     },
     /// Queue push (former primary → new primary): the layout must match.
+    /// `epoch`: the primary tenure the push is addressed to (the new
+    /// primary refuses a push meant for another tenure).
     QueueStart {
         layout: u8,
+        epoch: u64,
+    },
+    /// Either side, then the connection closes: the session's epoch is
+    /// below `seen` (or, for a queue push, not this primary's tenure).
+    Fenced {
+        seen: u64,
     },
     /// One queued message; `Data` frames with the same `id` carry its parts'
     /// bytes, in order. `key` is its dedup identity.
@@ -254,6 +266,7 @@ mod tag {
     pub const DIR_META: u8 = 14;
     pub const PEER_STATE: u8 = 24;
     pub const CONFLICT_FILE: u8 = 25;
+    pub const FENCED: u8 = 26;
 }
 
 fn put_meta(w: &mut Writer, m: &Meta) {
@@ -304,11 +317,14 @@ impl SyncMsg {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let mut w = Writer::new();
         match self {
-            SyncMsg::Start { stores } => {
-                w.u8(tag::START).u16(stores.len() as u16);
+            SyncMsg::Start { stores, epoch } => {
+                w.u8(tag::START).u64(*epoch).u16(stores.len() as u16);
                 for s in stores {
                     w.short_str(s);
                 }
+            }
+            SyncMsg::Fenced { seen } => {
+                w.u8(tag::FENCED).u64(*seen);
             }
             SyncMsg::ManifestRequest { id, full_verify } => {
                 w.u8(tag::MANIFEST_REQUEST)
@@ -431,8 +447,8 @@ impl SyncMsg {
                     .blob16(path)
                     .blob16(why);
             }
-            SyncMsg::QueueStart { layout } => {
-                w.u8(tag::QUEUE_START).u8(*layout);
+            SyncMsg::QueueStart { layout, epoch } => {
+                w.u8(tag::QUEUE_START).u8(*layout).u64(*epoch);
             }
             SyncMsg::QueueMsg {
                 id,
@@ -530,6 +546,7 @@ impl SyncMsg {
         let t = r.u8("sync.tag")?;
         let msg = match t {
             tag::START => {
+                let epoch = r.u64("start.epoch")?;
                 let n = r.u16("start.count")? as usize;
                 if n > MAX_STORES {
                     return Err(WireError::BadField {
@@ -541,8 +558,11 @@ impl SyncMsg {
                 for _ in 0..n {
                     stores.push(r.short_str("start.store")?);
                 }
-                SyncMsg::Start { stores }
+                SyncMsg::Start { stores, epoch }
             }
+            tag::FENCED => SyncMsg::Fenced {
+                seen: r.u64("fenced.seen")?,
+            },
             tag::MANIFEST_REQUEST => SyncMsg::ManifestRequest {
                 id: r.u64("manifest_request.id")?,
                 full_verify: r.u8("manifest_request.full")? != 0,
@@ -667,6 +687,7 @@ impl SyncMsg {
             },
             tag::QUEUE_START => SyncMsg::QueueStart {
                 layout: r.u8("queue_start.layout")?,
+                epoch: r.u64("queue_start.epoch")?,
             },
             tag::QUEUE_MSG => {
                 let id = r.u64("queue_msg.id")?;
@@ -791,7 +812,9 @@ mod tests {
         };
         round(SyncMsg::Start {
             stores: vec!["inbox".into(), "archive".into()],
+            epoch: 7,
         });
+        round(SyncMsg::Fenced { seen: u64::MAX });
         round(SyncMsg::ManifestRequest {
             id: 3,
             full_verify: true,
@@ -869,7 +892,10 @@ mod tests {
             last: true,
         });
         round(SyncMsg::Ack { seq: 6 });
-        round(SyncMsg::QueueStart { layout: 2 });
+        round(SyncMsg::QueueStart {
+            layout: 2,
+            epoch: 3,
+        });
         round(SyncMsg::QueueMsg {
             id: 1,
             sub_queue: "deferred".into(),
@@ -981,8 +1007,12 @@ mod tests {
         fn msg() -> impl Strategy<Value = SyncMsg> {
             let (seq, store) = (any::<u64>(), any::<u16>());
             prop_oneof![
-                proptest::collection::vec(short(), 0..=MAX_STORES)
-                    .prop_map(|stores| SyncMsg::Start { stores }),
+                (
+                    proptest::collection::vec(short(), 0..=MAX_STORES),
+                    any::<u64>()
+                )
+                    .prop_map(|(stores, epoch)| SyncMsg::Start { stores, epoch }),
+                any::<u64>().prop_map(|seen| SyncMsg::Fenced { seen }),
                 (any::<u64>(), any::<bool>())
                     .prop_map(|(id, full_verify)| SyncMsg::ManifestRequest { id, full_verify }),
                 (seq, store, path(), meta(), any::<u64>(), any::<u128>()).prop_map(
@@ -1070,7 +1100,8 @@ mod tests {
                         why,
                     }
                 }),
-                any::<u8>().prop_map(|layout| SyncMsg::QueueStart { layout }),
+                (any::<u8>(), any::<u64>())
+                    .prop_map(|(layout, epoch)| SyncMsg::QueueStart { layout, epoch }),
                 (
                     any::<u64>(),
                     short(),

@@ -35,6 +35,7 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
             "start",
             SyncMsg::Start {
                 stores: vec!["inbox".into(), "queue".into()],
+                epoch: 3,
             },
         ),
         (
@@ -143,7 +144,14 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                 why: "traversal \u{20ac}".into(),
             },
         ),
-        ("queue-start", SyncMsg::QueueStart { layout: 1 }),
+        (
+            "queue-start",
+            SyncMsg::QueueStart {
+                layout: 1,
+                epoch: 2,
+            },
+        ),
+        ("fenced", SyncMsg::Fenced { seen: 9 }),
         (
             "queue-msg",
             SyncMsg::QueueMsg {

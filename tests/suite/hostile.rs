@@ -136,6 +136,7 @@ pub async fn act_as_primary(
     let mut out = Vec::new();
     SyncMsg::Start {
         stores: vec!["inbox".into(), "quarantine".into()],
+        epoch: 1,
     }
     .encode(&mut out);
     w.send_bytes(out).await.unwrap();
@@ -245,6 +246,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
         let mut out = Vec::new();
         SyncMsg::Start {
             stores: vec!["inbox".into(), "quarantine".into()],
+            epoch: 1,
         }
         .encode(&mut out);
         file(1, b"../../../outside/evil1", b"x", &mut out);
@@ -593,7 +595,11 @@ fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
             .unwrap();
         let (mut r, w) = conn.split();
         let mut out = Vec::new();
-        SyncMsg::QueueStart { layout: 2 }.encode(&mut out);
+        SyncMsg::QueueStart {
+            layout: 2,
+            epoch: st.epoch,
+        }
+        .encode(&mut out);
         SyncMsg::QueueMsg {
             id: 1,
             sub_queue: "deferred".into(),

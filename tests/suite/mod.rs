@@ -1,6 +1,7 @@
 mod cli;
 mod edges;
 mod failover_props;
+mod fencing;
 mod flood;
 mod fuzz_seeds;
 pub mod hostile;

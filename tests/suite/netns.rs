@@ -5,8 +5,10 @@
 //! and every poll with two primaries is counted.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::util::*;
@@ -631,5 +633,120 @@ fn an_etcd_lease_means_never_two_primaries_through_cuts_and_isolations() {
     println!(
         "etcd lease: {} polls during 20 cuts and 4 isolations, {} with two primaries",
         total.0, total.1
+    );
+}
+
+/// Writes `prefix-N` files into `dir` every 20 ms until `stop`; returns
+/// each file's content.
+fn writer(dir: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut written = Vec::new();
+        for n in 0.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let body = format!("{prefix} message {n}");
+            std::fs::write(dir.join(format!("{prefix}-{n}")), &body).unwrap();
+            written.push(body);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        written
+    })
+}
+
+/// A split brain (no quorum, the HA link cut) healed while both nodes
+/// serve, write and try to send: the node at the lower epoch demotes, cuts
+/// its sessions and takes the higher epoch's tree exactly; everything it
+/// wrote after the cut is kept aside and handed to the winner as a
+/// genuine conflict; nothing the winner wrote is missing.
+#[test]
+fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
+    use hasync::daemon::control::Request;
+    let net = Net::new();
+    let mut tp = pair_in(&net, [String::new(), String::new()]);
+    tp.start_all();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        0
+    );
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    std::fs::create_dir_all(a.join("before/cur")).unwrap();
+    write(&a.join("before/cur/1"), "held by both");
+    wait_identical(&a, &b, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+
+    net.cut(&net.a, "ha");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("the cut secondary promotes: {e}\n{}", tp.logs()));
+    assert_eq!(tp.nodes[0].status().unwrap().mode, Role::Primary);
+    let stop = Arc::new(AtomicBool::new(false));
+    let wa = writer(a.join("split/new"), "mx1", stop.clone());
+    let wb = writer(b.join("split/new"), "mx2", stop.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    // Healed with both writing and both engines redialling.
+    net.heal(&net.a, "ha");
+    std::thread::sleep(Duration::from_millis(1000));
+    stop.store(true, Ordering::Relaxed);
+    let (from_a, from_b) = (wa.join().unwrap(), wb.join().unwrap());
+
+    let winner = tp.nodes[1].status().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |s| {
+            s.mode == Role::Secondary && s.epoch == winner.epoch
+        })
+        .unwrap_or_else(|e| panic!("the lower epoch demotes: {e}\n{}", tp.logs()));
+    assert_eq!(tp.nodes[1].status().unwrap().mode, Role::Primary);
+    wait_identical(&b, &a, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    for (i, body) in from_b.iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(a.join(format!("split/new/mx2-{i}"))).unwrap(),
+            *body
+        );
+    }
+    // mx1's writes: exactly its conflicts, all handed to mx2.
+    let listed = |i: usize| {
+        tp.nodes[i]
+            .request(&Request::Conflicts)
+            .unwrap()
+            .conflicts
+            .unwrap()
+    };
+    let start = Instant::now();
+    while !listed(0).is_empty() || listed(1).len() != from_a.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{} on mx1, {} on mx2, {} written by mx1\n{}",
+            listed(0).len(),
+            listed(1).len(),
+            from_a.len(),
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut kept: Vec<String> = listed(1)
+        .iter()
+        .map(|c| {
+            let file = tp.nodes[1]
+                .state_dir
+                .join("internal/inbox/conflicts")
+                .join(c.id.split_once('/').unwrap().1);
+            std::fs::read_to_string(file).unwrap()
+        })
+        .collect();
+    kept.sort();
+    let mut expected = from_a.clone();
+    expected.sort();
+    assert_eq!(kept, expected);
+    assert!(!a.join("split/new/mx1-0").exists());
+    println!(
+        "split brain healed: mx1 wrote {}, mx2 wrote {}; mx2 at epoch {} kept every one of mx1's as a conflict",
+        from_a.len(),
+        from_b.len(),
+        winner.epoch
     );
 }
