@@ -1,6 +1,8 @@
 //! Crash points for tests: `HASYNC_FAILPOINTS="name=N,..."` makes the
 //! process abort (no destructors, no flushes: like `kill -9`) the N-th time
-//! it reaches `hit("name")`. Unset, a hit costs one atomic load.
+//! it reaches `hit("name")`, or makes the N-th `fails("name")` true (an
+//! injected I/O error, e.g. `syncfs.eio`). Unset, a hit costs one atomic
+//! load.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +22,14 @@ fn points() -> &'static HashMap<String, (u64, AtomicU64)> {
         }
         m
     })
+}
+
+/// Whether the error point `name` is armed and due (`name=N`: the N-th
+/// time it is reached); the caller then fails as the real call would.
+pub fn fails(name: &str) -> bool {
+    points()
+        .get(name)
+        .is_some_and(|(at, count)| count.fetch_add(1, Ordering::SeqCst) + 1 == *at)
 }
 
 /// Aborts the process if the failpoint `name` is armed and due.

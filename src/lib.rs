@@ -13,6 +13,9 @@
 //! heartbeat link), `replica` and `tracker` (replication), `queue` (the
 //! failover push), `daemon` (the driver), `harness` and `demo`.
 
+// `unsafe` lives in `io` only (each block with its `// SAFETY:` comment).
+#![deny(unsafe_code)]
+
 pub mod node;
 pub use config::Config;
 pub use daemon::control::Status;
@@ -38,6 +41,7 @@ pub mod hooks;
 #[doc(hidden)]
 pub mod init;
 #[doc(hidden)]
+#[allow(unsafe_code)]
 pub mod io;
 #[cfg(feature = "etcd")]
 #[doc(hidden)]

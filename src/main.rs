@@ -1,5 +1,7 @@
 //! The `hasync` command line: argument parsing and calls into the library.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

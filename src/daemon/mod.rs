@@ -998,7 +998,11 @@ impl Node {
                 })
             }
             Role::Secondary => {
-                if !r.connected {
+                if let Some(why) = &r.replica_unverified {
+                    Some(format!(
+                        "this replica is unverified ({why}) until the primary's next session re-reads it"
+                    ))
+                } else if !r.connected {
                     Some("no sync session from the primary: this replica may be behind".into())
                 } else if !r.caught_up {
                     Some("this replica has not caught up with the primary yet".into())
@@ -1612,6 +1616,13 @@ pub fn render_status(s: &Status) -> String {
         Some(why) => {
             let _ = writeln!(o, "failover  NOT SAFE: {}", printable(why));
         }
+    }
+    if let Some(why) = &r.replica_unverified {
+        let _ = writeln!(
+            o,
+            "replica   UNVERIFIED: {}; re-read from disk at the next session",
+            printable(why)
+        );
     }
     if r.foreign_watch != "-" || r.foreign_writes > 0 {
         let _ = writeln!(

@@ -110,8 +110,17 @@ pub fn write_atomic_with(
 /// descriptor was opened. Grouped durability: one call instead of an fsync
 /// per file and per directory.
 pub fn syncfs(path: &Path) -> io::Result<()> {
-    let f = std::fs::File::open(path)?;
-    rustix::fs::syncfs(&f).map_err(io::Error::from)
+    syncfs_file(&std::fs::File::open(path)?)
+}
+
+/// [`syncfs`] through a descriptor the caller keeps open: it reports every
+/// writeback error raised since its previous call (or since it was
+/// opened), not only those since this call began.
+pub fn syncfs_file(f: &std::fs::File) -> io::Result<()> {
+    if crate::failpoint::fails("syncfs.eio") {
+        return Err(io::Error::from_raw_os_error(5));
+    }
+    rustix::fs::syncfs(f).map_err(io::Error::from)
 }
 
 /// Binds a listening TCP socket, waiting out `EADDRINUSE` for up to
@@ -191,6 +200,12 @@ pub type FlushResult = Result<(), String>;
 /// no syncfs operation, and a syncfs can take tens of milliseconds, during
 /// which the loop must keep receiving and staging the next files. The thread
 /// ends when the worker is dropped.
+///
+/// Each path's descriptor is opened once and kept for the worker's life:
+/// `syncfs` reports the writeback errors raised since the descriptor last
+/// saw them, so a descriptor opened per call would miss an error raised
+/// between calls (by the kernel's background writeback) and a batch would
+/// be called durable that is not.
 #[derive(Clone)]
 pub struct SyncfsWorker {
     tx: crossbeam_channel::Sender<(
@@ -208,9 +223,18 @@ impl SyncfsWorker {
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
+                let mut open: std::collections::HashMap<std::path::PathBuf, std::fs::File> =
+                    Default::default();
                 for (paths, reply) in rx {
                     let res = paths.iter().try_for_each(|p| {
-                        syncfs(p).map_err(|e| format!("syncfs of {}: {e}", p.display()))
+                        let f = match open.entry(p.clone()) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                                std::fs::File::open(p)
+                                    .map_err(|e| format!("open {} to flush: {e}", p.display()))?,
+                            ),
+                        };
+                        syncfs_file(f).map_err(|e| format!("syncfs of {}: {e}", p.display()))
                     });
                     let _ = reply.send(res);
                 }

@@ -363,6 +363,9 @@ pub const INGEST_MESSAGE_BYTES_MAX: u64 = 256 << 20;
 pub struct Ingester {
     layout: Layout,
     queue_dir: PathBuf,
+    /// The queue directory, open for the ingester's life: its flushes see
+    /// every writeback error since it opened (see `io::syncfs_file`).
+    queue_fs: std::fs::File,
     staging: PathBuf,
     ledger: Ledger,
     hook: Option<Vec<String>>,
@@ -417,8 +420,14 @@ impl Ingester {
             source,
         })?;
         let ledger = Ledger::open(ledger_path, max_entries, max_age)?;
+        let queue_fs = std::fs::File::open(queue_dir).map_err(|source| PushError::Local {
+            op: "open",
+            path: queue_dir.to_owned(),
+            source,
+        })?;
         let mut ing = Ingester {
             layout,
+            queue_fs,
             queue_dir: queue_dir.to_owned(),
             staging,
             ledger,
@@ -1055,7 +1064,7 @@ impl Ingester {
             let path = path.to_owned();
             move |source| PushError::Local { op, path, source }
         };
-        crate::io::syncfs(&self.queue_dir).map_err(local("syncfs", &self.queue_dir))?;
+        crate::io::syncfs_file(&self.queue_fs).map_err(local("syncfs", &self.queue_dir))?;
         failpoint::hit("queue.after_stage");
         let items: Vec<(u128, String, Moves)> = batch
             .iter()
@@ -1071,7 +1080,7 @@ impl Ingester {
                 std::fs::rename(staged, fin).map_err(local("rename", fin))?;
             }
         }
-        crate::io::syncfs(&self.queue_dir).map_err(local("syncfs", &self.queue_dir))?;
+        crate::io::syncfs_file(&self.queue_fs).map_err(local("syncfs", &self.queue_dir))?;
         failpoint::hit("queue.after_rename");
         let keys: Vec<u128> = batch.iter().map(|m| m.key).collect();
         self.ledger

@@ -180,6 +180,13 @@ impl Engine {
         )?;
         let (mode_tx, mode_rx) = watch::channel(EngineMode::Idle);
         let stats = Arc::new(ReplStats::default());
+        *stats.unverified.lock().expect("unverified lock") =
+            super::receiver::unverified(&cfg.state_dir);
+        // One flush thread for the node's life (see `SyncfsWorker`).
+        let flusher = (cfg.durability == super::Durability::Syncfs)
+            .then(|| crate::io::SyncfsWorker::start("hasync-flush"))
+            .transpose()
+            .map_err(EngineError::Thread)?;
         let notifier = Arc::new(Mutex::new(None));
         let resync = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(QueueState::default());
@@ -193,6 +200,7 @@ impl Engine {
         let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
         let commit_wake = Arc::new(tokio::sync::Notify::new());
         let shared = Shared {
+            flusher,
             fence: fence.clone(),
             sending: sending.clone(),
             commit_rx,
@@ -465,6 +473,7 @@ impl Drop for SendingGuard {
 }
 
 struct Shared {
+    flusher: Option<crate::io::SyncfsWorker>,
     fence: Arc<Fence>,
     sending: Arc<Sending>,
     commit_rx: crossbeam_channel::Receiver<CommitReq>,
@@ -961,10 +970,12 @@ fn record_takeover(
     let mut files = 0usize;
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
     for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
-        let hashes: std::collections::HashSet<u128> = match st
-            .index
-            .scan(&st.tree, excludes, false, true)
-        {
+        let hashes: std::collections::HashSet<u128> = match st.index.scan(
+            &st.tree,
+            excludes,
+            super::index::Rehash::Changed,
+            true,
+        ) {
             Ok(scan) => {
                 let h = scan
                     .entries
@@ -1275,6 +1286,7 @@ async fn serve_sync(
     );
     receiver.state_dir = Some(shared.cfg.state_dir.clone());
     receiver.fence = Some(shared.fence.clone());
+    receiver.flusher = shared.flusher.clone();
     let session_epoch = receiver.session_epoch.clone();
     let mut fence_rx = shared.fence.subscribe();
     shared.stats.connected.store(true, Relaxed);

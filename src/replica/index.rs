@@ -615,9 +615,11 @@ impl Index {
         &mut self,
         tree: &super::tree::Tree,
         excludes: &Excludes,
-        full_verify: bool,
+        rehash: Rehash,
         hash_uncached: bool,
     ) -> std::io::Result<Scan> {
+        let full_verify = rehash != Rehash::Changed;
+        let from_disk = rehash == Rehash::FromDisk;
         use std::io::ErrorKind;
         let named = |rel: &Path, e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("{}: {e}", tree.abs(rel).display()))
@@ -666,7 +668,7 @@ impl Index {
                 let hash = match cached {
                     Some(e) => Some(e.hash()),
                     None if !hash_uncached && st.kind == Kind::File => None,
-                    None => match hash_at(dfd, name, st.kind) {
+                    None => match hash_at(dfd, name, st.kind, from_disk) {
                         Ok(h) => {
                             let synced = self
                                 .entries
@@ -710,11 +712,25 @@ pub struct Scan {
     pub too_long: Vec<PathBuf>,
 }
 
+/// What [`Index::scan`] reads again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rehash {
+    /// Only what changed since the index last saw it.
+    Changed,
+    /// Every file (a full verification).
+    All,
+    /// Every file, its cached pages dropped first so that what is read is
+    /// what the disk holds: after a failed flush, pages whose writeback
+    /// failed are clean in the cache and would still read as written.
+    FromDisk,
+}
+
 /// Hashes `name` in the folder `dir` (a file's content, a symlink's target).
 fn hash_at(
     dir: std::os::fd::BorrowedFd<'_>,
     name: &std::ffi::CStr,
     kind: Kind,
+    from_disk: bool,
 ) -> std::io::Result<u128> {
     use rustix::fs::{Mode, OFlags};
     match kind {
@@ -722,12 +738,18 @@ fn hash_at(
         Kind::Symlink => Ok(hash_bytes(
             rustix::fs::readlinkat(dir, name, Vec::new())?.as_bytes(),
         )),
-        Kind::File => super::tree::hash_file(std::fs::File::from(rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?)),
+        Kind::File => {
+            let fd = rustix::fs::openat(
+                dir,
+                name,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if from_disk {
+                rustix::fs::fadvise(&fd, 0, None, rustix::fs::Advice::DontNeed)?;
+            }
+            super::tree::hash_file(std::fs::File::from(fd))
+        }
     }
 }
 

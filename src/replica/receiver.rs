@@ -20,7 +20,7 @@ use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
-use super::index::{self, Entry, Index, Kind};
+use super::index::{self, Entry, Index, Kind, Rehash};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
 use super::Excludes;
@@ -58,6 +58,20 @@ pub enum RecvError {
         epoch: u64,
         why: super::fence::Admission,
     },
+}
+
+/// The marker in the state directory of a replica latched unverified (it
+/// holds the reason).
+pub const UNVERIFIED_FILE: &str = "replica-unverified";
+
+/// Why the replica under `state_dir` is latched unverified, if it is.
+pub fn unverified(state_dir: &Path) -> Option<String> {
+    match std::fs::read(state_dir.join(UNVERIFIED_FILE)) {
+        Ok(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        // Unreadable: trust nothing.
+        Err(e) => Some(format!("the marker cannot be read: {e}")),
+    }
 }
 
 /// One store on the receiving side.
@@ -135,7 +149,9 @@ pub struct Receiver {
     frame_read_at: Instant,
     durability: Durability,
     inflight: Option<Commit>,
-    flusher: Option<crate::io::SyncfsWorker>,
+    /// Runs the syncfs calls; the engine gives one that lives as long as
+    /// the node (its descriptors see every writeback error since).
+    pub flusher: Option<crate::io::SyncfsWorker>,
     /// Syncfs durability: the writer thread for staged content (in front
     /// of `flusher`), and the outcomes it reported, by seq.
     stager: Option<Stager>,
@@ -144,6 +160,12 @@ pub struct Receiver {
     space: Vec<super::space::Space>,
     /// The state directory (the former-primary mark), when the node has one.
     pub state_dir: Option<PathBuf>,
+    /// Why the replica is latched unverified (a flush or write failed): it
+    /// is re-hashed from disk at the next manifest, and no batch is
+    /// acknowledged until then.
+    unverified: Option<String>,
+    /// Acknowledgements held while unverified.
+    held_acks: Vec<u64>,
     /// Versions kept aside and being handed to the primary: id → (store,
     /// the kept file).
     uploads: std::collections::HashMap<u64, (usize, PathBuf)>,
@@ -236,6 +258,8 @@ impl Receiver {
             done_files: Default::default(),
             space: vec![Default::default(); n_stores],
             state_dir: None,
+            unverified: None,
+            held_acks: Vec::new(),
             fence: None,
             session_epoch: Default::default(),
             uploads: Default::default(),
@@ -284,9 +308,15 @@ impl Receiver {
     /// landed are discarded; nothing half-written is ever under a final name.
     pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), RecvError> {
         let peer = r.peer().to_string();
-        if self.durability == Durability::Syncfs && self.flusher.is_none() {
-            let started = crate::io::SyncfsWorker::start("hasync-flush")
-                .and_then(|f| Ok((Stager::start(f.clone())?, f)));
+        self.unverified = self.state_dir.as_deref().and_then(unverified);
+        *self.stats.unverified.lock().expect("unverified lock") = self.unverified.clone();
+        if self.durability == Durability::Syncfs && self.stager.is_none() {
+            // The engine's flusher (one for the node's life) if it gave one.
+            let started = match self.flusher.clone() {
+                Some(f) => Ok(f),
+                None => crate::io::SyncfsWorker::start("hasync-flush"),
+            }
+            .and_then(|f| Ok((Stager::start(f.clone())?, f)));
             match started {
                 Ok((stager, f)) => {
                     self.flusher = Some(f);
@@ -512,20 +542,19 @@ impl Receiver {
                 Stages::record(&mut st.data_flush, c.started.elapsed());
                 drop(st);
                 self.land_flushed(std::mem::take(&mut c.files), &res, peer);
+                if let Err(why) = res {
+                    // The session ends; the next one starts from what the
+                    // disk really holds.
+                    self.inflight = Some(c);
+                    return Err(self.latch_unverified(why));
+                }
                 self.fold_and_flush_dirs(c)?;
             }
             Phase::Dirs => {
                 if let Err(why) = res {
                     // The folded files are discarded with the connection.
                     self.inflight = Some(c);
-                    return Err(RecvError::Durability {
-                        path: self
-                            .stores
-                            .first()
-                            .map(|s| s.root.path().to_path_buf())
-                            .unwrap_or_default(),
-                        source: std::io::Error::other(why),
-                    });
+                    return Err(self.latch_unverified(why));
                 }
                 let now = Instant::now();
                 {
@@ -536,7 +565,11 @@ impl Receiver {
                     }
                 }
                 for (seq, _) in std::mem::take(&mut c.barriers) {
-                    SyncMsg::Ack { seq }.encode(&mut self.replies);
+                    if self.unverified.is_some() {
+                        self.held_acks.push(seq);
+                    } else {
+                        SyncMsg::Ack { seq }.encode(&mut self.replies);
+                    }
                 }
                 if !c.next.is_empty() || !c.next_barriers.is_empty() {
                     // Their data is durable: land them, and go on as the
@@ -548,6 +581,64 @@ impl Receiver {
             }
         }
         Ok(())
+    }
+
+    /// A flush failed: latch the replica unverified (durably, so that a
+    /// restart does not forget it), alarm, and return the error that ends
+    /// the session. Until the next manifest has re-hashed every file from
+    /// disk, no batch is acknowledged.
+    fn latch_unverified(&mut self, why: String) -> RecvError {
+        let reason = format!("a flush failed: {why}");
+        if self.unverified.is_none() {
+            let msg = format!(
+                "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk at the next session"
+            );
+            error!(alarm = true, "{msg}");
+            self.stats.raise_alarm(msg);
+        }
+        if let Some(dir) = &self.state_dir {
+            if let Err(e) =
+                crate::io::write_atomic_blocking(&dir.join(UNVERIFIED_FILE), reason.as_bytes())
+            {
+                error!(
+                    "cannot record that the replica is unverified ({e}): a restart before the re-verification would trust it"
+                );
+            }
+        }
+        self.unverified = Some(reason.clone());
+        *self.stats.unverified.lock().expect("unverified lock") = Some(reason);
+        RecvError::Durability {
+            path: self
+                .stores
+                .first()
+                .map(|s| s.root.path().to_path_buf())
+                .unwrap_or_default(),
+            source: std::io::Error::other(why),
+        }
+    }
+
+    /// Every file was re-read from disk for a manifest: the latch lifts and
+    /// the acknowledgements held meanwhile go out.
+    fn clear_unverified(&mut self) {
+        let Some(reason) = self.unverified.take() else {
+            return;
+        };
+        if let Some(dir) = &self.state_dir {
+            let marker = dir.join(UNVERIFIED_FILE);
+            if let Err(e) =
+                std::fs::remove_file(&marker).and_then(|()| std::fs::File::open(dir)?.sync_all())
+            {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    // Still latched on disk: the next start re-verifies again.
+                    warn!("cannot remove {}: {e}", marker.display());
+                }
+            }
+        }
+        info!("the replica was re-read from disk after \"{reason}\": verified again");
+        *self.stats.unverified.lock().expect("unverified lock") = None;
+        for seq in std::mem::take(&mut self.held_acks) {
+            SyncMsg::Ack { seq }.encode(&mut self.replies);
+        }
     }
 
     /// Renames files whose data flush finished into place (or, if it
@@ -1155,12 +1246,19 @@ impl Receiver {
     }
 
     fn send_manifest(&mut self, id: u64, full_verify: bool) -> Result<(), RecvError> {
+        let rehash = if self.unverified.is_some() {
+            Rehash::FromDisk
+        } else if full_verify {
+            Rehash::All
+        } else {
+            Rehash::Changed
+        };
         for s in 0..self.stores.len() {
             let store = &mut self.stores[s];
             let root = store.root.path().to_path_buf();
             let entries = store
                 .index
-                .scan(store.root.tree(), &self.excludes, full_verify, true)
+                .scan(store.root.tree(), &self.excludes, rehash, true)
                 .map_err(|source| RecvError::Scan {
                     path: root.clone(),
                     source,
@@ -1198,6 +1296,9 @@ impl Receiver {
                 }
                 .encode(&mut self.replies);
             }
+        }
+        if rehash == Rehash::FromDisk {
+            self.clear_unverified();
         }
         Ok(())
     }

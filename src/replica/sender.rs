@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_uring::buf::BoundedBuf;
 use tracing::{debug, error, info, warn};
 
-use super::index::{self, Entry, Index, Kind, Stat};
+use super::index::{self, Entry, Index, Kind, Rehash, Stat};
 use super::links::{InodeKey, LinkNames};
 use super::stats::{add, ReplStats, Stages};
 use super::Excludes;
@@ -767,7 +767,16 @@ impl Sender {
             }
             let scan = store
                 .index
-                .scan(&store.tree, &self.excludes, full_verify, false)
+                .scan(
+                    &store.tree,
+                    &self.excludes,
+                    if full_verify {
+                        Rehash::All
+                    } else {
+                        Rehash::Changed
+                    },
+                    false,
+                )
                 .map_err(|source| SendError::Local {
                     path: store.root.clone(),
                     source,

@@ -49,6 +49,8 @@ pub struct ReplStats {
     pub foreign_writes: AtomicU64,
     /// Whether the secondary watches its replica for foreign writes.
     pub foreign_watch: Mutex<String>,
+    /// Why the replica is latched unverified (a flush failed), if it is.
+    pub unverified: Mutex<Option<String>>,
     /// When the secondary last acknowledged a batch as durable.
     pub last_ack: Mutex<Option<Instant>>,
     pub rename_sources_missing: AtomicU64,
@@ -136,6 +138,7 @@ impl Default for ReplStats {
             conflicts_kept: AtomicU64::new(0),
             foreign_writes: AtomicU64::new(0),
             foreign_watch: Mutex::new("-".into()),
+            unverified: Mutex::new(None),
             last_ack: Mutex::new(None),
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
@@ -259,6 +262,11 @@ pub struct ReplStatus {
     /// <why>" when it cannot, "-" otherwise.
     #[serde(default)]
     pub foreign_watch: String,
+    /// Secondary: why the replica is latched unverified (a flush or write
+    /// failed; it is re-read from disk at the next session and nothing is
+    /// acknowledged until then); absent when it is not.
+    #[serde(default)]
+    pub replica_unverified: Option<String>,
     /// Primary: how long ago the secondary last acknowledged a batch as
     /// durable.
     #[serde(default)]
@@ -379,6 +387,7 @@ impl ReplStats {
                 .lock()
                 .expect("foreign watch lock")
                 .clone(),
+            replica_unverified: self.unverified.lock().expect("unverified lock").clone(),
             last_ack_age_ms: self
                 .last_ack
                 .lock()

@@ -393,3 +393,49 @@ fn deep_folders_never_stop_the_rest_of_the_store() {
         tp.logs()
     );
 }
+
+/// A flush that fails on the secondary (an injected EIO from its second
+/// `syncfs`; a real one cannot be provoked on this machine's disks): the
+/// replica is latched unverified (alarm, marker in the state directory),
+/// the session ends, the next session re-reads every file from disk before
+/// anything is acknowledged, the latch lifts, and the replica converges.
+#[test]
+fn a_failed_flush_latches_the_replica_unverified_until_it_is_read_again_from_disk() {
+    let mut tp = TestPair::new(fast());
+    tp.nodes[0].start().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "syncfs.eio=2")])
+        .unwrap();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    std::fs::create_dir_all(src.join("u/cur")).unwrap();
+    for i in 0..40 {
+        std::fs::write(src.join(format!("u/cur/{i}")), format!("message {i}")).unwrap();
+    }
+    wait_identical(&src, &dst, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let st = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.replication.replica_unverified.is_none()
+                && s.alarms.iter().any(|a| a.message.contains("unverified"))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        st.alarms
+            .iter()
+            .any(|a| a.message.contains("a flush failed") && a.message.contains("syncfs")),
+        "{:?}",
+        st.alarms
+    );
+    assert!(!tp.nodes[1].state_dir.join("replica-unverified").exists());
+    let log = tp.logs();
+    assert!(
+        log.contains("was re-read from disk after"),
+        "the latch lifts only after a re-read\n{log}"
+    );
+    // Lifted, the pair goes on as usual.
+    std::fs::write(src.join("u/cur/after"), "after the latch").unwrap();
+    wait_identical(&src, &dst, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
