@@ -2,6 +2,8 @@
 //! found by the tracker to the secondary's receiver over the sync connection,
 //! which lands every file atomically and durably and acknowledges batches.
 
+pub mod commit;
+pub mod commit_sim;
 pub mod conflicts;
 pub mod dovecot;
 pub mod drift;

@@ -19,6 +19,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::commit::{Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind, Rehash};
 use super::stager::{StagedFile, Stager};
@@ -139,16 +140,18 @@ pub struct Receiver {
     pub session_epoch: std::rc::Rc<std::cell::Cell<Option<u64>>>,
     pub excludes: Excludes,
     pub stats: Arc<ReplStats>,
-    staged: Vec<Staged>,
+    /// The group commit (sans-IO): staged files, barriers, the commit in
+    /// flight; this driver performs its outputs.
+    commits: Pipeline<Staged, (u64, Instant)>,
+    /// The flush the commit in flight waits for, and when it was asked.
+    flush_done: Option<tokio::sync::oneshot::Receiver<crate::io::FlushResult>>,
+    flush_started: Instant,
     dirs: BTreeSet<(usize, PathBuf)>,
     current: Option<Incoming>,
     replies: Vec<u8>,
-    /// Barriers received and not yet part of a commit.
-    barriers: Vec<(u64, Instant)>,
     /// When the frame being handled was read from the socket.
     frame_read_at: Instant,
     durability: Durability,
-    inflight: Option<Commit>,
     /// Runs the syncfs calls; the engine gives one that lives as long as
     /// the node (its descriptors see every writeback error since).
     pub flusher: Option<crate::io::SyncfsWorker>,
@@ -209,26 +212,6 @@ type ReadAhead = Result<(Frame, Instant, tokio::sync::OwnedSemaphorePermit), Lin
 /// one is also the data flush of the files staged meanwhile (`next`), which
 /// land as soon as it completes and form the following commit. Under a
 /// steady stream that is one syncfs per commit instead of two.
-struct Commit {
-    barriers: Vec<(u64, Instant)>,
-    /// Waiting for their data flush; renamed into place when it is done.
-    files: Vec<Staged>,
-    phase: Phase,
-    done: tokio::sync::oneshot::Receiver<crate::io::FlushResult>,
-    /// Staged files (and barriers) folded into this commit's directory
-    /// flush as their data flush.
-    next: Vec<Staged>,
-    next_barriers: Vec<(u64, Instant)>,
-    /// When the current phase's flush was asked for.
-    started: Instant,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Data,
-    Dirs,
-}
-
 fn parent_of(rel: &Path) -> PathBuf {
     rel.parent().map(Path::to_path_buf).unwrap_or_default()
 }
@@ -245,14 +228,14 @@ impl Receiver {
             stores,
             excludes,
             stats,
-            staged: Vec::new(),
+            commits: Pipeline::for_durability(durability),
+            flush_done: None,
+            flush_started: Instant::now(),
             dirs: BTreeSet::new(),
             current: None,
             replies: Vec::new(),
-            barriers: Vec::new(),
             frame_read_at: Instant::now(),
             durability,
-            inflight: None,
             flusher: None,
             stager: None,
             done_files: Default::default(),
@@ -283,15 +266,7 @@ impl Receiver {
     /// was cut short (the node changed role mid-session, so its own cleanup
     /// never ran), and sweeps the staging directories.
     pub fn abandon(&mut self) {
-        self.barriers.clear();
-        if let Some(c) = self.inflight.take() {
-            for f in c.files.into_iter().chain(c.next) {
-                self.stores[f.store].root.discard_staged(f.seq);
-            }
-        }
-        for st in std::mem::take(&mut self.staged) {
-            self.stores[st.store].root.discard_staged(st.seq);
-        }
+        self.discard_unlanded();
         if let Some(inc) = self.current.take() {
             drop(inc.fd);
             self.stores[inc.store].root.discard_staged(inc.seq);
@@ -355,16 +330,8 @@ impl Receiver {
         });
         let result = self.serve_inner(&mut frames, &w, &peer, peer_addr).await;
         reader.abort();
-        self.barriers.clear();
         // Unacknowledged work is redone by the sender after reconnecting.
-        if let Some(c) = self.inflight.take() {
-            for f in c.files.into_iter().chain(c.next) {
-                self.stores[f.store].root.discard_staged(f.seq);
-            }
-        }
-        for s in std::mem::take(&mut self.staged) {
-            self.stores[s.store].root.discard_staged(s.seq);
-        }
+        self.discard_unlanded();
         if let Some(inc) = self.current.take() {
             drop(inc.fd);
             self.stores[inc.store].root.discard_staged(inc.seq);
@@ -393,22 +360,24 @@ impl Receiver {
         }
         let abandoned = || Err("flush abandoned".into());
         loop {
-            if self.inflight.is_none() && !self.barriers.is_empty() {
-                self.start_commit();
+            if self.commits.phase().is_none() {
+                self.commits.start(false);
+                self.perform(peer, None)?;
             }
-            let next = match self.inflight.as_mut() {
+            let staged_full = self.commits.staged().len() >= MAX_STAGED_FILES;
+            let next = match self.flush_done.as_mut() {
                 // Advance a commit whose flush finished; meanwhile keep
                 // staging what arrives (up to a bound), so that it rides
                 // along with the next flush.
-                Some(c) => match c.done.try_recv() {
+                Some(done) => match done.try_recv() {
                     Ok(res) => Next::Flushed(res),
                     Err(TryRecvError::Closed) => Next::Flushed(abandoned()),
-                    Err(TryRecvError::Empty) if self.staged.len() >= MAX_STAGED_FILES => {
-                        Next::Flushed((&mut c.done).await.unwrap_or_else(|_| abandoned()))
+                    Err(TryRecvError::Empty) if staged_full => {
+                        Next::Flushed(done.await.unwrap_or_else(|_| abandoned()))
                     }
                     Err(TryRecvError::Empty) => tokio::select! {
                         biased;
-                        res = &mut c.done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
+                        res = done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
                         f = frames.recv() => Next::Frame(f),
                     },
                 },
@@ -481,28 +450,85 @@ impl Receiver {
         Ok(())
     }
 
-    /// Starts a group commit of everything staged and every barrier seen.
-    fn start_commit(&mut self) {
-        let mut files = std::mem::take(&mut self.staged);
-        let barriers = std::mem::take(&mut self.barriers);
-        let done = match self.durability {
-            Durability::Syncfs => {
-                let roots = self.roots_of(files.iter().map(|f| f.store));
-                self.flush_roots(roots)
+    /// Discards every staged file not landed (the session ends).
+    fn discard_unlanded(&mut self) {
+        self.flush_done = None;
+        for f in self.commits.take_unlanded() {
+            self.stores[f.store].root.discard_staged(f.seq);
+        }
+    }
+
+    /// Performs the group commit's outputs, in order (`failure`: why the
+    /// flush just reported failed).
+    fn perform(&mut self, peer: &str, failure: Option<&str>) -> Result<(), RecvError> {
+        while let Some(out) = self.commits.poll_output() {
+            match out {
+                CommitOutput::FlushData => {
+                    self.flush_started = Instant::now();
+                    let done = match self.durability {
+                        Durability::Syncfs => {
+                            let stores: Vec<usize> = self
+                                .commits
+                                .flushing_mut()
+                                .iter()
+                                .map(|f| f.store)
+                                .collect();
+                            let roots = self.roots_of(stores.into_iter());
+                            self.flush_roots(roots)
+                        }
+                        Durability::Fsync => crate::io::join_fsyncs(
+                            self.commits
+                                .flushing_mut()
+                                .iter_mut()
+                                .filter_map(|f| f.fsync.take())
+                                .collect(),
+                        ),
+                    };
+                    self.flush_done = Some(done);
+                }
+                CommitOutput::Land(files) => self.land_flushed(files, peer),
+                CommitOutput::FlushDirs => {
+                    self.apply_dir_times();
+                    self.flush_started = Instant::now();
+                    let extra: Vec<usize> = self.commits.folded().iter().map(|f| f.store).collect();
+                    self.flush_done = Some(self.flush_dirs(&extra)?);
+                }
+                CommitOutput::Ack(barriers) => {
+                    let now = Instant::now();
+                    let mut st = self.stats.stages.lock().expect("stages lock");
+                    for (_, at) in &barriers {
+                        Stages::record(&mut st.barrier_to_ack, now.duration_since(*at));
+                    }
+                    drop(st);
+                    for (seq, _) in barriers {
+                        if self.unverified.is_some() {
+                            self.held_acks.push(seq);
+                        } else {
+                            SyncMsg::Ack { seq }.encode(&mut self.replies);
+                        }
+                    }
+                }
+                CommitOutput::Failed(files) => {
+                    let why = failure.unwrap_or("flush failed").to_string();
+                    for f in files {
+                        // Never call a file durable after a failed flush:
+                        // drop it and ask again.
+                        self.stores[f.store].root.discard_staged(f.seq);
+                        self.done_files.remove(&f.seq);
+                        let err = FsError::Io {
+                            op: "flush",
+                            path: f.rel.display().to_string(),
+                            source: std::io::Error::other(why.clone()),
+                        };
+                        self.local_failure(f.seq, f.store, &f.rel, &err, peer);
+                    }
+                    // The session ends; the next one starts from what the
+                    // disk really holds.
+                    return Err(self.latch_unverified(why));
+                }
             }
-            Durability::Fsync => {
-                crate::io::join_fsyncs(files.iter_mut().filter_map(|f| f.fsync.take()).collect())
-            }
-        };
-        self.inflight = Some(Commit {
-            barriers,
-            files,
-            phase: Phase::Data,
-            started: Instant::now(),
-            done,
-            next: Vec::new(),
-            next_barriers: Vec::new(),
-        });
+        }
+        Ok(())
     }
 
     fn roots_of(&self, stores: impl Iterator<Item = usize>) -> Vec<PathBuf> {
@@ -529,58 +555,20 @@ impl Receiver {
         }
     }
 
-    /// The in-flight commit's current flush finished with `res`: after the
-    /// data flush, land the files and flush the directories; after that,
-    /// acknowledge its barriers.
+    /// The flush in flight finished with `res`: the commit goes on.
     fn advance(&mut self, res: crate::io::FlushResult, peer: &str) -> Result<(), RecvError> {
-        let Some(mut c) = self.inflight.take() else {
-            return Ok(());
-        };
-        match c.phase {
-            Phase::Data => {
-                let mut st = self.stats.stages.lock().expect("stages lock");
-                Stages::record(&mut st.data_flush, c.started.elapsed());
-                drop(st);
-                self.land_flushed(std::mem::take(&mut c.files), &res, peer);
-                if let Err(why) = res {
-                    // The session ends; the next one starts from what the
-                    // disk really holds.
-                    self.inflight = Some(c);
-                    return Err(self.latch_unverified(why));
-                }
-                self.fold_and_flush_dirs(c)?;
-            }
-            Phase::Dirs => {
-                if let Err(why) = res {
-                    // The folded files are discarded with the connection.
-                    self.inflight = Some(c);
-                    return Err(self.latch_unverified(why));
-                }
-                let now = Instant::now();
-                {
-                    let mut st = self.stats.stages.lock().expect("stages lock");
-                    Stages::record(&mut st.dir_flush, now.duration_since(c.started));
-                    for (_, at) in &c.barriers {
-                        Stages::record(&mut st.barrier_to_ack, now.duration_since(*at));
-                    }
-                }
-                for (seq, _) in std::mem::take(&mut c.barriers) {
-                    if self.unverified.is_some() {
-                        self.held_acks.push(seq);
-                    } else {
-                        SyncMsg::Ack { seq }.encode(&mut self.replies);
-                    }
-                }
-                if !c.next.is_empty() || !c.next_barriers.is_empty() {
-                    // Their data is durable: land them, and go on as the
-                    // next commit's directory flush.
-                    self.land_flushed(std::mem::take(&mut c.next), &Ok(()), peer);
-                    c.barriers = std::mem::take(&mut c.next_barriers);
-                    self.fold_and_flush_dirs(c)?;
-                }
+        self.flush_done = None;
+        let took = self.flush_started.elapsed();
+        {
+            let mut st = self.stats.stages.lock().expect("stages lock");
+            match self.commits.phase() {
+                Some(CommitPhase::Data) => Stages::record(&mut st.data_flush, took),
+                Some(CommitPhase::Dirs) => Stages::record(&mut st.dir_flush, took),
+                None => {}
             }
         }
-        Ok(())
+        self.commits.flushed(res.is_ok());
+        self.perform(peer, res.err().as_deref())
     }
 
     /// A flush failed: latch the replica unverified (durably, so that a
@@ -641,9 +629,8 @@ impl Receiver {
         }
     }
 
-    /// Renames files whose data flush finished into place (or, if it
-    /// failed, drops them and asks for them again).
-    fn land_flushed(&mut self, files: Vec<Staged>, res: &crate::io::FlushResult, peer: &str) {
+    /// Renames files whose data flush finished into place.
+    fn land_flushed(&mut self, files: Vec<Staged>, peer: &str) {
         // The staging thread's outcomes for these files arrived before the
         // flush that covered them reported.
         if let Some(stager) = &self.stager {
@@ -651,20 +638,6 @@ impl Receiver {
                 .extend(stager.take_done().map(|d| (d.seq, d.res)));
         }
         for f in files {
-            if let Err(why) = res {
-                // Never call a file durable after a failed flush: drop it
-                // and ask again (STYLE: latch I/O failures).
-                error!("flush failed: {why}; {} is re-requested", f.rel.display());
-                self.stores[f.store].root.discard_staged(f.seq);
-                self.done_files.remove(&f.seq);
-                let err = FsError::Io {
-                    op: "flush",
-                    path: f.rel.display().to_string(),
-                    source: std::io::Error::other(why.clone()),
-                };
-                self.local_failure(f.seq, f.store, &f.rel, &err, peer);
-                continue;
-            }
             let st = if self.stager.is_some() {
                 match self.done_files.remove(&f.seq) {
                     Some(Ok(st)) => st,
@@ -685,29 +658,6 @@ impl Receiver {
             };
             self.land_one(f.store, f.seq, f.rel, f.hash, f.size, st, peer);
         }
-    }
-
-    /// Starts `c`'s directory flush; with syncfs, files staged meanwhile
-    /// (and the barriers seen) ride along as their data flush.
-    fn fold_and_flush_dirs(&mut self, mut c: Commit) -> Result<(), RecvError> {
-        self.apply_dir_times();
-        c.phase = Phase::Dirs;
-        c.started = Instant::now();
-        if self.durability == Durability::Syncfs {
-            c.next = std::mem::take(&mut self.staged);
-            c.next_barriers = std::mem::take(&mut self.barriers);
-        }
-        let extra: Vec<usize> = c.next.iter().map(|f| f.store).collect();
-        let done = self.flush_dirs(&extra);
-        c.done = match done {
-            Ok(d) => d,
-            Err(e) => {
-                self.inflight = Some(c);
-                return Err(e);
-            }
-        };
-        self.inflight = Some(c);
-        Ok(())
     }
 
     /// Entries landed (or were removed) in these folders since the last
@@ -779,25 +729,25 @@ impl Receiver {
     /// Lands the in-flight commit's files if they are still waiting for
     /// their flush: an op on any path must see every earlier file in place.
     async fn land_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
-        while let Some(c) = self.inflight.as_mut() {
-            if c.phase == Phase::Dirs && c.next.is_empty() {
-                break;
-            }
-            let res = (&mut c.done)
-                .await
-                .unwrap_or_else(|_| Err("flush abandoned".into()));
-            self.advance(res, peer)?;
+        while self.commits.files_waiting() {
+            self.await_flush(peer).await?;
         }
         Ok(())
     }
 
+    /// Waits for the flush in flight and advances the commit.
+    async fn await_flush(&mut self, peer: &str) -> Result<(), RecvError> {
+        let res = match self.flush_done.as_mut() {
+            Some(done) => done.await.unwrap_or_else(|_| Err("flush abandoned".into())),
+            None => Err("no flush in flight for the commit".into()),
+        };
+        self.advance(res, peer)
+    }
+
     /// Finishes the in-flight commit entirely (before a manifest is taken).
     async fn finish_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
-        while let Some(c) = self.inflight.as_mut() {
-            let res = (&mut c.done)
-                .await
-                .unwrap_or_else(|_| Err("flush abandoned".into()));
-            self.advance(res, peer)?;
+        while self.commits.phase().is_some() {
+            self.await_flush(peer).await?;
         }
         Ok(())
     }
@@ -1230,7 +1180,7 @@ impl Receiver {
             }
             SyncMsg::Barrier { seq } => {
                 // Acknowledged when the group commit that takes it is durable.
-                self.barriers.push((seq, self.frame_read_at));
+                self.commits.barrier((seq, self.frame_read_at));
             }
             other => {
                 return Err(self.protocol(
@@ -1403,7 +1353,7 @@ impl Receiver {
                 }
             }
         };
-        self.staged.push(Staged {
+        self.commits.stage(Staged {
             seq: inc.seq,
             store: s,
             rel: inc.rel,
@@ -1423,7 +1373,8 @@ impl Receiver {
         peer: &str,
     ) -> Result<(), RecvError> {
         let touches = self
-            .staged
+            .commits
+            .staged()
             .iter()
             .any(|st| st.store == store && paths.iter().any(|p| st.rel.starts_with(p)));
         if touches {
@@ -1437,8 +1388,9 @@ impl Receiver {
     /// acknowledgements complete in the background like any other.
     async fn land_staged_now(&mut self, peer: &str) -> Result<(), RecvError> {
         self.finish_inflight(peer).await?;
-        if !self.staged.is_empty() || !self.barriers.is_empty() {
-            self.start_commit();
+        if self.commits.has_work() {
+            self.commits.start(true);
+            self.perform(peer, None)?;
             self.land_inflight(peer).await?;
         }
         Ok(())

@@ -50,10 +50,14 @@ fn sim_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3000);
+    let first: u64 = std::env::var("HASYNC_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut promotions = 0;
     let mut pushes = 0;
     let mut split = 0;
-    for seed in 0..n {
+    for seed in first..first + n {
         let plan = random_plan(seed, &base(), 8);
         match Sim::new(plan.clone()).run() {
             Ok(out) => {
@@ -120,5 +124,40 @@ proptest! {
         prop_assert!(out.is_ok(), "{}", out.unwrap_err());
         let out = out.unwrap();
         prop_assert_eq!(out.final_roles.iter().filter(|r| **r == Some(Role::Primary)).count(), 1);
+    }
+}
+
+/// The replica's group commit on its own simulator (`replica::commit_sim`):
+/// `HASYNC_COMMIT_SIM_SEEDS=<n>` sets how many seeds run,
+/// `HASYNC_COMMIT_SIM_SEED=<seed>` replays one.
+#[test]
+fn commit_sim_seeds() {
+    use hasync::replica::commit_sim::{run_seeds, CommitSim};
+    if let Ok(one) = std::env::var("HASYNC_COMMIT_SIM_SEED") {
+        let seed = one
+            .parse()
+            .expect("HASYNC_COMMIT_SIM_SEED must be an integer");
+        if let Err(v) = CommitSim::new(seed).run() {
+            panic!("seed {seed}: {v}");
+        }
+        return;
+    }
+    let n: u64 = std::env::var("HASYNC_COMMIT_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let first: u64 = std::env::var("HASYNC_SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    match run_seeds(first, n) {
+        Ok(o) => {
+            // The generator must exercise folding, failures and acks.
+            assert!(o.acks > n && o.folded > 0 && o.failures > 0, "{o:?}");
+            println!("{n} commit seeds: {o:?}");
+        }
+        Err((seed, v)) => panic!(
+            "{v}\nreplay with: HASYNC_COMMIT_SIM_SEED={seed} cargo test --test tests commit_sim_seeds"
+        ),
     }
 }
