@@ -137,7 +137,7 @@ pub struct ReplicationConfig {
     /// How often the primary verifies the whole replica (anti-entropy).
     pub verify_interval: Duration,
     /// How the secondary makes a batch durable (`syncfs` or `fsync`).
-    pub durability: crate::replica::Durability,
+    pub durability: crate::model::Durability,
     /// Send large files' content by splice (page cache → socket) instead of
     /// reading it into memory first.
     pub zero_copy: bool,
@@ -1007,7 +1007,7 @@ struct RawReplication {
     #[serde(default, deserialize_with = "de_verify_interval")]
     verify_interval_ms: Option<Duration>,
     #[serde(default)]
-    durability: crate::replica::Durability,
+    durability: crate::model::Durability,
     zero_copy: Option<bool>,
     allow_special_modes: Option<bool>,
     watch_foreign_writes: Option<bool>,
@@ -2062,7 +2062,7 @@ secret_file = "/etc/hasync/link.secret"
         assert_eq!(c.link.heartbeat_lost_threshold, 5);
         assert_eq!(c.link.startup_wait, Duration::from_secs(2));
         assert_eq!(c.detection_time(), Duration::from_secs(1));
-        assert_eq!(c.replication.durability, crate::replica::Durability::Syncfs);
+        assert_eq!(c.replication.durability, crate::model::Durability::Syncfs);
         let stores: Vec<(&str, &Path)> = c
             .mailstores
             .iter()
@@ -2133,10 +2133,10 @@ secret_file = "/etc/hasync/link.secret"
     fn replication_durability_defaults_to_syncfs_and_names_bad_values() {
         assert_eq!(
             parse_ok(BASE).replication.durability,
-            crate::replica::Durability::Syncfs
+            crate::model::Durability::Syncfs
         );
         let c = parse_ok(&format!("{BASE}\n[replication]\ndurability = \"fsync\"\n"));
-        assert_eq!(c.replication.durability, crate::replica::Durability::Fsync);
+        assert_eq!(c.replication.durability, crate::model::Durability::Fsync);
         let msg = parse_syntax_err(&format!(
             "{BASE}\n[replication]\ndurability = \"fdatasync\"\n"
         ));

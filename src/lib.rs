@@ -7,8 +7,9 @@
 //! (public for the project's own tests, benches and fuzzers, hidden from
 //! the documentation, and not covered by compatibility promises).
 //!
-//! Layers, from pure to glue: `failover` (the sans-IO state core and its
-//! simulator), `wire` (the strict codec), `config`, `io` (every file
+//! Layers, from pure to glue: `model` (the mail-store types every layer
+//! shares), `failover` (the sans-IO state core and its simulator), `wire`
+//! (the strict codec), `config`, `io` (every file
 //! operation, on tokio-uring, and all `unsafe`), `link` (the authenticated
 //! heartbeat link), `replica` and `tracker` (replication), `queue` (the
 //! failover push), `daemon` (the driver), `harness` and `demo`.
@@ -50,6 +51,8 @@ pub mod lease;
 pub mod link;
 #[doc(hidden)]
 pub mod logging;
+#[doc(hidden)]
+pub mod model;
 #[doc(hidden)]
 pub mod queue;
 #[doc(hidden)]

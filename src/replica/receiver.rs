@@ -24,7 +24,7 @@ use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind, Rehash};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
-use super::Excludes;
+use super::{Durability, Excludes};
 use crate::link::{FrameReader, FrameWriter, LinkError};
 use crate::wire::sync::{Meta, NeedReason, SyncMsg, MAX_MANIFEST_ENTRIES};
 use crate::wire::{Frame, WireError};
@@ -113,23 +113,6 @@ struct Staged {
     /// Per-file durability: the file's fsync, submitted to io_uring when
     /// its last byte arrived (see [`Durability`]).
     fsync: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-}
-
-/// How a commit makes staged files and directory changes durable
-/// (`[replication] durability`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Durability {
-    /// One syncfs before the renames and one after: the fewest disk flushes
-    /// for any batch size (measured fastest here). It also writes back every
-    /// other dirty file of the replica's filesystem.
-    #[default]
-    Syncfs,
-    /// Each staged file fsynced through io_uring as soon as it is complete
-    /// (overlapping the rest of the batch), then the renames, then an fsync
-    /// of each touched directory: for a replica that shares its filesystem
-    /// with other busy writers, whose dirty data a syncfs would flush too.
-    Fsync,
 }
 
 pub struct Receiver {

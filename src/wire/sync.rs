@@ -9,6 +9,7 @@
 
 use super::codec::{cut_at_char_boundary, Reader, Writer};
 use super::{encode_frame, Frame, Kind, WireError};
+pub use crate::model::Meta;
 
 /// Longest relative path accepted (PATH_MAX).
 pub const MAX_PATH: usize = 4096;
@@ -21,16 +22,6 @@ pub const MAX_STORES: usize = 64;
 /// Longest free-text reason (`Refused.why`, `QueueAck.detail`); longer
 /// text is cut at a character boundary when encoded.
 pub const MAX_TEXT: usize = 1024;
-
-/// File metadata that mail software depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Meta {
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime_sec: i64,
-    pub mtime_nsec: u32,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
