@@ -558,6 +558,11 @@ async fn engine_main(
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
                 .then(|| start_foreign_watch(&shared, &foreign_tx))
                 .flatten();
+            if mode == EngineMode::Secondary {
+                prescan_replica(&shared, &recv_stores, &receiving);
+            } else {
+                receiving.prescan.borrow_mut().take();
+            }
             let changed = mode_rx.changed().await;
             drop(watch);
             *shared
@@ -598,6 +603,50 @@ async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<
             }
         }
     }
+}
+
+/// The node became secondary: scan the replica now (its index makes this
+/// cheap for what did not change), so that the primary's first manifest
+/// request is answered at once instead of after a walk of its own; the two
+/// nodes' walks overlap. Nothing else changes the replica before the first
+/// session but foreign writes, which discard the scans.
+fn prescan_replica(
+    shared: &Shared,
+    stores: &Rc<RefCell<Option<Vec<RecvStore>>>>,
+    receiving: &Receiving,
+) {
+    if receiving.busy.get() {
+        return;
+    }
+    let taken = stores.borrow_mut().take();
+    let mut st = match taken {
+        Some(s) => s,
+        None => match open_recv_stores(&shared.cfg) {
+            Ok(s) => s,
+            // The session reports it when it opens them.
+            Err(_) => return,
+        },
+    };
+    let started = std::time::Instant::now();
+    let scans = st
+        .iter_mut()
+        .map(|s| {
+            s.index
+                .scan(
+                    s.root.tree(),
+                    &shared.excludes,
+                    super::index::Rehash::Changed,
+                    true,
+                )
+                .ok()
+        })
+        .collect();
+    debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "replica scanned for the first manifest"
+    );
+    *receiving.prescan.borrow_mut() = Some(super::receiver::Prescan { at: started, scans });
+    *stores.borrow_mut() = Some(st);
 }
 
 /// Whether the file at `rel` is still the version this node landed (size,
@@ -707,6 +756,7 @@ async fn foreign_loop(
             continue;
         }
         // No await from here on: no session can start meanwhile.
+        receiving.prescan.borrow_mut().take();
         let taken = stores.borrow_mut().take();
         let mut st = match taken {
             Some(s) => s,
@@ -1232,6 +1282,9 @@ struct Receiving {
     /// waits for the session it replaces.
     latest: std::cell::Cell<u64>,
     released: tokio::sync::Notify,
+    /// The replica's scans, taken as the node became secondary (while the
+    /// primary writes its takeover record), for the first manifest.
+    prescan: RefCell<Option<super::receiver::Prescan>>,
 }
 
 /// Serves the primary's sync connection. The newest authenticated
@@ -1286,6 +1339,7 @@ async fn serve_sync(
     );
     receiver.state_dir = Some(shared.cfg.state_dir.clone());
     receiver.fence = Some(shared.fence.clone());
+    receiver.prescanned = receiving.prescan.borrow_mut().take();
     receiver.flusher = shared.flusher.clone();
     let session_epoch = receiver.session_epoch.clone();
     let mut fence_rx = shared.fence.subscribe();

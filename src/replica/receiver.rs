@@ -61,6 +61,16 @@ pub enum RecvError {
     },
 }
 
+/// The replica's scans taken before a session (see `engine`), used for its
+/// first manifest if still fresh and nothing landed meanwhile.
+pub struct Prescan {
+    pub at: Instant,
+    pub scans: Vec<Option<index::Scan>>,
+}
+
+/// How long a [`Prescan`] may answer a manifest request.
+const PRESCAN_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The marker in the state directory of a replica latched unverified (it
 /// holds the reason).
 pub const UNVERIFIED_FILE: &str = "replica-unverified";
@@ -152,6 +162,8 @@ pub struct Receiver {
     unverified: Option<String>,
     /// Acknowledgements held while unverified.
     held_acks: Vec<u64>,
+    /// Scans taken before the session, for its first manifest.
+    pub prescanned: Option<Prescan>,
     /// Versions kept aside and being handed to the primary: id → (store,
     /// the kept file).
     uploads: std::collections::HashMap<u64, (usize, PathBuf)>,
@@ -226,6 +238,7 @@ impl Receiver {
             state_dir: None,
             unverified: None,
             held_acks: Vec::new(),
+            prescanned: None,
             fence: None,
             session_epoch: Default::default(),
             uploads: Default::default(),
@@ -869,6 +882,13 @@ impl Receiver {
     }
 
     async fn handle(&mut self, msg: SyncMsg, peer: &str) -> Result<(), RecvError> {
+        if !matches!(
+            msg,
+            SyncMsg::Start { .. } | SyncMsg::ManifestRequest { .. } | SyncMsg::ConflictAck { .. }
+        ) {
+            // Anything else may change the tree: scans taken before it are stale.
+            self.prescanned = None;
+        }
         // Data frames belong to the file being received; anything else ends it.
         if let SyncMsg::Data { seq, bytes } = msg {
             let len = bytes.len();
@@ -1186,17 +1206,28 @@ impl Receiver {
         } else {
             Rehash::Changed
         };
+        let mut pre = self
+            .prescanned
+            .take()
+            .filter(|p| rehash == Rehash::Changed && p.at.elapsed() < PRESCAN_FRESH)
+            .map(|p| p.scans)
+            .unwrap_or_default();
         for s in 0..self.stores.len() {
             let store = &mut self.stores[s];
             let root = store.root.path().to_path_buf();
-            let entries = store
-                .index
-                .scan(store.root.tree(), &self.excludes, rehash, true)
-                .map_err(|source| RecvError::Scan {
-                    path: root.clone(),
-                    source,
-                })?
-                .entries;
+            let entries = match pre.get_mut(s).and_then(Option::take) {
+                Some(scan) => scan.entries,
+                None => {
+                    store
+                        .index
+                        .scan(store.root.tree(), &self.excludes, rehash, true)
+                        .map_err(|source| RecvError::Scan {
+                            path: root.clone(),
+                            source,
+                        })?
+                        .entries
+                }
+            };
             let mut chunk = Vec::new();
             let mut chunk_bytes = 0usize;
             let total = entries.len();
