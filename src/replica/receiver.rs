@@ -656,6 +656,49 @@ impl Receiver {
         }
     }
 
+    /// A folder moved from `from` to `to`: the mtimes the primary said for
+    /// its subtree move with it, and whatever was said for folders that
+    /// had the name `to` before no longer applies (applied to the folder
+    /// now there, it would set an older folder's mtime).
+    fn move_dir_times(&mut self, s: usize, from: &Path, to: &Path) {
+        let under = |p: &Path, root: &Path| p.starts_with(root);
+        self.dir_times
+            .retain(|(st, p), _| *st != s || !under(p, to));
+        self.retime.retain(|(st, p)| *st != s || !under(p, to));
+        let moved: Vec<((usize, PathBuf), Meta)> = self
+            .dir_times
+            .iter()
+            .filter(|((st, p), _)| *st == s && under(p, from))
+            .map(|(k, m)| (k.clone(), *m))
+            .collect();
+        for ((_, p), meta) in moved {
+            self.dir_times.remove(&(s, p.clone()));
+            let rel = p.strip_prefix(from).unwrap_or(Path::new(""));
+            let dest = if rel.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rel)
+            };
+            self.dir_times.insert((s, dest), meta);
+        }
+        let retimed: Vec<PathBuf> = self
+            .retime
+            .iter()
+            .filter(|(st, p)| *st == s && under(p, from))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in retimed {
+            self.retime.remove(&(s, p.clone()));
+            let rel = p.strip_prefix(from).unwrap_or(Path::new(""));
+            let dest = if rel.as_os_str().is_empty() {
+                to.to_path_buf()
+            } else {
+                to.join(rel)
+            };
+            self.retime.insert((s, dest));
+        }
+    }
+
     /// Entries landed (or were removed) in these folders since the last
     /// commit: their mtime is the primary's again, before the flush that
     /// makes the directories durable.
@@ -1084,8 +1127,10 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&from, &to], peer).await?;
+                let mut folder = false;
                 if let Ok(Some(src)) = self.stores[s].root.tree().lstat(&from) {
-                    self.clear_other_kind(seq, s, &to, src.kind == Kind::Dir, peer);
+                    folder = src.kind == Kind::Dir;
+                    self.clear_other_kind(seq, s, &to, folder, peer);
                 }
                 match self.stores[s].root.rename(&from, &to) {
                     Ok(RenameOutcome::Renamed) => {
@@ -1093,6 +1138,9 @@ impl Receiver {
                         self.dirs.insert((s, parent_of(&from)));
                         self.dirs.insert((s, parent_of(&to)));
                         self.stores[s].index.rename_tree(&from, &to);
+                        if folder {
+                            self.move_dir_times(s, &from, &to);
+                        }
                     }
                     Ok(RenameOutcome::SourceMissing) => {
                         add(&self.stats.rename_sources_missing, 1);
@@ -1628,5 +1676,52 @@ impl Receiver {
             }
             Err(e) => self.local_failure(seq, s, rel, &e, peer),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(mtime_sec: i64) -> Meta {
+        Meta {
+            mode: 0o755,
+            mtime_sec,
+            ..Meta::default()
+        }
+    }
+
+    #[test]
+    fn a_folder_renamed_over_a_former_name_takes_its_own_mtimes_not_the_former_folders() {
+        let mut r = Receiver::new(
+            Vec::new(),
+            Excludes::new(&[]).unwrap(),
+            Arc::new(ReplStats::default()),
+            Durability::Syncfs,
+        );
+        let k = |p: &str| (0usize, PathBuf::from(p));
+        // `.B` was a folder once (renamed away since); `.A` and its `cur`.
+        r.dir_times.insert(k("m/.B"), meta(1));
+        r.dir_times.insert(k("m/.B/cur"), meta(2));
+        r.dir_times.insert(k("m/.A"), meta(3));
+        r.dir_times.insert(k("m/.A/cur"), meta(4));
+        r.dir_times.insert(k("m/.AX"), meta(5));
+        r.retime.insert(k("m/.A/cur"));
+        r.retime.insert(k("m/.B"));
+        r.move_dir_times(0, Path::new("m/.A"), Path::new("m/.B"));
+        assert_eq!(r.dir_times.get(&k("m/.B")), Some(&meta(3)));
+        assert_eq!(r.dir_times.get(&k("m/.B/cur")), Some(&meta(4)));
+        assert!(!r.dir_times.contains_key(&k("m/.A")));
+        assert!(!r.dir_times.contains_key(&k("m/.A/cur")));
+        assert_eq!(
+            r.dir_times.get(&k("m/.AX")),
+            Some(&meta(5)),
+            "a sibling stays"
+        );
+        assert_eq!(
+            r.retime.iter().cloned().collect::<Vec<_>>(),
+            [k("m/.B/cur")],
+            "the former .B's pending retime is gone, .A/cur's moved"
+        );
     }
 }

@@ -1570,6 +1570,9 @@ impl Sender {
                 } => {
                     touched.insert((*store, parent_dir(from)));
                     touched.insert((*store, parent_dir(to)));
+                    // A renamed folder's own mtime follows too (a move to
+                    // another parent can change it; a file gets none).
+                    touched.insert((*store, to.to_path_buf()));
                 }
                 Op::Rescan { .. } => {}
             }
