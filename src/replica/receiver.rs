@@ -671,15 +671,14 @@ impl Receiver {
             .filter(|((st, p), _)| *st == s && under(p, from))
             .map(|(k, m)| (k.clone(), *m))
             .collect();
+        // `p` (at or below `from`) as it is named below `to`.
+        let rebase = |p: &Path| match p.strip_prefix(from) {
+            Ok(rel) if !rel.as_os_str().is_empty() => to.join(rel),
+            _ => to.to_path_buf(),
+        };
         for ((_, p), meta) in moved {
             self.dir_times.remove(&(s, p.clone()));
-            let rel = p.strip_prefix(from).unwrap_or(Path::new(""));
-            let dest = if rel.as_os_str().is_empty() {
-                to.to_path_buf()
-            } else {
-                to.join(rel)
-            };
-            self.dir_times.insert((s, dest), meta);
+            self.dir_times.insert((s, rebase(&p)), meta);
         }
         let retimed: Vec<PathBuf> = self
             .retime
@@ -689,13 +688,7 @@ impl Receiver {
             .collect();
         for p in retimed {
             self.retime.remove(&(s, p.clone()));
-            let rel = p.strip_prefix(from).unwrap_or(Path::new(""));
-            let dest = if rel.as_os_str().is_empty() {
-                to.to_path_buf()
-            } else {
-                to.join(rel)
-            };
-            self.retime.insert((s, dest));
+            self.retime.insert((s, rebase(&p)));
         }
     }
 

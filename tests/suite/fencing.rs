@@ -7,62 +7,13 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use hasync::config::Config;
-use hasync::failover::{Heartbeat, Role as WireRole};
 use hasync::link::auth::Side;
 use hasync::link::{handshake, Conn, FrameReader, FrameWriter};
 use hasync::wire::sync::SyncMsg;
-use hasync::wire::{Channel, Message};
+use hasync::wire::Channel;
 
-use super::hostile::{ctx, file, replies_until_ack};
+use super::hostile::{beat_as_primary, ctx, file, replies_until_ack};
 use super::util::*;
-
-/// Heartbeats as an authenticated primary at the epoch in `epoch` (read
-/// before every beat).
-async fn beat_as_primary(cfg: &Config, epoch: Rc<Cell<u64>>) -> tokio::task::JoinHandle<()> {
-    let hb_addr = cfg.link.listen;
-    let hctx = ctx(cfg, hb_addr);
-    // Retried: right after a kill the old process's listener may still
-    // take a connection and reset it.
-    let mut tries = 0;
-    let conn = loop {
-        let attempt = async {
-            let stream = tokio_uring::net::TcpStream::connect(hb_addr).await?;
-            let mut conn = Conn::new(stream, hb_addr);
-            handshake(&mut conn, &hctx, Side::Initiator, Channel::Heartbeat)
-                .await
-                .map_err(std::io::Error::other)?;
-            Ok::<_, std::io::Error>(conn)
-        };
-        match attempt.await {
-            Ok(c) => break c,
-            Err(e) if tries < 200 => {
-                tries += 1;
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            Err(e) => panic!("no heartbeat connection to {hb_addr}: {e}"),
-        }
-    };
-    let (hr, hw) = conn.split();
-    let node = cfg.link.peer_name.clone();
-    tokio_uring::spawn(async move {
-        let _keep = hr;
-        for seq in 1.. {
-            let hb = Message::Heartbeat(Heartbeat {
-                node: node.clone(),
-                role: WireRole::Primary,
-                epoch: epoch.get(),
-                seq,
-                priority: 255,
-                flags: 0,
-            });
-            if hw.send_bytes(hb.to_frame_bytes()).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-}
 
 /// An authenticated connection to the daemon's sync port, `first` sent.
 async fn open(cfg: &Config, channel: Channel, first: SyncMsg) -> (FrameReader, FrameWriter) {

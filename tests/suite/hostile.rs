@@ -1,6 +1,7 @@
 //! A hostile (but authenticated) peer: the test plays the primary against a
 //! real daemon and sends traversal paths and malformed frames.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
@@ -67,6 +68,65 @@ fn bulk_file(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u
     }
 }
 
+/// Heartbeats as an authenticated primary at the epoch in `epoch` (read
+/// before every beat).
+pub async fn beat_as_primary(cfg: &Config, epoch: Rc<Cell<u64>>) -> tokio::task::JoinHandle<()> {
+    let hb_addr = cfg.link.listen;
+    let hctx = ctx(cfg, hb_addr);
+    // Retried: right after a kill the old process's listener may still
+    // take a connection and reset it.
+    let mut tries = 0;
+    let conn = loop {
+        let attempt = async {
+            let stream = tokio_uring::net::TcpStream::connect(hb_addr).await?;
+            let mut conn = Conn::new(stream, hb_addr);
+            handshake(&mut conn, &hctx, Side::Initiator, Channel::Heartbeat)
+                .await
+                .map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(conn)
+        };
+        match attempt.await {
+            Ok(c) => break c,
+            Err(e) if tries < 200 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => panic!("no heartbeat connection to {hb_addr}: {e}"),
+        }
+    };
+    let (hr, hw) = conn.split();
+    let node = cfg.link.peer_name.clone();
+    tokio_uring::spawn(async move {
+        let _keep = hr;
+        for seq in 1.. {
+            let hb = Message::Heartbeat(Heartbeat {
+                node: node.clone(),
+                role: WireRole::Primary,
+                epoch: epoch.get(),
+                seq,
+                priority: 255,
+                flags: 0,
+            });
+            if hw.send_bytes(hb.to_frame_bytes()).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+/// Waits (up to 5 s) until `node` is secondary.
+pub async fn wait_secondary(node: &hasync::harness::NodeProc) {
+    for _ in 0..200 {
+        if node.status().is_ok_and(|s| s.mode == Role::Secondary) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(node.status().unwrap().mode, Role::Secondary);
+}
+
 /// Plays the primary against `node` (started, alone): heartbeats as an
 /// authenticated primary until the daemon is secondary, then a sync
 /// connection with `Start` sent. Returns the heartbeat task (abort it at
@@ -79,51 +139,9 @@ pub async fn act_as_primary(
     hasync::link::FrameReader,
     hasync::link::FrameWriter,
 ) {
-    let hb_addr = cfg.link.listen;
     let sync_addr = cfg.replication.sync_listen;
-    let hctx = Rc::new(ctx(cfg, hb_addr));
-    let mut tries = 0;
-    let stream = loop {
-        match tokio_uring::net::TcpStream::connect(hb_addr).await {
-            Ok(s) => break s,
-            Err(e) if tries < 200 => {
-                tries += 1;
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            Err(e) => panic!("daemon never listened on {hb_addr}: {e}"),
-        }
-    };
-    let mut hconn = Conn::new(stream, hb_addr);
-    handshake(&mut hconn, &hctx, Side::Initiator, Channel::Heartbeat)
-        .await
-        .unwrap();
-    let (hr, hw) = hconn.split();
-    let peer_name = cfg.link.peer_name.clone();
-    let beat = tokio_uring::spawn(async move {
-        let _keep = hr;
-        for seq in 1.. {
-            let hb = Message::Heartbeat(Heartbeat {
-                node: peer_name.clone(),
-                role: WireRole::Primary,
-                epoch: 1,
-                seq,
-                priority: 255,
-                flags: 0,
-            });
-            if hw.send_bytes(hb.to_frame_bytes()).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    });
-    for _ in 0..200 {
-        if node.status().is_ok_and(|s| s.mode == Role::Secondary) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(node.status().unwrap().mode, Role::Secondary);
+    let beat = beat_as_primary(cfg, Rc::new(Cell::new(1))).await;
+    wait_secondary(node).await;
     let sctx = ctx(cfg, sync_addr);
     let stream = tokio_uring::net::TcpStream::connect(sync_addr)
         .await
@@ -183,55 +201,13 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
     std::os::unix::fs::symlink(&outside, inbox.join("escape")).unwrap();
     tp.nodes[0].start().unwrap();
     let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
-    let hb_addr = cfg.link.listen;
     let sync_addr = cfg.replication.sync_listen;
 
     let node = &tp.nodes[0];
     let replies = tokio_uring::start(async {
         // 1. Heartbeats as a primary make the daemon secondary.
-        let hctx = Rc::new(ctx(&cfg, hb_addr));
-        let mut tries = 0;
-        let stream = loop {
-            match tokio_uring::net::TcpStream::connect(hb_addr).await {
-                Ok(s) => break s,
-                Err(e) if tries < 200 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-                Err(e) => panic!("daemon never listened on {hb_addr}: {e}"),
-            }
-        };
-        let mut hconn = Conn::new(stream, hb_addr);
-        handshake(&mut hconn, &hctx, Side::Initiator, Channel::Heartbeat)
-            .await
-            .unwrap();
-        let (_hr, hw) = hconn.split();
-        let hw2 = hw.clone();
-        let peer_name = cfg.link.peer_name.clone();
-        let beat = tokio_uring::spawn(async move {
-            for seq in 1.. {
-                let hb = Message::Heartbeat(Heartbeat {
-                    node: peer_name.clone(),
-                    role: WireRole::Primary,
-                    epoch: 1,
-                    seq,
-                    priority: 255,
-                    flags: 0,
-                });
-                if hw2.send_bytes(hb.to_frame_bytes()).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        });
-        for _ in 0..200 {
-            if node.status().is_ok_and(|s| s.mode == Role::Secondary) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        assert_eq!(node.status().unwrap().mode, Role::Secondary);
+        let beat = beat_as_primary(&cfg, Rc::new(Cell::new(1))).await;
+        wait_secondary(node).await;
 
         // 2. The sync connection, with hostile ops.
         let sctx = ctx(&cfg, sync_addr);

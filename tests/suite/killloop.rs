@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hasync::daemon::control::Request;
 use hasync::failover::sim::SimRng;
 use hasync::fixture::{generate_maildirs, PathState, Workload};
 
@@ -141,14 +140,7 @@ fn run_once(rng: &mut SimRng, live: bool, tally: &mut Tally) -> Result<(), Strin
     // Every kept version handed over, and the rejoined node reconciled.
     let start = Instant::now();
     let conflicts = loop {
-        let on = |i: usize| {
-            tp.nodes[i]
-                .request(&Request::Conflicts)
-                .ok()
-                .and_then(|r| r.conflicts)
-                .unwrap_or_default()
-        };
-        let (ca, cb) = (on(0), on(1));
+        let (ca, cb) = (tp.conflicts(0), tp.conflicts(1));
         let reconciled = !tp.nodes[0].state_dir.join("former-primary").exists();
         if ca.is_empty() && reconciled {
             break cb;
@@ -164,13 +156,7 @@ fn run_once(rng: &mut SimRng, live: bool, tally: &mut Tally) -> Result<(), Strin
     };
     let kept: Vec<u128> = conflicts
         .iter()
-        .map(|c| {
-            let file = tp.nodes[1]
-                .state_dir
-                .join("internal/inbox/conflicts")
-                .join(c.id.split_once('/').unwrap().1);
-            xxhash_rust::xxh3::xxh3_128(&std::fs::read(file).unwrap_or_default())
-        })
+        .map(|c| xxhash_rust::xxh3::xxh3_128(&tp.conflict_body(1, c)))
         .collect();
     let kept_set: HashSet<u128> = kept.iter().copied().collect();
     let final_b = digest(&b);

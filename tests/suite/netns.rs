@@ -662,7 +662,6 @@ fn writer(dir: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> JoinHand
 /// genuine conflict; nothing the winner wrote is missing.
 #[test]
 fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
-    use hasync::daemon::control::Request;
     let net = Net::new();
     let mut tp = pair_in(&net, [String::new(), String::new()]);
     tp.start_all();
@@ -709,13 +708,7 @@ fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
         );
     }
     // mx1's writes: exactly its conflicts, all handed to mx2.
-    let listed = |i: usize| {
-        tp.nodes[i]
-            .request(&Request::Conflicts)
-            .unwrap()
-            .conflicts
-            .unwrap()
-    };
+    let listed = |i: usize| tp.conflicts(i);
     let start = Instant::now();
     while !listed(0).is_empty() || listed(1).len() != from_a.len() {
         assert!(
@@ -730,13 +723,7 @@ fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
     }
     let mut kept: Vec<String> = listed(1)
         .iter()
-        .map(|c| {
-            let file = tp.nodes[1]
-                .state_dir
-                .join("internal/inbox/conflicts")
-                .join(c.id.split_once('/').unwrap().1);
-            std::fs::read_to_string(file).unwrap()
-        })
+        .map(|c| String::from_utf8(tp.conflict_body(1, c)).unwrap())
         .collect();
     kept.sort();
     let mut expected = from_a.clone();

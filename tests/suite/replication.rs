@@ -479,13 +479,7 @@ fn after_failover_exactly_the_versions_the_new_primary_never_had_are_conflicts()
     assert!(!a.join(&expunged).exists() && !a.join(&flagged).exists());
     // Exactly the two genuine ones, handed to the new primary; none stays
     // on the old one once acknowledged.
-    let listed = |i: usize| {
-        tp.nodes[i]
-            .request(&Request::Conflicts)
-            .unwrap()
-            .conflicts
-            .unwrap()
-    };
+    let listed = |i: usize| tp.conflicts(i);
     let start = std::time::Instant::now();
     while listed(0).len() + listed(1).len() != 2 || !listed(0).is_empty() {
         assert!(
@@ -500,13 +494,7 @@ fn after_failover_exactly_the_versions_the_new_primary_never_had_are_conflicts()
     let on_b = listed(1);
     let mut contents: Vec<String> = on_b
         .iter()
-        .map(|c| {
-            let file = tp.nodes[1]
-                .state_dir
-                .join("internal/inbox/conflicts")
-                .join(c.id.split_once('/').unwrap().1);
-            String::from_utf8(std::fs::read(file).unwrap()).unwrap()
-        })
+        .map(|c| String::from_utf8(tp.conflict_body(1, c)).unwrap())
         .collect();
     contents.sort();
     assert_eq!(

@@ -183,6 +183,25 @@ pub fn spec(seed: u64, mailboxes: usize, messages: usize) -> hasync::fixture::Ma
 }
 
 impl TestPair {
+    /// The versions kept aside on node `i` (`hasync conflicts list`; empty
+    /// if the node does not answer).
+    pub fn conflicts(&self, i: usize) -> Vec<hasync::replica::conflicts::Conflict> {
+        self.pair.nodes[i]
+            .request(&hasync::daemon::control::Request::Conflicts)
+            .ok()
+            .and_then(|r| r.conflicts)
+            .unwrap_or_default()
+    }
+
+    /// The content of `c`, kept aside in node `i`'s inbox store.
+    pub fn conflict_body(&self, i: usize, c: &hasync::replica::conflicts::Conflict) -> Vec<u8> {
+        let file = self.pair.nodes[i]
+            .state_dir
+            .join("internal/inbox/conflicts")
+            .join(c.id.split_once('/').unwrap().1);
+        std::fs::read(file).unwrap_or_default()
+    }
+
     /// Root of mailstore `name` on node `i`.
     pub fn store(&self, i: usize, name: &str) -> PathBuf {
         self.pair.nodes[i]
