@@ -33,6 +33,14 @@ fn base() -> [CoreConfig; 2] {
     [mk("mx1", "mx2"), mk("mx2", "mx1")]
 }
 
+/// `name` from the environment as a number, or `default`.
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 fn run_seed(seed: u64) {
     let plan = random_plan(seed, &base(), 8);
     if let Err(v) = Sim::new(plan.clone()).run() {
@@ -46,14 +54,8 @@ fn sim_seeds() {
         run_seed(one.parse().expect("HASYNC_SIM_SEED must be an integer"));
         return;
     }
-    let n: u64 = std::env::var("HASYNC_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3000);
-    let first: u64 = std::env::var("HASYNC_SIM_FIRST")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let n: u64 = env_u64("HASYNC_SIM_SEEDS", 3000);
+    let first: u64 = env_u64("HASYNC_SIM_FIRST", 0);
     let mut promotions = 0;
     let mut pushes = 0;
     let mut split = 0;
@@ -142,14 +144,8 @@ fn commit_sim_seeds() {
         }
         return;
     }
-    let n: u64 = std::env::var("HASYNC_COMMIT_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
-    let first: u64 = std::env::var("HASYNC_SIM_FIRST")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+    let n: u64 = env_u64("HASYNC_COMMIT_SIM_SEEDS", 20_000);
+    let first: u64 = env_u64("HASYNC_SIM_FIRST", 0);
     match run_seeds(first, n) {
         Ok(o) => {
             // The generator must exercise folding, failures and acks.
