@@ -22,7 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use super::index::{self, Entry, Index, Kind, Rehash, Stat};
 use super::links::{InodeKey, LinkNames};
-use super::stats::{add, ReplStats, Stages};
+use super::stats::{add, ReplStats, Stages, SyncPhase};
 use super::Excludes;
 use crate::link::{FrameWriter, LinkError};
 use crate::tracker::{Coalescer, Op};
@@ -187,6 +187,9 @@ type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 const PRESCAN_FRESH: Duration = Duration::from_secs(10);
 
 pub struct Sender {
+    /// Ops sent and not yet acknowledged (flow control; status reads its
+    /// copy in the stats).
+    ops_unacked: u64,
     /// The epoch of the primary tenure sending (set before each session):
     /// the fencing token every session starts with.
     pub epoch: u64,
@@ -388,6 +391,7 @@ impl Sender {
         verify_interval: Duration,
     ) -> Sender {
         Sender {
+            ops_unacked: 0,
             epoch: 0,
             stores,
             excludes,
@@ -504,7 +508,7 @@ impl Sender {
         }
     }
 
-    fn set_phase(&self, phase: &'static str) {
+    fn set_phase(&self, phase: SyncPhase) {
         self.stats.progress.lock().expect("progress lock").phase = phase;
     }
 
@@ -538,6 +542,7 @@ impl Sender {
         self.conflicts_received = 0;
         self.replies_out.clear();
         self.refused.clear();
+        self.ops_unacked = 0;
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -637,7 +642,7 @@ impl Sender {
         }
         self.last_progress_log = Instant::now();
         let p = self.stats.progress.lock().expect("progress lock").clone();
-        if p.phase != "initial-sync" && p.phase != "verifying" {
+        if !p.phase.is_catching_up() {
             return;
         }
         if let Some(s) = p.snapshot() {
@@ -658,8 +663,8 @@ impl Sender {
     /// worth of ops in flight, and at most MAX_INFLIGHT_BATCHES batches (a
     /// trickle of small batches may pipeline deeper than big ones).
     fn window_open(&self) -> bool {
-        let ops = self.stats.ops_inflight.load(Relaxed) as usize;
-        self.inflight.len() < MAX_INFLIGHT_BATCHES && ops < MAX_UNACKED_BATCHES * BATCH_OPS
+        self.inflight.len() < MAX_INFLIGHT_BATCHES
+            && self.ops_unacked < (MAX_UNACKED_BATCHES * BATCH_OPS) as u64
             || self.inflight.is_empty()
     }
 
@@ -688,7 +693,7 @@ impl Sender {
             return None;
         }
         let mut p = self.stats.progress.lock().expect("progress lock");
-        if p.phase == "initial-sync" || p.phase == "verifying" {
+        if p.phase.is_catching_up() {
             let secs = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
             info!(
                 files = p.done_files,
@@ -701,7 +706,7 @@ impl Sender {
                 secs,
                 p.done_files as f64 / secs.max(1e-3)
             );
-            p.phase = "streaming";
+            p.phase = SyncPhase::Streaming;
             drop(p);
             self.listed_dirs.clear();
             if self.lag_from.is_none() {
@@ -738,7 +743,11 @@ impl Sender {
         full_verify: bool,
         initial: bool,
     ) -> Result<u64, SendError> {
-        self.set_phase(if initial { "manifest" } else { "verifying" });
+        self.set_phase(if initial {
+            SyncPhase::Manifest
+        } else {
+            SyncPhase::Verifying
+        });
         // What is on its way explains a difference; only the rest is drift.
         let mut on_way = super::drift::InFlight::new(std::time::SystemTime::now());
         for (s, rel) in &self.backlog {
@@ -986,7 +995,11 @@ impl Sender {
         }
         {
             let mut p = self.stats.progress.lock().expect("progress lock");
-            p.phase = if initial { "initial-sync" } else { "verifying" };
+            p.phase = if initial {
+                SyncPhase::InitialSync
+            } else {
+                SyncPhase::Verifying
+            };
             p.total_files = files;
             p.total_bytes = bytes;
             p.done_files = 0;
@@ -1383,6 +1396,7 @@ impl Sender {
             }
             add(&self.stats.ops_acked, n);
             *self.stats.last_ack.lock().expect("last ack lock") = Some(Instant::now());
+            self.ops_unacked = self.ops_unacked.saturating_sub(n);
             self.stats.ops_inflight.fetch_sub(n, Relaxed);
             let mut p = self.stats.progress.lock().expect("progress lock");
             p.done_files += b.files;
@@ -1873,6 +1887,7 @@ impl Sender {
             }
         }
         let n = batch.sinces.len() as u64;
+        self.ops_unacked += n;
         self.stats.ops_inflight.fetch_add(n, Relaxed);
         self.inflight.push_back(batch);
         let (res, buf) = w.send_buf(out).await;

@@ -91,9 +91,48 @@ impl ReplStats {
     }
 }
 
+/// Where the primary's sync session is (status shows it as text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncPhase {
+    /// No session yet.
+    #[default]
+    Idle,
+    /// The replica's manifest is asked for and compared (a session starts).
+    Manifest,
+    /// Filling the replica with what the first comparison found.
+    InitialSync,
+    /// A periodic comparison and what it found.
+    Verifying,
+    /// Live changes as they happen.
+    Streaming,
+}
+
+impl SyncPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncPhase::Idle => "",
+            SyncPhase::Manifest => "manifest",
+            SyncPhase::InitialSync => "initial-sync",
+            SyncPhase::Verifying => "verifying",
+            SyncPhase::Streaming => "streaming",
+        }
+    }
+
+    /// A comparison's differences are being sent (progress is shown).
+    pub fn is_catching_up(self) -> bool {
+        matches!(self, SyncPhase::InitialSync | SyncPhase::Verifying)
+    }
+}
+
+impl std::fmt::Display for SyncPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    pub phase: &'static str,
+    pub phase: SyncPhase,
     pub total_files: u64,
     pub total_bytes: u64,
     pub done_files: u64,
@@ -331,8 +370,8 @@ impl ReplStats {
         ReplStatus {
             mode: self.mode.lock().expect("mode lock").to_string(),
             connected: self.connected.load(Relaxed),
-            phase: progress.phase.to_string(),
-            progress: if progress.phase == "initial-sync" || progress.phase == "verifying" {
+            phase: progress.phase.as_str().to_string(),
+            progress: if progress.phase.is_catching_up() {
                 progress.snapshot()
             } else {
                 None
