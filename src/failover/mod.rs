@@ -526,6 +526,12 @@ pub struct Core {
     /// While promoting: the epoch being made durable. It is not this
     /// node's epoch (not advertised, not served at) until it is durable.
     promoting_to: Option<u64>,
+    /// While primary: a higher epoch being made durable because the peer
+    /// (not primary) shows an epoch above this node's (a spent promotion,
+    /// an abandoned tenure). The primary must hold the highest epoch the
+    /// pair knows, or the replica's fence refuses its sessions. Served at
+    /// only once durable.
+    raising_to: Option<u64>,
     /// The state directory refused a write: the node stays failed, and
     /// every passing self-check retries the write as its probe, until one
     /// succeeds.
@@ -578,6 +584,7 @@ impl Core {
             persist_floor: persisted.epoch,
             persists_in_flight: 0,
             promoting_to: None,
+            raising_to: None,
             persist_failed: false,
             operator_joined: false,
             preparing: None,
@@ -1040,6 +1047,13 @@ impl Core {
     }
 
     fn primary_hears(&mut self, now: Instant, hb: &Heartbeat) {
+        if !matches!(hb.role, Role::Primary | Role::Promoting)
+            && self.role == Role::Primary
+            && hb.epoch > self.epoch
+            && self.raising_to.is_none_or(|t| t <= hb.epoch)
+        {
+            self.raise_epoch_above(hb.epoch);
+        }
         match hb.role {
             Role::Primary | Role::Promoting => {
                 let we_stay = self.wins_split_brain(hb);
@@ -1151,6 +1165,15 @@ impl Core {
         }
         let landing_promotion =
             self.role == Role::Promoting && self.promoting_to == Some(rec.epoch);
+        if self.raising_to == Some(rec.epoch) && rec.held_primary == Some(rec.epoch) {
+            self.raising_to = None;
+            if self.role == Role::Primary {
+                // Serving at the raised epoch from now on.
+                self.epoch = rec.epoch;
+                self.held_primary = Some(rec.epoch);
+                self.send_heartbeat(now);
+            }
+        }
         if rec.epoch > self.epoch && !landing_promotion {
             // The record of a promotion abandoned while it was being written
             // (isolated, failed, lost the lease) landed after all. Durable
@@ -1194,6 +1217,7 @@ impl Core {
             self.persist_floor = self.durable.epoch;
         }
         self.promoting_to = None;
+        self.raising_to = None;
         if self.role != Role::Primary {
             // A primary's epoch is durable (it became primary only then);
             // anything else not on disk is not this node's to advertise.
@@ -1359,6 +1383,10 @@ impl Core {
             // with when it lands (`on_persisted`).
             self.promoting_to = None;
         }
+        if role != Role::Primary {
+            // Likewise a raise: its record, landing later, is a spent epoch.
+            self.raising_to = None;
+        }
         if role != Role::Primary && self.preparing.take().is_some() {
             // Left primary some other way (split brain, a failed check):
             // the preparation no longer applies.
@@ -1425,6 +1453,19 @@ impl Core {
         self.persist_floor = rec.epoch;
         self.persists_in_flight += 1;
         self.actions.push_back(Action::PersistEpoch(rec));
+    }
+
+    /// Serving primary, this node takes an epoch of its own above `seen`:
+    /// durable first, advertised and served at once it lands.
+    fn raise_epoch_above(&mut self, seen: u64) {
+        let target = self.next_owned_epoch(seen.max(self.persist_floor));
+        self.raising_to = Some(target);
+        self.persist_floor = target;
+        self.persists_in_flight += 1;
+        self.actions.push_back(Action::PersistEpoch(EpochRecord {
+            epoch: target,
+            held_primary: Some(target),
+        }));
     }
 
     fn persist_answered(&mut self) {

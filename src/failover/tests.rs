@@ -547,3 +547,64 @@ fn heartbeat_from_unexpected_node_is_ignored() {
         .iter()
         .any(|a| matches!(a, Action::Alarm(Alarm::UnexpectedPeer { .. }))));
 }
+
+#[test]
+fn a_primary_that_hears_a_higher_epoch_from_its_secondary_takes_one_above_it_once_durable() {
+    // mx2 served at 6 in a split brain, then joined mx1 (primary at 5):
+    // the replica's fence is 6, so mx1 must serve above it.
+    let t0 = Instant::now();
+    let mut c = Core::new(cfg("mx1", "mx2", 200), EpochRecord::default(), t0);
+    drain(&mut c);
+    let t = t0 + Duration::from_millis(1000);
+    c.handle_timeout(t);
+    let rec = drain(&mut c)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(r),
+            _ => None,
+        })
+        .unwrap();
+    c.handle_event(t, Event::Persisted(rec));
+    assert_eq!((c.role(), c.epoch()), (Role::Primary, 1));
+    drain(&mut c);
+    let hb = Event::Heartbeat(Heartbeat {
+        node: "mx2".into(),
+        role: Role::Secondary,
+        epoch: 6,
+        priority: 100,
+        seq: 1,
+        flags: 0,
+    });
+    c.handle_event(t, hb.clone());
+    let acts = drain(&mut c);
+    let raise = acts
+        .iter()
+        .find_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        })
+        .expect("the primary makes a higher epoch durable");
+    // mx1 owns the odd epochs: 7, serving at it once durable.
+    assert_eq!(
+        raise,
+        EpochRecord {
+            epoch: 7,
+            held_primary: Some(7)
+        }
+    );
+    assert_eq!(c.epoch(), 1, "not advertised before it is durable");
+    assert!(!acts.iter().any(|a| matches!(
+        a,
+        Action::SendHeartbeat(h) if h.epoch == 7
+    )));
+    // The same heartbeat again asks for nothing more.
+    c.handle_event(t, hb);
+    assert!(!drain(&mut c)
+        .iter()
+        .any(|a| matches!(a, Action::PersistEpoch(_))));
+    c.handle_event(t, Event::Persisted(raise));
+    assert_eq!((c.role(), c.epoch()), (Role::Primary, 7));
+    assert!(drain(&mut c)
+        .iter()
+        .any(|a| matches!(a, Action::SendHeartbeat(h) if h.epoch == 7 && h.role == Role::Primary)));
+}

@@ -212,6 +212,10 @@ pub struct SyncfsWorker {
         Vec<std::path::PathBuf>,
         tokio::sync::oneshot::Sender<FlushResult>,
     )>,
+    /// A failure whose requester had stopped waiting (its session ended):
+    /// kept until someone takes it, because the descriptor has now seen
+    /// the error and will not report it again.
+    orphaned: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl SyncfsWorker {
@@ -220,6 +224,8 @@ impl SyncfsWorker {
             Vec<std::path::PathBuf>,
             tokio::sync::oneshot::Sender<FlushResult>,
         )>();
+        let orphaned = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let orphans = orphaned.clone();
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -236,10 +242,17 @@ impl SyncfsWorker {
                         };
                         syncfs_file(f).map_err(|e| format!("syncfs of {}: {e}", p.display()))
                     });
-                    let _ = reply.send(res);
+                    if let Err(Err(why)) = reply.send(res) {
+                        *orphans.lock().expect("orphaned flush lock") = Some(why);
+                    }
                 }
             })?;
-        Ok(SyncfsWorker { tx })
+        Ok(SyncfsWorker { tx, orphaned })
+    }
+
+    /// A flush failure nobody was waiting for any more, once.
+    pub fn take_orphaned_failure(&self) -> Option<String> {
+        self.orphaned.lock().expect("orphaned flush lock").take()
     }
 
     /// Like [`SyncfsWorker::flush`], answering on `reply`.

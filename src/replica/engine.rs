@@ -432,8 +432,11 @@ impl Drop for Engine {
     }
 }
 
-/// How long a demotion waits for the sync sessions it sent to be cut.
-pub const DEMOTION_CUT_WAIT: Duration = Duration::from_secs(1);
+/// How long a demotion waits for the sync sessions it sent to be cut (on
+/// the daemon's thread, which also sends heartbeats: well below a
+/// heartbeat interval; a session that does not stop in time is still
+/// refused by a replica that knows the newer epoch).
+pub const DEMOTION_CUT_WAIT: Duration = Duration::from_millis(100);
 
 /// Counts the sync sessions open as primary; a demotion waits for none.
 #[derive(Default)]

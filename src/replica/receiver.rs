@@ -279,7 +279,15 @@ impl Receiver {
     /// landed are discarded; nothing half-written is ever under a final name.
     pub async fn serve(&mut self, mut r: FrameReader, w: FrameWriter) -> Result<(), RecvError> {
         let peer = r.peer().to_string();
-        self.unverified = self.state_dir.as_deref().and_then(unverified);
+        // Latched by the marker, or in memory by an earlier session whose
+        // marker could not be written; lifted only by a re-read.
+        let in_memory = self
+            .stats
+            .unverified
+            .lock()
+            .expect("unverified lock")
+            .clone();
+        self.unverified = self.state_dir.as_deref().and_then(unverified).or(in_memory);
         *self.stats.unverified.lock().expect("unverified lock") = self.unverified.clone();
         if self.durability == Durability::Syncfs && self.stager.is_none() {
             // The engine's flusher (one for the node's life) if it gave one.
@@ -554,6 +562,12 @@ impl Receiver {
     /// The flush in flight finished with `res`: the commit goes on.
     fn advance(&mut self, res: crate::io::FlushResult, peer: &str) -> Result<(), RecvError> {
         self.flush_done = None;
+        // An earlier flush failed with nobody waiting: treat this one as
+        // failed too (the session ends and the next re-reads from disk).
+        let res = match (res, self.orphaned_flush_failure()) {
+            (Ok(()), Some(orphan)) => Err(format!("an earlier flush failed: {orphan}")),
+            (res, _) => res,
+        };
         let took = self.flush_started.elapsed();
         {
             let mut st = self.stats.stages.lock().expect("stages lock");
@@ -572,6 +586,25 @@ impl Receiver {
     /// the session. Until the next manifest has re-hashed every file from
     /// disk, no batch is acknowledged.
     fn latch_unverified(&mut self, why: String) -> RecvError {
+        self.latch(&why);
+        RecvError::Durability {
+            path: self
+                .stores
+                .first()
+                .map(|s| s.root.path().to_path_buf())
+                .unwrap_or_default(),
+            source: std::io::Error::other(why),
+        }
+    }
+
+    /// A flush that no session waited for any more (its session ended
+    /// first) failed: what it covered may be landed and not durable.
+    fn orphaned_flush_failure(&self) -> Option<String> {
+        self.flusher.as_ref()?.take_orphaned_failure()
+    }
+
+    /// Latches the replica unverified (see [`Receiver::latch_unverified`]).
+    fn latch(&mut self, why: &str) {
         let reason = format!("a flush failed: {why}");
         if self.unverified.is_none() {
             let msg = format!(
@@ -591,14 +624,6 @@ impl Receiver {
         }
         self.unverified = Some(reason.clone());
         *self.stats.unverified.lock().expect("unverified lock") = Some(reason);
-        RecvError::Durability {
-            path: self
-                .stores
-                .first()
-                .map(|s| s.root.path().to_path_buf())
-                .unwrap_or_default(),
-            source: std::io::Error::other(why),
-        }
     }
 
     /// Every file was re-read from disk for a manifest: the latch lifts and
@@ -662,6 +687,24 @@ impl Receiver {
     /// now there, it would set an older folder's mtime).
     fn move_dir_times(&mut self, s: usize, from: &Path, to: &Path) {
         let under = |p: &Path, root: &Path| p.starts_with(root);
+        // Folders touched in this commit move with it too.
+        let touched: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .filter(|(st, p)| *st == s && (under(p, from) || under(p, to)))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in touched {
+            self.dirs.remove(&(s, p.clone()));
+            if let Ok(rel) = p.strip_prefix(from) {
+                let dest = if rel.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rel)
+                };
+                self.dirs.insert((s, dest));
+            }
+        }
         self.dir_times
             .retain(|(st, p), _| *st != s || !under(p, to));
         self.retime.retain(|(st, p)| *st != s || !under(p, to));
@@ -1240,6 +1283,9 @@ impl Receiver {
     }
 
     fn send_manifest(&mut self, id: u64, full_verify: bool) -> Result<(), RecvError> {
+        if let Some(orphan) = self.orphaned_flush_failure() {
+            self.latch(&format!("an earlier flush failed: {orphan}"));
+        }
         let rehash = if self.unverified.is_some() {
             Rehash::FromDisk
         } else if full_verify {

@@ -1582,6 +1582,24 @@ impl Sender {
                 Op::Rename {
                     store, from, to, ..
                 } => {
+                    // Folders this batch touched below a renamed folder are
+                    // now below its new name.
+                    let below: Vec<(usize, PathBuf)> = touched
+                        .iter()
+                        .filter(|(s, p)| s == store && p.starts_with(from))
+                        .cloned()
+                        .collect();
+                    for (s, p) in below {
+                        touched.remove(&(s, p.clone()));
+                        match p.strip_prefix(from) {
+                            Ok(rel) if !rel.as_os_str().is_empty() => {
+                                touched.insert((s, to.join(rel)));
+                            }
+                            _ => {
+                                touched.insert((s, to.to_path_buf()));
+                            }
+                        }
+                    }
                     touched.insert((*store, parent_dir(from)));
                     touched.insert((*store, parent_dir(to)));
                     // A renamed folder's own mtime follows too (a move to

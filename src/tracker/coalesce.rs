@@ -5,8 +5,10 @@
 //! the replica must see the rename before anything that happened after it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ffi::OsString;
 use std::ops::Bound;
-use std::path::Path;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +25,15 @@ pub(crate) const PENDING_OPS_MAX: usize = 1_000_000;
 /// live count and this floor, so compaction stays amortised.
 const TOMBSTONES_MIN_COMPACT: usize = 1024;
 
+/// A queued path's bytes. Ordered byte-wise, a folder's descendants
+/// (`dir/…`) are one contiguous range, and a comparison is a `memcmp`
+/// instead of `Path`'s walk over components.
+type Key = Vec<u8>;
+
+fn key(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
 /// Single consumer. Owned by the sending engine's thread; no locks.
 pub struct Coalescer {
     rx: Receiver<Op>,
@@ -36,7 +47,7 @@ pub struct Coalescer {
     live: usize,
     /// Per store, the queued Syncs that later Syncs of the same path may merge into.
     /// A rename fences (removes) the entries it touches.
-    syncs: HashMap<usize, BTreeMap<RelPath, u64>>,
+    syncs: HashMap<usize, BTreeMap<Key, u64>>,
     /// Per store, the queued Rescan, if any.
     rescans: HashMap<usize, u64>,
     pending_ops_max: usize,
@@ -104,8 +115,8 @@ impl Coalescer {
             match &op {
                 Op::Sync { store, rel, .. } => {
                     if let Some(paths) = self.syncs.get_mut(store) {
-                        if paths.get(rel.as_path()) == Some(&seq) {
-                            paths.remove(rel.as_path());
+                        if paths.get(key(rel)) == Some(&seq) {
+                            paths.remove(key(rel));
                         }
                     }
                 }
@@ -192,7 +203,7 @@ impl Coalescer {
 
     /// The `since` of the mergeable queued Sync of exactly `rel`.
     fn live_sync_since(&self, store: usize, rel: &Path) -> Option<Instant> {
-        let seq = *self.syncs.get(&store)?.get(rel)?;
+        let seq = *self.syncs.get(&store)?.get(key(rel))?;
         self.queue
             .get(self.slot_index(seq)?)?
             .as_ref()
@@ -200,19 +211,20 @@ impl Coalescer {
     }
 
     fn push_sync(&mut self, store: usize, rel: RelPath, since: Instant) {
-        if let Some(&seq) = self.syncs.get(&store).and_then(|paths| paths.get(&rel)) {
+        if let Some(&seq) = self
+            .syncs
+            .get(&store)
+            .and_then(|paths| paths.get(key(&rel)))
+        {
             // The queued one reads the latest state when sent; it keeps the earlier `since`.
             if let Some(Op::Sync { since: queued, .. }) = self.slot_mut(seq) {
                 *queued = (*queued).min(since);
             }
             return;
         }
-        let seq = self.append(Op::Sync {
-            store,
-            rel: rel.clone(),
-            since,
-        });
-        self.syncs.entry(store).or_default().insert(rel, seq);
+        let k = key(&rel).to_vec();
+        let seq = self.append(Op::Sync { store, rel, since });
+        self.syncs.entry(store).or_default().insert(k, seq);
     }
 
     fn push_rescan(&mut self, store: usize, reason: String, since: Instant) {
@@ -270,8 +282,8 @@ impl Coalescer {
         // after it, or the replica would apply them before the rename.
         drop(self.take_descendants(store, &to));
         if let Some(paths) = self.syncs.get_mut(&store) {
-            paths.remove(from.as_path());
-            paths.remove(to.as_path());
+            paths.remove(key(&from));
+            paths.remove(key(&to));
         }
 
         self.append(Op::Rename {
@@ -290,16 +302,26 @@ impl Coalescer {
         let Some(paths) = self.syncs.get_mut(&store) else {
             return Vec::new();
         };
-        // Paths order component-wise, so a directory's descendants directly follow it.
-        let found: Vec<RelPath> = paths
-            .range::<Path, _>((Bound::Excluded(dir), Bound::Unbounded))
-            .map(|(p, _)| p)
-            .take_while(|p| p.starts_with(dir))
-            .cloned()
-            .collect();
+        // Keys order byte-wise: everything below `dir` starts with `dir/`,
+        // one range (relative paths are normalised: no `//`, no trailing `/`).
+        let found: Vec<Key> = if dir.as_os_str().is_empty() {
+            paths.keys().cloned().collect()
+        } else {
+            let mut lo = key(dir).to_vec();
+            lo.push(b'/');
+            let mut hi = key(dir).to_vec();
+            hi.push(b'/' + 1);
+            paths
+                .range::<[u8], _>((Bound::Included(&lo[..]), Bound::Excluded(&hi[..])))
+                .map(|(k, _)| k.clone())
+                .collect()
+        };
         found
             .into_iter()
-            .filter_map(|p| paths.remove(&p).map(|seq| (p, seq)))
+            .filter_map(|k| {
+                let seq = paths.remove(&k)?;
+                Some((PathBuf::from(OsString::from_vec(k)), seq))
+            })
             .collect()
     }
 
