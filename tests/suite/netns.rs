@@ -737,3 +737,69 @@ fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
         winner.epoch
     );
 }
+
+/// A secondary can hold a higher epoch than its primary: mx2 served in a
+/// split brain (epoch 2), failed a self-check before the heal, and joined
+/// mx1 (still primary at epoch 1) once its directory returned. Its fence
+/// knows epoch 2, so mx1 must serve above it, or every session it sends is
+/// refused and replication stops for good.
+#[test]
+fn a_primary_below_its_secondarys_epoch_takes_a_higher_one_and_replication_goes_on() {
+    let net = Net::new();
+    let mut tp = pair_in(&net, [String::new(), String::new()]);
+    tp.start_all();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        0
+    );
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    let before = tp.nodes[0].status().unwrap().epoch;
+    net.cut(&net.a, "ha");
+    let promoted = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("the cut secondary promotes: {e}\n{}", tp.logs()));
+    assert!(promoted.epoch > before);
+    // mx2 fails (its queue directory vanishes) before the link heals.
+    let queue = tp.nodes[1].queue_dir.clone();
+    let moved = queue.with_extension("away");
+    std::fs::rename(&queue, &moved).unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Failed
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Heartbeats mx2 sent as primary, queued in the cut link, must not
+    // reach mx1 at the heal (mx1 would lose the split brain and take a
+    // higher epoch anyway): the connections time out first.
+    std::thread::sleep(Duration::from_secs(4));
+    net.heal(&net.a, "ha");
+    std::fs::rename(&moved, &queue).unwrap();
+    let joined = tp.nodes[1]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |s| {
+            s.mode == Role::Secondary
+        })
+        .unwrap_or_else(|e| panic!("mx2 joins mx1: {e}\n{}", tp.logs()));
+    let primary = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary && s.epoch > promoted.epoch
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "mx1 serves above mx2's epoch {} (mx2 joined at {}): {e}\n{}",
+                promoted.epoch,
+                joined.epoch,
+                tp.logs()
+            )
+        });
+    std::fs::create_dir_all(a.join("after/cur")).unwrap();
+    write(&a.join("after/cur/1"), "written after the join");
+    wait_identical(&a, &b, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("replication goes on: {e}\n{}", tp.logs()));
+    println!(
+        "mx2 served at {}, joined mx1; mx1 now serves at {}",
+        promoted.epoch, primary.epoch
+    );
+}
