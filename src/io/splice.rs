@@ -26,7 +26,18 @@ use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags, Shutdown};
 use rustix::pipe::SpliceFlags;
 
-use crate::wire::{bulk_header, BULK_HEADER_LEN, MAX_BULK_PAYLOAD};
+/// How the caller frames each chunk on the socket (its wire format: the io
+/// layer does not speak it; `link::bulk_framing` gives hasync's).
+#[derive(Clone, Copy)]
+pub struct ChunkFraming {
+    /// Largest chunk payload.
+    pub max_chunk: u32,
+    /// Bytes of the header sent before each chunk.
+    pub header_len: usize,
+    /// Writes the header of a chunk of `len` bytes into `out`
+    /// (`header_len` bytes).
+    pub header: fn(len: u32, out: &mut [u8]),
+}
 
 /// Padding for a file that shrank while it was sent.
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
@@ -72,13 +83,13 @@ pub struct SplicePump {
 impl SplicePump {
     /// A pump writing into `sock` (its descriptor is duplicated). Nothing
     /// else may write to the socket while a [`SplicePump::send`] runs.
-    pub fn new(sock: &impl AsRawFd) -> io::Result<SplicePump> {
+    pub fn new(sock: &impl AsRawFd, framing: ChunkFraming) -> io::Result<SplicePump> {
         let sock = Arc::new(super::dup_fd(sock)?);
         let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
         // A chunk must fit the pipe: the pump is its only reader.
-        let size = rustix::pipe::fcntl_setpipe_size(&pipe_w, MAX_BULK_PAYLOAD as usize)
+        let size = rustix::pipe::fcntl_setpipe_size(&pipe_w, framing.max_chunk as usize)
             .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_w))?;
-        let chunk = (size.min(MAX_BULK_PAYLOAD as usize) & !4095) as u32;
+        let chunk = (size.min(framing.max_chunk as usize) & !4095) as u32;
         if chunk == 0 {
             return Err(io::Error::other(format!(
                 "pipe of {size} bytes is too small"
@@ -92,7 +103,8 @@ impl SplicePump {
             pipe_w,
             sock: sock.clone(),
             chunk,
-            header: Box::new([0; BULK_HEADER_LEN]),
+            header: vec![0; framing.header_len].into_boxed_slice(),
+            framing,
             ring_failed: false,
         };
         let thread = std::thread::Builder::new()
@@ -145,7 +157,8 @@ struct Pump {
     chunk: u32,
     /// The current chunk's header, on the heap so that it can be leaked if
     /// the ring fails with ops possibly still reading it.
-    header: Box<[u8; BULK_HEADER_LEN]>,
+    header: Box<[u8]>,
+    framing: ChunkFraming,
     /// A submission failed: ops may still be pending in the kernel.
     ring_failed: bool,
 }
@@ -195,7 +208,8 @@ impl Pump {
     /// One `Bulk` frame of `want` bytes from `file` at `pos`; returns the
     /// zero bytes sent in place of missing content.
     fn send_chunk(&mut self, file: RawFd, pos: u64, want: u32, more: bool) -> io::Result<u64> {
-        *self.header = bulk_header(want);
+        (self.framing.header)(want, &mut self.header);
+        let header_len = self.header.len();
         let hdr = self.header.as_ptr();
         let pipe_r = self.pipe_r.as_raw_fd();
         let pipe_w = self.pipe_w.as_raw_fd();
@@ -208,7 +222,7 @@ impl Pump {
                 .flags(squeue::Flags::IO_LINK),
             // MSG_WAITALL: a short header send must fail the chain rather
             // than let the payload follow it (without it, any count counts).
-            opcode::Send::new(types::Fd(sock), hdr, BULK_HEADER_LEN as u32)
+            opcode::Send::new(types::Fd(sock), hdr, header_len as u32)
                 .flags(MSG_MORE | MSG_WAITALL)
                 .build()
                 .flags(squeue::Flags::IO_LINK),
@@ -238,12 +252,12 @@ impl Pump {
             Err(ECANCELED) => 0,
             Err(e) => return Err(errno(e, "splice into the socket")),
         };
-        if hdr_sent < BULK_HEADER_LEN && sent > 0 {
+        if hdr_sent < header_len && sent > 0 {
             return Err(io::Error::other("bulk payload went out before its header"));
         }
-        while hdr_sent < BULK_HEADER_LEN {
+        while hdr_sent < header_len {
             let rest = self.header[hdr_sent..].as_ptr();
-            let op = opcode::Send::new(types::Fd(sock), rest, (BULK_HEADER_LEN - hdr_sent) as u32)
+            let op = opcode::Send::new(types::Fd(sock), rest, (header_len - hdr_sent) as u32)
                 .flags(MSG_MORE)
                 .build();
             match self.run(&[op])?[0] {
@@ -360,7 +374,8 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
 
-    use crate::wire::{decode_frame, Kind};
+    use crate::link::bulk_framing;
+    use crate::wire::{decode_frame, Kind, MAX_BULK_PAYLOAD};
 
     /// Reads the peer side until `n` frames are decoded; returns their
     /// concatenated payloads and the bytes read after them.
@@ -406,7 +421,7 @@ mod tests {
         let data = content(2 * MAX_BULK_PAYLOAD as usize + 12_345);
         std::fs::write(&path, &data).unwrap();
         let (mut a, b) = pair();
-        let pump = SplicePump::new(&a).unwrap();
+        let pump = SplicePump::new(&a, bulk_framing()).unwrap();
         let frames = data.len().div_ceil(pump.chunk() as usize) as u64;
         let reader = std::thread::spawn(move || {
             let (payload, mut tail) = read_frames(b.try_clone().unwrap(), frames);
@@ -432,7 +447,7 @@ mod tests {
         let data = content(300_000);
         std::fs::write(&path, &data).unwrap();
         let (a, b) = pair();
-        let pump = SplicePump::new(&a).unwrap();
+        let pump = SplicePump::new(&a, bulk_framing()).unwrap();
         let announced = MAX_BULK_PAYLOAD as u64 + 50_000;
         let frames = announced.div_ceil(u64::from(pump.chunk()));
         let reader = std::thread::spawn(move || {
@@ -459,7 +474,7 @@ mod tests {
         let path = dir.path().join("big");
         std::fs::write(&path, content(64 << 20)).unwrap();
         let (a, b) = pair();
-        let pump = SplicePump::new(&a).unwrap();
+        let pump = SplicePump::new(&a, bulk_framing()).unwrap();
         let file = std::fs::File::open(&path).unwrap();
         let res = tokio_uring::start(async {
             tokio::select! {

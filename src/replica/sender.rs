@@ -2294,7 +2294,7 @@ impl Sender {
             return None;
         }
         if self.pump.is_none() {
-            match crate::io::splice::SplicePump::new(w) {
+            match crate::io::splice::SplicePump::new(w, crate::link::bulk_framing()) {
                 Ok(p) => self.pump = Some(p),
                 Err(e) => {
                     warn!("zero-copy sending unavailable, large files are read instead: {e}");
