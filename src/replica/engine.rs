@@ -1505,26 +1505,20 @@ async fn serve_queue_push(
     };
     let (r, w) = conn.split();
     let tenure = shared.fence.seen();
-    let mut fence_rx = shared.fence.subscribe();
     let res = tokio::select! {
         res = ing.serve(r, w.clone(), tenure) => res.map_err(|e| e.to_string()),
-        why = async {
-            // Deposed (a higher epoch known, or no longer primary): cut.
-            // What was acknowledged is durable and in the ledger; the rest
-            // the pusher keeps and sends again.
-            loop {
-                if *fence_rx.borrow_and_update() > tenure {
-                    return "a newer primary exists";
-                }
-                if *mode_rx.borrow_and_update() != EngineMode::Primary {
-                    return "this node is no longer primary";
-                }
-                tokio::select! {
-                    r = fence_rx.changed() => if r.is_err() { std::future::pending::<()>().await },
-                    r = mode_rx.changed() => if r.is_err() { std::future::pending::<()>().await },
+        _ = async {
+            // Deposed (a newer primary won): cut. What was acknowledged is
+            // durable and in the ledger; the rest the pusher keeps and
+            // sends again. (This node's own epoch rising while it serves
+            // is no reason: the push goes on.)
+            while mode_rx.changed().await.is_ok() {
+                if *mode_rx.borrow() != EngineMode::Primary {
+                    return;
                 }
             }
-        } => Err(format!("cut: {why}")),
+            std::future::pending::<()>().await
+        } => Err("cut: this node is no longer primary".to_string()),
     };
     if let Err(e) = res {
         warn!(peer = %addr, "queue push from peer ended: {e}");
