@@ -561,7 +561,9 @@ async fn engine_main(
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
                 .then(|| start_foreign_watch(&shared, &foreign_tx))
                 .flatten();
-            if mode == EngineMode::Secondary {
+            // Only with the foreign-write watch on: it discards the scan
+            // when anything else writes into the replica before the session.
+            if mode == EngineMode::Secondary && watch.is_some() {
                 prescan_replica(&shared, &recv_stores, &receiving);
             } else {
                 receiving.prescan.borrow_mut().take();
@@ -612,7 +614,8 @@ async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<
 /// cheap for what did not change), so that the primary's first manifest
 /// request is answered at once instead of after a walk of its own; the two
 /// nodes' walks overlap. Nothing else changes the replica before the first
-/// session but foreign writes, which discard the scans.
+/// session but foreign writes, which discard the scans (so it runs only
+/// while the foreign-write watch is on).
 fn prescan_replica(
     shared: &Shared,
     stores: &Rc<RefCell<Option<Vec<RecvStore>>>>,
@@ -724,6 +727,8 @@ async fn foreign_loop(
         if *mode_rx.borrow() != EngineMode::Secondary {
             continue; // changes made as the node's role changed are its own
         }
+        // A scan taken before this write no longer describes the replica.
+        receiving.prescan.borrow_mut().take();
         if batch.paths.is_empty() {
             // Only a kernel queue overflow (hasync's own landings during an
             // initial sync can cause it): nothing to keep aside; whatever a
