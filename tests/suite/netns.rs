@@ -655,6 +655,18 @@ fn writer(dir: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> JoinHand
     })
 }
 
+/// The pair on the HA link without quorum, formed with mx1 primary.
+fn formed_without_quorum(net: &Net) -> TestPair {
+    let mut tp = pair_in(net, [String::new(), String::new()]);
+    tp.start_all();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        0
+    );
+    tp
+}
+
 /// A split brain (no quorum, the HA link cut) healed while both nodes
 /// serve, write and try to send: the node at the lower epoch demotes, cuts
 /// its sessions and takes the higher epoch's tree exactly; everything it
@@ -663,13 +675,7 @@ fn writer(dir: PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> JoinHand
 #[test]
 fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
     let net = Net::new();
-    let mut tp = pair_in(&net, [String::new(), String::new()]);
-    tp.start_all();
-    assert_eq!(
-        tp.wait_formed(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
-        0
-    );
+    let tp = formed_without_quorum(&net);
     let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     std::fs::create_dir_all(a.join("before/cur")).unwrap();
     write(&a.join("before/cur/1"), "held by both");
@@ -746,13 +752,7 @@ fn a_split_brain_healed_while_both_send_converges_to_the_higher_epoch() {
 #[test]
 fn a_primary_below_its_secondarys_epoch_takes_a_higher_one_and_replication_goes_on() {
     let net = Net::new();
-    let mut tp = pair_in(&net, [String::new(), String::new()]);
-    tp.start_all();
-    assert_eq!(
-        tp.wait_formed(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
-        0
-    );
+    let tp = formed_without_quorum(&net);
     let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     let before = tp.nodes[0].status().unwrap().epoch;
     net.cut(&net.a, "ha");
