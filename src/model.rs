@@ -3,7 +3,7 @@
 //! nothing else in the crate; the wire encodes these types, the
 //! configuration names them, the replica uses them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -15,6 +15,17 @@ pub struct Meta {
     pub gid: u32,
     pub mtime_sec: i64,
     pub mtime_nsec: u32,
+}
+
+/// `p` after a rename of `from` to `to`: `None` unless `p` is `from` or
+/// below it.
+pub fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
+    let rest = p.strip_prefix(from).ok()?;
+    Some(if rest.as_os_str().is_empty() {
+        to.to_path_buf()
+    } else {
+        to.join(rest)
+    })
 }
 
 /// How a commit makes staged files and directory changes durable

@@ -21,4 +21,4 @@ pub mod stats;
 pub mod takeover;
 pub mod tree;
 
-pub use crate::model::{Durability, Excludes};
+pub use crate::model::{moved_path, Durability, Excludes};

@@ -61,6 +61,24 @@ pub enum RecvError {
     },
 }
 
+/// What becomes of a key of the commit's folder records when folder `from`
+/// of store `s` is renamed to `to`: `None`, it stays; `Some(None)`, it goes
+/// (a former folder named `to`); `Some(Some(k))`, it moves to `k`.
+fn on_folder_rename(
+    key: &(usize, PathBuf),
+    s: usize,
+    from: &Path,
+    to: &Path,
+) -> Option<Option<(usize, PathBuf)>> {
+    if key.0 != s {
+        return None;
+    }
+    if let Some(moved) = super::moved_path(&key.1, from, to) {
+        return Some(Some((s, moved)));
+    }
+    key.1.starts_with(to).then_some(None)
+}
+
 /// The replica's scans taken before a session (see `engine`), used for its
 /// first manifest if still fresh and nothing landed meanwhile.
 pub struct Prescan {
@@ -686,53 +704,26 @@ impl Receiver {
     /// had the name `to` before no longer applies (applied to the folder
     /// now there, it would set an older folder's mtime).
     fn move_dir_times(&mut self, s: usize, from: &Path, to: &Path) {
-        let under = |p: &Path, root: &Path| p.starts_with(root);
-        // Folders touched in this commit move with it too.
-        let touched: Vec<PathBuf> = self
-            .dirs
-            .iter()
-            .filter(|(st, p)| *st == s && (under(p, from) || under(p, to)))
-            .map(|(_, p)| p.clone())
-            .collect();
-        for p in touched {
-            self.dirs.remove(&(s, p.clone()));
-            if let Ok(rel) = p.strip_prefix(from) {
-                let dest = if rel.as_os_str().is_empty() {
-                    to.to_path_buf()
-                } else {
-                    to.join(rel)
-                };
-                self.dirs.insert((s, dest));
-            }
-        }
-        self.dir_times
-            .retain(|(st, p), _| *st != s || !under(p, to));
-        self.retime.retain(|(st, p)| *st != s || !under(p, to));
-        let moved: Vec<((usize, PathBuf), Meta)> = self
-            .dir_times
-            .iter()
-            .filter(|((st, p), _)| *st == s && under(p, from))
-            .map(|(k, m)| (k.clone(), *m))
-            .collect();
-        // `p` (at or below `from`) as it is named below `to`.
-        let rebase = |p: &Path| match p.strip_prefix(from) {
-            Ok(rel) if !rel.as_os_str().is_empty() => to.join(rel),
-            _ => to.to_path_buf(),
+        let changes = |keys: &mut dyn Iterator<Item = &(usize, PathBuf)>| -> Vec<_> {
+            keys.filter_map(|k| on_folder_rename(k, s, from, to).map(|n| (k.clone(), n)))
+                .collect()
         };
-        for ((_, p), meta) in moved {
-            self.dir_times.remove(&(s, p.clone()));
-            self.dir_times.insert((s, rebase(&p)), meta);
+        // Every old key out first, then the moved ones in: a moved key may
+        // take the name of one that goes.
+        for set in [&mut self.dirs, &mut self.retime] {
+            let change = changes(&mut set.iter());
+            for (old, _) in &change {
+                set.remove(old);
+            }
+            set.extend(change.into_iter().filter_map(|(_, new)| new));
         }
-        let retimed: Vec<PathBuf> = self
-            .retime
-            .iter()
-            .filter(|(st, p)| *st == s && under(p, from))
-            .map(|(_, p)| p.clone())
+        let change = changes(&mut self.dir_times.keys());
+        let metas: Vec<_> = change
+            .into_iter()
+            .filter_map(|(old, new)| Some((new, self.dir_times.remove(&old)?)))
             .collect();
-        for p in retimed {
-            self.retime.remove(&(s, p.clone()));
-            self.retime.insert((s, rebase(&p)));
-        }
+        self.dir_times
+            .extend(metas.into_iter().filter_map(|(new, m)| Some((new?, m))));
     }
 
     /// Entries landed (or were removed) in these folders since the last

@@ -23,7 +23,7 @@ use tracing::{debug, error, info, warn};
 use super::index::{self, Entry, Index, Kind, Rehash, Stat};
 use super::links::{InodeKey, LinkNames};
 use super::stats::{add, ReplStats, Stages, SyncPhase};
-use super::Excludes;
+use super::{moved_path, Excludes};
 use crate::link::{FrameWriter, LinkError};
 use crate::tracker::{Coalescer, Op};
 use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg, MAX_DATA};
@@ -1582,29 +1582,8 @@ impl Sender {
                 Op::Rename {
                     store, from, to, ..
                 } => {
-                    // Folders this batch touched below a renamed folder are
-                    // now below its new name.
-                    let below: Vec<(usize, PathBuf)> = touched
-                        .iter()
-                        .filter(|(s, p)| s == store && p.starts_with(from))
-                        .cloned()
-                        .collect();
-                    for (s, p) in below {
-                        touched.remove(&(s, p.clone()));
-                        match p.strip_prefix(from) {
-                            Ok(rel) if !rel.as_os_str().is_empty() => {
-                                touched.insert((s, to.join(rel)));
-                            }
-                            _ => {
-                                touched.insert((s, to.to_path_buf()));
-                            }
-                        }
-                    }
                     touched.insert((*store, parent_dir(from)));
                     touched.insert((*store, parent_dir(to)));
-                    // A renamed folder's own mtime follows too (a move to
-                    // another parent can change it; a file gets none).
-                    touched.insert((*store, to.to_path_buf()));
                 }
                 Op::Rescan { .. } => {}
             }
@@ -1652,7 +1631,7 @@ impl Sender {
                     for names in self.link_names() {
                         names.renamed(store, &from, &to);
                     }
-                    self.follow_folder_rename(store, &from, &to, since, &mut expand);
+                    self.follow_folder_rename(store, &from, &to, since, &mut expand, &mut touched);
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
@@ -2173,6 +2152,7 @@ impl Sender {
         to: &Path,
         since: Instant,
         expand: &mut [(usize, PathBuf, Instant)],
+        touched: &mut std::collections::BTreeSet<(usize, PathBuf)>,
     ) {
         let is_dir = self.stores[store]
             .tree
@@ -2183,6 +2163,18 @@ impl Sender {
         if !is_dir {
             return;
         }
+        // Folders this batch touched below it are below its new name, and
+        // its own mtime follows too (a move to another parent can change it).
+        let below: Vec<PathBuf> = touched
+            .iter()
+            .filter(|(s, p)| *s == store && p.starts_with(from))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in below {
+            touched.remove(&(store, p.clone()));
+            touched.extend(moved_path(&p, from, to).map(|m| (store, m)));
+        }
+        touched.insert((store, to.to_path_buf()));
         // Folders this batch lists once planned: list them where they are.
         for (s, dir, _) in expand.iter_mut() {
             if *s == store {
@@ -2435,15 +2427,6 @@ fn newest_change_above(
         newest = newest.max(c);
     }
     newest
-}
-
-fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
-    let rest = p.strip_prefix(from).ok()?;
-    Some(if rest.as_os_str().is_empty() {
-        to.to_path_buf()
-    } else {
-        to.join(rest)
-    })
 }
 
 /// Does the replica's entry match the local one?
