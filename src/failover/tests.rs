@@ -31,6 +31,14 @@ fn plan(p0: u8, p1: u8, faults: Vec<Fault>) -> Plan {
     }
 }
 
+/// The epoch record among `acts` that asks to be written, if any.
+fn persisted(acts: &[Action]) -> Option<EpochRecord> {
+    acts.iter().find_map(|a| match a {
+        Action::PersistEpoch(r) => Some(*r),
+        _ => None,
+    })
+}
+
 fn drain(core: &mut Core) -> Vec<Action> {
     std::iter::from_fn(|| core.poll_action()).collect()
 }
@@ -344,13 +352,7 @@ fn promotion_waits_for_durable_epoch() {
     core.handle_timeout(later);
     let acts = drain(&mut core);
     assert_eq!(core.role(), Role::Promoting);
-    let persist = acts
-        .iter()
-        .find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(*r),
-            _ => None,
-        })
-        .expect("promotion must persist the epoch");
+    let persist = persisted(&acts).expect("promotion must persist the epoch");
     assert!(!acts.iter().any(|a| matches!(
         a,
         Action::Become {
@@ -372,13 +374,7 @@ fn a_promotion_record_landing_after_the_promotion_ended_never_lets_the_epoch_go_
     drain(&mut core);
     let t1 = t0 + Duration::from_millis(1000);
     core.handle_timeout(t1);
-    let promotion = drain(&mut core)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(r),
-            _ => None,
-        })
-        .expect("promotion persists its epoch");
+    let promotion = persisted(&drain(&mut core)).expect("promotion persists its epoch");
     assert_eq!(core.role(), Role::Promoting);
     // The check fails while the record is being written: the promotion ends.
     core.handle_event(t1, Event::SelfCheck(Err("disk gone".into())));
@@ -389,13 +385,7 @@ fn a_promotion_record_landing_after_the_promotion_ended_never_lets_the_epoch_go_
     core.handle_event(t1, Event::Persisted(promotion));
     assert_eq!(core.role(), Role::Failed);
     assert_eq!(core.epoch(), promotion.epoch);
-    let fix = drain(&mut core)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(r),
-            _ => None,
-        })
-        .expect("the record is corrected");
+    let fix = persisted(&drain(&mut core)).expect("the record is corrected");
     assert_eq!(fix.epoch, promotion.epoch);
     assert_eq!(fix.held_primary, None);
     // Every later record keeps at least that epoch.
@@ -445,13 +435,7 @@ fn a_full_state_directory_keeps_the_node_failed_at_its_durable_epoch_until_a_wri
     core.handle_timeout(t);
     assert_eq!(core.role(), Role::Promoting);
     let acts = drain(&mut core);
-    let wanted = acts
-        .iter()
-        .find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(*r),
-            _ => None,
-        })
-        .unwrap();
+    let wanted = persisted(&acts).unwrap();
     assert_eq!(wanted.epoch, 3);
     // Not durable: never advertised while promoting.
     for a in &acts {
@@ -474,10 +458,7 @@ fn a_full_state_directory_keeps_the_node_failed_at_its_durable_epoch_until_a_wri
         core.handle_event(t, Event::SelfCheck(Ok(())));
         core.handle_timeout(t);
         let acts = drain(&mut core);
-        let probe = acts.iter().find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(*r),
-            _ => None,
-        });
+        let probe = persisted(&acts);
         assert_eq!(probe, Some(durable), "the probe writes the durable record");
         assert_eq!(alarms(&acts), 0);
         for a in &acts {
@@ -557,13 +538,7 @@ fn a_primary_that_hears_a_higher_epoch_from_its_secondary_takes_one_above_it_onc
     drain(&mut c);
     let t = t0 + Duration::from_millis(1000);
     c.handle_timeout(t);
-    let rec = drain(&mut c)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(r),
-            _ => None,
-        })
-        .unwrap();
+    let rec = persisted(&drain(&mut c)).unwrap();
     c.handle_event(t, Event::Persisted(rec));
     assert_eq!((c.role(), c.epoch()), (Role::Primary, 1));
     drain(&mut c);
@@ -577,13 +552,7 @@ fn a_primary_that_hears_a_higher_epoch_from_its_secondary_takes_one_above_it_onc
     });
     c.handle_event(t, hb.clone());
     let acts = drain(&mut c);
-    let raise = acts
-        .iter()
-        .find_map(|a| match a {
-            Action::PersistEpoch(r) => Some(*r),
-            _ => None,
-        })
-        .expect("the primary makes a higher epoch durable");
+    let raise = persisted(&acts).expect("the primary makes a higher epoch durable");
     // mx1 owns the odd epochs: 7, serving at it once durable.
     assert_eq!(
         raise,
