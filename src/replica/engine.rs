@@ -909,7 +909,7 @@ async fn run_primary(
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
     sender.commit_wake = Some(shared.commit_wake.clone());
-    sender.periods = cfg.stores.iter().map(|s| s.period).collect();
+    sender.gate = super::gate::PeriodicGate::new(cfg.stores.iter().map(|s| s.period).collect());
     sender.zero_copy = cfg.zero_copy;
     sender.drain = shared.drain.clone();
     info!(

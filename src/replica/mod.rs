@@ -11,6 +11,7 @@ pub mod engine;
 pub mod fence;
 pub mod foreign;
 pub mod fsops;
+pub mod gate;
 pub mod index;
 pub mod links;
 pub mod receiver;

@@ -266,14 +266,9 @@ pub struct Sender {
     out_of_reach: super::tree::OutOfReach,
     /// Lag is measured for changes after the initial sync, not for it.
     lag_from: Option<Instant>,
-    /// Per store: send changes at most this often (periodic queue sync).
-    pub periods: Vec<Option<Duration>>,
-    /// Changes of periodic stores held until their next release, the paths
-    /// released (allowed through once), and when each store releases next.
-    held: Vec<Op>,
-    held_syncs: std::collections::HashSet<(usize, PathBuf)>,
-    released: std::collections::HashSet<(usize, PathBuf)>,
-    next_release: HashMap<usize, Instant>,
+    /// Changes of periodic stores (a queue synced every so often), held
+    /// until their store's next release.
+    pub gate: super::gate::PeriodicGate,
     /// Zero-loss commits: arrive on `commits`, wait in `waiting` with the
     /// barrier of the batch that carries their path (once planned).
     pub commits: Option<crossbeam_channel::Receiver<CommitReq>>,
@@ -409,11 +404,7 @@ impl Sender {
             last_save: Instant::now(),
             saver: None,
             pending_verify: false,
-            periods: Vec::new(),
-            held: Vec::new(),
-            held_syncs: Default::default(),
-            released: Default::default(),
-            next_release: HashMap::new(),
+            gate: Default::default(),
             last_progress_log: Instant::now(),
             commits: None,
             waiting: Vec::new(),
@@ -966,7 +957,7 @@ impl Sender {
                 .coalescer
                 .pending_ops()
                 .chain(self.retry.iter().map(|(_, op)| op))
-                .chain(self.held.iter())
+                .chain(self.gate.held())
             {
                 on_way.add_op(op);
             }
@@ -1031,10 +1022,8 @@ impl Sender {
             return;
         }
         drop(d);
-        if !self.held.is_empty() {
-            let held = std::mem::take(&mut self.held);
-            self.held_syncs.clear();
-            for op in held {
+        if !self.gate.is_empty() {
+            for op in self.gate.release_all() {
                 self.coalescer.push(op);
             }
             self.last_change = Instant::now();
@@ -1423,51 +1412,9 @@ impl Sender {
         }
     }
 
-    /// Holds a change of a periodic store until its release; true if held.
-    fn hold_if_periodic(&mut self, op: &Op) -> bool {
-        let (store, rel) = match op {
-            Op::Sync { store, rel, .. } => (*store, rel.clone()),
-            Op::Rename { store, to, .. } => (*store, to.clone()),
-            Op::Rescan { .. } => return false,
-        };
-        if self.periods.get(store).copied().flatten().is_none() {
-            return false;
-        }
-        if self.released.remove(&(store, rel.clone())) {
-            return false;
-        }
-        // A later Sync of a held path adds nothing: the release reads the
-        // path's state then.
-        let is_sync = matches!(op, Op::Sync { .. });
-        if !is_sync || self.held_syncs.insert((store, rel)) {
-            self.held.push(op.clone());
-        }
-        true
-    }
-
     fn release_periodic(&mut self) {
-        let now = Instant::now();
-        for (store, period) in self.periods.clone().into_iter().enumerate() {
-            let Some(period) = period else { continue };
-            let next = *self.next_release.entry(store).or_insert(now + period);
-            if now < next {
-                continue;
-            }
-            self.next_release.insert(store, now + period);
-            let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
-                .into_iter()
-                .partition(|op| op.store() == store);
-            self.held = rest;
-            self.held_syncs.retain(|(s, _)| *s != store);
-            for op in mine {
-                let key = match &op {
-                    Op::Sync { rel, .. } => rel.clone(),
-                    Op::Rename { to, .. } => to.clone(),
-                    Op::Rescan { .. } => continue,
-                };
-                self.released.insert((store, key));
-                self.coalescer.push(op);
-            }
+        for op in self.gate.due(Instant::now()) {
+            self.coalescer.push(op);
         }
     }
 
@@ -1540,10 +1487,7 @@ impl Sender {
         ops: Vec<Op>,
         rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
     ) -> Result<(), SendError> {
-        let ops: Vec<Op> = ops
-            .into_iter()
-            .filter(|op| !self.hold_if_periodic(op))
-            .collect();
+        let ops: Vec<Op> = ops.into_iter().filter(|op| !self.gate.hold(op)).collect();
         let mut plans = Vec::with_capacity(ops.len());
         // Directories new to the replica, listed once the batch is planned.
         let mut expand = Vec::new();

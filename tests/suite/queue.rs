@@ -592,3 +592,53 @@ fn walkdir(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A switchover drains a periodic queue's held changes at once: it does not
+/// wait for the interval (a minute here), and the changes reach the peer.
+#[test]
+fn switchover_releases_a_periodic_queues_held_changes_at_once() {
+    let mut o = opts("flat");
+    o.queue_sync = "periodic";
+    o.queue_sync_interval_ms = 60_000;
+    o.heartbeat_interval_ms = 100;
+    o.heartbeat_lost_threshold = 10;
+    let (tp, p) = TestPair::formed(o);
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 5, 11);
+    // The tracker has seen them (held now, not sent: the interval is a minute).
+    std::thread::sleep(Duration::from_millis(500));
+    let replica = tp.nodes[1].state_dir.join("queue-replica");
+    assert!(
+        !replica.exists() || queue_digest(&replica, "flat").is_empty(),
+        "held until the interval"
+    );
+    let cfg0 = tp.nodes[0].config_path.to_str().unwrap().to_string();
+    let start = std::time::Instant::now();
+    let out = hasync(&["failover", "--wait", "--config", &cfg0]);
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "switchover refused after {took:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tp.logs()
+    );
+    println!("switchover with held periodic changes took {took:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "drained without waiting for the interval"
+    );
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let start = std::time::Instant::now();
+    while queue_digest(&tp.nodes[1].queue_dir, "flat") != before {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the held changes never reached the new primary's queue\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
