@@ -21,5 +21,6 @@ pub mod stager;
 pub mod stats;
 pub mod takeover;
 pub mod tree;
+pub mod window;
 
 pub use crate::model::{moved_path, Durability, Excludes};

@@ -4,8 +4,8 @@
 //! Files are read concurrently: every small file of a batch gets its own
 //! open+read task before any is awaited, so one tick of the runtime submits
 //! all of them to the ring together. Frames are then emitted in op order with
-//! a `Barrier` per batch; up to [`MAX_UNACKED_BATCHES`] full batches' worth of
-//! ops (in at most [`MAX_INFLIGHT_BATCHES`] batches) are in flight, so reading
+//! a `Barrier` per batch; up to [`UNACKED_BATCHES_MAX`] full batches' worth of
+//! ops (in at most [`INFLIGHT_BATCHES_MAX`] batches) are in flight, so reading
 //! batch N+1 overlaps the secondary's flush of batch N, and a trickle of small
 //! batches never waits behind a window counted in batches.
 
@@ -23,22 +23,17 @@ use tracing::{debug, error, info, warn};
 use super::index::{self, Entry, Index, Kind, Rehash, Stat};
 use super::links::{InodeKey, LinkNames};
 use super::stats::{add, ReplStats, Stages, SyncPhase};
+use super::window::{AckWindow, BATCH_OPS_MAX, UNACKED_BATCHES_MAX};
 use super::{moved_path, Excludes};
 use crate::link::{FrameWriter, LinkError};
 use crate::tracker::{Coalescer, Op};
 use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg, MAX_DATA};
 
-/// Most ops in one batch.
-const BATCH_OPS: usize = 512;
 /// Files up to this size are read whole and concurrently; larger ones are
 /// streamed in `MAX_DATA` chunks, one at a time, so memory stays bounded.
-const SMALL_FILE: u64 = 256 * 1024;
+const SMALL_FILE_BYTES_MAX: u64 = 256 * 1024;
 /// Encoded bytes of a batch sent at a time.
-const SEND_CHUNK: usize = 256 * 1024;
-/// Batches sent but not yet acknowledged.
-const MAX_UNACKED_BATCHES: usize = 4;
-/// Batches in flight at most, however small.
-const MAX_INFLIGHT_BATCHES: usize = 32;
+const SEND_CHUNK_BYTES: usize = 256 * 1024;
 /// Housekeeping tick when idle (retries, periodic releases, verification,
 /// index saves); changes and commit requests wake the sender at once.
 const IDLE_POLL: Duration = Duration::from_millis(10);
@@ -167,7 +162,6 @@ fn carried<'a>(plans: &'a [Plan], batch: &'a Inflight) -> impl Iterator<Item = (
 }
 
 struct Inflight {
-    barrier: u64,
     acks: Vec<OnAck>,
     /// Names of files this batch sent (see `Sender::recent`).
     recent_names: Vec<(InodeKey, usize, PathBuf)>,
@@ -187,9 +181,6 @@ type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 const PRESCAN_FRESH: Duration = Duration::from_secs(10);
 
 pub struct Sender {
-    /// Ops sent and not yet acknowledged (flow control; status reads its
-    /// copy in the stats).
-    ops_unacked: u64,
     /// The epoch of the primary tenure sending (set before each session):
     /// the fencing token every session starts with.
     pub epoch: u64,
@@ -222,9 +213,9 @@ pub struct Sender {
     /// Every file sent but not yet acknowledged, by inode: a link made to a
     /// message right after it went out must still travel as a link.
     recent: LinkNames,
-    seq: u64,
     manifest_id: u64,
-    inflight: VecDeque<Inflight>,
+    /// Batches in flight, numbering, flow control, ops asked for again.
+    window: AckWindow<Inflight>,
     retry: Vec<(Instant, Op)>,
     retry_delay: Duration,
     next_backoff: Instant,
@@ -234,9 +225,6 @@ pub struct Sender {
     /// A rescan asked for a comparison with the replica.
     pending_verify: bool,
     last_progress_log: Instant,
-    /// Paths the peer asked for again: their pending acks must not mark
-    /// them as held by the replica.
-    needed: std::collections::HashSet<u64>,
     /// Paths a comparison found different, waiting to enter the coalescer
     /// a few batches at a time: a 100k-file initial sync holds one boxed
     /// path each here instead of a full pending op.
@@ -360,7 +348,7 @@ async fn read_small(
         if n < asked {
             break;
         }
-        if data.len() as u64 > SMALL_FILE * 4 {
+        if data.len() as u64 > SMALL_FILE_BYTES_MAX * 4 {
             break;
         }
     }
@@ -386,7 +374,6 @@ impl Sender {
         verify_interval: Duration,
     ) -> Sender {
         Sender {
-            ops_unacked: 0,
             epoch: 0,
             stores,
             excludes,
@@ -395,9 +382,8 @@ impl Sender {
             verify_interval,
             inodes: LinkNames::default(),
             recent: LinkNames::default(),
-            seq: 0,
             manifest_id: 0,
-            inflight: VecDeque::new(),
+            window: AckWindow::default(),
             retry: Vec::new(),
             retry_delay: NO_SPACE_RETRY_MIN,
             next_backoff: Instant::now(),
@@ -408,7 +394,6 @@ impl Sender {
             last_progress_log: Instant::now(),
             commits: None,
             waiting: Vec::new(),
-            needed: Default::default(),
             backlog: VecDeque::new(),
             backlog_since: Instant::now(),
             spare: Vec::new(),
@@ -526,14 +511,13 @@ impl Sender {
     ) -> Result<(), SendError> {
         // Anything unacknowledged from a previous session is re-sent by the
         // reconciliation below (its manifest shows what actually landed).
-        self.inflight.clear();
+        self.window.reset();
         self.recent.clear();
         self.peer_former_primary = false;
         self.incoming = None;
         self.conflicts_received = 0;
         self.replies_out.clear();
         self.refused.clear();
-        self.ops_unacked = 0;
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -585,8 +569,8 @@ impl Sender {
                 continue;
             }
 
-            if self.window_open() && self.coalescer.pending() > 0 {
-                let ops = self.coalescer.take_batch(BATCH_OPS);
+            if self.window.is_open() && self.coalescer.pending() > 0 {
+                let ops = self.coalescer.take_batch(BATCH_OPS_MAX);
                 self.send_batch(w, ops, rx).await?;
                 continue;
             }
@@ -600,7 +584,7 @@ impl Sender {
             if self.last_save.elapsed() > Duration::from_secs(10)
                 && self.saver.is_none()
                 && self.stores.iter().any(|s| s.index.is_dirty())
-                && self.inflight.is_empty()
+                && self.window.is_empty()
             {
                 self.save_indexes_in_background();
             }
@@ -650,19 +634,10 @@ impl Sender {
         }
     }
 
-    /// Room for another batch: at most MAX_UNACKED_BATCHES full batches'
-    /// worth of ops in flight, and at most MAX_INFLIGHT_BATCHES batches (a
-    /// trickle of small batches may pipeline deeper than big ones).
-    fn window_open(&self) -> bool {
-        self.inflight.len() < MAX_INFLIGHT_BATCHES
-            && self.ops_unacked < (MAX_UNACKED_BATCHES * BATCH_OPS) as u64
-            || self.inflight.is_empty()
-    }
-
     /// Moves backlog paths into the coalescer while it holds less than a
     /// few batches.
     fn feed_backlog(&mut self) {
-        let room = (MAX_UNACKED_BATCHES * BATCH_OPS).saturating_sub(self.coalescer.pending());
+        let room = (UNACKED_BATCHES_MAX * BATCH_OPS_MAX).saturating_sub(self.coalescer.pending());
         for _ in 0..room.min(self.backlog.len()) {
             let Some((store, rel)) = self.backlog.pop_front() else {
                 break;
@@ -676,7 +651,7 @@ impl Sender {
     }
 
     fn finish_initial_if_done(&mut self, w: &FrameWriter) -> Option<Vec<u8>> {
-        if !self.inflight.is_empty()
+        if !self.window.is_empty()
             || self.coalescer.pending() > 0
             || !self.backlog.is_empty()
             || !self.retry.is_empty()
@@ -716,7 +691,7 @@ impl Sender {
         &mut self,
         rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
     ) -> Result<(), SendError> {
-        while !self.inflight.is_empty() {
+        while !self.window.is_empty() {
             match rx.recv().await {
                 Some(m) => self.on_peer_msg(m?)?,
                 None => return Err(SendError::PeerGone),
@@ -1029,7 +1004,7 @@ impl Sender {
             self.last_change = Instant::now();
         }
         let idle = self.coalescer.pending() == 0
-            && self.inflight.is_empty()
+            && self.window.is_empty()
             && self.backlog.is_empty()
             && self.retry.is_empty()
             && self.last_change.elapsed() >= DRAIN_QUIET;
@@ -1087,7 +1062,7 @@ impl Sender {
                 // Exactly this op failed: its ack must not mark the path as
                 // held by the peer (another op on the same path may still
                 // land, and be acknowledged, before or after it).
-                self.needed.insert(seq);
+                self.window.need(seq);
                 if s < self.stores.len() {
                     self.forget_names_under(s, &rel, None);
                     if reason == NeedReason::SourceMissing {
@@ -1314,9 +1289,8 @@ impl Sender {
 
     fn on_ack(&mut self, seq: u64) {
         let now = Instant::now();
-        while self.inflight.front().is_some_and(|b| b.barrier <= seq) {
-            let b = self.inflight.pop_front().expect("checked non-empty");
-            let n = b.sinces.len() as u64;
+        for sent in self.window.acked(seq) {
+            let (n, b) = (sent.ops, sent.body);
             if let (Some(sent), Some(from)) = (b.sent_at, self.lag_from) {
                 if sent >= from {
                     let mut st = self.stats.stages.lock().expect("stages lock");
@@ -1337,7 +1311,7 @@ impl Sender {
             for a in b.acks {
                 match a {
                     OnAck::Set(seq, s, rel, mut entry) => {
-                        if self.needed.remove(&seq) {
+                        if self.window.was_needed(seq) {
                             entry.synced = false;
                         }
                         // A former primary holds it now because this node
@@ -1350,7 +1324,7 @@ impl Sender {
                         }
                         self.stores[s].index.set(rel, entry)
                     }
-                    OnAck::Link(seq, ..) if self.needed.remove(&seq) => {}
+                    OnAck::Link(seq, ..) if self.window.was_needed(seq) => {}
                     OnAck::Link(_, s, rel, existing, st) => {
                         // The link shares the content of `existing`; when
                         // that hash is not known here (renamed or deleted
@@ -1370,7 +1344,7 @@ impl Sender {
                     OnAck::Rename(seq, s, from, to) => {
                         // The local tree has moved either way.
                         self.stores[s].index.rename_tree(&from, &to);
-                        if self.needed.remove(&seq) {
+                        if self.window.was_needed(seq) {
                             // The replica could not rename: it may still
                             // hold `from`, and lacks `to` (asked for).
                             self.stores[s].index.unsync_tree(&to);
@@ -1385,16 +1359,14 @@ impl Sender {
             }
             add(&self.stats.ops_acked, n);
             *self.stats.last_ack.lock().expect("last ack lock") = Some(Instant::now());
-            self.ops_unacked = self.ops_unacked.saturating_sub(n);
             self.stats.ops_inflight.fetch_sub(n, Relaxed);
             let mut p = self.stats.progress.lock().expect("progress lock");
             p.done_files += b.files;
             p.done_bytes += b.bytes;
         }
-        if self.inflight.is_empty() {
-            // Every ack that could carry a re-requested path has arrived.
-            self.needed.clear();
-        }
+        // Every ack that could carry an op asked for again up to `seq` has
+        // arrived (a need of the batch still being sent stays).
+        self.window.forget_needs_through(seq);
         let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
             .into_iter()
             .partition(|(_, b)| b.is_some_and(|b| b <= seq));
@@ -1476,8 +1448,7 @@ impl Sender {
     }
 
     fn next_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
+        self.window.next_seq()
     }
 
     /// Turns one batch of ops into frames and sends them with a barrier.
@@ -1507,7 +1478,6 @@ impl Sender {
             }
         }
         let mut batch = Inflight {
-            barrier: 0,
             acks: Vec::new(),
             recent_names: Vec::new(),
             sinces: Vec::new(),
@@ -1662,7 +1632,7 @@ impl Sender {
                                     && e.gid == st.meta.gid
                             }) {
                                 batch.sinces.pop();
-                                self.seq -= 1;
+                                self.window.give_back(seq);
                                 // The replica acknowledged exactly this version.
                                 self.satisfy_now(store, &rel);
                                 continue;
@@ -1679,7 +1649,7 @@ impl Sender {
                             let key = (st.dev, st.version.ino);
                             self.recent.record(key, store, &rel, st.version);
                             batch.recent_names.push((key, store, rel.clone()));
-                            if st.version.size <= SMALL_FILE {
+                            if st.version.size <= SMALL_FILE_BYTES_MAX {
                                 let task = tokio_uring::spawn(read_small(
                                     open_for_reading(&self.stores[store].tree, &rel),
                                     st.version.size,
@@ -1715,12 +1685,12 @@ impl Sender {
         }
 
         // Emit in order. Small reads are already in flight together; what
-        // is encoded goes out every SEND_CHUNK bytes (the receiver starts on
+        // is encoded goes out every SEND_CHUNK_BYTES bytes (the receiver starts on
         // a batch while the rest is still being read), through one reused
         // buffer instead of a fresh multi-megabyte one per batch.
         let mut out = std::mem::take(&mut self.spare);
         out.clear();
-        out.reserve(2 * SEND_CHUNK);
+        out.reserve(2 * SEND_CHUNK_BYTES);
         for plan in plans {
             match plan {
                 Plan::Frames(f) => out.extend_from_slice(&f),
@@ -1760,7 +1730,7 @@ impl Sender {
                             );
                         }
                     }
-                    if out.len() >= SEND_CHUNK {
+                    if out.len() >= SEND_CHUNK_BYTES {
                         let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
                         res?;
                         buf.clear();
@@ -1819,29 +1789,27 @@ impl Sender {
                 }
             }
         }
-        let barrier = self.seq;
+        let barrier = self.window.last_seq();
         SyncMsg::Barrier { seq: barrier }.encode(&mut out);
-        batch.barrier = barrier;
         for (req, b) in self.waiting.iter_mut() {
             if b.is_none() && batch_paths.contains(&(req.store, req.rel.clone())) {
                 *b = Some(barrier);
             }
         }
         let n = batch.sinces.len() as u64;
-        self.ops_unacked += n;
         self.stats.ops_inflight.fetch_add(n, Relaxed);
-        self.inflight.push_back(batch);
+        self.window.sent(n, batch);
         let (res, buf) = w.send_buf(out).await;
         res?;
         self.spare = buf;
         let now = Instant::now();
-        if let Some(b) = self.inflight.back_mut() {
-            b.sent_at = Some(now);
-        }
-        if let (Some(from), Some(b)) = (self.lag_from, self.inflight.back()) {
-            let mut st = self.stats.stages.lock().expect("stages lock");
-            for since in b.sinces.iter().filter(|s| **s >= from) {
-                Stages::record(&mut st.queued, now.duration_since(*since));
+        if let Some(b) = self.window.last_mut() {
+            b.body.sent_at = Some(now);
+            if let Some(from) = self.lag_from {
+                let mut st = self.stats.stages.lock().expect("stages lock");
+                for since in b.body.sinces.iter().filter(|s| **s >= from) {
+                    Stages::record(&mut st.queued, now.duration_since(*since));
+                }
             }
         }
         Ok(())
@@ -1943,8 +1911,9 @@ impl Sender {
     /// would be the same link, refused the same way, forever.
     fn forget_link_source(&mut self, seq: u64, building: Option<&Inflight>) {
         let failed_link = self
-            .inflight
+            .window
             .iter()
+            .map(|b| &b.body)
             .chain(building)
             .flat_map(|b| &b.acks)
             .find_map(|a| match a {
@@ -1978,13 +1947,14 @@ impl Sender {
         self.stores[store].index.get(rel).is_some_and(|e| e.synced)
             || carried(plans, batch).any(|c| c == (store, rel))
             || self
-                .inflight
+                .window
                 .iter()
-                .flat_map(|b| &b.acks)
+                .flat_map(|b| &b.body.acks)
                 .any(|a| a.carries() == Some((store, rel)))
             || self
-                .inflight
+                .window
                 .iter()
+                .map(|b| &b.body)
                 .chain(std::iter::once(batch))
                 .flat_map(|b| &b.acks)
                 .any(renamed_into)
@@ -2153,9 +2123,9 @@ impl Sender {
     /// Applies the renames sent but not yet acknowledged to an index path.
     fn renamed_in_flight(&self, store: usize, mut p: PathBuf, batch: &Inflight) -> PathBuf {
         for acks in self
-            .inflight
+            .window
             .iter()
-            .map(|b| &b.acks)
+            .map(|b| &b.body.acks)
             .chain(std::iter::once(&batch.acks))
         {
             for a in acks {
