@@ -21,6 +21,7 @@ pub mod stager;
 pub mod stats;
 pub mod takeover;
 pub mod tree;
+pub mod waiters;
 pub mod window;
 
 pub use crate::model::{moved_path, Durability, Excludes};

@@ -94,26 +94,7 @@ enum Incoming {
     },
 }
 
-/// What a zero-loss commit learned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CommitOutcome {
-    /// Durable on the peer too.
-    Replicated { waited: Duration },
-    /// Durable here only: the peer did not confirm in time (or this node is
-    /// not primary). Like semi-synchronous replication, the pair degrades
-    /// instead of blocking mail.
-    LocalOnly { reason: String },
-}
-
-/// A pending `Engine::commit`.
-#[derive(Debug)]
-pub struct CommitReq {
-    pub store: usize,
-    pub rel: PathBuf,
-    pub at: Instant,
-    pub deadline: Instant,
-    pub reply: tokio::sync::oneshot::Sender<CommitOutcome>,
-}
+pub use super::waiters::{CommitOutcome, CommitReq};
 
 /// One store as the sender sees it.
 pub struct Store {
@@ -260,7 +241,7 @@ pub struct Sender {
     /// Zero-loss commits: arrive on `commits`, wait in `waiting` with the
     /// barrier of the batch that carries their path (once planned).
     pub commits: Option<crossbeam_channel::Receiver<CommitReq>>,
-    waiting: Vec<(CommitReq, Option<u64>)>,
+    waiting: super::waiters::CommitWaiters,
     /// `hasync resync` asked for a full verification.
     pub resync_requested: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -393,7 +374,7 @@ impl Sender {
             gate: Default::default(),
             last_progress_log: Instant::now(),
             commits: None,
-            waiting: Vec::new(),
+            waiting: Default::default(),
             backlog: VecDeque::new(),
             backlog_since: Instant::now(),
             spare: Vec::new(),
@@ -1367,11 +1348,7 @@ impl Sender {
         // Every ack that could carry an op asked for again up to `seq` has
         // arrived (a need of the batch still being sent stays).
         self.window.forget_needs_through(seq);
-        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(_, b)| b.is_some_and(|b| b <= seq));
-        self.waiting = rest;
-        for (req, _) in done {
+        for req in self.waiting.acked(seq) {
             self.stats.commits_replicated.fetch_add(1, Relaxed);
             self.stats.synchronous.store(true, Relaxed);
             let _ = req.reply.send(CommitOutcome::Replicated {
@@ -1399,16 +1376,12 @@ impl Sender {
                 rel: req.rel.clone(),
                 since: req.at,
             });
-            self.waiting.push((req, None));
+            self.waiting.add(req);
         }
     }
 
     fn satisfy_now(&mut self, store: usize, rel: &Path) {
-        let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(r, b)| b.is_none() && r.store == store && r.rel == rel);
-        self.waiting = rest;
-        for (req, _) in done {
+        for req in self.waiting.held_already(store, rel) {
             self.stats.commits_replicated.fetch_add(1, Relaxed);
             let _ = req.reply.send(CommitOutcome::Replicated {
                 waited: req.at.elapsed(),
@@ -1421,11 +1394,7 @@ impl Sender {
     pub fn expire_commits(&mut self) {
         self.take_commits();
         let now = Instant::now();
-        let (late, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(r, _)| r.deadline <= now);
-        self.waiting = rest;
-        for (req, _) in late {
+        for req in self.waiting.expired(now) {
             if self.stats.synchronous.swap(false, Relaxed) {
                 warn!("zero-loss commit degraded to local-only: the peer did not confirm in time");
             }
@@ -1442,9 +1411,7 @@ impl Sender {
     /// A lost connection loses the batches in flight: their commits wait for
     /// the re-send after reconnecting.
     pub fn forget_inflight_commits(&mut self) {
-        for (_, b) in self.waiting.iter_mut() {
-            *b = None;
-        }
+        self.waiting.connection_lost();
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -1791,10 +1758,10 @@ impl Sender {
         }
         let barrier = self.window.last_seq();
         SyncMsg::Barrier { seq: barrier }.encode(&mut out);
-        for (req, b) in self.waiting.iter_mut() {
-            if b.is_none() && batch_paths.contains(&(req.store, req.rel.clone())) {
-                *b = Some(barrier);
-            }
+        if !batch_paths.is_empty() {
+            self.waiting.ride(barrier, |s, rel| {
+                batch_paths.contains(&(s, rel.to_path_buf()))
+            });
         }
         let n = batch.sinces.len() as u64;
         self.stats.ops_inflight.fetch_add(n, Relaxed);
