@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use super::index::{self, Entry, Index, Kind, Rehash, Stat};
 use super::links::{InodeKey, LinkNames};
 use super::stats::{add, ReplStats, Stages, SyncPhase};
+use super::tree::{LocalTree, Tree};
 use super::window::{AckWindow, BATCH_OPS_MAX, UNACKED_BATCHES_MAX};
 use super::{moved_path, Excludes};
 use crate::link::{FrameWriter, LinkError};
@@ -97,11 +98,11 @@ enum Incoming {
 pub use super::waiters::{CommitOutcome, CommitReq};
 
 /// One store as the sender sees it.
-pub struct Store {
+pub struct Store<T = Tree> {
     pub name: String,
     pub root: PathBuf,
     /// The root, opened: every lookup below it goes through its descriptor.
-    pub tree: super::tree::Tree,
+    pub tree: T,
     pub index: Index,
     /// hasync's own directory for this store (conflicts handed over).
     pub internal: PathBuf,
@@ -153,6 +154,16 @@ struct Inflight {
     sent_at: Option<Instant>,
 }
 
+/// One batch planned: what it sends, in order, and what its ack teaches.
+struct Planned {
+    plans: Vec<Plan>,
+    batch: Inflight,
+    /// Folders whose entries the batch changes: their mtime follows.
+    touched: std::collections::BTreeSet<(usize, PathBuf)>,
+    /// Paths the batch carries, for commits waiting on them.
+    batch_paths: std::collections::HashSet<(usize, PathBuf)>,
+}
+
 /// What a background index save did, per store.
 type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 
@@ -161,7 +172,7 @@ type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 /// first comparison (changes since are in the tracker's queue).
 const PRESCAN_FRESH: Duration = Duration::from_secs(10);
 
-pub struct Sender {
+pub struct Sender<T = Tree> {
     /// The epoch of the primary tenure sending (set before each session):
     /// the fencing token every session starts with.
     pub epoch: u64,
@@ -169,7 +180,7 @@ pub struct Sender {
     /// tracker already running: the first comparison uses them instead of
     /// walking the trees again, if they are recent.
     pub prescanned: Option<(Instant, Vec<Option<super::index::Scan>>)>,
-    pub stores: Vec<Store>,
+    pub stores: Vec<Store<T>>,
     pub excludes: Excludes,
     pub coalescer: Coalescer,
     pub stats: Arc<ReplStats>,
@@ -260,7 +271,6 @@ enum Plan {
         store: usize,
         rel: PathBuf,
         st: Stat,
-        task: tokio::task::JoinHandle<std::io::Result<Read>>,
     },
     /// Hashed, then streamed (spliced) on its own.
     Large {
@@ -346,14 +356,14 @@ fn rel_from(bytes: &[u8]) -> Option<PathBuf> {
     super::fsops::check_rel(bytes).ok()
 }
 
-impl Sender {
+impl<T: LocalTree> Sender<T> {
     pub fn new(
-        stores: Vec<Store>,
+        stores: Vec<Store<T>>,
         excludes: Excludes,
         coalescer: Coalescer,
         stats: Arc<ReplStats>,
         verify_interval: Duration,
-    ) -> Sender {
+    ) -> Self {
         Sender {
             epoch: 0,
             stores,
@@ -467,128 +477,6 @@ impl Sender {
 
     fn set_phase(&self, phase: SyncPhase) {
         self.stats.progress.lock().expect("progress lock").phase = phase;
-    }
-
-    /// Runs one sync session on an authenticated connection until it fails
-    /// or `stop` fires. Pending changes stay in the coalescer for the next.
-    pub async fn run(
-        &mut self,
-        w: &FrameWriter,
-        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), SendError> {
-        self.pump = None;
-        let res = self.session(w, rx, stop).await;
-        self.pump = None;
-        self.save_known();
-        res
-    }
-
-    async fn session(
-        &mut self,
-        w: &FrameWriter,
-        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
-        stop: &mut tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), SendError> {
-        // Anything unacknowledged from a previous session is re-sent by the
-        // reconciliation below (its manifest shows what actually landed).
-        self.window.reset();
-        self.recent.clear();
-        self.peer_former_primary = false;
-        self.incoming = None;
-        self.conflicts_received = 0;
-        self.replies_out.clear();
-        self.refused.clear();
-        self.stats.ops_inflight.store(0, Relaxed);
-        let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
-        let mut out = Vec::new();
-        SyncMsg::Start {
-            stores,
-            epoch: self.epoch,
-        }
-        .encode(&mut out);
-        w.send_bytes(out).await?;
-
-        let full = self.resync_requested.swap(false, Relaxed);
-        self.reconcile(w, rx, full, true).await?;
-        let mut next_verify = Instant::now() + self.verify_interval;
-        let tracker_wake = self.coalescer.waker();
-
-        loop {
-            if *stop.borrow() {
-                return Err(SendError::Stopped);
-            }
-            // Acks, needs and refusals.
-            while let Ok(msg) = rx.try_recv() {
-                self.on_peer_msg(msg?)?;
-            }
-            if !self.replies_out.is_empty() {
-                w.send_bytes(std::mem::take(&mut self.replies_out)).await?;
-            }
-            self.requeue_retries();
-            self.release_periodic();
-            self.take_commits();
-            self.expire_commits();
-            let before = self.coalescer.pending();
-            self.coalescer.drain();
-            if self.coalescer.pending() != before {
-                self.last_change = Instant::now();
-            }
-            self.answer_drain();
-            self.feed_backlog();
-            self.stats.ops_pending.store(
-                (self.coalescer.pending() + self.backlog.len()) as u64,
-                Relaxed,
-            );
-
-            let resync = self.resync_requested.swap(false, Relaxed);
-            if resync || self.pending_verify || Instant::now() >= next_verify {
-                self.pending_verify = false;
-                self.wait_all_acked(rx).await?;
-                self.reconcile(w, rx, resync, false).await?;
-                next_verify = Instant::now() + self.verify_interval;
-                continue;
-            }
-
-            if self.window.is_open() && self.coalescer.pending() > 0 {
-                let ops = self.coalescer.take_batch(BATCH_OPS_MAX);
-                self.send_batch(w, ops, rx).await?;
-                continue;
-            }
-            self.log_progress();
-            if let Some(out) = self.finish_initial_if_done(w) {
-                w.send_bytes(out).await?;
-            }
-            if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
-                self.join_saver();
-            }
-            if self.last_save.elapsed() > Duration::from_secs(10)
-                && self.saver.is_none()
-                && self.stores.iter().any(|s| s.index.is_dirty())
-                && self.window.is_empty()
-            {
-                self.save_indexes_in_background();
-            }
-            // Idle or window full: wait for a peer message, a change, a
-            // commit request, or the housekeeping tick.
-            let commit_wake = self.commit_wake.clone();
-            let commit_queued = async move {
-                match commit_wake {
-                    Some(n) => n.notified().await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => self.on_peer_msg(m?)?,
-                    None => return Err(SendError::PeerGone),
-                },
-                _ = tracker_wake.notified() => {}
-                _ = commit_queued => {}
-                _ = tokio::time::sleep(IDLE_POLL) => {}
-                _ = stop.changed() => return Err(SendError::Stopped),
-            }
-        }
     }
 
     /// A long initial sync or verification says how far it is, every 5 s.
@@ -722,16 +610,15 @@ impl Sender {
                 continue;
             }
             let scan = store
-                .index
+                .tree
                 .scan(
-                    &store.tree,
+                    &mut store.index,
                     &self.excludes,
                     if full_verify {
                         Rehash::All
                     } else {
                         Rehash::Changed
                     },
-                    false,
                 )
                 .map_err(|source| SendError::Local {
                     path: store.root.clone(),
@@ -1418,13 +1305,10 @@ impl Sender {
         self.window.next_seq()
     }
 
-    /// Turns one batch of ops into frames and sends them with a barrier.
-    async fn send_batch(
-        &mut self,
-        w: &FrameWriter,
-        ops: Vec<Op>,
-        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
-    ) -> Result<(), SendError> {
+    /// Decides what one batch of ops sends: every lookup goes through the
+    /// store's [`LocalTree`], no file is read and nothing is sent (the
+    /// driver reads the files planned and emits the frames in order).
+    fn plan_batch(&mut self, ops: Vec<Op>) -> Result<Planned, SendError> {
         let ops: Vec<Op> = ops.into_iter().filter(|op| !self.gate.hold(op)).collect();
         let mut plans = Vec::with_capacity(ops.len());
         // Directories new to the replica, listed once the batch is planned.
@@ -1617,16 +1501,11 @@ impl Sender {
                             self.recent.record(key, store, &rel, st.version);
                             batch.recent_names.push((key, store, rel.clone()));
                             if st.version.size <= SMALL_FILE_BYTES_MAX {
-                                let task = tokio_uring::spawn(read_small(
-                                    open_for_reading(&self.stores[store].tree, &rel),
-                                    st.version.size,
-                                ));
                                 plans.push(Plan::Small {
                                     seq,
                                     store,
                                     rel,
                                     st,
-                                    task,
                                 });
                             } else {
                                 plans.push(Plan::Large {
@@ -1650,89 +1529,71 @@ impl Sender {
                 self.expand_dir(*store, rel, *since, &carried);
             }
         }
+        Ok(Planned {
+            plans,
+            batch,
+            touched,
+            batch_paths,
+        })
+    }
 
-        // Emit in order. Small reads are already in flight together; what
-        // is encoded goes out every SEND_CHUNK_BYTES bytes (the receiver starts on
-        // a batch while the rest is still being read), through one reused
-        // buffer instead of a fresh multi-megabyte one per batch.
-        let mut out = std::mem::take(&mut self.spare);
-        out.clear();
-        out.reserve(2 * SEND_CHUNK_BYTES);
-        for plan in plans {
-            match plan {
-                Plan::Frames(f) => out.extend_from_slice(&f),
-                Plan::Small {
-                    seq,
-                    store,
-                    rel,
-                    st,
-                    task,
-                } => {
-                    let read = task
-                        .await
-                        .map_err(|e| SendError::Local {
-                            path: rel.clone(),
-                            source: std::io::Error::other(format!("read task failed: {e}")),
-                        })?
-                        .map_err(|source| SendError::Local {
-                            path: self.stores[store].tree.abs(&rel),
-                            source,
-                        })?;
-                    match read {
-                        Read::Missing => {
-                            let f = self.delete_frame(seq, store, rel, &mut batch);
-                            out.extend_from_slice(&f);
-                        }
-                        Read::Ready(data) => {
-                            let hash = index::hash_bytes(&data);
-                            self.file_frames(seq, store, &rel, &st, &data, hash, &mut out);
-                            self.account_file(
-                                seq,
-                                store,
-                                rel,
-                                &st,
-                                hash,
-                                data.len() as u64,
-                                &mut batch,
-                            );
-                        }
-                    }
-                    if out.len() >= SEND_CHUNK_BYTES {
-                        let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
-                        res?;
-                        buf.clear();
-                        out = buf;
-                    }
-                }
-                Plan::Large {
-                    seq,
-                    store,
-                    rel,
-                    st,
-                } => {
-                    // Flush what we have, then stream the big file.
-                    if !out.is_empty() {
-                        let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
-                        res?;
-                        buf.clear();
-                        out = buf;
-                    }
-                    match self.stream_large(w, seq, store, &rel, &st).await? {
-                        Some((hash, len)) => {
-                            self.account_file(seq, store, rel, &st, hash, len, &mut batch)
-                        }
-                        None => {
-                            let f = self.delete_frame(seq, store, rel, &mut batch);
-                            out.extend_from_slice(&f);
-                        }
-                    }
-                    // Keep acks flowing while big files go out.
-                    while let Ok(m) = rx.try_recv() {
-                        self.on_peer_msg_while(m?, Some(&batch))?;
-                    }
-                }
+    /// A small file of the batch was read (`None`: it vanished): its frames,
+    /// or a delete.
+    #[allow(clippy::too_many_arguments)]
+    fn small_read(
+        &mut self,
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        st: &Stat,
+        read: Read,
+        batch: &mut Inflight,
+        out: &mut Vec<u8>,
+    ) {
+        match read {
+            Read::Missing => {
+                let f = self.delete_frame(seq, store, rel, batch);
+                out.extend_from_slice(&f);
+            }
+            Read::Ready(data) => {
+                let hash = index::hash_bytes(&data);
+                self.file_frames(seq, store, &rel, st, &data, hash, out);
+                self.account_file(seq, store, rel, st, hash, data.len() as u64, batch);
             }
         }
+    }
+
+    /// A large file of the batch was streamed (`None`: it vanished, and a
+    /// delete goes to `out`).
+    #[allow(clippy::too_many_arguments)]
+    fn large_streamed(
+        &mut self,
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        st: &Stat,
+        sent: Option<(u128, u64)>,
+        batch: &mut Inflight,
+        out: &mut Vec<u8>,
+    ) {
+        match sent {
+            Some((hash, len)) => self.account_file(seq, store, rel, st, hash, len, batch),
+            None => {
+                let f = self.delete_frame(seq, store, rel, batch);
+                out.extend_from_slice(&f);
+            }
+        }
+    }
+
+    /// Closes a batch after its entries: the touched folders' mtimes and
+    /// the barrier go to `out`; the batch is in flight from here on.
+    fn close_batch(
+        &mut self,
+        touched: std::collections::BTreeSet<(usize, PathBuf)>,
+        batch_paths: std::collections::HashSet<(usize, PathBuf)>,
+        mut batch: Inflight,
+        out: &mut Vec<u8>,
+    ) {
         // After the entries: each touched folder's mtime as it is now (the
         // replica applies it once the entries have landed; the store's own
         // root is the operator's, not replicated).
@@ -1749,7 +1610,7 @@ impl Sender {
                         path: rel_bytes(&dir),
                         meta: st.meta,
                     }
-                    .encode(&mut out);
+                    .encode(out);
                     batch
                         .acks
                         .push(OnAck::Set(seq, store, dir, Entry::new(&st, 0, true)));
@@ -1757,7 +1618,7 @@ impl Sender {
             }
         }
         let barrier = self.window.last_seq();
-        SyncMsg::Barrier { seq: barrier }.encode(&mut out);
+        SyncMsg::Barrier { seq: barrier }.encode(out);
         if !batch_paths.is_empty() {
             self.waiting.ride(barrier, |s, rel| {
                 batch_paths.contains(&(s, rel.to_path_buf()))
@@ -1766,20 +1627,6 @@ impl Sender {
         let n = batch.sinces.len() as u64;
         self.stats.ops_inflight.fetch_add(n, Relaxed);
         self.window.sent(n, batch);
-        let (res, buf) = w.send_buf(out).await;
-        res?;
-        self.spare = buf;
-        let now = Instant::now();
-        if let Some(b) = self.window.last_mut() {
-            b.body.sent_at = Some(now);
-            if let Some(from) = self.lag_from {
-                let mut st = self.stats.stages.lock().expect("stages lock");
-                for since in b.body.sinces.iter().filter(|s| **s >= from) {
-                    Stages::record(&mut st.queued, now.duration_since(*since));
-                }
-            }
-        }
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2129,19 +1976,12 @@ impl Sender {
                 return;
             }
         }
-        let Ok(fd) = s.tree.open_dir(rel) else {
-            return;
-        };
-        let Ok(mut listing) = rustix::fs::Dir::new(fd) else {
+        let Ok(names) = s.tree.list(rel) else {
             return;
         };
         let mut children = Vec::new();
-        while let Some(Ok(ent)) = listing.read() {
-            let name = ent.file_name();
-            if name == c"." || name == c".." {
-                continue;
-            }
-            let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+        for name in names {
+            let child = rel.join(name);
             if self.excludes.is_excluded(&child) {
                 continue;
             }
@@ -2179,6 +2019,231 @@ impl Sender {
             }
         }
         self.pump.as_ref()
+    }
+}
+
+/// The driver on the real tree: sessions on a socket, files read and
+/// streamed through io_uring.
+impl Sender<Tree> {
+    /// Runs one sync session on an authenticated connection until it fails
+    /// or `stop` fires. Pending changes stay in the coalescer for the next.
+    pub async fn run(
+        &mut self,
+        w: &FrameWriter,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SendError> {
+        self.pump = None;
+        let res = self.session(w, rx, stop).await;
+        self.pump = None;
+        self.save_known();
+        res
+    }
+
+    async fn session(
+        &mut self,
+        w: &FrameWriter,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SendError> {
+        // Anything unacknowledged from a previous session is re-sent by the
+        // reconciliation below (its manifest shows what actually landed).
+        self.window.reset();
+        self.recent.clear();
+        self.peer_former_primary = false;
+        self.incoming = None;
+        self.conflicts_received = 0;
+        self.replies_out.clear();
+        self.refused.clear();
+        self.stats.ops_inflight.store(0, Relaxed);
+        let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
+        let mut out = Vec::new();
+        SyncMsg::Start {
+            stores,
+            epoch: self.epoch,
+        }
+        .encode(&mut out);
+        w.send_bytes(out).await?;
+
+        let full = self.resync_requested.swap(false, Relaxed);
+        self.reconcile(w, rx, full, true).await?;
+        let mut next_verify = Instant::now() + self.verify_interval;
+        let tracker_wake = self.coalescer.waker();
+
+        loop {
+            if *stop.borrow() {
+                return Err(SendError::Stopped);
+            }
+            // Acks, needs and refusals.
+            while let Ok(msg) = rx.try_recv() {
+                self.on_peer_msg(msg?)?;
+            }
+            if !self.replies_out.is_empty() {
+                w.send_bytes(std::mem::take(&mut self.replies_out)).await?;
+            }
+            self.requeue_retries();
+            self.release_periodic();
+            self.take_commits();
+            self.expire_commits();
+            let before = self.coalescer.pending();
+            self.coalescer.drain();
+            if self.coalescer.pending() != before {
+                self.last_change = Instant::now();
+            }
+            self.answer_drain();
+            self.feed_backlog();
+            self.stats.ops_pending.store(
+                (self.coalescer.pending() + self.backlog.len()) as u64,
+                Relaxed,
+            );
+
+            let resync = self.resync_requested.swap(false, Relaxed);
+            if resync || self.pending_verify || Instant::now() >= next_verify {
+                self.pending_verify = false;
+                self.wait_all_acked(rx).await?;
+                self.reconcile(w, rx, resync, false).await?;
+                next_verify = Instant::now() + self.verify_interval;
+                continue;
+            }
+
+            if self.window.is_open() && self.coalescer.pending() > 0 {
+                let ops = self.coalescer.take_batch(BATCH_OPS_MAX);
+                self.send_batch(w, ops, rx).await?;
+                continue;
+            }
+            self.log_progress();
+            if let Some(out) = self.finish_initial_if_done(w) {
+                w.send_bytes(out).await?;
+            }
+            if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
+                self.join_saver();
+            }
+            if self.last_save.elapsed() > Duration::from_secs(10)
+                && self.saver.is_none()
+                && self.stores.iter().any(|s| s.index.is_dirty())
+                && self.window.is_empty()
+            {
+                self.save_indexes_in_background();
+            }
+            // Idle or window full: wait for a peer message, a change, a
+            // commit request, or the housekeeping tick.
+            let commit_wake = self.commit_wake.clone();
+            let commit_queued = async move {
+                match commit_wake {
+                    Some(n) => n.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => self.on_peer_msg(m?)?,
+                    None => return Err(SendError::PeerGone),
+                },
+                _ = tracker_wake.notified() => {}
+                _ = commit_queued => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = stop.changed() => return Err(SendError::Stopped),
+            }
+        }
+    }
+
+    /// Turns one batch of ops into frames and sends them with a barrier.
+    async fn send_batch(
+        &mut self,
+        w: &FrameWriter,
+        ops: Vec<Op>,
+        rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
+    ) -> Result<(), SendError> {
+        let Planned {
+            plans,
+            mut batch,
+            touched,
+            batch_paths,
+        } = self.plan_batch(ops)?;
+        // Every small read of the batch in flight together: one tick of the
+        // runtime submits them all to the ring.
+        let mut reads: VecDeque<_> = plans
+            .iter()
+            .filter_map(|p| match p {
+                Plan::Small { store, rel, st, .. } => Some(tokio_uring::spawn(read_small(
+                    open_for_reading(&self.stores[*store].tree, rel),
+                    st.version.size,
+                ))),
+                _ => None,
+            })
+            .collect();
+        // Emit in order. What is encoded goes out every SEND_CHUNK_BYTES
+        // (the receiver starts on a batch while the rest is still being
+        // read), through one reused buffer instead of a fresh multi-megabyte
+        // one per batch.
+        let mut out = std::mem::take(&mut self.spare);
+        out.clear();
+        out.reserve(2 * SEND_CHUNK_BYTES);
+        for plan in plans {
+            match plan {
+                Plan::Frames(f) => out.extend_from_slice(&f),
+                Plan::Small {
+                    seq,
+                    store,
+                    rel,
+                    st,
+                } => {
+                    let task = reads.pop_front().expect("one read per small file");
+                    let read = task
+                        .await
+                        .map_err(|e| SendError::Local {
+                            path: rel.clone(),
+                            source: std::io::Error::other(format!("read task failed: {e}")),
+                        })?
+                        .map_err(|source| SendError::Local {
+                            path: self.stores[store].tree.abs(&rel),
+                            source,
+                        })?;
+                    self.small_read(seq, store, rel, &st, read, &mut batch, &mut out);
+                    if out.len() >= SEND_CHUNK_BYTES {
+                        let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
+                        res?;
+                        buf.clear();
+                        out = buf;
+                    }
+                }
+                Plan::Large {
+                    seq,
+                    store,
+                    rel,
+                    st,
+                } => {
+                    // Flush what we have, then stream the big file.
+                    if !out.is_empty() {
+                        let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
+                        res?;
+                        buf.clear();
+                        out = buf;
+                    }
+                    let sent = self.stream_large(w, seq, store, &rel, &st).await?;
+                    self.large_streamed(seq, store, rel, &st, sent, &mut batch, &mut out);
+                    // Keep acks flowing while big files go out.
+                    while let Ok(m) = rx.try_recv() {
+                        self.on_peer_msg_while(m?, Some(&batch))?;
+                    }
+                }
+            }
+        }
+        self.close_batch(touched, batch_paths, batch, &mut out);
+        let (res, buf) = w.send_buf(out).await;
+        res?;
+        self.spare = buf;
+        let now = Instant::now();
+        if let Some(b) = self.window.last_mut() {
+            b.body.sent_at = Some(now);
+            if let Some(from) = self.lag_from {
+                let mut st = self.stats.stages.lock().expect("stages lock");
+                for since in b.body.sinces.iter().filter(|s| **s >= from) {
+                    Stages::record(&mut st.queued, now.duration_since(*since));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Streams a large file in chunks; `None` if it vanished.
@@ -2293,7 +2358,7 @@ impl Sender {
 /// folder renamed, or an entry added or removed in it, moves its ctime;
 /// a folder renamed does not move its entries' ctimes).
 fn newest_change_above(
-    tree: &super::tree::Tree,
+    tree: &impl LocalTree,
     rel: &Path,
     seen: &mut HashMap<PathBuf, Option<(i64, u32)>>,
 ) -> Option<(i64, u32)> {

@@ -191,6 +191,65 @@ impl Tree {
     }
 }
 
+/// What the sender's decisions read of a local store: the real [`Tree`],
+/// or a simulated one (the data-path simulator). Every lookup is by path
+/// relative to the store's root.
+pub trait LocalTree {
+    /// The absolute path, for messages.
+    fn abs(&self, rel: &Path) -> PathBuf;
+    /// lstat of `rel`; `Ok(None)` when it does not exist.
+    fn lstat(&self, rel: &Path) -> io::Result<Option<Stat>>;
+    /// A symlink's target, as bytes.
+    fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>>;
+    /// Hashes a file's content or a symlink's target (0 for a folder).
+    fn hash(&self, rel: &Path, kind: Kind) -> io::Result<u128>;
+    /// The names in the folder at `rel`.
+    fn list(&self, rel: &Path) -> io::Result<Vec<std::ffi::OsString>>;
+    /// Every entry below the root, through (and updating) `index`.
+    fn scan(
+        &self,
+        index: &mut index::Index,
+        excludes: &crate::model::Excludes,
+        rehash: index::Rehash,
+    ) -> io::Result<index::Scan>;
+}
+
+impl LocalTree for Tree {
+    fn abs(&self, rel: &Path) -> PathBuf {
+        Tree::abs(self, rel)
+    }
+    fn lstat(&self, rel: &Path) -> io::Result<Option<Stat>> {
+        Tree::lstat(self, rel)
+    }
+    fn read_link(&self, rel: &Path) -> io::Result<Vec<u8>> {
+        Tree::read_link(self, rel)
+    }
+    fn hash(&self, rel: &Path, kind: Kind) -> io::Result<u128> {
+        Tree::hash(self, rel, kind)
+    }
+    fn list(&self, rel: &Path) -> io::Result<Vec<std::ffi::OsString>> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut listing = rustix::fs::Dir::new(self.open_dir(rel)?)?;
+        let mut names = Vec::new();
+        while let Some(ent) = listing.read() {
+            let ent = ent?;
+            let name = ent.file_name();
+            if name != c"." && name != c".." {
+                names.push(std::ffi::OsStr::from_bytes(name.to_bytes()).to_os_string());
+            }
+        }
+        Ok(names)
+    }
+    fn scan(
+        &self,
+        index: &mut index::Index,
+        excludes: &crate::model::Excludes,
+        rehash: index::Rehash,
+    ) -> io::Result<index::Scan> {
+        index.scan(self, excludes, rehash, false)
+    }
+}
+
 /// xxh3-128 of everything `f` reads.
 pub fn hash_file(mut f: std::fs::File) -> io::Result<u128> {
     use std::io::Read;
