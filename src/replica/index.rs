@@ -466,6 +466,15 @@ impl Index {
         }
     }
 
+    /// An index kept in memory only (a simulated store): never saved.
+    pub fn in_memory() -> Index {
+        Index {
+            entries: HashMap::new(),
+            file: PathBuf::new(),
+            dirty: false,
+        }
+    }
+
     pub fn mark_dirty(&mut self) {
         self.dirty = true;
     }

@@ -5,6 +5,7 @@
 pub mod commit;
 pub mod commit_sim;
 pub mod conflicts;
+pub mod data_sim;
 pub mod dovecot;
 pub mod drift;
 pub mod engine;

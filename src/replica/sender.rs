@@ -143,7 +143,7 @@ fn carried<'a>(plans: &'a [Plan], batch: &'a Inflight) -> impl Iterator<Item = (
         .chain(batch.acks.iter().filter_map(OnAck::carries))
 }
 
-struct Inflight {
+pub(crate) struct Inflight {
     acks: Vec<OnAck>,
     /// Names of files this batch sent (see `Sender::recent`).
     recent_names: Vec<(InodeKey, usize, PathBuf)>,
@@ -155,13 +155,13 @@ struct Inflight {
 }
 
 /// One batch planned: what it sends, in order, and what its ack teaches.
-struct Planned {
-    plans: Vec<Plan>,
-    batch: Inflight,
+pub(crate) struct Planned {
+    pub(crate) plans: Vec<Plan>,
+    pub(crate) batch: Inflight,
     /// Folders whose entries the batch changes: their mtime follows.
-    touched: std::collections::BTreeSet<(usize, PathBuf)>,
+    pub(crate) touched: std::collections::BTreeSet<(usize, PathBuf)>,
     /// Paths the batch carries, for commits waiting on them.
-    batch_paths: std::collections::HashSet<(usize, PathBuf)>,
+    pub(crate) batch_paths: std::collections::HashSet<(usize, PathBuf)>,
 }
 
 /// What a background index save did, per store.
@@ -257,13 +257,13 @@ pub struct Sender<T = Tree> {
     pub resync_requested: Arc<std::sync::atomic::AtomicBool>,
 }
 
-enum Read {
+pub(crate) enum Read {
     Ready(Vec<u8>),
     Missing,
 }
 
 /// One op of a batch being sent, in order.
-enum Plan {
+pub(crate) enum Plan {
     Frames(Vec<u8>),
     /// Read through io_uring with the rest of the batch.
     Small {
@@ -505,7 +505,32 @@ impl<T: LocalTree> Sender<T> {
 
     /// Moves backlog paths into the coalescer while it holds less than a
     /// few batches.
-    fn feed_backlog(&mut self) {
+    /// Nothing queued, held back for a retry, waiting in a comparison's
+    /// backlog or in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.coalescer.pending() == 0
+            && self.window.is_empty()
+            && self.backlog.is_empty()
+            && self.retry.is_empty()
+    }
+
+    /// Nothing sent is waiting for its acknowledgement.
+    pub(crate) fn window_is_empty(&self) -> bool {
+        self.window.is_empty()
+    }
+
+    /// Room in the window for another batch.
+    pub(crate) fn window_open(&self) -> bool {
+        self.window.is_open()
+    }
+
+    /// A comparison with the replica was asked for (a rescan, a folder
+    /// that vanished under a file being sent); forgets the request.
+    pub(crate) fn take_verify_request(&mut self) -> bool {
+        std::mem::take(&mut self.pending_verify)
+    }
+
+    pub(crate) fn feed_backlog(&mut self) {
         let room = (UNACKED_BATCHES_MAX * BATCH_OPS_MAX).saturating_sub(self.coalescer.pending());
         for _ in 0..room.min(self.backlog.len()) {
             let Some((store, rel)) = self.backlog.pop_front() else {
@@ -578,54 +603,14 @@ impl<T: LocalTree> Sender<T> {
         full_verify: bool,
         initial: bool,
     ) -> Result<u64, SendError> {
-        self.set_phase(if initial {
-            SyncPhase::Manifest
-        } else {
-            SyncPhase::Verifying
-        });
-        // What is on its way explains a difference; only the rest is drift.
-        let mut on_way = super::drift::InFlight::new(std::time::SystemTime::now());
-        for (s, rel) in &self.backlog {
-            on_way.add_path(*s, rel);
-        }
-        // This comparison finds everything still different.
-        self.backlog.clear();
-        self.manifest_id += 1;
+        let (on_way, out) = self.begin_comparison(full_verify, initial);
         let id = self.manifest_id;
-        let mut out = Vec::new();
-        SyncMsg::ManifestRequest { id, full_verify }.encode(&mut out);
         w.send_bytes(out).await?;
 
         // This side's scan runs while the replica builds its manifest (the
         // two used to run one after the other: a restart's catch-up waited
         // for both).
-        let mut scans = Vec::with_capacity(self.stores.len());
-        let mut pre = match self.prescanned.take() {
-            Some((at, v)) if !full_verify && at.elapsed() < PRESCAN_FRESH => v,
-            _ => Vec::new(),
-        };
-        for (i, store) in self.stores.iter_mut().enumerate() {
-            if let Some(scan) = pre.get_mut(i).and_then(Option::take) {
-                scans.push(Some(scan));
-                continue;
-            }
-            let scan = store
-                .tree
-                .scan(
-                    &mut store.index,
-                    &self.excludes,
-                    if full_verify {
-                        Rehash::All
-                    } else {
-                        Rehash::Changed
-                    },
-                )
-                .map_err(|source| SendError::Local {
-                    path: store.root.clone(),
-                    source,
-                })?;
-            scans.push(Some(scan));
-        }
+        let scans = self.scan_stores(full_verify)?;
 
         let n = self.stores.len();
         let mut remote: Vec<HashMap<PathBuf, ManifestEntry>> = vec![HashMap::new(); n];
@@ -659,7 +644,85 @@ impl<T: LocalTree> Sender<T> {
                 other => self.on_peer_msg(other)?,
             }
         }
+        let (differ, aside) = self.compare(on_way, scans, remote, initial);
+        if !aside.is_empty() {
+            w.send_bytes(aside).await?;
+        }
+        Ok(differ)
+    }
 
+    /// Starts a comparison with the replica: what is on its way (it
+    /// explains a difference; only the rest is drift), and the manifest
+    /// request to send.
+    pub(crate) fn begin_comparison(
+        &mut self,
+        full_verify: bool,
+        initial: bool,
+    ) -> (super::drift::InFlight, Vec<u8>) {
+        self.set_phase(if initial {
+            SyncPhase::Manifest
+        } else {
+            SyncPhase::Verifying
+        });
+        let mut on_way = super::drift::InFlight::new(std::time::SystemTime::now());
+        for (s, rel) in &self.backlog {
+            on_way.add_path(*s, rel);
+        }
+        // This comparison finds everything still different.
+        self.backlog.clear();
+        self.manifest_id += 1;
+        let id = self.manifest_id;
+        let mut out = Vec::new();
+        SyncMsg::ManifestRequest { id, full_verify }.encode(&mut out);
+        (on_way, out)
+    }
+
+    /// Every store's entries (a scan taken as the tenure began, if recent).
+    pub(crate) fn scan_stores(
+        &mut self,
+        full_verify: bool,
+    ) -> Result<Vec<Option<super::index::Scan>>, SendError> {
+        let mut scans = Vec::with_capacity(self.stores.len());
+        let mut pre = match self.prescanned.take() {
+            Some((at, v)) if !full_verify && at.elapsed() < PRESCAN_FRESH => v,
+            _ => Vec::new(),
+        };
+        for (i, store) in self.stores.iter_mut().enumerate() {
+            if let Some(scan) = pre.get_mut(i).and_then(Option::take) {
+                scans.push(Some(scan));
+                continue;
+            }
+            let scan = store
+                .tree
+                .scan(
+                    &mut store.index,
+                    &self.excludes,
+                    if full_verify {
+                        Rehash::All
+                    } else {
+                        Rehash::Changed
+                    },
+                )
+                .map_err(|source| SendError::Local {
+                    path: store.root.clone(),
+                    source,
+                })?;
+            scans.push(Some(scan));
+        }
+        Ok(scans)
+    }
+
+    /// Compares the replica's manifest with the local scans and queues
+    /// every difference (the backlog); returns how many paths differed and
+    /// the frames that keep a former primary's genuine conflicts aside
+    /// (sent before anything else).
+    pub(crate) fn compare(
+        &mut self,
+        mut on_way: super::drift::InFlight,
+        mut scans: Vec<Option<super::index::Scan>>,
+        remote: Vec<HashMap<PathBuf, ManifestEntry>>,
+        initial: bool,
+    ) -> (u64, Vec<u8>) {
         let mut differ = 0u64;
         // Differing paths with the ctime that may explain them (not for
         // the first comparison of a session: everything differs then).
@@ -773,9 +836,9 @@ impl<T: LocalTree> Sender<T> {
             self.backlog
                 .extend(queue.into_iter().map(|rel| (s, rel.into_boxed_path())));
         }
+        let mut out = Vec::new();
         if !aside.is_empty() {
             // Before any op that would replace or delete them.
-            let mut out = Vec::new();
             for (s, rel) in &aside {
                 let seq = self.next_seq();
                 SyncMsg::KeepAside {
@@ -790,7 +853,6 @@ impl<T: LocalTree> Sender<T> {
                 "the former primary holds {} versions this node never had (its replication lag window): they are kept aside and handed over here as conflicts",
                 aside.len()
             );
-            w.send_bytes(out).await?;
         }
         self.stats.verify_runs.fetch_add(1, Relaxed);
         if !differing.is_empty() {
@@ -852,7 +914,7 @@ impl<T: LocalTree> Sender<T> {
             },
             bytes as f64 / 1e6
         );
-        Ok(differ)
+        (differ, out)
     }
 
     /// Answers a switchover's drain once every change is durable on the
@@ -885,10 +947,14 @@ impl<T: LocalTree> Sender<T> {
     }
 
     fn requeue_retries(&mut self) {
+        self.requeue_retries_at(Instant::now());
+    }
+
+    /// Puts the ops whose retry is due at `now` back in the queue.
+    pub(crate) fn requeue_retries_at(&mut self, now: Instant) {
         if self.retry.is_empty() {
             return;
         }
-        let now = Instant::now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retry)
             .into_iter()
             .partition(|(t, _)| *t <= now);
@@ -898,7 +964,7 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    fn on_peer_msg(&mut self, msg: SyncMsg) -> Result<(), SendError> {
+    pub(crate) fn on_peer_msg(&mut self, msg: SyncMsg) -> Result<(), SendError> {
         self.on_peer_msg_while(msg, None)
     }
 
@@ -1308,7 +1374,7 @@ impl<T: LocalTree> Sender<T> {
     /// Decides what one batch of ops sends: every lookup goes through the
     /// store's [`LocalTree`], no file is read and nothing is sent (the
     /// driver reads the files planned and emits the frames in order).
-    fn plan_batch(&mut self, ops: Vec<Op>) -> Result<Planned, SendError> {
+    pub(crate) fn plan_batch(&mut self, ops: Vec<Op>) -> Result<Planned, SendError> {
         let ops: Vec<Op> = ops.into_iter().filter(|op| !self.gate.hold(op)).collect();
         let mut plans = Vec::with_capacity(ops.len());
         // Directories new to the replica, listed once the batch is planned.
@@ -1540,7 +1606,7 @@ impl<T: LocalTree> Sender<T> {
     /// A small file of the batch was read (`None`: it vanished): its frames,
     /// or a delete.
     #[allow(clippy::too_many_arguments)]
-    fn small_read(
+    pub(crate) fn small_read(
         &mut self,
         seq: u64,
         store: usize,
@@ -1566,7 +1632,7 @@ impl<T: LocalTree> Sender<T> {
     /// A large file of the batch was streamed (`None`: it vanished, and a
     /// delete goes to `out`).
     #[allow(clippy::too_many_arguments)]
-    fn large_streamed(
+    pub(crate) fn large_streamed(
         &mut self,
         seq: u64,
         store: usize,
@@ -1587,7 +1653,7 @@ impl<T: LocalTree> Sender<T> {
 
     /// Closes a batch after its entries: the touched folders' mtimes and
     /// the barrier go to `out`; the batch is in flight from here on.
-    fn close_batch(
+    pub(crate) fn close_batch(
         &mut self,
         touched: std::collections::BTreeSet<(usize, PathBuf)>,
         batch_paths: std::collections::HashSet<(usize, PathBuf)>,
@@ -2000,6 +2066,28 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
+    /// A session starts: what was in flight in the last one is forgotten
+    /// (the first comparison shows what actually landed); returns its
+    /// `Start`.
+    pub(crate) fn begin_session(&mut self) -> Vec<u8> {
+        self.window.reset();
+        self.recent.clear();
+        self.peer_former_primary = false;
+        self.incoming = None;
+        self.conflicts_received = 0;
+        self.replies_out.clear();
+        self.refused.clear();
+        self.stats.ops_inflight.store(0, Relaxed);
+        let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
+        let mut out = Vec::new();
+        SyncMsg::Start {
+            stores,
+            epoch: self.epoch,
+        }
+        .encode(&mut out);
+        out
+    }
+
     /// The session's splice pump, made on first use; `None` when zero-copy
     /// is off or unavailable (said once in the log and in status).
     fn splice_pump(&mut self, w: &FrameWriter) -> Option<&crate::io::splice::SplicePump> {
@@ -2046,23 +2134,7 @@ impl Sender<Tree> {
         rx: &mut mpsc::Receiver<Result<SyncMsg, LinkError>>,
         stop: &mut tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), SendError> {
-        // Anything unacknowledged from a previous session is re-sent by the
-        // reconciliation below (its manifest shows what actually landed).
-        self.window.reset();
-        self.recent.clear();
-        self.peer_former_primary = false;
-        self.incoming = None;
-        self.conflicts_received = 0;
-        self.replies_out.clear();
-        self.refused.clear();
-        self.stats.ops_inflight.store(0, Relaxed);
-        let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
-        let mut out = Vec::new();
-        SyncMsg::Start {
-            stores,
-            epoch: self.epoch,
-        }
-        .encode(&mut out);
+        let out = self.begin_session();
         w.send_bytes(out).await?;
 
         let full = self.resync_requested.swap(false, Relaxed);

@@ -73,6 +73,14 @@ impl Coalescer {
         }
     }
 
+    /// A coalescer with no tracker behind it (ops come only from `push`):
+    /// for simulators.
+    pub(crate) fn detached(stores: usize) -> Coalescer {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared::new(stores, super::CHANNEL_OPS_MAX));
+        Coalescer::new(rx, tx, shared, PENDING_OPS_MAX)
+    }
+
     /// Moves everything queued in the channel into the ordered pending list, coalescing.
     pub fn drain(&mut self) {
         // Bounded so a producer outpacing us cannot keep this call from returning.

@@ -8,7 +8,6 @@ use std::ffi::OsString;
 use std::mem::MaybeUninit;
 use std::ops::Bound;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -204,7 +203,14 @@ impl Decoder {
             if is_dir {
                 self.sync(store, rel.clone(), now, out);
                 self.watch_tree(store, rel, Some(now), out);
-            } else if self.created_without_close(store, &rel) {
+            } else {
+                // Every new name, at once: a hard link or symlink gets no
+                // IN_CLOSE_WRITE, and a name linked in and then left alone
+                // (Maildir delivery by qmail and Postfix: link tmp/ → new/,
+                // unlink tmp/) shows one link by the time this is read,
+                // like a file still being written. A file that is being
+                // written is read again at its IN_CLOSE_WRITE (the two
+                // syncs merge while the first is still queued).
                 self.sync(store, rel, now, out);
             }
         } else if ev
@@ -235,16 +241,6 @@ impl Decoder {
         match self.moves.front() {
             Some(m) => POLL_INTERVAL.min(m.deadline.saturating_duration_since(now)),
             None => POLL_INTERVAL,
-        }
-    }
-
-    /// Whether a new non-directory will get no IN_CLOSE_WRITE: hard links, symlinks, fifos and
-    /// other special files are complete the moment they appear.
-    fn created_without_close(&self, store: usize, rel: &Path) -> bool {
-        match std::fs::symlink_metadata(self.roots[store].join(rel)) {
-            Ok(meta) => !meta.file_type().is_file() || meta.nlink() > 1,
-            // Already gone: its IN_DELETE follows.
-            Err(_) => false,
         }
     }
 
@@ -309,6 +305,16 @@ impl Decoder {
 
     fn on_rename(&mut self, from: PendingMove, to: RelPath, out: &mut Vec<Op>) {
         let store = from.store;
+        let both_in = !self.filter.excluded(&from.rel) && !self.filter.excluded(&to);
+        if from.is_dir && both_in && from.wds.is_empty() {
+            // Never watched: made and renamed before its IN_CREATE was read
+            // (the watch for the old name found nothing). Watched now under
+            // its new name, and what it holds reported after the rename.
+            let since = from.since;
+            out.extend(rename_op(&self.filter, store, from.rel, to.clone(), since));
+            self.watch_tree(store, to, Some(since), out);
+            return;
+        }
         if from.is_dir {
             match (self.filter.excluded(&from.rel), self.filter.excluded(&to)) {
                 (false, false) => self.remap(store, &from.rel, &to, &from.wds),

@@ -685,6 +685,29 @@ fn maildir_delivery_from_excluded_tmp_is_one_sync_of_new() {
     assert_eq!(fx.collect(1), ["sync 0 new/1.host"]);
 }
 
+/// The Maildir delivery of qmail and Postfix: link tmp/ → new/, then
+/// unlink tmp/. When the tracker reads the IN_CREATE of new/ after the
+/// unlink, the new name has one link and looks like a file being written,
+/// whose IN_CLOSE_WRITE never comes (found by the data-path simulator).
+#[test]
+fn maildir_delivery_by_link_and_unlink_is_one_sync_of_new() {
+    let mut fx = Fixture::start(&["cur", "new", "tmp"], &[], &["**/tmp/*"]);
+    for i in 0..20 {
+        let (tmp, new) = (
+            fx.path(&format!("tmp/{i}.host")),
+            fx.path(&format!("new/{i}.host")),
+        );
+        fs::write(&tmp, b"mail").expect("write");
+        fs::hard_link(&tmp, &new).expect("link");
+        fs::remove_file(&tmp).expect("unlink");
+    }
+    let mut ops = fx.collect(20);
+    ops.sort();
+    let mut want: Vec<String> = (0..20).map(|i| format!("sync 0 new/{i}.host")).collect();
+    want.sort();
+    assert_eq!(ops, want);
+}
+
 #[test]
 fn flag_change_of_a_sent_file_is_one_rename() {
     let mut fx = Fixture::start(&["cur", "new", "tmp"], &[], &["**/tmp/*"]);
@@ -902,4 +925,42 @@ fn the_consumer_is_woken_by_inotify_changes_and_by_notify() {
         .notify(&fx.path("new/2.host"))
         .expect("inside");
     assert!(woken(&waker), "an embedder's notify wakes the consumer");
+}
+
+/// A folder made and renamed before the tracker read its IN_CREATE: the
+/// watch for the old name finds nothing, so the rename must watch the new
+/// name (found by the data-path simulator, seed 0: mail delivered into such
+/// a folder later was never reported).
+#[test]
+fn a_folder_renamed_before_its_creation_was_read_is_watched_under_its_new_name() {
+    let (tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    // On disk the folder already has its new name, with an entry.
+    fs::create_dir_all(tmp.path().join("s0/.F0/new")).expect("mkdir");
+    fs::write(tmp.path().join("s0/.F0/new/1.host"), b"mail").expect("write");
+    let dir = ReadFlags::ISDIR;
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM | dir, 9, Some(".F1")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_TO | dir, 9, Some(".F0")),
+        now,
+        &mut out,
+    );
+    let ops = plains(&out);
+    assert_eq!(ops[..2], ["sync 0 .F1", "rename 0 .F1 -> .F0"], "{ops:?}");
+    assert!(
+        d.watched(0, Path::new(".F0")).is_some() && d.watched(0, Path::new(".F0/new")).is_some(),
+        "the folder and what it holds are watched under the new name: {ops:?}"
+    );
+    // What it held had no event here: the walk after the watch reports it.
+    assert!(ops.iter().any(|o| o == "sync 0 .F0/new/1.host"), "{ops:?}");
 }

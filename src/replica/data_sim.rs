@@ -1,0 +1,1561 @@
+//! A deterministic simulator of the replication data path, on one seed.
+//!
+//! The real sender's decisions ([`Sender`] over a simulated [`LocalTree`]:
+//! `plan_batch`, `small_read`, `close_batch`, `on_peer_msg`, `compare`, the
+//! real coalescer, ack window, link names and index) run against:
+//! - a primary filesystem model with inodes (hard links), folders whose
+//!   mtime moves with their entries, symlinks, and a clock;
+//! - a Maildir workload: deliveries through `tmp/` to `new/`, moves to
+//!   `cur/` with flags, flag changes, copies as hard links, moves between
+//!   folders, renames over an existing name, expunges, folder creation,
+//!   rename and deletion, in-place rewrites of index files, a name that
+//!   changes between file and folder, symlinks;
+//! - a tracker model shaped like inotify and the real tracker: events only
+//!   from watched folders, a new folder reported with everything already in
+//!   it (the watch walk), rename pairs, `tmp/` excluded (tmp → new is a new
+//!   file), a queue that overflows into a rescan;
+//! - a link that delivers frames in order with delays, and cuts (the next
+//!   session starts with a comparison of manifests);
+//! - a replica model that applies every op as the receiver does (rename and
+//!   link sources missing answered with `Need`, other kinds cleared, missing
+//!   parents made, a folder's times applied after the batch, its own entry
+//!   changes moving a folder's mtime), acknowledging each barrier.
+//!
+//! Files are read when the batch is emitted, after it was planned, and the
+//! workload may run in between (a file changed, renamed or deleted between
+//! the plan and the read).
+//!
+//! Checked at quiescence (the workload stopped, everything delivered and
+//! acknowledged, nothing queued): the replica holds exactly the primary's
+//! tree (names, kinds, content, symlink targets, file modes and mtimes,
+//! folder modes and mtimes, empty folders, hard-link groups), without a
+//! comparison the sender did not ask for itself; and quiescence comes at
+//! all (an op asked for forever never lets it).
+//!
+//! Not modelled (said in docs/INVARIANTS.md): crash of a node (the commit
+//! simulator holds durability), failover and direction reversal, the queue,
+//! foreign writes on the replica, disk full and EIO, large (streamed) files.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::index::{self, Entry, Index, Kind, Rehash, Scan, Stat, Version};
+use super::sender::{Plan, Read, Sender, Store};
+use super::stats::ReplStats;
+use super::tree::LocalTree;
+use crate::failover::sim::SimRng;
+use crate::model::{Excludes, Meta};
+use crate::tracker::{Coalescer, Op};
+use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg};
+
+const ROOT: u64 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Body {
+    File(Vec<u8>),
+    Dir,
+    Symlink(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+struct Inode {
+    body: Body,
+    mode: u32,
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+}
+
+/// A filesystem: inodes and the names that point at them.
+#[derive(Debug, Clone)]
+struct Fs {
+    inodes: HashMap<u64, Inode>,
+    names: BTreeMap<PathBuf, u64>,
+    nlink: HashMap<u64, u32>,
+    next_ino: u64,
+    /// The node's clock (the replica's is far from the primary's: a folder
+    /// the replica changed shows a time the primary never had).
+    clock: i64,
+}
+
+impl Fs {
+    fn new(clock: i64) -> Fs {
+        let mut fs = Fs {
+            inodes: HashMap::new(),
+            names: BTreeMap::new(),
+            nlink: HashMap::new(),
+            next_ino: ROOT + 1,
+            clock,
+        };
+        fs.inodes.insert(
+            ROOT,
+            Inode {
+                body: Body::Dir,
+                mode: 0o755,
+                mtime: (clock, 0),
+                ctime: (clock, 0),
+            },
+        );
+        fs.names.insert(PathBuf::new(), ROOT);
+        fs.nlink.insert(ROOT, 1);
+        fs
+    }
+
+    fn tick(&mut self) -> (i64, u32) {
+        self.clock += 1;
+        (self.clock, 0)
+    }
+
+    fn ino(&self, p: &Path) -> Option<u64> {
+        self.names.get(p).copied()
+    }
+
+    fn get(&self, p: &Path) -> Option<&Inode> {
+        self.inodes.get(&self.ino(p)?)
+    }
+
+    fn is_dir(&self, p: &Path) -> bool {
+        self.get(p).is_some_and(|i| i.body == Body::Dir)
+    }
+
+    fn exists(&self, p: &Path) -> bool {
+        self.names.contains_key(p)
+    }
+
+    /// Everything strictly below `d`, in path order.
+    fn below(&self, d: &Path) -> Vec<PathBuf> {
+        use std::ops::Bound;
+        self.names
+            .range::<Path, _>((Bound::Excluded(d), Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(d))
+            .filter(|p| p.as_path() != d)
+            .cloned()
+            .collect()
+    }
+
+    fn children(&self, d: &Path) -> Vec<PathBuf> {
+        self.below(d)
+            .into_iter()
+            .filter(|p| p.parent() == Some(d))
+            .collect()
+    }
+
+    fn touch(&mut self, d: &Path) {
+        let t = self.tick();
+        if let Some(i) = self.ino(d).and_then(|i| self.inodes.get_mut(&i)) {
+            i.mtime = t;
+            i.ctime = t;
+        }
+    }
+
+    fn change_ctime(&mut self, ino: u64) {
+        let t = self.tick();
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.ctime = t;
+        }
+    }
+
+    fn new_inode(&mut self, body: Body, mode: u32, mtime: Option<(i64, u32)>) -> u64 {
+        let t = self.tick();
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.inodes.insert(
+            ino,
+            Inode {
+                body,
+                mode,
+                mtime: mtime.unwrap_or(t),
+                ctime: t,
+            },
+        );
+        ino
+    }
+
+    fn add_name(&mut self, p: &Path, ino: u64) {
+        self.names.insert(p.to_path_buf(), ino);
+        *self.nlink.entry(ino).or_default() += 1;
+        self.touch(&parent(p));
+    }
+
+    fn drop_name(&mut self, p: &Path) {
+        if let Some(ino) = self.names.remove(p) {
+            let n = self.nlink.entry(ino).or_default();
+            *n -= 1;
+            if *n == 0 {
+                self.nlink.remove(&ino);
+                self.inodes.remove(&ino);
+            } else {
+                self.change_ctime(ino);
+            }
+            self.touch(&parent(p));
+        }
+    }
+
+    /// Removes `p` and everything below it.
+    fn remove_tree(&mut self, p: &Path) {
+        for q in self.below(p).into_iter().rev() {
+            self.drop_name(&q);
+        }
+        self.drop_name(p);
+    }
+
+    /// Makes the missing folders above `p` (mode 0755).
+    fn make_parents(&mut self, p: &Path) {
+        let missing: Vec<PathBuf> = p
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty() && !self.exists(a))
+            .map(Path::to_path_buf)
+            .collect();
+        for a in missing.into_iter().rev() {
+            let ino = self.new_inode(Body::Dir, 0o755, None);
+            self.add_name(&a, ino);
+        }
+    }
+
+    /// rename(2): `to` may be a file (replaced) or an empty folder
+    /// (replaced by a folder). False when it cannot be done.
+    fn rename(&mut self, from: &Path, to: &Path) -> bool {
+        let (Some(src), true) = (self.ino(from), self.is_dir(&parent(to))) else {
+            return false;
+        };
+        if to.starts_with(from) {
+            return from == to;
+        }
+        let src_dir = self.is_dir(from);
+        if let Some(dst) = self.ino(to) {
+            if dst == src {
+                // Two names of one inode: nothing happens.
+                return true;
+            }
+            if self.is_dir(to) != src_dir || (src_dir && !self.children(to).is_empty()) {
+                return false;
+            }
+            self.drop_name(to);
+        }
+        let moved: Vec<(PathBuf, u64)> = std::iter::once(from.to_path_buf())
+            .chain(self.below(from))
+            .map(|p| {
+                let ino = self.names[&p];
+                (p, ino)
+            })
+            .collect();
+        for (p, _) in &moved {
+            self.names.remove(p);
+        }
+        for (p, ino) in moved {
+            let q = crate::model::moved_path(&p, from, to).expect("below from");
+            self.names.insert(q, ino);
+        }
+        self.change_ctime(src);
+        self.touch(&parent(from));
+        self.touch(&parent(to));
+        true
+    }
+
+    fn stat(&self, p: &Path) -> Option<Stat> {
+        let ino = self.ino(p)?;
+        let i = &self.inodes[&ino];
+        let (kind, size) = match &i.body {
+            Body::File(d) => (Kind::File, d.len() as u64),
+            Body::Dir => (Kind::Dir, 0),
+            Body::Symlink(t) => (Kind::Symlink, t.len() as u64),
+        };
+        Some(Stat {
+            kind,
+            version: Version {
+                size,
+                mtime_s: i.mtime.0,
+                mtime_ns: i.mtime.1,
+                ino,
+                ctime_s: i.ctime.0,
+                ctime_ns: i.ctime.1,
+            },
+            meta: Meta {
+                mode: i.mode,
+                uid: 0,
+                gid: 0,
+                mtime_sec: i.mtime.0,
+                mtime_nsec: i.mtime.1,
+            },
+            nlink: self.nlink.get(&ino).copied().unwrap_or(0),
+            dev: 1,
+        })
+    }
+
+    fn hash_of(&self, p: &Path) -> Option<u128> {
+        Some(match &self.get(p)?.body {
+            Body::File(d) => index::hash_bytes(d),
+            Body::Symlink(t) => index::hash_bytes(t),
+            Body::Dir => 0,
+        })
+    }
+}
+
+fn parent(p: &Path) -> PathBuf {
+    p.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn excluded_or_below(excludes: &Excludes, p: &Path) -> bool {
+    p.ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .any(|a| excludes.is_excluded(a))
+}
+
+/// The primary's store as the sender sees it.
+pub struct SimTree(Rc<RefCell<Fs>>);
+
+fn not_found(rel: &Path) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{}: not found", rel.display()),
+    )
+}
+
+impl LocalTree for SimTree {
+    fn abs(&self, rel: &Path) -> PathBuf {
+        Path::new("/sim").join(rel)
+    }
+
+    fn lstat(&self, rel: &Path) -> std::io::Result<Option<Stat>> {
+        Ok(self.0.borrow().stat(rel))
+    }
+
+    fn read_link(&self, rel: &Path) -> std::io::Result<Vec<u8>> {
+        match self.0.borrow().get(rel).map(|i| &i.body) {
+            Some(Body::Symlink(t)) => Ok(t.clone()),
+            _ => Err(not_found(rel)),
+        }
+    }
+
+    fn hash(&self, rel: &Path, _kind: Kind) -> std::io::Result<u128> {
+        self.0.borrow().hash_of(rel).ok_or_else(|| not_found(rel))
+    }
+
+    fn list(&self, rel: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+        let fs = self.0.borrow();
+        if !fs.is_dir(rel) {
+            return Err(not_found(rel));
+        }
+        Ok(fs
+            .children(rel)
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+            .collect())
+    }
+
+    /// As [`Index::scan`] does on a real tree: cached hashes for versions
+    /// the index knows, files it does not know left unhashed, folders and
+    /// symlinks hashed, the index updated and what is gone forgotten.
+    fn scan(
+        &self,
+        index: &mut Index,
+        excludes: &Excludes,
+        rehash: Rehash,
+    ) -> std::io::Result<Scan> {
+        let fs = self.0.borrow();
+        let mut entries = Vec::new();
+        for p in fs.below(Path::new("")) {
+            if excluded_or_below(excludes, &p) {
+                continue;
+            }
+            let st = fs.stat(&p).expect("listed");
+            let cached = index.get(&p).filter(|e| {
+                rehash == Rehash::Changed
+                    && e.kind == st.kind
+                    && e.version.size == st.version.size
+                    && e.version.mtime_s == st.version.mtime_s
+                    && e.version.mtime_ns == st.version.mtime_ns
+                    && e.version.ino == st.version.ino
+                    && ((e.version.ctime_s == 0 && e.version.ctime_ns == 0)
+                        || (e.version.ctime_s == st.version.ctime_s
+                            && e.version.ctime_ns == st.version.ctime_ns))
+            });
+            let hash = match cached {
+                Some(e) => Some(e.hash()),
+                None if st.kind == Kind::File => None,
+                None => {
+                    let h = fs.hash_of(&p).expect("listed");
+                    let synced = index
+                        .get(&p)
+                        .is_some_and(|e| e.synced && e.hash() == h && e.kind == st.kind);
+                    index.set(p.clone(), Entry::new(&st, h, synced));
+                    Some(h)
+                }
+            };
+            entries.push((p, st, hash));
+        }
+        let present: std::collections::HashSet<&Path> =
+            entries.iter().map(|(p, _, _)| p.as_path()).collect();
+        index.entries.retain(|p, _| present.contains(&**p));
+        Ok(Scan {
+            entries,
+            too_long: Vec::new(),
+        })
+    }
+}
+
+/// An inotify event, as the tracker reads it (paths as they were then).
+#[derive(Debug, Clone)]
+enum Event {
+    /// A name appeared; the folder's inode when it is one (as IN_ISDIR says).
+    Created(PathBuf, Option<u64>),
+    CloseWrite(PathBuf),
+    Deleted(PathBuf),
+    /// A rename pair; the inode when a folder moved.
+    Moved(PathBuf, PathBuf, Option<u64>),
+    MovedIn(PathBuf),
+    MovedOut(PathBuf),
+}
+
+/// The replica: applies ops as the receiver does.
+struct Replica {
+    fs: Fs,
+    /// A file whose data frames are arriving.
+    current: Option<(u64, PathBuf, Meta, u64, Vec<u8>)>,
+    /// Folder times said in this batch, applied at its barrier.
+    retime: BTreeMap<PathBuf, Meta>,
+    replies: Vec<u8>,
+}
+
+impl Replica {
+    fn need(&mut self, seq: u64, rel: &Path, reason: NeedReason) {
+        SyncMsg::Need {
+            seq,
+            store: 0,
+            path: bytes(rel),
+            reason,
+        }
+        .encode(&mut self.replies);
+    }
+
+    /// The receiver's `clear_other_kind`.
+    fn clear_other_kind(&mut self, rel: &Path, want_dir: bool) {
+        if self.fs.exists(rel) && self.fs.is_dir(rel) != want_dir {
+            self.fs.remove_tree(rel);
+        }
+    }
+
+    fn land_file(&mut self, rel: &Path, meta: Meta, data: Vec<u8>) {
+        if self.fs.is_dir(rel) {
+            self.fs.remove_tree(rel);
+        }
+        // The same content already here under a shared inode: kept.
+        if let Some(cur) = self.fs.stat(rel) {
+            if cur.kind == Kind::File
+                && cur.nlink > 1
+                && cur.meta == meta
+                && self.fs.hash_of(rel) == Some(index::hash_bytes(&data))
+            {
+                return;
+            }
+        }
+        self.fs.make_parents(rel);
+        let ino = self.fs.new_inode(
+            Body::File(data),
+            meta.mode,
+            Some((meta.mtime_sec, meta.mtime_nsec)),
+        );
+        if self.fs.exists(rel) {
+            self.fs.drop_name(rel);
+        }
+        self.fs.add_name(rel, ino);
+    }
+
+    fn apply(&mut self, msg: SyncMsg) -> Result<(), String> {
+        if let Some((seq, rel, meta, size, mut data)) = self.current.take() {
+            let SyncMsg::Data { seq: dseq, bytes } = msg else {
+                return Err(format!("file {seq} cut short by {msg:?}"));
+            };
+            if dseq != seq {
+                return Err(format!("data for {dseq} inside file {seq}"));
+            }
+            data.extend_from_slice(&bytes);
+            if (data.len() as u64) < size {
+                self.current = Some((seq, rel, meta, size, data));
+            } else {
+                self.land_file(&rel, meta, data);
+            }
+            return Ok(());
+        }
+        match msg {
+            SyncMsg::Start { .. } | SyncMsg::ManifestRequest { .. } | SyncMsg::CaughtUp => {}
+            SyncMsg::File {
+                seq,
+                path,
+                meta,
+                size,
+                ..
+            } => {
+                let rel = rel_of(&path)?;
+                if size == 0 {
+                    self.land_file(&rel, meta, Vec::new());
+                } else {
+                    self.current = Some((seq, rel, meta, size, Vec::new()));
+                }
+            }
+            SyncMsg::Mkdir { path, meta, .. } => {
+                let rel = rel_of(&path)?;
+                self.clear_other_kind(&rel, true);
+                if !self.fs.exists(&rel) {
+                    self.fs.make_parents(&rel);
+                    let ino = self.fs.new_inode(Body::Dir, meta.mode, None);
+                    self.fs.add_name(&rel, ino);
+                } else if let Some(i) = self.fs.ino(&rel).and_then(|i| self.fs.inodes.get_mut(&i)) {
+                    i.mode = meta.mode;
+                }
+                self.retime.insert(rel, meta);
+            }
+            SyncMsg::DirMeta { path, meta, .. } => {
+                self.retime.insert(rel_of(&path)?, meta);
+            }
+            SyncMsg::Delete { path, .. } => {
+                let rel = rel_of(&path)?;
+                if self.fs.exists(&rel) {
+                    self.fs.remove_tree(&rel);
+                }
+            }
+            SyncMsg::Rename { seq, from, to, .. } => {
+                let (from, to) = (rel_of(&from)?, rel_of(&to)?);
+                if !self.fs.exists(&from) {
+                    self.need(seq, &to, NeedReason::SourceMissing);
+                    return Ok(());
+                }
+                let folder = self.fs.is_dir(&from);
+                self.clear_other_kind(&to, folder);
+                self.fs.make_parents(&to);
+                if self.fs.rename(&from, &to) {
+                    if self.fs.exists(&from) && self.fs.ino(&from) == self.fs.ino(&to) {
+                        // rename(2) between two names of one inode does
+                        // nothing: the receiver drops `from`.
+                        self.fs.drop_name(&from);
+                    }
+                    // Times said for the folder follow it.
+                    let moved: Vec<(PathBuf, Meta)> = self
+                        .retime
+                        .iter()
+                        .filter_map(|(p, m)| {
+                            crate::model::moved_path(p, &from, &to).map(|q| (q, *m))
+                        })
+                        .collect();
+                    self.retime.retain(|p, _| !p.starts_with(&from));
+                    self.retime.extend(moved);
+                } else {
+                    self.need(seq, &to, NeedReason::LocalError);
+                }
+            }
+            SyncMsg::Link {
+                seq,
+                existing,
+                path,
+                ..
+            } => {
+                let (existing, rel) = (rel_of(&existing)?, rel_of(&path)?);
+                let Some(src) = self.fs.ino(&existing) else {
+                    self.need(seq, &rel, NeedReason::SourceMissing);
+                    return Ok(());
+                };
+                if self.fs.is_dir(&existing) {
+                    self.need(seq, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
+                self.clear_other_kind(&rel, false);
+                if self.fs.ino(&rel) != Some(src) {
+                    self.fs.make_parents(&rel);
+                    if self.fs.exists(&rel) {
+                        self.fs.drop_name(&rel);
+                    }
+                    self.fs.add_name(&rel, src);
+                }
+            }
+            SyncMsg::Symlink {
+                path, target, meta, ..
+            } => {
+                let rel = rel_of(&path)?;
+                self.clear_other_kind(&rel, false);
+                self.fs.make_parents(&rel);
+                if self.fs.exists(&rel) {
+                    self.fs.drop_name(&rel);
+                }
+                let ino = self.fs.new_inode(
+                    Body::Symlink(target),
+                    0o777,
+                    Some((meta.mtime_sec, meta.mtime_nsec)),
+                );
+                self.fs.add_name(&rel, ino);
+            }
+            SyncMsg::Barrier { seq } => {
+                for (dir, meta) in std::mem::take(&mut self.retime) {
+                    if let Some(i) = self.fs.ino(&dir).and_then(|i| self.fs.inodes.get_mut(&i)) {
+                        if i.body == Body::Dir {
+                            i.mtime = (meta.mtime_sec, meta.mtime_nsec);
+                        }
+                    }
+                }
+                SyncMsg::Ack { seq }.encode(&mut self.replies);
+            }
+            other => return Err(format!("the replica does not expect {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// The manifest the receiver sends for a comparison.
+    fn manifest(&self, excludes: &Excludes) -> HashMap<PathBuf, ManifestEntry> {
+        let mut out = HashMap::new();
+        for p in self.fs.below(Path::new("")) {
+            if excluded_or_below(excludes, &p) {
+                continue;
+            }
+            let st = self.fs.stat(&p).expect("listed");
+            let kind = match st.kind {
+                Kind::File => EntryKind::File,
+                Kind::Dir => EntryKind::Dir,
+                Kind::Symlink => EntryKind::Symlink,
+            };
+            out.insert(
+                p.clone(),
+                ManifestEntry {
+                    path: bytes(&p),
+                    kind,
+                    size: st.version.size,
+                    meta: st.meta,
+                    hash: self.fs.hash_of(&p).expect("listed"),
+                },
+            );
+        }
+        out
+    }
+}
+
+fn bytes(p: &Path) -> Vec<u8> {
+    use std::os::unix::ffi::OsStrExt;
+    p.as_os_str().as_bytes().to_vec()
+}
+
+fn rel_of(b: &[u8]) -> Result<PathBuf, String> {
+    use std::os::unix::ffi::OsStrExt;
+    crate::replica::fsops::check_rel(b)
+        .map(|_| PathBuf::from(std::ffi::OsStr::from_bytes(b)))
+        .map_err(|e| format!("bad path from the sender: {e}"))
+}
+
+/// Splits encoded frames into messages.
+fn decode_all(mut buf: &[u8]) -> Result<Vec<SyncMsg>, String> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (frame, used) = crate::wire::decode_frame(buf)
+            .map_err(|e| format!("undecodable frame: {e}"))?
+            .ok_or("a frame cut short")?;
+        out.push(SyncMsg::decode(&frame).map_err(|e| format!("undecodable message: {e}"))?);
+        buf = &buf[used..];
+    }
+    Ok(out)
+}
+
+/// What one run did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcome {
+    pub workload_ops: u64,
+    pub batches: u64,
+    pub frames: u64,
+    pub needs: u64,
+    pub cuts: u64,
+    pub overflows: u64,
+    pub comparisons: u64,
+    pub raced_reads: u64,
+    pub paths_at_end: u64,
+}
+
+impl Outcome {
+    fn add(&mut self, o: &Outcome) {
+        self.workload_ops += o.workload_ops;
+        self.batches += o.batches;
+        self.frames += o.frames;
+        self.needs += o.needs;
+        self.cuts += o.cuts;
+        self.overflows += o.overflows;
+        self.comparisons += o.comparisons;
+        self.raced_reads += o.raced_reads;
+        self.paths_at_end += o.paths_at_end;
+    }
+}
+
+pub struct DataSim {
+    rng: SimRng,
+    primary: Rc<RefCell<Fs>>,
+    replica: Replica,
+    sender: Sender<SimTree>,
+    excludes: Excludes,
+    /// Events the tracker has not read yet; inodes of watched folders.
+    events: VecDeque<Event>,
+    watched: std::collections::HashSet<u64>,
+    /// Frames on their way to the replica, replies on their way back.
+    to_replica: VecDeque<Vec<u8>>,
+    to_primary: VecDeque<Vec<u8>>,
+    /// A comparison asked for, run once everything sent is acknowledged.
+    verify_wanted: bool,
+    workload_left: u32,
+    /// Percent chances of a cut and of an overflow per step.
+    cut_percent: u8,
+    overflow_percent: u8,
+    names: u64,
+    out: Outcome,
+    /// `HASYNC_DATA_SIM_TRACE=1`: every step on stderr.
+    trace: bool,
+}
+
+const FOLDERS: [&str; 4] = ["", ".Sent", ".Trash", ".Archive"];
+const SUBS: [&str; 3] = ["cur", "new", "tmp"];
+
+impl DataSim {
+    pub fn new(seed: u64) -> DataSim {
+        let mut rng = SimRng::new(seed);
+        let excludes = Excludes::new(&[crate::config::DEFAULT_EXCLUDE.to_string()])
+            .expect("the default exclude is valid");
+        let primary = Rc::new(RefCell::new(Fs::new(1_000_000)));
+        let store = Store {
+            name: "mail".into(),
+            root: PathBuf::from("/sim"),
+            tree: SimTree(primary.clone()),
+            index: Index::in_memory(),
+            internal: PathBuf::from("/sim/.hasync"),
+            conflicts: false,
+            dovecot: false,
+        };
+        let sender = Sender::new(
+            vec![store],
+            excludes.clone(),
+            Coalescer::detached(1),
+            Arc::new(ReplStats::default()),
+            Duration::from_secs(600),
+        );
+        let cut_percent = [0, 1, 3][rng.range(0, 2) as usize];
+        let overflow_percent = [0, 0, 1, 2][rng.range(0, 3) as usize];
+        let workload_left = rng.range(20, 120) as u32;
+        let mut sim = DataSim {
+            rng,
+            primary,
+            replica: Replica {
+                fs: Fs::new(-1_000_000_000),
+                current: None,
+                retime: BTreeMap::new(),
+                replies: Vec::new(),
+            },
+            sender,
+            excludes,
+            events: VecDeque::new(),
+            watched: Default::default(),
+            to_replica: VecDeque::new(),
+            to_primary: VecDeque::new(),
+            verify_wanted: false,
+            workload_left,
+            cut_percent,
+            overflow_percent,
+            names: 0,
+            out: Outcome::default(),
+            trace: std::env::var_os("HASYNC_DATA_SIM_TRACE").is_some(),
+        };
+        sim.seed_tree();
+        sim
+    }
+
+    /// The mailstore before replication starts: INBOX and a folder with a
+    /// few messages (the tracker watches all of it).
+    fn seed_tree(&mut self) {
+        let n = self.rng.range(0, 8);
+        {
+            let mut fs = self.primary.borrow_mut();
+            for f in &FOLDERS[..2] {
+                if !f.is_empty() {
+                    let ino = fs.new_inode(Body::Dir, 0o700, None);
+                    fs.add_name(Path::new(f), ino);
+                }
+                for sub in SUBS {
+                    let d = Path::new(f).join(sub);
+                    let ino = fs.new_inode(Body::Dir, 0o700, None);
+                    fs.add_name(&d, ino);
+                }
+            }
+        }
+        for _ in 0..n {
+            self.deliver();
+        }
+        let fs = self.primary.borrow();
+        self.watched = fs
+            .names
+            .values()
+            .copied()
+            .filter(|i| fs.inodes[i].body == Body::Dir)
+            .collect();
+        drop(fs);
+        self.events.clear();
+    }
+
+    fn fresh_name(&mut self) -> String {
+        self.names += 1;
+        format!("{}.M{}P1.mx", 1_700_000_000 + self.names, self.names)
+    }
+
+    /// Emits an event if the folder holding `p` is watched now.
+    fn event(&mut self, p: &Path, e: Event) {
+        if self.trace {
+            eprintln!("fs: {e:?}");
+        }
+        let fs = self.primary.borrow();
+        if fs
+            .ino(&parent(p))
+            .is_some_and(|i| self.watched.contains(&i))
+        {
+            drop(fs);
+            self.events.push_back(e);
+        }
+    }
+
+    /// A rename, as inotify reports it: a pair when both folders are
+    /// watched, one half otherwise.
+    fn move_event(&mut self, from: &Path, to: &Path, from_watched: bool) {
+        let fs = self.primary.borrow();
+        let to_watched = fs
+            .ino(&parent(to))
+            .is_some_and(|i| self.watched.contains(&i));
+        drop(fs);
+        if self.trace {
+            eprintln!(
+                "fs: moved {} -> {} (watched {from_watched} {to_watched})",
+                from.display(),
+                to.display()
+            );
+        }
+        match (from_watched, to_watched) {
+            (true, true) => {
+                let fs = self.primary.borrow();
+                let dir = fs.ino(to).filter(|_| fs.is_dir(to));
+                drop(fs);
+                self.events
+                    .push_back(Event::Moved(from.into(), to.into(), dir))
+            }
+            (true, false) => self.events.push_back(Event::MovedOut(from.into())),
+            (false, true) => self.events.push_back(Event::MovedIn(to.into())),
+            (false, false) => {}
+        }
+    }
+
+    fn watched_parent(&self, p: &Path) -> bool {
+        let fs = self.primary.borrow();
+        fs.ino(&parent(p))
+            .is_some_and(|i| self.watched.contains(&i))
+    }
+
+    fn folders(&self) -> Vec<PathBuf> {
+        let fs = self.primary.borrow();
+        let mut out: Vec<PathBuf> = FOLDERS
+            .iter()
+            .map(PathBuf::from)
+            .filter(|f| {
+                (f.as_os_str().is_empty() || fs.is_dir(f))
+                    && SUBS.iter().all(|s| fs.is_dir(&f.join(s)))
+            })
+            .collect();
+        out.extend(fs.children(Path::new("")).into_iter().filter(|p| {
+            p.to_string_lossy().starts_with(".F") && SUBS.iter().all(|s| fs.is_dir(&p.join(s)))
+        }));
+        out
+    }
+
+    fn messages(&self) -> Vec<PathBuf> {
+        let fs = self.primary.borrow();
+        fs.names
+            .keys()
+            .filter(|p| {
+                let parent = p.parent().and_then(|q| q.file_name());
+                (parent == Some("cur".as_ref()) || parent == Some("new".as_ref()))
+                    && fs.get(p).is_some_and(|i| matches!(i.body, Body::File(_)))
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn pick<T: Clone>(&mut self, v: &[T]) -> Option<T> {
+        if v.is_empty() {
+            None
+        } else {
+            Some(v[self.rng.range(0, v.len() as u64 - 1) as usize].clone())
+        }
+    }
+
+    fn body(&mut self) -> Vec<u8> {
+        let n = self.rng.range(0, 300) as usize;
+        let x = self.rng.next_u64();
+        (0..n).map(|i| (x >> (i % 56)) as u8 ^ i as u8).collect()
+    }
+
+    /// A delivery: written in `tmp/`, renamed into `new/`.
+    fn deliver(&mut self) {
+        let Some(f) = self.pick(&self.folders()) else {
+            return;
+        };
+        let name = self.fresh_name();
+        let tmp = f.join("tmp").join(&name);
+        let new = f.join("new").join(&name);
+        let body = self.body();
+        {
+            let mut fs = self.primary.borrow_mut();
+            let ino = fs.new_inode(Body::File(body), 0o600, None);
+            fs.add_name(&tmp, ino);
+        }
+        self.event(&tmp, Event::Created(tmp.clone(), None));
+        self.event(&tmp, Event::CloseWrite(tmp.clone()));
+        let w = self.watched_parent(&tmp);
+        self.primary.borrow_mut().rename(&tmp, &new);
+        self.move_event(&tmp, &new, w);
+    }
+
+    fn rename_file(&mut self, from: &Path, to: &Path) {
+        if self.primary.borrow().ino(from) == self.primary.borrow().ino(to) {
+            // rename(2) between names of one inode does nothing, and the
+            // kernel reports nothing.
+            return;
+        }
+        let w = self.watched_parent(from);
+        if self.primary.borrow_mut().rename(from, to) {
+            self.move_event(from, to, w);
+        }
+    }
+
+    fn remove(&mut self, p: &Path) {
+        // Bottom-up, an event per entry, as `rm -r` makes them.
+        let below = self.primary.borrow().below(p);
+        for q in below
+            .into_iter()
+            .rev()
+            .chain(std::iter::once(p.to_path_buf()))
+        {
+            self.event(&q, Event::Deleted(q.clone()));
+            self.primary.borrow_mut().drop_name(&q);
+        }
+    }
+
+    fn mkdir(&mut self, p: &Path) {
+        {
+            let mut fs = self.primary.borrow_mut();
+            if fs.exists(p) || !fs.is_dir(&parent(p)) {
+                return;
+            }
+            let ino = fs.new_inode(Body::Dir, 0o700, None);
+            fs.add_name(p, ino);
+        }
+        let ino = self.primary.borrow().ino(p);
+        self.event(p, Event::Created(p.to_path_buf(), ino));
+    }
+
+    fn workload_step(&mut self) {
+        self.out.workload_ops += 1;
+        let msgs = self.messages();
+        match self.rng.range(0, 99) {
+            0..=24 => self.deliver(),
+            25..=39 => {
+                // Read: new/ → cur/ with the seen flag.
+                let news: Vec<PathBuf> = msgs
+                    .iter()
+                    .filter(|p| p.parent().and_then(|q| q.file_name()) == Some("new".as_ref()))
+                    .cloned()
+                    .collect();
+                if let Some(m) = self.pick(&news) {
+                    let name = m.file_name().unwrap().to_string_lossy().into_owned();
+                    let to = m
+                        .parent()
+                        .unwrap()
+                        .parent()
+                        .unwrap()
+                        .join("cur")
+                        .join(format!("{name}:2,S"));
+                    self.rename_file(&m, &to);
+                }
+            }
+            40..=49 => {
+                // A flag change: a rename within cur/.
+                let curs: Vec<PathBuf> = msgs
+                    .iter()
+                    .filter(|p| p.to_string_lossy().contains(":2,"))
+                    .cloned()
+                    .collect();
+                if let Some(m) = self.pick(&curs) {
+                    let s = m.to_string_lossy().into_owned();
+                    let to = if s.ends_with('R') {
+                        s.trim_end_matches('R').to_string()
+                    } else {
+                        format!("{s}R")
+                    };
+                    self.rename_file(&m, Path::new(&to));
+                }
+            }
+            50..=56 => {
+                // A copy into another folder as a hard link.
+                let (Some(m), Some(f)) = (self.pick(&msgs), self.pick(&self.folders())) else {
+                    return;
+                };
+                let to = f.join("cur").join(format!("{}:2,S", self.fresh_name()));
+                let ok = {
+                    let mut fs = self.primary.borrow_mut();
+                    match fs.ino(&m) {
+                        Some(ino) if fs.is_dir(&parent(&to)) && !fs.exists(&to) => {
+                            fs.add_name(&to, ino);
+                            fs.change_ctime(ino);
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if ok {
+                    self.event(&to, Event::Created(to.clone(), None));
+                }
+            }
+            57..=62 => {
+                // A move to another folder, or over another message.
+                let (Some(m), Some(f)) = (self.pick(&msgs), self.pick(&self.folders())) else {
+                    return;
+                };
+                let to = if self.rng.percent(50) {
+                    self.pick(&msgs).unwrap_or_else(|| f.join("cur").join("x"))
+                } else {
+                    f.join("cur").join(m.file_name().unwrap())
+                };
+                self.rename_file(&m, &to);
+            }
+            63..=72 => {
+                if let Some(m) = self.pick(&msgs) {
+                    self.remove(&m);
+                }
+            }
+            73..=77 => {
+                // A new folder, made as Dovecot makes one.
+                let f = PathBuf::from(format!(".F{}", self.rng.range(0, 5)));
+                self.mkdir(&f);
+                for s in SUBS {
+                    self.mkdir(&f.join(s));
+                }
+                if self.rng.percent(50) {
+                    self.deliver();
+                }
+            }
+            78..=81 => {
+                // A folder renamed (maybe away and back).
+                let fs: Vec<PathBuf> = self
+                    .folders()
+                    .into_iter()
+                    .filter(|f| !f.as_os_str().is_empty())
+                    .collect();
+                if let Some(f) = self.pick(&fs) {
+                    let to = PathBuf::from(format!(".F{}", self.rng.range(0, 5)));
+                    let w = self.watched_parent(&f);
+                    if self.primary.borrow_mut().rename(&f, &to) {
+                        self.move_event(&f, &to, w);
+                        if self.rng.percent(30) {
+                            let w = self.watched_parent(&to);
+                            if self.primary.borrow_mut().rename(&to, &f) {
+                                self.move_event(&to, &f, w);
+                            }
+                        }
+                    }
+                }
+            }
+            82..=84 => {
+                let fs: Vec<PathBuf> = self
+                    .folders()
+                    .into_iter()
+                    .filter(|f| !f.as_os_str().is_empty())
+                    .collect();
+                if let Some(f) = self.pick(&fs) {
+                    self.remove(&f);
+                }
+            }
+            85..=92 => {
+                // An index file rewritten in place (or made).
+                let Some(f) = self.pick(&self.folders()) else {
+                    return;
+                };
+                let p = f.join("dovecot.index");
+                let body = self.body();
+                let made = {
+                    let mut fs = self.primary.borrow_mut();
+                    match fs.ino(&p) {
+                        Some(ino) if !fs.is_dir(&p) => {
+                            let t = fs.tick();
+                            if let Some(i) = fs.inodes.get_mut(&ino) {
+                                i.body = Body::File(body);
+                                i.mtime = t;
+                                i.ctime = t;
+                            }
+                            false
+                        }
+                        Some(_) => return,
+                        None => {
+                            let ino = fs.new_inode(Body::File(body), 0o600, None);
+                            fs.add_name(&p, ino);
+                            true
+                        }
+                    }
+                };
+                if made {
+                    self.event(&p, Event::Created(p.clone(), None));
+                }
+                self.event(&p, Event::CloseWrite(p.clone()));
+            }
+            93..=96 => {
+                // A name that changes between file and folder.
+                let Some(f) = self.pick(&self.folders()) else {
+                    return;
+                };
+                let p = f.join("odd");
+                let state = self.primary.borrow().get(&p).map(|i| i.body == Body::Dir);
+                match state {
+                    Some(true) => {
+                        self.remove(&p);
+                        let ino = self.primary.borrow_mut().new_inode(
+                            Body::File(b"x".to_vec()),
+                            0o644,
+                            None,
+                        );
+                        self.primary.borrow_mut().add_name(&p, ino);
+                        self.event(&p, Event::Created(p.clone(), None));
+                        self.event(&p, Event::CloseWrite(p.clone()));
+                    }
+                    Some(false) => {
+                        self.remove(&p);
+                        self.mkdir(&p);
+                        let inner = p.join("inner");
+                        let ino = self.primary.borrow_mut().new_inode(
+                            Body::File(b"y".to_vec()),
+                            0o644,
+                            None,
+                        );
+                        self.primary.borrow_mut().add_name(&inner, ino);
+                        self.event(&inner, Event::Created(inner.clone(), None));
+                        self.event(&inner, Event::CloseWrite(inner.clone()));
+                    }
+                    None => self.mkdir(&p),
+                }
+            }
+            _ => {
+                // A symlink.
+                let Some(f) = self.pick(&self.folders()) else {
+                    return;
+                };
+                let p = f.join(format!("link{}", self.rng.range(0, 2)));
+                let target = format!("../target{}", self.rng.range(0, 9)).into_bytes();
+                let done = {
+                    let mut fs = self.primary.borrow_mut();
+                    if fs.exists(&p) {
+                        false
+                    } else {
+                        let ino = fs.new_inode(Body::Symlink(target), 0o777, None);
+                        fs.add_name(&p, ino);
+                        true
+                    }
+                };
+                if done {
+                    self.event(&p, Event::Created(p.clone(), None));
+                }
+            }
+        }
+    }
+
+    /// The tracker reads up to `n` events and queues their ops.
+    fn tracker_step(&mut self, n: usize) {
+        if self.events.len() > 4 && self.rng.percent(self.overflow_percent) {
+            // IN_Q_OVERFLOW: the queue is lost; the store is rescanned.
+            self.out.overflows += 1;
+            if self.trace {
+                eprintln!("tracker: overflow, {} events lost", self.events.len());
+            }
+            self.events.clear();
+            self.sender.coalescer.push(Op::Rescan {
+                store: 0,
+                reason: "inotify queue overflow (simulated)".into(),
+                since: Instant::now(),
+            });
+            return;
+        }
+        for _ in 0..n {
+            let Some(ev) = self.events.pop_front() else {
+                return;
+            };
+            let now = Instant::now();
+            let mut ops = Vec::new();
+            let sync = |p: &Path, ops: &mut Vec<Op>, ex: &Excludes| {
+                if !ex.is_excluded(p) {
+                    ops.push(Op::Sync {
+                        store: 0,
+                        rel: p.to_path_buf(),
+                        since: now,
+                    });
+                }
+            };
+            match ev {
+                Event::Created(p, dir) => {
+                    if self.excludes.is_excluded(&p) {
+                        continue;
+                    }
+                    let st = self.primary.borrow().stat(&p);
+                    match st {
+                        // The watch is added by name: if the name holds
+                        // another folder by now, that one is watched.
+                        _ if dir.is_some() => {
+                            sync(&p, &mut ops, &self.excludes);
+                            if st.is_some_and(|st| st.kind == Kind::Dir) {
+                                self.watch_walk(&p, &mut ops);
+                            }
+                        }
+                        // Every new name is reported at once (the tracker's
+                        // rule: a name linked in gets no IN_CLOSE_WRITE).
+                        _ => sync(&p, &mut ops, &self.excludes),
+                    }
+                }
+                Event::CloseWrite(p) | Event::Deleted(p) | Event::MovedOut(p) => {
+                    sync(&p, &mut ops, &self.excludes)
+                }
+                Event::MovedIn(p) => {
+                    sync(&p, &mut ops, &self.excludes);
+                    if self.primary.borrow().is_dir(&p) {
+                        self.watch_walk(&p, &mut ops);
+                    }
+                }
+                Event::Moved(from, to, dir) => {
+                    match (
+                        self.excludes.is_excluded(&from),
+                        self.excludes.is_excluded(&to),
+                    ) {
+                        (false, false) => {
+                            ops.push(Op::Rename {
+                                store: 0,
+                                from,
+                                to: to.clone(),
+                                since: now,
+                            });
+                            // A folder never watched (renamed before its
+                            // creation was read) is watched now.
+                            if dir.is_some_and(|i| !self.watched.contains(&i)) {
+                                self.watch_walk(&to, &mut ops);
+                            }
+                        }
+                        (true, false) => sync(&to, &mut ops, &self.excludes),
+                        (false, true) => sync(&from, &mut ops, &self.excludes),
+                        (true, true) => {}
+                    }
+                }
+            }
+            for op in ops {
+                if self.trace {
+                    eprintln!("tracker: {op:?}");
+                }
+                self.sender.coalescer.push(op);
+            }
+        }
+    }
+
+    /// A new folder gets its watch, and everything already in it is
+    /// reported (the real tracker's walk).
+    fn watch_walk(&mut self, dir: &Path, ops: &mut Vec<Op>) {
+        let fs = self.primary.borrow();
+        if let Some(i) = fs.ino(dir) {
+            self.watched.insert(i);
+        }
+        for p in fs.below(dir) {
+            if excluded_or_below(&self.excludes, &p) {
+                continue;
+            }
+            if fs.is_dir(&p) {
+                if let Some(i) = fs.ino(&p) {
+                    self.watched.insert(i);
+                }
+            }
+            ops.push(Op::Sync {
+                store: 0,
+                rel: p,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// One batch: planned, then (maybe after the workload moved on) read
+    /// and emitted.
+    fn send_step(&mut self) -> Result<(), String> {
+        if !self.sender.window_open() || self.sender.coalescer.pending() == 0 {
+            return Ok(());
+        }
+        let max = self.rng.range(1, 24) as usize;
+        let ops = self.sender.coalescer.take_batch(max);
+        if self.trace {
+            eprintln!("sender takes {ops:?}");
+        }
+        let planned = self.sender.plan_batch(ops).map_err(|e| e.to_string())?;
+        // The workload goes on while the batch's files are read.
+        if self.workload_left > 0 && self.rng.percent(25) {
+            self.workload_left -= 1;
+            self.workload_step();
+            self.out.raced_reads += 1;
+        }
+        let mut batch = planned.batch;
+        let mut out = Vec::new();
+        for plan in planned.plans {
+            match plan {
+                Plan::Frames(f) => out.extend_from_slice(&f),
+                Plan::Small {
+                    seq,
+                    store,
+                    rel,
+                    st,
+                } => {
+                    // Opened by name now: whatever the name holds now.
+                    let read = match self.primary.borrow().get(&rel).map(|i| &i.body) {
+                        Some(Body::File(d)) => Read::Ready(d.clone()),
+                        _ => Read::Missing,
+                    };
+                    self.sender
+                        .small_read(seq, store, rel, &st, read, &mut batch, &mut out);
+                }
+                Plan::Large { .. } => return Err("no file in the model is large".into()),
+            }
+        }
+        self.sender
+            .close_batch(planned.touched, planned.batch_paths, batch, &mut out);
+        self.out.batches += 1;
+        self.to_replica.push_back(out);
+        Ok(())
+    }
+
+    fn replica_step(&mut self) -> Result<(), String> {
+        let Some(bytes) = self.to_replica.pop_front() else {
+            return Ok(());
+        };
+        for msg in decode_all(&bytes)? {
+            self.out.frames += 1;
+            if self.trace && !matches!(msg, SyncMsg::Data { .. }) {
+                eprintln!("replica applies {msg:?}");
+            }
+            self.replica.apply(msg)?;
+        }
+        if !self.replica.replies.is_empty() {
+            self.to_primary
+                .push_back(std::mem::take(&mut self.replica.replies));
+        }
+        Ok(())
+    }
+
+    fn reply_step(&mut self) -> Result<(), String> {
+        let Some(bytes) = self.to_primary.pop_front() else {
+            return Ok(());
+        };
+        for msg in decode_all(&bytes)? {
+            if matches!(msg, SyncMsg::Need { .. }) {
+                self.out.needs += 1;
+            }
+            if self.trace {
+                eprintln!("sender hears {msg:?}");
+            }
+            self.sender.on_peer_msg(msg).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// A comparison of manifests, as a session's start or a rescan runs it.
+    fn compare(&mut self, initial: bool) {
+        self.out.comparisons += 1;
+        if self.trace {
+            eprintln!("comparison (initial {initial})");
+        }
+        let (on_way, _request) = self.sender.begin_comparison(false, initial);
+        let scans = self
+            .sender
+            .scan_stores(false)
+            .expect("the model never fails a scan");
+        let remote = vec![self.replica.manifest(&self.excludes)];
+        let (_differ, aside) = self.sender.compare(on_way, scans, remote, initial);
+        assert!(aside.is_empty(), "no former primary in this model");
+    }
+
+    /// The connection is cut: what is on the wire is lost; the next session
+    /// starts with a comparison.
+    fn cut(&mut self) {
+        self.out.cuts += 1;
+        if self.trace {
+            eprintln!("cut");
+        }
+        self.to_replica.clear();
+        self.to_primary.clear();
+        self.replica.current = None;
+        self.replica.retime.clear();
+        self.replica.replies.clear();
+        self.sender.forget_inflight_commits();
+        self.session();
+    }
+
+    fn session(&mut self) {
+        let _start = self.sender.begin_session();
+        self.compare(true);
+    }
+
+    /// Runs the seed; an error says which invariant broke.
+    pub fn run(mut self) -> Result<Outcome, String> {
+        self.session();
+        let mut steps = 0u64;
+        loop {
+            steps += 1;
+            if steps > 50_000 {
+                return Err(format!(
+                    "no quiescence after {steps} steps: {} ops queued, {} events, idle {}",
+                    self.sender.coalescer.pending(),
+                    self.events.len(),
+                    self.sender.idle()
+                ));
+            }
+            if self.sender.take_verify_request() {
+                self.verify_wanted = true;
+            }
+            // A comparison waits until everything sent is acknowledged.
+            if self.verify_wanted
+                && self.to_replica.is_empty()
+                && self.to_primary.is_empty()
+                && self.sender.window_is_empty()
+            {
+                self.verify_wanted = false;
+                self.compare(false);
+            }
+            self.sender.feed_backlog();
+            let quiet = self.workload_left == 0;
+            if quiet {
+                self.sender
+                    .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
+                if self.events.is_empty()
+                    && self.to_replica.is_empty()
+                    && self.to_primary.is_empty()
+                    && self.sender.idle()
+                    && !self.verify_wanted
+                {
+                    break;
+                }
+            }
+            match self.rng.range(0, 99) {
+                0..=29 if self.workload_left > 0 => {
+                    self.workload_left -= 1;
+                    self.workload_step();
+                }
+                0..=44 => {
+                    let n = self.rng.range(1, 8) as usize;
+                    self.tracker_step(n);
+                }
+                45..=64 => self.send_step()?,
+                65..=82 => self.replica_step()?,
+                83..=97 => self.reply_step()?,
+                _ => {
+                    if self.rng.percent(self.cut_percent.saturating_mul(20)) {
+                        self.cut();
+                    }
+                }
+            }
+        }
+        self.check()?;
+        self.out.paths_at_end = self.primary.borrow().names.len() as u64;
+        Ok(self.out)
+    }
+
+    /// The replica holds exactly the primary's tree.
+    fn check(&self) -> Result<(), String> {
+        let p = self.primary.borrow();
+        let r = &self.replica.fs;
+        let wanted = |fs: &Fs| -> Vec<PathBuf> {
+            fs.below(Path::new(""))
+                .into_iter()
+                .filter(|q| !excluded_or_below(&self.excludes, q))
+                .collect()
+        };
+        let (pp, rp) = (wanted(&p), wanted(r));
+        if pp != rp {
+            let missing: Vec<_> = pp.iter().filter(|q| !r.exists(q)).take(5).collect();
+            let extra: Vec<_> = rp.iter().filter(|q| !p.exists(q)).take(5).collect();
+            return Err(format!(
+                "names differ: missing on the replica {missing:?}, extra on the replica {extra:?}"
+            ));
+        }
+        for q in &pp {
+            let (a, b) = (p.get(q).expect("listed"), r.get(q).expect("listed"));
+            if a.body != b.body {
+                return Err(format!(
+                    "{}: the replica holds {} where the primary holds {}",
+                    q.display(),
+                    describe(&b.body),
+                    describe(&a.body)
+                ));
+            }
+            let times_matter = match a.body {
+                Body::Dir => !self.excludes.is_excluded(&q.join("x")),
+                Body::File(_) => true,
+                Body::Symlink(_) => false,
+            };
+            if a.body != Body::Symlink(Vec::new())
+                && !matches!(a.body, Body::Symlink(_))
+                && a.mode != b.mode
+            {
+                return Err(format!(
+                    "{}: mode {:o} on the replica, {:o} here",
+                    q.display(),
+                    b.mode,
+                    a.mode
+                ));
+            }
+            if times_matter && a.mtime != b.mtime {
+                return Err(format!(
+                    "{}: mtime {:?} on the replica, {:?} on the primary",
+                    q.display(),
+                    b.mtime,
+                    a.mtime
+                ));
+            }
+        }
+        // Hard-link groups: names that share an inode here share one there.
+        let groups = |fs: &Fs| -> Vec<Vec<PathBuf>> {
+            let mut by: BTreeMap<u64, Vec<PathBuf>> = BTreeMap::new();
+            for q in &pp {
+                if let (Some(i), Some(Body::File(_))) = (fs.ino(q), fs.get(q).map(|x| &x.body)) {
+                    by.entry(i).or_default().push(q.clone());
+                }
+            }
+            let mut g: Vec<Vec<PathBuf>> = by.into_values().filter(|v| v.len() > 1).collect();
+            g.sort();
+            g
+        };
+        let (gp, gr) = (groups(&p), groups(r));
+        if gp != gr {
+            return Err(format!(
+                "hard-link groups differ: primary {gp:?}, replica {gr:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn describe(b: &Body) -> String {
+    match b {
+        Body::File(d) => format!(
+            "a file of {} bytes (hash {:x})",
+            d.len(),
+            index::hash_bytes(d) as u32
+        ),
+        Body::Dir => "a folder".into(),
+        Body::Symlink(t) => format!("a symlink to {}", String::from_utf8_lossy(t)),
+    }
+}
+
+/// Runs seeds `first..first + n`; the first failing seed and why.
+pub fn run_seeds(first: u64, n: u64) -> Result<Outcome, (u64, String)> {
+    let mut total = Outcome::default();
+    for seed in first..first + n {
+        let o = DataSim::new(seed).run().map_err(|e| (seed, e))?;
+        total.add(&o);
+    }
+    Ok(total)
+}
