@@ -552,6 +552,7 @@ impl Replica {
                 seq,
                 existing,
                 path,
+                hash,
                 ..
             } => {
                 let (existing, rel) = (rel_of(&existing)?, rel_of(&path)?);
@@ -561,6 +562,11 @@ impl Replica {
                 };
                 if self.fs.is_dir(&existing) {
                     self.need(seq, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
+                // The receiver links only to the content the primary said.
+                if self.fs.hash_of(&existing) != Some(hash) {
+                    self.need(seq, &rel, NeedReason::SourceMissing);
                     return Ok(());
                 }
                 self.clear_other_kind(&rel, false);
@@ -698,6 +704,8 @@ pub struct DataSim {
     to_primary: VecDeque<Vec<u8>>,
     /// A comparison asked for, run once everything sent is acknowledged.
     verify_wanted: bool,
+    /// A session waiting for its first comparison.
+    session_wanted: bool,
     workload_left: u32,
     /// Percent chances of a cut and of an overflow per step.
     cut_percent: u8,
@@ -752,6 +760,7 @@ impl DataSim {
             to_replica: VecDeque::new(),
             to_primary: VecDeque::new(),
             verify_wanted: false,
+            session_wanted: false,
             workload_left,
             cut_percent,
             overflow_percent,
@@ -1173,6 +1182,18 @@ impl DataSim {
                 eprintln!("tracker: overflow, {} events lost", self.events.len());
             }
             self.events.clear();
+            // Every folder is watched again, under the name it has now.
+            let fs = self.primary.borrow();
+            let dirs: Vec<u64> = fs
+                .names
+                .iter()
+                .filter(|(p, i)| {
+                    fs.inodes[i].body == Body::Dir && !excluded_or_below(&self.excludes, p)
+                })
+                .map(|(_, i)| *i)
+                .collect();
+            drop(fs);
+            self.watched.extend(dirs);
             self.sender.coalescer.push(Op::Rescan {
                 store: 0,
                 reason: "inotify queue overflow (simulated)".into(),
@@ -1391,7 +1412,19 @@ impl DataSim {
         self.replica.retime.clear();
         self.replica.replies.clear();
         self.sender.forget_inflight_commits();
-        self.session();
+        self.session_wanted = true;
+    }
+
+    /// A known gap, kept out of the runs (docs/INVARIANTS.md): a comparison
+    /// that runs after a folder was made and before the tracker read its
+    /// IN_CREATE sends what the folder holds; a name inside it renamed or
+    /// deleted before its watch lands has no event, and the walk after the
+    /// watch reports only names that exist, so the replica keeps the old
+    /// name until the next comparison (which counts it as drift).
+    fn comparison_blind_spot(&self) -> bool {
+        self.events
+            .iter()
+            .any(|e| matches!(e, Event::Created(_, Some(_))))
     }
 
     fn session(&mut self) {
@@ -1416,8 +1449,14 @@ impl DataSim {
             if self.sender.take_verify_request() {
                 self.verify_wanted = true;
             }
+            if self.session_wanted && !self.comparison_blind_spot() {
+                self.session_wanted = false;
+                self.session();
+            }
             // A comparison waits until everything sent is acknowledged.
             if self.verify_wanted
+                && !self.session_wanted
+                && !self.comparison_blind_spot()
                 && self.to_replica.is_empty()
                 && self.to_primary.is_empty()
                 && self.sender.window_is_empty()
@@ -1435,6 +1474,7 @@ impl DataSim {
                     && self.to_primary.is_empty()
                     && self.sender.idle()
                     && !self.verify_wanted
+                    && !self.session_wanted
                 {
                     break;
                 }
@@ -1448,8 +1488,8 @@ impl DataSim {
                     let n = self.rng.range(1, 8) as usize;
                     self.tracker_step(n);
                 }
-                45..=64 => self.send_step()?,
-                65..=82 => self.replica_step()?,
+                45..=64 if !self.session_wanted => self.send_step()?,
+                45..=82 => self.replica_step()?,
                 83..=97 => self.reply_step()?,
                 _ => {
                     if self.rng.percent(self.cut_percent.saturating_mul(20)) {

@@ -1181,6 +1181,7 @@ impl Receiver {
                 store,
                 existing,
                 path,
+                hash,
             } => {
                 let s = self.store_index(store, peer)?;
                 let Some(existing) = self.check(seq, s, &existing, peer) else {
@@ -1192,6 +1193,14 @@ impl Receiver {
                 self.flush_if_touching(s, &[&existing, &rel], peer).await?;
                 if self.is_protected(s, &rel) {
                     self.need(seq, s, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
+                // `existing` must hold the content the primary linked: an
+                // earlier op that was to give it that content may have
+                // failed here, leaving what the name held before.
+                if self.content_differs(s, &existing, hash) {
+                    add(&self.stats.rename_sources_missing, 1);
+                    self.need(seq, s, &rel, NeedReason::SourceMissing);
                     return Ok(());
                 }
                 self.clear_other_kind(seq, s, &rel, false, peer);
@@ -1679,6 +1688,27 @@ impl Receiver {
     /// Removes (or keeps aside, as a delete would) a folder where the
     /// primary now has a file, or a file or symlink where it has a folder:
     /// the op that follows could never replace it.
+    /// Whether the regular file at `rel` holds content other than what
+    /// hashes to `hash` (known from the index when the file is the version
+    /// it recorded, else read). Nothing there, or something else than a
+    /// regular file, is for `link` itself to answer.
+    fn content_differs(&self, s: usize, rel: &Path, hash: u128) -> bool {
+        let tree = self.stores[s].root.tree();
+        let Ok(Some(st)) = tree.lstat(rel) else {
+            return false;
+        };
+        if st.kind != Kind::File {
+            return false;
+        }
+        let index = &self.stores[s].index;
+        if let Some(e) = index.get(rel) {
+            if e.kind == Kind::File && index.unchanged_and_synced(rel, &st) {
+                return e.hash() != hash;
+            }
+        }
+        tree.hash(rel, Kind::File).ok() != Some(hash)
+    }
+
     fn clear_other_kind(&mut self, seq: u64, s: usize, rel: &Path, want_dir: bool, peer: &str) {
         if let Ok(Some(cur)) = self.stores[s].root.tree().lstat(rel) {
             if (cur.kind == Kind::Dir) != want_dir {

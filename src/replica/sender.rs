@@ -118,8 +118,8 @@ pub struct Store<T = Tree> {
 enum OnAck {
     /// The op numbered `.0` set the path's entry.
     Set(u64, usize, PathBuf, Entry),
-    /// A hard link to `existing` (the hash is the other name's, known by then).
-    Link(u64, usize, PathBuf, PathBuf, Stat),
+    /// A hard link to `existing`, of content hashing to `.5`.
+    Link(u64, usize, PathBuf, PathBuf, Stat, u128),
     Remove(usize, PathBuf),
     /// The rename numbered `.0`.
     Rename(u64, usize, PathBuf, PathBuf),
@@ -1259,34 +1259,28 @@ impl<T: LocalTree> Sender<T> {
                         self.stores[s].index.set(rel, entry)
                     }
                     OnAck::Link(seq, ..) if self.window.was_needed(seq) => {}
-                    OnAck::Link(_, s, rel, existing, st) => {
-                        // The link shares the content of `existing`; when
-                        // that hash is not known here (renamed or deleted
-                        // since), the next comparison hashes the file
-                        // rather than trusting a made-up value.
-                        let hash = self.stores[s]
-                            .index
-                            .get(&existing)
-                            .filter(|e| e.kind == Kind::File && e.version.ino == st.version.ino)
-                            .map(|e| e.hash());
-                        match hash {
-                            Some(h) => self.stores[s].index.set(rel, Entry::new(&st, h, true)),
-                            None => self.stores[s].index.remove_tree(&rel),
-                        }
+                    // The replica linked only to the content said.
+                    OnAck::Link(_, s, rel, _, st, hash) => {
+                        self.stores[s].index.set(rel, Entry::new(&st, hash, true))
                     }
                     OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
                     OnAck::Rename(seq, s, from, to) => {
-                        // The local tree has moved either way.
-                        self.stores[s].index.rename_tree(&from, &to);
                         if self.window.was_needed(seq) {
-                            // The replica could not rename: it may still
-                            // hold `from`, and lacks `to` (asked for).
-                            self.stores[s].index.unsync_tree(&to);
+                            // The replica could not rename: it still holds
+                            // `from` (deleted next) and `to` as it was. What
+                            // it held at `to` stays known (a link to one of
+                            // those files stays a link); the folders there
+                            // are listed again, so what moved in from `from`
+                            // travels.
+                            self.stores[s].index.remove_tree(&from);
+                            self.stores[s].index.unsync_folders(&to);
                             self.coalescer.push(Op::Sync {
                                 store: s,
                                 rel: from,
                                 since: now,
                             });
+                        } else {
+                            self.stores[s].index.rename_tree(&from, &to);
                         }
                     }
                 }
@@ -1462,7 +1456,14 @@ impl<T: LocalTree> Sender<T> {
                     for names in self.link_names() {
                         names.renamed(store, &from, &to);
                     }
-                    self.follow_folder_rename(store, &from, &to, since, &mut expand, &mut touched);
+                    self.follow_folder_rename(
+                        store,
+                        (&from, &to),
+                        since,
+                        &batch,
+                        &mut expand,
+                        &mut touched,
+                    );
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
@@ -1797,7 +1798,7 @@ impl<T: LocalTree> Sender<T> {
             .chain(building)
             .flat_map(|b| &b.acks)
             .find_map(|a| match a {
-                OnAck::Link(s, link_store, _, existing, st) if *s == seq => {
+                OnAck::Link(s, link_store, _, existing, st, _) if *s == seq => {
                     Some(((st.dev, st.version.ino), *link_store, existing.clone()))
                 }
                 _ => None,
@@ -1915,12 +1916,19 @@ impl<T: LocalTree> Sender<T> {
             self.inodes.forget_inode(key);
             return None;
         }
+        // The content the replica must find at `existing` to link: an op
+        // that gave it that content may have failed there (a link of a
+        // link refused for a missing source, a file refused for space),
+        // leaving what the name held before. Read here (the page cache
+        // holds it); a file that cannot be read travels as bytes.
+        let hash = self.stores[store].tree.hash(rel, Kind::File).ok()?;
         let mut f = Vec::new();
         SyncMsg::Link {
             seq,
             store: store as u16,
             existing: rel_bytes(&existing),
             path: rel_bytes(rel),
+            hash,
         }
         .encode(&mut f);
         add(&self.stats.links_sent, 1);
@@ -1928,9 +1936,14 @@ impl<T: LocalTree> Sender<T> {
         // Another name to link to (ops apply in order there), should
         // `existing` be deleted next.
         self.inodes.record(key, store, rel, st.version);
-        batch
-            .acks
-            .push(OnAck::Link(seq, store, rel.to_path_buf(), existing, *st));
+        batch.acks.push(OnAck::Link(
+            seq,
+            store,
+            rel.to_path_buf(),
+            existing,
+            *st,
+            hash,
+        ));
         Some(f)
     }
 
@@ -1942,21 +1955,53 @@ impl<T: LocalTree> Sender<T> {
     fn follow_folder_rename(
         &mut self,
         store: usize,
-        from: &Path,
-        to: &Path,
+        (from, to): (&Path, &Path),
         since: Instant,
+        batch: &Inflight,
         expand: &mut [(usize, PathBuf, Instant)],
         touched: &mut std::collections::BTreeSet<(usize, PathBuf)>,
     ) {
-        let is_dir = self.stores[store]
-            .tree
-            .lstat(to)
-            .ok()
-            .flatten()
-            .is_some_and(|st| st.kind == Kind::Dir);
+        // The replica's folders below it (their names once the renames in
+        // flight apply), whose times this batch says again under their new
+        // names: each one's entries may have changed under a name the
+        // primary gave up before the batch closed (a folder renamed away
+        // and back), which left its times unsaid.
+        let index = &self.stores[store].index;
+        let held: Vec<PathBuf> = if index.get(from).is_some_and(|e| e.kind == Kind::Dir)
+            || self.window.iter().any(|b| {
+                b.body
+                    .acks
+                    .iter()
+                    .any(|a| matches!(a, OnAck::Rename(_, s, _, t) if *s == store && t == from))
+            })
+            || batch
+                .acks
+                .iter()
+                .any(|a| matches!(a, OnAck::Rename(_, s, _, t) if *s == store && t == from))
+        {
+            index
+                .entries
+                .iter()
+                .filter(|(_, e)| e.kind == Kind::Dir && e.synced)
+                .filter_map(|(p, _)| {
+                    let now = self.renamed_in_flight(store, p.to_path_buf(), batch);
+                    (now != from).then(|| moved_path(&now, from, to)).flatten()
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let is_dir = !held.is_empty()
+            || self.stores[store]
+                .tree
+                .lstat(to)
+                .ok()
+                .flatten()
+                .is_some_and(|st| st.kind == Kind::Dir);
         if !is_dir {
             return;
         }
+        touched.extend(held.into_iter().map(|p| (store, p)));
         // Folders this batch touched below it are below its new name, and
         // its own mtime follows too (a move to another parent can change it).
         let below: Vec<PathBuf> = touched

@@ -268,6 +268,11 @@ impl Decoder {
             "inotify queue overflowed (IN_Q_OVERFLOW); rescanning every store"
         );
         for store in 0..self.roots.len() {
+            // The lost events may have made folders (never watched) or
+            // renamed watched ones (their paths stale): every folder is
+            // watched again, under the name it has now. What changed is
+            // the rescan's to find.
+            self.watch_tree(store, RelPath::new(), None, out);
             let reason = "inotify queue overflowed (IN_Q_OVERFLOW)".to_string();
             self.rescan(store, reason, now, out);
         }

@@ -516,6 +516,49 @@ fn queue_overflow_rescans_every_store() {
     assert_eq!((stats.overflows, stats.rescans, stats.events), (1, 3, 1));
 }
 
+/// Events lost in an overflow may include a folder's IN_CREATE or a
+/// watched folder's rename: afterwards every folder is watched under the
+/// name it has (before, a folder made during the overflow was never
+/// watched, and mail delivered into it later never reported).
+#[test]
+fn queue_overflow_watches_every_folder_again_under_its_current_name() {
+    let (tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    fs::create_dir_all(tmp.path().join("s0/.Old/cur")).expect("mkdir");
+    d.handle(
+        event(
+            wds[0],
+            ReadFlags::CREATE | ReadFlags::ISDIR,
+            0,
+            Some(".Old"),
+        ),
+        now,
+        &mut out,
+    );
+    let cur = d.watched(0, Path::new(".Old/cur")).expect("watched");
+    out.clear();
+    // Lost in the overflow: .Old renamed to .New, and .Made created.
+    fs::rename(tmp.path().join("s0/.Old"), tmp.path().join("s0/.New")).expect("rename");
+    fs::create_dir_all(tmp.path().join("s0/.Made/new")).expect("mkdir");
+    d.handle(event(-1, ReadFlags::QUEUE_OVERFLOW, 0, None), now, &mut out);
+    assert_eq!(plains(&out), ["rescan 0"]);
+    assert!(
+        d.watched(0, Path::new(".Made/new")).is_some(),
+        "made during the overflow"
+    );
+    assert_eq!(
+        d.watched(0, Path::new(".New/cur")),
+        Some(cur),
+        "the same watch, its new name"
+    );
+    assert_eq!(
+        d.watched(0, Path::new(".Old/cur")),
+        None,
+        "the old name forgotten"
+    );
+}
+
 #[test]
 fn queue_overflow_first_settles_a_waiting_moved_from() {
     let (_tmp, mut d, _, wds) = decoder(1);

@@ -96,11 +96,15 @@ pub enum SyncMsg {
         from: Vec<u8>,
         to: Vec<u8>,
     },
+    /// `path` becomes another name of `existing`'s inode, whose content
+    /// hashes to `hash`: the replica links only if `existing` holds that
+    /// content (an earlier op on it may have failed there).
     Link {
         seq: u64,
         store: u16,
         existing: Vec<u8>,
         path: Vec<u8>,
+        hash: u128,
     },
     Symlink {
         seq: u64,
@@ -366,12 +370,14 @@ impl SyncMsg {
                 store,
                 existing,
                 path,
+                hash,
             } => {
                 w.u8(tag::LINK)
                     .u64(*seq)
                     .u16(*store)
                     .blob16(existing)
-                    .blob16(path);
+                    .blob16(path)
+                    .u128(*hash);
             }
             SyncMsg::Symlink {
                 seq,
@@ -592,6 +598,7 @@ impl SyncMsg {
                 store: r.u16("link.store")?,
                 existing: path(&mut r, "link.existing")?,
                 path: path(&mut r, "link.path")?,
+                hash: r.u128("link.hash")?,
             },
             tag::SYMLINK => SyncMsg::Symlink {
                 seq: r.u64("symlink.seq")?,
@@ -860,6 +867,7 @@ mod tests {
             store: 0,
             existing: b"a".to_vec(),
             path: b"b".to_vec(),
+            hash: 7,
         });
         round(SyncMsg::Symlink {
             seq: 6,
@@ -1038,14 +1046,15 @@ mod tests {
                         to,
                     }
                 }),
-                (seq, store, path(), path()).prop_map(|(seq, store, existing, path)| {
-                    SyncMsg::Link {
+                (seq, store, path(), path(), any::<u128>()).prop_map(
+                    |(seq, store, existing, path, hash)| SyncMsg::Link {
                         seq,
                         store,
                         existing,
                         path,
+                        hash,
                     }
-                }),
+                ),
                 (seq, store, path(), path(), meta()).prop_map(
                     |(seq, store, path, target, meta)| SyncMsg::Symlink {
                         seq,

@@ -96,6 +96,7 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                 store: 1,
                 existing: b"a".to_vec(),
                 path: b"b".to_vec(),
+                hash: 9,
             },
         ),
         (

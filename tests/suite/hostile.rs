@@ -264,6 +264,8 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
             store: 0,
             existing: b"ok-link".to_vec(),
             path: b"escape/linked".to_vec(),
+            // The content ok-link holds: the link itself is what is refused.
+            hash: hasync::replica::index::hash_bytes(b"replaces the link, never writes through it"),
         }
         .encode(&mut out);
         SyncMsg::Delete {
@@ -286,6 +288,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
             store: 0,
             existing: b"fine/cur/linked".to_vec(),
             path: b"other/cur/linked-copy".to_vec(),
+            hash: hasync::replica::index::hash_bytes(b"linked message"),
         }
         .encode(&mut out);
         file(18, b"fine/cur/linked", b"linked message", &mut out);
@@ -461,6 +464,7 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
             store: 0,
             existing: b"fifo".to_vec(),
             path: b"user/cur/fifo-link".to_vec(),
+            hash: 0,
         }
         .encode(&mut out);
         SyncMsg::Rename {
