@@ -1293,6 +1293,23 @@ impl<T: LocalTree> Sender<T> {
                             // travels.
                             self.stores[s].index.remove_tree(&from);
                             self.stores[s].index.unsync_folders(&to);
+                            // A comparison's listing of them is stale too.
+                            self.listed_dirs.retain(|(ls, p), _| {
+                                *ls != s || !(p.starts_with(&to) || p.starts_with(&from))
+                            });
+                            // A folder that did not move leaves both trees
+                            // to be found again: ops since may have re-made
+                            // parts of either there. A comparison does it
+                            // exactly (refused folder renames are rare).
+                            let folder = self.stores[s]
+                                .tree
+                                .lstat(&to)
+                                .ok()
+                                .flatten()
+                                .is_some_and(|st| st.kind == Kind::Dir);
+                            if folder {
+                                self.pending_verify = true;
+                            }
                             self.coalescer.push(Op::Sync {
                                 store: s,
                                 rel: from,
@@ -2173,7 +2190,12 @@ impl<T: LocalTree> Sender<T> {
         away: &[(usize, PathBuf)],
     ) {
         let s = &self.stores[store];
-        if let Some(listed) = self.listed_dirs.remove(&(store, rel.to_path_buf())) {
+        let moving = away.iter().any(|(a, f)| *a == store && rel.starts_with(f));
+        if let Some(listed) = self
+            .listed_dirs
+            .remove(&(store, rel.to_path_buf()))
+            .filter(|_| !moving)
+        {
             // Listed by the comparison and unchanged since: its children
             // are queued already. An entry added or removed since (also
             // while the folder was renamed away and back, which no event
