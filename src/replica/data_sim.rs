@@ -880,6 +880,15 @@ impl DataSim {
         out
     }
 
+    /// The folders but INBOX (the store's root, which is never renamed or
+    /// deleted).
+    fn subfolders(&self) -> Vec<PathBuf> {
+        self.folders()
+            .into_iter()
+            .filter(|f| !f.as_os_str().is_empty())
+            .collect()
+    }
+
     fn messages(&self) -> Vec<PathBuf> {
         let fs = self.primary.borrow();
         fs.names
@@ -1058,11 +1067,7 @@ impl DataSim {
             }
             78..=81 => {
                 // A folder renamed (maybe away and back).
-                let fs: Vec<PathBuf> = self
-                    .folders()
-                    .into_iter()
-                    .filter(|f| !f.as_os_str().is_empty())
-                    .collect();
+                let fs = self.subfolders();
                 if let Some(f) = self.pick(&fs) {
                     let to = PathBuf::from(format!(".F{}", self.rng.range(0, 5)));
                     if to == f {
@@ -1081,11 +1086,7 @@ impl DataSim {
                 }
             }
             82..=84 => {
-                let fs: Vec<PathBuf> = self
-                    .folders()
-                    .into_iter()
-                    .filter(|f| !f.as_os_str().is_empty())
-                    .collect();
+                let fs = self.subfolders();
                 if let Some(f) = self.pick(&fs) {
                     self.remove(&f);
                 }
