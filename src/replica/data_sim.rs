@@ -925,16 +925,21 @@ impl DataSim {
         let tmp = f.join("tmp").join(&name);
         let new = f.join("new").join(&name);
         let body = self.body();
-        {
-            let mut fs = self.primary.borrow_mut();
-            let ino = fs.new_inode(Body::File(body), 0o600, None);
-            fs.add_name(&tmp, ino);
-        }
-        self.event(&tmp, Event::Created(tmp.clone(), None));
-        self.event(&tmp, Event::CloseWrite(tmp.clone()));
+        self.write_new(&tmp, body, 0o600);
         let w = self.watched_parent(&tmp);
         self.primary.borrow_mut().rename(&tmp, &new);
         self.move_event(&tmp, &new, w);
+    }
+
+    /// A file made and written (open, write, close), with its events.
+    fn write_new(&mut self, p: &Path, body: Vec<u8>, mode: u32) {
+        {
+            let mut fs = self.primary.borrow_mut();
+            let ino = fs.new_inode(Body::File(body), mode, None);
+            fs.add_name(p, ino);
+        }
+        self.event(p, Event::Created(p.to_path_buf(), None));
+        self.event(p, Event::CloseWrite(p.to_path_buf()));
     }
 
     fn rename_file(&mut self, from: &Path, to: &Path) {
@@ -1133,27 +1138,12 @@ impl DataSim {
                 match state {
                     Some(true) => {
                         self.remove(&p);
-                        let ino = self.primary.borrow_mut().new_inode(
-                            Body::File(b"x".to_vec()),
-                            0o644,
-                            None,
-                        );
-                        self.primary.borrow_mut().add_name(&p, ino);
-                        self.event(&p, Event::Created(p.clone(), None));
-                        self.event(&p, Event::CloseWrite(p.clone()));
+                        self.write_new(&p, b"x".to_vec(), 0o644);
                     }
                     Some(false) => {
                         self.remove(&p);
                         self.mkdir(&p);
-                        let inner = p.join("inner");
-                        let ino = self.primary.borrow_mut().new_inode(
-                            Body::File(b"y".to_vec()),
-                            0o644,
-                            None,
-                        );
-                        self.primary.borrow_mut().add_name(&inner, ino);
-                        self.event(&inner, Event::Created(inner.clone(), None));
-                        self.event(&inner, Event::CloseWrite(inner.clone()));
+                        self.write_new(&p.join("inner"), b"y".to_vec(), 0o644);
                     }
                     None => self.mkdir(&p),
                 }

@@ -559,6 +559,14 @@ impl Index {
     /// Marks `rel` and the folders below it as not held by the replica
     /// (each is listed again when sent); files keep what is known of them.
     pub fn unsync_folders(&mut self, rel: &Path) {
+        self.unsync_below(rel, true);
+    }
+
+    pub fn unsync_tree(&mut self, rel: &Path) {
+        self.unsync_below(rel, false);
+    }
+
+    fn unsync_below(&mut self, rel: &Path, folders_only: bool) {
         if let Some(e) = self.entries.get_mut(rel) {
             e.synced = false;
             if e.kind != Kind::Dir {
@@ -568,20 +576,8 @@ impl Index {
         for (_, e) in self
             .entries
             .iter_mut()
-            .filter(|(p, e)| e.kind == Kind::Dir && p.starts_with(rel))
+            .filter(|(p, e)| (!folders_only || e.kind == Kind::Dir) && p.starts_with(rel))
         {
-            e.synced = false;
-        }
-    }
-
-    pub fn unsync_tree(&mut self, rel: &Path) {
-        if let Some(e) = self.entries.get_mut(rel) {
-            e.synced = false;
-            if e.kind != Kind::Dir {
-                return;
-            }
-        }
-        for (_, e) in self.entries.iter_mut().filter(|(p, _)| p.starts_with(rel)) {
             e.synced = false;
         }
     }

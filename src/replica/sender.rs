@@ -1010,7 +1010,7 @@ impl<T: LocalTree> Sender<T> {
                     // replica held at `rel` (an older version, say) on to
                     // other names, where it now stands for what the op
                     // should have put there: those names are sent again.
-                    let moved = self.renamed_after(s, seq, &rel, building);
+                    let moved = self.renamed_in_flight(s, rel.clone(), seq, building);
                     if moved != rel {
                         if let Some(e) = self.stores[s].index.get_mut(&moved) {
                             e.synced = false;
@@ -1832,18 +1832,12 @@ impl<T: LocalTree> Sender<T> {
     /// may not stand for the inode again, or the next send of the name
     /// would be the same link, refused the same way, forever.
     fn forget_link_source(&mut self, seq: u64, building: Option<&Inflight>) {
-        let failed_link = self
-            .window
-            .iter()
-            .map(|b| &b.body)
-            .chain(building)
-            .flat_map(|b| &b.acks)
-            .find_map(|a| match a {
-                OnAck::Link(s, link_store, _, existing, st, _) if *s == seq => {
-                    Some(((st.dev, st.version.ino), *link_store, existing.clone()))
-                }
-                _ => None,
-            });
+        let failed_link = self.acks_on_their_way(building).find_map(|a| match a {
+            OnAck::Link(s, link_store, _, existing, st, _) if *s == seq => {
+                Some(((st.dev, st.version.ino), *link_store, existing.clone()))
+            }
+            _ => None,
+        });
         if let Some((key, link_store, existing)) = failed_link {
             for names in self.link_names() {
                 names.forget_name(key, link_store, &existing);
@@ -1860,42 +1854,10 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    /// Where `rel` goes through the renames sent after op `seq` (in flight
-    /// or in the batch being sent), in order.
-    fn renamed_after(
-        &self,
-        store: usize,
-        seq: u64,
-        rel: &Path,
-        building: Option<&Inflight>,
-    ) -> PathBuf {
-        let mut p = rel.to_path_buf();
-        for a in self
-            .window
-            .iter()
-            .map(|b| &b.body)
-            .chain(building)
-            .flat_map(|b| &b.acks)
-        {
-            if let OnAck::Rename(n, s, from, to) = a {
-                if *n > seq && *s == store {
-                    if let Some(m) = moved_path(&p, from, to) {
-                        p = m;
-                    }
-                }
-            }
-        }
-        p
-    }
-
     /// The sources of the renames on their way (sent and not acknowledged,
     /// or planned in this batch).
     fn renames_on_their_way(&self, batch: &Inflight) -> Vec<(usize, PathBuf)> {
-        self.window
-            .iter()
-            .map(|b| &b.body)
-            .chain(std::iter::once(batch))
-            .flat_map(|b| &b.acks)
+        self.acks_on_their_way(Some(batch))
             .filter_map(|a| match a {
                 OnAck::Rename(_, s, from, _) => Some((*s, from.clone())),
                 _ => None,
@@ -1906,12 +1868,9 @@ impl<T: LocalTree> Sender<T> {
     /// Whether a rename of `rel` or of a folder above it is on its way: the
     /// index's entry for `rel` is then the replica's under another name.
     fn renamed_away(&self, store: usize, rel: &Path, batch: &Inflight) -> bool {
-        self.window
-            .iter()
-            .map(|b| &b.body)
-            .chain(std::iter::once(batch))
-            .flat_map(|b| &b.acks)
-            .any(|a| matches!(a, OnAck::Rename(_, s, from, _) if *s == store && rel.starts_with(from)))
+        self.acks_on_their_way(Some(batch)).any(
+            |a| matches!(a, OnAck::Rename(_, s, from, _) if *s == store && rel.starts_with(from)),
+        )
     }
 
     /// Does the replica hold `rel` (or will it, once the ops already sent
@@ -1928,13 +1887,7 @@ impl<T: LocalTree> Sender<T> {
                 .iter()
                 .flat_map(|b| &b.body.acks)
                 .any(|a| a.carries() == Some((store, rel)))
-            || self
-                .window
-                .iter()
-                .map(|b| &b.body)
-                .chain(std::iter::once(batch))
-                .flat_map(|b| &b.acks)
-                .any(renamed_into)
+            || self.acks_on_their_way(Some(batch)).any(renamed_into)
     }
 
     /// A path found missing whose folder is missing too: the folder was
@@ -2013,7 +1966,7 @@ impl<T: LocalTree> Sender<T> {
                     // The first in path order: the same choice every time.
                     .min_by(|a, b| a.0.cmp(b.0))
                     .map(|(p, e)| (p.to_path_buf(), e.version))?;
-                let p = self.renamed_in_flight(store, p, batch);
+                let p = self.renamed_in_flight(store, p, 0, Some(batch));
                 self.inodes.record(key, store, &p, v);
                 (p, v)
             }
@@ -2080,24 +2033,22 @@ impl<T: LocalTree> Sender<T> {
         // primary gave up before the batch closed (a folder renamed away
         // and back), which left its times unsaid.
         let index = &self.stores[store].index;
-        let held: Vec<PathBuf> = if index.get(from).is_some_and(|e| e.kind == Kind::Dir)
-            || self.window.iter().any(|b| {
-                b.body
-                    .acks
-                    .iter()
-                    .any(|a| matches!(a, OnAck::Rename(_, s, _, t) if *s == store && t == from))
-            })
-            || batch
-                .acks
-                .iter()
-                .any(|a| matches!(a, OnAck::Rename(_, s, _, t) if *s == store && t == from))
-        {
+        // A folder if the index says so, or (not in the index under this
+        // name) if it got the name from a folder rename on its way; a file
+        // the index knows costs no scan (flag renames are the commonest op).
+        let folder = match index.get(from) {
+            Some(e) => e.kind == Kind::Dir,
+            None => self
+                .acks_on_their_way(Some(batch))
+                .any(|a| matches!(a, OnAck::Rename(_, s, _, t) if *s == store && t == from)),
+        };
+        let held: Vec<PathBuf> = if folder {
             index
                 .entries
                 .iter()
                 .filter(|(_, e)| e.kind == Kind::Dir && e.synced)
                 .filter_map(|(p, _)| {
-                    let now = self.renamed_in_flight(store, p.to_path_buf(), batch);
+                    let now = self.renamed_in_flight(store, p.to_path_buf(), 0, Some(batch));
                     (now != from).then(|| moved_path(&now, from, to)).flatten()
                 })
                 .collect()
@@ -2158,20 +2109,33 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    /// Applies the renames sent but not yet acknowledged to an index path.
-    fn renamed_in_flight(&self, store: usize, mut p: PathBuf, batch: &Inflight) -> PathBuf {
-        for acks in self
-            .window
+    /// Every op on its way, in order: sent and not yet acknowledged, then
+    /// those of the batch being built.
+    fn acks_on_their_way<'a>(
+        &'a self,
+        building: Option<&'a Inflight>,
+    ) -> impl Iterator<Item = &'a OnAck> + 'a {
+        self.window
             .iter()
-            .map(|b| &b.body.acks)
-            .chain(std::iter::once(&batch.acks))
-        {
-            for a in acks {
-                if let OnAck::Rename(_, s, from, to) = a {
-                    if *s == store {
-                        if let Some(m) = moved_path(&p, from, to) {
-                            p = m;
-                        }
+            .map(|b| &b.body)
+            .chain(building)
+            .flat_map(|b| &b.acks)
+    }
+
+    /// Where path `p` goes through the renames on their way numbered
+    /// after op `after` (0: all of them), in order.
+    fn renamed_in_flight(
+        &self,
+        store: usize,
+        mut p: PathBuf,
+        after: u64,
+        building: Option<&Inflight>,
+    ) -> PathBuf {
+        for a in self.acks_on_their_way(building) {
+            if let OnAck::Rename(n, s, from, to) = a {
+                if *n > after && *s == store {
+                    if let Some(m) = moved_path(&p, from, to) {
+                        p = m;
                     }
                 }
             }
