@@ -456,6 +456,8 @@ class Bench:
     def wait_streaming(self, node: hb.Node, timeout: float) -> dict:
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
+            if not node.running():
+                raise RuntimeError(f"{node.name} exited before streaming\n{node.log_tail()}")
             st = node.try_status()
             if st and st["mode"] == "primary" and st["replication"]["phase"] == "streaming":
                 return st
@@ -799,7 +801,8 @@ class Bench:
         self.raw["profile"] = out
         # initial sync of the fixture
         base = self.run / "pairs" / "profile"
-        pair = hb.Pair(self.exe, base, [{"mail": self.fx}, {"mail": self.dst / "hasync-profile"}])
+        pair = hb.Pair(self.exe, base, [{"mail": self.fx}, {"mail": self.dst / "hasync-profile"}],
+                       roots=self.pair_roots("profile"))
         settle()
         pair.start()
         perfs = [self.perf_attach(n, "initial-sync") for n in pair.nodes]
@@ -1007,7 +1010,7 @@ def main() -> None:
              queue_messages=1000, kills=3, rss_messages=0, perf=0, large_files=12, large_reps=2,
              scale=[])
         if a.quick
-        else dict(messages=20000, mailboxes=200, reps=3, rates=[1000, 5000, 10], lag_seconds=10,
+        else dict(messages=20000, mailboxes=200, reps=3, rates=[1000, 3000, 5000, 10], lag_seconds=10,
                   lag_store_messages=2000, queue_messages=10000, kills=5, rss_messages=100000,
                   large_files=48, large_reps=4, scale=[20000, 200000],
                   perf=1 if shutil.which("perf") else 0)
