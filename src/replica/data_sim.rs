@@ -203,6 +203,14 @@ impl Fs {
         self.drop_name(p);
     }
 
+    /// A non-folder above `p`: the receiver's walk to `p`'s parent fails
+    /// there (ENOTDIR), and the op is asked for again.
+    fn blocked_above(&self, p: &Path) -> bool {
+        p.ancestors()
+            .skip(1)
+            .any(|a| !a.as_os_str().is_empty() && self.exists(a) && !self.is_dir(a))
+    }
+
     /// Makes the missing folders above `p` (mode 0755).
     fn make_parents(&mut self, p: &Path) {
         let missing: Vec<PathBuf> = p
@@ -440,7 +448,11 @@ impl Replica {
         }
     }
 
-    fn land_file(&mut self, rel: &Path, meta: Meta, data: Vec<u8>) {
+    fn land_file(&mut self, seq: u64, rel: &Path, meta: Meta, data: Vec<u8>) {
+        if self.fs.blocked_above(rel) {
+            self.need(seq, rel, NeedReason::LocalError);
+            return;
+        }
         if self.fs.is_dir(rel) {
             self.fs.remove_tree(rel);
         }
@@ -478,7 +490,7 @@ impl Replica {
             if (data.len() as u64) < size {
                 self.current = Some((seq, rel, meta, size, data));
             } else {
-                self.land_file(&rel, meta, data);
+                self.land_file(seq, &rel, meta, data);
             }
             return Ok(());
         }
@@ -493,13 +505,19 @@ impl Replica {
             } => {
                 let rel = rel_of(&path)?;
                 if size == 0 {
-                    self.land_file(&rel, meta, Vec::new());
+                    self.land_file(seq, &rel, meta, Vec::new());
                 } else {
                     self.current = Some((seq, rel, meta, size, Vec::new()));
                 }
             }
-            SyncMsg::Mkdir { path, meta, .. } => {
+            SyncMsg::Mkdir {
+                seq, path, meta, ..
+            } => {
                 let rel = rel_of(&path)?;
+                if self.fs.blocked_above(&rel) {
+                    self.need(seq, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
                 self.clear_other_kind(&rel, true);
                 if !self.fs.exists(&rel) {
                     self.fs.make_parents(&rel);
@@ -523,6 +541,10 @@ impl Replica {
                 let (from, to) = (rel_of(&from)?, rel_of(&to)?);
                 if !self.fs.exists(&from) {
                     self.need(seq, &to, NeedReason::SourceMissing);
+                    return Ok(());
+                }
+                if self.fs.blocked_above(&to) {
+                    self.need(seq, &to, NeedReason::LocalError);
                     return Ok(());
                 }
                 let folder = self.fs.is_dir(&from);
@@ -569,6 +591,10 @@ impl Replica {
                     self.need(seq, &rel, NeedReason::SourceMissing);
                     return Ok(());
                 }
+                if self.fs.blocked_above(&rel) {
+                    self.need(seq, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
                 self.clear_other_kind(&rel, false);
                 if self.fs.ino(&rel) != Some(src) {
                     self.fs.make_parents(&rel);
@@ -579,9 +605,17 @@ impl Replica {
                 }
             }
             SyncMsg::Symlink {
-                path, target, meta, ..
+                seq,
+                path,
+                target,
+                meta,
+                ..
             } => {
                 let rel = rel_of(&path)?;
+                if self.fs.blocked_above(&rel) {
+                    self.need(seq, &rel, NeedReason::LocalError);
+                    return Ok(());
+                }
                 self.clear_other_kind(&rel, false);
                 self.fs.make_parents(&rel);
                 if self.fs.exists(&rel) {

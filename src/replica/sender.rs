@@ -120,12 +120,23 @@ enum OnAck {
     Set(u64, usize, PathBuf, Entry),
     /// A hard link to `existing`, of content hashing to `.5`.
     Link(u64, usize, PathBuf, PathBuf, Stat, u128),
-    Remove(usize, PathBuf),
+    /// The op numbered `.0` deleted the path.
+    Remove(u64, usize, PathBuf),
     /// The rename numbered `.0`.
     Rename(u64, usize, PathBuf, PathBuf),
 }
 
 impl OnAck {
+    /// The number of the op this entry is the ack of.
+    fn seq(&self) -> u64 {
+        match self {
+            OnAck::Set(n, ..)
+            | OnAck::Link(n, ..)
+            | OnAck::Remove(n, ..)
+            | OnAck::Rename(n, ..) => *n,
+        }
+    }
+
     /// The path this op gives content or a link (a name the replica will hold).
     fn carries(&self) -> Option<(usize, &Path)> {
         match self {
@@ -1282,7 +1293,7 @@ impl<T: LocalTree> Sender<T> {
                     OnAck::Link(_, s, rel, _, st, hash) => {
                         self.stores[s].index.set(rel, Entry::new(&st, hash, true))
                     }
-                    OnAck::Remove(s, rel) => self.stores[s].index.remove_tree(&rel),
+                    OnAck::Remove(_, s, rel) => self.stores[s].index.remove_tree(&rel),
                     OnAck::Rename(seq, s, from, to) => {
                         if self.window.was_needed(seq) {
                             // The replica could not rename: it still holds
@@ -1525,6 +1536,22 @@ impl<T: LocalTree> Sender<T> {
                     };
                     match st.kind {
                         Kind::Dir => {
+                            // Another folder under the name than the one the
+                            // replica holds (that one deleted or renamed away
+                            // and the name made again before the tracker
+                            // watched it): what the replica holds below it
+                            // may be the old folder's entries, gone without an
+                            // event. Only a comparison finds them for sure.
+                            let known = self.index_name(store, &rel, &batch);
+                            if !self.pending_verify
+                                && !self.renamed_away(store, &rel, &batch)
+                                && self.stores[store].index.get(&known).is_some_and(|e| {
+                                    e.kind == Kind::Dir && e.version.ino != st.version.ino
+                                })
+                            {
+                                tracing::debug!(folder = %rel.display(), "another folder under a name the replica holds: comparing with the replica");
+                                self.pending_verify = true;
+                            }
                             let mut f = Vec::new();
                             SyncMsg::Mkdir {
                                 seq,
@@ -1725,6 +1752,10 @@ impl<T: LocalTree> Sender<T> {
                 }
             }
         }
+        // A file's entry joins the batch when the file is read, after the
+        // ops planned behind it (a rename of it, say): the index learns
+        // them in the order the replica applies them.
+        batch.acks.sort_by_key(OnAck::seq);
         let barrier = self.window.last_seq();
         SyncMsg::Barrier { seq: barrier }.encode(out);
         if !batch_paths.is_empty() {
@@ -1817,13 +1848,13 @@ impl<T: LocalTree> Sender<T> {
         }
         .encode(&mut f);
         add(&self.stats.deletes_sent, 1);
-        self.verify_if_folder_vanished(store, &rel);
+        self.verify_if_folder_vanished(store, &rel, batch);
         // A later name of the same inode must not be sent as a link to this one.
         self.forget_names_under(store, &rel, None);
         if let Some(e) = self.stores[store].index.get_mut(&rel) {
             e.synced = false;
         }
-        batch.acks.push(OnAck::Remove(store, rel));
+        batch.acks.push(OnAck::Remove(seq, store, rel));
         f
     }
 
@@ -1890,18 +1921,41 @@ impl<T: LocalTree> Sender<T> {
             || self.acks_on_their_way(Some(batch)).any(renamed_into)
     }
 
+    /// The name under which the index knows what the replica holds at
+    /// `p`: the index learns renames when they are acknowledged, so the
+    /// renames on their way are undone (a folder renamed into this name).
+    fn index_name(&self, store: usize, p: &Path, batch: &Inflight) -> PathBuf {
+        let mut known = p.to_path_buf();
+        let renames: Vec<(&Path, &Path)> = self
+            .acks_on_their_way(Some(batch))
+            .filter_map(|a| match a {
+                OnAck::Rename(_, s, from, to) if *s == store => {
+                    Some((from.as_path(), to.as_path()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (from, to) in renames.into_iter().rev() {
+            if let Some(m) = moved_path(&known, to, from) {
+                known = m;
+            }
+        }
+        known
+    }
+
     /// A path found missing whose folder is missing too: the folder was
     /// deleted, or renamed while its files were being read, and a file
     /// made in it before its watch existed lives on under a name no event
     /// reports (renamed away and back, say). Only a comparison with the
     /// replica finds it for sure; it runs at the next loop turn.
-    fn verify_if_folder_vanished(&mut self, store: usize, rel: &Path) {
+    fn verify_if_folder_vanished(&mut self, store: usize, rel: &Path, batch: &Inflight) {
         let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
             return;
         };
         if self.pending_verify {
             return;
         }
+        let known = self.index_name(store, parent, batch);
         let s = &self.stores[store];
         let gone = match s.tree.lstat(parent) {
             Ok(None) => true,
@@ -1910,7 +1964,7 @@ impl<T: LocalTree> Sender<T> {
             // on in the renamed folder, under a name no event reports.
             Ok(Some(st)) => s
                 .index
-                .get(parent)
+                .get(&known)
                 .is_some_and(|e| e.kind == Kind::Dir && e.version.ino != st.version.ino),
             Err(_) => false,
         };
