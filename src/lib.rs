@@ -12,7 +12,8 @@
 //! (the strict codec), `config`, `io` (every file
 //! operation, on tokio-uring, and all `unsafe`), `link` (the authenticated
 //! heartbeat link), `replica` and `tracker` (replication), `queue` (the
-//! failover push), `daemon` (the driver), `harness` and `demo`.
+//! failover push), `daemon` (the driver); `harness`, `demo`, `fixture` and
+//! the simulators only with the cargo feature `tools` (on by default).
 
 // `unsafe` lives in `io` only (each block with its `// SAFETY:` comment).
 #![deny(unsafe_code)]
@@ -27,14 +28,17 @@ pub use node::{Node, NodeError, RoleChange, Roles};
 pub mod config;
 #[doc(hidden)]
 pub mod daemon;
+#[cfg(feature = "tools")]
 #[doc(hidden)]
 pub mod demo;
 #[doc(hidden)]
 pub mod failover;
 #[doc(hidden)]
 pub mod failpoint;
+#[cfg(feature = "tools")]
 #[doc(hidden)]
 pub mod fixture;
+#[cfg(feature = "tools")]
 #[doc(hidden)]
 pub mod harness;
 #[doc(hidden)]

@@ -135,6 +135,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// Generate a deterministic Maildir fixture (for tests and benchmarks).
+    #[cfg(feature = "tools")]
     Fixture {
         /// Directory to fill (created; must be empty or absent).
         #[arg(long)]
@@ -158,6 +159,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// Start a pair on 127.0.0.1, kill the primary, watch the failover.
+    #[cfg(feature = "tools")]
     Demo {
         #[arg(long)]
         json: bool,
@@ -340,6 +342,7 @@ fn real_main() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "tools")]
         Cmd::Fixture {
             out,
             messages,
@@ -389,6 +392,7 @@ fn real_main() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        #[cfg(feature = "tools")]
         Cmd::Demo { json } => {
             let exe = std::env::current_exe().context("locating the hasync binary")?;
             let mut say = |line: &str| {

@@ -15,6 +15,7 @@
 //! "higher epoch wins", and the configured tie-break only decides start-up
 //! elections.
 
+#[cfg(any(test, feature = "tools"))]
 pub mod sim;
 mod timer;
 

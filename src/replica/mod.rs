@@ -3,8 +3,10 @@
 //! which lands every file atomically and durably and acknowledges batches.
 
 pub mod commit;
+#[cfg(any(test, feature = "tools"))]
 pub mod commit_sim;
 pub mod conflicts;
+#[cfg(any(test, feature = "tools"))]
 pub mod data_sim;
 pub mod dovecot;
 pub mod drift;

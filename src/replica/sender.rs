@@ -518,6 +518,7 @@ impl<T: LocalTree> Sender<T> {
     /// few batches.
     /// Nothing queued, held back for a retry, waiting in a comparison's
     /// backlog or in flight.
+    #[cfg(any(test, feature = "tools"))]
     pub(crate) fn idle(&self) -> bool {
         self.coalescer.pending() == 0
             && self.window.is_empty()
@@ -526,17 +527,20 @@ impl<T: LocalTree> Sender<T> {
     }
 
     /// Nothing sent is waiting for its acknowledgement.
+    #[cfg(any(test, feature = "tools"))]
     pub(crate) fn window_is_empty(&self) -> bool {
         self.window.is_empty()
     }
 
     /// Room in the window for another batch.
+    #[cfg(any(test, feature = "tools"))]
     pub(crate) fn window_open(&self) -> bool {
         self.window.is_open()
     }
 
     /// A comparison with the replica was asked for (a rescan, a folder
     /// that vanished under a file being sent); forgets the request.
+    #[cfg(any(test, feature = "tools"))]
     pub(crate) fn take_verify_request(&mut self) -> bool {
         std::mem::take(&mut self.pending_verify)
     }

@@ -75,6 +75,7 @@ impl Coalescer {
 
     /// A coalescer with no tracker behind it (ops come only from `push`):
     /// for simulators.
+    #[cfg(any(test, feature = "tools"))]
     pub(crate) fn detached(stores: usize) -> Coalescer {
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(stores, super::CHANNEL_OPS_MAX));
