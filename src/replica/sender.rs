@@ -819,6 +819,13 @@ impl<T: LocalTree> Sender<T> {
                             .record((st.dev, st.version.ino), s, &rel, st.version);
                     }
                 } else {
+                    // Whatever a record says the replica holds under this
+                    // name (a name recorded as its op went out, in a batch
+                    // a cut lost since, say) it does not: no link to it.
+                    if st.kind != Kind::Dir {
+                        self.inodes.forget_under(s, &rel, None);
+                        self.recent.forget_under(s, &rel, None);
+                    }
                     if st.kind == Kind::File {
                         files += 1;
                         bytes += st.version.size;
@@ -1546,12 +1553,9 @@ impl<T: LocalTree> Sender<T> {
                             // watched it): what the replica holds below it
                             // may be the old folder's entries, gone without an
                             // event. Only a comparison finds them for sure.
-                            let known = self.index_name(store, &rel, &batch);
                             if !self.pending_verify
                                 && !self.renamed_away(store, &rel, &batch)
-                                && self.stores[store].index.get(&known).is_some_and(|e| {
-                                    e.kind == Kind::Dir && e.version.ino != st.version.ino
-                                })
+                                && self.replica_folder_differs(store, &rel, st.version.ino, &batch)
                             {
                                 tracing::debug!(folder = %rel.display(), "another folder under a name the replica holds: comparing with the replica");
                                 self.pending_verify = true;
@@ -1606,7 +1610,9 @@ impl<T: LocalTree> Sender<T> {
                             // exactly this; re-sending would break its links.
                             // Unless a rename of it (or of a folder above
                             // it) is on its way: the replica holds it under
-                            // another name once that applies.
+                            // another name once that applies; or a rename
+                            // onto it: the replica holds what that moves
+                            // there (the index learns it at the ack).
                             let e = self.stores[store].index.get(&rel);
                             if e.is_some_and(|e| {
                                 e.synced
@@ -1619,6 +1625,7 @@ impl<T: LocalTree> Sender<T> {
                                     && e.uid == st.meta.uid
                                     && e.gid == st.meta.gid
                             }) && !self.renamed_away(store, &rel, &batch)
+                                && !self.renamed_onto(store, &rel, &batch)
                             {
                                 batch.sinces.pop();
                                 self.window.give_back(seq);
@@ -1908,6 +1915,14 @@ impl<T: LocalTree> Sender<T> {
         )
     }
 
+    /// Whether a rename onto `rel` or onto a folder above it is on its
+    /// way: the index's entry for `rel` is then what the replica holds
+    /// there only until that applies.
+    fn renamed_onto(&self, store: usize, rel: &Path, batch: &Inflight) -> bool {
+        self.acks_on_their_way(Some(batch))
+            .any(|a| matches!(a, OnAck::Rename(_, s, _, to) if *s == store && rel.starts_with(to)))
+    }
+
     /// Does the replica hold `rel` (or will it, once the ops already sent
     /// or planned in this batch apply)?
     fn replica_has(&self, store: usize, rel: &Path, plans: &[Plan], batch: &Inflight) -> bool {
@@ -1947,6 +1962,38 @@ impl<T: LocalTree> Sender<T> {
         known
     }
 
+    /// Whether the folder the replica holds at `p` may be another than
+    /// the one of inode `ino` here: the index says another inode under the
+    /// name the renames on their way undo, or an op on its way that puts a
+    /// folder there (made or said; the index learns those at their ack)
+    /// does.
+    fn replica_folder_differs(&self, store: usize, p: &Path, ino: u64, batch: &Inflight) -> bool {
+        let known = self.index_name(store, p, batch);
+        if self.stores[store]
+            .index
+            .get(&known)
+            .is_some_and(|e| e.kind == Kind::Dir && e.version.ino != ino)
+        {
+            return true;
+        }
+        let renames = self
+            .acks_on_their_way(Some(batch))
+            .any(|a| matches!(a, OnAck::Rename(..)));
+        self.acks_on_their_way(Some(batch)).any(|a| match a {
+            OnAck::Set(n, s, q, e) => {
+                *s == store
+                    && e.kind == Kind::Dir
+                    && e.version.ino != ino
+                    && if renames {
+                        self.renamed_in_flight(store, q.clone(), *n, Some(batch)) == p
+                    } else {
+                        q == p
+                    }
+            }
+            _ => false,
+        })
+    }
+
     /// A path found missing whose folder is missing too: the folder was
     /// deleted, or renamed while its files were being read, and a file
     /// made in it before its watch existed lives on under a name no event
@@ -1959,17 +2006,12 @@ impl<T: LocalTree> Sender<T> {
         if self.pending_verify {
             return;
         }
-        let known = self.index_name(store, parent, batch);
-        let s = &self.stores[store];
-        let gone = match s.tree.lstat(parent) {
+        let gone = match self.stores[store].tree.lstat(parent) {
             Ok(None) => true,
             // Another folder under the name now (the one the replica holds
             // was renamed away and the name made again): the file may live
             // on in the renamed folder, under a name no event reports.
-            Ok(Some(st)) => s
-                .index
-                .get(&known)
-                .is_some_and(|e| e.kind == Kind::Dir && e.version.ino != st.version.ino),
+            Ok(Some(st)) => self.replica_folder_differs(store, parent, st.version.ino, batch),
             Err(_) => false,
         };
         if gone {
@@ -2096,20 +2138,37 @@ impl<T: LocalTree> Sender<T> {
         // the index knows costs no scan (flag renames are the commonest op).
         let folder = match index.get(from) {
             Some(e) => e.kind == Kind::Dir,
-            None => self
-                .acks_on_their_way(Some(batch))
-                .any(|a| matches!(a, OnAck::Rename(_, s, _, t) if *s == store && t == from)),
+            None => self.acks_on_their_way(Some(batch)).any(|a| match a {
+                OnAck::Rename(_, s, _, t) => *s == store && t == from,
+                // A folder made by an op on its way.
+                OnAck::Set(_, s, p, e) => *s == store && p == from && e.kind == Kind::Dir,
+                _ => false,
+            }),
         };
         let held: Vec<PathBuf> = if folder {
-            index
+            // Acknowledged, or made (or said) by an op on its way: the
+            // index learns those only at their ack.
+            let acked = index
                 .entries
                 .iter()
                 .filter(|(_, e)| e.kind == Kind::Dir && e.synced)
-                .filter_map(|(p, _)| {
-                    let now = self.renamed_in_flight(store, p.to_path_buf(), 0, Some(batch));
+                .map(|(p, _)| (0, p.to_path_buf()));
+            let on_way = self.acks_on_their_way(Some(batch)).filter_map(|a| match a {
+                OnAck::Set(n, s, p, e) if *s == store && e.kind == Kind::Dir => {
+                    Some((*n, p.clone()))
+                }
+                _ => None,
+            });
+            let mut held: Vec<PathBuf> = acked
+                .chain(on_way)
+                .filter_map(|(after, p)| {
+                    let now = self.renamed_in_flight(store, p, after, Some(batch));
                     (now != from).then(|| moved_path(&now, from, to)).flatten()
                 })
-                .collect()
+                .collect();
+            held.sort();
+            held.dedup();
+            held
         } else {
             Vec::new()
         };

@@ -203,10 +203,15 @@ fn data_sim_seeds_that_found_bugs() {
     // behind it; 4089 10467: a folder's other inode looked up under its
     // name after a rename in flight; 5525: a folder made again at a synced
     // name before its watch; 6747 7041 7623 10494 10825 12039 12335 13560
-    // 17172 19489: the replica model landed a file under a file.
-    const SEEDS: [u64; 17] = [
+    // 17172 19489: the replica model landed a file under a file; 13516:
+    // a folder's mtime unsaid after its parent's rename while its Mkdir
+    // was unacknowledged; 13916: a link to a name whose op a cut lost;
+    // 24666 25366: a re-made folder not noticed while its Mkdir was on its
+    // way; 31293: a "ctime only" shortcut while a rename onto the name was
+    // on its way (another message's content).
+    const SEEDS: [u64; 22] = [
         3330, 4089, 5525, 5825, 6747, 7041, 7623, 7664, 7980, 10467, 10494, 10825, 12039, 12335,
-        13560, 17172, 19489,
+        13516, 13560, 13916, 17172, 19489, 24666, 25366, 31293,
     ];
     for seed in SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
