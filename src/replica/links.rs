@@ -96,6 +96,18 @@ impl LinkNames {
         });
     }
 
+    /// Forgets these exact names of `store` (one pass over the record,
+    /// however many names).
+    pub fn forget_names(&mut self, store: usize, names: &std::collections::HashSet<PathBuf>) {
+        if names.is_empty() {
+            return;
+        }
+        self.map.retain(|_, kept| {
+            kept.retain(|n| n.store != store || !names.contains(&n.path));
+            !kept.is_empty()
+        });
+    }
+
     /// `from` was renamed to `to`: what `to` held is replaced, and the names
     /// at or under `from` move.
     pub fn renamed(&mut self, store: usize, from: &Path, to: &Path) {
@@ -140,6 +152,20 @@ mod tests {
         l.forget_under(0, Path::new("a"), None);
         assert_eq!(other(&l, "c"), None);
         assert!(l.is_empty(), "an inode without names is dropped");
+    }
+
+    #[test]
+    fn names_found_not_held_are_forgotten_in_their_store_only() {
+        let mut l = LinkNames::default();
+        l.record(K, 0, Path::new("a"), v(7));
+        l.record(K, 0, Path::new("b"), v(7));
+        l.record(K, 1, Path::new("b"), v(7));
+        let gone: std::collections::HashSet<PathBuf> = [PathBuf::from("b")].into();
+        l.forget_names(0, &gone);
+        assert_eq!(other(&l, "c").as_deref(), Some("a"));
+        l.forget_names(0, &[PathBuf::from("a")].into());
+        assert_eq!(other(&l, "c"), None);
+        assert!(!l.is_empty(), "store 1's name stays");
     }
 
     #[test]

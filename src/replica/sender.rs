@@ -771,6 +771,8 @@ impl<T: LocalTree> Sender<T> {
             // Folder ctimes looked up for differing paths (a folder renamed
             // or changed while the comparison ran explains its contents).
             let mut dir_changes: HashMap<PathBuf, Option<(i64, u32)>> = HashMap::new();
+            // Non-folders found different: not held as recorded.
+            let mut not_held: std::collections::HashSet<PathBuf> = Default::default();
             let store = &mut self.stores[s];
             // Every local path gets an entry once acknowledged: one
             // allocation of the final size instead of doublings.
@@ -823,8 +825,7 @@ impl<T: LocalTree> Sender<T> {
                     // name (a name recorded as its op went out, in a batch
                     // a cut lost since, say) it does not: no link to it.
                     if st.kind != Kind::Dir {
-                        self.inodes.forget_under(s, &rel, None);
-                        self.recent.forget_under(s, &rel, None);
+                        not_held.insert(rel.clone());
                     }
                     if st.kind == Kind::File {
                         files += 1;
@@ -840,6 +841,8 @@ impl<T: LocalTree> Sender<T> {
                 }
             }
             store.index.mark_dirty();
+            // `recent` is empty here (a session starts with it cleared).
+            self.inodes.forget_names(s, &not_held);
             // On the replica only: the sender finds them missing and deletes.
             // In path order: the same comparison queues the same ops (a
             // simulated run replays exactly).
