@@ -726,7 +726,10 @@ class Bench:
         files, size = hb.count_tree(store)
         log(f"rss fixture: {files} files, {size / 1e6:.0f} MB in {time.monotonic() - t0:.1f}s")
         base = self.run / "pairs" / "rss"
-        pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": self.dst / "rss"}])
+        # The store on the run directory's filesystem, the replica on the secondary's: each
+        # node's state beside its tree (internal directories share its filesystem).
+        pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": self.dst / "rss"}],
+                       roots=[base, self.side[1] / "pairs" / "rss"])
         settle()
         t0 = time.monotonic()
         pair.start()
@@ -877,7 +880,8 @@ class Bench:
                 base = self.run / "pairs" / f"large-{mode}-{rep}"
                 replica = self.dst / f"large-{mode}-{rep}"
                 extra = f"zero_copy = {'true' if mode == 'splice' else 'false'}\n"
-                pair = hb.Pair(self.exe, base, [{"mail": src}, {"mail": replica}], replication_extra=extra)
+                pair = hb.Pair(self.exe, base, [{"mail": src}, {"mail": replica}], replication_extra=extra,
+                               roots=[base, self.side[1] / "pairs" / f"large-{mode}-{rep}"])
                 pair.start()
                 p, s = pair.nodes
                 deadline = time.monotonic() + a.sync_timeout
