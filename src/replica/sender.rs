@@ -824,7 +824,10 @@ impl<T: LocalTree> Sender<T> {
                     // Whatever a record says the replica holds under this
                     // name (a name recorded as its op went out, in a batch
                     // a cut lost since, say) it does not: no link to it.
-                    if st.kind != Kind::Dir {
+                    // (Collected only when there is a record to forget
+                    // from: the first comparison of a big tree differs
+                    // everywhere.)
+                    if st.kind != Kind::Dir && !self.inodes.is_empty() {
                         not_held.insert(rel.clone());
                     }
                     if st.kind == Kind::File {
