@@ -378,11 +378,18 @@ class Bench:
         fresh pair (files/s, peak RSS of both daemons, inotify watches), then
         1% of the files changed while both daemons are stopped and the
         restart catch-up timed; fixture and replica deleted before the next
-        size (a million messages take about 10 GB per copy)."""
+        size (a million messages take about 30 GB per copy)."""
         out: dict = {}
         for n in self.args.scale:
             fx = self.side[0] / f"scale-{n}"
             replica = self.dst / f"scale-{n}"
+            # Room for the fixture and its replica (about 30 KB per message at the default
+            # median size, twice, with a margin), checked before writing a byte of it.
+            need = int(n * 30_000 * 2.2 * self.args.median_size / 10240)
+            free = shutil.disk_usage(self.run).free
+            if free < need:
+                raise RuntimeError(f"scale {n}: needs about {need / 1e9:.0f} GB free on {self.run}'s disk, "
+                                   f"{free / 1e9:.0f} GB are; not started")
             sh([str(self.exe), "fixture", "--out", str(fx), "--messages", str(n),
                 "--mailboxes", str(max(50, n // 100)), "--seed", "3",
                 "--median-size", str(self.args.median_size)], capture_output=True)
@@ -1001,7 +1008,7 @@ def main() -> None:
     ap.add_argument("--queue-timeout", type=float, default=600)
     ap.add_argument("--scale", type=lambda s: [int(x) for x in s.split(",") if x],
                     help="tree sizes (messages) for the scale step, e.g. 20000,200000,1000000 "
-                         "(default 20000,200000 in a full run; a million needs ~25 GB free)")
+                         "(default 20000,200000 in a full run; a million needs ~65 GB free)")
     ap.add_argument("--layout", choices=["two-fs", "shared"], default="two-fs",
                     help="two-fs (default): each node on a loop-mounted ext4 image of its own; "
                          "shared: everything on the run directory's filesystem")
