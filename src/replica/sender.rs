@@ -516,35 +516,6 @@ impl<T: LocalTree> Sender<T> {
 
     /// Moves backlog paths into the coalescer while it holds less than a
     /// few batches.
-    /// Nothing queued, held back for a retry, waiting in a comparison's
-    /// backlog or in flight.
-    #[cfg(any(test, feature = "tools"))]
-    pub(crate) fn idle(&self) -> bool {
-        self.coalescer.pending() == 0
-            && self.window.is_empty()
-            && self.backlog.is_empty()
-            && self.retry.is_empty()
-    }
-
-    /// Nothing sent is waiting for its acknowledgement.
-    #[cfg(any(test, feature = "tools"))]
-    pub(crate) fn window_is_empty(&self) -> bool {
-        self.window.is_empty()
-    }
-
-    /// Room in the window for another batch.
-    #[cfg(any(test, feature = "tools"))]
-    pub(crate) fn window_open(&self) -> bool {
-        self.window.is_open()
-    }
-
-    /// A comparison with the replica was asked for (a rescan, a folder
-    /// that vanished under a file being sent); forgets the request.
-    #[cfg(any(test, feature = "tools"))]
-    pub(crate) fn take_verify_request(&mut self) -> bool {
-        std::mem::take(&mut self.pending_verify)
-    }
-
     pub(crate) fn feed_backlog(&mut self) {
         let room = (UNACKED_BATCHES_MAX * BATCH_OPS_MAX).saturating_sub(self.coalescer.pending());
         for _ in 0..room.min(self.backlog.len()) {
@@ -1982,19 +1953,12 @@ impl<T: LocalTree> Sender<T> {
         {
             return true;
         }
-        let renames = self
-            .acks_on_their_way(Some(batch))
-            .any(|a| matches!(a, OnAck::Rename(..)));
         self.acks_on_their_way(Some(batch)).any(|a| match a {
             OnAck::Set(n, s, q, e) => {
                 *s == store
                     && e.kind == Kind::Dir
                     && e.version.ino != ino
-                    && if renames {
-                        self.renamed_in_flight(store, q.clone(), *n, Some(batch)) == p
-                    } else {
-                        q == p
-                    }
+                    && self.renamed_in_flight(store, q.clone(), *n, Some(batch)) == p
             }
             _ => false,
         })
@@ -2361,6 +2325,36 @@ impl<T: LocalTree> Sender<T> {
             }
         }
         self.pump.as_ref()
+    }
+}
+
+/// What a simulator asks of the sender between its steps (the daemon's
+/// driver keeps its own loop).
+#[cfg(any(test, feature = "tools"))]
+impl<T: LocalTree> Sender<T> {
+    /// Nothing queued, held back for a retry, waiting in a comparison's
+    /// backlog or in flight.
+    pub(crate) fn idle(&self) -> bool {
+        self.coalescer.pending() == 0
+            && self.window.is_empty()
+            && self.backlog.is_empty()
+            && self.retry.is_empty()
+    }
+
+    /// Nothing sent is waiting for its acknowledgement.
+    pub(crate) fn window_is_empty(&self) -> bool {
+        self.window.is_empty()
+    }
+
+    /// Room in the window for another batch.
+    pub(crate) fn window_open(&self) -> bool {
+        self.window.is_open()
+    }
+
+    /// A comparison with the replica was asked for (a rescan, a folder
+    /// that vanished under a file being sent); forgets the request.
+    pub(crate) fn take_verify_request(&mut self) -> bool {
+        std::mem::take(&mut self.pending_verify)
     }
 }
 
