@@ -895,7 +895,7 @@ async fn run_primary(
     raise_imap_uids(cfg, &shared.stats);
     // The tracker runs already: what changes after these scans is queued.
     let scanned_at = std::time::Instant::now();
-    let scans = record_takeover(cfg, &shared.excludes, &mut stores);
+    let (scans, record_complete) = record_takeover(cfg, &shared.excludes, &mut stores);
     shared.prepared_tx.send_replace(tenure);
     let mut sender = Sender::new(
         stores,
@@ -906,6 +906,7 @@ async fn run_primary(
     );
     sender.state_dir = cfg.state_dir.clone();
     sender.prescanned = Some((scanned_at, scans));
+    sender.takeover_settled = record_complete;
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
     sender.commit_wake = Some(shared.commit_wake.clone());
@@ -939,6 +940,12 @@ async fn run_primary(
                     debug!("sync session to peer ended: {msg}");
                 }
             }
+        }
+        // The peer has not said what it is for a while: it may be a former
+        // primary that comes back later, after this node's users changed
+        // what it held at takeover.
+        if scanned_at.elapsed() >= PEER_STATE_WAIT {
+            sender.settle_takeover_record();
         }
         // Keep the tracker's pending list bounded while disconnected, and
         // let commits waiting for a peer that is gone degrade on time.
@@ -1013,44 +1020,54 @@ fn raise_imap_uids(cfg: &EngineConfig, stats: &ReplStats) {
     }
 }
 
-/// This node starts serving as primary: record what it holds now (the
-/// content of every file, per mailstore), durably, before any change it
-/// sends, and mark it as a node that served as primary. A former primary
-/// that rejoins later is checked against this record (see `takeover`).
+/// How long a new primary waits for its peer to say whether it is a former
+/// primary before it reads what its takeover record still lacks.
+const PEER_STATE_WAIT: Duration = Duration::from_secs(10);
+
+/// This node starts serving as primary: record what it holds now (per
+/// mailstore, durably, before any change it sends) and mark it as a node
+/// that served as primary. A former primary that rejoins later is checked
+/// against this record (see `takeover`). Reads no file: versions the index
+/// knows give their hash, the others are recorded by inode, size and mtime
+/// and read only if the peer may be a former primary (it says it is, or it
+/// has not said otherwise within [`PEER_STATE_WAIT`]; see
+/// [`Sender::settle_takeover_record`]).
 /// Returns the scans it took (per store; `None` where it took none), for the
-/// first comparison with the replica.
+/// first comparison with the replica, and whether the record is complete.
 fn record_takeover(
     cfg: &EngineConfig,
     excludes: &super::Excludes,
     stores: &mut [Store],
-) -> Vec<Option<super::index::Scan>> {
+) -> (Vec<Option<super::index::Scan>>, bool) {
+    use super::index::Kind;
     let started = std::time::Instant::now();
-    let mut files = 0usize;
+    let (mut files, mut unread) = (0usize, 0usize);
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
     for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
-        let hashes: std::collections::HashSet<u128> = match st.index.scan(
-            &st.tree,
-            excludes,
-            super::index::Rehash::Changed,
-            true,
-        ) {
-            Ok(scan) => {
-                let h = scan
-                    .entries
-                    .iter()
-                    .filter(|(_, s, _)| s.kind == super::index::Kind::File)
-                    .filter_map(|(_, _, h)| *h)
-                    .collect();
-                scans[i] = Some(scan);
-                h
-            }
+        let scan = match st
+            .index
+            .scan(&st.tree, excludes, super::index::Rehash::Changed, false)
+        {
+            Ok(scan) => scan,
             Err(e) => {
                 error!(alarm = true, store = %st.name, "ALARM: cannot record what this node holds as it takes over ({e}); a former primary that rejoins will have every version this node lacks kept aside as a conflict");
                 continue;
             }
         };
-        files += hashes.len();
-        if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &hashes) {
+        let mut hashes = std::collections::HashSet::new();
+        let mut pending = Vec::new();
+        for (_, s, h) in scan.entries.iter().filter(|(_, s, _)| s.kind == Kind::File) {
+            match h {
+                Some(h) => {
+                    hashes.insert(*h);
+                }
+                None => pending.push(super::takeover::Pending::of(&s.version)),
+            }
+        }
+        files += hashes.len() + pending.len();
+        unread += pending.len();
+        scans[i] = Some(scan);
+        if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &hashes, &pending) {
             error!(alarm = true, store = %st.name, "ALARM: cannot write the takeover record: {e}");
         }
     }
@@ -1062,10 +1079,11 @@ fn record_takeover(
     }
     info!(
         versions = files,
+        unhashed = unread,
         ms = started.elapsed().as_millis() as u64,
         "takeover record written"
     );
-    scans
+    (scans, unread == 0)
 }
 
 async fn session(
@@ -1075,8 +1093,12 @@ async fn session(
     tracker: &Rc<Tracker>,
     shared: &Rc<Shared>,
 ) -> Result<(), SendError> {
-    let stream = tokio_uring::net::TcpStream::connect(ctx.peer_addr)
+    // A peer whose host is down answers no SYN: give up as a cut link
+    // would, not after the kernel's two minutes of retries.
+    let connect = tokio_uring::net::TcpStream::connect(ctx.peer_addr);
+    let stream = tokio::time::timeout(ctx.io_timeout, connect)
         .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
         .map_err(|source| crate::link::LinkError::Io {
             peer: ctx.peer_addr,
             op: "connect",

@@ -200,6 +200,9 @@ pub struct Sender<T = Tree> {
     pub state_dir: PathBuf,
     /// The peer says it served as primary and was not reconciled since.
     peer_former_primary: bool,
+    /// This tenure's takeover record is complete, or its peer said it is
+    /// not a former primary (see [`Sender::settle_takeover_record`]).
+    pub takeover_settled: bool,
     /// A version the peer is handing over (`ConflictFile` + `Data`).
     incoming: Option<Incoming>,
     /// Conflicts received this session (one alarm per session).
@@ -409,6 +412,7 @@ impl<T: LocalTree> Sender<T> {
             last_change: Instant::now(),
             state_dir: PathBuf::new(),
             peer_former_primary: false,
+            takeover_settled: true,
             incoming: None,
             conflicts_received: 0,
             replies_out: Vec::new(),
@@ -1061,6 +1065,10 @@ impl<T: LocalTree> Sender<T> {
             }
             SyncMsg::PeerState { former_primary } => {
                 self.peer_former_primary = former_primary;
+                if !former_primary {
+                    // This tenure's peer never needs the record.
+                    self.takeover_settled = true;
+                }
                 if former_primary {
                     info!("the peer served as primary: its changes are checked against this node's takeover record");
                     self.load_known();
@@ -1095,31 +1103,80 @@ impl<T: LocalTree> Sender<T> {
         Ok(())
     }
 
-    /// Loads, per mailstore, what this node held at takeover (the record;
-    /// sent versions are added as they are acknowledged).
+    /// Loads, per mailstore, what this node held at takeover (sent
+    /// versions are added as they are acknowledged).
     fn load_known(&mut self) {
         if !self.known.is_empty() {
             return; // kept across sessions with the same peer
         }
-        self.known = self
-            .stores
-            .iter()
-            .map(|st| {
-                st.conflicts.then(|| {
-                    match super::takeover::load(&self.state_dir, &st.name) {
-                        Ok(Some(t)) => t,
-                        Ok(None) => {
-                            warn!(store = %st.name, "no takeover record: every version the former primary holds and this node never had is kept aside");
-                            Default::default()
+        self.known = self.takeover_records();
+    }
+
+    /// The peer this tenure serves could be a former primary that has not
+    /// said it is not (it was not reached yet): the takeover record is
+    /// completed now, while what this node held at takeover is still on
+    /// its disk. Once per tenure; nothing to do when the record is complete.
+    pub fn settle_takeover_record(&mut self) {
+        if !self.takeover_settled {
+            drop(self.takeover_records());
+        }
+    }
+
+    /// Per mailstore, the takeover record, completed and written back
+    /// first if it was taken without reading files (see `takeover`).
+    fn takeover_records(&mut self) -> Vec<Option<std::collections::HashSet<u128>>> {
+        self.takeover_settled = true;
+        let mut records = Vec::with_capacity(self.stores.len());
+        for st in &mut self.stores {
+            if !st.conflicts {
+                records.push(None);
+                continue;
+            }
+            let record = match super::takeover::load(&self.state_dir, &st.name) {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    warn!(store = %st.name, "no takeover record: every version the former primary holds and this node never had is kept aside");
+                    Default::default()
+                }
+                Err(e) => {
+                    warn!(store = %st.name, "takeover record unreadable ({e}): every version the former primary holds and this node never had is kept aside");
+                    Default::default()
+                }
+            };
+            let super::takeover::Record {
+                mut hashes,
+                pending,
+            } = record;
+            if !pending.is_empty() {
+                let started = Instant::now();
+                let unread = pending.len();
+                let done = super::takeover::complete(
+                    pending,
+                    &mut hashes,
+                    &st.tree,
+                    &mut st.index,
+                    &self.excludes,
+                );
+                match done {
+                    Ok(changed) => {
+                        info!(store = %st.name, unhashed = unread, changed, ms = started.elapsed().as_millis() as u64, "takeover record completed");
+                        if changed > 0 {
+                            warn!(store = %st.name, "{changed} files changed or went before their takeover version was read: a former primary's versions of them are kept aside");
                         }
-                        Err(e) => {
-                            warn!(store = %st.name, "takeover record unreadable ({e}): every version the former primary holds and this node never had is kept aside");
-                            Default::default()
+                        if let Err(e) =
+                            super::takeover::write(&self.state_dir, &st.name, &hashes, &[])
+                        {
+                            warn!(store = %st.name, "cannot write the completed takeover record: {e}");
                         }
                     }
-                })
-            })
-            .collect();
+                    Err(e) => {
+                        warn!(store = %st.name, "cannot complete the takeover record ({e}): a former primary's versions of the files this node did not hash at takeover are kept aside");
+                    }
+                }
+            }
+            records.push(Some(hashes));
+        }
+        records
     }
 
     /// Persists what was added to the known versions (a later session
@@ -1131,7 +1188,7 @@ impl<T: LocalTree> Sender<T> {
         }
         for (st, known) in self.stores.iter().zip(&self.known) {
             if let Some(k) = known {
-                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, k) {
+                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, k, &[]) {
                     warn!(store = %st.name, "cannot update the takeover record: {e}");
                     return;
                 }

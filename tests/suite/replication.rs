@@ -426,6 +426,18 @@ fn anti_entropy_during_live_traffic_counts_no_changes_in_flight_as_drift() {
 
 #[test]
 fn after_failover_exactly_the_versions_the_new_primary_never_had_are_conflicts() {
+    exact_conflicts_after_failover(false);
+}
+
+/// A new primary over a tree it never indexed (its index lost) takes over
+/// without reading its files; with its peer away, it reads what its record
+/// lacks soon after, and the conflicts are exactly as exact.
+#[test]
+fn a_new_primary_that_lost_its_index_still_keeps_aside_exactly_the_genuine_conflicts() {
+    exact_conflicts_after_failover(true);
+}
+
+fn exact_conflicts_after_failover(new_primary_loses_its_index: bool) {
     use hasync::daemon::control::Request;
     let mut tp = started_with_fixture(fast(), 9, 3, 40);
     let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
@@ -436,6 +448,42 @@ fn after_failover_exactly_the_versions_the_new_primary_never_had_are_conflicts()
             s.mode == Role::Primary
         })
         .unwrap();
+    if new_primary_loses_its_index {
+        assert!(tp.nodes[1].stop(Duration::from_secs(10)));
+        let state = tp.nodes[1].state_dir.clone();
+        for f in ["index-inbox.bin", "takeover-inbox.bin"] {
+            std::fs::remove_file(state.join(f)).unwrap();
+        }
+        tp.nodes[1].start().unwrap();
+        tp.nodes[1]
+            .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+                s.mode == Role::Primary
+            })
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+        // Taken without reading a file, completed once the peer stayed away.
+        let start = std::time::Instant::now();
+        loop {
+            let log = tp.nodes[1].log();
+            let taken = log
+                .lines()
+                .rfind(|l| l.contains("takeover record written"))
+                .unwrap_or_default()
+                .to_string();
+            let unhashed: usize = taken
+                .split("unhashed=")
+                .nth(1)
+                .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let after = log.rsplit("takeover record written").next().unwrap_or("");
+            if after.contains("takeover record completed") {
+                assert!(unhashed > 0, "taken without reading files: {taken}");
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "{}", tp.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let cur: Vec<_> = walk_files(&a)
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("/cur/"))
