@@ -70,6 +70,16 @@ impl LinkNames {
             .find(|n| n.store == store && n.path != rel)
     }
 
+    /// Every recorded name of `key` in `store`.
+    pub fn names(&self, key: InodeKey, store: usize) -> impl Iterator<Item = &Path> {
+        self.map
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .filter(move |n| n.store == store)
+            .map(|n| n.path.as_path())
+    }
+
     /// The inode changed: none of its names holds this content any more.
     pub fn forget_inode(&mut self, key: InodeKey) {
         self.map.remove(&key);

@@ -57,6 +57,9 @@ pub const DRAIN_QUIET: Duration = Duration::from_millis(200);
 /// Refused paths remembered per session (bounded: a peer refusing
 /// everything must not grow this without end).
 const REFUSED_REMEMBERED_MAX: usize = 100_000;
+/// Files sent from folder listings followed by inode (past it, a
+/// comparison runs instead and the record starts again).
+const LISTED_FOLLOWED_MAX: usize = 65_536;
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +222,12 @@ pub struct Sender<T = Tree> {
     /// Every file sent but not yet acknowledged, by inode: a link made to a
     /// message right after it went out must still travel as a link.
     recent: LinkNames,
+    /// Files sent from the listing of a folder the tracker may not watch
+    /// yet, by inode, for the session: one moved away before the watch has
+    /// no event under its old name (see [`Sender::follow_listed`]).
+    listed: LinkNames,
+    /// Names queued from such a listing, not yet planned.
+    from_listing: std::collections::HashSet<(usize, PathBuf)>,
     manifest_id: u64,
     /// Batches in flight, numbering, flow control, ops asked for again.
     window: AckWindow<Inflight>,
@@ -387,6 +396,8 @@ impl<T: LocalTree> Sender<T> {
             verify_interval,
             inodes: LinkNames::default(),
             recent: LinkNames::default(),
+            listed: LinkNames::default(),
+            from_listing: Default::default(),
             manifest_id: 0,
             window: AckWindow::default(),
             retry: Vec::new(),
@@ -1639,6 +1650,7 @@ impl<T: LocalTree> Sender<T> {
                             plans.push(Plan::Frames(f));
                         }
                         Kind::File => {
+                            self.follow_listed(store, &rel, &st, since);
                             // Only ctime moved (a link was added or removed,
                             // an attribute event): the replica already holds
                             // exactly this; re-sending would break its links.
@@ -2047,9 +2059,59 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    /// Both records of hard-link names: acknowledged and in flight.
-    fn link_names(&mut self) -> [&mut LinkNames; 2] {
-        [&mut self.inodes, &mut self.recent]
+    /// Every record of names on the replica by inode: hard links
+    /// acknowledged and in flight, files sent from listings.
+    fn link_names(&mut self) -> [&mut LinkNames; 3] {
+        [&mut self.inodes, &mut self.recent, &mut self.listed]
+    }
+
+    /// A file is planned: if it was sent from a folder's listing under
+    /// another name that no longer holds it, it moved before the tracker
+    /// watched that folder (no event reports the old name): that name is
+    /// synced too (deleted on the replica). A file sent from a listing is
+    /// followed for the session (bounded by [`LISTED_FOLLOWED_MAX`]).
+    fn follow_listed(&mut self, store: usize, rel: &Path, st: &Stat, since: Instant) {
+        let key = (st.dev, st.version.ino);
+        let mut follow =
+            !self.from_listing.is_empty() && self.from_listing.remove(&(store, rel.to_path_buf()));
+        if self.listed.is_empty() && !follow {
+            return;
+        }
+        let others: Vec<PathBuf> = self
+            .listed
+            .names(key, store)
+            .filter(|p| *p != rel)
+            .map(Path::to_path_buf)
+            .collect();
+        for old in others {
+            let held = self.stores[store]
+                .tree
+                .lstat(&old)
+                .ok()
+                .flatten()
+                .is_some_and(|st| (st.dev, st.version.ino) == key);
+            if !held {
+                tracing::debug!(from = %old.display(), to = %rel.display(), "a file sent from a listing moved before its folder was watched: its old name is synced");
+                self.listed.forget_name(key, store, &old);
+                self.coalescer.push(Op::Sync {
+                    store,
+                    rel: old,
+                    since,
+                });
+                follow = true;
+            }
+        }
+        if follow {
+            if self.listed.len() >= LISTED_FOLLOWED_MAX {
+                // Too many to follow: a comparison finds what moved.
+                tracing::debug!(
+                    "more files sent from listings than followed: comparing with the replica"
+                );
+                self.listed.clear();
+                self.pending_verify = true;
+            }
+            self.listed.record(key, store, rel, st.version);
+        }
     }
 
     /// Drops every recorded name at or under `rel`, except those of `keep`.
@@ -2333,6 +2395,12 @@ impl<T: LocalTree> Sender<T> {
             }
         }
         for child in children {
+            if self.from_listing.len() < LISTED_FOLLOWED_MAX {
+                self.from_listing.insert((store, child.clone()));
+            } else {
+                // Too many to follow: a comparison finds what moved.
+                self.pending_verify = true;
+            }
             self.coalescer.push(Op::Sync {
                 store,
                 rel: child,
@@ -2347,6 +2415,9 @@ impl<T: LocalTree> Sender<T> {
     pub(crate) fn begin_session(&mut self) -> Vec<u8> {
         self.window.reset();
         self.recent.clear();
+        // The session's first comparison scans after this.
+        self.listed.clear();
+        self.from_listing.clear();
         self.peer_former_primary = false;
         self.incoming = None;
         self.conflicts_received = 0;
