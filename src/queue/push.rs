@@ -10,7 +10,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -365,9 +365,13 @@ pub struct Ingester {
     queue_dir: PathBuf,
     /// The queue directory, open for the ingester's life: its flushes see
     /// every writeback error since it opened (see `io::syncfs_file`).
-    queue_fs: std::fs::File,
+    queue_fs: Arc<std::fs::File>,
     staging: PathBuf,
-    ledger: Ledger,
+    /// Shared with the commit thread, which holds it only to append.
+    ledger: Arc<Mutex<Ledger>>,
+    /// The batch being committed on its thread, if any (a push that ended
+    /// while it ran leaves it here: the next one waits for it first).
+    committing: Option<std::thread::JoinHandle<()>>,
     hook: Option<Vec<String>>,
     pub stats: IngestStats,
     counter: u64,
@@ -427,10 +431,11 @@ impl Ingester {
         })?;
         let mut ing = Ingester {
             layout,
-            queue_fs,
+            queue_fs: Arc::new(queue_fs),
             queue_dir: queue_dir.to_owned(),
             staging,
-            ledger,
+            ledger: Arc::new(Mutex::new(ledger)),
+            committing: None,
             hook,
             stats: IngestStats::default(),
             counter: 0,
@@ -465,7 +470,8 @@ impl Ingester {
     }
 
     fn recover(&mut self) -> Result<(), PushError> {
-        let pending = self.ledger.pending();
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let pending = ledger.pending();
         let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
         let mut done = Vec::new();
         for (key, queue_id, moves) in pending {
@@ -493,11 +499,11 @@ impl Ingester {
             done.push(key);
         }
         if !done.is_empty() {
-            self.ledger
+            ledger
                 .record_done(&done)
                 .map_err(|source| PushError::Local {
                     op: "ledger",
-                    path: self.ledger.path().to_owned(),
+                    path: ledger.path().to_owned(),
                     source,
                 })?;
         }
@@ -507,7 +513,7 @@ impl Ingester {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        self.stats.ledger_entries = self.ledger.len() as u64;
+        self.stats.ledger_entries = ledger.len() as u64;
         Ok(())
     }
 
@@ -550,6 +556,9 @@ impl Ingester {
                 })
             }
         }
+        // A batch an earlier push left committing has its intents in the
+        // ledger before this push looks at a message.
+        self.wait_committed();
         // A message this node already holds (it came over through queue
         // replication, or a push interrupted before its acknowledgement and
         // then sent back after roles changed) is a duplicate too.
@@ -572,13 +581,35 @@ impl Ingester {
             held = self.held.len(),
             "queue push from the former primary started"
         );
-        let mut landed_any = false;
         let ingested_before = self.stats.ingested;
-        let mut batch: Vec<(u64, Staged)> = Vec::new();
+        // Frames come through a reader task, so that a batch's commit
+        // finishing on its thread is heard while the next one is staged.
+        let peer_addr = r.peer();
+        let (tx, rx) = tokio::sync::mpsc::channel(PUSH_EVENTS_QUEUED);
+        let reader_tx = tx.clone();
+        let reader = AbortOnDrop(tokio_uring::spawn(async move {
+            loop {
+                let f = r.recv_frame().await;
+                let stop = f.is_err();
+                if reader_tx.send(Event::Frame(f)).await.is_err() || stop {
+                    return;
+                }
+            }
+        }));
+        let mut pipe = Pipe {
+            rx,
+            tx,
+            w: &w,
+            peer: peer.clone(),
+            batch: Vec::new(),
+            committing: None,
+            pending_keys: Default::default(),
+            landed_any: false,
+        };
         loop {
-            let frame = r.recv_frame().await?;
+            let frame = self.next_frame(&mut pipe).await?;
             let msg = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
-                peer: r.peer(),
+                peer: peer_addr,
                 source,
             })?;
             match msg {
@@ -592,7 +623,7 @@ impl Ingester {
                     // Before a byte is buffered: is it a size this node
                     // takes, and does the queue's filesystem have room?
                     if let Err(why) = self.room_for(&parts) {
-                        drain_parts(&mut r, id, &parts, &peer).await?;
+                        self.drain_parts(&mut pipe, id, &parts).await?;
                         warn!(peer, queue_id, "queued message refused: {why}");
                         self.stats.refused += 1;
                         let mut out = Vec::new();
@@ -610,7 +641,7 @@ impl Ingester {
                     for p in &parts {
                         let mut b = Vec::with_capacity(p.size.min(64 << 20) as usize);
                         while (b.len() as u64) < p.size {
-                            let f = r.recv_frame().await?;
+                            let f = self.next_frame(&mut pipe).await?;
                             match SyncMsg::decode(&f) {
                                 Ok(SyncMsg::Data { seq, bytes })
                                     if seq == id
@@ -628,10 +659,30 @@ impl Ingester {
                         }
                         bodies.push(b);
                     }
-                    let pending_keys: std::collections::HashSet<u128> =
-                        batch.iter().map(|(_, st)| st.key).collect();
-                    match self.ingest(&sub_queue, &queue_id, key, &parts, &bodies, &pending_keys) {
-                        Verdict::Staged(st) => batch.push((id, st)),
+                    let verdict = self.ingest(
+                        &sub_queue,
+                        &queue_id,
+                        key,
+                        &parts,
+                        &bodies,
+                        &pipe.pending_keys,
+                    );
+                    match verdict {
+                        Verdict::Staged(st) => {
+                            pipe.pending_keys.insert(st.key);
+                            pipe.batch.push((id, st));
+                            if pipe.batch.len() > UNACKED_MESSAGES_MAX {
+                                return Err(PushError::Protocol {
+                                    peer,
+                                    what: format!(
+                                        "more than {UNACKED_MESSAGES_MAX} messages sent unacknowledged"
+                                    ),
+                                });
+                            }
+                            if pipe.batch.len() >= INGEST_BATCH {
+                                self.start_commit(&mut pipe);
+                            }
+                        }
                         Verdict::Done(outcome, detail) => {
                             let mut out = Vec::new();
                             SyncMsg::QueueAck {
@@ -643,23 +694,37 @@ impl Ingester {
                             w.send_bytes(out).await?;
                         }
                     }
-                    if batch.len() >= INGEST_BATCH {
-                        landed_any |= self.commit_and_ack(&mut batch, &w).await?;
-                    }
                 }
-                SyncMsg::Barrier { .. } => {
-                    landed_any |= self.commit_and_ack(&mut batch, &w).await?;
-                }
+                SyncMsg::Barrier { .. } => self.start_commit(&mut pipe),
                 SyncMsg::QueueEnd => {
-                    landed_any |= self.commit_and_ack(&mut batch, &w).await?;
+                    // Everything staged is committed and acknowledged first.
+                    self.start_commit(&mut pipe);
+                    while pipe.committing.is_some() {
+                        match pipe.rx.recv().await {
+                            Some(Event::Committed(res)) => {
+                                self.on_committed(res, &mut pipe).await?
+                            }
+                            Some(Event::Frame(Err(e))) => return Err(e.into()),
+                            Some(Event::Frame(Ok(_))) | None => {
+                                return Err(PushError::Protocol {
+                                    peer,
+                                    what: "a message after the end of a queue push".into(),
+                                })
+                            }
+                        }
+                    }
+                    drop(reader);
                     let landed = self.stats.ingested - ingested_before;
-                    let hook_ok = if landed_any {
+                    let hook_ok = if pipe.landed_any {
                         self.run_hook("push", landed).await
                     } else {
                         true
                     };
-                    let _ = self.ledger.compact_if_needed();
-                    self.stats.ledger_entries = self.ledger.len() as u64;
+                    {
+                        let mut ledger = self.ledger.lock().expect("ledger lock");
+                        let _ = ledger.compact_if_needed();
+                        self.stats.ledger_entries = ledger.len() as u64;
+                    }
                     let mut out = Vec::new();
                     SyncMsg::QueueEndAck { hook_ok }.encode(&mut out);
                     w.send_bytes(out).await?;
@@ -679,6 +744,48 @@ impl Ingester {
                 }
             }
         }
+    }
+
+    /// The next frame of the push; a commit finishing meanwhile is
+    /// acknowledged (and the next batch started) on the way.
+    async fn next_frame(&mut self, pipe: &mut Pipe<'_>) -> Result<crate::wire::Frame, PushError> {
+        loop {
+            match pipe.rx.recv().await {
+                Some(Event::Frame(f)) => return Ok(f?),
+                Some(Event::Committed(res)) => self.on_committed(res, pipe).await?,
+                None => {
+                    return Err(PushError::Protocol {
+                        peer: pipe.peer.clone(),
+                        what: "the connection's reader stopped".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Reads and drops the data of a refused message.
+    async fn drain_parts(
+        &mut self,
+        pipe: &mut Pipe<'_>,
+        id: u64,
+        parts: &[crate::wire::sync::QueuePart],
+    ) -> Result<(), PushError> {
+        let mut left: u64 = parts.iter().map(|p| p.size).sum();
+        while left > 0 {
+            let f = self.next_frame(pipe).await?;
+            match SyncMsg::data_view(&f) {
+                Some(Ok((seq, range))) if seq == id && (range.len() as u64) <= left => {
+                    left -= range.len() as u64;
+                }
+                _ => {
+                    return Err(PushError::Protocol {
+                        peer: pipe.peer.clone(),
+                        what: format!("bad data for queued message {id}"),
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether a message of these parts may be ingested: within
@@ -717,6 +824,8 @@ impl Ingester {
     /// primary's later push of the same messages is dropped as duplicates.
     /// Returns (moved, duplicates).
     pub fn ingest_local(&mut self, replica: &Path) -> Result<(u64, u64), PushError> {
+        // A batch a cut push left committing is in the ledger first.
+        self.wait_committed();
         let scan = layout::scan(self.layout, replica).map_err(|source| PushError::Scan {
             path: replica.to_owned(),
             source,
@@ -799,9 +908,10 @@ impl Ingester {
 
     /// Commits promoted replica messages, then drops their replica copies.
     fn commit_local(&mut self, batch: &mut Vec<(QueuedMessage, Staged)>) -> Result<u64, PushError> {
+        self.wait_committed();
         let taken = std::mem::take(batch);
         let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
-        self.commit_batch(&staged)?;
+        commit_batch(&self.queue_fs, &self.queue_dir, &self.ledger, &staged)?;
         self.stats.ingested += taken.len() as u64;
         for (msg, _) in &taken {
             for p in msg.parts.iter().chain(&msg.side) {
@@ -811,40 +921,84 @@ impl Ingester {
         Ok(taken.len() as u64)
     }
 
-    /// Commits the staged batch and acknowledges each message of it: as
-    /// ingested once durable, or as refused (the pusher keeps it) if the
-    /// commit failed. Returns whether anything landed.
-    async fn commit_and_ack(
-        &mut self,
-        batch: &mut Vec<(u64, Staged)>,
-        w: &FrameWriter,
-    ) -> Result<bool, PushError> {
-        if batch.is_empty() {
-            return Ok(false);
+    /// Waits for a batch an earlier push left committing.
+    fn wait_committed(&mut self) {
+        if let Some(t) = self.committing.take() {
+            if t.join().is_err() {
+                error!("the queue commit thread panicked; its batch was not acknowledged (the pusher keeps it)");
+            }
         }
-        let taken = std::mem::take(batch);
-        let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
-        let t0 = Instant::now();
-        let result = self.commit_batch(&staged);
-        tracing::debug!(
-            n = staged.len(),
-            us = t0.elapsed().as_micros() as u64,
-            "ingest batch committed"
+    }
+
+    /// Starts committing what is staged on its own thread (the loop goes
+    /// on staging the next batch), unless a commit is running: what is
+    /// staged meanwhile goes with the next one, started as that one ends.
+    fn start_commit(&mut self, pipe: &mut Pipe<'_>) {
+        if pipe.committing.is_some() || pipe.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut pipe.batch);
+        let staged: Vec<Staged> = batch.iter().map(|(_, s)| s.clone()).collect();
+        pipe.committing = Some(batch);
+        let (fs, dir, ledger, tx) = (
+            self.queue_fs.clone(),
+            self.queue_dir.clone(),
+            self.ledger.clone(),
+            pipe.tx.clone(),
         );
-        let mut out = Vec::new();
-        let ok = result.is_ok();
+        let spawned = std::thread::Builder::new()
+            .name("hasync-queue-commit".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let result = commit_batch(&fs, &dir, &ledger, &staged);
+                tracing::debug!(
+                    n = staged.len(),
+                    us = t0.elapsed().as_micros() as u64,
+                    "ingest batch committed"
+                );
+                // Gone when the push ended meanwhile: the pusher kept its
+                // copies, and the ledger drops them as duplicates.
+                let _ = tx.blocking_send(Event::Committed(result));
+            });
+        match spawned {
+            Ok(t) => self.committing = Some(t),
+            Err(e) => {
+                // Nothing committed: refused (the pusher keeps them).
+                let _ = pipe.tx.try_send(Event::Committed(Err(PushError::Local {
+                    op: "start the commit thread for",
+                    path: self.queue_dir.clone(),
+                    source: e,
+                })));
+            }
+        }
+    }
+
+    /// The running commit ended: each message of its batch is acknowledged
+    /// as ingested (durable), or refused (the pusher keeps it) if the
+    /// commit failed; then what was staged meanwhile starts committing.
+    async fn on_committed(
+        &mut self,
+        result: Result<(), PushError>,
+        pipe: &mut Pipe<'_>,
+    ) -> Result<(), PushError> {
+        self.wait_committed();
+        let batch = pipe.committing.take().unwrap_or_default();
+        for (_, st) in &batch {
+            pipe.pending_keys.remove(&st.key);
+        }
         if let Err(e) = &result {
             // No intent recorded, or rolled forward at the next start; the
             // pusher keeps its copies and may try again.
             error!("queue ingest batch failed: {e}");
-            for (_, st) in &taken {
+            for (_, st) in &batch {
                 for (staged, _) in &st.moves {
                     let _ = std::fs::remove_file(staged);
                 }
             }
         }
         failpoint::hit("queue.before_ack");
-        for (id, st) in taken {
+        let mut out = Vec::new();
+        for (id, st) in batch {
             let (outcome, detail) = match &result {
                 Ok(()) => {
                     self.stats.ingested += 1;
@@ -862,9 +1016,11 @@ impl Ingester {
             }
             .encode(&mut out);
         }
-        self.stats.ledger_entries = self.ledger.len() as u64;
-        w.send_bytes(out).await?;
-        Ok(ok)
+        pipe.landed_any |= result.is_ok();
+        self.stats.ledger_entries = self.ledger.lock().expect("ledger lock").len() as u64;
+        pipe.w.send_bytes(out).await?;
+        self.start_commit(pipe);
+        Ok(())
     }
 
     /// Looks at one message: a duplicate or a refusal is decided at once;
@@ -926,7 +1082,10 @@ impl Ingester {
                 "identity does not match the content".into(),
             );
         }
-        if self.ledger.contains(key) || self.held.contains(&key) || pending.contains(&key) {
+        if pending.contains(&key)
+            || self.held.contains(&key)
+            || self.ledger.lock().expect("ledger lock").contains(key)
+        {
             self.stats.duplicates_dropped += 1;
             info!(
                 queue_id,
@@ -1053,42 +1212,6 @@ impl Ingester {
         })
     }
 
-    /// Makes a batch of staged messages part of the queue, durably and
-    /// exactly once: one syncfs for their data, one ledger append + fsync
-    /// for their intents, the renames, one syncfs for the directories.
-    fn commit_batch(&mut self, batch: &[Staged]) -> Result<(), PushError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let local = |op: &'static str, path: &Path| {
-            let path = path.to_owned();
-            move |source| PushError::Local { op, path, source }
-        };
-        crate::io::syncfs_file(&self.queue_fs).map_err(local("syncfs", &self.queue_dir))?;
-        failpoint::hit("queue.after_stage");
-        let items: Vec<(u128, String, Moves)> = batch
-            .iter()
-            .map(|m| (m.key, m.id.clone(), m.moves.clone()))
-            .collect();
-        self.ledger
-            .record_intents(&items)
-            .map_err(local("append to", self.ledger.path()))?;
-        failpoint::hit("queue.after_intent");
-        for m in batch {
-            failpoint::hit("queue.mid_rename");
-            for (staged, fin) in &m.moves {
-                std::fs::rename(staged, fin).map_err(local("rename", fin))?;
-            }
-        }
-        crate::io::syncfs_file(&self.queue_fs).map_err(local("syncfs", &self.queue_dir))?;
-        failpoint::hit("queue.after_rename");
-        let keys: Vec<u128> = batch.iter().map(|m| m.key).collect();
-        self.ledger
-            .record_done(&keys)
-            .map_err(local("append to", self.ledger.path()))?;
-        Ok(())
-    }
-
     /// Runs the post-ingest hook (e.g. `postsuper -c <config dir> -s`)
     /// after messages landed in the queue, with `HASYNC_QUEUE_DIR`,
     /// `HASYNC_EVENT` (`push` or `promotion`) and `HASYNC_MESSAGES` in its
@@ -1126,8 +1249,92 @@ impl Ingester {
 
     /// Entries in the dedup ledger.
     pub fn ledger_len(&self) -> usize {
-        self.ledger.len()
+        self.ledger.lock().expect("ledger lock").len()
     }
+}
+
+/// What the push loop hears: a frame from the reader task, or the end of
+/// the running commit.
+enum Event {
+    Frame(Result<crate::wire::Frame, LinkError>),
+    Committed(Result<(), PushError>),
+}
+
+/// Frames (and commit ends) queued from the reader task at most.
+const PUSH_EVENTS_QUEUED: usize = 64;
+/// Messages staged and not yet acknowledged at most: a pusher keeps two
+/// windows in flight; more is a protocol error.
+const UNACKED_MESSAGES_MAX: usize = 4 * INGEST_BATCH;
+
+/// One push's state in the loop.
+struct Pipe<'a> {
+    rx: tokio::sync::mpsc::Receiver<Event>,
+    tx: tokio::sync::mpsc::Sender<Event>,
+    w: &'a FrameWriter,
+    peer: String,
+    /// Staged, waiting for the next commit.
+    batch: Vec<(u64, Staged)>,
+    /// The batch whose commit runs.
+    committing: Option<Vec<(u64, Staged)>>,
+    /// Identities staged or committing, not yet acknowledged.
+    pending_keys: std::collections::HashSet<u128>,
+    landed_any: bool,
+}
+
+/// The reader task stops with the push.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Makes a batch of staged messages part of the queue, durably and exactly
+/// once: one syncfs for their data, one ledger append + fsync for their
+/// intents, the renames, one syncfs for the directories. Runs on the commit
+/// thread (or the caller's, promoting a replica); the ledger is locked only
+/// to append, so the loop's duplicate checks wait at most for that.
+fn commit_batch(
+    queue_fs: &std::fs::File,
+    queue_dir: &Path,
+    ledger: &Mutex<Ledger>,
+    batch: &[Staged],
+) -> Result<(), PushError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let local = |op: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| PushError::Local { op, path, source }
+    };
+    crate::io::syncfs_file(queue_fs).map_err(local("syncfs", queue_dir))?;
+    failpoint::hit("queue.after_stage");
+    let items: Vec<(u128, String, Moves)> = batch
+        .iter()
+        .map(|m| (m.key, m.id.clone(), m.moves.clone()))
+        .collect();
+    {
+        let mut ledger = ledger.lock().expect("ledger lock");
+        ledger
+            .record_intents(&items)
+            .map_err(local("append to", ledger.path()))?;
+    }
+    failpoint::hit("queue.after_intent");
+    for m in batch {
+        failpoint::hit("queue.mid_rename");
+        for (staged, fin) in &m.moves {
+            std::fs::rename(staged, fin).map_err(local("rename", fin))?;
+        }
+    }
+    crate::io::syncfs_file(queue_fs).map_err(local("syncfs", queue_dir))?;
+    failpoint::hit("queue.after_rename");
+    let keys: Vec<u128> = batch.iter().map(|m| m.key).collect();
+    let mut ledger = ledger.lock().expect("ledger lock");
+    ledger
+        .record_done(&keys)
+        .map_err(local("append to", ledger.path()))?;
+    Ok(())
 }
 
 /// Creates the missing folders of `dir` inside `queue_dir` (a hash
@@ -1179,30 +1386,6 @@ pub const HOOK_TIMEOUT: Duration = Duration::from_secs(120);
 /// The message ID an Exim spool file names on its first line.
 /// Reads and drops the data frames of queued message `id` (a refused
 /// message's bytes still arrive; the stream stays framed).
-async fn drain_parts(
-    r: &mut FrameReader,
-    id: u64,
-    parts: &[crate::wire::sync::QueuePart],
-    peer: &str,
-) -> Result<(), PushError> {
-    let mut left: u64 = parts.iter().map(|p| p.size).sum();
-    while left > 0 {
-        let f = r.recv_frame().await?;
-        match SyncMsg::data_view(&f) {
-            Some(Ok((seq, range))) if seq == id && (range.len() as u64) <= left => {
-                left -= range.len() as u64;
-            }
-            _ => {
-                return Err(PushError::Protocol {
-                    peer: peer.to_string(),
-                    what: format!("bad data for queued message {id}"),
-                })
-            }
-        }
-    }
-    Ok(())
-}
-
 fn first_line_id<'a>(h: &'a [u8], suffix: &str) -> &'a str {
     let line = h.split(|b| *b == b'\n').next().unwrap_or_default();
     std::str::from_utf8(line)

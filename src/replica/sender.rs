@@ -1501,6 +1501,8 @@ impl<T: LocalTree> Sender<T> {
         };
         // Folders whose entries this batch changes: their mtime follows.
         let mut touched: std::collections::BTreeSet<(usize, PathBuf)> = Default::default();
+        // Folders of the files planned, checked against the replica's once.
+        let mut parents_checked: std::collections::HashSet<(usize, PathBuf)> = Default::default();
         let mut ops: VecDeque<Op> = ops.into();
         while let Some(op) = ops.pop_front() {
             match &op {
@@ -1651,6 +1653,7 @@ impl<T: LocalTree> Sender<T> {
                         }
                         Kind::File => {
                             self.follow_listed(store, &rel, &st, since);
+                            self.check_parent_folder(store, &rel, &batch, &mut parents_checked);
                             // Only ctime moved (a link was added or removed,
                             // an attribute event): the replica already holds
                             // exactly this; re-sending would break its links.
@@ -2055,6 +2058,44 @@ impl<T: LocalTree> Sender<T> {
         };
         if gone {
             tracing::debug!(folder = %parent.display(), "a folder vanished under a file being sent: comparing with the replica");
+            self.pending_verify = true;
+        }
+    }
+
+    /// A file is planned into a folder that is not the one the replica
+    /// holds under that name (by the index's inode): the replica's was
+    /// renamed away and the name made again, and the rename, not yet
+    /// heard, will carry what this batch writes there to the new name.
+    /// Only a comparison after it finds that for sure. Once per folder and
+    /// batch; only the index is asked (folder ops on their way are not
+    /// looked through: a file's hot path).
+    fn check_parent_folder(
+        &mut self,
+        store: usize,
+        rel: &Path,
+        batch: &Inflight,
+        checked: &mut std::collections::HashSet<(usize, PathBuf)>,
+    ) {
+        let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return;
+        };
+        if self.pending_verify || checked.contains(&(store, parent.to_path_buf())) {
+            return;
+        }
+        checked.insert((store, parent.to_path_buf()));
+        let Some(replica_ino) = self.stores[store]
+            .index
+            .get(parent)
+            .filter(|e| e.kind == Kind::Dir)
+            .map(|e| e.version.ino)
+        else {
+            return;
+        };
+        let here = self.stores[store].tree.lstat(parent).ok().flatten();
+        if here.is_some_and(|st| st.kind == Kind::Dir && st.version.ino != replica_ino)
+            && self.replica_folder_differs(store, parent, here.map_or(0, |s| s.version.ino), batch)
+        {
+            tracing::debug!(folder = %parent.display(), "a file sent into another folder than the replica's under its name: comparing with the replica");
             self.pending_verify = true;
         }
     }

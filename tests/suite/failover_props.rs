@@ -210,10 +210,12 @@ fn data_sim_seeds_that_found_bugs() {
     // way; 31293: a "ctime only" shortcut while a rename onto the name was
     // on its way (another message's content); 27729 41236: a file sent from
     // a folder's listing moved before the folder was watched (its old name
-    // stayed on the replica).
-    const SEEDS: [u64; 24] = [
+    // stayed on the replica); 114330: a file sent into a folder made again
+    // under the name of one renamed away, before that rename was heard (the
+    // rename carried the new file's content to the old folder's new name).
+    const SEEDS: [u64; 25] = [
         3330, 4089, 5525, 5825, 6747, 7041, 7623, 7664, 7980, 10467, 10494, 10825, 12039, 12335,
-        13516, 13560, 13916, 17172, 19489, 24666, 25366, 27729, 31293, 41236,
+        13516, 13560, 13916, 17172, 19489, 24666, 25366, 27729, 31293, 41236, 114330,
     ];
     for seed in SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
