@@ -2025,12 +2025,14 @@ impl<T: LocalTree> Sender<T> {
         {
             return true;
         }
+        // Gathered once: an initial sync has thousands of folder ops on
+        // their way (and no rename).
+        let renames = self.renames_on_the_way(store, Some(batch));
         self.acks_on_their_way(Some(batch)).any(|a| match a {
-            OnAck::Set(n, s, q, e) => {
-                *s == store
-                    && e.kind == Kind::Dir
-                    && e.version.ino != ino
-                    && self.renamed_in_flight(store, q.clone(), *n, Some(batch)) == p
+            OnAck::Set(n, s, q, e)
+                if *s == store && e.kind == Kind::Dir && e.version.ino != ino =>
+            {
+                through_renames(&renames, q, *n) == p
             }
             _ => false,
         })
@@ -2289,11 +2291,14 @@ impl<T: LocalTree> Sender<T> {
                 }
                 _ => None,
             });
+            let renames = self.renames_on_the_way(store, Some(batch));
             let mut held: Vec<PathBuf> = acked
                 .chain(on_way)
                 .filter_map(|(after, p)| {
-                    let now = self.renamed_in_flight(store, p, after, Some(batch));
-                    (now != from).then(|| moved_path(&now, from, to)).flatten()
+                    let now = through_renames(&renames, &p, after);
+                    (*now != *from)
+                        .then(|| moved_path(&now, from, to))
+                        .flatten()
                 })
                 .collect();
             held.sort();
@@ -2374,20 +2379,28 @@ impl<T: LocalTree> Sender<T> {
     fn renamed_in_flight(
         &self,
         store: usize,
-        mut p: PathBuf,
+        p: PathBuf,
         after: u64,
         building: Option<&Inflight>,
     ) -> PathBuf {
-        for a in self.acks_on_their_way(building) {
-            if let OnAck::Rename(n, s, from, to) = a {
-                if *n > after && *s == store {
-                    if let Some(m) = moved_path(&p, from, to) {
-                        p = m;
-                    }
+        through_renames(&self.renames_on_the_way(store, building), &p, after).into_owned()
+    }
+
+    /// The renames of `store` on their way (sent, or planned in `building`),
+    /// in op order: gathered once where many names are mapped through them.
+    fn renames_on_the_way<'a>(
+        &'a self,
+        store: usize,
+        building: Option<&'a Inflight>,
+    ) -> Vec<(u64, &'a Path, &'a Path)> {
+        self.acks_on_their_way(building)
+            .filter_map(|a| match a {
+                OnAck::Rename(n, s, from, to) if *s == store => {
+                    Some((*n, from.as_path(), to.as_path()))
                 }
-            }
-        }
-        p
+                _ => None,
+            })
+            .collect()
     }
 
     /// A directory new to the replica: queue its children that the replica
@@ -2868,6 +2881,22 @@ fn newest_change_above(
 /// The folder holding `rel` ("" for the store's root).
 fn parent_dir(rel: &Path) -> PathBuf {
     rel.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// `p` once the renames after op `after` (of those gathered by
+/// `Sender::renames_on_the_way`) apply.
+fn through_renames<'p>(
+    renames: &[(u64, &Path, &Path)],
+    p: &'p Path,
+    after: u64,
+) -> std::borrow::Cow<'p, Path> {
+    let mut now = std::borrow::Cow::Borrowed(p);
+    for (_, from, to) in renames.iter().filter(|(n, _, _)| *n > after) {
+        if let Some(m) = moved_path(&now, from, to) {
+            now = std::borrow::Cow::Owned(m);
+        }
+    }
+    now
 }
 
 /// A folder with the same mode and owner (its mtime aside).
