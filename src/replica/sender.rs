@@ -2081,10 +2081,9 @@ impl<T: LocalTree> Sender<T> {
         let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) else {
             return;
         };
-        if self.pending_verify || checked.contains(&(store, parent.to_path_buf())) {
+        if self.pending_verify || !checked.insert((store, parent.to_path_buf())) {
             return;
         }
-        checked.insert((store, parent.to_path_buf()));
         let Some(replica_ino) = self.stores[store]
             .index
             .get(parent)
