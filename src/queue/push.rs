@@ -371,7 +371,8 @@ pub struct Ingester {
     ledger: Arc<Mutex<Ledger>>,
     /// The batch being committed on its thread, if any (a push that ended
     /// while it ran leaves it here: the next one waits for it first).
-    committing: Option<std::thread::JoinHandle<()>>,
+    /// Its outcome comes back from the thread only if the push was gone.
+    committing: Option<std::thread::JoinHandle<Option<Result<(), PushError>>>>,
     hook: Option<Vec<String>>,
     pub stats: IngestStats,
     counter: u64,
@@ -470,11 +471,30 @@ impl Ingester {
     }
 
     fn recover(&mut self) -> Result<(), PushError> {
+        self.roll_forward(None)?;
+        // Staged files without an intent never counted: the pusher kept its copy.
+        if let Ok(rd) = std::fs::read_dir(&self.staging) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes every ingest whose intent is in the ledger without its
+    /// done record (of `only`'s keys, if given): a crash, or a commit that
+    /// failed after its intents were written. Returns how many.
+    fn roll_forward(
+        &mut self,
+        only: Option<&std::collections::HashSet<u128>>,
+    ) -> Result<usize, PushError> {
         let mut ledger = self.ledger.lock().expect("ledger lock");
         let pending = ledger.pending();
-        let mut keep: BTreeSet<PathBuf> = BTreeSet::new();
         let mut done = Vec::new();
         for (key, queue_id, moves) in pending {
+            if only.is_some_and(|o| !o.contains(&key)) {
+                continue;
+            }
             for (staged, fin) in &moves {
                 if staged.exists() {
                     if let Some(d) = fin.parent() {
@@ -485,15 +505,27 @@ impl Ingester {
                         path: staged.clone(),
                         source,
                     })?;
-                    if let Some(d) = fin.parent() {
-                        let _ = std::fs::File::open(d).and_then(|f| f.sync_all());
+                }
+                // Durable before it counts as done (also when an earlier
+                // attempt renamed it already).
+                if let Some(d) = fin.parent() {
+                    match std::fs::File::open(d).and_then(|f| f.sync_all()) {
+                        Ok(()) => {}
+                        // Gone since (the MTA removed it): nothing to flush.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(source) => {
+                            return Err(PushError::Local {
+                                op: "flush",
+                                path: d.to_owned(),
+                                source,
+                            })
+                        }
                     }
-                    keep.insert(fin.clone());
                 }
             }
             info!(
                 queue_id,
-                "queue ingest: rolled forward a message a crash interrupted"
+                "queue ingest: rolled forward a message whose ingest was interrupted"
             );
             self.stats.rolled_forward += 1;
             done.push(key);
@@ -507,14 +539,8 @@ impl Ingester {
                     source,
                 })?;
         }
-        // Staged files without an intent never counted: the pusher kept its copy.
-        if let Ok(rd) = std::fs::read_dir(&self.staging) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
         self.stats.ledger_entries = ledger.len() as u64;
-        Ok(())
+        Ok(done.len())
     }
 
     /// Serves one push connection, addressed to the primary tenure `epoch`
@@ -603,6 +629,7 @@ impl Ingester {
             peer: peer.clone(),
             batch: Vec::new(),
             committing: None,
+            ready: None,
             pending_keys: Default::default(),
             landed_any: false,
         };
@@ -700,6 +727,10 @@ impl Ingester {
                     // Everything staged is committed and acknowledged first.
                     self.start_commit(&mut pipe);
                     while pipe.committing.is_some() {
+                        if let Some(res) = pipe.ready.take() {
+                            self.on_committed(res, &mut pipe).await?;
+                            continue;
+                        }
                         match pipe.rx.recv().await {
                             Some(Event::Committed(res)) => {
                                 self.on_committed(res, &mut pipe).await?
@@ -750,6 +781,10 @@ impl Ingester {
     /// acknowledged (and the next batch started) on the way.
     async fn next_frame(&mut self, pipe: &mut Pipe<'_>) -> Result<crate::wire::Frame, PushError> {
         loop {
+            if let Some(res) = pipe.ready.take() {
+                self.on_committed(res, pipe).await?;
+                continue;
+            }
             match pipe.rx.recv().await {
                 Some(Event::Frame(f)) => return Ok(f?),
                 Some(Event::Committed(res)) => self.on_committed(res, pipe).await?,
@@ -921,12 +956,23 @@ impl Ingester {
         Ok(taken.len() as u64)
     }
 
-    /// Waits for a batch an earlier push left committing.
+    /// Waits for a batch an earlier push left committing. Its outcome was
+    /// never heard (the push was cut): landed, or failed after its intents
+    /// were written, in which case it is rolled forward now (nothing else
+    /// is staged at this point).
     fn wait_committed(&mut self) {
-        if let Some(t) = self.committing.take() {
-            if t.join().is_err() {
-                error!("the queue commit thread panicked; its batch was not acknowledged (the pusher keeps it)");
+        let Some(t) = self.committing.take() else {
+            return;
+        };
+        match t.join() {
+            Ok(Some(Err(e))) => {
+                error!("a queue ingest batch of a push that was cut failed: {e}; rolling forward what it recorded");
+                if let Err(e) = self.roll_forward(None) {
+                    error!(alarm = true, "ALARM: cannot roll forward an interrupted queue ingest: {e}; it is tried again at the next start");
+                }
             }
+            Ok(_) => {}
+            Err(_) => error!("the queue commit thread panicked; its batch was not acknowledged (the pusher keeps it)"),
         }
     }
 
@@ -956,19 +1002,31 @@ impl Ingester {
                     us = t0.elapsed().as_micros() as u64,
                     "ingest batch committed"
                 );
-                // Gone when the push ended meanwhile: the pusher kept its
-                // copies, and the ledger drops them as duplicates.
-                let _ = tx.blocking_send(Event::Committed(result));
+                // The push ended meanwhile: the outcome goes back through
+                // the join (see `wait_committed`).
+                match tx.blocking_send(Event::Committed(result)) {
+                    Ok(()) => None,
+                    Err(tokio::sync::mpsc::error::SendError(Event::Committed(r))) => Some(r),
+                    Err(_) => None,
+                }
             });
         match spawned {
             Ok(t) => self.committing = Some(t),
             Err(e) => {
-                // Nothing committed: refused (the pusher keeps them).
-                let _ = pipe.tx.try_send(Event::Committed(Err(PushError::Local {
-                    op: "start the commit thread for",
-                    path: self.queue_dir.clone(),
-                    source: e,
-                })));
+                // No thread: committed here, heard before the next frame.
+                warn!("cannot start the queue commit thread ({e}); committing on the loop");
+                let staged: Vec<Staged> = pipe
+                    .committing
+                    .iter()
+                    .flatten()
+                    .map(|(_, s)| s.clone())
+                    .collect();
+                pipe.ready = Some(commit_batch(
+                    &self.queue_fs,
+                    &self.queue_dir,
+                    &self.ledger,
+                    &staged,
+                ));
             }
         }
     }
@@ -986,13 +1044,33 @@ impl Ingester {
         for (_, st) in &batch {
             pipe.pending_keys.remove(&st.key);
         }
+        let mut result = result;
         if let Err(e) = &result {
-            // No intent recorded, or rolled forward at the next start; the
-            // pusher keeps its copies and may try again.
             error!("queue ingest batch failed: {e}");
-            for (_, st) in &batch {
-                for (staged, _) in &st.moves {
-                    let _ = std::fs::remove_file(staged);
+            // Failed after its intents were written: the ledger already
+            // counts these messages (a later push of them is a duplicate),
+            // so they are completed here, or at the next start; never
+            // dropped. Failed before: nothing counted, the pusher keeps
+            // its copies.
+            let keys: std::collections::HashSet<u128> =
+                batch.iter().map(|(_, st)| st.key).collect();
+            let recorded = self
+                .ledger
+                .lock()
+                .expect("ledger lock")
+                .pending()
+                .iter()
+                .any(|(k, _, _)| keys.contains(k));
+            if recorded {
+                match self.roll_forward(Some(&keys)) {
+                    Ok(_) => result = Ok(()),
+                    Err(e) => error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {e}; it is tried again at the next start"),
+                }
+            } else {
+                for (_, st) in &batch {
+                    for (staged, _) in &st.moves {
+                        let _ = std::fs::remove_file(staged);
+                    }
                 }
             }
         }
@@ -1276,6 +1354,8 @@ struct Pipe<'a> {
     batch: Vec<(u64, Staged)>,
     /// The batch whose commit runs.
     committing: Option<Vec<(u64, Staged)>>,
+    /// Its outcome, when it was committed on the loop (no thread).
+    ready: Option<Result<(), PushError>>,
     /// Identities staged or committing, not yet acknowledged.
     pending_keys: std::collections::HashSet<u128>,
     landed_any: bool,
@@ -1323,6 +1403,13 @@ fn commit_batch(
     failpoint::hit("queue.after_intent");
     for m in batch {
         failpoint::hit("queue.mid_rename");
+        if failpoint::fails("queue.fail_mid_rename") {
+            return Err(PushError::Local {
+                op: "rename",
+                path: queue_dir.to_owned(),
+                source: std::io::Error::other("failpoint queue.fail_mid_rename"),
+            });
+        }
         for (staged, fin) in &m.moves {
             std::fs::rename(staged, fin).map_err(local("rename", fin))?;
         }

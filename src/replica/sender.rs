@@ -1575,6 +1575,9 @@ impl<T: LocalTree> Sender<T> {
                 }
                 Op::Sync { store, rel, since } => {
                     tracing::debug!(path = %rel.display(), "plan sync");
+                    // Queued from a folder's listing: followed if a file.
+                    let listed_here = !self.from_listing.is_empty()
+                        && self.from_listing.remove(&(store, rel.clone()));
                     batch.sinces.push(since);
                     if !super::tree::fits(&rel) {
                         batch.sinces.pop();
@@ -1652,7 +1655,7 @@ impl<T: LocalTree> Sender<T> {
                             plans.push(Plan::Frames(f));
                         }
                         Kind::File => {
-                            self.follow_listed(store, &rel, &st, since);
+                            self.follow_listed(store, &rel, &st, since, listed_here);
                             self.check_parent_folder(store, &rel, &batch, &mut parents_checked);
                             // Only ctime moved (a link was added or removed,
                             // an attribute event): the replica already holds
@@ -2112,10 +2115,16 @@ impl<T: LocalTree> Sender<T> {
     /// watched that folder (no event reports the old name): that name is
     /// synced too (deleted on the replica). A file sent from a listing is
     /// followed for the session (bounded by [`LISTED_FOLLOWED_MAX`]).
-    fn follow_listed(&mut self, store: usize, rel: &Path, st: &Stat, since: Instant) {
+    fn follow_listed(
+        &mut self,
+        store: usize,
+        rel: &Path,
+        st: &Stat,
+        since: Instant,
+        listed_here: bool,
+    ) {
         let key = (st.dev, st.version.ino);
-        let mut follow =
-            !self.from_listing.is_empty() && self.from_listing.remove(&(store, rel.to_path_buf()));
+        let mut follow = listed_here;
         if self.listed.is_empty() && !follow {
             return;
         }
@@ -2448,12 +2457,17 @@ impl<T: LocalTree> Sender<T> {
             }
         }
         for child in children {
-            if self.from_listing.len() < LISTED_FOLLOWED_MAX {
-                self.from_listing.insert((store, child.clone()));
-            } else {
-                // Too many to follow: a comparison finds what moved.
+            if self.from_listing.len() >= LISTED_FOLLOWED_MAX {
+                // Too many to follow (names renamed before they were
+                // planned stay here): a comparison finds what moved, and
+                // the record starts again.
+                tracing::debug!(
+                    "more names from listings than followed: comparing with the replica"
+                );
+                self.from_listing.clear();
                 self.pending_verify = true;
             }
+            self.from_listing.insert((store, child.clone()));
             self.coalescer.push(Op::Sync {
                 store,
                 rel: child,

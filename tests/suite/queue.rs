@@ -281,6 +281,47 @@ fn queue_push_interrupted_by_crashes_never_loses_or_duplicates() {
     }
 }
 
+/// A commit that fails after its intents are in the ledger (a rename
+/// failing midway) completes its batch: the ledger already counts those
+/// messages, so dropping them would lose every one a later push then
+/// finds a duplicate.
+#[test]
+fn a_commit_failing_after_its_intents_completes_its_batch() {
+    let (mut tp, _) = TestPair::formed(opts("flat"));
+    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 5);
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.fail_mid_rename=5")])
+        .unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[0].start().unwrap();
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && !s.queue_push.pending && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        tp.nodes[1].log().contains("queue ingest batch failed"),
+        "the failpoint was reached\n{}",
+        tp.logs()
+    );
+    assert_eq!(st.queue_push.last.failed, 0, "{:?}", st.queue_push);
+    let a = queue_digest(&tp.nodes[0].queue_dir, "flat");
+    let b = queue_digest(&tp.nodes[1].queue_dir, "flat");
+    assert!(a.is_empty(), "the former primary still holds {a:?}");
+    assert_eq!(b, before, "lost or duplicated messages\n{}", tp.logs());
+}
+
 #[test]
 fn garbage_in_the_queue_is_reported_and_left_in_place() {
     let (mut tp, _) = TestPair::formed(opts("exim"));
