@@ -1547,6 +1547,27 @@ impl<T: LocalTree> Sender<T> {
                         });
                         continue;
                     }
+                    // The folder this rename moves is not the one the
+                    // replica holds under `from` (that name was given up and
+                    // made again before the replica got the first folder):
+                    // the rename would move the wrong folder to `to`, and
+                    // what the renamed one holds has no event. Only a
+                    // comparison after it finds that for sure. (A file the
+                    // index knows, the commonest rename, costs no lstat.)
+                    let known_file = self.stores[store]
+                        .index
+                        .get(&from)
+                        .is_some_and(|e| e.kind != Kind::Dir);
+                    if !self.pending_verify && !known_file {
+                        if let Ok(Some(st)) = self.stores[store].tree.lstat(&to) {
+                            if st.kind == Kind::Dir
+                                && self.replica_folder_differs(store, &from, st.version.ino, &batch)
+                            {
+                                tracing::debug!(from = %from.display(), to = %to.display(), "a folder renamed is not the replica's under its name: comparing with the replica");
+                                self.pending_verify = true;
+                            }
+                        }
+                    }
                     let seq = self.next_seq();
                     tracing::debug!(from = %from.display(), to = %to.display(), "plan rename");
                     let mut f = Vec::new();
