@@ -135,8 +135,10 @@ fn join_after_recovery_off_hands_the_queue_over() {
     assert_eq!(queue_digest(&tp.nodes[1].queue_dir, "postfix"), before);
 }
 
-#[test]
-fn push_cut_by_the_new_primarys_crash_is_cancelled_not_left_pending() {
+/// mx1 (20 queued messages) fails, mx2 takes over and is restarted with
+/// `failpoints` armed, then mx1 comes back and pushes its queue to it.
+/// Returns the pair and mx1's queue as it was.
+fn push_to_an_armed_ingester(failpoints: &str) -> (TestPair, BTreeMap<u128, usize>) {
     let (mut tp, p) = TestPair::formed(opts("flat"));
     assert_eq!(p, 0);
     let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 5);
@@ -146,11 +148,9 @@ fn push_cut_by_the_new_primarys_crash_is_cancelled_not_left_pending() {
             s.mode == Role::Primary
         })
         .unwrap();
-    // mx2 dies while it ingests mx1's push, and stays down: mx1 becomes
-    // primary again with its queue.
     tp.nodes[1].kill9().unwrap();
     tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.after_stage=1")])
+        .start_with_env(&[("HASYNC_FAILPOINTS", failpoints)])
         .unwrap();
     tp.nodes[1]
         .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
@@ -158,6 +158,14 @@ fn push_cut_by_the_new_primarys_crash_is_cancelled_not_left_pending() {
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     tp.nodes[0].start().unwrap();
+    (tp, before)
+}
+
+#[test]
+fn push_cut_by_the_new_primarys_crash_is_cancelled_not_left_pending() {
+    // mx2 dies while it ingests mx1's push, and stays down: mx1 becomes
+    // primary again with its queue.
+    let (mut tp, before) = push_to_an_armed_ingester("queue.after_stage=1");
     assert!(
         tp.nodes[1].wait_exit(Duration::from_secs(30)),
         "mx2 must reach its crash point\n{}",
@@ -287,24 +295,7 @@ fn queue_push_interrupted_by_crashes_never_loses_or_duplicates() {
 /// finds a duplicate.
 #[test]
 fn a_commit_failing_after_its_intents_completes_its_batch() {
-    let (mut tp, _) = TestPair::formed(opts("flat"));
-    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 5);
-    tp.nodes[0].kill9().unwrap();
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap();
-    tp.nodes[1].kill9().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.fail_mid_rename=5")])
-        .unwrap();
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    tp.nodes[0].start().unwrap();
+    let (tp, before) = push_to_an_armed_ingester("queue.fail_mid_rename=5");
     let st = tp.nodes[0]
         .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
             s.mode == Role::Secondary && !s.queue_push.pending && !s.queue_push.running
