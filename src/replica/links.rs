@@ -80,6 +80,16 @@ impl LinkNames {
             .map(|n| n.path.as_path())
     }
 
+    /// The recorded names of `store` directly in folder `dir`.
+    pub fn in_folder(&self, store: usize, dir: &Path) -> Vec<(InodeKey, PathBuf)> {
+        self.map
+            .iter()
+            .flat_map(|(k, names)| names.iter().map(move |n| (*k, n)))
+            .filter(|(_, n)| n.store == store && n.path.parent() == Some(dir))
+            .map(|(k, n)| (k, n.path.clone()))
+            .collect()
+    }
+
     /// The inode changed: none of its names holds this content any more.
     pub fn forget_inode(&mut self, key: InodeKey) {
         self.map.remove(&key);

@@ -2462,6 +2462,25 @@ impl<T: LocalTree> Sender<T> {
         let Ok(names) = s.tree.list(rel) else {
             return;
         };
+        // A file sent from an earlier listing and deleted before its folder
+        // was watched: no event reports it, and this listing lacks it. Its
+        // name is synced (deleted on the replica).
+        if !self.listed.is_empty() {
+            let here: std::collections::HashSet<&std::ffi::OsStr> =
+                names.iter().map(|n| n.as_os_str()).collect();
+            for (key, old) in self.listed.in_folder(store, rel) {
+                if old.file_name().is_some_and(|n| !here.contains(n)) {
+                    tracing::debug!(path = %old.display(), "a file sent from a listing went before its folder was watched: its name is synced");
+                    self.listed.forget_name(key, store, &old);
+                    self.coalescer.push(Op::Sync {
+                        store,
+                        rel: old,
+                        since,
+                    });
+                }
+            }
+        }
+        let s = &self.stores[store];
         let mut children = Vec::new();
         for name in names {
             let child = rel.join(name);

@@ -215,10 +215,13 @@ fn data_sim_seeds_that_found_bugs() {
     // rename carried the new file's content to the old folder's new name);
     // 161674: a folder renamed after its name was made again and the new one
     // sent first (the rename moved the wrong folder on the replica, and a
-    // message of the renamed one never arrived).
-    const SEEDS: [u64; 26] = [
+    // message of the renamed one never arrived); 172517: a file sent from a
+    // folder's listing and deleted before the folder was watched (its name
+    // stayed on the replica).
+    const SEEDS: [u64; 27] = [
         3330, 4089, 5525, 5825, 6747, 7041, 7623, 7664, 7980, 10467, 10494, 10825, 12039, 12335,
         13516, 13560, 13916, 17172, 19489, 24666, 25366, 27729, 31293, 41236, 114330, 161674,
+        172517,
     ];
     for seed in SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
