@@ -2116,9 +2116,14 @@ impl<T: LocalTree> Sender<T> {
         else {
             return;
         };
-        let here = self.stores[store].tree.lstat(parent).ok().flatten();
-        if here.is_some_and(|st| st.kind == Kind::Dir && st.version.ino != replica_ino)
-            && self.replica_folder_differs(store, parent, here.map_or(0, |s| s.version.ino), batch)
+        let Ok(Some(here)) = self.stores[store].tree.lstat(parent) else {
+            return;
+        };
+        // The index's inode first: the same folder, the common case, costs
+        // no look through the ops on their way.
+        if here.kind == Kind::Dir
+            && here.version.ino != replica_ino
+            && self.replica_folder_differs(store, parent, here.version.ino, batch)
         {
             tracing::debug!(folder = %parent.display(), "a file sent into another folder than the replica's under its name: comparing with the replica");
             self.pending_verify = true;
