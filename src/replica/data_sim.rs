@@ -32,9 +32,20 @@
 //! comparison the sender did not ask for itself; and quiescence comes at
 //! all (an op asked for forever never lets it).
 //!
-//! Not modelled (said in docs/INVARIANTS.md): crash of a node (the commit
-//! simulator holds durability), failover and direction reversal, the queue,
-//! foreign writes on the replica, disk full and EIO, large (streamed) files.
+//! - crashes of either node ([`DataSim::new`]; a stream of draws of their
+//!   own): the replica keeps what its last acknowledged barrier left and a
+//!   prefix of what it applied since (the commit simulator checks that an
+//!   acknowledgement covers only what is durable); the primary restarts
+//!   its sender from the index as last saved (or none), its tracker with
+//!   every event lost and every folder watched again.
+//!
+//! - a replica disk that fills and frees (files, folders, links and
+//!   symlinks refused with `NoSpace`; renames and deletions go through) and
+//!   I/O errors on any op (refused with `LocalError`, nothing changed).
+//!
+//! Not modelled (said in docs/INVARIANTS.md): failover and direction
+//! reversal, the queue, foreign writes on the replica, a failing flush (the
+//! commit simulator has those), large (streamed) files.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -423,6 +434,19 @@ enum Event {
 /// The replica: applies ops as the receiver does.
 struct Replica {
     fs: Fs,
+    /// What a crash keeps for sure: the tree as the last acknowledged
+    /// barrier left it (the receiver acknowledges only what its flushes made
+    /// durable; `commit_sim` checks that it does).
+    durable: Fs,
+    /// Messages applied since that barrier: a crash keeps a prefix of them.
+    since_durable: Vec<SyncMsg>,
+    /// The disk is full: what needs room (a file, a folder, a name) is
+    /// refused with `NoSpace`; renames and deletions still go through.
+    full: bool,
+    /// Percent of ops that fail with an I/O error (refused with
+    /// `LocalError`, nothing changed), drawn from `eio_rng`.
+    eio_percent: u8,
+    eio_rng: SimRng,
     /// A file whose data frames are arriving.
     current: Option<(u64, PathBuf, Meta, u64, Vec<u8>)>,
     /// Folder times said in this batch, applied at its barrier.
@@ -431,6 +455,20 @@ struct Replica {
 }
 
 impl Replica {
+    /// A fault refuses this op: the disk is full (`room`: it needs space)
+    /// or an I/O error strikes; the op is answered with a need.
+    fn faulted(&mut self, seq: u64, rel: &Path, room: bool) -> bool {
+        let reason = if room && self.full {
+            NeedReason::NoSpace
+        } else if self.eio_percent > 0 && self.eio_rng.percent(self.eio_percent) {
+            NeedReason::LocalError
+        } else {
+            return false;
+        };
+        self.need(seq, rel, reason);
+        true
+    }
+
     fn need(&mut self, seq: u64, rel: &Path, reason: NeedReason) {
         SyncMsg::Need {
             seq,
@@ -449,6 +487,9 @@ impl Replica {
     }
 
     fn land_file(&mut self, seq: u64, rel: &Path, meta: Meta, data: Vec<u8>) {
+        if self.faulted(seq, rel, true) {
+            return;
+        }
         if self.fs.blocked_above(rel) {
             self.need(seq, rel, NeedReason::LocalError);
             return;
@@ -479,6 +520,7 @@ impl Replica {
     }
 
     fn apply(&mut self, msg: SyncMsg) -> Result<(), String> {
+        self.since_durable.push(msg.clone());
         if let Some((seq, rel, meta, size, mut data)) = self.current.take() {
             let SyncMsg::Data { seq: dseq, bytes } = msg else {
                 return Err(format!("file {seq} cut short by {msg:?}"));
@@ -514,6 +556,9 @@ impl Replica {
                 seq, path, meta, ..
             } => {
                 let rel = rel_of(&path)?;
+                if self.faulted(seq, &rel, true) {
+                    return Ok(());
+                }
                 if self.fs.blocked_above(&rel) {
                     self.need(seq, &rel, NeedReason::LocalError);
                     return Ok(());
@@ -531,8 +576,11 @@ impl Replica {
             SyncMsg::DirMeta { path, meta, .. } => {
                 self.retime.insert(rel_of(&path)?, meta);
             }
-            SyncMsg::Delete { path, .. } => {
+            SyncMsg::Delete { seq, path, .. } => {
                 let rel = rel_of(&path)?;
+                if self.faulted(seq, &rel, false) {
+                    return Ok(());
+                }
                 if self.fs.exists(&rel) {
                     self.fs.remove_tree(&rel);
                 }
@@ -541,6 +589,9 @@ impl Replica {
                 let (from, to) = (rel_of(&from)?, rel_of(&to)?);
                 if !self.fs.exists(&from) {
                     self.need(seq, &to, NeedReason::SourceMissing);
+                    return Ok(());
+                }
+                if self.faulted(seq, &to, false) {
                     return Ok(());
                 }
                 if self.fs.blocked_above(&to) {
@@ -586,6 +637,9 @@ impl Replica {
                     self.need(seq, &rel, NeedReason::LocalError);
                     return Ok(());
                 }
+                if self.faulted(seq, &rel, true) {
+                    return Ok(());
+                }
                 // The receiver links only to the content the primary said.
                 if self.fs.hash_of(&existing) != Some(hash) {
                     self.need(seq, &rel, NeedReason::SourceMissing);
@@ -612,6 +666,9 @@ impl Replica {
                 ..
             } => {
                 let rel = rel_of(&path)?;
+                if self.faulted(seq, &rel, true) {
+                    return Ok(());
+                }
                 if self.fs.blocked_above(&rel) {
                     self.need(seq, &rel, NeedReason::LocalError);
                     return Ok(());
@@ -637,6 +694,8 @@ impl Replica {
                     }
                 }
                 SyncMsg::Ack { seq }.encode(&mut self.replies);
+                self.durable = self.fs.clone();
+                self.since_durable.clear();
             }
             other => return Err(format!("the replica does not expect {other:?}")),
         }
@@ -705,6 +764,11 @@ pub struct Outcome {
     pub needs: u64,
     pub cuts: u64,
     pub overflows: u64,
+    /// Crashes and restarts of the replica's node and of the primary's.
+    pub replica_crashes: u64,
+    pub primary_crashes: u64,
+    /// Times the replica's disk turned full or had room again.
+    pub disk_full_turns: u64,
     pub comparisons: u64,
     pub raced_reads: u64,
     pub paths_at_end: u64,
@@ -722,6 +786,9 @@ impl Outcome {
         self.needs += o.needs;
         self.cuts += o.cuts;
         self.overflows += o.overflows;
+        self.replica_crashes += o.replica_crashes;
+        self.primary_crashes += o.primary_crashes;
+        self.disk_full_turns += o.disk_full_turns;
         self.comparisons += o.comparisons;
         self.raced_reads += o.raced_reads;
         self.paths_at_end += o.paths_at_end;
@@ -749,6 +816,17 @@ pub struct DataSim {
     /// Percent chances of a cut and of an overflow per step.
     cut_percent: u8,
     overflow_percent: u8,
+    /// Crashes draw from a stream of their own (a seed without crashes
+    /// runs as it did before crashes were modelled), in percent of the
+    /// steps that may cut.
+    fault_rng: SimRng,
+    crash_percent: u8,
+    /// Percent chance, at those steps, that the replica's disk turns full
+    /// (or has room again).
+    full_percent: u8,
+    /// The sender's index as last saved (a primary that crashes restarts
+    /// from it, or from nothing).
+    saved_index: Option<HashMap<Box<Path>, Entry>>,
     names: u64,
     out: Outcome,
     /// `HASYNC_DATA_SIM_TRACE=1`: every step on stderr.
@@ -758,28 +836,46 @@ pub struct DataSim {
 const FOLDERS: [&str; 4] = ["", ".Sent", ".Trash", ".Archive"];
 const SUBS: [&str; 3] = ["cur", "new", "tmp"];
 
+/// The real sender over the simulated primary, its index as given.
+fn new_sender(primary: &Rc<RefCell<Fs>>, excludes: &Excludes, index: Index) -> Sender<SimTree> {
+    let store = Store {
+        name: "mail".into(),
+        root: PathBuf::from("/sim"),
+        tree: SimTree(primary.clone()),
+        index,
+        internal: PathBuf::from("/sim/.hasync"),
+        conflicts: false,
+        dovecot: false,
+    };
+    Sender::new(
+        vec![store],
+        excludes.clone(),
+        Coalescer::detached(1),
+        Arc::new(ReplStats::default()),
+        Duration::from_secs(600),
+    )
+}
+
 impl DataSim {
+    /// One seed, with crashes and restarts of either node, a replica disk
+    /// that fills and frees, and I/O errors on the replica.
     pub fn new(seed: u64) -> DataSim {
+        let mut sim = DataSim::without_crashes(seed);
+        sim.crash_percent = [0, 5, 15][sim.fault_rng.range(0, 2) as usize];
+        sim.full_percent = [0, 0, 10, 30][sim.fault_rng.range(0, 3) as usize];
+        sim.replica.eio_percent = [0, 0, 1, 3][sim.fault_rng.range(0, 3) as usize];
+        sim
+    }
+
+    /// One seed with neither node crashing and no fault on the replica
+    /// (the seeds that found bugs before those were modelled replay exactly
+    /// so).
+    pub fn without_crashes(seed: u64) -> DataSim {
         let mut rng = SimRng::new(seed);
         let excludes = Excludes::new(&[crate::config::DEFAULT_EXCLUDE.to_string()])
             .expect("the default exclude is valid");
         let primary = Rc::new(RefCell::new(Fs::new(1_000_000)));
-        let store = Store {
-            name: "mail".into(),
-            root: PathBuf::from("/sim"),
-            tree: SimTree(primary.clone()),
-            index: Index::in_memory(),
-            internal: PathBuf::from("/sim/.hasync"),
-            conflicts: false,
-            dovecot: false,
-        };
-        let sender = Sender::new(
-            vec![store],
-            excludes.clone(),
-            Coalescer::detached(1),
-            Arc::new(ReplStats::default()),
-            Duration::from_secs(600),
-        );
+        let sender = new_sender(&primary, &excludes, Index::in_memory());
         let cut_percent = [0, 1, 3][rng.range(0, 2) as usize];
         let overflow_percent = [0, 0, 1, 2][rng.range(0, 3) as usize];
         let workload_left = rng.range(20, 120) as u32;
@@ -788,6 +884,11 @@ impl DataSim {
             primary,
             replica: Replica {
                 fs: Fs::new(-1_000_000_000),
+                durable: Fs::new(-1_000_000_000),
+                since_durable: Vec::new(),
+                full: false,
+                eio_percent: 0,
+                eio_rng: SimRng::new(seed ^ 0x0065_696f),
                 current: None,
                 retime: BTreeMap::new(),
                 replies: Vec::new(),
@@ -803,6 +904,10 @@ impl DataSim {
             workload_left,
             cut_percent,
             overflow_percent,
+            fault_rng: SimRng::new(seed ^ 0x6372_6173_6865_7321),
+            crash_percent: 0,
+            full_percent: 0,
+            saved_index: None,
             names: 0,
             out: Outcome::default(),
             trace: std::env::var_os("HASYNC_DATA_SIM_TRACE").is_some(),
@@ -1215,18 +1320,7 @@ impl DataSim {
                 eprintln!("tracker: overflow, {} events lost", self.events.len());
             }
             self.events.clear();
-            // Every folder is watched again, under the name it has now.
-            let fs = self.primary.borrow();
-            let dirs: Vec<u64> = fs
-                .names
-                .iter()
-                .filter(|(p, i)| {
-                    fs.inodes[i].body == Body::Dir && !excluded_or_below(&self.excludes, p)
-                })
-                .map(|(_, i)| *i)
-                .collect();
-            drop(fs);
-            self.watched.extend(dirs);
+            self.watch_all();
             self.sender.coalescer.push(Op::Rescan {
                 store: 0,
                 reason: "inotify queue overflow (simulated)".into(),
@@ -1309,6 +1403,21 @@ impl DataSim {
                 self.sender.coalescer.push(op);
             }
         }
+    }
+
+    /// Every folder is watched again, under the name it has now.
+    fn watch_all(&mut self) {
+        let fs = self.primary.borrow();
+        let dirs: Vec<u64> = fs
+            .names
+            .iter()
+            .filter(|(p, i)| {
+                fs.inodes[i].body == Body::Dir && !excluded_or_below(&self.excludes, p)
+            })
+            .map(|(_, i)| *i)
+            .collect();
+        drop(fs);
+        self.watched.extend(dirs);
     }
 
     /// A new folder gets its watch, and everything already in it is
@@ -1448,6 +1557,64 @@ impl DataSim {
         self.session_wanted = true;
     }
 
+    /// The replica's node crashes and restarts: it keeps what its last
+    /// acknowledged barrier made durable and a prefix of what it applied
+    /// since (a file cut short never lands); the connection is cut.
+    fn crash_replica(&mut self) {
+        self.out.replica_crashes += 1;
+        let applied = std::mem::take(&mut self.replica.since_durable);
+        let kept = self.rng_crash_range(applied.len());
+        if self.trace {
+            eprintln!(
+                "replica crashes: keeps {kept} of {} messages since its last ack",
+                applied.len()
+            );
+        }
+        self.cut();
+        let clock = self.replica.fs.clock;
+        self.replica.fs = self.replica.durable.clone();
+        self.replica.fs.clock = clock;
+        for msg in applied.into_iter().take(kept) {
+            if self.replica.apply(msg).is_err() {
+                break;
+            }
+        }
+        self.replica.current = None;
+        self.replica.retime.clear();
+        self.replica.replies.clear();
+        self.replica.durable = self.replica.fs.clone();
+        self.replica.since_durable.clear();
+    }
+
+    fn rng_crash_range(&mut self, n: usize) -> usize {
+        self.fault_rng.range(0, n as u64) as usize
+    }
+
+    /// The primary's node crashes and restarts: the sender starts again
+    /// from its index as last saved (or none), every event and watch is
+    /// lost, the tracker watches every folder again, and the session starts
+    /// with a comparison. The primary's files are its own (the MTA's
+    /// durability), kept as they are.
+    fn crash_primary(&mut self) {
+        self.out.primary_crashes += 1;
+        if self.trace {
+            eprintln!(
+                "primary crashes (index saved: {})",
+                self.saved_index.is_some()
+            );
+        }
+        self.cut();
+        let mut index = Index::in_memory();
+        if let Some(saved) = &self.saved_index {
+            index.entries = saved.clone();
+        }
+        self.sender = new_sender(&self.primary, &self.excludes, index);
+        self.events.clear();
+        self.watched.clear();
+        self.watch_all();
+        self.verify_wanted = false;
+    }
+
     /// A known gap, kept out of the runs (docs/INVARIANTS.md): a comparison
     /// that runs after a folder was made (or moved in, or renamed before
     /// its watch) and before the tracker watches it sends what the folder
@@ -1506,6 +1673,9 @@ impl DataSim {
             self.sender.feed_backlog();
             let quiet = self.workload_left == 0;
             if quiet {
+                // Room returns once the workload stops; I/O errors too.
+                self.replica.full = false;
+                self.replica.eio_percent = 0;
                 self.sender
                     .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
                 if self.events.is_empty()
@@ -1533,6 +1703,26 @@ impl DataSim {
                 _ => {
                     if self.rng.percent(self.cut_percent.saturating_mul(20)) {
                         self.cut();
+                    }
+                    if self.workload_left > 0 && self.fault_rng.percent(self.full_percent) {
+                        self.replica.full = !self.replica.full;
+                        self.out.disk_full_turns += 1;
+                        if self.trace {
+                            eprintln!("replica's disk full: {}", self.replica.full);
+                        }
+                    }
+                    if self.crash_percent > 0 {
+                        if self.fault_rng.percent(20) {
+                            // The sender saves its index now and then.
+                            self.saved_index = Some(self.sender.stores[0].index.entries.clone());
+                        }
+                        if self.fault_rng.percent(self.crash_percent) {
+                            if self.fault_rng.percent(50) {
+                                self.crash_replica();
+                            } else {
+                                self.crash_primary();
+                            }
+                        }
                     }
                 }
             }
@@ -1638,11 +1828,17 @@ fn describe(b: &Body) -> String {
     }
 }
 
-/// Runs seeds `first..first + n`; the first failing seed and why.
-pub fn run_seeds(first: u64, n: u64) -> Result<Outcome, (u64, String)> {
+/// Runs seeds `first..first + n` (with crashes and faults, or without);
+/// the first failing seed and why.
+pub fn run_seeds(first: u64, n: u64, faults: bool) -> Result<Outcome, (u64, String)> {
     let mut total = Outcome::default();
     for seed in first..first + n {
-        let o = DataSim::new(seed).run().map_err(|e| (seed, e))?;
+        let sim = if faults {
+            DataSim::new(seed)
+        } else {
+            DataSim::without_crashes(seed)
+        };
+        let o = sim.run().map_err(|e| (seed, e))?;
         total.add(&o);
     }
     Ok(total)

@@ -968,6 +968,54 @@ impl<T: LocalTree> Sender<T> {
         self.requeue_retries_at(Instant::now());
     }
 
+    /// A rename carries what the replica holds at `from` (for an op that
+    /// failed there and waits for its retry: an older version, a folder
+    /// made with the wrong mode) to `to`: the retry is due under the new
+    /// name too (the old name's stays; it may be made again).
+    fn follow_retries(&mut self, store: usize, from: &Path, to: &Path) {
+        if self.retry.is_empty() {
+            return;
+        }
+        let moved: Vec<(Instant, Op)> = self
+            .retry
+            .iter()
+            .filter_map(|(at, op)| match op {
+                Op::Sync {
+                    store: s,
+                    rel,
+                    since,
+                } if *s == store => moved_path(rel, from, to).map(|rel| {
+                    (
+                        *at,
+                        Op::Sync {
+                            store,
+                            rel,
+                            since: *since,
+                        },
+                    )
+                }),
+                _ => None,
+            })
+            .collect();
+        for (at, op) in moved {
+            // Renamed away and back: the name is due once.
+            let due = |o: &Op| match (o, &op) {
+                (
+                    Op::Sync {
+                        store: a, rel: p, ..
+                    },
+                    Op::Sync {
+                        store: b, rel: q, ..
+                    },
+                ) => a == b && p == q,
+                _ => false,
+            };
+            if !self.retry.iter().any(|(_, o)| due(o)) {
+                self.retry.push((at, op));
+            }
+        }
+    }
+
     /// Puts the ops whose retry is due at `now` back in the queue.
     pub(crate) fn requeue_retries_at(&mut self, now: Instant) {
         if self.retry.is_empty() {
@@ -1366,15 +1414,18 @@ impl<T: LocalTree> Sender<T> {
                             });
                             // A folder that did not move leaves both trees
                             // to be found again: ops since may have re-made
-                            // parts of either there. A comparison does it
-                            // exactly (refused folder renames are rare).
-                            let folder = self.stores[s]
-                                .tree
-                                .lstat(&to)
-                                .ok()
-                                .flatten()
-                                .is_some_and(|st| st.kind == Kind::Dir);
-                            if folder {
+                            // parts of either there (a folder made again
+                            // under `from` is only merged into what the
+                            // replica still holds there). A comparison does
+                            // it exactly (refused folder renames are rare).
+                            let tree = &self.stores[s].tree;
+                            let folder = |p: &Path| {
+                                tree.lstat(p)
+                                    .ok()
+                                    .flatten()
+                                    .is_some_and(|st| st.kind == Kind::Dir)
+                            };
+                            if folder(&to) || folder(&from) {
                                 self.pending_verify = true;
                             }
                             self.coalescer.push(Op::Sync {
@@ -1582,6 +1633,7 @@ impl<T: LocalTree> Sender<T> {
                     for names in self.link_names() {
                         names.renamed(store, &from, &to);
                     }
+                    self.follow_retries(store, &from, &to);
                     self.follow_folder_rename(
                         store,
                         (&from, &to),

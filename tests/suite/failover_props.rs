@@ -166,11 +166,19 @@ fn commit_sim_seeds() {
 #[test]
 fn data_sim_seeds() {
     use hasync::replica::data_sim::{run_seeds, DataSim};
+    // `HASYNC_DATA_SIM_CRASHES=0`: no crash and no fault (as the seeds that
+    // found bugs before those were modelled run).
+    let faults = std::env::var("HASYNC_DATA_SIM_CRASHES").map_or(true, |v| v != "0");
     if let Ok(one) = std::env::var("HASYNC_DATA_SIM_SEED") {
         let seed = one
             .parse()
             .expect("HASYNC_DATA_SIM_SEED must be an integer");
-        match DataSim::new(seed).run() {
+        let sim = if faults {
+            DataSim::new(seed)
+        } else {
+            DataSim::without_crashes(seed)
+        };
+        match sim.run() {
             Ok(o) => println!("seed {seed}: {o:?}"),
             Err(v) => panic!("seed {seed}: {v}"),
         }
@@ -178,11 +186,18 @@ fn data_sim_seeds() {
     }
     let n: u64 = env_u64("HASYNC_DATA_SIM_SEEDS", 1_000);
     let first: u64 = env_u64("HASYNC_SIM_FIRST", 0);
-    match run_seeds(first, n) {
+    match run_seeds(first, n, faults) {
         Ok(o) => {
-            // The generator must exercise needs, cuts, overflows and races.
+            // The generator must exercise needs, cuts, overflows and races
+            // (and crashes and a full disk when it has faults).
             assert!(
-                o.batches > n && o.cuts > 0 && o.overflows > 0 && o.raced_reads > 0 && o.needs > 0,
+                o.batches > n
+                    && o.cuts > 0
+                    && o.overflows > 0
+                    && o.raced_reads > 0
+                    && o.needs > 0
+                    && (!faults
+                        || o.replica_crashes > 0 && o.primary_crashes > 0 && o.disk_full_turns > 0),
                 "{o:?}"
             );
             println!("{n} data-path seeds: {o:?}");
@@ -217,15 +232,28 @@ fn data_sim_seeds_that_found_bugs() {
     // sent first (the rename moved the wrong folder on the replica, and a
     // message of the renamed one never arrived); 172517: a file sent from a
     // folder's listing and deleted before the folder was watched (its name
-    // stayed on the replica).
-    const SEEDS: [u64; 27] = [
+    // stayed on the replica); 206676: a folder renamed away, its name made
+    // again and the rename refused by the replica (the new folder was merged
+    // into the old one's entries there, a stale message name kept).
+    const SEEDS: [u64; 28] = [
         3330, 4089, 5525, 5825, 6747, 7041, 7623, 7664, 7980, 10467, 10494, 10825, 12039, 12335,
         13516, 13560, 13916, 17172, 19489, 24666, 25366, 27729, 31293, 41236, 114330, 161674,
-        172517,
+        172517, 206676,
     ];
-    for seed in SEEDS {
+    // With crashes, a full disk and I/O errors on the replica (as modelled
+    // now): 10111: a folder's Mkdir refused by an I/O error, its children
+    // made it with the default mode, and the retry went to its old name
+    // after a rename (the folder kept mode 755 on the replica).
+    const FAULT_SEEDS: [u64; 1] = [10111];
+    for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
+        }
+    }
+    for seed in SEEDS {
+        // Found before crashes were modelled: replayed as they ran then.
+        if let Err(v) = DataSim::without_crashes(seed).run() {
+            panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_CRASHES=0 HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
         }
     }
 }
