@@ -41,11 +41,16 @@
 //!
 //! - a replica disk that fills and frees (files, folders, links and
 //!   symlinks refused with `NoSpace`; renames and deletions go through) and
-//!   I/O errors on any op (refused with `LocalError`, nothing changed).
+//!   I/O errors on any op (refused with `LocalError`, nothing changed);
+//! - files on the large files' path (a lowered size bound): hashed, then
+//!   streamed maybe after the workload changed them (the replica asks again
+//!   on a hash mismatch), with replies heard while the batch is still open;
+//! - a group commit: acknowledgements wait for a later flush while needs
+//!   go out at once.
 //!
 //! Not modelled (said in docs/INVARIANTS.md): failover and direction
 //! reversal, the queue, foreign writes on the replica, a failing flush (the
-//! commit simulator has those), large (streamed) files.
+//! commit simulator has those).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -55,7 +60,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::index::{self, Entry, Index, Kind, Rehash, Scan, Stat, Version};
-use super::sender::{Plan, Read, Sender, Store};
+use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
 use super::tree::LocalTree;
 use crate::failover::sim::SimRng;
@@ -431,6 +436,16 @@ enum Event {
     MovedOut(PathBuf),
 }
 
+/// A file whose data frames are arriving.
+struct Incoming {
+    seq: u64,
+    rel: PathBuf,
+    meta: Meta,
+    size: u64,
+    hash: u128,
+    data: Vec<u8>,
+}
+
 /// The replica: applies ops as the receiver does.
 struct Replica {
     fs: Fs,
@@ -440,6 +455,12 @@ struct Replica {
     durable: Fs,
     /// Messages applied since that barrier: a crash keeps a prefix of them.
     since_durable: Vec<SyncMsg>,
+    /// Barriers applied, acknowledged once a flush covers them.
+    unflushed: Vec<u64>,
+    /// Flushes complete later than the barrier (the receiver's group
+    /// commit: a need for an op of a later batch can go out before the
+    /// acknowledgement of an earlier one); else at once.
+    group_commit: bool,
     /// The disk is full: what needs room (a file, a folder, a name) is
     /// refused with `NoSpace`; renames and deletions still go through.
     full: bool,
@@ -448,7 +469,7 @@ struct Replica {
     eio_percent: u8,
     eio_rng: SimRng,
     /// A file whose data frames are arriving.
-    current: Option<(u64, PathBuf, Meta, u64, Vec<u8>)>,
+    current: Option<Incoming>,
     /// Folder times said in this batch, applied at its barrier.
     retime: BTreeMap<PathBuf, Meta>,
     replies: Vec<u8>,
@@ -521,18 +542,21 @@ impl Replica {
 
     fn apply(&mut self, msg: SyncMsg) -> Result<(), String> {
         self.since_durable.push(msg.clone());
-        if let Some((seq, rel, meta, size, mut data)) = self.current.take() {
+        if let Some(mut inc) = self.current.take() {
             let SyncMsg::Data { seq: dseq, bytes } = msg else {
-                return Err(format!("file {seq} cut short by {msg:?}"));
+                return Err(format!("file {} cut short by {msg:?}", inc.seq));
             };
-            if dseq != seq {
-                return Err(format!("data for {dseq} inside file {seq}"));
+            if dseq != inc.seq {
+                return Err(format!("data for {dseq} inside file {}", inc.seq));
             }
-            data.extend_from_slice(&bytes);
-            if (data.len() as u64) < size {
-                self.current = Some((seq, rel, meta, size, data));
+            inc.data.extend_from_slice(&bytes);
+            if (inc.data.len() as u64) < inc.size {
+                self.current = Some(inc);
+            } else if index::hash_bytes(&inc.data) != inc.hash {
+                // Changed while it was streamed: the receiver asks again.
+                self.need(inc.seq, &inc.rel, NeedReason::HashMismatch);
             } else {
-                self.land_file(seq, &rel, meta, data);
+                self.land_file(inc.seq, &inc.rel, inc.meta, inc.data);
             }
             return Ok(());
         }
@@ -543,13 +567,21 @@ impl Replica {
                 path,
                 meta,
                 size,
+                hash,
                 ..
             } => {
                 let rel = rel_of(&path)?;
                 if size == 0 {
                     self.land_file(seq, &rel, meta, Vec::new());
                 } else {
-                    self.current = Some((seq, rel, meta, size, Vec::new()));
+                    self.current = Some(Incoming {
+                        seq,
+                        rel,
+                        meta,
+                        size,
+                        hash,
+                        data: Vec::new(),
+                    });
                 }
             }
             SyncMsg::Mkdir {
@@ -693,13 +725,27 @@ impl Replica {
                         }
                     }
                 }
-                SyncMsg::Ack { seq }.encode(&mut self.replies);
-                self.durable = self.fs.clone();
-                self.since_durable.clear();
+                self.unflushed.push(seq);
+                if !self.group_commit {
+                    self.flush();
+                }
             }
             other => return Err(format!("the replica does not expect {other:?}")),
         }
         Ok(())
+    }
+
+    /// A flush completes: everything applied so far is durable, and the
+    /// barriers it covers are acknowledged (needs went out at once).
+    fn flush(&mut self) {
+        if self.unflushed.is_empty() {
+            return;
+        }
+        for seq in self.unflushed.drain(..) {
+            SyncMsg::Ack { seq }.encode(&mut self.replies);
+        }
+        self.durable = self.fs.clone();
+        self.since_durable.clear();
     }
 
     /// The manifest the receiver sends for a comparison.
@@ -769,6 +815,8 @@ pub struct Outcome {
     pub primary_crashes: u64,
     /// Times the replica's disk turned full or had room again.
     pub disk_full_turns: u64,
+    /// Files sent on the large files' path (hashed, then streamed).
+    pub large_files: u64,
     pub comparisons: u64,
     pub raced_reads: u64,
     pub paths_at_end: u64,
@@ -789,6 +837,7 @@ impl Outcome {
         self.replica_crashes += o.replica_crashes;
         self.primary_crashes += o.primary_crashes;
         self.disk_full_turns += o.disk_full_turns;
+        self.large_files += o.large_files;
         self.comparisons += o.comparisons;
         self.raced_reads += o.raced_reads;
         self.paths_at_end += o.paths_at_end;
@@ -824,6 +873,9 @@ pub struct DataSim {
     /// Percent chance, at those steps, that the replica's disk turns full
     /// (or has room again).
     full_percent: u8,
+    /// Files larger than this take the large files' path (a restarted
+    /// sender keeps it).
+    large_from: u64,
     /// The sender's index as last saved (a primary that crashes restarts
     /// from it, or from nothing).
     saved_index: Option<HashMap<Box<Path>, Entry>>,
@@ -864,6 +916,12 @@ impl DataSim {
         sim.crash_percent = [0, 5, 15][sim.fault_rng.range(0, 2) as usize];
         sim.full_percent = [0, 0, 10, 30][sim.fault_rng.range(0, 3) as usize];
         sim.replica.eio_percent = [0, 0, 1, 3][sim.fault_rng.range(0, 3) as usize];
+        // Files above this size take the large files' path (the bodies are
+        // tens to a few hundred bytes).
+        let large = [u64::MAX, 150, 100][sim.fault_rng.range(0, 2) as usize];
+        sim.sender.set_small_file_bytes_max(large);
+        sim.large_from = large;
+        sim.replica.group_commit = sim.fault_rng.percent(50);
         sim
     }
 
@@ -886,6 +944,8 @@ impl DataSim {
                 fs: Fs::new(-1_000_000_000),
                 durable: Fs::new(-1_000_000_000),
                 since_durable: Vec::new(),
+                unflushed: Vec::new(),
+                group_commit: false,
                 full: false,
                 eio_percent: 0,
                 eio_rng: SimRng::new(seed ^ 0x0065_696f),
@@ -907,6 +967,7 @@ impl DataSim {
             fault_rng: SimRng::new(seed ^ 0x6372_6173_6865_7321),
             crash_percent: 0,
             full_percent: 0,
+            large_from: u64::MAX,
             saved_index: None,
             names: 0,
             out: Outcome::default(),
@@ -1481,7 +1542,25 @@ impl DataSim {
                     self.sender
                         .small_read(seq, store, rel, &st, read, &mut batch, &mut out);
                 }
-                Plan::Large { .. } => return Err("no file in the model is large".into()),
+                Plan::Large {
+                    seq,
+                    store,
+                    rel,
+                    st,
+                } => {
+                    // What is planned so far goes out first.
+                    if !out.is_empty() {
+                        self.to_replica.push_back(std::mem::take(&mut out));
+                    }
+                    let sent = self.stream_large(seq, &rel, &st);
+                    self.sender
+                        .large_streamed(seq, store, rel, &st, sent, &mut batch, &mut out);
+                    // Replies are heard while the batch is still being sent.
+                    for _ in 0..self.rng.range(0, 3) {
+                        self.replica_step()?;
+                        self.replies_while(&batch)?;
+                    }
+                }
             }
         }
         self.sender
@@ -1491,8 +1570,75 @@ impl DataSim {
         Ok(())
     }
 
+    /// A large file: hashed, then (maybe after the workload changed it)
+    /// streamed as many bytes as were hashed, padded if it shrank, as the
+    /// sender's driver does; `None` if it vanished before the hash.
+    fn stream_large(&mut self, seq: u64, rel: &Path, st: &Stat) -> Option<(u128, u64)> {
+        let body = |fs: &Fs| match fs.get(rel).map(|i| &i.body) {
+            Some(Body::File(d)) => Some(d.clone()),
+            _ => None,
+        };
+        let hashed = body(&self.primary.borrow())?;
+        let (hash, len) = (index::hash_bytes(&hashed), hashed.len() as u64);
+        if self.workload_left > 0 && self.rng.percent(25) {
+            self.workload_left -= 1;
+            self.workload_step();
+            self.out.raced_reads += 1;
+        }
+        let mut data = body(&self.primary.borrow()).unwrap_or_default();
+        data.resize(len as usize, 0);
+        let mut f = Vec::new();
+        SyncMsg::File {
+            seq,
+            store: 0,
+            path: bytes(rel),
+            meta: st.meta,
+            size: len,
+            hash,
+        }
+        .encode(&mut f);
+        if len > 0 {
+            SyncMsg::Data { seq, bytes: data }.encode(&mut f);
+        }
+        self.to_replica.push_back(f);
+        self.out.large_files += 1;
+        Some((hash, len))
+    }
+
+    /// Replies heard while a batch is being sent.
+    fn replies_while(&mut self, building: &Inflight) -> Result<(), String> {
+        while let Some(bytes) = self.to_primary.pop_front() {
+            for msg in decode_all(&bytes)? {
+                if matches!(msg, SyncMsg::Need { .. }) {
+                    self.out.needs += 1;
+                }
+                if self.trace {
+                    eprintln!("sender hears (batch open) {msg:?}");
+                }
+                self.sender
+                    .on_peer_msg_while(msg, Some(building))
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
     fn replica_step(&mut self) -> Result<(), String> {
+        // The group commit's flush completes now or later.
+        if self.replica.group_commit
+            && !self.replica.unflushed.is_empty()
+            && (self.to_replica.is_empty() || self.fault_rng.percent(40))
+        {
+            if self.trace {
+                eprintln!("replica flushes {:?}", self.replica.unflushed);
+            }
+            self.replica.flush();
+        }
         let Some(bytes) = self.to_replica.pop_front() else {
+            if !self.replica.replies.is_empty() {
+                self.to_primary
+                    .push_back(std::mem::take(&mut self.replica.replies));
+            }
             return Ok(());
         };
         for msg in decode_all(&bytes)? {
@@ -1553,6 +1699,8 @@ impl DataSim {
         self.replica.current = None;
         self.replica.retime.clear();
         self.replica.replies.clear();
+        // A flush under way completes, but its acknowledgements are lost.
+        self.replica.unflushed.clear();
         self.sender.forget_inflight_commits();
         self.session_wanted = true;
     }
@@ -1582,6 +1730,7 @@ impl DataSim {
         self.replica.current = None;
         self.replica.retime.clear();
         self.replica.replies.clear();
+        self.replica.unflushed.clear();
         self.replica.durable = self.replica.fs.clone();
         self.replica.since_durable.clear();
     }
@@ -1609,6 +1758,7 @@ impl DataSim {
             index.entries = saved.clone();
         }
         self.sender = new_sender(&self.primary, &self.excludes, index);
+        self.sender.set_small_file_bytes_max(self.large_from);
         self.events.clear();
         self.watched.clear();
         self.watch_all();

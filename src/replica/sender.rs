@@ -233,6 +233,9 @@ pub struct Sender<T = Tree> {
     window: AckWindow<Inflight>,
     retry: Vec<(Instant, Op)>,
     retry_delay: Duration,
+    /// Files up to this size are read with their batch; larger ones are
+    /// hashed and streamed on their own (a simulator makes it small).
+    small_file_bytes_max: u64,
     next_backoff: Instant,
     last_save: Instant,
     /// A background index save in progress: per store, its outcome.
@@ -402,6 +405,7 @@ impl<T: LocalTree> Sender<T> {
             window: AckWindow::default(),
             retry: Vec::new(),
             retry_delay: NO_SPACE_RETRY_MIN,
+            small_file_bytes_max: SMALL_FILE_BYTES_MAX,
             next_backoff: Instant::now(),
             last_save: Instant::now(),
             saver: None,
@@ -433,6 +437,13 @@ impl<T: LocalTree> Sender<T> {
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             prescanned: None,
         }
+    }
+
+    /// Files larger than `bytes` are streamed on their own (a simulator's
+    /// small files take the large files' path so).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn set_small_file_bytes_max(&mut self, bytes: u64) {
+        self.small_file_bytes_max = bytes;
     }
 
     /// Saves every changed index now, on this thread (session end, stop).
@@ -1036,7 +1047,7 @@ impl<T: LocalTree> Sender<T> {
 
     /// `building`: the batch being sent, not yet in flight (a Need for one
     /// of its ops can arrive while its large files stream).
-    fn on_peer_msg_while(
+    pub(crate) fn on_peer_msg_while(
         &mut self,
         msg: SyncMsg,
         building: Option<&Inflight>,
@@ -1770,7 +1781,7 @@ impl<T: LocalTree> Sender<T> {
                             let key = (st.dev, st.version.ino);
                             self.recent.record(key, store, &rel, st.version);
                             batch.recent_names.push((key, store, rel.clone()));
-                            if st.version.size <= SMALL_FILE_BYTES_MAX {
+                            if st.version.size <= self.small_file_bytes_max {
                                 plans.push(Plan::Small {
                                     seq,
                                     store,
