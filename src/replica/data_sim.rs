@@ -457,6 +457,9 @@ struct Replica {
     since_durable: Vec<SyncMsg>,
     /// Barriers applied, acknowledged once a flush covers them.
     unflushed: Vec<u64>,
+    /// Versions kept aside for the primary (a former primary's genuine
+    /// conflicts), by path and content hash.
+    kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
     /// Flushes complete later than the barrier (the receiver's group
     /// commit: a need for an op of a later batch can go out before the
     /// acknowledgement of an earlier one); else at once.
@@ -562,6 +565,22 @@ impl Replica {
         }
         match msg {
             SyncMsg::Start { .. } | SyncMsg::ManifestRequest { .. } | SyncMsg::CaughtUp => {}
+            SyncMsg::KeepAside { path, .. } => {
+                // Moved out of the tree into the conflicts kept for the
+                // primary (never refused here: the receiver protects a
+                // path it cannot move, which is not modelled).
+                let rel = rel_of(&path)?;
+                if let Some(hash) = self.fs.hash_of(&rel) {
+                    if self
+                        .fs
+                        .get(&rel)
+                        .is_some_and(|i| matches!(i.body, Body::File(_)))
+                    {
+                        self.kept_aside.insert((rel.clone(), hash));
+                        self.fs.drop_name(&rel);
+                    }
+                }
+            }
             SyncMsg::File {
                 seq,
                 path,
@@ -815,6 +834,10 @@ pub struct Outcome {
     pub primary_crashes: u64,
     /// Times the replica's disk turned full or had room again.
     pub disk_full_turns: u64,
+    /// Failovers (at most one a run), and the versions kept aside for the
+    /// new primary after them.
+    pub failovers: u64,
+    pub kept_aside: u64,
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
     pub comparisons: u64,
@@ -837,6 +860,8 @@ impl Outcome {
         self.replica_crashes += o.replica_crashes;
         self.primary_crashes += o.primary_crashes;
         self.disk_full_turns += o.disk_full_turns;
+        self.failovers += o.failovers;
+        self.kept_aside += o.kept_aside;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
         self.raced_reads += o.raced_reads;
@@ -876,6 +901,11 @@ pub struct DataSim {
     /// Files larger than this take the large files' path (a restarted
     /// sender keeps it).
     large_from: u64,
+    /// Percent chance, at those steps, of a failover (once per run).
+    failover_percent: u8,
+    /// After the failover: the old primary's files then (path, hash) and
+    /// what the new primary held as it took over.
+    failed_over: Option<FailedOver>,
     /// The sender's index as last saved (a primary that crashes restarts
     /// from it, or from nothing).
     saved_index: Option<HashMap<Box<Path>, Entry>>,
@@ -888,6 +918,13 @@ pub struct DataSim {
 const FOLDERS: [&str; 4] = ["", ".Sent", ".Trash", ".Archive"];
 const SUBS: [&str; 3] = ["cur", "new", "tmp"];
 
+/// A failover that happened: what the old primary held then, and what the
+/// new primary held as it took over (its takeover record).
+struct FailedOver {
+    old_primary_files: Vec<(PathBuf, u128)>,
+    known: std::collections::HashSet<u128>,
+}
+
 /// The real sender over the simulated primary, its index as given.
 fn new_sender(primary: &Rc<RefCell<Fs>>, excludes: &Excludes, index: Index) -> Sender<SimTree> {
     let store = Store {
@@ -899,13 +936,17 @@ fn new_sender(primary: &Rc<RefCell<Fs>>, excludes: &Excludes, index: Index) -> S
         conflicts: false,
         dovecot: false,
     };
-    Sender::new(
+    let mut sender = Sender::new(
         vec![store],
         excludes.clone(),
         Coalescer::detached(1),
         Arc::new(ReplStats::default()),
         Duration::from_secs(600),
-    )
+    );
+    // Nothing of a simulated run is written: a takeover record given is
+    // kept in memory (writing it back fails quietly).
+    sender.state_dir = PathBuf::from("/nonexistent/hasync-data-sim");
+    sender
 }
 
 impl DataSim {
@@ -922,6 +963,7 @@ impl DataSim {
         sim.sender.set_small_file_bytes_max(large);
         sim.large_from = large;
         sim.replica.group_commit = sim.fault_rng.percent(50);
+        sim.failover_percent = [0, 3, 10][sim.fault_rng.range(0, 2) as usize];
         sim
     }
 
@@ -945,6 +987,7 @@ impl DataSim {
                 durable: Fs::new(-1_000_000_000),
                 since_durable: Vec::new(),
                 unflushed: Vec::new(),
+                kept_aside: Default::default(),
                 group_commit: false,
                 full: false,
                 eio_percent: 0,
@@ -967,6 +1010,8 @@ impl DataSim {
             fault_rng: SimRng::new(seed ^ 0x6372_6173_6865_7321),
             crash_percent: 0,
             full_percent: 0,
+            failover_percent: 0,
+            failed_over: None,
             large_from: u64::MAX,
             saved_index: None,
             names: 0,
@@ -1684,7 +1729,10 @@ impl DataSim {
             .expect("the model never fails a scan");
         let remote = vec![self.replica.manifest(&self.excludes)];
         let (_differ, aside) = self.sender.compare(on_way, scans, remote, initial);
-        assert!(aside.is_empty(), "no former primary in this model");
+        if !aside.is_empty() {
+            // Before any op that would replace or delete those versions.
+            self.to_replica.push_back(aside);
+        }
     }
 
     /// The connection is cut: what is on the wire is lost; the next session
@@ -1782,7 +1830,66 @@ impl DataSim {
 
     fn session(&mut self) {
         let _start = self.sender.begin_session();
+        if self.failed_over.is_some() {
+            // The former primary says so as it connects.
+            self.sender
+                .on_peer_msg(SyncMsg::PeerState {
+                    former_primary: true,
+                })
+                .expect("a peer state is always taken");
+        }
         self.compare(true);
+    }
+
+    /// A failover: the replica's node takes over with what it holds (its
+    /// takeover record: every version in it), the old primary's node comes
+    /// back as the replica with what it held (versions it never sent among
+    /// them), and the workload goes on on the new primary. Every version
+    /// the old primary held and the new one did not must be kept aside
+    /// there, and nothing else.
+    fn failover(&mut self) {
+        self.out.failovers += 1;
+        self.cut();
+        let new_primary = self.replica.fs.clone();
+        let old_primary = std::mem::replace(&mut *self.primary.borrow_mut(), new_primary);
+        let files = |fs: &Fs| -> Vec<(PathBuf, u128)> {
+            fs.names
+                .keys()
+                .filter(|p| !excluded_or_below(&self.excludes, p))
+                .filter_map(|p| match fs.get(p).map(|i| &i.body) {
+                    Some(Body::File(_)) => Some((p.clone(), fs.hash_of(p)?)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let known: std::collections::HashSet<u128> = files(&self.primary.borrow())
+            .into_iter()
+            .map(|(_, h)| h)
+            .collect();
+        let old_primary_files = files(&old_primary);
+        if self.trace {
+            let genuine = old_primary_files
+                .iter()
+                .filter(|(_, h)| !known.contains(h))
+                .count();
+            eprintln!("failover: the old primary holds {genuine} versions the new one lacks");
+        }
+        // The new primary's own files are durable where they are.
+        self.replica.fs = old_primary.clone();
+        self.replica.durable = old_primary;
+        self.replica.since_durable.clear();
+        self.sender = new_sender(&self.primary, &self.excludes, Index::in_memory());
+        self.sender.set_small_file_bytes_max(self.large_from);
+        self.sender.set_takeover_known(vec![Some(known.clone())]);
+        self.saved_index = None;
+        self.events.clear();
+        self.watched.clear();
+        self.watch_all();
+        self.verify_wanted = false;
+        self.failed_over = Some(FailedOver {
+            old_primary_files,
+            known,
+        });
     }
 
     /// Runs the seed; an error says which invariant broke.
@@ -1867,12 +1974,22 @@ impl DataSim {
                             self.saved_index = Some(self.sender.stores[0].index.entries.clone());
                         }
                         if self.fault_rng.percent(self.crash_percent) {
-                            if self.fault_rng.percent(50) {
+                            // A new primary's crash would restart it with
+                            // its takeover record as last written, which
+                            // is not modelled.
+                            if self.fault_rng.percent(50) || self.failed_over.is_some() {
                                 self.crash_replica();
                             } else {
                                 self.crash_primary();
                             }
                         }
+                    }
+                    if self.failover_percent > 0
+                        && self.failed_over.is_none()
+                        && self.workload_left > 0
+                        && self.fault_rng.percent(self.failover_percent)
+                    {
+                        self.failover();
                     }
                 }
             }
@@ -1880,8 +1997,40 @@ impl DataSim {
         if self.check()? {
             self.out.split_links += 1;
         }
+        self.check_conflicts()?;
         self.out.paths_at_end = self.primary.borrow().names.len() as u64;
         Ok(self.out)
+    }
+
+    /// After a failover: every version the old primary held that the new
+    /// one did not hold as it took over was kept aside (none lost), and
+    /// only those (a version the new primary held is its users' to keep
+    /// or delete).
+    fn check_conflicts(&mut self) -> Result<(), String> {
+        let Some(f) = &self.failed_over else {
+            return Ok(());
+        };
+        let genuine: std::collections::BTreeSet<(PathBuf, u128)> = f
+            .old_primary_files
+            .iter()
+            .filter(|(_, h)| !f.known.contains(h))
+            .cloned()
+            .collect();
+        let kept = &self.replica.kept_aside;
+        if let Some((p, _)) = genuine.difference(kept).next() {
+            return Err(format!(
+                "a version the old primary held at {} and the new primary never had was not kept aside (lost)",
+                p.display()
+            ));
+        }
+        if let Some((p, _)) = kept.difference(&genuine).next() {
+            return Err(format!(
+                "{} kept aside, but the new primary held that version (not a genuine conflict)",
+                p.display()
+            ));
+        }
+        self.out.kept_aside += kept.len() as u64;
+        Ok(())
     }
 
     /// The replica holds exactly the primary's tree; true if a hard-link

@@ -446,6 +446,18 @@ impl<T: LocalTree> Sender<T> {
         self.small_file_bytes_max = bytes;
     }
 
+    /// What this node held when it took over, per mailstore, as a
+    /// takeover record would give it (a simulator's failover; the daemon
+    /// reads the record from the state directory).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn set_takeover_known(
+        &mut self,
+        known: Vec<Option<std::collections::HashSet<u128>>>,
+    ) {
+        self.known = known;
+        self.takeover_settled = true;
+    }
+
     /// Saves every changed index now, on this thread (session end, stop).
     pub fn save_indexes(&mut self) {
         self.save_known();
@@ -1393,14 +1405,6 @@ impl<T: LocalTree> Sender<T> {
                         if self.window.was_needed(seq) {
                             entry.synced = false;
                         }
-                        // A former primary holds it now because this node
-                        // sent it: never a conflict of that peer's.
-                        if entry.synced && entry.kind == Kind::File {
-                            if let Some(Some(t)) = self.known.get_mut(s) {
-                                t.insert(entry.hash());
-                                self.known_dirty = true;
-                            }
-                        }
                         self.stores[s].index.set(rel, entry)
                     }
                     OnAck::Link(seq, ..) if self.window.was_needed(seq) => {}
@@ -1653,6 +1657,29 @@ impl<T: LocalTree> Sender<T> {
                         &mut expand,
                         &mut touched,
                     );
+                    // What the replica holds under `from` is not what the
+                    // index last saw go there (an op on the name failed,
+                    // and its retry follows the name it had then): the
+                    // rename carries that to `to`, which is sent after it.
+                    let stale = {
+                        let index = &self.stores[store].index;
+                        let unsynced =
+                            |p: &Path| index.get(p).map(|e| e.kind != Kind::Dir && !e.synced);
+                        // Only a name new to the index looks through the
+                        // renames on their way (a flag change costs none).
+                        unsynced(&from).unwrap_or_else(|| {
+                            let known = self.index_name(store, &from, &batch);
+                            known != from && unsynced(&known).unwrap_or(false)
+                        })
+                    };
+                    if stale {
+                        tracing::debug!(from = %from.display(), to = %to.display(), "a rename carries what the replica failed to update: the new name is sent");
+                        ops.push_front(Op::Sync {
+                            store,
+                            rel: to.clone(),
+                            since,
+                        });
+                    }
                     batch.acks.push(OnAck::Rename(seq, store, from, to));
                     batch.sinces.push(since);
                     plans.push(Plan::Frames(f));
@@ -1973,6 +2000,15 @@ impl<T: LocalTree> Sender<T> {
             self.inodes.record(key, store, &rel, st.version);
         }
 
+        // A former primary that holds this version holds it because this
+        // node sent it: never a conflict of that peer's. Known from the
+        // moment it goes out (it may land there and its ack be lost to a
+        // cut, and this node's users delete it before the next session).
+        if let Some(Some(t)) = self.known.get_mut(store) {
+            if t.insert(hash) {
+                self.known_dirty = true;
+            }
+        }
         let mut v = *st;
         v.version.size = len;
         batch
