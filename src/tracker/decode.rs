@@ -27,6 +27,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const MOVE_PAIR_WAIT: Duration = Duration::from_millis(10);
 /// MOVED_FROMs waiting for their pair; past this the oldest is taken as a move out.
 const MOVES_PENDING_MAX: usize = 4096;
+/// Folders made whose watch found nothing under their name, remembered
+/// until a rename of a folder above them says where they went; past this
+/// the oldest is given up (a rescan's walk finds it).
+const LOST_FOLDERS_MAX: usize = 1024;
 /// One read; the kernel needs 16 bytes + NAME_MAX + 1 per event at most, so this never truncates.
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Events decoded between two sends, so a flood cannot starve the consumer or the stop flag.
@@ -84,6 +88,12 @@ pub(crate) struct Decoder {
     /// Per store; ordered so a directory's watches are one range.
     by_path: Vec<BTreeMap<RelPath, i32>>,
     moves: VecDeque<PendingMove>,
+    /// Folders made (or moved in) whose watch found nothing: the watch of
+    /// the folder they were made in, and their name. A folder above was
+    /// renamed before the event was read (the folder lives on under the new
+    /// name, unwatched) or it was deleted; the rename, queued after, finds
+    /// them again.
+    lost: VecDeque<(i32, OsString)>,
 }
 
 impl Decoder {
@@ -116,6 +126,7 @@ impl Decoder {
             shared,
             by_wd: HashMap::new(),
             moves: VecDeque::new(),
+            lost: VecDeque::new(),
         })
     }
 
@@ -191,10 +202,10 @@ impl Decoder {
                     } else {
                         // Between two stores on one filesystem: a delete here, a new path there.
                         self.moved_out(from, out);
-                        self.moved_in(store, rel, is_dir, now, out);
+                        self.moved_in(store, ev.wd, rel, is_dir, now, out);
                     }
                 }
-                None => self.moved_in(store, rel, is_dir, now, out),
+                None => self.moved_in(store, ev.wd, rel, is_dir, now, out),
             }
         } else if ev.mask.contains(ReadFlags::CREATE) {
             if self.filter.excluded(&rel) {
@@ -202,7 +213,7 @@ impl Decoder {
             }
             if is_dir {
                 self.sync(store, rel.clone(), now, out);
-                self.watch_tree(store, rel, Some(now), out);
+                self.watch_new(store, ev.wd, rel, now, out);
             } else {
                 // Every new name, at once: a hard link or symlink gets no
                 // IN_CLOSE_WRITE, and a name linked in and then left alone
@@ -262,6 +273,8 @@ impl Decoder {
     fn on_overflow(&mut self, now: Instant, out: &mut Vec<Op>) {
         // The MOVED_TOs these wait for may be among the lost events.
         self.flush_moves(out);
+        // Every folder is watched again below.
+        self.lost.clear();
         Shared::add(&self.shared.overflows, 1);
         tracing::warn!(
             stores = self.roots.len(),
@@ -322,7 +335,10 @@ impl Decoder {
         }
         if from.is_dir {
             match (self.filter.excluded(&from.rel), self.filter.excluded(&to)) {
-                (false, false) => self.remap(store, &from.rel, &to, &from.wds),
+                (false, false) => {
+                    self.remap(store, &from.rel, &to, &from.wds);
+                    self.find_lost(store, &from.wds, from.since, out);
+                }
                 (false, true) => self.unwatch(store, &from.rel, &from.wds),
                 (true, false) => self.watch_tree(store, to.clone(), Some(from.since), out),
                 (true, true) => {}
@@ -342,6 +358,7 @@ impl Decoder {
     fn moved_in(
         &mut self,
         store: usize,
+        parent_wd: i32,
         rel: RelPath,
         is_dir: bool,
         now: Instant,
@@ -352,7 +369,58 @@ impl Decoder {
         }
         self.sync(store, rel.clone(), now, out);
         if is_dir {
-            self.watch_tree(store, rel, Some(now), out);
+            self.watch_new(store, parent_wd, rel, now, out);
+        }
+    }
+
+    /// Watches a folder new here (made or moved in, reported by the watch
+    /// `parent_wd`) and reports what it holds. If nothing is under its
+    /// name any more, a folder above may have been renamed before this
+    /// event was read: the folder is remembered, and that rename (queued
+    /// after this event) watches it under its new name.
+    fn watch_new(
+        &mut self,
+        store: usize,
+        parent_wd: i32,
+        rel: RelPath,
+        now: Instant,
+        out: &mut Vec<Op>,
+    ) {
+        let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
+            return;
+        };
+        self.watch_tree(store, rel.clone(), Some(now), out);
+        if self.by_path[store].contains_key(&rel) {
+            return;
+        }
+        if self.lost.len() >= LOST_FOLDERS_MAX {
+            self.lost.pop_front();
+        }
+        self.lost.push_back((parent_wd, name));
+    }
+
+    /// A folder renamed carried the watches `wds` (now under their new
+    /// names): a folder remembered as made in one of them and found nothing
+    /// is looked for again there, watched, and what it holds reported.
+    fn find_lost(&mut self, store: usize, wds: &[i32], since: Instant, out: &mut Vec<Op>) {
+        if self.lost.is_empty() {
+            return;
+        }
+        let (found, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.lost)
+            .into_iter()
+            .partition(|(wd, _)| wds.contains(wd));
+        self.lost = kept;
+        for (wd, name) in found {
+            let Some((s, parent)) = self.by_wd.get(&wd).cloned() else {
+                continue;
+            };
+            let rel = parent.join(name);
+            if s != store || self.filter.excluded(&rel) || self.by_path[s].contains_key(&rel) {
+                continue;
+            }
+            tracing::debug!(store, path = %rel.display(), "a folder made before a rename above it was read: watched under its new name");
+            self.sync(store, rel.clone(), since, out);
+            self.watch_tree(store, rel, Some(since), out);
         }
     }
 

@@ -1007,3 +1007,54 @@ fn a_folder_renamed_before_its_creation_was_read_is_watched_under_its_new_name()
     // What it held had no event here: the walk after the watch reports it.
     assert!(ops.iter().any(|o| o == "sync 0 .F0/new/1.host"), "{ops:?}");
 }
+
+/// A folder made in a watched folder that is renamed before the tracker
+/// read the new folder's IN_CREATE: the watch for the old path finds
+/// nothing, and the rename of the folder above (already watched, so no walk
+/// of its own) must find it under its new name (found by the data-path
+/// simulator after a failover, seed 6764: mail delivered into it later was
+/// never reported).
+#[test]
+fn a_folder_made_before_a_rename_above_it_was_read_is_watched_under_its_new_name() {
+    let (tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let root = tmp.path().join("s0");
+    fs::create_dir(root.join(".F0")).expect("mkdir");
+    let dir = ReadFlags::ISDIR;
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F0")),
+        now,
+        &mut out,
+    );
+    let f0 = d.watched(0, Path::new(".F0")).expect(".F0 watched");
+    // Then, before the tracker reads on: `new` made in it, the folder
+    // renamed, a message delivered.
+    fs::create_dir(root.join(".F0/new")).expect("mkdir");
+    fs::rename(root.join(".F0"), root.join(".F5")).expect("rename");
+    fs::write(root.join(".F5/new/1.host"), b"mail").expect("write");
+    out.clear();
+    d.handle(
+        event(f0, ReadFlags::CREATE | dir, 0, Some("new")),
+        now,
+        &mut out,
+    );
+    assert!(d.watched(0, Path::new(".F0/new")).is_none());
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM | dir, 7, Some(".F0")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_TO | dir, 7, Some(".F5")),
+        now,
+        &mut out,
+    );
+    let ops = plains(&out);
+    assert!(
+        d.watched(0, Path::new(".F5")).is_some() && d.watched(0, Path::new(".F5/new")).is_some(),
+        "the folder made before the rename is watched under its new name: {ops:?}"
+    );
+    // What it held had no event here: the walk after the watch reports it.
+    assert!(ops.iter().any(|o| o == "sync 0 .F5/new/1.host"), "{ops:?}");
+}

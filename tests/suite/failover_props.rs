@@ -246,8 +246,12 @@ fn data_sim_seeds_that_found_bugs() {
     // after a rename (the folder kept mode 755 on the replica); 83: after a
     // failover, a message the new primary sent landed on the former primary,
     // a cut lost its ack, its user deleted it, and the next comparison kept
-    // it aside there as a genuine conflict (it was this node's own).
-    const FAULT_SEEDS: [u64; 2] = [83, 10111];
+    // it aside there as a genuine conflict (it was this node's own); 6764: a
+    // folder made in a watched folder renamed before the tracker read its
+    // creation was never watched (the tracker's rule, modelled here, and
+    // the real tracker's unit test
+    // `a_folder_made_before_a_rename_above_it_was_read_is_watched_under_its_new_name`).
+    const FAULT_SEEDS: [u64; 3] = [83, 6764, 10111];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
