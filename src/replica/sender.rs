@@ -233,6 +233,9 @@ pub struct Sender<T = Tree> {
     window: AckWindow<Inflight>,
     retry: Vec<(Instant, Op)>,
     retry_delay: Duration,
+    /// Renames on their way that may be a folder's (by seq): one the
+    /// replica refuses leaves its trees to a comparison.
+    folder_renames: std::collections::HashSet<u64>,
     /// Files up to this size are read with their batch; larger ones are
     /// hashed and streamed on their own (a simulator makes it small).
     small_file_bytes_max: u64,
@@ -405,6 +408,7 @@ impl<T: LocalTree> Sender<T> {
             window: AckWindow::default(),
             retry: Vec::new(),
             retry_delay: NO_SPACE_RETRY_MIN,
+            folder_renames: Default::default(),
             small_file_bytes_max: SMALL_FILE_BYTES_MAX,
             next_backoff: Instant::now(),
             last_save: Instant::now(),
@@ -1440,7 +1444,9 @@ impl<T: LocalTree> Sender<T> {
                                     .flatten()
                                     .is_some_and(|st| st.kind == Kind::Dir)
                             };
-                            if folder(&to) || folder(&from) {
+                            // (Or gone from both names since: renamed on,
+                            // and what the replica keeps where is unknown.)
+                            if self.folder_renames.remove(&seq) || folder(&to) || folder(&from) {
                                 self.pending_verify = true;
                             }
                             self.coalescer.push(Op::Sync {
@@ -1449,6 +1455,7 @@ impl<T: LocalTree> Sender<T> {
                                 since: now,
                             });
                         } else {
+                            self.folder_renames.remove(&seq);
                             self.stores[s].index.rename_tree(&from, &to);
                         }
                     }
@@ -1649,14 +1656,16 @@ impl<T: LocalTree> Sender<T> {
                         names.renamed(store, &from, &to);
                     }
                     self.follow_retries(store, &from, &to);
-                    self.follow_folder_rename(
+                    if self.follow_folder_rename(
                         store,
                         (&from, &to),
                         since,
                         &batch,
                         &mut expand,
                         &mut touched,
-                    );
+                    ) {
+                        self.folder_renames.insert(seq);
+                    }
                     // What the replica holds under `from` is not what the
                     // index last saw go there (an op on the name failed,
                     // and its retry follows the name it had then): the
@@ -2383,6 +2392,7 @@ impl<T: LocalTree> Sender<T> {
     /// mkdir, or a comparison's backlog): those would be looked up under
     /// the old name, find nothing and be sent as deletes, and the entries
     /// under the new name would never travel. They follow the rename.
+    /// Whether the rename may be a folder's.
     fn follow_folder_rename(
         &mut self,
         store: usize,
@@ -2391,7 +2401,7 @@ impl<T: LocalTree> Sender<T> {
         batch: &Inflight,
         expand: &mut [(usize, PathBuf, Instant)],
         touched: &mut std::collections::BTreeSet<(usize, PathBuf)>,
-    ) {
+    ) -> bool {
         // The replica's folders below it (their names once the renames in
         // flight apply), whose times this batch says again under their new
         // names: each one's entries may have changed under a name the
@@ -2448,7 +2458,7 @@ impl<T: LocalTree> Sender<T> {
                 .flatten()
                 .is_some_and(|st| st.kind == Kind::Dir);
         if !is_dir {
-            return;
+            return folder;
         }
         touched.extend(held.into_iter().map(|p| (store, p)));
         // Folders this batch touched below it are below its new name, and
@@ -2492,6 +2502,7 @@ impl<T: LocalTree> Sender<T> {
         for rel in follow {
             self.coalescer.push(Op::Sync { store, rel, since });
         }
+        true
     }
 
     /// Every op on its way, in order: sent and not yet acknowledged, then
@@ -2625,6 +2636,7 @@ impl<T: LocalTree> Sender<T> {
     /// `Start`.
     pub(crate) fn begin_session(&mut self) -> Vec<u8> {
         self.window.reset();
+        self.folder_renames.clear();
         self.recent.clear();
         // The session's first comparison scans after this.
         self.listed.clear();
