@@ -236,6 +236,8 @@ pub struct Sender<T = Tree> {
     /// Renames on their way that may be a folder's (by seq): one the
     /// replica refuses leaves its trees to a comparison.
     folder_renames: std::collections::HashSet<u64>,
+    /// Folder times on their way (`DirMeta`, by seq).
+    times_only: std::collections::HashSet<u64>,
     /// Files up to this size are read with their batch; larger ones are
     /// hashed and streamed on their own (a simulator makes it small).
     small_file_bytes_max: u64,
@@ -409,6 +411,7 @@ impl<T: LocalTree> Sender<T> {
             retry: Vec::new(),
             retry_delay: NO_SPACE_RETRY_MIN,
             folder_renames: Default::default(),
+            times_only: Default::default(),
             small_file_bytes_max: SMALL_FILE_BYTES_MAX,
             next_backoff: Instant::now(),
             last_save: Instant::now(),
@@ -1409,6 +1412,14 @@ impl<T: LocalTree> Sender<T> {
                         if self.window.was_needed(seq) {
                             entry.synced = false;
                         }
+                        // A folder's times said do not make it held as it
+                        // is here: a `Mkdir` refused before them (its
+                        // children made it with another mode) stays owed.
+                        if !self.times_only.is_empty() && self.times_only.remove(&seq) {
+                            if let Some(held) = self.stores[s].index.get(&rel) {
+                                entry.synced &= held.synced;
+                            }
+                        }
                         self.stores[s].index.set(rel, entry)
                     }
                     OnAck::Link(seq, ..) if self.window.was_needed(seq) => {}
@@ -1668,12 +1679,12 @@ impl<T: LocalTree> Sender<T> {
                     }
                     // What the replica holds under `from` is not what the
                     // index last saw go there (an op on the name failed,
-                    // and its retry follows the name it had then): the
+                    // and its retry follows the name it had then; a
+                    // folder its children made with the wrong mode): the
                     // rename carries that to `to`, which is sent after it.
                     let stale = {
                         let index = &self.stores[store].index;
-                        let unsynced =
-                            |p: &Path| index.get(p).map(|e| e.kind != Kind::Dir && !e.synced);
+                        let unsynced = |p: &Path| index.get(p).map(|e| !e.synced);
                         // Only a name new to the index looks through the
                         // renames on their way (a flag change costs none).
                         unsynced(&from).unwrap_or_else(|| {
@@ -1929,6 +1940,7 @@ impl<T: LocalTree> Sender<T> {
                         meta: st.meta,
                     }
                     .encode(out);
+                    self.times_only.insert(seq);
                     batch
                         .acks
                         .push(OnAck::Set(seq, store, dir, Entry::new(&st, 0, true)));
@@ -2637,6 +2649,7 @@ impl<T: LocalTree> Sender<T> {
     pub(crate) fn begin_session(&mut self) -> Vec<u8> {
         self.window.reset();
         self.folder_renames.clear();
+        self.times_only.clear();
         self.recent.clear();
         // The session's first comparison scans after this.
         self.listed.clear();

@@ -254,7 +254,9 @@ fn data_sim_seeds_that_found_bugs() {
     // 8529: a folder rename refused by an I/O error after the folder was
     // renamed on again (gone from both names here: no comparison was
     // asked for, and a stale name stayed on the replica).
-    const FAULT_SEEDS: [u64; 4] = [83, 6764, 8529, 10111];
+    // 54234: a folder's `Mkdir` refused, then its times said in the same
+    // batch marked it held (a rename later carried the wrong mode on).
+    const FAULT_SEEDS: [u64; 5] = [83, 6764, 8529, 10111, 54234];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
