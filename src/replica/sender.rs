@@ -465,6 +465,13 @@ impl<T: LocalTree> Sender<T> {
         self.takeover_settled = true;
     }
 
+    /// The versions known held (takeover record and sent since), as the
+    /// last save wrote them (a simulator's crash restarts from these).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn takeover_known(&self) -> Vec<Option<std::collections::HashSet<u128>>> {
+        self.known.clone()
+    }
+
     /// Saves every changed index now, on this thread (session end, stop).
     pub fn save_indexes(&mut self) {
         self.save_known();
@@ -483,6 +490,11 @@ impl<T: LocalTree> Sender<T> {
     /// waiting behind it.
     fn save_indexes_in_background(&mut self) {
         self.join_saver();
+        // The versions sent to a former primary since the takeover record
+        // was last written: a crash before the next save would keep them
+        // aside there as its own. Written here, on this thread: only while a
+        // former primary is the peer (its first sessions after a failover).
+        self.save_known();
         let snaps: Vec<(usize, index::Snapshot)> = self
             .stores
             .iter_mut()
@@ -2804,7 +2816,7 @@ impl Sender<Tree> {
             }
             if self.last_save.elapsed() > Duration::from_secs(10)
                 && self.saver.is_none()
-                && self.stores.iter().any(|s| s.index.is_dirty())
+                && (self.known_dirty || self.stores.iter().any(|s| s.index.is_dirty()))
                 && self.window.is_empty()
             {
                 self.save_indexes_in_background();
