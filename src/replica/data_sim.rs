@@ -455,6 +455,9 @@ struct Replica {
     durable: Fs,
     /// Messages applied since that barrier: a crash keeps a prefix of them.
     since_durable: Vec<SyncMsg>,
+    /// The faults those messages met, in order (a crash replays them).
+    fault_log: Vec<Option<NeedReason>>,
+    replaying: Option<VecDeque<Option<NeedReason>>>,
     /// Barriers applied, acknowledged once a flush covers them.
     unflushed: Vec<u64>,
     /// Versions kept aside for the primary (a former primary's genuine
@@ -482,11 +485,22 @@ impl Replica {
     /// A fault refuses this op: the disk is full (`room`: it needs space)
     /// or an I/O error strikes; the op is answered with a need.
     fn faulted(&mut self, seq: u64, rel: &Path, room: bool) -> bool {
-        let reason = if room && self.full {
-            NeedReason::NoSpace
-        } else if self.eio_percent > 0 && self.eio_rng.percent(self.eio_percent) {
-            NeedReason::LocalError
-        } else {
+        let decided = match &mut self.replaying {
+            // After a crash, what was applied again fails as it did.
+            Some(log) => log.pop_front().flatten(),
+            None => {
+                let reason = if room && self.full {
+                    Some(NeedReason::NoSpace)
+                } else if self.eio_percent > 0 && self.eio_rng.percent(self.eio_percent) {
+                    Some(NeedReason::LocalError)
+                } else {
+                    None
+                };
+                self.fault_log.push(reason);
+                reason
+            }
+        };
+        let Some(reason) = decided else {
             return false;
         };
         self.need(seq, rel, reason);
@@ -765,6 +779,9 @@ impl Replica {
         }
         self.durable = self.fs.clone();
         self.since_durable.clear();
+        if self.replaying.is_none() {
+            self.fault_log.clear();
+        }
     }
 
     /// The manifest the receiver sends for a comparison.
@@ -1011,6 +1028,8 @@ impl DataSim {
                 fs: Fs::new(-1_000_000_000),
                 durable: Fs::new(-1_000_000_000),
                 since_durable: Vec::new(),
+                fault_log: Vec::new(),
+                replaying: None,
                 unflushed: Vec::new(),
                 kept_aside: Default::default(),
                 group_commit: false,
@@ -1840,6 +1859,7 @@ impl DataSim {
     fn crash_replica(&mut self) {
         self.out.replica_crashes += 1;
         let applied = std::mem::take(&mut self.replica.since_durable);
+        self.replica.replaying = Some(std::mem::take(&mut self.replica.fault_log).into());
         let kept = self.rng_crash_range(applied.len());
         if self.trace {
             eprintln!(
@@ -1862,6 +1882,8 @@ impl DataSim {
         self.replica.unflushed.clear();
         self.replica.durable = self.replica.fs.clone();
         self.replica.since_durable.clear();
+        self.replica.replaying = None;
+        self.replica.fault_log.clear();
     }
 
     fn rng_crash_range(&mut self, n: usize) -> usize {
@@ -1969,6 +1991,7 @@ impl DataSim {
         self.replica.fs = old_primary.clone();
         self.replica.durable = old_primary;
         self.replica.since_durable.clear();
+        self.replica.fault_log.clear();
         self.sender = new_sender(&self.primary, &self.excludes, Index::in_memory());
         self.sender.set_small_file_bytes_max(self.large_from);
         self.sender.set_takeover_known(vec![Some(known.clone())]);
@@ -2128,7 +2151,7 @@ impl DataSim {
                 continue;
             }
             return Err(format!(
-                "{} kept aside, but the new primary held that version (not a genuine conflict)",
+                "{} kept aside (content {h:x}), but the new primary held that version (not a genuine conflict)",
                 p.display()
             ));
         }
