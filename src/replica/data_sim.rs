@@ -2077,6 +2077,11 @@ impl DataSim {
                 83..=97 => self.reply_step()?,
                 _ => {
                     if self.rng.percent(self.cut_percent.saturating_mul(20)) {
+                        // A session ends: the sender writes the versions
+                        // known held (the takeover record) as it closes.
+                        if let Some(f) = &mut self.failed_over {
+                            f.saved_known = self.sender.takeover_known();
+                        }
                         self.cut();
                     }
                     if self.workload_left > 0 && self.fault_rng.percent(self.full_percent) {
@@ -2088,12 +2093,8 @@ impl DataSim {
                     }
                     if self.crash_percent > 0 {
                         if self.fault_rng.percent(20) {
-                            // The sender saves its index now and then, and
-                            // with it the versions known held.
+                            // The sender saves its index now and then.
                             self.saved_index = Some(self.sender.stores[0].index.entries.clone());
-                            if let Some(f) = &mut self.failed_over {
-                                f.saved_known = self.sender.takeover_known();
-                            }
                         }
                         if self.fault_rng.percent(self.crash_percent) {
                             if self.fault_rng.percent(50) {

@@ -465,8 +465,8 @@ impl<T: LocalTree> Sender<T> {
         self.takeover_settled = true;
     }
 
-    /// The versions known held (takeover record and sent since), as the
-    /// last save wrote them (a simulator's crash restarts from these).
+    /// The versions known held now (takeover record and sent since): what
+    /// a save at the end of a session writes (a simulator keeps it).
     #[cfg(any(test, feature = "tools"))]
     pub(crate) fn takeover_known(&self) -> Vec<Option<std::collections::HashSet<u128>>> {
         self.known.clone()
@@ -490,11 +490,6 @@ impl<T: LocalTree> Sender<T> {
     /// waiting behind it.
     fn save_indexes_in_background(&mut self) {
         self.join_saver();
-        // The versions sent to a former primary since the takeover record
-        // was last written: a crash before the next save would keep them
-        // aside there as its own. Written here, on this thread: only while a
-        // former primary is the peer (its first sessions after a failover).
-        self.save_known();
         let snaps: Vec<(usize, index::Snapshot)> = self
             .stores
             .iter_mut()
@@ -1039,21 +1034,24 @@ impl<T: LocalTree> Sender<T> {
                 _ => None,
             })
             .collect();
+        if moved.is_empty() {
+            return;
+        }
+        // Renamed away and back: a name is due once (one set, not a scan
+        // per name: a full disk can hold many retries).
+        let mut due: std::collections::HashSet<(usize, PathBuf)> = self
+            .retry
+            .iter()
+            .filter_map(|(_, op)| match op {
+                Op::Sync { store, rel, .. } => Some((*store, rel.clone())),
+                _ => None,
+            })
+            .collect();
         for (at, op) in moved {
-            // Renamed away and back: the name is due once.
-            let due = |o: &Op| match (o, &op) {
-                (
-                    Op::Sync {
-                        store: a, rel: p, ..
-                    },
-                    Op::Sync {
-                        store: b, rel: q, ..
-                    },
-                ) => a == b && p == q,
-                _ => false,
-            };
-            if !self.retry.iter().any(|(_, o)| due(o)) {
-                self.retry.push((at, op));
+            if let Op::Sync { store, rel, .. } = &op {
+                if due.insert((*store, rel.clone())) {
+                    self.retry.push((at, op));
+                }
             }
         }
     }
@@ -2816,7 +2814,7 @@ impl Sender<Tree> {
             }
             if self.last_save.elapsed() > Duration::from_secs(10)
                 && self.saver.is_none()
-                && (self.known_dirty || self.stores.iter().any(|s| s.index.is_dirty()))
+                && self.stores.iter().any(|s| s.index.is_dirty())
                 && self.window.is_empty()
             {
                 self.save_indexes_in_background();

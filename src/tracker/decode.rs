@@ -333,11 +333,12 @@ impl Decoder {
             self.watch_tree(store, to, Some(since), out);
             return;
         }
+        let mut look_again = false;
         if from.is_dir {
             match (self.filter.excluded(&from.rel), self.filter.excluded(&to)) {
                 (false, false) => {
                     self.remap(store, &from.rel, &to, &from.wds);
-                    self.find_lost(store, &from.wds, from.since, out);
+                    look_again = true;
                 }
                 (false, true) => self.unwatch(store, &from.rel, &from.wds),
                 (true, false) => self.watch_tree(store, to.clone(), Some(from.since), out),
@@ -345,6 +346,12 @@ impl Decoder {
             }
         }
         out.extend(rename_op(&self.filter, store, from.rel, to, from.since));
+        if look_again {
+            // After the rename: what they hold is reported under its new
+            // name (before it, the replica would make the new name first
+            // and refuse the rename).
+            self.find_lost(store, &from.wds, from.since, out);
+        }
     }
 
     fn moved_out(&mut self, from: PendingMove, out: &mut Vec<Op>) {
