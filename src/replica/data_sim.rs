@@ -1753,17 +1753,29 @@ impl DataSim {
     /// Replies heard while a batch is being sent.
     fn replies_while(&mut self, building: &Inflight) -> Result<(), String> {
         while let Some(bytes) = self.to_primary.pop_front() {
-            for msg in decode_all(&bytes)? {
-                if matches!(msg, SyncMsg::Need { .. }) {
-                    self.out.needs += 1;
-                }
-                if self.trace {
-                    eprintln!("sender hears (batch open) {msg:?}");
-                }
-                self.sender
-                    .on_peer_msg_while(msg, Some(building))
-                    .map_err(|e| e.to_string())?;
+            self.hear(&bytes, Some(building))?;
+        }
+        Ok(())
+    }
+
+    /// The sender hears the replica's replies (`building`: with a batch
+    /// still being sent).
+    fn hear(&mut self, bytes: &[u8], building: Option<&Inflight>) -> Result<(), String> {
+        for msg in decode_all(bytes)? {
+            if matches!(msg, SyncMsg::Need { .. }) {
+                self.out.needs += 1;
             }
+            if self.trace {
+                let open = if building.is_some() {
+                    " (batch open)"
+                } else {
+                    ""
+                };
+                eprintln!("sender hears{open} {msg:?}");
+            }
+            self.sender
+                .on_peer_msg_while(msg, building)
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -1804,16 +1816,7 @@ impl DataSim {
         let Some(bytes) = self.to_primary.pop_front() else {
             return Ok(());
         };
-        for msg in decode_all(&bytes)? {
-            if matches!(msg, SyncMsg::Need { .. }) {
-                self.out.needs += 1;
-            }
-            if self.trace {
-                eprintln!("sender hears {msg:?}");
-            }
-            self.sender.on_peer_msg(msg).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        self.hear(&bytes, None)
     }
 
     /// A comparison of manifests, as a session's start or a rescan runs it.
@@ -1909,15 +1912,29 @@ impl DataSim {
             index.entries = saved.clone();
         }
         let known_now = self.sender.takeover_known();
-        self.sender = new_sender(&self.primary, &self.excludes, index);
-        self.sender.set_small_file_bytes_max(self.large_from);
-        if let Some(f) = &mut self.failed_over {
+        let record = self.failed_over.as_mut().map(|f| {
             // A new primary restarts from its takeover record as written.
             if let (Some(Some(now)), Some(Some(saved))) = (known_now.first(), f.saved_known.first())
             {
                 f.unsaved.extend(now.difference(saved));
             }
-            self.sender.set_takeover_known(f.saved_known.clone());
+            f.saved_known.clone()
+        });
+        self.restart_primary(index, record);
+    }
+
+    /// The primary's sender starts again (index and takeover record as
+    /// given), its tracker with every event lost and every folder watched
+    /// again under the name it has now.
+    fn restart_primary(
+        &mut self,
+        index: Index,
+        takeover: Option<Vec<Option<std::collections::HashSet<u128>>>>,
+    ) {
+        self.sender = new_sender(&self.primary, &self.excludes, index);
+        self.sender.set_small_file_bytes_max(self.large_from);
+        if let Some(known) = takeover {
+            self.sender.set_takeover_known(known);
         }
         self.events.clear();
         self.lost.clear();
@@ -1992,15 +2009,8 @@ impl DataSim {
         self.replica.durable = old_primary;
         self.replica.since_durable.clear();
         self.replica.fault_log.clear();
-        self.sender = new_sender(&self.primary, &self.excludes, Index::in_memory());
-        self.sender.set_small_file_bytes_max(self.large_from);
-        self.sender.set_takeover_known(vec![Some(known.clone())]);
+        self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
-        self.events.clear();
-        self.lost.clear();
-        self.watched.clear();
-        self.watch_all();
-        self.verify_wanted = false;
         self.failed_over = Some(FailedOver {
             saved_known: vec![Some(known.clone())],
             unsaved: Default::default(),
