@@ -185,6 +185,10 @@ impl Postfix {
     fn wait_deferred(&self, n: usize) -> Vec<serde_json::Value> {
         let until = Instant::now() + Duration::from_secs(60);
         loop {
+            // `postqueue -j` scans the sub-queues one after another, so a
+            // message moving from `active/` to `deferred/` during the scan
+            // is listed twice: wait until the listing is exactly the n
+            // deferred messages.
             let q = self.queue();
             let deferred = q
                 .iter()
@@ -193,7 +197,7 @@ impl Postfix {
                         && m["recipients"][0]["delay_reason"].as_str().is_some()
                 })
                 .count();
-            if deferred == n {
+            if deferred == n && q.len() == n {
                 return q;
             }
             assert!(
