@@ -17,6 +17,30 @@ pub struct Meta {
     pub mtime_nsec: u32,
 }
 
+/// The order of [`Path`]'s `Ord` (component by component) for the
+/// normalized relative paths the replica deals in (names joined by single
+/// `/`, no `.` or `..`, no trailing `/`), computed on the bytes: at the
+/// first byte where two paths differ, a `/` (the end of a component) sorts
+/// below any byte of a name. Sorting tens of thousands of paths this way
+/// costs a fraction of comparing their components.
+pub fn path_order(a: &Path, b: &Path) -> std::cmp::Ordering {
+    use std::os::unix::ffi::OsStrExt;
+    let (a, b) = (a.as_os_str().as_bytes(), b.as_os_str().as_bytes());
+    match a.iter().zip(b).position(|(x, y)| x != y) {
+        None => a.len().cmp(&b.len()),
+        Some(i) => {
+            let rank = |c: u8| if c == b'/' { 0 } else { u16::from(c) + 1 };
+            rank(a[i]).cmp(&rank(b[i]))
+        }
+    }
+}
+
+/// The hasher of the maps keyed by paths (the index, a comparison's
+/// manifest): foldhash, seeded per process, so that names a local user
+/// chooses cannot be made to collide, and several times faster than the
+/// standard library's SipHash on the short keys of a mail store.
+pub type PathHasher = foldhash::fast::RandomState;
+
 /// `p` after a rename of `from` to `to`: `None` unless `p` is `from` or
 /// below it.
 pub fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
@@ -69,6 +93,45 @@ impl Excludes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        /// `path_order` is `Path`'s own order on the paths it is used for.
+        #[test]
+        fn path_order_is_paths_component_order(
+            a in proptest::collection::vec("[a-c.,/\\-]{1,3}|[\\x{1}-\\x{ff}]{1,2}", 1..4),
+            b in proptest::collection::vec("[a-c.,/\\-]{1,3}|[\\x{1}-\\x{ff}]{1,2}", 1..4),
+        ) {
+            let norm = |v: &Vec<String>| -> PathBuf {
+                v.iter()
+                    .flat_map(|c| c.split('/'))
+                    .filter(|c| !c.is_empty() && *c != "." && *c != "..")
+                    .collect()
+            };
+            let (a, b) = (norm(&a), norm(&b));
+            proptest::prop_assert_eq!(path_order(&a, &b), a.cmp(&b), "{:?} vs {:?}", a, b);
+        }
+    }
+
+    #[test]
+    fn path_order_puts_a_folders_entries_before_its_longer_named_siblings() {
+        let mut v = vec![
+            Path::new("a-b"),
+            Path::new("a/b"),
+            Path::new("a"),
+            Path::new("a.b/c"),
+        ];
+        v.sort_by(|x, y| path_order(x, y));
+        assert_eq!(
+            v,
+            [
+                Path::new("a"),
+                Path::new("a/b"),
+                Path::new("a-b"),
+                Path::new("a.b/c")
+            ]
+        );
+    }
 
     #[test]
     fn maildir_tmp_is_excluded_and_a_hasync_folder_is_mail() {

@@ -785,8 +785,8 @@ impl Replica {
     }
 
     /// The manifest the receiver sends for a comparison.
-    fn manifest(&self, excludes: &Excludes) -> HashMap<PathBuf, ManifestEntry> {
-        let mut out = HashMap::new();
+    fn manifest(&self, excludes: &Excludes) -> super::sender::Manifest {
+        let mut out = super::sender::Manifest::default();
         for p in self.fs.below(Path::new("")) {
             if excluded_or_below(excludes, &p) {
                 continue;
@@ -942,7 +942,7 @@ pub struct DataSim {
     failed_over: Option<FailedOver>,
     /// The sender's index as last saved (a primary that crashes restarts
     /// from it, or from nothing).
-    saved_index: Option<HashMap<Box<Path>, Entry>>,
+    saved_index: Option<super::index::Entries>,
     names: u64,
     out: Outcome,
     /// `HASYNC_DATA_SIM_TRACE=1`: every step on stderr.

@@ -844,6 +844,7 @@ async fn run_primary(
 ) {
     let cfg = &shared.cfg;
     let roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
+    let started = std::time::Instant::now();
     let (tracker, coalescer) = match Tracker::start(TrackerConfig {
         roots: roots.clone(),
         exclude: cfg.exclude.clone(),
@@ -862,6 +863,10 @@ async fn run_primary(
     *shared.notifier.lock().expect("notifier lock") = Some(tracker.notifier());
     // Shared with the status relay of each session; the inotify thread stops
     // when the last reference is dropped.
+    debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "primary: tracker watching"
+    );
     let tracker = Rc::new(tracker);
     let mut stores = Vec::with_capacity(cfg.stores.len());
     for s in &cfg.stores {
@@ -891,6 +896,10 @@ async fn run_primary(
             }
         }
     }
+    debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "primary: tracker watching, indexes loaded"
+    );
     let tenure = shared.primary_gen.load(Relaxed);
     raise_imap_uids(cfg, &shared.stats);
     // The tracker runs already: what changes after these scans is queued.

@@ -6,6 +6,8 @@
 //! and files that differ from the peer are kept aside rather than replaced.
 
 use std::collections::HashMap;
+
+use crate::model::{path_order, PathHasher};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -189,11 +191,14 @@ pub fn hash_bytes(b: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(b)
 }
 
+/// An index's entries: every path it knows, with what it knew of it.
+pub type Entries = HashMap<Box<Path>, Entry, PathHasher>;
+
 /// The index of one store.
 #[derive(Debug)]
 pub struct Index {
     /// Keyed by boxed paths (16 bytes, not a PathBuf's 24): one per file.
-    pub entries: HashMap<Box<Path>, Entry>,
+    pub entries: Entries,
     file: PathBuf,
     dirty: bool,
 }
@@ -276,7 +281,7 @@ fn write_entries<'a>(
     entries: impl Iterator<Item = (&'a Path, &'a Entry)>,
 ) -> std::io::Result<()> {
     let mut entries: Vec<(&Path, &Entry)> = entries.collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    entries.sort_unstable_by(|a, b| path_order(a.0, b.0));
     crate::io::write_atomic_with(file, |w| {
         let mut sum = xxhash_rust::xxh3::Xxh3::new();
         let mut buf = Vec::with_capacity(64 * 1024);
@@ -315,7 +320,7 @@ pub fn check_bytes(file: &Path, bytes: &[u8]) -> Result<usize, IndexError> {
 }
 
 /// Decodes an index file's bytes (checked before anything is trusted).
-fn decode_entries(file: &Path, bytes: &[u8]) -> Result<HashMap<Box<Path>, Entry>, IndexError> {
+fn decode_entries(file: &Path, bytes: &[u8]) -> Result<Entries, IndexError> {
     use std::os::unix::ffi::OsStrExt as _;
     let corrupt = |offset: usize, entry: u64, problem: String| IndexError::Corrupt {
         file: file.to_path_buf(),
@@ -348,7 +353,7 @@ fn decode_entries(file: &Path, bytes: &[u8]) -> Result<HashMap<Box<Path>, Entry>
     if count > (body.len() / (2 + ENTRY_FIXED)) as u64 {
         return Err(corrupt(8, 0, format!("{count} entries cannot fit")));
     }
-    let mut entries = HashMap::with_capacity(count as usize);
+    let mut entries = HashMap::with_capacity_and_hasher(count as usize, PathHasher::default());
     let mut at = 16;
     for n in 0..count {
         let take = |at: &mut usize, len: usize| -> Result<&[u8], IndexError> {
@@ -424,7 +429,7 @@ impl Index {
                 Ok(e) => (e, false),
                 Err(e) => {
                     warn!("{e}; starting empty: files will be re-hashed and conflicts kept aside");
-                    (HashMap::new(), false)
+                    (HashMap::default(), false)
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read(&legacy) {
@@ -439,14 +444,14 @@ impl Index {
                     ),
                     Ok(d) => {
                         warn!(file = %legacy.display(), "index version {} unknown; starting empty", d.version);
-                        (HashMap::new(), false)
+                        (HashMap::default(), false)
                     }
                     Err(e) => {
                         warn!(file = %legacy.display(), "index unreadable ({e}); starting empty: files will be re-hashed and conflicts kept aside");
-                        (HashMap::new(), false)
+                        (HashMap::default(), false)
                     }
                 },
-                Err(_) => (HashMap::new(), false),
+                Err(_) => (HashMap::default(), false),
             },
             Err(e) => {
                 warn!(
@@ -456,7 +461,7 @@ impl Index {
                         source: e
                     }
                 );
-                (HashMap::new(), false)
+                (HashMap::default(), false)
             }
         };
         Index {
@@ -469,7 +474,7 @@ impl Index {
     /// An index kept in memory only (a simulated store): never saved.
     pub fn in_memory() -> Index {
         Index {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             file: PathBuf::new(),
             dirty: false,
         }
@@ -711,14 +716,14 @@ impl Index {
             }
         }
         // Forget what is gone.
-        let present: std::collections::HashSet<&Path> =
+        let present: std::collections::HashSet<&Path, PathHasher> =
             out.iter().map(|(p, _, _)| p.as_path()).collect();
         let before = self.entries.len();
         self.entries.retain(|p, _| present.contains(&**p));
         if self.entries.len() != before {
             self.dirty = true;
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_unstable_by(|a, b| path_order(&a.0, &b.0));
         Ok(Scan {
             entries: out,
             too_long,
@@ -825,7 +830,7 @@ mod tests {
 
     fn index(entries: &[(&str, Kind)]) -> Index {
         let mut ix = Index {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             file: PathBuf::from("/nonexistent/index.json"),
             dirty: false,
         };

@@ -30,6 +30,9 @@ use crate::link::{FrameWriter, LinkError};
 use crate::tracker::{Coalescer, Op};
 use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg, MAX_DATA};
 
+/// The replica's manifest of one store, by path.
+pub(crate) type Manifest = HashMap<PathBuf, ManifestEntry, crate::model::PathHasher>;
+
 /// Files up to this size are read whole and concurrently; larger ones are
 /// streamed in `MAX_DATA` chunks, one at a time, so memory stays bounded.
 const SMALL_FILE_BYTES_MAX: u64 = 256 * 1024;
@@ -651,7 +654,7 @@ impl<T: LocalTree> Sender<T> {
         let scans = self.scan_stores(full_verify)?;
 
         let n = self.stores.len();
-        let mut remote: Vec<HashMap<PathBuf, ManifestEntry>> = vec![HashMap::new(); n];
+        let mut remote: Vec<Manifest> = vec![Manifest::default(); n];
         let mut done = vec![false; n];
         while !done.iter().all(|d| *d) {
             let msg = match rx.recv().await {
@@ -758,7 +761,7 @@ impl<T: LocalTree> Sender<T> {
         &mut self,
         mut on_way: super::drift::InFlight,
         mut scans: Vec<Option<super::index::Scan>>,
-        remote: Vec<HashMap<PathBuf, ManifestEntry>>,
+        remote: Vec<Manifest>,
         initial: bool,
     ) -> (u64, Vec<u8>) {
         let mut differ = 0u64;
@@ -873,7 +876,7 @@ impl<T: LocalTree> Sender<T> {
             // In path order: the same comparison queues the same ops (a
             // simulated run replays exactly).
             let mut remote: Vec<_> = remote.into_iter().collect();
-            remote.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            remote.sort_unstable_by(|a, b| crate::model::path_order(&a.0, &b.0));
             for (rel, r) in remote {
                 if genuine(&rel, &r) {
                     aside.push((s, rel.clone()));
