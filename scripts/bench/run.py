@@ -623,14 +623,16 @@ class Bench:
     def queue_push(self) -> None:
         n = self.args.queue_messages
         base = self.run / "pairs" / "queue"
-        stores = [{"mail": base / "mx1-mail"}, {"mail": base / "mx2-mail"}]
-        queues = [base / "mx1-queue", base / "mx2-queue"]
+        # Each node's queue on its own filesystem in the two-fs layout.
+        roots = self.pair_roots("queue")
+        stores = [{"mail": roots[0] / "mx1-mail"}, {"mail": roots[1] / "mx2-mail"}]
+        queues = [roots[0] / "mx1-queue", roots[1] / "mx2-queue"]
         for q in queues:
             q.mkdir(parents=True)
         t0 = time.monotonic()
         _, qbytes = hb.write_postfix_queue(queues[0], n, seed=self.args.seed)
         log(f"queue fixture: {n} messages, {qbytes / 1e6:.1f} MB in {time.monotonic() - t0:.1f}s")
-        pair = hb.Pair(self.exe, base, stores, queues=queues, layout="postfix")
+        pair = hb.Pair(self.exe, base, stores, queues=queues, layout="postfix", roots=roots)
         settle()
         pair.start()
         prim = pair.wait_formed()

@@ -1920,8 +1920,25 @@ impl DataSim {
             index.entries = saved.clone();
         }
         // A new primary restarts from its takeover record as written and
-        // the versions logged as sent since.
-        let record = self.failed_over.as_ref().map(|f| f.saved_known.clone());
+        // the versions logged as sent since, carried into the record its
+        // promotion writes of what it holds now.
+        let record = self.failed_over.as_ref().map(|f| {
+            let fs = self.primary.borrow();
+            let held_now = fs.below(Path::new("")).into_iter().filter_map(|p| {
+                fs.get(&p)
+                    .is_some_and(|i| matches!(i.body, Body::File(_)))
+                    .then(|| fs.hash_of(&p))
+                    .flatten()
+            });
+            let mut known = f.saved_known.clone();
+            if let Some(Some(k)) = known.first_mut() {
+                k.extend(held_now);
+            }
+            known
+        });
+        if let (Some(f), Some(r)) = (self.failed_over.as_mut(), &record) {
+            f.saved_known = r.clone();
+        }
         self.restart_primary(index, record);
     }
 
