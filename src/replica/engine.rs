@@ -1063,18 +1063,8 @@ fn record_takeover(
                 continue;
             }
         };
-        // Restarted before the former primary was reconciled: what this
-        // node held at its takeover and sent since still counts as held.
-        let (mut hashes, mut pending) = match super::takeover::carried_over(
-            &cfg.state_dir,
-            &st.name,
-        ) {
-            Some(old) => {
-                info!(store = %st.name, versions = old.hashes.len() + old.pending.len(), "takeover record of the earlier tenure carried over (its former primary is not reconciled yet)");
-                (old.hashes, old.pending)
-            }
-            None => Default::default(),
-        };
+        let mut hashes = std::collections::HashSet::new();
+        let mut pending = Vec::new();
         for (_, s, h) in scan.entries.iter().filter(|(_, s, _)| s.kind == Kind::File) {
             match h {
                 Some(h) => {

@@ -1013,15 +1013,6 @@ impl Receiver {
                     info!(peer, "this node served as primary: the primary decides which of its changes are genuine conflicts");
                 }
                 SyncMsg::PeerState { former_primary }.encode(&mut self.replies);
-                // A replica now: a takeover record of an earlier tenure of
-                // this node is settled (the next promotion starts its own).
-                if let Some(dir) = self.state_dir.as_deref() {
-                    for st in &self.stores {
-                        if let Err(e) = super::takeover::settle(dir, &st.name) {
-                            warn!(store = %st.name, "cannot settle this node's earlier takeover record: {e}");
-                        }
-                    }
-                }
                 self.uploads.clear();
                 self.protected.clear();
                 // Versions kept aside and not yet acknowledged by a primary

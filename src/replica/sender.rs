@@ -220,8 +220,6 @@ pub struct Sender<T = Tree> {
     /// version of the peer's outside it is a genuine conflict.
     known: Vec<Option<std::collections::HashSet<u128>>>,
     known_dirty: bool,
-    /// Versions added to `known` and not yet in the sent log.
-    known_unlogged: Vec<(usize, u128)>,
     /// Hard links: the names the peer holds of each linked inode.
     inodes: LinkNames,
     /// Every file sent but not yet acknowledged, by inode: a link made to a
@@ -445,7 +443,6 @@ impl<T: LocalTree> Sender<T> {
             replies_out: Vec::new(),
             known: Vec::new(),
             known_dirty: false,
-            known_unlogged: Vec::new(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             prescanned: None,
@@ -1088,10 +1085,7 @@ impl<T: LocalTree> Sender<T> {
         building: Option<&Inflight>,
     ) -> Result<(), SendError> {
         match msg {
-            SyncMsg::Ack { seq } => {
-                crate::failpoint::hit("sender.acked");
-                self.on_ack(seq)
-            }
+            SyncMsg::Ack { seq } => self.on_ack(seq),
             SyncMsg::Need {
                 seq,
                 store,
@@ -1181,18 +1175,8 @@ impl<T: LocalTree> Sender<T> {
                     info!("the peer served as primary: its changes are checked against this node's takeover record");
                     self.load_known();
                 } else {
-                    // Reconciled (or never primary): this tenure's record
-                    // is settled; a later promotion starts its own. (A
-                    // simulator's sender has no state directory.)
-                    let dir = Some(&self.state_dir).filter(|d| !d.as_os_str().is_empty());
-                    for st in self.stores.iter().filter(|s| s.conflicts && dir.is_some()) {
-                        if let Err(e) = super::takeover::settle(&self.state_dir, &st.name) {
-                            warn!(store = %st.name, "cannot settle the takeover record: {e}");
-                        }
-                    }
+                    self.save_known();
                     self.known.clear();
-                    self.known_dirty = false;
-                    self.known_unlogged.clear();
                 }
             }
             SyncMsg::ConflictFile {
@@ -1264,15 +1248,7 @@ impl<T: LocalTree> Sender<T> {
             let super::takeover::Record {
                 mut hashes,
                 pending,
-                ..
             } = record;
-            // Sent since the record was written (before a crash of this node).
-            match super::takeover::load_sent(&self.state_dir, &st.name) {
-                Ok(sent) => hashes.extend(sent),
-                Err(e) => {
-                    warn!(store = %st.name, "cannot read the versions sent since the takeover record ({e}): a former primary's copies of them are kept aside")
-                }
-            }
             if !pending.is_empty() {
                 let started = Instant::now();
                 let unread = pending.len();
@@ -1321,45 +1297,6 @@ impl<T: LocalTree> Sender<T> {
             }
         }
         self.known_dirty = false;
-        self.known_unlogged.clear();
-    }
-
-    /// A version of `store` goes out: known held from now on, and logged
-    /// (see [`Sender::take_known_unlogged`]) before its bytes leave.
-    pub(crate) fn note_sent(&mut self, store: usize, hash: u128) {
-        if let Some(Some(t)) = self.known.get_mut(store) {
-            if t.insert(hash) {
-                self.known_dirty = true;
-                self.known_unlogged.push((store, hash));
-            }
-        }
-    }
-
-    /// The versions known since they were last logged, per store: what the
-    /// driver appends to the takeover record's sent log before the frames
-    /// that carry them leave (a simulator keeps them as its record).
-    pub(crate) fn take_known_unlogged(&mut self) -> Vec<(usize, Vec<u128>)> {
-        let mut out: Vec<(usize, Vec<u128>)> = Vec::new();
-        for (s, h) in self.known_unlogged.drain(..) {
-            match out.iter_mut().find(|(t, _)| *t == s) {
-                Some((_, v)) => v.push(h),
-                None => out.push((s, vec![h])),
-            }
-        }
-        out
-    }
-
-    /// Appends the versions known since the last call to the sent logs
-    /// (flushed with `durable`). A failure is logged: those versions go into
-    /// the record at the end of the session, and a crash before it keeps
-    /// them aside on the former primary (never deletes them).
-    fn log_known(&mut self, durable: bool) {
-        for (s, hashes) in self.take_known_unlogged() {
-            let name = &self.stores[s].name;
-            if let Err(e) = super::takeover::append_sent(&self.state_dir, name, &hashes, durable) {
-                warn!(store = %name, "cannot log versions sent to the former primary: {e}");
-            }
-        }
     }
 
     /// A version the peer kept aside starts arriving.
@@ -2101,7 +2038,11 @@ impl<T: LocalTree> Sender<T> {
         // node sent it: never a conflict of that peer's. Known from the
         // moment it goes out (it may land there and its ack be lost to a
         // cut, and this node's users delete it before the next session).
-        self.note_sent(store, hash);
+        if let Some(Some(t)) = self.known.get_mut(store) {
+            if t.insert(hash) {
+                self.known_dirty = true;
+            }
+        }
         let mut v = *st;
         v.version.size = len;
         batch
@@ -2957,7 +2898,6 @@ impl Sender<Tree> {
                         })?;
                     self.small_read(seq, store, rel, &st, read, &mut batch, &mut out);
                     if out.len() >= SEND_CHUNK_BYTES {
-                        self.log_known(false);
                         let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
                         res?;
                         buf.clear();
@@ -2972,7 +2912,6 @@ impl Sender<Tree> {
                 } => {
                     // Flush what we have, then stream the big file.
                     if !out.is_empty() {
-                        self.log_known(false);
                         let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
                         res?;
                         buf.clear();
@@ -2988,9 +2927,6 @@ impl Sender<Tree> {
             }
         }
         self.close_batch(touched, batch_paths, batch, &mut out);
-        // Once a batch: the versions it sent are on disk (a crash of the
-        // process keeps what was written for each chunk before).
-        self.log_known(true);
         let (res, buf) = w.send_buf(out).await;
         res?;
         self.spare = buf;
@@ -3046,8 +2982,6 @@ impl Sender<Tree> {
         }
         let len = pos;
         let hash = h.digest128();
-        self.note_sent(store, hash);
-        self.log_known(false);
         let mut out = Vec::new();
         SyncMsg::File {
             seq,

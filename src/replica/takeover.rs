@@ -7,11 +7,7 @@
 //! what its users did since (follow the new primary); any other version is
 //! a genuine conflict (kept aside, listed, restorable). The record is the
 //! set of content hashes (files and symlinks) per store, written durably
-//! each time a node starts serving as primary. It lives until the peer is
-//! known reconciled (it says it is no former primary) or this node serves
-//! as a replica; a node that restarts before then carries the record of
-//! the tenure it interrupted into the new one ([`carried_over`]), so that
-//! what it held at its takeover still counts.
+//! each time a node starts serving as primary.
 //!
 //! Taking over reads no file: a version the index already knows gives its
 //! hash; any other file is recorded by what identifies its version without
@@ -27,16 +23,6 @@
 //! | hashes u128 LE … | pending count u64 | pending (ino u64, size u64,
 //! mtime_s i64, mtime_ns u32) LE … | xxh3-64 of everything before it.
 //! Version 1 (no pending part) is still read.
-//!
-//! Versions sent to a former primary after the record was written are
-//! appended, before their bytes leave, to `<state_dir>/takeover-<store>.sent`
-//! (24 bytes each: hash u128 LE | xxh3-64 of those 16 bytes), so that a new
-//! primary that crashes still knows them: the former primary may hold
-//! them, and a version it holds that this node sent is never a conflict.
-//! Reading stops at the first entry that does not check (a torn append):
-//! a hash left out only keeps a version aside, one read wrongly could
-//! delete one. Writing a record removes the log first (the record then
-//! holds everything known).
 
 use std::collections::HashSet;
 use std::io;
@@ -46,9 +32,7 @@ use super::index::{Index, Kind, Rehash, Version};
 use super::tree::LocalTree;
 
 const MAGIC: &[u8; 4] = b"HSTK";
-/// Version 3: the record is live (see [`Record::live`]); 1 and 2 are read
-/// as settled records of earlier releases.
-const VERSION: u32 = 3;
+const VERSION: u32 = 2;
 /// Bytes of one [`Pending`] in the file.
 const PENDING_BYTES: usize = 28;
 
@@ -79,10 +63,6 @@ pub struct Record {
     pub hashes: HashSet<u128>,
     /// Files whose hash is still to be taken (see [`complete`]).
     pub pending: Vec<Pending>,
-    /// Written by this release: a record is removed once the peer is known
-    /// reconciled, so one present at a promotion belongs to the same
-    /// failover and is carried into the new one (see [`carried_over`]).
-    pub live: bool,
 }
 /// Marker of a node that served as primary and was not reconciled since.
 pub const FORMER_PRIMARY_FILE: &str = "former-primary";
@@ -91,120 +71,13 @@ pub fn record_path(state_dir: &Path, store: &str) -> PathBuf {
     state_dir.join(format!("takeover-{store}.bin"))
 }
 
-/// What a promotion carries over from the record of an earlier tenure of
-/// this node that is still live (it took over, then restarted before its
-/// peer, a former primary, was reconciled): the versions it held then and
-/// sent since, which that peer may hold. `None` without one (a first
-/// takeover, a settled record, a record of an earlier release); a record
-/// or log that cannot be read is logged and carries nothing (versions kept
-/// aside, never deleted).
-pub fn carried_over(state_dir: &Path, store: &str) -> Option<Record> {
-    let mut rec = match load(state_dir, store) {
-        Ok(Some(r)) if r.live => r,
-        Ok(_) => return None,
-        Err(e) => {
-            tracing::warn!(
-                store,
-                "the earlier takeover record is unreadable ({e}): not carried over"
-            );
-            return None;
-        }
-    };
-    match load_sent(state_dir, store) {
-        Ok(sent) => rec.hashes.extend(sent),
-        Err(e) => tracing::warn!(store, "the versions sent since the earlier takeover record are unreadable ({e}): not carried over"),
-    }
-    Some(rec)
-}
-
-/// The peer is known reconciled (or never served as primary), or this node
-/// serves as its replica now: the record of `store` and its log are
-/// settled, and the next promotion starts a record of its own.
-pub fn settle(state_dir: &Path, store: &str) -> io::Result<()> {
-    let mut removed = false;
-    for p in [
-        sent_log_path(state_dir, store),
-        record_path(state_dir, store),
-    ] {
-        match std::fs::remove_file(&p) {
-            Ok(()) => removed = true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    if removed {
-        std::fs::File::open(state_dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// The log of versions sent since the record of `store` was written.
-pub fn sent_log_path(state_dir: &Path, store: &str) -> PathBuf {
-    state_dir.join(format!("takeover-{store}.sent"))
-}
-
-/// Bytes of one entry of the sent log.
-const SENT_ENTRY_BYTES: usize = 24;
-
-/// Appends `hashes` to the sent log of `store`; flushed to disk with
-/// `durable` (a crash of the process keeps what was written either way).
-pub fn append_sent(
-    state_dir: &Path,
-    store: &str,
-    hashes: &[u128],
-    durable: bool,
-) -> io::Result<()> {
-    use std::io::Write;
-    let mut buf = Vec::with_capacity(hashes.len() * SENT_ENTRY_BYTES);
-    for h in hashes {
-        let b = h.to_le_bytes();
-        buf.extend_from_slice(&b);
-        buf.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&b).to_le_bytes());
-    }
-    let path = sent_log_path(state_dir, store);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?;
-    f.write_all(&buf)?;
-    if durable {
-        f.sync_data()?;
-    }
-    Ok(())
-}
-
-/// The hashes of the sent log of `store` (none if there is none), up to
-/// the first entry that does not check.
-pub fn load_sent(state_dir: &Path, store: &str) -> io::Result<Vec<u128>> {
-    let bytes = match std::fs::read(sent_log_path(state_dir, store)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    Ok(bytes
-        .chunks_exact(SENT_ENTRY_BYTES)
-        .map_while(|e| {
-            let (h, sum) = e.split_at(16);
-            (xxhash_rust::xxh3::xxh3_64(h).to_le_bytes() == sum)
-                .then(|| u128::from_le_bytes(h.try_into().expect("16 bytes")))
-        })
-        .collect())
-}
-
-/// Writes the takeover record of `store` atomically and durably, its sent
-/// log removed first (a crash in between only forgets versions: kept
-/// aside, never deleted).
+/// Writes the takeover record of `store` atomically and durably.
 pub fn write(
     state_dir: &Path,
     store: &str,
     hashes: &HashSet<u128>,
     pending: &[Pending],
 ) -> io::Result<()> {
-    match std::fs::remove_file(sent_log_path(state_dir, store)) {
-        Ok(()) => std::fs::File::open(state_dir)?.sync_all()?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
     let mut sorted: Vec<u128> = hashes.iter().copied().collect();
     sorted.sort_unstable();
     let mut buf = Vec::with_capacity(24 + sorted.len() * 16 + pending.len() * PENDING_BYTES + 8);
@@ -254,7 +127,7 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
         return Err("checksum mismatch".into());
     }
     let version = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
-    if !(1..=VERSION).contains(&version) {
+    if version != 1 && version != VERSION {
         return Err(format!("unknown version {version}"));
     }
     let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
@@ -282,7 +155,6 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
         return Ok(Record {
             hashes,
             pending: Vec::new(),
-            live: false,
         });
     }
     if rest.len() < 8 {
@@ -305,11 +177,7 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
             mtime_ns: u32::from_le_bytes(c[24..28].try_into().expect("4 bytes")),
         })
         .collect();
-    Ok(Record {
-        hashes,
-        pending,
-        live: version == VERSION,
-    })
+    Ok(Record { hashes, pending })
 }
 
 /// Takes the hashes a record still lacks: from `index` where it knows a
@@ -386,32 +254,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_sent_log_is_read_up_to_a_torn_entry_and_a_record_write_removes_it() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(load_sent(d.path(), "inbox").unwrap().is_empty());
-        append_sent(d.path(), "inbox", &[5, u128::MAX], false).unwrap();
-        append_sent(d.path(), "inbox", &[9], true).unwrap();
-        assert_eq!(load_sent(d.path(), "inbox").unwrap(), [5, u128::MAX, 9]);
-        // A crash in the middle of an append: the torn entry and anything
-        // after it never count as sent (a version kept aside, never one
-        // deleted on a guess).
-        let p = sent_log_path(d.path(), "inbox");
-        let mut b = std::fs::read(&p).unwrap();
-        b.truncate(b.len() - 5);
-        std::fs::write(&p, &b).unwrap();
-        assert_eq!(load_sent(d.path(), "inbox").unwrap(), [5, u128::MAX]);
-        let mut b = std::fs::read(&p).unwrap();
-        b[3] ^= 0x10;
-        std::fs::write(&p, &b).unwrap();
-        assert!(load_sent(d.path(), "inbox").unwrap().is_empty());
-        // The record written next holds what is known: the log goes.
-        append_sent(d.path(), "inbox", &[1], false).unwrap();
-        write(d.path(), "inbox", &[1, 5].into_iter().collect(), &[]).unwrap();
-        assert!(!p.exists());
-        assert!(load_sent(d.path(), "inbox").unwrap().is_empty());
-    }
-
-    #[test]
     fn a_record_round_trips_and_damage_is_an_error_naming_the_file() {
         let d = tempfile::tempdir().unwrap();
         assert_eq!(load(d.path(), "inbox").unwrap(), None);
@@ -427,8 +269,7 @@ mod tests {
             load(d.path(), "inbox").unwrap(),
             Some(Record {
                 hashes: set,
-                pending,
-                live: true,
+                pending
             })
         );
         let p = record_path(d.path(), "inbox");
@@ -458,33 +299,6 @@ mod tests {
         let r = decode(&b).unwrap();
         assert_eq!(r.hashes, [5, 9].into_iter().collect());
         assert!(r.pending.is_empty());
-        assert!(!r.live, "a record of an earlier release is settled");
-    }
-
-    #[test]
-    fn a_live_record_and_its_log_are_carried_over_until_settled() {
-        let d = tempfile::tempdir().unwrap();
-        assert!(carried_over(d.path(), "inbox").is_none());
-        write(d.path(), "inbox", &[1].into_iter().collect(), &[]).unwrap();
-        append_sent(d.path(), "inbox", &[2], true).unwrap();
-        let r = carried_over(d.path(), "inbox").unwrap();
-        assert_eq!(r.hashes, [1, 2].into_iter().collect());
-        settle(d.path(), "inbox").unwrap();
-        assert!(carried_over(d.path(), "inbox").is_none());
-        assert!(!record_path(d.path(), "inbox").exists());
-        assert!(!sent_log_path(d.path(), "inbox").exists());
-        // A version 2 record (written by a release that never settled its
-        // records) may be of any earlier failover: not carried over.
-        write(d.path(), "inbox", &[1].into_iter().collect(), &[]).unwrap();
-        let p = record_path(d.path(), "inbox");
-        let mut b = std::fs::read(&p).unwrap();
-        b[4..8].copy_from_slice(&2u32.to_le_bytes());
-        let n = b.len() - 8;
-        let sum = xxhash_rust::xxh3::xxh3_64(&b[..n]);
-        b[n..].copy_from_slice(&sum.to_le_bytes());
-        std::fs::write(&p, &b).unwrap();
-        assert!(!load(d.path(), "inbox").unwrap().unwrap().live);
-        assert!(carried_over(d.path(), "inbox").is_none());
     }
 
     #[test]
