@@ -955,8 +955,6 @@ const SUBS: [&str; 3] = ["cur", "new", "tmp"];
 /// A failover that happened: what the old primary held then, and what the
 /// new primary held as it took over (its takeover record).
 struct FailedOver {
-    /// The takeover record as last written (what a crash restarts from).
-    saved_known: Vec<Option<std::collections::HashSet<u128>>>,
     /// Versions the new primary held at its takeover or sent, forgotten by
     /// the fresh record a restart writes (kept aside if the former primary
     /// holds them: an extra conflict, never a loss).
@@ -1927,8 +1925,7 @@ impl DataSim {
             if let Some(Some(now)) = known_now.first() {
                 f.unsaved.extend(now.difference(&held_now));
             }
-            f.saved_known = vec![Some(held_now.clone())];
-            f.saved_known.clone()
+            vec![Some(held_now)]
         });
         self.restart_primary(index, record);
     }
@@ -2022,7 +2019,6 @@ impl DataSim {
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
-            saved_known: vec![Some(known.clone())],
             unsaved: Default::default(),
             old_primary_links: link_groups(&self.replica.fs, &self.excludes),
             old_primary_files,
@@ -2097,11 +2093,6 @@ impl DataSim {
                 83..=97 => self.reply_step()?,
                 _ => {
                     if self.rng.percent(self.cut_percent.saturating_mul(20)) {
-                        // A session ends: the sender writes the versions
-                        // known held (the takeover record) as it closes.
-                        if let Some(f) = &mut self.failed_over {
-                            f.saved_known = self.sender.takeover_known();
-                        }
                         self.cut();
                     }
                     if self.workload_left > 0 && self.fault_rng.percent(self.full_percent) {

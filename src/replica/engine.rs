@@ -860,13 +860,13 @@ async fn run_primary(
             return;
         }
     };
-    *shared.notifier.lock().expect("notifier lock") = Some(tracker.notifier());
-    // Shared with the status relay of each session; the inotify thread stops
-    // when the last reference is dropped.
     debug!(
         ms = started.elapsed().as_millis() as u64,
         "primary: tracker watching"
     );
+    *shared.notifier.lock().expect("notifier lock") = Some(tracker.notifier());
+    // Shared with the status relay of each session; the inotify thread stops
+    // when the last reference is dropped.
     let tracker = Rc::new(tracker);
     let mut stores = Vec::with_capacity(cfg.stores.len());
     for s in &cfg.stores {

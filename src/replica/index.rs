@@ -6,8 +6,6 @@
 //! and files that differ from the peer are kept aside rather than replaced.
 
 use std::collections::HashMap;
-
-use crate::model::{path_order, PathHasher};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +13,7 @@ use rustix::fs::{AtFlags, StatxFlags};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::model::{path_order, PathHasher};
 use crate::wire::sync::{EntryKind, ManifestEntry, Meta};
 
 use super::Excludes;

@@ -675,8 +675,12 @@ impl<T: LocalTree> Sender<T> {
                             what: format!("manifest for store {s}"),
                         });
                     }
-                    for e in entries {
+                    remote[s].reserve(entries.len());
+                    for mut e in entries {
                         if let Some(rel) = rel_from(&e.path) {
+                            // The key holds the name: not kept twice (a
+                            // million-file manifest held it twice).
+                            e.path = Vec::new();
                             remote[s].insert(rel, e);
                         }
                     }
