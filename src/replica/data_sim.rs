@@ -958,7 +958,7 @@ struct FailedOver {
     /// Versions the new primary held at its takeover or sent, forgotten by
     /// the fresh record a restart writes (kept aside if the former primary
     /// holds them: an extra conflict, never a loss).
-    unsaved: std::collections::HashSet<u128>,
+    forgotten: std::collections::HashSet<u128>,
     old_primary_files: Vec<(PathBuf, u128)>,
     old_primary_links: Vec<Vec<PathBuf>>,
     known: std::collections::HashSet<u128>,
@@ -1913,17 +1913,17 @@ impl DataSim {
         // record of what it holds then, as the daemon's does: what it held
         // at its takeover or sent since, and no longer holds, is forgotten.
         let known_now = self.sender.takeover_known();
-        let held_now: std::collections::HashSet<u128> = {
-            let fs = self.primary.borrow();
-            fs.below(Path::new(""))
+        let primary = self.primary.clone();
+        let record = self.failed_over.as_mut().map(|f| {
+            let fs = primary.borrow();
+            let held_now: std::collections::HashSet<u128> = fs
+                .below(Path::new(""))
                 .into_iter()
                 .filter(|p| fs.get(p).is_some_and(|i| matches!(i.body, Body::File(_))))
                 .filter_map(|p| fs.hash_of(&p))
-                .collect()
-        };
-        let record = self.failed_over.as_mut().map(|f| {
+                .collect();
             if let Some(Some(now)) = known_now.first() {
-                f.unsaved.extend(now.difference(&held_now));
+                f.forgotten.extend(now.difference(&held_now));
             }
             vec![Some(held_now)]
         });
@@ -2019,7 +2019,7 @@ impl DataSim {
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
-            unsaved: Default::default(),
+            forgotten: Default::default(),
             old_primary_links: link_groups(&self.replica.fs, &self.excludes),
             old_primary_files,
             known,
@@ -2157,7 +2157,7 @@ impl DataSim {
             ));
         }
         for (p, h) in kept.difference(&genuine) {
-            if f.unsaved.contains(h) {
+            if f.forgotten.contains(h) {
                 // Forgotten by a restart's fresh record: counted.
                 self.out.extra_conflicts += 1;
                 continue;
