@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use hasync::failover::{Heartbeat, Role};
 use hasync::tracker::{Coalescer, Op, Tracker, TrackerConfig};
-use hasync::wire::sync::{Meta, SyncMsg, MAX_DATA};
+use hasync::wire::sync::{Meta, SyncMsg, DATA_BYTES_MAX};
 use hasync::wire::{decode_frame, Message};
 use xxhash_rust::xxh3::xxh3_128;
 
@@ -94,7 +94,7 @@ fn codec(c: &mut Criterion) {
         })
     });
 
-    for size in [4 << 10, 64 << 10, MAX_DATA] {
+    for size in [4 << 10, 64 << 10, DATA_BYTES_MAX] {
         let data = SyncMsg::Data {
             seq: 987_654,
             bytes: mail_bytes(size),

@@ -37,17 +37,17 @@ pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
 /// Missed heartbeats tolerated when `link.heartbeat_lost_threshold` is omitted.
 pub const DEFAULT_HEARTBEAT_LOST_THRESHOLD: u32 = 5;
 /// Smallest accepted heartbeat interval.
-pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(10);
 /// Largest accepted heartbeat interval.
-pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+pub const HEARTBEAT_INTERVAL_MAX: Duration = Duration::from_secs(60);
 /// Largest accepted `link.heartbeat_lost_threshold` (the smallest is 1).
-pub const MAX_HEARTBEAT_LOST_THRESHOLD: u32 = 1000;
+pub const HEARTBEAT_LOST_THRESHOLD_MAX: u32 = 1000;
 /// Largest accepted `link.startup_wait_ms`.
-pub const MAX_STARTUP_WAIT: Duration = Duration::from_secs(10 * 60);
+pub const STARTUP_WAIT_MAX: Duration = Duration::from_secs(10 * 60);
 /// Minimum length of the link secret, after trimming the trailing newline.
-pub const MIN_SECRET_LEN: usize = 16;
+pub const SECRET_BYTES_MIN: usize = 16;
 /// Maximum length in bytes of node, peer and mailstore names.
-pub const MAX_NAME_LEN: usize = 64;
+pub const NAME_BYTES_MAX: usize = 64;
 
 /// The validated daemon configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -485,7 +485,7 @@ impl Config {
     }
 
     /// Reads the link secret. One trailing `\n` or `\r\n` is trimmed; the
-    /// remainder must be at least [`MIN_SECRET_LEN`] bytes.
+    /// remainder must be at least [`SECRET_BYTES_MIN`] bytes.
     pub fn read_secret(&self) -> Result<Vec<u8>, ConfigError> {
         use std::os::unix::fs::MetadataExt;
         const KEY: &str = "link.secret_file";
@@ -530,13 +530,13 @@ impl Config {
                 secret.pop();
             }
         }
-        if secret.len() < MIN_SECRET_LEN {
+        if secret.len() < SECRET_BYTES_MIN {
             return Err(self.invalid(
                 KEY,
                 quote_path(path),
                 format!(
                     "secret is {} bytes long (after trimming the trailing newline); \
-                     at least {MIN_SECRET_LEN} bytes are required",
+                     at least {SECRET_BYTES_MIN} bytes are required",
                     secret.len()
                 ),
             ));
@@ -1613,14 +1613,14 @@ impl RawLink {
         let interval = self
             .heartbeat_interval_ms
             .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL);
-        if interval < MIN_HEARTBEAT_INTERVAL || interval > MAX_HEARTBEAT_INTERVAL {
+        if interval < HEARTBEAT_INTERVAL_MIN || interval > HEARTBEAT_INTERVAL_MAX {
             return Err(err(
                 "link.heartbeat_interval_ms",
                 fmt_duration(interval),
                 format!(
                     "must be between {} and {}",
-                    fmt_duration(MIN_HEARTBEAT_INTERVAL),
-                    fmt_duration(MAX_HEARTBEAT_INTERVAL)
+                    fmt_duration(HEARTBEAT_INTERVAL_MIN),
+                    fmt_duration(HEARTBEAT_INTERVAL_MAX)
                 ),
             ));
         }
@@ -1638,13 +1638,13 @@ impl RawLink {
         if threshold_raw < 1 {
             return Err(threshold_err("must be at least 1".to_string()));
         }
-        if threshold_raw > i64::from(MAX_HEARTBEAT_LOST_THRESHOLD) {
+        if threshold_raw > i64::from(HEARTBEAT_LOST_THRESHOLD_MAX) {
             return Err(threshold_err(format!(
-                "must be at most {MAX_HEARTBEAT_LOST_THRESHOLD}"
+                "must be at most {HEARTBEAT_LOST_THRESHOLD_MAX}"
             )));
         }
         // In 1..=1000 now, so the conversion cannot fail.
-        let threshold = u32::try_from(threshold_raw).unwrap_or(MAX_HEARTBEAT_LOST_THRESHOLD);
+        let threshold = u32::try_from(threshold_raw).unwrap_or(HEARTBEAT_LOST_THRESHOLD_MAX);
 
         let (startup_wait, defaulted) = match self.startup_wait_ms {
             Some(wait) => (wait, false),
@@ -1673,7 +1673,7 @@ impl RawLink {
                 ),
             ));
         }
-        if startup_wait > MAX_STARTUP_WAIT {
+        if startup_wait > STARTUP_WAIT_MAX {
             let hint = if defaulted {
                 "; set link.startup_wait_ms explicitly or shorten the interval/threshold"
             } else {
@@ -1682,7 +1682,7 @@ impl RawLink {
             return Err(err(
                 "link.startup_wait_ms",
                 startup_value,
-                format!("must be at most {}{hint}", fmt_duration(MAX_STARTUP_WAIT)),
+                format!("must be at most {}{hint}", fmt_duration(STARTUP_WAIT_MAX)),
             ));
         }
 
@@ -1775,9 +1775,9 @@ fn check_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err(format!("{what} must not be empty"));
     }
-    if name.len() > MAX_NAME_LEN {
+    if name.len() > NAME_BYTES_MAX {
         return Err(format!(
-            "{what} is {} bytes long; at most {MAX_NAME_LEN} bytes are allowed",
+            "{what} is {} bytes long; at most {NAME_BYTES_MAX} bytes are allowed",
             name.len()
         ));
     }

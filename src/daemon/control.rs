@@ -13,7 +13,7 @@ use crate::failover::Role;
 
 pub const SOCKET_NAME: &str = "hasync.sock";
 /// Longest request line accepted.
-pub const MAX_REQUEST: usize = 4096;
+pub const REQUEST_BYTES_MAX: usize = 4096;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]

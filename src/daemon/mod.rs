@@ -26,7 +26,7 @@ use crate::replica::engine::{
 };
 use crate::replica::sender::CommitOutcome;
 use control::{
-    LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, MAX_REQUEST,
+    LinkStatus, Logged, PeerStatus, QueuePushStatus, Request, Response, Status, REQUEST_BYTES_MAX,
 };
 
 /// How many alarms and role changes status keeps.
@@ -1441,7 +1441,7 @@ fn serve_control(
 fn control_conn(stream: std::os::unix::net::UnixStream, to_node: &mpsc::Sender<ControlMsg>) {
     use std::io::{BufRead, Read, Write};
     let mut line = Vec::new();
-    let mut reader = std::io::BufReader::new((&stream).take(MAX_REQUEST as u64));
+    let mut reader = std::io::BufReader::new((&stream).take(REQUEST_BYTES_MAX as u64));
     if reader.read_until(b'\n', &mut line).is_err() {
         return;
     }

@@ -375,7 +375,7 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use crate::link::bulk_framing;
-    use crate::wire::{decode_frame, Kind, MAX_BULK_PAYLOAD};
+    use crate::wire::{decode_frame, Kind, BULK_PAYLOAD_BYTES_MAX};
 
     /// Reads the peer side until `n` frames are decoded; returns their
     /// concatenated payloads and the bytes read after them.
@@ -418,7 +418,7 @@ mod tests {
     fn sends_a_file_as_bulk_frames_then_ordinary_writes_follow() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big");
-        let data = content(2 * MAX_BULK_PAYLOAD as usize + 12_345);
+        let data = content(2 * BULK_PAYLOAD_BYTES_MAX as usize + 12_345);
         std::fs::write(&path, &data).unwrap();
         let (mut a, b) = pair();
         let pump = SplicePump::new(&a, bulk_framing()).unwrap();
@@ -448,7 +448,7 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let (a, b) = pair();
         let pump = SplicePump::new(&a, bulk_framing()).unwrap();
-        let announced = MAX_BULK_PAYLOAD as u64 + 50_000;
+        let announced = BULK_PAYLOAD_BYTES_MAX as u64 + 50_000;
         let frames = announced.div_ceil(u64::from(pump.chunk()));
         let reader = std::thread::spawn(move || {
             let (payload, rest) = read_frames(b, frames);

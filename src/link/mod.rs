@@ -796,7 +796,7 @@ async fn serve_inbound(
 /// hasync's framing of spliced content: each chunk one `Bulk` frame.
 pub fn bulk_framing() -> crate::io::splice::ChunkFraming {
     crate::io::splice::ChunkFraming {
-        max_chunk: crate::wire::MAX_BULK_PAYLOAD,
+        max_chunk: crate::wire::BULK_PAYLOAD_BYTES_MAX,
         header_len: crate::wire::BULK_HEADER_LEN,
         header: |len, out| out.copy_from_slice(&crate::wire::bulk_header(len)),
     }

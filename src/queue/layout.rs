@@ -166,7 +166,7 @@ const POSTFIX_ID_DIRS: [&str; 10] = [
 /// Postfix's per-message logs, named by queue ID.
 const POSTFIX_LOG_DIRS: [&str; 3] = ["defer", "bounce", "trace"];
 /// Deepest Postfix hash (`hash_queue_depth`) that [`scan`] descends into.
-const POSTFIX_MAX_HASH_DEPTH: usize = 2;
+const POSTFIX_HASH_DEPTH_MAX: usize = 2;
 /// Postfix's long-queue-ID alphabet (base 52, no vowels), in digit order.
 const POSTFIX_B52: &[u8; 52] = b"0123456789BCDFGHJKLMNPQRSTVWXYZbcdfghjklmnpqrstvwxyz";
 /// The same without `z` (base 51, for the inode part).
@@ -467,7 +467,7 @@ pub fn id_free(layout: Layout, queue_dir: &Path, sub_queue: &str, queue_id: &str
         Layout::Flat => {}
         Layout::Postfix => {
             for dir in POSTFIX_ID_DIRS {
-                for depth in 0..=POSTFIX_MAX_HASH_DEPTH {
+                for depth in 0..=POSTFIX_HASH_DEPTH_MAX {
                     candidates.push(postfix_hashed(root.join(dir), queue_id, depth).join(queue_id));
                 }
             }
@@ -521,7 +521,7 @@ impl QueueView {
             Layout::Flat => collect_names(&root, 0, &mut ids, &[])?,
             Layout::Postfix => {
                 for dir in POSTFIX_ID_DIRS {
-                    collect_names(&root.join(dir), POSTFIX_MAX_HASH_DEPTH, &mut ids, &[])?;
+                    collect_names(&root.join(dir), POSTFIX_HASH_DEPTH_MAX, &mut ids, &[])?;
                 }
             }
             Layout::Exim => {
@@ -898,7 +898,7 @@ impl Scanner {
             if e.ft.is_dir() {
                 if !is_hash_dir_name(e.name.as_deref()) {
                     self.garbage(&e.path, "unexpected directory in a Postfix sub-queue");
-                } else if depth >= POSTFIX_MAX_HASH_DEPTH {
+                } else if depth >= POSTFIX_HASH_DEPTH_MAX {
                     self.garbage(&e.path, "hash directory nested deeper than 2 levels");
                 } else {
                     subdirs.push(e.path);
@@ -1141,7 +1141,7 @@ fn attach_side_files(layout: Layout, root: &Path, messages: &mut [QueuedMessage]
             };
             for e in ents {
                 if e.ft.is_dir() {
-                    if depth < POSTFIX_MAX_HASH_DEPTH && is_hash_dir_name(e.name.as_deref()) {
+                    if depth < POSTFIX_HASH_DEPTH_MAX && is_hash_dir_name(e.name.as_deref()) {
                         stack.push((e.path, depth + 1));
                     }
                     continue;

@@ -21,7 +21,7 @@ use super::layout::{self, Layout, QueuedMessage};
 use super::ledger::{Ledger, LedgerError, Moves};
 use crate::failpoint;
 use crate::link::{FrameReader, FrameWriter, LinkError};
-use crate::wire::sync::{Meta, QueueOutcome, QueuePart, SyncMsg, MAX_DATA};
+use crate::wire::sync::{Meta, QueueOutcome, QueuePart, SyncMsg, DATA_BYTES_MAX};
 
 /// Messages sent but not yet acknowledged (one ingest batch on the peer).
 const WINDOW: usize = 256;
@@ -213,7 +213,7 @@ pub async fn push(
             }
             .encode(&mut out);
             for b in parts.iter().chain(side.iter().map(|(_, b)| b)) {
-                for chunk in b.chunks(MAX_DATA) {
+                for chunk in b.chunks(DATA_BYTES_MAX) {
                     SyncMsg::Data {
                         seq: id,
                         bytes: chunk.to_vec(),

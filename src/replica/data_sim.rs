@@ -784,9 +784,9 @@ impl Replica {
         }
     }
 
-    /// The manifest the receiver sends for a comparison.
-    fn manifest(&self, excludes: &Excludes) -> super::sender::Manifest {
-        let mut out = super::sender::Manifest::default();
+    /// The manifest the receiver sends for a comparison, in path order.
+    fn manifest(&self, excludes: &Excludes) -> Vec<ManifestEntry> {
+        let mut out = Vec::new();
         for p in self.fs.below(Path::new("")) {
             if excluded_or_below(excludes, &p) {
                 continue;
@@ -797,16 +797,13 @@ impl Replica {
                 Kind::Dir => EntryKind::Dir,
                 Kind::Symlink => EntryKind::Symlink,
             };
-            out.insert(
-                p.clone(),
-                ManifestEntry {
-                    path: bytes(&p),
-                    kind,
-                    size: st.version.size,
-                    meta: st.meta,
-                    hash: self.fs.hash_of(&p).expect("listed"),
-                },
-            );
+            out.push(ManifestEntry {
+                path: bytes(&p),
+                kind,
+                size: st.version.size,
+                meta: st.meta,
+                hash: self.fs.hash_of(&p).expect("listed"),
+            });
         }
         out
     }
@@ -944,6 +941,9 @@ pub struct DataSim {
     /// from it, or from nothing).
     saved_index: Option<super::index::Entries>,
     names: u64,
+    /// Entries per chunk of the replica's manifest (the comparison walks
+    /// chunk boundaries: one entry per chunk in some seeds).
+    manifest_chunk: usize,
     out: Outcome,
     /// `HASYNC_DATA_SIM_TRACE=1`: every step on stderr.
     trace: bool,
@@ -1060,6 +1060,7 @@ impl DataSim {
             faults: false,
             saved_index: None,
             names: 0,
+            manifest_chunk: [1, 3, 16, 4096][(seed % 4) as usize],
             out: Outcome::default(),
             trace: std::env::var_os("HASYNC_DATA_SIM_TRACE").is_some(),
         };
@@ -1828,8 +1829,17 @@ impl DataSim {
             .sender
             .scan_stores(false)
             .expect("the model never fails a scan");
-        let remote = vec![self.replica.manifest(&self.excludes)];
-        let (_differ, aside) = self.sender.compare(on_way, scans, remote, initial);
+        let mut cmp = self.sender.start_compare(on_way, scans, initial);
+        let remote = self.replica.manifest(&self.excludes);
+        let chunks = remote.len().div_ceil(self.manifest_chunk).max(1);
+        let mut remote = remote.into_iter();
+        for i in 0..chunks {
+            let chunk: Vec<_> = remote.by_ref().take(self.manifest_chunk).collect();
+            self.sender
+                .compare_chunk(&mut cmp, 0, chunk, i + 1 == chunks)
+                .expect("the model's manifest is in path order");
+        }
+        let (_differ, aside) = self.sender.finish_compare(cmp);
         if !aside.is_empty() {
             // Before any op that would replace or delete those versions.
             self.to_replica.push_back(aside);

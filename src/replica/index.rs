@@ -651,7 +651,10 @@ impl Index {
         let named = |rel: &Path, e: std::io::Error| {
             std::io::Error::new(e.kind(), format!("{}: {e}", tree.abs(rel).display()))
         };
-        let mut out = Vec::new();
+        // The index knows about how many entries there are: one allocation
+        // instead of doublings (an entry is 160 bytes; a doubled vector
+        // holds up to twice the tree, and both while it moves).
+        let mut out: Vec<ScanEntry> = Vec::with_capacity(self.entries.len() + 64);
         let mut too_long = Vec::new();
         let mut stack = vec![PathBuf::new()];
         while let Some(dir) = stack.pop() {
@@ -723,6 +726,8 @@ impl Index {
             self.dirty = true;
         }
         out.sort_unstable_by(|a, b| path_order(&a.0, &b.0));
+        // Held until the comparison (or the takeover record) is done.
+        out.shrink_to_fit();
         Ok(Scan {
             entries: out,
             too_long,
@@ -730,11 +735,14 @@ impl Index {
     }
 }
 
+/// One entry a scan found: its path, what it is, its hash when known.
+pub type ScanEntry = (PathBuf, Stat, Option<u128>);
+
 /// What [`Index::scan`] found.
 #[derive(Debug, Default)]
 pub struct Scan {
-    /// Every entry, sorted by path, with its hash when known.
-    pub entries: Vec<(PathBuf, Stat, Option<u128>)>,
+    /// Every entry, sorted by path (see [`path_order`]).
+    pub entries: Vec<ScanEntry>,
     /// Paths too long to replicate (not entered).
     pub too_long: Vec<PathBuf>,
 }

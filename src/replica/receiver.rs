@@ -26,7 +26,7 @@ use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
 use super::{Durability, Excludes};
 use crate::link::{FrameReader, FrameWriter, LinkError};
-use crate::wire::sync::{Meta, NeedReason, SyncMsg, MAX_MANIFEST_ENTRIES};
+use crate::wire::sync::{Meta, NeedReason, SyncMsg, MANIFEST_ENTRIES_MAX};
 use crate::wire::{Frame, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -191,10 +191,24 @@ pub struct Receiver {
     /// Paths the primary asked to keep aside where that failed: nothing
     /// may replace or delete them in this session.
     protected: std::collections::HashSet<(usize, PathBuf)>,
+    /// A manifest being sent (see [`Receiver::stream_manifest`]).
+    manifest_out: Option<ManifestOut>,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
     dir_times: std::collections::HashMap<(usize, PathBuf), Meta>,
     /// Folders whose mtime to apply at the next commit's directory phase.
     retime: BTreeSet<(usize, PathBuf)>,
+}
+
+/// A manifest being sent, a chunk at a time.
+struct ManifestOut {
+    id: u64,
+    rehash: Rehash,
+    /// Scans taken before the session (fresh ones), per store.
+    pre: Vec<Option<index::Scan>>,
+    /// The next store to list.
+    next_store: usize,
+    /// The store being sent and its entries not sent yet.
+    current: Option<(usize, std::vec::IntoIter<index::ScanEntry>)>,
 }
 
 /// Encoded bytes of a manifest entry besides its path.
@@ -205,7 +219,7 @@ const MANIFEST_CHUNK_BYTES: usize = 2 << 20;
 
 /// Files staged while a commit is in flight, before reading stops until it
 /// finishes (bounds open descriptors in `fsync` mode and unflushed data).
-const MAX_STAGED_FILES: usize = 2048;
+const STAGED_FILES_MAX: usize = 2048;
 /// Frames read ahead of the loop at most, and their payload bytes at most
 /// (beyond one frame).
 const READ_AHEAD_FRAMES: usize = 4096;
@@ -263,6 +277,7 @@ impl Receiver {
             to_upload: Default::default(),
             next_upload: 1,
             protected: Default::default(),
+            manifest_out: None,
             dir_times: Default::default(),
             retime: BTreeSet::new(),
         }
@@ -365,6 +380,8 @@ impl Receiver {
             st.take_done().for_each(drop);
         }
         self.done_files.clear();
+        // A manifest cut short is asked for again by the next session.
+        self.manifest_out = None;
         self.save_indexes();
         result
     }
@@ -386,7 +403,7 @@ impl Receiver {
                 self.commits.start(false);
                 self.perform(peer, None)?;
             }
-            let staged_full = self.commits.staged().len() >= MAX_STAGED_FILES;
+            let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             let next = match self.flush_done.as_mut() {
                 // Advance a commit whose flush finished; meanwhile keep
                 // staging what arrives (up to a bound), so that it rides
@@ -455,6 +472,7 @@ impl Receiver {
                 handled.elapsed(),
             );
             self.send_replies(w).await?;
+            self.stream_manifest(w).await?;
             if !self.to_upload.is_empty() {
                 self.upload_conflicts(w).await?;
             }
@@ -855,7 +873,7 @@ impl Receiver {
         SyncMsg::Refused {
             seq,
             store: store as u16,
-            path: raw[..raw.len().min(super::super::wire::sync::MAX_PATH)].to_vec(),
+            path: raw[..raw.len().min(super::super::wire::sync::PATH_BYTES_MAX)].to_vec(),
             why: why.to_string(),
         }
         .encode(&mut self.replies);
@@ -1282,6 +1300,8 @@ impl Receiver {
         Ok(())
     }
 
+    /// Starts answering a manifest request: [`Receiver::stream_manifest`]
+    /// sends it.
     fn send_manifest(&mut self, id: u64, full_verify: bool) -> Result<(), RecvError> {
         if let Some(orphan) = self.orphaned_flush_failure() {
             self.latch(&format!("an earlier flush failed: {orphan}"));
@@ -1293,65 +1313,91 @@ impl Receiver {
         } else {
             Rehash::Changed
         };
-        let mut pre = self
+        let pre = self
             .prescanned
             .take()
             .filter(|p| rehash == Rehash::Changed && p.at.elapsed() < PRESCAN_FRESH)
             .map(|p| p.scans)
             .unwrap_or_default();
-        for s in 0..self.stores.len() {
-            let store = &mut self.stores[s];
-            let root = store.root.path().to_path_buf();
-            let entries = match pre.get_mut(s).and_then(Option::take) {
-                Some(scan) => scan.entries,
-                None => {
-                    store
-                        .index
-                        .scan(store.root.tree(), &self.excludes, rehash, true)
-                        .map_err(|source| RecvError::Scan {
-                            path: root.clone(),
-                            source,
-                        })?
-                        .entries
-                }
-            };
-            let mut chunk = Vec::new();
-            let mut chunk_bytes = 0usize;
-            let total = entries.len();
-            for (i, (rel, st, hash)) in entries.into_iter().enumerate() {
-                let e = index::manifest_entry(&rel, &st, hash.unwrap_or(0));
-                chunk_bytes += e.path.len() + MANIFEST_ENTRY_FIXED_BYTES;
-                chunk.push(e);
-                // Within the entry count and well within the frame cap,
-                // however long the paths.
-                if chunk.len() == MAX_MANIFEST_ENTRIES
-                    || chunk_bytes >= MANIFEST_CHUNK_BYTES
-                    || i + 1 == total
-                {
-                    chunk_bytes = 0;
-                    SyncMsg::Manifest {
-                        id,
-                        store: s as u16,
-                        entries: std::mem::take(&mut chunk),
-                        last: i + 1 == total,
-                    }
-                    .encode(&mut self.replies);
-                }
-            }
-            if total == 0 {
-                SyncMsg::Manifest {
-                    id,
-                    store: s as u16,
-                    entries: vec![],
-                    last: true,
-                }
-                .encode(&mut self.replies);
-            }
-        }
-        if rehash == Rehash::FromDisk {
-            self.clear_unverified();
+        self.manifest_out = Some(ManifestOut {
+            id,
+            rehash,
+            pre,
+            next_store: 0,
+            current: None,
+        });
+        Ok(())
+    }
+
+    /// Sends the manifest asked for, a chunk at a time, each written before
+    /// the next is encoded: a million-file manifest is never held whole.
+    async fn stream_manifest(&mut self, w: &FrameWriter) -> Result<(), RecvError> {
+        while self.next_manifest_chunk()? {
+            self.send_replies(w).await?;
         }
         Ok(())
+    }
+
+    /// Encodes the next chunk of the manifest being sent into the replies
+    /// (a store is scanned as its turn comes); false once all is sent.
+    fn next_manifest_chunk(&mut self) -> Result<bool, RecvError> {
+        let Some(mut out) = self.manifest_out.take() else {
+            return Ok(false);
+        };
+        let (s, entries) = match out.current.take() {
+            Some(current) => current,
+            None if out.next_store == self.stores.len() => {
+                if out.rehash == Rehash::FromDisk {
+                    self.clear_unverified();
+                }
+                return Ok(false);
+            }
+            None => {
+                let s = out.next_store;
+                out.next_store += 1;
+                let entries = match out.pre.get_mut(s).and_then(Option::take) {
+                    Some(scan) => scan.entries,
+                    None => {
+                        let store = &mut self.stores[s];
+                        store
+                            .index
+                            .scan(store.root.tree(), &self.excludes, out.rehash, true)
+                            .map_err(|source| RecvError::Scan {
+                                path: store.root.path().to_path_buf(),
+                                source,
+                            })?
+                            .entries
+                    }
+                };
+                (s, entries.into_iter())
+            }
+        };
+        let mut entries = entries;
+        let mut chunk = Vec::new();
+        let mut chunk_bytes = 0usize;
+        // Within the entry count and well within the frame cap, however
+        // long the paths.
+        while chunk.len() < MANIFEST_ENTRIES_MAX && chunk_bytes < MANIFEST_CHUNK_BYTES {
+            let Some((rel, st, hash)) = entries.next() else {
+                break;
+            };
+            let e = index::manifest_entry(&rel, &st, hash.unwrap_or(0));
+            chunk_bytes += e.path.len() + MANIFEST_ENTRY_FIXED_BYTES;
+            chunk.push(e);
+        }
+        let last = entries.len() == 0;
+        SyncMsg::Manifest {
+            id: out.id,
+            store: s as u16,
+            entries: chunk,
+            last,
+        }
+        .encode(&mut self.replies);
+        if !last {
+            out.current = Some((s, entries));
+        }
+        self.manifest_out = Some(out);
+        Ok(true)
     }
 
     async fn on_data(

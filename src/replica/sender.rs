@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_uring::buf::BoundedBuf;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
-use super::index::{self, Entry, Index, Kind, Rehash, Stat};
+use super::index::{self, Entry, Index, Kind, Stat};
 use super::links::{InodeKey, LinkNames};
 use super::stats::{add, ReplStats, Stages, SyncPhase};
 use super::tree::{LocalTree, Tree};
@@ -28,13 +28,12 @@ use super::window::{AckWindow, BATCH_OPS_MAX, UNACKED_BATCHES_MAX};
 use super::{moved_path, Excludes};
 use crate::link::{FrameWriter, LinkError};
 use crate::tracker::{Coalescer, Op};
-use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg, MAX_DATA};
+use crate::wire::sync::{NeedReason, SyncMsg, DATA_BYTES_MAX};
 
-/// The replica's manifest of one store, by path.
-pub(crate) type Manifest = HashMap<PathBuf, ManifestEntry, crate::model::PathHasher>;
+mod compare;
 
 /// Files up to this size are read whole and concurrently; larger ones are
-/// streamed in `MAX_DATA` chunks, one at a time, so memory stays bounded.
+/// streamed in `DATA_BYTES_MAX` chunks, one at a time, so memory stays bounded.
 const SMALL_FILE_BYTES_MAX: u64 = 256 * 1024;
 /// Encoded bytes of a batch sent at a time.
 const SEND_CHUNK_BYTES: usize = 256 * 1024;
@@ -184,11 +183,11 @@ pub(crate) struct Planned {
 /// What a background index save did, per store.
 type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
 
-/// Long-lived sender state (survives reconnects while this node is primary).
 /// How old a scan taken as the tenure began may be and still serve the
 /// first comparison (changes since are in the tracker's queue).
 const PRESCAN_FRESH: Duration = Duration::from_secs(10);
 
+/// Long-lived sender state (survives reconnects while this node is primary).
 pub struct Sender<T = Tree> {
     /// The epoch of the primary tenure sending (set before each session):
     /// the fencing token every session starts with.
@@ -653,10 +652,9 @@ impl<T: LocalTree> Sender<T> {
         // for both).
         let scans = self.scan_stores(full_verify)?;
 
-        let n = self.stores.len();
-        let mut remote: Vec<Manifest> = vec![Manifest::default(); n];
-        let mut done = vec![false; n];
-        while !done.iter().all(|d| *d) {
+        // The replica's manifest, chunk by chunk, walked beside the scans.
+        let mut cmp = self.start_compare(on_way, scans, initial);
+        while !cmp.complete() {
             let msg = match rx.recv().await {
                 Some(m) => m?,
                 None => return Err(SendError::PeerGone),
@@ -667,316 +665,20 @@ impl<T: LocalTree> Sender<T> {
                     store,
                     entries,
                     last,
-                } if mid == id => {
-                    let s = store as usize;
-                    if s >= n {
-                        return Err(SendError::Protocol {
-                            peer: w.peer().to_string(),
-                            what: format!("manifest for store {s}"),
-                        });
-                    }
-                    remote[s].reserve(entries.len());
-                    for mut e in entries {
-                        if let Some(rel) = rel_from(&e.path) {
-                            // The key holds the name: not kept twice (a
-                            // million-file manifest held it twice).
-                            e.path = Vec::new();
-                            remote[s].insert(rel, e);
-                        }
-                    }
-                    done[s] |= last;
-                }
+                } if mid == id => self
+                    .compare_chunk(&mut cmp, store as usize, entries, last)
+                    .map_err(|e| SendError::Protocol {
+                        peer: w.peer().to_string(),
+                        what: e.to_string(),
+                    })?,
                 other => self.on_peer_msg(other)?,
             }
         }
-        let (differ, aside) = self.compare(on_way, scans, remote, initial);
+        let (differ, aside) = self.finish_compare(cmp);
         if !aside.is_empty() {
             w.send_bytes(aside).await?;
         }
         Ok(differ)
-    }
-
-    /// Starts a comparison with the replica: what is on its way (it
-    /// explains a difference; only the rest is drift), and the manifest
-    /// request to send.
-    pub(crate) fn begin_comparison(
-        &mut self,
-        full_verify: bool,
-        initial: bool,
-    ) -> (super::drift::InFlight, Vec<u8>) {
-        self.set_phase(if initial {
-            SyncPhase::Manifest
-        } else {
-            SyncPhase::Verifying
-        });
-        let mut on_way = super::drift::InFlight::new(std::time::SystemTime::now());
-        for (s, rel) in &self.backlog {
-            on_way.add_path(*s, rel);
-        }
-        // This comparison finds everything still different.
-        self.backlog.clear();
-        self.manifest_id += 1;
-        let id = self.manifest_id;
-        let mut out = Vec::new();
-        SyncMsg::ManifestRequest { id, full_verify }.encode(&mut out);
-        (on_way, out)
-    }
-
-    /// Every store's entries (a scan taken as the tenure began, if recent).
-    pub(crate) fn scan_stores(
-        &mut self,
-        full_verify: bool,
-    ) -> Result<Vec<Option<super::index::Scan>>, SendError> {
-        let mut scans = Vec::with_capacity(self.stores.len());
-        let mut pre = match self.prescanned.take() {
-            Some((at, v)) if !full_verify && at.elapsed() < PRESCAN_FRESH => v,
-            _ => Vec::new(),
-        };
-        for (i, store) in self.stores.iter_mut().enumerate() {
-            if let Some(scan) = pre.get_mut(i).and_then(Option::take) {
-                scans.push(Some(scan));
-                continue;
-            }
-            let scan = store
-                .tree
-                .scan(
-                    &mut store.index,
-                    &self.excludes,
-                    if full_verify {
-                        Rehash::All
-                    } else {
-                        Rehash::Changed
-                    },
-                )
-                .map_err(|source| SendError::Local {
-                    path: store.root.clone(),
-                    source,
-                })?;
-            scans.push(Some(scan));
-        }
-        Ok(scans)
-    }
-
-    /// Compares the replica's manifest with the local scans and queues
-    /// every difference (the backlog); returns how many paths differed and
-    /// the frames that keep a former primary's genuine conflicts aside
-    /// (sent before anything else).
-    pub(crate) fn compare(
-        &mut self,
-        mut on_way: super::drift::InFlight,
-        mut scans: Vec<Option<super::index::Scan>>,
-        remote: Vec<Manifest>,
-        initial: bool,
-    ) -> (u64, Vec<u8>) {
-        let mut differ = 0u64;
-        // Differing paths with the ctime that may explain them (not for
-        // the first comparison of a session: everything differs then).
-        let mut differing: Vec<super::drift::Difference> = Vec::new();
-        let (mut files, mut bytes) = (0u64, 0u64);
-        let mut aside: Vec<(usize, PathBuf)> = Vec::new();
-        for (s, remote) in remote.into_iter().enumerate() {
-            // A former primary's versions are decided exactly: what this
-            // node held when it took over was superseded by its users;
-            // anything else is a genuine conflict, kept aside there.
-            let takeover = if self.peer_former_primary {
-                self.known.get(s).cloned().flatten()
-            } else {
-                None
-            };
-            // Dovecot's own files (uidlist, indexes) follow this node: they
-            // describe the mail it holds; the old primary's never are mail.
-            let dovecot = self.stores[s].dovecot;
-            let genuine = |rel: &Path, r: &ManifestEntry| {
-                takeover
-                    .as_ref()
-                    .is_some_and(|t| r.kind == EntryKind::File && !t.contains(&r.hash))
-                    && !(dovecot && super::dovecot::is_dovecot_metadata(rel))
-            };
-            let scan = scans[s].take().expect("one scan per store");
-            let local = scan.entries;
-            for rel in scan.too_long {
-                self.out_of_reach
-                    .report(&self.stats, &self.stores[s].name, &rel);
-            }
-            // Folder ctimes looked up for differing paths (a folder renamed
-            // or changed while the comparison ran explains its contents).
-            let mut dir_changes: HashMap<PathBuf, Option<(i64, u32)>> = HashMap::new();
-            // Non-folders found different: not held as recorded.
-            let mut not_held: std::collections::HashSet<PathBuf> = Default::default();
-            let store = &mut self.stores[s];
-            // Every local path gets an entry once acknowledged: one
-            // allocation of the final size instead of doublings.
-            let known = store.index.entries.len();
-            store.index.reserve(local.len().saturating_sub(known));
-            let mut remote = remote;
-            let mut queue = Vec::new();
-            for (rel, st, hash) in local {
-                let theirs = remote.remove(&rel);
-                let same = match &theirs {
-                    // A folder whose entries are excluded (Maildir tmp/)
-                    // changes its mtime with what is not replicated.
-                    Some(r)
-                        if st.kind == Kind::Dir
-                            && self.excludes.is_excluded(&rel.join("x"))
-                            && same_entry_but_mtime(&st, r) =>
-                    {
-                        true
-                    }
-                    // Hash only what could be equal: same kind, size, mtime, owner.
-                    Some(r) if same_entry(&st, r.hash, r) => {
-                        let hash = match hash {
-                            Some(h) => Some(h),
-                            None => store.tree.hash(&rel, st.kind).ok().inspect(|h| {
-                                store.index.set(rel.clone(), Entry::new(&st, *h, false));
-                            }),
-                        };
-                        hash == Some(r.hash)
-                    }
-                    _ => false,
-                };
-                if !same && theirs.as_ref().is_some_and(|r| genuine(&rel, r)) {
-                    aside.push((s, rel.clone()));
-                }
-                if st.kind == Kind::Dir {
-                    let v = st.version;
-                    self.listed_dirs
-                        .insert((s, rel.clone()), (v.ino, v.ctime_s, v.ctime_ns));
-                }
-                if let Some(e) = store.index.get_mut(&rel) {
-                    e.synced = same;
-                }
-                if same {
-                    if st.kind == Kind::File && st.nlink > 1 {
-                        self.inodes
-                            .record((st.dev, st.version.ino), s, &rel, st.version);
-                    }
-                } else {
-                    // Whatever a record says the replica holds under this
-                    // name (a name recorded as its op went out, in a batch
-                    // a cut lost since, say) it does not: no link to it.
-                    // (Collected only when there is a record to forget
-                    // from: the first comparison of a big tree differs
-                    // everywhere.)
-                    if st.kind != Kind::Dir && !self.inodes.is_empty() {
-                        not_held.insert(rel.clone());
-                    }
-                    if st.kind == Kind::File {
-                        files += 1;
-                        bytes += st.version.size;
-                    }
-                    if !initial {
-                        let v = st.version;
-                        let own = Some((v.ctime_s, v.ctime_ns));
-                        let above = newest_change_above(&store.tree, &rel, &mut dir_changes);
-                        differing.push((s, rel.clone(), own.max(above)));
-                    }
-                    queue.push(rel);
-                }
-            }
-            store.index.mark_dirty();
-            // `recent` is empty here (a session starts with it cleared).
-            self.inodes.forget_names(s, &not_held);
-            // On the replica only: the sender finds them missing and deletes.
-            // In path order: the same comparison queues the same ops (a
-            // simulated run replays exactly).
-            let mut remote: Vec<_> = remote.into_iter().collect();
-            remote.sort_unstable_by(|a, b| crate::model::path_order(&a.0, &b.0));
-            for (rel, r) in remote {
-                if genuine(&rel, &r) {
-                    aside.push((s, rel.clone()));
-                }
-                if !initial {
-                    // A delete or a rename away changed the nearest folder
-                    // that is still here.
-                    let changed = newest_change_above(&store.tree, &rel, &mut dir_changes);
-                    differing.push((s, rel.clone(), changed));
-                }
-                queue.push(rel);
-            }
-            differ += queue.len() as u64;
-            self.backlog_since = Instant::now();
-            self.backlog
-                .extend(queue.into_iter().map(|rel| (s, rel.into_boxed_path())));
-        }
-        let mut out = Vec::new();
-        if !aside.is_empty() {
-            // Before any op that would replace or delete them.
-            for (s, rel) in &aside {
-                let seq = self.next_seq();
-                SyncMsg::KeepAside {
-                    seq,
-                    store: *s as u16,
-                    path: rel_bytes(rel),
-                }
-                .encode(&mut out);
-            }
-            warn!(
-                versions = aside.len(),
-                "the former primary holds {} versions this node never had (its replication lag window): they are kept aside and handed over here as conflicts",
-                aside.len()
-            );
-        }
-        self.stats.verify_runs.fetch_add(1, Relaxed);
-        if !differing.is_empty() {
-            // Changes made while the comparison ran, queued since.
-            self.coalescer.drain();
-            for op in self
-                .coalescer
-                .pending_ops()
-                .chain(self.retry.iter().map(|(_, op)| op))
-                .chain(self.gate.held())
-            {
-                on_way.add_op(op);
-            }
-            let refused = &self.refused;
-            let drift: Vec<&super::drift::Difference> = differing
-                .iter()
-                .filter(|(s, rel, changed)| {
-                    !on_way.explains(*s, rel, *changed) && !refused.contains(&(*s, rel.clone()))
-                })
-                .collect();
-            let in_transit = differing.len() - drift.len();
-            debug!(
-                in_transit,
-                "anti-entropy: {in_transit} differences are changes on their way"
-            );
-            if let Some((s, rel, _)) = drift.first() {
-                let n = drift.len() as u64;
-                add(&self.stats.repaired, n);
-                let line = format!(
-                    "anti-entropy found {n} paths on the replica that differ with no change pending here (drift: the replica was changed outside hasync, or a change was missed); repairing. First: {}",
-                    self.stores[*s].tree.abs(rel).display()
-                );
-                warn!(alarm = true, paths = n, "ALARM: {line}");
-                self.stats.raise_alarm(line);
-            }
-        }
-        {
-            let mut p = self.stats.progress.lock().expect("progress lock");
-            p.phase = if initial {
-                SyncPhase::InitialSync
-            } else {
-                SyncPhase::Verifying
-            };
-            p.total_files = files;
-            p.total_bytes = bytes;
-            p.done_files = 0;
-            p.done_bytes = 0;
-            p.started = Some(Instant::now());
-        }
-        info!(
-            differ,
-            files,
-            bytes,
-            "{}: {differ} paths to send ({files} files, {:.1} MB)",
-            if initial {
-                "initial sync"
-            } else {
-                "verification"
-            },
-            bytes as f64 / 1e6
-        );
-        (differ, out)
     }
 
     /// Answers a switchover's drain once every change is durable on the
@@ -2000,7 +1702,7 @@ impl<T: LocalTree> Sender<T> {
             hash,
         }
         .encode(out);
-        for chunk in data.chunks(MAX_DATA) {
+        for chunk in data.chunks(DATA_BYTES_MAX) {
             SyncMsg::Data {
                 seq,
                 bytes: chunk.to_vec(),
@@ -2971,10 +2673,10 @@ impl Sender<Tree> {
         let size = st.version.size;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         let mut pos = 0u64;
-        let mut buf = Vec::with_capacity(MAX_DATA);
+        let mut buf = Vec::with_capacity(DATA_BYTES_MAX);
         while pos < size {
             buf.clear();
-            let want = ((size - pos) as usize).min(MAX_DATA);
+            let want = ((size - pos) as usize).min(DATA_BYTES_MAX);
             let (res, b) = file.read_at(buf.slice(0..want), pos).await;
             buf = b.into_inner();
             let n = res.map_err(local)?;
@@ -3030,7 +2732,7 @@ impl Sender<Tree> {
         let mut pos = 0u64;
         while pos < len {
             buf.clear();
-            let want = ((len - pos) as usize).min(MAX_DATA);
+            let want = ((len - pos) as usize).min(DATA_BYTES_MAX);
             let (res, b) = file.read_at(buf.slice(0..want), pos).await;
             buf = b.into_inner();
             let n = res.map_err(local)?;
@@ -3054,29 +2756,6 @@ impl Sender<Tree> {
     }
 }
 
-/// `p` after renaming `from` to `to`, if `p` is `from` or below it.
-/// The newest ctime among the folders above `rel` that exist here (a
-/// folder renamed, or an entry added or removed in it, moves its ctime;
-/// a folder renamed does not move its entries' ctimes).
-fn newest_change_above(
-    tree: &impl LocalTree,
-    rel: &Path,
-    seen: &mut HashMap<PathBuf, Option<(i64, u32)>>,
-) -> Option<(i64, u32)> {
-    let mut newest = None;
-    for dir in rel.ancestors().skip(1) {
-        let c = *seen.entry(dir.to_path_buf()).or_insert_with(|| {
-            tree.lstat(dir)
-                .ok()
-                .flatten()
-                .map(|st| (st.version.ctime_s, st.version.ctime_ns))
-        });
-        newest = newest.max(c);
-    }
-    newest
-}
-
-/// Does the replica's entry match the local one?
 /// The folder holding `rel` ("" for the store's root).
 fn parent_dir(rel: &Path) -> PathBuf {
     rel.parent().map(Path::to_path_buf).unwrap_or_default()
@@ -3096,42 +2775,4 @@ fn through_renames<'p>(
         }
     }
     now
-}
-
-/// A folder with the same mode and owner (its mtime aside).
-fn same_entry_but_mtime(st: &Stat, r: &ManifestEntry) -> bool {
-    r.kind == EntryKind::Dir
-        && st.meta.mode == r.meta.mode
-        && st.meta.uid == r.meta.uid
-        && st.meta.gid == r.meta.gid
-}
-
-fn same_entry(st: &Stat, hash: u128, r: &ManifestEntry) -> bool {
-    let kind_ok = matches!(
-        (st.kind, r.kind),
-        (Kind::File, EntryKind::File)
-            | (Kind::Dir, EntryKind::Dir)
-            | (Kind::Symlink, EntryKind::Symlink)
-    );
-    if !kind_ok {
-        return false;
-    }
-    let owner_mode =
-        st.meta.mode == r.meta.mode && st.meta.uid == r.meta.uid && st.meta.gid == r.meta.gid;
-    match st.kind {
-        // A folder's mtime follows each batch that changes its entries.
-        Kind::Dir => {
-            owner_mode
-                && st.meta.mtime_sec == r.meta.mtime_sec
-                && st.meta.mtime_nsec == r.meta.mtime_nsec
-        }
-        Kind::Symlink => hash == r.hash && st.meta.uid == r.meta.uid,
-        Kind::File => {
-            owner_mode
-                && hash == r.hash
-                && st.version.size == r.size
-                && st.meta.mtime_sec == r.meta.mtime_sec
-                && st.meta.mtime_nsec == r.meta.mtime_nsec
-        }
-    }
 }

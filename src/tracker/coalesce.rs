@@ -23,7 +23,7 @@ pub(crate) const PENDING_OPS_MAX: usize = 1_000_000;
 
 /// Tombstones (ops moved elsewhere in the list) are compacted away once they exceed both the
 /// live count and this floor, so compaction stays amortised.
-const TOMBSTONES_MIN_COMPACT: usize = 1024;
+const COMPACT_TOMBSTONES_MIN: usize = 1024;
 
 /// A queued path's bytes. Ordered byte-wise, a folder's descendants
 /// (`dir/…`) are one contiguous range, and a comparison is a `memcmp`
@@ -336,7 +336,7 @@ impl Coalescer {
 
     fn compact_if_sparse(&mut self) {
         let tombstones = self.queue.len() - self.live;
-        if tombstones <= self.live.max(TOMBSTONES_MIN_COMPACT) {
+        if tombstones <= self.live.max(COMPACT_TOMBSTONES_MIN) {
             return;
         }
         let mut new_seq = Vec::with_capacity(self.queue.len());

@@ -7,7 +7,7 @@ use crate::failover::{Heartbeat, Role};
 pub const NONCE_LEN: usize = 32;
 pub const PROOF_LEN: usize = 32;
 /// Node names on the wire are bounded like in the configuration.
-const MAX_NAME: usize = 64;
+const NAME_BYTES_MAX: usize = 64;
 
 /// Which job a connection does. Heartbeats get a connection of their own so
 /// that they never queue behind bulk sync data.
@@ -44,10 +44,10 @@ pub enum Message {
 /// `[A-Za-z0-9._-]` (so a peer's name can never carry a newline or a
 /// terminal escape into a log line).
 fn check_name(field: &'static str, name: String) -> Result<String, WireError> {
-    if name.is_empty() || name.len() > MAX_NAME {
+    if name.is_empty() || name.len() > NAME_BYTES_MAX {
         return Err(WireError::BadField {
             field,
-            problem: format!("length {} outside 1..={MAX_NAME}", name.len()),
+            problem: format!("length {} outside 1..={NAME_BYTES_MAX}", name.len()),
         });
     }
     if let Some(c) = name

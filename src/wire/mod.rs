@@ -37,14 +37,14 @@ pub const TRAILER_LEN: usize = 8;
 /// Header of a `Bulk` frame: the common 8 bytes and their checksum.
 pub const BULK_HEADER_LEN: usize = 16;
 /// Largest payload of a `Bulk` frame.
-pub const MAX_BULK_PAYLOAD: u32 = 1 << 20;
+pub const BULK_PAYLOAD_BYTES_MAX: u32 = 1 << 20;
 /// Largest payload of any frame kind (bulk sync data).
-pub const MAX_PAYLOAD: u32 = 8 << 20;
+pub const PAYLOAD_BYTES_MAX: u32 = 8 << 20;
 /// Largest payload of a control frame (hello, proof, heartbeat).
-pub const MAX_CONTROL_PAYLOAD: u32 = 1024;
+pub const CONTROL_PAYLOAD_BYTES_MAX: u32 = 1024;
 /// Largest payload read from a peer that has not authenticated yet: a
 /// `Hello` (98 bytes at most) or a `Proof` (32).
-pub const MAX_HANDSHAKE_PAYLOAD: u32 = 128;
+pub const HANDSHAKE_PAYLOAD_BYTES_MAX: u32 = 128;
 
 /// Which frames a connection accepts in its current state, checked on the
 /// 8-byte header before the payload is read or buffered: a stranger's
@@ -53,7 +53,7 @@ pub const MAX_HANDSHAKE_PAYLOAD: u32 = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FramePolicy {
     /// Before authentication: `Hello` and `Proof`, at most
-    /// [`MAX_HANDSHAKE_PAYLOAD`] bytes.
+    /// [`HANDSHAKE_PAYLOAD_BYTES_MAX`] bytes.
     Handshake,
     /// An authenticated heartbeat connection: control frames only.
     Control,
@@ -67,7 +67,9 @@ impl FramePolicy {
     /// not accepted at all.
     pub fn cap(self, kind: Kind) -> Option<u32> {
         match (self, kind) {
-            (FramePolicy::Handshake, Kind::Hello | Kind::Proof) => Some(MAX_HANDSHAKE_PAYLOAD),
+            (FramePolicy::Handshake, Kind::Hello | Kind::Proof) => {
+                Some(HANDSHAKE_PAYLOAD_BYTES_MAX)
+            }
             (FramePolicy::Handshake, _) => None,
             (FramePolicy::Control, Kind::Hello | Kind::Proof | Kind::Heartbeat) => {
                 Some(kind.max_payload())
@@ -106,9 +108,9 @@ impl Kind {
     /// The cap on this kind's payload, checked before allocation.
     pub fn max_payload(self) -> u32 {
         match self {
-            Kind::Hello | Kind::Proof | Kind::Heartbeat => MAX_CONTROL_PAYLOAD,
-            Kind::Sync => MAX_PAYLOAD,
-            Kind::Bulk => MAX_BULK_PAYLOAD,
+            Kind::Hello | Kind::Proof | Kind::Heartbeat => CONTROL_PAYLOAD_BYTES_MAX,
+            Kind::Sync => PAYLOAD_BYTES_MAX,
+            Kind::Bulk => BULK_PAYLOAD_BYTES_MAX,
         }
     }
 }
@@ -179,7 +181,7 @@ pub fn encode_frame(kind: Kind, payload: &[u8], out: &mut Vec<u8>) {
 /// The header of a `Bulk` frame of `len` payload bytes; the payload follows.
 pub fn bulk_header(len: u32) -> [u8; BULK_HEADER_LEN] {
     assert!(
-        len <= MAX_BULK_PAYLOAD,
+        len <= BULK_PAYLOAD_BYTES_MAX,
         "bulk payload of {len} bytes exceeds its cap"
     );
     let mut h = [0u8; BULK_HEADER_LEN];

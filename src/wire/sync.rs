@@ -12,16 +12,16 @@ use super::{encode_frame, Frame, Kind, WireError};
 pub use crate::model::Meta;
 
 /// Longest relative path accepted (PATH_MAX).
-pub const MAX_PATH: usize = 4096;
+pub const PATH_BYTES_MAX: usize = 4096;
 /// Largest `Data` chunk.
-pub const MAX_DATA: usize = super::MAX_BULK_PAYLOAD as usize;
+pub const DATA_BYTES_MAX: usize = super::BULK_PAYLOAD_BYTES_MAX as usize;
 /// Most entries in one `Manifest` chunk.
-pub const MAX_MANIFEST_ENTRIES: usize = 4096;
+pub const MANIFEST_ENTRIES_MAX: usize = 4096;
 /// Most mailstores in one `Start`.
-pub const MAX_STORES: usize = 64;
+pub const STORES_MAX: usize = 64;
 /// Longest free-text reason (`Refused.why`, `QueueAck.detail`); longer
 /// text is cut at a character boundary when encoded.
-pub const MAX_TEXT: usize = 1024;
+pub const TEXT_BYTES_MAX: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -231,9 +231,9 @@ pub enum QueueOutcome {
 }
 
 /// Most parts in one queued message.
-pub const MAX_QUEUE_PARTS: usize = 4;
+pub const QUEUE_PARTS_MAX: usize = 4;
 /// Largest queued message part accepted.
-pub const MAX_QUEUE_PART: u64 = 1 << 30;
+pub const QUEUE_PART_BYTES_MAX: u64 = 1 << 30;
 
 mod tag {
     pub const START: u8 = 1;
@@ -296,11 +296,11 @@ fn get_meta(r: &mut Reader<'_>) -> Result<Meta, WireError> {
 }
 
 fn path(r: &mut Reader<'_>, what: &'static str) -> Result<Vec<u8>, WireError> {
-    Ok(r.blob16(what, MAX_PATH)?.to_vec())
+    Ok(r.blob16(what, PATH_BYTES_MAX)?.to_vec())
 }
 
 fn text(r: &mut Reader<'_>, what: &'static str) -> Result<String, WireError> {
-    let raw = r.blob16(what, MAX_TEXT)?;
+    let raw = r.blob16(what, TEXT_BYTES_MAX)?;
     String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadField {
         field: what,
         problem: "not UTF-8".into(),
@@ -437,7 +437,7 @@ impl SyncMsg {
                 path,
                 why,
             } => {
-                let why = cut_at_char_boundary(why, MAX_TEXT).as_bytes();
+                let why = cut_at_char_boundary(why, TEXT_BYTES_MAX).as_bytes();
                 w.u8(tag::REFUSED)
                     .u64(*seq)
                     .u16(*store)
@@ -471,7 +471,7 @@ impl SyncMsg {
                 outcome,
                 detail,
             } => {
-                let d = cut_at_char_boundary(detail, MAX_TEXT).as_bytes();
+                let d = cut_at_char_boundary(detail, TEXT_BYTES_MAX).as_bytes();
                 w.u8(tag::QUEUE_ACK).u64(*id).u8(*outcome as u8).blob16(d);
             }
             SyncMsg::QueueEnd => {
@@ -525,7 +525,7 @@ impl SyncMsg {
         let mut r = Reader::new(frame.kind, &frame.payload[1..]);
         Some((|| {
             let seq = r.u64("data.seq")?;
-            let len = r.blob32("data.bytes", MAX_DATA)?.len();
+            let len = r.blob32("data.bytes", DATA_BYTES_MAX)?.len();
             r.finish()?;
             let end = frame.payload.len();
             Ok((seq, end - len..end))
@@ -545,10 +545,10 @@ impl SyncMsg {
             tag::START => {
                 let epoch = r.u64("start.epoch")?;
                 let n = r.u16("start.count")? as usize;
-                if n > MAX_STORES {
+                if n > STORES_MAX {
                     return Err(WireError::BadField {
                         field: "start.count",
-                        problem: format!("{n} stores, limit {MAX_STORES}"),
+                        problem: format!("{n} stores, limit {STORES_MAX}"),
                     });
                 }
                 let mut stores = Vec::with_capacity(n);
@@ -574,7 +574,7 @@ impl SyncMsg {
             },
             tag::DATA => SyncMsg::Data {
                 seq: r.u64("data.seq")?,
-                bytes: r.blob32("data.bytes", MAX_DATA)?.to_vec(),
+                bytes: r.blob32("data.bytes", DATA_BYTES_MAX)?.to_vec(),
             },
             tag::MKDIR => SyncMsg::Mkdir {
                 seq: r.u64("mkdir.seq")?,
@@ -616,10 +616,10 @@ impl SyncMsg {
                 let store = r.u16("manifest.store")?;
                 let last = r.u8("manifest.last")? != 0;
                 let n = r.u32("manifest.count")? as usize;
-                if n > MAX_MANIFEST_ENTRIES {
+                if n > MANIFEST_ENTRIES_MAX {
                     return Err(WireError::BadField {
                         field: "manifest.count",
-                        problem: format!("{n} entries, limit {MAX_MANIFEST_ENTRIES}"),
+                        problem: format!("{n} entries, limit {MANIFEST_ENTRIES_MAX}"),
                     });
                 }
                 let mut entries = Vec::with_capacity(n);
@@ -693,10 +693,10 @@ impl SyncMsg {
                 let queue_id = r.short_str("queue_msg.queue_id")?;
                 let key = r.u128("queue_msg.key")?;
                 let n = r.u8("queue_msg.parts")? as usize;
-                if n == 0 || n > MAX_QUEUE_PARTS {
+                if n == 0 || n > QUEUE_PARTS_MAX {
                     return Err(WireError::BadField {
                         field: "queue_msg.parts",
-                        problem: format!("{n} parts, expected 1..={MAX_QUEUE_PARTS}"),
+                        problem: format!("{n} parts, expected 1..={QUEUE_PARTS_MAX}"),
                     });
                 }
                 let mut parts = Vec::with_capacity(n);
@@ -704,10 +704,10 @@ impl SyncMsg {
                     let suffix = r.short_str("queue_part.suffix")?;
                     let meta = get_meta(&mut r)?;
                     let size = r.u64("queue_part.size")?;
-                    if size > MAX_QUEUE_PART {
+                    if size > QUEUE_PART_BYTES_MAX {
                         return Err(WireError::BadField {
                             field: "queue_part.size",
-                            problem: format!("{size} bytes, limit {MAX_QUEUE_PART}"),
+                            problem: format!("{size} bytes, limit {QUEUE_PART_BYTES_MAX}"),
                         });
                     }
                     parts.push(QueuePart {
@@ -941,7 +941,7 @@ mod tests {
         }
 
         fn path() -> impl Strategy<Value = Vec<u8>> {
-            bytes(MAX_PATH)
+            bytes(PATH_BYTES_MAX)
         }
 
         /// Any text, often longer than the limit and full of multibyte
@@ -993,7 +993,7 @@ mod tests {
         }
 
         fn part() -> impl Strategy<Value = QueuePart> {
-            (short(), meta(), 0..=MAX_QUEUE_PART, any::<u128>()).prop_map(
+            (short(), meta(), 0..=QUEUE_PART_BYTES_MAX, any::<u128>()).prop_map(
                 |(suffix, meta, size, hash)| QueuePart {
                     suffix,
                     meta,
@@ -1007,7 +1007,7 @@ mod tests {
             let (seq, store) = (any::<u64>(), any::<u16>());
             prop_oneof![
                 (
-                    proptest::collection::vec(short(), 0..=MAX_STORES),
+                    proptest::collection::vec(short(), 0..=STORES_MAX),
                     any::<u64>()
                 )
                     .prop_map(|(stores, epoch)| SyncMsg::Start { stores, epoch }),
@@ -1026,7 +1026,7 @@ mod tests {
                         }
                     }
                 ),
-                (seq, bytes(MAX_DATA)).prop_map(|(seq, bytes)| SyncMsg::Data { seq, bytes }),
+                (seq, bytes(DATA_BYTES_MAX)).prop_map(|(seq, bytes)| SyncMsg::Data { seq, bytes }),
                 (seq, store, path(), meta()).prop_map(|(seq, store, path, meta)| SyncMsg::Mkdir {
                     seq,
                     store,
@@ -1107,7 +1107,7 @@ mod tests {
                     short(),
                     short(),
                     any::<u128>(),
-                    proptest::collection::vec(part(), 1..=MAX_QUEUE_PARTS)
+                    proptest::collection::vec(part(), 1..=QUEUE_PARTS_MAX)
                 )
                     .prop_map(|(id, sub_queue, queue_id, key, parts)| {
                         SyncMsg::QueueMsg {
@@ -1173,7 +1173,7 @@ mod tests {
             let mut m = m.clone();
             match &mut m {
                 SyncMsg::Refused { why: t, .. } | SyncMsg::QueueAck { detail: t, .. } => {
-                    *t = cut_at_char_boundary(t, MAX_TEXT).to_string();
+                    *t = cut_at_char_boundary(t, TEXT_BYTES_MAX).to_string();
                 }
                 _ => {}
             }
@@ -1194,7 +1194,7 @@ mod tests {
                 let back = SyncMsg::decode(&f).expect("the encoder never produces a message the decoder refuses");
                 prop_assert_eq!(&back, &as_sent(&m));
                 if let SyncMsg::Refused { why: t, .. } | SyncMsg::QueueAck { detail: t, .. } = &back {
-                    prop_assert!(t.len() <= MAX_TEXT);
+                    prop_assert!(t.len() <= TEXT_BYTES_MAX);
                 }
             }
 
@@ -1209,7 +1209,7 @@ mod tests {
     #[test]
     fn a_reason_cut_inside_a_multibyte_character_still_decodes() {
         // 1,023 ASCII bytes then a 3-byte character: byte 1,024 is inside it.
-        let why = format!("{}\u{20ac}tail", "x".repeat(MAX_TEXT - 1));
+        let why = format!("{}\u{20ac}tail", "x".repeat(TEXT_BYTES_MAX - 1));
         let mut out = Vec::new();
         SyncMsg::Refused {
             seq: 1,
@@ -1220,7 +1220,7 @@ mod tests {
         .encode(&mut out);
         let (f, _) = decode_frame(&out).unwrap().unwrap();
         match SyncMsg::decode(&f).unwrap() {
-            SyncMsg::Refused { why: got, .. } => assert_eq!(got, "x".repeat(MAX_TEXT - 1)),
+            SyncMsg::Refused { why: got, .. } => assert_eq!(got, "x".repeat(TEXT_BYTES_MAX - 1)),
             other => panic!("{other:?}"),
         }
     }

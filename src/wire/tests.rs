@@ -73,7 +73,7 @@ fn over_long_length_is_refused_before_the_payload_arrives() {
         Err(WireError::TooLong {
             kind: Kind::Heartbeat,
             len: u32::MAX,
-            max: MAX_CONTROL_PAYLOAD
+            max: CONTROL_PAYLOAD_BYTES_MAX
         })
     );
 }
@@ -174,7 +174,7 @@ proptest! {
         let mut hello = header.clone();
         hello[3] = Kind::Hello as u8;
         let res = decode_frame_under(&hello, FramePolicy::Handshake);
-        if len > MAX_HANDSHAKE_PAYLOAD {
+        if len > HANDSHAKE_PAYLOAD_BYTES_MAX {
             let too_long = matches!(res, Err(WireError::TooLong { .. }));
             prop_assert!(too_long, "{:?}", res);
         }
@@ -228,13 +228,13 @@ fn bulk_header_corruption_and_over_long_length_are_refused() {
     h.extend_from_slice(&MAGIC);
     h.push(VERSION);
     h.push(Kind::Bulk as u8);
-    h.extend_from_slice(&(MAX_BULK_PAYLOAD + 1).to_le_bytes());
+    h.extend_from_slice(&(BULK_PAYLOAD_BYTES_MAX + 1).to_le_bytes());
     assert_eq!(
         decode_frame(&h),
         Err(WireError::TooLong {
             kind: Kind::Bulk,
-            len: MAX_BULK_PAYLOAD + 1,
-            max: MAX_BULK_PAYLOAD
+            len: BULK_PAYLOAD_BYTES_MAX + 1,
+            max: BULK_PAYLOAD_BYTES_MAX
         })
     );
     // Not a message: the heartbeat connection refuses it.

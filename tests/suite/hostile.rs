@@ -11,7 +11,7 @@ use hasync::failover::{Heartbeat, Role as WireRole};
 use hasync::link::auth::{LinkKey, Side};
 use hasync::link::{handshake, Conn, LinkCtx, LinkStats};
 use hasync::wire::sync::{Meta, SyncMsg};
-use hasync::wire::{encode_frame, Channel, Kind, Message, MAX_BULK_PAYLOAD};
+use hasync::wire::{encode_frame, Channel, Kind, Message, BULK_PAYLOAD_BYTES_MAX};
 
 use super::util::*;
 
@@ -63,7 +63,7 @@ pub fn file(seq: u64, path: &[u8], body: &[u8], out: &mut Vec<u8>) {
 /// announced with the hash of `claimed`.
 fn bulk_file(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut Vec<u8>) {
     file_header(seq, path, body, claimed, out);
-    for chunk in body.chunks(MAX_BULK_PAYLOAD as usize) {
+    for chunk in body.chunks(BULK_PAYLOAD_BYTES_MAX as usize) {
         encode_frame(Kind::Bulk, chunk, out);
     }
 }

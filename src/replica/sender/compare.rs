@@ -1,0 +1,730 @@
+//! The comparison with the replica that starts every session (and every
+//! verification): the local scans and the replica's manifest, both in path
+//! order, walked side by side as the manifest's chunks arrive. Neither side
+//! is held whole a second time: a million-file store is compared with one
+//! chunk of the manifest in memory, not a map of all of it.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use tracing::{debug, info, warn};
+
+use super::super::drift::{Difference, InFlight};
+use super::super::index::{Entry, Kind, Rehash, Scan, ScanEntry, Stat};
+use super::super::tree::LocalTree;
+use super::{add, rel_bytes, SendError, Sender, SyncPhase, PRESCAN_FRESH};
+use crate::model::path_order;
+use crate::wire::sync::{EntryKind, ManifestEntry, SyncMsg};
+
+/// A comparison under way (see the module's text).
+pub(crate) struct Comparison {
+    on_way: InFlight,
+    stores: Vec<StoreComparison>,
+    found: Found,
+}
+
+/// What a [`Comparison`] found so far, over all stores.
+struct Found {
+    initial: bool,
+    /// Differing paths with the ctime that may explain them (not for the
+    /// first comparison of a session: everything differs then).
+    differing: Vec<Difference>,
+    differ: u64,
+    files: u64,
+    bytes: u64,
+    /// A former primary's genuine conflicts, to keep aside there.
+    aside: Vec<(usize, PathBuf)>,
+}
+
+/// One store's side of a [`Comparison`].
+struct StoreComparison {
+    /// The local entries not yet compared, in path order.
+    local: std::iter::Peekable<std::vec::IntoIter<ScanEntry>>,
+    /// The replica's last entry, to hold it to path order.
+    last_remote: Option<Vec<u8>>,
+    /// The versions this node held at takeover (or sent since) when the
+    /// peer is a former primary: any other version of its is genuine.
+    /// Taken at the store's first chunk: the peer says whether it is a
+    /// former primary (`PeerState`) before its manifest, while the
+    /// comparison already waits for it.
+    takeover: Option<HashSet<u128>>,
+    started: bool,
+    /// Dovecot's own files follow this node (see `genuine`).
+    dovecot: bool,
+    /// Folder ctimes looked up for differing paths (a folder renamed or
+    /// changed while the comparison ran explains its contents).
+    dir_changes: HashMap<PathBuf, Option<(i64, u32)>>,
+    /// Non-folders found different: not held as recorded.
+    not_held: HashSet<PathBuf>,
+    /// Paths to send or delete, in path order.
+    queue: Vec<PathBuf>,
+    done: bool,
+}
+
+impl StoreComparison {
+    /// A version of the former primary's this node never held: a genuine
+    /// conflict, kept aside there. Dovecot's own files (uidlist, indexes)
+    /// describe the mail the node holds; the old primary's never are mail.
+    fn genuine(&self, rel: &Path, r: &ManifestEntry) -> bool {
+        self.takeover
+            .as_ref()
+            .is_some_and(|t| r.kind == EntryKind::File && !t.contains(&r.hash))
+            && !(self.dovecot && super::super::dovecot::is_dovecot_metadata(rel))
+    }
+}
+
+/// Why the replica's manifest cannot be compared (a protocol error).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ManifestError {
+    #[error("manifest for store {store}, which does not exist")]
+    NoSuchStore { store: usize },
+    #[error("manifest for store {store} after its last chunk")]
+    AfterLast { store: usize },
+    #[error("manifest for store {store} out of path order at {path:?}")]
+    OutOfOrder { store: usize, path: String },
+}
+
+impl Comparison {
+    /// Has every store's manifest arrived?
+    pub(crate) fn complete(&self) -> bool {
+        self.stores.iter().all(|s| s.done)
+    }
+}
+
+impl<T: LocalTree> Sender<T> {
+    /// Starts a comparison with the replica: what is on its way (it
+    /// explains a difference; only the rest is drift), and the manifest
+    /// request to send.
+    pub(crate) fn begin_comparison(
+        &mut self,
+        full_verify: bool,
+        initial: bool,
+    ) -> (InFlight, Vec<u8>) {
+        self.set_phase(if initial {
+            SyncPhase::Manifest
+        } else {
+            SyncPhase::Verifying
+        });
+        let mut on_way = InFlight::new(std::time::SystemTime::now());
+        for (s, rel) in &self.backlog {
+            on_way.add_path(*s, rel);
+        }
+        // This comparison finds everything still different.
+        self.backlog.clear();
+        self.manifest_id += 1;
+        let id = self.manifest_id;
+        let mut out = Vec::new();
+        SyncMsg::ManifestRequest { id, full_verify }.encode(&mut out);
+        (on_way, out)
+    }
+
+    /// Every store's entries (a scan taken as the tenure began, if recent).
+    pub(crate) fn scan_stores(
+        &mut self,
+        full_verify: bool,
+    ) -> Result<Vec<Option<Scan>>, SendError> {
+        let mut scans = Vec::with_capacity(self.stores.len());
+        let mut pre = match self.prescanned.take() {
+            Some((at, v)) if !full_verify && at.elapsed() < PRESCAN_FRESH => v,
+            _ => Vec::new(),
+        };
+        for (i, store) in self.stores.iter_mut().enumerate() {
+            if let Some(scan) = pre.get_mut(i).and_then(Option::take) {
+                scans.push(Some(scan));
+                continue;
+            }
+            let scan = store
+                .tree
+                .scan(
+                    &mut store.index,
+                    &self.excludes,
+                    if full_verify {
+                        Rehash::All
+                    } else {
+                        Rehash::Changed
+                    },
+                )
+                .map_err(|source| SendError::Local {
+                    path: store.root.clone(),
+                    source,
+                })?;
+            scans.push(Some(scan));
+        }
+        Ok(scans)
+    }
+
+    /// Starts comparing the local scans (one per store, in path order) with
+    /// the replica's manifest, which [`Sender::compare_chunk`] then feeds.
+    pub(crate) fn start_compare(
+        &mut self,
+        on_way: InFlight,
+        scans: Vec<Option<Scan>>,
+        initial: bool,
+    ) -> Comparison {
+        let mut stores = Vec::with_capacity(scans.len());
+        for (s, scan) in scans.into_iter().enumerate() {
+            let scan = scan.expect("one scan per store");
+            for rel in &scan.too_long {
+                self.out_of_reach
+                    .report(&self.stats, &self.stores[s].name, rel);
+            }
+            let store = &mut self.stores[s];
+            // Every local path gets an entry once acknowledged: one
+            // allocation of the final size instead of doublings.
+            let known = store.index.entries.len();
+            store
+                .index
+                .reserve(scan.entries.len().saturating_sub(known));
+            stores.push(StoreComparison {
+                local: scan.entries.into_iter().peekable(),
+                last_remote: None,
+                takeover: None,
+                started: false,
+                dovecot: store.dovecot,
+                dir_changes: HashMap::new(),
+                not_held: HashSet::new(),
+                queue: Vec::new(),
+                done: false,
+            });
+        }
+        Comparison {
+            on_way,
+            stores,
+            found: Found {
+                initial,
+                differing: Vec::new(),
+                differ: 0,
+                files: 0,
+                bytes: 0,
+                aside: Vec::new(),
+            },
+        }
+    }
+
+    /// Compares one chunk of store `s`'s manifest (entries in path order)
+    /// with the local entries up to it; `last` ends the store.
+    pub(crate) fn compare_chunk(
+        &mut self,
+        cmp: &mut Comparison,
+        s: usize,
+        entries: Vec<ManifestEntry>,
+        last: bool,
+    ) -> Result<(), ManifestError> {
+        let Some(sc) = cmp.stores.get_mut(s) else {
+            return Err(ManifestError::NoSuchStore { store: s });
+        };
+        let found = &mut cmp.found;
+        if sc.done {
+            return Err(ManifestError::AfterLast { store: s });
+        }
+        if !sc.started {
+            sc.started = true;
+            // A former primary's versions are decided exactly: what this
+            // node held when it took over was superseded by its users;
+            // anything else is a genuine conflict, kept aside there.
+            if self.peer_former_primary {
+                sc.takeover = self.known.get(s).cloned().flatten();
+            }
+        }
+        for r in entries {
+            // The peer only names paths it was sent; a name that is not a
+            // valid relative path is not compared (nor deleted).
+            if super::super::fsops::check_rel(&r.path).is_err() {
+                continue;
+            }
+            let rel = Path::new(std::ffi::OsStr::from_bytes(&r.path));
+            if let Some(prev) = &sc.last_remote {
+                let prev = Path::new(std::ffi::OsStr::from_bytes(prev));
+                if path_order(prev, rel) != std::cmp::Ordering::Less {
+                    return Err(ManifestError::OutOfOrder {
+                        store: s,
+                        path: String::from_utf8_lossy(&r.path).into_owned(),
+                    });
+                }
+            }
+            // Local entries before this one: the replica does not have them.
+            while let Some(l) = sc.local.next_if(|l| path_order(&l.0, rel).is_lt()) {
+                self.compare_local(found, sc, s, l, None);
+            }
+            match sc.local.next_if(|l| l.0.as_path() == rel) {
+                Some(l) => self.compare_local(found, sc, s, l, Some(&r)),
+                None => self.remote_only(found, sc, s, rel.to_path_buf(), &r),
+            }
+            sc.last_remote = Some(r.path);
+        }
+        if last {
+            while let Some(l) = sc.local.next() {
+                self.compare_local(found, sc, s, l, None);
+            }
+            self.finish_store(found, sc, s);
+        }
+        Ok(())
+    }
+
+    /// A local entry, with the replica's entry of the same name if it has one.
+    fn compare_local(
+        &mut self,
+        found: &mut Found,
+        sc: &mut StoreComparison,
+        s: usize,
+        (rel, st, hash): ScanEntry,
+        theirs: Option<&ManifestEntry>,
+    ) {
+        let store = &mut self.stores[s];
+        let same = match theirs {
+            // A folder whose entries are excluded (Maildir tmp/) changes
+            // its mtime with what is not replicated.
+            Some(r)
+                if st.kind == Kind::Dir
+                    && self.excludes.is_excluded(&rel.join("x"))
+                    && same_entry_but_mtime(&st, r) =>
+            {
+                true
+            }
+            // Hash only what could be equal: same kind, size, mtime, owner.
+            Some(r) if same_entry(&st, r.hash, r) => {
+                let hash = match hash {
+                    Some(h) => Some(h),
+                    None => store.tree.hash(&rel, st.kind).ok().inspect(|h| {
+                        store.index.set(rel.clone(), Entry::new(&st, *h, false));
+                    }),
+                };
+                hash == Some(r.hash)
+            }
+            _ => false,
+        };
+        if !same && theirs.is_some_and(|r| sc.genuine(&rel, r)) {
+            found.aside.push((s, rel.clone()));
+        }
+        if st.kind == Kind::Dir {
+            let v = st.version;
+            self.listed_dirs
+                .insert((s, rel.clone()), (v.ino, v.ctime_s, v.ctime_ns));
+        }
+        if let Some(e) = store.index.get_mut(&rel) {
+            e.synced = same;
+        }
+        if same {
+            if st.kind == Kind::File && st.nlink > 1 {
+                self.inodes
+                    .record((st.dev, st.version.ino), s, &rel, st.version);
+            }
+            return;
+        }
+        // Whatever a record says the replica holds under this name (a name
+        // recorded as its op went out, in a batch a cut lost since, say) it
+        // does not: no link to it. (Collected only when there is a record
+        // to forget from: the first comparison of a big tree differs
+        // everywhere.)
+        if st.kind != Kind::Dir && !self.inodes.is_empty() {
+            sc.not_held.insert(rel.clone());
+        }
+        if st.kind == Kind::File {
+            found.files += 1;
+            found.bytes += st.version.size;
+        }
+        if !found.initial {
+            let v = st.version;
+            let own = Some((v.ctime_s, v.ctime_ns));
+            let above = newest_change_above(&store.tree, &rel, &mut sc.dir_changes);
+            found.differing.push((s, rel.clone(), own.max(above)));
+        }
+        sc.queue.push(rel);
+    }
+
+    /// An entry only the replica has: the sender finds it missing and
+    /// deletes it there.
+    fn remote_only(
+        &mut self,
+        found: &mut Found,
+        sc: &mut StoreComparison,
+        s: usize,
+        rel: PathBuf,
+        r: &ManifestEntry,
+    ) {
+        if sc.genuine(&rel, r) {
+            found.aside.push((s, rel.clone()));
+        }
+        if !found.initial {
+            // A delete or a rename away changed the nearest folder that is
+            // still here.
+            let changed = newest_change_above(&self.stores[s].tree, &rel, &mut sc.dir_changes);
+            found.differing.push((s, rel.clone(), changed));
+        }
+        sc.queue.push(rel);
+    }
+
+    /// The store's manifest has all arrived: its differences join the backlog.
+    fn finish_store(&mut self, found: &mut Found, sc: &mut StoreComparison, s: usize) {
+        sc.done = true;
+        self.stores[s].index.mark_dirty();
+        // `recent` is empty here (a session starts with it cleared).
+        self.inodes
+            .forget_names(s, &std::mem::take(&mut sc.not_held));
+        sc.dir_changes = HashMap::new();
+        let queue = std::mem::take(&mut sc.queue);
+        found.differ += queue.len() as u64;
+        self.backlog_since = Instant::now();
+        self.backlog
+            .extend(queue.into_iter().map(|rel| (s, rel.into_boxed_path())));
+    }
+
+    /// Ends a comparison whose manifests have all arrived: returns how many
+    /// paths differed and the frames that keep a former primary's genuine
+    /// conflicts aside (sent before anything else).
+    pub(crate) fn finish_compare(&mut self, cmp: Comparison) -> (u64, Vec<u8>) {
+        debug_assert!(cmp.complete(), "a comparison finished before its manifests");
+        let Comparison {
+            mut on_way, found, ..
+        } = cmp;
+        let Found {
+            initial,
+            differing,
+            differ,
+            files,
+            bytes,
+            aside,
+        } = found;
+        let mut out = Vec::new();
+        if !aside.is_empty() {
+            // Before any op that would replace or delete them.
+            for (s, rel) in &aside {
+                let seq = self.next_seq();
+                SyncMsg::KeepAside {
+                    seq,
+                    store: *s as u16,
+                    path: rel_bytes(rel),
+                }
+                .encode(&mut out);
+            }
+            warn!(
+                versions = aside.len(),
+                "the former primary holds {} versions this node never had (its replication lag window): they are kept aside and handed over here as conflicts",
+                aside.len()
+            );
+        }
+        self.stats.verify_runs.fetch_add(1, Relaxed);
+        if !differing.is_empty() {
+            // Changes made while the comparison ran, queued since.
+            self.coalescer.drain();
+            for op in self
+                .coalescer
+                .pending_ops()
+                .chain(self.retry.iter().map(|(_, op)| op))
+                .chain(self.gate.held())
+            {
+                on_way.add_op(op);
+            }
+            let refused = &self.refused;
+            let drift: Vec<&Difference> = differing
+                .iter()
+                .filter(|(s, rel, changed)| {
+                    !on_way.explains(*s, rel, *changed) && !refused.contains(&(*s, rel.clone()))
+                })
+                .collect();
+            let in_transit = differing.len() - drift.len();
+            debug!(
+                in_transit,
+                "anti-entropy: {in_transit} differences are changes on their way"
+            );
+            if let Some((s, rel, _)) = drift.first() {
+                let n = drift.len() as u64;
+                add(&self.stats.repaired, n);
+                let line = format!(
+                    "anti-entropy found {n} paths on the replica that differ with no change pending here (drift: the replica was changed outside hasync, or a change was missed); repairing. First: {}",
+                    self.stores[*s].tree.abs(rel).display()
+                );
+                warn!(alarm = true, paths = n, "ALARM: {line}");
+                self.stats.raise_alarm(line);
+            }
+        }
+        {
+            let mut p = self.stats.progress.lock().expect("progress lock");
+            p.phase = if initial {
+                SyncPhase::InitialSync
+            } else {
+                SyncPhase::Verifying
+            };
+            p.total_files = files;
+            p.total_bytes = bytes;
+            p.done_files = 0;
+            p.done_bytes = 0;
+            p.started = Some(Instant::now());
+        }
+        info!(
+            differ,
+            files,
+            bytes,
+            "{}: {differ} paths to send ({files} files, {:.1} MB)",
+            if initial {
+                "initial sync"
+            } else {
+                "verification"
+            },
+            bytes as f64 / 1e6
+        );
+        (differ, out)
+    }
+}
+
+/// The newest ctime among the folders above `rel` that exist here (a
+/// folder renamed, or an entry added or removed in it, moves its ctime;
+/// a folder renamed does not move its entries' ctimes).
+fn newest_change_above(
+    tree: &impl LocalTree,
+    rel: &Path,
+    seen: &mut HashMap<PathBuf, Option<(i64, u32)>>,
+) -> Option<(i64, u32)> {
+    let mut newest = None;
+    for dir in rel.ancestors().skip(1) {
+        let c = *seen.entry(dir.to_path_buf()).or_insert_with(|| {
+            tree.lstat(dir)
+                .ok()
+                .flatten()
+                .map(|st| (st.version.ctime_s, st.version.ctime_ns))
+        });
+        newest = newest.max(c);
+    }
+    newest
+}
+
+/// A folder with the same mode and owner (its mtime aside).
+fn same_entry_but_mtime(st: &Stat, r: &ManifestEntry) -> bool {
+    r.kind == EntryKind::Dir
+        && st.meta.mode == r.meta.mode
+        && st.meta.uid == r.meta.uid
+        && st.meta.gid == r.meta.gid
+}
+
+/// Does the replica's entry match the local one?
+fn same_entry(st: &Stat, hash: u128, r: &ManifestEntry) -> bool {
+    let kind_ok = matches!(
+        (st.kind, r.kind),
+        (Kind::File, EntryKind::File)
+            | (Kind::Dir, EntryKind::Dir)
+            | (Kind::Symlink, EntryKind::Symlink)
+    );
+    if !kind_ok {
+        return false;
+    }
+    let owner_mode =
+        st.meta.mode == r.meta.mode && st.meta.uid == r.meta.uid && st.meta.gid == r.meta.gid;
+    match st.kind {
+        // A folder's mtime follows each batch that changes its entries.
+        Kind::Dir => {
+            owner_mode
+                && st.meta.mtime_sec == r.meta.mtime_sec
+                && st.meta.mtime_nsec == r.meta.mtime_nsec
+        }
+        Kind::Symlink => hash == r.hash && st.meta.uid == r.meta.uid,
+        Kind::File => {
+            owner_mode
+                && hash == r.hash
+                && st.version.size == r.size
+                && st.meta.mtime_sec == r.meta.mtime_sec
+                && st.meta.mtime_nsec == r.meta.mtime_nsec
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Meta;
+    use crate::replica::index::Index;
+    use crate::replica::sender::Store;
+    use crate::replica::stats::ReplStats;
+    use crate::replica::tree::Tree;
+    use crate::tracker::Coalescer;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A sender over a real store holding `files` (name, content).
+    fn sender_over(dir: &Path, files: &[(&str, &[u8])]) -> Sender<Tree> {
+        for (name, body) in files {
+            let p = dir.join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        let store = Store {
+            name: "mail".into(),
+            root: dir.to_path_buf(),
+            tree: Tree::open(dir).unwrap(),
+            index: Index::in_memory(),
+            internal: dir.join(".hasync"),
+            conflicts: false,
+            dovecot: false,
+        };
+        Sender::new(
+            vec![store],
+            crate::model::Excludes::new(&[]).unwrap(),
+            Coalescer::detached(1),
+            Arc::new(ReplStats::default()),
+            Duration::from_secs(600),
+        )
+    }
+
+    fn remote(path: &str, kind: EntryKind, hash: u128) -> ManifestEntry {
+        ManifestEntry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            size: 1,
+            meta: Meta {
+                mode: 0o600,
+                uid: 0,
+                gid: 0,
+                mtime_sec: 0,
+                mtime_nsec: 0,
+            },
+            hash,
+        }
+    }
+
+    /// Compares the store with `manifest` fed `chunk` entries at a time;
+    /// returns the paths queued, sorted.
+    fn queued(dir: &Path, manifest: &[ManifestEntry], chunk: usize) -> Vec<String> {
+        let mut s = sender_over(dir, &[]);
+        let (on_way, _) = s.begin_comparison(false, true);
+        let scans = s.scan_stores(false).unwrap();
+        let mut cmp = s.start_compare(on_way, scans, true);
+        let chunks: Vec<_> = manifest.chunks(chunk.max(1)).collect();
+        if chunks.is_empty() {
+            s.compare_chunk(&mut cmp, 0, Vec::new(), true).unwrap();
+        }
+        for (i, c) in chunks.iter().enumerate() {
+            s.compare_chunk(&mut cmp, 0, c.to_vec(), i + 1 == chunks.len())
+                .unwrap();
+        }
+        assert!(cmp.complete());
+        let (differ, _) = s.finish_compare(cmp);
+        let mut out: Vec<String> = s
+            .backlog
+            .iter()
+            .map(|(_, p)| p.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(differ as usize, out.len());
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn both_sides_walked_in_path_order_whatever_the_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sender_over(
+            dir.path(),
+            &[("a/cur/1", b"x"), ("a/new/2", b"y"), ("b/cur/3", b"z")],
+        );
+        // The replica holds what the store holds, exactly, but "a/new/2"
+        // (missing there) and "a/cur/1" (other content), and two names
+        // only it has: one between local entries, one after them all.
+        let scan = s.scan_stores(false).unwrap().remove(0).unwrap();
+        let mut manifest = Vec::new();
+        for (rel, st, hash) in &scan.entries {
+            let hash = hash.unwrap_or_else(|| s.stores[0].tree.hash(rel, st.kind).unwrap());
+            let mut e = crate::replica::index::manifest_entry(rel, st, hash);
+            match rel.to_str().unwrap() {
+                "a/new/2" => continue,
+                "a/cur/1" => e.hash ^= 1,
+                _ => {}
+            }
+            manifest.push(e);
+        }
+        manifest.insert(2, remote("a/cur/0", EntryKind::File, 7));
+        manifest.push(remote("c", EntryKind::File, 9));
+        let want = ["a/cur/0", "a/cur/1", "a/new/2", "c"];
+        for chunk in [1, 2, 3, 4096] {
+            assert_eq!(
+                queued(dir.path(), &manifest, chunk),
+                want,
+                "chunks of {chunk}"
+            );
+        }
+        // An empty replica: every local entry.
+        assert_eq!(queued(dir.path(), &[], 1).len(), scan.entries.len());
+    }
+
+    #[test]
+    fn a_manifest_out_of_order_or_after_its_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sender_over(dir.path(), &[("x", b"1")]);
+        let (on_way, _) = s.begin_comparison(false, true);
+        let scans = s.scan_stores(false).unwrap();
+        let mut cmp = s.start_compare(on_way, scans, true);
+        let e = s
+            .compare_chunk(
+                &mut cmp,
+                0,
+                vec![
+                    remote("b", EntryKind::File, 1),
+                    remote("a", EntryKind::File, 2),
+                ],
+                false,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, ManifestError::OutOfOrder { store: 0, path } if path == "a"),
+            "{e}"
+        );
+        // Twice the same name is out of order too (across chunks).
+        let e = s
+            .compare_chunk(&mut cmp, 0, vec![remote("b", EntryKind::File, 1)], false)
+            .unwrap_err();
+        assert!(matches!(e, ManifestError::OutOfOrder { .. }), "{e}");
+        let e = s.compare_chunk(&mut cmp, 3, Vec::new(), true).unwrap_err();
+        assert!(matches!(e, ManifestError::NoSuchStore { store: 3 }), "{e}");
+        s.compare_chunk(&mut cmp, 0, vec![remote("c", EntryKind::File, 1)], true)
+            .unwrap();
+        assert!(cmp.complete());
+        let e = s.compare_chunk(&mut cmp, 0, Vec::new(), true).unwrap_err();
+        assert!(matches!(e, ManifestError::AfterLast { store: 0 }), "{e}");
+    }
+
+    /// Paths of the `KeepAside` frames in `bytes`.
+    fn kept_aside(mut bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some((frame, used)) = crate::wire::decode_frame(bytes).unwrap() {
+            if let SyncMsg::KeepAside { path, .. } = SyncMsg::decode(&frame).unwrap() {
+                out.push(String::from_utf8(path).unwrap());
+            }
+            bytes = &bytes[used..];
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_former_primary_said_while_the_comparison_waits_has_its_genuine_conflicts_kept_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sender_over(dir.path(), &[("m", b"mine")]);
+        // What this node held as it took over: the old version of "m" and
+        // "n" (deleted here since).
+        let (old_m, n) = (11u128, 12u128);
+        s.set_takeover_known(vec![Some([old_m, n].into_iter().collect())]);
+        let (on_way, _) = s.begin_comparison(false, false);
+        let scans = s.scan_stores(false).unwrap();
+        let mut cmp = s.start_compare(on_way, scans, false);
+        // The peer says what it is after the comparison started (its
+        // first message, read while the manifest is awaited).
+        s.on_peer_msg(SyncMsg::PeerState {
+            former_primary: true,
+        })
+        .unwrap();
+        let manifest = [
+            remote("m", EntryKind::File, old_m),
+            remote("n", EntryKind::File, n),
+            remote("o", EntryKind::File, 13),
+            remote("p", EntryKind::File, 14),
+        ];
+        s.compare_chunk(&mut cmp, 0, manifest[..2].to_vec(), false)
+            .unwrap();
+        s.compare_chunk(&mut cmp, 0, manifest[2..].to_vec(), true)
+            .unwrap();
+        let (_, aside) = s.finish_compare(cmp);
+        // "m" and "n" were held here at takeover (superseded by this
+        // node's users); "o" and "p" never were: genuine conflicts.
+        assert_eq!(kept_aside(&aside), ["o", "p"]);
+    }
+}
