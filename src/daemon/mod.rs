@@ -139,9 +139,16 @@ pub(crate) fn run_with(cfg: Config, embed: Option<Embedding>) -> Result<(), Daem
     // (before it acted as one); the engine's own mark may not have been
     // written yet when it died. A former primary's mailstores are
     // reconciled exactly (see `replica::takeover`).
-    if record.held_primary.is_some() && !crate::replica::takeover::is_former_primary(&cfg.state_dir)
+    // The mark also says the tenure's epoch (what this node tells a new
+    // primary it last served at): one that died before writing it at its
+    // last promotion has it from the epoch record here.
+    let marked = crate::replica::takeover::is_former_primary(&cfg.state_dir)
+        .then(|| crate::replica::takeover::served_epoch(&cfg.state_dir));
+    if let Some(held) = record
+        .held_primary
+        .filter(|&held| marked.is_none_or(|served| served < Some(held)))
     {
-        crate::replica::takeover::mark_former_primary(&cfg.state_dir).map_err(|source| {
+        crate::replica::takeover::mark_former_primary(&cfg.state_dir, held).map_err(|source| {
             DaemonError::StateWrite {
                 path: cfg
                     .state_dir

@@ -154,6 +154,9 @@ pub struct Engine {
     /// Primary tenures started (`set_mode(Primary)`), and the last one
     /// whose preparation (IMAP UIDs, takeover record) is done.
     primary_gen: Arc<std::sync::atomic::AtomicU64>,
+    /// The epoch of the last primary tenure this node began (in memory:
+    /// its former-primary mark says it durably, when it could be written).
+    served: Arc<std::sync::atomic::AtomicU64>,
     prepared_rx: watch::Receiver<u64>,
     pub queue: Arc<QueueState>,
     stats: Arc<ReplStats>,
@@ -194,6 +197,7 @@ impl Engine {
         let (promote_tx, promote_rx) = mpsc::unbounded_channel();
         let drain: Arc<Mutex<Option<DrainRequest>>> = Default::default();
         let primary_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (prepared_tx, prepared_rx) = watch::channel(0u64);
         // Bounded: an application that commits faster than the pair can
         // confirm gets back-pressure (and then local-only outcomes).
@@ -214,6 +218,7 @@ impl Engine {
             resync: resync.clone(),
             drain: drain.clone(),
             primary_gen: primary_gen.clone(),
+            served: served.clone(),
             prepared_tx,
         };
         let thread = std::thread::Builder::new()
@@ -233,6 +238,7 @@ impl Engine {
             promote_tx,
             drain,
             primary_gen,
+            served,
             prepared_rx,
             queue,
             stats,
@@ -255,6 +261,10 @@ impl Engine {
         let current = *self.mode_tx.borrow();
         if mode == EngineMode::Primary && current != EngineMode::Primary {
             self.primary_gen.fetch_add(1, Relaxed);
+        }
+        if mode == EngineMode::Primary {
+            // Before the engine acts as primary at this epoch.
+            self.served.fetch_max(epoch, Relaxed);
         }
         if matches!(mode, EngineMode::Primary | EngineMode::Secondary) {
             self.fence.observe_durable(epoch);
@@ -490,6 +500,8 @@ struct Shared {
     resync: Arc<AtomicBool>,
     drain: Arc<Mutex<Option<DrainRequest>>>,
     primary_gen: Arc<std::sync::atomic::AtomicU64>,
+    /// See [`Engine`]'s field of the same name.
+    served: Arc<std::sync::atomic::AtomicU64>,
     prepared_tx: watch::Sender<u64>,
 }
 
@@ -904,7 +916,8 @@ async fn run_primary(
     raise_imap_uids(cfg, &shared.stats);
     // The tracker runs already: what changes after these scans is queued.
     let scanned_at = std::time::Instant::now();
-    let (scans, record_complete) = record_takeover(cfg, &shared.excludes, &mut stores);
+    let epoch = shared.served.load(Relaxed);
+    let (scans, record_complete) = record_takeover(cfg, &shared.excludes, &mut stores, epoch);
     shared.prepared_tx.send_replace(tenure);
     let mut sender = Sender::new(
         stores,
@@ -1047,6 +1060,7 @@ fn record_takeover(
     cfg: &EngineConfig,
     excludes: &super::Excludes,
     stores: &mut [Store],
+    epoch: u64,
 ) -> (Vec<Option<super::index::Scan>>, bool) {
     use super::index::Kind;
     let started = std::time::Instant::now();
@@ -1063,6 +1077,13 @@ fn record_takeover(
                 continue;
             }
         };
+        // Restarted before the former primary was reconciled: what this
+        // node held at its takeover and sent since still counts as held,
+        // if that peer has not served as primary since.
+        let carried = super::takeover::carried_over(&cfg.state_dir, &st.name);
+        if let Some(c) = &carried {
+            info!(store = %st.name, versions = c.hashes.len(), since_epoch = c.epoch, "takeover record of the earlier tenure carried over (its former primary is not reconciled yet)");
+        }
         let mut hashes = std::collections::HashSet::new();
         let mut pending = Vec::new();
         for (_, s, h) in scan.entries.iter().filter(|(_, s, _)| s.kind == Kind::File) {
@@ -1076,11 +1097,18 @@ fn record_takeover(
         files += hashes.len() + pending.len();
         unread += pending.len();
         scans[i] = Some(scan);
-        if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &hashes, &pending) {
+        let record = super::takeover::Record {
+            hashes,
+            pending,
+            live: true,
+            epoch,
+            carried,
+        };
+        if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &record) {
             error!(alarm = true, store = %st.name, "ALARM: cannot write the takeover record: {e}");
         }
     }
-    if let Err(e) = super::takeover::mark_former_primary(&cfg.state_dir) {
+    if let Err(e) = super::takeover::mark_former_primary(&cfg.state_dir, epoch) {
         error!(
             alarm = true,
             "ALARM: cannot mark this node as serving primary: {e}"
@@ -1377,6 +1405,7 @@ async fn serve_sync(
         shared.cfg.durability,
     );
     receiver.state_dir = Some(shared.cfg.state_dir.clone());
+    receiver.served = shared.served.clone();
     receiver.fence = Some(shared.fence.clone());
     receiver.prescanned = receiving.prescan.borrow_mut().take();
     receiver.flusher = shared.flusher.clone();

@@ -174,6 +174,9 @@ pub struct Receiver {
     space: Vec<super::space::Space>,
     /// The state directory (the former-primary mark), when the node has one.
     pub state_dir: Option<PathBuf>,
+    /// The epoch of the last primary tenure this node began, 0 if none in
+    /// this process (the engine's; see `PeerState`).
+    pub served: Arc<std::sync::atomic::AtomicU64>,
     /// Why the replica is latched unverified (a flush or write failed): it
     /// is re-hashed from disk at the next manifest, and no batch is
     /// acknowledged until then.
@@ -278,6 +281,7 @@ impl Receiver {
             next_upload: 1,
             protected: Default::default(),
             manifest_out: None,
+            served: Default::default(),
             dir_times: Default::default(),
             retime: BTreeSet::new(),
         }
@@ -1027,10 +1031,35 @@ impl Receiver {
                     .state_dir
                     .as_deref()
                     .is_some_and(super::takeover::is_former_primary);
+                // The last tenure this node served: its mark says it
+                // durably; one begun in this process may not be written.
+                let served_epoch = if former_primary {
+                    let marked = self
+                        .state_dir
+                        .as_deref()
+                        .and_then(super::takeover::served_epoch);
+                    let here = Some(self.served.load(Relaxed)).filter(|&e| e != 0);
+                    marked.max(here)
+                } else {
+                    None
+                };
                 if former_primary {
-                    info!(peer, "this node served as primary: the primary decides which of its changes are genuine conflicts");
+                    info!(peer, served_epoch, "this node served as primary: the primary decides which of its changes are genuine conflicts");
                 }
-                SyncMsg::PeerState { former_primary }.encode(&mut self.replies);
+                SyncMsg::PeerState {
+                    former_primary,
+                    served_epoch,
+                }
+                .encode(&mut self.replies);
+                // A replica now: a takeover record of an earlier tenure of
+                // this node is settled (the next promotion starts its own).
+                if let Some(dir) = self.state_dir.as_deref() {
+                    for st in &self.stores {
+                        if let Err(e) = super::takeover::settle(dir, &st.name) {
+                            warn!(store = %st.name, "cannot settle this node's earlier takeover record: {e}");
+                        }
+                    }
+                }
                 self.uploads.clear();
                 self.protected.clear();
                 // Versions kept aside and not yet acknowledged by a primary

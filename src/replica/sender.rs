@@ -205,6 +205,11 @@ pub struct Sender<T = Tree> {
     pub state_dir: PathBuf,
     /// The peer says it served as primary and was not reconciled since.
     peer_former_primary: bool,
+    /// The epoch the peer says it last served at as primary.
+    peer_served_epoch: Option<u64>,
+    /// Per store, the epoch of the tenure whose takeover record `known`
+    /// came from (written back with it).
+    record_epochs: Vec<u64>,
     /// This tenure's takeover record is complete, or its peer said it is
     /// not a former primary (see [`Sender::settle_takeover_record`]).
     pub takeover_settled: bool,
@@ -219,6 +224,8 @@ pub struct Sender<T = Tree> {
     /// version of the peer's outside it is a genuine conflict.
     known: Vec<Option<std::collections::HashSet<u128>>>,
     known_dirty: bool,
+    /// Versions added to `known` and not yet in the sent log.
+    known_unlogged: Vec<(usize, u128)>,
     /// Hard links: the names the peer holds of each linked inode.
     inodes: LinkNames,
     /// Every file sent but not yet acknowledged, by inode: a link made to a
@@ -436,12 +443,15 @@ impl<T: LocalTree> Sender<T> {
             last_change: Instant::now(),
             state_dir: PathBuf::new(),
             peer_former_primary: false,
+            peer_served_epoch: None,
+            record_epochs: Vec::new(),
             takeover_settled: true,
             incoming: None,
             conflicts_received: 0,
             replies_out: Vec::new(),
             known: Vec::new(),
             known_dirty: false,
+            known_unlogged: Vec::new(),
             lag_from: None,
             resync_requested: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             prescanned: None,
@@ -465,13 +475,6 @@ impl<T: LocalTree> Sender<T> {
     ) {
         self.known = known;
         self.takeover_settled = true;
-    }
-
-    /// The versions known held now (takeover record and sent since): what
-    /// a save at the end of a session writes (a simulator keeps it).
-    #[cfg(any(test, feature = "tools"))]
-    pub(crate) fn takeover_known(&self) -> Vec<Option<std::collections::HashSet<u128>>> {
-        self.known.clone()
     }
 
     /// Saves every changed index now, on this thread (session end, stop).
@@ -791,7 +794,10 @@ impl<T: LocalTree> Sender<T> {
         building: Option<&Inflight>,
     ) -> Result<(), SendError> {
         match msg {
-            SyncMsg::Ack { seq } => self.on_ack(seq),
+            SyncMsg::Ack { seq } => {
+                crate::failpoint::hit("sender.acked");
+                self.on_ack(seq)
+            }
             SyncMsg::Need {
                 seq,
                 store,
@@ -871,8 +877,12 @@ impl<T: LocalTree> Sender<T> {
                     }
                 }
             }
-            SyncMsg::PeerState { former_primary } => {
+            SyncMsg::PeerState {
+                former_primary,
+                served_epoch,
+            } => {
                 self.peer_former_primary = former_primary;
+                self.peer_served_epoch = served_epoch;
                 if !former_primary {
                     // This tenure's peer never needs the record.
                     self.takeover_settled = true;
@@ -881,8 +891,18 @@ impl<T: LocalTree> Sender<T> {
                     info!("the peer served as primary: its changes are checked against this node's takeover record");
                     self.load_known();
                 } else {
-                    self.save_known();
+                    // Reconciled (or never primary): this tenure's record
+                    // is settled; a later promotion starts its own. (A
+                    // simulator's sender has no state directory.)
+                    let dir = Some(&self.state_dir).filter(|d| !d.as_os_str().is_empty());
+                    for st in self.stores.iter().filter(|s| s.conflicts && dir.is_some()) {
+                        if let Err(e) = super::takeover::settle(&self.state_dir, &st.name) {
+                            warn!(store = %st.name, "cannot settle the takeover record: {e}");
+                        }
+                    }
                     self.known.clear();
+                    self.known_dirty = false;
+                    self.known_unlogged.clear();
                 }
             }
             SyncMsg::ConflictFile {
@@ -911,13 +931,46 @@ impl<T: LocalTree> Sender<T> {
         Ok(())
     }
 
-    /// Loads, per mailstore, what this node held at takeover (sent
-    /// versions are added as they are acknowledged).
+    /// Loads, per mailstore, what this node held at takeover and sent
+    /// since (versions sent from now on are added as they go out): the
+    /// record's own part, and what it carried over from earlier tenures if
+    /// the peer has not served as primary since they began.
     fn load_known(&mut self) {
         if !self.known.is_empty() {
             return; // kept across sessions with the same peer
         }
-        self.known = self.takeover_records();
+        let served = self.peer_served_epoch;
+        let records = self.takeover_records();
+        self.record_epochs = records
+            .iter()
+            .map(|r| r.as_ref().map_or(0, |r| r.epoch))
+            .collect();
+        self.known = records
+            .into_iter()
+            .zip(&self.stores)
+            .map(|(r, st)| {
+                let r = r?;
+                let (held, carried) = r.held(served);
+                match (&r.carried, carried) {
+                    (Some(c), None) => warn!(
+                        store = %st.name,
+                        carried = c.hashes.len(),
+                        since_epoch = c.epoch,
+                        peer_served_epoch = served,
+                        "the takeover record carried over from an earlier tenure does not count: the peer served as primary since it began (or does not say when it last did); its versions this node no longer holds are kept aside"
+                    ),
+                    (_, Some(c)) => info!(
+                        store = %st.name,
+                        carried = c.hashes.len(),
+                        since_epoch = c.epoch,
+                        peer_served_epoch = served,
+                        "the takeover record carried over from an earlier tenure counts: the peer has not served as primary since"
+                    ),
+                    _ => {}
+                }
+                Some(held)
+            })
+            .collect();
     }
 
     /// The peer this tenure serves could be a former primary that has not
@@ -930,9 +983,10 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    /// Per mailstore, the takeover record, completed and written back
-    /// first if it was taken without reading files (see `takeover`).
-    fn takeover_records(&mut self) -> Vec<Option<std::collections::HashSet<u128>>> {
+    /// Per mailstore, the takeover record with the versions sent since,
+    /// completed and written back first if it was taken without reading
+    /// files (see `takeover`).
+    fn takeover_records(&mut self) -> Vec<Option<super::takeover::Record>> {
         self.takeover_settled = true;
         let mut records = Vec::with_capacity(self.stores.len());
         for st in &mut self.stores {
@@ -951,16 +1005,22 @@ impl<T: LocalTree> Sender<T> {
                     Default::default()
                 }
             };
-            let super::takeover::Record {
-                mut hashes,
-                pending,
-            } = record;
+            let mut record = record;
+            let pending = std::mem::take(&mut record.pending);
+            let hashes = &mut record.hashes;
+            // Sent since the record was written (before a crash of this node).
+            match super::takeover::load_sent(&self.state_dir, &st.name) {
+                Ok(sent) => hashes.extend(sent),
+                Err(e) => {
+                    warn!(store = %st.name, "cannot read the versions sent since the takeover record ({e}): a former primary's copies of them are kept aside")
+                }
+            }
             if !pending.is_empty() {
                 let started = Instant::now();
                 let unread = pending.len();
                 let done = super::takeover::complete(
                     pending,
-                    &mut hashes,
+                    hashes,
                     &st.tree,
                     &mut st.index,
                     &self.excludes,
@@ -971,9 +1031,9 @@ impl<T: LocalTree> Sender<T> {
                         if changed > 0 {
                             warn!(store = %st.name, "{changed} files changed or went before their takeover version was read: a former primary's versions of them are kept aside");
                         }
-                        if let Err(e) =
-                            super::takeover::write(&self.state_dir, &st.name, &hashes, &[])
-                        {
+                        // Its carried part and epoch as they were: the
+                        // peer has not said yet what counts.
+                        if let Err(e) = super::takeover::write(&self.state_dir, &st.name, &record) {
                             warn!(store = %st.name, "cannot write the completed takeover record: {e}");
                         }
                     }
@@ -982,7 +1042,7 @@ impl<T: LocalTree> Sender<T> {
                     }
                 }
             }
-            records.push(Some(hashes));
+            records.push(Some(record));
         }
         records
     }
@@ -994,15 +1054,62 @@ impl<T: LocalTree> Sender<T> {
         if !self.known_dirty {
             return;
         }
-        for (st, known) in self.stores.iter().zip(&self.known) {
+        for (s, (st, known)) in self.stores.iter().zip(&self.known).enumerate() {
             if let Some(k) = known {
-                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, k, &[]) {
+                // What counted for this peer is this tenure's own now (its
+                // peer has not served since what it carried began).
+                let record = super::takeover::Record {
+                    hashes: k.clone(),
+                    live: true,
+                    epoch: self.record_epochs.get(s).copied().unwrap_or(0),
+                    ..Default::default()
+                };
+                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, &record) {
                     warn!(store = %st.name, "cannot update the takeover record: {e}");
                     return;
                 }
             }
         }
         self.known_dirty = false;
+        self.known_unlogged.clear();
+    }
+
+    /// A version of `store` goes out: known held from now on, and logged
+    /// (see [`Sender::take_known_unlogged`]) before its bytes leave.
+    pub(crate) fn note_sent(&mut self, store: usize, hash: u128) {
+        if let Some(Some(t)) = self.known.get_mut(store) {
+            if t.insert(hash) {
+                self.known_dirty = true;
+                self.known_unlogged.push((store, hash));
+            }
+        }
+    }
+
+    /// The versions known since they were last logged, per store: what the
+    /// driver appends to the takeover record's sent log before the frames
+    /// that carry them leave (a simulator keeps them as its record).
+    pub(crate) fn take_known_unlogged(&mut self) -> Vec<(usize, Vec<u128>)> {
+        let mut out: Vec<(usize, Vec<u128>)> = Vec::new();
+        for (s, h) in self.known_unlogged.drain(..) {
+            match out.iter_mut().find(|(t, _)| *t == s) {
+                Some((_, v)) => v.push(h),
+                None => out.push((s, vec![h])),
+            }
+        }
+        out
+    }
+
+    /// Appends the versions known since the last call to the sent logs
+    /// (flushed with `durable`). A failure is logged: those versions go into
+    /// the record at the end of the session, and a crash before it keeps
+    /// them aside on the former primary (never deletes them).
+    fn log_known(&mut self, durable: bool) {
+        for (s, hashes) in self.take_known_unlogged() {
+            let name = &self.stores[s].name;
+            if let Err(e) = super::takeover::append_sent(&self.state_dir, name, &hashes, durable) {
+                warn!(store = %name, "cannot log versions sent to the former primary: {e}");
+            }
+        }
     }
 
     /// A version the peer kept aside starts arriving.
@@ -1744,11 +1851,7 @@ impl<T: LocalTree> Sender<T> {
         // node sent it: never a conflict of that peer's. Known from the
         // moment it goes out (it may land there and its ack be lost to a
         // cut, and this node's users delete it before the next session).
-        if let Some(Some(t)) = self.known.get_mut(store) {
-            if t.insert(hash) {
-                self.known_dirty = true;
-            }
-        }
+        self.note_sent(store, hash);
         let mut v = *st;
         v.version.size = len;
         batch
@@ -2374,6 +2477,7 @@ impl<T: LocalTree> Sender<T> {
         self.listed.clear();
         self.from_listing.clear();
         self.peer_former_primary = false;
+        self.peer_served_epoch = None;
         self.incoming = None;
         self.conflicts_received = 0;
         self.replies_out.clear();
@@ -2604,6 +2708,7 @@ impl Sender<Tree> {
                         })?;
                     self.small_read(seq, store, rel, &st, read, &mut batch, &mut out);
                     if out.len() >= SEND_CHUNK_BYTES {
+                        self.log_known(false);
                         let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
                         res?;
                         buf.clear();
@@ -2618,6 +2723,7 @@ impl Sender<Tree> {
                 } => {
                     // Flush what we have, then stream the big file.
                     if !out.is_empty() {
+                        self.log_known(false);
                         let (res, mut buf) = w.send_buf(std::mem::take(&mut out)).await;
                         res?;
                         buf.clear();
@@ -2633,6 +2739,9 @@ impl Sender<Tree> {
             }
         }
         self.close_batch(touched, batch_paths, batch, &mut out);
+        // Once a batch: the versions it sent are on disk (a crash of the
+        // process keeps what was written for each chunk before).
+        self.log_known(true);
         let (res, buf) = w.send_buf(out).await;
         res?;
         self.spare = buf;
@@ -2688,6 +2797,8 @@ impl Sender<Tree> {
         }
         let len = pos;
         let hash = h.digest128();
+        self.note_sent(store, hash);
+        self.log_known(false);
         let mut out = Vec::new();
         SyncMsg::File {
             seq,

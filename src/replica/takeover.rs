@@ -7,7 +7,16 @@
 //! what its users did since (follow the new primary); any other version is
 //! a genuine conflict (kept aside, listed, restorable). The record is the
 //! set of content hashes (files and symlinks) per store, written durably
-//! each time a node starts serving as primary.
+//! each time a node starts serving as primary, with that tenure's epoch. It
+//! lives until the peer is known reconciled (it says it is no former
+//! primary) or this node serves as a replica; a node that restarts before
+//! then carries the record of the tenure it interrupted into the new one
+//! ([`carried_over`]), with the epoch of the earliest tenure it covers.
+//! The carried part counts only if the peer says it has not served as
+//! primary since that epoch (`PeerState { served_epoch }`): a peer that
+//! served while this node was down had users of its own, whose versions
+//! this node never saw, and only the fresh part of the record may decide
+//! about them (anything else is kept aside, never deleted).
 //!
 //! Taking over reads no file: a version the index already knows gives its
 //! hash; any other file is recorded by what identifies its version without
@@ -21,8 +30,20 @@
 //!
 //! File `<state_dir>/takeover-<store>.bin`: `HSTK` | version u32 | count u64
 //! | hashes u128 LE … | pending count u64 | pending (ino u64, size u64,
-//! mtime_s i64, mtime_ns u32) LE … | xxh3-64 of everything before it.
-//! Version 1 (no pending part) is still read.
+//! mtime_s i64, mtime_ns u32) LE … | epoch u64 | carried epoch u64 (0:
+//! nothing carried) | carried count u64 | carried hashes u128 LE … |
+//! xxh3-64 of everything before it. Versions 1 (hashes only) and 2 (no
+//! epochs) of earlier releases are read as settled records.
+//!
+//! Versions sent to a former primary after the record was written are
+//! appended, before their bytes leave, to `<state_dir>/takeover-<store>.sent`
+//! (24 bytes each: hash u128 LE | xxh3-64 of those 16 bytes), so that a new
+//! primary that crashes still knows them: the former primary may hold
+//! them, and a version it holds that this node sent is never a conflict.
+//! Reading stops at the first entry that does not check (a torn append):
+//! a hash left out only keeps a version aside, one read wrongly could
+//! delete one. Writing a record removes the log first (the record then
+//! holds everything known).
 
 use std::collections::HashSet;
 use std::io;
@@ -32,7 +53,9 @@ use super::index::{Index, Kind, Rehash, Version};
 use super::tree::LocalTree;
 
 const MAGIC: &[u8; 4] = b"HSTK";
-const VERSION: u32 = 2;
+/// Version 3: the record is live (see [`Record::live`]) and knows its
+/// tenure's epoch; 1 and 2 are read as settled records of earlier releases.
+const VERSION: u32 = 3;
 /// Bytes of one [`Pending`] in the file.
 const PENDING_BYTES: usize = 28;
 
@@ -63,6 +86,42 @@ pub struct Record {
     pub hashes: HashSet<u128>,
     /// Files whose hash is still to be taken (see [`complete`]).
     pub pending: Vec<Pending>,
+    /// Written by this release: a record is removed once the peer is known
+    /// reconciled, so one present at a promotion belongs to the same
+    /// failover and is carried into the new one (see [`carried_over`]).
+    pub live: bool,
+    /// The epoch of the tenure that wrote it (0: an earlier release's).
+    pub epoch: u64,
+    /// What earlier tenures of this node, interrupted before their peer
+    /// was reconciled, held and sent.
+    pub carried: Option<Carried>,
+}
+
+/// The record of earlier tenures carried into a new one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    /// The earliest tenure it covers: it counts only if the peer has not
+    /// served as primary since (its last served epoch is below this).
+    pub epoch: u64,
+    pub hashes: HashSet<u128>,
+}
+
+impl Record {
+    /// The versions this record says were held: its own, and the carried
+    /// ones if the peer (a former primary) last served as primary at
+    /// `peer_served` and that is before the carried tenures began. A peer
+    /// that does not say (an earlier release) gets the fresh part only.
+    pub fn held(&self, peer_served: Option<u64>) -> (HashSet<u128>, Option<&Carried>) {
+        let mut held = self.hashes.clone();
+        let carried = self
+            .carried
+            .as_ref()
+            .filter(|c| peer_served.is_some_and(|served| served < c.epoch));
+        if let Some(c) = carried {
+            held.extend(&c.hashes);
+        }
+        (held, carried)
+    }
 }
 /// Marker of a node that served as primary and was not reconciled since.
 pub const FORMER_PRIMARY_FILE: &str = "former-primary";
@@ -71,22 +130,135 @@ pub fn record_path(state_dir: &Path, store: &str) -> PathBuf {
     state_dir.join(format!("takeover-{store}.bin"))
 }
 
-/// Writes the takeover record of `store` atomically and durably.
-pub fn write(
+/// What a promotion carries over from the record of an earlier tenure of
+/// this node that is still live (it took over, then restarted before its
+/// peer, a former primary, was reconciled): the versions it held then and
+/// sent since, which that peer may hold. `None` without one (a first
+/// takeover, a settled record, a record of an earlier release); a record
+/// or log that cannot be read is logged and carries nothing (versions kept
+/// aside, never deleted).
+pub fn carried_over(state_dir: &Path, store: &str) -> Option<Carried> {
+    let rec = match load(state_dir, store) {
+        Ok(Some(r)) if r.live => r,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(
+                store,
+                "the earlier takeover record is unreadable ({e}): not carried over"
+            );
+            return None;
+        }
+    };
+    let mut hashes = rec.hashes;
+    let mut epoch = rec.epoch;
+    if let Some(c) = rec.carried {
+        hashes.extend(c.hashes);
+        epoch = epoch.min(c.epoch);
+    }
+    match load_sent(state_dir, store) {
+        Ok(sent) => hashes.extend(sent),
+        Err(e) => tracing::warn!(store, "the versions sent since the earlier takeover record are unreadable ({e}): not carried over"),
+    }
+    Some(Carried { epoch, hashes })
+}
+
+/// The peer is known reconciled (or never served as primary), or this node
+/// serves as its replica now: the record of `store` and its log are
+/// settled, and the next promotion starts a record of its own.
+pub fn settle(state_dir: &Path, store: &str) -> io::Result<()> {
+    let mut removed = false;
+    for p in [
+        sent_log_path(state_dir, store),
+        record_path(state_dir, store),
+    ] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if removed {
+        std::fs::File::open(state_dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The log of versions sent since the record of `store` was written.
+pub fn sent_log_path(state_dir: &Path, store: &str) -> PathBuf {
+    state_dir.join(format!("takeover-{store}.sent"))
+}
+
+/// Bytes of one entry of the sent log.
+const SENT_ENTRY_BYTES: usize = 24;
+
+/// Appends `hashes` to the sent log of `store`; flushed to disk with
+/// `durable` (a crash of the process keeps what was written either way).
+pub fn append_sent(
     state_dir: &Path,
     store: &str,
-    hashes: &HashSet<u128>,
-    pending: &[Pending],
+    hashes: &[u128],
+    durable: bool,
 ) -> io::Result<()> {
-    let mut sorted: Vec<u128> = hashes.iter().copied().collect();
-    sorted.sort_unstable();
-    let mut buf = Vec::with_capacity(24 + sorted.len() * 16 + pending.len() * PENDING_BYTES + 8);
+    use std::io::Write;
+    let mut buf = Vec::with_capacity(hashes.len() * SENT_ENTRY_BYTES);
+    for h in hashes {
+        let b = h.to_le_bytes();
+        buf.extend_from_slice(&b);
+        buf.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(&b).to_le_bytes());
+    }
+    let path = sent_log_path(state_dir, store);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    f.write_all(&buf)?;
+    if durable {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+/// The hashes of the sent log of `store` (none if there is none), up to
+/// the first entry that does not check.
+pub fn load_sent(state_dir: &Path, store: &str) -> io::Result<Vec<u128>> {
+    let bytes = match std::fs::read(sent_log_path(state_dir, store)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(bytes
+        .chunks_exact(SENT_ENTRY_BYTES)
+        .map_while(|e| {
+            let (h, sum) = e.split_at(16);
+            (xxhash_rust::xxh3::xxh3_64(h).to_le_bytes() == sum)
+                .then(|| u128::from_le_bytes(h.try_into().expect("16 bytes")))
+        })
+        .collect())
+}
+
+/// Writes the takeover record of `store` atomically and durably, its sent
+/// log removed first (a crash in between only forgets versions: kept
+/// aside, never deleted).
+pub fn write(state_dir: &Path, store: &str, rec: &Record) -> io::Result<()> {
+    let Record {
+        hashes,
+        pending,
+        epoch,
+        carried,
+        ..
+    } = rec;
+    match std::fs::remove_file(sent_log_path(state_dir, store)) {
+        Ok(()) => std::fs::File::open(state_dir)?.sync_all()?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let carried_len = carried.as_ref().map_or(0, |c| c.hashes.len());
+    let mut buf = Vec::with_capacity(
+        48 + (hashes.len() + carried_len) * 16 + pending.len() * PENDING_BYTES + 8,
+    );
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&VERSION.to_le_bytes());
-    buf.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
-    for h in sorted {
-        buf.extend_from_slice(&h.to_le_bytes());
-    }
+    put_hashes(&mut buf, hashes);
     buf.extend_from_slice(&(pending.len() as u64).to_le_bytes());
     for p in pending {
         buf.extend_from_slice(&p.ino.to_le_bytes());
@@ -94,9 +266,46 @@ pub fn write(
         buf.extend_from_slice(&p.mtime_s.to_le_bytes());
         buf.extend_from_slice(&p.mtime_ns.to_le_bytes());
     }
+    buf.extend_from_slice(&epoch.to_le_bytes());
+    match carried {
+        Some(c) => {
+            // Epoch 0 says "nothing carried": a carried part is of a real
+            // tenure (epochs start at 1).
+            buf.extend_from_slice(&c.epoch.max(1).to_le_bytes());
+            put_hashes(&mut buf, &c.hashes);
+        }
+        None => {
+            buf.extend_from_slice(&0u64.to_le_bytes());
+            put_hashes(&mut buf, &HashSet::new());
+        }
+    }
     let sum = xxhash_rust::xxh3::xxh3_64(&buf);
     buf.extend_from_slice(&sum.to_le_bytes());
     crate::io::write_atomic_blocking(&record_path(state_dir, store), &buf)
+}
+
+/// Count, then the hashes in order (the same set, the same bytes).
+fn put_hashes(buf: &mut Vec<u8>, hashes: &HashSet<u128>) {
+    let mut sorted: Vec<u128> = hashes.iter().copied().collect();
+    sorted.sort_unstable();
+    buf.extend_from_slice(&(sorted.len() as u64).to_le_bytes());
+    for h in sorted {
+        buf.extend_from_slice(&h.to_le_bytes());
+    }
+}
+
+/// `count` hashes of 16 bytes at the start of `bytes`, and the rest.
+fn take_hashes(bytes: &[u8], count: u64, what: &str) -> Result<(HashSet<u128>, usize), String> {
+    let end = usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(16))
+        .filter(|&end| end <= bytes.len())
+        .ok_or_else(|| format!("{count} {what} announced, {} bytes present", bytes.len()))?;
+    let hashes = bytes[..end]
+        .chunks_exact(16)
+        .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
+        .collect();
+    Ok((hashes, end))
 }
 
 /// The takeover record of `store`; `Ok(None)` when this node never took
@@ -127,26 +336,12 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
         return Err("checksum mismatch".into());
     }
     let version = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
-    if version != 1 && version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(format!("unknown version {version}"));
     }
-    let u64_at = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
-    let count = u64_at(8);
-    let hashes_end = usize::try_from(count)
-        .ok()
-        .and_then(|c| c.checked_mul(16))
-        .and_then(|b| b.checked_add(16))
-        .filter(|&end| end <= body.len())
-        .ok_or_else(|| {
-            format!(
-                "{count} hashes announced, {} bytes present",
-                body.len() - 16
-            )
-        })?;
-    let hashes = body[16..hashes_end]
-        .chunks_exact(16)
-        .map(|c| u128::from_le_bytes(c.try_into().expect("16 bytes")))
-        .collect();
+    let count = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+    let (hashes, used) = take_hashes(&body[16..], count, "hashes")?;
+    let hashes_end = 16 + used;
     let rest = &body[hashes_end..];
     if version == 1 {
         if !rest.is_empty() {
@@ -154,20 +349,24 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
         }
         return Ok(Record {
             hashes,
-            pending: Vec::new(),
+            ..Record::default()
         });
     }
     if rest.len() < 8 {
         return Err("the pending count is missing".into());
     }
     let pending_count = u64::from_le_bytes(rest[..8].try_into().expect("8 bytes"));
-    let pending = &rest[8..];
-    if pending.len() as u64 != pending_count.saturating_mul(PENDING_BYTES as u64) {
-        return Err(format!(
-            "{pending_count} pending files announced, {} bytes present",
-            pending.len()
-        ));
-    }
+    let pending_bytes = usize::try_from(pending_count)
+        .ok()
+        .and_then(|c| c.checked_mul(PENDING_BYTES))
+        .filter(|&n| n <= rest.len() - 8)
+        .ok_or_else(|| {
+            format!(
+                "{pending_count} pending files announced, {} bytes present",
+                rest.len() - 8
+            )
+        })?;
+    let (pending, tail) = rest[8..].split_at(pending_bytes);
     let pending = pending
         .chunks_exact(PENDING_BYTES)
         .map(|c| Pending {
@@ -177,7 +376,44 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
             mtime_ns: u32::from_le_bytes(c[24..28].try_into().expect("4 bytes")),
         })
         .collect();
-    Ok(Record { hashes, pending })
+    if version == 2 {
+        if !tail.is_empty() {
+            return Err(format!("{} bytes after the pending files", tail.len()));
+        }
+        return Ok(Record {
+            hashes,
+            pending,
+            ..Record::default()
+        });
+    }
+    if tail.len() < 24 {
+        return Err("the epochs are missing".into());
+    }
+    let epoch = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
+    let carried_epoch = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
+    let carried_count = u64::from_le_bytes(tail[16..24].try_into().expect("8 bytes"));
+    let (carried_hashes, used) = take_hashes(&tail[24..], carried_count, "carried hashes")?;
+    if 24 + used != tail.len() {
+        return Err(format!(
+            "{} bytes after the carried hashes",
+            tail.len() - 24 - used
+        ));
+    }
+    let carried = match carried_epoch {
+        0 if carried_hashes.is_empty() => None,
+        0 => return Err("carried hashes without an epoch".into()),
+        epoch => Some(Carried {
+            epoch,
+            hashes: carried_hashes,
+        }),
+    };
+    Ok(Record {
+        hashes,
+        pending,
+        live: true,
+        epoch,
+        carried,
+    })
 }
 
 /// Takes the hashes a record still lacks: from `index` where it knows a
@@ -222,15 +458,28 @@ pub fn complete<T: LocalTree>(
 /// Marks this node as one that serves (served) as primary: until a primary
 /// has reconciled it completely, its sessions as secondary decide conflicts
 /// exactly.
-pub fn mark_former_primary(state_dir: &Path) -> io::Result<()> {
+///
+/// The file holds when it was written and the epoch of the tenure
+/// (`<unix seconds> <epoch>`): the epoch a former primary says it last
+/// served at (see [`served_epoch`]).
+pub fn mark_former_primary(state_dir: &Path, epoch: u64) -> io::Result<()> {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
     crate::io::write_atomic_blocking(
         &state_dir.join(FORMER_PRIMARY_FILE),
-        format!("{secs}\n").as_bytes(),
+        format!("{secs} {epoch}\n").as_bytes(),
     )
+}
+
+/// The epoch of the last tenure the former-primary mark records; `None`
+/// without a mark or for a mark of an earlier release (time only).
+pub fn served_epoch(state_dir: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(state_dir.join(FORMER_PRIMARY_FILE)).ok()?;
+    let mut words = text.split_whitespace();
+    words.next()?;
+    words.next()?.parse().ok()
 }
 
 pub fn is_former_primary(state_dir: &Path) -> bool {
@@ -253,6 +502,43 @@ pub fn clear_former_primary(state_dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// A live record of this release (tenure epoch 3, nothing carried).
+    fn live(hashes: &[u128], pending: &[Pending]) -> Record {
+        Record {
+            hashes: hashes.iter().copied().collect(),
+            pending: pending.to_vec(),
+            live: true,
+            epoch: 3,
+            carried: None,
+        }
+    }
+
+    #[test]
+    fn the_sent_log_is_read_up_to_a_torn_entry_and_a_record_write_removes_it() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(load_sent(d.path(), "inbox").unwrap().is_empty());
+        append_sent(d.path(), "inbox", &[5, u128::MAX], false).unwrap();
+        append_sent(d.path(), "inbox", &[9], true).unwrap();
+        assert_eq!(load_sent(d.path(), "inbox").unwrap(), [5, u128::MAX, 9]);
+        // A crash in the middle of an append: the torn entry and anything
+        // after it never count as sent (a version kept aside, never one
+        // deleted on a guess).
+        let p = sent_log_path(d.path(), "inbox");
+        let mut b = std::fs::read(&p).unwrap();
+        b.truncate(b.len() - 5);
+        std::fs::write(&p, &b).unwrap();
+        assert_eq!(load_sent(d.path(), "inbox").unwrap(), [5, u128::MAX]);
+        let mut b = std::fs::read(&p).unwrap();
+        b[3] ^= 0x10;
+        std::fs::write(&p, &b).unwrap();
+        assert!(load_sent(d.path(), "inbox").unwrap().is_empty());
+        // The record written next holds what is known: the log goes.
+        append_sent(d.path(), "inbox", &[1], false).unwrap();
+        write(d.path(), "inbox", &live(&[1, 5], &[])).unwrap();
+        assert!(!p.exists());
+        assert!(load_sent(d.path(), "inbox").unwrap().is_empty());
+    }
+
     #[test]
     fn a_record_round_trips_and_damage_is_an_error_naming_the_file() {
         let d = tempfile::tempdir().unwrap();
@@ -264,14 +550,14 @@ mod tests {
             mtime_s: -1,
             mtime_ns: 999_999_999,
         }];
-        write(d.path(), "inbox", &set, &pending).unwrap();
-        assert_eq!(
-            load(d.path(), "inbox").unwrap(),
-            Some(Record {
-                hashes: set,
-                pending
-            })
-        );
+        let mut rec = live(&[], &pending);
+        rec.hashes = set;
+        rec.carried = Some(Carried {
+            epoch: 2,
+            hashes: [7, 8].into_iter().collect(),
+        });
+        write(d.path(), "inbox", &rec).unwrap();
+        assert_eq!(load(d.path(), "inbox").unwrap(), Some(rec));
         let p = record_path(d.path(), "inbox");
         let mut b = std::fs::read(&p).unwrap();
         b[20] ^= 1;
@@ -299,6 +585,78 @@ mod tests {
         let r = decode(&b).unwrap();
         assert_eq!(r.hashes, [5, 9].into_iter().collect());
         assert!(r.pending.is_empty());
+        assert!(!r.live, "a record of an earlier release is settled");
+    }
+
+    #[test]
+    fn a_live_record_and_its_log_are_carried_over_until_settled() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(carried_over(d.path(), "inbox").is_none());
+        write(d.path(), "inbox", &live(&[1], &[])).unwrap();
+        append_sent(d.path(), "inbox", &[2], true).unwrap();
+        let r = carried_over(d.path(), "inbox").unwrap();
+        assert_eq!(r.hashes, [1, 2].into_iter().collect());
+        assert_eq!(r.epoch, 3, "the tenure it covers");
+        // A record that carried an earlier one carries both, from the
+        // earliest tenure.
+        let mut next = live(&[4], &[]);
+        next.epoch = 5;
+        next.carried = Some(r);
+        write(d.path(), "inbox", &next).unwrap();
+        let r = carried_over(d.path(), "inbox").unwrap();
+        assert_eq!(r.hashes, [1, 2, 4].into_iter().collect());
+        assert_eq!(r.epoch, 3);
+        settle(d.path(), "inbox").unwrap();
+        assert!(carried_over(d.path(), "inbox").is_none());
+        assert!(!record_path(d.path(), "inbox").exists());
+        assert!(!sent_log_path(d.path(), "inbox").exists());
+        // A version 2 record (written by a release that never settled its
+        // records) may be of any earlier failover: not carried over.
+        write(d.path(), "inbox", &live(&[1], &[])).unwrap();
+        let p = record_path(d.path(), "inbox");
+        let mut b = std::fs::read(&p).unwrap();
+        b[4..8].copy_from_slice(&2u32.to_le_bytes());
+        // Version 2 ends after the pending files (no epochs).
+        b.truncate(b.len() - 8 - 24);
+        let sum = xxhash_rust::xxh3::xxh3_64(&b);
+        b.extend_from_slice(&sum.to_le_bytes());
+        std::fs::write(&p, &b).unwrap();
+        assert!(!load(d.path(), "inbox").unwrap().unwrap().live);
+        assert!(carried_over(d.path(), "inbox").is_none());
+    }
+
+    #[test]
+    fn a_carried_part_counts_only_for_a_peer_that_has_not_served_since_it_began() {
+        let mut rec = live(&[1], &[]);
+        rec.epoch = 4;
+        rec.carried = Some(Carried {
+            epoch: 2,
+            hashes: [7].into_iter().collect(),
+        });
+        let with: HashSet<u128> = [1, 7].into_iter().collect();
+        let without: HashSet<u128> = [1].into_iter().collect();
+        // The peer last served at 1: before the tenure the carried part
+        // began (2); nothing of its users' since is unknown here.
+        assert_eq!(rec.held(Some(1)).0, with);
+        assert!(rec.held(Some(1)).1.is_some());
+        // It served at 2 or later (while this node was down): its users'
+        // changes since are unknown here, the carried part does not count.
+        assert_eq!(rec.held(Some(2)).0, without);
+        assert_eq!(rec.held(Some(3)).0, without);
+        // It does not say (an earlier release): the fresh part only.
+        assert_eq!(rec.held(None).0, without);
+    }
+
+    #[test]
+    fn the_mark_says_the_epoch_served_and_a_mark_of_an_earlier_release_none() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(served_epoch(d.path()), None);
+        mark_former_primary(d.path(), 9).unwrap();
+        assert!(is_former_primary(d.path()));
+        assert_eq!(served_epoch(d.path()), Some(9));
+        std::fs::write(d.path().join(FORMER_PRIMARY_FILE), "1700000000\n").unwrap();
+        assert!(is_former_primary(d.path()));
+        assert_eq!(served_epoch(d.path()), None);
     }
 
     #[test]
@@ -338,7 +696,7 @@ mod tests {
     fn the_former_primary_mark_comes_and_goes() {
         let d = tempfile::tempdir().unwrap();
         assert!(!is_former_primary(d.path()));
-        mark_former_primary(d.path()).unwrap();
+        mark_former_primary(d.path(), 1).unwrap();
         assert!(is_former_primary(d.path()));
         clear_former_primary(d.path()).unwrap();
         clear_former_primary(d.path()).unwrap();

@@ -174,9 +174,12 @@ pub enum SyncMsg {
     },
     /// Secondary → primary, first thing in a session: whether this node
     /// served as primary and has not been reconciled since (its files may
-    /// hold changes the primary never got: conflicts are decided exactly).
+    /// hold changes the primary never got: conflicts are decided exactly),
+    /// and the epoch of its last tenure as primary (`None`: not known; 0
+    /// on the wire).
     PeerState {
         former_primary: bool,
+        served_epoch: Option<u64>,
     },
     /// Primary → secondary: the file or symlink at `path` is a genuine
     /// conflict (a version the primary never held): move it aside before
@@ -480,8 +483,13 @@ impl SyncMsg {
             SyncMsg::QueueEndAck { hook_ok } => {
                 w.u8(tag::QUEUE_END_ACK).u8(u8::from(*hook_ok));
             }
-            SyncMsg::PeerState { former_primary } => {
-                w.u8(tag::PEER_STATE).u8(u8::from(*former_primary));
+            SyncMsg::PeerState {
+                former_primary,
+                served_epoch,
+            } => {
+                w.u8(tag::PEER_STATE)
+                    .u8(u8::from(*former_primary))
+                    .u64(served_epoch.unwrap_or(0));
             }
             SyncMsg::KeepAside { seq, store, path } => {
                 w.u8(tag::KEEP_ASIDE).u64(*seq).u16(*store).blob16(path);
@@ -750,6 +758,8 @@ impl SyncMsg {
             },
             tag::PEER_STATE => SyncMsg::PeerState {
                 former_primary: r.u8("peer_state.former_primary")? != 0,
+                // Epochs start at 1.
+                served_epoch: Some(r.u64("peer_state.served_epoch")?).filter(|&e| e != 0),
             },
             tag::KEEP_ASIDE => SyncMsg::KeepAside {
                 seq: r.u64("keep_aside.seq")?,
@@ -1129,7 +1139,12 @@ mod tests {
                 }),
                 Just(SyncMsg::QueueEnd),
                 any::<bool>().prop_map(|hook_ok| SyncMsg::QueueEndAck { hook_ok }),
-                any::<bool>().prop_map(|former_primary| SyncMsg::PeerState { former_primary }),
+                (any::<bool>(), proptest::option::of(1u64..)).prop_map(
+                    |(former_primary, served_epoch)| SyncMsg::PeerState {
+                        former_primary,
+                        served_epoch
+                    }
+                ),
                 (seq, store, path()).prop_map(|(seq, store, path)| SyncMsg::KeepAside {
                     seq,
                     store,

@@ -167,7 +167,8 @@ pub async fn act_as_primary(
     assert_eq!(
         SyncMsg::decode(&f).unwrap(),
         SyncMsg::PeerState {
-            former_primary: false
+            former_primary: false,
+            served_epoch: None,
         }
     );
     (beat, r, w)

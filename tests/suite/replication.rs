@@ -437,6 +437,140 @@ fn a_new_primary_that_lost_its_index_still_keeps_aside_exactly_the_genuine_confl
     exact_conflicts_after_failover(true);
 }
 
+/// A new primary that crashes while it reconciles the former primary, after
+/// that peer acknowledged a message it sent and before the session ended,
+/// still knows it sent it when it is back: its user deleted the message
+/// meanwhile, and the former primary deletes it too instead of keeping it
+/// aside as a conflict (the versions sent are logged before they leave,
+/// and a restart carries the record of the tenure it interrupted over).
+#[test]
+fn a_new_primary_that_crashes_mid_reconciliation_still_knows_what_it_sent() {
+    let mut tp = started_with_fixture(fast(), 21, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    // The new primary, from now on stopped by the first acknowledgement it
+    // hears (the former primary then holds what it was sent, durably).
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "sender.acked=1")])
+        .unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(1);
+    // Delivered to the new primary after it took over (not in its record).
+    let sent = std::path::Path::new("user0001/Maildir/new/1800000000.M1P1.newprimary");
+    std::fs::write(
+        b.join("user0001/Maildir/tmp/x"),
+        b"delivered after the takeover",
+    )
+    .unwrap();
+    std::fs::rename(b.join("user0001/Maildir/tmp/x"), b.join(sent)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tp.nodes[0].start().unwrap();
+    assert!(
+        tp.nodes[1].wait_exit(Duration::from_secs(30)),
+        "the new primary did not reach its failpoint\n{}",
+        tp.logs()
+    );
+    assert!(
+        a.join(sent).exists(),
+        "the former primary holds the message it was sent\n{}",
+        tp.logs()
+    );
+    // The former primary stops before it could take over; the new
+    // primary's user deletes the message while it is down; it comes back,
+    // then the former primary, still not reconciled.
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    std::fs::remove_file(b.join(sent)).unwrap();
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(!a.join(sent).exists());
+    tp.nodes[0]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.caught_up
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        tp.conflicts(0).is_empty() && tp.conflicts(1).is_empty(),
+        "a message the new primary sent and its user deleted was kept aside: {:?} / {:?}\n{}",
+        tp.conflicts(0),
+        tp.conflicts(1),
+        tp.logs()
+    );
+    assert!(tp.nodes[1].log().contains("carried over"), "{}", tp.logs());
+}
+
+/// A new primary's record carried over a restart does not count against
+/// a former primary that served again while this node was down: that
+/// peer's users acted on versions this node never saw. Here the new
+/// primary's user deletes a message, the new primary dies, the old primary
+/// serves alone and its user files the message away; when the new primary
+/// comes back and the old one rejoins, the message is kept aside as a
+/// conflict, never deleted on the strength of the interrupted tenure.
+#[test]
+fn a_record_carried_over_does_not_count_for_a_peer_that_served_since() {
+    let mut tp = started_with_fixture(fast(), 23, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    let cur = std::path::Path::new("user0000/Maildir/cur");
+    let name = std::fs::read_dir(b.join(cur))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .min()
+        .expect("a message in cur/");
+    let kept = std::fs::read(b.join(cur).join(&name)).unwrap();
+    // Epoch 2: the secondary takes over (its record holds the message),
+    // its user deletes the message, and it dies.
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(1);
+    std::fs::remove_file(b.join(cur).join(&name)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tp.nodes[1].kill9().unwrap();
+    // Epoch 3: the old primary serves alone; its user files the message.
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(0);
+    let filed = std::path::Path::new("user0000/Maildir/.Keep/cur");
+    std::fs::create_dir_all(a.join(filed)).unwrap();
+    std::fs::rename(a.join(cur).join(&name), a.join(filed).join(&name)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    // Epoch 4: the first new primary is back alone (its record of epoch 2
+    // carried over), then the old primary rejoins.
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[0]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.caught_up
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let conflicts = tp.conflicts(1);
+    let found = conflicts
+        .iter()
+        .find(|c| c.path.ends_with(name.to_str().unwrap()))
+        .unwrap_or_else(|| {
+            panic!(
+                "the message the old primary's user filed while it served alone is gone, not kept aside: {conflicts:?}\n{}",
+                tp.logs()
+            )
+        });
+    assert_eq!(tp.conflict_body(1, found), kept);
+    assert!(tp.nodes[1].log().contains("carried over"), "{}", tp.logs());
+    assert!(
+        tp.nodes[1].log().contains("does not count"),
+        "{}",
+        tp.logs()
+    );
+}
+
 fn exact_conflicts_after_failover(new_primary_loses_its_index: bool) {
     use hasync::daemon::control::Request;
     let mut tp = started_with_fixture(fast(), 9, 3, 40);

@@ -59,8 +59,13 @@ struct StoreComparison {
     dir_changes: HashMap<PathBuf, Option<(i64, u32)>>,
     /// Non-folders found different: not held as recorded.
     not_held: HashSet<PathBuf>,
-    /// Paths to send or delete, in path order.
+    /// Paths to send or delete: the local ones in path order, then those
+    /// only the replica has.
     queue: Vec<PathBuf>,
+    /// Entries only the replica has, queued once the local ones are (a
+    /// difference each: few, but for a replica that holds a tree the
+    /// primary lost).
+    remote_only: Vec<(PathBuf, EntryKind, u128)>,
     done: bool,
 }
 
@@ -68,10 +73,10 @@ impl StoreComparison {
     /// A version of the former primary's this node never held: a genuine
     /// conflict, kept aside there. Dovecot's own files (uidlist, indexes)
     /// describe the mail the node holds; the old primary's never are mail.
-    fn genuine(&self, rel: &Path, r: &ManifestEntry) -> bool {
+    fn genuine(&self, rel: &Path, kind: EntryKind, hash: u128) -> bool {
         self.takeover
             .as_ref()
-            .is_some_and(|t| r.kind == EntryKind::File && !t.contains(&r.hash))
+            .is_some_and(|t| kind == EntryKind::File && !t.contains(&hash))
             && !(self.dovecot && super::super::dovecot::is_dovecot_metadata(rel))
     }
 }
@@ -187,6 +192,7 @@ impl<T: LocalTree> Sender<T> {
                 dir_changes: HashMap::new(),
                 not_held: HashSet::new(),
                 queue: Vec::new(),
+                remote_only: Vec::new(),
                 done: false,
             });
         }
@@ -251,13 +257,18 @@ impl<T: LocalTree> Sender<T> {
             }
             match sc.local.next_if(|l| l.0.as_path() == rel) {
                 Some(l) => self.compare_local(found, sc, s, l, Some(&r)),
-                None => self.remote_only(found, sc, s, rel.to_path_buf(), &r),
+                // Dealt with after the local entries (the order the
+                // backlog has always had).
+                None => sc.remote_only.push((rel.to_path_buf(), r.kind, r.hash)),
             }
             sc.last_remote = Some(r.path);
         }
         if last {
             while let Some(l) = sc.local.next() {
                 self.compare_local(found, sc, s, l, None);
+            }
+            for r in std::mem::take(&mut sc.remote_only) {
+                self.remote_only(found, sc, s, r);
             }
             self.finish_store(found, sc, s);
         }
@@ -296,7 +307,7 @@ impl<T: LocalTree> Sender<T> {
             }
             _ => false,
         };
-        if !same && theirs.is_some_and(|r| sc.genuine(&rel, r)) {
+        if !same && theirs.is_some_and(|r| sc.genuine(&rel, r.kind, r.hash)) {
             found.aside.push((s, rel.clone()));
         }
         if st.kind == Kind::Dir {
@@ -342,10 +353,9 @@ impl<T: LocalTree> Sender<T> {
         found: &mut Found,
         sc: &mut StoreComparison,
         s: usize,
-        rel: PathBuf,
-        r: &ManifestEntry,
+        (rel, kind, hash): (PathBuf, EntryKind, u128),
     ) {
-        if sc.genuine(&rel, r) {
+        if sc.genuine(&rel, kind, hash) {
             found.aside.push((s, rel.clone()));
         }
         if !found.initial {
@@ -710,6 +720,7 @@ mod tests {
         // first message, read while the manifest is awaited).
         s.on_peer_msg(SyncMsg::PeerState {
             former_primary: true,
+            served_epoch: Some(1),
         })
         .unwrap();
         let manifest = [
