@@ -39,6 +39,13 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
             },
         ),
         (
+            "peer-state",
+            SyncMsg::PeerState {
+                former_primary: true,
+                served_epoch: Some(2),
+            },
+        ),
+        (
             "manifest-request",
             SyncMsg::ManifestRequest {
                 id: 1,
