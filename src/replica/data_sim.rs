@@ -691,6 +691,7 @@ impl Replica {
                 existing,
                 path,
                 hash,
+                meta,
                 ..
             } => {
                 let (existing, rel) = (rel_of(&existing)?, rel_of(&path)?);
@@ -705,8 +706,12 @@ impl Replica {
                 if self.faulted(seq, &rel, true) {
                     return Ok(());
                 }
-                // The receiver links only to the content the primary said.
-                if self.fs.hash_of(&existing) != Some(hash) {
+                // The receiver links only to the content the primary said,
+                // with its times.
+                let times = |m: &Meta| (m.mtime_sec, m.mtime_nsec);
+                if self.fs.hash_of(&existing) != Some(hash)
+                    || self.fs.stat(&existing).map(|st| times(&st.meta)) != Some(times(&meta))
+                {
                     self.need(seq, &rel, NeedReason::SourceMissing);
                     return Ok(());
                 }

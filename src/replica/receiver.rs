@@ -1229,6 +1229,7 @@ impl Receiver {
                 existing,
                 path,
                 hash,
+                meta,
             } => {
                 let s = self.store_index(store, peer)?;
                 let Some(existing) = self.check(seq, s, &existing, peer) else {
@@ -1242,10 +1243,12 @@ impl Receiver {
                     self.need(seq, s, &rel, NeedReason::LocalError);
                     return Ok(());
                 }
-                // `existing` must hold the content the primary linked: an
+                // `existing` must hold the version the primary linked: an
                 // earlier op that was to give it that content may have
-                // failed here, leaving what the name held before.
-                if self.content_differs(s, &existing, hash) {
+                // failed here, leaving what the name held before; or the
+                // name holds the same content in another inode, with other
+                // times (a message renamed over a copy of itself).
+                if self.content_differs(s, &existing, hash, &meta) {
                     add(&self.stats.rename_sources_missing, 1);
                     self.need(seq, s, &rel, NeedReason::SourceMissing);
                     return Ok(());
@@ -1767,13 +1770,16 @@ impl Receiver {
     /// hashes to `hash` (known from the index when the file is the version
     /// it recorded, else read). Nothing there, or something else than a
     /// regular file, is for `link` itself to answer.
-    fn content_differs(&self, s: usize, rel: &Path, hash: u128) -> bool {
+    fn content_differs(&self, s: usize, rel: &Path, hash: u128, meta: &Meta) -> bool {
         let tree = self.stores[s].root.tree();
         let Ok(Some(st)) = tree.lstat(rel) else {
             return false;
         };
         if st.kind != Kind::File {
             return false;
+        }
+        if (st.meta.mtime_sec, st.meta.mtime_nsec) != (meta.mtime_sec, meta.mtime_nsec) {
+            return true;
         }
         let index = &self.stores[s].index;
         if let Some(e) = index.get(rel) {

@@ -2203,6 +2203,7 @@ impl<T: LocalTree> Sender<T> {
             existing: rel_bytes(&existing),
             path: rel_bytes(rel),
             hash,
+            meta: st.meta,
         }
         .encode(&mut f);
         add(&self.stats.links_sent, 1);

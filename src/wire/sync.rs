@@ -97,14 +97,17 @@ pub enum SyncMsg {
         to: Vec<u8>,
     },
     /// `path` becomes another name of `existing`'s inode, whose content
-    /// hashes to `hash`: the replica links only if `existing` holds that
-    /// content (an earlier op on it may have failed there).
+    /// hashes to `hash` and whose metadata is `meta`: the replica links
+    /// only if `existing` holds that content with that mtime (an earlier op
+    /// on it may have failed there, or it may be another inode with the
+    /// same content: a message renamed over a copy of itself).
     Link {
         seq: u64,
         store: u16,
         existing: Vec<u8>,
         path: Vec<u8>,
         hash: u128,
+        meta: Meta,
     },
     Symlink {
         seq: u64,
@@ -374,6 +377,7 @@ impl SyncMsg {
                 existing,
                 path,
                 hash,
+                meta,
             } => {
                 w.u8(tag::LINK)
                     .u64(*seq)
@@ -381,6 +385,7 @@ impl SyncMsg {
                     .blob16(existing)
                     .blob16(path)
                     .u128(*hash);
+                put_meta(&mut w, meta);
             }
             SyncMsg::Symlink {
                 seq,
@@ -607,6 +612,7 @@ impl SyncMsg {
                 existing: path(&mut r, "link.existing")?,
                 path: path(&mut r, "link.path")?,
                 hash: r.u128("link.hash")?,
+                meta: get_meta(&mut r)?,
             },
             tag::SYMLINK => SyncMsg::Symlink {
                 seq: r.u64("symlink.seq")?,
@@ -878,6 +884,13 @@ mod tests {
             existing: b"a".to_vec(),
             path: b"b".to_vec(),
             hash: 7,
+            meta: Meta {
+                mode: 0o600,
+                uid: 1,
+                gid: 2,
+                mtime_sec: 1_700_000_000,
+                mtime_nsec: 5,
+            },
         });
         round(SyncMsg::Symlink {
             seq: 6,
@@ -1056,13 +1069,14 @@ mod tests {
                         to,
                     }
                 }),
-                (seq, store, path(), path(), any::<u128>()).prop_map(
-                    |(seq, store, existing, path, hash)| SyncMsg::Link {
+                (seq, store, path(), path(), any::<u128>(), meta()).prop_map(
+                    |(seq, store, existing, path, hash, meta)| SyncMsg::Link {
                         seq,
                         store,
                         existing,
                         path,
                         hash,
+                        meta,
                     }
                 ),
                 (seq, store, path(), path(), meta()).prop_map(

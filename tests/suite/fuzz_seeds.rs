@@ -104,6 +104,7 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                 existing: b"a".to_vec(),
                 path: b"b".to_vec(),
                 hash: 9,
+                meta,
             },
         ),
         (

@@ -267,6 +267,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
             path: b"escape/linked".to_vec(),
             // The content ok-link holds: the link itself is what is refused.
             hash: hasync::replica::index::hash_bytes(b"replaces the link, never writes through it"),
+            meta: meta(),
         }
         .encode(&mut out);
         SyncMsg::Delete {
@@ -290,6 +291,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
             existing: b"fine/cur/linked".to_vec(),
             path: b"other/cur/linked-copy".to_vec(),
             hash: hasync::replica::index::hash_bytes(b"linked message"),
+            meta: meta(),
         }
         .encode(&mut out);
         file(18, b"fine/cur/linked", b"linked message", &mut out);
@@ -466,6 +468,7 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
             existing: b"fifo".to_vec(),
             path: b"user/cur/fifo-link".to_vec(),
             hash: 0,
+            meta: meta(),
         }
         .encode(&mut out);
         SyncMsg::Rename {
@@ -549,6 +552,76 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
         log.contains("\\n2026-12-01T00:00:00Z"),
         "the name is logged escaped\n{log}"
     );
+}
+
+/// A link names the version it links to (content and times): a name that
+/// holds the same content in another inode with other times (a message
+/// renamed over a copy of itself) is not linked to; the primary is asked
+/// for the bytes instead.
+#[test]
+fn a_link_to_the_same_content_with_other_times_is_asked_for_again() {
+    use std::os::unix::fs::MetadataExt;
+    let mut tp = TestPair::new(fast());
+    let inbox = tp.store(0, "inbox");
+    tp.nodes[0].start().unwrap();
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let node = &tp.nodes[0];
+    let body: &[u8] = b"a message and its copy";
+    let hash = hasync::replica::index::hash_bytes(body);
+    let later = Meta {
+        mtime_sec: meta().mtime_sec + 60,
+        ..meta()
+    };
+    let replies = tokio_uring::start(async {
+        let (beat, mut r, w) = act_as_primary(node, &cfg).await;
+        let mut out = Vec::new();
+        file(1, b"user/cur/copy", body, &mut out);
+        // The primary's inode has the same content, a later mtime.
+        SyncMsg::Link {
+            seq: 2,
+            store: 0,
+            existing: b"user/cur/copy".to_vec(),
+            path: b"user/cur/stale-link".to_vec(),
+            hash,
+            meta: later,
+        }
+        .encode(&mut out);
+        // The same inode's times: linked.
+        SyncMsg::Link {
+            seq: 3,
+            store: 0,
+            existing: b"user/cur/copy".to_vec(),
+            path: b"user/new/good-link".to_vec(),
+            hash,
+            meta: meta(),
+        }
+        .encode(&mut out);
+        SyncMsg::Barrier { seq: 3 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let replies = replies_until_ack(&mut r, 3).await;
+        beat.abort();
+        replies
+    });
+    assert!(
+        replies.iter().any(|m| matches!(
+            m,
+            SyncMsg::Need {
+                seq: 2,
+                reason: hasync::wire::sync::NeedReason::SourceMissing,
+                ..
+            }
+        )),
+        "{replies:?}"
+    );
+    assert!(
+        !replies
+            .iter()
+            .any(|m| matches!(m, SyncMsg::Need { seq: 3, .. })),
+        "{replies:?}"
+    );
+    assert!(std::fs::symlink_metadata(inbox.join("user/cur/stale-link")).is_err());
+    let ino = |p: &str| std::fs::metadata(inbox.join(p)).unwrap().ino();
+    assert_eq!(ino("user/new/good-link"), ino("user/cur/copy"));
 }
 
 #[test]
