@@ -247,6 +247,11 @@ struct Node {
     stopped_for_handover: bool,
     /// The engine's current primary tenure.
     tenure: u64,
+    /// The node's durable epoch, and the one durable before it rose last:
+    /// a promotion's epoch was taken knowing of epochs up to the latter
+    /// (kept in the takeover record; see `replica::takeover`).
+    durable_epoch: u64,
+    epoch_before: u64,
     systemd: systemd::Systemd,
     /// Requests from an embedding process (the control socket's thread
     /// holds another sender).
@@ -485,6 +490,8 @@ impl Node {
             prev_role: Role::Negotiating,
             stopped_for_handover: false,
             tenure: 0,
+            durable_epoch: record.epoch,
+            epoch_before: record.epoch,
             systemd: systemd::Systemd::from_env(),
             control_tx: control_tx_node,
             roles_tx: None,
@@ -566,6 +573,10 @@ impl Node {
                     let ev = match res {
                         Ok(rec) => {
                             self.engine.observe_epoch(rec.epoch);
+                            if rec.epoch > self.durable_epoch {
+                                self.epoch_before = self.durable_epoch;
+                                self.durable_epoch = rec.epoch;
+                            }
                             Event::Persisted(rec)
                         }
                         Err(why) => Event::PersistFailed(why),
@@ -867,6 +878,15 @@ impl Node {
                     let promoted = (role == Role::Primary
                         && self.cfg.queue.sync != crate::config::QueueSync::Off)
                         .then(|| self.engine.promote_queue_replica());
+                    if role == Role::Primary {
+                        // The epoch known before this promotion's (0, not
+                        // known, if the promotion is not the last rise).
+                        self.engine.promoting_from(if epoch == self.durable_epoch {
+                            self.epoch_before
+                        } else {
+                            0
+                        });
+                    }
                     self.tenure = self.engine.set_mode(
                         match role {
                             Role::Primary => EngineMode::Primary,

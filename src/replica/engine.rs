@@ -157,6 +157,9 @@ pub struct Engine {
     /// The epoch of the last primary tenure this node began (in memory:
     /// its former-primary mark says it durably, when it could be written).
     served: Arc<std::sync::atomic::AtomicU64>,
+    /// The highest epoch known before that tenure's (see
+    /// [`Engine::promoting_from`]).
+    floor: Arc<std::sync::atomic::AtomicU64>,
     prepared_rx: watch::Receiver<u64>,
     pub queue: Arc<QueueState>,
     stats: Arc<ReplStats>,
@@ -198,6 +201,7 @@ impl Engine {
         let drain: Arc<Mutex<Option<DrainRequest>>> = Default::default();
         let primary_gen = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let floor = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (prepared_tx, prepared_rx) = watch::channel(0u64);
         // Bounded: an application that commits faster than the pair can
         // confirm gets back-pressure (and then local-only outcomes).
@@ -219,6 +223,7 @@ impl Engine {
             drain: drain.clone(),
             primary_gen: primary_gen.clone(),
             served: served.clone(),
+            floor: floor.clone(),
             prepared_tx,
         };
         let thread = std::thread::Builder::new()
@@ -239,6 +244,7 @@ impl Engine {
             drain,
             primary_gen,
             served,
+            floor,
             prepared_rx,
             queue,
             stats,
@@ -246,6 +252,14 @@ impl Engine {
             resync,
             thread: Some(thread),
         })
+    }
+
+    /// The promotion about to be set ([`Engine::set_mode`] to `Primary`)
+    /// was taken knowing of epochs up to `floor` (its durable record
+    /// before the promotion): the takeover record keeps it, and a tenure of
+    /// the peer at or below it is one this node knew of as it took over.
+    pub fn promoting_from(&self, floor: u64) {
+        self.floor.store(floor, Relaxed);
     }
 
     /// Sets the role the engine acts in, at `epoch` (a primary's or a
@@ -500,8 +514,9 @@ struct Shared {
     resync: Arc<AtomicBool>,
     drain: Arc<Mutex<Option<DrainRequest>>>,
     primary_gen: Arc<std::sync::atomic::AtomicU64>,
-    /// See [`Engine`]'s field of the same name.
+    /// See [`Engine`]'s fields of the same names.
     served: Arc<std::sync::atomic::AtomicU64>,
+    floor: Arc<std::sync::atomic::AtomicU64>,
     prepared_tx: watch::Sender<u64>,
 }
 
@@ -917,7 +932,9 @@ async fn run_primary(
     // The tracker runs already: what changes after these scans is queued.
     let scanned_at = std::time::Instant::now();
     let epoch = shared.served.load(Relaxed);
-    let (scans, record_complete) = record_takeover(cfg, &shared.excludes, &mut stores, epoch);
+    let floor = shared.floor.load(Relaxed);
+    let (scans, record_complete) =
+        record_takeover(cfg, &shared.excludes, &mut stores, (epoch, floor));
     shared.prepared_tx.send_replace(tenure);
     let mut sender = Sender::new(
         stores,
@@ -927,6 +944,7 @@ async fn run_primary(
         cfg.verify_interval,
     );
     sender.state_dir = cfg.state_dir.clone();
+    sender.tenure = (epoch, floor);
     sender.prescanned = Some((scanned_at, scans));
     sender.takeover_settled = record_complete;
     sender.resync_requested = shared.resync.clone();
@@ -1060,7 +1078,7 @@ fn record_takeover(
     cfg: &EngineConfig,
     excludes: &super::Excludes,
     stores: &mut [Store],
-    epoch: u64,
+    (epoch, floor): (u64, u64),
 ) -> (Vec<Option<super::index::Scan>>, bool) {
     use super::index::Kind;
     let started = std::time::Instant::now();
@@ -1102,6 +1120,7 @@ fn record_takeover(
             pending,
             live: true,
             epoch,
+            floor,
             carried,
         };
         if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &record) {

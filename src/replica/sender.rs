@@ -207,9 +207,15 @@ pub struct Sender<T = Tree> {
     peer_former_primary: bool,
     /// The epoch the peer says it last served at as primary.
     peer_served_epoch: Option<u64>,
-    /// Per store, the epoch of the tenure whose takeover record `known`
-    /// came from (written back with it).
-    record_epochs: Vec<u64>,
+    /// The served epoch `known` was decided for (a peer that says another
+    /// one has it decided again).
+    known_for: Option<Option<u64>>,
+    /// Per mailstore, the takeover record `known` is decided from: this
+    /// tenure's part (with what it sent since) and the carried part.
+    records: Vec<Option<super::takeover::Record>>,
+    /// This tenure's epoch and the highest epoch known before it (its
+    /// takeover record's; 0: not known, as in a simulator).
+    pub tenure: (u64, u64),
     /// This tenure's takeover record is complete, or its peer said it is
     /// not a former primary (see [`Sender::settle_takeover_record`]).
     pub takeover_settled: bool,
@@ -444,7 +450,9 @@ impl<T: LocalTree> Sender<T> {
             state_dir: PathBuf::new(),
             peer_former_primary: false,
             peer_served_epoch: None,
-            record_epochs: Vec::new(),
+            known_for: None,
+            records: Vec::new(),
+            tenure: (0, 0),
             takeover_settled: true,
             incoming: None,
             conflicts_received: 0,
@@ -473,7 +481,18 @@ impl<T: LocalTree> Sender<T> {
         &mut self,
         known: Vec<Option<std::collections::HashSet<u128>>>,
     ) {
+        self.records = known
+            .iter()
+            .map(|k| {
+                k.as_ref().map(|h| super::takeover::Record {
+                    hashes: h.clone(),
+                    live: true,
+                    ..Default::default()
+                })
+            })
+            .collect();
         self.known = known;
+        self.known_for = None;
         self.takeover_settled = true;
     }
 
@@ -901,6 +920,8 @@ impl<T: LocalTree> Sender<T> {
                         }
                     }
                     self.known.clear();
+                    self.records.clear();
+                    self.known_for = None;
                     self.known_dirty = false;
                     self.known_unlogged.clear();
                 }
@@ -936,20 +957,37 @@ impl<T: LocalTree> Sender<T> {
     /// record's own part, and what it carried over from earlier tenures if
     /// the peer has not served as primary since they began.
     fn load_known(&mut self) {
-        if !self.known.is_empty() {
+        let served = self.peer_served_epoch;
+        if self.records.is_empty() {
+            let tenure = self.tenure.0;
+            let records = self.takeover_records();
+            self.records = records
+                .into_iter()
+                .zip(&self.stores)
+                .map(|(r, st)| {
+                    let r = r?;
+                    Some(if tenure != 0 && r.live && r.epoch != tenure {
+                        // Not rewritten at this promotion (a failed write
+                        // or scan): an earlier tenure's, never this one's.
+                        warn!(store = %st.name, record_epoch = r.epoch, tenure, "the takeover record is of an earlier tenure: it counts only as carried over");
+                        r.into_carried()
+                    } else {
+                        r
+                    })
+                })
+                .collect();
+        } else if self.known_for == Some(served) {
             return; // kept across sessions with the same peer
         }
-        let served = self.peer_served_epoch;
-        let records = self.takeover_records();
-        self.record_epochs = records
+        // Decided again if the peer says another epoch (the record keeps
+        // its parts apart, and what was sent since in its own).
+        self.known_for = Some(served);
+        self.known = self
+            .records
             .iter()
-            .map(|r| r.as_ref().map_or(0, |r| r.epoch))
-            .collect();
-        self.known = records
-            .into_iter()
             .zip(&self.stores)
             .map(|(r, st)| {
-                let r = r?;
+                let r = r.as_ref()?;
                 let (held, carried) = r.held(served);
                 match (&r.carried, carried) {
                     (Some(c), None) => warn!(
@@ -1054,17 +1092,16 @@ impl<T: LocalTree> Sender<T> {
         if !self.known_dirty {
             return;
         }
-        for (s, (st, known)) in self.stores.iter().zip(&self.known).enumerate() {
-            if let Some(k) = known {
-                // What counted for this peer is this tenure's own now (its
-                // peer has not served since what it carried began).
-                let record = super::takeover::Record {
-                    hashes: k.clone(),
-                    live: true,
-                    epoch: self.record_epochs.get(s).copied().unwrap_or(0),
-                    ..Default::default()
-                };
-                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, &record) {
+        for (st, record) in self.stores.iter().zip(&mut self.records) {
+            if let Some(record) = record {
+                // This tenure's own part (held at takeover and sent since)
+                // and the carried part, still apart: what counts of it is
+                // decided for each peer state.
+                if self.tenure.0 != 0 {
+                    (record.epoch, record.floor) = self.tenure;
+                }
+                record.pending.clear();
+                if let Err(e) = super::takeover::write(&self.state_dir, &st.name, record) {
                     warn!(store = %st.name, "cannot update the takeover record: {e}");
                     return;
                 }
@@ -1081,6 +1118,9 @@ impl<T: LocalTree> Sender<T> {
             if t.insert(hash) {
                 self.known_dirty = true;
                 self.known_unlogged.push((store, hash));
+            }
+            if let Some(Some(r)) = self.records.get_mut(store) {
+                r.hashes.insert(hash);
             }
         }
     }

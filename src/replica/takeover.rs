@@ -30,8 +30,9 @@
 //!
 //! File `<state_dir>/takeover-<store>.bin`: `HSTK` | version u32 | count u64
 //! | hashes u128 LE … | pending count u64 | pending (ino u64, size u64,
-//! mtime_s i64, mtime_ns u32) LE … | epoch u64 | carried epoch u64 (0:
-//! nothing carried) | carried count u64 | carried hashes u128 LE … |
+//! mtime_s i64, mtime_ns u32) LE … | epoch u64 | floor u64 | carried epoch
+//! u64 (0: nothing carried) | carried floor u64 | carried count u64 |
+//! carried hashes u128 LE … |
 //! xxh3-64 of everything before it. Versions 1 (hashes only) and 2 (no
 //! epochs) of earlier releases are read as settled records.
 //!
@@ -92,6 +93,9 @@ pub struct Record {
     pub live: bool,
     /// The epoch of the tenure that wrote it (0: an earlier release's).
     pub epoch: u64,
+    /// The highest epoch this node knew of as it promoted to `epoch` (0:
+    /// not known): a tenure of the peer at or below it began before.
+    pub floor: u64,
     /// What earlier tenures of this node, interrupted before their peer
     /// was reconciled, held and sent.
     pub carried: Option<Carried>,
@@ -100,27 +104,62 @@ pub struct Record {
 /// The record of earlier tenures carried into a new one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Carried {
-    /// The earliest tenure it covers: it counts only if the peer has not
-    /// served as primary since (its last served epoch is below this).
+    /// The earliest tenure it covers.
     pub epoch: u64,
+    /// The highest epoch this node knew of as that tenure began: the
+    /// carried part counts only if the peer last served at or below it (a
+    /// tenure this node had heard of before it took over). Epoch numbers
+    /// alone do not order tenures in time: a node that never heard of an
+    /// epoch may later serve below it.
+    pub floor: u64,
     pub hashes: HashSet<u128>,
 }
 
 impl Record {
     /// The versions this record says were held: its own, and the carried
     /// ones if the peer (a former primary) last served as primary at
-    /// `peer_served` and that is before the carried tenures began. A peer
-    /// that does not say (an earlier release) gets the fresh part only.
+    /// `peer_served` and this node knew of that tenure as the carried ones
+    /// began (see [`Carried::floor`]). A peer that does not say (an
+    /// earlier release) gets the fresh part only.
     pub fn held(&self, peer_served: Option<u64>) -> (HashSet<u128>, Option<&Carried>) {
         let mut held = self.hashes.clone();
         let carried = self
             .carried
             .as_ref()
-            .filter(|c| peer_served.is_some_and(|served| served < c.epoch));
+            .filter(|c| peer_served.is_some_and(|served| served <= c.floor && served < c.epoch));
         if let Some(c) = carried {
             held.extend(&c.hashes);
         }
         (held, carried)
+    }
+
+    /// The record as a carried part only: a record of an earlier tenure
+    /// found where this tenure's should be (it could not be rewritten at
+    /// this promotion) never counts as this tenure's own.
+    pub fn into_carried(self) -> Record {
+        let carried = carry(self);
+        Record {
+            live: true,
+            carried: Some(carried),
+            ..Record::default()
+        }
+    }
+}
+
+/// Everything `rec` knows, as a carried part from its earliest tenure.
+fn carry(rec: Record) -> Carried {
+    let mut hashes = rec.hashes;
+    let (mut epoch, mut floor) = (rec.epoch, rec.floor);
+    if let Some(c) = rec.carried {
+        hashes.extend(c.hashes);
+        if c.epoch < epoch {
+            (epoch, floor) = (c.epoch, c.floor);
+        }
+    }
+    Carried {
+        epoch,
+        floor,
+        hashes,
     }
 }
 /// Marker of a node that served as primary and was not reconciled since.
@@ -149,17 +188,12 @@ pub fn carried_over(state_dir: &Path, store: &str) -> Option<Carried> {
             return None;
         }
     };
-    let mut hashes = rec.hashes;
-    let mut epoch = rec.epoch;
-    if let Some(c) = rec.carried {
-        hashes.extend(c.hashes);
-        epoch = epoch.min(c.epoch);
-    }
+    let mut carried = carry(rec);
     match load_sent(state_dir, store) {
-        Ok(sent) => hashes.extend(sent),
+        Ok(sent) => carried.hashes.extend(sent),
         Err(e) => tracing::warn!(store, "the versions sent since the earlier takeover record are unreadable ({e}): not carried over"),
     }
-    Some(Carried { epoch, hashes })
+    Some(carried)
 }
 
 /// The peer is known reconciled (or never served as primary), or this node
@@ -244,6 +278,7 @@ pub fn write(state_dir: &Path, store: &str, rec: &Record) -> io::Result<()> {
         hashes,
         pending,
         epoch,
+        floor,
         carried,
         ..
     } = rec;
@@ -267,14 +302,17 @@ pub fn write(state_dir: &Path, store: &str, rec: &Record) -> io::Result<()> {
         buf.extend_from_slice(&p.mtime_ns.to_le_bytes());
     }
     buf.extend_from_slice(&epoch.to_le_bytes());
+    buf.extend_from_slice(&floor.to_le_bytes());
     match carried {
         Some(c) => {
             // Epoch 0 says "nothing carried": a carried part is of a real
             // tenure (epochs start at 1).
             buf.extend_from_slice(&c.epoch.max(1).to_le_bytes());
+            buf.extend_from_slice(&c.floor.to_le_bytes());
             put_hashes(&mut buf, &c.hashes);
         }
         None => {
+            buf.extend_from_slice(&0u64.to_le_bytes());
             buf.extend_from_slice(&0u64.to_le_bytes());
             put_hashes(&mut buf, &HashSet::new());
         }
@@ -386,24 +424,26 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
             ..Record::default()
         });
     }
-    if tail.len() < 24 {
+    const EPOCHS: usize = 40;
+    if tail.len() < EPOCHS {
         return Err("the epochs are missing".into());
     }
-    let epoch = u64::from_le_bytes(tail[..8].try_into().expect("8 bytes"));
-    let carried_epoch = u64::from_le_bytes(tail[8..16].try_into().expect("8 bytes"));
-    let carried_count = u64::from_le_bytes(tail[16..24].try_into().expect("8 bytes"));
-    let (carried_hashes, used) = take_hashes(&tail[24..], carried_count, "carried hashes")?;
-    if 24 + used != tail.len() {
+    let at = |i: usize| u64::from_le_bytes(tail[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    let (epoch, floor, carried_epoch, carried_floor, carried_count) =
+        (at(0), at(1), at(2), at(3), at(4));
+    let (carried_hashes, used) = take_hashes(&tail[EPOCHS..], carried_count, "carried hashes")?;
+    if EPOCHS + used != tail.len() {
         return Err(format!(
             "{} bytes after the carried hashes",
-            tail.len() - 24 - used
+            tail.len() - EPOCHS - used
         ));
     }
     let carried = match carried_epoch {
-        0 if carried_hashes.is_empty() => None,
-        0 => return Err("carried hashes without an epoch".into()),
+        0 if carried_hashes.is_empty() && carried_floor == 0 => None,
+        0 => return Err("a carried part without an epoch".into()),
         epoch => Some(Carried {
             epoch,
+            floor: carried_floor,
             hashes: carried_hashes,
         }),
     };
@@ -412,6 +452,7 @@ fn decode(bytes: &[u8]) -> Result<Record, String> {
         pending,
         live: true,
         epoch,
+        floor,
         carried,
     })
 }
@@ -502,13 +543,15 @@ pub fn clear_former_primary(state_dir: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
-    /// A live record of this release (tenure epoch 3, nothing carried).
+    /// A live record of this release (tenure epoch 3, taken knowing of
+    /// epoch 2, nothing carried).
     fn live(hashes: &[u128], pending: &[Pending]) -> Record {
         Record {
             hashes: hashes.iter().copied().collect(),
             pending: pending.to_vec(),
             live: true,
             epoch: 3,
+            floor: 2,
             carried: None,
         }
     }
@@ -554,6 +597,7 @@ mod tests {
         rec.hashes = set;
         rec.carried = Some(Carried {
             epoch: 2,
+            floor: 1,
             hashes: [7, 8].into_iter().collect(),
         });
         write(d.path(), "inbox", &rec).unwrap();
@@ -596,16 +640,22 @@ mod tests {
         append_sent(d.path(), "inbox", &[2], true).unwrap();
         let r = carried_over(d.path(), "inbox").unwrap();
         assert_eq!(r.hashes, [1, 2].into_iter().collect());
-        assert_eq!(r.epoch, 3, "the tenure it covers");
+        assert_eq!((r.epoch, r.floor), (3, 2), "the tenure it covers");
         // A record that carried an earlier one carries both, from the
         // earliest tenure.
         let mut next = live(&[4], &[]);
-        next.epoch = 5;
+        (next.epoch, next.floor) = (5, 4);
         next.carried = Some(r);
         write(d.path(), "inbox", &next).unwrap();
         let r = carried_over(d.path(), "inbox").unwrap();
         assert_eq!(r.hashes, [1, 2, 4].into_iter().collect());
-        assert_eq!(r.epoch, 3);
+        assert_eq!((r.epoch, r.floor), (3, 2));
+        // A record found where this tenure's should be is carried whole.
+        let whole = load(d.path(), "inbox").unwrap().unwrap().into_carried();
+        assert!(whole.hashes.is_empty() && whole.pending.is_empty());
+        let c = whole.carried.unwrap();
+        assert_eq!(c.hashes, [1, 2, 4].into_iter().collect());
+        assert_eq!((c.epoch, c.floor), (3, 2));
         settle(d.path(), "inbox").unwrap();
         assert!(carried_over(d.path(), "inbox").is_none());
         assert!(!record_path(d.path(), "inbox").exists());
@@ -617,7 +667,7 @@ mod tests {
         let mut b = std::fs::read(&p).unwrap();
         b[4..8].copy_from_slice(&2u32.to_le_bytes());
         // Version 2 ends after the pending files (no epochs).
-        b.truncate(b.len() - 8 - 24);
+        b.truncate(b.len() - 8 - 40);
         let sum = xxhash_rust::xxh3::xxh3_64(&b);
         b.extend_from_slice(&sum.to_le_bytes());
         std::fs::write(&p, &b).unwrap();
@@ -626,23 +676,34 @@ mod tests {
     }
 
     #[test]
-    fn a_carried_part_counts_only_for_a_peer_that_has_not_served_since_it_began() {
+    fn a_carried_part_counts_only_for_a_peer_tenure_known_before_it_began() {
         let mut rec = live(&[1], &[]);
-        rec.epoch = 4;
+        (rec.epoch, rec.floor) = (6, 5);
         rec.carried = Some(Carried {
-            epoch: 2,
+            epoch: 4,
+            floor: 3,
             hashes: [7].into_iter().collect(),
         });
         let with: HashSet<u128> = [1, 7].into_iter().collect();
         let without: HashSet<u128> = [1].into_iter().collect();
-        // The peer last served at 1: before the tenure the carried part
-        // began (2); nothing of its users' since is unknown here.
+        // The peer last served at 3, a tenure this node knew of as it took
+        // over at 4: nothing its users did since is unknown here.
+        assert_eq!(rec.held(Some(3)).0, with);
+        assert!(rec.held(Some(3)).1.is_some());
         assert_eq!(rec.held(Some(1)).0, with);
-        assert!(rec.held(Some(1)).1.is_some());
-        // It served at 2 or later (while this node was down): its users'
-        // changes since are unknown here, the carried part does not count.
-        assert_eq!(rec.held(Some(2)).0, without);
-        assert_eq!(rec.held(Some(3)).0, without);
+        // It served at 5 or later, since the carried tenure began.
+        assert_eq!(rec.held(Some(5)).0, without);
+        assert_eq!(rec.held(Some(7)).0, without);
+        // Numbers alone do not order tenures: a carried tenure taken at 5
+        // knowing only of 2 says nothing about a peer that served at 4 (it
+        // may have done so later, never having heard of 5).
+        rec.carried = Some(Carried {
+            epoch: 5,
+            floor: 2,
+            hashes: [7].into_iter().collect(),
+        });
+        assert_eq!(rec.held(Some(4)).0, without);
+        assert_eq!(rec.held(Some(2)).0, with);
         // It does not say (an earlier release): the fresh part only.
         assert_eq!(rec.held(None).0, without);
     }
