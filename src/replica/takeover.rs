@@ -11,12 +11,17 @@
 //! lives until the peer is known reconciled (it says it is no former
 //! primary) or this node serves as a replica; a node that restarts before
 //! then carries the record of the tenure it interrupted into the new one
-//! ([`carried_over`]), with the epoch of the earliest tenure it covers.
-//! The carried part counts only if the peer says it has not served as
-//! primary since that epoch (`PeerState { served_epoch }`): a peer that
-//! served while this node was down had users of its own, whose versions
-//! this node never saw, and only the fresh part of the record may decide
-//! about them (anything else is kept aside, never deleted).
+//! ([`carried_over`]), with the epoch of the earliest tenure it covers and
+//! the highest epoch this node knew of as that tenure began (its floor).
+//! The carried part counts only if the peer says it last served as primary
+//! at or below that floor (`PeerState { served_epoch }`): a tenure this
+//! node had heard of before it took over. A peer that served while this
+//! node was down had users of its own, whose versions this node never saw,
+//! and only the fresh part of the record may decide about them (anything
+//! else is kept aside, never deleted); epoch numbers alone cannot tell, as
+//! a node that never heard of an epoch may later serve below it. A record
+//! found where this tenure's should be (it could not be rewritten at the
+//! promotion) counts only as carried.
 //!
 //! Taking over reads no file: a version the index already knows gives its
 //! hash; any other file is recorded by what identifies its version without
