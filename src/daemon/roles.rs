@@ -11,7 +11,7 @@
 //!   role first never runs it.
 //! - A switchover from this node: `on_secondary` runs (the MTA stops),
 //!   then every change is made durable on the peer, and only then does the
-//!   core hand over ([`Job::PrepareHandover`]).
+//!   core hand over (`Job::PrepareHandover`).
 //! - At shutdown a primary runs `on_secondary`.
 
 use std::collections::VecDeque;

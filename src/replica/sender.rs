@@ -5,7 +5,7 @@
 //! open+read task before any is awaited, so one tick of the runtime submits
 //! all of them to the ring together. Frames are then emitted in op order with
 //! a `Barrier` per batch; up to [`UNACKED_BATCHES_MAX`] full batches' worth of
-//! ops (in at most [`INFLIGHT_BATCHES_MAX`] batches) are in flight, so reading
+//! ops (in at most [`INFLIGHT_BATCHES_MAX`](super::window::INFLIGHT_BATCHES_MAX) batches) are in flight, so reading
 //! batch N+1 overlaps the secondary's flush of batch N, and a trickle of small
 //! batches never waits behind a window counted in batches.
 

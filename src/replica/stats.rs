@@ -298,7 +298,7 @@ pub struct ReplStatus {
     #[serde(default)]
     pub foreign_writes: u64,
     /// "on" while a secondary watches its replica for foreign writes, "off:
-    /// <why>" when it cannot, "-" otherwise.
+    /// `<why>`" when it cannot, "-" otherwise.
     #[serde(default)]
     pub foreign_watch: String,
     /// Secondary: why the replica is latched unverified (a flush or write
