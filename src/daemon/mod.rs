@@ -247,11 +247,12 @@ struct Node {
     stopped_for_handover: bool,
     /// The engine's current primary tenure.
     tenure: u64,
-    /// The node's durable epoch, and the one durable before it rose last:
-    /// a promotion's epoch was taken knowing of epochs up to the latter
-    /// (kept in the takeover record; see `replica::takeover`).
-    durable_epoch: u64,
-    epoch_before: u64,
+    /// The highest of the peer's own epochs this node has heard of (in a
+    /// heartbeat or its durable record): a tenure the peer took before.
+    /// Only the peer's own epochs are tenures it knows of for sure (it took
+    /// them durably before anyone heard); one of this node's may never have
+    /// reached it, and it may later serve below that.
+    peer_epoch_known: u64,
     systemd: systemd::Systemd,
     /// Requests from an embedding process (the control socket's thread
     /// holds another sender).
@@ -490,8 +491,18 @@ impl Node {
             prev_role: Role::Negotiating,
             stopped_for_handover: false,
             tenure: 0,
-            durable_epoch: record.epoch,
-            epoch_before: record.epoch,
+            // After a restart only the durable record is known: the peer's
+            // epoch if it is one, else none (a carried part keeps the floor
+            // of its own tenure; a new one taken now counts for no peer).
+            peer_epoch_known: if crate::failover::epoch_taken_by(
+                &cfg.link.peer_name,
+                &cfg.node_name,
+                record.epoch,
+            ) {
+                record.epoch
+            } else {
+                0
+            },
             systemd: systemd::Systemd::from_env(),
             control_tx: control_tx_node,
             roles_tx: None,
@@ -567,16 +578,15 @@ impl Node {
                     self.core.handle_timeout(Instant::now());
                 }
                 Some(hb) = self.heartbeat_rx.recv() => {
+                    self.note_epoch_heard(&hb.node, hb.epoch);
                     self.core.handle_event(Instant::now(), Event::Heartbeat(hb));
                 }
                 Some(res) = self.persisted_rx.recv() => {
                     let ev = match res {
                         Ok(rec) => {
                             self.engine.observe_epoch(rec.epoch);
-                            if rec.epoch > self.durable_epoch {
-                                self.epoch_before = self.durable_epoch;
-                                self.durable_epoch = rec.epoch;
-                            }
+                            let peer = self.cfg.link.peer_name.clone();
+                            self.note_epoch_heard(&peer, rec.epoch);
                             Event::Persisted(rec)
                         }
                         Err(why) => Event::PersistFailed(why),
@@ -836,6 +846,16 @@ impl Node {
         }
     }
 
+    /// An epoch `node` advertised (or this node's record holds): one the
+    /// peer took raises what it is known to have served at.
+    fn note_epoch_heard(&mut self, node: &str, epoch: u64) {
+        if node == self.cfg.link.peer_name
+            && crate::failover::epoch_taken_by(&self.cfg.link.peer_name, &self.cfg.node_name, epoch)
+        {
+            self.peer_epoch_known = self.peer_epoch_known.max(epoch);
+        }
+    }
+
     fn execute_actions(&mut self) {
         while let Some(action) = self.core.poll_action() {
             match action {
@@ -879,13 +899,9 @@ impl Node {
                         && self.cfg.queue.sync != crate::config::QueueSync::Off)
                         .then(|| self.engine.promote_queue_replica());
                     if role == Role::Primary {
-                        // The epoch known before this promotion's (0, not
-                        // known, if the promotion is not the last rise).
-                        self.engine.promoting_from(if epoch == self.durable_epoch {
-                            self.epoch_before
-                        } else {
-                            0
-                        });
+                        // The peer's last tenure known before this one.
+                        self.engine
+                            .promoting_from(self.peer_epoch_known.min(epoch.saturating_sub(1)));
                     }
                     self.tenure = self.engine.set_mode(
                         match role {

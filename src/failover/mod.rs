@@ -17,6 +17,18 @@
 
 #[cfg(any(test, feature = "tools"))]
 pub mod sim;
+
+/// Parity of the epochs `node` may take in a pair with `peer`: the name
+/// that sorts first owns the odd ones (see the module docs).
+fn owned_parity(node: &str, peer: &str) -> u64 {
+    u64::from(node < peer)
+}
+
+/// Is `epoch` one that `node` takes in a pair with `peer` (only that node
+/// ever takes it, durably before anyone hears of it)?
+pub fn epoch_taken_by(node: &str, peer: &str, epoch: u64) -> bool {
+    epoch != 0 && epoch % 2 == owned_parity(node, peer)
+}
 mod timer;
 
 use std::collections::VecDeque;
@@ -1500,11 +1512,7 @@ impl Core {
 
     /// Parity of the epochs this node may take (see the module docs).
     fn owned_parity(&self) -> u64 {
-        if self.cfg.node_name < self.cfg.peer_name {
-            1
-        } else {
-            0
-        }
+        owned_parity(&self.cfg.node_name, &self.cfg.peer_name)
     }
 
     fn next_owned_epoch(&self, after: u64) -> u64 {

@@ -157,7 +157,7 @@ pub struct Engine {
     /// The epoch of the last primary tenure this node began (in memory:
     /// its former-primary mark says it durably, when it could be written).
     served: Arc<std::sync::atomic::AtomicU64>,
-    /// The highest epoch known before that tenure's (see
+    /// The peer's last tenure known before that one (see
     /// [`Engine::promoting_from`]).
     floor: Arc<std::sync::atomic::AtomicU64>,
     prepared_rx: watch::Receiver<u64>,
@@ -255,9 +255,10 @@ impl Engine {
     }
 
     /// The promotion about to be set ([`Engine::set_mode`] to `Primary`)
-    /// was taken knowing of epochs up to `floor` (its durable record
-    /// before the promotion): the takeover record keeps it, and a tenure of
-    /// the peer at or below it is one this node knew of as it took over.
+    /// was taken knowing that the peer had served at epochs up to `floor`
+    /// (its own epochs this node had heard of; 0: none): the takeover record
+    /// keeps it, and a former primary that last served at or below it did
+    /// so before this tenure began.
     pub fn promoting_from(&self, floor: u64) {
         self.floor.store(floor, Relaxed);
     }

@@ -966,9 +966,10 @@ impl<T: LocalTree> Sender<T> {
                 .zip(&self.stores)
                 .map(|(r, st)| {
                     let r = r?;
-                    Some(if tenure != 0 && r.live && r.epoch != tenure {
+                    Some(if tenure != 0 && r.epoch != tenure {
                         // Not rewritten at this promotion (a failed write
-                        // or scan): an earlier tenure's, never this one's.
+                        // or scan): an earlier tenure's (or an earlier
+                        // release's), never this one's own.
                         warn!(store = %st.name, record_epoch = r.epoch, tenure, "the takeover record is of an earlier tenure: it counts only as carried over");
                         r.into_carried()
                     } else {

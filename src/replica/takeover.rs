@@ -12,7 +12,8 @@
 //! primary) or this node serves as a replica; a node that restarts before
 //! then carries the record of the tenure it interrupted into the new one
 //! ([`carried_over`]), with the epoch of the earliest tenure it covers and
-//! the highest epoch this node knew of as that tenure began (its floor).
+//! the highest of the peer's own epochs this node knew of as that tenure
+//! began (its floor).
 //! The carried part counts only if the peer says it last served as primary
 //! at or below that floor (`PeerState { served_epoch }`): a tenure this
 //! node had heard of before it took over. A peer that served while this
@@ -98,8 +99,9 @@ pub struct Record {
     pub live: bool,
     /// The epoch of the tenure that wrote it (0: an earlier release's).
     pub epoch: u64,
-    /// The highest epoch this node knew of as it promoted to `epoch` (0:
-    /// not known): a tenure of the peer at or below it began before.
+    /// The highest of the peer's own epochs this node knew of as it
+    /// promoted to `epoch` (0: none): a tenure of the peer at or below it
+    /// began before.
     pub floor: u64,
     /// What earlier tenures of this node, interrupted before their peer
     /// was reconciled, held and sent.
@@ -111,11 +113,13 @@ pub struct Record {
 pub struct Carried {
     /// The earliest tenure it covers.
     pub epoch: u64,
-    /// The highest epoch this node knew of as that tenure began: the
-    /// carried part counts only if the peer last served at or below it (a
-    /// tenure this node had heard of before it took over). Epoch numbers
-    /// alone do not order tenures in time: a node that never heard of an
-    /// epoch may later serve below it.
+    /// The highest of the peer's own epochs this node knew of as that
+    /// tenure began: the carried part counts only if the peer last served
+    /// at or below it (a tenure this node had heard of before it took
+    /// over). Epoch numbers alone do not order tenures in time: a node that
+    /// never heard of an epoch may later serve below it; and only the
+    /// peer's own epochs are known to it for sure (one of this node's may
+    /// never have reached it).
     pub floor: u64,
     pub hashes: HashSet<u128>,
 }

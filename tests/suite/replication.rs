@@ -1042,3 +1042,159 @@ fn a_peer_that_served_later_at_a_lower_epoch_is_not_judged_by_a_carried_record()
         tp.logs()
     );
 }
+
+/// A floor that is this node's own earlier epoch would say nothing about
+/// the peer (the floor is the peer's last epoch heard of). mx1 (odd epochs) restarts alone at epoch 3 while mx2 (which
+/// knows epoch 1 only) is stopped, and its inbox record cannot be written
+/// there (the injected fault of the test above: an alarm the daemon serves
+/// on). It restarts alone again at epoch 5: the record of 5 says floor 3
+/// (mx1's own epoch 3, never heard of by mx2). Its user deletes a message;
+/// it dies. mx2 alone takes epoch 2 (after mx1's epoch 5 began) and its
+/// user files the message. mx1 comes back (epoch 7, carrying (5, floor 3)),
+/// mx2 rejoins saying it last served at 2, an epoch mx1 never heard of:
+/// the carried part does not count, and the filed message is kept aside.
+#[test]
+fn a_carried_record_counts_only_for_a_peer_tenure_heard_of_not_for_own_epochs() {
+    let mut tp = started_with_fixture(fast(), 29, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    let rec = tp.nodes[0].state_dir.join("takeover-inbox.bin");
+    let t0 = std::time::Instant::now();
+    while rec.exists() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !rec.exists(),
+        "record of epoch 1 not settled\n{}",
+        tp.logs()
+    );
+    let cur = std::path::Path::new("user0000/Maildir/cur");
+    let name = std::fs::read_dir(a.join(cur))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .min()
+        .expect("a message in cur/");
+    let kept = std::fs::read(a.join(cur).join(&name)).unwrap();
+    // mx2 stops (it knows epoch 1 only).
+    assert!(tp.nodes[1].stop(Duration::from_secs(10)));
+    // mx1 alone at epoch 3; its inbox record cannot be written.
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    let fault = tp.nodes[0].state_dir.join(".takeover-inbox.bin.tmp");
+    std::fs::create_dir(&fault).unwrap();
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(0);
+    assert_eq!(tp.nodes[0].status().unwrap().epoch, 3);
+    assert!(!rec.exists(), "no record of epoch 3\n{}", tp.logs());
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    std::fs::remove_dir(&fault).unwrap();
+    // mx1 alone at epoch 5 (floor 3, its own); its user deletes the message.
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(0);
+    assert_eq!(tp.nodes[0].status().unwrap().epoch, 5);
+    std::fs::remove_file(a.join(cur).join(&name)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tp.nodes[0].kill9().unwrap();
+    // mx2 alone: epoch 2 (it never heard of 3 or 5); its user files it.
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(1);
+    assert_eq!(tp.nodes[1].status().unwrap().epoch, 2);
+    let filed = std::path::Path::new("user0000/Maildir/.Keep/cur");
+    std::fs::create_dir_all(b.join(filed)).unwrap();
+    std::fs::rename(b.join(cur).join(&name), b.join(filed).join(&name)).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(tp.nodes[1].stop(Duration::from_secs(10)));
+    // mx1 back alone (epoch 7, carrying (5, floor 3)), then mx2.
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&a, &b, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[1]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.caught_up
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let conflicts = tp.conflicts(0);
+    let still_filed = b.join(filed).join(&name).exists() || a.join(filed).join(&name).exists();
+    let found = conflicts
+        .iter()
+        .find(|c| c.path.ends_with(name.to_str().unwrap()));
+    if let Some(found) = found {
+        assert_eq!(tp.conflict_body(0, found), kept);
+    }
+    assert!(
+        still_filed || found.is_some(),
+        "the message mx2's user filed while serving alone at epoch 2 (after mx1's epoch 5 began; mx1's floor 3 is its own epoch) is gone, not kept aside: {conflicts:?}\n{}",
+        tp.logs()
+    );
+}
+
+/// A record of an earlier release (version 1 or 2, no epochs) left where
+/// this tenure's should be, because the write at this promotion failed,
+/// never counts as this tenure's own. Here mx2
+/// holds such a record from an old failover (it names a message mx2 no
+/// longer holds); mx1's user restores that message's content under a new
+/// name while mx2 is down; mx2 takes over at epoch 2 and cannot rewrite its
+/// record; mx1 rejoins: its restored message is kept aside, not deleted on
+/// the strength of the old record.
+#[test]
+fn a_record_of_an_earlier_release_not_rewritten_at_promotion_does_not_count() {
+    let mut tp = started_with_fixture(fast(), 31, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    let cur = std::path::Path::new("user0000/Maildir/cur");
+    let name = std::fs::read_dir(a.join(cur))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .min()
+        .expect("a message in cur/");
+    let kept = std::fs::read(a.join(cur).join(&name)).unwrap();
+    // mx1's user deletes it; both nodes lose it.
+    std::fs::remove_file(a.join(cur).join(&name)).unwrap();
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    assert!(tp.nodes[1].stop(Duration::from_secs(10)));
+    // mx2 holds a record of an earlier release (version 1) of some old
+    // failover that names the message's content.
+    let mut rec = Vec::new();
+    rec.extend_from_slice(b"HSTK");
+    rec.extend_from_slice(&1u32.to_le_bytes());
+    rec.extend_from_slice(&1u64.to_le_bytes());
+    rec.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(&kept).to_le_bytes());
+    let sum = xxhash_rust::xxh3::xxh3_64(&rec);
+    rec.extend_from_slice(&sum.to_le_bytes());
+    std::fs::write(tp.nodes[1].state_dir.join("takeover-inbox.bin"), &rec).unwrap();
+    // mx1's user restores the message (from a backup) while mx2 is down.
+    let restored = std::path::Path::new("user0000/Maildir/.Restored/cur");
+    std::fs::create_dir_all(a.join(restored)).unwrap();
+    std::fs::write(a.join(restored).join(&name), &kept).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    tp.nodes[0].kill9().unwrap();
+    // mx2 takes over; its record cannot be rewritten (state dir fault).
+    std::fs::create_dir(tp.nodes[1].state_dir.join(".takeover-inbox.bin.tmp")).unwrap();
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(1);
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[0]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.caught_up
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let conflicts = tp.conflicts(1);
+    let found = conflicts
+        .iter()
+        .find(|c| c.path.ends_with(name.to_str().unwrap()));
+    if let Some(found) = found {
+        assert_eq!(tp.conflict_body(1, found), kept);
+    }
+    assert!(
+        found.is_some() || a.join(restored).join(&name).exists(),
+        "the message mx1's user restored while mx2 was down is gone, judged by a record of an earlier release left from an old failover: {conflicts:?}\n{}",
+        tp.logs()
+    );
+}
