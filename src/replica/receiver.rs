@@ -1027,10 +1027,15 @@ impl Receiver {
                 }
                 self.stats.caught_up.store(false, Relaxed);
                 info!(peer, "sync session started");
+                // Its mark says so durably; a tenure begun in this process
+                // says so too (the mark may not have been written: a full or
+                // failing state directory, the node serving on with an
+                // alarm), until a primary has reconciled it.
                 let former_primary = self
                     .state_dir
                     .as_deref()
-                    .is_some_and(super::takeover::is_former_primary);
+                    .is_some_and(super::takeover::is_former_primary)
+                    || self.served.load(Relaxed) != 0;
                 // The last tenure this node served: its mark says it
                 // durably; one begun in this process may not be written.
                 let served_epoch = if former_primary {
@@ -1305,9 +1310,12 @@ impl Receiver {
                 // Reconciled completely (its genuine conflicts kept aside):
                 // from now on a plain secondary.
                 if let Some(dir) = self.state_dir.as_deref() {
-                    if super::takeover::is_former_primary(dir) && self.uploads.is_empty() {
+                    let marked = super::takeover::is_former_primary(dir);
+                    if (marked || self.served.load(Relaxed) != 0) && self.uploads.is_empty() {
                         match super::takeover::clear_former_primary(dir) {
                             Ok(()) => {
+                                // A plain secondary until it serves again.
+                                self.served.store(0, Relaxed);
                                 info!(peer, "reconciled with the primary after serving as primary")
                             }
                             Err(e) => warn!("cannot clear the former-primary mark: {e}"),

@@ -1198,3 +1198,56 @@ fn a_record_of_an_earlier_release_not_rewritten_at_promotion_does_not_count() {
         tp.logs()
     );
 }
+
+/// A new primary whose former-primary mark could not be written (an alarm
+/// it serves on; injected by a directory in the temp file's place) and that
+/// leaves primary without restarting (a failed self-check) still tells the
+/// next primary it served: a message its user got while it served alone is
+/// kept aside, not deleted.
+#[test]
+fn a_primary_whose_mark_was_not_written_still_says_it_served() {
+    primary_left_without_restart(true);
+}
+
+/// The same without the fault: the message is kept aside.
+#[test]
+fn a_primary_left_without_restart_keeps_its_users_mail() {
+    primary_left_without_restart(false);
+}
+
+fn primary_left_without_restart(mark_fails: bool) {
+    let mut tp = started_with_fixture(fast(), 29, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    if mark_fails {
+        std::fs::create_dir(tp.nodes[1].state_dir.join(".former-primary.tmp")).unwrap();
+    }
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.wait_tracking(1);
+    let only = std::path::Path::new("user0000/Maildir/new/only.M1.newprimary");
+    std::fs::write(b.join(only), b"delivered while the old primary was down").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The new primary fails its self-check (no restart); the old one is
+    // back and takes over; then the new one rejoins as secondary.
+    let queue = tp.nodes[1].queue_dir.clone();
+    let moved = queue.with_extension("away");
+    std::fs::rename(&queue, &moved).unwrap();
+    tp.wait_mode(1, Role::Failed, Duration::from_secs(20));
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(30));
+    std::fs::rename(&moved, &queue).unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(30));
+    tp.nodes[1]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.caught_up
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::thread::sleep(Duration::from_secs(2));
+    let kept_aside = tp.conflicts(0).len() + tp.conflicts(1).len();
+    assert!(
+        b.join(only).exists() || a.join(only).exists() || kept_aside > 0,
+        "the message delivered on the new primary is gone, not kept aside\n{}",
+        tp.logs()
+    );
+}
