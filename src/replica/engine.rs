@@ -936,6 +936,10 @@ async fn run_primary(
     let floor = shared.floor.load(Relaxed);
     let (scans, record_complete) =
         record_takeover(cfg, &shared.excludes, &mut stores, (epoch, floor));
+    if !mark_serving(shared, mode_rx, (tenure, epoch)).await {
+        *shared.notifier.lock().expect("notifier lock") = None;
+        return;
+    }
     shared.prepared_tx.send_replace(tenure);
     let mut sender = Sender::new(
         stores,
@@ -1061,13 +1065,59 @@ fn raise_imap_uids(cfg: &EngineConfig, stats: &ReplStats) {
     }
 }
 
+/// How often a primary retries the former-primary mark it could not write.
+const MARK_RETRY: Duration = Duration::from_secs(1);
+
+/// Marks this node durably as serving primary at `epoch` before it serves:
+/// the mark is what it tells a later primary about this tenure (that it
+/// served, and at which epoch), so a tenure without it could have its
+/// users' mail judged as never held. Retries (with an alarm) until the mark
+/// is written; `false` if the node left this primary tenure first.
+async fn mark_serving(
+    shared: &Rc<Shared>,
+    mode_rx: &mut watch::Receiver<EngineMode>,
+    (tenure, epoch): (u64, u64),
+) -> bool {
+    let state_dir = &shared.cfg.state_dir;
+    let mut alarmed = false;
+    loop {
+        match super::takeover::mark_former_primary(state_dir, epoch) {
+            Ok(()) => {
+                if alarmed {
+                    info!(epoch, "former-primary mark written: serving as primary");
+                }
+                return true;
+            }
+            Err(e) if !alarmed => {
+                let line = format!(
+                    "cannot mark this node as serving primary in {}: {e}; not serving (no on_primary hook, no sync) until it is written, retrying every {} ms",
+                    state_dir.display(),
+                    MARK_RETRY.as_millis()
+                );
+                error!(alarm = true, "ALARM: {line}");
+                *shared.stats.last_error.lock().expect("error lock") = Some(line.clone());
+                shared.stats.raise_alarm(line);
+                alarmed = true;
+            }
+            Err(e) => debug!("former-primary mark still not written: {e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(MARK_RETRY) => {}
+            _ = mode_rx.changed() => {}
+        }
+        if *mode_rx.borrow() != EngineMode::Primary || shared.primary_gen.load(Relaxed) != tenure {
+            return false;
+        }
+    }
+}
+
 /// How long a new primary waits for its peer to say whether it is a former
 /// primary before it reads what its takeover record still lacks.
 const PEER_STATE_WAIT: Duration = Duration::from_secs(10);
 
 /// This node starts serving as primary: record what it holds now (per
-/// mailstore, durably, before any change it sends) and mark it as a node
-/// that served as primary. A former primary that rejoins later is checked
+/// mailstore, durably, before any change it sends; [`mark_serving`] then
+/// marks it as a node that served as primary). A former primary that rejoins later is checked
 /// against this record (see `takeover`). Reads no file: versions the index
 /// knows give their hash, the others are recorded by inode, size and mtime
 /// and read only if the peer may be a former primary (it says it is, or it
@@ -1127,12 +1177,6 @@ fn record_takeover(
         if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &record) {
             error!(alarm = true, store = %st.name, "ALARM: cannot write the takeover record: {e}");
         }
-    }
-    if let Err(e) = super::takeover::mark_former_primary(&cfg.state_dir, epoch) {
-        error!(
-            alarm = true,
-            "ALARM: cannot mark this node as serving primary: {e}"
-        );
     }
     info!(
         versions = files,

@@ -123,6 +123,76 @@ fn hooks_follow_the_roles_in_order_with_their_environment() {
     println!("mx1: {l1:?}");
 }
 
+/// A node that cannot write its former-primary mark (what it tells a later
+/// primary about this tenure) does not serve: no on_primary hook until the
+/// mark is written, one alarm saying why; it serves once the mark is
+/// written.
+#[test]
+fn a_primary_that_cannot_mark_its_tenure_waits_to_serve() {
+    let (mut tp, p) = TestPair::formed(opts(logging_hooks("")));
+    assert_eq!(p, 0);
+    let root = tp.pair.nodes[1].root.clone();
+    wait_for_line(
+        &root,
+        "on_secondary role-change secondary",
+        Duration::from_secs(10),
+    );
+    // The mark's temporary name taken by a directory: its write fails.
+    let blocker = tp.nodes[1].state_dir.join(".former-primary.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    tp.nodes[0].kill9().unwrap();
+    let st = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    let alarms = loop {
+        let s = tp.nodes[1].status().unwrap();
+        let n = s
+            .alarms
+            .iter()
+            .filter(|a| {
+                a.message
+                    .contains("cannot mark this node as serving primary")
+            })
+            .count();
+        if n > 0 || Instant::now() > until {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(alarms, 1, "{}", tp.logs());
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !hook_lines(&root)
+            .iter()
+            .any(|l| l.starts_with("on_primary")),
+        "on_primary ran without the mark\n{}",
+        tp.logs()
+    );
+    assert!(!tp.nodes[1]
+        .state_dir
+        .join(hasync::replica::takeover::FORMER_PRIMARY_FILE)
+        .exists());
+    std::fs::remove_dir(&blocker).unwrap();
+    wait_for_line(
+        &root,
+        &format!("on_primary role-change primary {}", st.epoch),
+        Duration::from_secs(10),
+    );
+    let mark = std::fs::read_to_string(
+        tp.nodes[1]
+            .state_dir
+            .join(hasync::replica::takeover::FORMER_PRIMARY_FILE),
+    )
+    .unwrap();
+    assert!(
+        mark.trim_end().ends_with(&format!(" {}", st.epoch)),
+        "{mark:?}"
+    );
+}
+
 /// A switchover with a writer (the MTA) busy on the primary: the old
 /// primary's on_secondary stops the writer, every file it wrote is durable
 /// on the peer before the peer promotes, nothing is kept aside as a
