@@ -55,6 +55,29 @@ pub struct Ledger {
     entries: HashMap<u128, Record>,
     max_entries: usize,
     max_age: Duration,
+    /// An append failed and its bytes could not be cut off again: the file
+    /// may end in a partial record, or hold records memory counts only as
+    /// "may be recorded". It is rewritten whole from memory before the
+    /// next append (so no record ever follows a torn one).
+    latched: bool,
+    /// Injected failures (unit tests): the next flush, the next cut.
+    #[cfg(test)]
+    inject: Inject,
+}
+
+#[cfg(test)]
+#[derive(Debug, Default)]
+struct Inject {
+    sync: bool,
+    cut: bool,
+}
+
+/// How an append failed.
+enum AppendFailed {
+    /// Nothing of it is in the file (cut back to where it began).
+    NotWritten(io::Error),
+    /// Some or all of it may be in the file, durably or later.
+    Uncertain(io::Error),
 }
 
 fn now_ms() -> u64 {
@@ -119,6 +142,9 @@ impl Ledger {
             entries,
             max_entries,
             max_age,
+            latched: false,
+            #[cfg(test)]
+            inject: Inject::default(),
         };
         if torn_tail {
             // Rewrite without the torn line so that appends start clean.
@@ -145,23 +171,7 @@ impl Ledger {
 
     /// Step 2: the message is ingested once this returns.
     pub fn record_intent(&mut self, key: u128, queue_id: &str, moves: &Moves) -> io::Result<()> {
-        let at_ms = now_ms();
-        let payload: Vec<String> = moves
-            .iter()
-            .map(|(a, b)| format!("{}>{}", hex_path(a), hex_path(b)))
-            .collect();
-        let body = format!("I {key:032x} {at_ms} {queue_id} {}", payload.join(","));
-        self.file.write_all(seal(&body).as_bytes())?;
-        self.file.sync_data()?;
-        self.entries.insert(
-            key,
-            Record {
-                at_ms,
-                queue_id: queue_id.to_string(),
-                moves: Some(moves.clone()),
-            },
-        );
-        Ok(())
+        self.record_intents(&[(key, queue_id.to_string(), moves.clone())])
     }
 
     /// Step 2 for a whole batch: one append, one fsync.
@@ -178,8 +188,15 @@ impl Ledger {
                 payload.join(",")
             )));
         }
-        self.file.write_all(out.as_bytes())?;
-        self.file.sync_data()?;
+        let failed = match self.append(out.as_bytes(), true) {
+            Ok(()) => None,
+            Err(AppendFailed::NotWritten(e)) => return Err(e),
+            // They may be on disk (a flush that failed may still have
+            // written them, or write them later): counted as recorded, so
+            // that the caller completes them rather than dropping what a
+            // later start could find recorded.
+            Err(AppendFailed::Uncertain(e)) => Some(e),
+        };
         for (key, queue_id, moves) in items {
             self.entries.insert(
                 *key,
@@ -190,11 +207,66 @@ impl Ledger {
                 },
             );
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Appends `bytes` (flushed if `sync`). A failed append leaves nothing
+    /// of itself behind if it can: the file is cut back to its length
+    /// before it, and that flushed. If even that fails, the ledger latches
+    /// (see `latched`) and the caller learns the bytes may be there.
+    fn append(&mut self, bytes: &[u8], sync: bool) -> Result<(), AppendFailed> {
+        if self.latched {
+            self.rewrite().map_err(AppendFailed::NotWritten)?;
+        }
+        let before = self
+            .file
+            .metadata()
+            .map_err(AppendFailed::NotWritten)?
+            .len();
+        let res =
+            self.file
+                .write_all(bytes)
+                .and_then(|()| if sync { self.flush() } else { Ok(()) });
+        let Err(e) = res else { return Ok(()) };
+        match self.cut(before) {
+            Ok(()) => Err(AppendFailed::NotWritten(e)),
+            Err(cut) => {
+                self.latched = true;
+                Err(AppendFailed::Uncertain(io::Error::new(
+                    e.kind(),
+                    format!("{e}; cutting the partial append off failed too: {cut}"),
+                )))
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.inject.sync) {
+            return Err(io::Error::other("injected flush failure"));
+        }
+        if crate::failpoint::fails("ledger.fail_sync") {
+            return Err(io::Error::other("failpoint ledger.fail_sync"));
+        }
+        self.file.sync_data()
+    }
+
+    /// Cuts the file back to `len` bytes, durably.
+    fn cut(&mut self, len: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.inject.cut) {
+            return Err(io::Error::other("injected cut failure"));
+        }
+        if crate::failpoint::fails("ledger.fail_cut") {
+            return Err(io::Error::other("failpoint ledger.fail_cut"));
+        }
+        self.file.set_len(len)?;
+        self.file.sync_data()
     }
 
     /// Step 4: the renames are durable. Not fsynced here: losing a done
-    /// record only makes the next start roll forward an already-landed move.
+    /// record only makes the next start roll forward an already-landed move
+    /// (so a failure here is worth a warning, not the batch).
     pub fn record_done(&mut self, keys: &[u128]) -> io::Result<()> {
         let mut out = String::new();
         for k in keys {
@@ -203,7 +275,9 @@ impl Ledger {
                 r.moves = None;
             }
         }
-        self.file.write_all(out.as_bytes())
+        self.append(out.as_bytes(), false).map_err(|e| match e {
+            AppendFailed::NotWritten(e) | AppendFailed::Uncertain(e) => e,
+        })
     }
 
     /// Intents without a done record: roll these forward before ingesting.
@@ -270,6 +344,7 @@ impl Ledger {
         }
         crate::io::write_atomic_blocking(&self.path, out.as_bytes())?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.latched = false;
         Ok(())
     }
 }
@@ -397,6 +472,60 @@ mod tests {
         drop(l);
         let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
         assert!(l.contains(7) && l.pending().is_empty());
+    }
+
+    /// A flush that fails after the intent's bytes were written: they are
+    /// cut off again, so nothing a later start reads counts a message the
+    /// caller was told was not recorded (it drops its staged copy).
+    #[test]
+    fn a_failed_flush_cuts_its_intent_off_again() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        l.record_intent(1, "A1", &moves()).unwrap();
+        let len = std::fs::metadata(&p).unwrap().len();
+        l.inject.sync = true;
+        assert!(l.record_intent(2, "A2", &moves()).is_err());
+        assert!(!l.contains(2));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
+        l.record_intent(3, "A3", &moves()).unwrap();
+        drop(l);
+        let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        assert!(l.contains(1) && !l.contains(2) && l.contains(3));
+    }
+
+    /// A flush that fails and whose bytes cannot be cut off: the intent
+    /// counts as recorded (the caller completes it), and the next append
+    /// rewrites the file first, so a later start reads it whole.
+    #[test]
+    fn an_append_that_cannot_be_cut_off_counts_as_recorded_and_is_rewritten() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        l.record_intent(1, "A1", &moves()).unwrap();
+        l.inject = Inject {
+            sync: true,
+            cut: true,
+        };
+        let err = l.record_intent(2, "A2", &moves()).unwrap_err().to_string();
+        assert!(
+            err.contains("cutting the partial append off failed"),
+            "{err}"
+        );
+        assert!(l.contains(2));
+        assert_eq!(l.pending().len(), 2);
+        // A partial record left at the end would make this append damage
+        // in the middle of the file: it is rewritten first.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .unwrap()
+            .write_all(b"I 00000000")
+            .unwrap();
+        l.record_done(&[1, 2]).unwrap();
+        drop(l);
+        let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        assert!(l.contains(1) && l.contains(2) && l.pending().is_empty());
     }
 
     #[test]

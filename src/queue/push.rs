@@ -531,13 +531,10 @@ impl Ingester {
             done.push(key);
         }
         if !done.is_empty() {
-            ledger
-                .record_done(&done)
-                .map_err(|source| PushError::Local {
-                    op: "ledger",
-                    path: ledger.path().to_owned(),
-                    source,
-                })?;
+            if let Err(e) = ledger.record_done(&done) {
+                // The moves are durable; the next start rolls them again.
+                warn!(path = %ledger.path().display(), "cannot record rolled-forward ingests as done: {e}");
+            }
         }
         self.stats.ledger_entries = ledger.len() as u64;
         Ok(done.len())
@@ -1418,9 +1415,10 @@ fn commit_batch(
     failpoint::hit("queue.after_rename");
     let keys: Vec<u128> = batch.iter().map(|m| m.key).collect();
     let mut ledger = ledger.lock().expect("ledger lock");
-    ledger
-        .record_done(&keys)
-        .map_err(local("append to", ledger.path()))?;
+    if let Err(e) = ledger.record_done(&keys) {
+        // The batch is durable in the queue; the next start rolls it again.
+        warn!(path = %ledger.path().display(), "cannot record an ingest batch as done: {e}");
+    }
     Ok(())
 }
 

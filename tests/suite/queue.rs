@@ -313,6 +313,63 @@ fn a_commit_failing_after_its_intents_completes_its_batch() {
     assert_eq!(b, before, "lost or duplicated messages\n{}", tp.logs());
 }
 
+/// The new primary's ledger flush fails while it records a batch's
+/// intents (`ledger.fail_sync`; with `cut_fails`, cutting the written
+/// bytes off fails too). Either the batch is refused and nothing of it
+/// stays recorded (the former primary keeps its copies), or it counts as
+/// recorded and is completed: after the new primary restarts (re-reading
+/// its ledger) and the former primary pushes again, every message is in
+/// the queues exactly once.
+fn ledger_flush_fails_during_a_push(cut_fails: bool) {
+    let spec = if cut_fails {
+        "ledger.fail_sync=1,ledger.fail_cut=1"
+    } else {
+        "ledger.fail_sync=1"
+    };
+    let (mut tp, before) = push_to_an_armed_ingester(spec);
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && s.queue_push.requested > 0 && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        tp.nodes[1].log().contains("failpoint ledger.fail_sync"),
+        "the failpoint was reached\n{}",
+        tp.logs()
+    );
+    // The new primary restarts alone (its ledger read again), then the
+    // former primary rejoins and pushes what it still holds.
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    tp.nodes[0].start().unwrap();
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && !s.queue_push.pending && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let a = queue_digest(&tp.nodes[0].queue_dir, "flat");
+    let b = queue_digest(&tp.nodes[1].queue_dir, "flat");
+    let mut union = a.clone();
+    for (k, v) in &b {
+        *union.entry(*k).or_insert(0) += v;
+    }
+    assert_eq!(union, before, "lost or duplicated messages\n{}", tp.logs());
+    assert!(a.is_empty(), "the former primary still holds {a:?}");
+}
+
+#[test]
+fn a_ledger_flush_failing_refuses_its_batch_and_records_none_of_it() {
+    ledger_flush_fails_during_a_push(false);
+}
+
+#[test]
+fn a_ledger_append_that_cannot_be_cut_off_completes_its_batch() {
+    ledger_flush_fails_during_a_push(true);
+}
+
 #[test]
 fn garbage_in_the_queue_is_reported_and_left_in_place() {
     let (mut tp, _) = TestPair::formed(opts("exim"));
