@@ -223,10 +223,10 @@ impl Ledger {
             .metadata()
             .map_err(AppendFailed::NotWritten)?
             .len();
-        let res =
-            self.file
-                .write_all(bytes)
-                .and_then(|()| if sync { self.flush() } else { Ok(()) });
+        let res = self
+            .file
+            .write_all(bytes)
+            .and_then(|()| if sync { self.flush() } else { Ok(()) });
         let Err(e) = res else { return Ok(()) };
         match self.cut(before) {
             Ok(()) => Err(AppendFailed::NotWritten(e)),

@@ -3,3 +3,4 @@
 pub mod layout;
 pub mod ledger;
 pub mod push;
+pub mod session;

@@ -7,7 +7,7 @@
 //! record the intent, rename into the queue layout, fsync, acknowledge.
 //! A crash anywhere loses nothing and queues nothing twice (see `ledger`).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,12 +19,14 @@ use xxhash_rust::xxh3::xxh3_128;
 
 use super::layout::{self, Layout, QueuedMessage};
 use super::ledger::{Ledger, LedgerError, Moves};
+use super::session::{
+    Admit, IngestPhase, IngestSession, IngestStep, PushPhase, PushSession, PushStep, Violation,
+    INGEST_BATCH,
+};
 use crate::failpoint;
 use crate::link::{FrameReader, FrameWriter, LinkError};
 use crate::wire::sync::{Meta, QueueOutcome, QueuePart, SyncMsg, DATA_BYTES_MAX};
 
-/// Messages sent but not yet acknowledged (one ingest batch on the peer).
-const WINDOW: usize = 256;
 /// Staging area inside the queue directory (same filesystem as the queue).
 /// Where older releases staged pushed messages (inside the queue).
 const LEGACY_STAGING: &str = ".hasync/staging";
@@ -107,6 +109,55 @@ fn read_side(msg: &QueuedMessage) -> Vec<(&layout::Part, Vec<u8>)> {
         .collect()
 }
 
+/// A queued message as sent: its description, then its parts' and side
+/// files' bytes as `Data` frames.
+fn encode_message(id: u64, msg: &QueuedMessage, parts: &[Vec<u8>]) -> Vec<u8> {
+    let views: Vec<(&str, &[u8])> = msg
+        .parts
+        .iter()
+        .zip(parts)
+        .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
+        .collect();
+    let key = layout::identity_of(&msg.queue_id, &views);
+    // The message's own logs travel with it (not in its identity).
+    let side = read_side(msg);
+    let mut out = Vec::new();
+    SyncMsg::QueueMsg {
+        id,
+        sub_queue: msg.sub_queue.clone(),
+        queue_id: msg.queue_id.clone(),
+        key,
+        parts: msg
+            .parts
+            .iter()
+            .zip(parts)
+            .map(|(p, b)| QueuePart {
+                suffix: p.suffix.clone(),
+                meta: p.meta,
+                size: b.len() as u64,
+                hash: xxh3_128(b),
+            })
+            .chain(side.iter().map(|(p, b)| QueuePart {
+                suffix: format!("{SIDE_PREFIX}{}", p.suffix),
+                meta: p.meta,
+                size: b.len() as u64,
+                hash: xxh3_128(b),
+            }))
+            .collect(),
+    }
+    .encode(&mut out);
+    for b in parts.iter().chain(side.iter().map(|(_, b)| b)) {
+        for chunk in b.chunks(DATA_BYTES_MAX) {
+            SyncMsg::Data {
+                seq: id,
+                bytes: chunk.to_vec(),
+            }
+            .encode(&mut out);
+        }
+    }
+    out
+}
+
 /// Pushes the whole queue over an authenticated `Channel::Queue` connection.
 pub async fn push(
     layout_kind: Layout,
@@ -152,127 +203,40 @@ pub async fn push(
     .encode(&mut out);
     w.send_bytes(out).await?;
 
-    let mut inflight: VecDeque<(u64, QueuedMessage)> = VecDeque::new();
+    let mut session = PushSession::new(scan.messages);
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let mut next = scan.messages.into_iter();
-    let mut id = 0u64;
-    let mut unflushed = false;
-    let mut in_window = 0usize;
+    let protocol = |what: String| PushError::Protocol {
+        peer: peer.clone(),
+        what,
+    };
     loop {
-        // Whole windows: the new primary commits each as one batch (one flush
-        // for all of it); refilling one slot per ack would make every later
-        // batch a batch of one. Two windows outstanding overlap reading and
-        // sending the next with the peer's commit of the previous.
-        let may_open = inflight.len() <= WINDOW;
-        while may_open && in_window < WINDOW {
-            let Some(msg) = next.next() else { break };
-            let parts = match read_parts(&msg) {
-                Ok(p) => p,
-                Err(e) => {
-                    report.failed += 1;
-                    report
-                        .garbage
-                        .push(format!("{}: unreadable: {e}", msg.parts[0].path.display()));
-                    warn!(queue_id = %msg.queue_id, "queue push: cannot read message, left in place: {e}");
-                    continue;
-                }
-            };
-            id += 1;
-            let views: Vec<(&str, &[u8])> = msg
-                .parts
-                .iter()
-                .zip(&parts)
-                .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
-                .collect();
-            let key = layout::identity_of(&msg.queue_id, &views);
-            // The message's own logs travel with it (not in its identity).
-            let side = read_side(&msg);
-            let mut out = Vec::new();
-            SyncMsg::QueueMsg {
-                id,
-                sub_queue: msg.sub_queue.clone(),
-                queue_id: msg.queue_id.clone(),
-                key,
-                parts: msg
-                    .parts
-                    .iter()
-                    .zip(&parts)
-                    .map(|(p, b)| QueuePart {
-                        suffix: p.suffix.clone(),
-                        meta: p.meta,
-                        size: b.len() as u64,
-                        hash: xxh3_128(b),
-                    })
-                    .chain(side.iter().map(|(p, b)| QueuePart {
-                        suffix: format!("{SIDE_PREFIX}{}", p.suffix),
-                        meta: p.meta,
-                        size: b.len() as u64,
-                        hash: xxh3_128(b),
-                    }))
-                    .collect(),
-            }
-            .encode(&mut out);
-            for b in parts.iter().chain(side.iter().map(|(_, b)| b)) {
-                for chunk in b.chunks(DATA_BYTES_MAX) {
-                    SyncMsg::Data {
-                        seq: id,
-                        bytes: chunk.to_vec(),
+        match session.poll() {
+            Some(PushStep::Send(id)) => {
+                let msg = session.message(id).expect("a message to send is in flight");
+                let parts = match read_parts(msg) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        report.failed += 1;
+                        report
+                            .garbage
+                            .push(format!("{}: unreadable: {e}", msg.parts[0].path.display()));
+                        warn!(queue_id = %msg.queue_id, "queue push: cannot read message, left in place: {e}");
+                        session.unreadable(id);
+                        continue;
                     }
-                    .encode(&mut out);
-                }
+                };
+                let out = encode_message(id, msg, &parts);
+                w.send_bytes(out).await?;
+                session.sent(id);
+                report.pushed += 1;
             }
-            w.send_bytes(out).await?;
-            report.pushed += 1;
-            unflushed = true;
-            in_window += 1;
-            inflight.push_back((id, msg));
-        }
-        let Some(_) = inflight.front() else { break };
-        if unflushed {
-            // The new primary commits what it has staged as one batch.
-            let mut out = Vec::new();
-            SyncMsg::Barrier { seq: id }.encode(&mut out);
-            w.send_bytes(out).await?;
-            unflushed = false;
-            in_window = 0;
-        }
-        let frame = r.recv_frame().await?;
-        let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
-            peer: r.peer(),
-            source,
-        })?;
-        if let SyncMsg::Fenced { seen } = m {
-            return Err(PushError::Fenced {
-                addressed: epoch,
-                serving: seen,
-            });
-        }
-        let SyncMsg::QueueAck {
-            id: acked,
-            outcome,
-            detail,
-        } = m
-        else {
-            return Err(PushError::Protocol {
-                peer,
-                what: "expected a queue acknowledgement".into(),
-            });
-        };
-        let pos = inflight
-            .iter()
-            .position(|(i, _)| *i == acked)
-            .ok_or_else(|| PushError::Protocol {
-                peer: peer.clone(),
-                what: format!("acknowledgement for unknown message {acked}"),
-            })?;
-        let (_, msg) = inflight.remove(pos).expect("position is valid");
-        match outcome {
-            QueueOutcome::Ingested | QueueOutcome::Duplicate => {
-                if outcome == QueueOutcome::Ingested {
-                    report.ingested += 1;
-                } else {
-                    report.duplicates_dropped += 1;
-                }
+            Some(PushStep::Barrier(seq)) => {
+                // The new primary commits what it has staged as one batch.
+                let mut out = Vec::new();
+                SyncMsg::Barrier { seq }.encode(&mut out);
+                w.send_bytes(out).await?;
+            }
+            Some(PushStep::Delete(msg)) => {
                 failpoint::hit("push.after_ack_before_delete");
                 // The new primary holds it durably: only now is ours
                 // removed, with its logs.
@@ -293,36 +257,57 @@ pub async fn push(
                     }
                 }
             }
-            QueueOutcome::Refused => {
-                report.failed += 1;
-                warn!(queue_id = %msg.queue_id, "queue push: new primary refused message, left in place: {detail}");
+            Some(PushStep::End) => {
+                // Removals are durable once their directories are.
+                for d in std::mem::take(&mut dirs) {
+                    if let Err(e) = crate::io::sync_dir(&d).await {
+                        warn!(dir = %d.display(), "fsync after queue push: {e}");
+                    }
+                }
+                let mut out = Vec::new();
+                SyncMsg::QueueEnd.encode(&mut out);
+                w.send_bytes(out).await?;
             }
-        }
-        *progress.lock().expect("push progress lock") = report.clone();
-    }
-    // Removals are durable once their directories are.
-    for d in dirs {
-        if let Err(e) = crate::io::sync_dir(&d).await {
-            warn!(dir = %d.display(), "fsync after queue push: {e}");
-        }
-    }
-    let mut out = Vec::new();
-    SyncMsg::QueueEnd.encode(&mut out);
-    w.send_bytes(out).await?;
-    let frame = r.recv_frame().await?;
-    match SyncMsg::decode(&frame) {
-        Ok(SyncMsg::QueueEndAck { hook_ok }) => report.hook_ok = Some(hook_ok),
-        Ok(SyncMsg::Fenced { seen }) => {
-            return Err(PushError::Fenced {
-                addressed: epoch,
-                serving: seen,
-            })
-        }
-        _ => {
-            return Err(PushError::Protocol {
-                peer,
-                what: "expected the end acknowledgement".into(),
-            })
+            None if session.phase() == PushPhase::Ended => break,
+            None => {
+                let frame = r.recv_frame().await?;
+                let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
+                    peer: r.peer(),
+                    source,
+                })?;
+                match m {
+                    SyncMsg::Fenced { seen } => {
+                        return Err(PushError::Fenced {
+                            addressed: epoch,
+                            serving: seen,
+                        })
+                    }
+                    SyncMsg::QueueAck {
+                        id,
+                        outcome,
+                        detail,
+                    } => {
+                        if let Some(msg) = session
+                            .on_ack(id, outcome)
+                            .map_err(|v| protocol(v.to_string()))?
+                        {
+                            warn!(queue_id = %msg.queue_id, "queue push: new primary refused message, left in place: {detail}");
+                        }
+                    }
+                    SyncMsg::QueueEndAck { hook_ok } => {
+                        session.on_end_ack().map_err(|v| protocol(v.to_string()))?;
+                        report.hook_ok = Some(hook_ok);
+                    }
+                    _ if session.phase() == PushPhase::Ending => {
+                        return Err(protocol("expected the end acknowledgement".into()))
+                    }
+                    _ => return Err(protocol("expected a queue acknowledgement".into())),
+                }
+                report.ingested = session.counts.ingested;
+                report.duplicates_dropped = session.counts.duplicates;
+                report.failed = session.counts.refused + session.counts.unreadable;
+                *progress.lock().expect("push progress lock") = report.clone();
+            }
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
@@ -353,8 +338,6 @@ enum Verdict {
     Done(QueueOutcome, String),
 }
 
-/// Most messages committed together.
-const INGEST_BATCH: usize = 256;
 /// Largest queued message (all parts) a push may hand over: it is held in
 /// memory until staged. Mail queues hold messages of megabytes.
 pub const INGEST_MESSAGE_BYTES_MAX: u64 = 256 << 20;
@@ -624,14 +607,21 @@ impl Ingester {
             tx,
             w: &w,
             peer: peer.clone(),
-            batch: Vec::new(),
-            committing: None,
+            session: IngestSession::new(),
+            staged: HashMap::new(),
+            committing: Vec::new(),
             ready: None,
-            pending_keys: Default::default(),
-            landed_any: false,
+        };
+        pipe.session.started();
+        let violation = |peer: &str, v: Violation| PushError::Protocol {
+            peer: peer.to_string(),
+            what: v.to_string(),
         };
         loop {
             let frame = self.next_frame(&mut pipe).await?;
+            if pipe.session.phase() != IngestPhase::Streaming {
+                return Err(violation(&peer, Violation::AfterEnd));
+            }
             let msg = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
                 peer: peer_addr,
                 source,
@@ -649,15 +639,10 @@ impl Ingester {
                     if let Err(why) = self.room_for(&parts) {
                         self.drain_parts(&mut pipe, id, &parts).await?;
                         warn!(peer, queue_id, "queued message refused: {why}");
-                        self.stats.refused += 1;
-                        let mut out = Vec::new();
-                        SyncMsg::QueueAck {
-                            id,
-                            outcome: QueueOutcome::Refused,
-                            detail: why,
-                        }
-                        .encode(&mut out);
-                        w.send_bytes(out).await?;
+                        pipe.session
+                            .refused(id, why)
+                            .map_err(|v| violation(&peer, v))?;
+                        self.perform(&mut pipe).await?;
                         continue;
                     }
                     // The parts' bytes follow, in order.
@@ -683,87 +668,43 @@ impl Ingester {
                         }
                         bodies.push(b);
                     }
-                    let verdict = self.ingest(
-                        &sub_queue,
-                        &queue_id,
-                        key,
-                        &parts,
-                        &bodies,
-                        &pipe.pending_keys,
-                    );
-                    match verdict {
-                        Verdict::Staged(st) => {
-                            pipe.pending_keys.insert(st.key);
-                            pipe.batch.push((id, st));
-                            if pipe.batch.len() > UNACKED_MESSAGES_MAX {
-                                return Err(PushError::Protocol {
-                                    peer,
-                                    what: format!(
-                                        "more than {UNACKED_MESSAGES_MAX} messages sent unacknowledged"
-                                    ),
-                                });
-                            }
-                            if pipe.batch.len() >= INGEST_BATCH {
-                                self.start_commit(&mut pipe);
-                            }
+                    let checked = self.check(&queue_id, key, &parts, &bodies);
+                    let admitted = match checked {
+                        Err(why) => {
+                            warn!(queue_id, "queue ingest refused: {why}");
+                            pipe.session.refused(id, why)
                         }
-                        Verdict::Done(outcome, detail) => {
-                            let mut out = Vec::new();
-                            SyncMsg::QueueAck {
-                                id,
-                                outcome,
-                                detail,
+                        Ok(()) => match pipe.session.on_message(id, key, self.holds(key)) {
+                            Ok(Admit::Duplicate) => {
+                                info!(
+                                    queue_id,
+                                    "queue ingest: duplicate dropped (already ingested)"
+                                );
+                                Ok(())
                             }
-                            .encode(&mut out);
-                            w.send_bytes(out).await?;
-                        }
-                    }
-                }
-                SyncMsg::Barrier { .. } => self.start_commit(&mut pipe),
-                SyncMsg::QueueEnd => {
-                    // Everything staged is committed and acknowledged first.
-                    self.start_commit(&mut pipe);
-                    while pipe.committing.is_some() {
-                        if let Some(res) = pipe.ready.take() {
-                            self.on_committed(res, &mut pipe).await?;
-                            continue;
-                        }
-                        match pipe.rx.recv().await {
-                            Some(Event::Committed(res)) => {
-                                self.on_committed(res, &mut pipe).await?
+                            Ok(Admit::Stage) => {
+                                match self
+                                    .place_and_stage(&sub_queue, &queue_id, key, &parts, &bodies)
+                                {
+                                    Ok(st) => {
+                                        pipe.staged.insert(id, st);
+                                        pipe.session.staged(id, key)
+                                    }
+                                    Err(why) => {
+                                        warn!(queue_id, "queue ingest refused: {why}");
+                                        pipe.session.refused(id, why)
+                                    }
+                                }
                             }
-                            Some(Event::Frame(Err(e))) => return Err(e.into()),
-                            Some(Event::Frame(Ok(_))) | None => {
-                                return Err(PushError::Protocol {
-                                    peer,
-                                    what: "a message after the end of a queue push".into(),
-                                })
-                            }
-                        }
-                    }
-                    drop(reader);
-                    let landed = self.stats.ingested - ingested_before;
-                    let hook_ok = if pipe.landed_any {
-                        self.run_hook("push", landed).await
-                    } else {
-                        true
+                            Err(v) => Err(v),
+                        },
                     };
-                    {
-                        let mut ledger = self.ledger.lock().expect("ledger lock");
-                        let _ = ledger.compact_if_needed();
-                        self.stats.ledger_entries = ledger.len() as u64;
-                    }
-                    let mut out = Vec::new();
-                    SyncMsg::QueueEndAck { hook_ok }.encode(&mut out);
-                    w.send_bytes(out).await?;
-                    info!(
-                        peer,
-                        ingested = self.stats.ingested,
-                        duplicates = self.stats.duplicates_dropped,
-                        "queue push from the former primary finished"
-                    );
-                    return Ok(());
+                    admitted.map_err(|v| violation(&peer, v))?;
                 }
+                SyncMsg::Barrier { .. } => {
+                    pipe.session.on_barrier().map_err(|v| violation(&peer, v))?
+                }
+                SyncMsg::QueueEnd => pipe.session.on_end().map_err(|v| violation(&peer, v))?,
                 _ => {
                     return Err(PushError::Protocol {
                         peer,
@@ -771,7 +712,106 @@ impl Ingester {
                     })
                 }
             }
+            // Everything staged is committed and acknowledged before the
+            // end is answered: the session says when.
+            if let Some(landed_any) = self.perform(&mut pipe).await? {
+                drop(reader);
+                let landed = self.stats.ingested - ingested_before;
+                let hook_ok = if landed_any {
+                    self.run_hook("push", landed).await
+                } else {
+                    true
+                };
+                {
+                    let mut ledger = self.ledger.lock().expect("ledger lock");
+                    let _ = ledger.compact_if_needed();
+                    self.stats.ledger_entries = ledger.len() as u64;
+                }
+                let mut out = Vec::new();
+                SyncMsg::QueueEndAck { hook_ok }.encode(&mut out);
+                w.send_bytes(out).await?;
+                info!(
+                    peer,
+                    ingested = self.stats.ingested,
+                    duplicates = self.stats.duplicates_dropped,
+                    "queue push from the former primary finished"
+                );
+                return Ok(());
+            }
         }
+    }
+
+    /// Does what the session asks (acknowledgements, sent together; a
+    /// batch's commit), until it waits for the peer or a commit; once
+    /// everything is acknowledged after the end, `Some(landed_any)`.
+    async fn perform(&mut self, pipe: &mut Pipe<'_>) -> Result<Option<bool>, PushError> {
+        let mut out = Vec::new();
+        let mut finished = None;
+        loop {
+            // The end is answered only once the last commit reported.
+            if finished.is_none() && pipe.session.phase() == IngestPhase::Ending {
+                if let Some(res) = pipe.ready.take() {
+                    self.on_committed(res, pipe);
+                    continue;
+                }
+            }
+            let Some(step) = pipe.session.poll() else {
+                if finished.is_none()
+                    && pipe.session.phase() == IngestPhase::Ending
+                    && pipe.session.committing()
+                {
+                    if !out.is_empty() {
+                        pipe.w.send_bytes(std::mem::take(&mut out)).await?;
+                    }
+                    match pipe.rx.recv().await {
+                        Some(Event::Committed(res)) => {
+                            self.on_committed(res, pipe);
+                            continue;
+                        }
+                        Some(Event::Frame(Err(e))) => return Err(e.into()),
+                        Some(Event::Frame(Ok(_))) | None => {
+                            return Err(PushError::Protocol {
+                                peer: pipe.peer.clone(),
+                                what: Violation::AfterEnd.to_string(),
+                            })
+                        }
+                    }
+                }
+                break;
+            };
+            match step {
+                IngestStep::Ack {
+                    id,
+                    outcome,
+                    mut detail,
+                } => {
+                    let staged = pipe.staged.remove(&id);
+                    match outcome {
+                        QueueOutcome::Ingested => {
+                            self.stats.ingested += 1;
+                            // The ID it landed under here.
+                            if let Some(st) = staged {
+                                detail = st.id;
+                            }
+                        }
+                        QueueOutcome::Duplicate => self.stats.duplicates_dropped += 1,
+                        QueueOutcome::Refused => self.stats.refused += 1,
+                    }
+                    SyncMsg::QueueAck {
+                        id,
+                        outcome,
+                        detail,
+                    }
+                    .encode(&mut out);
+                }
+                IngestStep::Commit(ids) => self.start_commit(pipe, &ids),
+                IngestStep::Finish { landed_any } => finished = Some(landed_any),
+            }
+        }
+        if !out.is_empty() {
+            pipe.w.send_bytes(out).await?;
+        }
+        Ok(finished)
     }
 
     /// The next frame of the push; a commit finishing meanwhile is
@@ -779,12 +819,16 @@ impl Ingester {
     async fn next_frame(&mut self, pipe: &mut Pipe<'_>) -> Result<crate::wire::Frame, PushError> {
         loop {
             if let Some(res) = pipe.ready.take() {
-                self.on_committed(res, pipe).await?;
+                self.on_committed(res, pipe);
+                self.perform(pipe).await?;
                 continue;
             }
             match pipe.rx.recv().await {
                 Some(Event::Frame(f)) => return Ok(f?),
-                Some(Event::Committed(res)) => self.on_committed(res, pipe).await?,
+                Some(Event::Committed(res)) => {
+                    self.on_committed(res, pipe);
+                    self.perform(pipe).await?;
+                }
                 None => {
                     return Err(PushError::Protocol {
                         peer: pipe.peer.clone(),
@@ -973,16 +1017,15 @@ impl Ingester {
         }
     }
 
-    /// Starts committing what is staged on its own thread (the loop goes
-    /// on staging the next batch), unless a commit is running: what is
-    /// staged meanwhile goes with the next one, started as that one ends.
-    fn start_commit(&mut self, pipe: &mut Pipe<'_>) {
-        if pipe.committing.is_some() || pipe.batch.is_empty() {
-            return;
-        }
-        let batch = std::mem::take(&mut pipe.batch);
-        let staged: Vec<Staged> = batch.iter().map(|(_, s)| s.clone()).collect();
-        pipe.committing = Some(batch);
+    /// Starts committing the staged messages `ids` on its own thread (the
+    /// loop goes on staging the next batch; the session starts one commit
+    /// at a time).
+    fn start_commit(&mut self, pipe: &mut Pipe<'_>, ids: &[u64]) {
+        let staged: Vec<Staged> = ids
+            .iter()
+            .filter_map(|id| pipe.staged.get(id).cloned())
+            .collect();
+        pipe.committing = staged.clone();
         let (fs, dir, ledger, tx) = (
             self.queue_fs.clone(),
             self.queue_dir.clone(),
@@ -1012,35 +1055,22 @@ impl Ingester {
             Err(e) => {
                 // No thread: committed here, heard before the next frame.
                 warn!("cannot start the queue commit thread ({e}); committing on the loop");
-                let staged: Vec<Staged> = pipe
-                    .committing
-                    .iter()
-                    .flatten()
-                    .map(|(_, s)| s.clone())
-                    .collect();
                 pipe.ready = Some(commit_batch(
                     &self.queue_fs,
                     &self.queue_dir,
                     &self.ledger,
-                    &staged,
+                    &pipe.committing,
                 ));
             }
         }
     }
 
-    /// The running commit ended: each message of its batch is acknowledged
-    /// as ingested (durable), or refused (the pusher keeps it) if the
-    /// commit failed; then what was staged meanwhile starts committing.
-    async fn on_committed(
-        &mut self,
-        result: Result<(), PushError>,
-        pipe: &mut Pipe<'_>,
-    ) -> Result<(), PushError> {
+    /// The running commit ended: the session acknowledges each message of
+    /// its batch as ingested (durable), or refused (the pusher keeps it) if
+    /// the commit failed before its intents counted.
+    fn on_committed(&mut self, result: Result<(), PushError>, pipe: &mut Pipe<'_>) {
         self.wait_committed();
-        let batch = pipe.committing.take().unwrap_or_default();
-        for (_, st) in &batch {
-            pipe.pending_keys.remove(&st.key);
-        }
+        let batch = std::mem::take(&mut pipe.committing);
         let mut result = result;
         if let Err(e) = &result {
             error!("queue ingest batch failed: {e}");
@@ -1049,8 +1079,7 @@ impl Ingester {
             // so they are completed here, or at the next start; never
             // dropped. Failed before: nothing counted, the pusher keeps
             // its copies.
-            let keys: std::collections::HashSet<u128> =
-                batch.iter().map(|(_, st)| st.key).collect();
+            let keys: std::collections::HashSet<u128> = batch.iter().map(|st| st.key).collect();
             let recorded = self
                 .ledger
                 .lock()
@@ -1064,7 +1093,7 @@ impl Ingester {
                     Err(e) => error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {e}; it is tried again at the next start"),
                 }
             } else {
-                for (_, st) in &batch {
+                for st in &batch {
                     for (staged, _) in &st.moves {
                         let _ = std::fs::remove_file(staged);
                     }
@@ -1072,35 +1101,12 @@ impl Ingester {
             }
         }
         failpoint::hit("queue.before_ack");
-        let mut out = Vec::new();
-        for (id, st) in batch {
-            let (outcome, detail) = match &result {
-                Ok(()) => {
-                    self.stats.ingested += 1;
-                    (QueueOutcome::Ingested, st.id)
-                }
-                Err(e) => {
-                    self.stats.refused += 1;
-                    (QueueOutcome::Refused, e.to_string())
-                }
-            };
-            SyncMsg::QueueAck {
-                id,
-                outcome,
-                detail,
-            }
-            .encode(&mut out);
-        }
-        pipe.landed_any |= result.is_ok();
         self.stats.ledger_entries = self.ledger.lock().expect("ledger lock").len() as u64;
-        pipe.w.send_bytes(out).await?;
-        self.start_commit(pipe);
-        Ok(())
+        pipe.session.committed(result.map_err(|e| e.to_string()));
     }
 
-    /// Looks at one message: a duplicate or a refusal is decided at once;
-    /// anything else is staged for its batch. Never errors out of the
-    /// connection for a bad message: it is refused (the pusher keeps it).
+    /// Looks at one message of a replica being promoted: a duplicate or a
+    /// refusal is decided at once; anything else is staged for its batch.
     fn ingest(
         &mut self,
         sub_queue: &str,
@@ -1115,10 +1121,38 @@ impl Ingester {
             warn!(queue_id, "queue ingest refused: {why}");
             Verdict::Done(QueueOutcome::Refused, why)
         };
+        if let Err(why) = self.check(queue_id, key, parts, bodies) {
+            return refuse(&mut self.stats, why);
+        }
+        if pending.contains(&key) || self.holds(key) {
+            self.stats.duplicates_dropped += 1;
+            info!(
+                queue_id,
+                "queue ingest: duplicate dropped (already ingested)"
+            );
+            return Verdict::Done(QueueOutcome::Duplicate, "already ingested".into());
+        }
+        match self.place_and_stage(sub_queue, queue_id, key, parts, bodies) {
+            Ok(st) => Verdict::Staged(st),
+            Err(why) => refuse(&mut self.stats, why),
+        }
+    }
+
+    /// Whether a pushed message is whole and fits this queue: each part
+    /// against its hash, the parts against the layout, the whole against
+    /// its identity. Never errors out of the connection for a bad
+    /// message: it is refused (the pusher keeps it).
+    fn check(
+        &self,
+        queue_id: &str,
+        key: u128,
+        parts: &[QueuePart],
+        bodies: &[Vec<u8>],
+    ) -> Result<(), String> {
         // Integrity first: each part against its hash, the whole against its key.
         for (p, b) in parts.iter().zip(bodies) {
             if xxh3_128(b) != p.hash {
-                return refuse(&mut self.stats, "content does not match its hash".into());
+                return Err("content does not match its hash".into());
             }
         }
         let main = parts
@@ -1127,23 +1161,20 @@ impl Ingester {
             .count();
         let suffixes: Vec<&str> = parts[..main].iter().map(|p| p.suffix.as_str()).collect();
         if suffixes != layout::valid_suffixes(self.layout) {
-            return refuse(
-                &mut self.stats,
-                format!("parts {suffixes:?} do not fit the {:?} layout", self.layout),
-            );
+            return Err(format!(
+                "parts {suffixes:?} do not fit the {:?} layout",
+                self.layout
+            ));
         }
         let kinds = layout::side_kinds(self.layout);
         let mut seen = std::collections::HashSet::new();
         for p in &parts[main..] {
             let kind = p.suffix.trim_start_matches(SIDE_PREFIX);
             if !p.suffix.starts_with(SIDE_PREFIX) || !kinds.contains(&kind) || !seen.insert(kind) {
-                return refuse(
-                    &mut self.stats,
-                    format!(
-                        "side file {:?} does not fit the {:?} layout",
-                        p.suffix, self.layout
-                    ),
-                );
+                return Err(format!(
+                    "side file {:?} does not fit the {:?} layout",
+                    p.suffix, self.layout
+                ));
             }
         }
         let views: Vec<(&str, &[u8])> = parts[..main]
@@ -1152,38 +1183,38 @@ impl Ingester {
             .map(|(p, b)| (p.suffix.as_str(), b.as_slice()))
             .collect();
         if layout::identity_of(queue_id, &views) != key {
-            return refuse(
-                &mut self.stats,
-                "identity does not match the content".into(),
-            );
+            return Err("identity does not match the content".into());
         }
-        if pending.contains(&key)
-            || self.held.contains(&key)
-            || self.ledger.lock().expect("ledger lock").contains(key)
-        {
-            self.stats.duplicates_dropped += 1;
-            info!(
-                queue_id,
-                "queue ingest: duplicate dropped (already ingested)"
-            );
-            return Verdict::Done(QueueOutcome::Duplicate, "already ingested".into());
-        }
+        Ok(())
+    }
+
+    /// Whether this node holds identity `key` already: in its ledger, or
+    /// in its queue when the push began.
+    fn holds(&self, key: u128) -> bool {
+        self.held.contains(&key) || self.ledger.lock().expect("ledger lock").contains(key)
+    }
+
+    /// Places a checked message in its sub-queue under its ID (or a fresh
+    /// one, if that is invalid or taken here) and stages its parts.
+    fn place_and_stage(
+        &mut self,
+        sub_queue: &str,
+        queue_id: &str,
+        key: u128,
+        parts: &[QueuePart],
+        bodies: &[Vec<u8>],
+    ) -> Result<Staged, String> {
         if !layout::valid_sub_queue(self.layout, sub_queue) {
-            return refuse(
-                &mut self.stats,
-                format!("sub-queue {sub_queue:?} is not valid for {:?}", self.layout),
-            );
+            return Err(format!(
+                "sub-queue {sub_queue:?} is not valid for {:?}",
+                self.layout
+            ));
         }
         // Names from the peer are validated, or replaced; never used verbatim as paths.
         let mut id = queue_id.to_string();
         let view = match self.view.as_mut() {
             Some(v) => v,
-            None => {
-                return refuse(
-                    &mut self.stats,
-                    "the local queue was not read before the push".into(),
-                )
-            }
+            None => return Err("the local queue was not read before the push".into()),
         };
         if !view.is_free(sub_queue, &id) {
             let mut seed = key as u64;
@@ -1198,15 +1229,11 @@ impl Ingester {
             self.stats.renamed_ids += 1;
             info!(from = queue_id, to = %id, "queue ingest: queue ID invalid or taken here; message gets a new ID");
         }
-        match self.stage(sub_queue, &id, key, parts, bodies) {
-            Ok(st) => Verdict::Staged(st),
-            Err(e) => {
-                // Nothing counted: staged files without an intent are removed.
-                error!(queue_id, "queue ingest failed: {e}");
-                self.stats.refused += 1;
-                Verdict::Done(QueueOutcome::Refused, e.to_string())
-            }
-        }
+        self.stage(sub_queue, &id, key, parts, bodies).map_err(|e| {
+            // Nothing counted: staged files without an intent are removed.
+            error!(queue_id, "queue ingest failed: {e}");
+            e.to_string()
+        })
     }
 
     /// Writes a message's parts to staging with their metadata (not yet
@@ -1337,9 +1364,6 @@ enum Event {
 
 /// Frames (and commit ends) queued from the reader task at most.
 const PUSH_EVENTS_QUEUED: usize = 64;
-/// Messages staged and not yet acknowledged at most: a pusher keeps two
-/// windows in flight; more is a protocol error.
-const UNACKED_MESSAGES_MAX: usize = 4 * INGEST_BATCH;
 
 /// One push's state in the loop.
 struct Pipe<'a> {
@@ -1347,15 +1371,14 @@ struct Pipe<'a> {
     tx: tokio::sync::mpsc::Sender<Event>,
     w: &'a FrameWriter,
     peer: String,
-    /// Staged, waiting for the next commit.
-    batch: Vec<(u64, Staged)>,
+    /// What is decided (see `session`).
+    session: IngestSession,
+    /// Staged and not yet acknowledged, by push id.
+    staged: HashMap<u64, Staged>,
     /// The batch whose commit runs.
-    committing: Option<Vec<(u64, Staged)>>,
+    committing: Vec<Staged>,
     /// Its outcome, when it was committed on the loop (no thread).
     ready: Option<Result<(), PushError>>,
-    /// Identities staged or committing, not yet acknowledged.
-    pending_keys: std::collections::HashSet<u128>,
-    landed_any: bool,
 }
 
 /// The reader task stops with the push.

@@ -327,12 +327,23 @@ fn ledger_flush_fails_during_a_push(cut_fails: bool) {
         "ledger.fail_sync=1"
     };
     let (mut tp, before) = push_to_an_armed_ingester(spec);
-    tp.nodes[0]
+    // The first push has an outcome for every message.
+    let st = tp.nodes[0]
         .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
-            s.mode == Role::Secondary && s.queue_push.requested > 0 && !s.queue_push.running
+            let last = &s.queue_push.last;
+            s.mode == Role::Secondary
+                && !s.queue_push.running
+                && last.ingested + last.failed == 20
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    std::thread::sleep(Duration::from_millis(500));
+    // Refused and kept, or completed: never a part of both.
+    let expect = if cut_fails { (20, 0) } else { (0, 20) };
+    assert_eq!(
+        (st.queue_push.last.ingested, st.queue_push.last.failed),
+        expect,
+        "{:?}",
+        st.queue_push
+    );
     assert!(
         tp.nodes[1].log().contains("failpoint ledger.fail_sync"),
         "the failpoint was reached\n{}",
