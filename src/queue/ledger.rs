@@ -48,10 +48,96 @@ struct Record {
     moves: Option<Moves>,
 }
 
+/// Where a ledger's bytes live: a file ([`FileStore`]), or the queue
+/// simulator's model of one with crash semantics.
+pub trait LedgerStore {
+    /// The whole content; `None` if there is none yet.
+    fn read(&mut self) -> io::Result<Option<Vec<u8>>>;
+    /// The current length.
+    fn size(&mut self) -> io::Result<u64>;
+    /// Appends `bytes` (not yet durable).
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes everything appended durable.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Cuts the content back to `len` bytes, durably.
+    fn cut(&mut self, len: u64) -> io::Result<()>;
+    /// Replaces the whole content atomically and durably.
+    fn replace(&mut self, bytes: &[u8]) -> io::Result<()>;
+}
+
+/// A ledger in a file, opened for appending.
 #[derive(Debug)]
-pub struct Ledger {
+pub struct FileStore {
     path: PathBuf,
-    file: File,
+    file: Option<File>,
+}
+
+impl FileStore {
+    pub fn new(path: &Path) -> FileStore {
+        FileStore {
+            path: path.to_owned(),
+            file: None,
+        }
+    }
+
+    fn file(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            self.file = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)?,
+            );
+        }
+        Ok(self.file.as_mut().expect("opened above"))
+    }
+}
+
+impl LedgerStore for FileStore {
+    fn read(&mut self) -> io::Result<Option<Vec<u8>>> {
+        match std::fs::read(&self.path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn size(&mut self) -> io::Result<u64> {
+        Ok(self.file()?.metadata()?.len())
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.file()?.write_all(bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if crate::failpoint::fails("ledger.fail_sync") {
+            return Err(io::Error::other("failpoint ledger.fail_sync"));
+        }
+        self.file()?.sync_data()
+    }
+
+    fn cut(&mut self, len: u64) -> io::Result<()> {
+        if crate::failpoint::fails("ledger.fail_cut") {
+            return Err(io::Error::other("failpoint ledger.fail_cut"));
+        }
+        let f = self.file()?;
+        f.set_len(len)?;
+        f.sync_data()
+    }
+
+    fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+        crate::io::write_atomic_blocking(&self.path, bytes)?;
+        self.file = None;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct Ledger<S: LedgerStore = FileStore> {
+    /// Where it lives (named in errors).
+    path: PathBuf,
+    store: S,
     entries: HashMap<u128, Record>,
     max_entries: usize,
     max_age: Duration,
@@ -60,16 +146,6 @@ pub struct Ledger {
     /// "may be recorded". It is rewritten whole from memory before the
     /// next append (so no record ever follows a torn one).
     latched: bool,
-    /// Injected failures (unit tests): the next flush, the next cut.
-    #[cfg(test)]
-    inject: Inject,
-}
-
-#[cfg(test)]
-#[derive(Debug, Default)]
-struct Inject {
-    sync: bool,
-    cut: bool,
 }
 
 /// How an append failed.
@@ -122,29 +198,33 @@ impl Ledger {
     /// Opens (creating) the ledger. Records older than `max_age` and the
     /// oldest beyond `max_entries` are forgotten at the next compaction.
     pub fn open(path: &Path, max_entries: usize, max_age: Duration) -> Result<Ledger, LedgerError> {
+        Ledger::with_store(FileStore::new(path), path, max_entries, max_age)
+    }
+}
+
+impl<S: LedgerStore> Ledger<S> {
+    /// Opens the ledger kept in `store` (`path` names it in errors).
+    pub fn with_store(
+        mut store: S,
+        path: &Path,
+        max_entries: usize,
+        max_age: Duration,
+    ) -> Result<Ledger<S>, LedgerError> {
         let io_err = |source| LedgerError::Io {
             path: path.to_owned(),
             source,
         };
-        let (entries, torn_tail) = match std::fs::read(path) {
-            Ok(bytes) => parse_records(path, &bytes)?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (HashMap::new(), false),
-            Err(e) => return Err(io_err(e)),
+        let (entries, torn_tail) = match store.read().map_err(io_err)? {
+            Some(bytes) => parse_records(path, &bytes)?,
+            None => (HashMap::new(), false),
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err)?;
         let mut ledger = Ledger {
             path: path.to_owned(),
-            file,
+            store,
             entries,
             max_entries,
             max_age,
             latched: false,
-            #[cfg(test)]
-            inject: Inject::default(),
         };
         if torn_tail {
             // Rewrite without the torn line so that appends start clean.
@@ -218,17 +298,13 @@ impl Ledger {
         if self.latched {
             self.rewrite().map_err(AppendFailed::NotWritten)?;
         }
-        let before = self
-            .file
-            .metadata()
-            .map_err(AppendFailed::NotWritten)?
-            .len();
-        let res = self
-            .file
-            .write_all(bytes)
-            .and_then(|()| if sync { self.flush() } else { Ok(()) });
+        let before = self.store.size().map_err(AppendFailed::NotWritten)?;
+        let res =
+            self.store
+                .append(bytes)
+                .and_then(|()| if sync { self.store.flush() } else { Ok(()) });
         let Err(e) = res else { return Ok(()) };
-        match self.cut(before) {
+        match self.store.cut(before) {
             Ok(()) => Err(AppendFailed::NotWritten(e)),
             Err(cut) => {
                 self.latched = true;
@@ -238,30 +314,6 @@ impl Ledger {
                 )))
             }
         }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        #[cfg(test)]
-        if std::mem::take(&mut self.inject.sync) {
-            return Err(io::Error::other("injected flush failure"));
-        }
-        if crate::failpoint::fails("ledger.fail_sync") {
-            return Err(io::Error::other("failpoint ledger.fail_sync"));
-        }
-        self.file.sync_data()
-    }
-
-    /// Cuts the file back to `len` bytes, durably.
-    fn cut(&mut self, len: u64) -> io::Result<()> {
-        #[cfg(test)]
-        if std::mem::take(&mut self.inject.cut) {
-            return Err(io::Error::other("injected cut failure"));
-        }
-        if crate::failpoint::fails("ledger.fail_cut") {
-            return Err(io::Error::other("failpoint ledger.fail_cut"));
-        }
-        self.file.set_len(len)?;
-        self.file.sync_data()
     }
 
     /// Step 4: the renames are durable. Not fsynced here: losing a done
@@ -342,8 +394,7 @@ impl Ledger {
                 out.push_str(&seal(&format!("D {k:032x}")));
             }
         }
-        crate::io::write_atomic_blocking(&self.path, out.as_bytes())?;
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.store.replace(out.as_bytes())?;
         self.latched = false;
         Ok(())
     }
@@ -474,6 +525,50 @@ mod tests {
         assert!(l.contains(7) && l.pending().is_empty());
     }
 
+    /// A file store whose next flush or cut fails when asked.
+    #[derive(Debug)]
+    struct Failing {
+        inner: FileStore,
+        flush: bool,
+        cut: bool,
+    }
+
+    impl LedgerStore for Failing {
+        fn read(&mut self) -> io::Result<Option<Vec<u8>>> {
+            self.inner.read()
+        }
+        fn size(&mut self) -> io::Result<u64> {
+            self.inner.size()
+        }
+        fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.inner.append(bytes)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            if std::mem::take(&mut self.flush) {
+                return Err(io::Error::other("injected flush failure"));
+            }
+            self.inner.flush()
+        }
+        fn cut(&mut self, len: u64) -> io::Result<()> {
+            if std::mem::take(&mut self.cut) {
+                return Err(io::Error::other("injected cut failure"));
+            }
+            self.inner.cut(len)
+        }
+        fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.inner.replace(bytes)
+        }
+    }
+
+    fn failing(p: &Path) -> Ledger<Failing> {
+        let store = Failing {
+            inner: FileStore::new(p),
+            flush: false,
+            cut: false,
+        };
+        Ledger::with_store(store, p, 100, Duration::from_secs(3600)).unwrap()
+    }
+
     /// A flush that fails after the intent's bytes were written: they are
     /// cut off again, so nothing a later start reads counts a message the
     /// caller was told was not recorded (it drops its staged copy).
@@ -481,10 +576,10 @@ mod tests {
     fn a_failed_flush_cuts_its_intent_off_again() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ledger");
-        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        let mut l = failing(&p);
         l.record_intent(1, "A1", &moves()).unwrap();
         let len = std::fs::metadata(&p).unwrap().len();
-        l.inject.sync = true;
+        l.store.flush = true;
         assert!(l.record_intent(2, "A2", &moves()).is_err());
         assert!(!l.contains(2));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
@@ -501,12 +596,10 @@ mod tests {
     fn an_append_that_cannot_be_cut_off_counts_as_recorded_and_is_rewritten() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ledger");
-        let mut l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        let mut l = failing(&p);
         l.record_intent(1, "A1", &moves()).unwrap();
-        l.inject = Inject {
-            sync: true,
-            cut: true,
-        };
+        l.store.flush = true;
+        l.store.cut = true;
         let err = l.record_intent(2, "A2", &moves()).unwrap_err().to_string();
         assert!(
             err.contains("cutting the partial append off failed"),

@@ -1,5 +1,6 @@
 //! Mail queue failover.
 
+pub mod commit;
 pub mod layout;
 pub mod ledger;
 pub mod push;

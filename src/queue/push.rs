@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::xxh3_128;
 
+use super::commit::{Failed, Intent, QueueDisk};
 use super::layout::{self, Layout, QueuedMessage};
 use super::ledger::{Ledger, LedgerError, Moves};
 use super::session::{
@@ -454,13 +455,12 @@ impl Ingester {
     }
 
     fn recover(&mut self) -> Result<(), PushError> {
-        self.roll_forward(None)?;
-        // Staged files without an intent never counted: the pusher kept its copy.
-        if let Ok(rd) = std::fs::read_dir(&self.staging) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
+        let disk = RealDisk::of(self);
+        let mut ledger = self.ledger.lock().expect("ledger lock");
+        let done = super::commit::recover(&disk, &mut ledger).map_err(PushError::from)?;
+        self.stats.ledger_entries = ledger.len() as u64;
+        drop(ledger);
+        self.note_rolled(&done);
         Ok(())
     }
 
@@ -471,56 +471,24 @@ impl Ingester {
         &mut self,
         only: Option<&std::collections::HashSet<u128>>,
     ) -> Result<usize, PushError> {
+        let disk = RealDisk::of(self);
         let mut ledger = self.ledger.lock().expect("ledger lock");
-        let pending = ledger.pending();
-        let mut done = Vec::new();
-        for (key, queue_id, moves) in pending {
-            if only.is_some_and(|o| !o.contains(&key)) {
-                continue;
-            }
-            for (staged, fin) in &moves {
-                if staged.exists() {
-                    if let Some(d) = fin.parent() {
-                        let _ = make_queue_dirs(&self.queue_dir, d);
-                    }
-                    std::fs::rename(staged, fin).map_err(|source| PushError::Local {
-                        op: "roll forward",
-                        path: staged.clone(),
-                        source,
-                    })?;
-                }
-                // Durable before it counts as done (also when an earlier
-                // attempt renamed it already).
-                if let Some(d) = fin.parent() {
-                    match std::fs::File::open(d).and_then(|f| f.sync_all()) {
-                        Ok(()) => {}
-                        // Gone since (the MTA removed it): nothing to flush.
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(source) => {
-                            return Err(PushError::Local {
-                                op: "flush",
-                                path: d.to_owned(),
-                                source,
-                            })
-                        }
-                    }
-                }
-            }
+        let done =
+            super::commit::roll_forward(&disk, &mut ledger, only).map_err(PushError::from)?;
+        self.stats.ledger_entries = ledger.len() as u64;
+        drop(ledger);
+        self.note_rolled(&done);
+        Ok(done.len())
+    }
+
+    fn note_rolled(&mut self, done: &[(u128, String)]) {
+        for (_, queue_id) in done {
             info!(
                 queue_id,
                 "queue ingest: rolled forward a message whose ingest was interrupted"
             );
-            self.stats.rolled_forward += 1;
-            done.push(key);
         }
-        if !done.is_empty() {
-            if let Err(e) = ledger.record_done(&done) {
-                // The moves are durable; the next start rolls them again.
-                warn!(path = %ledger.path().display(), "cannot record rolled-forward ingests as done: {e}");
-            }
-        }
-        self.stats.ledger_entries = ledger.len() as u64;
-        Ok(done.len())
+        self.stats.rolled_forward += done.len() as u64;
     }
 
     /// Serves one push connection, addressed to the primary tenure `epoch`
@@ -987,7 +955,13 @@ impl Ingester {
         self.wait_committed();
         let taken = std::mem::take(batch);
         let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
-        commit_batch(&self.queue_fs, &self.queue_dir, &self.ledger, &staged)?;
+        commit_batch(
+            &self.queue_fs,
+            &self.queue_dir,
+            &self.staging,
+            &self.ledger,
+            &staged,
+        )?;
         self.stats.ingested += taken.len() as u64;
         for (msg, _) in &taken {
             for p in msg.parts.iter().chain(&msg.side) {
@@ -1026,9 +1000,10 @@ impl Ingester {
             .filter_map(|id| pipe.staged.get(id).cloned())
             .collect();
         pipe.committing = staged.clone();
-        let (fs, dir, ledger, tx) = (
+        let (fs, dir, staging, ledger, tx) = (
             self.queue_fs.clone(),
             self.queue_dir.clone(),
+            self.staging.clone(),
             self.ledger.clone(),
             pipe.tx.clone(),
         );
@@ -1036,7 +1011,7 @@ impl Ingester {
             .name("hasync-queue-commit".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                let result = commit_batch(&fs, &dir, &ledger, &staged);
+                let result = commit_batch(&fs, &dir, &staging, &ledger, &staged);
                 tracing::debug!(
                     n = staged.len(),
                     us = t0.elapsed().as_micros() as u64,
@@ -1058,6 +1033,7 @@ impl Ingester {
                 pipe.ready = Some(commit_batch(
                     &self.queue_fs,
                     &self.queue_dir,
+                    &self.staging,
                     &self.ledger,
                     &pipe.committing,
                 ));
@@ -1391,58 +1367,83 @@ impl Drop for AbortOnDrop {
 }
 
 /// Makes a batch of staged messages part of the queue, durably and exactly
-/// once: one syncfs for their data, one ledger append + fsync for their
-/// intents, the renames, one syncfs for the directories. Runs on the commit
-/// thread (or the caller's, promoting a replica); the ledger is locked only
-/// to append, so the loop's duplicate checks wait at most for that.
+/// once (see `commit`). Runs on the commit thread (or the caller's,
+/// promoting a replica); the ledger is locked only to append, so the
+/// loop's duplicate checks wait at most for that.
 fn commit_batch(
     queue_fs: &std::fs::File,
     queue_dir: &Path,
+    staging: &Path,
     ledger: &Mutex<Ledger>,
     batch: &[Staged],
 ) -> Result<(), PushError> {
-    if batch.is_empty() {
-        return Ok(());
-    }
-    let local = |op: &'static str, path: &Path| {
-        let path = path.to_owned();
-        move |source| PushError::Local { op, path, source }
-    };
-    crate::io::syncfs_file(queue_fs).map_err(local("syncfs", queue_dir))?;
-    failpoint::hit("queue.after_stage");
-    let items: Vec<(u128, String, Moves)> = batch
+    let items: Vec<Intent> = batch
         .iter()
         .map(|m| (m.key, m.id.clone(), m.moves.clone()))
         .collect();
-    {
-        let mut ledger = ledger.lock().expect("ledger lock");
-        ledger
-            .record_intents(&items)
-            .map_err(local("append to", ledger.path()))?;
-    }
-    failpoint::hit("queue.after_intent");
-    for m in batch {
-        failpoint::hit("queue.mid_rename");
-        if failpoint::fails("queue.fail_mid_rename") {
-            return Err(PushError::Local {
-                op: "rename",
-                path: queue_dir.to_owned(),
-                source: std::io::Error::other("failpoint queue.fail_mid_rename"),
-            });
+    let disk = RealDisk {
+        queue_fs,
+        queue_dir,
+        staging,
+    };
+    super::commit::commit(&disk, queue_dir, ledger, &items).map_err(PushError::from)
+}
+
+/// The queue's real filesystem, for the commit sequence.
+struct RealDisk<'a> {
+    queue_fs: &'a std::fs::File,
+    queue_dir: &'a Path,
+    staging: &'a Path,
+}
+
+impl<'a> RealDisk<'a> {
+    fn of(ing: &'a Ingester) -> RealDisk<'a> {
+        RealDisk {
+            queue_fs: &ing.queue_fs,
+            queue_dir: &ing.queue_dir,
+            staging: &ing.staging,
         }
-        for (staged, fin) in &m.moves {
-            std::fs::rename(staged, fin).map_err(local("rename", fin))?;
+    }
+}
+
+impl QueueDisk for RealDisk<'_> {
+    fn flush_all(&self) -> std::io::Result<()> {
+        crate::io::syncfs_file(self.queue_fs)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn make_dirs(&self, dir: &Path) -> std::io::Result<()> {
+        make_queue_dirs(self.queue_dir, dir)
+    }
+
+    fn flush_dir(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::File::open(dir).and_then(|f| f.sync_all())
+    }
+
+    fn clear_staging(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.staging) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
         }
     }
-    crate::io::syncfs_file(queue_fs).map_err(local("syncfs", queue_dir))?;
-    failpoint::hit("queue.after_rename");
-    let keys: Vec<u128> = batch.iter().map(|m| m.key).collect();
-    let mut ledger = ledger.lock().expect("ledger lock");
-    if let Err(e) = ledger.record_done(&keys) {
-        // The batch is durable in the queue; the next start rolls it again.
-        warn!(path = %ledger.path().display(), "cannot record an ingest batch as done: {e}");
+}
+
+impl From<Failed> for PushError {
+    fn from(f: Failed) -> PushError {
+        PushError::Local {
+            op: f.op,
+            path: f.path,
+            source: f.source,
+        }
     }
-    Ok(())
 }
 
 /// Creates the missing folders of `dir` inside `queue_dir` (a hash

@@ -331,9 +331,7 @@ fn ledger_flush_fails_during_a_push(cut_fails: bool) {
     let st = tp.nodes[0]
         .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
             let last = &s.queue_push.last;
-            s.mode == Role::Secondary
-                && !s.queue_push.running
-                && last.ingested + last.failed == 20
+            s.mode == Role::Secondary && !s.queue_push.running && last.ingested + last.failed == 20
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     // Refused and kept, or completed: never a part of both.
