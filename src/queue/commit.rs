@@ -106,6 +106,14 @@ pub fn roll_forward<S: LedgerStore>(
     ledger: &mut Ledger<S>,
     only: Option<&HashSet<u128>>,
 ) -> Result<Vec<(u128, String)>, Failed> {
+    // Only what is durably counted may land.
+    if !ledger.pending().is_empty() {
+        ledger.make_durable().map_err(|source| Failed {
+            op: "rewrite",
+            path: ledger.path().to_owned(),
+            source,
+        })?;
+    }
     let mut done = Vec::new();
     for (key, queue_id, moves) in ledger.pending() {
         if only.is_some_and(|o| !o.contains(&key)) {
@@ -160,4 +168,36 @@ pub fn recover<S: LedgerStore>(
     let done = roll_forward(disk, ledger, None)?;
     disk.clear_staging();
     Ok(done)
+}
+
+/// What a failed commit of a batch leaves.
+#[derive(Debug)]
+pub enum Settled {
+    /// Its intents were recorded, and it is completed now: the messages
+    /// are durable in the queue.
+    Landed(Vec<(u128, String)>),
+    /// Nothing of it counts: its pusher keeps the copies (the staged files
+    /// are garbage).
+    NotCounted,
+    /// Its intents are recorded but it cannot be completed now: it is
+    /// completed before the next push is judged, or at the next start.
+    Stuck(Failed),
+}
+
+/// After a commit of the messages `keys` failed: complete it if the
+/// ledger counts them already (a later push of them is a duplicate, so
+/// dropping them would lose them), else nothing counts.
+pub fn settle_failed<S: LedgerStore>(
+    disk: &impl QueueDisk,
+    ledger: &mut Ledger<S>,
+    keys: &HashSet<u128>,
+) -> Settled {
+    let recorded = ledger.pending().iter().any(|(k, _, _)| keys.contains(k));
+    if !recorded {
+        return Settled::NotCounted;
+    }
+    match roll_forward(disk, ledger, Some(keys)) {
+        Ok(done) => Settled::Landed(done),
+        Err(f) => Settled::Stuck(f),
+    }
 }

@@ -5,3 +5,5 @@ pub mod layout;
 pub mod ledger;
 pub mod push;
 pub mod session;
+#[cfg(any(test, feature = "tools"))]
+pub mod sim;

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::xxh3_128;
 
-use super::commit::{Failed, Intent, QueueDisk};
+use super::commit::{Failed, Intent, QueueDisk, Settled};
 use super::layout::{self, Layout, QueuedMessage};
 use super::ledger::{Ledger, LedgerError, Moves};
 use super::session::{
@@ -481,6 +481,22 @@ impl Ingester {
         Ok(done.len())
     }
 
+    /// Lands what the ledger counts and the queue does not hold yet (a
+    /// commit whose completion failed): a message the ledger counts is
+    /// acknowledged as a duplicate from here on, so it must be in the
+    /// queue, not left in staging until the next start. If it cannot be
+    /// landed, nothing is ingested (the pusher keeps every copy).
+    fn land_counted(&mut self) -> Result<(), PushError> {
+        let n = self.roll_forward(None)?;
+        if n > 0 {
+            warn!(
+                messages = n,
+                "queue ingest: landed {n} messages the ledger counted but an earlier commit left in staging"
+            );
+        }
+        Ok(())
+    }
+
     fn note_rolled(&mut self, done: &[(u128, String)]) {
         for (_, queue_id) in done {
             info!(
@@ -533,6 +549,7 @@ impl Ingester {
         // A batch an earlier push left committing has its intents in the
         // ledger before this push looks at a message.
         self.wait_committed();
+        self.land_counted()?;
         // A message this node already holds (it came over through queue
         // replication, or a push interrupted before its acknowledgement and
         // then sent back after roles changed) is a duplicate too.
@@ -870,6 +887,7 @@ impl Ingester {
     pub fn ingest_local(&mut self, replica: &Path) -> Result<(u64, u64), PushError> {
         // A batch a cut push left committing is in the ledger first.
         self.wait_committed();
+        self.land_counted()?;
         let scan = layout::scan(self.layout, replica).map_err(|source| PushError::Scan {
             path: replica.to_owned(),
             source,
@@ -1056,24 +1074,24 @@ impl Ingester {
             // dropped. Failed before: nothing counted, the pusher keeps
             // its copies.
             let keys: std::collections::HashSet<u128> = batch.iter().map(|st| st.key).collect();
-            let recorded = self
-                .ledger
-                .lock()
-                .expect("ledger lock")
-                .pending()
-                .iter()
-                .any(|(k, _, _)| keys.contains(k));
-            if recorded {
-                match self.roll_forward(Some(&keys)) {
-                    Ok(_) => result = Ok(()),
-                    Err(e) => error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {e}; it is tried again at the next start"),
+            let disk = RealDisk::of(self);
+            let settled = {
+                let mut ledger = self.ledger.lock().expect("ledger lock");
+                super::commit::settle_failed(&disk, &mut ledger, &keys)
+            };
+            match settled {
+                Settled::Landed(done) => {
+                    self.note_rolled(&done);
+                    result = Ok(());
                 }
-            } else {
-                for st in &batch {
-                    for (staged, _) in &st.moves {
-                        let _ = std::fs::remove_file(staged);
+                Settled::NotCounted => {
+                    for st in &batch {
+                        for (staged, _) in &st.moves {
+                            let _ = std::fs::remove_file(staged);
+                        }
                     }
                 }
+                Settled::Stuck(f) => error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {}; it is completed before the next push, or at the next start", PushError::from(f)),
             }
         }
         failpoint::hit("queue.before_ack");

@@ -132,6 +132,49 @@ proptest! {
 /// The replica's group commit on its own simulator (`replica::commit_sim`):
 /// `HASYNC_COMMIT_SIM_SEEDS=<n>` sets how many seeds run,
 /// `HASYNC_COMMIT_SIM_SEED=<seed>` replays one.
+/// The queue simulator (`queue::sim`): the real push and ingest sessions,
+/// commit sequence and ledger against both nodes' disks with crash
+/// semantics, failing operations, an MTA, a link that cuts and crashes of
+/// either node; at quiescence every message is exactly once in one of the
+/// queues or delivered. Replay one seed with `HASYNC_QUEUE_SIM_SEED=<seed>`.
+#[test]
+fn queue_sim_seeds() {
+    use hasync::queue::sim::{run_seeds, QueueSim};
+    if let Ok(one) = std::env::var("HASYNC_QUEUE_SIM_SEED") {
+        let seed = one
+            .parse()
+            .expect("HASYNC_QUEUE_SIM_SEED must be an integer");
+        match QueueSim::new(seed).run() {
+            Ok(o) => println!("seed {seed}: {o:?}"),
+            Err(v) => panic!("{v}"),
+        }
+        return;
+    }
+    let n: u64 = env_u64("HASYNC_QUEUE_SIM_SEEDS", 3_000);
+    let first: u64 = env_u64("HASYNC_SIM_FIRST", 0);
+    match run_seeds(first, n) {
+        Ok(o) => {
+            // The generator must exercise crashes of both nodes, cuts,
+            // failing operations, roll-forwards, duplicates and refusals.
+            assert!(
+                o.pusher_crashes > 0
+                    && o.ingester_crashes > 0
+                    && o.cuts > 0
+                    && o.io_errors > 0
+                    && o.rolled_forward > 0
+                    && o.duplicates > 0
+                    && o.refused > 0
+                    && o.delivered > 0,
+                "{o:?}"
+            );
+            println!("{n} queue seeds: {o:?}");
+        }
+        Err((seed, v)) => panic!(
+            "{v}\nreplay with: HASYNC_QUEUE_SIM_SEED={seed} cargo test --test tests queue_sim_seeds"
+        ),
+    }
+}
+
 #[test]
 fn commit_sim_seeds() {
     use hasync::replica::commit_sim::{run_seeds, CommitSim};
