@@ -33,6 +33,8 @@ pub trait QueueDisk {
     fn flush_dir(&self, dir: &Path) -> io::Result<()>;
     /// Removes every staged file (none of them counts).
     fn clear_staging(&self);
+    /// Removes one staged file that does not count (nothing if it is gone).
+    fn remove_staged(&self, path: &Path);
 }
 
 /// One message of a batch: its identity, the queue ID it lands under, and
@@ -176,27 +178,33 @@ pub enum Settled {
     /// Its intents were recorded, and it is completed now: the messages
     /// are durable in the queue.
     Landed(Vec<(u128, String)>),
-    /// Nothing of it counts: its pusher keeps the copies (the staged files
-    /// are garbage).
+    /// Nothing of it counts: its pusher keeps the copies (its staged files
+    /// are removed).
     NotCounted,
     /// Its intents are recorded but it cannot be completed now: it is
     /// completed before the next push is judged, or at the next start.
     Stuck(Failed),
 }
 
-/// After a commit of the messages `keys` failed: complete it if the
-/// ledger counts them already (a later push of them is a duplicate, so
-/// dropping them would lose them), else nothing counts.
+/// After a commit of `batch` failed: complete it if the ledger counts its
+/// messages already (a later push of them is a duplicate, so dropping them
+/// would lose them), else nothing counts and its staged files go.
 pub fn settle_failed<S: LedgerStore>(
     disk: &impl QueueDisk,
     ledger: &mut Ledger<S>,
-    keys: &HashSet<u128>,
+    batch: &[Intent],
 ) -> Settled {
+    let keys: HashSet<u128> = batch.iter().map(|(k, _, _)| *k).collect();
     let recorded = ledger.pending().iter().any(|(k, _, _)| keys.contains(k));
     if !recorded {
+        for (_, _, moves) in batch {
+            for (staged, _) in moves {
+                disk.remove_staged(staged);
+            }
+        }
         return Settled::NotCounted;
     }
-    match roll_forward(disk, ledger, Some(keys)) {
+    match roll_forward(disk, ledger, Some(&keys)) {
         Ok(done) => Settled::Landed(done),
         Err(f) => Settled::Stuck(f),
     }

@@ -333,6 +333,12 @@ struct Staged {
     moves: Moves,
 }
 
+impl Staged {
+    fn intent(&self) -> Intent {
+        (self.key, self.id.clone(), self.moves.clone())
+    }
+}
+
 /// Outcome of looking at one pushed message.
 enum Verdict {
     Staged(Staged),
@@ -1073,24 +1079,18 @@ impl Ingester {
             // so they are completed here, or at the next start; never
             // dropped. Failed before: nothing counted, the pusher keeps
             // its copies.
-            let keys: std::collections::HashSet<u128> = batch.iter().map(|st| st.key).collect();
+            let items: Vec<Intent> = batch.iter().map(Staged::intent).collect();
             let disk = RealDisk::of(self);
             let settled = {
                 let mut ledger = self.ledger.lock().expect("ledger lock");
-                super::commit::settle_failed(&disk, &mut ledger, &keys)
+                super::commit::settle_failed(&disk, &mut ledger, &items)
             };
             match settled {
                 Settled::Landed(done) => {
                     self.note_rolled(&done);
                     result = Ok(());
                 }
-                Settled::NotCounted => {
-                    for st in &batch {
-                        for (staged, _) in &st.moves {
-                            let _ = std::fs::remove_file(staged);
-                        }
-                    }
-                }
+                Settled::NotCounted => {}
                 Settled::Stuck(f) => error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {}; it is completed before the next push, or at the next start", PushError::from(f)),
             }
         }
@@ -1395,10 +1395,7 @@ fn commit_batch(
     ledger: &Mutex<Ledger>,
     batch: &[Staged],
 ) -> Result<(), PushError> {
-    let items: Vec<Intent> = batch
-        .iter()
-        .map(|m| (m.key, m.id.clone(), m.moves.clone()))
-        .collect();
+    let items: Vec<Intent> = batch.iter().map(Staged::intent).collect();
     let disk = RealDisk {
         queue_fs,
         queue_dir,
@@ -1451,6 +1448,10 @@ impl QueueDisk for RealDisk<'_> {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+    }
+
+    fn remove_staged(&self, path: &Path) {
+        let _ = std::fs::remove_file(path);
     }
 }
 

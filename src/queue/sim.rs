@@ -115,6 +115,7 @@ impl Faults {
 enum Op {
     Create(PathBuf),
     Rename(PathBuf, PathBuf),
+    Remove(PathBuf, u128),
 }
 
 /// The new primary's queue filesystem: names → message identity.
@@ -136,7 +137,7 @@ impl SimDisk {
     fn durable(&self, path: &Path) -> bool {
         self.files.borrow().contains_key(path)
             && !self.ops.borrow().iter().any(|op| match op {
-                Op::Create(p) => p == path,
+                Op::Create(p) | Op::Remove(p, _) => p == path,
                 Op::Rename(a, b) => a == path || b == path,
             })
     }
@@ -162,6 +163,9 @@ impl SimDisk {
                     if let Some(k) = files.remove(&b) {
                         files.insert(a, k);
                     }
+                }
+                Op::Remove(p, k) => {
+                    files.insert(p, k);
                 }
             }
         }
@@ -213,7 +217,7 @@ impl QueueDisk for SimDisk {
         let mut ops = self.ops.borrow_mut();
         let touches = |p: &Path| p.parent() == Some(dir);
         if let Some(last) = ops.iter().rposition(|op| match op {
-            Op::Create(p) => touches(p),
+            Op::Create(p) | Op::Remove(p, _) => touches(p),
             Op::Rename(a, b) => touches(a) || touches(b),
         }) {
             ops.drain(..=last);
@@ -228,9 +232,16 @@ impl QueueDisk for SimDisk {
             .borrow_mut()
             .retain(|p, _| !p.starts_with(&staging));
         self.ops.borrow_mut().retain(|op| match op {
-            Op::Create(p) => !p.starts_with(&staging),
+            Op::Create(p) | Op::Remove(p, _) => !p.starts_with(&staging),
             Op::Rename(_, b) => !b.starts_with(&staging),
         });
+    }
+
+    fn remove_staged(&self, path: &Path) {
+        // Not durable until a flush: a crash may bring it back.
+        if let Some(k) = self.files.borrow_mut().remove(path) {
+            self.ops.borrow_mut().push(Op::Remove(path.to_owned(), k));
+        }
     }
 }
 
@@ -681,10 +692,9 @@ impl QueueSim {
         }
         if let Err(e) = &result {
             self.note(format!("commit of {} failed: {e}", c.batch.len()));
-            let keys: HashSet<u128> = c.batch.iter().map(|(k, _, _)| *k).collect();
             let settled = {
                 let mut ledger = self.ledger.lock().expect("ledger lock");
-                commit::settle_failed(&self.disk, &mut ledger, &keys)
+                commit::settle_failed(&self.disk, &mut ledger, &c.batch)
             };
             match settled {
                 Settled::Landed(done) => {
