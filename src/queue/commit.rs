@@ -23,8 +23,14 @@ use crate::failpoint;
 
 /// What the commit sequence does to the queue's filesystem.
 pub trait QueueDisk {
-    /// Flushes the queue's filesystem (data and names written so far).
+    /// Flushes the queue's filesystem (data and names written so far). A
+    /// failure counts in [`flush_failures`](Self::flush_failures).
     fn flush_all(&self) -> io::Result<()>;
+    /// How many flushes of the queue's filesystem have failed so far. A
+    /// writeback error is reported once, to whichever flush comes next:
+    /// one that failed may have been another batch's, and the data it lost
+    /// may be a batch staged meanwhile, whose own flush then succeeds.
+    fn flush_failures(&self) -> u64;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     fn exists(&self, path: &Path) -> bool;
     /// Creates the missing folders of `dir`, as the MTA would have them.
@@ -53,11 +59,15 @@ pub struct Failed {
 /// message is durable in the queue. An error before the intents are
 /// recorded leaves nothing counted; after, the ledger counts them (see
 /// `Ledger::pending`) and [`roll_forward`] completes them.
+/// `staged_since`: [`QueueDisk::flush_failures`] before the batch's first
+/// message was staged; a flush that failed since may have lost its data,
+/// so the batch then counts as failed too.
 pub fn commit<S: LedgerStore>(
     disk: &impl QueueDisk,
     queue_dir: &Path,
     ledger: &Mutex<Ledger<S>>,
     batch: &[Intent],
+    staged_since: u64,
 ) -> Result<(), Failed> {
     if batch.is_empty() {
         return Ok(());
@@ -67,6 +77,15 @@ pub fn commit<S: LedgerStore>(
         move |source| Failed { op, path, source }
     };
     disk.flush_all().map_err(failed("syncfs", queue_dir))?;
+    if disk.flush_failures() != staged_since {
+        return Err(Failed {
+            op: "syncfs",
+            path: queue_dir.to_owned(),
+            source: io::Error::other(
+                "a flush of the queue's filesystem failed after this batch was staged (its data may be lost)",
+            ),
+        });
+    }
     failpoint::hit("queue.after_stage");
     {
         let mut ledger = ledger.lock().expect("ledger lock");

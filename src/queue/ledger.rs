@@ -127,9 +127,10 @@ impl LedgerStore for FileStore {
     }
 
     fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
-        crate::io::write_atomic_blocking(&self.path, bytes)?;
+        // Whatever the outcome, the descriptor may name a file replaced
+        // (the rename done, its folder's flush failed): appends reopen.
         self.file = None;
-        Ok(())
+        crate::io::write_atomic_blocking(&self.path, bytes)
     }
 }
 
@@ -227,8 +228,12 @@ impl<S: LedgerStore> Ledger<S> {
             latched: false,
         };
         if torn_tail {
-            // Rewrite without the torn line so that appends start clean.
-            ledger.rewrite().map_err(io_err)?;
+            // Rewrite without the torn line so that appends start clean; if
+            // that fails now, before the first append (see `latched`).
+            if let Err(e) = ledger.rewrite() {
+                tracing::warn!(path = %path.display(), "cannot rewrite the queue ledger after a torn record: {e}; tried again before the next append");
+                ledger.latched = true;
+            }
         }
         Ok(ledger)
     }
@@ -407,7 +412,12 @@ impl<S: LedgerStore> Ledger<S> {
                 out.push_str(&seal(&format!("D {k:032x}")));
             }
         }
-        self.store.replace(out.as_bytes())?;
+        if let Err(e) = self.store.replace(out.as_bytes()) {
+            // What is on disk now is unknown (old or new content, or a
+            // rename whose folder flush failed): rewritten again first.
+            self.latched = true;
+            return Err(e);
+        }
         self.latched = false;
         Ok(())
     }
@@ -548,6 +558,8 @@ mod tests {
         inner: FileStore,
         flush: bool,
         cut: bool,
+        replace: bool,
+        replaced: u32,
     }
 
     impl LedgerStore for Failing {
@@ -573,6 +585,10 @@ mod tests {
             self.inner.cut(len)
         }
         fn replace(&mut self, bytes: &[u8]) -> io::Result<()> {
+            if std::mem::take(&mut self.replace) {
+                return Err(io::Error::other("injected replace failure"));
+            }
+            self.replaced += 1;
             self.inner.replace(bytes)
         }
     }
@@ -582,8 +598,10 @@ mod tests {
             inner: FileStore::new(p),
             flush: false,
             cut: false,
+            replace: false,
+            replaced: 0,
         };
-        Ledger::with_store(store, p, 100, Duration::from_secs(3600)).unwrap()
+        Ledger::with_store(store, p, 2, Duration::from_secs(3600)).unwrap()
     }
 
     /// Found by the queue simulator (seed 256): a crash kept a done record
@@ -607,6 +625,27 @@ mod tests {
         drop(l);
         let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
         assert!(l.contains(1) && l.contains(2) && l.pending().is_empty());
+    }
+
+    /// Found by review: a rewrite that fails (a compaction) leaves the file
+    /// in an unknown state; it is rewritten again before the next append.
+    #[test]
+    fn a_failed_rewrite_is_done_again_before_the_next_append() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger");
+        let mut l = failing(&p);
+        for k in 1..=3 {
+            l.record_intent(k, "A", &moves()).unwrap();
+            l.record_done(&[k]).unwrap();
+        }
+        l.store.replace = true;
+        assert!(l.compact_if_needed().is_err());
+        assert_eq!(l.store.replaced, 0);
+        l.record_intent(4, "A4", &moves()).unwrap();
+        assert_eq!(l.store.replaced, 1, "rewritten before the append");
+        drop(l);
+        let l = Ledger::open(&p, 100, Duration::from_secs(3600)).unwrap();
+        assert!(l.contains(4) && l.pending().len() == 1);
     }
 
     /// A flush that fails after the intent's bytes were written: they are

@@ -331,6 +331,8 @@ struct Staged {
     key: u128,
     id: String,
     moves: Moves,
+    /// Failed flushes counted before it was staged.
+    since: u64,
 }
 
 impl Staged {
@@ -356,6 +358,9 @@ pub struct Ingester {
     /// The queue directory, open for the ingester's life: its flushes see
     /// every writeback error since it opened (see `io::syncfs_file`).
     queue_fs: Arc<std::fs::File>,
+    /// Failed flushes of the queue's filesystem so far (see
+    /// `QueueDisk::flush_failures`), shared with the commit thread.
+    flush_failures: Arc<std::sync::atomic::AtomicU64>,
     staging: PathBuf,
     /// Shared with the commit thread, which holds it only to append.
     ledger: Arc<Mutex<Ledger>>,
@@ -423,6 +428,7 @@ impl Ingester {
         let mut ing = Ingester {
             layout,
             queue_fs: Arc::new(queue_fs),
+            flush_failures: Arc::default(),
             queue_dir: queue_dir.to_owned(),
             staging,
             ledger: Arc::new(Mutex::new(ledger)),
@@ -629,10 +635,16 @@ impl Ingester {
                     // takes, and does the queue's filesystem have room?
                     if let Err(why) = self.room_for(&parts) {
                         self.drain_parts(&mut pipe, id, &parts).await?;
-                        warn!(peer, queue_id, "queued message refused: {why}");
-                        pipe.session
-                            .refused(id, why)
-                            .map_err(|v| violation(&peer, v))?;
+                        // One this node holds already is a duplicate whatever
+                        // its size: kept by the pusher too, it could be
+                        // delivered twice.
+                        let admitted = if self.holds(key) {
+                            pipe.session.on_message(id, key, true).map(|_| ())
+                        } else {
+                            warn!(peer, queue_id, "queued message refused: {why}");
+                            pipe.session.refused(id, why)
+                        };
+                        admitted.map_err(|v| violation(&peer, v))?;
                         self.perform(&mut pipe).await?;
                         continue;
                     }
@@ -742,7 +754,7 @@ impl Ingester {
             // The end is answered only once the last commit reported.
             if finished.is_none() && pipe.session.phase() == IngestPhase::Ending {
                 if let Some(res) = pipe.ready.take() {
-                    self.on_committed(res, pipe);
+                    self.on_committed(res, pipe)?;
                     continue;
                 }
             }
@@ -756,7 +768,7 @@ impl Ingester {
                     }
                     match pipe.rx.recv().await {
                         Some(Event::Committed(res)) => {
-                            self.on_committed(res, pipe);
+                            self.on_committed(res, pipe)?;
                             continue;
                         }
                         Some(Event::Frame(Err(e))) => return Err(e.into()),
@@ -810,14 +822,14 @@ impl Ingester {
     async fn next_frame(&mut self, pipe: &mut Pipe<'_>) -> Result<crate::wire::Frame, PushError> {
         loop {
             if let Some(res) = pipe.ready.take() {
-                self.on_committed(res, pipe);
+                self.on_committed(res, pipe)?;
                 self.perform(pipe).await?;
                 continue;
             }
             match pipe.rx.recv().await {
                 Some(Event::Frame(f)) => return Ok(f?),
                 Some(Event::Committed(res)) => {
-                    self.on_committed(res, pipe);
+                    self.on_committed(res, pipe)?;
                     self.perform(pipe).await?;
                 }
                 None => {
@@ -979,13 +991,7 @@ impl Ingester {
         self.wait_committed();
         let taken = std::mem::take(batch);
         let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
-        commit_batch(
-            &self.queue_fs,
-            &self.queue_dir,
-            &self.staging,
-            &self.ledger,
-            &staged,
-        )?;
+        commit_batch(&RealDisk::of(self), &self.ledger, &staged)?;
         self.stats.ingested += taken.len() as u64;
         for (msg, _) in &taken {
             for p in msg.parts.iter().chain(&msg.side) {
@@ -1024,10 +1030,11 @@ impl Ingester {
             .filter_map(|id| pipe.staged.get(id).cloned())
             .collect();
         pipe.committing = staged.clone();
-        let (fs, dir, staging, ledger, tx) = (
+        let (fs, dir, staging, failures, ledger, tx) = (
             self.queue_fs.clone(),
             self.queue_dir.clone(),
             self.staging.clone(),
+            self.flush_failures.clone(),
             self.ledger.clone(),
             pipe.tx.clone(),
         );
@@ -1035,7 +1042,23 @@ impl Ingester {
             .name("hasync-queue-commit".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                let result = commit_batch(&fs, &dir, &staging, &ledger, &staged);
+                // A panic must still be heard: the loop waits for this outcome.
+                let disk = RealDisk {
+                    queue_fs: &fs,
+                    queue_dir: &dir,
+                    staging: &staging,
+                    flush_failures: &failures,
+                };
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    commit_batch(&disk, &ledger, &staged)
+                }))
+                .unwrap_or_else(|_| {
+                    Err(PushError::Local {
+                        op: "commit (the commit thread panicked)",
+                        path: dir.clone(),
+                        source: std::io::Error::other("panic"),
+                    })
+                });
                 tracing::debug!(
                     n = staged.len(),
                     us = t0.elapsed().as_micros() as u64,
@@ -1055,9 +1078,7 @@ impl Ingester {
                 // No thread: committed here, heard before the next frame.
                 warn!("cannot start the queue commit thread ({e}); committing on the loop");
                 pipe.ready = Some(commit_batch(
-                    &self.queue_fs,
-                    &self.queue_dir,
-                    &self.staging,
+                    &RealDisk::of(self),
                     &self.ledger,
                     &pipe.committing,
                 ));
@@ -1067,8 +1088,15 @@ impl Ingester {
 
     /// The running commit ended: the session acknowledges each message of
     /// its batch as ingested (durable), or refused (the pusher keeps it) if
-    /// the commit failed before its intents counted.
-    fn on_committed(&mut self, result: Result<(), PushError>, pipe: &mut Pipe<'_>) {
+    /// the commit failed before its intents counted. A batch counted but
+    /// not landed ends the push with no acknowledgement for it: refused,
+    /// its pusher would keep copies this node's ledger counts (both nodes
+    /// would deliver them); the next push lands it first, or fails too.
+    fn on_committed(
+        &mut self,
+        result: Result<(), PushError>,
+        pipe: &mut Pipe<'_>,
+    ) -> Result<(), PushError> {
         self.wait_committed();
         let batch = std::mem::take(&mut pipe.committing);
         let mut result = result;
@@ -1091,12 +1119,17 @@ impl Ingester {
                     result = Ok(());
                 }
                 Settled::NotCounted => {}
-                Settled::Stuck(f) => error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {}; it is completed before the next push, or at the next start", PushError::from(f)),
+                Settled::Stuck(f) => {
+                    let e = PushError::from(f);
+                    error!(alarm = true, "ALARM: cannot complete a queue ingest batch whose intents are recorded: {e}; the push ends, and the batch is completed before the next push, or at the next start");
+                    return Err(e);
+                }
             }
         }
         failpoint::hit("queue.before_ack");
         self.stats.ledger_entries = self.ledger.lock().expect("ledger lock").len() as u64;
         pipe.session.committed(result.map_err(|e| e.to_string()));
+        Ok(())
     }
 
     /// Looks at one message of a replica being promoted: a duplicate or a
@@ -1241,6 +1274,10 @@ impl Ingester {
         bodies: &[Vec<u8>],
     ) -> Result<Staged, PushError> {
         use std::io::Write;
+        // Before a byte is written (see `commit::commit`).
+        let since = self
+            .flush_failures
+            .load(std::sync::atomic::Ordering::SeqCst);
         let local = |op: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source| PushError::Local { op, path, source }
@@ -1305,6 +1342,7 @@ impl Ingester {
             key,
             id: id.to_string(),
             moves,
+            since,
         })
     }
 
@@ -1389,19 +1427,13 @@ impl Drop for AbortOnDrop {
 /// promoting a replica); the ledger is locked only to append, so the
 /// loop's duplicate checks wait at most for that.
 fn commit_batch(
-    queue_fs: &std::fs::File,
-    queue_dir: &Path,
-    staging: &Path,
+    disk: &RealDisk<'_>,
     ledger: &Mutex<Ledger>,
     batch: &[Staged],
 ) -> Result<(), PushError> {
     let items: Vec<Intent> = batch.iter().map(Staged::intent).collect();
-    let disk = RealDisk {
-        queue_fs,
-        queue_dir,
-        staging,
-    };
-    super::commit::commit(&disk, queue_dir, ledger, &items).map_err(PushError::from)
+    let since = batch.iter().map(|s| s.since).min().unwrap_or(0);
+    super::commit::commit(disk, disk.queue_dir, ledger, &items, since).map_err(PushError::from)
 }
 
 /// The queue's real filesystem, for the commit sequence.
@@ -1409,6 +1441,7 @@ struct RealDisk<'a> {
     queue_fs: &'a std::fs::File,
     queue_dir: &'a Path,
     staging: &'a Path,
+    flush_failures: &'a std::sync::atomic::AtomicU64,
 }
 
 impl<'a> RealDisk<'a> {
@@ -1417,13 +1450,24 @@ impl<'a> RealDisk<'a> {
             queue_fs: &ing.queue_fs,
             queue_dir: &ing.queue_dir,
             staging: &ing.staging,
+            flush_failures: &ing.flush_failures,
         }
     }
 }
 
 impl QueueDisk for RealDisk<'_> {
     fn flush_all(&self) -> std::io::Result<()> {
-        crate::io::syncfs_file(self.queue_fs)
+        let res = crate::io::syncfs_file(self.queue_fs);
+        if res.is_err() {
+            self.flush_failures
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        res
+    }
+
+    fn flush_failures(&self) -> u64 {
+        self.flush_failures
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {

@@ -39,12 +39,14 @@ pub enum Violation {
     AckAfterEnd,
     #[error("an end acknowledgement before the end was sent")]
     EarlyEnd,
-    #[error("more than {UNACKED_MESSAGES_MAX} messages sent unacknowledged")]
-    TooManyUnacked,
+    #[error("more than {0} messages sent unacknowledged")]
+    TooManyUnacked(usize),
     #[error("a message after the end of a queue push")]
     AfterEnd,
     #[error("a message before QueueStart")]
     BeforeStart,
+    #[error("message id {0} sent again before it was acknowledged")]
+    IdReused(u64),
 }
 
 /// What the pusher's driver does next.
@@ -88,6 +90,8 @@ pub struct PushSession<M> {
     inflight: VecDeque<(u64, M)>,
     deletes: VecDeque<M>,
     next_id: u64,
+    /// Messages per window ([`WINDOW`]).
+    window: usize,
     /// Messages opened in the current window; a window opens only while
     /// at most one window is outstanding, and is then filled whole.
     in_window: usize,
@@ -100,11 +104,17 @@ pub struct PushSession<M> {
 
 impl<M> PushSession<M> {
     pub fn new(messages: impl IntoIterator<Item = M>) -> Self {
+        Self::with_window(messages, WINDOW)
+    }
+
+    /// With windows of `window` messages (the simulator's small ones).
+    pub fn with_window(messages: impl IntoIterator<Item = M>, window: usize) -> Self {
         PushSession {
             unsent: messages.into_iter().collect(),
             inflight: VecDeque::new(),
             deletes: VecDeque::new(),
             next_id: 0,
+            window: window.max(1),
             in_window: 0,
             window_open: false,
             unflushed: false,
@@ -135,10 +145,10 @@ impl<M> PushSession<M> {
         // flush for all of it); refilling one slot per ack would make every
         // later batch a batch of one. Two windows outstanding overlap
         // reading and sending the next with the peer's commit of this one.
-        if self.in_window == 0 && self.inflight.len() <= WINDOW {
+        if self.in_window == 0 && self.inflight.len() <= self.window {
             self.window_open = true;
         }
-        if self.window_open && self.in_window < WINDOW {
+        if self.window_open && self.in_window < self.window {
             if let Some(m) = self.unsent.pop_front() {
                 self.next_id += 1;
                 self.in_window += 1;
@@ -254,12 +264,16 @@ pub enum Admit {
 #[derive(Debug)]
 pub struct IngestSession {
     phase: IngestPhase,
+    /// Most messages committed together ([`INGEST_BATCH`]).
+    batch_max: usize,
     /// Staged, waiting for the next commit: (push id, identity).
     batch: Vec<(u64, u128)>,
     /// The batch whose commit runs.
     committing: Option<Vec<(u64, u128)>>,
     /// Identities staged or committing, not yet acknowledged.
     pending_keys: HashSet<u128>,
+    /// Push ids staged or committing, not yet acknowledged.
+    pending_ids: HashSet<u64>,
     landed_any: bool,
     out: VecDeque<IngestStep>,
 }
@@ -272,11 +286,19 @@ impl Default for IngestSession {
 
 impl IngestSession {
     pub fn new() -> Self {
+        Self::with_batch(INGEST_BATCH)
+    }
+
+    /// With batches of at most `batch` messages (and 4 × `batch` staged
+    /// unacknowledged at most; the simulator's small ones).
+    pub fn with_batch(batch: usize) -> Self {
         IngestSession {
             phase: IngestPhase::AwaitingStart,
+            batch_max: batch.max(1),
             batch: Vec::new(),
             committing: None,
             pending_keys: HashSet::new(),
+            pending_ids: HashSet::new(),
             landed_any: false,
             out: VecDeque::new(),
         }
@@ -302,6 +324,9 @@ impl IngestSession {
     /// this node holds that identity already (ledger or live queue).
     pub fn on_message(&mut self, id: u64, key: u128, held: bool) -> Result<Admit, Violation> {
         self.expect_streaming()?;
+        if self.pending_ids.contains(&id) {
+            return Err(Violation::IdReused(id));
+        }
         if held || self.pending_keys.contains(&key) {
             self.ack(id, QueueOutcome::Duplicate, "already ingested".into());
             return Ok(Admit::Duplicate);
@@ -320,12 +345,15 @@ impl IngestSession {
     /// Message `id` is staged (written, not yet durable).
     pub fn staged(&mut self, id: u64, key: u128) -> Result<(), Violation> {
         self.expect_streaming()?;
+        if !self.pending_ids.insert(id) {
+            return Err(Violation::IdReused(id));
+        }
         self.pending_keys.insert(key);
         self.batch.push((id, key));
-        if self.batch.len() > UNACKED_MESSAGES_MAX {
-            return Err(Violation::TooManyUnacked);
+        if self.batch.len() > 4 * self.batch_max {
+            return Err(Violation::TooManyUnacked(4 * self.batch_max));
         }
-        if self.batch.len() >= INGEST_BATCH {
+        if self.batch.len() >= self.batch_max {
             self.start_commit();
         }
         Ok(())
@@ -352,8 +380,9 @@ impl IngestSession {
     /// counts; the pusher keeps its copies).
     pub fn committed(&mut self, result: Result<(), String>) {
         let batch = self.committing.take().unwrap_or_default();
-        for (_, key) in &batch {
+        for (id, key) in &batch {
             self.pending_keys.remove(key);
+            self.pending_ids.remove(id);
         }
         self.landed_any |= result.is_ok() && !batch.is_empty();
         for (id, _) in batch {
@@ -565,6 +594,23 @@ mod tests {
         assert_eq!(s.on_barrier(), Err(Violation::AfterEnd));
     }
 
+    /// Found by review: a second message under an id still staged would
+    /// take the first one's place in the driver's table, and both be
+    /// acknowledged for one landed message.
+    #[test]
+    fn an_id_sent_again_before_its_acknowledgement_is_a_violation() {
+        let mut s = IngestSession::new();
+        s.started();
+        assert_eq!(s.on_message(5, 50, false), Ok(Admit::Stage));
+        s.staged(5, 50).unwrap();
+        assert_eq!(s.on_message(5, 51, false), Err(Violation::IdReused(5)));
+        assert_eq!(s.staged(5, 51), Err(Violation::IdReused(5)));
+        s.on_barrier().unwrap();
+        assert_eq!(s.poll(), Some(IngestStep::Commit(vec![5])));
+        s.committed(Ok(()));
+        assert_eq!(s.on_message(5, 52, false), Ok(Admit::Stage));
+    }
+
     #[test]
     fn an_ingester_refuses_more_than_it_may_hold_unacknowledged() {
         let mut s = IngestSession::new();
@@ -577,6 +623,6 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(err, Some(Violation::TooManyUnacked));
+        assert_eq!(err, Some(Violation::TooManyUnacked(UNACKED_MESSAGES_MAX)));
     }
 }

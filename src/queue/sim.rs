@@ -115,13 +115,26 @@ impl Faults {
 enum Op {
     Create(PathBuf),
     Rename(PathBuf, PathBuf),
-    Remove(PathBuf, u128),
+    Remove(PathBuf, SimFile),
 }
 
-/// The new primary's queue filesystem: names → message identity.
+/// A file on the new primary's queue filesystem.
+#[derive(Debug, Clone, Copy)]
+struct SimFile {
+    key: u128,
+    /// Its content reached the disk (a flush since it was written).
+    flushed: bool,
+    /// Its content is gone: a flush failed while it was unwritten (Linux
+    /// drops such pages and reports the error once, to whichever flush
+    /// comes next).
+    lost: bool,
+}
+
+/// The new primary's queue filesystem: names → files.
 struct SimDisk {
     faults: Rc<RefCell<Faults>>,
-    files: RefCell<BTreeMap<PathBuf, u128>>,
+    files: RefCell<BTreeMap<PathBuf, SimFile>>,
+    flush_failures: std::cell::Cell<u64>,
     /// Since the last flush, in order.
     ops: RefCell<Vec<Op>>,
     staging: PathBuf,
@@ -144,7 +157,12 @@ impl SimDisk {
 
     fn create(&self, path: PathBuf, key: u128) -> io::Result<()> {
         self.fault()?;
-        self.files.borrow_mut().insert(path.clone(), key);
+        let f = SimFile {
+            key,
+            flushed: false,
+            lost: false,
+        };
+        self.files.borrow_mut().insert(path.clone(), f);
         self.ops.borrow_mut().push(Op::Create(path));
         Ok(())
     }
@@ -164,29 +182,52 @@ impl SimDisk {
                         files.insert(a, k);
                     }
                 }
-                Op::Remove(p, k) => {
-                    files.insert(p, k);
+                Op::Remove(p, f) => {
+                    files.insert(p, f);
                 }
             }
         }
         ops.clear();
     }
 
+    /// The messages in the live queue whose content is there.
     fn queue_keys(&self) -> Vec<u128> {
         self.files
             .borrow()
             .iter()
-            .filter(|(p, _)| !p.starts_with(&self.staging))
-            .map(|(_, k)| *k)
+            .filter(|(p, f)| !p.starts_with(&self.staging) && !f.lost)
+            .map(|(_, f)| f.key)
             .collect()
     }
 }
 
 impl QueueDisk for SimDisk {
     fn flush_all(&self) -> io::Result<()> {
-        self.fault()?;
-        self.ops.borrow_mut().clear();
-        Ok(())
+        let res = self.fault();
+        let mut files = self.files.borrow_mut();
+        match res {
+            Ok(()) => {
+                for f in files.values_mut() {
+                    f.flushed = true;
+                }
+                self.ops.borrow_mut().clear();
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(5) => {
+                // A writeback error: the unwritten content is gone.
+                for f in files.values_mut().filter(|f| !f.flushed) {
+                    f.lost = true;
+                    f.flushed = true;
+                }
+                self.flush_failures.set(self.flush_failures.get() + 1);
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn flush_failures(&self) -> u64 {
+        self.flush_failures.get()
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -239,8 +280,8 @@ impl QueueDisk for SimDisk {
 
     fn remove_staged(&self, path: &Path) {
         // Not durable until a flush: a crash may bring it back.
-        if let Some(k) = self.files.borrow_mut().remove(path) {
-            self.ops.borrow_mut().push(Op::Remove(path.to_owned(), k));
+        if let Some(f) = self.files.borrow_mut().remove(path) {
+            self.ops.borrow_mut().push(Op::Remove(path.to_owned(), f));
         }
     }
 }
@@ -316,14 +357,17 @@ enum ToPusher {
 /// The new primary's process state (gone at a crash).
 struct Ingesting {
     session: IngestSession,
-    /// Push id → staged intent.
-    staged: BTreeMap<u64, Intent>,
+    /// Push id → staged intent, and the failed flushes counted before it
+    /// was staged.
+    staged: BTreeMap<u64, (Intent, u64)>,
     /// Identities in the queue when the push began.
     held: HashSet<u128>,
 }
 
 struct Commit {
     batch: Vec<Intent>,
+    /// Failed flushes counted before its first message was staged.
+    since: u64,
     /// The push it belongs to, if that is still on.
     push: u64,
 }
@@ -331,6 +375,9 @@ struct Commit {
 pub struct QueueSim {
     rng: SimRng,
     seed: u64,
+    /// The sessions' window and batch sizes in this run.
+    window: usize,
+    batch: usize,
     steps: usize,
     /// Messages: index → identity.
     keys: Vec<u128>,
@@ -381,7 +428,13 @@ fn open_ledger(
 impl QueueSim {
     pub fn new(seed: u64) -> QueueSim {
         let mut rng = SimRng::new(seed);
-        let n = rng.range(1, 40) as usize;
+        let n = rng.range(1, 60) as usize;
+        // Small windows and batches, so that pushes span several of them
+        // (two windows outstanding, staging while a batch commits).
+        let window: usize = [2, 3, 5, 8, 256][rng.range(0, 4) as usize];
+        // An ingester holds at most 4 batches unacknowledged; a pusher
+        // keeps two windows in flight.
+        let batch = [2, 4, 7, 256][rng.range(0, 3) as usize].max(window.div_ceil(2));
         let keys: Vec<u128> = (0..n)
             .map(|i| (u128::from(rng.next_u64()) << 64) | i as u128)
             .collect();
@@ -395,6 +448,8 @@ impl QueueSim {
         let ledger_bytes = Rc::new(RefCell::new((Vec::new(), Vec::new())));
         let ledger = open_ledger(&faults, &ledger_bytes);
         QueueSim {
+            window,
+            batch,
             steps: rng.range(20, 400) as usize,
             rng,
             seed,
@@ -404,6 +459,7 @@ impl QueueSim {
             disk: SimDisk {
                 faults: faults.clone(),
                 files: RefCell::new(BTreeMap::new()),
+                flush_failures: std::cell::Cell::new(0),
                 ops: RefCell::new(Vec::new()),
                 staging: PathBuf::from("/b/staging"),
             },
@@ -507,7 +563,7 @@ impl QueueSim {
         self.out.pushes += 1;
         let msgs: Vec<usize> = self.a_present.iter().copied().collect();
         self.note(format!("push {} of {} messages", self.push_no, msgs.len()));
-        self.pusher = Some(PushSession::new(msgs));
+        self.pusher = Some(PushSession::with_window(msgs, self.window));
         self.to_b.push_back(ToIngester::Start);
     }
 
@@ -537,6 +593,21 @@ impl QueueSim {
                 self.note("push ended".into());
                 self.pusher = None;
                 self.clean_ended |= self.push_no >= self.clean_from;
+                // What the former primary keeps after a push that ended is
+                // not counted by the new primary: kept on both, both would
+                // deliver it.
+                let ledger = self.ledger.lock().expect("ledger lock");
+                if let Some(i) = self
+                    .a_present
+                    .iter()
+                    .find(|&&i| ledger.contains(self.keys[i]))
+                {
+                    let i = *i;
+                    drop(ledger);
+                    return Err(self.fail(format!(
+                        "a push ended with message {i} kept by the former primary while the new primary's ledger counts it"
+                    )));
+                }
             }
             None => {
                 let Some(f) = self.to_a.pop_front() else {
@@ -569,12 +640,13 @@ impl QueueSim {
                         self.to_a.push_back(ToPusher::Ack { id, outcome });
                     }
                     IngestStep::Commit(ids) => {
-                        let batch = ids
+                        let staged: Vec<(Intent, u64)> = ids
                             .iter()
                             .filter_map(|id| ing.staged.get(id).cloned())
                             .collect();
                         self.commits.push_back(Commit {
-                            batch,
+                            since: staged.iter().map(|(_, g)| *g).min().unwrap_or(0),
+                            batch: staged.into_iter().map(|(i, _)| i).collect(),
                             push: self.push_no,
                         });
                     }
@@ -605,10 +677,11 @@ impl QueueSim {
                         self.staged_counter += 1;
                         let staged = self.disk.staging.join(self.staged_counter.to_string());
                         let fin = PathBuf::from(format!("/b/queue/{key:032x}"));
+                        let since = self.disk.flush_failures.get();
                         match self.disk.create(staged.clone(), key) {
                             Ok(()) => {
-                                ing.staged
-                                    .insert(id, (key, format!("{key:x}"), vec![(staged, fin)]));
+                                let intent = (key, format!("{key:x}"), vec![(staged, fin)]);
+                                ing.staged.insert(id, (intent, since));
                                 ing.session.staged(id, key)
                             }
                             Err(e) => ing.session.refused(id, e.to_string()),
@@ -657,7 +730,7 @@ impl QueueSim {
             }
         }
         let held = self.disk.queue_keys().into_iter().collect();
-        let mut session = IngestSession::new();
+        let mut session = IngestSession::with_batch(self.batch);
         session.started();
         self.ingest = Some(Ingesting {
             session,
@@ -685,8 +758,14 @@ impl QueueSim {
             return;
         };
         self.out.commits += 1;
-        let mut result = commit::commit(&self.disk, Path::new("/b/queue"), &self.ledger, &c.batch)
-            .map_err(|f| format!("{} {}: {}", f.op, f.path.display(), f.source));
+        let mut result = commit::commit(
+            &self.disk,
+            Path::new("/b/queue"),
+            &self.ledger,
+            &c.batch,
+            c.since,
+        )
+        .map_err(|f| format!("{} {}: {}", f.op, f.path.display(), f.source));
         if self.faults.borrow().crashed {
             return;
         }
@@ -702,7 +781,14 @@ impl QueueSim {
                     result = Ok(());
                 }
                 Settled::NotCounted => {}
-                Settled::Stuck(f) => self.note(format!("roll forward failed: {}", f.source)),
+                Settled::Stuck(f) => {
+                    // The push ends without acknowledging the batch.
+                    self.note(format!("roll forward failed: {}", f.source));
+                    if c.push == self.push_no && self.ingest.is_some() {
+                        self.cut("the push ends: a counted batch could not be landed");
+                    }
+                    return;
+                }
             }
         } else {
             self.note(format!("commit of {} landed", c.batch.len()));
@@ -723,8 +809,8 @@ impl QueueSim {
             .files
             .borrow()
             .iter()
-            .filter(|(p, _)| p.starts_with("/b/queue"))
-            .map(|(p, k)| (p.clone(), *k))
+            .filter(|(p, f)| p.starts_with("/b/queue") && !f.lost)
+            .map(|(p, f)| (p.clone(), f.key))
             .filter(|(p, _)| self.disk.durable(p))
             .collect();
         if durable.is_empty() {
@@ -854,11 +940,11 @@ impl QueueSim {
             let files = self.disk.files.borrow();
             let in_queue = files
                 .iter()
-                .any(|(p, k)| k == key && p.starts_with("/b/queue"));
+                .any(|(p, f)| f.key == *key && !f.lost && p.starts_with("/b/queue"));
             let staged = pending.contains(key)
                 && files
                     .iter()
-                    .any(|(p, k)| k == key && p.starts_with(&self.disk.staging));
+                    .any(|(p, f)| f.key == *key && !f.lost && p.starts_with(&self.disk.staging));
             if !in_queue && !staged && !self.delivered.contains_key(key) {
                 return Err(self.fail(format!(
                     "message {i} ({key:x}) was removed from the former primary but the new primary does not hold it"

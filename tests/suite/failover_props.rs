@@ -150,7 +150,7 @@ fn queue_sim_seeds() {
         }
         return;
     }
-    let n: u64 = env_u64("HASYNC_QUEUE_SIM_SEEDS", 3_000);
+    let n: u64 = env_u64("HASYNC_QUEUE_SIM_SEEDS", 2_000);
     let first: u64 = env_u64("HASYNC_SIM_FIRST", 0);
     match run_seeds(first, n) {
         Ok(o) => {
