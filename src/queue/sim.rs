@@ -9,7 +9,9 @@
 //! - the new primary's queue filesystem: staged files, renames and
 //!   removals are durable only once flushed; a crash keeps a prefix of
 //!   what was done since the last flush (a journal commits in order);
-//!   any operation may fail (EIO), a flush included;
+//!   any operation may fail (EIO), a flush included, and a failed flush
+//!   drops the content not yet written (as Linux does, reporting the
+//!   error once: a batch staged meanwhile may be the one that lost it);
 //! - the ledger's file: appends are durable only once flushed, but a crash
 //!   may keep any prefix of what was appended since, torn records included
 //!   (written pages reach the disk on their own); a flush or a cut may fail;
@@ -20,6 +22,12 @@
 //! - crashes of either node between any two steps, and of the new primary
 //!   inside any step of a commit.
 //!
+//! - windows and batches of the real size or small ones, so that a push
+//!   spans several (two windows outstanding, staging while a batch
+//!   commits).
+//!
+//! Checked when a push ends: nothing the former primary keeps is counted
+//! by the new primary's ledger (both would deliver it).
 //! Checked at quiescence (faults stopped, a last push run to its end):
 //! every message is exactly once in the former primary's queue, the new
 //! primary's queue, or delivered; and the former primary's queue is empty.
@@ -27,9 +35,15 @@
 //! by the new primary (durable in its queue, recorded in its ledger with
 //! its staged parts durable, or delivered).
 //!
-//! Not modelled: message content and integrity checks (the wire codec and
-//! `Ingester::check` have their own tests), queue IDs taken on the new
-//! primary, side files, the hook, the epoch fence.
+//! Not modelled: the drivers' own code around the sessions (`push`,
+//! `serve`: the commit thread, the id-keyed table of staged messages; the
+//! simulator mirrors their sequencing), message content and integrity
+//! checks (the wire codec and `Ingester::check` have their own tests), the
+//! size and space checks, the promotion of a queue replica
+//! (`ingest_local`), ledger compaction, queue IDs taken on the new primary,
+//! side files, the hook, the epoch fence; roles never switch back during a
+//! run (the end-of-push check stands in for the double delivery that
+//! would follow).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
