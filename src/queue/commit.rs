@@ -141,6 +141,13 @@ pub fn roll_forward<S: LedgerStore>(
             continue;
         }
         for (staged, fin) in &moves {
+            if failpoint::fails("queue.fail_roll_forward") {
+                return Err(Failed {
+                    op: "roll forward",
+                    path: staged.clone(),
+                    source: io::Error::other("failpoint queue.fail_roll_forward"),
+                });
+            }
             if disk.exists(staged) {
                 if let Some(d) = fin.parent() {
                     let _ = disk.make_dirs(d);

@@ -313,6 +313,31 @@ fn a_commit_failing_after_its_intents_completes_its_batch() {
     assert_eq!(b, before, "lost or duplicated messages\n{}", tp.logs());
 }
 
+/// A commit fails after its intents are recorded and its completion fails
+/// too: the push ends without acknowledging the batch (refused, the former
+/// primary would keep copies the new primary's ledger counts, and both
+/// would deliver them); the retry lands the batch first, and its messages
+/// are then duplicates the former primary deletes.
+#[test]
+fn a_batch_counted_but_not_landed_ends_the_push_unacknowledged() {
+    let (tp, before) =
+        push_to_an_armed_ingester("queue.fail_mid_rename=5,queue.fail_roll_forward=1");
+    tp.nodes[0]
+        .wait_status(Duration::from_secs(60), Duration::from_millis(20), |s| {
+            s.mode == Role::Secondary && !s.queue_push.pending && !s.queue_push.running
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        tp.nodes[1].log().contains("the push ends"),
+        "the failpoints were reached\n{}",
+        tp.logs()
+    );
+    let a = queue_digest(&tp.nodes[0].queue_dir, "flat");
+    let b = queue_digest(&tp.nodes[1].queue_dir, "flat");
+    assert!(a.is_empty(), "the former primary still holds {a:?}");
+    assert_eq!(b, before, "lost or duplicated messages\n{}", tp.logs());
+}
+
 /// The new primary's ledger flush fails while it records a batch's
 /// intents (`ledger.fail_sync`; with `cut_fails`, cutting the written
 /// bytes off fails too). Either the batch is refused and nothing of it
