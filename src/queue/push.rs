@@ -991,7 +991,23 @@ impl Ingester {
         self.wait_committed();
         let taken = std::mem::take(batch);
         let staged: Vec<Staged> = taken.iter().map(|(_, s)| s.clone()).collect();
-        commit_batch(&RealDisk::of(self), &self.ledger, &staged)?;
+        if let Err(e) = commit_batch(&RealDisk::of(self), &self.ledger, &staged) {
+            warn!("queue replica promotion: a batch's commit failed: {e}");
+            // As for a push: completed if the ledger counts it already
+            // (else its staged files go, and the replica copies stay for
+            // the next promotion).
+            let items: Vec<Intent> = staged.iter().map(Staged::intent).collect();
+            let disk = RealDisk::of(self);
+            let settled = {
+                let mut ledger = self.ledger.lock().expect("ledger lock");
+                super::commit::settle_failed(&disk, &mut ledger, &items)
+            };
+            match settled {
+                Settled::Landed(done) => self.note_rolled(&done),
+                Settled::NotCounted => return Err(e),
+                Settled::Stuck(f) => return Err(PushError::from(f)),
+            }
+        }
         self.stats.ingested += taken.len() as u64;
         for (msg, _) in &taken {
             for p in msg.parts.iter().chain(&msg.side) {

@@ -519,6 +519,69 @@ fn continuous_queue_replication_survives_a_primary_that_never_returns() {
     assert!(queue_digest(&tp.nodes[0].queue_dir, "postfix").is_empty());
 }
 
+/// The promotion of the queue replica commits a batch that fails midway
+/// (after its intents are recorded): the batch is completed at once, not
+/// left in staging until the next start.
+#[test]
+fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
+    let mut o = opts("postfix");
+    o.queue_sync = "continuous";
+    let (mut tp, _) = TestPair::formed(o);
+    let q = tp.nodes[0].queue_dir.clone();
+    let cfg = tp.nodes[0].config_path.to_str().unwrap().to_string();
+    std::fs::create_dir_all(q.join("incoming")).unwrap();
+    let mut committed = BTreeMap::new();
+    for i in 0..20 {
+        let p = q.join("incoming").join(format!("C{i:09X}"));
+        let body = format!("committed message {i}\r\n");
+        std::fs::write(&p, &body).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let out = hasync(&["commit", "--config", &cfg, p.to_str().unwrap()]);
+        assert!(out.status.success(), "commit {i}");
+        committed.insert(xxhash_rust::xxh3::xxh3_128(body.as_bytes()), 1);
+    }
+    // The secondary restarts with the failpoint armed, then the primary dies.
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.fail_mid_rename=5")])
+        .unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    let start = std::time::Instant::now();
+    let live = loop {
+        let scan = layout::scan(Layout::Postfix, &tp.nodes[1].queue_dir).unwrap();
+        let got: BTreeMap<u128, usize> = scan
+            .messages
+            .iter()
+            .filter(|m| m.queue_id.starts_with('C'))
+            .map(|m| {
+                (
+                    xxhash_rust::xxh3::xxh3_128(&std::fs::read(&m.parts[0].path).unwrap()),
+                    1,
+                )
+            })
+            .collect();
+        if got == committed || start.elapsed() > Duration::from_secs(5) {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        tp.nodes[1]
+            .log()
+            .contains("failpoint queue.fail_mid_rename"),
+        "the failpoint was reached\n{}",
+        tp.logs()
+    );
+    assert_eq!(
+        live,
+        committed,
+        "every committed message is in the live queue\n{}",
+        tp.logs()
+    );
+}
+
 /// Zero-loss commit: a message whose commit returned "replicated" survives
 /// the primary's sudden death, even though it never comes back; with the
 /// peer gone, commits degrade to local-only after the timeout.
