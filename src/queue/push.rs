@@ -509,6 +509,21 @@ impl Ingester {
         Ok(())
     }
 
+    /// After a failed commit of `batch`: see `commit::settle_failed` (what
+    /// it completes is logged).
+    fn settle(&mut self, batch: &[Staged]) -> Settled {
+        let items: Vec<Intent> = batch.iter().map(Staged::intent).collect();
+        let disk = RealDisk::of(self);
+        let settled = {
+            let mut ledger = self.ledger.lock().expect("ledger lock");
+            super::commit::settle_failed(&disk, &mut ledger, &items)
+        };
+        if let Settled::Landed(done) = &settled {
+            self.note_rolled(done);
+        }
+        settled
+    }
+
     fn note_rolled(&mut self, done: &[(u128, String)]) {
         for (_, queue_id) in done {
             info!(
@@ -996,14 +1011,8 @@ impl Ingester {
             // As for a push: completed if the ledger counts it already
             // (else its staged files go, and the replica copies stay for
             // the next promotion).
-            let items: Vec<Intent> = staged.iter().map(Staged::intent).collect();
-            let disk = RealDisk::of(self);
-            let settled = {
-                let mut ledger = self.ledger.lock().expect("ledger lock");
-                super::commit::settle_failed(&disk, &mut ledger, &items)
-            };
-            match settled {
-                Settled::Landed(done) => self.note_rolled(&done),
+            match self.settle(&staged) {
+                Settled::Landed(_) => {}
                 Settled::NotCounted => return Err(e),
                 Settled::Stuck(f) => return Err(PushError::from(f)),
             }
@@ -1123,17 +1132,8 @@ impl Ingester {
             // so they are completed here, or at the next start; never
             // dropped. Failed before: nothing counted, the pusher keeps
             // its copies.
-            let items: Vec<Intent> = batch.iter().map(Staged::intent).collect();
-            let disk = RealDisk::of(self);
-            let settled = {
-                let mut ledger = self.ledger.lock().expect("ledger lock");
-                super::commit::settle_failed(&disk, &mut ledger, &items)
-            };
-            match settled {
-                Settled::Landed(done) => {
-                    self.note_rolled(&done);
-                    result = Ok(());
-                }
+            match self.settle(&batch) {
+                Settled::Landed(_) => result = Ok(()),
                 Settled::NotCounted => {}
                 Settled::Stuck(f) => {
                     let e = PushError::from(f);

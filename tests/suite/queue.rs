@@ -519,14 +519,13 @@ fn continuous_queue_replication_survives_a_primary_that_never_returns() {
     assert!(queue_digest(&tp.nodes[0].queue_dir, "postfix").is_empty());
 }
 
-/// The promotion of the queue replica commits a batch that fails midway
-/// (after its intents are recorded): the batch is completed at once, not
-/// left in staging until the next start.
-#[test]
-fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
+/// A continuously replicated Postfix pair whose primary committed 20
+/// messages with `hasync commit` (each "replicated"): the pair and the
+/// messages' content hashes.
+fn pair_with_committed_messages() -> (TestPair, BTreeMap<u128, usize>) {
     let mut o = opts("postfix");
     o.queue_sync = "continuous";
-    let (mut tp, _) = TestPair::formed(o);
+    let (tp, _) = TestPair::formed(o);
     let q = tp.nodes[0].queue_dir.clone();
     let cfg = tp.nodes[0].config_path.to_str().unwrap().to_string();
     std::fs::create_dir_all(q.join("incoming")).unwrap();
@@ -537,20 +536,28 @@ fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
         std::fs::write(&p, &body).unwrap();
         std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
         let out = hasync(&["commit", "--config", &cfg, p.to_str().unwrap()]);
-        assert!(out.status.success(), "commit {i}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && text.starts_with("replicated"),
+            "commit {i}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         committed.insert(xxhash_rust::xxh3::xxh3_128(body.as_bytes()), 1);
     }
-    // The secondary restarts with the failpoint armed, then the primary dies.
-    tp.nodes[1].kill9().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.fail_mid_rename=5")])
-        .unwrap();
-    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
-    tp.nodes[0].kill9().unwrap();
-    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    (tp, committed)
+}
+
+/// The committed messages (queue IDs `C…`) in node `i`'s live queue, once
+/// they are `want` or after `timeout`.
+fn live_committed(
+    tp: &TestPair,
+    i: usize,
+    want: &BTreeMap<u128, usize>,
+    timeout: Duration,
+) -> BTreeMap<u128, usize> {
     let start = std::time::Instant::now();
-    let live = loop {
-        let scan = layout::scan(Layout::Postfix, &tp.nodes[1].queue_dir).unwrap();
+    loop {
+        let scan = layout::scan(Layout::Postfix, &tp.nodes[i].queue_dir).unwrap();
         let got: BTreeMap<u128, usize> = scan
             .messages
             .iter()
@@ -562,11 +569,28 @@ fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
                 )
             })
             .collect();
-        if got == committed || start.elapsed() > Duration::from_secs(5) {
-            break got;
+        if &got == want || start.elapsed() > timeout {
+            return got;
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
+    }
+}
+
+/// The promotion of the queue replica commits a batch that fails midway
+/// (after its intents are recorded): the batch is completed at once, not
+/// left in staging until the next start.
+#[test]
+fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
+    let (mut tp, committed) = pair_with_committed_messages();
+    // The secondary restarts with the failpoint armed, then the primary dies.
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.fail_mid_rename=5")])
+        .unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    let live = live_committed(&tp, 1, &committed, Duration::from_secs(5));
     assert!(
         tp.nodes[1]
             .log()
@@ -587,27 +611,7 @@ fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
 /// peer gone, commits degrade to local-only after the timeout.
 #[test]
 fn committed_messages_survive_the_primary_never_returning() {
-    let mut o = opts("postfix");
-    o.queue_sync = "continuous";
-    let (mut tp, _) = TestPair::formed(o);
-    let q = tp.nodes[0].queue_dir.clone();
-    let cfg = tp.nodes[0].config_path.to_str().unwrap().to_string();
-    std::fs::create_dir_all(q.join("incoming")).unwrap();
-    let mut committed = BTreeMap::new();
-    for i in 0..20 {
-        let p = q.join("incoming").join(format!("C{i:09X}"));
-        let body = format!("committed message {i}\r\n");
-        std::fs::write(&p, &body).unwrap();
-        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-        let out = hasync(&["commit", "--config", &cfg, p.to_str().unwrap()]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success() && text.starts_with("replicated"),
-            "commit {i}: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        committed.insert(xxhash_rust::xxh3::xxh3_128(body.as_bytes()), 1);
-    }
+    let (mut tp, committed) = pair_with_committed_messages();
     let st = tp.nodes[0].status().unwrap();
     assert_eq!(st.replication.commit_mode, "synchronous");
     // The primary dies right after the last commit returned, for good.
@@ -617,25 +621,7 @@ fn committed_messages_survive_the_primary_never_returning() {
             s.mode == Role::Primary
         })
         .unwrap();
-    let start = std::time::Instant::now();
-    let live = loop {
-        let scan = layout::scan(Layout::Postfix, &tp.nodes[1].queue_dir).unwrap();
-        let got: BTreeMap<u128, usize> = scan
-            .messages
-            .iter()
-            .filter(|m| m.queue_id.starts_with('C'))
-            .map(|m| {
-                (
-                    xxhash_rust::xxh3::xxh3_128(&std::fs::read(&m.parts[0].path).unwrap()),
-                    1,
-                )
-            })
-            .collect();
-        if got == committed || start.elapsed() > Duration::from_secs(20) {
-            break got;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let live = live_committed(&tp, 1, &committed, Duration::from_secs(20));
     assert_eq!(
         live,
         committed,
