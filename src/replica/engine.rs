@@ -1027,6 +1027,10 @@ impl DrainHandle {
 /// Sends on its oneshot when dropped (a promotion answered on every path).
 struct DropSignal(Option<oneshot::Sender<()>>);
 
+/// How long a promotion of the queue replica that failed waits before it
+/// is tried again.
+const PROMOTE_RETRY: Duration = Duration::from_secs(5);
+
 impl Drop for DropSignal {
     fn drop(&mut self) {
         if let Some(tx) = self.0.take() {
@@ -1303,12 +1307,33 @@ async fn accept_loop(
     };
     let ingester: Rc<RefCell<Option<Ingester>>> = Rc::new(RefCell::new(opened));
     {
-        // Promotion: the replicated queue joins the live queue.
-        let (shared, ingester) = (shared.clone(), ingester.clone());
+        // Promotion: the replicated queue joins the live queue. One that
+        // fails is tried again while the node is primary: what it left in
+        // the replica would otherwise wait for the next promotion.
+        let (shared, ingester, mode_rx) = (shared.clone(), ingester.clone(), mode_rx.clone());
         tokio_uring::spawn(async move {
-            while let Some(done) = promote_rx.recv().await {
+            let mut failed = false;
+            loop {
+                let done = if failed {
+                    tokio::select! {
+                        d = promote_rx.recv() => match d {
+                            Some(d) => Some(d),
+                            None => return,
+                        },
+                        _ = tokio::time::sleep(PROMOTE_RETRY) => None,
+                    }
+                } else {
+                    match promote_rx.recv().await {
+                        Some(d) => Some(d),
+                        None => return,
+                    }
+                };
+                if done.is_none() && *mode_rx.borrow() != EngineMode::Primary {
+                    failed = false;
+                    continue;
+                }
                 // Answered when this iteration ends, whatever the outcome.
-                let _done = DropSignal(Some(done));
+                let _done = DropSignal(done);
                 let Some(replica) = shared
                     .cfg
                     .stores
@@ -1316,15 +1341,18 @@ async fn accept_loop(
                     .find(|s| s.name == QUEUE_STORE)
                     .map(|s| s.replica_root.clone())
                 else {
+                    failed = false;
                     continue;
                 };
+                failed = true;
                 let taken = ingester.borrow_mut().take();
                 let Some(mut ing) = taken else {
-                    warn!("cannot promote the queue replica: the ledger is busy or unavailable");
+                    warn!("cannot promote the queue replica: the ledger is busy or unavailable; tried again in {} s", PROMOTE_RETRY.as_secs());
                     continue;
                 };
                 match ing.ingest_local(&replica) {
                     Ok((moved, dups)) => {
+                        failed = false;
                         info!(
                             moved,
                             duplicates = dups,
@@ -1339,7 +1367,8 @@ async fn accept_loop(
                     Err(e) => {
                         error!(
                             alarm = true,
-                            "ALARM: promoting the queue replica failed: {e}"
+                            "ALARM: promoting the queue replica failed: {e}; tried again in {} s while this node is primary",
+                            PROMOTE_RETRY.as_secs()
                         );
                         *shared.queue.last_error.lock().expect("queue error lock") =
                             Some(e.to_string());

@@ -606,6 +606,35 @@ fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
     );
 }
 
+/// The promotion of the queue replica fails (a ledger flush fails, nothing
+/// counted): it is tried again while the node is primary, and every
+/// committed message reaches the live queue without a restart.
+#[test]
+fn a_failed_promotion_is_tried_again() {
+    let (mut tp, committed) = pair_with_committed_messages();
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "ledger.fail_sync=1")])
+        .unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    let live = live_committed(&tp, 1, &committed, Duration::from_secs(20));
+    assert!(
+        tp.nodes[1]
+            .log()
+            .contains("promoting the queue replica failed"),
+        "the failpoint was reached\n{}",
+        tp.logs()
+    );
+    assert_eq!(
+        live,
+        committed,
+        "every committed message is in the live queue\n{}",
+        tp.logs()
+    );
+}
+
 /// Zero-loss commit: a message whose commit returned "replicated" survives
 /// the primary's sudden death, even though it never comes back; with the
 /// peer gone, commits degrade to local-only after the timeout.
