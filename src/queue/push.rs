@@ -653,11 +653,13 @@ impl Ingester {
                         // One this node holds already is a duplicate whatever
                         // its size: kept by the pusher too, it could be
                         // delivered twice.
-                        let admitted = if self.holds(key) {
-                            pipe.session.on_message(id, key, true).map(|_| ())
-                        } else {
-                            warn!(peer, queue_id, "queued message refused: {why}");
-                            pipe.session.refused(id, why)
+                        let admitted = match pipe.session.on_message(id, key, self.holds(key)) {
+                            Ok(Admit::Duplicate) => Ok(()),
+                            Ok(Admit::Stage) => {
+                                warn!(peer, queue_id, "queued message refused: {why}");
+                                pipe.session.refused(id, why)
+                            }
+                            Err(v) => Err(v),
                         };
                         admitted.map_err(|v| violation(&peer, v))?;
                         self.perform(&mut pipe).await?;
@@ -822,7 +824,7 @@ impl Ingester {
                     }
                     .encode(&mut out);
                 }
-                IngestStep::Commit(ids) => self.start_commit(pipe, &ids),
+                IngestStep::Commit(ids) => self.start_commit(pipe, &ids)?,
                 IngestStep::Finish { landed_any } => finished = Some(landed_any),
             }
         }
@@ -1049,11 +1051,16 @@ impl Ingester {
     /// Starts committing the staged messages `ids` on its own thread (the
     /// loop goes on staging the next batch; the session starts one commit
     /// at a time).
-    fn start_commit(&mut self, pipe: &mut Pipe<'_>, ids: &[u64]) {
-        let staged: Vec<Staged> = ids
-            .iter()
-            .filter_map(|id| pipe.staged.get(id).cloned())
-            .collect();
+    fn start_commit(&mut self, pipe: &mut Pipe<'_>, ids: &[u64]) -> Result<(), PushError> {
+        let mut staged = Vec::with_capacity(ids.len());
+        for id in ids {
+            // The session commits only what was reported staged.
+            let st = pipe.staged.get(id).ok_or_else(|| PushError::Protocol {
+                peer: pipe.peer.clone(),
+                what: format!("message {id} to commit is not staged"),
+            })?;
+            staged.push(st.clone());
+        }
         pipe.committing = staged.clone();
         let (fs, dir, staging, failures, ledger, tx) = (
             self.queue_fs.clone(),
@@ -1067,22 +1074,23 @@ impl Ingester {
             .name("hasync-queue-commit".into())
             .spawn(move || {
                 let t0 = Instant::now();
-                // A panic must still be heard: the loop waits for this outcome.
                 let disk = RealDisk {
                     queue_fs: &fs,
                     queue_dir: &dir,
                     staging: &staging,
                     flush_failures: &failures,
                 };
+                // A panic mid-commit leaves the ledger's lock poisoned and its
+                // memory maybe behind its file, and the loop waiting for an
+                // outcome: the process stops, and its restart recovers from
+                // disk (what is recorded is completed; the pusher re-sends
+                // the rest).
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     commit_batch(&disk, &ledger, &staged)
                 }))
                 .unwrap_or_else(|_| {
-                    Err(PushError::Local {
-                        op: "commit (the commit thread panicked)",
-                        path: dir.clone(),
-                        source: std::io::Error::other("panic"),
-                    })
+                    error!("the queue commit thread panicked; stopping so that the restart recovers the ingest from disk");
+                    std::process::abort()
                 });
                 tracing::debug!(
                     n = staged.len(),
@@ -1109,6 +1117,7 @@ impl Ingester {
                 ));
             }
         }
+        Ok(())
     }
 
     /// The running commit ended: the session acknowledges each message of

@@ -338,6 +338,9 @@ impl IngestSession {
     /// keeps it.
     pub fn refused(&mut self, id: u64, detail: String) -> Result<(), Violation> {
         self.expect_streaming()?;
+        if self.pending_ids.contains(&id) {
+            return Err(Violation::IdReused(id));
+        }
         self.ack(id, QueueOutcome::Refused, detail);
         Ok(())
     }
@@ -605,6 +608,9 @@ mod tests {
         s.staged(5, 50).unwrap();
         assert_eq!(s.on_message(5, 51, false), Err(Violation::IdReused(5)));
         assert_eq!(s.staged(5, 51), Err(Violation::IdReused(5)));
+        // Refused under that id (a second review): its ack would have taken
+        // the staged message's place.
+        assert_eq!(s.refused(5, "bad".into()), Err(Violation::IdReused(5)));
         s.on_barrier().unwrap();
         assert_eq!(s.poll(), Some(IngestStep::Commit(vec![5])));
         s.committed(Ok(()));
