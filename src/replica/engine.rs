@@ -1027,10 +1027,6 @@ impl DrainHandle {
 /// Sends on its oneshot when dropped (a promotion answered on every path).
 struct DropSignal(Option<oneshot::Sender<()>>);
 
-/// How long a promotion of the queue replica that failed waits before it
-/// is tried again.
-const PROMOTE_RETRY: Duration = Duration::from_secs(5);
-
 impl Drop for DropSignal {
     fn drop(&mut self) {
         if let Some(tx) = self.0.take() {
@@ -1038,6 +1034,10 @@ impl Drop for DropSignal {
         }
     }
 }
+
+/// How long a promotion of the queue replica that failed waits before it
+/// is tried again.
+const PROMOTE_RETRY: Duration = Duration::from_secs(5);
 
 /// This node starts serving as primary: in every Dovecot Maildir store,
 /// each mailbox's next IMAP UID is raised past what the old primary may
@@ -1121,8 +1121,8 @@ const PEER_STATE_WAIT: Duration = Duration::from_secs(10);
 
 /// This node starts serving as primary: record what it holds now (per
 /// mailstore, durably, before any change it sends; [`mark_serving`] then
-/// marks it as a node that served as primary). A former primary that rejoins later is checked
-/// against this record (see `takeover`). Reads no file: versions the index
+/// marks it as a node that served as primary). A former primary that
+/// rejoins later is checked against this record (see `takeover`). Reads no file: versions the index
 /// knows give their hash, the others are recorded by inode, size and mtime
 /// and read only if the peer may be a former primary (it says it is, or it
 /// has not said otherwise within [`PEER_STATE_WAIT`]; see
