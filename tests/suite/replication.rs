@@ -450,6 +450,10 @@ fn a_new_primary_that_crashes_mid_reconciliation_still_knows_what_it_sent() {
     wait_identical(&a, &b, CONVERGE).unwrap();
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    // Its takeover record written (it is, before the tracker's watches):
+    // killed before, the next tenure would know no epoch of its peer (the
+    // floor heard of lives in that record) and count no carried version.
+    tp.wait_tracking(1);
     // The new primary, from now on stopped by the first acknowledgement it
     // hears (the former primary then holds what it was sent, durably).
     tp.nodes[1].kill9().unwrap();
