@@ -502,7 +502,14 @@ impl Node {
                 record.epoch
             } else {
                 0
-            },
+            }
+            .max(
+                read_peer_epoch(&cfg.state_dir)
+                    .filter(|&e| {
+                        crate::failover::epoch_taken_by(&cfg.link.peer_name, &cfg.node_name, e)
+                    })
+                    .unwrap_or(0),
+            ),
             systemd: systemd::Systemd::from_env(),
             control_tx: control_tx_node,
             roles_tx: None,
@@ -851,8 +858,16 @@ impl Node {
     fn note_epoch_heard(&mut self, node: &str, epoch: u64) {
         if node == self.cfg.link.peer_name
             && crate::failover::epoch_taken_by(&self.cfg.link.peer_name, &self.cfg.node_name, epoch)
+            && epoch > self.peer_epoch_known
         {
-            self.peer_epoch_known = self.peer_epoch_known.max(epoch);
+            self.peer_epoch_known = epoch;
+            // Kept across a restart (a promotion before the next heartbeat
+            // takes its floor from it). Not flushed: a machine crash that
+            // loses it only makes the next carried record count for fewer
+            // peers (conflicts kept aside, never deleted).
+            if let Err(e) = write_peer_epoch(&self.cfg.state_dir, epoch) {
+                warn!("cannot note the peer's epoch {epoch}: {e}");
+            }
         }
     }
 
@@ -1713,4 +1728,23 @@ pub fn render_status(s: &Status) -> String {
 
 fn fmt_ms(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.1} ms"))
+}
+
+/// Where the highest of the peer's epochs this node heard of is kept (the
+/// floor of a takeover record's carried part; see `replica::takeover`).
+pub const PEER_EPOCH_FILE: &str = "peer-epoch";
+
+fn write_peer_epoch(state_dir: &std::path::Path, epoch: u64) -> std::io::Result<()> {
+    let path = state_dir.join(PEER_EPOCH_FILE);
+    let tmp = state_dir.join(".peer-epoch.tmp");
+    std::fs::write(&tmp, format!("{epoch}\n"))?;
+    std::fs::rename(&tmp, &path)
+}
+
+fn read_peer_epoch(state_dir: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(state_dir.join(PEER_EPOCH_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -934,6 +934,7 @@ async fn run_primary(
     let scanned_at = std::time::Instant::now();
     let epoch = shared.served.load(Relaxed);
     let floor = shared.floor.load(Relaxed);
+    crate::failpoint::hit("engine.before_takeover_record");
     let (scans, record_complete) =
         record_takeover(cfg, &shared.excludes, &mut stores, (epoch, floor));
     if !mark_serving(shared, mode_rx, (tenure, epoch)).await {

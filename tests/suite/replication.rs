@@ -445,14 +445,40 @@ fn a_new_primary_that_lost_its_index_still_keeps_aside_exactly_the_genuine_confl
 /// and a restart carries the record of the tenure it interrupted over).
 #[test]
 fn a_new_primary_that_crashes_mid_reconciliation_still_knows_what_it_sent() {
+    crash_mid_reconciliation(false);
+}
+
+/// The same, the new primary also killed at its first promotion before it
+/// wrote any takeover record: what it heard of its peer's epochs is kept
+/// apart from that record (`peer-epoch`), so its later tenures still count
+/// their carried records for a peer that served at or below it.
+#[test]
+fn a_new_primary_killed_before_its_first_record_still_knows_its_peers_epoch() {
+    crash_mid_reconciliation(true);
+}
+
+fn crash_mid_reconciliation(killed_before_record: bool) {
     let mut tp = started_with_fixture(fast(), 21, 2, 10);
     let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     wait_identical(&a, &b, CONVERGE).unwrap();
-    tp.nodes[0].kill9().unwrap();
+    if killed_before_record {
+        tp.nodes[1].kill9().unwrap();
+        tp.nodes[1]
+            .start_with_env(&[("HASYNC_FAILPOINTS", "engine.before_takeover_record=1")])
+            .unwrap();
+        tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
+        tp.nodes[0].kill9().unwrap();
+        assert!(
+            tp.nodes[1].wait_exit(Duration::from_secs(30)),
+            "the new primary did not reach its failpoint\n{}",
+            tp.logs()
+        );
+        tp.nodes[1].start().unwrap();
+    } else {
+        tp.nodes[0].kill9().unwrap();
+    }
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
-    // Its takeover record written (it is, before the tracker's watches):
-    // killed before, the next tenure would know no epoch of its peer (the
-    // floor heard of lives in that record) and count no carried version.
+    // Its takeover record written (it is, before the tracker's watches).
     tp.wait_tracking(1);
     // The new primary, from now on stopped by the first acknowledgement it
     // hears (the former primary then holds what it was sent, durably).
