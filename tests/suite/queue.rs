@@ -581,28 +581,10 @@ fn live_committed(
 /// left in staging until the next start.
 #[test]
 fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
-    let (mut tp, committed) = pair_with_committed_messages();
-    // The secondary restarts with the failpoint armed, then the primary dies.
-    tp.nodes[1].kill9().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "queue.fail_mid_rename=5")])
-        .unwrap();
-    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
-    tp.nodes[0].kill9().unwrap();
-    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
-    let live = live_committed(&tp, 1, &committed, Duration::from_secs(5));
-    assert!(
-        tp.nodes[1]
-            .log()
-            .contains("failpoint queue.fail_mid_rename"),
-        "the failpoint was reached\n{}",
-        tp.logs()
-    );
-    assert_eq!(
-        live,
-        committed,
-        "every committed message is in the live queue\n{}",
-        tp.logs()
+    promotion_with_a_fault(
+        "queue.fail_mid_rename=5",
+        "failpoint queue.fail_mid_rename",
+        Duration::from_secs(5),
     );
 }
 
@@ -611,19 +593,29 @@ fn a_promotion_whose_commit_fails_midway_completes_its_batch() {
 /// committed message reaches the live queue without a restart.
 #[test]
 fn a_failed_promotion_is_tried_again() {
+    promotion_with_a_fault(
+        "ledger.fail_sync=1",
+        "promoting the queue replica failed",
+        Duration::from_secs(20),
+    );
+}
+
+/// The secondary of a pair with committed messages restarts with
+/// `failpoints` armed, then the primary dies: the new primary's log says
+/// `reached`, and every committed message is in its live queue within
+/// `within`.
+fn promotion_with_a_fault(failpoints: &str, reached: &str, within: Duration) {
     let (mut tp, committed) = pair_with_committed_messages();
     tp.nodes[1].kill9().unwrap();
     tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "ledger.fail_sync=1")])
+        .start_with_env(&[("HASYNC_FAILPOINTS", failpoints)])
         .unwrap();
     tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
-    let live = live_committed(&tp, 1, &committed, Duration::from_secs(20));
+    let live = live_committed(&tp, 1, &committed, within);
     assert!(
-        tp.nodes[1]
-            .log()
-            .contains("promoting the queue replica failed"),
+        tp.nodes[1].log().contains(reached),
         "the failpoint was reached\n{}",
         tp.logs()
     );
