@@ -504,7 +504,7 @@ impl Node {
                 0
             }
             .max(
-                read_peer_epoch(&cfg.state_dir)
+                read_peer_epoch(&cfg.state_dir, &cfg.link.peer_name)
                     .filter(|&e| {
                         crate::failover::epoch_taken_by(&cfg.link.peer_name, &cfg.node_name, e)
                     })
@@ -865,7 +865,7 @@ impl Node {
             // takes its floor from it). Not flushed: a machine crash that
             // loses it only makes the next carried record count for fewer
             // peers (conflicts kept aside, never deleted).
-            if let Err(e) = write_peer_epoch(&self.cfg.state_dir, epoch) {
+            if let Err(e) = write_peer_epoch(&self.cfg.state_dir, &self.cfg.link.peer_name, epoch) {
                 warn!("cannot note the peer's epoch {epoch}: {e}");
             }
         }
@@ -1734,17 +1734,35 @@ fn fmt_ms(v: Option<f64>) -> String {
 /// floor of a takeover record's carried part; see `replica::takeover`).
 pub const PEER_EPOCH_FILE: &str = "peer-epoch";
 
-fn write_peer_epoch(state_dir: &std::path::Path, epoch: u64) -> std::io::Result<()> {
+/// `<peer name> <epoch>`: a file left by another peer (a replaced node, a
+/// reused state directory) is not taken for this one's.
+fn write_peer_epoch(state_dir: &std::path::Path, peer: &str, epoch: u64) -> std::io::Result<()> {
     let path = state_dir.join(PEER_EPOCH_FILE);
     let tmp = state_dir.join(".peer-epoch.tmp");
-    std::fs::write(&tmp, format!("{epoch}\n"))?;
+    std::fs::write(&tmp, format!("{peer} {epoch}\n"))?;
     std::fs::rename(&tmp, &path)
 }
 
-fn read_peer_epoch(state_dir: &std::path::Path) -> Option<u64> {
-    std::fs::read_to_string(state_dir.join(PEER_EPOCH_FILE))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+fn read_peer_epoch(state_dir: &std::path::Path, peer: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(state_dir.join(PEER_EPOCH_FILE)).ok()?;
+    let (name, epoch) = text.trim().rsplit_once(' ')?;
+    (name == peer).then(|| epoch.parse().ok()).flatten()
+}
+
+#[cfg(test)]
+mod peer_epoch_tests {
+    use super::*;
+
+    /// A file another peer left (a replaced node, a reused state directory)
+    /// is not taken for this peer's epoch.
+    #[test]
+    fn the_peer_epoch_is_read_only_for_the_peer_that_wrote_it() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(read_peer_epoch(d.path(), "mx2"), None);
+        write_peer_epoch(d.path(), "mx2", 41).unwrap();
+        assert_eq!(read_peer_epoch(d.path(), "mx2"), Some(41));
+        assert_eq!(read_peer_epoch(d.path(), "mx3"), None);
+        std::fs::write(d.path().join(PEER_EPOCH_FILE), "41\n").unwrap();
+        assert_eq!(read_peer_epoch(d.path(), "mx2"), None);
+    }
 }

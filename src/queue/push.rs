@@ -940,11 +940,23 @@ impl Ingester {
         let (mut moved, mut dups) = (0, 0);
         let mut batch: Vec<(QueuedMessage, Staged)> = Vec::new();
         for msg in scan.messages {
-            let mut bodies = read_parts(&msg).map_err(|source| PushError::Local {
-                op: "read",
-                path: msg.parts[0].path.clone(),
-                source,
-            })?;
+            let mut bodies = match read_parts(&msg) {
+                Ok(b) => b,
+                Err(source) => {
+                    // What this batch staged never counted: it goes (a
+                    // promotion tried again stages it anew).
+                    for (_, st) in &batch {
+                        for (staged, _) in &st.moves {
+                            let _ = std::fs::remove_file(staged);
+                        }
+                    }
+                    return Err(PushError::Local {
+                        op: "read",
+                        path: msg.parts[0].path.clone(),
+                        source,
+                    });
+                }
+            };
             let views: Vec<(&str, &[u8])> = msg
                 .parts
                 .iter()

@@ -1313,7 +1313,8 @@ async fn accept_loop(
         // the replica would otherwise wait for the next promotion.
         let (shared, ingester, mode_rx) = (shared.clone(), ingester.clone(), mode_rx.clone());
         tokio_uring::spawn(async move {
-            let mut failed = false;
+            // A failure episode alarms once.
+            let (mut failed, mut alarmed) = (false, false);
             loop {
                 let done = if failed {
                     tokio::select! {
@@ -1330,7 +1331,7 @@ async fn accept_loop(
                     }
                 };
                 if done.is_none() && *mode_rx.borrow() != EngineMode::Primary {
-                    failed = false;
+                    (failed, alarmed) = (false, false);
                     continue;
                 }
                 // Answered when this iteration ends, whatever the outcome.
@@ -1348,29 +1349,45 @@ async fn accept_loop(
                 failed = true;
                 let taken = ingester.borrow_mut().take();
                 let Some(mut ing) = taken else {
-                    warn!("cannot promote the queue replica: the ledger is busy or unavailable; tried again in {} s", PROMOTE_RETRY.as_secs());
+                    if !alarmed {
+                        warn!("cannot promote the queue replica: the ledger is busy or unavailable; tried again every {} s", PROMOTE_RETRY.as_secs());
+                        alarmed = true;
+                    }
                     continue;
                 };
-                match ing.ingest_local(&replica) {
+                // What lands in the live queue during this attempt, whatever
+                // its outcome (a batch completed before a later one failed).
+                let landed_before = ing.stats.ingested + ing.stats.rolled_forward;
+                let outcome = ing.ingest_local(&replica);
+                let landed = ing.stats.ingested + ing.stats.rolled_forward - landed_before;
+                // As after a push: the MTA must learn of them (`postsuper
+                // -s`), before anything delivers them.
+                if landed > 0 {
+                    ing.run_hook("promotion", landed).await;
+                }
+                match outcome {
                     Ok((moved, dups)) => {
                         failed = false;
+                        alarmed = false;
+                        *shared.queue.last_error.lock().expect("queue error lock") = None;
                         info!(
                             moved,
                             duplicates = dups,
                             "queue replica promoted into the live queue: {moved} messages, {dups} already there"
                         );
-                        // As after a push: the MTA must learn of them
-                        // (`postsuper -s`), before anything delivers them.
-                        if moved > 0 {
-                            ing.run_hook("promotion", moved).await;
-                        }
+                    }
+                    Err(e) if alarmed => {
+                        warn!("promoting the queue replica failed again: {e}");
+                        *shared.queue.last_error.lock().expect("queue error lock") =
+                            Some(e.to_string());
                     }
                     Err(e) => {
                         error!(
                             alarm = true,
-                            "ALARM: promoting the queue replica failed: {e}; tried again in {} s while this node is primary",
+                            "ALARM: promoting the queue replica failed: {e}; tried again every {} s while this node is primary",
                             PROMOTE_RETRY.as_secs()
                         );
+                        alarmed = true;
                         *shared.queue.last_error.lock().expect("queue error lock") =
                             Some(e.to_string());
                     }
