@@ -59,6 +59,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustix::io::Errno;
+
+use super::apply::{Applier, ReplicaTree, Reply};
+use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Entry, Index, Kind, Rehash, Scan, Stat, Version};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
@@ -446,45 +450,24 @@ struct Incoming {
     data: Vec<u8>,
 }
 
-/// The replica: applies ops as the receiver does.
-struct Replica {
-    fs: Fs,
-    /// What a crash keeps for sure: the tree as the last acknowledged
-    /// barrier left it (the receiver acknowledges only what its flushes made
-    /// durable; `commit_sim` checks that it does).
-    durable: Fs,
-    /// Messages applied since that barrier: a crash keeps a prefix of them.
-    since_durable: Vec<SyncMsg>,
-    /// The faults those messages met, in order (a crash replays them).
-    fault_log: Vec<Option<NeedReason>>,
-    replaying: Option<VecDeque<Option<NeedReason>>>,
-    /// Barriers applied, acknowledged once a flush covers them.
-    unflushed: Vec<u64>,
-    /// Versions kept aside for the primary (a former primary's genuine
-    /// conflicts), by path and content hash.
-    kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
-    /// Flushes complete later than the barrier (the receiver's group
-    /// commit: a need for an op of a later batch can go out before the
-    /// acknowledgement of an earlier one); else at once.
-    group_commit: bool,
+/// What fails on the replica's disk, drawn per filesystem op.
+struct Faults {
     /// The disk is full: what needs room (a file, a folder, a name) is
     /// refused with `NoSpace`; renames and deletions still go through.
     full: bool,
-    /// Percent of ops that fail with an I/O error (refused with
-    /// `LocalError`, nothing changed), drawn from `eio_rng`.
+    /// Percent of ops that fail with an I/O error (nothing changed), drawn
+    /// from `eio_rng`.
     eio_percent: u8,
     eio_rng: SimRng,
-    /// A file whose data frames are arriving.
-    current: Option<Incoming>,
-    /// Folder times said in this batch, applied at its barrier.
-    retime: BTreeMap<PathBuf, Meta>,
-    replies: Vec<u8>,
+    /// The faults the ops since the last acknowledgement met, in order (a
+    /// crash replays them).
+    log: Vec<Option<NeedReason>>,
+    replaying: Option<VecDeque<Option<NeedReason>>>,
 }
 
-impl Replica {
-    /// A fault refuses this op: the disk is full (`room`: it needs space)
-    /// or an I/O error strikes; the op is answered with a need.
-    fn faulted(&mut self, seq: u64, rel: &Path, room: bool) -> bool {
+impl Faults {
+    /// Whether this op fails (`room`: it needs space), and how.
+    fn strike(&mut self, op: &'static str, rel: &Path, room: bool) -> Result<(), FsError> {
         let decided = match &mut self.replaying {
             // After a crash, what was applied again fails as it did.
             Some(log) => log.pop_front().flatten(),
@@ -496,15 +479,261 @@ impl Replica {
                 } else {
                     None
                 };
-                self.fault_log.push(reason);
+                self.log.push(reason);
                 reason
             }
         };
-        let Some(reason) = decided else {
-            return false;
+        let path = rel.display().to_string();
+        match decided {
+            None => Ok(()),
+            Some(NeedReason::NoSpace) => Err(FsError::NoSpace { op, path }),
+            Some(_) => Err(io_error(op, rel, Errno::IO)),
+        }
+    }
+}
+
+fn io_error(op: &'static str, rel: &Path, errno: Errno) -> FsError {
+    FsError::Io {
+        op,
+        path: rel.display().to_string(),
+        source: std::io::Error::from_raw_os_error(errno.raw_os_error()),
+    }
+}
+
+/// The replica's filesystem as the receiver's decisions ([`Applier`]) see
+/// it: the model, its faults, the staged files and the kept-aside versions.
+struct Disk<'a> {
+    fs: &'a mut Fs,
+    faults: &'a mut Faults,
+    staged: &'a mut HashMap<u64, (Vec<u8>, Meta)>,
+    kept_aside: &'a mut std::collections::BTreeSet<(PathBuf, u128)>,
+}
+
+impl Disk<'_> {
+    /// The walk to `rel`'s parent fails at a non-folder (ENOTDIR).
+    fn reachable(&self, op: &'static str, rel: &Path) -> Result<(), FsError> {
+        if self.fs.blocked_above(rel) {
+            return Err(io_error(op, rel, Errno::NOTDIR));
+        }
+        Ok(())
+    }
+
+    /// Puts inode `ino` at `rel` (replacing a non-folder there), making
+    /// missing parents.
+    fn put(&mut self, rel: &Path, ino: u64) {
+        self.fs.make_parents(rel);
+        if self.fs.exists(rel) {
+            self.fs.drop_name(rel);
+        }
+        self.fs.add_name(rel, ino);
+    }
+}
+
+impl ReplicaTree for Disk<'_> {
+    fn lstat(&self, rel: &Path) -> std::io::Result<Option<Stat>> {
+        Ok(self.fs.stat(rel))
+    }
+
+    fn hash(&self, rel: &Path, _kind: Kind) -> std::io::Result<u128> {
+        self.fs.hash_of(rel).ok_or_else(|| not_found(rel))
+    }
+
+    fn mkdir(&mut self, rel: &Path, meta: &Meta) -> Result<PathBuf, FsError> {
+        self.faults.strike("mkdir", rel, true)?;
+        self.reachable("mkdir", rel)?;
+        if !self.fs.exists(rel) {
+            self.fs.make_parents(rel);
+            let ino = self.fs.new_inode(Body::Dir, meta.mode, None);
+            self.fs.add_name(rel, ino);
+        } else if self.fs.is_dir(rel) {
+            let ino = self.fs.ino(rel).expect("exists");
+            self.fs.inodes.get_mut(&ino).expect("named").mode = meta.mode;
+        } else {
+            return Err(io_error("mkdir", rel, Errno::EXIST));
+        }
+        Ok(parent(rel))
+    }
+
+    fn check_dir_meta(&self, _rel: &Path, _meta: &Meta) -> Result<(), FsError> {
+        Ok(())
+    }
+
+    fn set_dir_times(&mut self, rel: &Path, meta: &Meta) -> Result<bool, FsError> {
+        match self.fs.ino(rel).and_then(|i| self.fs.inodes.get_mut(&i)) {
+            Some(i) if i.body == Body::Dir => {
+                i.mtime = (meta.mtime_sec, meta.mtime_nsec);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn remove(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
+        self.faults.strike("remove", rel, false)?;
+        if !self.fs.exists(rel) {
+            return Ok(None);
+        }
+        self.fs.remove_tree(rel);
+        Ok(Some(parent(rel)))
+    }
+
+    fn rename(&mut self, from: &Path, to: &Path) -> Result<RenameOutcome, FsError> {
+        if !self.fs.exists(from) {
+            return Ok(RenameOutcome::SourceMissing);
+        }
+        self.faults.strike("rename", to, false)?;
+        self.reachable("rename", to)?;
+        self.fs.make_parents(to);
+        if !self.fs.rename(from, to) {
+            return Err(io_error("rename", to, Errno::ISDIR));
+        }
+        if self.fs.exists(from) && self.fs.ino(from) == self.fs.ino(to) {
+            // rename(2) between two names of one inode does nothing: the
+            // receiver drops `from`.
+            self.fs.drop_name(from);
+        }
+        Ok(RenameOutcome::Renamed)
+    }
+
+    fn link(&mut self, existing: &Path, new: &Path) -> Result<LinkOutcome, FsError> {
+        let Some(src) = self.fs.ino(existing) else {
+            return Ok(LinkOutcome::SourceMissing);
         };
-        self.need(seq, rel, reason);
-        true
+        if self.fs.is_dir(existing) {
+            return Err(io_error("link", new, Errno::PERM));
+        }
+        self.faults.strike("link", new, true)?;
+        self.reachable("link", new)?;
+        if self.fs.ino(new) != Some(src) {
+            self.put(new, src);
+        }
+        Ok(LinkOutcome::Linked)
+    }
+
+    fn symlink(&mut self, rel: &Path, target: &[u8], meta: &Meta) -> Result<PathBuf, FsError> {
+        self.faults.strike("symlink", rel, true)?;
+        self.reachable("symlink", rel)?;
+        let ino = self.fs.new_inode(
+            Body::Symlink(target.to_vec()),
+            0o777,
+            Some((meta.mtime_sec, meta.mtime_nsec)),
+        );
+        self.put(rel, ino);
+        Ok(parent(rel))
+    }
+
+    fn keep_aside(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
+        // Moved out of the tree into the conflicts kept for the primary
+        // (never refused here: see docs/INVARIANTS.md).
+        match self.fs.get(rel).map(|i| &i.body) {
+            Some(Body::File(data)) => {
+                let hash = index::hash_bytes(data);
+                self.kept_aside.insert((rel.to_path_buf(), hash));
+                self.fs.drop_name(rel);
+                Ok(Some(Path::new("conflicts").join(rel)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn land(&mut self, id: u64, rel: &Path) -> Result<PathBuf, FsError> {
+        self.faults.strike("land", rel, true)?;
+        self.reachable("land", rel)?;
+        if self.fs.is_dir(rel) {
+            return Err(io_error("land", rel, Errno::ISDIR));
+        }
+        let (data, meta) = self
+            .staged
+            .remove(&id)
+            .ok_or_else(|| io_error("land", rel, Errno::IO))?;
+        let ino = self.fs.new_inode(
+            Body::File(data),
+            meta.mode,
+            Some((meta.mtime_sec, meta.mtime_nsec)),
+        );
+        self.put(rel, ino);
+        Ok(parent(rel))
+    }
+
+    fn discard_staged(&mut self, id: u64) {
+        self.staged.remove(&id);
+    }
+}
+
+/// The replica: the receiver's decisions ([`Applier`]) over a model of its
+/// disk.
+struct Replica {
+    fs: Fs,
+    /// What a crash keeps for sure: the tree as the last acknowledged
+    /// barrier left it (the receiver acknowledges only what its flushes made
+    /// durable; `commit_sim` checks that it does), and the decisions' state
+    /// then.
+    durable: Fs,
+    durable_ops: Applier,
+    /// Messages applied since that barrier: a crash keeps a prefix of them.
+    since_durable: Vec<SyncMsg>,
+    faults: Faults,
+    /// The receiver's decisions for ops on paths, and its index.
+    ops: Applier,
+    index: Index,
+    stats: Arc<ReplStats>,
+    /// Files received and not landed yet.
+    staged: HashMap<u64, (Vec<u8>, Meta)>,
+    /// Barriers applied, acknowledged once a flush covers them.
+    unflushed: Vec<u64>,
+    /// Versions kept aside for the primary (a former primary's genuine
+    /// conflicts), by path and content hash.
+    kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
+    /// Flushes complete later than the barrier (the receiver's group
+    /// commit: a need for an op of a later batch can go out before the
+    /// acknowledgement of an earlier one); else at once.
+    group_commit: bool,
+    /// A file whose data frames are arriving.
+    current: Option<Incoming>,
+    replies: Vec<u8>,
+}
+
+impl Replica {
+    fn new(seed: u64, clock: i64) -> Replica {
+        let stats = Arc::new(ReplStats::default());
+        Replica {
+            fs: Fs::new(clock),
+            durable: Fs::new(clock),
+            durable_ops: Applier::new(stats.clone()),
+            since_durable: Vec::new(),
+            faults: Faults {
+                full: false,
+                eio_percent: 0,
+                eio_rng: SimRng::new(seed ^ 0x0065_696f),
+                log: Vec::new(),
+                replaying: None,
+            },
+            ops: Applier::new(stats.clone()),
+            index: Index::in_memory(),
+            stats,
+            staged: HashMap::new(),
+            unflushed: Vec::new(),
+            kept_aside: Default::default(),
+            group_commit: false,
+            current: None,
+            replies: Vec::new(),
+        }
+    }
+
+    /// The node restarts: a new receiver, with its disk as `fs`.
+    fn restart(&mut self, fs: Fs) {
+        self.fs = fs;
+        self.durable = self.fs.clone();
+        self.ops = Applier::new(self.stats.clone());
+        self.durable_ops = Applier::new(self.stats.clone());
+        self.index = Index::in_memory();
+        self.staged.clear();
+        self.since_durable.clear();
+        self.faults.log.clear();
+        self.faults.replaying = None;
+        self.current = None;
+        self.replies.clear();
+        self.unflushed.clear();
     }
 
     fn need(&mut self, seq: u64, rel: &Path, reason: NeedReason) {
@@ -517,44 +746,62 @@ impl Replica {
         .encode(&mut self.replies);
     }
 
-    /// The receiver's `clear_other_kind`.
-    fn clear_other_kind(&mut self, rel: &Path, want_dir: bool) {
-        if self.fs.exists(rel) && self.fs.is_dir(rel) != want_dir {
-            self.fs.remove_tree(rel);
+    /// Runs `op` with the receiver's decisions over this disk, then answers
+    /// what they could not do, as the receiver does.
+    fn decide(&mut self, op: impl FnOnce(&mut Applier, &mut Disk<'_>, &mut Index)) {
+        let mut disk = Disk {
+            fs: &mut self.fs,
+            faults: &mut self.faults,
+            staged: &mut self.staged,
+            kept_aside: &mut self.kept_aside,
+        };
+        op(&mut self.ops, &mut disk, &mut self.index);
+        let replies: Vec<Reply> = self.ops.take_replies().collect();
+        for r in replies {
+            match r {
+                Reply::Need {
+                    seq, rel, reason, ..
+                } => self.need(seq, &rel, reason),
+                Reply::Failed {
+                    seq, rel, error, ..
+                }
+                | Reply::KeepAsideFailed {
+                    seq, rel, error, ..
+                } => {
+                    let reason = if error.is_no_space() {
+                        NeedReason::NoSpace
+                    } else {
+                        NeedReason::LocalError
+                    };
+                    self.need(seq, &rel, reason)
+                }
+                Reply::KeptAside { .. } => {}
+            }
         }
     }
 
-    fn land_file(&mut self, seq: u64, rel: &Path, meta: Meta, data: Vec<u8>) {
-        if self.faulted(seq, rel, true) {
-            return;
-        }
-        if self.fs.blocked_above(rel) {
-            self.need(seq, rel, NeedReason::LocalError);
-            return;
-        }
-        if self.fs.is_dir(rel) {
-            self.fs.remove_tree(rel);
-        }
-        // The same content already here under a shared inode: kept.
-        if let Some(cur) = self.fs.stat(rel) {
-            if cur.kind == Kind::File
-                && cur.nlink > 1
-                && cur.meta == meta
-                && self.fs.hash_of(rel) == Some(index::hash_bytes(&data))
-            {
-                return;
-            }
-        }
-        self.fs.make_parents(rel);
-        let ino = self.fs.new_inode(
-            Body::File(data),
-            meta.mode,
-            Some((meta.mtime_sec, meta.mtime_nsec)),
-        );
-        if self.fs.exists(rel) {
-            self.fs.drop_name(rel);
-        }
-        self.fs.add_name(rel, ino);
+    /// A file received whole: staged, then landed (the real receiver lands
+    /// it at its group commit; here at once).
+    fn land_file(&mut self, seq: u64, rel: PathBuf, meta: Meta, hash: u128, data: Vec<u8>) {
+        let size = data.len() as u64;
+        let staged = Stat {
+            kind: Kind::File,
+            version: Version {
+                size,
+                mtime_s: meta.mtime_sec,
+                mtime_ns: meta.mtime_nsec,
+                ino: 0,
+                ctime_s: 0,
+                ctime_ns: 0,
+            },
+            meta,
+            nlink: 1,
+            dev: 1,
+        };
+        self.staged.insert(seq, (data, meta));
+        self.decide(|ops, disk, index| {
+            ops.land(disk, index, 0, seq, rel, hash, size, Some(staged))
+        });
     }
 
     fn apply(&mut self, msg: SyncMsg) -> Result<(), String> {
@@ -573,27 +820,16 @@ impl Replica {
                 // Changed while it was streamed: the receiver asks again.
                 self.need(inc.seq, &inc.rel, NeedReason::HashMismatch);
             } else {
-                self.land_file(inc.seq, &inc.rel, inc.meta, inc.data);
+                self.land_file(inc.seq, inc.rel, inc.meta, inc.hash, inc.data);
             }
             return Ok(());
         }
         match msg {
-            SyncMsg::Start { .. } | SyncMsg::ManifestRequest { .. } | SyncMsg::CaughtUp => {}
-            SyncMsg::KeepAside { path, .. } => {
-                // Moved out of the tree into the conflicts kept for the
-                // primary (never refused here: the receiver protects a
-                // path it cannot move, which is not modelled).
+            SyncMsg::Start { .. } => self.ops.begin_session(),
+            SyncMsg::ManifestRequest { .. } | SyncMsg::CaughtUp => {}
+            SyncMsg::KeepAside { seq, path, .. } => {
                 let rel = rel_of(&path)?;
-                if let Some(hash) = self.fs.hash_of(&rel) {
-                    if self
-                        .fs
-                        .get(&rel)
-                        .is_some_and(|i| matches!(i.body, Body::File(_)))
-                    {
-                        self.kept_aside.insert((rel.clone(), hash));
-                        self.fs.drop_name(&rel);
-                    }
-                }
+                self.decide(|ops, disk, _| ops.keep_aside(disk, 0, seq, rel));
             }
             SyncMsg::File {
                 seq,
@@ -605,7 +841,7 @@ impl Replica {
             } => {
                 let rel = rel_of(&path)?;
                 if size == 0 {
-                    self.land_file(seq, &rel, meta, Vec::new());
+                    self.land_file(seq, rel, meta, hash, Vec::new());
                 } else {
                     self.current = Some(Incoming {
                         seq,
@@ -621,70 +857,21 @@ impl Replica {
                 seq, path, meta, ..
             } => {
                 let rel = rel_of(&path)?;
-                if self.faulted(seq, &rel, true) {
-                    return Ok(());
-                }
-                if self.fs.blocked_above(&rel) {
-                    self.need(seq, &rel, NeedReason::LocalError);
-                    return Ok(());
-                }
-                self.clear_other_kind(&rel, true);
-                if !self.fs.exists(&rel) {
-                    self.fs.make_parents(&rel);
-                    let ino = self.fs.new_inode(Body::Dir, meta.mode, None);
-                    self.fs.add_name(&rel, ino);
-                } else if let Some(i) = self.fs.ino(&rel).and_then(|i| self.fs.inodes.get_mut(&i)) {
-                    i.mode = meta.mode;
-                }
-                self.retime.insert(rel, meta);
+                self.decide(|ops, disk, index| ops.mkdir(disk, index, 0, seq, rel, meta));
             }
-            SyncMsg::DirMeta { path, meta, .. } => {
-                self.retime.insert(rel_of(&path)?, meta);
+            SyncMsg::DirMeta {
+                seq, path, meta, ..
+            } => {
+                let rel = rel_of(&path)?;
+                self.decide(|ops, disk, _| ops.dir_meta(disk, 0, seq, rel, meta));
             }
             SyncMsg::Delete { seq, path, .. } => {
                 let rel = rel_of(&path)?;
-                if self.faulted(seq, &rel, false) {
-                    return Ok(());
-                }
-                if self.fs.exists(&rel) {
-                    self.fs.remove_tree(&rel);
-                }
+                self.decide(|ops, disk, index| ops.delete(disk, index, 0, seq, &rel));
             }
             SyncMsg::Rename { seq, from, to, .. } => {
                 let (from, to) = (rel_of(&from)?, rel_of(&to)?);
-                if !self.fs.exists(&from) {
-                    self.need(seq, &to, NeedReason::SourceMissing);
-                    return Ok(());
-                }
-                if self.faulted(seq, &to, false) {
-                    return Ok(());
-                }
-                if self.fs.blocked_above(&to) {
-                    self.need(seq, &to, NeedReason::LocalError);
-                    return Ok(());
-                }
-                let folder = self.fs.is_dir(&from);
-                self.clear_other_kind(&to, folder);
-                self.fs.make_parents(&to);
-                if self.fs.rename(&from, &to) {
-                    if self.fs.exists(&from) && self.fs.ino(&from) == self.fs.ino(&to) {
-                        // rename(2) between two names of one inode does
-                        // nothing: the receiver drops `from`.
-                        self.fs.drop_name(&from);
-                    }
-                    // Times said for the folder follow it.
-                    let moved: Vec<(PathBuf, Meta)> = self
-                        .retime
-                        .iter()
-                        .filter_map(|(p, m)| {
-                            crate::model::moved_path(p, &from, &to).map(|q| (q, *m))
-                        })
-                        .collect();
-                    self.retime.retain(|p, _| !p.starts_with(&from));
-                    self.retime.extend(moved);
-                } else {
-                    self.need(seq, &to, NeedReason::LocalError);
-                }
+                self.decide(|ops, disk, index| ops.rename(disk, index, 0, seq, &from, &to));
             }
             SyncMsg::Link {
                 seq,
@@ -695,38 +882,9 @@ impl Replica {
                 ..
             } => {
                 let (existing, rel) = (rel_of(&existing)?, rel_of(&path)?);
-                let Some(src) = self.fs.ino(&existing) else {
-                    self.need(seq, &rel, NeedReason::SourceMissing);
-                    return Ok(());
-                };
-                if self.fs.is_dir(&existing) {
-                    self.need(seq, &rel, NeedReason::LocalError);
-                    return Ok(());
-                }
-                if self.faulted(seq, &rel, true) {
-                    return Ok(());
-                }
-                // The receiver links only to the content the primary said,
-                // with its times.
-                let times = |m: &Meta| (m.mtime_sec, m.mtime_nsec);
-                if self.fs.hash_of(&existing) != Some(hash)
-                    || self.fs.stat(&existing).map(|st| times(&st.meta)) != Some(times(&meta))
-                {
-                    self.need(seq, &rel, NeedReason::SourceMissing);
-                    return Ok(());
-                }
-                if self.fs.blocked_above(&rel) {
-                    self.need(seq, &rel, NeedReason::LocalError);
-                    return Ok(());
-                }
-                self.clear_other_kind(&rel, false);
-                if self.fs.ino(&rel) != Some(src) {
-                    self.fs.make_parents(&rel);
-                    if self.fs.exists(&rel) {
-                        self.fs.drop_name(&rel);
-                    }
-                    self.fs.add_name(&rel, src);
-                }
+                self.decide(|ops, disk, index| {
+                    ops.link(disk, index, 0, seq, &existing, rel, hash, &meta)
+                });
             }
             SyncMsg::Symlink {
                 seq,
@@ -736,33 +894,19 @@ impl Replica {
                 ..
             } => {
                 let rel = rel_of(&path)?;
-                if self.faulted(seq, &rel, true) {
-                    return Ok(());
-                }
-                if self.fs.blocked_above(&rel) {
-                    self.need(seq, &rel, NeedReason::LocalError);
-                    return Ok(());
-                }
-                self.clear_other_kind(&rel, false);
-                self.fs.make_parents(&rel);
-                if self.fs.exists(&rel) {
-                    self.fs.drop_name(&rel);
-                }
-                let ino = self.fs.new_inode(
-                    Body::Symlink(target),
-                    0o777,
-                    Some((meta.mtime_sec, meta.mtime_nsec)),
-                );
-                self.fs.add_name(&rel, ino);
+                self.decide(|ops, disk, index| {
+                    ops.symlink(disk, index, 0, seq, rel, &target, &meta)
+                });
             }
             SyncMsg::Barrier { seq } => {
-                for (dir, meta) in std::mem::take(&mut self.retime) {
-                    if let Some(i) = self.fs.ino(&dir).and_then(|i| self.fs.inodes.get_mut(&i)) {
-                        if i.body == Body::Dir {
-                            i.mtime = (meta.mtime_sec, meta.mtime_nsec);
-                        }
+                // The commit's directory phase: the folders touched and
+                // those whose times were said get the primary's times.
+                self.decide(|ops, disk, index| {
+                    for (s, dir, meta) in ops.dir_times_due() {
+                        let _ = ops.retime(disk, index, s, dir, &meta);
                     }
-                }
+                    ops.take_dirs();
+                });
                 self.unflushed.push(seq);
                 if !self.group_commit {
                     self.flush();
@@ -783,9 +927,10 @@ impl Replica {
             SyncMsg::Ack { seq }.encode(&mut self.replies);
         }
         self.durable = self.fs.clone();
+        self.durable_ops = self.ops.snapshot();
         self.since_durable.clear();
-        if self.replaying.is_none() {
-            self.fault_log.clear();
+        if self.faults.replaying.is_none() {
+            self.faults.log.clear();
         }
     }
 
@@ -995,7 +1140,7 @@ impl DataSim {
         sim.faults = true;
         sim.crash_percent = [0, 5, 15][sim.fault_rng.range(0, 2) as usize];
         sim.full_percent = [0, 0, 10, 30][sim.fault_rng.range(0, 3) as usize];
-        sim.replica.eio_percent = [0, 0, 1, 3][sim.fault_rng.range(0, 3) as usize];
+        sim.replica.faults.eio_percent = [0, 0, 1, 3][sim.fault_rng.range(0, 3) as usize];
         // Files above this size take the large files' path (the bodies are
         // tens to a few hundred bytes).
         let large = [u64::MAX, 150, 100][sim.fault_rng.range(0, 2) as usize];
@@ -1021,22 +1166,7 @@ impl DataSim {
         let mut sim = DataSim {
             rng,
             primary,
-            replica: Replica {
-                fs: Fs::new(-1_000_000_000),
-                durable: Fs::new(-1_000_000_000),
-                since_durable: Vec::new(),
-                fault_log: Vec::new(),
-                replaying: None,
-                unflushed: Vec::new(),
-                kept_aside: Default::default(),
-                group_commit: false,
-                full: false,
-                eio_percent: 0,
-                eio_rng: SimRng::new(seed ^ 0x0065_696f),
-                current: None,
-                retime: BTreeMap::new(),
-                replies: Vec::new(),
-            },
+            replica: Replica::new(seed, -1_000_000_000),
             sender,
             excludes,
             events: VecDeque::new(),
@@ -1871,7 +2001,6 @@ impl DataSim {
         self.to_replica.clear();
         self.to_primary.clear();
         self.replica.current = None;
-        self.replica.retime.clear();
         self.replica.replies.clear();
         // A flush under way completes, but its acknowledgements are lost.
         self.replica.unflushed.clear();
@@ -1885,7 +2014,7 @@ impl DataSim {
     fn crash_replica(&mut self) {
         self.out.replica_crashes += 1;
         let applied = std::mem::take(&mut self.replica.since_durable);
-        self.replica.replaying = Some(std::mem::take(&mut self.replica.fault_log).into());
+        let log = std::mem::take(&mut self.replica.faults.log);
         let kept = self.rng_crash_range(applied.len());
         if self.trace {
             eprintln!(
@@ -1894,22 +2023,21 @@ impl DataSim {
             );
         }
         self.cut();
-        let clock = self.replica.fs.clock;
-        self.replica.fs = self.replica.durable.clone();
-        self.replica.fs.clock = clock;
+        // What the disk keeps: the durable tree and a prefix of the ops
+        // applied since, as they were decided then.
+        let r = &mut self.replica;
+        let clock = r.fs.clock;
+        r.fs = r.durable.clone();
+        r.fs.clock = clock;
+        r.ops = r.durable_ops.snapshot();
+        r.faults.replaying = Some(log.into());
         for msg in applied.into_iter().take(kept) {
-            if self.replica.apply(msg).is_err() {
+            if r.apply(msg).is_err() {
                 break;
             }
         }
-        self.replica.current = None;
-        self.replica.retime.clear();
-        self.replica.replies.clear();
-        self.replica.unflushed.clear();
-        self.replica.durable = self.replica.fs.clone();
-        self.replica.since_durable.clear();
-        self.replica.replaying = None;
-        self.replica.fault_log.clear();
+        let fs = std::mem::replace(&mut r.fs, Fs::new(clock));
+        r.restart(fs);
     }
 
     fn rng_crash_range(&mut self, n: usize) -> usize {
@@ -2042,10 +2170,7 @@ impl DataSim {
             eprintln!("failover: the old primary holds {genuine} versions the new one lacks");
         }
         // The new primary's own files are durable where they are.
-        self.replica.fs = old_primary.clone();
-        self.replica.durable = old_primary;
-        self.replica.since_durable.clear();
-        self.replica.fault_log.clear();
+        self.replica.restart(old_primary);
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
@@ -2095,8 +2220,8 @@ impl DataSim {
             let quiet = self.workload_left == 0;
             if quiet {
                 // Room returns once the workload stops; I/O errors too.
-                self.replica.full = false;
-                self.replica.eio_percent = 0;
+                self.replica.faults.full = false;
+                self.replica.faults.eio_percent = 0;
                 self.sender
                     .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
                 if self.events.is_empty()
@@ -2126,10 +2251,10 @@ impl DataSim {
                         self.cut();
                     }
                     if self.workload_left > 0 && self.fault_rng.percent(self.full_percent) {
-                        self.replica.full = !self.replica.full;
+                        self.replica.faults.full = !self.replica.faults.full;
                         self.out.disk_full_turns += 1;
                         if self.trace {
-                            eprintln!("replica's disk full: {}", self.replica.full);
+                            eprintln!("replica's disk full: {}", self.replica.faults.full);
                         }
                     }
                     if self.crash_percent > 0 {

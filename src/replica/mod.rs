@@ -2,6 +2,7 @@
 //! found by the tracker to the secondary's receiver over the sync connection,
 //! which lands every file atomically and durably and acknowledges batches.
 
+pub mod apply;
 pub mod commit;
 #[cfg(any(test, feature = "tools"))]
 pub mod commit_sim;

@@ -19,9 +19,10 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::apply::{Applier, Reply};
 use super::commit::{Output as CommitOutput, Phase as CommitPhase, Pipeline};
-use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
-use super::index::{self, Entry, Index, Kind, Rehash};
+use super::fsops::{FsError, Root};
+use super::index::{self, Index, Kind, Rehash};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
 use super::{Durability, Excludes};
@@ -59,24 +60,6 @@ pub enum RecvError {
         epoch: u64,
         why: super::fence::Admission,
     },
-}
-
-/// What becomes of a key of the commit's folder records when folder `from`
-/// of store `s` is renamed to `to`: `None`, it stays; `Some(None)`, it goes
-/// (a former folder named `to`); `Some(Some(k))`, it moves to `k`.
-fn on_folder_rename(
-    key: &(usize, PathBuf),
-    s: usize,
-    from: &Path,
-    to: &Path,
-) -> Option<Option<(usize, PathBuf)>> {
-    if key.0 != s {
-        return None;
-    }
-    if let Some(moved) = super::moved_path(&key.1, from, to) {
-        return Some(Some((s, moved)));
-    }
-    key.1.starts_with(to).then_some(None)
 }
 
 /// The replica's scans taken before a session (see `engine`), used for its
@@ -157,7 +140,8 @@ pub struct Receiver {
     /// The flush the commit in flight waits for, and when it was asked.
     flush_done: Option<tokio::sync::oneshot::Receiver<crate::io::FlushResult>>,
     flush_started: Instant,
-    dirs: BTreeSet<(usize, PathBuf)>,
+    /// The decisions for ops on paths, and what they remember.
+    ops: Applier,
     current: Option<Incoming>,
     replies: Vec<u8>,
     /// When the frame being handled was read from the socket.
@@ -191,15 +175,8 @@ pub struct Receiver {
     /// Kept versions still to hand over in this session.
     to_upload: std::collections::VecDeque<(usize, super::conflicts::Conflict)>,
     next_upload: u64,
-    /// Paths the primary asked to keep aside where that failed: nothing
-    /// may replace or delete them in this session.
-    protected: std::collections::HashSet<(usize, PathBuf)>,
     /// A manifest being sent (see [`Receiver::stream_manifest`]).
     manifest_out: Option<ManifestOut>,
-    /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
-    dir_times: std::collections::HashMap<(usize, PathBuf), Meta>,
-    /// Folders whose mtime to apply at the next commit's directory phase.
-    retime: BTreeSet<(usize, PathBuf)>,
 }
 
 /// A manifest being sent, a chunk at a time.
@@ -242,10 +219,6 @@ type ReadAhead = Result<(Frame, Instant, tokio::sync::OwnedSemaphorePermit), Lin
 /// one is also the data flush of the files staged meanwhile (`next`), which
 /// land as soon as it completes and form the following commit. Under a
 /// steady stream that is one syncfs per commit instead of two.
-fn parent_of(rel: &Path) -> PathBuf {
-    rel.parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
 impl Receiver {
     pub fn new(
         stores: Vec<RecvStore>,
@@ -257,11 +230,11 @@ impl Receiver {
         Receiver {
             stores,
             excludes,
-            stats,
+            stats: stats.clone(),
             commits: Pipeline::for_durability(durability),
             flush_done: None,
             flush_started: Instant::now(),
-            dirs: BTreeSet::new(),
+            ops: Applier::new(stats),
             current: None,
             replies: Vec::new(),
             frame_read_at: Instant::now(),
@@ -279,11 +252,8 @@ impl Receiver {
             uploads: Default::default(),
             to_upload: Default::default(),
             next_upload: 1,
-            protected: Default::default(),
             manifest_out: None,
             served: Default::default(),
-            dir_times: Default::default(),
-            retime: BTreeSet::new(),
         }
     }
 
@@ -717,67 +687,32 @@ impl Receiver {
             } else {
                 f.st
             };
-            self.land_one(f.store, f.seq, f.rel, f.hash, f.size, st, peer);
+            let store = &mut self.stores[f.store];
+            self.ops.land(
+                &mut store.root,
+                &mut store.index,
+                f.store,
+                f.seq,
+                f.rel,
+                f.hash,
+                f.size,
+                st,
+            );
         }
-    }
-
-    /// A folder moved from `from` to `to`: the mtimes the primary said for
-    /// its subtree move with it, and whatever was said for folders that
-    /// had the name `to` before no longer applies (applied to the folder
-    /// now there, it would set an older folder's mtime).
-    fn move_dir_times(&mut self, s: usize, from: &Path, to: &Path) {
-        let changes = |keys: &mut dyn Iterator<Item = &(usize, PathBuf)>| -> Vec<_> {
-            keys.filter_map(|k| on_folder_rename(k, s, from, to).map(|n| (k.clone(), n)))
-                .collect()
-        };
-        // Every old key out first, then the moved ones in: a moved key may
-        // take the name of one that goes.
-        for set in [&mut self.dirs, &mut self.retime] {
-            let change = changes(&mut set.iter());
-            for (old, _) in &change {
-                set.remove(old);
-            }
-            set.extend(change.into_iter().filter_map(|(_, new)| new));
-        }
-        let change = changes(&mut self.dir_times.keys());
-        let metas: Vec<_> = change
-            .into_iter()
-            .filter_map(|(old, new)| Some((new, self.dir_times.remove(&old)?)))
-            .collect();
-        self.dir_times
-            .extend(metas.into_iter().filter_map(|(new, m)| Some((new?, m))));
+        self.answer_ops(peer);
     }
 
     /// Entries landed (or were removed) in these folders since the last
     /// commit: their mtime is the primary's again, before the flush that
     /// makes the directories durable.
     fn apply_dir_times(&mut self) {
-        let retime = std::mem::take(&mut self.retime);
-        // A folder can be both touched and due a retime: once each.
-        let touched: std::collections::BTreeSet<(usize, PathBuf)> = self
-            .dirs
-            .iter()
-            .cloned()
-            .chain(retime)
-            .filter(|k| self.dir_times.contains_key(k))
-            .collect();
-        for key in touched {
-            let Some(&meta) = self.dir_times.get(&key) else {
-                continue;
-            };
-            let (s, dir) = key;
-            match self.stores[s].root.set_dir_times(&dir, &meta) {
-                Ok(true) => {
-                    if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&dir) {
-                        self.stores[s].index.set(dir, Entry::new(&st, 0, true));
-                    }
-                }
-                Ok(false) => {
-                    self.dir_times.remove(&(s, dir));
-                }
-                Err(e) => {
-                    warn!(store = %self.stores[s].name, dir = %dir.display(), "cannot set a folder's mtime: {e}")
-                }
+        for (s, dir, meta) in self.ops.dir_times_due() {
+            let st = &mut self.stores[s];
+            if let Err(e) = self
+                .ops
+                .retime(&mut st.root, &mut st.index, s, dir.clone(), &meta)
+            {
+                warn!(store = %st.name, dir = %dir.display(), "cannot set a folder's mtime: {e}")
             }
         }
     }
@@ -788,7 +723,7 @@ impl Receiver {
         &mut self,
         also_stores: &[usize],
     ) -> Result<tokio::sync::oneshot::Receiver<crate::io::FlushResult>, RecvError> {
-        let dirs = std::mem::take(&mut self.dirs);
+        let dirs = self.ops.take_dirs();
         match self.durability {
             // One syncfs per filesystem covers every parent directory.
             Durability::Syncfs => Ok(self.flush_roots(
@@ -1066,7 +1001,7 @@ impl Receiver {
                     }
                 }
                 self.uploads.clear();
-                self.protected.clear();
+                self.ops.begin_session();
                 // Versions kept aside and not yet acknowledged by a primary
                 // (an earlier session ended first) are handed over again.
                 for (i, st) in self.stores.iter().enumerate() {
@@ -1082,7 +1017,7 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&rel], peer).await?;
-                self.keep_aside_for_primary(seq, s, rel, peer);
+                self.ops.keep_aside(&mut self.stores[s].root, s, seq, rel);
             }
             SyncMsg::DirMeta {
                 seq,
@@ -1094,13 +1029,7 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                if let Err(e) = self.stores[s].root.check_dir_meta(&rel, &meta) {
-                    self.local_failure(seq, s, &rel, &e, peer);
-                    return Ok(());
-                }
-                // Applied once the batch's entries there have landed.
-                self.dir_times.insert((s, rel.clone()), meta);
-                self.retime.insert((s, rel));
+                self.ops.dir_meta(&self.stores[s].root, s, seq, rel, meta);
             }
             SyncMsg::ConflictAck { id } => {
                 if let Some((s, file)) = self.uploads.remove(&id) {
@@ -1171,18 +1100,9 @@ impl Receiver {
                     return Ok(());
                 };
                 // Creating a directory early never conflicts with staged files.
-                self.clear_other_kind(seq, s, &rel, true, peer);
-                match self.stores[s].root.mkdir(&rel, &meta) {
-                    Ok(parent) => {
-                        self.dirs.insert((s, parent));
-                        self.dir_times.insert((s, rel.clone()), meta);
-                        self.retime.insert((s, rel.clone()));
-                        if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&rel) {
-                            self.stores[s].index.set(rel, Entry::new(&st, 0, true));
-                        }
-                    }
-                    Err(e) => self.local_failure(seq, s, &rel, &e, peer),
-                }
+                let st = &mut self.stores[s];
+                self.ops
+                    .mkdir(&mut st.root, &mut st.index, s, seq, rel, meta);
             }
             SyncMsg::Delete { seq, store, path } => {
                 let s = self.store_index(store, peer)?;
@@ -1190,7 +1110,8 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&rel], peer).await?;
-                self.apply_delete(seq, s, &rel, peer);
+                let st = &mut self.stores[s];
+                self.ops.delete(&mut st.root, &mut st.index, s, seq, &rel);
             }
             SyncMsg::Rename {
                 seq,
@@ -1206,27 +1127,9 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&from, &to], peer).await?;
-                let mut folder = false;
-                if let Ok(Some(src)) = self.stores[s].root.tree().lstat(&from) {
-                    folder = src.kind == Kind::Dir;
-                    self.clear_other_kind(seq, s, &to, folder, peer);
-                }
-                match self.stores[s].root.rename(&from, &to) {
-                    Ok(RenameOutcome::Renamed) => {
-                        add(&self.stats.renames_applied, 1);
-                        self.dirs.insert((s, parent_of(&from)));
-                        self.dirs.insert((s, parent_of(&to)));
-                        self.stores[s].index.rename_tree(&from, &to);
-                        if folder {
-                            self.move_dir_times(s, &from, &to);
-                        }
-                    }
-                    Ok(RenameOutcome::SourceMissing) => {
-                        add(&self.stats.rename_sources_missing, 1);
-                        self.need(seq, s, &to, NeedReason::SourceMissing);
-                    }
-                    Err(e) => self.local_failure(seq, s, &to, &e, peer),
-                }
+                let st = &mut self.stores[s];
+                self.ops
+                    .rename(&mut st.root, &mut st.index, s, seq, &from, &to);
             }
             SyncMsg::Link {
                 seq,
@@ -1244,36 +1147,17 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&existing, &rel], peer).await?;
-                if self.is_protected(s, &rel) {
-                    self.need(seq, s, &rel, NeedReason::LocalError);
-                    return Ok(());
-                }
-                // `existing` must hold the version the primary linked: an
-                // earlier op that was to give it that content may have
-                // failed here, leaving what the name held before; or the
-                // name holds the same content in another inode, with other
-                // times (a message renamed over a copy of itself).
-                if self.content_differs(s, &existing, hash, &meta) {
-                    add(&self.stats.rename_sources_missing, 1);
-                    self.need(seq, s, &rel, NeedReason::SourceMissing);
-                    return Ok(());
-                }
-                self.clear_other_kind(seq, s, &rel, false, peer);
-                match self.stores[s].root.link(&existing, &rel) {
-                    Ok(LinkOutcome::Linked) => {
-                        add(&self.stats.links_applied, 1);
-                        self.dirs.insert((s, parent_of(&rel)));
-                        let e = self.stores[s].index.get(&existing).cloned();
-                        if let Some(e) = e {
-                            self.stores[s].index.set(rel, e);
-                        }
-                    }
-                    Ok(LinkOutcome::SourceMissing) => {
-                        add(&self.stats.rename_sources_missing, 1);
-                        self.need(seq, s, &rel, NeedReason::SourceMissing);
-                    }
-                    Err(e) => self.local_failure(seq, s, &rel, &e, peer),
-                }
+                let st = &mut self.stores[s];
+                self.ops.link(
+                    &mut st.root,
+                    &mut st.index,
+                    s,
+                    seq,
+                    &existing,
+                    rel,
+                    hash,
+                    &meta,
+                );
             }
             SyncMsg::Symlink {
                 seq,
@@ -1287,21 +1171,9 @@ impl Receiver {
                     return Ok(());
                 };
                 self.flush_if_touching(s, &[&rel], peer).await?;
-                if self.is_protected(s, &rel) {
-                    self.need(seq, s, &rel, NeedReason::LocalError);
-                    return Ok(());
-                }
-                self.clear_other_kind(seq, s, &rel, false, peer);
-                match self.stores[s].root.symlink(&rel, &target, &meta) {
-                    Ok(parent) => {
-                        self.dirs.insert((s, parent));
-                        if let Ok(Some(st)) = self.stores[s].root.tree().lstat(&rel) {
-                            let h = index::hash_bytes(&target);
-                            self.stores[s].index.set(rel, Entry::new(&st, h, true));
-                        }
-                    }
-                    Err(e) => self.local_failure(seq, s, &rel, &e, peer),
-                }
+                let st = &mut self.stores[s];
+                self.ops
+                    .symlink(&mut st.root, &mut st.index, s, seq, rel, &target, &meta);
             }
             SyncMsg::CaughtUp => {
                 if !self.stats.caught_up.swap(true, Relaxed) {
@@ -1337,6 +1209,7 @@ impl Receiver {
                 ))
             }
         }
+        self.answer_ops(peer);
         Ok(())
     }
 
@@ -1583,121 +1456,65 @@ impl Receiver {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn land_one(
-        &mut self,
-        s: usize,
-        seq: u64,
-        rel: PathBuf,
-        hash: u128,
-        size: u64,
-        staged: Option<index::Stat>,
-        peer: &str,
-    ) {
-        if self.is_protected(s, &rel) {
-            self.stores[s].root.discard_staged(seq);
-            self.need(seq, s, &rel, NeedReason::LocalError);
-            return;
-        }
-        // The primary's version replaces what is here. A version only a
-        // former primary held was kept aside before, on the primary's word
-        // (`KeepAside`): the replica never guesses from its own index, which
-        // a crash can leave behind.
-        if let Ok(Some(cur)) = self.stores[s].root.tree().lstat(&rel) {
-            if cur.kind == Kind::Dir {
-                // The primary has a file where this replica has a folder.
-                self.apply_delete(seq, s, &rel, peer);
-            }
-            let same = cur.kind == Kind::File
-                && cur.version.size == size
-                && self.stores[s].root.tree().hash(&rel, Kind::File).ok() == Some(hash);
-            // The same content and metadata already here under a name that
-            // shares its inode (a message linked into another folder while
-            // its first copy was in flight): keep the inode, so the link
-            // stays a link, instead of renaming a copy over it.
-            if same && cur.nlink > 1 && staged.is_some_and(|st| st.meta == cur.meta) {
-                self.stores[s].root.discard_staged(seq);
-                add(&self.stats.files_landed, 1);
-                add(&self.stats.bytes_landed, size);
-                self.stores[s].index.set(rel, Entry::new(&cur, hash, true));
-                return;
-            }
-        }
-        match self.stores[s].root.land(seq, &rel, false) {
-            Ok(parent) => {
-                self.dirs.insert((s, parent));
-                add(&self.stats.files_landed, 1);
-                add(&self.stats.bytes_landed, size);
-                let st = match staged {
-                    Some(mut st) => {
-                        // Unknown after the rename; matched on the rest.
-                        st.version.ctime_s = 0;
-                        st.version.ctime_ns = 0;
-                        Some(st)
-                    }
-                    None => self.stores[s].root.tree().lstat(&rel).ok().flatten(),
-                };
-                if let Some(st) = st {
-                    self.stores[s].index.set(rel, Entry::new(&st, hash, true));
+    /// Answers what the ops could not do (in order) and queues what they
+    /// kept aside for handing over.
+    fn answer_ops(&mut self, peer: &str) {
+        let replies: Vec<Reply> = self.ops.take_replies().collect();
+        for r in replies {
+            match r {
+                Reply::Need {
+                    seq,
+                    store,
+                    rel,
+                    reason,
+                } => self.need(seq, store, &rel, reason),
+                Reply::Failed {
+                    seq,
+                    store,
+                    rel,
+                    error,
+                } => self.local_failure(seq, store, &rel, &error, peer),
+                Reply::KeptAside { store, rel, kept } => self.kept_aside(store, rel, kept),
+                Reply::KeepAsideFailed {
+                    seq,
+                    store,
+                    rel,
+                    error,
+                } => {
+                    let name = &self.stores[store].name;
+                    error!(alarm = true, store = %name, path = %rel.display(), "ALARM: cannot keep a genuine conflict aside: {error}; the path is left alone");
+                    self.stats.raise_alarm(format!(
+                        "cannot keep a genuine conflict aside in store {name}: {}: {error}",
+                        rel.display()
+                    ));
+                    self.local_failure(seq, store, &rel, &error, peer);
                 }
             }
-            Err(e) => {
-                self.stores[s].root.discard_staged(seq);
-                self.local_failure(seq, s, &rel, &e, peer);
-            }
         }
     }
 
-    /// The primary says the version at `rel` is a genuine conflict: move it
-    /// aside (durably) and queue it for handing over. If that fails, the
-    /// path is protected for the session: nothing replaces or deletes it.
-    fn keep_aside_for_primary(&mut self, seq: u64, s: usize, rel: PathBuf, peer: &str) {
-        match self.stores[s].root.keep_aside(&rel) {
-            Ok(Some(kept)) => {
-                add(&self.stats.conflicts_kept, 1);
-                warn!(store = %self.stores[s].name, path = %rel.display(), kept = %kept.display(), "genuine conflict: a version the primary never had is kept aside and handed to it");
-                self.dirs.insert((s, parent_of(&rel)));
-                let size = std::fs::symlink_metadata(&kept)
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                let kept_at = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs() as i64)
-                    .unwrap_or(0);
-                self.to_upload.push_back((
-                    s,
-                    super::conflicts::Conflict {
-                        id: String::new(),
-                        store: self.stores[s].name.clone(),
-                        path: String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned(),
-                        size,
-                        kept_at,
-                        file: kept,
-                    },
-                ));
-            }
-            Ok(None) => {}
-            Err(e) => {
-                error!(alarm = true, store = %self.stores[s].name, path = %rel.display(), "ALARM: cannot keep a genuine conflict aside: {e}; the path is left alone");
-                self.stats.raise_alarm(format!(
-                    "cannot keep a genuine conflict aside in store {}: {}: {e}",
-                    self.stores[s].name,
-                    rel.display()
-                ));
-                self.protected.insert((s, rel.clone()));
-                self.local_failure(seq, s, &rel, &e, peer);
-            }
-        }
-    }
-
-    /// Whether an op on `rel` must wait: a genuine conflict there could not
-    /// be kept aside.
-    fn is_protected(&self, s: usize, rel: &Path) -> bool {
-        !self.protected.is_empty()
-            && self
-                .protected
-                .iter()
-                .any(|(ps, p)| *ps == s && (p.starts_with(rel) || rel.starts_with(p)))
+    /// A genuine conflict was moved aside to `kept`: it is handed to the
+    /// primary.
+    fn kept_aside(&mut self, s: usize, rel: PathBuf, kept: PathBuf) {
+        warn!(store = %self.stores[s].name, path = %rel.display(), kept = %kept.display(), "genuine conflict: a version the primary never had is kept aside and handed to it");
+        let size = std::fs::symlink_metadata(&kept)
+            .map(|m| m.len())
+            .unwrap_or(0);
+        let kept_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        self.to_upload.push_back((
+            s,
+            super::conflicts::Conflict {
+                id: String::new(),
+                store: self.stores[s].name.clone(),
+                path: String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned(),
+                size,
+                kept_at,
+                file: kept,
+            },
+        ));
     }
 
     /// Hands every queued kept-aside version to the primary (`ConflictFile`
@@ -1769,108 +1586,5 @@ impl Receiver {
             self.uploads.insert(id, (s, c.file));
         }
         Ok(())
-    }
-
-    /// Removes (or keeps aside, as a delete would) a folder where the
-    /// primary now has a file, or a file or symlink where it has a folder:
-    /// the op that follows could never replace it.
-    /// Whether the regular file at `rel` holds content other than what
-    /// hashes to `hash` (known from the index when the file is the version
-    /// it recorded, else read). Nothing there, or something else than a
-    /// regular file, is for `link` itself to answer.
-    fn content_differs(&self, s: usize, rel: &Path, hash: u128, meta: &Meta) -> bool {
-        let tree = self.stores[s].root.tree();
-        let Ok(Some(st)) = tree.lstat(rel) else {
-            return false;
-        };
-        if st.kind != Kind::File {
-            return false;
-        }
-        if (st.meta.mtime_sec, st.meta.mtime_nsec) != (meta.mtime_sec, meta.mtime_nsec) {
-            return true;
-        }
-        let index = &self.stores[s].index;
-        if let Some(e) = index.get(rel) {
-            if e.kind == Kind::File && index.unchanged_and_synced(rel, &st) {
-                return e.hash() != hash;
-            }
-        }
-        tree.hash(rel, Kind::File).ok() != Some(hash)
-    }
-
-    fn clear_other_kind(&mut self, seq: u64, s: usize, rel: &Path, want_dir: bool, peer: &str) {
-        if let Ok(Some(cur)) = self.stores[s].root.tree().lstat(rel) {
-            if (cur.kind == Kind::Dir) != want_dir {
-                self.apply_delete(seq, s, rel, peer);
-            }
-        }
-    }
-
-    fn apply_delete(&mut self, seq: u64, s: usize, rel: &Path, peer: &str) {
-        if self.is_protected(s, rel) {
-            self.need(seq, s, rel, NeedReason::LocalError);
-            return;
-        }
-        if !matches!(self.stores[s].root.tree().lstat(rel), Ok(Some(_))) {
-            self.stores[s].index.remove_tree(rel);
-            return;
-        }
-        match self.stores[s].root.remove(rel, false) {
-            Ok(parent) => {
-                add(&self.stats.deletes_applied, 1);
-                if let Some(p) = parent {
-                    self.dirs.insert((s, p));
-                }
-                self.stores[s].index.remove_tree(rel);
-            }
-            Err(e) => self.local_failure(seq, s, rel, &e, peer),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn meta(mtime_sec: i64) -> Meta {
-        Meta {
-            mode: 0o755,
-            mtime_sec,
-            ..Meta::default()
-        }
-    }
-
-    #[test]
-    fn a_folder_renamed_over_a_former_name_takes_its_own_mtimes_not_the_former_folders() {
-        let mut r = Receiver::new(
-            Vec::new(),
-            Excludes::new(&[]).unwrap(),
-            Arc::new(ReplStats::default()),
-            Durability::Syncfs,
-        );
-        let k = |p: &str| (0usize, PathBuf::from(p));
-        // `.B` was a folder once (renamed away since); `.A` and its `cur`.
-        r.dir_times.insert(k("m/.B"), meta(1));
-        r.dir_times.insert(k("m/.B/cur"), meta(2));
-        r.dir_times.insert(k("m/.A"), meta(3));
-        r.dir_times.insert(k("m/.A/cur"), meta(4));
-        r.dir_times.insert(k("m/.AX"), meta(5));
-        r.retime.insert(k("m/.A/cur"));
-        r.retime.insert(k("m/.B"));
-        r.move_dir_times(0, Path::new("m/.A"), Path::new("m/.B"));
-        assert_eq!(r.dir_times.get(&k("m/.B")), Some(&meta(3)));
-        assert_eq!(r.dir_times.get(&k("m/.B/cur")), Some(&meta(4)));
-        assert!(!r.dir_times.contains_key(&k("m/.A")));
-        assert!(!r.dir_times.contains_key(&k("m/.A/cur")));
-        assert_eq!(
-            r.dir_times.get(&k("m/.AX")),
-            Some(&meta(5)),
-            "a sibling stays"
-        );
-        assert_eq!(
-            r.retime.iter().cloned().collect::<Vec<_>>(),
-            [k("m/.B/cur")],
-            "the former .B's pending retime is gone, .A/cur's moved"
-        );
     }
 }

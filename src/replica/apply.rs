@@ -1,0 +1,675 @@
+//! The replica's decisions for the primary's ops on paths, apart from the
+//! filesystem they run on.
+//!
+//! [`Applier`] decides what each `Mkdir`, `Delete`, `Rename`, `Link`,
+//! `Symlink`, `DirMeta` and `KeepAside` does, and what a staged file's
+//! landing does: which name to clear first (a folder where a file comes, a
+//! file where a folder comes), when a source counts as missing (a link to a
+//! name that holds other content or other times), which paths are protected
+//! (a genuine conflict that could not be kept aside), which folders'
+//! mtimes the primary said and when they apply again (after entries landed
+//! in them, moved along with a folder's rename), how the index follows, and
+//! which folders the next commit must flush. It performs them on a
+//! [`ReplicaTree`]: the receiver's [`Root`] (real `renameat`, `linkat`, …)
+//! or the data-path simulator's model filesystem with crash semantics and
+//! faults, so the simulator runs these decisions themselves, not a copy.
+//!
+//! What it cannot do it reports as a [`Reply`]: the driver answers the
+//! primary (`Need`, `Refused`) and raises its alarms (disk full, I/O
+//! errors); staging, flushes and acknowledgements stay with the driver and
+//! the group commit ([`super::commit::Pipeline`]).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
+use super::index::{self, Entry, Index, Kind, Stat};
+use super::stats::{add, ReplStats};
+use crate::wire::sync::{Meta, NeedReason};
+
+/// A replica's filesystem, as the decisions use it. Paths are relative to
+/// the store's root and already checked ([`super::fsops::check_rel`]).
+pub trait ReplicaTree {
+    /// lstat of `rel`; `Ok(None)` when nothing is there.
+    fn lstat(&self, rel: &Path) -> io::Result<Option<Stat>>;
+    /// The content hash of the file at `rel`.
+    fn hash(&self, rel: &Path, kind: Kind) -> io::Result<u128>;
+    /// Makes folder `rel` (and missing parents) or updates its metadata;
+    /// returns the parent to flush.
+    fn mkdir(&mut self, rel: &Path, meta: &Meta) -> Result<PathBuf, FsError>;
+    /// Refuses a folder's metadata as `mkdir` would.
+    fn check_dir_meta(&self, rel: &Path, meta: &Meta) -> Result<(), FsError>;
+    /// Sets a folder's times; `Ok(false)` if it is gone or not a folder.
+    fn set_dir_times(&mut self, rel: &Path, meta: &Meta) -> Result<bool, FsError>;
+    /// Removes a file, symlink or folder tree; returns the parent to flush.
+    fn remove(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError>;
+    /// Renames a file or folder (replacing a file at `to`, making `to`'s
+    /// parents).
+    fn rename(&mut self, from: &Path, to: &Path) -> Result<RenameOutcome, FsError>;
+    /// Links `new` to the inode at `existing` (replacing a file at `new`).
+    fn link(&mut self, existing: &Path, new: &Path) -> Result<LinkOutcome, FsError>;
+    /// Makes (or replaces) a symlink; returns the parent to flush.
+    fn symlink(&mut self, rel: &Path, target: &[u8], meta: &Meta) -> Result<PathBuf, FsError>;
+    /// Moves what is at `rel` aside for the primary, durably; returns where
+    /// it went, or `None` if nothing was there.
+    fn keep_aside(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError>;
+    /// Renames staged file `id` to `rel` (making parents); returns the
+    /// parent to flush.
+    fn land(&mut self, id: u64, rel: &Path) -> Result<PathBuf, FsError>;
+    /// Forgets staged file `id`.
+    fn discard_staged(&mut self, id: u64);
+}
+
+impl ReplicaTree for Root {
+    fn lstat(&self, rel: &Path) -> io::Result<Option<Stat>> {
+        self.tree().lstat(rel)
+    }
+    fn hash(&self, rel: &Path, kind: Kind) -> io::Result<u128> {
+        self.tree().hash(rel, kind)
+    }
+    fn mkdir(&mut self, rel: &Path, meta: &Meta) -> Result<PathBuf, FsError> {
+        Root::mkdir(self, rel, meta)
+    }
+    fn check_dir_meta(&self, rel: &Path, meta: &Meta) -> Result<(), FsError> {
+        Root::check_dir_meta(self, rel, meta)
+    }
+    fn set_dir_times(&mut self, rel: &Path, meta: &Meta) -> Result<bool, FsError> {
+        Root::set_dir_times(self, rel, meta)
+    }
+    fn remove(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
+        Root::remove(self, rel, false)
+    }
+    fn rename(&mut self, from: &Path, to: &Path) -> Result<RenameOutcome, FsError> {
+        Root::rename(self, from, to)
+    }
+    fn link(&mut self, existing: &Path, new: &Path) -> Result<LinkOutcome, FsError> {
+        Root::link(self, existing, new)
+    }
+    fn symlink(&mut self, rel: &Path, target: &[u8], meta: &Meta) -> Result<PathBuf, FsError> {
+        Root::symlink(self, rel, target, meta)
+    }
+    fn keep_aside(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
+        Root::keep_aside(self, rel)
+    }
+    fn land(&mut self, id: u64, rel: &Path) -> Result<PathBuf, FsError> {
+        Root::land(self, id, rel, false)
+    }
+    fn discard_staged(&mut self, id: u64) {
+        Root::discard_staged(self, id)
+    }
+}
+
+/// What an op could not do, for the driver to answer (in order, before
+/// anything else it sends).
+#[derive(Debug)]
+pub enum Reply {
+    /// The primary must send `rel` again (or later).
+    Need {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        reason: NeedReason,
+    },
+    /// The filesystem refused the op: the driver answers by the error's
+    /// kind (refused, no space, an I/O error) and raises its alarms.
+    Failed {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        error: FsError,
+    },
+    /// A genuine conflict was moved aside (to `kept`), to hand over.
+    KeptAside {
+        store: usize,
+        rel: PathBuf,
+        kept: PathBuf,
+    },
+    /// A genuine conflict could not be moved aside: the path is protected
+    /// for the session (nothing replaces or deletes it).
+    KeepAsideFailed {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        error: FsError,
+    },
+}
+
+/// The replica's decisions for path ops, with what they remember between
+/// ops of a session: protected paths, the folder times the primary said,
+/// and the folders touched since the last commit.
+pub struct Applier {
+    stats: Arc<ReplStats>,
+    /// Paths a genuine conflict could not be moved away from: nothing may
+    /// replace or delete them in this session.
+    protected: HashSet<(usize, PathBuf)>,
+    /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
+    dir_times: HashMap<(usize, PathBuf), Meta>,
+    /// Folders whose mtime to apply at the next commit's directory phase.
+    retime: BTreeSet<(usize, PathBuf)>,
+    /// Folders whose entries changed since the last directory flush.
+    dirs: BTreeSet<(usize, PathBuf)>,
+    replies: Vec<Reply>,
+}
+
+fn parent_of(rel: &Path) -> PathBuf {
+    rel.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// What becomes of a key of the folder records when folder `from` of store
+/// `s` is renamed to `to`: `None`, it stays; `Some(None)`, it goes (a former
+/// folder named `to`); `Some(Some(k))`, it moves to `k`.
+fn on_folder_rename(
+    key: &(usize, PathBuf),
+    s: usize,
+    from: &Path,
+    to: &Path,
+) -> Option<Option<(usize, PathBuf)>> {
+    if key.0 != s {
+        return None;
+    }
+    if let Some(moved) = super::moved_path(&key.1, from, to) {
+        return Some(Some((s, moved)));
+    }
+    key.1.starts_with(to).then_some(None)
+}
+
+impl Applier {
+    pub fn new(stats: Arc<ReplStats>) -> Applier {
+        Applier {
+            stats,
+            protected: HashSet::new(),
+            dir_times: HashMap::new(),
+            retime: BTreeSet::new(),
+            dirs: BTreeSet::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    /// The same decisions' state, without replies (a simulated crash goes
+    /// back to it).
+    pub fn snapshot(&self) -> Applier {
+        Applier {
+            stats: self.stats.clone(),
+            protected: self.protected.clone(),
+            dir_times: self.dir_times.clone(),
+            retime: self.retime.clone(),
+            dirs: self.dirs.clone(),
+            replies: Vec::new(),
+        }
+    }
+
+    /// A session starts: no path is protected any more.
+    pub fn begin_session(&mut self) {
+        self.protected.clear();
+    }
+
+    /// What the ops so far could not do, oldest first.
+    pub fn take_replies(&mut self) -> std::vec::Drain<'_, Reply> {
+        self.replies.drain(..)
+    }
+
+    /// The folders whose entries changed since the last call (to flush).
+    pub fn take_dirs(&mut self) -> BTreeSet<(usize, PathBuf)> {
+        std::mem::take(&mut self.dirs)
+    }
+
+    /// A folder whose entries changed outside these ops (a staged file's
+    /// parent, a kept-aside version's).
+    pub fn touched(&mut self, s: usize, dir: PathBuf) {
+        self.dirs.insert((s, dir));
+    }
+
+    fn need(&mut self, seq: u64, store: usize, rel: &Path, reason: NeedReason) {
+        self.replies.push(Reply::Need {
+            seq,
+            store,
+            rel: rel.to_path_buf(),
+            reason,
+        });
+    }
+
+    fn failed(&mut self, seq: u64, store: usize, rel: &Path, error: FsError) {
+        self.replies.push(Reply::Failed {
+            seq,
+            store,
+            rel: rel.to_path_buf(),
+            error,
+        });
+    }
+
+    /// Whether an op on `rel` must wait: a genuine conflict there could not
+    /// be kept aside.
+    pub fn is_protected(&self, s: usize, rel: &Path) -> bool {
+        !self.protected.is_empty()
+            && self
+                .protected
+                .iter()
+                .any(|(ps, p)| *ps == s && (p.starts_with(rel) || rel.starts_with(p)))
+    }
+
+    /// `Mkdir`: the folder (a file there goes first), its times applied
+    /// once the batch's entries there have landed.
+    pub fn mkdir<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        rel: PathBuf,
+        meta: Meta,
+    ) {
+        self.clear_other_kind(tree, index, seq, s, &rel, true);
+        match tree.mkdir(&rel, &meta) {
+            Ok(parent) => {
+                self.dirs.insert((s, parent));
+                self.dir_times.insert((s, rel.clone()), meta);
+                self.retime.insert((s, rel.clone()));
+                if let Ok(Some(st)) = tree.lstat(&rel) {
+                    index.set(rel, Entry::new(&st, 0, true));
+                }
+            }
+            Err(e) => self.failed(seq, s, &rel, e),
+        }
+    }
+
+    /// `DirMeta`: a folder's times, applied once the batch's entries there
+    /// have landed.
+    pub fn dir_meta<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        s: usize,
+        seq: u64,
+        rel: PathBuf,
+        meta: Meta,
+    ) {
+        if let Err(e) = tree.check_dir_meta(&rel, &meta) {
+            self.failed(seq, s, &rel, e);
+            return;
+        }
+        self.dir_times.insert((s, rel.clone()), meta);
+        self.retime.insert((s, rel));
+    }
+
+    /// `Delete` (a file, symlink or folder tree); nothing there is done.
+    pub fn delete<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        rel: &Path,
+    ) {
+        if self.is_protected(s, rel) {
+            self.need(seq, s, rel, NeedReason::LocalError);
+            return;
+        }
+        if !matches!(tree.lstat(rel), Ok(Some(_))) {
+            index.remove_tree(rel);
+            return;
+        }
+        match tree.remove(rel) {
+            Ok(parent) => {
+                add(&self.stats.deletes_applied, 1);
+                if let Some(p) = parent {
+                    self.dirs.insert((s, p));
+                }
+                index.remove_tree(rel);
+            }
+            Err(e) => self.failed(seq, s, rel, e),
+        }
+    }
+
+    /// `Rename`: a missing source is asked for under its new name; a
+    /// folder's said times move with it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rename<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        from: &Path,
+        to: &Path,
+    ) {
+        let mut folder = false;
+        if let Ok(Some(src)) = tree.lstat(from) {
+            folder = src.kind == Kind::Dir;
+            self.clear_other_kind(tree, index, seq, s, to, folder);
+        }
+        match tree.rename(from, to) {
+            Ok(RenameOutcome::Renamed) => {
+                add(&self.stats.renames_applied, 1);
+                self.dirs.insert((s, parent_of(from)));
+                self.dirs.insert((s, parent_of(to)));
+                index.rename_tree(from, to);
+                if folder {
+                    self.move_dir_times(s, from, to);
+                }
+            }
+            Ok(RenameOutcome::SourceMissing) => {
+                add(&self.stats.rename_sources_missing, 1);
+                self.need(seq, s, to, NeedReason::SourceMissing);
+            }
+            Err(e) => self.failed(seq, s, to, e),
+        }
+    }
+
+    /// `Link`: only to the version the primary linked (its content and
+    /// times); anything else is a missing source, asked for again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn link<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        existing: &Path,
+        rel: PathBuf,
+        hash: u128,
+        meta: &Meta,
+    ) {
+        if self.is_protected(s, &rel) {
+            self.need(seq, s, &rel, NeedReason::LocalError);
+            return;
+        }
+        // `existing` must hold the version the primary linked: an earlier
+        // op that was to give it that content may have failed here, leaving
+        // what the name held before; or the name holds the same content in
+        // another inode, with other times (a message renamed over a copy of
+        // itself).
+        if content_differs(tree, index, existing, hash, meta) {
+            add(&self.stats.rename_sources_missing, 1);
+            self.need(seq, s, &rel, NeedReason::SourceMissing);
+            return;
+        }
+        self.clear_other_kind(tree, index, seq, s, &rel, false);
+        match tree.link(existing, &rel) {
+            Ok(LinkOutcome::Linked) => {
+                add(&self.stats.links_applied, 1);
+                self.dirs.insert((s, parent_of(&rel)));
+                if let Some(e) = index.get(existing).cloned() {
+                    index.set(rel, e);
+                }
+            }
+            Ok(LinkOutcome::SourceMissing) => {
+                add(&self.stats.rename_sources_missing, 1);
+                self.need(seq, s, &rel, NeedReason::SourceMissing);
+            }
+            Err(e) => self.failed(seq, s, &rel, e),
+        }
+    }
+
+    /// `Symlink`: made or replaced (a folder there goes first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn symlink<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        rel: PathBuf,
+        target: &[u8],
+        meta: &Meta,
+    ) {
+        if self.is_protected(s, &rel) {
+            self.need(seq, s, &rel, NeedReason::LocalError);
+            return;
+        }
+        self.clear_other_kind(tree, index, seq, s, &rel, false);
+        match tree.symlink(&rel, target, meta) {
+            Ok(parent) => {
+                self.dirs.insert((s, parent));
+                if let Ok(Some(st)) = tree.lstat(&rel) {
+                    let h = index::hash_bytes(target);
+                    index.set(rel, Entry::new(&st, h, true));
+                }
+            }
+            Err(e) => self.failed(seq, s, &rel, e),
+        }
+    }
+
+    /// `KeepAside`: the primary says the version at `rel` is a genuine
+    /// conflict: move it aside (durably) to hand over. If that fails, the
+    /// path is protected for the session.
+    pub fn keep_aside<T: ReplicaTree>(&mut self, tree: &mut T, s: usize, seq: u64, rel: PathBuf) {
+        match tree.keep_aside(&rel) {
+            Ok(Some(kept)) => {
+                add(&self.stats.conflicts_kept, 1);
+                self.dirs.insert((s, parent_of(&rel)));
+                self.replies.push(Reply::KeptAside {
+                    store: s,
+                    rel,
+                    kept,
+                });
+            }
+            Ok(None) => {}
+            Err(error) => {
+                self.protected.insert((s, rel.clone()));
+                self.replies.push(Reply::KeepAsideFailed {
+                    seq,
+                    store: s,
+                    rel,
+                    error,
+                });
+            }
+        }
+    }
+
+    /// Lands staged file `seq` (content flushed) at `rel`: the primary's
+    /// version replaces what is here. A version only a former primary held
+    /// was kept aside before, on the primary's word (`KeepAside`): the
+    /// replica never guesses from its own index, which a crash can leave
+    /// behind. `staged`: the staged file's state as written.
+    #[allow(clippy::too_many_arguments)]
+    pub fn land<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        rel: PathBuf,
+        hash: u128,
+        size: u64,
+        staged: Option<Stat>,
+    ) {
+        if self.is_protected(s, &rel) {
+            tree.discard_staged(seq);
+            self.need(seq, s, &rel, NeedReason::LocalError);
+            return;
+        }
+        if let Ok(Some(cur)) = tree.lstat(&rel) {
+            if cur.kind == Kind::Dir {
+                // The primary has a file where this replica has a folder.
+                self.delete(tree, index, s, seq, &rel);
+            }
+            let same = cur.kind == Kind::File
+                && cur.version.size == size
+                && tree.hash(&rel, Kind::File).ok() == Some(hash);
+            // The same content and metadata already here under a name that
+            // shares its inode (a message linked into another folder while
+            // its first copy was in flight): keep the inode, so the link
+            // stays a link, instead of renaming a copy over it.
+            if same && cur.nlink > 1 && staged.is_some_and(|st| st.meta == cur.meta) {
+                tree.discard_staged(seq);
+                add(&self.stats.files_landed, 1);
+                add(&self.stats.bytes_landed, size);
+                index.set(rel, Entry::new(&cur, hash, true));
+                return;
+            }
+        }
+        match tree.land(seq, &rel) {
+            Ok(parent) => {
+                self.dirs.insert((s, parent));
+                add(&self.stats.files_landed, 1);
+                add(&self.stats.bytes_landed, size);
+                let st = match staged {
+                    Some(mut st) => {
+                        // Unknown after the rename; matched on the rest.
+                        st.version.ctime_s = 0;
+                        st.version.ctime_ns = 0;
+                        Some(st)
+                    }
+                    None => tree.lstat(&rel).ok().flatten(),
+                };
+                if let Some(st) = st {
+                    index.set(rel, Entry::new(&st, hash, true));
+                }
+            }
+            Err(e) => {
+                tree.discard_staged(seq);
+                self.failed(seq, s, &rel, e);
+            }
+        }
+    }
+
+    /// Removes (or keeps aside, as a delete would) a folder where the
+    /// primary now has a file, or a file or symlink where it has a folder:
+    /// the op that follows could never replace it.
+    fn clear_other_kind<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        seq: u64,
+        s: usize,
+        rel: &Path,
+        want_dir: bool,
+    ) {
+        if let Ok(Some(cur)) = tree.lstat(rel) {
+            if (cur.kind == Kind::Dir) != want_dir {
+                self.delete(tree, index, s, seq, rel);
+            }
+        }
+    }
+
+    /// A folder moved from `from` to `to`: the mtimes the primary said for
+    /// its subtree move with it, and whatever was said for folders that
+    /// had the name `to` before no longer applies (applied to the folder
+    /// now there, it would set an older folder's mtime).
+    fn move_dir_times(&mut self, s: usize, from: &Path, to: &Path) {
+        let changes = |keys: &mut dyn Iterator<Item = &(usize, PathBuf)>| -> Vec<_> {
+            keys.filter_map(|k| on_folder_rename(k, s, from, to).map(|n| (k.clone(), n)))
+                .collect()
+        };
+        // Every old key out first, then the moved ones in: a moved key may
+        // take the name of one that goes.
+        for set in [&mut self.dirs, &mut self.retime] {
+            let change = changes(&mut set.iter());
+            for (old, _) in &change {
+                set.remove(old);
+            }
+            set.extend(change.into_iter().filter_map(|(_, new)| new));
+        }
+        let change = changes(&mut self.dir_times.keys());
+        let metas: Vec<_> = change
+            .into_iter()
+            .filter_map(|(old, new)| Some((new, self.dir_times.remove(&old)?)))
+            .collect();
+        self.dir_times
+            .extend(metas.into_iter().filter_map(|(new, m)| Some((new?, m))));
+    }
+
+    /// Entries landed (or were removed) in these folders since the last
+    /// commit, or the primary said their times: their mtime is the
+    /// primary's again, before the flush that makes the directories
+    /// durable. Each folder once; [`Applier::retime`] sets each.
+    pub fn dir_times_due(&mut self) -> Vec<(usize, PathBuf, Meta)> {
+        let retime = std::mem::take(&mut self.retime);
+        let touched: BTreeSet<&(usize, PathBuf)> = self.dirs.iter().chain(retime.iter()).collect();
+        touched
+            .into_iter()
+            .filter_map(|k| Some((k.0, k.1.clone(), *self.dir_times.get(k)?)))
+            .collect()
+    }
+
+    /// Sets folder `dir`'s times to what the primary said; a folder gone
+    /// (or no longer one) is forgotten.
+    pub fn retime<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        dir: PathBuf,
+        meta: &Meta,
+    ) -> Result<(), FsError> {
+        if tree.set_dir_times(&dir, meta)? {
+            if let Ok(Some(st)) = tree.lstat(&dir) {
+                index.set(dir, Entry::new(&st, 0, true));
+            }
+        } else {
+            self.dir_times.remove(&(s, dir));
+        }
+        Ok(())
+    }
+}
+
+/// Whether the regular file at `rel` holds content other than what hashes
+/// to `hash` with `meta`'s times (known from the index when the file is the
+/// version it recorded, else read). Nothing there, or something else than a
+/// regular file, is for `link` itself to answer.
+fn content_differs<T: ReplicaTree>(
+    tree: &T,
+    index: &Index,
+    rel: &Path,
+    hash: u128,
+    meta: &Meta,
+) -> bool {
+    let Ok(Some(st)) = tree.lstat(rel) else {
+        return false;
+    };
+    if st.kind != Kind::File {
+        return false;
+    }
+    if (st.meta.mtime_sec, st.meta.mtime_nsec) != (meta.mtime_sec, meta.mtime_nsec) {
+        return true;
+    }
+    if let Some(e) = index.get(rel) {
+        if e.kind == Kind::File && index.unchanged_and_synced(rel, &st) {
+            return e.hash() != hash;
+        }
+    }
+    tree.hash(rel, Kind::File).ok() != Some(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(mtime_sec: i64) -> Meta {
+        Meta {
+            mode: 0o755,
+            mtime_sec,
+            ..Meta::default()
+        }
+    }
+
+    #[test]
+    fn a_folder_renamed_over_a_former_name_takes_its_own_mtimes_not_the_former_folders() {
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let k = |p: &str| (0usize, PathBuf::from(p));
+        // `.B` was a folder once (renamed away since); `.A` and its `cur`.
+        r.dir_times.insert(k("m/.B"), meta(1));
+        r.dir_times.insert(k("m/.B/cur"), meta(2));
+        r.dir_times.insert(k("m/.A"), meta(3));
+        r.dir_times.insert(k("m/.A/cur"), meta(4));
+        r.dir_times.insert(k("m/.AX"), meta(5));
+        r.retime.insert(k("m/.A/cur"));
+        r.retime.insert(k("m/.B"));
+        r.move_dir_times(0, Path::new("m/.A"), Path::new("m/.B"));
+        assert_eq!(r.dir_times.get(&k("m/.B")), Some(&meta(3)));
+        assert_eq!(r.dir_times.get(&k("m/.B/cur")), Some(&meta(4)));
+        assert!(!r.dir_times.contains_key(&k("m/.A")));
+        assert!(!r.dir_times.contains_key(&k("m/.A/cur")));
+        assert_eq!(
+            r.dir_times.get(&k("m/.AX")),
+            Some(&meta(5)),
+            "a sibling stays"
+        );
+        assert_eq!(
+            r.retime.iter().cloned().collect::<Vec<_>>(),
+            [k("m/.B/cur")],
+            "the former .B's pending retime is gone, .A/cur's moved"
+        );
+    }
+}
