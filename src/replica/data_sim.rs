@@ -16,10 +16,14 @@
 //!   file), a queue that overflows into a rescan;
 //! - a link that delivers frames in order with delays, and cuts (the next
 //!   session starts with a comparison of manifests);
-//! - a replica model that applies every op as the receiver does (rename and
-//!   link sources missing answered with `Need`, other kinds cleared, missing
-//!   parents made, a folder's times applied after the batch, its own entry
-//!   changes moving a folder's mtime), acknowledging each barrier.
+//! - the receiver's own decisions for every op ([`Applier`]: sources missing
+//!   answered with `Need`, other kinds cleared, links only to the version
+//!   the primary linked, protected paths, a folder's times applied again
+//!   after its entries change and moved with its renames, the index) over a
+//!   model of the replica's disk (missing parents made, a walk through a
+//!   file failing with ENOTDIR, rename(2) between two names of one inode,
+//!   entry changes moving a folder's mtime, faults drawn per filesystem
+//!   op), acknowledging each barrier.
 //!
 //! Files are read when the batch is emitted, after it was planned, and the
 //! workload may run in between (a file changed, renamed or deleted between

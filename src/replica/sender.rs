@@ -815,7 +815,7 @@ impl<T: LocalTree> Sender<T> {
         match msg {
             SyncMsg::Ack { seq } => {
                 crate::failpoint::hit("sender.acked");
-                self.on_ack(seq)
+                self.on_ack(seq, building)
             }
             SyncMsg::Need {
                 seq,
@@ -1252,7 +1252,7 @@ impl<T: LocalTree> Sender<T> {
         Ok(())
     }
 
-    fn on_ack(&mut self, seq: u64) {
+    fn on_ack(&mut self, seq: u64, building: Option<&Inflight>) {
         let now = Instant::now();
         for sent in self.window.acked(seq) {
             let (n, b) = (sent.ops, sent.body);
@@ -1326,6 +1326,19 @@ impl<T: LocalTree> Sender<T> {
                             // and what the replica keeps where is unknown.)
                             if self.folder_renames.remove(&seq) || folder(&to) || folder(&from) {
                                 self.pending_verify = true;
+                            }
+                            // Renames sent (or planned) after this one
+                            // carry what the replica still holds at `from`
+                            // on (its folder renamed, say): that name is
+                            // the one to correct (seed 49456: a stale
+                            // `new/` name stayed in the renamed folder).
+                            let moved = self.renamed_in_flight(s, from.clone(), seq, building);
+                            if moved != from {
+                                self.coalescer.push(Op::Sync {
+                                    store: s,
+                                    rel: moved,
+                                    since: now,
+                                });
                             }
                             self.coalescer.push(Op::Sync {
                                 store: s,
