@@ -1570,7 +1570,7 @@ impl<T: LocalTree> Sender<T> {
                         unsynced(&from).unwrap_or_else(|| {
                             let known = self.index_name(store, &from, &batch);
                             known != from && unsynced(&known).unwrap_or(false)
-                        })
+                        }) || self.needed_on_the_way(store, &from, &batch)
                     };
                     if stale {
                         tracing::debug!(from = %from.display(), to = %to.display(), "a rename carries what the replica failed to update: the new name is sent");
@@ -2405,6 +2405,22 @@ impl<T: LocalTree> Sender<T> {
             .map(|b| &b.body)
             .chain(building)
             .flat_map(|b| &b.acks)
+    }
+
+    /// Whether an op on `p` or below it is on its way and was asked for
+    /// again (its ack, which tells the index, has not come yet): what the
+    /// replica holds there is not what the op was to make (seed 56134: a
+    /// folder's `Mkdir` refused, its children made it with the default
+    /// mode, and the folder renamed before the refusal's batch was
+    /// acknowledged carried that mode on).
+    fn needed_on_the_way(&self, store: usize, p: &Path, building: &Inflight) -> bool {
+        self.window.any_needed()
+            && self.acks_on_their_way(Some(building)).any(|a| match a {
+                OnAck::Set(n, s, rel, _) | OnAck::Link(n, s, rel, ..) => {
+                    *s == store && rel.starts_with(p) && self.window.is_needed(*n)
+                }
+                _ => false,
+            })
     }
 
     /// Where path `p` goes through the renames on their way numbered

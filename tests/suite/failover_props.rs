@@ -307,8 +307,11 @@ fn data_sim_seeds_that_found_bugs() {
     // 49456 (found once the simulator ran the receiver's own decisions): a
     // message rename refused by an I/O error, then its folder renamed before
     // the refusal's batch was acknowledged; the old name's delete went to
-    // the folder's former name, and a stale `new/` name stayed.
-    const FAULT_SEEDS: [u64; 7] = [78, 83, 6764, 8529, 10111, 49456, 54234];
+    // the folder's former name, and a stale `new/` name stayed. 56134: a
+    // folder's `Mkdir` refused, its children made it with the default mode,
+    // and the folder renamed before the refusal's batch was acknowledged
+    // (the rename carried the wrong mode on; its retry went to the old name).
+    const FAULT_SEEDS: [u64; 8] = [78, 83, 6764, 8529, 10111, 49456, 54234, 56134];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
