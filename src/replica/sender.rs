@@ -1494,6 +1494,7 @@ impl<T: LocalTree> Sender<T> {
                     to,
                     since,
                 } => {
+                    self.forget_listings_under(store, &from, &to);
                     if !self.replica_has(store, &from, &plans, &batch) {
                         // The replica never got `from` (a comparison found
                         // `to` first, say): a rename there would be refused.
@@ -2450,6 +2451,22 @@ impl<T: LocalTree> Sender<T> {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A folder renamed from `from` to `to`: what a comparison queued from
+    /// its listings there was (or will be) planned under other names than
+    /// the folders hold now, so those listings no longer stand for them (a
+    /// folder's ctime does not move when a folder above it is renamed away
+    /// and back: seed 158447, where a message queued by a comparison went
+    /// as a delete while its folder was away, and the folder, back under its
+    /// name and made again on the replica, was not listed).
+    fn forget_listings_under(&mut self, store: usize, from: &Path, to: &Path) {
+        let listed = |p: &Path| self.listed_dirs.contains_key(&(store, p.to_path_buf()));
+        if self.listed_dirs.is_empty() || !(listed(from) || listed(to)) {
+            return;
+        }
+        self.listed_dirs
+            .retain(|(s, p), _| *s != store || !(p.starts_with(from) || p.starts_with(to)));
     }
 
     /// A directory new to the replica: queue its children that the replica
