@@ -247,6 +247,10 @@ pub struct Sender<T = Tree> {
     /// Batches in flight, numbering, flow control, ops asked for again.
     window: AckWindow<Inflight>,
     retry: Vec<(Instant, Op)>,
+    /// Retries put back in the queue and not planned yet: a rename planned
+    /// before them carries what the replica holds there on, as it does for
+    /// the retries still waiting (see [`Sender::follow_retries`]).
+    requeued: std::collections::HashSet<(usize, PathBuf)>,
     retry_delay: Duration,
     /// Renames on their way that may be a folder's (by seq): one the
     /// replica refuses leaves its trees to a comparison.
@@ -424,6 +428,7 @@ impl<T: LocalTree> Sender<T> {
             manifest_id: 0,
             window: AckWindow::default(),
             retry: Vec::new(),
+            requeued: Default::default(),
             retry_delay: NO_SPACE_RETRY_MIN,
             folder_renames: Default::default(),
             times_only: Default::default(),
@@ -741,6 +746,26 @@ impl<T: LocalTree> Sender<T> {
     /// made with the wrong mode) to `to`: the retry is due under the new
     /// name too (the old name's stays; it may be made again).
     fn follow_retries(&mut self, store: usize, from: &Path, to: &Path) {
+        // Put back in the queue behind this rename (seeds 56134, 177468: a
+        // folder's `Mkdir` refused, the folder renamed, and the retry, queued
+        // again before the rename was planned, went to the old name only:
+        // the renamed folder kept the mode its children made it with, or
+        // never got a subfolder).
+        if !self.requeued.is_empty() {
+            let moved: Vec<PathBuf> = self
+                .requeued
+                .iter()
+                .filter(|(s, _)| *s == store)
+                .filter_map(|(_, p)| moved_path(p, from, to))
+                .collect();
+            for rel in moved {
+                self.coalescer.push(Op::Sync {
+                    store,
+                    rel,
+                    since: Instant::now(),
+                });
+            }
+        }
         if self.retry.is_empty() {
             return;
         }
@@ -797,6 +822,15 @@ impl<T: LocalTree> Sender<T> {
             .partition(|(t, _)| *t <= now);
         self.retry = later;
         for (_, op) in due {
+            if let Op::Sync { store, rel, .. } = &op {
+                if self.requeued.len() >= LISTED_FOLLOWED_MAX {
+                    // Too many to follow (ops the queue dropped for a
+                    // rescan stay here): a comparison finds what moved.
+                    self.requeued.clear();
+                    self.pending_verify = true;
+                }
+                self.requeued.insert((*store, rel.clone()));
+            }
             self.coalescer.push(op);
         }
     }
@@ -1571,7 +1605,7 @@ impl<T: LocalTree> Sender<T> {
                         unsynced(&from).unwrap_or_else(|| {
                             let known = self.index_name(store, &from, &batch);
                             known != from && unsynced(&known).unwrap_or(false)
-                        }) || self.needed_on_the_way(store, &from, &batch)
+                        })
                     };
                     if stale {
                         tracing::debug!(from = %from.display(), to = %to.display(), "a rename carries what the replica failed to update: the new name is sent");
@@ -1587,6 +1621,9 @@ impl<T: LocalTree> Sender<T> {
                 }
                 Op::Sync { store, rel, since } => {
                     tracing::debug!(path = %rel.display(), "plan sync");
+                    if !self.requeued.is_empty() {
+                        self.requeued.remove(&(store, rel.clone()));
+                    }
                     // Queued from a folder's listing: followed if a file.
                     let listed_here = !self.from_listing.is_empty()
                         && self.from_listing.remove(&(store, rel.clone()));
@@ -2406,22 +2443,6 @@ impl<T: LocalTree> Sender<T> {
             .map(|b| &b.body)
             .chain(building)
             .flat_map(|b| &b.acks)
-    }
-
-    /// Whether an op on `p` or below it is on its way and was asked for
-    /// again (its ack, which tells the index, has not come yet): what the
-    /// replica holds there is not what the op was to make (seed 56134: a
-    /// folder's `Mkdir` refused, its children made it with the default
-    /// mode, and the folder renamed before the refusal's batch was
-    /// acknowledged carried that mode on).
-    fn needed_on_the_way(&self, store: usize, p: &Path, building: &Inflight) -> bool {
-        self.window.any_needed()
-            && self.acks_on_their_way(Some(building)).any(|a| match a {
-                OnAck::Set(n, s, rel, _) | OnAck::Link(n, s, rel, ..) => {
-                    *s == store && rel.starts_with(p) && self.window.is_needed(*n)
-                }
-                _ => false,
-            })
     }
 
     /// Where path `p` goes through the renames on their way numbered

@@ -310,13 +310,18 @@ fn data_sim_seeds_that_found_bugs() {
     // the folder's former name, and a stale `new/` name stayed. 56134: a
     // folder's `Mkdir` refused, its children made it with the default mode,
     // and the folder renamed before the refusal's batch was acknowledged
-    // (the rename carried the wrong mode on; its retry went to the old name).
+    // (the rename carried the wrong mode on; its retry, queued again before
+    // the rename was planned, went to the old name). 177468: the same with a
+    // subfolder's `Mkdir`, the folder made again under its old name (the
+    // renamed folder never got the subfolder).
     // 158447: a folder renamed away and back (its events late) after a
     // comparison listed it: what the comparison queued there went as deletes
     // while it was away, and its listing, still taken for current (a
     // folder's ctime does not move when a folder above it is renamed),
     // kept it from being listed again: a message never reached the replica.
-    const FAULT_SEEDS: [u64; 9] = [78, 83, 6764, 8529, 10111, 49456, 54234, 56134, 158447];
+    const FAULT_SEEDS: [u64; 10] = [
+        78, 83, 6764, 8529, 10111, 49456, 54234, 56134, 158447, 177468,
+    ];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
