@@ -101,6 +101,35 @@ impl ReplicaTree for Root {
     }
 }
 
+/// How the replica answers an op its filesystem could not do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The peer asked for something this node will not do: said once, not
+    /// asked for again.
+    Refuse,
+    /// Asked for again (later, for a full disk or a local error).
+    Need(NeedReason),
+}
+
+/// The answer to a failed op. A path through a symlink here is asked for
+/// again rather than refused: the primary holds a folder at that name (it
+/// sends no path through a symlink of its own), so the symlink is this
+/// node's stale state, which the folder's `Mkdir` replaces; refused, the
+/// op would never be sent again (found by the data-path simulator with a
+/// name turning from symlink to folder: a message below it stayed missing
+/// until a comparison, which does not count a refusal as drift).
+pub fn answer(e: &FsError) -> Answer {
+    if e.through_symlink() {
+        Answer::Need(NeedReason::LocalError)
+    } else if e.is_refusal() {
+        Answer::Refuse
+    } else if e.is_no_space() {
+        Answer::Need(NeedReason::NoSpace)
+    } else {
+        Answer::Need(NeedReason::LocalError)
+    }
+}
+
 /// What an op could not do, for the driver to answer (in order, before
 /// anything else it sends).
 #[derive(Debug)]

@@ -95,6 +95,11 @@ impl FsError {
     pub fn is_refusal(&self) -> bool {
         matches!(self, FsError::Refused { .. })
     }
+    /// A refusal because the path runs through a symlink on this node
+    /// (never followed).
+    pub fn through_symlink(&self) -> bool {
+        matches!(self, FsError::Refused { why, .. } if *why == TRAVERSES_SYMLINK)
+    }
     /// The local disk or quota is full.
     pub fn is_no_space(&self) -> bool {
         matches!(self, FsError::NoSpace { .. })

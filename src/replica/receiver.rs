@@ -19,7 +19,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::apply::{Applier, Reply};
+use super::apply::{Answer, Applier, Reply};
 use super::commit::{Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
@@ -829,24 +829,26 @@ impl Receiver {
     }
 
     fn local_failure(&mut self, seq: u64, store: usize, rel: &Path, e: &FsError, peer: &str) {
-        if e.is_refusal() {
-            let raw = rel.as_os_str().as_bytes().to_vec();
-            self.refuse(seq, store, &raw, &e.to_string(), peer);
-            return;
-        }
-        if e.is_no_space() {
-            let why = e.to_string();
-            if self.space[store]
-                .refused(Instant::now(), 0, why.clone())
-                .is_some()
-            {
-                self.disk_full(store, &why);
+        match super::apply::answer(e) {
+            Answer::Refuse => {
+                let raw = rel.as_os_str().as_bytes().to_vec();
+                self.refuse(seq, store, &raw, &e.to_string(), peer);
             }
-            self.need(seq, store, rel, NeedReason::NoSpace);
-        } else {
-            warn!(store, path = %rel.display(), "cannot apply op: {e}");
-            *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
-            self.need(seq, store, rel, NeedReason::LocalError);
+            Answer::Need(NeedReason::NoSpace) => {
+                let why = e.to_string();
+                if self.space[store]
+                    .refused(Instant::now(), 0, why.clone())
+                    .is_some()
+                {
+                    self.disk_full(store, &why);
+                }
+                self.need(seq, store, rel, NeedReason::NoSpace);
+            }
+            Answer::Need(reason) => {
+                warn!(store, path = %rel.display(), "cannot apply op: {e}; asked for again");
+                *self.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+                self.need(seq, store, rel, reason);
+            }
         }
     }
 

@@ -9,7 +9,7 @@
 //! batch N+1 overlaps the secondary's flush of batch N, and a trickle of small
 //! batches never waits behind a window counted in batches.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -283,7 +283,8 @@ pub struct Sender<T = Tree> {
     pump: Option<crate::io::splice::SplicePump>,
     /// Directories whose children the last reconciliation already queued,
     /// with their inode and ctime when it listed them.
-    listed_dirs: HashMap<(usize, PathBuf), (u64, i64, u32)>,
+    /// (Ordered: a folder's subtree is one range.)
+    listed_dirs: BTreeMap<(usize, PathBuf), (u64, i64, u32)>,
     /// A switchover waits for every local change to be durable on the
     /// peer (see [`DrainRequest`]).
     pub drain: Arc<Mutex<Option<DrainRequest>>>,
@@ -1288,7 +1289,25 @@ impl<T: LocalTree> Sender<T> {
 
     fn on_ack(&mut self, seq: u64, building: Option<&Inflight>) {
         let now = Instant::now();
-        for sent in self.window.acked(seq) {
+        let done = self.window.acked(seq);
+        // A rename the replica refused: the renames after it in the batches
+        // this ack covers carried what it still holds at `from` on too.
+        let refused_rename = done
+            .iter()
+            .flat_map(|b| &b.body.acks)
+            .any(|a| matches!(a, OnAck::Rename(n, ..) if self.window.is_needed(*n)));
+        let acked_renames: Vec<(u64, usize, PathBuf, PathBuf)> = if refused_rename {
+            done.iter()
+                .flat_map(|b| &b.body.acks)
+                .filter_map(|a| match a {
+                    OnAck::Rename(n, s, from, to) => Some((*n, *s, from.clone(), to.clone())),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for sent in done {
             let (n, b) = (sent.ops, sent.body);
             if let (Some(sent), Some(from)) = (b.sent_at, self.lag_from) {
                 if sent >= from {
@@ -1366,7 +1385,15 @@ impl<T: LocalTree> Sender<T> {
                             // on (its folder renamed, say): that name is
                             // the one to correct (seed 49456: a stale
                             // `new/` name stayed in the renamed folder).
-                            let moved = self.renamed_in_flight(s, from.clone(), seq, building);
+                            let moved = {
+                                let mut renames: Vec<(u64, &Path, &Path)> = acked_renames
+                                    .iter()
+                                    .filter(|r| r.1 == s)
+                                    .map(|(n, _, f, t)| (*n, f.as_path(), t.as_path()))
+                                    .collect();
+                                renames.extend(self.renames_on_the_way(s, building));
+                                through_renames(&renames, &from, seq).into_owned()
+                            };
                             if moved != from {
                                 self.coalescer.push(Op::Sync {
                                     store: s,
@@ -2482,12 +2509,23 @@ impl<T: LocalTree> Sender<T> {
     /// as a delete while its folder was away, and the folder, back under its
     /// name and made again on the replica, was not listed).
     fn forget_listings_under(&mut self, store: usize, from: &Path, to: &Path) {
-        let listed = |p: &Path| self.listed_dirs.contains_key(&(store, p.to_path_buf()));
-        if self.listed_dirs.is_empty() || !(listed(from) || listed(to)) {
+        if self.listed_dirs.is_empty() {
             return;
         }
-        self.listed_dirs
-            .retain(|(s, p), _| *s != store || !(p.starts_with(from) || p.starts_with(to)));
+        for top in [from, to] {
+            // A folder's own listing may be gone (taken by `expand_dir`)
+            // while its subfolders' stay: the whole subtree's range goes.
+            let under: Vec<(usize, PathBuf)> = self
+                .listed_dirs
+                .range((store, top.to_path_buf())..)
+                .map(|(k, _)| k)
+                .take_while(|(s, p)| *s == store && p.starts_with(top))
+                .cloned()
+                .collect();
+            for k in under {
+                self.listed_dirs.remove(&k);
+            }
+        }
     }
 
     /// A directory new to the replica: queue its children that the replica

@@ -117,6 +117,11 @@ impl<T> AckWindow<T> {
         self.needed.insert(seq);
     }
 
+    /// Whether op `seq` was asked for again (kept for its ack).
+    pub fn is_needed(&self, seq: u64) -> bool {
+        self.needed.contains(&seq)
+    }
+
     /// Whether op `seq` was asked for again (and forgets it).
     pub fn was_needed(&mut self, seq: u64) -> bool {
         self.needed.remove(&seq)
