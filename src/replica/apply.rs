@@ -218,6 +218,7 @@ impl Applier {
 
     /// The same decisions' state, without replies (a simulated crash goes
     /// back to it).
+    #[cfg(any(test, feature = "tools"))]
     pub fn snapshot(&self) -> Applier {
         Applier {
             stats: self.stats.clone(),
