@@ -1634,7 +1634,14 @@ impl<T: LocalTree> Sender<T> {
                             known != from && unsynced(&known).unwrap_or(false)
                         })
                     };
-                    if stale {
+                    // Unless `to` is gone here already (moved on by a rename
+                    // not yet planned, which carries the stale state on and is
+                    // checked the same way): a sync now would delete, on the
+                    // replica, what that rename is to move (seed 177051: a
+                    // folder's content deleted on the replica, and a message
+                    // renamed into it made the folder again there, so the
+                    // next rename took the folder for held).
+                    if stale && matches!(self.stores[store].tree.lstat(&to), Ok(Some(_))) {
                         tracing::debug!(from = %from.display(), to = %to.display(), "a rename carries what the replica failed to update: the new name is sent");
                         ops.push_front(Op::Sync {
                             store,

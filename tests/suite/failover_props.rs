@@ -322,8 +322,13 @@ fn data_sim_seeds_that_found_bugs() {
     // 7199 (with names turning from symlink to folder in the workload): a
     // message under a folder that was a symlink on the replica, sent before
     // the folder's `Mkdir`, was refused there and never sent again.
-    const FAULT_SEEDS: [u64; 11] = [
-        78, 83, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177468,
+    // 177051 (after a failover): a folder renamed twice before the first
+    // rename was planned, its index entry unsynced: the new name, already
+    // gone, was synced (deleted on the replica with the folder's content),
+    // a message renamed into the folder made it again there, and the second
+    // rename took it for held: the folder's messages never arrived.
+    const FAULT_SEEDS: [u64; 12] = [
+        78, 83, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177051, 177468,
     ];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
