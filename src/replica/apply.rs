@@ -245,12 +245,6 @@ impl Applier {
         std::mem::take(&mut self.dirs)
     }
 
-    /// A folder whose entries changed outside these ops (a staged file's
-    /// parent, a kept-aside version's).
-    pub fn touched(&mut self, s: usize, dir: PathBuf) {
-        self.dirs.insert((s, dir));
-    }
-
     fn need(&mut self, seq: u64, store: usize, rel: &Path, reason: NeedReason) {
         self.replies.push(Reply::Need {
             seq,

@@ -1813,6 +1813,11 @@ impl DataSim {
             return Ok(());
         }
         let max = self.rng.range(1, 24) as usize;
+        self.send_batch(max)
+    }
+
+    /// A batch of at most `max` ops.
+    fn send_batch(&mut self, max: usize) -> Result<(), String> {
         let ops = self.sender.coalescer.take_batch(max);
         if self.trace {
             eprintln!("sender takes {ops:?}");
@@ -2505,32 +2510,7 @@ mod tests {
     /// Plans and sends everything queued, as the engine's loop would.
     fn send_all(sim: &mut DataSim) {
         while sim.sender.window_open() && sim.sender.coalescer.pending() > 0 {
-            let ops = sim.sender.coalescer.take_batch(1000);
-            let planned = sim.sender.plan_batch(ops).unwrap();
-            let mut batch = planned.batch;
-            let mut out = Vec::new();
-            for plan in planned.plans {
-                match plan {
-                    Plan::Frames(f) => out.extend_from_slice(&f),
-                    Plan::Small {
-                        seq,
-                        store,
-                        rel,
-                        st,
-                    } => {
-                        let read = match sim.primary.borrow().get(&rel).map(|i| &i.body) {
-                            Some(Body::File(d)) => Read::Ready(d.clone()),
-                            _ => Read::Missing,
-                        };
-                        sim.sender
-                            .small_read(seq, store, rel, &st, read, &mut batch, &mut out);
-                    }
-                    Plan::Large { .. } => panic!("no large files here"),
-                }
-            }
-            sim.sender
-                .close_batch(planned.touched, planned.batch_paths, batch, &mut out);
-            sim.send_frames(out);
+            sim.send_batch(1000).unwrap();
         }
     }
 
