@@ -327,8 +327,12 @@ fn data_sim_seeds_that_found_bugs() {
     // gone, was synced (deleted on the replica with the folder's content),
     // a message renamed into the folder made it again there, and the second
     // rename took it for held: the folder's messages never arrived.
-    const FAULT_SEEDS: [u64; 12] = [
-        78, 83, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177051, 177468,
+    // 381742: the simulator's own check, not the product: a version whose
+    // content the new primary sent under another name after the failover
+    // counts as held (the takeover record's sent log), so it is not kept
+    // aside; the check now judges by the same record.
+    const FAULT_SEEDS: [u64; 13] = [
+        78, 83, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177051, 177468, 381742,
     ];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
