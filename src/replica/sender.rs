@@ -1358,6 +1358,17 @@ impl<T: LocalTree> Sender<T> {
                             // travels.
                             self.stores[s].index.remove_tree(&from);
                             self.stores[s].index.unsync_folders(&to);
+                            // What the replica holds at `to` is not what the
+                            // rename was to put there (its entry came with an
+                            // earlier op of this batch, after the need was
+                            // heard): a rename of it planned from now on
+                            // sends its new name (seed 400872: a message
+                            // renamed over another whose source the replica
+                            // lacked, then flagged; the flag rename carried
+                            // the overwritten message's content on).
+                            if let Some(e) = self.stores[s].index.get_mut(&to) {
+                                e.synced = false;
+                            }
                             // A comparison's listing of them is stale too.
                             self.listed_dirs.retain(|(ls, p), _| {
                                 *ls != s || !(p.starts_with(&to) || p.starts_with(&from))
@@ -1382,24 +1393,29 @@ impl<T: LocalTree> Sender<T> {
                             }
                             // Renames sent (or planned) after this one
                             // carry what the replica still holds at `from`
-                            // on (its folder renamed, say): that name is
-                            // the one to correct (seed 49456: a stale
-                            // `new/` name stayed in the renamed folder).
-                            let moved = {
+                            // and at `to` on (its folder renamed, a flag
+                            // changed): those names are the ones to correct
+                            // (seeds 49456, 400872).
+                            let (moved_from, moved_to) = {
                                 let mut renames: Vec<(u64, &Path, &Path)> = acked_renames
                                     .iter()
                                     .filter(|r| r.1 == s)
                                     .map(|(n, _, f, t)| (*n, f.as_path(), t.as_path()))
                                     .collect();
                                 renames.extend(self.renames_on_the_way(s, building));
-                                through_renames(&renames, &from, seq).into_owned()
+                                (
+                                    through_renames(&renames, &from, seq).into_owned(),
+                                    through_renames(&renames, &to, seq).into_owned(),
+                                )
                             };
-                            if moved != from {
-                                self.coalescer.push(Op::Sync {
-                                    store: s,
-                                    rel: moved,
-                                    since: now,
-                                });
+                            for (name, moved) in [(&from, moved_from), (&to, moved_to)] {
+                                if moved != *name {
+                                    self.coalescer.push(Op::Sync {
+                                        store: s,
+                                        rel: moved,
+                                        since: now,
+                                    });
+                                }
                             }
                             self.coalescer.push(Op::Sync {
                                 store: s,

@@ -331,8 +331,13 @@ fn data_sim_seeds_that_found_bugs() {
     // content the new primary sent under another name after the failover
     // counts as held (the takeover record's sent log), so it is not kept
     // aside; the check now judges by the same record.
-    const FAULT_SEEDS: [u64; 13] = [
+    // 400872: a message renamed over another whose source the replica
+    // lacked (refused), then flagged before that batch was acknowledged:
+    // the flag rename carried the overwritten message's content to the new
+    // name, which was never corrected (another message's content there).
+    const FAULT_SEEDS: [u64; 14] = [
         78, 83, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177051, 177468, 381742,
+        400872,
     ];
     for seed in FAULT_SEEDS {
         if let Err(v) = DataSim::new(seed).run() {
