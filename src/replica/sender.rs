@@ -1370,9 +1370,7 @@ impl<T: LocalTree> Sender<T> {
                                 e.synced = false;
                             }
                             // A comparison's listing of them is stale too.
-                            self.listed_dirs.retain(|(ls, p), _| {
-                                *ls != s || !(p.starts_with(&to) || p.starts_with(&from))
-                            });
+                            self.forget_listings_under(s, &from, &to);
                             // A folder that did not move leaves both trees
                             // to be found again: ops since may have re-made
                             // parts of either there (a folder made again
