@@ -67,7 +67,7 @@ use rustix::io::Errno;
 
 use super::apply::{answer, Answer, Applier, ReplicaTree, Reply};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
-use super::index::{self, Entry, Index, Kind, Rehash, Scan, Stat, Version};
+use super::index::{self, Index, Kind, Stat, Version};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
 use super::tree::LocalTree;
@@ -372,54 +372,30 @@ impl LocalTree for SimTree {
             .collect())
     }
 
-    /// As [`Index::scan`] does on a real tree: cached hashes for versions
-    /// the index knows, files it does not know left unhashed, folders and
-    /// symlinks hashed, the index updated and what is gone forgotten.
-    fn scan(
-        &self,
-        index: &mut Index,
-        excludes: &Excludes,
-        rehash: Rehash,
-    ) -> std::io::Result<Scan> {
+    type Folder = ();
+
+    fn open_folder(&self, rel: &Path) -> std::io::Result<Option<()>> {
+        Ok(self.0.borrow().is_dir(rel).then_some(()))
+    }
+
+    fn read_folder(&self, _: &(), rel: &Path) -> std::io::Result<Vec<super::walk::Listed>> {
         let fs = self.0.borrow();
-        let mut entries = Vec::new();
-        for p in fs.below(Path::new("")) {
-            if excluded_or_below(excludes, &p) {
-                continue;
-            }
-            let st = fs.stat(&p).expect("listed");
-            let cached = index.get(&p).filter(|e| {
-                rehash == Rehash::Changed
-                    && e.kind == st.kind
-                    && e.version.size == st.version.size
-                    && e.version.mtime_s == st.version.mtime_s
-                    && e.version.mtime_ns == st.version.mtime_ns
-                    && e.version.ino == st.version.ino
-                    && ((e.version.ctime_s == 0 && e.version.ctime_ns == 0)
-                        || (e.version.ctime_s == st.version.ctime_s
-                            && e.version.ctime_ns == st.version.ctime_ns))
-            });
-            let hash = match cached {
-                Some(e) => Some(e.hash()),
-                None if st.kind == Kind::File => None,
-                None => {
-                    let h = fs.hash_of(&p).expect("listed");
-                    let synced = index
-                        .get(&p)
-                        .is_some_and(|e| e.synced && e.hash() == h && e.kind == st.kind);
-                    index.set(p.clone(), Entry::new(&st, h, synced));
-                    Some(h)
-                }
-            };
-            entries.push((p, st, hash));
-        }
-        let present: std::collections::HashSet<&Path> =
-            entries.iter().map(|(p, _, _)| p.as_path()).collect();
-        index.entries.retain(|p, _| present.contains(&**p));
-        Ok(Scan {
-            entries,
-            too_long: Vec::new(),
-        })
+        Ok(fs
+            .children(rel)
+            .iter()
+            .filter_map(|p| Some((p.file_name()?.to_os_string(), fs.stat(p)?)))
+            .collect())
+    }
+
+    fn hash_in(
+        &self,
+        _: &(),
+        rel: &Path,
+        name: &std::ffi::OsStr,
+        kind: Kind,
+        _from_disk: bool,
+    ) -> std::io::Result<u128> {
+        self.hash(&rel.join(name), kind)
     }
 }
 
@@ -1022,6 +998,9 @@ pub struct Outcome {
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
     pub comparisons: u64,
+    /// Workload steps run while a comparison walked the primary's tree
+    /// (between the manifest's chunks).
+    pub changes_while_comparing: u64,
     pub raced_reads: u64,
     pub paths_at_end: u64,
     /// Runs that ended with a hard-link group split on the replica (the
@@ -1049,6 +1028,7 @@ impl Outcome {
         self.kept_aside += o.kept_aside;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
+        self.changes_while_comparing += o.changes_while_comparing;
         self.raced_reads += o.raced_reads;
         self.paths_at_end += o.paths_at_end;
         self.split_links += o.split_links;
@@ -1086,6 +1066,10 @@ pub struct DataSim {
     /// runs as it did before crashes were modelled), in percent of the
     /// steps that may cut.
     fault_rng: SimRng,
+    /// Whether (percent per manifest chunk) the workload runs while a
+    /// comparison walks the tree, and its own draws of that.
+    busy_percent: u8,
+    busy_rng: SimRng,
     crash_percent: u8,
     /// Percent chance, at those steps, that the replica's disk turns full
     /// (or has room again).
@@ -1199,6 +1183,8 @@ impl DataSim {
             cut_percent,
             overflow_percent,
             fault_rng: SimRng::new(seed ^ 0x6372_6173_6865_7321),
+            busy_percent: 0,
+            busy_rng: SimRng::new(seed ^ 0x7761_6c6b_696e_6721),
             crash_percent: 0,
             full_percent: 0,
             failover_percent: 0,
@@ -1212,6 +1198,22 @@ impl DataSim {
             trace: std::env::var_os("HASYNC_DATA_SIM_TRACE").is_some(),
         };
         sim.seed_tree();
+        sim
+    }
+
+    /// The run a sweep makes of `seed` ([`run_seeds`]): with faults or
+    /// without, and on odd seeds with the workload going on while a
+    /// comparison walks the primary's tree (the seeds kept for the bugs
+    /// they found run as [`DataSim::new`] made them, without it).
+    pub fn sweep(seed: u64, faults: bool) -> DataSim {
+        let mut sim = if faults {
+            DataSim::new(seed)
+        } else {
+            DataSim::without_crashes(seed)
+        };
+        if seed % 2 == 1 {
+            sim.busy_percent = 40;
+        }
         sim
     }
 
@@ -2005,15 +2007,29 @@ impl DataSim {
             eprintln!("comparison (initial {initial})");
         }
         let (on_way, _request) = self.sender.begin_comparison(false, initial);
-        let scans = self
-            .sender
-            .scan_stores(false)
-            .expect("the model never fails a scan");
-        let mut cmp = self.sender.start_compare(on_way, scans, initial);
+        let locals = self.sender.local_entries(false);
+        let mut cmp = self.sender.start_compare(on_way, locals, initial);
         let remote = self.replica.manifest(&self.excludes);
         let chunks = remote.len().div_ceil(self.manifest_chunk).max(1);
         let mut remote = remote.into_iter();
         for i in 0..chunks {
+            // The users go on while the manifest arrives: the walk lists
+            // each folder only when the comparison reaches it (changes the
+            // tracker reports afterwards).
+            // Kept out of the window the product leaves open (see
+            // `comparison_blind_spot`): a folder made meanwhile is watched
+            // before the walk goes on (its events wait in the sender's
+            // queue, as the tracker's wait in its channel).
+            while self.workload_left > 0 && self.busy_rng.percent(self.busy_percent) {
+                self.workload_left -= 1;
+                self.out.changes_while_comparing += 1;
+                std::mem::swap(&mut self.rng, &mut self.busy_rng);
+                self.workload_step();
+                while self.comparison_blind_spot() {
+                    self.tracker_step(8);
+                }
+                std::mem::swap(&mut self.rng, &mut self.busy_rng);
+            }
             let chunk: Vec<_> = remote.by_ref().take(self.manifest_chunk).collect();
             self.sender
                 .compare_chunk(&mut cmp, 0, chunk, i + 1 == chunks)
@@ -2503,12 +2519,7 @@ fn describe(b: &Body) -> String {
 pub fn run_seeds(first: u64, n: u64, faults: bool) -> Result<Outcome, (u64, String)> {
     let mut total = Outcome::default();
     for seed in first..first + n {
-        let sim = if faults {
-            DataSim::new(seed)
-        } else {
-            DataSim::without_crashes(seed)
-        };
-        let o = sim.run().map_err(|e| (seed, e))?;
+        let o = DataSim::sweep(seed, faults).run().map_err(|e| (seed, e))?;
         total.add(&o);
     }
     Ok(total)

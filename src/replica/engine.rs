@@ -662,17 +662,22 @@ fn prescan_replica(
         },
     };
     let started = std::time::Instant::now();
+    // Hashes what changed while this node was down (the costly part) and
+    // keeps the entries of a small store; a large one is walked again for
+    // the manifest, its hashes in the index by then.
     let scans = st
         .iter_mut()
         .map(|s| {
-            s.index
-                .scan(
+            super::walk::Walk::new(&mut s.index, super::index::Rehash::Changed, true)
+                .run(
                     s.root.tree(),
+                    &mut s.index,
                     &shared.excludes,
-                    super::index::Rehash::Changed,
-                    true,
+                    super::walk::HELD_ENTRIES_MAX,
+                    |_| {},
                 )
                 .ok()
+                .flatten()
         })
         .collect();
     debug!(
@@ -1141,11 +1146,28 @@ fn record_takeover(
     let (mut files, mut unread) = (0usize, 0usize);
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
     for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
-        let scan = match st
-            .index
-            .scan(&st.tree, excludes, super::index::Rehash::Changed, false)
-        {
-            Ok(scan) => scan,
+        let mut hashes = std::collections::HashSet::new();
+        let mut pending = Vec::new();
+        let walk = super::walk::Walk::new(&mut st.index, super::index::Rehash::Changed, false);
+        let held = walk.run(
+            &st.tree,
+            &mut st.index,
+            excludes,
+            super::walk::HELD_ENTRIES_MAX,
+            |(_, s, h)| {
+                if s.kind == Kind::File {
+                    match h {
+                        Some(h) => {
+                            hashes.insert(*h);
+                        }
+                        None => pending.push(super::takeover::Pending::of(&s.version)),
+                    }
+                }
+            },
+        );
+        match held {
+            // Kept for the first comparison if small (else walked again).
+            Ok(scan) => scans[i] = scan,
             Err(e) => {
                 error!(alarm = true, store = %st.name, "ALARM: cannot record what this node holds as it takes over ({e}); a former primary that rejoins will have every version this node lacks kept aside as a conflict");
                 continue;
@@ -1158,19 +1180,8 @@ fn record_takeover(
         if let Some(c) = &carried {
             info!(store = %st.name, versions = c.hashes.len(), since_epoch = c.epoch, "takeover record of the earlier tenure carried over (its former primary is not reconciled yet)");
         }
-        let mut hashes = std::collections::HashSet::new();
-        let mut pending = Vec::new();
-        for (_, s, h) in scan.entries.iter().filter(|(_, s, _)| s.kind == Kind::File) {
-            match h {
-                Some(h) => {
-                    hashes.insert(*h);
-                }
-                None => pending.push(super::takeover::Pending::of(&s.version)),
-            }
-        }
         files += hashes.len() + pending.len();
         unread += pending.len();
-        scans[i] = Some(scan);
         let record = super::takeover::Record {
             hashes,
             pending,

@@ -71,7 +71,7 @@ pub struct Stat {
     pub dev: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Entry {
     pub kind: Kind,
     pub version: Version,
@@ -83,7 +83,26 @@ pub struct Entry {
     #[serde(with = "hex128")]
     hash: [u64; 2],
     pub synced: bool,
+    /// The last walk that found (or anything that set or moved) this
+    /// entry ([`Index::begin_walk`]); in the padding, never saved.
+    #[serde(skip)]
+    mark: u8,
 }
+
+/// Equal as what is known of the file (the walk's mark is bookkeeping).
+impl PartialEq for Entry {
+    fn eq(&self, o: &Entry) -> bool {
+        self.kind == o.kind
+            && self.version == o.version
+            && self.mode == o.mode
+            && self.uid == o.uid
+            && self.gid == o.gid
+            && self.hash == o.hash
+            && self.synced == o.synced
+    }
+}
+
+impl Eq for Entry {}
 
 /// An u128 as 32 hex digits in the index file.
 mod hex128 {
@@ -121,6 +140,7 @@ impl Entry {
             gid: st.meta.gid,
             hash: split128(hash),
             synced,
+            mark: 0,
         }
     }
 
@@ -200,6 +220,8 @@ pub struct Index {
     pub entries: Entries,
     file: PathBuf,
     dirty: bool,
+    /// The mark of the latest walk ([`Index::begin_walk`]).
+    walk_mark: u8,
 }
 
 /// The index file of an older release (JSON, UTF-8 names only): read once
@@ -399,6 +421,7 @@ fn decode_entries(file: &Path, bytes: &[u8]) -> Result<Entries, IndexError> {
             gid: u32_at(f, 50),
             hash: split128(hash),
             synced,
+            mark: 0,
         };
         let path: Box<Path> = Path::new(std::ffi::OsStr::from_bytes(raw)).into();
         if entries.insert(path, entry).is_some() {
@@ -467,6 +490,7 @@ impl Index {
             entries,
             file,
             dirty,
+            walk_mark: 0,
         }
     }
 
@@ -476,6 +500,7 @@ impl Index {
             entries: HashMap::default(),
             file: PathBuf::new(),
             dirty: false,
+            walk_mark: 0,
         }
     }
 
@@ -525,9 +550,45 @@ impl Index {
             .is_some_and(|e| e.synced && e.kind == st.kind && same_version(&e.version, &st.version))
     }
 
-    pub fn set(&mut self, rel: PathBuf, entry: Entry) {
+    pub fn set(&mut self, rel: PathBuf, mut entry: Entry) {
+        // Known now: a walk under way does not forget it.
+        entry.mark = self.walk_mark;
         self.entries.insert(rel.into_boxed_path(), entry);
         self.dirty = true;
+    }
+
+    /// Starts a walk ([`super::walk::Walk`]): returns its mark. What the
+    /// walk visits, and what is set or moved while it runs, gets the mark;
+    /// [`Index::end_walk`] forgets the rest. A later walk supersedes an
+    /// earlier one still under way (that one then forgets nothing).
+    pub fn begin_walk(&mut self) -> u8 {
+        // No entry keeps an earlier walk's mark (nor one copied in with
+        // entries from elsewhere): one pass, as cheap as the walk's own.
+        for e in self.entries.values_mut() {
+            e.mark = 0;
+        }
+        self.walk_mark = self.walk_mark.checked_add(1).unwrap_or(1);
+        self.walk_mark
+    }
+
+    /// The entry at `rel`, marked as found by the walk `mark`.
+    pub fn visit(&mut self, rel: &Path, mark: u8) -> Option<&Entry> {
+        let e = self.entries.get_mut(rel)?;
+        e.mark = mark;
+        Some(e)
+    }
+
+    /// The walk `mark` has found everything: forgets what it did not find
+    /// (gone from the store), unless a later walk began meanwhile.
+    pub fn end_walk(&mut self, mark: u8) {
+        if mark != self.walk_mark {
+            return;
+        }
+        let before = self.entries.len();
+        self.entries.retain(|_, e| e.mark == mark);
+        if self.entries.len() != before {
+            self.dirty = true;
+        }
     }
 
     pub fn get(&self, rel: &Path) -> Option<&Entry> {
@@ -595,6 +656,7 @@ impl Index {
             if let Some(mut e) = self.entries.remove(from) {
                 e.version.ctime_s = 0;
                 e.version.ctime_ns = 0;
+                e.mark = self.walk_mark;
                 self.entries.insert(to.into(), e);
             }
             self.dirty = true;
@@ -620,6 +682,7 @@ impl Index {
             // A rename changes ctime; match on the rest of the version.
             e.version.ctime_s = 0;
             e.version.ctime_ns = 0;
+            e.mark = self.walk_mark;
             self.entries.insert(p.into_boxed_path(), e);
         }
         self.dirty = true;
@@ -627,111 +690,25 @@ impl Index {
 
     /// Walks the store and returns every entry (sorted by path) with its
     /// hash, re-hashing only what changed since it was last seen (or
-    /// everything, with `full_verify`).
+    /// everything, with `full_verify`): a [`Walk`](super::walk::Walk)
+    /// collected whole. Callers that can take the entries one at a time
+    /// walk instead (the memory of a folder, not of the tree).
     ///
     /// With `hash_uncached == false`, a path whose hash is not cached gets
     /// `None` instead of being read: the caller hashes only the paths it
     /// needs to compare (an initial sync to an empty replica reads nothing
     /// twice).
     ///
-    /// Folders are listed, and entries looked up and read, relative to
-    /// their folder's descriptor: depth and the root's own path length do
-    /// not matter. Paths past [`super::tree::REL_PATH_BYTES_MAX`] are not
-    /// entered; they come back in [`Scan::too_long`].
-    pub fn scan(
+    /// Paths past [`super::tree::REL_PATH_BYTES_MAX`] are not entered;
+    /// they come back in [`Scan::too_long`].
+    pub fn scan<T: super::tree::LocalTree + ?Sized>(
         &mut self,
-        tree: &super::tree::Tree,
+        tree: &T,
         excludes: &Excludes,
         rehash: Rehash,
         hash_uncached: bool,
     ) -> std::io::Result<Scan> {
-        let full_verify = rehash != Rehash::Changed;
-        let from_disk = rehash == Rehash::FromDisk;
-        use std::io::ErrorKind;
-        let named = |rel: &Path, e: std::io::Error| {
-            std::io::Error::new(e.kind(), format!("{}: {e}", tree.abs(rel).display()))
-        };
-        // The index knows about how many entries there are: one allocation
-        // instead of doublings (an entry is 160 bytes; a doubled vector
-        // holds up to twice the tree, and both while it moves).
-        let mut out: Vec<ScanEntry> = Vec::with_capacity(self.entries.len() + 64);
-        let mut too_long = Vec::new();
-        let mut stack = vec![PathBuf::new()];
-        while let Some(dir) = stack.pop() {
-            let fd = match tree.open_dir(&dir) {
-                Ok(fd) => fd,
-                // Vanished (or replaced) while we walked: the tracker reports it.
-                Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
-                    continue
-                }
-                Err(e) => return Err(named(&dir, e)),
-            };
-            let mut listing = rustix::fs::Dir::new(fd).map_err(|e| named(&dir, e.into()))?;
-            while let Some(ent) = listing.read() {
-                let ent = ent.map_err(|e| named(&dir, e.into()))?;
-                let name = ent.file_name();
-                if name == c"." || name == c".." {
-                    continue;
-                }
-                let rel = dir.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-                if excludes.is_excluded(&rel) {
-                    continue;
-                }
-                if !super::tree::fits(&rel) {
-                    too_long.push(rel);
-                    continue;
-                }
-                let dfd = listing.fd().map_err(|e| named(&dir, e.into()))?;
-                let st = match stat_of(rustix::fs::statx(
-                    dfd,
-                    name,
-                    AtFlags::SYMLINK_NOFOLLOW,
-                    StatxFlags::BASIC_STATS,
-                )) {
-                    Ok(Some(st)) => st,
-                    Ok(None) => continue,
-                    Err(e) => return Err(named(&rel, e)),
-                };
-                let cached = self.entries.get(rel.as_path()).filter(|e| {
-                    !full_verify && e.kind == st.kind && same_version(&e.version, &st.version)
-                });
-                let hash = match cached {
-                    Some(e) => Some(e.hash()),
-                    None if !hash_uncached && st.kind == Kind::File => None,
-                    None => match hash_at(dfd, name, st.kind, from_disk) {
-                        Ok(h) => {
-                            let synced = self
-                                .entries
-                                .get(rel.as_path())
-                                .is_some_and(|e| e.synced && e.hash() == h && e.kind == st.kind);
-                            self.set(rel.clone(), Entry::new(&st, h, synced));
-                            Some(h)
-                        }
-                        Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                        Err(e) => return Err(named(&rel, e)),
-                    },
-                };
-                if st.kind == Kind::Dir {
-                    stack.push(rel.clone());
-                }
-                out.push((rel, st, hash));
-            }
-        }
-        // Forget what is gone.
-        let present: std::collections::HashSet<&Path, PathHasher> =
-            out.iter().map(|(p, _, _)| p.as_path()).collect();
-        let before = self.entries.len();
-        self.entries.retain(|p, _| present.contains(&**p));
-        if self.entries.len() != before {
-            self.dirty = true;
-        }
-        out.sort_unstable_by(|a, b| path_order(&a.0, &b.0));
-        // Held until the comparison (or the takeover record) is done.
-        out.shrink_to_fit();
-        Ok(Scan {
-            entries: out,
-            too_long,
-        })
+        super::walk::Walk::new(self, rehash, hash_uncached).collect(tree, self, excludes)
     }
 }
 
@@ -761,7 +738,7 @@ pub enum Rehash {
 }
 
 /// Hashes `name` in the folder `dir` (a file's content, a symlink's target).
-fn hash_at(
+pub(crate) fn hash_at(
     dir: std::os::fd::BorrowedFd<'_>,
     name: &std::ffi::CStr,
     kind: Kind,
@@ -790,7 +767,7 @@ fn hash_at(
 
 /// Same version, ignoring ctime when the index does not know it (after a
 /// rename, which changes ctime but not content).
-fn same_version(a: &Version, b: &Version) -> bool {
+pub(crate) fn same_version(a: &Version, b: &Version) -> bool {
     a.size == b.size
         && a.mtime_s == b.mtime_s
         && a.mtime_ns == b.mtime_ns
@@ -840,6 +817,7 @@ mod tests {
             entries: HashMap::default(),
             file: PathBuf::from("/nonexistent/index.json"),
             dirty: false,
+            walk_mark: 0,
         };
         for (i, (p, k)) in entries.iter().enumerate() {
             ix.set(PathBuf::from(p), entry(*k, i as u64));

@@ -26,6 +26,7 @@ pub mod stats;
 pub mod takeover;
 pub mod tree;
 pub mod waiters;
+pub mod walk;
 pub mod window;
 
 pub use crate::model::{moved_path, Durability, Excludes};

@@ -187,8 +187,9 @@ struct ManifestOut {
     pre: Vec<Option<index::Scan>>,
     /// The next store to list.
     next_store: usize,
-    /// The store being sent and its entries not sent yet.
-    current: Option<(usize, std::vec::IntoIter<index::ScanEntry>)>,
+    /// The store being sent and its entries not sent yet (walked as the
+    /// chunks are encoded).
+    current: Option<(usize, super::walk::Ordered)>,
 }
 
 /// Encoded bytes of a manifest entry besides its path.
@@ -1271,36 +1272,42 @@ impl Receiver {
                 let s = out.next_store;
                 out.next_store += 1;
                 let entries = match out.pre.get_mut(s).and_then(Option::take) {
-                    Some(scan) => scan.entries,
-                    None => {
-                        let store = &mut self.stores[s];
-                        store
-                            .index
-                            .scan(store.root.tree(), &self.excludes, out.rehash, true)
-                            .map_err(|source| RecvError::Scan {
-                                path: store.root.path().to_path_buf(),
-                                source,
-                            })?
-                            .entries
-                    }
+                    Some(scan) => super::walk::Ordered::held(scan),
+                    None => super::walk::Ordered::walk(super::walk::Walk::new(
+                        &mut self.stores[s].index,
+                        out.rehash,
+                        true,
+                    )),
                 };
-                (s, entries.into_iter())
+                (s, entries)
             }
         };
         let mut entries = entries;
         let mut chunk = Vec::new();
         let mut chunk_bytes = 0usize;
+        let store = &mut self.stores[s];
+        let walk_error = |source| RecvError::Scan {
+            path: store.root.path().to_path_buf(),
+            source,
+        };
         // Within the entry count and well within the frame cap, however
         // long the paths.
         while chunk.len() < MANIFEST_ENTRIES_MAX && chunk_bytes < MANIFEST_CHUNK_BYTES {
-            let Some((rel, st, hash)) = entries.next() else {
+            let Some((rel, st, hash)) = entries
+                .next_if(store.root.tree(), &mut store.index, &self.excludes, |_| {
+                    true
+                })
+                .map_err(walk_error)?
+            else {
                 break;
             };
             let e = index::manifest_entry(&rel, &st, hash.unwrap_or(0));
             chunk_bytes += e.path.len() + MANIFEST_ENTRY_FIXED_BYTES;
             chunk.push(e);
         }
-        let last = entries.len() == 0;
+        let last = entries
+            .at_end(store.root.tree(), &mut store.index, &self.excludes)
+            .map_err(walk_error)?;
         SyncMsg::Manifest {
             id: out.id,
             store: s as u16,

@@ -675,13 +675,11 @@ impl<T: LocalTree> Sender<T> {
         let id = self.manifest_id;
         w.send_bytes(out).await?;
 
-        // This side's scan runs while the replica builds its manifest (the
-        // two used to run one after the other: a restart's catch-up waited
-        // for both).
-        let scans = self.scan_stores(full_verify)?;
-
-        // The replica's manifest, chunk by chunk, walked beside the scans.
-        let mut cmp = self.start_compare(on_way, scans, initial);
+        // This side's tree is walked as the manifest's chunks arrive, each
+        // folder listed when the comparison reaches it (while the replica
+        // walks its own to build the next chunk).
+        let locals = self.local_entries(full_verify);
+        let mut cmp = self.start_compare(on_way, locals, initial);
         while !cmp.complete() {
             let msg = match rx.recv().await {
                 Some(m) => m?,
@@ -695,9 +693,14 @@ impl<T: LocalTree> Sender<T> {
                     last,
                 } if mid == id => self
                     .compare_chunk(&mut cmp, store as usize, entries, last)
-                    .map_err(|e| SendError::Protocol {
-                        peer: w.peer().to_string(),
-                        what: e.to_string(),
+                    .map_err(|e| match e {
+                        compare::CompareError::Manifest(e) => SendError::Protocol {
+                            peer: w.peer().to_string(),
+                            what: e.to_string(),
+                        },
+                        compare::CompareError::Local { path, source } => {
+                            SendError::Local { path, source }
+                        }
                     })?,
                 other => self.on_peer_msg(other)?,
             }

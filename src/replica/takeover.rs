@@ -486,8 +486,12 @@ pub fn complete<T: LocalTree>(
         }
     }
     if !pending.is_empty() {
-        let scan = tree.scan(index, excludes, Rehash::Changed)?;
-        for (rel, st, hash) in scan.entries {
+        // One folder at a time: the tree is never listed into memory.
+        let mut walk = super::walk::Walk::new(index, Rehash::Changed, false);
+        while let Some((rel, st, hash)) = walk.next(tree, index, excludes)? {
+            if pending.is_empty() {
+                break;
+            }
             if st.kind != Kind::File || !pending.remove(&Pending::of(&st.version)) {
                 continue;
             }

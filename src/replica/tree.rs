@@ -205,13 +205,28 @@ pub trait LocalTree {
     fn hash(&self, rel: &Path, kind: Kind) -> io::Result<u128>;
     /// The names in the folder at `rel`.
     fn list(&self, rel: &Path) -> io::Result<Vec<std::ffi::OsString>>;
-    /// Every entry below the root, through (and updating) `index`.
-    fn scan(
+    /// A folder open for a walk ([`super::walk::Walk`]).
+    type Folder;
+    /// Opens the folder at `rel`; `Ok(None)` when it is gone or no longer
+    /// a folder.
+    fn open_folder(&self, rel: &Path) -> io::Result<Option<Self::Folder>>;
+    /// The folder's entries with their lstat (`.` and `..`, entries gone
+    /// meanwhile and other kinds than file, folder and symlink left out).
+    fn read_folder(
         &self,
-        index: &mut index::Index,
-        excludes: &crate::model::Excludes,
-        rehash: index::Rehash,
-    ) -> io::Result<index::Scan>;
+        folder: &Self::Folder,
+        rel: &Path,
+    ) -> io::Result<Vec<super::walk::Listed>>;
+    /// Hashes the entry `name` of the folder at `rel` (see
+    /// [`LocalTree::hash`]); `from_disk` drops its cached pages first.
+    fn hash_in(
+        &self,
+        folder: &Self::Folder,
+        rel: &Path,
+        name: &std::ffi::OsStr,
+        kind: Kind,
+        from_disk: bool,
+    ) -> io::Result<u128>;
 }
 
 impl LocalTree for Tree {
@@ -240,13 +255,36 @@ impl LocalTree for Tree {
         }
         Ok(names)
     }
-    fn scan(
+    type Folder = OwnedFd;
+    fn open_folder(&self, rel: &Path) -> io::Result<Option<OwnedFd>> {
+        match self.open_dir(rel) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+    fn read_folder(&self, folder: &OwnedFd, _rel: &Path) -> io::Result<Vec<super::walk::Listed>> {
+        super::walk::read_real_folder(folder.as_fd())
+    }
+    fn hash_in(
         &self,
-        index: &mut index::Index,
-        excludes: &crate::model::Excludes,
-        rehash: index::Rehash,
-    ) -> io::Result<index::Scan> {
-        index.scan(self, excludes, rehash, false)
+        folder: &OwnedFd,
+        _rel: &Path,
+        name: &std::ffi::OsStr,
+        kind: Kind,
+        from_disk: bool,
+    ) -> io::Result<u128> {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::CString::new(name.as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL byte"))?;
+        index::hash_at(folder.as_fd(), &name, kind, from_disk)
     }
 }
 

@@ -13,9 +13,10 @@ use std::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::super::drift::{Difference, InFlight};
-use super::super::index::{Entry, Kind, Rehash, Scan, ScanEntry, Stat};
+use super::super::index::{Entry, Kind, Rehash, ScanEntry, Stat};
 use super::super::tree::LocalTree;
-use super::{add, rel_bytes, SendError, Sender, SyncPhase, PRESCAN_FRESH};
+use super::super::walk::{Ordered, Walk};
+use super::{add, rel_bytes, Sender, SyncPhase, PRESCAN_FRESH};
 use crate::model::path_order;
 use crate::wire::sync::{EntryKind, ManifestEntry, SyncMsg};
 
@@ -41,8 +42,9 @@ struct Found {
 
 /// One store's side of a [`Comparison`].
 struct StoreComparison {
-    /// The local entries not yet compared, in path order.
-    local: std::iter::Peekable<std::vec::IntoIter<ScanEntry>>,
+    /// The local entries not yet compared, in path order: walked as the
+    /// manifest's chunks arrive (or a recent scan held whole).
+    local: Ordered,
     /// The replica's last entry, to hold it to path order.
     last_remote: Option<Vec<u8>>,
     /// The versions this node held at takeover (or sent since) when the
@@ -92,6 +94,20 @@ pub(crate) enum ManifestError {
     OutOfOrder { store: usize, path: String },
 }
 
+/// Why a chunk of the manifest could not be compared.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CompareError {
+    /// The peer's fault (a protocol error).
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The local store could not be walked.
+    #[error("walking {path}: {source}")]
+    Local {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 impl Comparison {
     /// Has every store's manifest arrived?
     pub(crate) fn complete(&self) -> bool {
@@ -126,76 +142,55 @@ impl<T: LocalTree> Sender<T> {
         (on_way, out)
     }
 
-    /// Every store's entries (a scan taken as the tenure began, if recent).
-    pub(crate) fn scan_stores(
-        &mut self,
-        full_verify: bool,
-    ) -> Result<Vec<Option<Scan>>, SendError> {
-        let mut scans = Vec::with_capacity(self.stores.len());
+    /// Every store's entries, in path order, for a comparison: a scan
+    /// taken as the tenure began (if recent, and small enough to have been
+    /// kept), else a walk that lists each folder as the comparison reaches
+    /// it.
+    pub(crate) fn local_entries(&mut self, full_verify: bool) -> Vec<Ordered> {
         let mut pre = match self.prescanned.take() {
             Some((at, v)) if !full_verify && at.elapsed() < PRESCAN_FRESH => v,
             _ => Vec::new(),
         };
-        for (i, store) in self.stores.iter_mut().enumerate() {
-            if let Some(scan) = pre.get_mut(i).and_then(Option::take) {
-                scans.push(Some(scan));
-                continue;
-            }
-            let scan = store
-                .tree
-                .scan(
-                    &mut store.index,
-                    &self.excludes,
-                    if full_verify {
-                        Rehash::All
-                    } else {
-                        Rehash::Changed
-                    },
-                )
-                .map_err(|source| SendError::Local {
-                    path: store.root.clone(),
-                    source,
-                })?;
-            scans.push(Some(scan));
-        }
-        Ok(scans)
+        let rehash = if full_verify {
+            Rehash::All
+        } else {
+            Rehash::Changed
+        };
+        self.stores
+            .iter_mut()
+            .enumerate()
+            .map(|(i, store)| match pre.get_mut(i).and_then(Option::take) {
+                Some(scan) => Ordered::held(scan),
+                None => Ordered::walk(Walk::new(&mut store.index, rehash, false)),
+            })
+            .collect()
     }
 
-    /// Starts comparing the local scans (one per store, in path order) with
-    /// the replica's manifest, which [`Sender::compare_chunk`] then feeds.
+    /// Starts comparing the local entries (one source per store, in path
+    /// order) with the replica's manifest, which [`Sender::compare_chunk`]
+    /// then feeds.
     pub(crate) fn start_compare(
         &mut self,
         on_way: InFlight,
-        scans: Vec<Option<Scan>>,
+        locals: Vec<Ordered>,
         initial: bool,
     ) -> Comparison {
-        let mut stores = Vec::with_capacity(scans.len());
-        for (s, scan) in scans.into_iter().enumerate() {
-            let scan = scan.expect("one scan per store");
-            for rel in &scan.too_long {
-                self.out_of_reach
-                    .report(&self.stats, &self.stores[s].name, rel);
-            }
-            let store = &mut self.stores[s];
-            // Every local path gets an entry once acknowledged: one
-            // allocation of the final size instead of doublings.
-            let known = store.index.entries.len();
-            store
-                .index
-                .reserve(scan.entries.len().saturating_sub(known));
-            stores.push(StoreComparison {
-                local: scan.entries.into_iter().peekable(),
+        let stores = locals
+            .into_iter()
+            .enumerate()
+            .map(|(s, local)| StoreComparison {
+                local,
                 last_remote: None,
                 takeover: None,
                 started: false,
-                dovecot: store.dovecot,
+                dovecot: self.stores[s].dovecot,
                 dir_changes: HashMap::new(),
                 not_held: HashSet::new(),
                 queue: Vec::new(),
                 remote_only: Vec::new(),
                 done: false,
-            });
-        }
+            })
+            .collect();
         Comparison {
             on_way,
             stores,
@@ -210,6 +205,22 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
+    /// Store `s`'s next local entry, if `pred` holds for it.
+    fn next_local(
+        &mut self,
+        sc: &mut StoreComparison,
+        s: usize,
+        pred: impl FnOnce(&ScanEntry) -> bool,
+    ) -> Result<Option<ScanEntry>, CompareError> {
+        let store = &mut self.stores[s];
+        sc.local
+            .next_if(&store.tree, &mut store.index, &self.excludes, pred)
+            .map_err(|source| CompareError::Local {
+                path: store.root.clone(),
+                source,
+            })
+    }
+
     /// Compares one chunk of store `s`'s manifest (entries in path order)
     /// with the local entries up to it; `last` ends the store.
     pub(crate) fn compare_chunk(
@@ -218,13 +229,13 @@ impl<T: LocalTree> Sender<T> {
         s: usize,
         entries: Vec<ManifestEntry>,
         last: bool,
-    ) -> Result<(), ManifestError> {
+    ) -> Result<(), CompareError> {
         let Some(sc) = cmp.stores.get_mut(s) else {
-            return Err(ManifestError::NoSuchStore { store: s });
+            return Err(ManifestError::NoSuchStore { store: s }.into());
         };
         let found = &mut cmp.found;
         if sc.done {
-            return Err(ManifestError::AfterLast { store: s });
+            return Err(ManifestError::AfterLast { store: s }.into());
         }
         if !sc.started {
             sc.started = true;
@@ -248,14 +259,15 @@ impl<T: LocalTree> Sender<T> {
                     return Err(ManifestError::OutOfOrder {
                         store: s,
                         path: String::from_utf8_lossy(&r.path).into_owned(),
-                    });
+                    }
+                    .into());
                 }
             }
             // Local entries before this one: the replica does not have them.
-            while let Some(l) = sc.local.next_if(|l| path_order(&l.0, rel).is_lt()) {
+            while let Some(l) = self.next_local(sc, s, |l| path_order(&l.0, rel).is_lt())? {
                 self.compare_local(found, sc, s, l, None);
             }
-            match sc.local.next_if(|l| l.0.as_path() == rel) {
+            match self.next_local(sc, s, |l| l.0.as_path() == rel)? {
                 Some(l) => self.compare_local(found, sc, s, l, Some(&r)),
                 // Dealt with after the local entries (the order the
                 // backlog has always had).
@@ -264,8 +276,12 @@ impl<T: LocalTree> Sender<T> {
             sc.last_remote = Some(r.path);
         }
         if last {
-            while let Some(l) = sc.local.next() {
+            while let Some(l) = self.next_local(sc, s, |_| true)? {
                 self.compare_local(found, sc, s, l, None);
+            }
+            for rel in sc.local.take_too_long() {
+                self.out_of_reach
+                    .report(&self.stats, &self.stores[s].name, &rel);
             }
             for r in std::mem::take(&mut sc.remote_only) {
                 self.remote_only(found, sc, s, r);
@@ -598,8 +614,8 @@ mod tests {
     fn queued(dir: &Path, manifest: &[ManifestEntry], chunk: usize) -> Vec<String> {
         let mut s = sender_over(dir, &[]);
         let (on_way, _) = s.begin_comparison(false, true);
-        let scans = s.scan_stores(false).unwrap();
-        let mut cmp = s.start_compare(on_way, scans, true);
+        let locals = s.local_entries(false);
+        let mut cmp = s.start_compare(on_way, locals, true);
         let chunks: Vec<_> = manifest.chunks(chunk.max(1)).collect();
         if chunks.is_empty() {
             s.compare_chunk(&mut cmp, 0, Vec::new(), true).unwrap();
@@ -630,7 +646,11 @@ mod tests {
         // The replica holds what the store holds, exactly, but "a/new/2"
         // (missing there) and "a/cur/1" (other content), and two names
         // only it has: one between local entries, one after them all.
-        let scan = s.scan_stores(false).unwrap().remove(0).unwrap();
+        let store = &mut s.stores[0];
+        let scan = store
+            .index
+            .scan(&store.tree, &s.excludes, Rehash::Changed, false)
+            .unwrap();
         let mut manifest = Vec::new();
         for (rel, st, hash) in &scan.entries {
             let hash = hash.unwrap_or_else(|| s.stores[0].tree.hash(rel, st.kind).unwrap());
@@ -661,8 +681,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = sender_over(dir.path(), &[("x", b"1")]);
         let (on_way, _) = s.begin_comparison(false, true);
-        let scans = s.scan_stores(false).unwrap();
-        let mut cmp = s.start_compare(on_way, scans, true);
+        let locals = s.local_entries(false);
+        let mut cmp = s.start_compare(on_way, locals, true);
         let e = s
             .compare_chunk(
                 &mut cmp,
@@ -675,21 +695,36 @@ mod tests {
             )
             .unwrap_err();
         assert!(
-            matches!(&e, ManifestError::OutOfOrder { store: 0, path } if path == "a"),
+            matches!(&e, CompareError::Manifest(ManifestError::OutOfOrder { store: 0, path }) if path == "a"),
             "{e}"
         );
         // Twice the same name is out of order too (across chunks).
         let e = s
             .compare_chunk(&mut cmp, 0, vec![remote("b", EntryKind::File, 1)], false)
             .unwrap_err();
-        assert!(matches!(e, ManifestError::OutOfOrder { .. }), "{e}");
+        assert!(
+            matches!(e, CompareError::Manifest(ManifestError::OutOfOrder { .. })),
+            "{e}"
+        );
         let e = s.compare_chunk(&mut cmp, 3, Vec::new(), true).unwrap_err();
-        assert!(matches!(e, ManifestError::NoSuchStore { store: 3 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                CompareError::Manifest(ManifestError::NoSuchStore { store: 3 })
+            ),
+            "{e}"
+        );
         s.compare_chunk(&mut cmp, 0, vec![remote("c", EntryKind::File, 1)], true)
             .unwrap();
         assert!(cmp.complete());
         let e = s.compare_chunk(&mut cmp, 0, Vec::new(), true).unwrap_err();
-        assert!(matches!(e, ManifestError::AfterLast { store: 0 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                CompareError::Manifest(ManifestError::AfterLast { store: 0 })
+            ),
+            "{e}"
+        );
     }
 
     /// Paths of the `KeepAside` frames in `bytes`.
@@ -714,8 +749,8 @@ mod tests {
         let (old_m, n) = (11u128, 12u128);
         s.set_takeover_known(vec![Some([old_m, n].into_iter().collect())]);
         let (on_way, _) = s.begin_comparison(false, false);
-        let scans = s.scan_stores(false).unwrap();
-        let mut cmp = s.start_compare(on_way, scans, false);
+        let locals = s.local_entries(false);
+        let mut cmp = s.start_compare(on_way, locals, false);
         // The peer says what it is after the comparison started (its
         // first message, read while the manifest is awaited).
         s.on_peer_msg(SyncMsg::PeerState {

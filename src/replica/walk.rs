@@ -1,0 +1,426 @@
+//! A store walked one folder at a time, in path order.
+//!
+//! A [`Walk`] yields every entry of a store (its path, lstat and hash when
+//! known) in [`path_order`](crate::model::path_order): a folder, then
+//! everything below it, then its next sibling. It lists (and stats, and
+//! hashes where the index has no hash) a folder's entries as it enters the
+//! folder, so what it holds at any moment is the folders along the current
+//! path and their entries not yet yielded: the largest folder, not the
+//! tree. The comparison that starts a session and the replica's manifest
+//! consume it as they go; a million-file store is never listed into memory.
+//!
+//! The index is updated as the walk goes (hashes of what changed) and,
+//! once the walk has yielded everything, forgets what the walk did not
+//! find: entries the walk did not visit and that nothing set or moved
+//! meanwhile (see [`Index::begin_walk`]).
+//!
+//! The same walk runs over the real [`Tree`](super::tree::Tree) and over
+//! the data-path simulator's model (both [`LocalTree`]).
+
+use std::ffi::{OsStr, OsString};
+use std::io::{self, ErrorKind};
+use std::path::{Path, PathBuf};
+
+use super::index::{Entry, Index, Kind, Rehash, Scan, ScanEntry, Stat};
+use super::tree::LocalTree;
+use super::Excludes;
+
+/// A walk of one store under way (see the module's text).
+#[derive(Debug)]
+pub struct Walk {
+    rehash: Rehash,
+    /// Hash files the index has no hash for (the replica's manifest), or
+    /// leave them `None` for the caller to hash if it must (the primary: an
+    /// initial sync to an empty replica reads nothing twice).
+    hash_uncached: bool,
+    /// This walk's mark in the index ([`Index::begin_walk`]).
+    mark: u8,
+    /// Per folder on the current path: its entries not yet yielded, last
+    /// first (popped in path order).
+    stack: Vec<Vec<ScanEntry>>,
+    started: bool,
+    finished: bool,
+    /// Paths too long to replicate (not entered).
+    pub too_long: Vec<PathBuf>,
+}
+
+impl Walk {
+    /// A walk of the store `index` describes; nothing is read until
+    /// [`Walk::next`].
+    pub fn new(index: &mut Index, rehash: Rehash, hash_uncached: bool) -> Walk {
+        Walk {
+            rehash,
+            hash_uncached,
+            mark: index.begin_walk(),
+            stack: Vec::new(),
+            started: false,
+            finished: false,
+            too_long: Vec::new(),
+        }
+    }
+
+    /// The next entry in path order, `None` once every entry was yielded
+    /// (the index has forgotten what the walk did not find by then).
+    ///
+    /// An error names the path; the walk cannot go on after it.
+    pub fn next<T: LocalTree + ?Sized>(
+        &mut self,
+        tree: &T,
+        index: &mut Index,
+        excludes: &Excludes,
+    ) -> io::Result<Option<ScanEntry>> {
+        if !self.started {
+            self.started = true;
+            self.enter(tree, index, excludes, Path::new(""))?;
+        }
+        loop {
+            let Some(top) = self.stack.last_mut() else {
+                if !self.finished {
+                    self.finished = true;
+                    index.end_walk(self.mark);
+                }
+                return Ok(None);
+            };
+            let Some(entry) = top.pop() else {
+                self.stack.pop();
+                continue;
+            };
+            if entry.1.kind == Kind::Dir {
+                self.enter(tree, index, excludes, &entry.0)?;
+            }
+            return Ok(Some(entry));
+        }
+    }
+
+    /// Every entry at once, in path order (a store small enough to hold,
+    /// or a caller that needs all of it).
+    pub fn collect<T: LocalTree + ?Sized>(
+        mut self,
+        tree: &T,
+        index: &mut Index,
+        excludes: &Excludes,
+    ) -> io::Result<Scan> {
+        let mut entries = Vec::with_capacity(index.entries.len() + 64);
+        while let Some(e) = self.next(tree, index, excludes)? {
+            entries.push(e);
+        }
+        entries.shrink_to_fit();
+        Ok(Scan {
+            entries,
+            too_long: self.too_long,
+        })
+    }
+
+    /// Lists folder `dir`: its entries, stat'ed, hashed as the index and
+    /// this walk say, onto the stack in path order.
+    fn enter<T: LocalTree + ?Sized>(
+        &mut self,
+        tree: &T,
+        index: &mut Index,
+        excludes: &Excludes,
+        dir: &Path,
+    ) -> io::Result<()> {
+        let named = |rel: &Path, e: io::Error| {
+            io::Error::new(e.kind(), format!("{}: {e}", tree.abs(rel).display()))
+        };
+        let full_verify = self.rehash != Rehash::Changed;
+        let from_disk = self.rehash == Rehash::FromDisk;
+        let Some(folder) = tree.open_folder(dir).map_err(|e| named(dir, e))? else {
+            // Vanished (or replaced) while we walked: the tracker reports it.
+            return Ok(());
+        };
+        let mut listed = tree.read_folder(&folder, dir).map_err(|e| named(dir, e))?;
+        // Siblings in byte order of their names are in path order (a name
+        // holds no '/').
+        listed.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::with_capacity(listed.len());
+        for (name, st) in listed {
+            let rel = dir.join(&name);
+            if excludes.is_excluded(&rel) {
+                continue;
+            }
+            if !super::tree::fits(&rel) {
+                self.too_long.push(rel);
+                continue;
+            }
+            let cached = index.visit(&rel, self.mark).filter(|e| {
+                !full_verify
+                    && e.kind == st.kind
+                    && super::index::same_version(&e.version, &st.version)
+            });
+            let hash = match cached {
+                Some(e) => Some(e.hash()),
+                None if !self.hash_uncached && st.kind == Kind::File => None,
+                None => match tree.hash_in(&folder, dir, &name, st.kind, from_disk) {
+                    Ok(h) => {
+                        let synced = index
+                            .get(&rel)
+                            .is_some_and(|e| e.synced && e.hash() == h && e.kind == st.kind);
+                        index.set(rel.clone(), Entry::new(&st, h, synced));
+                        Some(h)
+                    }
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(named(&rel, e)),
+                },
+            };
+            out.push((rel, st, hash));
+        }
+        // Popped from the end.
+        out.reverse();
+        self.stack.push(out);
+        Ok(())
+    }
+}
+
+/// Scans taken before a session (the takeover record's, the replica's
+/// while the pair forms) are kept for its first comparison up to this many
+/// entries (about 15 MiB): a larger store is walked again then, one folder
+/// at a time, its hashes in the index and its metadata in the kernel's
+/// cache by then.
+pub const HELD_ENTRIES_MAX: usize = 65_536;
+
+impl Walk {
+    /// Walks to the end, showing `each` every entry; returns them all if
+    /// there are at most `held_max` (see [`HELD_ENTRIES_MAX`]).
+    pub fn run<T: LocalTree + ?Sized>(
+        mut self,
+        tree: &T,
+        index: &mut Index,
+        excludes: &Excludes,
+        held_max: usize,
+        mut each: impl FnMut(&ScanEntry),
+    ) -> io::Result<Option<Scan>> {
+        let mut held = Some(Vec::new());
+        while let Some(e) = self.next(tree, index, excludes)? {
+            each(&e);
+            if let Some(v) = held.as_mut() {
+                if v.len() < held_max {
+                    v.push(e);
+                } else {
+                    held = None;
+                }
+            }
+        }
+        Ok(held.map(|mut entries| {
+            entries.shrink_to_fit();
+            Scan {
+                entries,
+                too_long: self.too_long,
+            }
+        }))
+    }
+}
+
+/// A store's entries in path order, one at a time: a scan held whole, or
+/// a walk that lists each folder as it reaches it.
+#[derive(Debug)]
+pub struct Ordered {
+    source: Source,
+    peeked: Option<ScanEntry>,
+}
+
+#[derive(Debug)]
+enum Source {
+    Held(std::vec::IntoIter<ScanEntry>, Vec<PathBuf>),
+    Walking(Walk),
+}
+
+impl Ordered {
+    pub fn held(scan: Scan) -> Ordered {
+        Ordered {
+            source: Source::Held(scan.entries.into_iter(), scan.too_long),
+            peeked: None,
+        }
+    }
+
+    pub fn walk(walk: Walk) -> Ordered {
+        Ordered {
+            source: Source::Walking(walk),
+            peeked: None,
+        }
+    }
+
+    /// The next entry, if `pred` holds for it (else it stays next).
+    pub fn next_if<T: LocalTree + ?Sized>(
+        &mut self,
+        tree: &T,
+        index: &mut Index,
+        excludes: &Excludes,
+        pred: impl FnOnce(&ScanEntry) -> bool,
+    ) -> io::Result<Option<ScanEntry>> {
+        if self.peeked.is_none() {
+            self.peeked = match &mut self.source {
+                Source::Held(it, _) => it.next(),
+                Source::Walking(w) => w.next(tree, index, excludes)?,
+            };
+        }
+        Ok(self.peeked.take_if(|e| pred(e)))
+    }
+
+    /// Whether every entry was taken.
+    pub fn at_end<T: LocalTree + ?Sized>(
+        &mut self,
+        tree: &T,
+        index: &mut Index,
+        excludes: &Excludes,
+    ) -> io::Result<bool> {
+        self.next_if(tree, index, excludes, |_| false)?;
+        Ok(self.peeked.is_none())
+    }
+
+    /// Paths found too long to replicate so far (each once).
+    pub fn take_too_long(&mut self) -> Vec<PathBuf> {
+        match &mut self.source {
+            Source::Held(_, v) => std::mem::take(v),
+            Source::Walking(w) => std::mem::take(&mut w.too_long),
+        }
+    }
+}
+
+/// One entry of a folder as [`LocalTree::read_folder`] lists it.
+pub type Listed = (OsString, Stat);
+
+/// Reads a real folder's entries with one `statx` each, relative to the
+/// folder's descriptor (depth and the root's path length do not matter).
+/// Entries that vanish meanwhile, and sockets, fifos and devices, are left
+/// out.
+pub fn read_real_folder(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<Listed>> {
+    use rustix::fs::{AtFlags, StatxFlags};
+    use std::os::unix::ffi::OsStrExt;
+    let mut listing = rustix::fs::Dir::read_from(fd)?;
+    let mut out = Vec::new();
+    while let Some(ent) = listing.read() {
+        let ent = ent?;
+        let name = ent.file_name();
+        if name == c"." || name == c".." {
+            continue;
+        }
+        let st = match super::index::stat_of(rustix::fs::statx(
+            fd,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::BASIC_STATS,
+        )) {
+            Ok(Some(st)) => st,
+            Ok(None) => continue,
+            Err(e) => {
+                let shown = OsStr::from_bytes(name.to_bytes())
+                    .to_string_lossy()
+                    .into_owned();
+                return Err(io::Error::new(e.kind(), format!("{shown}: {e}")));
+            }
+        };
+        out.push((OsStr::from_bytes(name.to_bytes()).to_os_string(), st));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::tree::Tree;
+
+    fn tree_with(dir: &Path, files: &[&str]) -> Tree {
+        for f in files {
+            let p = dir.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, f.as_bytes()).unwrap();
+        }
+        Tree::open(dir).unwrap()
+    }
+
+    fn names(entries: &[ScanEntry]) -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| e.0.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_walk_yields_the_tree_in_path_order_one_folder_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // "a.b" sorts before "a/…" bytewise ('.' < '/') but after "a" in
+        // path order: a folder's entries come right after it.
+        let t = tree_with(
+            dir.path(),
+            &["a.b", "a/z", "a/c/d", "a-x/1", "b", "tmp/skip/x"],
+        );
+        let excludes = Excludes::new(&["tmp".to_string()]).unwrap();
+        let mut index = Index::in_memory();
+        let mut walk = Walk::new(&mut index, Rehash::Changed, true);
+        let mut got = Vec::new();
+        while let Some(e) = walk.next(&t, &mut index, &excludes).unwrap() {
+            // Only the folders on the current path (and their entries not
+            // yet yielded) are held.
+            assert!(walk.stack.len() <= 3, "{:?}", walk.stack);
+            got.push(e);
+        }
+        assert_eq!(
+            names(&got),
+            ["a", "a/c", "a/c/d", "a/z", "a-x", "a-x/1", "a.b", "b"]
+        );
+        let mut sorted = got.clone();
+        sorted.sort_by(|x, y| crate::model::path_order(&x.0, &y.0));
+        assert_eq!(names(&sorted), names(&got));
+        // Hashed (the manifest's walk) and recorded in the index.
+        let b = got.iter().find(|e| e.0 == Path::new("b")).unwrap();
+        assert_eq!(b.2, Some(super::super::index::hash_bytes(b"b")));
+        assert!(index.get(Path::new("a/c/d")).is_some());
+        // The same as a scan collected whole.
+        let scan = index.scan(&t, &excludes, Rehash::Changed, true).unwrap();
+        assert_eq!(scan.entries, got);
+    }
+
+    #[test]
+    fn a_finished_walk_forgets_what_it_did_not_find_but_not_what_was_set_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_with(dir.path(), &["a/1", "b/2"]);
+        let excludes = Excludes::new(&[]).unwrap();
+        let mut index = Index::in_memory();
+        index.scan(&t, &excludes, Rehash::Changed, true).unwrap();
+        assert_eq!(index.entries.len(), 4);
+        std::fs::remove_file(dir.path().join("a/1")).unwrap();
+        let mut walk = Walk::new(&mut index, Rehash::Changed, true);
+        // Past "a" (listed without "1"), then "b/new" is set by someone
+        // else (an acknowledgement, say) before the walk gets there.
+        assert_eq!(
+            walk.next(&t, &mut index, &excludes).unwrap().unwrap().0,
+            Path::new("a")
+        );
+        let st = t.lstat(Path::new("b/2")).unwrap().unwrap();
+        index.set("b/new".into(), Entry::new(&st, 7, true));
+        while walk.next(&t, &mut index, &excludes).unwrap().is_some() {}
+        let mut left: Vec<_> = index
+            .entries
+            .keys()
+            .map(|p| p.display().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a", "b", "b/2", "b/new"]);
+        // A walk superseded by a later one forgets nothing when it ends.
+        let mut first = Walk::new(&mut index, Rehash::Changed, true);
+        let mut second = Walk::new(&mut index, Rehash::Changed, true);
+        while first.next(&t, &mut index, &excludes).unwrap().is_some() {}
+        assert!(index.get(Path::new("b/new")).is_some());
+        while second.next(&t, &mut index, &excludes).unwrap().is_some() {}
+        assert!(index.get(Path::new("b/new")).is_none());
+    }
+
+    #[test]
+    fn a_scan_kept_whole_only_up_to_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_with(dir.path(), &["a/1", "a/2"]);
+        let excludes = Excludes::new(&[]).unwrap();
+        let mut index = Index::in_memory();
+        let mut seen = 0;
+        let held = Walk::new(&mut index, Rehash::Changed, false)
+            .run(&t, &mut index, &excludes, 3, |_| seen += 1)
+            .unwrap();
+        assert_eq!((seen, held.map(|s| s.entries.len())), (3, Some(3)));
+        // One more than the bound: every entry seen, none held.
+        let held = Walk::new(&mut index, Rehash::Changed, false)
+            .run(&t, &mut index, &excludes, 2, |_| seen += 1)
+            .unwrap();
+        assert_eq!((seen, held.is_none()), (6, true));
+    }
+}
