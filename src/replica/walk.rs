@@ -217,6 +217,8 @@ impl Walk {
 pub struct Ordered {
     source: Source,
     peeked: Option<ScanEntry>,
+    /// Entries taken so far.
+    pub taken: usize,
 }
 
 #[derive(Debug)]
@@ -230,6 +232,7 @@ impl Ordered {
         Ordered {
             source: Source::Held(scan.entries.into_iter(), scan.too_long),
             peeked: None,
+            taken: 0,
         }
     }
 
@@ -237,6 +240,7 @@ impl Ordered {
         Ordered {
             source: Source::Walking(walk),
             peeked: None,
+            taken: 0,
         }
     }
 
@@ -254,7 +258,9 @@ impl Ordered {
                 Source::Walking(w) => w.next(tree, index, excludes)?,
             };
         }
-        Ok(self.peeked.take_if(|e| pred(e)))
+        let next = self.peeked.take_if(|e| pred(e));
+        self.taken += usize::from(next.is_some());
+        Ok(next)
     }
 
     /// Whether every entry was taken.
