@@ -50,11 +50,18 @@
 //!   streamed maybe after the workload changed them (the replica asks again
 //!   on a hash mismatch), with replies heard while the batch is still open;
 //! - a group commit: acknowledgements wait for a later flush while needs
-//!   go out at once.
+//!   go out at once;
+//! - failovers with direction reversal: the replica's node takes over with
+//!   what it holds, the old primary's comes back as the replica, and every
+//!   version it held that the new primary never had must be kept aside
+//!   there, and nothing else; on odd seeds of a sweep ([`DataSim::sweep`])
+//!   a second failover gives the first primary's node a second tenure
+//!   (checked as it takes over: what it had to keep aside is kept, or still
+//!   held), and the workload also runs while a comparison walks the tree.
 //!
-//! Not modelled (said in docs/INVARIANTS.md): failover and direction
-//! reversal, the queue, foreign writes on the replica, a failing flush (the
-//! commit simulator has those).
+//! Not modelled (said in docs/INVARIANTS.md): the queue, foreign writes on
+//! the replica, a failing flush (the commit simulator has those), the
+//! stager (a file lands at once).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -991,9 +998,11 @@ pub struct Outcome {
     pub primary_crashes: u64,
     /// Times the replica's disk turned full or had room again.
     pub disk_full_turns: u64,
-    /// Failovers (at most one a run), and the versions kept aside for the
-    /// new primary after them.
+    /// Failovers (one a run, or two on odd seeds of a sweep), and the
+    /// versions kept aside for the new primary after them.
     pub failovers: u64,
+    /// Second failovers of a run: the first primary's node serving again.
+    pub second_tenures: u64,
     pub kept_aside: u64,
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
@@ -1025,6 +1034,7 @@ impl Outcome {
         self.primary_crashes += o.primary_crashes;
         self.disk_full_turns += o.disk_full_turns;
         self.failovers += o.failovers;
+        self.second_tenures += o.second_tenures;
         self.kept_aside += o.kept_aside;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
@@ -1081,6 +1091,12 @@ pub struct DataSim {
     faults: bool,
     /// Percent chance, at those steps, of a failover (once per run).
     failover_percent: u8,
+    /// Failovers a run may have: 1, or 2 (the first primary's node takes
+    /// over again: a second tenure).
+    failovers_max: u64,
+    /// The versions the other node keeps aside (the replica's are in
+    /// `replica.kept_aside`): swapped at each failover.
+    other_kept: std::collections::BTreeSet<(PathBuf, u128)>,
     /// After the failover: the old primary's files then (path, hash) and
     /// what the new primary held as it took over.
     failed_over: Option<FailedOver>,
@@ -1101,6 +1117,40 @@ const SUBS: [&str; 3] = ["cur", "new", "tmp"];
 
 /// A failover that happened: what the old primary held then, and what the
 /// new primary held as it took over (its takeover record).
+/// A version: a path and its content.
+type Versions = std::collections::BTreeSet<(PathBuf, u128)>;
+
+impl FailedOver {
+    /// The old primary's versions the new one did not hold as it took
+    /// over (genuine conflicts), and of those the ones it has not sent
+    /// since (must be kept aside).
+    fn conflicts(&self) -> (Versions, Versions) {
+        let genuine: Versions = self
+            .old_primary_files
+            .iter()
+            .filter(|(_, h)| !self.known.contains(h))
+            .cloned()
+            .collect();
+        // A version counts as held from the moment the new primary sends
+        // its content (the takeover record's sent log): the same bytes sent
+        // under another name make it no genuine conflict any more (what the
+        // product decides by content; seed 381742, a name's content also
+        // written elsewhere on the new primary after the failover).
+        let sent = self
+            .saved_known
+            .first()
+            .cloned()
+            .flatten()
+            .unwrap_or_default();
+        let must_keep = genuine
+            .iter()
+            .filter(|(_, h)| !sent.contains(h))
+            .cloned()
+            .collect();
+        (genuine, must_keep)
+    }
+}
+
 struct FailedOver {
     /// The takeover record as last written, with its sent log (what a
     /// crash restarts from).
@@ -1188,6 +1238,8 @@ impl DataSim {
             crash_percent: 0,
             full_percent: 0,
             failover_percent: 0,
+            failovers_max: 1,
+            other_kept: Default::default(),
             failed_over: None,
             large_from: u64::MAX,
             faults: false,
@@ -1203,8 +1255,9 @@ impl DataSim {
 
     /// The run a sweep makes of `seed` ([`run_seeds`]): with faults or
     /// without, and on odd seeds with the workload going on while a
-    /// comparison walks the primary's tree (the seeds kept for the bugs
-    /// they found run as [`DataSim::new`] made them, without it).
+    /// comparison walks the primary's tree and up to two failovers (the
+    /// first primary's node serving again); the seeds kept for the bugs
+    /// they found run as [`DataSim::new`] made them, without either.
     pub fn sweep(seed: u64, faults: bool) -> DataSim {
         let mut sim = if faults {
             DataSim::new(seed)
@@ -1213,6 +1266,7 @@ impl DataSim {
         };
         if seed % 2 == 1 {
             sim.busy_percent = 40;
+            sim.failovers_max = 2;
         }
         sim
     }
@@ -2178,9 +2232,9 @@ impl DataSim {
             self.sender
                 .on_peer_msg(SyncMsg::PeerState {
                     former_primary: true,
-                    // It served before the one failover of a run (the
-                    // record given the sender is all that counts).
-                    served_epoch: Some(1),
+                    // The epoch of its last tenure (the record given the
+                    // sender has no carried part: it is all that counts).
+                    served_epoch: Some(self.out.failovers),
                 })
                 .expect("a peer state is always taken");
         }
@@ -2193,7 +2247,13 @@ impl DataSim {
     /// them), and the workload goes on on the new primary. Every version
     /// the old primary held and the new one did not must be kept aside
     /// there, and nothing else.
-    fn failover(&mut self) {
+    fn failover(&mut self) -> Result<(), String> {
+        if self.failed_over.is_some() {
+            // The old primary's node takes over again: what the first
+            // failover had it keep aside must be kept, or still held there.
+            self.check_kept_at_second_failover()?;
+            self.out.second_tenures += 1;
+        }
         self.out.failovers += 1;
         self.cut();
         let new_primary = self.replica.fs.clone();
@@ -2222,6 +2282,8 @@ impl DataSim {
         }
         // The new primary's own files are durable where they are.
         self.replica.restart(old_primary);
+        // The versions kept aside are the node's, not the role's.
+        std::mem::swap(&mut self.replica.kept_aside, &mut self.other_kept);
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
@@ -2230,6 +2292,43 @@ impl DataSim {
             old_primary_files,
             known,
         });
+        Ok(())
+    }
+
+    /// Before a second failover (the replica's node, the first primary,
+    /// takes over again): every version it held that the first failover's
+    /// new primary never had is kept aside there, or still in its tree (a
+    /// reconciliation the second failover interrupts may not have reached
+    /// it; the node holds it then as its own); and nothing was kept aside
+    /// that the other node held.
+    fn check_kept_at_second_failover(&self) -> Result<(), String> {
+        let f = self.failed_over.as_ref().expect("a first failover");
+        let held: std::collections::HashSet<u128> = self
+            .replica
+            .fs
+            .names
+            .keys()
+            .filter(|p| !excluded_or_below(&self.excludes, p))
+            .filter_map(|p| self.replica.fs.hash_of(p))
+            .collect();
+        let (genuine, must_keep) = f.conflicts();
+        let kept = &self.replica.kept_aside;
+        if let Some((p, _)) = must_keep
+            .iter()
+            .find(|v| !kept.contains(*v) && !held.contains(&v.1))
+        {
+            return Err(format!(
+                "at the second failover: a version the first primary held at {} and the other node never had is neither kept aside nor held (lost)",
+                p.display()
+            ));
+        }
+        if let Some((p, h)) = kept.difference(&genuine).next() {
+            return Err(format!(
+                "at the second failover: {} kept aside (content {h:x}), but the other node held that version",
+                p.display()
+            ));
+        }
+        Ok(())
     }
 
     /// Runs the seed; an error says which invariant broke.
@@ -2322,11 +2421,11 @@ impl DataSim {
                         }
                     }
                     if self.failover_percent > 0
-                        && self.failed_over.is_none()
+                        && self.out.failovers < self.failovers_max
                         && self.workload_left > 0
                         && self.fault_rng.percent(self.failover_percent)
                     {
-                        self.failover();
+                        self.failover()?;
                     }
                 }
             }
@@ -2349,23 +2448,7 @@ impl DataSim {
         let Some(f) = &self.failed_over else {
             return Ok(());
         };
-        let genuine: std::collections::BTreeSet<(PathBuf, u128)> = f
-            .old_primary_files
-            .iter()
-            .filter(|(_, h)| !f.known.contains(h))
-            .cloned()
-            .collect();
-        // A version counts as held from the moment the new primary sends
-        // its content (the takeover record's sent log): the same bytes sent
-        // under another name make it no genuine conflict any more (what the
-        // product decides by content; seed 381742, a name's content also
-        // written elsewhere on the new primary after the failover).
-        let sent = f.saved_known.first().cloned().flatten().unwrap_or_default();
-        let must_keep: std::collections::BTreeSet<(PathBuf, u128)> = genuine
-            .iter()
-            .filter(|(_, h)| !sent.contains(h))
-            .cloned()
-            .collect();
+        let (genuine, must_keep) = f.conflicts();
         let kept = &self.replica.kept_aside;
         if let Some((p, _)) = must_keep.difference(kept).next() {
             return Err(format!(

@@ -243,7 +243,10 @@ fn data_sim_seeds() {
                     && o.needs > 0
                     && o.changes_while_comparing > 0
                     && (!faults
-                        || o.replica_crashes > 0 && o.primary_crashes > 0 && o.disk_full_turns > 0),
+                        || o.replica_crashes > 0
+                            && o.primary_crashes > 0
+                            && o.disk_full_turns > 0
+                            && o.second_tenures > 0),
                 "{o:?}"
             );
             println!("{n} data-path seeds: {o:?}");
