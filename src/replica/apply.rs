@@ -263,6 +263,48 @@ impl Applier {
         });
     }
 
+    /// Whether an op on `rel` must wait (answered with a `Need` then): a
+    /// genuine conflict there (at `rel`, above or below it) could not be
+    /// kept aside. Each such op tries to move it aside again first: once
+    /// the disk has room again the conflict is kept and the op goes on,
+    /// without waiting for the next session.
+    fn blocked<T: ReplicaTree>(&mut self, tree: &mut T, s: usize, seq: u64, rel: &Path) -> bool {
+        if !self.is_protected(s, rel) {
+            return false;
+        }
+        let here: Vec<PathBuf> = self
+            .protected
+            .iter()
+            .filter(|(ps, p)| *ps == s && (p.starts_with(rel) || rel.starts_with(p)))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in here {
+            match tree.keep_aside(&p) {
+                Ok(kept) => {
+                    self.protected.remove(&(s, p.clone()));
+                    if let Some(kept) = kept {
+                        add(&self.stats.conflicts_kept, 1);
+                        self.dirs.insert((s, parent_of(&p)));
+                        self.replies.push(Reply::KeptAside {
+                            store: s,
+                            rel: p,
+                            kept,
+                        });
+                    }
+                }
+                Err(e) => {
+                    let reason = match answer(&e) {
+                        Answer::Need(r) => r,
+                        Answer::Refuse => NeedReason::LocalError,
+                    };
+                    self.need(seq, s, rel, reason);
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Whether an op on `rel` must wait: a genuine conflict there could not
     /// be kept aside.
     pub fn is_protected(&self, s: usize, rel: &Path) -> bool {
@@ -284,6 +326,10 @@ impl Applier {
         rel: PathBuf,
         meta: Meta,
     ) {
+        // A genuine conflict there (a file) would be cleared for the folder.
+        if self.blocked(tree, s, seq, &rel) {
+            return;
+        }
         self.clear_other_kind(tree, index, seq, s, &rel, true);
         match tree.mkdir(&rel, &meta) {
             Ok(parent) => {
@@ -325,8 +371,7 @@ impl Applier {
         seq: u64,
         rel: &Path,
     ) {
-        if self.is_protected(s, rel) {
-            self.need(seq, s, rel, NeedReason::LocalError);
+        if self.blocked(tree, s, seq, rel) {
             return;
         }
         if !matches!(tree.lstat(rel), Ok(Some(_))) {
@@ -357,6 +402,12 @@ impl Applier {
         from: &Path,
         to: &Path,
     ) {
+        // Not over a genuine conflict that could not be kept aside (the
+        // rename would replace it), nor moving one (or a folder holding
+        // one) to a name the protection does not cover.
+        if self.blocked(tree, s, seq, from) || self.blocked(tree, s, seq, to) {
+            return;
+        }
         let mut folder = false;
         if let Ok(Some(src)) = tree.lstat(from) {
             folder = src.kind == Kind::Dir;
@@ -394,8 +445,7 @@ impl Applier {
         hash: u128,
         meta: &Meta,
     ) {
-        if self.is_protected(s, &rel) {
-            self.need(seq, s, &rel, NeedReason::LocalError);
+        if self.blocked(tree, s, seq, &rel) {
             return;
         }
         // `existing` must hold the version the primary linked: an earlier
@@ -437,8 +487,7 @@ impl Applier {
         target: &[u8],
         meta: &Meta,
     ) {
-        if self.is_protected(s, &rel) {
-            self.need(seq, s, &rel, NeedReason::LocalError);
+        if self.blocked(tree, s, seq, &rel) {
             return;
         }
         self.clear_other_kind(tree, index, seq, s, &rel, false);
@@ -498,9 +547,8 @@ impl Applier {
         size: u64,
         staged: Option<Stat>,
     ) {
-        if self.is_protected(s, &rel) {
+        if self.blocked(tree, s, seq, &rel) {
             tree.discard_staged(seq);
-            self.need(seq, s, &rel, NeedReason::LocalError);
             return;
         }
         if let Ok(Some(cur)) = tree.lstat(&rel) {
@@ -666,6 +714,68 @@ mod tests {
             mtime_sec,
             ..Meta::default()
         }
+    }
+
+    /// A genuine conflict that could not be kept aside (its path
+    /// protected) is never replaced by a rename over it, nor moved by a
+    /// rename of its folder: the op first moves it aside, then goes on.
+    #[test]
+    fn a_rename_over_or_of_a_protected_conflict_keeps_it_aside_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        for (p, body) in [
+            ("cur/x", "genuine"),
+            ("new/y", "primary's"),
+            ("f/z", "genuine too"),
+        ] {
+            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(p), body).unwrap();
+        }
+        let mut root = Root::open(&dir, &tmp.path().join("internal")).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let kept = |r: &mut Applier| -> Vec<PathBuf> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::KeptAside { rel, .. } => Some(rel),
+                    _ => None,
+                })
+                .collect()
+        };
+        r.protected.insert((0, PathBuf::from("cur/x")));
+        r.rename(
+            &mut root,
+            &mut index,
+            0,
+            1,
+            Path::new("new/y"),
+            Path::new("cur/x"),
+        );
+        assert_eq!(kept(&mut r), [PathBuf::from("cur/x")]);
+        assert_eq!(std::fs::read(dir.join("cur/x")).unwrap(), b"primary's");
+        r.protected.insert((0, PathBuf::from("f/z")));
+        r.rename(&mut root, &mut index, 0, 2, Path::new("f"), Path::new("g"));
+        assert_eq!(kept(&mut r), [PathBuf::from("f/z")]);
+        assert!(dir.join("g").is_dir() && !dir.join("g/z").exists());
+        assert!(r.protected.is_empty());
+        let aside: Vec<String> = walk(&tmp.path().join("internal"))
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect();
+        assert_eq!(aside.len(), 2, "{aside:?}");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 
     #[test]

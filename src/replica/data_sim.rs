@@ -438,6 +438,9 @@ struct Faults {
     /// from `eio_rng`.
     eio_percent: u8,
     eio_rng: SimRng,
+    /// Whether keeping a version aside meets the faults too (odd seeds of
+    /// a sweep).
+    keep_aside_fails: bool,
     /// The faults the ops since the last acknowledgement met, in order (a
     /// crash replays them).
     log: Vec<Option<NeedReason>>,
@@ -620,7 +623,13 @@ impl ReplicaTree for Disk<'_> {
 
     fn keep_aside(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
         // Moved out of the tree into the conflicts kept for the primary
-        // (never refused here: see docs/INVARIANTS.md).
+        // (a full disk or an I/O error refuses it: the path is then left
+        // alone for the session).
+        if self.faults.keep_aside_fails
+            && matches!(self.fs.get(rel).map(|i| &i.body), Some(Body::File(_)))
+        {
+            self.faults.strike("keep aside", rel, true)?;
+        }
         match self.fs.get(rel).map(|i| &i.body) {
             Some(Body::File(data)) => {
                 let hash = index::hash_bytes(data);
@@ -701,6 +710,7 @@ impl Replica {
                 full: false,
                 eio_percent: 0,
                 eio_rng: SimRng::new(seed ^ 0x0065_696f),
+                keep_aside_fails: false,
                 log: Vec::new(),
                 replaying: None,
             },
@@ -1120,6 +1130,11 @@ const SUBS: [&str; 3] = ["cur", "new", "tmp"];
 /// A version: a path and its content.
 type Versions = std::collections::BTreeSet<(PathBuf, u128)>;
 
+/// Whether `versions` hold `content` under any name.
+fn has_content(versions: &Versions, content: u128) -> bool {
+    versions.iter().any(|(_, h)| *h == content)
+}
+
 impl FailedOver {
     /// The old primary's versions the new one did not hold as it took
     /// over (genuine conflicts), and of those the ones it has not sent
@@ -1267,6 +1282,7 @@ impl DataSim {
         if seed % 2 == 1 {
             sim.busy_percent = 40;
             sim.failovers_max = 2;
+            sim.replica.faults.keep_aside_fails = true;
         }
         sim
     }
@@ -2315,14 +2331,14 @@ impl DataSim {
         let kept = &self.replica.kept_aside;
         if let Some((p, _)) = must_keep
             .iter()
-            .find(|v| !kept.contains(*v) && !held.contains(&v.1))
+            .find(|v| !has_content(kept, v.1) && !held.contains(&v.1))
         {
             return Err(format!(
                 "at the second failover: a version the first primary held at {} and the other node never had is neither kept aside nor held (lost)",
                 p.display()
             ));
         }
-        if let Some((p, h)) = kept.difference(&genuine).next() {
+        if let Some((p, h)) = kept.iter().find(|v| !has_content(&genuine, v.1)) {
             return Err(format!(
                 "at the second failover: {} kept aside (content {h:x}), but the other node held that version",
                 p.display()
@@ -2450,13 +2466,15 @@ impl DataSim {
         };
         let (genuine, must_keep) = f.conflicts();
         let kept = &self.replica.kept_aside;
-        if let Some((p, _)) = must_keep.difference(kept).next() {
+        // By content: a version the new primary's renames moved on the
+        // replica before it was kept aside is kept under its new name.
+        if let Some((p, _)) = must_keep.iter().find(|v| !has_content(kept, v.1)) {
             return Err(format!(
                 "a version the old primary held at {} and the new primary never had was not kept aside (lost)",
                 p.display()
             ));
         }
-        if let Some((p, h)) = kept.difference(&genuine).next() {
+        if let Some((p, h)) = kept.iter().find(|v| !has_content(&genuine, v.1)) {
             return Err(format!(
                 "{} kept aside (content {h:x}), but the new primary held that version (not a genuine conflict)",
                 p.display()

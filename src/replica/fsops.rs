@@ -1268,6 +1268,9 @@ impl Root {
     pub fn keep_aside(&self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
         const OP: &str = "keep aside";
         let p = Split::new(rel)?;
+        if crate::failpoint::fails("fsops.keep_aside_eio") {
+            return Err(fail(OP, self.abs(p.path()), Errno::IO));
+        }
         let base = self.fd.as_fd();
         let Some(opened) = self.walk(base, Path::new(""), &p, false, OP)? else {
             return Ok(None);

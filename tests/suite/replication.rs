@@ -776,6 +776,50 @@ fn exact_conflicts_after_failover(new_primary_loses_its_index: bool) {
     assert_eq!(restored.len(), 2, "{restored:?}");
 }
 
+/// A genuine conflict the former primary cannot move aside (an I/O error,
+/// `fsops.keep_aside_eio`) is left in place and its path protected; the
+/// new primary's next op on it (the delete it asks for again) moves it
+/// aside first, within the session: kept and handed over, the trees equal.
+#[test]
+fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
+    let mut tp = started_with_fixture(fast(), 23, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    // In the old primary's lag window: only it ever held this message.
+    std::fs::write(
+        a.join("user0000/Maildir/new/lost.M1.oldprimary"),
+        b"only on the old primary",
+    )
+    .unwrap();
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "fsops.keep_aside_eio=1")])
+        .unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let start = std::time::Instant::now();
+    while tp.conflicts(1).len() != 1 {
+        assert!(
+            start.elapsed() < CONVERGE,
+            "{:?} / {:?}\n{}",
+            tp.conflicts(0),
+            tp.conflicts(1),
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = &tp.conflicts(1)[0];
+    assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
+    assert!(
+        tp.nodes[0]
+            .log()
+            .contains("cannot keep a genuine conflict aside"),
+        "the failpoint was not reached\n{}",
+        tp.logs()
+    );
+}
+
 #[test]
 fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     let _g = inotify_guard();
