@@ -268,14 +268,26 @@ impl Applier {
     /// kept aside. Each such op tries to move it aside again first: once
     /// the disk has room again the conflict is kept and the op goes on,
     /// without waiting for the next session.
-    fn blocked<T: ReplicaTree>(&mut self, tree: &mut T, s: usize, seq: u64, rel: &Path) -> bool {
+    ///
+    /// `below`: whether a conflict below `rel` counts (an op that would
+    /// remove or replace the folder `rel`); a `Mkdir` of a folder holding
+    /// one, or a rename moving the folder (the protection moves along),
+    /// leaves it where it is.
+    fn blocked<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        s: usize,
+        seq: u64,
+        rel: &Path,
+        below: bool,
+    ) -> bool {
         if !self.is_protected(s, rel) {
             return false;
         }
         let here: Vec<PathBuf> = self
             .protected
             .iter()
-            .filter(|(ps, p)| *ps == s && (p.starts_with(rel) || rel.starts_with(p)))
+            .filter(|(ps, p)| *ps == s && ((below && p.starts_with(rel)) || rel.starts_with(p)))
             .map(|(_, p)| p.clone())
             .collect();
         for p in here {
@@ -305,6 +317,26 @@ impl Applier {
         false
     }
 
+    /// A folder holding protected paths was renamed: they are protected
+    /// under its new name.
+    fn move_protection(&mut self, s: usize, from: &Path, to: &Path) {
+        if self.protected.is_empty() {
+            return;
+        }
+        let moved: Vec<PathBuf> = self
+            .protected
+            .iter()
+            .filter(|(ps, p)| *ps == s && p.starts_with(from))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in moved {
+            self.protected.remove(&(s, p.clone()));
+            if let Some(q) = crate::model::moved_path(&p, from, to) {
+                self.protected.insert((s, q));
+            }
+        }
+    }
+
     /// Whether an op on `rel` must wait: a genuine conflict there could not
     /// be kept aside.
     pub fn is_protected(&self, s: usize, rel: &Path) -> bool {
@@ -327,7 +359,7 @@ impl Applier {
         meta: Meta,
     ) {
         // A genuine conflict there (a file) would be cleared for the folder.
-        if self.blocked(tree, s, seq, &rel) {
+        if self.blocked(tree, s, seq, &rel, false) {
             return;
         }
         self.clear_other_kind(tree, index, seq, s, &rel, true);
@@ -371,7 +403,7 @@ impl Applier {
         seq: u64,
         rel: &Path,
     ) {
-        if self.blocked(tree, s, seq, rel) {
+        if self.blocked(tree, s, seq, rel, true) {
             return;
         }
         if !matches!(tree.lstat(rel), Ok(Some(_))) {
@@ -403,9 +435,9 @@ impl Applier {
         to: &Path,
     ) {
         // Not over a genuine conflict that could not be kept aside (the
-        // rename would replace it), nor moving one (or a folder holding
-        // one) to a name the protection does not cover.
-        if self.blocked(tree, s, seq, from) || self.blocked(tree, s, seq, to) {
+        // rename would replace it), nor giving one the primary's name. A
+        // folder holding one moves, its protection along.
+        if self.blocked(tree, s, seq, from, false) || self.blocked(tree, s, seq, to, true) {
             return;
         }
         let mut folder = false;
@@ -421,6 +453,7 @@ impl Applier {
                 index.rename_tree(from, to);
                 if folder {
                     self.move_dir_times(s, from, to);
+                    self.move_protection(s, from, to);
                 }
             }
             Ok(RenameOutcome::SourceMissing) => {
@@ -445,7 +478,7 @@ impl Applier {
         hash: u128,
         meta: &Meta,
     ) {
-        if self.blocked(tree, s, seq, &rel) {
+        if self.blocked(tree, s, seq, &rel, true) {
             return;
         }
         // `existing` must hold the version the primary linked: an earlier
@@ -487,7 +520,7 @@ impl Applier {
         target: &[u8],
         meta: &Meta,
     ) {
-        if self.blocked(tree, s, seq, &rel) {
+        if self.blocked(tree, s, seq, &rel, true) {
             return;
         }
         self.clear_other_kind(tree, index, seq, s, &rel, false);
@@ -547,7 +580,7 @@ impl Applier {
         size: u64,
         staged: Option<Stat>,
     ) {
-        if self.blocked(tree, s, seq, &rel) {
+        if self.blocked(tree, s, seq, &rel, true) {
             tree.discard_staged(seq);
             return;
         }
@@ -717,8 +750,10 @@ mod tests {
     }
 
     /// A genuine conflict that could not be kept aside (its path
-    /// protected) is never replaced by a rename over it, nor moved by a
-    /// rename of its folder: the op first moves it aside, then goes on.
+    /// protected) is never replaced by a rename over it: the rename first
+    /// moves it aside, then goes on. A rename of its folder moves it, and
+    /// its protection along: a delete of the folder's new name keeps it
+    /// aside first.
     #[test]
     fn a_rename_over_or_of_a_protected_conflict_keeps_it_aside_first() {
         let tmp = tempfile::tempdir().unwrap();
@@ -755,8 +790,15 @@ mod tests {
         assert_eq!(std::fs::read(dir.join("cur/x")).unwrap(), b"primary's");
         r.protected.insert((0, PathBuf::from("f/z")));
         r.rename(&mut root, &mut index, 0, 2, Path::new("f"), Path::new("g"));
-        assert_eq!(kept(&mut r), [PathBuf::from("f/z")]);
-        assert!(dir.join("g").is_dir() && !dir.join("g/z").exists());
+        assert!(kept(&mut r).is_empty());
+        assert_eq!(std::fs::read(dir.join("g/z")).unwrap(), b"genuine too");
+        assert_eq!(
+            r.protected.iter().cloned().collect::<Vec<_>>(),
+            [(0, PathBuf::from("g/z"))]
+        );
+        r.delete(&mut root, &mut index, 0, 3, Path::new("g"));
+        assert_eq!(kept(&mut r), [PathBuf::from("g/z")]);
+        assert!(!dir.join("g").exists());
         assert!(r.protected.is_empty());
         let aside: Vec<String> = walk(&tmp.path().join("internal"))
             .iter()

@@ -1164,6 +1164,34 @@ impl FailedOver {
             .collect();
         (genuine, must_keep)
     }
+
+    /// Every version that must be kept aside is in `kept` (or `held` by
+    /// the old primary's node still), and only genuine ones are. By
+    /// content: a version the new primary's renames moved on the replica
+    /// before it was kept aside is kept under its new name.
+    fn check_kept(
+        &self,
+        kept: &Versions,
+        held: &std::collections::HashSet<u128>,
+    ) -> Result<(), String> {
+        let (genuine, must_keep) = self.conflicts();
+        if let Some((p, _)) = must_keep
+            .iter()
+            .find(|v| !has_content(kept, v.1) && !held.contains(&v.1))
+        {
+            return Err(format!(
+                "a version the old primary held at {} and the new primary never had was not kept aside (lost)",
+                p.display()
+            ));
+        }
+        if let Some((p, h)) = kept.iter().find(|v| !has_content(&genuine, v.1)) {
+            return Err(format!(
+                "{} kept aside (content {h:x}), but the new primary held that version (not a genuine conflict)",
+                p.display()
+            ));
+        }
+        Ok(())
+    }
 }
 
 struct FailedOver {
@@ -2327,24 +2355,8 @@ impl DataSim {
             .filter(|p| !excluded_or_below(&self.excludes, p))
             .filter_map(|p| self.replica.fs.hash_of(p))
             .collect();
-        let (genuine, must_keep) = f.conflicts();
-        let kept = &self.replica.kept_aside;
-        if let Some((p, _)) = must_keep
-            .iter()
-            .find(|v| !has_content(kept, v.1) && !held.contains(&v.1))
-        {
-            return Err(format!(
-                "at the second failover: a version the first primary held at {} and the other node never had is neither kept aside nor held (lost)",
-                p.display()
-            ));
-        }
-        if let Some((p, h)) = kept.iter().find(|v| !has_content(&genuine, v.1)) {
-            return Err(format!(
-                "at the second failover: {} kept aside (content {h:x}), but the other node held that version",
-                p.display()
-            ));
-        }
-        Ok(())
+        f.check_kept(&self.replica.kept_aside, &held)
+            .map_err(|e| format!("at the second failover: {e}"))
     }
 
     /// Runs the seed; an error says which invariant broke.
@@ -2464,22 +2476,8 @@ impl DataSim {
         let Some(f) = &self.failed_over else {
             return Ok(());
         };
-        let (genuine, must_keep) = f.conflicts();
         let kept = &self.replica.kept_aside;
-        // By content: a version the new primary's renames moved on the
-        // replica before it was kept aside is kept under its new name.
-        if let Some((p, _)) = must_keep.iter().find(|v| !has_content(kept, v.1)) {
-            return Err(format!(
-                "a version the old primary held at {} and the new primary never had was not kept aside (lost)",
-                p.display()
-            ));
-        }
-        if let Some((p, h)) = kept.iter().find(|v| !has_content(&genuine, v.1)) {
-            return Err(format!(
-                "{} kept aside (content {h:x}), but the new primary held that version (not a genuine conflict)",
-                p.display()
-            ));
-        }
+        f.check_kept(kept, &Default::default())?;
         self.out.kept_aside += kept.len() as u64;
         Ok(())
     }

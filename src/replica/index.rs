@@ -571,10 +571,14 @@ impl Index {
         self.walk_mark
     }
 
-    /// The entry at `rel`, marked as found by the walk `mark`.
+    /// The entry at `rel`, marked as found by the walk `mark` (unless a
+    /// later walk began: its marks are not overwritten).
     pub fn visit(&mut self, rel: &Path, mark: u8) -> Option<&Entry> {
+        let current = self.walk_mark;
         let e = self.entries.get_mut(rel)?;
-        e.mark = mark;
+        if mark == current {
+            e.mark = mark;
+        }
         Some(e)
     }
 

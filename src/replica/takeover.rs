@@ -486,12 +486,11 @@ pub fn complete<T: LocalTree>(
         }
     }
     if !pending.is_empty() {
-        // One folder at a time: the tree is never listed into memory.
+        // One folder at a time: the tree is never listed into memory. To
+        // its end (an abandoned walk would keep one under way from
+        // forgetting what is gone).
         let mut walk = super::walk::Walk::new(index, Rehash::Changed, false);
         while let Some((rel, st, hash)) = walk.next(tree, index, excludes)? {
-            if pending.is_empty() {
-                break;
-            }
             if st.kind != Kind::File || !pending.remove(&Pending::of(&st.version)) {
                 continue;
             }

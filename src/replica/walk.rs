@@ -159,7 +159,11 @@ impl Walk {
                         index.set(rel.clone(), Entry::new(&st, h, synced));
                         Some(h)
                     }
-                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    // Gone since it was listed: forgotten (it was found).
+                    Err(e) if e.kind() == ErrorKind::NotFound => {
+                        index.remove_tree(&rel);
+                        continue;
+                    }
                     Err(e) => return Err(named(&rel, e)),
                 },
             };
