@@ -496,7 +496,7 @@ impl Applier {
             Ok(LinkOutcome::Linked) => {
                 add(&self.stats.links_applied, 1);
                 self.dirs.insert((s, parent_of(&rel)));
-                if let Some(e) = index.get(existing).cloned() {
+                if let Some(e) = index.get(existing) {
                     index.set(rel, e);
                 }
             }

@@ -1112,7 +1112,7 @@ pub struct DataSim {
     failed_over: Option<FailedOver>,
     /// The sender's index as last saved (a primary that crashes restarts
     /// from it, or from nothing).
-    saved_index: Option<super::index::Entries>,
+    saved_index: Option<Index>,
     names: u64,
     /// Entries per chunk of the replica's manifest (the comparison walks
     /// chunk boundaries: one entry per chunk in some seeds).
@@ -2207,10 +2207,10 @@ impl DataSim {
             );
         }
         self.cut();
-        let mut index = Index::in_memory();
-        if let Some(saved) = &self.saved_index {
-            index.entries = saved.clone();
-        }
+        let index = match &self.saved_index {
+            Some(saved) => saved.saved_copy(),
+            None => Index::in_memory(),
+        };
         // A new primary restarts from its takeover record as written and
         // the versions logged as sent since, carried into the record its
         // promotion writes of what it holds now.
@@ -2438,7 +2438,7 @@ impl DataSim {
                     if self.crash_percent > 0 {
                         if self.fault_rng.percent(20) {
                             // The sender saves its index now and then.
-                            self.saved_index = Some(self.sender.stores[0].index.entries.clone());
+                            self.saved_index = Some(self.sender.stores[0].index.saved_copy());
                         }
                         if self.fault_rng.percent(self.crash_percent) {
                             if self.fault_rng.percent(50) {

@@ -5,7 +5,7 @@
 //! Losing the index costs only work and caution: every file is re-hashed,
 //! and files that differ from the peer are kept aside rather than replaced.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +13,10 @@ use rustix::fs::{AtFlags, StatxFlags};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-use crate::model::{path_order, PathHasher};
+mod base;
+
+use base::{key_of, key_under, path_of, Base, Change, Out, Written, BLOCK, NONE};
+
 use crate::wire::sync::{EntryKind, ManifestEntry, Meta};
 
 use super::Excludes;
@@ -210,18 +213,41 @@ pub fn hash_bytes(b: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(b)
 }
 
-/// An index's entries: every path it knows, with what it knew of it.
-pub type Entries = HashMap<Box<Path>, Entry, PathHasher>;
+/// One change since the base was written (`entry: None`: gone), with the
+/// generation that made it (a background write drops only what did not
+/// change while it ran).
+#[derive(Debug, Clone)]
+struct Slot {
+    entry: Option<Entry>,
+    gen: u64,
+}
 
-/// The index of one store.
+/// Changes an index holds before it writes a new base: about 13 MiB.
+pub const CHANGES_MAX: usize = 65_536;
+/// The same for a store kept in memory (the simulator merges often).
+const CHANGES_MAX_IN_MEMORY: usize = 48;
+
+/// The index of one store: the entries of its last save, read from the
+/// index file a block at a time ([`base`]), and the changes since, in
+/// memory. Once [`CHANGES_MAX`] changes are held, a thread of its own
+/// merges them into a new file; a million-file store keeps one key per
+/// 64 entries in memory, not the million.
 #[derive(Debug)]
 pub struct Index {
-    /// Keyed by boxed paths (16 bytes, not a PathBuf's 24): one per file.
-    pub entries: Entries,
+    base: Base,
+    /// Changes since the base, by key ([`base::key_of`]: path order).
+    over: BTreeMap<Box<[u8]>, Slot>,
+    /// Base entries the current walk found: one bit per ordinal.
+    marks: Vec<u64>,
+    /// Empty: kept in memory.
     file: PathBuf,
-    dirty: bool,
+    /// To be written even with no change (migrated; a failed write).
+    force: bool,
     /// The mark of the latest walk ([`Index::begin_walk`]).
     walk_mark: u8,
+    gen: u64,
+    saving: Option<std::thread::JoinHandle<std::io::Result<Written>>>,
+    changes_max: usize,
 }
 
 /// The index file of an older release (JSON, UTF-8 names only): read once
@@ -231,30 +257,6 @@ struct OnDisk {
     version: u32,
     entries: Vec<(PathBuf, Entry)>,
 }
-
-/// An index as it was at one moment, to be written elsewhere.
-pub struct Snapshot {
-    file: PathBuf,
-    entries: Vec<(Box<Path>, Entry)>,
-}
-
-impl Snapshot {
-    /// Writes the snapshot atomically and durably (what [`Index::save`] does).
-    pub fn write(self) -> std::io::Result<()> {
-        write_entries(&self.file, self.entries.iter().map(|(p, e)| (&**p, e)))
-    }
-}
-
-/// Binary index file: `HSIX` | version u32 | entry count u64, then per
-/// entry `path length u16 | path bytes | kind u8 | synced u8 | size u64 |
-/// mtime s i64, ns u32 | inode u64 | ctime s i64, ns u32 | mode, uid, gid
-/// u32 | hash u128`, all little-endian, then the xxh3-64 of everything
-/// before it. Names are stored as the bytes the filesystem has (a name need
-/// not be UTF-8).
-const MAGIC: &[u8; 4] = b"HSIX";
-const FORMAT_VERSION: u32 = 1;
-/// Fixed bytes of one entry after its path.
-const ENTRY_FIXED: usize = 2 + 8 + 12 + 8 + 12 + 12 + 16;
 
 /// Why an index file could not be read; names the file and where.
 #[derive(Debug, thiserror::Error)]
@@ -273,169 +275,15 @@ pub enum IndexError {
     },
 }
 
-fn encode_entry(out: &mut Vec<u8>, p: &Path, e: &Entry) {
-    let raw = p.as_os_str().as_bytes();
-    out.extend_from_slice(&(raw.len() as u16).to_le_bytes());
-    out.extend_from_slice(raw);
-    out.push(match e.kind {
-        Kind::File => 1,
-        Kind::Dir => 2,
-        Kind::Symlink => 3,
-    });
-    out.push(u8::from(e.synced));
-    let v = &e.version;
-    out.extend_from_slice(&v.size.to_le_bytes());
-    out.extend_from_slice(&v.mtime_s.to_le_bytes());
-    out.extend_from_slice(&v.mtime_ns.to_le_bytes());
-    out.extend_from_slice(&v.ino.to_le_bytes());
-    out.extend_from_slice(&v.ctime_s.to_le_bytes());
-    out.extend_from_slice(&v.ctime_ns.to_le_bytes());
-    out.extend_from_slice(&e.mode.to_le_bytes());
-    out.extend_from_slice(&e.uid.to_le_bytes());
-    out.extend_from_slice(&e.gid.to_le_bytes());
-    out.extend_from_slice(&e.hash().to_le_bytes());
-}
-
-/// Sorted by path, so the file is stable for the same index.
-fn write_entries<'a>(
-    file: &Path,
-    entries: impl Iterator<Item = (&'a Path, &'a Entry)>,
-) -> std::io::Result<()> {
-    let mut entries: Vec<(&Path, &Entry)> = entries.collect();
-    entries.sort_unstable_by(|a, b| path_order(a.0, b.0));
-    crate::io::write_atomic_with(file, |w| {
-        let mut sum = xxhash_rust::xxh3::Xxh3::new();
-        let mut buf = Vec::with_capacity(64 * 1024);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-        for (p, e) in entries {
-            if p.as_os_str().len() > u16::MAX as usize {
-                // Cannot be replicated either (longer than any path the
-                // wire carries); leaving it out only costs a re-hash.
-                continue;
-            }
-            encode_entry(&mut buf, p, e);
-            if buf.len() >= 60 * 1024 {
-                sum.update(&buf);
-                w.write_all(&buf)?;
-                buf.clear();
-            }
-        }
-        sum.update(&buf);
-        buf.extend_from_slice(&sum.digest().to_le_bytes());
-        w.write_all(&buf)
-    })
-}
-
-/// The checksum that seals an index file (xxh3-64 of everything before it).
-pub fn checksum(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
-}
-
 /// Checks an index file's bytes as [`Index::load`] reads them: how many
 /// entries it holds, or the error naming `file` and where. For tools and
 /// fuzzing.
 pub fn check_bytes(file: &Path, bytes: &[u8]) -> Result<usize, IndexError> {
-    decode_entries(file, bytes).map(|e| e.len())
+    Base::from_bytes(file, bytes.into()).map(|b| b.count() as usize)
 }
 
-/// Decodes an index file's bytes (checked before anything is trusted).
-fn decode_entries(file: &Path, bytes: &[u8]) -> Result<Entries, IndexError> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let corrupt = |offset: usize, entry: u64, problem: String| IndexError::Corrupt {
-        file: file.to_path_buf(),
-        offset,
-        entry,
-        problem,
-    };
-    if bytes.len() < 16 + 8 {
-        return Err(corrupt(0, 0, format!("only {} bytes", bytes.len())));
-    }
-    if &bytes[..4] != MAGIC {
-        return Err(corrupt(0, 0, "not a hasync index (bad magic)".into()));
-    }
-    let (body, trailer) = bytes.split_at(bytes.len() - 8);
-    let want = u64::from_le_bytes(trailer.try_into().expect("8 bytes"));
-    if xxhash_rust::xxh3::xxh3_64(body) != want {
-        return Err(corrupt(
-            body.len(),
-            0,
-            "checksum mismatch (torn or damaged file)".into(),
-        ));
-    }
-    let version = u32::from_le_bytes(body[4..8].try_into().expect("4 bytes"));
-    if version != FORMAT_VERSION {
-        return Err(corrupt(4, 0, format!("unknown format version {version}")));
-    }
-    let count = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
-    // Each entry takes at least its fixed part: a count the file cannot hold
-    // is refused before anything is reserved.
-    if count > (body.len() / (2 + ENTRY_FIXED)) as u64 {
-        return Err(corrupt(8, 0, format!("{count} entries cannot fit")));
-    }
-    let mut entries = HashMap::with_capacity_and_hasher(count as usize, PathHasher::default());
-    let mut at = 16;
-    for n in 0..count {
-        let take = |at: &mut usize, len: usize| -> Result<&[u8], IndexError> {
-            let s = body
-                .get(*at..*at + len)
-                .ok_or_else(|| corrupt(*at, n, "truncated entry".into()))?;
-            *at += len;
-            Ok(s)
-        };
-        let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8"));
-        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes(b[i..i + 4].try_into().expect("4"));
-        let start = at;
-        let len = u16::from_le_bytes(take(&mut at, 2)?.try_into().expect("2 bytes")) as usize;
-        let raw = take(&mut at, len)?;
-        if raw.is_empty() || raw.contains(&0) || raw.first() == Some(&b'/') {
-            return Err(corrupt(start, n, "bad path".into()));
-        }
-        let f = take(&mut at, ENTRY_FIXED)?;
-        let kind = match f[0] {
-            1 => Kind::File,
-            2 => Kind::Dir,
-            3 => Kind::Symlink,
-            k => return Err(corrupt(start, n, format!("unknown kind {k}"))),
-        };
-        let synced = match f[1] {
-            0 => false,
-            1 => true,
-            b => return Err(corrupt(start, n, format!("bad synced flag {b}"))),
-        };
-        let version = Version {
-            size: u64_at(f, 2),
-            mtime_s: u64_at(f, 10) as i64,
-            mtime_ns: u32_at(f, 18),
-            ino: u64_at(f, 22),
-            ctime_s: u64_at(f, 30) as i64,
-            ctime_ns: u32_at(f, 38),
-        };
-        let hash = u128::from_le_bytes(f[54..70].try_into().expect("16 bytes"));
-        let entry = Entry {
-            kind,
-            version,
-            mode: u32_at(f, 42),
-            uid: u32_at(f, 46),
-            gid: u32_at(f, 50),
-            hash: split128(hash),
-            synced,
-            mark: 0,
-        };
-        let path: Box<Path> = Path::new(std::ffi::OsStr::from_bytes(raw)).into();
-        if entries.insert(path, entry).is_some() {
-            return Err(corrupt(start, n, "path listed twice".into()));
-        }
-    }
-    if at != body.len() {
-        return Err(corrupt(
-            at,
-            count,
-            format!("{} trailing bytes", body.len() - at),
-        ));
-    }
-    Ok(entries)
+fn words(count: u64) -> usize {
+    (count as usize).div_ceil(BLOCK)
 }
 
 impl Index {
@@ -446,115 +294,312 @@ impl Index {
     pub fn load(state_dir: &Path, store: &str) -> Index {
         let file = state_dir.join(format!("index-{store}.bin"));
         let legacy = state_dir.join(format!("index-{store}.json"));
-        let (entries, dirty) = match std::fs::read(&file) {
-            Ok(b) => match decode_entries(&file, &b) {
-                Ok(e) => (e, false),
-                Err(e) => {
-                    warn!("{e}; starting empty: files will be re-hashed and conflicts kept aside");
-                    (HashMap::default(), false)
+        let mut ix = Index::new(file.clone(), Base::empty(), CHANGES_MAX);
+        match Base::open(&file) {
+            Ok(b) => ix.set_base(b),
+            Err(IndexError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                if let Ok(b) = std::fs::read(&legacy) {
+                    match serde_json::from_slice::<OnDisk>(&b) {
+                        Ok(d) if d.version == 1 => {
+                            for (p, e) in d.entries {
+                                ix.put(key_of(&p), Some(e));
+                            }
+                            // Rewritten in the binary format at the next save.
+                            ix.force = true;
+                        }
+                        Ok(d) => {
+                            warn!(file = %legacy.display(), "index version {} unknown; starting empty", d.version);
+                        }
+                        Err(e) => {
+                            warn!(file = %legacy.display(), "index unreadable ({e}); starting empty: files will be re-hashed and conflicts kept aside");
+                        }
+                    }
                 }
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::read(&legacy) {
-                Ok(b) => match serde_json::from_slice::<OnDisk>(&b) {
-                    Ok(d) if d.version == 1 => (
-                        d.entries
-                            .into_iter()
-                            .map(|(p, e)| (p.into_boxed_path(), e))
-                            .collect(),
-                        // Rewritten in the binary format at the next save.
-                        true,
-                    ),
-                    Ok(d) => {
-                        warn!(file = %legacy.display(), "index version {} unknown; starting empty", d.version);
-                        (HashMap::default(), false)
-                    }
-                    Err(e) => {
-                        warn!(file = %legacy.display(), "index unreadable ({e}); starting empty: files will be re-hashed and conflicts kept aside");
-                        (HashMap::default(), false)
-                    }
-                },
-                Err(_) => (HashMap::default(), false),
-            },
-            Err(e) => {
-                warn!(
-                    "{}; starting empty",
-                    IndexError::Io {
-                        file: file.clone(),
-                        source: e
-                    }
-                );
-                (HashMap::default(), false)
             }
-        };
-        Index {
-            entries,
-            file,
-            dirty,
-            walk_mark: 0,
+            Err(e) => {
+                warn!("{e}; starting empty: files will be re-hashed and conflicts kept aside")
+            }
         }
+        ix
     }
 
-    /// An index kept in memory only (a simulated store): never saved.
-    pub fn in_memory() -> Index {
-        Index {
-            entries: HashMap::default(),
-            file: PathBuf::new(),
-            dirty: false,
+    fn new(file: PathBuf, base: Base, changes_max: usize) -> Index {
+        let mut ix = Index {
+            base: Base::empty(),
+            over: BTreeMap::new(),
+            marks: Vec::new(),
+            file,
+            force: false,
             walk_mark: 0,
-        }
+            gen: 0,
+            saving: None,
+            changes_max,
+        };
+        ix.set_base(base);
+        ix
+    }
+
+    fn set_base(&mut self, base: Base) {
+        self.marks = vec![0; words(base.count())];
+        self.base = base;
+    }
+
+    /// An index kept in memory only (a simulated store): never saved to
+    /// a file; its changes are merged into a base in memory as often as a
+    /// file-backed index's would be at scale.
+    pub fn in_memory() -> Index {
+        Index::new(PathBuf::new(), Base::empty(), CHANGES_MAX_IN_MEMORY)
+    }
+
+    /// What a save now and a load would give (the simulator's saved
+    /// index): the same entries, in memory, no walk under way.
+    pub fn saved_copy(&self) -> Index {
+        let w = base::merge(&self.base, self.changes(), Out::Bytes)
+            .expect("a merge into memory cannot fail");
+        Index::new(PathBuf::new(), w.base, self.changes_max)
     }
 
     pub fn mark_dirty(&mut self) {
-        self.dirty = true;
+        self.force = true;
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.dirty
+        self.force || !self.over.is_empty()
     }
 
-    /// Writes the index durably if it changed.
+    fn put(&mut self, k: Box<[u8]>, entry: Option<Entry>) {
+        self.gen += 1;
+        self.over.insert(
+            k,
+            Slot {
+                entry,
+                gen: self.gen,
+            },
+        );
+    }
+
+    fn marked(&self, ord: u64) -> bool {
+        self.marks
+            .get((ord / 64) as usize)
+            .is_some_and(|w| (w >> (ord % 64)) & 1 == 1)
+    }
+
+    fn set_mark(marks: &mut [u64], ord: u64) {
+        if let Some(w) = marks.get_mut((ord / 64) as usize) {
+            *w |= 1 << (ord % 64);
+        }
+    }
+
+    fn get_key(&self, k: &[u8]) -> Option<Entry> {
+        match self.over.get(k) {
+            Some(s) => s.entry.clone(),
+            None => self.base.find(k).map(|(_, e)| e),
+        }
+    }
+
+    /// Every entry from key `from` on, in path order, changes applied (a
+    /// base entry carries its walk mark).
+    fn merged_from<'a>(&'a self, from: &[u8]) -> impl Iterator<Item = (Box<[u8]>, Entry)> + 'a {
+        let mut olds = self.base.range_from(from).peekable();
+        let mut news = self
+            .over
+            .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
+            .peekable();
+        let mark = self.walk_mark;
+        std::iter::from_fn(move || loop {
+            let take_old = match (olds.peek(), news.peek()) {
+                (None, None) => return None,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((_, ok, _)), Some((nk, _))) => {
+                    if **ok == ***nk {
+                        olds.next();
+                        false
+                    } else {
+                        **ok < ***nk
+                    }
+                }
+            };
+            if take_old {
+                let (o, k, mut e) = olds.next().expect("peeked");
+                e.mark = if self.marked(o) { mark } else { 0 };
+                return Some((k, e));
+            }
+            let (k, s) = news.next().expect("peeked");
+            if let Some(e) = &s.entry {
+                return Some((k.clone(), e.clone()));
+            }
+        })
+    }
+
+    /// `k` and every entry below it.
+    fn under(&self, k: &[u8]) -> Vec<(Box<[u8]>, Entry)> {
+        self.merged_from(k)
+            .take_while(|(p, _)| key_under(p, k))
+            .collect()
+    }
+
+    /// Every entry, in path order (a walk of the index file: for what is
+    /// rare, such as a takeover's completion).
+    pub fn iter(&self) -> impl Iterator<Item = (PathBuf, Entry)> + '_ {
+        self.merged_from(&[]).map(|(k, e)| (path_of(&k), e))
+    }
+
+    /// How many entries (counted: a walk of the index).
+    pub fn len(&self) -> usize {
+        self.merged_from(&[]).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.merged_from(&[]).next().is_none()
+    }
+
+    /// About how many entries, at once (for sizing).
+    pub fn len_hint(&self) -> usize {
+        self.base.count() as usize + self.over.len()
+    }
+
+    /// Writes the index durably if it changed (waiting for a background
+    /// write first).
     pub fn save(&mut self) -> std::io::Result<()> {
-        if !self.dirty {
+        self.finish_save();
+        if !self.is_dirty() {
             return Ok(());
         }
-        write_entries(&self.file, self.entries.iter().map(|(p, e)| (&**p, e)))?;
-        // Migrated: the older JSON file must not be read again.
-        let _ = std::fs::remove_file(self.file.with_extension("json"));
-        self.dirty = false;
+        let out = if self.file.as_os_str().is_empty() {
+            Out::Bytes
+        } else {
+            Out::File(&self.file)
+        };
+        let w = base::merge(&self.base, self.changes(), out)?;
+        self.adopt(w);
+        self.force = false;
+        if !self.file.as_os_str().is_empty() {
+            // Migrated: the older JSON file must not be read again.
+            let _ = std::fs::remove_file(self.file.with_extension("json"));
+        }
         Ok(())
     }
 
-    /// An owned copy of a changed index, for [`Snapshot::write`] on another
-    /// thread (the sender's loop must not stop for a sort, a serialization
-    /// and an fsync). `None` if nothing changed since the last save. Call
-    /// [`Index::mark_dirty`] if writing the snapshot fails.
-    pub fn snapshot(&mut self) -> Option<Snapshot> {
-        if !self.dirty {
-            return None;
+    fn changes(&self) -> Vec<Change> {
+        self.over
+            .iter()
+            .map(|(k, s)| (k.clone(), s.gen, s.entry.clone()))
+            .collect()
+    }
+
+    /// Starts writing the changes into a new index file on a thread of its
+    /// own (the loop must not stop for a merge and an fsync); nothing if
+    /// one is under way or nothing changed. [`Index::finish_save`] or a
+    /// later change takes its result.
+    pub fn save_in_background(&mut self) {
+        self.poll_save();
+        if self.saving.is_some() || !self.is_dirty() {
+            return;
         }
-        self.dirty = false;
-        Some(Snapshot {
-            file: self.file.clone(),
-            entries: self
-                .entries
-                .iter()
-                .map(|(p, e)| (p.clone(), e.clone()))
-                .collect(),
-        })
+        if self.file.as_os_str().is_empty() {
+            if let Err(e) = self.save() {
+                warn!("cannot merge an index kept in memory: {e}");
+            }
+            return;
+        }
+        let (base, changes, file) = (self.base.clone(), self.changes(), self.file.clone());
+        self.force = false;
+        let spawned = std::thread::Builder::new()
+            .name("hasync-index".into())
+            .spawn(move || base::merge(&base, changes, Out::File(&file)));
+        match spawned {
+            Ok(h) => self.saving = Some(h),
+            Err(e) => {
+                warn!("cannot start the index writer thread: {e}; saving here");
+                self.force = true;
+                if let Err(e) = self.save() {
+                    warn!(file = %self.file.display(), "cannot save index: {e}");
+                }
+            }
+        }
+    }
+
+    /// Is a background write under way?
+    pub fn is_saving(&self) -> bool {
+        self.saving.is_some()
+    }
+
+    /// Takes a finished background write, if any.
+    pub fn poll_save(&mut self) {
+        if self.saving.as_ref().is_some_and(|h| h.is_finished()) {
+            self.finish_save();
+        }
+    }
+
+    /// Waits for a background write (if any) and takes its result: the new
+    /// base, or, if it failed, the changes stay to be written again.
+    pub fn finish_save(&mut self) {
+        let Some(h) = self.saving.take() else {
+            return;
+        };
+        match h.join() {
+            Ok(Ok(w)) => self.adopt(w),
+            Ok(Err(e)) => {
+                warn!(file = %self.file.display(), "cannot save index: {e}; its changes stay in memory and are written again");
+                self.force = true;
+            }
+            Err(_) => {
+                warn!(file = %self.file.display(), "the index writer panicked; its changes stay in memory");
+                self.force = true;
+            }
+        }
+    }
+
+    /// Makes a merge's file the base: the changes it holds that did not
+    /// change since are dropped, and the walk's marks follow the entries.
+    fn adopt(&mut self, w: Written) {
+        if w.from != self.base.id {
+            // Written from a base since replaced (cannot happen: writes
+            // are one at a time); the changes are all still here.
+            self.force = true;
+            return;
+        }
+        let mut marks = vec![0; words(w.base.count())];
+        for (o, &n) in w.old_to_new.iter().enumerate() {
+            if n != NONE && self.marked(o as u64) {
+                Self::set_mark(&mut marks, u64::from(n));
+            }
+        }
+        for (k, gen, n) in w.changes {
+            let Some(s) = self.over.get(&k) else { continue };
+            if s.gen != gen {
+                continue;
+            }
+            if n != NONE && s.entry.as_ref().is_some_and(|e| e.mark == self.walk_mark) {
+                Self::set_mark(&mut marks, u64::from(n));
+            }
+            self.over.remove(&k);
+        }
+        self.base = w.base;
+        self.marks = marks;
+    }
+
+    /// After a change: writes a new base once enough changes are held.
+    fn tick(&mut self) {
+        if self.over.len() > self.changes_max {
+            self.save_in_background();
+        } else {
+            self.poll_save();
+        }
     }
 
     /// Is the file at `rel` (now `st`) exactly the version the peer holds?
     pub fn unchanged_and_synced(&self, rel: &Path, st: &Stat) -> bool {
-        self.entries
-            .get(rel)
+        self.get(rel)
             .is_some_and(|e| e.synced && e.kind == st.kind && same_version(&e.version, &st.version))
     }
 
     pub fn set(&mut self, rel: PathBuf, mut entry: Entry) {
         // Known now: a walk under way does not forget it.
         entry.mark = self.walk_mark;
-        self.entries.insert(rel.into_boxed_path(), entry);
-        self.dirty = true;
+        self.put(key_of(&rel), Some(entry));
+        self.tick();
     }
 
     /// Starts a walk ([`super::walk::Walk`]): returns its mark. What the
@@ -562,10 +607,12 @@ impl Index {
     /// [`Index::end_walk`] forgets the rest. A later walk supersedes an
     /// earlier one still under way (that one then forgets nothing).
     pub fn begin_walk(&mut self) -> u8 {
-        // No entry keeps an earlier walk's mark (nor one copied in with
-        // entries from elsewhere): one pass, as cheap as the walk's own.
-        for e in self.entries.values_mut() {
-            e.mark = 0;
+        // No entry keeps an earlier walk's mark.
+        self.marks.fill(0);
+        for s in self.over.values_mut() {
+            if let Some(e) = &mut s.entry {
+                e.mark = 0;
+            }
         }
         self.walk_mark = self.walk_mark.checked_add(1).unwrap_or(1);
         self.walk_mark
@@ -573,11 +620,19 @@ impl Index {
 
     /// The entry at `rel`, marked as found by the walk `mark` (unless a
     /// later walk began: its marks are not overwritten).
-    pub fn visit(&mut self, rel: &Path, mark: u8) -> Option<&Entry> {
-        let current = self.walk_mark;
-        let e = self.entries.get_mut(rel)?;
-        if mark == current {
-            e.mark = mark;
+    pub fn visit(&mut self, rel: &Path, mark: u8) -> Option<Entry> {
+        let current = mark == self.walk_mark;
+        let k = key_of(rel);
+        if let Some(s) = self.over.get_mut(&k) {
+            let e = s.entry.as_mut()?;
+            if current {
+                e.mark = mark;
+            }
+            return Some(e.clone());
+        }
+        let (ord, e) = self.base.find(&k)?;
+        if current {
+            Self::set_mark(&mut self.marks, ord);
         }
         Some(e)
     }
@@ -588,108 +643,141 @@ impl Index {
         if mark != self.walk_mark {
             return;
         }
-        let before = self.entries.len();
-        self.entries.retain(|_, e| e.mark == mark);
-        if self.entries.len() != before {
-            self.dirty = true;
+        let count = self.base.count();
+        let mut gone = Vec::new();
+        for (w, &word) in self.marks.iter().enumerate() {
+            let n = (count - (w * BLOCK) as u64).min(BLOCK as u64);
+            let full = if n == 64 { u64::MAX } else { (1 << n) - 1 };
+            if word & full == full {
+                continue;
+            }
+            for i in 0..n {
+                if (word >> i) & 1 == 0 {
+                    gone.extend(self.base.key_at((w * BLOCK) as u64 + i));
+                }
+            }
         }
+        for k in gone {
+            match self.over.get(&k) {
+                Some(Slot { entry: None, .. }) => {}
+                Some(Slot { entry: Some(e), .. }) if e.mark == mark => {}
+                _ => self.put(k, None),
+            }
+        }
+        let stale: Vec<Box<[u8]>> = self
+            .over
+            .iter()
+            .filter(|(_, s)| s.entry.as_ref().is_some_and(|e| e.mark != mark))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            // Never removed outright: a background write may hold it.
+            self.put(k, None);
+        }
+        self.tick();
     }
 
-    pub fn get(&self, rel: &Path) -> Option<&Entry> {
-        self.entries.get(rel)
+    pub fn get(&self, rel: &Path) -> Option<Entry> {
+        self.get_key(&key_of(rel))
     }
 
+    /// The entry at `rel` to change in place (taken into the changes).
     pub fn get_mut(&mut self, rel: &Path) -> Option<&mut Entry> {
-        self.entries.get_mut(rel)
-    }
-
-    /// Room for `n` more entries in one allocation (instead of doublings
-    /// that briefly hold the table twice).
-    pub fn reserve(&mut self, n: usize) {
-        self.entries.reserve(n);
+        let k = key_of(rel);
+        if !self.over.contains_key(&k) {
+            let (ord, mut e) = self.base.find(&k)?;
+            e.mark = if self.marked(ord) { self.walk_mark } else { 0 };
+            self.put(k.clone(), Some(e));
+        } else {
+            self.gen += 1;
+        }
+        let gen = self.gen;
+        let s = self.over.get_mut(&k)?;
+        s.gen = gen;
+        s.entry.as_mut()
     }
 
     /// Forgets `rel` and everything under it. A file is one lookup; only a
-    /// directory (or an unknown path) walks the index.
+    /// directory (or an unknown path) reads the index around it.
     pub fn remove_tree(&mut self, rel: &Path) {
-        if self.entries.get(rel).is_some_and(|e| e.kind != Kind::Dir) {
-            self.entries.remove(rel);
-            self.dirty = true;
-            return;
-        }
-        let before = self.entries.len();
-        self.entries.retain(|p, _| !p.starts_with(rel));
-        if self.entries.len() != before {
-            self.dirty = true;
+        self.forget(key_of(rel));
+        self.tick();
+    }
+
+    fn forget(&mut self, k: Box<[u8]>) {
+        if self.get_key(&k).is_some_and(|e| e.kind != Kind::Dir) {
+            self.put(k, None);
+        } else {
+            for (p, _) in self.under(&k) {
+                self.put(p, None);
+            }
         }
     }
 
-    /// Marks `rel` and everything under it as not held by the replica.
     /// Marks `rel` and the folders below it as not held by the replica
     /// (each is listed again when sent); files keep what is known of them.
     pub fn unsync_folders(&mut self, rel: &Path) {
         self.unsync_below(rel, true);
     }
 
+    /// Marks `rel` and everything under it as not held by the replica.
     pub fn unsync_tree(&mut self, rel: &Path) {
         self.unsync_below(rel, false);
     }
 
     fn unsync_below(&mut self, rel: &Path, folders_only: bool) {
-        if let Some(e) = self.entries.get_mut(rel) {
-            e.synced = false;
-            if e.kind != Kind::Dir {
+        let k = key_of(rel);
+        let todo: Vec<(Box<[u8]>, Entry)> = match self.get_key(&k) {
+            Some(e) if e.kind != Kind::Dir => {
+                if let Some(e) = self.get_mut(rel) {
+                    e.synced = false;
+                }
                 return;
             }
+            _ => self.under(&k),
+        };
+        for (p, mut e) in todo {
+            if e.synced && (p == k || !folders_only || e.kind == Kind::Dir) {
+                e.synced = false;
+                self.put(p, Some(e));
+            }
         }
-        for (_, e) in self
-            .entries
-            .iter_mut()
-            .filter(|(p, e)| (!folders_only || e.kind == Kind::Dir) && p.starts_with(rel))
-        {
-            e.synced = false;
-        }
+        self.tick();
     }
 
     /// Moves `from` (and everything under it) to `to`. Renaming a file
     /// (a Maildir flag change) costs a few lookups, not a walk of the index.
     pub fn rename_tree(&mut self, from: &Path, to: &Path) {
-        if self.entries.get(from).is_some_and(|e| e.kind != Kind::Dir)
-            && !self.entries.get(to).is_some_and(|e| e.kind == Kind::Dir)
-        {
-            if let Some(mut e) = self.entries.remove(from) {
-                e.version.ctime_s = 0;
-                e.version.ctime_ns = 0;
-                e.mark = self.walk_mark;
-                self.entries.insert(to.into(), e);
-            }
-            self.dirty = true;
-            return;
-        }
-        let moved: Vec<(PathBuf, Entry)> = self
-            .entries
-            .iter()
-            .filter(|(p, _)| p.starts_with(from))
-            .map(|(p, e)| {
-                let rest = p.strip_prefix(from).expect("filtered on prefix");
-                let np = if rest.as_os_str().is_empty() {
-                    to.to_path_buf()
-                } else {
-                    to.join(rest)
-                };
-                (np, e.clone())
-            })
-            .collect();
-        self.remove_tree(to);
-        self.entries.retain(|p, _| !p.starts_with(from));
-        for (p, mut e) in moved {
+        let (fk, tk) = (key_of(from), key_of(to));
+        let moved_entry = |mut e: Entry, mark| {
             // A rename changes ctime; match on the rest of the version.
             e.version.ctime_s = 0;
             e.version.ctime_ns = 0;
-            e.mark = self.walk_mark;
-            self.entries.insert(p.into_boxed_path(), e);
+            e.mark = mark;
+            e
+        };
+        let from_entry = self.get_key(&fk);
+        if from_entry.as_ref().is_some_and(|e| e.kind != Kind::Dir)
+            && !self.get_key(&tk).is_some_and(|e| e.kind == Kind::Dir)
+        {
+            let e = moved_entry(from_entry.expect("checked"), self.walk_mark);
+            self.put(fk, None);
+            self.put(tk, Some(e));
+            self.tick();
+            return;
         }
-        self.dirty = true;
+        let moved = self.under(&fk);
+        self.forget(tk.clone());
+        for (p, _) in &moved {
+            self.put(p.clone(), None);
+        }
+        for (p, e) in moved {
+            let mut nk = tk.to_vec();
+            nk.extend_from_slice(&p[fk.len()..]);
+            let e = moved_entry(e, self.walk_mark);
+            self.put(nk.into(), Some(e));
+        }
+        self.tick();
     }
 
     /// Walks the store and returns every entry (sorted by path) with its
@@ -713,6 +801,14 @@ impl Index {
         hash_uncached: bool,
     ) -> std::io::Result<Scan> {
         super::walk::Walk::new(self, rehash, hash_uncached).collect(tree, self, excludes)
+    }
+}
+
+impl Drop for Index {
+    /// A background write under way is finished (its file is whole either
+    /// way; this keeps a stop from leaving its thread behind).
+    fn drop(&mut self) {
+        self.finish_save();
     }
 }
 
@@ -796,189 +892,4 @@ pub fn manifest_entry(rel: &Path, st: &Stat, hash: u128) -> ManifestEntry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(kind: Kind, ino: u64) -> Entry {
-        let st = Stat {
-            kind,
-            version: Version::sample(ino),
-            meta: Meta {
-                mode: 0o600,
-                uid: 0,
-                gid: 0,
-                mtime_sec: 1,
-                mtime_nsec: 2,
-            },
-            nlink: 1,
-            dev: 1,
-        };
-        Entry::new(&st, u128::MAX - ino as u128, true)
-    }
-
-    fn index(entries: &[(&str, Kind)]) -> Index {
-        let mut ix = Index {
-            entries: HashMap::default(),
-            file: PathBuf::from("/nonexistent/index.json"),
-            dirty: false,
-            walk_mark: 0,
-        };
-        for (i, (p, k)) in entries.iter().enumerate() {
-            ix.set(PathBuf::from(p), entry(*k, i as u64));
-        }
-        ix
-    }
-
-    fn paths(ix: &Index) -> Vec<String> {
-        let mut v: Vec<String> = ix.entries.keys().map(|p| p.display().to_string()).collect();
-        v.sort();
-        v
-    }
-
-    #[test]
-    fn file_and_directory_renames_and_removals_keep_the_tree_consistent() {
-        let mut ix = index(&[
-            ("a", Kind::Dir),
-            ("a/cur", Kind::Dir),
-            ("a/cur/1:2,", Kind::File),
-            ("a/cur/2:2,", Kind::File),
-            ("ab", Kind::File),
-            ("b", Kind::Dir),
-            ("b/y", Kind::File),
-        ]);
-        let hash = ix.get(Path::new("a/cur/1:2,")).unwrap().hash();
-        // A flag change moves one entry, with its hash, and forgets ctime.
-        ix.rename_tree(Path::new("a/cur/1:2,"), Path::new("a/cur/1:2,S"));
-        let moved = ix.get(Path::new("a/cur/1:2,S")).unwrap();
-        assert_eq!(moved.hash(), hash);
-        assert_eq!((moved.version.ctime_s, moved.version.ctime_ns), (0, 0));
-        assert!(ix.get(Path::new("a/cur/1:2,")).is_none());
-        // A directory rename moves its subtree, and only its subtree.
-        ix.rename_tree(Path::new("a"), Path::new("c"));
-        assert_eq!(
-            paths(&ix),
-            ["ab", "b", "b/y", "c", "c/cur", "c/cur/1:2,S", "c/cur/2:2,"]
-        );
-        // A file removal removes the file; a directory removal its subtree.
-        ix.remove_tree(Path::new("c/cur/2:2,"));
-        ix.remove_tree(Path::new("b"));
-        assert_eq!(paths(&ix), ["ab", "c", "c/cur", "c/cur/1:2,S"]);
-        // A file renamed over a directory replaces the whole directory.
-        ix.rename_tree(Path::new("ab"), Path::new("c"));
-        assert_eq!(paths(&ix), ["c"]);
-        assert_eq!(ix.get(Path::new("c")).unwrap().kind, Kind::File);
-    }
-
-    #[test]
-    fn names_round_trip_byte_exact_through_the_index_file() {
-        use std::os::unix::ffi::OsStrExt;
-        let dir = tempfile::tempdir().unwrap();
-        let mut ix = Index::load(dir.path(), "inbox");
-        let odd = [
-            &b"m/cur/1"[..],
-            b"m/cur/latin1-\xe9t\xe9",
-            b"m/cur/\xff\xfe not utf-8",
-            b"m/new/line\nbreak",
-        ];
-        for (i, raw) in odd.iter().enumerate() {
-            ix.set(
-                PathBuf::from(std::ffi::OsStr::from_bytes(raw)),
-                entry(Kind::File, i as u64),
-            );
-        }
-        ix.save().unwrap();
-        let back = Index::load(dir.path(), "inbox");
-        assert_eq!(back.entries, ix.entries);
-        for raw in odd {
-            assert!(back
-                .get(Path::new(std::ffi::OsStr::from_bytes(raw)))
-                .is_some());
-        }
-    }
-
-    #[test]
-    fn a_damaged_index_is_refused_naming_the_file_and_starts_empty() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ix = Index::load(dir.path(), "inbox");
-        ix.set(PathBuf::from("m/cur/1"), entry(Kind::File, 7));
-        ix.set(PathBuf::from("m/cur/2"), entry(Kind::File, 8));
-        ix.save().unwrap();
-        let file = dir.path().join("index-inbox.bin");
-        let good = std::fs::read(&file).unwrap();
-        let mut bad = good.clone();
-        bad[30] ^= 1;
-        let err = decode_entries(&file, &bad).unwrap_err().to_string();
-        assert!(
-            err.contains("index-inbox.bin") && err.contains("checksum"),
-            "{err}"
-        );
-        std::fs::write(&file, &bad).unwrap();
-        assert!(Index::load(dir.path(), "inbox").entries.is_empty());
-        // Truncated anywhere: an error, never a panic.
-        for cut in 0..good.len() {
-            assert!(decode_entries(&file, &good[..cut]).is_err(), "cut at {cut}");
-        }
-    }
-
-    #[test]
-    fn an_index_of_an_older_release_is_migrated() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = entry(Kind::File, 3);
-        let json = serde_json::json!({ "version": 1, "entries": [["m/cur/1", e]] });
-        std::fs::write(dir.path().join("index-inbox.json"), json.to_string()).unwrap();
-        let mut ix = Index::load(dir.path(), "inbox");
-        assert_eq!(ix.get(Path::new("m/cur/1")), Some(&e));
-        ix.save().unwrap();
-        assert!(!dir.path().join("index-inbox.json").exists());
-        assert_eq!(
-            Index::load(dir.path(), "inbox").get(Path::new("m/cur/1")),
-            Some(&e)
-        );
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn arbitrary_index_bytes_are_refused_without_panicking(
-            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
-            sealed in proptest::bool::ANY,
-        ) {
-            let mut bytes = bytes;
-            if sealed && bytes.len() >= 16 {
-                // Past the checksum, so the entry parser itself is exercised.
-                bytes[..4].copy_from_slice(MAGIC);
-                bytes[4..8].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-                let sum = xxhash_rust::xxh3::xxh3_64(&bytes);
-                bytes.extend_from_slice(&sum.to_le_bytes());
-            }
-            let _ = decode_entries(Path::new("/x/index-a.bin"), &bytes);
-        }
-    }
-
-    #[test]
-    fn a_snapshot_written_elsewhere_is_the_index_of_its_moment() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ix = Index::load(dir.path(), "inbox");
-        assert!(ix.snapshot().is_none(), "nothing changed, nothing to write");
-        ix.set(PathBuf::from("m/cur/1"), entry(Kind::File, 1));
-        let snap = ix.snapshot().expect("changed");
-        assert!(!ix.is_dirty());
-        // A change after the snapshot is not in it, and keeps the index dirty.
-        ix.set(PathBuf::from("m/cur/2"), entry(Kind::File, 2));
-        std::thread::spawn(move || snap.write())
-            .join()
-            .unwrap()
-            .unwrap();
-        let back = Index::load(dir.path(), "inbox");
-        assert_eq!(back.get(Path::new("m/cur/1")), ix.get(Path::new("m/cur/1")));
-        assert!(back.get(Path::new("m/cur/2")).is_none());
-        assert!(ix.is_dirty());
-        ix.save().unwrap();
-        assert!(Index::load(dir.path(), "inbox")
-            .get(Path::new("m/cur/2"))
-            .is_some());
-        // A failed background write is marked so the next save retries.
-        let mut ix = Index::load(dir.path(), "inbox");
-        ix.mark_dirty();
-        assert!(ix.snapshot().is_some());
-    }
-}
+mod tests;

@@ -180,9 +180,6 @@ pub(crate) struct Planned {
     pub(crate) batch_paths: std::collections::HashSet<(usize, PathBuf)>,
 }
 
-/// What a background index save did, per store.
-type SaveOutcome = Vec<(usize, std::io::Result<()>)>;
-
 /// How old a scan taken as the tenure began may be and still serve the
 /// first comparison (changes since are in the tracker's queue).
 const PRESCAN_FRESH: Duration = Duration::from_secs(10);
@@ -262,8 +259,6 @@ pub struct Sender<T = Tree> {
     small_file_bytes_max: u64,
     next_backoff: Instant,
     last_save: Instant,
-    /// A background index save in progress: per store, its outcome.
-    saver: Option<std::thread::JoinHandle<SaveOutcome>>,
     /// A rescan asked for a comparison with the replica.
     pending_verify: bool,
     last_progress_log: Instant,
@@ -436,7 +431,6 @@ impl<T: LocalTree> Sender<T> {
             small_file_bytes_max: SMALL_FILE_BYTES_MAX,
             next_backoff: Instant::now(),
             last_save: Instant::now(),
-            saver: None,
             pending_verify: false,
             gate: Default::default(),
             last_progress_log: Instant::now(),
@@ -505,7 +499,6 @@ impl<T: LocalTree> Sender<T> {
     /// Saves every changed index now, on this thread (session end, stop).
     pub fn save_indexes(&mut self) {
         self.save_known();
-        self.join_saver();
         for s in self.stores.iter_mut() {
             if let Err(e) = s.index.save() {
                 warn!(store = %s.name, "cannot save index: {e}");
@@ -514,58 +507,15 @@ impl<T: LocalTree> Sender<T> {
         self.last_save = Instant::now();
     }
 
-    /// Starts writing changed indexes on a thread of their own (the loop
-    /// only copies them): a save of a busy store's index, fsync included,
-    /// took 50 ms on the reference machine, all of it lag for the changes
-    /// waiting behind it.
+    /// Starts writing changed indexes, each on a thread of its own (the
+    /// loop only hands over the changes since the last save): a save of a
+    /// busy store's index, fsync included, took 50 ms on the reference
+    /// machine, all of it lag for the changes waiting behind it.
     fn save_indexes_in_background(&mut self) {
-        self.join_saver();
-        let snaps: Vec<(usize, index::Snapshot)> = self
-            .stores
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, s)| s.index.snapshot().map(|snap| (i, snap)))
-            .collect();
+        for s in self.stores.iter_mut() {
+            s.index.save_in_background();
+        }
         self.last_save = Instant::now();
-        if snaps.is_empty() {
-            return;
-        }
-        let spawned = std::thread::Builder::new()
-            .name("hasync-index".into())
-            .spawn(move || {
-                snaps
-                    .into_iter()
-                    .map(|(i, snap)| (i, snap.write()))
-                    .collect::<Vec<_>>()
-            });
-        match spawned {
-            Ok(h) => self.saver = Some(h),
-            Err(e) => {
-                warn!("cannot start the index writer thread: {e}; saving here");
-                for s in self.stores.iter_mut() {
-                    s.index.mark_dirty();
-                }
-                self.save_indexes();
-            }
-        }
-    }
-
-    /// Waits for a background save (if any) and keeps its failures dirty.
-    fn join_saver(&mut self) {
-        let Some(h) = self.saver.take() else {
-            return;
-        };
-        let results = h.join().unwrap_or_else(|_| {
-            (0..self.stores.len())
-                .map(|i| (i, Err(std::io::Error::other("index writer panicked"))))
-                .collect()
-        });
-        for (i, res) in results {
-            if let Err(e) = res {
-                warn!(store = %self.stores[i].name, "cannot save index: {e}");
-                self.stores[i].index.mark_dirty();
-            }
-        }
     }
 
     fn set_phase(&self, phase: SyncPhase) {
@@ -2304,19 +2254,17 @@ impl<T: LocalTree> Sender<T> {
                 // The first name was acknowledged while it had no other
                 // link: find it in the index, under the name the replica
                 // will have once the renames already sent are applied.
+                // The first in path order: the same choice every time.
                 let (p, v) = self.stores[store]
                     .index
-                    .entries
                     .iter()
-                    .filter(|(p, e)| {
+                    .find(|(p, e)| {
                         e.synced
                             && e.kind == Kind::File
                             && e.version.ino == st.version.ino
-                            && ***p != *rel
+                            && *p != *rel
                     })
-                    // The first in path order: the same choice every time.
-                    .min_by(|a, b| a.0.cmp(b.0))
-                    .map(|(p, e)| (p.to_path_buf(), e.version))?;
+                    .map(|(p, e)| (p, e.version))?;
                 let p = self.renamed_in_flight(store, p, 0, Some(batch));
                 self.inodes.record(key, store, &p, v);
                 (p, v)
@@ -2402,10 +2350,9 @@ impl<T: LocalTree> Sender<T> {
             // Acknowledged, or made (or said) by an op on its way: the
             // index learns those only at their ack.
             let acked = index
-                .entries
                 .iter()
                 .filter(|(_, e)| e.kind == Kind::Dir && e.synced)
-                .map(|(p, _)| (0, p.to_path_buf()));
+                .map(|(p, _)| (0, p));
             let on_way = self.acks_on_their_way(Some(batch)).filter_map(|a| match a {
                 OnAck::Set(n, s, p, e) if *s == store && e.kind == Kind::Dir => {
                     Some((*n, p.clone()))
@@ -2793,11 +2740,11 @@ impl Sender<Tree> {
             if let Some(out) = self.finish_initial_if_done(w) {
                 w.send_bytes(out).await?;
             }
-            if self.saver.as_ref().is_some_and(|h| h.is_finished()) {
-                self.join_saver();
+            for s in self.stores.iter_mut() {
+                s.index.poll_save();
             }
             if self.last_save.elapsed() > Duration::from_secs(10)
-                && self.saver.is_none()
+                && !self.stores.iter().any(|s| s.index.is_saving())
                 && self.stores.iter().any(|s| s.index.is_dirty())
                 && self.window.is_empty()
             {

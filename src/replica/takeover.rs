@@ -480,7 +480,7 @@ pub fn complete<T: LocalTree>(
     excludes: &crate::model::Excludes,
 ) -> io::Result<usize> {
     let mut pending: HashSet<Pending> = pending.into_iter().collect();
-    for e in index.entries.values() {
+    for (_, e) in index.iter() {
         if e.kind == Kind::File && pending.remove(&Pending::of(&e.version)) {
             hashes.insert(e.hash());
         }

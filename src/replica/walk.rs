@@ -100,7 +100,7 @@ impl Walk {
         index: &mut Index,
         excludes: &Excludes,
     ) -> io::Result<Scan> {
-        let mut entries = Vec::with_capacity(index.entries.len() + 64);
+        let mut entries = Vec::with_capacity(index.len_hint() + 64);
         while let Some(e) = self.next(tree, index, excludes)? {
             entries.push(e);
         }
@@ -388,7 +388,7 @@ mod tests {
         let excludes = Excludes::new(&[]).unwrap();
         let mut index = Index::in_memory();
         index.scan(&t, &excludes, Rehash::Changed, true).unwrap();
-        assert_eq!(index.entries.len(), 4);
+        assert_eq!(index.len(), 4);
         std::fs::remove_file(dir.path().join("a/1")).unwrap();
         let mut walk = Walk::new(&mut index, Rehash::Changed, true);
         // Past "a" (listed without "1"), then "b/new" is set by someone
@@ -400,11 +400,7 @@ mod tests {
         let st = t.lstat(Path::new("b/2")).unwrap().unwrap();
         index.set("b/new".into(), Entry::new(&st, 7, true));
         while walk.next(&t, &mut index, &excludes).unwrap().is_some() {}
-        let mut left: Vec<_> = index
-            .entries
-            .keys()
-            .map(|p| p.display().to_string())
-            .collect();
+        let mut left: Vec<_> = index.iter().map(|(p, _)| p.display().to_string()).collect();
         left.sort();
         assert_eq!(left, ["a", "b", "b/2", "b/new"]);
         // A walk superseded by a later one forgets nothing when it ends.

@@ -283,11 +283,6 @@ impl<T: LocalTree> Sender<T> {
                 self.out_of_reach
                     .report(&self.stats, &self.stores[s].name, &rel);
             }
-            // Every local path gets an entry once acknowledged: the final
-            // size in one allocation (an initial sync) instead of doublings
-            // that hold the table twice while it moves.
-            let index = &mut self.stores[s].index;
-            index.reserve(sc.local.taken.saturating_sub(index.entries.len()));
             for r in std::mem::take(&mut sc.remote_only) {
                 self.remote_only(found, sc, s, r);
             }
