@@ -35,12 +35,6 @@ pub fn path_order(a: &Path, b: &Path) -> std::cmp::Ordering {
     }
 }
 
-/// The hasher of the maps keyed by paths (the index, a comparison's
-/// manifest): foldhash, seeded per process, so that names a local user
-/// chooses cannot be made to collide, and several times faster than the
-/// standard library's SipHash on the short keys of a mail store.
-pub type PathHasher = foldhash::fast::RandomState;
-
 /// `p` after a rename of `from` to `to`: `None` unless `p` is `from` or
 /// below it.
 pub fn moved_path(p: &Path, from: &Path, to: &Path) -> Option<PathBuf> {
