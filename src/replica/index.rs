@@ -445,6 +445,31 @@ impl Index {
         self.merged_from(&[]).map(|(k, e)| (path_of(&k), e))
     }
 
+    /// The entries `keep` takes, in path order (one read of the index
+    /// file; only what is kept is decoded whole).
+    pub fn select(&self, mut keep: impl FnMut(&Entry) -> bool) -> Vec<(PathBuf, Entry)> {
+        let mark = self.walk_mark;
+        let mut found: Vec<(Box<[u8]>, Entry)> = self
+            .base
+            .select(&mut keep)
+            .into_iter()
+            .filter(|(_, k, _)| !self.over.contains_key(k))
+            .map(|(o, k, mut e)| {
+                e.mark = if self.marked(o) { mark } else { 0 };
+                (k, e)
+            })
+            .collect();
+        found.extend(
+            self.over
+                .iter()
+                .filter_map(|(k, s)| Some((k, s.entry.as_ref()?)))
+                .filter(|(_, e)| keep(e))
+                .map(|(k, e)| (k.clone(), e.clone())),
+        );
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.into_iter().map(|(k, e)| (path_of(&k), e)).collect()
+    }
+
     /// How many entries (counted: a walk of the index).
     pub fn len(&self) -> usize {
         self.merged_from(&[]).count()

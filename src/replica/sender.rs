@@ -2257,13 +2257,9 @@ impl<T: LocalTree> Sender<T> {
                 // The first in path order: the same choice every time.
                 let (p, v) = self.stores[store]
                     .index
-                    .iter()
-                    .find(|(p, e)| {
-                        e.synced
-                            && e.kind == Kind::File
-                            && e.version.ino == st.version.ino
-                            && *p != *rel
-                    })
+                    .select(|e| e.synced && e.kind == Kind::File && e.version.ino == st.version.ino)
+                    .into_iter()
+                    .find(|(p, _)| *p != *rel)
                     .map(|(p, e)| (p, e.version))?;
                 let p = self.renamed_in_flight(store, p, 0, Some(batch));
                 self.inodes.record(key, store, &p, v);
@@ -2350,8 +2346,8 @@ impl<T: LocalTree> Sender<T> {
             // Acknowledged, or made (or said) by an op on its way: the
             // index learns those only at their ack.
             let acked = index
-                .iter()
-                .filter(|(_, e)| e.kind == Kind::Dir && e.synced)
+                .select(|e| e.kind == Kind::Dir && e.synced)
+                .into_iter()
                 .map(|(p, _)| (0, p));
             let on_way = self.acks_on_their_way(Some(batch)).filter_map(|a| match a {
                 OnAck::Set(n, s, p, e) if *s == store && e.kind == Kind::Dir => {

@@ -412,6 +412,16 @@ fn same(ix: &Index, m: &Model, at: usize) {
     for (p, e) in &want {
         assert_eq!(ix.get(p).as_ref(), Some(e), "{} after op {at}", p.display());
     }
+    let dirs: Vec<(PathBuf, Entry)> = want
+        .iter()
+        .filter(|(_, e)| e.kind == Kind::Dir && e.synced)
+        .cloned()
+        .collect();
+    assert_eq!(
+        ix.select(|e| e.kind == Kind::Dir && e.synced),
+        dirs,
+        "after op {at}"
+    );
 }
 
 proptest::proptest! {
