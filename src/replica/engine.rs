@@ -1146,7 +1146,9 @@ fn record_takeover(
     let (mut files, mut unread) = (0usize, 0usize);
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
     for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
-        let mut hashes = std::collections::HashSet::new();
+        // Sized once (growing a million-entry list holds it twice), sorted
+        // and without repeats before it is written.
+        let mut hashes: Vec<u128> = Vec::with_capacity(st.index.len_hint());
         let mut pending = Vec::new();
         let walk = super::walk::Walk::new(&mut st.index, super::index::Rehash::Changed, false);
         let held = walk.run(
@@ -1157,9 +1159,7 @@ fn record_takeover(
             |(_, s, h)| {
                 if s.kind == Kind::File {
                     match h {
-                        Some(h) => {
-                            hashes.insert(*h);
-                        }
+                        Some(h) => hashes.push(*h),
                         None => pending.push(super::takeover::Pending::of(&s.version)),
                     }
                 }
@@ -1180,17 +1180,18 @@ fn record_takeover(
         if let Some(c) = &carried {
             info!(store = %st.name, versions = c.hashes.len(), since_epoch = c.epoch, "takeover record of the earlier tenure carried over (its former primary is not reconciled yet)");
         }
+        hashes.sort_unstable();
+        hashes.dedup();
         files += hashes.len() + pending.len();
         unread += pending.len();
-        let record = super::takeover::Record {
-            hashes,
-            pending,
-            live: true,
-            epoch,
-            floor,
-            carried,
-        };
-        if let Err(e) = super::takeover::write(&cfg.state_dir, &st.name, &record) {
+        if let Err(e) = super::takeover::write_sorted(
+            &cfg.state_dir,
+            &st.name,
+            &hashes,
+            &pending,
+            (epoch, floor),
+            carried.as_ref(),
+        ) {
             error!(alarm = true, store = %st.name, "ALARM: cannot write the takeover record: {e}");
         }
     }

@@ -247,8 +247,14 @@ pub struct Index {
     walk_mark: u8,
     gen: u64,
     saving: Option<std::thread::JoinHandle<std::io::Result<Written>>>,
+    /// When a write last failed: changes do not start another for
+    /// [`RETRY_AFTER`] (a full disk is not rewritten at every change).
+    failed_at: Option<std::time::Instant>,
     changes_max: usize,
 }
+
+/// How long after a failed write changes wait to start another.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The index file of an older release (JSON, UTF-8 names only): read once
 /// to migrate, then replaced by the binary file.
@@ -333,6 +339,7 @@ impl Index {
             walk_mark: 0,
             gen: 0,
             saving: None,
+            failed_at: None,
             changes_max,
         };
         ix.set_base(base);
@@ -496,13 +503,11 @@ impl Index {
         } else {
             Out::File(&self.file)
         };
-        let w = base::merge(&self.base, self.changes(), out)?;
+        let w = base::merge(&self.base, self.changes(), out).inspect_err(|_| {
+            self.failed_at = Some(std::time::Instant::now());
+        })?;
         self.adopt(w);
         self.force = false;
-        if !self.file.as_os_str().is_empty() {
-            // Migrated: the older JSON file must not be read again.
-            let _ = std::fs::remove_file(self.file.with_extension("json"));
-        }
         Ok(())
     }
 
@@ -568,10 +573,12 @@ impl Index {
             Ok(Err(e)) => {
                 warn!(file = %self.file.display(), "cannot save index: {e}; its changes stay in memory and are written again");
                 self.force = true;
+                self.failed_at = Some(std::time::Instant::now());
             }
             Err(_) => {
                 warn!(file = %self.file.display(), "the index writer panicked; its changes stay in memory");
                 self.force = true;
+                self.failed_at = Some(std::time::Instant::now());
             }
         }
     }
@@ -603,11 +610,18 @@ impl Index {
         }
         self.base = w.base;
         self.marks = marks;
+        self.failed_at = None;
+        if !self.file.as_os_str().is_empty() {
+            // Migrated: the older JSON file must not be read again.
+            let _ = std::fs::remove_file(self.file.with_extension("json"));
+        }
     }
 
     /// After a change: writes a new base once enough changes are held.
     fn tick(&mut self) {
-        if self.over.len() > self.changes_max {
+        if self.over.len() > self.changes_max
+            && self.failed_at.is_none_or(|t| t.elapsed() >= RETRY_AFTER)
+        {
             self.save_in_background();
         } else {
             self.poll_save();
@@ -706,20 +720,32 @@ impl Index {
         self.get_key(&key_of(rel))
     }
 
-    /// The entry at `rel` to change in place (taken into the changes).
-    pub fn get_mut(&mut self, rel: &Path) -> Option<&mut Entry> {
+    /// Says whether the peer holds the entry at `rel` (if the index has
+    /// one); a change only if it differs (a comparison says it of every
+    /// entry, and the entries must stay in the file).
+    pub fn set_synced(&mut self, rel: &Path, synced: bool) {
         let k = key_of(rel);
-        if !self.over.contains_key(&k) {
-            let (ord, mut e) = self.base.find(&k)?;
-            e.mark = if self.marked(ord) { self.walk_mark } else { 0 };
-            self.put(k.clone(), Some(e));
-        } else {
-            self.gen += 1;
-        }
-        let gen = self.gen;
-        let s = self.over.get_mut(&k)?;
-        s.gen = gen;
-        s.entry.as_mut()
+        let mark = match self.over.get_mut(&k) {
+            Some(s) => match &mut s.entry {
+                Some(e) if e.synced != synced => {
+                    e.synced = synced;
+                    self.gen += 1;
+                    s.gen = self.gen;
+                    return;
+                }
+                _ => return,
+            },
+            None => match self.base.find(&k) {
+                Some((ord, mut e)) if e.synced != synced => {
+                    e.synced = synced;
+                    e.mark = if self.marked(ord) { self.walk_mark } else { 0 };
+                    e
+                }
+                _ => return,
+            },
+        };
+        self.put(k, Some(mark));
+        self.tick();
     }
 
     /// Forgets `rel` and everything under it. A file is one lookup; only a
@@ -754,9 +780,7 @@ impl Index {
         let k = key_of(rel);
         let todo: Vec<(Box<[u8]>, Entry)> = match self.get_key(&k) {
             Some(e) if e.kind != Kind::Dir => {
-                if let Some(e) = self.get_mut(rel) {
-                    e.synced = false;
-                }
+                self.set_synced(rel, false);
                 return;
             }
             _ => self.under(&k),

@@ -30,6 +30,7 @@ use crate::link::{FrameWriter, LinkError};
 use crate::tracker::{Coalescer, Op};
 use crate::wire::sync::{NeedReason, SyncMsg, DATA_BYTES_MAX};
 
+mod backlog;
 mod compare;
 
 /// Files up to this size are read whole and concurrently; larger ones are
@@ -265,7 +266,7 @@ pub struct Sender<T = Tree> {
     /// Paths a comparison found different, waiting to enter the coalescer
     /// a few batches at a time: a 100k-file initial sync holds one boxed
     /// path each here instead of a full pending op.
-    backlog: VecDeque<(usize, Box<Path>)>,
+    backlog: backlog::Backlog,
     backlog_since: Instant,
     /// The send buffer, kept between batches.
     spare: Vec<u8>,
@@ -436,7 +437,7 @@ impl<T: LocalTree> Sender<T> {
             last_progress_log: Instant::now(),
             commits: None,
             waiting: Default::default(),
-            backlog: VecDeque::new(),
+            backlog: backlog::Backlog::new(),
             backlog_since: Instant::now(),
             spare: Vec::new(),
             zero_copy: true,
@@ -556,7 +557,7 @@ impl<T: LocalTree> Sender<T> {
             };
             self.coalescer.push(Op::Sync {
                 store,
-                rel: rel.into_path_buf(),
+                rel,
                 since: self.backlog_since,
             });
         }
@@ -817,9 +818,7 @@ impl<T: LocalTree> Sender<T> {
                 };
                 let s = store as usize;
                 if let Some(st) = self.stores.get_mut(s) {
-                    if let Some(e) = st.index.get_mut(&rel) {
-                        e.synced = false;
-                    }
+                    st.index.set_synced(&rel, false);
                 }
                 // Exactly this op failed: its ack must not mark the path as
                 // held by the peer (another op on the same path may still
@@ -836,9 +835,7 @@ impl<T: LocalTree> Sender<T> {
                     // should have put there: those names are sent again.
                     let moved = self.renamed_in_flight(s, rel.clone(), seq, building);
                     if moved != rel {
-                        if let Some(e) = self.stores[s].index.get_mut(&moved) {
-                            e.synced = false;
-                        }
+                        self.stores[s].index.set_synced(&moved, false);
                         self.coalescer.push(Op::Sync {
                             store: s,
                             rel: moved,
@@ -1319,9 +1316,7 @@ impl<T: LocalTree> Sender<T> {
                             // renamed over another whose source the replica
                             // lacked, then flagged; the flag rename carried
                             // the overwritten message's content on).
-                            if let Some(e) = self.stores[s].index.get_mut(&to) {
-                                e.synced = false;
-                            }
+                            self.stores[s].index.set_synced(&to, false);
                             // A comparison's listing of them is stale too.
                             self.forget_listings_under(s, &from, &to);
                             // A folder that did not move leaves both trees
@@ -1970,9 +1965,7 @@ impl<T: LocalTree> Sender<T> {
         self.verify_if_folder_vanished(store, &rel, batch);
         // A later name of the same inode must not be sent as a link to this one.
         self.forget_names_under(store, &rel, None);
-        if let Some(e) = self.stores[store].index.get_mut(&rel) {
-            e.synced = false;
-        }
+        self.stores[store].index.set_synced(&rel, false);
         batch.acks.push(OnAck::Remove(seq, store, rel));
         f
     }
@@ -1992,9 +1985,7 @@ impl<T: LocalTree> Sender<T> {
             for names in self.link_names() {
                 names.forget_name(key, link_store, &existing);
             }
-            if let Some(e) = self.stores[link_store].index.get_mut(&existing) {
-                e.synced = false;
-            }
+            self.stores[link_store].index.set_synced(&existing, false);
             // The source is missing there: if it still exists here, send it.
             self.coalescer.push(Op::Sync {
                 store: link_store,
@@ -2415,7 +2406,7 @@ impl<T: LocalTree> Sender<T> {
             self.backlog
                 .iter()
                 .filter(|(s, p)| under(*s, p))
-                .filter_map(|(_, p)| moved_path(p, from, to)),
+                .filter_map(|(_, p)| moved_path(&p, from, to)),
         );
         if !follow.is_empty() {
             tracing::debug!(from = %from.display(), to = %to.display(), entries = follow.len(), "folder renamed with entries on their way: they follow it");

@@ -336,7 +336,7 @@ impl Read for At<'_> {
     }
 }
 
-/// Reads a stream, remembering how far it is., remembering how far it is.
+/// Reads a stream, remembering how far it is.
 struct Counted<R> {
     r: R,
     at: u64,

@@ -244,7 +244,7 @@ fn a_background_write_keeps_what_changed_while_it_ran() {
     assert!(ix.is_saving());
     // Changed while it runs: kept, and the index stays dirty.
     ix.set(PathBuf::from("m/cur/3"), entry(Kind::File, 3));
-    ix.get_mut(Path::new("m/cur/2")).unwrap().synced = false;
+    ix.set_synced(Path::new("m/cur/2"), false);
     ix.finish_save();
     let back = Index::load(dir.path(), "inbox");
     assert_eq!(paths(&back), ["m/cur/1", "m/cur/2"]);
@@ -370,7 +370,7 @@ enum Op {
     Remove(usize),
     Rename(usize, usize),
     Unsync(usize, bool),
-    Flip(usize),
+    Flip(usize, bool),
     Begin,
     Visit(usize, usize),
     End(usize),
@@ -393,7 +393,7 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         2 => n.clone().prop_map(Op::Remove),
         2 => (n.clone(), n.clone()).prop_map(|(a, b)| Op::Rename(a, b)),
         1 => (n.clone(), any::<bool>()).prop_map(|(a, f)| Op::Unsync(a, f)),
-        1 => n.clone().prop_map(Op::Flip),
+        2 => (n.clone(), any::<bool>()).prop_map(|(i, v)| Op::Flip(i, v)),
         1 => Just(Op::Begin),
         4 => (n.clone(), 0usize..3).prop_map(|(i, w)| Op::Visit(i, w)),
         1 => (0usize..3).prop_map(Op::End),
@@ -475,10 +475,13 @@ proptest::proptest! {
                     if f { ix.unsync_folders(p(i)) } else { ix.unsync_tree(p(i)) }
                     m.unsync(p(i), f);
                 }
-                Op::Flip(i) => {
-                    let a = ix.get_mut(p(i)).map(|e| { e.synced = !e.synced; e.synced });
-                    let b = m.m.get_mut(p(i)).map(|e| { e.synced = !e.synced; e.synced });
-                    assert_eq!(a, b);
+                Op::Flip(i, v) => {
+                    if let Some(e) = m.m.get_mut(p(i)) {
+                        e.synced = e.synced != v;
+                        ix.set_synced(p(i), e.synced);
+                    } else {
+                        ix.set_synced(p(i), v);
+                    }
                 }
                 Op::Begin => {
                     let (a, b) = (ix.begin_walk(), m.begin_walk());
@@ -526,4 +529,29 @@ proptest::proptest! {
             same(&back, &m, usize::MAX);
         }
     }
+}
+
+#[test]
+fn a_failed_write_is_not_started_again_at_every_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("state");
+    std::fs::create_dir(&sub).unwrap();
+    let mut ix = Index::load(&sub, "inbox");
+    ix.changes_max = 0;
+    std::fs::remove_dir(&sub).unwrap();
+    let mut attempts = 0;
+    for i in 0..20u64 {
+        ix.set(PathBuf::from(format!("m/cur/{i}")), entry(Kind::File, i));
+        if ix.is_saving() {
+            attempts += 1;
+            ix.finish_save();
+        }
+    }
+    assert_eq!(attempts, 1, "one write started, then none for a while");
+    // An explicit save still tries, and keeps everything when it fails.
+    assert!(ix.save().is_err());
+    assert_eq!(ix.len(), 20);
+    std::fs::create_dir(&sub).unwrap();
+    ix.save().unwrap();
+    assert_eq!(Index::load(&sub, "inbox").len(), 20);
 }

@@ -63,7 +63,7 @@ struct StoreComparison {
     not_held: HashSet<PathBuf>,
     /// Paths to send or delete: the local ones in path order, then those
     /// only the replica has.
-    queue: Vec<PathBuf>,
+    queue: super::backlog::Backlog,
     /// Entries only the replica has, queued once the local ones are (a
     /// difference each: few, but for a replica that holds a tree the
     /// primary lost).
@@ -130,8 +130,8 @@ impl<T: LocalTree> Sender<T> {
             SyncPhase::Verifying
         });
         let mut on_way = InFlight::new(std::time::SystemTime::now());
-        for (s, rel) in &self.backlog {
-            on_way.add_path(*s, rel);
+        for (s, rel) in self.backlog.iter() {
+            on_way.add_path(s, &rel);
         }
         // This comparison finds everything still different.
         self.backlog.clear();
@@ -186,7 +186,7 @@ impl<T: LocalTree> Sender<T> {
                 dovecot: self.stores[s].dovecot,
                 dir_changes: HashMap::new(),
                 not_held: HashSet::new(),
-                queue: Vec::new(),
+                queue: super::backlog::Backlog::new(),
                 remote_only: Vec::new(),
                 done: false,
             })
@@ -331,9 +331,7 @@ impl<T: LocalTree> Sender<T> {
             self.listed_dirs
                 .insert((s, rel.clone()), (v.ino, v.ctime_s, v.ctime_ns));
         }
-        if let Some(e) = store.index.get_mut(&rel) {
-            e.synced = same;
-        }
+        store.index.set_synced(&rel, same);
         if same {
             if st.kind == Kind::File && st.nlink > 1 {
                 self.inodes
@@ -359,7 +357,7 @@ impl<T: LocalTree> Sender<T> {
             let above = newest_change_above(&store.tree, &rel, &mut sc.dir_changes);
             found.differing.push((s, rel.clone(), own.max(above)));
         }
-        sc.queue.push(rel);
+        sc.queue.push(s, &rel);
     }
 
     /// An entry only the replica has: the sender finds it missing and
@@ -380,7 +378,7 @@ impl<T: LocalTree> Sender<T> {
             let changed = newest_change_above(&self.stores[s].tree, &rel, &mut sc.dir_changes);
             found.differing.push((s, rel.clone(), changed));
         }
-        sc.queue.push(rel);
+        sc.queue.push(s, &rel);
     }
 
     /// The store's manifest has all arrived: its differences join the backlog.
@@ -391,11 +389,10 @@ impl<T: LocalTree> Sender<T> {
         self.inodes
             .forget_names(s, &std::mem::take(&mut sc.not_held));
         sc.dir_changes = HashMap::new();
-        let queue = std::mem::take(&mut sc.queue);
+        let mut queue = std::mem::take(&mut sc.queue);
         found.differ += queue.len() as u64;
         self.backlog_since = Instant::now();
-        self.backlog
-            .extend(queue.into_iter().map(|rel| (s, rel.into_boxed_path())));
+        self.backlog.append(&mut queue);
     }
 
     /// Ends a comparison whose manifests have all arrived: returns how many
