@@ -439,6 +439,9 @@ class Bench:
                 with open(path, "ab") as f:
                     f.write(b"X-Bench-Touched: 1\r\n")
             settle()
+            # The restarted daemons' own peaks (not the larger of both lives).
+            for node in pair.nodes:
+                node.hwm_kib = 0
             t1 = time.monotonic()
             pair.start()
             while True:
