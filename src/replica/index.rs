@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, StatxFlags};
 use serde::{Deserialize, Serialize};
@@ -213,39 +214,35 @@ pub fn hash_bytes(b: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(b)
 }
 
-/// One change since the base was written (`entry: None`: gone), with the
-/// generation that made it (a background write drops only what did not
-/// change while it ran).
-#[derive(Debug, Clone)]
-struct Slot {
-    entry: Option<Entry>,
-    gen: u64,
-}
-
-/// Changes an index holds before it writes a new base: about 13 MiB.
+/// Changes an index holds before it writes a new base: about 10 MiB.
 pub const CHANGES_MAX: usize = 65_536;
 /// The same for a store kept in memory (the simulator merges often).
 const CHANGES_MAX_IN_MEMORY: usize = 48;
 
 /// The index of one store: the entries of its last save, read from the
 /// index file a block at a time ([`base`]), and the changes since, in
-/// memory. Once [`CHANGES_MAX`] changes are held, a thread of its own
-/// merges them into a new file; a million-file store keeps one key per
-/// 64 entries in memory, not the million.
+/// memory. Once [`CHANGES_MAX`] changes are held, they are frozen and a
+/// thread of its own merges them into a new file while new changes
+/// gather in front of them; a million-file store keeps one key per 64
+/// entries in memory, not the million.
 #[derive(Debug)]
 pub struct Index {
     base: Base,
-    /// Changes since the base, by key ([`base::key_of`]: path order).
-    over: BTreeMap<Box<[u8]>, Slot>,
     /// Base entries the current walk found: one bit per ordinal.
     marks: Vec<u64>,
+    /// Changes a background write is merging into a new base (sorted by
+    /// key), read as a layer between the base and `over` until it is done.
+    frozen: Arc<Vec<Change>>,
+    /// Frozen changes the current walk found: one bit each.
+    frozen_marks: Vec<u64>,
+    /// Changes since, by key ([`base::key_of`]: path order); `None`: gone.
+    over: BTreeMap<Box<[u8]>, Option<Entry>>,
     /// Empty: kept in memory.
     file: PathBuf,
     /// To be written even with no change (migrated; a failed write).
     force: bool,
     /// The mark of the latest walk ([`Index::begin_walk`]).
     walk_mark: u8,
-    gen: u64,
     saving: Option<std::thread::JoinHandle<std::io::Result<Written>>>,
     /// When a write last failed: changes do not start another for
     /// [`RETRY_AFTER`] (a full disk is not rewritten at every change).
@@ -292,6 +289,55 @@ fn words(count: u64) -> usize {
     (count as usize).div_ceil(BLOCK)
 }
 
+fn bit(marks: &[u64], i: u64) -> bool {
+    marks
+        .get((i / 64) as usize)
+        .is_some_and(|w| (w >> (i % 64)) & 1 == 1)
+}
+
+fn set_bit(marks: &mut [u64], i: u64) {
+    if let Some(w) = marks.get_mut((i / 64) as usize) {
+        *w |= 1 << (i % 64);
+    }
+}
+
+/// Where a key's entry is.
+enum At<'a> {
+    Over(Option<&'a Entry>),
+    Frozen(usize, Option<&'a Entry>),
+    Base(u64, Entry),
+    Nowhere,
+}
+
+/// Two streams of `(key, entry or gone)` in key order as one, `a` winning
+/// on equal keys.
+fn layered<'a>(
+    a: impl Iterator<Item = (Box<[u8]>, Option<Entry>)> + 'a,
+    b: impl Iterator<Item = (Box<[u8]>, Option<Entry>)> + 'a,
+) -> impl Iterator<Item = (Box<[u8]>, Option<Entry>)> + 'a {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || {
+        let take_a = match (a.peek(), b.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((ka, _)), Some((kb, _))) => {
+                if ka == kb {
+                    b.next();
+                    true
+                } else {
+                    ka < kb
+                }
+            }
+        };
+        if take_a {
+            a.next()
+        } else {
+            b.next()
+        }
+    })
+}
+
 impl Index {
     /// Loads `<state_dir>/index-<store>.bin` (or migrates an older
     /// `index-<store>.json`). A missing index starts empty; an unreadable
@@ -308,7 +354,7 @@ impl Index {
                     match serde_json::from_slice::<OnDisk>(&b) {
                         Ok(d) if d.version == 1 => {
                             for (p, e) in d.entries {
-                                ix.put(key_of(&p), Some(e));
+                                ix.over.insert(key_of(&p), Some(e));
                             }
                             // Rewritten in the binary format at the next save.
                             ix.force = true;
@@ -332,12 +378,13 @@ impl Index {
     fn new(file: PathBuf, base: Base, changes_max: usize) -> Index {
         let mut ix = Index {
             base: Base::empty(),
-            over: BTreeMap::new(),
             marks: Vec::new(),
+            frozen: Arc::new(Vec::new()),
+            frozen_marks: Vec::new(),
+            over: BTreeMap::new(),
             file,
             force: false,
             walk_mark: 0,
-            gen: 0,
             saving: None,
             failed_at: None,
             changes_max,
@@ -361,7 +408,7 @@ impl Index {
     /// What a save now and a load would give (the simulator's saved
     /// index): the same entries, in memory, no walk under way.
     pub fn saved_copy(&self) -> Index {
-        let w = base::merge(&self.base, self.changes(), Out::Bytes)
+        let w = base::merge(&self.base, &self.changes(), Out::Bytes)
             .expect("a merge into memory cannot fail");
         Index::new(PathBuf::new(), w.base, self.changes_max)
     }
@@ -371,72 +418,71 @@ impl Index {
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.force || !self.over.is_empty()
+        self.force || !self.over.is_empty() || !self.frozen.is_empty()
     }
 
     fn put(&mut self, k: Box<[u8]>, entry: Option<Entry>) {
-        self.gen += 1;
-        self.over.insert(
-            k,
-            Slot {
-                entry,
-                gen: self.gen,
-            },
-        );
+        self.over.insert(k, entry);
     }
 
-    fn marked(&self, ord: u64) -> bool {
-        self.marks
-            .get((ord / 64) as usize)
-            .is_some_and(|w| (w >> (ord % 64)) & 1 == 1)
-    }
-
-    fn set_mark(marks: &mut [u64], ord: u64) {
-        if let Some(w) = marks.get_mut((ord / 64) as usize) {
-            *w |= 1 << (ord % 64);
+    fn at(&self, k: &[u8]) -> At<'_> {
+        if let Some(e) = self.over.get(k) {
+            return At::Over(e.as_ref());
+        }
+        if let Ok(i) = self.frozen.binary_search_by(|(f, _)| (**f).cmp(k)) {
+            return At::Frozen(i, self.frozen[i].1.as_ref());
+        }
+        match self.base.find(k) {
+            Some((o, e)) => At::Base(o, e),
+            None => At::Nowhere,
         }
     }
 
     fn get_key(&self, k: &[u8]) -> Option<Entry> {
-        match self.over.get(k) {
-            Some(s) => s.entry.clone(),
-            None => self.base.find(k).map(|(_, e)| e),
+        match self.at(k) {
+            At::Over(e) | At::Frozen(_, e) => e.cloned(),
+            At::Base(_, e) => Some(e),
+            At::Nowhere => None,
         }
     }
 
-    /// Every entry from key `from` on, in path order, changes applied (a
-    /// base entry carries its walk mark).
-    fn merged_from<'a>(&'a self, from: &[u8]) -> impl Iterator<Item = (Box<[u8]>, Entry)> + 'a {
-        let mut olds = self.base.range_from(from).peekable();
-        let mut news = self
+    /// Every key from `from` on, in path order, with its entry (`None`:
+    /// gone) and the current walk's mark.
+    fn layers_from<'a>(
+        &'a self,
+        from: &[u8],
+    ) -> impl Iterator<Item = (Box<[u8]>, Option<Entry>)> + 'a {
+        let mark = self.walk_mark;
+        let base = self.base.range_from(from).map(move |(o, k, mut e)| {
+            e.mark = if bit(&self.marks, o) { mark } else { 0 };
+            (k, Some(e))
+        });
+        let start = self.frozen.partition_point(|(k, _)| **k < *from);
+        let frozen = self.frozen[start..]
+            .iter()
+            .enumerate()
+            .map(move |(i, (k, e))| {
+                let e = e.clone().map(|mut e| {
+                    e.mark = if bit(&self.frozen_marks, (start + i) as u64) {
+                        mark
+                    } else {
+                        0
+                    };
+                    e
+                });
+                (k.clone(), e)
+            });
+        let over = self
             .over
             .range::<[u8], _>((std::ops::Bound::Included(from), std::ops::Bound::Unbounded))
-            .peekable();
-        let mark = self.walk_mark;
-        std::iter::from_fn(move || loop {
-            let take_old = match (olds.peek(), news.peek()) {
-                (None, None) => return None,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((_, ok, _)), Some((nk, _))) => {
-                    if **ok == ***nk {
-                        olds.next();
-                        false
-                    } else {
-                        **ok < ***nk
-                    }
-                }
-            };
-            if take_old {
-                let (o, k, mut e) = olds.next().expect("peeked");
-                e.mark = if self.marked(o) { mark } else { 0 };
-                return Some((k, e));
-            }
-            let (k, s) = news.next().expect("peeked");
-            if let Some(e) = &s.entry {
-                return Some((k.clone(), e.clone()));
-            }
-        })
+            .map(|(k, e)| (k.clone(), e.clone()));
+        layered(over, layered(frozen, base))
+    }
+
+    /// Every entry from key `from` on, in path order, changes applied
+    /// (each carrying the current walk's mark).
+    fn merged_from<'a>(&'a self, from: &[u8]) -> impl Iterator<Item = (Box<[u8]>, Entry)> + 'a {
+        self.layers_from(from).filter_map(|(k, e)| Some((k, e?)))
     }
 
     /// `k` and every entry below it.
@@ -456,25 +502,41 @@ impl Index {
     /// file; only what is kept is decoded whole).
     pub fn select(&self, mut keep: impl FnMut(&Entry) -> bool) -> Vec<(PathBuf, Entry)> {
         let mark = self.walk_mark;
-        let mut found: Vec<(Box<[u8]>, Entry)> = self
+        let from_base = self
             .base
             .select(&mut keep)
             .into_iter()
-            .filter(|(_, k, _)| !self.over.contains_key(k))
             .map(|(o, k, mut e)| {
-                e.mark = if self.marked(o) { mark } else { 0 };
-                (k, e)
-            })
+                e.mark = if bit(&self.marks, o) { mark } else { 0 };
+                (k, Some(e))
+            });
+        let from_frozen = self
+            .frozen
+            .iter()
+            .filter(|(_, e)| e.as_ref().is_none_or(&mut keep))
+            .cloned()
+            .collect::<Vec<_>>();
+        let from_over = self
+            .over
+            .iter()
+            .filter(|(_, e)| e.as_ref().is_none_or(&mut keep))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect::<Vec<_>>();
+        // A change that is not kept still hides the base's entry.
+        let hidden = |k: &[u8]| {
+            self.over.contains_key(k) || self.frozen.binary_search_by(|(f, _)| (**f).cmp(k)).is_ok()
+        };
+        let from_base: Vec<_> = from_base.filter(|(k, _)| !hidden(k)).collect();
+        let from_frozen: Vec<_> = from_frozen
+            .into_iter()
+            .filter(|(k, _)| !self.over.contains_key(k))
             .collect();
-        found.extend(
-            self.over
-                .iter()
-                .filter_map(|(k, s)| Some((k, s.entry.as_ref()?)))
-                .filter(|(_, e)| keep(e))
-                .map(|(k, e)| (k.clone(), e.clone())),
-        );
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        found.into_iter().map(|(k, e)| (path_of(&k), e)).collect()
+        layered(
+            from_over.into_iter(),
+            layered(from_frozen.into_iter(), from_base.into_iter()),
+        )
+        .filter_map(|(k, e)| Some((path_of(&k), e?)))
+        .collect()
     }
 
     /// How many entries (counted: a walk of the index).
@@ -488,7 +550,56 @@ impl Index {
 
     /// About how many entries, at once (for sizing).
     pub fn len_hint(&self) -> usize {
-        self.base.count() as usize + self.over.len()
+        self.base.count() as usize + self.frozen.len() + self.over.len()
+    }
+
+    /// Every change since the base (frozen and newer), in key order.
+    fn changes(&self) -> Vec<Change> {
+        let over = self.over.iter().map(|(k, e)| (k.clone(), e.clone()));
+        layered(over, self.frozen.iter().cloned()).collect()
+    }
+
+    /// Freezes the changes for a write (none may be frozen already).
+    fn freeze(&mut self) -> Arc<Vec<Change>> {
+        debug_assert!(self.frozen.is_empty());
+        let mark = self.walk_mark;
+        let over = std::mem::take(&mut self.over);
+        let mut marks = vec![0; over.len().div_ceil(64)];
+        let frozen: Vec<Change> = over
+            .into_iter()
+            .enumerate()
+            .map(|(i, (k, e))| {
+                if e.as_ref().is_some_and(|e| e.mark == mark) {
+                    set_bit(&mut marks, i as u64);
+                }
+                (k, e)
+            })
+            .collect();
+        self.frozen = Arc::new(frozen);
+        self.frozen_marks = marks;
+        self.frozen.clone()
+    }
+
+    /// A write of the frozen changes failed: they go back in front of the
+    /// base, behind what changed since.
+    fn thaw(&mut self) {
+        let frozen = std::mem::take(&mut self.frozen);
+        let marks = std::mem::take(&mut self.frozen_marks);
+        for (i, (k, e)) in frozen.iter().enumerate() {
+            if !self.over.contains_key(k) {
+                let e = e.clone().map(|mut e| {
+                    e.mark = if bit(&marks, i as u64) {
+                        self.walk_mark
+                    } else {
+                        0
+                    };
+                    e
+                });
+                self.over.insert(k.clone(), e);
+            }
+        }
+        self.force = true;
+        self.failed_at = Some(std::time::Instant::now());
     }
 
     /// Writes the index durably if it changed (waiting for a background
@@ -498,24 +609,25 @@ impl Index {
         if !self.is_dirty() {
             return Ok(());
         }
+        let changes = self.freeze();
         let out = if self.file.as_os_str().is_empty() {
             Out::Bytes
         } else {
             Out::File(&self.file)
         };
-        let w = base::merge(&self.base, self.changes(), out).inspect_err(|_| {
-            self.failed_at = Some(std::time::Instant::now());
-        })?;
-        self.adopt(w);
-        self.force = false;
-        Ok(())
-    }
-
-    fn changes(&self) -> Vec<Change> {
-        self.over
-            .iter()
-            .map(|(k, s)| (k.clone(), s.gen, s.entry.clone()))
-            .collect()
+        match base::merge(&self.base, &changes, out) {
+            Ok(w) => {
+                drop(changes);
+                self.adopt(w);
+                self.force = false;
+                Ok(())
+            }
+            Err(e) => {
+                drop(changes);
+                self.thaw();
+                Err(e)
+            }
+        }
     }
 
     /// Starts writing the changes into a new index file on a thread of its
@@ -533,16 +645,17 @@ impl Index {
             }
             return;
         }
-        let (base, changes, file) = (self.base.clone(), self.changes(), self.file.clone());
+        let (base, file) = (self.base.clone(), self.file.clone());
+        let changes = self.freeze();
         self.force = false;
         let spawned = std::thread::Builder::new()
             .name("hasync-index".into())
-            .spawn(move || base::merge(&base, changes, Out::File(&file)));
+            .spawn(move || base::merge(&base, &changes, Out::File(&file)));
         match spawned {
             Ok(h) => self.saving = Some(h),
             Err(e) => {
                 warn!("cannot start the index writer thread: {e}; saving here");
-                self.force = true;
+                self.thaw();
                 if let Err(e) = self.save() {
                     warn!(file = %self.file.display(), "cannot save index: {e}");
                 }
@@ -572,44 +685,39 @@ impl Index {
             Ok(Ok(w)) => self.adopt(w),
             Ok(Err(e)) => {
                 warn!(file = %self.file.display(), "cannot save index: {e}; its changes stay in memory and are written again");
-                self.force = true;
-                self.failed_at = Some(std::time::Instant::now());
+                self.thaw();
             }
             Err(_) => {
                 warn!(file = %self.file.display(), "the index writer panicked; its changes stay in memory");
-                self.force = true;
-                self.failed_at = Some(std::time::Instant::now());
+                self.thaw();
             }
         }
     }
 
-    /// Makes a merge's file the base: the changes it holds that did not
-    /// change since are dropped, and the walk's marks follow the entries.
+    /// Makes a merge's file the base in place of the old base and the
+    /// frozen changes; the walk's marks follow the entries.
     fn adopt(&mut self, w: Written) {
         if w.from != self.base.id {
             // Written from a base since replaced (cannot happen: writes
-            // are one at a time); the changes are all still here.
-            self.force = true;
+            // are one at a time): the frozen changes stay.
+            self.thaw();
             return;
         }
         let mut marks = vec![0; words(w.base.count())];
         for (o, &n) in w.old_to_new.iter().enumerate() {
-            if n != NONE && self.marked(o as u64) {
-                Self::set_mark(&mut marks, u64::from(n));
+            if n != NONE && bit(&self.marks, o as u64) {
+                set_bit(&mut marks, u64::from(n));
             }
         }
-        for (k, gen, n) in w.changes {
-            let Some(s) = self.over.get(&k) else { continue };
-            if s.gen != gen {
-                continue;
+        for (i, &n) in w.placed.iter().enumerate() {
+            if n != NONE && bit(&self.frozen_marks, i as u64) {
+                set_bit(&mut marks, u64::from(n));
             }
-            if n != NONE && s.entry.as_ref().is_some_and(|e| e.mark == self.walk_mark) {
-                Self::set_mark(&mut marks, u64::from(n));
-            }
-            self.over.remove(&k);
         }
         self.base = w.base;
         self.marks = marks;
+        self.frozen = Arc::new(Vec::new());
+        self.frozen_marks = Vec::new();
         self.failed_at = None;
         if !self.file.as_os_str().is_empty() {
             // Migrated: the older JSON file must not be read again.
@@ -648,10 +756,9 @@ impl Index {
     pub fn begin_walk(&mut self) -> u8 {
         // No entry keeps an earlier walk's mark.
         self.marks.fill(0);
-        for s in self.over.values_mut() {
-            if let Some(e) = &mut s.entry {
-                e.mark = 0;
-            }
+        self.frozen_marks.fill(0);
+        for e in self.over.values_mut().flatten() {
+            e.mark = 0;
         }
         self.walk_mark = self.walk_mark.checked_add(1).unwrap_or(1);
         self.walk_mark
@@ -662,16 +769,23 @@ impl Index {
     pub fn visit(&mut self, rel: &Path, mark: u8) -> Option<Entry> {
         let current = mark == self.walk_mark;
         let k = key_of(rel);
-        if let Some(s) = self.over.get_mut(&k) {
-            let e = s.entry.as_mut()?;
+        if let Some(e) = self.over.get_mut(&k) {
+            let e = e.as_mut()?;
             if current {
                 e.mark = mark;
             }
             return Some(e.clone());
         }
-        let (ord, e) = self.base.find(&k)?;
+        let (i, e) = match self.at(&k) {
+            At::Frozen(i, e) => (Ok(i), e?.clone()),
+            At::Base(o, e) => (Err(o), e),
+            _ => return None,
+        };
         if current {
-            Self::set_mark(&mut self.marks, ord);
+            match i {
+                Ok(i) => set_bit(&mut self.frozen_marks, i as u64),
+                Err(o) => set_bit(&mut self.marks, o),
+            }
         }
         Some(e)
     }
@@ -682,8 +796,20 @@ impl Index {
         if mark != self.walk_mark {
             return;
         }
+        // Changes found or not: only `over` can hide a frozen change.
+        let mut gone: Vec<Box<[u8]>> = self
+            .over
+            .iter()
+            .filter(|(_, e)| e.as_ref().is_some_and(|e| e.mark != mark))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (i, (k, e)) in self.frozen.iter().enumerate() {
+            if e.is_some() && !bit(&self.frozen_marks, i as u64) && !self.over.contains_key(k) {
+                gone.push(k.clone());
+            }
+        }
+        // Base entries not found, unless a change hides them.
         let count = self.base.count();
-        let mut gone = Vec::new();
         for (w, &word) in self.marks.iter().enumerate() {
             let n = (count - (w * BLOCK) as u64).min(BLOCK as u64);
             let full = if n == 64 { u64::MAX } else { (1 << n) - 1 };
@@ -691,26 +817,20 @@ impl Index {
                 continue;
             }
             for i in 0..n {
-                if (word >> i) & 1 == 0 {
-                    gone.extend(self.base.key_at((w * BLOCK) as u64 + i));
+                if (word >> i) & 1 == 1 {
+                    continue;
+                }
+                let Some(k) = self.base.key_at((w * BLOCK) as u64 + i) else {
+                    continue;
+                };
+                let hidden = self.over.contains_key(&k)
+                    || self.frozen.binary_search_by(|(f, _)| (**f).cmp(&k)).is_ok();
+                if !hidden {
+                    gone.push(k);
                 }
             }
         }
         for k in gone {
-            match self.over.get(&k) {
-                Some(Slot { entry: None, .. }) => {}
-                Some(Slot { entry: Some(e), .. }) if e.mark == mark => {}
-                _ => self.put(k, None),
-            }
-        }
-        let stale: Vec<Box<[u8]>> = self
-            .over
-            .iter()
-            .filter(|(_, s)| s.entry.as_ref().is_some_and(|e| e.mark != mark))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in stale {
-            // Never removed outright: a background write may hold it.
             self.put(k, None);
         }
         self.tick();
@@ -725,26 +845,35 @@ impl Index {
     /// entry, and the entries must stay in the file).
     pub fn set_synced(&mut self, rel: &Path, synced: bool) {
         let k = key_of(rel);
-        let mark = match self.over.get_mut(&k) {
-            Some(s) => match &mut s.entry {
-                Some(e) if e.synced != synced => {
+        let changed = match self.at(&k) {
+            At::Over(_) => {
+                if let Some(Some(e)) = self.over.get_mut(&k) {
                     e.synced = synced;
-                    self.gen += 1;
-                    s.gen = self.gen;
-                    return;
                 }
-                _ => return,
-            },
-            None => match self.base.find(&k) {
-                Some((ord, mut e)) if e.synced != synced => {
-                    e.synced = synced;
-                    e.mark = if self.marked(ord) { self.walk_mark } else { 0 };
-                    e
-                }
-                _ => return,
-            },
+                return;
+            }
+            At::Frozen(i, Some(e)) if e.synced != synced => {
+                let mut e = e.clone();
+                e.synced = synced;
+                e.mark = if bit(&self.frozen_marks, i as u64) {
+                    self.walk_mark
+                } else {
+                    0
+                };
+                e
+            }
+            At::Base(o, mut e) if e.synced != synced => {
+                e.synced = synced;
+                e.mark = if bit(&self.marks, o) {
+                    self.walk_mark
+                } else {
+                    0
+                };
+                e
+            }
+            _ => return,
         };
-        self.put(k, Some(mark));
+        self.put(k, Some(changed));
         self.tick();
     }
 

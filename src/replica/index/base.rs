@@ -557,9 +557,9 @@ pub(super) fn encode_entry(out: &mut Vec<u8>, raw: &[u8], e: &Entry) {
     out.extend_from_slice(&join128(e.hash).to_le_bytes());
 }
 
-/// One change since the base, as a merge takes it: the key, its
-/// generation, and the entry (`None`: gone).
-pub(super) type Change = (Box<[u8]>, u64, Option<Entry>);
+/// One change since the base, as a merge takes it: the key and the entry
+/// (`None`: gone).
+pub(super) type Change = (Box<[u8]>, Option<Entry>);
 
 /// What a [`merge`] wrote: the new base, and where each old entry and
 /// each change went in it ([`NONE`]: dropped), to carry walk marks over.
@@ -567,7 +567,8 @@ pub(super) struct Written {
     pub base: Base,
     pub from: u64,
     pub old_to_new: Vec<u32>,
-    pub changes: Vec<(Box<[u8]>, u64, u32)>,
+    /// Per change, in order.
+    pub placed: Vec<u32>,
 }
 
 /// Where a merge writes.
@@ -579,7 +580,7 @@ pub(super) enum Out<'a> {
 }
 
 /// Writes `old` with `changes` (sorted by key) applied as a new base.
-pub(super) fn merge(old: &Base, changes: Vec<Change>, out: Out<'_>) -> io::Result<Written> {
+pub(super) fn merge(old: &Base, changes: &[Change], out: Out<'_>) -> io::Result<Written> {
     let mut old_to_new = vec![NONE; old.count as usize];
     let mut placed = vec![NONE; changes.len()];
     let mut blocks = Vec::new();
@@ -602,15 +603,15 @@ pub(super) fn merge(old: &Base, changes: Vec<Change>, out: Out<'_>) -> io::Resul
                     let (o, k, e) = olds.next().expect("peeked");
                     (k, Some(e), Err(o))
                 }
-                (Some((_, ok, _)), Some((_, (nk, _, _)))) if **ok < **nk => {
+                (Some((_, ok, _)), Some((_, (nk, _)))) if **ok < **nk => {
                     let (o, k, e) = olds.next().expect("peeked");
                     (k, Some(e), Err(o))
                 }
-                (o, Some((_, (nk, _, _)))) => {
+                (o, Some((_, (nk, _)))) => {
                     if o.is_some_and(|(_, ok, _)| **ok == **nk) {
                         olds.next();
                     }
-                    let (i, (k, _, e)) = news.next().expect("peeked");
+                    let (i, (k, e)) = news.next().expect("peeked");
                     (k.clone(), e.clone(), Ok(i))
                 }
             };
@@ -667,10 +668,6 @@ pub(super) fn merge(old: &Base, changes: Vec<Change>, out: Out<'_>) -> io::Resul
         },
         from: old.id,
         old_to_new,
-        changes: changes
-            .into_iter()
-            .zip(placed)
-            .map(|((k, g, _), n)| (k, g, n))
-            .collect(),
+        placed,
     })
 }

@@ -5,7 +5,7 @@
 //! A `(store, Box<Path>)` each would hold about 110 bytes a path; packed,
 //! each path keeps only what it does not share with the one before it
 //! (a comparison queues them in path order: most of a Maildir path is
-//! its folder's), about 45 bytes.
+//! its folder's), about 50 bytes (a fixture's paths, 74 bytes long on average).
 
 use std::collections::VecDeque;
 use std::ffi::OsStr;
