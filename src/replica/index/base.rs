@@ -131,6 +131,18 @@ impl Base {
         }
     }
 
+    /// A base of `count` entries in `src` (a new id).
+    fn made(src: Src, count: u64, blocks: Vec<(Box<[u8]>, u64)>, end: u64) -> Base {
+        Base {
+            src,
+            count,
+            blocks: Arc::new(blocks),
+            end,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            cache: RefCell::new(None),
+        }
+    }
+
     pub fn count(&self) -> u64 {
         self.count
     }
@@ -468,14 +480,7 @@ fn check_and_index(file: &Path, src: Src, len: u64) -> Result<Base, IndexError> 
     if at != end {
         return Err(corrupt(at, count, format!("{} trailing bytes", end - at)));
     }
-    Ok(Base {
-        src,
-        count,
-        blocks: Arc::new(blocks),
-        end,
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-        cache: RefCell::new(None),
-    })
+    Ok(Base::made(src, count, blocks, end))
 }
 
 fn check_path(raw: &[u8]) -> Result<(), String> {
@@ -658,14 +663,7 @@ pub(super) fn merge(old: &Base, changes: &[Change], out: Out<'_>) -> io::Result<
         }
     };
     Ok(Written {
-        base: Base {
-            src,
-            count,
-            blocks: Arc::new(blocks),
-            end,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            cache: RefCell::new(None),
-        },
+        base: Base::made(src, count, blocks, end),
         from: old.id,
         old_to_new,
         placed,
