@@ -10,7 +10,11 @@ fuzz_target!(|data: &[u8]| {
     let _ = hasync::replica::index::check_bytes(path, data);
     // The same bytes as a well-sealed file.
     if data.len() >= 16 {
-        let mut sealed = b"HSIX\x01\x00\x00\x00".to_vec();
+        // Either format (1: count in the header; 2: count after the entries).
+        let version: &[u8] = if data[0] & 1 == 0 { b"\x01" } else { b"\x02" };
+        let mut sealed = b"HSIX".to_vec();
+        sealed.extend_from_slice(version);
+        sealed.extend_from_slice(b"\x00\x00\x00");
         sealed.extend_from_slice(&data[8..]);
         let sum = xxh3(&sealed);
         sealed.extend_from_slice(&sum.to_le_bytes());

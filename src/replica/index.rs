@@ -285,6 +285,12 @@ pub fn check_bytes(file: &Path, bytes: &[u8]) -> Result<usize, IndexError> {
     Base::from_bytes(file, bytes.into()).map(|b| b.count() as usize)
 }
 
+/// The checksum that seals an index file (xxh3-64 of everything before
+/// it). For tools and fuzzing.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
 fn words(count: u64) -> usize {
     (count as usize).div_ceil(BLOCK)
 }
