@@ -627,31 +627,38 @@ def summarize_lags(lags_ms: list[float]) -> dict:
     return {"samples": len(s), "p50": q(0.50), "p99": q(0.99), "p999": q(0.999), "max": s[-1]}
 
 
+class LoopFs:
+    """One fresh loop-mounted ext4 image (a sparse file), mounted at `mnt`."""
+
+    def __init__(self, img: Path, mnt: Path, gib: int):
+        self.img, self.mnt = img, mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["truncate", "-s", f"{gib}G", str(img)], check=True)
+        # Initialised now, not lazily in the background during the runs.
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                        str(img)], check=True)
+        subprocess.run(["mount", "-o", "loop,noatime", str(img), str(mnt)], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        try:
+            self.img.unlink()
+        except FileNotFoundError:
+            pass
+
+
 class TwoFilesystems:
     """Two loop-mounted ext4 images (sparse files on the run directory's
     disk), one per node, so that the secondary's syncfs flushes only its
     own filesystem, as on a pair of machines."""
 
     def __init__(self, run: Path, sizes_gib: tuple[int, int] = (8, 24)):
-        self.mounts: list[Path] = []
-        for name, gib in zip(("fs-a", "fs-b"), sizes_gib):
-            img = run / f"{name}.ext4"
-            mnt = run / name
-            mnt.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["truncate", "-s", f"{gib}G", str(img)], check=True)
-            # Initialised now, not lazily in the background during the runs.
-            subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-                            str(img)], check=True)
-            subprocess.run(["mount", "-o", "loop,noatime", str(img), str(mnt)], check=True)
-            self.mounts.append(mnt)
+        self.fss = [LoopFs(run / f"{name}.ext4", run / name, gib)
+                    for name, gib in zip(("fs-a", "fs-b"), sizes_gib)]
+        self.mounts: list[Path] = [f.mnt for f in self.fss]
 
     def close(self) -> None:
-        for mnt in self.mounts:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
-        for mnt in self.mounts:
-            img = mnt.with_suffix(".ext4")
-            try:
-                img.unlink()
-            except FileNotFoundError:
-                pass
+        for f in self.fss:
+            f.close()
+        self.fss = []
         self.mounts = []

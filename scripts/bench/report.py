@@ -103,6 +103,7 @@ def build(raw: dict) -> dict:
                 "peak_rss_mib": v["peak_rss_mib"],
                 "restart_catch_up_s": v["restart_catch_up_s"],
                 "rsync_catch_up_s": v.get("rsync_catch_up_s"),
+                "rsync_initial_files_per_s": v.get("rsync_initial_files_per_s"),
                 "cold_cache": v.get("cold_cache"),
                 "watches": v.get("watches"),
             }
@@ -405,15 +406,20 @@ def markdown(rep: dict) -> str:
         lines.append("\n## Scale (one pair per tree size, two-fs layout when chosen)\n")
         if any(v.get("cold_cache") for v in sc.values()):
             lines.append("The page cache was dropped before each timed part (initial sync, restart, rsync).\n")
-        lines.append("| messages | files | initial files/s | vs smallest | peak RSS MiB | inotify watches "
+        lines.append("| messages | files | initial files/s | vs smallest | `rsync -a` initial files/s | vs smallest "
+                     "| peak RSS MiB | inotify watches "
                      "| restart catch-up s (1% changed) | `rsync -a` catch-up s (another 1%) |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        first = None
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        first = first_r = None
         for k, v in sc.items():
             first = first or v["initial_files_per_s"]
+            rs = v.get("rsync_initial_files_per_s")
+            first_r = first_r or rs
             lines.append(
                 f"| {int(k):,} | {v['files']:,} | {v['initial_files_per_s']:,.0f} | "
-                f"{v['initial_files_per_s'] / first:.2f}× | {v['peak_rss_mib']:.1f} | {fmt(v.get('watches'))} | "
+                f"{v['initial_files_per_s'] / first:.2f}× | {fmt(rs)} | "
+                f"{fmt(rs / first_r if rs and first_r else None, 2, '×')} | "
+                f"{v['peak_rss_mib']:.1f} | {fmt(v.get('watches'))} | "
                 f"{v['restart_catch_up_s']:.2f} | {fmt(v.get('rsync_catch_up_s'), 2)} |"
             )
     inc = rep.get("incremental")

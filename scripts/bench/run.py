@@ -409,9 +409,12 @@ class Bench:
         1% of the files changed while both daemons are stopped and the
         restart catch-up timed, then another 1% changed and `rsync -a` of the
         tree onto the same replica timed (rsync's catch-up on the same
-        trees); fixture and replica deleted before the next size (a million
-        messages take about 30 GB per copy). The page cache is dropped
-        before each timed part."""
+        trees); then, with the replica deleted, `rsync -a` of the tree into
+        a fresh destination (in the two-fs layout a fresh filesystem of its
+        own, so that it meets no recently freed inodes), the peer's initial
+        sync at that size; fixture and copies deleted before the next size
+        (a million messages take about 30 GB per copy). The page cache is
+        dropped before each timed part."""
         out: dict = {}
         if self.rsyncd is None:
             self.start_rsyncd()
@@ -500,8 +503,26 @@ class Bench:
             }
             log(f"scale {n}: {files} files, initial {files / secs:.0f} files/s, peak RSS "
                 f"{max(rss.values()):.1f} MiB, restart catch-up {catch_up:.2f}s (rsync -a {rsync_catch_up:.2f}s)")
-            shutil.rmtree(fx, ignore_errors=True)
             shutil.rmtree(replica, ignore_errors=True)
+            # The peer's initial sync of the same tree.
+            dst = self.dst / f"rsync-scale-{n}"
+            scratch = None
+            if self.fs is not None:
+                gib = int(24 + 1.3 * n * 30e3 / 2**30)
+                scratch = hb.LoopFs(self.run / f"rsync-scale-{n}.ext4", dst, gib)
+            try:
+                drop_caches()
+                cmd = ["rsync", "-a", f"{fx}/", self.rsync_url(f"rsync-scale-{n}")]
+                t3 = time.monotonic()
+                sh(cmd)
+                rsync_secs = time.monotonic() - t3
+            finally:
+                if scratch is not None:
+                    scratch.close()
+                shutil.rmtree(dst, ignore_errors=True)
+            out[str(n)]["rsync_initial_files_per_s"] = files / rsync_secs
+            log(f"scale {n}: rsync -a initial {files / rsync_secs:.0f} files/s")
+            shutil.rmtree(fx, ignore_errors=True)
         self.raw["scale"] = out
 
     # ------------------------------------------------------------------ lag

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind, Stat};
 use super::stats::{add, ReplStats};
-use crate::wire::sync::{Meta, NeedReason};
+use crate::wire::sync::{Meta, NeedReason, SyncMsg};
 
 /// A replica's filesystem, as the decisions use it. Paths are relative to
 /// the store's root and already checked ([`super::fsops::check_rel`]).
@@ -128,6 +128,65 @@ pub fn answer(e: &FsError) -> Answer {
     } else {
         Answer::Need(NeedReason::LocalError)
     }
+}
+
+/// Which staged files a message needs landed before it applies. Files are
+/// staged as their data arrives and land at their group commit, which may
+/// complete between any two frames; an op on a path may overtake the files
+/// still staged only where it touches none of them.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LandFirst<'a> {
+    /// Nothing (a file's data, a folder's times, the session's messages).
+    Nothing,
+    /// The files of the commit in flight: an op on a path sees every file
+    /// of a commit that started before it in place.
+    InFlight,
+    /// Those, and every staged file at or below one of `paths` (store
+    /// `store`): an op must not change, move or remove a name whose file
+    /// is still on its way, nor a folder above one.
+    Touching { store: u16, paths: Vec<&'a [u8]> },
+    /// Every staged file: a manifest describes the tree as it is.
+    All,
+}
+
+/// What `msg` needs landed before it applies (the receiver's order; the
+/// data-path simulator lands its staged files by the same rule).
+pub fn land_first(msg: &SyncMsg) -> LandFirst<'_> {
+    match msg {
+        SyncMsg::Delete { store, path, .. }
+        | SyncMsg::Symlink { store, path, .. }
+        | SyncMsg::KeepAside { store, path, .. } => LandFirst::Touching {
+            store: *store,
+            paths: vec![path],
+        },
+        SyncMsg::Rename {
+            store, from, to, ..
+        } => LandFirst::Touching {
+            store: *store,
+            paths: vec![from, to],
+        },
+        SyncMsg::Link {
+            store,
+            existing,
+            path,
+            ..
+        } => LandFirst::Touching {
+            store: *store,
+            paths: vec![existing, path],
+        },
+        // A folder made early never conflicts with a file staged below it.
+        SyncMsg::Mkdir { .. } => LandFirst::InFlight,
+        SyncMsg::ManifestRequest { .. } => LandFirst::All,
+        _ => LandFirst::Nothing,
+    }
+}
+
+/// Whether a file staged at `staged` must land before an op on `paths`.
+pub fn touches(staged: &Path, paths: &[&[u8]]) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    paths
+        .iter()
+        .any(|p| staged.starts_with(std::ffi::OsStr::from_bytes(p)))
 }
 
 /// What an op could not do, for the driver to answer (in order, before

@@ -23,7 +23,8 @@
 //!   model of the replica's disk (missing parents made, a walk through a
 //!   file failing with ENOTDIR, rename(2) between two names of one inode,
 //!   entry changes moving a folder's mtime, faults drawn per filesystem
-//!   op), acknowledging each barrier.
+//!   op, a folder's failed removal leaving part of its tree removed),
+//!   acknowledging each barrier.
 //!
 //! Files are read when the batch is emitted, after it was planned, and the
 //! workload may run in between (a file changed, renamed or deleted between
@@ -72,7 +73,7 @@ use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
 
-use super::apply::{answer, Answer, Applier, ReplicaTree, Reply};
+use super::apply::{answer, land_first, touches, Answer, Applier, LandFirst, ReplicaTree, Reply};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Index, Kind, Stat, Version};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
@@ -420,6 +421,22 @@ enum Event {
 }
 
 /// A file whose data frames are arriving.
+/// A file staged and not landed yet.
+struct Pending {
+    seq: u64,
+    rel: PathBuf,
+    meta: Meta,
+    hash: u128,
+}
+
+/// What the replica did since its last acknowledged barrier, in order.
+#[derive(Debug)]
+enum Step {
+    Msg(SyncMsg),
+    /// The first `n` staged files landed.
+    Land(usize),
+}
+
 struct Incoming {
     seq: u64,
     rel: PathBuf,
@@ -444,6 +461,7 @@ struct Faults {
     /// The faults the ops since the last acknowledgement met, in order (a
     /// crash replays them).
     log: Vec<Option<NeedReason>>,
+    partial_removals: u64,
     replaying: Option<VecDeque<Option<NeedReason>>>,
 }
 
@@ -565,7 +583,21 @@ impl ReplicaTree for Disk<'_> {
     }
 
     fn remove(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
-        self.faults.strike("remove", rel, false)?;
+        if let Err(e) = self.faults.strike("remove", rel, false) {
+            // A folder's removal stops at the entry that failed: the
+            // entries removed before it (children before their folder) are
+            // gone. How many follows from the path, so that a crash's
+            // replay removes the same ones.
+            let below = self.fs.below(rel);
+            let gone = (index::hash_bytes(&bytes(rel)) % (below.len() as u128 + 1)) as usize;
+            for q in below.iter().rev().take(gone) {
+                self.fs.drop_name(q);
+            }
+            if gone > 0 {
+                self.faults.partial_removals += 1;
+            }
+            return Err(e);
+        }
         if !self.fs.exists(rel) {
             return Ok(None);
         }
@@ -675,15 +707,22 @@ struct Replica {
     /// then.
     durable: Fs,
     durable_ops: Applier,
-    /// Messages applied since that barrier: a crash keeps a prefix of them.
-    since_durable: Vec<SyncMsg>,
+    /// What happened since that barrier (messages applied, staged files
+    /// landed): a crash keeps a prefix of it.
+    since_durable: Vec<Step>,
     faults: Faults,
     /// The receiver's decisions for ops on paths, and its index.
     ops: Applier,
     index: Index,
     stats: Arc<ReplStats>,
-    /// Files received and not landed yet.
+    /// Files received and not landed yet: their content, and (with the
+    /// group commit) the order they land in.
     staged: HashMap<u64, (Vec<u8>, Meta)>,
+    pending: VecDeque<Pending>,
+    overtook_staged: u64,
+    /// When staged files land between two messages (their commit's flush
+    /// completing), and how many.
+    land_rng: SimRng,
     /// Barriers applied, acknowledged once a flush covers them.
     unflushed: Vec<u64>,
     /// Versions kept aside for the primary (a former primary's genuine
@@ -691,7 +730,9 @@ struct Replica {
     kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
     /// Flushes complete later than the barrier (the receiver's group
     /// commit: a need for an op of a later batch can go out before the
-    /// acknowledgement of an earlier one); else at once.
+    /// acknowledgement of an earlier one), and received files stay staged
+    /// until their commit lands them (ops on other paths overtake them);
+    /// else both at once.
     group_commit: bool,
     /// A file whose data frames are arriving.
     current: Option<Incoming>,
@@ -712,12 +753,16 @@ impl Replica {
                 eio_rng: SimRng::new(seed ^ 0x0065_696f),
                 keep_aside_fails: false,
                 log: Vec::new(),
+                partial_removals: 0,
                 replaying: None,
             },
             ops: Applier::new(stats.clone()),
             index: Index::in_memory(),
             stats,
             staged: HashMap::new(),
+            pending: VecDeque::new(),
+            overtook_staged: 0,
+            land_rng: SimRng::new(seed ^ 0x6c61_6e64),
             unflushed: Vec::new(),
             kept_aside: Default::default(),
             group_commit: false,
@@ -734,6 +779,7 @@ impl Replica {
         self.durable_ops = Applier::new(self.stats.clone());
         self.index = Index::in_memory();
         self.staged.clear();
+        self.pending.clear();
         self.since_durable.clear();
         self.faults.log.clear();
         self.faults.replaying = None;
@@ -788,10 +834,56 @@ impl Replica {
         }
     }
 
-    /// A file received whole: staged, then landed (the real receiver lands
-    /// it at its group commit; here at once).
-    fn land_file(&mut self, seq: u64, rel: PathBuf, meta: Meta, hash: u128, data: Vec<u8>) {
-        let size = data.len() as u64;
+    /// A file received whole: staged, and landed at its group commit
+    /// (without one, at once).
+    fn stage_file(&mut self, seq: u64, rel: PathBuf, meta: Meta, hash: u128, data: Vec<u8>) {
+        self.staged.insert(seq, (data, meta));
+        self.pending.push_back(Pending {
+            seq,
+            rel,
+            meta,
+            hash,
+        });
+        if !self.group_commit {
+            self.land_all();
+        }
+    }
+
+    /// The first `n` staged files land, in the order they were staged.
+    fn land_staged(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(p) = self.pending.pop_front() else {
+                return;
+            };
+            self.land_file(p);
+        }
+    }
+
+    fn land_all(&mut self) {
+        self.land_staged(self.pending.len());
+    }
+
+    /// Commits complete between any two messages: some of the staged files
+    /// land (decided once: a crash's replay lands the same ones).
+    fn land_some(&mut self) {
+        if self.pending.is_empty() || self.faults.replaying.is_some() || self.land_rng.percent(60) {
+            return;
+        }
+        let n = self.land_rng.range(1, self.pending.len() as u64) as usize;
+        self.since_durable.push(Step::Land(n));
+        self.land_staged(n);
+    }
+
+    fn land_file(&mut self, p: Pending) {
+        let Pending {
+            seq,
+            rel,
+            meta,
+            hash,
+        } = p;
+        let Some(size) = self.staged.get(&seq).map(|(d, _)| d.len() as u64) else {
+            return;
+        };
         let staged = Stat {
             kind: Kind::File,
             version: Version {
@@ -806,14 +898,27 @@ impl Replica {
             nlink: 1,
             dev: 1,
         };
-        self.staged.insert(seq, (data, meta));
         self.decide(|ops, disk, index| {
             ops.land(disk, index, 0, seq, rel, hash, size, Some(staged))
         });
     }
 
     fn apply(&mut self, msg: SyncMsg) -> Result<(), String> {
-        self.since_durable.push(msg.clone());
+        self.land_some();
+        // The receiver's order: what the op touches lands first.
+        match land_first(&msg) {
+            LandFirst::Touching { paths, .. }
+                if self.pending.iter().any(|p| touches(&p.rel, &paths)) =>
+            {
+                self.land_all()
+            }
+            LandFirst::All => self.land_all(),
+            LandFirst::Touching { .. } | LandFirst::InFlight if !self.pending.is_empty() => {
+                self.overtook_staged += 1
+            }
+            _ => {}
+        }
+        self.since_durable.push(Step::Msg(msg.clone()));
         if let Some(mut inc) = self.current.take() {
             let SyncMsg::Data { seq: dseq, bytes } = msg else {
                 return Err(format!("file {} cut short by {msg:?}", inc.seq));
@@ -828,7 +933,7 @@ impl Replica {
                 // Changed while it was streamed: the receiver asks again.
                 self.need(inc.seq, &inc.rel, NeedReason::HashMismatch);
             } else {
-                self.land_file(inc.seq, inc.rel, inc.meta, inc.hash, inc.data);
+                self.stage_file(inc.seq, inc.rel, inc.meta, inc.hash, inc.data);
             }
             return Ok(());
         }
@@ -849,7 +954,7 @@ impl Replica {
             } => {
                 let rel = rel_of(&path)?;
                 if size == 0 {
-                    self.land_file(seq, rel, meta, hash, Vec::new());
+                    self.stage_file(seq, rel, meta, hash, Vec::new());
                 } else {
                     self.current = Some(Incoming {
                         seq,
@@ -907,14 +1012,6 @@ impl Replica {
                 });
             }
             SyncMsg::Barrier { seq } => {
-                // The commit's directory phase: the folders touched and
-                // those whose times were said get the primary's times.
-                self.decide(|ops, disk, index| {
-                    for (s, dir, meta) in ops.dir_times_due() {
-                        let _ = ops.retime(disk, index, s, dir, &meta);
-                    }
-                    ops.take_dirs();
-                });
                 self.unflushed.push(seq);
                 if !self.group_commit {
                     self.flush();
@@ -931,6 +1028,17 @@ impl Replica {
         if self.unflushed.is_empty() {
             return;
         }
+        // The commit that covers the barriers lands every file staged
+        // before them (and those staged since, riding along); then its
+        // directory phase: the folders touched and those whose times were
+        // said get the primary's times.
+        self.land_all();
+        self.decide(|ops, disk, index| {
+            for (s, dir, meta) in ops.dir_times_due() {
+                let _ = ops.retime(disk, index, s, dir, &meta);
+            }
+            ops.take_dirs();
+        });
         for seq in self.unflushed.drain(..) {
             SyncMsg::Ack { seq }.encode(&mut self.replies);
         }
@@ -1029,6 +1137,11 @@ pub struct Outcome {
     /// Runs that ended with names joined on the replica that the primary
     /// holds apart (content and metadata right): counted with faults.
     pub joined_links: u64,
+    /// Ops on paths applied while received files stayed staged (the group
+    /// commit's files overtaken where the op touched none of them).
+    pub overtook_staged: u64,
+    /// Folder removals that failed part way (some of the tree removed).
+    pub partial_removals: u64,
 }
 
 impl Outcome {
@@ -1053,6 +1166,8 @@ impl Outcome {
         self.paths_at_end += o.paths_at_end;
         self.split_links += o.split_links;
         self.joined_links += o.joined_links;
+        self.overtook_staged += o.overtook_staged;
+        self.partial_removals += o.partial_removals;
     }
 }
 
@@ -2107,6 +2222,12 @@ impl DataSim {
         let (on_way, _request) = self.sender.begin_comparison(false, initial);
         let locals = self.sender.local_entries(false);
         let mut cmp = self.sender.start_compare(on_way, locals, initial);
+        // The receiver lands every staged file before it lists the tree.
+        let n = self.replica.pending.len();
+        if n > 0 {
+            self.replica.since_durable.push(Step::Land(n));
+            self.replica.land_staged(n);
+        }
         let remote = self.replica.manifest(&self.excludes);
         let chunks = remote.len().div_ceil(self.manifest_chunk).max(1);
         let mut remote = remote.into_iter();
@@ -2151,6 +2272,9 @@ impl DataSim {
         self.to_primary.clear();
         self.replica.current = None;
         self.replica.replies.clear();
+        // Staged files not landed are discarded when the session ends.
+        self.replica.pending.clear();
+        self.replica.staged.clear();
         // A flush under way completes, but its acknowledgements are lost.
         self.replica.unflushed.clear();
         self.sender.forget_inflight_commits();
@@ -2180,9 +2304,14 @@ impl DataSim {
         r.fs.clock = clock;
         r.ops = r.durable_ops.snapshot();
         r.faults.replaying = Some(log.into());
-        for msg in applied.into_iter().take(kept) {
-            if r.apply(msg).is_err() {
-                break;
+        for step in applied.into_iter().take(kept) {
+            match step {
+                Step::Land(n) => r.land_staged(n),
+                Step::Msg(msg) => {
+                    if r.apply(msg).is_err() {
+                        break;
+                    }
+                }
             }
         }
         let fs = std::mem::replace(&mut r.fs, Fs::new(clock));
@@ -2465,6 +2594,8 @@ impl DataSim {
         }
         self.check_conflicts()?;
         self.out.paths_at_end = self.primary.borrow().names.len() as u64;
+        self.out.overtook_staged = self.replica.overtook_staged;
+        self.out.partial_removals = self.replica.faults.partial_removals;
         Ok(self.out)
     }
 

@@ -19,7 +19,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::apply::{Answer, Applier, Reply};
+use super::apply::{land_first, touches, Answer, Applier, LandFirst, Reply};
 use super::commit::{Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
@@ -927,18 +927,25 @@ impl Receiver {
         if self.current.is_some() {
             return Err(self.protocol(peer, "file ended before all its data arrived"));
         }
-        match &msg {
-            // Ops on paths apply in order: earlier files land first.
-            SyncMsg::Delete { .. }
-            | SyncMsg::Rename { .. }
-            | SyncMsg::Link { .. }
-            | SyncMsg::Symlink { .. }
-            | SyncMsg::Mkdir { .. } => self.land_inflight(peer).await?,
-            SyncMsg::ManifestRequest { .. } => {
+        // Ops on paths apply in order: the files they touch land first.
+        match land_first(&msg) {
+            LandFirst::Nothing => {}
+            LandFirst::InFlight => self.land_inflight(peer).await?,
+            LandFirst::Touching { store, paths } => {
+                self.land_inflight(peer).await?;
+                if self
+                    .commits
+                    .staged()
+                    .iter()
+                    .any(|st| st.store == store as usize && touches(&st.rel, &paths))
+                {
+                    self.land_staged_now(peer).await?;
+                }
+            }
+            LandFirst::All => {
                 self.land_staged_now(peer).await?;
                 self.finish_inflight(peer).await?;
             }
-            _ => {}
         }
         match msg {
             SyncMsg::Start { stores, epoch } => {
@@ -1019,7 +1026,6 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&rel], peer).await?;
                 self.ops.keep_aside(&mut self.stores[s].root, s, seq, rel);
             }
             SyncMsg::DirMeta {
@@ -1102,7 +1108,6 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                // Creating a directory early never conflicts with staged files.
                 let st = &mut self.stores[s];
                 self.ops
                     .mkdir(&mut st.root, &mut st.index, s, seq, rel, meta);
@@ -1112,7 +1117,6 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&rel], peer).await?;
                 let st = &mut self.stores[s];
                 self.ops.delete(&mut st.root, &mut st.index, s, seq, &rel);
             }
@@ -1129,7 +1133,6 @@ impl Receiver {
                 let Some(to) = self.check(seq, s, &to, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&from, &to], peer).await?;
                 let st = &mut self.stores[s];
                 self.ops
                     .rename(&mut st.root, &mut st.index, s, seq, &from, &to);
@@ -1149,7 +1152,6 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&existing, &rel], peer).await?;
                 let st = &mut self.stores[s];
                 self.ops.link(
                     &mut st.root,
@@ -1173,7 +1175,6 @@ impl Receiver {
                 let Some(rel) = self.check(seq, s, &path, peer) else {
                     return Ok(());
                 };
-                self.flush_if_touching(s, &[&rel], peer).await?;
                 let st = &mut self.stores[s];
                 self.ops
                     .symlink(&mut st.root, &mut st.index, s, seq, rel, &target, &meta);
@@ -1431,25 +1432,6 @@ impl Receiver {
             st,
             fsync,
         });
-    }
-
-    /// Ops on other paths may overtake staged files; an op on a staged path
-    /// (or a directory above one) must see it landed first.
-    async fn flush_if_touching(
-        &mut self,
-        store: usize,
-        paths: &[&Path],
-        peer: &str,
-    ) -> Result<(), RecvError> {
-        let touches = self
-            .commits
-            .staged()
-            .iter()
-            .any(|st| st.store == store && paths.iter().any(|p| st.rel.starts_with(p)));
-        if touches {
-            self.land_staged_now(peer).await?;
-        }
-        Ok(())
     }
 
     /// Lands every staged file now (after the in-flight commit): a commit
