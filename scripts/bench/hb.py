@@ -243,7 +243,7 @@ class Node:
         return self.proc.pid if self.proc else None
 
     def start(self) -> None:
-        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        env = dict(os.environ, RUST_LOG=os.environ.get("HASYNC_BENCH_LOG", "info"), NO_COLOR="1")
         logf = open(self.log_path, "ab")
         self.started_at = time.monotonic()
         self.proc = track(

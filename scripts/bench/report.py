@@ -103,6 +103,7 @@ def build(raw: dict) -> dict:
                 "peak_rss_mib": v["peak_rss_mib"],
                 "restart_catch_up_s": v["restart_catch_up_s"],
                 "rsync_catch_up_s": v.get("rsync_catch_up_s"),
+                "rsync_fsync_catch_up_s": v.get("rsync_fsync_catch_up_s"),
                 "rsync_initial_files_per_s": v.get("rsync_initial_files_per_s"),
                 "cold_cache": v.get("cold_cache"),
                 "watches": v.get("watches"),
@@ -408,8 +409,9 @@ def markdown(rep: dict) -> str:
             lines.append("The page cache was dropped before each timed part (initial sync, restart, rsync).\n")
         lines.append("| messages | files | initial files/s | vs smallest | `rsync -a` initial files/s | vs smallest "
                      "| peak RSS MiB | inotify watches "
-                     "| restart catch-up s (1% changed) | `rsync -a` catch-up s (another 1%) |")
-        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     "| restart catch-up s (1% changed) | `rsync -a` catch-up s (another 1%) "
+                     "| `rsync -a --fsync` catch-up s (a third 1%) |")
+        lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         first = first_r = None
         for k, v in sc.items():
             first = first or v["initial_files_per_s"]
@@ -420,7 +422,8 @@ def markdown(rep: dict) -> str:
                 f"{v['initial_files_per_s'] / first:.2f}× | {fmt(rs)} | "
                 f"{fmt(rs / first_r if rs and first_r else None, 2, '×')} | "
                 f"{v['peak_rss_mib']:.1f} | {fmt(v.get('watches'))} | "
-                f"{v['restart_catch_up_s']:.2f} | {fmt(v.get('rsync_catch_up_s'), 2)} |"
+                f"{v['restart_catch_up_s']:.2f} | {fmt(v.get('rsync_catch_up_s'), 2)} | "
+                f"{fmt(v.get('rsync_fsync_catch_up_s'), 2)} |"
             )
     inc = rep.get("incremental")
     if inc:
