@@ -515,24 +515,35 @@ class Bench:
                 f"{max(rss.values()):.1f} MiB, restart catch-up {catch_up:.2f}s (rsync -a {rsync_catch_up:.2f}s, "
                 f"--fsync {rsync_fsync_catch_up:.2f}s)")
             shutil.rmtree(replica, ignore_errors=True)
+            self.raw["scale"] = out
+            if self.fs is not None:
+                # Give the freed blocks back to the image's sparse file, or the
+                # copy below needs a second tree's room on the disk.
+                subprocess.run(["fstrim", str(self.side[1])], check=False, capture_output=True)
             # The peer's initial sync of the same tree.
             dst = self.dst / f"rsync-scale-{n}"
             scratch = None
             if self.fs is not None:
                 gib = int(24 + 1.3 * n * 30e3 / 2**30)
                 scratch = hb.LoopFs(self.run / f"rsync-scale-{n}.ext4", dst, gib)
+            free = shutil.disk_usage(self.run).free
             try:
+                if free < size * 1.2:
+                    raise RuntimeError(f"{free / 1e9:.0f} GB free for a copy of {size / 1e9:.0f} GB")
                 drop_caches()
                 cmd = ["rsync", "-a", f"{fx}/", self.rsync_url(f"rsync-scale-{n}")]
                 t3 = time.monotonic()
-                sh(cmd)
+                sh(cmd, capture_output=True)
                 rsync_secs = time.monotonic() - t3
+                out[str(n)]["rsync_initial_files_per_s"] = files / rsync_secs
+                log(f"scale {n}: rsync -a initial {files / rsync_secs:.0f} files/s")
+            except (RuntimeError, subprocess.CalledProcessError) as e:
+                self.raw["errors"][f"scale {n} rsync initial"] = str(e)
+                log(f"scale {n}: rsync -a initial not measured: {e}")
             finally:
                 if scratch is not None:
                     scratch.close()
                 shutil.rmtree(dst, ignore_errors=True)
-            out[str(n)]["rsync_initial_files_per_s"] = files / rsync_secs
-            log(f"scale {n}: rsync -a initial {files / rsync_secs:.0f} files/s")
             shutil.rmtree(fx, ignore_errors=True)
         self.raw["scale"] = out
 

@@ -138,12 +138,11 @@ pub fn answer(e: &FsError) -> Answer {
 pub enum LandFirst<'a> {
     /// Nothing (a file's data, a folder's times, the session's messages).
     Nothing,
-    /// The files of the commit in flight: an op on a path sees every file
-    /// of a commit that started before it in place.
-    InFlight,
-    /// Those, and every staged file at or below one of `paths` (store
-    /// `store`): an op must not change, move or remove a name whose file
-    /// is still on its way, nor a folder above one.
+    /// The files of the commit in flight (an op on a path sees every file
+    /// of a commit that started before it in place), and every staged file
+    /// at or below one of `paths` (store `store`): an op must not make,
+    /// change, move or remove a name whose file is still on its way, nor a
+    /// folder above one.
     Touching { store: u16, paths: Vec<&'a [u8]> },
     /// Every staged file: a manifest describes the tree as it is.
     All,
@@ -153,7 +152,11 @@ pub enum LandFirst<'a> {
 /// data-path simulator lands its staged files by the same rule).
 pub fn land_first(msg: &SyncMsg) -> LandFirst<'_> {
     match msg {
+        // A `Mkdir` too: a file still staged at its name (the name turned
+        // from file to folder meanwhile) would land over the new folder and
+        // remove what landed in it.
         SyncMsg::Delete { store, path, .. }
+        | SyncMsg::Mkdir { store, path, .. }
         | SyncMsg::Symlink { store, path, .. }
         | SyncMsg::KeepAside { store, path, .. } => LandFirst::Touching {
             store: *store,
@@ -174,8 +177,6 @@ pub fn land_first(msg: &SyncMsg) -> LandFirst<'_> {
             store: *store,
             paths: vec![existing, path],
         },
-        // A folder made early never conflicts with a file staged below it.
-        SyncMsg::Mkdir { .. } => LandFirst::InFlight,
         SyncMsg::ManifestRequest { .. } => LandFirst::All,
         _ => LandFirst::Nothing,
     }

@@ -60,9 +60,16 @@
 //!   (checked as it takes over: what it had to keep aside is kept, or still
 //!   held), and the workload also runs while a comparison walks the tree.
 //!
+//! - with the group commit, files staged until their commit lands them:
+//!   some of them between any two messages (a commit's flush completing),
+//!   all before a manifest and before the barriers' acknowledgement, and
+//!   before an op that touches one, by the receiver's own rule
+//!   ([`super::apply::land_first`]); ops on other paths overtake them; a
+//!   cut discards what was not landed.
+//!
 //! Not modelled (said in docs/INVARIANTS.md): the queue, foreign writes on
 //! the replica, a failing flush (the commit simulator has those), the
-//! stager (a file lands at once).
+//! staging thread's own failures (a staged file fails only as it lands).
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -913,9 +920,7 @@ impl Replica {
                 self.land_all()
             }
             LandFirst::All => self.land_all(),
-            LandFirst::Touching { .. } | LandFirst::InFlight if !self.pending.is_empty() => {
-                self.overtook_staged += 1
-            }
+            LandFirst::Touching { .. } if !self.pending.is_empty() => self.overtook_staged += 1,
             _ => {}
         }
         self.since_durable.push(Step::Msg(msg.clone()));
@@ -2792,6 +2797,51 @@ mod tests {
             .filter(|p| fs.get(p).is_some_and(|i| matches!(i.body, Body::File(_))))
             .cloned()
             .collect()
+    }
+
+    /// A file still staged when the primary turns its name into a folder
+    /// (`Mkdir` at the same name, then a message in it): the folder must
+    /// not be replaced by the stale file when that lands (the `Mkdir` lands
+    /// the file first, then clears it).
+    #[test]
+    fn a_mkdir_over_a_file_still_staged_keeps_the_folder() {
+        let mut r = Replica::new(1, 1_000_000);
+        r.group_commit = true;
+        // No commit lands anything on its own: only the rule does.
+        r.faults.replaying = Some(VecDeque::new());
+        let meta = |mode| Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+        };
+        let file = |seq, path: &str| SyncMsg::File {
+            seq,
+            store: 0,
+            path: path.as_bytes().to_vec(),
+            meta: meta(0o600),
+            size: 0,
+            hash: index::hash_bytes(b""),
+        };
+        r.apply(SyncMsg::Start {
+            stores: vec!["mail".into()],
+            epoch: 1,
+        })
+        .unwrap();
+        r.apply(file(1, "a")).unwrap();
+        r.apply(SyncMsg::Mkdir {
+            seq: 2,
+            store: 0,
+            path: b"a".to_vec(),
+            meta: meta(0o700),
+        })
+        .unwrap();
+        r.apply(file(3, "a/x")).unwrap();
+        r.apply(SyncMsg::Barrier { seq: 4 }).unwrap();
+        r.flush();
+        assert!(r.fs.is_dir(Path::new("a")), "{:?}", r.fs.names);
+        assert!(r.fs.exists(Path::new("a/x")), "{:?}", r.fs.names);
     }
 
     /// A message rename the replica refuses, and its folder renamed in the

@@ -930,7 +930,6 @@ impl Receiver {
         // Ops on paths apply in order: the files they touch land first.
         match land_first(&msg) {
             LandFirst::Nothing => {}
-            LandFirst::InFlight => self.land_inflight(peer).await?,
             LandFirst::Touching { store, paths } => {
                 self.land_inflight(peer).await?;
                 if self
