@@ -182,12 +182,15 @@ pub fn land_first(msg: &SyncMsg) -> LandFirst<'_> {
     }
 }
 
-/// Whether a file staged at `staged` must land before an op on `paths`.
+/// Whether a file staged at `staged` must land before an op on `paths`:
+/// it is at or below one of them, or above one (a name the op would make a
+/// folder of, which the file landing later would replace).
 pub fn touches(staged: &Path, paths: &[&[u8]]) -> bool {
     use std::os::unix::ffi::OsStrExt;
-    paths
-        .iter()
-        .any(|p| staged.starts_with(std::ffi::OsStr::from_bytes(p)))
+    paths.iter().any(|p| {
+        let p = Path::new(std::ffi::OsStr::from_bytes(p));
+        staged.starts_with(p) || p.starts_with(staged)
+    })
 }
 
 /// What an op could not do, for the driver to answer (in order, before

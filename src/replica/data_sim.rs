@@ -442,6 +442,8 @@ enum Step {
     Msg(SyncMsg),
     /// The first `n` staged files landed.
     Land(usize),
+    /// The session ended (what was staged is discarded).
+    Cut,
 }
 
 struct Incoming {
@@ -592,12 +594,15 @@ impl ReplicaTree for Disk<'_> {
     fn remove(&mut self, rel: &Path) -> Result<Option<PathBuf>, FsError> {
         if let Err(e) = self.faults.strike("remove", rel, false) {
             // A folder's removal stops at the entry that failed: the
-            // entries removed before it (children before their folder) are
-            // gone. How many follows from the path, so that a crash's
-            // replay removes the same ones.
+            // entries removed before it are gone, in the receiver's order
+            // (every non-folder, then the folders, deepest first). How many
+            // follows from the path, so that a crash's replay removes the
+            // same ones.
             let below = self.fs.below(rel);
-            let gone = (index::hash_bytes(&bytes(rel)) % (below.len() as u128 + 1)) as usize;
-            for q in below.iter().rev().take(gone) {
+            let (dirs, others): (Vec<_>, Vec<_>) = below.iter().partition(|q| self.fs.is_dir(q));
+            let order: Vec<&PathBuf> = others.into_iter().chain(dirs.into_iter().rev()).collect();
+            let gone = (index::hash_bytes(&bytes(rel)) % (order.len() as u128 + 1)) as usize;
+            for q in order.into_iter().take(gone) {
                 self.fs.drop_name(q);
             }
             if gone > 0 {
@@ -864,6 +869,16 @@ impl Replica {
             };
             self.land_file(p);
         }
+    }
+
+    /// The session ends: the file being received and the staged files not
+    /// landed are discarded; a flush under way completes, but its
+    /// acknowledgements are lost.
+    fn session_ends(&mut self) {
+        self.current = None;
+        self.pending.clear();
+        self.staged.clear();
+        self.unflushed.clear();
     }
 
     fn land_all(&mut self) {
@@ -2275,13 +2290,9 @@ impl DataSim {
         }
         self.to_replica.clear();
         self.to_primary.clear();
-        self.replica.current = None;
         self.replica.replies.clear();
-        // Staged files not landed are discarded when the session ends.
-        self.replica.pending.clear();
-        self.replica.staged.clear();
-        // A flush under way completes, but its acknowledgements are lost.
-        self.replica.unflushed.clear();
+        self.replica.session_ends();
+        self.replica.since_durable.push(Step::Cut);
         self.sender.forget_inflight_commits();
         self.session_wanted = true;
     }
@@ -2312,6 +2323,7 @@ impl DataSim {
         for step in applied.into_iter().take(kept) {
             match step {
                 Step::Land(n) => r.land_staged(n),
+                Step::Cut => r.session_ends(),
                 Step::Msg(msg) => {
                     if r.apply(msg).is_err() {
                         break;
