@@ -140,9 +140,9 @@ pub enum LandFirst<'a> {
     Nothing,
     /// The files of the commit in flight (an op on a path sees every file
     /// of a commit that started before it in place), and every staged file
-    /// at or below one of `paths` (store `store`): an op must not make,
-    /// change, move or remove a name whose file is still on its way, nor a
-    /// folder above one.
+    /// at, below or above one of `paths` (store `store`; see [`touches`]):
+    /// an op must not make, change, move or remove a name whose file is
+    /// still on its way, nor a folder above one.
     Touching { store: u16, paths: Vec<&'a [u8]> },
     /// Every staged file: a manifest describes the tree as it is.
     All,
