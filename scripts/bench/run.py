@@ -53,6 +53,15 @@ def drop_caches() -> bool:
     return True
 
 
+def touch(paths: list[str], mark: int) -> None:
+    """Changes each file's size and mtime (a header-ish line appended), in a
+    new mtime second whatever the filesystem's granularity."""
+    time.sleep(1.1)
+    for path in paths:
+        with open(path, "ab") as f:
+            f.write(f"X-Bench-Touched: {mark}\r\n".encode())
+
+
 def children_cpu_s() -> float:
     import resource
 
@@ -202,8 +211,10 @@ class Bench:
     def rsync_url(self, sub: str) -> str:
         return f"rsync://127.0.0.1:{self.rsync_port}/bench/{sub}/"
 
-    def rsync_once(self, sub: str, fsync: bool) -> dict:
-        cmd = ["rsync", "-a"] + (["--fsync"] if fsync else []) + [f"{self.fx}/", self.rsync_url(sub)]
+    def rsync_once(self, sub: str, fsync: bool, src: Path | None = None) -> dict:
+        """`rsync -a [--fsync] SRC/` (the fixture unless given) to the rsync
+        daemon's `sub`, timed, with the CPU of both ends."""
+        cmd = ["rsync", "-a"] + (["--fsync"] if fsync else []) + [f"{src or self.fx}/", self.rsync_url(sub)]
         d_cpu0 = hb.proc_cpu_s(self.rsyncd.pid, children=True)
         c_cpu0 = children_cpu_s()
         t0 = time.monotonic()
@@ -356,10 +367,7 @@ class Bench:
         for rnd in range(rounds):
             changed = msgs[rnd % 100::100]
             changed_n = len(changed)
-            time.sleep(1.1)  # a new mtime second, whatever the fs granularity
-            for path in changed:
-                with open(path, "ab") as f:
-                    f.write(b"X-Bench-Touched: 1\r\n")
+            touch(changed, 1)
             for name, sub, fsync in (("rsync", "rsync-0", False), ("rsync_fsync", "rsync-fsync-0", True)):
                 if not (self.dst / sub).exists():
                     continue
@@ -457,10 +465,7 @@ class Bench:
             pair.stop()
             # 1% of the files change while both daemons are down.
             msgs = sorted(str(x) for x in fx.rglob("*") if x.is_file() and x.name != "dovecot-uidlist")
-            time.sleep(1.1)
-            for path in msgs[::100]:
-                with open(path, "ab") as f:
-                    f.write(b"X-Bench-Touched: 1\r\n")
+            touch(msgs[::100], 1)
             drop_caches()
             # The restarted daemons' own peaks (not the larger of both lives).
             for node in pair.nodes:
@@ -482,24 +487,14 @@ class Bench:
             # rsync's catch-up on the same trees: a different 1% changed, then
             # `rsync -a` of the tree onto the replica the pair left (its quick
             # check of size and mtime over every file, and the changed ones).
-            time.sleep(1.1)
-            for path in msgs[1::100]:
-                with open(path, "ab") as f:
-                    f.write(b"X-Bench-Touched: 2\r\n")
+            touch(msgs[1::100], 2)
             drop_caches()
-            cmd = ["rsync", "-a", f"{fx}/", self.rsync_url(f"scale-{n}")]
-            t2 = time.monotonic()
-            sh(cmd)
-            rsync_catch_up = time.monotonic() - t2
+            rs = self.rsync_once(f"scale-{n}", False, fx)
+            rsync_catch_up = rs["seconds"]
             # And durable, as hasync's catch-up is (a third 1%).
-            time.sleep(1.1)
-            for path in msgs[2::100]:
-                with open(path, "ab") as f:
-                    f.write(b"X-Bench-Touched: 3\r\n")
+            touch(msgs[2::100], 3)
             drop_caches()
-            t2 = time.monotonic()
-            sh(cmd[:2] + ["--fsync"] + cmd[2:])
-            rsync_fsync_catch_up = time.monotonic() - t2
+            rsync_fsync_catch_up = self.rsync_once(f"scale-{n}", True, fx)["seconds"]
             out[str(n)] = {
                 "messages": n, "files": files, "bytes": size,
                 "initial_s": secs, "initial_files_per_s": files / secs,
@@ -507,7 +502,7 @@ class Bench:
                 "peak_rss_mib_after_restart": rss_restart,
                 "watches": watches,
                 "restart_catch_up_s": catch_up, "changed_files": len(msgs[::100]),
-                "rsync_catch_up_s": rsync_catch_up, "rsync_cmd": " ".join(cmd),
+                "rsync_catch_up_s": rsync_catch_up, "rsync_cmd": rs["cmd"],
                 "rsync_fsync_catch_up_s": rsync_fsync_catch_up,
                 "cold_cache": cold,
             }
@@ -531,10 +526,7 @@ class Bench:
                 if free < size * 1.2:
                     raise RuntimeError(f"{free / 1e9:.0f} GB free for a copy of {size / 1e9:.0f} GB")
                 drop_caches()
-                cmd = ["rsync", "-a", f"{fx}/", self.rsync_url(f"rsync-scale-{n}")]
-                t3 = time.monotonic()
-                sh(cmd, capture_output=True)
-                rsync_secs = time.monotonic() - t3
+                rsync_secs = self.rsync_once(f"rsync-scale-{n}", False, fx)["seconds"]
                 out[str(n)]["rsync_initial_files_per_s"] = files / rsync_secs
                 log(f"scale {n}: rsync -a initial {files / rsync_secs:.0f} files/s")
             except (RuntimeError, subprocess.CalledProcessError) as e:

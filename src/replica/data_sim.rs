@@ -428,11 +428,11 @@ enum Event {
 }
 
 /// A file whose data frames are arriving.
-/// A file staged and not landed yet.
+/// A file staged and not landed yet (its content and metadata are in
+/// `Replica::staged`).
 struct Pending {
     seq: u64,
     rel: PathBuf,
-    meta: Meta,
     hash: u128,
 }
 
@@ -850,12 +850,7 @@ impl Replica {
     /// (without one, at once).
     fn stage_file(&mut self, seq: u64, rel: PathBuf, meta: Meta, hash: u128, data: Vec<u8>) {
         self.staged.insert(seq, (data, meta));
-        self.pending.push_back(Pending {
-            seq,
-            rel,
-            meta,
-            hash,
-        });
+        self.pending.push_back(Pending { seq, rel, hash });
         if !self.group_commit {
             self.land_all();
         }
@@ -892,18 +887,21 @@ impl Replica {
             return;
         }
         let n = self.land_rng.range(1, self.pending.len() as u64) as usize;
-        self.since_durable.push(Step::Land(n));
-        self.land_staged(n);
+        self.land_logged(n);
+    }
+
+    /// The first `n` staged files land outside any message (a crash's
+    /// replay lands them at the same point).
+    fn land_logged(&mut self, n: usize) {
+        if n > 0 {
+            self.since_durable.push(Step::Land(n));
+            self.land_staged(n);
+        }
     }
 
     fn land_file(&mut self, p: Pending) {
-        let Pending {
-            seq,
-            rel,
-            meta,
-            hash,
-        } = p;
-        let Some(size) = self.staged.get(&seq).map(|(d, _)| d.len() as u64) else {
+        let Pending { seq, rel, hash } = p;
+        let Some((size, meta)) = self.staged.get(&seq).map(|(d, m)| (d.len() as u64, *m)) else {
             return;
         };
         let staged = Stat {
@@ -2243,11 +2241,7 @@ impl DataSim {
         let locals = self.sender.local_entries(false);
         let mut cmp = self.sender.start_compare(on_way, locals, initial);
         // The receiver lands every staged file before it lists the tree.
-        let n = self.replica.pending.len();
-        if n > 0 {
-            self.replica.since_durable.push(Step::Land(n));
-            self.replica.land_staged(n);
-        }
+        self.replica.land_logged(self.replica.pending.len());
         let remote = self.replica.manifest(&self.excludes);
         let chunks = remote.len().div_ceil(self.manifest_chunk).max(1);
         let mut remote = remote.into_iter();
