@@ -630,7 +630,9 @@ impl Applier {
     /// version replaces what is here. A version only a former primary held
     /// was kept aside before, on the primary's word (`KeepAside`): the
     /// replica never guesses from its own index, which a crash can leave
-    /// behind. `staged`: the staged file's state as written.
+    /// behind. `staged`: the staged file's state as written, or why
+    /// writing it failed (the staging thread's writes and metadata, known
+    /// only now): it is discarded and asked for again.
     #[allow(clippy::too_many_arguments)]
     pub fn land<T: ReplicaTree>(
         &mut self,
@@ -641,8 +643,16 @@ impl Applier {
         rel: PathBuf,
         hash: u128,
         size: u64,
-        staged: Option<Stat>,
+        staged: Result<Option<Stat>, FsError>,
     ) {
+        let staged = match staged {
+            Ok(st) => st,
+            Err(e) => {
+                tree.discard_staged(seq);
+                self.failed(seq, s, &rel, e);
+                return;
+            }
+        };
         if self.blocked(tree, s, seq, &rel, true) {
             tree.discard_staged(seq);
             return;

@@ -82,12 +82,16 @@ impl LinkNames {
 
     /// The recorded names of `store` directly in folder `dir`.
     pub fn in_folder(&self, store: usize, dir: &Path) -> Vec<(InodeKey, PathBuf)> {
-        self.map
+        let mut names: Vec<(InodeKey, PathBuf)> = self
+            .map
             .iter()
             .flat_map(|(k, names)| names.iter().map(move |n| (*k, n)))
             .filter(|(_, n)| n.store == store && n.path.parent() == Some(dir))
             .map(|(k, n)| (k, n.path.clone()))
-            .collect()
+            .collect();
+        // In name order, not the map's (which differs from run to run).
+        names.sort_unstable_by(|a, b| a.1.cmp(&b.1));
+        names
     }
 
     /// The inode changed: none of its names holds this content any more.

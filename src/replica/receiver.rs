@@ -671,22 +671,16 @@ impl Receiver {
         }
         for f in files {
             let st = if self.stager.is_some() {
-                match self.done_files.remove(&f.seq) {
-                    Some(Ok(st)) => st,
-                    Some(Err(e)) => {
-                        self.stores[f.store].root.discard_staged(f.seq);
-                        self.local_failure(f.seq, f.store, &f.rel, &e, peer);
-                        continue;
-                    }
-                    None => {
-                        error!(path = %f.rel.display(), "no outcome from the staging thread; re-requested");
-                        self.stores[f.store].root.discard_staged(f.seq);
-                        self.need(f.seq, f.store, &f.rel, NeedReason::LocalError);
-                        continue;
-                    }
-                }
+                self.done_files.remove(&f.seq).unwrap_or_else(|| {
+                    error!(path = %f.rel.display(), "no outcome from the staging thread; re-requested");
+                    Err(FsError::Io {
+                        op: "stage",
+                        path: f.rel.display().to_string(),
+                        source: std::io::Error::other("no outcome from the staging thread"),
+                    })
+                })
             } else {
-                f.st
+                Ok(f.st)
             };
             let store = &mut self.stores[f.store];
             self.ops.land(

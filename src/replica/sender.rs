@@ -707,12 +707,14 @@ impl<T: LocalTree> Sender<T> {
         // the renamed folder kept the mode its children made it with, or
         // never got a subfolder).
         if !self.requeued.is_empty() {
-            let moved: Vec<PathBuf> = self
+            let mut moved: Vec<PathBuf> = self
                 .requeued
                 .iter()
                 .filter(|(s, _)| *s == store)
                 .filter_map(|(_, p)| moved_path(p, from, to))
                 .collect();
+            // In path order, not the set's (which differs from run to run).
+            moved.sort_unstable();
             for rel in moved {
                 self.coalescer.push(Op::Sync {
                     store,

@@ -246,6 +246,7 @@ fn data_sim_seeds() {
                     && (!faults
                         || o.replica_crashes > 0
                             && o.partial_removals > 0
+                            && o.stage_failures > 0
                             && o.primary_crashes > 0
                             && o.disk_full_turns > 0
                             && o.second_tenures > 0),
