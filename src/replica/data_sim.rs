@@ -82,6 +82,7 @@ use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::apply::{answer, land_first, touches, Answer, Applier, LandFirst, ReplicaTree, Reply};
+use super::commit::{Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Index, Kind, Stat, Version};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
@@ -428,23 +429,37 @@ enum Event {
     MovedOut(PathBuf),
 }
 
-/// A file whose data frames are arriving.
 /// A file staged and not landed yet (its content and metadata are in
-/// `Replica::staged`).
+/// `Replica::staged`): what the group commit ([`Pipeline`]) carries.
+#[derive(Debug, Clone)]
 struct Pending {
     seq: u64,
     rel: PathBuf,
     hash: u128,
 }
 
-/// What the replica did since its last acknowledged barrier, in order.
+/// What the replica did to its disk since the state its last
+/// acknowledgement made durable, in order: a crash keeps a prefix, replayed
+/// through the same decisions.
 #[derive(Debug)]
 enum Step {
-    Msg(SyncMsg),
-    /// The first `n` staged files landed.
-    Land(usize),
-    /// The session ended (what was staged is discarded).
-    Cut,
+    /// A message through the receiver's decisions (an op on a path, a
+    /// session's start).
+    Op(SyncMsg),
+    /// A staged file landed: its content and metadata as staged.
+    Land(Pending, Vec<u8>, Meta),
+    /// A commit's directory phase: folders get the primary's times.
+    DirTimes,
+}
+
+/// What a directory flush makes durable once it reports: the tree and the
+/// decisions' state as it started, and how much of the step and fault
+/// logs that covers.
+struct Covered {
+    fs: Fs,
+    ops: Applier,
+    steps: usize,
+    faults: usize,
 }
 
 struct Incoming {
@@ -716,30 +731,32 @@ impl ReplicaTree for Disk<'_> {
 /// disk.
 struct Replica {
     fs: Fs,
-    /// What a crash keeps for sure: the tree as the last acknowledged
-    /// barrier left it (the receiver acknowledges only what its flushes made
-    /// durable; `commit_sim` checks that it does), and the decisions' state
-    /// then.
+    /// What a crash keeps for sure: the tree as the directory flush whose
+    /// acknowledgement went out last found it (the receiver acknowledges
+    /// only what its flushes made durable; `commit_sim` checks that it
+    /// does), and the decisions' state then.
     durable: Fs,
     durable_ops: Applier,
-    /// What happened since that barrier (messages applied, staged files
-    /// landed): a crash keeps a prefix of it.
+    /// What the replica did since (ops applied, staged files landed,
+    /// folders' times set): a crash keeps a prefix of it.
     since_durable: Vec<Step>,
+    /// What the directory flush in flight covers.
+    covering: Option<Covered>,
     faults: Faults,
     /// The receiver's decisions for ops on paths, and its index.
     ops: Applier,
     index: Index,
     stats: Arc<ReplStats>,
-    /// Files received and not landed yet: their content, and (with the
-    /// group commit) the order they land in.
+    /// Files received and not landed yet: their content.
     staged: HashMap<u64, (Vec<u8>, Meta)>,
-    pending: VecDeque<Pending>,
+    /// The receiver's group commit (the product's): which staged files
+    /// land and which barriers are acknowledged, when.
+    commits: Pipeline<Pending, u64>,
     overtook_staged: u64,
-    /// When staged files land between two messages (their commit's flush
-    /// completing), and how many.
-    land_rng: SimRng,
-    /// Barriers applied, acknowledged once a flush covers them.
-    unflushed: Vec<u64>,
+    /// Whether the flush in flight completes before the next message is
+    /// read (`flush_percent`, 40 in a sweep).
+    flush_rng: SimRng,
+    flush_percent: u8,
     /// Versions kept aside for the primary (a former primary's genuine
     /// conflicts), by path and content hash.
     kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
@@ -747,7 +764,7 @@ struct Replica {
     /// commit: a need for an op of a later batch can go out before the
     /// acknowledgement of an earlier one), and received files stay staged
     /// until their commit lands them (ops on other paths overtake them);
-    /// else both at once.
+    /// else every message is committed at once.
     group_commit: bool,
     /// A file whose data frames are arriving.
     current: Option<Incoming>,
@@ -762,6 +779,7 @@ impl Replica {
             durable: Fs::new(clock),
             durable_ops: Applier::new(stats.clone()),
             since_durable: Vec::new(),
+            covering: None,
             faults: Faults {
                 full: false,
                 eio_percent: 0,
@@ -776,10 +794,10 @@ impl Replica {
             index: Index::in_memory(),
             stats,
             staged: HashMap::new(),
-            pending: VecDeque::new(),
+            commits: Pipeline::new(true),
             overtook_staged: 0,
-            land_rng: SimRng::new(seed ^ 0x6c61_6e64),
-            unflushed: Vec::new(),
+            flush_rng: SimRng::new(seed ^ 0x6c61_6e64),
+            flush_percent: 40,
             kept_aside: Default::default(),
             group_commit: false,
             current: None,
@@ -795,13 +813,13 @@ impl Replica {
         self.durable_ops = Applier::new(self.stats.clone());
         self.index = Index::in_memory();
         self.staged.clear();
-        self.pending.clear();
+        self.commits = Pipeline::new(true);
+        self.covering = None;
         self.since_durable.clear();
         self.faults.log.clear();
         self.faults.replaying = None;
         self.current = None;
         self.replies.clear();
-        self.unflushed.clear();
     }
 
     fn need(&mut self, seq: u64, rel: &Path, reason: NeedReason) {
@@ -850,57 +868,134 @@ impl Replica {
         }
     }
 
-    /// A file received whole: staged, and landed at its group commit
-    /// (without one, at once).
+    /// A file received whole: staged until its group commit lands it.
     fn stage_file(&mut self, seq: u64, rel: PathBuf, meta: Meta, hash: u128, data: Vec<u8>) {
         self.staged.insert(seq, (data, meta));
-        self.pending.push_back(Pending { seq, rel, hash });
-        if !self.group_commit {
-            self.land_all();
-        }
-    }
-
-    /// The first `n` staged files land, in the order they were staged.
-    fn land_staged(&mut self, n: usize) {
-        for _ in 0..n {
-            let Some(p) = self.pending.pop_front() else {
-                return;
-            };
-            self.land_file(p);
-        }
+        self.commits.stage(Pending { seq, rel, hash });
     }
 
     /// The session ends: the file being received and the staged files not
     /// landed are discarded; a flush under way completes, but its
-    /// acknowledgements are lost.
+    /// acknowledgements are lost (and what it made durable is not counted).
     fn session_ends(&mut self) {
         self.current = None;
-        self.pending.clear();
+        self.commits.take_unlanded();
+        self.commits = Pipeline::new(true);
+        self.covering = None;
         self.staged.clear();
-        self.unflushed.clear();
     }
 
-    fn land_all(&mut self) {
-        self.land_staged(self.pending.len());
+    /// Performs the group commit's outputs, in order, as the receiver does.
+    fn perform(&mut self) {
+        while let Some(out) = self.commits.poll_output() {
+            match out {
+                CommitOutput::FlushData => {}
+                CommitOutput::Land(files) => {
+                    for p in files {
+                        self.land_logged(p);
+                    }
+                }
+                CommitOutput::FlushDirs => {
+                    self.since_durable.push(Step::DirTimes);
+                    self.dir_times();
+                    self.covering = Some(Covered {
+                        fs: self.fs.clone(),
+                        ops: self.ops.snapshot(),
+                        steps: self.since_durable.len(),
+                        faults: self.faults.log.len(),
+                    });
+                }
+                CommitOutput::Ack(barriers) => {
+                    for seq in barriers {
+                        SyncMsg::Ack { seq }.encode(&mut self.replies);
+                    }
+                    let c = self
+                        .covering
+                        .take()
+                        .expect("an ack follows its directory flush");
+                    self.durable = c.fs;
+                    self.durable_ops = c.ops;
+                    self.since_durable.drain(..c.steps);
+                    self.faults.log.drain(..c.faults);
+                }
+                CommitOutput::Failed(_) => unreachable!("the data simulator's flushes do not fail"),
+            }
+        }
     }
 
-    /// Commits complete between any two messages: some of the staged files
-    /// land (decided once: a crash's replay lands the same ones).
-    fn land_some(&mut self) {
-        if self.pending.is_empty() || self.faults.replaying.is_some() || self.land_rng.percent(60) {
+    /// The flush in flight reports (durable).
+    fn complete_flush(&mut self) {
+        self.commits.flushed(true);
+        self.perform();
+    }
+
+    /// The top of the receiver's loop: a commit starts when a barrier
+    /// waits and none is in flight.
+    fn start_due(&mut self) {
+        if self.commits.phase().is_none() {
+            self.commits.start(false);
+            self.perform();
+        }
+    }
+
+    /// The receiver's loop with nothing to read: the flush in flight (or
+    /// one started now) reports.
+    fn idle(&mut self) {
+        self.start_due();
+        if self.commits.phase().is_some() {
+            self.complete_flush();
+        }
+    }
+
+    /// The in-flight commit's files land (their flushes awaited).
+    fn land_inflight(&mut self) {
+        while self.commits.files_waiting() {
+            self.complete_flush();
+        }
+    }
+
+    fn finish_inflight(&mut self) {
+        while self.commits.phase().is_some() {
+            self.complete_flush();
+        }
+    }
+
+    /// Every staged file lands now, in a commit of its own.
+    fn land_staged_now(&mut self) {
+        self.finish_inflight();
+        if self.commits.has_work() {
+            self.commits.start(true);
+            self.perform();
+            self.land_inflight();
+        }
+    }
+
+    /// Everything lands and every commit completes (before a manifest is
+    /// listed, and at once without the group commit).
+    fn commit_all(&mut self) {
+        self.land_staged_now();
+        self.finish_inflight();
+    }
+
+    /// A staged file lands (logged with its content: a crash's replay
+    /// lands it again).
+    fn land_logged(&mut self, p: Pending) {
+        let Some((data, meta)) = self.staged.get(&p.seq).cloned() else {
             return;
-        }
-        let n = self.land_rng.range(1, self.pending.len() as u64) as usize;
-        self.land_logged(n);
+        };
+        self.since_durable.push(Step::Land(p.clone(), data, meta));
+        self.land_file(p);
     }
 
-    /// The first `n` staged files land outside any message (a crash's
-    /// replay lands them at the same point).
-    fn land_logged(&mut self, n: usize) {
-        if n > 0 {
-            self.since_durable.push(Step::Land(n));
-            self.land_staged(n);
-        }
+    /// A commit's directory phase: the folders touched and those whose
+    /// times were said get the primary's times.
+    fn dir_times(&mut self) {
+        self.decide(|ops, disk, index| {
+            for (s, dir, meta) in ops.dir_times_due() {
+                let _ = ops.retime(disk, index, s, dir, &meta);
+            }
+            ops.take_dirs();
+        });
     }
 
     fn land_file(&mut self, p: Pending) {
@@ -938,20 +1033,38 @@ impl Replica {
         self.decide(|ops, disk, index| ops.land(disk, index, 0, seq, rel, hash, size, staged));
     }
 
-    fn apply(&mut self, msg: SyncMsg) -> Result<(), String> {
-        self.land_some();
+    /// One message from the primary, as the receiver's loop handles it.
+    fn receive(&mut self, msg: SyncMsg) -> Result<(), String> {
+        // The flush in flight may report before the message is read.
+        if self.group_commit
+            && self.commits.phase().is_some()
+            && self.flush_rng.percent(self.flush_percent)
+        {
+            self.complete_flush();
+        }
+        self.start_due();
+        self.handle(msg)?;
+        if !self.group_commit {
+            self.commit_all();
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: SyncMsg) -> Result<(), String> {
         // The receiver's order: what the op touches lands first.
         match land_first(&msg) {
-            LandFirst::Touching { paths, .. }
-                if self.pending.iter().any(|p| touches(&p.rel, &paths)) =>
-            {
-                self.land_all()
+            LandFirst::Nothing => {}
+            LandFirst::Touching { paths, .. } => {
+                self.land_inflight();
+                let staged = self.commits.staged();
+                if staged.iter().any(|p| touches(&p.rel, &paths)) {
+                    self.land_staged_now();
+                } else if !staged.is_empty() {
+                    self.overtook_staged += 1;
+                }
             }
-            LandFirst::All => self.land_all(),
-            LandFirst::Touching { .. } if !self.pending.is_empty() => self.overtook_staged += 1,
-            _ => {}
+            LandFirst::All => self.commit_all(),
         }
-        self.since_durable.push(Step::Msg(msg.clone()));
         if let Some(mut inc) = self.current.take() {
             let SyncMsg::Data { seq: dseq, bytes } = msg else {
                 return Err(format!("file {} cut short by {msg:?}", inc.seq));
@@ -971,8 +1084,45 @@ impl Replica {
             return Ok(());
         }
         match msg {
-            SyncMsg::Start { .. } => self.ops.begin_session(),
             SyncMsg::ManifestRequest { .. } | SyncMsg::CaughtUp => {}
+            SyncMsg::File {
+                seq,
+                path,
+                meta,
+                size,
+                hash,
+                ..
+            } => {
+                let rel = rel_of(&path)?;
+                if size == 0 {
+                    self.stage_file(seq, rel, meta, hash, Vec::new());
+                } else {
+                    self.current = Some(Incoming {
+                        seq,
+                        rel,
+                        meta,
+                        size,
+                        hash,
+                        data: Vec::new(),
+                    });
+                }
+            }
+            // Acknowledged when the group commit that takes it is durable.
+            SyncMsg::Barrier { seq } => self.commits.barrier(seq),
+            SyncMsg::Data { seq, .. } => return Err(format!("data for {seq} outside a file")),
+            op => {
+                self.since_durable.push(Step::Op(op.clone()));
+                self.apply_op(op)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An op through the receiver's decisions (also as a crash's replay
+    /// applies it again).
+    fn apply_op(&mut self, msg: SyncMsg) -> Result<(), String> {
+        match msg {
+            SyncMsg::Start { .. } => self.ops.begin_session(),
             SyncMsg::KeepAside { seq, path, .. } => {
                 let rel = rel_of(&path)?;
                 self.decide(|ops, disk, _| ops.keep_aside(disk, 0, seq, rel));
@@ -1044,43 +1194,9 @@ impl Replica {
                     ops.symlink(disk, index, 0, seq, rel, &target, &meta)
                 });
             }
-            SyncMsg::Barrier { seq } => {
-                self.unflushed.push(seq);
-                if !self.group_commit {
-                    self.flush();
-                }
-            }
             other => return Err(format!("the replica does not expect {other:?}")),
         }
         Ok(())
-    }
-
-    /// A flush completes: everything applied so far is durable, and the
-    /// barriers it covers are acknowledged (needs went out at once).
-    fn flush(&mut self) {
-        if self.unflushed.is_empty() {
-            return;
-        }
-        // The commit that covers the barriers lands every file staged
-        // before them (and those staged since, riding along); then its
-        // directory phase: the folders touched and those whose times were
-        // said get the primary's times.
-        self.land_all();
-        self.decide(|ops, disk, index| {
-            for (s, dir, meta) in ops.dir_times_due() {
-                let _ = ops.retime(disk, index, s, dir, &meta);
-            }
-            ops.take_dirs();
-        });
-        for seq in self.unflushed.drain(..) {
-            SyncMsg::Ack { seq }.encode(&mut self.replies);
-        }
-        self.durable = self.fs.clone();
-        self.durable_ops = self.ops.snapshot();
-        self.since_durable.clear();
-        if self.faults.replaying.is_none() {
-            self.faults.log.clear();
-        }
     }
 
     /// The manifest the receiver sends for a comparison, in path order.
@@ -2218,17 +2334,15 @@ impl DataSim {
     }
 
     fn replica_step(&mut self) -> Result<(), String> {
-        // The group commit's flush completes now or later.
-        if self.replica.group_commit
-            && !self.replica.unflushed.is_empty()
-            && (self.to_replica.is_empty() || self.fault_rng.percent(40))
-        {
-            if self.trace {
-                eprintln!("replica flushes {:?}", self.replica.unflushed);
-            }
-            self.replica.flush();
-        }
         let Some(bytes) = self.to_replica.pop_front() else {
+            // Nothing to read: the group commit's flush reports.
+            if self.trace && self.replica.commits.phase().is_some() {
+                eprintln!(
+                    "replica's flush reports ({:?})",
+                    self.replica.commits.phase()
+                );
+            }
+            self.replica.idle();
             if !self.replica.replies.is_empty() {
                 self.to_primary
                     .push_back(std::mem::take(&mut self.replica.replies));
@@ -2240,7 +2354,7 @@ impl DataSim {
             if self.trace && !matches!(msg, SyncMsg::Data { .. }) {
                 eprintln!("replica applies {msg:?}");
             }
-            self.replica.apply(msg)?;
+            self.replica.receive(msg)?;
         }
         if !self.replica.replies.is_empty() {
             self.to_primary
@@ -2266,7 +2380,7 @@ impl DataSim {
         let locals = self.sender.local_entries(false);
         let mut cmp = self.sender.start_compare(on_way, locals, initial);
         // The receiver lands every staged file before it lists the tree.
-        self.replica.land_logged(self.replica.pending.len());
+        self.replica.commit_all();
         let remote = self.replica.manifest(&self.excludes);
         let chunks = remote.len().div_ceil(self.manifest_chunk).max(1);
         let mut remote = remote.into_iter();
@@ -2312,7 +2426,6 @@ impl DataSim {
         self.to_primary.clear();
         self.replica.replies.clear();
         self.replica.session_ends();
-        self.replica.since_durable.push(Step::Cut);
         self.sender.forget_inflight_commits();
         self.session_wanted = true;
     }
@@ -2342,13 +2455,16 @@ impl DataSim {
         r.faults.replaying = Some(log.into());
         for step in applied.into_iter().take(kept) {
             match step {
-                Step::Land(n) => r.land_staged(n),
-                Step::Cut => r.session_ends(),
-                Step::Msg(msg) => {
-                    if r.apply(msg).is_err() {
+                Step::Op(msg) => {
+                    if r.apply_op(msg).is_err() {
                         break;
                     }
                 }
+                Step::Land(p, data, meta) => {
+                    r.staged.insert(p.seq, (data, meta));
+                    r.land_file(p);
+                }
+                Step::DirTimes => r.dir_times(),
             }
         }
         let fs = std::mem::replace(&mut r.fs, Fs::new(clock));
@@ -2832,7 +2948,7 @@ mod tests {
             while !sim.to_replica.is_empty() {
                 sim.replica_step().unwrap();
             }
-            sim.replica.flush();
+            sim.replica.commit_all();
             sim.replica_step().unwrap();
             while !sim.to_primary.is_empty() {
                 sim.reply_step().unwrap();
@@ -2857,7 +2973,7 @@ mod tests {
         let mut r = Replica::new(1, 1_000_000);
         r.group_commit = true;
         // No commit lands anything on its own: only the rule does.
-        r.faults.replaying = Some(VecDeque::new());
+        r.flush_percent = 0;
         let meta = |mode| Meta {
             mode,
             uid: 0,
@@ -2873,22 +2989,22 @@ mod tests {
             size: 0,
             hash: index::hash_bytes(b""),
         };
-        r.apply(SyncMsg::Start {
+        r.receive(SyncMsg::Start {
             stores: vec!["mail".into()],
             epoch: 1,
         })
         .unwrap();
-        r.apply(file(1, "a")).unwrap();
-        r.apply(SyncMsg::Mkdir {
+        r.receive(file(1, "a")).unwrap();
+        r.receive(SyncMsg::Mkdir {
             seq: 2,
             store: 0,
             path: b"a".to_vec(),
             meta: meta(0o700),
         })
         .unwrap();
-        r.apply(file(3, "a/x")).unwrap();
-        r.apply(SyncMsg::Barrier { seq: 4 }).unwrap();
-        r.flush();
+        r.receive(file(3, "a/x")).unwrap();
+        r.receive(SyncMsg::Barrier { seq: 4 }).unwrap();
+        r.commit_all();
         assert!(r.fs.is_dir(Path::new("a")), "{:?}", r.fs.names);
         assert!(r.fs.exists(Path::new("a/x")), "{:?}", r.fs.names);
     }
