@@ -347,12 +347,15 @@ impl Applier {
         if !self.is_protected(s, rel) {
             return false;
         }
-        let here: Vec<PathBuf> = self
+        let mut here: Vec<PathBuf> = self
             .protected
             .iter()
             .filter(|(ps, p)| *ps == s && ((below && p.starts_with(rel)) || rel.starts_with(p)))
             .map(|(_, p)| p.clone())
             .collect();
+        // In path order, not the set's (which differs from run to run): the
+        // first that fails stops the rest.
+        here.sort_unstable();
         for p in here {
             match tree.keep_aside(&p) {
                 Ok(kept) => {

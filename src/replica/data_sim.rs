@@ -1035,14 +1035,16 @@ impl Replica {
 
     /// One message from the primary, as the receiver's loop handles it.
     fn receive(&mut self, msg: SyncMsg) -> Result<(), String> {
-        // The flush in flight may report before the message is read.
-        if self.group_commit
+        // The loop's top: a commit starts when a barrier waits; flushes in
+        // flight may report (one after another) before the message is read.
+        self.start_due();
+        while self.group_commit
             && self.commits.phase().is_some()
             && self.flush_rng.percent(self.flush_percent)
         {
             self.complete_flush();
+            self.start_due();
         }
-        self.start_due();
         self.handle(msg)?;
         if !self.group_commit {
             self.commit_all();
@@ -1386,6 +1388,8 @@ pub struct DataSim {
     /// from it, or from nothing).
     saved_index: Option<Index>,
     names: u64,
+    /// The name that last changed between file and folder.
+    last_odd: Option<PathBuf>,
     /// Entries per chunk of the replica's manifest (the comparison walks
     /// chunk boundaries: one entry per chunk in some seeds).
     manifest_chunk: usize,
@@ -1560,6 +1564,7 @@ impl DataSim {
             faults: false,
             saved_index: None,
             names: 0,
+            last_odd: None,
             manifest_chunk: [1, 3, 16, 4096][(seed % 4) as usize],
             out: Outcome::default(),
             trace: std::env::var_os("HASYNC_DATA_SIM_TRACE").is_some(),
@@ -1943,11 +1948,22 @@ impl DataSim {
                 self.event(&p, Event::CloseWrite(p.clone()));
             }
             93..=96 => {
-                // A name that changes between file (or symlink) and folder.
-                let Some(f) = self.pick(&self.folders()) else {
-                    return;
+                // A name that changes between file (or symlink) and folder:
+                // half the time the one that changed last (so that a change
+                // can meet the previous one still on its way: a file still
+                // staged on the replica when its name turns into a folder).
+                let again = self
+                    .last_odd
+                    .clone()
+                    .filter(|p| self.primary.borrow().is_dir(&parent(p)) && self.rng.percent(50));
+                let p = match again {
+                    Some(p) => p,
+                    None => match self.pick(&self.folders()) {
+                        Some(f) => f.join("odd"),
+                        None => return,
+                    },
                 };
-                let p = f.join("odd");
+                self.last_odd = Some(p.clone());
                 let state = self.primary.borrow().get(&p).map(|i| i.body == Body::Dir);
                 match state {
                     Some(true) if self.rng.percent(30) => {

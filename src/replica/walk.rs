@@ -42,6 +42,10 @@ pub struct Walk {
     finished: bool,
     /// Paths too long to replicate (not entered).
     pub too_long: Vec<PathBuf>,
+    /// Folders listed that had vanished (renamed away, removed, replaced
+    /// by another) when the walk came to enter them: what was below them
+    /// was not walked.
+    pub vanished: usize,
 }
 
 impl Walk {
@@ -56,6 +60,7 @@ impl Walk {
             started: false,
             finished: false,
             too_long: Vec::new(),
+            vanished: 0,
         }
     }
 
@@ -71,7 +76,7 @@ impl Walk {
     ) -> io::Result<Option<ScanEntry>> {
         if !self.started {
             self.started = true;
-            self.enter(tree, index, excludes, Path::new(""))?;
+            self.enter(tree, index, excludes, Path::new(""), None)?;
         }
         loop {
             let Some(top) = self.stack.last_mut() else {
@@ -86,7 +91,8 @@ impl Walk {
                 continue;
             };
             if entry.1.kind == Kind::Dir {
-                self.enter(tree, index, excludes, &entry.0)?;
+                let listed_ino = entry.1.version.ino;
+                self.enter(tree, index, excludes, &entry.0, Some(listed_ino))?;
             }
             return Ok(Some(entry));
         }
@@ -112,13 +118,15 @@ impl Walk {
     }
 
     /// Lists folder `dir`: its entries, stat'ed, hashed as the index and
-    /// this walk say, onto the stack in path order.
+    /// this walk say, onto the stack in path order. `listed_ino`: the
+    /// folder's inode as its parent's listing found it.
     fn enter<T: LocalTree + ?Sized>(
         &mut self,
         tree: &T,
         index: &mut Index,
         excludes: &Excludes,
         dir: &Path,
+        listed_ino: Option<u64>,
     ) -> io::Result<()> {
         let named = |rel: &Path, e: io::Error| {
             io::Error::new(e.kind(), format!("{}: {e}", tree.abs(rel).display()))
@@ -126,9 +134,20 @@ impl Walk {
         let full_verify = self.rehash != Rehash::Changed;
         let from_disk = self.rehash == Rehash::FromDisk;
         let Some(folder) = tree.open_folder(dir).map_err(|e| named(dir, e))? else {
-            // Vanished (or replaced) while we walked: the tracker reports it.
+            // Vanished (or replaced) while we walked: the tracker reports
+            // it, but what was below it is unknown (see `vanished`).
+            self.vanished += 1;
             return Ok(());
         };
+        // Another folder of the same name (the one listed renamed away,
+        // this one made since): listed as what is here now, but the one
+        // that was listed went unwalked.
+        if let Some(ino) = listed_ino {
+            let here = tree.lstat(dir).map_err(|e| named(dir, e))?;
+            if here.map(|st| st.version.ino) != Some(ino) {
+                self.vanished += 1;
+            }
+        }
         let mut listed = tree.read_folder(&folder, dir).map_err(|e| named(dir, e))?;
         // Siblings in byte order of their names are in path order (a name
         // holds no '/').
@@ -278,6 +297,15 @@ impl Ordered {
         Ok(self.peeked.is_none())
     }
 
+    /// Folders that vanished before the walk entered them (a held scan
+    /// was taken whole: none).
+    pub fn vanished(&self) -> usize {
+        match &self.source {
+            Source::Held(..) => 0,
+            Source::Walking(w) => w.vanished,
+        }
+    }
+
     /// Paths found too long to replicate so far (each once).
     pub fn take_too_long(&mut self) -> Vec<PathBuf> {
         match &mut self.source {
@@ -410,6 +438,35 @@ mod tests {
         assert!(index.get(Path::new("b/new")).is_some());
         while second.next(&t, &mut index, &excludes).unwrap().is_some() {}
         assert!(index.get(Path::new("b/new")).is_none());
+    }
+
+    #[test]
+    fn a_folder_renamed_away_before_the_walk_enters_it_is_counted_vanished() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_with(dir.path(), &["0", "a/new/m1", "b/1"]);
+        let excludes = Excludes::new(&[]).unwrap();
+        let mut index = Index::in_memory();
+        let mut walk = Walk::new(&mut index, Rehash::Changed, true);
+        // The root is listed; "a" is not entered yet.
+        let first = walk.next(&t, &mut index, &excludes).unwrap().unwrap();
+        assert_eq!(first.0, Path::new("0"));
+        // Renamed away, and a new "a" made in its place (an IMAP RENAME,
+        // then a CREATE of the old name); "b" removed.
+        std::fs::rename(dir.path().join("a"), dir.path().join("c")).unwrap();
+        std::fs::create_dir_all(dir.path().join("a/cur")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("b")).unwrap();
+        let mut rest = Vec::new();
+        while let Some(e) = walk.next(&t, &mut index, &excludes).unwrap() {
+            rest.push(e);
+        }
+        // What is at "a" now is what the walk yields; "c" (listed after
+        // the walk passed the root) and the old "a"'s message are not.
+        assert_eq!(names(&rest), ["a", "a/cur", "b"]);
+        assert_eq!(walk.vanished, 2, "the replaced \"a\" and the removed \"b\"");
+        // A walk of the tree as it stands finds nothing vanished.
+        let mut again = Walk::new(&mut index, Rehash::Changed, true);
+        while again.next(&t, &mut index, &excludes).unwrap().is_some() {}
+        assert_eq!(again.vanished, 0);
     }
 
     #[test]

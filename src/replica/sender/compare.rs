@@ -283,6 +283,18 @@ impl<T: LocalTree> Sender<T> {
                 self.out_of_reach
                     .report(&self.stats, &self.stores[s].name, &rel);
             }
+            // A folder renamed away while the walk was on its way to it:
+            // its rename moves on the replica what the replica holds there,
+            // which this comparison did not check (a message the replica
+            // lacks stays missing under the new name). Compare again.
+            if sc.local.vanished() > 0 {
+                tracing::debug!(
+                    store = %self.stores[s].name,
+                    folders = sc.local.vanished(),
+                    "folders vanished while the comparison walked: comparing again"
+                );
+                self.pending_verify = true;
+            }
             for r in std::mem::take(&mut sc.remote_only) {
                 self.remote_only(found, sc, s, r);
             }
