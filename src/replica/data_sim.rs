@@ -3025,6 +3025,62 @@ mod tests {
         assert!(r.fs.exists(Path::new("a/x")), "{:?}", r.fs.names);
     }
 
+    /// A folder renamed away while a comparison walks, after the walk
+    /// listed its parent and before it entered the folder: what lay below
+    /// it was not compared, so the primary compares again (review seeds
+    /// 1161 and 20181; a message the replica lacked was never sent).
+    #[test]
+    fn a_folder_renamed_away_while_the_comparison_walks_is_compared_again() {
+        let mut sim = DataSim::without_crashes(1);
+        sim.workload_left = 0;
+        for dir in [".A", ".A/new", ".F", ".F/new"] {
+            sim.mkdir(Path::new(dir));
+        }
+        sim.write_new(Path::new(".A/new/1"), b"one".to_vec(), 0o600);
+        sim.write_new(Path::new(".F/new/a"), b"aaa".to_vec(), 0o600);
+        sim.session();
+        settle(&mut sim);
+        assert_eq!(files(&sim.primary.borrow()), files(&sim.replica.fs));
+        // A file whose event was lost, right in the folder (a subfolder
+        // would be listed again as the comparison's deletes there follow
+        // the rename), and the folder's times said since: only a
+        // comparison that enters the folder finds the file.
+        let folder_mtime = {
+            let mut fs = sim.primary.borrow_mut();
+            let ino = fs.new_inode(Body::File(b"bbb".to_vec()), 0o600, None);
+            fs.add_name(Path::new(".F/dovecot.index"), ino);
+            fs.get(Path::new(".F")).unwrap().mtime
+        };
+        let at = sim.replica.fs.ino(Path::new(".F")).unwrap();
+        sim.replica.fs.inodes.get_mut(&at).unwrap().mtime = folder_mtime;
+        let (on_way, _) = sim.sender.begin_comparison(false, false);
+        let locals = sim.sender.local_entries(false);
+        let mut cmp = sim.sender.start_compare(on_way, locals, false);
+        sim.replica.commit_all();
+        let remote = sim.replica.manifest(&sim.excludes);
+        let at = remote.iter().position(|e| e.path == b".F").unwrap();
+        let (before, after) = remote.split_at(at);
+        assert!(!before.is_empty(), "the walk lists the root first");
+        sim.sender
+            .compare_chunk(&mut cmp, 0, before.to_vec(), false)
+            .unwrap();
+        // Renamed before the walk comes to enter it.
+        sim.rename_file(Path::new(".F"), Path::new(".G"));
+        sim.sender
+            .compare_chunk(&mut cmp, 0, after.to_vec(), true)
+            .unwrap();
+        let _ = sim.sender.finish_compare(cmp);
+        // At once, before the rename is even read.
+        assert!(
+            sim.sender.take_verify_request(),
+            "a comparison that missed a folder's content asks for another"
+        );
+        settle(&mut sim);
+        sim.compare(false);
+        settle(&mut sim);
+        assert_eq!(files(&sim.primary.borrow()), files(&sim.replica.fs));
+    }
+
     /// A message rename the replica refuses, and its folder renamed in the
     /// same batch: the old name's correction follows the folder without a
     /// comparison (found by a review of the fix for seed 49456, which
