@@ -1129,28 +1129,6 @@ impl Replica {
                 let rel = rel_of(&path)?;
                 self.decide(|ops, disk, _| ops.keep_aside(disk, 0, seq, rel));
             }
-            SyncMsg::File {
-                seq,
-                path,
-                meta,
-                size,
-                hash,
-                ..
-            } => {
-                let rel = rel_of(&path)?;
-                if size == 0 {
-                    self.stage_file(seq, rel, meta, hash, Vec::new());
-                } else {
-                    self.current = Some(Incoming {
-                        seq,
-                        rel,
-                        meta,
-                        size,
-                        hash,
-                        data: Vec::new(),
-                    });
-                }
-            }
             SyncMsg::Mkdir {
                 seq, path, meta, ..
             } => {
