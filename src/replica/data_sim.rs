@@ -879,7 +879,6 @@ impl Replica {
     /// acknowledgements are lost (and what it made durable is not counted).
     fn session_ends(&mut self) {
         self.current = None;
-        self.commits.take_unlanded();
         self.commits = Pipeline::new(true);
         self.covering = None;
         self.staged.clear();
