@@ -24,6 +24,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::commit::Before;
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind, Stat};
 use super::stats::{add, ReplStats};
@@ -130,56 +131,43 @@ pub fn answer(e: &FsError) -> Answer {
     }
 }
 
-/// Which staged files a message needs landed before it applies. Files are
-/// staged as their data arrives and land at their group commit, which may
-/// complete between any two frames; an op on a path may overtake the files
-/// still staged only where it touches none of them.
-#[derive(Debug, PartialEq, Eq)]
-pub enum LandFirst<'a> {
-    /// Nothing (a file's data, a folder's times, the session's messages).
-    Nothing,
-    /// The files of the commit in flight (an op on a path sees every file
-    /// of a commit that started before it in place), and every staged file
-    /// at, below or above one of `paths` (store `store`; see [`touches`]):
-    /// an op must not make, change, move or remove a name whose file is
-    /// still on its way, nor a folder above one.
-    Touching { store: u16, paths: Vec<&'a [u8]> },
-    /// Every staged file: a manifest describes the tree as it is.
-    All,
+/// Where a staged file will land: its store and its path there.
+pub trait StagedAt {
+    fn store(&self) -> usize;
+    fn rel(&self) -> &Path;
 }
 
-/// What `msg` needs landed before it applies (the receiver's order; the
-/// data-path simulator lands its staged files by the same rule).
-pub fn land_first(msg: &SyncMsg) -> LandFirst<'_> {
-    match msg {
-        // A `Mkdir` too: a file still staged at its name (the name turned
-        // from file to folder meanwhile) would land over the new folder and
-        // remove what landed in it.
+/// Which staged files a message needs landed before it applies, as the
+/// group commit's gate takes it ([`Pipeline::gate`](super::commit::Pipeline::gate)).
+/// Files are staged as their data arrives and land at their group commit,
+/// which may complete between any two frames; an op on a path may overtake
+/// the files still staged only where it touches none of them (see
+/// [`touches`]): an op must not make, change, move or remove a name whose
+/// file is still on its way, nor a folder above one. A `Mkdir` too: a file
+/// still staged at its name (the name turned from file to folder
+/// meanwhile) would land over the new folder and remove what landed in
+/// it. A manifest describes the tree as it is: everything lands first.
+/// Nothing else (a file's data, a folder's times, the session's messages)
+/// waits.
+pub fn land_first<F: StagedAt>(msg: &SyncMsg) -> Before<impl Fn(&F) -> bool + '_> {
+    let (store, paths): (u16, Vec<&[u8]>) = match msg {
         SyncMsg::Delete { store, path, .. }
         | SyncMsg::Mkdir { store, path, .. }
         | SyncMsg::Symlink { store, path, .. }
-        | SyncMsg::KeepAside { store, path, .. } => LandFirst::Touching {
-            store: *store,
-            paths: vec![path],
-        },
+        | SyncMsg::KeepAside { store, path, .. } => (*store, vec![path]),
         SyncMsg::Rename {
             store, from, to, ..
-        } => LandFirst::Touching {
-            store: *store,
-            paths: vec![from, to],
-        },
+        } => (*store, vec![from, to]),
         SyncMsg::Link {
             store,
             existing,
             path,
             ..
-        } => LandFirst::Touching {
-            store: *store,
-            paths: vec![existing, path],
-        },
-        SyncMsg::ManifestRequest { .. } => LandFirst::All,
-        _ => LandFirst::Nothing,
-    }
+        } => (*store, vec![existing, path]),
+        SyncMsg::ManifestRequest { .. } => return Before::All,
+        _ => return Before::Nothing,
+    };
+    Before::Touching(move |f: &F| f.store() == store as usize && touches(f.rel(), &paths))
 }
 
 /// Whether a file staged at `staged` must land before an op on `paths`:

@@ -39,6 +39,32 @@ pub enum Output<F, B> {
     Failed(Vec<F>),
 }
 
+/// What an op needs landed before it applies (see [`Pipeline::gate`]).
+pub enum Before<T> {
+    /// Nothing: it does not touch the tree (a barrier, a file's data).
+    Nothing,
+    /// The files of the commit in flight (an op on a path sees every file
+    /// of a commit that started before it in place), and every staged file
+    /// for which `T` says the op touches it (those land in a commit of
+    /// their own).
+    Touching(T),
+    /// Every staged file, and every commit complete (a manifest describes
+    /// the tree as it is).
+    All,
+}
+
+/// Whether the op waiting at [`Pipeline::gate`] may apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Now: everything it needed is landed.
+    Open,
+    /// After the flush in flight reports ([`Pipeline::flushed`], its
+    /// outputs performed): then ask again.
+    AwaitFlush,
+    /// Never in this session: a flush failed and nothing lands any more.
+    Failed,
+}
+
 /// Which flush is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -157,6 +183,47 @@ impl<F, B> Pipeline<F, B> {
         self.out.push_back(Output::FlushDirs);
     }
 
+    /// Whether an op that needs `before` landed may apply now. When not,
+    /// a flush is in flight (one may have been started: perform the outputs
+    /// first); the driver reads nothing more, reports the flush and asks
+    /// again. Asking again recomputes from the pipeline's state, so the
+    /// driver keeps no state of its own between the calls.
+    pub fn gate(&mut self, before: &Before<impl Fn(&F) -> bool>) -> Gate {
+        if self.failed {
+            return match before {
+                Before::Nothing => Gate::Open,
+                _ => Gate::Failed,
+            };
+        }
+        match before {
+            Before::Nothing => Gate::Open,
+            Before::Touching(touches) => {
+                if self.files_waiting() {
+                    return Gate::AwaitFlush;
+                }
+                if !self.staged.iter().any(touches) {
+                    return Gate::Open;
+                }
+                // Those staged land in a commit of their own, once the
+                // one in flight is complete.
+                if self.inflight.is_none() {
+                    self.start(true);
+                }
+                Gate::AwaitFlush
+            }
+            Before::All => {
+                if self.inflight.is_some() {
+                    return Gate::AwaitFlush;
+                }
+                if !self.has_work() {
+                    return Gate::Open;
+                }
+                self.start(true);
+                Gate::AwaitFlush
+            }
+        }
+    }
+
     pub fn poll_output(&mut self) -> Option<Output<F, B>> {
         self.out.pop_front()
     }
@@ -264,6 +331,70 @@ mod tests {
         );
         p.flushed(true);
         assert_eq!(drain(&mut p), [Output::Ack(vec![11])]);
+    }
+
+    fn gate_until_open(
+        p: &mut Pipeline<u32, u64>,
+        before: &Before<impl Fn(&u32) -> bool>,
+    ) -> Vec<Output<u32, u64>> {
+        let mut seen = Vec::new();
+        loop {
+            match p.gate(before) {
+                Gate::Open => return seen,
+                Gate::AwaitFlush => {
+                    seen.extend(drain(p));
+                    p.flushed(true);
+                    seen.extend(drain(p));
+                }
+                Gate::Failed => panic!("no flush failed"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_op_waits_for_the_files_in_flight_and_for_the_staged_files_it_touches_only() {
+        let mut p = Pipeline::new(true);
+        p.stage(1);
+        p.barrier(10);
+        p.start(false);
+        drain(&mut p);
+        p.stage(2);
+        p.stage(3);
+        // Touching 3: file 1 (in flight) lands first, then 2 and 3 (staged,
+        // folded into the directory flush or in a commit of their own).
+        let seen = gate_until_open(&mut p, &Before::Touching(|f: &u32| *f == 3));
+        let landed: Vec<u32> = seen
+            .iter()
+            .flat_map(|o| match o {
+                Output::Land(f) => f.clone(),
+                _ => vec![],
+            })
+            .collect();
+        assert_eq!(landed, [1, 2, 3]);
+        // Touching none of the staged: open at once, 4 stays staged.
+        p.stage(4);
+        let seen = gate_until_open(&mut p, &Before::Touching(|f: &u32| *f == 99));
+        assert!(seen.is_empty(), "{seen:?}");
+        assert_eq!(p.staged(), [4]);
+        // A manifest: everything lands and every commit completes.
+        p.barrier(11);
+        gate_until_open(&mut p, &Before::<fn(&u32) -> bool>::All);
+        assert_eq!(p.phase(), None);
+        assert!(!p.has_work());
+    }
+
+    #[test]
+    fn after_a_failed_flush_the_gate_stays_shut_for_ops_on_paths() {
+        let mut p = Pipeline::new(false);
+        p.stage(1);
+        p.barrier(10);
+        p.start(false);
+        drain(&mut p);
+        assert_eq!(p.gate(&Before::Touching(|_: &u32| false)), Gate::AwaitFlush);
+        p.flushed(false);
+        assert_eq!(p.gate(&Before::Touching(|_: &u32| false)), Gate::Failed);
+        assert_eq!(p.gate(&Before::<fn(&u32) -> bool>::All), Gate::Failed);
+        assert_eq!(p.gate(&Before::<fn(&u32) -> bool>::Nothing), Gate::Open);
     }
 
     #[test]

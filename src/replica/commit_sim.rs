@@ -22,7 +22,7 @@
 //! - at quiescence (no failure) every barrier is acknowledged and every
 //!   file landed.
 
-use super::commit::{Output, Phase, Pipeline};
+use super::commit::{Before, Gate, Output, Phase, Pipeline};
 use crate::failover::sim::SimRng;
 
 /// How the flushes behave: `[replication] durability`.
@@ -151,25 +151,25 @@ impl CommitSim {
                         self.complete_flush()?;
                     }
                 }
-                90..=94 => {
-                    // An op on a path: every earlier file in place first.
-                    self.note("op on a path: land in-flight files".into());
-                    while self.pipeline.files_waiting() && !self.failed {
-                        self.complete_flush()?;
+                90..=99 => {
+                    // An op on a path (touching the staged files with
+                    // `id % 3 == touched`; 3: none of them), or a manifest
+                    // (everything lands): the receiver's gate.
+                    let manifest = roll >= 95;
+                    let touched = self.rng.range(0, 3) as u32;
+                    let before = if manifest {
+                        self.note("manifest: everything lands".into());
+                        Before::All
+                    } else {
+                        self.note(format!("op on a path touching id % 3 == {touched}"));
+                        Before::Touching(move |id: &u32| id % 3 == touched)
+                    };
+                    self.pass(&before)?;
+                    if !self.failed {
+                        self.check_gate(manifest, touched)?;
                     }
                 }
-                _ => {
-                    // A manifest: finish the commit, then land everything.
-                    self.note("manifest: finish and land everything".into());
-                    self.finish()?;
-                    if !self.failed && self.pipeline.has_work() {
-                        self.pipeline.start(true);
-                        self.perform()?;
-                        while self.pipeline.files_waiting() && !self.failed {
-                            self.complete_flush()?;
-                        }
-                    }
-                }
+                _ => unreachable!("a roll is below 100"),
             }
             if !self.failed && self.pipeline.phase().is_none() {
                 self.pipeline.start(false);
@@ -196,6 +196,42 @@ impl CommitSim {
             return Err(self.violation(format!("file {i} never landed")));
         }
         Ok(self.out)
+    }
+
+    /// Waits at the receiver's gate until the op may apply (or a flush
+    /// failed).
+    fn pass(&mut self, before: &Before<impl Fn(&u32) -> bool>) -> Result<(), String> {
+        loop {
+            match self.pipeline.gate(before) {
+                Gate::Open | Gate::Failed => return Ok(()),
+                Gate::AwaitFlush => {
+                    self.perform()?;
+                    self.complete_flush()?;
+                }
+            }
+        }
+    }
+
+    /// After the gate opened: every file of a commit started before the op
+    /// is in place, and every staged file the op touches (with a manifest:
+    /// every file, and no commit in flight).
+    fn check_gate(&self, manifest: bool, touched: u32) -> Result<(), String> {
+        let staged = self.pipeline.staged();
+        for (id, f) in self.files.iter().enumerate() {
+            let id = id as u32;
+            let must = manifest || id % 3 == touched || !staged.contains(&id);
+            if must && !f.lost && f.landed_at.is_none() {
+                return Err(self.violation(format!(
+                    "the gate opened with file {id} not landed (manifest {manifest})"
+                )));
+            }
+        }
+        if manifest && self.pipeline.phase().is_some() {
+            return Err(
+                self.violation("the gate opened for a manifest with a commit in flight".into())
+            );
+        }
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<(), String> {

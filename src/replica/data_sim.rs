@@ -81,8 +81,8 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::apply::{answer, land_first, touches, Answer, Applier, LandFirst, ReplicaTree, Reply};
-use super::commit::{Output as CommitOutput, Pipeline};
+use super::apply::{answer, land_first, Answer, Applier, ReplicaTree, Reply, StagedAt};
+use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Index, Kind, Stat, Version};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
@@ -436,6 +436,15 @@ struct Pending {
     seq: u64,
     rel: PathBuf,
     hash: u128,
+}
+
+impl StagedAt for Pending {
+    fn store(&self) -> usize {
+        0
+    }
+    fn rel(&self) -> &Path {
+        &self.rel
+    }
 }
 
 /// What the replica did to its disk since the state its last
@@ -946,34 +955,25 @@ impl Replica {
         }
     }
 
-    /// The in-flight commit's files land (their flushes awaited).
-    fn land_inflight(&mut self) {
-        while self.commits.files_waiting() {
-            self.complete_flush();
-        }
-    }
-
-    fn finish_inflight(&mut self) {
-        while self.commits.phase().is_some() {
-            self.complete_flush();
-        }
-    }
-
-    /// Every staged file lands now, in a commit of its own.
-    fn land_staged_now(&mut self) {
-        self.finish_inflight();
-        if self.commits.has_work() {
-            self.commits.start(true);
-            self.perform();
-            self.land_inflight();
+    /// The receiver's gate before an op: the flushes it needs complete
+    /// (their outputs performed) until the op may apply.
+    fn pass(&mut self, before: &Before<impl Fn(&Pending) -> bool>) {
+        loop {
+            match self.commits.gate(before) {
+                Gate::Open => return,
+                Gate::AwaitFlush => {
+                    self.perform();
+                    self.complete_flush();
+                }
+                Gate::Failed => unreachable!("the data simulator's flushes do not fail"),
+            }
         }
     }
 
     /// Everything lands and every commit completes (before a manifest is
     /// listed, and at once without the group commit).
     fn commit_all(&mut self) {
-        self.land_staged_now();
-        self.finish_inflight();
+        self.pass(&Before::<fn(&Pending) -> bool>::All);
     }
 
     /// A staged file lands (logged with its content: a crash's replay
@@ -1053,18 +1053,12 @@ impl Replica {
 
     fn handle(&mut self, msg: SyncMsg) -> Result<(), String> {
         // The receiver's order: what the op touches lands first.
-        match land_first(&msg) {
-            LandFirst::Nothing => {}
-            LandFirst::Touching { paths, .. } => {
-                self.land_inflight();
-                let staged = self.commits.staged();
-                if staged.iter().any(|p| touches(&p.rel, &paths)) {
-                    self.land_staged_now();
-                } else if !staged.is_empty() {
-                    self.overtook_staged += 1;
-                }
+        {
+            let before = land_first::<Pending>(&msg);
+            self.pass(&before);
+            if matches!(before, Before::Touching(_)) && !self.commits.staged().is_empty() {
+                self.overtook_staged += 1;
             }
-            LandFirst::All => self.commit_all(),
         }
         if let Some(mut inc) = self.current.take() {
             let SyncMsg::Data { seq: dseq, bytes } = msg else {

@@ -19,8 +19,8 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::apply::{land_first, touches, Answer, Applier, LandFirst, Reply};
-use super::commit::{Output as CommitOutput, Phase as CommitPhase, Pipeline};
+use super::apply::{land_first, Answer, Applier, Reply, StagedAt};
+use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
 use super::stager::{StagedFile, Stager};
@@ -124,6 +124,15 @@ struct Staged {
     /// Per-file durability: the file's fsync, submitted to io_uring when
     /// its last byte arrived (see [`Durability`]).
     fsync: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl StagedAt for Staged {
+    fn store(&self) -> usize {
+        self.store
+    }
+    fn rel(&self) -> &Path {
+        &self.rel
+    }
 }
 
 pub struct Receiver {
@@ -744,15 +753,6 @@ impl Receiver {
         }
     }
 
-    /// Lands the in-flight commit's files if they are still waiting for
-    /// their flush: an op on any path must see every earlier file in place.
-    async fn land_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
-        while self.commits.files_waiting() {
-            self.await_flush(peer).await?;
-        }
-        Ok(())
-    }
-
     /// Waits for the flush in flight and advances the commit.
     async fn await_flush(&mut self, peer: &str) -> Result<(), RecvError> {
         let res = match self.flush_done.as_mut() {
@@ -760,14 +760,6 @@ impl Receiver {
             None => Err("no flush in flight for the commit".into()),
         };
         self.advance(res, peer)
-    }
-
-    /// Finishes the in-flight commit entirely (before a manifest is taken).
-    async fn finish_inflight(&mut self, peer: &str) -> Result<(), RecvError> {
-        while self.commits.phase().is_some() {
-            self.await_flush(peer).await?;
-        }
-        Ok(())
     }
 
     fn protocol(&self, peer: &str, what: impl Into<String>) -> RecvError {
@@ -922,22 +914,19 @@ impl Receiver {
             return Err(self.protocol(peer, "file ended before all its data arrived"));
         }
         // Ops on paths apply in order: the files they touch land first.
-        match land_first(&msg) {
-            LandFirst::Nothing => {}
-            LandFirst::Touching { store, paths } => {
-                self.land_inflight(peer).await?;
-                if self
-                    .commits
-                    .staged()
-                    .iter()
-                    .any(|st| st.store == store as usize && touches(&st.rel, &paths))
-                {
-                    self.land_staged_now(peer).await?;
+        {
+            let before = land_first::<Staged>(&msg);
+            loop {
+                match self.commits.gate(&before) {
+                    Gate::Open => break,
+                    Gate::AwaitFlush => {
+                        self.perform(peer, None)?;
+                        self.await_flush(peer).await?;
+                    }
+                    Gate::Failed => {
+                        return Err(self.latch_unverified("an earlier flush failed".into()))
+                    }
                 }
-            }
-            LandFirst::All => {
-                self.land_staged_now(peer).await?;
-                self.finish_inflight(peer).await?;
             }
         }
         match msg {
@@ -1425,19 +1414,6 @@ impl Receiver {
             st,
             fsync,
         });
-    }
-
-    /// Lands every staged file now (after the in-flight commit): a commit
-    /// of its own, waited for up to its renames; its directory flush and
-    /// acknowledgements complete in the background like any other.
-    async fn land_staged_now(&mut self, peer: &str) -> Result<(), RecvError> {
-        self.finish_inflight(peer).await?;
-        if self.commits.has_work() {
-            self.commits.start(true);
-            self.perform(peer, None)?;
-            self.land_inflight(peer).await?;
-        }
-        Ok(())
     }
 
     /// Answers what the ops could not do (in order) and queues what they

@@ -129,9 +129,6 @@ proptest! {
     }
 }
 
-/// The replica's group commit on its own simulator (`replica::commit_sim`):
-/// `HASYNC_COMMIT_SIM_SEEDS=<n>` sets how many seeds run,
-/// `HASYNC_COMMIT_SIM_SEED=<seed>` replays one.
 /// The queue simulator (`queue::sim`): the real push and ingest sessions,
 /// commit sequence and ledger against both nodes' disks with crash
 /// semantics, failing operations, an MTA, a link that cuts and crashes of
@@ -175,6 +172,10 @@ fn queue_sim_seeds() {
     }
 }
 
+/// The replica's group commit on its own simulator (`replica::commit_sim`), with the
+/// receiver's gate for ops on paths and manifests:
+/// `HASYNC_COMMIT_SIM_SEEDS=<n>` sets how many seeds run,
+/// `HASYNC_COMMIT_SIM_SEED=<seed>` replays one.
 #[test]
 fn commit_sim_seeds() {
     use hasync::replica::commit_sim::{run_seeds, CommitSim};
