@@ -2996,6 +2996,64 @@ mod tests {
         assert!(r.fs.exists(Path::new("a/x")), "{:?}", r.fs.names);
     }
 
+    /// A file and a delete of its name in one batch, while the commit in
+    /// flight flushes its directories (so the file stays staged, not
+    /// folded): the delete waits for the file to land (the gate), and the
+    /// name stays deleted. Without the gate's touching rule the file landed
+    /// after the delete and a stale message stayed on the replica; the
+    /// seeded sweep does not catch that (seed 1786 reaches it: a comparison
+    /// asked for soon after repairs it).
+    #[test]
+    fn a_delete_of_a_file_still_staged_waits_for_it_to_land() {
+        let mut r = Replica::new(1, 1_000_000);
+        r.group_commit = true;
+        r.flush_percent = 0;
+        let meta = |mode| Meta {
+            mode,
+            uid: 0,
+            gid: 0,
+            mtime_sec: 1_700_000_000,
+            mtime_nsec: 0,
+        };
+        let file = |seq, path: &str| SyncMsg::File {
+            seq,
+            store: 0,
+            path: path.as_bytes().to_vec(),
+            meta: meta(0o600),
+            size: 0,
+            hash: index::hash_bytes(b""),
+        };
+        r.receive(SyncMsg::Start {
+            stores: vec!["mail".into()],
+            epoch: 1,
+        })
+        .unwrap();
+        r.receive(file(1, "a")).unwrap();
+        r.receive(SyncMsg::Barrier { seq: 2 }).unwrap();
+        // The commit of "a" starts; this op lands "a" (its data flush
+        // completes) and leaves the directory flush in flight.
+        r.receive(SyncMsg::Mkdir {
+            seq: 3,
+            store: 0,
+            path: b"d".to_vec(),
+            meta: meta(0o700),
+        })
+        .unwrap();
+        assert_eq!(r.commits.phase(), Some(super::super::commit::Phase::Dirs));
+        r.receive(file(4, "b")).unwrap();
+        assert_eq!(r.commits.staged().len(), 1, "b waits for the next commit");
+        r.receive(SyncMsg::Delete {
+            seq: 5,
+            store: 0,
+            path: b"b".to_vec(),
+        })
+        .unwrap();
+        r.receive(SyncMsg::Barrier { seq: 6 }).unwrap();
+        r.commit_all();
+        assert!(r.fs.exists(Path::new("a")), "{:?}", r.fs.names);
+        assert!(!r.fs.exists(Path::new("b")), "{:?}", r.fs.names);
+    }
+
     /// A folder renamed away while a comparison walks, after the walk
     /// listed its parent and before it entered the folder: what lay below
     /// it was not compared, so the primary compares again (review seeds
