@@ -181,6 +181,160 @@ pub fn touches(staged: &Path, paths: &[&[u8]]) -> bool {
     })
 }
 
+/// An op on paths, its paths checked, as the replica applies it
+/// ([`Applier::apply`]).
+#[derive(Debug, Clone)]
+pub enum PathOp {
+    KeepAside {
+        rel: PathBuf,
+    },
+    Mkdir {
+        rel: PathBuf,
+        meta: Meta,
+    },
+    DirMeta {
+        rel: PathBuf,
+        meta: Meta,
+    },
+    Delete {
+        rel: PathBuf,
+    },
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+    },
+    Link {
+        existing: PathBuf,
+        rel: PathBuf,
+        hash: u128,
+        meta: Meta,
+    },
+    Symlink {
+        rel: PathBuf,
+        target: Vec<u8>,
+        meta: Meta,
+    },
+}
+
+/// What [`path_op`] made of a message.
+#[derive(Debug)]
+pub enum Parsed {
+    /// An op on paths of store `store`, every path accepted.
+    Op { seq: u64, store: u16, op: PathOp },
+    /// A path was refused (and answered by the check): nothing applies.
+    Refused,
+    /// Not an op on paths: the driver handles it.
+    Other(SyncMsg),
+}
+
+/// The op on paths `msg` carries, each path through `check` (with the op's
+/// seq and store, in the order the op names them; `None`: refused, and
+/// answered by `check`; an error ends the session). The receiver and the
+/// data-path simulator parse ops with this one function.
+pub fn path_op<E>(
+    msg: SyncMsg,
+    mut check: impl FnMut(u64, u16, &[u8]) -> Result<Option<PathBuf>, E>,
+) -> Result<Parsed, E> {
+    macro_rules! checked {
+        ($seq:expr, $store:expr, $raw:expr) => {
+            match check($seq, $store, $raw)? {
+                Some(rel) => rel,
+                None => return Ok(Parsed::Refused),
+            }
+        };
+    }
+    let (seq, store, op) = match msg {
+        SyncMsg::KeepAside { seq, store, path } => (
+            seq,
+            store,
+            PathOp::KeepAside {
+                rel: checked!(seq, store, &path),
+            },
+        ),
+        SyncMsg::Mkdir {
+            seq,
+            store,
+            path,
+            meta,
+        } => (
+            seq,
+            store,
+            PathOp::Mkdir {
+                rel: checked!(seq, store, &path),
+                meta,
+            },
+        ),
+        SyncMsg::DirMeta {
+            seq,
+            store,
+            path,
+            meta,
+        } => (
+            seq,
+            store,
+            PathOp::DirMeta {
+                rel: checked!(seq, store, &path),
+                meta,
+            },
+        ),
+        SyncMsg::Delete { seq, store, path } => (
+            seq,
+            store,
+            PathOp::Delete {
+                rel: checked!(seq, store, &path),
+            },
+        ),
+        SyncMsg::Rename {
+            seq,
+            store,
+            from,
+            to,
+        } => {
+            let from = checked!(seq, store, &from);
+            let to = checked!(seq, store, &to);
+            (seq, store, PathOp::Rename { from, to })
+        }
+        SyncMsg::Link {
+            seq,
+            store,
+            existing,
+            path,
+            hash,
+            meta,
+        } => {
+            let existing = checked!(seq, store, &existing);
+            let rel = checked!(seq, store, &path);
+            (
+                seq,
+                store,
+                PathOp::Link {
+                    existing,
+                    rel,
+                    hash,
+                    meta,
+                },
+            )
+        }
+        SyncMsg::Symlink {
+            seq,
+            store,
+            path,
+            target,
+            meta,
+        } => (
+            seq,
+            store,
+            PathOp::Symlink {
+                rel: checked!(seq, store, &path),
+                target,
+                meta,
+            },
+        ),
+        other => return Ok(Parsed::Other(other)),
+    };
+    Ok(Parsed::Op { seq, store, op })
+}
+
 /// What an op could not do, for the driver to answer (in order, before
 /// anything else it sends).
 #[derive(Debug)]
@@ -399,6 +553,34 @@ impl Applier {
                 .protected
                 .iter()
                 .any(|(ps, p)| *ps == s && (p.starts_with(rel) || rel.starts_with(p)))
+    }
+
+    /// Applies one op on paths of store `s` (what it could not do is in
+    /// [`Applier::take_replies`]).
+    pub fn apply<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        seq: u64,
+        op: PathOp,
+    ) {
+        match op {
+            PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
+            PathOp::Mkdir { rel, meta } => self.mkdir(tree, index, s, seq, rel, meta),
+            PathOp::DirMeta { rel, meta } => self.dir_meta(tree, s, seq, rel, meta),
+            PathOp::Delete { rel } => self.delete(tree, index, s, seq, &rel),
+            PathOp::Rename { from, to } => self.rename(tree, index, s, seq, &from, &to),
+            PathOp::Link {
+                existing,
+                rel,
+                hash,
+                meta,
+            } => self.link(tree, index, s, seq, &existing, rel, hash, &meta),
+            PathOp::Symlink { rel, target, meta } => {
+                self.symlink(tree, index, s, seq, rel, &target, &meta)
+            }
+        }
     }
 
     /// `Mkdir`: the folder (a file there goes first), its times applied

@@ -81,7 +81,9 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::apply::{answer, land_first, Answer, Applier, ReplicaTree, Reply, StagedAt};
+use super::apply::{
+    answer, land_first, path_op, Answer, Applier, Parsed, ReplicaTree, Reply, StagedAt,
+};
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Index, Kind, Stat, Version};
@@ -1116,58 +1118,13 @@ impl Replica {
     /// An op through the receiver's decisions (also as a crash's replay
     /// applies it again).
     fn apply_op(&mut self, msg: SyncMsg) -> Result<(), String> {
-        match msg {
-            SyncMsg::Start { .. } => self.ops.begin_session(),
-            SyncMsg::KeepAside { seq, path, .. } => {
-                let rel = rel_of(&path)?;
-                self.decide(|ops, disk, _| ops.keep_aside(disk, 0, seq, rel));
+        match path_op(msg, |_, _, raw| rel_of(raw).map(Some))? {
+            Parsed::Op { seq, op, .. } => {
+                self.decide(|ops, disk, index| ops.apply(disk, index, 0, seq, op));
             }
-            SyncMsg::Mkdir {
-                seq, path, meta, ..
-            } => {
-                let rel = rel_of(&path)?;
-                self.decide(|ops, disk, index| ops.mkdir(disk, index, 0, seq, rel, meta));
-            }
-            SyncMsg::DirMeta {
-                seq, path, meta, ..
-            } => {
-                let rel = rel_of(&path)?;
-                self.decide(|ops, disk, _| ops.dir_meta(disk, 0, seq, rel, meta));
-            }
-            SyncMsg::Delete { seq, path, .. } => {
-                let rel = rel_of(&path)?;
-                self.decide(|ops, disk, index| ops.delete(disk, index, 0, seq, &rel));
-            }
-            SyncMsg::Rename { seq, from, to, .. } => {
-                let (from, to) = (rel_of(&from)?, rel_of(&to)?);
-                self.decide(|ops, disk, index| ops.rename(disk, index, 0, seq, &from, &to));
-            }
-            SyncMsg::Link {
-                seq,
-                existing,
-                path,
-                hash,
-                meta,
-                ..
-            } => {
-                let (existing, rel) = (rel_of(&existing)?, rel_of(&path)?);
-                self.decide(|ops, disk, index| {
-                    ops.link(disk, index, 0, seq, &existing, rel, hash, &meta)
-                });
-            }
-            SyncMsg::Symlink {
-                seq,
-                path,
-                target,
-                meta,
-                ..
-            } => {
-                let rel = rel_of(&path)?;
-                self.decide(|ops, disk, index| {
-                    ops.symlink(disk, index, 0, seq, rel, &target, &meta)
-                });
-            }
-            other => return Err(format!("the replica does not expect {other:?}")),
+            Parsed::Other(SyncMsg::Start { .. }) => self.ops.begin_session(),
+            Parsed::Other(other) => return Err(format!("the replica does not expect {other:?}")),
+            Parsed::Refused => return Err("the simulator's check refuses nothing".into()),
         }
         Ok(())
     }

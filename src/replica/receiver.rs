@@ -19,7 +19,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 use tracing::{error, info, warn};
 use xxhash_rust::xxh3::Xxh3;
 
-use super::apply::{land_first, Answer, Applier, Reply, StagedAt};
+use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt};
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
@@ -929,6 +929,22 @@ impl Receiver {
                 }
             }
         }
+        // Ops on paths: parsed (their paths checked; a refusal is
+        // answered) and applied by the receiver's decisions.
+        let msg = match path_op(msg, |seq, store, raw| -> Result<_, RecvError> {
+            let s = self.store_index(store, peer)?;
+            Ok(self.check(seq, s, raw, peer))
+        })? {
+            Parsed::Op { seq, store, op } => {
+                let s = store as usize;
+                let st = &mut self.stores[s];
+                self.ops.apply(&mut st.root, &mut st.index, s, seq, op);
+                self.answer_ops(peer);
+                return Ok(());
+            }
+            Parsed::Refused => return Ok(()),
+            Parsed::Other(msg) => msg,
+        };
         match msg {
             SyncMsg::Start { stores, epoch } => {
                 if let Some(fence) = &self.fence {
@@ -1003,25 +1019,6 @@ impl Receiver {
                     }
                 }
             }
-            SyncMsg::KeepAside { seq, store, path } => {
-                let s = self.store_index(store, peer)?;
-                let Some(rel) = self.check(seq, s, &path, peer) else {
-                    return Ok(());
-                };
-                self.ops.keep_aside(&mut self.stores[s].root, s, seq, rel);
-            }
-            SyncMsg::DirMeta {
-                seq,
-                store,
-                path,
-                meta,
-            } => {
-                let s = self.store_index(store, peer)?;
-                let Some(rel) = self.check(seq, s, &path, peer) else {
-                    return Ok(());
-                };
-                self.ops.dir_meta(&self.stores[s].root, s, seq, rel, meta);
-            }
             SyncMsg::ConflictAck { id } => {
                 if let Some((s, file)) = self.uploads.remove(&id) {
                     if let Err(e) =
@@ -1079,87 +1076,6 @@ impl Receiver {
                 if size == 0 {
                     self.complete_file(peer).await;
                 }
-            }
-            SyncMsg::Mkdir {
-                seq,
-                store,
-                path,
-                meta,
-            } => {
-                let s = self.store_index(store, peer)?;
-                let Some(rel) = self.check(seq, s, &path, peer) else {
-                    return Ok(());
-                };
-                let st = &mut self.stores[s];
-                self.ops
-                    .mkdir(&mut st.root, &mut st.index, s, seq, rel, meta);
-            }
-            SyncMsg::Delete { seq, store, path } => {
-                let s = self.store_index(store, peer)?;
-                let Some(rel) = self.check(seq, s, &path, peer) else {
-                    return Ok(());
-                };
-                let st = &mut self.stores[s];
-                self.ops.delete(&mut st.root, &mut st.index, s, seq, &rel);
-            }
-            SyncMsg::Rename {
-                seq,
-                store,
-                from,
-                to,
-            } => {
-                let s = self.store_index(store, peer)?;
-                let Some(from) = self.check(seq, s, &from, peer) else {
-                    return Ok(());
-                };
-                let Some(to) = self.check(seq, s, &to, peer) else {
-                    return Ok(());
-                };
-                let st = &mut self.stores[s];
-                self.ops
-                    .rename(&mut st.root, &mut st.index, s, seq, &from, &to);
-            }
-            SyncMsg::Link {
-                seq,
-                store,
-                existing,
-                path,
-                hash,
-                meta,
-            } => {
-                let s = self.store_index(store, peer)?;
-                let Some(existing) = self.check(seq, s, &existing, peer) else {
-                    return Ok(());
-                };
-                let Some(rel) = self.check(seq, s, &path, peer) else {
-                    return Ok(());
-                };
-                let st = &mut self.stores[s];
-                self.ops.link(
-                    &mut st.root,
-                    &mut st.index,
-                    s,
-                    seq,
-                    &existing,
-                    rel,
-                    hash,
-                    &meta,
-                );
-            }
-            SyncMsg::Symlink {
-                seq,
-                store,
-                path,
-                target,
-                meta,
-            } => {
-                let s = self.store_index(store, peer)?;
-                let Some(rel) = self.check(seq, s, &path, peer) else {
-                    return Ok(());
-                };
-                let st = &mut self.stores[s];
-                self.ops
-                    .symlink(&mut st.root, &mut st.index, s, seq, rel, &target, &meta);
             }
             SyncMsg::CaughtUp => {
                 if !self.stats.caught_up.swap(true, Relaxed) {
