@@ -2908,36 +2908,49 @@ mod tests {
             .collect()
     }
 
-    /// A file still staged when the primary turns its name into a folder
-    /// (`Mkdir` at the same name, then a message in it): the folder must
-    /// not be replaced by the stale file when that lands (the `Mkdir` lands
-    /// the file first, then clears it).
-    #[test]
-    fn a_mkdir_over_a_file_still_staged_keeps_the_folder() {
+    /// A replica in a session, with the group commit on and no flush
+    /// completing on its own (only the gate lands anything).
+    fn staging_replica() -> Replica {
         let mut r = Replica::new(1, 1_000_000);
         r.group_commit = true;
-        // No commit lands anything on its own: only the rule does.
         r.flush_percent = 0;
-        let meta = |mode| Meta {
+        r.receive(SyncMsg::Start {
+            stores: vec!["mail".into()],
+            epoch: 1,
+        })
+        .unwrap();
+        r
+    }
+
+    fn meta(mode: u32) -> Meta {
+        Meta {
             mode,
             uid: 0,
             gid: 0,
             mtime_sec: 1_700_000_000,
             mtime_nsec: 0,
-        };
-        let file = |seq, path: &str| SyncMsg::File {
+        }
+    }
+
+    /// An empty file (staged at once: no data frames).
+    fn file(seq: u64, path: &str) -> SyncMsg {
+        SyncMsg::File {
             seq,
             store: 0,
             path: path.as_bytes().to_vec(),
             meta: meta(0o600),
             size: 0,
             hash: index::hash_bytes(b""),
-        };
-        r.receive(SyncMsg::Start {
-            stores: vec!["mail".into()],
-            epoch: 1,
-        })
-        .unwrap();
+        }
+    }
+
+    /// A file still staged when the primary turns its name into a folder
+    /// (`Mkdir` at the same name, then a message in it): the folder must
+    /// not be replaced by the stale file when that lands (the `Mkdir` lands
+    /// the file first, then clears it).
+    #[test]
+    fn a_mkdir_over_a_file_still_staged_keeps_the_folder() {
+        let mut r = staging_replica();
         r.receive(file(1, "a")).unwrap();
         r.receive(SyncMsg::Mkdir {
             seq: 2,
@@ -2962,29 +2975,7 @@ mod tests {
     /// asked for soon after repairs it).
     #[test]
     fn a_delete_of_a_file_still_staged_waits_for_it_to_land() {
-        let mut r = Replica::new(1, 1_000_000);
-        r.group_commit = true;
-        r.flush_percent = 0;
-        let meta = |mode| Meta {
-            mode,
-            uid: 0,
-            gid: 0,
-            mtime_sec: 1_700_000_000,
-            mtime_nsec: 0,
-        };
-        let file = |seq, path: &str| SyncMsg::File {
-            seq,
-            store: 0,
-            path: path.as_bytes().to_vec(),
-            meta: meta(0o600),
-            size: 0,
-            hash: index::hash_bytes(b""),
-        };
-        r.receive(SyncMsg::Start {
-            stores: vec!["mail".into()],
-            epoch: 1,
-        })
-        .unwrap();
+        let mut r = staging_replica();
         r.receive(file(1, "a")).unwrap();
         r.receive(SyncMsg::Barrier { seq: 2 }).unwrap();
         // The commit of "a" starts; this op lands "a" (its data flush
