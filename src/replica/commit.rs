@@ -45,8 +45,9 @@ pub enum Before<T> {
     Nothing,
     /// The files of the commit in flight (an op on a path sees every file
     /// of a commit that started before it in place), and every staged file
-    /// for which `T` says the op touches it (those land in a commit of
-    /// their own).
+    /// for which `T` says the op touches it (then every staged file lands
+    /// first: folded into the directory flush in flight, or in a commit
+    /// of their own).
     Touching(T),
     /// Every staged file, and every commit complete (a manifest describes
     /// the tree as it is).
@@ -204,8 +205,11 @@ impl<F, B> Pipeline<F, B> {
                 if !self.staged.iter().any(touches) {
                     return Gate::Open;
                 }
-                // Those staged land in a commit of their own, once the
-                // one in flight is complete.
+                // Every staged file lands first: folded into the directory
+                // flush in flight (with syncfs) as it completes, or in a
+                // commit of their own once none is in flight. The op may
+                // then apply while a directory flush that lands nothing
+                // more is in flight, as an op touching no staged file does.
                 if self.inflight.is_none() {
                     self.start(true);
                 }

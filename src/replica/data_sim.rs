@@ -965,6 +965,11 @@ impl Replica {
                 Gate::Open => return,
                 Gate::AwaitFlush => {
                     self.perform();
+                    // The receiver would fail ("no flush in flight").
+                    assert!(
+                        self.commits.phase().is_some(),
+                        "the gate waits for a flush nobody asked for"
+                    );
                     self.complete_flush();
                 }
                 Gate::Failed => unreachable!("the data simulator's flushes do not fail"),
