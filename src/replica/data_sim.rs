@@ -35,7 +35,11 @@
 //! tree (names, kinds, content, symlink targets, file modes and mtimes,
 //! folder modes and mtimes, empty folders, hard-link groups), without a
 //! comparison the sender did not ask for itself; and quiescence comes at
-//! all (an op asked for forever never lets it).
+//! all (an op asked for forever never lets it). The same check runs each
+//! time the pair settles while the workload goes on (nothing unread,
+//! queued, on the wire or unacknowledged, no comparison asked for; the
+//! users pause now and then in a sweep so that it does): a name left wrong
+//! must not wait for a later comparison to be repaired unseen.
 //!
 //! - crashes of either node ([`DataSim::new`]; a stream of draws of their
 //!   own): the replica keeps what its last acknowledged barrier left and a
@@ -1228,6 +1232,9 @@ pub struct Outcome {
     pub partial_removals: u64,
     /// Staged files whose writes failed on the staging thread.
     pub stage_failures: u64,
+    /// Moments the pair settled while the workload went on (the tree
+    /// checked there as at the end).
+    pub settled_checks: u64,
     /// A hash of every frame sent both ways, in order: a seed run twice
     /// gives the same (a run that reads a clock or a hash map's order
     /// would not replay).
@@ -1259,9 +1266,13 @@ impl Outcome {
         self.overtook_staged += o.overtook_staged;
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
+        self.settled_checks += o.settled_checks;
         self.fingerprint = self.fingerprint.rotate_left(1) ^ o.fingerprint;
     }
 }
+
+/// The longest pause of the users ([`DataSim::lull_percent`]), in steps.
+const LULL_STEPS: u32 = 400;
 
 pub struct DataSim {
     rng: SimRng,
@@ -1297,6 +1308,14 @@ pub struct DataSim {
     /// comparison walks the tree, and its own draws of that.
     busy_percent: u8,
     busy_rng: SimRng,
+    /// How often the users pause (per workload step) until the pair
+    /// settles, so that the tree is checked while the workload goes on
+    /// (before a later comparison could repair what a step left wrong),
+    /// its draws, and the steps left of the pause (it ends at the
+    /// check, or after [`LULL_STEPS`] if nothing settles: a full disk).
+    lull_percent: u8,
+    lull_rng: SimRng,
+    lull_left: u32,
     crash_percent: u8,
     /// Percent chance, at those steps, that the replica's disk turns full
     /// (or has room again).
@@ -1487,6 +1506,9 @@ impl DataSim {
             fault_rng: SimRng::new(seed ^ 0x6372_6173_6865_7321),
             busy_percent: 0,
             busy_rng: SimRng::new(seed ^ 0x7761_6c6b_696e_6721),
+            lull_percent: 0,
+            lull_rng: SimRng::new(seed ^ 0x6c75_6c6c_6c75_6c6c),
+            lull_left: 0,
             crash_percent: 0,
             full_percent: 0,
             failover_percent: 0,
@@ -1517,6 +1539,7 @@ impl DataSim {
         } else {
             DataSim::without_crashes(seed)
         };
+        sim.lull_percent = [10, 30, 60][sim.lull_rng.range(0, 2) as usize];
         if seed % 2 == 1 {
             sim.busy_percent = 40;
             sim.failovers_max = 2;
@@ -2626,6 +2649,16 @@ impl DataSim {
                 self.compare(false);
             }
             self.sender.feed_backlog();
+            if self.workload_left > 0 && self.settled() {
+                // Settled while the users go on: nothing unread, nothing
+                // queued, on the wire or unacknowledged, no comparison
+                // asked for. The replica holds the primary's tree now, not
+                // only after some later comparison repaired it.
+                self.out.settled_checks += 1;
+                self.lull_left = 0;
+                self.check()
+                    .map_err(|e| format!("settled at step {steps}, the workload going on: {e}"))?;
+            }
             let quiet = self.workload_left == 0;
             if quiet {
                 // Room returns once the workload stops; I/O errors too.
@@ -2633,18 +2666,16 @@ impl DataSim {
                 self.replica.faults.eio_percent = 0;
                 self.sender
                     .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
-                if self.events.is_empty()
-                    && self.to_replica.is_empty()
-                    && self.to_primary.is_empty()
-                    && self.sender.idle()
-                    && !self.verify_wanted
-                    && !self.session_wanted
-                {
+                if self.settled() {
                     break;
                 }
             }
+            self.lull_left = self.lull_left.saturating_sub(1);
             match self.rng.range(0, 99) {
-                0..=29 if self.workload_left > 0 => {
+                0..=29 if self.workload_left > 0 && self.lull_left == 0 => {
+                    if self.lull_rng.percent(self.lull_percent) {
+                        self.lull_left = LULL_STEPS;
+                    }
                     self.workload_left -= 1;
                     self.workload_step();
                 }
@@ -2700,6 +2731,17 @@ impl DataSim {
         self.out.partial_removals = self.replica.faults.partial_removals;
         self.out.stage_failures = self.replica.faults.stage_failures;
         Ok(self.out)
+    }
+
+    /// Nothing the tracker has not read, nothing queued, on the wire or
+    /// unacknowledged, and no comparison or session asked for.
+    fn settled(&self) -> bool {
+        self.events.is_empty()
+            && self.to_replica.is_empty()
+            && self.to_primary.is_empty()
+            && self.sender.idle()
+            && !self.verify_wanted
+            && !self.session_wanted
     }
 
     /// After a failover: every version the old primary held that the new

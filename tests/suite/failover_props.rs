@@ -243,6 +243,7 @@ fn data_sim_seeds() {
                     && o.raced_reads > 0
                     && o.needs > 0
                     && o.changes_while_comparing > 0
+                    && o.settled_checks > n
                     && (!faults
                         // The group commit runs in half the seeds with faults.
                         || o.overtook_staged > 0
