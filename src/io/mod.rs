@@ -193,13 +193,28 @@ pub fn pwrite_all(
     Ok(())
 }
 
-/// The outcome of a flush requested from [`SyncfsWorker`].
+/// The outcome of a flush requested from [`DurableWorker`].
 pub type FlushResult = Result<(), String>;
 
-/// A thread that runs `syncfs` calls for an io_uring event loop: io_uring has
-/// no syncfs operation, and a syncfs can take tens of milliseconds, during
-/// which the loop must keep receiving and staging the next files. The thread
-/// ends when the worker is dropped.
+/// Work for the [`DurableWorker`]'s thread.
+enum DurableJob {
+    /// `syncfs` of the filesystems holding these paths, in order.
+    Flush(
+        Vec<std::path::PathBuf>,
+        tokio::sync::oneshot::Sender<FlushResult>,
+    ),
+    /// A commit sequence of the caller's (the queue ingester's batch:
+    /// intents, flush, renames, flush, ledger).
+    Run(Box<dyn FnOnce() + Send>),
+}
+
+/// The node's durable-commit service: one thread, for the node's life,
+/// that runs what makes data durable for the io_uring event loops, in the
+/// order asked: the receiver's `syncfs` flushes (io_uring has no syncfs
+/// operation, and one can take tens of milliseconds, during which the
+/// loop must keep receiving and staging the next files) and the queue
+/// ingester's batch commits. Neither loop blocks on a flush. The thread
+/// ends when the last handle is dropped.
 ///
 /// Each path's descriptor is opened once and kept for the worker's life:
 /// `syncfs` reports the writeback errors raised since the descriptor last
@@ -207,23 +222,17 @@ pub type FlushResult = Result<(), String>;
 /// between calls (by the kernel's background writeback) and a batch would
 /// be called durable that is not.
 #[derive(Clone)]
-pub struct SyncfsWorker {
-    tx: crossbeam_channel::Sender<(
-        Vec<std::path::PathBuf>,
-        tokio::sync::oneshot::Sender<FlushResult>,
-    )>,
+pub struct DurableWorker {
+    tx: crossbeam_channel::Sender<DurableJob>,
     /// A failure whose requester had stopped waiting (its session ended):
     /// kept until someone takes it, because the descriptor has now seen
     /// the error and will not report it again.
     orphaned: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
-impl SyncfsWorker {
-    pub fn start(name: &str) -> io::Result<SyncfsWorker> {
-        let (tx, rx) = crossbeam_channel::unbounded::<(
-            Vec<std::path::PathBuf>,
-            tokio::sync::oneshot::Sender<FlushResult>,
-        )>();
+impl DurableWorker {
+    pub fn start(name: &str) -> io::Result<DurableWorker> {
+        let (tx, rx) = crossbeam_channel::unbounded::<DurableJob>();
         let orphaned = std::sync::Arc::new(std::sync::Mutex::new(None));
         let orphans = orphaned.clone();
         std::thread::Builder::new()
@@ -231,7 +240,20 @@ impl SyncfsWorker {
             .spawn(move || {
                 let mut open: std::collections::HashMap<std::path::PathBuf, std::fs::File> =
                     Default::default();
-                for (paths, reply) in rx {
+                for job in rx {
+                    let (paths, reply) = match job {
+                        DurableJob::Flush(paths, reply) => (paths, reply),
+                        DurableJob::Run(job) => {
+                            // A job that panics has its own way out (the
+                            // queue's aborts the process); the worker goes
+                            // on serving the flushes.
+                            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err()
+                            {
+                                tracing::error!("a job of the durable-commit thread panicked");
+                            }
+                            continue;
+                        }
+                    };
                     let res = paths.iter().try_for_each(|p| {
                         let f = match open.entry(p.clone()) {
                             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -247,7 +269,7 @@ impl SyncfsWorker {
                     }
                 }
             })?;
-        Ok(SyncfsWorker { tx, orphaned })
+        Ok(DurableWorker { tx, orphaned })
     }
 
     /// A flush failure nobody was waiting for any more, once.
@@ -255,7 +277,7 @@ impl SyncfsWorker {
         self.orphaned.lock().expect("orphaned flush lock").take()
     }
 
-    /// Like [`SyncfsWorker::flush`], answering on `reply`.
+    /// Like [`DurableWorker::flush`], answering on `reply`.
     pub fn flush_with(
         &self,
         paths: Vec<std::path::PathBuf>,
@@ -263,8 +285,10 @@ impl SyncfsWorker {
     ) {
         if paths.is_empty() {
             let _ = reply.send(Ok(()));
-        } else if let Err(crossbeam_channel::SendError((_, reply))) = self.tx.send((paths, reply)) {
-            let _ = reply.send(Err("the flush thread is gone".into()));
+        } else if let Err(crossbeam_channel::SendError(DurableJob::Flush(_, reply))) =
+            self.tx.send(DurableJob::Flush(paths, reply))
+        {
+            let _ = reply.send(Err("the durable-commit thread is gone".into()));
         }
     }
 
@@ -277,6 +301,24 @@ impl SyncfsWorker {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.flush_with(paths, reply);
         rx
+    }
+
+    /// Runs `job` on the worker's thread after everything asked before it;
+    /// its outcome comes back on the channel returned. Err(`job`) if the
+    /// thread is gone (it ends only with its last handle, so not while
+    /// this one exists, unless it could not run at all).
+    pub fn run<T, F>(&self, job: F) -> Result<crossbeam_channel::Receiver<T>, String>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(DurableJob::Run(Box::new(move || {
+                let _ = tx.send(job());
+            })))
+            .map_err(|_| "the durable-commit thread is gone".to_string())?;
+        Ok(rx)
     }
 }
 
@@ -316,4 +358,52 @@ pub fn join_fsyncs(
 /// fsyncs every descriptor through io_uring, all submitted at once.
 pub fn fsync_all(fds: Vec<std::os::fd::OwnedFd>) -> tokio::sync::oneshot::Receiver<FlushResult> {
     join_fsyncs(fds.into_iter().map(fsync_owned).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The receiver's flushes and the ingester's commits share one thread,
+    /// in the order asked; a job that panics leaves it serving.
+    #[test]
+    fn the_durable_worker_runs_flushes_and_jobs_in_order_and_outlives_a_panicking_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = DurableWorker::start("test-durable").unwrap();
+        let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let o = order.clone();
+        let first = w
+            .run(move || {
+                o.lock().unwrap().push("job");
+                std::thread::current().name().map(str::to_owned)
+            })
+            .unwrap();
+        let flushed = w.flush(vec![dir.path().to_path_buf()]);
+        let o = order.clone();
+        let after = w
+            .run(move || o.lock().unwrap().push("after flush"))
+            .unwrap();
+        assert_eq!(first.recv().unwrap().as_deref(), Some("test-durable"));
+        after.recv().unwrap();
+        assert_eq!(flushed.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(*order.lock().unwrap(), ["job", "after flush"]);
+
+        let panicked = w
+            .run(|| -> u32 { panic!("a job that fails its own way") })
+            .unwrap();
+        assert!(panicked.recv().is_err(), "a panicked job sends no outcome");
+        assert_eq!(
+            w.flush(vec![dir.path().to_path_buf()])
+                .blocking_recv()
+                .unwrap(),
+            Ok(())
+        );
+        let missing = dir.path().join("gone");
+        let err = w
+            .flush(vec![missing.clone()])
+            .blocking_recv()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
 }

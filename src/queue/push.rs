@@ -359,15 +359,18 @@ pub struct Ingester {
     /// every writeback error since it opened (see `io::syncfs_file`).
     queue_fs: Arc<std::fs::File>,
     /// Failed flushes of the queue's filesystem so far (see
-    /// `QueueDisk::flush_failures`), shared with the commit thread.
+    /// `QueueDisk::flush_failures`), shared with the commit job.
     flush_failures: Arc<std::sync::atomic::AtomicU64>,
     staging: PathBuf,
-    /// Shared with the commit thread, which holds it only to append.
+    /// Shared with the commit job, which holds it only to append.
     ledger: Arc<Mutex<Ledger>>,
-    /// The batch being committed on its thread, if any (a push that ended
-    /// while it ran leaves it here: the next one waits for it first).
-    /// Its outcome comes back from the thread only if the push was gone.
-    committing: Option<std::thread::JoinHandle<Option<Result<(), PushError>>>>,
+    /// The node's durable-commit service, which runs the batch commits
+    /// off the event loop (beside the receiver's flushes).
+    durable: crate::io::DurableWorker,
+    /// The batch being committed there, if any (a push that ended while it
+    /// ran leaves it here: the next one waits for it first). Its outcome
+    /// comes back this way only if the push was gone.
+    committing: Option<crossbeam_channel::Receiver<Option<Result<(), PushError>>>>,
     hook: Option<Vec<String>>,
     pub stats: IngestStats,
     counter: u64,
@@ -403,15 +406,16 @@ fn set_meta(f: &std::fs::File, meta: &Meta) -> std::io::Result<()> {
 }
 
 impl Ingester {
-    /// Opens the ledger and rolls forward any ingest a crash interrupted.
+    /// Takes the opened ledger, rolls forward any ingest a crash
+    /// interrupted, and commits its batches on `durable` (the node's
+    /// durable-commit service).
     pub fn open(
         layout: Layout,
         queue_dir: &Path,
-        ledger_path: &Path,
-        max_entries: usize,
-        max_age: Duration,
+        ledger: Ledger,
         hook: Option<Vec<String>>,
         staging: &Path,
+        durable: crate::io::DurableWorker,
     ) -> Result<Ingester, PushError> {
         let staging = staging.to_path_buf();
         std::fs::create_dir_all(&staging).map_err(|source| PushError::Local {
@@ -419,7 +423,6 @@ impl Ingester {
             path: staging.clone(),
             source,
         })?;
-        let ledger = Ledger::open(ledger_path, max_entries, max_age)?;
         let queue_fs = std::fs::File::open(queue_dir).map_err(|source| PushError::Local {
             op: "open",
             path: queue_dir.to_owned(),
@@ -432,6 +435,7 @@ impl Ingester {
             queue_dir: queue_dir.to_owned(),
             staging,
             ledger: Arc::new(Mutex::new(ledger)),
+            durable,
             committing: None,
             hook,
             stats: IngestStats::default(),
@@ -1048,7 +1052,7 @@ impl Ingester {
         let Some(t) = self.committing.take() else {
             return;
         };
-        match t.join() {
+        match t.recv() {
             Ok(Some(Err(e))) => {
                 error!("a queue ingest batch of a push that was cut failed: {e}; rolling forward what it recorded");
                 if let Err(e) = self.roll_forward(None) {
@@ -1056,13 +1060,13 @@ impl Ingester {
                 }
             }
             Ok(_) => {}
-            Err(_) => error!("the queue commit thread panicked; its batch was not acknowledged (the pusher keeps it)"),
+            Err(_) => error!("the queue commit job ended without an outcome; its batch was not acknowledged (the pusher keeps it)"),
         }
     }
 
-    /// Starts committing the staged messages `ids` on its own thread (the
-    /// loop goes on staging the next batch; the session starts one commit
-    /// at a time).
+    /// Starts committing the staged messages `ids` on the node's
+    /// durable-commit thread (the loop goes on staging the next batch; the
+    /// session starts one commit at a time).
     fn start_commit(&mut self, pipe: &mut Pipe<'_>, ids: &[u64]) -> Result<(), PushError> {
         let mut staged = Vec::with_capacity(ids.len());
         for id in ids {
@@ -1082,46 +1086,44 @@ impl Ingester {
             self.ledger.clone(),
             pipe.tx.clone(),
         );
-        let spawned = std::thread::Builder::new()
-            .name("hasync-queue-commit".into())
-            .spawn(move || {
-                let t0 = Instant::now();
-                let disk = RealDisk {
-                    queue_fs: &fs,
-                    queue_dir: &dir,
-                    staging: &staging,
-                    flush_failures: &failures,
-                };
-                // A panic mid-commit leaves the ledger's lock poisoned and its
-                // memory maybe behind its file, and the loop waiting for an
-                // outcome: the process stops, and its restart recovers from
-                // disk (what is recorded is completed; the pusher re-sends
-                // the rest).
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    commit_batch(&disk, &ledger, &staged)
-                }))
-                .unwrap_or_else(|_| {
-                    error!("the queue commit thread panicked; stopping so that the restart recovers the ingest from disk");
-                    std::process::abort()
-                });
-                tracing::debug!(
-                    n = staged.len(),
-                    us = t0.elapsed().as_micros() as u64,
-                    "ingest batch committed"
-                );
-                // The push ended meanwhile: the outcome goes back through
-                // the join (see `wait_committed`).
-                match tx.blocking_send(Event::Committed(result)) {
-                    Ok(()) => None,
-                    Err(tokio::sync::mpsc::error::SendError(Event::Committed(r))) => Some(r),
-                    Err(_) => None,
-                }
+        let queued = self.durable.run(move || {
+            let t0 = Instant::now();
+            let disk = RealDisk {
+                queue_fs: &fs,
+                queue_dir: &dir,
+                staging: &staging,
+                flush_failures: &failures,
+            };
+            // A panic mid-commit leaves the ledger's lock poisoned and its
+            // memory maybe behind its file, and the loop waiting for an
+            // outcome: the process stops, and its restart recovers from
+            // disk (what is recorded is completed; the pusher re-sends
+            // the rest).
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_batch(&disk, &ledger, &staged)
+            }))
+            .unwrap_or_else(|_| {
+                error!("the queue commit job panicked; stopping so that the restart recovers the ingest from disk");
+                std::process::abort()
             });
-        match spawned {
-            Ok(t) => self.committing = Some(t),
+            tracing::debug!(
+                n = staged.len(),
+                us = t0.elapsed().as_micros() as u64,
+                "ingest batch committed"
+            );
+            // The push ended meanwhile: the outcome goes back through
+            // the job's channel (see `wait_committed`).
+            match tx.blocking_send(Event::Committed(result)) {
+                Ok(()) => None,
+                Err(tokio::sync::mpsc::error::SendError(Event::Committed(r))) => Some(r),
+                Err(_) => None,
+            }
+        });
+        match queued {
+            Ok(rx) => self.committing = Some(rx),
             Err(e) => {
                 // No thread: committed here, heard before the next frame.
-                warn!("cannot start the queue commit thread ({e}); committing on the loop");
+                warn!("cannot hand the queue commit to the durable-commit thread ({e}); committing on the loop");
                 pipe.ready = Some(commit_batch(
                     &RealDisk::of(self),
                     &self.ledger,
@@ -1460,7 +1462,7 @@ impl Drop for AbortOnDrop {
 }
 
 /// Makes a batch of staged messages part of the queue, durably and exactly
-/// once (see `commit`). Runs on the commit thread (or the caller's,
+/// once (see `commit`). Runs on the durable-commit thread (or the caller's,
 /// promoting a replica); the ledger is locked only to append, so the
 /// loop's duplicate checks wait at most for that.
 fn commit_batch(

@@ -188,11 +188,10 @@ impl Engine {
         let stats = Arc::new(ReplStats::default());
         *stats.unverified.lock().expect("unverified lock") =
             super::receiver::unverified(&cfg.state_dir);
-        // One flush thread for the node's life (see `SyncfsWorker`).
-        let flusher = (cfg.durability == super::Durability::Syncfs)
-            .then(|| crate::io::SyncfsWorker::start("hasync-flush"))
-            .transpose()
-            .map_err(EngineError::Thread)?;
+        // One durable-commit thread for the node's life (see
+        // `DurableWorker`): the receiver's flushes, the ingester's commits.
+        let durable =
+            crate::io::DurableWorker::start("hasync-durable").map_err(EngineError::Thread)?;
         let notifier = Arc::new(Mutex::new(None));
         let resync = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(QueueState::default());
@@ -208,7 +207,7 @@ impl Engine {
         let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
         let commit_wake = Arc::new(tokio::sync::Notify::new());
         let shared = Shared {
-            flusher,
+            durable,
             fence: fence.clone(),
             sending: sending.clone(),
             commit_rx,
@@ -501,7 +500,7 @@ impl Drop for SendingGuard {
 }
 
 struct Shared {
-    flusher: Option<crate::io::SyncfsWorker>,
+    durable: crate::io::DurableWorker,
     fence: Arc<Fence>,
     sending: Arc<Sending>,
     commit_rx: crossbeam_channel::Receiver<CommitReq>,
@@ -1298,26 +1297,32 @@ async fn accept_loop(
     // Opened at start so that an ingest a crash interrupted is rolled
     // forward at once, not at the next push.
     let q = &shared.cfg.queue;
-    let opened = match Ingester::open(
-        q.layout,
-        &q.queue_dir,
-        &q.ledger,
-        q.ledger_max_entries,
-        q.ledger_max_age,
-        q.hook.clone(),
-        &q.staging,
-    ) {
-        Ok(mut i) => {
-            i.stats.ledger_entries = i.ledger_len() as u64;
-            *shared.queue.ingest.lock().expect("ingest lock") = i.stats.clone();
-            Some(i)
-        }
-        Err(e) => {
-            error!("cannot open the queue ledger: {e}; queue pushes to this node will be refused");
-            *shared.queue.last_error.lock().expect("queue error lock") = Some(e.to_string());
-            None
-        }
-    };
+    let opened =
+        match crate::queue::ledger::Ledger::open(&q.ledger, q.ledger_max_entries, q.ledger_max_age)
+            .map_err(crate::queue::push::PushError::from)
+            .and_then(|ledger| {
+                Ingester::open(
+                    q.layout,
+                    &q.queue_dir,
+                    ledger,
+                    q.hook.clone(),
+                    &q.staging,
+                    shared.durable.clone(),
+                )
+            }) {
+            Ok(mut i) => {
+                i.stats.ledger_entries = i.ledger_len() as u64;
+                *shared.queue.ingest.lock().expect("ingest lock") = i.stats.clone();
+                Some(i)
+            }
+            Err(e) => {
+                error!(
+                    "cannot open the queue ledger: {e}; queue pushes to this node will be refused"
+                );
+                *shared.queue.last_error.lock().expect("queue error lock") = Some(e.to_string());
+                None
+            }
+        };
     let ingester: Rc<RefCell<Option<Ingester>>> = Rc::new(RefCell::new(opened));
     {
         // Promotion: the replicated queue joins the live queue. One that
@@ -1531,7 +1536,7 @@ async fn serve_sync(
     receiver.served = shared.served.clone();
     receiver.fence = Some(shared.fence.clone());
     receiver.prescanned = receiving.prescan.borrow_mut().take();
-    receiver.flusher = shared.flusher.clone();
+    receiver.flusher = Some(shared.durable.clone());
     let session_epoch = receiver.session_epoch.clone();
     let mut fence_rx = shared.fence.subscribe();
     shared.stats.connected.store(true, Relaxed);

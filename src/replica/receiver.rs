@@ -158,7 +158,7 @@ pub struct Receiver {
     durability: Durability,
     /// Runs the syncfs calls; the engine gives one that lives as long as
     /// the node (its descriptors see every writeback error since).
-    pub flusher: Option<crate::io::SyncfsWorker>,
+    pub flusher: Option<crate::io::DurableWorker>,
     /// Syncfs durability: the writer thread for staged content (in front
     /// of `flusher`), and the outcomes it reported, by seq.
     stager: Option<Stager>,
@@ -310,7 +310,7 @@ impl Receiver {
             // The engine's flusher (one for the node's life) if it gave one.
             let started = match self.flusher.clone() {
                 Some(f) => Ok(f),
-                None => crate::io::SyncfsWorker::start("hasync-flush"),
+                None => crate::io::DurableWorker::start("hasync-durable"),
             }
             .and_then(|f| Ok((Stager::start(f.clone())?, f)));
             match started {

@@ -24,7 +24,7 @@ use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::fsops::{apply_staged_meta, FsError};
 use super::index;
-use crate::io::{FlushResult, SyncfsWorker};
+use crate::io::{DurableWorker, FlushResult};
 use crate::wire::sync::Meta;
 
 /// Content bytes queued for writing at most (the loop waits beyond it).
@@ -108,7 +108,7 @@ pub struct Stager {
 
 impl Stager {
     /// Starts the writer thread; flushes go on to `flusher`.
-    pub fn start(flusher: SyncfsWorker) -> io::Result<Stager> {
+    pub fn start(flusher: DurableWorker) -> io::Result<Stager> {
         let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
         let (done_tx, done) = crossbeam_channel::unbounded();
         std::thread::Builder::new()
@@ -229,7 +229,7 @@ mod tests {
     #[test]
     fn outcomes_are_in_before_a_later_flush_reports_and_content_is_written() {
         let dir = tempfile::tempdir().unwrap();
-        let stager = Stager::start(SyncfsWorker::start("test-flush").unwrap()).unwrap();
+        let stager = Stager::start(DurableWorker::start("test-flush").unwrap()).unwrap();
         let path = dir.path().join("staged");
         let fd: OwnedFd = std::fs::File::create(&path).unwrap().into();
         let file = StagedFile::new(fd);
@@ -263,7 +263,7 @@ mod tests {
     #[test]
     fn a_failed_write_is_the_files_outcome() {
         let dir = tempfile::tempdir().unwrap();
-        let stager = Stager::start(SyncfsWorker::start("test-flush").unwrap()).unwrap();
+        let stager = Stager::start(DurableWorker::start("test-flush").unwrap()).unwrap();
         // A read-only descriptor: every write fails.
         std::fs::write(dir.path().join("ro"), b"").unwrap();
         let fd: OwnedFd = std::fs::File::open(dir.path().join("ro")).unwrap().into();
