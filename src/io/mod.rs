@@ -213,8 +213,10 @@ enum DurableJob {
 /// order asked: the receiver's `syncfs` flushes (io_uring has no syncfs
 /// operation, and one can take tens of milliseconds, during which the
 /// loop must keep receiving and staging the next files) and the queue
-/// ingester's batch commits. Neither loop blocks on a flush. The thread
-/// ends when the last handle is dropped.
+/// ingester's batch commits. The loops hand the work over and hear the
+/// outcome on a channel; only a push that finds a batch of a cut push
+/// still committing waits for it (and for what was queued before it).
+/// The thread ends when the last handle is dropped.
 ///
 /// Each path's descriptor is opened once and kept for the worker's life:
 /// `syncfs` reports the writeback errors raised since the descriptor last
@@ -378,14 +380,17 @@ mod tests {
                 std::thread::current().name().map(str::to_owned)
             })
             .unwrap();
-        let flushed = w.flush(vec![dir.path().to_path_buf()]);
+        let mut flushed = w.flush(vec![dir.path().to_path_buf()]);
         let o = order.clone();
+        // The flush asked before this job has answered by the time it runs.
         let after = w
-            .run(move || o.lock().unwrap().push("after flush"))
+            .run(move || {
+                o.lock().unwrap().push("after flush");
+                flushed.try_recv()
+            })
             .unwrap();
         assert_eq!(first.recv().unwrap().as_deref(), Some("test-durable"));
-        after.recv().unwrap();
-        assert_eq!(flushed.blocking_recv().unwrap(), Ok(()));
+        assert_eq!(after.recv().unwrap(), Ok(Ok(())));
         assert_eq!(*order.lock().unwrap(), ["job", "after flush"]);
 
         let panicked = w

@@ -607,8 +607,7 @@ impl Ingester {
         // Frames come through a reader task, so that a batch's commit
         // finishing on its thread is heard while the next one is staged.
         let peer_addr = r.peer();
-        let (tx, rx) = tokio::sync::mpsc::channel(PUSH_EVENTS_QUEUED);
-        let reader_tx = tx.clone();
+        let (reader_tx, rx) = tokio::sync::mpsc::channel(PUSH_EVENTS_QUEUED);
         let reader = AbortOnDrop(tokio_uring::spawn(async move {
             loop {
                 let f = r.recv_frame().await;
@@ -620,7 +619,7 @@ impl Ingester {
         }));
         let mut pipe = Pipe {
             rx,
-            tx,
+            committed: None,
             w: &w,
             peer: peer.clone(),
             session: IngestSession::new(),
@@ -787,7 +786,7 @@ impl Ingester {
                     if !out.is_empty() {
                         pipe.w.send_bytes(std::mem::take(&mut out)).await?;
                     }
-                    match pipe.rx.recv().await {
+                    match pipe.next_event(&self.queue_dir).await {
                         Some(Event::Committed(res)) => {
                             self.on_committed(res, pipe)?;
                             continue;
@@ -847,7 +846,7 @@ impl Ingester {
                 self.perform(pipe).await?;
                 continue;
             }
-            match pipe.rx.recv().await {
+            match pipe.next_event(&self.queue_dir).await {
                 Some(Event::Frame(f)) => return Ok(f?),
                 Some(Event::Committed(res)) => {
                     self.on_committed(res, pipe)?;
@@ -1078,13 +1077,13 @@ impl Ingester {
             staged.push(st.clone());
         }
         pipe.committing = staged.clone();
-        let (fs, dir, staging, failures, ledger, tx) = (
+        let (reply, committed) = tokio::sync::oneshot::channel();
+        let (fs, dir, staging, failures, ledger) = (
             self.queue_fs.clone(),
             self.queue_dir.clone(),
             self.staging.clone(),
             self.flush_failures.clone(),
             self.ledger.clone(),
-            pipe.tx.clone(),
         );
         let queued = self.durable.run(move || {
             let t0 = Instant::now();
@@ -1113,14 +1112,13 @@ impl Ingester {
             );
             // The push ended meanwhile: the outcome goes back through
             // the job's channel (see `wait_committed`).
-            match tx.blocking_send(Event::Committed(result)) {
-                Ok(()) => None,
-                Err(tokio::sync::mpsc::error::SendError(Event::Committed(r))) => Some(r),
-                Err(_) => None,
-            }
+            reply.send(result).err()
         });
         match queued {
-            Ok(rx) => self.committing = Some(rx),
+            Ok(rx) => {
+                self.committing = Some(rx);
+                pipe.committed = Some(committed);
+            }
             Err(e) => {
                 // No thread: committed here, heard before the next frame.
                 warn!("cannot hand the queue commit to the durable-commit thread ({e}); committing on the loop");
@@ -1433,13 +1431,42 @@ enum Event {
     Committed(Result<(), PushError>),
 }
 
-/// Frames (and commit ends) queued from the reader task at most.
+impl Pipe<'_> {
+    /// The next frame, or the running commit's outcome if it comes first.
+    async fn next_event(&mut self, queue_dir: &Path) -> Option<Event> {
+        let Some(committed) = self.committed.as_mut() else {
+            return self.rx.recv().await;
+        };
+        tokio::select! {
+            biased;
+            res = committed => {
+                self.committed = None;
+                Some(Event::Committed(res.unwrap_or_else(|_| {
+                    Err(PushError::Local {
+                        op: "commit",
+                        path: queue_dir.to_path_buf(),
+                        source: std::io::Error::other(
+                            "the durable-commit thread dropped the batch without an outcome",
+                        ),
+                    })
+                })))
+            }
+            ev = self.rx.recv() => ev,
+        }
+    }
+}
+
+/// Frames queued from the reader task at most.
 const PUSH_EVENTS_QUEUED: usize = 64;
 
 /// One push's state in the loop.
 struct Pipe<'a> {
+    /// Frames from the reader task.
     rx: tokio::sync::mpsc::Receiver<Event>,
-    tx: tokio::sync::mpsc::Sender<Event>,
+    /// The outcome of the commit running on the durable-commit thread: a
+    /// channel of its own, so that the job never waits for room among the
+    /// frames (the thread also runs the receiver's flushes).
+    committed: Option<tokio::sync::oneshot::Receiver<Result<(), PushError>>>,
     w: &'a FrameWriter,
     peer: String,
     /// What is decided (see `session`).

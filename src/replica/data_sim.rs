@@ -781,6 +781,10 @@ struct Replica {
     /// until their commit lands them (ops on other paths overtake them);
     /// else every message is committed at once.
     group_commit: bool,
+    /// The group commit's durability: `syncfs` (true: files staged while
+    /// a directory flush runs ride along with it) or per-file `fsync`
+    /// (false: they wait for the next commit).
+    fold: bool,
     /// A file whose data frames are arriving.
     current: Option<Incoming>,
     replies: Vec<u8>,
@@ -810,6 +814,7 @@ impl Replica {
             stats,
             staged: HashMap::new(),
             commits: Pipeline::new(true),
+            fold: true,
             overtook_staged: 0,
             flush_rng: SimRng::new(seed ^ 0x6c61_6e64),
             flush_percent: 40,
@@ -828,7 +833,7 @@ impl Replica {
         self.durable_ops = Applier::new(self.stats.clone());
         self.index = Index::in_memory();
         self.staged.clear();
-        self.commits = Pipeline::new(true);
+        self.commits = Pipeline::new(self.fold);
         self.covering = None;
         self.since_durable.clear();
         self.faults.log.clear();
@@ -894,7 +899,7 @@ impl Replica {
     /// acknowledgements are lost (and what it made durable is not counted).
     fn session_ends(&mut self) {
         self.current = None;
-        self.commits = Pipeline::new(true);
+        self.commits = Pipeline::new(self.fold);
         self.covering = None;
         self.staged.clear();
     }
@@ -1235,6 +1240,9 @@ pub struct Outcome {
     /// Moments the pair settled while the workload went on (the tree
     /// checked there as at the end).
     pub settled_checks: u64,
+    /// Of those, the checks in runs whose replica had been full or had
+    /// failing I/O.
+    pub settled_checks_after_faults: u64,
     /// A hash of every frame sent both ways, in order: a seed run twice
     /// gives the same (a run that reads a clock or a hash map's order
     /// would not replay).
@@ -1267,6 +1275,7 @@ impl Outcome {
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
         self.settled_checks += o.settled_checks;
+        self.settled_checks_after_faults += o.settled_checks_after_faults;
         self.fingerprint = self.fingerprint.rotate_left(1) ^ o.fingerprint;
     }
 }
@@ -1313,6 +1322,8 @@ pub struct DataSim {
     /// (before a later comparison could repair what a step left wrong),
     /// its draws, and the steps left of the pause (it ends at the
     /// check, or after [`LULL_STEPS`] if nothing settles: a full disk).
+    /// The users pause, not the mail software: a file the sender reads
+    /// may still change under it, and a comparison may still race a change.
     lull_percent: u8,
     lull_rng: SimRng,
     lull_left: u32,
@@ -1540,6 +1551,9 @@ impl DataSim {
             DataSim::without_crashes(seed)
         };
         sim.lull_percent = [10, 30, 60][sim.lull_rng.range(0, 2) as usize];
+        // Half the sweep's seeds commit as `durability = "fsync"` does.
+        sim.replica.fold = sim.lull_rng.percent(50);
+        sim.replica.commits = Pipeline::new(sim.replica.fold);
         if seed % 2 == 1 {
             sim.busy_percent = 40;
             sim.failovers_max = 2;
@@ -2655,6 +2669,9 @@ impl DataSim {
                 // asked for. The replica holds the primary's tree now, not
                 // only after some later comparison repaired it.
                 self.out.settled_checks += 1;
+                if self.out.disk_full_turns > 0 || self.replica.faults.eio_percent > 0 {
+                    self.out.settled_checks_after_faults += 1;
+                }
                 self.lull_left = 0;
                 self.check()
                     .map_err(|e| format!("settled at step {steps}, the workload going on: {e}"))?;
@@ -2671,6 +2688,12 @@ impl DataSim {
                 }
             }
             self.lull_left = self.lull_left.saturating_sub(1);
+            if self.lull_left > 0 && !self.replica.faults.full {
+                // Paused users leave room: ops the replica refused fall
+                // due again, as the sender's retry timer has them.
+                self.sender
+                    .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
+            }
             match self.rng.range(0, 99) {
                 0..=29 if self.workload_left > 0 && self.lull_left == 0 => {
                     if self.lull_rng.percent(self.lull_percent) {
@@ -2740,6 +2763,7 @@ impl DataSim {
             && self.to_replica.is_empty()
             && self.to_primary.is_empty()
             && self.sender.idle()
+            && !self.sender.verify_requested()
             && !self.verify_wanted
             && !self.session_wanted
     }

@@ -221,7 +221,7 @@ type ReadAhead = Result<(Frame, Instant, tokio::sync::OwnedSemaphorePermit), Lin
 
 /// A group commit in flight: every barrier seen when it started, and the
 /// files staged before them. It runs in two flushes, each off the event
-/// loop (a syncfs thread, or io_uring fsyncs), while the loop keeps staging
+/// loop (the durable-commit thread, or io_uring fsyncs), while the loop keeps staging
 /// what arrives next: first the files' data, then (after the renames into
 /// place) the directories.
 ///
@@ -573,7 +573,7 @@ impl Receiver {
             // `serve` starts the thread before any commit in syncfs mode.
             (None, None) => {
                 let (reply, rx) = tokio::sync::oneshot::channel();
-                let _ = reply.send(Err("no syncfs thread".into()));
+                let _ = reply.send(Err("no durable-commit thread".into()));
                 rx
             }
         }

@@ -2633,6 +2633,7 @@ impl<T: LocalTree> Sender<T> {
             && self.window.is_empty()
             && self.backlog.is_empty()
             && self.retry.is_empty()
+            && self.gate.is_empty()
     }
 
     /// Nothing sent is waiting for its acknowledgement.
@@ -2649,6 +2650,11 @@ impl<T: LocalTree> Sender<T> {
     /// that vanished under a file being sent); forgets the request.
     pub(crate) fn take_verify_request(&mut self) -> bool {
         std::mem::take(&mut self.pending_verify)
+    }
+
+    /// A comparison with the replica was asked for (not forgotten).
+    pub(crate) fn verify_requested(&self) -> bool {
+        self.pending_verify
     }
 }
 

@@ -1,6 +1,6 @@
 //! The secondary's staging writer (syncfs durability): a thread that writes
 //! staged files' content, applies their metadata and hands the group-commit
-//! flushes on to the syncfs thread, so that the receiver's event loop only
+//! flushes on to the durable-commit thread, so that the receiver's event loop only
 //! decodes, hashes, creates and renames.
 //!
 //! Copying content into the page cache is most of the secondary's CPU
@@ -8,7 +8,7 @@
 //! thread it runs on another core than the loop.
 //!
 //! Jobs run in order. A flush request is queued like any other job and is
-//! passed to the syncfs thread only once every write and metadata change
+//! passed to the durable-commit thread only once every write and metadata change
 //! queued before it is done, so a flush always covers the files staged
 //! before it was asked for. The outcome of each file (its `fstat`, or why it
 //! failed) is sent back before any later flush can start, so the loop has

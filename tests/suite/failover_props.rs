@@ -252,6 +252,7 @@ fn data_sim_seeds() {
                             && o.stage_failures > 0
                             && o.primary_crashes > 0
                             && o.disk_full_turns > 0
+                            && o.settled_checks_after_faults > n / 4
                             && o.second_tenures > 0),
                 "{o:?}"
             );
