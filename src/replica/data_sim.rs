@@ -2021,7 +2021,22 @@ impl DataSim {
                         continue;
                     }
                     let st = self.primary.borrow().stat(&p);
+                    // The folder it was made in, if that is no longer the
+                    // one under the parent's name (renamed away and the
+                    // name made again before this event was read).
+                    let moved_parent = dir
+                        .and_then(|i| self.made_in.get(&i))
+                        .filter(|&&made| self.primary.borrow().ino(&parent(&p)) != Some(made));
                     match st {
+                        // The tracker checks that the parent is still the
+                        // folder whose watch reported it; if it is not, the
+                        // new folder waits for that folder's rename.
+                        _ if dir.is_some() && moved_parent.is_some() => {
+                            sync(&p, &mut ops, &self.excludes);
+                            if let (Some(made_in), Some(name)) = (moved_parent, p.file_name()) {
+                                self.lost.push((*made_in, name.to_os_string()));
+                            }
+                        }
                         // The watch is added by name: if the name holds
                         // another folder by now, that one is watched.
                         _ if dir.is_some() => {

@@ -85,6 +85,8 @@ pub(crate) struct Decoder {
     filter: Arc<Filter>,
     shared: Arc<Shared>,
     by_wd: HashMap<i32, (usize, RelPath)>,
+    /// The folder each watch is on (device, inode), as it was watched.
+    watched_inos: HashMap<i32, (u64, u64)>,
     /// Per store; ordered so a directory's watches are one range.
     by_path: Vec<BTreeMap<RelPath, i32>>,
     moves: VecDeque<PendingMove>,
@@ -125,6 +127,7 @@ impl Decoder {
             filter,
             shared,
             by_wd: HashMap::new(),
+            watched_inos: HashMap::new(),
             moves: VecDeque::new(),
             lost: VecDeque::new(),
         })
@@ -396,6 +399,26 @@ impl Decoder {
         let Some(name) = rel.file_name().map(|n| n.to_os_string()) else {
             return;
         };
+        // The parent's name may hold another folder by now than the one
+        // whose watch reported this (that one renamed away and the name
+        // made again before the event was read): the new folder is in the
+        // renamed one. Watching the name would watch the other folder's
+        // entry under it (or nothing) and leave the new folder unwatched.
+        if let Some(&reported_by) = self.watched_inos.get(&parent_wd) {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            let now_there = self
+                .open_dir(store, parent)
+                .ok()
+                .and_then(|fd| rustix::fs::fstat(&fd).ok())
+                .map(|st| (st.st_dev, st.st_ino));
+            if now_there != Some(reported_by) {
+                if self.lost.len() >= LOST_FOLDERS_MAX {
+                    self.lost.pop_front();
+                }
+                self.lost.push_back((parent_wd, name));
+                return;
+            }
+        }
         self.watch_tree(store, rel.clone(), Some(now), out);
         if self.by_path[store].contains_key(&rel) {
             return;
@@ -481,6 +504,7 @@ impl Decoder {
     }
 
     fn forget(&mut self, wd: i32) {
+        self.watched_inos.remove(&wd);
         if let Some((store, rel)) = self.by_wd.remove(&wd) {
             if self.by_path[store].get(&rel) == Some(&wd) {
                 self.by_path[store].remove(&rel);
@@ -552,7 +576,12 @@ impl Decoder {
                 )
             };
             match added {
-                Ok(wd) => self.set_watch(wd, store, rel.clone()),
+                Ok(wd) => {
+                    if let Ok(st) = rustix::fs::fstat(&dir) {
+                        self.watched_inos.insert(wd, (st.st_dev, st.st_ino));
+                    }
+                    self.set_watch(wd, store, rel.clone())
+                }
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
                 Err(errno) => {
                     self.watch_failed(store, &abs, &errno.to_string(), out);

@@ -1067,3 +1067,68 @@ fn a_folder_made_before_a_rename_above_it_was_read_is_watched_under_its_new_name
     );
     assert!(renamed < found, "{ops:?}");
 }
+
+/// A folder made in a folder that was then renamed away and its name made
+/// again (with a subfolder of the same name) before the tracker read the
+/// first folder's IN_CREATE: the name now holds the other folder's entry.
+/// The new folder is watched under its new name once the rename is read,
+/// and what it holds reported; before, the other folder's entry was watched
+/// under the old name (and then moved with the rename to the wrong name),
+/// and a message moved in the renamed folder had no event (found by the
+/// data-path simulator's check where the pair settles, seed 13851).
+#[test]
+fn a_folder_made_in_a_folder_renamed_away_and_made_again_waits_for_the_rename() {
+    let (tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let root = tmp.path().join("s0");
+    fs::create_dir(root.join(".F1")).expect("mkdir");
+    let dir = ReadFlags::ISDIR;
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
+        now,
+        &mut out,
+    );
+    let f1 = d.watched(0, Path::new(".F1")).expect(".F1 watched");
+    // Before the tracker reads on: `cur` made in it, the folder renamed to
+    // .F4, .F1 and its `cur` made again, a message delivered in .F4/cur.
+    fs::create_dir(root.join(".F1/cur")).expect("mkdir");
+    fs::rename(root.join(".F1"), root.join(".F4")).expect("rename");
+    fs::create_dir_all(root.join(".F1/cur")).expect("mkdir");
+    fs::write(root.join(".F4/cur/1.host:2,S"), b"mail").expect("write");
+    out.clear();
+    d.handle(
+        event(f1, ReadFlags::CREATE | dir, 0, Some("cur")),
+        now,
+        &mut out,
+    );
+    assert!(
+        d.watched(0, Path::new(".F1/cur")).is_none(),
+        "the other folder's `cur` is not watched for this event"
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM | dir, 9, Some(".F1")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_TO | dir, 9, Some(".F4")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
+        now,
+        &mut out,
+    );
+    let ops = plains(&out);
+    let (old_cur, new_cur) = (
+        d.watched(0, Path::new(".F4/cur")).expect(".F4/cur watched"),
+        d.watched(0, Path::new(".F1/cur")).expect(".F1/cur watched"),
+    );
+    assert_ne!(old_cur, new_cur, "two folders, two watches: {ops:?}");
+    assert!(
+        ops.iter().any(|o| o == "sync 0 .F4/cur/1.host:2,S"),
+        "the message in the renamed folder's new `cur` is reported: {ops:?}"
+    );
+}
