@@ -404,18 +404,17 @@ impl Decoder {
         // made again before the event was read): the new folder is in the
         // renamed one. Watching the name would watch the other folder's
         // entry under it (or nothing) and leave the new folder unwatched.
+        // (Gone or not a folder: the same. Any other error cannot tell, and
+        // the folder is watched by name as before the check.)
         if let Some(&reported_by) = self.watched_inos.get(&parent_wd) {
             let parent = rel.parent().unwrap_or(Path::new(""));
-            let now_there = self
-                .open_dir(store, parent)
-                .ok()
-                .and_then(|fd| rustix::fs::fstat(&fd).ok())
-                .map(|st| (st.st_dev, st.st_ino));
-            if now_there != Some(reported_by) {
-                if self.lost.len() >= LOST_FOLDERS_MAX {
-                    self.lost.pop_front();
-                }
-                self.lost.push_back((parent_wd, name));
+            let moved = match self.folder_id(store, parent) {
+                Ok(id) => id != reported_by,
+                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => true,
+                Err(_) => false,
+            };
+            if moved {
+                self.remember_lost(parent_wd, name);
                 return;
             }
         }
@@ -423,10 +422,35 @@ impl Decoder {
         if self.by_path[store].contains_key(&rel) {
             return;
         }
+        self.remember_lost(parent_wd, name);
+    }
+
+    /// A folder made in the folder watched by `wd` that is not under its
+    /// name there: a later rename of that folder looks for it.
+    fn remember_lost(&mut self, wd: i32, name: OsString) {
         if self.lost.len() >= LOST_FOLDERS_MAX {
             self.lost.pop_front();
         }
-        self.lost.push_back((parent_wd, name));
+        self.lost.push_back((wd, name));
+    }
+
+    /// The device and inode of the folder at `rel` (not following a
+    /// symlink there).
+    fn folder_id(&self, store: usize, rel: &Path) -> Result<(u64, u64), Errno> {
+        use rustix::fs::{AtFlags, FileType};
+        let arg = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let st = match &self.root_fds[store] {
+            Some(root) => rustix::fs::statat(root, arg, AtFlags::SYMLINK_NOFOLLOW)?,
+            None => rustix::fs::lstat(self.roots[store].join(rel))?,
+        };
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Err(Errno::NOTDIR);
+        }
+        Ok((st.st_dev, st.st_ino))
     }
 
     /// A folder renamed carried the watches `wds` (now under their new
@@ -450,7 +474,12 @@ impl Decoder {
             }
             tracing::debug!(store, path = %rel.display(), "a folder made before a rename above it was read: watched under its new name");
             self.sync(store, rel.clone(), since, out);
-            self.watch_tree(store, rel, Some(since), out);
+            self.watch_tree(store, rel.clone(), Some(since), out);
+            if !self.by_path[store].contains_key(&rel) {
+                // Not there either (renamed on since): the next rename of
+                // its folder looks again.
+                self.remember_lost(wd, rel.file_name().unwrap_or_default().to_os_string());
+            }
         }
     }
 
@@ -563,7 +592,8 @@ impl Decoder {
                     continue;
                 }
             };
-            let added = if abs.as_os_str().len() <= REL_PATH_BYTES_MAX {
+            let by_descriptor = abs.as_os_str().len() > REL_PATH_BYTES_MAX;
+            let added = if !by_descriptor {
                 inotify::add_watch(&self.fd, &abs, watch_mask())
             } else {
                 // Past PATH_MAX from `/`: name the folder by its descriptor.
@@ -577,9 +607,21 @@ impl Decoder {
             };
             match added {
                 Ok(wd) => {
-                    if let Ok(st) = rustix::fs::fstat(&dir) {
-                        self.watched_inos.insert(wd, (st.st_dev, st.st_ino));
-                    }
+                    // The folder the watch is on, if that is sure: added
+                    // through the descriptor, or by a name that still holds
+                    // the folder the descriptor opened (else the parent
+                    // check of the folders made in it is skipped).
+                    let opened = rustix::fs::fstat(&dir).map(|st| (st.st_dev, st.st_ino));
+                    let sure = match opened {
+                        Ok(id) if by_descriptor || self.folder_id(store, &rel) == Ok(id) => {
+                            Some(id)
+                        }
+                        _ => None,
+                    };
+                    match sure {
+                        Some(id) => self.watched_inos.insert(wd, id),
+                        None => self.watched_inos.remove(&wd),
+                    };
                     self.set_watch(wd, store, rel.clone())
                 }
                 Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,

@@ -1132,3 +1132,61 @@ fn a_folder_made_in_a_folder_renamed_away_and_made_again_waits_for_the_rename() 
         "the message in the renamed folder's new `cur` is reported: {ops:?}"
     );
 }
+
+/// The same, with the renamed folder renamed on again before the tracker
+/// read the first rename: the folder made in it is still looked for at
+/// the second rename (a review found it dropped after the first).
+#[test]
+fn a_folder_made_before_two_renames_above_it_were_read_is_watched_after_the_second() {
+    let (tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let root = tmp.path().join("s0");
+    fs::create_dir(root.join("P")).expect("mkdir");
+    let dir = ReadFlags::ISDIR;
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some("P")),
+        now,
+        &mut out,
+    );
+    let p = d.watched(0, Path::new("P")).expect("P watched");
+    fs::create_dir(root.join("P/sub")).expect("mkdir");
+    fs::rename(root.join("P"), root.join("Q")).expect("rename");
+    fs::create_dir(root.join("P")).expect("mkdir");
+    fs::rename(root.join("Q"), root.join("R")).expect("rename");
+    fs::write(root.join("R/sub/1.host"), b"mail").expect("write");
+    out.clear();
+    d.handle(
+        event(p, ReadFlags::CREATE | dir, 0, Some("sub")),
+        now,
+        &mut out,
+    );
+    for (cookie, from, to) in [(3, "P", "Q"), (4, "Q", "R")] {
+        d.handle(
+            event(wds[0], ReadFlags::MOVED_FROM | dir, cookie, Some(from)),
+            now,
+            &mut out,
+        );
+        d.handle(
+            event(wds[0], ReadFlags::MOVED_TO | dir, cookie, Some(to)),
+            now,
+            &mut out,
+        );
+        if from == "P" {
+            d.handle(
+                event(wds[0], ReadFlags::CREATE | dir, 0, Some("P")),
+                now,
+                &mut out,
+            );
+        }
+    }
+    let ops = plains(&out);
+    assert!(
+        d.watched(0, Path::new("R/sub")).is_some(),
+        "the folder made in P is watched under its last name: {ops:?}"
+    );
+    assert!(
+        ops.iter().any(|o| o == "sync 0 R/sub/1.host"),
+        "what it holds is reported: {ops:?}"
+    );
+}
