@@ -336,6 +336,17 @@ impl Decoder {
             self.watch_tree(store, to, Some(since), out);
             return;
         }
+        if from.is_dir && both_in && self.still_under_old_name(store, &from.rel) {
+            // The folder watched under the old name is still there: the
+            // one renamed was made, renamed and its name made again before
+            // its IN_CREATE was read, and the watch taken for that event is
+            // on the new one. It keeps its name; the renamed folder is
+            // watched under its new name, and what it holds reported.
+            let since = from.since;
+            out.extend(rename_op(&self.filter, store, from.rel, to.clone(), since));
+            self.watch_tree(store, to, Some(since), out);
+            return;
+        }
         let mut look_again = false;
         if from.is_dir {
             match (self.filter.excluded(&from.rel), self.filter.excluded(&to)) {
@@ -423,6 +434,18 @@ impl Decoder {
             return;
         }
         self.remember_lost(parent_wd, name);
+    }
+
+    /// Whether the folder watched under `rel` is (by device and inode) the
+    /// one under that name now.
+    fn still_under_old_name(&self, store: usize, rel: &Path) -> bool {
+        let Some(wd) = self.by_path[store].get(rel) else {
+            return false;
+        };
+        match self.watched_inos.get(wd) {
+            Some(id) => self.folder_id(store, rel).as_ref() == Ok(id),
+            None => false,
+        }
     }
 
     /// A folder made in the folder watched by `wd` that is not under its

@@ -1190,3 +1190,50 @@ fn a_folder_made_before_two_renames_above_it_were_read_is_watched_after_the_seco
         "what it holds is reported: {ops:?}"
     );
 }
+
+/// A folder made, renamed away and its name made again, all before the
+/// tracker read the first IN_CREATE: that event watches the new folder, so
+/// the rename must not take its watch to the new name (the renamed folder
+/// would stay unwatched and the new one be reported under its name).
+#[test]
+fn a_rename_read_after_the_old_name_was_made_again_keeps_the_new_folders_watch() {
+    let (tmp, mut d, _, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let root = tmp.path().join("s0");
+    let dir = ReadFlags::ISDIR;
+    fs::create_dir(root.join(".F1")).expect("mkdir");
+    fs::rename(root.join(".F1"), root.join(".F4")).expect("rename");
+    fs::create_dir(root.join(".F1")).expect("mkdir");
+    fs::write(root.join(".F4/1.host"), b"mail").expect("write");
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM | dir, 5, Some(".F1")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_TO | dir, 5, Some(".F4")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
+        now,
+        &mut out,
+    );
+    let ops = plains(&out);
+    let (old, new) = (
+        d.watched(0, Path::new(".F4")).expect(".F4 watched"),
+        d.watched(0, Path::new(".F1")).expect(".F1 watched"),
+    );
+    assert_ne!(old, new, "two folders, two watches: {ops:?}");
+    assert!(
+        ops.iter().any(|o| o == "sync 0 .F4/1.host"),
+        "what the renamed folder holds is reported: {ops:?}"
+    );
+}
