@@ -502,6 +502,32 @@ fn event(wd: i32, mask: ReadFlags, cookie: u32, name: Option<&str>) -> RawEvent 
     }
 }
 
+/// The decoder reads that a folder `name` was made in the folder of `wd`.
+fn read_mkdir(d: &mut Decoder, wd: i32, name: &str, out: &mut Vec<Op>) {
+    d.handle(
+        event(wd, ReadFlags::CREATE | ReadFlags::ISDIR, 0, Some(name)),
+        Instant::now(),
+        out,
+    );
+}
+
+/// The decoder reads a folder's rename `from` → `to` within the folder of
+/// `wd` (the MOVED_FROM / MOVED_TO pair of `cookie`).
+fn read_dir_rename(d: &mut Decoder, wd: i32, cookie: u32, from: &str, to: &str, out: &mut Vec<Op>) {
+    let dir = ReadFlags::ISDIR;
+    let now = Instant::now();
+    d.handle(
+        event(wd, ReadFlags::MOVED_FROM | dir, cookie, Some(from)),
+        now,
+        out,
+    );
+    d.handle(
+        event(wd, ReadFlags::MOVED_TO | dir, cookie, Some(to)),
+        now,
+        out,
+    );
+}
+
 #[test]
 fn queue_overflow_rescans_every_store() {
     let (_tmp, mut d, shared, _) = decoder(3);
@@ -1080,15 +1106,9 @@ fn a_folder_made_before_a_rename_above_it_was_read_is_watched_under_its_new_name
 fn a_folder_made_in_a_folder_renamed_away_and_made_again_waits_for_the_rename() {
     let (tmp, mut d, _, wds) = decoder(1);
     let mut out = Vec::new();
-    let now = Instant::now();
     let root = tmp.path().join("s0");
     fs::create_dir(root.join(".F1")).expect("mkdir");
-    let dir = ReadFlags::ISDIR;
-    d.handle(
-        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
-        now,
-        &mut out,
-    );
+    read_mkdir(&mut d, wds[0], ".F1", &mut out);
     let f1 = d.watched(0, Path::new(".F1")).expect(".F1 watched");
     // Before the tracker reads on: `cur` made in it, the folder renamed to
     // .F4, .F1 and its `cur` made again, a message delivered in .F4/cur.
@@ -1097,30 +1117,13 @@ fn a_folder_made_in_a_folder_renamed_away_and_made_again_waits_for_the_rename() 
     fs::create_dir_all(root.join(".F1/cur")).expect("mkdir");
     fs::write(root.join(".F4/cur/1.host:2,S"), b"mail").expect("write");
     out.clear();
-    d.handle(
-        event(f1, ReadFlags::CREATE | dir, 0, Some("cur")),
-        now,
-        &mut out,
-    );
+    read_mkdir(&mut d, f1, "cur", &mut out);
     assert!(
         d.watched(0, Path::new(".F1/cur")).is_none(),
         "the other folder's `cur` is not watched for this event"
     );
-    d.handle(
-        event(wds[0], ReadFlags::MOVED_FROM | dir, 9, Some(".F1")),
-        now,
-        &mut out,
-    );
-    d.handle(
-        event(wds[0], ReadFlags::MOVED_TO | dir, 9, Some(".F4")),
-        now,
-        &mut out,
-    );
-    d.handle(
-        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
-        now,
-        &mut out,
-    );
+    read_dir_rename(&mut d, wds[0], 9, ".F1", ".F4", &mut out);
+    read_mkdir(&mut d, wds[0], ".F1", &mut out);
     let ops = plains(&out);
     let (old_cur, new_cur) = (
         d.watched(0, Path::new(".F4/cur")).expect(".F4/cur watched"),
@@ -1140,15 +1143,9 @@ fn a_folder_made_in_a_folder_renamed_away_and_made_again_waits_for_the_rename() 
 fn a_folder_made_before_two_renames_above_it_were_read_is_watched_after_the_second() {
     let (tmp, mut d, _, wds) = decoder(1);
     let mut out = Vec::new();
-    let now = Instant::now();
     let root = tmp.path().join("s0");
     fs::create_dir(root.join("P")).expect("mkdir");
-    let dir = ReadFlags::ISDIR;
-    d.handle(
-        event(wds[0], ReadFlags::CREATE | dir, 0, Some("P")),
-        now,
-        &mut out,
-    );
+    read_mkdir(&mut d, wds[0], "P", &mut out);
     let p = d.watched(0, Path::new("P")).expect("P watched");
     fs::create_dir(root.join("P/sub")).expect("mkdir");
     fs::rename(root.join("P"), root.join("Q")).expect("rename");
@@ -1156,30 +1153,10 @@ fn a_folder_made_before_two_renames_above_it_were_read_is_watched_after_the_seco
     fs::rename(root.join("Q"), root.join("R")).expect("rename");
     fs::write(root.join("R/sub/1.host"), b"mail").expect("write");
     out.clear();
-    d.handle(
-        event(p, ReadFlags::CREATE | dir, 0, Some("sub")),
-        now,
-        &mut out,
-    );
-    for (cookie, from, to) in [(3, "P", "Q"), (4, "Q", "R")] {
-        d.handle(
-            event(wds[0], ReadFlags::MOVED_FROM | dir, cookie, Some(from)),
-            now,
-            &mut out,
-        );
-        d.handle(
-            event(wds[0], ReadFlags::MOVED_TO | dir, cookie, Some(to)),
-            now,
-            &mut out,
-        );
-        if from == "P" {
-            d.handle(
-                event(wds[0], ReadFlags::CREATE | dir, 0, Some("P")),
-                now,
-                &mut out,
-            );
-        }
-    }
+    read_mkdir(&mut d, p, "sub", &mut out);
+    read_dir_rename(&mut d, wds[0], 3, "P", "Q", &mut out);
+    read_mkdir(&mut d, wds[0], "P", &mut out);
+    read_dir_rename(&mut d, wds[0], 4, "Q", "R", &mut out);
     let ops = plains(&out);
     assert!(
         d.watched(0, Path::new("R/sub")).is_some(),
@@ -1199,33 +1176,14 @@ fn a_folder_made_before_two_renames_above_it_were_read_is_watched_after_the_seco
 fn a_rename_read_after_the_old_name_was_made_again_keeps_the_new_folders_watch() {
     let (tmp, mut d, _, wds) = decoder(1);
     let mut out = Vec::new();
-    let now = Instant::now();
     let root = tmp.path().join("s0");
-    let dir = ReadFlags::ISDIR;
     fs::create_dir(root.join(".F1")).expect("mkdir");
     fs::rename(root.join(".F1"), root.join(".F4")).expect("rename");
     fs::create_dir(root.join(".F1")).expect("mkdir");
     fs::write(root.join(".F4/1.host"), b"mail").expect("write");
-    d.handle(
-        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
-        now,
-        &mut out,
-    );
-    d.handle(
-        event(wds[0], ReadFlags::MOVED_FROM | dir, 5, Some(".F1")),
-        now,
-        &mut out,
-    );
-    d.handle(
-        event(wds[0], ReadFlags::MOVED_TO | dir, 5, Some(".F4")),
-        now,
-        &mut out,
-    );
-    d.handle(
-        event(wds[0], ReadFlags::CREATE | dir, 0, Some(".F1")),
-        now,
-        &mut out,
-    );
+    read_mkdir(&mut d, wds[0], ".F1", &mut out);
+    read_dir_rename(&mut d, wds[0], 5, ".F1", ".F4", &mut out);
+    read_mkdir(&mut d, wds[0], ".F1", &mut out);
     let ops = plains(&out);
     let (old, new) = (
         d.watched(0, Path::new(".F4")).expect(".F4 watched"),
