@@ -29,7 +29,10 @@ const MOVE_PAIR_WAIT: Duration = Duration::from_millis(10);
 const MOVES_PENDING_MAX: usize = 4096;
 /// Folders made whose watch found nothing under their name, remembered
 /// until a rename of a folder above them says where they went; past this
-/// the oldest is given up (a rescan's walk finds it).
+/// the oldest is given up: such a folder stays unwatched until an overflow
+/// or a restart watches every folder again (a comparison with the replica
+/// still finds what it holds). Entries of folders deleted since stay here
+/// until pushed out.
 const LOST_FOLDERS_MAX: usize = 1024;
 /// One read; the kernel needs 16 bytes + NAME_MAX + 1 per event at most, so this never truncates.
 const READ_BUF_BYTES: usize = 64 * 1024;
