@@ -53,7 +53,24 @@ impl RawEvent {
 pub struct Fanotify {
     fd: OwnedFd,
     buf: Vec<u8>,
+    /// Events of this pid are counted, not returned (a secondary's own
+    /// landings: most of what it reads while it receives).
+    skip_pid: Option<i32>,
 }
+
+/// What one [`Fanotify::read`] took off the kernel's queue.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReadSummary {
+    /// Events read, the skipped ones included.
+    pub events: usize,
+    /// The kernel's queue overflowed (events were lost).
+    pub overflow: bool,
+}
+
+/// Reads per [`Fanotify::read`] while the queue keeps filling the buffer
+/// (64 KiB each, about 900 events with names): bounds the events one call
+/// returns.
+const READS_PER_CALL_MAX: usize = 16;
 
 const META_LEN: usize = 24;
 const INFO_HDR_LEN: usize = 4;
@@ -76,7 +93,14 @@ impl Fanotify {
         Ok(Fanotify {
             fd,
             buf: vec![0; 64 * 1024],
+            skip_pid: None,
         })
+    }
+
+    /// Events caused by `pid` are taken off the queue and counted but not
+    /// returned (nor their handles and names copied).
+    pub fn skip_pid(&mut self, pid: i32) {
+        self.skip_pid = Some(pid);
     }
 
     /// Reports `mask` for every entry of the filesystem that holds `path`.
@@ -100,9 +124,10 @@ impl Fanotify {
         Ok(())
     }
 
-    /// Waits up to `timeout` for events and appends them to `out`; returns
-    /// whether the kernel's queue overflowed (events were lost).
-    pub fn read(&mut self, timeout: Duration, out: &mut Vec<RawEvent>) -> io::Result<bool> {
+    /// Waits up to `timeout` for events, then takes what the queue holds
+    /// (up to [`READS_PER_CALL_MAX`] buffers) and appends the events not
+    /// skipped to `out`.
+    pub fn read(&mut self, timeout: Duration, out: &mut Vec<RawEvent>) -> io::Result<ReadSummary> {
         let mut fds = [rustix::event::PollFd::new(
             &self.fd,
             rustix::event::PollFlags::IN,
@@ -111,18 +136,33 @@ impl Fanotify {
             tv_sec: timeout.as_secs() as i64,
             tv_nsec: timeout.subsec_nanos() as i64,
         };
+        let mut sum = ReadSummary::default();
         match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(0) => return Ok(false),
+            Ok(0) => return Ok(sum),
             Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => return Ok(sum),
             Err(e) => return Err(e.into()),
         }
-        let n = match rustix::io::read(&self.fd, &mut self.buf) {
-            Ok(n) => n,
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => return Ok(false),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(parse(&self.buf[..n], out))
+        for _ in 0..READS_PER_CALL_MAX {
+            let n = match rustix::io::read(&self.fd, &mut self.buf) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+                Err(e) if sum.events > 0 => {
+                    // What was read is returned; the error comes back at the next call.
+                    tracing::debug!("fanotify read after {} events: {e}", sum.events);
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let got = parse_skipping(&self.buf[..n], self.skip_pid, out);
+            sum.events += got.events;
+            sum.overflow |= got.overflow;
+            // A read fills the buffer only while more is queued.
+            if n < self.buf.len() / 2 {
+                break;
+            }
+        }
+        Ok(sum)
     }
 }
 
@@ -139,8 +179,13 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 /// Parses a buffer of fanotify events (`struct fanotify_event_metadata`
 /// followed by info records); returns whether one was a queue overflow.
 /// Malformed records end the parse (the kernel does not write them).
-pub fn parse(mut b: &[u8], out: &mut Vec<RawEvent>) -> bool {
-    let mut overflow = false;
+pub fn parse(b: &[u8], out: &mut Vec<RawEvent>) -> bool {
+    parse_skipping(b, None, out).overflow
+}
+
+/// [`parse`], counting but not returning the events of `skip_pid`.
+fn parse_skipping(mut b: &[u8], skip_pid: Option<i32>, out: &mut Vec<RawEvent>) -> ReadSummary {
+    let mut sum = ReadSummary::default();
     while b.len() >= META_LEN {
         let event_len = u32_at(b, 0) as usize;
         let metadata_len = u16_at(b, 6) as usize;
@@ -156,8 +201,13 @@ pub fn parse(mut b: &[u8], out: &mut Vec<RawEvent>) -> bool {
             // with the event, and nothing else refers to it.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
+        sum.events += 1;
         if mask & libc::FAN_Q_OVERFLOW != 0 {
-            overflow = true;
+            sum.overflow = true;
+        }
+        if skip_pid == Some(pid) {
+            b = &b[event_len..];
+            continue;
         }
         let mut info = &b[metadata_len..event_len];
         while info.len() >= INFO_HDR_LEN {
@@ -206,7 +256,7 @@ pub fn parse(mut b: &[u8], out: &mut Vec<RawEvent>) -> bool {
         }
         b = &b[event_len..];
     }
-    overflow
+    sum
 }
 
 /// The filesystem id of the filesystem holding `fd`, as fanotify reports
@@ -412,6 +462,10 @@ mod tests {
             Err(e) => panic!("fanotify_init: {e}"),
         };
         fan.mark_filesystem(dir.path(), CHANGE_MASK).unwrap();
+        let me = std::process::id() as i32;
+        fan.skip_pid(me);
+        // This process's own file: read and counted, never returned.
+        std::fs::write(dir.path().join("from-me"), b"x").unwrap();
         let target = dir.path().join("from-touch");
         let st = std::process::Command::new("touch")
             .arg(&target)
@@ -420,20 +474,30 @@ mod tests {
         assert!(st.success());
         let mount = std::fs::File::open(dir.path()).unwrap();
         let mount_fsid = fsid_of(mount.as_fd()).unwrap();
-        let me = std::process::id() as i32;
         let want = std::fs::canonicalize(dir.path()).unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut found = None;
+        let (mut read, mut returned) = (0, 0);
         while found.is_none() && std::time::Instant::now() < deadline {
             let mut evs = Vec::new();
-            fan.read(Duration::from_millis(100), &mut evs).unwrap();
+            read += fan
+                .read(Duration::from_millis(100), &mut evs)
+                .unwrap()
+                .events;
+            returned += evs.len();
             for ev in evs {
+                assert_ne!(
+                    ev.name, "from-me",
+                    "an event of the skipped pid was returned"
+                );
                 if ev.name == "from-touch" && ev.mask & libc::FAN_CREATE != 0 {
                     found = Some((ev.pid, dir_path(mount.as_fd(), mount_fsid, &ev)));
                 }
             }
         }
         let (pid, path) = found.expect("no create event for the file touch made");
+        // from-me's create (merged with its close-after-write) came before touch's.
+        assert!(read > returned, "{read} events read, {returned} returned");
         assert_ne!(pid, me, "the event names touch, not this process");
         assert_eq!(path, Some(want));
     }
