@@ -38,6 +38,13 @@ const LOST_FOLDERS_MAX: usize = 1024;
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Events decoded between two sends, so a flood cannot starve the consumer or the stop flag.
 const BATCH_EVENTS_MAX: usize = 16 * 1024;
+/// Reads closer together than this mean changes come faster than one per
+/// millisecond: the thread then pauses [`BUSY_PAUSE`] after sending what it
+/// read, so that the next read takes several changes at once instead of
+/// waking (and waking the engine) for each event. A change arriving alone
+/// is read at once, as before; under load a change waits at most this long.
+const BUSY_READ_GAP: Duration = Duration::from_millis(1);
+const BUSY_PAUSE: Duration = Duration::from_millis(1);
 /// Folders whose path below their root is longer than this are not watched
 /// (nor replicated: see `replica::tree`); the sender's scans report them.
 const REL_PATH_BYTES_MAX: usize = crate::replica::tree::REL_PATH_BYTES_MAX;
@@ -780,11 +787,15 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
     let mut buf = vec![MaybeUninit::<u8>::uninit(); READ_BUF_BYTES];
     let mut events = Vec::new();
     let mut ops = Vec::new();
+    let mut last_read: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
+        let mut busy = false;
         match decoder.wait_readable(decoder.poll_timeout(Instant::now())) {
             Ok(true) => {
                 let read = read_events(&decoder.fd, &mut buf, &mut events);
                 let now = Instant::now();
+                busy = last_read.is_some_and(|t| now.duration_since(t) < BUSY_READ_GAP);
+                last_read = Some(now);
                 for ev in events.drain(..) {
                     decoder.handle(ev, now, &mut ops);
                 }
@@ -809,6 +820,9 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
                 tracing::debug!("change consumer dropped; tracker thread exits");
                 return;
             }
+        }
+        if busy {
+            std::thread::sleep(BUSY_PAUSE);
         }
     }
 }
