@@ -89,7 +89,8 @@ def build(raw: dict) -> dict:
         "hasync: wall time from starting both daemons until the primary reports phase 'streaming' "
         "(every op acked = durable on the secondary) and the secondary's files_landed equals the fixture; "
         "rsync: `rsync -a [--fsync] SRC/ rsync://127.0.0.1:PORT/bench/DST/` to a local rsync daemon; "
-        "cp_sync: `cp -a SRC DST && sync`. `sync` (untimed) before each run; each run a fresh destination."
+        "cp_sync: `cp -a SRC DST && sync`. Before each run (untimed): `sync`, the page cache dropped and the "
+        "fixture read back (each run starts with its source cached and nothing else); each run a fresh destination."
     )
     rep["initial_sync"] = isync
 
