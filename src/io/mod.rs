@@ -6,6 +6,7 @@
 //! else.
 
 pub mod fanotify;
+pub mod handoff;
 pub mod packet;
 pub mod splice;
 
@@ -225,7 +226,7 @@ enum DurableJob {
 /// be called durable that is not.
 #[derive(Clone)]
 pub struct DurableWorker {
-    tx: crossbeam_channel::Sender<DurableJob>,
+    tx: handoff::Sender<DurableJob>,
     /// A failure whose requester had stopped waiting (its session ended):
     /// kept until someone takes it, because the descriptor has now seen
     /// the error and will not report it again.
@@ -234,7 +235,7 @@ pub struct DurableWorker {
 
 impl DurableWorker {
     pub fn start(name: &str) -> io::Result<DurableWorker> {
-        let (tx, rx) = crossbeam_channel::unbounded::<DurableJob>();
+        let (tx, rx) = handoff::channel::<DurableJob>();
         let orphaned = std::sync::Arc::new(std::sync::Mutex::new(None));
         let orphans = orphaned.clone();
         std::thread::Builder::new()
@@ -287,7 +288,7 @@ impl DurableWorker {
     ) {
         if paths.is_empty() {
             let _ = reply.send(Ok(()));
-        } else if let Err(crossbeam_channel::SendError(DurableJob::Flush(_, reply))) =
+        } else if let Err(handoff::Closed(DurableJob::Flush(_, reply))) =
             self.tx.send(DurableJob::Flush(paths, reply))
         {
             let _ = reply.send(Err("the durable-commit thread is gone".into()));

@@ -101,7 +101,7 @@ enum Job {
 }
 
 pub struct Stager {
-    jobs: crossbeam_channel::Sender<Job>,
+    jobs: crate::io::handoff::Sender<Job>,
     done: crossbeam_channel::Receiver<Done>,
     budget: Arc<Semaphore>,
 }
@@ -109,7 +109,7 @@ pub struct Stager {
 impl Stager {
     /// Starts the writer thread; flushes go on to `flusher`.
     pub fn start(flusher: DurableWorker) -> io::Result<Stager> {
-        let (jobs, rx) = crossbeam_channel::unbounded::<Job>();
+        let (jobs, rx) = crate::io::handoff::channel::<Job>();
         let (done_tx, done) = crossbeam_channel::unbounded();
         std::thread::Builder::new()
             .name("hasync-stage".into())
