@@ -628,19 +628,31 @@ def summarize_lags(lags_ms: list[float]) -> dict:
 
 
 class LoopFs:
-    """One fresh loop-mounted ext4 image (a sparse file), mounted at `mnt`."""
+    """One fresh loop-mounted ext4 image (a sparse file), mounted at `mnt`.
+
+    The loop device does direct I/O on its image: without it every block
+    written is cached twice (the image's own filesystem and the file on the
+    host's), and a flush inside the image waits for the host's writeback of
+    whatever else is dirty (the other node's image, the load generator's
+    writes), which is not what a node on a disk of its own sees."""
 
     def __init__(self, img: Path, mnt: Path, gib: int):
         self.img, self.mnt = img, mnt
+        self.dev: str | None = None
         mnt.mkdir(parents=True, exist_ok=True)
         subprocess.run(["truncate", "-s", f"{gib}G", str(img)], check=True)
         # Initialised now, not lazily in the background during the runs.
         subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
                         str(img)], check=True)
-        subprocess.run(["mount", "-o", "loop,noatime", str(img), str(mnt)], check=True)
+        self.dev = subprocess.run(["losetup", "--direct-io=on", "--find", "--show", str(img)],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(["mount", "-o", "noatime", self.dev, str(mnt)], check=True)
 
     def close(self) -> None:
         subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        if self.dev:
+            subprocess.run(["losetup", "-d", self.dev], check=False)
+            self.dev = None
         try:
             self.img.unlink()
         except FileNotFoundError:
