@@ -86,6 +86,8 @@ def initial(a, run: Path, side: list[Path], exes: list[Path]) -> None:
             cpu_p, cpu_s = p.cpu_s(), s.cpu_s()
             pair.stop()
             busy = (b1[0] - b0[0]) / max(1, b1[1] - b0[1]) * (os.cpu_count() or 1)
+            shutil.rmtree(side[1] / name, ignore_errors=True)
+            shutil.rmtree(side[1] / "pairs" / name, ignore_errors=True)
             res[exe.name].append((files / secs, cpu_p, cpu_s))
             print(f"{exe.name} round {r}: {files / secs:,.0f} files/s; CPU s primary {cpu_p:.2f}, secondary "
                   f"{cpu_s:.2f} = {(cpu_p + cpu_s) / files * 1000:.3f} per 1,000 files; machine {busy:.2f} cores busy",
@@ -132,7 +134,9 @@ def lag(a, run: Path, side: list[Path], exes: list[Path]) -> None:
             cpu = [n.cpu_s() - c for n, c in zip(pair.nodes, cpu0)]
             cx = [ctx_switches(n.pid) - c for n, c in zip(pair.nodes, cx0)]
             pair.stop()
-            n = d["messages"]
+            for gone in (store, side[1] / name, side[0] / "pairs" / name, side[1] / "pairs" / name):
+                shutil.rmtree(gone, ignore_errors=True)
+            n = max(1, d["messages"])
             res[exe.name].append((sum(cpu) / n * 1000, cx[1] / n, rep["lag_ms_p50"], rep["lag_ms_p99"]))
             print(f"{exe.name} round {r}: {d['achieved_per_s']:.0f}/s achieved (writer CPU {d['writer_cpu_s']:.2f} s); "
                   f"CPU s primary {cpu[0]:.2f}, secondary {cpu[1]:.2f} = {sum(cpu) / n * 1000:.3f} per 1,000 msgs; "
@@ -156,14 +160,20 @@ def main() -> None:
     exes = [e.resolve() for e in a.exes]
     if len({e.name for e in exes}) != len(exes):
         sys.exit("ab.py: give the builds different file names (they label the results)")
-    run = Path(tempfile.mkdtemp(prefix="hasync-ab-", dir=Path(__file__).resolve().parents[2] / "target"))
+    target = Path(__file__).resolve().parents[2] / "target"
+    target.mkdir(exist_ok=True)
+    run = Path(tempfile.mkdtemp(prefix="hasync-ab-", dir=target))
     hb.set_pidfile(run / "pids")
-    fs = hb.TwoFilesystems(run, (8, 24))
+    fs = None
     try:
+        fs = hb.TwoFilesystems(run, (8, 24))
+        if not fs.direct_io:
+            print("ab.py: the loop devices run WITHOUT direct I/O (the kernel refused it)", flush=True)
         (initial if a.what == "initial" else lag)(a, run, list(fs.mounts), exes)
     finally:
         hb.stop_all()
-        fs.close()
+        if fs is not None:
+            fs.close()
         shutil.rmtree(run, ignore_errors=True)
 
 

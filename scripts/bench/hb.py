@@ -646,12 +646,26 @@ class LoopFs:
                         str(img)], check=True)
         self.dev = subprocess.run(["losetup", "--direct-io=on", "--find", "--show", str(img)],
                                   check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run(["mount", "-o", "noatime", self.dev, str(mnt)], check=True)
+        # The kernel falls back to buffered I/O without a word (e.g. when
+        # the host disk's sectors are larger than the loop device's): read
+        # back what it does, for the report.
+        try:
+            dio = Path(f"/sys/block/{Path(self.dev).name}/loop/dio").read_text().strip()
+            self.direct_io: bool | None = dio == "1"
+        except OSError:
+            self.direct_io = None
+        try:
+            subprocess.run(["mount", "-o", "noatime", self.dev, str(mnt)], check=True)
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
-        subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
         if self.dev:
-            subprocess.run(["losetup", "-d", self.dev], check=False)
+            r = subprocess.run(["losetup", "-d", self.dev], check=False, capture_output=True, text=True)
+            if r.returncode != 0:
+                log(f"losetup -d {self.dev} failed: {r.stderr.strip()}")
             self.dev = None
         try:
             self.img.unlink()
@@ -665,9 +679,15 @@ class TwoFilesystems:
     own filesystem, as on a pair of machines."""
 
     def __init__(self, run: Path, sizes_gib: tuple[int, int] = (8, 24)):
-        self.fss = [LoopFs(run / f"{name}.ext4", run / name, gib)
-                    for name, gib in zip(("fs-a", "fs-b"), sizes_gib)]
+        self.fss: list[LoopFs] = []
+        try:
+            for name, gib in zip(("fs-a", "fs-b"), sizes_gib):
+                self.fss.append(LoopFs(run / f"{name}.ext4", run / name, gib))
+        except BaseException:
+            self.close()
+            raise
         self.mounts: list[Path] = [f.mnt for f in self.fss]
+        self.direct_io = all(f.direct_io for f in self.fss)
 
     def close(self) -> None:
         for f in self.fss:

@@ -129,7 +129,8 @@ class Bench:
         self.raw["layout_note"] = (
             "two-fs: the primary's tree and state on one loop-mounted ext4 image, the secondary's "
             "(and rsync's and cp's destinations) on another, both on the run directory's disk "
-            "(loop devices with direct I/O)"
+            + ("(loop devices with direct I/O)" if self.fs.direct_io
+               else "(loop devices WITHOUT direct I/O: the kernel refused it; flushes wait for the host's cache)")
             if self.layout == "two-fs" else "shared: both nodes and every destination on one filesystem"
         )
         self.dst = self.side[1] / "dst"

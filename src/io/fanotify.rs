@@ -63,7 +63,9 @@ pub struct Fanotify {
 pub struct ReadSummary {
     /// Events read, the skipped ones included.
     pub events: usize,
-    /// The kernel's queue overflowed (events were lost).
+    /// Events were lost: the kernel's queue overflowed, or a read failed
+    /// after others had succeeded (the kernel drops the event it could not
+    /// hand over).
     pub overflow: bool,
 }
 
@@ -148,8 +150,10 @@ impl Fanotify {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(e) if sum.events > 0 => {
-                    // What was read is returned; the error comes back at the next call.
-                    tracing::debug!("fanotify read after {} events: {e}", sum.events);
+                    // What was read is returned; the event the kernel could
+                    // not hand over is gone: reported as lost, like an overflow.
+                    tracing::warn!("fanotify read failed after {} events: {e}", sum.events);
+                    sum.overflow = true;
                     break;
                 }
                 Err(e) => return Err(e.into()),

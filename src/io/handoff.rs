@@ -110,8 +110,9 @@ impl<T> Drop for Sender<T> {
 
 impl<T> Receiver<T> {
     /// The next item, waiting for one; `None` once every sender is gone
-    /// and the queue is empty.
-    pub fn recv(&self) -> Option<T> {
+    /// and the queue is empty. (`&mut`: one thread receives; the parked
+    /// flag and a single notification assume it.)
+    pub fn recv(&mut self) -> Option<T> {
         let mut st = self.shared.lock();
         loop {
             if let Some(item) = st.items.pop_front() {

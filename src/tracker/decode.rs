@@ -38,11 +38,12 @@ const LOST_FOLDERS_MAX: usize = 1024;
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Events decoded between two sends, so a flood cannot starve the consumer or the stop flag.
 const BATCH_EVENTS_MAX: usize = 16 * 1024;
-/// Reads closer together than this mean changes come faster than one per
-/// millisecond: the thread then pauses [`BUSY_PAUSE`] after sending what it
-/// read, so that the next read takes several changes at once instead of
-/// waking (and waking the engine) for each event. A change arriving alone
-/// is read at once, as before; under load a change waits at most this long.
+/// A read that comes less than this after the thread went back to waiting
+/// (events come faster than one per millisecond) makes the thread pause
+/// [`BUSY_PAUSE`] after sending what it read, so that the next read takes
+/// several changes at once instead of waking (and waking the engine) for
+/// each event. A change arriving alone is read at once, as before; under
+/// load a change waits at most this long.
 const BUSY_READ_GAP: Duration = Duration::from_millis(1);
 const BUSY_PAUSE: Duration = Duration::from_millis(1);
 /// Folders whose path below their root is longer than this are not watched
@@ -787,15 +788,18 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
     let mut buf = vec![MaybeUninit::<u8>::uninit(); READ_BUF_BYTES];
     let mut events = Vec::new();
     let mut ops = Vec::new();
-    let mut last_read: Option<Instant> = None;
+    // When the thread last went back to waiting after a read (after its
+    // pause, if it took one: the gap to the next read must not count it).
+    let mut waiting_since: Option<Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         let mut busy = false;
+        let mut read_any = false;
         match decoder.wait_readable(decoder.poll_timeout(Instant::now())) {
             Ok(true) => {
                 let read = read_events(&decoder.fd, &mut buf, &mut events);
                 let now = Instant::now();
-                busy = last_read.is_some_and(|t| now.duration_since(t) < BUSY_READ_GAP);
-                last_read = Some(now);
+                read_any = true;
+                busy = waiting_since.is_some_and(|t| now.duration_since(t) < BUSY_READ_GAP);
                 for ev in events.drain(..) {
                     decoder.handle(ev, now, &mut ops);
                 }
@@ -823,6 +827,9 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
         }
         if busy {
             std::thread::sleep(BUSY_PAUSE);
+        }
+        if read_any {
+            waiting_since = Some(Instant::now());
         }
     }
 }
