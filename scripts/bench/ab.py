@@ -61,10 +61,7 @@ def initial(a, run: Path, side: list[Path], exes: list[Path]) -> None:
     res: dict[str, list] = {e.name: [] for e in exes}
     for r in range(a.rounds):
         for i, exe in enumerate(exes):
-            subprocess.run(["sync"], check=True)
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            subprocess.run(f"find '{fx}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
-            time.sleep(0.3)
+            hb.settle(warm=fx)
             name = f"initial-{r}-{i}"
             pair = hb.Pair(exe, run / name, [{"mail": fx}, {"mail": side[1] / name}],
                            roots=[side[0] / "pairs" / name, side[1] / "pairs" / name])
@@ -123,14 +120,7 @@ def lag(a, run: Path, side: list[Path], exes: list[Path]) -> None:
             cx0 = [ctx_switches(n.pid) for n in pair.nodes]
             cpu0 = [n.cpu_s() for n in pair.nodes]
             d = hb.paced_delivery(hb.maildirs(store), a.rate, a.seconds, seed=a.rate)
-            t1 = time.monotonic()
-            while True:
-                rep = p.status()["replication"]
-                if rep["ops_pending"] == 0 and rep["ops_inflight"] == 0 and rep["lag_samples"] >= d["messages"]:
-                    break
-                if time.monotonic() - t1 > 60:
-                    break
-                time.sleep(0.02)
+            rep = hb.wait_drained(p, d["messages"], 60.0, f"{exe.name} at {a.rate}/s")
             cpu = [n.cpu_s() - c for n, c in zip(pair.nodes, cpu0)]
             cx = [ctx_switches(n.pid) - c for n, c in zip(pair.nodes, cx0)]
             pair.stop()

@@ -215,6 +215,52 @@ sync = "off"
 """
 
 
+def settle(warm: Path | None = None) -> None:
+    """Untimed: flush what the previous measurement left dirty so it does not
+    bill its writeback to the next one. With `warm`: also drop the page cache
+    and read `warm`'s files back, so that every run starts from the same
+    cache (its source cached, nothing else): on this VM the kernel's cost per
+    file written grows as the page cache fills with earlier runs' copies
+    (`cp -a` of the fixture into one filesystem: 1.2 s of system time for
+    each of the first three copies, 2.8 s for the fourth and fifth, 1.1 s
+    again after a drop), which billed the later runs of a step more than
+    its first, whoever ran them."""
+    subprocess.run(["sync"], check=True)
+    if warm is not None and drop_caches():
+        subprocess.run(f"find '{warm}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
+    time.sleep(0.3)
+
+
+def drop_caches() -> bool:
+    """Untimed: write back and drop the page cache, so that a measurement
+    reads the tree from the disk as a freshly booted node would (a 20k tree
+    fits in the cache, a million does not: without this the scale step
+    compares cache against disk, not tree sizes). False when not permitted."""
+    subprocess.run(["sync"], check=True)
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        return False
+    time.sleep(0.3)
+    return True
+
+
+def wait_drained(primary: "Node", messages: int, timeout: float, what: str) -> dict:
+    """Waits until the primary has no op pending or in flight and has timed
+    `messages` changes to durable (everything delivered is acknowledged);
+    returns its last replication status (logged if `timeout` passed first)."""
+    t0 = time.monotonic()
+    while True:
+        r = primary.status()["replication"]
+        if r["ops_pending"] == 0 and r["ops_inflight"] == 0 and r["lag_samples"] >= messages:
+            return r
+        if time.monotonic() - t0 > timeout:
+            log(f"{what}: not drained after {timeout:.0f} s: {json.dumps(r)[:400]}")
+            return r
+        time.sleep(0.02)
+
+
 class StatusError(RuntimeError):
     pass
 

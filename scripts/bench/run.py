@@ -24,42 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hb  # noqa: E402
-from hb import log  # noqa: E402
+from hb import drop_caches, log, settle  # noqa: E402
 
 
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, check=True, **kw)
-
-
-def settle(warm: Path | None = None) -> None:
-    """Untimed: flush what the previous measurement left dirty so it does not
-    bill its writeback to the next one. With `warm`: also drop the page cache
-    and read `warm`'s files back, so that every run starts from the same
-    cache (its source cached, nothing else): on this VM the kernel's cost per
-    file written grows as the page cache fills with earlier runs' copies
-    (`cp -a` of the fixture into one filesystem: 1.2 s of system time for
-    each of the first three copies, 2.8 s for the fourth and fifth, 1.1 s
-    again after a drop), which billed the later runs of a step more than
-    its first, whoever ran them."""
-    subprocess.run(["sync"], check=True)
-    if warm is not None and drop_caches():
-        subprocess.run(f"find '{warm}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
-    time.sleep(0.3)
-
-
-def drop_caches() -> bool:
-    """Untimed: write back and drop the page cache, so that a measurement
-    reads the tree from the disk as a freshly booted node would (a 20k tree
-    fits in the cache, a million does not: without this the scale step
-    compares cache against disk, not tree sizes). False when not permitted."""
-    subprocess.run(["sync"], check=True)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        return False
-    time.sleep(0.3)
-    return True
 
 
 def touch(paths: list[str], mark: int) -> None:
@@ -590,15 +559,7 @@ class Bench:
                                   on_delivered=watcher.delivered if watcher else None)
             # wait until everything delivered is acked (durable on the secondary)
             t0 = time.monotonic()
-            while True:
-                st = p.status()
-                r = st["replication"]
-                if r["ops_pending"] == 0 and r["ops_inflight"] == 0 and r["lag_samples"] >= d["messages"]:
-                    break
-                if time.monotonic() - t0 > 60:
-                    log(f"lag {rate}/s: not drained after 60 s: {json.dumps(r)[:400]}")
-                    break
-                time.sleep(0.02)
+            r = hb.wait_drained(p, d["messages"], 60.0, f"lag {rate}/s")
             drain_s = time.monotonic() - t0
             cpu = p.cpu_s() + s.cpu_s() - cpu0
             visible = watcher.finish(grace_s=5.0) if watcher else None

@@ -158,7 +158,7 @@ impl Fanotify {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let got = parse_skipping(&self.buf[..n], self.skip_pid, out);
+            let got = parse(&self.buf[..n], self.skip_pid, out);
             sum.events += got.events;
             sum.overflow |= got.overflow;
             // A read fills the buffer only while more is queued.
@@ -181,14 +181,10 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 /// Parses a buffer of fanotify events (`struct fanotify_event_metadata`
-/// followed by info records); returns whether one was a queue overflow.
-/// Malformed records end the parse (the kernel does not write them).
-pub fn parse(b: &[u8], out: &mut Vec<RawEvent>) -> bool {
-    parse_skipping(b, None, out).overflow
-}
-
-/// [`parse`], counting but not returning the events of `skip_pid`.
-fn parse_skipping(mut b: &[u8], skip_pid: Option<i32>, out: &mut Vec<RawEvent>) -> ReadSummary {
+/// followed by info records) into `out`, counting but not returning the
+/// events of `skip_pid`; says how many it read and whether one was a queue
+/// overflow. Malformed records end the parse (the kernel does not write them).
+pub fn parse(mut b: &[u8], skip_pid: Option<i32>, out: &mut Vec<RawEvent>) -> ReadSummary {
     let mut sum = ReadSummary::default();
     while b.len() >= META_LEN {
         let event_len = u32_at(b, 0) as usize;
@@ -370,7 +366,7 @@ mod tests {
         buf.extend(event(libc::FAN_CREATE, 44, &[1; 8], b"cut"));
         buf.truncate(whole + 10);
         let mut out = Vec::new();
-        assert!(!parse(&buf, &mut out));
+        assert!(!parse(&buf, None, &mut out).overflow);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].pid, 42);
         assert_eq!(out[0].name, "msg");
@@ -378,6 +374,12 @@ mod tests {
         assert!(out[1].is_dir());
         assert_eq!(out[1].name, "");
         assert_eq!(out[1].handle.len(), 12);
+        // The events of a skipped pid are counted, not returned.
+        let mut kept = Vec::new();
+        let sum = parse(&buf, Some(42), &mut kept);
+        assert_eq!(sum.events, 2);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].pid, 43);
     }
 
     /// Two filesystems: the root directory of each has the same inode

@@ -181,7 +181,8 @@ fn watch_loop(
                 std::thread::sleep(POLL);
             }
         }
-        for ev in events.iter().filter(|e| e.pid != me) {
+        // This process's own events (its landings) were skipped as they were read.
+        for ev in &events {
             let Some((store, rel)) = locate(&roots, &mut outside, ev) else {
                 continue;
             };
