@@ -91,6 +91,7 @@ use super::apply::{
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Index, Kind, Stat, Version};
+use super::reception::{admit_path, Received, Reception};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
 use super::tree::LocalTree;
@@ -477,12 +478,10 @@ struct Covered {
     faults: usize,
 }
 
+/// A file whose data frames are arriving: the receiver's decisions about
+/// it, and its content so far.
 struct Incoming {
-    seq: u64,
-    rel: PathBuf,
-    meta: Meta,
-    size: u64,
-    hash: u128,
+    rx: Reception,
     data: Vec<u8>,
 }
 
@@ -638,7 +637,8 @@ impl ReplicaTree for Disk<'_> {
             for q in order.into_iter().take(gone) {
                 self.fs.drop_name(q);
             }
-            if gone > 0 {
+            // Counted once: not again as a crash replays it.
+            if gone > 0 && self.faults.replaying.is_none() {
                 self.faults.partial_removals += 1;
             }
             return Err(e);
@@ -788,10 +788,13 @@ struct Replica {
     /// A file whose data frames are arriving.
     current: Option<Incoming>,
     replies: Vec<u8>,
+    /// The node's excludes: a path the primary sends that they exclude is
+    /// refused, as the receiver refuses it.
+    excludes: Excludes,
 }
 
 impl Replica {
-    fn new(seed: u64, clock: i64) -> Replica {
+    fn new(seed: u64, clock: i64, excludes: Excludes) -> Replica {
         let stats = Arc::new(ReplStats::default());
         Replica {
             fs: Fs::new(clock),
@@ -822,6 +825,7 @@ impl Replica {
             group_commit: false,
             current: None,
             replies: Vec::new(),
+            excludes,
         }
     }
 
@@ -840,6 +844,33 @@ impl Replica {
         self.faults.replaying = None;
         self.current = None;
         self.replies.clear();
+    }
+
+    /// The node crashes and restarts. Its disk keeps the durable tree and
+    /// the first `kept` of the steps `applied` since, decided as they were
+    /// then (`log`: the faults they met).
+    fn crash(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
+        let clock = self.fs.clock;
+        self.fs = self.durable.clone();
+        self.fs.clock = clock;
+        self.ops = self.durable_ops.snapshot();
+        self.faults.replaying = Some(log.into());
+        for step in applied.into_iter().take(kept) {
+            match step {
+                Step::Op(msg) => {
+                    if self.apply_op(msg).is_err() {
+                        break;
+                    }
+                }
+                Step::Land(p, data, meta) => {
+                    self.staged.insert(p.seq, (data, meta));
+                    self.land_file(p);
+                }
+                Step::DirTimes => self.dir_times(),
+            }
+        }
+        let fs = std::mem::replace(&mut self.fs, Fs::new(clock));
+        self.restart(fs);
     }
 
     fn need(&mut self, seq: u64, rel: &Path, reason: NeedReason) {
@@ -888,10 +919,41 @@ impl Replica {
         }
     }
 
-    /// A file received whole: staged until its group commit lands it.
-    fn stage_file(&mut self, seq: u64, rel: PathBuf, meta: Meta, hash: u128, data: Vec<u8>) {
-        self.staged.insert(seq, (data, meta));
-        self.commits.stage(Pending { seq, rel, hash });
+    /// The receiver's path check: a refusal is answered.
+    fn admit(&mut self, seq: u64, raw: &[u8]) -> Option<PathBuf> {
+        match admit_path(raw, &self.excludes) {
+            Ok(rel) => Some(rel),
+            Err(why) => {
+                SyncMsg::Refused {
+                    seq,
+                    store: 0,
+                    path: raw.to_vec(),
+                    why,
+                }
+                .encode(&mut self.replies);
+                None
+            }
+        }
+    }
+
+    /// A file's last byte arrived: as the receiver decides, it is staged
+    /// until its group commit lands it, or asked for again.
+    fn complete_file(&mut self, inc: Incoming) {
+        match inc.rx.finish() {
+            Received::Dropped => {}
+            // Changed while it was streamed: the receiver asks again.
+            Received::Mismatch { seq, rel, .. } => self.need(seq, &rel, NeedReason::HashMismatch),
+            Received::Whole {
+                seq,
+                rel,
+                hash,
+                meta,
+                ..
+            } => {
+                self.staged.insert(seq, (inc.data, meta));
+                self.commits.stage(Pending { seq, rel, hash });
+            }
+        }
     }
 
     /// The session ends: the file being received and the staged files not
@@ -1041,7 +1103,10 @@ impl Replica {
                 if let Some((data, _)) = self.staged.get_mut(&seq) {
                     data.truncate(data.len() / 2);
                 }
-                self.faults.stage_failures += 1;
+                // Counted once: not again as a crash replays it.
+                if self.faults.replaying.is_none() {
+                    self.faults.stage_failures += 1;
+                }
                 Err(e)
             }
         };
@@ -1078,19 +1143,14 @@ impl Replica {
         }
         if let Some(mut inc) = self.current.take() {
             let SyncMsg::Data { seq: dseq, bytes } = msg else {
-                return Err(format!("file {} cut short by {msg:?}", inc.seq));
+                return Err(format!("file {} cut short by {msg:?}", inc.rx.seq()));
             };
-            if dseq != inc.seq {
-                return Err(format!("data for {dseq} inside file {}", inc.seq));
-            }
+            inc.rx.data(dseq, &bytes).map_err(|e| e.to_string())?;
             inc.data.extend_from_slice(&bytes);
-            if (inc.data.len() as u64) < inc.size {
-                self.current = Some(inc);
-            } else if index::hash_bytes(&inc.data) != inc.hash {
-                // Changed while it was streamed: the receiver asks again.
-                self.need(inc.seq, &inc.rel, NeedReason::HashMismatch);
+            if inc.rx.is_whole() {
+                self.complete_file(inc);
             } else {
-                self.stage_file(inc.seq, inc.rel, inc.meta, inc.hash, inc.data);
+                self.current = Some(inc);
             }
             return Ok(());
         }
@@ -1104,18 +1164,15 @@ impl Replica {
                 hash,
                 ..
             } => {
-                let rel = rel_of(&path)?;
-                if size == 0 {
-                    self.stage_file(seq, rel, meta, hash, Vec::new());
+                let rel = self.admit(seq, &path);
+                let inc = Incoming {
+                    rx: Reception::start(seq, 0, rel, meta, size, hash),
+                    data: Vec::new(),
+                };
+                if inc.rx.is_whole() {
+                    self.complete_file(inc);
                 } else {
-                    self.current = Some(Incoming {
-                        seq,
-                        rel,
-                        meta,
-                        size,
-                        hash,
-                        data: Vec::new(),
-                    });
+                    self.current = Some(inc);
                 }
             }
             // Acknowledged when the group commit that takes it is durable.
@@ -1132,13 +1189,16 @@ impl Replica {
     /// An op through the receiver's decisions (also as a crash's replay
     /// applies it again).
     fn apply_op(&mut self, msg: SyncMsg) -> Result<(), String> {
-        match path_op(msg, |_, _, raw| rel_of(raw).map(Some))? {
+        match path_op(msg, |seq, _, raw| -> Result<_, String> {
+            Ok(self.admit(seq, raw))
+        })? {
             Parsed::Op { seq, op, .. } => {
                 self.decide(|ops, disk, index| ops.apply(disk, index, 0, seq, op));
             }
             Parsed::Other(SyncMsg::Start { .. }) => self.ops.begin_session(),
             Parsed::Other(other) => return Err(format!("the replica does not expect {other:?}")),
-            Parsed::Refused => return Err("the simulator's check refuses nothing".into()),
+            // Answered by the check.
+            Parsed::Refused => {}
         }
         Ok(())
     }
@@ -1171,13 +1231,6 @@ impl Replica {
 fn bytes(p: &Path) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
     p.as_os_str().as_bytes().to_vec()
-}
-
-fn rel_of(b: &[u8]) -> Result<PathBuf, String> {
-    use std::os::unix::ffi::OsStrExt;
-    crate::replica::fsops::check_rel(b)
-        .map(|_| PathBuf::from(std::ffi::OsStr::from_bytes(b)))
-        .map_err(|e| format!("bad path from the sender: {e}"))
 }
 
 /// Splits encoded frames into messages.
@@ -1500,7 +1553,7 @@ impl DataSim {
         let mut sim = DataSim {
             rng,
             primary,
-            replica: Replica::new(seed, -1_000_000_000),
+            replica: Replica::new(seed, -1_000_000_000, excludes.clone()),
             sender,
             excludes,
             events: VecDeque::new(),
@@ -2446,30 +2499,7 @@ impl DataSim {
             );
         }
         self.cut();
-        // What the disk keeps: the durable tree and a prefix of the ops
-        // applied since, as they were decided then.
-        let r = &mut self.replica;
-        let clock = r.fs.clock;
-        r.fs = r.durable.clone();
-        r.fs.clock = clock;
-        r.ops = r.durable_ops.snapshot();
-        r.faults.replaying = Some(log.into());
-        for step in applied.into_iter().take(kept) {
-            match step {
-                Step::Op(msg) => {
-                    if r.apply_op(msg).is_err() {
-                        break;
-                    }
-                }
-                Step::Land(p, data, meta) => {
-                    r.staged.insert(p.seq, (data, meta));
-                    r.land_file(p);
-                }
-                Step::DirTimes => r.dir_times(),
-            }
-        }
-        let fs = std::mem::replace(&mut r.fs, Fs::new(clock));
-        r.restart(fs);
+        self.replica.crash(applied, log, kept);
     }
 
     fn rng_crash_range(&mut self, n: usize) -> usize {
@@ -2997,7 +3027,11 @@ mod tests {
     /// A replica in a session, with the group commit on and no flush
     /// completing on its own (only the gate lands anything).
     fn staging_replica() -> Replica {
-        let mut r = Replica::new(1, 1_000_000);
+        let mut r = Replica::new(
+            1,
+            1_000_000,
+            Excludes::new(&[crate::config::DEFAULT_EXCLUDE.to_string()]).unwrap(),
+        );
         r.group_commit = true;
         r.flush_percent = 0;
         r.receive(SyncMsg::Start {
@@ -3086,6 +3120,36 @@ mod tests {
         r.commit_all();
         assert!(r.fs.exists(Path::new("a")), "{:?}", r.fs.names);
         assert!(!r.fs.exists(Path::new("b")), "{:?}", r.fs.names);
+    }
+
+    /// A staged file whose writes failed, landed (refused) and replayed by
+    /// a crash: the failure is counted once (the replay is the disk
+    /// keeping what happened, not a second failure).
+    #[test]
+    fn a_crash_replaying_a_failed_staging_counts_it_once() {
+        let mut r = staging_replica();
+        r.faults.full = true;
+        r.receive(file(1, "a")).unwrap();
+        r.receive(SyncMsg::Barrier { seq: 2 }).unwrap();
+        // Lands "a" (its staging failed: asked for again) and leaves the
+        // directory flush in flight: nothing acknowledged yet.
+        r.receive(SyncMsg::Delete {
+            seq: 3,
+            store: 0,
+            path: b"d".to_vec(),
+        })
+        .unwrap();
+        assert_eq!(r.faults.stage_failures, 1);
+        assert!(
+            !r.since_durable.is_empty(),
+            "the landing is not durable yet"
+        );
+        let applied = std::mem::take(&mut r.since_durable);
+        let log = std::mem::take(&mut r.faults.log);
+        let n = applied.len();
+        r.crash(applied, log, n);
+        assert_eq!(r.faults.stage_failures, 1);
+        assert!(!r.fs.exists(Path::new("a")));
     }
 
     /// A folder renamed away while a comparison walks, after the walk

@@ -19,6 +19,7 @@ pub mod gate;
 pub mod index;
 pub mod links;
 pub mod receiver;
+pub mod reception;
 pub mod sender;
 pub mod space;
 pub mod stager;

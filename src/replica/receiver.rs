@@ -17,17 +17,17 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot::error::TryRecvError;
 
 use tracing::{error, info, warn};
-use xxhash_rust::xxh3::Xxh3;
 
 use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt};
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
+use super::reception::{admit_path, Received, Reception};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
 use super::{Durability, Excludes};
 use crate::link::{FrameReader, FrameWriter, LinkError};
-use crate::wire::sync::{Meta, NeedReason, SyncMsg, MANIFEST_ENTRIES_MAX};
+use crate::wire::sync::{NeedReason, SyncMsg, MANIFEST_ENTRIES_MAX};
 use crate::wire::{Frame, WireError};
 
 #[derive(Debug, thiserror::Error)]
@@ -96,18 +96,12 @@ pub struct RecvStore {
     pub conflicts: bool,
 }
 
+/// The file whose data frames are arriving: its decisions, and the staged
+/// file its content is written to (`None` once refused or set aside: the
+/// data frames are read and dropped).
 struct Incoming {
-    seq: u64,
-    store: usize,
-    rel: PathBuf,
-    /// The staged file; `None` once refused or failed: the data frames are
-    /// read and dropped.
+    rx: Reception,
     fd: Option<Arc<StagedFile>>,
-    hasher: Xxh3,
-    size: u64,
-    written: u64,
-    hash: u128,
-    meta: Meta,
 }
 
 /// A file whose content and metadata are written (descriptor closed) and
@@ -282,7 +276,9 @@ impl Receiver {
         self.discard_unlanded();
         if let Some(inc) = self.current.take() {
             drop(inc.fd);
-            self.stores[inc.store].root.discard_staged(inc.seq);
+            self.stores[inc.rx.store()]
+                .root
+                .discard_staged(inc.rx.seq());
         }
         self.done_files.clear();
         for s in &self.stores {
@@ -355,7 +351,9 @@ impl Receiver {
         self.discard_unlanded();
         if let Some(inc) = self.current.take() {
             drop(inc.fd);
-            self.stores[inc.store].root.discard_staged(inc.seq);
+            self.stores[inc.rx.store()]
+                .root
+                .discard_staged(inc.rx.seq());
         }
         // Outcomes of this session's files must not meet the next session's
         // sequence numbers.
@@ -423,7 +421,7 @@ impl Receiver {
             self.recheck_space();
             if frame.kind == crate::wire::Kind::Bulk {
                 // Raw content of the file being received (spliced by the sender).
-                let Some(seq) = self.current.as_ref().map(|i| i.seq) else {
+                let Some(seq) = self.current.as_ref().map(|i| i.rx.seq()) else {
                     return Err(self.protocol(peer, "bulk data without a file"));
                 };
                 let len = frame.payload.len();
@@ -779,15 +777,10 @@ impl Receiver {
 
     /// Validates a peer path; a refusal is counted, logged and answered.
     fn check(&mut self, seq: u64, store: usize, raw: &[u8], peer: &str) -> Option<PathBuf> {
-        match super::fsops::check_rel(raw) {
-            Ok(rel) if !self.excludes.is_excluded(&rel) => Some(rel),
-            Ok(_) => {
-                // Excluded here but sent by the peer: configurations differ.
-                self.refuse(seq, store, raw, "path is excluded on this node", peer);
-                None
-            }
-            Err(e) => {
-                self.refuse(seq, store, raw, &e.to_string(), peer);
+        match admit_path(raw, &self.excludes) {
+            Ok(rel) => Some(rel),
+            Err(why) => {
+                self.refuse(seq, store, raw, &why, peer);
                 None
             }
         }
@@ -1040,40 +1033,30 @@ impl Receiver {
                 let s = self.store_index(store, peer)?;
                 let rel = self.check(seq, s, &path, peer);
                 let mut inc = Incoming {
-                    seq,
-                    store: s,
-                    rel: rel.clone().unwrap_or_default(),
+                    rx: Reception::start(seq, s, rel, meta, size, hash),
                     fd: None,
-                    hasher: Xxh3::new(),
-                    size,
-                    written: 0,
-                    hash,
-                    meta,
                 };
                 // A refused path was answered by `check`; its data frames
                 // are read and dropped, as are those of a file that does
-                // not fit.
-                if rel.is_some() {
+                // not fit or whose staged file cannot be made.
+                if inc.rx.rel().is_some() {
                     if let Err(why) = self.room_for(s, size) {
-                        let rel = std::mem::take(&mut inc.rel);
+                        let rel = inc.rx.set_aside().unwrap_or_default();
                         warn!(store = %self.stores[s].name, path = %rel.display(), "no room for {size} bytes: {why}; asked again later");
                         self.need(seq, s, &rel, NeedReason::NoSpace);
-                        self.current = Some(inc);
-                        if size == 0 {
-                            self.complete_file(peer).await;
-                        }
-                        return Ok(());
-                    }
-                    match self.stores[s].root.create_staged(seq) {
-                        Ok(fd) => inc.fd = Some(StagedFile::new(fd)),
-                        Err(e) => {
-                            let rel = std::mem::take(&mut inc.rel);
-                            self.local_failure(seq, s, &rel, &e, peer);
+                    } else {
+                        match self.stores[s].root.create_staged(seq) {
+                            Ok(fd) => inc.fd = Some(StagedFile::new(fd)),
+                            Err(e) => {
+                                let rel = inc.rx.set_aside().unwrap_or_default();
+                                self.local_failure(seq, s, &rel, &e, peer);
+                            }
                         }
                     }
                 }
+                let whole = inc.rx.is_whole();
                 self.current = Some(inc);
-                if size == 0 {
+                if whole {
                     self.complete_file(peer).await;
                 }
             }
@@ -1232,15 +1215,10 @@ impl Receiver {
         let Some(inc) = self.current.as_mut() else {
             return Err(self.protocol(peer, format!("data for seq {seq} without a file")));
         };
-        if inc.seq != seq || inc.written + bytes.len() as u64 > inc.size {
-            return Err(self.protocol(
-                peer,
-                format!("data for seq {seq} does not fit the file being received"),
-            ));
-        }
-        let offset = inc.written;
-        inc.written += bytes.len() as u64;
-        inc.hasher.update(bytes);
+        let offset = match inc.rx.data(seq, bytes) {
+            Ok(offset) => offset,
+            Err(e) => return Err(self.protocol(peer, e.to_string())),
+        };
         if let (Some(file), Some(stager)) = (&inc.fd, &self.stager) {
             // Written on the staging thread; a failure shows in its outcome.
             let file = file.clone();
@@ -1249,46 +1227,57 @@ impl Receiver {
             // A failure is kept with the file and reported when it is complete.
             file.write(bytes, offset);
         }
-        let done = self.current.as_ref().is_some_and(|i| i.written == i.size);
-        if done {
+        if self.current.as_ref().is_some_and(|i| i.rx.is_whole()) {
             self.complete_file(peer).await;
         }
         Ok(())
     }
 
     async fn complete_file(&mut self, peer: &str) {
-        let Some(inc) = self.current.take() else {
+        let Some(Incoming { rx, fd }) = self.current.take() else {
             return;
         };
-        let s = inc.store;
-        if inc.rel.as_os_str().is_empty() {
-            return; // refused earlier; already answered
-        }
-        let Some(fd) = inc.fd else {
-            // Its staged file could not be created (already answered).
-            return;
+        let (seq, store, rel, hash, size, meta) = match rx.finish() {
+            // Refused or set aside earlier; already answered.
+            Received::Dropped => return,
+            Received::Mismatch {
+                seq,
+                store,
+                rel,
+                got,
+                announced,
+            } => {
+                drop(fd);
+                self.stores[store].root.discard_staged(seq);
+                add(&self.stats.hash_mismatches, 1);
+                warn!(peer, path = %rel.display(), "content does not match its hash ({got:032x} != {announced:032x}); re-requested");
+                self.need(seq, store, &rel, NeedReason::HashMismatch);
+                return;
+            }
+            Received::Whole {
+                seq,
+                store,
+                rel,
+                hash,
+                size,
+                meta,
+            } => (seq, store, rel, hash, size, meta),
         };
-        let got = inc.hasher.digest128();
-        if got != inc.hash {
-            drop(fd);
-            self.stores[s].root.discard_staged(inc.seq);
-            add(&self.stats.hash_mismatches, 1);
-            warn!(peer, path = %inc.rel.display(), "content does not match its hash ({got:032x} != {:032x}); re-requested", inc.hash);
-            self.need(inc.seq, s, &inc.rel, NeedReason::HashMismatch);
-            return;
-        }
+        let s = store;
+        // A file not set aside has its staged file.
+        let Some(fd) = fd else { return };
         let (st, fsync) = if let Some(stager) = &self.stager {
             // Metadata is applied (and the file's state read) on the
             // staging thread after its writes; the outcome arrives before
             // any flush that covers the file reports.
             let root = &self.stores[s].root;
-            if let Err(e) = root.check_staged_meta(&inc.meta) {
+            if let Err(e) = root.check_staged_meta(&meta) {
                 drop(fd);
-                self.stores[s].root.discard_staged(inc.seq);
-                self.local_failure(inc.seq, s, &inc.rel, &e, peer);
+                self.stores[s].root.discard_staged(seq);
+                self.local_failure(seq, s, &rel, &e, peer);
                 return;
             }
-            stager.finish(inc.seq, fd, inc.meta, root.owners());
+            stager.finish(seq, fd, meta, root.owners());
             (None, None)
         } else {
             let written = match fd.take_failure() {
@@ -1301,7 +1290,7 @@ impl Receiver {
             };
             // Metadata after the last write (a write would move the mtime).
             let finished = written.and_then(|fd| {
-                self.stores[s].root.finish_staged(&fd, &inc.meta)?;
+                self.stores[s].root.finish_staged(&fd, &meta)?;
                 Ok(fd)
             });
             match finished {
@@ -1315,18 +1304,18 @@ impl Receiver {
                     (st, fsync)
                 }
                 Err(e) => {
-                    self.stores[s].root.discard_staged(inc.seq);
-                    self.local_failure(inc.seq, s, &inc.rel, &e, peer);
+                    self.stores[s].root.discard_staged(seq);
+                    self.local_failure(seq, s, &rel, &e, peer);
                     return;
                 }
             }
         };
         self.commits.stage(Staged {
-            seq: inc.seq,
+            seq,
             store: s,
-            rel: inc.rel,
-            hash: inc.hash,
-            size: inc.size,
+            rel,
+            hash,
+            size,
             st,
             fsync,
         });
