@@ -90,7 +90,8 @@ use super::apply::{
 };
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
-use super::index::{self, Index, Kind, Stat, Version};
+use super::index::{self, Index, Kind, Rehash, Stat, Version};
+use super::manifest::ManifestOut;
 use super::reception::{admit_path, Received, Reception};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
@@ -98,7 +99,7 @@ use super::tree::LocalTree;
 use crate::failover::sim::SimRng;
 use crate::model::{Excludes, Meta};
 use crate::tracker::{Coalescer, Op};
-use crate::wire::sync::{EntryKind, ManifestEntry, NeedReason, SyncMsg};
+use crate::wire::sync::{ManifestEntry, NeedReason, SyncMsg};
 
 const ROOT: u64 = 1;
 
@@ -364,32 +365,33 @@ fn not_found(rel: &Path) -> std::io::Error {
     )
 }
 
-impl LocalTree for SimTree {
+/// A node's store as its walks see it: the sender's comparison on the
+/// primary (through [`SimTree`]), the receiver's manifest on the replica.
+impl LocalTree for Fs {
     fn abs(&self, rel: &Path) -> PathBuf {
         Path::new("/sim").join(rel)
     }
 
     fn lstat(&self, rel: &Path) -> std::io::Result<Option<Stat>> {
-        Ok(self.0.borrow().stat(rel))
+        Ok(self.stat(rel))
     }
 
     fn read_link(&self, rel: &Path) -> std::io::Result<Vec<u8>> {
-        match self.0.borrow().get(rel).map(|i| &i.body) {
+        match self.get(rel).map(|i| &i.body) {
             Some(Body::Symlink(t)) => Ok(t.clone()),
             _ => Err(not_found(rel)),
         }
     }
 
     fn hash(&self, rel: &Path, _kind: Kind) -> std::io::Result<u128> {
-        self.0.borrow().hash_of(rel).ok_or_else(|| not_found(rel))
+        self.hash_of(rel).ok_or_else(|| not_found(rel))
     }
 
     fn list(&self, rel: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
-        let fs = self.0.borrow();
-        if !fs.is_dir(rel) {
+        if !self.is_dir(rel) {
             return Err(not_found(rel));
         }
-        Ok(fs
+        Ok(self
             .children(rel)
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
@@ -399,15 +401,14 @@ impl LocalTree for SimTree {
     type Folder = ();
 
     fn open_folder(&self, rel: &Path) -> std::io::Result<Option<()>> {
-        Ok(self.0.borrow().is_dir(rel).then_some(()))
+        Ok(self.is_dir(rel).then_some(()))
     }
 
     fn read_folder(&self, _: &(), rel: &Path) -> std::io::Result<Vec<super::walk::Listed>> {
-        let fs = self.0.borrow();
-        Ok(fs
+        Ok(self
             .children(rel)
             .iter()
-            .filter_map(|p| Some((p.file_name()?.to_os_string(), fs.stat(p)?)))
+            .filter_map(|p| Some((p.file_name()?.to_os_string(), self.stat(p)?)))
             .collect())
     }
 
@@ -419,7 +420,50 @@ impl LocalTree for SimTree {
         kind: Kind,
         _from_disk: bool,
     ) -> std::io::Result<u128> {
-        self.hash(&rel.join(name), kind)
+        LocalTree::hash(self, &rel.join(name), kind)
+    }
+}
+
+impl LocalTree for SimTree {
+    fn abs(&self, rel: &Path) -> PathBuf {
+        self.0.borrow().abs(rel)
+    }
+
+    fn lstat(&self, rel: &Path) -> std::io::Result<Option<Stat>> {
+        LocalTree::lstat(&*self.0.borrow(), rel)
+    }
+
+    fn read_link(&self, rel: &Path) -> std::io::Result<Vec<u8>> {
+        self.0.borrow().read_link(rel)
+    }
+
+    fn hash(&self, rel: &Path, kind: Kind) -> std::io::Result<u128> {
+        LocalTree::hash(&*self.0.borrow(), rel, kind)
+    }
+
+    fn list(&self, rel: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+        self.0.borrow().list(rel)
+    }
+
+    type Folder = ();
+
+    fn open_folder(&self, rel: &Path) -> std::io::Result<Option<()>> {
+        self.0.borrow().open_folder(rel)
+    }
+
+    fn read_folder(&self, f: &(), rel: &Path) -> std::io::Result<Vec<super::walk::Listed>> {
+        self.0.borrow().read_folder(f, rel)
+    }
+
+    fn hash_in(
+        &self,
+        f: &(),
+        rel: &Path,
+        name: &std::ffi::OsStr,
+        kind: Kind,
+        from_disk: bool,
+    ) -> std::io::Result<u128> {
+        self.0.borrow().hash_in(f, rel, name, kind, from_disk)
     }
 }
 
@@ -1203,28 +1247,19 @@ impl Replica {
         Ok(())
     }
 
-    /// The manifest the receiver sends for a comparison, in path order.
-    fn manifest(&self, excludes: &Excludes) -> Vec<ManifestEntry> {
-        let mut out = Vec::new();
-        for p in self.fs.below(Path::new("")) {
-            if excluded_or_below(excludes, &p) {
-                continue;
-            }
-            let st = self.fs.stat(&p).expect("listed");
-            let kind = match st.kind {
-                Kind::File => EntryKind::File,
-                Kind::Dir => EntryKind::Dir,
-                Kind::Symlink => EntryKind::Symlink,
-            };
-            out.push(ManifestEntry {
-                path: bytes(&p),
-                kind,
-                size: st.version.size,
-                meta: st.meta,
-                hash: self.fs.hash_of(&p).expect("listed"),
-            });
+    /// The manifest the receiver sends for a comparison, listed by the
+    /// receiver's own code from this replica's tree and index, in chunks of
+    /// `chunk_entries` entries at most, each with whether it is the last.
+    fn manifest(&mut self, chunk_entries: usize) -> Vec<(Vec<ManifestEntry>, bool)> {
+        let mut out = ManifestOut::new(0, Rehash::Changed, Vec::new(), chunk_entries);
+        let mut chunks = Vec::new();
+        while let Some(s) = out.store_due(1) {
+            let chunk = out
+                .chunk(s, &self.fs, &mut self.index, &self.excludes)
+                .expect("the model's tree lists without errors");
+            chunks.push(chunk);
         }
-        out
+        chunks
     }
 }
 
@@ -2435,10 +2470,9 @@ impl DataSim {
         let mut cmp = self.sender.start_compare(on_way, locals, initial);
         // The receiver lands every staged file before it lists the tree.
         self.replica.commit_all();
-        let remote = self.replica.manifest(&self.excludes);
-        let chunks = remote.len().div_ceil(self.manifest_chunk).max(1);
-        let mut remote = remote.into_iter();
-        for i in 0..chunks {
+        // Listed whole before the receiver reads another frame (it sends
+        // every chunk before it handles the next message).
+        for (chunk, last) in self.replica.manifest(self.manifest_chunk) {
             // The users go on while the manifest arrives: the walk lists
             // each folder only when the comparison reaches it (changes the
             // tracker reports afterwards).
@@ -2456,10 +2490,9 @@ impl DataSim {
                 }
                 std::mem::swap(&mut self.rng, &mut self.busy_rng);
             }
-            let chunk: Vec<_> = remote.by_ref().take(self.manifest_chunk).collect();
             self.sender
-                .compare_chunk(&mut cmp, 0, chunk, i + 1 == chunks)
-                .expect("the model's manifest is in path order");
+                .compare_chunk(&mut cmp, 0, chunk, last)
+                .expect("the receiver's manifest is in path order");
         }
         let (_differ, aside) = self.sender.finish_compare(cmp);
         if !aside.is_empty() {
@@ -3184,7 +3217,12 @@ mod tests {
         let locals = sim.sender.local_entries(false);
         let mut cmp = sim.sender.start_compare(on_way, locals, false);
         sim.replica.commit_all();
-        let remote = sim.replica.manifest(&sim.excludes);
+        let remote: Vec<_> = sim
+            .replica
+            .manifest(usize::MAX)
+            .into_iter()
+            .flat_map(|(entries, _)| entries)
+            .collect();
         let at = remote.iter().position(|e| e.path == b".F").unwrap();
         let (before, after) = remote.split_at(at);
         assert!(!before.is_empty(), "the walk lists the root first");

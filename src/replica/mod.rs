@@ -18,6 +18,7 @@ pub mod fsops;
 pub mod gate;
 pub mod index;
 pub mod links;
+pub mod manifest;
 pub mod receiver;
 pub mod reception;
 pub mod sender;

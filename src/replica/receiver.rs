@@ -22,6 +22,7 @@ use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
+use super::manifest::ManifestOut;
 use super::reception::{admit_path, Received, Reception};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
@@ -181,25 +182,6 @@ pub struct Receiver {
     /// A manifest being sent (see [`Receiver::stream_manifest`]).
     manifest_out: Option<ManifestOut>,
 }
-
-/// A manifest being sent, a chunk at a time.
-struct ManifestOut {
-    id: u64,
-    rehash: Rehash,
-    /// Scans taken before the session (fresh ones), per store.
-    pre: Vec<Option<index::Scan>>,
-    /// The next store to list.
-    next_store: usize,
-    /// The store being sent and its entries not sent yet (walked as the
-    /// chunks are encoded).
-    current: Option<(usize, super::walk::Ordered)>,
-}
-
-/// Encoded bytes of a manifest entry besides its path.
-const MANIFEST_ENTRY_FIXED_BYTES: usize = 2 + 1 + 8 + 24 + 16;
-/// A manifest chunk is sent once its entries reach this many bytes (the
-/// frame cap is 8 MiB: 4,096 entries of 4 KiB paths would not fit one).
-const MANIFEST_CHUNK_BYTES: usize = 2 << 20;
 
 /// Files staged while a commit is in flight, before reading stops until it
 /// finishes (bounds open descriptors in `fsync` mode and unflushed data).
@@ -1117,13 +1099,7 @@ impl Receiver {
             .filter(|p| rehash == Rehash::Changed && p.at.elapsed() < PRESCAN_FRESH)
             .map(|p| p.scans)
             .unwrap_or_default();
-        self.manifest_out = Some(ManifestOut {
-            id,
-            rehash,
-            pre,
-            next_store: 0,
-            current: None,
-        });
+        self.manifest_out = Some(ManifestOut::new(id, rehash, pre, MANIFEST_ENTRIES_MAX));
         Ok(())
     }
 
@@ -1139,68 +1115,30 @@ impl Receiver {
     /// Encodes the next chunk of the manifest being sent into the replies
     /// (a store is scanned as its turn comes); false once all is sent.
     fn next_manifest_chunk(&mut self) -> Result<bool, RecvError> {
-        let Some(mut out) = self.manifest_out.take() else {
+        let Some(out) = self.manifest_out.as_mut() else {
             return Ok(false);
         };
-        let (s, entries) = match out.current.take() {
-            Some(current) => current,
-            None if out.next_store == self.stores.len() => {
-                if out.rehash == Rehash::FromDisk {
-                    self.clear_unverified();
-                }
-                return Ok(false);
+        let Some(s) = out.store_due(self.stores.len()) else {
+            if out.rehash() == Rehash::FromDisk {
+                self.clear_unverified();
             }
-            None => {
-                let s = out.next_store;
-                out.next_store += 1;
-                let entries = match out.pre.get_mut(s).and_then(Option::take) {
-                    Some(scan) => super::walk::Ordered::held(scan),
-                    None => super::walk::Ordered::walk(super::walk::Walk::new(
-                        &mut self.stores[s].index,
-                        out.rehash,
-                        true,
-                    )),
-                };
-                (s, entries)
-            }
+            self.manifest_out = None;
+            return Ok(false);
         };
-        let mut entries = entries;
-        let mut chunk = Vec::new();
-        let mut chunk_bytes = 0usize;
         let store = &mut self.stores[s];
-        let walk_error = |source| RecvError::Scan {
-            path: store.root.path().to_path_buf(),
-            source,
-        };
-        // Within the entry count and well within the frame cap, however
-        // long the paths.
-        while chunk.len() < MANIFEST_ENTRIES_MAX && chunk_bytes < MANIFEST_CHUNK_BYTES {
-            let Some((rel, st, hash)) = entries
-                .next_if(store.root.tree(), &mut store.index, &self.excludes, |_| {
-                    true
-                })
-                .map_err(walk_error)?
-            else {
-                break;
-            };
-            let e = index::manifest_entry(&rel, &st, hash.unwrap_or(0));
-            chunk_bytes += e.path.len() + MANIFEST_ENTRY_FIXED_BYTES;
-            chunk.push(e);
-        }
-        let last = entries
-            .at_end(store.root.tree(), &mut store.index, &self.excludes)
-            .map_err(walk_error)?;
+        let (entries, last) = out
+            .chunk(s, store.root.tree(), &mut store.index, &self.excludes)
+            .map_err(|source| RecvError::Scan {
+                path: store.root.path().to_path_buf(),
+                source,
+            })?;
         SyncMsg::Manifest {
-            id: out.id,
+            id: out.id(),
             store: s as u16,
-            entries: chunk,
+            entries,
             last,
         }
         .encode(&mut self.replies);
-        if !last {
-            out.current = Some((s, entries));
-        }
-        self.manifest_out = Some(out);
         Ok(true)
     }
 
