@@ -835,6 +835,15 @@ struct Replica {
     /// The node's excludes: a path the primary sends that they exclude is
     /// refused, as the receiver refuses it.
     excludes: Excludes,
+    /// Flushes fail (EIO from syncfs or fsync) at the faults' I/O error
+    /// rate, drawn from a stream of their own.
+    flush_fail_rng: SimRng,
+    /// A flush failed: the receiver's session ends, and what the flush was
+    /// to make durable may be gone from the disk.
+    failed: bool,
+    /// What the receiver did that the model forbids (an acknowledgement no
+    /// durable flush covers): the run fails with it.
+    violation: Option<String>,
 }
 
 impl Replica {
@@ -870,6 +879,9 @@ impl Replica {
             current: None,
             replies: Vec::new(),
             excludes,
+            flush_fail_rng: SimRng::new(seed ^ 0x6673_796e),
+            failed: false,
+            violation: None,
         }
     }
 
@@ -890,10 +902,34 @@ impl Replica {
         self.replies.clear();
     }
 
-    /// The node crashes and restarts. Its disk keeps the durable tree and
-    /// the first `kept` of the steps `applied` since, decided as they were
-    /// then (`log`: the faults they met).
+    /// The node crashes and restarts with the disk [`Replica::keep_on_disk`]
+    /// leaves.
     fn crash(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
+        self.keep_on_disk(applied, log, kept);
+        let clock = self.fs.clock;
+        let fs = std::mem::replace(&mut self.fs, Fs::new(clock));
+        self.restart(fs);
+    }
+
+    /// A flush failed (its session has ended): the disk kept what was
+    /// durable and the first `kept` of the steps since, as a crash does, but
+    /// the node runs on with what its memory holds (the receiver's
+    /// decisions and index); the next session's manifest lists the disk.
+    fn flush_failed(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
+        let live = self.ops.snapshot();
+        self.keep_on_disk(applied, log, kept);
+        self.ops = live;
+        self.faults.replaying = None;
+        self.durable = self.fs.clone();
+        self.durable_ops = self.ops.snapshot();
+        self.covering = None;
+        self.failed = false;
+    }
+
+    /// The disk as a crash leaves it: the durable tree and the first `kept`
+    /// of the steps `applied` since, decided as they were then (`log`: the
+    /// faults they met).
+    fn keep_on_disk(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
         let clock = self.fs.clock;
         self.fs = self.durable.clone();
         self.fs.clock = clock;
@@ -913,8 +949,6 @@ impl Replica {
                 Step::DirTimes => self.dir_times(),
             }
         }
-        let fs = std::mem::replace(&mut self.fs, Fs::new(clock));
-        self.restart(fs);
     }
 
     fn need(&mut self, seq: u64, rel: &Path, reason: NeedReason) {
@@ -1031,33 +1065,54 @@ impl Replica {
                     });
                 }
                 CommitOutput::Ack(barriers) => {
+                    // Only a directory flush that reported durable, in a
+                    // session no flush failed in, makes barriers durable.
+                    let Some(c) = self.covering.take().filter(|_| !self.failed) else {
+                        self.violation.get_or_insert(format!(
+                            "barriers {barriers:?} acknowledged without a directory flush that made them durable"
+                        ));
+                        return;
+                    };
                     for seq in barriers {
                         SyncMsg::Ack { seq }.encode(&mut self.replies);
                     }
-                    let c = self
-                        .covering
-                        .take()
-                        .expect("an ack follows its directory flush");
                     self.durable = c.fs;
                     self.durable_ops = c.ops;
                     self.since_durable.drain(..c.steps);
                     self.faults.log.drain(..c.faults);
                 }
-                CommitOutput::Failed(_) => unreachable!("the data simulator's flushes do not fail"),
+                CommitOutput::Failed(lost) => {
+                    // Never landed: discarded. The receiver's session
+                    // ends here (the answers it made are not sent).
+                    for p in lost {
+                        self.staged.remove(&p.seq);
+                    }
+                    self.failed = true;
+                    return;
+                }
             }
         }
     }
 
-    /// The flush in flight reports (durable).
+    /// The flush in flight reports: durable, or failed at the faults' I/O
+    /// error rate.
     fn complete_flush(&mut self) {
-        self.commits.flushed(true);
+        let eio = self.faults.eio_percent;
+        let ok = eio == 0 || !self.flush_fail_rng.percent(eio);
+        if !ok {
+            // What it was to make durable may be lost (the session's end
+            // and the disk's loss follow, whatever the receiver does).
+            self.failed = true;
+            self.covering = None;
+        }
+        self.commits.flushed(ok);
         self.perform();
     }
 
     /// The top of the receiver's loop: a commit starts when a barrier
     /// waits and none is in flight.
     fn start_due(&mut self) {
-        if self.commits.phase().is_none() {
+        if self.commits.phase().is_none() && !self.failed {
             self.commits.start(false);
             self.perform();
         }
@@ -1076,10 +1131,16 @@ impl Replica {
     /// (their outputs performed) until the op may apply.
     fn pass(&mut self, before: &Before<impl Fn(&Pending) -> bool>) {
         loop {
+            if self.failed {
+                return;
+            }
             match self.commits.gate(before) {
                 Gate::Open => return,
                 Gate::AwaitFlush => {
                     self.perform();
+                    if self.failed {
+                        return;
+                    }
                     // The receiver would fail ("no flush in flight").
                     assert!(
                         self.commits.phase().is_some(),
@@ -1087,7 +1148,7 @@ impl Replica {
                     );
                     self.complete_flush();
                 }
-                Gate::Failed => unreachable!("the data simulator's flushes do not fail"),
+                Gate::Failed => unreachable!("a failed flush ends the session at once"),
             }
         }
     }
@@ -1169,6 +1230,9 @@ impl Replica {
             self.complete_flush();
             self.start_due();
         }
+        if self.failed {
+            return Ok(());
+        }
         self.handle(msg)?;
         if !self.group_commit {
             self.commit_all();
@@ -1181,6 +1245,9 @@ impl Replica {
         {
             let before = land_first::<Pending>(&msg);
             self.pass(&before);
+            if self.failed {
+                return Ok(());
+            }
             if matches!(before, Before::Touching(_)) && !self.commits.staged().is_empty() {
                 self.overtook_staged += 1;
             }
@@ -1325,6 +1392,9 @@ pub struct Outcome {
     pub partial_removals: u64,
     /// Staged files whose writes failed on the staging thread.
     pub stage_failures: u64,
+    /// Flushes of the replica that failed (its session cut, what the flush
+    /// covered kept in part).
+    pub flush_failures: u64,
     /// Moments the pair settled while the workload went on (the tree
     /// checked there as at the end).
     pub settled_checks: u64,
@@ -1362,6 +1432,7 @@ impl Outcome {
         self.overtook_staged += o.overtook_staged;
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
+        self.flush_failures += o.flush_failures;
         self.settled_checks += o.settled_checks;
         self.settled_checks_after_faults += o.settled_checks_after_faults;
         self.fingerprint = self.fingerprint.rotate_left(1) ^ o.fingerprint;
@@ -2432,6 +2503,10 @@ impl DataSim {
                 );
             }
             self.replica.idle();
+            if self.replica.failed {
+                self.replica_flush_failed();
+                return Ok(());
+            }
             if !self.replica.replies.is_empty() {
                 self.to_primary
                     .push_back(std::mem::take(&mut self.replica.replies));
@@ -2444,6 +2519,11 @@ impl DataSim {
                 eprintln!("replica applies {msg:?}");
             }
             self.replica.receive(msg)?;
+            if self.replica.failed {
+                // The rest of what was read goes with the session.
+                self.replica_flush_failed();
+                return Ok(());
+            }
         }
         if !self.replica.replies.is_empty() {
             self.to_primary
@@ -2470,6 +2550,11 @@ impl DataSim {
         let mut cmp = self.sender.start_compare(on_way, locals, initial);
         // The receiver lands every staged file before it lists the tree.
         self.replica.commit_all();
+        if self.replica.failed {
+            // The session ends before the manifest; the next compares.
+            self.replica_flush_failed();
+            return;
+        }
         // Listed whole before the receiver reads another frame (it sends
         // every chunk before it handles the next message).
         for (chunk, last) in self.replica.manifest(self.manifest_chunk) {
@@ -2533,6 +2618,25 @@ impl DataSim {
         }
         self.cut();
         self.replica.crash(applied, log, kept);
+    }
+
+    /// A flush on the replica failed: the session is cut, and the disk
+    /// keeps what was durable and a prefix of what came after, as a crash
+    /// leaves it (the kernel may have written some of it back before the
+    /// error), while the node runs on.
+    fn replica_flush_failed(&mut self) {
+        self.out.flush_failures += 1;
+        let applied = std::mem::take(&mut self.replica.since_durable);
+        let log = std::mem::take(&mut self.replica.faults.log);
+        let kept = self.rng_crash_range(applied.len());
+        if self.trace {
+            eprintln!(
+                "replica's flush fails: its disk keeps {kept} of {} steps since its last ack",
+                applied.len()
+            );
+        }
+        self.cut();
+        self.replica.flush_failed(applied, log, kept);
     }
 
     fn rng_crash_range(&mut self, n: usize) -> usize {
@@ -2718,6 +2822,9 @@ impl DataSim {
                     self.events.len(),
                     self.sender.idle()
                 ));
+            }
+            if let Some(v) = self.replica.violation.take() {
+                return Err(format!("step {steps}: {v}"));
             }
             if self.sender.take_verify_request() {
                 if self.trace {
