@@ -1464,6 +1464,9 @@ pub struct DataSim {
     verify_wanted: bool,
     /// A session waiting for its first comparison.
     session_wanted: bool,
+    /// The replica's session ended on a failed flush; the connection is
+    /// cut at the top of the next step.
+    replica_session_over: bool,
     workload_left: u32,
     /// Percent chances of a cut and of an overflow per step.
     cut_percent: u8,
@@ -1670,6 +1673,7 @@ impl DataSim {
             to_primary: VecDeque::new(),
             verify_wanted: false,
             session_wanted: false,
+            replica_session_over: false,
             workload_left,
             cut_percent,
             overflow_percent,
@@ -2494,6 +2498,11 @@ impl DataSim {
     }
 
     fn replica_step(&mut self) -> Result<(), String> {
+        if self.replica_session_over {
+            // Nobody reads the connection any more.
+            self.to_replica.clear();
+            return Ok(());
+        }
         let Some(bytes) = self.to_replica.pop_front() else {
             // Nothing to read: the group commit's flush reports.
             if self.trace && self.replica.commits.phase().is_some() {
@@ -2620,10 +2629,12 @@ impl DataSim {
         self.replica.crash(applied, log, kept);
     }
 
-    /// A flush on the replica failed: the session is cut, and the disk
-    /// keeps what was durable and a prefix of what came after, as a crash
-    /// leaves it (the kernel may have written some of it back before the
-    /// error), while the node runs on.
+    /// A flush on the replica failed: the disk keeps what was durable and
+    /// a prefix of what came after, as a crash leaves it (the kernel may
+    /// have written some of it back before the error), while the node runs
+    /// on. The receiver's session is over: what else arrives on it is
+    /// dropped (the sender may be in the middle of a batch) until the
+    /// connection is cut, at the top of the next step.
     fn replica_flush_failed(&mut self) {
         self.out.flush_failures += 1;
         let applied = std::mem::take(&mut self.replica.since_durable);
@@ -2635,8 +2646,9 @@ impl DataSim {
                 applied.len()
             );
         }
-        self.cut();
+        self.replica.replies.clear();
         self.replica.flush_failed(applied, log, kept);
+        self.replica_session_over = true;
     }
 
     fn rng_crash_range(&mut self, n: usize) -> usize {
@@ -2825,6 +2837,9 @@ impl DataSim {
             }
             if let Some(v) = self.replica.violation.take() {
                 return Err(format!("step {steps}: {v}"));
+            }
+            if std::mem::take(&mut self.replica_session_over) {
+                self.cut();
             }
             if self.sender.take_verify_request() {
                 if self.trace {
