@@ -90,8 +90,8 @@ use super::apply::{
 };
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
-use super::index::{self, Index, Kind, Rehash, Stat, Version};
-use super::manifest::ManifestOut;
+use super::index::{self, Index, Kind, Stat, Version};
+use super::manifest::{rehash_for, ManifestOut};
 use super::reception::{admit_path, Received, Reception};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
@@ -206,6 +206,28 @@ impl Fs {
         if let Some(i) = self.inodes.get_mut(&ino) {
             i.ctime = t;
         }
+    }
+
+    /// An inode number for an inode made later ([`Fs::insert_inode`]).
+    fn reserve_ino(&mut self) -> u64 {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    /// Makes the inode `ino` (reserved earlier), not named yet.
+    fn insert_inode(&mut self, ino: u64, body: Body, mode: u32, mtime: (i64, u32)) {
+        let t = self.tick();
+        self.next_ino = self.next_ino.max(ino + 1);
+        self.inodes.insert(
+            ino,
+            Inode {
+                body,
+                mode,
+                mtime,
+                ctime: t,
+            },
+        );
     }
 
     fn new_inode(&mut self, body: Body, mode: u32, mtime: Option<(i64, u32)>) -> u64 {
@@ -506,10 +528,19 @@ enum Step {
     /// A message through the receiver's decisions (an op on a path, a
     /// session's start).
     Op(SyncMsg),
-    /// A staged file landed: its content and metadata as staged.
-    Land(Pending, Vec<u8>, Meta),
+    /// A staged file landed: as staged.
+    Land(Pending, StagedBody),
     /// A commit's directory phase: folders get the primary's times.
     DirTimes,
+}
+
+/// A staged file: its content, its metadata and its inode (made when it
+/// was staged, kept by the rename that lands it, as on a real disk).
+#[derive(Debug, Clone)]
+struct StagedBody {
+    data: Vec<u8>,
+    meta: Meta,
+    ino: u64,
 }
 
 /// What a directory flush makes durable once it reports: the tree and the
@@ -590,7 +621,7 @@ fn io_error(op: &'static str, rel: &Path, errno: Errno) -> FsError {
 struct Disk<'a> {
     fs: &'a mut Fs,
     faults: &'a mut Faults,
-    staged: &'a mut HashMap<u64, (Vec<u8>, Meta)>,
+    staged: &'a mut HashMap<u64, StagedBody>,
     kept_aside: &'a mut std::collections::BTreeSet<(PathBuf, u128)>,
 }
 
@@ -765,14 +796,15 @@ impl ReplicaTree for Disk<'_> {
     fn land(&mut self, id: u64, rel: &Path) -> Result<PathBuf, FsError> {
         self.faults.strike("land", rel, true)?;
         self.reachable("land", rel)?;
-        let (data, meta) = self
+        let StagedBody { data, meta, ino } = self
             .staged
             .remove(&id)
             .ok_or_else(|| io_error("land", rel, Errno::IO))?;
-        let ino = self.fs.new_inode(
+        self.fs.insert_inode(
+            ino,
             Body::File(data),
             meta.mode,
-            Some((meta.mtime_sec, meta.mtime_nsec)),
+            (meta.mtime_sec, meta.mtime_nsec),
         );
         if let Err(e) = self.put("land", rel, ino) {
             self.fs.inodes.remove(&ino);
@@ -807,7 +839,7 @@ struct Replica {
     index: Index,
     stats: Arc<ReplStats>,
     /// Files received and not landed yet: their content.
-    staged: HashMap<u64, (Vec<u8>, Meta)>,
+    staged: HashMap<u64, StagedBody>,
     /// The receiver's group commit (the product's): which staged files
     /// land and which barriers are acknowledged, when.
     commits: Pipeline<Pending, u64>,
@@ -844,6 +876,15 @@ struct Replica {
     /// What the receiver did that the model forbids (an acknowledgement no
     /// durable flush covers): the run fails with it.
     violation: Option<String>,
+    /// Contents the disk made (a landed file's data lost to a failed
+    /// flush: zeros under its name and size). A former primary's node in
+    /// reconciliation cannot tell them from versions of its own and keeps
+    /// them aside: tolerated, not a genuine conflict either way.
+    torn: std::collections::HashSet<u128>,
+    /// A flush failed and the replica was not re-read since: its next
+    /// manifest re-hashes every file from disk (the receiver's latch, kept
+    /// in its state directory across restarts).
+    unverified: bool,
 }
 
 impl Replica {
@@ -882,6 +923,8 @@ impl Replica {
             flush_fail_rng: SimRng::new(seed ^ 0x6673_796e),
             failed: false,
             violation: None,
+            unverified: false,
+            torn: Default::default(),
         }
     }
 
@@ -917,7 +960,28 @@ impl Replica {
     /// decisions and index); the next session's manifest lists the disk.
     fn flush_failed(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
         let live = self.ops.snapshot();
+        // Files landed since the last durable flush: ext4 (`data_err=ignore`,
+        // its default) may commit a name and size whose data failed to
+        // write, so a read from disk finds other bytes under the same
+        // inode, size and times.
+        let landed: Vec<(PathBuf, u64)> = applied
+            .iter()
+            .take(kept)
+            .filter_map(|step| match step {
+                Step::Land(p, body) => Some((p.rel.clone(), body.ino)),
+                _ => None,
+            })
+            .collect();
         self.keep_on_disk(applied, log, kept);
+        for (rel, ino) in landed {
+            if self.fs.ino(&rel) == Some(ino) && self.flush_fail_rng.percent(50) {
+                if let Some(Body::File(d)) = self.fs.inodes.get_mut(&ino).map(|i| &mut i.body) {
+                    d.fill(0);
+                    self.torn.insert(index::hash_bytes(d));
+                }
+            }
+        }
+        self.unverified = true;
         self.ops = live;
         self.faults.replaying = None;
         self.durable = self.fs.clone();
@@ -930,9 +994,11 @@ impl Replica {
     /// of the steps `applied` since, decided as they were then (`log`: the
     /// faults they met).
     fn keep_on_disk(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
-        let clock = self.fs.clock;
+        let (clock, next_ino) = (self.fs.clock, self.fs.next_ino);
         self.fs = self.durable.clone();
         self.fs.clock = clock;
+        // Inode numbers are not given twice (staged files hold theirs).
+        self.fs.next_ino = self.fs.next_ino.max(next_ino);
         self.ops = self.durable_ops.snapshot();
         self.faults.replaying = Some(log.into());
         for step in applied.into_iter().take(kept) {
@@ -942,8 +1008,8 @@ impl Replica {
                         break;
                     }
                 }
-                Step::Land(p, data, meta) => {
-                    self.staged.insert(p.seq, (data, meta));
+                Step::Land(p, body) => {
+                    self.staged.insert(p.seq, body);
                     self.land_file(p);
                 }
                 Step::DirTimes => self.dir_times(),
@@ -1028,7 +1094,16 @@ impl Replica {
                 meta,
                 ..
             } => {
-                self.staged.insert(seq, (inc.data, meta));
+                // Its inode is made as it is staged.
+                let ino = self.fs.reserve_ino();
+                self.staged.insert(
+                    seq,
+                    StagedBody {
+                        data: inc.data,
+                        meta,
+                        ino,
+                    },
+                );
                 self.commits.stage(Pending { seq, rel, hash });
             }
         }
@@ -1162,10 +1237,10 @@ impl Replica {
     /// A staged file lands (logged with its content: a crash's replay
     /// lands it again).
     fn land_logged(&mut self, p: Pending) {
-        let Some((data, meta)) = self.staged.get(&p.seq).cloned() else {
+        let Some(body) = self.staged.get(&p.seq).cloned() else {
             return;
         };
-        self.since_durable.push(Step::Land(p.clone(), data, meta));
+        self.since_durable.push(Step::Land(p.clone(), body));
         self.land_file(p);
     }
 
@@ -1182,7 +1257,11 @@ impl Replica {
 
     fn land_file(&mut self, p: Pending) {
         let Pending { seq, rel, hash } = p;
-        let Some((size, meta)) = self.staged.get(&seq).map(|(d, m)| (d.len() as u64, *m)) else {
+        let Some((size, meta, ino)) = self
+            .staged
+            .get(&seq)
+            .map(|b| (b.data.len() as u64, b.meta, b.ino))
+        else {
             return;
         };
         let staged = Stat {
@@ -1191,7 +1270,7 @@ impl Replica {
                 size,
                 mtime_s: meta.mtime_sec,
                 mtime_ns: meta.mtime_nsec,
-                ino: 0,
+                ino,
                 ctime_s: 0,
                 ctime_ns: 0,
             },
@@ -1205,8 +1284,8 @@ impl Replica {
             Ok(()) => Ok(Some(staged)),
             Err(e) => {
                 // What was written before the failure stays in the file.
-                if let Some((data, _)) = self.staged.get_mut(&seq) {
-                    data.truncate(data.len() / 2);
+                if let Some(b) = self.staged.get_mut(&seq) {
+                    b.data.truncate(b.data.len() / 2);
                 }
                 // Counted once: not again as a crash replays it.
                 if self.faults.replaying.is_none() {
@@ -1318,7 +1397,8 @@ impl Replica {
     /// receiver's own code from this replica's tree and index, in chunks of
     /// `chunk_entries` entries at most, each with whether it is the last.
     fn manifest(&mut self, chunk_entries: usize) -> Vec<(Vec<ManifestEntry>, bool)> {
-        let mut out = ManifestOut::new(0, Rehash::Changed, Vec::new(), chunk_entries);
+        let rehash = rehash_for(self.unverified, false);
+        let mut out = ManifestOut::new(0, rehash, Vec::new(), chunk_entries);
         let mut chunks = Vec::new();
         while let Some(s) = out.store_due(1) {
             let chunk = out
@@ -1326,6 +1406,8 @@ impl Replica {
                 .expect("the model's tree lists without errors");
             chunks.push(chunk);
         }
+        // Every file re-read: the latch lifts.
+        self.unverified = false;
         chunks
     }
 }
@@ -1506,6 +1588,8 @@ pub struct DataSim {
     /// The versions the other node keeps aside (the replica's are in
     /// `replica.kept_aside`): swapped at each failover.
     other_kept: std::collections::BTreeSet<(PathBuf, u128)>,
+    /// The other node's unverified latch.
+    other_unverified: bool,
     /// After the failover: the old primary's files then (path, hash) and
     /// what the new primary held as it took over.
     failed_over: Option<FailedOver>,
@@ -1574,6 +1658,7 @@ impl FailedOver {
         &self,
         kept: &Versions,
         held: &std::collections::HashSet<u128>,
+        torn: &std::collections::HashSet<u128>,
     ) -> Result<(), String> {
         let (genuine, must_keep) = self.conflicts();
         if let Some((p, _)) = must_keep
@@ -1585,7 +1670,10 @@ impl FailedOver {
                 p.display()
             ));
         }
-        if let Some((p, h)) = kept.iter().find(|v| !has_content(&genuine, v.1)) {
+        if let Some((p, h)) = kept
+            .iter()
+            .find(|v| !has_content(&genuine, v.1) && !torn.contains(&v.1))
+        {
             return Err(format!(
                 "{} kept aside (content {h:x}), but the new primary held that version (not a genuine conflict)",
                 p.display()
@@ -1688,6 +1776,7 @@ impl DataSim {
             failover_percent: 0,
             failovers_max: 1,
             other_kept: Default::default(),
+            other_unverified: false,
             failed_over: None,
             large_from: u64::MAX,
             faults: false,
@@ -2790,6 +2879,7 @@ impl DataSim {
         self.replica.restart(old_primary);
         // The versions kept aside are the node's, not the role's.
         std::mem::swap(&mut self.replica.kept_aside, &mut self.other_kept);
+        std::mem::swap(&mut self.replica.unverified, &mut self.other_unverified);
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
@@ -2817,7 +2907,7 @@ impl DataSim {
             .filter(|p| !excluded_or_below(&self.excludes, p))
             .filter_map(|p| self.replica.fs.hash_of(p))
             .collect();
-        f.check_kept(&self.replica.kept_aside, &held)
+        f.check_kept(&self.replica.kept_aside, &held, &self.replica.torn)
             .map_err(|e| format!("at the second failover: {e}"))
     }
 
@@ -2977,7 +3067,7 @@ impl DataSim {
             return Ok(());
         };
         let kept = &self.replica.kept_aside;
-        f.check_kept(kept, &Default::default())?;
+        f.check_kept(kept, &Default::default(), &self.replica.torn)?;
         self.out.kept_aside += kept.len() as u64;
         Ok(())
     }

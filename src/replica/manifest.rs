@@ -17,6 +17,21 @@ const ENTRY_FIXED_BYTES: usize = 2 + 1 + 8 + 24 + 16;
 /// is 8 MiB: 4,096 entries of 4 KiB paths would not fit one).
 const CHUNK_BYTES_MAX: usize = 2 << 20;
 
+/// How a manifest asked for finds its hashes: every file re-read from disk
+/// while the replica is unverified (a flush failed: the page cache may hold
+/// what the disk lost, under the same inode, size and times the index
+/// vouches for), every file re-hashed for a full verification, else only
+/// what changed since the index saw it.
+pub fn rehash_for(unverified: bool, full_verify: bool) -> Rehash {
+    if unverified {
+        Rehash::FromDisk
+    } else if full_verify {
+        Rehash::All
+    } else {
+        Rehash::Changed
+    }
+}
+
 /// A manifest being listed.
 pub struct ManifestOut {
     id: u64,

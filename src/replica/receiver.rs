@@ -22,7 +22,7 @@ use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
-use super::manifest::ManifestOut;
+use super::manifest::{rehash_for, ManifestOut};
 use super::reception::{admit_path, Received, Reception};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
@@ -1086,13 +1086,7 @@ impl Receiver {
         if let Some(orphan) = self.orphaned_flush_failure() {
             self.latch(&format!("an earlier flush failed: {orphan}"));
         }
-        let rehash = if self.unverified.is_some() {
-            Rehash::FromDisk
-        } else if full_verify {
-            Rehash::All
-        } else {
-            Rehash::Changed
-        };
+        let rehash = rehash_for(self.unverified.is_some(), full_verify);
         let pre = self
             .prescanned
             .take()
