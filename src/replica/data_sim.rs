@@ -2705,17 +2705,24 @@ impl DataSim {
     /// since (a file cut short never lands); the connection is cut.
     fn crash_replica(&mut self) {
         self.out.replica_crashes += 1;
+        let (applied, log, kept) = self.draw_disk_loss("replica crashes");
+        self.cut();
+        self.replica.crash(applied, log, kept);
+    }
+
+    /// What the replica did since its last acknowledgement (and the faults
+    /// it met), and how many of those steps its disk keeps, drawn.
+    fn draw_disk_loss(&mut self, what: &str) -> (Vec<Step>, Vec<Option<NeedReason>>, usize) {
         let applied = std::mem::take(&mut self.replica.since_durable);
         let log = std::mem::take(&mut self.replica.faults.log);
         let kept = self.rng_crash_range(applied.len());
         if self.trace {
             eprintln!(
-                "replica crashes: keeps {kept} of {} messages since its last ack",
+                "{what}: its disk keeps {kept} of {} steps since its last ack",
                 applied.len()
             );
         }
-        self.cut();
-        self.replica.crash(applied, log, kept);
+        (applied, log, kept)
     }
 
     /// A flush on the replica failed: the disk keeps what was durable and
@@ -2726,15 +2733,7 @@ impl DataSim {
     /// connection is cut, at the top of the next step.
     fn replica_flush_failed(&mut self) {
         self.out.flush_failures += 1;
-        let applied = std::mem::take(&mut self.replica.since_durable);
-        let log = std::mem::take(&mut self.replica.faults.log);
-        let kept = self.rng_crash_range(applied.len());
-        if self.trace {
-            eprintln!(
-                "replica's flush fails: its disk keeps {kept} of {} steps since its last ack",
-                applied.len()
-            );
-        }
+        let (applied, log, kept) = self.draw_disk_loss("replica's flush fails");
         self.replica.replies.clear();
         self.replica.flush_failed(applied, log, kept);
         self.replica_session_over = true;
