@@ -881,6 +881,7 @@ struct Replica {
     /// reconciliation cannot tell them from versions of its own and keeps
     /// them aside: tolerated, not a genuine conflict either way.
     torn: std::collections::HashSet<u128>,
+    torn_files: u64,
     /// A flush failed and the replica was not re-read since: its next
     /// manifest re-hashes every file from disk (the receiver's latch, kept
     /// in its state directory across restarts).
@@ -925,6 +926,7 @@ impl Replica {
             violation: None,
             unverified: false,
             torn: Default::default(),
+            torn_files: 0,
         }
     }
 
@@ -964,24 +966,34 @@ impl Replica {
         // its default) may commit a name and size whose data failed to
         // write, so a read from disk finds other bytes under the same
         // inode, size and times.
-        let landed: Vec<(PathBuf, u64)> = applied
+        // Each with a chance of one in two, under whatever names it has now
+        // (renamed or linked since it landed).
+        let landed: Vec<u64> = applied
             .iter()
             .take(kept)
             .filter_map(|step| match step {
-                Step::Land(p, body) => Some((p.rel.clone(), body.ino)),
+                Step::Land(_, body) => Some(body.ino),
                 _ => None,
             })
             .collect();
         self.keep_on_disk(applied, log, kept);
-        for (rel, ino) in landed {
-            if self.fs.ino(&rel) == Some(ino) && self.flush_fail_rng.percent(50) {
-                if let Some(Body::File(d)) = self.fs.inodes.get_mut(&ino).map(|i| &mut i.body) {
+        for ino in landed {
+            let named = self.fs.nlink.get(&ino).is_some_and(|&n| n > 0);
+            if !named || !self.flush_fail_rng.percent(50) {
+                continue;
+            }
+            if let Some(Body::File(d)) = self.fs.inodes.get_mut(&ino).map(|i| &mut i.body) {
+                // Zeros where there were zeros (or nothing) lose nothing.
+                if d.iter().any(|&b| b != 0) {
                     d.fill(0);
                     self.torn.insert(index::hash_bytes(d));
+                    self.torn_files += 1;
                 }
             }
         }
         self.unverified = true;
+        // What the node remembers until its next session (which starts a
+        // new receiver): the decisions' state as it was.
         self.ops = live;
         self.faults.replaying = None;
         self.durable = self.fs.clone();
@@ -1068,6 +1080,13 @@ impl Replica {
         match admit_path(raw, &self.excludes) {
             Ok(rel) => Some(rel),
             Err(why) => {
+                // Answered as the receiver answers it; but the sender must
+                // never send a path the replica refuses (the same excludes,
+                // names read from a filesystem).
+                self.violation.get_or_insert(format!(
+                    "the replica refused a path the primary sent ({}): {why}",
+                    String::from_utf8_lossy(raw)
+                ));
                 SyncMsg::Refused {
                     seq,
                     store: 0,
@@ -1385,7 +1404,9 @@ impl Replica {
             Parsed::Op { seq, op, .. } => {
                 self.decide(|ops, disk, index| ops.apply(disk, index, 0, seq, op));
             }
-            Parsed::Other(SyncMsg::Start { .. }) => self.ops.begin_session(),
+            // Each connection gets a new receiver (the engine's): its
+            // decisions start afresh; the index is the store's.
+            Parsed::Other(SyncMsg::Start { .. }) => self.ops = Applier::new(self.stats.clone()),
             Parsed::Other(other) => return Err(format!("the replica does not expect {other:?}")),
             // Answered by the check.
             Parsed::Refused => {}
@@ -1477,6 +1498,9 @@ pub struct Outcome {
     /// Flushes of the replica that failed (its session cut, what the flush
     /// covered kept in part).
     pub flush_failures: u64,
+    /// Of the files landed before a failed flush, those whose data the
+    /// disk lost (zeros under their names).
+    pub torn_files: u64,
     /// Moments the pair settled while the workload went on (the tree
     /// checked there as at the end).
     pub settled_checks: u64,
@@ -1515,6 +1539,7 @@ impl Outcome {
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
         self.flush_failures += o.flush_failures;
+        self.torn_files += o.torn_files;
         self.settled_checks += o.settled_checks;
         self.settled_checks_after_faults += o.settled_checks_after_faults;
         self.fingerprint = self.fingerprint.rotate_left(1) ^ o.fingerprint;
@@ -3032,6 +3057,9 @@ impl DataSim {
                 }
             }
         }
+        if let Some(v) = self.replica.violation.take() {
+            return Err(format!("at the end: {v}"));
+        }
         match self.check()? {
             Links::Same => {}
             Links::Split => self.out.split_links += 1,
@@ -3042,6 +3070,7 @@ impl DataSim {
         self.out.overtook_staged = self.replica.overtook_staged;
         self.out.partial_removals = self.replica.faults.partial_removals;
         self.out.stage_failures = self.replica.faults.stage_failures;
+        self.out.torn_files = self.replica.torn_files;
         Ok(self.out)
     }
 

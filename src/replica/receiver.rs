@@ -1196,8 +1196,12 @@ impl Receiver {
             } => (seq, store, rel, hash, size, meta),
         };
         let s = store;
-        // A file not set aside has its staged file.
-        let Some(fd) = fd else { return };
+        let Some(fd) = fd else {
+            // A file not set aside has its staged file; were it missing,
+            // the file is asked for again rather than taken as landed.
+            self.need(seq, s, &rel, NeedReason::LocalError);
+            return;
+        };
         let (st, fsync) = if let Some(stager) = &self.stager {
             // Metadata is applied (and the file's state read) on the
             // staging thread after its writes; the outcome arrives before

@@ -251,6 +251,7 @@ fn data_sim_seeds() {
                             && o.partial_removals > 0
                             && o.stage_failures > 0
                             && o.flush_failures > 0
+                            && o.torn_files > 0
                             && o.primary_crashes > 0
                             && o.disk_full_turns > 0
                             && o.settled_checks_after_faults > n / 4
