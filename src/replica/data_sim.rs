@@ -3337,6 +3337,21 @@ mod tests {
         }
     }
 
+    /// Stages a file at `path` (seq 1) and a barrier (seq 2); the commit
+    /// starts, and an op elsewhere (seq 3) lands the file (its data flush
+    /// completes) and leaves the directory flush in flight.
+    fn land_leaving_dirs_in_flight(r: &mut Replica, path: &str) {
+        r.receive(file(1, path)).unwrap();
+        r.receive(SyncMsg::Barrier { seq: 2 }).unwrap();
+        r.receive(SyncMsg::Mkdir {
+            seq: 3,
+            store: 0,
+            path: b"d".to_vec(),
+            meta: meta(0o700),
+        })
+        .unwrap();
+    }
+
     /// A file still staged when the primary turns its name into a folder
     /// (`Mkdir` at the same name, then a message in it): the folder must
     /// not be replaced by the stale file when that lands (the `Mkdir` lands
@@ -3369,17 +3384,7 @@ mod tests {
     #[test]
     fn a_delete_of_a_file_still_staged_waits_for_it_to_land() {
         let mut r = staging_replica();
-        r.receive(file(1, "a")).unwrap();
-        r.receive(SyncMsg::Barrier { seq: 2 }).unwrap();
-        // The commit of "a" starts; this op lands "a" (its data flush
-        // completes) and leaves the directory flush in flight.
-        r.receive(SyncMsg::Mkdir {
-            seq: 3,
-            store: 0,
-            path: b"d".to_vec(),
-            meta: meta(0o700),
-        })
-        .unwrap();
+        land_leaving_dirs_in_flight(&mut r, "a");
         assert_eq!(r.commits.phase(), Some(super::super::commit::Phase::Dirs));
         r.receive(file(4, "b")).unwrap();
         assert_eq!(r.commits.staged().len(), 1, "b waits for the next commit");
@@ -3402,16 +3407,9 @@ mod tests {
     fn a_crash_replaying_a_failed_staging_counts_it_once() {
         let mut r = staging_replica();
         r.faults.full = true;
-        r.receive(file(1, "a")).unwrap();
-        r.receive(SyncMsg::Barrier { seq: 2 }).unwrap();
-        // Lands "a" (its staging failed: asked for again) and leaves the
-        // directory flush in flight: nothing acknowledged yet.
-        r.receive(SyncMsg::Delete {
-            seq: 3,
-            store: 0,
-            path: b"d".to_vec(),
-        })
-        .unwrap();
+        // Its staging failed: asked for again as it lands; nothing
+        // acknowledged yet.
+        land_leaving_dirs_in_flight(&mut r, "a");
         assert_eq!(r.faults.stage_failures, 1);
         assert!(
             !r.since_durable.is_empty(),
