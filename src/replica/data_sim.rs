@@ -532,6 +532,8 @@ enum Step {
     Land(Pending, StagedBody),
     /// A commit's directory phase: folders get the primary's times.
     DirTimes,
+    /// A session ended: the next connection's receiver decides afresh.
+    NewReceiver,
 }
 
 /// A staged file: its content, its metadata and its inode (made when it
@@ -958,10 +960,9 @@ impl Replica {
 
     /// A flush failed (its session has ended): the disk kept what was
     /// durable and the first `kept` of the steps since, as a crash does, but
-    /// the node runs on with what its memory holds (the receiver's
-    /// decisions and index); the next session's manifest lists the disk.
+    /// the node runs on with its index as it was (its next session starts a
+    /// new receiver, whose manifest lists the disk).
     fn flush_failed(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
-        let live = self.ops.snapshot();
         // Files landed since the last durable flush: ext4 (`data_err=ignore`,
         // its default) may commit a name and size whose data failed to
         // write, so a read from disk finds other bytes under the same
@@ -992,9 +993,6 @@ impl Replica {
             }
         }
         self.unverified = true;
-        // What the node remembers until its next session (which starts a
-        // new receiver): the decisions' state as it was.
-        self.ops = live;
         self.faults.replaying = None;
         self.durable = self.fs.clone();
         self.durable_ops = self.ops.snapshot();
@@ -1025,6 +1023,7 @@ impl Replica {
                     self.land_file(p);
                 }
                 Step::DirTimes => self.dir_times(),
+                Step::NewReceiver => self.ops = Applier::new(self.stats.clone()),
             }
         }
     }
@@ -1136,6 +1135,10 @@ impl Replica {
         self.commits = Pipeline::new(self.fold);
         self.covering = None;
         self.staged.clear();
+        // The engine builds a new receiver for the next connection: its
+        // decisions start afresh (logged, so that a crash's replay does too).
+        self.since_durable.push(Step::NewReceiver);
+        self.ops = Applier::new(self.stats.clone());
     }
 
     /// Performs the group commit's outputs, in order, as the receiver does.
