@@ -121,6 +121,13 @@ pub fn syncfs_file(f: &std::fs::File) -> io::Result<()> {
     if crate::failpoint::fails("syncfs.eio") {
         return Err(io::Error::from_raw_os_error(5));
     }
+    if crate::failpoint::fails("syncfs.slow_eio") {
+        // A flush that outlives the session that asked for it (a test cuts
+        // the connection meanwhile), then fails.
+        eprintln!("hasync: failpoint syncfs.slow_eio reached: failing in 3 s");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        return Err(io::Error::from_raw_os_error(5));
+    }
     rustix::fs::syncfs(f).map_err(io::Error::from)
 }
 

@@ -91,7 +91,8 @@ use super::apply::{
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
 use super::index::{self, Index, Kind, Stat, Version};
-use super::manifest::{rehash_for, ManifestOut};
+use super::latch::Latch;
+use super::manifest::ManifestOut;
 use super::reception::{admit_path, Received, Reception};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
@@ -884,10 +885,10 @@ struct Replica {
     /// them aside: tolerated, not a genuine conflict either way.
     torn: std::collections::HashSet<u128>,
     torn_files: u64,
-    /// A flush failed and the replica was not re-read since: its next
-    /// manifest re-hashes every file from disk (the receiver's latch, kept
-    /// in its state directory across restarts).
-    unverified: bool,
+    /// The receiver's unverified latch (a flush failed and the replica
+    /// was not re-read since: its next manifest re-hashes every file from
+    /// disk), kept in its state directory across restarts.
+    latch: Latch,
 }
 
 impl Replica {
@@ -926,7 +927,7 @@ impl Replica {
             flush_fail_rng: SimRng::new(seed ^ 0x6673_796e),
             failed: false,
             violation: None,
-            unverified: false,
+            latch: Latch::default(),
             torn: Default::default(),
             torn_files: 0,
         }
@@ -961,8 +962,16 @@ impl Replica {
     /// A flush failed (its session has ended): the disk kept what was
     /// durable and the first `kept` of the steps since, as a crash does, but
     /// the node runs on with its index as it was (its next session starts a
-    /// new receiver, whose manifest lists the disk).
+    /// new receiver, whose manifest lists the disk), latched unverified.
     fn flush_failed(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
+        self.lose_unflushed(applied, log, kept);
+        self.latch.set("EIO");
+    }
+
+    /// What a failed flush leaves: the disk keeps what was durable and the
+    /// first `kept` of the steps since, and landed files may keep their
+    /// names and sizes but lose their data.
+    fn lose_unflushed(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
         // Files landed since the last durable flush: ext4 (`data_err=ignore`,
         // its default) may commit a name and size whose data failed to
         // write, so a read from disk finds other bytes under the same
@@ -992,7 +1001,6 @@ impl Replica {
                 }
             }
         }
-        self.unverified = true;
         self.faults.replaying = None;
         self.durable = self.fs.clone();
         self.durable_ops = self.ops.snapshot();
@@ -1139,6 +1147,9 @@ impl Replica {
         // decisions start afresh (logged, so that a crash's replay does too).
         self.since_durable.push(Step::NewReceiver);
         self.ops = Applier::new(self.stats.clone());
+        // Latched or not as its marker says; the acknowledgements held went
+        // with the connection.
+        self.latch = Latch::resume(self.latch.reason().map(str::to_owned));
     }
 
     /// Performs the group commit's outputs, in order, as the receiver does.
@@ -1170,7 +1181,7 @@ impl Replica {
                         ));
                         return;
                     };
-                    for seq in barriers {
+                    for seq in barriers.into_iter().filter_map(|seq| self.latch.ack(seq)) {
                         SyncMsg::Ack { seq }.encode(&mut self.replies);
                     }
                     self.durable = c.fs;
@@ -1421,7 +1432,8 @@ impl Replica {
     /// receiver's own code from this replica's tree and index, in chunks of
     /// `chunk_entries` entries at most, each with whether it is the last.
     fn manifest(&mut self, chunk_entries: usize) -> Vec<(Vec<ManifestEntry>, bool)> {
-        let rehash = rehash_for(self.unverified, false);
+        // No flush fails unheard here (see `Sim::session_ends_while_running`).
+        let (rehash, _) = self.latch.manifest(false, None);
         let mut out = ManifestOut::new(0, rehash, Vec::new(), chunk_entries);
         let mut chunks = Vec::new();
         while let Some(s) = out.store_due(1) {
@@ -1430,8 +1442,13 @@ impl Replica {
                 .expect("the model's tree lists without errors");
             chunks.push(chunk);
         }
-        // Every file re-read: the latch lifts.
-        self.unverified = false;
+        // Every file re-read: the latch lifts (and the acknowledgements it
+        // held go out).
+        if let Some(lifted) = self.latch.manifest_sent(rehash) {
+            for seq in lifted.acks {
+                SyncMsg::Ack { seq }.encode(&mut self.replies);
+            }
+        }
         chunks
     }
 }
@@ -1501,6 +1518,9 @@ pub struct Outcome {
     /// Flushes of the replica that failed (its session cut, what the flush
     /// covered kept in part).
     pub flush_failures: u64,
+    /// Of those, flushes in flight as their session ended (the connection
+    /// cut, or the node taking over).
+    pub flush_failures_at_session_end: u64,
     /// Of the files landed before a failed flush, those whose data the
     /// disk lost (zeros under their names).
     pub torn_files: u64,
@@ -1542,6 +1562,7 @@ impl Outcome {
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
         self.flush_failures += o.flush_failures;
+        self.flush_failures_at_session_end += o.flush_failures_at_session_end;
         self.torn_files += o.torn_files;
         self.settled_checks += o.settled_checks;
         self.settled_checks_after_faults += o.settled_checks_after_faults;
@@ -1617,7 +1638,7 @@ pub struct DataSim {
     /// `replica.kept_aside`): swapped at each failover.
     other_kept: std::collections::BTreeSet<(PathBuf, u128)>,
     /// The other node's unverified latch.
-    other_unverified: bool,
+    other_latch: Latch,
     /// After the failover: the old primary's files then (path, hash) and
     /// what the new primary held as it took over.
     failed_over: Option<FailedOver>,
@@ -1804,7 +1825,7 @@ impl DataSim {
             failover_percent: 0,
             failovers_max: 1,
             other_kept: Default::default(),
-            other_unverified: false,
+            other_latch: Latch::default(),
             failed_over: None,
             large_from: u64::MAX,
             faults: false,
@@ -2728,6 +2749,35 @@ impl DataSim {
         self.session_wanted = true;
     }
 
+    /// The connection is cut while the replica's node runs on (its session
+    /// ends). A flush in flight fails at the I/O error rate; the session
+    /// hears it before it ends (`Receiver::serve` waits for it), so the
+    /// replica is latched unverified, and its disk loses what the flush
+    /// covered as at any failed flush.
+    fn cut_while_running(&mut self) {
+        if self.in_flight_flush_fails("the replica's session ends") {
+            self.replica.latch.set("EIO");
+        }
+        self.cut();
+    }
+
+    /// The replica's session ends (`why`) with a flush in flight: whether
+    /// it fails (drawn at the I/O error rate), and if so, the disk's loss.
+    fn in_flight_flush_fails(&mut self, why: &str) -> bool {
+        let r = &mut self.replica;
+        let eio = r.faults.eio_percent;
+        let fails =
+            r.commits.phase().is_some() && !r.failed && eio > 0 && r.flush_fail_rng.percent(eio);
+        if fails {
+            self.out.flush_failures += 1;
+            self.out.flush_failures_at_session_end += 1;
+            let (applied, log, kept) =
+                self.draw_disk_loss(&format!("{why}; its flush in flight fails"));
+            self.replica.lose_unflushed(applied, log, kept);
+        }
+        fails
+    }
+
     /// The replica's node crashes and restarts: it keeps what its last
     /// acknowledged barrier made durable and a prefix of what it applied
     /// since (a file cut short never lands); the connection is cut.
@@ -2784,7 +2834,7 @@ impl DataSim {
                 self.saved_index.is_some()
             );
         }
-        self.cut();
+        self.cut_while_running();
         let index = match &self.saved_index {
             Some(saved) => saved.saved_copy(),
             None => Index::in_memory(),
@@ -2877,6 +2927,10 @@ impl DataSim {
             self.out.second_tenures += 1;
         }
         self.out.failovers += 1;
+        // A flush the replica had in flight fails or not: the node takes
+        // over with what its disk kept either way (a failure the node hears
+        // later is for the replica's role it left).
+        self.in_flight_flush_fails("the replica's node takes over");
         self.cut();
         let new_primary = self.replica.fs.clone();
         let old_primary = std::mem::replace(&mut *self.primary.borrow_mut(), new_primary);
@@ -2906,7 +2960,7 @@ impl DataSim {
         self.replica.restart(old_primary);
         // The versions kept aside are the node's, not the role's.
         std::mem::swap(&mut self.replica.kept_aside, &mut self.other_kept);
-        std::mem::swap(&mut self.replica.unverified, &mut self.other_unverified);
+        std::mem::swap(&mut self.replica.latch, &mut self.other_latch);
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
@@ -3028,7 +3082,7 @@ impl DataSim {
                 83..=97 => self.reply_step()?,
                 _ => {
                     if self.rng.percent(self.cut_percent.saturating_mul(20)) {
-                        self.cut();
+                        self.cut_while_running();
                     }
                     if self.workload_left > 0 && self.fault_rng.percent(self.full_percent) {
                         self.replica.faults.full = !self.replica.faults.full;
@@ -3087,6 +3141,9 @@ impl DataSim {
             && !self.sender.verify_requested()
             && !self.verify_wanted
             && !self.session_wanted
+            // A session a failed flush ended (a comparison it cut short
+            // among what it dropped) is cut, and the next compares.
+            && !self.replica_session_over
     }
 
     /// After a failover: every version the old primary held that the new

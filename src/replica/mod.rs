@@ -17,6 +17,7 @@ pub mod foreign;
 pub mod fsops;
 pub mod gate;
 pub mod index;
+pub mod latch;
 pub mod links;
 pub mod manifest;
 pub mod receiver;

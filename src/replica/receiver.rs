@@ -22,7 +22,8 @@ use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::index::{self, Index, Kind, Rehash};
-use super::manifest::{rehash_for, ManifestOut};
+use super::latch::{Latch, Latched, Lifted};
+use super::manifest::ManifestOut;
 use super::reception::{admit_path, Received, Reception};
 use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
@@ -165,12 +166,10 @@ pub struct Receiver {
     /// The epoch of the last primary tenure this node began, 0 if none in
     /// this process (the engine's; see `PeerState`).
     pub served: Arc<std::sync::atomic::AtomicU64>,
-    /// Why the replica is latched unverified (a flush or write failed): it
-    /// is re-hashed from disk at the next manifest, and no batch is
+    /// Whether the replica is latched unverified (a flush failed): it is
+    /// re-hashed from disk at the next manifest, and no batch is
     /// acknowledged until then.
-    unverified: Option<String>,
-    /// Acknowledgements held while unverified.
-    held_acks: Vec<u64>,
+    latch: Latch,
     /// Scans taken before the session, for its first manifest.
     pub prescanned: Option<Prescan>,
     /// Versions kept aside and being handed to the primary: id → (store,
@@ -230,8 +229,7 @@ impl Receiver {
             done_files: Default::default(),
             space: vec![Default::default(); n_stores],
             state_dir: None,
-            unverified: None,
-            held_acks: Vec::new(),
+            latch: Latch::default(),
             prescanned: None,
             fence: None,
             session_epoch: Default::default(),
@@ -282,8 +280,9 @@ impl Receiver {
             .lock()
             .expect("unverified lock")
             .clone();
-        self.unverified = self.state_dir.as_deref().and_then(unverified).or(in_memory);
-        *self.stats.unverified.lock().expect("unverified lock") = self.unverified.clone();
+        self.latch = Latch::resume(self.state_dir.as_deref().and_then(unverified).or(in_memory));
+        *self.stats.unverified.lock().expect("unverified lock") =
+            self.latch.reason().map(str::to_owned);
         if self.durability == Durability::Syncfs && self.stager.is_none() {
             // The engine's flusher (one for the node's life) if it gave one.
             let started = match self.flusher.clone() {
@@ -329,6 +328,17 @@ impl Receiver {
         });
         let result = self.serve_inner(&mut frames, &w, &peer, peer_addr).await;
         reader.abort();
+        // A flush in flight may cover files this session landed: its
+        // outcome is heard here. Left to the durable-commit thread, a
+        // failure would reach only a later session's next flush, after
+        // that session's manifest had vouched for what the disk lost.
+        if let Some(done) = self.flush_done.take() {
+            match done.await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => self.latch(&why),
+                Err(_) => self.latch("flush abandoned"),
+            }
+        }
         // Unacknowledged work is redone by the sender after reconnecting.
         self.discard_unlanded();
         if let Some(inc) = self.current.take() {
@@ -504,12 +514,11 @@ impl Receiver {
                         Stages::record(&mut st.barrier_to_ack, now.duration_since(*at));
                     }
                     drop(st);
-                    for (seq, _) in barriers {
-                        if self.unverified.is_some() {
-                            self.held_acks.push(seq);
-                        } else {
-                            SyncMsg::Ack { seq }.encode(&mut self.replies);
-                        }
+                    for seq in barriers
+                        .into_iter()
+                        .filter_map(|(seq, _)| self.latch.ack(seq))
+                    {
+                        SyncMsg::Ack { seq }.encode(&mut self.replies);
                     }
                 }
                 CommitOutput::Failed(files) => {
@@ -564,10 +573,7 @@ impl Receiver {
         self.flush_done = None;
         // An earlier flush failed with nobody waiting: treat this one as
         // failed too (the session ends and the next re-reads from disk).
-        let res = match (res, self.orphaned_flush_failure()) {
-            (Ok(()), Some(orphan)) => Err(format!("an earlier flush failed: {orphan}")),
-            (res, _) => res,
-        };
+        let res = Latch::flush_outcome(res, self.orphaned_flush_failure());
         let took = self.flush_started.elapsed();
         {
             let mut st = self.stats.stages.lock().expect("stages lock");
@@ -605,8 +611,13 @@ impl Receiver {
 
     /// Latches the replica unverified (see [`Receiver::latch_unverified`]).
     fn latch(&mut self, why: &str) {
-        let reason = format!("a flush failed: {why}");
-        if self.unverified.is_none() {
+        let latched = self.latch.set(why);
+        self.record_latch(latched);
+    }
+
+    /// Alarms (once) and records durably that the replica is latched.
+    fn record_latch(&mut self, Latched { reason, new }: Latched) {
+        if new {
             let msg = format!(
                 "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk at the next session"
             );
@@ -622,14 +633,14 @@ impl Receiver {
                 );
             }
         }
-        self.unverified = Some(reason.clone());
         *self.stats.unverified.lock().expect("unverified lock") = Some(reason);
     }
 
-    /// Every file was re-read from disk for a manifest: the latch lifts and
-    /// the acknowledgements held meanwhile go out.
-    fn clear_unverified(&mut self) {
-        let Some(reason) = self.unverified.take() else {
+    /// A manifest listed with `rehash` was sent whole: if it re-read every
+    /// file from disk, the latch lifts and the acknowledgements held
+    /// meanwhile go out.
+    fn manifest_sent(&mut self, rehash: Rehash) {
+        let Some(Lifted { reason, acks }) = self.latch.manifest_sent(rehash) else {
             return;
         };
         if let Some(dir) = &self.state_dir {
@@ -645,7 +656,7 @@ impl Receiver {
         }
         info!("the replica was re-read from disk after \"{reason}\": verified again");
         *self.stats.unverified.lock().expect("unverified lock") = None;
-        for seq in std::mem::take(&mut self.held_acks) {
+        for seq in acks {
             SyncMsg::Ack { seq }.encode(&mut self.replies);
         }
     }
@@ -1083,10 +1094,12 @@ impl Receiver {
     /// Starts answering a manifest request: [`Receiver::stream_manifest`]
     /// sends it.
     fn send_manifest(&mut self, id: u64, full_verify: bool) -> Result<(), RecvError> {
-        if let Some(orphan) = self.orphaned_flush_failure() {
-            self.latch(&format!("an earlier flush failed: {orphan}"));
+        let (rehash, latched) = self
+            .latch
+            .manifest(full_verify, self.orphaned_flush_failure());
+        if let Some(latched) = latched {
+            self.record_latch(latched);
         }
-        let rehash = rehash_for(self.unverified.is_some(), full_verify);
         let pre = self
             .prescanned
             .take()
@@ -1113,9 +1126,8 @@ impl Receiver {
             return Ok(false);
         };
         let Some(s) = out.store_due(self.stores.len()) else {
-            if out.rehash() == Rehash::FromDisk {
-                self.clear_unverified();
-            }
+            let rehash = out.rehash();
+            self.manifest_sent(rehash);
             self.manifest_out = None;
             return Ok(false);
         };

@@ -439,3 +439,74 @@ fn a_failed_flush_latches_the_replica_unverified_until_it_is_read_again_from_dis
     wait_identical(&src, &dst, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
+
+/// A flush still running when the sync connection is cut (injected: the
+/// secondary's second `syncfs` waits 3 s and then fails; the test kills the
+/// connection meanwhile with `ss -K`) fails after its session ended. The
+/// session hears it before it ends, so the replica is latched and the next
+/// session's manifest re-reads every file from disk, although the files
+/// are all landed and nothing is left to send (no later flush would report
+/// the failure).
+#[test]
+fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica() {
+    let mut tp = TestPair::new(fast());
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    // One batch: every file lands in the first commit, whose directory
+    // flush (the second `syncfs`) is the one that fails.
+    std::fs::create_dir_all(src.join("u/cur")).unwrap();
+    for i in 0..40 {
+        std::fs::write(src.join(format!("u/cur/{i}")), format!("message {i}")).unwrap();
+    }
+    tp.nodes[0].start().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "syncfs.slow_eio=2")])
+        .unwrap();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tp.nodes[1].log().contains("syncfs.slow_eio reached") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow flush never ran\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The secondary's sync port, from its configuration.
+    let config = std::fs::read_to_string(&tp.nodes[1].config_path).unwrap();
+    let port = config
+        .lines()
+        .find_map(|l| l.strip_prefix("sync_listen = \""))
+        .and_then(|a| a.trim_end_matches('"').rsplit(':').next())
+        .expect("sync_listen in the configuration")
+        .to_string();
+    let out = std::process::Command::new("ss")
+        .args(["-K", "-t", "(", "sport", "=", &format!(":{port}"), ")"])
+        .output()
+        .expect("ss");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!(":{port}")),
+        "no sync connection killed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let st = tp.nodes[1]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |s| {
+            s.alarms.iter().any(|a| a.message.contains("unverified"))
+                && s.replication.replica_unverified.is_none()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        st.alarms
+            .iter()
+            .any(|a| a.message.contains("a flush failed") && a.message.contains("syncfs")),
+        "{:?}",
+        st.alarms
+    );
+    let log = tp.logs();
+    assert!(
+        log.contains("was re-read from disk after"),
+        "the latch lifts only after a re-read\n{log}"
+    );
+    wait_identical(&src, &dst, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
