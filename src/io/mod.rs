@@ -242,6 +242,18 @@ pub struct DurableWorker {
 
 impl DurableWorker {
     pub fn start(name: &str) -> io::Result<DurableWorker> {
+        DurableWorker::start_recording(name, None)
+    }
+
+    /// Like [`DurableWorker::start`]; a flush failure nobody waits for any
+    /// more is also written to `marker` at once (the replica's unverified
+    /// marker), so that a restart before anyone takes it does not forget
+    /// it: the descriptor has seen the error and will not report it again,
+    /// and a new one only reports errors raised after it was opened.
+    pub fn start_recording(
+        name: &str,
+        marker: Option<std::path::PathBuf>,
+    ) -> io::Result<DurableWorker> {
         let (tx, rx) = handoff::channel::<DurableJob>();
         let orphaned = std::sync::Arc::new(std::sync::Mutex::new(None));
         let orphans = orphaned.clone();
@@ -275,6 +287,16 @@ impl DurableWorker {
                         syncfs_file(f).map_err(|e| format!("syncfs of {}: {e}", p.display()))
                     });
                     if let Err(Err(why)) = reply.send(res) {
+                        if let Some(marker) = &marker {
+                            let reason =
+                                format!("a flush failed after its session ended: {why}");
+                            if let Err(e) = write_atomic_blocking(marker, reason.as_bytes()) {
+                                tracing::error!(
+                                    "cannot record a failed flush in {} ({e}): a restart before the next session would trust the replica",
+                                    marker.display()
+                                );
+                            }
+                        }
                         *orphans.lock().expect("orphaned flush lock") = Some(why);
                     }
                 }

@@ -190,8 +190,11 @@ impl Engine {
             super::receiver::unverified(&cfg.state_dir);
         // One durable-commit thread for the node's life (see
         // `DurableWorker`): the receiver's flushes, the ingester's commits.
-        let durable =
-            crate::io::DurableWorker::start("hasync-durable").map_err(EngineError::Thread)?;
+        let durable = crate::io::DurableWorker::start_recording(
+            "hasync-durable",
+            Some(cfg.state_dir.join(super::receiver::UNVERIFIED_FILE)),
+        )
+        .map_err(EngineError::Thread)?;
         let notifier = Arc::new(Mutex::new(None));
         let resync = Arc::new(AtomicBool::new(false));
         let queue = Arc::new(QueueState::default());

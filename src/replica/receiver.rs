@@ -280,7 +280,17 @@ impl Receiver {
             .lock()
             .expect("unverified lock")
             .clone();
-        self.latch = Latch::resume(self.state_dir.as_deref().and_then(unverified).or(in_memory));
+        let marked = self.state_dir.as_deref().and_then(unverified);
+        if let (Some(reason), None) = (&marked, &in_memory) {
+            // Not known to this process: the durable-commit thread wrote it
+            // (a flush left behind by an earlier session failed).
+            let msg = format!(
+                "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk"
+            );
+            error!(alarm = true, "{msg}");
+            self.stats.raise_alarm(msg);
+        }
+        self.latch = Latch::resume(marked.or(in_memory));
         *self.stats.unverified.lock().expect("unverified lock") =
             self.latch.reason().map(str::to_owned);
         if self.durability == Durability::Syncfs && self.stager.is_none() {

@@ -510,3 +510,73 @@ fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica()
     wait_identical(&src, &dst, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
+
+/// A flush still running when its node takes over (the primary killed
+/// while the secondary's second `syncfs` runs; injected: it fails 3 s
+/// late) is left behind by its session, and fails with nobody waiting. The
+/// durable-commit thread writes the replica's unverified marker at once, so
+/// that the node re-reads its replica from disk the next time it serves as
+/// a secondary, even after a restart in between (before, the failure was
+/// held in memory only, and a restarted node trusted its index).
+#[test]
+fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart() {
+    let mut tp = TestPair::new(fast());
+    let src = tp.store(0, "inbox");
+    std::fs::create_dir_all(src.join("u/cur")).unwrap();
+    for i in 0..40 {
+        std::fs::write(src.join(format!("u/cur/{i}")), format!("message {i}")).unwrap();
+    }
+    tp.nodes[0].start().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "syncfs.slow_eio=2")])
+        .unwrap();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tp.nodes[1].log().contains("syncfs.slow_eio reached") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow flush never ran\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    let marker = tp.nodes[1].state_dir.join("replica-unverified");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure of the flush left behind was not recorded\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reason = std::fs::read_to_string(&marker).unwrap();
+    assert!(reason.contains("after its session ended"), "{reason}");
+    // The old primary rejoins; then this node restarts and serves as the
+    // secondary: it re-reads its replica before it trusts it.
+    tp.nodes[0].start().unwrap();
+    tp.wait_formed(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[1].kill9().unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(30));
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(50), |s| {
+            s.replication.replica_unverified.is_none() && s.replication.connected
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(!marker.exists());
+    assert!(
+        tp.nodes[1]
+            .log()
+            .contains("was re-read from disk after \"a flush failed after its session ended"),
+        "the restarted node re-read its replica\n{}",
+        tp.logs()
+    );
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
