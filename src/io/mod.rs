@@ -123,9 +123,14 @@ pub fn syncfs_file(f: &std::fs::File) -> io::Result<()> {
     }
     if crate::failpoint::fails("syncfs.slow_eio") {
         // A flush that outlives the session that asked for it (a test cuts
-        // the connection meanwhile), then fails.
-        eprintln!("hasync: failpoint syncfs.slow_eio reached: failing in 3 s");
-        std::thread::sleep(std::time::Duration::from_secs(3));
+        // the connection meanwhile), then fails: after 3 s, or
+        // `HASYNC_FAILPOINT_SLOW_MS`.
+        let ms = std::env::var("HASYNC_FAILPOINT_SLOW_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3000);
+        eprintln!("hasync: failpoint syncfs.slow_eio reached: failing in {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
         return Err(io::Error::from_raw_os_error(5));
     }
     rustix::fs::syncfs(f).map_err(io::Error::from)
@@ -204,6 +209,9 @@ pub fn pwrite_all(
 /// The outcome of a flush requested from [`DurableWorker`].
 pub type FlushResult = Result<(), String>;
 
+/// Told of a flush failure nobody waited for (see [`DurableWorker::start_with`]).
+pub type OrphanHook = Box<dyn Fn(&str) + Send>;
+
 /// Work for the [`DurableWorker`]'s thread.
 enum DurableJob {
     /// `syncfs` of the filesystems holding these paths, in order.
@@ -242,18 +250,15 @@ pub struct DurableWorker {
 
 impl DurableWorker {
     pub fn start(name: &str) -> io::Result<DurableWorker> {
-        DurableWorker::start_recording(name, None)
+        DurableWorker::start_with(name, None)
     }
 
-    /// Like [`DurableWorker::start`]; a flush failure nobody waits for any
-    /// more is also written to `marker` at once (the replica's unverified
-    /// marker), so that a restart before anyone takes it does not forget
-    /// it: the descriptor has seen the error and will not report it again,
-    /// and a new one only reports errors raised after it was opened.
-    pub fn start_recording(
-        name: &str,
-        marker: Option<std::path::PathBuf>,
-    ) -> io::Result<DurableWorker> {
+    /// Like [`DurableWorker::start`]; `on_orphan` is also told at once, on
+    /// the worker's thread, of a flush failure nobody waits for any more
+    /// (the engine records it durably: the descriptor has seen the error
+    /// and will not report it again, a new one only reports errors raised
+    /// after it was opened, and a restart would forget one held in memory).
+    pub fn start_with(name: &str, on_orphan: Option<OrphanHook>) -> io::Result<DurableWorker> {
         let (tx, rx) = handoff::channel::<DurableJob>();
         let orphaned = std::sync::Arc::new(std::sync::Mutex::new(None));
         let orphans = orphaned.clone();
@@ -287,15 +292,8 @@ impl DurableWorker {
                         syncfs_file(f).map_err(|e| format!("syncfs of {}: {e}", p.display()))
                     });
                     if let Err(Err(why)) = reply.send(res) {
-                        if let Some(marker) = &marker {
-                            let reason =
-                                format!("a flush failed after its session ended: {why}");
-                            if let Err(e) = write_atomic_blocking(marker, reason.as_bytes()) {
-                                tracing::error!(
-                                    "cannot record a failed flush in {} ({e}): a restart before the next session would trust the replica",
-                                    marker.display()
-                                );
-                            }
+                        if let Some(hook) = &on_orphan {
+                            hook(&why);
                         }
                         *orphans.lock().expect("orphaned flush lock") = Some(why);
                     }

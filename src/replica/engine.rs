@@ -190,9 +190,12 @@ impl Engine {
             super::receiver::unverified(&cfg.state_dir);
         // One durable-commit thread for the node's life (see
         // `DurableWorker`): the receiver's flushes, the ingester's commits.
-        let durable = crate::io::DurableWorker::start_recording(
+        let durable = crate::io::DurableWorker::start_with(
             "hasync-durable",
-            Some(cfg.state_dir.join(super::receiver::UNVERIFIED_FILE)),
+            Some(super::receiver::orphan_hook(
+                cfg.state_dir.clone(),
+                stats.clone(),
+            )),
         )
         .map_err(EngineError::Thread)?;
         let notifier = Arc::new(Mutex::new(None));
@@ -1584,6 +1587,9 @@ async fn serve_sync(
         )),
     };
     let _ = w.shutdown();
+    // A session dropped above (a role change, a higher epoch, shutdown)
+    // hears its flush in flight here, as one that ended does in `serve`.
+    receiver.settle_flush().await;
     if res.is_err() {
         // Whatever the session had staged and not landed is dropped now,
         // not at the next start.

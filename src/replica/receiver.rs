@@ -88,6 +88,50 @@ pub fn unverified(state_dir: &Path) -> Option<String> {
     }
 }
 
+/// Records that the replica is unverified for `reason`: in the status,
+/// durably in the state directory's marker (a restart keeps it), and with
+/// an alarm if this is news.
+fn record_unverified(state_dir: Option<&Path>, stats: &ReplStats, reason: &str) {
+    let news = stats
+        .unverified
+        .lock()
+        .expect("unverified lock")
+        .replace(reason.to_string())
+        .is_none();
+    if let Some(dir) = state_dir {
+        if let Err(e) =
+            crate::io::write_atomic_blocking(&dir.join(UNVERIFIED_FILE), reason.as_bytes())
+        {
+            error!(
+                "cannot record that the replica is unverified ({e}): a restart before the re-verification would trust it"
+            );
+        }
+    }
+    if news {
+        let msg = format!(
+            "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk at the next session"
+        );
+        error!(alarm = true, "{msg}");
+        stats.raise_alarm(msg);
+    }
+}
+
+/// What the node's durable-commit thread does with a flush failure nobody
+/// waited for (a session that ended or was dropped left the flush behind):
+/// the replica is unverified from then on, durably and with an alarm, so
+/// that the next session re-reads it even after a restart.
+pub fn orphan_hook(state_dir: PathBuf, stats: Arc<ReplStats>) -> crate::io::OrphanHook {
+    Box::new(move |why| {
+        let reason = format!("a flush failed after its session ended: {why}");
+        record_unverified(Some(&state_dir), &stats, &reason);
+    })
+}
+
+/// How long a session that ends waits for its flush in flight before it
+/// leaves it to the durable-commit thread (a failure of it is then recorded
+/// by [`orphan_hook`]).
+const FLUSH_SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// One store on the receiving side.
 pub struct RecvStore {
     pub name: String,
@@ -280,17 +324,7 @@ impl Receiver {
             .lock()
             .expect("unverified lock")
             .clone();
-        let marked = self.state_dir.as_deref().and_then(unverified);
-        if let (Some(reason), None) = (&marked, &in_memory) {
-            // Not known to this process: the durable-commit thread wrote it
-            // (a flush left behind by an earlier session failed).
-            let msg = format!(
-                "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk"
-            );
-            error!(alarm = true, "{msg}");
-            self.stats.raise_alarm(msg);
-        }
-        self.latch = Latch::resume(marked.or(in_memory));
+        self.latch = Latch::resume(self.state_dir.as_deref().and_then(unverified).or(in_memory));
         *self.stats.unverified.lock().expect("unverified lock") =
             self.latch.reason().map(str::to_owned);
         if self.durability == Durability::Syncfs && self.stager.is_none() {
@@ -338,17 +372,7 @@ impl Receiver {
         });
         let result = self.serve_inner(&mut frames, &w, &peer, peer_addr).await;
         reader.abort();
-        // A flush in flight may cover files this session landed: its
-        // outcome is heard here. Left to the durable-commit thread, a
-        // failure would reach only a later session's next flush, after
-        // that session's manifest had vouched for what the disk lost.
-        if let Some(done) = self.flush_done.take() {
-            match done.await {
-                Ok(Ok(())) => {}
-                Ok(Err(why)) => self.latch(&why),
-                Err(_) => self.latch("flush abandoned"),
-            }
-        }
+        self.settle_flush().await;
         // Unacknowledged work is redone by the sender after reconnecting.
         self.discard_unlanded();
         if let Some(inc) = self.current.take() {
@@ -472,6 +496,34 @@ impl Receiver {
             self.replies = buf;
         }
         Ok(())
+    }
+
+    /// The session ends (or was dropped): a flush in flight may cover files
+    /// it landed, so its outcome is heard here, and a failure latches the
+    /// replica. Left to the durable-commit thread, a failure would reach a
+    /// later session only at its next flush, after that session's manifest
+    /// had vouched for what the disk lost. One that takes longer than
+    /// [`FLUSH_SETTLE_MAX`] (a hung disk) is left to it after all (its
+    /// failure is recorded by [`orphan_hook`]).
+    pub async fn settle_flush(&mut self) {
+        let Some(done) = self.flush_done.as_mut() else {
+            return;
+        };
+        let res = match tokio::time::timeout(FLUSH_SETTLE_MAX, done).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(_)) => Err("flush abandoned".into()),
+            Err(_) => {
+                warn!(
+                    "a flush still runs {} s after its session ended: left to the durable-commit thread",
+                    FLUSH_SETTLE_MAX.as_secs()
+                );
+                return;
+            }
+        };
+        self.flush_done = None;
+        if let Err(why) = res {
+            self.latch(&why);
+        }
     }
 
     /// Discards every staged file not landed (the session ends).
@@ -625,25 +677,10 @@ impl Receiver {
         self.record_latch(latched);
     }
 
-    /// Alarms (once) and records durably that the replica is latched.
-    fn record_latch(&mut self, Latched { reason, new }: Latched) {
-        if new {
-            let msg = format!(
-                "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk at the next session"
-            );
-            error!(alarm = true, "{msg}");
-            self.stats.raise_alarm(msg);
-        }
-        if let Some(dir) = &self.state_dir {
-            if let Err(e) =
-                crate::io::write_atomic_blocking(&dir.join(UNVERIFIED_FILE), reason.as_bytes())
-            {
-                error!(
-                    "cannot record that the replica is unverified ({e}): a restart before the re-verification would trust it"
-                );
-            }
-        }
-        *self.stats.unverified.lock().expect("unverified lock") = Some(reason);
+    /// Records durably (and with an alarm, once) that the replica is
+    /// latched.
+    fn record_latch(&mut self, Latched { reason, .. }: Latched) {
+        record_unverified(self.state_dir.as_deref(), &self.stats, &reason);
     }
 
     /// A manifest listed with `rehash` was sent whole: if it re-read every

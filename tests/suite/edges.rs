@@ -507,19 +507,43 @@ fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica()
         log.contains("was re-read from disk after"),
         "the latch lifts only after a re-read\n{log}"
     );
+    // The cut ended the session, not the flush's failure.
+    let ended = tp.nodes[1].log();
+    let ended = ended
+        .lines()
+        .find(|l| l.contains("sync connection ended"))
+        .unwrap_or_else(|| panic!("the session did not end\n{log}"));
+    assert!(!ended.contains("syncfs"), "{ended}");
     wait_identical(&src, &dst, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
 
 /// A flush still running when its node takes over (the primary killed
-/// while the secondary's second `syncfs` runs; injected: it fails 3 s
-/// late) is left behind by its session, and fails with nobody waiting. The
-/// durable-commit thread writes the replica's unverified marker at once, so
-/// that the node re-reads its replica from disk the next time it serves as
-/// a secondary, even after a restart in between (before, the failure was
-/// held in memory only, and a restarted node trusted its index).
+/// while the secondary's second `syncfs` runs; injected: it fails 7 s late,
+/// beyond the 5 s an ending session waits for it) is left behind, and fails
+/// with nobody waiting. The durable-commit thread records it at once (the
+/// replica's unverified marker, an alarm), so that the node re-reads its
+/// replica from disk the next time it serves as a secondary, even after a
+/// restart in between (before, the failure was held in memory only, and a
+/// restarted node trusted its index).
 #[test]
 fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart() {
+    takeover_during_a_failing_flush("7000", "a flush failed after its session ended: syncfs");
+}
+
+/// The same with a flush that fails 3 s late, within the 5 s the session
+/// waits for it: the session, dropped by the promotion, still hears it
+/// (the engine waits for it after the drop) and latches the replica.
+#[test]
+fn a_flush_in_flight_at_a_takeover_latches_the_replica_across_a_restart() {
+    takeover_during_a_failing_flush("3000", "a flush failed: syncfs");
+}
+
+/// The primary killed while the secondary's second `syncfs` runs and fails
+/// `slow_ms` late; the secondary takes over, its marker must say `reason`;
+/// the old primary rejoins, then the other restarts and serves as the
+/// secondary, and re-reads its replica from disk before it trusts it.
+fn takeover_during_a_failing_flush(slow_ms: &str, reason_says: &str) {
     let mut tp = TestPair::new(fast());
     let src = tp.store(0, "inbox");
     std::fs::create_dir_all(src.join("u/cur")).unwrap();
@@ -528,7 +552,10 @@ fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart(
     }
     tp.nodes[0].start().unwrap();
     tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "syncfs.slow_eio=2")])
+        .start_with_env(&[
+            ("HASYNC_FAILPOINTS", "syncfs.slow_eio=2"),
+            ("HASYNC_FAILPOINT_SLOW_MS", slow_ms),
+        ])
         .unwrap();
     tp.wait_formed(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
@@ -544,7 +571,7 @@ fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart(
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     let marker = tp.nodes[1].state_dir.join("replica-unverified");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while !marker.exists() {
         assert!(
             std::time::Instant::now() < deadline,
@@ -554,7 +581,7 @@ fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart(
         std::thread::sleep(Duration::from_millis(20));
     }
     let reason = std::fs::read_to_string(&marker).unwrap();
-    assert!(reason.contains("after its session ended"), "{reason}");
+    assert!(reason.starts_with(reason_says), "{reason}");
     // The old primary rejoins; then this node restarts and serves as the
     // secondary: it re-reads its replica before it trusts it.
     tp.nodes[0].start().unwrap();
@@ -573,7 +600,7 @@ fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart(
     assert!(
         tp.nodes[1]
             .log()
-            .contains("was re-read from disk after \"a flush failed after its session ended"),
+            .contains(&format!("was re-read from disk after \"{reason_says}")),
         "the restarted node re-read its replica\n{}",
         tp.logs()
     );
