@@ -1432,7 +1432,8 @@ impl Replica {
     /// receiver's own code from this replica's tree and index, in chunks of
     /// `chunk_entries` entries at most, each with whether it is the last.
     fn manifest(&mut self, chunk_entries: usize) -> Vec<(Vec<ManifestEntry>, bool)> {
-        // No flush fails unheard here (see `Sim::session_ends_while_running`).
+        // No flush fails unheard here: a session hears its flush in flight
+        // before it ends (see `DataSim::cut_while_running`).
         let (rehash, _) = self.latch.manifest(false, None);
         let mut out = ManifestOut::new(0, rehash, Vec::new(), chunk_entries);
         let mut chunks = Vec::new();
@@ -2928,9 +2929,12 @@ impl DataSim {
         }
         self.out.failovers += 1;
         // A flush the replica had in flight fails or not: the node takes
-        // over with what its disk kept either way (a failure the node hears
-        // later is for the replica's role it left).
-        self.in_flight_flush_fails("the replica's node takes over");
+        // over with what its disk kept either way; its session, dropped by
+        // the promotion, hears a failure and latches the replica it leaves
+        // (the engine waits for the flush after the drop).
+        if self.in_flight_flush_fails("the replica's node takes over") {
+            self.replica.latch.set("EIO");
+        }
         self.cut();
         let new_primary = self.replica.fs.clone();
         let old_primary = std::mem::replace(&mut *self.primary.borrow_mut(), new_primary);
