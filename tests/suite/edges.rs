@@ -449,29 +449,8 @@ fn a_failed_flush_latches_the_replica_unverified_until_it_is_read_again_from_dis
 /// the failure).
 #[test]
 fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica() {
-    let mut tp = TestPair::new(fast());
-    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
-    // One batch: every file lands in the first commit, whose directory
-    // flush (the second `syncfs`) is the one that fails.
-    std::fs::create_dir_all(src.join("u/cur")).unwrap();
-    for i in 0..40 {
-        std::fs::write(src.join(format!("u/cur/{i}")), format!("message {i}")).unwrap();
-    }
-    tp.nodes[0].start().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINTS", "syncfs.slow_eio=2")])
-        .unwrap();
-    tp.wait_formed(Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !tp.nodes[1].log().contains("syncfs.slow_eio reached") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slow flush never ran\n{}",
-            tp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (tp, src) = pair_in_a_slow_failing_flush("3000");
+    let dst = tp.store(1, "inbox");
     // The secondary's sync port, from its configuration.
     let config = std::fs::read_to_string(&tp.nodes[1].config_path).unwrap();
     let port = config
@@ -544,30 +523,7 @@ fn a_flush_in_flight_at_a_takeover_latches_the_replica_across_a_restart() {
 /// the old primary rejoins, then the other restarts and serves as the
 /// secondary, and re-reads its replica from disk before it trusts it.
 fn takeover_during_a_failing_flush(slow_ms: &str, reason_says: &str) {
-    let mut tp = TestPair::new(fast());
-    let src = tp.store(0, "inbox");
-    std::fs::create_dir_all(src.join("u/cur")).unwrap();
-    for i in 0..40 {
-        std::fs::write(src.join(format!("u/cur/{i}")), format!("message {i}")).unwrap();
-    }
-    tp.nodes[0].start().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[
-            ("HASYNC_FAILPOINTS", "syncfs.slow_eio=2"),
-            ("HASYNC_FAILPOINT_SLOW_MS", slow_ms),
-        ])
-        .unwrap();
-    tp.wait_formed(Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !tp.nodes[1].log().contains("syncfs.slow_eio reached") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slow flush never ran\n{}",
-            tp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (mut tp, src) = pair_in_a_slow_failing_flush(slow_ms);
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     let marker = tp.nodes[1].state_dir.join("replica-unverified");
@@ -606,4 +562,36 @@ fn takeover_during_a_failing_flush(slow_ms: &str, reason_says: &str) {
     );
     wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
+/// A pair whose primary holds 40 messages, sent in one batch: every file
+/// lands in the secondary's first commit, whose directory flush (its second
+/// `syncfs`) fails `slow_ms` late. Returns once that flush runs, with the
+/// primary's store.
+fn pair_in_a_slow_failing_flush(slow_ms: &str) -> (TestPair, PathBuf) {
+    let mut tp = TestPair::new(fast());
+    let src = tp.store(0, "inbox");
+    std::fs::create_dir_all(src.join("u/cur")).unwrap();
+    for i in 0..40 {
+        std::fs::write(src.join(format!("u/cur/{i}")), format!("message {i}")).unwrap();
+    }
+    tp.nodes[0].start().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[
+            ("HASYNC_FAILPOINTS", "syncfs.slow_eio=2"),
+            ("HASYNC_FAILPOINT_SLOW_MS", slow_ms),
+        ])
+        .unwrap();
+    tp.wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !tp.nodes[1].log().contains("syncfs.slow_eio reached") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow flush never ran\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (tp, src)
 }
