@@ -415,25 +415,7 @@ fn a_failed_flush_latches_the_replica_unverified_until_it_is_read_again_from_dis
     }
     wait_identical(&src, &dst, Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let st = tp.nodes[1]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
-            s.replication.replica_unverified.is_none()
-                && s.alarms.iter().any(|a| a.message.contains("unverified"))
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    assert!(
-        st.alarms
-            .iter()
-            .any(|a| a.message.contains("a flush failed") && a.message.contains("syncfs")),
-        "{:?}",
-        st.alarms
-    );
-    assert!(!tp.nodes[1].state_dir.join("replica-unverified").exists());
-    let log = tp.logs();
-    assert!(
-        log.contains("was re-read from disk after"),
-        "the latch lifts only after a re-read\n{log}"
-    );
+    latched_then_lifted(&tp, Duration::from_secs(10));
     // Lifted, the pair goes on as usual.
     std::fs::write(src.join("u/cur/after"), "after the latch").unwrap();
     wait_identical(&src, &dst, Duration::from_secs(30))
@@ -468,24 +450,8 @@ fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica()
         "no sync connection killed: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    let st = tp.nodes[1]
-        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |s| {
-            s.alarms.iter().any(|a| a.message.contains("unverified"))
-                && s.replication.replica_unverified.is_none()
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    assert!(
-        st.alarms
-            .iter()
-            .any(|a| a.message.contains("a flush failed") && a.message.contains("syncfs")),
-        "{:?}",
-        st.alarms
-    );
+    latched_then_lifted(&tp, Duration::from_secs(20));
     let log = tp.logs();
-    assert!(
-        log.contains("was re-read from disk after"),
-        "the latch lifts only after a re-read\n{log}"
-    );
     // The cut ended the session, not the flush's failure.
     let ended = tp.nodes[1].log();
     let ended = ended
@@ -594,4 +560,29 @@ fn pair_in_a_slow_failing_flush(slow_ms: &str) -> (TestPair, PathBuf) {
         std::thread::sleep(Duration::from_millis(20));
     }
     (tp, src)
+}
+
+/// The secondary (node 1) was latched unverified by a failed `syncfs`
+/// (alarm), and a re-read from disk lifted the latch (marker gone) within
+/// `within`.
+fn latched_then_lifted(tp: &TestPair, within: Duration) {
+    let st = tp.nodes[1]
+        .wait_status(within, Duration::from_millis(50), |s| {
+            s.replication.replica_unverified.is_none()
+                && s.alarms.iter().any(|a| a.message.contains("unverified"))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(
+        st.alarms
+            .iter()
+            .any(|a| a.message.contains("a flush failed") && a.message.contains("syncfs")),
+        "{:?}",
+        st.alarms
+    );
+    assert!(!tp.nodes[1].state_dir.join("replica-unverified").exists());
+    let log = tp.logs();
+    assert!(
+        log.contains("was re-read from disk after"),
+        "the latch lifts only after a re-read\n{log}"
+    );
 }
