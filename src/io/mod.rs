@@ -210,7 +210,32 @@ pub fn pwrite_all(
 pub type FlushResult = Result<(), String>;
 
 /// Told of a flush failure nobody waited for (see [`DurableWorker::start_with`]).
-pub type OrphanHook = Box<dyn Fn(&str) + Send>;
+pub type OrphanHook = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Flush failures whose requester had stopped waiting (its session ended
+/// first): the last one is kept until someone takes it, because the
+/// descriptor has seen the error and will not report it again, and each is
+/// told to the hook at once.
+#[derive(Clone, Default)]
+pub struct Orphans {
+    last: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    hook: Option<OrphanHook>,
+}
+
+impl Orphans {
+    /// A flush failed (`why`) with nobody waiting for it.
+    pub fn report(&self, why: String) {
+        if let Some(hook) = &self.hook {
+            hook(&why);
+        }
+        *self.last.lock().expect("orphaned flush lock") = Some(why);
+    }
+
+    /// The last failure reported, once.
+    pub fn take(&self) -> Option<String> {
+        self.last.lock().expect("orphaned flush lock").take()
+    }
+}
 
 /// Work for the [`DurableWorker`]'s thread.
 enum DurableJob {
@@ -242,10 +267,8 @@ enum DurableJob {
 #[derive(Clone)]
 pub struct DurableWorker {
     tx: handoff::Sender<DurableJob>,
-    /// A failure whose requester had stopped waiting (its session ended):
-    /// kept until someone takes it, because the descriptor has now seen
-    /// the error and will not report it again.
-    orphaned: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// Failures whose requester had stopped waiting (its session ended).
+    orphans: Orphans,
 }
 
 impl DurableWorker {
@@ -260,8 +283,11 @@ impl DurableWorker {
     /// after it was opened, and a restart would forget one held in memory).
     pub fn start_with(name: &str, on_orphan: Option<OrphanHook>) -> io::Result<DurableWorker> {
         let (tx, rx) = handoff::channel::<DurableJob>();
-        let orphaned = std::sync::Arc::new(std::sync::Mutex::new(None));
-        let orphans = orphaned.clone();
+        let orphans = Orphans {
+            last: Default::default(),
+            hook: on_orphan,
+        };
+        let reports = orphans.clone();
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
@@ -292,19 +318,22 @@ impl DurableWorker {
                         syncfs_file(f).map_err(|e| format!("syncfs of {}: {e}", p.display()))
                     });
                     if let Err(Err(why)) = reply.send(res) {
-                        if let Some(hook) = &on_orphan {
-                            hook(&why);
-                        }
-                        *orphans.lock().expect("orphaned flush lock") = Some(why);
+                        reports.report(why);
                     }
                 }
             })?;
-        Ok(DurableWorker { tx, orphaned })
+        Ok(DurableWorker { tx, orphans })
     }
 
     /// A flush failure nobody was waiting for any more, once.
     pub fn take_orphaned_failure(&self) -> Option<String> {
-        self.orphaned.lock().expect("orphaned flush lock").take()
+        self.orphans.take()
+    }
+
+    /// Where failures of flushes run elsewhere (io_uring fsyncs) that
+    /// nobody waits for any more are reported, with this worker's own.
+    pub fn orphans(&self) -> Orphans {
+        self.orphans.clone()
     }
 
     /// Like [`DurableWorker::flush`], answering on `reply`.
@@ -363,9 +392,11 @@ pub fn fsync_owned(fd: std::os::fd::OwnedFd) -> tokio::task::JoinHandle<io::Resu
     })
 }
 
-/// Resolves once every fsync has finished, with the first error, if any.
+/// Resolves once every fsync has finished, with the first error, if any;
+/// an error nobody waits for any more goes to `orphans`.
 pub fn join_fsyncs(
     pending: Vec<tokio::task::JoinHandle<io::Result<()>>>,
+    orphans: Option<Orphans>,
 ) -> tokio::sync::oneshot::Receiver<FlushResult> {
     let (reply, rx) = tokio::sync::oneshot::channel();
     tokio_uring::spawn(async move {
@@ -380,19 +411,61 @@ pub fn join_fsyncs(
                 res = Err(r);
             }
         }
-        let _ = reply.send(res);
+        if let (Err(Err(why)), Some(orphans)) = (reply.send(res), orphans) {
+            orphans.report(why);
+        }
     });
     rx
 }
 
-/// fsyncs every descriptor through io_uring, all submitted at once.
-pub fn fsync_all(fds: Vec<std::os::fd::OwnedFd>) -> tokio::sync::oneshot::Receiver<FlushResult> {
-    join_fsyncs(fds.into_iter().map(fsync_owned).collect())
+/// fsyncs every descriptor through io_uring, all submitted at once (see
+/// [`join_fsyncs`]).
+pub fn fsync_all(
+    fds: Vec<std::os::fd::OwnedFd>,
+    orphans: Option<Orphans>,
+) -> tokio::sync::oneshot::Receiver<FlushResult> {
+    join_fsyncs(fds.into_iter().map(fsync_owned).collect(), orphans)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An fsync that fails after its requester stopped waiting (its
+    /// session ended) is told to the hook at once and kept for the next
+    /// flush to take, once.
+    #[test]
+    fn an_fsync_failing_with_nobody_waiting_reaches_the_orphans() {
+        let told = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let t = told.clone();
+        let orphans = Orphans {
+            last: Default::default(),
+            hook: Some(std::sync::Arc::new(move |why: &str| {
+                t.lock().unwrap().push(why.to_string())
+            })),
+        };
+        let o = orphans.clone();
+        tokio_uring::start(async move {
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let failing = tokio_uring::spawn(async move {
+                let _ = wait.await;
+                Err(io::Error::from_raw_os_error(5))
+            });
+            let done = join_fsyncs(vec![failing], Some(o));
+            drop(done);
+            let _ = go.send(());
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        });
+        let why = orphans.take().expect("the failure is kept");
+        assert!(
+            why.starts_with("fsync: ") && why.contains("os error 5"),
+            "{why}"
+        );
+        assert_eq!(orphans.take(), None);
+        assert_eq!(*told.lock().unwrap(), vec![why]);
+    }
 
     /// The receiver's flushes and the ingester's commits share one thread,
     /// in the order asked; a job that panics leaves it serving.

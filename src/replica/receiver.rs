@@ -121,7 +121,7 @@ fn record_unverified(state_dir: Option<&Path>, stats: &ReplStats, reason: &str) 
 /// the replica is unverified from then on, durably and with an alarm, so
 /// that the next session re-reads it even after a restart.
 pub fn orphan_hook(state_dir: PathBuf, stats: Arc<ReplStats>) -> crate::io::OrphanHook {
-    Box::new(move |why| {
+    Arc::new(move |why| {
         let reason = format!("a flush failed after its session ended: {why}");
         record_unverified(Some(&state_dir), &stats, &reason);
     })
@@ -558,6 +558,7 @@ impl Receiver {
                                 .iter_mut()
                                 .filter_map(|f| f.fsync.take())
                                 .collect(),
+                            self.flusher.as_ref().map(|f| f.orphans()),
                         ),
                     };
                     self.flush_done = Some(done);
@@ -786,7 +787,10 @@ impl Receiver {
                         }
                     }
                 }
-                Ok(crate::io::fsync_all(fds))
+                Ok(crate::io::fsync_all(
+                    fds,
+                    self.flusher.as_ref().map(|f| f.orphans()),
+                ))
             }
         }
     }
