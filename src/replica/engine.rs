@@ -1381,21 +1381,7 @@ async fn accept_loop(
                 // What lands in the live queue during this attempt, whatever
                 // its outcome (a batch completed before a later one failed).
                 let landed_before = ing.stats.ingested + ing.stats.rolled_forward;
-                // Off the event loop: it reads, stages and commits every
-                // message of the replica, flushes included, while the loop
-                // goes on serving (pushes wait: the ingester is taken).
-                let (mut ing, outcome) = match tokio::task::spawn_blocking(move || {
-                    let outcome = ing.ingest_local(&replica);
-                    (ing, outcome)
-                })
-                .await
-                {
-                    Ok(done) => done,
-                    // As if it had run here.
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    // The runtime is shutting down: so is this task.
-                    Err(_) => return,
-                };
+                let outcome = ing.ingest_local(&replica);
                 let landed = ing.stats.ingested + ing.stats.rolled_forward - landed_before;
                 // As after a push: the MTA must learn of them (`postsuper
                 // -s`), before anything delivers them.
