@@ -1573,6 +1573,9 @@ async fn serve_sync(
         )),
     };
     let _ = w.shutdown();
+    // Before the wait below: the node may be primary by now, with a sync
+    // session of its own that shares the flag.
+    shared.stats.connected.store(false, Relaxed);
     // A session dropped above (a role change, a higher epoch, shutdown)
     // hears its flush in flight here, as one that ended does in `serve`.
     receiver.settle_flush().await;
@@ -1582,7 +1585,6 @@ async fn serve_sync(
         receiver.abandon();
     }
     receiver.save_indexes();
-    shared.stats.connected.store(false, Relaxed);
     match res {
         Ok(()) => info!(peer = %addr, "sync connection closed"),
         Err(e) => info!(peer = %addr, "sync connection ended: {e}"),

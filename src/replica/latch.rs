@@ -93,7 +93,7 @@ impl Latch {
     }
 
     /// A barrier is durable: `Some(seq)` to acknowledge now, `None` while
-    /// unverified (held until [`Latch::reread`]).
+    /// unverified (held until [`Latch::manifest_sent`]).
     pub fn ack(&mut self, seq: u64) -> Option<u64> {
         if self.is_set() {
             self.held.push(seq);

@@ -98,21 +98,42 @@ fn record_unverified(state_dir: Option<&Path>, stats: &ReplStats, reason: &str) 
         .expect("unverified lock")
         .replace(reason.to_string())
         .is_none();
-    if let Some(dir) = state_dir {
-        if let Err(e) =
-            crate::io::write_atomic_blocking(&dir.join(UNVERIFIED_FILE), reason.as_bytes())
-        {
-            error!(
-                "cannot record that the replica is unverified ({e}): a restart before the re-verification would trust it"
-            );
-        }
-    }
+    write_marker(state_dir, reason);
     if news {
         let msg = format!(
             "ALARM: the replica is unverified ({reason}); nothing is acknowledged until every file is re-read from disk at the next session"
         );
         error!(alarm = true, "{msg}");
         stats.raise_alarm(msg);
+    }
+}
+
+/// Writes the unverified marker (durably) with `reason`.
+fn write_marker(state_dir: Option<&Path>, reason: &str) {
+    let Some(dir) = state_dir else {
+        return;
+    };
+    if let Err(e) = crate::io::write_atomic_blocking(&dir.join(UNVERIFIED_FILE), reason.as_bytes())
+    {
+        error!(
+            "cannot record that the replica is unverified ({e}): a restart before the re-verification would trust it"
+        );
+    }
+}
+
+/// Removes the unverified marker (durably).
+fn remove_marker(state_dir: Option<&Path>) {
+    let Some(dir) = state_dir else {
+        return;
+    };
+    let marker = dir.join(UNVERIFIED_FILE);
+    if let Err(e) =
+        std::fs::remove_file(&marker).and_then(|()| std::fs::File::open(dir)?.sync_all())
+    {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            // Still latched on disk: the next start re-verifies again.
+            warn!("cannot remove {}: {e}", marker.display());
+        }
     }
 }
 
@@ -127,10 +148,11 @@ pub fn orphan_hook(state_dir: PathBuf, stats: Arc<ReplStats>) -> crate::io::Orph
     })
 }
 
-/// How long a session that ends waits for its flush in flight before it
-/// leaves it to the durable-commit thread (a failure of it is then recorded
-/// by [`orphan_hook`]).
-const FLUSH_SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// What the marker says while a flush in flight as its session ended has
+/// not reported: a process that dies meanwhile (a crash, a shutdown that
+/// did not wait) cannot know its outcome, so it restarts latched.
+const FLUSH_PENDING: &str =
+    "a flush was in flight as its session ended and its outcome is not known";
 
 /// One store on the receiving side.
 pub struct RecvStore {
@@ -499,30 +521,32 @@ impl Receiver {
     }
 
     /// The session ends (or was dropped): a flush in flight may cover files
-    /// it landed, so its outcome is heard here, and a failure latches the
-    /// replica. Left to the durable-commit thread, a failure would reach a
-    /// later session only at its next flush, after that session's manifest
-    /// had vouched for what the disk lost. One that takes longer than
-    /// [`FLUSH_SETTLE_MAX`] (a hung disk) is left to it after all (its
-    /// failure is recorded by [`orphan_hook`]).
+    /// it landed, so its outcome is heard here, however long it takes (the
+    /// next session waits: its own flushes would queue behind it on the
+    /// durable-commit thread anyway), and a failure latches the replica.
+    /// Left behind, a failure would reach a later session only at its next
+    /// flush, after that session's manifest had vouched for what the disk
+    /// lost. Meanwhile the marker says the outcome is unknown ([`FLUSH_PENDING`]):
+    /// a process that dies before it is heard restarts latched.
     pub async fn settle_flush(&mut self) {
-        let Some(done) = self.flush_done.as_mut() else {
+        if self.flush_done.is_none() {
             return;
-        };
-        let res = match tokio::time::timeout(FLUSH_SETTLE_MAX, done).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(_)) => Err("flush abandoned".into()),
-            Err(_) => {
-                warn!(
-                    "a flush still runs {} s after its session ended: left to the durable-commit thread",
-                    FLUSH_SETTLE_MAX.as_secs()
-                );
-                return;
-            }
+        }
+        let pending = self.latch.reason().is_none();
+        if pending {
+            write_marker(self.state_dir.as_deref(), FLUSH_PENDING);
+        }
+        let res = match self.flush_done.as_mut() {
+            Some(done) => done.await.unwrap_or_else(|_| Err("flush abandoned".into())),
+            None => Ok(()),
         };
         self.flush_done = None;
-        if let Err(why) = res {
-            self.latch(&why);
+        match res {
+            Err(why) => self.latch(&why),
+            Ok(()) if pending && self.latch.reason().is_none() => {
+                remove_marker(self.state_dir.as_deref())
+            }
+            Ok(()) => {}
         }
     }
 
@@ -691,17 +715,7 @@ impl Receiver {
         let Some(Lifted { reason, acks }) = self.latch.manifest_sent(rehash) else {
             return;
         };
-        if let Some(dir) = &self.state_dir {
-            let marker = dir.join(UNVERIFIED_FILE);
-            if let Err(e) =
-                std::fs::remove_file(&marker).and_then(|()| std::fs::File::open(dir)?.sync_all())
-            {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    // Still latched on disk: the next start re-verifies again.
-                    warn!("cannot remove {}: {e}", marker.display());
-                }
-            }
-        }
+        remove_marker(self.state_dir.as_deref());
         info!("the replica was re-read from disk after \"{reason}\": verified again");
         *self.stats.unverified.lock().expect("unverified lock") = None;
         for seq in acks {

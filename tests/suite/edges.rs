@@ -433,6 +433,61 @@ fn a_failed_flush_latches_the_replica_unverified_until_it_is_read_again_from_dis
 fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica() {
     let (tp, src) = pair_in_a_slow_failing_flush("3000");
     let dst = tp.store(1, "inbox");
+    cut_sync_connection(&tp);
+    latched_then_lifted(&tp, Duration::from_secs(20));
+    let log = tp.logs();
+    // The cut ended the session, not the flush's failure.
+    let ended = tp.nodes[1].log();
+    let ended = ended
+        .lines()
+        .find(|l| l.contains("sync connection ended"))
+        .unwrap_or_else(|| panic!("the session did not end\n{log}"));
+    assert!(!ended.contains("syncfs"), "{ended}");
+    wait_identical(&src, &dst, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
+/// A node killed while its ended session waits for a flush in flight (the
+/// sync connection cut during the secondary's slow flush, then the
+/// secondary killed before the flush reports) cannot know the flush's
+/// outcome: the marker written as the session ended says so, and the
+/// restarted node re-reads its replica from disk before it trusts it.
+#[test]
+fn a_node_killed_while_an_ended_sessions_flush_runs_restarts_latched() {
+    let (mut tp, src) = pair_in_a_slow_failing_flush("7000");
+    cut_sync_connection(&tp);
+    let marker = tp.nodes[1].state_dir.join("replica-unverified");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&marker).is_ok_and(|r| r.starts_with("a flush was in flight")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no marker while the ended session's flush runs\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1].start().unwrap();
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(30));
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(50), |s| {
+            s.replication.replica_unverified.is_none() && s.replication.connected
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(!marker.exists());
+    assert!(
+        tp.nodes[1]
+            .log()
+            .contains("was re-read from disk after \"a flush was in flight"),
+        "the restarted node re-read its replica\n{}",
+        tp.logs()
+    );
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
+/// Kills the secondary's (node 1's) sync connection (`ss -K`).
+fn cut_sync_connection(tp: &TestPair) {
     // The secondary's sync port, from its configuration.
     let config = std::fs::read_to_string(&tp.nodes[1].config_path).unwrap();
     let port = config
@@ -450,60 +505,31 @@ fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica()
         "no sync connection killed: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    latched_then_lifted(&tp, Duration::from_secs(20));
-    let log = tp.logs();
-    // The cut ended the session, not the flush's failure.
-    let ended = tp.nodes[1].log();
-    let ended = ended
-        .lines()
-        .find(|l| l.contains("sync connection ended"))
-        .unwrap_or_else(|| panic!("the session did not end\n{log}"));
-    assert!(!ended.contains("syncfs"), "{ended}");
-    wait_identical(&src, &dst, Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
 
 /// A flush still running when its node takes over (the primary killed
-/// while the secondary's second `syncfs` runs; injected: it fails 7 s late,
-/// beyond the 5 s an ending session waits for it) is left behind, and fails
-/// with nobody waiting. The durable-commit thread records it at once (the
-/// replica's unverified marker, an alarm), so that the node re-reads its
-/// replica from disk the next time it serves as a secondary, even after a
-/// restart in between (before, the failure was held in memory only, and a
-/// restarted node trusted its index).
-#[test]
-fn a_flush_left_behind_by_a_takeover_still_latches_the_replica_across_a_restart() {
-    takeover_during_a_failing_flush("7000", "a flush failed after its session ended: syncfs");
-}
-
-/// The same with a flush that fails 3 s late, within the 5 s the session
-/// waits for it: the session, dropped by the promotion, still hears it
-/// (the engine waits for it after the drop) and latches the replica.
+/// while the secondary's second `syncfs` runs; injected: it fails 3 s
+/// late): the session, dropped by the promotion, still hears it (the
+/// engine waits for it after the drop) and latches the replica, durably:
+/// the node re-reads its replica from disk the next time it serves as a
+/// secondary, even after a restart in between.
 #[test]
 fn a_flush_in_flight_at_a_takeover_latches_the_replica_across_a_restart() {
-    takeover_during_a_failing_flush("3000", "a flush failed: syncfs");
-}
-
-/// The primary killed while the secondary's second `syncfs` runs and fails
-/// `slow_ms` late; the secondary takes over, its marker must say `reason`;
-/// the old primary rejoins, then the other restarts and serves as the
-/// secondary, and re-reads its replica from disk before it trusts it.
-fn takeover_during_a_failing_flush(slow_ms: &str, reason_says: &str) {
-    let (mut tp, src) = pair_in_a_slow_failing_flush(slow_ms);
+    let reason_says = "a flush failed: syncfs";
+    let (mut tp, src) = pair_in_a_slow_failing_flush("3000");
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     let marker = tp.nodes[1].state_dir.join("replica-unverified");
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while !marker.exists() {
+    while !std::fs::read_to_string(&marker).is_ok_and(|r| r.starts_with(reason_says)) {
         assert!(
             std::time::Instant::now() < deadline,
-            "the failure of the flush left behind was not recorded\n{}",
+            "the failure of the flush in flight was not recorded ({:?})\n{}",
+            std::fs::read_to_string(&marker),
             tp.logs()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let reason = std::fs::read_to_string(&marker).unwrap();
-    assert!(reason.starts_with(reason_says), "{reason}");
     // The old primary rejoins; then this node restarts and serves as the
     // secondary: it re-reads its replica before it trusts it.
     tp.nodes[0].start().unwrap();
