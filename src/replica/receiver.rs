@@ -532,7 +532,7 @@ impl Receiver {
         if self.flush_done.is_none() {
             return;
         }
-        let pending = self.latch.reason().is_none();
+        let pending = self.verified();
         if pending {
             write_marker(self.state_dir.as_deref(), FLUSH_PENDING);
         }
@@ -543,11 +543,22 @@ impl Receiver {
         self.flush_done = None;
         match res {
             Err(why) => self.latch(&why),
-            Ok(()) if pending && self.latch.reason().is_none() => {
-                remove_marker(self.state_dir.as_deref())
-            }
+            // Not a marker that says more (a failure recorded meanwhile).
+            Ok(()) if pending && self.verified() => remove_marker(self.state_dir.as_deref()),
             Ok(()) => {}
         }
+    }
+
+    /// Neither this session's latch nor the node's status (a failure the
+    /// durable-commit thread recorded) says the replica is unverified.
+    fn verified(&self) -> bool {
+        self.latch.reason().is_none()
+            && self
+                .stats
+                .unverified
+                .lock()
+                .expect("unverified lock")
+                .is_none()
     }
 
     /// Discards every staged file not landed (the session ends).
