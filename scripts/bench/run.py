@@ -464,6 +464,9 @@ class Bench:
                 node.sample_hwm()
             rss_restart = {node.name: node.hwm_kib / 1024 for node in pair.nodes}
             pair.stop()
+            # Both daemons' logs of this size (both lives), for what the catch-up spent.
+            for node in pair.nodes:
+                shutil.copyfile(node.log_path, self.out / f"scale-{n}-{node.name}.log")
             # rsync's catch-up on the same trees: a different 1% changed, then
             # `rsync -a` of the tree onto the replica the pair left (its quick
             # check of size and mtime over every file, and the changed ones).
@@ -1095,7 +1098,7 @@ def main() -> None:
     sys.setswitchinterval(0.0005)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("profile-*.txt"):
+    for old in [*out.glob("profile-*.txt"), *out.glob("scale-*.log")]:
         old.unlink()
     hb.set_pidfile(Path(a.run_dir) / "pids")
     b = Bench(a)

@@ -53,6 +53,10 @@ const NAME_BYTES_MAX: usize = 255;
 const OPENAT2_TRIES_MAX: usize = 8;
 /// Attempts at finding a free temporary or conflict-slot name.
 const NAME_TRIES_MAX: u64 = 1000;
+/// Staged files unnamed at most at once (see [`Root::create_staged`]): the
+/// receiver stages at most 2,048 files ahead of its flushes, plus those
+/// being flushed.
+pub const UNNAMED_STAGED_MAX: usize = 4096;
 /// Passes over a directory being removed, in case entries appear meanwhile.
 const REMOVE_PASSES_MAX: usize = 4;
 
@@ -320,6 +324,15 @@ pub struct Root {
     allow_special_modes: bool,
     /// Feeds temporary names and conflict slots.
     seq: AtomicU64,
+    /// Staged files made unnamed (`O_TMPFILE`), by id, until they land:
+    /// they never enter the staging directory (no entry to add there and
+    /// remove again), and a crash leaves nothing behind. One descriptor
+    /// each, apart from the writer's.
+    unnamed: std::sync::Mutex<std::collections::HashMap<u64, OwnedFd>>,
+    /// How many staged files may be unnamed at once (each holds a
+    /// descriptor until it lands); beyond it, and on a filesystem without
+    /// `O_TMPFILE` (0), they are named in the staging directory.
+    unnamed_max: usize,
     /// The root for lookups (stat, hash, listing) below it.
     tree: super::tree::Tree,
 }
@@ -415,6 +428,12 @@ impl Root {
             owners: rustix::process::geteuid().is_root(),
             allow_special_modes: false,
             seq: AtomicU64::new(0),
+            unnamed: Default::default(),
+            unnamed_max: 0,
+        };
+        let root = Root {
+            unnamed_max: root.unnamed_capacity(),
+            ..root
         };
         root.clean_staging()?;
         root.migrate_legacy();
@@ -557,6 +576,9 @@ impl Root {
     /// Removes every staged file (none is landed any more: at start, or
     /// after a receiving session was cut short).
     pub fn clean_staging(&self) -> Result<(), FsError> {
+        if self.unnamed_max > 0 {
+            self.unnamed.lock().expect("staged files lock").clear();
+        }
         let fd = open_beneath(self.staging.as_fd(), b".", DIR_READ_OFLAGS)
             .map_err(|e| fail("open staging", self.internal.join(STAGING_DIR), e))?;
         let mut dir =
@@ -734,10 +756,63 @@ impl Root {
         }
     }
 
-    /// Creates a staging file (O_CREAT|O_EXCL|O_WRONLY|O_CLOEXEC, mode 0600) named after `id`
-    /// inside `.hasync/staging`; returns the fd for the caller to write into.
+    /// How many staged files may be unnamed at once: none where the
+    /// filesystem makes no `O_TMPFILE` files (tried once, here); else a
+    /// quarter of the descriptors this process may open, at most
+    /// [`UNNAMED_STAGED_MAX`].
+    fn unnamed_capacity(&self) -> usize {
+        match self.open_unnamed() {
+            Ok(_probe) => {
+                let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                    .current
+                    .unwrap_or(u64::MAX);
+                usize::try_from(soft / 4).map_or(UNNAMED_STAGED_MAX, |n| n.min(UNNAMED_STAGED_MAX))
+            }
+            Err(e) => {
+                tracing::info!(
+                    dir = %self.internal.join(STAGING_DIR).display(),
+                    error = %std::io::Error::from(e),
+                    "the filesystem makes no unnamed files (O_TMPFILE): files are staged under names"
+                );
+                0
+            }
+        }
+    }
+
+    fn open_unnamed(&self) -> Result<OwnedFd, Errno> {
+        rustix::fs::openat(
+            &self.staging,
+            c".",
+            OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+    }
+
+    /// Creates the staged file `id` (mode 0600, write-only) and returns
+    /// its descriptor for the caller to write into. It is unnamed
+    /// (`O_TMPFILE`: in no directory until it lands) while fewer are than
+    /// the filesystem and the descriptor limit allow (see
+    /// [`UNNAMED_STAGED_MAX`]), else named after `id` in the staging
+    /// directory (O_CREAT|O_EXCL). An id already staged is an error.
     pub fn create_staged(&self, id: u64) -> Result<OwnedFd, FsError> {
         let name = Self::staged_name(id);
+        if self.unnamed_max > 0 {
+            let mut held = self.unnamed.lock().expect("staged files lock");
+            if held.contains_key(&id) {
+                return Err(fail("create staged", self.staged_abs(&name), Errno::EXIST));
+            }
+            if held.len() < self.unnamed_max {
+                let shown = || self.internal.join(STAGING_DIR);
+                let fd = self
+                    .open_unnamed()
+                    .map_err(|e| fail("create staged", shown(), e))?;
+                let kept = fd
+                    .try_clone()
+                    .map_err(|e| FsError::from_io("create staged", shown(), e))?;
+                held.insert(id, kept);
+                return Ok(fd);
+            }
+        }
         rustix::fs::openat2(
             &self.staging,
             name.as_str(),
@@ -770,6 +845,10 @@ impl Root {
 
     /// Removes a staged file (hash mismatch, error, ENOSPC). Never fails loudly if already gone.
     pub fn discard_staged(&self, id: u64) {
+        if self.unnamed_max > 0 && self.take_unnamed(id).is_some() {
+            // Its last descriptor closed: the inode is freed.
+            return;
+        }
         let name = Self::staged_name(id);
         match rustix::fs::unlinkat(&self.staging, name.as_str(), AtFlags::empty()) {
             Ok(()) | Err(Errno::NOENT) => {}
@@ -811,9 +890,15 @@ impl Root {
                     Err(e) => return Err(fail(OP, self.abs(p.path()), e)),
                 }
             }
-            let name = Self::staged_name(id);
-            // renameat never follows `p.name`: a symlink there is replaced.
-            if let Err(e) = rustix::fs::renameat(&self.staging, name.as_str(), parent, p.name) {
+            let placed = match self.take_unnamed(id) {
+                Some(fd) => self.link_unnamed(fd.as_fd(), parent, p.name),
+                // renameat never follows `p.name`: a symlink there is replaced.
+                None => {
+                    let name = Self::staged_name(id);
+                    rustix::fs::renameat(&self.staging, name.as_str(), parent, p.name)
+                }
+            };
+            if let Err(e) = placed {
                 if let Some(a) = aside {
                     self.move_back(&a, parent, &p);
                 }
@@ -826,6 +911,35 @@ impl Root {
             return Err(e);
         }
         Ok(p.parent_path())
+    }
+
+    fn take_unnamed(&self, id: u64) -> Option<OwnedFd> {
+        if self.unnamed_max == 0 {
+            return None;
+        }
+        self.unnamed.lock().expect("staged files lock").remove(&id)
+    }
+
+    /// Gives the unnamed file `fd` the name `name` in `parent`, replacing
+    /// what is there atomically (as a rename would: linked to a temporary
+    /// name in staging first, then renamed over it).
+    fn link_unnamed(
+        &self,
+        fd: BorrowedFd<'_>,
+        parent: BorrowedFd<'_>,
+        name: &[u8],
+    ) -> Result<(), Errno> {
+        match link_fd(fd, parent, name) {
+            Err(Errno::EXIST) => {}
+            done => return done,
+        }
+        let tmp = self.temp_in_staging(|tmp| link_fd(fd, self.staging.as_fd(), tmp))?;
+        // renameat never follows `name`: a symlink there is replaced.
+        let res = rustix::fs::renameat(&self.staging, tmp.as_str(), parent, name);
+        if res.is_err() {
+            let _ = rustix::fs::unlinkat(&self.staging, tmp.as_str(), AtFlags::empty());
+        }
+        res
     }
 
     /// Creates directory `rel` (and missing parents) or updates an existing one's meta.
@@ -1460,6 +1574,31 @@ impl Root {
 }
 
 /// Creates (0700) and opens one of our internal directories; refuses a symlink there.
+/// `linkat` of an open file (an unnamed one) to `name` in `dir`. Through
+/// `AT_EMPTY_PATH` where the kernel allows it to this process (6.10 and
+/// later for the file's opener, else with CAP_DAC_READ_SEARCH), else
+/// through its `/proc/self/fd` link, which needs neither.
+fn link_fd<P: rustix::path::Arg + Copy>(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: P,
+) -> Result<(), Errno> {
+    match rustix::fs::linkat(fd, c"", dir, name, AtFlags::EMPTY_PATH) {
+        Err(Errno::NOENT | Errno::PERM) => {
+            use std::os::fd::AsRawFd;
+            let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc.as_str(),
+                dir,
+                name,
+                AtFlags::SYMLINK_FOLLOW,
+            )
+        }
+        done => done,
+    }
+}
+
 fn internal_dir(base: BorrowedFd<'_>, name: &[u8], internal: &Path) -> Result<OwnedFd, FsError> {
     let shown = || internal.join(OsStr::from_bytes(name));
     match rustix::fs::mkdirat(base, name, Mode::from_raw_mode(0o700)) {

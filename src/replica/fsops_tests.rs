@@ -578,9 +578,13 @@ fn open_cleans_leftover_staging() {
         root.keep_aside(p("kept/cur/m")).unwrap().unwrap();
         put(&root, 5, "kept/cur/m", b"landed");
     }
+    // Unnamed staged files left nothing; named ones (beyond the unnamed
+    // limit, or from a filesystem without O_TMPFILE) and temporaries stay.
+    assert!(names(&internal.join(STAGING_DIR)).is_empty());
+    fs::write(internal.join("staging/0000000000000009"), b"half").unwrap();
     fs::write(internal.join("staging/t-7"), b"temp").unwrap();
     fs::create_dir_all(internal.join("staging/odd/dir")).unwrap();
-    assert_eq!(names(&internal.join(STAGING_DIR)).len(), 5);
+    assert_eq!(names(&internal.join(STAGING_DIR)).len(), 3);
 
     let root = Root::open(&dir, &internal).unwrap();
     assert!(names(&internal.join(STAGING_DIR)).is_empty());
@@ -594,6 +598,55 @@ fn open_cleans_leftover_staging() {
     root.land(1, p("again"), false).unwrap();
     assert_eq!(fs::read(dir.join("again")).unwrap(), b"again");
     assert_eq!(root.path(), dir);
+}
+
+#[test]
+fn staged_files_beyond_the_unnamed_limit_are_named_and_both_kinds_land_alike() {
+    let mut f = fixture();
+    assert!(
+        f.root.unnamed_max > 0,
+        "this filesystem makes O_TMPFILE files"
+    );
+    f.root.unnamed_max = 2;
+    let staging = f.internal.join(STAGING_DIR);
+    stage(&f.root, 1, b"one", &meta(0o640));
+    stage(&f.root, 2, b"two", &meta(0o640));
+    assert!(names(&staging).is_empty(), "unnamed until they land");
+    stage(&f.root, 3, b"three", &meta(0o640));
+    assert_eq!(names(&staging), ["0000000000000003"], "the third is named");
+    // An id staged already is refused either way.
+    assert!(f.root.create_staged(1).is_err());
+    assert!(f.root.create_staged(3).is_err());
+    fs::write(f.root_dir.join("b"), b"old").unwrap();
+    symlink("elsewhere", f.root_dir.join("c")).unwrap();
+    assert_eq!(f.root.land(1, p("new/a"), false).unwrap(), p("new"));
+    // Over a file and over a symlink: replaced, nothing left in staging.
+    f.root.land(2, p("b"), false).unwrap();
+    f.root.land(3, p("c"), false).unwrap();
+    for (name, body) in [("new/a", "one"), ("b", "two"), ("c", "three")] {
+        let path = f.root_dir.join(name);
+        assert!(fs::symlink_metadata(&path).unwrap().is_file(), "{name}");
+        assert_eq!(fs::read(&path).unwrap(), body.as_bytes(), "{name}");
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
+    }
+    assert!(names(&staging).is_empty());
+    // Over a folder: refused as a rename would be, and the file is gone.
+    fs::create_dir(f.root_dir.join("d")).unwrap();
+    stage(&f.root, 4, b"four", &meta(0o640));
+    assert!(f.root.land(4, p("d"), false).is_err());
+    f.root.discard_staged(4);
+    assert!(f.root.unnamed.lock().unwrap().is_empty());
+    // Discarded unnamed files free their place under the limit.
+    stage(&f.root, 5, b"five", &meta(0o640));
+    stage(&f.root, 6, b"six", &meta(0o640));
+    f.root.discard_staged(5);
+    f.root.discard_staged(6);
+    stage(&f.root, 7, b"seven", &meta(0o640));
+    stage(&f.root, 8, b"eight", &meta(0o640));
+    assert!(names(&staging).is_empty());
+    f.root.discard_staged(7);
+    f.root.discard_staged(8);
+    assert!(f.root.unnamed.lock().unwrap().is_empty());
 }
 
 #[test]
