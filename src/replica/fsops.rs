@@ -22,7 +22,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{
@@ -53,10 +53,14 @@ const NAME_BYTES_MAX: usize = 255;
 const OPENAT2_TRIES_MAX: usize = 8;
 /// Attempts at finding a free temporary or conflict-slot name.
 const NAME_TRIES_MAX: u64 = 1000;
-/// Staged files unnamed at most at once (see [`Root::create_staged`]): the
-/// receiver stages at most 2,048 files ahead of its flushes, plus those
-/// being flushed.
+/// Staged files unnamed at most at once in this process, over every store
+/// (see [`Root::create_staged`]): the receiver stages at most 2,048 files
+/// ahead of its flushes, plus those being flushed. Also at most a quarter
+/// of the descriptors the process may open.
 pub const UNNAMED_STAGED_MAX: usize = 4096;
+/// Unnamed staged files held by every [`Root`] of this process (each holds
+/// a descriptor until it lands).
+static UNNAMED_HELD: AtomicUsize = AtomicUsize::new(0);
 /// Passes over a directory being removed, in case entries appear meanwhile.
 const REMOVE_PASSES_MAX: usize = 4;
 
@@ -303,6 +307,28 @@ struct Opened<'a> {
     created: Vec<usize>,
 }
 
+/// A mailstore's staged files. Unnamed ones (`O_TMPFILE`) never enter the
+/// staging directory (no entry to add there and remove again), and a crash
+/// leaves nothing of them behind; each keeps a descriptor of its own (apart
+/// from the writer's) until it lands. Named ones are in the staging
+/// directory under their id.
+#[derive(Debug, Default)]
+struct StagedIds {
+    unnamed: std::collections::HashMap<u64, OwnedFd>,
+    named: std::collections::HashSet<u64>,
+}
+
+const UNNAMED_UNKNOWN: u8 = 0;
+const UNNAMED_WORKS: u8 = 1;
+const UNNAMED_UNSUPPORTED: u8 = 2;
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        // Gives the process's places for unnamed files back.
+        self.forget_staged();
+    }
+}
+
 /// Where `keep_aside` put something, so it can be moved back if the
 /// operation it made room for fails.
 struct Aside {
@@ -324,14 +350,13 @@ pub struct Root {
     allow_special_modes: bool,
     /// Feeds temporary names and conflict slots.
     seq: AtomicU64,
-    /// Staged files made unnamed (`O_TMPFILE`), by id, until they land:
-    /// they never enter the staging directory (no entry to add there and
-    /// remove again), and a crash leaves nothing behind. One descriptor
-    /// each, apart from the writer's.
-    unnamed: std::sync::Mutex<std::collections::HashMap<u64, OwnedFd>>,
-    /// How many staged files may be unnamed at once (each holds a
-    /// descriptor until it lands); beyond it, and on a filesystem without
-    /// `O_TMPFILE` (0), they are named in the staging directory.
+    /// The staged files not landed yet, by id.
+    staged: std::sync::Mutex<StagedIds>,
+    /// Whether unnamed staged files work here ([`UNNAMED_UNKNOWN`] until
+    /// the first is made).
+    unnamed_works: AtomicU8,
+    /// How many of this store's staged files may be unnamed at once
+    /// (besides the process's [`UNNAMED_STAGED_MAX`]).
     unnamed_max: usize,
     /// The root for lookups (stat, hash, listing) below it.
     tree: super::tree::Tree,
@@ -428,12 +453,9 @@ impl Root {
             owners: rustix::process::geteuid().is_root(),
             allow_special_modes: false,
             seq: AtomicU64::new(0),
-            unnamed: Default::default(),
-            unnamed_max: 0,
-        };
-        let root = Root {
-            unnamed_max: root.unnamed_capacity(),
-            ..root
+            staged: Default::default(),
+            unnamed_works: AtomicU8::new(UNNAMED_UNKNOWN),
+            unnamed_max: unnamed_budget(),
         };
         root.clean_staging()?;
         root.migrate_legacy();
@@ -576,9 +598,7 @@ impl Root {
     /// Removes every staged file (none is landed any more: at start, or
     /// after a receiving session was cut short).
     pub fn clean_staging(&self) -> Result<(), FsError> {
-        if self.unnamed_max > 0 {
-            self.unnamed.lock().expect("staged files lock").clear();
-        }
+        self.forget_staged();
         let fd = open_beneath(self.staging.as_fd(), b".", DIR_READ_OFLAGS)
             .map_err(|e| fail("open staging", self.internal.join(STAGING_DIR), e))?;
         let mut dir =
@@ -756,27 +776,42 @@ impl Root {
         }
     }
 
-    /// How many staged files may be unnamed at once: none where the
-    /// filesystem makes no `O_TMPFILE` files (tried once, here); else a
-    /// quarter of the descriptors this process may open, at most
-    /// [`UNNAMED_STAGED_MAX`].
-    fn unnamed_capacity(&self) -> usize {
-        match self.open_unnamed() {
-            Ok(_probe) => {
-                let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-                    .current
-                    .unwrap_or(u64::MAX);
-                usize::try_from(soft / 4).map_or(UNNAMED_STAGED_MAX, |n| n.min(UNNAMED_STAGED_MAX))
-            }
-            Err(e) => {
+    /// Whether this filesystem makes unnamed files and links them into a
+    /// directory: tried once, with a file linked to a temporary name in
+    /// staging and removed. Where it cannot (no `O_TMPFILE`; `linkat` of
+    /// a descriptor refused to this process and no `/proc`), staged files
+    /// are named from then on; a failure that says nothing about that (a
+    /// full disk, no descriptor left) leaves it to be tried again.
+    fn unnamed_works(&self) -> bool {
+        match self.unnamed_works.load(Ordering::Relaxed) {
+            UNNAMED_WORKS => return true,
+            UNNAMED_UNSUPPORTED => return false,
+            _ => {}
+        }
+        let tried = self
+            .open_unnamed()
+            .map_err(|e| ("create", e))
+            .and_then(|fd| {
+                let tmp = self
+                    .temp_in_staging(|tmp| link_fd(fd.as_fd(), self.staging.as_fd(), tmp))
+                    .map_err(|e| ("link", e))?;
+                let _ = rustix::fs::unlinkat(&self.staging, tmp.as_str(), AtFlags::empty());
+                Ok(())
+            });
+        let state = match tried {
+            Ok(()) => UNNAMED_WORKS,
+            Err((op, e)) if unnamed_unsupported(e) => {
                 tracing::info!(
                     dir = %self.internal.join(STAGING_DIR).display(),
                     error = %std::io::Error::from(e),
-                    "the filesystem makes no unnamed files (O_TMPFILE): files are staged under names"
+                    "cannot {op} unnamed files (O_TMPFILE) here: files are staged under names"
                 );
-                0
+                UNNAMED_UNSUPPORTED
             }
-        }
+            Err(_) => return false,
+        };
+        self.unnamed_works.store(state, Ordering::Relaxed);
+        state == UNNAMED_WORKS
     }
 
     fn open_unnamed(&self) -> Result<OwnedFd, Errno> {
@@ -790,28 +825,38 @@ impl Root {
 
     /// Creates the staged file `id` (mode 0600, write-only) and returns
     /// its descriptor for the caller to write into. It is unnamed
-    /// (`O_TMPFILE`: in no directory until it lands) while fewer are than
-    /// the filesystem and the descriptor limit allow (see
-    /// [`UNNAMED_STAGED_MAX`]), else named after `id` in the staging
-    /// directory (O_CREAT|O_EXCL). An id already staged is an error.
+    /// (`O_TMPFILE`: in no directory until it lands) where the filesystem
+    /// allows it and fewer are than [`UNNAMED_STAGED_MAX`] (and a quarter
+    /// of the descriptor limit) in this process, else named after `id` in
+    /// the staging directory (O_CREAT|O_EXCL). An id staged already is an
+    /// error.
     pub fn create_staged(&self, id: u64) -> Result<OwnedFd, FsError> {
         let name = Self::staged_name(id);
-        if self.unnamed_max > 0 {
-            let mut held = self.unnamed.lock().expect("staged files lock");
-            if held.contains_key(&id) {
-                return Err(fail("create staged", self.staged_abs(&name), Errno::EXIST));
-            }
-            if held.len() < self.unnamed_max {
-                let shown = || self.internal.join(STAGING_DIR);
-                let fd = self
-                    .open_unnamed()
-                    .map_err(|e| fail("create staged", shown(), e))?;
+        let mut staged = self.staged.lock().expect("staged files lock");
+        if staged.unnamed.contains_key(&id) || staged.named.contains(&id) {
+            return Err(fail("create staged", self.staged_abs(&name), Errno::EXIST));
+        }
+        if staged.unnamed.len() < self.unnamed_max && self.unnamed_works() && reserve_unnamed() {
+            let shown = || self.internal.join(STAGING_DIR);
+            let made = self
+                .open_unnamed()
+                .map_err(|e| fail("create staged", shown(), e));
+            let made = made.and_then(|fd| {
                 let kept = fd
                     .try_clone()
                     .map_err(|e| FsError::from_io("create staged", shown(), e))?;
-                held.insert(id, kept);
-                return Ok(fd);
-            }
+                Ok((fd, kept))
+            });
+            return match made {
+                Ok((fd, kept)) => {
+                    staged.unnamed.insert(id, kept);
+                    Ok(fd)
+                }
+                Err(e) => {
+                    UNNAMED_HELD.fetch_sub(1, Ordering::Relaxed);
+                    Err(e)
+                }
+            };
         }
         rustix::fs::openat2(
             &self.staging,
@@ -820,6 +865,9 @@ impl Root {
             Mode::from_raw_mode(0o600),
             RESOLVE,
         )
+        .inspect(|_| {
+            staged.named.insert(id);
+        })
         .map_err(|e| fail("create staged", self.staged_abs(&name), e))
     }
 
@@ -845,10 +893,15 @@ impl Root {
 
     /// Removes a staged file (hash mismatch, error, ENOSPC). Never fails loudly if already gone.
     pub fn discard_staged(&self, id: u64) {
-        if self.unnamed_max > 0 && self.take_unnamed(id).is_some() {
+        if self.take_unnamed(id).is_some() {
             // Its last descriptor closed: the inode is freed.
             return;
         }
+        self.staged
+            .lock()
+            .expect("staged files lock")
+            .named
+            .remove(&id);
         let name = Self::staged_name(id);
         match rustix::fs::unlinkat(&self.staging, name.as_str(), AtFlags::empty()) {
             Ok(()) | Err(Errno::NOENT) => {}
@@ -894,6 +947,11 @@ impl Root {
                 Some(fd) => self.link_unnamed(fd.as_fd(), parent, p.name),
                 // renameat never follows `p.name`: a symlink there is replaced.
                 None => {
+                    self.staged
+                        .lock()
+                        .expect("staged files lock")
+                        .named
+                        .remove(&id);
                     let name = Self::staged_name(id);
                     rustix::fs::renameat(&self.staging, name.as_str(), parent, p.name)
                 }
@@ -914,10 +972,24 @@ impl Root {
     }
 
     fn take_unnamed(&self, id: u64) -> Option<OwnedFd> {
-        if self.unnamed_max == 0 {
-            return None;
+        let fd = self
+            .staged
+            .lock()
+            .expect("staged files lock")
+            .unnamed
+            .remove(&id);
+        if fd.is_some() {
+            UNNAMED_HELD.fetch_sub(1, Ordering::Relaxed);
         }
-        self.unnamed.lock().expect("staged files lock").remove(&id)
+        fd
+    }
+
+    /// Forgets every staged file (closing the unnamed ones' descriptors).
+    fn forget_staged(&self) {
+        let mut staged = self.staged.lock().expect("staged files lock");
+        UNNAMED_HELD.fetch_sub(staged.unnamed.len(), Ordering::Relaxed);
+        staged.unnamed.clear();
+        staged.named.clear();
     }
 
     /// Gives the unnamed file `fd` the name `name` in `parent`, replacing
@@ -1573,7 +1645,6 @@ impl Root {
     }
 }
 
-/// Creates (0700) and opens one of our internal directories; refuses a symlink there.
 /// `linkat` of an open file (an unnamed one) to `name` in `dir`. Through
 /// `AT_EMPTY_PATH` where the kernel allows it to this process (6.10 and
 /// later for the file's opener, else with CAP_DAC_READ_SEARCH), else
@@ -1584,21 +1655,60 @@ fn link_fd<P: rustix::path::Arg + Copy>(
     name: P,
 ) -> Result<(), Errno> {
     match rustix::fs::linkat(fd, c"", dir, name, AtFlags::EMPTY_PATH) {
-        Err(Errno::NOENT | Errno::PERM) => {
-            use std::os::fd::AsRawFd;
-            let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
-            rustix::fs::linkat(
-                rustix::fs::CWD,
-                proc.as_str(),
-                dir,
-                name,
-                AtFlags::SYMLINK_FOLLOW,
-            )
-        }
+        Err(Errno::NOENT | Errno::PERM) => link_by_proc(fd, dir, name),
         done => done,
     }
 }
 
+/// `linkat` of an open file through its `/proc/self/fd` link.
+fn link_by_proc<P: rustix::path::Arg>(
+    fd: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+    name: P,
+) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        proc.as_str(),
+        dir,
+        name,
+        AtFlags::SYMLINK_FOLLOW,
+    )
+}
+
+/// Whether a failure to make or link an unnamed file says the filesystem
+/// or the kernel cannot (rather than that the disk is full, say).
+fn unnamed_unsupported(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOENT | Errno::PERM | Errno::ACCESS
+    )
+}
+
+/// Unnamed staged files this process may hold at once: a quarter of its
+/// descriptor limit, at most [`UNNAMED_STAGED_MAX`].
+fn unnamed_budget() -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        usize::try_from(soft / 4).map_or(UNNAMED_STAGED_MAX, |n| n.min(UNNAMED_STAGED_MAX))
+    })
+}
+
+/// Takes one of the process's places for an unnamed staged file, if one
+/// is free.
+fn reserve_unnamed() -> bool {
+    UNNAMED_HELD
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+            (held < unnamed_budget()).then_some(held + 1)
+        })
+        .is_ok()
+}
+
+/// Creates (0700) and opens one of our internal directories; refuses a symlink there.
 fn internal_dir(base: BorrowedFd<'_>, name: &[u8], internal: &Path) -> Result<OwnedFd, FsError> {
     let shown = || internal.join(OsStr::from_bytes(name));
     match rustix::fs::mkdirat(base, name, Mode::from_raw_mode(0o700)) {

@@ -570,18 +570,20 @@ fn open_cleans_leftover_staging() {
     let internal = tmp.path().join("internal");
     fs::create_dir(&dir).unwrap();
     {
-        let root = Root::open(&dir, &internal).unwrap();
+        let mut root = Root::open(&dir, &internal).unwrap();
         stage(&root, 1, b"never landed", &meta(0o600));
         stage(&root, 2, b"", &meta(0o600));
         put(&root, 3, "kept/cur/m", b"landed");
         stage(&root, 4, b"x", &meta(0o600));
         root.keep_aside(p("kept/cur/m")).unwrap().unwrap();
         put(&root, 5, "kept/cur/m", b"landed");
+        // Named (as beyond the limit of unnamed ones, or where the
+        // filesystem has no O_TMPFILE): left in staging.
+        root.unnamed_max = 0;
+        stage(&root, 9, b"half", &meta(0o600));
     }
-    // Unnamed staged files left nothing; named ones (beyond the unnamed
-    // limit, or from a filesystem without O_TMPFILE) and temporaries stay.
-    assert!(names(&internal.join(STAGING_DIR)).is_empty());
-    fs::write(internal.join("staging/0000000000000009"), b"half").unwrap();
+    // Unnamed staged files left nothing; named ones and temporaries stay.
+    assert_eq!(names(&internal.join(STAGING_DIR)), ["0000000000000009"]);
     fs::write(internal.join("staging/t-7"), b"temp").unwrap();
     fs::create_dir_all(internal.join("staging/odd/dir")).unwrap();
     assert_eq!(names(&internal.join(STAGING_DIR)).len(), 3);
@@ -604,39 +606,46 @@ fn open_cleans_leftover_staging() {
 fn staged_files_beyond_the_unnamed_limit_are_named_and_both_kinds_land_alike() {
     let mut f = fixture();
     assert!(
-        f.root.unnamed_max > 0,
-        "this filesystem makes O_TMPFILE files"
+        f.root.unnamed_works(),
+        "this filesystem makes and links O_TMPFILE files"
     );
     f.root.unnamed_max = 2;
     let staging = f.internal.join(STAGING_DIR);
+    let unnamed = |root: &Root| root.staged.lock().unwrap().unnamed.len();
     stage(&f.root, 1, b"one", &meta(0o640));
     stage(&f.root, 2, b"two", &meta(0o640));
     assert!(names(&staging).is_empty(), "unnamed until they land");
     stage(&f.root, 3, b"three", &meta(0o640));
     assert_eq!(names(&staging), ["0000000000000003"], "the third is named");
-    // An id staged already is refused either way.
+    assert_eq!(unnamed(&f.root), 2);
+    // An id staged already is refused either way, also once a place for
+    // an unnamed file is free again.
     assert!(f.root.create_staged(1).is_err());
     assert!(f.root.create_staged(3).is_err());
-    fs::write(f.root_dir.join("b"), b"old").unwrap();
     symlink("elsewhere", f.root_dir.join("c")).unwrap();
-    assert_eq!(f.root.land(1, p("new/a"), false).unwrap(), p("new"));
-    // Over a file and over a symlink: replaced, nothing left in staging.
-    f.root.land(2, p("b"), false).unwrap();
-    f.root.land(3, p("c"), false).unwrap();
-    for (name, body) in [("new/a", "one"), ("b", "two"), ("c", "three")] {
+    fs::write(f.root_dir.join("b"), b"old").unwrap();
+    // Over a symlink (replaced, not followed) and into a new folder.
+    f.root.land(1, p("c"), false).unwrap();
+    assert!(f.root.create_staged(3).is_err());
+    assert_eq!(f.root.land(3, p("new/a"), false).unwrap(), p("new"));
+    // Over a file kept aside first: the old version goes to conflicts.
+    f.root.land(2, p("b"), true).unwrap();
+    for (name, body) in [("c", "one"), ("b", "two"), ("new/a", "three")] {
         let path = f.root_dir.join(name);
         assert!(fs::symlink_metadata(&path).unwrap().is_file(), "{name}");
         assert_eq!(fs::read(&path).unwrap(), body.as_bytes(), "{name}");
         assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o640);
     }
-    assert!(names(&staging).is_empty());
+    assert_eq!(conflicts(&f.internal).len(), 1);
+    assert!(names(&staging).is_empty(), "no temporary left");
     // Over a folder: refused as a rename would be, and the file is gone.
     fs::create_dir(f.root_dir.join("d")).unwrap();
     stage(&f.root, 4, b"four", &meta(0o640));
     assert!(f.root.land(4, p("d"), false).is_err());
     f.root.discard_staged(4);
-    assert!(f.root.unnamed.lock().unwrap().is_empty());
-    // Discarded unnamed files free their place under the limit.
+    assert_eq!(unnamed(&f.root), 0);
+    assert!(names(&staging).is_empty());
+    // Discarded unnamed files free their places.
     stage(&f.root, 5, b"five", &meta(0o640));
     stage(&f.root, 6, b"six", &meta(0o640));
     f.root.discard_staged(5);
@@ -644,9 +653,34 @@ fn staged_files_beyond_the_unnamed_limit_are_named_and_both_kinds_land_alike() {
     stage(&f.root, 7, b"seven", &meta(0o640));
     stage(&f.root, 8, b"eight", &meta(0o640));
     assert!(names(&staging).is_empty());
-    f.root.discard_staged(7);
-    f.root.discard_staged(8);
-    assert!(f.root.unnamed.lock().unwrap().is_empty());
+    // A session's end forgets them all.
+    stage(&f.root, 9, b"nine", &meta(0o640));
+    assert_eq!(names(&staging).len(), 1);
+    f.root.clean_staging().unwrap();
+    assert_eq!(unnamed(&f.root), 0);
+    assert!(names(&staging).is_empty());
+    for id in [7, 8, 9] {
+        assert!(
+            f.root.land(id, p("x"), false).is_err(),
+            "{id} was forgotten"
+        );
+    }
+}
+
+#[test]
+fn an_unnamed_file_is_linked_through_proc_where_its_descriptor_is_not_enough() {
+    let f = fixture();
+    let fd = f.root.open_unnamed().unwrap();
+    let mut file = fs::File::from(fd);
+    file.write_all(b"by proc").unwrap();
+    let root = std::fs::File::open(&f.root_dir).unwrap();
+    link_by_proc(file.as_fd(), root.as_fd(), "linked").unwrap();
+    assert_eq!(fs::read(f.root_dir.join("linked")).unwrap(), b"by proc");
+    // An existing name is not replaced by a link.
+    assert_eq!(
+        link_by_proc(file.as_fd(), root.as_fd(), "linked"),
+        Err(Errno::EXIST)
+    );
 }
 
 #[test]
