@@ -136,6 +136,9 @@ pub struct ReplicationConfig {
     pub exclude: Vec<String>,
     /// How often the primary verifies the whole replica (anti-entropy).
     pub verify_interval: Duration,
+    /// A flush on the secondary that has not returned this long is an
+    /// alarm (a hung disk): nothing is acknowledged meanwhile.
+    pub flush_alarm: Duration,
     /// How the secondary makes a batch durable (`syncfs` or `fsync`).
     pub durability: crate::model::Durability,
     /// Send large files' content by splice (page cache → socket) instead of
@@ -303,6 +306,8 @@ pub enum QueueSync {
 pub const DEFAULT_EXCLUDE: &str = "**/tmp/*";
 /// Default anti-entropy interval.
 pub const DEFAULT_VERIFY_INTERVAL: Duration = Duration::from_secs(600);
+/// `replication.flush_alarm_ms` unless configured.
+pub const DEFAULT_FLUSH_ALARM: Duration = Duration::from_secs(30);
 
 /// Everything that can go wrong while loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -1006,6 +1011,8 @@ struct RawReplication {
     exclude: Option<Vec<String>>,
     #[serde(default, deserialize_with = "de_verify_interval")]
     verify_interval_ms: Option<Duration>,
+    #[serde(default, deserialize_with = "de_flush_alarm")]
+    flush_alarm_ms: Option<Duration>,
     #[serde(default)]
     durability: crate::model::Durability,
     zero_copy: Option<bool>,
@@ -1015,6 +1022,10 @@ struct RawReplication {
 
 fn de_verify_interval<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     deserialize_duration(d, "replication.verify_interval_ms").map(Some)
+}
+
+fn de_flush_alarm<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    deserialize_duration(d, "replication.flush_alarm_ms").map(Some)
 }
 
 fn port_plus_one(a: SocketAddr) -> SocketAddr {
@@ -1208,6 +1219,14 @@ impl RawConfig {
             return Err(err(
                 "replication.verify_interval_ms",
                 fmt_duration(verify_interval),
+                "must be at least 1s".into(),
+            ));
+        }
+        let flush_alarm = r.flush_alarm_ms.unwrap_or(DEFAULT_FLUSH_ALARM);
+        if flush_alarm < Duration::from_secs(1) {
+            return Err(err(
+                "replication.flush_alarm_ms",
+                fmt_duration(flush_alarm),
                 "must be at least 1s".into(),
             ));
         }
@@ -1516,6 +1535,7 @@ impl RawConfig {
                 sync_peer,
                 exclude,
                 verify_interval,
+                flush_alarm,
                 durability: r.durability,
                 zero_copy: r.zero_copy.unwrap_or(true),
                 allow_special_modes: r.allow_special_modes.unwrap_or(false),
@@ -2309,6 +2329,19 @@ secret_file = "/etc/hasync/link.secret"
         parse_ok(&format!(
             "{BASE}heartbeat_interval_ms = \"60s\"\nheartbeat_lost_threshold = 2\n"
         ));
+    }
+
+    #[test]
+    fn flush_alarm_defaults_to_30s_and_is_at_least_1s() {
+        let c = parse_ok(BASE);
+        assert_eq!(c.replication.flush_alarm, DEFAULT_FLUSH_ALARM);
+        let c = parse_ok(&format!("{BASE}\n[replication]\nflush_alarm_ms = \"2m\"\n"));
+        assert_eq!(c.replication.flush_alarm, Duration::from_secs(120));
+        let (key, msg) = parse_invalid(&format!(
+            "{BASE}\n[replication]\nflush_alarm_ms = \"500ms\"\n"
+        ));
+        assert_eq!(key, "replication.flush_alarm_ms");
+        assert!(msg.ends_with("= 500ms: must be at least 1s"), "{msg}");
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub struct PairOptions {
     pub verify_interval_ms: u64,
     /// `replication.durability` of both nodes.
     pub durability: &'static str,
+    /// `replication.flush_alarm_ms` of both nodes.
+    pub flush_alarm_ms: u64,
     /// `replication.zero_copy` of both nodes.
     pub zero_copy: bool,
     /// `replication.watch_foreign_writes` of both nodes.
@@ -62,6 +64,7 @@ impl Default for PairOptions {
             recovery: "become-secondary",
             priorities: [200, 100],
             verify_interval_ms: 600_000,
+            flush_alarm_ms: 30_000,
             durability: "syncfs",
             zero_copy: true,
             watch_foreign_writes: true,
@@ -188,6 +191,7 @@ startup_wait_ms = {startup}
 sync_listen = "{sync_listen}"
 sync_peer = "{sync_peer}"
 verify_interval_ms = {verify}
+flush_alarm_ms = {flush_alarm}
 durability = "{durability}"
 zero_copy = {zero_copy}
 watch_foreign_writes = {watch_foreign}
@@ -236,6 +240,7 @@ quarantine = "mail/quarantine"
                 sync_listen = sync_addrs[i],
                 sync_peer = sync_addrs[1 - i],
                 verify = options.verify_interval_ms,
+                flush_alarm = options.flush_alarm_ms,
                 durability = options.durability,
                 zero_copy = options.zero_copy,
                 watch_foreign = options.watch_foreign_writes,

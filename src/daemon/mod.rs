@@ -170,6 +170,7 @@ pub(crate) fn run_with(cfg: Config, embed: Option<Embedding>) -> Result<(), Daem
             sync_listen: cfg.replication.sync_listen,
             sync_peer: cfg.replication.sync_peer,
             verify_interval: cfg.replication.verify_interval,
+            flush_alarm: cfg.replication.flush_alarm,
             durability: cfg.replication.durability,
             zero_copy: cfg.replication.zero_copy,
             allow_special_modes: cfg.replication.allow_special_modes,
@@ -1056,7 +1057,12 @@ impl Node {
                 })
             }
             Role::Secondary => {
-                if let Some(why) = &r.replica_unverified {
+                if let Some(ms) = r.flush_overdue_ms {
+                    Some(format!(
+                        "this replica's flush has not returned for {} s (a hung disk?): nothing is acknowledged until it does",
+                        ms / 1000
+                    ))
+                } else if let Some(why) = &r.replica_unverified {
                     Some(format!(
                         "this replica is unverified ({why}) until the primary's next session re-reads it"
                     ))
@@ -1674,6 +1680,13 @@ pub fn render_status(s: &Status) -> String {
         Some(why) => {
             let _ = writeln!(o, "failover  NOT SAFE: {}", printable(why));
         }
+    }
+    if let Some(ms) = r.flush_overdue_ms {
+        let _ = writeln!(
+            o,
+            "replica   FLUSH OVERDUE: running for {:.1} s (a hung disk?); nothing is acknowledged until it returns",
+            ms as f64 / 1000.0
+        );
     }
     if let Some(why) = &r.replica_unverified {
         let _ = writeln!(

@@ -52,6 +52,8 @@ pub struct EngineConfig {
     pub sync_listen: SocketAddr,
     pub sync_peer: SocketAddr,
     pub verify_interval: Duration,
+    /// `[replication] flush_alarm_ms` (receiving side).
+    pub flush_alarm: Duration,
     pub durability: super::Durability,
     /// Large files go out by splice (`[replication] zero_copy`).
     pub zero_copy: bool,
@@ -1543,6 +1545,7 @@ async fn serve_sync(
     receiver.fence = Some(shared.fence.clone());
     receiver.prescanned = receiving.prescan.borrow_mut().take();
     receiver.flusher = Some(shared.durable.clone());
+    receiver.flush_alarm = shared.cfg.flush_alarm;
     let session_epoch = receiver.session_epoch.clone();
     let mut fence_rx = shared.fence.subscribe();
     shared.stats.connected.store(true, Relaxed);

@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::sync::oneshot::error::TryRecvError;
@@ -211,6 +211,11 @@ pub struct Receiver {
     /// The flush the commit in flight waits for, and when it was asked.
     flush_done: Option<tokio::sync::oneshot::Receiver<crate::io::FlushResult>>,
     flush_started: Instant,
+    /// A flush that has not returned this long raises an alarm (a hung
+    /// disk; `[replication] flush_alarm_ms`).
+    pub flush_alarm: Duration,
+    /// The flush in flight raised that alarm.
+    flush_overdue: bool,
     /// The decisions for ops on paths, and what they remember.
     ops: Applier,
     current: Option<Incoming>,
@@ -285,6 +290,8 @@ impl Receiver {
             commits: Pipeline::for_durability(durability),
             flush_done: None,
             flush_started: Instant::now(),
+            flush_alarm: crate::config::DEFAULT_FLUSH_ALARM,
+            flush_overdue: false,
             ops: Applier::new(stats),
             current: None,
             replies: Vec::new(),
@@ -426,6 +433,8 @@ impl Receiver {
         enum Next {
             Flushed(crate::io::FlushResult),
             Frame(Option<ReadAhead>),
+            /// The flush in flight has taken longer than `flush_alarm`.
+            Overdue,
         }
         let abandoned = || Err("flush abandoned".into());
         loop {
@@ -434,6 +443,7 @@ impl Receiver {
                 self.perform(peer, None)?;
             }
             let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
+            let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
             let next = match self.flush_done.as_mut() {
                 // Advance a commit whose flush finished; meanwhile keep
                 // staging what arrives (up to a bound), so that it rides
@@ -441,18 +451,25 @@ impl Receiver {
                 Some(done) => match done.try_recv() {
                     Ok(res) => Next::Flushed(res),
                     Err(TryRecvError::Closed) => Next::Flushed(abandoned()),
-                    Err(TryRecvError::Empty) if staged_full => {
-                        Next::Flushed(done.await.unwrap_or_else(|_| abandoned()))
-                    }
+                    Err(TryRecvError::Empty) if staged_full => tokio::select! {
+                        biased;
+                        res = done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
+                        _ = tokio::time::sleep_until(alarm_at), if !overdue => Next::Overdue,
+                    },
                     Err(TryRecvError::Empty) => tokio::select! {
                         biased;
                         res = done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
                         f = frames.recv() => Next::Frame(f),
+                        _ = tokio::time::sleep_until(alarm_at), if !overdue => Next::Overdue,
                     },
                 },
                 None => Next::Frame(frames.recv().await),
             };
             let frame = match next {
+                Next::Overdue => {
+                    self.flush_is_overdue();
+                    continue;
+                }
                 Next::Flushed(res) => {
                     self.advance(res, peer)?;
                     self.send_replies(w).await?;
@@ -536,16 +553,54 @@ impl Receiver {
         if pending {
             write_marker(self.state_dir.as_deref(), FLUSH_PENDING);
         }
-        let res = match self.flush_done.as_mut() {
-            Some(done) => done.await.unwrap_or_else(|_| Err("flush abandoned".into())),
-            None => Ok(()),
+        let res = loop {
+            let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
+            let Some(done) = self.flush_done.as_mut() else {
+                break Ok(());
+            };
+            let heard = tokio::select! {
+                res = done => Some(res.unwrap_or_else(|_| Err("flush abandoned".into()))),
+                _ = tokio::time::sleep_until(alarm_at), if !overdue => None,
+            };
+            match heard {
+                Some(res) => break res,
+                None => self.flush_is_overdue(),
+            }
         };
         self.flush_done = None;
+        self.flush_returned();
         match res {
             Err(why) => self.latch(&why),
             // Not a marker that says more (a failure recorded meanwhile).
             Ok(()) if pending && self.verified() => remove_marker(self.state_dir.as_deref()),
             Ok(()) => {}
+        }
+    }
+
+    fn flush_alarm_at(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.flush_started + self.flush_alarm)
+    }
+
+    /// The flush in flight has not returned within `flush_alarm`: the disk
+    /// may hang. Nothing is acknowledged meanwhile, and the status says so
+    /// until it returns.
+    fn flush_is_overdue(&mut self) {
+        self.flush_overdue = true;
+        *self.stats.flush_overdue_since.lock().expect("flush lock") = Some(self.flush_started);
+        let secs = self.flush_started.elapsed().as_secs_f64();
+        let msg = format!(
+            "ALARM: the replica's flush has not returned for {secs:.0} s (a hung disk?); nothing is acknowledged until it does"
+        );
+        error!(alarm = true, "{msg}");
+        self.stats.raise_alarm(msg);
+    }
+
+    /// The flush in flight returned (or was given up with its session).
+    fn flush_returned(&mut self) {
+        if std::mem::take(&mut self.flush_overdue) {
+            *self.stats.flush_overdue_since.lock().expect("flush lock") = None;
+            let secs = self.flush_started.elapsed().as_secs_f64();
+            info!("the replica's overdue flush returned after {secs:.1} s");
         }
     }
 
@@ -669,6 +724,7 @@ impl Receiver {
     /// The flush in flight finished with `res`: the commit goes on.
     fn advance(&mut self, res: crate::io::FlushResult, peer: &str) -> Result<(), RecvError> {
         self.flush_done = None;
+        self.flush_returned();
         // An earlier flush failed with nobody waiting: treat this one as
         // failed too (the session ends and the next re-reads from disk).
         let res = Latch::flush_outcome(res, self.orphaned_flush_failure());

@@ -53,6 +53,9 @@ pub struct ReplStats {
     pub unverified: Mutex<Option<String>>,
     /// When the secondary last acknowledged a batch as durable.
     pub last_ack: Mutex<Option<Instant>>,
+    /// Secondary: since when the flush in flight runs, once it is overdue
+    /// (`[replication] flush_alarm_ms`).
+    pub flush_overdue_since: Mutex<Option<Instant>>,
     pub rename_sources_missing: AtomicU64,
     pub disk_full: AtomicBool,
     /// Receiver: the primary said the replica is complete.
@@ -179,6 +182,7 @@ impl Default for ReplStats {
             foreign_watch: Mutex::new("-".into()),
             unverified: Mutex::new(None),
             last_ack: Mutex::new(None),
+            flush_overdue_since: Mutex::new(None),
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
@@ -306,6 +310,11 @@ pub struct ReplStatus {
     /// acknowledged until then); absent when it is not.
     #[serde(default)]
     pub replica_unverified: Option<String>,
+    /// Secondary: how long the flush in flight has run, once that is longer
+    /// than `[replication] flush_alarm_ms` (a hung disk; nothing is
+    /// acknowledged until it returns); absent otherwise.
+    #[serde(default)]
+    pub flush_overdue_ms: Option<u64>,
     /// Primary: how long ago the secondary last acknowledged a batch as
     /// durable.
     #[serde(default)]
@@ -427,6 +436,11 @@ impl ReplStats {
                 .expect("foreign watch lock")
                 .clone(),
             replica_unverified: self.unverified.lock().expect("unverified lock").clone(),
+            flush_overdue_ms: self
+                .flush_overdue_since
+                .lock()
+                .expect("flush lock")
+                .map(|t| t.elapsed().as_millis() as u64),
             last_ack_age_ms: self
                 .last_ack
                 .lock()

@@ -447,6 +447,42 @@ fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica()
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
 
+/// A flush on the secondary that has not returned within
+/// `replication.flush_alarm_ms` (a hung disk: here a `syncfs` held for 6 s)
+/// is an alarm, shows in the status and blocks a switchover while it runs;
+/// once it returns the status clears (this one fails: the replica is
+/// latched, then re-read, and converges).
+#[test]
+fn a_flush_that_hangs_is_an_alarm_and_in_the_status_until_it_returns() {
+    let opts = PairOptions {
+        flush_alarm_ms: 1000,
+        ..fast()
+    };
+    let (tp, src) = pair_in_a_slow_failing_flush_with("6000", opts);
+    let dst = tp.store(1, "inbox");
+    let st = tp.nodes[1]
+        .wait_status(Duration::from_secs(5), Duration::from_millis(50), |s| {
+            s.replication.flush_overdue_ms.is_some_and(|ms| ms >= 1000)
+                && s.alarms
+                    .iter()
+                    .any(|a| a.message.contains("flush has not returned"))
+        })
+        .unwrap_or_else(|e| panic!("no overdue flush and alarm: {e}\n{}", tp.logs()));
+    let blocker = st.switchover_blocker.unwrap_or_default();
+    assert!(blocker.contains("flush has not returned"), "{blocker}");
+    // Once it returns (failing), the overdue flush is over.
+    latched_then_lifted(&tp, Duration::from_secs(30));
+    let st = tp.nodes[1].status().unwrap();
+    assert_eq!(st.replication.flush_overdue_ms, None);
+    assert!(
+        tp.nodes[1].log().contains("overdue flush returned after"),
+        "{}",
+        tp.logs()
+    );
+    wait_identical(&src, &dst, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
 /// A node killed while its ended session waits for a flush in flight (the
 /// sync connection cut during the secondary's slow flush, then the
 /// secondary killed before the flush reports) cannot know the flush's
@@ -553,7 +589,11 @@ fn restarts_and_rereads(tp: &mut TestPair, src: &std::path::Path, reason_says: &
 /// `syncfs`) fails `slow_ms` late. Returns once that flush runs, with the
 /// primary's store.
 fn pair_in_a_slow_failing_flush(slow_ms: &str) -> (TestPair, PathBuf) {
-    let mut tp = TestPair::new(fast());
+    pair_in_a_slow_failing_flush_with(slow_ms, fast())
+}
+
+fn pair_in_a_slow_failing_flush_with(slow_ms: &str, opts: PairOptions) -> (TestPair, PathBuf) {
+    let mut tp = TestPair::new(opts);
     let src = tp.store(0, "inbox");
     std::fs::create_dir_all(src.join("u/cur")).unwrap();
     for i in 0..40 {
