@@ -96,6 +96,7 @@ use super::manifest::ManifestOut;
 use super::reception::{admit_path, Received, Reception};
 use super::sender::{Inflight, Plan, Read, Sender, Store};
 use super::stats::ReplStats;
+use super::tenure::OwnTenure;
 use super::tree::LocalTree;
 use crate::failover::sim::SimRng;
 use crate::model::{Excludes, Meta};
@@ -854,6 +855,10 @@ struct Replica {
     /// Versions kept aside for the primary (a former primary's genuine
     /// conflicts), by path and content hash.
     kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
+    /// The node's own past as a primary (its mark is on disk: a crash
+    /// keeps it; a tenure begun in the process does not survive it), as
+    /// the receiver's `OwnTenure` decisions read and clear it.
+    own: OwnTenure,
     /// Flushes complete later than the barrier (the receiver's group
     /// commit: a need for an op of a later batch can go out before the
     /// acknowledgement of an earlier one), and received files stay staged
@@ -920,6 +925,8 @@ impl Replica {
             flush_rng: SimRng::new(seed ^ 0x6c61_6e64),
             flush_percent: 40,
             kept_aside: Default::default(),
+            // The replica's node has never served.
+            own: OwnTenure::default(),
             group_commit: false,
             current: None,
             replies: Vec::new(),
@@ -954,6 +961,7 @@ impl Replica {
     /// leaves.
     fn crash(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
         self.keep_on_disk(applied, log, kept);
+        self.own.served_here = 0;
         let clock = self.fs.clock;
         let fs = std::mem::replace(&mut self.fs, Fs::new(clock));
         self.restart(fs);
@@ -1378,7 +1386,14 @@ impl Replica {
             return Ok(());
         }
         match msg {
-            SyncMsg::ManifestRequest { .. } | SyncMsg::CaughtUp => {}
+            SyncMsg::ManifestRequest { .. } => {}
+            // Reconciled: the mark is cleared (durably, at once), as the
+            // receiver does; this model hands no kept-aside version over.
+            SyncMsg::CaughtUp => {
+                if self.own.reconciled(false) {
+                    self.own = OwnTenure::default();
+                }
+            }
             SyncMsg::File {
                 seq,
                 path,
@@ -1493,6 +1508,10 @@ pub struct Outcome {
     pub failovers: u64,
     /// Second failovers of a run: the first primary's node serving again.
     pub second_tenures: u64,
+    /// Sessions after a failover whose replica was reconciled already (its
+    /// former-primary mark cleared at a `CaughtUp`): the primary settled
+    /// its takeover record.
+    pub reconciled_sessions: u64,
     pub kept_aside: u64,
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
@@ -1551,6 +1570,7 @@ impl Outcome {
         self.disk_full_turns += o.disk_full_turns;
         self.failovers += o.failovers;
         self.second_tenures += o.second_tenures;
+        self.reconciled_sessions += o.reconciled_sessions;
         self.kept_aside += o.kept_aside;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
@@ -1640,6 +1660,9 @@ pub struct DataSim {
     other_kept: std::collections::BTreeSet<(PathBuf, u128)>,
     /// The other node's unverified latch.
     other_latch: Latch,
+    /// The other node's own past as a primary (the primary's node: marked
+    /// at its promotion).
+    other_own: OwnTenure,
     /// After the failover: the old primary's files then (path, hash) and
     /// what the new primary held as it took over.
     failed_over: Option<FailedOver>,
@@ -1686,12 +1709,13 @@ impl FailedOver {
         // under another name make it no genuine conflict any more (what the
         // product decides by content; seed 381742, a name's content also
         // written elsewhere on the new primary after the failover).
-        let sent = self
+        let mut sent = self
             .saved_known
             .first()
             .cloned()
             .flatten()
             .unwrap_or_default();
+        sent.extend(self.sent_ever.iter().copied());
         let must_keep = genuine
             .iter()
             .filter(|(_, h)| !sent.contains(h))
@@ -1737,6 +1761,12 @@ struct FailedOver {
     /// The takeover record as last written, with its sent log (what a
     /// crash restarts from).
     saved_known: Vec<Option<std::collections::HashSet<u128>>>,
+    /// Every version the new primary sent since the failover (what the
+    /// checks count as held, also once the record is settled).
+    sent_ever: std::collections::HashSet<u128>,
+    /// The peer said it is reconciled: the record was settled (removed),
+    /// and a restart records only what the node holds then.
+    settled: bool,
     old_primary_files: Vec<(PathBuf, u128)>,
     old_primary_links: Vec<Vec<PathBuf>>,
     known: std::collections::HashSet<u128>,
@@ -1827,6 +1857,13 @@ impl DataSim {
             failovers_max: 1,
             other_kept: Default::default(),
             other_latch: Latch::default(),
+            // The first primary's tenure, epoch 1; after k failovers the
+            // primary serves at epoch k + 1.
+            other_own: OwnTenure {
+                marked: true,
+                marked_epoch: Some(1),
+                served_here: 1,
+            },
             failed_over: None,
             large_from: u64::MAX,
             faults: false,
@@ -2484,7 +2521,17 @@ impl DataSim {
     /// One batch: planned, then (maybe after the workload moved on) read
     /// and emitted.
     fn send_step(&mut self) -> Result<(), String> {
-        if !self.sender.window_open() || self.sender.coalescer.pending() == 0 {
+        if self.sender.coalescer.pending() == 0 {
+            // Nothing left to send: the comparison's catching up may be
+            // over (the driver's check when it has no batch to send); the
+            // sender saved its index then.
+            if let Some(out) = self.sender.finish_initial_if_done() {
+                self.saved_index = Some(self.sender.stores[0].index.saved_copy());
+                self.send_frames(out);
+            }
+            return Ok(());
+        }
+        if !self.sender.window_open() {
             return Ok(());
         }
         let max = self.rng.range(1, 24) as usize;
@@ -2558,6 +2605,7 @@ impl DataSim {
         let logged = self.sender.take_known_unlogged();
         if let Some(f) = &mut self.failed_over {
             for (s, hashes) in logged {
+                f.sent_ever.extend(hashes.iter().copied());
                 if let Some(Some(k)) = f.saved_known.get_mut(s) {
                     k.extend(hashes);
                 }
@@ -2851,7 +2899,11 @@ impl DataSim {
                     .then(|| fs.hash_of(&p))
                     .flatten()
             });
-            let mut known = f.saved_known.clone();
+            let mut known = if f.settled {
+                vec![Some(Default::default())]
+            } else {
+                f.saved_known.clone()
+            };
             if let Some(Some(k)) = known.first_mut() {
                 k.extend(held_now);
             }
@@ -2900,16 +2952,25 @@ impl DataSim {
 
     fn session(&mut self) {
         let _start = self.sender.begin_session();
-        if self.failed_over.is_some() {
-            // The former primary says so as it connects.
-            self.sender
-                .on_peer_msg(SyncMsg::PeerState {
-                    former_primary: true,
-                    // The epoch of its last tenure (the record given the
-                    // sender has no carried part: it is all that counts).
-                    served_epoch: Some(self.out.failovers),
-                })
-                .expect("a peer state is always taken");
+        // The replica says what it served as it connects (the receiver's
+        // decision over the node's mark).
+        let said = self.replica.own.peer_state();
+        let former = matches!(
+            said,
+            SyncMsg::PeerState {
+                former_primary: true,
+                ..
+            }
+        );
+        self.sender
+            .on_peer_msg(said)
+            .expect("a peer state is always taken");
+        if let (false, Some(f)) = (former, self.failed_over.as_mut()) {
+            // A reconciled peer: the primary settles its takeover record
+            // (its files are removed); a restart records afresh what it
+            // holds then.
+            self.out.reconciled_sessions += 1;
+            f.settled = true;
         }
         self.compare(true);
     }
@@ -2965,10 +3026,27 @@ impl DataSim {
         // The versions kept aside are the node's, not the role's.
         std::mem::swap(&mut self.replica.kept_aside, &mut self.other_kept);
         std::mem::swap(&mut self.replica.latch, &mut self.other_latch);
+        // The replica's node marks itself at its promotion; the old
+        // primary's node comes back with its mark (its process restarted).
+        let tenure = self.out.failovers + 1;
+        let returning = std::mem::replace(
+            &mut self.other_own,
+            OwnTenure {
+                marked: true,
+                marked_epoch: Some(tenure),
+                served_here: tenure,
+            },
+        );
+        self.replica.own = OwnTenure {
+            served_here: 0,
+            ..returning
+        };
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
             saved_known: vec![Some(known.clone())],
+            sent_ever: Default::default(),
+            settled: false,
             old_primary_links: link_groups(&self.replica.fs, &self.excludes),
             old_primary_files,
             known,

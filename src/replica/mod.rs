@@ -27,6 +27,7 @@ pub mod space;
 pub mod stager;
 pub mod stats;
 pub mod takeover;
+pub mod tenure;
 pub mod tree;
 pub mod waiters;
 pub mod walk;

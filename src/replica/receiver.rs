@@ -1088,35 +1088,11 @@ impl Receiver {
                 }
                 self.stats.caught_up.store(false, Relaxed);
                 info!(peer, "sync session started");
-                // Its mark says so durably; a tenure begun in this process
-                // says so too (the mark may not have been written: a full or
-                // failing state directory, the node serving on with an
-                // alarm), until a primary has reconciled it.
-                let former_primary = self
-                    .state_dir
-                    .as_deref()
-                    .is_some_and(super::takeover::is_former_primary)
-                    || self.served.load(Relaxed) != 0;
-                // The last tenure this node served: its mark says it
-                // durably; one begun in this process may not be written.
-                let served_epoch = if former_primary {
-                    let marked = self
-                        .state_dir
-                        .as_deref()
-                        .and_then(super::takeover::served_epoch);
-                    let here = Some(self.served.load(Relaxed)).filter(|&e| e != 0);
-                    marked.max(here)
-                } else {
-                    None
-                };
-                if former_primary {
-                    info!(peer, served_epoch, "this node served as primary: the primary decides which of its changes are genuine conflicts");
+                let own = self.own_tenure();
+                if own.former_primary() {
+                    info!(peer, served_epoch = own.served_epoch(), "this node served as primary: the primary decides which of its changes are genuine conflicts");
                 }
-                SyncMsg::PeerState {
-                    former_primary,
-                    served_epoch,
-                }
-                .encode(&mut self.replies);
+                own.peer_state().encode(&mut self.replies);
                 // A replica now: a takeover record of an earlier tenure of
                 // this node is settled (the next promotion starts its own).
                 if let Some(dir) = self.state_dir.as_deref() {
@@ -1191,17 +1167,15 @@ impl Receiver {
                 }
                 // Reconciled completely (its genuine conflicts kept aside):
                 // from now on a plain secondary.
-                if let Some(dir) = self.state_dir.as_deref() {
-                    let marked = super::takeover::is_former_primary(dir);
-                    if (marked || self.served.load(Relaxed) != 0) && self.uploads.is_empty() {
-                        match super::takeover::clear_former_primary(dir) {
-                            Ok(()) => {
-                                // A plain secondary until it serves again.
-                                self.served.store(0, Relaxed);
-                                info!(peer, "reconciled with the primary after serving as primary")
-                            }
-                            Err(e) => warn!("cannot clear the former-primary mark: {e}"),
+                let reconciled = self.own_tenure().reconciled(!self.uploads.is_empty());
+                if let (Some(dir), true) = (self.state_dir.as_deref(), reconciled) {
+                    match super::takeover::clear_former_primary(dir) {
+                        Ok(()) => {
+                            // A plain secondary until it serves again.
+                            self.served.store(0, Relaxed);
+                            info!(peer, "reconciled with the primary after serving as primary")
                         }
+                        Err(e) => warn!("cannot clear the former-primary mark: {e}"),
                     }
                 }
             }
@@ -1221,6 +1195,19 @@ impl Receiver {
         }
         self.answer_ops(peer);
         Ok(())
+    }
+
+    /// This node's own past as a primary: its mark (durable), and a
+    /// tenure begun in this process, whose mark may not have been written
+    /// (a full or failing state directory, the node serving on with an
+    /// alarm).
+    fn own_tenure(&self) -> super::tenure::OwnTenure {
+        let dir = self.state_dir.as_deref();
+        super::tenure::OwnTenure {
+            marked: dir.is_some_and(super::takeover::is_former_primary),
+            marked_epoch: dir.and_then(super::takeover::served_epoch),
+            served_here: self.served.load(Relaxed),
+        }
     }
 
     /// Starts answering a manifest request: [`Receiver::stream_manifest`]

@@ -563,7 +563,10 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    fn finish_initial_if_done(&mut self, w: &FrameWriter) -> Option<Vec<u8>> {
+    /// A comparison's catching up is over once nothing is queued, in
+    /// flight or to be retried: the index is saved, and the `CaughtUp`
+    /// returned tells the replica so (a former primary is reconciled).
+    pub(crate) fn finish_initial_if_done(&mut self) -> Option<Vec<u8>> {
         if !self.window.is_empty()
             || self.coalescer.pending() > 0
             || !self.backlog.is_empty()
@@ -592,7 +595,6 @@ impl<T: LocalTree> Sender<T> {
                 self.lag_from = Some(Instant::now());
             }
             self.save_indexes();
-            let _ = w;
             let mut out = Vec::new();
             SyncMsg::CaughtUp.encode(&mut out);
             return Some(out);
@@ -2732,7 +2734,7 @@ impl Sender<Tree> {
                 continue;
             }
             self.log_progress();
-            if let Some(out) = self.finish_initial_if_done(w) {
+            if let Some(out) = self.finish_initial_if_done() {
                 w.send_bytes(out).await?;
             }
             for s in self.stores.iter_mut() {

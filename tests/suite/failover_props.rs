@@ -255,7 +255,8 @@ fn data_sim_seeds() {
                             && o.primary_crashes > 0
                             && o.disk_full_turns > 0
                             && o.settled_checks_after_faults > n / 4
-                            && o.second_tenures > 0),
+                            && o.second_tenures > 0
+                            && o.reconciled_sessions > 0),
                 "{o:?}"
             );
             println!("{n} data-path seeds: {o:?}");
@@ -350,8 +351,12 @@ fn data_sim_seeds_that_found_bugs() {
     // lacked (refused), then flagged before that batch was acknowledged:
     // the flag rename carried the overwritten message's content to the new
     // name, which was never corrected (another message's content there).
-    const FAULT_SEEDS: [u64; 14] = [
-        78, 83, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177051, 177468, 381742,
+    // 4277: the simulator's own check again, once the former primary's
+    // mark clears at `CaughtUp` and the primary settles its record: the
+    // sent log that made a version held must still count for the check
+    // after the record is gone.
+    const FAULT_SEEDS: [u64; 15] = [
+        78, 83, 4277, 6764, 7199, 8529, 10111, 49456, 54234, 56134, 158447, 177051, 177468, 381742,
         400872,
     ];
     for seed in FAULT_SEEDS {
