@@ -1177,7 +1177,13 @@ impl<T: LocalTree> Sender<T> {
             hash,
             kept_at,
         ) {
-            Ok(None) => SyncMsg::ConflictAck { id }.encode(&mut self.replies_out),
+            Ok(None) => {
+                // Held already (handed over before, the acknowledgement
+                // lost): acknowledged again, and the content that follows
+                // is read and dropped.
+                SyncMsg::ConflictAck { id }.encode(&mut self.replies_out);
+                self.incoming = (size > 0).then_some(Incoming::Skipping { id, left: size });
+            }
             Ok(Some(inc)) => {
                 self.incoming = Some(Incoming::Receiving(Box::new(inc)));
                 if size == 0 {
@@ -3001,4 +3007,90 @@ fn through_renames<'p>(
         }
     }
     now
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender_over(dir: &Path) -> Sender<Tree> {
+        let store = Store {
+            name: "inbox".into(),
+            root: dir.join("root"),
+            tree: Tree::open(&dir.join("root")).unwrap(),
+            index: Index::in_memory(),
+            internal: dir.join("internal"),
+            conflicts: true,
+            dovecot: false,
+        };
+        Sender::new(
+            vec![store],
+            Excludes::new(&[]).unwrap(),
+            Coalescer::detached(1),
+            Arc::new(ReplStats::default()),
+            Duration::from_secs(600),
+        )
+    }
+
+    fn conflict(id: u64, body: &[u8]) -> [SyncMsg; 2] {
+        [
+            SyncMsg::ConflictFile {
+                id,
+                store: 0,
+                path: b"cur/m".to_vec(),
+                meta: super::super::fsops::Meta {
+                    mode: 0o600,
+                    uid: 0,
+                    gid: 0,
+                    mtime_sec: 1_700_000_000,
+                    mtime_nsec: 0,
+                },
+                size: body.len() as u64,
+                hash: crate::replica::index::hash_bytes(body),
+                kept_at: 1_700_000_100,
+            },
+            SyncMsg::Data {
+                seq: id,
+                bytes: body.to_vec(),
+            },
+        ]
+    }
+
+    fn acks(sender: &mut Sender<Tree>) -> Vec<u64> {
+        let out = std::mem::take(&mut sender.replies_out);
+        let (mut at, mut ids) = (0, Vec::new());
+        while let Some((frame, used)) = crate::wire::decode_frame(&out[at..]).unwrap() {
+            at += used;
+            if let SyncMsg::ConflictAck { id } = SyncMsg::decode(&frame).unwrap() {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// A version handed over again (the first acknowledgement lost with its
+    /// session) is acknowledged again, and its content, which the peer
+    /// sends right behind it, is read and dropped: no protocol error that
+    /// would end every session from then on.
+    #[test]
+    fn a_conflict_handed_over_again_is_acknowledged_and_its_content_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        let mut sender = sender_over(dir.path());
+        for msg in conflict(1, b"lost ack") {
+            sender.on_peer_msg(msg).unwrap();
+        }
+        assert_eq!(acks(&mut sender), [1]);
+        // The next session hands the same version over again.
+        sender.begin_session();
+        for msg in conflict(7, b"lost ack") {
+            sender.on_peer_msg(msg).expect("its content is dropped");
+        }
+        assert_eq!(acks(&mut sender), [7]);
+        // And the next conflict is taken as usual.
+        for msg in conflict(8, b"another version") {
+            sender.on_peer_msg(msg).unwrap();
+        }
+        assert_eq!(acks(&mut sender), [8]);
+    }
 }
