@@ -445,25 +445,27 @@ impl Receiver {
             let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
             let next = match self.flush_done.as_mut() {
+                None => Next::Frame(frames.recv().await),
+                // Staged enough: nothing more is read until the flush
+                // reports.
+                Some(_) if staged_full => {
+                    Next::Flushed(self.flush_outcome().await.unwrap_or_else(abandoned))
+                }
                 // Advance a commit whose flush finished; meanwhile keep
                 // staging what arrives (up to a bound), so that it rides
                 // along with the next flush.
                 Some(done) => match done.try_recv() {
                     Ok(res) => Next::Flushed(res),
                     Err(TryRecvError::Closed) => Next::Flushed(abandoned()),
-                    Err(TryRecvError::Empty) if staged_full => tokio::select! {
-                        biased;
-                        res = done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
-                        _ = tokio::time::sleep_until(alarm_at), if !overdue => Next::Overdue,
-                    },
                     Err(TryRecvError::Empty) => tokio::select! {
                         biased;
                         res = done => Next::Flushed(res.unwrap_or_else(|_| abandoned())),
-                        f = frames.recv() => Next::Frame(f),
+                        // Before the frames: a steady stream must not
+                        // hold the alarm back.
                         _ = tokio::time::sleep_until(alarm_at), if !overdue => Next::Overdue,
+                        f = frames.recv() => Next::Frame(f),
                     },
                 },
-                None => Next::Frame(frames.recv().await),
             };
             let frame = match next {
                 Next::Overdue => {
@@ -553,20 +555,7 @@ impl Receiver {
         if pending {
             write_marker(self.state_dir.as_deref(), FLUSH_PENDING);
         }
-        let res = loop {
-            let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
-            let Some(done) = self.flush_done.as_mut() else {
-                break Ok(());
-            };
-            let heard = tokio::select! {
-                res = done => Some(res.unwrap_or_else(|_| Err("flush abandoned".into()))),
-                _ = tokio::time::sleep_until(alarm_at), if !overdue => None,
-            };
-            match heard {
-                Some(res) => break res,
-                None => self.flush_is_overdue(),
-            }
-        };
+        let res = self.flush_outcome().await.unwrap_or(Ok(()));
         self.flush_done = None;
         self.flush_returned();
         match res {
@@ -574,6 +563,23 @@ impl Receiver {
             // Not a marker that says more (a failure recorded meanwhile).
             Ok(()) if pending && self.verified() => remove_marker(self.state_dir.as_deref()),
             Ok(()) => {}
+        }
+    }
+
+    /// Waits for the flush in flight (`None` without one), raising the
+    /// overdue alarm once it has run longer than `flush_alarm`.
+    async fn flush_outcome(&mut self) -> Option<crate::io::FlushResult> {
+        loop {
+            let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
+            let done = self.flush_done.as_mut()?;
+            let heard = tokio::select! {
+                res = done => Some(res.unwrap_or_else(|_| Err("flush abandoned".into()))),
+                _ = tokio::time::sleep_until(alarm_at), if !overdue => None,
+            };
+            match heard {
+                Some(res) => return Some(res),
+                None => self.flush_is_overdue(),
+            }
         }
     }
 
@@ -878,10 +884,10 @@ impl Receiver {
 
     /// Waits for the flush in flight and advances the commit.
     async fn await_flush(&mut self, peer: &str) -> Result<(), RecvError> {
-        let res = match self.flush_done.as_mut() {
-            Some(done) => done.await.unwrap_or_else(|_| Err("flush abandoned".into())),
-            None => Err("no flush in flight for the commit".into()),
-        };
+        let res = self
+            .flush_outcome()
+            .await
+            .unwrap_or_else(|| Err("no flush in flight for the commit".into()));
         self.advance(res, peer)
     }
 
@@ -1103,6 +1109,8 @@ impl Receiver {
                     }
                 }
                 self.uploads.clear();
+                // Listed again below, from the conflicts directory.
+                self.to_upload.clear();
                 self.ops.begin_session();
                 // Versions kept aside and not yet acknowledged by a primary
                 // (an earlier session ended first) are handed over again.
@@ -1167,7 +1175,8 @@ impl Receiver {
                 }
                 // Reconciled completely (its genuine conflicts kept aside):
                 // from now on a plain secondary.
-                let reconciled = self.own_tenure().reconciled(!self.uploads.is_empty());
+                let handing_over = !self.uploads.is_empty() || !self.to_upload.is_empty();
+                let reconciled = self.own_tenure().reconciled(handing_over);
                 if let (Some(dir), true) = (self.state_dir.as_deref(), reconciled) {
                     match super::takeover::clear_former_primary(dir) {
                         Ok(()) => {

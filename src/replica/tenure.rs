@@ -58,10 +58,10 @@ impl OwnTenure {
 
     /// At `CaughtUp` (the primary found nothing left to send or keep
     /// aside): whether this former primary is reconciled now, its mark and
-    /// this process's tenure to be forgotten. Not while a version it kept
-    /// aside is on its way to the primary and unacknowledged.
-    pub fn reconciled(&self, uploads_unacknowledged: bool) -> bool {
-        self.former_primary() && !uploads_unacknowledged
+    /// this process's tenure to be forgotten. Not while it is `handing_over`
+    /// a version it kept aside (still to send, or sent and unacknowledged).
+    pub fn reconciled(&self, handing_over: bool) -> bool {
+        self.former_primary() && !handing_over
     }
 }
 

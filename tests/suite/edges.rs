@@ -483,6 +483,35 @@ fn a_flush_that_hangs_is_an_alarm_and_in_the_status_until_it_returns() {
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
 
+/// The same alarm while an op waits for the hung flush: a message written
+/// on the primary during the secondary's held `syncfs`, sent and staged
+/// there, then renamed (the rename touches the staged file, so the
+/// receiver waits for the flush before it applies it).
+#[test]
+fn a_flush_that_hangs_is_an_alarm_also_while_an_op_waits_for_it() {
+    let opts = PairOptions {
+        flush_alarm_ms: 1000,
+        ..fast()
+    };
+    let (tp, src) = pair_in_a_slow_failing_flush_with("8000", opts);
+    std::fs::create_dir_all(src.join("u/new")).unwrap();
+    std::fs::write(src.join("u/new/late"), b"a message during the held flush").unwrap();
+    // Sent and staged on the secondary before it is renamed.
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::rename(src.join("u/new/late"), src.join("u/cur/late:2,S")).unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(6), Duration::from_millis(50), |s| {
+            s.replication.flush_overdue_ms.is_some()
+                && s.alarms
+                    .iter()
+                    .any(|a| a.message.contains("flush has not returned"))
+        })
+        .unwrap_or_else(|e| panic!("no overdue flush and alarm: {e}\n{}", tp.logs()));
+    latched_then_lifted(&tp, Duration::from_secs(30));
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
 /// A node killed while its ended session waits for a flush in flight (the
 /// sync connection cut during the secondary's slow flush, then the
 /// secondary killed before the flush reports) cannot know the flush's
