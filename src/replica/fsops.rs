@@ -897,12 +897,7 @@ impl Root {
             // Its last descriptor closed: the inode is freed.
             return;
         }
-        self.staged
-            .lock()
-            .expect("staged files lock")
-            .named
-            .remove(&id);
-        let name = Self::staged_name(id);
+        let name = self.take_named(id);
         match rustix::fs::unlinkat(&self.staging, name.as_str(), AtFlags::empty()) {
             Ok(()) | Err(Errno::NOENT) => {}
             Err(e) => tracing::warn!(
@@ -947,12 +942,7 @@ impl Root {
                 Some(fd) => self.link_unnamed(fd.as_fd(), parent, p.name),
                 // renameat never follows `p.name`: a symlink there is replaced.
                 None => {
-                    self.staged
-                        .lock()
-                        .expect("staged files lock")
-                        .named
-                        .remove(&id);
-                    let name = Self::staged_name(id);
+                    let name = self.take_named(id);
                     rustix::fs::renameat(&self.staging, name.as_str(), parent, p.name)
                 }
             };
@@ -982,6 +972,16 @@ impl Root {
             UNNAMED_HELD.fetch_sub(1, Ordering::Relaxed);
         }
         fd
+    }
+
+    /// Forgets `id` as a staged file named in staging; returns that name.
+    fn take_named(&self, id: u64) -> String {
+        self.staged
+            .lock()
+            .expect("staged files lock")
+            .named
+            .remove(&id);
+        Self::staged_name(id)
     }
 
     /// Forgets every staged file (closing the unnamed ones' descriptors).

@@ -460,14 +460,8 @@ fn a_flush_that_hangs_is_an_alarm_and_in_the_status_until_it_returns() {
     };
     let (tp, src) = pair_in_a_slow_failing_flush_with("6000", opts);
     let dst = tp.store(1, "inbox");
-    let st = tp.nodes[1]
-        .wait_status(Duration::from_secs(5), Duration::from_millis(50), |s| {
-            s.replication.flush_overdue_ms.is_some_and(|ms| ms >= 1000)
-                && s.alarms
-                    .iter()
-                    .any(|a| a.message.contains("flush has not returned"))
-        })
-        .unwrap_or_else(|e| panic!("no overdue flush and alarm: {e}\n{}", tp.logs()));
+    let st = flush_overdue(&tp, Duration::from_secs(5));
+    assert!(st.replication.flush_overdue_ms >= Some(1000));
     let blocker = st.switchover_blocker.unwrap_or_default();
     assert!(blocker.contains("flush has not returned"), "{blocker}");
     // Once it returns (failing), the overdue flush is over.
@@ -499,14 +493,7 @@ fn a_flush_that_hangs_is_an_alarm_also_while_an_op_waits_for_it() {
     // Sent and staged on the secondary before it is renamed.
     std::thread::sleep(Duration::from_millis(500));
     std::fs::rename(src.join("u/new/late"), src.join("u/cur/late:2,S")).unwrap();
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(6), Duration::from_millis(50), |s| {
-            s.replication.flush_overdue_ms.is_some()
-                && s.alarms
-                    .iter()
-                    .any(|a| a.message.contains("flush has not returned"))
-        })
-        .unwrap_or_else(|e| panic!("no overdue flush and alarm: {e}\n{}", tp.logs()));
+    flush_overdue(&tp, Duration::from_secs(6));
     latched_then_lifted(&tp, Duration::from_secs(30));
     wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
@@ -647,6 +634,19 @@ fn pair_in_a_slow_failing_flush_with(slow_ms: &str, opts: PairOptions) -> (TestP
         std::thread::sleep(Duration::from_millis(20));
     }
     (tp, src)
+}
+
+/// The secondary's (node 1's) status shows its flush overdue, and the
+/// alarm is raised, within `within`.
+fn flush_overdue(tp: &TestPair, within: Duration) -> hasync::daemon::control::Status {
+    tp.nodes[1]
+        .wait_status(within, Duration::from_millis(50), |s| {
+            s.replication.flush_overdue_ms.is_some()
+                && s.alarms
+                    .iter()
+                    .any(|a| a.message.contains("flush has not returned"))
+        })
+        .unwrap_or_else(|e| panic!("no overdue flush and alarm: {e}\n{}", tp.logs()))
 }
 
 /// The secondary (node 1) was latched unverified by a failed `syncfs`
