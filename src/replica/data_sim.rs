@@ -859,6 +859,10 @@ struct Replica {
     /// keeps it; a tenure begun in the process does not survive it), as
     /// the receiver's `OwnTenure` decisions read and clear it.
     own: OwnTenure,
+    /// Clearing the mark fails (a full or failing state directory): the
+    /// node stays a former primary, and every later session decides its
+    /// versions against the takeover record again.
+    mark_clear_fails: bool,
     /// Flushes complete later than the barrier (the receiver's group
     /// commit: a need for an op of a later batch can go out before the
     /// acknowledgement of an earlier one), and received files stay staged
@@ -927,6 +931,7 @@ impl Replica {
             kept_aside: Default::default(),
             // The replica's node has never served.
             own: OwnTenure::default(),
+            mark_clear_fails: false,
             group_commit: false,
             current: None,
             replies: Vec::new(),
@@ -1390,7 +1395,7 @@ impl Replica {
             // Reconciled: the mark is cleared (durably, at once), as the
             // receiver does; this model hands no kept-aside version over.
             SyncMsg::CaughtUp => {
-                if self.own.reconciled(false) {
+                if self.own.reconciled(false) && !self.mark_clear_fails {
                     self.own = OwnTenure::default();
                 }
             }
@@ -1898,6 +1903,8 @@ impl DataSim {
             sim.failovers_max = 2;
             sim.replica.faults.keep_aside_fails = true;
         }
+        // A third of the seeds: the former primary's mark never clears.
+        sim.replica.mark_clear_fails = seed % 3 == 0;
         sim
     }
 
