@@ -1904,7 +1904,7 @@ impl DataSim {
             sim.replica.faults.keep_aside_fails = true;
         }
         // A third of the seeds: the former primary's mark never clears.
-        sim.replica.mark_clear_fails = seed % 3 == 0;
+        sim.replica.mark_clear_fails = seed.is_multiple_of(3);
         sim
     }
 
