@@ -112,10 +112,41 @@ pub fn remove(internal: &Path, file: &Path) -> io::Result<()> {
     std::fs::File::open(&top)?.sync_all()
 }
 
-/// A version being handed over to the primary.
-pub struct Incoming {
+/// A version a former primary hands over, as its `ConflictFile` announces
+/// it.
+#[derive(Debug, Clone)]
+pub struct Handed {
+    /// The hand-over's number in its session (what the acknowledgement
+    /// names).
     pub id: u64,
     pub store: usize,
+    /// Where it was in the store.
+    pub rel: PathBuf,
+    pub meta: Meta,
+    pub size: u64,
+    pub hash: u128,
+    /// When the former primary kept it aside (unix seconds).
+    pub kept_at: i64,
+}
+
+/// Where the primary writes a version handed over to it as it arrives: a
+/// file in the store's conflicts directory ([`Incoming`]), or the data-path
+/// simulator's model of one.
+pub trait Shelving {
+    /// The hand-over's number ([`Handed::id`]).
+    fn id(&self) -> u64;
+    fn store(&self) -> usize;
+    /// Appends content; `Ok(true)` once all of it arrived.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<bool>;
+    /// Checks the content against its hash and keeps it durably; where it
+    /// is kept. Only then is the hand-over acknowledged.
+    fn finish(self: Box<Self>) -> io::Result<PathBuf>;
+}
+
+/// A version being handed over to the primary, written into its slot.
+pub struct Incoming {
+    id: u64,
+    store: usize,
     rel: PathBuf,
     meta: Meta,
     size: u64,
@@ -128,20 +159,19 @@ pub struct Incoming {
 }
 
 impl Incoming {
-    /// Starts receiving version `hash` of `rel` kept aside at `kept_at`;
+    /// Starts receiving `version` into `internal`'s conflicts directory;
     /// `Ok(None)` when the primary already holds it (handed over before,
     /// the acknowledgement lost): acknowledge it again.
-    #[allow(clippy::too_many_arguments)]
-    pub fn begin(
-        internal: &Path,
-        id: u64,
-        store: usize,
-        rel: PathBuf,
-        meta: Meta,
-        size: u64,
-        hash: u128,
-        kept_at: i64,
-    ) -> io::Result<Option<Incoming>> {
+    pub fn begin(internal: &Path, version: Handed) -> io::Result<Option<Incoming>> {
+        let Handed {
+            id,
+            store,
+            rel,
+            meta,
+            size,
+            hash,
+            kept_at,
+        } = version;
         let dir = conflicts_dir(internal);
         std::fs::create_dir_all(&dir)?;
         let slot = dir.join(format!("{kept_at}-{:016x}", (hash >> 64) as u64));
@@ -169,8 +199,21 @@ impl Incoming {
         }))
     }
 
-    /// Appends content; `Ok(true)` once all of it arrived.
-    pub fn write(&mut self, bytes: &[u8]) -> io::Result<bool> {
+    pub fn is_complete(&self) -> bool {
+        self.written == self.size
+    }
+}
+
+impl Shelving for Incoming {
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn store(&self) -> usize {
+        self.store
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<bool> {
         if self.written + bytes.len() as u64 > self.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -185,13 +228,9 @@ impl Incoming {
         Ok(self.written == self.size)
     }
 
-    pub fn is_complete(&self) -> bool {
-        self.written == self.size
-    }
-
     /// Checks the content, applies mode (special bits dropped: it goes back
     /// into a live tree one day) and mtime, makes it durable under its slot.
-    pub fn finish(mut self) -> io::Result<PathBuf> {
+    fn finish(mut self: Box<Self>) -> io::Result<PathBuf> {
         let file = self.file.take().expect("finished once");
         if self.hasher.digest128() != self.hash {
             let _ = std::fs::remove_file(&self.tmp);
@@ -332,6 +371,18 @@ mod tests {
         }
     }
 
+    fn handed(id: u64, rel: &str, size: u64, hash: u128, kept_at: i64) -> Handed {
+        Handed {
+            id,
+            store: 0,
+            rel: rel.into(),
+            meta: meta(),
+            size,
+            hash,
+            kept_at,
+        }
+    }
+
     fn hand_over(
         internal: &Path,
         id: u64,
@@ -340,17 +391,10 @@ mod tests {
         kept_at: i64,
     ) -> Option<PathBuf> {
         let hash = xxhash_rust::xxh3::xxh3_128(body);
-        let mut inc = Incoming::begin(
-            internal,
-            id,
-            0,
-            rel.into(),
-            meta(),
-            body.len() as u64,
-            hash,
-            kept_at,
-        )
-        .unwrap()?;
+        let mut inc = Box::new(
+            Incoming::begin(internal, handed(id, rel, body.len() as u64, hash, kept_at))
+                .unwrap()?,
+        );
         for chunk in body.chunks(3) {
             inc.write(chunk).unwrap();
         }
@@ -424,15 +468,19 @@ mod tests {
     #[test]
     fn content_that_does_not_match_its_hash_is_not_kept() {
         let d = tempfile::tempdir().unwrap();
-        let mut inc = Incoming::begin(d.path(), 1, 0, "a".into(), meta(), 3, 7, 1)
-            .unwrap()
-            .unwrap();
+        let mut inc = Box::new(
+            Incoming::begin(d.path(), handed(1, "a", 3, 7, 1))
+                .unwrap()
+                .unwrap(),
+        );
         inc.write(b"abc").unwrap();
         assert!(inc.finish().is_err());
         assert!(list("s", d.path()).unwrap().is_empty());
-        let mut inc = Incoming::begin(d.path(), 2, 0, "a".into(), meta(), 2, 7, 1)
-            .unwrap()
-            .unwrap();
+        let mut inc = Box::new(
+            Incoming::begin(d.path(), handed(2, "a", 2, 7, 1))
+                .unwrap()
+                .unwrap(),
+        );
         assert!(inc.write(b"abc").is_err(), "more than announced");
     }
 }

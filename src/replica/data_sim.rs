@@ -62,7 +62,16 @@
 //!   there, and nothing else; on odd seeds of a sweep ([`DataSim::sweep`])
 //!   a second failover gives the first primary's node a second tenure
 //!   (checked as it takes over: what it had to keep aside is kept, or still
-//!   held), and the workload also runs while a comparison walks the tree.
+//!   held), and the workload also runs while a comparison walks the tree;
+//! - the hand-over of kept-aside versions (the receiver's own decisions,
+//!   [`HandOver`]): each node has a conflicts directory that moves with it
+//!   at a failover; the replica hands what it keeps aside to the primary
+//!   (`ConflictFile`), the real sender keeps it there (once, however often
+//!   it is handed over: a cut or crash can lose the acknowledgement) and
+//!   acknowledges it, and only then is the replica's copy removed; what a
+//!   session did not finish is listed and handed over again in the next.
+//!   A version kept aside counts wherever it is now, and at quiescence the
+//!   replica holds none (all handed over).
 //!
 //! - with the group commit, files staged until their commit lands them:
 //!   some of them between any two messages (a commit's flush completing),
@@ -90,6 +99,7 @@ use super::apply::{
 };
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
+use super::handover::HandOver;
 use super::index::{self, Index, Kind, Stat, Version};
 use super::latch::Latch;
 use super::manifest::ManifestOut;
@@ -104,6 +114,17 @@ use crate::tracker::{Coalescer, Op};
 use crate::wire::sync::{ManifestEntry, NeedReason, SyncMsg};
 
 const ROOT: u64 = 1;
+
+/// A version in a node's conflicts directory: when it was kept aside (the
+/// number of the failover it was kept after stands for the time), where it
+/// was in the store, and its content's hash.
+type KeptKey = (i64, PathBuf, u128);
+
+/// A node's conflicts directory: the versions it kept aside as a former
+/// primary, and those handed over to it as a primary; with their content.
+/// Written durably (the product flushes each before it acknowledges or
+/// lists it).
+type Shelf = BTreeMap<KeptKey, Vec<u8>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Body {
@@ -379,8 +400,57 @@ fn excluded_or_below(excludes: &Excludes, p: &Path) -> bool {
         .any(|a| excludes.is_excluded(a))
 }
 
-/// The primary's store as the sender sees it.
-pub struct SimTree(Rc<RefCell<Fs>>);
+/// The primary's store as the sender sees it: its tree, the node's
+/// conflicts directory, and how many versions were handed over to it again
+/// (kept already: acknowledged again, their content dropped).
+pub struct SimTree(
+    Rc<RefCell<Fs>>,
+    Rc<RefCell<Shelf>>,
+    Rc<std::cell::Cell<u64>>,
+);
+
+/// A version being handed over to the simulated primary.
+struct SimShelving {
+    version: super::conflicts::Handed,
+    data: Vec<u8>,
+    shelf: Rc<RefCell<Shelf>>,
+}
+
+impl super::conflicts::Shelving for SimShelving {
+    fn id(&self) -> u64 {
+        self.version.id
+    }
+
+    fn store(&self) -> usize {
+        self.version.store
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<bool> {
+        if (self.data.len() + bytes.len()) as u64 > self.version.size {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "more content than announced",
+            ));
+        }
+        self.data.extend_from_slice(bytes);
+        Ok(self.data.len() as u64 == self.version.size)
+    }
+
+    fn finish(self: Box<Self>) -> std::io::Result<PathBuf> {
+        let v = self.version;
+        if index::hash_bytes(&self.data) != v.hash {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "content does not match its hash",
+            ));
+        }
+        let kept = Path::new("conflicts").join(&v.rel);
+        self.shelf
+            .borrow_mut()
+            .insert((v.kept_at, v.rel, v.hash), self.data);
+        Ok(kept)
+    }
+}
 
 fn not_found(rel: &Path) -> std::io::Error {
     std::io::Error::new(
@@ -446,6 +516,17 @@ impl LocalTree for Fs {
     ) -> std::io::Result<u128> {
         LocalTree::hash(self, &rel.join(name), kind)
     }
+
+    fn shelve(
+        &self,
+        _: &Path,
+        _: super::conflicts::Handed,
+    ) -> std::io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
+        // Only a primary keeps versions handed over (through `SimTree`).
+        Err(std::io::Error::other(
+            "the replica's walk keeps no hand-over",
+        ))
+    }
 }
 
 impl LocalTree for SimTree {
@@ -488,6 +569,25 @@ impl LocalTree for SimTree {
         from_disk: bool,
     ) -> std::io::Result<u128> {
         self.0.borrow().hash_in(f, rel, name, kind, from_disk)
+    }
+
+    /// The node's conflicts directory, as the product's keeps a version:
+    /// once per slot (the time it was kept and its content) and path.
+    fn shelve(
+        &self,
+        _: &Path,
+        version: super::conflicts::Handed,
+    ) -> std::io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
+        let key = (version.kept_at, version.rel.clone(), version.hash);
+        if self.1.borrow().contains_key(&key) {
+            self.2.set(self.2.get() + 1);
+            return Ok(None);
+        }
+        Ok(Some(Box::new(SimShelving {
+            version,
+            data: Vec::new(),
+            shelf: self.1.clone(),
+        })))
     }
 }
 
@@ -626,7 +726,11 @@ struct Disk<'a> {
     fs: &'a mut Fs,
     faults: &'a mut Faults,
     staged: &'a mut HashMap<u64, StagedBody>,
-    kept_aside: &'a mut std::collections::BTreeSet<(PathBuf, u128)>,
+    kept_aside: &'a mut Shelf,
+    /// The time a version kept aside now is kept at.
+    kept_at: i64,
+    /// What the op kept aside: to be handed over.
+    newly_kept: Vec<KeptKey>,
 }
 
 impl Disk<'_> {
@@ -789,7 +893,9 @@ impl ReplicaTree for Disk<'_> {
         match self.fs.get(rel).map(|i| &i.body) {
             Some(Body::File(data)) => {
                 let hash = index::hash_bytes(data);
-                self.kept_aside.insert((rel.to_path_buf(), hash));
+                let key = (self.kept_at, rel.to_path_buf(), hash);
+                self.kept_aside.insert(key.clone(), data.clone());
+                self.newly_kept.push(key);
                 self.fs.drop_name(rel);
                 Ok(Some(Path::new("conflicts").join(rel)))
             }
@@ -852,9 +958,16 @@ struct Replica {
     /// read (`flush_percent`, 40 in a sweep).
     flush_rng: SimRng,
     flush_percent: u8,
-    /// Versions kept aside for the primary (a former primary's genuine
-    /// conflicts), by path and content hash.
-    kept_aside: std::collections::BTreeSet<(PathBuf, u128)>,
+    /// The node's conflicts directory: versions kept aside for the primary
+    /// (a former primary's genuine conflicts), and any handed over to the
+    /// node while it served as primary.
+    kept_aside: Shelf,
+    /// The time versions kept aside now are kept at (the failovers so far).
+    kept_at: i64,
+    /// The receiver's hand-over of those versions to the primary.
+    handover: HandOver<KeptKey>,
+    /// Versions the primary acknowledged (their copies removed here).
+    handed_over: u64,
     /// The node's own past as a primary (its mark is on disk: a crash
     /// keeps it; a tenure begun in the process does not survive it), as
     /// the receiver's `OwnTenure` decisions read and clear it.
@@ -929,6 +1042,9 @@ impl Replica {
             flush_rng: SimRng::new(seed ^ 0x6c61_6e64),
             flush_percent: 40,
             kept_aside: Default::default(),
+            kept_at: 0,
+            handover: HandOver::default(),
+            handed_over: 0,
             // The replica's node has never served.
             own: OwnTenure::default(),
             mark_clear_fails: false,
@@ -1067,8 +1183,15 @@ impl Replica {
             faults: &mut self.faults,
             staged: &mut self.staged,
             kept_aside: &mut self.kept_aside,
+            kept_at: self.kept_at,
+            newly_kept: Vec::new(),
         };
         op(&mut self.ops, &mut disk, &mut self.index);
+        // Handed over (in this session; a crash's replay queues them again,
+        // and the next session lists them anyway).
+        for key in disk.newly_kept {
+            self.handover.kept(key);
+        }
         let replies: Vec<Reply> = self.ops.take_replies().collect();
         for r in replies {
             match r {
@@ -1160,9 +1283,52 @@ impl Replica {
         // decisions start afresh (logged, so that a crash's replay does too).
         self.since_durable.push(Step::NewReceiver);
         self.ops = Applier::new(self.stats.clone());
+        self.handover = HandOver::default();
         // Latched or not as its marker says; the acknowledgements held went
         // with the connection.
         self.latch = Latch::resume(self.latch.reason().map(str::to_owned));
+    }
+
+    /// A session opens: every version still in the conflicts directory is
+    /// handed over in it (the receiver lists them at `Start`).
+    fn begin_handover(&mut self) {
+        let listed: Vec<KeptKey> = self.kept_aside.keys().cloned().collect();
+        self.handover.begin_session(listed);
+    }
+
+    /// What the receiver does after each message it handled: the versions
+    /// queued for the hand-over go out (`ConflictFile` and their content).
+    fn hand_over(&mut self) {
+        while let Some((id, key)) = self.handover.next_to_send() {
+            let Some(data) = self.kept_aside.get(&key) else {
+                // Gone from the conflicts directory: nothing to send.
+                continue;
+            };
+            SyncMsg::ConflictFile {
+                id,
+                store: 0,
+                path: bytes(&key.1),
+                meta: Meta {
+                    mode: 0o600,
+                    uid: 0,
+                    gid: 0,
+                    mtime_sec: 0,
+                    mtime_nsec: 0,
+                },
+                size: data.len() as u64,
+                hash: key.2,
+                kept_at: key.0,
+            }
+            .encode(&mut self.replies);
+            if !data.is_empty() {
+                SyncMsg::Data {
+                    seq: id,
+                    bytes: data.clone(),
+                }
+                .encode(&mut self.replies);
+            }
+            self.handover.sent(id, key);
+        }
     }
 
     /// Performs the group commit's outputs, in order, as the receiver does.
@@ -1393,10 +1559,18 @@ impl Replica {
         match msg {
             SyncMsg::ManifestRequest { .. } => {}
             // Reconciled: the mark is cleared (durably, at once), as the
-            // receiver does; this model hands no kept-aside version over.
+            // receiver does.
             SyncMsg::CaughtUp => {
-                if self.own.reconciled(false) && !self.mark_clear_fails {
+                if self.own.reconciled(self.handover.handing_over()) && !self.mark_clear_fails {
                     self.own = OwnTenure::default();
+                }
+            }
+            // The primary keeps a version handed over: the copy here goes.
+            SyncMsg::ConflictAck { id } => {
+                if let Some(key) = self.handover.acked(id) {
+                    if self.kept_aside.remove(&key).is_some() {
+                        self.handed_over += 1;
+                    }
                 }
             }
             SyncMsg::File {
@@ -1518,6 +1692,12 @@ pub struct Outcome {
     /// its takeover record.
     pub reconciled_sessions: u64,
     pub kept_aside: u64,
+    /// Versions kept aside that the primary acknowledged (their copies on
+    /// the replica removed).
+    pub handed_over: u64,
+    /// Versions handed over that the primary kept already (the
+    /// acknowledgement lost with a session): acknowledged again.
+    pub handed_again: u64,
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
     pub comparisons: u64,
@@ -1577,6 +1757,8 @@ impl Outcome {
         self.second_tenures += o.second_tenures;
         self.reconciled_sessions += o.reconciled_sessions;
         self.kept_aside += o.kept_aside;
+        self.handed_over += o.handed_over;
+        self.handed_again += o.handed_again;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
         self.changes_while_comparing += o.changes_while_comparing;
@@ -1660,9 +1842,12 @@ pub struct DataSim {
     /// Failovers a run may have: 1, or 2 (the first primary's node takes
     /// over again: a second tenure).
     failovers_max: u64,
-    /// The versions the other node keeps aside (the replica's are in
-    /// `replica.kept_aside`): swapped at each failover.
-    other_kept: std::collections::BTreeSet<(PathBuf, u128)>,
+    /// The primary's node's conflicts directory (the replica's is
+    /// `replica.kept_aside`): swapped at each failover; the sender keeps
+    /// versions handed over to it there.
+    other_kept: Rc<RefCell<Shelf>>,
+    /// Versions handed over to the primary that it kept already.
+    handed_again: Rc<std::cell::Cell<u64>>,
     /// The other node's unverified latch.
     other_latch: Latch,
     /// The other node's own past as a primary (the primary's node: marked
@@ -1763,6 +1948,8 @@ impl FailedOver {
 }
 
 struct FailedOver {
+    /// Its number: versions kept aside after it are kept at this time.
+    kept_at: i64,
     /// The takeover record as last written, with its sent log (what a
     /// crash restarts from).
     saved_known: Vec<Option<std::collections::HashSet<u128>>>,
@@ -1778,11 +1965,17 @@ struct FailedOver {
 }
 
 /// The real sender over the simulated primary, its index as given.
-fn new_sender(primary: &Rc<RefCell<Fs>>, excludes: &Excludes, index: Index) -> Sender<SimTree> {
+fn new_sender(
+    primary: &Rc<RefCell<Fs>>,
+    shelf: &Rc<RefCell<Shelf>>,
+    again: &Rc<std::cell::Cell<u64>>,
+    excludes: &Excludes,
+    index: Index,
+) -> Sender<SimTree> {
     let store = Store {
         name: "mail".into(),
         root: PathBuf::from("/sim"),
-        tree: SimTree(primary.clone()),
+        tree: SimTree(primary.clone(), shelf.clone(), again.clone()),
         index,
         internal: PathBuf::from("/sim/.hasync"),
         conflicts: false,
@@ -1828,7 +2021,15 @@ impl DataSim {
         let excludes = Excludes::new(&[crate::config::DEFAULT_EXCLUDE.to_string()])
             .expect("the default exclude is valid");
         let primary = Rc::new(RefCell::new(Fs::new(1_000_000)));
-        let sender = new_sender(&primary, &excludes, Index::in_memory());
+        let other_kept = Rc::new(RefCell::new(Shelf::new()));
+        let handed_again = Rc::new(std::cell::Cell::new(0));
+        let sender = new_sender(
+            &primary,
+            &other_kept,
+            &handed_again,
+            &excludes,
+            Index::in_memory(),
+        );
         let cut_percent = [0, 1, 3][rng.range(0, 2) as usize];
         let overflow_percent = [0, 0, 1, 2][rng.range(0, 3) as usize];
         let workload_left = rng.range(20, 120) as u32;
@@ -1860,7 +2061,8 @@ impl DataSim {
             full_percent: 0,
             failover_percent: 0,
             failovers_max: 1,
-            other_kept: Default::default(),
+            other_kept,
+            handed_again,
             other_latch: Latch::default(),
             // The first primary's tenure, epoch 1; after k failovers the
             // primary serves at epoch k + 1.
@@ -2710,6 +2912,8 @@ impl DataSim {
                 self.replica_flush_failed();
                 return Ok(());
             }
+            // As after the session's `Start`.
+            self.replica.hand_over();
             if !self.replica.replies.is_empty() {
                 self.to_primary
                     .push_back(std::mem::take(&mut self.replica.replies));
@@ -2728,6 +2932,7 @@ impl DataSim {
                 return Ok(());
             }
         }
+        self.replica.hand_over();
         if !self.replica.replies.is_empty() {
             self.to_primary
                 .push_back(std::mem::take(&mut self.replica.replies));
@@ -2739,7 +2944,14 @@ impl DataSim {
         let Some(bytes) = self.to_primary.pop_front() else {
             return Ok(());
         };
-        self.hear(&bytes, None)
+        self.hear(&bytes, None)?;
+        // The sender's loop sends its replies (acknowledgements of versions
+        // handed over) before its next batch.
+        let replies = self.sender.take_replies();
+        if !replies.is_empty() {
+            self.to_replica.push_back(replies);
+        }
+        Ok(())
     }
 
     /// A comparison of manifests, as a session's start or a rescan runs it.
@@ -2930,7 +3142,13 @@ impl DataSim {
         index: Index,
         takeover: Option<Vec<Option<std::collections::HashSet<u128>>>>,
     ) {
-        self.sender = new_sender(&self.primary, &self.excludes, index);
+        self.sender = new_sender(
+            &self.primary,
+            &self.other_kept,
+            &self.handed_again,
+            &self.excludes,
+            index,
+        );
         self.sender.set_small_file_bytes_max(self.large_from);
         if let Some(known) = takeover {
             self.sender.set_takeover_known(known);
@@ -2959,6 +3177,7 @@ impl DataSim {
 
     fn session(&mut self) {
         let _start = self.sender.begin_session();
+        self.replica.begin_handover();
         // The replica says what it served as it connects (the receiver's
         // decision over the node's mark).
         let said = self.replica.own.peer_state();
@@ -3031,7 +3250,13 @@ impl DataSim {
         // The new primary's own files are durable where they are.
         self.replica.restart(old_primary);
         // The versions kept aside are the node's, not the role's.
-        std::mem::swap(&mut self.replica.kept_aside, &mut self.other_kept);
+        std::mem::swap(
+            &mut self.replica.kept_aside,
+            &mut *self.other_kept.borrow_mut(),
+        );
+        // Versions the old primary's node keeps aside from now on are kept
+        // at this failover's time.
+        self.replica.kept_at = self.out.failovers as i64;
         std::mem::swap(&mut self.replica.latch, &mut self.other_latch);
         // The replica's node marks itself at its promotion; the old
         // primary's node comes back with its mark (its process restarted).
@@ -3051,6 +3276,7 @@ impl DataSim {
         self.restart_primary(Index::in_memory(), Some(vec![Some(known.clone())]));
         self.saved_index = None;
         self.failed_over = Some(FailedOver {
+            kept_at: self.out.failovers as i64,
             saved_known: vec![Some(known.clone())],
             sent_ever: Default::default(),
             settled: false,
@@ -3077,7 +3303,7 @@ impl DataSim {
             .filter(|p| !excluded_or_below(&self.excludes, p))
             .filter_map(|p| self.replica.fs.hash_of(p))
             .collect();
-        f.check_kept(&self.replica.kept_aside, &held, &self.replica.torn)
+        f.check_kept(&self.kept_for(f.kept_at), &held, &self.replica.torn)
             .map_err(|e| format!("at the second failover: {e}"))
     }
 
@@ -3229,6 +3455,9 @@ impl DataSim {
             && self.sender.idle()
             && !self.sender.verify_requested()
             && !self.verify_wanted
+            // Every version kept aside handed over and acknowledged.
+            && !self.replica.handover.handing_over()
+            && !self.sender.has_replies()
             && !self.session_wanted
             // A session a failed flush ended (a comparison it cut short
             // among what it dropped) is cut, and the next compares.
@@ -3243,10 +3472,32 @@ impl DataSim {
         let Some(f) = &self.failed_over else {
             return Ok(());
         };
-        let kept = &self.replica.kept_aside;
-        f.check_kept(kept, &Default::default(), &self.replica.torn)?;
+        let kept = self.kept_for(f.kept_at);
+        f.check_kept(&kept, &Default::default(), &self.replica.torn)?;
         self.out.kept_aside += kept.len() as u64;
+        // And handed over: the primary holds every one, the replica none.
+        if let Some((when, p, _)) = self.replica.kept_aside.keys().next() {
+            return Err(format!(
+                "the replica still holds a version it kept aside (at failover {when}), {}: never handed over to the primary",
+                p.display()
+            ));
+        }
+        self.out.handed_over += self.replica.handed_over;
+        self.out.handed_again += self.handed_again.get();
         Ok(())
+    }
+
+    /// The versions kept aside at failover `when`, wherever they are now:
+    /// still on the node that kept them, or handed over to the other.
+    fn kept_for(&self, when: i64) -> Versions {
+        let shelf = self.other_kept.borrow();
+        self.replica
+            .kept_aside
+            .keys()
+            .chain(shelf.keys())
+            .filter(|(at, _, _)| *at == when)
+            .map(|(_, p, h)| (p.clone(), *h))
+            .collect()
     }
 
     /// The replica holds exactly the primary's tree; true if a hard-link

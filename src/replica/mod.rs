@@ -16,6 +16,7 @@ pub mod fence;
 pub mod foreign;
 pub mod fsops;
 pub mod gate;
+pub mod handover;
 pub mod index;
 pub mod latch;
 pub mod links;

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt};
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
+use super::handover::HandOver;
 use super::index::{self, Index, Kind, Rehash};
 use super::latch::{Latch, Latched, Lifted};
 use super::manifest::ManifestOut;
@@ -243,12 +244,8 @@ pub struct Receiver {
     latch: Latch,
     /// Scans taken before the session, for its first manifest.
     pub prescanned: Option<Prescan>,
-    /// Versions kept aside and being handed to the primary: id → (store,
-    /// the kept file).
-    uploads: std::collections::HashMap<u64, (usize, PathBuf)>,
-    /// Kept versions still to hand over in this session.
-    to_upload: std::collections::VecDeque<(usize, super::conflicts::Conflict)>,
-    next_upload: u64,
+    /// Versions kept aside, by store, and their hand-over to the primary.
+    handover: HandOver<(usize, super::conflicts::Conflict)>,
     /// A manifest being sent (see [`Receiver::stream_manifest`]).
     manifest_out: Option<ManifestOut>,
 }
@@ -306,9 +303,7 @@ impl Receiver {
             prescanned: None,
             fence: None,
             session_epoch: Default::default(),
-            uploads: Default::default(),
-            to_upload: Default::default(),
-            next_upload: 1,
+            handover: HandOver::default(),
             manifest_out: None,
             served: Default::default(),
         }
@@ -522,7 +517,7 @@ impl Receiver {
             );
             self.send_replies(w).await?;
             self.stream_manifest(w).await?;
-            if !self.to_upload.is_empty() {
+            if self.handover.has_queued() {
                 self.upload_conflicts(w).await?;
             }
         }
@@ -1108,25 +1103,24 @@ impl Receiver {
                         }
                     }
                 }
-                self.uploads.clear();
-                // Listed again below, from the conflicts directory.
-                self.to_upload.clear();
                 self.ops.begin_session();
                 // Versions kept aside and not yet acknowledged by a primary
                 // (an earlier session ended first) are handed over again.
+                let mut listed = Vec::new();
                 for (i, st) in self.stores.iter().enumerate() {
                     match super::conflicts::list(&st.name, st.root.internal_path()) {
-                        Ok(list) => self.to_upload.extend(list.into_iter().map(|c| (i, c))),
+                        Ok(list) => listed.extend(list.into_iter().map(|c| (i, c))),
                         Err(e) => warn!(store = %st.name, "cannot list kept-aside versions: {e}"),
                     }
                 }
+                self.handover.begin_session(listed);
             }
             SyncMsg::ConflictAck { id } => {
-                if let Some((s, file)) = self.uploads.remove(&id) {
+                if let Some((s, c)) = self.handover.acked(id) {
                     if let Err(e) =
-                        super::conflicts::remove(self.stores[s].root.internal_path(), &file)
+                        super::conflicts::remove(self.stores[s].root.internal_path(), &c.file)
                     {
-                        warn!(file = %file.display(), "cannot remove a version the primary now holds: {e}");
+                        warn!(file = %c.file.display(), "cannot remove a version the primary now holds: {e}");
                     }
                 }
             }
@@ -1175,8 +1169,7 @@ impl Receiver {
                 }
                 // Reconciled completely (its genuine conflicts kept aside):
                 // from now on a plain secondary.
-                let handing_over = !self.uploads.is_empty() || !self.to_upload.is_empty();
-                let reconciled = self.own_tenure().reconciled(handing_over);
+                let reconciled = self.own_tenure().reconciled(self.handover.handing_over());
                 if let (Some(dir), true) = (self.state_dir.as_deref(), reconciled) {
                     match super::takeover::clear_former_primary(dir) {
                         Ok(()) => {
@@ -1445,7 +1438,7 @@ impl Receiver {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        self.to_upload.push_back((
+        self.handover.kept((
             s,
             super::conflicts::Conflict {
                 id: String::new(),
@@ -1464,7 +1457,7 @@ impl Receiver {
     async fn upload_conflicts(&mut self, w: &FrameWriter) -> Result<(), RecvError> {
         use std::io::Read;
         const CHUNK: usize = 64 * 1024;
-        while let Some((s, c)) = self.to_upload.pop_front() {
+        while let Some((id, (s, c))) = self.handover.next_to_send() {
             if !self.stores[s].conflicts {
                 continue;
             }
@@ -1488,8 +1481,6 @@ impl Receiver {
                 Ok(h) => h,
                 Err(_) => continue,
             };
-            let id = self.next_upload;
-            self.next_upload += 1;
             SyncMsg::ConflictFile {
                 id,
                 store: s as u16,
@@ -1524,7 +1515,7 @@ impl Receiver {
                 self.send_replies(w).await?;
             }
             self.send_replies(w).await?;
-            self.uploads.insert(id, (s, c.file));
+            self.handover.sent(id, (s, c));
         }
         Ok(())
     }

@@ -92,7 +92,7 @@ pub enum SendError {
 
 /// A version the peer is handing over.
 enum Incoming {
-    Receiving(Box<super::conflicts::Incoming>),
+    Receiving(Box<dyn super::conflicts::Shelving>),
     /// Could not be taken (logged): its content is read and dropped, and
     /// it is not acknowledged, so the peer keeps its copy.
     Skipping {
@@ -1142,6 +1142,12 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
+    /// Replies to the peer, for the loop to send next (acknowledgements of
+    /// versions handed over).
+    pub fn take_replies(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.replies_out)
+    }
+
     /// A version the peer kept aside starts arriving.
     #[allow(clippy::too_many_arguments)]
     fn begin_conflict(
@@ -1167,16 +1173,16 @@ impl<T: LocalTree> Sender<T> {
                 what: format!("conflict {id} begins before the previous one ended"),
             });
         }
-        match super::conflicts::Incoming::begin(
-            &st.internal,
+        let version = super::conflicts::Handed {
             id,
-            s,
-            rel.clone(),
+            store: s,
+            rel: rel.clone(),
             meta,
             size,
             hash,
             kept_at,
-        ) {
+        };
+        match st.tree.shelve(&st.internal, version) {
             Ok(None) => {
                 // Held already (handed over before, the acknowledgement
                 // lost): acknowledged again, and the content that follows
@@ -1185,7 +1191,7 @@ impl<T: LocalTree> Sender<T> {
                 self.incoming = (size > 0).then_some(Incoming::Skipping { id, left: size });
             }
             Ok(Some(inc)) => {
-                self.incoming = Some(Incoming::Receiving(Box::new(inc)));
+                self.incoming = Some(Incoming::Receiving(inc));
                 if size == 0 {
                     self.conflict_data(id, &[])?;
                 }
@@ -1211,7 +1217,7 @@ impl<T: LocalTree> Sender<T> {
                     self.incoming = Some(Incoming::Skipping { id, left });
                 }
             }
-            Some(Incoming::Receiving(mut inc)) if inc.id == seq => {
+            Some(Incoming::Receiving(mut inc)) if inc.id() == seq => {
                 let done = inc
                     .write(bytes)
                     .map_err(|e| protocol(format!("conflict {seq}: {e}")))?;
@@ -1219,8 +1225,8 @@ impl<T: LocalTree> Sender<T> {
                     self.incoming = Some(Incoming::Receiving(inc));
                     return Ok(());
                 }
-                let s = inc.store;
-                match (*inc).finish() {
+                let s = inc.store();
+                match inc.finish() {
                     Ok(kept) => {
                         self.conflicts_received += 1;
                         if self.conflicts_received == 1 {
@@ -2645,6 +2651,11 @@ impl<T: LocalTree> Sender<T> {
     }
 
     /// Nothing sent is waiting for its acknowledgement.
+    /// Replies wait to be sent ([`Sender::take_replies`]).
+    pub(crate) fn has_replies(&self) -> bool {
+        !self.replies_out.is_empty()
+    }
+
     pub(crate) fn window_is_empty(&self) -> bool {
         self.window.is_empty()
     }
@@ -2706,8 +2717,9 @@ impl Sender<Tree> {
             while let Ok(msg) = rx.try_recv() {
                 self.on_peer_msg(msg?)?;
             }
-            if !self.replies_out.is_empty() {
-                w.send_bytes(std::mem::take(&mut self.replies_out)).await?;
+            let replies = self.take_replies();
+            if !replies.is_empty() {
+                w.send_bytes(replies).await?;
             }
             self.requeue_retries();
             self.release_periodic();
@@ -3057,7 +3069,7 @@ mod tests {
     }
 
     fn acks(sender: &mut Sender<Tree>) -> Vec<u64> {
-        let out = std::mem::take(&mut sender.replies_out);
+        let out = sender.take_replies();
         let (mut at, mut ids) = (0, Vec::new());
         while let Some((frame, used)) = crate::wire::decode_frame(&out[at..]).unwrap() {
             at += used;

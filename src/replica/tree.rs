@@ -227,6 +227,14 @@ pub trait LocalTree {
         kind: Kind,
         from_disk: bool,
     ) -> io::Result<u128>;
+    /// Starts keeping a version a former primary hands over, in the store's
+    /// own directory `internal` (outside this tree, on its filesystem);
+    /// `Ok(None)` when it is kept there already.
+    fn shelve(
+        &self,
+        internal: &Path,
+        version: super::conflicts::Handed,
+    ) -> io::Result<Option<Box<dyn super::conflicts::Shelving>>>;
 }
 
 impl LocalTree for Tree {
@@ -285,6 +293,14 @@ impl LocalTree for Tree {
         let name = std::ffi::CString::new(name.as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL byte"))?;
         index::hash_at(folder.as_fd(), &name, kind, from_disk)
+    }
+    fn shelve(
+        &self,
+        internal: &Path,
+        version: super::conflicts::Handed,
+    ) -> io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
+        Ok(super::conflicts::Incoming::begin(internal, version)?
+            .map(|i| Box::new(i) as Box<dyn super::conflicts::Shelving>))
     }
 }
 

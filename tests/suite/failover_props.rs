@@ -256,7 +256,9 @@ fn data_sim_seeds() {
                             && o.disk_full_turns > 0
                             && o.settled_checks_after_faults > n / 4
                             && o.second_tenures > 0
-                            && o.reconciled_sessions > 0),
+                            && o.reconciled_sessions > 0
+                            && o.handed_over > 0
+                            && o.handed_again > 0),
                 "{o:?}"
             );
             println!("{n} data-path seeds: {o:?}");

@@ -1,0 +1,131 @@
+//! The hand-over of kept-aside versions from a former primary to the
+//! primary, on the replica's side: which version goes next, which are on
+//! their way, and which the primary acknowledged (their copy here may go):
+//! decisions only.
+//!
+//! A version the replica keeps aside (a genuine conflict) is handed over in
+//! the session that kept it; one kept in an earlier session and not
+//! acknowledged (the session ended first, or the node restarted) is listed
+//! again from the conflicts directory as the next session opens and handed
+//! over again. The primary keeps a version handed over twice once and
+//! acknowledges both. The copy here is removed only once acknowledged.
+//!
+//! The receiver performs what this decides (reading the files, sending
+//! `ConflictFile` and `Data`, removing the copies); the data-path simulator
+//! runs the same decisions over its model of the conflicts directory.
+
+use std::collections::{HashMap, VecDeque};
+
+/// A replica's hand-over of the versions it keeps aside (`V`: what names
+/// one of them, with the store it belongs to).
+#[derive(Debug)]
+pub struct HandOver<V> {
+    queued: VecDeque<V>,
+    /// Sent under the hand-over's number, not yet acknowledged.
+    sent: HashMap<u64, V>,
+    next_id: u64,
+}
+
+impl<V> Default for HandOver<V> {
+    fn default() -> Self {
+        HandOver {
+            queued: VecDeque::new(),
+            sent: HashMap::new(),
+            next_id: 1,
+        }
+    }
+}
+
+impl<V> HandOver<V> {
+    /// A session opens: what the last one had on its way is forgotten (its
+    /// acknowledgements cannot arrive any more); every version still kept
+    /// here (`listed`) is handed over in this one.
+    pub fn begin_session(&mut self, listed: impl IntoIterator<Item = V>) {
+        self.sent.clear();
+        self.queued.clear();
+        self.queued.extend(listed);
+    }
+
+    /// A version was kept aside in this session.
+    pub fn kept(&mut self, version: V) {
+        self.queued.push_back(version);
+    }
+
+    /// The next version to hand over, with the number it goes under. The
+    /// caller reports it [`HandOver::sent`]; one it cannot send (its file
+    /// gone or unreadable) it drops, and the next session lists it again if
+    /// it is still there.
+    pub fn next_to_send(&mut self) -> Option<(u64, V)> {
+        let v = self.queued.pop_front()?;
+        let id = self.next_id;
+        self.next_id += 1;
+        Some((id, v))
+    }
+
+    /// Version `id` went out whole: it waits for the acknowledgement.
+    pub fn sent(&mut self, id: u64, version: V) {
+        self.sent.insert(id, version);
+    }
+
+    /// The primary acknowledged `id` (it keeps that version durably): the
+    /// version whose copy here may be removed now. `None` for a number not
+    /// on its way in this session.
+    pub fn acked(&mut self, id: u64) -> Option<V> {
+        self.sent.remove(&id)
+    }
+
+    /// Whether any version is still to send or sent and unacknowledged.
+    pub fn handing_over(&self) -> bool {
+        !self.queued.is_empty() || !self.sent.is_empty()
+    }
+
+    /// Whether any version waits to be sent.
+    pub fn has_queued(&self) -> bool {
+        !self.queued.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_go_out_in_order_under_distinct_numbers_and_leave_when_acknowledged() {
+        let mut h = HandOver::default();
+        assert!(!h.handing_over());
+        h.begin_session(["listed"]);
+        h.kept("kept");
+        assert!(h.has_queued());
+        let (a, va) = h.next_to_send().unwrap();
+        let (b, vb) = h.next_to_send().unwrap();
+        assert_eq!((va, vb), ("listed", "kept"));
+        assert_ne!(a, b);
+        assert!(h.next_to_send().is_none());
+        h.sent(a, va);
+        h.sent(b, vb);
+        assert!(h.handing_over() && !h.has_queued());
+        assert_eq!(h.acked(b), Some("kept"));
+        assert_eq!(h.acked(b), None, "once");
+        assert_eq!(h.acked(99), None, "a number never sent");
+        assert!(h.handing_over(), "one still unacknowledged");
+        assert_eq!(h.acked(a), Some("listed"));
+        assert!(!h.handing_over());
+    }
+
+    #[test]
+    fn a_new_session_forgets_what_was_on_its_way_and_numbers_afresh() {
+        let mut h = HandOver::default();
+        h.begin_session(["a", "b"]);
+        let (id, v) = h.next_to_send().unwrap();
+        h.sent(id, v);
+        // The session ends unacknowledged; the next lists what is still kept.
+        h.begin_session(["a", "b"]);
+        assert_eq!(h.acked(id), None, "an acknowledgement of the old session");
+        let (again, v) = h.next_to_send().unwrap();
+        assert_eq!(v, "a");
+        assert!(again > id, "numbers are not reused");
+        h.sent(again, v);
+        h.next_to_send().unwrap();
+        assert!(h.handing_over());
+    }
+}
