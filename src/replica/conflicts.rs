@@ -46,6 +46,53 @@ fn conflicts_dir(internal: &Path) -> PathBuf {
     internal.join(CONFLICTS_DIR)
 }
 
+/// When the version in slot `name` was kept aside (unix seconds): the
+/// number before the slot name's first `-`, as both the replica's
+/// `<secs>-<counter>` and the primary's `<kept_at>-<hash16>` begin.
+pub fn slot_time(name: &[u8]) -> Option<i64> {
+    std::str::from_utf8(name)
+        .ok()?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// When the version kept at `file` (a path below `internal`'s conflicts
+/// directory) was kept aside: its slot's time.
+pub fn kept_at_of(internal: &Path, file: &Path) -> Option<i64> {
+    let slot = file
+        .strip_prefix(conflicts_dir(internal))
+        .ok()?
+        .iter()
+        .next()?;
+    slot_time(slot.as_bytes())
+}
+
+/// The name of the slot the primary keeps a version handed over in.
+pub fn primary_slot(kept_at: i64, hash: u128) -> String {
+    format!("{kept_at}-{:016x}", (hash >> 64) as u64)
+}
+
+/// Whether a version kept aside at `kept_at`, of content `hash`, is kept
+/// already among `slots` (slot names; `held(slot)`: the hash of what that
+/// slot holds at the version's path, if anything): a slot of the same
+/// time holds its path with that content. That is the primary's own slot
+/// when it was handed over before, or the node's own slot from when it kept
+/// the version aside itself, as a replica, and handed it to the peer (a
+/// version handed back after a second failover).
+pub fn kept_already<'s>(
+    kept_at: i64,
+    hash: u128,
+    slots: impl IntoIterator<Item = &'s str>,
+    mut held: impl FnMut(&str) -> Option<u128>,
+) -> bool {
+    slots
+        .into_iter()
+        .filter(|s| !s.starts_with('.') && slot_time(s.as_bytes()) == Some(kept_at))
+        .any(|s| held(s) == Some(hash))
+}
+
 /// Every version kept aside in `store`'s internal directory, oldest first.
 pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
     let dir = conflicts_dir(internal);
@@ -63,10 +110,7 @@ pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
         if name_b.starts_with(b".") || !slot.file_type()?.is_dir() {
             continue;
         }
-        let kept_at = std::str::from_utf8(name_b)
-            .ok()
-            .and_then(|n| n.split('-').next()?.parse::<i64>().ok())
-            .unwrap_or(0);
+        let kept_at = slot_time(name_b).unwrap_or(0);
         let mut stack = vec![slot.path()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d)? {
@@ -174,10 +218,23 @@ impl Incoming {
         } = version;
         let dir = conflicts_dir(internal);
         std::fs::create_dir_all(&dir)?;
-        let slot = dir.join(format!("{kept_at}-{:016x}", (hash >> 64) as u64));
-        if slot.join(&rel).exists() {
+        let mut slots = Vec::new();
+        for e in std::fs::read_dir(&dir)? {
+            if let Some(name) = e?.file_name().to_str() {
+                slots.push(name.to_owned());
+            }
+        }
+        let held = |slot: &str| -> Option<u128> {
+            let f = std::fs::File::open(dir.join(slot).join(&rel)).ok()?;
+            let meta = f.metadata().ok()?;
+            (meta.is_file() && meta.len() == size)
+                .then(|| super::tree::hash_file(f).ok())
+                .flatten()
+        };
+        if kept_already(kept_at, hash, slots.iter().map(String::as_str), held) {
             return Ok(None);
         }
+        let slot = dir.join(primary_slot(kept_at, hash));
         let tmp = dir.join(format!(".incoming-{id}"));
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -463,6 +520,42 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    /// A node that kept a version aside as a replica and handed it over
+    /// (the acknowledgement lost) may be handed it back after a second
+    /// failover, from the peer's slot of another name: kept once.
+    #[test]
+    fn a_version_handed_back_to_the_node_that_kept_it_is_kept_once() {
+        let d = tempfile::tempdir().unwrap();
+        let internal = d.path().join("internal");
+        let own = internal
+            .join(CONFLICTS_DIR)
+            .join("1700000100-0")
+            .join("cur/m");
+        std::fs::create_dir_all(own.parent().unwrap()).unwrap();
+        std::fs::write(&own, b"late mail").unwrap();
+        assert!(
+            hand_over(&internal, 1, "cur/m", b"late mail", 1_700_000_100).is_none(),
+            "kept already, in the node's own slot"
+        );
+        // Other content, or the same kept at another time, is another version.
+        assert!(hand_over(&internal, 2, "cur/m", b"late mail 2", 1_700_000_100).is_some());
+        assert!(hand_over(&internal, 3, "cur/m", b"late mail", 1_700_000_101).is_some());
+        assert_eq!(list("s", &internal).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_time_a_version_was_kept_is_its_slots() {
+        assert_eq!(slot_time(b"1700000100-7"), Some(1_700_000_100));
+        let slot = primary_slot(1_700_000_100, u128::MAX);
+        assert_eq!(slot, "1700000100-ffffffffffffffff");
+        assert_eq!(slot_time(slot.as_bytes()), Some(1_700_000_100));
+        assert_eq!(slot_time(b".incoming-3"), None);
+        let internal = Path::new("/i");
+        let kept = internal.join(CONFLICTS_DIR).join("17-2/cur/m");
+        assert_eq!(kept_at_of(internal, &kept), Some(17));
+        assert_eq!(kept_at_of(internal, Path::new("/elsewhere/17-2/m")), None);
     }
 
     #[test]

@@ -115,10 +115,21 @@ use crate::wire::sync::{ManifestEntry, NeedReason, SyncMsg};
 
 const ROOT: u64 = 1;
 
-/// A version in a node's conflicts directory: when it was kept aside (the
-/// number of the failover it was kept after stands for the time), where it
-/// was in the store, and its content's hash.
-type KeptKey = (i64, PathBuf, u128);
+/// A version in a node's conflicts directory: its slot, named as the
+/// product names it (`<time>-<counter>` where the node kept it aside as a
+/// replica, `<time>-<hash16>` where it was handed over to the node as
+/// primary; the number of the failover it was kept after stands for the
+/// time), where it was in the store, and its content's hash.
+type KeptKey = (String, PathBuf, u128);
+
+/// When the version under `key` was kept aside (its slot's time).
+fn kept_time(key: &KeptKey) -> i64 {
+    super::conflicts::slot_time(key.0.as_bytes()).expect("the model names its slots")
+}
+
+/// Content per `Data` frame of a hand-over (the receiver's 64 KiB, scaled
+/// to the model's bodies of up to 300 bytes: most take several frames).
+const HANDOVER_CHUNK_BYTES: usize = 64;
 
 /// A node's conflicts directory: the versions it kept aside as a former
 /// primary, and those handed over to it as a primary; with their content.
@@ -401,19 +412,25 @@ fn excluded_or_below(excludes: &Excludes, p: &Path) -> bool {
 }
 
 /// The primary's store as the sender sees it: its tree, the node's
-/// conflicts directory, and how many versions were handed over to it again
-/// (kept already: acknowledged again, their content dropped).
-pub struct SimTree(
-    Rc<RefCell<Fs>>,
-    Rc<RefCell<Shelf>>,
-    Rc<std::cell::Cell<u64>>,
-);
+/// conflicts directory, and what the hand-overs to it did.
+pub struct SimTree(Rc<RefCell<Fs>>, Rc<RefCell<Shelf>>, Rc<Handed>);
+
+/// What the hand-overs to the primary did.
+#[derive(Default)]
+struct Handed {
+    /// Versions kept already (acknowledged again, their content dropped).
+    again: std::cell::Cell<u64>,
+    /// A version kept a second time: the same path and content in another
+    /// slot of the same time (the product's decision did not recognise it).
+    twice: RefCell<Option<String>>,
+}
 
 /// A version being handed over to the simulated primary.
 struct SimShelving {
     version: super::conflicts::Handed,
     data: Vec<u8>,
     shelf: Rc<RefCell<Shelf>>,
+    handed: Rc<Handed>,
 }
 
 impl super::conflicts::Shelving for SimShelving {
@@ -445,9 +462,19 @@ impl super::conflicts::Shelving for SimShelving {
             ));
         }
         let kept = Path::new("conflicts").join(&v.rel);
-        self.shelf
-            .borrow_mut()
-            .insert((v.kept_at, v.rel, v.hash), self.data);
+        let mut shelf = self.shelf.borrow_mut();
+        if let Some((slot, _, _)) = shelf
+            .keys()
+            .find(|k| kept_time(k) == v.kept_at && k.1 == v.rel && k.2 == v.hash)
+        {
+            self.handed.twice.borrow_mut().get_or_insert(format!(
+                "{} (content {:x}) kept twice on the primary: in slot {slot} and again as handed over",
+                v.rel.display(),
+                v.hash
+            ));
+        }
+        let slot = super::conflicts::primary_slot(v.kept_at, v.hash);
+        shelf.insert((slot, v.rel, v.hash), self.data);
         Ok(kept)
     }
 }
@@ -571,22 +598,30 @@ impl LocalTree for SimTree {
         self.0.borrow().hash_in(f, rel, name, kind, from_disk)
     }
 
-    /// The node's conflicts directory, as the product's keeps a version:
-    /// once per slot (the time it was kept and its content) and path.
+    /// The node's conflicts directory, by the product's decision of what
+    /// it keeps already ([`super::conflicts::kept_already`]).
     fn shelve(
         &self,
         _: &Path,
         version: super::conflicts::Handed,
     ) -> std::io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
-        let key = (version.kept_at, version.rel.clone(), version.hash);
-        if self.1.borrow().contains_key(&key) {
-            self.2.set(self.2.get() + 1);
+        let shelf = self.1.borrow();
+        let slots: Vec<&str> = shelf.keys().map(|k| k.0.as_str()).collect();
+        let held = |slot: &str| {
+            shelf
+                .keys()
+                .find(|k| k.0 == slot && k.1 == version.rel)
+                .map(|k| k.2)
+        };
+        if super::conflicts::kept_already(version.kept_at, version.hash, slots, held) {
+            self.2.again.set(self.2.again.get() + 1);
             return Ok(None);
         }
         Ok(Some(Box::new(SimShelving {
             version,
             data: Vec::new(),
             shelf: self.1.clone(),
+            handed: self.2.clone(),
         })))
     }
 }
@@ -729,6 +764,8 @@ struct Disk<'a> {
     kept_aside: &'a mut Shelf,
     /// The time a version kept aside now is kept at.
     kept_at: i64,
+    /// The node's counter for its slot names.
+    slots: &'a mut u64,
     /// What the op kept aside: to be handed over.
     newly_kept: Vec<KeptKey>,
 }
@@ -893,7 +930,9 @@ impl ReplicaTree for Disk<'_> {
         match self.fs.get(rel).map(|i| &i.body) {
             Some(Body::File(data)) => {
                 let hash = index::hash_bytes(data);
-                let key = (self.kept_at, rel.to_path_buf(), hash);
+                *self.slots += 1;
+                let slot = format!("{}-{}", self.kept_at, self.slots);
+                let key = (slot, rel.to_path_buf(), hash);
                 self.kept_aside.insert(key.clone(), data.clone());
                 self.newly_kept.push(key);
                 self.fs.drop_name(rel);
@@ -964,6 +1003,9 @@ struct Replica {
     kept_aside: Shelf,
     /// The time versions kept aside now are kept at (the failovers so far).
     kept_at: i64,
+    /// Slots named so far (the product's counter; it counts on across the
+    /// node's roles here, which only makes names unique).
+    slots: u64,
     /// The receiver's hand-over of those versions to the primary.
     handover: HandOver<KeptKey>,
     /// Versions the primary acknowledged (their copies removed here).
@@ -1043,6 +1085,7 @@ impl Replica {
             flush_percent: 40,
             kept_aside: Default::default(),
             kept_at: 0,
+            slots: 0,
             handover: HandOver::default(),
             handed_over: 0,
             // The replica's node has never served.
@@ -1184,6 +1227,7 @@ impl Replica {
             staged: &mut self.staged,
             kept_aside: &mut self.kept_aside,
             kept_at: self.kept_at,
+            slots: &mut self.slots,
             newly_kept: Vec::new(),
         };
         op(&mut self.ops, &mut disk, &mut self.index);
@@ -1317,13 +1361,14 @@ impl Replica {
                 },
                 size: data.len() as u64,
                 hash: key.2,
-                kept_at: key.0,
+                kept_at: kept_time(&key),
             }
             .encode(&mut self.replies);
-            if !data.is_empty() {
+            // In chunks, as the receiver sends a larger file.
+            for chunk in data.chunks(HANDOVER_CHUNK_BYTES) {
                 SyncMsg::Data {
                     seq: id,
-                    bytes: data.clone(),
+                    bytes: chunk.to_vec(),
                 }
                 .encode(&mut self.replies);
             }
@@ -1846,8 +1891,8 @@ pub struct DataSim {
     /// `replica.kept_aside`): swapped at each failover; the sender keeps
     /// versions handed over to it there.
     other_kept: Rc<RefCell<Shelf>>,
-    /// Versions handed over to the primary that it kept already.
-    handed_again: Rc<std::cell::Cell<u64>>,
+    /// What the hand-overs to the primary did.
+    handed: Rc<Handed>,
     /// The other node's unverified latch.
     other_latch: Latch,
     /// The other node's own past as a primary (the primary's node: marked
@@ -1968,14 +2013,14 @@ struct FailedOver {
 fn new_sender(
     primary: &Rc<RefCell<Fs>>,
     shelf: &Rc<RefCell<Shelf>>,
-    again: &Rc<std::cell::Cell<u64>>,
+    handed: &Rc<Handed>,
     excludes: &Excludes,
     index: Index,
 ) -> Sender<SimTree> {
     let store = Store {
         name: "mail".into(),
         root: PathBuf::from("/sim"),
-        tree: SimTree(primary.clone(), shelf.clone(), again.clone()),
+        tree: SimTree(primary.clone(), shelf.clone(), handed.clone()),
         index,
         internal: PathBuf::from("/sim/.hasync"),
         conflicts: false,
@@ -2022,11 +2067,11 @@ impl DataSim {
             .expect("the default exclude is valid");
         let primary = Rc::new(RefCell::new(Fs::new(1_000_000)));
         let other_kept = Rc::new(RefCell::new(Shelf::new()));
-        let handed_again = Rc::new(std::cell::Cell::new(0));
+        let handed = Rc::new(Handed::default());
         let sender = new_sender(
             &primary,
             &other_kept,
-            &handed_again,
+            &handed,
             &excludes,
             Index::in_memory(),
         );
@@ -2062,7 +2107,7 @@ impl DataSim {
             failover_percent: 0,
             failovers_max: 1,
             other_kept,
-            handed_again,
+            handed,
             other_latch: Latch::default(),
             // The first primary's tenure, epoch 1; after k failovers the
             // primary serves at epoch k + 1.
@@ -2945,13 +2990,18 @@ impl DataSim {
             return Ok(());
         };
         self.hear(&bytes, None)?;
-        // The sender's loop sends its replies (acknowledgements of versions
-        // handed over) before its next batch.
+        self.sender_replies();
+        Ok(())
+    }
+
+    /// The sender's loop sends its replies (acknowledgements of versions
+    /// handed over, also those heard while a batch was open) before its
+    /// next batch.
+    fn sender_replies(&mut self) {
         let replies = self.sender.take_replies();
         if !replies.is_empty() {
             self.to_replica.push_back(replies);
         }
-        Ok(())
     }
 
     /// A comparison of manifests, as a session's start or a rescan runs it.
@@ -3145,7 +3195,7 @@ impl DataSim {
         self.sender = new_sender(
             &self.primary,
             &self.other_kept,
-            &self.handed_again,
+            &self.handed,
             &self.excludes,
             index,
         );
@@ -3324,6 +3374,9 @@ impl DataSim {
             if let Some(v) = self.replica.violation.take() {
                 return Err(format!("step {steps}: {v}"));
             }
+            if let Some(v) = self.handed.twice.borrow_mut().take() {
+                return Err(format!("step {steps}: {v}"));
+            }
             if std::mem::take(&mut self.replica_session_over) {
                 self.cut();
             }
@@ -3392,7 +3445,10 @@ impl DataSim {
                     let n = self.rng.range(1, 8) as usize;
                     self.tracker_step(n);
                 }
-                45..=64 if !self.session_wanted => self.send_step()?,
+                45..=64 if !self.session_wanted => {
+                    self.send_step()?;
+                    self.sender_replies();
+                }
                 45..=82 => self.replica_step()?,
                 83..=97 => self.reply_step()?,
                 _ => {
@@ -3476,14 +3532,14 @@ impl DataSim {
         f.check_kept(&kept, &Default::default(), &self.replica.torn)?;
         self.out.kept_aside += kept.len() as u64;
         // And handed over: the primary holds every one, the replica none.
-        if let Some((when, p, _)) = self.replica.kept_aside.keys().next() {
+        if let Some((slot, p, _)) = self.replica.kept_aside.keys().next() {
             return Err(format!(
-                "the replica still holds a version it kept aside (at failover {when}), {}: never handed over to the primary",
+                "the replica still holds a version it kept aside (slot {slot}), {}: never handed over to the primary",
                 p.display()
             ));
         }
         self.out.handed_over += self.replica.handed_over;
-        self.out.handed_again += self.handed_again.get();
+        self.out.handed_again += self.handed.again.get();
         Ok(())
     }
 
@@ -3495,7 +3551,7 @@ impl DataSim {
             .kept_aside
             .keys()
             .chain(shelf.keys())
-            .filter(|(at, _, _)| *at == when)
+            .filter(|k| kept_time(k) == when)
             .map(|(_, p, h)| (p.clone(), *h))
             .collect()
     }

@@ -361,6 +361,13 @@ fn land_replaces_or_keeps_aside() {
     assert!(to.is_absolute());
     assert!(to.starts_with(f.internal.join(CONFLICTS_DIR)));
     assert_eq!(fs::read(&to).unwrap(), b"fresh");
+    // Its slot says when (what the hand-over names, in every session).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let at = crate::replica::conflicts::kept_at_of(f.root.internal_path(), &to).unwrap();
+    assert!((now - 5..=now).contains(&at), "{at} vs {now}");
     assert!(!f.root_dir.join("inbox/new/n").exists());
     assert_eq!(f.root.keep_aside(p("inbox/new/n")).unwrap(), None);
     assert_eq!(f.root.keep_aside(p("nowhere/n")).unwrap(), None);

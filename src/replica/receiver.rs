@@ -470,6 +470,11 @@ impl Receiver {
                 Next::Flushed(res) => {
                     self.advance(res, peer)?;
                     self.send_replies(w).await?;
+                    // A landing may have kept a version aside (a conflict
+                    // whose keep-aside is tried again).
+                    if self.handover.has_queued() {
+                        self.upload_conflicts(w).await?;
+                    }
                     continue;
                 }
                 Next::Frame(None) => return Err(LinkError::Closed { peer: peer_addr }.into()),
@@ -1434,10 +1439,10 @@ impl Receiver {
         let size = std::fs::symlink_metadata(&kept)
             .map(|m| m.len())
             .unwrap_or(0);
-        let kept_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
+        // The slot's time, as every later session's listing says it: the
+        // primary keeps the version once however often it is handed over.
+        let kept_at =
+            super::conflicts::kept_at_of(self.stores[s].root.internal_path(), &kept).unwrap_or(0);
         self.handover.kept((
             s,
             super::conflicts::Conflict {

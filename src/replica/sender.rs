@@ -1144,7 +1144,7 @@ impl<T: LocalTree> Sender<T> {
 
     /// Replies to the peer, for the loop to send next (acknowledgements of
     /// versions handed over).
-    pub fn take_replies(&mut self) -> Vec<u8> {
+    pub(crate) fn take_replies(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.replies_out)
     }
 
@@ -2650,12 +2650,12 @@ impl<T: LocalTree> Sender<T> {
             && self.gate.is_empty()
     }
 
-    /// Nothing sent is waiting for its acknowledgement.
     /// Replies wait to be sent ([`Sender::take_replies`]).
     pub(crate) fn has_replies(&self) -> bool {
         !self.replies_out.is_empty()
     }
 
+    /// Nothing sent is waiting for its acknowledgement.
     pub(crate) fn window_is_empty(&self) -> bool {
         self.window.is_empty()
     }
