@@ -670,21 +670,18 @@ fn prescan_replica(
     };
     let started = std::time::Instant::now();
     // Hashes what changed while this node was down (the costly part) and
-    // keeps the entries of a small store; a large one is walked again for
-    // the manifest, its hashes in the index by then.
+    // keeps the entries of the stores that fit the budget; a store beyond it
+    // is walked again for the manifest, its hashes in the index by then.
+    let mut left = super::walk::HELD_ENTRIES_MAX;
     let scans = st
         .iter_mut()
         .map(|s| {
-            super::walk::Walk::new(&mut s.index, super::index::Rehash::Changed, true)
-                .run(
-                    s.root.tree(),
-                    &mut s.index,
-                    &shared.excludes,
-                    super::walk::HELD_ENTRIES_MAX,
-                    |_| {},
-                )
+            let scan = super::walk::Walk::new(&mut s.index, super::index::Rehash::Changed, true)
+                .run(s.root.tree(), &mut s.index, &shared.excludes, left, |_| {})
                 .ok()
-                .flatten()
+                .flatten();
+            left -= scan.as_ref().map_or(0, |s| s.entries.len());
+            scan
         })
         .collect();
     debug!(
@@ -1152,29 +1149,28 @@ fn record_takeover(
     let started = std::time::Instant::now();
     let (mut files, mut unread) = (0usize, 0usize);
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
+    // What is held for the first comparison, over all stores.
+    let mut left = super::walk::HELD_ENTRIES_MAX;
     for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
         // Sized once (growing a million-entry list holds it twice), sorted
         // and without repeats before it is written.
         let mut hashes: Vec<u128> = Vec::with_capacity(st.index.len_hint());
         let mut pending = Vec::new();
         let walk = super::walk::Walk::new(&mut st.index, super::index::Rehash::Changed, false);
-        let held = walk.run(
-            &st.tree,
-            &mut st.index,
-            excludes,
-            super::walk::HELD_ENTRIES_MAX,
-            |(_, s, h)| {
-                if s.kind == Kind::File {
-                    match h {
-                        Some(h) => hashes.push(*h),
-                        None => pending.push(super::takeover::Pending::of(&s.version)),
-                    }
+        let held = walk.run(&st.tree, &mut st.index, excludes, left, |(_, s, h)| {
+            if s.kind == Kind::File {
+                match h {
+                    Some(h) => hashes.push(*h),
+                    None => pending.push(super::takeover::Pending::of(&s.version)),
                 }
-            },
-        );
+            }
+        });
         match held {
-            // Kept for the first comparison if small (else walked again).
-            Ok(scan) => scans[i] = scan,
+            // Kept for the first comparison if it fits (else walked again).
+            Ok(scan) => {
+                left -= scan.as_ref().map_or(0, |s| s.entries.len());
+                scans[i] = scan
+            }
             Err(e) => {
                 error!(alarm = true, store = %st.name, "ALARM: cannot record what this node holds as it takes over ({e}); a former primary that rejoins will have every version this node lacks kept aside as a conflict");
                 continue;

@@ -197,10 +197,12 @@ impl Walk {
 
 /// Scans taken before a session (the takeover record's, the replica's
 /// while the pair forms) are kept for its first comparison up to this many
-/// entries (about 15 MiB): a larger store is walked again then, one folder
-/// at a time, its hashes in the index and its metadata in the kernel's
-/// cache by then.
-pub const HELD_ENTRIES_MAX: usize = 65_536;
+/// entries over all of a node's stores (about 230 bytes each: 58 MiB): a
+/// store beyond that is walked again then, one folder at a time, its hashes
+/// in the index and its metadata in the kernel's cache by then. Holding
+/// spares a restart that second walk (0.9 s of a 202,000-file store's
+/// catch-up).
+pub const HELD_ENTRIES_MAX: usize = 262_144;
 
 impl Walk {
     /// Walks to the end, showing `each` every entry; returns them all if
@@ -213,7 +215,11 @@ impl Walk {
         held_max: usize,
         mut each: impl FnMut(&ScanEntry),
     ) -> io::Result<Option<Scan>> {
-        let mut held = Some(Vec::new());
+        // Sized once where the index knows the store's size (growing a
+        // large list holds it twice over while it is copied).
+        let mut held = Some(Vec::with_capacity(
+            index.len_hint().saturating_add(64).min(held_max),
+        ));
         while let Some(e) = self.next(tree, index, excludes)? {
             each(&e);
             if let Some(v) = held.as_mut() {
