@@ -216,10 +216,11 @@ impl Walk {
         mut each: impl FnMut(&ScanEntry),
     ) -> io::Result<Option<Scan>> {
         // Sized once where the index knows the store's size (growing a
-        // large list holds it twice over while it is copied).
-        let mut held = Some(Vec::with_capacity(
-            index.len_hint().saturating_add(64).min(held_max),
-        ));
+        // large list holds it twice over while it is copied); not tried
+        // where the index knows the store is larger than the budget.
+        let known = index.len_hint();
+        let mut held =
+            (known <= held_max).then(|| Vec::with_capacity(known.saturating_add(64).min(held_max)));
         while let Some(e) = self.next(tree, index, excludes)? {
             each(&e);
             if let Some(v) = held.as_mut() {
