@@ -197,12 +197,19 @@ impl Walk {
 
 /// Scans taken before a session (the takeover record's, the replica's
 /// while the pair forms) are kept for its first comparison up to this many
-/// entries over all of a node's stores (about 230 bytes each: 58 MiB): a
-/// store beyond that is walked again then, one folder at a time, its hashes
-/// in the index and its metadata in the kernel's cache by then. Holding
-/// spares a restart that second walk (0.9 s of a 202,000-file store's
-/// catch-up).
+/// entries over all of a node's stores (about 230 bytes each: 58 MiB), and
+/// up to [`HELD_UNSIZED_ENTRIES_MAX`] of a store whose size the index does
+/// not know: a store beyond that is walked again then, one folder at a
+/// time, its hashes in the index and its metadata in the kernel's cache by
+/// then. Holding spares a restart that second walk (0.9 s of a
+/// 202,000-file store's catch-up).
 pub const HELD_ENTRIES_MAX: usize = 262_144;
+
+/// What a walk holds where the index does not know the store's size (its
+/// first walk, before an initial sync): the store may be far larger, and
+/// memory spent on a list that is dropped at the budget would add to the
+/// initial sync's own peak.
+pub const HELD_UNSIZED_ENTRIES_MAX: usize = 65_536;
 
 impl Walk {
     /// Walks to the end, showing `each` every entry; returns them all if
@@ -219,6 +226,11 @@ impl Walk {
         // large list holds it twice over while it is copied); not tried
         // where the index knows the store is larger than the budget.
         let known = index.len_hint();
+        let held_max = if known == 0 {
+            held_max.min(HELD_UNSIZED_ENTRIES_MAX)
+        } else {
+            held_max
+        };
         let mut held =
             (known <= held_max).then(|| Vec::with_capacity(known.saturating_add(64).min(held_max)));
         while let Some(e) = self.next(tree, index, excludes)? {
@@ -379,6 +391,25 @@ mod tests {
             .iter()
             .map(|e| e.0.to_string_lossy().into_owned())
             .collect()
+    }
+
+    #[test]
+    fn a_walk_holds_its_entries_only_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_with(dir.path(), &["a/1", "a/2", "b"]);
+        let excludes = Excludes::new(&[]).unwrap();
+        let mut index = Index::in_memory();
+        let held = Walk::new(&mut index, Rehash::Changed, true)
+            .run(&t, &mut index, &excludes, 10, |_| {})
+            .unwrap();
+        assert_eq!(names(&held.unwrap().entries), ["a", "a/1", "a/2", "b"]);
+        // Beyond the budget: not held, every entry still shown.
+        let mut shown = 0;
+        let held = Walk::new(&mut index, Rehash::Changed, true)
+            .run(&t, &mut index, &excludes, 3, |_| shown += 1)
+            .unwrap();
+        assert!(held.is_none());
+        assert_eq!(shown, 4);
     }
 
     #[test]
