@@ -225,7 +225,15 @@ impl Incoming {
             }
         }
         let held = |slot: &str| -> Option<u128> {
-            let f = std::fs::File::open(dir.join(slot).join(&rel)).ok()?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Only a regular file counts: a symlink kept aside is not
+            // followed, and nothing else (a fifo) may block the open.
+            let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(flags.bits() as i32)
+                .open(dir.join(slot).join(&rel))
+                .ok()?;
             let meta = f.metadata().ok()?;
             (meta.is_file() && meta.len() == size)
                 .then(|| super::tree::hash_file(f).ok())
@@ -539,10 +547,27 @@ mod tests {
             hand_over(&internal, 1, "cur/m", b"late mail", 1_700_000_100).is_none(),
             "kept already, in the node's own slot"
         );
+        // A symlink or a fifo at the path in a slot of that time is no copy
+        // of it (and is not followed or opened blocking).
+        let odd = internal.join(CONFLICTS_DIR).join("1700000200-0");
+        std::fs::create_dir_all(odd.join("cur")).unwrap();
+        std::os::unix::fs::symlink(&own, odd.join("cur/m")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            odd.join("cur/f").as_path(),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(hand_over(&internal, 4, "cur/m", b"late mail", 1_700_000_200).is_some());
+        assert!(hand_over(&internal, 5, "cur/f", b"late mail", 1_700_000_200).is_some());
         // Other content, or the same kept at another time, is another version.
         assert!(hand_over(&internal, 2, "cur/m", b"late mail 2", 1_700_000_100).is_some());
         assert!(hand_over(&internal, 3, "cur/m", b"late mail", 1_700_000_101).is_some());
-        assert_eq!(list("s", &internal).unwrap().len(), 3);
+        // Three handed over, one of the node's own, and the symlink (listed
+        // as what was kept aside there).
+        assert_eq!(list("s", &internal).unwrap().len(), 6);
     }
 
     #[test]
