@@ -69,6 +69,65 @@ pub fn kept_at_of(internal: &Path, file: &Path) -> Option<i64> {
     slot_time(slot.as_bytes())
 }
 
+/// The slot names of a conflicts directory by the time each was kept: what
+/// [`kept_already`] looks through, read once a session (not once a version:
+/// thousands of versions handed over after a long partition would read a
+/// directory of thousands of slots each).
+#[derive(Debug, Default)]
+pub struct SlotNames {
+    by_time: std::collections::HashMap<i64, Vec<String>>,
+}
+
+impl SlotNames {
+    /// Grouped by time (dot files, in-progress hand-overs, left out).
+    pub fn new(names: impl IntoIterator<Item = String>) -> SlotNames {
+        let mut out = SlotNames::default();
+        for n in names {
+            out.add(n);
+        }
+        out
+    }
+
+    /// Reads the slot names of `internal`'s conflicts directory (none when
+    /// it does not exist yet).
+    pub fn read(internal: &Path) -> io::Result<SlotNames> {
+        let rd = match std::fs::read_dir(conflicts_dir(internal)) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SlotNames::default()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::new();
+        for e in rd {
+            if let Some(name) = e?.file_name().to_str() {
+                names.push(name.to_owned());
+            }
+        }
+        Ok(SlotNames::new(names))
+    }
+
+    /// A slot made since the names were read.
+    pub fn add(&mut self, name: String) {
+        if name.starts_with('.') {
+            return;
+        }
+        if let Some(t) = slot_time(name.as_bytes()) {
+            let of = self.by_time.entry(t).or_default();
+            if !of.contains(&name) {
+                of.push(name);
+            }
+        }
+    }
+
+    /// The slots kept at time `t`.
+    pub fn of_time(&self, t: i64) -> impl Iterator<Item = &str> {
+        self.by_time
+            .get(&t)
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+    }
+}
+
 /// The name of the slot the primary keeps a version handed over in.
 pub fn primary_slot(kept_at: i64, hash: u128) -> String {
     format!("{kept_at}-{:016x}", (hash >> 64) as u64)
@@ -185,6 +244,8 @@ pub trait Shelving {
     /// Checks the content against its hash and keeps it durably; where it
     /// is kept. Only then is the hand-over acknowledged.
     fn finish(self: Box<Self>) -> io::Result<PathBuf>;
+    /// The name of the slot it is kept in.
+    fn slot_name(&self) -> String;
 }
 
 /// A version being handed over to the primary, written into its slot.
@@ -205,8 +266,13 @@ pub struct Incoming {
 impl Incoming {
     /// Starts receiving `version` into `internal`'s conflicts directory;
     /// `Ok(None)` when the primary already holds it (handed over before,
-    /// the acknowledgement lost): acknowledge it again.
-    pub fn begin(internal: &Path, version: Handed) -> io::Result<Option<Incoming>> {
+    /// the acknowledgement lost) in one of the `slots` of its time (read
+    /// with [`SlotNames`]): acknowledge it again.
+    pub fn begin<'s>(
+        internal: &Path,
+        version: Handed,
+        slots: impl IntoIterator<Item = &'s str>,
+    ) -> io::Result<Option<Incoming>> {
         let Handed {
             id,
             store,
@@ -218,12 +284,6 @@ impl Incoming {
         } = version;
         let dir = conflicts_dir(internal);
         std::fs::create_dir_all(&dir)?;
-        let mut slots = Vec::new();
-        for e in std::fs::read_dir(&dir)? {
-            if let Some(name) = e?.file_name().to_str() {
-                slots.push(name.to_owned());
-            }
-        }
         let held = |slot: &str| -> Option<u128> {
             use std::os::unix::fs::OpenOptionsExt;
             // Only a regular file counts: a symlink kept aside is not
@@ -239,7 +299,7 @@ impl Incoming {
                 .then(|| super::tree::hash_file(f).ok())
                 .flatten()
         };
-        if kept_already(kept_at, hash, slots.iter().map(String::as_str), held) {
+        if kept_already(kept_at, hash, slots, held) {
             return Ok(None);
         }
         let slot = dir.join(primary_slot(kept_at, hash));
@@ -276,6 +336,13 @@ impl Shelving for Incoming {
 
     fn store(&self) -> usize {
         self.store
+    }
+
+    fn slot_name(&self) -> String {
+        self.slot
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<bool> {
@@ -456,9 +523,14 @@ mod tests {
         kept_at: i64,
     ) -> Option<PathBuf> {
         let hash = xxhash_rust::xxh3::xxh3_128(body);
+        let slots = SlotNames::read(internal).unwrap();
         let mut inc = Box::new(
-            Incoming::begin(internal, handed(id, rel, body.len() as u64, hash, kept_at))
-                .unwrap()?,
+            Incoming::begin(
+                internal,
+                handed(id, rel, body.len() as u64, hash, kept_at),
+                slots.of_time(kept_at),
+            )
+            .unwrap()?,
         );
         for chunk in body.chunks(3) {
             inc.write(chunk).unwrap();
@@ -571,6 +643,25 @@ mod tests {
     }
 
     #[test]
+    fn slot_names_are_grouped_by_their_time() {
+        let mut names =
+            SlotNames::new(["17-1", "17-00ff", "18-2", ".incoming-4", "stray"].map(String::from));
+        names.add("17-3".into());
+        names.add("17-3".into());
+        fn of(n: &SlotNames, t: i64) -> Vec<&str> {
+            n.of_time(t).collect()
+        }
+        assert_eq!(of(&names, 17), ["17-1", "17-00ff", "17-3"]);
+        assert_eq!(of(&names, 18), ["18-2"]);
+        assert!(of(&names, 19).is_empty());
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            of(&SlotNames::read(d.path()).unwrap(), 17).is_empty(),
+            "no directory yet"
+        );
+    }
+
+    #[test]
     fn the_time_a_version_was_kept_is_its_slots() {
         assert_eq!(slot_time(b"1700000100-7"), Some(1_700_000_100));
         let slot = primary_slot(1_700_000_100, u128::MAX);
@@ -587,7 +678,7 @@ mod tests {
     fn content_that_does_not_match_its_hash_is_not_kept() {
         let d = tempfile::tempdir().unwrap();
         let mut inc = Box::new(
-            Incoming::begin(d.path(), handed(1, "a", 3, 7, 1))
+            Incoming::begin(d.path(), handed(1, "a", 3, 7, 1), [])
                 .unwrap()
                 .unwrap(),
         );
@@ -595,7 +686,7 @@ mod tests {
         assert!(inc.finish().is_err());
         assert!(list("s", d.path()).unwrap().is_empty());
         let mut inc = Box::new(
-            Incoming::begin(d.path(), handed(2, "a", 2, 7, 1))
+            Incoming::begin(d.path(), handed(2, "a", 2, 7, 1), [])
                 .unwrap()
                 .unwrap(),
         );

@@ -442,6 +442,10 @@ impl super::conflicts::Shelving for SimShelving {
         self.version.store
     }
 
+    fn slot_name(&self) -> String {
+        super::conflicts::primary_slot(self.version.kept_at, self.version.hash)
+    }
+
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<bool> {
         if (self.data.len() + bytes.len()) as u64 > self.version.size {
             return Err(std::io::Error::new(
@@ -544,12 +548,19 @@ impl LocalTree for Fs {
         LocalTree::hash(self, &rel.join(name), kind)
     }
 
-    fn shelve(
+    fn shelf_slots(&self, _: &Path) -> std::io::Result<super::conflicts::SlotNames> {
+        // Only a primary keeps versions handed over (through `SimTree`).
+        Err(std::io::Error::other(
+            "the replica's walk keeps no hand-over",
+        ))
+    }
+
+    fn shelve<'s>(
         &self,
         _: &Path,
         _: super::conflicts::Handed,
+        _: Box<dyn Iterator<Item = &'s str> + 's>,
     ) -> std::io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
-        // Only a primary keeps versions handed over (through `SimTree`).
         Err(std::io::Error::other(
             "the replica's walk keeps no hand-over",
         ))
@@ -598,15 +609,22 @@ impl LocalTree for SimTree {
         self.0.borrow().hash_in(f, rel, name, kind, from_disk)
     }
 
+    fn shelf_slots(&self, _: &Path) -> std::io::Result<super::conflicts::SlotNames> {
+        Ok(super::conflicts::SlotNames::new(
+            self.1.borrow().keys().map(|k| k.0.clone()),
+        ))
+    }
+
     /// The node's conflicts directory, by the product's decision of what
-    /// it keeps already ([`super::conflicts::kept_already`]).
-    fn shelve(
+    /// it keeps already ([`super::conflicts::kept_already`]) among the
+    /// slots the sender read for the session.
+    fn shelve<'s>(
         &self,
         _: &Path,
         version: super::conflicts::Handed,
+        slots: Box<dyn Iterator<Item = &'s str> + 's>,
     ) -> std::io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
         let shelf = self.1.borrow();
-        let slots: Vec<&str> = shelf.keys().map(|k| k.0.as_str()).collect();
         let held = |slot: &str| {
             shelf
                 .keys()

@@ -221,6 +221,9 @@ pub struct Sender<T = Tree> {
     incoming: Option<Incoming>,
     /// Conflicts received this session (one alarm per session).
     conflicts_received: u64,
+    /// Per store, its conflicts directory's slot names, read at the first
+    /// version handed over in a session.
+    shelf_slots: Vec<Option<super::conflicts::SlotNames>>,
     /// Replies to the peer (conflict acknowledgements), written by the loop.
     replies_out: Vec<u8>,
     /// While reconciling a former primary: per mailstore, the versions
@@ -457,6 +460,7 @@ impl<T: LocalTree> Sender<T> {
             takeover_settled: true,
             incoming: None,
             conflicts_received: 0,
+            shelf_slots: Vec::new(),
             replies_out: Vec::new(),
             known: Vec::new(),
             known_dirty: false,
@@ -1182,7 +1186,19 @@ impl<T: LocalTree> Sender<T> {
             hash,
             kept_at,
         };
-        match st.tree.shelve(&st.internal, version) {
+        self.shelf_slots.resize_with(self.stores.len(), || None);
+        let slots = match &mut self.shelf_slots[s] {
+            Some(names) => Ok(names),
+            slot @ None => st
+                .tree
+                .shelf_slots(&st.internal)
+                .map(|names| slot.insert(names)),
+        };
+        let shelved = slots.and_then(|names| {
+            st.tree
+                .shelve(&st.internal, version, Box::new(names.of_time(kept_at)))
+        });
+        match shelved {
             Ok(None) => {
                 // Held already (handed over before, the acknowledgement
                 // lost): acknowledged again, and the content that follows
@@ -1226,6 +1242,7 @@ impl<T: LocalTree> Sender<T> {
                     return Ok(());
                 }
                 let s = inc.store();
+                let slot = inc.slot_name();
                 match inc.finish() {
                     Ok(kept) => {
                         self.conflicts_received += 1;
@@ -1238,6 +1255,9 @@ impl<T: LocalTree> Sender<T> {
                             self.stats.raise_alarm(line);
                         }
                         info!(store = %self.stores[s].name, kept = %kept.display(), "conflict handed over by the peer and kept aside");
+                        if let Some(Some(names)) = self.shelf_slots.get_mut(s) {
+                            names.add(slot);
+                        }
                         SyncMsg::ConflictAck { id: seq }.encode(&mut self.replies_out);
                     }
                     Err(e) => {
@@ -2601,6 +2621,8 @@ impl<T: LocalTree> Sender<T> {
         self.peer_served_epoch = None;
         self.incoming = None;
         self.conflicts_received = 0;
+        // Read again: an operator may have restored some meanwhile.
+        self.shelf_slots.clear();
         self.replies_out.clear();
         self.refused.clear();
         self.stats.ops_inflight.store(0, Relaxed);
@@ -3104,5 +3126,12 @@ mod tests {
             sender.on_peer_msg(msg).unwrap();
         }
         assert_eq!(acks(&mut sender), [8]);
+        // Handed over again in the same session: kept once.
+        for msg in conflict(9, b"another version") {
+            sender.on_peer_msg(msg).unwrap();
+        }
+        assert_eq!(acks(&mut sender), [9]);
+        let kept = crate::replica::conflicts::list("inbox", &dir.path().join("internal")).unwrap();
+        assert_eq!(kept.len(), 2, "{kept:?}");
     }
 }

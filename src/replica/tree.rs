@@ -227,13 +227,17 @@ pub trait LocalTree {
         kind: Kind,
         from_disk: bool,
     ) -> io::Result<u128>;
-    /// Starts keeping a version a former primary hands over, in the store's
-    /// own directory `internal` (outside this tree, on its filesystem);
-    /// `Ok(None)` when it is kept there already.
-    fn shelve(
+    /// The slots of the conflicts directory in the store's own directory
+    /// `internal` (outside this tree, on its filesystem).
+    fn shelf_slots(&self, internal: &Path) -> io::Result<super::conflicts::SlotNames>;
+    /// Starts keeping a version a former primary hands over there;
+    /// `Ok(None)` when it is kept already in one of `slots` (those of its
+    /// time).
+    fn shelve<'s>(
         &self,
         internal: &Path,
         version: super::conflicts::Handed,
+        slots: Box<dyn Iterator<Item = &'s str> + 's>,
     ) -> io::Result<Option<Box<dyn super::conflicts::Shelving>>>;
 }
 
@@ -294,12 +298,16 @@ impl LocalTree for Tree {
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a name with a NUL byte"))?;
         index::hash_at(folder.as_fd(), &name, kind, from_disk)
     }
-    fn shelve(
+    fn shelf_slots(&self, internal: &Path) -> io::Result<super::conflicts::SlotNames> {
+        super::conflicts::SlotNames::read(internal)
+    }
+    fn shelve<'s>(
         &self,
         internal: &Path,
         version: super::conflicts::Handed,
+        slots: Box<dyn Iterator<Item = &'s str> + 's>,
     ) -> io::Result<Option<Box<dyn super::conflicts::Shelving>>> {
-        Ok(super::conflicts::Incoming::begin(internal, version)?
+        Ok(super::conflicts::Incoming::begin(internal, version, slots)?
             .map(|i| Box::new(i) as Box<dyn super::conflicts::Shelving>))
     }
 }
