@@ -61,13 +61,24 @@ pub fn slot_time(name: &[u8]) -> Option<i64> {
 /// When the version kept at `file` (a path below `internal`'s conflicts
 /// directory) was kept aside: its slot's time.
 pub fn kept_at_of(internal: &Path, file: &Path) -> Option<i64> {
+    slot_time(slot_of(internal, file)?.as_bytes())
+}
+
+/// The name of the slot that holds `file` (a path below `internal`'s
+/// conflicts directory).
+pub fn slot_of(internal: &Path, file: &Path) -> Option<String> {
     let slot = file
         .strip_prefix(conflicts_dir(internal))
         .ok()?
         .iter()
         .next()?;
-    slot_time(slot.as_bytes())
+    Some(slot.to_str()?.to_owned())
 }
+
+/// Slots tried for one version before giving up (another version already
+/// at its path in the first: a 64-bit collision of the content hash's
+/// prefix, or an operator's copy).
+const SLOT_TRIES_MAX: u32 = 16;
 
 /// The slot names of a conflicts directory by the time each was kept: what
 /// [`kept_already`] looks through, read once a session (not once a version:
@@ -244,8 +255,6 @@ pub trait Shelving {
     /// Checks the content against its hash and keeps it durably; where it
     /// is kept. Only then is the hand-over acknowledged.
     fn finish(self: Box<Self>) -> io::Result<PathBuf>;
-    /// The name of the slot it is kept in.
-    fn slot_name(&self) -> String;
 }
 
 /// A version being handed over to the primary, written into its slot.
@@ -284,16 +293,26 @@ impl Incoming {
         } = version;
         let dir = conflicts_dir(internal);
         std::fs::create_dir_all(&dir)?;
+        let dir_fd = rustix::fs::open(
+            &dir,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
         let held = |slot: &str| -> Option<u128> {
-            use std::os::unix::fs::OpenOptionsExt;
-            // Only a regular file counts: a symlink kept aside is not
-            // followed, and nothing else (a fifo) may block the open.
-            let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(flags.bits() as i32)
-                .open(dir.join(slot).join(&rel))
-                .ok()?;
+            // Only a regular file counts, reached through no symlink (a
+            // folder kept aside as a symlink must not lead into the store),
+            // and nothing else (a fifo) may block the open.
+            let at = Path::new(slot).join(&rel);
+            let fd = super::fsops::open_beneath(
+                dir_fd.as_fd(),
+                at.as_os_str().as_bytes(),
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::NONBLOCK
+                    | rustix::fs::OFlags::CLOEXEC,
+            )
+            .ok()?;
+            let f = std::fs::File::from(fd);
             let meta = f.metadata().ok()?;
             (meta.is_file() && meta.len() == size)
                 .then(|| super::tree::hash_file(f).ok())
@@ -336,13 +355,6 @@ impl Shelving for Incoming {
 
     fn store(&self) -> usize {
         self.store
-    }
-
-    fn slot_name(&self) -> String {
-        self.slot
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
     }
 
     fn write(&mut self, bytes: &[u8]) -> io::Result<bool> {
@@ -388,13 +400,36 @@ impl Shelving for Incoming {
         )?;
         file.sync_all()?;
         drop(file);
-        let dest = self.slot.join(&self.rel);
-        let parent = dest.parent().unwrap_or(&self.slot).to_path_buf();
-        std::fs::create_dir_all(&parent)?;
-        std::fs::rename(&self.tmp, &dest)?;
+        // Never over another version: the next slot of the same time then.
+        let mut slot = self.slot.clone();
+        let mut n = 0;
+        let (dest, parent) = loop {
+            let dest = slot.join(&self.rel);
+            let parent = dest.parent().unwrap_or(&slot).to_path_buf();
+            std::fs::create_dir_all(&parent)?;
+            match rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                &self.tmp,
+                rustix::fs::CWD,
+                &dest,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => break (dest, parent),
+                Err(rustix::io::Errno::EXIST) if n + 1 < SLOT_TRIES_MAX => {
+                    n += 1;
+                    let mut name = self.slot.file_name().unwrap_or_default().to_os_string();
+                    name.push(format!("-{n}"));
+                    slot = self.slot.with_file_name(name);
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&self.tmp);
+                    return Err(e.into());
+                }
+            }
+        };
         for d in parent.ancestors() {
             std::fs::File::open(d)?.sync_all()?;
-            if d == self.slot.parent().unwrap_or(&self.slot) {
+            if d == slot.parent().unwrap_or(&slot) {
                 break;
             }
         }
@@ -634,12 +669,45 @@ mod tests {
         .unwrap();
         assert!(hand_over(&internal, 4, "cur/m", b"late mail", 1_700_000_200).is_some());
         assert!(hand_over(&internal, 5, "cur/f", b"late mail", 1_700_000_200).is_some());
+        // Nor is a copy reached through a folder kept aside as a symlink
+        // (into the live tree, where users may change it).
+        let live = d.path().join("store/u/cur");
+        std::fs::create_dir_all(&live).unwrap();
+        std::fs::write(live.join("m"), b"late mail").unwrap();
+        let linked = internal.join(CONFLICTS_DIR).join("1700000300-0");
+        std::fs::create_dir_all(&linked).unwrap();
+        std::os::unix::fs::symlink(d.path().join("store/u"), linked.join("u")).unwrap();
+        assert!(hand_over(&internal, 6, "u/cur/m", b"late mail", 1_700_000_300).is_some());
         // Other content, or the same kept at another time, is another version.
         assert!(hand_over(&internal, 2, "cur/m", b"late mail 2", 1_700_000_100).is_some());
         assert!(hand_over(&internal, 3, "cur/m", b"late mail", 1_700_000_101).is_some());
-        // Three handed over, one of the node's own, and the symlink (listed
-        // as what was kept aside there).
-        assert_eq!(list("s", &internal).unwrap().len(), 6);
+        // Four handed over, one of the node's own, and the two symlinks
+        // (listed as what was kept aside there).
+        assert_eq!(list("s", &internal).unwrap().len(), 8);
+    }
+
+    /// Another version at the path in the slot named for this one (a
+    /// collision of the hash's prefix, or an operator's copy) is never
+    /// replaced: the version goes to the next slot of its time.
+    #[test]
+    fn a_version_never_replaces_another_in_its_slot() {
+        let d = tempfile::tempdir().unwrap();
+        let internal = d.path().join("internal");
+        let hash = xxhash_rust::xxh3::xxh3_128(b"late mail");
+        let taken = internal
+            .join(CONFLICTS_DIR)
+            .join(primary_slot(1_700_000_100, hash))
+            .join("cur/m");
+        std::fs::create_dir_all(taken.parent().unwrap()).unwrap();
+        std::fs::write(&taken, b"other").unwrap();
+        let kept = hand_over(&internal, 1, "cur/m", b"late mail", 1_700_000_100).unwrap();
+        assert_ne!(kept, taken);
+        assert_eq!(std::fs::read(&taken).unwrap(), b"other");
+        assert_eq!(std::fs::read(&kept).unwrap(), b"late mail");
+        assert_eq!(kept_at_of(&internal, &kept), Some(1_700_000_100));
+        assert_eq!(list("s", &internal).unwrap().len(), 2);
+        // And handed over again, it is found there.
+        assert!(hand_over(&internal, 2, "cur/m", b"late mail", 1_700_000_100).is_none());
     }
 
     #[test]

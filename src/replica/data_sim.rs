@@ -127,6 +127,9 @@ fn kept_time(key: &KeptKey) -> i64 {
     super::conflicts::slot_time(key.0.as_bytes()).expect("the model names its slots")
 }
 
+/// The primary's internal directory (named, never written).
+const SIM_INTERNAL: &str = "/sim/.hasync";
+
 /// Content per `Data` frame of a hand-over (the receiver's 64 KiB, scaled
 /// to the model's bodies of up to 300 bytes: most take several frames).
 const HANDOVER_CHUNK_BYTES: usize = 64;
@@ -442,10 +445,6 @@ impl super::conflicts::Shelving for SimShelving {
         self.version.store
     }
 
-    fn slot_name(&self) -> String {
-        super::conflicts::primary_slot(self.version.kept_at, self.version.hash)
-    }
-
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<bool> {
         if (self.data.len() + bytes.len()) as u64 > self.version.size {
             return Err(std::io::Error::new(
@@ -465,7 +464,11 @@ impl super::conflicts::Shelving for SimShelving {
                 "content does not match its hash",
             ));
         }
-        let kept = Path::new("conflicts").join(&v.rel);
+        let slot = super::conflicts::primary_slot(v.kept_at, v.hash);
+        let kept = Path::new(SIM_INTERNAL)
+            .join(super::fsops::CONFLICTS_DIR)
+            .join(&slot)
+            .join(&v.rel);
         let mut shelf = self.shelf.borrow_mut();
         if let Some((slot, _, _)) = shelf
             .keys()
@@ -477,7 +480,6 @@ impl super::conflicts::Shelving for SimShelving {
                 v.hash
             ));
         }
-        let slot = super::conflicts::primary_slot(v.kept_at, v.hash);
         shelf.insert((slot, v.rel, v.hash), self.data);
         Ok(kept)
     }
@@ -2040,7 +2042,7 @@ fn new_sender(
         root: PathBuf::from("/sim"),
         tree: SimTree(primary.clone(), shelf.clone(), handed.clone()),
         index,
-        internal: PathBuf::from("/sim/.hasync"),
+        internal: PathBuf::from(SIM_INTERNAL),
         conflicts: false,
         dovecot: false,
     };

@@ -591,6 +591,8 @@ async fn engine_main(
             EngineMode::Secondary => "receiving",
         };
         if mode == EngineMode::Primary {
+            // A scan taken as a secondary serves no session now.
+            receiving.prescan.borrow_mut().take();
             run_primary(&shared, &ctx, &mut mode_rx).await;
         } else {
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
@@ -603,7 +605,20 @@ async fn engine_main(
             } else {
                 receiving.prescan.borrow_mut().take();
             }
-            let changed = mode_rx.changed().await;
+            let changed = loop {
+                tokio::select! {
+                    c = mode_rx.changed() => break c,
+                    // A scan no session took while it was fresh is of no
+                    // use: its memory is given back.
+                    _ = tokio::time::sleep(super::receiver::PRESCAN_FRESH),
+                        if receiving.prescan.borrow().is_some() =>
+                    {
+                        if receiving.prescan.borrow_mut().take().is_some() {
+                            debug!("the replica's scan was not taken while fresh: dropped");
+                        }
+                    }
+                }
+            };
             drop(watch);
             *shared
                 .stats
@@ -1002,6 +1017,10 @@ async fn run_primary(
         if scanned_at.elapsed() >= PEER_STATE_WAIT {
             sender.settle_takeover_record();
         }
+        // The takeover walk's entries serve only a first comparison that
+        // comes while they are fresh: with the peer away, their memory is
+        // given back.
+        sender.drop_stale_prescan();
         // Keep the tracker's pending list bounded while disconnected, and
         // let commits waiting for a peer that is gone degrade on time.
         sender.coalescer.drain();

@@ -251,8 +251,13 @@ fn bytes_path(b: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(b))
 }
 
-/// `openat2` with our resolve flags, retrying the EAGAIN a racing rename can cause.
-fn open_beneath(base: BorrowedFd<'_>, rel: &[u8], oflags: OFlags) -> Result<OwnedFd, Errno> {
+/// `openat2` with our resolve flags (beneath `base`, no symlink in any
+/// component), retrying the EAGAIN a racing rename can cause.
+pub(crate) fn open_beneath(
+    base: BorrowedFd<'_>,
+    rel: &[u8],
+    oflags: OFlags,
+) -> Result<OwnedFd, Errno> {
     let mut tries = 0;
     loop {
         match rustix::fs::openat2(base, rel, oflags, Mode::empty(), RESOLVE) {

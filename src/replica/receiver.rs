@@ -73,7 +73,7 @@ pub struct Prescan {
 }
 
 /// How long a [`Prescan`] may answer a manifest request.
-const PRESCAN_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const PRESCAN_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The marker in the state directory of a replica latched unverified (it
 /// holds the reason).

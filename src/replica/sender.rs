@@ -1146,6 +1146,18 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
+    /// Drops the entries of a walk taken before the session once they are
+    /// too old for its first comparison (which would walk again anyway).
+    pub fn drop_stale_prescan(&mut self) {
+        if self
+            .prescanned
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() >= PRESCAN_FRESH)
+        {
+            self.prescanned = None;
+        }
+    }
+
     /// Replies to the peer, for the loop to send next (acknowledgements of
     /// versions handed over).
     pub(crate) fn take_replies(&mut self) -> Vec<u8> {
@@ -1242,7 +1254,6 @@ impl<T: LocalTree> Sender<T> {
                     return Ok(());
                 }
                 let s = inc.store();
-                let slot = inc.slot_name();
                 match inc.finish() {
                     Ok(kept) => {
                         self.conflicts_received += 1;
@@ -1255,7 +1266,9 @@ impl<T: LocalTree> Sender<T> {
                             self.stats.raise_alarm(line);
                         }
                         info!(store = %self.stores[s].name, kept = %kept.display(), "conflict handed over by the peer and kept aside");
-                        if let Some(Some(names)) = self.shelf_slots.get_mut(s) {
+                        let slot = super::conflicts::slot_of(&self.stores[s].internal, &kept);
+                        if let (Some(Some(names)), Some(slot)) = (self.shelf_slots.get_mut(s), slot)
+                        {
                             names.add(slot);
                         }
                         SyncMsg::ConflictAck { id: seq }.encode(&mut self.replies_out);
@@ -3100,6 +3113,24 @@ mod tests {
             }
         }
         ids
+    }
+
+    /// A walk's entries held for a first comparison that does not come
+    /// while they are fresh (the peer away) are given back.
+    #[test]
+    fn a_stale_prescan_is_dropped_and_a_fresh_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        let mut sender = sender_over(dir.path());
+        sender.prescanned = Some((Instant::now(), vec![None]));
+        sender.drop_stale_prescan();
+        assert!(sender.prescanned.is_some(), "fresh");
+        let Some(old) = Instant::now().checked_sub(PRESCAN_FRESH) else {
+            return; // a clock that started less than 10 s ago
+        };
+        sender.prescanned = Some((old, vec![None]));
+        sender.drop_stale_prescan();
+        assert!(sender.prescanned.is_none(), "stale");
     }
 
     /// A version handed over again (the first acknowledgement lost with its

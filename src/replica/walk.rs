@@ -206,9 +206,10 @@ impl Walk {
 pub const HELD_ENTRIES_MAX: usize = 262_144;
 
 /// What a walk holds where the index does not know the store's size (its
-/// first walk, before an initial sync): the store may be far larger, and
-/// memory spent on a list that is dropped at the budget would add to the
-/// initial sync's own peak.
+/// first walk, before an initial sync), or knows less than this: the store
+/// may be far larger, and memory spent on a list that is dropped at the
+/// budget would add to the initial sync's own peak. Beyond it, a walk holds
+/// at most a quarter more than the index knows.
 pub const HELD_UNSIZED_ENTRIES_MAX: usize = 65_536;
 
 impl Walk {
@@ -225,12 +226,11 @@ impl Walk {
         // Sized once where the index knows the store's size (growing a
         // large list holds it twice over while it is copied); not tried
         // where the index knows the store is larger than the budget.
+        // Where the index knows less than the store holds (a first walk,
+        // an initial sync resumed, a store grown while the node was down),
+        // at most what it knows and a quarter more, or the unsized budget.
         let known = index.len_hint();
-        let held_max = if known == 0 {
-            held_max.min(HELD_UNSIZED_ENTRIES_MAX)
-        } else {
-            held_max
-        };
+        let held_max = held_max.min(HELD_UNSIZED_ENTRIES_MAX.max(known.saturating_add(known / 4)));
         let mut held =
             (known <= held_max).then(|| Vec::with_capacity(known.saturating_add(64).min(held_max)));
         while let Some(e) = self.next(tree, index, excludes)? {
