@@ -67,12 +67,15 @@ pub fn kept_at_of(internal: &Path, file: &Path) -> Option<i64> {
 /// The name of the slot that holds `file` (a path below `internal`'s
 /// conflicts directory).
 pub fn slot_of(internal: &Path, file: &Path) -> Option<String> {
-    let slot = file
-        .strip_prefix(conflicts_dir(internal))
-        .ok()?
-        .iter()
-        .next()?;
-    Some(slot.to_str()?.to_owned())
+    Some(slot_and_rel(internal, file)?.0)
+}
+
+/// The slot that holds `file` and its path in the slot.
+pub fn slot_and_rel(internal: &Path, file: &Path) -> Option<(String, PathBuf)> {
+    let below = file.strip_prefix(conflicts_dir(internal)).ok()?;
+    let mut parts = below.iter();
+    let slot = parts.next()?.to_str()?.to_owned();
+    Some((slot, parts.as_path().to_path_buf()))
 }
 
 /// Slots tried for one version before giving up (another version already
@@ -80,59 +83,79 @@ pub fn slot_of(internal: &Path, file: &Path) -> Option<String> {
 /// prefix, or an operator's copy).
 const SLOT_TRIES_MAX: u32 = 16;
 
-/// The slot names of a conflicts directory by the time each was kept: what
-/// [`kept_already`] looks through, read once a session (not once a version:
-/// thousands of versions handed over after a long partition would read a
-/// directory of thousands of slots each).
+/// What a conflicts directory holds, by the time each version was kept
+/// and its path: the slots [`kept_already`] looks through for a version
+/// handed over, read once a session (not once a version: thousands of
+/// versions handed over after a long partition, most kept aside within the
+/// same few seconds, would each read a directory of thousands of slots and
+/// try a path in every slot of their second).
 #[derive(Debug, Default)]
 pub struct SlotNames {
-    by_time: std::collections::HashMap<i64, Vec<String>>,
+    by_version: std::collections::HashMap<(i64, PathBuf), Vec<String>>,
 }
 
 impl SlotNames {
-    /// Grouped by time (dot files, in-progress hand-overs, left out).
-    pub fn new(names: impl IntoIterator<Item = String>) -> SlotNames {
+    /// From (slot, path in it) pairs (dot files, in-progress hand-overs,
+    /// and names without a time left out).
+    pub fn new(held: impl IntoIterator<Item = (String, PathBuf)>) -> SlotNames {
         let mut out = SlotNames::default();
-        for n in names {
-            out.add(n);
+        for (slot, rel) in held {
+            out.add(slot, rel);
         }
         out
     }
 
-    /// Reads the slot names of `internal`'s conflicts directory (none when
-    /// it does not exist yet).
+    /// Reads `internal`'s conflicts directory (nothing when it does not
+    /// exist yet): every slot and the paths below it, byte-exact.
     pub fn read(internal: &Path) -> io::Result<SlotNames> {
-        let rd = match std::fs::read_dir(conflicts_dir(internal)) {
+        let dir = conflicts_dir(internal);
+        let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SlotNames::default()),
             Err(e) => return Err(e),
         };
-        let mut names = Vec::new();
+        let mut out = SlotNames::default();
         for e in rd {
-            if let Some(name) = e?.file_name().to_str() {
-                names.push(name.to_owned());
+            let e = e?;
+            let Some(slot) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if slot.starts_with('.') || !e.file_type()?.is_dir() {
+                continue;
+            }
+            let mut stack = vec![e.path()];
+            while let Some(d) = stack.pop() {
+                for f in std::fs::read_dir(&d)? {
+                    let f = f?;
+                    let path = f.path();
+                    if f.file_type()?.is_dir() {
+                        stack.push(path);
+                    } else if let Ok(rel) = path.strip_prefix(e.path()) {
+                        out.add(slot.clone(), rel.to_path_buf());
+                    }
+                }
             }
         }
-        Ok(SlotNames::new(names))
+        Ok(out)
     }
 
-    /// A slot made since the names were read.
-    pub fn add(&mut self, name: String) {
-        if name.starts_with('.') {
+    /// A version kept since the directory was read: `rel` in `slot`.
+    pub fn add(&mut self, slot: String, rel: PathBuf) {
+        if slot.starts_with('.') {
             return;
         }
-        if let Some(t) = slot_time(name.as_bytes()) {
-            let of = self.by_time.entry(t).or_default();
-            if !of.contains(&name) {
-                of.push(name);
+        if let Some(t) = slot_time(slot.as_bytes()) {
+            let of = self.by_version.entry((t, rel)).or_default();
+            if !of.contains(&slot) {
+                of.push(slot);
             }
         }
     }
 
-    /// The slots kept at time `t`.
-    pub fn of_time(&self, t: i64) -> impl Iterator<Item = &str> {
-        self.by_time
-            .get(&t)
+    /// The slots of time `t` that hold something at `rel`.
+    pub fn holding(&self, t: i64, rel: &Path) -> impl Iterator<Item = &str> {
+        self.by_version
+            .get(&(t, rel.to_path_buf()))
             .into_iter()
             .flatten()
             .map(String::as_str)
@@ -563,7 +586,7 @@ mod tests {
             Incoming::begin(
                 internal,
                 handed(id, rel, body.len() as u64, hash, kept_at),
-                slots.of_time(kept_at),
+                slots.holding(kept_at, Path::new(rel)),
             )
             .unwrap()?,
         );
@@ -711,21 +734,40 @@ mod tests {
     }
 
     #[test]
-    fn slot_names_are_grouped_by_their_time() {
-        let mut names =
-            SlotNames::new(["17-1", "17-00ff", "18-2", ".incoming-4", "stray"].map(String::from));
-        names.add("17-3".into());
-        names.add("17-3".into());
-        fn of(n: &SlotNames, t: i64) -> Vec<&str> {
-            n.of_time(t).collect()
+    fn slots_are_found_by_the_time_and_path_they_hold() {
+        let held = |slot: &str, rel: &str| (slot.to_owned(), PathBuf::from(rel));
+        let mut names = SlotNames::new([
+            held("17-1", "cur/m"),
+            held("17-00ff", "cur/m"),
+            held("17-2", "cur/n"),
+            held("18-2", "cur/m"),
+            held(".incoming-4", "cur/m"),
+            held("stray", "cur/m"),
+        ]);
+        names.add("17-3".into(), "cur/m".into());
+        names.add("17-3".into(), "cur/m".into());
+        fn of<'a>(n: &'a SlotNames, t: i64, rel: &str) -> Vec<&'a str> {
+            n.holding(t, Path::new(rel)).collect()
         }
-        assert_eq!(of(&names, 17), ["17-1", "17-00ff", "17-3"]);
-        assert_eq!(of(&names, 18), ["18-2"]);
-        assert!(of(&names, 19).is_empty());
+        assert_eq!(of(&names, 17, "cur/m"), ["17-1", "17-00ff", "17-3"]);
+        assert_eq!(of(&names, 17, "cur/n"), ["17-2"]);
+        assert_eq!(of(&names, 18, "cur/m"), ["18-2"]);
+        assert!(of(&names, 19, "cur/m").is_empty());
         let d = tempfile::tempdir().unwrap();
         assert!(
-            of(&SlotNames::read(d.path()).unwrap(), 17).is_empty(),
+            of(&SlotNames::read(d.path()).unwrap(), 17, "cur/m").is_empty(),
             "no directory yet"
+        );
+        // Read from a directory: byte-exact paths below each slot.
+        let rel = Path::new(std::ffi::OsStr::from_bytes(b"u/cur/\xff"));
+        let f = d.path().join(CONFLICTS_DIR).join("17-1").join(rel);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(&f, b"x").unwrap();
+        let read = SlotNames::read(d.path()).unwrap();
+        assert_eq!(read.holding(17, rel).collect::<Vec<_>>(), ["17-1"]);
+        assert_eq!(
+            slot_and_rel(d.path(), &f),
+            Some(("17-1".into(), rel.to_path_buf()))
         );
     }
 

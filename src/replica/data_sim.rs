@@ -613,7 +613,7 @@ impl LocalTree for SimTree {
 
     fn shelf_slots(&self, _: &Path) -> std::io::Result<super::conflicts::SlotNames> {
         Ok(super::conflicts::SlotNames::new(
-            self.1.borrow().keys().map(|k| k.0.clone()),
+            self.1.borrow().keys().map(|k| (k.0.clone(), k.1.clone())),
         ))
     }
 

@@ -1207,8 +1207,11 @@ impl<T: LocalTree> Sender<T> {
                 .map(|names| slot.insert(names)),
         };
         let shelved = slots.and_then(|names| {
-            st.tree
-                .shelve(&st.internal, version, Box::new(names.of_time(kept_at)))
+            st.tree.shelve(
+                &st.internal,
+                version,
+                Box::new(names.holding(kept_at, &rel)),
+            )
         });
         match shelved {
             Ok(None) => {
@@ -1266,10 +1269,11 @@ impl<T: LocalTree> Sender<T> {
                             self.stats.raise_alarm(line);
                         }
                         info!(store = %self.stores[s].name, kept = %kept.display(), "conflict handed over by the peer and kept aside");
-                        let slot = super::conflicts::slot_of(&self.stores[s].internal, &kept);
-                        if let (Some(Some(names)), Some(slot)) = (self.shelf_slots.get_mut(s), slot)
+                        let held = super::conflicts::slot_and_rel(&self.stores[s].internal, &kept);
+                        if let (Some(Some(names)), Some((slot, rel))) =
+                            (self.shelf_slots.get_mut(s), held)
                         {
-                            names.add(slot);
+                            names.add(slot, rel);
                         }
                         SyncMsg::ConflictAck { id: seq }.encode(&mut self.replies_out);
                     }
