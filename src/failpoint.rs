@@ -41,3 +41,12 @@ pub fn hit(name: &str) {
         }
     }
 }
+
+/// A test's shorter wait, `HASYNC_FAILPOINT_<NAME>_MS` (e.g. `ACK_WAIT`),
+/// else `default`: a daemon test cannot wait out a production timer.
+pub fn wait_or(name: &str, default: std::time::Duration) -> std::time::Duration {
+    std::env::var(format!("HASYNC_FAILPOINT_{name}_MS"))
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(default, std::time::Duration::from_millis)
+}

@@ -273,14 +273,20 @@ pub trait Shelving {
     /// The hand-over's number ([`Handed::id`]).
     fn id(&self) -> u64;
     fn store(&self) -> usize;
-    /// Appends content; `Ok(true)` once all of it arrived.
+    /// Appends content; `Ok(true)` once all of it arrived. More than
+    /// announced is the peer's error (`InvalidData`); any other error is
+    /// this node's (its disk), and the hand-over is given up.
     fn write(&mut self, bytes: &[u8]) -> io::Result<bool>;
+    /// Bytes still to arrive.
+    fn left(&self) -> u64;
     /// Checks the content against its hash and keeps it durably; where it
     /// is kept. Only then is the hand-over acknowledged.
     fn finish(self: Box<Self>) -> io::Result<PathBuf>;
 }
 
-/// A version being handed over to the primary, written into its slot.
+/// A version being handed over to the primary, written into its slot; its
+/// temporary file is removed unless it landed (given up, failed, or its
+/// session ended first).
 pub struct Incoming {
     id: u64,
     store: usize,
@@ -293,6 +299,15 @@ pub struct Incoming {
     file: Option<std::fs::File>,
     hasher: Xxh3,
     written: u64,
+    landed: bool,
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.landed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl Incoming {
@@ -363,6 +378,7 @@ impl Incoming {
             file: Some(file),
             hasher: Xxh3::new(),
             written: 0,
+            landed: false,
         }))
     }
 
@@ -395,12 +411,15 @@ impl Shelving for Incoming {
         Ok(self.written == self.size)
     }
 
+    fn left(&self) -> u64 {
+        self.size - self.written
+    }
+
     /// Checks the content, applies mode (special bits dropped: it goes back
     /// into a live tree one day) and mtime, makes it durable under its slot.
     fn finish(mut self: Box<Self>) -> io::Result<PathBuf> {
         let file = self.file.take().expect("finished once");
         if self.hasher.digest128() != self.hash {
-            let _ = std::fs::remove_file(&self.tmp);
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "content does not match its hash",
@@ -437,17 +456,17 @@ impl Shelving for Incoming {
                 &dest,
                 rustix::fs::RenameFlags::NOREPLACE,
             ) {
-                Ok(()) => break (dest, parent),
+                Ok(()) => {
+                    self.landed = true;
+                    break (dest, parent);
+                }
                 Err(rustix::io::Errno::EXIST) if n + 1 < SLOT_TRIES_MAX => {
                     n += 1;
                     let mut name = self.slot.file_name().unwrap_or_default().to_os_string();
                     name.push(format!("-{n}"));
                     slot = self.slot.with_file_name(name);
                 }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&self.tmp);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         };
         for d in parent.ancestors() {
@@ -457,14 +476,6 @@ impl Shelving for Incoming {
             }
         }
         Ok(dest)
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        if self.file.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }
 
@@ -801,5 +812,39 @@ mod tests {
                 .unwrap(),
         );
         assert!(inc.write(b"abc").is_err(), "more than announced");
+    }
+
+    #[test]
+    fn a_hand_over_given_up_or_refused_leaves_no_temporary_file() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = conflicts_dir(d.path());
+        let leftovers = || -> Vec<_> {
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
+        // Cut short (the session ended, or this node's disk refused a write).
+        let hash = xxhash_rust::xxh3::xxh3_128(b"abcdef");
+        let mut inc = Incoming::begin(d.path(), handed(1, "a", 6, hash, 1), [])
+            .unwrap()
+            .unwrap();
+        assert!(!inc.write(b"abc").unwrap());
+        assert_eq!(inc.left(), 3);
+        assert_eq!(leftovers().len(), 1, "the temporary file while it arrives");
+        drop(inc);
+        assert!(leftovers().is_empty(), "{:?}", leftovers());
+        // Refused at the end (its content not what was announced).
+        let mut inc = Box::new(
+            Incoming::begin(d.path(), handed(2, "a", 6, hash, 1), [])
+                .unwrap()
+                .unwrap(),
+        );
+        assert!(inc.write(b"abcdeX").unwrap());
+        assert!(inc.finish().is_err());
+        assert!(leftovers().is_empty(), "{:?}", leftovers());
+        // Kept: only its slot.
+        let kept = hand_over(d.path(), 3, "a", b"abcdef", 1).unwrap();
+        assert_eq!(leftovers(), [kept.parent().unwrap().file_name().unwrap()]);
     }
 }

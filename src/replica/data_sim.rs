@@ -426,6 +426,32 @@ struct Handed {
     /// A version kept a second time: the same path and content in another
     /// slot of the same time (the product's decision did not recognise it).
     twice: RefCell<Option<String>>,
+    /// The primary's conflicts directory fails (full or failing disk) this
+    /// percent of the times a version is begun, written or kept, while the
+    /// workload runs; each is counted.
+    fail_percent: std::cell::Cell<u8>,
+    fail_rng: RefCell<Option<SimRng>>,
+    failed: std::cell::Cell<u64>,
+}
+
+impl Handed {
+    /// Whether this step of keeping a version fails (`ENOSPC`).
+    fn fails(&self) -> std::io::Result<()> {
+        let p = self.fail_percent.get();
+        let failing = p > 0
+            && self
+                .fail_rng
+                .borrow_mut()
+                .as_mut()
+                .is_some_and(|r| r.percent(p));
+        if failing {
+            self.failed.set(self.failed.get() + 1);
+            return Err(std::io::Error::from_raw_os_error(
+                Errno::NOSPC.raw_os_error(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A version being handed over to the simulated primary.
@@ -452,8 +478,13 @@ impl super::conflicts::Shelving for SimShelving {
                 "more content than announced",
             ));
         }
+        self.handed.fails()?;
         self.data.extend_from_slice(bytes);
         Ok(self.data.len() as u64 == self.version.size)
+    }
+
+    fn left(&self) -> u64 {
+        self.version.size - self.data.len() as u64
     }
 
     fn finish(self: Box<Self>) -> std::io::Result<PathBuf> {
@@ -464,6 +495,9 @@ impl super::conflicts::Shelving for SimShelving {
                 "content does not match its hash",
             ));
         }
+        // Its flush or rename fails: nothing kept (the product's temporary
+        // file goes with it).
+        self.handed.fails()?;
         let slot = super::conflicts::primary_slot(v.kept_at, v.hash);
         let kept = Path::new(SIM_INTERNAL)
             .join(super::fsops::CONFLICTS_DIR)
@@ -637,6 +671,8 @@ impl LocalTree for SimTree {
             self.2.again.set(self.2.again.get() + 1);
             return Ok(None);
         }
+        // Its temporary file cannot be made.
+        self.2.fails()?;
         Ok(Some(Box::new(SimShelving {
             version,
             data: Vec::new(),
@@ -1030,6 +1066,9 @@ struct Replica {
     handover: HandOver<KeptKey>,
     /// Versions the primary acknowledged (their copies removed here).
     handed_over: u64,
+    /// When every version handed over was sent, as far as the hand-over's
+    /// timer is concerned: the simulator decides when it fires.
+    handover_clock: Instant,
     /// The node's own past as a primary (its mark is on disk: a crash
     /// keeps it; a tenure begun in the process does not survive it), as
     /// the receiver's `OwnTenure` decisions read and clear it.
@@ -1108,6 +1147,7 @@ impl Replica {
             slots: 0,
             handover: HandOver::default(),
             handed_over: 0,
+            handover_clock: Instant::now(),
             // The replica's node has never served.
             own: OwnTenure::default(),
             mark_clear_fails: false,
@@ -1353,6 +1393,13 @@ impl Replica {
         self.latch = Latch::resume(self.latch.reason().map(str::to_owned));
     }
 
+    /// The receiver's timer for versions the primary did not acknowledge
+    /// ([`super::handover::ACK_WAIT`]) fires: they go again.
+    fn resend_unacked(&mut self) -> usize {
+        self.handover
+            .requeue_unacked(self.handover_clock + super::handover::ACK_WAIT)
+    }
+
     /// A session opens: every version still in the conflicts directory is
     /// handed over in it (the receiver lists them at `Start`).
     fn begin_handover(&mut self) {
@@ -1392,7 +1439,7 @@ impl Replica {
                 }
                 .encode(&mut self.replies);
             }
-            self.handover.sent(id, key);
+            self.handover.sent(id, key, self.handover_clock);
         }
     }
 
@@ -1763,6 +1810,11 @@ pub struct Outcome {
     /// Versions handed over that the primary kept already (the
     /// acknowledgement lost with a session): acknowledged again.
     pub handed_again: u64,
+    /// Times the primary failed to begin, write or keep a version handed
+    /// over (nothing acknowledged), and versions the replica handed over
+    /// again in the same session for want of an acknowledgement.
+    pub keep_failures: u64,
+    pub handed_resent: u64,
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
     pub comparisons: u64,
@@ -1824,6 +1876,8 @@ impl Outcome {
         self.kept_aside += o.kept_aside;
         self.handed_over += o.handed_over;
         self.handed_again += o.handed_again;
+        self.keep_failures += o.keep_failures;
+        self.handed_resent += o.handed_resent;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
         self.changes_while_comparing += o.changes_while_comparing;
@@ -2172,6 +2226,11 @@ impl DataSim {
         }
         // A third of the seeds: the former primary's mark never clears.
         sim.replica.mark_clear_fails = seed.is_multiple_of(3);
+        // A fifth: the primary fails to keep some versions handed over.
+        if seed % 5 == 2 {
+            sim.handed.fail_percent.set(5);
+            *sim.handed.fail_rng.borrow_mut() = Some(SimRng::new(seed ^ 0x6b65_6570_6661_696c));
+        }
         sim
     }
 
@@ -2977,6 +3036,25 @@ impl DataSim {
                 self.replica_flush_failed();
                 return Ok(());
             }
+            // The hand-over's timer: a version the primary did not keep
+            // (no acknowledgement on its way, or, in a seed whose primary
+            // fails to keep some, now and then while one may still come).
+            if self.replica.handover.resend_at().is_some()
+                && (self.to_primary.is_empty() && !self.sender.has_replies()
+                    || self.handed.fail_percent.get() > 0
+                        && self
+                            .handed
+                            .fail_rng
+                            .borrow_mut()
+                            .as_mut()
+                            .is_some_and(|r| r.percent(10)))
+            {
+                let n = self.replica.resend_unacked();
+                self.out.handed_resent += n as u64;
+                if self.trace {
+                    eprintln!("replica hands over {n} unacknowledged versions again");
+                }
+            }
             // As after the session's `Start`.
             self.replica.hand_over();
             if !self.replica.replies.is_empty() {
@@ -3385,10 +3463,11 @@ impl DataSim {
             steps += 1;
             if steps > 50_000 {
                 return Err(format!(
-                    "no quiescence after {steps} steps: {} ops queued, {} events, idle {}",
+                    "no quiescence after {steps} steps: {} ops queued, {} events, idle {}, hand-over unfinished {}",
                     self.sender.coalescer.pending(),
                     self.events.len(),
-                    self.sender.idle()
+                    self.sender.idle(),
+                    self.replica.handover.handing_over()
                 ));
             }
             if let Some(v) = self.replica.violation.take() {
@@ -3440,6 +3519,7 @@ impl DataSim {
                 // Room returns once the workload stops; I/O errors too.
                 self.replica.faults.full = false;
                 self.replica.faults.eio_percent = 0;
+                self.handed.fail_percent.set(0);
                 self.sender
                     .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
                 if self.settled() {
@@ -3560,6 +3640,7 @@ impl DataSim {
         }
         self.out.handed_over += self.replica.handed_over;
         self.out.handed_again += self.handed.again.get();
+        self.out.keep_failures += self.handed.failed.get();
         Ok(())
     }
 

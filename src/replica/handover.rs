@@ -7,36 +7,54 @@
 //! the session that kept it; one kept in an earlier session and not
 //! acknowledged (the session ended first, or the node restarted) is listed
 //! again from the conflicts directory as the next session opens and handed
-//! over again. The primary keeps a version handed over twice once and
-//! acknowledges both. The copy here is removed only once acknowledged.
+//! over again. One the primary did not acknowledge within
+//! [`ACK_WAIT`] (it could not keep it: its disk full or failing) is handed
+//! over again in the same session. The primary keeps a version handed over
+//! twice once and acknowledges both. The copy here is removed only once
+//! acknowledged.
 //!
 //! The receiver performs what this decides (reading the files, sending
 //! `ConflictFile` and `Data`, removing the copies); the data-path simulator
 //! runs the same decisions over its model of the conflicts directory.
 
 use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How long a version handed over waits for its acknowledgement before it
+/// is handed over again in the same session. The primary acknowledges once
+/// the version is durable (a file and two flushes); no acknowledgement
+/// means it could not keep it, and it logs why.
+pub const ACK_WAIT: Duration = Duration::from_secs(60);
 
 /// A replica's hand-over of the versions it keeps aside (`V`: what names
 /// one of them, with the store it belongs to).
 #[derive(Debug)]
 pub struct HandOver<V> {
     queued: VecDeque<V>,
-    /// Sent under the hand-over's number, not yet acknowledged.
-    sent: HashMap<u64, V>,
+    /// Sent under the hand-over's number, not yet acknowledged, and when.
+    sent: HashMap<u64, (V, Instant)>,
     next_id: u64,
+    ack_wait: Duration,
 }
 
 impl<V> Default for HandOver<V> {
     fn default() -> Self {
-        HandOver {
-            queued: VecDeque::new(),
-            sent: HashMap::new(),
-            next_id: 1,
-        }
+        HandOver::new(ACK_WAIT)
     }
 }
 
 impl<V> HandOver<V> {
+    /// Unacknowledged versions go again after `ack_wait` ([`ACK_WAIT`]
+    /// but in tests).
+    pub fn new(ack_wait: Duration) -> Self {
+        HandOver {
+            queued: VecDeque::new(),
+            sent: HashMap::new(),
+            next_id: 1,
+            ack_wait,
+        }
+    }
+
     /// A session opens: what the last one had on its way is forgotten (its
     /// acknowledgements cannot arrive any more); every version still kept
     /// here (`listed`) is handed over in this one.
@@ -62,16 +80,46 @@ impl<V> HandOver<V> {
         Some((id, v))
     }
 
-    /// Version `id` went out whole: it waits for the acknowledgement.
-    pub fn sent(&mut self, id: u64, version: V) {
-        self.sent.insert(id, version);
+    /// Version `id` went out whole at `now`: it waits for the
+    /// acknowledgement.
+    pub fn sent(&mut self, id: u64, version: V, now: Instant) {
+        self.sent.insert(id, (version, now));
     }
 
     /// The primary acknowledged `id` (it keeps that version durably): the
     /// version whose copy here may be removed now. `None` for a number not
-    /// on its way in this session.
+    /// on its way in this session (one handed over again since: its new
+    /// number's acknowledgement follows).
     pub fn acked(&mut self, id: u64) -> Option<V> {
-        self.sent.remove(&id)
+        self.sent.remove(&id).map(|(v, _)| v)
+    }
+
+    /// How long a version handed over waits for its acknowledgement.
+    pub fn ack_wait(&self) -> Duration {
+        self.ack_wait
+    }
+
+    /// When the oldest unacknowledged version is due to go again.
+    pub fn resend_at(&self) -> Option<Instant> {
+        self.sent.values().map(|(_, at)| *at + self.ack_wait).min()
+    }
+
+    /// Versions unacknowledged for the wait ([`ACK_WAIT`]) at `now` go back to the
+    /// front of the queue, in the order they were sent, to be handed over
+    /// again under new numbers; how many.
+    pub fn requeue_unacked(&mut self, now: Instant) -> usize {
+        let mut due: Vec<u64> = self
+            .sent
+            .iter()
+            .filter(|(_, (_, at))| *at + self.ack_wait <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        due.sort_unstable();
+        for id in due.iter().rev() {
+            let (v, _) = self.sent.remove(id).expect("listed above");
+            self.queued.push_front(v);
+        }
+        due.len()
     }
 
     /// Whether any version is still to send or sent and unacknowledged.
@@ -101,8 +149,9 @@ mod tests {
         assert_eq!((va, vb), ("listed", "kept"));
         assert_ne!(a, b);
         assert!(h.next_to_send().is_none());
-        h.sent(a, va);
-        h.sent(b, vb);
+        let t = Instant::now();
+        h.sent(a, va, t);
+        h.sent(b, vb, t);
         assert!(h.handing_over() && !h.has_queued());
         assert_eq!(h.acked(b), Some("kept"));
         assert_eq!(h.acked(b), None, "once");
@@ -116,16 +165,47 @@ mod tests {
     fn a_new_session_forgets_what_was_on_its_way_and_numbers_afresh() {
         let mut h = HandOver::default();
         h.begin_session(["a", "b"]);
+        let t = Instant::now();
         let (id, v) = h.next_to_send().unwrap();
-        h.sent(id, v);
+        h.sent(id, v, t);
         // The session ends unacknowledged; the next lists what is still kept.
         h.begin_session(["a", "b"]);
         assert_eq!(h.acked(id), None, "an acknowledgement of the old session");
         let (again, v) = h.next_to_send().unwrap();
         assert_eq!(v, "a");
         assert!(again > id, "numbers are not reused");
-        h.sent(again, v);
+        h.sent(again, v, t);
         h.next_to_send().unwrap();
         assert!(h.handing_over());
+    }
+
+    #[test]
+    fn a_version_unacknowledged_too_long_goes_again_under_a_new_number() {
+        let mut h = HandOver::default();
+        let t = Instant::now();
+        h.begin_session(["a", "b", "c"]);
+        let (a, va) = h.next_to_send().unwrap();
+        h.sent(a, va, t);
+        let (b, vb) = h.next_to_send().unwrap();
+        h.sent(b, vb, t + Duration::from_secs(5));
+        assert_eq!(h.resend_at(), Some(t + ACK_WAIT), "the oldest first");
+        assert_eq!(
+            h.requeue_unacked(t + ACK_WAIT - Duration::from_millis(1)),
+            0
+        );
+        assert_eq!(h.requeue_unacked(t + ACK_WAIT), 1, "only the one due");
+        assert_eq!(h.resend_at(), Some(t + Duration::from_secs(5) + ACK_WAIT));
+        // Before what was never sent, then new numbers.
+        let (a2, v) = h.next_to_send().unwrap();
+        assert_eq!(v, "a");
+        assert!(a2 > b);
+        assert_eq!(h.next_to_send().unwrap().1, "c");
+        // The old number's late acknowledgement names nothing any more;
+        // the new one's does.
+        assert_eq!(h.acked(a), None);
+        h.sent(a2, v, t + ACK_WAIT);
+        assert_eq!(h.acked(a2), Some("a"));
+        assert_eq!(h.acked(b), Some("b"));
+        assert_eq!(h.resend_at(), None);
     }
 }

@@ -303,7 +303,10 @@ impl Receiver {
             prescanned: None,
             fence: None,
             session_epoch: Default::default(),
-            handover: HandOver::default(),
+            handover: HandOver::new(crate::failpoint::wait_or(
+                "ACK_WAIT",
+                super::handover::ACK_WAIT,
+            )),
             manifest_out: None,
             served: Default::default(),
         }
@@ -430,6 +433,9 @@ impl Receiver {
             Frame(Option<ReadAhead>),
             /// The flush in flight has taken longer than `flush_alarm`.
             Overdue,
+            /// A version handed over waited too long for its
+            /// acknowledgement ([`super::handover::ACK_WAIT`]).
+            Resend,
         }
         let abandoned = || Err("flush abandoned".into());
         loop {
@@ -439,8 +445,19 @@ impl Receiver {
             }
             let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
+            let resend_at = self
+                .handover
+                .resend_at()
+                .map(tokio::time::Instant::from_std);
             let next = match self.flush_done.as_mut() {
-                None => Next::Frame(frames.recv().await),
+                None => match resend_at {
+                    None => Next::Frame(frames.recv().await),
+                    Some(at) => tokio::select! {
+                        biased;
+                        f = frames.recv() => Next::Frame(f),
+                        _ = tokio::time::sleep_until(at) => Next::Resend,
+                    },
+                },
                 // Staged enough: nothing more is read until the flush
                 // reports.
                 Some(_) if staged_full => {
@@ -459,12 +476,19 @@ impl Receiver {
                         // hold the alarm back.
                         _ = tokio::time::sleep_until(alarm_at), if !overdue => Next::Overdue,
                         f = frames.recv() => Next::Frame(f),
+                        _ = tokio::time::sleep_until(resend_at.unwrap_or(alarm_at)), if resend_at.is_some() => Next::Resend,
                     },
                 },
             };
             let frame = match next {
                 Next::Overdue => {
                     self.flush_is_overdue();
+                    continue;
+                }
+                Next::Resend => {
+                    let n = self.handover.requeue_unacked(Instant::now());
+                    warn!(versions = n, "the primary acknowledged no kept-aside version handed over within {:?} (its log says why: a full or failing disk); handing them over again", self.handover.ack_wait());
+                    self.upload_conflicts(w).await?;
                     continue;
                 }
                 Next::Flushed(res) => {
@@ -1520,7 +1544,7 @@ impl Receiver {
                 self.send_replies(w).await?;
             }
             self.send_replies(w).await?;
-            self.handover.sent(id, (s, c));
+            self.handover.sent(id, (s, c), Instant::now());
         }
         Ok(())
     }

@@ -1249,9 +1249,23 @@ impl<T: LocalTree> Sender<T> {
                 }
             }
             Some(Incoming::Receiving(mut inc)) if inc.id() == seq => {
-                let done = inc
-                    .write(bytes)
-                    .map_err(|e| protocol(format!("conflict {seq}: {e}")))?;
+                let done = match inc.write(bytes) {
+                    Ok(done) => done,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        return Err(protocol(format!("conflict {seq}: {e}")));
+                    }
+                    Err(e) => {
+                        // This node's disk: the rest is read and dropped,
+                        // nothing is acknowledged, and the peer keeps its
+                        // copy and hands it over again.
+                        let left = inc.left().saturating_sub(bytes.len() as u64);
+                        let s = inc.store();
+                        drop(inc);
+                        error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy");
+                        self.incoming = (left > 0).then_some(Incoming::Skipping { id: seq, left });
+                        return Ok(());
+                    }
+                };
                 if !done {
                     self.incoming = Some(Incoming::Receiving(inc));
                     return Ok(());

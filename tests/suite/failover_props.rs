@@ -258,7 +258,9 @@ fn data_sim_seeds() {
                             && o.second_tenures > 0
                             && o.reconciled_sessions > 0
                             && o.handed_over > 0
-                            && o.handed_again > 0),
+                            && o.handed_again > 0
+                            && o.keep_failures > 0
+                            && o.handed_resent > 0),
                 "{o:?}"
             );
             println!("{n} data-path seeds: {o:?}");

@@ -820,6 +820,77 @@ fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
     );
 }
 
+/// A version handed over that the new primary cannot keep (its conflicts
+/// directory unusable: a file in its place, as a full or failing disk would
+/// refuse it) is not acknowledged: the former primary keeps its copy and
+/// hands it over again in the same session once the wait for the
+/// acknowledgement is over (`HASYNC_FAILPOINT_ACK_WAIT_MS`, 60 s in
+/// production), and it is kept once the directory works; nothing is left
+/// half-written on the primary.
+#[test]
+fn a_version_the_primary_could_not_keep_is_handed_over_again_in_the_same_session() {
+    let mut tp = started_with_fixture(fast(), 29, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    std::fs::write(
+        a.join("user0000/Maildir/new/lost.M1.oldprimary"),
+        b"only on the old primary",
+    )
+    .unwrap();
+    let shelf = tp.nodes[1].state_dir.join("internal/inbox/conflicts");
+    std::fs::create_dir_all(shelf.parent().unwrap()).unwrap();
+    if shelf.is_dir() {
+        std::fs::remove_dir_all(&shelf).unwrap();
+    }
+    std::fs::write(&shelf, b"in the way").unwrap();
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_FAILPOINT_ACK_WAIT_MS", "2000")])
+        .unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let start = std::time::Instant::now();
+    while !tp.nodes[1].log().contains("the peer keeps its copy") {
+        assert!(start.elapsed() < CONVERGE, "never refused\n{}", tp.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        tp.conflicts(0).len(),
+        1,
+        "the former primary keeps its copy"
+    );
+    let sessions = tp.nodes[0].log().matches("session started").count();
+    // Room again: handed over within the session, no reconnect needed.
+    std::fs::remove_file(&shelf).unwrap();
+    while tp.conflicts(1).len() != 1 || !tp.conflicts(0).is_empty() {
+        assert!(
+            start.elapsed() < CONVERGE * 2,
+            "{:?} / {:?}\n{}",
+            tp.conflicts(0),
+            tp.conflicts(1),
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = &tp.conflicts(1)[0];
+    assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
+    let log = tp.nodes[0].log();
+    assert!(log.contains("handing them over again"), "{}", tp.logs());
+    assert_eq!(
+        log.matches("session started").count(),
+        sessions,
+        "handed over again in the same session\n{}",
+        tp.logs()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&shelf)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with(".incoming"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
 #[test]
 fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     let _g = inotify_guard();
