@@ -336,6 +336,7 @@ impl Incoming {
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )?;
+        let unsynced = std::cell::Cell::new(None);
         let held = |slot: &str| -> Option<u128> {
             // Only a regular file counts, reached through no symlink (a
             // folder kept aside as a symlink must not lead into the store),
@@ -352,11 +353,33 @@ impl Incoming {
             .ok()?;
             let f = std::fs::File::from(fd);
             let meta = f.metadata().ok()?;
-            (meta.is_file() && meta.len() == size)
-                .then(|| super::tree::hash_file(f).ok())
-                .flatten()
+            if !meta.is_file() || meta.len() != size {
+                return None;
+            }
+            let found = super::tree::hash_file(f.try_clone().ok()?).ok()?;
+            if found == hash {
+                // Acknowledged as kept: durable first (its landing's
+                // directory flush may have failed).
+                let synced = f.sync_all().and_then(|()| {
+                    let file = dir.join(&at);
+                    for d in file.ancestors().skip(1) {
+                        std::fs::File::open(d)?.sync_all()?;
+                        if d == dir {
+                            break;
+                        }
+                    }
+                    Ok(())
+                });
+                if let Err(e) = synced {
+                    unsynced.set(Some(e));
+                }
+            }
+            Some(found)
         };
         if kept_already(kept_at, hash, slots, held) {
+            if let Some(e) = unsynced.take() {
+                return Err(e);
+            }
             return Ok(None);
         }
         let slot = dir.join(primary_slot(kept_at, hash));
@@ -403,10 +426,15 @@ impl Shelving for Incoming {
                 "more content than announced",
             ));
         }
-        self.hasher.update(bytes);
+        if crate::failpoint::fails("conflicts.write_enospc") {
+            return Err(io::Error::from_raw_os_error(
+                rustix::io::Errno::NOSPC.raw_os_error(),
+            ));
+        }
         if let Some(f) = self.file.as_mut() {
             f.write_all(bytes)?;
         }
+        self.hasher.update(bytes);
         self.written += bytes.len() as u64;
         Ok(self.written == self.size)
     }

@@ -515,6 +515,8 @@ impl super::conflicts::Shelving for SimShelving {
             ));
         }
         shelf.insert((slot, v.rel, v.hash), self.data);
+        // Landed, and then its directory's flush fails: not acknowledged.
+        self.handed.fails()?;
         Ok(kept)
     }
 }
@@ -1396,8 +1398,10 @@ impl Replica {
     /// The receiver's timer for versions the primary did not acknowledge
     /// ([`super::handover::ACK_WAIT`]) fires: they go again.
     fn resend_unacked(&mut self) -> usize {
-        self.handover
-            .requeue_unacked(self.handover_clock + super::handover::ACK_WAIT)
+        match self.handover.resend_at() {
+            Some(due) => self.handover.requeue_unacked(due),
+            None => 0,
+        }
     }
 
     /// A session opens: every version still in the conflicts directory is

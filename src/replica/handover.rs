@@ -8,10 +8,11 @@
 //! acknowledged (the session ended first, or the node restarted) is listed
 //! again from the conflicts directory as the next session opens and handed
 //! over again. One the primary did not acknowledge within
-//! [`ACK_WAIT`] (it could not keep it: its disk full or failing) is handed
-//! over again in the same session. The primary keeps a version handed over
-//! twice once and acknowledges both. The copy here is removed only once
-//! acknowledged.
+//! [`ACK_WAIT`] (it could not keep it: its disk full or failing; or it is
+//! very slow) is handed over again in the same session, and the wait
+//! doubles while no acknowledgement comes (up to 16 times). The primary
+//! keeps a version handed over twice once and acknowledges both. The copy
+//! here is removed only once acknowledged.
 //!
 //! The receiver performs what this decides (reading the files, sending
 //! `ConflictFile` and `Data`, removing the copies); the data-path simulator
@@ -22,9 +23,14 @@ use std::time::{Duration, Instant};
 
 /// How long a version handed over waits for its acknowledgement before it
 /// is handed over again in the same session. The primary acknowledges once
-/// the version is durable (a file and two flushes); no acknowledgement
-/// means it could not keep it, and it logs why.
+/// the version is durable (a file and two flushes); one that could not keep
+/// it acknowledges nothing and logs why.
 pub const ACK_WAIT: Duration = Duration::from_secs(60);
+
+/// The wait doubles after each hand-over again that no acknowledgement
+/// followed, this many times at most (60 s → 16 min): a primary whose disk
+/// stays full is not sent every version every minute.
+const ACK_WAIT_DOUBLINGS_MAX: u32 = 4;
 
 /// A replica's hand-over of the versions it keeps aside (`V`: what names
 /// one of them, with the store it belongs to).
@@ -35,6 +41,8 @@ pub struct HandOver<V> {
     sent: HashMap<u64, (V, Instant)>,
     next_id: u64,
     ack_wait: Duration,
+    /// Hand-overs again since the last acknowledgement.
+    misses: u32,
 }
 
 impl<V> Default for HandOver<V> {
@@ -52,6 +60,7 @@ impl<V> HandOver<V> {
             sent: HashMap::new(),
             next_id: 1,
             ack_wait,
+            misses: 0,
         }
     }
 
@@ -59,9 +68,16 @@ impl<V> HandOver<V> {
     /// acknowledgements cannot arrive any more); every version still kept
     /// here (`listed`) is handed over in this one.
     pub fn begin_session(&mut self, listed: impl IntoIterator<Item = V>) {
+        self.end_session();
+        self.queued.extend(listed);
+    }
+
+    /// The session ended: nothing goes out, and nothing is due, until the
+    /// next one opens (its `Start` admitted) and lists what is still kept.
+    pub fn end_session(&mut self) {
         self.sent.clear();
         self.queued.clear();
-        self.queued.extend(listed);
+        self.misses = 0;
     }
 
     /// A version was kept aside in this session.
@@ -91,33 +107,42 @@ impl<V> HandOver<V> {
     /// on its way in this session (one handed over again since: its new
     /// number's acknowledgement follows).
     pub fn acked(&mut self, id: u64) -> Option<V> {
-        self.sent.remove(&id).map(|(v, _)| v)
+        let (v, _) = self.sent.remove(&id)?;
+        self.misses = 0;
+        Some(v)
     }
 
-    /// How long a version handed over waits for its acknowledgement.
+    /// How long a version handed over now waits for its acknowledgement:
+    /// [`ACK_WAIT`] (shorter in tests), doubled for each hand-over again
+    /// since the last acknowledgement.
     pub fn ack_wait(&self) -> Duration {
-        self.ack_wait
+        self.ack_wait * 2u32.pow(self.misses.min(ACK_WAIT_DOUBLINGS_MAX))
     }
 
     /// When the oldest unacknowledged version is due to go again.
     pub fn resend_at(&self) -> Option<Instant> {
-        self.sent.values().map(|(_, at)| *at + self.ack_wait).min()
+        let wait = self.ack_wait();
+        self.sent.values().map(|(_, at)| *at + wait).min()
     }
 
-    /// Versions unacknowledged for the wait ([`ACK_WAIT`]) at `now` go back to the
-    /// front of the queue, in the order they were sent, to be handed over
-    /// again under new numbers; how many.
+    /// Versions unacknowledged for the wait ([`HandOver::ack_wait`]) at
+    /// `now` go back to the front of the queue, in the order they were
+    /// sent, to be handed over again under new numbers; how many.
     pub fn requeue_unacked(&mut self, now: Instant) -> usize {
+        let wait = self.ack_wait();
         let mut due: Vec<u64> = self
             .sent
             .iter()
-            .filter(|(_, (_, at))| *at + self.ack_wait <= now)
+            .filter(|(_, (_, at))| *at + wait <= now)
             .map(|(id, _)| *id)
             .collect();
         due.sort_unstable();
         for id in due.iter().rev() {
             let (v, _) = self.sent.remove(id).expect("listed above");
             self.queued.push_front(v);
+        }
+        if !due.is_empty() {
+            self.misses = self.misses.saturating_add(1);
         }
         due.len()
     }
@@ -194,7 +219,11 @@ mod tests {
             0
         );
         assert_eq!(h.requeue_unacked(t + ACK_WAIT), 1, "only the one due");
-        assert_eq!(h.resend_at(), Some(t + Duration::from_secs(5) + ACK_WAIT));
+        assert_eq!(
+            h.resend_at(),
+            Some(t + Duration::from_secs(5) + 2 * ACK_WAIT),
+            "the wait doubled: no acknowledgement came"
+        );
         // Before what was never sent, then new numbers.
         let (a2, v) = h.next_to_send().unwrap();
         assert_eq!(v, "a");
@@ -205,7 +234,29 @@ mod tests {
         assert_eq!(h.acked(a), None);
         h.sent(a2, v, t + ACK_WAIT);
         assert_eq!(h.acked(a2), Some("a"));
+        assert_eq!(h.ack_wait(), ACK_WAIT, "an acknowledgement came");
         assert_eq!(h.acked(b), Some("b"));
         assert_eq!(h.resend_at(), None);
+    }
+
+    #[test]
+    fn the_wait_doubles_while_nothing_is_acknowledged_up_to_a_bound() {
+        let mut h = HandOver::new(Duration::from_secs(1));
+        let mut now = Instant::now();
+        h.begin_session(["a"]);
+        let mut waits = Vec::new();
+        for _ in 0..7 {
+            let (id, v) = h.next_to_send().unwrap();
+            h.sent(id, v, now);
+            waits.push(h.ack_wait().as_secs());
+            now = h.resend_at().unwrap();
+            assert_eq!(h.requeue_unacked(now), 1);
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
+        // A session's end forgets it all: nothing is due before the next
+        // session's `Start` lists what is kept.
+        h.end_session();
+        assert!(!h.handing_over() && h.resend_at().is_none());
+        assert_eq!(h.ack_wait(), Duration::from_secs(1));
     }
 }

@@ -303,10 +303,10 @@ impl Receiver {
             prescanned: None,
             fence: None,
             session_epoch: Default::default(),
-            handover: HandOver::new(crate::failpoint::wait_or(
-                "ACK_WAIT",
-                super::handover::ACK_WAIT,
-            )),
+            handover: HandOver::new(
+                crate::failpoint::wait_or("ACK_WAIT", super::handover::ACK_WAIT)
+                    .max(Duration::from_millis(100)),
+            ),
             manifest_out: None,
             served: Default::default(),
         }
@@ -399,6 +399,9 @@ impl Receiver {
         });
         let result = self.serve_inner(&mut frames, &w, &peer, peer_addr).await;
         reader.abort();
+        // Nothing is handed over again before the next session's `Start`
+        // is admitted (its fence, its stores).
+        self.handover.end_session();
         self.settle_flush().await;
         // Unacknowledged work is redone by the sender after reconnecting.
         self.discard_unlanded();
@@ -486,9 +489,9 @@ impl Receiver {
                     continue;
                 }
                 Next::Resend => {
-                    let n = self.handover.requeue_unacked(Instant::now());
-                    warn!(versions = n, "the primary acknowledged no kept-aside version handed over within {:?} (its log says why: a full or failing disk); handing them over again", self.handover.ack_wait());
-                    self.upload_conflicts(w).await?;
+                    if self.requeue_unacked_handovers() {
+                        self.upload_conflicts(w).await?;
+                    }
                     continue;
                 }
                 Next::Flushed(res) => {
@@ -546,10 +549,26 @@ impl Receiver {
             );
             self.send_replies(w).await?;
             self.stream_manifest(w).await?;
+            // Also here: a steady stream of frames must not hold the
+            // hand-over's timer back.
+            self.requeue_unacked_handovers();
             if self.handover.has_queued() {
                 self.upload_conflicts(w).await?;
             }
         }
+    }
+
+    /// Versions handed over and not acknowledged within the wait go again
+    /// (the primary could not keep them, or is very slow); whether any.
+    fn requeue_unacked_handovers(&mut self) -> bool {
+        let now = Instant::now();
+        if self.handover.resend_at().is_none_or(|at| at > now) {
+            return false;
+        }
+        let waited = self.handover.ack_wait();
+        let n = self.handover.requeue_unacked(now);
+        warn!(versions = n, "the primary acknowledged no kept-aside version handed over within {waited:?}: it could not keep them (its log says why: a full or failing disk) or is slow; handing them over again, next wait {:?}", self.handover.ack_wait());
+        n > 0
     }
 
     async fn send_replies(&mut self, w: &FrameWriter) -> Result<(), RecvError> {

@@ -1292,6 +1292,11 @@ impl<T: LocalTree> Sender<T> {
                         SyncMsg::ConflictAck { id: seq }.encode(&mut self.replies_out);
                     }
                     Err(e) => {
+                        // It may have landed (a failed directory flush):
+                        // the slots are read again for the next one.
+                        if let Some(names) = self.shelf_slots.get_mut(s) {
+                            *names = None;
+                        }
                         error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy")
                     }
                 }

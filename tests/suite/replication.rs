@@ -820,19 +820,25 @@ fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
     );
 }
 
-/// A version handed over that the new primary cannot keep (its conflicts
-/// directory unusable: a file in its place, as a full or failing disk would
-/// refuse it) is not acknowledged: the former primary keeps its copy and
-/// hands it over again in the same session once the wait for the
-/// acknowledgement is over (`HASYNC_FAILPOINT_ACK_WAIT_MS`, 60 s in
-/// production), and it is kept once the directory works; nothing is left
-/// half-written on the primary.
+/// A version handed over that the new primary cannot keep is not
+/// acknowledged: the former primary keeps its copy and hands it over again
+/// in the same session once the wait for the acknowledgement is over
+/// (`HASYNC_FAILPOINT_ACK_WAIT_MS`, 60 s in production, doubling while none
+/// comes), and it is kept once the primary's disk works. Refused twice:
+/// first its conflicts directory unusable (a file in its place), then its
+/// disk full as the content arrives (`conflicts.write_enospc`, which must
+/// not cut the session); nothing is left half-written on the primary.
 #[test]
 fn a_version_the_primary_could_not_keep_is_handed_over_again_in_the_same_session() {
     let mut tp = started_with_fixture(fast(), 29, 2, 10);
     let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     wait_identical(&a, &b, CONVERGE).unwrap();
     tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    assert!(tp.nodes[1].stop(Duration::from_secs(10)));
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "conflicts.write_enospc=1")])
+        .unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     std::fs::write(
         a.join("user0000/Maildir/new/lost.M1.oldprimary"),
@@ -875,8 +881,19 @@ fn a_version_the_primary_could_not_keep_is_handed_over_again_in_the_same_session
     }
     let c = &tp.conflicts(1)[0];
     assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
+    assert!(
+        tp.nodes[1]
+            .log()
+            .contains("not kept: No space left on device"),
+        "the disk-full failpoint was not reached\n{}",
+        tp.logs()
+    );
     let log = tp.nodes[0].log();
-    assert!(log.contains("handing them over again"), "{}", tp.logs());
+    assert!(
+        log.matches("handing them over again").count() >= 2,
+        "{}",
+        tp.logs()
+    );
     assert_eq!(
         log.matches("session started").count(),
         sessions,
