@@ -1055,6 +1055,12 @@ struct Replica {
     /// read (`flush_percent`, 40 in a sweep).
     flush_rng: SimRng,
     flush_percent: u8,
+    /// The receiver's bound on files staged while a flush is in flight
+    /// (`STAGED_FILES_MAX`, 2,048 in the product; 2 in a quarter of a
+    /// sweep's seeds, else none): at the bound nothing more is read until
+    /// the flush reports. How often it held the reading back.
+    staged_max: usize,
+    staged_full_waits: u64,
     /// The node's conflicts directory: versions kept aside for the primary
     /// (a former primary's genuine conflicts), and any handed over to the
     /// node while it served as primary.
@@ -1144,6 +1150,8 @@ impl Replica {
             overtook_staged: 0,
             flush_rng: SimRng::new(seed ^ 0x6c61_6e64),
             flush_percent: 40,
+            staged_max: usize::MAX,
+            staged_full_waits: 0,
             kept_aside: Default::default(),
             kept_at: 0,
             slots: 0,
@@ -1630,10 +1638,13 @@ impl Replica {
         // The loop's top: a commit starts when a barrier waits; flushes in
         // flight may report (one after another) before the message is read.
         self.start_due();
-        while self.group_commit
-            && self.commits.phase().is_some()
-            && self.flush_rng.percent(self.flush_percent)
-        {
+        while self.group_commit && self.commits.phase().is_some() {
+            if self.commits.staged().len() >= self.staged_max {
+                // Staged enough: the receiver waits for the flush.
+                self.staged_full_waits += 1;
+            } else if !self.flush_rng.percent(self.flush_percent) {
+                break;
+            }
             self.complete_flush();
             self.start_due();
         }
@@ -1837,6 +1848,9 @@ pub struct Outcome {
     /// Ops on paths applied while received files stayed staged (the group
     /// commit's files overtaken where the op touched none of them).
     pub overtook_staged: u64,
+    /// Messages the replica read only after the flush in flight reported,
+    /// its staged files at the receiver's bound (`STAGED_FILES_MAX`).
+    pub staged_full_waits: u64,
     /// Folder removals that failed part way (some of the tree removed).
     pub partial_removals: u64,
     /// Staged files whose writes failed on the staging thread.
@@ -1890,6 +1904,7 @@ impl Outcome {
         self.split_links += o.split_links;
         self.joined_links += o.joined_links;
         self.overtook_staged += o.overtook_staged;
+        self.staged_full_waits += o.staged_full_waits;
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
         self.flush_failures += o.flush_failures;
@@ -2227,6 +2242,10 @@ impl DataSim {
             sim.busy_percent = 40;
             sim.failovers_max = 2;
             sim.replica.faults.keep_aside_fails = true;
+        }
+        // A quarter: the receiver's bound on staged files, made small.
+        if seed % 4 == 1 {
+            sim.replica.staged_max = 2;
         }
         // A third of the seeds: the former primary's mark never clears.
         sim.replica.mark_clear_fails = seed.is_multiple_of(3);
@@ -3600,6 +3619,7 @@ impl DataSim {
         self.check_conflicts()?;
         self.out.paths_at_end = self.primary.borrow().names.len() as u64;
         self.out.overtook_staged = self.replica.overtook_staged;
+        self.out.staged_full_waits = self.replica.staged_full_waits;
         self.out.partial_removals = self.replica.faults.partial_removals;
         self.out.stage_failures = self.replica.faults.stage_failures;
         self.out.torn_files = self.replica.torn_files;

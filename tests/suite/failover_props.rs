@@ -247,6 +247,7 @@ fn data_sim_seeds() {
                     && (!faults
                         // The group commit runs in half the seeds with faults.
                         || o.overtook_staged > 0
+                            && o.staged_full_waits > 0
                             && o.replica_crashes > 0
                             && o.partial_removals > 0
                             && o.stage_failures > 0
