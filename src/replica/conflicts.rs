@@ -108,11 +108,8 @@ impl SlotNames {
     /// Reads `internal`'s conflicts directory (nothing when it does not
     /// exist yet): every slot and the paths below it, byte-exact.
     pub fn read(internal: &Path) -> io::Result<SlotNames> {
-        let dir = conflicts_dir(internal);
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(SlotNames::default()),
-            Err(e) => return Err(e),
+        let Some(rd) = read_slots(internal)? else {
+            return Ok(SlotNames::default());
         };
         let mut out = SlotNames::default();
         for e in rd {
@@ -186,13 +183,19 @@ pub fn kept_already<'s>(
         .any(|s| held(s) == Some(hash))
 }
 
+/// The slots of `internal`'s conflicts directory; `None` before it exists.
+fn read_slots(internal: &Path) -> io::Result<Option<std::fs::ReadDir>> {
+    match std::fs::read_dir(conflicts_dir(internal)) {
+        Ok(rd) => Ok(Some(rd)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Every version kept aside in `store`'s internal directory, oldest first.
 pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
-    let dir = conflicts_dir(internal);
-    let slots = match std::fs::read_dir(&dir) {
-        Ok(rd) => rd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let Some(slots) = read_slots(internal)? else {
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for slot in slots {

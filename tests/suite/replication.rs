@@ -798,17 +798,7 @@ fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
         .unwrap();
     tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
     wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let start = std::time::Instant::now();
-    while tp.conflicts(1).len() != 1 {
-        assert!(
-            start.elapsed() < CONVERGE,
-            "{:?} / {:?}\n{}",
-            tp.conflicts(0),
-            tp.conflicts(1),
-            tp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tp.wait_conflicts(0, 1, CONVERGE);
     let c = &tp.conflicts(1)[0];
     assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
     assert!(
@@ -869,16 +859,7 @@ fn a_version_the_primary_could_not_keep_is_handed_over_again_in_the_same_session
     let sessions = tp.nodes[0].log().matches("session started").count();
     // Room again: handed over within the session, no reconnect needed.
     std::fs::remove_file(&shelf).unwrap();
-    while tp.conflicts(1).len() != 1 || !tp.conflicts(0).is_empty() {
-        assert!(
-            start.elapsed() < CONVERGE * 2,
-            "{:?} / {:?}\n{}",
-            tp.conflicts(0),
-            tp.conflicts(1),
-            tp.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    tp.wait_conflicts(0, 1, CONVERGE);
     let c = &tp.conflicts(1)[0];
     assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
     assert!(

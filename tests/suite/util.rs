@@ -193,6 +193,22 @@ impl TestPair {
             .unwrap_or_default()
     }
 
+    /// Waits until node 0 lists `on0` kept-aside versions and node 1
+    /// `on1`; panics with both lists and the logs after `limit`.
+    pub fn wait_conflicts(&self, on0: usize, on1: usize, limit: Duration) {
+        let start = std::time::Instant::now();
+        while self.conflicts(0).len() != on0 || self.conflicts(1).len() != on1 {
+            assert!(
+                start.elapsed() < limit,
+                "not {on0} / {on1} versions kept aside: {:?} / {:?}\n{}",
+                self.conflicts(0),
+                self.conflicts(1),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The content of `c`, kept aside in node `i`'s inbox store.
     pub fn conflict_body(&self, i: usize, c: &hasync::replica::conflicts::Conflict) -> Vec<u8> {
         let file = self.pair.nodes[i]
