@@ -18,7 +18,7 @@
 //! `ConflictFile` and `Data`, removing the copies); the data-path simulator
 //! runs the same decisions over its model of the conflicts directory.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long a version handed over waits for its acknowledgement before it
@@ -37,8 +37,9 @@ const ACK_WAIT_DOUBLINGS_MAX: u32 = 4;
 #[derive(Debug)]
 pub struct HandOver<V> {
     queued: VecDeque<V>,
-    /// Sent under the hand-over's number, not yet acknowledged, and when.
-    sent: HashMap<u64, (V, Instant)>,
+    /// Sent under the hand-over's number, not yet acknowledged, and when:
+    /// numbers go out in order, so the first is the oldest.
+    sent: BTreeMap<u64, (V, Instant)>,
     next_id: u64,
     ack_wait: Duration,
     /// Hand-overs again since the last acknowledgement.
@@ -57,7 +58,7 @@ impl<V> HandOver<V> {
     pub fn new(ack_wait: Duration) -> Self {
         HandOver {
             queued: VecDeque::new(),
-            sent: HashMap::new(),
+            sent: BTreeMap::new(),
             next_id: 1,
             ack_wait,
             misses: 0,
@@ -96,7 +97,8 @@ impl<V> HandOver<V> {
         Some((id, v))
     }
 
-    /// Version `id` went out whole at `now`: it waits for the
+    /// Version `id` went out whole at `now` (in the order of their numbers,
+    /// as [`HandOver::next_to_send`] gave them): it waits for the
     /// acknowledgement.
     pub fn sent(&mut self, id: u64, version: V, now: Instant) {
         self.sent.insert(id, (version, now));
@@ -121,8 +123,8 @@ impl<V> HandOver<V> {
 
     /// When the oldest unacknowledged version is due to go again.
     pub fn resend_at(&self) -> Option<Instant> {
-        let wait = self.ack_wait();
-        self.sent.values().map(|(_, at)| *at + wait).min()
+        let (_, (_, at)) = self.sent.first_key_value()?;
+        Some(*at + self.ack_wait())
     }
 
     /// Versions unacknowledged for the wait ([`HandOver::ack_wait`]) at
@@ -130,21 +132,21 @@ impl<V> HandOver<V> {
     /// sent, to be handed over again under new numbers; how many.
     pub fn requeue_unacked(&mut self, now: Instant) -> usize {
         let wait = self.ack_wait();
-        let mut due: Vec<u64> = self
-            .sent
-            .iter()
-            .filter(|(_, (_, at))| *at + wait <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        due.sort_unstable();
-        for id in due.iter().rev() {
-            let (v, _) = self.sent.remove(id).expect("listed above");
+        let mut due = Vec::new();
+        while let Some(entry) = self.sent.first_entry() {
+            if entry.get().1 + wait > now {
+                break;
+            }
+            due.push(entry.remove().0);
+        }
+        let n = due.len();
+        for v in due.into_iter().rev() {
             self.queued.push_front(v);
         }
-        if !due.is_empty() {
+        if n > 0 {
             self.misses = self.misses.saturating_add(1);
         }
-        due.len()
+        n
     }
 
     /// Whether any version is still to send or sent and unacknowledged.
