@@ -687,7 +687,7 @@ fn prescan_replica(
     // Hashes what changed while this node was down (the costly part) and
     // keeps the entries of the stores that fit the budget; a store beyond it
     // is walked again for the manifest, its hashes in the index by then.
-    let mut left = super::walk::HELD_ENTRIES_MAX;
+    let mut left = super::walk::HELD_BYTES_MAX;
     let scans = st
         .iter_mut()
         .map(|s| {
@@ -695,7 +695,7 @@ fn prescan_replica(
                 .run(s.root.tree(), &mut s.index, &shared.excludes, left, |_| {})
                 .ok()
                 .flatten();
-            left -= scan.as_ref().map_or(0, |s| s.entries.len());
+            left = left.saturating_sub(scan.as_ref().map_or(0, |s| s.entries.held_bytes()));
             scan
         })
         .collect();
@@ -703,7 +703,13 @@ fn prescan_replica(
         ms = started.elapsed().as_millis() as u64,
         "replica scanned for the first manifest"
     );
-    *receiving.prescan.borrow_mut() = Some(super::receiver::Prescan { at: started, scans });
+    // Fresh from the walk's end: anything written into the replica since
+    // it began, by this node (a landing) or another process (the foreign
+    // watch), discards it.
+    *receiving.prescan.borrow_mut() = Some(super::receiver::Prescan {
+        at: std::time::Instant::now(),
+        scans,
+    });
     *stores.borrow_mut() = Some(st);
 }
 
@@ -961,6 +967,9 @@ async fn run_primary(
     crate::failpoint::hit("engine.before_takeover_record");
     let (scans, record_complete) =
         record_takeover(cfg, &shared.excludes, &mut stores, (epoch, floor));
+    // Fresh from the walk's end (what changed since it began is queued):
+    // a million-entry walk takes longer than the freshness.
+    let held_at = std::time::Instant::now();
     if !mark_serving(shared, mode_rx, (tenure, epoch)).await {
         *shared.notifier.lock().expect("notifier lock") = None;
         return;
@@ -975,7 +984,7 @@ async fn run_primary(
     );
     sender.state_dir = cfg.state_dir.clone();
     sender.tenure = (epoch, floor);
-    sender.prescanned = Some((scanned_at, scans));
+    sender.prescanned = Some((held_at, scans));
     sender.takeover_settled = record_complete;
     sender.resync_requested = shared.resync.clone();
     sender.commits = Some(shared.commit_rx.clone());
@@ -1169,7 +1178,7 @@ fn record_takeover(
     let (mut files, mut unread) = (0usize, 0usize);
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
     // What is held for the first comparison, over all stores.
-    let mut left = super::walk::HELD_ENTRIES_MAX;
+    let mut left = super::walk::HELD_BYTES_MAX;
     for (i, st) in stores.iter_mut().enumerate().filter(|(_, s)| s.conflicts) {
         // Sized once (growing a million-entry list holds it twice), sorted
         // and without repeats before it is written.
@@ -1187,7 +1196,7 @@ fn record_takeover(
         match held {
             // Kept for the first comparison if it fits (else walked again).
             Ok(scan) => {
-                left -= scan.as_ref().map_or(0, |s| s.entries.len());
+                left = left.saturating_sub(scan.as_ref().map_or(0, |s| s.entries.held_bytes()));
                 scans[i] = scan
             }
             Err(e) => {

@@ -21,6 +21,7 @@ pub mod index;
 pub mod latch;
 pub mod links;
 pub mod manifest;
+pub mod packed;
 pub mod receiver;
 pub mod reception;
 pub mod sender;

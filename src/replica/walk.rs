@@ -21,7 +21,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::{self, ErrorKind};
 use std::path::{Path, PathBuf};
 
-use super::index::{Entry, Index, Kind, Rehash, Scan, ScanEntry, Stat};
+use super::index::{Entry, Index, Kind, Rehash, Scan, ScanEntries, ScanEntry, Stat};
 use super::tree::LocalTree;
 use super::Excludes;
 
@@ -106,11 +106,10 @@ impl Walk {
         index: &mut Index,
         excludes: &Excludes,
     ) -> io::Result<Scan> {
-        let mut entries = Vec::with_capacity(index.len_hint() + 64);
+        let mut entries = ScanEntries::new();
         while let Some(e) = self.next(tree, index, excludes)? {
-            entries.push(e);
+            entries.push(&e);
         }
-        entries.shrink_to_fit();
         Ok(Scan {
             entries,
             too_long: self.too_long,
@@ -196,14 +195,15 @@ impl Walk {
 }
 
 /// Scans taken before a session (the takeover record's, the replica's
-/// while the pair forms) are kept for its first comparison up to this many
-/// entries over all of a node's stores (about 230 bytes each: 58 MiB), and
-/// up to [`HELD_UNSIZED_ENTRIES_MAX`] of a store whose size the index does
-/// not know: a store beyond that is walked again then, one folder at a
-/// time, its hashes in the index and its metadata in the kernel's cache by
-/// then. Holding spares a restart that second walk (0.9 s of a
+/// while the pair forms) are kept for its first comparison, packed, up to
+/// this many bytes over all of a node's stores (about 50 bytes a Maildir
+/// entry with its hash: 1.3 million entries), and up to
+/// [`HELD_UNSIZED_ENTRIES_MAX`] entries of a store whose size the index
+/// does not know: a store beyond that is walked again then, one folder at
+/// a time, its hashes in the index and its metadata in the kernel's cache
+/// by then. Holding spares a restart that second walk (0.9 s of a
 /// 202,000-file store's catch-up).
-pub const HELD_ENTRIES_MAX: usize = 262_144;
+pub const HELD_BYTES_MAX: usize = 64 << 20;
 
 /// What a walk holds where the index does not know the store's size (its
 /// first walk, before an initial sync), or knows less than this: the store
@@ -214,41 +214,33 @@ pub const HELD_UNSIZED_ENTRIES_MAX: usize = 65_536;
 
 impl Walk {
     /// Walks to the end, showing `each` every entry; returns them all if
-    /// there are at most `held_max` (see [`HELD_ENTRIES_MAX`]).
+    /// they pack into at most `held_bytes_max` (see [`HELD_BYTES_MAX`]).
     pub fn run<T: LocalTree + ?Sized>(
         mut self,
         tree: &T,
         index: &mut Index,
         excludes: &Excludes,
-        held_max: usize,
+        held_bytes_max: usize,
         mut each: impl FnMut(&ScanEntry),
     ) -> io::Result<Option<Scan>> {
-        // Sized once where the index knows the store's size (growing a
-        // large list holds it twice over while it is copied); not tried
-        // where the index knows the store is larger than the budget.
         // Where the index knows less than the store holds (a first walk,
         // an initial sync resumed, a store grown while the node was down),
         // at most what it knows and a quarter more, or the unsized budget.
         let known = index.len_hint();
-        let held_max = held_max.min(HELD_UNSIZED_ENTRIES_MAX.max(known.saturating_add(known / 4)));
-        let mut held =
-            (known <= held_max).then(|| Vec::with_capacity(known.saturating_add(64).min(held_max)));
+        let held_max = HELD_UNSIZED_ENTRIES_MAX.max(known.saturating_add(known / 4));
+        let mut held = Some(ScanEntries::new());
         while let Some(e) = self.next(tree, index, excludes)? {
             each(&e);
             if let Some(v) = held.as_mut() {
-                if v.len() < held_max {
-                    v.push(e);
-                } else {
+                v.push(&e);
+                if v.len() > held_max || v.held_bytes() > held_bytes_max {
                     held = None;
                 }
             }
         }
-        Ok(held.map(|mut entries| {
-            entries.shrink_to_fit();
-            Scan {
-                entries,
-                too_long: self.too_long,
-            }
+        Ok(held.map(|entries| Scan {
+            entries,
+            too_long: self.too_long,
         }))
     }
 }
@@ -265,14 +257,14 @@ pub struct Ordered {
 
 #[derive(Debug)]
 enum Source {
-    Held(std::vec::IntoIter<ScanEntry>, Vec<PathBuf>),
+    Held(ScanEntries, Vec<PathBuf>),
     Walking(Walk),
 }
 
 impl Ordered {
     pub fn held(scan: Scan) -> Ordered {
         Ordered {
-            source: Source::Held(scan.entries.into_iter(), scan.too_long),
+            source: Source::Held(scan.entries, scan.too_long),
             peeked: None,
             taken: 0,
         }
@@ -296,7 +288,7 @@ impl Ordered {
     ) -> io::Result<Option<ScanEntry>> {
         if self.peeked.is_none() {
             self.peeked = match &mut self.source {
-                Source::Held(it, _) => it.next(),
+                Source::Held(held, _) => held.pop_front(),
                 Source::Walking(w) => w.next(tree, index, excludes)?,
             };
         }
@@ -393,6 +385,49 @@ mod tests {
             .collect()
     }
 
+    /// A held scan of a Maildir tree, hashed, comes back exactly as the
+    /// walk gave it, in a fraction of what its entries take unpacked.
+    #[test]
+    fn a_held_scan_comes_back_whole_in_a_fraction_of_the_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..3_000u64)
+            .map(|i| {
+                format!(
+                    "user{:03}/Maildir/{}/{}.M{}P{}Q{i}.mx.example.net,S={}:2,S",
+                    i / 30,
+                    ["cur", "new"][(i % 2) as usize],
+                    1_700_000_000 + i * 7919 % 100_000,
+                    i * 104_729 % 1_000_000,
+                    i * 7_727 % 30_000,
+                    i * 65_537 % 3_000_000
+                )
+            })
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let t = tree_with(dir.path(), &refs);
+        let excludes = Excludes::new(&[]).unwrap();
+        let mut index = Index::in_memory();
+        let mut walked = Vec::new();
+        let held = Walk::new(&mut index, Rehash::Changed, true)
+            .run(&t, &mut index, &excludes, usize::MAX, |e| {
+                walked.push(e.clone())
+            })
+            .unwrap()
+            .unwrap();
+        let unpacked: usize = walked
+            .iter()
+            .map(|e| std::mem::size_of::<ScanEntry>() + e.0.as_os_str().len())
+            .sum();
+        let bytes = held.entries.held_bytes();
+        assert!(
+            bytes * 3 < unpacked,
+            "{bytes} bytes held for {} entries ({unpacked} unpacked)",
+            walked.len()
+        );
+        assert!(walked.iter().all(|e| e.2.is_some()), "hashed");
+        assert_eq!(held.entries.collect::<Vec<_>>(), walked);
+    }
+
     #[test]
     fn a_walk_holds_its_entries_only_within_the_budget() {
         let dir = tempfile::tempdir().unwrap();
@@ -400,13 +435,21 @@ mod tests {
         let excludes = Excludes::new(&[]).unwrap();
         let mut index = Index::in_memory();
         let held = Walk::new(&mut index, Rehash::Changed, true)
-            .run(&t, &mut index, &excludes, 10, |_| {})
+            .run(&t, &mut index, &excludes, 1 << 20, |_| {})
+            .unwrap()
             .unwrap();
-        assert_eq!(names(&held.unwrap().entries), ["a", "a/1", "a/2", "b"]);
+        let bytes = held.entries.held_bytes();
+        let held: Vec<_> = held.entries.collect();
+        assert_eq!(names(&held), ["a", "a/1", "a/2", "b"]);
+        // Exactly the budget: held.
+        let again = Walk::new(&mut index, Rehash::Changed, true)
+            .run(&t, &mut index, &excludes, bytes, |_| {})
+            .unwrap();
+        assert_eq!(again.map(|s| s.entries.len()), Some(4));
         // Beyond the budget: not held, every entry still shown.
         let mut shown = 0;
         let held = Walk::new(&mut index, Rehash::Changed, true)
-            .run(&t, &mut index, &excludes, 3, |_| shown += 1)
+            .run(&t, &mut index, &excludes, bytes - 1, |_| shown += 1)
             .unwrap();
         assert!(held.is_none());
         assert_eq!(shown, 4);
@@ -444,7 +487,7 @@ mod tests {
         assert!(index.get(Path::new("a/c/d")).is_some());
         // The same as a scan collected whole.
         let scan = index.scan(&t, &excludes, Rehash::Changed, true).unwrap();
-        assert_eq!(scan.entries, got);
+        assert_eq!(scan.entries.collect::<Vec<_>>(), got);
     }
 
     #[test]
@@ -508,20 +551,34 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_kept_whole_only_up_to_its_bound() {
+    fn a_scan_of_a_store_larger_than_the_index_knows_is_held_only_up_to_its_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let t = tree_with(dir.path(), &["a/1", "a/2"]);
+        let names: Vec<String> = (0..HELD_UNSIZED_ENTRIES_MAX - 63)
+            .map(|i| format!("{:02}/{i}", i % 64))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let t = tree_with(dir.path(), &refs[..HELD_UNSIZED_ENTRIES_MAX - 64]);
         let excludes = Excludes::new(&[]).unwrap();
         let mut index = Index::in_memory();
         let mut seen = 0;
         let held = Walk::new(&mut index, Rehash::Changed, false)
-            .run(&t, &mut index, &excludes, 3, |_| seen += 1)
+            .run(&t, &mut index, &excludes, usize::MAX, |_| seen += 1)
             .unwrap();
-        assert_eq!((seen, held.map(|s| s.entries.len())), (3, Some(3)));
-        // One more than the bound: every entry seen, none held.
+        // The folders and their files: the unsized budget exactly.
+        assert_eq!(
+            (seen, held.map(|s| s.entries.len())),
+            (HELD_UNSIZED_ENTRIES_MAX, Some(HELD_UNSIZED_ENTRIES_MAX))
+        );
+        // One more than the index knows and the unsized budget: every
+        // entry seen, none held.
+        let t = tree_with(dir.path(), &refs[HELD_UNSIZED_ENTRIES_MAX - 64..][..1]);
+        let mut index = Index::in_memory();
         let held = Walk::new(&mut index, Rehash::Changed, false)
-            .run(&t, &mut index, &excludes, 2, |_| seen += 1)
+            .run(&t, &mut index, &excludes, usize::MAX, |_| seen += 1)
             .unwrap();
-        assert_eq!((seen, held.is_none()), (6, true));
+        assert_eq!(
+            (seen, held.is_none()),
+            (2 * HELD_UNSIZED_ENTRIES_MAX + 1, true)
+        );
     }
 }

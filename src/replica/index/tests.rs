@@ -555,3 +555,48 @@ fn a_failed_write_is_not_started_again_at_every_change() {
     ix.save().unwrap();
     assert_eq!(Index::load(&sub, "inbox").len(), 20);
 }
+
+proptest::proptest! {
+    /// Any entry a scan can find comes back from a packed list exactly,
+    /// times before 1970 and metadata times of their own included.
+    #[test]
+    fn a_packed_scan_entry_comes_back_exactly(
+        entries in proptest::collection::vec(
+            (
+                proptest::collection::vec(1u8..=255, 1..80),
+                0u8..3,
+                proptest::prelude::any::<(u64, i64, u32, u64, i64, u32)>(),
+                proptest::prelude::any::<(u32, u32, u32, bool, i64, u32, u32, u64)>(),
+                proptest::option::of(proptest::prelude::any::<u128>()),
+            ),
+            1..200,
+        ),
+    ) {
+        use std::os::unix::ffi::OsStrExt;
+        let mut list = ScanEntries::new();
+        let mut model = Vec::new();
+        for (path, kind, v, (mode, uid, gid, same, ms, mns, nlink, dev), hash) in entries {
+            let version = Version {
+                size: v.0,
+                mtime_s: v.1,
+                mtime_ns: v.2,
+                ino: v.3,
+                ctime_s: v.4,
+                ctime_ns: v.5,
+            };
+            let (mtime_sec, mtime_nsec) = if same { (v.1, v.2) } else { (ms, mns) };
+            let st = Stat {
+                kind: [Kind::File, Kind::Dir, Kind::Symlink][kind as usize],
+                version,
+                meta: Meta { mode, uid, gid, mtime_sec, mtime_nsec },
+                nlink,
+                dev,
+            };
+            let e = (PathBuf::from(std::ffi::OsStr::from_bytes(&path)), st, hash);
+            list.push(&e);
+            model.push(e);
+        }
+        proptest::prop_assert!(list.iter().eq(model.iter().cloned()));
+        proptest::prop_assert_eq!(list.collect::<Vec<_>>(), model);
+    }
+}

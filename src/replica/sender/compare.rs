@@ -661,9 +661,9 @@ mod tests {
             .scan(&store.tree, &s.excludes, Rehash::Changed, false)
             .unwrap();
         let mut manifest = Vec::new();
-        for (rel, st, hash) in &scan.entries {
-            let hash = hash.unwrap_or_else(|| s.stores[0].tree.hash(rel, st.kind).unwrap());
-            let mut e = crate::replica::index::manifest_entry(rel, st, hash);
+        for (rel, st, hash) in scan.entries.iter() {
+            let hash = hash.unwrap_or_else(|| s.stores[0].tree.hash(&rel, st.kind).unwrap());
+            let mut e = crate::replica::index::manifest_entry(&rel, &st, hash);
             match rel.to_str().unwrap() {
                 "a/new/2" => continue,
                 "a/cur/1" => e.hash ^= 1,
