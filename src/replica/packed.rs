@@ -125,11 +125,14 @@ impl Chunk {
         if self.packed_from != 0 || self.at != 0 || self.bytes.is_empty() {
             return 0;
         }
-        let packed = miniz_oxide::deflate::compress_to_vec(&self.bytes, DEFLATE_LEVEL);
+        let mut packed = miniz_oxide::deflate::compress_to_vec(&self.bytes, DEFLATE_LEVEL);
         if packed.len() >= self.bytes.len() {
             // Nothing to gain (random names): kept as it is.
             return 0;
         }
+        // It comes in a buffer of half the input or more, all of it
+        // written: without this, a chunk would hold that much.
+        packed.shrink_to_fit();
         self.packed_from = self.bytes.len();
         self.bytes = packed;
         self.last = Vec::new();
