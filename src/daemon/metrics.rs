@@ -206,6 +206,12 @@ pub fn render(s: &Status) -> String {
         "1 while replication is paused for a full disk",
         i64::from(rp.disk_full || rp.peer_disk_full),
     );
+    gauge(
+        &mut r,
+        "conflict_refused",
+        "1 while the primary refuses the versions this secondary hands over (its disk full or failing)",
+        i64::from(rp.conflict_refused.is_some()),
+    );
     for (name, help, v) in [
         ("files_sent", "Files sent to the secondary", rp.files_sent),
         (

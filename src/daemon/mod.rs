@@ -1711,6 +1711,13 @@ pub fn render_status(s: &Status) -> String {
             s.conflicts.oldest_age_s.unwrap_or(0)
         );
     }
+    if let Some(why) = r
+        .conflict_refused
+        .as_ref()
+        .filter(|_| s.mode == Role::Secondary)
+    {
+        let _ = writeln!(o, "conflicts REFUSED BY THE PRIMARY: {}", printable(why));
+    }
     if let Some(why) = &r.disk_full_why {
         let _ = writeln!(o, "DISK FULL {}", printable(why));
     }

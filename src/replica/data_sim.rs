@@ -85,7 +85,7 @@
 //! staging thread's own failures (a staged file fails only as it lands).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -1074,6 +1074,12 @@ struct Replica {
     handover: HandOver<KeptKey>,
     /// Versions the primary acknowledged (their copies removed here).
     handed_over: u64,
+    /// Versions the primary refused (it could not keep them), heard while
+    /// they were on their way.
+    handed_refused: u64,
+    /// The hand-over numbers the primary answered (acknowledged or
+    /// refused), since the hand-over began numbering: each at most once.
+    answered: HashSet<u64>,
     /// When every version handed over was sent, as far as the hand-over's
     /// timer is concerned: the simulator decides when it fires.
     handover_clock: Instant,
@@ -1157,6 +1163,8 @@ impl Replica {
             slots: 0,
             handover: HandOver::default(),
             handed_over: 0,
+            handed_refused: 0,
+            answered: HashSet::new(),
             handover_clock: Instant::now(),
             // The replica's node has never served.
             own: OwnTenure::default(),
@@ -1398,6 +1406,7 @@ impl Replica {
         self.since_durable.push(Step::NewReceiver);
         self.ops = Applier::new(self.stats.clone());
         self.handover = HandOver::default();
+        self.answered.clear();
         // Latched or not as its marker says; the acknowledgements held went
         // with the connection.
         self.latch = Latch::resume(self.latch.reason().map(str::to_owned));
@@ -1694,10 +1703,22 @@ impl Replica {
             }
             // The primary keeps a version handed over: the copy here goes.
             SyncMsg::ConflictAck { id } => {
+                if !self.answered.insert(id) {
+                    return Err(format!("hand-over {id} answered twice by the primary"));
+                }
                 if let Some(key) = self.handover.acked(id) {
                     if self.kept_aside.remove(&key).is_some() {
                         self.handed_over += 1;
                     }
+                }
+            }
+            // It stays on its way: the timer hands it over again.
+            SyncMsg::ConflictRefused { id, .. } => {
+                if !self.answered.insert(id) {
+                    return Err(format!("hand-over {id} answered twice by the primary"));
+                }
+                if self.handover.refused(id).is_some() {
+                    self.handed_refused += 1;
                 }
             }
             SyncMsg::File {
@@ -1830,6 +1851,8 @@ pub struct Outcome {
     /// again in the same session for want of an acknowledgement.
     pub keep_failures: u64,
     pub handed_resent: u64,
+    /// Refusals of versions handed over that the replica heard.
+    pub handed_refused: u64,
     /// Files sent on the large files' path (hashed, then streamed).
     pub large_files: u64,
     pub comparisons: u64,
@@ -1896,6 +1919,7 @@ impl Outcome {
         self.handed_again += o.handed_again;
         self.keep_failures += o.keep_failures;
         self.handed_resent += o.handed_resent;
+        self.handed_refused += o.handed_refused;
         self.large_files += o.large_files;
         self.comparisons += o.comparisons;
         self.changes_while_comparing += o.changes_while_comparing;
@@ -3665,6 +3689,14 @@ impl DataSim {
         self.out.handed_over += self.replica.handed_over;
         self.out.handed_again += self.handed.again.get();
         self.out.keep_failures += self.handed.failed.get();
+        self.out.handed_refused += self.replica.handed_refused;
+        if self.replica.handed_refused > self.handed.failed.get() {
+            return Err(format!(
+                "the replica heard {} refusals of versions handed over, the primary failed to keep {}",
+                self.replica.handed_refused,
+                self.handed.failed.get()
+            ));
+        }
         Ok(())
     }
 

@@ -149,6 +149,13 @@ impl<V> HandOver<V> {
         n
     }
 
+    /// The primary refused `id` (it could not keep it): the version, which
+    /// stays on its way and goes again when its wait is over (a full disk
+    /// is not freed at once). `None` for a number not on its way.
+    pub fn refused(&self, id: u64) -> Option<&V> {
+        self.sent.get(&id).map(|(v, _)| v)
+    }
+
     /// Whether any version is still to send or sent and unacknowledged.
     pub fn handing_over(&self) -> bool {
         !self.queued.is_empty() || !self.sent.is_empty()

@@ -30,6 +30,7 @@ use super::stager::{StagedFile, Stager};
 use super::stats::{add, ReplStats, Stages};
 use super::{Durability, Excludes};
 use crate::link::{FrameReader, FrameWriter, LinkError};
+use crate::logging::printable;
 use crate::wire::sync::{NeedReason, SyncMsg, MANIFEST_ENTRIES_MAX};
 use crate::wire::{Frame, WireError};
 
@@ -1067,7 +1068,10 @@ impl Receiver {
     async fn handle(&mut self, msg: SyncMsg, peer: &str) -> Result<(), RecvError> {
         if !matches!(
             msg,
-            SyncMsg::Start { .. } | SyncMsg::ManifestRequest { .. } | SyncMsg::ConflictAck { .. }
+            SyncMsg::Start { .. }
+                | SyncMsg::ManifestRequest { .. }
+                | SyncMsg::ConflictAck { .. }
+                | SyncMsg::ConflictRefused { .. }
         ) {
             // Anything else may change the tree: scans taken before it are stale.
             self.prescanned = None;
@@ -1165,11 +1169,39 @@ impl Receiver {
             }
             SyncMsg::ConflictAck { id } => {
                 if let Some((s, c)) = self.handover.acked(id) {
+                    *self
+                        .stats
+                        .conflict_refused
+                        .lock()
+                        .expect("conflict refused lock") = None;
                     if let Err(e) =
                         super::conflicts::remove(self.stores[s].root.internal_path(), &c.file)
                     {
                         warn!(file = %c.file.display(), "cannot remove a version the primary now holds: {e}");
                     }
+                }
+            }
+            SyncMsg::ConflictRefused { id, why } => {
+                // Stays on its way: handed over again when the wait is
+                // over, as one that got no answer.
+                if let Some((s, c)) = self.handover.refused(id) {
+                    let wait = self.handover.ack_wait();
+                    let line = format!(
+                        "the primary could not keep a version kept aside here ({} in {}): {}; it stays here and is handed over again within {wait:?}",
+                        c.path, self.stores[*s].name, printable(&why)
+                    );
+                    let mut last = self
+                        .stats
+                        .conflict_refused
+                        .lock()
+                        .expect("conflict refused lock");
+                    if last.is_none() {
+                        error!(alarm = true, "ALARM: {line}");
+                        self.stats.raise_alarm(line.clone());
+                    } else {
+                        warn!("{line}");
+                    }
+                    *last = Some(line);
                 }
             }
             SyncMsg::ManifestRequest { id, full_verify } => self.send_manifest(id, full_verify)?,
@@ -1509,25 +1541,28 @@ impl Receiver {
             if !self.stores[s].conflicts {
                 continue;
             }
-            let rel = match super::fsops::check_rel(c.path.as_bytes()) {
+            // One that cannot be read now is left where it is: listed and
+            // handed over again in the next session.
+            let read = || -> Result<_, String> {
+                let rel = super::fsops::check_rel(c.path.as_bytes())
+                    .map_err(|e| format!("its path is not one to replicate: {e}"))?;
+                let f = std::fs::File::open(&c.file).map_err(|e| format!("cannot open: {e}"))?;
+                let st = index::fstat(f.as_fd())
+                    .map_err(|e| format!("cannot stat: {e}"))?
+                    .filter(|st| st.kind == Kind::File)
+                    .ok_or("not a regular file")?;
+                let hash = f
+                    .try_clone()
+                    .and_then(super::tree::hash_file)
+                    .map_err(|e| format!("cannot read: {e}"))?;
+                Ok((rel, f, st, hash))
+            };
+            let (rel, mut f, st, hash) = match read() {
                 Ok(r) => r,
-                Err(_) => continue,
-            };
-            let Ok(mut f) = std::fs::File::open(&c.file) else {
-                continue;
-            };
-            let Ok(Some(st)) = index::fstat(f.as_fd()) else {
-                continue;
-            };
-            if st.kind != Kind::File {
-                continue;
-            }
-            let hash = match super::tree::hash_file(match f.try_clone() {
-                Ok(f) => f,
-                Err(_) => continue,
-            }) {
-                Ok(h) => h,
-                Err(_) => continue,
+                Err(why) => {
+                    warn!(store = %self.stores[s].name, file = %c.file.display(), "a version kept aside here is not handed over in this session: {why}");
+                    continue;
+                }
             };
             SyncMsg::ConflictFile {
                 id,

@@ -1229,6 +1229,11 @@ impl<T: LocalTree> Sender<T> {
             }
             Err(e) => {
                 error!(store = %st.name, path = %rel.display(), "cannot keep a conflict handed over by the peer: {e}; the peer keeps its copy");
+                SyncMsg::ConflictRefused {
+                    id,
+                    why: format!("cannot keep {}: {e}", rel.display()),
+                }
+                .encode(&mut self.replies_out);
                 self.incoming = (size > 0).then_some(Incoming::Skipping { id, left: size });
             }
         }
@@ -1262,6 +1267,11 @@ impl<T: LocalTree> Sender<T> {
                         let s = inc.store();
                         drop(inc);
                         error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy");
+                        SyncMsg::ConflictRefused {
+                            id: seq,
+                            why: format!("cannot write it: {e}"),
+                        }
+                        .encode(&mut self.replies_out);
                         self.incoming = (left > 0).then_some(Incoming::Skipping { id: seq, left });
                         return Ok(());
                     }
@@ -1297,7 +1307,12 @@ impl<T: LocalTree> Sender<T> {
                         if let Some(names) = self.shelf_slots.get_mut(s) {
                             *names = None;
                         }
-                        error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy")
+                        error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy");
+                        SyncMsg::ConflictRefused {
+                            id: seq,
+                            why: format!("cannot make it durable: {e}"),
+                        }
+                        .encode(&mut self.replies_out);
                     }
                 }
             }
@@ -3136,6 +3151,35 @@ mod tests {
             }
         }
         ids
+    }
+
+    /// A version the primary cannot keep (here: a file where its conflicts
+    /// folder belongs) is refused with the reason, its content read and
+    /// dropped; once it can, the same version handed over again is kept.
+    #[test]
+    fn a_conflict_that_cannot_be_kept_is_refused_with_why() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        std::fs::write(dir.path().join("internal"), b"not a folder").unwrap();
+        let mut sender = sender_over(dir.path());
+        for msg in conflict(3, b"a version") {
+            sender.on_peer_msg(msg).expect("no protocol error");
+        }
+        let out = sender.take_replies();
+        let (frame, used) = crate::wire::decode_frame(&out).unwrap().unwrap();
+        assert_eq!(used, out.len(), "one reply");
+        match SyncMsg::decode(&frame).unwrap() {
+            SyncMsg::ConflictRefused { id: 3, why } => {
+                assert!(why.contains("cur/m"), "names the version: {why}")
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(dir.path().join("internal")).unwrap();
+        sender.begin_session();
+        for msg in conflict(4, b"a version") {
+            sender.on_peer_msg(msg).unwrap();
+        }
+        assert_eq!(acks(&mut sender), [4]);
     }
 
     /// A walk's entries held for a first comparison that does not come

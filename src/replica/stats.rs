@@ -45,6 +45,9 @@ pub struct ReplStats {
     pub hash_mismatches: AtomicU64,
     pub refused_paths: AtomicU64,
     pub conflicts_kept: AtomicU64,
+    /// Secondary: why the primary refused the last version handed over,
+    /// until it acknowledges one.
+    pub conflict_refused: Mutex<Option<String>>,
     /// Paths in the replica changed by another process while secondary.
     pub foreign_writes: AtomicU64,
     /// Whether the secondary watches its replica for foreign writes.
@@ -178,6 +181,7 @@ impl Default for ReplStats {
             hash_mismatches: AtomicU64::new(0),
             refused_paths: AtomicU64::new(0),
             conflicts_kept: AtomicU64::new(0),
+            conflict_refused: Mutex::new(None),
             foreign_writes: AtomicU64::new(0),
             foreign_watch: Mutex::new("-".into()),
             unverified: Mutex::new(None),
@@ -298,6 +302,10 @@ pub struct ReplStatus {
     pub hash_mismatches: u64,
     pub refused_paths: u64,
     pub conflicts_kept: u64,
+    /// Secondary: why the primary refused the last version handed over
+    /// (its disk full or failing), until it acknowledges one.
+    #[serde(default)]
+    pub conflict_refused: Option<String>,
     /// Paths of the replica changed by another process while secondary.
     #[serde(default)]
     pub foreign_writes: u64,
@@ -429,6 +437,11 @@ impl ReplStats {
             hash_mismatches: g(&self.hash_mismatches),
             refused_paths: g(&self.refused_paths),
             conflicts_kept: g(&self.conflicts_kept),
+            conflict_refused: self
+                .conflict_refused
+                .lock()
+                .expect("conflict refused lock")
+                .clone(),
             foreign_writes: g(&self.foreign_writes),
             foreign_watch: self
                 .foreign_watch

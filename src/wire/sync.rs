@@ -19,7 +19,8 @@ pub const DATA_BYTES_MAX: usize = super::BULK_PAYLOAD_BYTES_MAX as usize;
 pub const MANIFEST_ENTRIES_MAX: usize = 4096;
 /// Most mailstores in one `Start`.
 pub const STORES_MAX: usize = 64;
-/// Longest free-text reason (`Refused.why`, `QueueAck.detail`); longer
+/// Longest free-text reason (`Refused.why`, `ConflictRefused.why`,
+/// `QueueAck.detail`); longer
 /// text is cut at a character boundary when encoded.
 pub const TEXT_BYTES_MAX: usize = 1024;
 
@@ -209,6 +210,13 @@ pub enum SyncMsg {
     ConflictAck {
         id: u64,
     },
+    /// Primary → secondary: conflict `id` could not be kept (the primary's
+    /// disk full or failing), and why: the secondary keeps its copy, says
+    /// so in its status, and hands it over again after its wait.
+    ConflictRefused {
+        id: u64,
+        why: String,
+    },
     /// Primary → secondary: a folder's mtime after the changes of the batch
     /// it closes (entries landing there move it on the replica): applied
     /// once those entries have landed, not at once.
@@ -264,6 +272,7 @@ mod tag {
     pub const QUEUE_END_ACK: u8 = 34;
     pub const KEEP_ASIDE: u8 = 12;
     pub const CONFLICT_ACK: u8 = 13;
+    pub const CONFLICT_REFUSED: u8 = 15;
     pub const DIR_META: u8 = 14;
     pub const PEER_STATE: u8 = 24;
     pub const CONFLICT_FILE: u8 = 25;
@@ -514,6 +523,10 @@ impl SyncMsg {
             }
             SyncMsg::ConflictAck { id } => {
                 w.u8(tag::CONFLICT_ACK).u64(*id);
+            }
+            SyncMsg::ConflictRefused { id, why } => {
+                let why = cut_at_char_boundary(why, TEXT_BYTES_MAX).as_bytes();
+                w.u8(tag::CONFLICT_REFUSED).u64(*id).blob16(why);
             }
             SyncMsg::DirMeta {
                 seq,
@@ -784,6 +797,10 @@ impl SyncMsg {
             tag::CONFLICT_ACK => SyncMsg::ConflictAck {
                 id: r.u64("conflict_ack.id")?,
             },
+            tag::CONFLICT_REFUSED => SyncMsg::ConflictRefused {
+                id: r.u64("conflict_refused.id")?,
+                why: text(&mut r, "conflict_refused.why")?,
+            },
             tag::DIR_META => SyncMsg::DirMeta {
                 seq: r.u64("dir_meta.seq")?,
                 store: r.u16("dir_meta.store")?,
@@ -948,6 +965,10 @@ mod tests {
             store: 0,
             path: b"../etc".to_vec(),
             why: "traversal".into(),
+        });
+        round(SyncMsg::ConflictRefused {
+            id: 4,
+            why: "No space left on device (os error 28)".into(),
         });
     }
 
@@ -1185,6 +1206,7 @@ mod tests {
                         }
                     }),
                 any::<u64>().prop_map(|id| SyncMsg::ConflictAck { id }),
+                (any::<u64>(), text()).prop_map(|(id, why)| SyncMsg::ConflictRefused { id, why }),
                 (seq, store, path(), meta()).prop_map(|(seq, store, path, meta)| {
                     SyncMsg::DirMeta {
                         seq,
@@ -1201,7 +1223,9 @@ mod tests {
         fn as_sent(m: &SyncMsg) -> SyncMsg {
             let mut m = m.clone();
             match &mut m {
-                SyncMsg::Refused { why: t, .. } | SyncMsg::QueueAck { detail: t, .. } => {
+                SyncMsg::Refused { why: t, .. }
+                | SyncMsg::ConflictRefused { why: t, .. }
+                | SyncMsg::QueueAck { detail: t, .. } => {
                     *t = cut_at_char_boundary(t, TEXT_BYTES_MAX).to_string();
                 }
                 _ => {}
@@ -1222,7 +1246,10 @@ mod tests {
                 prop_assert_eq!(used, out.len());
                 let back = SyncMsg::decode(&f).expect("the encoder never produces a message the decoder refuses");
                 prop_assert_eq!(&back, &as_sent(&m));
-                if let SyncMsg::Refused { why: t, .. } | SyncMsg::QueueAck { detail: t, .. } = &back {
+                if let SyncMsg::Refused { why: t, .. }
+                | SyncMsg::ConflictRefused { why: t, .. }
+                | SyncMsg::QueueAck { detail: t, .. } = &back
+                {
                     prop_assert!(t.len() <= TEXT_BYTES_MAX);
                 }
             }

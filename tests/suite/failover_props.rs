@@ -261,6 +261,7 @@ fn data_sim_seeds() {
                             && o.handed_over > 0
                             && o.handed_again > 0
                             && o.keep_failures > 0
+                            && o.handed_refused > 0
                             && o.handed_resent > 0),
                 "{o:?}"
             );

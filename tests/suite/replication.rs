@@ -810,8 +810,9 @@ fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
     );
 }
 
-/// A version handed over that the new primary cannot keep is not
-/// acknowledged: the former primary keeps its copy and hands it over again
+/// A version handed over that the new primary cannot keep is refused, with
+/// why: the former primary raises an alarm, shows the reason in its status,
+/// keeps its copy and hands it over again
 /// in the same session once the wait for the acknowledgement is over
 /// (`HASYNC_FAILPOINT_ACK_WAIT_MS`, 60 s in production, doubling while none
 /// comes), and it is kept once the primary's disk works. Refused twice:
@@ -856,12 +857,34 @@ fn a_version_the_primary_could_not_keep_is_handed_over_again_in_the_same_session
         1,
         "the former primary keeps its copy"
     );
+    let refused = tp.nodes[0]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.conflict_refused.is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let why = refused.replication.conflict_refused.unwrap();
+    assert!(
+        why.contains("user0000/Maildir/new/lost.M1.oldprimary") && why.contains("cannot keep"),
+        "{why}"
+    );
+    assert!(
+        tp.nodes[0]
+            .log()
+            .contains("ALARM: the primary could not keep a version kept aside here"),
+        "{}",
+        tp.logs()
+    );
     let sessions = tp.nodes[0].log().matches("session started").count();
     // Room again: handed over within the session, no reconnect needed.
     std::fs::remove_file(&shelf).unwrap();
     tp.wait_conflicts(0, 1, CONVERGE);
     let c = &tp.conflicts(1)[0];
     assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
+    tp.nodes[0]
+        .wait_status(CONVERGE, Duration::from_millis(50), |s| {
+            s.replication.conflict_refused.is_none()
+        })
+        .unwrap_or_else(|e| panic!("the refusal stays in the status once kept: {e}"));
     assert!(
         tp.nodes[1]
             .log()
