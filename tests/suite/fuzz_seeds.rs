@@ -162,6 +162,26 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
         ),
         ("fenced", SyncMsg::Fenced { seen: 9 }),
         (
+            "conflict-file",
+            SyncMsg::ConflictFile {
+                id: 4,
+                store: 0,
+                path: b"u/cur/2:2,S".to_vec(),
+                meta,
+                size: 5,
+                hash: 43,
+                kept_at: 1_700_000_100,
+            },
+        ),
+        ("conflict-ack", SyncMsg::ConflictAck { id: 4 }),
+        (
+            "conflict-refused",
+            SyncMsg::ConflictRefused {
+                id: 5,
+                why: "cannot keep u/cur/2:2,S: No space left on device (os error 28)".into(),
+            },
+        ),
+        (
             "queue-msg",
             SyncMsg::QueueMsg {
                 id: 1,
