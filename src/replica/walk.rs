@@ -205,6 +205,11 @@ impl Walk {
 /// 202,000-file store's catch-up).
 pub const HELD_BYTES_MAX: usize = 64 << 20;
 
+/// Fewer bytes than any Maildir entry with its hash packs into (about 50
+/// measured): a store the index knows to have more entries than the budget
+/// holds at this size is not held at all.
+const PACKED_ENTRY_BYTES_MIN: usize = 24;
+
 /// What a walk holds where the index does not know the store's size (its
 /// first walk, before an initial sync), or knows less than this: the store
 /// may be far larger, and memory spent on a list that is dropped at the
@@ -223,12 +228,16 @@ impl Walk {
         held_bytes_max: usize,
         mut each: impl FnMut(&ScanEntry),
     ) -> io::Result<Option<Scan>> {
-        // Where the index knows less than the store holds (a first walk,
-        // an initial sync resumed, a store grown while the node was down),
-        // at most what it knows and a quarter more, or the unsized budget.
+        // Not tried where the index knows more entries than the budget
+        // could hold packed at their smallest (a list built only to be
+        // dropped would add to the peak). Where the index knows less than
+        // the store holds (a first walk, an initial sync resumed, a store
+        // grown while the node was down), at most what it knows and a
+        // quarter more, or the unsized budget.
         let known = index.len_hint();
         let held_max = HELD_UNSIZED_ENTRIES_MAX.max(known.saturating_add(known / 4));
-        let mut held = Some(ScanEntries::new());
+        let mut held =
+            (known.saturating_mul(PACKED_ENTRY_BYTES_MIN) <= held_bytes_max).then(ScanEntries::new);
         while let Some(e) = self.next(tree, index, excludes)? {
             each(&e);
             if let Some(v) = held.as_mut() {
