@@ -209,7 +209,7 @@ pub fn render(s: &Status) -> String {
     gauge(
         &mut r,
         "conflict_refused",
-        "1 while the primary refuses the versions this secondary hands over (its disk full or failing)",
+        "1 while the primary refuses the versions this secondary hands over (the status says why)",
         i64::from(rp.conflict_refused.is_some()),
     );
     for (name, help, v) in [

@@ -923,6 +923,13 @@ async fn run_primary(
         "primary: tracker watching"
     );
     *shared.notifier.lock().expect("notifier lock") = Some(tracker.notifier());
+    // A refusal of what this node handed over as a secondary is no longer
+    // its status.
+    *shared
+        .stats
+        .conflict_refused
+        .lock()
+        .expect("conflict refused lock") = None;
     // Shared with the status relay of each session; the inotify thread stops
     // when the last reference is dropped.
     let tracker = Rc::new(tracker);

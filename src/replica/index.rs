@@ -1116,6 +1116,9 @@ pub struct Scan {
     pub entries: ScanEntries,
     /// Paths too long to replicate (not entered).
     pub too_long: Vec<PathBuf>,
+    /// Folders that vanished before the walk entered them (renamed away
+    /// or removed while it ran): what lay below them went unseen.
+    pub vanished: usize,
 }
 
 /// What [`Index::scan`] reads again.

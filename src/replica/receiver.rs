@@ -1166,6 +1166,12 @@ impl Receiver {
                     }
                 }
                 self.handover.begin_session(listed);
+                // A refusal is this session's to say again.
+                *self
+                    .stats
+                    .conflict_refused
+                    .lock()
+                    .expect("conflict refused lock") = None;
             }
             SyncMsg::ConflictAck { id } => {
                 if let Some((s, c)) = self.handover.acked(id) {

@@ -1310,7 +1310,7 @@ impl<T: LocalTree> Sender<T> {
                         error!(store = %self.stores[s].name, "conflict {seq} not kept: {e}; the peer keeps its copy");
                         SyncMsg::ConflictRefused {
                             id: seq,
-                            why: format!("cannot make it durable: {e}"),
+                            why: format!("cannot keep it: {e}"),
                         }
                         .encode(&mut self.replies_out);
                     }

@@ -46,7 +46,8 @@ pub struct ReplStats {
     pub refused_paths: AtomicU64,
     pub conflicts_kept: AtomicU64,
     /// Secondary: why the primary refused the last version handed over,
-    /// until it acknowledges one.
+    /// until it acknowledges one or a session or a tenure as primary
+    /// begins.
     pub conflict_refused: Mutex<Option<String>>,
     /// Paths in the replica changed by another process while secondary.
     pub foreign_writes: AtomicU64,
@@ -303,7 +304,8 @@ pub struct ReplStatus {
     pub refused_paths: u64,
     pub conflicts_kept: u64,
     /// Secondary: why the primary refused the last version handed over
-    /// (its disk full or failing), until it acknowledges one.
+    /// (its disk full or failing, most often), until it acknowledges one or
+    /// a session or a tenure as primary begins.
     #[serde(default)]
     pub conflict_refused: Option<String>,
     /// Paths of the replica changed by another process while secondary.

@@ -113,6 +113,7 @@ impl Walk {
         Ok(Scan {
             entries,
             too_long: self.too_long,
+            vanished: self.vanished,
         })
     }
 
@@ -250,6 +251,7 @@ impl Walk {
         Ok(held.map(|entries| Scan {
             entries,
             too_long: self.too_long,
+            vanished: self.vanished,
         }))
     }
 }
@@ -266,14 +268,16 @@ pub struct Ordered {
 
 #[derive(Debug)]
 enum Source {
-    Held(ScanEntries, Vec<PathBuf>),
+    /// The entries, the paths too long, the folders that vanished while
+    /// the walk ran.
+    Held(ScanEntries, Vec<PathBuf>, usize),
     Walking(Walk),
 }
 
 impl Ordered {
     pub fn held(scan: Scan) -> Ordered {
         Ordered {
-            source: Source::Held(scan.entries, scan.too_long),
+            source: Source::Held(scan.entries, scan.too_long, scan.vanished),
             peeked: None,
             taken: 0,
         }
@@ -297,7 +301,7 @@ impl Ordered {
     ) -> io::Result<Option<ScanEntry>> {
         if self.peeked.is_none() {
             self.peeked = match &mut self.source {
-                Source::Held(held, _) => held.pop_front(),
+                Source::Held(held, ..) => held.pop_front(),
                 Source::Walking(w) => w.next(tree, index, excludes)?,
             };
         }
@@ -317,11 +321,12 @@ impl Ordered {
         Ok(self.peeked.is_none())
     }
 
-    /// Folders that vanished before the walk entered them (a held scan
-    /// was taken whole: none).
+    /// Folders that vanished before the walk entered them (for a held
+    /// scan, while the walk that took it ran: a first comparison from it
+    /// is no more sure of what lay below them than a walking one).
     pub fn vanished(&self) -> usize {
         match &self.source {
-            Source::Held(..) => 0,
+            Source::Held(_, _, vanished) => *vanished,
             Source::Walking(w) => w.vanished,
         }
     }
@@ -329,7 +334,7 @@ impl Ordered {
     /// Paths found too long to replicate so far (each once).
     pub fn take_too_long(&mut self) -> Vec<PathBuf> {
         match &mut self.source {
-            Source::Held(_, v) => std::mem::take(v),
+            Source::Held(_, v, _) => std::mem::take(v),
             Source::Walking(w) => std::mem::take(&mut w.too_long),
         }
     }
@@ -528,6 +533,29 @@ mod tests {
         assert!(index.get(Path::new("b/new")).is_some());
         while second.next(&t, &mut index, &excludes).unwrap().is_some() {}
         assert!(index.get(Path::new("b/new")).is_none());
+    }
+
+    /// A folder renamed away while a walk that is held runs: the first
+    /// comparison from that walk knows it, as it would walking, and
+    /// compares again.
+    #[test]
+    fn a_held_scan_says_what_vanished_while_it_was_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_with(dir.path(), &["0", "a/new/m1", "b/1"]);
+        let excludes = Excludes::new(&[]).unwrap();
+        let mut index = Index::in_memory();
+        let mut moved = false;
+        let held = Walk::new(&mut index, Rehash::Changed, true)
+            .run(&t, &mut index, &excludes, 1 << 20, |e| {
+                if !moved && e.0 == Path::new("0") {
+                    std::fs::rename(dir.path().join("a"), dir.path().join("c")).unwrap();
+                    moved = true;
+                }
+            })
+            .unwrap()
+            .expect("held");
+        assert!(moved);
+        assert_eq!(Ordered::held(held).vanished(), 1);
     }
 
     #[test]
