@@ -1874,6 +1874,9 @@ pub struct Outcome {
     /// Messages the replica read only after the flush in flight reported,
     /// its staged files at the receiver's bound (`STAGED_FILES_MAX`).
     pub staged_full_waits: u64,
+    /// Walks a primary took as it started and held for its first
+    /// comparison (the changes after them in the tracker's queue).
+    pub held_walks: u64,
     /// Folder removals that failed part way (some of the tree removed).
     pub partial_removals: u64,
     /// Staged files whose writes failed on the staging thread.
@@ -1929,6 +1932,7 @@ impl Outcome {
         self.joined_links += o.joined_links;
         self.overtook_staged += o.overtook_staged;
         self.staged_full_waits += o.staged_full_waits;
+        self.held_walks += o.held_walks;
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
         self.flush_failures += o.flush_failures;
@@ -1997,6 +2001,10 @@ pub struct DataSim {
     /// Files larger than this take the large files' path (a restarted
     /// sender keeps it).
     large_from: u64,
+    /// A primary that starts (again, or after a failover) holds its
+    /// takeover walk for the first comparison, as the engine does, instead
+    /// of walking at the comparison (a quarter of a sweep's seeds).
+    hold_walks: bool,
     /// A run with crashes and faults ([`DataSim::new`]).
     faults: bool,
     /// Percent chance, at those steps, of a failover (once per run).
@@ -2235,6 +2243,7 @@ impl DataSim {
             },
             failed_over: None,
             large_from: u64::MAX,
+            hold_walks: false,
             faults: false,
             saved_index: None,
             names: 0,
@@ -2271,6 +2280,8 @@ impl DataSim {
         if seed % 4 == 1 {
             sim.replica.staged_max = 2;
         }
+        // Another quarter: a starting primary holds its walk.
+        sim.hold_walks = seed % 4 == 3;
         // A third of the seeds: the former primary's mark never clears.
         sim.replica.mark_clear_fails = seed.is_multiple_of(3);
         // A fifth: the primary fails to keep some versions handed over.
@@ -3353,6 +3364,28 @@ impl DataSim {
         self.watched.clear();
         self.watch_all();
         self.verify_wanted = false;
+        // The engine's takeover walk, after the tracker watches: the first
+        // comparison takes its entries (what changes since is queued).
+        if self.hold_walks {
+            let Sender {
+                stores,
+                excludes,
+                prescanned,
+                ..
+            } = &mut self.sender;
+            let st = &mut stores[0];
+            let held = super::walk::Walk::new(&mut st.index, index::Rehash::Changed, false).run(
+                &st.tree,
+                &mut st.index,
+                excludes,
+                super::walk::HELD_BYTES_MAX,
+                |_| {},
+            );
+            if let Ok(Some(scan)) = held {
+                *prescanned = Some((Instant::now(), vec![Some(scan)]));
+                self.out.held_walks += 1;
+            }
+        }
     }
 
     /// A known gap, kept out of the runs (docs/INVARIANTS.md): a comparison

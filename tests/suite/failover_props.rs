@@ -262,6 +262,7 @@ fn data_sim_seeds() {
                             && o.handed_again > 0
                             && o.keep_failures > 0
                             && o.handed_refused > 0
+                            && o.held_walks > 0
                             && o.handed_resent > 0),
                 "{o:?}"
             );
