@@ -392,6 +392,14 @@ mod tests {
         Tree::open(dir).unwrap()
     }
 
+    /// A tree of `files` (each holding its own name), no excludes, and an
+    /// empty index.
+    fn fixture(files: &[&str]) -> (tempfile::TempDir, Tree, Excludes, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_with(dir.path(), files);
+        (dir, t, Excludes::new(&[]).unwrap(), Index::in_memory())
+    }
+
     fn names(entries: &[ScanEntry]) -> Vec<String> {
         entries
             .iter()
@@ -404,19 +412,7 @@ mod tests {
     #[test]
     fn a_held_scan_comes_back_whole_in_a_fraction_of_the_memory() {
         let dir = tempfile::tempdir().unwrap();
-        let names: Vec<String> = (0..3_000u64)
-            .map(|i| {
-                format!(
-                    "user{:03}/Maildir/{}/{}.M{}P{}Q{i}.mx.example.net,S={}:2,S",
-                    i / 30,
-                    ["cur", "new"][(i % 2) as usize],
-                    1_700_000_000 + i * 7919 % 100_000,
-                    i * 104_729 % 1_000_000,
-                    i * 7_727 % 30_000,
-                    i * 65_537 % 3_000_000
-                )
-            })
-            .collect();
+        let names = crate::replica::packed::maildir_names(3_000, 30, true);
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let t = tree_with(dir.path(), &refs);
         let excludes = Excludes::new(&[]).unwrap();
@@ -444,10 +440,7 @@ mod tests {
 
     #[test]
     fn a_walk_holds_its_entries_only_within_the_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree_with(dir.path(), &["a/1", "a/2", "b"]);
-        let excludes = Excludes::new(&[]).unwrap();
-        let mut index = Index::in_memory();
+        let (_dir, t, excludes, mut index) = fixture(&["a/1", "a/2", "b"]);
         let held = Walk::new(&mut index, Rehash::Changed, true)
             .run(&t, &mut index, &excludes, 1 << 20, |_| {})
             .unwrap()
@@ -506,10 +499,7 @@ mod tests {
 
     #[test]
     fn a_finished_walk_forgets_what_it_did_not_find_but_not_what_was_set_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree_with(dir.path(), &["a/1", "b/2"]);
-        let excludes = Excludes::new(&[]).unwrap();
-        let mut index = Index::in_memory();
+        let (dir, t, excludes, mut index) = fixture(&["a/1", "b/2"]);
         index.scan(&t, &excludes, Rehash::Changed, true).unwrap();
         assert_eq!(index.len(), 4);
         std::fs::remove_file(dir.path().join("a/1")).unwrap();
@@ -540,10 +530,7 @@ mod tests {
     /// compares again.
     #[test]
     fn a_held_scan_says_what_vanished_while_it_was_taken() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree_with(dir.path(), &["0", "a/new/m1", "b/1"]);
-        let excludes = Excludes::new(&[]).unwrap();
-        let mut index = Index::in_memory();
+        let (dir, t, excludes, mut index) = fixture(&["0", "a/new/m1", "b/1"]);
         let mut moved = false;
         let held = Walk::new(&mut index, Rehash::Changed, true)
             .run(&t, &mut index, &excludes, 1 << 20, |e| {
@@ -560,10 +547,7 @@ mod tests {
 
     #[test]
     fn a_folder_renamed_away_before_the_walk_enters_it_is_counted_vanished() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree_with(dir.path(), &["0", "a/new/m1", "b/1"]);
-        let excludes = Excludes::new(&[]).unwrap();
-        let mut index = Index::in_memory();
+        let (dir, t, excludes, mut index) = fixture(&["0", "a/new/m1", "b/1"]);
         let mut walk = Walk::new(&mut index, Rehash::Changed, true);
         // The root is listed; "a" is not entered yet.
         let first = walk.next(&t, &mut index, &excludes).unwrap().unwrap();

@@ -72,17 +72,9 @@ mod tests {
     /// less than half of what it would unpacked.
     #[test]
     fn full_chunks_of_maildir_names_are_deflated() {
-        let paths: Vec<PathBuf> = (0..20_000u64)
-            .map(|i| {
-                let t = 1_700_000_000 + i * 7919 % 100_000;
-                PathBuf::from(format!(
-                    "user{:04}/Maildir/cur/{t}.M{}P{}Q{i}.mx.example.net,S={}:2,S",
-                    i / 100,
-                    i * 104_729 % 1_000_000,
-                    i * 7_727 % 30_000,
-                    i * 65_537 % 3_000_000
-                ))
-            })
+        let paths: Vec<PathBuf> = crate::replica::packed::maildir_names(20_000, 100, false)
+            .into_iter()
+            .map(PathBuf::from)
             .collect();
         let mut b = Backlog::new();
         for p in &paths {
