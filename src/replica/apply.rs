@@ -378,6 +378,15 @@ pub struct Applier {
     /// Paths a genuine conflict could not be moved away from: nothing may
     /// replace or delete them in this session.
     protected: HashSet<(usize, PathBuf)>,
+    /// What a rename onto a protected path left at its source, by source:
+    /// the message the primary now holds at the target (`to`). It is the
+    /// replica's only copy of it, so nothing deletes or replaces it while
+    /// `to` stays protected (the primary deletes a refused rename's source
+    /// and sends its target again, which waits for `to`). Kept from one
+    /// receiver to the next ([`Applier::next_receiver`]): a new session's
+    /// comparison protects `to` again (its `KeepAside` comes first) before
+    /// it deletes the source. At most [`HELD_FOR_RENAME_MAX`].
+    held_for_rename: HeldForRename,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
     dir_times: HashMap<(usize, PathBuf), Meta>,
     /// Folders whose mtime to apply at the next commit's directory phase.
@@ -386,6 +395,15 @@ pub struct Applier {
     dirs: BTreeSet<(usize, PathBuf)>,
     replies: Vec<Reply>,
 }
+
+/// Sources held for renames onto protected paths (see `Applier`): by
+/// store and source, the target each waits for.
+pub type HeldForRename = HashMap<(usize, PathBuf), PathBuf>;
+
+/// Bound on the sources held for renames onto protected paths (each one
+/// a path and its target: a few MB at most). Past it a rename's source is
+/// not held: the gap of a replica that never held it (see INVARIANTS).
+pub const HELD_FOR_RENAME_MAX: usize = 65_536;
 
 fn parent_of(rel: &Path) -> PathBuf {
     rel.parent().map(Path::to_path_buf).unwrap_or_default()
@@ -414,6 +432,7 @@ impl Applier {
         Applier {
             stats,
             protected: HashSet::new(),
+            held_for_rename: HashMap::new(),
             dir_times: HashMap::new(),
             retime: BTreeSet::new(),
             dirs: BTreeSet::new(),
@@ -428,6 +447,7 @@ impl Applier {
         Applier {
             stats: self.stats.clone(),
             protected: self.protected.clone(),
+            held_for_rename: self.held_for_rename.clone(),
             dir_times: self.dir_times.clone(),
             retime: self.retime.clone(),
             dirs: self.dirs.clone(),
@@ -438,6 +458,26 @@ impl Applier {
     /// A session starts: no path is protected any more.
     pub fn begin_session(&mut self) {
         self.protected.clear();
+    }
+
+    /// The decisions a new receiver (the next connection's) starts from:
+    /// afresh, but for the sources held for renames onto protected paths,
+    /// which the engine passes on.
+    pub fn next_receiver(&mut self) -> Applier {
+        let mut next = Applier::new(self.stats.clone());
+        next.held_for_rename = self.take_held_for_rename();
+        next
+    }
+
+    /// The sources held for renames onto protected paths, to pass on to
+    /// the next receiver ([`Applier::hold_for_rename`]).
+    pub fn take_held_for_rename(&mut self) -> HeldForRename {
+        std::mem::take(&mut self.held_for_rename)
+    }
+
+    /// Takes on the sources an earlier receiver held.
+    pub fn hold_for_rename(&mut self, held: HeldForRename) {
+        self.held_for_rename = held;
     }
 
     /// What the ops so far could not do, oldest first.
@@ -470,14 +510,15 @@ impl Applier {
 
     /// Whether an op on `rel` must wait (answered with a `Need` then): a
     /// genuine conflict there (at `rel`, above or below it) could not be
-    /// kept aside. Each such op tries to move it aside again first: once
-    /// the disk has room again the conflict is kept and the op goes on,
-    /// without waiting for the next session.
+    /// kept aside, or `rel` is a source held for a rename onto one. Each
+    /// such op tries to move the conflict aside again first: once the disk
+    /// has room again the conflict is kept and the op goes on, without
+    /// waiting for the next session.
     ///
-    /// `below`: whether a conflict below `rel` counts (an op that would
-    /// remove or replace the folder `rel`); a `Mkdir` of a folder holding
-    /// one, or a rename moving the folder (the protection moves along),
-    /// leaves it where it is.
+    /// `below`: whether a conflict (or a held source) below `rel` counts
+    /// (an op that would remove or replace the folder `rel`); a `Mkdir` of
+    /// a folder holding one, or a rename moving the folder (the protection
+    /// moves along), leaves it where it is.
     fn blocked<T: ReplicaTree>(
         &mut self,
         tree: &mut T,
@@ -486,8 +527,46 @@ impl Applier {
         rel: &Path,
         below: bool,
     ) -> bool {
+        if !self.held_for_rename.is_empty() {
+            let mut held: Vec<(PathBuf, PathBuf)> = self
+                .held_for_rename
+                .iter()
+                .filter(|((hs, h), _)| {
+                    *hs == s && ((below && h.starts_with(rel)) || rel.starts_with(h))
+                })
+                .map(|((_, h), to)| (h.clone(), to.clone()))
+                .collect();
+            held.sort_unstable();
+            for (h, to) in held {
+                if let Err(reason) = self.unprotect(tree, s, &to, true) {
+                    self.need(seq, s, rel, reason);
+                    return true;
+                }
+                // The rename's target can take the message now (the
+                // primary's op on it follows): the source is the primary's
+                // to delete.
+                self.held_for_rename.remove(&(s, h));
+            }
+        }
+        if let Err(reason) = self.unprotect(tree, s, rel, below) {
+            self.need(seq, s, rel, reason);
+            return true;
+        }
+        false
+    }
+
+    /// Moves the genuine conflicts protected at `rel` (above it, or below
+    /// it with `below`) aside, in path order; the first that still cannot
+    /// be moved stops the rest, with the reason to answer.
+    fn unprotect<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        s: usize,
+        rel: &Path,
+        below: bool,
+    ) -> Result<(), NeedReason> {
         if !self.is_protected(s, rel) {
-            return false;
+            return Ok(());
         }
         let mut here: Vec<PathBuf> = self
             .protected
@@ -513,16 +592,14 @@ impl Applier {
                     }
                 }
                 Err(e) => {
-                    let reason = match answer(&e) {
+                    return Err(match answer(&e) {
                         Answer::Need(r) => r,
                         Answer::Refuse => NeedReason::LocalError,
-                    };
-                    self.need(seq, s, rel, reason);
-                    return true;
+                    });
                 }
             }
         }
-        false
+        Ok(())
     }
 
     /// A folder holding protected paths was renamed: they are protected
@@ -543,6 +620,25 @@ impl Applier {
                 self.protected.insert((s, q));
             }
         }
+    }
+
+    /// A folder was renamed: the sources held in it, and the targets they
+    /// wait for, follow it.
+    fn move_held(&mut self, s: usize, from: &Path, to: &Path) {
+        if self.held_for_rename.is_empty() {
+            return;
+        }
+        let moving = |p: &Path| crate::model::moved_path(p, from, to).unwrap_or(p.to_path_buf());
+        self.held_for_rename = std::mem::take(&mut self.held_for_rename)
+            .into_iter()
+            .map(|((hs, h), t)| {
+                if hs == s {
+                    ((hs, moving(&h)), moving(&t))
+                } else {
+                    ((hs, h), t)
+                }
+            })
+            .collect();
     }
 
     /// Whether an op on `rel` must wait: a genuine conflict there could not
@@ -673,7 +769,20 @@ impl Applier {
         // Not over a genuine conflict that could not be kept aside (the
         // rename would replace it), nor giving one the primary's name. A
         // folder holding one moves, its protection along.
-        if self.blocked(tree, s, seq, from, false) || self.blocked(tree, s, seq, to, true) {
+        if self.blocked(tree, s, seq, from, false) {
+            return;
+        }
+        if self.blocked(tree, s, seq, to, true) {
+            // The primary deletes the source of a rename refused and sends
+            // its target again, which waits for `to` too: the source is the
+            // only copy here of what the primary holds at `to`, held until
+            // `to` can take it.
+            if matches!(tree.lstat(from), Ok(Some(_)))
+                && self.held_for_rename.len() < HELD_FOR_RENAME_MAX
+            {
+                self.held_for_rename
+                    .insert((s, from.to_path_buf()), to.to_path_buf());
+            }
             return;
         }
         let mut folder = false;
@@ -690,6 +799,7 @@ impl Applier {
                 if folder {
                     self.move_dir_times(s, from, to);
                     self.move_protection(s, from, to);
+                    self.move_held(s, from, to);
                 }
             }
             Ok(RenameOutcome::SourceMissing) => {
@@ -1051,6 +1161,81 @@ mod tests {
             .map(|p| std::fs::read_to_string(p).unwrap())
             .collect();
         assert_eq!(aside.len(), 2, "{aside:?}");
+    }
+
+    /// A rename onto a path where a genuine conflict waits that cannot be
+    /// moved aside (here: the conflicts directory gone) leaves its source
+    /// as the replica's only copy of the message: the primary's delete of
+    /// the source waits (answered with a `Need`) while the conflict stays,
+    /// across a rename of its folder and into the next receiver, whose
+    /// session protects the target again; once the conflict can be moved
+    /// aside, the delete goes on.
+    #[test]
+    fn a_rename_onto_a_conflict_that_cannot_be_kept_holds_its_source_until_it_can() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        let internal = tmp.path().join("internal");
+        for (p, body) in [("new/m", "the message"), ("cur/m:2,S", "genuine")] {
+            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(p), body).unwrap();
+        }
+        let mut root = Root::open(&dir, &internal).unwrap();
+        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let needs = |r: &mut Applier| -> Vec<(u64, PathBuf)> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::Need { seq, rel, .. } => Some((seq, rel)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (m, flagged) = (Path::new("new/m"), Path::new("cur/m:2,S"));
+        r.keep_aside(&mut root, 0, 1, flagged.to_path_buf());
+        assert!(r.is_protected(0, flagged));
+        r.rename(&mut root, &mut index, 0, 2, m, flagged);
+        assert_eq!(needs(&mut r), [(2, flagged.to_path_buf())]);
+        // The primary deletes the refused rename's source: it waits.
+        r.delete(&mut root, &mut index, 0, 3, m);
+        assert_eq!(needs(&mut r), [(3, m.to_path_buf())]);
+        assert_eq!(std::fs::read(dir.join(m)).unwrap(), b"the message");
+        // So does a delete of its folder, or anything put over it.
+        r.delete(&mut root, &mut index, 0, 4, Path::new("new"));
+        assert_eq!(needs(&mut r), [(4, PathBuf::from("new"))]);
+        r.symlink(&mut root, &mut index, 0, 5, m.to_path_buf(), b"x", &meta(1));
+        assert_eq!(needs(&mut r), [(5, m.to_path_buf())]);
+        // Its folder renamed: held under the new name.
+        r.rename(
+            &mut root,
+            &mut index,
+            0,
+            6,
+            Path::new("new"),
+            Path::new("old"),
+        );
+        assert!(needs(&mut r).is_empty());
+        let moved = Path::new("old/m");
+        assert_eq!(std::fs::read(dir.join(moved)).unwrap(), b"the message");
+        // The next connection's receiver: its session's comparison keeps
+        // the conflict aside first, which fails again.
+        let mut r = r.next_receiver();
+        r.begin_session();
+        r.keep_aside(&mut root, 0, 1, flagged.to_path_buf());
+        r.delete(&mut root, &mut index, 0, 2, moved);
+        assert_eq!(needs(&mut r), [(2, moved.to_path_buf())]);
+        assert_eq!(std::fs::read(dir.join(moved)).unwrap(), b"the message");
+        // Room again: the conflict goes aside, then the source.
+        let mut root = Root::open(&dir, &internal).unwrap();
+        r.delete(&mut root, &mut index, 0, 3, moved);
+        let replies: Vec<Reply> = r.take_replies().collect();
+        assert!(
+            matches!(&replies[..], [Reply::KeptAside { rel, .. }] if rel == flagged),
+            "{replies:?}"
+        );
+        assert!(!dir.join(moved).exists());
+        assert_eq!(r.take_held_for_rename().len(), 0);
+        assert!(!r.is_protected(0, flagged));
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -1281,7 +1281,7 @@ impl Replica {
                     self.land_file(p);
                 }
                 Step::DirTimes => self.dir_times(),
-                Step::NewReceiver => self.ops = Applier::new(self.stats.clone()),
+                Step::NewReceiver => self.ops = self.ops.next_receiver(),
             }
         }
     }
@@ -1404,7 +1404,7 @@ impl Replica {
         // The engine builds a new receiver for the next connection: its
         // decisions start afresh (logged, so that a crash's replay does too).
         self.since_durable.push(Step::NewReceiver);
-        self.ops = Applier::new(self.stats.clone());
+        self.ops = self.ops.next_receiver();
         self.handover = HandOver::default();
         self.answered.clear();
         // Latched or not as its marker says; the acknowledgements held went
@@ -1761,8 +1761,10 @@ impl Replica {
                 self.decide(|ops, disk, index| ops.apply(disk, index, 0, seq, op));
             }
             // Each connection gets a new receiver (the engine's): its
-            // decisions start afresh; the index is the store's.
-            Parsed::Other(SyncMsg::Start { .. }) => self.ops = Applier::new(self.stats.clone()),
+            // decisions start afresh (but for the sources held for renames
+            // onto protected paths, which the engine passes on); the index
+            // is the store's.
+            Parsed::Other(SyncMsg::Start { .. }) => self.ops = self.ops.next_receiver(),
             Parsed::Other(other) => return Err(format!("the replica does not expect {other:?}")),
             // Answered by the check.
             Parsed::Refused => {}

@@ -1519,6 +1519,9 @@ struct Receiving {
     /// The replica's scans, taken as the node became secondary (while the
     /// primary writes its takeover record), for the first manifest.
     prescan: RefCell<Option<super::receiver::Prescan>>,
+    /// Sources held for renames onto protected paths, from one session's
+    /// receiver to the next (`apply::Applier`).
+    held_for_rename: RefCell<super::apply::HeldForRename>,
 }
 
 /// Serves the primary's sync connection. The newest authenticated
@@ -1575,6 +1578,7 @@ async fn serve_sync(
     receiver.served = shared.served.clone();
     receiver.fence = Some(shared.fence.clone());
     receiver.prescanned = receiving.prescan.borrow_mut().take();
+    receiver.hold_for_rename(receiving.held_for_rename.take());
     receiver.flusher = Some(shared.durable.clone());
     receiver.flush_alarm = shared.cfg.flush_alarm;
     let session_epoch = receiver.session_epoch.clone();
@@ -1619,6 +1623,7 @@ async fn serve_sync(
         receiver.abandon();
     }
     receiver.save_indexes();
+    *receiving.held_for_rename.borrow_mut() = receiver.take_held_for_rename();
     match res {
         Ok(()) => info!(peer = %addr, "sync connection closed"),
         Err(e) => info!(peer = %addr, "sync connection ended: {e}"),

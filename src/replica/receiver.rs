@@ -313,6 +313,17 @@ impl Receiver {
         }
     }
 
+    /// The sources held for renames onto protected paths (`Applier`), to
+    /// pass on to the next connection's receiver.
+    pub fn take_held_for_rename(&mut self) -> super::apply::HeldForRename {
+        self.ops.take_held_for_rename()
+    }
+
+    /// Takes on the sources an earlier receiver held.
+    pub fn hold_for_rename(&mut self, held: super::apply::HeldForRename) {
+        self.ops.hold_for_rename(held);
+    }
+
     pub fn save_indexes(&mut self) {
         for s in self.stores.iter_mut() {
             if let Err(e) = s.index.save() {

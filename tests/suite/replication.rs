@@ -810,6 +810,81 @@ fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
     );
 }
 
+/// The new primary renames a message onto the name where a genuine
+/// conflict waits on the former primary that it cannot move aside (every
+/// keep-aside fails: `fsops.keep_aside_eio=1+`). The rename is refused
+/// there, and the primary deletes its source and sends its target again:
+/// the former primary keeps the source, its only copy of that message,
+/// while the conflict stays (ops after the rename land meanwhile). Once
+/// it can move the conflict aside (restarted without the failure), the
+/// trees converge and the conflict is handed over.
+#[test]
+fn a_rename_onto_a_conflict_that_cannot_be_kept_aside_keeps_its_source_meanwhile() {
+    let mut tp = started_with_fixture(fast(), 31, 2, 10);
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&a, &b, CONVERGE).unwrap();
+    let new = a.join("user0000/Maildir/new");
+    let name = std::fs::read_dir(&new)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .min()
+        .expect("a message in new/");
+    let body = std::fs::read(new.join(&name)).unwrap();
+    let (from, to) = (
+        format!("user0000/Maildir/new/{name}"),
+        format!("user0000/Maildir/cur/{name}:2,S"),
+    );
+    tp.nodes[0].kill9().unwrap();
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    // In the old primary's lag window: the message read there, its flag
+    // set by other content (a genuine conflict at `to`).
+    std::fs::write(a.join(&to), b"only on the old primary").unwrap();
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "fsops.keep_aside_eio=1+")])
+        .unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    let start = std::time::Instant::now();
+    while !tp.nodes[0]
+        .log()
+        .contains("cannot keep a genuine conflict aside")
+    {
+        assert!(start.elapsed() < CONVERGE, "never tried\n{}", tp.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::fs::rename(b.join(&from), b.join(&to)).unwrap();
+    std::fs::write(b.join("user0000/Maildir/new/after.M2.primary"), b"after").unwrap();
+    let start = std::time::Instant::now();
+    while !a.join("user0000/Maildir/new/after.M2.primary").exists() {
+        assert!(start.elapsed() < CONVERGE, "never landed\n{}", tp.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The primary's delete of the source follows the refused rename's
+    // acknowledgement, and is asked again while refused: for a while, the
+    // source must stay.
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(
+            std::fs::read(a.join(&from)).ok().as_deref(),
+            Some(&body[..]),
+            "the former primary's only copy of the message went\n{}",
+            tp.logs()
+        );
+        assert_eq!(
+            std::fs::read(a.join(&to)).unwrap(),
+            b"only on the old primary"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    tp.nodes[0].start().unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(std::fs::read(a.join(&to)).unwrap(), body);
+    tp.wait_conflicts(0, 1, CONVERGE);
+    let c = &tp.conflicts(1)[0];
+    assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
+}
+
 /// A version handed over that the new primary cannot keep is refused, with
 /// why: the former primary raises an alarm, shows the reason in its status,
 /// keeps its copy and hands it over again
