@@ -396,6 +396,21 @@ pub struct Applier {
     replies: Vec<Reply>,
 }
 
+/// What an op does to the entry at its path (for [`Applier::blocked`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Touch {
+    /// Removes or replaces it, and anything below it.
+    Replace,
+    /// Makes a folder there: keeps a folder, replaces anything else.
+    Make,
+    /// Moves it (a rename's source).
+    Move,
+}
+
+/// How many renames onto held sources, one onto the next, a release
+/// follows (each waits for the one it was renamed onto).
+const HOLD_CHAIN_MAX: usize = 8;
+
 /// Sources held for renames onto protected paths (see `Applier`): by
 /// store and source, the target each waits for.
 pub type HeldForRename = HashMap<(usize, PathBuf), PathBuf>;
@@ -510,14 +525,14 @@ impl Applier {
 
     /// Whether an op on `rel` must wait (answered with a `Need` then): a
     /// genuine conflict there (at `rel`, above or below it) could not be
-    /// kept aside, or `rel` is a source held for a rename onto one. Each
-    /// such op tries to move the conflict aside again first: once the disk
-    /// has room again the conflict is kept and the op goes on, without
-    /// waiting for the next session.
+    /// kept aside, or the op would change a source held for a rename onto
+    /// one. Each such op tries to move the conflict aside again first: once
+    /// the disk has room again the conflict is kept and the op goes on,
+    /// without waiting for the next session.
     ///
-    /// `below`: whether a conflict (or a held source) below `rel` counts
-    /// (an op that would remove or replace the folder `rel`); a `Mkdir` of
-    /// a folder holding one, or a rename moving the folder (the protection
+    /// A conflict below `rel` counts only for an op that removes or
+    /// replaces the folder `rel` ([`Touch::Replace`]); a `Mkdir` of a
+    /// folder holding one, or a rename moving the folder (the protection
     /// moves along), leaves it where it is.
     fn blocked<T: ReplicaTree>(
         &mut self,
@@ -525,34 +540,86 @@ impl Applier {
         s: usize,
         seq: u64,
         rel: &Path,
-        below: bool,
+        touch: Touch,
     ) -> bool {
-        if !self.held_for_rename.is_empty() {
-            let mut held: Vec<(PathBuf, PathBuf)> = self
-                .held_for_rename
-                .iter()
-                .filter(|((hs, h), _)| {
-                    *hs == s && ((below && h.starts_with(rel)) || rel.starts_with(h))
-                })
-                .map(|((_, h), to)| (h.clone(), to.clone()))
-                .collect();
-            held.sort_unstable();
-            for (h, to) in held {
-                if let Err(reason) = self.unprotect(tree, s, &to, true) {
-                    self.need(seq, s, rel, reason);
-                    return true;
-                }
-                // The rename's target can take the message now (the
-                // primary's op on it follows): the source is the primary's
-                // to delete.
-                self.held_for_rename.remove(&(s, h));
+        for (h, to) in self.holds_touched(tree, s, rel, touch) {
+            if let Err(reason) = self.release(tree, s, &to, 0) {
+                self.need(seq, s, rel, reason);
+                return true;
             }
+            // The rename's target can take the message now (the primary's
+            // op on it follows): the source is the primary's to delete.
+            self.held_for_rename.remove(&(s, h));
         }
-        if let Err(reason) = self.unprotect(tree, s, rel, below) {
+        if let Err(reason) = self.unprotect(tree, s, rel, touch == Touch::Replace) {
             self.need(seq, s, rel, reason);
             return true;
         }
         false
+    }
+
+    /// The sources held for renames (and the targets they wait for) that
+    /// an op touching `rel` would change, in path order: a held source, or
+    /// a folder above one, removed or replaced; an entry that exists in a
+    /// held folder (or the held source itself) replaced, moved, or turned
+    /// into a folder. A name new in a held folder, or a `Mkdir` of the
+    /// folder it is, changes nothing held.
+    fn holds_touched<T: ReplicaTree>(
+        &self,
+        tree: &T,
+        s: usize,
+        rel: &Path,
+        touch: Touch,
+    ) -> Vec<(PathBuf, PathBuf)> {
+        if self.held_for_rename.is_empty() {
+            return Vec::new();
+        }
+        let mut inside = None;
+        let mut held: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for ((hs, h), to) in &self.held_for_rename {
+            if *hs != s {
+                continue;
+            }
+            let touched = if touch == Touch::Replace && h.starts_with(rel) {
+                true
+            } else if rel.starts_with(h) {
+                // What the op meets at `rel`, read once.
+                *inside.get_or_insert_with(|| match tree.lstat(rel) {
+                    Ok(Some(st)) => !(touch == Touch::Make && st.kind == Kind::Dir),
+                    Ok(None) => false,
+                    // Unknown: it may be there.
+                    Err(_) => true,
+                })
+            } else {
+                false
+            };
+            if touched {
+                held.push((h.clone(), to.clone()));
+            }
+        }
+        held.sort_unstable();
+        held
+    }
+
+    /// Whether the target `to` of a held source can take the message now:
+    /// the conflicts protected there moved aside, and the sources held
+    /// there (a rename onto a held source waits for that one) released in
+    /// turn, at most [`HOLD_CHAIN_MAX`] deep. The reason to answer if not.
+    fn release<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        s: usize,
+        to: &Path,
+        depth: usize,
+    ) -> Result<(), NeedReason> {
+        for (h, next) in self.holds_touched(tree, s, to, Touch::Replace) {
+            if depth >= HOLD_CHAIN_MAX {
+                return Err(NeedReason::LocalError);
+            }
+            self.release(tree, s, &next, depth + 1)?;
+            self.held_for_rename.remove(&(s, h));
+        }
+        self.unprotect(tree, s, to, true)
     }
 
     /// Moves the genuine conflicts protected at `rel` (above it, or below
@@ -691,7 +758,7 @@ impl Applier {
         meta: Meta,
     ) {
         // A genuine conflict there (a file) would be cleared for the folder.
-        if self.blocked(tree, s, seq, &rel, false) {
+        if self.blocked(tree, s, seq, &rel, Touch::Make) {
             return;
         }
         self.clear_other_kind(tree, index, seq, s, &rel, true);
@@ -735,7 +802,7 @@ impl Applier {
         seq: u64,
         rel: &Path,
     ) {
-        if self.blocked(tree, s, seq, rel, true) {
+        if self.blocked(tree, s, seq, rel, Touch::Replace) {
             return;
         }
         if !matches!(tree.lstat(rel), Ok(Some(_))) {
@@ -769,10 +836,10 @@ impl Applier {
         // Not over a genuine conflict that could not be kept aside (the
         // rename would replace it), nor giving one the primary's name. A
         // folder holding one moves, its protection along.
-        if self.blocked(tree, s, seq, from, false) {
+        if self.blocked(tree, s, seq, from, Touch::Move) {
             return;
         }
-        if self.blocked(tree, s, seq, to, true) {
+        if self.blocked(tree, s, seq, to, Touch::Replace) {
             // The primary deletes the source of a rename refused and sends
             // its target again, which waits for `to` too: the source is the
             // only copy here of what the primary holds at `to`, held until
@@ -824,7 +891,7 @@ impl Applier {
         hash: u128,
         meta: &Meta,
     ) {
-        if self.blocked(tree, s, seq, &rel, true) {
+        if self.blocked(tree, s, seq, &rel, Touch::Replace) {
             return;
         }
         // `existing` must hold the version the primary linked: an earlier
@@ -866,7 +933,7 @@ impl Applier {
         target: &[u8],
         meta: &Meta,
     ) {
-        if self.blocked(tree, s, seq, &rel, true) {
+        if self.blocked(tree, s, seq, &rel, Touch::Replace) {
             return;
         }
         self.clear_other_kind(tree, index, seq, s, &rel, false);
@@ -936,7 +1003,7 @@ impl Applier {
                 return;
             }
         };
-        if self.blocked(tree, s, seq, &rel, true) {
+        if self.blocked(tree, s, seq, &rel, Touch::Replace) {
             tree.discard_staged(seq);
             return;
         }
@@ -1236,6 +1303,87 @@ mod tests {
         assert!(!dir.join(moved).exists());
         assert_eq!(r.take_held_for_rename().len(), 0);
         assert!(!r.is_protected(0, flagged));
+    }
+
+    /// A rename onto a held source is held in turn, and released with it;
+    /// a held folder keeps what it holds, but takes new names (a mailbox
+    /// made again under the old name) and a `Mkdir` of itself.
+    #[test]
+    fn a_rename_onto_a_held_source_waits_for_it_and_a_held_folder_takes_new_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        let internal = tmp.path().join("internal");
+        for (p, body) in [
+            ("new/m", "the message"),
+            ("cur/m:2,S", "genuine"),
+            ("new/x", "another"),
+            ("A/cur/a", "in A"),
+            ("B/cur/b", "genuine too"),
+        ] {
+            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(p), body).unwrap();
+        }
+        let mut root = Root::open(&dir, &internal).unwrap();
+        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let needs = |r: &mut Applier| -> Vec<u64> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::Need { seq, .. } => Some(seq),
+                    _ => None,
+                })
+                .collect()
+        };
+        let p = Path::new;
+        r.keep_aside(&mut root, 0, 1, p("cur/m:2,S").to_path_buf());
+        r.keep_aside(&mut root, 0, 2, p("B/cur/b").to_path_buf());
+        r.rename(&mut root, &mut index, 0, 3, p("new/m"), p("cur/m:2,S"));
+        r.rename(&mut root, &mut index, 0, 4, p("new/x"), p("new/m"));
+        r.rename(&mut root, &mut index, 0, 5, p("A"), p("B"));
+        assert_eq!(needs(&mut r), [3, 4, 5]);
+        r.delete(&mut root, &mut index, 0, 6, p("new/x"));
+        r.delete(&mut root, &mut index, 0, 7, p("A/cur/a"));
+        r.symlink(
+            &mut root,
+            &mut index,
+            0,
+            8,
+            p("A/cur/a").into(),
+            b"t",
+            &meta(1),
+        );
+        assert_eq!(needs(&mut r), [6, 7, 8]);
+        r.mkdir(&mut root, &mut index, 0, 9, p("A").into(), meta(1));
+        r.symlink(
+            &mut root,
+            &mut index,
+            0,
+            10,
+            p("A/cur/new").into(),
+            b"t",
+            &meta(1),
+        );
+        assert!(needs(&mut r).is_empty());
+        assert_eq!(std::fs::read_link(dir.join("A/cur/new")).unwrap(), p("t"));
+        for (f, body) in [
+            ("new/x", "another"),
+            ("new/m", "the message"),
+            ("A/cur/a", "in A"),
+        ] {
+            assert_eq!(std::fs::read_to_string(dir.join(f)).unwrap(), body);
+        }
+        // Room again: the chain is released from its end.
+        let mut root = Root::open(&dir, &internal).unwrap();
+        r.delete(&mut root, &mut index, 0, 11, p("new/x"));
+        assert!(needs(&mut r).is_empty());
+        assert!(!dir.join("new/x").exists());
+        let held = r.take_held_for_rename();
+        assert_eq!(
+            held.into_keys().collect::<Vec<_>>(),
+            [(0, PathBuf::from("A"))],
+            "new/m and new/x released, A still waits for B"
+        );
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -1214,7 +1214,12 @@ impl Replica {
     /// the node runs on with its index as it was (its next session starts a
     /// new receiver, whose manifest lists the disk), latched unverified.
     fn flush_failed(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
+        // The receiver's memory of the sources it holds for renames is not
+        // on the disk: the engine passes it on as it was.
+        let held = self.ops.take_held_for_rename();
         self.lose_unflushed(applied, log, kept);
+        self.ops.hold_for_rename(held);
+        self.durable_ops = self.ops.snapshot();
         self.latch.set("EIO");
     }
 

@@ -168,6 +168,9 @@ pub struct Engine {
     notifier: Arc<Mutex<Option<Notifier>>>,
     resync: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The stores read ahead of the tracker and the walks as the node
+    /// starts (`warm`); stopped with the engine.
+    _warming: super::warm::Warming,
 }
 
 impl Engine {
@@ -178,6 +181,15 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
         let fence = Arc::new(Fence::load(&cfg.state_dir)?);
+        // Whichever role the node takes, it lists and walks its stores
+        // first: read them ahead, several reads in flight.
+        let warm_roots: Vec<PathBuf> = cfg
+            .stores
+            .iter()
+            .flat_map(|s| [s.root.clone(), s.replica_root.clone()])
+            .collect();
+        let warming =
+            super::warm::Warming::start(&warm_roots, excludes.clone(), super::warm::WARM_THREADS);
         let sending = Arc::new(Sending::default());
         let store_roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
         let listener = crate::io::bind_listener(cfg.sync_listen, Duration::from_secs(10)).map_err(
@@ -258,6 +270,7 @@ impl Engine {
             notifier,
             resync,
             thread: Some(thread),
+            _warming: warming,
         })
     }
 
@@ -591,8 +604,11 @@ async fn engine_main(
             EngineMode::Secondary => "receiving",
         };
         if mode == EngineMode::Primary {
-            // A scan taken as a secondary serves no session now.
+            // A scan taken as a secondary serves no session now, nor do
+            // the sources held for renames onto protected paths (this
+            // node's tree is the primary's now).
             receiving.prescan.borrow_mut().take();
+            receiving.held_for_rename.borrow_mut().clear();
             run_primary(&shared, &ctx, &mut mode_rx).await;
         } else {
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)

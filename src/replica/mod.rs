@@ -33,6 +33,7 @@ pub mod tenure;
 pub mod tree;
 pub mod waiters;
 pub mod walk;
+pub mod warm;
 pub mod window;
 
 pub use crate::model::{moved_path, Durability, Excludes};

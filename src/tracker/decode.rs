@@ -597,6 +597,7 @@ impl Decoder {
         out: &mut Vec<Op>,
     ) {
         let mut stack = vec![rel];
+        let mut folders = Vec::new();
         while let Some(rel) = stack.pop() {
             let abs = self.roots[store].join(&rel);
             // A store nested in this one owns its own subtree.
@@ -704,9 +705,14 @@ impl Decoder {
                     _ => false,
                 };
                 if is_dir {
-                    stack.push(child);
+                    folders.push(child);
                 }
             }
+            // Entered in path order (the smallest name popped first), as
+            // the walks and the warming threads go (`replica::warm`): on a
+            // cold cache this follows the reads already in flight.
+            folders.sort_unstable_by(|a, b| b.cmp(a));
+            stack.append(&mut folders);
         }
     }
 

@@ -433,7 +433,7 @@ fn a_failed_flush_latches_the_replica_unverified_until_it_is_read_again_from_dis
 fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica() {
     let (tp, src) = pair_in_a_slow_failing_flush("3000");
     let dst = tp.store(1, "inbox");
-    cut_sync_connection(&tp);
+    tp.cut_sync_connection(1);
     latched_then_lifted(&tp, Duration::from_secs(20));
     let log = tp.logs();
     // The cut ended the session, not the flush's failure.
@@ -507,7 +507,7 @@ fn a_flush_that_hangs_is_an_alarm_also_while_an_op_waits_for_it() {
 #[test]
 fn a_node_killed_while_an_ended_sessions_flush_runs_restarts_latched() {
     let (mut tp, src) = pair_in_a_slow_failing_flush("7000");
-    cut_sync_connection(&tp);
+    tp.cut_sync_connection(1);
     let marker = tp.nodes[1].state_dir.join("replica-unverified");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !std::fs::read_to_string(&marker).is_ok_and(|r| r.starts_with("a flush was in flight")) {
@@ -520,27 +520,6 @@ fn a_node_killed_while_an_ended_sessions_flush_runs_restarts_latched() {
     }
     tp.nodes[1].kill9().unwrap();
     restarts_and_rereads(&mut tp, &src, "a flush was in flight");
-}
-
-/// Kills the secondary's (node 1's) sync connection (`ss -K`).
-fn cut_sync_connection(tp: &TestPair) {
-    // The secondary's sync port, from its configuration.
-    let config = std::fs::read_to_string(&tp.nodes[1].config_path).unwrap();
-    let port = config
-        .lines()
-        .find_map(|l| l.strip_prefix("sync_listen = \""))
-        .and_then(|a| a.trim_end_matches('"').rsplit(':').next())
-        .expect("sync_listen in the configuration")
-        .to_string();
-    let out = std::process::Command::new("ss")
-        .args(["-K", "-t", "(", "sport", "=", &format!(":{port}"), ")"])
-        .output()
-        .expect("ss");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(&format!(":{port}")),
-        "no sync connection killed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
 }
 
 /// A flush still running when its node takes over (the primary killed

@@ -815,9 +815,10 @@ fn a_conflict_that_could_not_be_kept_aside_is_kept_at_the_next_op_on_it() {
 /// keep-aside fails: `fsops.keep_aside_eio=1+`). The rename is refused
 /// there, and the primary deletes its source and sends its target again:
 /// the former primary keeps the source, its only copy of that message,
-/// while the conflict stays (ops after the rename land meanwhile). Once
-/// it can move the conflict aside (restarted without the failure), the
-/// trees converge and the conflict is handed over.
+/// while the conflict stays (ops after the rename land meanwhile), also in
+/// the session after its sync connection is cut (the hold passes to the
+/// next receiver). Once it can move the conflict aside (restarted without
+/// the failure), the trees converge and the conflict is handed over.
 #[test]
 fn a_rename_onto_a_conflict_that_cannot_be_kept_aside_keeps_its_source_meanwhile() {
     let mut tp = started_with_fixture(fast(), 31, 2, 10);
@@ -860,21 +861,37 @@ fn a_rename_onto_a_conflict_that_cannot_be_kept_aside_keeps_its_source_meanwhile
     }
     // The primary's delete of the source follows the refused rename's
     // acknowledgement, and is asked again while refused: for a while, the
-    // source must stay.
+    // source must stay; and in the next session too (the connection cut:
+    // a new receiver, whose comparison deletes the source again).
+    let kept = |secs: u64| {
+        let start = std::time::Instant::now();
+        loop {
+            assert_eq!(
+                std::fs::read(a.join(&from)).ok().as_deref(),
+                Some(&body[..]),
+                "the former primary's only copy of the message went\n{}",
+                tp.logs()
+            );
+            assert_eq!(
+                std::fs::read(a.join(&to)).unwrap(),
+                b"only on the old primary"
+            );
+            if start.elapsed() >= Duration::from_secs(secs) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    kept(3);
+    let sessions = tp.nodes[0].log().matches("sync session started").count();
+    tp.cut_sync_connection(0);
     let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        assert_eq!(
-            std::fs::read(a.join(&from)).ok().as_deref(),
-            Some(&body[..]),
-            "the former primary's only copy of the message went\n{}",
-            tp.logs()
-        );
-        assert_eq!(
-            std::fs::read(a.join(&to)).unwrap(),
-            b"only on the old primary"
-        );
+    while tp.nodes[0].log().matches("sync session started").count() == sessions {
+        assert!(start.elapsed() < CONVERGE, "no new session\n{}", tp.logs());
+        kept(0);
         std::thread::sleep(Duration::from_millis(20));
     }
+    kept(3);
     assert!(tp.nodes[0].stop(Duration::from_secs(10)));
     tp.nodes[0].start().unwrap();
     tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));

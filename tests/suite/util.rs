@@ -183,6 +183,27 @@ pub fn spec(seed: u64, mailboxes: usize, messages: usize) -> hasync::fixture::Ma
 }
 
 impl TestPair {
+    /// Kills the sync connection into node `i`, the secondary (`ss -K` on
+    /// its sync port).
+    pub fn cut_sync_connection(&self, i: usize) {
+        let config = std::fs::read_to_string(&self.pair.nodes[i].config_path).unwrap();
+        let port = config
+            .lines()
+            .find_map(|l| l.strip_prefix("sync_listen = \""))
+            .and_then(|a| a.trim_end_matches('"').rsplit(':').next())
+            .expect("sync_listen in the configuration")
+            .to_string();
+        let out = Command::new("ss")
+            .args(["-K", "-t", "(", "sport", "=", &format!(":{port}"), ")"])
+            .output()
+            .expect("ss");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(&format!(":{port}")),
+            "no sync connection killed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
     /// The versions kept aside on node `i` (`hasync conflicts list`; empty
     /// if the node does not answer).
     pub fn conflicts(&self, i: usize) -> Vec<hasync::replica::conflicts::Conflict> {

@@ -1,0 +1,304 @@
+//! Reading a node's stores ahead of the walks that need them at start.
+//!
+//! A node that starts reads each store's metadata twice over before it can
+//! compare: the tracker lists every folder to watch it, then a walk (the
+//! primary's takeover walk, the replica's scan) stats every entry. Each
+//! goes one folder and one entry at a time, so on a cold cache it waits
+//! for one read at a time, where the disk serves several at once far
+//! faster: the cold metadata of a 200,000-file store took 2.6 s with one
+//! reader and 1.2 s with four on the bench machine (virtio disk).
+//!
+//! Warming runs [`WARM_THREADS`] threads over the same trees as the node
+//! starts: first every folder's listing (what the tracker reads), then
+//! every entry's inode (what the walks stat), each pass in path order, the
+//! order the walks go in. It keeps nothing it reads: the kernel's caches
+//! hold it for the tracker and the walks, which still read everything
+//! themselves. So what warming finds decides nothing, and what it cannot
+//! read (a folder gone meanwhile, a path too long) it skips. It holds only
+//! the folders found and not yet read, at most [`PENDING_FOLDERS_MAX`]
+//! (beyond that a folder is left to the walks, unwarmed), and stops when
+//! both passes are done or the node stops.
+
+use std::collections::BTreeSet;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, StatxFlags};
+use tracing::debug;
+
+use crate::model::Excludes;
+
+/// Readers in flight: four served cold metadata 2.2 times as fast as one
+/// here, eight no faster than four.
+pub const WARM_THREADS: usize = 4;
+
+/// Folders found and not yet read, at most (a path each: a few MB).
+pub const PENDING_FOLDERS_MAX: usize = 65_536;
+
+/// The two passes, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Pass {
+    /// Every folder listed (the tracker's reads).
+    Listing,
+    /// Every entry stat'ed (the walks' reads).
+    Inodes,
+}
+
+struct Work {
+    pass: Pass,
+    /// By root, then path order (a folder before what is below it).
+    pending: BTreeSet<(usize, PathBuf)>,
+    /// Folders being read now.
+    busy: usize,
+    done: bool,
+}
+
+struct State {
+    roots: Vec<OwnedFd>,
+    excludes: Excludes,
+    work: Mutex<Work>,
+    wake: Condvar,
+    stop: AtomicBool,
+    folders: AtomicU64,
+    entries: AtomicU64,
+    started: Instant,
+}
+
+/// Warming under way; stopped when dropped.
+pub struct Warming {
+    state: Arc<State>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Warming {
+    /// Starts warming the trees at `roots` (each once; a root that cannot
+    /// be opened is skipped: the tracker and the walks report it).
+    pub fn start(roots: &[PathBuf], excludes: Excludes, threads: usize) -> Warming {
+        let mut opened: Vec<OwnedFd> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for root in roots {
+            if !seen.insert(root.clone()) {
+                continue;
+            }
+            match rustix::fs::open(root, dir_flags(), Mode::empty()) {
+                Ok(fd) => opened.push(fd),
+                Err(e) => debug!(root = %root.display(), "not warmed: {e}"),
+            }
+        }
+        let pending = (0..opened.len()).map(|r| (r, PathBuf::new())).collect();
+        let state = Arc::new(State {
+            roots: opened,
+            excludes,
+            work: Mutex::new(Work {
+                pass: Pass::Listing,
+                pending,
+                busy: 0,
+                done: false,
+            }),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            folders: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        let threads = (0..threads)
+            .filter_map(|i| {
+                let state = state.clone();
+                std::thread::Builder::new()
+                    .name(format!("hasync-warm-{i}"))
+                    .spawn(move || state.run())
+                    .map_err(|e| debug!("a warming thread did not start: {e}"))
+                    .ok()
+            })
+            .collect();
+        Warming { state, threads }
+    }
+
+    /// Waits until both passes are done (or warming was stopped).
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Folders read and entries stat'ed so far (both passes).
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.state.folders.load(Relaxed),
+            self.state.entries.load(Relaxed),
+        )
+    }
+}
+
+impl Drop for Warming {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Relaxed);
+        self.state.wake.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+impl State {
+    fn run(&self) {
+        while let Some((pass, root, rel)) = self.next() {
+            let found = self.read(pass, root, &rel);
+            self.finish(root, found);
+        }
+    }
+
+    /// The next folder to read, in path order; `None` once both passes
+    /// are done or warming stops.
+    fn next(&self) -> Option<(Pass, usize, PathBuf)> {
+        let mut work = self.work.lock().expect("warm lock");
+        loop {
+            if self.stop.load(Relaxed) || work.done {
+                return None;
+            }
+            if let Some(next) = work.pending.pop_first() {
+                work.busy += 1;
+                return Some((work.pass, next.0, next.1));
+            }
+            if work.busy == 0 {
+                // A pass ends when nothing is pending or being read.
+                if work.pass == Pass::Listing {
+                    work.pass = Pass::Inodes;
+                    work.pending = (0..self.roots.len()).map(|r| (r, PathBuf::new())).collect();
+                    self.wake.notify_all();
+                    continue;
+                }
+                work.done = true;
+                self.wake.notify_all();
+                debug!(
+                    folders = self.folders.load(Relaxed),
+                    entries = self.entries.load(Relaxed),
+                    ms = self.started.elapsed().as_millis() as u64,
+                    "stores warmed"
+                );
+                return None;
+            }
+            work = self.wake.wait(work).expect("warm lock");
+        }
+    }
+
+    fn finish(&self, root: usize, found: Vec<PathBuf>) {
+        let mut work = self.work.lock().expect("warm lock");
+        work.busy -= 1;
+        for rel in found {
+            if work.pending.len() >= PENDING_FOLDERS_MAX {
+                break;
+            }
+            work.pending.insert((root, rel));
+        }
+        self.wake.notify_all();
+    }
+
+    /// Reads folder `rel` of root `root` (and, in the second pass, each
+    /// entry's inode); returns the folders in it.
+    fn read(&self, pass: Pass, root: usize, rel: &std::path::Path) -> Vec<PathBuf> {
+        use std::os::unix::ffi::OsStrExt;
+        let base = self.roots[root].as_fd();
+        let dir = if rel.as_os_str().is_empty() {
+            rustix::fs::openat(base, c".", dir_flags(), Mode::empty())
+        } else {
+            rustix::fs::openat(base, rel, dir_flags(), Mode::empty())
+        };
+        let Ok(dir) = dir else {
+            return Vec::new();
+        };
+        let Ok(mut listing) = rustix::fs::Dir::read_from(&dir) else {
+            return Vec::new();
+        };
+        self.folders.fetch_add(1, Relaxed);
+        let mut found = Vec::new();
+        while let Some(Ok(ent)) = listing.read() {
+            if self.stop.load(Relaxed) {
+                break;
+            }
+            let name = ent.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            if self.excludes.is_excluded(&child) {
+                continue;
+            }
+            let mut kind = ent.file_type();
+            if pass == Pass::Inodes || kind == FileType::Unknown {
+                let st = rustix::fs::statx(
+                    &dir,
+                    name,
+                    AtFlags::SYMLINK_NOFOLLOW,
+                    StatxFlags::BASIC_STATS,
+                );
+                self.entries.fetch_add(1, Relaxed);
+                if let Ok(st) = st {
+                    kind = FileType::from_raw_mode(st.stx_mode.into());
+                }
+            }
+            if kind == FileType::Directory {
+                found.push(child);
+            }
+        }
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both passes reach every folder and, in the second, every entry of
+    /// each root (a root named twice is warmed once), and leave out what is
+    /// excluded; a missing root is skipped.
+    #[test]
+    fn warming_reads_every_folder_twice_and_every_entry_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("store");
+        for (i, p) in ["a/cur/1", "a/new/2", "b/cur/3", "b/.Sent/cur/4", "skip/x/5"]
+            .iter()
+            .enumerate()
+        {
+            let p = root.join(p);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, i.to_string()).unwrap();
+        }
+        std::os::unix::fs::symlink("a", root.join("link")).unwrap();
+        let excludes = Excludes::new(&["skip".to_string()]).unwrap();
+        let warming = Warming::start(
+            &[root.clone(), root.clone(), tmp.path().join("missing")],
+            excludes,
+            3,
+        );
+        let state = warming.state.clone();
+        warming.wait();
+        // Folders: the root, a, a/cur, a/new, b, b/cur, b/.Sent, b/.Sent/cur.
+        assert_eq!(state.folders.load(Relaxed), 2 * 8);
+        // Entries: 4 files, 7 folders below the root, 1 symlink.
+        assert_eq!(state.entries.load(Relaxed), 12);
+        assert!(state.work.lock().unwrap().done);
+    }
+
+    /// A stop (the node stopping) ends warming: its threads are gone once
+    /// it is dropped.
+    #[test]
+    fn warming_stops_when_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..200 {
+            std::fs::create_dir_all(tmp.path().join(format!("d{i}/cur"))).unwrap();
+        }
+        let warming = Warming::start(&[tmp.path().to_path_buf()], Excludes::new(&[]).unwrap(), 2);
+        let state = Arc::downgrade(&warming.state);
+        drop(warming);
+        assert!(state.upgrade().is_none(), "a warming thread still runs");
+    }
+}
