@@ -181,11 +181,17 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         let excludes = Excludes::new(&cfg.exclude)?;
         let fence = Arc::new(Fence::load(&cfg.state_dir)?);
-        // Whichever role the node takes, it lists and walks its stores
-        // first: read them ahead, several reads in flight.
+        // Whichever role a restarted node takes, it lists and walks the
+        // stores it knows first: read them ahead, several reads in flight.
+        // (A first start's initial sync reads its files anyway, and warming
+        // would take CPU from it.)
         let warm_roots: Vec<PathBuf> = cfg
             .stores
             .iter()
+            .filter(|s| {
+                Index::exists(&cfg.state_dir, &s.name)
+                    || Index::exists(&cfg.state_dir, &format!("{}-replica", s.name))
+            })
             .flat_map(|s| [s.root.clone(), s.replica_root.clone()])
             .collect();
         let warming =

@@ -345,6 +345,14 @@ fn layered<'a>(
 }
 
 impl Index {
+    /// Whether `<state_dir>` holds an index of `store` (this node walked
+    /// it before: a restart, not a first start).
+    pub fn exists(state_dir: &Path, store: &str) -> bool {
+        ["bin", "json"]
+            .iter()
+            .any(|ext| state_dir.join(format!("index-{store}.{ext}")).exists())
+    }
+
     /// Loads `<state_dir>/index-<store>.bin` (or migrates an older
     /// `index-<store>.json`). A missing index starts empty; an unreadable
     /// one starts empty and says why, which is safe: files are re-hashed

@@ -1,23 +1,23 @@
 //! Reading a node's stores ahead of the walks that need them at start.
 //!
-//! A node that starts reads each store's metadata twice over before it can
-//! compare: the tracker lists every folder to watch it, then a walk (the
-//! primary's takeover walk, the replica's scan) stats every entry. Each
-//! goes one folder and one entry at a time, so on a cold cache it waits
+//! A node that restarts reads each store's metadata before it can compare:
+//! a walk (the primary's takeover walk, the replica's scan) stats every
+//! entry, one folder and one entry at a time, so on a cold cache it waits
 //! for one read at a time, where the disk serves several at once far
 //! faster: the cold metadata of a 200,000-file store took 2.6 s with one
-//! reader and 1.2 s with four on the bench machine (virtio disk).
+//! reader and 1.2 s with four on the bench machine (virtio disk), of a
+//! million-file store 12.9 s and 6.7 s.
 //!
-//! Warming runs [`WARM_THREADS`] threads over the same trees as the node
-//! starts: first every folder's listing (what the tracker reads), then
-//! every entry's inode (what the walks stat), each pass in path order, the
-//! order the walks go in. It keeps nothing it reads: the kernel's caches
-//! hold it for the tracker and the walks, which still read everything
-//! themselves. So what warming finds decides nothing, and what it cannot
-//! read (a folder gone meanwhile, a path too long) it skips. It holds only
+//! Warming runs [`WARM_THREADS`] threads over the same trees as a
+//! restarted node starts: every folder's listing and every entry's inode,
+//! in path order, the order the walks go in (the tracker lists its folders
+//! several at a time itself). It keeps nothing it reads: the kernel's
+//! caches hold it for the walks, which still read everything themselves.
+//! So what warming finds decides nothing, and what it cannot read (a
+//! folder gone meanwhile, a path too long) it skips. It holds only
 //! the folders found and not yet read, at most [`PENDING_FOLDERS_MAX`]
 //! (beyond that a folder is left to the walks, unwarmed), and stops when
-//! both passes are done or the node stops.
+//! it is done or the node stops.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,17 +39,7 @@ pub const WARM_THREADS: usize = 4;
 /// Folders found and not yet read, at most (a path each: a few MB).
 pub const PENDING_FOLDERS_MAX: usize = 65_536;
 
-/// The two passes, in the order they run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Pass {
-    /// Every folder listed (the tracker's reads).
-    Listing,
-    /// Every entry stat'ed (the walks' reads).
-    Inodes,
-}
-
 struct Work {
-    pass: Pass,
     /// By root, then path order (a folder before what is below it).
     pending: BTreeSet<(usize, PathBuf)>,
     /// Folders being read now.
@@ -79,14 +69,21 @@ impl Warming {
     /// be opened is skipped: the tracker and the walks report it).
     pub fn start(roots: &[PathBuf], excludes: Excludes, threads: usize) -> Warming {
         let mut opened: Vec<OwnedFd> = Vec::new();
+        // Each folder once, however it is named.
         let mut seen = BTreeSet::new();
         for root in roots {
-            if !seen.insert(root.clone()) {
-                continue;
-            }
-            match rustix::fs::open(root, dir_flags(), Mode::empty()) {
-                Ok(fd) => opened.push(fd),
-                Err(e) => debug!(root = %root.display(), "not warmed: {e}"),
+            // A root may be a symlink (to the mail disk, say), as the
+            // tracker and the walks allow; nothing below it is followed.
+            let fd = match rustix::fs::open(root, dir_flags() - OFlags::NOFOLLOW, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    debug!(root = %root.display(), "not warmed: {e}");
+                    continue;
+                }
+            };
+            let fresh = rustix::fs::fstat(&fd).is_ok_and(|st| seen.insert((st.st_dev, st.st_ino)));
+            if fresh {
+                opened.push(fd);
             }
         }
         let pending = (0..opened.len()).map(|r| (r, PathBuf::new())).collect();
@@ -94,7 +91,6 @@ impl Warming {
             roots: opened,
             excludes,
             work: Mutex::new(Work {
-                pass: Pass::Listing,
                 pending,
                 busy: 0,
                 done: false,
@@ -118,14 +114,14 @@ impl Warming {
         Warming { state, threads }
     }
 
-    /// Waits until both passes are done (or warming was stopped).
+    /// Waits until every folder was read (or warming was stopped).
     pub fn wait(mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 
-    /// Folders read and entries stat'ed so far (both passes).
+    /// Folders read and entries stat'ed so far.
     pub fn counts(&self) -> (u64, u64) {
         (
             self.state.folders.load(Relaxed),
@@ -150,15 +146,15 @@ fn dir_flags() -> OFlags {
 
 impl State {
     fn run(&self) {
-        while let Some((pass, root, rel)) = self.next() {
-            let found = self.read(pass, root, &rel);
+        while let Some((root, rel)) = self.next() {
+            let found = self.read(root, &rel);
             self.finish(root, found);
         }
     }
 
-    /// The next folder to read, in path order; `None` once both passes
-    /// are done or warming stops.
-    fn next(&self) -> Option<(Pass, usize, PathBuf)> {
+    /// The next folder to read, in path order; `None` once every folder
+    /// was read or warming stops.
+    fn next(&self) -> Option<(usize, PathBuf)> {
         let mut work = self.work.lock().expect("warm lock");
         loop {
             if self.stop.load(Relaxed) || work.done {
@@ -166,16 +162,10 @@ impl State {
             }
             if let Some(next) = work.pending.pop_first() {
                 work.busy += 1;
-                return Some((work.pass, next.0, next.1));
+                return Some(next);
             }
             if work.busy == 0 {
-                // A pass ends when nothing is pending or being read.
-                if work.pass == Pass::Listing {
-                    work.pass = Pass::Inodes;
-                    work.pending = (0..self.roots.len()).map(|r| (r, PathBuf::new())).collect();
-                    self.wake.notify_all();
-                    continue;
-                }
+                // Done when nothing is pending or being read.
                 work.done = true;
                 self.wake.notify_all();
                 debug!(
@@ -202,9 +192,9 @@ impl State {
         self.wake.notify_all();
     }
 
-    /// Reads folder `rel` of root `root` (and, in the second pass, each
-    /// entry's inode); returns the folders in it.
-    fn read(&self, pass: Pass, root: usize, rel: &std::path::Path) -> Vec<PathBuf> {
+    /// Reads folder `rel` of root `root` and each entry's inode; returns
+    /// the folders in it.
+    fn read(&self, root: usize, rel: &std::path::Path) -> Vec<PathBuf> {
         use std::os::unix::ffi::OsStrExt;
         let base = self.roots[root].as_fd();
         let dir = if rel.as_os_str().is_empty() {
@@ -233,17 +223,15 @@ impl State {
                 continue;
             }
             let mut kind = ent.file_type();
-            if pass == Pass::Inodes || kind == FileType::Unknown {
-                let st = rustix::fs::statx(
-                    &dir,
-                    name,
-                    AtFlags::SYMLINK_NOFOLLOW,
-                    StatxFlags::BASIC_STATS,
-                );
-                self.entries.fetch_add(1, Relaxed);
-                if let Ok(st) = st {
-                    kind = FileType::from_raw_mode(st.stx_mode.into());
-                }
+            let st = rustix::fs::statx(
+                &dir,
+                name,
+                AtFlags::SYMLINK_NOFOLLOW,
+                StatxFlags::BASIC_STATS,
+            );
+            self.entries.fetch_add(1, Relaxed);
+            if let Ok(st) = st {
+                kind = FileType::from_raw_mode(st.stx_mode.into());
             }
             if kind == FileType::Directory {
                 found.push(child);
@@ -257,11 +245,11 @@ impl State {
 mod tests {
     use super::*;
 
-    /// Both passes reach every folder and, in the second, every entry of
-    /// each root (a root named twice is warmed once), and leave out what is
-    /// excluded; a missing root is skipped.
+    /// Warming reads every folder and every entry of each root once (a root named twice, once through a symlink; no
+    /// symlink below it followed), and leave out what is excluded; a
+    /// missing root is skipped.
     #[test]
-    fn warming_reads_every_folder_twice_and_every_entry_once() {
+    fn warming_reads_every_folder_and_entry_once() {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("store");
         for (i, p) in ["a/cur/1", "a/new/2", "b/cur/3", "b/.Sent/cur/4", "skip/x/5"]
@@ -273,16 +261,22 @@ mod tests {
             std::fs::write(&p, i.to_string()).unwrap();
         }
         std::os::unix::fs::symlink("a", root.join("link")).unwrap();
+        std::os::unix::fs::symlink(&root, tmp.path().join("via")).unwrap();
         let excludes = Excludes::new(&["skip".to_string()]).unwrap();
         let warming = Warming::start(
-            &[root.clone(), root.clone(), tmp.path().join("missing")],
+            &[
+                tmp.path().join("via"),
+                root.clone(),
+                tmp.path().join("missing"),
+            ],
             excludes,
             3,
         );
         let state = warming.state.clone();
         warming.wait();
-        // Folders: the root, a, a/cur, a/new, b, b/cur, b/.Sent, b/.Sent/cur.
-        assert_eq!(state.folders.load(Relaxed), 2 * 8);
+        // Folders: the root, a, a/cur, a/new, b, b/cur, b/.Sent, b/.Sent/cur
+        // (the root named twice).
+        assert_eq!(state.folders.load(Relaxed), 8);
         // Entries: 4 files, 7 folders below the root, 1 symlink.
         assert_eq!(state.entries.load(Relaxed), 12);
         assert!(state.work.lock().unwrap().done);

@@ -158,7 +158,7 @@ impl Decoder {
             }
         })?;
         self.set_watch(wd, store, RelPath::new());
-        self.watch_tree(store, RelPath::new(), None, out);
+        self.watch_store(store, out);
         Ok(())
     }
 
@@ -299,7 +299,7 @@ impl Decoder {
             // renamed watched ones (their paths stale): every folder is
             // watched again, under the name it has now. What changed is
             // the rescan's to find.
-            self.watch_tree(store, RelPath::new(), None, out);
+            self.watch_store(store, out);
             let reason = "inotify queue overflowed (IN_Q_OVERFLOW)".to_string();
             self.rescan(store, reason, now, out);
         }
@@ -468,23 +468,8 @@ impl Decoder {
         self.lost.push_back((wd, name));
     }
 
-    /// The device and inode of the folder at `rel` (not following a
-    /// symlink there).
     fn folder_id(&self, store: usize, rel: &Path) -> Result<(u64, u64), Errno> {
-        use rustix::fs::{AtFlags, FileType};
-        let arg = if rel.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            rel
-        };
-        let st = match &self.root_fds[store] {
-            Some(root) => rustix::fs::statat(root, arg, AtFlags::SYMLINK_NOFOLLOW)?,
-            None => rustix::fs::lstat(self.roots[store].join(rel))?,
-        };
-        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
-            return Err(Errno::NOTDIR);
-        }
-        Ok((st.st_dev, st.st_ino))
+        self.lister().folder_id(store, rel)
     }
 
     /// A folder renamed carried the watches `wds` (now under their new
@@ -597,117 +582,9 @@ impl Decoder {
         out: &mut Vec<Op>,
     ) {
         let mut stack = vec![rel];
-        let mut folders = Vec::new();
         while let Some(rel) = stack.pop() {
-            let abs = self.roots[store].join(&rel);
-            // A store nested in this one owns its own subtree.
-            if self
-                .roots
-                .iter()
-                .enumerate()
-                .any(|(s, r)| s != store && *r == abs)
-            {
-                continue;
-            }
-            if rel.as_os_str().len() > REL_PATH_BYTES_MAX {
-                // Out of reach for replication as well; a rescan cannot help.
-                tracing::debug!(
-                    store,
-                    bytes = rel.as_os_str().len(),
-                    "folder path too long to watch"
-                );
-                continue;
-            }
-            let dir = match self.open_dir(store, &rel) {
-                Ok(fd) => fd,
-                // Gone or replaced already: the parent's watch reports that.
-                Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => continue,
-                Err(errno) => {
-                    self.watch_failed(store, &abs, &format!("cannot open: {errno}"), out);
-                    continue;
-                }
-            };
-            let by_descriptor = abs.as_os_str().len() > REL_PATH_BYTES_MAX;
-            let added = if !by_descriptor {
-                inotify::add_watch(&self.fd, &abs, watch_mask())
-            } else {
-                // Past PATH_MAX from `/`: name the folder by its descriptor.
-                use std::os::fd::AsRawFd;
-                let by_fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
-                inotify::add_watch(
-                    &self.fd,
-                    by_fd.as_str(),
-                    watch_mask() - WatchFlags::DONT_FOLLOW,
-                )
-            };
-            match added {
-                Ok(wd) => {
-                    // The folder the watch is on, if that is sure: added
-                    // through the descriptor, or by a name that still holds
-                    // the folder the descriptor opened (else the parent
-                    // check of the folders made in it is skipped).
-                    let opened = rustix::fs::fstat(&dir).map(|st| (st.st_dev, st.st_ino));
-                    let sure = match opened {
-                        Ok(id) if by_descriptor || self.folder_id(store, &rel) == Ok(id) => {
-                            Some(id)
-                        }
-                        _ => None,
-                    };
-                    match sure {
-                        Some(id) => self.watched_inos.insert(wd, id),
-                        None => self.watched_inos.remove(&wd),
-                    };
-                    self.set_watch(wd, store, rel.clone())
-                }
-                Err(Errno::NOENT) | Err(Errno::NOTDIR) => continue,
-                Err(errno) => {
-                    self.watch_failed(store, &abs, &errno.to_string(), out);
-                    continue;
-                }
-            }
-            let mut listing = match rustix::fs::Dir::new(dir) {
-                Ok(l) => l,
-                Err(errno) => {
-                    self.watch_failed(store, &abs, &format!("cannot list: {errno}"), out);
-                    continue;
-                }
-            };
-            while let Some(entry) = listing.read() {
-                let entry = match entry {
-                    Ok(entry) => entry,
-                    Err(Errno::NOENT) => break,
-                    Err(errno) => {
-                        self.watch_failed(store, &abs, &format!("cannot list: {errno}"), out);
-                        break;
-                    }
-                };
-                let name = entry.file_name();
-                if name == c"." || name == c".." {
-                    continue;
-                }
-                let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-                if self.filter.excluded(&child) {
-                    continue;
-                }
-                if let Some(since) = report {
-                    self.sync(store, child.clone(), since, out);
-                }
-                // d_type, no symlink following: a symlink to a directory is a file here.
-                let is_dir = match entry.file_type() {
-                    rustix::fs::FileType::Directory => true,
-                    rustix::fs::FileType::Unknown => listing.fd().ok().is_some_and(|d| {
-                        rustix::fs::statat(d, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-                            .is_ok_and(|st| {
-                                rustix::fs::FileType::from_raw_mode(st.st_mode)
-                                    == rustix::fs::FileType::Directory
-                            })
-                    }),
-                    _ => false,
-                };
-                if is_dir {
-                    folders.push(child);
-                }
-            }
+            let found = self.lister().watch_one(store, &rel, report.is_some());
+            let mut folders = self.take_found(store, &rel, found, report, out);
             // Entered in path order (the smallest name popped first), as
             // the walks and the warming threads go (`replica::warm`): on a
             // cold cache this follows the reads already in flight.
@@ -716,19 +593,116 @@ impl Decoder {
         }
     }
 
-    /// Opens folder `rel` of `store` for listing, through the root's
-    /// descriptor (any depth), never following a symlink as its last step.
-    fn open_dir(&self, store: usize, rel: &Path) -> Result<OwnedFd, Errno> {
-        use rustix::fs::{Mode, OFlags};
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let arg = if rel.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            rel
+    /// Watches a store's whole tree at start, [`WATCH_THREADS`] folders at
+    /// a time: each folder's watch is added before it is listed, as one at
+    /// a time does, so what is made in it meanwhile has its event; only the
+    /// order the watches are recorded in differs (path order, once all are
+    /// added; the events wait in the kernel's queue until the reader
+    /// thread starts). On a cold cache the disk serves the listings
+    /// several at once (a million-file store's 50,000 folders: see
+    /// docs/BENCHMARKS.md).
+    fn watch_store(&mut self, store: usize, out: &mut Vec<Op>) {
+        use std::sync::{Condvar, Mutex};
+        let mut found: Vec<(RelPath, Found)> = {
+            let lister = self.lister();
+            // Folders to watch (path order) and how many are being watched.
+            let work = Mutex::new((std::collections::BTreeSet::from([RelPath::new()]), 0usize));
+            let wake = Condvar::new();
+            let results = Mutex::new(Vec::new());
+            let worker = || loop {
+                let rel = {
+                    let mut w = work.lock().expect("watch lock");
+                    loop {
+                        if let Some(rel) = w.0.pop_first() {
+                            w.1 += 1;
+                            break rel;
+                        }
+                        if w.1 == 0 {
+                            wake.notify_all();
+                            return;
+                        }
+                        w = wake.wait(w).expect("watch lock");
+                    }
+                };
+                let mut f = lister.watch_one(store, &rel, false);
+                let folders = match &mut f {
+                    Found::Watched { entries, .. } => std::mem::take(entries),
+                    _ => Vec::new(),
+                };
+                results.lock().expect("watch results lock").push((rel, f));
+                let mut w = work.lock().expect("watch lock");
+                w.0.extend(folders.into_iter().map(|(child, _)| child));
+                w.1 -= 1;
+                wake.notify_all();
+            };
+            std::thread::scope(|scope| {
+                for i in 1..WATCH_THREADS {
+                    // One fewer helper if the system will not start it: the
+                    // calling thread works too.
+                    let _ = std::thread::Builder::new()
+                        .name(format!("hasync-watch-{i}"))
+                        .spawn_scoped(scope, worker);
+                }
+                worker();
+            });
+            results.into_inner().expect("watch results lock")
         };
-        match &self.root_fds[store] {
-            Some(root) => rustix::fs::openat(root, arg, flags, Mode::empty()),
-            None => rustix::fs::open(self.roots[store].join(rel), flags, Mode::empty()),
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (rel, f) in found {
+            self.take_found(store, &rel, f, None, out);
+        }
+    }
+
+    /// Records what watching folder `rel` found; returns its folders.
+    fn take_found(
+        &mut self,
+        store: usize,
+        rel: &RelPath,
+        found: Found,
+        report: Option<Instant>,
+        out: &mut Vec<Op>,
+    ) -> Vec<RelPath> {
+        let abs = || self.roots[store].join(rel);
+        match found {
+            Found::Skip => Vec::new(),
+            Found::Failed(why) => {
+                self.watch_failed(store, &abs(), &why, out);
+                Vec::new()
+            }
+            Found::Watched {
+                wd,
+                sure,
+                entries,
+                failed,
+            } => {
+                match sure {
+                    Some(id) => self.watched_inos.insert(wd, id),
+                    None => self.watched_inos.remove(&wd),
+                };
+                self.set_watch(wd, store, rel.clone());
+                let mut folders = Vec::new();
+                for (child, is_dir) in entries {
+                    if let Some(since) = report {
+                        self.sync(store, child.clone(), since, out);
+                    }
+                    if is_dir {
+                        folders.push(child);
+                    }
+                }
+                if let Some(why) = failed {
+                    self.watch_failed(store, &self.roots[store].join(rel), &why, out);
+                }
+                folders
+            }
+        }
+    }
+
+    fn lister(&self) -> Lister<'_> {
+        Lister {
+            fd: &self.fd,
+            roots: &self.roots,
+            root_fds: &self.root_fds,
+            filter: &self.filter,
         }
     }
 
@@ -790,6 +764,184 @@ fn read_events(
 }
 
 /// The reader thread: poll, read, decode, send, until `stop` (or the consumer is gone).
+/// Folders watched at once when a whole store is (at start, after an
+/// overflow): as many reads in flight as the warming threads keep.
+const WATCH_THREADS: usize = 4;
+
+/// What watching one folder found, before any of it is recorded.
+enum Found {
+    /// Not watched, and nothing to say: gone or replaced already (the
+    /// parent's watch reports it), a nested store's, or too long a path.
+    Skip,
+    /// Not watched: why (a rescan finds what changes below it).
+    Failed(String),
+    Watched {
+        wd: i32,
+        /// The folder the watch is surely on (device, inode).
+        sure: Option<(u64, u64)>,
+        /// Its entries, and which are folders (only folders unless asked).
+        entries: Vec<(RelPath, bool)>,
+        /// Listing it failed part way: why.
+        failed: Option<String>,
+    },
+}
+
+/// The tracker's read-only part: adds a watch and lists a folder, from any
+/// thread (nothing of the decoder's state changes here).
+struct Lister<'a> {
+    fd: &'a OwnedFd,
+    roots: &'a [PathBuf],
+    root_fds: &'a [Option<OwnedFd>],
+    filter: &'a Filter,
+}
+
+impl Lister<'_> {
+    /// Watches folder `rel` of `store`, then lists it (every entry with
+    /// `all`, else its folders only).
+    fn watch_one(&self, store: usize, rel: &RelPath, all: bool) -> Found {
+        let abs = self.roots[store].join(rel);
+        // A store nested in this one owns its own subtree.
+        if self
+            .roots
+            .iter()
+            .enumerate()
+            .any(|(s, r)| s != store && *r == abs)
+        {
+            return Found::Skip;
+        }
+        if rel.as_os_str().len() > REL_PATH_BYTES_MAX {
+            // Out of reach for replication as well; a rescan cannot help.
+            tracing::debug!(
+                store,
+                bytes = rel.as_os_str().len(),
+                "folder path too long to watch"
+            );
+            return Found::Skip;
+        }
+        let dir = match self.open_dir(store, rel) {
+            Ok(fd) => fd,
+            // Gone or replaced already: the parent's watch reports that.
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) | Err(Errno::LOOP) => return Found::Skip,
+            Err(errno) => return Found::Failed(format!("cannot open: {errno}")),
+        };
+        let by_descriptor = abs.as_os_str().len() > REL_PATH_BYTES_MAX;
+        let added = if !by_descriptor {
+            inotify::add_watch(self.fd, &abs, watch_mask())
+        } else {
+            // Past PATH_MAX from `/`: name the folder by its descriptor.
+            use std::os::fd::AsRawFd;
+            let by_fd = format!("/proc/self/fd/{}", dir.as_raw_fd());
+            inotify::add_watch(
+                self.fd,
+                by_fd.as_str(),
+                watch_mask() - WatchFlags::DONT_FOLLOW,
+            )
+        };
+        let wd = match added {
+            Ok(wd) => wd,
+            Err(Errno::NOENT) | Err(Errno::NOTDIR) => return Found::Skip,
+            Err(errno) => return Found::Failed(errno.to_string()),
+        };
+        // The folder the watch is on, if that is sure: added through the
+        // descriptor, or by a name that still holds the folder the
+        // descriptor opened (else the parent check of the folders made in
+        // it is skipped).
+        let opened = rustix::fs::fstat(&dir).map(|st| (st.st_dev, st.st_ino));
+        let sure = match opened {
+            Ok(id) if by_descriptor || self.folder_id(store, rel) == Ok(id) => Some(id),
+            _ => None,
+        };
+        let mut entries = Vec::new();
+        let mut listing = match rustix::fs::Dir::new(dir) {
+            Ok(l) => l,
+            Err(errno) => {
+                return Found::Watched {
+                    wd,
+                    sure,
+                    entries,
+                    failed: Some(format!("cannot list: {errno}")),
+                }
+            }
+        };
+        let mut failed = None;
+        while let Some(entry) = listing.read() {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(Errno::NOENT) => break,
+                Err(errno) => {
+                    failed = Some(format!("cannot list: {errno}"));
+                    break;
+                }
+            };
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            if self.filter.excluded(&child) {
+                continue;
+            }
+            // d_type, no symlink following: a symlink to a directory is a file here.
+            let is_dir = match entry.file_type() {
+                rustix::fs::FileType::Directory => true,
+                rustix::fs::FileType::Unknown => listing.fd().ok().is_some_and(|d| {
+                    rustix::fs::statat(d, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).is_ok_and(
+                        |st| {
+                            rustix::fs::FileType::from_raw_mode(st.st_mode)
+                                == rustix::fs::FileType::Directory
+                        },
+                    )
+                }),
+                _ => false,
+            };
+            if all || is_dir {
+                entries.push((child, is_dir));
+            }
+        }
+        Found::Watched {
+            wd,
+            sure,
+            entries,
+            failed,
+        }
+    }
+
+    /// Opens folder `rel` of `store` for listing, through the root's
+    /// descriptor (any depth), never following a symlink as its last step.
+    fn open_dir(&self, store: usize, rel: &Path) -> Result<OwnedFd, Errno> {
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let arg = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        match &self.root_fds[store] {
+            Some(root) => rustix::fs::openat(root, arg, flags, Mode::empty()),
+            None => rustix::fs::open(self.roots[store].join(rel), flags, Mode::empty()),
+        }
+    }
+
+    /// The device and inode of the folder at `rel` (not following a
+    /// symlink there).
+    fn folder_id(&self, store: usize, rel: &Path) -> Result<(u64, u64), Errno> {
+        use rustix::fs::{AtFlags, FileType};
+        let arg = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        let st = match &self.root_fds[store] {
+            Some(root) => rustix::fs::statat(root, arg, AtFlags::SYMLINK_NOFOLLOW)?,
+            None => rustix::fs::lstat(self.roots[store].join(rel))?,
+        };
+        if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+            return Err(Errno::NOTDIR);
+        }
+        Ok((st.st_dev, st.st_ino))
+    }
+}
+
 pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool>) {
     let mut buf = vec![MaybeUninit::<u8>::uninit(); READ_BUF_BYTES];
     let mut events = Vec::new();

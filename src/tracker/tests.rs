@@ -585,6 +585,50 @@ fn queue_overflow_watches_every_folder_again_under_its_current_name() {
     );
 }
 
+/// A whole store is watched several folders at a time (at start, after an
+/// overflow): every folder once, the same watches as one at a time would
+/// add, none through a symlink; an excluded folder's own subtree is not
+/// entered.
+#[test]
+fn a_whole_store_is_watched_folder_by_folder_whatever_the_order() {
+    let (tmp, mut d, shared, _) = decoder(1);
+    let root = tmp.path().canonicalize().expect("canonicalize").join("s0");
+    let mut expected = vec![String::new()];
+    for u in 0..40 {
+        for sub in ["cur", "new", ".Sent/cur", ".Sent/new"] {
+            let rel = format!("user{u:02}/Maildir/{sub}");
+            fs::create_dir_all(root.join(&rel)).expect("mkdir");
+            fs::write(root.join(&rel).join("m"), "x").expect("write");
+        }
+        for rel in [
+            format!("user{u:02}"),
+            format!("user{u:02}/Maildir"),
+            format!("user{u:02}/Maildir/cur"),
+            format!("user{u:02}/Maildir/new"),
+            format!("user{u:02}/Maildir/.Sent"),
+            format!("user{u:02}/Maildir/.Sent/cur"),
+            format!("user{u:02}/Maildir/.Sent/new"),
+        ] {
+            expected.push(rel);
+        }
+    }
+    // Excluded (`**/tmp/*`): tmp itself is watched, what is in it is not.
+    fs::create_dir_all(root.join("user00/Maildir/tmp/inside")).expect("mkdir");
+    expected.push("user00/Maildir/tmp".to_string());
+    std::os::unix::fs::symlink(root.join("user01"), root.join("link")).expect("symlink");
+    let mut out = Vec::new();
+    d.watch_root(0, &mut out).expect("watch root");
+    assert!(out.is_empty(), "{:?}", plains(&out));
+    for rel in &expected {
+        assert!(d.watched(0, Path::new(rel)).is_some(), "{rel} not watched");
+    }
+    assert!(d
+        .watched(0, Path::new("user00/Maildir/tmp/inside"))
+        .is_none());
+    assert!(d.watched(0, Path::new("link")).is_none());
+    assert_eq!(shared.snapshot().watches as usize, expected.len());
+}
+
 #[test]
 fn queue_overflow_first_settles_a_waiting_moved_from() {
     let (_tmp, mut d, _, wds) = decoder(1);
