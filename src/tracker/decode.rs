@@ -158,7 +158,7 @@ impl Decoder {
             }
         })?;
         self.set_watch(wd, store, RelPath::new());
-        self.watch_store(store, out);
+        self.watch_tree(store, RelPath::new(), None, out);
         Ok(())
     }
 
@@ -299,7 +299,7 @@ impl Decoder {
             // renamed watched ones (their paths stale): every folder is
             // watched again, under the name it has now. What changed is
             // the rescan's to find.
-            self.watch_store(store, out);
+            self.watch_tree(store, RelPath::new(), None, out);
             let reason = "inotify queue overflowed (IN_Q_OVERFLOW)".to_string();
             self.rescan(store, reason, now, out);
         }
@@ -593,66 +593,6 @@ impl Decoder {
         }
     }
 
-    /// Watches a store's whole tree at start, [`WATCH_THREADS`] folders at
-    /// a time: each folder's watch is added before it is listed, as one at
-    /// a time does, so what is made in it meanwhile has its event; only the
-    /// order the watches are recorded in differs (path order, once all are
-    /// added; the events wait in the kernel's queue until the reader
-    /// thread starts). On a cold cache the disk serves the listings
-    /// several at once (a million-file store's 50,000 folders: see
-    /// docs/BENCHMARKS.md).
-    fn watch_store(&mut self, store: usize, out: &mut Vec<Op>) {
-        use std::sync::{Condvar, Mutex};
-        let mut found: Vec<(RelPath, Found)> = {
-            let lister = self.lister();
-            // Folders to watch (path order) and how many are being watched.
-            let work = Mutex::new((std::collections::BTreeSet::from([RelPath::new()]), 0usize));
-            let wake = Condvar::new();
-            let results = Mutex::new(Vec::new());
-            let worker = || loop {
-                let rel = {
-                    let mut w = work.lock().expect("watch lock");
-                    loop {
-                        if let Some(rel) = w.0.pop_first() {
-                            w.1 += 1;
-                            break rel;
-                        }
-                        if w.1 == 0 {
-                            wake.notify_all();
-                            return;
-                        }
-                        w = wake.wait(w).expect("watch lock");
-                    }
-                };
-                let mut f = lister.watch_one(store, &rel, false);
-                let folders = match &mut f {
-                    Found::Watched { entries, .. } => std::mem::take(entries),
-                    _ => Vec::new(),
-                };
-                results.lock().expect("watch results lock").push((rel, f));
-                let mut w = work.lock().expect("watch lock");
-                w.0.extend(folders.into_iter().map(|(child, _)| child));
-                w.1 -= 1;
-                wake.notify_all();
-            };
-            std::thread::scope(|scope| {
-                for i in 1..WATCH_THREADS {
-                    // One fewer helper if the system will not start it: the
-                    // calling thread works too.
-                    let _ = std::thread::Builder::new()
-                        .name(format!("hasync-watch-{i}"))
-                        .spawn_scoped(scope, worker);
-                }
-                worker();
-            });
-            results.into_inner().expect("watch results lock")
-        };
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        for (rel, f) in found {
-            self.take_found(store, &rel, f, None, out);
-        }
-    }
-
     /// Records what watching folder `rel` found; returns its folders.
     fn take_found(
         &mut self,
@@ -764,10 +704,6 @@ fn read_events(
 }
 
 /// The reader thread: poll, read, decode, send, until `stop` (or the consumer is gone).
-/// Folders watched at once when a whole store is (at start, after an
-/// overflow): as many reads in flight as the warming threads keep.
-const WATCH_THREADS: usize = 4;
-
 /// What watching one folder found, before any of it is recorded.
 enum Found {
     /// Not watched, and nothing to say: gone or replaced already (the
@@ -786,8 +722,8 @@ enum Found {
     },
 }
 
-/// The tracker's read-only part: adds a watch and lists a folder, from any
-/// thread (nothing of the decoder's state changes here).
+/// The tracker's read-only part: adds a watch and lists a folder (nothing
+/// of the decoder's state changes here).
 struct Lister<'a> {
     fd: &'a OwnedFd,
     roots: &'a [PathBuf],

@@ -585,12 +585,11 @@ fn queue_overflow_watches_every_folder_again_under_its_current_name() {
     );
 }
 
-/// A whole store is watched several folders at a time (at start, after an
-/// overflow): every folder once, the same watches as one at a time would
-/// add, none through a symlink; an excluded folder's own subtree is not
+/// A whole store is watched (at start, after an overflow): every folder
+/// once, none through a symlink; an excluded folder's own subtree is not
 /// entered.
 #[test]
-fn a_whole_store_is_watched_folder_by_folder_whatever_the_order() {
+fn a_whole_store_is_watched_every_folder_once() {
     let (tmp, mut d, shared, _) = decoder(1);
     let root = tmp.path().canonicalize().expect("canonicalize").join("s0");
     let mut expected = vec![String::new()];
