@@ -1179,17 +1179,12 @@ mod tests {
     /// aside first.
     #[test]
     fn a_rename_over_or_of_a_protected_conflict_keeps_it_aside_first() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("root");
-        for (p, body) in [
+        let (_tmp, dir, internal) = store_with(&[
             ("cur/x", "genuine"),
             ("new/y", "primary's"),
             ("f/z", "genuine too"),
-        ] {
-            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
-            std::fs::write(dir.join(p), body).unwrap();
-        }
-        let mut root = Root::open(&dir, &tmp.path().join("internal")).unwrap();
+        ]);
+        let mut root = Root::open(&dir, &internal).unwrap();
         let mut index = Index::in_memory();
         let mut r = Applier::new(Arc::new(ReplStats::default()));
         let kept = |r: &mut Applier| -> Vec<PathBuf> {
@@ -1223,7 +1218,7 @@ mod tests {
         assert_eq!(kept(&mut r), [PathBuf::from("g/z")]);
         assert!(!dir.join("g").exists());
         assert!(r.protected.is_empty());
-        let aside: Vec<String> = walk(&tmp.path().join("internal"))
+        let aside: Vec<String> = walk(&internal)
             .iter()
             .map(|p| std::fs::read_to_string(p).unwrap())
             .collect();
@@ -1239,13 +1234,8 @@ mod tests {
     /// aside, the delete goes on.
     #[test]
     fn a_rename_onto_a_conflict_that_cannot_be_kept_holds_its_source_until_it_can() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("root");
-        let internal = tmp.path().join("internal");
-        for (p, body) in [("new/m", "the message"), ("cur/m:2,S", "genuine")] {
-            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
-            std::fs::write(dir.join(p), body).unwrap();
-        }
+        let (_tmp, dir, internal) =
+            store_with(&[("new/m", "the message"), ("cur/m:2,S", "genuine")]);
         let mut root = Root::open(&dir, &internal).unwrap();
         std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
         let mut index = Index::in_memory();
@@ -1310,19 +1300,13 @@ mod tests {
     /// made again under the old name) and a `Mkdir` of itself.
     #[test]
     fn a_rename_onto_a_held_source_waits_for_it_and_a_held_folder_takes_new_names() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("root");
-        let internal = tmp.path().join("internal");
-        for (p, body) in [
+        let (_tmp, dir, internal) = store_with(&[
             ("new/m", "the message"),
             ("cur/m:2,S", "genuine"),
             ("new/x", "another"),
             ("A/cur/a", "in A"),
             ("B/cur/b", "genuine too"),
-        ] {
-            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
-            std::fs::write(dir.join(p), body).unwrap();
-        }
+        ]);
         let mut root = Root::open(&dir, &internal).unwrap();
         std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
         let mut index = Index::in_memory();
@@ -1384,6 +1368,19 @@ mod tests {
             [(0, PathBuf::from("A"))],
             "new/m and new/x released, A still waits for B"
         );
+    }
+
+    /// A store root holding `files` (path, content), and where its internal
+    /// directory goes.
+    fn store_with(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("root");
+        for (p, body) in files {
+            std::fs::create_dir_all(dir.join(p).parent().unwrap()).unwrap();
+            std::fs::write(dir.join(p), body).unwrap();
+        }
+        let internal = tmp.path().join("internal");
+        (tmp, dir, internal)
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {
