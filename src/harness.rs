@@ -287,9 +287,9 @@ quarantine = "mail/quarantine"
         )
     }
 
-    /// Waits until one node is primary and the other secondary; returns the
-    /// index of the primary.
-    pub fn wait_formed(&self, timeout: Duration) -> Result<usize, String> {
+    /// Waits until one node is primary and the other secondary (its first
+    /// sync may still run); returns the index of the primary.
+    pub fn wait_roles(&self, timeout: Duration) -> Result<usize, String> {
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < timeout {
@@ -307,6 +307,22 @@ quarantine = "mail/quarantine"
         Err(format!(
             "pair did not form within {timeout:?} (last roles: {last})"
         ))
+    }
+
+    /// Waits until the pair is formed: one node primary, the other
+    /// secondary with its replica complete (its first sync finished: only
+    /// then does it take over when the primary is lost); returns the index
+    /// of the primary.
+    pub fn wait_formed(&self, timeout: Duration) -> Result<usize, String> {
+        let start = Instant::now();
+        let p = self.wait_roles(timeout)?;
+        let left = timeout.saturating_sub(start.elapsed());
+        self.nodes[1 - p]
+            .wait_status(left, Duration::from_millis(20), |s| {
+                s.replication.caught_up && !s.replication.replica_incomplete
+            })
+            .map_err(|e| format!("the secondary's first sync did not finish: {e}"))?;
+        Ok(p)
     }
 }
 

@@ -106,6 +106,14 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Accept this node's incomplete replica (its first sync did not
+    /// finish, and it does not take over on its own) as complete: it may
+    /// then take over with the mail it holds. For a primary lost for good
+    /// during the first sync; what only that primary held is missing here.
+    AcceptReplica {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Versions a former primary held that the new primary never had,
     /// kept aside after a failover: list them, or restore them into the
     /// live tree as new files (on the primary).
@@ -296,6 +304,7 @@ fn real_main() -> Result<ExitCode> {
             reply(ask(&target, control::Request::RestoreConflicts { id })?)
         }
         Cmd::Join { target } => reply(ask(&target, control::Request::Join)?),
+        Cmd::AcceptReplica { target } => reply(ask(&target, control::Request::AcceptReplica)?),
         Cmd::PushQueue { target } => reply(ask(&target, control::Request::PushQueue)?),
         Cmd::Commit { target, file } => {
             let path =

@@ -27,6 +27,9 @@ pub enum Request {
         force: bool,
     },
     Join,
+    /// Accept this node's incomplete replica (a first sync that did not
+    /// finish) as complete, so that it may take over with the mail it has.
+    AcceptReplica,
     Resync,
     PushQueue,
     /// Zero-loss commit of one file (for MTAs that cannot embed the library).

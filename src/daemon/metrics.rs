@@ -202,6 +202,12 @@ pub fn render(s: &Status) -> String {
     );
     gauge(
         &mut r,
+        "replica_incomplete",
+        "1 while this node's first sync has not finished (it does not take over on its own)",
+        i64::from(rp.replica_incomplete),
+    );
+    gauge(
+        &mut r,
         "disk_full",
         "1 while replication is paused for a full disk",
         i64::from(rp.disk_full || rp.peer_disk_full),

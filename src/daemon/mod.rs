@@ -1,6 +1,7 @@
 //! The `hasync run` driver: executes the failover core's actions with real
 //! sockets, files and clocks, on one tokio-uring thread.
 
+mod chores;
 pub mod control;
 pub mod metrics;
 pub mod roles;
@@ -11,11 +12,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::failover::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
@@ -34,6 +35,9 @@ const STATUS_HISTORY: usize = 32;
 /// Bound on queued control requests and inbound heartbeats.
 const CONTROL_QUEUE: usize = 16;
 const HEARTBEAT_QUEUE: usize = 64;
+/// `hasync status` shows the versions kept aside as counted at most this
+/// long ago (counting walks the conflicts directories, off the loop).
+const CONFLICTS_RECOUNT: Duration = Duration::from_secs(2);
 
 /// Why the daemon could not start or had to stop. Each names what and where.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,11 @@ pub enum DaemonError {
     Engine(#[from] EngineError),
     #[error("cannot install signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("cannot start the daemon's {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("quorum: {0}")]
     Quorum(std::io::Error),
     #[error("service addresses: {0}")]
@@ -228,6 +237,18 @@ struct Node {
     heartbeat_tx: watch::Sender<Option<Heartbeat>>,
     heartbeat_rx: mpsc::Receiver<Heartbeat>,
     control_rx: mpsc::Receiver<ControlMsg>,
+    /// Disk work off the loop (see `chores`): conflicts, the peer's epoch.
+    chores: chores::Chores,
+    /// The configured directories, checked on a thread of their own.
+    self_checks: chores::SelfChecks,
+    /// Kept-aside versions on this node (count, oldest kept at, unix s),
+    /// as the chores thread last counted them; a count in flight.
+    conflicts_seen: Arc<Mutex<(u64, Option<i64>)>>,
+    conflicts_counting: Arc<std::sync::atomic::AtomicBool>,
+    /// When the last count was asked for.
+    conflicts_counted_at: Option<Instant>,
+    /// Each store's name, root and internal directory.
+    store_dirs: Arc<Vec<StoreDirs>>,
     persist_tx: mpsc::UnboundedSender<EpochRecord>,
     persisted_rx: mpsc::UnboundedReceiver<Result<EpochRecord, String>>,
     socket_path: PathBuf,
@@ -238,6 +259,8 @@ struct Node {
     push_last: Option<(u64, u64)>,
     engine: Engine,
     catch_up_reported: bool,
+    /// What the core was last told of this node's replica being incomplete.
+    replica_incomplete_told: Option<bool>,
     push_done_rx: mpsc::UnboundedReceiver<PushOutcome>,
     gate_stats: Arc<link::gate::GateStats>,
     roles: roles::RoleHooks,
@@ -486,7 +509,39 @@ impl Node {
         };
         #[cfg(not(feature = "etcd"))]
         drop(lease_tx);
+        let chores = chores::Chores::start().map_err(|source| DaemonError::Thread {
+            what: "chores",
+            source,
+        })?;
+        // As often as the peer checks our heartbeats (see `run`).
+        let self_checks = {
+            let c = cfg.clone();
+            chores::SelfChecks::start(
+                cfg.link.heartbeat_interval.max(Duration::from_millis(100)),
+                move || self_check_dirs(&c),
+            )
+            .map_err(|source| DaemonError::Thread {
+                what: "self-check",
+                source,
+            })?
+        };
+        let store_dirs = Arc::new(
+            cfg.mailstores
+                .iter()
+                .map(|(name, root)| StoreDirs {
+                    name: name.clone(),
+                    root: root.clone(),
+                    internal: cfg.internal_dir(name),
+                })
+                .collect(),
+        );
         Ok(Node {
+            chores,
+            self_checks,
+            conflicts_seen: Default::default(),
+            conflicts_counting: Default::default(),
+            conflicts_counted_at: None,
+            store_dirs,
             roles,
             role_rx,
             prev_role: Role::Negotiating,
@@ -540,6 +595,7 @@ impl Node {
             push_last: None,
             engine,
             catch_up_reported: false,
+            replica_incomplete_told: None,
             push_done_rx,
             gate_stats,
         })
@@ -575,6 +631,9 @@ impl Node {
             self.core.epoch()
         ));
 
+        // Before any timer of the core runs: whether it may take over on its
+        // own (an incomplete replica may not).
+        self.report_replica_fill();
         loop {
             self.execute_actions();
             let deadline = self
@@ -624,16 +683,24 @@ impl Node {
                             let _ = reply.send(resp);
                         });
                     } else {
-                        let resp = self.handle_request(req);
-                        let _ = reply.send(resp);
+                        self.handle_control(req, reply);
                     }
+                }
+                Some(result) = self.self_checks.recv() => {
+                    self.core.handle_event(Instant::now(), Event::SelfCheck(result));
                 }
                 _ = self_check.tick() => {
                     self.watch_paths();
                     self.watch_vips();
-                    let result = self_check_dirs(&self.cfg);
-                    self.core.handle_event(Instant::now(), Event::SelfCheck(result));
+                    // The check itself runs on its own thread (`chores`):
+                    // here only one that does not return is reported.
+                    let now = Instant::now();
+                    if let Some(why) = self.self_checks.hung(now) {
+                        self.core.handle_event(now, Event::SelfCheck(Err(why)));
+                    }
+                    self.count_conflicts();
                     self.report_catch_up();
+                    self.report_replica_fill();
                     for line in self.engine.take_alarms() {
                         push_bounded(&mut self.alarms, line);
                     }
@@ -866,8 +933,14 @@ impl Node {
             // takes its floor from it). Not flushed: a machine crash that
             // loses it only makes the next carried record count for fewer
             // peers (conflicts kept aside, never deleted).
-            if let Err(e) = write_peer_epoch(&self.cfg.state_dir, &self.cfg.link.peer_name, epoch) {
-                warn!("cannot note the peer's epoch {epoch}: {e}");
+            let (dir, peer) = (self.cfg.state_dir.clone(), self.cfg.link.peer_name.clone());
+            let queued = self.chores.run(move || {
+                if let Err(e) = write_peer_epoch(&dir, &peer, epoch) {
+                    warn!("cannot note the peer's epoch {epoch}: {e}");
+                }
+            });
+            if let Err(busy) = queued {
+                warn!("the peer's epoch {epoch} is not noted: {busy}");
             }
         }
     }
@@ -1096,19 +1169,11 @@ impl Node {
                     conflicts: None,
                 };
             }
-            Request::Conflicts => match self.conflicts() {
-                Ok(list) => {
-                    return Response {
-                        ok: true,
-                        error: None,
-                        message: None,
-                        status: None,
-                        conflicts: Some(list),
-                    }
-                }
-                Err(e) => Response::error(e),
-            },
-            Request::RestoreConflicts { id } => self.restore_conflicts(id.as_deref()),
+            // They read the disk: `handle_control` hands them to the
+            // chores thread.
+            Request::Conflicts | Request::RestoreConflicts { .. } => {
+                Response::error("conflicts are handled off the loop")
+            }
             Request::Failover { force } => {
                 // Without a live peer the core refuses, with its own reason.
                 let blocker = (!force && self.core.status().peer_alive)
@@ -1158,67 +1223,122 @@ impl Node {
                 Ok(()) => Response::message("rejoining the pair"),
                 Err(e) => Response::error(format!("join refused: {e}")),
             },
+            // It writes the mark: `handle_control` hands it to the chores
+            // thread.
+            Request::AcceptReplica => Response::error("accept-replica is handled off the loop"),
         };
         self.execute_actions();
         resp
     }
 
-    /// Every version kept aside on this node, oldest first.
-    fn conflicts(&self) -> Result<Vec<crate::replica::conflicts::Conflict>, String> {
-        let mut all = Vec::new();
-        for name in self.cfg.mailstores.keys() {
-            let internal = self.cfg.internal_dir(name);
-            let list = crate::replica::conflicts::list(name, &internal)
-                .map_err(|e| format!("listing {}: {e}", internal.display()))?;
-            all.extend(list);
-        }
-        all.sort_by(|a, b| (a.kept_at, &a.id).cmp(&(b.kept_at, &b.id)));
-        Ok(all)
-    }
-
-    /// Puts kept versions back into the live tree as new files (where the
-    /// users are: only on the primary; a secondary hands its own to the
-    /// primary in the next session).
-    fn restore_conflicts(&self, id: Option<&str>) -> Response {
-        if self.core.role() != Role::Primary {
-            return Response::error(format!(
-                "restore refused: this node is {}; conflicts are restored on the primary (a secondary hands the versions it kept aside to the primary when they connect)",
-                self.core.role()
-            ));
-        }
-        let all = match self.conflicts() {
-            Ok(a) => a,
-            Err(e) => return Response::error(e),
-        };
-        let chosen: Vec<_> = match id {
-            Some(id) => all.into_iter().filter(|c| c.id == id).collect(),
-            None => all,
-        };
-        if chosen.is_empty() {
-            return Response::error(match id {
-                Some(id) => format!("no conflict {id:?}: see `hasync conflicts list`"),
-                None => "no conflicts to restore".to_string(),
-            });
-        }
-        let mut lines = Vec::new();
-        for c in &chosen {
-            let root = &self.cfg.mailstores[&c.store];
-            let internal = self.cfg.internal_dir(&c.store);
-            match crate::replica::conflicts::restore(c, &internal, root) {
-                Ok(to) => {
-                    info!(id = %c.id, to = %to.display(), "conflict restored into the live tree");
-                    lines.push(format!("restored {} -> {}", c.id, to.display()));
-                }
-                Err(e) => {
-                    return Response::error(format!(
-                        "restoring {}: {e} (restored before it: {})",
-                        c.id,
-                        lines.len()
-                    ))
-                }
+    /// A control request: those that read the disk go to the chores
+    /// thread and answer from there; the rest are answered here.
+    fn handle_control(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let stores = self.store_dirs.clone();
+        if matches!(
+            req,
+            Request::Conflicts | Request::RestoreConflicts { .. } | Request::AcceptReplica
+        ) {
+            if let Some(busy) = self.chores.busy() {
+                let _ = reply.send(Response::error(busy.to_string()));
+                return;
             }
         }
-        Response::message(lines.join("\n"))
+        let queued = match req {
+            Request::Conflicts => self.chores.run(move || {
+                let resp = match list_conflicts(&stores) {
+                    Ok(list) => Response {
+                        ok: true,
+                        error: None,
+                        message: None,
+                        status: None,
+                        conflicts: Some(list),
+                    },
+                    Err(e) => Response::error(e),
+                };
+                let _ = reply.send(resp);
+            }),
+            Request::RestoreConflicts { id } => {
+                // Where the users are: only on the primary (a secondary
+                // hands the versions it kept aside to the primary).
+                if self.core.role() != Role::Primary {
+                    let _ = reply.send(Response::error(format!(
+                        "restore refused: this node is {}; conflicts are restored on the primary (a secondary hands the versions it kept aside to the primary when they connect)",
+                        self.core.role()
+                    )));
+                    return;
+                }
+                self.chores.run(move || {
+                    let _ = reply.send(restore_conflicts(&stores, id.as_deref()));
+                })
+            }
+            Request::AcceptReplica => {
+                if !self.engine.status().replica_incomplete {
+                    let _ = reply.send(Response::error(
+                        "accept-replica refused: this node's replica is not incomplete",
+                    ));
+                    return;
+                }
+                // Marked durably there; the core hears of it at the next
+                // tick (`report_replica_fill`).
+                let accept = self.engine.replica_acceptor();
+                self.chores.run(move || {
+                    let resp = match accept() {
+                        Ok(()) => {
+                            warn!(alarm = true, "ALARM: the operator accepted this node's incomplete replica as complete: it may take over with the mail it holds (what only the peer holds is kept aside as conflicts once the peer returns)");
+                            Response::message(
+                                "replica accepted as complete: this node may take over now with the mail it holds",
+                            )
+                        }
+                        Err(e) => Response::error(format!(
+                            "accept-replica failed: cannot write the replica fill mark: {e}"
+                        )),
+                    };
+                    let _ = reply.send(resp);
+                })
+            }
+            other => {
+                let resp = self.handle_request(other);
+                let _ = reply.send(resp);
+                return;
+            }
+        };
+        if let Err(busy) = queued {
+            // Not reached (room was checked above); the requester would see
+            // its connection closed without an answer.
+            warn!("control request refused: {busy}");
+        }
+    }
+
+    /// Counts the versions kept aside, off the loop, one count at a time
+    /// and at most every [`CONFLICTS_RECOUNT`]; `hasync status` shows the
+    /// last count.
+    fn count_conflicts(&mut self) {
+        use std::sync::atomic::Ordering::{AcqRel, Release};
+        let now = Instant::now();
+        if self
+            .conflicts_counted_at
+            .is_some_and(|t| now.saturating_duration_since(t) < CONFLICTS_RECOUNT)
+            || self.conflicts_counting.swap(true, AcqRel)
+        {
+            return;
+        }
+        self.conflicts_counted_at = Some(now);
+        let (stores, seen, counting) = (
+            self.store_dirs.clone(),
+            self.conflicts_seen.clone(),
+            self.conflicts_counting.clone(),
+        );
+        let queued = self.chores.run(move || {
+            match count_conflicts(&stores) {
+                Ok(c) => *seen.lock().expect("conflicts lock") = c,
+                Err(e) => debug!("{e}"),
+            }
+            counting.store(false, Release);
+        });
+        if queued.is_err() {
+            self.conflicts_counting.store(false, Release);
+        }
     }
 
     fn on_push_done(&mut self, res: PushOutcome) {
@@ -1293,6 +1413,18 @@ impl Node {
         {
             self.catch_up_reported = true;
             self.core.handle_event(Instant::now(), Event::CatchUpDone);
+        }
+    }
+
+    /// Tells the core whether this node's replica is incomplete, on every
+    /// change (the receiver marks a first fill and its end; a promotion or
+    /// `hasync accept-replica` completes it).
+    fn report_replica_fill(&mut self) {
+        let incomplete = self.engine.status().replica_incomplete;
+        if self.replica_incomplete_told != Some(incomplete) {
+            self.replica_incomplete_told = Some(incomplete);
+            self.core
+                .handle_event(Instant::now(), Event::ReplicaIncomplete(incomplete));
         }
     }
 
@@ -1373,14 +1505,12 @@ impl Node {
             },
             restore_pending: cs.restore_pending,
             conflicts: {
-                let list = self.conflicts().unwrap_or_default();
+                // As last counted off the loop (every self-check tick).
+                let (count, oldest) = *self.conflicts_seen.lock().expect("conflicts lock");
                 let now_s = unix_ms(SystemTime::now()) / 1000;
                 control::ConflictsStatus {
-                    count: list.len() as u64,
-                    oldest_age_s: list
-                        .iter()
-                        .map(|c| now_s.saturating_sub(c.kept_at.max(0) as u64))
-                        .max(),
+                    count,
+                    oldest_age_s: oldest.map(|t| now_s.saturating_sub(t.max(0) as u64)),
                 }
             },
             replication,
@@ -1423,6 +1553,84 @@ impl Node {
 }
 
 /// The node's own health: the directories it needs are there and usable.
+/// A store's name, live root and internal directory.
+struct StoreDirs {
+    name: String,
+    root: PathBuf,
+    internal: PathBuf,
+}
+
+/// Every version kept aside on this node, oldest first (on the chores
+/// thread: it reads the disk).
+fn list_conflicts(
+    stores: &[StoreDirs],
+) -> Result<Vec<crate::replica::conflicts::Conflict>, String> {
+    let mut all = Vec::new();
+    for st in stores {
+        let list = crate::replica::conflicts::list(&st.name, &st.internal)
+            .map_err(|e| format!("listing {}: {e}", st.internal.display()))?;
+        all.extend(list);
+    }
+    all.sort_by(|a, b| (a.kept_at, &a.id).cmp(&(b.kept_at, &b.id)));
+    Ok(all)
+}
+
+/// How many versions are kept aside on this node, and when the oldest was
+/// (unix seconds); on the chores thread.
+fn count_conflicts(stores: &[StoreDirs]) -> Result<(u64, Option<i64>), String> {
+    let mut count = 0;
+    let mut oldest: Option<i64> = None;
+    for st in stores {
+        let (n, o) = crate::replica::conflicts::summary(&st.internal)
+            .map_err(|e| format!("counting {}: {e}", st.internal.display()))?;
+        count += n;
+        oldest = match (oldest, o) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok((count, oldest))
+}
+
+/// Puts kept versions back into the live tree as new files (the caller
+/// checked that this node is primary); on the chores thread.
+fn restore_conflicts(stores: &[StoreDirs], id: Option<&str>) -> Response {
+    let all = match list_conflicts(stores) {
+        Ok(a) => a,
+        Err(e) => return Response::error(e),
+    };
+    let chosen: Vec<_> = match id {
+        Some(id) => all.into_iter().filter(|c| c.id == id).collect(),
+        None => all,
+    };
+    if chosen.is_empty() {
+        return Response::error(match id {
+            Some(id) => format!("no conflict {id:?}: see `hasync conflicts list`"),
+            None => "no conflicts to restore".to_string(),
+        });
+    }
+    let mut lines = Vec::new();
+    for c in &chosen {
+        let Some(st) = stores.iter().find(|s| s.name == c.store) else {
+            return Response::error(format!("{}: no store {:?} configured", c.id, c.store));
+        };
+        match crate::replica::conflicts::restore(c, &st.internal, &st.root) {
+            Ok(to) => {
+                info!(id = %c.id, to = %to.display(), "conflict restored into the live tree");
+                lines.push(format!("restored {} -> {}", c.id, to.display()));
+            }
+            Err(e) => {
+                return Response::error(format!(
+                    "restoring {}: {e} (restored before it: {})",
+                    c.id,
+                    lines.len()
+                ))
+            }
+        }
+    }
+    Response::message(lines.join("\n"))
+}
+
 fn self_check_dirs(cfg: &Config) -> Result<(), String> {
     use rustix::fs::{access, Access};
     let is_dir = |key: &str, p: &Path| match std::fs::metadata(p) {
@@ -1686,6 +1894,12 @@ pub fn render_status(s: &Status) -> String {
             o,
             "replica   FLUSH OVERDUE: running for {:.1} s (a hung disk?); nothing is acknowledged until it returns",
             ms as f64 / 1000.0
+        );
+    }
+    if r.replica_incomplete {
+        let _ = writeln!(
+            o,
+            "replica   INCOMPLETE: its first sync has not finished; this node does not take over on its own (`hasync accept-replica` to serve with what it holds)"
         );
     }
     if let Some(why) = &r.replica_unverified {

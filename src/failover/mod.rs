@@ -141,6 +141,10 @@ pub const FLAG_TAKEOVER_REQUEST: u8 = 0b0000_0001;
 /// Heartbeat flag: the sender hears its peer (the receiver) now. A primary
 /// that serves on without its lease counts only on a peer that hears it.
 pub const FLAG_HEARS_PEER: u8 = 0b0000_0010;
+/// Heartbeat flag: the sender's replica is being filled for the first time
+/// and holds only part of the mail; it does not promote on its own, and
+/// loses every election against a peer without the flag.
+pub const FLAG_REPLICA_INCOMPLETE: u8 = 0b0000_0100;
 
 /// What a heartbeat says about its sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,6 +261,13 @@ pub enum Event {
     LeaseRefused(String),
     /// Lease mode: etcd says the lease is gone.
     LeaseLost(String),
+    /// Whether this node's replica is incomplete: its first fill from a
+    /// primary has begun and not finished, so it holds only part of the
+    /// mail. Sent at start (from the durable mark) and on every change.
+    /// An incomplete node does not promote on its own (a silent peer, a
+    /// peer failed or off, no peer at start-up); it takes over only in a
+    /// switchover, or once complete or accepted by the operator.
+    ReplicaIncomplete(bool),
 }
 
 /// Why the core did something; printed in the log line of every change.
@@ -305,6 +316,12 @@ pub enum Reason {
     /// Lease mode: the lease runs out (etcd unreachable) and the peer is
     /// silent: the peer may take the lease.
     LeaseLost(String),
+    /// The replica is complete now, or the operator accepted it as it is
+    /// (`hasync accept-replica`), and no primary is heard.
+    ReplicaAccepted,
+    /// The peer's replica is incomplete and no primary serves: this node
+    /// holds the mail.
+    PeerReplicaIncomplete,
 }
 
 impl fmt::Display for Reason {
@@ -317,6 +334,13 @@ impl fmt::Display for Reason {
                 "isolated: neither the peer nor a majority of the quorum targets is reachable"
             ),
             Reason::LeaseLost(why) => write!(f, "primary lease lost: {why}"),
+            Reason::ReplicaAccepted => write!(
+                f,
+                "the replica is complete or accepted, and no primary is heard"
+            ),
+            Reason::PeerReplicaIncomplete => {
+                write!(f, "the peer's replica is incomplete and no primary serves")
+            }
             Reason::PeerLostWithQuorum => write!(
                 f,
                 "peer silent while a majority of the quorum targets is reachable"
@@ -390,6 +414,9 @@ pub enum Alarm {
     LeaseUnrenewed(String),
     /// Lease mode: a promotion is waiting for the lease.
     LeaseRefused(String),
+    /// No primary serves, and this node does not promote: its replica is
+    /// incomplete (a first fill that has not finished).
+    ReplicaIncomplete,
 }
 
 impl fmt::Display for Alarm {
@@ -421,6 +448,10 @@ impl fmt::Display for Alarm {
                 "the primary lease cannot be renewed ({why}); serving on while the peer hears this node"
             ),
             Alarm::LeaseRefused(why) => write!(f, "not promoting without the primary lease: {why}"),
+            Alarm::ReplicaIncomplete => write!(
+                f,
+                "no primary serves and this node does not promote: its replica is incomplete (its first sync has not finished), the peer holds the mail; start the peer again, or run `hasync accept-replica` here to serve with the mail this node has"
+            ),
             Alarm::NoQuorum => write!(
                 f,
                 "peer silent and no majority of the quorum targets reachable: not promoting (this node may be the isolated one)"
@@ -500,6 +531,8 @@ pub struct CoreStatus {
     /// A switchover is being prepared (services stopping, replication
     /// draining) before the handover.
     pub handover_preparing: bool,
+    /// This node's replica is incomplete (see [`Event::ReplicaIncomplete`]).
+    pub replica_incomplete: bool,
 }
 
 /// The failover state machine.
@@ -571,6 +604,11 @@ pub struct Core {
     lease_wanted: Option<Reason>,
     /// Lease mode: an unrenewable lease already alarmed.
     lease_alarmed: bool,
+    /// This node's replica is incomplete: no promotion on its own.
+    replica_incomplete: bool,
+    /// A promotion refused for an incomplete replica was alarmed (once,
+    /// until a primary is heard again).
+    incomplete_alarmed: bool,
 }
 
 impl Core {
@@ -609,6 +647,8 @@ impl Core {
             lease_revision: None,
             lease_wanted: None,
             lease_alarmed: false,
+            replica_incomplete: false,
+            incomplete_alarmed: false,
         };
         core.enter_negotiating(now, Reason::Started);
         core
@@ -658,6 +698,7 @@ impl Core {
             queue_push_pending: self.push_pending,
             restore_pending: self.restore_pending,
             handover_preparing: self.preparing.is_some(),
+            replica_incomplete: self.replica_incomplete,
         }
     }
 
@@ -803,6 +844,19 @@ impl Core {
                 self.catch_up_done = true;
                 self.maybe_request_restore(now);
             }
+            Event::ReplicaIncomplete(incomplete) => {
+                let was = self.replica_incomplete;
+                self.replica_incomplete = incomplete;
+                if was == incomplete {
+                    return;
+                }
+                self.incomplete_alarmed = false;
+                // The peer hears of it at once (its elections count it).
+                self.send_heartbeat(now);
+                if !incomplete {
+                    self.reconsider_promotion(now);
+                }
+            }
         }
     }
 
@@ -947,6 +1001,8 @@ impl Core {
         }
         self.peer_epoch_max = hb.epoch;
         if matches!(hb.role, Role::Primary | Role::Promoting) {
+            // A primary again: a later refusal to promote is news.
+            self.incomplete_alarmed = false;
             // A serving peer: a promotion this node was waiting to make
             // (quorum grace, lease) no longer applies; after a new loss it
             // starts over with its grace.
@@ -1016,7 +1072,7 @@ impl Core {
                 }
             }
             Role::Negotiating => {
-                if self.wins_election(hb) {
+                if self.wins_election(hb) && self.may_promote_on_own() {
                     self.promote(
                         now,
                         Reason::WonElection {
@@ -1025,11 +1081,21 @@ impl Core {
                     );
                 }
             }
+            // A secondary whose replica is incomplete does not promote on
+            // hearing us: this node holds the mail and serves.
+            Role::Secondary
+                if hb.flags & FLAG_REPLICA_INCOMPLETE != 0 && self.may_promote_on_own() =>
+            {
+                self.promote(now, Reason::PeerReplicaIncomplete)
+            }
             // The peer is about to be primary, or (a secondary) will promote on
             // hearing us: wait for it.
             Role::Promoting | Role::Secondary => {}
-            Role::HandingOver | Role::Failed | Role::Off => {
-                self.promote(now, Reason::PeerRole(hb.role))
+            Role::HandingOver => self.promote(now, Reason::PeerRole(hb.role)),
+            Role::Failed | Role::Off => {
+                if self.may_promote_on_own() {
+                    self.promote(now, Reason::PeerRole(hb.role))
+                }
             }
         }
     }
@@ -1043,7 +1109,7 @@ impl Core {
                 self.maybe_request_restore(now);
             }
             Role::Secondary => {
-                if self.wins_election(hb) {
+                if self.wins_election(hb) && self.may_promote_on_own() {
                     self.promote(
                         now,
                         Reason::WonElection {
@@ -1052,9 +1118,15 @@ impl Core {
                     );
                 }
             }
-            // No primary exists: the peer (re)started, stepped down or failed.
-            Role::Negotiating | Role::HandingOver | Role::Failed | Role::Off => {
-                self.promote(now, Reason::PeerRole(hb.role))
+            // Handing over to this node: the switchover the operator asked.
+            Role::HandingOver => self.promote(now, Reason::PeerRole(hb.role)),
+            // No primary exists: the peer (re)started, stepped down or
+            // failed. An incomplete replica waits: a restarted peer
+            // promotes on hearing it.
+            Role::Negotiating | Role::Failed | Role::Off => {
+                if self.may_promote_on_own() {
+                    self.promote(now, Reason::PeerRole(hb.role))
+                }
             }
         }
     }
@@ -1144,6 +1216,9 @@ impl Core {
     /// The peer is silent: promote, if the quorum rule allows (ping: with a
     /// majority of the targets, after the grace).
     fn promote_without_peer(&mut self, now: Instant, reason: Reason) {
+        if !self.may_promote_on_own() {
+            return;
+        }
         match self.cfg.quorum {
             QuorumRule::None => self.promote(now, reason),
             QuorumRule::Lease { grace, .. } => {
@@ -1162,6 +1237,40 @@ impl Core {
                     self.timers.set(Timer::QuorumGrace, now + grace);
                 }
             }
+        }
+    }
+
+    /// May this node promote without a switchover? Not while its replica is
+    /// incomplete: it holds only part of the mail, and users would find
+    /// their mailboxes emptied while the peer, which holds the rest, is
+    /// down (alarmed once until a primary is heard again).
+    fn may_promote_on_own(&mut self) -> bool {
+        if !self.replica_incomplete {
+            return true;
+        }
+        if !self.incomplete_alarmed {
+            self.incomplete_alarmed = true;
+            self.actions
+                .push_back(Action::Alarm(Alarm::ReplicaIncomplete));
+        }
+        false
+    }
+
+    /// The replica became complete or was accepted: a promotion it held
+    /// back is made now, if still due (no primary heard).
+    fn reconsider_promotion(&mut self, now: Instant) {
+        if self.peer_is_live_primary() {
+            return;
+        }
+        let peer = self.peer.as_ref().filter(|p| p.alive).map(|p| p.hb.clone());
+        match (self.role, peer) {
+            (Role::Secondary, None) => self.promote_without_peer(now, Reason::ReplicaAccepted),
+            (Role::Negotiating, None) if self.startup_expired => {
+                self.promote_without_peer(now, Reason::ReplicaAccepted)
+            }
+            (Role::Secondary, Some(hb)) => self.secondary_hears(now, &hb),
+            (Role::Negotiating, Some(hb)) => self.negotiating_hears(now, &hb),
+            _ => {}
         }
     }
 
@@ -1448,6 +1557,9 @@ impl Core {
         if self.peer_alive() {
             flags |= FLAG_HEARS_PEER;
         }
+        if self.replica_incomplete {
+            flags |= FLAG_REPLICA_INCOMPLETE;
+        }
         self.actions.push_back(Action::SendHeartbeat(Heartbeat {
             node: self.cfg.node_name.clone(),
             role: self.role,
@@ -1525,6 +1637,11 @@ impl Core {
 
     /// Start-up election: higher priority, then the configured tie-break.
     fn wins_election(&self, peer: &Heartbeat) -> bool {
+        // A node holding all the mail beats one whose replica is incomplete.
+        let peer_incomplete = peer.flags & FLAG_REPLICA_INCOMPLETE != 0;
+        if self.replica_incomplete != peer_incomplete {
+            return peer_incomplete;
+        }
         if self.cfg.priority != peer.priority {
             return self.cfg.priority > peer.priority;
         }

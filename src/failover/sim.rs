@@ -64,6 +64,10 @@ pub struct Plan {
     pub delay_ms: (u64, u64),
     /// Epoch persistence takes this long (ms).
     pub persist_ms: u64,
+    /// A node's first fill as a secondary (its replica incomplete until
+    /// then) takes this long (ms) of being secondary; 0: fills are not
+    /// modelled.
+    pub fill_ms: u64,
     pub faults: Vec<Fault>,
 }
 
@@ -101,6 +105,8 @@ pub struct Outcome {
     pub split_brain_alarms: usize,
     /// Switchovers abandoned (their preparation failed or took too long).
     pub switchovers_abandoned: usize,
+    /// Promotions refused for an incomplete replica (alarms).
+    pub incomplete_refusals: usize,
     /// Virtual time from the end of the last fault to a stable pair.
     pub converged_after_ms: Option<u64>,
 }
@@ -161,6 +167,19 @@ struct SimNode {
     next_check_ms: u64,
     /// Highest epoch heard from the peer.
     heard_max: u64,
+    /// The node's replica (durable, as the driver's mark): never filled,
+    /// its first fill under way, or complete (filled, or it served).
+    fill: Fill,
+    /// The first fill ends then (while the node stays secondary).
+    fill_done_at: Option<u64>,
+}
+
+/// Where a node's first fill stands (the driver's durable mark).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fill {
+    Never,
+    Filling,
+    Complete,
 }
 
 struct InFlight {
@@ -186,6 +205,7 @@ pub struct Sim {
     queue_pushes: usize,
     split_brain_alarms: usize,
     switchovers_abandoned: usize,
+    incomplete_refusals: usize,
     /// Lease mode: the etcd key (holder, expiry) and its revision.
     lease: Option<(usize, u64)>,
     lease_revision: u64,
@@ -201,6 +221,10 @@ enum Event2 {
     Start(usize),
     Restart(usize),
     SelfOk(usize),
+    /// A secondary's first sync session begins: its replica is incomplete.
+    FillStarts(usize),
+    /// The node serves, its replica counts as complete: the driver says so.
+    FillDone(usize),
     PartitionEnd,
     LossEnd,
 }
@@ -225,6 +249,8 @@ impl Sim {
             state_full_until: 0,
             next_check_ms: 0,
             heard_max: 0,
+            fill: Fill::Never,
+            fill_done_at: None,
         };
         let nodes = [mk(&plan.configs[0]), mk(&plan.configs[1])];
         let mut pending = vec![
@@ -248,6 +274,7 @@ impl Sim {
             queue_pushes: 0,
             split_brain_alarms: 0,
             switchovers_abandoned: 0,
+            incomplete_refusals: 0,
             lease: None,
             lease_revision: 0,
             lease_events: Vec::new(),
@@ -400,6 +427,7 @@ impl Sim {
             queue_pushes: self.queue_pushes,
             split_brain_alarms: self.split_brain_alarms,
             switchovers_abandoned: self.switchovers_abandoned,
+            incomplete_refusals: self.incomplete_refusals,
             converged_after_ms: Some(self.last_role_change_ms.saturating_sub(quiet)),
         })
     }
@@ -455,6 +483,9 @@ impl Sim {
             }
 
             if let Some(t) = n.catch_up_at {
+                consider(t);
+            }
+            if let Some(t) = n.fill_done_at {
                 consider(t);
             }
         }
@@ -528,6 +559,21 @@ impl Sim {
             if self.nodes[i].push_done_at.is_some_and(|t| t <= now_ms) {
                 self.nodes[i].push_done_at = None;
                 self.feed(i, now, Event::QueuePushDone);
+            }
+            if self.nodes[i].fill_done_at.is_some_and(|t| t <= now_ms) {
+                self.nodes[i].fill_done_at = None;
+                // A fill goes on only in a sync session: a primary serving
+                // on the other side of a working link.
+                let session = self.role(1 - i) == Some(Role::Primary) && !self.partitioned();
+                if self.nodes[i].fill == Fill::Filling && self.role(i) == Some(Role::Secondary) {
+                    if session {
+                        self.log(format!("node {i}: replica complete"));
+                        self.nodes[i].fill = Fill::Complete;
+                        self.feed(i, now, Event::ReplicaIncomplete(false));
+                    } else {
+                        self.nodes[i].fill_done_at = Some(now_ms + self.plan.fill_ms);
+                    }
+                }
             }
             if self.nodes[i].catch_up_at.is_some_and(|t| t <= now_ms) {
                 self.nodes[i].catch_up_at = None;
@@ -613,12 +659,27 @@ impl Sim {
                         self.nodes[i].durable
                     ));
                     self.nodes[i].core = Some(core);
+                    if self.nodes[i].fill == Fill::Filling {
+                        self.feed(i, now, Event::ReplicaIncomplete(true));
+                    }
                     if !self.nodes[i].self_ok {
                         self.feed(i, now, Event::SelfCheck(Err("simulated".into())));
                     }
                     let _ = self.drain(i);
                 }
             }
+            Event2::FillStarts(i) => {
+                let secondary = self.role(i) == Some(Role::Secondary);
+                if secondary && self.nodes[i].fill != Fill::Complete {
+                    if self.nodes[i].fill == Fill::Never {
+                        self.log(format!("node {i}: first fill starts"));
+                        self.nodes[i].fill = Fill::Filling;
+                    }
+                    self.nodes[i].fill_done_at = Some(now_ms + self.plan.fill_ms);
+                    self.feed(i, now, Event::ReplicaIncomplete(true));
+                }
+            }
+            Event2::FillDone(i) => self.feed(i, now, Event::ReplicaIncomplete(false)),
             Event2::SelfOk(i) => {
                 self.nodes[i].self_ok = true;
                 self.feed(i, now, Event::SelfCheck(Ok(())));
@@ -641,6 +702,7 @@ impl Sim {
                         n.primary_since = None;
                         n.push_done_at = None;
                         n.catch_up_at = None;
+                        n.fill_done_at = None;
                         n.prepared_at = None;
                         n.quorum_view = None;
                         n.renewing = false;
@@ -735,15 +797,33 @@ impl Sim {
                     if role == Role::Promoting {
                         self.promotions += 1;
                         self.check_no_spurious_promotion(i)?;
+                        if self.nodes[i].fill == Fill::Filling
+                            && reason != super::Reason::PeerRole(Role::HandingOver)
+                        {
+                            return Err(self.violation(format!(
+                                "node {i} promoted on its own ({reason}) with an incomplete replica"
+                            )));
+                        }
                     }
                     if role == Role::Primary {
                         self.nodes[i].primary_since = Some(now_ms);
+                        // What a primary serves is its store: the driver
+                        // marks it complete.
+                        if self.nodes[i].fill == Fill::Filling {
+                            self.pending.push((now_ms, Event2::FillDone(i)));
+                        }
+                        self.nodes[i].fill = Fill::Complete;
                     } else {
                         self.nodes[i].primary_since = None;
                     }
                     if role == Role::Secondary {
                         let t = now_ms + 3 * self.plan.persist_ms + 1;
                         self.nodes[i].catch_up_at = Some(t);
+                        if self.plan.fill_ms > 0 && self.nodes[i].fill != Fill::Complete {
+                            self.pending.push((now_ms + 1, Event2::FillStarts(i)));
+                        }
+                    } else {
+                        self.nodes[i].fill_done_at = None;
                     }
                 }
                 Action::StartQueuePush { peer_epoch } => {
@@ -803,6 +883,9 @@ impl Sim {
                 Action::Alarm(alarm) => {
                     if matches!(alarm, super::Alarm::SplitBrain { .. }) {
                         self.split_brain_alarms += 1;
+                    }
+                    if matches!(alarm, super::Alarm::ReplicaIncomplete) {
+                        self.incomplete_refusals += 1;
                     }
                     if matches!(alarm, super::Alarm::SwitchoverAbandoned(_)) {
                         self.switchovers_abandoned += 1;
@@ -975,6 +1058,14 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
     // Switchovers prepared (services stopped, replication drained) or not;
     // a preparation limit shorter than the simulated preparation abandons
     // the switchover. Drawn apart so the rest of a seed's plan is unchanged.
+    // A first fill as secondary (the replica incomplete meanwhile) in
+    // three plans of four; drawn apart too.
+    let mut fill = SimRng::new(seed ^ 0x00F1_11ED_0001);
+    let fill_ms = if fill.percent(75) {
+        fill.range(1, window * 6)
+    } else {
+        0
+    };
     let mut prep = SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15);
     for c in configs.iter_mut() {
         c.prepare_handover = match prep.range(0, 2) {
@@ -1028,6 +1119,7 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
         start_offset_ms: rng.range(0, window * 2),
         delay_ms: (0, (interval_ms / 3).max(1)),
         persist_ms: rng.range(0, (interval_ms / 4).max(1)),
+        fill_ms,
         faults: list,
     }
 }

@@ -27,6 +27,7 @@ fn plan(p0: u8, p1: u8, faults: Vec<Fault>) -> Plan {
         start_offset_ms: 0,
         delay_ms: (1, 5),
         persist_ms: 3,
+        fill_ms: 0,
         faults,
     }
 }
@@ -576,4 +577,179 @@ fn a_primary_that_hears_a_higher_epoch_from_its_secondary_takes_one_above_it_onc
     assert!(drain(&mut c)
         .iter()
         .any(|a| matches!(a, Action::SendHeartbeat(h) if h.epoch == 7 && h.role == Role::Primary)));
+}
+
+/// A heartbeat from mx2.
+fn hb_from_mx2(role: Role, epoch: u64, seq: u64, flags: u8) -> Event {
+    Event::Heartbeat(Heartbeat {
+        node: "mx2".into(),
+        role,
+        epoch,
+        priority: 100,
+        seq,
+        flags,
+    })
+}
+
+fn promotes(acts: &[Action]) -> bool {
+    acts.iter().any(|a| {
+        matches!(
+            a,
+            Action::Become {
+                role: Role::Promoting,
+                ..
+            }
+        )
+    })
+}
+
+#[test]
+fn an_incomplete_replica_does_not_promote_when_its_primary_is_lost_until_accepted() {
+    let t0 = Instant::now();
+    // mx1 (higher priority, so it would win any election) is the
+    // secondary of mx2, and its first fill is under way.
+    let mut c = Core::new(
+        cfg("mx1", "mx2", 200),
+        EpochRecord {
+            epoch: 2,
+            held_primary: None,
+        },
+        t0,
+    );
+    c.handle_event(t0, Event::ReplicaIncomplete(true));
+    c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    assert_eq!(c.role(), Role::Secondary);
+    let acts = drain(&mut c);
+    let flags = acts.iter().rev().find_map(|a| match a {
+        Action::SendHeartbeat(hb) => Some(hb.flags),
+        _ => None,
+    });
+    assert_eq!(
+        flags.map(|f| f & FLAG_REPLICA_INCOMPLETE),
+        Some(FLAG_REPLICA_INCOMPLETE),
+        "its heartbeats say so"
+    );
+    // The primary goes silent: no promotion, one alarm.
+    let lost = t0 + Duration::from_secs(2);
+    c.handle_timeout(lost);
+    let acts = drain(&mut c);
+    assert_eq!(c.role(), Role::Secondary);
+    assert!(!promotes(&acts));
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::Alarm(Alarm::ReplicaIncomplete)))
+            .count(),
+        1,
+        "{acts:?}"
+    );
+    // Much later still nothing.
+    c.handle_timeout(lost + Duration::from_secs(60));
+    assert!(!promotes(&drain(&mut c)));
+    assert!(c.status().replica_incomplete);
+    // The operator accepts the replica as it is: it promotes now.
+    let t2 = lost + Duration::from_secs(61);
+    c.handle_event(t2, Event::ReplicaIncomplete(false));
+    let acts = drain(&mut c);
+    assert!(promotes(&acts), "{acts:?}");
+    assert!(acts.iter().any(|a| matches!(
+        a,
+        Action::Become {
+            reason: Reason::ReplicaAccepted,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn an_incomplete_replica_waits_for_a_restarted_peer_which_promotes_on_hearing_it() {
+    let t0 = Instant::now();
+    // The incomplete secondary mx1 hears its peer restarting.
+    let mut sec = Core::new(
+        cfg("mx1", "mx2", 200),
+        EpochRecord {
+            epoch: 2,
+            held_primary: None,
+        },
+        t0,
+    );
+    sec.handle_event(t0, Event::ReplicaIncomplete(true));
+    sec.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    drain(&mut sec);
+    let t1 = t0 + Duration::from_secs(2);
+    sec.handle_timeout(t1);
+    sec.handle_event(t1, hb_from_mx2(Role::Negotiating, 2, 1, 0));
+    assert!(
+        !promotes(&drain(&mut sec)),
+        "a restarted peer holds the mail"
+    );
+    assert_eq!(sec.role(), Role::Secondary);
+    // Nor does it win a start-up election, whatever its priority.
+    let mut neg = Core::new(cfg("mx1", "mx2", 200), EpochRecord::default(), t0);
+    neg.handle_event(t0, Event::ReplicaIncomplete(true));
+    neg.handle_event(t0, hb_from_mx2(Role::Negotiating, 0, 1, 0));
+    assert!(!promotes(&drain(&mut neg)));
+    // No peer at start-up: it waits too.
+    neg.handle_timeout(t0 + Duration::from_secs(5));
+    assert_eq!(neg.role(), Role::Negotiating);
+
+    // The restarted former primary (mx2's view, as mx1 here with a low
+    // priority): it hears a secondary whose replica is incomplete, and
+    // promotes although the secondary would win an election.
+    let mut former = Core::new(
+        cfg("mx1", "mx2", 10),
+        EpochRecord {
+            epoch: 3,
+            held_primary: Some(3),
+        },
+        t0,
+    );
+    drain(&mut former);
+    former.handle_event(
+        t0,
+        hb_from_mx2(Role::Secondary, 3, 1, FLAG_REPLICA_INCOMPLETE),
+    );
+    let acts = drain(&mut former);
+    assert!(promotes(&acts), "{acts:?}");
+    // Without the flag it waits for the secondary to promote.
+    let mut plain = Core::new(
+        cfg("mx1", "mx2", 10),
+        EpochRecord {
+            epoch: 3,
+            held_primary: Some(3),
+        },
+        t0,
+    );
+    drain(&mut plain);
+    plain.handle_event(t0, hb_from_mx2(Role::Secondary, 3, 1, 0));
+    assert!(!promotes(&drain(&mut plain)));
+    // And in an election between two negotiating nodes the complete one
+    // wins over a higher priority.
+    let mut low = Core::new(cfg("mx1", "mx2", 10), EpochRecord::default(), t0);
+    drain(&mut low);
+    low.handle_event(
+        t0,
+        hb_from_mx2(Role::Negotiating, 0, 1, FLAG_REPLICA_INCOMPLETE),
+    );
+    assert!(promotes(&drain(&mut low)));
+}
+
+#[test]
+fn an_incomplete_replica_takes_over_in_a_switchover() {
+    let t0 = Instant::now();
+    let mut c = Core::new(
+        cfg("mx1", "mx2", 200),
+        EpochRecord {
+            epoch: 2,
+            held_primary: None,
+        },
+        t0,
+    );
+    c.handle_event(t0, Event::ReplicaIncomplete(true));
+    c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    drain(&mut c);
+    c.handle_event(
+        t0 + Duration::from_millis(100),
+        hb_from_mx2(Role::HandingOver, 2, 2, 0),
+    );
+    assert!(promotes(&drain(&mut c)), "the operator asked for it");
 }

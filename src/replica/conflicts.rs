@@ -238,6 +238,41 @@ pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
     Ok(out)
 }
 
+/// How many versions are kept aside in `store`'s internal directory, and
+/// when the oldest of them was kept (unix seconds); what [`list`] would
+/// return, counted without holding it.
+pub fn summary(internal: &Path) -> io::Result<(u64, Option<i64>)> {
+    let Some(slots) = read_slots(internal)? else {
+        return Ok((0, None));
+    };
+    let (mut count, mut oldest) = (0u64, None::<i64>);
+    for slot in slots {
+        let slot = slot?;
+        let name = slot.file_name();
+        if name.as_bytes().starts_with(b".") || !slot.file_type()?.is_dir() {
+            continue;
+        }
+        let kept_at = slot_time(name.as_bytes()).unwrap_or(0);
+        let before = count;
+        let mut stack = vec![slot.path()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d)? {
+                let e = e?;
+                let ft = e.file_type()?;
+                if ft.is_dir() {
+                    stack.push(e.path());
+                } else if ft.is_file() || ft.is_symlink() {
+                    count += 1;
+                }
+            }
+        }
+        if count > before {
+            oldest = Some(oldest.map_or(kept_at, |o| o.min(kept_at)));
+        }
+    }
+    Ok((count, oldest))
+}
+
 /// Removes a kept version and the folders it leaves empty, up to its slot.
 pub fn remove(internal: &Path, file: &Path) -> io::Result<()> {
     std::fs::remove_file(file)?;
@@ -681,6 +716,11 @@ mod tests {
         let all = list("inbox", &internal).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].path, "u/Maildir/dovecot-uidlist", "oldest first");
+        assert_eq!(
+            summary(&internal).unwrap(),
+            (2, Some(all[0].kept_at)),
+            "the count status shows"
+        );
         assert_eq!(all[1].size, 9);
         assert!(all[1].id.starts_with("inbox/1700000100-"), "{}", all[1].id);
         // Restored as a new message in new/, never over anything.
@@ -694,6 +734,7 @@ mod tests {
             to2.display()
         );
         assert!(list("inbox", &internal).unwrap().is_empty());
+        assert_eq!(summary(&internal).unwrap(), (0, None));
         assert_eq!(
             std::fs::read_dir(internal.join(CONFLICTS_DIR))
                 .unwrap()

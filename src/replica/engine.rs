@@ -143,6 +143,8 @@ pub struct Engine {
     /// Wakes the sender when a commit request is queued.
     commit_wake: Arc<tokio::sync::Notify>,
     store_roots: Vec<PathBuf>,
+    /// Where the node's durable marks live.
+    state_dir: PathBuf,
     mode_tx: watch::Sender<EngineMode>,
     /// The highest epoch known: a primary's sessions carry it, sessions
     /// from below it are refused.
@@ -208,6 +210,9 @@ impl Engine {
         let stats = Arc::new(ReplStats::default());
         *stats.unverified.lock().expect("unverified lock") =
             super::receiver::unverified(&cfg.state_dir);
+        stats
+            .replica_incomplete
+            .store(super::fill::incomplete(&cfg.state_dir), Relaxed);
         // One durable-commit thread for the node's life (see
         // `DurableWorker`): the receiver's flushes, the ingester's commits.
         let durable = crate::io::DurableWorker::start_with(
@@ -232,6 +237,7 @@ impl Engine {
         // confirm gets back-pressure (and then local-only outcomes).
         let (commit_tx, commit_rx) = crossbeam_channel::bounded(8_192);
         let commit_wake = Arc::new(tokio::sync::Notify::new());
+        let state_dir = cfg.state_dir.clone();
         let shared = Shared {
             durable,
             fence: fence.clone(),
@@ -263,6 +269,7 @@ impl Engine {
             commit_tx,
             commit_wake,
             store_roots,
+            state_dir,
             mode_tx,
             push_tx,
             promote_tx,
@@ -381,6 +388,19 @@ impl Engine {
 
     pub fn status(&self) -> ReplStatus {
         self.stats.snapshot()
+    }
+
+    /// The operator accepts this node's incomplete replica as complete
+    /// (`hasync accept-replica`): the returned job marks it durably (it
+    /// writes to the disk: run it off the daemon's loop), then the status
+    /// says it is complete and it may take over.
+    pub fn replica_acceptor(&self) -> impl FnOnce() -> std::io::Result<()> + Send + 'static {
+        let (dir, stats) = (self.state_dir.clone(), self.stats.clone());
+        move || {
+            super::fill::complete(&dir)?;
+            stats.replica_incomplete.store(false, Relaxed);
+            Ok(())
+        }
     }
 
     /// Alarms the replication raised since the last call (already logged).
@@ -1156,6 +1176,13 @@ async fn mark_serving(
             Ok(()) => {
                 if alarmed {
                     info!(epoch, "former-primary mark written: serving as primary");
+                }
+                // What a primary serves is its store: complete from now on.
+                match super::fill::complete(state_dir) {
+                    Ok(()) => shared.stats.replica_incomplete.store(false, Relaxed),
+                    Err(e) => warn!(
+                        "cannot mark this node's replica complete as it serves: {e} (it counts as incomplete after a restart)"
+                    ),
                 }
                 return true;
             }

@@ -13,6 +13,7 @@ pub mod dovecot;
 pub mod drift;
 pub mod engine;
 pub mod fence;
+pub mod fill;
 pub mod foreign;
 pub mod fsops;
 pub mod gate;

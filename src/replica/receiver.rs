@@ -1165,6 +1165,23 @@ impl Receiver {
                             warn!(store = %st.name, "cannot settle this node's earlier takeover record: {e}");
                         }
                     }
+                    // A replica never complete is marked as filling before
+                    // anything of this session lands (it must not take
+                    // over on its own meanwhile, even after a restart).
+                    match super::fill::session_starts(dir, own.former_primary()) {
+                        Ok(incomplete) => {
+                            if incomplete && !self.stats.replica_incomplete.load(Relaxed) {
+                                info!(peer, "first sync of this replica: it counts as incomplete (no takeover on its own) until the primary says it has caught up");
+                            }
+                            self.stats.replica_incomplete.store(incomplete, Relaxed);
+                        }
+                        Err(e) => {
+                            self.stats.replica_incomplete.store(true, Relaxed);
+                            let line = format!("cannot write the replica fill mark in {}: {e}; this replica counts as incomplete in this process, but a restart would forget it", dir.display());
+                            error!(alarm = true, "ALARM: {line}");
+                            self.stats.raise_alarm(line);
+                        }
+                    }
                 }
                 self.ops.begin_session();
                 // Versions kept aside and not yet acknowledged by a primary
@@ -1263,6 +1280,19 @@ impl Receiver {
             SyncMsg::CaughtUp => {
                 if !self.stats.caught_up.swap(true, Relaxed) {
                     info!(peer, "replica caught up with the primary");
+                }
+                // Everything sent is durable here: a first fill is done.
+                if let (Some(dir), true) = (
+                    self.state_dir.as_deref(),
+                    self.stats.replica_incomplete.load(Relaxed),
+                ) {
+                    match super::fill::complete(dir) {
+                        Ok(()) => {
+                            self.stats.replica_incomplete.store(false, Relaxed);
+                            info!(peer, "this replica is complete: its first sync has finished");
+                        }
+                        Err(e) => warn!("cannot mark this replica complete: {e} (it stays incomplete until the next catch-up)"),
+                    }
                 }
                 // Reconciled completely (its genuine conflicts kept aside):
                 // from now on a plain secondary.

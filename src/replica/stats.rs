@@ -64,6 +64,9 @@ pub struct ReplStats {
     pub disk_full: AtomicBool,
     /// Receiver: the primary said the replica is complete.
     pub caught_up: AtomicBool,
+    /// This node's replica is incomplete: its first fill has begun and not
+    /// finished (the durable mark, `replica::fill`).
+    pub replica_incomplete: AtomicBool,
     /// Zero-loss commit: true while commits are confirmed by the peer.
     pub synchronous: AtomicBool,
     pub commits_replicated: AtomicU64,
@@ -191,6 +194,7 @@ impl Default for ReplStats {
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
+            replica_incomplete: AtomicBool::new(false),
             synchronous: AtomicBool::new(false),
             commits_replicated: AtomicU64::new(0),
             commits_degraded: AtomicU64::new(0),
@@ -335,6 +339,10 @@ pub struct ReplStatus {
     #[serde(default)]
     pub disk_full_why: Option<String>,
     pub caught_up: bool,
+    /// This node's replica is incomplete (a first fill that has not
+    /// finished): it does not take over on its own.
+    #[serde(default)]
+    pub replica_incomplete: bool,
     /// Zero-loss commit: "synchronous" while the peer confirms commits,
     /// "degraded" (local-only) after one timed out, "-" before any.
     pub commit_mode: String,
@@ -465,6 +473,7 @@ impl ReplStats {
             disk_full: self.disk_full.load(Relaxed),
             disk_full_why: self.disk_full_why.lock().expect("disk full lock").clone(),
             caught_up: self.caught_up.load(Relaxed),
+            replica_incomplete: self.replica_incomplete.load(Relaxed),
             commit_mode: match (
                 self.synchronous.load(Relaxed),
                 g(&self.commits_replicated) + g(&self.commits_degraded),

@@ -532,6 +532,11 @@ fn a_node_killed_while_an_ended_sessions_flush_runs_restarts_latched() {
 fn a_flush_in_flight_at_a_takeover_latches_the_replica_across_a_restart() {
     let reason_says = "a flush failed: syncfs";
     let (mut tp, src) = pair_in_a_slow_failing_flush("3000");
+    // The slow flush is one of mx2's first sync: the operator accepts its
+    // replica as it is, so that it takes over while the flush is in flight.
+    let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+    let out = hasync(&["accept-replica", "--config", &cfg1]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     let marker = tp.nodes[1].state_dir.join("replica-unverified");
@@ -601,7 +606,7 @@ fn pair_in_a_slow_failing_flush_with(slow_ms: &str, opts: PairOptions) -> (TestP
             ("HASYNC_FAILPOINT_SLOW_MS", slow_ms),
         ])
         .unwrap();
-    tp.wait_formed(Duration::from_secs(20))
+    tp.wait_roles(Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !tp.nodes[1].log().contains("syncfs.slow_eio reached") {

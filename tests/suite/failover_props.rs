@@ -59,6 +59,7 @@ fn sim_seeds() {
     let mut promotions = 0;
     let mut pushes = 0;
     let mut split = 0;
+    let mut incomplete = 0;
     for seed in first..first + n {
         let plan = random_plan(seed, &base(), 8);
         match Sim::new(plan.clone()).run() {
@@ -66,6 +67,7 @@ fn sim_seeds() {
                 promotions += out.promotions;
                 pushes += out.queue_pushes;
                 split += out.split_brain_alarms;
+                incomplete += out.incomplete_refusals;
             }
             Err(v) => panic!(
                 "{v}\nplan: {plan:#?}\nreplay with: HASYNC_SIM_SEED={seed} cargo test sim_seed"
@@ -81,8 +83,13 @@ fn sim_seeds() {
         pushes > 0 && split > 0,
         "pushes {pushes}, split brains {split}"
     );
+    // And nodes that hold back for an incomplete replica.
+    assert!(
+        n < 100 || incomplete > 0,
+        "no promotion refused for an incomplete replica in {n} runs"
+    );
     println!(
-        "{n} seeds: {promotions} promotions, {pushes} queue pushes, {split} split-brain alarms"
+        "{n} seeds: {promotions} promotions, {pushes} queue pushes, {split} split-brain alarms, {incomplete} promotions held back for an incomplete replica"
     );
 }
 
@@ -121,7 +128,7 @@ proptest! {
         let recovery = [RecoveryPolicy::BecomeSecondary, RecoveryPolicy::RestoreRole, RecoveryPolicy::Off][policy as usize];
         configs[0].recovery = recovery;
         configs[1].recovery = recovery;
-        let plan = Plan { seed, configs, start_offset_ms: offset, delay_ms: (0, 30), persist_ms: 5, faults };
+        let plan = Plan { seed, configs, start_offset_ms: offset, delay_ms: (0, 30), persist_ms: 5, fill_ms: 0, faults };
         let out = Sim::new(plan.clone()).run();
         prop_assert!(out.is_ok(), "{}", out.unwrap_err());
         let out = out.unwrap();

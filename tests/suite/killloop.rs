@@ -89,7 +89,7 @@ fn run_once(rng: &mut SimRng, live: bool, tally: &mut Tally) -> Result<(), Strin
     };
     generate_maildirs(&a, &spec(seed, 6, messages)).unwrap();
     tp.start_all();
-    if tp.wait_formed(Duration::from_secs(20))? != 0 {
+    if tp.wait_roles(Duration::from_secs(20))? != 0 {
         return Err("mx1 did not win the election".into());
     }
     let stop = Arc::new(AtomicBool::new(false));
@@ -120,6 +120,19 @@ fn run_once(rng: &mut SimRng, live: bool, tally: &mut Tally) -> Result<(), Strin
         w.join().map_err(|_| "writer panicked")?;
     }
     let at_kill = digest(&a);
+    // Killed during mx2's first sync, its replica is incomplete and it does
+    // not take over on its own: the operator accepts it as it is, and what
+    // it lacks is the lag window.
+    let st = tp.nodes[1].wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+        s.mode == Role::Primary || (s.replication.replica_incomplete && !s.peer.alive)
+    })?;
+    if st.mode != Role::Primary {
+        let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+        let out = hasync(&["accept-replica", "--config", &cfg1]);
+        if !out.status.success() {
+            return Err(format!("accept-replica: {}", text(&out.stderr)));
+        }
+    }
     tp.nodes[1].wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
         s.mode == Role::Primary
     })?;

@@ -282,7 +282,7 @@ fn a_switchover_that_would_leave_changes_behind_is_refused_unless_waited_for_or_
     let mut tp = TestPair::new(fast());
     hasync::fixture::generate_maildirs(&tp.store(0, "inbox"), &spec(7, 40, 6000)).unwrap();
     tp.start_all();
-    assert_eq!(tp.wait_formed(Duration::from_secs(20)).unwrap(), 0);
+    assert_eq!(tp.wait_roles(Duration::from_secs(20)).unwrap(), 0);
     let cfg0 = tp.nodes[0].config_path.to_str().unwrap().to_string();
     let st = tp.nodes[0]
         .wait_status(Duration::from_secs(10), Duration::from_millis(5), |s| {
@@ -337,4 +337,213 @@ fn a_switchover_that_would_leave_changes_behind_is_refused_unless_waited_for_or_
             s.mode == Role::Primary
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
+/// Starts mx1 alone over a store of a few thousand messages (primary),
+/// then mx2, and kills mx1 (an abort, like `kill -9`) once mx2 has
+/// acknowledged a few batches of its first sync: mx2's replica is
+/// incomplete. Returns the pair and how many files mx1 holds.
+fn primary_lost_during_the_first_sync() -> TestPair {
+    // mx2 has the higher priority: only its incomplete replica keeps it
+    // from winning elections.
+    let mut tp = TestPair::new(PairOptions {
+        priorities: [100, 200],
+        ..fast()
+    });
+    hasync::fixture::generate_maildirs(&tp.store(0, "inbox"), &spec(5, 20, 4000)).unwrap();
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "sender.acked=3")])
+        .unwrap();
+    tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    tp.nodes[1].start().unwrap();
+    assert!(
+        tp.nodes[0].wait_exit(Duration::from_secs(60)),
+        "mx1 aborts at its third acknowledged batch\n{}",
+        tp.logs()
+    );
+    tp
+}
+
+/// A secondary whose first sync was cut by the loss of its primary holds
+/// only part of the mail: it does not take over (its users would find
+/// their mailboxes emptied, and whatever they did would turn the old
+/// primary's mail into conflicts), not even after a restart; the old
+/// primary, started again, takes the role back on hearing it and finishes
+/// the fill.
+#[test]
+fn a_secondary_whose_first_sync_did_not_finish_does_not_take_over() {
+    let mut tp = primary_lost_during_the_first_sync();
+    let window = tp.detection_window();
+    let st = tp.nodes[1]
+        .wait_status(window * 10, Duration::from_millis(20), |s| {
+            !s.peer.alive
+                && s.alarms
+                    .iter()
+                    .any(|a| a.message.contains("does not promote"))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert!(st.replication.replica_incomplete, "{st:?}");
+    std::thread::sleep(window * 4);
+    let st = tp.nodes[1].status().unwrap();
+    assert_eq!(st.mode, Role::Secondary, "no takeover\n{}", tp.logs());
+    let held = walk_files(&tp.store(1, "inbox"));
+    let all = walk_files(&tp.store(0, "inbox"));
+    assert!(
+        held < all,
+        "the replica holds part of the store ({held} of {all} files)"
+    );
+    let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+    let shown = text(&hasync(&["status", "--config", &cfg1]).stdout);
+    assert!(shown.contains("INCOMPLETE"), "{shown}");
+    assert_eq!(
+        std::fs::read_to_string(tp.nodes[1].state_dir.join("replica-fill"))
+            .unwrap()
+            .trim(),
+        "filling"
+    );
+
+    // Restarted while its peer is still down: it waits out the start-up
+    // wait and longer without serving.
+    assert!(tp.nodes[1].stop(Duration::from_secs(10)));
+    tp.nodes[1].start().unwrap();
+    std::thread::sleep(Duration::from_millis(tp.options.startup_wait_ms) + window * 4);
+    let st = tp.nodes[1].status().unwrap();
+    assert_eq!(st.mode, Role::Negotiating, "{}", tp.logs());
+    assert!(st.replication.replica_incomplete);
+
+    // The old primary comes back: it serves again (mx2 would win the
+    // election on priority, but not with an incomplete replica) and the
+    // fill ends with the replica complete.
+    tp.nodes[0].start().unwrap();
+    let st = tp.wait_mode(0, Role::Primary, Duration::from_secs(20));
+    assert!(
+        st.transitions.iter().any(|t| t
+            .message
+            .contains("won start-up election against peer priority 200")),
+        "it won against the higher priority: {:?}",
+        st.transitions
+    );
+    tp.wait_mode(1, Role::Secondary, Duration::from_secs(20));
+    wait_identical(
+        &tp.store(0, "inbox"),
+        &tp.store(1, "inbox"),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
+            !s.replication.replica_incomplete
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(
+        std::fs::read_to_string(tp.nodes[1].state_dir.join("replica-fill"))
+            .unwrap()
+            .trim(),
+        "complete"
+    );
+}
+
+/// The operator whose primary is lost for good during the first sync
+/// accepts the incomplete replica: the node takes over with what it holds.
+#[test]
+fn an_incomplete_replica_accepted_by_the_operator_takes_over() {
+    let tp = primary_lost_during_the_first_sync();
+    let window = tp.detection_window();
+    tp.nodes[1]
+        .wait_status(window * 10, Duration::from_millis(20), |s| {
+            !s.peer.alive && s.replication.replica_incomplete
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+    let out = hasync(&["accept-replica", "--config", &cfg1]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let st = tp.wait_mode(1, Role::Primary, Duration::from_secs(10));
+    assert!(!st.replication.replica_incomplete);
+    // Refused where there is nothing to accept.
+    let again = hasync(&["accept-replica", "--config", &cfg1]);
+    assert!(!again.status.success(), "nothing left to accept");
+    assert!(
+        text(&again.stderr).contains("not incomplete"),
+        "{}",
+        text(&again.stderr)
+    );
+}
+
+/// Regular files under `dir`.
+fn walk_files(dir: &std::path::Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else if t.is_file() {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// The daemon's loop carries the heartbeats and reads no disk: a conflicts
+/// directory of 100,000 versions, listed (`hasync conflicts list`) and
+/// counted (`hasync status`) again and again on the primary, delays no
+/// heartbeat: no peer lost, no failover.
+#[test]
+fn listing_a_huge_conflicts_directory_delays_no_heartbeat() {
+    let (tp, p) = TestPair::formed(fast());
+    let s = 1 - p;
+    let slot = tp.nodes[p]
+        .state_dir
+        .join("internal/inbox/conflicts/1700000000-00000000000000aa");
+    for d in 0..100 {
+        let dir = slot.join(format!("u{d}/cur"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..1000 {
+            std::fs::File::create(dir.join(format!("{f}:2,S"))).unwrap();
+        }
+    }
+    let socket = tp.nodes[p].socket();
+    let t0 = Instant::now();
+    let mut lists = 0;
+    while t0.elapsed() < Duration::from_secs(4) || lists < 2 {
+        let r =
+            hasync::daemon::control::request(&socket, &Request::Conflicts, Duration::from_secs(60))
+                .unwrap();
+        assert_eq!(r.conflicts.map(|c| c.len()), Some(100_000), "{:?}", r.error);
+        tp.nodes[p].status().unwrap();
+        lists += 1;
+    }
+    let st = tp.nodes[p]
+        .wait_status(Duration::from_secs(20), Duration::from_millis(50), |s| {
+            s.conflicts.count == 100_000
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    println!(
+        "{lists} listings of 100,000 kept-aside versions in {:?}; the heartbeat gap seen by the primary: p99 {:?} max {:?} ms",
+        t0.elapsed(),
+        st.link.heartbeat_gap_ms_p99,
+        st.link.heartbeat_gap_ms_max
+    );
+    let sec = tp.nodes[s].status().unwrap();
+    for (node, st) in [(p, &st), (s, &sec)] {
+        assert!(
+            !st.alarms.iter().any(|a| a.message.contains("peer lost")),
+            "node {node}: {:?}\n{}",
+            st.alarms,
+            tp.logs()
+        );
+    }
+    assert_eq!(st.mode, Role::Primary);
+    assert_eq!(sec.mode, Role::Secondary);
+    // The secondary heard every heartbeat in time (lost after 500 ms).
+    let gap = sec.link.heartbeat_gap_ms_max.unwrap_or(0.0);
+    assert!(gap < 400.0, "the secondary heard no heartbeat for {gap} ms");
 }

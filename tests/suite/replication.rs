@@ -748,8 +748,12 @@ fn exact_conflicts_after_failover(new_primary_loses_its_index: bool) {
         ["old primary's edit", "only on the old primary"],
         "{on_b:?}"
     );
-    let st = tp.nodes[1].status().unwrap();
-    assert_eq!(st.conflicts.count, 2);
+    // Status shows the count of at most two seconds ago.
+    let st = tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.conflicts.count == 2
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert!(
         st.alarms
             .iter()

@@ -56,7 +56,8 @@ impl TestPair {
         }
     }
 
-    /// Starts both nodes and waits for the pair; returns the primary's index.
+    /// Starts both nodes and waits for the pair, the secondary's first
+    /// sync finished; returns the primary's index.
     pub fn formed(options: PairOptions) -> (TestPair, usize) {
         let mut tp = TestPair::new(options);
         tp.start_all();
