@@ -113,6 +113,11 @@ enum Cmd {
     AcceptReplica {
         #[command(flatten)]
         target: Target,
+        /// Accept it also while the primary is heard (its fill goes on),
+        /// or on a node that never held the mail (its stores were filled
+        /// by other means).
+        #[arg(long)]
+        force: bool,
     },
     /// Versions a former primary held that the new primary never had,
     /// kept aside after a failover: list them, or restore them into the
@@ -204,7 +209,10 @@ fn ask(target: &Target, req: control::Request) -> Result<control::Response> {
 }
 
 fn main() -> ExitCode {
-    match real_main() {
+    let outcome = real_main();
+    // The daemon's last records are on the log writer's queue.
+    hasync::logging::flush(std::time::Duration::from_secs(2));
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hasync: error: {e:#}");
@@ -304,7 +312,9 @@ fn real_main() -> Result<ExitCode> {
             reply(ask(&target, control::Request::RestoreConflicts { id })?)
         }
         Cmd::Join { target } => reply(ask(&target, control::Request::Join)?),
-        Cmd::AcceptReplica { target } => reply(ask(&target, control::Request::AcceptReplica)?),
+        Cmd::AcceptReplica { target, force } => {
+            reply(ask(&target, control::Request::AcceptReplica { force })?)
+        }
         Cmd::PushQueue { target } => reply(ask(&target, control::Request::PushQueue)?),
         Cmd::Commit { target, file } => {
             let path =

@@ -101,6 +101,13 @@ impl SelfChecks {
         r
     }
 
+    /// A result already waiting (the loop was held up), without waiting.
+    pub fn try_recv(&mut self) -> Option<Result<(), String>> {
+        let r = self.rx.try_recv().ok()?;
+        self.last = Instant::now();
+        Some(r)
+    }
+
     /// A check that has run for longer than [`SELF_CHECK_HUNG`] without a
     /// result: the failure to report.
     pub fn hung(&self, now: Instant) -> Option<String> {

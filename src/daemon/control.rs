@@ -29,7 +29,12 @@ pub enum Request {
     Join,
     /// Accept this node's incomplete replica (a first sync that did not
     /// finish) as complete, so that it may take over with the mail it has.
-    AcceptReplica,
+    /// Refused while the primary is heard (the fill goes on), and on a
+    /// fresh node, unless `force`.
+    AcceptReplica {
+        #[serde(default)]
+        force: bool,
+    },
     Resync,
     PushQueue,
     /// Zero-loss commit of one file (for MTAs that cannot embed the library).

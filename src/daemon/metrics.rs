@@ -287,6 +287,12 @@ pub fn render(s: &Status) -> String {
         "Versions kept aside now",
         s.conflicts.count as i64,
     );
+    counter(
+        &mut r,
+        "log_records_dropped",
+        "Log records dropped because the log writer fell behind (a stalled journal or stderr)",
+        crate::logging::dropped(),
+    );
     let q = &s.queue_push;
     counter(
         &mut r,

@@ -34,6 +34,12 @@ use control::{
 const STATUS_HISTORY: usize = 32;
 /// Bound on queued control requests and inbound heartbeats.
 const CONTROL_QUEUE: usize = 16;
+/// Control connections answered at once at most; more are told the node
+/// is busy.
+const CONTROL_CONNS_MAX: usize = 8;
+/// A control request that gets no answer within this long is answered
+/// with an error.
+const CONTROL_REPLY_WAIT: Duration = Duration::from_secs(60);
 const HEARTBEAT_QUEUE: usize = 64;
 /// `hasync status` shows the versions kept aside as counted at most this
 /// long ago (counting walks the conflicts directories, off the loop).
@@ -247,6 +253,9 @@ struct Node {
     conflicts_counting: Arc<std::sync::atomic::AtomicBool>,
     /// When the last count was asked for.
     conflicts_counted_at: Option<Instant>,
+    /// This node serves as primary now (for the chores thread: a restore
+    /// of kept versions into the live tree stops when it no longer does).
+    serving_primary: Arc<std::sync::atomic::AtomicBool>,
     /// Each store's name, root and internal directory.
     store_dirs: Arc<Vec<StoreDirs>>,
     persist_tx: mpsc::UnboundedSender<EpochRecord>,
@@ -259,8 +268,8 @@ struct Node {
     push_last: Option<(u64, u64)>,
     engine: Engine,
     catch_up_reported: bool,
-    /// What the core was last told of this node's replica being incomplete.
-    replica_incomplete_told: Option<bool>,
+    /// What the core was last told of this node's stores.
+    replica_fill_told: Option<crate::failover::ReplicaFill>,
     push_done_rx: mpsc::UnboundedReceiver<PushOutcome>,
     gate_stats: Arc<link::gate::GateStats>,
     roles: roles::RoleHooks,
@@ -535,12 +544,15 @@ impl Node {
                 })
                 .collect(),
         );
+        // The core's first heartbeat says what this node's stores hold.
+        let fill = engine.replica_fill();
         Ok(Node {
             chores,
             self_checks,
             conflicts_seen: Default::default(),
             conflicts_counting: Default::default(),
             conflicts_counted_at: None,
+            serving_primary: Default::default(),
             store_dirs,
             roles,
             role_rx,
@@ -579,7 +591,7 @@ impl Node {
             lease_rx,
             vips,
             vip_alarmed: None,
-            core: Core::new(core_cfg, record, now),
+            core: Core::start(core_cfg, record, fill, now),
             cfg,
             link,
             heartbeat_tx,
@@ -595,7 +607,7 @@ impl Node {
             push_last: None,
             engine,
             catch_up_reported: false,
-            replica_incomplete_told: None,
+            replica_fill_told: Some(fill),
             push_done_rx,
             gate_stats,
         })
@@ -642,9 +654,11 @@ impl Node {
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline.into()) => {
+                    self.report_replica_fill();
                     self.core.handle_timeout(Instant::now());
                 }
                 Some(hb) = self.heartbeat_rx.recv() => {
+                    self.report_replica_fill();
                     self.note_epoch_heard(&hb.node, hb.epoch);
                     self.core.handle_event(Instant::now(), Event::Heartbeat(hb));
                 }
@@ -694,6 +708,11 @@ impl Node {
                     self.watch_vips();
                     // The check itself runs on its own thread (`chores`):
                     // here only one that does not return is reported.
+                    // A result that waited while the loop was held up is
+                    // no hang.
+                    while let Some(result) = self.self_checks.try_recv() {
+                        self.core.handle_event(Instant::now(), Event::SelfCheck(result));
+                    }
                     let now = Instant::now();
                     if let Some(why) = self.self_checks.hung(now) {
                         self.core.handle_event(now, Event::SelfCheck(Err(why)));
@@ -984,6 +1003,8 @@ impl Node {
                         self.publish_role(change.clone());
                     }
                     push_bounded(&mut self.transitions, line);
+                    self.serving_primary
+                        .store(role == Role::Primary, std::sync::atomic::Ordering::Release);
                     let promoted = (role == Role::Primary
                         && self.cfg.queue.sync != crate::config::QueueSync::Off)
                         .then(|| self.engine.promote_queue_replica());
@@ -1225,7 +1246,9 @@ impl Node {
             },
             // It writes the mark: `handle_control` hands it to the chores
             // thread.
-            Request::AcceptReplica => Response::error("accept-replica is handled off the loop"),
+            Request::AcceptReplica { .. } => {
+                Response::error("accept-replica is handled off the loop")
+            }
         };
         self.execute_actions();
         resp
@@ -1237,7 +1260,7 @@ impl Node {
         let stores = self.store_dirs.clone();
         if matches!(
             req,
-            Request::Conflicts | Request::RestoreConflicts { .. } | Request::AcceptReplica
+            Request::Conflicts | Request::RestoreConflicts { .. } | Request::AcceptReplica { .. }
         ) {
             if let Some(busy) = self.chores.busy() {
                 let _ = reply.send(Response::error(busy.to_string()));
@@ -1268,19 +1291,32 @@ impl Node {
                     )));
                     return;
                 }
+                let serving = self.serving_primary.clone();
                 self.chores.run(move || {
-                    let _ = reply.send(restore_conflicts(&stores, id.as_deref()));
+                    let _ = reply.send(restore_conflicts(&stores, id.as_deref(), &serving));
                 })
             }
-            Request::AcceptReplica => {
-                if !self.engine.status().replica_incomplete {
-                    let _ = reply.send(Response::error(
-                        "accept-replica refused: this node's replica is not incomplete",
-                    ));
+            Request::AcceptReplica { force } => {
+                use crate::failover::ReplicaFill;
+                let cs = self.core.status();
+                let peer_serves =
+                    cs.peer_alive && matches!(cs.peer_role, Some(Role::Primary | Role::Promoting));
+                let refused = match (self.engine.replica_fill(), force) {
+                    (ReplicaFill::Complete, _) => Some("this node's replica is not incomplete"),
+                    (ReplicaFill::Fresh, false) => Some(
+                        "this node never held the mail as far as it knows (a fresh or replaced node); `--force` if its stores do hold it",
+                    ),
+                    (ReplicaFill::Filling, false) if peer_serves => Some(
+                        "the primary is alive and this replica's first sync goes on; `--force` accepts it as it is anyway",
+                    ),
+                    _ => None,
+                };
+                if let Some(why) = refused {
+                    let _ = reply.send(Response::error(format!("accept-replica refused: {why}")));
                     return;
                 }
-                // Marked durably there; the core hears of it at the next
-                // tick (`report_replica_fill`).
+                // Marked durably there; the core hears of it before the
+                // loop's next event (`report_replica_fill`).
                 let accept = self.engine.replica_acceptor();
                 self.chores.run(move || {
                     let resp = match accept() {
@@ -1416,15 +1452,15 @@ impl Node {
         }
     }
 
-    /// Tells the core whether this node's replica is incomplete, on every
-    /// change (the receiver marks a first fill and its end; a promotion or
-    /// `hasync accept-replica` completes it).
+    /// Tells the core what this node's stores hold, on every change (the
+    /// receiver marks a first fill and its end; a promotion or `hasync
+    /// accept-replica` completes it): before every event of the loop, so
+    /// that no timer or heartbeat is decided on an old view.
     fn report_replica_fill(&mut self) {
-        let incomplete = self.engine.status().replica_incomplete;
-        if self.replica_incomplete_told != Some(incomplete) {
-            self.replica_incomplete_told = Some(incomplete);
-            self.core
-                .handle_event(Instant::now(), Event::ReplicaIncomplete(incomplete));
+        let fill = self.engine.replica_fill();
+        if self.replica_fill_told != Some(fill) {
+            self.replica_fill_told = Some(fill);
+            self.core.handle_event(Instant::now(), Event::Replica(fill));
         }
     }
 
@@ -1592,9 +1628,14 @@ fn count_conflicts(stores: &[StoreDirs]) -> Result<(u64, Option<i64>), String> {
     Ok((count, oldest))
 }
 
-/// Puts kept versions back into the live tree as new files (the caller
-/// checked that this node is primary); on the chores thread.
-fn restore_conflicts(stores: &[StoreDirs], id: Option<&str>) -> Response {
+/// Puts kept versions back into the live tree as new files, while this
+/// node serves as primary (`serving`: checked before each, as the role may
+/// change while the chores thread works); on the chores thread.
+fn restore_conflicts(
+    stores: &[StoreDirs],
+    id: Option<&str>,
+    serving: &std::sync::atomic::AtomicBool,
+) -> Response {
     let all = match list_conflicts(stores) {
         Ok(a) => a,
         Err(e) => return Response::error(e),
@@ -1611,6 +1652,13 @@ fn restore_conflicts(stores: &[StoreDirs], id: Option<&str>) -> Response {
     }
     let mut lines = Vec::new();
     for c in &chosen {
+        // On a secondary the primary's next comparison would delete it.
+        if !serving.load(std::sync::atomic::Ordering::Acquire) {
+            return Response::error(format!(
+                "restore stopped: this node no longer serves as primary (restored before: {})",
+                lines.len()
+            ));
+        }
         let Some(st) = stores.iter().find(|s| s.name == c.store) else {
             return Response::error(format!("{}: no store {:?} configured", c.id, c.store));
         };
@@ -1696,22 +1744,53 @@ fn serve_control(
     to_node: mpsc::Sender<ControlMsg>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 ) {
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    // Each connection on a thread of its own, a few at once: a request
+    // that waits on the disk (a listing on the chores thread) holds up no
+    // `hasync status`.
+    let open = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        if stopping.load(std::sync::atomic::Ordering::Relaxed) {
+        if stopping.load(Relaxed) {
             return;
         }
         let Ok(stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-        control_conn(stream, &to_node);
+        if open.load(Relaxed) >= CONTROL_CONNS_MAX {
+            answer(
+                &stream,
+                &Response::error(format!(
+                    "the node is busy: {CONTROL_CONNS_MAX} control requests are being answered; try again"
+                )),
+            );
+            continue;
+        }
+        open.fetch_add(1, Relaxed);
+        let (to, done) = (to_node.clone(), open.clone());
+        let spawned = std::thread::Builder::new()
+            .name("hasync-control-conn".into())
+            .spawn(move || {
+                control_conn(stream, &to);
+                done.fetch_sub(1, Relaxed);
+            });
+        if spawned.is_err() {
+            open.fetch_sub(1, Relaxed);
+        }
         if to_node.is_closed() {
             return;
         }
     }
 }
 
+fn answer(stream: &std::os::unix::net::UnixStream, resp: &Response) {
+    use std::io::Write;
+    let mut out = serde_json::to_vec(resp).expect("response serialises");
+    out.push(b'\n');
+    let _ = (&*stream).write_all(&out);
+}
+
 fn control_conn(stream: std::os::unix::net::UnixStream, to_node: &mpsc::Sender<ControlMsg>) {
-    use std::io::{BufRead, Read, Write};
+    use std::io::{BufRead, Read};
     let mut line = Vec::new();
     let mut reader = std::io::BufReader::new((&stream).take(REQUEST_BYTES_MAX as u64));
     if reader.read_until(b'\n', &mut line).is_err() {
@@ -1719,20 +1798,31 @@ fn control_conn(stream: std::os::unix::net::UnixStream, to_node: &mpsc::Sender<C
     }
     let resp = match serde_json::from_slice::<Request>(line.trim_ascii()) {
         Ok(req) => {
-            let (tx, rx) = oneshot::channel();
+            let (tx, mut rx) = oneshot::channel();
             if to_node.blocking_send((req, tx)).is_err() {
                 return;
             }
-            match rx.blocking_recv() {
-                Ok(r) => r,
-                Err(_) => return,
+            // Bounded: a request stuck behind a hung disk answers so.
+            let until = Instant::now() + CONTROL_REPLY_WAIT;
+            loop {
+                match rx.try_recv() {
+                    Ok(r) => break r,
+                    Err(oneshot::error::TryRecvError::Closed) => return,
+                    Err(oneshot::error::TryRecvError::Empty) if Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        break Response::error(format!(
+                            "no answer within {} s (the disk behind the request may hang)",
+                            CONTROL_REPLY_WAIT.as_secs()
+                        ))
+                    }
+                }
             }
         }
         Err(e) => Response::error(format!("bad request: {e}")),
     };
-    let mut out = serde_json::to_vec(&resp).expect("response serialises");
-    out.push(b'\n');
-    let _ = (&stream).write_all(&out);
+    answer(&stream, &resp);
 }
 
 /// Human rendering of a status snapshot (`hasync status`).

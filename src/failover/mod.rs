@@ -146,6 +146,23 @@ pub const FLAG_HEARS_PEER: u8 = 0b0000_0010;
 /// loses every election against a peer without the flag.
 pub const FLAG_REPLICA_INCOMPLETE: u8 = 0b0000_0100;
 
+/// What a node knows of the mail its stores hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaFill {
+    /// Never served and never a complete replica: a fresh node (which may
+    /// start a pair with the mail it was given), or one whose state was
+    /// lost. It may promote, but not over a peer whose replica is
+    /// incomplete: that peer may hold mail, this one need not.
+    #[default]
+    Fresh,
+    /// Its first fill from a primary has begun and not finished: it holds
+    /// part of the mail, and does not take over on its own.
+    Filling,
+    /// It served as primary, or its replica was complete once.
+    Complete,
+}
+
 /// What a heartbeat says about its sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {
@@ -261,13 +278,13 @@ pub enum Event {
     LeaseRefused(String),
     /// Lease mode: etcd says the lease is gone.
     LeaseLost(String),
-    /// Whether this node's replica is incomplete: its first fill from a
-    /// primary has begun and not finished, so it holds only part of the
-    /// mail. Sent at start (from the durable mark) and on every change.
-    /// An incomplete node does not promote on its own (a silent peer, a
-    /// peer failed or off, no peer at start-up); it takes over only in a
-    /// switchover, or once complete or accepted by the operator.
-    ReplicaIncomplete(bool),
+    /// What this node's stores hold (see [`ReplicaFill`]): sent at start
+    /// (from the durable marks) and on every change. An incomplete node
+    /// does not promote on its own (a silent peer, a peer failed or off,
+    /// no peer at start-up); it takes over only in a switchover, or once
+    /// complete or accepted by the operator. Only a complete node takes
+    /// over from an incomplete one.
+    Replica(ReplicaFill),
 }
 
 /// Why the core did something; printed in the log line of every change.
@@ -320,7 +337,7 @@ pub enum Reason {
     /// (`hasync accept-replica`), and no primary is heard.
     ReplicaAccepted,
     /// The peer's replica is incomplete and no primary serves: this node
-    /// holds the mail.
+    /// holds the mail (it served, or its replica is complete).
     PeerReplicaIncomplete,
 }
 
@@ -417,6 +434,9 @@ pub enum Alarm {
     /// No primary serves, and this node does not promote: its replica is
     /// incomplete (a first fill that has not finished).
     ReplicaIncomplete,
+    /// No primary serves, the peer's replica is incomplete, and this node
+    /// does not take over from it: it never held the mail (fresh).
+    FreshBesideIncomplete,
 }
 
 impl fmt::Display for Alarm {
@@ -451,6 +471,10 @@ impl fmt::Display for Alarm {
             Alarm::ReplicaIncomplete => write!(
                 f,
                 "no primary serves and this node does not promote: its replica is incomplete (its first sync has not finished), the peer holds the mail; start the peer again, or run `hasync accept-replica` here to serve with the mail this node has"
+            ),
+            Alarm::FreshBesideIncomplete => write!(
+                f,
+                "no primary serves and this node does not take over: the peer's replica is incomplete (its first sync did not finish) and this node never held the mail (a fresh or replaced node); run `hasync accept-replica` on the peer to serve with the mail it holds, or `hasync accept-replica --force` here if this node's stores do hold the mail"
             ),
             Alarm::NoQuorum => write!(
                 f,
@@ -531,8 +555,8 @@ pub struct CoreStatus {
     /// A switchover is being prepared (services stopping, replication
     /// draining) before the handover.
     pub handover_preparing: bool,
-    /// This node's replica is incomplete (see [`Event::ReplicaIncomplete`]).
-    pub replica_incomplete: bool,
+    /// What this node's stores hold (see [`Event::Replica`]).
+    pub replica: ReplicaFill,
 }
 
 /// The failover state machine.
@@ -604,16 +628,29 @@ pub struct Core {
     lease_wanted: Option<Reason>,
     /// Lease mode: an unrenewable lease already alarmed.
     lease_alarmed: bool,
-    /// This node's replica is incomplete: no promotion on its own.
-    replica_incomplete: bool,
+    /// What this node's stores hold: an incomplete one does not promote on
+    /// its own, a fresh one not over an incomplete peer.
+    replica: ReplicaFill,
     /// A promotion refused for an incomplete replica was alarmed (once,
     /// until a primary is heard again).
     incomplete_alarmed: bool,
 }
 
 impl Core {
-    /// A node starting from its persisted record.
+    /// A node starting from its persisted record (its stores' fill not
+    /// known: fresh until told otherwise).
     pub fn new(cfg: CoreConfig, persisted: EpochRecord, now: Instant) -> Core {
+        Core::start(cfg, persisted, ReplicaFill::Fresh, now)
+    }
+
+    /// A node starting from its persisted record and what its stores hold
+    /// (its first heartbeat already says so).
+    pub fn start(
+        cfg: CoreConfig,
+        persisted: EpochRecord,
+        replica: ReplicaFill,
+        now: Instant,
+    ) -> Core {
         let mut core = Core {
             cfg,
             role: Role::Negotiating,
@@ -647,7 +684,7 @@ impl Core {
             lease_revision: None,
             lease_wanted: None,
             lease_alarmed: false,
-            replica_incomplete: false,
+            replica,
             incomplete_alarmed: false,
         };
         core.enter_negotiating(now, Reason::Started);
@@ -698,7 +735,7 @@ impl Core {
             queue_push_pending: self.push_pending,
             restore_pending: self.restore_pending,
             handover_preparing: self.preparing.is_some(),
-            replica_incomplete: self.replica_incomplete,
+            replica: self.replica,
         }
     }
 
@@ -779,6 +816,7 @@ impl Core {
                 if let Some(reason) = self.lease_wanted.take() {
                     if matches!(self.role, Role::Secondary | Role::Negotiating)
                         && !self.peer_is_live_primary()
+                        && self.may_promote_on_own()
                     {
                         self.promote(now, reason);
                     } else {
@@ -844,16 +882,26 @@ impl Core {
                 self.catch_up_done = true;
                 self.maybe_request_restore(now);
             }
-            Event::ReplicaIncomplete(incomplete) => {
-                let was = self.replica_incomplete;
-                self.replica_incomplete = incomplete;
-                if was == incomplete {
+            Event::Replica(fill) => {
+                let was = self.replica;
+                self.replica = fill;
+                if was == fill {
                     return;
                 }
                 self.incomplete_alarmed = false;
+                if fill == ReplicaFill::Filling {
+                    // A promotion waiting for the quorum's grace or the
+                    // lease was decided while the node held the mail.
+                    if self.quorum_promotion.take().is_some() {
+                        self.timers.clear(Timer::QuorumGrace);
+                    }
+                    if self.lease_wanted.take().is_some() {
+                        self.timers.clear(Timer::LeaseRetry);
+                    }
+                }
                 // The peer hears of it at once (its elections count it).
                 self.send_heartbeat(now);
-                if !incomplete {
+                if fill != ReplicaFill::Filling {
                     self.reconsider_promotion(now);
                 }
             }
@@ -910,7 +958,7 @@ impl Core {
                         let waiting = matches!(self.role, Role::Secondary | Role::Negotiating);
                         let quorum =
                             self.quorum_ok || matches!(self.cfg.quorum, QuorumRule::Lease { .. });
-                        if waiting && !self.peer_alive() && quorum {
+                        if waiting && !self.peer_alive() && quorum && self.may_promote_on_own() {
                             self.promote(now, reason);
                         }
                     }
@@ -1072,7 +1120,7 @@ impl Core {
                 }
             }
             Role::Negotiating => {
-                if self.wins_election(hb) && self.may_promote_on_own() {
+                if self.wins_election(hb) && self.may_take_over_from(hb) {
                     self.promote(
                         now,
                         Reason::WonElection {
@@ -1082,9 +1130,9 @@ impl Core {
                 }
             }
             // A secondary whose replica is incomplete does not promote on
-            // hearing us: this node holds the mail and serves.
+            // hearing us: this node serves if it holds the mail.
             Role::Secondary
-                if hb.flags & FLAG_REPLICA_INCOMPLETE != 0 && self.may_promote_on_own() =>
+                if hb.flags & FLAG_REPLICA_INCOMPLETE != 0 && self.may_take_over_from(hb) =>
             {
                 self.promote(now, Reason::PeerReplicaIncomplete)
             }
@@ -1093,7 +1141,7 @@ impl Core {
             Role::Promoting | Role::Secondary => {}
             Role::HandingOver => self.promote(now, Reason::PeerRole(hb.role)),
             Role::Failed | Role::Off => {
-                if self.may_promote_on_own() {
+                if self.may_take_over_from(hb) {
                     self.promote(now, Reason::PeerRole(hb.role))
                 }
             }
@@ -1109,7 +1157,7 @@ impl Core {
                 self.maybe_request_restore(now);
             }
             Role::Secondary => {
-                if self.wins_election(hb) && self.may_promote_on_own() {
+                if self.wins_election(hb) && self.may_take_over_from(hb) {
                     self.promote(
                         now,
                         Reason::WonElection {
@@ -1124,7 +1172,7 @@ impl Core {
             // failed. An incomplete replica waits: a restarted peer
             // promotes on hearing it.
             Role::Negotiating | Role::Failed | Role::Off => {
-                if self.may_promote_on_own() {
+                if self.may_take_over_from(hb) {
                     self.promote(now, Reason::PeerRole(hb.role))
                 }
             }
@@ -1216,7 +1264,13 @@ impl Core {
     /// The peer is silent: promote, if the quorum rule allows (ping: with a
     /// majority of the targets, after the grace).
     fn promote_without_peer(&mut self, now: Instant, reason: Reason) {
-        if !self.may_promote_on_own() {
+        // What the peer last said of its stores still counts: a fresh node
+        // does not take over from an incomplete replica gone silent.
+        let allowed = match self.peer.as_ref().map(|p| p.hb.clone()) {
+            Some(hb) => self.may_take_over_from(&hb),
+            None => self.may_promote_on_own(),
+        };
+        if !allowed {
             return;
         }
         match self.cfg.quorum {
@@ -1245,13 +1299,36 @@ impl Core {
     /// their mailboxes emptied while the peer, which holds the rest, is
     /// down (alarmed once until a primary is heard again).
     fn may_promote_on_own(&mut self) -> bool {
-        if !self.replica_incomplete {
+        if self.replica != ReplicaFill::Filling {
             return true;
         }
         if !self.incomplete_alarmed {
             self.incomplete_alarmed = true;
             self.actions
                 .push_back(Action::Alarm(Alarm::ReplicaIncomplete));
+        }
+        false
+    }
+
+    /// May this node take over from a peer whose replica is incomplete?
+    /// Only one known to hold the mail (it served, or its replica was
+    /// complete): a fresh or replaced node would delete from the peer
+    /// what only the peer holds (alarmed once).
+    fn may_take_over_from(&mut self, peer: &Heartbeat) -> bool {
+        if peer.flags & FLAG_REPLICA_INCOMPLETE == 0 {
+            return self.may_promote_on_own();
+        }
+        if self.replica == ReplicaFill::Complete || self.held_primary.is_some() {
+            return true;
+        }
+        if !self.incomplete_alarmed {
+            self.incomplete_alarmed = true;
+            let alarm = if self.replica == ReplicaFill::Filling {
+                Alarm::ReplicaIncomplete
+            } else {
+                Alarm::FreshBesideIncomplete
+            };
+            self.actions.push_back(Action::Alarm(alarm));
         }
         false
     }
@@ -1557,7 +1634,7 @@ impl Core {
         if self.peer_alive() {
             flags |= FLAG_HEARS_PEER;
         }
-        if self.replica_incomplete {
+        if self.replica == ReplicaFill::Filling {
             flags |= FLAG_REPLICA_INCOMPLETE;
         }
         self.actions.push_back(Action::SendHeartbeat(Heartbeat {
@@ -1637,9 +1714,11 @@ impl Core {
 
     /// Start-up election: higher priority, then the configured tie-break.
     fn wins_election(&self, peer: &Heartbeat) -> bool {
-        // A node holding all the mail beats one whose replica is incomplete.
+        // A node holding all the mail beats one whose replica is incomplete
+        // (which one does not promote is for `may_take_over_from`).
         let peer_incomplete = peer.flags & FLAG_REPLICA_INCOMPLETE != 0;
-        if self.replica_incomplete != peer_incomplete {
+        let incomplete = self.replica == ReplicaFill::Filling;
+        if incomplete != peer_incomplete {
             return peer_incomplete;
         }
         if self.cfg.priority != peer.priority {

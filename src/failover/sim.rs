@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use super::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, Role};
+use super::{Action, Core, CoreConfig, EpochRecord, Event, Heartbeat, ReplicaFill, Role};
 
 /// A fault injected at a point of virtual time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,13 @@ pub enum FaultKind {
     /// The node is cut off from everything for a while: its peer (both
     /// directions) and its quorum targets.
     Isolate { node: usize, for_ms: u64 },
+    /// The node is replaced (new disks): its process dies, and it comes
+    /// back after `down_ms` with no state at all (epoch 0, a fresh replica
+    /// that holds no mail).
+    Replace { node: usize, down_ms: u64 },
+    /// Operator runs `hasync accept-replica` on the node (applies to an
+    /// incomplete replica).
+    AcceptReplica { node: usize },
 }
 
 impl FaultKind {
@@ -38,11 +45,13 @@ impl FaultKind {
     fn duration_ms(&self) -> u64 {
         match *self {
             FaultKind::Partition { for_ms } | FaultKind::Loss { for_ms, .. } => for_ms,
-            FaultKind::Crash { down_ms, .. } => down_ms,
+            FaultKind::Crash { down_ms, .. } | FaultKind::Replace { down_ms, .. } => down_ms,
             FaultKind::SelfFail { for_ms, .. }
             | FaultKind::StateDirFull { for_ms, .. }
             | FaultKind::Isolate { for_ms, .. } => for_ms,
-            FaultKind::Switchover { .. } | FaultKind::Join { .. } => 0,
+            FaultKind::Switchover { .. }
+            | FaultKind::Join { .. }
+            | FaultKind::AcceptReplica { .. } => 0,
         }
     }
 }
@@ -167,19 +176,12 @@ struct SimNode {
     next_check_ms: u64,
     /// Highest epoch heard from the peer.
     heard_max: u64,
-    /// The node's replica (durable, as the driver's mark): never filled,
-    /// its first fill under way, or complete (filled, or it served).
-    fill: Fill,
+    /// The node's replica (durable, as the driver's marks): fresh (never
+    /// filled, never served), its first fill under way, or complete
+    /// (filled, or it served).
+    fill: ReplicaFill,
     /// The first fill ends then (while the node stays secondary).
     fill_done_at: Option<u64>,
-}
-
-/// Where a node's first fill stands (the driver's durable mark).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fill {
-    Never,
-    Filling,
-    Complete,
 }
 
 struct InFlight {
@@ -212,6 +214,9 @@ pub struct Sim {
     /// Answers from etcd on their way: (due, node, event).
     lease_events: Vec<(u64, usize, Event)>,
     last_role_change_ms: u64,
+    /// A violation found while feeding an event (outside the step's own
+    /// checks): the run ends with it.
+    found: Option<Violation>,
 }
 
 /// Internal scheduled happenings.
@@ -249,7 +254,7 @@ impl Sim {
             state_full_until: 0,
             next_check_ms: 0,
             heard_max: 0,
-            fill: Fill::Never,
+            fill: ReplicaFill::Fresh,
             fill_done_at: None,
         };
         let nodes = [mk(&plan.configs[0]), mk(&plan.configs[1])];
@@ -279,6 +284,7 @@ impl Sim {
             lease_revision: 0,
             lease_events: Vec::new(),
             last_role_change_ms: 0,
+            found: None,
         }
     }
 
@@ -406,6 +412,9 @@ impl Sim {
                 _ => break,
             }
             self.step()?;
+            if let Some(v) = self.found.take() {
+                return Err(v);
+            }
             self.check_invariants()?;
         }
         self.now_ms = end;
@@ -565,11 +574,13 @@ impl Sim {
                 // A fill goes on only in a sync session: a primary serving
                 // on the other side of a working link.
                 let session = self.role(1 - i) == Some(Role::Primary) && !self.partitioned();
-                if self.nodes[i].fill == Fill::Filling && self.role(i) == Some(Role::Secondary) {
+                if self.nodes[i].fill == ReplicaFill::Filling
+                    && self.role(i) == Some(Role::Secondary)
+                {
                     if session {
                         self.log(format!("node {i}: replica complete"));
-                        self.nodes[i].fill = Fill::Complete;
-                        self.feed(i, now, Event::ReplicaIncomplete(false));
+                        self.nodes[i].fill = ReplicaFill::Complete;
+                        self.feed(i, now, Event::Replica(ReplicaFill::Complete));
                     } else {
                         self.nodes[i].fill_done_at = Some(now_ms + self.plan.fill_ms);
                     }
@@ -653,33 +664,36 @@ impl Sim {
         match ev {
             Event2::Start(i) | Event2::Restart(i) => {
                 if self.nodes[i].core.is_none() {
-                    let core = Core::new(self.nodes[i].cfg.clone(), self.nodes[i].durable, now);
+                    let core = Core::start(
+                        self.nodes[i].cfg.clone(),
+                        self.nodes[i].durable,
+                        self.nodes[i].fill,
+                        now,
+                    );
                     self.log(format!(
                         "node {i} starts from durable {:?}",
                         self.nodes[i].durable
                     ));
                     self.nodes[i].core = Some(core);
-                    if self.nodes[i].fill == Fill::Filling {
-                        self.feed(i, now, Event::ReplicaIncomplete(true));
-                    }
+
                     if !self.nodes[i].self_ok {
                         self.feed(i, now, Event::SelfCheck(Err("simulated".into())));
                     }
-                    let _ = self.drain(i);
+                    self.drain_noting(i);
                 }
             }
             Event2::FillStarts(i) => {
                 let secondary = self.role(i) == Some(Role::Secondary);
-                if secondary && self.nodes[i].fill != Fill::Complete {
-                    if self.nodes[i].fill == Fill::Never {
+                if secondary && self.nodes[i].fill != ReplicaFill::Complete {
+                    if self.nodes[i].fill == ReplicaFill::Fresh {
                         self.log(format!("node {i}: first fill starts"));
-                        self.nodes[i].fill = Fill::Filling;
+                        self.nodes[i].fill = ReplicaFill::Filling;
                     }
                     self.nodes[i].fill_done_at = Some(now_ms + self.plan.fill_ms);
-                    self.feed(i, now, Event::ReplicaIncomplete(true));
+                    self.feed(i, now, Event::Replica(ReplicaFill::Filling));
                 }
             }
-            Event2::FillDone(i) => self.feed(i, now, Event::ReplicaIncomplete(false)),
+            Event2::FillDone(i) => self.feed(i, now, Event::Replica(ReplicaFill::Complete)),
             Event2::SelfOk(i) => {
                 self.nodes[i].self_ok = true;
                 self.feed(i, now, Event::SelfCheck(Ok(())));
@@ -709,6 +723,34 @@ impl Sim {
                         self.in_flight.retain(|m| m.to != node);
                         self.pending.push((now_ms + down_ms, Event2::Restart(node)));
                     }
+                    FaultKind::Replace { node, down_ms } => {
+                        let n = &mut self.nodes[node];
+                        n.core = None;
+                        n.persists.clear();
+                        n.primary_since = None;
+                        n.push_done_at = None;
+                        n.catch_up_at = None;
+                        n.fill_done_at = None;
+                        n.prepared_at = None;
+                        n.quorum_view = None;
+                        n.renewing = false;
+                        n.durable = EpochRecord::default();
+                        n.max_durable_epoch = 0;
+                        n.heard_max = 0;
+                        n.fill = ReplicaFill::Fresh;
+                        self.in_flight.retain(|m| m.to != node);
+                        self.pending.push((now_ms + down_ms, Event2::Restart(node)));
+                    }
+                    FaultKind::AcceptReplica { node } => {
+                        if self.nodes[node].fill == ReplicaFill::Filling
+                            && self.nodes[node].core.is_some()
+                        {
+                            self.log(format!("operator accepts node {node}'s replica"));
+                            self.nodes[node].fill = ReplicaFill::Complete;
+                            self.nodes[node].fill_done_at = None;
+                            self.feed(node, now, Event::Replica(ReplicaFill::Complete));
+                        }
+                    }
                     FaultKind::SelfFail { node, for_ms } => {
                         self.nodes[node].self_ok = false;
                         self.feed(node, now, Event::SelfCheck(Err("simulated".into())));
@@ -718,13 +760,13 @@ impl Sim {
                         if let Some(core) = self.nodes[node].core.as_mut() {
                             let r = core.request_switchover(now);
                             self.log(format!("switchover on node {node}: {r:?}"));
-                            let _ = self.drain(node);
+                            self.drain_noting(node);
                         }
                     }
                     FaultKind::Join { node } => {
                         if let Some(core) = self.nodes[node].core.as_mut() {
                             let _ = core.join(now);
-                            let _ = self.drain(node);
+                            self.drain_noting(node);
                         }
                     }
                     FaultKind::StateDirFull { node, for_ms } => {
@@ -742,7 +784,15 @@ impl Sim {
     fn feed(&mut self, i: usize, now: Instant, ev: Event) {
         if let Some(core) = self.nodes[i].core.as_mut() {
             core.handle_event(now, ev);
-            let _ = self.drain(i);
+            self.drain_noting(i);
+        }
+    }
+
+    /// [`Sim::drain`] where no error can be returned: the first violation
+    /// is kept for the run to end with.
+    fn drain_noting(&mut self, i: usize) {
+        if let Err(v) = self.drain(i) {
+            self.found.get_or_insert(v);
         }
     }
 
@@ -797,11 +847,27 @@ impl Sim {
                     if role == Role::Promoting {
                         self.promotions += 1;
                         self.check_no_spurious_promotion(i)?;
-                        if self.nodes[i].fill == Fill::Filling
+                        if self.nodes[i].fill == ReplicaFill::Filling
                             && reason != super::Reason::PeerRole(Role::HandingOver)
                         {
                             return Err(self.violation(format!(
                                 "node {i} promoted on its own ({reason}) with an incomplete replica"
+                            )));
+                        }
+                        // Over a peer it hears whose replica is incomplete,
+                        // only a node that held the mail takes over.
+                        let over_peer = matches!(
+                            reason,
+                            super::Reason::WonElection { .. }
+                                | super::Reason::PeerReplicaIncomplete
+                        ) || matches!(reason, super::Reason::PeerRole(r) if r != Role::HandingOver);
+                        if over_peer
+                            && self.nodes[i].fill == ReplicaFill::Fresh
+                            && self.nodes[1 - i].fill == ReplicaFill::Filling
+                        {
+                            return Err(self.violation(format!(
+                                "node {i}, which never held the mail, took over ({reason}) from node {} whose replica is incomplete",
+                                1 - i
                             )));
                         }
                     }
@@ -809,17 +875,17 @@ impl Sim {
                         self.nodes[i].primary_since = Some(now_ms);
                         // What a primary serves is its store: the driver
                         // marks it complete.
-                        if self.nodes[i].fill == Fill::Filling {
+                        if self.nodes[i].fill != ReplicaFill::Complete {
                             self.pending.push((now_ms, Event2::FillDone(i)));
                         }
-                        self.nodes[i].fill = Fill::Complete;
+                        self.nodes[i].fill = ReplicaFill::Complete;
                     } else {
                         self.nodes[i].primary_since = None;
                     }
                     if role == Role::Secondary {
                         let t = now_ms + 3 * self.plan.persist_ms + 1;
                         self.nodes[i].catch_up_at = Some(t);
-                        if self.plan.fill_ms > 0 && self.nodes[i].fill != Fill::Complete {
+                        if self.plan.fill_ms > 0 && self.nodes[i].fill != ReplicaFill::Complete {
                             self.pending.push((now_ms + 1, Event2::FillStarts(i)));
                         }
                     } else {
@@ -1066,6 +1132,31 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
     } else {
         0
     };
+    // A node replaced (new disks) in one plan of five that models fills;
+    // a replaced node beside an incomplete replica waits for the
+    // operator, who accepts that replica once the faults are over.
+    if fill_ms > 0 && fill.percent(20) {
+        // Early: while the first fill runs, mostly.
+        list.push(Fault {
+            at_ms: fill.range(window, window + fill_ms * 2),
+            kind: FaultKind::Replace {
+                node: fill.range(0, 1) as usize,
+                down_ms: fill.range(1, window * 4),
+            },
+        });
+        list.sort_by_key(|f| f.at_ms);
+        let last = list
+            .iter()
+            .map(|f| f.at_ms + f.kind.duration_ms())
+            .max()
+            .unwrap_or(0);
+        for node in 0..2 {
+            list.push(Fault {
+                at_ms: last + window * 3,
+                kind: FaultKind::AcceptReplica { node },
+            });
+        }
+    }
     let mut prep = SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15);
     for c in configs.iter_mut() {
         c.prepare_handover = match prep.range(0, 2) {

@@ -616,7 +616,7 @@ fn an_incomplete_replica_does_not_promote_when_its_primary_is_lost_until_accepte
         },
         t0,
     );
-    c.handle_event(t0, Event::ReplicaIncomplete(true));
+    c.handle_event(t0, Event::Replica(ReplicaFill::Filling));
     c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
     assert_eq!(c.role(), Role::Secondary);
     let acts = drain(&mut c);
@@ -645,10 +645,10 @@ fn an_incomplete_replica_does_not_promote_when_its_primary_is_lost_until_accepte
     // Much later still nothing.
     c.handle_timeout(lost + Duration::from_secs(60));
     assert!(!promotes(&drain(&mut c)));
-    assert!(c.status().replica_incomplete);
+    assert_eq!(c.status().replica, ReplicaFill::Filling);
     // The operator accepts the replica as it is: it promotes now.
     let t2 = lost + Duration::from_secs(61);
-    c.handle_event(t2, Event::ReplicaIncomplete(false));
+    c.handle_event(t2, Event::Replica(ReplicaFill::Complete));
     let acts = drain(&mut c);
     assert!(promotes(&acts), "{acts:?}");
     assert!(acts.iter().any(|a| matches!(
@@ -672,7 +672,7 @@ fn an_incomplete_replica_waits_for_a_restarted_peer_which_promotes_on_hearing_it
         },
         t0,
     );
-    sec.handle_event(t0, Event::ReplicaIncomplete(true));
+    sec.handle_event(t0, Event::Replica(ReplicaFill::Filling));
     sec.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
     drain(&mut sec);
     let t1 = t0 + Duration::from_secs(2);
@@ -685,7 +685,7 @@ fn an_incomplete_replica_waits_for_a_restarted_peer_which_promotes_on_hearing_it
     assert_eq!(sec.role(), Role::Secondary);
     // Nor does it win a start-up election, whatever its priority.
     let mut neg = Core::new(cfg("mx1", "mx2", 200), EpochRecord::default(), t0);
-    neg.handle_event(t0, Event::ReplicaIncomplete(true));
+    neg.handle_event(t0, Event::Replica(ReplicaFill::Filling));
     neg.handle_event(t0, hb_from_mx2(Role::Negotiating, 0, 1, 0));
     assert!(!promotes(&drain(&mut neg)));
     // No peer at start-up: it waits too.
@@ -725,6 +725,7 @@ fn an_incomplete_replica_waits_for_a_restarted_peer_which_promotes_on_hearing_it
     // And in an election between two negotiating nodes the complete one
     // wins over a higher priority.
     let mut low = Core::new(cfg("mx1", "mx2", 10), EpochRecord::default(), t0);
+    low.handle_event(t0, Event::Replica(ReplicaFill::Complete));
     drain(&mut low);
     low.handle_event(
         t0,
@@ -744,7 +745,7 @@ fn an_incomplete_replica_takes_over_in_a_switchover() {
         },
         t0,
     );
-    c.handle_event(t0, Event::ReplicaIncomplete(true));
+    c.handle_event(t0, Event::Replica(ReplicaFill::Filling));
     c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
     drain(&mut c);
     c.handle_event(
@@ -752,4 +753,75 @@ fn an_incomplete_replica_takes_over_in_a_switchover() {
         hb_from_mx2(Role::HandingOver, 2, 2, 0),
     );
     assert!(promotes(&drain(&mut c)), "the operator asked for it");
+}
+
+#[test]
+fn a_fresh_node_does_not_take_over_from_an_incomplete_replica_but_a_complete_one_does() {
+    let t0 = Instant::now();
+    // mx1 restarted with no state at all (replaced): it hears the
+    // incomplete secondary mx2, whose primary it was.
+    let incomplete = |seq| hb_from_mx2(Role::Secondary, 2, seq, FLAG_REPLICA_INCOMPLETE);
+    let mut fresh = Core::new(cfg("mx1", "mx2", 200), EpochRecord::default(), t0);
+    drain(&mut fresh);
+    fresh.handle_event(t0, incomplete(1));
+    let acts = drain(&mut fresh);
+    assert!(!promotes(&acts), "{acts:?}");
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Alarm(Alarm::FreshBesideIncomplete))));
+    // Nor at the start-up wait's end (the peer heard all along), nor in an
+    // election.
+    let t1 = t0 + Duration::from_millis(1000);
+    fresh.handle_event(
+        t1,
+        hb_from_mx2(Role::Negotiating, 2, 2, FLAG_REPLICA_INCOMPLETE),
+    );
+    fresh.handle_timeout(t1 + Duration::from_millis(50));
+    assert!(!promotes(&drain(&mut fresh)));
+    assert_eq!(fresh.role(), Role::Negotiating);
+    // Its stores do hold the mail after all (`accept-replica --force`).
+    fresh.handle_event(
+        t1 + Duration::from_millis(100),
+        Event::Replica(ReplicaFill::Complete),
+    );
+    assert!(promotes(&drain(&mut fresh)));
+
+    // A node whose replica was complete takes over at once.
+    let mut complete = Core::new(cfg("mx1", "mx2", 10), EpochRecord::default(), t0);
+    complete.handle_event(t0, Event::Replica(ReplicaFill::Complete));
+    drain(&mut complete);
+    complete.handle_event(t0, incomplete(1));
+    assert!(promotes(&drain(&mut complete)));
+}
+
+#[test]
+fn a_promotion_waiting_for_the_quorum_grace_is_dropped_when_a_fill_begins() {
+    let t0 = Instant::now();
+    let grace = Duration::from_millis(600);
+    let mut c = Core::new(
+        CoreConfig {
+            quorum: QuorumRule::Ping { grace },
+            ..cfg("mx1", "mx2", 200)
+        },
+        EpochRecord {
+            epoch: 2,
+            held_primary: None,
+        },
+        t0,
+    );
+    c.handle_event(t0, Event::Quorum(true));
+    c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    drain(&mut c);
+    // The peer goes silent: a promotion waits for the grace.
+    let lost = t0 + Duration::from_secs(1);
+    c.handle_timeout(lost);
+    assert!(!promotes(&drain(&mut c)));
+    // The first sync session begins meanwhile (the sync path still up).
+    c.handle_event(lost, Event::Replica(ReplicaFill::Filling));
+    c.handle_timeout(lost + grace * 2);
+    assert!(
+        !promotes(&drain(&mut c)),
+        "no promotion with part of the mail"
+    );
+    assert_eq!(c.role(), Role::Secondary);
 }

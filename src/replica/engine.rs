@@ -210,9 +210,15 @@ impl Engine {
         let stats = Arc::new(ReplStats::default());
         *stats.unverified.lock().expect("unverified lock") =
             super::receiver::unverified(&cfg.state_dir);
-        stats
-            .replica_incomplete
-            .store(super::fill::incomplete(&cfg.state_dir), Relaxed);
+        let had_replica = cfg
+            .stores
+            .iter()
+            .all(|s| Index::exists(&cfg.state_dir, &format!("{}-replica", s.name)));
+        stats.set_replica_fill(super::fill::holds(
+            &cfg.state_dir,
+            super::takeover::is_former_primary(&cfg.state_dir),
+            had_replica,
+        ));
         // One durable-commit thread for the node's life (see
         // `DurableWorker`): the receiver's flushes, the ingester's commits.
         let durable = crate::io::DurableWorker::start_with(
@@ -390,6 +396,12 @@ impl Engine {
         self.stats.snapshot()
     }
 
+    /// What this node's stores hold (one atomic read: the daemon asks
+    /// before every event of its loop).
+    pub fn replica_fill(&self) -> crate::failover::ReplicaFill {
+        self.stats.replica_fill()
+    }
+
     /// The operator accepts this node's incomplete replica as complete
     /// (`hasync accept-replica`): the returned job marks it durably (it
     /// writes to the disk: run it off the daemon's loop), then the status
@@ -398,7 +410,7 @@ impl Engine {
         let (dir, stats) = (self.state_dir.clone(), self.stats.clone());
         move || {
             super::fill::complete(&dir)?;
-            stats.replica_incomplete.store(false, Relaxed);
+            stats.set_replica_fill(crate::failover::ReplicaFill::Complete);
             Ok(())
         }
     }
@@ -1179,7 +1191,9 @@ async fn mark_serving(
                 }
                 // What a primary serves is its store: complete from now on.
                 match super::fill::complete(state_dir) {
-                    Ok(()) => shared.stats.replica_incomplete.store(false, Relaxed),
+                    Ok(()) => shared
+                        .stats
+                        .set_replica_fill(crate::failover::ReplicaFill::Complete),
                     Err(e) => warn!(
                         "cannot mark this node's replica complete as it serves: {e} (it counts as incomplete after a restart)"
                     ),

@@ -16,16 +16,20 @@
 //!   store is the one its users see), or when the operator accepts the
 //!   replica as it is (`hasync accept-replica`).
 //!
-//! No file: the node never was a replica (a fresh node, which may start a
-//! pair) or it was one under a release without the mark; either way it
-//! starts a fill at its next sync session and is complete at its
-//! `CaughtUp`.
+//! No file: the node never was a replica. If it served as primary (its
+//! former-primary mark) or holds a replica index of every store (a replica
+//! of a release without the mark), it counts as complete; otherwise it is
+//! fresh (a new or replaced node): it may start a pair with the mail it was
+//! given, but it does not take over from a peer whose replica is
+//! incomplete, and its first sync session marks it filling.
 //!
 //! The mark is one per node, not per store: a store added to a running
 //! pair is filled on a node that already counts as complete.
 
 use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::failover::ReplicaFill;
 
 /// The mark's file name in the state directory.
 pub const FILL_FILE: &str = "replica-fill";
@@ -80,18 +84,23 @@ pub fn load(state_dir: &Path) -> Result<Option<Fill>, FillError> {
     }
 }
 
-/// Is the replica incomplete by its mark? A mark that cannot be read
-/// counts as incomplete (the node then waits for its peer, or for the
-/// operator, rather than serve without mail), and is logged.
-pub fn incomplete(state_dir: &Path) -> bool {
+/// What this node's stores hold, by its marks, as it starts: `served`,
+/// it has a former-primary mark; `had_replica`, every store has a replica
+/// index. A mark that cannot be read counts as incomplete (the node then
+/// waits for its peer, or for the operator, rather than serve without
+/// mail), and is logged.
+pub fn holds(state_dir: &Path, served: bool, had_replica: bool) -> ReplicaFill {
     match load(state_dir) {
-        Ok(mark) => mark == Some(Fill::Filling),
+        Ok(Some(Fill::Filling)) => ReplicaFill::Filling,
+        Ok(Some(Fill::Complete)) => ReplicaFill::Complete,
+        Ok(None) if served || had_replica => ReplicaFill::Complete,
+        Ok(None) => ReplicaFill::Fresh,
         Err(e) => {
             tracing::error!(
                 alarm = true,
                 "ALARM: {e}; the replica counts as incomplete until its next complete sync (or `hasync accept-replica`)"
             );
-            true
+            ReplicaFill::Filling
         }
     }
 }
@@ -104,15 +113,18 @@ pub fn store(state_dir: &Path, fill: Fill) -> io::Result<()> {
 
 /// A sync session begins on this node as a replica: a replica never
 /// complete is marked as filling before anything is applied. `served`: the
-/// node served as primary (its store is its own: complete). Returns
-/// whether the replica is incomplete now.
-pub fn session_starts(state_dir: &Path, served: bool) -> io::Result<bool> {
+/// node served as primary (its store is its own: complete); `had_replica`:
+/// every store has a replica index already (a replica of a release
+/// without the mark: complete). Returns whether the replica is incomplete
+/// now.
+pub fn session_starts(state_dir: &Path, served: bool, had_replica: bool) -> io::Result<bool> {
     let mark = load(state_dir).unwrap_or(Some(Fill::Filling));
-    match (mark, served) {
-        (Some(Fill::Complete), _) => Ok(false),
-        (_, true) => store(state_dir, Fill::Complete).map(|()| false),
-        (Some(Fill::Filling), false) => Ok(true),
-        (None, false) => store(state_dir, Fill::Filling).map(|()| true),
+    match mark {
+        Some(Fill::Complete) => Ok(false),
+        _ if served => store(state_dir, Fill::Complete).map(|()| false),
+        Some(Fill::Filling) => Ok(true),
+        None if had_replica => store(state_dir, Fill::Complete).map(|()| false),
+        None => store(state_dir, Fill::Filling).map(|()| true),
     }
 }
 
@@ -134,22 +146,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         assert_eq!(load(d).unwrap(), None);
-        assert!(!incomplete(d), "a fresh node may start a pair");
-        assert!(session_starts(d, false).unwrap());
+        assert_eq!(holds(d, false, false), ReplicaFill::Fresh);
+        assert!(session_starts(d, false, false).unwrap());
         assert_eq!(load(d).unwrap(), Some(Fill::Filling));
-        assert!(incomplete(d));
-        // A session cut and begun again: still filling.
-        assert!(session_starts(d, false).unwrap());
+        assert_eq!(holds(d, false, false), ReplicaFill::Filling);
+        // A session cut and begun again: still filling, whatever the
+        // index says by then.
+        assert!(session_starts(d, false, true).unwrap());
         complete(d).unwrap();
-        assert!(!incomplete(d));
+        assert_eq!(holds(d, false, false), ReplicaFill::Complete);
         assert!(
-            !session_starts(d, false).unwrap(),
+            !session_starts(d, false, false).unwrap(),
             "complete stays complete"
         );
 
-        let other = tempfile::tempdir().unwrap();
-        assert!(!session_starts(other.path(), true).unwrap());
-        assert_eq!(load(other.path()).unwrap(), Some(Fill::Complete));
+        let served = tempfile::tempdir().unwrap();
+        assert_eq!(holds(served.path(), true, false), ReplicaFill::Complete);
+        assert!(!session_starts(served.path(), true, false).unwrap());
+        assert_eq!(load(served.path()).unwrap(), Some(Fill::Complete));
+
+        // A replica of a release without the mark (its index exists).
+        let earlier = tempfile::tempdir().unwrap();
+        assert_eq!(holds(earlier.path(), false, true), ReplicaFill::Complete);
+        assert!(!session_starts(earlier.path(), false, true).unwrap());
+        assert_eq!(load(earlier.path()).unwrap(), Some(Fill::Complete));
     }
 
     #[test]
@@ -158,8 +178,8 @@ mod tests {
         std::fs::write(path(dir.path()), b"half\n").unwrap();
         let e = load(dir.path()).unwrap_err().to_string();
         assert!(e.contains("replica-fill") && e.contains("half"), "{e}");
-        assert!(incomplete(dir.path()));
-        assert!(session_starts(dir.path(), false).unwrap());
+        assert_eq!(holds(dir.path(), true, true), ReplicaFill::Filling);
+        assert!(session_starts(dir.path(), false, true).unwrap());
         complete(dir.path()).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(Fill::Complete));
     }

@@ -1168,18 +1168,27 @@ impl Receiver {
                     // A replica never complete is marked as filling before
                     // anything of this session lands (it must not take
                     // over on its own meanwhile, even after a restart).
-                    match super::fill::session_starts(dir, own.former_primary()) {
-                        Ok(incomplete) => {
-                            if incomplete && !self.stats.replica_incomplete.load(Relaxed) {
+                    use crate::failover::ReplicaFill;
+                    let had_replica = self
+                        .stores
+                        .iter()
+                        .all(|s| super::index::Index::exists(dir, &format!("{}-replica", s.name)));
+                    match super::fill::session_starts(dir, own.former_primary(), had_replica) {
+                        Ok(true) => {
+                            if self.stats.replica_fill() != ReplicaFill::Filling {
                                 info!(peer, "first sync of this replica: it counts as incomplete (no takeover on its own) until the primary says it has caught up");
                             }
-                            self.stats.replica_incomplete.store(incomplete, Relaxed);
+                            self.stats.set_replica_fill(ReplicaFill::Filling);
                         }
-                        Err(e) => {
-                            self.stats.replica_incomplete.store(true, Relaxed);
-                            let line = format!("cannot write the replica fill mark in {}: {e}; this replica counts as incomplete in this process, but a restart would forget it", dir.display());
-                            error!(alarm = true, "ALARM: {line}");
-                            self.stats.raise_alarm(line);
+                        Ok(false) => self.stats.set_replica_fill(ReplicaFill::Complete),
+                        Err(source) => {
+                            // Nothing lands without the mark: after a
+                            // crash this node would count as fresh.
+                            self.stats.set_replica_fill(ReplicaFill::Filling);
+                            return Err(RecvError::Durability {
+                                path: super::fill::path(dir),
+                                source,
+                            });
                         }
                     }
                 }
@@ -1224,18 +1233,21 @@ impl Receiver {
                         "the primary could not keep a version kept aside here ({} in {}): {}; it stays here and is handed over again within {wait:?}",
                         c.path, self.stores[*s].name, printable(&why)
                     );
-                    let mut last = self
+                    // Logged with the lock released: the daemon's loop
+                    // (which carries the heartbeats) takes it for status.
+                    let first = self
                         .stats
                         .conflict_refused
                         .lock()
-                        .expect("conflict refused lock");
-                    if last.is_none() {
+                        .expect("conflict refused lock")
+                        .replace(line.clone())
+                        .is_none();
+                    if first {
                         error!(alarm = true, "ALARM: {line}");
-                        self.stats.raise_alarm(line.clone());
+                        self.stats.raise_alarm(line);
                     } else {
                         warn!("{line}");
                     }
-                    *last = Some(line);
                 }
             }
             SyncMsg::ManifestRequest { id, full_verify } => self.send_manifest(id, full_verify)?,
@@ -1282,13 +1294,13 @@ impl Receiver {
                     info!(peer, "replica caught up with the primary");
                 }
                 // Everything sent is durable here: a first fill is done.
-                if let (Some(dir), true) = (
-                    self.state_dir.as_deref(),
-                    self.stats.replica_incomplete.load(Relaxed),
-                ) {
+                if let (Some(dir), crate::failover::ReplicaFill::Filling) =
+                    (self.state_dir.as_deref(), self.stats.replica_fill())
+                {
                     match super::fill::complete(dir) {
                         Ok(()) => {
-                            self.stats.replica_incomplete.store(false, Relaxed);
+                            self.stats
+                                .set_replica_fill(crate::failover::ReplicaFill::Complete);
                             info!(peer, "this replica is complete: its first sync has finished");
                         }
                         Err(e) => warn!("cannot mark this replica complete: {e} (it stays incomplete until the next catch-up)"),

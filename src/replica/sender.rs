@@ -581,19 +581,19 @@ impl<T: LocalTree> Sender<T> {
         let mut p = self.stats.progress.lock().expect("progress lock");
         if p.phase.is_catching_up() {
             let secs = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-            info!(
-                files = p.done_files,
-                bytes = p.done_bytes,
-                secs = format!("{secs:.2}"),
-                "{} complete: {} files, {:.1} MB in {:.2}s ({:.0} files/s)",
-                p.phase,
-                p.done_files,
-                p.done_bytes as f64 / 1e6,
-                secs,
-                p.done_files as f64 / secs.max(1e-3)
-            );
+            let (phase, files, bytes) = (p.phase, p.done_files, p.done_bytes);
             p.phase = SyncPhase::Streaming;
+            // Logged with the lock released: the daemon's loop (which
+            // carries the heartbeats) takes it for status.
             drop(p);
+            info!(
+                files,
+                bytes,
+                secs = format!("{secs:.2}"),
+                "{phase} complete: {files} files, {:.1} MB in {secs:.2}s ({:.0} files/s)",
+                bytes as f64 / 1e6,
+                files as f64 / secs.max(1e-3)
+            );
             self.listed_dirs.clear();
             if self.lag_from.is_none() {
                 self.lag_from = Some(Instant::now());
@@ -691,7 +691,8 @@ impl<T: LocalTree> Sender<T> {
             && self.retry.is_empty()
             && self.last_change.elapsed() >= DRAIN_QUIET;
         if idle {
-            if let Some(req) = self.drain.lock().expect("drain lock").take() {
+            let req = self.drain.lock().expect("drain lock").take();
+            if let Some(req) = req {
                 info!("switchover: every change is durable on the peer");
                 let _ = req.reply.send(());
             }

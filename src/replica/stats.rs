@@ -64,9 +64,9 @@ pub struct ReplStats {
     pub disk_full: AtomicBool,
     /// Receiver: the primary said the replica is complete.
     pub caught_up: AtomicBool,
-    /// This node's replica is incomplete: its first fill has begun and not
-    /// finished (the durable mark, `replica::fill`).
-    pub replica_incomplete: AtomicBool,
+    /// What this node's stores hold (`failover::ReplicaFill` as a number:
+    /// 0 fresh, 1 filling, 2 complete; the durable marks, `replica::fill`).
+    replica_fill: std::sync::atomic::AtomicU8,
     /// Zero-loss commit: true while commits are confirmed by the peer.
     pub synchronous: AtomicBool,
     pub commits_replicated: AtomicU64,
@@ -87,6 +87,26 @@ const ALARMS_QUEUED_MAX: usize = 64;
 
 impl ReplStats {
     /// Queues an alarm for status (the caller logs it).
+    /// What this node's stores hold.
+    pub fn replica_fill(&self) -> crate::failover::ReplicaFill {
+        use crate::failover::ReplicaFill;
+        match self.replica_fill.load(Relaxed) {
+            1 => ReplicaFill::Filling,
+            2 => ReplicaFill::Complete,
+            _ => ReplicaFill::Fresh,
+        }
+    }
+
+    pub fn set_replica_fill(&self, fill: crate::failover::ReplicaFill) {
+        use crate::failover::ReplicaFill;
+        let n = match fill {
+            ReplicaFill::Fresh => 0,
+            ReplicaFill::Filling => 1,
+            ReplicaFill::Complete => 2,
+        };
+        self.replica_fill.store(n, Relaxed);
+    }
+
     pub fn raise_alarm(&self, message: String) {
         let mut q = self.alarms.lock().expect("alarms lock");
         if q.len() == ALARMS_QUEUED_MAX {
@@ -194,7 +214,7 @@ impl Default for ReplStats {
             rename_sources_missing: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
             caught_up: AtomicBool::new(false),
-            replica_incomplete: AtomicBool::new(false),
+            replica_fill: std::sync::atomic::AtomicU8::new(0),
             synchronous: AtomicBool::new(false),
             commits_replicated: AtomicU64::new(0),
             commits_degraded: AtomicU64::new(0),
@@ -473,7 +493,7 @@ impl ReplStats {
             disk_full: self.disk_full.load(Relaxed),
             disk_full_why: self.disk_full_why.lock().expect("disk full lock").clone(),
             caught_up: self.caught_up.load(Relaxed),
-            replica_incomplete: self.replica_incomplete.load(Relaxed),
+            replica_incomplete: self.replica_fill() == crate::failover::ReplicaFill::Filling,
             commit_mode: match (
                 self.synchronous.load(Relaxed),
                 g(&self.commits_replicated) + g(&self.commits_degraded),

@@ -533,9 +533,17 @@ fn a_flush_in_flight_at_a_takeover_latches_the_replica_across_a_restart() {
     let reason_says = "a flush failed: syncfs";
     let (mut tp, src) = pair_in_a_slow_failing_flush("3000");
     // The slow flush is one of mx2's first sync: the operator accepts its
-    // replica as it is, so that it takes over while the flush is in flight.
+    // replica as it is (`--force`: the primary is still heard), so that it
+    // takes over while the flush is in flight.
     let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
     let out = hasync(&["accept-replica", "--config", &cfg1]);
+    assert!(!out.status.success(), "refused while the primary is heard");
+    assert!(
+        text(&out.stderr).contains("--force"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hasync(&["accept-replica", "--force", "--config", &cfg1]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     tp.nodes[0].kill9().unwrap();
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));

@@ -547,3 +547,59 @@ fn listing_a_huge_conflicts_directory_delays_no_heartbeat() {
     let gap = sec.link.heartbeat_gap_ms_max.unwrap_or(0.0);
     assert!(gap < 400.0, "the secondary heard no heartbeat for {gap} ms");
 }
+
+/// A node replaced (new disks: no state, an empty store) beside a
+/// secondary whose first sync did not finish does not take over: it holds
+/// no mail, and serving would delete from the replica what only the
+/// replica holds. Both wait, alarmed, for the operator, who accepts the
+/// replica; the replaced node then fills from it.
+#[test]
+fn a_replaced_node_does_not_take_over_from_an_incomplete_replica() {
+    let mut tp = primary_lost_during_the_first_sync();
+    let window = tp.detection_window();
+    tp.nodes[1]
+        .wait_status(window * 10, Duration::from_millis(20), |s| {
+            !s.peer.alive && s.replication.replica_incomplete
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let held = walk_files(&tp.store(1, "inbox"));
+    assert!(held > 0, "the replica holds part of the mail");
+    // mx1's disks are replaced: no state, an empty store.
+    let state = tp.nodes[0].state_dir.clone();
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let store = tp.store(0, "inbox");
+    std::fs::remove_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&store).unwrap();
+    tp.nodes[0].start().unwrap();
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.alarms
+                .iter()
+                .any(|a| a.message.contains("never held the mail"))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_ne!(st.mode, Role::Primary);
+    std::thread::sleep(Duration::from_millis(tp.options.startup_wait_ms) + window * 2);
+    assert_ne!(
+        tp.nodes[0].status().unwrap().mode,
+        Role::Primary,
+        "{}",
+        tp.logs()
+    );
+    assert_eq!(tp.nodes[1].status().unwrap().mode, Role::Secondary);
+    assert_eq!(walk_files(&tp.store(1, "inbox")), held, "nothing deleted");
+    // The operator accepts mx2's replica: it serves, and mx1 fills from it.
+    let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
+    let out = hasync(&["accept-replica", "--config", &cfg1]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    tp.wait_mode(1, Role::Primary, Duration::from_secs(10));
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    wait_identical(
+        &tp.store(1, "inbox"),
+        &tp.store(0, "inbox"),
+        Duration::from_secs(60),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(walk_files(&tp.store(1, "inbox")), held, "nothing deleted");
+}
