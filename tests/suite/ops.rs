@@ -413,3 +413,82 @@ fn the_documented_status_fields_are_in_status_json() {
     }
     assert_eq!(v["mode"], "primary");
 }
+
+/// Kills the process when dropped (a daemon the harness did not start).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Log records never hold the daemon up: mx1 logs at debug level into a
+/// pipe nobody reads (as a stuck journal or log shipper leaves it, full
+/// after 64 KiB) while it fills its peer; the pair forms and stays formed
+/// with its heartbeats on time, and mx1 still answers.
+#[test]
+fn a_log_stream_nobody_reads_holds_up_no_heartbeat() {
+    let tp = TestPair::new(fast());
+    hasync::fixture::generate_maildirs(&tp.store(0, "inbox"), &spec(3, 10, 1500)).unwrap();
+    let child = std::process::Command::new(exe())
+        .arg("run")
+        .arg("--config")
+        .arg(&tp.nodes[0].config_path)
+        .env("RUST_LOG", "debug")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _mx1 = KillOnDrop(child);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut tp = tp;
+    tp.nodes[1].start().unwrap();
+    let socket = tp.nodes[0].socket();
+    let status0 = || {
+        hasync::daemon::control::request(
+            &socket,
+            &hasync::daemon::control::Request::Status,
+            Duration::from_secs(5),
+        )
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.status.ok_or_else(|| format!("{:?}", r.error)))
+    };
+    let t0 = std::time::Instant::now();
+    let formed = loop {
+        if let (Ok(a), Ok(b)) = (status0(), tp.nodes[1].status()) {
+            if a.mode == Role::Primary && b.mode == Role::Secondary && b.replication.caught_up {
+                break t0.elapsed();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the pair did not form with mx1's log unread: mx1 {:?}\n{}",
+            status0().map(|s| s.mode),
+            tp.nodes[1].log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (a, b) = (status0().unwrap(), tp.nodes[1].status().unwrap());
+    println!(
+        "formed and filled in {formed:?} with mx1's log unread; heartbeat gap max seen by mx2: {:?} ms",
+        b.link.heartbeat_gap_ms_max
+    );
+    for (name, st) in [("mx1", &a), ("mx2", &b)] {
+        assert!(
+            !st.alarms.iter().any(|l| l.message.contains("peer lost")),
+            "{name}: {:?}",
+            st.alarms
+        );
+    }
+    assert_eq!((a.mode, b.mode), (Role::Primary, Role::Secondary));
+    assert!(
+        b.link.heartbeat_gap_ms_max.unwrap_or(0.0) < 400.0,
+        "{:?}",
+        b.link
+    );
+}
