@@ -709,37 +709,15 @@ impl Sim {
                     FaultKind::Loss { for_ms, .. } => {
                         self.pending.push((now_ms + for_ms, Event2::LossEnd));
                     }
-                    FaultKind::Crash { node, down_ms } => {
-                        let n = &mut self.nodes[node];
-                        n.core = None;
-                        n.persists.clear();
-                        n.primary_since = None;
-                        n.push_done_at = None;
-                        n.catch_up_at = None;
-                        n.fill_done_at = None;
-                        n.prepared_at = None;
-                        n.quorum_view = None;
-                        n.renewing = false;
-                        self.in_flight.retain(|m| m.to != node);
-                        self.pending.push((now_ms + down_ms, Event2::Restart(node)));
-                    }
+                    FaultKind::Crash { node, down_ms } => self.crash(node, now_ms + down_ms),
                     FaultKind::Replace { node, down_ms } => {
+                        self.crash(node, now_ms + down_ms);
+                        // New disks: not even the durable state is left.
                         let n = &mut self.nodes[node];
-                        n.core = None;
-                        n.persists.clear();
-                        n.primary_since = None;
-                        n.push_done_at = None;
-                        n.catch_up_at = None;
-                        n.fill_done_at = None;
-                        n.prepared_at = None;
-                        n.quorum_view = None;
-                        n.renewing = false;
                         n.durable = EpochRecord::default();
                         n.max_durable_epoch = 0;
                         n.heard_max = 0;
                         n.fill = ReplicaFill::Fresh;
-                        self.in_flight.retain(|m| m.to != node);
-                        self.pending.push((now_ms + down_ms, Event2::Restart(node)));
                     }
                     FaultKind::AcceptReplica { node } => {
                         if self.nodes[node].fill == ReplicaFill::Filling
@@ -779,6 +757,23 @@ impl Sim {
                 }
             }
         }
+    }
+
+    /// Node `i`'s process dies (what is durable stays) and restarts at
+    /// `back_ms`.
+    fn crash(&mut self, i: usize, back_ms: u64) {
+        let n = &mut self.nodes[i];
+        n.core = None;
+        n.persists.clear();
+        n.primary_since = None;
+        n.push_done_at = None;
+        n.catch_up_at = None;
+        n.fill_done_at = None;
+        n.prepared_at = None;
+        n.quorum_view = None;
+        n.renewing = false;
+        self.in_flight.retain(|m| m.to != i);
+        self.pending.push((back_ms, Event2::Restart(i)));
     }
 
     fn feed(&mut self, i: usize, now: Instant, ev: Event) {
@@ -1051,6 +1046,22 @@ impl Sim {
     }
 }
 
+/// The operator's `kind` on each node, three detection windows after the
+/// last fault of `list` is over.
+fn after_the_faults(list: &mut Vec<Fault>, window: u64, kind: impl Fn(usize) -> FaultKind) {
+    let last = list
+        .iter()
+        .map(|f| f.at_ms + f.kind.duration_ms())
+        .max()
+        .unwrap_or(0);
+    for node in 0..2 {
+        list.push(Fault {
+            at_ms: last + window * 3,
+            kind: kind(node),
+        });
+    }
+}
+
 /// Draws a random plan from a seed: the generator behind the seeded property
 /// test. `faults` says how many faults at most.
 pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
@@ -1110,20 +1121,7 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
     }
     list.sort_by_key(|f| f.at_ms);
     // The operator eventually brings a node that stayed `off` back.
-    let last = list
-        .iter()
-        .map(|f| f.at_ms + f.kind.duration_ms())
-        .max()
-        .unwrap_or(0);
-    for node in 0..2 {
-        list.push(Fault {
-            at_ms: last + window * 3,
-            kind: FaultKind::Join { node },
-        });
-    }
-    // Switchovers prepared (services stopped, replication drained) or not;
-    // a preparation limit shorter than the simulated preparation abandons
-    // the switchover. Drawn apart so the rest of a seed's plan is unchanged.
+    after_the_faults(&mut list, window, |node| FaultKind::Join { node });
     // A first fill as secondary (the replica incomplete meanwhile) in
     // three plans of four; drawn apart too.
     let mut fill = SimRng::new(seed ^ 0x00F1_11ED_0001);
@@ -1145,18 +1143,11 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
             },
         });
         list.sort_by_key(|f| f.at_ms);
-        let last = list
-            .iter()
-            .map(|f| f.at_ms + f.kind.duration_ms())
-            .max()
-            .unwrap_or(0);
-        for node in 0..2 {
-            list.push(Fault {
-                at_ms: last + window * 3,
-                kind: FaultKind::AcceptReplica { node },
-            });
-        }
+        after_the_faults(&mut list, window, |node| FaultKind::AcceptReplica { node });
     }
+    // Switchovers prepared (services stopped, replication drained) or not;
+    // a preparation limit shorter than the simulated preparation abandons
+    // the switchover. Drawn apart so the rest of a seed's plan is unchanged.
     let mut prep = SimRng::new(seed ^ 0x9E37_79B9_7F4A_7C15);
     for c in configs.iter_mut() {
         c.prepare_handover = match prep.range(0, 2) {

@@ -591,6 +591,23 @@ fn hb_from_mx2(role: Role, epoch: u64, seq: u64, flags: u8) -> Event {
     })
 }
 
+/// mx1 (priority 200), secondary of the primary mx2 at epoch 2, its first
+/// fill under way.
+fn filling_secondary(t0: Instant) -> Core {
+    let mut c = Core::new(
+        cfg("mx1", "mx2", 200),
+        EpochRecord {
+            epoch: 2,
+            held_primary: None,
+        },
+        t0,
+    );
+    c.handle_event(t0, Event::Replica(ReplicaFill::Filling));
+    c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    assert_eq!(c.role(), Role::Secondary);
+    c
+}
+
 fn promotes(acts: &[Action]) -> bool {
     acts.iter().any(|a| {
         matches!(
@@ -608,16 +625,7 @@ fn an_incomplete_replica_does_not_promote_when_its_primary_is_lost_until_accepte
     let t0 = Instant::now();
     // mx1 (higher priority, so it would win any election) is the
     // secondary of mx2, and its first fill is under way.
-    let mut c = Core::new(
-        cfg("mx1", "mx2", 200),
-        EpochRecord {
-            epoch: 2,
-            held_primary: None,
-        },
-        t0,
-    );
-    c.handle_event(t0, Event::Replica(ReplicaFill::Filling));
-    c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    let mut c = filling_secondary(t0);
     assert_eq!(c.role(), Role::Secondary);
     let acts = drain(&mut c);
     let flags = acts.iter().rev().find_map(|a| match a {
@@ -664,16 +672,7 @@ fn an_incomplete_replica_does_not_promote_when_its_primary_is_lost_until_accepte
 fn an_incomplete_replica_waits_for_a_restarted_peer_which_promotes_on_hearing_it() {
     let t0 = Instant::now();
     // The incomplete secondary mx1 hears its peer restarting.
-    let mut sec = Core::new(
-        cfg("mx1", "mx2", 200),
-        EpochRecord {
-            epoch: 2,
-            held_primary: None,
-        },
-        t0,
-    );
-    sec.handle_event(t0, Event::Replica(ReplicaFill::Filling));
-    sec.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    let mut sec = filling_secondary(t0);
     drain(&mut sec);
     let t1 = t0 + Duration::from_secs(2);
     sec.handle_timeout(t1);
@@ -737,16 +736,7 @@ fn an_incomplete_replica_waits_for_a_restarted_peer_which_promotes_on_hearing_it
 #[test]
 fn an_incomplete_replica_takes_over_in_a_switchover() {
     let t0 = Instant::now();
-    let mut c = Core::new(
-        cfg("mx1", "mx2", 200),
-        EpochRecord {
-            epoch: 2,
-            held_primary: None,
-        },
-        t0,
-    );
-    c.handle_event(t0, Event::Replica(ReplicaFill::Filling));
-    c.handle_event(t0, hb_from_mx2(Role::Primary, 2, 1, 0));
+    let mut c = filling_secondary(t0);
     drain(&mut c);
     c.handle_event(
         t0 + Duration::from_millis(100),

@@ -192,22 +192,26 @@ fn read_slots(internal: &Path) -> io::Result<Option<std::fs::ReadDir>> {
     }
 }
 
-/// Every version kept aside in `store`'s internal directory, oldest first.
-pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
+/// Visits every version kept aside in an internal directory: `visit(slot
+/// name, slot path, kept at (unix seconds), the version's entry)`.
+/// In-progress hand-overs (dot files) are skipped.
+fn each_kept(
+    internal: &Path,
+    mut visit: impl FnMut(&[u8], &Path, i64, &std::fs::DirEntry) -> io::Result<()>,
+) -> io::Result<()> {
     let Some(slots) = read_slots(internal)? else {
-        return Ok(Vec::new());
+        return Ok(());
     };
-    let mut out = Vec::new();
     for slot in slots {
         let slot = slot?;
         let name = slot.file_name();
         let name_b = name.as_bytes();
-        // In-progress hand-overs are dot files.
         if name_b.starts_with(b".") || !slot.file_type()?.is_dir() {
             continue;
         }
         let kept_at = slot_time(name_b).unwrap_or(0);
-        let mut stack = vec![slot.path()];
+        let root = slot.path();
+        let mut stack = vec![root.clone()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d)? {
                 let e = e?;
@@ -215,25 +219,31 @@ pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
                 if ft.is_dir() {
                     stack.push(e.path());
                 } else if ft.is_file() || ft.is_symlink() {
-                    let file = e.path();
-                    let rel = file.strip_prefix(slot.path()).unwrap_or(&file);
-                    let size = std::fs::symlink_metadata(&file)?.len();
-                    out.push(Conflict {
-                        id: format!(
-                            "{store}/{}/{}",
-                            String::from_utf8_lossy(name_b),
-                            String::from_utf8_lossy(rel.as_os_str().as_bytes())
-                        ),
-                        store: store.to_string(),
-                        path: String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned(),
-                        size,
-                        kept_at,
-                        file,
-                    });
+                    visit(name_b, &root, kept_at, &e)?;
                 }
             }
         }
     }
+    Ok(())
+}
+
+/// Every version kept aside in `store`'s internal directory, oldest first.
+pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
+    let mut out = Vec::new();
+    each_kept(internal, |slot, root, kept_at, e| {
+        let file = e.path();
+        let rel = file.strip_prefix(root).unwrap_or(&file);
+        let path = String::from_utf8_lossy(rel.as_os_str().as_bytes()).into_owned();
+        out.push(Conflict {
+            id: format!("{store}/{}/{path}", String::from_utf8_lossy(slot)),
+            store: store.to_string(),
+            size: std::fs::symlink_metadata(&file)?.len(),
+            path,
+            kept_at,
+            file,
+        });
+        Ok(())
+    })?;
     out.sort_by(|a, b| (a.kept_at, &a.id).cmp(&(b.kept_at, &b.id)));
     Ok(out)
 }
@@ -242,34 +252,12 @@ pub fn list(store: &str, internal: &Path) -> io::Result<Vec<Conflict>> {
 /// when the oldest of them was kept (unix seconds); what [`list`] would
 /// return, counted without holding it.
 pub fn summary(internal: &Path) -> io::Result<(u64, Option<i64>)> {
-    let Some(slots) = read_slots(internal)? else {
-        return Ok((0, None));
-    };
     let (mut count, mut oldest) = (0u64, None::<i64>);
-    for slot in slots {
-        let slot = slot?;
-        let name = slot.file_name();
-        if name.as_bytes().starts_with(b".") || !slot.file_type()?.is_dir() {
-            continue;
-        }
-        let kept_at = slot_time(name.as_bytes()).unwrap_or(0);
-        let before = count;
-        let mut stack = vec![slot.path()];
-        while let Some(d) = stack.pop() {
-            for e in std::fs::read_dir(&d)? {
-                let e = e?;
-                let ft = e.file_type()?;
-                if ft.is_dir() {
-                    stack.push(e.path());
-                } else if ft.is_file() || ft.is_symlink() {
-                    count += 1;
-                }
-            }
-        }
-        if count > before {
-            oldest = Some(oldest.map_or(kept_at, |o| o.min(kept_at)));
-        }
-    }
+    each_kept(internal, |_, _, kept_at, _| {
+        count += 1;
+        oldest = Some(oldest.map_or(kept_at, |o| o.min(kept_at)));
+        Ok(())
+    })?;
     Ok((count, oldest))
 }
 
