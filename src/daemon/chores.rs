@@ -47,7 +47,12 @@ impl Chores {
             .name("hasync-chores".into())
             .spawn(move || {
                 for job in rx {
-                    job();
+                    // A job that panics loses its own answer, not the
+                    // thread: later chores still run.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    if ran.is_err() {
+                        tracing::error!("a daemon chore panicked; the next ones run");
+                    }
                 }
             })?;
         Ok(Chores { tx })

@@ -249,15 +249,14 @@ struct Node {
     self_checks: chores::SelfChecks,
     /// Kept-aside versions on this node (count, oldest kept at, unix s),
     /// as the chores thread last counted them; a count in flight.
-    conflicts_seen: Arc<Mutex<(u64, Option<i64>)>>,
-    conflicts_counting: Arc<std::sync::atomic::AtomicBool>,
-    /// When the last count was asked for.
-    conflicts_counted_at: Option<Instant>,
+    conflicts_seen: Arc<Mutex<ConflictsSeen>>,
     /// This node serves as primary now (for the chores thread: a restore
     /// of kept versions into the live tree stops when it no longer does).
     serving_primary: Arc<std::sync::atomic::AtomicBool>,
     /// Each store's name, root and internal directory.
     store_dirs: Arc<Vec<StoreDirs>>,
+    /// The peer's epoch not noted yet (the chores thread was busy).
+    peer_epoch_unnoted: Option<u64>,
     persist_tx: mpsc::UnboundedSender<EpochRecord>,
     persisted_rx: mpsc::UnboundedReceiver<Result<EpochRecord, String>>,
     socket_path: PathBuf,
@@ -550,10 +549,9 @@ impl Node {
             chores,
             self_checks,
             conflicts_seen: Default::default(),
-            conflicts_counting: Default::default(),
-            conflicts_counted_at: None,
             serving_primary: Default::default(),
             store_dirs,
+            peer_epoch_unnoted: None,
             roles,
             role_rx,
             prev_role: Role::Negotiating,
@@ -718,6 +716,9 @@ impl Node {
                         self.core.handle_event(now, Event::SelfCheck(Err(why)));
                     }
                     self.count_conflicts();
+                    if let Some(epoch) = self.peer_epoch_unnoted {
+                        self.note_peer_epoch(epoch);
+                    }
                     self.report_catch_up();
                     self.report_replica_fill();
                     for line in self.engine.take_alarms() {
@@ -948,20 +949,23 @@ impl Node {
             && epoch > self.peer_epoch_known
         {
             self.peer_epoch_known = epoch;
-            // Kept across a restart (a promotion before the next heartbeat
-            // takes its floor from it). Not flushed: a machine crash that
-            // loses it only makes the next carried record count for fewer
-            // peers (conflicts kept aside, never deleted).
-            let (dir, peer) = (self.cfg.state_dir.clone(), self.cfg.link.peer_name.clone());
-            let queued = self.chores.run(move || {
-                if let Err(e) = write_peer_epoch(&dir, &peer, epoch) {
-                    warn!("cannot note the peer's epoch {epoch}: {e}");
-                }
-            });
-            if let Err(busy) = queued {
-                warn!("the peer's epoch {epoch} is not noted: {busy}");
-            }
+            self.note_peer_epoch(epoch);
         }
+    }
+
+    /// Keeps the peer's epoch across a restart (a promotion before the next
+    /// heartbeat takes its floor from it), on the chores thread; tried
+    /// again at the next tick when it is busy. Not flushed: a machine crash
+    /// that loses it only makes the next carried record count for fewer
+    /// peers (conflicts kept aside, never deleted).
+    fn note_peer_epoch(&mut self, epoch: u64) {
+        let (dir, peer) = (self.cfg.state_dir.clone(), self.cfg.link.peer_name.clone());
+        let queued = self.chores.run(move || {
+            if let Err(e) = write_peer_epoch(&dir, &peer, epoch) {
+                warn!("cannot note the peer's epoch {epoch}: {e}");
+            }
+        });
+        self.peer_epoch_unnoted = queued.is_err().then_some(epoch);
     }
 
     fn execute_actions(&mut self) {
@@ -1350,30 +1354,30 @@ impl Node {
     /// and at most every [`CONFLICTS_RECOUNT`]; `hasync status` shows the
     /// last count.
     fn count_conflicts(&mut self) {
-        use std::sync::atomic::Ordering::{AcqRel, Release};
-        let now = Instant::now();
-        if self
-            .conflicts_counted_at
-            .is_some_and(|t| now.saturating_duration_since(t) < CONFLICTS_RECOUNT)
-            || self.conflicts_counting.swap(true, AcqRel)
         {
-            return;
+            let mut seen = self.conflicts_seen.lock().expect("conflicts lock");
+            let recent = seen
+                .done_at
+                .is_some_and(|t| t.elapsed() < CONFLICTS_RECOUNT);
+            if seen.counting || recent {
+                return;
+            }
+            seen.counting = true;
         }
-        self.conflicts_counted_at = Some(now);
-        let (stores, seen, counting) = (
-            self.store_dirs.clone(),
-            self.conflicts_seen.clone(),
-            self.conflicts_counting.clone(),
-        );
+        let (stores, seen) = (self.store_dirs.clone(), self.conflicts_seen.clone());
         let queued = self.chores.run(move || {
-            match count_conflicts(&stores) {
-                Ok(c) => *seen.lock().expect("conflicts lock") = c,
+            let counted = count_conflicts(&stores);
+            let mut seen = seen.lock().expect("conflicts lock");
+            match counted {
+                Ok((count, oldest)) => (seen.count, seen.oldest) = (count, oldest),
                 Err(e) => debug!("{e}"),
             }
-            counting.store(false, Release);
+            // The next count waits from the end of this one.
+            seen.done_at = Some(Instant::now());
+            seen.counting = false;
         });
         if queued.is_err() {
-            self.conflicts_counting.store(false, Release);
+            self.conflicts_seen.lock().expect("conflicts lock").counting = false;
         }
     }
 
@@ -1542,7 +1546,10 @@ impl Node {
             restore_pending: cs.restore_pending,
             conflicts: {
                 // As last counted off the loop (every self-check tick).
-                let (count, oldest) = *self.conflicts_seen.lock().expect("conflicts lock");
+                let (count, oldest) = {
+                    let seen = self.conflicts_seen.lock().expect("conflicts lock");
+                    (seen.count, seen.oldest)
+                };
                 let now_s = unix_ms(SystemTime::now()) / 1000;
                 control::ConflictsStatus {
                     count,
@@ -1589,6 +1596,18 @@ impl Node {
 }
 
 /// The node's own health: the directories it needs are there and usable.
+/// The versions kept aside as last counted on the chores thread.
+#[derive(Debug, Default)]
+struct ConflictsSeen {
+    count: u64,
+    /// When the oldest was kept (unix seconds).
+    oldest: Option<i64>,
+    /// A count is queued or running.
+    counting: bool,
+    /// When the last count ended.
+    done_at: Option<Instant>,
+}
+
 /// A store's name, live root and internal directory.
 struct StoreDirs {
     name: String,
