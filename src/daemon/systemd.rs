@@ -35,8 +35,6 @@ pub struct Systemd {
     tx: Option<crossbeam_channel::Sender<Note>>,
     watchdog: Option<Duration>,
     failed_once: std::cell::Cell<bool>,
-    /// Embedded, the process and its service manager are the embedder's.
-    off: bool,
 }
 
 impl Systemd {
@@ -76,7 +74,6 @@ impl Systemd {
             tx,
             watchdog: sd_notify::watchdog_enabled(),
             failed_once: std::cell::Cell::new(false),
-            off: false,
         }
     }
 
@@ -86,7 +83,6 @@ impl Systemd {
             tx: None,
             watchdog: None,
             failed_once: std::cell::Cell::new(false),
-            off: true,
         }
     }
 
@@ -120,7 +116,8 @@ impl Systemd {
     /// Sent directly: the loop has ended, and the manager should hear it
     /// before the process exits.
     pub fn stopping(&self) {
-        if self.off || self.tx.is_none() {
+        // Embedded or without `NOTIFY_SOCKET`: nobody to tell.
+        if self.tx.is_none() {
             return;
         }
         if let Err(e) = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("stopping")])
