@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::control::{self, Request, Response, Status};
 
+/// How long [`NodeProc::log_shows`] waits for a record to reach the log.
+pub const LOG_WAIT: Duration = Duration::from_secs(10);
+
 /// Settings shared by both nodes of a test pair.
 #[derive(Debug, Clone)]
 pub struct PairOptions {
@@ -500,6 +503,26 @@ impl NodeProc {
 
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The log once `pred` holds of it, or as it stands after `within`:
+    /// records reach the file from the daemon's log writer thread, a
+    /// moment after the event they tell of.
+    pub fn log_when(&self, within: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if pred(&log) || Instant::now() >= deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the log shows `needle` within [`LOG_WAIT`].
+    pub fn log_shows(&self, needle: &str) -> bool {
+        self.log_when(LOG_WAIT, |l| l.contains(needle))
+            .contains(needle)
     }
 }
 

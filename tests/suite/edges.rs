@@ -284,7 +284,7 @@ fn exhausted_inodes_hold_the_disk_full_alarm_until_they_return() {
             !s.replication.disk_full && s.replication.disk_full_why.is_none()
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    assert!(tp.nodes[1].log().contains("disk space is back"));
+    assert!(tp.nodes[1].log_shows("disk space is back"));
 }
 
 /// Makes the nested folders `dirs` under `base` (walking by descriptor:
@@ -437,7 +437,7 @@ fn a_flush_failing_after_the_sync_connection_was_cut_still_latches_the_replica()
     latched_then_lifted(&tp, Duration::from_secs(20));
     let log = tp.logs();
     // The cut ended the session, not the flush's failure.
-    let ended = tp.nodes[1].log();
+    let ended = tp.nodes[1].log_when(LOG_WAIT, |l| l.contains("sync connection ended"));
     let ended = ended
         .lines()
         .find(|l| l.contains("sync connection ended"))
@@ -469,7 +469,7 @@ fn a_flush_that_hangs_is_an_alarm_and_in_the_status_until_it_returns() {
     let st = tp.nodes[1].status().unwrap();
     assert_eq!(st.replication.flush_overdue_ms, None);
     assert!(
-        tp.nodes[1].log().contains("overdue flush returned after"),
+        tp.nodes[1].log_shows("overdue flush returned after"),
         "{}",
         tp.logs()
     );
@@ -582,9 +582,7 @@ fn restarts_and_rereads(tp: &mut TestPair, src: &std::path::Path, reason_says: &
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert!(!tp.nodes[1].state_dir.join("replica-unverified").exists());
     assert!(
-        tp.nodes[1]
-            .log()
-            .contains(&format!("was re-read from disk after \"{reason_says}")),
+        tp.nodes[1].log_shows(&format!("was re-read from disk after \"{reason_says}")),
         "the restarted node re-read its replica\n{}",
         tp.logs()
     );
@@ -659,7 +657,7 @@ fn latched_then_lifted(tp: &TestPair, within: Duration) {
         st.alarms
     );
     assert!(!tp.nodes[1].state_dir.join("replica-unverified").exists());
-    let log = tp.logs();
+    let log = tp.logs_when(|l| l.contains("was re-read from disk after"));
     assert!(
         log.contains("was re-read from disk after"),
         "the latch lifts only after a re-read\n{log}"

@@ -50,7 +50,7 @@ fn kill9_primary_fails_over_and_old_primary_rejoins_as_secondary() {
     assert_eq!(rejoined.epoch, after.epoch);
     assert_eq!(rejoined.queue_push.last_target_epoch, Some(after.epoch));
     assert!(
-        tp.nodes[p].log().contains("queue push requested"),
+        tp.nodes[p].log_shows("queue push requested"),
         "{}",
         tp.logs()
     );
@@ -83,7 +83,9 @@ fn wrong_secret_is_refused_before_any_state_change() {
         assert_eq!(st.link.heartbeats_received, 0);
     }
     assert!(st.link.auth_failures > 0);
-    let log = tp.nodes[0].log();
+    let log = tp.nodes[0].log_when(LOG_WAIT, |log| {
+        log.contains("failed authentication") && log.contains("link refused")
+    });
     assert!(
         log.contains("failed authentication") && log.contains("link refused"),
         "log must say why the peer was refused:\n{log}"

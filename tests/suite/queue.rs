@@ -192,7 +192,7 @@ fn push_cut_by_the_new_primarys_crash_is_cancelled_not_left_pending() {
         );
     }
     assert!(
-        tp.nodes[0].log().contains("queue push cancelled"),
+        tp.nodes[0].log_shows("queue push cancelled"),
         "the cancel is logged\n{}",
         tp.nodes[0].log()
     );
@@ -302,7 +302,7 @@ fn a_commit_failing_after_its_intents_completes_its_batch() {
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert!(
-        tp.nodes[1].log().contains("queue ingest batch failed"),
+        tp.nodes[1].log_shows("queue ingest batch failed"),
         "the failpoint was reached\n{}",
         tp.logs()
     );
@@ -328,7 +328,7 @@ fn a_batch_counted_but_not_landed_ends_the_push_unacknowledged() {
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert!(
-        tp.nodes[1].log().contains("the push ends"),
+        tp.nodes[1].log_shows("the push ends"),
         "the failpoints were reached\n{}",
         tp.logs()
     );
@@ -368,7 +368,7 @@ fn ledger_flush_fails_during_a_push(cut_fails: bool) {
         st.queue_push
     );
     assert!(
-        tp.nodes[1].log().contains("failpoint ledger.fail_sync"),
+        tp.nodes[1].log_shows("failpoint ledger.fail_sync"),
         "the failpoint was reached\n{}",
         tp.logs()
     );
@@ -615,7 +615,7 @@ fn promotion_with_a_fault(failpoints: &str, reached: &str, within: Duration) {
     tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
     let live = live_committed(&tp, 1, &committed, within);
     assert!(
-        tp.nodes[1].log().contains(reached),
+        tp.nodes[1].log_shows(reached),
         "the failpoint was reached\n{}",
         tp.logs()
     );

@@ -245,7 +245,7 @@ fn switchover_stops_the_writer_and_drains_before_the_peer_promotes() {
         "every file the old primary wrote was on the new primary when it promoted\n{}",
         tp.logs()
     );
-    assert!(tp.nodes[0].log().contains("replication drained"));
+    assert!(tp.nodes[0].log_shows("replication drained"));
     tp.nodes[0]
         .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
             s.mode == Role::Secondary

@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 pub use hasync::failover::Role;
-pub use hasync::harness::{Pair, PairOptions};
+pub use hasync::harness::{Pair, PairOptions, LOG_WAIT};
 
 pub fn exe() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hasync"))
@@ -69,6 +69,18 @@ impl TestPair {
             )
         });
         (tp, p)
+    }
+
+    /// Both logs once `pred` holds of them together, or as they stand
+    /// after [`hasync::harness::LOG_WAIT`].
+    pub fn logs_when(&self, pred: impl Fn(&str) -> bool) -> String {
+        let mut log = self.logs();
+        let deadline = std::time::Instant::now() + hasync::harness::LOG_WAIT;
+        while !pred(&log) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            log = self.logs();
+        }
+        log
     }
 
     pub fn logs(&self) -> String {
