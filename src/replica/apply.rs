@@ -484,6 +484,11 @@ impl Applier {
         next
     }
 
+    /// The sources held for renames onto protected paths now.
+    pub fn held_for_rename(&self) -> &HeldForRename {
+        &self.held_for_rename
+    }
+
     /// The sources held for renames onto protected paths, to pass on to
     /// the next receiver ([`Applier::hold_for_rename`]).
     pub fn take_held_for_rename(&mut self) -> HeldForRename {

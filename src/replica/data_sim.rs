@@ -1043,6 +1043,10 @@ struct Replica {
     faults: Faults,
     /// The receiver's decisions for ops on paths, and its index.
     ops: Applier,
+    /// The sources held for renames as the state directory keeps them
+    /// (`held`): written as the receiver answers the ops, read at a
+    /// restart, dropped when the node takes over.
+    held_on_disk: super::apply::HeldForRename,
     index: Index,
     stats: Arc<ReplStats>,
     /// Files received and not landed yet: their content.
@@ -1135,6 +1139,7 @@ impl Replica {
             fs: Fs::new(clock),
             durable: Fs::new(clock),
             durable_ops: Applier::new(stats.clone()),
+            held_on_disk: Default::default(),
             since_durable: Vec::new(),
             covering: None,
             faults: Faults {
@@ -1188,6 +1193,9 @@ impl Replica {
         self.durable = self.fs.clone();
         self.ops = Applier::new(self.stats.clone());
         self.durable_ops = Applier::new(self.stats.clone());
+        // A restart of the replica's node reads it back (`crash`); a node
+        // that served as primary has none.
+        self.held_on_disk.clear();
         self.index = Index::in_memory();
         self.staged.clear();
         self.commits = Pipeline::new(self.fold);
@@ -1206,7 +1214,12 @@ impl Replica {
         self.own.served_here = 0;
         let clock = self.fs.clock;
         let fs = std::mem::replace(&mut self.fs, Fs::new(clock));
+        let held = std::mem::take(&mut self.held_on_disk);
         self.restart(fs);
+        // The engine reads the holds back as it starts.
+        self.ops.hold_for_rename(held.clone());
+        self.durable_ops = self.ops.snapshot();
+        self.held_on_disk = held;
     }
 
     /// A flush failed (its session has ended): the disk kept what was
@@ -1318,6 +1331,11 @@ impl Replica {
         // and the next session lists them anyway).
         for key in disk.newly_kept {
             self.handover.kept(key);
+        }
+        // Saved before the answers go out, as the receiver does (a crash's
+        // replay does not write the file again).
+        if self.faults.replaying.is_none() {
+            self.held_on_disk.clone_from(self.ops.held_for_rename());
         }
         let replies: Vec<Reply> = self.ops.take_replies().collect();
         for r in replies {

@@ -135,6 +135,8 @@ pub enum EngineError {
     Thread(std::io::Error),
     #[error("the data path's fence: {0}")]
     Fence(#[from] super::fence::FenceError),
+    #[error("{0}; move it away to start without them (the sources it names may then be deleted)")]
+    Held(#[from] super::held::HeldError),
 }
 
 /// Handle owned by the daemon or an embedding application.
@@ -214,6 +216,7 @@ impl Engine {
             .stores
             .iter()
             .all(|s| Index::exists(&cfg.state_dir, &format!("{}-replica", s.name)));
+        let held = held_at_start(&cfg)?;
         stats.set_replica_fill(super::fill::holds(
             &cfg.state_dir,
             super::takeover::is_former_primary(&cfg.state_dir),
@@ -266,7 +269,9 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("hasync-repl".into())
             .spawn(move || {
-                tokio_uring::start(engine_main(shared, listener, mode_rx, push_rx, promote_rx))
+                tokio_uring::start(engine_main(
+                    shared, listener, mode_rx, push_rx, promote_rx, held,
+                ))
             })
             .map_err(EngineError::Thread)?;
         Ok(Engine {
@@ -597,6 +602,7 @@ async fn engine_main(
     mut mode_rx: watch::Receiver<EngineMode>,
     mut push_rx: mpsc::UnboundedReceiver<u64>,
     promote_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    held: super::apply::HeldForRename,
 ) {
     let shared = Rc::new(shared);
     let ctx = Rc::new(link_ctx(&shared.cfg));
@@ -617,6 +623,7 @@ async fn engine_main(
     // The receiver's stores (and their indexes) live across connections.
     let recv_stores: Rc<RefCell<Option<Vec<RecvStore>>>> = Rc::new(RefCell::new(None));
     let receiving = Rc::new(Receiving::default());
+    *receiving.held_for_rename.borrow_mut() = held;
     tokio_uring::spawn(accept_loop(
         shared.clone(),
         ctx.clone(),
@@ -646,7 +653,7 @@ async fn engine_main(
             // the sources held for renames onto protected paths (this
             // node's tree is the primary's now).
             receiving.prescan.borrow_mut().take();
-            receiving.held_for_rename.borrow_mut().clear();
+            drop_held_for_rename(&shared, &receiving);
             run_primary(&shared, &ctx, &mut mode_rx).await;
         } else {
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
@@ -1695,6 +1702,44 @@ async fn serve_sync(
     receiving.busy.set(false);
     receiving.closer.borrow_mut().take();
     receiving.released.notify_waiters();
+}
+
+fn store_names(cfg: &EngineConfig) -> Vec<String> {
+    cfg.stores.iter().map(|s| s.name.clone()).collect()
+}
+
+/// The sources a replica held for renames before the process restarted
+/// (`held`). A file that cannot be read or understood stops the start:
+/// without it, the next session could delete a message's only copy here.
+fn held_at_start(cfg: &EngineConfig) -> Result<super::apply::HeldForRename, EngineError> {
+    let (held, dropped) = super::held::load(&cfg.state_dir, &store_names(cfg))?;
+    if !held.is_empty() {
+        info!(
+            held = held.len(),
+            "sources held for renames onto conflicts that cannot be kept aside, kept across the restart"
+        );
+    }
+    if dropped > 0 {
+        warn!(
+            dropped,
+            "sources held for renames in stores no longer configured are not held"
+        );
+    }
+    Ok(held)
+}
+
+/// The node serves as primary: the sources held for renames are its own
+/// tree's names now, held for nothing (also on disk).
+fn drop_held_for_rename(shared: &Shared, receiving: &Receiving) {
+    let had = std::mem::take(&mut *receiving.held_for_rename.borrow_mut());
+    let on_disk = super::held::path(&shared.cfg.state_dir).exists();
+    if had.is_empty() && !on_disk {
+        return;
+    }
+    let names = store_names(&shared.cfg);
+    if let Err(e) = super::held::save(&shared.cfg.state_dir, &names, &Default::default()) {
+        warn!("cannot remove the sources held for renames: {e}; they are released at the next session as a replica");
+    }
 }
 
 fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {

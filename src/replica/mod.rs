@@ -18,6 +18,7 @@ pub mod foreign;
 pub mod fsops;
 pub mod gate;
 pub mod handover;
+pub mod held;
 pub mod index;
 pub mod latch;
 pub mod links;

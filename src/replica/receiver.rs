@@ -249,6 +249,12 @@ pub struct Receiver {
     handover: HandOver<(usize, super::conflicts::Conflict)>,
     /// A manifest being sent (see [`Receiver::stream_manifest`]).
     manifest_out: Option<ManifestOut>,
+    /// The sources held for renames as the state directory keeps them
+    /// (`held`), `None` when unknown (not yet written by this receiver,
+    /// or the write failed).
+    held_saved: Option<super::apply::HeldForRename>,
+    /// Writing them failed, and no write has succeeded since.
+    held_save_failing: bool,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -310,6 +316,8 @@ impl Receiver {
             ),
             manifest_out: None,
             served: Default::default(),
+            held_saved: None,
+            held_save_failing: false,
         }
     }
 
@@ -319,9 +327,50 @@ impl Receiver {
         self.ops.take_held_for_rename()
     }
 
-    /// Takes on the sources an earlier receiver held.
+    /// Takes on the sources an earlier receiver held (or the state
+    /// directory kept across a restart).
     pub fn hold_for_rename(&mut self, held: super::apply::HeldForRename) {
         self.ops.hold_for_rename(held);
+        self.held_saved = None;
+    }
+
+    /// Keeps the sources held for renames in the state directory when they
+    /// changed, before the ops that changed them are answered: a restarted
+    /// replica must still hold them (the primary and the next comparison
+    /// delete them). A failed write raises an alarm; the holds stand in
+    /// memory and the write is tried again at the next answer.
+    fn save_held(&mut self) {
+        let Some(dir) = self.state_dir.as_deref() else {
+            return;
+        };
+        let held = self.ops.held_for_rename();
+        if self.held_saved.as_ref() == Some(held) {
+            return;
+        }
+        let names: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
+        match super::held::save(dir, &names, held) {
+            Ok(()) => {
+                if !held.is_empty() {
+                    info!(
+                        held = held.len(),
+                        "sources held for renames onto conflicts that cannot be kept aside saved"
+                    );
+                }
+                self.held_saved = Some(held.clone());
+                self.held_save_failing = false;
+            }
+            Err(e) => {
+                // Once until a write succeeds, not at every answer.
+                if !std::mem::replace(&mut self.held_save_failing, true) {
+                    error!(alarm = true, held = held.len(), "ALARM: cannot save the sources held for renames in {}: {e}; a restart before they are released would forget them", dir.display());
+                    self.stats.raise_alarm(format!(
+                        "cannot save the sources held for renames in {}: {e}",
+                        dir.display()
+                    ));
+                }
+                self.held_saved = None;
+            }
+        }
     }
 
     pub fn save_indexes(&mut self) {
@@ -1532,6 +1581,7 @@ impl Receiver {
     /// Answers what the ops could not do (in order) and queues what they
     /// kept aside for handing over.
     fn answer_ops(&mut self, peer: &str) {
+        self.save_held();
         let replies: Vec<Reply> = self.ops.take_replies().collect();
         for r in replies {
             match r {

@@ -856,7 +856,7 @@ fn a_rename_onto_a_conflict_that_cannot_be_kept_aside_keeps_its_source_meanwhile
     // acknowledgement, and is asked again while refused: for a while, the
     // source must stay; and in the next session too (the connection cut:
     // a new receiver, whose comparison deletes the source again).
-    let kept = |secs: u64| {
+    let kept = |tp: &TestPair, secs: u64| {
         let start = std::time::Instant::now();
         loop {
             assert_eq!(
@@ -875,21 +875,65 @@ fn a_rename_onto_a_conflict_that_cannot_be_kept_aside_keeps_its_source_meanwhile
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    kept(3);
+    kept(&tp, 3);
     let sessions = tp.nodes[0].log().matches("sync session started").count();
     tp.cut_sync_connection(0);
     let start = std::time::Instant::now();
     while tp.nodes[0].log().matches("sync session started").count() == sessions {
         assert!(start.elapsed() < CONVERGE, "no new session\n{}", tp.logs());
-        kept(0);
+        kept(&tp, 0);
         std::thread::sleep(Duration::from_millis(20));
     }
-    kept(3);
+    kept(&tp, 3);
+    // And across a crash of the replica's process: its next session's
+    // comparison deletes the source again.
+    let sessions = tp.nodes[0].log().matches("sync session started").count();
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_FAILPOINTS", "fsops.keep_aside_eio=1+")])
+        .unwrap();
+    tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
+    assert!(
+        tp.nodes[0].log_shows("kept across the restart"),
+        "{}",
+        tp.logs()
+    );
+    let start = std::time::Instant::now();
+    while tp.nodes[0].log().matches("sync session started").count() == sessions {
+        assert!(start.elapsed() < CONVERGE, "no new session\n{}", tp.logs());
+        kept(&tp, 0);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kept(&tp, 3);
     assert!(tp.nodes[0].stop(Duration::from_secs(10)));
+    // A damaged hold file stops the start, naming it, rather than let the
+    // next session delete what it held.
+    let held = tp.nodes[0].state_dir.join("held-for-rename");
+    let good = std::fs::read(&held).expect("the hold is on disk");
+    let mut bad = good.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    std::fs::write(&held, &bad).unwrap();
+    tp.nodes[0].start().unwrap();
+    let start = std::time::Instant::now();
+    while tp.nodes[0].is_running() {
+        assert!(start.elapsed() < CONVERGE, "started anyway\n{}", tp.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        tp.nodes[0].log_shows("held-for-rename are garbled at byte"),
+        "{}",
+        tp.logs()
+    );
+    kept(&tp, 0);
+    std::fs::write(&held, &good).unwrap();
     tp.nodes[0].start().unwrap();
     tp.wait_mode(0, Role::Secondary, Duration::from_secs(20));
     wait_identical(&b, &a, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert_eq!(std::fs::read(a.join(&to)).unwrap(), body);
+    assert!(
+        !tp.nodes[0].state_dir.join("held-for-rename").exists(),
+        "the hold is released on disk too"
+    );
     tp.wait_conflicts(0, 1, CONVERGE);
     let c = &tp.conflicts(1)[0];
     assert_eq!(tp.conflict_body(1, c), b"only on the old primary");
