@@ -611,6 +611,9 @@ pub struct Core {
     operator_joined: bool,
     /// A switchover being prepared ([`Action::PrepareHandover`]), and why.
     preparing: Option<Reason>,
+    /// The switchover under way is a step-down ([`Core::step_down`]): it
+    /// ends with this node `off`, whether the peer took over or not.
+    off_after_handover: Option<String>,
     /// The highest epoch the peer has shown (see `on_heartbeat`).
     peer_epoch_max: u64,
     /// After an abandoned switchover, the peer's takeover requests are not
@@ -676,6 +679,7 @@ impl Core {
             persist_failed: false,
             operator_joined: false,
             preparing: None,
+            off_after_handover: None,
             peer_epoch_max: 0,
             handover_cooldown_until: None,
             quorum_ok: false,
@@ -975,6 +979,10 @@ impl Core {
                     }
                 }
                 Timer::Handover => match self.role {
+                    Role::HandingOver if self.off_after_handover.is_some() => {
+                        let why = self.off_after_handover.take().unwrap_or_default();
+                        self.become_role(now, Role::Off, Reason::SteppedDown(why));
+                    }
                     Role::HandingOver => {
                         self.become_role(now, Role::Secondary, Reason::HandoverTimedOut);
                         // Give the peer a full window to show up as primary
@@ -1009,10 +1017,19 @@ impl Core {
     }
 
     /// Driver: take this primary out of service (`off`; the peer takes
-    /// over; `hasync join` brings it back).
+    /// over; `hasync join` brings it back). A live secondary gets the role
+    /// as in a switchover: services stopped, replication drained (the
+    /// peer's replica may still be filling: it must not serve with part of
+    /// the mail, and it would not take over from an `off` node then), the
+    /// role handed over; then, or if that fails, this node goes `off`.
     pub fn step_down(&mut self, now: Instant, why: String) -> Result<(), CommandRefused> {
         if self.role != Role::Primary {
             return Err(CommandRefused::WrongRole(self.role));
+        }
+        if self.require_peer(Role::Secondary).is_ok() && self.cfg.prepare_handover.is_some() {
+            self.off_after_handover = Some(why.clone());
+            self.start_handover(now, Reason::SteppedDown(why));
+            return Ok(());
         }
         self.become_role(now, Role::Off, Reason::SteppedDown(why));
         Ok(())
@@ -1076,6 +1093,11 @@ impl Core {
             Role::HandingOver => {
                 if hb.role.is_live_primary() && hb.epoch > self.epoch {
                     self.adopt_epoch(hb.epoch);
+                    if let Some(why) = self.off_after_handover.take() {
+                        self.timers.clear(Timer::Handover);
+                        self.become_role(now, Role::Off, Reason::SteppedDown(why));
+                        return;
+                    }
                     self.join_as_secondary(
                         now,
                         Reason::HandoverComplete {
@@ -1504,6 +1526,19 @@ impl Core {
 
     /// The switchover is off: this node serves again at its epoch.
     fn abandon_handover(&mut self, now: Instant, why: String) {
+        if let Some(down) = self.off_after_handover.take() {
+            // A step-down: this node does not serve again.
+            self.actions
+                .push_back(Action::Alarm(Alarm::SwitchoverAbandoned(why.clone())));
+            if self.role == Role::Primary {
+                self.become_role(
+                    now,
+                    Role::Off,
+                    Reason::SteppedDown(format!("{down}; handing over failed: {why}")),
+                );
+            }
+            return;
+        }
         // The peer's takeover requests keep coming for a while: do not
         // start over (and flap the services) at each of them.
         self.handover_cooldown_until = Some(now + self.cfg.lost_window() * 4);

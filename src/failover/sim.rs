@@ -38,6 +38,9 @@ pub enum FaultKind {
     /// Operator runs `hasync accept-replica` on the node (applies to an
     /// incomplete replica).
     AcceptReplica { node: usize },
+    /// The node's `on_primary` hook fails with `on_primary_failure =
+    /// "step-down"` (applies to a primary).
+    StepDown { node: usize },
 }
 
 impl FaultKind {
@@ -51,7 +54,8 @@ impl FaultKind {
             | FaultKind::Isolate { for_ms, .. } => for_ms,
             FaultKind::Switchover { .. }
             | FaultKind::Join { .. }
-            | FaultKind::AcceptReplica { .. } => 0,
+            | FaultKind::AcceptReplica { .. }
+            | FaultKind::StepDown { .. } => 0,
         }
     }
 }
@@ -116,6 +120,8 @@ pub struct Outcome {
     pub switchovers_abandoned: usize,
     /// Promotions refused for an incomplete replica (alarms).
     pub incomplete_refusals: usize,
+    /// Step-downs that handed the role over to a live secondary first.
+    pub step_downs_handed_over: usize,
     /// Virtual time from the end of the last fault to a stable pair.
     pub converged_after_ms: Option<u64>,
 }
@@ -207,6 +213,7 @@ pub struct Sim {
     queue_pushes: usize,
     split_brain_alarms: usize,
     switchovers_abandoned: usize,
+    step_downs_handed_over: usize,
     incomplete_refusals: usize,
     /// Lease mode: the etcd key (holder, expiry) and its revision.
     lease: Option<(usize, u64)>,
@@ -279,6 +286,7 @@ impl Sim {
             queue_pushes: 0,
             split_brain_alarms: 0,
             switchovers_abandoned: 0,
+            step_downs_handed_over: 0,
             incomplete_refusals: 0,
             lease: None,
             lease_revision: 0,
@@ -436,6 +444,7 @@ impl Sim {
             queue_pushes: self.queue_pushes,
             split_brain_alarms: self.split_brain_alarms,
             switchovers_abandoned: self.switchovers_abandoned,
+            step_downs_handed_over: self.step_downs_handed_over,
             incomplete_refusals: self.incomplete_refusals,
             converged_after_ms: Some(self.last_role_change_ms.saturating_sub(quiet)),
         })
@@ -747,6 +756,13 @@ impl Sim {
                             self.drain_noting(node);
                         }
                     }
+                    FaultKind::StepDown { node } => {
+                        if let Some(core) = self.nodes[node].core.as_mut() {
+                            let r = core.step_down(now, "on_primary hook failed".into());
+                            self.log(format!("step-down on node {node}: {r:?}"));
+                            self.drain_noting(node);
+                        }
+                    }
                     FaultKind::StateDirFull { node, for_ms } => {
                         self.nodes[node].state_full_until = now_ms + for_ms;
                     }
@@ -839,6 +855,10 @@ impl Sim {
                 } => {
                     self.log(format!("node {i} -> {role} epoch {epoch} ({reason})"));
                     self.last_role_change_ms = now_ms;
+                    if role == Role::HandingOver && matches!(reason, super::Reason::SteppedDown(_))
+                    {
+                        self.step_downs_handed_over += 1;
+                    }
                     if role == Role::Promoting {
                         self.promotions += 1;
                         self.check_no_spurious_promotion(i)?;
@@ -1194,6 +1214,19 @@ pub fn random_plan(seed: u64, base: &[CoreConfig; 2], faults: usize) -> Plan {
             });
         }
         list.sort_by_key(|f| f.at_ms);
+    }
+    // A primary's on_primary hook fails (step-down) in one plan of four,
+    // and the operator brings the node back afterwards.
+    let mut down = SimRng::new(seed ^ 0x0057_E9D0_3A11);
+    if down.percent(25) {
+        list.push(Fault {
+            at_ms: down.range(0, horizon),
+            kind: FaultKind::StepDown {
+                node: down.range(0, 1) as usize,
+            },
+        });
+        list.sort_by_key(|f| f.at_ms);
+        after_the_faults(&mut list, window, |node| FaultKind::Join { node });
     }
     Plan {
         seed,

@@ -815,3 +815,92 @@ fn a_promotion_waiting_for_the_quorum_grace_is_dropped_when_a_fill_begins() {
     );
     assert_eq!(c.role(), Role::Secondary);
 }
+
+/// mx1, primary at epoch 1 with switchovers prepared, hearing the
+/// secondary mx2 (its replica incomplete).
+fn primary_beside_filling_secondary(t0: Instant) -> Core {
+    let mut c = Core::new(
+        CoreConfig {
+            prepare_handover: Some(Duration::from_secs(30)),
+            ..cfg("mx1", "mx2", 200)
+        },
+        EpochRecord::default(),
+        t0,
+    );
+    c.handle_timeout(t0 + Duration::from_secs(2));
+    c.handle_event(
+        t0 + Duration::from_secs(2),
+        Event::Persisted(EpochRecord {
+            epoch: 1,
+            held_primary: Some(1),
+        }),
+    );
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(
+        t0 + Duration::from_secs(2),
+        hb_from_mx2(Role::Secondary, 1, 1, FLAG_REPLICA_INCOMPLETE),
+    );
+    drain(&mut c);
+    c
+}
+
+fn becomes(acts: &[Action], role: Role) -> bool {
+    acts.iter()
+        .any(|a| matches!(a, Action::Become { role: r, .. } if *r == role))
+}
+
+#[test]
+fn a_step_down_beside_a_live_secondary_hands_the_role_over_then_goes_off() {
+    let t0 = Instant::now();
+    // The peer was heard 100 ms before.
+    let t1 = t0 + Duration::from_millis(2100);
+    let mut c = primary_beside_filling_secondary(t0);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    let acts = drain(&mut c);
+    // Services stop and replication drains first (the peer's replica is
+    // still filling: it would not take over from an `off` node).
+    assert!(
+        acts.iter().any(|a| matches!(a, Action::PrepareHandover)),
+        "{acts:?}"
+    );
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(t1, Event::HandoverPrepared);
+    assert!(becomes(&drain(&mut c), Role::HandingOver));
+    // The peer promotes; this node goes off, not secondary.
+    c.handle_event(t1, hb_from_mx2(Role::Primary, 2, 2, 0));
+    let acts = drain(&mut c);
+    assert_eq!(c.role(), Role::Off, "{acts:?}");
+    assert_eq!(c.epoch(), 2);
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::StartQueuePush { .. })));
+
+    // A preparation that fails: off at once, not serving again.
+    let mut c = primary_beside_filling_secondary(t0);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    drain(&mut c);
+    c.handle_event(t1, Event::HandoverPrepareFailed("drain failed".into()));
+    let acts = drain(&mut c);
+    assert_eq!(c.role(), Role::Off);
+    assert!(!acts
+        .iter()
+        .any(|a| matches!(a, Action::ResumeService { .. })));
+
+    // A peer that never takes the role: off once the handover times out.
+    let mut c = primary_beside_filling_secondary(t0);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    drain(&mut c);
+    c.handle_event(t1, Event::HandoverPrepared);
+    drain(&mut c);
+    c.handle_timeout(t1 + Duration::from_secs(5));
+    assert_eq!(c.role(), Role::Off);
+
+    // No live peer: off at once, as before.
+    let mut c = primary_beside_filling_secondary(t0);
+    let silent = t0 + Duration::from_secs(10);
+    c.handle_timeout(silent);
+    drain(&mut c);
+    c.step_down(silent, "on_primary hook failed".into())
+        .unwrap();
+    assert!(becomes(&drain(&mut c), Role::Off));
+}

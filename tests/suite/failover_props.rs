@@ -60,6 +60,7 @@ fn sim_seeds() {
     let mut pushes = 0;
     let mut split = 0;
     let mut incomplete = 0;
+    let mut handed = 0;
     for seed in first..first + n {
         let plan = random_plan(seed, &base(), 8);
         match Sim::new(plan.clone()).run() {
@@ -68,6 +69,7 @@ fn sim_seeds() {
                 pushes += out.queue_pushes;
                 split += out.split_brain_alarms;
                 incomplete += out.incomplete_refusals;
+                handed += out.step_downs_handed_over;
             }
             Err(v) => panic!(
                 "{v}\nplan: {plan:#?}\nreplay with: HASYNC_SIM_SEED={seed} cargo test sim_seed"
@@ -88,8 +90,13 @@ fn sim_seeds() {
         n < 100 || incomplete > 0,
         "no promotion refused for an incomplete replica in {n} runs"
     );
+    // And step-downs that hand the role over.
+    assert!(
+        n < 100 || handed > 0,
+        "no step-down handed the role over in {n} runs"
+    );
     println!(
-        "{n} seeds: {promotions} promotions, {pushes} queue pushes, {split} split-brain alarms, {incomplete} promotions held back for an incomplete replica"
+        "{n} seeds: {promotions} promotions, {pushes} queue pushes, {split} split-brain alarms, {incomplete} promotions held back for an incomplete replica, {handed} step-downs handed over"
     );
 }
 
@@ -101,6 +108,7 @@ fn fault_strategy() -> impl Strategy<Value = Fault> {
         (0usize..2, 1u64..3000).prop_map(|(node, for_ms)| FaultKind::SelfFail { node, for_ms }),
         (0usize..2).prop_map(|node| FaultKind::Switchover { node }),
         (0usize..2).prop_map(|node| FaultKind::Join { node }),
+        (0usize..2).prop_map(|node| FaultKind::StepDown { node }),
     ];
     (0u64..12_000, kind).prop_map(|(at_ms, kind)| Fault { at_ms, kind })
 }

@@ -261,15 +261,37 @@ fn switchover_stops_the_writer_and_drains_before_the_peer_promotes() {
 }
 
 /// With `on_primary_failure = "step-down"`, a node whose on_primary fails
-/// goes `off` and the peer takes over.
+/// goes `off` and the peer takes over. The hook fails as the pair forms,
+/// during the peer's first sync: the role is handed over as in a
+/// switchover, once the peer holds all the mail (an incomplete replica
+/// would not take over from an `off` node, and must not serve with part
+/// of the mail).
 #[test]
 fn on_primary_failure_with_step_down_hands_the_role_over() {
     let extra = "[hooks]\non_primary = [\"/bin/sh\", \"-c\", \"[ -e {node_root}/healthy ]\"]\non_primary_failure = \"step-down\"\n".to_string();
     let mut tp = TestPair::new(opts(extra));
     // mx2 will be healthy, mx1 (the higher priority) not.
     std::fs::write(tp.pair.nodes[1].root.join("healthy"), b"").unwrap();
+    // Mail only mx1 holds: the first sync has something to do.
+    let (a, b) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    for u in 0..20 {
+        let d = a.join(format!("user{u}/Maildir/cur"));
+        std::fs::create_dir_all(&d).unwrap();
+        for i in 0..50 {
+            write(
+                &d.join(format!("{i}.M{u}.mx1:2,S")),
+                &format!("message {i} of user {u}\n{}", "x".repeat(2000)),
+            );
+        }
+    }
     tp.start_all();
-    let st = tp.wait_mode(1, Role::Primary, Duration::from_secs(20));
+    let st = tp.wait_mode(1, Role::Primary, Duration::from_secs(30));
+    assert_eq!(
+        digest(&a),
+        digest(&b),
+        "the new primary holds all the mail as it serves\n{}",
+        tp.logs()
+    );
     let st1 = tp.wait_mode(0, Role::Off, Duration::from_secs(10));
     assert!(
         st1.reason.contains("on_primary hook failed"),
