@@ -925,7 +925,11 @@ impl Node {
                     {
                         let why = format!("on_primary hook failed ({})", run.summary);
                         if self.core.step_down(now, why).is_ok() {
-                            warn!("stepped down: hooks.on_primary_failure = \"step-down\"; `hasync join` brings the node back");
+                            if self.core.role() == Role::Off {
+                                warn!("stepped down: hooks.on_primary_failure = \"step-down\"; `hasync join` brings the node back");
+                            } else {
+                                warn!("stepping down: hooks.on_primary_failure = \"step-down\"; the role goes to the peer first, as in a switchover, then this node goes off (`hasync join` brings it back)");
+                            }
                         }
                     }
                 }

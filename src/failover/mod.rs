@@ -437,6 +437,12 @@ pub enum Alarm {
     /// No primary serves, the peer's replica is incomplete, and this node
     /// does not take over from it: it never held the mail (fresh).
     FreshBesideIncomplete,
+    /// A step-down waits for the peer's first fill: this node stays
+    /// primary, replicating, and hands over once the peer holds all the
+    /// mail.
+    StepDownWaitsForFill(String),
+    /// A step-down could not hand the role over: this node goes off.
+    StepDownHandoverFailed(String),
 }
 
 impl fmt::Display for Alarm {
@@ -483,6 +489,14 @@ impl fmt::Display for Alarm {
             Alarm::SwitchoverAbandoned(why) => {
                 write!(f, "switchover abandoned, this node keeps serving: {why}")
             }
+            Alarm::StepDownWaitsForFill(why) => write!(
+                f,
+                "stepping down ({why}): the peer's replica is still filling (its first sync has not finished); this node stays primary, replicating but serving no mail, and hands the role over once the peer holds all the mail"
+            ),
+            Alarm::StepDownHandoverFailed(why) => write!(
+                f,
+                "stepping down: handing the role over failed ({why}); this node goes off"
+            ),
         }
     }
 }
@@ -611,9 +625,11 @@ pub struct Core {
     operator_joined: bool,
     /// A switchover being prepared ([`Action::PrepareHandover`]), and why.
     preparing: Option<Reason>,
-    /// The switchover under way is a step-down ([`Core::step_down`]): it
-    /// ends with this node `off`, whether the peer took over or not.
+    /// A step-down under way ([`Core::step_down`]), and why: it ends
+    /// with this node `off`, whether the peer took over or not.
     off_after_handover: Option<String>,
+    /// That step-down waits for the peer's first fill (alarmed once).
+    step_down_waits: bool,
     /// The highest epoch the peer has shown (see `on_heartbeat`).
     peer_epoch_max: u64,
     /// After an abandoned switchover, the peer's takeover requests are not
@@ -680,6 +696,7 @@ impl Core {
             operator_joined: false,
             preparing: None,
             off_after_handover: None,
+            step_down_waits: false,
             peer_epoch_max: 0,
             handover_cooldown_until: None,
             quorum_ok: false,
@@ -1018,21 +1035,51 @@ impl Core {
 
     /// Driver: take this primary out of service (`off`; the peer takes
     /// over; `hasync join` brings it back). A live secondary gets the role
-    /// as in a switchover: services stopped, replication drained (the
-    /// peer's replica may still be filling: it must not serve with part of
-    /// the mail, and it would not take over from an `off` node then), the
-    /// role handed over; then, or if that fails, this node goes `off`.
+    /// as in a switchover: services stopped, replication drained, the role
+    /// handed over; then, or if that fails, this node goes `off`. A peer
+    /// whose replica is still filling must not serve with part of the mail
+    /// (and would not take over from an `off` node): this node stays
+    /// primary, replicating, until the peer's heartbeats say its replica is
+    /// complete, and hands over then; it goes `off` if the peer is lost
+    /// meanwhile.
     pub fn step_down(&mut self, now: Instant, why: String) -> Result<(), CommandRefused> {
         if self.role != Role::Primary {
             return Err(CommandRefused::WrongRole(self.role));
         }
         if self.require_peer(Role::Secondary).is_ok() && self.cfg.prepare_handover.is_some() {
-            self.off_after_handover = Some(why.clone());
-            self.start_handover(now, Reason::SteppedDown(why));
+            self.off_after_handover = Some(why);
+            self.step_down_next(now);
             return Ok(());
         }
         self.become_role(now, Role::Off, Reason::SteppedDown(why));
         Ok(())
+    }
+
+    /// A step-down under way goes on: it waits while the peer's replica
+    /// fills, and hands over once it is complete.
+    fn step_down_next(&mut self, now: Instant) {
+        let Some(why) = self.off_after_handover.clone() else {
+            return;
+        };
+        if self.role != Role::Primary || self.preparing.is_some() {
+            return;
+        }
+        if self.peer_filling() {
+            if !std::mem::replace(&mut self.step_down_waits, true) {
+                self.actions
+                    .push_back(Action::Alarm(Alarm::StepDownWaitsForFill(why)));
+            }
+            return;
+        }
+        self.step_down_waits = false;
+        self.start_handover(now, Reason::SteppedDown(why));
+    }
+
+    /// The live peer's heartbeats say its replica is incomplete.
+    fn peer_filling(&self) -> bool {
+        self.peer
+            .as_ref()
+            .is_some_and(|p| p.alive && p.hb.flags & FLAG_REPLICA_INCOMPLETE != 0)
     }
 
     /// Operator: `hasync join` brings a node that is `off` back into the pair.
@@ -1239,6 +1286,7 @@ impl Core {
             {
                 self.start_handover(now, Reason::TakeoverRequestedByPeer);
             }
+            Role::Secondary if self.off_after_handover.is_some() => self.step_down_next(now),
             _ => {}
         }
     }
@@ -1258,6 +1306,17 @@ impl Core {
         if self.preparing.take().is_some() {
             self.timers.clear(Timer::Prepare);
             self.abandon_handover(now, "the peer was lost during the switchover".into());
+        }
+        if self.role == Role::Primary {
+            if let Some(why) = self.off_after_handover.take() {
+                // A step-down waiting for the peer's fill: nobody else to
+                // hand over to.
+                self.become_role(
+                    now,
+                    Role::Off,
+                    Reason::SteppedDown(format!("{why}; the peer was lost")),
+                );
+            }
         }
         match self.role {
             Role::Secondary => self.promote_without_peer(now, Reason::PeerLost { silent_for }),
@@ -1526,10 +1585,16 @@ impl Core {
 
     /// The switchover is off: this node serves again at its epoch.
     fn abandon_handover(&mut self, now: Instant, why: String) {
+        if self.off_after_handover.is_some() && self.role == Role::Primary && self.peer_filling() {
+            // A step-down whose drain took longer than a switchover may:
+            // the peer's first fill goes on, and the handover after it.
+            self.step_down_next(now);
+            return;
+        }
         if let Some(down) = self.off_after_handover.take() {
             // A step-down: this node does not serve again.
             self.actions
-                .push_back(Action::Alarm(Alarm::SwitchoverAbandoned(why.clone())));
+                .push_back(Action::Alarm(Alarm::StepDownHandoverFailed(why.clone())));
             if self.role == Role::Primary {
                 self.become_role(
                     now,
@@ -1625,6 +1690,12 @@ impl Core {
             // Left primary some other way (split brain, a failed check):
             // the preparation no longer applies.
             self.timers.clear(Timer::Prepare);
+        }
+        if !matches!(role, Role::Primary | Role::HandingOver) {
+            // Whatever ends a tenure ends a step-down of it: a later
+            // switchover is not one.
+            self.off_after_handover = None;
+            self.step_down_waits = false;
         }
         self.role = role;
         self.since = now;

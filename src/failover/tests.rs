@@ -817,8 +817,8 @@ fn a_promotion_waiting_for_the_quorum_grace_is_dropped_when_a_fill_begins() {
 }
 
 /// mx1, primary at epoch 1 with switchovers prepared, hearing the
-/// secondary mx2 (its replica incomplete).
-fn primary_beside_filling_secondary(t0: Instant) -> Core {
+/// secondary mx2 (heartbeat `flags`: its replica incomplete or not).
+fn primary_beside_secondary(t0: Instant, flags: u8) -> Core {
     let mut c = Core::new(
         CoreConfig {
             prepare_handover: Some(Duration::from_secs(30)),
@@ -838,7 +838,7 @@ fn primary_beside_filling_secondary(t0: Instant) -> Core {
     assert_eq!(c.role(), Role::Primary);
     c.handle_event(
         t0 + Duration::from_secs(2),
-        hb_from_mx2(Role::Secondary, 1, 1, FLAG_REPLICA_INCOMPLETE),
+        hb_from_mx2(Role::Secondary, 1, 1, flags),
     );
     drain(&mut c);
     c
@@ -849,25 +849,42 @@ fn becomes(acts: &[Action], role: Role) -> bool {
         .any(|a| matches!(a, Action::Become { role: r, .. } if *r == role))
 }
 
+fn prepares(acts: &[Action]) -> bool {
+    acts.iter().any(|a| matches!(a, Action::PrepareHandover))
+}
+
 #[test]
-fn a_step_down_beside_a_live_secondary_hands_the_role_over_then_goes_off() {
+fn a_step_down_waits_for_the_peers_fill_then_hands_the_role_over_and_goes_off() {
     let t0 = Instant::now();
     // The peer was heard 100 ms before.
     let t1 = t0 + Duration::from_millis(2100);
-    let mut c = primary_beside_filling_secondary(t0);
+    let mut c = primary_beside_secondary(t0, FLAG_REPLICA_INCOMPLETE);
     c.step_down(t1, "on_primary hook failed".into()).unwrap();
     let acts = drain(&mut c);
-    // Services stop and replication drains first (the peer's replica is
-    // still filling: it would not take over from an `off` node).
+    // The peer's replica is still filling: this node stays primary (the
+    // fill goes on) and says why.
+    assert!(!prepares(&acts), "{acts:?}");
     assert!(
-        acts.iter().any(|a| matches!(a, Action::PrepareHandover)),
+        acts.iter()
+            .any(|a| matches!(a, Action::Alarm(Alarm::StepDownWaitsForFill(_)))),
         "{acts:?}"
     );
     assert_eq!(c.role(), Role::Primary);
-    c.handle_event(t1, Event::HandoverPrepared);
+    // Still filling a while later: nothing new.
+    let t2 = t1 + Duration::from_millis(100);
+    c.handle_event(
+        t2,
+        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
+    );
+    assert!(!prepares(&drain(&mut c)));
+    // The fill is done: services stop and replication drains first.
+    c.handle_event(t2, hb_from_mx2(Role::Secondary, 1, 3, 0));
+    assert!(prepares(&drain(&mut c)));
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(t2, Event::HandoverPrepared);
     assert!(becomes(&drain(&mut c), Role::HandingOver));
     // The peer promotes; this node goes off, not secondary.
-    c.handle_event(t1, hb_from_mx2(Role::Primary, 2, 2, 0));
+    c.handle_event(t2, hb_from_mx2(Role::Primary, 2, 4, 0));
     let acts = drain(&mut c);
     assert_eq!(c.role(), Role::Off, "{acts:?}");
     assert_eq!(c.epoch(), 2);
@@ -875,19 +892,52 @@ fn a_step_down_beside_a_live_secondary_hands_the_role_over_then_goes_off() {
         .iter()
         .any(|a| matches!(a, Action::StartQueuePush { .. })));
 
-    // A preparation that fails: off at once, not serving again.
-    let mut c = primary_beside_filling_secondary(t0);
+    // Waiting for the fill, the peer is lost: off (nobody to hand to).
+    let mut c = primary_beside_secondary(t0, FLAG_REPLICA_INCOMPLETE);
     c.step_down(t1, "on_primary hook failed".into()).unwrap();
     drain(&mut c);
+    c.handle_timeout(t1 + Duration::from_secs(5));
+    assert_eq!(c.role(), Role::Off);
+}
+
+#[test]
+fn a_step_down_beside_a_complete_secondary_hands_over_at_once_and_goes_off_if_that_fails() {
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_millis(2100);
+    let mut c = primary_beside_secondary(t0, 0);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    assert!(prepares(&drain(&mut c)));
+    // A preparation that fails: off at once, not serving again.
     c.handle_event(t1, Event::HandoverPrepareFailed("drain failed".into()));
     let acts = drain(&mut c);
     assert_eq!(c.role(), Role::Off);
     assert!(!acts
         .iter()
         .any(|a| matches!(a, Action::ResumeService { .. })));
+    assert!(acts
+        .iter()
+        .any(|a| matches!(a, Action::Alarm(Alarm::StepDownHandoverFailed(_)))));
+
+    // The peer began its fill after the preparation started (it had not
+    // said so yet), and the drain ran out of time: the node waits for the
+    // fill instead of leaving nobody to serve.
+    let mut c = primary_beside_secondary(t0, 0);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    assert!(prepares(&drain(&mut c)));
+    c.handle_event(
+        t1,
+        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
+    );
+    c.handle_event(
+        t1,
+        Event::HandoverPrepareFailed("drain took too long".into()),
+    );
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(t1, hb_from_mx2(Role::Secondary, 1, 3, 0));
+    assert!(prepares(&drain(&mut c)));
 
     // A peer that never takes the role: off once the handover times out.
-    let mut c = primary_beside_filling_secondary(t0);
+    let mut c = primary_beside_secondary(t0, 0);
     c.step_down(t1, "on_primary hook failed".into()).unwrap();
     drain(&mut c);
     c.handle_event(t1, Event::HandoverPrepared);
@@ -896,11 +946,25 @@ fn a_step_down_beside_a_live_secondary_hands_the_role_over_then_goes_off() {
     assert_eq!(c.role(), Role::Off);
 
     // No live peer: off at once, as before.
-    let mut c = primary_beside_filling_secondary(t0);
+    let mut c = primary_beside_secondary(t0, 0);
     let silent = t0 + Duration::from_secs(10);
     c.handle_timeout(silent);
     drain(&mut c);
     c.step_down(silent, "on_primary hook failed".into())
         .unwrap();
     assert!(becomes(&drain(&mut c), Role::Off));
+}
+
+#[test]
+fn a_step_down_ended_some_other_way_does_not_turn_a_later_switchover_into_one() {
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_millis(2100);
+    let mut c = primary_beside_secondary(t0, FLAG_REPLICA_INCOMPLETE);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    drain(&mut c);
+    // A failed self-check ends the tenure, and the step-down with it.
+    c.handle_event(t1, Event::SelfCheck(Err("disk".into())));
+    assert_eq!(c.role(), Role::Failed);
+    assert!(c.off_after_handover.is_none());
+    assert!(!c.step_down_waits);
 }

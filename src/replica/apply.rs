@@ -387,6 +387,9 @@ pub struct Applier {
     /// comparison protects `to` again (its `KeepAside` comes first) before
     /// it deletes the source. At most [`HELD_FOR_RENAME_MAX`].
     held_for_rename: HeldForRename,
+    /// Bumped at every change of `held_for_rename` (the receiver writes
+    /// them to disk when it moved).
+    held_changes: u64,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
     dir_times: HashMap<(usize, PathBuf), Meta>,
     /// Folders whose mtime to apply at the next commit's directory phase.
@@ -448,6 +451,7 @@ impl Applier {
             stats,
             protected: HashSet::new(),
             held_for_rename: HashMap::new(),
+            held_changes: 0,
             dir_times: HashMap::new(),
             retime: BTreeSet::new(),
             dirs: BTreeSet::new(),
@@ -463,6 +467,7 @@ impl Applier {
             stats: self.stats.clone(),
             protected: self.protected.clone(),
             held_for_rename: self.held_for_rename.clone(),
+            held_changes: self.held_changes,
             dir_times: self.dir_times.clone(),
             retime: self.retime.clone(),
             dirs: self.dirs.clone(),
@@ -489,14 +494,21 @@ impl Applier {
         &self.held_for_rename
     }
 
+    /// A count that moves whenever the sources held for renames change.
+    pub fn held_changes(&self) -> u64 {
+        self.held_changes
+    }
+
     /// The sources held for renames onto protected paths, to pass on to
     /// the next receiver ([`Applier::hold_for_rename`]).
     pub fn take_held_for_rename(&mut self) -> HeldForRename {
+        self.held_changes += 1;
         std::mem::take(&mut self.held_for_rename)
     }
 
     /// Takes on the sources an earlier receiver held.
     pub fn hold_for_rename(&mut self, held: HeldForRename) {
+        self.held_changes += 1;
         self.held_for_rename = held;
     }
 
@@ -555,6 +567,7 @@ impl Applier {
             // The rename's target can take the message now (the primary's
             // op on it follows): the source is the primary's to delete.
             self.held_for_rename.remove(&(s, h));
+            self.held_changes += 1;
         }
         if let Err(reason) = self.unprotect(tree, s, rel, touch == Touch::Replace) {
             self.need(seq, s, rel, reason);
@@ -623,6 +636,7 @@ impl Applier {
             }
             self.release(tree, s, &next, depth + 1)?;
             self.held_for_rename.remove(&(s, h));
+            self.held_changes += 1;
         }
         self.unprotect(tree, s, to, true)
     }
@@ -700,6 +714,7 @@ impl Applier {
         if self.held_for_rename.is_empty() {
             return;
         }
+        self.held_changes += 1;
         let moving = |p: &Path| crate::model::moved_path(p, from, to).unwrap_or(p.to_path_buf());
         self.held_for_rename = std::mem::take(&mut self.held_for_rename)
             .into_iter()
@@ -854,6 +869,7 @@ impl Applier {
             {
                 self.held_for_rename
                     .insert((s, from.to_path_buf()), to.to_path_buf());
+                self.held_changes += 1;
             }
             return;
         }

@@ -1693,7 +1693,13 @@ async fn serve_sync(
         receiver.abandon();
     }
     receiver.save_indexes();
-    *receiving.held_for_rename.borrow_mut() = receiver.take_held_for_rename();
+    // Passed on to the next session's receiver, unless the node has become
+    // primary meanwhile (which dropped them, file and all, while this
+    // session was still ending).
+    let held = receiver.take_held_for_rename();
+    if *mode_rx.borrow() != EngineMode::Primary {
+        *receiving.held_for_rename.borrow_mut() = held;
+    }
     match res {
         Ok(()) => info!(peer = %addr, "sync connection closed"),
         Err(e) => info!(peer = %addr, "sync connection ended: {e}"),

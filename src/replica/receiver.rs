@@ -249,12 +249,13 @@ pub struct Receiver {
     handover: HandOver<(usize, super::conflicts::Conflict)>,
     /// A manifest being sent (see [`Receiver::stream_manifest`]).
     manifest_out: Option<ManifestOut>,
-    /// The sources held for renames as the state directory keeps them
-    /// (`held`), `None` when unknown (not yet written by this receiver,
-    /// or the write failed).
-    held_saved: Option<super::apply::HeldForRename>,
-    /// Writing them failed, and no write has succeeded since.
-    held_save_failing: bool,
+    /// The `Applier::held_changes` count the state directory's copy of the
+    /// sources held for renames (`held`) is of; `None` when unknown (not
+    /// yet written by this receiver, or the write failed).
+    held_saved: Option<u64>,
+    /// Writing them failed, and no write has succeeded since: the next try
+    /// waits until then.
+    held_save_failing: Option<Instant>,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -317,7 +318,7 @@ impl Receiver {
             manifest_out: None,
             served: Default::default(),
             held_saved: None,
-            held_save_failing: false,
+            held_save_failing: None,
         }
     }
 
@@ -343,10 +344,13 @@ impl Receiver {
         let Some(dir) = self.state_dir.as_deref() else {
             return;
         };
-        let held = self.ops.held_for_rename();
-        if self.held_saved.as_ref() == Some(held) {
+        let changes = self.ops.held_changes();
+        if self.held_saved == Some(changes)
+            || self.held_save_failing.is_some_and(|t| Instant::now() < t)
+        {
             return;
         }
+        let held = self.ops.held_for_rename();
         let names: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         match super::held::save(dir, &names, held) {
             Ok(()) => {
@@ -356,12 +360,15 @@ impl Receiver {
                         "sources held for renames onto conflicts that cannot be kept aside saved"
                     );
                 }
-                self.held_saved = Some(held.clone());
-                self.held_save_failing = false;
+                self.held_saved = Some(changes);
+                self.held_save_failing = None;
             }
             Err(e) => {
-                // Once until a write succeeds, not at every answer.
-                if !std::mem::replace(&mut self.held_save_failing, true) {
+                // Tried again a second later at the earliest, and alarmed
+                // once until a write succeeds.
+                let first = self.held_save_failing.is_none();
+                self.held_save_failing = Some(Instant::now() + Duration::from_secs(1));
+                if first {
                     error!(alarm = true, held = held.len(), "ALARM: cannot save the sources held for renames in {}: {e}; a restart before they are released would forget them", dir.display());
                     self.stats.raise_alarm(format!(
                         "cannot save the sources held for renames in {}: {e}",

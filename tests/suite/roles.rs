@@ -262,13 +262,14 @@ fn switchover_stops_the_writer_and_drains_before_the_peer_promotes() {
 
 /// With `on_primary_failure = "step-down"`, a node whose on_primary fails
 /// goes `off` and the peer takes over. The hook fails as the pair forms,
-/// during the peer's first sync: the role is handed over as in a
-/// switchover, once the peer holds all the mail (an incomplete replica
-/// would not take over from an `off` node, and must not serve with part
-/// of the mail).
+/// during the peer's first sync, which takes longer than a switchover may
+/// (`switchover_timeout_ms` 1 s): the node stays primary until the peer
+/// holds all the mail, then hands the role over as in a switchover (an
+/// incomplete replica would not take over from an `off` node, and must not
+/// serve with part of the mail).
 #[test]
 fn on_primary_failure_with_step_down_hands_the_role_over() {
-    let extra = "[hooks]\non_primary = [\"/bin/sh\", \"-c\", \"[ -e {node_root}/healthy ]\"]\non_primary_failure = \"step-down\"\n".to_string();
+    let extra = "[hooks]\non_primary = [\"/bin/sh\", \"-c\", \"[ -e {node_root}/healthy ]\"]\non_primary_failure = \"step-down\"\nswitchover_timeout_ms = 1000\n".to_string();
     let mut tp = TestPair::new(opts(extra));
     // mx2 will be healthy, mx1 (the higher priority) not.
     std::fs::write(tp.pair.nodes[1].root.join("healthy"), b"").unwrap();
@@ -277,10 +278,10 @@ fn on_primary_failure_with_step_down_hands_the_role_over() {
     for u in 0..20 {
         let d = a.join(format!("user{u}/Maildir/cur"));
         std::fs::create_dir_all(&d).unwrap();
-        for i in 0..50 {
+        for i in 0..400 {
             write(
                 &d.join(format!("{i}.M{u}.mx1:2,S")),
-                &format!("message {i} of user {u}\n{}", "x".repeat(2000)),
+                &format!("message {i} of user {u}\n{}", "x".repeat(4000)),
             );
         }
     }
