@@ -1141,6 +1141,44 @@ impl Drop for DropSignal {
     }
 }
 
+/// Moves the queue replica at `replica` into the live queue
+/// (`Ingester::ingest_local`) on a thread of its own, and gives the
+/// ingester back with the outcome: `None` if the thread panicked (the
+/// ledger is closed with it; pushes to this node are refused until a
+/// restart). Should no thread start, it runs here.
+async fn promote_off_loop(
+    ing: Ingester,
+    replica: PathBuf,
+) -> (Option<Ingester>, Result<(u64, u64), String>) {
+    let slot = Arc::new(Mutex::new(Some(ing)));
+    let (tx, rx) = oneshot::channel();
+    let job = {
+        let (slot, replica) = (slot.clone(), replica.clone());
+        move || {
+            let mut ing = slot.lock().expect("ingester slot").take().expect("once");
+            let outcome = ing.ingest_local(&replica).map_err(|e| e.to_string());
+            let _ = tx.send((Some(ing), outcome));
+        }
+    };
+    match std::thread::Builder::new()
+        .name("hasync-promote".into())
+        .spawn(job)
+    {
+        Ok(_) => rx.await.unwrap_or_else(|_| {
+            (
+                None,
+                Err("the promotion thread panicked; queue pushes to this node are refused until it restarts".into()),
+            )
+        }),
+        Err(e) => {
+            warn!("cannot start a thread for the queue promotion ({e}): it runs on the replication loop");
+            let mut ing = slot.lock().expect("ingester slot").take().expect("not taken");
+            let outcome = ing.ingest_local(&replica).map_err(|e| e.to_string());
+            (Some(ing), outcome)
+        }
+    }
+}
+
 /// How long a promotion of the queue replica that failed waits before it
 /// is tried again.
 const PROMOTE_RETRY: Duration = Duration::from_secs(5);
@@ -1474,7 +1512,7 @@ async fn accept_loop(
                 };
                 failed = true;
                 let taken = ingester.borrow_mut().take();
-                let Some(mut ing) = taken else {
+                let Some(ing) = taken else {
                     if !alarmed {
                         warn!("cannot promote the queue replica: the ledger is busy or unavailable; tried again every {} s", PROMOTE_RETRY.as_secs());
                         alarmed = true;
@@ -1484,7 +1522,20 @@ async fn accept_loop(
                 // What lands in the live queue during this attempt, whatever
                 // its outcome (a batch completed before a later one failed).
                 let landed_before = ing.stats.ingested + ing.stats.rolled_forward;
-                let outcome = ing.ingest_local(&replica);
+                // Scanning both queues and moving every message is disk
+                // work of seconds for a large queue: off this loop, which
+                // serves the sync connections meanwhile.
+                let (back, outcome) = promote_off_loop(ing, replica).await;
+                let Some(mut ing) = back else {
+                    let e = outcome.err().unwrap_or_default();
+                    error!(
+                        alarm = true,
+                        "ALARM: promoting the queue replica failed: {e}"
+                    );
+                    *shared.queue.last_error.lock().expect("queue error lock") = Some(e);
+                    failed = false;
+                    continue;
+                };
                 let landed = ing.stats.ingested + ing.stats.rolled_forward - landed_before;
                 // As after a push: the MTA must learn of them (`postsuper
                 // -s`), before anything delivers them.
