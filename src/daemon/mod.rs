@@ -277,6 +277,8 @@ struct Node {
     prev_role: Role,
     /// `on_secondary` already ran for a switchover being prepared.
     stopped_for_handover: bool,
+    /// The number of the latest switchover preparation asked of the hooks.
+    prepare_id: u64,
     /// The engine's current primary tenure.
     tenure: u64,
     /// The highest of the peer's own epochs this node has heard of (in a
@@ -556,6 +558,7 @@ impl Node {
             role_rx,
             prev_role: Role::Negotiating,
             stopped_for_handover: false,
+            prepare_id: 0,
             tenure: 0,
             // After a restart only the durable record is known: the peer's
             // epoch if it is one, else none (a carried part keeps the floor
@@ -935,10 +938,20 @@ impl Node {
                 }
                 self.roles.record(run);
             }
-            roles::RoleMsg::Prepared(Ok(())) => {
+            roles::RoleMsg::Prepared { id, res } if id != self.prepare_id => {
+                // A preparation the core gave up on before it ended (its
+                // time ran out): another one is asked for, or none.
+                debug!(
+                    id,
+                    current = self.prepare_id,
+                    ok = res.is_ok(),
+                    "an earlier switchover preparation ended"
+                );
+            }
+            roles::RoleMsg::Prepared { res: Ok(()), .. } => {
                 self.core.handle_event(now, Event::HandoverPrepared);
             }
-            roles::RoleMsg::Prepared(Err(why)) => {
+            roles::RoleMsg::Prepared { res: Err(why), .. } => {
                 self.core
                     .handle_event(now, Event::HandoverPrepareFailed(why));
             }
@@ -1087,7 +1100,9 @@ impl Node {
                         "switchover: this node hands over".into(),
                     );
                     let drain = self.engine.drain_handle();
-                    self.roles.prepare_handover(env, move || drain.request());
+                    self.prepare_id += 1;
+                    self.roles
+                        .prepare_handover(env, self.prepare_id, move || drain.request());
                 }
                 Action::AcquireLease =>
                 {

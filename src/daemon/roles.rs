@@ -75,8 +75,12 @@ pub enum RoleMsg {
         run: HookRun,
         kind: HookKind,
     },
-    /// A switchover's preparation ended.
-    Prepared(Result<(), String>),
+    /// A switchover's preparation ended: the one the daemon numbered `id`
+    /// ([`RoleHooks::prepare_handover`]).
+    Prepared {
+        id: u64,
+        res: Result<(), String>,
+    },
 }
 
 /// What the role is, for a hook's environment.
@@ -115,7 +119,7 @@ enum Job {
     /// node left it first; nothing runs).
     OnPrimary(HookEnv, Ready),
     /// `on_secondary`, then the drain; the outcome as [`RoleMsg::Prepared`].
-    PrepareHandover(HookEnv, Drain),
+    PrepareHandover(HookEnv, Drain, u64),
 }
 
 /// The hook runner of a node.
@@ -171,14 +175,19 @@ impl RoleHooks {
         let _ = self.jobs.send(Job::OnPrimary(env, Box::pin(ready)));
     }
 
-    /// Queues a switchover's preparation: `on_secondary`, then `drain()`
-    /// awaited up to `hooks.switchover_timeout`.
+    /// Queues a switchover's preparation, numbered `id`: `on_secondary`,
+    /// then `drain()` awaited up to `hooks.switchover_timeout`. Its outcome
+    /// carries the number: the core may have given it up and asked for
+    /// another meanwhile.
     pub fn prepare_handover(
         &self,
         env: HookEnv,
+        id: u64,
         drain: impl FnOnce() -> oneshot::Receiver<()> + 'static,
     ) {
-        let _ = self.jobs.send(Job::PrepareHandover(env, Box::new(drain)));
+        let _ = self
+            .jobs
+            .send(Job::PrepareHandover(env, Box::new(drain), id));
     }
 
     /// Runs `on_secondary` now and waits for it (shutdown of a primary).
@@ -234,7 +243,7 @@ async fn run_job(
                 });
             }
         }
-        Job::PrepareHandover(env, drain) => {
+        Job::PrepareHandover(env, drain, id) => {
             info!("switchover: stopping services (on_secondary) and draining replication before handing over");
             if let Some(argv) = &cfg.on_secondary {
                 let run = run_hook(HookKind::OnSecondary, argv.clone(), &env, cfg.timeout).await;
@@ -245,7 +254,10 @@ async fn run_job(
                     kind: HookKind::OnSecondary,
                 });
                 if !ok {
-                    let _ = out.send(RoleMsg::Prepared(Err(format!("on_secondary {summary}"))));
+                    let _ = out.send(RoleMsg::Prepared {
+                        id,
+                        res: Err(format!("on_secondary {summary}")),
+                    });
                     return;
                 }
             }
@@ -272,7 +284,7 @@ async fn run_job(
                     cfg.switchover_timeout
                 )),
             };
-            let _ = out.send(RoleMsg::Prepared(msg));
+            let _ = out.send(RoleMsg::Prepared { id, res: msg });
         }
     }
 }

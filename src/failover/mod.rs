@@ -1075,11 +1075,12 @@ impl Core {
         self.start_handover(now, Reason::SteppedDown(why));
     }
 
-    /// The live peer's heartbeats say its replica is incomplete.
+    /// The peer's heartbeats, the last heard if it is silent now, say its
+    /// replica is incomplete.
     fn peer_filling(&self) -> bool {
         self.peer
             .as_ref()
-            .is_some_and(|p| p.alive && p.hb.flags & FLAG_REPLICA_INCOMPLETE != 0)
+            .is_some_and(|p| p.hb.flags & FLAG_REPLICA_INCOMPLETE != 0)
     }
 
     /// Operator: `hasync join` brings a node that is `off` back into the pair.
@@ -1307,10 +1308,12 @@ impl Core {
             self.timers.clear(Timer::Prepare);
             self.abandon_handover(now, "the peer was lost during the switchover".into());
         }
-        if self.role == Role::Primary {
+        if self.role == Role::Primary && self.off_after_handover.is_some() && !self.peer_filling() {
+            // A step-down beside a peer that holds the mail: off, so that
+            // it takes over when it is back. (One beside a peer still
+            // filling waits on: that peer would not take over from an
+            // `off` node, and its fill goes on from this node only.)
             if let Some(why) = self.off_after_handover.take() {
-                // A step-down waiting for the peer's fill: nobody else to
-                // hand over to.
                 self.become_role(
                     now,
                     Role::Off,

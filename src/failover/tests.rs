@@ -892,12 +892,23 @@ fn a_step_down_waits_for_the_peers_fill_then_hands_the_role_over_and_goes_off() 
         .iter()
         .any(|a| matches!(a, Action::StartQueuePush { .. })));
 
-    // Waiting for the fill, the peer is lost: off (nobody to hand to).
+    // Waiting for the fill, the peer is lost for a while: the node waits
+    // on (the peer would not take over from an `off` node, and only this
+    // node can go on filling it), and hands over once the peer is back
+    // and complete.
     let mut c = primary_beside_secondary(t0, FLAG_REPLICA_INCOMPLETE);
     c.step_down(t1, "on_primary hook failed".into()).unwrap();
     drain(&mut c);
-    c.handle_timeout(t1 + Duration::from_secs(5));
-    assert_eq!(c.role(), Role::Off);
+    let t3 = t1 + Duration::from_secs(5);
+    c.handle_timeout(t3);
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(
+        t3,
+        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
+    );
+    assert!(!prepares(&drain(&mut c)));
+    c.handle_event(t3, hb_from_mx2(Role::Secondary, 1, 3, 0));
+    assert!(prepares(&drain(&mut c)));
 }
 
 #[test]
@@ -941,6 +952,14 @@ fn a_step_down_beside_a_complete_secondary_hands_over_at_once_and_goes_off_if_th
     c.step_down(t1, "on_primary hook failed".into()).unwrap();
     drain(&mut c);
     c.handle_event(t1, Event::HandoverPrepared);
+    drain(&mut c);
+    c.handle_timeout(t1 + Duration::from_secs(5));
+    assert_eq!(c.role(), Role::Off);
+
+    // Preparing beside a complete peer that is lost: off, for the peer to
+    // take over when it is back.
+    let mut c = primary_beside_secondary(t0, 0);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
     drain(&mut c);
     c.handle_timeout(t1 + Duration::from_secs(5));
     assert_eq!(c.role(), Role::Off);
