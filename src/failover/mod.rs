@@ -145,6 +145,10 @@ pub const FLAG_HEARS_PEER: u8 = 0b0000_0010;
 /// and holds only part of the mail; it does not promote on its own, and
 /// loses every election against a peer without the flag.
 pub const FLAG_REPLICA_INCOMPLETE: u8 = 0b0000_0100;
+/// Heartbeat flag: the sender's stores never held the mail (a new or
+/// replaced node whose first sync has not begun). A primary stepping down
+/// beside it waits, as beside an incomplete replica.
+pub const FLAG_REPLICA_FRESH: u8 = 0b0000_1000;
 
 /// What a node knows of the mail its stores hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -1076,11 +1080,11 @@ impl Core {
     }
 
     /// The peer's heartbeats, the last heard if it is silent now, say its
-    /// replica is incomplete.
+    /// replica is incomplete or was never filled.
     fn peer_filling(&self) -> bool {
         self.peer
             .as_ref()
-            .is_some_and(|p| p.hb.flags & FLAG_REPLICA_INCOMPLETE != 0)
+            .is_some_and(|p| p.hb.flags & (FLAG_REPLICA_INCOMPLETE | FLAG_REPLICA_FRESH) != 0)
     }
 
     /// Operator: `hasync join` brings a node that is `off` back into the pair.
@@ -1743,8 +1747,10 @@ impl Core {
         if self.peer_alive() {
             flags |= FLAG_HEARS_PEER;
         }
-        if self.replica == ReplicaFill::Filling {
-            flags |= FLAG_REPLICA_INCOMPLETE;
+        match self.replica {
+            ReplicaFill::Filling => flags |= FLAG_REPLICA_INCOMPLETE,
+            ReplicaFill::Fresh => flags |= FLAG_REPLICA_FRESH,
+            ReplicaFill::Complete => {}
         }
         self.actions.push_back(Action::SendHeartbeat(Heartbeat {
             node: self.cfg.node_name.clone(),

@@ -264,7 +264,13 @@ impl Sim {
             fill: ReplicaFill::Fresh,
             fill_done_at: None,
         };
-        let nodes = [mk(&plan.configs[0]), mk(&plan.configs[1])];
+        let mut nodes = [mk(&plan.configs[0]), mk(&plan.configs[1])];
+        if plan.fill_ms == 0 {
+            // No first fill modelled: both nodes hold the mail.
+            for n in nodes.iter_mut() {
+                n.fill = ReplicaFill::Complete;
+            }
+        }
         let mut pending = vec![
             (0, Event2::Start(0)),
             (plan.start_offset_ms, Event2::Start(1)),

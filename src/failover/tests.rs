@@ -912,6 +912,36 @@ fn a_step_down_waits_for_the_peers_fill_then_hands_the_role_over_and_goes_off() 
 }
 
 #[test]
+fn a_step_down_beside_a_fresh_secondary_waits_as_beside_a_filling_one() {
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_millis(2100);
+    // Its first sync has not begun (the sync link down): the drain would
+    // time out, and the node's going off would make the empty peer serve.
+    let mut c = primary_beside_secondary(t0, FLAG_REPLICA_FRESH);
+    c.step_down(t1, "on_primary hook failed".into()).unwrap();
+    let acts = drain(&mut c);
+    assert!(!prepares(&acts), "{acts:?}");
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(
+        t1,
+        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
+    );
+    assert!(!prepares(&drain(&mut c)));
+    c.handle_event(t1, hb_from_mx2(Role::Secondary, 1, 3, 0));
+    assert!(prepares(&drain(&mut c)));
+    // And a node says so of itself.
+    let mut fresh = Core::new(cfg("mx1", "mx2", 10), EpochRecord::default(), t0);
+    let flags = drain(&mut fresh).iter().find_map(|a| match a {
+        Action::SendHeartbeat(hb) => Some(hb.flags),
+        _ => None,
+    });
+    assert_eq!(
+        flags.map(|f| f & FLAG_REPLICA_FRESH),
+        Some(FLAG_REPLICA_FRESH)
+    );
+}
+
+#[test]
 fn a_step_down_beside_a_complete_secondary_hands_over_at_once_and_goes_off_if_that_fails() {
     let t0 = Instant::now();
     let t1 = t0 + Duration::from_millis(2100);
