@@ -443,6 +443,23 @@ impl Sim {
                 "pair did not converge within {bound}ms after the last fault (ended at {quiet}ms): roles {roles:?}"
             )));
         }
+        // A step-down ends with the node off: one still under way beside a
+        // live secondary that holds the mail never handed over.
+        for i in 0..2 {
+            let stepping_down = self.nodes[i]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.off_after_handover.is_some());
+            if stepping_down
+                && roles[i] == Some(Role::Primary)
+                && roles[1 - i] == Some(Role::Secondary)
+                && self.nodes[1 - i].fill == ReplicaFill::Complete
+            {
+                return Err(self.violation(format!(
+                    "node {i} stepped down but still serves beside a complete secondary"
+                )));
+            }
+        }
         Ok(Outcome {
             final_roles: roles,
             final_epochs: [self.epoch(0), self.epoch(1)],
@@ -606,8 +623,15 @@ impl Sim {
                 self.feed(i, now, Event::CatchUpDone);
             }
             if self.nodes[i].prepared_at.is_some_and(|t| t <= now_ms) {
-                self.nodes[i].prepared_at = None;
-                self.feed(i, now, Event::HandoverPrepared);
+                // The drain is answered once every change is durable on
+                // the peer: a peer whose first fill goes on has not got
+                // everything yet (the preparation may time out first).
+                if self.nodes[1 - i].fill == ReplicaFill::Complete {
+                    self.nodes[i].prepared_at = None;
+                    self.feed(i, now, Event::HandoverPrepared);
+                } else {
+                    self.nodes[i].prepared_at = Some(now_ms + self.plan.persist_ms + 1);
+                }
             }
             // etcd's answers, and the holder's renewals (every ttl/3 while
             // it reaches etcd; an isolated holder's lease runs out).
