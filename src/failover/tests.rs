@@ -200,35 +200,9 @@ fn a_switchover_whose_preparation_overruns_is_abandoned_and_the_primary_serves_o
 #[test]
 fn a_primary_preparing_its_handover_keeps_serving_and_abandons_if_the_peer_is_lost() {
     let t0 = Instant::now();
-    let mut c = Core::new(
-        CoreConfig {
-            prepare_handover: Some(Duration::from_secs(30)),
-            ..cfg("mx1", "mx2", 200)
-        },
-        EpochRecord::default(),
-        t0,
-    );
-    // Win the start-up wait, become primary.
-    c.handle_timeout(t0 + Duration::from_secs(2));
-    let rec = EpochRecord {
-        epoch: 1,
-        held_primary: Some(1),
-    };
-    c.handle_event(t0 + Duration::from_secs(2), Event::Persisted(rec));
-    assert_eq!(c.role(), Role::Primary);
-    let t1 = t0 + Duration::from_secs(3);
-    c.handle_event(
-        t1,
-        Event::Heartbeat(Heartbeat {
-            node: "mx2".into(),
-            role: Role::Secondary,
-            epoch: 1,
-            priority: 100,
-            seq: 1,
-            flags: 0,
-        }),
-    );
-    drain(&mut c);
+    // Primary, its secondary heard at t1.
+    let mut c = primary_beside_secondary(t0, 0);
+    let t1 = t0 + Duration::from_secs(2);
     c.request_switchover(t1).unwrap();
     let acts = drain(&mut c);
     assert!(
@@ -853,44 +827,52 @@ fn prepares(acts: &[Action]) -> bool {
     acts.iter().any(|a| matches!(a, Action::PrepareHandover))
 }
 
+/// A step-down under way waits while the peer's heartbeats say it fills,
+/// and starts the switchover at the first that says it is complete.
+fn waits_for_the_fill_then_prepares(c: &mut Core, t: Instant) {
+    c.handle_event(
+        t,
+        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
+    );
+    assert!(!prepares(&drain(c)), "waits while the peer fills");
+    assert_eq!(c.role(), Role::Primary);
+    c.handle_event(t, hb_from_mx2(Role::Secondary, 1, 3, 0));
+    assert!(prepares(&drain(c)), "prepares once the peer is complete");
+}
+
 #[test]
 fn a_step_down_waits_for_the_peers_fill_then_hands_the_role_over_and_goes_off() {
     let t0 = Instant::now();
     // The peer was heard 100 ms before.
     let t1 = t0 + Duration::from_millis(2100);
-    let mut c = primary_beside_secondary(t0, FLAG_REPLICA_INCOMPLETE);
-    c.step_down(t1, "on_primary hook failed".into()).unwrap();
-    let acts = drain(&mut c);
-    // The peer's replica is still filling: this node stays primary (the
-    // fill goes on) and says why.
-    assert!(!prepares(&acts), "{acts:?}");
-    assert!(
-        acts.iter()
-            .any(|a| matches!(a, Action::Alarm(Alarm::StepDownWaitsForFill(_)))),
-        "{acts:?}"
-    );
-    assert_eq!(c.role(), Role::Primary);
-    // Still filling a while later: nothing new.
-    let t2 = t1 + Duration::from_millis(100);
-    c.handle_event(
-        t2,
-        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
-    );
-    assert!(!prepares(&drain(&mut c)));
-    // The fill is done: services stop and replication drains first.
-    c.handle_event(t2, hb_from_mx2(Role::Secondary, 1, 3, 0));
-    assert!(prepares(&drain(&mut c)));
-    assert_eq!(c.role(), Role::Primary);
-    c.handle_event(t2, Event::HandoverPrepared);
-    assert!(becomes(&drain(&mut c), Role::HandingOver));
-    // The peer promotes; this node goes off, not secondary.
-    c.handle_event(t2, hb_from_mx2(Role::Primary, 2, 4, 0));
-    let acts = drain(&mut c);
-    assert_eq!(c.role(), Role::Off, "{acts:?}");
-    assert_eq!(c.epoch(), 2);
-    assert!(!acts
-        .iter()
-        .any(|a| matches!(a, Action::StartQueuePush { .. })));
+    // The peer's replica is still filling, or its first sync has not begun
+    // (the sync link down: a drain would time out, and this node's going
+    // off would make the empty peer serve).
+    for flags in [FLAG_REPLICA_INCOMPLETE, FLAG_REPLICA_FRESH] {
+        let mut c = primary_beside_secondary(t0, flags);
+        c.step_down(t1, "on_primary hook failed".into()).unwrap();
+        let acts = drain(&mut c);
+        // This node stays primary (the fill goes on) and says why.
+        assert!(!prepares(&acts), "{acts:?}");
+        assert!(
+            acts.iter()
+                .any(|a| matches!(a, Action::Alarm(Alarm::StepDownWaitsForFill(_)))),
+            "{acts:?}"
+        );
+        assert_eq!(c.role(), Role::Primary);
+        let t2 = t1 + Duration::from_millis(100);
+        waits_for_the_fill_then_prepares(&mut c, t2);
+        c.handle_event(t2, Event::HandoverPrepared);
+        assert!(becomes(&drain(&mut c), Role::HandingOver));
+        // The peer promotes; this node goes off, not secondary.
+        c.handle_event(t2, hb_from_mx2(Role::Primary, 2, 4, 0));
+        let acts = drain(&mut c);
+        assert_eq!(c.role(), Role::Off, "{acts:?}");
+        assert_eq!(c.epoch(), 2);
+        assert!(!acts
+            .iter()
+            .any(|a| matches!(a, Action::StartQueuePush { .. })));
+    }
 
     // Waiting for the fill, the peer is lost for a while: the node waits
     // on (the peer would not take over from an `off` node, and only this
@@ -902,34 +884,12 @@ fn a_step_down_waits_for_the_peers_fill_then_hands_the_role_over_and_goes_off() 
     let t3 = t1 + Duration::from_secs(5);
     c.handle_timeout(t3);
     assert_eq!(c.role(), Role::Primary);
-    c.handle_event(
-        t3,
-        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
-    );
-    assert!(!prepares(&drain(&mut c)));
-    c.handle_event(t3, hb_from_mx2(Role::Secondary, 1, 3, 0));
-    assert!(prepares(&drain(&mut c)));
+    waits_for_the_fill_then_prepares(&mut c, t3);
 }
 
 #[test]
-fn a_step_down_beside_a_fresh_secondary_waits_as_beside_a_filling_one() {
+fn a_node_whose_stores_never_held_the_mail_says_so() {
     let t0 = Instant::now();
-    let t1 = t0 + Duration::from_millis(2100);
-    // Its first sync has not begun (the sync link down): the drain would
-    // time out, and the node's going off would make the empty peer serve.
-    let mut c = primary_beside_secondary(t0, FLAG_REPLICA_FRESH);
-    c.step_down(t1, "on_primary hook failed".into()).unwrap();
-    let acts = drain(&mut c);
-    assert!(!prepares(&acts), "{acts:?}");
-    assert_eq!(c.role(), Role::Primary);
-    c.handle_event(
-        t1,
-        hb_from_mx2(Role::Secondary, 1, 2, FLAG_REPLICA_INCOMPLETE),
-    );
-    assert!(!prepares(&drain(&mut c)));
-    c.handle_event(t1, hb_from_mx2(Role::Secondary, 1, 3, 0));
-    assert!(prepares(&drain(&mut c)));
-    // And a node says so of itself.
     let mut fresh = Core::new(cfg("mx1", "mx2", 10), EpochRecord::default(), t0);
     let flags = drain(&mut fresh).iter().find_map(|a| match a {
         Action::SendHeartbeat(hb) => Some(hb.flags),
