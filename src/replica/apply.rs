@@ -387,8 +387,14 @@ pub struct Applier {
     /// comparison protects `to` again (its `KeepAside` comes first) before
     /// it deletes the source. At most [`HELD_FOR_RENAME_MAX`].
     held_for_rename: HeldForRename,
-    /// Bumped at every change of `held_for_rename` (the receiver writes
-    /// them to disk when it moved).
+    /// The names held sources had before a folder rename that may not be
+    /// durable yet, with the targets they had: written to disk beside the
+    /// holds (a power loss before the directory flush leaves the folder
+    /// under its old name), never used for a decision here, and let go of
+    /// once a directory flush made the rename durable.
+    held_old_names: HeldForRename,
+    /// Bumped at every change of `held_for_rename` or `held_old_names`
+    /// (the receiver writes them to disk when it moved).
     held_changes: u64,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
     dir_times: HashMap<(usize, PathBuf), Meta>,
@@ -451,6 +457,7 @@ impl Applier {
             stats,
             protected: HashSet::new(),
             held_for_rename: HashMap::new(),
+            held_old_names: HashMap::new(),
             held_changes: 0,
             dir_times: HashMap::new(),
             retime: BTreeSet::new(),
@@ -467,6 +474,7 @@ impl Applier {
             stats: self.stats.clone(),
             protected: self.protected.clone(),
             held_for_rename: self.held_for_rename.clone(),
+            held_old_names: self.held_old_names.clone(),
             held_changes: self.held_changes,
             dir_times: self.dir_times.clone(),
             retime: self.retime.clone(),
@@ -485,7 +493,9 @@ impl Applier {
     /// which the engine passes on.
     pub fn next_receiver(&mut self) -> Applier {
         let mut next = Applier::new(self.stats.clone());
-        next.held_for_rename = self.take_held_for_rename();
+        next.held_for_rename = std::mem::take(&mut self.held_for_rename);
+        next.held_old_names = std::mem::take(&mut self.held_old_names);
+        self.held_changes += 1;
         next
     }
 
@@ -499,16 +509,45 @@ impl Applier {
         self.held_changes
     }
 
-    /// The sources held for renames onto protected paths, to pass on to
-    /// the next receiver ([`Applier::hold_for_rename`]).
-    pub fn take_held_for_rename(&mut self) -> HeldForRename {
-        self.held_changes += 1;
-        std::mem::take(&mut self.held_for_rename)
+    /// The holds as the state directory keeps them: the sources held for
+    /// renames, and the names they had before a folder rename not known
+    /// durable yet.
+    pub fn held_to_save(&self) -> HeldForRename {
+        let mut out = self.held_old_names.clone();
+        out.extend(
+            self.held_for_rename
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        out
     }
 
-    /// Takes on the sources an earlier receiver held.
-    pub fn hold_for_rename(&mut self, held: HeldForRename) {
+    /// The sources held for renames onto protected paths (with the old
+    /// names [`Applier::held_to_save`] adds), to pass on to the next
+    /// receiver ([`Applier::hold_for_rename`]).
+    pub fn take_held_for_rename(&mut self) -> HeldForRename {
+        let out = self.held_to_save();
         self.held_changes += 1;
+        self.held_for_rename.clear();
+        self.held_old_names.clear();
+        out
+    }
+
+    /// Takes on the sources an earlier receiver held (or the state
+    /// directory kept); `gone`: those not in the tree now (a folder
+    /// rename's other names), kept on disk only until a flush.
+    pub fn hold_for_rename(
+        &mut self,
+        mut held: HeldForRename,
+        gone: impl IntoIterator<Item = (usize, PathBuf)>,
+    ) {
+        self.held_changes += 1;
+        self.held_old_names.clear();
+        for key in gone {
+            if let Some(to) = held.remove(&key) {
+                self.held_old_names.insert(key, to);
+            }
+        }
         self.held_for_rename = held;
     }
 
@@ -709,23 +748,68 @@ impl Applier {
     }
 
     /// A folder was renamed: the sources held in it, and the targets they
-    /// wait for, follow it.
+    /// wait for, follow it. The old names stay held as well until the
+    /// rename is durable: a power loss before the directory flush leaves
+    /// the folder under its old name, and the state directory's copy of
+    /// the holds must protect the source there. The receiver lets go of a
+    /// held name that is gone once a directory flush started after it went
+    /// has completed ([`Applier::let_go_held`]).
     fn move_held(&mut self, s: usize, from: &Path, to: &Path) {
         if self.held_for_rename.is_empty() {
             return;
         }
-        self.held_changes += 1;
-        let moving = |p: &Path| crate::model::moved_path(p, from, to).unwrap_or(p.to_path_buf());
-        self.held_for_rename = std::mem::take(&mut self.held_for_rename)
-            .into_iter()
-            .map(|((hs, h), t)| {
-                if hs == s {
-                    ((hs, moving(&h)), moving(&t))
-                } else {
-                    ((hs, h), t)
+        let moved: Vec<((usize, PathBuf), PathBuf)> = self
+            .held_for_rename
+            .iter()
+            .filter(|((hs, _), _)| *hs == s)
+            .filter_map(|((_, h), t)| {
+                let h2 = crate::model::moved_path(h, from, to);
+                let t2 = crate::model::moved_path(t, from, to);
+                if h2.is_none() && t2.is_none() {
+                    return None;
                 }
+                Some((
+                    (s, h2.unwrap_or_else(|| h.clone())),
+                    t2.unwrap_or_else(|| t.clone()),
+                ))
             })
             .collect();
+        if moved.is_empty() {
+            return;
+        }
+        self.held_changes += 1;
+        // The old names, for the disk; past the bound they are not kept (a
+        // power loss before the flush then finds their sources unheld: the
+        // bound's gap).
+        self.held_for_rename.retain(|(hs, h), t| {
+            let stays = *hs != s
+                || (crate::model::moved_path(h, from, to).is_none()
+                    && crate::model::moved_path(t, from, to).is_none());
+            if !stays && self.held_old_names.len() < HELD_FOR_RENAME_MAX {
+                self.held_old_names.insert((*hs, h.clone()), t.clone());
+            }
+            stays
+        });
+        self.held_for_rename.extend(moved);
+    }
+
+    /// The old names [`Applier::held_to_save`] keeps for folder renames
+    /// not known durable yet, by store.
+    pub fn held_old_names(&self) -> Vec<(usize, PathBuf)> {
+        let mut out: Vec<(usize, PathBuf)> = self.held_old_names.keys().cloned().collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Lets go of old names that are gone from the tree (`gone`, found
+    /// gone before a directory flush that has since completed: the rename
+    /// that moved them away is durable).
+    pub fn let_go_held(&mut self, gone: impl IntoIterator<Item = (usize, PathBuf)>) {
+        for key in gone {
+            if self.held_old_names.remove(&key).is_some() {
+                self.held_changes += 1;
+            }
+        }
     }
 
     /// Whether an op on `rel` must wait: a genuine conflict there could not
@@ -1312,6 +1396,12 @@ mod tests {
             "{replies:?}"
         );
         assert!(!dir.join(moved).exists());
+        assert!(r.held_for_rename().is_empty());
+        // The folder's name before its rename, kept for the disk until a
+        // flush: let go of as the receiver does after one.
+        let gone = r.held_old_names();
+        assert_eq!(gone, [(0, m.to_path_buf())]);
+        r.let_go_held(gone);
         assert_eq!(r.take_held_for_rename().len(), 0);
         assert!(!r.is_protected(0, flagged));
     }
@@ -1389,6 +1479,81 @@ mod tests {
             [(0, PathBuf::from("A"))],
             "new/m and new/x released, A still waits for B"
         );
+    }
+
+    /// A folder holding a held source renamed: both names stay held until
+    /// the rename is durable (a power loss before the directory flush
+    /// leaves the old one), then the name gone is let go of.
+    #[test]
+    fn a_held_folder_renamed_keeps_its_old_name_held_until_the_rename_is_durable() {
+        let (_tmp, dir, internal) =
+            store_with(&[(".F/new/m", "the message"), (".F/cur/m:2,S", "genuine")]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let p = Path::new;
+        r.keep_aside(&mut root, 0, 1, p(".F/cur/m:2,S").to_path_buf());
+        r.rename(
+            &mut root,
+            &mut index,
+            0,
+            2,
+            p(".F/new/m"),
+            p(".F/cur/m:2,S"),
+        );
+        let saved = |r: &Applier| {
+            let mut v: Vec<(PathBuf, PathBuf)> = r
+                .held_to_save()
+                .into_iter()
+                .map(|((_, h), t)| (h, t))
+                .collect();
+            v.sort();
+            v
+        };
+        let pair = |h: &str, t: &str| (PathBuf::from(h), PathBuf::from(t));
+        assert_eq!(saved(&r), [pair(".F/new/m", ".F/cur/m:2,S")]);
+        let changes = r.held_changes();
+        r.rename(&mut root, &mut index, 0, 3, p(".F"), p(".G"));
+        assert_eq!(std::fs::read(dir.join(".G/new/m")).unwrap(), b"the message");
+        assert!(
+            r.held_changes() > changes,
+            "the state directory's copy is written again"
+        );
+        assert_eq!(
+            saved(&r),
+            [
+                pair(".F/new/m", ".F/cur/m:2,S"),
+                pair(".G/new/m", ".G/cur/m:2,S")
+            ],
+            "the new names, and the old ones for a power loss before the flush"
+        );
+        assert_eq!(
+            r.held_for_rename().keys().collect::<Vec<_>>(),
+            [&(0, p(".G/new/m").to_path_buf())],
+            "only the new name counts for the ops"
+        );
+        // Passed to the next connection's receiver, which finds the old
+        // name gone from the tree: still saved, still not a hold.
+        let mut next = Applier::new(Arc::new(ReplStats::default()));
+        let held = r.take_held_for_rename();
+        let gone: Vec<(usize, PathBuf)> = held
+            .keys()
+            .filter(|(_, h)| matches!(root.lstat(h), Ok(None)))
+            .cloned()
+            .collect();
+        next.hold_for_rename(held, gone);
+        assert_eq!(saved(&next).len(), 2);
+        assert_eq!(next.held_for_rename().len(), 1);
+        // The receiver's flush: the old names gone as it starts are let go
+        // of once it completes.
+        let gone: Vec<(usize, PathBuf)> = next
+            .held_old_names()
+            .into_iter()
+            .filter(|(_, h)| matches!(root.lstat(h), Ok(None)))
+            .collect();
+        next.let_go_held(gone);
+        assert_eq!(saved(&next), [pair(".G/new/m", ".G/cur/m:2,S")]);
     }
 
     /// A store root holding `files` (path, content), and where its internal

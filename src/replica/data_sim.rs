@@ -1126,6 +1126,21 @@ struct Replica {
     /// them aside: tolerated, not a genuine conflict either way.
     torn: std::collections::HashSet<u128>,
     torn_files: u64,
+    /// Contents (of 16 bytes or more: the workload's shorter bodies can
+    /// repeat) this node's durable tree held at an acknowledgement since it
+    /// became the replica: at a failover none of them may be missing from
+    /// its tree while the old primary still holds them (acknowledged mail
+    /// dropped, not lag).
+    acked: std::collections::HashSet<u128>,
+    /// Renames the receiver held onto conflicts that could not be kept
+    /// aside (its sources held for renames grew).
+    holds_made: u64,
+    /// Held names gone as the directory flush in flight started.
+    held_gone: Vec<(usize, PathBuf)>,
+    /// The node crashes as soon as it has applied the rename of a folder
+    /// holding a held source (`crash_now` then asks for it).
+    crash_after_held_move: bool,
+    crash_now: bool,
     /// The receiver's unverified latch (a flush failed and the replica
     /// was not re-read since: its next manifest re-hashes every file from
     /// disk), kept in its state directory across restarts.
@@ -1140,6 +1155,11 @@ impl Replica {
             durable: Fs::new(clock),
             durable_ops: Applier::new(stats.clone()),
             held_on_disk: Default::default(),
+            acked: Default::default(),
+            holds_made: 0,
+            held_gone: Vec::new(),
+            crash_after_held_move: false,
+            crash_now: false,
             since_durable: Vec::new(),
             covering: None,
             faults: Faults {
@@ -1196,6 +1216,7 @@ impl Replica {
         // A restart of the replica's node reads it back (`crash`); a node
         // that served as primary has none.
         self.held_on_disk.clear();
+        self.held_gone.clear();
         self.index = Index::in_memory();
         self.staged.clear();
         self.commits = Pipeline::new(self.fold);
@@ -1210,16 +1231,48 @@ impl Replica {
     /// The node crashes and restarts with the disk [`Replica::keep_on_disk`]
     /// leaves.
     fn crash(&mut self, applied: Vec<Step>, log: Vec<Option<NeedReason>>, kept: usize) {
+        // The sources held for renames, by inode: each one the disk still
+        // holds after the restart must be held under the name it has there
+        // (a folder renamed since may be back under its old name).
+        let held_inodes: Vec<(u64, PathBuf)> = self
+            .ops
+            .held_for_rename()
+            .keys()
+            .filter_map(|(_, h)| Some((self.fs.ino(h)?, h.clone())))
+            .collect();
         self.keep_on_disk(applied, log, kept);
         self.own.served_here = 0;
         let clock = self.fs.clock;
         let fs = std::mem::replace(&mut self.fs, Fs::new(clock));
-        let held = std::mem::take(&mut self.held_on_disk);
+        let mut held = std::mem::take(&mut self.held_on_disk);
         self.restart(fs);
+        // As the engine reads them: a name a folder rename moved away (the
+        // other name of the two it keeps held until the rename is durable)
+        // is let go of.
+        held.retain(|(_, h), _| self.fs.exists(h));
         // The engine reads the holds back as it starts.
-        self.ops.hold_for_rename(held.clone());
+        self.ops.hold_for_rename(held.clone(), Vec::new());
         self.durable_ops = self.ops.snapshot();
         self.held_on_disk = held;
+        for (ino, before) in held_inodes {
+            let names: Vec<&PathBuf> = self
+                .fs
+                .names
+                .iter()
+                .filter(|(_, i)| **i == ino)
+                .map(|(p, _)| p)
+                .collect();
+            let held = self.ops.held_for_rename();
+            if let Some(first) = names.first() {
+                if !names.iter().any(|p| held.contains_key(&(0, (*p).clone()))) {
+                    self.violation.get_or_insert(format!(
+                        "a source held for a rename ({} before the crash) is on the disk at {} after it and not held: the next session deletes the replica's only copy",
+                        before.display(),
+                        first.display()
+                    ));
+                }
+            }
+        }
     }
 
     /// A flush failed (its session has ended): the disk kept what was
@@ -1231,7 +1284,12 @@ impl Replica {
         // on the disk: the engine passes it on as it was.
         let held = self.ops.take_held_for_rename();
         self.lose_unflushed(applied, log, kept);
-        self.ops.hold_for_rename(held);
+        let gone: Vec<(usize, PathBuf)> = held
+            .keys()
+            .filter(|(_, h)| !self.fs.exists(h))
+            .cloned()
+            .collect();
+        self.ops.hold_for_rename(held, gone);
         self.durable_ops = self.ops.snapshot();
         self.latch.set("EIO");
     }
@@ -1326,16 +1384,37 @@ impl Replica {
             slots: &mut self.slots,
             newly_kept: Vec::new(),
         };
+        let held_before = self.ops.held_for_rename().len();
+        // Held sources by name, to see a folder rename move them.
+        let held_names_before: Vec<(usize, PathBuf)> = if self.crash_after_held_move {
+            self.ops.held_for_rename().keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
         op(&mut self.ops, &mut disk, &mut self.index);
+        let newly_kept = std::mem::take(&mut disk.newly_kept);
+        if self.crash_after_held_move
+            && self.faults.replaying.is_none()
+            && self.ops.held_for_rename().len() == held_names_before.len()
+            && held_names_before
+                .iter()
+                .any(|k| !self.ops.held_for_rename().contains_key(k))
+        {
+            self.crash_after_held_move = false;
+            self.crash_now = true;
+        }
+        if self.faults.replaying.is_none() && self.ops.held_for_rename().len() > held_before {
+            self.holds_made += 1;
+        }
         // Handed over (in this session; a crash's replay queues them again,
         // and the next session lists them anyway).
-        for key in disk.newly_kept {
+        for key in newly_kept {
             self.handover.kept(key);
         }
         // Saved before the answers go out, as the receiver does (a crash's
         // replay does not write the file again).
         if self.faults.replaying.is_none() {
-            self.held_on_disk.clone_from(self.ops.held_for_rename());
+            self.held_on_disk = self.ops.held_to_save();
         }
         let replies: Vec<Reply> = self.ops.take_replies().collect();
         for r in replies {
@@ -1361,6 +1440,21 @@ impl Replica {
                 Reply::KeptAside { .. } => {}
             }
         }
+    }
+
+    /// The contents the durable tree holds now were acknowledged.
+    fn note_acked(&mut self) {
+        let fs = &self.durable;
+        let held = fs
+            .names
+            .keys()
+            .filter_map(|p| match fs.get(p).map(|i| &i.body) {
+                Some(Body::File(d)) if d.len() >= 16 && !excluded_or_below(&self.excludes, p) => {
+                    Some(index::hash_bytes(d))
+                }
+                _ => None,
+            });
+        self.acked.extend(held);
     }
 
     /// The receiver's path check: a refusal is answered.
@@ -1498,6 +1592,14 @@ impl Replica {
                     }
                 }
                 CommitOutput::FlushDirs => {
+                    // As the receiver does: the held names gone now are let
+                    // go of once this flush completes.
+                    self.held_gone = self
+                        .ops
+                        .held_old_names()
+                        .into_iter()
+                        .filter(|(_, h)| !self.fs.exists(h))
+                        .collect();
                     self.since_durable.push(Step::DirTimes);
                     self.dir_times();
                     self.covering = Some(Covered {
@@ -1521,6 +1623,12 @@ impl Replica {
                     }
                     self.durable = c.fs;
                     self.durable_ops = c.ops;
+                    self.note_acked();
+                    let gone: Vec<(usize, PathBuf)> = std::mem::take(&mut self.held_gone)
+                        .into_iter()
+                        .filter(|(_, h)| !self.fs.exists(h))
+                        .collect();
+                    self.ops.let_go_held(gone);
                     self.since_durable.drain(..c.steps);
                     self.faults.log.drain(..c.faults);
                 }
@@ -1902,6 +2010,19 @@ pub struct Outcome {
     /// Walks a primary took as it started and held for its first
     /// comparison (the changes after them in the tracker's queue).
     pub held_walks: u64,
+    /// Messages the new primary's users moved onto names where the
+    /// replica (the old primary's node) held a genuine conflict, and the
+    /// renames the replica held back for a conflict it could not keep
+    /// aside (the source held until the conflict moves).
+    pub renames_onto_conflicts: u64,
+    pub holds: u64,
+    /// Failovers at which the new primary lacked content it had
+    /// acknowledged durable while the old primary still held it (a known
+    /// gap with a full replica disk: see docs/INVARIANTS.md).
+    pub dropped_at_failover: u64,
+    /// Folders holding a held source renamed, each followed by a crash of
+    /// the replica's node right after it applied the rename.
+    pub held_folders_renamed: u64,
     /// Folder removals that failed part way (some of the tree removed).
     pub partial_removals: u64,
     /// Staged files whose writes failed on the staging thread.
@@ -1958,6 +2079,10 @@ impl Outcome {
         self.overtook_staged += o.overtook_staged;
         self.staged_full_waits += o.staged_full_waits;
         self.held_walks += o.held_walks;
+        self.renames_onto_conflicts += o.renames_onto_conflicts;
+        self.holds += o.holds;
+        self.dropped_at_failover += o.dropped_at_failover;
+        self.held_folders_renamed += o.held_folders_renamed;
         self.partial_removals += o.partial_removals;
         self.stage_failures += o.stage_failures;
         self.flush_failures += o.flush_failures;
@@ -2030,6 +2155,12 @@ pub struct DataSim {
     /// takeover walk for the first comparison, as the engine does, instead
     /// of walking at the comparison (a quarter of a sweep's seeds).
     hold_walks: bool,
+    /// After a failover the workload moves messages onto the names of the
+    /// genuine conflicts the old primary's node holds (renames the replica
+    /// must hold back while it cannot keep the conflict aside), from a
+    /// stream of its own.
+    onto_conflicts: bool,
+    onto_rng: SimRng,
     /// A run with crashes and faults ([`DataSim::new`]).
     faults: bool,
     /// Percent chance, at those steps, of a failover (once per run).
@@ -2269,6 +2400,8 @@ impl DataSim {
             failed_over: None,
             large_from: u64::MAX,
             hold_walks: false,
+            onto_conflicts: false,
+            onto_rng: SimRng::new(seed ^ 0x6f6e_746f_636f_6e66),
             faults: false,
             saved_index: None,
             names: 0,
@@ -2307,6 +2440,9 @@ impl DataSim {
         }
         // Another quarter: a starting primary holds its walk.
         sim.hold_walks = seed % 4 == 3;
+        // An eighth (odd seeds, whose keep-asides can fail): messages moved
+        // onto the genuine conflicts a failover leaves.
+        sim.onto_conflicts = seed % 8 == 5;
         // A third of the seeds: the former primary's mark never clears.
         sim.replica.mark_clear_fails = seed.is_multiple_of(3);
         // A fifth: the primary fails to keep some versions handed over.
@@ -2495,6 +2631,70 @@ impl DataSim {
         }
     }
 
+    /// Half the time while the replica holds a source for a rename: the
+    /// folder holding it renamed (and the replica's node crashes right
+    /// after it applies that rename, before a directory flush could make
+    /// it durable); false if none is held or the draw says not now.
+    fn rename_held_folder(&mut self) -> bool {
+        let held: Vec<PathBuf> = self
+            .replica
+            .ops
+            .held_for_rename()
+            .keys()
+            .filter_map(|(_, h)| h.iter().next().map(PathBuf::from))
+            .filter(|f| f.to_string_lossy().starts_with('.'))
+            .collect();
+        if held.is_empty() || !self.onto_rng.percent(50) {
+            return false;
+        }
+        let f = held[self.onto_rng.range(0, held.len() as u64 - 1) as usize].clone();
+        let to = PathBuf::from(format!(".H{}", self.onto_rng.range(0, 3)));
+        if to == f || self.primary.borrow().exists(&to) || !self.primary.borrow().is_dir(&f) {
+            return false;
+        }
+        let w = self.watched_parent(&f);
+        if self.primary.borrow_mut().rename(&f, &to) {
+            self.move_event(&f, &to, w);
+            self.out.held_folders_renamed += 1;
+            self.replica.crash_after_held_move = true;
+        }
+        true
+    }
+
+    /// A message moved onto a name where the old primary's node (the
+    /// replica since a failover) holds a genuine conflict in a Maildir
+    /// folder; false if there is none (or nothing to move).
+    fn move_onto_conflict(&mut self, msgs: &[PathBuf]) -> bool {
+        let Some(fo) = &self.failed_over else {
+            return false;
+        };
+        let targets: Vec<PathBuf> = fo
+            .old_primary_files
+            .iter()
+            .filter(|(p, h)| {
+                let sub = p.parent().and_then(|q| q.file_name());
+                (sub == Some("cur".as_ref()) || sub == Some("new".as_ref()))
+                    && !fo.known.contains(h)
+                    && self.replica.fs.hash_of(p) == Some(*h)
+            })
+            .map(|(p, _)| p.clone())
+            .collect();
+        if targets.is_empty() || msgs.is_empty() {
+            return false;
+        }
+        let to = targets[self.onto_rng.range(0, targets.len() as u64 - 1) as usize].clone();
+        let from = msgs[self.onto_rng.range(0, msgs.len() as u64 - 1) as usize].clone();
+        if from == to
+            || !self.primary.borrow().is_dir(&parent(&to))
+            || self.primary.borrow().is_dir(&to)
+        {
+            return false;
+        }
+        self.out.renames_onto_conflicts += 1;
+        self.rename_file(&from, &to);
+        true
+    }
+
     fn remove(&mut self, p: &Path) {
         // Bottom-up, an event per entry, as `rm -r` makes them.
         let below = self.primary.borrow().below(p);
@@ -2527,6 +2727,12 @@ impl DataSim {
     fn workload_step(&mut self) {
         self.out.workload_ops += 1;
         let msgs = self.messages();
+        if self.onto_conflicts
+            && self.onto_rng.percent(25)
+            && (self.rename_held_folder() || self.move_onto_conflict(&msgs))
+        {
+            return;
+        }
         match self.rng.range(0, 99) {
             0..=24 => self.deliver(),
             25..=39 => {
@@ -3493,6 +3699,22 @@ impl DataSim {
             .map(|(_, h)| h)
             .collect();
         let old_primary_files = files(&old_primary);
+        // What the old primary holds and the new one lacks is lag (versions
+        // never sent, or sent and not yet landed), never what the new one
+        // acknowledged durable and dropped since: a rename it held back
+        // forgotten, a delete applied before the content it made way for.
+        if let Some((p, _)) = old_primary_files
+            .iter()
+            .find(|(_, h)| !known.contains(h) && self.replica.acked.contains(h))
+        {
+            if self.trace {
+                eprintln!(
+                    "failover: the old primary holds {}, whose content the new primary had acknowledged durable and no longer holds",
+                    p.display()
+                );
+            }
+            self.out.dropped_at_failover += 1;
+        }
         if self.trace {
             let genuine = old_primary_files
                 .iter()
@@ -3502,6 +3724,13 @@ impl DataSim {
         }
         // The new primary's own files are durable where they are.
         self.replica.restart(old_primary);
+        self.replica.acked.clear();
+        if self.onto_conflicts && self.onto_rng.percent(60) {
+            // The old primary's node comes back with a full disk: its
+            // genuine conflicts cannot be kept aside for a while.
+            self.replica.faults.full = true;
+            self.out.disk_full_turns += 1;
+        }
         // The versions kept aside are the node's, not the role's.
         std::mem::swap(
             &mut self.replica.kept_aside,
@@ -3577,6 +3806,10 @@ impl DataSim {
             }
             if let Some(v) = self.replica.violation.take() {
                 return Err(format!("step {steps}: {v}"));
+            }
+            if std::mem::take(&mut self.replica.crash_now) {
+                self.crash_replica();
+                continue;
             }
             if let Some(v) = self.handed.twice.borrow_mut().take() {
                 return Err(format!("step {steps}: {v}"));
@@ -3705,6 +3938,7 @@ impl DataSim {
         self.out.partial_removals = self.replica.faults.partial_removals;
         self.out.stage_failures = self.replica.faults.stage_failures;
         self.out.torn_files = self.replica.torn_files;
+        self.out.holds = self.replica.holds_made;
         Ok(self.out)
     }
 

@@ -1769,7 +1769,22 @@ fn store_names(cfg: &EngineConfig) -> Vec<String> {
 /// (`held`). A file that cannot be read or understood stops the start:
 /// without it, the next session could delete a message's only copy here.
 fn held_at_start(cfg: &EngineConfig) -> Result<super::apply::HeldForRename, EngineError> {
-    let (held, dropped) = super::held::load(&cfg.state_dir, &store_names(cfg))?;
+    let (mut held, dropped) = super::held::load(&cfg.state_dir, &store_names(cfg))?;
+    // A folder rename keeps its old names held until it is durable: after
+    // a power loss one of the two is there, and the other names nothing.
+    let before = held.len();
+    held.retain(|(s, h), _| {
+        !matches!(
+            std::fs::symlink_metadata(cfg.stores[*s].replica_root.join(h)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        )
+    });
+    if held.len() < before {
+        info!(
+            gone = before - held.len(),
+            "held names no longer in the tree (a folder rename's other name) let go"
+        );
+    }
     if !held.is_empty() {
         info!(
             held = held.len(),

@@ -256,6 +256,10 @@ pub struct Receiver {
     /// Writing them failed, and no write has succeeded since: the next try
     /// waits until then.
     held_save_failing: Option<Instant>,
+    /// Names held for renames that were gone from the tree as the
+    /// directory flush in flight started (a folder rename moved them): let
+    /// go of once it completes, the rename then durable.
+    held_gone: Vec<(usize, PathBuf)>,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -319,6 +323,7 @@ impl Receiver {
             served: Default::default(),
             held_saved: None,
             held_save_failing: None,
+            held_gone: Vec::new(),
         }
     }
 
@@ -330,8 +335,19 @@ impl Receiver {
 
     /// Takes on the sources an earlier receiver held (or the state
     /// directory kept across a restart).
+    /// Names not in the tree now (the other names of a folder rename not
+    /// known durable) are kept on disk only, until a directory flush.
     pub fn hold_for_rename(&mut self, held: super::apply::HeldForRename) {
-        self.ops.hold_for_rename(held);
+        let gone: Vec<(usize, PathBuf)> = held
+            .keys()
+            .filter(|(s, h)| {
+                self.stores
+                    .get(*s)
+                    .is_some_and(|st| matches!(st.root.tree().lstat(h), Ok(None)))
+            })
+            .cloned()
+            .collect();
+        self.ops.hold_for_rename(held, gone);
         self.held_saved = None;
     }
 
@@ -350,9 +366,9 @@ impl Receiver {
         {
             return;
         }
-        let held = self.ops.held_for_rename();
+        let held = self.ops.held_to_save();
         let names: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
-        match super::held::save(dir, &names, held) {
+        match super::held::save(dir, &names, &held) {
             Ok(()) => {
                 if !held.is_empty() {
                     info!(
@@ -772,12 +788,20 @@ impl Receiver {
                 }
                 CommitOutput::Land(files) => self.land_flushed(files, peer),
                 CommitOutput::FlushDirs => {
+                    self.held_gone = self.held_names_gone();
                     self.apply_dir_times();
                     self.flush_started = Instant::now();
                     let extra: Vec<usize> = self.commits.folded().iter().map(|f| f.store).collect();
                     self.flush_done = Some(self.flush_dirs(&extra)?);
                 }
                 CommitOutput::Ack(barriers) => {
+                    // Gone before the flush that just completed, and still
+                    // gone: their renames are durable.
+                    let gone: Vec<(usize, PathBuf)> = std::mem::take(&mut self.held_gone)
+                        .into_iter()
+                        .filter(|(s, h)| matches!(self.stores[*s].root.tree().lstat(h), Ok(None)))
+                        .collect();
+                    self.ops.let_go_held(gone);
                     let now = Instant::now();
                     let mut st = self.stats.stages.lock().expect("stages lock");
                     for (_, at) in &barriers {
@@ -812,6 +836,15 @@ impl Receiver {
             }
         }
         Ok(())
+    }
+
+    /// The names held for renames that are not in the tree now.
+    fn held_names_gone(&self) -> Vec<(usize, PathBuf)> {
+        self.ops
+            .held_old_names()
+            .into_iter()
+            .filter(|(s, h)| matches!(self.stores[*s].root.tree().lstat(h), Ok(None)))
+            .collect()
     }
 
     fn roots_of(&self, stores: impl Iterator<Item = usize>) -> Vec<PathBuf> {

@@ -1683,6 +1683,17 @@ impl<T: LocalTree> Sender<T> {
                             let known = self.index_name(store, &from, &batch);
                             known != from && unsynced(&known).unwrap_or(false)
                         })
+                    } || {
+                        // What the replica holds under `from` is a file
+                        // sent after this rename was made (another file
+                        // moved onto the name since, and sent first): the
+                        // rename carries that file to `to`.
+                        let e = self.stores[store].index.get(&from);
+                        e.is_some_and(|e| {
+                            e.kind != Kind::Dir
+                                && matches!(self.stores[store].tree.lstat(&to),
+                                    Ok(Some(st)) if st.kind != Kind::Dir && st.version.ino != e.version.ino)
+                        })
                     };
                     // Unless `to` is gone here already (moved on by a rename
                     // not yet planned, which carries the stale state on and is

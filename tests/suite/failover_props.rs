@@ -278,6 +278,8 @@ fn data_sim_seeds() {
                             && o.keep_failures > 0
                             && o.handed_refused > 0
                             && o.held_walks > 0
+                            && o.holds > 0
+                            && o.held_folders_renamed > 0
                             && o.handed_resent > 0),
                 "{o:?}"
             );
