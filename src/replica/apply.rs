@@ -390,9 +390,14 @@ pub struct Applier {
     /// The names held sources had before a folder rename that may not be
     /// durable yet, with the targets they had: written to disk beside the
     /// holds (a power loss before the directory flush leaves the folder
-    /// under its old name), never used for a decision here, and let go of
-    /// once a directory flush made the rename durable.
-    held_old_names: HeldForRename,
+    /// under its old name), never used for a decision here. Each with the
+    /// change count at which this receiver's rename made it, so that it is
+    /// let go of once a directory flush started after that made the rename
+    /// durable; `None` for one an earlier receiver or the state directory
+    /// passed on (its rename's flush is not known), kept until the engine
+    /// starts again (which flushes the store first). At most
+    /// [`HELD_FOR_RENAME_MAX`].
+    held_old_names: HashMap<(usize, PathBuf), (PathBuf, Option<u64>)>,
     /// Bumped at every change of `held_for_rename` or `held_old_names`
     /// (the receiver writes them to disk when it moved).
     held_changes: u64,
@@ -494,7 +499,11 @@ impl Applier {
     pub fn next_receiver(&mut self) -> Applier {
         let mut next = Applier::new(self.stats.clone());
         next.held_for_rename = std::mem::take(&mut self.held_for_rename);
-        next.held_old_names = std::mem::take(&mut self.held_old_names);
+        // Their renames' flushes are this receiver's, not the next one's.
+        next.held_old_names = std::mem::take(&mut self.held_old_names)
+            .into_iter()
+            .map(|(k, (to, _))| (k, (to, None)))
+            .collect();
         self.held_changes += 1;
         next
     }
@@ -513,7 +522,11 @@ impl Applier {
     /// renames, and the names they had before a folder rename not known
     /// durable yet.
     pub fn held_to_save(&self) -> HeldForRename {
-        let mut out = self.held_old_names.clone();
+        let mut out: HeldForRename = self
+            .held_old_names
+            .iter()
+            .map(|(k, (to, _))| (k.clone(), to.clone()))
+            .collect();
         out.extend(
             self.held_for_rename
                 .iter()
@@ -535,7 +548,8 @@ impl Applier {
 
     /// Takes on the sources an earlier receiver held (or the state
     /// directory kept); `gone`: those not in the tree now (a folder
-    /// rename's other names), kept on disk only until a flush.
+    /// rename's other names), kept on disk only, until the engine starts
+    /// again.
     pub fn hold_for_rename(
         &mut self,
         mut held: HeldForRename,
@@ -545,7 +559,7 @@ impl Applier {
         self.held_old_names.clear();
         for key in gone {
             if let Some(to) = held.remove(&key) {
-                self.held_old_names.insert(key, to);
+                self.held_old_names.insert(key, (to, None));
             }
         }
         self.held_for_rename = held;
@@ -778,35 +792,52 @@ impl Applier {
             return;
         }
         self.held_changes += 1;
-        // The old names, for the disk; past the bound they are not kept (a
-        // power loss before the flush then finds their sources unheld: the
-        // bound's gap).
+        let made = self.held_changes;
+        // The old names of the sources that moved, for the disk (a name
+        // gone, back and gone again takes the later count); past the bound
+        // they are not kept (a power loss before the flush then finds
+        // their sources unheld: the bound's gap).
         self.held_for_rename.retain(|(hs, h), t| {
-            let stays = *hs != s
-                || (crate::model::moved_path(h, from, to).is_none()
-                    && crate::model::moved_path(t, from, to).is_none());
-            if !stays && self.held_old_names.len() < HELD_FOR_RENAME_MAX {
-                self.held_old_names.insert((*hs, h.clone()), t.clone());
+            if *hs != s {
+                return true;
             }
-            stays
+            let source_moved = crate::model::moved_path(h, from, to).is_some();
+            if source_moved
+                && (self.held_old_names.len() < HELD_FOR_RENAME_MAX
+                    || self.held_old_names.contains_key(&(*hs, h.clone())))
+            {
+                self.held_old_names
+                    .insert((*hs, h.clone()), (t.clone(), Some(made)));
+            }
+            !source_moved && crate::model::moved_path(t, from, to).is_none()
         });
         self.held_for_rename.extend(moved);
     }
 
-    /// The old names [`Applier::held_to_save`] keeps for folder renames
-    /// not known durable yet, by store.
-    pub fn held_old_names(&self) -> Vec<(usize, PathBuf)> {
-        let mut out: Vec<(usize, PathBuf)> = self.held_old_names.keys().cloned().collect();
+    /// The old names this receiver's folder renames made (see
+    /// `held_old_names`), by store, with the change count of each.
+    pub fn held_old_names(&self) -> Vec<((usize, PathBuf), u64)> {
+        let mut out: Vec<((usize, PathBuf), u64)> = self
+            .held_old_names
+            .iter()
+            .filter_map(|(k, (_, made))| Some((k.clone(), (*made)?)))
+            .collect();
         out.sort_unstable();
         out
     }
 
     /// Lets go of old names that are gone from the tree (`gone`, found
-    /// gone before a directory flush that has since completed: the rename
-    /// that moved them away is durable).
-    pub fn let_go_held(&mut self, gone: impl IntoIterator<Item = (usize, PathBuf)>) {
-        for key in gone {
-            if self.held_old_names.remove(&key).is_some() {
+    /// gone as a directory flush started that has since completed: the
+    /// rename that moved them away is durable), unless a later rename made
+    /// one again meanwhile.
+    pub fn let_go_held(&mut self, gone: impl IntoIterator<Item = ((usize, PathBuf), u64)>) {
+        for (key, made) in gone {
+            if self
+                .held_old_names
+                .get(&key)
+                .is_some_and(|(_, m)| *m == Some(made))
+            {
+                self.held_old_names.remove(&key);
                 self.held_changes += 1;
             }
         }
@@ -1397,12 +1428,13 @@ mod tests {
         );
         assert!(!dir.join(moved).exists());
         assert!(r.held_for_rename().is_empty());
-        // The folder's name before its rename, kept for the disk until a
-        // flush: let go of as the receiver does after one.
-        let gone = r.held_old_names();
-        assert_eq!(gone, [(0, m.to_path_buf())]);
-        r.let_go_held(gone);
-        assert_eq!(r.take_held_for_rename().len(), 0);
+        // Only the folder's name before its rename is still saved (for a
+        // power loss; the engine lets it go as it starts), held for
+        // nothing.
+        assert_eq!(
+            r.take_held_for_rename().into_keys().collect::<Vec<_>>(),
+            [(0, m.to_path_buf())]
+        );
         assert!(!r.is_protected(0, flagged));
     }
 
@@ -1533,8 +1565,29 @@ mod tests {
             [&(0, p(".G/new/m").to_path_buf())],
             "only the new name counts for the ops"
         );
-        // Passed to the next connection's receiver, which finds the old
-        // name gone from the tree: still saved, still not a hold.
+        // The receiver's flush: the old names gone as it starts are let go
+        // of once it completes, unless a later rename made one again.
+        let gone_at_flush: Vec<((usize, PathBuf), u64)> = r
+            .held_old_names()
+            .into_iter()
+            .filter(|((_, h), _)| matches!(root.lstat(h), Ok(None)))
+            .collect();
+        assert_eq!(gone_at_flush.len(), 1);
+        r.rename(&mut root, &mut index, 0, 4, p(".G"), p(".F"));
+        r.rename(&mut root, &mut index, 0, 5, p(".F"), p(".G"));
+        r.let_go_held(gone_at_flush);
+        assert!(
+            saved(&r).contains(&pair(".F/new/m", ".F/cur/m:2,S")),
+            "gone, back and gone again during the flush: that rename may not be durable"
+        );
+        let gone_at_flush: Vec<((usize, PathBuf), u64)> = r.held_old_names();
+        r.let_go_held(gone_at_flush);
+        assert_eq!(saved(&r), [pair(".G/new/m", ".G/cur/m:2,S")]);
+        // Passed to the next connection's receiver before a flush: the old
+        // name stays saved (not a hold), and that receiver's flushes do not
+        // let it go (they need not cover the rename); the engine's next
+        // start does, after it flushes the store.
+        r.rename(&mut root, &mut index, 0, 6, p(".G"), p(".H"));
         let mut next = Applier::new(Arc::new(ReplStats::default()));
         let held = r.take_held_for_rename();
         let gone: Vec<(usize, PathBuf)> = held
@@ -1545,15 +1598,10 @@ mod tests {
         next.hold_for_rename(held, gone);
         assert_eq!(saved(&next).len(), 2);
         assert_eq!(next.held_for_rename().len(), 1);
-        // The receiver's flush: the old names gone as it starts are let go
-        // of once it completes.
-        let gone: Vec<(usize, PathBuf)> = next
-            .held_old_names()
-            .into_iter()
-            .filter(|(_, h)| matches!(root.lstat(h), Ok(None)))
-            .collect();
-        next.let_go_held(gone);
-        assert_eq!(saved(&next), [pair(".G/new/m", ".G/cur/m:2,S")]);
+        assert!(
+            next.held_old_names().is_empty(),
+            "none of its own to let go of"
+        );
     }
 
     /// A store root holding `files` (path, content), and where its internal

@@ -1136,7 +1136,7 @@ struct Replica {
     /// aside (its sources held for renames grew).
     holds_made: u64,
     /// Held names gone as the directory flush in flight started.
-    held_gone: Vec<(usize, PathBuf)>,
+    held_gone: Vec<((usize, PathBuf), u64)>,
     /// The node crashes as soon as it has applied the rename of a folder
     /// holding a held source (`crash_now` then asks for it).
     crash_after_held_move: bool,
@@ -1598,7 +1598,7 @@ impl Replica {
                         .ops
                         .held_old_names()
                         .into_iter()
-                        .filter(|(_, h)| !self.fs.exists(h))
+                        .filter(|((_, h), _)| !self.fs.exists(h))
                         .collect();
                     self.since_durable.push(Step::DirTimes);
                     self.dir_times();
@@ -1624,9 +1624,9 @@ impl Replica {
                     self.durable = c.fs;
                     self.durable_ops = c.ops;
                     self.note_acked();
-                    let gone: Vec<(usize, PathBuf)> = std::mem::take(&mut self.held_gone)
+                    let gone: Vec<((usize, PathBuf), u64)> = std::mem::take(&mut self.held_gone)
                         .into_iter()
-                        .filter(|(_, h)| !self.fs.exists(h))
+                        .filter(|((_, h), _)| !self.fs.exists(h))
                         .collect();
                     self.ops.let_go_held(gone);
                     self.since_durable.drain(..c.steps);

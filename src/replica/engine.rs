@@ -1772,13 +1772,25 @@ fn held_at_start(cfg: &EngineConfig) -> Result<super::apply::HeldForRename, Engi
     let (mut held, dropped) = super::held::load(&cfg.state_dir, &store_names(cfg))?;
     // A folder rename keeps its old names held until it is durable: after
     // a power loss one of the two is there, and the other names nothing.
+    // The other is let go of once the stores are flushed (a rename the
+    // last process made, not yet durable, is then); if a flush fails,
+    // every name stays held.
     let before = held.len();
-    held.retain(|(s, h), _| {
-        !matches!(
-            std::fs::symlink_metadata(cfg.stores[*s].replica_root.join(h)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound
-        )
+    let stores: std::collections::BTreeSet<usize> = held.keys().map(|(s, _)| *s).collect();
+    let flushed = stores.iter().all(|s| {
+        let root = &cfg.stores[*s].replica_root;
+        crate::io::syncfs(root)
+            .inspect_err(|e| warn!(store = %cfg.stores[*s].name, "cannot flush {}: {e}; the held names stay", root.display()))
+            .is_ok()
     });
+    if flushed {
+        held.retain(|(s, h), _| {
+            !matches!(
+                std::fs::symlink_metadata(cfg.stores[*s].replica_root.join(h)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound
+            )
+        });
+    }
     if held.len() < before {
         info!(
             gone = before - held.len(),

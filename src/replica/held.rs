@@ -121,7 +121,8 @@ fn decode(
         at: HEADER.len(),
     };
     let count = u32::from_le_bytes(c.take(4)?.try_into().expect("4 bytes")) as usize;
-    if count > HELD_FOR_RENAME_MAX {
+    // The holds and as many old names of renamed folders (see `Applier`).
+    if count > 2 * HELD_FOR_RENAME_MAX {
         return Err((HEADER.len(), "more holds than a replica keeps"));
     }
     let mut held = HashMap::with_capacity(count);

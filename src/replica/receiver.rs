@@ -259,7 +259,7 @@ pub struct Receiver {
     /// Names held for renames that were gone from the tree as the
     /// directory flush in flight started (a folder rename moved them): let
     /// go of once it completes, the rename then durable.
-    held_gone: Vec<(usize, PathBuf)>,
+    held_gone: Vec<((usize, PathBuf), u64)>,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -797,9 +797,11 @@ impl Receiver {
                 CommitOutput::Ack(barriers) => {
                     // Gone before the flush that just completed, and still
                     // gone: their renames are durable.
-                    let gone: Vec<(usize, PathBuf)> = std::mem::take(&mut self.held_gone)
+                    let gone: Vec<((usize, PathBuf), u64)> = std::mem::take(&mut self.held_gone)
                         .into_iter()
-                        .filter(|(s, h)| matches!(self.stores[*s].root.tree().lstat(h), Ok(None)))
+                        .filter(|((s, h), _)| {
+                            matches!(self.stores[*s].root.tree().lstat(h), Ok(None))
+                        })
                         .collect();
                     self.ops.let_go_held(gone);
                     let now = Instant::now();
@@ -839,11 +841,11 @@ impl Receiver {
     }
 
     /// The names held for renames that are not in the tree now.
-    fn held_names_gone(&self) -> Vec<(usize, PathBuf)> {
+    fn held_names_gone(&self) -> Vec<((usize, PathBuf), u64)> {
         self.ops
             .held_old_names()
             .into_iter()
-            .filter(|(s, h)| matches!(self.stores[*s].root.tree().lstat(h), Ok(None)))
+            .filter(|((s, h), _)| matches!(self.stores[*s].root.tree().lstat(h), Ok(None)))
             .collect()
     }
 

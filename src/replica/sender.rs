@@ -1629,7 +1629,8 @@ impl<T: LocalTree> Sender<T> {
                     // the rename would move the wrong folder to `to`, and
                     // what the renamed one holds has no event. Only a
                     // comparison after it finds that for sure. (A file the
-                    // index knows, the commonest rename, costs no lstat.)
+                    // index knows, the commonest rename, costs no lstat
+                    // here.)
                     let known_file = self.stores[store]
                         .index
                         .get(&from)
