@@ -237,6 +237,11 @@ pub fn render(s: &Status) -> String {
             rp.deletes_applied,
         ),
         (
+            "deletes_held_for_room",
+            "Deletions held back while their content waits for room under another name",
+            rp.deletes_held_for_room,
+        ),
+        (
             "verify_runs",
             "Anti-entropy comparisons run",
             rp.verify_runs,

@@ -135,6 +135,10 @@ pub fn answer(e: &FsError) -> Answer {
 pub trait StagedAt {
     fn store(&self) -> usize;
     fn rel(&self) -> &Path;
+    /// The content's hash, as the primary announced it.
+    fn hash(&self) -> u128;
+    /// The content's size in bytes.
+    fn size(&self) -> u64;
 }
 
 /// Which staged files a message needs landed before it applies, as the
@@ -149,7 +153,15 @@ pub trait StagedAt {
 /// it. A manifest describes the tree as it is: everything lands first.
 /// Nothing else (a file's data, a folder's times, the session's messages)
 /// waits.
-pub fn land_first<F: StagedAt>(msg: &SyncMsg) -> Before<impl Fn(&F) -> bool + '_> {
+///
+/// `gone`: for a `Delete`, the content of the file it removes (see
+/// [`content_at`]): a file staged with that content lands first, so that
+/// the delete of a message's old name never lands before its new name
+/// does (if the new name finds no room, [`Applier`] holds the delete back).
+pub fn land_first<F: StagedAt>(
+    msg: &SyncMsg,
+    gone: Option<u128>,
+) -> Before<impl Fn(&F) -> bool + '_> {
     let (store, paths): (u16, Vec<&[u8]>) = match msg {
         SyncMsg::Delete { store, path, .. }
         | SyncMsg::Mkdir { store, path, .. }
@@ -167,7 +179,31 @@ pub fn land_first<F: StagedAt>(msg: &SyncMsg) -> Before<impl Fn(&F) -> bool + '_
         SyncMsg::ManifestRequest { .. } => return Before::All,
         _ => return Before::Nothing,
     };
-    Before::Touching(move |f: &F| f.store() == store as usize && touches(f.rel(), &paths))
+    Before::Touching(move |f: &F| {
+        f.store() == store as usize && (touches(f.rel(), &paths) || gone == Some(f.hash()))
+    })
+}
+
+/// The content (hash) of the regular file at `rel` whose size `wanted`
+/// accepts: from the index where it knows the version there, else read.
+/// `None` for anything else (no such name, a folder or symlink, a size
+/// not wanted, a file that cannot be read).
+pub fn content_at<T: ReplicaTree>(
+    tree: &T,
+    index: &Index,
+    rel: &Path,
+    wanted: impl Fn(u64) -> bool,
+) -> Option<u128> {
+    let st = tree.lstat(rel).ok()??;
+    if st.kind != Kind::File || !wanted(st.version.size) {
+        return None;
+    }
+    match index.get(rel) {
+        Some(e) if e.kind == Kind::File && index::same_version(&e.version, &st.version) => {
+            Some(e.hash())
+        }
+        _ => tree.hash(rel, Kind::File).ok(),
+    }
 }
 
 /// Whether a file staged at `staged` must land before an op on `paths`:
@@ -401,6 +437,19 @@ pub struct Applier {
     /// Bumped at every change of `held_for_rename` or `held_old_names`
     /// (the receiver writes them to disk when it moved).
     held_changes: u64,
+    /// Content the primary sent under a name where it found no room
+    /// (answered `Need`, `NoSpace`), by store and name: its hash, size and
+    /// the op that sent it.
+    /// A `Delete` of a file with the same content waits (answered
+    /// `NoSpace` too) until that name takes it, or the primary says
+    /// something else of that name: the delete of a message's old name
+    /// must not land before its new name does (a rename the primary sends
+    /// as a copy and a delete: after a cut, between sessions, a link
+    /// whose first name goes), or a failover meanwhile finds the message
+    /// nowhere in the tree. This receiver's only (the next session's
+    /// comparison sends the copy again before the delete); at most
+    /// [`NO_ROOM_MAX`].
+    no_room: HashMap<(usize, PathBuf), (u128, u64, u64)>,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
     dir_times: HashMap<(usize, PathBuf), Meta>,
     /// Folders whose mtime to apply at the next commit's directory phase.
@@ -428,6 +477,11 @@ const HOLD_CHAIN_MAX: usize = 8;
 /// Sources held for renames onto protected paths (see `Applier`): by
 /// store and source, the target each waits for.
 pub type HeldForRename = HashMap<(usize, PathBuf), PathBuf>;
+
+/// Bound on the names remembered as waiting for room (a path and 24
+/// bytes each). Past it, a delete is not held back for the names not
+/// remembered: the gap of a replica that never held it (see INVARIANTS).
+pub const NO_ROOM_MAX: usize = 65_536;
 
 /// Bound on the sources held for renames onto protected paths (each one
 /// a path and its target: a few MB at most). Past it a rename's source is
@@ -464,6 +518,7 @@ impl Applier {
             held_for_rename: HashMap::new(),
             held_old_names: HashMap::new(),
             held_changes: 0,
+            no_room: HashMap::new(),
             dir_times: HashMap::new(),
             retime: BTreeSet::new(),
             dirs: BTreeSet::new(),
@@ -481,6 +536,7 @@ impl Applier {
             held_for_rename: self.held_for_rename.clone(),
             held_old_names: self.held_old_names.clone(),
             held_changes: self.held_changes,
+            no_room: self.no_room.clone(),
             dir_times: self.dir_times.clone(),
             retime: self.retime.clone(),
             dirs: self.dirs.clone(),
@@ -613,7 +669,7 @@ impl Applier {
         touch: Touch,
     ) -> bool {
         for (h, to) in self.holds_touched(tree, s, rel, touch) {
-            if let Err(reason) = self.release(tree, s, &to, 0) {
+            if let Err(reason) = self.release(tree, s, &to, &mut vec![h.clone()]) {
                 self.need(seq, s, rel, reason);
                 return true;
             }
@@ -675,19 +731,29 @@ impl Applier {
     /// Whether the target `to` of a held source can take the message now:
     /// the conflicts protected there moved aside, and the sources held
     /// there (a rename onto a held source waits for that one) released in
-    /// turn, at most [`HOLD_CHAIN_MAX`] deep. The reason to answer if not.
+    /// turn, at most [`HOLD_CHAIN_MAX`] deep. `releasing`: the held sources
+    /// whose targets are being released (this one's among them): a hold
+    /// that waits for one of them (folders renamed away and back, each
+    /// rename onto the other's name held) is released with it, not again.
+    /// The reason to answer if not.
     fn release<T: ReplicaTree>(
         &mut self,
         tree: &mut T,
         s: usize,
         to: &Path,
-        depth: usize,
+        releasing: &mut Vec<PathBuf>,
     ) -> Result<(), NeedReason> {
         for (h, next) in self.holds_touched(tree, s, to, Touch::Replace) {
-            if depth >= HOLD_CHAIN_MAX {
+            if releasing.contains(&h) {
+                continue;
+            }
+            if releasing.len() > HOLD_CHAIN_MAX {
                 return Err(NeedReason::LocalError);
             }
-            self.release(tree, s, &next, depth + 1)?;
+            releasing.push(h.clone());
+            let released = self.release(tree, s, &next, releasing);
+            releasing.pop();
+            released?;
             self.held_for_rename.remove(&(s, h));
             self.held_changes += 1;
         }
@@ -863,11 +929,29 @@ impl Applier {
         seq: u64,
         op: PathOp,
     ) {
+        // The primary says something new of these names: what waited for
+        // room under them waits no more (an op that again finds no room
+        // says so again).
+        let said: Vec<PathBuf> = match &op {
+            PathOp::Mkdir { rel, .. }
+            | PathOp::Delete { rel }
+            | PathOp::Link { rel, .. }
+            | PathOp::Symlink { rel, .. } => vec![rel.clone()],
+            PathOp::Rename { from, to } => vec![from.clone(), to.clone()],
+            PathOp::KeepAside { .. } | PathOp::DirMeta { .. } => Vec::new(),
+        };
         match op {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
             PathOp::Mkdir { rel, meta } => self.mkdir(tree, index, s, seq, rel, meta),
             PathOp::DirMeta { rel, meta } => self.dir_meta(tree, s, seq, rel, meta),
-            PathOp::Delete { rel } => self.delete(tree, index, s, seq, &rel),
+            PathOp::Delete { rel } => {
+                if self.content_waits_for_room(tree, index, s, &rel) {
+                    add(&self.stats.deletes_held_for_room, 1);
+                    self.need(seq, s, &rel, NeedReason::NoSpace);
+                } else {
+                    self.delete(tree, index, s, seq, &rel);
+                }
+            }
             PathOp::Rename { from, to } => self.rename(tree, index, s, seq, &from, &to),
             PathOp::Link {
                 existing,
@@ -879,6 +963,78 @@ impl Applier {
                 self.symlink(tree, index, s, seq, rel, &target, &meta)
             }
         }
+        for rel in said {
+            self.forget_no_room(s, &rel, Some(seq));
+        }
+    }
+
+    /// A file the primary sent for `rel` (`seq`) found no room here (the
+    /// driver's check before staging, or its staged file's writes): a
+    /// delete of the same content elsewhere waits for it (see `no_room`).
+    pub fn no_room(&mut self, s: usize, seq: u64, rel: &Path, hash: u128, size: u64) {
+        let key = (s, rel.to_path_buf());
+        if self.no_room.len() < NO_ROOM_MAX || self.no_room.contains_key(&key) {
+            self.no_room.insert(key, (hash, size, seq));
+        }
+    }
+
+    /// A file arrives for `rel` (`seq`): what waited for room under that
+    /// name waits no more (if this one finds no room, it says so again).
+    pub fn file_arrives(&mut self, s: usize, rel: &Path, seq: u64) {
+        self.forget_no_room(s, rel, Some(seq));
+    }
+
+    /// Forgets what waited for room at, below or above `rel` as said by an
+    /// op before `seq` (`None`: whatever said it).
+    fn forget_no_room(&mut self, s: usize, rel: &Path, before: Option<u64>) {
+        if !self.no_room.is_empty() {
+            self.no_room.retain(|(ps, p), (_, _, at)| {
+                *ps != s
+                    || !(p.starts_with(rel) || rel.starts_with(p))
+                    || before.is_some_and(|b| *at >= b)
+            });
+        }
+    }
+
+    /// Whether the file at `rel` holds content that waits for room under
+    /// another name (see `no_room`).
+    fn content_waits_for_room<T: ReplicaTree>(
+        &self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        rel: &Path,
+    ) -> bool {
+        let waiting = |size: Option<u64>, hash: Option<u128>| {
+            self.no_room.iter().any(|((ps, p), (h, z, _))| {
+                *ps == s
+                    && p != rel
+                    && size.is_none_or(|size| size == *z)
+                    && hash.is_none_or(|hash| hash == *h)
+            })
+        };
+        if self.no_room.is_empty() {
+            return false;
+        }
+        content_at(tree, index, rel, |size| waiting(Some(size), None))
+            .is_some_and(|hash| waiting(None, Some(hash)))
+    }
+
+    /// A file or link for `rel` failed: if for want of room, a delete of
+    /// its content elsewhere waits for it.
+    fn failed_file(
+        &mut self,
+        seq: u64,
+        s: usize,
+        rel: &Path,
+        hash: u128,
+        size: u64,
+        error: FsError,
+    ) {
+        if error.is_no_space() {
+            self.no_room(s, seq, rel, hash, size);
+        }
+        self.failed(seq, s, rel, error);
     }
 
     /// `Mkdir`: the folder (a file there goes first), its times applied
@@ -1053,7 +1209,13 @@ impl Applier {
                 add(&self.stats.rename_sources_missing, 1);
                 self.need(seq, s, &rel, NeedReason::SourceMissing);
             }
-            Err(e) => self.failed(seq, s, &rel, e),
+            Err(e) => {
+                let size = match tree.lstat(existing) {
+                    Ok(Some(st)) => st.version.size,
+                    _ => 0,
+                };
+                self.failed_file(seq, s, &rel, hash, size, e)
+            }
         }
     }
 
@@ -1135,7 +1297,7 @@ impl Applier {
             Ok(st) => st,
             Err(e) => {
                 tree.discard_staged(seq);
-                self.failed(seq, s, &rel, e);
+                self.failed_file(seq, s, &rel, hash, size, e);
                 return;
             }
         };
@@ -1165,6 +1327,9 @@ impl Applier {
         }
         match tree.land(seq, &rel) {
             Ok(parent) => {
+                // Landed: what waited for room here (this op, or one before
+                // it) has its name.
+                self.forget_no_room(s, &rel, Some(seq + 1));
                 self.dirs.insert((s, parent));
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
@@ -1183,7 +1348,7 @@ impl Applier {
             }
             Err(e) => {
                 tree.discard_staged(seq);
-                self.failed(seq, s, &rel, e);
+                self.failed_file(seq, s, &rel, hash, size, e);
             }
         }
     }
@@ -1606,6 +1771,112 @@ mod tests {
 
     /// A store root holding `files` (path, content), and where its internal
     /// directory goes.
+    /// The delete of a message's old name waits while its content waits
+    /// for room under the new name (a rename the primary sends as a copy
+    /// and a delete): answered `NoSpace`, the file stays. A delete of
+    /// other content goes on; once the new name is said again (its file
+    /// arrives, or the primary deletes it), the delete goes on too.
+    #[test]
+    fn a_delete_waits_while_its_content_waits_for_room_under_another_name() {
+        let (_tmp, dir, internal) = store_with(&[
+            ("new/m", "the message, moved to cur"),
+            ("new/o", "another message"),
+        ]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let stats = Arc::new(ReplStats::default());
+        let mut r = Applier::new(stats.clone());
+        let needs = |r: &mut Applier| -> Vec<(u64, PathBuf, NeedReason)> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::Need {
+                        seq, rel, reason, ..
+                    } => Some((seq, rel, reason)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let body = b"the message, moved to cur";
+        let (m, moved) = (Path::new("new/m"), Path::new("cur/m:2,S"));
+        let delete = |rel: &Path| PathOp::Delete {
+            rel: rel.to_path_buf(),
+        };
+        // The copy under the new name found no room.
+        r.no_room(0, 1, moved, index::hash_bytes(body), body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 2, delete(m));
+        assert_eq!(needs(&mut r), [(2, m.to_path_buf(), NeedReason::NoSpace)]);
+        assert_eq!(std::fs::read(dir.join(m)).unwrap(), body);
+        assert_eq!(
+            stats
+                .deletes_held_for_room
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Other content is not held.
+        r.apply(&mut root, &mut index, 0, 3, delete(Path::new("new/o")));
+        assert!(needs(&mut r).is_empty());
+        assert!(!dir.join("new/o").exists());
+        // Asked again, it still waits; the new name's file arrives (it
+        // would land before the delete): the delete goes on.
+        r.apply(&mut root, &mut index, 0, 4, delete(m));
+        assert_eq!(needs(&mut r).len(), 1);
+        r.file_arrives(0, moved, 5);
+        r.apply(&mut root, &mut index, 0, 6, delete(m));
+        assert!(needs(&mut r).is_empty());
+        assert!(!dir.join(m).exists());
+        // The primary deleting the new name lets the old one go as well.
+        std::fs::write(dir.join(m), body).unwrap();
+        r.no_room(0, 7, moved, index::hash_bytes(body), body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 8, delete(moved));
+        r.apply(&mut root, &mut index, 0, 9, delete(m));
+        assert!(needs(&mut r).is_empty());
+        assert!(!dir.join(m).exists());
+    }
+
+    /// Folders renamed away and back (`a` to `b`, then `b` to `a`) while a
+    /// conflict in `b` cannot be kept aside hold each other's renames: a
+    /// later op in either is answered `NoSpace` while there is no room,
+    /// and goes on once there is, rather than being refused for a chain
+    /// of holds that never ends.
+    #[test]
+    fn folders_renamed_away_and_back_onto_a_conflict_release_each_other() {
+        let (_tmp, dir, internal) =
+            store_with(&[("a/cur/m", "the message"), ("b/cur/x", "genuine")]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let needs = |r: &mut Applier| -> Vec<(u64, NeedReason)> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::Need { seq, reason, .. } => Some((seq, reason)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (a, b) = (Path::new("a"), Path::new("b"));
+        r.keep_aside(&mut root, 0, 1, PathBuf::from("b/cur/x"));
+        assert!(r.is_protected(0, Path::new("b/cur/x")));
+        r.rename(&mut root, &mut index, 0, 2, a, b);
+        r.rename(&mut root, &mut index, 0, 3, b, a);
+        assert_eq!(needs(&mut r).len(), 2);
+        assert_eq!(r.held_for_rename().len(), 2);
+        let m = Path::new("a/cur/m");
+        r.delete(&mut root, &mut index, 0, 4, m);
+        assert_eq!(needs(&mut r).len(), 1);
+        // Room again: the conflict goes aside, both holds go, and so does
+        // the message the primary deleted.
+        let mut root = Root::open(&dir, &internal).unwrap();
+        r.delete(&mut root, &mut index, 0, 5, m);
+        let replies: Vec<Reply> = r.take_replies().collect();
+        assert!(
+            matches!(&replies[..], [Reply::KeptAside { rel, .. }] if rel == Path::new("b/cur/x")),
+            "{replies:?}"
+        );
+        assert!(r.held_for_rename().is_empty());
+        assert!(!dir.join(m).exists());
+    }
+
     fn store_with(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("root");

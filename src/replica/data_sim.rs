@@ -704,6 +704,7 @@ struct Pending {
     seq: u64,
     rel: PathBuf,
     hash: u128,
+    size: u64,
 }
 
 impl StagedAt for Pending {
@@ -712,6 +713,12 @@ impl StagedAt for Pending {
     }
     fn rel(&self) -> &Path {
         &self.rel
+    }
+    fn hash(&self) -> u128 {
+        self.hash
+    }
+    fn size(&self) -> u64 {
+        self.size
     }
 }
 
@@ -1135,6 +1142,9 @@ struct Replica {
     /// Renames the receiver held onto conflicts that could not be kept
     /// aside (its sources held for renames grew).
     holds_made: u64,
+    /// Deletes held back while their content waited for room (not
+    /// counted again as a crash replays them).
+    deletes_held: u64,
     /// Held names gone as the directory flush in flight started.
     held_gone: Vec<((usize, PathBuf), u64)>,
     /// The node crashes as soon as it has applied the rename of a folder
@@ -1157,6 +1167,7 @@ impl Replica {
             held_on_disk: Default::default(),
             acked: Default::default(),
             holds_made: 0,
+            deletes_held: 0,
             held_gone: Vec::new(),
             crash_after_held_move: false,
             crash_now: false,
@@ -1385,6 +1396,10 @@ impl Replica {
             newly_kept: Vec::new(),
         };
         let held_before = self.ops.held_for_rename().len();
+        let deletes_held_before = self
+            .stats
+            .deletes_held_for_room
+            .load(std::sync::atomic::Ordering::Relaxed);
         // Held sources by name, to see a folder rename move them.
         let held_names_before: Vec<(usize, PathBuf)> = if self.crash_after_held_move {
             self.ops.held_for_rename().keys().cloned().collect()
@@ -1403,8 +1418,15 @@ impl Replica {
             self.crash_after_held_move = false;
             self.crash_now = true;
         }
-        if self.faults.replaying.is_none() && self.ops.held_for_rename().len() > held_before {
-            self.holds_made += 1;
+        if self.faults.replaying.is_none() {
+            if self.ops.held_for_rename().len() > held_before {
+                self.holds_made += 1;
+            }
+            self.deletes_held += self
+                .stats
+                .deletes_held_for_room
+                .load(std::sync::atomic::Ordering::Relaxed)
+                - deletes_held_before;
         }
         // Handed over (in this session; a crash's replay queues them again,
         // and the next session lists them anyway).
@@ -1492,6 +1514,7 @@ impl Replica {
                 seq,
                 rel,
                 hash,
+                size,
                 meta,
                 ..
             } => {
@@ -1505,7 +1528,12 @@ impl Replica {
                         ino,
                     },
                 );
-                self.commits.stage(Pending { seq, rel, hash });
+                self.commits.stage(Pending {
+                    seq,
+                    rel,
+                    hash,
+                    size,
+                });
             }
         }
     }
@@ -1732,7 +1760,7 @@ impl Replica {
     }
 
     fn land_file(&mut self, p: Pending) {
-        let Pending { seq, rel, hash } = p;
+        let Pending { seq, rel, hash, .. } = p;
         let Some((size, meta, ino)) = self
             .staged
             .get(&seq)
@@ -1801,7 +1829,8 @@ impl Replica {
     fn handle(&mut self, msg: SyncMsg) -> Result<(), String> {
         // The receiver's order: what the op touches lands first.
         {
-            let before = land_first::<Pending>(&msg);
+            let gone = self.content_deleted(&msg);
+            let before = land_first::<Pending>(&msg, gone);
             self.pass(&before);
             if self.failed {
                 return Ok(());
@@ -1861,6 +1890,9 @@ impl Replica {
                 ..
             } => {
                 let rel = self.admit(seq, &path);
+                if let Some(rel) = &rel {
+                    self.ops.file_arrives(0, rel, seq);
+                }
                 let inc = Incoming {
                     rx: Reception::start(seq, 0, rel, meta, size, hash),
                     data: Vec::new(),
@@ -1880,6 +1912,29 @@ impl Replica {
             }
         }
         Ok(())
+    }
+
+    /// For a `Delete` while files are staged: the content of the file it
+    /// removes, as the receiver looks it up.
+    fn content_deleted(&mut self, msg: &SyncMsg) -> Option<u128> {
+        let SyncMsg::Delete { path, .. } = msg else {
+            return None;
+        };
+        if self.commits.staged().is_empty() {
+            return None;
+        }
+        let rel = admit_path(path, &self.excludes).ok()?;
+        let sizes: Vec<u64> = self.commits.staged().iter().map(|f| f.size).collect();
+        let disk = Disk {
+            fs: &mut self.fs,
+            faults: &mut self.faults,
+            staged: &mut self.staged,
+            kept_aside: &mut self.kept_aside,
+            kept_at: self.kept_at,
+            slots: &mut self.slots,
+            newly_kept: Vec::new(),
+        };
+        super::apply::content_at(&disk, &self.index, &rel, |size| sizes.contains(&size))
     }
 
     /// An op through the receiver's decisions (also as a crash's replay
@@ -2016,6 +2071,9 @@ pub struct Outcome {
     /// aside (the source held until the conflict moves).
     pub renames_onto_conflicts: u64,
     pub holds: u64,
+    /// Deletes the replica held back while their content waited for room
+    /// under another name.
+    pub deletes_held: u64,
     /// Failovers at which the new primary lacked content it had
     /// acknowledged durable while the old primary still held it (a known
     /// gap with a full replica disk: see docs/INVARIANTS.md).
@@ -2081,6 +2139,7 @@ impl Outcome {
         self.held_walks += o.held_walks;
         self.renames_onto_conflicts += o.renames_onto_conflicts;
         self.holds += o.holds;
+        self.deletes_held += o.deletes_held;
         self.dropped_at_failover += o.dropped_at_failover;
         self.held_folders_renamed += o.held_folders_renamed;
         self.partial_removals += o.partial_removals;
@@ -3939,6 +3998,7 @@ impl DataSim {
         self.out.stage_failures = self.replica.faults.stage_failures;
         self.out.torn_files = self.replica.torn_files;
         self.out.holds = self.replica.holds_made;
+        self.out.deletes_held = self.replica.deletes_held;
         Ok(self.out)
     }
 

@@ -197,6 +197,12 @@ impl StagedAt for Staged {
     fn rel(&self) -> &Path {
         &self.rel
     }
+    fn hash(&self) -> u128 {
+        self.hash
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 pub struct Receiver {
@@ -1109,6 +1115,44 @@ impl Receiver {
         }
     }
 
+    /// A file (`content`: its hash and size) could not be staged: answered
+    /// as [`Receiver::local_failure`] answers; for want of room, a delete
+    /// of its content elsewhere waits for it ([`Applier::no_room`]).
+    fn file_failed(
+        &mut self,
+        seq: u64,
+        store: usize,
+        rel: &Path,
+        (hash, size): (u128, u64),
+        e: &FsError,
+        peer: &str,
+    ) {
+        if e.is_no_space() {
+            self.ops.no_room(store, seq, rel, hash, size);
+        }
+        self.local_failure(seq, store, rel, e, peer);
+    }
+
+    /// For a `Delete` while files are staged: the content of the file it
+    /// removes, if a staged file has its size (that file lands first: see
+    /// [`land_first`]).
+    fn content_deleted(&self, msg: &SyncMsg) -> Option<u128> {
+        let SyncMsg::Delete { store, path, .. } = msg else {
+            return None;
+        };
+        let s = *store as usize;
+        let staged = self.commits.staged();
+        if staged.is_empty() || s >= self.stores.len() {
+            return None;
+        }
+        // Checked again (and answered) as the op applies.
+        let rel = admit_path(path, &self.excludes).ok()?;
+        let st = &self.stores[s];
+        super::apply::content_at(&st.root, &st.index, &rel, |size| {
+            staged.iter().any(|f| f.store == s && f.size == size)
+        })
+    }
+
     /// Raises the disk-full condition of `store` (once per episode).
     fn disk_full(&mut self, store: usize, why: &str) {
         let line = format!(
@@ -1188,7 +1232,8 @@ impl Receiver {
         }
         // Ops on paths apply in order: the files they touch land first.
         {
-            let before = land_first::<Staged>(&msg);
+            let gone = self.content_deleted(&msg);
+            let before = land_first::<Staged>(&msg, gone);
             loop {
                 match self.commits.gate(&before) {
                     Gate::Open => break,
@@ -1352,6 +1397,9 @@ impl Receiver {
             } => {
                 let s = self.store_index(store, peer)?;
                 let rel = self.check(seq, s, &path, peer);
+                if let Some(rel) = &rel {
+                    self.ops.file_arrives(s, rel, seq);
+                }
                 let mut inc = Incoming {
                     rx: Reception::start(seq, s, rel, meta, size, hash),
                     fd: None,
@@ -1363,13 +1411,14 @@ impl Receiver {
                     if let Err(why) = self.room_for(s, size) {
                         let rel = inc.rx.set_aside().unwrap_or_default();
                         warn!(store = %self.stores[s].name, path = %rel.display(), "no room for {size} bytes: {why}; asked again later");
+                        self.ops.no_room(s, seq, &rel, hash, size);
                         self.need(seq, s, &rel, NeedReason::NoSpace);
                     } else {
                         match self.stores[s].root.create_staged(seq) {
                             Ok(fd) => inc.fd = Some(StagedFile::new(fd)),
                             Err(e) => {
                                 let rel = inc.rx.set_aside().unwrap_or_default();
-                                self.local_failure(seq, s, &rel, &e, peer);
+                                self.file_failed(seq, s, &rel, (hash, size), &e, peer);
                             }
                         }
                     }
@@ -1573,7 +1622,7 @@ impl Receiver {
             if let Err(e) = root.check_staged_meta(&meta) {
                 drop(fd);
                 self.stores[s].root.discard_staged(seq);
-                self.local_failure(seq, s, &rel, &e, peer);
+                self.file_failed(seq, s, &rel, (hash, size), &e, peer);
                 return;
             }
             stager.finish(seq, fd, meta, root.owners());
@@ -1604,7 +1653,7 @@ impl Receiver {
                 }
                 Err(e) => {
                     self.stores[s].root.discard_staged(seq);
-                    self.local_failure(seq, s, &rel, &e, peer);
+                    self.file_failed(seq, s, &rel, (hash, size), &e, peer);
                     return;
                 }
             }

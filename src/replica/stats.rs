@@ -41,6 +41,9 @@ pub struct ReplStats {
     pub bytes_landed: AtomicU64,
     pub renames_applied: AtomicU64,
     pub deletes_applied: AtomicU64,
+    /// Deletions held back: the file's content waits for room under
+    /// another name.
+    pub deletes_held_for_room: AtomicU64,
     pub links_applied: AtomicU64,
     pub hash_mismatches: AtomicU64,
     pub refused_paths: AtomicU64,
@@ -201,6 +204,7 @@ impl Default for ReplStats {
             bytes_landed: AtomicU64::new(0),
             renames_applied: AtomicU64::new(0),
             deletes_applied: AtomicU64::new(0),
+            deletes_held_for_room: AtomicU64::new(0),
             links_applied: AtomicU64::new(0),
             hash_mismatches: AtomicU64::new(0),
             refused_paths: AtomicU64::new(0),
@@ -323,6 +327,8 @@ pub struct ReplStatus {
     pub bytes_landed: u64,
     pub renames_applied: u64,
     pub deletes_applied: u64,
+    #[serde(default)]
+    pub deletes_held_for_room: u64,
     pub links_applied: u64,
     pub hash_mismatches: u64,
     pub refused_paths: u64,
@@ -463,6 +469,7 @@ impl ReplStats {
             bytes_landed: g(&self.bytes_landed),
             renames_applied: g(&self.renames_applied),
             deletes_applied: g(&self.deletes_applied),
+            deletes_held_for_room: g(&self.deletes_held_for_room),
             links_applied: g(&self.links_applied),
             hash_mismatches: g(&self.hash_mismatches),
             refused_paths: g(&self.refused_paths),
