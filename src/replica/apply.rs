@@ -446,8 +446,8 @@ pub struct Applier {
     /// must not land before its new name does (a rename the primary sends
     /// as a copy and a delete: after a cut, between sessions, a link
     /// whose first name goes), or a failover meanwhile finds the message
-    /// nowhere in the tree. This receiver's only (the next session's
-    /// comparison sends the copy again before the delete); at most
+    /// nowhere in the tree. Passed on to the next receiver, let go of once
+    /// the store has room again ([`Applier::room_again`]); at most
     /// [`NO_ROOM_MAX`].
     no_room: HashMap<(usize, PathBuf), (u128, u64, u64)>,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
@@ -559,6 +559,14 @@ impl Applier {
         next.held_old_names = std::mem::take(&mut self.held_old_names)
             .into_iter()
             .map(|(k, (to, _))| (k, (to, None)))
+            .collect();
+        // What waits for room still does (the next session may delete an
+        // old name before it sends the new one again); said by any op of
+        // the next session (its seqs start afresh), or let go of once
+        // there is room.
+        next.no_room = std::mem::take(&mut self.no_room)
+            .into_iter()
+            .map(|(k, (hash, size, _))| (k, (hash, size, 0)))
             .collect();
         self.held_changes += 1;
         next
@@ -976,6 +984,12 @@ impl Applier {
         if self.no_room.len() < NO_ROOM_MAX || self.no_room.contains_key(&key) {
             self.no_room.insert(key, (hash, size, seq));
         }
+    }
+
+    /// Store `s` has room again: nothing waits for it any more (a file
+    /// that still does not fit says so again as it is sent again).
+    pub fn room_again(&mut self, s: usize) {
+        self.no_room.retain(|(ps, _), _| *ps != s);
     }
 
     /// A file arrives for `rel` (`seq`): what waited for room under that

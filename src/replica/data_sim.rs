@@ -1386,6 +1386,11 @@ impl Replica {
     /// Runs `op` with the receiver's decisions over this disk, then answers
     /// what they could not do, as the receiver does.
     fn decide(&mut self, op: impl FnOnce(&mut Applier, &mut Disk<'_>, &mut Index)) {
+        if !self.faults.full && self.faults.replaying.is_none() {
+            // The receiver finds room as it looks again (what a crash or
+            // the next receiver brought back from before the room came).
+            self.ops.room_again(0);
+        }
         let mut disk = Disk {
             fs: &mut self.fs,
             faults: &mut self.faults,
@@ -3915,6 +3920,7 @@ impl DataSim {
             if quiet {
                 // Room returns once the workload stops; I/O errors too.
                 self.replica.faults.full = false;
+                self.replica.ops.room_again(0);
                 self.replica.faults.eio_percent = 0;
                 self.handed.fail_percent.set(0);
                 self.sender
@@ -3954,6 +3960,10 @@ impl DataSim {
                     }
                     if self.workload_left > 0 && self.fault_rng.percent(self.full_percent) {
                         self.replica.faults.full = !self.replica.faults.full;
+                        if !self.replica.faults.full {
+                            // The receiver finds room as it looks again.
+                            self.replica.ops.room_again(0);
+                        }
                         self.out.disk_full_turns += 1;
                         if self.trace {
                             eprintln!("replica's disk full: {}", self.replica.faults.full);
@@ -4202,6 +4212,9 @@ pub fn run_seeds(first: u64, n: u64, faults: bool) -> Result<Outcome, (u64, Stri
     let mut total = Outcome::default();
     for seed in first..first + n {
         let o = DataSim::sweep(seed, faults).run().map_err(|e| (seed, e))?;
+        if o.dropped_at_failover > 0 && std::env::var_os("HASYNC_DATA_SIM_SAY_DROPPED").is_some() {
+            eprintln!("seed {seed}: dropped at failover {}", o.dropped_at_failover);
+        }
         // Every 8th seed runs again and must send the same frames: a
         // failing seed is only worth its number if it replays.
         if seed % 8 == 0 {

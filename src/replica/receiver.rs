@@ -1098,13 +1098,7 @@ impl Receiver {
                 self.refuse(seq, store, &raw, &e.to_string(), peer);
             }
             Answer::Need(NeedReason::NoSpace) => {
-                let why = e.to_string();
-                if self.space[store]
-                    .refused(Instant::now(), 0, why.clone())
-                    .is_some()
-                {
-                    self.disk_full(store, &why);
-                }
+                self.refused_for_room(store, e.to_string());
                 self.need(seq, store, rel, NeedReason::NoSpace);
             }
             Answer::Need(reason) => {
@@ -1153,6 +1147,17 @@ impl Receiver {
         })
     }
 
+    /// Something was refused for want of room in `store`: it counts as
+    /// full (alarmed once per episode) until a recheck finds room.
+    fn refused_for_room(&mut self, store: usize, why: String) {
+        if self.space[store]
+            .refused(Instant::now(), 0, why.clone())
+            .is_some()
+        {
+            self.disk_full(store, &why);
+        }
+    }
+
     /// Raises the disk-full condition of `store` (once per episode).
     fn disk_full(&mut self, store: usize, why: &str) {
         let line = format!(
@@ -1178,6 +1183,7 @@ impl Receiver {
                 continue;
             };
             if self.space[i].recheck(now, room) == Some(super::space::Change::Cleared) {
+                self.ops.room_again(i);
                 info!(
                     store = %self.stores[i].name,
                     free_mib = room.bytes >> 20,
@@ -1681,7 +1687,15 @@ impl Receiver {
                     store,
                     rel,
                     reason,
-                } => self.need(seq, store, &rel, reason),
+                } => {
+                    if reason == NeedReason::NoSpace {
+                        // Held for room (a delete whose content waits for
+                        // it, a conflict that cannot be kept aside): the
+                        // store counts as full until it is looked at again.
+                        self.refused_for_room(store, "an op waits for room".into());
+                    }
+                    self.need(seq, store, &rel, reason)
+                }
                 Reply::Failed {
                     seq,
                     store,

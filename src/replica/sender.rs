@@ -1609,16 +1609,21 @@ impl<T: LocalTree> Sender<T> {
                     if !self.replica_has(store, &from, &plans, &batch) {
                         // The replica never got `from` (a comparison found
                         // `to` first, say): a rename there would be refused.
-                        // Send what each name holds now instead.
+                        // Send what each name holds now instead: the new
+                        // name first. Where the replica does hold `from`
+                        // after all (the ack of its op lost in a cut), it
+                        // keeps the message until the new name has it (it
+                        // holds the delete back while the copy waits for
+                        // room).
                         tracing::debug!(from = %from.display(), to = %to.display(), "rename of a path the replica lacks: syncing both");
                         ops.push_front(Op::Sync {
                             store,
-                            rel: to,
+                            rel: from,
                             since,
                         });
                         ops.push_front(Op::Sync {
                             store,
-                            rel: from,
+                            rel: to,
                             since,
                         });
                         continue;

@@ -219,6 +219,22 @@ impl Coalescer {
             .map(Op::since)
     }
 
+    /// Takes the mergeable queued Sync of exactly `rel` out of the queue.
+    fn drop_sync(&mut self, store: usize, rel: &Path) {
+        let Some(seq) = self
+            .syncs
+            .get_mut(&store)
+            .and_then(|paths| paths.remove(key(rel)))
+        else {
+            return;
+        };
+        if let Some(slot) = self.slot_index(seq).and_then(|i| self.queue.get_mut(i)) {
+            if slot.take().is_some() {
+                self.live -= 1;
+            }
+        }
+    }
+
     fn push_sync(&mut self, store: usize, rel: RelPath, since: Instant) {
         if let Some(&seq) = self
             .syncs
@@ -265,8 +281,13 @@ impl Coalescer {
             .find_map(|p| self.live_sync_since(store, p));
         if let Some(unsent_since) = unsent {
             let since = since.min(unsent_since);
-            self.push_sync(store, from, since);
+            // The new name first: where the replica holds `from` after all
+            // (the queued Sync a retry of an op that found no room, say),
+            // it keeps the message until the new name has it, rather than
+            // seeing its old name deleted first.
+            self.drop_sync(store, &from);
             self.push_sync(store, to, since);
+            self.push_sync(store, from, since);
             return;
         }
 
