@@ -940,13 +940,14 @@ impl Applier {
         // The primary says something new of these names: what waited for
         // room under them waits no more (an op that again finds no room
         // says so again).
-        let said: Vec<PathBuf> = match &op {
-            PathOp::Mkdir { rel, .. }
-            | PathOp::Delete { rel }
-            | PathOp::Link { rel, .. }
-            | PathOp::Symlink { rel, .. } => vec![rel.clone()],
-            PathOp::Rename { from, to } => vec![from.clone(), to.clone()],
-            PathOp::KeepAside { .. } | PathOp::DirMeta { .. } => Vec::new(),
+        // A `Mkdir` keeps the folder there and what waits below it.
+        let (said, below): (Vec<PathBuf>, bool) = match &op {
+            PathOp::Mkdir { rel, .. } => (vec![rel.clone()], false),
+            PathOp::Delete { rel } | PathOp::Link { rel, .. } | PathOp::Symlink { rel, .. } => {
+                (vec![rel.clone()], true)
+            }
+            PathOp::Rename { from, to } => (vec![from.clone(), to.clone()], true),
+            PathOp::KeepAside { .. } | PathOp::DirMeta { .. } => (Vec::new(), true),
         };
         match op {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
@@ -972,7 +973,7 @@ impl Applier {
             }
         }
         for rel in said {
-            self.forget_no_room(s, &rel, Some(seq));
+            self.forget_no_room(s, &rel, Some(seq), below);
         }
     }
 
@@ -995,16 +996,16 @@ impl Applier {
     /// A file arrives for `rel` (`seq`): what waited for room under that
     /// name waits no more (if this one finds no room, it says so again).
     pub fn file_arrives(&mut self, s: usize, rel: &Path, seq: u64) {
-        self.forget_no_room(s, rel, Some(seq));
+        self.forget_no_room(s, rel, Some(seq), true);
     }
 
-    /// Forgets what waited for room at, below or above `rel` as said by an
-    /// op before `seq` (`None`: whatever said it).
-    fn forget_no_room(&mut self, s: usize, rel: &Path, before: Option<u64>) {
+    /// Forgets what waited for room at or above `rel` (and below it with
+    /// `below`) as said by an op before `seq` (`None`: whatever said it).
+    fn forget_no_room(&mut self, s: usize, rel: &Path, before: Option<u64>, below: bool) {
         if !self.no_room.is_empty() {
             self.no_room.retain(|(ps, p), (_, _, at)| {
                 *ps != s
-                    || !(p.starts_with(rel) || rel.starts_with(p))
+                    || !((below && p.starts_with(rel)) || rel.starts_with(p))
                     || before.is_some_and(|b| *at >= b)
             });
         }
@@ -1343,7 +1344,7 @@ impl Applier {
             Ok(parent) => {
                 // Landed: what waited for room here (this op, or one before
                 // it) has its name.
-                self.forget_no_room(s, &rel, Some(seq + 1));
+                self.forget_no_room(s, &rel, Some(seq + 1), true);
                 self.dirs.insert((s, parent));
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
