@@ -28,6 +28,7 @@ use super::commit::Before;
 use super::fsops::{FsError, LinkOutcome, RenameOutcome, Root};
 use super::index::{self, Entry, Index, Kind, Stat};
 use super::stats::{add, ReplStats};
+use super::waiting::{Waiting, WaitingForRoom};
 use crate::wire::sync::{Meta, NeedReason, SyncMsg};
 
 /// A replica's filesystem, as the decisions use it. Paths are relative to
@@ -390,6 +391,15 @@ pub enum Reply {
         rel: PathBuf,
         error: FsError,
     },
+    /// A `Delete` held back: the file's content (`size` bytes) waits for
+    /// room under another name. Answered `Need` (`NoSpace`); the store
+    /// counts as full until it has room for that size.
+    HeldForRoom {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+        size: u64,
+    },
     /// A genuine conflict was moved aside (to `kept`), to hand over.
     KeptAside {
         store: usize,
@@ -438,18 +448,16 @@ pub struct Applier {
     /// (the receiver writes them to disk when it moved).
     held_changes: u64,
     /// Content the primary sent under a name where it found no room
-    /// (answered `Need`, `NoSpace`), by store and name: its hash, size and
-    /// the op that sent it.
-    /// A `Delete` of a file with the same content waits (answered
-    /// `NoSpace` too) until that name takes it, or the primary says
-    /// something else of that name: the delete of a message's old name
-    /// must not land before its new name does (a rename the primary sends
-    /// as a copy and a delete: after a cut, between sessions, a link
-    /// whose first name goes), or a failover meanwhile finds the message
-    /// nowhere in the tree. Passed on to the next receiver, let go of once
-    /// the store has room again ([`Applier::room_again`]); at most
-    /// [`NO_ROOM_MAX`].
-    no_room: HashMap<(usize, PathBuf), (u128, u64, u64)>,
+    /// (answered `Need`, `NoSpace`). A `Delete` of a file with the same
+    /// content under another name waits (answered `NoSpace` too, as
+    /// [`Reply::HeldForRoom`]) until that name takes it, the primary says
+    /// something else of that name, or the store has room for it: the
+    /// delete of a message's old name must not land before its new name
+    /// does (a rename the primary sends as a copy and a delete: after a
+    /// cut, between sessions, a link whose first name goes), or a failover
+    /// meanwhile finds the message nowhere in the tree. Passed on to the
+    /// next receiver (see [`super::waiting`]).
+    waiting: WaitingForRoom,
     /// Each folder's mtime as the primary last said (`Mkdir`, `DirMeta`).
     dir_times: HashMap<(usize, PathBuf), Meta>,
     /// Folders whose mtime to apply at the next commit's directory phase.
@@ -477,11 +485,6 @@ const HOLD_CHAIN_MAX: usize = 8;
 /// Sources held for renames onto protected paths (see `Applier`): by
 /// store and source, the target each waits for.
 pub type HeldForRename = HashMap<(usize, PathBuf), PathBuf>;
-
-/// Bound on the names remembered as waiting for room (a path and 24
-/// bytes each). Past it, a delete is not held back for the names not
-/// remembered: the gap of a replica that never held it (see INVARIANTS).
-pub const NO_ROOM_MAX: usize = 65_536;
 
 /// Bound on the sources held for renames onto protected paths (each one
 /// a path and its target: a few MB at most). Past it a rename's source is
@@ -518,7 +521,7 @@ impl Applier {
             held_for_rename: HashMap::new(),
             held_old_names: HashMap::new(),
             held_changes: 0,
-            no_room: HashMap::new(),
+            waiting: WaitingForRoom::default(),
             dir_times: HashMap::new(),
             retime: BTreeSet::new(),
             dirs: BTreeSet::new(),
@@ -536,7 +539,7 @@ impl Applier {
             held_for_rename: self.held_for_rename.clone(),
             held_old_names: self.held_old_names.clone(),
             held_changes: self.held_changes,
-            no_room: self.no_room.clone(),
+            waiting: self.waiting.clone(),
             dir_times: self.dir_times.clone(),
             retime: self.retime.clone(),
             dirs: self.dirs.clone(),
@@ -561,13 +564,8 @@ impl Applier {
             .map(|(k, (to, _))| (k, (to, None)))
             .collect();
         // What waits for room still does (the next session may delete an
-        // old name before it sends the new one again); said by any op of
-        // the next session (its seqs start afresh), or let go of once
-        // there is room.
-        next.no_room = std::mem::take(&mut self.no_room)
-            .into_iter()
-            .map(|(k, (hash, size, _))| (k, (hash, size, 0)))
-            .collect();
+        // old name before it sends the new one again).
+        next.waiting = self.take_waiting();
         self.held_changes += 1;
         next
     }
@@ -677,14 +675,21 @@ impl Applier {
         touch: Touch,
     ) -> bool {
         for (h, to) in self.holds_touched(tree, s, rel, touch) {
-            if let Err(reason) = self.release(tree, s, &to, &mut vec![h.clone()]) {
+            // Let go of only once the whole chain is released: a hold that
+            // waits for one being released (a cycle) counts as released
+            // with it, which holds only if all of it is.
+            let mut let_go = Vec::new();
+            if let Err(reason) = self.release(tree, s, &to, &mut vec![h.clone()], &mut let_go) {
                 self.need(seq, s, rel, reason);
                 return true;
             }
             // The rename's target can take the message now (the primary's
             // op on it follows): the source is the primary's to delete.
-            self.held_for_rename.remove(&(s, h));
-            self.held_changes += 1;
+            let_go.push(h);
+            for h in let_go {
+                self.held_for_rename.remove(&(s, h));
+                self.held_changes += 1;
+            }
         }
         if let Err(reason) = self.unprotect(tree, s, rel, touch == Touch::Replace) {
             self.need(seq, s, rel, reason);
@@ -743,27 +748,30 @@ impl Applier {
     /// whose targets are being released (this one's among them): a hold
     /// that waits for one of them (folders renamed away and back, each
     /// rename onto the other's name held) is released with it, not again.
-    /// The reason to answer if not.
+    /// The holds released are added to `let_go`, for the caller to let go
+    /// of if the whole chain is released. The reason to answer if not.
     fn release<T: ReplicaTree>(
         &mut self,
         tree: &mut T,
         s: usize,
         to: &Path,
         releasing: &mut Vec<PathBuf>,
+        let_go: &mut Vec<PathBuf>,
     ) -> Result<(), NeedReason> {
         for (h, next) in self.holds_touched(tree, s, to, Touch::Replace) {
             if releasing.contains(&h) {
                 continue;
             }
+            // `releasing` starts with the first hold: this one is
+            // `releasing.len()` deep.
             if releasing.len() > HOLD_CHAIN_MAX {
                 return Err(NeedReason::LocalError);
             }
             releasing.push(h.clone());
-            let released = self.release(tree, s, &next, releasing);
+            let released = self.release(tree, s, &next, releasing, let_go);
             releasing.pop();
             released?;
-            self.held_for_rename.remove(&(s, h));
-            self.held_changes += 1;
+            let_go.push(h);
         }
         self.unprotect(tree, s, to, true)
     }
@@ -940,23 +948,26 @@ impl Applier {
         // The primary says something new of these names: what waited for
         // room under them waits no more (an op that again finds no room
         // says so again).
-        // A `Mkdir` keeps the folder there and what waits below it.
-        let (said, below): (Vec<PathBuf>, bool) = match &op {
-            PathOp::Mkdir { rel, .. } => (vec![rel.clone()], false),
-            PathOp::Delete { rel } | PathOp::Link { rel, .. } | PathOp::Symlink { rel, .. } => {
-                (vec![rel.clone()], true)
-            }
-            PathOp::Rename { from, to } => (vec![from.clone(), to.clone()], true),
-            PathOp::KeepAside { .. } | PathOp::DirMeta { .. } => (Vec::new(), true),
-        };
+        // A rename moves what waits along (the content is wanted there
+        // now). Nothing else the primary says of a name lets go of what
+        // waits there: deleted or replaced, its content may have moved on
+        // to a name not sent yet.
+        if let PathOp::Rename { from, to } = &op {
+            self.waiting.rename(s, from, to);
+        }
         match op {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
             PathOp::Mkdir { rel, meta } => self.mkdir(tree, index, s, seq, rel, meta),
             PathOp::DirMeta { rel, meta } => self.dir_meta(tree, s, seq, rel, meta),
             PathOp::Delete { rel } => {
-                if self.content_waits_for_room(tree, index, s, &rel) {
+                if let Some(size) = self.content_waits_for_room(tree, index, s, &rel) {
                     add(&self.stats.deletes_held_for_room, 1);
-                    self.need(seq, s, &rel, NeedReason::NoSpace);
+                    self.replies.push(Reply::HeldForRoom {
+                        seq,
+                        store: s,
+                        rel: rel.clone(),
+                        size,
+                    });
                 } else {
                     self.delete(tree, index, s, seq, &rel);
                 }
@@ -972,67 +983,52 @@ impl Applier {
                 self.symlink(tree, index, s, seq, rel, &target, &meta)
             }
         }
-        for rel in said {
-            self.forget_no_room(s, &rel, Some(seq), below);
-        }
     }
 
     /// A file the primary sent for `rel` (`seq`) found no room here (the
     /// driver's check before staging, or its staged file's writes): a
-    /// delete of the same content elsewhere waits for it (see `no_room`).
+    /// delete of the same content elsewhere waits for it (see `waiting`).
     pub fn no_room(&mut self, s: usize, seq: u64, rel: &Path, hash: u128, size: u64) {
-        let key = (s, rel.to_path_buf());
-        if self.no_room.len() < NO_ROOM_MAX || self.no_room.contains_key(&key) {
-            self.no_room.insert(key, (hash, size, seq));
-        }
+        self.waiting.insert(s, rel, Waiting { hash, size, seq });
     }
 
-    /// Store `s` has room again: nothing waits for it any more (a file
-    /// that still does not fit says so again as it is sent again).
-    pub fn room_again(&mut self, s: usize) {
-        self.no_room.retain(|(ps, _), _| *ps != s);
+    /// Store `s` has `free` bytes: what fits there waits no more (sent
+    /// again, it lands or waits again).
+    pub fn room(&mut self, s: usize, free: u64) {
+        self.waiting.room(s, free);
     }
 
-    /// A file arrives for `rel` (`seq`): what waited for room under that
-    /// name waits no more (if this one finds no room, it says so again).
-    pub fn file_arrives(&mut self, s: usize, rel: &Path, seq: u64) {
-        self.forget_no_room(s, rel, Some(seq), true);
+    /// What waits for room, to pass on to the next connection's receiver.
+    pub fn take_waiting(&mut self) -> WaitingForRoom {
+        std::mem::take(&mut self.waiting).for_next_session()
     }
 
-    /// Forgets what waited for room at or above `rel` (and below it with
-    /// `below`) as said by an op before `seq` (`None`: whatever said it).
-    fn forget_no_room(&mut self, s: usize, rel: &Path, before: Option<u64>, below: bool) {
-        if !self.no_room.is_empty() {
-            self.no_room.retain(|(ps, p), (_, _, at)| {
-                *ps != s
-                    || !((below && p.starts_with(rel)) || rel.starts_with(p))
-                    || before.is_some_and(|b| *at >= b)
-            });
-        }
+    /// Takes on what an earlier receiver left waiting for room.
+    pub fn wait_for_room(&mut self, waiting: WaitingForRoom) {
+        self.waiting = waiting;
     }
 
-    /// Whether the file at `rel` holds content that waits for room under
-    /// another name (see `no_room`).
+    /// The size of the file at `rel` if its content waits for room under
+    /// another name (see `waiting`).
     fn content_waits_for_room<T: ReplicaTree>(
         &self,
         tree: &T,
         index: &Index,
         s: usize,
         rel: &Path,
-    ) -> bool {
-        let waiting = |size: Option<u64>, hash: Option<u128>| {
-            self.no_room.iter().any(|((ps, p), (h, z, _))| {
-                *ps == s
-                    && p != rel
-                    && size.is_none_or(|size| size == *z)
-                    && hash.is_none_or(|hash| hash == *h)
-            })
-        };
-        if self.no_room.is_empty() {
-            return false;
+    ) -> Option<u64> {
+        if self.waiting.is_empty() {
+            return None;
         }
-        content_at(tree, index, rel, |size| waiting(Some(size), None))
-            .is_some_and(|hash| waiting(None, Some(hash)))
+        let size = match tree.lstat(rel) {
+            Ok(Some(st)) if st.kind == Kind::File => st.version.size,
+            _ => return None,
+        };
+        if !self.waiting.size_waits(s, size) {
+            return None;
+        }
+        let hash = content_at(tree, index, rel, |_| true)?;
+        self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
     }
 
     /// A file or link for `rel` failed: if for want of room, a delete of
@@ -1215,6 +1211,7 @@ impl Applier {
         match tree.link(existing, &rel) {
             Ok(LinkOutcome::Linked) => {
                 add(&self.stats.links_applied, 1);
+                self.waiting.landed(s, &rel, seq, hash);
                 self.dirs.insert((s, parent_of(&rel)));
                 if let Some(e) = index.get(existing) {
                     index.set(rel, e);
@@ -1333,6 +1330,7 @@ impl Applier {
             // its first copy was in flight): keep the inode, so the link
             // stays a link, instead of renaming a copy over it.
             if same && cur.nlink > 1 && staged.is_some_and(|st| st.meta == cur.meta) {
+                self.waiting.landed(s, &rel, seq, hash);
                 tree.discard_staged(seq);
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
@@ -1344,7 +1342,7 @@ impl Applier {
             Ok(parent) => {
                 // Landed: what waited for room here (this op, or one before
                 // it) has its name.
-                self.forget_no_room(s, &rel, Some(seq + 1), true);
+                self.waiting.landed(s, &rel, seq, hash);
                 self.dirs.insert((s, parent));
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
@@ -1807,6 +1805,7 @@ mod tests {
                     Reply::Need {
                         seq, rel, reason, ..
                     } => Some((seq, rel, reason)),
+                    Reply::HeldForRoom { seq, rel, .. } => Some((seq, rel, NeedReason::NoSpace)),
                     _ => None,
                 })
                 .collect()
@@ -1831,21 +1830,49 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 3, delete(Path::new("new/o")));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join("new/o").exists());
-        // Asked again, it still waits; the new name's file arrives (it
-        // would land before the delete): the delete goes on.
+        // Asked again, it still waits, in the next session too; once the
+        // store has room for it, the delete goes on (the new name, sent
+        // again, lands or waits again).
         r.apply(&mut root, &mut index, 0, 4, delete(m));
         assert_eq!(needs(&mut r).len(), 1);
-        r.file_arrives(0, moved, 5);
+        let mut r = r.next_receiver();
+        r.apply(&mut root, &mut index, 0, 1, delete(m));
+        assert_eq!(needs(&mut r).len(), 1);
+        r.room(0, body.len() as u64 - 1);
+        r.apply(&mut root, &mut index, 0, 2, delete(m));
+        assert_eq!(needs(&mut r).len(), 1, "no room for it yet");
+        r.room(0, body.len() as u64);
         r.apply(&mut root, &mut index, 0, 6, delete(m));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join(m).exists());
-        // The primary deleting the new name lets the old one go as well.
+        // The primary deleting the new name does not let the old one go
+        // (the message may have moved on to a name not sent yet); its
+        // content landing under any name does.
         std::fs::write(dir.join(m), body).unwrap();
         r.no_room(0, 7, moved, index::hash_bytes(body), body.len() as u64);
         r.apply(&mut root, &mut index, 0, 8, delete(moved));
         r.apply(&mut root, &mut index, 0, 9, delete(m));
+        assert_eq!(needs(&mut r).len(), 1);
+        let on_disk = std::fs::metadata(dir.join(m)).unwrap();
+        let linked = Meta {
+            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
+            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
+            ..Meta::default()
+        };
+        r.link(
+            &mut root,
+            &mut index,
+            0,
+            10,
+            m,
+            PathBuf::from("new/m2"),
+            index::hash_bytes(body),
+            &linked,
+        );
+        r.apply(&mut root, &mut index, 0, 11, delete(m));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join(m).exists());
+        assert_eq!(std::fs::read(dir.join("new/m2")).unwrap(), body);
     }
 
     /// Folders renamed away and back (`a` to `b`, then `b` to `a`) while a
@@ -1879,6 +1906,8 @@ mod tests {
         let m = Path::new("a/cur/m");
         r.delete(&mut root, &mut index, 0, 4, m);
         assert_eq!(needs(&mut r).len(), 1);
+        // Nothing let go of while the chain is not released.
+        assert_eq!(r.held_for_rename().len(), 2);
         // Room again: the conflict goes aside, both holds go, and so does
         // the message the primary deleted.
         let mut root = Root::open(&dir, &internal).unwrap();

@@ -1389,7 +1389,7 @@ impl Replica {
         if !self.faults.full && self.faults.replaying.is_none() {
             // The receiver finds room as it looks again (what a crash or
             // the next receiver brought back from before the room came).
-            self.ops.room_again(0);
+            self.ops.room(0, u64::MAX);
         }
         let mut disk = Disk {
             fs: &mut self.fs,
@@ -1449,6 +1449,7 @@ impl Replica {
                 Reply::Need {
                     seq, rel, reason, ..
                 } => self.need(seq, &rel, reason),
+                Reply::HeldForRoom { seq, rel, .. } => self.need(seq, &rel, NeedReason::NoSpace),
                 Reply::Failed {
                     seq, rel, error, ..
                 }
@@ -1895,9 +1896,6 @@ impl Replica {
                 ..
             } => {
                 let rel = self.admit(seq, &path);
-                if let Some(rel) = &rel {
-                    self.ops.file_arrives(0, rel, seq);
-                }
                 let inc = Incoming {
                     rx: Reception::start(seq, 0, rel, meta, size, hash),
                     data: Vec::new(),
@@ -3920,7 +3918,7 @@ impl DataSim {
             if quiet {
                 // Room returns once the workload stops; I/O errors too.
                 self.replica.faults.full = false;
-                self.replica.ops.room_again(0);
+                self.replica.ops.room(0, u64::MAX);
                 self.replica.faults.eio_percent = 0;
                 self.handed.fail_percent.set(0);
                 self.sender
@@ -3962,7 +3960,7 @@ impl DataSim {
                         self.replica.faults.full = !self.replica.faults.full;
                         if !self.replica.faults.full {
                             // The receiver finds room as it looks again.
-                            self.replica.ops.room_again(0);
+                            self.replica.ops.room(0, u64::MAX);
                         }
                         self.out.disk_full_turns += 1;
                         if self.trace {

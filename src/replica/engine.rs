@@ -654,6 +654,7 @@ async fn engine_main(
             // node's tree is the primary's now).
             receiving.prescan.borrow_mut().take();
             drop_held_for_rename(&shared, &receiving);
+            receiving.waiting_for_room.take();
             run_primary(&shared, &ctx, &mut mode_rx).await;
         } else {
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
@@ -1643,6 +1644,9 @@ struct Receiving {
     /// Sources held for renames onto protected paths, from one session's
     /// receiver to the next (`apply::Applier`).
     held_for_rename: RefCell<super::apply::HeldForRename>,
+    /// Content waiting for room under the names the primary sent it, from
+    /// one session's receiver to the next (`replica::waiting`).
+    waiting_for_room: RefCell<super::waiting::WaitingForRoom>,
 }
 
 /// Serves the primary's sync connection. The newest authenticated
@@ -1700,6 +1704,7 @@ async fn serve_sync(
     receiver.fence = Some(shared.fence.clone());
     receiver.prescanned = receiving.prescan.borrow_mut().take();
     receiver.hold_for_rename(receiving.held_for_rename.take());
+    receiver.wait_for_room(receiving.waiting_for_room.take());
     receiver.flusher = Some(shared.durable.clone());
     receiver.flush_alarm = shared.cfg.flush_alarm;
     let session_epoch = receiver.session_epoch.clone();
@@ -1748,8 +1753,10 @@ async fn serve_sync(
     // primary meanwhile (which dropped them, file and all, while this
     // session was still ending).
     let held = receiver.take_held_for_rename();
+    let waiting = receiver.take_waiting_for_room();
     if *mode_rx.borrow() != EngineMode::Primary {
         *receiving.held_for_rename.borrow_mut() = held;
+        *receiving.waiting_for_room.borrow_mut() = waiting;
     }
     match res {
         Ok(()) => info!(peer = %addr, "sync connection closed"),

@@ -34,6 +34,7 @@ pub mod takeover;
 pub mod tenure;
 pub mod tree;
 pub mod waiters;
+pub mod waiting;
 pub mod walk;
 pub mod warm;
 pub mod window;

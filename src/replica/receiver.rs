@@ -339,6 +339,17 @@ impl Receiver {
         self.ops.take_held_for_rename()
     }
 
+    /// What waits for room (`Applier`), to pass on to the next
+    /// connection's receiver.
+    pub fn take_waiting_for_room(&mut self) -> super::waiting::WaitingForRoom {
+        self.ops.take_waiting()
+    }
+
+    /// Takes on what an earlier receiver left waiting for room.
+    pub fn wait_for_room(&mut self, waiting: super::waiting::WaitingForRoom) {
+        self.ops.wait_for_room(waiting);
+    }
+
     /// Takes on the sources an earlier receiver held (or the state
     /// directory kept across a restart).
     /// Names not in the tree now (the other names of a folder rename not
@@ -1098,7 +1109,7 @@ impl Receiver {
                 self.refuse(seq, store, &raw, &e.to_string(), peer);
             }
             Answer::Need(NeedReason::NoSpace) => {
-                self.refused_for_room(store, e.to_string());
+                self.refused_for_room(store, 0, e.to_string());
                 self.need(seq, store, rel, NeedReason::NoSpace);
             }
             Answer::Need(reason) => {
@@ -1149,9 +1160,9 @@ impl Receiver {
 
     /// Something was refused for want of room in `store`: it counts as
     /// full (alarmed once per episode) until a recheck finds room.
-    fn refused_for_room(&mut self, store: usize, why: String) {
+    fn refused_for_room(&mut self, store: usize, need_bytes: u64, why: String) {
         if self.space[store]
-            .refused(Instant::now(), 0, why.clone())
+            .refused(Instant::now(), need_bytes, why.clone())
             .is_some()
         {
             self.disk_full(store, &why);
@@ -1183,7 +1194,7 @@ impl Receiver {
                 continue;
             };
             if self.space[i].recheck(now, room) == Some(super::space::Change::Cleared) {
-                self.ops.room_again(i);
+                self.ops.room(i, super::space::usable(&room));
                 info!(
                     store = %self.stores[i].name,
                     free_mib = room.bytes >> 20,
@@ -1403,9 +1414,6 @@ impl Receiver {
             } => {
                 let s = self.store_index(store, peer)?;
                 let rel = self.check(seq, s, &path, peer);
-                if let Some(rel) = &rel {
-                    self.ops.file_arrives(s, rel, seq);
-                }
                 let mut inc = Incoming {
                     rx: Reception::start(seq, s, rel, meta, size, hash),
                     fd: None,
@@ -1687,14 +1695,21 @@ impl Receiver {
                     store,
                     rel,
                     reason,
+                } => self.need(seq, store, &rel, reason),
+                Reply::HeldForRoom {
+                    seq,
+                    store,
+                    rel,
+                    size,
                 } => {
-                    if reason == NeedReason::NoSpace {
-                        // Held for room (a delete whose content waits for
-                        // it, a conflict that cannot be kept aside): the
-                        // store counts as full until it is looked at again.
-                        self.refused_for_room(store, "an op waits for room".into());
-                    }
-                    self.need(seq, store, &rel, reason)
+                    // The store counts as full until it has room for the
+                    // content the delete waits for.
+                    let why = format!(
+                        "the delete of {} waits for its content ({size} bytes) to land under another name",
+                        rel.display()
+                    );
+                    self.refused_for_room(store, size, why);
+                    self.need(seq, store, &rel, NeedReason::NoSpace)
                 }
                 Reply::Failed {
                     seq,

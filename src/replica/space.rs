@@ -53,6 +53,11 @@ pub struct Space {
     full: Option<Full>,
 }
 
+/// The bytes a file may take of `room`: what is free past the margin kept.
+pub fn usable(room: &Room) -> u64 {
+    room.bytes.saturating_sub(margin(room))
+}
+
 fn margin(room: &Room) -> u64 {
     (room.total_bytes / 100).min(MARGIN_BYTES_MAX)
 }

@@ -1,0 +1,229 @@
+//! Content the primary sent under names where it found no room on this
+//! replica: by store and name, its hash, size and the op that sent it.
+//!
+//! The replica's decisions ([`super::apply::Applier`]) hold back the delete
+//! of a file whose content waits here under another name: a message moved
+//! while the disk is full stays under its old name until the new one takes
+//! it, so that it is never under neither (a failover then would find it
+//! only on the other node). Sans-IO: the caller says what arrived, what
+//! the primary said of a name, and how much room there is.
+//!
+//! Every lookup is by name (a range of the ordered map for a folder's
+//! names) or by content and size (counted per store): nothing walks the
+//! whole set per op, which holds up to [`WAITING_MAX`] names while a full
+//! disk refuses every file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+
+/// Bound on the names remembered (a path and 32 bytes each). Past it, a
+/// delete is not held back for the names not remembered: the gap of a
+/// replica that never held it (see INVARIANTS).
+pub const WAITING_MAX: usize = 65_536;
+
+/// What waits under one name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Waiting {
+    pub hash: u128,
+    pub size: u64,
+    /// The op that sent it (0: a session before this one).
+    pub seq: u64,
+}
+
+/// Content waiting for room, by name (see the module's text).
+#[derive(Debug, Clone, Default)]
+pub struct WaitingForRoom {
+    by_name: BTreeMap<(usize, PathBuf), Waiting>,
+    /// The names each content waits under (one, as a rule).
+    by_content: HashMap<(usize, u128), Vec<PathBuf>>,
+    by_size: HashMap<(usize, u64), u32>,
+}
+
+impl WaitingForRoom {
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// `rel` of store `s` waits with `w`; an entry there from a later op
+    /// stays (an older op's file can fail after a newer one arrived).
+    /// Past [`WAITING_MAX`] names, a new name is not remembered.
+    pub fn insert(&mut self, s: usize, rel: &Path, w: Waiting) {
+        let key = (s, rel.to_path_buf());
+        match self.by_name.get(&key) {
+            Some(old) if old.seq > w.seq => return,
+            Some(_) => {
+                self.remove(&key);
+            }
+            None if self.by_name.len() >= WAITING_MAX => return,
+            None => {}
+        }
+        self.by_content
+            .entry((s, w.hash))
+            .or_default()
+            .push(rel.to_path_buf());
+        *self.by_size.entry((s, w.size)).or_default() += 1;
+        self.by_name.insert(key, w);
+    }
+
+    fn remove(&mut self, key: &(usize, PathBuf)) -> Option<Waiting> {
+        let w = self.by_name.remove(key)?;
+        if let Some(names) = self.by_content.get_mut(&(key.0, w.hash)) {
+            names.retain(|p| *p != key.1);
+            if names.is_empty() {
+                self.by_content.remove(&(key.0, w.hash));
+            }
+        }
+        if let Some(n) = self.by_size.get_mut(&(key.0, w.size)) {
+            *n -= 1;
+            if *n == 0 {
+                self.by_size.remove(&(key.0, w.size));
+            }
+        }
+        Some(w)
+    }
+
+    /// The names at or below `rel` (in path order a folder's names follow
+    /// it).
+    fn at_and_below(&self, s: usize, rel: &Path) -> Vec<(usize, PathBuf)> {
+        self.by_name
+            .range((Bound::Included((s, rel.to_path_buf())), Bound::Unbounded))
+            .take_while(|((ps, p), _)| *ps == s && p.starts_with(rel))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Content `hash` landed at `rel` (op `seq`): it waits nowhere any
+    /// more, and neither does what an earlier op sent for `rel`.
+    pub fn landed(&mut self, s: usize, rel: &Path, seq: u64, hash: u128) {
+        if self.is_empty() {
+            return;
+        }
+        let key = (s, rel.to_path_buf());
+        if self.by_name.get(&key).is_some_and(|w| w.seq <= seq) {
+            self.remove(&key);
+        }
+        if let Some(names) = self.by_content.get(&(s, hash)).cloned() {
+            for p in names {
+                self.remove(&(s, p));
+            }
+        }
+    }
+
+    /// The primary renamed `from` to `to`: what waited at or below `from`
+    /// now waits under `to` (the content is wanted there), and what waited
+    /// at or below `to` goes (replaced there).
+    pub fn rename(&mut self, s: usize, from: &Path, to: &Path) {
+        if self.is_empty() {
+            return;
+        }
+        let moving: Vec<((usize, PathBuf), Waiting)> = self
+            .at_and_below(s, from)
+            .into_iter()
+            .filter_map(|k| self.remove(&k).map(|w| (k, w)))
+            .collect();
+        for k in self.at_and_below(s, to) {
+            self.remove(&k);
+        }
+        for ((_, p), w) in moving {
+            if let Some(moved) = super::moved_path(&p, from, to) {
+                self.insert(s, &moved, w);
+            }
+        }
+    }
+
+    /// Store `s` has `free` bytes for files now: what fits goes (sent
+    /// again, it lands or waits again).
+    pub fn room(&mut self, s: usize, free: u64) {
+        let fits: Vec<(usize, PathBuf)> = self
+            .by_name
+            .iter()
+            .filter(|((ps, _), w)| *ps == s && w.size <= free)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in fits {
+            self.remove(&k);
+        }
+    }
+
+    /// Whether something of `size` bytes waits in store `s` (a cheap test
+    /// before the content of a file is looked up).
+    pub fn size_waits(&self, s: usize, size: u64) -> bool {
+        self.by_size.contains_key(&(s, size))
+    }
+
+    /// Whether content `hash` waits in store `s` under a name other than
+    /// `rel`.
+    pub fn waits_elsewhere(&self, s: usize, rel: &Path, hash: u128) -> bool {
+        self.by_content
+            .get(&(s, hash))
+            .is_some_and(|names| names.iter().any(|p| p != rel))
+    }
+
+    /// The same names for the next connection's receiver (its session's
+    /// seqs start afresh: any file that lands there counts as later).
+    pub fn for_next_session(self) -> WaitingForRoom {
+        let mut next = self;
+        for w in next.by_name.values_mut() {
+            w.seq = 0;
+        }
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(hash: u128, size: u64, seq: u64) -> Waiting {
+        Waiting { hash, size, seq }
+    }
+
+    #[test]
+    fn what_waits_goes_when_its_content_lands_anywhere_or_its_name_takes_a_later_file() {
+        let mut r = WaitingForRoom::default();
+        r.insert(0, Path::new("cur/m:2,S"), w(7, 100, 5));
+        assert!(r.waits_elsewhere(0, Path::new("new/m"), 7));
+        assert!(!r.waits_elsewhere(0, Path::new("cur/m:2,S"), 7));
+        assert!(r.size_waits(0, 100) && !r.size_waits(1, 100));
+        // An older op's failure does not replace a later one's.
+        r.insert(0, Path::new("cur/m:2,S"), w(6, 90, 4));
+        assert!(r.waits_elsewhere(0, Path::new("new/m"), 7));
+        // An older op's file landing there leaves it waiting.
+        r.landed(0, Path::new("cur/m:2,S"), 4, 6);
+        assert_eq!(r.len(), 1);
+        // Its content landing under any name lets it go.
+        r.landed(0, Path::new(".Trash/cur/m:2,S"), 9, 7);
+        assert!(r.is_empty() && !r.size_waits(0, 100));
+        // A later file at its name, with other content, too.
+        r.insert(0, Path::new("a"), w(1, 10, 3));
+        r.landed(0, Path::new("a"), 8, 2);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_rename_moves_what_waits_and_room_lets_go_of_what_fits() {
+        let mut r = WaitingForRoom::default();
+        r.insert(0, Path::new("a/new/m"), w(1, 10, 3));
+        r.insert(0, Path::new("b/old"), w(2, 500, 3));
+        r.rename(0, Path::new("a"), Path::new("b"));
+        assert!(r.waits_elsewhere(0, Path::new("x"), 1));
+        assert!(!r.waits_elsewhere(0, Path::new("x"), 2), "b was replaced");
+        assert!(!r.waits_elsewhere(0, Path::new("b/new/m"), 1));
+        let mut r = r.for_next_session();
+        r.insert(0, Path::new("c"), w(4, 1000, 1));
+        r.room(0, 999);
+        assert!(!r.waits_elsewhere(0, Path::new("x"), 1));
+        assert!(r.waits_elsewhere(0, Path::new("x"), 4));
+        // Any file landing at a name in the next session counts as later.
+        r.insert(0, Path::new("d"), w(5, 1, 7));
+        let mut r = r.for_next_session();
+        r.landed(0, Path::new("d"), 1, 9);
+        assert!(!r.waits_elsewhere(0, Path::new("x"), 5));
+        assert_eq!(r.len(), 1);
+    }
+}
