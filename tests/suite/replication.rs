@@ -1109,6 +1109,68 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
     }
 }
 
+/// Messages flagged while the secondary was down, its disk full when it
+/// comes back: the comparison sends each new name (no room for it) and
+/// deletes each old one. The replica holds the deletes back while the
+/// content waits for room, so every message stays there under its old
+/// name (a failover meanwhile finds it in the mailbox); once there is room
+/// the names follow the primary's.
+#[test]
+fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_is_full() {
+    let _g = inotify_guard();
+    let mut tp = TestPair::new(PairOptions {
+        internal_beside_stores: true,
+        ..fast()
+    });
+    let dst = tp.store(1, "inbox");
+    let _unmount = mount_tmpfs(&tp.nodes[1].mail_dir(), "size=1m");
+    tp.nodes[1].make_store_dirs().unwrap();
+    drop(_g);
+    tp.start_all();
+    tp.wait_formed(Duration::from_secs(20)).unwrap();
+    let src = tp.store(0, "inbox");
+    let body = |i: usize| vec![b'a' + i as u8; 100 * 1024];
+    std::fs::create_dir_all(src.join("box/cur")).unwrap();
+    std::fs::create_dir_all(src.join("box/tmp")).unwrap();
+    for i in 0..5 {
+        let tmp = src.join(format!("box/tmp/{i}.msg"));
+        std::fs::write(&tmp, body(i)).unwrap();
+        std::fs::rename(&tmp, src.join(format!("box/cur/{i}.msg:2,"))).unwrap();
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[1].kill9().unwrap();
+    let fill = fill_up(&tp.nodes[1].mail_dir());
+    for i in 0..5 {
+        std::fs::rename(
+            src.join(format!("box/cur/{i}.msg:2,")),
+            src.join(format!("box/cur/{i}.msg:2,S")),
+        )
+        .unwrap();
+    }
+    tp.nodes[1].start().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(50), |s| {
+            s.replication.deletes_held_for_room >= 5
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Every message is on the replica, under its old name.
+    let held: Vec<Vec<u8>> = walk_files(&dst)
+        .iter()
+        .filter(|p| p.parent().is_some_and(|d| d.ends_with("box/cur")))
+        .filter_map(|p| std::fs::read(p).ok())
+        .collect();
+    for i in 0..5 {
+        assert!(
+            held.contains(&body(i)),
+            "message {i} is under neither name on the replica\n{}",
+            tp.logs()
+        );
+    }
+    std::fs::remove_file(fill).unwrap();
+    wait_identical(&src, &dst, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
 /// A message with two names loses the one the sender had recorded for its
 /// inode, then gains a third name: the third must still reach the replica
 /// (as a link to the name that remains, or as bytes), not be asked for
