@@ -949,11 +949,14 @@ impl Applier {
         // room under them waits no more (an op that again finds no room
         // says so again).
         // A rename moves what waits along (the content is wanted there
-        // now). Nothing else the primary says of a name lets go of what
-        // waits there: deleted or replaced, its content may have moved on
-        // to a name not sent yet.
-        if let PathOp::Rename { from, to } = &op {
-            self.waiting.rename(s, from, to);
+        // now); a name deleted or replaced lets go of what waits there (a
+        // `Mkdir` of a folder of waiting names keeps them).
+        match &op {
+            PathOp::Rename { from, to } => self.waiting.rename(s, from, to),
+            PathOp::Delete { rel } | PathOp::Symlink { rel, .. } => {
+                self.waiting.forget(s, rel, seq)
+            }
+            _ => {}
         }
         match op {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
@@ -1020,8 +1023,9 @@ impl Applier {
         if self.waiting.is_empty() {
             return None;
         }
+        // A file with other links keeps its content on the disk.
         let size = match tree.lstat(rel) {
-            Ok(Some(st)) if st.kind == Kind::File => st.version.size,
+            Ok(Some(st)) if st.kind == Kind::File && st.nlink == 1 => st.version.size,
             _ => return None,
         };
         if !self.waiting.size_waits(s, size) {
@@ -1845,13 +1849,11 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 6, delete(m));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join(m).exists());
-        // The primary deleting the new name does not let the old one go
-        // (the message may have moved on to a name not sent yet); its
-        // content landing under any name does.
+        // Its content landing under any name lets the old name go (here
+        // a link the primary made to it).
         std::fs::write(dir.join(m), body).unwrap();
         r.no_room(0, 7, moved, index::hash_bytes(body), body.len() as u64);
-        r.apply(&mut root, &mut index, 0, 8, delete(moved));
-        r.apply(&mut root, &mut index, 0, 9, delete(m));
+        r.apply(&mut root, &mut index, 0, 8, delete(m));
         assert_eq!(needs(&mut r).len(), 1);
         let on_disk = std::fs::metadata(dir.join(m)).unwrap();
         let linked = Meta {
@@ -1863,16 +1865,24 @@ mod tests {
             &mut root,
             &mut index,
             0,
-            10,
+            9,
             m,
             PathBuf::from("new/m2"),
             index::hash_bytes(body),
             &linked,
         );
-        r.apply(&mut root, &mut index, 0, 11, delete(m));
+        std::fs::remove_file(dir.join("new/m2")).unwrap();
+        r.apply(&mut root, &mut index, 0, 10, delete(m));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join(m).exists());
-        assert_eq!(std::fs::read(dir.join("new/m2")).unwrap(), body);
+        // So does the primary deleting the new name (a delete of a
+        // message's last name must free the disk).
+        std::fs::write(dir.join(m), body).unwrap();
+        r.no_room(0, 11, moved, index::hash_bytes(body), body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 12, delete(moved));
+        r.apply(&mut root, &mut index, 0, 13, delete(m));
+        assert!(needs(&mut r).is_empty());
+        assert!(!dir.join(m).exists());
     }
 
     /// Folders renamed away and back (`a` to `b`, then `b` to `a`) while a

@@ -1193,8 +1193,11 @@ impl Receiver {
             let Ok(room) = self.stores[i].root.room() else {
                 continue;
             };
+            // What waits for room and fits now goes, whether or not the
+            // store stops counting as full (a bigger file may still not
+            // fit; inodes may be short).
+            self.ops.room(i, super::space::usable(&room));
             if self.space[i].recheck(now, room) == Some(super::space::Change::Cleared) {
-                self.ops.room(i, super::space::usable(&room));
                 info!(
                     store = %self.stores[i].name,
                     free_mib = room.bytes >> 20,

@@ -51,8 +51,12 @@ impl WaitingForRoom {
 
     /// `rel` of store `s` waits with `w`; an entry there from a later op
     /// stays (an older op's file can fail after a newer one arrived).
-    /// Past [`WAITING_MAX`] names, a new name is not remembered.
+    /// Past [`WAITING_MAX`] names, a new name is not remembered; nor is an
+    /// empty file (no message, and every empty file shares its content).
     pub fn insert(&mut self, s: usize, rel: &Path, w: Waiting) {
+        if w.size == 0 {
+            return;
+        }
         let key = (s, rel.to_path_buf());
         match self.by_name.get(&key) {
             Some(old) if old.seq > w.seq => return,
@@ -114,6 +118,28 @@ impl WaitingForRoom {
         }
     }
 
+    /// The primary deleted or replaced `rel` (op `seq`): what an earlier op
+    /// sent there waits no more, nor below it (or above it: a name under
+    /// a former file). The message may have moved on to a name not sent
+    /// yet; but a delete of the last name must free the disk.
+    pub fn forget(&mut self, s: usize, rel: &Path, seq: u64) {
+        if self.is_empty() {
+            return;
+        }
+        let mut keys: Vec<(usize, PathBuf)> = rel
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .map(|a| (s, a.to_path_buf()))
+            .collect();
+        keys.extend(self.at_and_below(s, rel));
+        for key in keys {
+            if self.by_name.get(&key).is_some_and(|w| w.seq < seq) {
+                self.remove(&key);
+            }
+        }
+    }
+
     /// The primary renamed `from` to `to`: what waited at or below `from`
     /// now waits under `to` (the content is wanted there), and what waited
     /// at or below `to` goes (replaced there).
@@ -136,13 +162,21 @@ impl WaitingForRoom {
         }
     }
 
-    /// Store `s` has `free` bytes for files now: what fits goes (sent
-    /// again, it lands or waits again).
+    /// Store `s` has `free` bytes for files now: as much as fits of what
+    /// waits goes, in path order (sent again, it lands or waits again).
     pub fn room(&mut self, s: usize, free: u64) {
+        let mut left = free;
         let fits: Vec<(usize, PathBuf)> = self
             .by_name
             .iter()
-            .filter(|((ps, _), w)| *ps == s && w.size <= free)
+            .filter(|((ps, _), _)| *ps == s)
+            .filter(|(_, w)| {
+                let fits = w.size <= left;
+                if fits {
+                    left -= w.size;
+                }
+                fits
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in fits {
@@ -203,6 +237,18 @@ mod tests {
         r.insert(0, Path::new("a"), w(1, 10, 3));
         r.landed(0, Path::new("a"), 8, 2);
         assert!(r.is_empty());
+        // Deleted by a later op, or its folder: it goes; an empty file is
+        // never remembered.
+        r.insert(0, Path::new("f/cur/a"), w(1, 10, 3));
+        r.insert(0, Path::new("f/cur/b"), w(2, 10, 3));
+        r.insert(0, Path::new("g"), w(3, 10, 3));
+        r.insert(0, Path::new("e"), w(4, 0, 3));
+        r.forget(0, Path::new("f/cur/a"), 3);
+        assert_eq!(r.len(), 3, "said by the op that sent it");
+        r.forget(0, Path::new("f"), 4);
+        assert_eq!(r.len(), 1);
+        r.forget(0, Path::new("g/x"), 4);
+        assert!(r.is_empty(), "a name below a former file");
     }
 
     #[test]
@@ -215,10 +261,21 @@ mod tests {
         assert!(!r.waits_elsewhere(0, Path::new("x"), 2), "b was replaced");
         assert!(!r.waits_elsewhere(0, Path::new("b/new/m"), 1));
         let mut r = r.for_next_session();
-        r.insert(0, Path::new("c"), w(4, 1000, 1));
-        r.room(0, 999);
+        r.room(0, 10);
         assert!(!r.waits_elsewhere(0, Path::new("x"), 1));
-        assert!(r.waits_elsewhere(0, Path::new("x"), 4));
+        r.insert(0, Path::new("c"), w(4, 1000, 1));
+        r.insert(0, Path::new("c2"), w(6, 995, 1));
+        r.room(0, 1005);
+        assert!(
+            !r.waits_elsewhere(0, Path::new("x"), 4),
+            "the first that fits"
+        );
+        assert!(
+            r.waits_elsewhere(0, Path::new("x"), 6),
+            "room for one of them"
+        );
+        r.room(0, 1005);
+        r.insert(0, Path::new("c"), w(4, 1000, 1));
         // Any file landing at a name in the next session counts as later.
         r.insert(0, Path::new("d"), w(5, 1, 7));
         let mut r = r.for_next_session();

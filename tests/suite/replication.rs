@@ -1153,18 +1153,23 @@ fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_
             s.replication.deletes_held_for_room >= 5
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    // Every message is on the replica, under its old name.
-    let held: Vec<Vec<u8>> = walk_files(&dst)
-        .iter()
-        .filter(|p| p.parent().is_some_and(|d| d.ends_with("box/cur")))
-        .filter_map(|p| std::fs::read(p).ok())
-        .collect();
-    for i in 0..5 {
-        assert!(
-            held.contains(&body(i)),
-            "message {i} is under neither name on the replica\n{}",
-            tp.logs()
-        );
+    // Every message stays on the replica, under its old name, while the
+    // deletes are asked for again.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let held: Vec<Vec<u8>> = walk_files(&dst)
+            .iter()
+            .filter(|p| p.parent().is_some_and(|d| d.ends_with("box/cur")))
+            .filter_map(|p| std::fs::read(p).ok())
+            .collect();
+        for i in 0..5 {
+            assert!(
+                held.contains(&body(i)),
+                "message {i} is under neither name on the replica\n{}",
+                tp.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     std::fs::remove_file(fill).unwrap();
     wait_identical(&src, &dst, Duration::from_secs(60))
