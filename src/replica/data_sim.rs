@@ -1928,16 +1928,13 @@ impl Replica {
         }
         let rel = admit_path(path, &self.excludes).ok()?;
         let sizes: Vec<u64> = self.commits.staged().iter().map(|f| f.size).collect();
-        let disk = Disk {
-            fs: &mut self.fs,
-            faults: &mut self.faults,
-            staged: &mut self.staged,
-            kept_aside: &mut self.kept_aside,
-            kept_at: self.kept_at,
-            slots: &mut self.slots,
-            newly_kept: Vec::new(),
-        };
-        super::apply::content_at(&disk, &self.index, &rel, |size| sizes.contains(&size))
+        // What the receiver's lookup finds (`apply::content_at`): the
+        // model's content is the truth its index would match.
+        let st = self.fs.stat(&rel)?;
+        if st.kind != Kind::File || !sizes.contains(&st.version.size) {
+            return None;
+        }
+        self.fs.hash_of(&rel)
     }
 
     /// An op through the receiver's decisions (also as a crash's replay

@@ -1039,20 +1039,27 @@ fn a_version_the_primary_could_not_keep_is_handed_over_again_in_the_same_session
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-#[test]
-fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
-    let _g = inotify_guard();
+/// A pair formed with the secondary's mail on a 1 MiB tmpfs (its store
+/// and internal directory share it): the pair, the mount and the
+/// secondary's store.
+fn pair_with_a_small_secondary_disk() -> (TestPair, Unmount, std::path::PathBuf) {
+    let g = inotify_guard();
     let mut tp = TestPair::new(PairOptions {
         internal_beside_stores: true,
         ..fast()
     });
     let dst = tp.store(1, "inbox");
-    // The store and its internal directory share the small filesystem.
-    let _unmount = mount_tmpfs(&tp.nodes[1].mail_dir(), "size=1m");
+    let unmount = mount_tmpfs(&tp.nodes[1].mail_dir(), "size=1m");
     tp.nodes[1].make_store_dirs().unwrap();
-    drop(_g);
+    drop(g);
     tp.start_all();
     tp.wait_formed(Duration::from_secs(20)).unwrap();
+    (tp, unmount, dst)
+}
+
+#[test]
+fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
+    let (tp, _unmount, dst) = pair_with_a_small_secondary_disk();
     // Past the initial comparison: a scan racing the writes below could
     // send an empty early version of a file, complete in its own right.
     tp.nodes[0]
@@ -1117,17 +1124,7 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
 /// the names follow the primary's.
 #[test]
 fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_is_full() {
-    let _g = inotify_guard();
-    let mut tp = TestPair::new(PairOptions {
-        internal_beside_stores: true,
-        ..fast()
-    });
-    let dst = tp.store(1, "inbox");
-    let _unmount = mount_tmpfs(&tp.nodes[1].mail_dir(), "size=1m");
-    tp.nodes[1].make_store_dirs().unwrap();
-    drop(_g);
-    tp.start_all();
-    tp.wait_formed(Duration::from_secs(20)).unwrap();
+    let (mut tp, _unmount, dst) = pair_with_a_small_secondary_disk();
     let src = tp.store(0, "inbox");
     let body = |i: usize| vec![b'a' + i as u8; 100 * 1024];
     std::fs::create_dir_all(src.join("box/cur")).unwrap();
