@@ -185,26 +185,25 @@ pub fn land_first<F: StagedAt>(
     })
 }
 
-/// The content (hash) of the regular file at `rel` whose size `wanted`
-/// accepts: from the index where it knows the version there, else read.
-/// `None` for anything else (no such name, a folder or symlink, a size
-/// not wanted, a file that cannot be read).
+/// The content (hash) and size of the regular file at `rel` whose state
+/// `wanted` accepts: from the index where it knows the version there, else
+/// read. `None` for anything else (no such name, a folder or symlink, a
+/// file not wanted, a file that cannot be read).
 pub fn content_at<T: ReplicaTree>(
     tree: &T,
     index: &Index,
     rel: &Path,
-    wanted: impl Fn(u64) -> bool,
-) -> Option<u128> {
+    wanted: impl Fn(&Stat) -> bool,
+) -> Option<(u128, u64)> {
     let st = tree.lstat(rel).ok()??;
-    if st.kind != Kind::File || !wanted(st.version.size) {
+    if st.kind != Kind::File || !wanted(&st) {
         return None;
     }
-    match index.get(rel) {
-        Some(e) if e.kind == Kind::File && index::same_version(&e.version, &st.version) => {
-            Some(e.hash())
-        }
-        _ => tree.hash(rel, Kind::File).ok(),
-    }
+    let hash = match index.get(rel) {
+        Some(e) if e.kind == Kind::File && index::same_version(&e.version, &st.version) => e.hash(),
+        _ => tree.hash(rel, Kind::File).ok()?,
+    };
+    Some((hash, st.version.size))
 }
 
 /// Whether a file staged at `staged` must land before an op on `paths`:
@@ -1024,14 +1023,9 @@ impl Applier {
             return None;
         }
         // A file with other links keeps its content on the disk.
-        let size = match tree.lstat(rel) {
-            Ok(Some(st)) if st.kind == Kind::File && st.nlink == 1 => st.version.size,
-            _ => return None,
-        };
-        if !self.waiting.size_waits(s, size) {
-            return None;
-        }
-        let hash = content_at(tree, index, rel, |_| true)?;
+        let (hash, size) = content_at(tree, index, rel, |st| {
+            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
+        })?;
         self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
     }
 

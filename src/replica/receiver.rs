@@ -1153,9 +1153,12 @@ impl Receiver {
         // Checked again (and answered) as the op applies.
         let rel = admit_path(path, &self.excludes).ok()?;
         let st = &self.stores[s];
-        super::apply::content_at(&st.root, &st.index, &rel, |size| {
-            staged.iter().any(|f| f.store == s && f.size == size)
+        super::apply::content_at(&st.root, &st.index, &rel, |found| {
+            staged
+                .iter()
+                .any(|f| f.store == s && f.size == found.version.size)
         })
+        .map(|(hash, _)| hash)
     }
 
     /// Something was refused for want of room in `store`: it counts as
