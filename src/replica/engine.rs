@@ -621,7 +621,7 @@ async fn engine_main(
         });
     }
     // The receiver's stores (and their indexes) live across connections.
-    let recv_stores: Rc<RefCell<Option<Vec<RecvStore>>>> = Rc::new(RefCell::new(None));
+    let recv_stores = Rc::new(RecvStores::default());
     let receiving = Rc::new(Receiving::default());
     *receiving.held_for_rename.borrow_mut() = held;
     tokio_uring::spawn(accept_loop(
@@ -652,7 +652,7 @@ async fn engine_main(
             // A scan taken as a secondary serves no session now, nor do
             // the sources held for renames onto protected paths (this
             // node's tree is the primary's now).
-            receiving.prescan.borrow_mut().take();
+            receiving.void_prescan();
             drop_held_for_rename(&shared, &receiving);
             receiving.waiting_for_room.take();
             run_primary(&shared, &ctx, &mut mode_rx).await;
@@ -665,22 +665,9 @@ async fn engine_main(
             if mode == EngineMode::Secondary && watch.is_some() {
                 prescan_replica(&shared, &recv_stores, &receiving);
             } else {
-                receiving.prescan.borrow_mut().take();
+                receiving.void_prescan();
             }
-            let changed = loop {
-                tokio::select! {
-                    c = mode_rx.changed() => break c,
-                    // A scan no session took while it was fresh is of no
-                    // use: its memory is given back.
-                    _ = tokio::time::sleep(super::receiver::PRESCAN_FRESH),
-                        if receiving.prescan.borrow().is_some() =>
-                    {
-                        if receiving.prescan.borrow_mut().take().is_some() {
-                            debug!("the replica's scan was not taken while fresh: dropped");
-                        }
-                    }
-                }
-            };
+            let changed = mode_rx.changed().await;
             drop(watch);
             *shared
                 .stats
@@ -699,8 +686,20 @@ async fn engine_main(
 /// ends on the mode change and saves its index; wait for it (bounded), and
 /// save the indexes of the stores between sessions, so that a restarted
 /// secondary does not re-read and re-hash its whole store.
-async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<Vec<RecvStore>>>>) {
+async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RecvStores>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // A scan of the replica in progress has the indexes: they come back
+    // with it.
+    while stores.lent.get() {
+        let back = stores.back.notified();
+        if !stores.lent.get() {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, back).await.is_err() {
+            warn!("the replica's scan did not end within 10 s of shutdown: its index is not saved");
+            return;
+        }
+    }
     while receiving.busy.get() {
         let released = receiving.released.notified();
         if let Some(c) = receiving.closer.borrow_mut().take() {
@@ -713,7 +712,7 @@ async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<
             return;
         }
     }
-    if let Some(st) = stores.borrow_mut().as_mut() {
+    if let Some(st) = stores.slot.borrow_mut().as_mut() {
         for s in st.iter_mut() {
             if let Err(e) = s.index.save() {
                 warn!(store = %s.name, "cannot save index at shutdown: {e}");
@@ -728,33 +727,95 @@ async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RefCell<Option<
 /// nodes' walks overlap. Nothing else changes the replica before the first
 /// session but foreign writes, which discard the scans (so it runs only
 /// while the foreign-write watch is on).
-fn prescan_replica(
-    shared: &Shared,
-    stores: &Rc<RefCell<Option<Vec<RecvStore>>>>,
-    receiving: &Receiving,
-) {
-    if receiving.busy.get() {
+///
+/// The walk reads and hashes what changed while the node was down, seconds
+/// for a large store: it runs on a thread of its own (`hasync-prescan`),
+/// with the stores and their indexes lent to it, so that this loop goes on
+/// accepting and authenticating connections meanwhile. A session that comes
+/// during it waits for the stores and takes the scan with them.
+fn prescan_replica(shared: &Shared, stores: &Rc<RecvStores>, receiving: &Rc<Receiving>) {
+    if receiving.busy.get() || stores.lent.get() {
         return;
     }
-    let taken = stores.borrow_mut().take();
-    let mut st = match taken {
-        Some(s) => s,
-        None => match open_recv_stores(&shared.cfg) {
-            Ok(s) => s,
-            // The session reports it when it opens them.
-            Err(_) => return,
-        },
+    let st = match stores.take_now(&shared.cfg) {
+        Ok(s) => s,
+        // The session reports it when it opens them.
+        Err(_) => return,
     };
+    let voids = receiving.prescan_voids.get();
+    let slot = Arc::new(Mutex::new(Some(st)));
+    let (tx, rx) = oneshot::channel();
+    let job = {
+        let (slot, excludes) = (slot.clone(), shared.excludes.clone());
+        move || {
+            let mut st = slot.lock().expect("prescan slot").take().expect("once");
+            let scans = scan_replica(&mut st, &excludes);
+            let _ = tx.send((st, scans));
+        }
+    };
+    stores.lent.set(true);
+    let thread = std::thread::Builder::new()
+        .name("hasync-prescan".into())
+        .spawn(job);
+    if let Err(e) = thread {
+        // No scan ahead of the session: its manifest walks the replica.
+        debug!("cannot start a thread for the replica's scan ({e}): the first manifest walks it");
+        let st = slot.lock().expect("prescan slot").take();
+        stores.give_back(st);
+        return;
+    }
+    let (stores, receiving) = (stores.clone(), receiving.clone());
+    tokio_uring::spawn(async move {
+        let Ok((st, scans)) = rx.await else {
+            // The thread panicked with the indexes: the next session opens
+            // the stores again from their saved indexes.
+            warn!("the replica's scan failed (its thread panicked): the first manifest walks the replica");
+            stores.give_back(None);
+            return;
+        };
+        // Fresh from the walk's end: anything written into the replica
+        // since it began, by another process (the foreign watch), or a
+        // role change, voided it meanwhile; this node lands nothing while
+        // the stores are lent.
+        if receiving.prescan_voids.get() != voids {
+            debug!("the replica changed during its scan: the scan is dropped");
+            stores.give_back(Some(st));
+            return;
+        }
+        let at = std::time::Instant::now();
+        *receiving.prescan.borrow_mut() = Some(super::receiver::Prescan { at, scans });
+        stores.give_back(Some(st));
+        // A scan no session took while it was fresh is of no use: its
+        // memory is given back.
+        tokio::time::sleep(super::receiver::PRESCAN_FRESH).await;
+        let mut kept = receiving.prescan.borrow_mut();
+        if kept.as_ref().is_some_and(|p| p.at == at) {
+            kept.take();
+            debug!("the replica's scan was not taken while fresh: dropped");
+        }
+    });
+}
+
+/// Walks each store of the replica through its index (the prescan's
+/// thread): hashes what changed while this node was down (the costly part)
+/// and keeps the entries of the stores that fit the budget; a store beyond
+/// it is walked again for the manifest, its hashes in the index by then.
+fn scan_replica(
+    st: &mut [RecvStore],
+    excludes: &super::Excludes,
+) -> Vec<Option<super::index::Scan>> {
     let started = std::time::Instant::now();
-    // Hashes what changed while this node was down (the costly part) and
-    // keeps the entries of the stores that fit the budget; a store beyond it
-    // is walked again for the manifest, its hashes in the index by then.
+    // A test stands in for the walk of a large store with a pause here.
+    let slow = crate::failpoint::wait_or("PRESCAN", Duration::ZERO);
+    if !slow.is_zero() {
+        std::thread::sleep(slow);
+    }
     let mut left = super::walk::HELD_BYTES_MAX;
     let scans = st
         .iter_mut()
         .map(|s| {
             let scan = super::walk::Walk::new(&mut s.index, super::index::Rehash::Changed, true)
-                .run(s.root.tree(), &mut s.index, &shared.excludes, left, |_| {})
+                .run(s.root.tree(), &mut s.index, excludes, left, |_| {})
                 .ok()
                 .flatten();
             left = left.saturating_sub(scan.as_ref().map_or(0, |s| s.entries.held_bytes()));
@@ -765,14 +826,7 @@ fn prescan_replica(
         ms = started.elapsed().as_millis() as u64,
         "replica scanned for the first manifest"
     );
-    // Fresh from the walk's end: anything written into the replica since
-    // it began, by this node (a landing) or another process (the foreign
-    // watch), discards it.
-    *receiving.prescan.borrow_mut() = Some(super::receiver::Prescan {
-        at: std::time::Instant::now(),
-        scans,
-    });
-    *stores.borrow_mut() = Some(st);
+    scans
 }
 
 /// Whether the file at `rel` is still the version this node landed (size,
@@ -835,7 +889,7 @@ async fn foreign_loop(
     shared: Rc<Shared>,
     mut rx: mpsc::UnboundedReceiver<super::foreign::Batch>,
     receiving: Rc<Receiving>,
-    stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    stores: Rc<RecvStores>,
     mode_rx: watch::Receiver<EngineMode>,
 ) {
     use super::foreign;
@@ -847,8 +901,9 @@ async fn foreign_loop(
         if *mode_rx.borrow() != EngineMode::Secondary {
             continue; // changes made as the node's role changed are its own
         }
-        // A scan taken before this write no longer describes the replica.
-        receiving.prescan.borrow_mut().take();
+        // A scan taken before this write (or under way) no longer
+        // describes the replica.
+        receiving.void_prescan();
         if batch.paths.is_empty() {
             // Only a kernel queue overflow (hasync's own landings during an
             // initial sync can cause it): nothing to keep aside; whatever a
@@ -872,34 +927,40 @@ async fn foreign_loop(
             continue;
         }
         last_end = Some(tokio::time::Instant::now());
-        while receiving.busy.get() {
-            let released = receiving.released.notified();
-            if let Some(c) = receiving.closer.borrow_mut().take() {
-                info!("ending the sync session: the replica was changed outside hasync");
-                let _ = c.shutdown();
+        // Neither a session nor a scan of the replica may have the stores.
+        loop {
+            if receiving.busy.get() {
+                let released = receiving.released.notified();
+                if let Some(c) = receiving.closer.borrow_mut().take() {
+                    info!("ending the sync session: the replica was changed outside hasync");
+                    let _ = c.shutdown();
+                }
+                released.await;
+            } else if stores.lent.get() {
+                let back = stores.back.notified();
+                if stores.lent.get() {
+                    back.await;
+                }
+            } else {
+                break;
             }
-            released.await;
         }
         if *mode_rx.borrow() != EngineMode::Secondary {
             continue;
         }
         // No await from here on: no session can start meanwhile.
-        receiving.prescan.borrow_mut().take();
-        let taken = stores.borrow_mut().take();
-        let mut st = match taken {
-            Some(s) => s,
-            None => match open_recv_stores(&shared.cfg) {
-                Ok(s) => s,
-                Err(e) => {
-                    let msg = format!(
+        receiving.void_prescan();
+        let mut st = match stores.take_now(&shared.cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!(
                         "the replica was changed outside hasync ({} paths) and cannot be opened to keep them aside: {e}",
                         batch.paths.len()
                     );
-                    error!(alarm = true, "ALARM: {msg}");
-                    shared.stats.raise_alarm(msg);
-                    continue;
-                }
-            },
+                error!(alarm = true, "ALARM: {msg}");
+                shared.stats.raise_alarm(msg);
+                continue;
+            }
         };
         let mut kept: Vec<(usize, PathBuf)> = Vec::new();
         for p in batch.paths.iter().filter(|p| p.holds_foreign_data()) {
@@ -941,7 +1002,7 @@ async fn foreign_loop(
             }
         }
         let names: Vec<String> = st.iter().map(|s| s.name.clone()).collect();
-        *stores.borrow_mut() = Some(st);
+        stores.put(st);
         shared
             .stats
             .foreign_writes
@@ -1034,8 +1095,16 @@ async fn run_primary(
     let epoch = shared.served.load(Relaxed);
     let floor = shared.floor.load(Relaxed);
     crate::failpoint::hit("engine.before_takeover_record");
-    let (scans, record_complete) =
-        record_takeover(cfg, &shared.excludes, &mut stores, (epoch, floor));
+    let Some((stores, scans, record_complete)) =
+        record_takeover_off_loop(cfg, &shared.excludes, stores, (epoch, floor)).await
+    else {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = mode_rx.changed() => {}
+        }
+        *shared.notifier.lock().expect("notifier lock") = None;
+        return;
+    };
     // Fresh from the walk's end (what changed since it began is queued):
     // a million-entry walk takes longer than the freshness.
     let held_at = std::time::Instant::now();
@@ -1291,6 +1360,11 @@ fn record_takeover(
 ) -> (Vec<Option<super::index::Scan>>, bool) {
     use super::index::Kind;
     let started = std::time::Instant::now();
+    // A test stands in for the walk of a large store with a pause here.
+    let slow = crate::failpoint::wait_or("TAKEOVER_WALK", Duration::ZERO);
+    if !slow.is_zero() {
+        std::thread::sleep(slow);
+    }
     let (mut files, mut unread) = (0usize, 0usize);
     let mut scans: Vec<Option<super::index::Scan>> = stores.iter().map(|_| None).collect();
     // What is held for the first comparison, over all stores.
@@ -1349,6 +1423,54 @@ fn record_takeover(
         "takeover record written"
     );
     (scans, unread == 0)
+}
+
+/// [`record_takeover`] on a thread of its own (`hasync-takeover`): a walk
+/// of every store, seconds for a large one, during which this loop goes on
+/// serving connections (a former primary's queue push among them). `None`
+/// if the thread panicked (the stores went with it; the caller opens them
+/// again). Should no thread start, it runs here.
+async fn record_takeover_off_loop(
+    cfg: &EngineConfig,
+    excludes: &super::Excludes,
+    stores: Vec<Store>,
+    tenure: (u64, u64),
+) -> Option<(Vec<Store>, Vec<Option<super::index::Scan>>, bool)> {
+    let slot = Arc::new(Mutex::new(Some(stores)));
+    let (tx, rx) = oneshot::channel();
+    let job = {
+        let (slot, cfg, excludes) = (slot.clone(), cfg.clone(), excludes.clone());
+        move || {
+            let mut stores = slot.lock().expect("takeover slot").take().expect("once");
+            let (scans, complete) = record_takeover(&cfg, &excludes, &mut stores, tenure);
+            let _ = tx.send((stores, scans, complete));
+        }
+    };
+    match std::thread::Builder::new()
+        .name("hasync-takeover".into())
+        .spawn(job)
+    {
+        Ok(_) => match rx.await {
+            Ok(done) => Some(done),
+            Err(_) => {
+                error!(
+                    alarm = true,
+                    "ALARM: the takeover record's walk failed (its thread panicked); the stores are opened again"
+                );
+                None
+            }
+        },
+        Err(e) => {
+            warn!("cannot start a thread for the takeover record ({e}): it runs on the replication loop");
+            let mut stores = slot
+                .lock()
+                .expect("takeover slot")
+                .take()
+                .expect("not taken");
+            let (scans, complete) = record_takeover(cfg, excludes, &mut stores, tenure);
+            Some((stores, scans, complete))
+        }
+    }
 }
 
 async fn session(
@@ -1438,7 +1560,7 @@ async fn accept_loop(
     ctx: Rc<LinkCtx>,
     listener: tokio_uring::net::TcpListener,
     mode_rx: watch::Receiver<EngineMode>,
-    stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    stores: Rc<RecvStores>,
     receiving: Rc<Receiving>,
     mut promote_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
@@ -1641,12 +1763,70 @@ struct Receiving {
     /// The replica's scans, taken as the node became secondary (while the
     /// primary writes its takeover record), for the first manifest.
     prescan: RefCell<Option<super::receiver::Prescan>>,
+    /// Bumped by whatever makes a scan under way stale (a foreign write, a
+    /// role change): the scan that ends finds it moved and is dropped.
+    prescan_voids: std::cell::Cell<u64>,
     /// Sources held for renames onto protected paths, from one session's
     /// receiver to the next (`apply::Applier`).
     held_for_rename: RefCell<super::apply::HeldForRename>,
     /// Content waiting for room under the names the primary sent it, from
     /// one session's receiver to the next (`replica::waiting`).
     waiting_for_room: RefCell<super::waiting::WaitingForRoom>,
+}
+
+impl Receiving {
+    /// The replica's scan, taken or under way, no longer describes it.
+    fn void_prescan(&self) {
+        self.prescan.borrow_mut().take();
+        self.prescan_voids.set(self.prescan_voids.get() + 1);
+    }
+}
+
+/// The receiver's stores (their roots and indexes) between sessions: one
+/// set, held by the session in progress, a scan's thread or nobody.
+#[derive(Default)]
+struct RecvStores {
+    slot: RefCell<Option<Vec<RecvStore>>>,
+    /// Lent to the scan's thread (`prescan_replica`) until it gives them back.
+    lent: std::cell::Cell<bool>,
+    back: tokio::sync::Notify,
+}
+
+impl RecvStores {
+    /// The stores, opened (their indexes loaded) if nobody kept them; none
+    /// may be lent.
+    fn take_now(&self, cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {
+        debug_assert!(!self.lent.get(), "the stores are lent to a scan");
+        let kept = self.slot.borrow_mut().take();
+        match kept {
+            Some(s) => Ok(s),
+            None => open_recv_stores(cfg),
+        }
+    }
+
+    /// The stores, once a scan that has them gives them back: never a
+    /// second copy of an index beside the lent one.
+    async fn take(&self, cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {
+        while self.lent.get() {
+            let back = self.back.notified();
+            if self.lent.get() {
+                back.await;
+            }
+        }
+        self.take_now(cfg)
+    }
+
+    fn put(&self, st: Vec<RecvStore>) {
+        *self.slot.borrow_mut() = Some(st);
+    }
+
+    /// A scan ends: its stores (`None`: lost with a panicked thread, opened
+    /// again by the next taker) are free again.
+    fn give_back(&self, st: Option<Vec<RecvStore>>) {
+        *self.slot.borrow_mut() = st;
+        self.lent.set(false);
+        self.back.notify_waiters();
+    }
 }
 
 /// Serves the primary's sync connection. The newest authenticated
@@ -1656,7 +1836,7 @@ async fn serve_sync(
     shared: Rc<Shared>,
     conn: Conn,
     addr: SocketAddr,
-    stores: Rc<RefCell<Option<Vec<RecvStore>>>>,
+    stores: Rc<RecvStores>,
     receiving: Rc<Receiving>,
     mut mode_rx: watch::Receiver<EngineMode>,
 ) {
@@ -1678,20 +1858,18 @@ async fn serve_sync(
     }
     receiving.busy.set(true);
     *receiving.closer.borrow_mut() = Some(conn.closer());
-    let taken = stores.borrow_mut().take();
-    let recv_stores = match taken {
-        Some(s) => s,
-        None => match open_recv_stores(&shared.cfg) {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("cannot open mailstore roots for receiving: {e}");
-                *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
-                receiving.busy.set(false);
-                receiving.closer.borrow_mut().take();
-                receiving.released.notify_waiters();
-                return;
-            }
-        },
+    // A scan of the replica under way has them: the session waits for it
+    // and takes the scan for its first manifest.
+    let recv_stores = match stores.take(&shared.cfg).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot open mailstore roots for receiving: {e}");
+            *shared.stats.last_error.lock().expect("error lock") = Some(e.to_string());
+            receiving.busy.set(false);
+            receiving.closer.borrow_mut().take();
+            receiving.released.notify_waiters();
+            return;
+        }
     };
     let mut receiver = Receiver::new(
         recv_stores,
@@ -1762,7 +1940,7 @@ async fn serve_sync(
         Ok(()) => info!(peer = %addr, "sync connection closed"),
         Err(e) => info!(peer = %addr, "sync connection ended: {e}"),
     }
-    *stores.borrow_mut() = Some(receiver.stores);
+    stores.put(receiver.stores);
     receiving.busy.set(false);
     receiving.closer.borrow_mut().take();
     receiving.released.notify_waiters();

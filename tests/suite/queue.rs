@@ -96,6 +96,104 @@ fn kill9_failover_pushes_a_flat_queue_exactly_once() {
     kill9_failover_push("flat");
 }
 
+/// The former primary comes back as secondary and scans its replica for
+/// the first manifest (here a scan that takes 20 s, as a large store's
+/// would): its queue is handed over meanwhile, not after the scan, and the
+/// sync session that comes during the scan waits for it and converges.
+#[test]
+fn the_queue_is_handed_over_while_the_returning_node_scans_its_replica() {
+    let (mut tp, p) = TestPair::formed(opts("flat"));
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 11);
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap();
+    // What the users change on the new primary meanwhile reaches the
+    // returning node once its scan is done.
+    let mail = tp.store(1, "inbox").join("during-the-scan");
+    std::fs::write(&mail, b"Subject: delivered to mx2\n\nbody\n").unwrap();
+    let started = std::time::Instant::now();
+    tp.nodes[0]
+        .start_with_env(&[
+            ("HASYNC_FAILPOINT_PRESCAN_MS", "20000"),
+            ("RUST_LOG", "info,hasync::replica::engine=debug"),
+        ])
+        .unwrap();
+    let st = push_settled(&tp, 0);
+    let took = started.elapsed();
+    assert!(
+        !tp.nodes[0].log_shows("replica scanned for the first manifest"),
+        "the push settled after {took:?}, and only after the scan ended: it waited for it\n{}",
+        tp.nodes[0].log()
+    );
+    assert!(
+        st.queue_push.last.pushed == 20,
+        "every queued message handed over during the scan: {:?}\n{}",
+        st.queue_push.last,
+        tp.logs()
+    );
+    assert!(queue_digest(&tp.nodes[0].queue_dir, "flat").is_empty());
+    assert_eq!(queue_digest(&tp.nodes[1].queue_dir, "flat"), before);
+    // The session waited for the scan (its stores were lent to it) and
+    // took it: the mail delivered meanwhile arrives.
+    let landed = tp.store(0, "inbox").join("during-the-scan");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !landed.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never caught up after its scan\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        tp.nodes[0].log_shows("replica scanned for the first manifest"),
+        "{}",
+        tp.nodes[0].log()
+    );
+}
+
+/// The new primary walks its stores for its takeover record (here a walk
+/// that takes 20 s, as a large store's would) while the former primary
+/// comes back: the queue push is served meanwhile, not after the walk.
+#[test]
+fn the_new_primary_takes_a_queue_in_while_it_walks_for_its_takeover_record() {
+    let (mut tp, p) = TestPair::formed(opts("flat"));
+    assert_eq!(p, 0);
+    // mx2 runs with the slow walk armed, for the takeover to come.
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[
+            ("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "20000"),
+            ("RUST_LOG", "info"),
+        ])
+        .unwrap();
+    let p = tp
+        .wait_formed(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(p, 0);
+    let before = fill_queue(&tp.nodes[0].queue_dir, "flat", 20, 13);
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[0].start().unwrap();
+    let st = push_settled(&tp, 0);
+    assert!(
+        !tp.nodes[1].log_shows("takeover record written"),
+        "the push settled only after the takeover walk ended: it waited for it\n{}",
+        tp.nodes[1].log()
+    );
+    assert_eq!(st.queue_push.last.pushed, 20, "{:?}", st.queue_push.last);
+    assert!(queue_digest(&tp.nodes[0].queue_dir, "flat").is_empty());
+    assert_eq!(queue_digest(&tp.nodes[1].queue_dir, "flat"), before);
+}
+
 #[test]
 fn join_after_recovery_off_hands_the_queue_over() {
     let (mut tp, p) = TestPair::formed(PairOptions {
