@@ -655,7 +655,10 @@ async fn engine_main(
             receiving.void_prescan();
             drop_held_for_rename(&shared, &receiving);
             receiving.waiting_for_room.take();
+            receiving.primary_running.set(true);
             run_primary(&shared, &ctx, &mut mode_rx).await;
+            receiving.primary_running.set(false);
+            receiving.primary_done.notify_waiters();
         } else {
             let watch = (mode == EngineMode::Secondary && shared.cfg.watch_foreign_writes)
                 .then(|| start_foreign_watch(&shared, &foreign_tx))
@@ -1756,6 +1759,10 @@ struct Receiving {
     busy: std::cell::Cell<bool>,
     /// Closes the session in progress (a newer one replaces it).
     closer: RefCell<Option<crate::link::FrameWriter>>,
+    /// The engine's loop is in its primary branch (`run_primary`), whose
+    /// takeover walk runs off the loop: sync sessions wait for it to end.
+    primary_running: std::cell::Cell<bool>,
+    primary_done: tokio::sync::Notify,
     /// Bumped by every authenticated sync connection: only the newest one
     /// waits for the session it replaces.
     latest: std::cell::Cell<u64>,
@@ -1842,6 +1849,18 @@ async fn serve_sync(
 ) {
     let generation = receiving.latest.get() + 1;
     receiving.latest.set(generation);
+    // A tenure as primary this node just left may still be walking its
+    // stores for the takeover record (off this loop): no session lands in
+    // the tree it reads, nor before its record and mark are written.
+    while receiving.primary_running.get() {
+        let done = receiving.primary_done.notified();
+        if receiving.primary_running.get() {
+            done.await;
+        }
+    }
+    if receiving.latest.get() != generation {
+        return; // a newer connection took over meanwhile
+    }
     loop {
         let released = receiving.released.notified();
         if !receiving.busy.get() {
@@ -1871,6 +1890,15 @@ async fn serve_sync(
             return;
         }
     };
+    if receiving.latest.get() != generation || receiving.closer.borrow().is_none() {
+        // Cut while it waited for a scan (a newer connection, a foreign
+        // write): the stores and the scan are left for the next session.
+        stores.put(recv_stores);
+        receiving.busy.set(false);
+        receiving.closer.borrow_mut().take();
+        receiving.released.notify_waiters();
+        return;
+    }
     let mut receiver = Receiver::new(
         recv_stores,
         shared.excludes.clone(),

@@ -345,9 +345,21 @@ impl Receiver {
         self.ops.take_waiting()
     }
 
-    /// Takes on what an earlier receiver left waiting for room.
+    /// Takes on what an earlier receiver left waiting for room. What fits
+    /// now goes at once: room may have come while no session ran, and a
+    /// delete held for it would count the store as full (an alarm) until
+    /// the first recheck.
     pub fn wait_for_room(&mut self, waiting: super::waiting::WaitingForRoom) {
+        let any = !waiting.is_empty();
         self.ops.wait_for_room(waiting);
+        if !any {
+            return;
+        }
+        for i in 0..self.stores.len() {
+            if let Ok(room) = self.stores[i].root.room() {
+                self.ops.room(i, super::space::usable(&room));
+            }
+        }
     }
 
     /// Takes on the sources an earlier receiver held (or the state
@@ -1836,5 +1848,47 @@ impl Receiver {
             self.handover.sent(id, (s, c), Instant::now());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::waiting::{Waiting, WaitingForRoom};
+
+    fn receiver_on(dir: &Path) -> Receiver {
+        let root = dir.join("store");
+        std::fs::create_dir_all(&root).unwrap();
+        let store = RecvStore {
+            name: "inbox".into(),
+            root: Root::open(&root, &dir.join("internal")).unwrap(),
+            index: Index::in_memory(),
+            conflicts: true,
+        };
+        Receiver::new(
+            vec![store],
+            Excludes::new(&[]).unwrap(),
+            Arc::new(ReplStats::default()),
+            Durability::Syncfs,
+        )
+    }
+
+    /// Carried from a session whose disk was full into one where there is
+    /// room (the filesystem's own `statvfs`): what fits goes at once, so no
+    /// delete is held and no disk-full alarm raised for it; what cannot
+    /// fit still waits.
+    #[test]
+    fn what_waited_and_fits_now_goes_as_a_session_takes_it_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut r = receiver_on(dir.path());
+        let mut waiting = WaitingForRoom::default();
+        let of = |hash, size| Waiting { hash, size, seq: 0 };
+        waiting.insert(0, Path::new("cur/small:2,S"), of(1, 4096));
+        waiting.insert(0, Path::new("cur/huge:2,S"), of(2, u64::MAX / 2));
+        r.wait_for_room(waiting.for_next_session());
+        let left = r.take_waiting_for_room();
+        assert_eq!(left.len(), 1, "only what cannot fit still waits");
+        assert!(left.waits_elsewhere(0, Path::new("new/huge"), 2));
+        assert!(!left.waits_elsewhere(0, Path::new("new/small"), 1));
     }
 }

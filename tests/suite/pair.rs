@@ -605,3 +605,63 @@ fn a_replaced_node_does_not_take_over_from_an_incomplete_replica() {
     .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     assert_eq!(walk_files(&tp.store(1, "inbox")), held, "nothing deleted");
 }
+
+/// mx2 is handed the primary role, and asked to hand it back while it
+/// still walks its stores for its takeover record (stretched to 15 s here,
+/// as a large store's walk takes; the walk runs off the replication loop):
+/// the switchover waits for the walk (it drains replication first), mx2
+/// takes mx1's sync session only once its walk and record are done, and
+/// the pair converges.
+#[test]
+fn a_switchover_back_during_the_takeover_walk_waits_for_it_and_converges() {
+    let (mut tp, p) = TestPair::formed(fast());
+    assert_eq!(p, 0);
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "15000")])
+        .unwrap();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        0
+    );
+    let r = tp.nodes[0]
+        .request(&Request::Failover { force: true })
+        .unwrap();
+    assert!(r.ok, "switchover to mx2 refused: {r:?}\n{}", tp.logs());
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let r = tp.nodes[1]
+        .request(&Request::Failover { force: true })
+        .unwrap();
+    assert!(r.ok, "switchover back to mx1 refused: {r:?}\n{}", tp.logs());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let synced_again = |l: &str| {
+        l.find("now primary")
+            .is_some_and(|at| l[at..].contains("sync connection from primary up"))
+    };
+    while !synced_again(&tp.nodes[1].log()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = tp.logs();
+    let l = tp.nodes[1].log();
+    let promoted = l.find("now primary").expect("mx2 was primary");
+    let after = &l[promoted..];
+    let session = after
+        .find("sync connection from primary up")
+        .unwrap_or_else(|| panic!("mx1 never synced to mx2 again\n{log}"));
+    let walked = after
+        .find("takeover record written")
+        .unwrap_or_else(|| panic!("mx2's walk never ended\n{log}"));
+    assert!(
+        walked < session,
+        "mx2 took a sync session while its takeover walk still ran\n{log}"
+    );
+    let src = tp.store(0, "inbox");
+    std::fs::write(src.join("after-the-handback"), b"Subject: x\n\nbody\n").unwrap();
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
