@@ -1695,10 +1695,12 @@ impl Replica {
     }
 
     /// The top of the receiver's loop: a commit starts when a barrier
-    /// waits and none is in flight.
+    /// waits, or the staged files reached their bound, and none is in
+    /// flight.
     fn start_due(&mut self) {
         if self.commits.phase().is_none() && !self.failed {
-            self.commits.start(false);
+            self.commits
+                .start(self.commits.staged().len() >= self.staged_max);
             self.perform();
         }
     }

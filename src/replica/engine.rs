@@ -633,7 +633,9 @@ async fn engine_main(
         receiving.clone(),
         promote_rx.borrow_mut().take().expect("taken once"),
     ));
-    let (foreign_tx, foreign_rx) = mpsc::unbounded_channel();
+    // One batch of foreign writes waits at most; the watch's thread grows
+    // the next (bounded) meanwhile.
+    let (foreign_tx, foreign_rx) = mpsc::channel(1);
     tokio_uring::spawn(foreign_loop(
         shared.clone(),
         foreign_rx,
@@ -853,7 +855,7 @@ fn landed_unchanged(rs: &RecvStore, rel: &Path) -> bool {
 /// While secondary: watch the replica roots for writes by other processes.
 fn start_foreign_watch(
     shared: &Shared,
-    tx: &mpsc::UnboundedSender<super::foreign::Batch>,
+    tx: &mpsc::Sender<super::foreign::Batch>,
 ) -> Option<super::foreign::ForeignWatch> {
     use super::foreign::{ForeignWatch, WatchedRoot};
     let roots: Vec<WatchedRoot> = shared
@@ -890,7 +892,7 @@ fn start_foreign_watch(
 /// keeps every foreign file aside as a conflict, alarms.
 async fn foreign_loop(
     shared: Rc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<super::foreign::Batch>,
+    mut rx: mpsc::Receiver<super::foreign::Batch>,
     receiving: Rc<Receiving>,
     stores: Rc<RecvStores>,
     mode_rx: watch::Receiver<EngineMode>,

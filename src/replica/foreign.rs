@@ -120,7 +120,7 @@ impl ForeignWatch {
     pub fn start(
         roots: Vec<WatchedRoot>,
         excludes: Excludes,
-        tx: mpsc::UnboundedSender<Batch>,
+        tx: mpsc::Sender<Batch>,
     ) -> std::io::Result<ForeignWatch> {
         let fan = Fanotify::new()?;
         let mut watched = Vec::new();
@@ -152,7 +152,7 @@ fn watch_loop(
     mut fan: Fanotify,
     roots: Vec<(PathBuf, PathBuf, File, [u8; 8])>,
     excludes: Excludes,
-    tx: mpsc::UnboundedSender<Batch>,
+    tx: mpsc::Sender<Batch>,
     stop: Arc<AtomicBool>,
 ) {
     let me = std::process::id() as i32;
@@ -215,12 +215,19 @@ fn watch_loop(
         }
         let due = first.is_some_and(|f| last.elapsed() >= SETTLE || f.elapsed() >= BATCH_AGE_MAX);
         if due && !stop.load(Relaxed) {
-            batch.paths = std::mem::take(&mut pending).into_values().collect();
-            if tx.send(std::mem::take(&mut batch)).is_err() {
-                return;
+            // One batch waits for the engine at most (it may be waiting out
+            // a session's end): meanwhile this one grows, up to its bound,
+            // and what is past it is counted.
+            match tx.try_reserve() {
+                Ok(slot) => {
+                    batch.paths = std::mem::take(&mut pending).into_values().collect();
+                    slot.send(std::mem::take(&mut batch));
+                    names.clear();
+                    first = None;
+                }
+                Err(mpsc::error::TrySendError::Full(())) => {}
+                Err(mpsc::error::TrySendError::Closed(())) => return,
             }
-            names.clear();
-            first = None;
         }
         if busy {
             std::thread::sleep(NAP);

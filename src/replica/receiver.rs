@@ -555,11 +555,14 @@ impl Receiver {
         }
         let abandoned = || Err("flush abandoned".into());
         loop {
+            let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             if self.commits.phase().is_none() {
-                self.commits.start(false);
+                // At a barrier; or with the bound reached and none yet (a
+                // peer that sends no barrier must not grow the staged
+                // files, their descriptors and outcomes, without bound).
+                self.commits.start(staged_full);
                 self.perform(peer, None)?;
             }
-            let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
             let resend_at = self
                 .handover

@@ -729,3 +729,61 @@ fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
     );
     assert!(tp.nodes[0].is_running());
 }
+
+/// A peer that streams files and never closes its batch with a `Barrier`
+/// (5,000 files here): the replica does not hold them all staged (memory
+/// and outcomes without bound); past its bound of 2,048 staged files it
+/// commits what it has, so files land before any barrier. The barrier
+/// that comes at last is acknowledged and every file is there.
+#[test]
+fn a_peer_that_sends_no_barrier_cannot_grow_the_staged_files_without_bound() {
+    const FILES: u64 = 5_000;
+    let mut tp = TestPair::new(fast());
+    let inbox = tp.store(0, "inbox");
+    tp.nodes[0].start().unwrap();
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let node = &tp.nodes[0];
+    let count = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+    let (landed_before_barrier, replies) = tokio_uring::start(async {
+        let (beat, mut r, w) = act_as_primary(node, &cfg).await;
+        let mut out = Vec::new();
+        for seq in 1..=FILES {
+            let body = format!("message {seq}\n");
+            file(
+                seq,
+                format!("u/cur/{seq}").as_bytes(),
+                body.as_bytes(),
+                &mut out,
+            );
+            if out.len() > 256 * 1024 {
+                w.send_bytes(std::mem::take(&mut out)).await.unwrap();
+            }
+        }
+        w.send_bytes(out).await.unwrap();
+        // No barrier yet: what the replica holds lands on its own.
+        let cur = inbox.join("u/cur");
+        let mut landed = 0;
+        for _ in 0..200 {
+            landed = count(&cur);
+            if landed >= 2_048 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut out = Vec::new();
+        SyncMsg::Barrier { seq: FILES }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let replies = replies_until_ack(&mut r, FILES).await;
+        beat.abort();
+        (landed, replies)
+    });
+    assert!(
+        landed_before_barrier >= 2_048,
+        "only {landed_before_barrier} files landed before the barrier: the rest were held staged"
+    );
+    assert!(
+        !replies.iter().any(|m| matches!(m, SyncMsg::Need { .. })),
+        "{replies:?}"
+    );
+    assert_eq!(count(&inbox.join("u/cur")) as u64, FILES);
+}
