@@ -21,6 +21,10 @@ use super::{Op, RelPath, Shared};
 /// than tracking that many paths, and memory stays bounded.
 pub(crate) const PENDING_OPS_MAX: usize = 1_000_000;
 
+/// The same past this many bytes of queued ops ([`Op::held_bytes`]; a queued Sync's path is
+/// held once more as its merge key): long names reach it before the count does.
+pub(crate) const PENDING_BYTES_MAX: usize = 128 << 20;
+
 /// Tombstones (ops moved elsewhere in the list) are compacted away once they exceed both the
 /// live count and this floor, so compaction stays amortised.
 const COMPACT_TOMBSTONES_MIN: usize = 1024;
@@ -51,6 +55,9 @@ pub struct Coalescer {
     /// Per store, the queued Rescan, if any.
     rescans: HashMap<usize, u64>,
     pending_ops_max: usize,
+    /// Bytes of the live ops in `queue`.
+    pending_bytes: usize,
+    pending_bytes_max: usize,
 }
 
 impl Coalescer {
@@ -70,7 +77,15 @@ impl Coalescer {
             syncs: HashMap::new(),
             rescans: HashMap::new(),
             pending_ops_max,
+            pending_bytes: 0,
+            pending_bytes_max: PENDING_BYTES_MAX,
         }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn with_pending_bytes_max(mut self, bytes: usize) -> Coalescer {
+        self.pending_bytes_max = bytes;
+        self
     }
 
     /// A coalescer with no tracker behind it (ops come only from `push`):
@@ -87,7 +102,10 @@ impl Coalescer {
         // Bounded so a producer outpacing us cannot keep this call from returning.
         for _ in 0..self.shared.channel_ops_max {
             match self.rx.try_recv() {
-                Ok(op) => self.push(op),
+                Ok(op) => {
+                    self.shared.received(&op);
+                    self.push(op)
+                }
                 Err(_) => break,
             }
         }
@@ -102,7 +120,10 @@ impl Coalescer {
         }
         if self.live == 0 {
             match self.rx.recv_timeout(timeout) {
-                Ok(op) => self.push(op),
+                Ok(op) => {
+                    self.shared.received(&op);
+                    self.push(op)
+                }
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
             }
         }
@@ -121,6 +142,7 @@ impl Coalescer {
             self.head_seq += 1;
             let Some(op) = slot else { continue };
             self.live -= 1;
+            self.pending_bytes -= op.held_bytes();
             match &op {
                 Op::Sync { store, rel, .. } => {
                     if let Some(paths) = self.syncs.get_mut(store) {
@@ -159,7 +181,7 @@ impl Coalescer {
             } => self.push_rescan(store, reason, since),
         }
         self.compact_if_sparse();
-        if self.queue.len() > self.pending_ops_max {
+        if self.queue.len() > self.pending_ops_max || self.pending_bytes > self.pending_bytes_max {
             self.collapse();
         }
         self.publish();
@@ -195,6 +217,7 @@ impl Coalescer {
     }
 
     fn append(&mut self, op: Op) -> u64 {
+        self.pending_bytes += op.held_bytes();
         let seq = self.head_seq + self.queue.len() as u64;
         self.queue.push_back(Some(op));
         self.live += 1;
@@ -229,8 +252,9 @@ impl Coalescer {
             return;
         };
         if let Some(slot) = self.slot_index(seq).and_then(|i| self.queue.get_mut(i)) {
-            if slot.take().is_some() {
+            if let Some(op) = slot.take() {
                 self.live -= 1;
+                self.pending_bytes -= op.held_bytes();
             }
         }
     }
@@ -302,7 +326,9 @@ impl Coalescer {
             };
             if let Some(Op::Sync { since, .. }) = slot {
                 let since = *since;
-                *slot = None;
+                if let Some(op) = slot.take() {
+                    self.pending_bytes -= op.held_bytes();
+                }
                 self.live -= 1;
                 let suffix = old.strip_prefix(&from).unwrap_or(Path::new(""));
                 requeue.push((to.join(suffix), since));
@@ -386,21 +412,26 @@ impl Coalescer {
             *since = (*since).min(op.since());
         }
         let dropped = self.live;
+        let bytes = self.pending_bytes;
         self.head_seq += self.queue.len() as u64;
         self.queue.clear();
         self.live = 0;
+        self.pending_bytes = 0;
         self.syncs.clear();
         self.rescans.clear();
         tracing::warn!(
             dropped,
-            bound = self.pending_ops_max,
+            bytes,
+            ops_max = self.pending_ops_max,
+            bytes_max = self.pending_bytes_max,
             stores = stores.len(),
             "too many pending changes; collapsing them into a rescan per store"
         );
         for (store, since) in stores {
             let reason = format!(
-                "more than {} changes pending; collapsed into a rescan",
-                self.pending_ops_max
+                "more than {} changes or {} MiB of them pending; collapsed into a rescan",
+                self.pending_ops_max,
+                self.pending_bytes_max >> 20
             );
             self.push_rescan(store, reason, since);
             Shared::add(&self.shared.rescans, 1);
@@ -419,8 +450,9 @@ impl Coalescer {
                 self.push(Op::Rescan {
                     store,
                     reason: format!(
-                        "change channel exceeded {} ops; changes were dropped",
-                        self.shared.channel_ops_max
+                        "change channel exceeded {} ops or {} MiB; changes were dropped",
+                        self.shared.channel_ops_max,
+                        self.shared.channel_bytes_max >> 20
                     ),
                     since: now,
                 });

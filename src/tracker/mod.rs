@@ -70,6 +70,18 @@ impl Op {
             Op::Sync { since, .. } | Op::Rename { since, .. } | Op::Rescan { since, .. } => *since,
         }
     }
+
+    /// What the op holds in memory, counted against the channel's and the
+    /// pending list's byte bounds: the op and its paths (a local user's
+    /// names can be 4 KiB each).
+    pub(crate) fn held_bytes(&self) -> usize {
+        std::mem::size_of::<Op>()
+            + match self {
+                Op::Sync { rel, .. } => rel.as_os_str().len(),
+                Op::Rename { from, to, .. } => from.as_os_str().len() + to.as_os_str().len(),
+                Op::Rescan { reason, .. } => reason.len(),
+            }
+    }
 }
 
 /// What to watch.
@@ -135,6 +147,10 @@ pub enum TrackerError {
 /// The coalescer turns the mark into one [`Op::Rescan`] when it next drains.
 pub(crate) const CHANNEL_OPS_MAX: usize = 1_000_000;
 
+/// The same past this many bytes of ops in the channel ([`Op::held_bytes`]): long names reach
+/// it before the count does.
+pub(crate) const CHANNEL_BYTES_MAX: usize = 64 << 20;
+
 /// State shared by producers and the consumer: atomics only.
 pub(crate) struct Shared {
     watches: AtomicU64,
@@ -147,6 +163,10 @@ pub(crate) struct Shared {
     lost: Box<[AtomicBool]>,
     any_lost: AtomicBool,
     channel_ops_max: usize,
+    /// Bytes of the ops in the channel: added as a producer sends one,
+    /// taken off as the coalescer receives it.
+    channel_bytes: std::sync::atomic::AtomicUsize,
+    channel_bytes_max: usize,
     /// Woken after every send, so the consumer can sleep until there is work.
     wake: Arc<tokio::sync::Notify>,
 }
@@ -163,8 +183,27 @@ impl Shared {
             lost: (0..stores).map(|_| AtomicBool::new(false)).collect(),
             any_lost: AtomicBool::new(false),
             channel_ops_max,
+            channel_bytes: std::sync::atomic::AtomicUsize::new(0),
+            channel_bytes_max: CHANNEL_BYTES_MAX,
             wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    #[cfg(test)]
+    fn with_channel_bytes_max(mut self, bytes: usize) -> Shared {
+        self.channel_bytes_max = bytes;
+        self
+    }
+
+    /// The coalescer took `op` out of the channel.
+    fn received(&self, op: &Op) {
+        let n = op.held_bytes();
+        // Saturating: an op injected through the raw sender was never added.
+        let _ = self
+            .channel_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+                Some(b.saturating_sub(n))
+            });
     }
 
     fn add(counter: &AtomicU64, n: u64) {
@@ -196,7 +235,11 @@ pub(crate) struct Closed;
 
 impl Producer {
     fn send(&self, op: Op) -> Result<(), Closed> {
-        if self.tx.len() >= self.shared.channel_ops_max {
+        let bytes = op.held_bytes();
+        let full = self.tx.len() >= self.shared.channel_ops_max
+            || self.shared.channel_bytes.load(Ordering::Relaxed) + bytes
+                > self.shared.channel_bytes_max;
+        if full {
             // The consumer is not keeping up: dropping is safe only because the store is marked and
             // the consumer will rescan it, which covers everything dropped here.
             let store = op.store();
@@ -206,7 +249,8 @@ impl Producer {
                     Shared::add(&self.shared.overflows, 1);
                     tracing::warn!(
                         store,
-                        bound = self.shared.channel_ops_max,
+                        ops_max = self.shared.channel_ops_max,
+                        bytes_max = self.shared.channel_bytes_max,
                         "change channel full; dropping changes and scheduling a rescan"
                     );
                 }
@@ -215,6 +259,9 @@ impl Producer {
                 return Ok(());
             }
         }
+        self.shared
+            .channel_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
         self.tx.send(op).map_err(|_| Closed)?;
         self.shared.wake.notify_one();
         Ok(())

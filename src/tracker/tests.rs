@@ -420,6 +420,63 @@ fn producers_past_the_channel_bound_turn_into_a_rescan() {
     assert_eq!(take_all(&mut c), ["sync 1 g"]);
 }
 
+/// A local user's long names (here 3,000 bytes each) reach the channel's
+/// byte bound long before its count: the rest is dropped for a rescan, and
+/// once the coalescer has taken what was sent, producers send again.
+#[test]
+fn producers_past_the_channel_byte_bound_turn_into_a_rescan() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let shared = Arc::new(Shared::new(2, 1_000).with_channel_bytes_max(10_000));
+    let producer = Producer {
+        tx: tx.clone(),
+        shared: shared.clone(),
+    };
+    let mut c = Coalescer::new(rx, tx, shared.clone(), PENDING_OPS_MAX_TEST);
+    let long = |i: usize| format!("{i}{}", "x".repeat(3_000));
+    for i in 0..6 {
+        producer.send(sync(1, &long(i))).expect("consumer alive");
+    }
+    assert_eq!(shared.snapshot().overflows, 1);
+    c.drain();
+    let ops = take_all(&mut c);
+    assert_eq!(ops.len(), 4, "three fit in 10,000 bytes, then one rescan");
+    assert_eq!(ops[3], "rescan 1");
+    // Taken off the channel: its bytes are free again.
+    for i in 0..3 {
+        producer
+            .send(sync(1, &long(10 + i)))
+            .expect("consumer alive");
+    }
+    c.drain();
+    assert_eq!(take_all(&mut c).len(), 3, "nothing dropped");
+    assert_eq!(shared.snapshot().overflows, 1);
+}
+
+/// The pending list's byte bound: long names collapse it into a rescan
+/// per store before its count bound, and what leaves it (a batch taken, a
+/// sync moved by a rename) is counted off, so normal use never collapses.
+#[test]
+fn long_names_past_the_pending_byte_bound_collapse_into_a_rescan() {
+    let (c, shared) = coalescer(1_000_000);
+    let mut c = c.with_pending_bytes_max(20_000);
+    let long = |i: usize| format!("d/{i}{}", "y".repeat(3_000));
+    for round in 0..20 {
+        // Each round's names leave the list: taken, or moved and taken.
+        for i in 0..4 {
+            c.push(sync(0, &long(i)));
+        }
+        c.push(rename(0, "d", &format!("e{round}")));
+        assert_eq!(c.take_batch(usize::MAX).len(), 5, "round {round}");
+    }
+    assert_eq!(shared.snapshot().rescans, 0);
+    // Six fit in 20,000 bytes; the seventh collapses the list.
+    for i in 0..7 {
+        c.push(sync(0, &long(i)));
+    }
+    assert_eq!(take_all(&mut c), ["rescan 0"]);
+    assert_eq!(shared.snapshot().rescans, 1);
+}
+
 #[test]
 fn wait_times_out_when_nothing_arrives_and_injected_ops_are_coalesced() {
     let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
