@@ -803,3 +803,82 @@ fn a_primary_below_its_secondarys_epoch_takes_a_higher_one_and_replication_goes_
         promoted.epoch, primary.epoch
     );
 }
+
+/// A split brain healed against a node still walking its stores for the
+/// takeover record it began as it promoted (the walk stretched to 20 s, as
+/// a large store's takes; it runs off the replication loop): mx2 demotes
+/// on hearing mx1's higher epoch, mx1 dials its sync port at once, and mx2
+/// takes that session only once its walk, record and mark are done, never
+/// into the tree the walk still reads.
+#[test]
+fn a_node_demoted_during_its_takeover_walk_takes_no_session_before_the_walk_ends() {
+    let net = Net::new();
+    let mut tp = formed_without_quorum(&net);
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "20000")])
+        .unwrap();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        0
+    );
+    let a = tp.store(0, "inbox");
+    write(&a.join("before"), "held by both");
+    wait_identical(&a, &tp.store(1, "inbox"), Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    net.cut(&net.a, "ha");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("the cut secondary promotes: {e}\n{}", tp.logs()));
+    let walking = tp.nodes[1].status().unwrap().epoch;
+    // mx1, cut off, restarts alone until it serves above mx2's epoch.
+    while tp.nodes[0].status().map_or(0, |s| s.epoch) <= walking {
+        tp.nodes[0].kill9().unwrap();
+        tp.nodes[0].start().unwrap();
+        tp.nodes[0]
+            .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+                s.mode == Role::Primary
+            })
+            .unwrap_or_else(|e| panic!("mx1 alone serves: {e}\n{}", tp.logs()));
+    }
+    net.heal(&net.a, "ha");
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Secondary
+        })
+        .unwrap_or_else(|e| panic!("the lower epoch demotes: {e}\n{}", tp.logs()));
+    assert!(
+        !tp.nodes[1].log().contains("takeover record written"),
+        "the walk was to run on past the demotion\n{}",
+        tp.logs()
+    );
+    write(&a.join("after"), "written by mx1 at the higher epoch");
+    wait_identical(&a, &tp.store(1, "inbox"), Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // The session mx1 dialled as soon as it heard mx2 secondary (it
+    // carried "after") was taken only after the walk.
+    let walk_ended = |l: &str| {
+        l.find("now primary")
+            .is_some_and(|at| l[at..].contains("takeover record written"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !walk_ended(&tp.nodes[1].log()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let l = tp.nodes[1].log();
+    let after = &l[l.find("now primary").expect("mx2 was primary")..];
+    let walked = after
+        .find("takeover record written")
+        .unwrap_or_else(|| panic!("mx2's walk never ended\n{}", tp.logs()));
+    let session = after
+        .find("sync connection from primary up")
+        .unwrap_or_else(|| panic!("no session after the heal\n{}", tp.logs()));
+    assert!(
+        walked < session,
+        "mx2 took a sync session while its takeover walk still ran\n{}",
+        tp.logs()
+    );
+}
