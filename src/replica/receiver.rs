@@ -555,14 +555,17 @@ impl Receiver {
         }
         let abandoned = || Err("flush abandoned".into());
         loop {
-            let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             if self.commits.phase().is_none() {
                 // At a barrier; or with the bound reached and none yet (a
                 // peer that sends no barrier must not grow the staged
                 // files, their descriptors and outcomes, without bound).
-                self.commits.start(staged_full);
+                let full = self.commits.staged().len() >= STAGED_FILES_MAX;
+                self.commits.start(full);
                 self.perform(peer, None)?;
             }
+            // After the start, which took what was staged: reading goes on
+            // during its flush.
+            let staged_full = self.commits.staged().len() >= STAGED_FILES_MAX;
             let (alarm_at, overdue) = (self.flush_alarm_at(), self.flush_overdue);
             let resend_at = self
                 .handover

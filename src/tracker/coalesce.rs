@@ -21,9 +21,19 @@ use super::{Op, RelPath, Shared};
 /// than tracking that many paths, and memory stays bounded.
 pub(crate) const PENDING_OPS_MAX: usize = 1_000_000;
 
-/// The same past this many bytes of queued ops ([`Op::held_bytes`]; a queued Sync's path is
-/// held once more as its merge key): long names reach it before the count does.
+/// The same past this many bytes of queued ops ([`queued_bytes`]): long names reach it
+/// before the count does.
 pub(crate) const PENDING_BYTES_MAX: usize = 128 << 20;
+
+/// What a queued op holds: the op and its paths, and a Sync's path once more as its merge
+/// key.
+fn queued_bytes(op: &Op) -> usize {
+    op.held_bytes()
+        + match op {
+            Op::Sync { rel, .. } => rel.as_os_str().len(),
+            Op::Rename { .. } | Op::Rescan { .. } => 0,
+        }
+}
 
 /// Tombstones (ops moved elsewhere in the list) are compacted away once they exceed both the
 /// live count and this floor, so compaction stays amortised.
@@ -142,7 +152,7 @@ impl Coalescer {
             self.head_seq += 1;
             let Some(op) = slot else { continue };
             self.live -= 1;
-            self.pending_bytes -= op.held_bytes();
+            self.pending_bytes -= queued_bytes(&op);
             match &op {
                 Op::Sync { store, rel, .. } => {
                     if let Some(paths) = self.syncs.get_mut(store) {
@@ -217,7 +227,7 @@ impl Coalescer {
     }
 
     fn append(&mut self, op: Op) -> u64 {
-        self.pending_bytes += op.held_bytes();
+        self.pending_bytes += queued_bytes(&op);
         let seq = self.head_seq + self.queue.len() as u64;
         self.queue.push_back(Some(op));
         self.live += 1;
@@ -254,7 +264,7 @@ impl Coalescer {
         if let Some(slot) = self.slot_index(seq).and_then(|i| self.queue.get_mut(i)) {
             if let Some(op) = slot.take() {
                 self.live -= 1;
-                self.pending_bytes -= op.held_bytes();
+                self.pending_bytes -= queued_bytes(&op);
             }
         }
     }
@@ -327,7 +337,7 @@ impl Coalescer {
             if let Some(Op::Sync { since, .. }) = slot {
                 let since = *since;
                 if let Some(op) = slot.take() {
-                    self.pending_bytes -= op.held_bytes();
+                    self.pending_bytes -= queued_bytes(&op);
                 }
                 self.live -= 1;
                 let suffix = old.strip_prefix(&from).unwrap_or(Path::new(""));
