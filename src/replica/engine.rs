@@ -1854,6 +1854,9 @@ async fn serve_sync(
     // A tenure as primary this node just left may still be walking its
     // stores for the takeover record (off this loop): no session lands in
     // the tree it reads, nor before its record and mark are written.
+    if receiving.primary_running.get() {
+        info!(peer = %addr, "sync connection from the primary waits for this node's tenure as primary to end (its takeover walk may still run)");
+    }
     while receiving.primary_running.get() {
         let done = receiving.primary_done.notified();
         if receiving.primary_running.get() {
@@ -1862,6 +1865,11 @@ async fn serve_sync(
     }
     if receiving.latest.get() != generation {
         return; // a newer connection took over meanwhile
+    }
+    if *mode_rx.borrow() != EngineMode::Secondary {
+        // The role came back meanwhile: this connection is for a replica.
+        debug!(peer = %addr, "sync connection closed: this node is no longer secondary");
+        return;
     }
     loop {
         let released = receiving.released.notified();
