@@ -695,15 +695,12 @@ async fn finish_receiving(receiving: &Rc<Receiving>, stores: &Rc<RecvStores>) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     // A scan of the replica in progress has the indexes: they come back
     // with it.
-    while stores.lent.get() {
-        let back = stores.back.notified();
-        if !stores.lent.get() {
-            break;
-        }
-        if tokio::time::timeout_at(deadline, back).await.is_err() {
-            warn!("the replica's scan did not end within 10 s of shutdown: its index is not saved");
-            return;
-        }
+    if tokio::time::timeout_at(deadline, stores.returned())
+        .await
+        .is_err()
+    {
+        warn!("the replica's scan did not end within 10 s of shutdown: its index is not saved");
+        return;
     }
     while receiving.busy.get() {
         let released = receiving.released.notified();
@@ -748,30 +745,12 @@ fn prescan_replica(shared: &Shared, stores: &Rc<RecvStores>, receiving: &Rc<Rece
         Err(_) => return,
     };
     let voids = receiving.prescan_voids.get();
-    let slot = Arc::new(Mutex::new(Some(st)));
-    let (tx, rx) = oneshot::channel();
-    let job = {
-        let (slot, excludes) = (slot.clone(), shared.excludes.clone());
-        move || {
-            let mut st = slot.lock().expect("prescan slot").take().expect("once");
-            let scans = scan_replica(&mut st, &excludes);
-            let _ = tx.send((st, scans));
-        }
-    };
     stores.lent.set(true);
-    let thread = std::thread::Builder::new()
-        .name("hasync-prescan".into())
-        .spawn(job);
-    if let Err(e) = thread {
-        // No scan ahead of the session: its manifest walks the replica.
-        debug!("cannot start a thread for the replica's scan ({e}): the first manifest walks it");
-        let st = slot.lock().expect("prescan slot").take();
-        stores.give_back(st);
-        return;
-    }
     let (stores, receiving) = (stores.clone(), receiving.clone());
+    let excludes = shared.excludes.clone();
     tokio_uring::spawn(async move {
-        let Ok((st, scans)) = rx.await else {
+        let scanned = off_loop("hasync-prescan", st, move |st| scan_replica(st, &excludes)).await;
+        let Some((st, scans)) = scanned else {
             // The thread panicked with the indexes: the next session opens
             // the stores again from their saved indexes.
             warn!("the replica's scan failed (its thread panicked): the first manifest walks the replica");
@@ -942,10 +921,7 @@ async fn foreign_loop(
                 }
                 released.await;
             } else if stores.lent.get() {
-                let back = stores.back.notified();
-                if stores.lent.get() {
-                    back.await;
-                }
+                stores.returned().await;
             } else {
                 break;
             }
@@ -1216,41 +1192,66 @@ impl Drop for DropSignal {
     }
 }
 
+/// Runs `job` on `input` on a thread named `name`, and gives both back
+/// once it is done: disk work of seconds (a walk of a large store, a queue
+/// promotion) off this loop, which goes on serving connections meanwhile.
+/// `None` if the thread panicked (the input went with it). Should no
+/// thread start, it runs here.
+async fn off_loop<T, R>(
+    name: &str,
+    input: T,
+    job: impl FnOnce(&mut T) -> R + Send + 'static,
+) -> Option<(T, R)>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    // Held here until the thread takes it, so that a thread that does not
+    // start leaves both to run on this loop.
+    let slot = Arc::new(Mutex::new(Some((input, job))));
+    let (tx, rx) = oneshot::channel();
+    let taken = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let (mut input, job) = taken.lock().expect("off-loop slot").take().expect("once");
+            let out = job(&mut input);
+            let _ = tx.send((input, out));
+        });
+    match spawned {
+        Ok(_) => rx.await.ok(),
+        Err(e) => {
+            warn!("cannot start the thread {name} ({e}): its work runs on the replication loop");
+            let (mut input, job) = slot
+                .lock()
+                .expect("off-loop slot")
+                .take()
+                .expect("not taken");
+            let out = job(&mut input);
+            Some((input, out))
+        }
+    }
+}
+
 /// Moves the queue replica at `replica` into the live queue
-/// (`Ingester::ingest_local`) on a thread of its own, and gives the
-/// ingester back with the outcome: `None` if the thread panicked (the
-/// ledger is closed with it; pushes to this node are refused until a
-/// restart). Should no thread start, it runs here.
+/// (`Ingester::ingest_local`) on a thread of its own ([`off_loop`]), and
+/// gives the ingester back with the outcome: `None` if the thread panicked
+/// (the ledger is closed with it; pushes to this node are refused until a
+/// restart).
 async fn promote_off_loop(
     ing: Ingester,
     replica: PathBuf,
 ) -> (Option<Ingester>, Result<(u64, u64), String>) {
-    let slot = Arc::new(Mutex::new(Some(ing)));
-    let (tx, rx) = oneshot::channel();
-    let job = {
-        let (slot, replica) = (slot.clone(), replica.clone());
-        move || {
-            let mut ing = slot.lock().expect("ingester slot").take().expect("once");
-            let outcome = ing.ingest_local(&replica).map_err(|e| e.to_string());
-            let _ = tx.send((Some(ing), outcome));
-        }
-    };
-    match std::thread::Builder::new()
-        .name("hasync-promote".into())
-        .spawn(job)
+    match off_loop("hasync-promote", ing, move |ing| {
+        ing.ingest_local(&replica).map_err(|e| e.to_string())
+    })
+    .await
     {
-        Ok(_) => rx.await.unwrap_or_else(|_| {
-            (
-                None,
-                Err("the promotion thread panicked; queue pushes to this node are refused until it restarts".into()),
-            )
-        }),
-        Err(e) => {
-            warn!("cannot start a thread for the queue promotion ({e}): it runs on the replication loop");
-            let mut ing = slot.lock().expect("ingester slot").take().expect("not taken");
-            let outcome = ing.ingest_local(&replica).map_err(|e| e.to_string());
-            (Some(ing), outcome)
-        }
+        Some((ing, outcome)) => (Some(ing), outcome),
+        None => (
+            None,
+            Err("the promotion thread panicked; queue pushes to this node are refused until it restarts".into()),
+        ),
     }
 }
 
@@ -1430,52 +1431,30 @@ fn record_takeover(
     (scans, unread == 0)
 }
 
-/// [`record_takeover`] on a thread of its own (`hasync-takeover`): a walk
-/// of every store, seconds for a large one, during which this loop goes on
-/// serving connections (a former primary's queue push among them). `None`
-/// if the thread panicked (the stores went with it; the caller opens them
-/// again). Should no thread start, it runs here.
+/// [`record_takeover`] on a thread of its own (`hasync-takeover`, see
+/// [`off_loop`]): a walk of every store, seconds for a large one, during
+/// which this loop goes on serving connections (a former primary's queue
+/// push among them). `None` if the thread panicked (the stores went with
+/// it; the caller opens them again).
 async fn record_takeover_off_loop(
     cfg: &EngineConfig,
     excludes: &super::Excludes,
     stores: Vec<Store>,
     tenure: (u64, u64),
 ) -> Option<(Vec<Store>, Vec<Option<super::index::Scan>>, bool)> {
-    let slot = Arc::new(Mutex::new(Some(stores)));
-    let (tx, rx) = oneshot::channel();
-    let job = {
-        let (slot, cfg, excludes) = (slot.clone(), cfg.clone(), excludes.clone());
-        move || {
-            let mut stores = slot.lock().expect("takeover slot").take().expect("once");
-            let (scans, complete) = record_takeover(&cfg, &excludes, &mut stores, tenure);
-            let _ = tx.send((stores, scans, complete));
-        }
+    let (cfg, excludes) = (cfg.clone(), excludes.clone());
+    let walked = off_loop("hasync-takeover", stores, move |stores| {
+        record_takeover(&cfg, &excludes, stores, tenure)
+    })
+    .await;
+    let Some((stores, (scans, complete))) = walked else {
+        error!(
+            alarm = true,
+            "ALARM: the takeover record's walk failed (its thread panicked); the stores are opened again"
+        );
+        return None;
     };
-    match std::thread::Builder::new()
-        .name("hasync-takeover".into())
-        .spawn(job)
-    {
-        Ok(_) => match rx.await {
-            Ok(done) => Some(done),
-            Err(_) => {
-                error!(
-                    alarm = true,
-                    "ALARM: the takeover record's walk failed (its thread panicked); the stores are opened again"
-                );
-                None
-            }
-        },
-        Err(e) => {
-            warn!("cannot start a thread for the takeover record ({e}): it runs on the replication loop");
-            let mut stores = slot
-                .lock()
-                .expect("takeover slot")
-                .take()
-                .expect("not taken");
-            let (scans, complete) = record_takeover(cfg, excludes, &mut stores, tenure);
-            Some((stores, scans, complete))
-        }
-    }
+    Some((stores, scans, complete))
 }
 
 async fn session(
@@ -1816,13 +1795,18 @@ impl RecvStores {
     /// The stores, once a scan that has them gives them back: never a
     /// second copy of an index beside the lent one.
     async fn take(&self, cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::FsError> {
+        self.returned().await;
+        self.take_now(cfg)
+    }
+
+    /// Once no scan has the stores.
+    async fn returned(&self) {
         while self.lent.get() {
             let back = self.back.notified();
             if self.lent.get() {
                 back.await;
             }
         }
-        self.take_now(cfg)
     }
 
     fn put(&self, st: Vec<RecvStore>) {
