@@ -8,6 +8,7 @@
 //! the daemon sends it commands and reads its status.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -62,13 +63,23 @@ pub struct VipStatus {
 enum Cmd {
     Acquire(oneshot::Sender<Result<(), String>>),
     Release(oneshot::Sender<Result<(), String>>),
+    /// A background release: at most one waits in the queue.
+    ReleaseQueued(oneshot::Sender<Result<(), String>>),
 }
 
 /// Handle to the VIP thread.
+///
+/// Its queue is paced by its callers: an acquisition or a waited release
+/// per role change, and at most one background release waiting (the
+/// self-check asks for one at every tick while the addresses look held on
+/// a node that is not primary; a thread stuck in netlink must not gather
+/// them).
 #[derive(Clone)]
 pub struct Vips {
     tx: mpsc::UnboundedSender<Cmd>,
     pub status: Arc<Mutex<VipStatus>>,
+    /// A background release is queued and not yet taken by the thread.
+    release_queued: Arc<AtomicBool>,
 }
 
 /// Announcements sent after the address is added, this far apart.
@@ -86,6 +97,8 @@ impl Vips {
         }));
         let (tx, mut rx) = mpsc::unbounded_channel::<Cmd>();
         let st = status.clone();
+        let release_queued = Arc::new(AtomicBool::new(false));
+        let queued = release_queued.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -99,7 +112,9 @@ impl Vips {
                             let why = format!("cannot open a netlink socket: {e}");
                             st.lock().expect("vip status").last_error = Some(why.clone());
                             while let Some(cmd) = rx.recv().await {
-                                let (Cmd::Acquire(r) | Cmd::Release(r)) = cmd;
+                                let (Cmd::Acquire(r) | Cmd::Release(r) | Cmd::ReleaseQueued(r)) =
+                                    cmd;
+                                queued.store(false, Ordering::Release);
                                 let _ = r.send(Err(why.clone()));
                             }
                             return;
@@ -110,6 +125,11 @@ impl Vips {
                         let (acquire, reply) = match cmd {
                             Cmd::Acquire(r) => (true, r),
                             Cmd::Release(r) => (false, r),
+                            Cmd::ReleaseQueued(r) => {
+                                // Taken: a later ask queues another.
+                                queued.store(false, Ordering::Release);
+                                (false, r)
+                            }
                         };
                         let mut errors = Vec::new();
                         for s in &specs {
@@ -136,7 +156,11 @@ impl Vips {
                     }
                 });
             })?;
-        Ok(Vips { tx, status })
+        Ok(Vips {
+            tx,
+            status,
+            release_queued,
+        })
     }
 
     /// Adds and announces every address; resolves with the outcome.
@@ -146,10 +170,14 @@ impl Vips {
         rx
     }
 
-    /// [`Vips::release`] without waiting for the outcome (in status).
+    /// [`Vips::release`] without waiting for the outcome (in status). One
+    /// already queued and not yet taken serves this ask too.
     pub fn release_in_background(&self) {
+        if self.release_queued.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let (tx, _rx) = oneshot::channel();
-        let _ = self.tx.send(Cmd::Release(tx));
+        let _ = self.tx.send(Cmd::ReleaseQueued(tx));
     }
 
     /// Removes every address this node holds (none held is no error).
@@ -257,5 +285,48 @@ mod tests {
         ] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn background_releases_wait_in_the_queue_one_at_a_time() {
+        // A thread that takes nothing (stuck in netlink): a thousand asks
+        // queue one release.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stuck = Vips {
+            tx,
+            status: Arc::default(),
+            release_queued: Arc::default(),
+        };
+        for _ in 0..1000 {
+            stuck.release_in_background();
+        }
+        assert_eq!(rx.len(), 1);
+        assert!(matches!(rx.try_recv(), Ok(Cmd::ReleaseQueued(_))));
+    }
+
+    #[test]
+    fn a_background_release_taken_by_the_thread_lets_the_next_one_queue() {
+        // The real thread and netlink, on an interface that does not exist:
+        // every release it runs leaves its error in the status.
+        let v = Vips::start(vec![VipSpec {
+            address: "192.0.2.77".parse().unwrap(),
+            prefix: 32,
+            interface: "hasync-none0".into(),
+        }])
+        .unwrap();
+        let ran = || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Some(e) = v.status.lock().unwrap().last_error.take() {
+                    return e;
+                }
+                assert!(std::time::Instant::now() < deadline, "no release ran");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        v.release_in_background();
+        assert!(ran().contains("hasync-none0"));
+        v.release_in_background();
+        assert!(ran().contains("hasync-none0"), "the second ask was dropped");
     }
 }

@@ -611,6 +611,11 @@ pub struct Core {
     /// Records handed out and not answered yet; when none is left, the
     /// floor is the durable epoch again.
     persists_in_flight: u32,
+    /// An epoch adopted from the peer while a record was in flight: it is
+    /// written (as the latest record) once that one is answered. One
+    /// adoption record in flight at a time, however often the peer's epoch
+    /// rises: a peer cannot queue writes faster than the disk takes them.
+    persist_owed: bool,
     /// While promoting: the epoch being made durable. It is not this
     /// node's epoch (not advertised, not served at) until it is durable.
     promoting_to: Option<u64>,
@@ -694,6 +699,7 @@ impl Core {
             durable: persisted,
             persist_floor: persisted.epoch,
             persists_in_flight: 0,
+            persist_owed: false,
             promoting_to: None,
             raising_to: None,
             persist_failed: false,
@@ -778,11 +784,13 @@ impl Core {
             Event::LinkUp => self.send_heartbeat(now),
             Event::Persisted(rec) => {
                 self.persist_answered();
-                self.on_persisted(now, rec)
+                self.on_persisted(now, rec);
+                self.pay_owed_persist();
             }
             Event::PersistFailed(why) => {
                 self.persist_answered();
-                self.on_persist_failed(now, why)
+                self.on_persist_failed(now, why);
+                self.pay_owed_persist();
             }
             Event::SelfCheck(Err(why)) => {
                 if self.role != Role::Failed {
@@ -1257,7 +1265,10 @@ impl Core {
         if !matches!(hb.role, Role::Primary | Role::Promoting)
             && self.role == Role::Primary
             && hb.epoch > self.epoch
-            && self.raising_to.is_none_or(|t| t <= hb.epoch)
+            // One raise at a time: if the peer's epoch passed it meanwhile,
+            // the first heartbeat after it lands raises again. A peer whose
+            // epoch rose at every heartbeat cannot queue writes.
+            && self.raising_to.is_none()
         {
             self.raise_epoch_above(hb.epoch);
         }
@@ -1792,7 +1803,24 @@ impl Core {
     fn adopt_epoch(&mut self, epoch: u64) {
         if epoch > self.epoch {
             self.epoch = epoch;
-            self.persist();
+            if self.persists_in_flight == 0 {
+                self.persist();
+            } else {
+                self.persist_owed = true;
+            }
+        }
+    }
+
+    /// The adoption deferred while a record was in flight: written once
+    /// nothing is, with the latest epoch. After a failed write there is
+    /// nothing to pay: a node that is not primary fell back to its durable
+    /// epoch, and adopts the peer's again when it hears it.
+    fn pay_owed_persist(&mut self) {
+        if self.persist_owed && self.persists_in_flight == 0 {
+            self.persist_owed = false;
+            if !self.persist_failed && self.epoch > self.durable.epoch {
+                self.persist();
+            }
         }
     }
 

@@ -977,3 +977,99 @@ fn a_step_down_ended_some_other_way_does_not_turn_a_later_switchover_into_one() 
     assert!(c.off_after_handover.is_none());
     assert!(!c.step_down_waits);
 }
+
+fn heartbeat_from(node: &str, role: Role, epoch: u64, seq: u64) -> Heartbeat {
+    Heartbeat {
+        node: node.into(),
+        role,
+        epoch,
+        seq,
+        priority: 100,
+        flags: 0,
+    }
+}
+
+#[test]
+fn a_peer_whose_epoch_rises_at_every_heartbeat_queues_one_adoption_write() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    drain(&mut core);
+    let mut written = Vec::new();
+    for (i, epoch) in (2..2000u64).step_by(2).enumerate() {
+        let t = t0 + Duration::from_millis(10 * i as u64);
+        core.handle_event(
+            t,
+            Event::Heartbeat(heartbeat_from("mx2", Role::Primary, epoch, i as u64)),
+        );
+        written.extend(drain(&mut core).iter().filter_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        }));
+    }
+    assert_eq!(core.role(), Role::Secondary);
+    assert_eq!(core.epoch(), 1998, "the epoch is adopted at once");
+    assert_eq!(
+        written.len(),
+        1,
+        "one write in flight, not one per heartbeat: {written:?}"
+    );
+    // Its answer lets the latest epoch go to the disk, once.
+    core.handle_event(t0, Event::Persisted(written[0]));
+    let next: Vec<_> = drain(&mut core)
+        .iter()
+        .filter_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(next[0].epoch, 1998);
+    core.handle_event(t0, Event::Persisted(next[0]));
+    assert!(
+        persisted(&drain(&mut core)).is_none(),
+        "nothing more is owed"
+    );
+}
+
+#[test]
+fn a_primary_raises_one_epoch_at_a_time_over_a_peer_whose_epoch_keeps_rising() {
+    let t0 = Instant::now();
+    let mut core = Core::new(cfg("mx1", "mx2", 100), EpochRecord::default(), t0);
+    core.handle_timeout(t0 + Duration::from_secs(1));
+    let promotion = persisted(&drain(&mut core)).expect("a promotion record");
+    core.handle_event(t0, Event::Persisted(promotion));
+    assert_eq!(core.role(), Role::Primary);
+    drain(&mut core);
+    let mut raises = Vec::new();
+    for (i, epoch) in (10..1010u64).step_by(2).enumerate() {
+        let t = t0 + Duration::from_millis(1000 + 10 * i as u64);
+        core.handle_event(
+            t,
+            Event::Heartbeat(heartbeat_from("mx2", Role::Secondary, epoch, i as u64)),
+        );
+        raises.extend(drain(&mut core).iter().filter_map(|a| match a {
+            Action::PersistEpoch(r) => Some(*r),
+            _ => None,
+        }));
+    }
+    assert_eq!(
+        raises.len(),
+        1,
+        "one raise in flight, not one per heartbeat"
+    );
+    assert_eq!(raises[0].held_primary, Some(raises[0].epoch));
+    // Once it lands, the next heartbeat raises above the peer's latest.
+    core.handle_event(t0, Event::Persisted(raises[0]));
+    assert_eq!(core.role(), Role::Primary);
+    assert_eq!(core.epoch(), raises[0].epoch);
+    drain(&mut core);
+    core.handle_event(
+        t0 + Duration::from_secs(20),
+        Event::Heartbeat(heartbeat_from("mx2", Role::Secondary, 1008, 5000)),
+    );
+    let again = persisted(&drain(&mut core)).expect("a raise above the latest");
+    assert!(
+        again.epoch > 1008 && again.held_primary == Some(again.epoch),
+        "{again:?}"
+    );
+}
