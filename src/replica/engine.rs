@@ -1747,6 +1747,10 @@ struct Receiving {
     /// Bumped by every authenticated sync connection: only the newest one
     /// waits for the session it replaces.
     latest: std::cell::Cell<u64>,
+    /// Notified as `latest` is bumped: a connection waiting for a primary
+    /// tenure to end closes at once (at most one waits, however often the
+    /// peer reconnects during a long walk).
+    arrived: tokio::sync::Notify,
     released: tokio::sync::Notify,
     /// The replica's scans, taken as the node became secondary (while the
     /// primary writes its takeover record), for the first manifest.
@@ -1835,6 +1839,7 @@ async fn serve_sync(
 ) {
     let generation = receiving.latest.get() + 1;
     receiving.latest.set(generation);
+    receiving.arrived.notify_waiters();
     // A tenure as primary this node just left may still be walking its
     // stores for the takeover record (off this loop): no session lands in
     // the tree it reads, nor before its record and mark are written.
@@ -1843,8 +1848,17 @@ async fn serve_sync(
     }
     while receiving.primary_running.get() {
         let done = receiving.primary_done.notified();
-        if receiving.primary_running.get() {
-            done.await;
+        let newer = receiving.arrived.notified();
+        if !receiving.primary_running.get() {
+            break;
+        }
+        tokio::select! {
+            _ = done => {}
+            _ = newer => {}
+        }
+        if receiving.latest.get() != generation {
+            debug!(peer = %addr, "a sync connection waiting for this node's tenure as primary to end is replaced by a newer one");
+            return;
         }
     }
     if receiving.latest.get() != generation {

@@ -665,3 +665,99 @@ fn a_switchover_back_during_the_takeover_walk_waits_for_it_and_converges() {
     wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
+
+/// mx2 takes over from a killed mx1 and walks for its takeover record
+/// (stretched to 20 s); a primary with a higher epoch (the test, with the
+/// pair's key) demotes it during the walk. Sync connections from that
+/// primary wait for the walk; a newer one replaces the one waiting at once
+/// (a peer that redials during a long walk holds one socket open on the
+/// replica, not one per attempt), and the newest is served once the walk
+/// ends.
+#[test]
+fn a_sync_connection_waiting_for_the_takeover_walk_is_replaced_by_a_newer_one() {
+    use hasync::config::Config;
+    use hasync::link::auth::Side;
+    use hasync::link::{handshake, Conn};
+    use hasync::wire::sync::SyncMsg;
+    use hasync::wire::Channel;
+
+    let (mut tp, p) = TestPair::formed(fast());
+    assert_eq!(p, 0);
+    tp.nodes[1].kill9().unwrap();
+    tp.nodes[1]
+        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "20000")])
+        .unwrap();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        0
+    );
+    tp.nodes[0].kill9().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let cfg = Config::load(&tp.nodes[1].config_path).unwrap();
+    let addr = cfg.replication.sync_listen;
+    let node = &tp.nodes[1];
+    let walk_over = || {
+        let l = node.log();
+        l.find("now primary")
+            .is_some_and(|at| l[at..].contains("takeover record written"))
+    };
+    let (closed_in, walk_over_then, answered) = tokio_uring::start(async {
+        let beat =
+            super::hostile::beat_as_primary(&cfg, std::rc::Rc::new(std::cell::Cell::new(100)))
+                .await;
+        super::hostile::wait_secondary(node).await;
+        let connect = || async {
+            let ctx = super::hostile::ctx(&cfg, addr);
+            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
+            let mut conn = Conn::new(stream, addr);
+            handshake(&mut conn, &ctx, Side::Initiator, Channel::Sync)
+                .await
+                .unwrap();
+            let (r, w) = conn.split();
+            let mut out = Vec::new();
+            SyncMsg::Start {
+                stores: vec!["inbox".into(), "quarantine".into()],
+                epoch: 100,
+            }
+            .encode(&mut out);
+            w.send_bytes(out).await.unwrap();
+            (r, w)
+        };
+        let (mut first_r, _first_w) = connect().await;
+        let (mut second_r, _second_w) = connect().await;
+        let t = Instant::now();
+        let closed_in =
+            match tokio::time::timeout(Duration::from_secs(8), first_r.recv_frame()).await {
+                Ok(Err(_)) => t.elapsed(),
+                Ok(Ok(_)) => panic!("the first connection was answered during the walk"),
+                Err(_) => panic!("the first connection still waits 8 s after a newer one came"),
+            };
+        let walk_over_then = walk_over();
+        // The newest is served once the walk ends.
+        let f = tokio::time::timeout(Duration::from_secs(40), second_r.recv_frame())
+            .await
+            .expect("the newest connection is answered after the walk")
+            .expect("the newest connection stays open");
+        beat.abort();
+        (closed_in, walk_over_then, SyncMsg::decode(&f).unwrap())
+    });
+    assert!(
+        !walk_over_then,
+        "the walk ended before the check ({closed_in:?})\n{}",
+        tp.logs()
+    );
+    assert!(
+        walk_over(),
+        "the newest connection was answered before the walk ended\n{}",
+        tp.logs()
+    );
+    assert!(
+        matches!(answered, SyncMsg::PeerState { .. }),
+        "{answered:?}"
+    );
+}
