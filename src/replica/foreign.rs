@@ -89,8 +89,8 @@ impl ForeignPath {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub paths: Vec<ForeignPath>,
-    /// Foreign changes not in `paths` (over the limit, or lost in a kernel
-    /// queue overflow).
+    /// Foreign events not in `paths` (past the limit of listed paths; one
+    /// path may count more than once: the watch keeps no set of them).
     pub unlisted: u64,
     pub overflow: bool,
 }
@@ -292,17 +292,26 @@ pub fn describe(store_names: &[String], batch: &Batch, kept: usize) -> String {
         })
         .collect();
     let mut s = format!(
-        "the replica was changed outside hasync: {} path(s) by {} (e.g. {}); {} kept aside as conflicts (files or whole new folders, handed to the primary), the primary's tree is restored",
-        batch.paths.len() as u64 + batch.unlisted,
+        "the replica was changed outside hasync: {}{} path(s) by {} (e.g. {}); {} kept aside as conflicts (files or whole new folders, handed to the primary), the primary's tree is restored",
+        if batch.unlisted > 0 || batch.overflow { "at least " } else { "" },
+        batch.paths.len(),
         if by.is_empty() { "an unknown process".to_string() } else { by.join(", ") },
         if examples.is_empty() { "-".to_string() } else { examples.join(", ") },
         kept,
     );
     if batch.unlisted > 0 || batch.overflow {
         s.push_str(&format!(
-            "; {} change(s) could not be listed{} and are repaired from the primary, not kept aside",
-            batch.unlisted,
-            if batch.overflow { " (the kernel's event queue overflowed)" } else { "" }
+            "; more changes could not be listed ({}{}) and are repaired from the primary, not kept aside",
+            if batch.unlisted > 0 {
+                format!("{} event(s) past the first {PENDING_PATHS_MAX} paths", batch.unlisted)
+            } else {
+                String::new()
+            },
+            match (batch.overflow, batch.unlisted > 0) {
+                (true, true) => "; the kernel's event queue overflowed",
+                (true, false) => "the kernel's event queue overflowed",
+                _ => "",
+            }
         ));
     }
     s.push_str(
@@ -314,4 +323,51 @@ pub fn describe(store_names: &[String], batch: &Batch, kept: usize) -> String {
 /// Whether `rel` lies inside one of the paths already kept aside.
 pub fn inside_kept(kept: &[(usize, PathBuf)], store: usize, rel: &Path) -> bool {
     kept.iter().any(|(s, p)| *s == store && rel.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(unlisted: u64, overflow: bool) -> Batch {
+        Batch {
+            paths: (0..2)
+                .map(|i| ForeignPath {
+                    store: 0,
+                    rel: PathBuf::from(format!("u/new/{i}")),
+                    mask: libc::FAN_CREATE,
+                    is_dir: false,
+                    by: "42 (postfix)".into(),
+                })
+                .collect(),
+            unlisted,
+            overflow,
+        }
+    }
+
+    #[test]
+    fn the_alarm_counts_paths_and_says_what_it_could_not_list() {
+        let names = vec!["inbox".to_string()];
+        let all = describe(&names, &batch(0, false), 2);
+        assert!(all.contains(": 2 path(s) by 42 (postfix)"), "{all}");
+        assert!(!all.contains("could not be listed"), "{all}");
+        let past = describe(&names, &batch(5, false), 2);
+        assert!(past.contains(": at least 2 path(s)"), "{past}");
+        assert!(
+            past.contains("(5 event(s) past the first 100000 paths)"),
+            "{past}"
+        );
+        let lost = describe(&names, &batch(0, true), 2);
+        assert!(
+            lost.contains("(the kernel's event queue overflowed)"),
+            "{lost}"
+        );
+        let both = describe(&names, &batch(5, true), 2);
+        assert!(
+            both.contains(
+                "(5 event(s) past the first 100000 paths; the kernel's event queue overflowed)"
+            ),
+            "{both}"
+        );
+    }
 }
