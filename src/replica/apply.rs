@@ -399,6 +399,14 @@ pub enum Reply {
         rel: PathBuf,
         size: u64,
     },
+    /// A delete held back: the file is the only copy here of what a rename
+    /// that failed was to move onto another name, which has not landed
+    /// since (asked for again, as a local error: the primary retries it).
+    HeldForRename {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+    },
     /// A genuine conflict was moved aside (to `kept`), to hand over.
     KeptAside {
         store: usize,
@@ -961,19 +969,26 @@ impl Applier {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
             PathOp::Mkdir { rel, meta } => self.mkdir(tree, index, s, seq, rel, meta),
             PathOp::DirMeta { rel, meta } => self.dir_meta(tree, s, seq, rel, meta),
-            PathOp::Delete { rel } => {
-                if let Some(size) = self.content_waits_for_room(tree, index, s, &rel) {
+            PathOp::Delete { rel } => match self.content_waits_elsewhere(tree, index, s, &rel) {
+                Some((_, w)) if w.holds_left.is_none() => {
                     add(&self.stats.deletes_held_for_room, 1);
                     self.replies.push(Reply::HeldForRoom {
                         seq,
                         store: s,
                         rel: rel.clone(),
-                        size,
+                        size: w.size,
                     });
-                } else {
-                    self.delete(tree, index, s, seq, &rel);
                 }
-            }
+                Some((owed, _)) => {
+                    self.waiting.spend_hold(s, &owed);
+                    self.replies.push(Reply::HeldForRename {
+                        seq,
+                        store: s,
+                        rel: rel.clone(),
+                    });
+                }
+                None => self.delete(tree, index, s, seq, &rel),
+            },
             PathOp::Rename { from, to } => self.rename(tree, index, s, seq, &from, &to),
             PathOp::Link {
                 existing,
@@ -991,7 +1006,8 @@ impl Applier {
     /// driver's check before staging, or its staged file's writes): a
     /// delete of the same content elsewhere waits for it (see `waiting`).
     pub fn no_room(&mut self, s: usize, seq: u64, rel: &Path, hash: u128, size: u64) {
-        self.waiting.insert(s, rel, Waiting { hash, size, seq });
+        self.waiting
+            .insert(s, rel, Waiting::for_room(hash, size, seq));
     }
 
     /// Store `s` has `free` bytes: what fits there waits no more (sent
@@ -1010,23 +1026,24 @@ impl Applier {
         self.waiting = waiting;
     }
 
-    /// The size of the file at `rel` if its content waits for room under
-    /// another name (see `waiting`).
-    fn content_waits_for_room<T: ReplicaTree>(
+    /// The name the content of the file at `rel` waits under, other than
+    /// `rel`, and how (for room, or owed by a rename that failed: see
+    /// `waiting`).
+    fn content_waits_elsewhere<T: ReplicaTree>(
         &self,
         tree: &T,
         index: &Index,
         s: usize,
         rel: &Path,
-    ) -> Option<u64> {
+    ) -> Option<(PathBuf, Waiting)> {
         if self.waiting.is_empty() {
             return None;
         }
         // A file with other links keeps its content on the disk.
-        let (hash, size) = content_at(tree, index, rel, |st| {
+        let (hash, _) = content_at(tree, index, rel, |st| {
             st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
         })?;
-        self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
+        self.waiting.waiting_elsewhere(s, rel, hash)
     }
 
     /// A file or link for `rel` failed: if for want of room, a delete of
@@ -1174,7 +1191,19 @@ impl Applier {
                 add(&self.stats.rename_sources_missing, 1);
                 self.need(seq, s, to, NeedReason::SourceMissing);
             }
-            Err(e) => self.failed(seq, s, to, e),
+            Err(e) => {
+                // The primary deletes the source next and sends the target
+                // again: the source is the only copy here of what it holds
+                // at `to`, kept until `to` lands (a failover in between
+                // would find the message on neither name).
+                if !folder {
+                    if let Some((hash, size)) = content_at(tree, index, from, |st| st.nlink == 1) {
+                        self.waiting
+                            .insert(s, to, Waiting::for_rename(hash, size, seq));
+                    }
+                }
+                self.failed(seq, s, to, e)
+            }
         }
     }
 
@@ -1877,6 +1906,103 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 13, delete(m));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join(m).exists());
+    }
+
+    /// A rename the replica could not apply (here its target's folder is a
+    /// file) leaves the source as the only copy of what the primary holds
+    /// at the target. The primary deletes the source next and sends the
+    /// target again: the delete is held (answered as a local error, so the
+    /// primary retries it) until the target lands, whatever the room; at
+    /// most [`RENAME_HOLDS_MAX`] times, for a primary that never sends the
+    /// target again (the message deleted there meanwhile).
+    #[test]
+    fn a_delete_waits_for_the_target_of_a_rename_that_failed_here() {
+        let (_tmp, dir, internal) = store_with(&[
+            ("new/m", "the message, flagged"),
+            ("new/n", "another, flagged and then expunged"),
+            ("cur", "a file where the folder goes"),
+        ]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (m, to) = (Path::new("new/m"), Path::new("cur/m:2,S"));
+        let rename = |from: &Path, to: &Path| PathOp::Rename {
+            from: from.to_path_buf(),
+            to: to.to_path_buf(),
+        };
+        let delete = |rel: &Path| PathOp::Delete {
+            rel: rel.to_path_buf(),
+        };
+        let held = |r: &mut Applier| -> Vec<PathBuf> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::HeldForRename { rel, .. } => Some(rel),
+                    _ => None,
+                })
+                .collect()
+        };
+        r.apply(&mut root, &mut index, 0, 1, rename(m, to));
+        assert!(
+            r.take_replies()
+                .any(|x| matches!(x, Reply::Failed { rel, .. } if rel == to)),
+            "the rename failed"
+        );
+        r.apply(&mut root, &mut index, 0, 2, delete(m));
+        assert_eq!(held(&mut r), [m]);
+        assert!(dir.join(m).exists());
+        // Room does not let it go (the rename did not fail for room); the
+        // next session holds it too.
+        r.room(0, u64::MAX);
+        let mut r = r.next_receiver();
+        r.apply(&mut root, &mut index, 0, 1, delete(m));
+        assert_eq!(held(&mut r), [m]);
+        // The target lands (here as a link the primary made to it): the
+        // delete goes on, and the message is under its new name.
+        std::fs::remove_file(dir.join("cur")).unwrap();
+        std::fs::create_dir(dir.join("cur")).unwrap();
+        let on_disk = std::fs::metadata(dir.join(m)).unwrap();
+        let meta = Meta {
+            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
+            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
+            ..Meta::default()
+        };
+        let hash = index::hash_bytes(b"the message, flagged");
+        r.link(
+            &mut root,
+            &mut index,
+            0,
+            2,
+            m,
+            to.to_path_buf(),
+            hash,
+            &meta,
+        );
+        r.apply(&mut root, &mut index, 0, 3, delete(m));
+        assert!(held(&mut r).is_empty());
+        assert!(!dir.join(m).exists());
+        assert_eq!(
+            std::fs::read(dir.join(to)).unwrap(),
+            b"the message, flagged"
+        );
+        // A target that never comes: held a bounded number of times.
+        std::fs::remove_dir_all(dir.join("cur")).unwrap();
+        std::fs::write(dir.join("cur"), "a file again").unwrap();
+        let n = Path::new("new/n");
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            4,
+            rename(n, Path::new("cur/n:2,S")),
+        );
+        r.take_replies().for_each(drop);
+        for i in 0..super::super::waiting::RENAME_HOLDS_MAX {
+            r.apply(&mut root, &mut index, 0, 5 + i as u64, delete(n));
+            assert_eq!(held(&mut r), [n], "hold {i}");
+        }
+        r.apply(&mut root, &mut index, 0, 100, delete(n));
+        assert!(held(&mut r).is_empty());
+        assert!(!dir.join(n).exists());
     }
 
     /// Folders renamed away and back (`a` to `b`, then `b` to `a`) while a

@@ -1145,6 +1145,7 @@ struct Replica {
     /// Deletes held back while their content waited for room (not
     /// counted again as a crash replays them).
     deletes_held: u64,
+    deletes_held_for_rename: u64,
     /// Held names gone as the directory flush in flight started.
     held_gone: Vec<((usize, PathBuf), u64)>,
     /// The node crashes as soon as it has applied the rename of a folder
@@ -1168,6 +1169,7 @@ impl Replica {
             acked: Default::default(),
             holds_made: 0,
             deletes_held: 0,
+            deletes_held_for_rename: 0,
             held_gone: Vec::new(),
             crash_after_held_move: false,
             crash_now: false,
@@ -1450,6 +1452,10 @@ impl Replica {
                     seq, rel, reason, ..
                 } => self.need(seq, &rel, reason),
                 Reply::HeldForRoom { seq, rel, .. } => self.need(seq, &rel, NeedReason::NoSpace),
+                Reply::HeldForRename { seq, rel, .. } => {
+                    self.deletes_held_for_rename += 1;
+                    self.need(seq, &rel, NeedReason::LocalError)
+                }
                 Reply::Failed {
                     seq, rel, error, ..
                 }
@@ -2076,6 +2082,9 @@ pub struct Outcome {
     /// Deletes the replica held back while their content waited for room
     /// under another name.
     pub deletes_held: u64,
+    /// Deletes the replica held back while a rename it could not apply
+    /// owed their content to another name.
+    pub deletes_held_for_rename: u64,
     /// Failovers at which the new primary lacked content it had
     /// acknowledged durable while the old primary still held it (a known
     /// gap with a full replica disk: see docs/INVARIANTS.md).
@@ -2142,6 +2151,7 @@ impl Outcome {
         self.renames_onto_conflicts += o.renames_onto_conflicts;
         self.holds += o.holds;
         self.deletes_held += o.deletes_held;
+        self.deletes_held_for_rename += o.deletes_held_for_rename;
         self.dropped_at_failover += o.dropped_at_failover;
         self.held_folders_renamed += o.held_folders_renamed;
         self.partial_removals += o.partial_removals;
@@ -4006,6 +4016,7 @@ impl DataSim {
         self.out.torn_files = self.replica.torn_files;
         self.out.holds = self.replica.holds_made;
         self.out.deletes_held = self.replica.deletes_held;
+        self.out.deletes_held_for_rename = self.replica.deletes_held_for_rename;
         Ok(self.out)
     }
 

@@ -1735,6 +1735,13 @@ impl Receiver {
                     self.refused_for_room(store, size, why);
                     self.need(seq, store, &rel, NeedReason::NoSpace)
                 }
+                Reply::HeldForRename { seq, store, rel } => {
+                    tracing::debug!(
+                        "the delete of {} waits for a rename that failed here to land its content under the new name",
+                        rel.display()
+                    );
+                    self.need(seq, store, &rel, NeedReason::LocalError)
+                }
                 Reply::Failed {
                     seq,
                     store,
@@ -1888,7 +1895,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut r = receiver_on(dir.path());
         let mut waiting = WaitingForRoom::default();
-        let of = |hash, size| Waiting { hash, size, seq: 0 };
+        let of = |hash, size| Waiting::for_room(hash, size, 0);
         waiting.insert(0, Path::new("cur/small:2,S"), of(1, 4096));
         waiting.insert(0, Path::new("cur/huge:2,S"), of(2, u64::MAX / 2));
         r.wait_for_room(waiting.for_next_session());

@@ -29,6 +29,37 @@ pub struct Waiting {
     pub size: u64,
     /// The op that sent it (0: a session before this one).
     pub seq: u64,
+    /// `None`: it waits for room (room lets it go). `Some(n)`: a rename
+    /// that failed here owes the content to this name, whatever the room;
+    /// a delete of its source is held back at most `n` more times (the
+    /// primary may never send the name again: it deleted the message).
+    pub holds_left: Option<u16>,
+}
+
+/// How many times a delete is held back for a rename that failed (the
+/// primary retries it every 250 ms: about 10 s for the target to land).
+pub const RENAME_HOLDS_MAX: u16 = 40;
+
+impl Waiting {
+    /// Content sent for a name and refused for want of room.
+    pub fn for_room(hash: u128, size: u64, seq: u64) -> Waiting {
+        Waiting {
+            hash,
+            size,
+            seq,
+            holds_left: None,
+        }
+    }
+
+    /// Content a rename (op `seq`) was to move onto a name, and could not.
+    pub fn for_rename(hash: u128, size: u64, seq: u64) -> Waiting {
+        Waiting {
+            hash,
+            size,
+            seq,
+            holds_left: Some(RENAME_HOLDS_MAX),
+        }
+    }
 }
 
 /// Content waiting for room, by name (see the module's text).
@@ -163,13 +194,14 @@ impl WaitingForRoom {
     }
 
     /// Store `s` has `free` bytes for files now: as much as fits of what
-    /// waits goes, in path order (sent again, it lands or waits again).
+    /// waits for room goes, in path order (sent again, it lands or waits
+    /// again). What a failed rename owes stays.
     pub fn room(&mut self, s: usize, free: u64) {
         let mut left = free;
         let fits: Vec<(usize, PathBuf)> = self
             .by_name
             .iter()
-            .filter(|((ps, _), _)| *ps == s)
+            .filter(|((ps, _), w)| *ps == s && w.holds_left.is_none())
             .filter(|(_, w)| {
                 let fits = w.size <= left;
                 if fits {
@@ -193,9 +225,45 @@ impl WaitingForRoom {
     /// Whether content `hash` waits in store `s` under a name other than
     /// `rel`.
     pub fn waits_elsewhere(&self, s: usize, rel: &Path, hash: u128) -> bool {
-        self.by_content
-            .get(&(s, hash))
-            .is_some_and(|names| names.iter().any(|p| p != rel))
+        self.waiting_elsewhere(s, rel, hash).is_some()
+    }
+
+    /// The name other than `rel` content `hash` waits under in store `s`,
+    /// and how: one that waits for room first, if any.
+    pub fn waiting_elsewhere(
+        &self,
+        s: usize,
+        rel: &Path,
+        hash: u128,
+    ) -> Option<(PathBuf, Waiting)> {
+        let names = self.by_content.get(&(s, hash))?;
+        let mut found = None;
+        for p in names.iter().filter(|p| p.as_path() != rel) {
+            let Some(w) = self.by_name.get(&(s, p.clone())) else {
+                continue;
+            };
+            if w.holds_left.is_none() {
+                return Some((p.clone(), *w));
+            }
+            found.get_or_insert((p.clone(), *w));
+        }
+        found
+    }
+
+    /// A delete was held back for what a failed rename owes `rel`: one
+    /// hold fewer, and none left lets it go.
+    pub fn spend_hold(&mut self, s: usize, rel: &Path) {
+        let key = (s, rel.to_path_buf());
+        let Some(w) = self.by_name.get_mut(&key) else {
+            return;
+        };
+        match &mut w.holds_left {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.remove(&key);
+            }
+            None => {}
+        }
     }
 
     /// The same names for the next connection's receiver (its session's
@@ -214,7 +282,7 @@ mod tests {
     use super::*;
 
     fn w(hash: u128, size: u64, seq: u64) -> Waiting {
-        Waiting { hash, size, seq }
+        Waiting::for_room(hash, size, seq)
     }
 
     #[test]
