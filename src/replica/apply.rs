@@ -1196,7 +1196,8 @@ impl Applier {
                 // again: the source is the only copy here of what it holds
                 // at `to`, kept until `to` lands (a failover in between
                 // would find the message on neither name).
-                if !folder {
+                // (A refusal is not sent again: nothing to wait for.)
+                if !folder && matches!(answer(&e), Answer::Need(_)) {
                     if let Some((hash, size)) = content_at(tree, index, from, |st| st.nlink == 1) {
                         self.waiting
                             .insert(s, to, Waiting::for_rename(hash, size, seq));

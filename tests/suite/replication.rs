@@ -1542,3 +1542,46 @@ fn primary_left_without_restart(mark_fails: bool) {
         tp.logs()
     );
 }
+
+/// A flag rename the replica cannot apply (its `cur/` is another
+/// filesystem there: `EXDEV`) leaves the message's old name as its only
+/// copy on the replica. The primary deletes that name next and sends the
+/// new one again: the delete waits until the new name lands, so the
+/// message is never on neither name (a failover then would find it only on
+/// the old primary).
+#[test]
+fn a_message_whose_flag_rename_fails_on_the_replica_keeps_its_old_name_until_the_new_one_lands() {
+    let tp = started_with_fixture(fast(), 26, 1, 3);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    let folder = "user0000/Maildir/.Held";
+    for sub in ["cur", "new", "tmp"] {
+        std::fs::create_dir_all(src.join(folder).join(sub)).unwrap();
+    }
+    let (old, new) = (
+        format!("{folder}/new/1700000000.M1P1.mx"),
+        format!("{folder}/cur/1700000000.M1P1.mx:2,S"),
+    );
+    std::fs::write(src.join(&old), "Subject: kept\n\nthe only copy\n").unwrap();
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let unmount = mount_tmpfs(&dst.join(folder).join("cur"), "size=1m");
+    std::fs::rename(src.join(&old), src.join(&new)).unwrap();
+    // The rename fails there, and so does every copy of the new name sent
+    // since: the old name stays, for seconds.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert!(
+            dst.join(&old).is_file(),
+            "the replica deleted the message's only copy before its new name landed\n{}",
+            tp.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(unmount);
+    wait_identical(&src, &dst, Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    assert_eq!(
+        std::fs::read(dst.join(&new)).unwrap(),
+        b"Subject: kept\n\nthe only copy\n"
+    );
+    assert!(!dst.join(&old).exists());
+}
