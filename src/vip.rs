@@ -82,6 +82,9 @@ pub struct Vips {
     release_queued: Arc<AtomicBool>,
 }
 
+/// How an error of an address added but not announced begins.
+const ANNOUNCE_ERROR: &str = "announce:";
+
 /// Announcements sent after the address is added, this far apart.
 const ANNOUNCE: [Duration; 3] = [
     Duration::ZERO,
@@ -132,12 +135,19 @@ impl Vips {
                             }
                         };
                         let mut errors = Vec::new();
+                        // An address added and not announced is held all
+                        // the same (a release must take it away).
+                        let mut added = false;
                         for s in &specs {
                             let res = if acquire {
                                 add(&handle, s).await
                             } else {
                                 remove(&handle, s).await
                             };
+                            added |= acquire
+                                && res
+                                    .as_ref()
+                                    .map_or_else(|e| e.starts_with(ANNOUNCE_ERROR), |()| true);
                             if let Err(e) = res {
                                 errors.push(format!("{s}: {e}"));
                             }
@@ -149,7 +159,12 @@ impl Vips {
                         };
                         {
                             let mut g = st.lock().expect("vip status");
-                            g.held = acquire && res.is_ok();
+                            // A release that failed may have left some.
+                            g.held = if acquire {
+                                added
+                            } else {
+                                g.held && res.is_err()
+                            };
                             g.last_error = res.as_ref().err().cloned();
                         }
                         let _ = reply.send(res);
@@ -165,6 +180,10 @@ impl Vips {
 
     /// Adds and announces every address; resolves with the outcome.
     pub fn acquire(&self) -> oneshot::Receiver<Result<(), String>> {
+        // A background release queued before this must not stand for one
+        // asked after it (it would run first and leave the addresses on a
+        // node demoted since): the next ask queues a release of its own.
+        self.release_queued.store(false, Ordering::Release);
         let (tx, rx) = oneshot::channel();
         let _ = self.tx.send(Cmd::Acquire(tx));
         rx
@@ -227,7 +246,7 @@ async fn add(handle: &rtnetlink::Handle, s: &VipSpec) -> Result<(), String> {
         };
         if let Err(e) = sent {
             warn!(vip = %s, "cannot announce the service address: {e}");
-            return Err(format!("announce: {e}"));
+            return Err(format!("{ANNOUNCE_ERROR} {e}"));
         }
     }
     Ok(())
@@ -301,6 +320,16 @@ mod tests {
             stuck.release_in_background();
         }
         assert_eq!(rx.len(), 1);
+        // An acquisition queued after it: a release asked later (a
+        // demotion) is queued after the acquisition, not folded into the
+        // release before it.
+        let _outcome = stuck.acquire();
+        for _ in 0..1000 {
+            stuck.release_in_background();
+        }
+        assert_eq!(rx.len(), 3);
+        assert!(matches!(rx.try_recv(), Ok(Cmd::ReleaseQueued(_))));
+        assert!(matches!(rx.try_recv(), Ok(Cmd::Acquire(_))));
         assert!(matches!(rx.try_recv(), Ok(Cmd::ReleaseQueued(_))));
     }
 

@@ -969,26 +969,25 @@ impl Applier {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
             PathOp::Mkdir { rel, meta } => self.mkdir(tree, index, s, seq, rel, meta),
             PathOp::DirMeta { rel, meta } => self.dir_meta(tree, s, seq, rel, meta),
-            PathOp::Delete { rel } => match self.content_waits_elsewhere(tree, index, s, &rel) {
-                Some((_, w)) if w.holds_left.is_none() => {
-                    add(&self.stats.deletes_held_for_room, 1);
-                    self.replies.push(Reply::HeldForRoom {
-                        seq,
-                        store: s,
-                        rel: rel.clone(),
-                        size: w.size,
-                    });
-                }
-                Some((owed, _)) => {
-                    self.waiting.spend_hold(s, &owed);
+            PathOp::Delete { rel } => {
+                if self.waiting.hold_delete(s, &rel) {
                     self.replies.push(Reply::HeldForRename {
                         seq,
                         store: s,
                         rel: rel.clone(),
                     });
+                } else if let Some(size) = self.content_waits_for_room(tree, index, s, &rel) {
+                    add(&self.stats.deletes_held_for_room, 1);
+                    self.replies.push(Reply::HeldForRoom {
+                        seq,
+                        store: s,
+                        rel: rel.clone(),
+                        size,
+                    });
+                } else {
+                    self.delete(tree, index, s, seq, &rel);
                 }
-                None => self.delete(tree, index, s, seq, &rel),
-            },
+            }
             PathOp::Rename { from, to } => self.rename(tree, index, s, seq, &from, &to),
             PathOp::Link {
                 existing,
@@ -1026,24 +1025,40 @@ impl Applier {
         self.waiting = waiting;
     }
 
-    /// The name the content of the file at `rel` waits under, other than
-    /// `rel`, and how (for room, or owed by a rename that failed: see
-    /// `waiting`).
-    fn content_waits_elsewhere<T: ReplicaTree>(
+    /// The size of the file at `rel` if its content waits for room under
+    /// another name (see `waiting`).
+    fn content_waits_for_room<T: ReplicaTree>(
         &self,
         tree: &T,
         index: &Index,
         s: usize,
         rel: &Path,
-    ) -> Option<(PathBuf, Waiting)> {
-        if self.waiting.is_empty() {
+    ) -> Option<u64> {
+        if !self.waiting.any_for_room() {
             return None;
         }
         // A file with other links keeps its content on the disk.
-        let (hash, _) = content_at(tree, index, rel, |st| {
+        let (hash, size) = content_at(tree, index, rel, |st| {
             st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
         })?;
-        self.waiting.waiting_elsewhere(s, rel, hash)
+        self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
+    }
+
+    /// `rel` took content `hash` (op `seq`): what waited for room for it
+    /// waits no more, and the sources a failed rename kept for it whose
+    /// delete the primary asked for meanwhile go now, with it.
+    fn took<T: ReplicaTree>(
+        &mut self,
+        tree: &mut T,
+        index: &mut Index,
+        s: usize,
+        rel: &Path,
+        seq: u64,
+        hash: u128,
+    ) {
+        for from in self.waiting.landed(s, rel, seq, hash) {
+            self.delete(tree, index, s, seq, &from);
+        }
     }
 
     /// A file or link for `rel` failed: if for want of room, a delete of
@@ -1197,11 +1212,9 @@ impl Applier {
                 // at `to`, kept until `to` lands (a failover in between
                 // would find the message on neither name).
                 // (A refusal is not sent again: nothing to wait for.)
-                if !folder && matches!(answer(&e), Answer::Need(_)) {
-                    if let Some((hash, size)) = content_at(tree, index, from, |st| st.nlink == 1) {
-                        self.waiting
-                            .insert(s, to, Waiting::for_rename(hash, size, seq));
-                    }
+                let file = matches!(tree.lstat(from), Ok(Some(st)) if st.kind == Kind::File);
+                if file && matches!(answer(&e), Answer::Need(_)) {
+                    self.waiting.owe(s, from, to, seq);
                 }
                 self.failed(seq, s, to, e)
             }
@@ -1239,7 +1252,7 @@ impl Applier {
         match tree.link(existing, &rel) {
             Ok(LinkOutcome::Linked) => {
                 add(&self.stats.links_applied, 1);
-                self.waiting.landed(s, &rel, seq, hash);
+                self.took(tree, index, s, &rel, seq, hash);
                 self.dirs.insert((s, parent_of(&rel)));
                 if let Some(e) = index.get(existing) {
                     index.set(rel, e);
@@ -1358,7 +1371,7 @@ impl Applier {
             // its first copy was in flight): keep the inode, so the link
             // stays a link, instead of renaming a copy over it.
             if same && cur.nlink > 1 && staged.is_some_and(|st| st.meta == cur.meta) {
-                self.waiting.landed(s, &rel, seq, hash);
+                self.took(tree, index, s, &rel, seq, hash);
                 tree.discard_staged(seq);
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
@@ -1370,7 +1383,7 @@ impl Applier {
             Ok(parent) => {
                 // Landed: what waited for room here (this op, or one before
                 // it) has its name.
-                self.waiting.landed(s, &rel, seq, hash);
+                self.took(tree, index, s, &rel, seq, hash);
                 self.dirs.insert((s, parent));
                 add(&self.stats.files_landed, 1);
                 add(&self.stats.bytes_landed, size);
@@ -1912,14 +1925,19 @@ mod tests {
     /// A rename the replica could not apply (here its target's folder is a
     /// file) leaves the source as the only copy of what the primary holds
     /// at the target. The primary deletes the source next and sends the
-    /// target again: the delete is held (answered as a local error, so the
-    /// primary retries it) until the target lands, whatever the room; at
-    /// most [`RENAME_HOLDS_MAX`] times, for a primary that never sends the
-    /// target again (the message deleted there meanwhile).
+    /// target again: that delete is held (answered as a local error, so the
+    /// primary retries it) until the target lands, whatever the room or
+    /// where else the same bytes are; once the target lands, the source
+    /// asked for goes with it. At most [`RENAME_HOLDS_MAX`] times, for a
+    /// primary that never sends the target again (the message deleted
+    /// there meanwhile).
     #[test]
     fn a_delete_waits_for_the_target_of_a_rename_that_failed_here() {
+        use super::super::waiting::RENAME_HOLDS_MAX;
+        let body = "the message, flagged";
         let (_tmp, dir, internal) = store_with(&[
-            ("new/m", "the message, flagged"),
+            ("new/m", body),
+            ("new/twin", body),
             ("new/n", "another, flagged and then expunged"),
             ("cur", "a file where the folder goes"),
         ]);
@@ -1948,26 +1966,42 @@ mod tests {
                 .any(|x| matches!(x, Reply::Failed { rel, .. } if rel == to)),
             "the rename failed"
         );
-        r.apply(&mut root, &mut index, 0, 2, delete(m));
+        // A byte-identical message elsewhere is not the source: expunged,
+        // it goes.
+        r.apply(&mut root, &mut index, 0, 2, delete(Path::new("new/twin")));
+        assert!(held(&mut r).is_empty());
+        assert!(!dir.join("new/twin").exists());
+        r.apply(&mut root, &mut index, 0, 3, delete(m));
         assert_eq!(held(&mut r), [m]);
         assert!(dir.join(m).exists());
-        // Room does not let it go (the rename did not fail for room); the
-        // next session holds it too.
+        // Room does not let it go (the rename did not fail for room), nor
+        // the same bytes landing under another name; the next session
+        // holds it too.
         r.room(0, u64::MAX);
-        let mut r = r.next_receiver();
-        r.apply(&mut root, &mut index, 0, 1, delete(m));
-        assert_eq!(held(&mut r), [m]);
-        // The target lands (here as a link the primary made to it): the
-        // delete goes on, and the message is under its new name.
-        std::fs::remove_file(dir.join("cur")).unwrap();
-        std::fs::create_dir(dir.join("cur")).unwrap();
         let on_disk = std::fs::metadata(dir.join(m)).unwrap();
         let meta = Meta {
             mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
             mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
             ..Meta::default()
         };
-        let hash = index::hash_bytes(b"the message, flagged");
+        let hash = index::hash_bytes(body.as_bytes());
+        r.link(
+            &mut root,
+            &mut index,
+            0,
+            4,
+            m,
+            PathBuf::from("new/copy"),
+            hash,
+            &meta,
+        );
+        let mut r = r.next_receiver();
+        r.apply(&mut root, &mut index, 0, 1, delete(m));
+        assert_eq!(held(&mut r), [m]);
+        // The target lands (here as a link the primary made): the source,
+        // whose delete was asked for, goes with it at once.
+        std::fs::remove_file(dir.join("cur")).unwrap();
+        std::fs::create_dir(dir.join("cur")).unwrap();
         r.link(
             &mut root,
             &mut index,
@@ -1978,13 +2012,13 @@ mod tests {
             hash,
             &meta,
         );
+        assert!(
+            !dir.join(m).exists(),
+            "the source stays until the next retry"
+        );
+        assert_eq!(std::fs::read(dir.join(to)).unwrap(), body.as_bytes());
         r.apply(&mut root, &mut index, 0, 3, delete(m));
         assert!(held(&mut r).is_empty());
-        assert!(!dir.join(m).exists());
-        assert_eq!(
-            std::fs::read(dir.join(to)).unwrap(),
-            b"the message, flagged"
-        );
         // A target that never comes: held a bounded number of times.
         std::fs::remove_dir_all(dir.join("cur")).unwrap();
         std::fs::write(dir.join("cur"), "a file again").unwrap();
@@ -1997,11 +2031,31 @@ mod tests {
             rename(n, Path::new("cur/n:2,S")),
         );
         r.take_replies().for_each(drop);
-        for i in 0..super::super::waiting::RENAME_HOLDS_MAX {
+        for i in 0..RENAME_HOLDS_MAX {
             r.apply(&mut root, &mut index, 0, 5 + i as u64, delete(n));
             assert_eq!(held(&mut r), [n], "hold {i}");
         }
         r.apply(&mut root, &mut index, 0, 100, delete(n));
+        assert!(held(&mut r).is_empty());
+        assert!(!dir.join(n).exists());
+        // The primary deleting the target ends the hold too.
+        std::fs::write(dir.join(n), "again").unwrap();
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            101,
+            rename(n, Path::new("cur/n:2,S")),
+        );
+        r.take_replies().for_each(drop);
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            102,
+            delete(Path::new("cur/n:2,S")),
+        );
+        r.apply(&mut root, &mut index, 0, 103, delete(n));
         assert!(held(&mut r).is_empty());
         assert!(!dir.join(n).exists());
     }

@@ -29,55 +29,111 @@ pub struct Waiting {
     pub size: u64,
     /// The op that sent it (0: a session before this one).
     pub seq: u64,
-    /// `None`: it waits for room (room lets it go). `Some(n)`: a rename
-    /// that failed here owes the content to this name, whatever the room;
-    /// a delete of its source is held back at most `n` more times (the
-    /// primary may never send the name again: it deleted the message).
-    pub holds_left: Option<u16>,
+}
+
+impl Waiting {
+    /// Content sent for a name and refused for want of room.
+    pub fn for_room(hash: u128, size: u64, seq: u64) -> Waiting {
+        Waiting { hash, size, seq }
+    }
+}
+
+/// A rename that failed here (op `seq`, with an error the primary retries)
+/// left its source, the only copy here of what the primary holds at `to`:
+/// the primary's delete of the source is held back until `to` lands, at
+/// most `holds_left` more times (a primary whose user deleted the message
+/// never sends `to` again).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owed {
+    pub to: PathBuf,
+    pub seq: u64,
+    pub holds_left: u16,
 }
 
 /// How many times a delete is held back for a rename that failed (the
 /// primary retries it every 250 ms: about 10 s for the target to land).
 pub const RENAME_HOLDS_MAX: u16 = 40;
 
-impl Waiting {
-    /// Content sent for a name and refused for want of room.
-    pub fn for_room(hash: u128, size: u64, seq: u64) -> Waiting {
-        Waiting {
-            hash,
-            size,
-            seq,
-            holds_left: None,
-        }
-    }
+/// Bound on the sources remembered for failed renames (past it, a source
+/// is not held: as before the hold existed).
+pub const OWED_MAX: usize = 4_096;
 
-    /// Content a rename (op `seq`) was to move onto a name, and could not.
-    pub fn for_rename(hash: u128, size: u64, seq: u64) -> Waiting {
-        Waiting {
-            hash,
-            size,
-            seq,
-            holds_left: Some(RENAME_HOLDS_MAX),
-        }
-    }
-}
-
-/// Content waiting for room, by name (see the module's text).
+/// Content waiting for room, by name, and the sources of failed renames
+/// (see the module's text).
 #[derive(Debug, Clone, Default)]
 pub struct WaitingForRoom {
     by_name: BTreeMap<(usize, PathBuf), Waiting>,
     /// The names each content waits under (one, as a rule).
     by_content: HashMap<(usize, u128), Vec<PathBuf>>,
     by_size: HashMap<(usize, u64), u32>,
+    /// By source name: what a failed rename owes its target.
+    owed: BTreeMap<(usize, PathBuf), Owed>,
 }
 
 impl WaitingForRoom {
+    /// Nothing waits for room and no rename owes anything.
     pub fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
+        self.by_name.is_empty() && self.owed.is_empty()
     }
 
+    /// The names content waits for room under.
     pub fn len(&self) -> usize {
         self.by_name.len()
+    }
+
+    /// Whether any content waits for room.
+    pub fn any_for_room(&self) -> bool {
+        !self.by_name.is_empty()
+    }
+
+    /// The rename `from` → `to` (op `seq`) failed here with an error the
+    /// primary retries: `from` stays until `to` lands.
+    pub fn owe(&mut self, s: usize, from: &Path, to: &Path, seq: u64) {
+        let key = (s, from.to_path_buf());
+        if self.owed.len() >= OWED_MAX && !self.owed.contains_key(&key) {
+            return;
+        }
+        self.owed.insert(
+            key,
+            Owed {
+                to: to.to_path_buf(),
+                seq,
+                holds_left: RENAME_HOLDS_MAX,
+            },
+        );
+    }
+
+    /// The primary deletes `rel`: whether the delete is held back (a
+    /// failed rename owes it to a name that has not landed), spending one
+    /// hold; the last one lets it go.
+    pub fn hold_delete(&mut self, s: usize, rel: &Path) -> bool {
+        if self.owed.is_empty() {
+            return false;
+        }
+        let key = (s, rel.to_path_buf());
+        let Some(o) = self.owed.get_mut(&key) else {
+            return false;
+        };
+        if o.holds_left == 0 {
+            self.owed.remove(&key);
+            return false;
+        }
+        o.holds_left -= 1;
+        true
+    }
+
+    /// What a failed rename owes, by source (for tests and status).
+    pub fn owed(&self, s: usize, from: &Path) -> Option<&Owed> {
+        self.owed.get(&(s, from.to_path_buf()))
+    }
+
+    /// The owed sources whose target is at or below `rel`.
+    fn owed_to_at_or_below(&self, s: usize, rel: &Path) -> Vec<(usize, PathBuf)> {
+        self.owed
+            .iter()
+            .filter(|((os, _), o)| *os == s && o.to.starts_with(rel))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// `rel` of store `s` waits with `w`; an entry there from a later op
@@ -133,9 +189,35 @@ impl WaitingForRoom {
     }
 
     /// Content `hash` landed at `rel` (op `seq`): it waits nowhere any
-    /// more, and neither does what an earlier op sent for `rel`.
-    pub fn landed(&mut self, s: usize, rel: &Path, seq: u64, hash: u128) {
-        if self.is_empty() {
+    /// more, and neither does what an earlier op sent for `rel`. A failed
+    /// rename's target landing ends what it owed: returned are the sources
+    /// whose delete the primary asked for meanwhile (held), to delete now
+    /// rather than at the primary's next retry (both names would be on the
+    /// disk until then: a duplicate at a failover).
+    #[must_use]
+    pub fn landed(&mut self, s: usize, rel: &Path, seq: u64, hash: u128) -> Vec<PathBuf> {
+        let mut asked = Vec::new();
+        if !self.owed.is_empty() {
+            let done: Vec<(usize, PathBuf)> = self
+                .owed
+                .iter()
+                .filter(|((os, _), o)| *os == s && o.to == rel && o.seq <= seq)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in done {
+                if let Some(o) = self.owed.remove(&k) {
+                    if o.holds_left < RENAME_HOLDS_MAX {
+                        asked.push(k.1);
+                    }
+                }
+            }
+        }
+        self.landed_for_room(s, rel, seq, hash);
+        asked
+    }
+
+    fn landed_for_room(&mut self, s: usize, rel: &Path, seq: u64, hash: u128) {
+        if self.by_name.is_empty() {
             return;
         }
         let key = (s, rel.to_path_buf());
@@ -154,7 +236,23 @@ impl WaitingForRoom {
     /// a former file). The message may have moved on to a name not sent
     /// yet; but a delete of the last name must free the disk.
     pub fn forget(&mut self, s: usize, rel: &Path, seq: u64) {
-        if self.is_empty() {
+        if !self.owed.is_empty() {
+            // The target deleted (or its folder): nothing is owed it. A
+            // folder deleted over a source: that source goes with it.
+            let mut gone = self.owed_to_at_or_below(s, rel);
+            gone.extend(
+                self.owed
+                    .range((Bound::Excluded((s, rel.to_path_buf())), Bound::Unbounded))
+                    .take_while(|((os, p), _)| *os == s && p.starts_with(rel))
+                    .map(|(k, _)| k.clone()),
+            );
+            for k in gone {
+                if self.owed.get(&k).is_some_and(|o| o.seq < seq) {
+                    self.owed.remove(&k);
+                }
+            }
+        }
+        if self.by_name.is_empty() {
             return;
         }
         let mut keys: Vec<(usize, PathBuf)> = rel
@@ -175,7 +273,34 @@ impl WaitingForRoom {
     /// now waits under `to` (the content is wanted there), and what waited
     /// at or below `to` goes (replaced there).
     pub fn rename(&mut self, s: usize, from: &Path, to: &Path) {
-        if self.is_empty() {
+        if !self.owed.is_empty() {
+            // A target replaced goes; a target moved on is owed under its
+            // new name; a source moved (its folder renamed) is held there.
+            for k in self.owed_to_at_or_below(s, to) {
+                self.owed.remove(&k);
+            }
+            for k in self.owed_to_at_or_below(s, from) {
+                if let Some(o) = self.owed.get_mut(&k) {
+                    if let Some(moved) = super::moved_path(&o.to, from, to) {
+                        o.to = moved;
+                    }
+                }
+            }
+            let sources: Vec<(usize, PathBuf)> = self
+                .owed
+                .range((Bound::Included((s, from.to_path_buf())), Bound::Unbounded))
+                .take_while(|((os, p), _)| *os == s && p.starts_with(from))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in sources {
+                if let (Some(o), Some(moved)) =
+                    (self.owed.remove(&k), super::moved_path(&k.1, from, to))
+                {
+                    self.owed.insert((s, moved), o);
+                }
+            }
+        }
+        if self.by_name.is_empty() {
             return;
         }
         let moving: Vec<((usize, PathBuf), Waiting)> = self
@@ -194,14 +319,13 @@ impl WaitingForRoom {
     }
 
     /// Store `s` has `free` bytes for files now: as much as fits of what
-    /// waits for room goes, in path order (sent again, it lands or waits
-    /// again). What a failed rename owes stays.
+    /// waits goes, in path order (sent again, it lands or waits again).
     pub fn room(&mut self, s: usize, free: u64) {
         let mut left = free;
         let fits: Vec<(usize, PathBuf)> = self
             .by_name
             .iter()
-            .filter(|((ps, _), w)| *ps == s && w.holds_left.is_none())
+            .filter(|((ps, _), _)| *ps == s)
             .filter(|(_, w)| {
                 let fits = w.size <= left;
                 if fits {
@@ -225,45 +349,9 @@ impl WaitingForRoom {
     /// Whether content `hash` waits in store `s` under a name other than
     /// `rel`.
     pub fn waits_elsewhere(&self, s: usize, rel: &Path, hash: u128) -> bool {
-        self.waiting_elsewhere(s, rel, hash).is_some()
-    }
-
-    /// The name other than `rel` content `hash` waits under in store `s`,
-    /// and how: one that waits for room first, if any.
-    pub fn waiting_elsewhere(
-        &self,
-        s: usize,
-        rel: &Path,
-        hash: u128,
-    ) -> Option<(PathBuf, Waiting)> {
-        let names = self.by_content.get(&(s, hash))?;
-        let mut found = None;
-        for p in names.iter().filter(|p| p.as_path() != rel) {
-            let Some(w) = self.by_name.get(&(s, p.clone())) else {
-                continue;
-            };
-            if w.holds_left.is_none() {
-                return Some((p.clone(), *w));
-            }
-            found.get_or_insert((p.clone(), *w));
-        }
-        found
-    }
-
-    /// A delete was held back for what a failed rename owes `rel`: one
-    /// hold fewer, and none left lets it go.
-    pub fn spend_hold(&mut self, s: usize, rel: &Path) {
-        let key = (s, rel.to_path_buf());
-        let Some(w) = self.by_name.get_mut(&key) else {
-            return;
-        };
-        match &mut w.holds_left {
-            Some(n) if *n > 1 => *n -= 1,
-            Some(_) => {
-                self.remove(&key);
-            }
-            None => {}
-        }
+        self.by_content
+            .get(&(s, hash))
+            .is_some_and(|names| names.iter().any(|p| p != rel))
     }
 
     /// The same names for the next connection's receiver (its session's
@@ -272,6 +360,9 @@ impl WaitingForRoom {
         let mut next = self;
         for w in next.by_name.values_mut() {
             w.seq = 0;
+        }
+        for o in next.owed.values_mut() {
+            o.seq = 0;
         }
         next
     }
@@ -296,14 +387,14 @@ mod tests {
         r.insert(0, Path::new("cur/m:2,S"), w(6, 90, 4));
         assert!(r.waits_elsewhere(0, Path::new("new/m"), 7));
         // An older op's file landing there leaves it waiting.
-        r.landed(0, Path::new("cur/m:2,S"), 4, 6);
+        assert!(r.landed(0, Path::new("cur/m:2,S"), 4, 6).is_empty());
         assert_eq!(r.len(), 1);
         // Its content landing under any name lets it go.
-        r.landed(0, Path::new(".Trash/cur/m:2,S"), 9, 7);
+        assert!(r.landed(0, Path::new(".Trash/cur/m:2,S"), 9, 7).is_empty());
         assert!(r.is_empty() && !r.size_waits(0, 100));
         // A later file at its name, with other content, too.
         r.insert(0, Path::new("a"), w(1, 10, 3));
-        r.landed(0, Path::new("a"), 8, 2);
+        assert!(r.landed(0, Path::new("a"), 8, 2).is_empty());
         assert!(r.is_empty());
         // Deleted by a later op, or its folder: it goes; an empty file is
         // never remembered.
@@ -347,8 +438,59 @@ mod tests {
         // Any file landing at a name in the next session counts as later.
         r.insert(0, Path::new("d"), w(5, 1, 7));
         let mut r = r.for_next_session();
-        r.landed(0, Path::new("d"), 1, 9);
+        assert!(r.landed(0, Path::new("d"), 1, 9).is_empty());
         assert!(!r.waits_elsewhere(0, Path::new("x"), 5));
         assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn what_a_failed_rename_owes_follows_its_names_and_ends_when_its_target_lands() {
+        let p = Path::new;
+        let mut r = WaitingForRoom::default();
+        r.owe(0, p("a/new/m"), p("a/cur/m:2,S"), 5);
+        assert!(!r.is_empty() && !r.any_for_room());
+        // Other names, other stores, are not held.
+        assert!(!r.hold_delete(0, p("a/new/other")) && !r.hold_delete(1, p("a/new/m")));
+        // The target renamed on (a second flag): owed there.
+        r.rename(0, p("a/cur/m:2,S"), p("a/cur/m:2,SR"));
+        assert_eq!(r.owed(0, p("a/new/m")).unwrap().to, p("a/cur/m:2,SR"));
+        // The source's folder renamed: held under its new name.
+        r.rename(0, p("a"), p("b"));
+        assert!(r.owed(0, p("a/new/m")).is_none());
+        let o = r.owed(0, p("b/new/m")).unwrap();
+        assert_eq!(o.to, p("b/cur/m:2,SR"));
+        assert!(r.hold_delete(0, p("b/new/m")));
+        // The same bytes landing elsewhere change nothing; an older op's
+        // landing at the target neither.
+        assert!(r.landed(0, p("b/cur/copy"), 9, 7).is_empty());
+        assert!(r.landed(0, p("b/cur/m:2,SR"), 4, 7).is_empty());
+        assert!(r.owed(0, p("b/new/m")).is_some());
+        // The target landing ends it: the source, whose delete was asked
+        // for, is returned to go with it.
+        let next = r.for_next_session();
+        let mut r = next;
+        assert_eq!(r.landed(0, p("b/cur/m:2,SR"), 1, 7), [p("b/new/m")]);
+        assert!(r.is_empty());
+        // Not asked for yet: nothing to delete.
+        r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 2);
+        assert!(r.landed(0, p("x/cur/m:2,S"), 3, 7).is_empty());
+        assert!(r.is_empty());
+        // The target's folder deleted by a later op, or the target
+        // replaced by a rename onto it: nothing is owed.
+        r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 4);
+        r.forget(0, p("x/cur"), 5);
+        assert!(r.is_empty());
+        r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 6);
+        r.rename(0, p("x/new/other"), p("x/cur/m:2,S"));
+        assert!(r.is_empty());
+        // A folder deleted over the source lets it go.
+        r.owe(0, p("y/new/m"), p("z/cur/m"), 7);
+        r.forget(0, p("y"), 8);
+        assert!(r.is_empty());
+        // Bounded.
+        for i in 0..OWED_MAX + 10 {
+            r.owe(0, &PathBuf::from(format!("n/{i}")), p("t"), 9);
+        }
+        assert_eq!(r.owed.len(), OWED_MAX);
     }
 }
