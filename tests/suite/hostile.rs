@@ -116,6 +116,29 @@ pub async fn beat_as_primary(cfg: &Config, epoch: Rc<Cell<u64>>) -> tokio::task:
     })
 }
 
+/// An authenticated sync connection to `cfg`'s node (its peer's name and
+/// the pair's key), `Start` sent at `epoch`: both halves.
+pub async fn start_sync(
+    cfg: &Config,
+    epoch: u64,
+) -> (hasync::link::FrameReader, hasync::link::FrameWriter) {
+    let addr = cfg.replication.sync_listen;
+    let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
+    let mut conn = Conn::new(stream, addr);
+    handshake(&mut conn, &ctx(cfg, addr), Side::Initiator, Channel::Sync)
+        .await
+        .unwrap();
+    let (r, w) = conn.split();
+    let mut out = Vec::new();
+    SyncMsg::Start {
+        stores: vec!["inbox".into(), "quarantine".into()],
+        epoch,
+    }
+    .encode(&mut out);
+    w.send_bytes(out).await.unwrap();
+    (r, w)
+}
+
 /// Waits (up to 5 s) until `node` is secondary.
 pub async fn wait_secondary(node: &hasync::harness::NodeProc) {
     for _ in 0..200 {
@@ -139,27 +162,10 @@ pub async fn act_as_primary(
     hasync::link::FrameReader,
     hasync::link::FrameWriter,
 ) {
-    let sync_addr = cfg.replication.sync_listen;
     let beat = beat_as_primary(cfg, Rc::new(Cell::new(1))).await;
     wait_secondary(node).await;
-    let sctx = ctx(cfg, sync_addr);
-    let stream = tokio_uring::net::TcpStream::connect(sync_addr)
-        .await
-        .unwrap();
-    let mut conn = Conn::new(stream, sync_addr);
-    handshake(&mut conn, &sctx, Side::Initiator, Channel::Sync)
-        .await
-        .unwrap();
-    let (r, w) = conn.split();
-    let mut out = Vec::new();
-    SyncMsg::Start {
-        stores: vec!["inbox".into(), "quarantine".into()],
-        epoch: 1,
-    }
-    .encode(&mut out);
-    w.send_bytes(out).await.unwrap();
+    let (mut r, w) = start_sync(cfg, 1).await;
     // The replica says first whether it served as primary.
-    let mut r = r;
     let f = tokio::time::timeout(Duration::from_secs(5), r.recv_frame())
         .await
         .expect("the replica answers Start")

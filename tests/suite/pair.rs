@@ -564,7 +564,18 @@ fn a_replaced_node_does_not_take_over_from_an_incomplete_replica() {
             !s.peer.alive && s.replication.replica_incomplete
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let held = walk_files(&tp.store(1, "inbox"));
+    // What mx1 sent before it aborted may still be landing (the frames
+    // read ahead, the files staged): counted once the replica is still.
+    let mut held = walk_files(&tp.store(1, "inbox"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = walk_files(&tp.store(1, "inbox"));
+        if now == held || std::time::Instant::now() > deadline {
+            break;
+        }
+        held = now;
+    }
     assert!(held > 0, "the replica holds part of the mail");
     // mx1's disks are replaced: no state, an empty store.
     let state = tp.nodes[0].state_dir.clone();
@@ -676,10 +687,7 @@ fn a_switchover_back_during_the_takeover_walk_waits_for_it_and_converges() {
 #[test]
 fn a_sync_connection_waiting_for_the_takeover_walk_is_replaced_by_a_newer_one() {
     use hasync::config::Config;
-    use hasync::link::auth::Side;
-    use hasync::link::{handshake, Conn};
     use hasync::wire::sync::SyncMsg;
-    use hasync::wire::Channel;
 
     let (mut tp, p) = TestPair::formed(fast());
     assert_eq!(p, 0);
@@ -699,7 +707,6 @@ fn a_sync_connection_waiting_for_the_takeover_walk_is_replaced_by_a_newer_one() 
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let cfg = Config::load(&tp.nodes[1].config_path).unwrap();
-    let addr = cfg.replication.sync_listen;
     let node = &tp.nodes[1];
     let walk_over = || {
         let l = node.log();
@@ -711,25 +718,8 @@ fn a_sync_connection_waiting_for_the_takeover_walk_is_replaced_by_a_newer_one() 
             super::hostile::beat_as_primary(&cfg, std::rc::Rc::new(std::cell::Cell::new(100)))
                 .await;
         super::hostile::wait_secondary(node).await;
-        let connect = || async {
-            let ctx = super::hostile::ctx(&cfg, addr);
-            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
-            let mut conn = Conn::new(stream, addr);
-            handshake(&mut conn, &ctx, Side::Initiator, Channel::Sync)
-                .await
-                .unwrap();
-            let (r, w) = conn.split();
-            let mut out = Vec::new();
-            SyncMsg::Start {
-                stores: vec!["inbox".into(), "quarantine".into()],
-                epoch: 100,
-            }
-            .encode(&mut out);
-            w.send_bytes(out).await.unwrap();
-            (r, w)
-        };
-        let (mut first_r, _first_w) = connect().await;
-        let (mut second_r, _second_w) = connect().await;
+        let (mut first_r, _first_w) = super::hostile::start_sync(&cfg, 100).await;
+        let (mut second_r, _second_w) = super::hostile::start_sync(&cfg, 100).await;
         let t = Instant::now();
         let closed_in =
             match tokio::time::timeout(Duration::from_secs(8), first_r.recv_frame()).await {
