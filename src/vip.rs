@@ -82,9 +82,6 @@ pub struct Vips {
     release_queued: Arc<AtomicBool>,
 }
 
-/// How an error of an address added but not announced begins.
-const ANNOUNCE_ERROR: &str = "announce:";
-
 /// Announcements sent after the address is added, this far apart.
 const ANNOUNCE: [Duration; 3] = [
     Duration::ZERO,
@@ -140,14 +137,12 @@ impl Vips {
                         let mut added = false;
                         for s in &specs {
                             let res = if acquire {
-                                add(&handle, s).await
+                                let (on, res) = add(&handle, s).await;
+                                added |= on;
+                                res
                             } else {
                                 remove(&handle, s).await
                             };
-                            added |= acquire
-                                && res
-                                    .as_ref()
-                                    .map_or_else(|e| e.starts_with(ANNOUNCE_ERROR), |()| true);
                             if let Err(e) = res {
                                 errors.push(format!("{s}: {e}"));
                             }
@@ -226,15 +221,28 @@ async fn link(handle: &rtnetlink::Handle, name: &str) -> Result<(u32, Option<[u8
     Ok((msg.header.index, mac))
 }
 
-async fn add(handle: &rtnetlink::Handle, s: &VipSpec) -> Result<(), String> {
-    let (index, mac) = link(handle, &s.interface).await?;
+/// Adds and announces `s`: whether the address is on the interface, and
+/// the outcome (an announcement that failed leaves it added).
+async fn add(handle: &rtnetlink::Handle, s: &VipSpec) -> (bool, Result<(), String>) {
+    let (index, mac) = match link(handle, &s.interface).await {
+        Ok(l) => l,
+        Err(e) => return (false, Err(e)),
+    };
     let mut req = handle.address().add(index, s.address, s.prefix).replace();
     if s.address.is_ipv6() {
         // Usable at once, not after duplicate address detection.
         req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
     }
-    req.execute().await.map_err(|e| format!("add: {e}"))?;
+    if let Err(e) = req.execute().await {
+        return (false, Err(format!("add: {e}")));
+    }
     info!(vip = %s, "service address added");
+    (true, announce(s, index, mac).await)
+}
+
+/// Gratuitous ARP (IPv4) or unsolicited neighbour advertisements (IPv6)
+/// for `s`, added on interface `index`.
+async fn announce(s: &VipSpec, index: u32, mac: Option<[u8; 6]>) -> Result<(), String> {
     let Some(mac) = mac else {
         return Ok(()); // No link-layer address (loopback, a tunnel): nothing to announce.
     };
@@ -246,7 +254,7 @@ async fn add(handle: &rtnetlink::Handle, s: &VipSpec) -> Result<(), String> {
         };
         if let Err(e) = sent {
             warn!(vip = %s, "cannot announce the service address: {e}");
-            return Err(format!("{ANNOUNCE_ERROR} {e}"));
+            return Err(format!("announce: {e}"));
         }
     }
     Ok(())

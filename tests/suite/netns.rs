@@ -814,15 +814,7 @@ fn a_primary_below_its_secondarys_epoch_takes_a_higher_one_and_replication_goes_
 fn a_node_demoted_during_its_takeover_walk_takes_no_session_before_the_walk_ends() {
     let net = Net::new();
     let mut tp = formed_without_quorum(&net);
-    tp.nodes[1].kill9().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "20000")])
-        .unwrap();
-    assert_eq!(
-        tp.wait_formed(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
-        0
-    );
+    restart_with_a_slow_takeover_walk(&mut tp, 1, 20000);
     let a = tp.store(0, "inbox");
     write(&a.join("before"), "held by both");
     wait_identical(&a, &tp.store(1, "inbox"), Duration::from_secs(20))

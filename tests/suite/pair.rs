@@ -627,15 +627,7 @@ fn a_replaced_node_does_not_take_over_from_an_incomplete_replica() {
 fn a_switchover_back_during_the_takeover_walk_waits_for_it_and_converges() {
     let (mut tp, p) = TestPair::formed(fast());
     assert_eq!(p, 0);
-    tp.nodes[1].kill9().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "15000")])
-        .unwrap();
-    assert_eq!(
-        tp.wait_formed(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
-        0
-    );
+    restart_with_a_slow_takeover_walk(&mut tp, 1, 15000);
     let r = tp.nodes[0]
         .request(&Request::Failover { force: true })
         .unwrap();
@@ -691,15 +683,7 @@ fn a_sync_connection_waiting_for_the_takeover_walk_is_replaced_by_a_newer_one() 
 
     let (mut tp, p) = TestPair::formed(fast());
     assert_eq!(p, 0);
-    tp.nodes[1].kill9().unwrap();
-    tp.nodes[1]
-        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", "20000")])
-        .unwrap();
-    assert_eq!(
-        tp.wait_formed(Duration::from_secs(20))
-            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
-        0
-    );
+    restart_with_a_slow_takeover_walk(&mut tp, 1, 20000);
     tp.nodes[0].kill9().unwrap();
     tp.nodes[1]
         .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {

@@ -320,3 +320,18 @@ pub fn fill_up(dir: &Path) -> PathBuf {
     let _ = f.sync_all();
     p
 }
+
+/// Restarts node `i` with its takeover-record walk stretched to `ms`
+/// (`HASYNC_FAILPOINT_TAKEOVER_WALK_MS`), and waits for the pair to form
+/// again around the other node as primary.
+pub fn restart_with_a_slow_takeover_walk(tp: &mut TestPair, i: usize, ms: u64) {
+    tp.nodes[i].kill9().unwrap();
+    tp.nodes[i]
+        .start_with_env(&[("HASYNC_FAILPOINT_TAKEOVER_WALK_MS", &ms.to_string())])
+        .unwrap();
+    assert_eq!(
+        tp.wait_formed(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs())),
+        1 - i
+    );
+}
