@@ -327,11 +327,11 @@ fn a_switchover_that_would_leave_changes_behind_is_refused_unless_waited_for_or_
     .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     // Back at once with --force (the new secondary may not have caught up).
     let cfg1 = tp.nodes[1].config_path.to_str().unwrap().to_string();
-    tp.nodes[0]
+    tp.nodes[1]
         .wait_status(Duration::from_secs(20), Duration::from_millis(10), |s| {
-            s.mode == Role::Secondary
+            s.peer.role == Some(Role::Secondary)
         })
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let out = hasync(&["failover", "--force", "--config", &cfg1]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     tp.nodes[0]
@@ -632,9 +632,11 @@ fn a_switchover_back_during_the_takeover_walk_waits_for_it_and_converges() {
         .request(&Request::Failover { force: true })
         .unwrap();
     assert!(r.ok, "switchover to mx2 refused: {r:?}\n{}", tp.logs());
+    // A switchover needs the peer in role secondary: mx1 reports
+    // handing-over until its own demotion is durable, a heartbeat later.
     tp.nodes[1]
         .wait_status(Duration::from_secs(10), Duration::from_millis(10), |s| {
-            s.mode == Role::Primary
+            s.mode == Role::Primary && s.peer.role == Some(Role::Secondary)
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let r = tp.nodes[1]
