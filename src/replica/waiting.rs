@@ -202,6 +202,8 @@ impl WaitingForRoom {
                 .owed
                 .iter()
                 .filter(|((os, _), o)| *os == s && o.to == rel && o.seq <= seq)
+                // Never the name that just landed.
+                .filter(|((_, from), _)| from != rel)
                 .map(|(k, _)| k.clone())
                 .collect();
             for k in done {
@@ -274,9 +276,21 @@ impl WaitingForRoom {
     /// at or below `to` goes (replaced there).
     pub fn rename(&mut self, s: usize, from: &Path, to: &Path) {
         if !self.owed.is_empty() {
-            // A target replaced goes; a target moved on is owed under its
-            // new name; a source moved (its folder renamed) is held there.
+            // A target replaced goes, and so does a source replaced (the
+            // name holds other content now, or the message itself renamed
+            // back onto it: nothing is owed it); a target moved on is owed
+            // under its new name; a source moved (its folder renamed) is
+            // held there.
             for k in self.owed_to_at_or_below(s, to) {
+                self.owed.remove(&k);
+            }
+            let replaced: Vec<(usize, PathBuf)> = self
+                .owed
+                .range((Bound::Included((s, to.to_path_buf())), Bound::Unbounded))
+                .take_while(|((os, p), _)| *os == s && p.starts_with(to))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in replaced {
                 self.owed.remove(&k);
             }
             for k in self.owed_to_at_or_below(s, from) {
@@ -483,6 +497,13 @@ mod tests {
         r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 6);
         r.rename(0, p("x/new/other"), p("x/cur/m:2,S"));
         assert!(r.is_empty());
+        // The message renamed back onto its source (a flag set and taken
+        // away again): the source is not owed to itself, and its landing
+        // there does not delete it.
+        r.owe(0, p("x/cur/m:2,S"), p("x/cur/m:2,SR"), 6);
+        r.rename(0, p("x/cur/m:2,SR"), p("x/cur/m:2,S"));
+        assert!(r.is_empty());
+        assert!(r.landed(0, p("x/cur/m:2,S"), 7, 7).is_empty());
         // A folder deleted over the source lets it go.
         r.owe(0, p("y/new/m"), p("z/cur/m"), 7);
         r.forget(0, p("y"), 8);

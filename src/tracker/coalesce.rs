@@ -64,6 +64,9 @@ pub struct Coalescer {
     syncs: HashMap<usize, BTreeMap<Key, u64>>,
     /// Per store, the queued Rescan, if any.
     rescans: HashMap<usize, u64>,
+    /// Sequence number of the last Rename appended: a Sync queued before
+    /// it does not take a newer name (the rename may move that name).
+    last_rename_seq: Option<u64>,
     pending_ops_max: usize,
     /// Bytes of the live ops in `queue`.
     pending_bytes: usize,
@@ -86,6 +89,7 @@ impl Coalescer {
             live: 0,
             syncs: HashMap::new(),
             rescans: HashMap::new(),
+            last_rename_seq: None,
             pending_ops_max,
             pending_bytes: 0,
             pending_bytes_max: PENDING_BYTES_MAX,
@@ -315,6 +319,12 @@ impl Coalescer {
             .find_map(|p| self.live_sync_since(store, p));
         if let Some(unsent_since) = unsent {
             let since = since.min(unsent_since);
+            if self.move_sync_to_new_name(store, &from, &to, since) {
+                // The new name took the old one's place in the queue; the
+                // old name (now a delete) goes last.
+                self.push_sync(store, from, since);
+                return;
+            }
             // The new name first: where the replica holds `from` after all
             // (the queued Sync a retry of an op that found no room, say),
             // it keeps the message until the new name has it, rather than
@@ -352,15 +362,85 @@ impl Coalescer {
             paths.remove(key(&to));
         }
 
-        self.append(Op::Rename {
+        let seq = self.append(Op::Rename {
             store,
             from,
             to,
             since,
         });
+        self.last_rename_seq = Some(seq);
         for (rel, since) in requeue {
             self.push_sync(store, rel, since);
         }
+    }
+
+    /// A file whose Sync is queued and not yet taken was renamed: its new
+    /// name takes the queued Sync's place (or the new name's own queued
+    /// Sync, if that one is earlier), so the content goes out no later than
+    /// it would have under its old name. Appended at the end instead, a
+    /// chain of renames (`new/m` → `cur/m:2,S` → `cur/m:2,SR`) kept moving
+    /// the content behind the old name's delete, past a batch's end: a
+    /// replica cut off between the two held the message under neither name.
+    /// False if no Sync of exactly `from` is queued, or a Rename was queued
+    /// after it.
+    fn move_sync_to_new_name(
+        &mut self,
+        store: usize,
+        from: &Path,
+        to: &Path,
+        since: Instant,
+    ) -> bool {
+        let Some(paths) = self.syncs.get_mut(&store) else {
+            return false;
+        };
+        let Some(&from_seq) = paths.get(key(from)) else {
+            return false;
+        };
+        if self.last_rename_seq.is_some_and(|r| r > from_seq) {
+            // A rename queued since may move what the new name is under.
+            return false;
+        }
+        paths.remove(key(from));
+        let to_seq = paths.get(key(to)).copied();
+        let Some(index) = self.slot_index(from_seq) else {
+            return false;
+        };
+        let Some(slot) = self.queue.get_mut(index) else {
+            return false;
+        };
+        let Some(old) = slot.take() else {
+            return false;
+        };
+        self.pending_bytes -= queued_bytes(&old);
+        self.live -= 1;
+        match to_seq {
+            Some(to_seq) if to_seq < from_seq => {
+                // The new name is queued earlier still: it keeps its place.
+                if let Some(Op::Sync { since: queued, .. }) = self.slot_mut(to_seq) {
+                    *queued = (*queued).min(since);
+                }
+            }
+            _ => {
+                if to_seq.is_some() {
+                    self.drop_sync(store, to);
+                }
+                let op = Op::Sync {
+                    store,
+                    rel: to.to_path_buf(),
+                    since,
+                };
+                self.pending_bytes += queued_bytes(&op);
+                self.live += 1;
+                if let Some(slot) = self.queue.get_mut(index) {
+                    *slot = Some(op);
+                }
+                self.syncs
+                    .entry(store)
+                    .or_default()
+                    .insert(key(to).to_vec(), from_seq);
+            }
+        }
+        true
     }
 
     /// Removes and returns the mergeable Syncs strictly below `dir`.
@@ -411,6 +491,12 @@ impl Coalescer {
             .flat_map(|m| m.values_mut())
             .for_each(remap);
         self.rescans.values_mut().for_each(remap);
+        if let Some(seq) = self.last_rename_seq.as_mut() {
+            // One already taken stays below every queued op.
+            if *seq >= head {
+                remap(seq);
+            }
+        }
         self.queue.retain(Option::is_some);
     }
 
@@ -429,6 +515,7 @@ impl Coalescer {
         self.pending_bytes = 0;
         self.syncs.clear();
         self.rescans.clear();
+        self.last_rename_seq = None;
         tracing::warn!(
             dropped,
             bytes,

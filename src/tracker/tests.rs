@@ -217,6 +217,49 @@ fn rename_of_a_file_whose_sync_is_pending_becomes_two_syncs() {
 }
 
 #[test]
+fn a_chain_of_renames_of_an_unsent_file_keeps_the_new_name_where_the_old_was_queued() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    push_all(
+        &mut c,
+        [
+            sync(0, "a"),
+            sync(0, "new/m"),
+            sync(0, "b"),
+            rename(0, "new/m", "cur/m:2,S"),
+            rename(0, "cur/m:2,S", "cur/m:2,SR"),
+        ],
+    );
+    // Taken in batches of two, the content goes in the first, ahead of
+    // both old names' deletes: a replica cut off between batches holds it.
+    assert_eq!(plains(&c.take_batch(2)), ["sync 0 a", "sync 0 cur/m:2,SR"]);
+    assert_eq!(
+        take_all(&mut c),
+        ["sync 0 b", "sync 0 new/m", "sync 0 cur/m:2,S"]
+    );
+}
+
+#[test]
+fn an_unsent_file_renamed_after_a_folder_rename_waits_behind_it() {
+    let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
+    c.push(sync(0, "f/new/m"));
+    c.take_batch(10);
+    push_all(
+        &mut c,
+        [
+            sync(0, "x/m"),
+            rename(0, "f", "g"),
+            rename(0, "x/m", "g/new/m2"),
+        ],
+    );
+    // The new name is under a folder the replica gets only with the
+    // rename: it is not moved ahead of it.
+    assert_eq!(
+        take_all(&mut c),
+        ["rename 0 f -> g", "sync 0 g/new/m2", "sync 0 x/m"]
+    );
+}
+
+#[test]
 fn rename_of_a_sent_file_stays_a_rename() {
     let (mut c, _) = coalescer(PENDING_OPS_MAX_TEST);
     c.push(sync(0, "new/x"));
