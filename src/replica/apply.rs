@@ -976,7 +976,18 @@ impl Applier {
                         store: s,
                         rel: rel.clone(),
                     });
-                } else if let Some(size) = self.content_waits_for_room(tree, index, s, &rel) {
+                } else if self.waiting.hold_folder_delete(s, &rel) {
+                    // A folder over a failed rename's source: held as the
+                    // source's own delete is.
+                    self.replies.push(Reply::HeldForRename {
+                        seq,
+                        store: s,
+                        rel: rel.clone(),
+                    });
+                } else if let Some(size) = self
+                    .content_waits_for_room(tree, index, s, &rel)
+                    .or_else(|| self.content_waits_below(tree, index, s, &rel))
+                {
                     add(&self.stats.deletes_held_for_room, 1);
                     self.replies.push(Reply::HeldForRoom {
                         seq,
@@ -1042,6 +1053,29 @@ impl Applier {
             st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
         })?;
         self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
+    }
+
+    /// A folder at `rel` holds a file whose content waits for room under
+    /// another name (a message copied, the copy refused for want of room,
+    /// then the original's folder deleted): the folder's delete waits as
+    /// the file's own would. Its size, or `None`. Looked up through the
+    /// index, and only while something waits.
+    fn content_waits_below<T: ReplicaTree>(
+        &self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        rel: &Path,
+    ) -> Option<u64> {
+        if !self.waiting.any_for_room()
+            || !matches!(tree.lstat(rel), Ok(Some(st)) if st.kind == Kind::Dir)
+        {
+            return None;
+        }
+        index
+            .files_under(rel, |e| self.waiting.size_waits(s, e.version.size))
+            .into_iter()
+            .find_map(|(p, _)| self.content_waits_for_room(tree, index, s, &p))
     }
 
     /// `rel` took content `hash` (op `seq`): what waited for room for it
@@ -1148,6 +1182,7 @@ impl Applier {
                     self.dirs.insert((s, p));
                 }
                 index.remove_tree(rel);
+                self.waiting.deleted(s, rel);
             }
             Err(e) => self.failed(seq, s, rel, e),
         }
@@ -2058,6 +2093,73 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 103, delete(n));
         assert!(held(&mut r).is_empty());
         assert!(!dir.join(n).exists());
+    }
+
+    /// A folder's delete waits as the delete of a file in it would: for a
+    /// copy of that file's content refused for want of room under another
+    /// name (a message copied to another folder on a full disk, then its
+    /// first folder deleted), and for a failed rename's source in it (a
+    /// message flagged, the rename failing here, then its folder deleted).
+    /// Without the wait, the message was on neither name here.
+    #[test]
+    fn a_folders_delete_waits_for_a_message_in_it_that_has_no_other_name_here() {
+        use super::super::waiting::RENAME_HOLDS_MAX;
+        let body = "the message, copied to another folder";
+        let (_tmp, dir, internal) = store_with(&[
+            (".Sent/cur/m", body),
+            (".Sent/cur/other", "another message"),
+            (".F/new/n", "flagged, then its folder deleted"),
+            ("file", "a file where the rename's folder goes"),
+        ]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let hash = index::hash_bytes(body.as_bytes());
+        let m = Path::new(".Sent/cur/m");
+        let st = root.lstat(m).unwrap().unwrap();
+        index.set(m.to_path_buf(), index::Entry::new(&st, hash, true));
+        let delete = |rel: &str| PathOp::Delete { rel: rel.into() };
+        let replies = |r: &mut Applier| -> Vec<String> {
+            r.take_replies()
+                .map(|x| match x {
+                    Reply::HeldForRoom { rel, .. } => format!("room {}", rel.display()),
+                    Reply::HeldForRename { rel, .. } => format!("rename {}", rel.display()),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        // The copy found no room; the folder of the original is deleted.
+        r.no_room(0, 1, Path::new("cur/copy"), hash, body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 2, delete(".Sent"));
+        assert_eq!(replies(&mut r), ["room .Sent"]);
+        assert_eq!(std::fs::read_to_string(dir.join(m)).unwrap(), body);
+        // Room for it: the folder goes (the copy, sent again, lands or
+        // waits again).
+        r.room(0, u64::MAX);
+        r.apply(&mut root, &mut index, 0, 3, delete(".Sent"));
+        assert!(replies(&mut r).is_empty());
+        assert!(!dir.join(".Sent").exists());
+        // A flag rename that fails here (its target's folder is a file).
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            4,
+            PathOp::Rename {
+                from: ".F/new/n".into(),
+                to: "file/n:2,S".into(),
+            },
+        );
+        r.take_replies().for_each(drop);
+        for i in 0..RENAME_HOLDS_MAX {
+            r.apply(&mut root, &mut index, 0, 5 + u64::from(i), delete(".F"));
+            assert_eq!(replies(&mut r), ["rename .F"], "hold {i}");
+        }
+        assert!(dir.join(".F/new/n").exists());
+        // A target that never comes: the holds run out.
+        r.apply(&mut root, &mut index, 0, 100, delete(".F"));
+        assert!(replies(&mut r).is_empty());
+        assert!(!dir.join(".F").exists());
     }
 
     /// Folders renamed away and back (`a` to `b`, then `b` to `a`) while a

@@ -2481,6 +2481,17 @@ impl DataSim {
             out: Outcome::default(),
             trace: std::env::var_os("HASYNC_DATA_SIM_TRACE").is_some(),
         };
+        if sim.trace {
+            // The engine's own debug lines (what it decided and why) among
+            // the steps; `RUST_LOG` narrows them.
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("hasync=debug"));
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .without_time()
+                .try_init();
+        }
         sim.seed_tree();
         sim
     }

@@ -2142,6 +2142,29 @@ impl<T: LocalTree> Sender<T> {
                 .flat_map(|b| &b.body.acks)
                 .any(|a| a.carries() == Some((store, rel)))
             || self.acks_on_their_way(Some(batch)).any(renamed_into)
+            || self.made_by_a_rename_into_it(store, rel, batch)
+    }
+
+    /// Whether a rename on its way puts something below `rel`, and no op
+    /// after it removes `rel` or moves it away: the replica makes a
+    /// rename's missing parents, so it will hold `rel` as a folder. (A
+    /// folder sent, found vanished and deleted, then a message moved into
+    /// it and the folder renamed: without this the folder's rename went as
+    /// a delete of the old name, with the message in it, before the new
+    /// name's content was sent.)
+    fn made_by_a_rename_into_it(&self, store: usize, rel: &Path, batch: &Inflight) -> bool {
+        self.acks_on_their_way(Some(batch))
+            .fold(false, |made, a| match a {
+                OnAck::Rename(_, s, _, to) if *s == store && to != rel && to.starts_with(rel) => {
+                    true
+                }
+                OnAck::Rename(_, s, from, _) | OnAck::Remove(_, s, from)
+                    if *s == store && rel.starts_with(from) =>
+                {
+                    false
+                }
+                _ => made,
+            })
     }
 
     /// The name under which the index knows what the replica holds at

@@ -122,6 +122,51 @@ impl WaitingForRoom {
         true
     }
 
+    /// The primary deletes folder `rel`: whether the delete is held back
+    /// because a failed rename's source below it is owed to a name that
+    /// has not landed (each such source spends one hold; those with none
+    /// left let the folder go).
+    pub fn hold_folder_delete(&mut self, s: usize, rel: &Path) -> bool {
+        if self.owed.is_empty() {
+            return false;
+        }
+        let below: Vec<(usize, PathBuf)> = self
+            .owed
+            .range((Bound::Excluded((s, rel.to_path_buf())), Bound::Unbounded))
+            .take_while(|((os, p), _)| *os == s && p.starts_with(rel))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut held = false;
+        for k in below {
+            if let Some(o) = self.owed.get_mut(&k) {
+                if o.holds_left == 0 {
+                    self.owed.remove(&k);
+                } else {
+                    o.holds_left -= 1;
+                    held = true;
+                }
+            }
+        }
+        held
+    }
+
+    /// `rel` (a file or a folder) was deleted here: the sources at or
+    /// below it owe nothing any more.
+    pub fn deleted(&mut self, s: usize, rel: &Path) {
+        if self.owed.is_empty() {
+            return;
+        }
+        let gone: Vec<(usize, PathBuf)> = self
+            .owed
+            .range((Bound::Included((s, rel.to_path_buf())), Bound::Unbounded))
+            .take_while(|((os, p), _)| *os == s && p.starts_with(rel))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            self.owed.remove(&k);
+        }
+    }
+
     /// What a failed rename owes, by source (for tests and status).
     pub fn owed(&self, s: usize, from: &Path) -> Option<&Owed> {
         self.owed.get(&(s, from.to_path_buf()))
@@ -239,16 +284,10 @@ impl WaitingForRoom {
     /// yet; but a delete of the last name must free the disk.
     pub fn forget(&mut self, s: usize, rel: &Path, seq: u64) {
         if !self.owed.is_empty() {
-            // The target deleted (or its folder): nothing is owed it. A
-            // folder deleted over a source: that source goes with it.
-            let mut gone = self.owed_to_at_or_below(s, rel);
-            gone.extend(
-                self.owed
-                    .range((Bound::Excluded((s, rel.to_path_buf())), Bound::Unbounded))
-                    .take_while(|((os, p), _)| *os == s && p.starts_with(rel))
-                    .map(|(k, _)| k.clone()),
-            );
-            for k in gone {
+            // The target deleted (or its folder): nothing is owed it. (A
+            // folder deleted over a source is held as the source's own
+            // delete is: `hold_folder_delete`; `deleted` once it goes.)
+            for k in self.owed_to_at_or_below(s, rel) {
                 if self.owed.get(&k).is_some_and(|o| o.seq < seq) {
                     self.owed.remove(&k);
                 }
@@ -504,9 +543,20 @@ mod tests {
         r.rename(0, p("x/cur/m:2,SR"), p("x/cur/m:2,S"));
         assert!(r.is_empty());
         assert!(r.landed(0, p("x/cur/m:2,S"), 7, 7).is_empty());
-        // A folder deleted over the source lets it go.
+        // A folder deleted over the source is held as the source's own
+        // delete is, until the holds run out; once deleted, nothing is
+        // owed.
         r.owe(0, p("y/new/m"), p("z/cur/m"), 7);
         r.forget(0, p("y"), 8);
+        assert!(r.owed(0, p("y/new/m")).is_some());
+        assert!(!r.hold_folder_delete(0, p("x")) && !r.hold_folder_delete(0, p("y/new/m")));
+        for _ in 0..RENAME_HOLDS_MAX {
+            assert!(r.hold_folder_delete(0, p("y")));
+        }
+        assert!(!r.hold_folder_delete(0, p("y")));
+        assert!(r.is_empty());
+        r.owe(0, p("y/new/m"), p("z/cur/m"), 7);
+        r.deleted(0, p("y"));
         assert!(r.is_empty());
         // Bounded.
         for i in 0..OWED_MAX + 10 {

@@ -292,6 +292,36 @@ fn data_sim_seeds() {
     }
 }
 
+/// Seeds whose failover once found a message on neither of its names on
+/// the new primary (kept aside on the old one, out of the user's mailbox),
+/// each traced and fixed: they must not drop one again. 263: a flag rename
+/// failed on the replica and the primary deleted the old name before
+/// sending the new one (the failed rename's hold); 1045: a chain of flag
+/// renames of a message not sent yet kept moving its content behind its old
+/// name's delete, past the end of a batch (the tracker keeps the new name
+/// where the old one was queued); 668: a folder renamed after a message was
+/// moved into it, the folder's name deleted on the replica before (the
+/// rename into it made it again there: the folder's rename was sent as a
+/// delete of the old name, the message in it), and, once that was fixed,
+/// a folder deleted over the only copy of a message whose copy elsewhere
+/// waited for room (a folder's delete now waits as its files' would).
+#[test]
+fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
+    use hasync::replica::data_sim::DataSim;
+    for seed in [263, 668, 1045] {
+        match DataSim::sweep(seed, true).run() {
+            Ok(o) => {
+                assert!(o.failovers > 0, "seed {seed} no longer fails over");
+                assert_eq!(
+                    o.dropped_at_failover, 0,
+                    "seed {seed} dropped a message at its failover\nreplay with: HASYNC_DATA_SIM_TRACE=1 HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds"
+                );
+            }
+            Err(v) => panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds"),
+        }
+    }
+}
+
 /// Seeds beyond the default run that once failed, each for a sender bug or
 /// a model flaw since fixed (docs/INVARIANTS.md says which): they run in
 /// every `cargo test`, so none of those bugs comes back unseen.
@@ -412,7 +442,11 @@ fn data_sim_seeds_that_found_bugs() {
     // aside held each other's renames, and every later op in them was
     // refused for a chain of holds that never ended (the pair never
     // settled).
-    for seed in [411, 1071, 2213, 5319, 8285, 11494, 29986] {
+    // 1971 (once a renamed file's queued Sync took the new name in place):
+    // a message flagged, the rename failing here, then renamed back onto
+    // its old name: the replica owed the old name to itself, and the
+    // landing there deleted it (the pair never settled).
+    for seed in [411, 1071, 1971, 2213, 5319, 8285, 11494, 29986] {
         if let Err(v) = DataSim::sweep(seed, true).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
         }

@@ -1173,6 +1173,62 @@ fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
 }
 
+/// Messages moved to another folder while the secondary was down, their
+/// old folder then deleted, its disk full when it comes back: the
+/// comparison sends the new names (no room for them) and deletes the old
+/// folder. The replica holds the folder's delete while the content in it
+/// waits for room, so every message stays there (a failover meanwhile
+/// finds it in the mailbox); once there is room the replica follows.
+#[test]
+fn a_folder_deleted_after_its_messages_moved_stays_while_the_secondarys_disk_is_full() {
+    let (mut tp, _unmount, dst) = pair_with_a_small_secondary_disk();
+    let src = tp.store(0, "inbox");
+    let body = |i: usize| vec![b'k' + i as u8; 100 * 1024];
+    for d in ["old/cur", "old/tmp", "new/cur"] {
+        std::fs::create_dir_all(src.join(d)).unwrap();
+    }
+    for i in 0..5 {
+        let tmp = src.join(format!("old/tmp/{i}.msg"));
+        std::fs::write(&tmp, body(i)).unwrap();
+        std::fs::rename(&tmp, src.join(format!("old/cur/{i}.msg:2,S"))).unwrap();
+    }
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    tp.nodes[1].kill9().unwrap();
+    let fill = fill_up(&tp.nodes[1].mail_dir());
+    for i in 0..5 {
+        std::fs::rename(
+            src.join(format!("old/cur/{i}.msg:2,S")),
+            src.join(format!("new/cur/{i}.msg:2,S")),
+        )
+        .unwrap();
+    }
+    std::fs::remove_dir_all(src.join("old")).unwrap();
+    tp.nodes[1].start().unwrap();
+    tp.nodes[1]
+        .wait_status(Duration::from_secs(30), Duration::from_millis(50), |s| {
+            s.replication.deletes_held_for_room >= 1
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let held: Vec<Vec<u8>> = walk_files(&dst)
+            .iter()
+            .filter_map(|p| std::fs::read(p).ok())
+            .collect();
+        for i in 0..5 {
+            assert!(
+                held.contains(&body(i)),
+                "message {i} is under neither name on the replica\n{}",
+                tp.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::remove_file(fill).unwrap();
+    wait_identical(&src, &dst, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+}
+
 /// A message with two names loses the one the sender had recorded for its
 /// inode, then gains a third name: the third must still reach the replica
 /// (as a link to the name that remains, or as bytes), not be asked for
