@@ -1136,7 +1136,7 @@ fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_
     }
     wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     tp.nodes[1].kill9().unwrap();
-    let fill = fill_up(&tp.nodes[1].mail_dir());
+    let fill = fill_up_after_staged_leftovers(&tp.nodes[1].mail_dir());
     for i in 0..5 {
         std::fs::rename(
             src.join(format!("box/cur/{i}.msg:2,")),
@@ -1194,7 +1194,7 @@ fn a_folder_deleted_after_its_messages_moved_stays_while_the_secondarys_disk_is_
     }
     wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     tp.nodes[1].kill9().unwrap();
-    let fill = fill_up(&tp.nodes[1].mail_dir());
+    let fill = fill_up_after_staged_leftovers(&tp.nodes[1].mail_dir());
     for i in 0..5 {
         std::fs::rename(
             src.join(format!("old/cur/{i}.msg:2,S")),

@@ -321,6 +321,38 @@ pub fn fill_up(dir: &Path) -> PathBuf {
     p
 }
 
+/// Fills the stopped secondary's disk whose store is `dir`, once the files
+/// its receiver had staged when it stopped are gone: a restart removes the
+/// leftovers first, and a killed process's io_uring releases the staged
+/// files it held open some time after the process is reaped. The room
+/// either gave back would let what the test sends land. Tops the fill up
+/// until two rounds 200 ms apart find no more room.
+pub fn fill_up_after_staged_leftovers(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    if let Ok(staged) = std::fs::read_dir(dir.join(".hasync-inbox/staging")) {
+        for e in staged.flatten() {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let p = fill_up(dir);
+    let mut f = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+    let chunk = vec![0u8; 4096];
+    let mut quiet = 0;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut wrote = false;
+        while f.write_all(&chunk).is_ok() {
+            wrote = true;
+        }
+        let _ = f.sync_all();
+        quiet = if wrote { 0 } else { quiet + 1 };
+        if quiet == 2 {
+            break;
+        }
+    }
+    p
+}
+
 /// Restarts node `i` with its takeover-record walk stretched to `ms`
 /// (`HASYNC_FAILPOINT_TAKEOVER_WALK_MS`), and waits for the pair to form
 /// again around the other node as primary.
