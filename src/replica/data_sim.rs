@@ -95,7 +95,7 @@ use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::apply::{
-    answer, land_first, path_op, Answer, Applier, Parsed, ReplicaTree, Reply, StagedAt,
+    answer, land_first, path_op, Answer, Applier, Gone, Parsed, ReplicaTree, Reply, StagedAt,
 };
 use super::commit::{Before, Gate, Output as CommitOutput, Pipeline};
 use super::fsops::{FsError, LinkOutcome, RenameOutcome};
@@ -1925,24 +1925,31 @@ impl Replica {
         Ok(())
     }
 
-    /// For a `Delete` while files are staged: the content of the file it
-    /// removes, as the receiver looks it up.
-    fn content_deleted(&mut self, msg: &SyncMsg) -> Option<u128> {
+    /// For a `Delete` while files are staged: what it removes, as the
+    /// receiver looks it up.
+    fn content_deleted(&mut self, msg: &SyncMsg) -> Gone {
         let SyncMsg::Delete { path, .. } = msg else {
-            return None;
+            return Gone::Nothing;
         };
         if self.commits.staged().is_empty() {
-            return None;
+            return Gone::Nothing;
         }
-        let rel = admit_path(path, &self.excludes).ok()?;
+        let Ok(rel) = admit_path(path, &self.excludes) else {
+            return Gone::Nothing;
+        };
         let sizes: Vec<u64> = self.commits.staged().iter().map(|f| f.size).collect();
         // What the receiver's lookup finds (`apply::content_at`): the
         // model's content is the truth its index would match.
-        let st = self.fs.stat(&rel)?;
-        if st.kind != Kind::File || !sizes.contains(&st.version.size) {
-            return None;
+        let Some(st) = self.fs.stat(&rel) else {
+            return Gone::Nothing;
+        };
+        if st.kind == Kind::Dir {
+            return Gone::Folder;
         }
-        self.fs.hash_of(&rel)
+        if st.kind != Kind::File || !sizes.contains(&st.version.size) {
+            return Gone::Nothing;
+        }
+        self.fs.hash_of(&rel).map_or(Gone::Nothing, Gone::Content)
     }
 
     /// An op through the receiver's decisions (also as a crash's replay

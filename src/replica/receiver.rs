@@ -18,7 +18,7 @@ use tokio::sync::oneshot::error::TryRecvError;
 
 use tracing::{error, info, warn};
 
-use super::apply::{land_first, path_op, Answer, Applier, Parsed, Reply, StagedAt};
+use super::apply::{land_first, path_op, Answer, Applier, Gone, Parsed, Reply, StagedAt};
 use super::commit::{Gate, Output as CommitOutput, Phase as CommitPhase, Pipeline};
 use super::fsops::{FsError, Root};
 use super::handover::HandOver;
@@ -1156,27 +1156,33 @@ impl Receiver {
         self.local_failure(seq, store, rel, e, peer);
     }
 
-    /// For a `Delete` while files are staged: the content of the file it
-    /// removes, if a staged file has its size (that file lands first: see
+    /// For a `Delete` while files are staged: what it removes, a folder or
+    /// the content of a file a staged file has the size of (see
     /// [`land_first`]).
-    fn content_deleted(&self, msg: &SyncMsg) -> Option<u128> {
+    fn content_deleted(&self, msg: &SyncMsg) -> Gone {
         let SyncMsg::Delete { store, path, .. } = msg else {
-            return None;
+            return Gone::Nothing;
         };
         let s = *store as usize;
         let staged = self.commits.staged();
         if staged.is_empty() || s >= self.stores.len() {
-            return None;
+            return Gone::Nothing;
         }
         // Checked again (and answered) as the op applies.
-        let rel = admit_path(path, &self.excludes).ok()?;
+        let Ok(rel) = admit_path(path, &self.excludes) else {
+            return Gone::Nothing;
+        };
         let st = &self.stores[s];
+        if matches!(super::apply::ReplicaTree::lstat(&st.root, &rel), Ok(Some(found)) if found.kind == Kind::Dir)
+        {
+            return Gone::Folder;
+        }
         super::apply::content_at(&st.root, &st.index, &rel, |found| {
             staged
                 .iter()
                 .any(|f| f.store == s && f.size == found.version.size)
         })
-        .map(|(hash, _)| hash)
+        .map_or(Gone::Nothing, |(hash, _)| Gone::Content(hash))
     }
 
     /// Something was refused for want of room in `store`: it counts as

@@ -304,11 +304,14 @@ fn data_sim_seeds() {
 /// rename into it made it again there: the folder's rename was sent as a
 /// delete of the old name, the message in it), and, once that was fixed,
 /// a folder deleted over the only copy of a message whose copy elsewhere
-/// waited for room (a folder's delete now waits as its files' would).
+/// waited for room (a folder's delete now waits as its files' would);
+/// 2871: a message moved out of a folder then deleted, the folder's delete
+/// applied while the new name was staged and a cut discarding the staged
+/// file (every staged file now lands before a folder's delete).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
-    for seed in [263, 668, 1045] {
+    for seed in [263, 668, 1045, 2871] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {
                 assert!(o.failovers > 0, "seed {seed} no longer fails over");
