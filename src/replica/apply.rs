@@ -36,6 +36,8 @@ use crate::wire::sync::{Meta, NeedReason, SyncMsg};
 pub trait ReplicaTree {
     /// lstat of `rel`; `Ok(None)` when nothing is there.
     fn lstat(&self, rel: &Path) -> io::Result<Option<Stat>>;
+    /// The names in folder `rel` (none if it is not a readable folder).
+    fn list(&self, rel: &Path) -> Vec<std::ffi::OsString>;
     /// The content hash of the file at `rel`.
     fn hash(&self, rel: &Path, kind: Kind) -> io::Result<u128>;
     /// Makes folder `rel` (and missing parents) or updates its metadata;
@@ -65,6 +67,10 @@ pub trait ReplicaTree {
 }
 
 impl ReplicaTree for Root {
+    fn list(&self, rel: &Path) -> Vec<std::ffi::OsString> {
+        Root::list(self, rel)
+    }
+
     fn lstat(&self, rel: &Path) -> io::Result<Option<Stat>> {
         self.tree().lstat(rel)
     }
@@ -191,6 +197,10 @@ pub fn land_first<F: StagedAt>(msg: &SyncMsg, gone: Gone) -> Before<impl Fn(&F) 
         f.store() == store as usize && (touches(f.rel(), &paths) || gone == Some(f.hash()))
     })
 }
+
+/// Names a folder's delete looks at for content waiting for room below it
+/// (a walk of the folder on the disk; past it, the delete is not held).
+const BELOW_LOOKED_AT_MAX: usize = 100_000;
 
 /// What a `Delete` removes, as far as the files staged before it care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1002,10 +1012,7 @@ impl Applier {
                         store: s,
                         rel: rel.clone(),
                     });
-                } else if let Some(size) = self
-                    .content_waits_for_room(tree, index, s, &rel)
-                    .or_else(|| self.content_waits_below(tree, index, s, &rel))
-                {
+                } else if let Some(size) = self.held_for_room(tree, index, s, &rel) {
                     add(&self.stats.deletes_held_for_room, 1);
                     self.replies.push(Reply::HeldForRoom {
                         seq,
@@ -1073,11 +1080,29 @@ impl Applier {
         self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
     }
 
+    /// Whether a delete of `rel` waits for content to land elsewhere (a
+    /// file, or a file in a folder: a folder's delete a bounded number of
+    /// times, as the room it holds may be what the content waits for), and
+    /// the size that waits.
+    fn held_for_room<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        rel: &Path,
+    ) -> Option<u64> {
+        if let Some(size) = self.content_waits_for_room(tree, index, s, rel) {
+            return Some(size);
+        }
+        let size = self.content_waits_below(tree, index, s, rel)?;
+        self.waiting.hold_folder_for_room(s, rel).then_some(size)
+    }
+
     /// A folder at `rel` holds a file whose content waits for room under
     /// another name (a message copied, the copy refused for want of room,
     /// then the original's folder deleted): the folder's delete waits as
-    /// the file's own would. Its size, or `None`. Looked up through the
-    /// index, and only while something waits.
+    /// the file's own would. Its size, or `None`. Looked up only while
+    /// something waits.
     fn content_waits_below<T: ReplicaTree>(
         &self,
         tree: &T,
@@ -1090,10 +1115,32 @@ impl Applier {
         {
             return None;
         }
-        index
-            .files_under(rel, |e| self.waiting.size_waits(s, e.version.size))
-            .into_iter()
-            .find_map(|(p, _)| self.content_waits_for_room(tree, index, s, &p))
+        // The disk, not the index: a replica restarted after a kill may
+        // not have saved its index since the files landed. At most
+        // `BELOW_LOOKED_AT_MAX` names (past them, not held).
+        let mut todo = vec![rel.to_path_buf()];
+        let mut looked_at = 0usize;
+        while let Some(dir) = todo.pop() {
+            for name in tree.list(&dir) {
+                looked_at += 1;
+                if looked_at > BELOW_LOOKED_AT_MAX {
+                    return None;
+                }
+                let p = dir.join(name);
+                match tree.lstat(&p) {
+                    Ok(Some(st)) if st.kind == Kind::Dir => todo.push(p),
+                    Ok(Some(st))
+                        if st.kind == Kind::File && self.waiting.size_waits(s, st.version.size) =>
+                    {
+                        if let Some(size) = self.content_waits_for_room(tree, index, s, &p) {
+                            return Some(size);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        None
     }
 
     /// `rel` took content `hash` (op `seq`): what waited for room for it
@@ -2198,6 +2245,21 @@ mod tests {
         // waits again).
         r.room(0, u64::MAX);
         r.apply(&mut root, &mut index, 0, 3, delete(".Sent"));
+        assert!(replies(&mut r).is_empty());
+        assert!(!dir.join(".Sent").exists());
+        // No room coming: a folder may be the room the copy waits for, so
+        // its delete is held for a bounded number of space rechecks (found
+        // on the disk: the index need not know the file).
+        std::fs::create_dir_all(dir.join(".Sent/cur")).unwrap();
+        std::fs::write(dir.join(m), body).unwrap();
+        index.remove_tree(Path::new(".Sent"));
+        r.no_room(0, 3, Path::new("cur/copy"), hash, body.len() as u64);
+        for i in 0..super::super::waiting::FOLDER_ROOM_HOLD_RECHECKS {
+            r.apply(&mut root, &mut index, 0, 4, delete(".Sent"));
+            assert_eq!(replies(&mut r), ["room .Sent"], "recheck {i}");
+            r.room(0, 0);
+        }
+        r.apply(&mut root, &mut index, 0, 4, delete(".Sent"));
         assert!(replies(&mut r).is_empty());
         assert!(!dir.join(".Sent").exists());
         // A flag rename that fails here (its target's folder is a file).

@@ -874,6 +874,17 @@ impl ReplicaTree for Disk<'_> {
         Ok(self.fs.stat(rel))
     }
 
+    fn list(&self, rel: &Path) -> Vec<std::ffi::OsString> {
+        if !self.fs.is_dir(rel) {
+            return Vec::new();
+        }
+        self.fs
+            .children(rel)
+            .iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_os_string()))
+            .collect()
+    }
+
     fn hash(&self, rel: &Path, _kind: Kind) -> std::io::Result<u128> {
         self.fs.hash_of(rel).ok_or_else(|| not_found(rel))
     }

@@ -1119,6 +1119,26 @@ impl Root {
         self.remove_tree(dir, name, rel)
     }
 
+    /// The names in folder `rel` (none if nothing or no folder is there,
+    /// or it cannot be read: the caller's own op on it then says why).
+    pub fn list(&self, rel: &Path) -> Vec<std::ffi::OsString> {
+        let Ok(fd) = open_beneath(self.fd.as_fd(), rel.as_os_str().as_bytes(), DIR_READ_OFLAGS)
+        else {
+            return Vec::new();
+        };
+        let Ok(mut dir) = Dir::new(fd) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while let Some(Ok(entry)) = dir.read() {
+            let name = entry.file_name();
+            if name != c"." && name != c".." {
+                out.push(OsStr::from_bytes(name.to_bytes()).to_os_string());
+            }
+        }
+        out
+    }
+
     /// Removes the directory `name` of `parent` and everything in it.
     ///
     /// Iterative, holding no descriptor across levels: each folder is

@@ -893,19 +893,6 @@ impl Index {
 
     /// Forgets `rel` and everything under it. A file is one lookup; only a
     /// directory (or an unknown path) reads the index around it.
-    /// The files at or below `rel` whose entry `keep` takes, in path order.
-    pub fn files_under(
-        &self,
-        rel: &Path,
-        mut keep: impl FnMut(&Entry) -> bool,
-    ) -> Vec<(PathBuf, Entry)> {
-        self.under(&key_of(rel))
-            .into_iter()
-            .filter(|(_, e)| e.kind == Kind::File && keep(e))
-            .map(|(k, e)| (path_of(&k), e))
-            .collect()
-    }
-
     pub fn remove_tree(&mut self, rel: &Path) {
         self.forget(key_of(rel));
         self.tick();

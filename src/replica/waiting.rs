@@ -58,6 +58,14 @@ pub const RENAME_HOLDS_MAX: u16 = 40;
 /// is not held: as before the hold existed).
 pub const OWED_MAX: usize = 4_096;
 
+/// For how many of the store's space rechecks (one each 0.5 s at most
+/// while it is full: about a minute) a folder's delete is held for content
+/// below it that waits for room under another name. A file's delete frees
+/// what it holds once the content lands; a folder may hold far more than
+/// what waits, and deleted on a full disk it may be the room the content
+/// waits for, so its hold ends.
+pub const FOLDER_ROOM_HOLD_RECHECKS: u16 = 120;
+
 /// Content waiting for room, by name, and the sources of failed renames
 /// (see the module's text).
 #[derive(Debug, Clone, Default)]
@@ -68,6 +76,8 @@ pub struct WaitingForRoom {
     by_size: HashMap<(usize, u64), u32>,
     /// By source name: what a failed rename owes its target.
     owed: BTreeMap<(usize, PathBuf), Owed>,
+    /// Folders whose delete was held for room, and the rechecks left.
+    folder_room_holds: BTreeMap<(usize, PathBuf), u16>,
 }
 
 impl WaitingForRoom {
@@ -150,9 +160,36 @@ impl WaitingForRoom {
         held
     }
 
+    /// The primary deletes folder `rel`, below which content waits for
+    /// room under another name: whether the delete is held (until
+    /// [`FOLDER_ROOM_HOLD_RECHECKS`] space rechecks have passed since the
+    /// first hold; past [`OWED_MAX`] folders, not held).
+    pub fn hold_folder_for_room(&mut self, s: usize, rel: &Path) -> bool {
+        let key = (s, rel.to_path_buf());
+        if self.folder_room_holds.len() >= OWED_MAX && !self.folder_room_holds.contains_key(&key) {
+            return false;
+        }
+        *self
+            .folder_room_holds
+            .entry(key)
+            .or_insert(FOLDER_ROOM_HOLD_RECHECKS)
+            > 0
+    }
+
     /// `rel` (a file or a folder) was deleted here: the sources at or
-    /// below it owe nothing any more.
+    /// below it owe nothing any more, and a folder's holds for room end.
     pub fn deleted(&mut self, s: usize, rel: &Path) {
+        if !self.folder_room_holds.is_empty() {
+            let gone: Vec<(usize, PathBuf)> = self
+                .folder_room_holds
+                .range((Bound::Included((s, rel.to_path_buf())), Bound::Unbounded))
+                .take_while(|((fs, p), _)| *fs == s && p.starts_with(rel))
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in gone {
+                self.folder_room_holds.remove(&k);
+            }
+        }
         if self.owed.is_empty() {
             return;
         }
@@ -374,6 +411,13 @@ impl WaitingForRoom {
     /// Store `s` has `free` bytes for files now: as much as fits of what
     /// waits goes, in path order (sent again, it lands or waits again).
     pub fn room(&mut self, s: usize, free: u64) {
+        for (_, left) in self
+            .folder_room_holds
+            .iter_mut()
+            .filter(|((fs, _), _)| *fs == s)
+        {
+            *left = left.saturating_sub(1);
+        }
         let mut left = free;
         let fits: Vec<(usize, PathBuf)> = self
             .by_name

@@ -381,8 +381,8 @@ impl Coalescer {
     /// chain of renames (`new/m` → `cur/m:2,S` → `cur/m:2,SR`) kept moving
     /// the content behind the old name's delete, past a batch's end: a
     /// replica cut off between the two held the message under neither name.
-    /// False if no Sync of exactly `from` is queued, or a Rename was queued
-    /// after it.
+    /// False if no Sync of exactly `from` is queued, or a Rename, or a Sync
+    /// of a folder above `to`, was queued after it.
     fn move_sync_to_new_name(
         &mut self,
         store: usize,
@@ -398,6 +398,16 @@ impl Coalescer {
         };
         if self.last_rename_seq.is_some_and(|r| r > from_seq) {
             // A rename queued since may move what the new name is under.
+            return false;
+        }
+        if to
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| paths.get(key(a)).is_some_and(|&seq| seq > from_seq))
+        {
+            // A folder above the new name queued since (made there after a
+            // file of that name, say): the replica gets it first.
             return false;
         }
         paths.remove(key(from));

@@ -257,6 +257,13 @@ fn an_unsent_file_renamed_after_a_folder_rename_waits_behind_it() {
         take_all(&mut c),
         ["rename 0 f -> g", "sync 0 g/new/m2", "sync 0 x/m"]
     );
+    // Nor ahead of its folder's own Sync queued since (a file replaced by
+    // a folder of its name, the message then moved into it).
+    push_all(
+        &mut c,
+        [sync(0, "x/m"), sync(0, "p"), rename(0, "x/m", "p/m")],
+    );
+    assert_eq!(take_all(&mut c), ["sync 0 p", "sync 0 p/m", "sync 0 x/m"]);
 }
 
 #[test]

@@ -1124,53 +1124,20 @@ fn full_disk_on_the_secondary_pauses_and_resumes_without_loss() {
 /// the names follow the primary's.
 #[test]
 fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_is_full() {
-    let (mut tp, _unmount, dst) = pair_with_a_small_secondary_disk();
-    let src = tp.store(0, "inbox");
-    let body = |i: usize| vec![b'a' + i as u8; 100 * 1024];
-    std::fs::create_dir_all(src.join("box/cur")).unwrap();
-    std::fs::create_dir_all(src.join("box/tmp")).unwrap();
-    for i in 0..5 {
-        let tmp = src.join(format!("box/tmp/{i}.msg"));
-        std::fs::write(&tmp, body(i)).unwrap();
-        std::fs::rename(&tmp, src.join(format!("box/cur/{i}.msg:2,"))).unwrap();
-    }
-    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    tp.nodes[1].kill9().unwrap();
-    let fill = fill_up_after_staged_leftovers(&tp.nodes[1].mail_dir());
-    for i in 0..5 {
-        std::fs::rename(
-            src.join(format!("box/cur/{i}.msg:2,")),
-            src.join(format!("box/cur/{i}.msg:2,S")),
-        )
-        .unwrap();
-    }
-    tp.nodes[1].start().unwrap();
-    tp.nodes[1]
-        .wait_status(Duration::from_secs(30), Duration::from_millis(50), |s| {
-            s.replication.deletes_held_for_room >= 5
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    // Every message stays on the replica, under its old name, while the
-    // deletes are asked for again.
-    let until = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < until {
-        let held: Vec<Vec<u8>> = walk_files(&dst)
-            .iter()
-            .filter(|p| p.parent().is_some_and(|d| d.ends_with("box/cur")))
-            .filter_map(|p| std::fs::read(p).ok())
-            .collect();
-        for i in 0..5 {
-            assert!(
-                held.contains(&body(i)),
-                "message {i} is under neither name on the replica\n{}",
-                tp.logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::fs::remove_file(fill).unwrap();
-    wait_identical(&src, &dst, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    messages_changed_while_the_secondary_was_down_stay_while_its_disk_is_full(
+        &["box/cur", "box/tmp"],
+        |i| format!("box/cur/{i}.msg:2,"),
+        |src| {
+            for i in 0..5 {
+                std::fs::rename(
+                    src.join(format!("box/cur/{i}.msg:2,")),
+                    src.join(format!("box/cur/{i}.msg:2,S")),
+                )
+                .unwrap();
+            }
+        },
+        5,
+    );
 }
 
 /// Messages moved to another folder while the secondary was down, their
@@ -1181,34 +1148,62 @@ fn flags_changed_while_the_secondary_was_down_keep_the_old_names_while_its_disk_
 /// finds it in the mailbox); once there is room the replica follows.
 #[test]
 fn a_folder_deleted_after_its_messages_moved_stays_while_the_secondarys_disk_is_full() {
+    messages_changed_while_the_secondary_was_down_stay_while_its_disk_is_full(
+        &["old/cur", "old/tmp", "new/cur"],
+        |i| format!("old/cur/{i}.msg:2,S"),
+        |src| {
+            for i in 0..5 {
+                std::fs::rename(
+                    src.join(format!("old/cur/{i}.msg:2,S")),
+                    src.join(format!("new/cur/{i}.msg:2,S")),
+                )
+                .unwrap();
+            }
+            std::fs::remove_dir_all(src.join("old")).unwrap();
+        },
+        1,
+    );
+}
+
+/// Five messages of 100 KiB delivered (through `<folder>/tmp/`) under
+/// `name(i)` in the folders `dirs` make, replicated; the secondary killed,
+/// its disk filled, `change` made on the primary, the secondary started:
+/// once it holds `held_at_least` deletes for room, every message stays on
+/// the replica under some name for 3 s; once room returns, it converges.
+fn messages_changed_while_the_secondary_was_down_stay_while_its_disk_is_full(
+    dirs: &[&str],
+    name: impl Fn(usize) -> String,
+    change: impl FnOnce(&std::path::Path),
+    held_at_least: u64,
+) {
     let (mut tp, _unmount, dst) = pair_with_a_small_secondary_disk();
     let src = tp.store(0, "inbox");
-    let body = |i: usize| vec![b'k' + i as u8; 100 * 1024];
-    for d in ["old/cur", "old/tmp", "new/cur"] {
+    let body = |i: usize| vec![b'a' + i as u8; 100 * 1024];
+    for d in dirs {
         std::fs::create_dir_all(src.join(d)).unwrap();
     }
     for i in 0..5 {
-        let tmp = src.join(format!("old/tmp/{i}.msg"));
+        let at = src.join(name(i));
+        let tmp = at
+            .parent()
+            .unwrap()
+            .with_file_name("tmp")
+            .join(i.to_string());
         std::fs::write(&tmp, body(i)).unwrap();
-        std::fs::rename(&tmp, src.join(format!("old/cur/{i}.msg:2,S"))).unwrap();
+        std::fs::rename(&tmp, &at).unwrap();
     }
     wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     tp.nodes[1].kill9().unwrap();
     let fill = fill_up_after_staged_leftovers(&tp.nodes[1].mail_dir());
-    for i in 0..5 {
-        std::fs::rename(
-            src.join(format!("old/cur/{i}.msg:2,S")),
-            src.join(format!("new/cur/{i}.msg:2,S")),
-        )
-        .unwrap();
-    }
-    std::fs::remove_dir_all(src.join("old")).unwrap();
+    change(&src);
     tp.nodes[1].start().unwrap();
     tp.nodes[1]
         .wait_status(Duration::from_secs(30), Duration::from_millis(50), |s| {
-            s.replication.deletes_held_for_room >= 1
+            s.replication.deletes_held_for_room >= held_at_least
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    // Every message stays on the replica, under some name, while the
+    // deletes are asked for again.
     let until = std::time::Instant::now() + Duration::from_secs(3);
     while std::time::Instant::now() < until {
         let held: Vec<Vec<u8>> = walk_files(&dst)

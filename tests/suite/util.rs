@@ -326,12 +326,17 @@ pub fn fill_up(dir: &Path) -> PathBuf {
 /// leftovers first, and a killed process's io_uring releases the staged
 /// files it held open some time after the process is reaped. The room
 /// either gave back would let what the test sends land. Tops the fill up
-/// until two rounds 200 ms apart find no more room.
+/// until three rounds 300 ms apart find no more room.
 pub fn fill_up_after_staged_leftovers(dir: &Path) -> PathBuf {
     use std::io::Write;
     if let Ok(staged) = std::fs::read_dir(dir.join(".hasync-inbox/staging")) {
         for e in staged.flatten() {
-            std::fs::remove_file(e.path()).unwrap();
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else {
+                std::fs::remove_file(&p).unwrap();
+            }
         }
     }
     let p = fill_up(dir);
@@ -339,14 +344,14 @@ pub fn fill_up_after_staged_leftovers(dir: &Path) -> PathBuf {
     let chunk = vec![0u8; 4096];
     let mut quiet = 0;
     for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(300));
         let mut wrote = false;
         while f.write_all(&chunk).is_ok() {
             wrote = true;
         }
         let _ = f.sync_all();
         quiet = if wrote { 0 } else { quiet + 1 };
-        if quiet == 2 {
+        if quiet == 3 {
             break;
         }
     }
