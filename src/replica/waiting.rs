@@ -66,6 +66,26 @@ pub const OWED_MAX: usize = 4_096;
 /// waits for, so its hold ends.
 pub const FOLDER_ROOM_HOLD_RECHECKS: u16 = 120;
 
+/// The keys of `map` in store `s` at `rel` (if `with_rel`) and below it: in
+/// path order a folder's names follow it, so one range of the ordered map.
+fn keys_below<V>(
+    map: &BTreeMap<(usize, PathBuf), V>,
+    s: usize,
+    rel: &Path,
+    with_rel: bool,
+) -> Vec<(usize, PathBuf)> {
+    let key = (s, rel.to_path_buf());
+    let start = if with_rel {
+        Bound::Included(key)
+    } else {
+        Bound::Excluded(key)
+    };
+    map.range((start, Bound::Unbounded))
+        .take_while(|((ks, p), _)| *ks == s && p.starts_with(rel))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
 /// Content waiting for room, by name, and the sources of failed renames
 /// (see the module's text).
 #[derive(Debug, Clone, Default)]
@@ -140,12 +160,7 @@ impl WaitingForRoom {
         if self.owed.is_empty() {
             return false;
         }
-        let below: Vec<(usize, PathBuf)> = self
-            .owed
-            .range((Bound::Excluded((s, rel.to_path_buf())), Bound::Unbounded))
-            .take_while(|((os, p), _)| *os == s && p.starts_with(rel))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let below = keys_below(&self.owed, s, rel, false);
         let mut held = false;
         for k in below {
             if let Some(o) = self.owed.get_mut(&k) {
@@ -180,12 +195,7 @@ impl WaitingForRoom {
     /// below it owe nothing any more, and a folder's holds for room end.
     pub fn deleted(&mut self, s: usize, rel: &Path) {
         if !self.folder_room_holds.is_empty() {
-            let gone: Vec<(usize, PathBuf)> = self
-                .folder_room_holds
-                .range((Bound::Included((s, rel.to_path_buf())), Bound::Unbounded))
-                .take_while(|((fs, p), _)| *fs == s && p.starts_with(rel))
-                .map(|(k, _)| k.clone())
-                .collect();
+            let gone = keys_below(&self.folder_room_holds, s, rel, true);
             for k in gone {
                 self.folder_room_holds.remove(&k);
             }
@@ -193,12 +203,7 @@ impl WaitingForRoom {
         if self.owed.is_empty() {
             return;
         }
-        let gone: Vec<(usize, PathBuf)> = self
-            .owed
-            .range((Bound::Included((s, rel.to_path_buf())), Bound::Unbounded))
-            .take_while(|((os, p), _)| *os == s && p.starts_with(rel))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let gone = keys_below(&self.owed, s, rel, true);
         for k in gone {
             self.owed.remove(&k);
         }
@@ -263,11 +268,7 @@ impl WaitingForRoom {
     /// The names at or below `rel` (in path order a folder's names follow
     /// it).
     fn at_and_below(&self, s: usize, rel: &Path) -> Vec<(usize, PathBuf)> {
-        self.by_name
-            .range((Bound::Included((s, rel.to_path_buf())), Bound::Unbounded))
-            .take_while(|((ps, p), _)| *ps == s && p.starts_with(rel))
-            .map(|(k, _)| k.clone())
-            .collect()
+        keys_below(&self.by_name, s, rel, true)
     }
 
     /// Content `hash` landed at `rel` (op `seq`): it waits nowhere any
@@ -360,12 +361,7 @@ impl WaitingForRoom {
             for k in self.owed_to_at_or_below(s, to) {
                 self.owed.remove(&k);
             }
-            let replaced: Vec<(usize, PathBuf)> = self
-                .owed
-                .range((Bound::Included((s, to.to_path_buf())), Bound::Unbounded))
-                .take_while(|((os, p), _)| *os == s && p.starts_with(to))
-                .map(|(k, _)| k.clone())
-                .collect();
+            let replaced = keys_below(&self.owed, s, to, true);
             for k in replaced {
                 self.owed.remove(&k);
             }
@@ -376,12 +372,7 @@ impl WaitingForRoom {
                     }
                 }
             }
-            let sources: Vec<(usize, PathBuf)> = self
-                .owed
-                .range((Bound::Included((s, from.to_path_buf())), Bound::Unbounded))
-                .take_while(|((os, p), _)| *os == s && p.starts_with(from))
-                .map(|(k, _)| k.clone())
-                .collect();
+            let sources = keys_below(&self.owed, s, from, true);
             for k in sources {
                 if let (Some(o), Some(moved)) =
                     (self.owed.remove(&k), super::moved_path(&k.1, from, to))
