@@ -242,6 +242,11 @@ pub fn render(s: &Status) -> String {
             rp.deletes_held_for_room,
         ),
         (
+            "deletes_held_for_move",
+            "Deletions of names found gone held back until their content lands under another name or the primary confirms them",
+            rp.deletes_held_for_move,
+        ),
+        (
             "verify_runs",
             "Anti-entropy comparisons run",
             rp.verify_runs,

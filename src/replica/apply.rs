@@ -260,8 +260,11 @@ pub enum PathOp {
         rel: PathBuf,
         meta: Meta,
     },
+    /// `unsure`: the primary found the name gone and does not know
+    /// whether it moved (see [`SyncMsg::Delete`]).
     Delete {
         rel: PathBuf,
+        unsure: bool,
     },
     Rename {
         from: PathBuf,
@@ -341,11 +344,17 @@ pub fn path_op<E>(
                 meta,
             },
         ),
-        SyncMsg::Delete { seq, store, path } => (
+        SyncMsg::Delete {
+            seq,
+            store,
+            path,
+            unsure,
+        } => (
             seq,
             store,
             PathOp::Delete {
                 rel: checked!(seq, store, &path),
+                unsure,
             },
         ),
         SyncMsg::Rename {
@@ -988,7 +997,7 @@ impl Applier {
         // `Mkdir` of a folder of waiting names keeps them).
         match &op {
             PathOp::Rename { from, to } => self.waiting.rename(s, from, to),
-            PathOp::Delete { rel } | PathOp::Symlink { rel, .. } => {
+            PathOp::Delete { rel, .. } | PathOp::Symlink { rel, .. } => {
                 self.waiting.forget(s, rel, seq)
             }
             _ => {}
@@ -997,7 +1006,7 @@ impl Applier {
             PathOp::KeepAside { rel } => self.keep_aside(tree, s, seq, rel),
             PathOp::Mkdir { rel, meta } => self.mkdir(tree, index, s, seq, rel, meta),
             PathOp::DirMeta { rel, meta } => self.dir_meta(tree, s, seq, rel, meta),
-            PathOp::Delete { rel } => {
+            PathOp::Delete { rel, unsure } => {
                 if self.waiting.hold_delete(s, &rel) {
                     self.replies.push(Reply::HeldForRename {
                         seq,
@@ -1019,6 +1028,14 @@ impl Applier {
                         store: s,
                         rel: rel.clone(),
                         size,
+                    });
+                } else if unsure && self.held_for_move(tree, index, s, seq, &rel) {
+                    add(&self.stats.deletes_held_for_move, 1);
+                    self.replies.push(Reply::Need {
+                        seq,
+                        store: s,
+                        rel,
+                        reason: NeedReason::MayHaveMoved,
                     });
                 } else {
                     self.delete(tree, index, s, seq, &rel);
@@ -1098,6 +1115,29 @@ impl Applier {
         self.waiting.hold_folder_for_room(s, rel).then_some(size)
     }
 
+    /// An unsure delete of `rel` (the primary found it gone, maybe moved
+    /// to a name still on its way): whether it is held, as the only copy
+    /// here of its content, until that content lands under another name
+    /// (the file then goes at once) or the primary, its queue's turn over,
+    /// sends the delete again as a sure one. A folder, a file with other
+    /// links, or past [`super::waiting::MAY_HAVE_MOVED_MAX`] names: not held.
+    fn held_for_move<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        seq: u64,
+        rel: &Path,
+    ) -> bool {
+        if !self.waiting.may_hold_move() {
+            return false;
+        }
+        let Some((hash, size)) = content_at(tree, index, rel, |st| st.nlink == 1) else {
+            return false;
+        };
+        size > 0 && self.waiting.hold_for_move(s, rel, hash, seq)
+    }
+
     /// A folder at `rel` holds a file whose content waits for room under
     /// another name (a message copied, the copy refused for want of room,
     /// then the original's folder deleted): the folder's delete waits as
@@ -1157,6 +1197,13 @@ impl Applier {
     ) {
         for from in self.waiting.landed(s, rel, seq, hash) {
             self.delete(tree, index, s, seq, &from);
+        }
+        // A name the primary found gone, held in case it moved: its
+        // content has landed here, so it goes (if it still holds it).
+        for from in self.waiting.moved_to(s, rel, hash) {
+            if content_at(tree, index, &from, |_| true).is_some_and(|(h, _)| h == hash) {
+                self.delete(tree, index, s, seq, &from);
+            }
         }
     }
 
@@ -1954,6 +2001,7 @@ mod tests {
         let body = b"the message, moved to cur";
         let (m, moved) = (Path::new("new/m"), Path::new("cur/m:2,S"));
         let delete = |rel: &Path| PathOp::Delete {
+            unsure: false,
             rel: rel.to_path_buf(),
         };
         // The copy under the new name found no room.
@@ -2022,6 +2070,127 @@ mod tests {
         assert!(!dir.join(m).exists());
     }
 
+    /// An unsure delete (the primary found the name gone, maybe moved to a
+    /// name still on its way) holds the replica's only copy of a message,
+    /// answered `MayHaveMoved`, until that content lands under another
+    /// name (the held name then goes at once) or a sure delete comes; a
+    /// folder, a file with other links and a missing name are not held,
+    /// and a name replaced by a rename is held no more.
+    #[test]
+    fn an_unsure_delete_holds_the_only_copy_until_its_content_lands_elsewhere() {
+        let body = "a message moved to cur, its new name on its way";
+        let (_tmp, dir, internal) = store_with(&[
+            ("new/m", body),
+            ("new/n", "expunged for real"),
+            ("new/p", "moved while the replica reconnected"),
+            ("new/q", "replaced by a rename"),
+            ("new/q2", "renamed onto q"),
+            ("new/l", "a message with two names"),
+            ("keep/x", body),
+            ("keep/y", "moved while the replica reconnected"),
+            ("sub/f", "in a folder that went"),
+        ]);
+        std::fs::hard_link(dir.join("new/l"), dir.join("new/l2")).unwrap();
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let stats = Arc::new(ReplStats::default());
+        let mut r = Applier::new(stats.clone());
+        let delete = |rel: &str, unsure: bool| PathOp::Delete {
+            rel: rel.into(),
+            unsure,
+        };
+        let held = |r: &mut Applier| -> Vec<PathBuf> {
+            r.take_replies()
+                .filter_map(|x| match x {
+                    Reply::Need {
+                        rel,
+                        reason: NeedReason::MayHaveMoved,
+                        ..
+                    } => Some(rel),
+                    _ => None,
+                })
+                .collect()
+        };
+        let meta_of = |rel: &str| {
+            let on_disk = std::fs::metadata(dir.join(rel)).unwrap();
+            Meta {
+                mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
+                mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
+                ..Meta::default()
+            }
+        };
+        r.apply(&mut root, &mut index, 0, 1, delete("new/m", true));
+        assert_eq!(held(&mut r), [PathBuf::from("new/m")]);
+        assert!(dir.join("new/m").exists());
+        assert_eq!(
+            stats
+                .deletes_held_for_move
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // Not held: a folder, a file with another name, a name not here.
+        for gone in ["sub", "new/l", "new/absent"] {
+            r.apply(&mut root, &mut index, 0, 2, delete(gone, true));
+            assert!(held(&mut r).is_empty(), "{gone} is not held");
+            assert!(!dir.join(gone).exists(), "{gone} is deleted");
+        }
+        assert!(dir.join("new/l2").exists());
+        // The content lands under its new name (a link the primary made to
+        // another copy of the bytes): the held name goes at once.
+        let moved = Path::new("cur/m:2,S");
+        std::fs::create_dir(dir.join("cur")).unwrap();
+        r.link(
+            &mut root,
+            &mut index,
+            0,
+            3,
+            Path::new("keep/x"),
+            moved.to_path_buf(),
+            index::hash_bytes(body.as_bytes()),
+            &meta_of("keep/x"),
+        );
+        assert!(dir.join(moved).exists());
+        assert!(!dir.join("new/m").exists(), "gone once its content landed");
+        assert!(!r.waiting.holds_for_move(0, Path::new("new/m")));
+        // A real expunge: held, then the primary's sure delete after its
+        // queue's turn.
+        r.apply(&mut root, &mut index, 0, 4, delete("new/n", true));
+        assert_eq!(held(&mut r), [PathBuf::from("new/n")]);
+        r.apply(&mut root, &mut index, 0, 5, delete("new/n", false));
+        assert!(held(&mut r).is_empty());
+        assert!(!dir.join("new/n").exists());
+        // A name replaced by a rename is held no more.
+        r.apply(&mut root, &mut index, 0, 6, delete("new/q", true));
+        assert_eq!(held(&mut r), [PathBuf::from("new/q")]);
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            7,
+            PathOp::Rename {
+                from: "new/q2".into(),
+                to: "new/q".into(),
+            },
+        );
+        assert!(!r.waiting.holds_for_move(0, Path::new("new/q")));
+        // The next connection's receiver keeps the hold.
+        r.apply(&mut root, &mut index, 0, 8, delete("new/p", true));
+        assert_eq!(held(&mut r), [PathBuf::from("new/p")]);
+        let mut r = r.next_receiver();
+        r.link(
+            &mut root,
+            &mut index,
+            0,
+            1,
+            Path::new("keep/y"),
+            PathBuf::from("cur/p:2,S"),
+            index::hash_bytes(b"moved while the replica reconnected"),
+            &meta_of("keep/y"),
+        );
+        assert!(!dir.join("new/p").exists());
+        assert!(dir.join("cur/p:2,S").exists());
+    }
+
     /// A rename the replica could not apply (here its target's folder is a
     /// file) leaves the source as the only copy of what the primary holds
     /// at the target. The primary deletes the source next and sends the
@@ -2050,6 +2219,7 @@ mod tests {
             to: to.to_path_buf(),
         };
         let delete = |rel: &Path| PathOp::Delete {
+            unsure: false,
             rel: rel.to_path_buf(),
         };
         let held = |r: &mut Applier| -> Vec<PathBuf> {
@@ -2187,6 +2357,7 @@ mod tests {
             seq: 1,
             store: 0,
             path: b"old".to_vec(),
+            unsure: false,
         };
         let moved = S(PathBuf::from("new/cur/m"), 7);
         let lands = |gone: Gone| match land_first::<S>(&del, gone) {
@@ -2226,7 +2397,10 @@ mod tests {
         let m = Path::new(".Sent/cur/m");
         let st = root.lstat(m).unwrap().unwrap();
         index.set(m.to_path_buf(), index::Entry::new(&st, hash, true));
-        let delete = |rel: &str| PathOp::Delete { rel: rel.into() };
+        let delete = |rel: &str| PathOp::Delete {
+            rel: rel.into(),
+            unsure: false,
+        };
         let replies = |r: &mut Applier| -> Vec<String> {
             r.take_replies()
                 .map(|x| match x {

@@ -4407,6 +4407,7 @@ mod tests {
             seq: 5,
             store: 0,
             path: b"b".to_vec(),
+            unsure: false,
         })
         .unwrap();
         r.receive(SyncMsg::Barrier { seq: 6 }).unwrap();

@@ -65,6 +65,10 @@ const REFUSED_REMEMBERED_MAX: usize = 100_000;
 const LISTED_FOLLOWED_MAX: usize = 65_536;
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
+/// Bound on the names whose unsure delete the replica held, to be sent
+/// again as sure deletes (a path each). Past it, deletes go sure.
+const DELETES_SURE_MAX: usize = 65_536;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     #[error(transparent)]
@@ -252,6 +256,10 @@ pub struct Sender<T = Tree> {
     /// before them carries what the replica holds there on, as it does for
     /// the retries still waiting (see [`Sender::follow_retries`]).
     requeued: std::collections::HashSet<(usize, PathBuf)>,
+    /// Names found gone whose unsure delete the replica held
+    /// ([`NeedReason::MayHaveMoved`]): sent again after the queue's turn,
+    /// a delete of them is sure.
+    deletes_sure: std::collections::HashSet<(usize, PathBuf)>,
     retry_delay: Duration,
     /// Renames on their way that may be a folder's (by seq): one the
     /// replica refuses leaves its trees to a comparison.
@@ -429,6 +437,7 @@ impl<T: LocalTree> Sender<T> {
             window: AckWindow::default(),
             retry: Vec::new(),
             requeued: Default::default(),
+            deletes_sure: Default::default(),
             retry_delay: NO_SPACE_RETRY_MIN,
             folder_renames: Default::default(),
             times_only: Default::default(),
@@ -794,6 +803,12 @@ impl<T: LocalTree> Sender<T> {
                     self.pending_verify = true;
                 }
                 self.requeued.insert((*store, rel.clone()));
+                if !self.backlog.is_empty() && self.deletes_sure.contains(&(*store, rel.clone())) {
+                    // Behind a comparison's backlog too: the name it
+                    // moved to may be in it.
+                    self.backlog.push(*store, rel);
+                    continue;
+                }
             }
             self.coalescer.push(op);
         }
@@ -852,12 +867,20 @@ impl<T: LocalTree> Sender<T> {
                         });
                     }
                 }
+                if reason == NeedReason::MayHaveMoved && self.deletes_sure.len() < DELETES_SURE_MAX
+                {
+                    self.deletes_sure.insert((s, rel.clone()));
+                }
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
                     since: Instant::now(),
                 };
-                if reason == NeedReason::LocalError {
+                if reason == NeedReason::MayHaveMoved {
+                    // Held in case the name moved: looked at again behind
+                    // what is queued by then, its delete then sure.
+                    self.retry.push((Instant::now() + LOCAL_ERROR_RETRY, op));
+                } else if reason == NeedReason::LocalError {
                     // Whatever failed there may fail again: not in a loop.
                     self.retry.push((Instant::now() + LOCAL_ERROR_RETRY, op));
                 } else if reason == NeedReason::NoSpace {
@@ -1745,6 +1768,9 @@ impl<T: LocalTree> Sender<T> {
                         plans.push(Plan::Frames(self.delete_frame(seq, store, rel, &mut batch)));
                         continue;
                     };
+                    if !self.deletes_sure.is_empty() {
+                        self.deletes_sure.remove(&(store, rel.clone()));
+                    }
                     match st.kind {
                         Kind::Dir => {
                             // Another folder under the name than the one the
@@ -2059,11 +2085,19 @@ impl<T: LocalTree> Sender<T> {
         rel: PathBuf,
         batch: &mut Inflight,
     ) -> Vec<u8> {
+        // Found gone: deleted, or renamed to a name not sent yet (a tracker
+        // event not read, a name queued behind). The first delete is
+        // unsure: the replica holds its only copy of the content until it
+        // lands elsewhere or this name, its turn of the queue over, is
+        // found gone again and deleted for sure.
+        let unsure = !self.deletes_sure.remove(&(store, rel.clone()))
+            && self.deletes_sure.len() < DELETES_SURE_MAX;
         let mut f = Vec::new();
         SyncMsg::Delete {
             seq,
             store: store as u16,
             path: rel_bytes(&rel),
+            unsure,
         }
         .encode(&mut f);
         add(&self.stats.deletes_sent, 1);

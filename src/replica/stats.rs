@@ -44,6 +44,9 @@ pub struct ReplStats {
     /// Deletions held back: the file's content waits for room under
     /// another name.
     pub deletes_held_for_room: AtomicU64,
+    /// Unsure deletions held back: the file's content may have moved to a
+    /// name still on its way.
+    pub deletes_held_for_move: AtomicU64,
     pub links_applied: AtomicU64,
     pub hash_mismatches: AtomicU64,
     pub refused_paths: AtomicU64,
@@ -205,6 +208,7 @@ impl Default for ReplStats {
             renames_applied: AtomicU64::new(0),
             deletes_applied: AtomicU64::new(0),
             deletes_held_for_room: AtomicU64::new(0),
+            deletes_held_for_move: AtomicU64::new(0),
             links_applied: AtomicU64::new(0),
             hash_mismatches: AtomicU64::new(0),
             refused_paths: AtomicU64::new(0),
@@ -329,6 +333,8 @@ pub struct ReplStatus {
     pub deletes_applied: u64,
     #[serde(default)]
     pub deletes_held_for_room: u64,
+    #[serde(default)]
+    pub deletes_held_for_move: u64,
     pub links_applied: u64,
     pub hash_mismatches: u64,
     pub refused_paths: u64,
@@ -470,6 +476,7 @@ impl ReplStats {
             renames_applied: g(&self.renames_applied),
             deletes_applied: g(&self.deletes_applied),
             deletes_held_for_room: g(&self.deletes_held_for_room),
+            deletes_held_for_move: g(&self.deletes_held_for_move),
             links_applied: g(&self.links_applied),
             hash_mismatches: g(&self.hash_mismatches),
             refused_paths: g(&self.refused_paths),

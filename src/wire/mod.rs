@@ -28,6 +28,8 @@ pub use messages::{Channel, Hello, Message, Proof, NONCE_LEN, PROOF_LEN};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const MAGIC: [u8; 2] = *b"HS";
+/// Version 8: an unsure `Delete` (a name found gone, maybe moved) and
+/// `Need` `MayHaveMoved`.
 /// Version 7: `ConflictRefused` (a version handed over that the primary
 /// cannot keep, and why).
 /// Version 6: `PeerState` says the epoch a former primary last served at;
@@ -35,7 +37,7 @@ pub const MAGIC: [u8; 2] = *b"HS";
 /// Version 5: links carry the content hash. Version 4: epochs as fencing tokens (`Start.epoch`, `QueueStart.epoch`,
 /// `Fenced`). Version 3: exact conflicts (`PeerState`, `KeepAside`, `ConflictFile`,
 /// `ConflictAck`). Version 2 added `Bulk` frames and `Need` naming its op.
-pub const VERSION: u8 = 7;
+pub const VERSION: u8 = 8;
 pub const HEADER_LEN: usize = 8;
 pub const TRAILER_LEN: usize = 8;
 /// Header of a `Bulk` frame: the common 8 bytes and their checksum.

@@ -53,6 +53,10 @@ pub enum NeedReason {
     NoSpace = 3,
     /// A local I/O error on the replica.
     LocalError = 4,
+    /// An unsure `Delete` held: the replica's only copy of what it
+    /// removes may have moved on to a name still on its way. Sent again
+    /// after the queue's turn, as a sure delete, if the name is still gone.
+    MayHaveMoved = 5,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,10 +90,15 @@ pub enum SyncMsg {
         path: Vec<u8>,
         meta: Meta,
     },
+    /// `unsure`: the primary found the name gone without knowing whether
+    /// it was deleted or renamed to a name not sent yet (a tracker event
+    /// not read, a name queued behind): the replica may hold it
+    /// ([`NeedReason::MayHaveMoved`]) until its content lands elsewhere.
     Delete {
         seq: u64,
         store: u16,
         path: Vec<u8>,
+        unsure: bool,
     },
     Rename {
         seq: u64,
@@ -256,6 +265,7 @@ mod tag {
     pub const DATA: u8 = 4;
     pub const MKDIR: u8 = 5;
     pub const DELETE: u8 = 6;
+    pub const DELETE_UNSURE: u8 = 16;
     pub const RENAME: u8 = 7;
     pub const LINK: u8 = 8;
     pub const SYMLINK: u8 = 9;
@@ -365,8 +375,18 @@ impl SyncMsg {
                 w.u8(tag::MKDIR).u64(*seq).u16(*store).blob16(path);
                 put_meta(&mut w, meta);
             }
-            SyncMsg::Delete { seq, store, path } => {
-                w.u8(tag::DELETE).u64(*seq).u16(*store).blob16(path);
+            SyncMsg::Delete {
+                seq,
+                store,
+                path,
+                unsure,
+            } => {
+                let t = if *unsure {
+                    tag::DELETE_UNSURE
+                } else {
+                    tag::DELETE
+                };
+                w.u8(t).u64(*seq).u16(*store).blob16(path);
             }
             SyncMsg::Rename {
                 seq,
@@ -608,10 +628,11 @@ impl SyncMsg {
                 path: path(&mut r, "mkdir.path")?,
                 meta: get_meta(&mut r)?,
             },
-            tag::DELETE => SyncMsg::Delete {
+            tag::DELETE | tag::DELETE_UNSURE => SyncMsg::Delete {
                 seq: r.u64("delete.seq")?,
                 store: r.u16("delete.store")?,
                 path: path(&mut r, "delete.path")?,
+                unsure: t == tag::DELETE_UNSURE,
             },
             tag::RENAME => SyncMsg::Rename {
                 seq: r.u64("rename.seq")?,
@@ -690,6 +711,7 @@ impl SyncMsg {
                     2 => NeedReason::SourceMissing,
                     3 => NeedReason::NoSpace,
                     4 => NeedReason::LocalError,
+                    5 => NeedReason::MayHaveMoved,
                     k => {
                         return Err(WireError::BadField {
                             field: "need.reason",
@@ -888,6 +910,13 @@ mod tests {
             seq: 3,
             store: 0,
             path: b"d/x".to_vec(),
+            unsure: false,
+        });
+        round(SyncMsg::Delete {
+            seq: 3,
+            store: 0,
+            path: b"d/x".to_vec(),
+            unsure: true,
         });
         round(SyncMsg::Rename {
             seq: 4,
@@ -1077,10 +1106,13 @@ mod tests {
                     path,
                     meta
                 }),
-                (seq, store, path()).prop_map(|(seq, store, path)| SyncMsg::Delete {
-                    seq,
-                    store,
-                    path
+                (seq, store, path(), any::<bool>()).prop_map(|(seq, store, path, unsure)| {
+                    SyncMsg::Delete {
+                        seq,
+                        store,
+                        path,
+                        unsure,
+                    }
                 }),
                 (seq, store, path(), path()).prop_map(|(seq, store, from, to)| {
                     SyncMsg::Rename {
@@ -1124,7 +1156,7 @@ mod tests {
                         last
                     }),
                 seq.prop_map(|seq| SyncMsg::Ack { seq }),
-                (seq, store, path(), 1u8..=4).prop_map(|(seq, store, path, r)| {
+                (seq, store, path(), 1u8..=5).prop_map(|(seq, store, path, r)| {
                     SyncMsg::Need {
                         seq,
                         store,
@@ -1133,7 +1165,8 @@ mod tests {
                             1 => NeedReason::HashMismatch,
                             2 => NeedReason::SourceMissing,
                             3 => NeedReason::NoSpace,
-                            _ => NeedReason::LocalError,
+                            4 => NeedReason::LocalError,
+                            _ => NeedReason::MayHaveMoved,
                         },
                     }
                 }),

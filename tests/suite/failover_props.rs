@@ -307,11 +307,15 @@ fn data_sim_seeds() {
 /// waited for room (a folder's delete now waits as its files' would);
 /// 2871: a message moved out of a folder then deleted, the folder's delete
 /// applied while the new name was staged and a cut discarding the staged
-/// file (every staged file now lands before a folder's delete).
+/// file (every staged file now lands before a folder's delete); 1323 (and
+/// 833, 1332, not traced): a name found gone at its sync deleted on the
+/// replica while its new name was not sent yet (the first such delete is
+/// now unsure, and the replica holds its only copy until the content lands
+/// elsewhere or the delete comes again, sure).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
-    for seed in [263, 668, 1045, 2871] {
+    for seed in [263, 668, 833, 1045, 1323, 1332, 2871] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {
                 assert!(o.failovers > 0, "seed {seed} no longer fails over");

@@ -85,6 +85,7 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                 seq: 3,
                 store: 0,
                 path: b"u/new/x".to_vec(),
+                unsure: false,
             },
         ),
         (

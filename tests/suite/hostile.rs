@@ -280,6 +280,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
             seq: 12,
             store: 0,
             path: b"escape/..".to_vec(),
+            unsure: true,
         }
         .encode(&mut out);
         file(13, b"fine/cur/good.msg", b"a legitimate message", &mut out);

@@ -1636,3 +1636,98 @@ fn a_message_whose_flag_rename_fails_on_the_replica_keeps_its_old_name_until_the
     );
     assert!(!dst.join(&old).exists());
 }
+
+/// A primary that finds a name gone at its sync does not know whether the
+/// message was expunged or moved to a name it has not sent yet (a tracker
+/// event not read, a name queued behind): its first delete is unsure. The
+/// test plays that primary against a real secondary: the replica keeps its
+/// only copy of the message (answered `MayHaveMoved`) until the content
+/// lands under its new name, which takes the old name along at once, or
+/// until the primary's sure delete; a folder, or a file with another name
+/// on the replica, goes at once.
+#[test]
+fn an_unsure_delete_keeps_the_replicas_only_copy_until_its_new_name_lands() {
+    use super::hostile::{act_as_primary, file, replies_until_ack};
+    use hasync::wire::sync::{NeedReason, SyncMsg};
+    let mut tp = TestPair::new(fast());
+    let inbox = tp.store(0, "inbox");
+    tp.nodes[0].start().unwrap();
+    let cfg = hasync::config::Config::load(&tp.nodes[0].config_path).unwrap();
+    let node = &tp.nodes[0];
+    let body: &[u8] = b"a message its user flagged: cur/m:2,S, not sent yet";
+    let delete = |seq: u64, path: &[u8], unsure: bool, out: &mut Vec<u8>| {
+        SyncMsg::Delete {
+            seq,
+            store: 0,
+            path: path.to_vec(),
+            unsure,
+        }
+        .encode(out)
+    };
+    let held = |replies: &[SyncMsg]| -> Vec<u64> {
+        replies
+            .iter()
+            .filter_map(|m| match m {
+                SyncMsg::Need {
+                    seq,
+                    reason: NeedReason::MayHaveMoved,
+                    ..
+                } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    };
+    let (after_hold, after_landing, after_sure) = tokio_uring::start(async {
+        let (beat, mut r, w) = act_as_primary(node, &cfg).await;
+        let mut out = Vec::new();
+        file(1, b"user/new/m", body, &mut out);
+        file(2, b"user/new/n", b"expunged for real", &mut out);
+        file(3, b"user/old/f", b"in a folder deleted", &mut out);
+        SyncMsg::Barrier { seq: 3 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        replies_until_ack(&mut r, 3).await;
+        let mut out = Vec::new();
+        delete(4, b"user/new/m", true, &mut out);
+        delete(5, b"user/new/n", true, &mut out);
+        delete(6, b"user/old", true, &mut out);
+        SyncMsg::Barrier { seq: 6 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let after_hold = replies_until_ack(&mut r, 6).await;
+        let on_disk = (
+            inbox.join("user/new/m").exists(),
+            inbox.join("user/new/n").exists(),
+            inbox.join("user/old").exists(),
+        );
+        // The new name lands: the held old name goes with it.
+        let mut out = Vec::new();
+        file(7, b"user/cur/m:2,S", body, &mut out);
+        SyncMsg::Barrier { seq: 7 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let after_landing = replies_until_ack(&mut r, 7).await;
+        let m_after_landing = inbox.join("user/new/m").exists();
+        // A real expunge: sure the second time.
+        let mut out = Vec::new();
+        delete(8, b"user/new/n", false, &mut out);
+        SyncMsg::Barrier { seq: 8 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let after_sure = replies_until_ack(&mut r, 8).await;
+        beat.abort();
+        (
+            (after_hold, on_disk),
+            (after_landing, m_after_landing),
+            after_sure,
+        )
+    });
+    let ((replies, (m, n, folder)), (landing, m_after)) = (after_hold, after_landing);
+    assert_eq!(held(&replies), [4, 5], "{replies:?}\n{}", tp.logs());
+    assert!(m && n, "the held names stay on the replica");
+    assert!(!folder, "a folder's unsure delete applies at once");
+    assert!(held(&landing).is_empty(), "{landing:?}");
+    assert!(
+        !m_after,
+        "the old name goes as its content lands under the new one"
+    );
+    assert_eq!(std::fs::read(inbox.join("user/cur/m:2,S")).unwrap(), body);
+    assert!(held(&after_sure).is_empty(), "{after_sure:?}");
+    assert!(!inbox.join("user/new/n").exists(), "a sure delete applies");
+}
