@@ -1021,7 +1021,7 @@ impl Applier {
                         store: s,
                         rel: rel.clone(),
                     });
-                } else if let Some(size) = self.held_for_room(tree, index, s, &rel) {
+                } else if let Some(size) = self.held_for_room(tree, index, s, seq, &rel) {
                     add(&self.stats.deletes_held_for_room, 1);
                     self.replies.push(Reply::HeldForRoom {
                         seq,
@@ -1078,15 +1078,15 @@ impl Applier {
         self.waiting = waiting;
     }
 
-    /// The size of the file at `rel` if its content waits for room under
-    /// another name (see `waiting`).
+    /// The content and size of the file at `rel` if its content waits for
+    /// room under another name (see `waiting`).
     fn content_waits_for_room<T: ReplicaTree>(
         &self,
         tree: &T,
         index: &Index,
         s: usize,
         rel: &Path,
-    ) -> Option<u64> {
+    ) -> Option<(u128, u64)> {
         if !self.waiting.any_for_room() {
             return None;
         }
@@ -1094,21 +1094,31 @@ impl Applier {
         let (hash, size) = content_at(tree, index, rel, |st| {
             st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
         })?;
-        self.waiting.waits_elsewhere(s, rel, hash).then_some(size)
+        self.waiting
+            .waits_elsewhere(s, rel, hash)
+            .then_some((hash, size))
     }
 
     /// Whether a delete of `rel` waits for content to land elsewhere (a
     /// file, or a file in a folder: a folder's delete a bounded number of
     /// times, as the room it holds may be what the content waits for), and
-    /// the size that waits.
+    /// the size that waits. A file held is also held as a name that may
+    /// have moved (`waiting::MayHaveMoved`): once the same message lands
+    /// under another name, it goes at once, not at the primary's next retry
+    /// (both names would be on the disk until then: a duplicate at a
+    /// failover).
     fn held_for_room<T: ReplicaTree>(
         &mut self,
         tree: &T,
         index: &Index,
         s: usize,
+        seq: u64,
         rel: &Path,
     ) -> Option<u64> {
-        if let Some(size) = self.content_waits_for_room(tree, index, s, rel) {
+        if let Some((hash, size)) = self.content_waits_for_room(tree, index, s, rel) {
+            if self.waiting.may_hold_move() {
+                self.waiting.hold_for_move(s, rel, hash, seq);
+            }
             return Some(size);
         }
         let size = self.content_waits_below(tree, index, s, rel)?;
@@ -1119,8 +1129,9 @@ impl Applier {
     /// to a name still on its way): whether it is held, as the only copy
     /// here of its content, until that content lands under another name
     /// (the file then goes at once) or the primary, its queue's turn over,
-    /// sends the delete again as a sure one. A folder, a file with other
-    /// links, or past [`super::waiting::MAY_HAVE_MOVED_MAX`] names: not held.
+    /// sends the delete again as a sure one. A folder that holds anything
+    /// is held until the sure delete. A file with other links, or past
+    /// [`super::waiting::MAY_HAVE_MOVED_BYTES_MAX`]: not held.
     fn held_for_move<T: ReplicaTree>(
         &mut self,
         tree: &T,
@@ -1129,12 +1140,26 @@ impl Applier {
         seq: u64,
         rel: &Path,
     ) -> bool {
+        if matches!(tree.lstat(rel), Ok(Some(st)) if st.kind == Kind::Dir) {
+            // A folder renamed away (its rename not read yet): what it
+            // holds stays until the primary's sure delete, which comes
+            // behind its new name's entries. Nothing to remember: no
+            // landing releases it. An empty one holds no mail.
+            return !tree.list(rel).is_empty();
+        }
         if !self.waiting.may_hold_move() {
             return false;
         }
         let Some((hash, size)) = content_at(tree, index, rel, |st| st.nlink == 1) else {
             return false;
         };
+        // The same message landed lately under another name, still there:
+        // it did move, and is here.
+        if let Some(at) = self.waiting.landed_elsewhere(s, rel, hash) {
+            if content_at(tree, index, at, |_| true).is_some_and(|(h, _)| h == hash) {
+                return false;
+            }
+        }
         size > 0 && self.waiting.hold_for_move(s, rel, hash, seq)
     }
 
@@ -1172,7 +1197,7 @@ impl Applier {
                     Ok(Some(st))
                         if st.kind == Kind::File && self.waiting.size_waits(s, st.version.size) =>
                     {
-                        if let Some(size) = self.content_waits_for_room(tree, index, s, &p) {
+                        if let Some((_, size)) = self.content_waits_for_room(tree, index, s, &p) {
                             return Some(size);
                         }
                     }
@@ -2068,14 +2093,46 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 13, delete(m));
         assert!(needs(&mut r).is_empty());
         assert!(!dir.join(m).exists());
+        // The new name landing takes the held old name along at once, not
+        // at the primary's next retry (a duplicate at a failover meanwhile).
+        std::fs::write(dir.join(m), body).unwrap();
+        std::fs::create_dir_all(dir.join("keep")).unwrap();
+        std::fs::write(dir.join("keep/x"), body).unwrap();
+        r.no_room(0, 14, moved, index::hash_bytes(body), body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 15, delete(m));
+        assert_eq!(needs(&mut r).len(), 1);
+        std::fs::create_dir_all(dir.join("cur")).unwrap();
+        let on_disk = std::fs::metadata(dir.join("keep/x")).unwrap();
+        let kept = Meta {
+            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
+            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
+            ..Meta::default()
+        };
+        r.link(
+            &mut root,
+            &mut index,
+            0,
+            16,
+            Path::new("keep/x"),
+            moved.to_path_buf(),
+            index::hash_bytes(body),
+            &kept,
+        );
+        assert!(dir.join(moved).exists());
+        assert!(
+            !dir.join(m).exists(),
+            "the held old name went with the landing"
+        );
     }
 
     /// An unsure delete (the primary found the name gone, maybe moved to a
     /// name still on its way) holds the replica's only copy of a message,
-    /// answered `MayHaveMoved`, until that content lands under another
-    /// name (the held name then goes at once) or a sure delete comes; a
-    /// folder, a file with other links and a missing name are not held,
-    /// and a name replaced by a rename is held no more.
+    /// answered `MayHaveMoved`, until the same message (content and
+    /// Maildir base name) lands under another name (the held name then
+    /// goes at once) or a sure delete comes; a folder with anything in it
+    /// is held until the sure delete; an empty folder, a file with other
+    /// links and a missing name are not held, a name replaced by a rename
+    /// is held no more, and the next session's receiver holds none.
     #[test]
     fn an_unsure_delete_holds_the_only_copy_until_its_content_lands_elsewhere() {
         let body = "a message moved to cur, its new name on its way";
@@ -2111,14 +2168,34 @@ mod tests {
                 })
                 .collect()
         };
-        let meta_of = |rel: &str| {
-            let on_disk = std::fs::metadata(dir.join(rel)).unwrap();
-            Meta {
+        // The primary's link of `existing` (holding `body`) at `to`: a landing.
+        fn land(
+            r: &mut Applier,
+            (root, index): (&mut Root, &mut Index),
+            dir: &Path,
+            seq: u64,
+            existing: &str,
+            to: &str,
+            body: &[u8],
+        ) {
+            let on_disk = std::fs::metadata(dir.join(existing)).unwrap();
+            let meta = Meta {
                 mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
                 mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
                 ..Meta::default()
-            }
-        };
+            };
+            let hash = index::hash_bytes(body);
+            r.link(
+                root,
+                index,
+                0,
+                seq,
+                Path::new(existing),
+                to.into(),
+                hash,
+                &meta,
+            );
+        }
         r.apply(&mut root, &mut index, 0, 1, delete("new/m", true));
         assert_eq!(held(&mut r), [PathBuf::from("new/m")]);
         assert!(dir.join("new/m").exists());
@@ -2128,30 +2205,66 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             1
         );
-        // Not held: a folder, a file with another name, a name not here.
-        for gone in ["sub", "new/l", "new/absent"] {
+        // Not held: an empty folder, a file with another name, a name not
+        // here.
+        std::fs::create_dir(dir.join("empty")).unwrap();
+        for gone in ["empty", "new/l", "new/absent"] {
             r.apply(&mut root, &mut index, 0, 2, delete(gone, true));
             assert!(held(&mut r).is_empty(), "{gone} is not held");
             assert!(!dir.join(gone).exists(), "{gone} is deleted");
         }
         assert!(dir.join("new/l2").exists());
+        // A folder with something in it is held until the sure delete.
+        r.apply(&mut root, &mut index, 0, 2, delete("sub", true));
+        assert_eq!(held(&mut r), [PathBuf::from("sub")]);
+        assert!(dir.join("sub/f").exists());
+        r.apply(&mut root, &mut index, 0, 2, delete("sub", false));
+        assert!(held(&mut r).is_empty());
+        assert!(!dir.join("sub").exists());
         // The content lands under its new name (a link the primary made to
         // another copy of the bytes): the held name goes at once.
         let moved = Path::new("cur/m:2,S");
         std::fs::create_dir(dir.join("cur")).unwrap();
-        r.link(
-            &mut root,
-            &mut index,
-            0,
+        land(
+            &mut r,
+            (&mut root, &mut index),
+            &dir,
             3,
-            Path::new("keep/x"),
-            moved.to_path_buf(),
-            index::hash_bytes(body.as_bytes()),
-            &meta_of("keep/x"),
+            "keep/x",
+            "cur/m:2,S",
+            body.as_bytes(),
         );
         assert!(dir.join(moved).exists());
         assert!(!dir.join("new/m").exists(), "gone once its content landed");
         assert!(!r.waiting.holds_for_move(0, Path::new("new/m")));
+        // A message that landed under its folder's old name, the folder
+        // renamed since: that landing is no copy elsewhere, so it is held.
+        std::fs::create_dir_all(dir.join("f1/new")).unwrap();
+        std::fs::write(dir.join("keep/w"), body).unwrap();
+        land(
+            &mut r,
+            (&mut root, &mut index),
+            &dir,
+            3,
+            "keep/w",
+            "f1/new/m",
+            body.as_bytes(),
+        );
+        std::fs::remove_file(dir.join("keep/w")).unwrap();
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            3,
+            PathOp::Rename {
+                from: "f1".into(),
+                to: "f2".into(),
+            },
+        );
+        let _ = r.take_replies().count();
+        r.apply(&mut root, &mut index, 0, 3, delete("f2/new/m", true));
+        assert_eq!(held(&mut r), [PathBuf::from("f2/new/m")]);
+        r.apply(&mut root, &mut index, 0, 3, delete("f2/new/m", false));
         // A real expunge: held, then the primary's sure delete after its
         // queue's turn.
         r.apply(&mut root, &mut index, 0, 4, delete("new/n", true));
@@ -2173,19 +2286,38 @@ mod tests {
             },
         );
         assert!(!r.waiting.holds_for_move(0, Path::new("new/q")));
-        // The next connection's receiver keeps the hold.
+        // The next connection's receiver holds none (the primary's retry
+        // went with the session): the file stays until the next session
+        // deletes it again, unsure, and holds it again.
         r.apply(&mut root, &mut index, 0, 8, delete("new/p", true));
         assert_eq!(held(&mut r), [PathBuf::from("new/p")]);
         let mut r = r.next_receiver();
-        r.link(
-            &mut root,
-            &mut index,
-            0,
-            1,
-            Path::new("keep/y"),
-            PathBuf::from("cur/p:2,S"),
-            index::hash_bytes(b"moved while the replica reconnected"),
-            &meta_of("keep/y"),
+        assert!(!r.waiting.holds_for_move(0, Path::new("new/p")));
+        assert!(dir.join("new/p").exists());
+        r.apply(&mut root, &mut index, 0, 1, delete("new/p", true));
+        assert_eq!(held(&mut r), [PathBuf::from("new/p")]);
+        // A copy of the bytes under another message's name does not let
+        // it go; the message under its new name does.
+        std::fs::write(dir.join("keep/z"), "moved while the replica reconnected").unwrap();
+        land(
+            &mut r,
+            (&mut root, &mut index),
+            &dir,
+            2,
+            "keep/z",
+            "cur/copy",
+            b"moved while the replica reconnected",
+        );
+        assert!(dir.join("cur/copy").exists());
+        assert!(dir.join("new/p").exists(), "a copy does not let it go");
+        land(
+            &mut r,
+            (&mut root, &mut index),
+            &dir,
+            3,
+            "keep/y",
+            "cur/p:2,S",
+            b"moved while the replica reconnected",
         );
         assert!(!dir.join("new/p").exists());
         assert!(dir.join("cur/p:2,S").exists());

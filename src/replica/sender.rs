@@ -9,7 +9,7 @@
 //! batch N+1 overlaps the secondary's flush of batch N, and a trickle of small
 //! batches never waits behind a window counted in batches.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
@@ -65,9 +65,10 @@ const REFUSED_REMEMBERED_MAX: usize = 100_000;
 const LISTED_FOLLOWED_MAX: usize = 65_536;
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
-/// Bound on the names whose unsure delete the replica held, to be sent
-/// again as sure deletes (a path each). Past it, deletes go sure.
-const DELETES_SURE_MAX: usize = 65_536;
+/// Bound on what the names whose unsure delete the replica held take (a
+/// path and about 64 bytes each): reached, they are all let go of (each
+/// such name costs one more unsure round if the replica holds it again).
+const DELETES_SURE_BYTES_MAX: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -259,7 +260,11 @@ pub struct Sender<T = Tree> {
     /// Names found gone whose unsure delete the replica held
     /// ([`NeedReason::MayHaveMoved`]): sent again after the queue's turn,
     /// a delete of them is sure.
-    deletes_sure: std::collections::HashSet<(usize, PathBuf)>,
+    /// (With the time of the `Need`: only a Sync queued since, the retry,
+    /// sends the sure delete; one queued before it, a comparison's or a
+    /// rename's, sends another unsure one.)
+    deletes_sure: HashMap<(usize, PathBuf), Instant>,
+    deletes_sure_bytes: usize,
     retry_delay: Duration,
     /// Renames on their way that may be a folder's (by seq): one the
     /// replica refuses leaves its trees to a comparison.
@@ -438,6 +443,7 @@ impl<T: LocalTree> Sender<T> {
             retry: Vec::new(),
             requeued: Default::default(),
             deletes_sure: Default::default(),
+            deletes_sure_bytes: 0,
             retry_delay: NO_SPACE_RETRY_MIN,
             folder_renames: Default::default(),
             times_only: Default::default(),
@@ -803,7 +809,9 @@ impl<T: LocalTree> Sender<T> {
                     self.pending_verify = true;
                 }
                 self.requeued.insert((*store, rel.clone()));
-                if !self.backlog.is_empty() && self.deletes_sure.contains(&(*store, rel.clone())) {
+                if !self.backlog.is_empty()
+                    && self.deletes_sure.contains_key(&(*store, rel.clone()))
+                {
                     // Behind a comparison's backlog too: the name it
                     // moved to may be in it.
                     self.backlog.push(*store, rel);
@@ -867,14 +875,14 @@ impl<T: LocalTree> Sender<T> {
                         });
                     }
                 }
-                if reason == NeedReason::MayHaveMoved && self.deletes_sure.len() < DELETES_SURE_MAX
-                {
-                    self.deletes_sure.insert((s, rel.clone()));
+                let now = Instant::now();
+                if reason == NeedReason::MayHaveMoved {
+                    self.delete_sure_next_time(s, &rel, now);
                 }
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
-                    since: Instant::now(),
+                    since: now,
                 };
                 if reason == NeedReason::MayHaveMoved {
                     // Held in case the name moved: looked at again behind
@@ -1765,11 +1773,17 @@ impl<T: LocalTree> Sender<T> {
                         source,
                     })?;
                     let Some(st) = st else {
-                        plans.push(Plan::Frames(self.delete_frame(seq, store, rel, &mut batch)));
+                        plans.push(Plan::Frames(self.delete_frame(
+                            seq,
+                            store,
+                            rel,
+                            Some(since),
+                            &mut batch,
+                        )));
                         continue;
                     };
                     if !self.deletes_sure.is_empty() {
-                        self.deletes_sure.remove(&(store, rel.clone()));
+                        self.delete_sure_forget(store, &rel);
                     }
                     match st.kind {
                         Kind::Dir => {
@@ -1805,9 +1819,13 @@ impl<T: LocalTree> Sender<T> {
                             let target = match self.stores[store].tree.read_link(&rel) {
                                 Ok(t) => t,
                                 Err(_) => {
-                                    plans.push(Plan::Frames(
-                                        self.delete_frame(seq, store, rel, &mut batch),
-                                    ));
+                                    plans.push(Plan::Frames(self.delete_frame(
+                                        seq,
+                                        store,
+                                        rel,
+                                        Some(since),
+                                        &mut batch,
+                                    )));
                                     continue;
                                 }
                             };
@@ -1926,7 +1944,8 @@ impl<T: LocalTree> Sender<T> {
     ) {
         match read {
             Read::Missing => {
-                let f = self.delete_frame(seq, store, rel, batch);
+                // Found at its Sync, gone at its read: unsure.
+                let f = self.delete_frame(seq, store, rel, None, batch);
                 out.extend_from_slice(&f);
             }
             Read::Ready(data) => {
@@ -1953,7 +1972,7 @@ impl<T: LocalTree> Sender<T> {
         match sent {
             Some((hash, len)) => self.account_file(seq, store, rel, st, hash, len, batch),
             None => {
-                let f = self.delete_frame(seq, store, rel, batch);
+                let f = self.delete_frame(seq, store, rel, None, batch);
                 out.extend_from_slice(&f);
             }
         }
@@ -2083,15 +2102,16 @@ impl<T: LocalTree> Sender<T> {
         seq: u64,
         store: usize,
         rel: PathBuf,
+        since: Option<Instant>,
         batch: &mut Inflight,
     ) -> Vec<u8> {
         // Found gone: deleted, or renamed to a name not sent yet (a tracker
         // event not read, a name queued behind). The first delete is
         // unsure: the replica holds its only copy of the content until it
         // lands elsewhere or this name, its turn of the queue over, is
-        // found gone again and deleted for sure.
-        let unsure = !self.deletes_sure.remove(&(store, rel.clone()))
-            && self.deletes_sure.len() < DELETES_SURE_MAX;
+        // found gone again (by a Sync queued since the replica held it)
+        // and deleted for sure.
+        let unsure = !since.is_some_and(|since| self.delete_sure_taken(store, &rel, since));
         let mut f = Vec::new();
         SyncMsg::Delete {
             seq,
@@ -2107,6 +2127,54 @@ impl<T: LocalTree> Sender<T> {
         self.stores[store].index.set_synced(&rel, false);
         batch.acks.push(OnAck::Remove(seq, store, rel));
         f
+    }
+
+    /// The replica held an unsure delete of `rel`: the next delete of it
+    /// is sure.
+    fn delete_sure_next_time(&mut self, store: usize, rel: &Path, at: Instant) {
+        let cost = rel.as_os_str().len() + 64;
+        if self.deletes_sure_bytes + cost > DELETES_SURE_BYTES_MAX {
+            tracing::debug!(
+                names = self.deletes_sure.len(),
+                "too many names whose delete is to be sure next time: letting go of them"
+            );
+            self.deletes_sure.clear();
+            self.deletes_sure_bytes = 0;
+        }
+        // The first hold's time stays: a second retry of the name, queued
+        // behind the first, must not push the time past the first one's
+        // (the two would each find the other's later time, and the
+        // delete would stay unsure for ever: a lock file renamed away again
+        // and again).
+        if let std::collections::hash_map::Entry::Vacant(e) =
+            self.deletes_sure.entry((store, rel.to_path_buf()))
+        {
+            e.insert(at);
+            self.deletes_sure_bytes += cost;
+        }
+    }
+
+    /// Whether the delete of `rel`, by a Sync queued at `since`, is to be
+    /// sure: queued since the replica held it (taken: once).
+    fn delete_sure_taken(&mut self, store: usize, rel: &Path, since: Instant) -> bool {
+        let key = (store, rel.to_path_buf());
+        if self.deletes_sure.get(&key).is_none_or(|at| since < *at) {
+            return false;
+        }
+        self.delete_sure_forget(store, rel);
+        true
+    }
+
+    /// `rel` is there again (or its retry is gone): its next delete is
+    /// unsure.
+    fn delete_sure_forget(&mut self, store: usize, rel: &Path) {
+        if self
+            .deletes_sure
+            .remove(&(store, rel.to_path_buf()))
+            .is_some()
+        {
+            self.deletes_sure_bytes -= rel.as_os_str().len() + 64;
+        }
     }
 
     /// The peer could not apply op `seq` because a source was missing: if
@@ -2751,6 +2819,10 @@ impl<T: LocalTree> Sender<T> {
         self.shelf_slots.clear();
         self.replies_out.clear();
         self.refused.clear();
+        // The replica's receiver for this session holds none of them: each
+        // is deleted unsure again first.
+        self.deletes_sure.clear();
+        self.deletes_sure_bytes = 0;
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -3226,6 +3298,38 @@ mod tests {
             }
         }
         ids
+    }
+
+    /// A name whose unsure delete the replica held is deleted sure by a
+    /// Sync queued since the first hold, not by one queued before it; a
+    /// second hold (a second retry of the name on its way) does not move
+    /// the time on (two retries would each find the other's later time and
+    /// the delete stay unsure for ever: a Dovecot lock file did); a new
+    /// session starts unsure; the list is bounded.
+    #[test]
+    fn a_delete_is_sure_from_the_first_hold_on_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        let mut sender = sender_over(dir.path());
+        let lock = Path::new("alice/Maildir/dovecot-uidlist.lock");
+        let before = Instant::now();
+        let first = before + Duration::from_millis(1);
+        let second = first + Duration::from_millis(70);
+        sender.delete_sure_next_time(0, lock, first);
+        sender.delete_sure_next_time(0, lock, second);
+        assert!(!sender.delete_sure_taken(0, lock, before), "queued before");
+        assert!(sender.delete_sure_taken(0, lock, first), "the first retry");
+        assert!(!sender.delete_sure_taken(0, lock, second), "once");
+        sender.delete_sure_next_time(0, lock, first);
+        sender.begin_session();
+        assert!(!sender.delete_sure_taken(0, lock, second), "a new session");
+        assert_eq!(sender.deletes_sure_bytes, 0);
+        let long = "x".repeat(4_000);
+        for i in 0..5_000 {
+            sender.delete_sure_next_time(0, &PathBuf::from(format!("{long}/{i}")), first);
+            assert!(sender.deletes_sure_bytes <= DELETES_SURE_BYTES_MAX);
+        }
+        assert!(sender.deletes_sure.len() < 5_000, "let go of once full");
     }
 
     /// A version the primary cannot keep (here: a file where its conflicts

@@ -13,6 +13,10 @@
 //! whole set per op, which holds up to [`WAITING_MAX`] names while a full
 //! disk refuses every file.
 
+mod moving;
+
+pub use moving::{base_name, MayHaveMoved, MAY_HAVE_MOVED_BYTES_MAX, RECENT_LANDINGS_MAX};
+
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -66,10 +70,6 @@ pub const OWED_MAX: usize = 4_096;
 /// waits for, so its hold ends.
 pub const FOLDER_ROOM_HOLD_RECHECKS: u16 = 120;
 
-/// Bound on the names held by an unsure delete (a path and 24 bytes
-/// each): past it, an unsure delete applies at once.
-pub const MAY_HAVE_MOVED_MAX: usize = 65_536;
-
 /// The keys of `map` in store `s` at `rel` (if `with_rel`) and below it: in
 /// path order a folder's names follow it, so one range of the ordered map.
 fn keys_below<V>(
@@ -103,10 +103,8 @@ pub struct WaitingForRoom {
     /// Folders whose delete was held for room, and the rechecks left.
     folder_room_holds: BTreeMap<(usize, PathBuf), u16>,
     /// Names an unsure delete held (the primary found them gone, maybe
-    /// moved on): their content's hash and the delete's op.
-    moving: BTreeMap<(usize, PathBuf), (u128, u64)>,
-    /// The same, by content.
-    moving_by_content: HashMap<(usize, u128), Vec<PathBuf>>,
+    /// moved on).
+    moving: MayHaveMoved,
 }
 
 impl WaitingForRoom {
@@ -117,61 +115,32 @@ impl WaitingForRoom {
 
     /// Whether another name may be held by an unsure delete.
     pub fn may_hold_move(&self) -> bool {
-        self.moving.len() < MAY_HAVE_MOVED_MAX
+        self.moving.has_room()
     }
 
     /// An unsure delete of `rel` (op `seq`), the only copy here of content
-    /// `hash`, is held: until that content lands elsewhere
+    /// `hash`: whether it is held, until the same message lands elsewhere
     /// ([`WaitingForRoom::moved_to`]) or the primary says something else
-    /// of the name. Whether it is held (not past the bound).
+    /// of the name (see [`MayHaveMoved`]).
     pub fn hold_for_move(&mut self, s: usize, rel: &Path, hash: u128, seq: u64) -> bool {
-        let key = (s, rel.to_path_buf());
-        self.unhold_move(&key);
-        if self.moving.len() >= MAY_HAVE_MOVED_MAX {
-            return false;
-        }
-        self.moving_by_content
-            .entry((s, hash))
-            .or_default()
-            .push(rel.to_path_buf());
-        self.moving.insert(key, (hash, seq));
-        true
+        self.moving.hold(s, rel, hash, seq)
+    }
+
+    /// Where the same message as `rel` landed lately under another name.
+    pub fn landed_elsewhere(&self, s: usize, rel: &Path, hash: u128) -> Option<&Path> {
+        self.moving.landed_elsewhere(s, rel, hash)
     }
 
     /// Whether an unsure delete holds `rel` (for tests and status).
     pub fn holds_for_move(&self, s: usize, rel: &Path) -> bool {
-        self.moving.contains_key(&(s, rel.to_path_buf()))
+        self.moving.holds(s, rel)
     }
 
-    fn unhold_move(&mut self, key: &(usize, PathBuf)) -> Option<(u128, u64)> {
-        let (hash, seq) = self.moving.remove(key)?;
-        if let Some(names) = self.moving_by_content.get_mut(&(key.0, hash)) {
-            names.retain(|p| *p != key.1);
-            if names.is_empty() {
-                self.moving_by_content.remove(&(key.0, hash));
-            }
-        }
-        Some((hash, seq))
-    }
-
-    /// Content `hash` landed at `rel`: the names an unsure delete held
-    /// with that content, to delete now (it moved there); a name held at
-    /// `rel` itself was replaced.
+    /// Content `hash` landed at `rel`: the names an unsure delete held for
+    /// the same message, to delete now (it moved there).
     #[must_use]
     pub fn moved_to(&mut self, s: usize, rel: &Path, hash: u128) -> Vec<PathBuf> {
-        if self.moving.is_empty() {
-            return Vec::new();
-        }
-        self.unhold_move(&(s, rel.to_path_buf()));
-        let names = self
-            .moving_by_content
-            .get(&(s, hash))
-            .cloned()
-            .unwrap_or_default();
-        for p in &names {
-            self.unhold_move(&(s, p.clone()));
-        }
-        names
+        self.moving.landed(s, rel, hash)
     }
 
     /// The names content waits for room under.
@@ -262,11 +231,7 @@ impl WaitingForRoom {
     /// `rel` (a file or a folder) was deleted here: the sources at or
     /// below it owe nothing any more, and a folder's holds for room end.
     pub fn deleted(&mut self, s: usize, rel: &Path) {
-        if !self.moving.is_empty() {
-            for k in keys_below(&self.moving, s, rel, true) {
-                self.unhold_move(&k);
-            }
-        }
+        self.moving.let_go(s, rel, false, None);
         if !self.folder_room_holds.is_empty() {
             let gone = keys_below(&self.folder_room_holds, s, rel, true);
             for k in gone {
@@ -394,21 +359,8 @@ impl WaitingForRoom {
     /// a former file). The message may have moved on to a name not sent
     /// yet; but a delete of the last name must free the disk.
     pub fn forget(&mut self, s: usize, rel: &Path, seq: u64) {
-        if !self.moving.is_empty() {
-            // Said again (a sure delete, say) or replaced: not held.
-            let mut keys: Vec<(usize, PathBuf)> = rel
-                .ancestors()
-                .skip(1)
-                .filter(|a| !a.as_os_str().is_empty())
-                .map(|a| (s, a.to_path_buf()))
-                .collect();
-            keys.extend(keys_below(&self.moving, s, rel, true));
-            for k in keys {
-                if self.moving.get(&k).is_some_and(|(_, held)| *held < seq) {
-                    self.unhold_move(&k);
-                }
-            }
-        }
+        // Said again (a sure delete, say) or replaced: not held.
+        self.moving.let_go(s, rel, true, Some(seq));
         if !self.owed.is_empty() {
             // The target deleted (or its folder): nothing is owed it. (A
             // folder deleted over a source is held as the source's own
@@ -440,19 +392,12 @@ impl WaitingForRoom {
     /// now waits under `to` (the content is wanted there), and what waited
     /// at or below `to` goes (replaced there).
     pub fn rename(&mut self, s: usize, from: &Path, to: &Path) {
-        if !self.moving.is_empty() {
-            // Held names replaced at `to` go; those moved along stay held.
-            for k in keys_below(&self.moving, s, to, true) {
-                self.unhold_move(&k);
-            }
-            for k in keys_below(&self.moving, s, from, true) {
-                if let (Some((hash, seq)), Some(moved)) =
-                    (self.unhold_move(&k), super::moved_path(&k.1, from, to))
-                {
-                    self.hold_for_move(s, &moved, hash, seq);
-                }
-            }
-        }
+        // Held names replaced at `to` go, and so do those the rename
+        // carries (a name the primary renamed is not one it found gone:
+        // held under its new name, a landing of the same message elsewhere
+        // would delete a live name).
+        self.moving.let_go(s, to, false, None);
+        self.moving.let_go(s, from, false, None);
         if !self.owed.is_empty() {
             // A target replaced goes, and so does a source replaced (the
             // name holds other content now, or the message itself renamed
@@ -553,9 +498,7 @@ impl WaitingForRoom {
         for o in next.owed.values_mut() {
             o.seq = 0;
         }
-        for (_, seq) in next.moving.values_mut() {
-            *seq = 0;
-        }
+        next.moving.for_next_session();
         next
     }
 }
@@ -705,40 +648,33 @@ mod tests {
     }
 
     #[test]
-    fn a_name_held_in_case_it_moved_follows_its_folder_and_goes_when_its_content_lands() {
+    fn a_name_held_in_case_it_moved_ends_at_what_the_primary_says_of_it() {
         let p = Path::new;
         let mut r = WaitingForRoom::default();
         assert!(r.hold_for_move(0, p("a/new/m"), 7, 3));
-        assert!(r.hold_for_move(0, p("a/new/n"), 8, 4));
-        assert!(r.hold_for_move(1, p("a/new/m"), 7, 4));
         assert!(!r.is_empty());
-        // Its folder renamed: held under the new name.
+        // Its folder renamed: not held any more (a renamed name is not
+        // the one the primary found gone), the file kept.
         r.rename(0, p("a"), p("b"));
-        assert!(r.holds_for_move(0, p("b/new/m")) && !r.holds_for_move(0, p("a/new/m")));
-        // Other content landing, or the same in another store: nothing.
-        assert!(r.moved_to(0, p("c/cur/x"), 9).is_empty());
-        // Its content lands: it goes, once; the other store's stays.
+        assert!(!r.holds_for_move(0, p("a/new/m")) && !r.holds_for_move(0, p("b/new/m")));
+        // A rename onto it, a later delete, a landing of the message
+        // elsewhere, the next session: each ends it.
+        assert!(r.hold_for_move(0, p("a/new/m"), 7, 3));
+        r.rename(0, p("a/new/o"), p("a/new/m"));
+        assert!(!r.holds_for_move(0, p("a/new/m")));
+        assert!(r.hold_for_move(0, p("a/new/m"), 7, 3));
+        r.forget(0, p("a/new/m"), 2);
+        assert!(r.holds_for_move(0, p("a/new/m")), "an earlier op's delete");
+        r.forget(0, p("a/new/m"), 4);
+        assert!(!r.holds_for_move(0, p("a/new/m")));
+        assert!(r.hold_for_move(0, p("a/new/m"), 7, 5));
         assert_eq!(
-            r.moved_to(0, p("b/cur/m:2,S"), 7),
-            [PathBuf::from("b/new/m")]
+            r.moved_to(0, p("a/cur/m:2,S"), 7),
+            [PathBuf::from("a/new/m")]
         );
-        assert!(r.moved_to(0, p("b/cur/m:2,T"), 7).is_empty());
-        assert!(r.holds_for_move(1, p("a/new/m")));
-        // A later delete (sure) of it, or of its folder, ends the hold; an
-        // earlier op's does not.
-        r.forget(0, p("b/new/n"), 2);
-        assert!(r.holds_for_move(0, p("b/new/n")));
-        r.forget(0, p("b"), 5);
-        assert!(!r.holds_for_move(0, p("b/new/n")));
-        // A file landing at the held name replaces it.
-        assert!(r.moved_to(1, p("a/new/m"), 3).is_empty());
         assert!(r.is_empty());
-        // Bounded: past the bound, not held.
-        for i in 0..MAY_HAVE_MOVED_MAX {
-            assert!(r.hold_for_move(0, &PathBuf::from(format!("n/{i}")), i as u128, 9));
-        }
-        assert!(!r.may_hold_move());
-        assert!(!r.hold_for_move(0, p("one/more"), 1, 9));
-        assert_eq!(r.moving.len(), MAY_HAVE_MOVED_MAX);
+        assert!(r.hold_for_move(0, p("c/new/n"), 8, 6));
+        let r = r.for_next_session();
+        assert!(r.is_empty());
     }
 }

@@ -308,14 +308,20 @@ fn data_sim_seeds() {
 /// 2871: a message moved out of a folder then deleted, the folder's delete
 /// applied while the new name was staged and a cut discarding the staged
 /// file (every staged file now lands before a folder's delete); 1323 (and
-/// 833, 1332, not traced): a name found gone at its sync deleted on the
-/// replica while its new name was not sent yet (the first such delete is
-/// now unsure, and the replica holds its only copy until the content lands
-/// elsewhere or the delete comes again, sure).
+/// 1491, not traced): a name found gone at its sync deleted on the replica
+/// while its new name was not sent yet (the first such delete is now
+/// unsure, and the replica holds its only copy until the message lands
+/// elsewhere or the delete comes again, sure); once that was in, 457 and
+/// 2153: a Sync of the name queued before the replica held it sent the
+/// sure delete (only the retry does now); 1397: the sure delete sent in a
+/// later session, whose receiver held nothing (a session starts unsure);
+/// 1453: a folder renamed while a comparison walked, found gone and deleted
+/// with the only copy of a message in it (a folder with anything in it is
+/// held until the sure delete).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
-    for seed in [263, 668, 833, 1045, 1323, 1332, 2871] {
+    for seed in [263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {
                 assert!(o.failovers > 0, "seed {seed} no longer fails over");

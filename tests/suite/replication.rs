@@ -1643,8 +1643,8 @@ fn a_message_whose_flag_rename_fails_on_the_replica_keeps_its_old_name_until_the
 /// test plays that primary against a real secondary: the replica keeps its
 /// only copy of the message (answered `MayHaveMoved`) until the content
 /// lands under its new name, which takes the old name along at once, or
-/// until the primary's sure delete; a folder, or a file with another name
-/// on the replica, goes at once.
+/// until the primary's sure delete. A folder with mail in it (renamed, the
+/// rename not read yet) is kept until the sure delete.
 #[test]
 fn an_unsure_delete_keeps_the_replicas_only_copy_until_its_new_name_lands() {
     use super::hostile::{act_as_primary, file, replies_until_ack};
@@ -1708,9 +1708,10 @@ fn an_unsure_delete_keeps_the_replicas_only_copy_until_its_new_name_lands() {
         // A real expunge: sure the second time.
         let mut out = Vec::new();
         delete(8, b"user/new/n", false, &mut out);
-        SyncMsg::Barrier { seq: 8 }.encode(&mut out);
+        delete(9, b"user/old", false, &mut out);
+        SyncMsg::Barrier { seq: 9 }.encode(&mut out);
         w.send_bytes(out).await.unwrap();
-        let after_sure = replies_until_ack(&mut r, 8).await;
+        let after_sure = replies_until_ack(&mut r, 9).await;
         beat.abort();
         (
             (after_hold, on_disk),
@@ -1719,9 +1720,8 @@ fn an_unsure_delete_keeps_the_replicas_only_copy_until_its_new_name_lands() {
         )
     });
     let ((replies, (m, n, folder)), (landing, m_after)) = (after_hold, after_landing);
-    assert_eq!(held(&replies), [4, 5], "{replies:?}\n{}", tp.logs());
-    assert!(m && n, "the held names stay on the replica");
-    assert!(!folder, "a folder's unsure delete applies at once");
+    assert_eq!(held(&replies), [4, 5, 6], "{replies:?}\n{}", tp.logs());
+    assert!(m && n && folder, "the held names stay on the replica");
     assert!(held(&landing).is_empty(), "{landing:?}");
     assert!(
         !m_after,
@@ -1730,4 +1730,5 @@ fn an_unsure_delete_keeps_the_replicas_only_copy_until_its_new_name_lands() {
     assert_eq!(std::fs::read(inbox.join("user/cur/m:2,S")).unwrap(), body);
     assert!(held(&after_sure).is_empty(), "{after_sure:?}");
     assert!(!inbox.join("user/new/n").exists(), "a sure delete applies");
+    assert!(!inbox.join("user/old").exists(), "a sure delete applies");
 }

@@ -197,7 +197,9 @@ pub fn spec(seed: u64, mailboxes: usize, messages: usize) -> hasync::fixture::Ma
 
 impl TestPair {
     /// Kills the sync connection into node `i`, the secondary (`ss -K` on
-    /// its sync port).
+    /// its sync port; `-n`, or a port that is also a service's in
+    /// /etc/services, such as 30865, is printed by name and the kill looks
+    /// missed).
     pub fn cut_sync_connection(&self, i: usize) {
         let config = std::fs::read_to_string(&self.pair.nodes[i].config_path).unwrap();
         let port = config
@@ -207,7 +209,16 @@ impl TestPair {
             .expect("sync_listen in the configuration")
             .to_string();
         let out = Command::new("ss")
-            .args(["-K", "-t", "(", "sport", "=", &format!(":{port}"), ")"])
+            .args([
+                "-K",
+                "-t",
+                "-n",
+                "(",
+                "sport",
+                "=",
+                &format!(":{port}"),
+                ")",
+            ])
             .output()
             .expect("ss");
         assert!(
