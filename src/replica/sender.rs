@@ -574,11 +574,14 @@ impl<T: LocalTree> Sender<T> {
             let Some((store, rel)) = self.backlog.pop_front() else {
                 break;
             };
-            self.coalescer.push(Op::Sync {
-                store,
-                rel,
-                since: self.backlog_since,
-            });
+            // A retry parked here for an unsure delete the replica held
+            // keeps its time (the comparison's is older): its delete, if
+            // the name is still gone, is sure.
+            let since = match self.deletes_sure.get(&(store, rel.clone())) {
+                Some(at) => self.backlog_since.max(*at),
+                None => self.backlog_since,
+            };
+            self.coalescer.push(Op::Sync { store, rel, since });
         }
     }
 
@@ -1637,6 +1640,12 @@ impl<T: LocalTree> Sender<T> {
                     since,
                 } => {
                     self.forget_listings_under(store, &from, &to);
+                    // Something is renamed onto `to`: a retry of a delete
+                    // there (or below) is no look at the name found gone
+                    // then, and must not send a sure delete.
+                    if !self.deletes_sure.is_empty() {
+                        self.delete_sure_forget_below(store, &to);
+                    }
                     if !self.replica_has(store, &from, &plans, &batch) {
                         // The replica never got `from` (a comparison found
                         // `to` first, say): a rename there would be refused.
@@ -2163,6 +2172,19 @@ impl<T: LocalTree> Sender<T> {
         }
         self.delete_sure_forget(store, rel);
         true
+    }
+
+    /// Names at or below `rel` (renamed onto): their next delete is unsure.
+    fn delete_sure_forget_below(&mut self, store: usize, rel: &Path) {
+        let below: Vec<PathBuf> = self
+            .deletes_sure
+            .keys()
+            .filter(|(s, p)| *s == store && p.starts_with(rel))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in below {
+            self.delete_sure_forget(store, &p);
+        }
     }
 
     /// `rel` is there again (or its retry is gone): its next delete is
@@ -3304,8 +3326,9 @@ mod tests {
     /// Sync queued since the first hold, not by one queued before it; a
     /// second hold (a second retry of the name on its way) does not move
     /// the time on (two retries would each find the other's later time and
-    /// the delete stay unsure for ever: a Dovecot lock file did); a new
-    /// session starts unsure; the list is bounded.
+    /// the delete stay unsure for ever: a Dovecot lock file did); a retry
+    /// parked behind a comparison's backlog stays sure; a rename onto the
+    /// name forgets it; a new session starts unsure; the list is bounded.
     #[test]
     fn a_delete_is_sure_from_the_first_hold_on_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -3323,6 +3346,30 @@ mod tests {
         sender.delete_sure_next_time(0, lock, first);
         sender.begin_session();
         assert!(!sender.delete_sure_taken(0, lock, second), "a new session");
+        assert_eq!(sender.deletes_sure_bytes, 0);
+        // A retry parked behind a comparison's backlog keeps its time (the
+        // comparison's is older): fed from the backlog, it is sure.
+        sender.backlog_since = before;
+        sender.delete_sure_next_time(0, lock, first);
+        sender.backlog.push(0, lock);
+        sender.feed_backlog();
+        let since = sender
+            .coalescer
+            .pending_ops()
+            .find_map(|op| match op {
+                Op::Sync { rel, since, .. } if rel == lock => Some(*since),
+                _ => None,
+            })
+            .expect("fed");
+        assert!(
+            sender.delete_sure_taken(0, lock, since),
+            "sure from the backlog"
+        );
+        // Something renamed onto the name (or its folder): its retry is no
+        // look at the name found gone, and sends no sure delete.
+        sender.delete_sure_next_time(0, lock, first);
+        sender.delete_sure_forget_below(0, Path::new("alice/Maildir"));
+        assert!(!sender.delete_sure_taken(0, lock, second));
         assert_eq!(sender.deletes_sure_bytes, 0);
         let long = "x".repeat(4_000);
         for i in 0..5_000 {
