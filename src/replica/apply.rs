@@ -1995,6 +1995,17 @@ mod tests {
         );
     }
 
+    /// The times of the file at `path`, as a `Meta` (the rest default):
+    /// what the primary says of a file it links.
+    fn times_of(path: &Path) -> Meta {
+        let on_disk = std::fs::metadata(path).unwrap();
+        Meta {
+            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
+            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
+            ..Meta::default()
+        }
+    }
+
     /// A store root holding `files` (path, content), and where its internal
     /// directory goes.
     /// The delete of a message's old name waits while its content waits
@@ -2065,12 +2076,7 @@ mod tests {
         r.no_room(0, 7, moved, index::hash_bytes(body), body.len() as u64);
         r.apply(&mut root, &mut index, 0, 8, delete(m));
         assert_eq!(needs(&mut r).len(), 1);
-        let on_disk = std::fs::metadata(dir.join(m)).unwrap();
-        let linked = Meta {
-            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
-            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
-            ..Meta::default()
-        };
+        let linked = times_of(&dir.join(m));
         r.link(
             &mut root,
             &mut index,
@@ -2102,12 +2108,7 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 15, delete(m));
         assert_eq!(needs(&mut r).len(), 1);
         std::fs::create_dir_all(dir.join("cur")).unwrap();
-        let on_disk = std::fs::metadata(dir.join("keep/x")).unwrap();
-        let kept = Meta {
-            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
-            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
-            ..Meta::default()
-        };
+        let kept = times_of(&dir.join("keep/x"));
         r.link(
             &mut root,
             &mut index,
@@ -2178,12 +2179,7 @@ mod tests {
             to: &str,
             body: &[u8],
         ) {
-            let on_disk = std::fs::metadata(dir.join(existing)).unwrap();
-            let meta = Meta {
-                mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
-                mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
-                ..Meta::default()
-            };
+            let meta = times_of(&dir.join(existing));
             let hash = index::hash_bytes(body);
             r.link(
                 root,
@@ -2380,12 +2376,7 @@ mod tests {
         // the same bytes landing under another name; the next session
         // holds it too.
         r.room(0, u64::MAX);
-        let on_disk = std::fs::metadata(dir.join(m)).unwrap();
-        let meta = Meta {
-            mtime_sec: std::os::unix::fs::MetadataExt::mtime(&on_disk),
-            mtime_nsec: std::os::unix::fs::MetadataExt::mtime_nsec(&on_disk) as u32,
-            ..Meta::default()
-        };
+        let meta = times_of(&dir.join(m));
         let hash = index::hash_bytes(body.as_bytes());
         r.link(
             &mut root,
