@@ -608,13 +608,15 @@ def paced_delivery(
 
 
 class ArrivalWatcher:
-    """Polls for delivered files to appear under a mirror root; records
-    change-to-visible lag per file (a copy, not a durability, measure)."""
+    """Polls for delivered files to appear under a mirror root (or, with
+    `gone`, for deleted files to disappear from it); records change-to-visible
+    lag per file (a copy, not a durability, measure)."""
 
-    def __init__(self, src_root: Path, dst_root: Path, poll_s: float = 0.001):
+    def __init__(self, src_root: Path, dst_root: Path, poll_s: float = 0.001, gone: bool = False):
         self.src_root = src_root
         self.dst_root = dst_root
         self.poll_s = poll_s
+        self.gone = gone
         self.pending: list[tuple[str, float]] = []
         self.lock = threading.Lock()
         self.lags_ms: list[float] = []
@@ -637,7 +639,7 @@ class ArrivalWatcher:
             now = time.monotonic()
             seen = set()
             for dst, at in todo:
-                if os.path.exists(dst):
+                if os.path.lexists(dst) != self.gone:
                     self.lags_ms.append((now - at) * 1000)
                     seen.add(dst)
             if seen:
@@ -660,6 +662,31 @@ class ArrivalWatcher:
         out = summarize_lags(lags) | {"missing": len(missing), "grace_s": grace_s}
         out["lower_bound"] = bool(missing)
         return out
+
+
+def paced_expunge(victims: list[Path], rate: float, on_deleted=None) -> dict:
+    """Deletes the given message files at a fixed offered rate (an IMAP
+    expunge unlinks each); a late deleter catches up."""
+    t0 = time.monotonic()
+    behind_max = 0.0
+    for i, path in enumerate(victims):
+        due = t0 + i / rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            behind_max = max(behind_max, now - due)
+        os.unlink(path)
+        if on_deleted is not None:
+            on_deleted(path, time.monotonic())
+    elapsed = time.monotonic() - t0
+    return {
+        "messages": len(victims),
+        "seconds": elapsed,
+        "offered_per_s": rate,
+        "achieved_per_s": len(victims) / elapsed if elapsed > 0 else None,
+        "deleter_behind_ms_max": behind_max * 1000,
+    }
 
 
 def summarize_lags(lags_ms: list[float]) -> dict:

@@ -172,6 +172,16 @@ def build(raw: dict) -> dict:
             "writer_cpu_s": r["delivery"].get("writer_cpu_s"),
         }
 
+    ex = raw.get("expunge")
+    if ex:
+        rep["expunge"] = ex | {
+            "method": ("a pair streaming a fresh Maildir store; paced: every 4th message unlinked at the offered "
+                       "rate, change -> gone from the replica by an external 1 ms poll; bulk: five folders' "
+                       "remaining messages unlinked at once, seconds until the replica holds none of them; "
+                       "folders: five more mailboxes removed with rm -rf; peers: `rsync -a --delete` reflecting "
+                       "the same deletes into a copy of its own (one walk of the whole store)"),
+        }
+
     ls = raw.get("lsyncd")
     if ls:
         out = {"installed": ls.get("installed"), "version": raw.get("versions", {}).get("lsyncd")}
@@ -503,6 +513,27 @@ def markdown(rep: dict) -> str:
         + ", ".join(f"{fmt(r.get('heartbeat_gap_ms_max_secondary'), 1)} ms at {fmt(r['offered_per_s'])}/s"
                     for r in rep["lag"]["rates"].values()) + "."
     )
+
+    ex = rep.get("expunge")
+    if ex:
+        lines.append(f"\n## Expunges ({fmt(ex.get('store_messages'))}-message store)\n")
+        pc = ex.get("paced") or {}
+        vis = pc.get("visible_lag_ms") or {}
+        d = pc.get("deletes") or {}
+        lines.append("| what | deletes | hasync | rsync -a --delete |")
+        lines.append("|---|---:|---|---:|")
+        if vis.get("samples"):
+            lines.append(f"| paced at {fmt(d.get('offered_per_s'))}/s (achieved {fmt(d.get('achieved_per_s'))}/s): "
+                         f"change → gone from the replica | {fmt(d.get('messages'))} | p50 {fmt(vis['p50'], 1)} · "
+                         f"p99 {fmt(vis['p99'], 1)} · max {fmt(vis['max'], 1)} ms; "
+                         f"{fmt(pc.get('cpu_s_per_1k_deletes'), 2)} CPU s / 1k deletes | |")
+        for key, label in (("bulk", "five folders emptied at once"), ("folders", "five mailboxes removed (rm -rf)")):
+            b = ex.get(key)
+            if b:
+                n = b.get("deletes", b.get("messages"))
+                lines.append(f"| {label}: until the replica holds none | {fmt(n)} | "
+                             f"{fmt(b['replica_clear_s'], 3)} s | {fmt(b['rsync_delete']['seconds'], 3)} s |")
+        lines.append("\n" + ex["method"] + ".")
 
     q = rep["queue_push"]
     lines.append("\n## Queue push after failover\n")

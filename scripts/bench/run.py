@@ -593,6 +593,117 @@ class Bench:
             pair.stop()
         self.raw["lag"] = out
 
+    # -------------------------------------------------------------- expunge
+
+    def messages_of(self, root: Path) -> list[Path]:
+        out = []
+        for box in hb.maildirs(root):
+            for sub in ("cur", "new"):
+                out.extend(sorted((box / sub).iterdir()))
+        return out
+
+    def wait_gone(self, replica: Path, store: Path, victims: list[Path], timeout: float) -> float:
+        """Seconds until none of `victims` (paths in `store`) is on the replica."""
+        t0 = time.monotonic()
+        left = [replica / v.relative_to(store) for v in victims]
+        while left:
+            left = [v for v in left if os.path.lexists(v)]
+            if not left:
+                break
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"{len(left)} expunged messages still on the replica after {timeout:.0f} s")
+            time.sleep(0.002)
+        return time.monotonic() - t0
+
+    def expunge(self) -> None:
+        """Deletes replicated messages as IMAP expunges do (an unlink each),
+        on a pair that is streaming: paced (change -> gone from the replica,
+        per message, an external poll) and all at once (five folders emptied:
+        seconds until the replica holds none of them, against `rsync -a
+        --delete` reflecting the same deletes into a copy of its own)."""
+        if self.rsyncd is None:
+            self.start_rsyncd()
+        n = self.args.lag_store_messages
+        store = self.lag_store("expunge", n)
+        base = self.run / "pairs" / "expunge"
+        replica = self.dst / "expunge"
+        pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": replica}], roots=self.pair_roots("expunge"))
+        settle()
+        pair.start()
+        p, s = pair.nodes
+        pair.wait_formed()
+        self.wait_streaming(p, self.args.sync_timeout)
+        msgs = self.messages_of(store)
+        missing = [m for m in msgs if not (replica / m.relative_to(store)).exists()]
+        if missing:
+            raise RuntimeError(f"{len(missing)} of {len(msgs)} messages not on the replica while streaming")
+        sh(["rsync", "-a", f"{store}/", self.rsync_url("expunge-rsync")])
+        out: dict = {"store_messages": len(msgs), "rate_per_s": self.args.expunge_rate}
+
+        # Paced: every 4th message, at the offered rate.
+        paced = msgs[::4]
+        watcher = hb.ArrivalWatcher(store, replica, gone=True)
+        cpu0 = p.cpu_s() + s.cpu_s()
+        d = hb.paced_expunge(paced, self.args.expunge_rate, on_deleted=watcher.delivered)
+        vis = watcher.finish(grace_s=10.0)
+        r = hb.wait_drained(p, 0, 60.0, "expunge paced")
+        cpu = p.cpu_s() + s.cpu_s() - cpu0
+        out["paced"] = {"deletes": d, "visible_lag_ms": vis, "cpu_s_per_1k_deletes": cpu / len(paced) * 1000,
+                        "ops_pending_after": r["ops_pending"]}
+        log(f"expunge paced {d['achieved_per_s']:.0f}/s: gone from the replica p50 {vis['p50']:.1f} "
+            f"p99 {vis['p99']:.1f} max {vis['max']:.1f} ms over {vis['samples']} ({vis['missing']} still there)")
+
+        # All at once: five folders emptied.
+        left = set(msgs) - set(paced)
+        boxes = hb.maildirs(store)[:5]
+        bulk = [m for m in sorted(left) if any(b in m.parents for b in boxes)]
+        settle()
+        cpu0 = p.cpu_s() + s.cpu_s()
+        t0 = time.monotonic()
+        for m in bulk:
+            os.unlink(m)
+        unlink_s = time.monotonic() - t0
+        gone_s = self.wait_gone(replica, store, bulk, 60.0) + unlink_s
+        cpu = p.cpu_s() + s.cpu_s() - cpu0
+        settle()
+        cmd = ["rsync", "-a", "--delete", f"{store}/", self.rsync_url("expunge-rsync")]
+        t1 = time.monotonic()
+        sh(cmd)
+        rs = {"seconds": time.monotonic() - t1, "cmd": " ".join(cmd),
+              "note": "reflects both the paced and the bulk deletes (one walk either way)"}
+        out["bulk"] = {"deletes": len(bulk), "folders": len(boxes), "unlink_s": unlink_s,
+                       "replica_clear_s": gone_s, "cpu_s": cpu, "rsync_delete": rs}
+        log(f"expunge bulk: {len(bulk)} messages in {len(boxes)} folders gone from the replica in "
+            f"{gone_s:.3f} s (rsync -a --delete {rs['seconds']:.3f} s)")
+        # A mailbox deleted: five more folders removed with `rm -rf` (tmp/,
+        # new/, cur/, their messages and Dovecot's files).
+        gone_boxes = [b for b in hb.maildirs(store) if b not in boxes][:5]
+        held = [m for m in self.messages_of(store) if any(b in m.parents for b in gone_boxes)]
+        settle()
+        cpu0 = p.cpu_s() + s.cpu_s()
+        t0 = time.monotonic()
+        for b in gone_boxes:
+            shutil.rmtree(b)
+        rm_s = time.monotonic() - t0
+        clear_s = self.wait_gone(replica, store, gone_boxes, 60.0) + rm_s
+        cpu = p.cpu_s() + s.cpu_s() - cpu0
+        settle()
+        t1 = time.monotonic()
+        sh(cmd)
+        out["folders"] = {"folders": len(gone_boxes), "messages": len(held), "rm_s": rm_s,
+                          "replica_clear_s": clear_s, "cpu_s": cpu,
+                          "rsync_delete": {"seconds": time.monotonic() - t1, "cmd": " ".join(cmd)}}
+        log(f"expunge folders: {len(gone_boxes)} folders ({len(held)} messages) gone from the replica in "
+            f"{clear_s:.3f} s (rsync -a --delete {out['folders']['rsync_delete']['seconds']:.3f} s)")
+        want = len(self.messages_of(store))
+        got = len(self.messages_of(replica))
+        out["store_after"], out["replica_after"] = want, got
+        if want != got:
+            raise RuntimeError(f"after the expunges the store holds {want} messages, the replica {got}")
+        self.note_hwm("expunge", pair)
+        pair.stop()
+        self.raw["expunge"] = out
+
     # --------------------------------------------------------------- lsyncd
 
     def lsyncd(self) -> None:
@@ -1015,6 +1126,8 @@ class Bench:
             self.step("lag", self.lag)
         if self.args.scale and want("scale"):
             self.step("scale", self.scale)
+        if want("expunge"):
+            self.step("expunge", self.expunge)
         if want("lsyncd"):
             self.step("lsyncd", self.lsyncd)
         if want("queue"):
@@ -1054,6 +1167,7 @@ def main() -> None:
     ap.add_argument("--rates", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--lag-seconds", type=float)
     ap.add_argument("--lag-store-messages", type=int)
+    ap.add_argument("--expunge-rate", type=float, default=200, help="offered deletes/s in the expunge step")
     ap.add_argument("--queue-messages", type=int)
     ap.add_argument("--kills", type=int)
     ap.add_argument("--lsyncd-delay", type=float, default=0)
@@ -1078,7 +1192,7 @@ def main() -> None:
                          "shared: everything on the run directory's filesystem")
     ap.add_argument("--only", type=lambda s: set(s.split(",")),
                     help="run only these steps (comma-separated: initial, incremental, large, lag, "
-                         "scale, lsyncd, queue, failover, rss, profile); the report marks the run as partial")
+                         "expunge, scale, lsyncd, queue, failover, rss, profile); the report marks the run as partial")
     a = ap.parse_args()
     defaults = (
         dict(messages=2000, mailboxes=50, reps=1, rates=[1000, 10], lag_seconds=3, lag_store_messages=500,

@@ -2192,8 +2192,9 @@ pub struct DataSim {
     replica: Replica,
     sender: Sender<SimTree>,
     excludes: Excludes,
-    /// Events the tracker has not read yet; inodes of watched folders.
-    events: VecDeque<Event>,
+    /// Events the tracker has not read yet (with when the change was
+    /// made); inodes of watched folders.
+    events: VecDeque<(Instant, Event)>,
     watched: std::collections::HashSet<u64>,
     /// The folder each folder was made in (by inode), and the folders made
     /// whose watch found nothing under their name (the tracker's rule: a
@@ -2232,6 +2233,9 @@ pub struct DataSim {
     /// may still change under it, and a comparison may still race a change.
     lull_percent: u8,
     lull_rng: SimRng,
+    /// When the retries that waited for the tracker go back in the queue
+    /// (its own stream: the workload's draws stay as they were).
+    retry_rng: SimRng,
     lull_left: u32,
     crash_percent: u8,
     /// Percent chance, at those steps, that the replica's disk turns full
@@ -2471,6 +2475,7 @@ impl DataSim {
             busy_rng: SimRng::new(seed ^ 0x7761_6c6b_696e_6721),
             lull_percent: 0,
             lull_rng: SimRng::new(seed ^ 0x6c75_6c6c_6c75_6c6c),
+            retry_rng: SimRng::new(seed ^ 0x7265_7472_7972_6574),
             lull_left: 0,
             crash_percent: 0,
             full_percent: 0,
@@ -2602,7 +2607,7 @@ impl DataSim {
             .is_some_and(|i| self.watched.contains(&i))
         {
             drop(fs);
-            self.events.push_back(e);
+            self.events.push_back((Instant::now(), e));
         }
     }
 
@@ -2627,10 +2632,14 @@ impl DataSim {
                 let dir = fs.ino(to).filter(|_| fs.is_dir(to));
                 drop(fs);
                 self.events
-                    .push_back(Event::Moved(from.into(), to.into(), dir))
+                    .push_back((Instant::now(), Event::Moved(from.into(), to.into(), dir)))
             }
-            (true, false) => self.events.push_back(Event::MovedOut(from.into())),
-            (false, true) => self.events.push_back(Event::MovedIn(to.into())),
+            (true, false) => self
+                .events
+                .push_back((Instant::now(), Event::MovedOut(from.into()))),
+            (false, true) => self
+                .events
+                .push_back((Instant::now(), Event::MovedIn(to.into()))),
             (false, false) => {}
         }
     }
@@ -3044,7 +3053,25 @@ impl DataSim {
     }
 
     /// The tracker reads up to `n` events and queues their ops.
+    /// The tracker reads up to `n` events; then it says what it has read
+    /// (every change made before the oldest event still queued), and, at
+    /// most steps, the retries that waited for that go back in the queue
+    /// (the sender's loop does so as soon as they may).
     fn tracker_step(&mut self, n: usize) {
+        self.tracker_read(n);
+        let upto = match self.events.front() {
+            Some((at, _)) => at.checked_sub(Duration::from_nanos(1)),
+            None => Some(Instant::now()),
+        };
+        if let Some(upto) = upto {
+            self.sender.coalescer.set_read_upto(upto);
+        }
+        if self.retry_rng.percent(70) {
+            self.sender.requeue_tracker_read_retries();
+        }
+    }
+
+    fn tracker_read(&mut self, n: usize) {
         if self.events.len() > 4 && self.rng.percent(self.overflow_percent) {
             // IN_Q_OVERFLOW: the queue is lost; the store is rescanned.
             self.out.overflows += 1;
@@ -3062,7 +3089,7 @@ impl DataSim {
             return;
         }
         for _ in 0..n {
-            let Some(ev) = self.events.pop_front() else {
+            let Some((_, ev)) = self.events.pop_front() else {
                 return;
             };
             let now = Instant::now();
@@ -3727,7 +3754,7 @@ impl DataSim {
     /// exist, so the replica keeps the old name until the next comparison
     /// (which counts it as drift).
     fn comparison_blind_spot(&self) -> bool {
-        self.events.iter().any(|e| match e {
+        self.events.iter().any(|(_, e)| match e {
             Event::Created(_, Some(_)) | Event::MovedIn(_) => true,
             Event::Moved(_, _, Some(ino)) => !self.watched.contains(ino),
             _ => false,

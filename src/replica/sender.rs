@@ -65,6 +65,17 @@ const REFUSED_REMEMBERED_MAX: usize = 100_000;
 const LISTED_FOLLOWED_MAX: usize = 65_536;
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
+/// When an op put aside is queued again.
+#[derive(Clone, Copy, Debug)]
+enum Due {
+    /// At this time (a local error on the replica, its disk full).
+    At(Instant),
+    /// Once the tracker has read every change made before this time (the
+    /// delete of a name found gone that the replica held in case it moved:
+    /// the rename that took it away, if one did, is then queued ahead of it).
+    TrackerRead(Instant),
+}
+
 /// Bound on what the names whose unsure delete the replica held take (a
 /// path and about 64 bytes each): reached, they are all let go of (each
 /// such name costs one more unsure round if the replica holds it again).
@@ -252,7 +263,7 @@ pub struct Sender<T = Tree> {
     manifest_id: u64,
     /// Batches in flight, numbering, flow control, ops asked for again.
     window: AckWindow<Inflight>,
-    retry: Vec<(Instant, Op)>,
+    retry: Vec<(Due, Op)>,
     /// Retries put back in the queue and not planned yet: a rename planned
     /// before them carries what the replica holds there on, as it does for
     /// the retries still waiting (see [`Sender::follow_retries`]).
@@ -751,7 +762,7 @@ impl<T: LocalTree> Sender<T> {
         if self.retry.is_empty() {
             return;
         }
-        let moved: Vec<(Instant, Op)> = self
+        let moved: Vec<(Due, Op)> = self
             .retry
             .iter()
             .filter_map(|(at, op)| match op {
@@ -796,13 +807,37 @@ impl<T: LocalTree> Sender<T> {
 
     /// Puts the ops whose retry is due at `now` back in the queue.
     pub(crate) fn requeue_retries_at(&mut self, now: Instant) {
+        self.requeue_retries_due(Some(now));
+    }
+
+    /// Puts back in the queue the ops whose retry waited for the tracker
+    /// to read what was made before it, and has (a simulator's tracker
+    /// model says so at any step; the time-bound ones wait for its lulls).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn requeue_tracker_read_retries(&mut self) {
+        self.requeue_retries_due(None);
+    }
+
+    /// Puts back in the queue the ops whose retry is due: by `now` (if
+    /// given), or by the tracker having read past their time.
+    fn requeue_retries_due(&mut self, now: Option<Instant>) {
         if self.retry.is_empty() {
             return;
         }
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retry)
-            .into_iter()
-            .partition(|(t, _)| *t <= now);
+        let read_upto = self.coalescer.read_upto();
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.retry)
+                .into_iter()
+                .partition(|(due, _)| match *due {
+                    Due::At(t) => now.is_some_and(|now| t <= now),
+                    Due::TrackerRead(t) => read_upto.is_some_and(|r| r >= t),
+                });
         self.retry = later;
+        if due.is_empty() {
+            return;
+        }
+        // What the tracker read is queued first: the retries go behind it.
+        self.coalescer.drain();
         for (_, op) in due {
             if let Op::Sync { store, rel, .. } = &op {
                 if self.requeued.len() >= LISTED_FOLLOWED_MAX {
@@ -888,18 +923,22 @@ impl<T: LocalTree> Sender<T> {
                     since: now,
                 };
                 if reason == NeedReason::MayHaveMoved {
-                    // Held in case the name moved: looked at again behind
-                    // what is queued by then, its delete then sure.
-                    self.retry.push((Instant::now() + LOCAL_ERROR_RETRY, op));
+                    // Held in case the name moved: looked at again once the
+                    // tracker has read every change made before now (the
+                    // rename that took it away, if one did, is then queued
+                    // ahead of it), its delete then sure.
+                    self.retry.push((Due::TrackerRead(now), op));
+                    self.coalescer.ask_read_upto();
                 } else if reason == NeedReason::LocalError {
                     // Whatever failed there may fail again: not in a loop.
-                    self.retry.push((Instant::now() + LOCAL_ERROR_RETRY, op));
+                    self.retry
+                        .push((Due::At(Instant::now() + LOCAL_ERROR_RETRY), op));
                 } else if reason == NeedReason::NoSpace {
                     if !self.stats.peer_disk_full.swap(true, Relaxed) {
                         warn!("peer's disk is full: replication paused, retrying with backoff");
                     }
                     let now = Instant::now();
-                    self.retry.push((now + self.retry_delay, op));
+                    self.retry.push((Due::At(now + self.retry_delay), op));
                     // Back off once per round of refusals, not per path.
                     if now >= self.next_backoff {
                         self.next_backoff = now + self.retry_delay;

@@ -218,6 +218,25 @@ impl Coalescer {
         self.shared.wake.clone()
     }
 
+    /// Every change made before the instant returned has been read by the
+    /// tracker and is in this queue once it is drained
+    /// ([`super::Shared::read_upto`]); none yet: `None`.
+    pub(crate) fn read_upto(&self) -> Option<Instant> {
+        self.shared.read_upto()
+    }
+
+    /// Asks the tracker for a fresh [`Coalescer::read_upto`] now; the
+    /// waker is notified when it advances.
+    pub(crate) fn ask_read_upto(&self) {
+        self.shared.ask_read_upto();
+    }
+
+    /// A simulator's tracker model says what it has delivered.
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn set_read_upto(&self, at: Instant) {
+        self.shared.set_read_upto(at);
+    }
+
     /// A clone of the producer side, so other threads can also inject ops
     /// (they do not wake the consumer: embedders use [`super::Notifier`]).
     pub fn sender(&self) -> Sender<Op> {

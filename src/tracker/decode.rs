@@ -658,27 +658,62 @@ impl Decoder {
         self.rescan(store, reason, Instant::now(), out);
     }
 
-    /// Waits up to `timeout` for events; false on timeout or signal.
+    /// Waits up to `timeout` for events, or for a consumer's ask for a
+    /// fresh `read_upto` (taken here); false on timeout, ask or signal.
     fn wait_readable(&self, timeout: Duration) -> Result<bool, Errno> {
         let timeout = Timespec::try_from(timeout).unwrap_or(Timespec {
             tv_sec: 0,
             tv_nsec: 50_000_000,
         });
-        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        let Some(poke) = &self.shared.poke else {
+            let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+            return match poll(&mut fds, Some(&timeout)) {
+                Ok(n) => Ok(n > 0),
+                Err(Errno::INTR) => Ok(false),
+                Err(errno) => Err(errno),
+            };
+        };
+        let mut fds = [
+            PollFd::new(&self.fd, PollFlags::IN),
+            PollFd::new(poke, PollFlags::IN),
+        ];
         match poll(&mut fds, Some(&timeout)) {
-            Ok(n) => Ok(n > 0),
+            Ok(_) => {
+                if fds[1].revents().contains(PollFlags::IN) {
+                    let mut count = [0u8; 8];
+                    // Non-blocking; a lost race with nothing left is fine.
+                    let _ = rustix::io::read(poke, &mut count);
+                }
+                Ok(fds[0].revents().contains(PollFlags::IN))
+            }
             Err(Errno::INTR) => Ok(false),
             Err(errno) => Err(errno),
         }
     }
+
+    /// Whether inotify has nothing queued right now.
+    fn nothing_queued(&self) -> bool {
+        let mut fds = [PollFd::new(&self.fd, PollFlags::IN)];
+        matches!(
+            poll(
+                &mut fds,
+                Some(&Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0
+                })
+            ),
+            Ok(0)
+        )
+    }
 }
 
 /// Reads what is queued (non-blocking) into `out`, up to about [`BATCH_EVENTS_MAX`].
+/// Ok(true) if it read until inotify had nothing left.
 fn read_events(
     fd: &OwnedFd,
     buf: &mut [MaybeUninit<u8>],
     out: &mut Vec<RawEvent>,
-) -> Result<(), Errno> {
+) -> Result<bool, Errno> {
     let mut reader = inotify::Reader::new(fd, buf);
     loop {
         match reader.next() {
@@ -693,10 +728,10 @@ fn read_events(
                 });
                 // Stop only between reads, so a MOVED_FROM/MOVED_TO pair in one read stays together.
                 if out.len() >= BATCH_EVENTS_MAX && reader.is_buffer_empty() {
-                    return Ok(());
+                    return Ok(false);
                 }
             }
-            Err(Errno::AGAIN) => return Ok(()),
+            Err(Errno::AGAIN) => return Ok(true),
             Err(Errno::INTR) => continue,
             Err(errno) => return Err(errno),
         }
@@ -888,9 +923,18 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
     while !stop.load(Ordering::SeqCst) {
         let mut busy = false;
         let mut read_any = false;
+        // Every change made before this has been read (see
+        // `Shared::read_upto`), once what was read is decoded and sent and
+        // no MOVED_FROM waits for its pair.
+        let mut read_upto = None;
         match decoder.wait_readable(decoder.poll_timeout(Instant::now())) {
             Ok(true) => {
+                let started = Instant::now();
                 let read = read_events(&decoder.fd, &mut buf, &mut events);
+                if matches!(read, Ok(true)) {
+                    // It read until inotify had nothing left.
+                    read_upto = Some(started);
+                }
                 let now = Instant::now();
                 read_any = true;
                 busy = waiting_since.is_some_and(|t| now.duration_since(t) < BUSY_READ_GAP);
@@ -906,7 +950,12 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
                     std::thread::sleep(POLL_INTERVAL);
                 }
             }
-            Ok(false) => {}
+            Ok(false) => {
+                let now = Instant::now();
+                if decoder.nothing_queued() {
+                    read_upto = Some(now);
+                }
+            }
             Err(errno) => {
                 tracing::warn!(%errno, "polling the inotify descriptor failed; retrying");
                 std::thread::sleep(POLL_INTERVAL);
@@ -917,6 +966,16 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
             if producer.send(op).is_err() {
                 tracing::debug!("change consumer dropped; tracker thread exits");
                 return;
+            }
+        }
+        if let Some(at) = read_upto.filter(|_| decoder.moves.is_empty()) {
+            let shared = &decoder.shared;
+            let before = shared.read_upto();
+            shared.set_read_upto(at);
+            if before.is_none_or(|b| b < at)
+                && shared.read_upto_waited.swap(false, Ordering::AcqRel)
+            {
+                shared.wake.notify_one();
             }
         }
         if busy {

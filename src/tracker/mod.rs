@@ -20,7 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
@@ -126,6 +126,8 @@ pub enum TrackerError {
     },
     #[error("local I/O: cannot create an inotify instance: {errno}")]
     Init { errno: rustix::io::Errno },
+    #[error("local I/O: cannot create the tracker's wake-up eventfd: {errno}")]
+    Poke { errno: rustix::io::Errno },
     #[error("local I/O: cannot watch store root {}: {errno}", path.display())]
     WatchRoot {
         path: PathBuf,
@@ -169,6 +171,17 @@ pub(crate) struct Shared {
     channel_bytes_max: usize,
     /// Woken after every send, so the consumer can sleep until there is work.
     wake: Arc<tokio::sync::Notify>,
+    /// Every change made before this instant has been read, and its ops
+    /// sent (nanoseconds after `base`, plus one; 0: none yet): see
+    /// [`Shared::read_upto`].
+    read_upto_ns: AtomicU64,
+    base: Instant,
+    /// A consumer asked for a fresh `read_upto`: woken when it advances.
+    pub(crate) read_upto_waited: AtomicBool,
+    /// Written to ask the reader thread for a fresh `read_upto` at once
+    /// (instead of at its next poll timeout); none for a detached
+    /// coalescer.
+    poke: Option<rustix::fd::OwnedFd>,
 }
 
 impl Shared {
@@ -186,6 +199,48 @@ impl Shared {
             channel_bytes: std::sync::atomic::AtomicUsize::new(0),
             channel_bytes_max: CHANNEL_BYTES_MAX,
             wake: Arc::new(tokio::sync::Notify::new()),
+            read_upto_ns: AtomicU64::new(0),
+            base: Instant::now(),
+            read_upto_waited: AtomicBool::new(false),
+            poke: None,
+        }
+    }
+
+    /// With the descriptor that wakes the reader thread for a fresh
+    /// [`Shared::read_upto`].
+    fn with_poke(mut self) -> Result<Shared, TrackerError> {
+        use rustix::event::{eventfd, EventfdFlags};
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+            .map_err(|errno| TrackerError::Poke { errno })?;
+        self.poke = Some(fd);
+        Ok(self)
+    }
+
+    /// Every change to the watched trees made before the instant returned
+    /// has been read from inotify and its ops sent to the channel (none
+    /// waits for its pair: a MOVED_FROM read is resolved). A name found
+    /// gone before it, then, had any rename that took it away already
+    /// queued (or lost to an overflow, for which a rescan is queued).
+    pub(crate) fn read_upto(&self) -> Option<Instant> {
+        match self.read_upto_ns.load(Ordering::Acquire) {
+            0 => None,
+            ns => Some(self.base + Duration::from_nanos(ns - 1)),
+        }
+    }
+
+    /// Advances [`Shared::read_upto`] (never back).
+    pub(crate) fn set_read_upto(&self, at: Instant) {
+        let ns = at.saturating_duration_since(self.base).as_nanos() as u64 + 1;
+        self.read_upto_ns.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    /// Asks the reader thread for a fresh [`Shared::read_upto`] now.
+    pub(crate) fn ask_read_upto(&self) {
+        self.read_upto_waited.store(true, Ordering::Release);
+        if let Some(fd) = &self.poke {
+            // A full counter (never, at one per ask) or a closed reader
+            // only delays the answer to the thread's next poll timeout.
+            let _ = rustix::io::write(fd, &1u64.to_ne_bytes());
         }
     }
 
@@ -424,7 +479,7 @@ impl Tracker {
     pub fn start(cfg: TrackerConfig) -> Result<(Tracker, Coalescer), TrackerError> {
         let filter = Arc::new(Filter::new(&cfg.exclude)?);
         let roots = Arc::new(Roots::new(&cfg.roots)?);
-        let shared = Arc::new(Shared::new(cfg.roots.len(), CHANNEL_OPS_MAX));
+        let shared = Arc::new(Shared::new(cfg.roots.len(), CHANNEL_OPS_MAX).with_poke()?);
         let (tx, rx) = crossbeam_channel::unbounded();
         let producer = Producer {
             tx: tx.clone(),

@@ -1348,3 +1348,54 @@ fn a_rename_read_after_the_old_name_was_made_again_keeps_the_new_folders_watch()
         "what the renamed folder holds is reported: {ops:?}"
     );
 }
+
+/// What the sender's second look at a name found gone rests on: once the
+/// tracker says it has read past an instant, every change made before it is
+/// in the queue after a drain (a rename that took a name away is queued
+/// ahead of the look); asked while idle, it says so promptly, not at its
+/// next poll timeout, and wakes the consumer.
+#[test]
+fn read_upto_passes_a_change_only_once_its_op_is_queued() {
+    let mut fx = Fixture::start(&["new", "cur"], &["new/0.host"], &[]);
+    let waker = fx.coalescer.waker();
+    let _ = fx.collect(0);
+    let wait_past = |c: &Coalescer, at: Instant| {
+        let deadline = Instant::now() + EXPECT_WITHIN;
+        c.ask_read_upto();
+        while c.read_upto().is_none_or(|r| r < at) {
+            assert!(Instant::now() < deadline, "read_upto never passed {at:?}");
+            let w = waker.clone();
+            let _ = tokio_uring::start(async move {
+                tokio::time::timeout(Duration::from_millis(200), w.notified()).await
+            });
+        }
+    };
+    let mut took = Vec::new();
+    for round in 0..20 {
+        let from = format!("new/{round}.host");
+        let to = format!("cur/{round}.host:2,S");
+        if round > 0 {
+            fs::write(fx.path(&from), b"x").expect("write");
+        }
+        fs::rename(fx.path(&from), fx.path(&to)).expect("rename");
+        wait_past(&fx.coalescer, Instant::now());
+        fx.coalescer.drain();
+        let ops = take_all(&mut fx.coalescer);
+        assert!(
+            ops.iter().any(|o| o.contains(&to)),
+            "round {round}: the rename to {to} is queued once read_upto passed it: {ops:?}"
+        );
+        // The tracker idle again: only the ask wakes it.
+        std::thread::sleep(Duration::from_millis(5));
+        let asked = Instant::now();
+        wait_past(&fx.coalescer, asked);
+        took.push(asked.elapsed());
+    }
+    took.sort();
+    // The tracker's poll timeout is 50 ms: answers that waited for it (or
+    // a consumer not woken, 200 ms) would put the median past 10 ms.
+    assert!(
+        took[took.len() / 2] < Duration::from_millis(10),
+        "read_upto answers an ask promptly: {took:?}"
+    );
+}
