@@ -289,6 +289,10 @@ pub struct Sender<T = Tree> {
     last_save: Instant,
     /// A rescan asked for a comparison with the replica.
     pending_verify: bool,
+    /// A comparison was asked for and its request taken by the driver, not
+    /// begun yet: the looks at names found gone wait for it (and then go
+    /// behind its backlog).
+    comparison_owed: bool,
     last_progress_log: Instant,
     /// Paths a comparison found different, waiting to enter the coalescer
     /// a few batches at a time: a 100k-file initial sync holds one boxed
@@ -462,6 +466,7 @@ impl<T: LocalTree> Sender<T> {
             next_backoff: Instant::now(),
             last_save: Instant::now(),
             pending_verify: false,
+            comparison_owed: false,
             gate: Default::default(),
             last_progress_log: Instant::now(),
             commits: None,
@@ -825,12 +830,18 @@ impl<T: LocalTree> Sender<T> {
             return;
         }
         let read_upto = self.coalescer.read_upto();
+        // A comparison asked for (a refused folder rename leaves its trees
+        // to one) lists names a move may have taken a name to: the looks
+        // wait for it, then go behind its backlog (seed 9343: a folder's
+        // sure delete overtook the comparison that would send its new
+        // name's messages).
+        let comparison_first = self.pending_verify || self.comparison_owed;
         let (due, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.retry)
                 .into_iter()
                 .partition(|(due, _)| match *due {
                     Due::At(t) => now.is_some_and(|now| t <= now),
-                    Due::TrackerRead(t) => read_upto.is_some_and(|r| r >= t),
+                    Due::TrackerRead(t) => !comparison_first && read_upto.is_some_and(|r| r >= t),
                 });
         self.retry = later;
         if due.is_empty() {
@@ -2949,7 +2960,9 @@ impl<T: LocalTree> Sender<T> {
     /// A comparison with the replica was asked for (a rescan, a folder
     /// that vanished under a file being sent); forgets the request.
     pub(crate) fn take_verify_request(&mut self) -> bool {
-        std::mem::take(&mut self.pending_verify)
+        let asked = std::mem::take(&mut self.pending_verify);
+        self.comparison_owed |= asked;
+        asked
     }
 
     /// A comparison with the replica was asked for (not forgotten).
@@ -3416,6 +3429,60 @@ mod tests {
             assert!(sender.deletes_sure_bytes <= DELETES_SURE_BYTES_MAX);
         }
         assert!(sender.deletes_sure.len() < 5_000, "let go of once full");
+    }
+
+    /// The look at a name found gone (its unsure delete held) goes back in
+    /// the queue once the tracker has read every change made before the
+    /// hold, not before; not while a comparison asked for has not begun;
+    /// and behind what the tracker queued (a rename drained from the
+    /// channel comes first).
+    #[test]
+    fn a_held_delete_is_looked_at_again_once_the_tracker_has_read_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root")).unwrap();
+        let mut sender = sender_over(dir.path());
+        let gone = Path::new("alice/Maildir/new/1.host");
+        let held_at = Instant::now();
+        sender.retry.push((
+            Due::TrackerRead(held_at),
+            Op::Sync {
+                store: 0,
+                rel: gone.to_path_buf(),
+                since: held_at,
+            },
+        ));
+        let queued = |s: &Sender<_>| s.coalescer.pending();
+        sender.requeue_retries_at(held_at + Duration::from_secs(3600));
+        assert_eq!(queued(&sender), 0, "the tracker has said nothing yet");
+        sender
+            .coalescer
+            .set_read_upto(held_at - Duration::from_millis(1));
+        sender.requeue_retries_at(held_at + Duration::from_secs(3600));
+        assert_eq!(queued(&sender), 0, "read up to before the hold");
+        sender.coalescer.set_read_upto(held_at);
+        sender.pending_verify = true;
+        assert!(sender.take_verify_request());
+        sender.requeue_retries_at(held_at + Duration::from_secs(3600));
+        assert_eq!(queued(&sender), 0, "a comparison asked for comes first");
+        let _ = sender.begin_comparison(false, false);
+        // The tracker's rename, still in the channel, goes ahead.
+        sender
+            .coalescer
+            .sender()
+            .send(Op::Rename {
+                store: 0,
+                from: gone.to_path_buf(),
+                to: PathBuf::from("alice/Maildir/cur/1.host:2,S"),
+                since: held_at,
+            })
+            .unwrap();
+        sender.requeue_retries_at(held_at);
+        let ops = sender.coalescer.take_batch(10);
+        assert!(
+            matches!(&ops[..], [Op::Rename { .. }, Op::Sync { rel, .. }] if rel == gone),
+            "{ops:?}"
+        );
+        assert!(sender.retry.is_empty());
     }
 
     /// A version the primary cannot keep (here: a file where its conflicts

@@ -317,11 +317,16 @@ fn data_sim_seeds() {
 /// later session, whose receiver held nothing (a session starts unsure);
 /// 1453: a folder renamed while a comparison walked, found gone and deleted
 /// with the only copy of a message in it (a folder with anything in it is
-/// held until the sure delete).
+/// held until the sure delete); 9343, once the second look waited for the
+/// tracker instead of a timer: a folder's rename refused, its old name's
+/// sure delete sent before the comparison that would send the new name's
+/// messages (the looks wait for a comparison asked for).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
-    for seed in [263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871] {
+    for seed in [
+        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 9343,
+    ] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {
                 assert!(o.failovers > 0, "seed {seed} no longer fails over");

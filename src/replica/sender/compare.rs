@@ -129,6 +129,7 @@ impl<T: LocalTree> Sender<T> {
         } else {
             SyncPhase::Verifying
         });
+        self.comparison_owed = false;
         let mut on_way = InFlight::new(std::time::SystemTime::now());
         for (s, rel) in self.backlog.iter() {
             on_way.add_path(s, &rel);
