@@ -830,25 +830,32 @@ impl<T: LocalTree> Sender<T> {
             return;
         }
         let read_upto = self.coalescer.read_upto();
-        // A comparison asked for (a refused folder rename leaves its trees
-        // to one) lists names a move may have taken a name to: the looks
-        // wait for it, then go behind its backlog (seed 9343: a folder's
-        // sure delete overtook the comparison that would send its new
-        // name's messages).
-        let comparison_first = self.pending_verify || self.comparison_owed;
+        // What the tracker read is queued first: the retries go behind it
+        // (and a rescan it queued is seen below).
+        self.coalescer.drain();
+        let comparison_first = self.comparison_ahead();
         let (due, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.retry)
                 .into_iter()
                 .partition(|(due, _)| match *due {
                     Due::At(t) => now.is_some_and(|now| t <= now),
-                    Due::TrackerRead(t) => !comparison_first && read_upto.is_some_and(|r| r >= t),
+                    // Strictly after: a read that began in the same tick
+                    // of the clock may have begun before the hold.
+                    Due::TrackerRead(t) => !comparison_first && read_upto.is_some_and(|r| r > t),
                 });
         self.retry = later;
+        if self
+            .retry
+            .iter()
+            .any(|(d, _)| matches!(d, Due::TrackerRead(_)))
+        {
+            // Still waiting: ask again (the tracker's answer may have come
+            // short of them, and used up the wake-up).
+            self.coalescer.ask_read_upto();
+        }
         if due.is_empty() {
             return;
         }
-        // What the tracker read is queued first: the retries go behind it.
-        self.coalescer.drain();
         for (_, op) in due {
             if let Op::Sync { store, rel, .. } = &op {
                 if self.requeued.len() >= LISTED_FOLLOWED_MAX {
@@ -2170,7 +2177,11 @@ impl<T: LocalTree> Sender<T> {
         // lands elsewhere or this name, its turn of the queue over, is
         // found gone again (by a Sync queued since the replica held it)
         // and deleted for sure.
-        let unsure = !since.is_some_and(|since| self.delete_sure_taken(store, &rel, since));
+        // (Not while a comparison or rescan is ahead, asked for in this
+        // batch even: the mark stays, the replica holds the name again, and
+        // the next look goes behind it.)
+        let unsure = self.comparison_ahead()
+            || !since.is_some_and(|since| self.delete_sure_taken(store, &rel, since));
         let mut f = Vec::new();
         SyncMsg::Delete {
             seq,
@@ -2186,6 +2197,17 @@ impl<T: LocalTree> Sender<T> {
         self.stores[store].index.set_synced(&rel, false);
         batch.acks.push(OnAck::Remove(seq, store, rel));
         f
+    }
+
+    /// A comparison is asked for, or a rescan queued, and has not begun:
+    /// it lists names a move may have taken a name found gone to (a refused
+    /// folder rename leaves its trees to one; a tracker overflow or a
+    /// dropped change, to a rescan). A look at such a name waits for it,
+    /// then goes behind its backlog, and no delete is sure meanwhile (seed
+    /// 9343: a folder's sure delete overtook the comparison that would send
+    /// its new name's messages).
+    fn comparison_ahead(&self) -> bool {
+        self.pending_verify || self.comparison_owed || self.coalescer.rescan_pending()
     }
 
     /// The replica held an unsure delete of `rel`: the next delete of it
@@ -3433,9 +3455,9 @@ mod tests {
 
     /// The look at a name found gone (its unsure delete held) goes back in
     /// the queue once the tracker has read every change made before the
-    /// hold, not before; not while a comparison asked for has not begun;
-    /// and behind what the tracker queued (a rename drained from the
-    /// channel comes first).
+    /// hold (strictly past its instant), not before; not while a comparison
+    /// asked for, or a rescan queued, has not begun; and behind what the
+    /// tracker queued (a rename drained from the channel comes first).
     #[test]
     fn a_held_delete_is_looked_at_again_once_the_tracker_has_read_past_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -3460,6 +3482,11 @@ mod tests {
         sender.requeue_retries_at(held_at + Duration::from_secs(3600));
         assert_eq!(queued(&sender), 0, "read up to before the hold");
         sender.coalescer.set_read_upto(held_at);
+        sender.requeue_retries_at(held_at + Duration::from_secs(3600));
+        assert_eq!(queued(&sender), 0, "read up to the hold's own instant");
+        sender
+            .coalescer
+            .set_read_upto(held_at + Duration::from_micros(1));
         sender.pending_verify = true;
         assert!(sender.take_verify_request());
         sender.requeue_retries_at(held_at + Duration::from_secs(3600));
@@ -3483,6 +3510,34 @@ mod tests {
             "{ops:?}"
         );
         assert!(sender.retry.is_empty());
+        // A rescan the tracker queued (an overflow lost the rename): the
+        // look waits for the comparison it brings, and no delete is sure
+        // until that begins.
+        let _ = sender.coalescer.take_batch(100);
+        let held_at = Instant::now();
+        sender.retry.push((
+            Due::TrackerRead(held_at),
+            Op::Sync {
+                store: 0,
+                rel: gone.to_path_buf(),
+                since: held_at,
+            },
+        ));
+        sender
+            .coalescer
+            .sender()
+            .send(Op::Rescan {
+                store: 0,
+                reason: "inotify queue overflow".into(),
+                since: held_at,
+            })
+            .unwrap();
+        sender
+            .coalescer
+            .set_read_upto(held_at + Duration::from_micros(1));
+        sender.requeue_retries_at(held_at);
+        assert!(sender.comparison_ahead(), "the rescan is queued");
+        assert_eq!(sender.retry.len(), 1, "the look waits behind the rescan");
     }
 
     /// A version the primary cannot keep (here: a file where its conflicts

@@ -207,6 +207,11 @@ impl Coalescer {
         self.queue.iter().flatten()
     }
 
+    /// A rescan of some store is queued (a comparison will follow it).
+    pub(crate) fn rescan_pending(&self) -> bool {
+        !self.rescans.is_empty()
+    }
+
     /// Ops waiting.
     pub fn pending(&self) -> usize {
         self.live

@@ -101,6 +101,10 @@ pub(crate) struct Decoder {
     /// Per store; ordered so a directory's watches are one range.
     by_path: Vec<BTreeMap<RelPath, i32>>,
     moves: VecDeque<PendingMove>,
+    /// This turn found a folder gone from under its name before its watch
+    /// (its new name comes with a rename not read yet): the thread does not
+    /// say it has read past this turn's read (see `Shared::read_upto`).
+    unsettled: bool,
     /// Folders made (or moved in) whose watch found nothing: the watch of
     /// the folder they were made in, and their name. A folder above was
     /// renamed before the event was read (the folder lives on under the new
@@ -140,6 +144,7 @@ impl Decoder {
             by_wd: HashMap::new(),
             watched_inos: HashMap::new(),
             moves: VecDeque::new(),
+            unsettled: false,
             lost: VecDeque::new(),
         })
     }
@@ -462,6 +467,9 @@ impl Decoder {
     /// A folder made in the folder watched by `wd` that is not under its
     /// name there: a later rename of that folder looks for it.
     fn remember_lost(&mut self, wd: i32, name: OsString) {
+        // Renamed before its watch: its new name is reported only when that
+        // rename is read, after this read.
+        self.unsettled = true;
         if self.lost.len() >= LOST_FOLDERS_MAX {
             self.lost.pop_front();
         }
@@ -604,7 +612,12 @@ impl Decoder {
     ) -> Vec<RelPath> {
         let abs = || self.roots[store].join(rel);
         match found {
-            Found::Skip => Vec::new(),
+            Found::Skip => {
+                // A folder to report gone from under its name before its
+                // watch: where it went is reported by a rename not read yet.
+                self.unsettled |= report.is_some();
+                Vec::new()
+            }
             Found::Failed(why) => {
                 self.watch_failed(store, &abs(), &why, out);
                 Vec::new()
@@ -968,7 +981,8 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
                 return;
             }
         }
-        if let Some(at) = read_upto.filter(|_| decoder.moves.is_empty()) {
+        let unsettled = std::mem::take(&mut decoder.unsettled);
+        if let Some(at) = read_upto.filter(|_| decoder.moves.is_empty() && !unsettled) {
             let shared = &decoder.shared;
             let before = shared.read_upto();
             shared.set_read_upto(at);

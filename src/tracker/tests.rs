@@ -1393,9 +1393,9 @@ fn read_upto_passes_a_change_only_once_its_op_is_queued() {
     }
     took.sort();
     // The tracker's poll timeout is 50 ms: answers that waited for it (or
-    // a consumer not woken, 200 ms) would put the median past 10 ms.
+    // a consumer not woken, 200 ms) put the median at about 45 ms.
     assert!(
-        took[took.len() / 2] < Duration::from_millis(10),
+        took[took.len() / 2] < Duration::from_millis(25),
         "read_upto answers an ask promptly: {took:?}"
     );
 }
