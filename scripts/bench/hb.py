@@ -554,6 +554,25 @@ def maildirs(root: Path) -> list[Path]:
     return sorted(out)
 
 
+class Pacer:
+    """Paces a loop at a fixed offered rate: step i is due at t0 + i/rate; a
+    late step goes at once (no coordinated omission on the offered side)
+    and the worst lateness is kept."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.t0 = time.monotonic()
+        self.behind_max = 0.0
+
+    def wait(self, i: int) -> None:
+        due = self.t0 + i / self.rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            self.behind_max = max(self.behind_max, now - due)
+
+
 def paced_delivery(
     boxes: list[Path],
     rate: float,
@@ -572,16 +591,11 @@ def paced_delivery(
     import resource
 
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    t0 = time.monotonic()
-    behind_max = 0.0
+    pacer = Pacer(rate)
+    t0 = pacer.t0
     nbytes = 0
     for i in range(total):
-        due = t0 + i / rate
-        now = time.monotonic()
-        if due > now:
-            time.sleep(due - now)
-        else:
-            behind_max = max(behind_max, now - due)
+        pacer.wait(i)
         box = boxes[i % len(boxes)]
         name = f"{int(time.time())}.M{i}P{pid}.{host},S={len(prebuilt[i % len(prebuilt)])}"
         tmp = box / "tmp" / name
@@ -603,7 +617,7 @@ def paced_delivery(
         "seconds": elapsed,
         "offered_per_s": rate,
         "achieved_per_s": total / elapsed if elapsed > 0 else None,
-        "writer_behind_ms_max": behind_max * 1000,
+        "writer_behind_ms_max": pacer.behind_max * 1000,
     }
 
 
@@ -667,15 +681,10 @@ class ArrivalWatcher:
 def paced_expunge(victims: list[Path], rate: float, on_deleted=None) -> dict:
     """Deletes the given message files at a fixed offered rate (an IMAP
     expunge unlinks each); a late deleter catches up."""
-    t0 = time.monotonic()
-    behind_max = 0.0
+    pacer = Pacer(rate)
+    t0 = pacer.t0
     for i, path in enumerate(victims):
-        due = t0 + i / rate
-        now = time.monotonic()
-        if due > now:
-            time.sleep(due - now)
-        else:
-            behind_max = max(behind_max, now - due)
+        pacer.wait(i)
         os.unlink(path)
         if on_deleted is not None:
             on_deleted(path, time.monotonic())
@@ -685,7 +694,7 @@ def paced_expunge(victims: list[Path], rate: float, on_deleted=None) -> dict:
         "seconds": elapsed,
         "offered_per_s": rate,
         "achieved_per_s": len(victims) / elapsed if elapsed > 0 else None,
-        "deleter_behind_ms_max": behind_max * 1000,
+        "deleter_behind_ms_max": pacer.behind_max * 1000,
     }
 
 

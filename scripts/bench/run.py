@@ -653,48 +653,41 @@ class Bench:
         log(f"expunge paced {d['achieved_per_s']:.0f}/s: gone from the replica p50 {vis['p50']:.1f} "
             f"p99 {vis['p99']:.1f} max {vis['max']:.1f} ms over {vis['samples']} ({vis['missing']} still there)")
 
-        # All at once: five folders emptied.
+        def removal(remove, gone: list[Path]) -> dict:
+            """Times `remove()` until none of `gone` is on the replica, with
+            both daemons' CPU; then `rsync -a --delete` reflecting it."""
+            settle()
+            cpu0 = p.cpu_s() + s.cpu_s()
+            t0 = time.monotonic()
+            remove()
+            remove_s = time.monotonic() - t0
+            clear_s = self.wait_gone(replica, store, gone, 60.0) + remove_s
+            cpu = p.cpu_s() + s.cpu_s() - cpu0
+            settle()
+            cmd = ["rsync", "-a", "--delete", f"{store}/", self.rsync_url("expunge-rsync")]
+            t1 = time.monotonic()
+            sh(cmd)
+            return {"remove_s": remove_s, "replica_clear_s": clear_s, "cpu_s": cpu,
+                    "rsync_delete": {"seconds": time.monotonic() - t1, "cmd": " ".join(cmd)}}
+
+        # All at once: five folders emptied (rsync's first run also
+        # reflects the paced deletes: one walk either way).
         left = set(msgs) - set(paced)
         boxes = hb.maildirs(store)[:5]
         bulk = [m for m in sorted(left) if any(b in m.parents for b in boxes)]
-        settle()
-        cpu0 = p.cpu_s() + s.cpu_s()
-        t0 = time.monotonic()
-        for m in bulk:
-            os.unlink(m)
-        unlink_s = time.monotonic() - t0
-        gone_s = self.wait_gone(replica, store, bulk, 60.0) + unlink_s
-        cpu = p.cpu_s() + s.cpu_s() - cpu0
-        settle()
-        cmd = ["rsync", "-a", "--delete", f"{store}/", self.rsync_url("expunge-rsync")]
-        t1 = time.monotonic()
-        sh(cmd)
-        rs = {"seconds": time.monotonic() - t1, "cmd": " ".join(cmd),
-              "note": "reflects both the paced and the bulk deletes (one walk either way)"}
-        out["bulk"] = {"deletes": len(bulk), "folders": len(boxes), "unlink_s": unlink_s,
-                       "replica_clear_s": gone_s, "cpu_s": cpu, "rsync_delete": rs}
+        out["bulk"] = {"deletes": len(bulk), "folders": len(boxes)} | removal(
+            lambda: [os.unlink(m) for m in bulk], bulk)
         log(f"expunge bulk: {len(bulk)} messages in {len(boxes)} folders gone from the replica in "
-            f"{gone_s:.3f} s (rsync -a --delete {rs['seconds']:.3f} s)")
+            f"{out['bulk']['replica_clear_s']:.3f} s (rsync -a --delete {out['bulk']['rsync_delete']['seconds']:.3f} s)")
         # A mailbox deleted: five more folders removed with `rm -rf` (tmp/,
         # new/, cur/, their messages and Dovecot's files).
         gone_boxes = [b for b in hb.maildirs(store) if b not in boxes][:5]
         held = [m for m in self.messages_of(store) if any(b in m.parents for b in gone_boxes)]
-        settle()
-        cpu0 = p.cpu_s() + s.cpu_s()
-        t0 = time.monotonic()
-        for b in gone_boxes:
-            shutil.rmtree(b)
-        rm_s = time.monotonic() - t0
-        clear_s = self.wait_gone(replica, store, gone_boxes, 60.0) + rm_s
-        cpu = p.cpu_s() + s.cpu_s() - cpu0
-        settle()
-        t1 = time.monotonic()
-        sh(cmd)
-        out["folders"] = {"folders": len(gone_boxes), "messages": len(held), "rm_s": rm_s,
-                          "replica_clear_s": clear_s, "cpu_s": cpu,
-                          "rsync_delete": {"seconds": time.monotonic() - t1, "cmd": " ".join(cmd)}}
+        out["folders"] = {"folders": len(gone_boxes), "messages": len(held)} | removal(
+            lambda: [shutil.rmtree(b) for b in gone_boxes], gone_boxes)
         log(f"expunge folders: {len(gone_boxes)} folders ({len(held)} messages) gone from the replica in "
-            f"{clear_s:.3f} s (rsync -a --delete {out['folders']['rsync_delete']['seconds']:.3f} s)")
+            f"{out['folders']['replica_clear_s']:.3f} s (rsync -a --delete "
+            f"{out['folders']['rsync_delete']['seconds']:.3f} s)")
         want = len(self.messages_of(store))
         got = len(self.messages_of(replica))
         out["store_after"], out["replica_after"] = want, got

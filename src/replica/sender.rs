@@ -832,7 +832,11 @@ impl<T: LocalTree> Sender<T> {
         let read_upto = self.coalescer.read_upto();
         // What the tracker read is queued first: the retries go behind it
         // (and a rescan it queued is seen below).
+        let before = self.coalescer.pending();
         self.coalescer.drain();
+        if self.coalescer.pending() != before {
+            self.last_change = Instant::now();
+        }
         let comparison_first = self.comparison_ahead();
         let (due, later): (Vec<_>, Vec<_>) =
             std::mem::take(&mut self.retry)
@@ -844,13 +848,15 @@ impl<T: LocalTree> Sender<T> {
                     Due::TrackerRead(t) => !comparison_first && read_upto.is_some_and(|r| r > t),
                 });
         self.retry = later;
-        if self
-            .retry
-            .iter()
-            .any(|(d, _)| matches!(d, Due::TrackerRead(_)))
+        if !comparison_first
+            && self
+                .retry
+                .iter()
+                .any(|(d, _)| matches!(d, Due::TrackerRead(t) if read_upto.is_none_or(|r| r <= *t)))
         {
-            // Still waiting: ask again (the tracker's answer may have come
-            // short of them, and used up the wake-up).
+            // Still waiting for the tracker: ask again (its answer may have
+            // come short of them, and used up the wake-up). Not while a
+            // comparison is ahead: the two threads would wake each other.
             self.coalescer.ask_read_upto();
         }
         if due.is_empty() {
@@ -3464,15 +3470,19 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("root")).unwrap();
         let mut sender = sender_over(dir.path());
         let gone = Path::new("alice/Maildir/new/1.host");
-        let held_at = Instant::now();
-        sender.retry.push((
-            Due::TrackerRead(held_at),
-            Op::Sync {
+        // The replica held the delete of `gone` now: its look waits.
+        let held = |sender: &mut Sender<_>| {
+            let at = Instant::now();
+            let rel = gone.to_path_buf();
+            let op = Op::Sync {
                 store: 0,
-                rel: gone.to_path_buf(),
-                since: held_at,
-            },
-        ));
+                rel,
+                since: at,
+            };
+            sender.retry.push((Due::TrackerRead(at), op));
+            at
+        };
+        let held_at = held(&mut sender);
         let queued = |s: &Sender<_>| s.coalescer.pending();
         sender.requeue_retries_at(held_at + Duration::from_secs(3600));
         assert_eq!(queued(&sender), 0, "the tracker has said nothing yet");
@@ -3514,15 +3524,7 @@ mod tests {
         // look waits for the comparison it brings, and no delete is sure
         // until that begins.
         let _ = sender.coalescer.take_batch(100);
-        let held_at = Instant::now();
-        sender.retry.push((
-            Due::TrackerRead(held_at),
-            Op::Sync {
-                store: 0,
-                rel: gone.to_path_buf(),
-                since: held_at,
-            },
-        ));
+        let held_at = held(&mut sender);
         sender
             .coalescer
             .sender()
