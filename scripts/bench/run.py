@@ -541,19 +541,24 @@ class Bench:
             time.sleep(0.02)
         raise RuntimeError(f"{node.name}: no streaming within {timeout}s\n{node.log_tail()}")
 
+    def streaming_pair(self, name: str, store: Path) -> tuple[hb.Pair, Path]:
+        """A fresh pair replicating `store` (node 0 primary) into a replica
+        of its own, started and streaming; returns it and the replica's path."""
+        replica = self.dst / name
+        pair = hb.Pair(self.exe, self.run / "pairs" / name, [{"mail": store}, {"mail": replica}],
+                       roots=self.pair_roots(name))
+        settle()
+        pair.start()
+        pair.wait_formed()
+        self.wait_streaming(pair.nodes[0], self.args.sync_timeout)
+        return pair, replica
+
     def lag(self) -> None:
         out: dict = {"rates": {}, "store_messages": self.args.lag_store_messages}
         for rate in self.args.rates:
             store = self.lag_store(f"hasync-{rate}", self.args.lag_store_messages)
-            base = self.run / "pairs" / f"lag-{rate}"
-            replica = self.dst / f"lag-{rate}"
-            pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": replica}],
-                           roots=self.pair_roots(f"lag-{rate}"))
-            settle()
-            pair.start()
+            pair, replica = self.streaming_pair(f"lag-{rate}", store)
             p, s = pair.nodes
-            pair.wait_formed()
-            self.wait_streaming(p, self.args.sync_timeout)
             boxes = hb.maildirs(store)
             watcher = hb.ArrivalWatcher(store, replica) if rate <= 1000 else None
             cpu0 = p.cpu_s() + s.cpu_s()
@@ -625,14 +630,8 @@ class Bench:
             self.start_rsyncd()
         n = self.args.lag_store_messages
         store = self.lag_store("expunge", n)
-        base = self.run / "pairs" / "expunge"
-        replica = self.dst / "expunge"
-        pair = hb.Pair(self.exe, base, [{"mail": store}, {"mail": replica}], roots=self.pair_roots("expunge"))
-        settle()
-        pair.start()
+        pair, replica = self.streaming_pair("expunge", store)
         p, s = pair.nodes
-        pair.wait_formed()
-        self.wait_streaming(p, self.args.sync_timeout)
         msgs = self.messages_of(store)
         missing = [m for m in msgs if not (replica / m.relative_to(store)).exists()]
         if missing:
