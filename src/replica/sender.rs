@@ -65,6 +65,10 @@ const REFUSED_REMEMBERED_MAX: usize = 100_000;
 const LISTED_FOLLOWED_MAX: usize = 65_536;
 const LOCAL_ERROR_RETRY: Duration = Duration::from_millis(250);
 
+/// A look at a held name that has waited this long for the tracker is
+/// warned of (once per stall).
+const TRACKER_STALL_WARN: Duration = Duration::from_secs(10);
+
 /// When an op put aside is queued again.
 #[derive(Clone, Copy, Debug)]
 enum Due {
@@ -293,6 +297,8 @@ pub struct Sender<T = Tree> {
     /// begun yet: the looks at names found gone wait for it (and then go
     /// behind its backlog).
     comparison_owed: bool,
+    /// A look has waited for the tracker past [`TRACKER_STALL_WARN`] (said).
+    tracker_stall_warned: bool,
     last_progress_log: Instant,
     /// Paths a comparison found different, waiting to enter the coalescer
     /// a few batches at a time: a 100k-file initial sync holds one boxed
@@ -467,6 +473,7 @@ impl<T: LocalTree> Sender<T> {
             last_save: Instant::now(),
             pending_verify: false,
             comparison_owed: false,
+            tracker_stall_warned: false,
             gate: Default::default(),
             last_progress_log: Instant::now(),
             commits: None,
@@ -848,17 +855,21 @@ impl<T: LocalTree> Sender<T> {
                     Due::TrackerRead(t) => !comparison_first && read_upto.is_some_and(|r| r > t),
                 });
         self.retry = later;
-        if !comparison_first
-            && self
-                .retry
-                .iter()
-                .any(|(d, _)| matches!(d, Due::TrackerRead(t) if read_upto.is_none_or(|r| r <= *t)))
-        {
+        let short = self
+            .retry
+            .iter()
+            .filter_map(|(d, _)| match d {
+                Due::TrackerRead(t) if read_upto.is_none_or(|r| r <= *t) => Some(*t),
+                _ => None,
+            })
+            .min();
+        if !comparison_first && short.is_some() {
             // Still waiting for the tracker: ask again (its answer may have
             // come short of them, and used up the wake-up). Not while a
             // comparison is ahead: the two threads would wake each other.
             self.coalescer.ask_read_upto();
         }
+        self.warn_if_tracker_stalls(short, Instant::now());
         if due.is_empty() {
             return;
         }
@@ -2205,6 +2216,24 @@ impl<T: LocalTree> Sender<T> {
         f
     }
 
+    /// The tracker has not said it read past a look waiting since
+    /// `oldest` for [`TRACKER_STALL_WARN`]: the replica keeps the names
+    /// held meanwhile, and `CaughtUp` and a switchover's drain wait. Said
+    /// once per stall (true while it lasts).
+    fn warn_if_tracker_stalls(&mut self, oldest: Option<Instant>, now: Instant) -> bool {
+        let stalled =
+            oldest.is_some_and(|t| now.saturating_duration_since(t) >= TRACKER_STALL_WARN);
+        if stalled && !self.tracker_stall_warned {
+            warn!(
+                waited_s = TRACKER_STALL_WARN.as_secs(),
+                "the change tracker has not read past a held delete's look for a while \
+                 (its thread stuck, or reads always full): those deletes wait"
+            );
+        }
+        self.tracker_stall_warned = stalled;
+        stalled
+    }
+
     /// A comparison is asked for, or a rescan queued, and has not begun:
     /// it lists names a move may have taken a name found gone to (a refused
     /// folder rename leaves its trees to one; a tracker overflow or a
@@ -3540,6 +3569,12 @@ mod tests {
         sender.requeue_retries_at(held_at);
         assert!(sender.comparison_ahead(), "the rescan is queued");
         assert_eq!(sender.retry.len(), 1, "the look waits behind the rescan");
+        // A tracker that never reads past a look is warned of, once a
+        // look has waited 10 s, and no longer once none waits.
+        let t = Instant::now();
+        assert!(!sender.warn_if_tracker_stalls(Some(t), t + Duration::from_secs(9)));
+        assert!(sender.warn_if_tracker_stalls(Some(t), t + TRACKER_STALL_WARN));
+        assert!(!sender.warn_if_tracker_stalls(None, t + TRACKER_STALL_WARN));
     }
 
     /// A version the primary cannot keep (here: a file where its conflicts
