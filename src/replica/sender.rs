@@ -837,12 +837,18 @@ impl<T: LocalTree> Sender<T> {
             return;
         }
         let read_upto = self.coalescer.read_upto();
-        // What the tracker read is queued first: the retries go behind it
-        // (and a rescan it queued is seen below).
-        let before = self.coalescer.pending();
-        self.coalescer.drain();
-        if self.coalescer.pending() != before {
-            self.last_change = Instant::now();
+        if self
+            .retry
+            .iter()
+            .any(|(d, _)| matches!(d, Due::TrackerRead(_)))
+        {
+            // What the tracker read is queued first: the looks go behind it
+            // (and a rescan it queued is seen below).
+            let before = self.coalescer.pending();
+            self.coalescer.drain();
+            if self.coalescer.pending() != before {
+                self.last_change = Instant::now();
+            }
         }
         let comparison_first = self.comparison_ahead();
         let (due, later): (Vec<_>, Vec<_>) =
@@ -3089,8 +3095,9 @@ impl Sender<Tree> {
             );
 
             let resync = self.resync_requested.swap(false, Relaxed);
-            if resync || self.pending_verify || Instant::now() >= next_verify {
-                self.pending_verify = false;
+            // (Taken as the simulator takes it: owed until it begins.)
+            let asked = self.take_verify_request();
+            if resync || asked || Instant::now() >= next_verify {
                 self.wait_all_acked(rx).await?;
                 self.reconcile(w, rx, resync, false).await?;
                 next_verify = Instant::now() + self.verify_interval;
