@@ -2991,6 +2991,17 @@ impl<T: LocalTree> Sender<T> {
     }
 }
 
+impl<T: LocalTree> Sender<T> {
+    /// A comparison with the replica was asked for (a rescan, a folder
+    /// that vanished under a file being sent); forgets the request, which
+    /// stays owed until the comparison begins.
+    pub(crate) fn take_verify_request(&mut self) -> bool {
+        let asked = std::mem::take(&mut self.pending_verify);
+        self.comparison_owed |= asked;
+        asked
+    }
+}
+
 /// What a simulator asks of the sender between its steps (the daemon's
 /// driver keeps its own loop).
 #[cfg(any(test, feature = "tools"))]
@@ -3018,14 +3029,6 @@ impl<T: LocalTree> Sender<T> {
     /// Room in the window for another batch.
     pub(crate) fn window_open(&self) -> bool {
         self.window.is_open()
-    }
-
-    /// A comparison with the replica was asked for (a rescan, a folder
-    /// that vanished under a file being sent); forgets the request.
-    pub(crate) fn take_verify_request(&mut self) -> bool {
-        let asked = std::mem::take(&mut self.pending_verify);
-        self.comparison_owed |= asked;
-        asked
     }
 
     /// A comparison with the replica was asked for (not forgotten).
