@@ -32,6 +32,7 @@ use crate::wire::sync::{NeedReason, SyncMsg, DATA_BYTES_MAX};
 
 mod backlog;
 mod compare;
+mod vanished;
 
 /// Files up to this size are read whole and concurrently; larger ones are
 /// streamed in `DATA_BYTES_MAX` chunks, one at a time, so memory stays bounded.
@@ -297,6 +298,15 @@ pub struct Sender<T = Tree> {
     /// begun yet: the looks at names found gone wait for it (and then go
     /// behind its backlog).
     comparison_owed: bool,
+    /// Folders found gone under files being sent, not decided yet (see
+    /// [`vanished`]): a comparison may be owed.
+    vanished: Option<vanished::Vanished>,
+    /// What the last finished comparison's walk found gone (`None` while
+    /// one runs, and before the first).
+    gone_at_walk: Option<vanished::GoneAtWalk>,
+    /// A rename that may be a folder's was planned since the last
+    /// comparison began.
+    folder_moved: bool,
     /// A look has waited for the tracker past [`TRACKER_STALL_WARN`] (said).
     tracker_stall_warned: bool,
     last_progress_log: Instant,
@@ -473,6 +483,9 @@ impl<T: LocalTree> Sender<T> {
             last_save: Instant::now(),
             pending_verify: false,
             comparison_owed: false,
+            vanished: None,
+            gone_at_walk: None,
+            folder_moved: false,
             tracker_stall_warned: false,
             gate: Default::default(),
             last_progress_log: Instant::now(),
@@ -612,10 +625,12 @@ impl<T: LocalTree> Sender<T> {
     /// flight or to be retried: the index is saved, and the `CaughtUp`
     /// returned tells the replica so (a former primary is reconciled).
     pub(crate) fn finish_initial_if_done(&mut self) -> Option<Vec<u8>> {
+        // (Nor while a comparison may be owed: it may find more to send.)
         if !self.window.is_empty()
             || self.coalescer.pending() > 0
             || !self.backlog.is_empty()
             || !self.retry.is_empty()
+            || self.verify_requested()
         {
             return None;
         }
@@ -730,6 +745,7 @@ impl<T: LocalTree> Sender<T> {
             && self.window.is_empty()
             && self.backlog.is_empty()
             && self.retry.is_empty()
+            && !self.verify_requested()
             && self.last_change.elapsed() >= DRAIN_QUIET;
         if idle {
             let req = self.drain.lock().expect("drain lock").take();
@@ -1662,6 +1678,13 @@ impl<T: LocalTree> Sender<T> {
     /// driver reads the files planned and emits the frames in order).
     pub(crate) fn plan_batch(&mut self, ops: Vec<Op>) -> Result<Planned, SendError> {
         let ops: Vec<Op> = ops.into_iter().filter(|op| !self.gate.hold(op)).collect();
+        // Before any delete of the batch asks whether a folder found gone
+        // may have been carried off by one.
+        for op in &ops {
+            if let Op::Rename { store, to, .. } = op {
+                self.note_rename_planned(*store, to);
+            }
+        }
         let mut plans = Vec::with_capacity(ops.len());
         // Directories new to the replica, listed once the batch is planned.
         let mut expand = Vec::new();
@@ -2248,7 +2271,10 @@ impl<T: LocalTree> Sender<T> {
     /// 9343: a folder's sure delete overtook the comparison that would send
     /// its new name's messages).
     fn comparison_ahead(&self) -> bool {
-        self.pending_verify || self.comparison_owed || self.coalescer.rescan_pending()
+        self.pending_verify
+            || self.comparison_owed
+            || self.vanished.is_some()
+            || self.coalescer.rescan_pending()
     }
 
     /// The replica held an unsure delete of `rel`: the next delete of it
@@ -2466,7 +2492,12 @@ impl<T: LocalTree> Sender<T> {
             return;
         }
         let gone = match self.stores[store].tree.lstat(parent) {
-            Ok(None) => true,
+            // Decided once the tracker has read the rest of what happened
+            // (a whole mailbox removed is one comparison, or none).
+            Ok(None) => {
+                self.note_vanished_folder(store, parent, Instant::now());
+                false
+            }
             // Another folder under the name now (the one the replica holds
             // was renamed away and the name made again): the file may live
             // on in the renamed folder, under a name no event reports.
@@ -2958,6 +2989,9 @@ impl<T: LocalTree> Sender<T> {
         // is deleted unsure again first.
         self.deletes_sure.clear();
         self.deletes_sure_bytes = 0;
+        // The session's first comparison finds everything.
+        self.vanished = None;
+        self.gone_at_walk = None;
         self.stats.ops_inflight.store(0, Relaxed);
         let stores: Vec<String> = self.stores.iter().map(|s| s.name.clone()).collect();
         let mut out = Vec::new();
@@ -2996,9 +3030,16 @@ impl<T: LocalTree> Sender<T> {
     /// that vanished under a file being sent); forgets the request, which
     /// stays owed until the comparison begins.
     pub(crate) fn take_verify_request(&mut self) -> bool {
+        self.decide_vanished(Instant::now());
         let asked = std::mem::take(&mut self.pending_verify);
         self.comparison_owed |= asked;
         asked
+    }
+
+    /// A comparison with the replica was asked for (not forgotten), or
+    /// folders found gone wait to say whether one is.
+    pub(crate) fn verify_requested(&self) -> bool {
+        self.pending_verify || self.vanished.is_some()
     }
 }
 
@@ -3029,11 +3070,6 @@ impl<T: LocalTree> Sender<T> {
     /// Room in the window for another batch.
     pub(crate) fn window_open(&self) -> bool {
         self.window.is_open()
-    }
-
-    /// A comparison with the replica was asked for (not forgotten).
-    pub(crate) fn verify_requested(&self) -> bool {
-        self.pending_verify
     }
 }
 

@@ -291,6 +291,12 @@ impl Ordered {
         }
     }
 
+    /// Whether the entries come from a walk not yet begun (none listed
+    /// yet), not from a scan taken earlier.
+    pub fn walk_not_begun(&self) -> bool {
+        matches!(&self.source, Source::Walking(w) if !w.started) && self.peeked.is_none()
+    }
+
     /// The next entry, if `pred` holds for it (else it stays next).
     pub fn next_if<T: LocalTree + ?Sized>(
         &mut self,

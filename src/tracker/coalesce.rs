@@ -71,6 +71,9 @@ pub struct Coalescer {
     /// Bytes of the live ops in `queue`.
     pending_bytes: usize,
     pending_bytes_max: usize,
+    /// The tracker's `read_upto` as a drain that emptied the channel began:
+    /// every change made before it has its op in this queue (or taken).
+    drained_upto: Option<Instant>,
 }
 
 impl Coalescer {
@@ -93,6 +96,7 @@ impl Coalescer {
             pending_ops_max,
             pending_bytes: 0,
             pending_bytes_max: PENDING_BYTES_MAX,
+            drained_upto: None,
         }
     }
 
@@ -113,6 +117,7 @@ impl Coalescer {
 
     /// Moves everything queued in the channel into the ordered pending list, coalescing.
     pub fn drain(&mut self) {
+        let upto = self.shared.read_upto();
         // Bounded so a producer outpacing us cannot keep this call from returning.
         for _ in 0..self.shared.channel_ops_max {
             match self.rx.try_recv() {
@@ -120,7 +125,10 @@ impl Coalescer {
                     self.shared.received(&op);
                     self.push(op)
                 }
-                Err(_) => break,
+                Err(_) => {
+                    self.drained_upto = upto.max(self.drained_upto);
+                    break;
+                }
             }
         }
         self.recover_lost();
@@ -207,6 +215,11 @@ impl Coalescer {
         self.queue.iter().flatten()
     }
 
+    /// A rename is queued (or was, and has been merged away since).
+    pub(crate) fn rename_queued(&self) -> bool {
+        self.last_rename_seq.is_some_and(|s| s >= self.head_seq)
+    }
+
     /// A rescan of some store is queued (a comparison will follow it).
     pub(crate) fn rescan_pending(&self) -> bool {
         !self.rescans.is_empty()
@@ -236,10 +249,19 @@ impl Coalescer {
         self.shared.ask_read_upto();
     }
 
-    /// A simulator's tracker model says what it has delivered.
+    /// Every change made before the instant returned has its op in this
+    /// queue, or taken from it: the tracker had read past it when a drain
+    /// that emptied the channel began.
+    pub(crate) fn drained_upto(&self) -> Option<Instant> {
+        self.drained_upto
+    }
+
+    /// A simulator's tracker model says what it has delivered (into this
+    /// queue: drained too).
     #[cfg(any(test, feature = "tools"))]
-    pub(crate) fn set_read_upto(&self, at: Instant) {
+    pub(crate) fn set_read_upto(&mut self, at: Instant) {
         self.shared.set_read_upto(at);
+        self.drained_upto = Some(at).max(self.drained_upto);
     }
 
     /// A clone of the producer side, so other threads can also inject ops

@@ -1378,8 +1378,14 @@ fn read_upto_passes_a_change_only_once_its_op_is_queued() {
             fs::write(fx.path(&from), b"x").expect("write");
         }
         fs::rename(fx.path(&from), fx.path(&to)).expect("rename");
-        wait_past(&fx.coalescer, Instant::now());
+        let renamed = Instant::now();
+        wait_past(&fx.coalescer, renamed);
         fx.coalescer.drain();
+        // What the sender's decisions about vanished folders rest on.
+        assert!(
+            fx.coalescer.drained_upto().is_some_and(|d| d >= renamed),
+            "round {round}: a drain that emptied the channel says what it holds"
+        );
         let ops = take_all(&mut fx.coalescer);
         assert!(
             ops.iter().any(|o| o.contains(&to)),

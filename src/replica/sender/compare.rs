@@ -16,6 +16,7 @@ use super::super::drift::{Difference, InFlight};
 use super::super::index::{Entry, Kind, Rehash, ScanEntry, Stat};
 use super::super::tree::LocalTree;
 use super::super::walk::{Ordered, Walk};
+use super::vanished::{stamp, DirStamp, GoneAtWalk};
 use super::{add, rel_bytes, Sender, SyncPhase, PRESCAN_FRESH};
 use crate::model::path_order;
 use crate::wire::sync::{EntryKind, ManifestEntry, SyncMsg};
@@ -25,6 +26,8 @@ pub(crate) struct Comparison {
     on_way: InFlight,
     stores: Vec<StoreComparison>,
     found: Found,
+    /// Folders only the replica holds (see [`super::vanished`]).
+    gone: GoneAtWalk,
 }
 
 /// What a [`Comparison`] found so far, over all stores.
@@ -68,6 +71,11 @@ struct StoreComparison {
     /// difference each: few, but for a replica that holds a tree the
     /// primary lost).
     remote_only: Vec<(PathBuf, EntryKind, u128)>,
+    /// The root's stamp, taken before the walk listed it (not for a scan
+    /// taken earlier).
+    root: Option<DirStamp>,
+    /// The last folder only the replica holds that topped its subtree.
+    last_gone_top: Option<PathBuf>,
     done: bool,
 }
 
@@ -130,6 +138,12 @@ impl<T: LocalTree> Sender<T> {
             SyncPhase::Verifying
         });
         self.comparison_owed = false;
+        // Its walk begins after every folder found gone so far.
+        self.vanished = None;
+        self.gone_at_walk = None;
+        self.folder_moved = false;
+        // Its listings stand for its backlog, which replaces the last one's.
+        self.listed_dirs.clear();
         let mut on_way = InFlight::new(std::time::SystemTime::now());
         for (s, rel) in self.backlog.iter() {
             on_way.add_path(s, &rel);
@@ -180,6 +194,13 @@ impl<T: LocalTree> Sender<T> {
             .into_iter()
             .enumerate()
             .map(|(s, local)| StoreComparison {
+                root: local
+                    .walk_not_begun()
+                    .then(|| self.stores[s].tree.lstat(Path::new("")).ok().flatten())
+                    .flatten()
+                    .filter(|st| st.kind == Kind::Dir)
+                    .map(|st| stamp(&st)),
+                last_gone_top: None,
                 local,
                 last_remote: None,
                 takeover: None,
@@ -203,6 +224,7 @@ impl<T: LocalTree> Sender<T> {
                 bytes: 0,
                 aside: Vec::new(),
             },
+            gone: GoneAtWalk::new(),
         }
     }
 
@@ -297,6 +319,15 @@ impl<T: LocalTree> Sender<T> {
                 self.pending_verify = true;
             }
             for r in std::mem::take(&mut sc.remote_only) {
+                if r.1 == EntryKind::Dir {
+                    let parent = r.0.parent().unwrap_or(Path::new(""));
+                    let seen = if parent.as_os_str().is_empty() {
+                        sc.root
+                    } else {
+                        self.listed_dirs.get(&(s, parent.to_path_buf())).copied()
+                    };
+                    cmp.gone.record(&mut sc.last_gone_top, s, &r.0, seen);
+                }
                 self.remote_only(found, sc, s, r);
             }
             self.finish_store(found, sc, s);
@@ -414,8 +445,12 @@ impl<T: LocalTree> Sender<T> {
     pub(crate) fn finish_compare(&mut self, cmp: Comparison) -> (u64, Vec<u8>) {
         debug_assert!(cmp.complete(), "a comparison finished before its manifests");
         let Comparison {
-            mut on_way, found, ..
+            mut on_way,
+            found,
+            gone,
+            ..
         } = cmp;
+        self.gone_at_walk = Some(gone.ended(Instant::now()));
         let Found {
             initial,
             differing,
