@@ -997,9 +997,8 @@ impl Applier {
         // `Mkdir` of a folder of waiting names keeps them).
         match &op {
             PathOp::Rename { from, to } => self.waiting.rename(s, from, to),
-            PathOp::Delete { rel, .. } | PathOp::Symlink { rel, .. } => {
-                self.waiting.forget(s, rel, seq)
-            }
+            PathOp::Delete { rel, unsure } => self.waiting.forget(s, rel, seq, *unsure),
+            PathOp::Symlink { rel, .. } => self.waiting.forget(s, rel, seq, false),
             _ => {}
         }
         match op {

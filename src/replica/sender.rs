@@ -31,6 +31,7 @@ use crate::tracker::{Coalescer, Op};
 use crate::wire::sync::{NeedReason, SyncMsg, DATA_BYTES_MAX};
 
 mod backlog;
+mod behind;
 mod compare;
 mod vanished;
 
@@ -79,6 +80,9 @@ enum Due {
     /// delete of a name found gone that the replica held in case it moved:
     /// the rename that took it away, if one did, is then queued ahead of it).
     TrackerRead(Instant),
+    /// The same, and not before the second time (a look that stayed
+    /// unsure behind another name of its message: see [`behind`]).
+    TrackerReadAfter(Instant, Instant),
 }
 
 /// Bound on what the names whose unsure delete the replica held take (a
@@ -298,6 +302,11 @@ pub struct Sender<T = Tree> {
     /// begun yet: the looks at names found gone wait for it (and then go
     /// behind its backlog).
     comparison_owed: bool,
+    /// The syncs of the batch being planned, by message (see [`behind`]).
+    batch_names: behind::BatchNames,
+    /// Names whose sure delete stayed unsure behind another name of their
+    /// message: their next look waits (see [`behind`]).
+    looks_behind: std::collections::HashSet<(usize, PathBuf)>,
     /// Folders found gone under files being sent, not decided yet (see
     /// [`vanished`]): a comparison may be owed.
     vanished: Option<vanished::Vanished>,
@@ -483,6 +492,8 @@ impl<T: LocalTree> Sender<T> {
             last_save: Instant::now(),
             pending_verify: false,
             comparison_owed: false,
+            batch_names: Default::default(),
+            looks_behind: Default::default(),
             vanished: None,
             gone_at_walk: None,
             folder_moved: false,
@@ -856,7 +867,7 @@ impl<T: LocalTree> Sender<T> {
         if self
             .retry
             .iter()
-            .any(|(d, _)| matches!(d, Due::TrackerRead(_)))
+            .any(|(d, _)| matches!(d, Due::TrackerRead(_) | Due::TrackerReadAfter(..)))
         {
             // What the tracker read is queued first: the looks go behind it
             // (and a rescan it queued is seen below).
@@ -875,15 +886,24 @@ impl<T: LocalTree> Sender<T> {
                     // Strictly after: a read that began in the same tick
                     // of the clock may have begun before the hold.
                     Due::TrackerRead(t) => !comparison_first && read_upto.is_some_and(|r| r > t),
+                    Due::TrackerReadAfter(t, not_before) => {
+                        !comparison_first
+                            && now.is_some_and(|now| not_before <= now)
+                            && read_upto.is_some_and(|r| r > t)
+                    }
                 });
         self.retry = later;
+        // (A look that waits for a later time is not asked for before it.)
+        let clock = Instant::now();
         let short = self
             .retry
             .iter()
-            .filter_map(|(d, _)| match d {
-                Due::TrackerRead(t) if read_upto.is_none_or(|r| r <= *t) => Some(*t),
+            .filter_map(|(d, _)| match *d {
+                Due::TrackerRead(t) => Some(t),
+                Due::TrackerReadAfter(t, not_before) if not_before <= clock => Some(t),
                 _ => None,
             })
+            .filter(|t| read_upto.is_none_or(|r| r <= *t))
             .min();
         if !comparison_first && short.is_some() {
             // Still waiting for the tracker: ask again (its answer may have
@@ -891,7 +911,7 @@ impl<T: LocalTree> Sender<T> {
             // comparison is ahead: the two threads would wake each other.
             self.coalescer.ask_read_upto();
         }
-        self.warn_if_tracker_stalls(short, Instant::now());
+        self.warn_if_tracker_stalls(short, clock);
         if due.is_empty() {
             return;
         }
@@ -971,8 +991,14 @@ impl<T: LocalTree> Sender<T> {
                     }
                 }
                 let now = Instant::now();
+                // A look that stayed unsure behind another name of the
+                // message comes again not before a while (see `behind`).
+                let mut look = Due::TrackerRead(now);
                 if reason == NeedReason::MayHaveMoved {
                     self.delete_sure_next_time(s, &rel, now);
+                    if self.look_behind_message_taken(s, &rel) {
+                        look = Due::TrackerReadAfter(now, now + behind::LOOK_BEHIND_MESSAGE_DELAY);
+                    }
                 }
                 let op = Op::Sync {
                     store: store as usize,
@@ -984,7 +1010,7 @@ impl<T: LocalTree> Sender<T> {
                     // tracker has read every change made before now (the
                     // rename that took it away, if one did, is then queued
                     // ahead of it), its delete then sure.
-                    self.retry.push((Due::TrackerRead(now), op));
+                    self.retry.push((look, op));
                     self.coalescer.ask_read_upto();
                 } else if reason == NeedReason::LocalError {
                     // Whatever failed there may fail again: not in a loop.
@@ -1678,6 +1704,9 @@ impl<T: LocalTree> Sender<T> {
     /// driver reads the files planned and emits the frames in order).
     pub(crate) fn plan_batch(&mut self, ops: Vec<Op>) -> Result<Planned, SendError> {
         let ops: Vec<Op> = ops.into_iter().filter(|op| !self.gate.hold(op)).collect();
+        // A held name's sure delete looks for its message's other names
+        // among these (see `behind`).
+        self.batch_names = behind::batch_names(&ops);
         // Before any delete of the batch asks whether a folder found gone
         // may have been carried off by one.
         for op in &ops {
@@ -2226,8 +2255,17 @@ impl<T: LocalTree> Sender<T> {
         // (Not while a comparison or rescan is ahead, asked for in this
         // batch even: the mark stays, the replica holds the name again, and
         // the next look goes behind it.)
-        let unsure = self.comparison_ahead()
-            || !since.is_some_and(|since| self.delete_sure_taken(store, &rel, since));
+        // Nor while another name of the same message is on its way: it may
+        // not land before this (see `behind`).
+        let sure_due = !self.comparison_ahead()
+            && since.is_some_and(|since| self.delete_sure_due(store, &rel, since));
+        let behind = sure_due && self.same_message_on_its_way(store, &rel, batch);
+        let unsure = !sure_due || behind;
+        if behind {
+            self.note_look_behind_message(store, &rel);
+        } else if sure_due {
+            self.delete_sure_forget(store, &rel);
+        }
         let mut f = Vec::new();
         SyncMsg::Delete {
             seq,
@@ -2302,15 +2340,23 @@ impl<T: LocalTree> Sender<T> {
         }
     }
 
-    /// Whether the delete of `rel`, by a Sync queued at `since`, is to be
-    /// sure: queued since the replica held it (taken: once).
+    /// [`Sender::delete_sure_due`], the mark taken if so (once).
+    #[cfg(test)]
     fn delete_sure_taken(&mut self, store: usize, rel: &Path, since: Instant) -> bool {
-        let key = (store, rel.to_path_buf());
-        if self.deletes_sure.get(&key).is_none_or(|at| since < *at) {
-            return false;
+        let due = self.delete_sure_due(store, rel, since);
+        if due {
+            self.delete_sure_forget(store, rel);
         }
-        self.delete_sure_forget(store, rel);
-        true
+        due
+    }
+
+    /// Whether the delete of `rel`, by a Sync queued at `since`, may be
+    /// sure: queued since the replica held it (the caller forgets the mark
+    /// once the delete goes sure).
+    fn delete_sure_due(&self, store: usize, rel: &Path, since: Instant) -> bool {
+        self.deletes_sure
+            .get(&(store, rel.to_path_buf()))
+            .is_some_and(|at| since >= *at)
     }
 
     /// Names at or below `rel` (renamed onto): their next delete is unsure.
@@ -2989,6 +3035,7 @@ impl<T: LocalTree> Sender<T> {
         // is deleted unsure again first.
         self.deletes_sure.clear();
         self.deletes_sure_bytes = 0;
+        self.looks_behind.clear();
         // The session's first comparison finds everything.
         self.vanished = None;
         self.gone_at_walk = None;

@@ -356,9 +356,14 @@ impl WaitingForRoom {
 
     /// The primary deleted or replaced `rel` (op `seq`): what an earlier op
     /// sent there waits no more, nor below it (or above it: a name under
-    /// a former file). The message may have moved on to a name not sent
-    /// yet; but a delete of the last name must free the disk.
-    pub fn forget(&mut self, s: usize, rel: &Path, seq: u64) {
+    /// a former file). An unsure delete (`found_gone`: the primary found
+    /// the name gone, maybe renamed to a name it has not sent yet) keeps
+    /// what waits at and below it: the content is still wanted, under the
+    /// new name, and a delete of the same content elsewhere stays held
+    /// until it lands or there is room for it (seed 4757: the new name
+    /// refused for room, renamed again, and the old name's sure delete
+    /// came before the newest name was sent). What waits holds no disk.
+    pub fn forget(&mut self, s: usize, rel: &Path, seq: u64, found_gone: bool) {
         // Said again (a sure delete, say) or replaced: not held.
         self.moving.let_go(s, rel, true, Some(seq));
         if !self.owed.is_empty() {
@@ -380,7 +385,9 @@ impl WaitingForRoom {
             .filter(|a| !a.as_os_str().is_empty())
             .map(|a| (s, a.to_path_buf()))
             .collect();
-        keys.extend(self.at_and_below(s, rel));
+        if !found_gone {
+            keys.extend(self.at_and_below(s, rel));
+        }
         for key in keys {
             if self.by_name.get(&key).is_some_and(|w| w.seq < seq) {
                 self.remove(&key);
@@ -537,11 +544,18 @@ mod tests {
         r.insert(0, Path::new("f/cur/b"), w(2, 10, 3));
         r.insert(0, Path::new("g"), w(3, 10, 3));
         r.insert(0, Path::new("e"), w(4, 0, 3));
-        r.forget(0, Path::new("f/cur/a"), 3);
+        r.forget(0, Path::new("f/cur/a"), 3, false);
         assert_eq!(r.len(), 3, "said by the op that sent it");
-        r.forget(0, Path::new("f"), 4);
+        // Found gone (an unsure delete: maybe renamed to a name not sent
+        // yet): the content still waits, and holds a delete of the same
+        // content elsewhere, until it lands or fits.
+        r.forget(0, Path::new("f/cur/a"), 4, true);
+        r.forget(0, Path::new("f"), 4, true);
+        assert_eq!(r.len(), 3, "an unsure delete keeps what waits");
+        assert!(r.waits_elsewhere(0, Path::new("f/new/a"), 1));
+        r.forget(0, Path::new("f"), 4, false);
         assert_eq!(r.len(), 1);
-        r.forget(0, Path::new("g/x"), 4);
+        r.forget(0, Path::new("g/x"), 4, false);
         assert!(r.is_empty(), "a name below a former file");
     }
 
@@ -613,7 +627,7 @@ mod tests {
         // The target's folder deleted by a later op, or the target
         // replaced by a rename onto it: nothing is owed.
         r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 4);
-        r.forget(0, p("x/cur"), 5);
+        r.forget(0, p("x/cur"), 5, false);
         assert!(r.is_empty());
         r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 6);
         r.rename(0, p("x/new/other"), p("x/cur/m:2,S"));
@@ -629,7 +643,7 @@ mod tests {
         // delete is, until the holds run out; once deleted, nothing is
         // owed.
         r.owe(0, p("y/new/m"), p("z/cur/m"), 7);
-        r.forget(0, p("y"), 8);
+        r.forget(0, p("y"), 8, false);
         assert!(r.owed(0, p("y/new/m")).is_some());
         assert!(!r.hold_folder_delete(0, p("x")) && !r.hold_folder_delete(0, p("y/new/m")));
         for _ in 0..RENAME_HOLDS_MAX {
@@ -663,9 +677,9 @@ mod tests {
         r.rename(0, p("a/new/o"), p("a/new/m"));
         assert!(!r.holds_for_move(0, p("a/new/m")));
         assert!(r.hold_for_move(0, p("a/new/m"), 7, 3));
-        r.forget(0, p("a/new/m"), 2);
+        r.forget(0, p("a/new/m"), 2, false);
         assert!(r.holds_for_move(0, p("a/new/m")), "an earlier op's delete");
-        r.forget(0, p("a/new/m"), 4);
+        r.forget(0, p("a/new/m"), 4, false);
         assert!(!r.holds_for_move(0, p("a/new/m")));
         assert!(r.hold_for_move(0, p("a/new/m"), 7, 5));
         assert_eq!(

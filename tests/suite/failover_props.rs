@@ -320,12 +320,19 @@ fn data_sim_seeds() {
 /// held until the sure delete); 9343, once the second look waited for the
 /// tracker instead of a timer: a folder's rename refused, its old name's
 /// sure delete sent before the comparison that would send the new name's
-/// messages (the looks wait for a comparison asked for).
+/// messages (the looks wait for a comparison asked for); 4757: the new name
+/// refused for room on the replica, renamed again on the primary (an unsure
+/// delete of the refused name let go of what waited for room there), and
+/// the old name's sure delete applied before the newest name was sent
+/// (what waits for room stays through an unsure delete); 10529 and 13859:
+/// the new name refused for an I/O error on the replica (retried, or sent
+/// again in the same batch) while the old name's sure delete went (it stays
+/// unsure while another name of the message is on its way).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
     for seed in [
-        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 9343,
+        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 10529, 13859,
     ] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {
