@@ -4315,19 +4315,29 @@ mod tests {
     /// once); no comparison runs.
     fn settle(sim: &mut DataSim) {
         for _ in 0..50 {
-            sim.tracker_step(100);
-            sim.sender.feed_backlog();
-            sim.sender
-                .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
+            primary_turn(sim);
             send_all(sim);
-            while !sim.to_replica.is_empty() {
-                sim.replica_step().unwrap();
-            }
-            sim.replica.commit_all();
+            deliver_all(sim);
+        }
+    }
+
+    /// The tracker reads, the backlog feeds the queue, every retry is due.
+    fn primary_turn(sim: &mut DataSim) {
+        sim.tracker_step(100);
+        sim.sender.feed_backlog();
+        sim.sender
+            .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
+    }
+
+    /// Everything on the wire delivered, both ways (the replica commits).
+    fn deliver_all(sim: &mut DataSim) {
+        while !sim.to_replica.is_empty() {
             sim.replica_step().unwrap();
-            while !sim.to_primary.is_empty() {
-                sim.reply_step().unwrap();
-            }
+        }
+        sim.replica.commit_all();
+        sim.replica_step().unwrap();
+        while !sim.to_primary.is_empty() {
+            sim.reply_step().unwrap();
         }
     }
 
@@ -4472,24 +4482,14 @@ mod tests {
     fn run_counting_comparisons(sim: &mut DataSim, batch: usize) -> usize {
         let mut comparisons = 0;
         for _ in 0..200 {
-            sim.tracker_step(100);
-            sim.sender.feed_backlog();
-            sim.sender
-                .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
+            primary_turn(sim);
             if sim.sender.take_verify_request() {
                 comparisons += 1;
                 sim.compare(false);
             } else if sim.sender.window_open() && sim.sender.coalescer.pending() > 0 {
                 sim.send_batch(batch).unwrap();
             }
-            while !sim.to_replica.is_empty() {
-                sim.replica_step().unwrap();
-            }
-            sim.replica.commit_all();
-            sim.replica_step().unwrap();
-            while !sim.to_primary.is_empty() {
-                sim.reply_step().unwrap();
-            }
+            deliver_all(sim);
         }
         comparisons
     }
