@@ -1537,11 +1537,15 @@ impl Applier {
             let same = cur.kind == Kind::File
                 && cur.version.size == size
                 && tree.hash(&rel, Kind::File).ok() == Some(hash);
-            // The same content and metadata already here under a name that
-            // shares its inode (a message linked into another folder while
-            // its first copy was in flight): keep the inode, so the link
-            // stays a link, instead of renaming a copy over it.
-            if same && cur.nlink > 1 && staged.is_some_and(|st| st.meta == cur.meta) {
+            // The same content and metadata already here: keep the file.
+            // Under a name that shares its inode (a message linked into
+            // another folder while its first copy was in flight) the link
+            // stays a link; and a copy renamed over a durable one would
+            // put it at the mercy of the next flush, whose failure
+            // discards what landed since (simulator seed 25475: the same
+            // message sent again before its first copy's ack, the second
+            // landing discarded by a failed flush, the name gone).
+            if same && staged.is_some_and(|st| st.meta == cur.meta) {
                 self.took(tree, index, s, &rel, seq, hash);
                 tree.discard_staged(seq);
                 add(&self.stats.files_landed, 1);

@@ -327,12 +327,18 @@ fn data_sim_seeds() {
 /// (what waits for room stays through an unsure delete); 10529 and 13859:
 /// the new name refused for an I/O error on the replica (retried, or sent
 /// again in the same batch) while the old name's sure delete went (it stays
-/// unsure while another name of the message is on its way).
+/// unsure while another name of the message is on its way); 25475: the same
+/// name sent again with the same content before its first copy's ack, the
+/// second landing replacing the durable copy, and a failed flush discarding
+/// it (a landing identical to what is there keeps the file); 9959: the new
+/// name came as a rename in the same batch as the old name's sure delete (a
+/// rename's new name counts as on its way).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
     for seed in [
-        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 10529, 13859,
+        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 9959, 10529, 13859,
+        25475,
     ] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {

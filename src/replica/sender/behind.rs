@@ -3,7 +3,8 @@
 //! The replica holds a name found gone (an unsure delete) while it is the
 //! only copy there of its message; the primary's second look sends the sure
 //! delete. If, as that look is planned, another name of the same message
-//! (same store, same Maildir base name) is in the same batch, in flight or
+//! (same store, same Maildir base name; a sync's or a rename's) is in the
+//! same batch, in flight or
 //! waiting for a retry (refused for an I/O error or for room on the
 //! replica), that name may not land before the sure delete does: a
 //! failover between the two found the message only on the old primary
@@ -40,12 +41,17 @@ pub(crate) type BatchNames = HashMap<(usize, OsString), Vec<PathBuf>>;
 pub(crate) fn batch_names(ops: &[Op]) -> BatchNames {
     let mut names = BatchNames::new();
     for op in ops {
-        if let Op::Sync { store, rel, .. } = op {
-            names
-                .entry((*store, base_name(rel).to_os_string()))
-                .or_default()
-                .push(rel.clone());
-        }
+        // A rename's new name too (sent as a rename, or as a sync of both
+        // names when the replica lacks the source: seed 9959).
+        let (store, rel) = match op {
+            Op::Sync { store, rel, .. } => (store, rel),
+            Op::Rename { store, to, .. } => (store, to),
+            Op::Rescan { .. } => continue,
+        };
+        names
+            .entry((*store, base_name(rel).to_os_string()))
+            .or_default()
+            .push(rel.clone());
     }
     names
 }
@@ -81,7 +87,7 @@ impl<T: LocalTree> Sender<T> {
         }
         let in_flight = self.acks_on_their_way(Some(batch)).any(|a| match a {
             OnAck::Set(_, s, p, e) => e.kind == super::super::index::Kind::File && other(*s, p),
-            OnAck::Link(_, s, p, ..) => other(*s, p),
+            OnAck::Link(_, s, p, ..) | OnAck::Rename(_, s, _, p) => other(*s, p),
             _ => false,
         });
         in_flight
