@@ -1706,7 +1706,12 @@ impl<T: LocalTree> Sender<T> {
         let ops: Vec<Op> = ops.into_iter().filter(|op| !self.gate.hold(op)).collect();
         // A held name's sure delete looks for its message's other names
         // among these (see `behind`).
-        self.batch_names = behind::batch_names(&ops);
+        // (Only when some delete may be sure: not on every batch's path.)
+        self.batch_names = if self.deletes_sure.is_empty() {
+            behind::BatchNames::new()
+        } else {
+            behind::batch_names(&ops)
+        };
         // Before any delete of the batch asks whether a folder found gone
         // may have been carried off by one.
         for op in &ops {

@@ -216,6 +216,9 @@ impl<T: LocalTree> Sender<T> {
     /// A rename planned that may be a folder's: a walk that began before it
     /// may have missed what it carried.
     pub(super) fn note_rename_planned(&mut self, store: usize, to: &Path) {
+        if self.folder_moved {
+            return;
+        }
         let file = self.stores[store]
             .tree
             .lstat(to)
