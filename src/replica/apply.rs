@@ -436,6 +436,15 @@ pub enum Reply {
         rel: PathBuf,
         size: u64,
     },
+    /// A delete held back: the file's content was refused for room under
+    /// another name, fits now, and is not sent again yet (asked for again,
+    /// as a local error: the primary retries it soon; the store does not
+    /// count as full).
+    HeldForResend {
+        seq: u64,
+        store: usize,
+        rel: PathBuf,
+    },
     /// A delete held back: the file is the only copy here of what a rename
     /// that failed was to move onto another name, which has not landed
     /// since (asked for again, as a local error: the primary retries it).
@@ -1028,6 +1037,13 @@ impl Applier {
                         rel: rel.clone(),
                         size,
                     });
+                } else if self.held_for_resend(tree, index, s, seq, &rel) {
+                    add(&self.stats.deletes_held_for_room, 1);
+                    self.replies.push(Reply::HeldForResend {
+                        seq,
+                        store: s,
+                        rel: rel.clone(),
+                    });
                 } else if unsure && self.held_for_move(tree, index, s, seq, &rel) {
                     add(&self.stats.deletes_held_for_move, 1);
                     self.replies.push(Reply::Need {
@@ -1122,6 +1138,35 @@ impl Applier {
         }
         let size = self.content_waits_below(tree, index, s, rel)?;
         self.waiting.hold_folder_for_room(s, rel).then_some(size)
+    }
+
+    /// Whether a delete of `rel` waits for its content to be sent again
+    /// under another name where it was refused for room and fits now (see
+    /// `waiting`'s `resend`). Held as a delete held for room is (also as a
+    /// name that may have moved), without counting the store as full.
+    fn held_for_resend<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        seq: u64,
+        rel: &Path,
+    ) -> bool {
+        if !self.waiting.any_for_room() {
+            return false;
+        }
+        let Some((hash, _)) = content_at(tree, index, rel, |st| {
+            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
+        }) else {
+            return false;
+        };
+        if !self.waiting.hold_for_resend(s, rel, hash) {
+            return false;
+        }
+        if self.waiting.may_hold_move() {
+            self.waiting.hold_for_move(s, rel, hash, seq);
+        }
+        true
     }
 
     /// An unsure delete of `rel` (the primary found it gone, maybe moved
@@ -2069,10 +2114,23 @@ mod tests {
         r.room(0, body.len() as u64 - 1);
         r.apply(&mut root, &mut index, 0, 2, delete(m));
         assert_eq!(needs(&mut r).len(), 1, "no room for it yet");
+        // Once the store has room for it, it is awaited under its name (the
+        // primary sends it again within seconds): the delete is still held,
+        // asked for again without a word of room, a bounded number of
+        // times (simulator seed 19568: the original expunged meanwhile).
         r.room(0, body.len() as u64);
+        let held_for_resend = |r: &mut Applier, seq: u64| {
+            let replies: Vec<Reply> = r.take_replies().collect();
+            matches!(&replies[..], [Reply::HeldForResend { seq: s, rel, .. }] if *s == seq && rel == m)
+        };
+        for k in 0..u64::from(super::super::waiting::RESEND_HOLDS_MAX) {
+            r.apply(&mut root, &mut index, 0, 100 + k, delete(m));
+            assert!(held_for_resend(&mut r, 100 + k), "hold {k}");
+            assert!(dir.join(m).exists());
+        }
         r.apply(&mut root, &mut index, 0, 6, delete(m));
         assert!(needs(&mut r).is_empty());
-        assert!(!dir.join(m).exists());
+        assert!(!dir.join(m).exists(), "the holds ran out");
         // Its content landing under any name lets the old name go (here
         // a link the primary made to it).
         std::fs::write(dir.join(m), body).unwrap();

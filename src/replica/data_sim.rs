@@ -1463,6 +1463,9 @@ impl Replica {
                     seq, rel, reason, ..
                 } => self.need(seq, &rel, reason),
                 Reply::HeldForRoom { seq, rel, .. } => self.need(seq, &rel, NeedReason::NoSpace),
+                Reply::HeldForResend { seq, rel, .. } => {
+                    self.need(seq, &rel, NeedReason::LocalError)
+                }
                 Reply::HeldForRename { seq, rel, .. } => {
                     self.deletes_held_for_rename += 1;
                     self.need(seq, &rel, NeedReason::LocalError)

@@ -1741,6 +1741,13 @@ impl Receiver {
                     self.refused_for_room(store, size, why);
                     self.need(seq, store, &rel, NeedReason::NoSpace)
                 }
+                Reply::HeldForResend { seq, store, rel } => {
+                    tracing::debug!(
+                        "the delete of {} waits for its content, refused for room under another name and fitting now, to be sent again",
+                        rel.display()
+                    );
+                    self.need(seq, store, &rel, NeedReason::LocalError)
+                }
                 Reply::HeldForRename { seq, store, rel } => {
                     tracing::debug!(
                         "the delete of {} waits for a rename that failed here to land its content under the new name",
@@ -1906,7 +1913,8 @@ mod tests {
         waiting.insert(0, Path::new("cur/huge:2,S"), of(2, u64::MAX / 2));
         r.wait_for_room(waiting.for_next_session());
         let left = r.take_waiting_for_room();
-        assert_eq!(left.len(), 1, "only what cannot fit still waits");
+        assert_eq!(left.len(), 1, "only what cannot fit still waits for room");
+        assert_eq!(left.awaited(), 1, "what fits is awaited under its name");
         assert!(left.waits_elsewhere(0, Path::new("new/huge"), 2));
         assert!(!left.waits_elsewhere(0, Path::new("new/small"), 1));
     }

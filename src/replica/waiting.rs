@@ -62,6 +62,12 @@ pub const RENAME_HOLDS_MAX: u16 = 40;
 /// is not held: as before the hold existed).
 pub const OWED_MAX: usize = 4_096;
 
+/// How many times a delete is held back for content that found room here
+/// under another name and is not sent again yet (the primary retries what
+/// was refused for room within `NO_SPACE_RETRY_MAX`, 5 s; a held delete is
+/// asked for again every 250 ms: about 10 s).
+pub const RESEND_HOLDS_MAX: u16 = 40;
+
 /// For how many of the store's space rechecks (one each 0.5 s at most
 /// while it is full: about a minute) a folder's delete is held for content
 /// below it that waits for room under another name. A file's delete frees
@@ -98,6 +104,15 @@ pub struct WaitingForRoom {
     /// The names each content waits under (one, as a rule).
     by_content: HashMap<(usize, u128), Vec<PathBuf>>,
     by_size: HashMap<(usize, u64), u32>,
+    /// Names of `by_name` whose content found room here
+    /// ([`WaitingForRoom::room`]) and is not sent again yet, with the holds
+    /// left: a delete of the same content elsewhere is still held (without
+    /// counting the store as full) until it lands or the holds run out.
+    /// Let go of at once, a copy refused for room, the room back, and the
+    /// original's expunge before the copy was sent again left the message
+    /// under neither name here (found by the data-path simulator, seed
+    /// 19568).
+    resend: HashMap<(usize, PathBuf), u16>,
     /// By source name: what a failed rename owes its target.
     owed: BTreeMap<(usize, PathBuf), Owed>,
     /// Folders whose delete was held for room, and the rechecks left.
@@ -145,7 +160,12 @@ impl WaitingForRoom {
 
     /// The names content waits for room under.
     pub fn len(&self) -> usize {
-        self.by_name.len()
+        self.by_name.len() - self.resend.len()
+    }
+
+    /// The names whose content found room here and is not sent again yet.
+    pub fn awaited(&self) -> usize {
+        self.resend.len()
     }
 
     /// Whether any content waits for room.
@@ -288,6 +308,7 @@ impl WaitingForRoom {
 
     fn remove(&mut self, key: &(usize, PathBuf)) -> Option<Waiting> {
         let w = self.by_name.remove(key)?;
+        self.resend.remove(key);
         if let Some(names) = self.by_content.get_mut(&(key.0, w.hash)) {
             names.retain(|p| *p != key.1);
             if names.is_empty() {
@@ -437,23 +458,34 @@ impl WaitingForRoom {
         if self.by_name.is_empty() {
             return;
         }
-        let moving: Vec<((usize, PathBuf), Waiting)> = self
+        let moving: Vec<((usize, PathBuf), Waiting, Option<u16>)> = self
             .at_and_below(s, from)
             .into_iter()
-            .filter_map(|k| self.remove(&k).map(|w| (k, w)))
+            .filter_map(|k| {
+                let resend = self.resend.get(&k).copied();
+                self.remove(&k).map(|w| (k, w, resend))
+            })
             .collect();
         for k in self.at_and_below(s, to) {
             self.remove(&k);
         }
-        for ((_, p), w) in moving {
+        for ((_, p), w, resend) in moving {
             if let Some(moved) = super::moved_path(&p, from, to) {
                 self.insert(s, &moved, w);
+                if let Some(left) = resend {
+                    if self.by_name.contains_key(&(s, moved.clone())) {
+                        self.resend.insert((s, moved), left);
+                    }
+                }
             }
         }
     }
 
     /// Store `s` has `free` bytes for files now: as much as fits of what
-    /// waits goes, in path order (sent again, it lands or waits again).
+    /// waits for room, in path order, waits no more for room, only for the
+    /// primary to send it again (it lands, or waits for room again). A
+    /// delete of the same content elsewhere stays held meanwhile, a bounded
+    /// number of times (see `resend`), without counting the store as full.
     pub fn room(&mut self, s: usize, free: u64) {
         for (_, left) in self
             .folder_room_holds
@@ -466,7 +498,7 @@ impl WaitingForRoom {
         let fits: Vec<(usize, PathBuf)> = self
             .by_name
             .iter()
-            .filter(|((ps, _), _)| *ps == s)
+            .filter(|(k, _)| k.0 == s && !self.resend.contains_key(*k))
             .filter(|(_, w)| {
                 let fits = w.size <= left;
                 if fits {
@@ -477,7 +509,7 @@ impl WaitingForRoom {
             .map(|(k, _)| k.clone())
             .collect();
         for k in fits {
-            self.remove(&k);
+            self.resend.insert(k, RESEND_HOLDS_MAX);
         }
     }
 
@@ -487,12 +519,43 @@ impl WaitingForRoom {
         self.by_size.contains_key(&(s, size))
     }
 
-    /// Whether content `hash` waits in store `s` under a name other than
-    /// `rel`.
+    /// Whether content `hash` waits for room in store `s` under a name
+    /// other than `rel`.
     pub fn waits_elsewhere(&self, s: usize, rel: &Path, hash: u128) -> bool {
-        self.by_content
-            .get(&(s, hash))
-            .is_some_and(|names| names.iter().any(|p| p != rel))
+        self.by_content.get(&(s, hash)).is_some_and(|names| {
+            names
+                .iter()
+                .any(|p| p != rel && !self.resend.contains_key(&(s, p.clone())))
+        })
+    }
+
+    /// A delete of `rel`, content `hash`, while the same content found
+    /// room under another name and is not sent again yet: whether it is
+    /// held, spending one hold of each such name (one with none left waits
+    /// no more).
+    pub fn hold_for_resend(&mut self, s: usize, rel: &Path, hash: u128) -> bool {
+        if self.resend.is_empty() {
+            return false;
+        }
+        let Some(names) = self.by_content.get(&(s, hash)) else {
+            return false;
+        };
+        let names: Vec<PathBuf> = names.iter().filter(|p| *p != rel).cloned().collect();
+        let mut held = false;
+        for p in names {
+            let key = (s, p);
+            match self.resend.get_mut(&key) {
+                Some(0) => {
+                    self.remove(&key);
+                }
+                Some(left) => {
+                    *left -= 1;
+                    held = true;
+                }
+                None => {}
+            }
+        }
+        held
     }
 
     /// The same names for the next connection's receiver (its session's
@@ -560,7 +623,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rename_moves_what_waits_and_room_lets_go_of_what_fits() {
+    fn a_rename_moves_what_waits_and_what_fits_is_awaited_a_bounded_while() {
         let mut r = WaitingForRoom::default();
         r.insert(0, Path::new("a/new/m"), w(1, 10, 3));
         r.insert(0, Path::new("b/old"), w(2, 500, 3));
@@ -571,6 +634,16 @@ mod tests {
         let mut r = r.for_next_session();
         r.room(0, 10);
         assert!(!r.waits_elsewhere(0, Path::new("x"), 1));
+        // It fits now, not sent again yet: a delete of its content
+        // elsewhere is still held (not for room), a bounded number of
+        // times; its landing lets go of it.
+        assert!(r.hold_for_resend(0, Path::new("x"), 1));
+        assert!(
+            !r.hold_for_resend(0, Path::new("b/new/m"), 1),
+            "its own name"
+        );
+        assert!(r.landed(0, Path::new("b/new/m"), 1, 1).is_empty());
+        assert!(!r.hold_for_resend(0, Path::new("x"), 1) && r.is_empty());
         r.insert(0, Path::new("c"), w(4, 1000, 1));
         r.insert(0, Path::new("c2"), w(6, 995, 1));
         r.room(0, 1005);
@@ -583,13 +656,31 @@ mod tests {
             "room for one of them"
         );
         r.room(0, 1005);
+        assert!(!r.waits_elsewhere(0, Path::new("x"), 6));
+        // Refused for room again: it waits for room again.
         r.insert(0, Path::new("c"), w(4, 1000, 1));
+        assert!(r.waits_elsewhere(0, Path::new("x"), 4));
         // Any file landing at a name in the next session counts as later.
         r.insert(0, Path::new("d"), w(5, 1, 7));
         let mut r = r.for_next_session();
         assert!(r.landed(0, Path::new("d"), 1, 9).is_empty());
         assert!(!r.waits_elsewhere(0, Path::new("x"), 5));
-        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r.len(), r.awaited()),
+            (1, 1),
+            "c waits for room, c2 for its resend"
+        );
+        // What fits and is renamed is awaited under its new name.
+        r.rename(0, Path::new("c2"), Path::new("e/c2"));
+        assert!(!r.waits_elsewhere(0, Path::new("x"), 6));
+        for _ in 0..RESEND_HOLDS_MAX {
+            assert!(r.hold_for_resend(0, Path::new("x"), 6));
+        }
+        assert!(
+            !r.hold_for_resend(0, Path::new("x"), 6),
+            "the holds ran out"
+        );
+        assert_eq!((r.len(), r.awaited()), (1, 0));
     }
 
     #[test]
