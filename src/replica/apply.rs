@@ -138,6 +138,24 @@ pub fn answer(e: &FsError) -> Answer {
     }
 }
 
+/// The name whose file an op deletes or replaces, with its store: a
+/// delete's, a rename's target, a link's or a symlink's name. A file
+/// staged with the content that name holds lands before the op (see
+/// [`land_first`]): if it finds no room, the op's decisions know it before
+/// the content goes (simulator seed 27621: a rename onto the only copy of
+/// a message whose other name was still staged, and then refused for room).
+pub fn name_removed(msg: &SyncMsg) -> Option<(u16, &[u8])> {
+    match msg {
+        SyncMsg::Delete { store, path, .. }
+        | SyncMsg::Link { store, path, .. }
+        | SyncMsg::Symlink { store, path, .. } => Some((*store, path)),
+        SyncMsg::Rename {
+            store, from, to, ..
+        } if from != to => Some((*store, to)),
+        _ => None,
+    }
+}
+
 /// Where a staged file will land: its store and its path there.
 pub trait StagedAt {
     fn store(&self) -> usize;
@@ -161,7 +179,8 @@ pub trait StagedAt {
 /// Nothing else (a file's data, a folder's times, the session's messages)
 /// waits.
 ///
-/// `gone`: for a `Delete`, what it removes (see [`Gone`]): a file staged
+/// `gone`: for an op that deletes or replaces a name ([`name_removed`]),
+/// what it removes (see [`Gone`]): a file staged
 /// with the content of the file it removes lands first, and every staged
 /// file before the delete of a folder, so that the delete of a message's
 /// old name never lands before its new name does (if the new name finds
@@ -518,6 +537,15 @@ pub struct Applier {
     /// Folders whose entries changed since the last directory flush.
     dirs: BTreeSet<(usize, PathBuf)>,
     replies: Vec<Reply>,
+}
+
+/// Why an op that replaces a file is held ([`Applier::replace_held`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldFor {
+    /// The file's content waits for room under another name.
+    Room,
+    /// It found room there and is not sent again yet.
+    Resend,
 }
 
 /// What an op does to the entry at its path (for [`Applier::blocked`]).
@@ -1004,6 +1032,11 @@ impl Applier {
         // A rename moves what waits along (the content is wanted there
         // now); a name deleted or replaced lets go of what waits there (a
         // `Mkdir` of a folder of waiting names keeps them).
+        if let PathOp::Rename { from, to } = &op {
+            if from != to && self.replace_held(tree, index, s, seq, to).is_some() {
+                return;
+            }
+        }
         match &op {
             PathOp::Rename { from, to } => self.waiting.rename(s, from, to),
             PathOp::Delete { rel, unsure } => self.waiting.forget(s, rel, seq, *unsure),
@@ -1138,6 +1171,52 @@ impl Applier {
         }
         let size = self.content_waits_below(tree, index, s, rel)?;
         self.waiting.hold_folder_for_room(s, rel).then_some(size)
+    }
+
+    /// An op is to replace the file at `rel` with another (a rename onto
+    /// it, a file landing there) while that file is the only copy here of
+    /// content that waits under another name: the op is held as a delete of
+    /// the file would be, for room (answered `NoSpace`, the store counting
+    /// as full) or for the content's resend (a bounded while), so that the
+    /// message is never under neither name here (simulator seed 27621:
+    /// after a failover, a rename onto the only copy of a message whose
+    /// other name waited for room). What it is held for, if it is.
+    fn replace_held<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        seq: u64,
+        rel: &Path,
+    ) -> Option<HeldFor> {
+        if !self.waiting.any_for_room()
+            || !matches!(tree.lstat(rel), Ok(Some(st)) if st.kind == Kind::File)
+        {
+            return None;
+        }
+        if let Some((_, size)) = self.content_waits_for_room(tree, index, s, rel) {
+            add(&self.stats.deletes_held_for_room, 1);
+            self.replies.push(Reply::HeldForRoom {
+                seq,
+                store: s,
+                rel: rel.to_path_buf(),
+                size,
+            });
+            return Some(HeldFor::Room);
+        }
+        let (hash, _) = content_at(tree, index, rel, |st| {
+            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
+        })?;
+        if !self.waiting.hold_for_resend(s, rel, hash) {
+            return None;
+        }
+        add(&self.stats.deletes_held_for_room, 1);
+        self.replies.push(Reply::HeldForResend {
+            seq,
+            store: s,
+            rel: rel.to_path_buf(),
+        });
+        Some(HeldFor::Resend)
     }
 
     /// Whether a delete of `rel` waits for its content to be sent again
@@ -1598,6 +1677,15 @@ impl Applier {
                 index.set(rel, Entry::new(&cur, hash, true));
                 return;
             }
+        }
+        if let Some(held) = self.replace_held(tree, index, s, seq, &rel) {
+            // Sent again: the primary retries it. Held for room, its own
+            // content waits for room too, as a file refused for it does.
+            tree.discard_staged(seq);
+            if held == HeldFor::Room {
+                self.no_room(s, seq, &rel, hash, size);
+            }
+            return;
         }
         match tree.land(seq, &rel) {
             Ok(parent) => {
@@ -2061,6 +2149,59 @@ mod tests {
     /// and a delete): answered `NoSpace`, the file stays. A delete of
     /// other content goes on; once the new name is said again (its file
     /// arrives, or the primary deletes it), the delete goes on too.
+    /// A rename onto the only copy here of content that waits under
+    /// another name is held as a delete of it would be: for room, then
+    /// for the content's resend; once the primary says something else of
+    /// that name, the rename goes on (simulator seed 27621).
+    #[test]
+    fn a_rename_onto_the_only_copy_of_waiting_content_is_held() {
+        let (_tmp, dir, internal) =
+            store_with(&[("new/m", "the message"), ("cur/x", "another message")]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let body = b"the message";
+        let (m, other) = (Path::new("new/m"), Path::new("cur/m:2,S"));
+        let rename = || PathOp::Rename {
+            from: PathBuf::from("cur/x"),
+            to: m.to_path_buf(),
+        };
+        r.no_room(0, 1, other, index::hash_bytes(body), body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 2, rename());
+        let replies: Vec<Reply> = r.take_replies().collect();
+        assert!(
+            matches!(&replies[..], [Reply::HeldForRoom { seq: 2, rel, .. }] if rel == m),
+            "{replies:?}"
+        );
+        assert_eq!(std::fs::read(dir.join(m)).unwrap(), body);
+        assert!(dir.join("cur/x").exists());
+        // Room for it: held while its resend is awaited.
+        r.room(0, body.len() as u64);
+        r.apply(&mut root, &mut index, 0, 3, rename());
+        let replies: Vec<Reply> = r.take_replies().collect();
+        assert!(
+            matches!(&replies[..], [Reply::HeldForResend { seq: 3, rel, .. }] if rel == m),
+            "{replies:?}"
+        );
+        assert_eq!(std::fs::read(dir.join(m)).unwrap(), body);
+        // The primary deletes the other name: nothing waits, the rename
+        // replaces the file.
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            4,
+            PathOp::Delete {
+                unsure: false,
+                rel: other.to_path_buf(),
+            },
+        );
+        r.apply(&mut root, &mut index, 0, 5, rename());
+        assert!(r.take_replies().next().is_none());
+        assert_eq!(std::fs::read(dir.join(m)).unwrap(), b"another message");
+        assert!(!dir.join("cur/x").exists());
+    }
+
     #[test]
     fn a_delete_waits_while_its_content_waits_for_room_under_another_name() {
         let (_tmp, dir, internal) = store_with(&[

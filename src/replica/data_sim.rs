@@ -1942,7 +1942,7 @@ impl Replica {
     /// For a `Delete` while files are staged: what it removes, as the
     /// receiver looks it up.
     fn content_deleted(&mut self, msg: &SyncMsg) -> Gone {
-        let SyncMsg::Delete { path, .. } = msg else {
+        let Some((_, path)) = super::apply::name_removed(msg) else {
             return Gone::Nothing;
         };
         if self.commits.staged().is_empty() {
@@ -1958,7 +1958,11 @@ impl Replica {
             return Gone::Nothing;
         };
         if st.kind == Kind::Dir {
-            return Gone::Folder;
+            return if matches!(msg, SyncMsg::Delete { .. }) {
+                Gone::Folder
+            } else {
+                Gone::Nothing
+            };
         }
         if st.kind != Kind::File || !sizes.contains(&st.version.size) {
             return Gone::Nothing;

@@ -1156,14 +1156,15 @@ impl Receiver {
         self.local_failure(seq, store, rel, e, peer);
     }
 
-    /// For a `Delete` while files are staged: what it removes, a folder or
-    /// the content of a file a staged file has the size of (see
-    /// [`land_first`]).
+    /// For an op that deletes or replaces a name while files are staged
+    /// ([`super::apply::name_removed`]): what it removes, a folder (a
+    /// delete's) or the content of a file a staged file has the size of
+    /// (see [`land_first`]).
     fn content_deleted(&self, msg: &SyncMsg) -> Gone {
-        let SyncMsg::Delete { store, path, .. } = msg else {
+        let Some((store, path)) = super::apply::name_removed(msg) else {
             return Gone::Nothing;
         };
-        let s = *store as usize;
+        let s = store as usize;
         let staged = self.commits.staged();
         if staged.is_empty() || s >= self.stores.len() {
             return Gone::Nothing;
@@ -1175,7 +1176,11 @@ impl Receiver {
         let st = &self.stores[s];
         if matches!(super::apply::ReplicaTree::lstat(&st.root, &rel), Ok(Some(found)) if found.kind == Kind::Dir)
         {
-            return Gone::Folder;
+            return if matches!(msg, SyncMsg::Delete { .. }) {
+                Gone::Folder
+            } else {
+                Gone::Nothing
+            };
         }
         super::apply::content_at(&st.root, &st.index, &rel, |found| {
             staged
