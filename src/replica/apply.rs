@@ -539,13 +539,24 @@ pub struct Applier {
     replies: Vec<Reply>,
 }
 
-/// Why an op that replaces a file is held ([`Applier::replace_held`]).
+/// Why an op that deletes or replaces a file is held
+/// ([`Applier::held_for_waiting`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HeldFor {
-    /// The file's content waits for room under another name.
-    Room,
+    /// The file's content (this many bytes) waits for room under another
+    /// name.
+    Room(u64),
     /// It found room there and is not sent again yet.
     Resend,
+}
+
+/// What an op does to the file it holds back ([`Applier::held_for_waiting`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// A delete (of a file, or a folder).
+    Delete,
+    /// A rename onto it, a file landing over it.
+    Replace,
 }
 
 /// What an op does to the entry at its path (for [`Applier::blocked`]).
@@ -1033,7 +1044,11 @@ impl Applier {
         // now); a name deleted or replaced lets go of what waits there (a
         // `Mkdir` of a folder of waiting names keeps them).
         if let PathOp::Rename { from, to } = &op {
-            if from != to && self.replace_held(tree, index, s, seq, to).is_some() {
+            if from != to
+                && self
+                    .held_for_waiting(tree, index, s, seq, to, Removal::Replace)
+                    .is_some()
+            {
                 return;
             }
         }
@@ -1062,21 +1077,10 @@ impl Applier {
                         store: s,
                         rel: rel.clone(),
                     });
-                } else if let Some(size) = self.held_for_room(tree, index, s, seq, &rel) {
-                    add(&self.stats.deletes_held_for_room, 1);
-                    self.replies.push(Reply::HeldForRoom {
-                        seq,
-                        store: s,
-                        rel: rel.clone(),
-                        size,
-                    });
-                } else if self.held_for_resend(tree, index, s, seq, &rel) {
-                    add(&self.stats.deletes_held_for_room, 1);
-                    self.replies.push(Reply::HeldForResend {
-                        seq,
-                        store: s,
-                        rel: rel.clone(),
-                    });
+                } else if self
+                    .held_for_waiting(tree, index, s, seq, &rel, Removal::Delete)
+                    .is_some()
+                {
                 } else if unsure && self.held_for_move(tree, index, s, seq, &rel) {
                     add(&self.stats.deletes_held_for_move, 1);
                     self.replies.push(Reply::Need {
@@ -1135,117 +1139,93 @@ impl Applier {
         s: usize,
         rel: &Path,
     ) -> Option<(u128, u64)> {
-        if !self.waiting.any_for_room() {
-            return None;
-        }
-        // A file with other links keeps its content on the disk.
-        let (hash, size) = content_at(tree, index, rel, |st| {
-            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
-        })?;
+        let (hash, size) = self.only_copy_of_a_waiting_size(tree, index, s, rel)?;
         self.waiting
             .waits_elsewhere(s, rel, hash)
             .then_some((hash, size))
     }
 
-    /// Whether a delete of `rel` waits for content to land elsewhere (a
-    /// file, or a file in a folder: a folder's delete a bounded number of
-    /// times, as the room it holds may be what the content waits for), and
-    /// the size that waits. A file held is also held as a name that may
-    /// have moved (`waiting::MayHaveMoved`): once the same message lands
-    /// under another name, it goes at once, not at the primary's next retry
-    /// (both names would be on the disk until then: a duplicate at a
-    /// failover).
-    fn held_for_room<T: ReplicaTree>(
+    /// The content and size of the file at `rel` if it is the only copy
+    /// here of content the size of something that waits (for room, or its
+    /// resend): the first look of every hold for what waits, cheap while
+    /// nothing does. A file with other links keeps its content on the disk.
+    fn only_copy_of_a_waiting_size<T: ReplicaTree>(
+        &self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        rel: &Path,
+    ) -> Option<(u128, u64)> {
+        if !self.waiting.any_for_room() {
+            return None;
+        }
+        content_at(tree, index, rel, |st| {
+            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
+        })
+    }
+
+    /// Whether an op that deletes or replaces `rel` waits for content that
+    /// waits under another name, and what for; the answer is pushed.
+    ///
+    /// - For room: the file at `rel` is the only copy here of content that
+    ///   waits for room under another name (or, for a delete, a folder
+    ///   holds such a file: a bounded number of times, as the room it holds
+    ///   may be what the content waits for). Answered `NoSpace`, the store
+    ///   counting as full.
+    /// - For its resend: that content found room and is not sent again yet
+    ///   (see `waiting`'s `resend`): answered as a local error, a bounded
+    ///   number of times, the store not counted as full.
+    ///
+    /// A file whose delete is held is also held as a name that may have
+    /// moved (`waiting::MayHaveMoved`): once the same message lands under
+    /// another name it goes at once, not at the primary's next retry (both
+    /// names would be on the disk until then: a duplicate at a failover).
+    /// A replacement (a rename onto it, a file landing over it) is held as
+    /// its delete would be (simulator seed 27621: after a failover, a
+    /// rename onto the only copy of a message whose other name waited for
+    /// room).
+    fn held_for_waiting<T: ReplicaTree>(
         &mut self,
         tree: &T,
         index: &Index,
         s: usize,
         seq: u64,
         rel: &Path,
-    ) -> Option<u64> {
-        if let Some((hash, size)) = self.content_waits_for_room(tree, index, s, rel) {
+        removal: Removal,
+    ) -> Option<HeldFor> {
+        let delete = removal == Removal::Delete;
+        let held = if let Some((hash, size)) = self.content_waits_for_room(tree, index, s, rel) {
+            (HeldFor::Room(size), Some(hash))
+        } else if let Some(size) = delete
+            .then(|| self.content_waits_below(tree, index, s, rel))
+            .flatten()
+            .filter(|_| self.waiting.hold_folder_for_room(s, rel))
+        {
+            (HeldFor::Room(size), None)
+        } else {
+            let (hash, _) = self.only_copy_of_a_waiting_size(tree, index, s, rel)?;
+            if !self.waiting.hold_for_resend(s, rel, hash) {
+                return None;
+            }
+            (HeldFor::Resend, Some(hash))
+        };
+        if let (true, Some(hash)) = (delete, held.1) {
             if self.waiting.may_hold_move() {
                 self.waiting.hold_for_move(s, rel, hash, seq);
             }
-            return Some(size);
-        }
-        let size = self.content_waits_below(tree, index, s, rel)?;
-        self.waiting.hold_folder_for_room(s, rel).then_some(size)
-    }
-
-    /// An op is to replace the file at `rel` with another (a rename onto
-    /// it, a file landing there) while that file is the only copy here of
-    /// content that waits under another name: the op is held as a delete of
-    /// the file would be, for room (answered `NoSpace`, the store counting
-    /// as full) or for the content's resend (a bounded while), so that the
-    /// message is never under neither name here (simulator seed 27621:
-    /// after a failover, a rename onto the only copy of a message whose
-    /// other name waited for room). What it is held for, if it is.
-    fn replace_held<T: ReplicaTree>(
-        &mut self,
-        tree: &T,
-        index: &Index,
-        s: usize,
-        seq: u64,
-        rel: &Path,
-    ) -> Option<HeldFor> {
-        if !self.waiting.any_for_room()
-            || !matches!(tree.lstat(rel), Ok(Some(st)) if st.kind == Kind::File)
-        {
-            return None;
-        }
-        if let Some((_, size)) = self.content_waits_for_room(tree, index, s, rel) {
-            add(&self.stats.deletes_held_for_room, 1);
-            self.replies.push(Reply::HeldForRoom {
-                seq,
-                store: s,
-                rel: rel.to_path_buf(),
-                size,
-            });
-            return Some(HeldFor::Room);
-        }
-        let (hash, _) = content_at(tree, index, rel, |st| {
-            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
-        })?;
-        if !self.waiting.hold_for_resend(s, rel, hash) {
-            return None;
         }
         add(&self.stats.deletes_held_for_room, 1);
-        self.replies.push(Reply::HeldForResend {
-            seq,
-            store: s,
-            rel: rel.to_path_buf(),
+        let rel = rel.to_path_buf();
+        self.replies.push(match held.0 {
+            HeldFor::Room(size) => Reply::HeldForRoom {
+                seq,
+                store: s,
+                rel,
+                size,
+            },
+            HeldFor::Resend => Reply::HeldForResend { seq, store: s, rel },
         });
-        Some(HeldFor::Resend)
-    }
-
-    /// Whether a delete of `rel` waits for its content to be sent again
-    /// under another name where it was refused for room and fits now (see
-    /// `waiting`'s `resend`). Held as a delete held for room is (also as a
-    /// name that may have moved), without counting the store as full.
-    fn held_for_resend<T: ReplicaTree>(
-        &mut self,
-        tree: &T,
-        index: &Index,
-        s: usize,
-        seq: u64,
-        rel: &Path,
-    ) -> bool {
-        if !self.waiting.any_for_room() {
-            return false;
-        }
-        let Some((hash, _)) = content_at(tree, index, rel, |st| {
-            st.nlink == 1 && self.waiting.size_waits(s, st.version.size)
-        }) else {
-            return false;
-        };
-        if !self.waiting.hold_for_resend(s, rel, hash) {
-            return false;
-        }
-        if self.waiting.may_hold_move() {
-            self.waiting.hold_for_move(s, rel, hash, seq);
-        }
-        true
+        Some(held.0)
     }
 
     /// An unsure delete of `rel` (the primary found it gone, maybe moved
@@ -1678,11 +1658,11 @@ impl Applier {
                 return;
             }
         }
-        if let Some(held) = self.replace_held(tree, index, s, seq, &rel) {
+        if let Some(held) = self.held_for_waiting(tree, index, s, seq, &rel, Removal::Replace) {
             // Sent again: the primary retries it. Held for room, its own
             // content waits for room too, as a file refused for it does.
             tree.discard_staged(seq);
-            if held == HeldFor::Room {
+            if matches!(held, HeldFor::Room(_)) {
                 self.no_room(s, seq, &rel, hash, size);
             }
             return;
