@@ -1081,6 +1081,7 @@ impl Applier {
                     .held_for_waiting(tree, index, s, seq, &rel, Removal::Delete)
                     .is_some()
                 {
+                    // Answered by it.
                 } else if unsure && self.held_for_move(tree, index, s, seq, &rel) {
                     add(&self.stats.deletes_held_for_move, 1);
                     self.replies.push(Reply::Need {
@@ -1194,29 +1195,33 @@ impl Applier {
         removal: Removal,
     ) -> Option<HeldFor> {
         let delete = removal == Removal::Delete;
-        let held = if let Some((hash, size)) = self.content_waits_for_room(tree, index, s, rel) {
-            (HeldFor::Room(size), Some(hash))
-        } else if let Some(size) = delete
-            .then(|| self.content_waits_below(tree, index, s, rel))
-            .flatten()
-            .filter(|_| self.waiting.hold_folder_for_room(s, rel))
-        {
-            (HeldFor::Room(size), None)
-        } else {
-            let (hash, _) = self.only_copy_of_a_waiting_size(tree, index, s, rel)?;
-            if !self.waiting.hold_for_resend(s, rel, hash) {
-                return None;
+        // One look at the file (its content may be hashed): for room
+        // first, then for the resend; a folder only for a delete.
+        let (held, hash) = match self.only_copy_of_a_waiting_size(tree, index, s, rel) {
+            Some((hash, size)) if self.waiting.waits_elsewhere(s, rel, hash) => {
+                (HeldFor::Room(size), Some(hash))
             }
-            (HeldFor::Resend, Some(hash))
+            Some((hash, _)) if self.waiting.hold_for_resend(s, rel, hash) => {
+                (HeldFor::Resend, Some(hash))
+            }
+            Some(_) => return None,
+            None if delete => {
+                let size = self.content_waits_below(tree, index, s, rel)?;
+                if !self.waiting.hold_folder_for_room(s, rel) {
+                    return None;
+                }
+                (HeldFor::Room(size), None)
+            }
+            None => return None,
         };
-        if let (true, Some(hash)) = (delete, held.1) {
+        if let (true, Some(hash)) = (delete, hash) {
             if self.waiting.may_hold_move() {
                 self.waiting.hold_for_move(s, rel, hash, seq);
             }
         }
         add(&self.stats.deletes_held_for_room, 1);
         let rel = rel.to_path_buf();
-        self.replies.push(match held.0 {
+        self.replies.push(match held {
             HeldFor::Room(size) => Reply::HeldForRoom {
                 seq,
                 store: s,
@@ -1225,7 +1230,7 @@ impl Applier {
             },
             HeldFor::Resend => Reply::HeldForResend { seq, store: s, rel },
         });
-        Some(held.0)
+        Some(held)
     }
 
     /// An unsure delete of `rel` (the primary found it gone, maybe moved
