@@ -1007,7 +1007,10 @@ async fn run_primary(
     let cfg = &shared.cfg;
     let roots: Vec<PathBuf> = cfg.stores.iter().map(|s| s.root.clone()).collect();
     let started = std::time::Instant::now();
-    let (tracker, coalescer) = match Tracker::start(TrackerConfig {
+    // Returns once the roots are watched; the folders below are watched
+    // on the tracker's thread while the takeover walk goes, each before
+    // the walk reads it (see `Tree::read_folders_after`).
+    let (tracker, coalescer, watching) = match Tracker::start_watching(TrackerConfig {
         roots: roots.clone(),
         exclude: cfg.exclude.clone(),
     }) {
@@ -1024,7 +1027,7 @@ async fn run_primary(
     };
     debug!(
         ms = started.elapsed().as_millis() as u64,
-        "primary: tracker watching"
+        "primary: tracker watching the roots"
     );
     *shared.notifier.lock().expect("notifier lock") = Some(tracker.notifier());
     // A refusal of what this node handed over as a secondary is no longer
@@ -1038,12 +1041,16 @@ async fn run_primary(
     // when the last reference is dropped.
     let tracker = Rc::new(tracker);
     let mut stores = Vec::with_capacity(cfg.stores.len());
-    for s in &cfg.stores {
+    for (i, s) in cfg.stores.iter().enumerate() {
         match super::tree::Tree::open(&s.root) {
-            Ok(tree) => stores.push(Store {
+            Ok(mut tree) => stores.push(Store {
+                tree: {
+                    let watching = watching.clone();
+                    tree.read_folders_after(Arc::new(move |rel| watching.wait_for(i, rel)));
+                    tree
+                },
                 name: s.name.clone(),
                 root: s.root.clone(),
-                tree,
                 index: Index::load(&cfg.state_dir, &s.name),
                 internal: s.internal.clone(),
                 conflicts: s.replica_root == s.root && s.period.is_none(),
@@ -1067,7 +1074,7 @@ async fn run_primary(
     }
     debug!(
         ms = started.elapsed().as_millis() as u64,
-        "primary: tracker watching, indexes loaded"
+        "primary: indexes loaded"
     );
     let tenure = shared.primary_gen.load(Relaxed);
     raise_imap_uids(cfg, &shared.stats);

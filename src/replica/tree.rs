@@ -76,11 +76,25 @@ fn too_long(rel: &Path) -> io::Error {
     )
 }
 
+/// Called with a folder's path before a walk reads the folder (see
+/// [`Tree::read_folders_after`]).
+pub type FolderGate = std::sync::Arc<dyn Fn(&Path) + Send + Sync>;
+
 /// The root of a store, opened once.
-#[derive(Debug)]
 pub struct Tree {
     path: PathBuf,
     fd: OwnedFd,
+    gate: Option<FolderGate>,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree")
+            .field("path", &self.path)
+            .field("fd", &self.fd)
+            .field("gated", &self.gate.is_some())
+            .finish()
+    }
 }
 
 impl Tree {
@@ -95,7 +109,15 @@ impl Tree {
         Ok(Tree {
             path: path.to_path_buf(),
             fd,
+            gate: None,
         })
+    }
+
+    /// Walks of this tree wait on `gate` before they read each folder:
+    /// the primary's tracker watches the folders as the walk goes, and a
+    /// change in a folder the walk read before its watch would go unseen.
+    pub fn read_folders_after(&mut self, gate: FolderGate) {
+        self.gate = Some(gate);
     }
 
     /// A tree over an already open root descriptor.
@@ -103,6 +125,7 @@ impl Tree {
         Tree {
             path: path.to_path_buf(),
             fd,
+            gate: None,
         }
     }
 
@@ -269,6 +292,9 @@ impl LocalTree for Tree {
     }
     type Folder = OwnedFd;
     fn open_folder(&self, rel: &Path) -> io::Result<Option<OwnedFd>> {
+        if let Some(gate) = &self.gate {
+            gate(rel);
+        }
         match self.open_dir(rel) {
             Ok(fd) => Ok(Some(fd)),
             Err(e)

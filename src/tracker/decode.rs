@@ -149,12 +149,9 @@ impl Decoder {
         })
     }
 
-    /// Watches a root and everything below it; only the root itself failing is fatal.
-    pub(crate) fn watch_root(
-        &mut self,
-        store: usize,
-        out: &mut Vec<Op>,
-    ) -> Result<(), TrackerError> {
+    /// Watches a root itself (not what is below it: see
+    /// [`Decoder::watch_below_roots`]); failing is fatal.
+    pub(crate) fn watch_root(&mut self, store: usize) -> Result<(), TrackerError> {
         let root = &self.roots[store];
         let wd = inotify::add_watch(&self.fd, root, watch_mask()).map_err(|errno| {
             TrackerError::WatchRoot {
@@ -163,8 +160,43 @@ impl Decoder {
             }
         })?;
         self.set_watch(wd, store, RelPath::new());
+        Ok(())
+    }
+
+    /// A root and everything below it, at once.
+    #[cfg(test)]
+    pub(crate) fn watch_store(
+        &mut self,
+        store: usize,
+        out: &mut Vec<Op>,
+    ) -> Result<(), TrackerError> {
+        self.watch_root(store)?;
         self.watch_tree(store, RelPath::new(), None, out);
         Ok(())
+    }
+
+    /// The first watch of every folder below the roots (watched already),
+    /// saying each to `watching` as it is watched, until `stop`. Returns
+    /// the rescans its failures need.
+    pub(crate) fn watch_below_roots(
+        &mut self,
+        watching: &super::Watching,
+        stop: &AtomicBool,
+    ) -> Vec<Op> {
+        let _finish = super::FinishOnDrop(watching);
+        let mut out = Vec::new();
+        for store in 0..self.roots.len() {
+            let mut each = |rel: &Path, watched: bool| {
+                if watched {
+                    watching.watched(store, rel);
+                }
+                !stop.load(Ordering::Relaxed)
+            };
+            if !self.watch_tree_then(store, RelPath::new(), None, &mut out, &mut each) {
+                break;
+            }
+        }
+        out
     }
 
     /// Decodes one event into `out`.
@@ -589,16 +621,35 @@ impl Decoder {
         report: Option<Instant>,
         out: &mut Vec<Op>,
     ) {
+        self.watch_tree_then(store, rel, report, out, &mut |_, _| true);
+    }
+
+    /// [`Decoder::watch_tree`], telling `each` every folder it came to
+    /// and whether it is watched now; stops (returning `false`) when
+    /// `each` says so.
+    fn watch_tree_then(
+        &mut self,
+        store: usize,
+        rel: RelPath,
+        report: Option<Instant>,
+        out: &mut Vec<Op>,
+        each: &mut dyn FnMut(&Path, bool) -> bool,
+    ) -> bool {
         let mut stack = vec![rel];
         while let Some(rel) = stack.pop() {
             let found = self.lister().watch_one(store, &rel, report.is_some());
+            let watched = matches!(found, Found::Watched { .. });
             let mut folders = self.take_found(store, &rel, found, report, out);
+            if !each(&rel, watched) {
+                return false;
+            }
             // Entered in path order (the smallest name popped first), as
             // the walks and the warming threads go (`replica::warm`): on a
             // cold cache this follows the reads already in flight.
             folders.sort_unstable_by(|a, b| b.cmp(a));
             stack.append(&mut folders);
         }
+        true
     }
 
     /// Records what watching folder `rel` found; returns its folders.

@@ -464,6 +464,89 @@ pub(crate) fn rename_op(
     }
 }
 
+/// How far the first watch of a tracker's stores has come (see
+/// [`Tracker::start_watching`]).
+pub struct Watching {
+    state: std::sync::Mutex<WatchedSoFar>,
+    changed: std::sync::Condvar,
+}
+
+struct WatchedSoFar {
+    /// Every folder the first watch has gone past (watched, or not
+    /// watchable), or the thread ended.
+    done: bool,
+    /// Per store, the folders watched so far (forgotten when done).
+    folders: Vec<std::collections::HashSet<RelPath>>,
+}
+
+/// Ends the first watch when dropped: also when its thread unwinds, so
+/// that nothing waits on it for ever.
+struct FinishOnDrop<'a>(&'a Watching);
+
+impl Drop for FinishOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.finish();
+    }
+}
+
+impl Watching {
+    fn new(stores: usize) -> Watching {
+        Watching {
+            state: std::sync::Mutex::new(WatchedSoFar {
+                done: false,
+                folders: vec![Default::default(); stores],
+            }),
+            changed: std::sync::Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, WatchedSoFar> {
+        // Nothing below panics while holding it; a poisoned state is whole.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns once folder `rel` of store `store` is watched, or once the
+    /// first watch has ended: a folder it skipped (a nested store's, one
+    /// gone meanwhile) or could not watch, and one made after its parent
+    /// was listed, are the events' and the rescans' to report.
+    pub fn wait_for(&self, store: usize, rel: &Path) {
+        let mut s = self.lock();
+        while !s.done && !s.folders.get(store).is_some_and(|f| f.contains(rel)) {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Returns once every folder was watched (or the thread ended).
+    pub fn wait_done(&self) {
+        let mut s = self.lock();
+        while !s.done {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Whether the first watch has ended.
+    pub fn is_done(&self) -> bool {
+        self.lock().done
+    }
+
+    fn watched(&self, store: usize, rel: &Path) {
+        let mut s = self.lock();
+        if let Some(f) = s.folders.get_mut(store) {
+            f.insert(rel.to_path_buf());
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    fn finish(&self) {
+        let mut s = self.lock();
+        s.done = true;
+        s.folders = Vec::new();
+        drop(s);
+        self.changed.notify_all();
+    }
+}
+
 /// Owns the inotify reader thread.
 pub struct Tracker {
     producer: Producer,
@@ -477,6 +560,20 @@ impl Tracker {
     /// Adds watches recursively on every root (directories created later are watched as they appear),
     /// starts the reader thread, returns the tracker and the consumer end.
     pub fn start(cfg: TrackerConfig) -> Result<(Tracker, Coalescer), TrackerError> {
+        let (tracker, coalescer, watching) = Tracker::start_watching(cfg)?;
+        watching.wait_done();
+        Ok((tracker, coalescer))
+    }
+
+    /// As [`Tracker::start`], but returns once the roots themselves are
+    /// watched: the reader thread watches the folders below them first
+    /// (a store of 50,000 folders takes tens of seconds from a cold
+    /// cache), then reads events. A walk that must not read a folder
+    /// before it is watched waits on the returned [`Watching`], folder by
+    /// folder, so it can run beside the watching instead of after it.
+    pub fn start_watching(
+        cfg: TrackerConfig,
+    ) -> Result<(Tracker, Coalescer, Arc<Watching>), TrackerError> {
         let filter = Arc::new(Filter::new(&cfg.exclude)?);
         let roots = Arc::new(Roots::new(&cfg.roots)?);
         let shared = Arc::new(Shared::new(cfg.roots.len(), CHANNEL_OPS_MAX).with_poke()?);
@@ -488,23 +585,35 @@ impl Tracker {
         let coalescer = Coalescer::new(rx, tx, shared.clone(), coalesce::PENDING_OPS_MAX);
 
         let mut decoder = decode::Decoder::new(roots.canonical.clone(), filter.clone(), shared)?;
-        // Failures below the roots become Rescan ops, queued before anything the thread reads.
-        let mut ops = Vec::new();
+        // Only a root that cannot be watched is fatal, and it is said here.
         for store in 0..roots.canonical.len() {
-            decoder.watch_root(store, &mut ops)?;
+            decoder.watch_root(store)?;
         }
-        for op in ops {
-            // The consumer is alive: we hold it.
-            let _ = producer.send(op);
-        }
-
         let stop = Arc::new(AtomicBool::new(false));
+        let watching = Arc::new(Watching::new(roots.canonical.len()));
         let thread = {
             let stop = stop.clone();
             let producer = producer.clone();
+            let watching = watching.clone();
             std::thread::Builder::new()
                 .name("hasync-tracker".into())
-                .spawn(move || decode::run(decoder, producer, stop))
+                .spawn(move || {
+                    // Failures below the roots become Rescan ops, queued
+                    // before anything the thread reads.
+                    let started = Instant::now();
+                    let ops = decoder.watch_below_roots(&watching, &stop);
+                    tracing::debug!(
+                        ms = started.elapsed().as_millis() as u64,
+                        watches = producer.shared.snapshot().watches,
+                        "tracker: every folder of the stores watched"
+                    );
+                    for op in ops {
+                        // The consumer is alive: the tracker holds it.
+                        let _ = producer.send(op);
+                    }
+                    watching.finish();
+                    decode::run(decoder, producer, stop)
+                })
                 .map_err(|source| TrackerError::Spawn { source })?
         };
         let tracker = Tracker {
@@ -514,7 +623,7 @@ impl Tracker {
             stop,
             thread: Some(thread),
         };
-        Ok((tracker, coalescer))
+        Ok((tracker, coalescer, watching))
     }
 
     /// A handle for embedders that report their own writes.

@@ -595,7 +595,7 @@ fn decoder(stores: usize) -> (tempfile::TempDir, Decoder, Arc<Shared>, Vec<i32>)
     let mut out = Vec::new();
     let wds = (0..stores)
         .map(|s| {
-            d.watch_root(s, &mut out).expect("watch root");
+            d.watch_store(s, &mut out).expect("watch root");
             d.watched(s, Path::new("")).expect("root watched")
         })
         .collect();
@@ -726,7 +726,7 @@ fn a_whole_store_is_watched_every_folder_once() {
     expected.push("user00/Maildir/tmp".to_string());
     std::os::unix::fs::symlink(root.join("user01"), root.join("link")).expect("symlink");
     let mut out = Vec::new();
-    d.watch_root(0, &mut out).expect("watch root");
+    d.watch_store(0, &mut out).expect("watch root");
     assert!(out.is_empty(), "{:?}", plains(&out));
     for rel in &expected {
         assert!(d.watched(0, Path::new(rel)).is_some(), "{rel} not watched");
@@ -1404,4 +1404,70 @@ fn read_upto_passes_a_change_only_once_its_op_is_queued() {
         took[took.len() / 2] < Duration::from_millis(25),
         "read_upto answers an ask promptly: {took:?}"
     );
+}
+
+#[test]
+fn a_folder_the_first_watch_says_is_watched_reports_what_changes_in_it_at_once() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("store");
+    let names: Vec<String> = (0..400).map(|i| format!("u{i:03}/Maildir/new")).collect();
+    for n in &names {
+        fs::create_dir_all(root.join(n)).expect("mkdir");
+    }
+    let cfg = TrackerConfig {
+        roots: vec![root.clone()],
+        exclude: vec![],
+    };
+    let (tracker, mut c, watching) = Tracker::start_watching(cfg).expect("start");
+    // As a walk goes: each folder once the tracker says it is watched, a
+    // file made in it right then, before the first watch has ended.
+    let mut before_done = 0;
+    for n in names.iter().step_by(40) {
+        watching.wait_for(0, Path::new(n));
+        before_done += usize::from(!watching.is_done());
+        fs::write(root.join(n).join("m"), b"x").expect("write");
+    }
+    watching.wait_done();
+    // 400 users of three folders each, and the root.
+    assert_eq!(tracker.stats().watches, 1201);
+    let deadline = Instant::now() + EXPECT_WITHIN;
+    while c.pending() < 10 && Instant::now() < deadline {
+        c.wait(Duration::from_millis(20));
+    }
+    let mut ops = take_all(&mut c);
+    ops.sort();
+    let mut want: Vec<String> = names
+        .iter()
+        .step_by(40)
+        .map(|n| format!("sync 0 {n}/m"))
+        .collect();
+    want.sort();
+    assert_eq!(
+        ops, want,
+        "({before_done} made before the first watch ended)"
+    );
+    // A folder that is not there is waited for only until the end.
+    watching.wait_for(0, Path::new("nowhere"));
+    tracker.stop();
+}
+
+#[test]
+fn a_tracker_stopped_during_its_first_watch_ends_it_and_frees_its_waiters() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().join("store");
+    for i in 0..2000 {
+        fs::create_dir_all(root.join(format!("u{i:04}/cur"))).expect("mkdir");
+    }
+    let cfg = TrackerConfig {
+        roots: vec![root.clone()],
+        exclude: vec![],
+    };
+    let (tracker, _c, watching) = Tracker::start_watching(cfg).expect("start");
+    let waiter = {
+        let watching = watching.clone();
+        std::thread::spawn(move || watching.wait_for(0, Path::new("u1999/cur")))
+    };
+    tracker.stop();
+    assert!(watching.is_done());
+    waiter.join().expect("the waiter returns");
 }
