@@ -148,12 +148,19 @@ pub fn name_removed(msg: &SyncMsg) -> Option<(u16, &[u8])> {
     match msg {
         SyncMsg::Delete { store, path, .. }
         | SyncMsg::Link { store, path, .. }
-        | SyncMsg::Symlink { store, path, .. } => Some((*store, path)),
+        | SyncMsg::Symlink { store, path, .. }
+        | SyncMsg::Mkdir { store, path, .. } => Some((*store, path)),
         SyncMsg::Rename {
             store, from, to, ..
         } if from != to => Some((*store, to)),
         _ => None,
     }
+}
+
+/// Whether an op of [`name_removed`] removes a folder at its name (and
+/// what is below it): all but a `Mkdir`, which keeps one.
+pub fn removes_a_folder(msg: &SyncMsg) -> bool {
+    !matches!(msg, SyncMsg::Mkdir { .. })
 }
 
 /// Where a staged file will land: its store and its path there.
@@ -182,13 +189,13 @@ pub trait StagedAt {
 /// `gone`: for an op that deletes or replaces a name ([`name_removed`]),
 /// what it removes (see [`Gone`]): a file staged
 /// with the content of the file it removes lands first, and every staged
-/// file before the delete of a folder, so that the delete of a message's
+/// file before the removal of a folder, so that the delete of a message's
 /// old name never lands before its new name does (if the new name finds
 /// no room, [`Applier`] holds the delete back).
 pub fn land_first<F: StagedAt>(msg: &SyncMsg, gone: Gone) -> Before<impl Fn(&F) -> bool + '_> {
-    if gone == Gone::Folder && matches!(msg, SyncMsg::Delete { .. }) {
+    if gone == Gone::Folder && removes_a_folder(msg) {
         // Its files' contents are not looked up one by one: a folder's
-        // delete is rare, and one flush for what is staged is cheap.
+        // removal is rare, and one flush for what is staged is cheap.
         return Before::All;
     }
     let gone = match gone {
@@ -1043,14 +1050,8 @@ impl Applier {
         // A rename moves what waits along (the content is wanted there
         // now); a name deleted or replaced lets go of what waits there (a
         // `Mkdir` of a folder of waiting names keeps them).
-        if let PathOp::Rename { from, to } = &op {
-            if from != to
-                && self
-                    .held_for_waiting(tree, index, s, seq, to, Removal::Replace)
-                    .is_some()
-            {
-                return;
-            }
+        if self.replacement_held(tree, index, s, seq, &op) {
+            return;
         }
         match &op {
             PathOp::Rename { from, to } => self.waiting.rename(s, from, to),
@@ -1078,7 +1079,7 @@ impl Applier {
                         rel: rel.clone(),
                     });
                 } else if self
-                    .held_for_waiting(tree, index, s, seq, &rel, Removal::Delete)
+                    .held_for_waiting(tree, index, s, seq, &rel, Removal::Delete, None)
                     .is_some()
                 {
                     // Answered by it.
@@ -1184,7 +1185,9 @@ impl Applier {
     /// A replacement (a rename onto it, a file landing over it) is held as
     /// its delete would be (simulator seed 27621: after a failover, a
     /// rename onto the only copy of a message whose other name waited for
-    /// room).
+    /// room). `keeps`: the content the op puts at `rel` (a link's, a
+    /// landing's): a file there with it loses nothing.
+    #[allow(clippy::too_many_arguments)]
     fn held_for_waiting<T: ReplicaTree>(
         &mut self,
         tree: &T,
@@ -1193,11 +1196,13 @@ impl Applier {
         seq: u64,
         rel: &Path,
         removal: Removal,
+        keeps: Option<u128>,
     ) -> Option<HeldFor> {
         let delete = removal == Removal::Delete;
         // One look at the file (its content may be hashed): for room
         // first, then for the resend; a folder only for a delete.
         let (held, hash) = match self.only_copy_of_a_waiting_size(tree, index, s, rel) {
+            Some((hash, _)) if keeps == Some(hash) => return None,
             Some((hash, size)) if self.waiting.waits_elsewhere(s, rel, hash) => {
                 (HeldFor::Room(size), Some(hash))
             }
@@ -1231,6 +1236,44 @@ impl Applier {
             HeldFor::Resend => Reply::HeldForResend { seq, store: s, rel },
         });
         Some(held)
+    }
+
+    /// Whether an op that puts something at a name (a rename, a link, a
+    /// symlink, a folder) is held for content that waits (see
+    /// [`Applier::held_for_waiting`]): a file there as its replacement, a
+    /// folder there that goes (for anything but a folder) as its delete.
+    /// A link of the file's own content loses nothing. Answered if held.
+    fn replacement_held<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        seq: u64,
+        op: &PathOp,
+    ) -> bool {
+        if !self.waiting.any_for_room() {
+            return false;
+        }
+        let is_dir = |rel: &Path| matches!(tree.lstat(rel), Ok(Some(st)) if st.kind == Kind::Dir);
+        let (rel, keeps, makes_dir) = match op {
+            PathOp::Rename { from, to } if from != to => (to, None, is_dir(from)),
+            PathOp::Link { rel, hash, .. } => (rel, Some(*hash), false),
+            PathOp::Symlink { rel, .. } => (rel, None, false),
+            PathOp::Mkdir { rel, .. } => (rel, None, true),
+            _ => return false,
+        };
+        let removal = match tree.lstat(rel) {
+            Ok(Some(st)) if st.kind == Kind::Dir => {
+                if makes_dir {
+                    return false;
+                }
+                Removal::Delete
+            }
+            Ok(Some(_)) => Removal::Replace,
+            _ => return false,
+        };
+        self.held_for_waiting(tree, index, s, seq, rel, removal, keeps)
+            .is_some()
     }
 
     /// An unsure delete of `rel` (the primary found it gone, maybe moved
@@ -1639,8 +1682,19 @@ impl Applier {
             return;
         }
         if let Ok(Some(cur)) = tree.lstat(&rel) {
+            // The primary has a file where this replica has a folder: it
+            // goes first, unless what waits holds it (then the file waits
+            // too, as in the hold below).
             if cur.kind == Kind::Dir {
-                // The primary has a file where this replica has a folder.
+                if let Some(held) =
+                    self.held_for_waiting(tree, index, s, seq, &rel, Removal::Delete, None)
+                {
+                    tree.discard_staged(seq);
+                    if matches!(held, HeldFor::Room(_)) {
+                        self.no_room(s, seq, &rel, hash, size);
+                    }
+                    return;
+                }
                 self.delete(tree, index, s, seq, &rel);
             }
             let same = cur.kind == Kind::File
@@ -1663,7 +1717,9 @@ impl Applier {
                 return;
             }
         }
-        if let Some(held) = self.held_for_waiting(tree, index, s, seq, &rel, Removal::Replace) {
+        if let Some(held) =
+            self.held_for_waiting(tree, index, s, seq, &rel, Removal::Replace, Some(hash))
+        {
             // Sent again: the primary retries it. Held for room, its own
             // content waits for room too, as a file refused for it does.
             tree.discard_staged(seq);
@@ -1702,7 +1758,8 @@ impl Applier {
 
     /// Removes (or keeps aside, as a delete would) a folder where the
     /// primary now has a file, or a file or symlink where it has a folder:
-    /// the op that follows could never replace it.
+    /// the op that follows could never replace it (what waits was looked
+    /// at before: [`Applier::replacement_held`], and a landing's own).
     fn clear_other_kind<T: ReplicaTree>(
         &mut self,
         tree: &mut T,
@@ -2185,6 +2242,106 @@ mod tests {
         assert!(r.take_replies().next().is_none());
         assert_eq!(std::fs::read(dir.join(m)).unwrap(), b"another message");
         assert!(!dir.join("cur/x").exists());
+    }
+
+    #[test]
+    fn a_link_symlink_folder_or_landing_over_the_only_copy_of_waiting_content_is_held() {
+        let (_tmp, dir, internal) = store_with(&[
+            ("new/m", "the message"),
+            ("box/cur/m2", "the other message"),
+            ("cur/x", "another message"),
+        ]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (body, body2) = (&b"the message"[..], &b"the other message"[..]);
+        // Both messages were copied under other names, refused for room.
+        r.no_room(0, 1, Path::new("cur/m:2,S"), index::hash_bytes(body), 11);
+        r.no_room(0, 2, Path::new("cur/m2:2,S"), index::hash_bytes(body2), 17);
+        let held_at = |r: &mut Applier| -> Vec<(u64, PathBuf)> {
+            r.take_replies()
+                .map(|x| match x {
+                    Reply::HeldForRoom { seq, rel, .. } => (seq, rel),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let x = "cur/x";
+        let meta = times_of(&dir.join(x));
+        let another = index::hash_bytes(b"another message");
+        let ops = [
+            PathOp::Link {
+                existing: x.into(),
+                rel: "new/m".into(),
+                hash: another,
+                meta,
+            },
+            PathOp::Symlink {
+                rel: "new/m".into(),
+                target: b"../cur/x".to_vec(),
+                meta,
+            },
+            PathOp::Mkdir {
+                rel: "new/m".into(),
+                meta,
+            },
+            // A file renamed onto a folder that holds the other message,
+            // a symlink made there.
+            PathOp::Rename {
+                from: x.into(),
+                to: "box".into(),
+            },
+            PathOp::Symlink {
+                rel: "box".into(),
+                target: b"cur/x".to_vec(),
+                meta,
+            },
+        ];
+        for (seq, op) in (10..).zip(ops) {
+            let at = match &op {
+                PathOp::Rename { to, .. } => to.clone(),
+                PathOp::Link { rel, .. }
+                | PathOp::Symlink { rel, .. }
+                | PathOp::Mkdir { rel, .. } => rel.clone(),
+                _ => unreachable!(),
+            };
+            r.apply(&mut root, &mut index, 0, seq, op);
+            assert_eq!(held_at(&mut r), [(seq, at)]);
+        }
+        // A file landing over that folder.
+        r.land(
+            &mut root,
+            &mut index,
+            0,
+            20,
+            "box".into(),
+            another,
+            15,
+            Ok(None),
+        );
+        assert_eq!(held_at(&mut r), [(20, PathBuf::from("box"))]);
+        assert_eq!(std::fs::read(dir.join("new/m")).unwrap(), body);
+        assert_eq!(std::fs::read(dir.join("box/cur/m2")).unwrap(), body2);
+        assert_eq!(std::fs::read(dir.join(x)).unwrap(), b"another message");
+        // A link of the file's own content loses nothing: not held.
+        std::fs::write(dir.join("cur/y"), body).unwrap();
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            30,
+            PathOp::Link {
+                existing: "cur/y".into(),
+                rel: "new/m".into(),
+                hash: index::hash_bytes(body),
+                meta: times_of(&dir.join("cur/y")),
+            },
+        );
+        assert!(r.take_replies().next().is_none());
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join("new/m")).unwrap()),
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.join("cur/y")).unwrap())
+        );
     }
 
     #[test]

@@ -1939,7 +1939,7 @@ impl Replica {
         Ok(())
     }
 
-    /// For a `Delete` while files are staged: what it removes, as the
+    /// For an op that deletes or replaces a name while files are staged: what it removes, as the
     /// receiver looks it up.
     fn content_deleted(&mut self, msg: &SyncMsg) -> Gone {
         let Some((_, path)) = super::apply::name_removed(msg) else {
@@ -1958,7 +1958,7 @@ impl Replica {
             return Gone::Nothing;
         };
         if st.kind == Kind::Dir {
-            return if matches!(msg, SyncMsg::Delete { .. }) {
+            return if super::apply::removes_a_folder(msg) {
                 Gone::Folder
             } else {
                 Gone::Nothing

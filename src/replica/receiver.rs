@@ -1176,7 +1176,7 @@ impl Receiver {
         let st = &self.stores[s];
         if matches!(super::apply::ReplicaTree::lstat(&st.root, &rel), Ok(Some(found)) if found.kind == Kind::Dir)
         {
-            return if matches!(msg, SyncMsg::Delete { .. }) {
+            return if super::apply::removes_a_folder(msg) {
                 Gone::Folder
             } else {
                 Gone::Nothing
