@@ -1738,9 +1738,9 @@ impl Receiver {
                     size,
                 } => {
                     // The store counts as full until it has room for the
-                    // content the delete waits for.
+                    // content the delete (or replacement) waits for.
                     let why = format!(
-                        "the delete of {} waits for its content ({size} bytes) to land under another name",
+                        "{} is not deleted or replaced until its content ({size} bytes) lands under another name",
                         rel.display()
                     );
                     self.refused_for_room(store, size, why);
@@ -1748,7 +1748,7 @@ impl Receiver {
                 }
                 Reply::HeldForResend { seq, store, rel } => {
                     tracing::debug!(
-                        "the delete of {} waits for its content, refused for room under another name and fitting now, to be sent again",
+                        "{} is not deleted or replaced until its content, refused for room under another name and fitting now, is sent again",
                         rel.display()
                     );
                     self.need(seq, store, &rel, NeedReason::LocalError)

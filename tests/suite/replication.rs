@@ -1732,3 +1732,141 @@ fn an_unsure_delete_keeps_the_replicas_only_copy_until_its_new_name_lands() {
     assert!(!inbox.join("user/new/n").exists(), "a sure delete applies");
     assert!(!inbox.join("user/old").exists(), "a sure delete applies");
 }
+
+/// A real secondary whose disk is full: a message copied under another
+/// name is refused for room, and until that copy lands, nothing the
+/// primary says may replace the only copy left of it here: not a rename
+/// onto it, a link, a symlink, nor a folder made in its place. Each is
+/// held (asked for again, `NoSpace`). With room back, the copy lands and
+/// the rename applies.
+#[test]
+fn ops_that_would_replace_the_only_copy_of_a_message_waiting_for_room_are_held() {
+    use super::hostile::{act_as_primary, file, meta, replies_until_ack};
+    use hasync::wire::sync::{NeedReason, SyncMsg};
+    let g = inotify_guard();
+    let mut tp = TestPair::new(PairOptions {
+        internal_beside_stores: true,
+        ..fast()
+    });
+    let inbox = tp.store(0, "inbox");
+    let _unmount = mount_tmpfs(&tp.nodes[0].mail_dir(), "size=1m");
+    tp.nodes[0].make_store_dirs().unwrap();
+    drop(g);
+    tp.nodes[0].start().unwrap();
+    let cfg = hasync::config::Config::load(&tp.nodes[0].config_path).unwrap();
+    let node = &tp.nodes[0];
+    let (m, x, y) = (
+        vec![b'm'; 64 << 10],
+        vec![b'x'; 64 << 10],
+        vec![b'y'; 64 << 10],
+    );
+    let hash = |b: &[u8]| xxhash_rust::xxh3::xxh3_128(b);
+    let no_space = |replies: &[SyncMsg]| -> Vec<u64> {
+        replies
+            .iter()
+            .filter_map(|r| match r {
+                SyncMsg::Need {
+                    seq,
+                    reason: NeedReason::NoSpace,
+                    ..
+                } => Some(*seq),
+                _ => None,
+            })
+            .collect()
+    };
+    let (refused, held, on_disk, landed) = tokio_uring::start(async {
+        let (beat, mut r, w) = act_as_primary(node, &cfg).await;
+        let mut out = Vec::new();
+        file(1, b"u/cur/m", &m, &mut out);
+        file(2, b"u/cur/x", &x, &mut out);
+        file(3, b"u/cur/y", &y, &mut out);
+        // What leaves less room than another copy of m takes.
+        file(4, b"u/filler", &vec![b'f'; 800 << 10], &mut out);
+        SyncMsg::Barrier { seq: 4 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let filled = replies_until_ack(&mut r, 4).await;
+        assert!(no_space(&filled).is_empty(), "{filled:?}");
+        // The user copies m to another folder: refused for room.
+        let mut out = Vec::new();
+        file(5, b"u/new/m2", &m, &mut out);
+        SyncMsg::Barrier { seq: 5 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let refused = replies_until_ack(&mut r, 5).await;
+        // Then x renamed onto m's name, y linked there, a symlink and a
+        // folder made there.
+        let mut out = Vec::new();
+        let (path, store) = (b"u/cur/m".to_vec(), 0);
+        SyncMsg::Rename {
+            seq: 6,
+            store,
+            from: b"u/cur/x".to_vec(),
+            to: path.clone(),
+        }
+        .encode(&mut out);
+        SyncMsg::Link {
+            seq: 7,
+            store,
+            existing: b"u/cur/y".to_vec(),
+            path: path.clone(),
+            hash: hash(&y),
+            meta: meta(),
+        }
+        .encode(&mut out);
+        SyncMsg::Symlink {
+            seq: 8,
+            store,
+            path: path.clone(),
+            target: b"y".to_vec(),
+            meta: meta(),
+        }
+        .encode(&mut out);
+        SyncMsg::Mkdir {
+            seq: 9,
+            store,
+            path: path.clone(),
+            meta: {
+                let mut folder = meta();
+                folder.mode = 0o755;
+                folder
+            },
+        }
+        .encode(&mut out);
+        SyncMsg::Barrier { seq: 9 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let held = replies_until_ack(&mut r, 9).await;
+        let on_disk = (
+            std::fs::read(inbox.join("u/cur/m")).ok(),
+            inbox.join("u/cur/x").exists(),
+        );
+        // Room back: the copy is sent again and lands, then the rename.
+        let mut out = Vec::new();
+        SyncMsg::Delete {
+            seq: 10,
+            store,
+            path: b"u/filler".to_vec(),
+            unsure: false,
+        }
+        .encode(&mut out);
+        file(11, b"u/new/m2", &m, &mut out);
+        SyncMsg::Rename {
+            seq: 12,
+            store,
+            from: b"u/cur/x".to_vec(),
+            to: path.clone(),
+        }
+        .encode(&mut out);
+        SyncMsg::Barrier { seq: 12 }.encode(&mut out);
+        w.send_bytes(out).await.unwrap();
+        let landed = replies_until_ack(&mut r, 12).await;
+        beat.abort();
+        (refused, held, on_disk, landed)
+    });
+    assert_eq!(no_space(&refused), [5], "{refused:?}\n{}", tp.logs());
+    assert_eq!(no_space(&held), [6, 7, 8, 9], "{held:?}\n{}", tp.logs());
+    assert_eq!(on_disk.0.as_deref(), Some(&m[..]), "m's only copy stays");
+    assert!(on_disk.1, "the rename's source stays");
+    assert!(no_space(&landed).is_empty(), "{landed:?}\n{}", tp.logs());
+    assert_eq!(std::fs::read(inbox.join("u/new/m2")).unwrap(), m);
+    assert_eq!(std::fs::read(inbox.join("u/cur/m")).unwrap(), x);
+    assert!(!inbox.join("u/cur/x").exists());
+}
