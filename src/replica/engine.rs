@@ -1093,6 +1093,13 @@ async fn run_primary(
         *shared.notifier.lock().expect("notifier lock") = None;
         return;
     };
+    // Every folder watched before a session starts: a comparison's walk
+    // (of a store the takeover walk did not read) waits for the folders it
+    // reads to be watched, and must not wait on this loop. The takeover
+    // walk, gated the same way, mostly ends with the watching.
+    if !watching.is_done() {
+        let _ = off_loop("hasync-watching", watching.clone(), |w| w.wait_done()).await;
+    }
     // Fresh from the walk's end (what changed since it began is queued):
     // a million-entry walk takes longer than the freshness.
     let held_at = std::time::Instant::now();

@@ -177,13 +177,13 @@ impl Decoder {
 
     /// The first watch of every folder below the roots (watched already),
     /// saying each to `watching` as it is watched, until `stop`. Returns
-    /// the rescans its failures need.
+    /// the rescans its failures need (the caller ends the first watch once
+    /// they are queued).
     pub(crate) fn watch_below_roots(
         &mut self,
         watching: &super::Watching,
         stop: &AtomicBool,
     ) -> Vec<Op> {
-        let _finish = super::FinishOnDrop(watching);
         let mut out = Vec::new();
         for store in 0..self.roots.len() {
             let mut each = |rel: &Path, watched: bool| {

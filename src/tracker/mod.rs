@@ -600,6 +600,10 @@ impl Tracker {
                 .spawn(move || {
                     // Failures below the roots become Rescan ops, queued
                     // before anything the thread reads.
+                    // Ended when dropped, also if this thread unwinds: after
+                    // the rescans below are queued, so that whoever waits for
+                    // the end finds them there.
+                    let finish = FinishOnDrop(&watching);
                     let started = Instant::now();
                     let ops = decoder.watch_below_roots(&watching, &stop);
                     tracing::debug!(
@@ -611,7 +615,7 @@ impl Tracker {
                         // The consumer is alive: the tracker holds it.
                         let _ = producer.send(op);
                     }
-                    watching.finish();
+                    drop(finish);
                     decode::run(decoder, producer, stop)
                 })
                 .map_err(|source| TrackerError::Spawn { source })?
