@@ -238,7 +238,7 @@ pub fn render(s: &Status) -> String {
         ),
         (
             "deletes_held_for_room",
-            "Deletions held back while their content waits for room under another name",
+            "Deletions and replacements held back while their content waits for room under another name",
             rp.deletes_held_for_room,
         ),
         (

@@ -41,8 +41,8 @@ pub struct ReplStats {
     pub bytes_landed: AtomicU64,
     pub renames_applied: AtomicU64,
     pub deletes_applied: AtomicU64,
-    /// Deletions held back: the file's content waits for room under
-    /// another name.
+    /// Deletions (and replacements: a rename, link, symlink, folder or file
+    /// put over it) held back: the content waits for room under another name.
     pub deletes_held_for_room: AtomicU64,
     /// Unsure deletions held back: the file's content may have moved to a
     /// name still on its way.
