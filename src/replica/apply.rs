@@ -1240,9 +1240,7 @@ impl Applier {
 
     /// Whether an op that puts something at a name (a rename, a link, a
     /// symlink, a folder) is held for content that waits (see
-    /// [`Applier::held_for_waiting`]): a file there as its replacement, a
-    /// folder there that goes (for anything but a folder) as its delete.
-    /// A link of the file's own content loses nothing. Answered if held.
+    /// [`Applier::held_at_name`]). Answered if held.
     fn replacement_held<T: ReplicaTree>(
         &mut self,
         tree: &T,
@@ -1262,18 +1260,40 @@ impl Applier {
             PathOp::Mkdir { rel, .. } => (rel, None, true),
             _ => return false,
         };
+        self.held_at_name(tree, index, s, seq, rel, makes_dir, keeps)
+            .is_some()
+    }
+
+    /// Whether putting something at `rel` (a folder if `makes_dir`; with
+    /// content `keeps`, if known) is held for content that waits (see
+    /// [`Applier::held_for_waiting`]): a file there as its replacement, a
+    /// folder there that goes as its delete. A file there with the content
+    /// put loses nothing. Answered if held.
+    #[allow(clippy::too_many_arguments)]
+    fn held_at_name<T: ReplicaTree>(
+        &mut self,
+        tree: &T,
+        index: &Index,
+        s: usize,
+        seq: u64,
+        rel: &Path,
+        makes_dir: bool,
+        keeps: Option<u128>,
+    ) -> Option<HeldFor> {
+        if !self.waiting.any_for_room() {
+            return None;
+        }
         let removal = match tree.lstat(rel) {
             Ok(Some(st)) if st.kind == Kind::Dir => {
                 if makes_dir {
-                    return false;
+                    return None;
                 }
                 Removal::Delete
             }
             Ok(Some(_)) => Removal::Replace,
-            _ => return false,
+            _ => return None,
         };
         self.held_for_waiting(tree, index, s, seq, rel, removal, keeps)
-            .is_some()
     }
 
     /// An unsure delete of `rel` (the primary found it gone, maybe moved
@@ -1681,20 +1701,19 @@ impl Applier {
             tree.discard_staged(seq);
             return;
         }
+        // Over the only copy of content that waits (a file, or a folder
+        // holding one): sent again, the primary retries it. Held for room,
+        // its own content waits for room too, as a file refused for it does.
+        if let Some(held) = self.held_at_name(tree, index, s, seq, &rel, false, Some(hash)) {
+            tree.discard_staged(seq);
+            if matches!(held, HeldFor::Room(_)) {
+                self.no_room(s, seq, &rel, hash, size);
+            }
+            return;
+        }
         if let Ok(Some(cur)) = tree.lstat(&rel) {
-            // The primary has a file where this replica has a folder: it
-            // goes first, unless what waits holds it (then the file waits
-            // too, as in the hold below).
             if cur.kind == Kind::Dir {
-                if let Some(held) =
-                    self.held_for_waiting(tree, index, s, seq, &rel, Removal::Delete, None)
-                {
-                    tree.discard_staged(seq);
-                    if matches!(held, HeldFor::Room(_)) {
-                        self.no_room(s, seq, &rel, hash, size);
-                    }
-                    return;
-                }
+                // The primary has a file where this replica has a folder.
                 self.delete(tree, index, s, seq, &rel);
             }
             let same = cur.kind == Kind::File
@@ -1716,17 +1735,6 @@ impl Applier {
                 index.set(rel, Entry::new(&cur, hash, true));
                 return;
             }
-        }
-        if let Some(held) =
-            self.held_for_waiting(tree, index, s, seq, &rel, Removal::Replace, Some(hash))
-        {
-            // Sent again: the primary retries it. Held for room, its own
-            // content waits for room too, as a file refused for it does.
-            tree.discard_staged(seq);
-            if matches!(held, HeldFor::Room(_)) {
-                self.no_room(s, seq, &rel, hash, size);
-            }
-            return;
         }
         match tree.land(seq, &rel) {
             Ok(parent) => {
@@ -1759,7 +1767,7 @@ impl Applier {
     /// Removes (or keeps aside, as a delete would) a folder where the
     /// primary now has a file, or a file or symlink where it has a folder:
     /// the op that follows could never replace it (what waits was looked
-    /// at before: [`Applier::replacement_held`], and a landing's own).
+    /// at before: [`Applier::held_at_name`]).
     fn clear_other_kind<T: ReplicaTree>(
         &mut self,
         tree: &mut T,

@@ -1939,8 +1939,8 @@ impl Replica {
         Ok(())
     }
 
-    /// For an op that deletes or replaces a name while files are staged: what it removes, as the
-    /// receiver looks it up.
+    /// For an op that deletes or replaces a name while files are staged:
+    /// what it removes, as the receiver looks it up.
     fn content_deleted(&mut self, msg: &SyncMsg) -> Gone {
         let Some((_, path)) = super::apply::name_removed(msg) else {
             return Gone::Nothing;

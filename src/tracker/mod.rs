@@ -467,6 +467,9 @@ pub(crate) fn rename_op(
 /// How far the first watch of a tracker's stores has come (see
 /// [`Tracker::start_watching`]).
 pub struct Watching {
+    /// `WatchedSoFar::done`, read without the lock: once set, a walk's
+    /// every folder passes at the cost of a load.
+    ended: AtomicBool,
     state: std::sync::Mutex<WatchedSoFar>,
     changed: std::sync::Condvar,
 }
@@ -492,6 +495,7 @@ impl Drop for FinishOnDrop<'_> {
 impl Watching {
     fn new(stores: usize) -> Watching {
         Watching {
+            ended: AtomicBool::new(false),
             state: std::sync::Mutex::new(WatchedSoFar {
                 done: false,
                 folders: vec![Default::default(); stores],
@@ -510,6 +514,9 @@ impl Watching {
     /// gone meanwhile) or could not watch, and one made after its parent
     /// was listed, are the events' and the rescans' to report.
     pub fn wait_for(&self, store: usize, rel: &Path) {
+        if self.is_done() {
+            return;
+        }
         let mut s = self.lock();
         while !s.done && !s.folders.get(store).is_some_and(|f| f.contains(rel)) {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
@@ -526,7 +533,7 @@ impl Watching {
 
     /// Whether the first watch has ended.
     pub fn is_done(&self) -> bool {
-        self.lock().done
+        self.ended.load(Ordering::Acquire)
     }
 
     fn watched(&self, store: usize, rel: &Path) {
@@ -542,6 +549,7 @@ impl Watching {
         let mut s = self.lock();
         s.done = true;
         s.folders = Vec::new();
+        self.ended.store(true, Ordering::Release);
         drop(s);
         self.changed.notify_all();
     }
@@ -599,10 +607,9 @@ impl Tracker {
                 .name("hasync-tracker".into())
                 .spawn(move || {
                     // Failures below the roots become Rescan ops, queued
-                    // before anything the thread reads.
-                    // Ended when dropped, also if this thread unwinds: after
-                    // the rescans below are queued, so that whoever waits for
-                    // the end finds them there.
+                    // before anything the thread reads. The first watch ends
+                    // once they are queued (so whoever waits for the end
+                    // finds them), or if this thread unwinds.
                     let finish = FinishOnDrop(&watching);
                     let started = Instant::now();
                     let ops = decoder.watch_below_roots(&watching, &stop);
