@@ -1193,6 +1193,12 @@ pub fn manifest_entry(rel: &Path, st: &Stat, hash: u128) -> ManifestEntry {
         },
         meta: st.meta,
         hash,
+        // Names of one inode share it here (files only: what a link joins).
+        link: if st.kind == Kind::File && st.nlink > 1 {
+            st.version.ino
+        } else {
+            0
+        },
     }
 }
 

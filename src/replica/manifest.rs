@@ -12,7 +12,7 @@ use super::Excludes;
 use crate::wire::sync::ManifestEntry;
 
 /// Encoded bytes of a manifest entry besides its path.
-const ENTRY_FIXED_BYTES: usize = 2 + 1 + 8 + 24 + 16;
+const ENTRY_FIXED_BYTES: usize = 2 + 1 + 8 + 24 + 16 + 8;
 /// A chunk is sent once its entries reach this many bytes (the frame cap
 /// is 8 MiB: 4,096 entries of 4 KiB paths would not fit one).
 const CHUNK_BYTES_MAX: usize = 2 << 20;

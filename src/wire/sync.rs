@@ -32,7 +32,9 @@ pub enum EntryKind {
 }
 
 /// One path of a manifest. `hash` is the xxh3-128 of a file's content or a
-/// symlink's target, 0 for directories.
+/// symlink's target, 0 for directories. `link`: for a file with more than
+/// one name on the replica, an identity its other names share there (its
+/// inode number), else 0: the primary compares hard-link groups with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestEntry {
     pub path: Vec<u8>,
@@ -40,6 +42,7 @@ pub struct ManifestEntry {
     pub size: u64,
     pub meta: Meta,
     pub hash: u128,
+    pub link: u64,
 }
 
 /// Why the secondary asks for a path again.
@@ -450,7 +453,7 @@ impl SyncMsg {
                 for e in entries {
                     w.blob16(&e.path).u8(e.kind as u8).u64(e.size);
                     put_meta(&mut w, &e.meta);
-                    w.u128(e.hash);
+                    w.u128(e.hash).u64(e.link);
                 }
             }
             SyncMsg::Ack { seq } => {
@@ -690,6 +693,7 @@ impl SyncMsg {
                         size: r.u64("manifest.size")?,
                         meta: get_meta(&mut r)?,
                         hash: r.u128("manifest.hash")?,
+                        link: r.u64("manifest.link")?,
                     });
                 }
                 SyncMsg::Manifest {
@@ -956,6 +960,7 @@ mod tests {
                 size: 1,
                 meta,
                 hash: 5,
+                link: 77,
             }],
             last: true,
         });
@@ -1050,8 +1055,15 @@ mod tests {
         }
 
         fn entry() -> impl Strategy<Value = ManifestEntry> {
-            (path(), 1u8..=3, any::<u64>(), meta(), any::<u128>()).prop_map(
-                |(path, k, size, meta, hash)| ManifestEntry {
+            (
+                path(),
+                1u8..=3,
+                any::<u64>(),
+                meta(),
+                any::<u128>(),
+                any::<u64>(),
+            )
+                .prop_map(|(path, k, size, meta, hash, link)| ManifestEntry {
                     path,
                     kind: match k {
                         1 => EntryKind::File,
@@ -1061,8 +1073,8 @@ mod tests {
                     size,
                     meta,
                     hash,
-                },
-            )
+                    link,
+                })
         }
 
         fn part() -> impl Strategy<Value = QueuePart> {

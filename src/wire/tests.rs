@@ -46,10 +46,10 @@ fn corrupted_byte_is_refused_by_checksum() {
 #[test]
 fn unknown_version_and_kind_are_refused() {
     let mut bytes = hb().to_frame_bytes();
-    bytes[2] = 9;
+    bytes[2] = VERSION + 1;
     assert_eq!(
         decode_frame(&bytes),
-        Err(WireError::UnsupportedVersion { got: 9 })
+        Err(WireError::UnsupportedVersion { got: VERSION + 1 })
     );
     let mut bytes = hb().to_frame_bytes();
     bytes[3] = 200;

@@ -131,6 +131,7 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                     size: 5,
                     meta,
                     hash: 9,
+                    link: 0,
                 }],
                 last: true,
             },

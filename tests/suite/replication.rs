@@ -369,6 +369,82 @@ fn anti_entropy_repairs_drift_on_the_secondary() {
     );
 }
 
+/// A hard-link group the replica holds apart (the same names and content,
+/// two inodes: what a name sent as bytes leaves, after a refused folder
+/// rename say) is joined again by the next verification, which sends the
+/// names apart as links; not counted as drift, since nothing differs but
+/// the links.
+#[test]
+fn a_hard_link_group_held_apart_on_the_replica_is_joined_again_by_verification() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut opts = fast();
+    opts.verify_interval_ms = 1000;
+    opts.watch_foreign_writes = false;
+    let tp = started_with_fixture(opts, 5, 3, 20);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&src, &dst, CONVERGE).unwrap();
+    // A Dovecot copy into two other mailboxes: one inode, three names.
+    let first = walk_files(&src)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("user0000/Maildir/cur/"))
+        .expect("a message in user0000's cur/");
+    let copies = ["user0001", "user0002"].map(|u| {
+        let c = src.join(u).join("Maildir/cur/1700000000.copy.host:2,S");
+        std::fs::hard_link(&first, &c).unwrap();
+        c
+    });
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    // Held apart there: one name's inode replaced by a copy with the same
+    // content, mode, owner and mtime, its folder's mtime put back.
+    let apart = dst.join(copies[1].strip_prefix(&src).unwrap());
+    let folder = apart.parent().unwrap().to_path_buf();
+    let (md, folder_md) = (
+        std::fs::metadata(&apart).unwrap(),
+        std::fs::metadata(&folder).unwrap(),
+    );
+    assert_eq!(md.nlink(), 3, "the replica holds the group as one inode");
+    let tmp = folder.join("../tmp/apart");
+    std::fs::copy(&apart, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(md.mode() & 0o7777)).unwrap();
+    std::os::unix::fs::chown(&tmp, Some(md.uid()), Some(md.gid())).unwrap();
+    let times = |m: &std::fs::Metadata| {
+        std::fs::FileTimes::new()
+            .set_accessed(m.accessed().unwrap())
+            .set_modified(m.modified().unwrap())
+    };
+    std::fs::File::options()
+        .write(true)
+        .open(&tmp)
+        .unwrap()
+        .set_times(times(&md))
+        .unwrap();
+    std::fs::rename(&tmp, &apart).unwrap();
+    std::fs::File::open(&folder)
+        .unwrap()
+        .set_times(times(&folder_md))
+        .unwrap();
+    assert_eq!(std::fs::metadata(&apart).unwrap().nlink(), 1);
+    let repaired_before = tp.repl(0).repaired;
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    assert_eq!(
+        std::fs::metadata(&apart).unwrap().ino(),
+        std::fs::metadata(dst.join(copies[0].strip_prefix(&src).unwrap()))
+            .unwrap()
+            .ino(),
+        "the name is a link of the group again"
+    );
+    let logs = tp.logs_when(|l| l.contains("sent again as links"));
+    assert!(
+        logs.contains("held apart on the replica are sent again as links"),
+        "the primary says it joined the group again\n{logs}"
+    );
+    assert_eq!(
+        tp.repl(0).repaired,
+        repaired_before,
+        "links held apart are not drift"
+    );
+}
+
 /// Periodic verification during live traffic (deliveries, flag renames,
 /// deletes, folder renames): the differences it meets are changes on
 /// their way, not drift; none is counted as a repair, none alarmed, and

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::super::drift::{Difference, InFlight};
 use super::super::index::{Entry, Kind, Rehash, ScanEntry, Stat};
+use super::super::links::InodeKey;
 use super::super::tree::LocalTree;
 use super::super::walk::{Ordered, Walk};
 use super::vanished::{stamp, DirStamp, GoneAtWalk};
@@ -76,6 +77,10 @@ struct StoreComparison {
     root: Option<DirStamp>,
     /// The last folder only the replica holds that topped its subtree.
     last_gone_top: Option<PathBuf>,
+    /// Files found the same that have other names here or there: their
+    /// inode here and their link identity on the replica (see
+    /// [`Sender::split_links`]).
+    linked: Vec<(PathBuf, Option<InodeKey>, u64)>,
     done: bool,
 }
 
@@ -210,6 +215,7 @@ impl<T: LocalTree> Sender<T> {
                 not_held: HashSet::new(),
                 queue: super::backlog::Backlog::new(),
                 remote_only: Vec::new(),
+                linked: Vec::new(),
                 done: false,
             })
             .collect();
@@ -377,9 +383,13 @@ impl<T: LocalTree> Sender<T> {
         }
         store.index.set_synced(&rel, same);
         if same {
-            if st.kind == Kind::File && st.nlink > 1 {
-                self.inodes
-                    .record((st.dev, st.version.ino), s, &rel, st.version);
+            let key = (st.kind == Kind::File && st.nlink > 1).then_some((st.dev, st.version.ino));
+            if let Some(key) = key {
+                self.inodes.record(key, s, &rel, st.version);
+            }
+            let remote_link = theirs.map_or(0, |r| r.link);
+            if key.is_some() || remote_link != 0 {
+                sc.linked.push((rel, key, remote_link));
             }
             return;
         }
@@ -432,6 +442,7 @@ impl<T: LocalTree> Sender<T> {
         // `recent` is empty here (a session starts with it cleared).
         self.inodes
             .forget_names(s, &std::mem::take(&mut sc.not_held));
+        self.split_links(sc, s);
         sc.dir_changes = HashMap::new();
         let mut queue = std::mem::take(&mut sc.queue);
         found.differ += queue.len() as u64;
@@ -539,6 +550,77 @@ impl<T: LocalTree> Sender<T> {
         );
         (differ, out)
     }
+}
+
+impl<T: LocalTree> Sender<T> {
+    /// Names of one inode here that the replica holds the same but not as
+    /// one inode (a hard-link group split there: after a refused folder
+    /// rename, say, a name sent as bytes): each name apart from the
+    /// group's largest part there is sent again, as a link to a name of
+    /// that part. Not drift (nothing is lost or wrong: same names, same
+    /// content), so not counted as a repair. Names joined there that are
+    /// apart here are left alone (the receiver keeps an inode when the
+    /// same content arrives; docs/INVARIANTS.md).
+    fn split_links(&mut self, sc: &mut StoreComparison, s: usize) {
+        let linked = std::mem::take(&mut sc.linked);
+        let mut groups: HashMap<InodeKey, Vec<(PathBuf, u64)>> = HashMap::new();
+        for (rel, key, remote) in linked {
+            if let Some(key) = key {
+                groups.entry(key).or_default().push((rel, remote));
+            }
+        }
+        let mut sent_again = 0usize;
+        let mut first = None;
+        for (key, mut names) in groups {
+            if names.len() < 2 {
+                continue;
+            }
+            names.sort_by(|a, b| path_order(&a.0, &b.0));
+            let anchor = link_anchor(&names);
+            for (i, (rel, remote)) in names.into_iter().enumerate() {
+                // No part of the group linked there: the first name stays,
+                // the others link to it.
+                let stays = if anchor == 0 {
+                    i == 0
+                } else {
+                    remote == anchor
+                };
+                if stays {
+                    continue;
+                }
+                self.stores[s].index.set_synced(&rel, false);
+                self.inodes.forget_name(key, s, &rel);
+                sc.queue.push(s, &rel);
+                sent_again += 1;
+                first.get_or_insert(rel);
+            }
+        }
+        if let Some(first) = first {
+            info!(
+                store = %self.stores[s].name,
+                names = sent_again,
+                "{sent_again} names of hard-link groups held apart on the replica are sent again as links (first: {})",
+                first.display()
+            );
+        }
+    }
+}
+
+/// The replica's link identity most names of a group share (ties: the
+/// smallest, the same choice every time); when none is shared, 0 and the
+/// first name in path order keeps its inode: the names are sent again, all
+/// but that one (which the caller leaves as it is).
+fn link_anchor(names: &[(PathBuf, u64)]) -> u64 {
+    let mut counts: HashMap<u64, usize> = HashMap::new();
+    for (_, remote) in names {
+        if *remote != 0 {
+            *counts.entry(*remote).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map_or(0, |(link, _)| link)
 }
 
 /// The newest ctime among the folders above `rel` that exist here (a
@@ -651,6 +733,7 @@ mod tests {
                 mtime_nsec: 0,
             },
             hash,
+            link: 0,
         }
     }
 
