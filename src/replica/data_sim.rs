@@ -2082,12 +2082,14 @@ pub struct Outcome {
     pub changes_while_comparing: u64,
     pub raced_reads: u64,
     pub paths_at_end: u64,
-    /// Runs that ended with a hard-link group split on the replica (the
-    /// names and content right, one inode become two): a known gap, counted
-    /// rather than failed (docs/INVARIANTS.md).
+    /// Runs that settled with a hard-link group split on the replica (the
+    /// names and content right, one inode become two): a known gap, counted;
+    /// a verification then must join it, or the run fails
+    /// (docs/INVARIANTS.md).
     pub split_links: u64,
     /// Runs that ended with names joined on the replica that the primary
-    /// holds apart (content and metadata right): counted with faults.
+    /// holds apart (content and metadata right): counted with faults, and
+    /// after a failover for a group the old primary held.
     pub joined_links: u64,
     /// Ops on paths applied while received files stayed staged (the group
     /// commit's files overtaken where the op touched none of them).
@@ -3927,6 +3929,7 @@ impl DataSim {
     pub fn run(mut self) -> Result<Outcome, String> {
         self.session();
         let mut steps = 0u64;
+        let mut links_verified = false;
         loop {
             steps += 1;
             if steps > 50_000 {
@@ -3996,6 +3999,16 @@ impl DataSim {
                 self.sender
                     .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
                 if self.settled() {
+                    // A hard-link group split on the replica: counted, and
+                    // a verification must join it.
+                    if !links_verified {
+                        links_verified = true;
+                        if let Links::Split = self.check()? {
+                            self.out.split_links += 1;
+                            self.verify_wanted = true;
+                            continue;
+                        }
+                    }
                     break;
                 }
             }
@@ -4067,8 +4080,13 @@ impl DataSim {
         }
         match self.check()? {
             Links::Same => {}
-            Links::Split => self.out.split_links += 1,
-            Links::Joined => self.out.joined_links += 1,
+            Links::Split => {
+                return Err(
+                    "a hard-link group split on the replica is still split after a verification"
+                        .into(),
+                )
+            }
+            Links::Joined | Links::JoinedByOldPrimary => self.out.joined_links += 1,
         }
         self.check_conflicts()?;
         self.out.paths_at_end = self.primary.borrow().names.len() as u64;
@@ -4207,10 +4225,12 @@ impl DataSim {
         );
         // A group on the replica the primary does not have (names joined
         // that are apart here) would be wrong content waiting to happen:
-        // a failure. A primary's group split on the replica is counted, and
-        // so is, after a failover, a group the old primary had whose names
-        // the new primary held apart (the same gap, seen from the other
-        // side: the comparison cannot see links).
+        // a failure. A primary's group split on the replica is counted (and
+        // a verification must then join it: the comparison sees the
+        // replica's link identities), and so is, after a failover, a group
+        // the old primary had whose names the new primary held apart (the
+        // same gap, seen from the other side: the comparison does not undo
+        // a join).
         let within = |g: &Vec<PathBuf>, groups: &[Vec<PathBuf>]| {
             groups.iter().any(|h| g.iter().all(|n| h.contains(n)))
         };
@@ -4235,7 +4255,15 @@ impl DataSim {
             }
             return Ok(Links::Joined);
         }
-        Ok(if gp != gr { Links::Split } else { Links::Same })
+        // A group of the primary's whose names the replica holds apart.
+        if gp.iter().any(|g| !within(g, &gr)) {
+            return Ok(Links::Split);
+        }
+        Ok(if gp != gr {
+            Links::JoinedByOldPrimary
+        } else {
+            Links::Same
+        })
     }
 }
 
@@ -4247,6 +4275,10 @@ enum Links {
     /// Names joined on the replica that the primary holds apart (a known
     /// gap with refusals).
     Joined,
+    /// After a failover, names the old primary (the replica now) held as
+    /// one inode that the new primary holds apart: the comparison does not
+    /// undo a join.
+    JoinedByOldPrimary,
 }
 
 /// Names that share an inode, per inode (files only, excludes left out).

@@ -77,10 +77,12 @@ struct StoreComparison {
     root: Option<DirStamp>,
     /// The last folder only the replica holds that topped its subtree.
     last_gone_top: Option<PathBuf>,
-    /// Files found the same that have other names here or there: their
-    /// inode here and their link identity on the replica (see
-    /// [`Sender::split_links`]).
-    linked: Vec<(PathBuf, Option<InodeKey>, u64)>,
+    /// Files found the same that have other names here: their inode here,
+    /// their link identity on the replica and their version (see
+    /// [`Sender::split_links`]); at most [`LINKED_NAMES_MAX`].
+    linked: Vec<LinkedName>,
+    /// Names with other names here past [`LINKED_NAMES_MAX`], not checked.
+    linked_over: u64,
     done: bool,
 }
 
@@ -216,6 +218,7 @@ impl<T: LocalTree> Sender<T> {
                 queue: super::backlog::Backlog::new(),
                 remote_only: Vec::new(),
                 linked: Vec::new(),
+                linked_over: 0,
                 done: false,
             })
             .collect();
@@ -383,13 +386,19 @@ impl<T: LocalTree> Sender<T> {
         }
         store.index.set_synced(&rel, same);
         if same {
-            let key = (st.kind == Kind::File && st.nlink > 1).then_some((st.dev, st.version.ino));
-            if let Some(key) = key {
+            if st.kind == Kind::File && st.nlink > 1 {
+                let key = (st.dev, st.version.ino);
                 self.inodes.record(key, s, &rel, st.version);
-            }
-            let remote_link = theirs.map_or(0, |r| r.link);
-            if key.is_some() || remote_link != 0 {
-                sc.linked.push((rel, key, remote_link));
+                if sc.linked.len() < LINKED_NAMES_MAX {
+                    sc.linked.push(LinkedName {
+                        rel,
+                        key,
+                        remote: theirs.map_or(0, |r| r.link),
+                        version: st.version,
+                    });
+                } else {
+                    sc.linked_over += 1;
+                }
             }
             return;
         }
@@ -562,37 +571,50 @@ impl<T: LocalTree> Sender<T> {
     /// apart here are left alone (the receiver keeps an inode when the
     /// same content arrives; docs/INVARIANTS.md).
     fn split_links(&mut self, sc: &mut StoreComparison, s: usize) {
-        let linked = std::mem::take(&mut sc.linked);
-        let mut groups: HashMap<InodeKey, Vec<(PathBuf, u64)>> = HashMap::new();
-        for (rel, key, remote) in linked {
-            if let Some(key) = key {
-                groups.entry(key).or_default().push((rel, remote));
-            }
+        let mut linked = std::mem::take(&mut sc.linked);
+        if sc.linked_over > 0 {
+            info!(
+                store = %self.stores[s].name,
+                names = sc.linked_over,
+                "{} names with other names here were past the {LINKED_NAMES_MAX} whose links this comparison checks on the replica",
+                sc.linked_over
+            );
         }
+        // A group's names together, in path order within it.
+        linked.sort_unstable_by(|a, b| a.key.cmp(&b.key).then_with(|| path_order(&a.rel, &b.rel)));
         let mut sent_again = 0usize;
         let mut first = None;
-        for (key, mut names) in groups {
-            if names.len() < 2 {
+        for group in linked.chunk_by(|a, b| a.key == b.key) {
+            if group.len() < 2 {
                 continue;
             }
-            names.sort_by(|a, b| path_order(&a.0, &b.0));
-            let anchor = link_anchor(&names);
-            for (i, (rel, remote)) in names.into_iter().enumerate() {
-                // No part of the group linked there: the first name stays,
-                // the others link to it.
-                let stays = if anchor == 0 {
+            let anchor = link_anchor(group);
+            // No part of the group linked there: the first name stays, the
+            // others link to it.
+            let stays = |i: usize, n: &LinkedName| {
+                if anchor == 0 {
                     i == 0
                 } else {
-                    remote == anchor
-                };
-                if stays {
+                    n.remote == anchor
+                }
+            };
+            if group.iter().enumerate().all(|(i, n)| stays(i, n)) {
+                continue;
+            }
+            for (i, n) in group.iter().enumerate() {
+                if stays(i, n) {
                     continue;
                 }
-                self.stores[s].index.set_synced(&rel, false);
-                self.inodes.forget_name(key, s, &rel);
-                sc.queue.push(s, &rel);
+                self.stores[s].index.set_synced(&n.rel, false);
+                self.inodes.forget_name(n.key, s, &n.rel);
+                sc.queue.push(s, &n.rel);
                 sent_again += 1;
-                first.get_or_insert(rel);
+                first.get_or_insert_with(|| n.rel.clone());
+            }
+            // The name the others link to, whatever the record dropped of
+            // a group of many names.
+            if let Some((_, n)) = group.iter().enumerate().find(|(i, n)| stays(*i, n)) {
+                self.inodes.record(n.key, s, &n.rel, n.version);
             }
         }
         if let Some(first) = first {
@@ -606,15 +628,29 @@ impl<T: LocalTree> Sender<T> {
     }
 }
 
+/// A name found the same whose file has other names here.
+struct LinkedName {
+    rel: PathBuf,
+    key: InodeKey,
+    /// Its link identity on the replica (0: no other name there).
+    remote: u64,
+    version: super::super::index::Version,
+}
+
+/// Names with other names here whose links one store's comparison checks
+/// (about 100 bytes each, held until the store's manifest has all
+/// arrived); past it, the store's other names are not checked (logged).
+pub(crate) const LINKED_NAMES_MAX: usize = 1 << 18;
+
 /// The replica's link identity most names of a group share (ties: the
 /// smallest, the same choice every time); when none is shared, 0 and the
 /// first name in path order keeps its inode: the names are sent again, all
 /// but that one (which the caller leaves as it is).
-fn link_anchor(names: &[(PathBuf, u64)]) -> u64 {
+fn link_anchor(names: &[LinkedName]) -> u64 {
     let mut counts: HashMap<u64, usize> = HashMap::new();
-    for (_, remote) in names {
-        if *remote != 0 {
-            *counts.entry(*remote).or_default() += 1;
+    for n in names {
+        if n.remote != 0 {
+            *counts.entry(n.remote).or_default() += 1;
         }
     }
     counts
@@ -802,6 +838,73 @@ mod tests {
         }
         // An empty replica: every local entry.
         assert_eq!(queued(dir.path(), &[], 1).len(), scan.entries.len());
+    }
+
+    /// Names of one inode here that the replica holds as other inodes are
+    /// queued (to go as links), all but the group's largest part there;
+    /// a group held whole there, or a name alone here, is not.
+    #[test]
+    fn names_of_a_hard_link_group_held_apart_on_the_replica_are_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sender_over(
+            dir.path(),
+            &[("a/cur/1", b"x"), ("d/cur/2", b"y"), ("f", b"z")],
+        );
+        for (from, to) in [
+            ("a/cur/1", "b/cur/1"),
+            ("a/cur/1", "c/cur/1"),
+            ("d/cur/2", "e/cur/2"),
+        ] {
+            let to = dir.path().join(to);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::hard_link(dir.path().join(from), to).unwrap();
+        }
+        let store = &mut s.stores[0];
+        let scan = store
+            .index
+            .scan(&store.tree, &s.excludes, Rehash::Changed, false)
+            .unwrap();
+        let exact: Vec<ManifestEntry> = scan
+            .entries
+            .iter()
+            .map(|(rel, st, hash)| {
+                let hash = hash.unwrap_or_else(|| s.stores[0].tree.hash(&rel, st.kind).unwrap());
+                crate::replica::index::manifest_entry(&rel, &st, hash)
+            })
+            .collect();
+        // The replica's identities: its own inode numbers, not these.
+        let with = |links: &[(&str, u64)]| -> Vec<ManifestEntry> {
+            exact
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    let p = String::from_utf8(e.path.clone()).unwrap();
+                    e.link = links.iter().find(|(n, _)| *n == p).map_or(0, |l| l.1);
+                    e
+                })
+                .collect()
+        };
+        let whole = with(&[
+            ("a/cur/1", 100),
+            ("b/cur/1", 100),
+            ("c/cur/1", 100),
+            ("d/cur/2", 7),
+            ("e/cur/2", 7),
+        ]);
+        // c/cur/1 apart from its group's two others there; d/cur/2 and
+        // e/cur/2 two copies there (the first in path order stays).
+        let apart = with(&[("a/cur/1", 100), ("b/cur/1", 100), ("c/cur/1", 200)]);
+        for chunk in [1, 4096] {
+            assert!(
+                queued(dir.path(), &whole, chunk).is_empty(),
+                "chunks of {chunk}"
+            );
+            assert_eq!(
+                queued(dir.path(), &apart, chunk),
+                ["c/cur/1", "e/cur/2"],
+                "chunks of {chunk}"
+            );
+        }
     }
 
     #[test]
