@@ -813,6 +813,10 @@ class Bench:
         self.note_hwm("queue_push", pair)
         st_new = s.status()
         pair.stop()
+        # Both daemons' logs (`HASYNC_BENCH_LOG=info,hasync::queue=debug`
+        # adds each batch's commit time), for what the push spent.
+        for node in pair.nodes:
+            shutil.copyfile(node.log_path, self.out / f"queue-{node.name}.log")
         rep = last["last"]
 
         def queued(q: Path) -> int:
