@@ -807,16 +807,20 @@ class Bench:
                     t_end = time.monotonic()
                     break
             time.sleep(0.01)
+        def keep_logs() -> None:
+            # Both daemons' logs (`HASYNC_BENCH_LOG=info,hasync::queue=debug`
+            # adds each batch's commit time), for what the push spent.
+            for node in pair.nodes:
+                shutil.copyfile(node.log_path, self.out / f"queue-{node.name}.log")
+
         if t_end is None:
+            keep_logs()
             raise RuntimeError(f"queue push did not finish: {json.dumps(last)[:600]}\n{p.log_tail()}\n{s.log_tail()}")
         cpu_old, cpu_new = p.cpu_s(), s.cpu_s() - cpu_new0
         self.note_hwm("queue_push", pair)
         st_new = s.status()
         pair.stop()
-        # Both daemons' logs (`HASYNC_BENCH_LOG=info,hasync::queue=debug`
-        # adds each batch's commit time), for what the push spent.
-        for node in pair.nodes:
-            shutil.copyfile(node.log_path, self.out / f"queue-{node.name}.log")
+        keep_logs()
         rep = last["last"]
 
         def queued(q: Path) -> int:
