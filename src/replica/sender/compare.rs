@@ -559,9 +559,7 @@ impl<T: LocalTree> Sender<T> {
         );
         (differ, out)
     }
-}
 
-impl<T: LocalTree> Sender<T> {
     /// Names of one inode here that the replica holds the same but not as
     /// one inode (a hard-link group split there: after a refused folder
     /// rename, say, a name sent as bytes): each name apart from the
@@ -589,22 +587,15 @@ impl<T: LocalTree> Sender<T> {
                 continue;
             }
             let anchor = link_anchor(group);
-            // No part of the group linked there: the first name stays, the
-            // others link to it.
-            let stays = |i: usize, n: &LinkedName| {
-                if anchor == 0 {
-                    i == 0
-                } else {
-                    n.remote == anchor
-                }
-            };
-            if group.iter().enumerate().all(|(i, n)| stays(i, n)) {
-                continue;
-            }
+            let (mut stayer, mut apart) = (None, false);
             for (i, n) in group.iter().enumerate() {
-                if stays(i, n) {
+                // No part of the group linked there: the first name stays,
+                // the others link to it.
+                if (anchor == 0 && i == 0) || (anchor != 0 && n.remote == anchor) {
+                    stayer.get_or_insert(n);
                     continue;
                 }
+                apart = true;
                 self.stores[s].index.set_synced(&n.rel, false);
                 self.inodes.forget_name(n.key, s, &n.rel);
                 sc.queue.push(s, &n.rel);
@@ -613,7 +604,7 @@ impl<T: LocalTree> Sender<T> {
             }
             // The name the others link to, whatever the record dropped of
             // a group of many names.
-            if let Some((_, n)) = group.iter().enumerate().find(|(i, n)| stays(*i, n)) {
+            if let Some(n) = stayer.filter(|_| apart) {
                 self.inodes.record(n.key, s, &n.rel, n.version);
             }
         }
