@@ -159,6 +159,26 @@ fn encode_message(id: u64, msg: &QueuedMessage, parts: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
+/// Silence a queue connection is allowed before it is dropped, at least
+/// (the engine uses the link's I/O timeout if longer): the pusher waiting
+/// for an acknowledgement, the new primary for the next frame while no
+/// commit of its own runs, either side for a write the other does not
+/// read. A batch's commit takes milliseconds; a peer silent this long is
+/// gone or hung, and a pusher that gives up tries again (nothing it has
+/// not seen acknowledged is deleted, and the ledger drops what landed).
+pub const QUEUE_IDLE_MIN: Duration = Duration::from_secs(10);
+
+/// Writes `out`, or fails once `idle` passes (a peer that does not read).
+async fn send_within(w: &FrameWriter, out: Vec<u8>, idle: Duration) -> Result<(), LinkError> {
+    tokio::time::timeout(idle, w.send_bytes(out))
+        .await
+        .map_err(|_| LinkError::Timeout {
+            peer: w.peer(),
+            what: "a queue push write",
+            after: idle,
+        })?
+}
+
 /// Pushes the whole queue over an authenticated `Channel::Queue` connection.
 pub async fn push(
     layout_kind: Layout,
@@ -167,6 +187,7 @@ pub async fn push(
     w: FrameWriter,
     progress: &Mutex<PushReport>,
     epoch: u64,
+    idle: Duration,
 ) -> Result<PushReport, PushError> {
     let started = Instant::now();
     let peer = w.peer().to_string();
@@ -202,7 +223,7 @@ pub async fn push(
         epoch,
     }
     .encode(&mut out);
-    w.send_bytes(out).await?;
+    send_within(&w, out, idle).await?;
 
     let mut session = PushSession::new(scan.messages);
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
@@ -227,7 +248,7 @@ pub async fn push(
                     }
                 };
                 let out = encode_message(id, msg, &parts);
-                w.send_bytes(out).await?;
+                send_within(&w, out, idle).await?;
                 session.sent(id);
                 report.pushed += 1;
             }
@@ -235,7 +256,7 @@ pub async fn push(
                 // The new primary commits what it has staged as one batch.
                 let mut out = Vec::new();
                 SyncMsg::Barrier { seq }.encode(&mut out);
-                w.send_bytes(out).await?;
+                send_within(&w, out, idle).await?;
             }
             Some(PushStep::Delete(msg)) => {
                 failpoint::hit("push.after_ack_before_delete");
@@ -267,11 +288,23 @@ pub async fn push(
                 }
                 let mut out = Vec::new();
                 SyncMsg::QueueEnd.encode(&mut out);
-                w.send_bytes(out).await?;
+                send_within(&w, out, idle).await?;
             }
             None if session.phase() == PushPhase::Ended => break,
             None => {
-                let frame = r.recv_frame().await?;
+                // The end is answered after the new primary's hook ran.
+                let limit = if session.phase() == PushPhase::Ending {
+                    idle + HOOK_TIMEOUT
+                } else {
+                    idle
+                };
+                let frame = tokio::time::timeout(limit, r.recv_frame())
+                    .await
+                    .map_err(|_| LinkError::Timeout {
+                        peer: r.peer(),
+                        what: "a queue acknowledgement",
+                        after: limit,
+                    })??;
                 let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
                     peer: r.peer(),
                     source,
@@ -545,9 +578,17 @@ impl Ingester {
         mut r: FrameReader,
         w: FrameWriter,
         epoch: u64,
+        idle: Duration,
     ) -> Result<(), PushError> {
         let peer = r.peer().to_string();
-        let first = SyncMsg::decode(&r.recv_frame().await?).map_err(|source| LinkError::Wire {
+        let first = tokio::time::timeout(idle, r.recv_frame())
+            .await
+            .map_err(|_| LinkError::Timeout {
+                peer: r.peer(),
+                what: "the queue push's start",
+                after: idle,
+            })??;
+        let first = SyncMsg::decode(&first).map_err(|source| LinkError::Wire {
             peer: r.peer(),
             source,
         })?;
@@ -557,7 +598,7 @@ impl Ingester {
             } if addressed != epoch => {
                 let mut out = Vec::new();
                 SyncMsg::Fenced { seen: epoch }.encode(&mut out);
-                let _ = w.send_bytes(out).await;
+                let _ = send_within(&w, out, idle).await;
                 return Err(PushError::Fenced {
                     addressed,
                     serving: epoch,
@@ -619,6 +660,7 @@ impl Ingester {
         }));
         let mut pipe = Pipe {
             rx,
+            idle,
             committed: None,
             w: &w,
             peer: peer.clone(),
@@ -752,7 +794,7 @@ impl Ingester {
                 }
                 let mut out = Vec::new();
                 SyncMsg::QueueEndAck { hook_ok }.encode(&mut out);
-                w.send_bytes(out).await?;
+                send_within(&w, out, idle).await?;
                 info!(
                     peer,
                     ingested = self.stats.ingested,
@@ -784,7 +826,7 @@ impl Ingester {
                     && pipe.session.committing()
                 {
                     if !out.is_empty() {
-                        pipe.w.send_bytes(std::mem::take(&mut out)).await?;
+                        send_within(pipe.w, std::mem::take(&mut out), pipe.idle).await?;
                     }
                     match pipe.next_event(&self.queue_dir).await {
                         Some(Event::Committed(res)) => {
@@ -832,7 +874,7 @@ impl Ingester {
             }
         }
         if !out.is_empty() {
-            pipe.w.send_bytes(out).await?;
+            send_within(pipe.w, out, pipe.idle).await?;
         }
         Ok(finished)
     }
@@ -1433,9 +1475,18 @@ enum Event {
 
 impl Pipe<'_> {
     /// The next frame, or the running commit's outcome if it comes first.
+    /// Waiting on the peer alone (no commit runs), silence past `idle`
+    /// ends the push.
     async fn next_event(&mut self, queue_dir: &Path) -> Option<Event> {
         let Some(committed) = self.committed.as_mut() else {
-            return self.rx.recv().await;
+            return match tokio::time::timeout(self.idle, self.rx.recv()).await {
+                Ok(ev) => ev,
+                Err(_) => Some(Event::Frame(Err(LinkError::Timeout {
+                    peer: self.w.peer(),
+                    what: "the queue push's next frame",
+                    after: self.idle,
+                }))),
+            };
         };
         tokio::select! {
             biased;
@@ -1463,6 +1514,8 @@ const PUSH_EVENTS_QUEUED: usize = 64;
 struct Pipe<'a> {
     /// Frames from the reader task.
     rx: tokio::sync::mpsc::Receiver<Event>,
+    /// Silence allowed while no commit runs (see [`QUEUE_IDLE_MIN`]).
+    idle: Duration,
     /// The outcome of the commit running on the durable-commit thread: a
     /// channel of its own, so that the job never waits for room among the
     /// frames (the thread also runs the receiver's flushes).

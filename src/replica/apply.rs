@@ -1260,8 +1260,21 @@ impl Applier {
             PathOp::Mkdir { rel, .. } => (rel, None, true),
             _ => return false,
         };
-        self.held_at_name(tree, index, s, seq, rel, makes_dir, keeps)
-            .is_some()
+        let held = self
+            .held_at_name(tree, index, s, seq, rel, makes_dir, keeps)
+            .is_some();
+        if let (true, PathOp::Rename { from, to }) = (held, op) {
+            // The primary deletes the source next and sends the target
+            // again, as for a rename that failed: the source is the only
+            // copy here of what it holds at `to` (simulator seed 39462: a
+            // message renamed onto another's name, the rename held for
+            // room, and the source's sure delete applied before the target
+            // landed).
+            if matches!(tree.lstat(from), Ok(Some(st)) if st.kind == Kind::File) {
+                self.waiting.owe(s, from, to, seq);
+            }
+        }
+        held
     }
 
     /// Whether putting something at `rel` (a folder if `makes_dir`; with
@@ -2250,6 +2263,70 @@ mod tests {
         assert!(r.take_replies().next().is_none());
         assert_eq!(std::fs::read(dir.join(m)).unwrap(), b"another message");
         assert!(!dir.join("cur/x").exists());
+    }
+
+    /// The source of a rename held for room is the only copy here of what
+    /// the primary holds at the target (a message renamed onto another
+    /// message's name): the primary's delete of it, even sure, waits as
+    /// for a rename that failed, and goes once the target lands with it
+    /// (simulator seed 39462).
+    #[test]
+    fn the_source_of_a_rename_held_for_room_stays_until_its_target_lands() {
+        let (_tmp, dir, internal) =
+            store_with(&[("new/m", "the message"), ("cur/x", "another message")]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let body = b"the message";
+        let (m, x) = (Path::new("new/m"), Path::new("cur/x"));
+        r.no_room(0, 1, Path::new("cur/m:2,S"), index::hash_bytes(body), 11);
+        let rename = PathOp::Rename {
+            from: x.to_path_buf(),
+            to: m.to_path_buf(),
+        };
+        r.apply(&mut root, &mut index, 0, 2, rename);
+        assert!(
+            matches!(
+                r.take_replies().next(),
+                Some(Reply::HeldForRoom { seq: 2, .. })
+            ),
+            "the rename is held"
+        );
+        let delete_x = || PathOp::Delete {
+            unsure: false,
+            rel: x.to_path_buf(),
+        };
+        r.apply(&mut root, &mut index, 0, 3, delete_x());
+        let replies: Vec<Reply> = r.take_replies().collect();
+        assert!(
+            matches!(&replies[..], [Reply::HeldForRename { seq: 3, rel, .. }] if rel == x),
+            "{replies:?}"
+        );
+        assert_eq!(std::fs::read(dir.join(x)).unwrap(), b"another message");
+        // The other name expunged meanwhile, the target lands (here as a
+        // link the primary made): the source's delete goes on.
+        r.apply(
+            &mut root,
+            &mut index,
+            0,
+            4,
+            PathOp::Delete {
+                unsure: false,
+                rel: PathBuf::from("cur/m:2,S"),
+            },
+        );
+        let link = PathOp::Link {
+            existing: x.to_path_buf(),
+            rel: m.to_path_buf(),
+            hash: index::hash_bytes(b"another message"),
+            meta: times_of(&dir.join(x)),
+        };
+        r.apply(&mut root, &mut index, 0, 5, link);
+        assert!(r.take_replies().next().is_none());
+        assert_eq!(std::fs::read(dir.join(m)).unwrap(), b"another message");
+        r.apply(&mut root, &mut index, 0, 6, delete_x());
+        assert!(r.take_replies().next().is_none());
+        assert!(!dir.join(x).exists());
     }
 
     #[test]

@@ -1734,7 +1734,8 @@ async fn accept_loop(
             match (mode, channel) {
                 // A former primary pushing its queue to us.
                 (EngineMode::Primary, Channel::Queue) => {
-                    serve_queue_push(shared, conn, addr, ingester, mode_rx).await
+                    let idle = queue_idle(&ctx);
+                    serve_queue_push(shared, conn, addr, ingester, mode_rx, idle).await
                 }
                 (EngineMode::Secondary, Channel::Sync) => {
                     serve_sync(shared, conn, addr, stores, receiving, mode_rx).await
@@ -2089,6 +2090,11 @@ fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::
         .collect()
 }
 
+/// Silence allowed on a queue connection (see [`push::QUEUE_IDLE_MIN`]).
+fn queue_idle(ctx: &LinkCtx) -> Duration {
+    ctx.io_timeout.max(push::QUEUE_IDLE_MIN)
+}
+
 /// Runs one queue push to the primary, retrying the connection for a while
 /// (the peer accepts pushes only once it acts as primary).
 async fn run_push(
@@ -2109,15 +2115,22 @@ async fn run_push(
             ));
         }
         let attempt = async {
-            let stream = tokio_uring::net::TcpStream::connect(ctx.peer_addr)
+            let link_err = |op, source| {
+                push::PushError::Link(crate::link::LinkError::Io {
+                    peer: ctx.peer_addr,
+                    op,
+                    source,
+                })
+            };
+            let connect = tokio_uring::net::TcpStream::connect(ctx.peer_addr);
+            let stream = tokio::time::timeout(ctx.io_timeout, connect)
                 .await
-                .map_err(|source| {
-                    push::PushError::Link(crate::link::LinkError::Io {
-                        peer: ctx.peer_addr,
-                        op: "connect",
-                        source,
-                    })
-                })?;
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                .map_err(|source| link_err("connect", source))?;
+            // Writes through a cut link fail instead of sitting in
+            // retransmission backoff.
+            crate::io::set_user_timeout(&stream, queue_idle(ctx))
+                .map_err(|source| link_err("set TCP_USER_TIMEOUT", source))?;
             let mut conn = Conn::new(stream, ctx.peer_addr);
             handshake(&mut conn, ctx, Side::Initiator, Channel::Queue).await?;
             let (r, w) = conn.split();
@@ -2130,6 +2143,7 @@ async fn run_push(
                 w.clone(),
                 &shared.queue.report,
                 epoch,
+                queue_idle(ctx),
             )
             .await;
             let _ = w.shutdown();
@@ -2166,6 +2180,7 @@ async fn serve_queue_push(
     addr: SocketAddr,
     ingester: Rc<RefCell<Option<Ingester>>>,
     mut mode_rx: watch::Receiver<EngineMode>,
+    idle: Duration,
 ) {
     // One push at a time: the ledger has a single owner.
     let taken = ingester.borrow_mut().take();
@@ -2176,7 +2191,7 @@ async fn serve_queue_push(
     let (r, w) = conn.split();
     let tenure = shared.fence.seen();
     let res = tokio::select! {
-        res = ing.serve(r, w.clone(), tenure) => res.map_err(|e| e.to_string()),
+        res = ing.serve(r, w.clone(), tenure, idle) => res.map_err(|e| e.to_string()),
         _ = async {
             // Deposed (a newer primary won): cut. What was acknowledged is
             // durable and in the ledger; the rest the pusher keeps and

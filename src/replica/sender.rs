@@ -1663,7 +1663,10 @@ impl<T: LocalTree> Sender<T> {
 
     fn satisfy_now(&mut self, store: usize, rel: &Path) {
         for req in self.waiting.held_already(store, rel) {
+            // Confirmed as much as one that waited for its ack (the status
+            // said "degraded" after commits all replicated this way).
             self.stats.commits_replicated.fetch_add(1, Relaxed);
+            self.stats.synchronous.store(true, Relaxed);
             let _ = req.reply.send(CommitOutcome::Replicated {
                 waited: req.at.elapsed(),
             });

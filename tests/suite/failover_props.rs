@@ -336,13 +336,16 @@ fn data_sim_seeds() {
 /// room, the room back, and the original expunged before the copy was
 /// sent again (what fits is still awaited a bounded while); 27621: after a
 /// failover, a rename onto the only copy of a message whose other name
-/// waited for room (a replacement is held as a delete is).
+/// waited for room (a replacement is held as a delete is); 39462: a message
+/// renamed onto another message's name, the rename refused for room, and
+/// the old name's sure delete applied while the new name waited for room
+/// (the source of a rename held for room stays as a failed rename's does).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
     for seed in [
         263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 9959, 10529, 13859,
-        19568, 25475, 27621,
+        19568, 25475, 27621, 39462,
     ] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {

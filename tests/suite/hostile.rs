@@ -737,6 +737,88 @@ fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
     assert!(tp.nodes[0].is_running());
 }
 
+/// A queue push whose pusher goes silent after its start (a hung or
+/// partitioned former primary) holds the ledger, so another push is
+/// refused meanwhile; after the queue connection's idle limit the node
+/// drops it, and the next push is served to its end.
+#[test]
+fn a_queue_push_that_goes_silent_is_dropped_and_the_next_one_is_served() {
+    let mut tp = TestPair::new(fast());
+    tp.nodes[0].start().unwrap();
+    let st = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
+            s.mode == Role::Primary
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
+    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let sync_addr = cfg.replication.sync_listen;
+    let idle = hasync::queue::push::QUEUE_IDLE_MIN;
+    let (second, dropped_after, third) = tokio_uring::start(async {
+        let sctx = ctx(&cfg, sync_addr);
+        let open = || async {
+            let stream = tokio_uring::net::TcpStream::connect(sync_addr)
+                .await
+                .unwrap();
+            let mut conn = Conn::new(stream, sync_addr);
+            handshake(&mut conn, &sctx, Side::Initiator, Channel::Queue)
+                .await
+                .unwrap();
+            let (r, w) = conn.split();
+            let mut out = Vec::new();
+            SyncMsg::QueueStart {
+                layout: 2,
+                epoch: st.epoch,
+            }
+            .encode(&mut out);
+            w.send_bytes(out).await.unwrap();
+            (r, w)
+        };
+        // An empty push: start, end, and the end's answer (or none).
+        let empty_push = || async {
+            let (mut r, w) = open().await;
+            let mut out = Vec::new();
+            SyncMsg::QueueEnd.encode(&mut out);
+            w.send_bytes(out).await.unwrap();
+            match tokio::time::timeout(Duration::from_secs(5), r.recv_frame()).await {
+                Ok(Ok(f)) => Some(SyncMsg::decode(&f).unwrap()),
+                Ok(Err(_)) => None,
+                Err(_) => panic!("a push neither answered nor dropped in 5 s"),
+            }
+        };
+        let started = std::time::Instant::now();
+        let (mut silent_r, _silent_w) = open().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let second = empty_push().await;
+        // The silent push is dropped by the node (its reader ends).
+        let end = tokio::time::timeout(idle * 3, silent_r.recv_frame())
+            .await
+            .expect("the silent push is dropped");
+        assert!(end.is_err(), "{end:?}");
+        let dropped_after = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        (second, dropped_after, empty_push().await)
+    });
+    assert!(
+        second.is_none(),
+        "served while another push held the ledger: {second:?}"
+    );
+    assert!(
+        dropped_after >= idle && dropped_after < idle * 2,
+        "dropped after {dropped_after:?}"
+    );
+    assert!(
+        matches!(third, Some(SyncMsg::QueueEndAck { hook_ok: true })),
+        "{third:?}\n{}",
+        tp.logs()
+    );
+    assert!(tp.nodes[0].is_running());
+    assert!(
+        tp.logs().contains("queue push from peer ended"),
+        "{}",
+        tp.logs()
+    );
+}
+
 /// A peer that streams files and never closes its batch with a `Barrier`
 /// (5,000 files here): the replica does not hold them all staged (memory
 /// and outcomes without bound); past its bound of 2,048 staged files it
