@@ -22,7 +22,7 @@ use super::layout::{self, Layout, QueuedMessage};
 use super::ledger::{Ledger, LedgerError, Moves};
 use super::session::{
     Admit, IngestPhase, IngestSession, IngestStep, PushPhase, PushSession, PushStep, Violation,
-    INGEST_BATCH,
+    INGEST_BATCH, UNACKED_MESSAGES_MAX,
 };
 use crate::failpoint;
 use crate::link::{FrameReader, FrameWriter, LinkError};
@@ -227,13 +227,29 @@ pub async fn push(
 
     let mut session = PushSession::new(scan.messages);
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
-    let protocol = |what: String| PushError::Protocol {
-        peer: peer.clone(),
-        what,
-    };
+    let peer_addr = r.peer();
+    // Acknowledgements come through a reader task and are taken between
+    // sends: the new primary's acknowledgements never wait on this node's
+    // socket while it writes a window (both sides would block on full
+    // buffers). At most one per message in flight, and the end's answer.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(UNACKED_MESSAGES_MAX + 16);
+    let reader = AbortOnDrop(tokio_uring::spawn(async move {
+        loop {
+            let f = r.recv_frame().await;
+            let stop = f.is_err();
+            if tx.send(f).await.is_err() || stop {
+                return;
+            }
+        }
+    }));
     loop {
         match session.poll() {
             Some(PushStep::Send(id)) => {
+                // What the new primary answered meanwhile, first.
+                while let Ok(f) = rx.try_recv() {
+                    on_push_frame(f?, &mut session, &mut report, (&peer, peer_addr), epoch)?;
+                    *progress.lock().expect("push progress lock") = report.clone();
+                }
                 let msg = session.message(id).expect("a message to send is in flight");
                 let parts = match read_parts(msg) {
                     Ok(p) => p,
@@ -298,52 +314,25 @@ pub async fn push(
                 } else {
                     idle
                 };
-                let frame = tokio::time::timeout(limit, r.recv_frame())
-                    .await
-                    .map_err(|_| LinkError::Timeout {
-                        peer: r.peer(),
-                        what: "a queue acknowledgement",
-                        after: limit,
-                    })??;
-                let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
-                    peer: r.peer(),
-                    source,
-                })?;
-                match m {
-                    SyncMsg::Fenced { seen } => {
-                        return Err(PushError::Fenced {
-                            addressed: epoch,
-                            serving: seen,
-                        })
+                let frame = match tokio::time::timeout(limit, rx.recv()).await {
+                    Ok(Some(f)) => f?,
+                    Ok(None) => {
+                        return Err(protocol_error(&peer, "the connection's reader stopped"))
                     }
-                    SyncMsg::QueueAck {
-                        id,
-                        outcome,
-                        detail,
-                    } => {
-                        if let Some(msg) = session
-                            .on_ack(id, outcome)
-                            .map_err(|v| protocol(v.to_string()))?
-                        {
-                            warn!(queue_id = %msg.queue_id, "queue push: new primary refused message, left in place: {detail}");
-                        }
+                    Err(_) => {
+                        return Err(PushError::Link(LinkError::Timeout {
+                            peer: w.peer(),
+                            what: "a queue acknowledgement",
+                            after: limit,
+                        }))
                     }
-                    SyncMsg::QueueEndAck { hook_ok } => {
-                        session.on_end_ack().map_err(|v| protocol(v.to_string()))?;
-                        report.hook_ok = Some(hook_ok);
-                    }
-                    _ if session.phase() == PushPhase::Ending => {
-                        return Err(protocol("expected the end acknowledgement".into()))
-                    }
-                    _ => return Err(protocol("expected a queue acknowledgement".into())),
-                }
-                report.ingested = session.counts.ingested;
-                report.duplicates_dropped = session.counts.duplicates;
-                report.failed = session.counts.refused + session.counts.unreadable;
+                };
+                on_push_frame(frame, &mut session, &mut report, (&peer, peer_addr), epoch)?;
                 *progress.lock().expect("push progress lock") = report.clone();
             }
         }
     }
+    drop(reader);
     report.seconds = started.elapsed().as_secs_f64();
     info!(
         messages = report.messages,
@@ -356,6 +345,58 @@ pub async fn push(
     );
     *progress.lock().expect("push progress lock") = report.clone();
     Ok(report)
+}
+
+fn protocol_error(peer: &str, what: &str) -> PushError {
+    PushError::Protocol {
+        peer: peer.to_string(),
+        what: what.to_string(),
+    }
+}
+
+/// One frame from the new primary during a push: an acknowledgement (or
+/// the end's), or why the push stops.
+fn on_push_frame(
+    frame: crate::wire::Frame,
+    session: &mut PushSession<QueuedMessage>,
+    report: &mut PushReport,
+    (peer, peer_addr): (&str, std::net::SocketAddr),
+    epoch: u64,
+) -> Result<(), PushError> {
+    let m = SyncMsg::decode(&frame).map_err(|source| LinkError::Wire {
+        peer: peer_addr,
+        source,
+    })?;
+    let protocol = |v: &dyn std::fmt::Display| protocol_error(peer, &v.to_string());
+    match m {
+        SyncMsg::Fenced { seen } => {
+            return Err(PushError::Fenced {
+                addressed: epoch,
+                serving: seen,
+            })
+        }
+        SyncMsg::QueueAck {
+            id,
+            outcome,
+            detail,
+        } => {
+            if let Some(msg) = session.on_ack(id, outcome).map_err(|v| protocol(&v))? {
+                warn!(queue_id = %msg.queue_id, "queue push: new primary refused message, left in place: {detail}");
+            }
+        }
+        SyncMsg::QueueEndAck { hook_ok } => {
+            session.on_end_ack().map_err(|v| protocol(&v))?;
+            report.hook_ok = Some(hook_ok);
+        }
+        _ if session.phase() == PushPhase::Ending => {
+            return Err(protocol(&"expected the end acknowledgement"))
+        }
+        _ => return Err(protocol(&"expected a queue acknowledgement")),
+    }
+    report.ingested = session.counts.ingested;
+    report.duplicates_dropped = session.counts.duplicates;
+    report.failed = session.counts.refused + session.counts.unreadable;
+    Ok(())
 }
 
 /// A message written to staging, waiting for its batch's commit.
