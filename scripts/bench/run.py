@@ -375,6 +375,10 @@ class Bench:
             cpu = p.cpu_s() + s.cpu_s()
             self.note_hwm("incremental", pair)
             pair.stop()
+            # Both daemons' logs of the last round, where the restart's time
+            # went (`HASYNC_BENCH_LOG=info,hasync=debug` for more).
+            for node in (p, s):
+                shutil.copyfile(node.log_path, self.out / f"incremental-{node.name}.log")
             runs["hasync"].append({"seconds": secs, "cpu_s": cpu, "files_sent": sent0})
             log(f"incremental hasync round {rnd} (restart + catch-up): {secs:.2f}s, {sent0} files sent")
         inc: dict = {"modified_files": changed_n, "of_files": self.files, "rounds": rounds}
