@@ -163,10 +163,16 @@ fn encode_message(id: u64, msg: &QueuedMessage, parts: &[Vec<u8>]) -> Vec<u8> {
 /// (the engine uses the link's I/O timeout if longer): the pusher waiting
 /// for an acknowledgement, the new primary for the next frame while no
 /// commit of its own runs, either side for a write the other does not
-/// read. A batch's commit takes milliseconds; a peer silent this long is
-/// gone or hung, and a pusher that gives up tries again (nothing it has
-/// not seen acknowledged is deleted, and the ledger drops what landed).
-pub const QUEUE_IDLE_MIN: Duration = Duration::from_secs(10);
+/// read. A batch's commit takes milliseconds to seconds (two `syncfs` of
+/// the queue's filesystem); a peer silent this long is gone or hung, and
+/// a pusher that gives up tries again (nothing it has not seen
+/// acknowledged is deleted, and the ledger drops what landed).
+pub const QUEUE_IDLE_MIN: Duration = Duration::from_secs(30);
+
+/// Before the first frame from the other side, longer: the pusher lists
+/// its queue before it starts, and the new primary, once started, reads
+/// its own queue (every message's identity) before it reads on.
+pub const QUEUE_START_WAIT: Duration = Duration::from_secs(120);
 
 /// Writes `out`, or fails once `idle` passes (a peer that does not read).
 async fn send_within(w: &FrameWriter, out: Vec<u8>, idle: Duration) -> Result<(), LinkError> {
@@ -228,6 +234,8 @@ pub async fn push(
     let mut session = PushSession::new(scan.messages);
     let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
     let peer_addr = r.peer();
+    // Until the new primary's first answer, its start's work is waited for.
+    let mut limit = idle.max(QUEUE_START_WAIT);
     // Acknowledgements come through a reader task and are taken between
     // sends: the new primary's acknowledgements never wait on this node's
     // socket while it writes a window (both sides would block on full
@@ -249,6 +257,7 @@ pub async fn push(
                 while let Ok(f) = rx.try_recv() {
                     on_push_frame(f?, &mut session, &mut report, (&peer, peer_addr), epoch)?;
                     *progress.lock().expect("push progress lock") = report.clone();
+                    limit = idle;
                 }
                 let msg = session.message(id).expect("a message to send is in flight");
                 let parts = match read_parts(msg) {
@@ -264,7 +273,7 @@ pub async fn push(
                     }
                 };
                 let out = encode_message(id, msg, &parts);
-                send_within(&w, out, idle).await?;
+                send_within(&w, out, limit).await?;
                 session.sent(id);
                 report.pushed += 1;
             }
@@ -272,7 +281,7 @@ pub async fn push(
                 // The new primary commits what it has staged as one batch.
                 let mut out = Vec::new();
                 SyncMsg::Barrier { seq }.encode(&mut out);
-                send_within(&w, out, idle).await?;
+                send_within(&w, out, limit).await?;
             }
             Some(PushStep::Delete(msg)) => {
                 failpoint::hit("push.after_ack_before_delete");
@@ -304,17 +313,17 @@ pub async fn push(
                 }
                 let mut out = Vec::new();
                 SyncMsg::QueueEnd.encode(&mut out);
-                send_within(&w, out, idle).await?;
+                send_within(&w, out, limit).await?;
             }
             None if session.phase() == PushPhase::Ended => break,
             None => {
                 // The end is answered after the new primary's hook ran.
-                let limit = if session.phase() == PushPhase::Ending {
-                    idle + HOOK_TIMEOUT
+                let wait = if session.phase() == PushPhase::Ending {
+                    limit + HOOK_TIMEOUT
                 } else {
-                    idle
+                    limit
                 };
-                let frame = match tokio::time::timeout(limit, rx.recv()).await {
+                let frame = match tokio::time::timeout(wait, rx.recv()).await {
                     Ok(Some(f)) => f?,
                     Ok(None) => {
                         return Err(protocol_error(&peer, "the connection's reader stopped"))
@@ -323,12 +332,13 @@ pub async fn push(
                         return Err(PushError::Link(LinkError::Timeout {
                             peer: w.peer(),
                             what: "a queue acknowledgement",
-                            after: limit,
+                            after: wait,
                         }))
                     }
                 };
                 on_push_frame(frame, &mut session, &mut report, (&peer, peer_addr), epoch)?;
                 *progress.lock().expect("push progress lock") = report.clone();
+                limit = idle;
             }
         }
     }
@@ -622,12 +632,13 @@ impl Ingester {
         idle: Duration,
     ) -> Result<(), PushError> {
         let peer = r.peer().to_string();
-        let first = tokio::time::timeout(idle, r.recv_frame())
+        let start_wait = idle.max(QUEUE_START_WAIT);
+        let first = tokio::time::timeout(start_wait, r.recv_frame())
             .await
             .map_err(|_| LinkError::Timeout {
                 peer: r.peer(),
                 what: "the queue push's start",
-                after: idle,
+                after: start_wait,
             })??;
         let first = SyncMsg::decode(&first).map_err(|source| LinkError::Wire {
             peer: r.peer(),

@@ -2324,9 +2324,9 @@ mod tests {
         r.apply(&mut root, &mut index, 0, 5, link);
         assert!(r.take_replies().next().is_none());
         assert_eq!(std::fs::read(dir.join(m)).unwrap(), b"another message");
+        assert!(!dir.join(x).exists(), "the source, asked for, goes with it");
         r.apply(&mut root, &mut index, 0, 6, delete_x());
         assert!(r.take_replies().next().is_none());
-        assert!(!dir.join(x).exists());
     }
 
     #[test]

@@ -2046,6 +2046,9 @@ pub struct Outcome {
     pub refusals: u64,
     pub cuts: u64,
     pub overflows: u64,
+    /// Times the tracker stopped reading for a while (see
+    /// [`DataSim::sweep`]).
+    pub tracker_stalls: u64,
     /// Crashes and restarts of the replica's node and of the primary's.
     pub replica_crashes: u64,
     pub primary_crashes: u64,
@@ -2153,6 +2156,7 @@ impl Outcome {
         self.refusals += o.refusals;
         self.cuts += o.cuts;
         self.overflows += o.overflows;
+        self.tracker_stalls += o.tracker_stalls;
         self.replica_crashes += o.replica_crashes;
         self.primary_crashes += o.primary_crashes;
         self.disk_full_turns += o.disk_full_turns;
@@ -2245,6 +2249,11 @@ pub struct DataSim {
     /// When the retries that waited for the tracker go back in the queue
     /// (its own stream: the workload's draws stay as they were).
     retry_rng: SimRng,
+    /// Percent chance, at each of the tracker's turns, that it stops
+    /// reading for a while (its own stream), and the turns left.
+    stall_percent: u8,
+    stall_rng: SimRng,
+    stalled_left: u32,
     lull_left: u32,
     crash_percent: u8,
     /// Percent chance, at those steps, that the replica's disk turns full
@@ -2485,6 +2494,9 @@ impl DataSim {
             lull_percent: 0,
             lull_rng: SimRng::new(seed ^ 0x6c75_6c6c_6c75_6c6c),
             retry_rng: SimRng::new(seed ^ 0x7265_7472_7972_6574),
+            stall_percent: 0,
+            stall_rng: SimRng::new(seed ^ 0x7374_616c_6c65_6421),
+            stalled_left: 0,
             lull_left: 0,
             crash_percent: 0,
             full_percent: 0,
@@ -2559,6 +2571,10 @@ impl DataSim {
         sim.onto_conflicts = seed % 8 == 5;
         // A third of the seeds: the former primary's mark never clears.
         sim.replica.mark_clear_fails = seed.is_multiple_of(3);
+        // A seventh: the tracker stalls now and then.
+        if seed % 7 == 4 {
+            sim.stall_percent = 3;
+        }
         // A fifth: the primary fails to keep some versions handed over.
         if seed % 5 == 2 {
             sim.handed.fail_percent.set(5);
@@ -3059,6 +3075,26 @@ impl DataSim {
                 }
             }
         }
+    }
+
+    /// Whether the tracker reads nothing at this turn: it stalls now and
+    /// then for 10 to 200 of its turns (its thread held up, as by a
+    /// storage stall): nothing it has not read reaches the sender, and the
+    /// looks that wait for it to read past a held delete wait too.
+    fn tracker_stalled(&mut self) -> bool {
+        if self.stalled_left > 0 {
+            self.stalled_left -= 1;
+            return true;
+        }
+        if self.stall_percent == 0 || !self.stall_rng.percent(self.stall_percent) {
+            return false;
+        }
+        self.stalled_left = self.stall_rng.range(10, 200) as u32;
+        self.out.tracker_stalls += 1;
+        if self.trace {
+            eprintln!("tracker: stalls for {} turns", self.stalled_left);
+        }
+        true
     }
 
     /// The tracker reads up to `n` events and queues their ops.
@@ -4029,7 +4065,9 @@ impl DataSim {
                 }
                 0..=44 => {
                     let n = self.rng.range(1, 8) as usize;
-                    self.tracker_step(n);
+                    if !self.tracker_stalled() {
+                        self.tracker_step(n);
+                    }
                 }
                 45..=64 if !self.session_wanted => {
                     self.send_step()?;

@@ -2127,10 +2127,6 @@ async fn run_push(
                 .await
                 .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
                 .map_err(|source| link_err("connect", source))?;
-            // Writes through a cut link fail instead of sitting in
-            // retransmission backoff.
-            crate::io::set_user_timeout(&stream, queue_idle(ctx))
-                .map_err(|source| link_err("set TCP_USER_TIMEOUT", source))?;
             let mut conn = Conn::new(stream, ctx.peer_addr);
             handshake(&mut conn, ctx, Side::Initiator, Channel::Queue).await?;
             let (r, w) = conn.split();

@@ -340,6 +340,13 @@ impl WaitingForRoom {
     pub fn landed(&mut self, s: usize, rel: &Path, seq: u64, hash: u128) -> Vec<PathBuf> {
         let mut asked = Vec::new();
         if !self.owed.is_empty() {
+            // Other content landed at a failed rename's source: the name no
+            // longer holds what was owed (its delete, once the target
+            // lands, would take the new file).
+            let at = (s, rel.to_path_buf());
+            if self.owed.get(&at).is_some_and(|o| o.seq <= seq) {
+                self.owed.remove(&at);
+            }
             let done: Vec<(usize, PathBuf)> = self
                 .owed
                 .iter()
@@ -387,10 +394,13 @@ impl WaitingForRoom {
     pub fn forget(&mut self, s: usize, rel: &Path, seq: u64, found_gone: bool) {
         // Said again (a sure delete, say) or replaced: not held.
         self.moving.let_go(s, rel, true, Some(seq));
-        if !self.owed.is_empty() {
+        if !self.owed.is_empty() && !found_gone {
             // The target deleted (or its folder): nothing is owed it. (A
             // folder deleted over a source is held as the source's own
             // delete is: `hold_folder_delete`; `deleted` once it goes.)
+            // Found gone (an unsure delete: maybe renamed on to a name
+            // not sent yet), it is still owed, as what waits for room is
+            // (the holds left bound it).
             for k in self.owed_to_at_or_below(s, rel) {
                 if self.owed.get(&k).is_some_and(|o| o.seq < seq) {
                     self.owed.remove(&k);
@@ -723,6 +733,18 @@ mod tests {
         r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 6);
         r.rename(0, p("x/new/other"), p("x/cur/m:2,S"));
         assert!(r.is_empty());
+        // The target found gone (an unsure delete: maybe renamed on to a
+        // name not sent yet): still owed.
+        r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 6);
+        r.forget(0, p("x/cur/m:2,S"), 7, true);
+        assert!(r.owed(0, p("x/new/m")).is_some());
+        // Other content landing at the source (a later op): the name no
+        // longer holds what was owed, and the target's landing deletes
+        // nothing.
+        assert!(r.hold_delete(0, p("x/new/m")));
+        assert!(r.landed(0, p("x/new/m"), 8, 9).is_empty());
+        assert!(r.is_empty());
+        assert!(r.landed(0, p("x/cur/m:2,S"), 9, 7).is_empty());
         // The message renamed back onto its source (a flag set and taken
         // away again): the source is not owed to itself, and its landing
         // there does not delete it.

@@ -281,7 +281,8 @@ fn data_sim_seeds() {
                             && o.holds > 0
                             && o.deletes_held > 0
                             && o.held_folders_renamed > 0
-                            && o.handed_resent > 0),
+                            && o.handed_resent > 0
+                            && o.tracker_stalls > 0),
                 "{o:?}"
             );
             println!("{n} data-path seeds: {o:?}");
