@@ -1735,3 +1735,101 @@ fn first_line_id<'a>(h: &'a [u8], suffix: &str) -> &'a str {
         .unwrap_or_default()
         .trim_end_matches(suffix)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::auth::{LinkKey, Side};
+    use crate::link::{handshake, Conn, LinkCtx, LinkStats};
+    use crate::wire::Channel;
+
+    fn ctx(me: &str, peer: &str, addr: std::net::SocketAddr) -> LinkCtx {
+        LinkCtx {
+            node_name: me.into(),
+            peer_name: peer.into(),
+            peer_addr: addr,
+            key: LinkKey::from_secret(b"queue push test secret 0123456789"),
+            io_timeout: Duration::from_secs(5),
+            stats: LinkStats::default(),
+            redial: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A new primary that answers the first message of a push and then
+    /// stops answering (hung, or cut off without a reset): the pusher gives
+    /// up once its idle limit passes, with a timeout, having deleted only
+    /// the message that was acknowledged (its retry sends the rest).
+    #[test]
+    fn a_pusher_gives_up_on_a_new_primary_that_stops_answering() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("queue");
+        std::fs::create_dir_all(&q).unwrap();
+        for i in 1..=3 {
+            std::fs::write(q.join(format!("msg-{i}.eml")), format!("message {i}\r\n")).unwrap();
+        }
+        let idle = Duration::from_millis(400);
+        let (res, waited) = tokio_uring::start(async {
+            let listener =
+                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            // The new primary: answers the first message, then only reads.
+            let fake = tokio_uring::spawn(async move {
+                let (stream, peer) = listener.accept().await.unwrap();
+                let mut conn = Conn::new(stream, peer);
+                handshake(
+                    &mut conn,
+                    &ctx("new", "old", peer),
+                    Side::Responder,
+                    Channel::Queue,
+                )
+                .await
+                .unwrap();
+                let (mut r, w) = conn.split();
+                let mut answered = false;
+                while let Ok(f) = r.recv_frame().await {
+                    if let (false, Ok(SyncMsg::QueueMsg { id, .. })) =
+                        (answered, SyncMsg::decode(&f))
+                    {
+                        let mut out = Vec::new();
+                        SyncMsg::QueueAck {
+                            id,
+                            outcome: QueueOutcome::Ingested,
+                            detail: String::new(),
+                        }
+                        .encode(&mut out);
+                        w.send_bytes(out).await.unwrap();
+                        answered = true;
+                    }
+                }
+            });
+            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
+            let mut conn = Conn::new(stream, addr);
+            handshake(
+                &mut conn,
+                &ctx("old", "new", addr),
+                Side::Initiator,
+                Channel::Queue,
+            )
+            .await
+            .unwrap();
+            let (r, w) = conn.split();
+            let progress = Mutex::new(PushReport::default());
+            let t0 = Instant::now();
+            let res = push(Layout::Flat, &q, r, w.clone(), &progress, 1, idle).await;
+            let waited = t0.elapsed();
+            let _ = w.shutdown();
+            let _ = fake.await;
+            (res, waited)
+        });
+        assert!(
+            matches!(res, Err(PushError::Link(LinkError::Timeout { .. }))),
+            "{res:?}"
+        );
+        assert!(
+            waited >= idle && waited < idle + Duration::from_secs(3),
+            "{waited:?}"
+        );
+        let left = std::fs::read_dir(&q).unwrap().count();
+        assert_eq!(left, 2, "only the acknowledged message is deleted");
+    }
+}

@@ -13,7 +13,8 @@
 //! - a tracker model shaped like inotify and the real tracker: events only
 //!   from watched folders, a new folder reported with everything already in
 //!   it (the watch walk), rename pairs, `tmp/` excluded (tmp → new is a new
-//!   file), a queue that overflows into a rescan;
+//!   file), a queue that overflows into a rescan, a thread that stalls
+//!   now and then (nothing read for a while);
 //! - a link that delivers frames in order with delays, and cuts (the next
 //!   session starts with a comparison of manifests);
 //! - the receiver's own decisions for every op ([`Applier`]: sources missing
