@@ -1796,6 +1796,15 @@ impl<T: LocalTree> Sender<T> {
                         // holds the delete back while the copy waits for
                         // room).
                         tracing::debug!(from = %from.display(), to = %to.display(), "rename of a path the replica lacks: syncing both");
+                        // The name was renamed away, not expunged: its
+                        // delete is no second look at a name found gone,
+                        // and must not be sure (simulator seed 12576: the
+                        // replica held `from` as its only copy, the
+                        // tracker had not read the rename of `to` on, and
+                        // the sure delete left the message on no name).
+                        if !self.deletes_sure.is_empty() {
+                            self.delete_sure_forget(store, &from);
+                        }
                         ops.push_front(Op::Sync {
                             store,
                             rel: from,
@@ -3587,6 +3596,47 @@ mod tests {
             assert!(sender.deletes_sure_bytes <= DELETES_SURE_BYTES_MAX);
         }
         assert!(sender.deletes_sure.len() < 5_000, "let go of once full");
+    }
+
+    /// A rename of a name whose unsure delete the replica holds, read after
+    /// the hold and sent as a sync of both names (the sender does not
+    /// count the source as held there), deletes the source unsure: the
+    /// name was renamed away, and its message may have moved on again by a
+    /// rename the tracker has not read (simulator seed 12576).
+    #[test]
+    fn a_rename_sent_as_two_syncs_deletes_its_source_unsure() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("root/new")).unwrap();
+        std::fs::create_dir_all(dir.path().join("root/cur")).unwrap();
+        let mut sender = sender_over(dir.path());
+        let (from, to) = (Path::new("new/1.M1"), Path::new("cur/1.M1:2,S"));
+        let held_at = Instant::now();
+        sender.delete_sure_next_time(0, from, held_at);
+        // Renamed to `to`, and on again: neither name is here.
+        let planned = sender
+            .plan_batch(vec![Op::Rename {
+                store: 0,
+                from: from.to_path_buf(),
+                to: to.to_path_buf(),
+                since: held_at + Duration::from_millis(1),
+            }])
+            .unwrap();
+        let mut deletes = Vec::new();
+        for plan in &planned.plans {
+            let Plan::Frames(bytes) = plan else { continue };
+            let mut at = 0;
+            while let Some((frame, used)) = crate::wire::decode_frame(&bytes[at..]).unwrap() {
+                at += used;
+                if let SyncMsg::Delete { path, unsure, .. } = SyncMsg::decode(&frame).unwrap() {
+                    deletes.push((String::from_utf8(path).unwrap(), unsure));
+                }
+            }
+        }
+        assert!(
+            deletes.contains(&("new/1.M1".to_string(), true)),
+            "{deletes:?}"
+        );
+        assert!(deletes.iter().all(|(_, unsure)| *unsure), "{deletes:?}");
     }
 
     /// The look at a name found gone (its unsure delete held) goes back in

@@ -340,13 +340,18 @@ fn data_sim_seeds() {
 /// waited for room (a replacement is held as a delete is); 39462: a message
 /// renamed onto another message's name, the rename refused for room, and
 /// the old name's sure delete applied while the new name waited for room
-/// (the source of a rename held for room stays as a failed rename's does).
+/// (the source of a rename held for room stays as a failed rename's does);
+/// 12576 (once the tracker model stalled): a rename read after the replica
+/// held its source's unsure delete, sent as a sync of both names (the
+/// replica lacked the source in the sender's index), made the source's
+/// delete sure while the message's newest name was still unread (a name
+/// renamed away is never deleted sure on that account).
 #[test]
 fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
     for seed in [
-        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 9959, 10529, 13859,
-        19568, 25475, 27621, 39462,
+        263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 9959, 10529, 12576,
+        13859, 19568, 25475, 27621, 39462,
     ] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {
