@@ -1755,6 +1755,26 @@ mod tests {
         }
     }
 
+    /// A queue connection after its handshake, as node `names[0]` talking
+    /// to `names[1]`.
+    async fn authenticated(
+        stream: tokio_uring::net::TcpStream,
+        peer: std::net::SocketAddr,
+        names: [&str; 2],
+        side: Side,
+    ) -> (FrameReader, FrameWriter) {
+        let mut conn = Conn::new(stream, peer);
+        handshake(
+            &mut conn,
+            &ctx(names[0], names[1], peer),
+            side,
+            Channel::Queue,
+        )
+        .await
+        .unwrap();
+        conn.split()
+    }
+
     /// A new primary that answers the first message of a push and then
     /// stops answering (hung, or cut off without a reset): the pusher gives
     /// up once its idle limit passes, with a timeout, having deleted only
@@ -1775,16 +1795,7 @@ mod tests {
             // The new primary: answers the first message, then only reads.
             let fake = tokio_uring::spawn(async move {
                 let (stream, peer) = listener.accept().await.unwrap();
-                let mut conn = Conn::new(stream, peer);
-                handshake(
-                    &mut conn,
-                    &ctx("new", "old", peer),
-                    Side::Responder,
-                    Channel::Queue,
-                )
-                .await
-                .unwrap();
-                let (mut r, w) = conn.split();
+                let (mut r, w) = authenticated(stream, peer, ["new", "old"], Side::Responder).await;
                 let mut answered = false;
                 while let Ok(f) = r.recv_frame().await {
                     if let (false, Ok(SyncMsg::QueueMsg { id, .. })) =
@@ -1803,16 +1814,7 @@ mod tests {
                 }
             });
             let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
-            let mut conn = Conn::new(stream, addr);
-            handshake(
-                &mut conn,
-                &ctx("old", "new", addr),
-                Side::Initiator,
-                Channel::Queue,
-            )
-            .await
-            .unwrap();
-            let (r, w) = conn.split();
+            let (r, w) = authenticated(stream, addr, ["old", "new"], Side::Initiator).await;
             let progress = Mutex::new(PushReport::default());
             let t0 = Instant::now();
             let res = push(Layout::Flat, &q, r, w.clone(), &progress, 1, idle).await;

@@ -2218,11 +2218,7 @@ mod tests {
     /// that name, the rename goes on (simulator seed 27621).
     #[test]
     fn a_rename_onto_the_only_copy_of_waiting_content_is_held() {
-        let (_tmp, dir, internal) =
-            store_with(&[("new/m", "the message"), ("cur/x", "another message")]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (_tmp, dir, mut root, mut index, mut r) = message_and_another();
         let body = b"the message";
         let (m, other) = (Path::new("new/m"), Path::new("cur/m:2,S"));
         let rename = || PathOp::Rename {
@@ -2272,11 +2268,7 @@ mod tests {
     /// (simulator seed 39462).
     #[test]
     fn the_source_of_a_rename_held_for_room_stays_until_its_target_lands() {
-        let (_tmp, dir, internal) =
-            store_with(&[("new/m", "the message"), ("cur/x", "another message")]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (_tmp, dir, mut root, mut index, mut r) = message_and_another();
         let body = b"the message";
         let (m, x) = (Path::new("new/m"), Path::new("cur/x"));
         r.no_room(0, 1, Path::new("cur/m:2,S"), index::hash_bytes(body), 11);
@@ -3055,6 +3047,16 @@ mod tests {
         );
         assert!(r.held_for_rename().is_empty());
         assert!(!dir.join(m).exists());
+    }
+
+    /// A store holding "the message" at `new/m` and "another message" at
+    /// `cur/x`, and an applier over it.
+    fn message_and_another() -> (tempfile::TempDir, PathBuf, Root, Index, Applier) {
+        let (tmp, dir, internal) =
+            store_with(&[("new/m", "the message"), ("cur/x", "another message")]);
+        let root = Root::open(&dir, &internal).unwrap();
+        let r = Applier::new(Arc::new(ReplStats::default()));
+        (tmp, dir, root, Index::in_memory(), r)
     }
 
     fn store_with(files: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, PathBuf) {

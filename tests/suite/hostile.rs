@@ -218,14 +218,7 @@ fn hostile_peer_writes_nothing_outside_the_root_and_cannot_crash_the_daemon() {
 
         // 2. The sync connection, with hostile ops.
         let sctx = ctx(&cfg, sync_addr);
-        let stream = tokio_uring::net::TcpStream::connect(sync_addr)
-            .await
-            .unwrap();
-        let mut conn = Conn::new(stream, sync_addr);
-        handshake(&mut conn, &sctx, Side::Initiator, Channel::Sync)
-            .await
-            .unwrap();
-        let (mut r, w) = conn.split();
+        let (mut r, w) = dial(&sctx, sync_addr, Channel::Sync).await;
         let mut out = Vec::new();
         SyncMsg::Start {
             stores: vec!["inbox".into(), "quarantine".into()],
@@ -648,30 +641,43 @@ fn a_link_to_the_same_content_with_other_times_is_asked_for_again() {
     assert_eq!(ino("user/new/good-link"), ino("user/cur/copy"));
 }
 
-#[test]
-fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
-    use hasync::wire::sync::{QueueOutcome, QueuePart};
+/// A connection to `addr` after its handshake on `channel`, as the peer.
+async fn dial(
+    sctx: &LinkCtx,
+    addr: SocketAddr,
+    channel: Channel,
+) -> (hasync::link::FrameReader, hasync::link::FrameWriter) {
+    let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
+    let mut conn = Conn::new(stream, addr);
+    handshake(&mut conn, sctx, Side::Initiator, channel)
+        .await
+        .unwrap();
+    conn.split()
+}
+
+/// A node started alone, primary once its start-up wait is over: the
+/// pair, its status then and its configuration.
+fn lone_primary() -> (TestPair, hasync::daemon::control::Status, Config) {
     let mut tp = TestPair::new(fast());
     tp.nodes[0].start().unwrap();
-    // Alone, the node becomes primary after its start-up wait.
     let st = tp.nodes[0]
         .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
             s.mode == Role::Primary
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
     let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    (tp, st, cfg)
+}
+
+#[test]
+fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
+    use hasync::wire::sync::{QueueOutcome, QueuePart};
+    let (mut tp, st, cfg) = lone_primary();
     let sync_addr = cfg.replication.sync_listen;
     let size = hasync::queue::push::INGEST_MESSAGE_BYTES_MAX + 1;
     let (answer, rss_kib) = tokio_uring::start(async {
         let sctx = ctx(&cfg, sync_addr);
-        let stream = tokio_uring::net::TcpStream::connect(sync_addr)
-            .await
-            .unwrap();
-        let mut conn = Conn::new(stream, sync_addr);
-        handshake(&mut conn, &sctx, Side::Initiator, Channel::Queue)
-            .await
-            .unwrap();
-        let (mut r, w) = conn.split();
+        let (mut r, w) = dial(&sctx, sync_addr, Channel::Queue).await;
         let mut out = Vec::new();
         SyncMsg::QueueStart {
             layout: 2,
@@ -743,14 +749,7 @@ fn a_pushed_message_too_big_to_hold_is_refused_without_buffering_it() {
 /// node drops it, and the next push is served to its end.
 #[test]
 fn a_queue_push_that_goes_silent_is_dropped_and_the_next_one_is_served() {
-    let mut tp = TestPair::new(fast());
-    tp.nodes[0].start().unwrap();
-    let st = tp.nodes[0]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(50), |s| {
-            s.mode == Role::Primary
-        })
-        .unwrap_or_else(|e| panic!("{e}\n{}", tp.logs()));
-    let cfg = Config::load(&tp.nodes[0].config_path).unwrap();
+    let (mut tp, st, cfg) = lone_primary();
     let sync_addr = cfg.replication.sync_listen;
     let idle = hasync::queue::push::QUEUE_IDLE_MIN;
     let (second, dropped_after, third) = tokio_uring::start(async {
@@ -758,14 +757,7 @@ fn a_queue_push_that_goes_silent_is_dropped_and_the_next_one_is_served() {
         // A push's start; an error once authenticated is the node closing
         // a push it refuses (it may do so before the start is written).
         let open = || async {
-            let stream = tokio_uring::net::TcpStream::connect(sync_addr)
-                .await
-                .unwrap();
-            let mut conn = Conn::new(stream, sync_addr);
-            handshake(&mut conn, &sctx, Side::Initiator, Channel::Queue)
-                .await
-                .unwrap();
-            let (r, w) = conn.split();
+            let (r, w) = dial(&sctx, sync_addr, Channel::Queue).await;
             let mut out = Vec::new();
             SyncMsg::QueueStart {
                 layout: 2,
