@@ -19,7 +19,7 @@
 //! errors); staging, flushes and acknowledgements stay with the driver and
 //! the group commit ([`super::commit::Pipeline`]).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -526,6 +526,14 @@ pub struct Applier {
     /// Bumped at every change of `held_for_rename` or `held_old_names`
     /// (the receiver writes them to disk when it moved).
     held_changes: u64,
+    /// The folder renames this receiver applied that a directory flush
+    /// has not made durable yet (store, from, to, the count of each, from
+    /// `folder_renames`): a source held after one of them, under the
+    /// folder's new name, is held under its old names too (a power loss
+    /// leaves the folder there). At most [`HELD_FOR_RENAME_MAX`] (past
+    /// it, the oldest are let go of: the bound's gap).
+    renames_pending: VecDeque<(usize, PathBuf, PathBuf, u64)>,
+    folder_renames: u64,
     /// Content the primary sent under a name where it found no room
     /// (answered `Need`, `NoSpace`). A `Delete` of a file with the same
     /// content under another name waits (answered `NoSpace` too, as
@@ -620,6 +628,8 @@ impl Applier {
             held_for_rename: HashMap::new(),
             held_old_names: HashMap::new(),
             held_changes: 0,
+            renames_pending: VecDeque::new(),
+            folder_renames: 0,
             waiting: WaitingForRoom::default(),
             dir_times: HashMap::new(),
             retime: BTreeSet::new(),
@@ -638,6 +648,8 @@ impl Applier {
             held_for_rename: self.held_for_rename.clone(),
             held_old_names: self.held_old_names.clone(),
             held_changes: self.held_changes,
+            renames_pending: self.renames_pending.clone(),
+            folder_renames: self.folder_renames,
             waiting: self.waiting.clone(),
             dir_times: self.dir_times.clone(),
             retime: self.retime.clone(),
@@ -661,6 +673,12 @@ impl Applier {
         next.held_old_names = std::mem::take(&mut self.held_old_names)
             .into_iter()
             .map(|(k, (to, _))| (k, (to, None)))
+            .collect();
+        // Folder renames not known durable: the next receiver's first
+        // completed flush makes them so (count 0, before all of its own).
+        next.renames_pending = std::mem::take(&mut self.renames_pending)
+            .into_iter()
+            .map(|(s, from, to, _)| (s, from, to, 0))
             .collect();
         // What waits for room still does (the next session may delete an
         // old name before it sends the new one again).
@@ -1020,6 +1038,66 @@ impl Applier {
             {
                 self.held_old_names.remove(&key);
                 self.held_changes += 1;
+            }
+        }
+    }
+
+    /// The count of the folder renames applied so far (taken as a
+    /// directory flush starts).
+    pub fn folder_renames(&self) -> u64 {
+        self.folder_renames
+    }
+
+    /// A directory flush that started when [`Applier::folder_renames`]
+    /// said `upto` has completed: those renames are durable.
+    pub fn folder_renames_durable(&mut self, upto: u64) {
+        self.renames_pending.retain(|(.., made)| *made > upto);
+    }
+
+    /// A folder renamed here: remembered until it is durable.
+    fn note_folder_rename(&mut self, s: usize, from: &Path, to: &Path) {
+        self.folder_renames += 1;
+        if self.renames_pending.len() >= HELD_FOR_RENAME_MAX {
+            self.renames_pending.pop_front();
+        }
+        self.renames_pending.push_back((
+            s,
+            from.to_path_buf(),
+            to.to_path_buf(),
+            self.folder_renames,
+        ));
+    }
+
+    /// Source `from` is now held for target `to`: under the names a folder
+    /// rename not durable yet moved it from, too (newest rename first), as
+    /// [`Applier::move_held`] keeps the names of sources held before it
+    /// (simulator seed 38973: a folder renamed, a file in it renamed onto
+    /// a protected name and held, and a crash before the directory flush
+    /// found the file under the folder's old name, not held).
+    fn hold_old_names_too(&mut self, s: usize, from: &Path, to: &Path) {
+        let (mut h, mut t) = (from.to_path_buf(), to.to_path_buf());
+        let mut old = Vec::new();
+        for (rs, rfrom, rto, _) in self.renames_pending.iter().rev() {
+            if *rs != s {
+                continue;
+            }
+            let h_old = crate::model::moved_path(&h, rto, rfrom);
+            if let Some(t_old) = crate::model::moved_path(&t, rto, rfrom) {
+                t = t_old;
+            }
+            if let Some(h_old) = h_old {
+                h = h_old;
+                old.push((h.clone(), t.clone()));
+            }
+        }
+        if old.is_empty() {
+            return;
+        }
+        self.held_changes += 1;
+        let made = self.held_changes;
+        for (h, t) in old {
+            if self.held_old_names.len() < HELD_FOR_RENAME_MAX {
+                self.held_old_names.insert((s, h), (t, Some(made)));
             }
         }
     }
@@ -1538,6 +1616,9 @@ impl Applier {
                 self.held_for_rename
                     .insert((s, from.to_path_buf()), to.to_path_buf());
                 self.held_changes += 1;
+                if !self.renames_pending.is_empty() {
+                    self.hold_old_names_too(s, from, to);
+                }
             }
             return;
         }
@@ -1553,6 +1634,7 @@ impl Applier {
                 self.dirs.insert((s, parent_of(to)));
                 index.rename_tree(from, to);
                 if folder {
+                    self.note_folder_rename(s, from, to);
                     self.move_dir_times(s, from, to);
                     self.move_protection(s, from, to);
                     self.move_held(s, from, to);
@@ -2192,6 +2274,42 @@ mod tests {
             next.held_old_names().is_empty(),
             "none of its own to let go of"
         );
+    }
+
+    /// A source held after its folder's rename, the rename not durable
+    /// yet: held under the folder's old name too (a power loss before the
+    /// directory flush leaves the file there; simulator seed 38973), until
+    /// a flush that started after the rename completes.
+    #[test]
+    fn a_source_held_after_its_folders_rename_is_held_under_the_old_name_too() {
+        let (_tmp, dir, internal) =
+            store_with(&[(".F/new/m", "the message"), ("cur/x:2,S", "genuine")]);
+        let mut root = Root::open(&dir, &internal).unwrap();
+        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
+        let mut index = Index::in_memory();
+        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let p = Path::new;
+        r.keep_aside(&mut root, 0, 1, p("cur/x:2,S").to_path_buf());
+        r.rename(&mut root, &mut index, 0, 2, p(".F"), p(".G"));
+        let flush_from = r.folder_renames();
+        r.rename(&mut root, &mut index, 0, 3, p(".G/new/m"), p("cur/x:2,S"));
+        let mut saved: Vec<PathBuf> = r.held_to_save().into_keys().map(|(_, h)| h).collect();
+        saved.sort();
+        assert_eq!(saved, [p(".F/new/m"), p(".G/new/m")]);
+        assert_eq!(
+            r.held_for_rename().keys().collect::<Vec<_>>(),
+            [&(0, p(".G/new/m").to_path_buf())],
+            "only the name in the tree counts for the ops"
+        );
+        // A flush that started after the rename completes: the old name,
+        // gone, is let go of, and a later hold takes no old name.
+        let gone: Vec<((usize, PathBuf), u64)> = r.held_old_names();
+        r.folder_renames_durable(flush_from);
+        r.let_go_held(gone);
+        assert_eq!(r.held_to_save().len(), 1);
+        std::fs::write(dir.join(".G/new/n"), "another").unwrap();
+        r.rename(&mut root, &mut index, 0, 4, p(".G/new/n"), p("cur/x:2,S"));
+        assert_eq!(r.held_to_save().len(), 2, "its own name only");
     }
 
     /// The times of the file at `path`, as a `Meta` (the rest default):

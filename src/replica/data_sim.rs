@@ -1160,6 +1160,8 @@ struct Replica {
     deletes_held_for_rename: u64,
     /// Held names gone as the directory flush in flight started.
     held_gone: Vec<((usize, PathBuf), u64)>,
+    /// The folder renames applied as that flush started.
+    renames_at_flush: u64,
     /// The node crashes as soon as it has applied the rename of a folder
     /// holding a held source (`crash_now` then asks for it).
     crash_after_held_move: bool,
@@ -1183,6 +1185,7 @@ impl Replica {
             deletes_held: 0,
             deletes_held_for_rename: 0,
             held_gone: Vec::new(),
+            renames_at_flush: 0,
             crash_after_held_move: false,
             crash_now: false,
             since_durable: Vec::new(),
@@ -1655,6 +1658,7 @@ impl Replica {
                         .into_iter()
                         .filter(|((_, h), _)| !self.fs.exists(h))
                         .collect();
+                    self.renames_at_flush = self.ops.folder_renames();
                     self.since_durable.push(Step::DirTimes);
                     self.dir_times();
                     self.covering = Some(Covered {
@@ -1684,6 +1688,7 @@ impl Replica {
                         .filter(|((_, h), _)| !self.fs.exists(h))
                         .collect();
                     self.ops.let_go_held(gone);
+                    self.ops.folder_renames_durable(self.renames_at_flush);
                     self.since_durable.drain(..c.steps);
                     self.faults.log.drain(..c.faults);
                 }

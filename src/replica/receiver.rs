@@ -266,6 +266,9 @@ pub struct Receiver {
     /// directory flush in flight started (a folder rename moved them): let
     /// go of once it completes, the rename then durable.
     held_gone: Vec<((usize, PathBuf), u64)>,
+    /// The folder renames applied as that flush started (durable once it
+    /// completes).
+    renames_at_flush: u64,
 }
 
 /// Files staged while a commit is in flight, before reading stops until it
@@ -330,6 +333,7 @@ impl Receiver {
             held_saved: None,
             held_save_failing: None,
             held_gone: Vec::new(),
+            renames_at_flush: 0,
         }
     }
 
@@ -824,6 +828,7 @@ impl Receiver {
                 CommitOutput::Land(files) => self.land_flushed(files, peer),
                 CommitOutput::FlushDirs => {
                     self.held_gone = self.held_names_gone();
+                    self.renames_at_flush = self.ops.folder_renames();
                     self.apply_dir_times();
                     self.flush_started = Instant::now();
                     let extra: Vec<usize> = self.commits.folded().iter().map(|f| f.store).collect();
@@ -839,6 +844,7 @@ impl Receiver {
                         })
                         .collect();
                     self.ops.let_go_held(gone);
+                    self.ops.folder_renames_durable(self.renames_at_flush);
                     let now = Instant::now();
                     let mut st = self.stats.stages.lock().expect("stages lock");
                     for (_, at) in &barriers {
