@@ -201,6 +201,13 @@ impl WaitingForRoom {
         let Some(o) = self.owed.get_mut(&key) else {
             return false;
         };
+        // The target was refused for room and waits for it (not sent again
+        // since room came): held without spending a hold, for as long as
+        // the disk stays full (a full disk outlasts the primary's retries).
+        let to = (s, o.to.clone());
+        if self.by_name.contains_key(&to) && !self.resend.contains_key(&to) {
+            return true;
+        }
         if o.holds_left == 0 {
             self.owed.remove(&key);
             return false;
@@ -745,6 +752,20 @@ mod tests {
         assert!(r.landed(0, p("x/new/m"), 8, 9).is_empty());
         assert!(r.is_empty());
         assert!(r.landed(0, p("x/cur/m:2,S"), 9, 7).is_empty());
+        // The target refused for room: the source is held, without
+        // spending a hold, while it waits; once room came, holds count.
+        r.owe(0, p("x/new/m"), p("x/cur/m:2,S"), 10);
+        r.insert(0, p("x/cur/m:2,S"), Waiting::for_room(7, 100, 11));
+        for _ in 0..RENAME_HOLDS_MAX + 5 {
+            assert!(r.hold_delete(0, p("x/new/m")));
+        }
+        r.room(0, 1_000);
+        for _ in 0..RENAME_HOLDS_MAX {
+            assert!(r.hold_delete(0, p("x/new/m")));
+        }
+        assert!(!r.hold_delete(0, p("x/new/m")), "the holds ran out");
+        r.forget(0, p("x/cur/m:2,S"), 12, false);
+        assert!(r.is_empty());
         // The message renamed back onto its source (a flag set and taken
         // away again): the source is not owed to itself, and its landing
         // there does not delete it.
