@@ -2042,12 +2042,8 @@ mod tests {
     /// aside, the delete goes on.
     #[test]
     fn a_rename_onto_a_conflict_that_cannot_be_kept_holds_its_source_until_it_can() {
-        let (_tmp, dir, internal) =
-            store_with(&[("new/m", "the message"), ("cur/m:2,S", "genuine")]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (_tmp, dir, internal, mut root, mut index, mut r) =
+            conflicts_cannot_be_kept(&[("new/m", "the message"), ("cur/m:2,S", "genuine")]);
         let needs = |r: &mut Applier| -> Vec<(u64, PathBuf)> {
             r.take_replies()
                 .filter_map(|x| match x {
@@ -2115,17 +2111,13 @@ mod tests {
     /// made again under the old name) and a `Mkdir` of itself.
     #[test]
     fn a_rename_onto_a_held_source_waits_for_it_and_a_held_folder_takes_new_names() {
-        let (_tmp, dir, internal) = store_with(&[
+        let (_tmp, dir, internal, mut root, mut index, mut r) = conflicts_cannot_be_kept(&[
             ("new/m", "the message"),
             ("cur/m:2,S", "genuine"),
             ("new/x", "another"),
             ("A/cur/a", "in A"),
             ("B/cur/b", "genuine too"),
         ]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
         let needs = |r: &mut Applier| -> Vec<u64> {
             r.take_replies()
                 .filter_map(|x| match x {
@@ -2190,12 +2182,8 @@ mod tests {
     /// leaves the old one), then the name gone is let go of.
     #[test]
     fn a_held_folder_renamed_keeps_its_old_name_held_until_the_rename_is_durable() {
-        let (_tmp, dir, internal) =
-            store_with(&[(".F/new/m", "the message"), (".F/cur/m:2,S", "genuine")]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (_tmp, dir, _, mut root, mut index, mut r) =
+            conflicts_cannot_be_kept(&[(".F/new/m", "the message"), (".F/cur/m:2,S", "genuine")]);
         let p = Path::new;
         r.keep_aside(&mut root, 0, 1, p(".F/cur/m:2,S").to_path_buf());
         r.rename(
@@ -2282,12 +2270,8 @@ mod tests {
     /// a flush that started after the rename completes.
     #[test]
     fn a_source_held_after_its_folders_rename_is_held_under_the_old_name_too() {
-        let (_tmp, dir, internal) =
-            store_with(&[(".F/new/m", "the message"), ("cur/x:2,S", "genuine")]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (_tmp, dir, _, mut root, mut index, mut r) =
+            conflicts_cannot_be_kept(&[(".F/new/m", "the message"), ("cur/x:2,S", "genuine")]);
         let p = Path::new;
         r.keep_aside(&mut root, 0, 1, p("cur/x:2,S").to_path_buf());
         r.rename(&mut root, &mut index, 0, 2, p(".F"), p(".G"));
@@ -3128,12 +3112,8 @@ mod tests {
     /// of holds that never ends.
     #[test]
     fn folders_renamed_away_and_back_onto_a_conflict_release_each_other() {
-        let (_tmp, dir, internal) =
-            store_with(&[("a/cur/m", "the message"), ("b/cur/x", "genuine")]);
-        let mut root = Root::open(&dir, &internal).unwrap();
-        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
-        let mut index = Index::in_memory();
-        let mut r = Applier::new(Arc::new(ReplStats::default()));
+        let (_tmp, dir, internal, mut root, mut index, mut r) =
+            conflicts_cannot_be_kept(&[("a/cur/m", "the message"), ("b/cur/x", "genuine")]);
         let needs = |r: &mut Applier| -> Vec<(u64, NeedReason)> {
             r.take_replies()
                 .filter_map(|x| match x {
@@ -3165,6 +3145,19 @@ mod tests {
         );
         assert!(r.held_for_rename().is_empty());
         assert!(!dir.join(m).exists());
+    }
+
+    /// A store holding `files` whose conflicts folder cannot be made (a
+    /// genuine conflict there cannot be kept aside), and an applier over
+    /// it.
+    fn conflicts_cannot_be_kept(
+        files: &[(&str, &str)],
+    ) -> (tempfile::TempDir, PathBuf, PathBuf, Root, Index, Applier) {
+        let (tmp, dir, internal) = store_with(files);
+        let root = Root::open(&dir, &internal).unwrap();
+        std::fs::remove_dir_all(internal.join(super::super::fsops::CONFLICTS_DIR)).unwrap();
+        let r = Applier::new(Arc::new(ReplStats::default()));
+        (tmp, dir, internal, root, Index::in_memory(), r)
     }
 
     /// A store holding "the message" at `new/m` and "another message" at
