@@ -189,7 +189,7 @@ async fn send_within(w: &FrameWriter, out: Vec<u8>, idle: Duration) -> Result<()
 pub async fn push(
     layout_kind: Layout,
     queue_dir: &Path,
-    mut r: FrameReader,
+    r: FrameReader,
     w: FrameWriter,
     progress: &Mutex<PushReport>,
     epoch: u64,
@@ -240,16 +240,7 @@ pub async fn push(
     // sends: the new primary's acknowledgements never wait on this node's
     // socket while it writes a window (both sides would block on full
     // buffers). At most one per message in flight, and the end's answer.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(UNACKED_MESSAGES_MAX + 16);
-    let reader = AbortOnDrop(tokio_uring::spawn(async move {
-        loop {
-            let f = r.recv_frame().await;
-            let stop = f.is_err();
-            if tx.send(f).await.is_err() || stop {
-                return;
-            }
-        }
-    }));
+    let (reader, mut rx) = read_frames(r, UNACKED_MESSAGES_MAX + 16, |f| f);
     loop {
         match session.poll() {
             Some(PushStep::Send(id)) => {
@@ -700,16 +691,7 @@ impl Ingester {
         // Frames come through a reader task, so that a batch's commit
         // finishing on its thread is heard while the next one is staged.
         let peer_addr = r.peer();
-        let (reader_tx, rx) = tokio::sync::mpsc::channel(PUSH_EVENTS_QUEUED);
-        let reader = AbortOnDrop(tokio_uring::spawn(async move {
-            loop {
-                let f = r.recv_frame().await;
-                let stop = f.is_err();
-                if reader_tx.send(Event::Frame(f)).await.is_err() || stop {
-                    return;
-                }
-            }
-        }));
+        let (reader, rx) = read_frames(r, PUSH_EVENTS_QUEUED, Event::Frame);
         let mut pipe = Pipe {
             rx,
             idle,
@@ -1582,6 +1564,27 @@ struct Pipe<'a> {
     committing: Vec<Staged>,
     /// Its outcome, when it was committed on the loop (no thread).
     ready: Option<Result<(), PushError>>,
+}
+
+/// A task that reads the connection's frames into a channel of
+/// `capacity` (each wrapped by `wrap`) until the first error, which it
+/// passes on; it stops with the returned handle.
+fn read_frames<T: 'static>(
+    mut r: FrameReader,
+    capacity: usize,
+    wrap: fn(Result<crate::wire::Frame, LinkError>) -> T,
+) -> (AbortOnDrop, tokio::sync::mpsc::Receiver<T>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+    let task = tokio_uring::spawn(async move {
+        loop {
+            let f = r.recv_frame().await;
+            let stop = f.is_err();
+            if tx.send(wrap(f)).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    (AbortOnDrop(task), rx)
 }
 
 /// The reader task stops with the push.
