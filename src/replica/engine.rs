@@ -1478,17 +1478,7 @@ async fn session(
     tracker: &Rc<Tracker>,
     shared: &Rc<Shared>,
 ) -> Result<(), SendError> {
-    // A peer whose host is down answers no SYN: give up as a cut link
-    // would, not after the kernel's two minutes of retries.
-    let connect = tokio_uring::net::TcpStream::connect(ctx.peer_addr);
-    let stream = tokio::time::timeout(ctx.io_timeout, connect)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        .map_err(|source| crate::link::LinkError::Io {
-            peer: ctx.peer_addr,
-            op: "connect",
-            source,
-        })?;
+    let stream = connect_within(ctx).await?;
     // No progress for this long through a cut link: reconnect instead of
     // waiting out TCP's retransmission backoff.
     crate::io::set_user_timeout(&stream, ctx.io_timeout).map_err(|source| {
@@ -2090,6 +2080,23 @@ fn open_recv_stores(cfg: &EngineConfig) -> Result<Vec<RecvStore>, super::fsops::
         .collect()
 }
 
+/// A connection to the peer's sync port. A peer whose host is down
+/// answers no SYN: give up after the link's I/O timeout, as a cut link
+/// would, not after the kernel's two minutes of retries.
+async fn connect_within(
+    ctx: &LinkCtx,
+) -> Result<tokio_uring::net::TcpStream, crate::link::LinkError> {
+    let connect = tokio_uring::net::TcpStream::connect(ctx.peer_addr);
+    tokio::time::timeout(ctx.io_timeout, connect)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .map_err(|source| crate::link::LinkError::Io {
+            peer: ctx.peer_addr,
+            op: "connect",
+            source,
+        })
+}
+
 /// Silence allowed on a queue connection (see [`push::QUEUE_IDLE_MIN`]).
 fn queue_idle(ctx: &LinkCtx) -> Duration {
     ctx.io_timeout.max(push::QUEUE_IDLE_MIN)
@@ -2115,18 +2122,7 @@ async fn run_push(
             ));
         }
         let attempt = async {
-            let link_err = |op, source| {
-                push::PushError::Link(crate::link::LinkError::Io {
-                    peer: ctx.peer_addr,
-                    op,
-                    source,
-                })
-            };
-            let connect = tokio_uring::net::TcpStream::connect(ctx.peer_addr);
-            let stream = tokio::time::timeout(ctx.io_timeout, connect)
-                .await
-                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-                .map_err(|source| link_err("connect", source))?;
+            let stream = connect_within(ctx).await?;
             let mut conn = Conn::new(stream, ctx.peer_addr);
             handshake(&mut conn, ctx, Side::Initiator, Channel::Queue).await?;
             let (r, w) = conn.split();
