@@ -414,7 +414,9 @@ mod tests {
     }
 
     /// A held scan of a Maildir tree, hashed, comes back exactly as the
-    /// walk gave it, in a fraction of what its entries take unpacked.
+    /// walk gave it, in a fraction of what its entries take unpacked (less
+    /// than half with the paths' shared beginnings left out: a list this
+    /// small is not deflated, see `packed`).
     #[test]
     fn a_held_scan_comes_back_whole_in_a_fraction_of_the_memory() {
         let dir = tempfile::tempdir().unwrap();
@@ -436,7 +438,7 @@ mod tests {
             .sum();
         let bytes = held.entries.held_bytes();
         assert!(
-            bytes * 3 < unpacked,
+            bytes * 2 < unpacked,
             "{bytes} bytes held for {} entries ({unpacked} unpacked)",
             walked.len()
         );

@@ -18,6 +18,13 @@
 //! the folders found and not yet read, at most [`PENDING_FOLDERS_MAX`]
 //! (beyond that a folder is left to the walks, unwarmed), and stops when
 //! it is done or the node stops.
+//!
+//! A daemon restarted without a reboot finds its stores' metadata cached
+//! already: warming would then only take the CPU the walks need (on two
+//! cores, a tenth of a restart's catch-up). So the first [`PROBE_FOLDERS`]
+//! folders it reads are probed: if reading them fetched nothing from the
+//! disk (each thread's own `read_bytes` in `/proc/thread-self/io`),
+//! warming stops there. Where that cannot be read, warming goes on.
 
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
@@ -39,6 +46,10 @@ pub const WARM_THREADS: usize = 4;
 /// Folders found and not yet read, at most (a path each: a few MB).
 pub const PENDING_FOLDERS_MAX: usize = 65_536;
 
+/// The first folders read are probed for reads from the disk; none: the
+/// metadata is cached and warming stops.
+pub const PROBE_FOLDERS: u64 = 32;
+
 struct Work {
     /// By root, then path order (a folder before what is below it).
     pending: BTreeSet<(usize, PathBuf)>,
@@ -55,6 +66,10 @@ struct State {
     stop: AtomicBool,
     folders: AtomicU64,
     entries: AtomicU64,
+    /// Probed folders read so far, and whether any of them fetched from
+    /// the disk (or could not be probed).
+    probed: AtomicU64,
+    fetched: AtomicBool,
     started: Instant,
 }
 
@@ -99,6 +114,8 @@ impl Warming {
             stop: AtomicBool::new(false),
             folders: AtomicU64::new(0),
             entries: AtomicU64::new(0),
+            probed: AtomicU64::new(0),
+            fetched: AtomicBool::new(false),
             started: Instant::now(),
         });
         let threads = (0..threads)
@@ -146,9 +163,38 @@ fn dir_flags() -> OFlags {
 
 impl State {
     fn run(&self) {
+        let mut io = IoCounter::open();
         while let Some((root, rel)) = self.next() {
+            let probing = !self.fetched.load(Relaxed) && self.probed.load(Relaxed) < PROBE_FOLDERS;
+            let before = if probing { io.read_bytes() } else { None };
             let found = self.read(root, &rel);
+            if probing {
+                self.probe(before, io.read_bytes());
+            }
             self.finish(root, found);
+        }
+    }
+
+    /// Counts a probed folder: fetched from the disk (or not known), or
+    /// not; once [`PROBE_FOLDERS`] were read with nothing fetched, warming
+    /// stops.
+    fn probe(&self, before: Option<u64>, after: Option<u64>) {
+        match (before, after) {
+            (Some(b), Some(a)) if a == b => {}
+            _ => {
+                self.fetched.store(true, Relaxed);
+                return;
+            }
+        }
+        let probed = self.probed.fetch_add(1, Relaxed) + 1;
+        if probed == PROBE_FOLDERS && !self.fetched.load(Relaxed) {
+            debug!(
+                folders = self.folders.load(Relaxed),
+                ms = self.started.elapsed().as_millis() as u64,
+                "the stores' metadata is cached already: warming stopped"
+            );
+            self.stop.store(true, Relaxed);
+            self.wake.notify_all();
         }
     }
 
@@ -241,6 +287,34 @@ impl State {
     }
 }
 
+/// This thread's count of bytes fetched from the storage layer
+/// (`read_bytes` of `/proc/thread-self/io`), read again at each call.
+struct IoCounter(Option<std::fs::File>);
+
+impl IoCounter {
+    fn open() -> IoCounter {
+        IoCounter(
+            std::fs::File::open("/proc/thread-self/io")
+                .map_err(|e| debug!("warming cannot probe the cache (so it goes on): {e}"))
+                .ok(),
+        )
+    }
+
+    fn read_bytes(&mut self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let f = self.0.as_ref()?;
+        let mut buf = [0u8; 512];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("read_bytes:"))?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +354,43 @@ mod tests {
         // Entries: 4 files, 7 folders below the root, 1 symlink.
         assert_eq!(state.entries.load(Relaxed), 12);
         assert!(state.work.lock().unwrap().done);
+    }
+
+    /// Metadata in the cache (just written): warming stops once its first
+    /// [`PROBE_FOLDERS`] folders fetched nothing from the disk. Read from
+    /// the disk (the page cache dropped: the suite runs as root): it reads
+    /// every folder.
+    #[test]
+    fn warming_stops_when_the_metadata_is_cached_and_reads_on_when_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..300 {
+            let d = tmp.path().join(format!("d{i:03}/cur"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("1"), "x").unwrap();
+        }
+        let run = || {
+            let warming =
+                Warming::start(&[tmp.path().to_path_buf()], Excludes::new(&[]).unwrap(), 2);
+            let state = warming.state.clone();
+            warming.wait();
+            state
+        };
+        let cached = run();
+        assert!(!cached.fetched.load(Relaxed));
+        // (a folder or two more while the other thread was reading)
+        assert!(cached.probed.load(Relaxed) >= PROBE_FOLDERS);
+        let read = cached.folders.load(Relaxed);
+        assert!(
+            read < 100,
+            "{read} of 601 folders read with the metadata cached"
+        );
+
+        rustix::fs::sync();
+        std::fs::write("/proc/sys/vm/drop_caches", "3")
+            .expect("dropping the page cache (the test suite runs as root)");
+        let cold = run();
+        assert!(cold.fetched.load(Relaxed), "nothing was read from the disk");
+        assert_eq!(cold.folders.load(Relaxed), 601, "warming stopped early");
     }
 
     /// A stop (the node stopping) ends warming: its threads are gone once

@@ -912,10 +912,6 @@ impl Lister<'_> {
             if name == c"." || name == c".." {
                 continue;
             }
-            let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
-            if self.filter.excluded(&child) {
-                continue;
-            }
             // d_type, no symlink following: a symlink to a directory is a file here.
             let is_dir = match entry.file_type() {
                 rustix::fs::FileType::Directory => true,
@@ -929,9 +925,16 @@ impl Lister<'_> {
                 }),
                 _ => false,
             };
-            if all || is_dir {
-                entries.push((child, is_dir));
+            // Files are passed over unless asked for (a folder watched at
+            // start has thousands): no path made, no exclude matched.
+            if !(all || is_dir) {
+                continue;
             }
+            let child = rel.join(std::ffi::OsStr::from_bytes(name.to_bytes()));
+            if self.filter.excluded(&child) {
+                continue;
+            }
+            entries.push((child, is_dir));
         }
         Found::Watched {
             wd,

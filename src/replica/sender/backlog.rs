@@ -68,15 +68,15 @@ impl Backlog {
 mod tests {
     use super::*;
 
-    /// Maildir names as a comparison queues them: a path then holds
-    /// less than half of what it would unpacked.
+    /// Maildir names as a comparison queues them, deflated: a path then
+    /// holds less than a third of what it would unpacked.
     #[test]
     fn full_chunks_of_maildir_names_are_deflated() {
         let paths: Vec<PathBuf> = crate::replica::packed::maildir_names(20_000, 100, false)
             .into_iter()
             .map(PathBuf::from)
             .collect();
-        let mut b = Backlog::new();
+        let mut b = Backlog(Packed::deflating_after(0));
         for p in &paths {
             b.push(0, p);
         }
