@@ -185,6 +185,31 @@ async fn send_within(w: &FrameWriter, out: Vec<u8>, idle: Duration) -> Result<()
         })?
 }
 
+/// How long a pusher whose write failed looks for the new primary's
+/// last word (a refusal sent before it closed) among what it read.
+const LAST_WORD_WAIT: Duration = Duration::from_secs(1);
+
+/// A write of the push failed with `e`: if the new primary said why before
+/// it closed (it serves a later epoch than the one the push is addressed
+/// to), that is the push's error, not the write's (its retry would hear
+/// the refusal again, and the operator reads the write's error first).
+async fn why_write_failed(
+    rx: &mut tokio::sync::mpsc::Receiver<Result<crate::wire::Frame, LinkError>>,
+    e: LinkError,
+    epoch: u64,
+) -> PushError {
+    let until = tokio::time::Instant::now() + LAST_WORD_WAIT;
+    while let Ok(Some(Ok(f))) = tokio::time::timeout_at(until, rx.recv()).await {
+        if let Ok(SyncMsg::Fenced { seen }) = SyncMsg::decode(&f) {
+            return PushError::Fenced {
+                addressed: epoch,
+                serving: seen,
+            };
+        }
+    }
+    PushError::Link(e)
+}
+
 /// Pushes the whole queue over an authenticated `Channel::Queue` connection.
 pub async fn push(
     layout_kind: Layout,
@@ -264,7 +289,9 @@ pub async fn push(
                     }
                 };
                 let out = encode_message(id, msg, &parts);
-                send_within(&w, out, limit).await?;
+                if let Err(e) = send_within(&w, out, limit).await {
+                    return Err(why_write_failed(&mut rx, e, epoch).await);
+                }
                 session.sent(id);
                 report.pushed += 1;
             }
@@ -272,7 +299,9 @@ pub async fn push(
                 // The new primary commits what it has staged as one batch.
                 let mut out = Vec::new();
                 SyncMsg::Barrier { seq }.encode(&mut out);
-                send_within(&w, out, limit).await?;
+                if let Err(e) = send_within(&w, out, limit).await {
+                    return Err(why_write_failed(&mut rx, e, epoch).await);
+                }
             }
             Some(PushStep::Delete(msg)) => {
                 failpoint::hit("push.after_ack_before_delete");
@@ -304,7 +333,9 @@ pub async fn push(
                 }
                 let mut out = Vec::new();
                 SyncMsg::QueueEnd.encode(&mut out);
-                send_within(&w, out, limit).await?;
+                if let Err(e) = send_within(&w, out, limit).await {
+                    return Err(why_write_failed(&mut rx, e, epoch).await);
+                }
             }
             None if session.phase() == PushPhase::Ended => break,
             None => {
@@ -1776,6 +1807,79 @@ mod tests {
         .await
         .unwrap();
         conn.split()
+    }
+
+    /// A new primary that refuses the push (it serves a later epoch) and
+    /// closes while the pusher is in the middle of a write: the push ends
+    /// with the refusal, not the write's error, and nothing is deleted.
+    #[test]
+    fn a_refusal_sent_before_the_close_is_the_pushs_error_not_the_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = dir.path().join("queue");
+        std::fs::create_dir_all(&q).unwrap();
+        // Far more than the sockets buffer: the pusher is in a write when
+        // the connection closes.
+        let body = "x".repeat(256 * 1024);
+        for i in 1..=64 {
+            std::fs::write(
+                q.join(format!("msg-{i}.eml")),
+                format!("message {i}\r\n{body}"),
+            )
+            .unwrap();
+        }
+        let res = tokio_uring::start(async {
+            let listener =
+                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            // The new primary: reads up to the first message, lets the
+            // pusher fill the buffers, refuses and closes without reading
+            // the rest (a reset).
+            let fake = tokio_uring::spawn(async move {
+                let (stream, peer) = listener.accept().await.unwrap();
+                let (mut r, w) = authenticated(stream, peer, ["new", "old"], Side::Responder).await;
+                while let Ok(f) = r.recv_frame().await {
+                    if matches!(SyncMsg::decode(&f), Ok(SyncMsg::QueueMsg { .. })) {
+                        break;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let mut out = Vec::new();
+                SyncMsg::Fenced { seen: 7 }.encode(&mut out);
+                w.send_bytes(out).await.unwrap();
+                let _ = w.shutdown();
+            });
+            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
+            let (r, w) = authenticated(stream, addr, ["old", "new"], Side::Initiator).await;
+            let progress = Mutex::new(PushReport::default());
+            let res = push(
+                Layout::Flat,
+                &q,
+                r,
+                w.clone(),
+                &progress,
+                3,
+                Duration::from_secs(5),
+            )
+            .await;
+            let _ = w.shutdown();
+            let _ = fake.await;
+            res
+        });
+        assert!(
+            matches!(
+                res,
+                Err(PushError::Fenced {
+                    addressed: 3,
+                    serving: 7
+                })
+            ),
+            "{res:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&q).unwrap().count(),
+            64,
+            "nothing deleted"
+        );
     }
 
     /// A new primary that answers the first message of a push and then
