@@ -214,6 +214,12 @@ pub fn render(s: &Status) -> String {
     );
     gauge(
         &mut r,
+        "tracker_stalled",
+        "1 while the change tracker has not read past a held delete's look for 10 s or more",
+        i64::from(rp.tracker_stalled_s.is_some()),
+    );
+    gauge(
+        &mut r,
         "conflict_refused",
         "1 while the primary refuses the versions this secondary hands over (the status says why)",
         i64::from(rp.conflict_refused.is_some()),

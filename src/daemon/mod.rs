@@ -1998,6 +1998,12 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    if let Some(secs) = r.tracker_stalled_s {
+        let _ = writeln!(
+            o,
+            "          CHANGE TRACKER STALLED for {secs} s: held deletes, CaughtUp and a switchover's drain wait"
+        );
+    }
     match &s.switchover_blocker {
         None => {
             let _ = writeln!(

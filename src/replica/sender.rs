@@ -2308,12 +2308,22 @@ impl<T: LocalTree> Sender<T> {
         let stalled =
             oldest.is_some_and(|t| now.saturating_duration_since(t) >= TRACKER_STALL_WARN);
         if stalled && !self.tracker_stall_warned {
-            warn!(
-                waited_s = TRACKER_STALL_WARN.as_secs(),
-                "the change tracker has not read past a held delete's look for a while \
-                 (its thread stuck, or reads always full): those deletes wait"
+            let line = format!(
+                "the change tracker has not read past a held delete's look for {} s (its thread \
+                 stuck, or its reads always full): those deletes, CaughtUp and a switchover's \
+                 drain wait; changes still replicate",
+                TRACKER_STALL_WARN.as_secs()
             );
+            error!(alarm = true, "ALARM: {line}");
+            self.stats.raise_alarm(line);
+        } else if !stalled && self.tracker_stall_warned {
+            info!("the change tracker reads on: the held deletes' looks go on");
         }
+        *self
+            .stats
+            .tracker_stalled_since
+            .lock()
+            .expect("tracker stall lock") = oldest.filter(|_| stalled);
         self.tracker_stall_warned = stalled;
         stalled
     }
@@ -3720,12 +3730,21 @@ mod tests {
         sender.requeue_retries_at(held_at);
         assert!(sender.comparison_ahead(), "the rescan is queued");
         assert_eq!(sender.retry.len(), 1, "the look waits behind the rescan");
-        // A tracker that never reads past a look is warned of, once a
-        // look has waited 10 s, and no longer once none waits.
+        // A tracker that never reads past a look is alarmed of (once) and
+        // shown in status, once a look has waited 10 s, and no longer
+        // once none waits.
         let t = Instant::now();
+        sender.stats.take_alarms();
         assert!(!sender.warn_if_tracker_stalls(Some(t), t + Duration::from_secs(9)));
+        assert_eq!(sender.stats.snapshot().tracker_stalled_s, None);
         assert!(sender.warn_if_tracker_stalls(Some(t), t + TRACKER_STALL_WARN));
+        assert!(sender.warn_if_tracker_stalls(Some(t), t + TRACKER_STALL_WARN * 2));
+        let alarms = sender.stats.take_alarms();
+        assert_eq!(alarms.len(), 1, "{alarms:?}");
+        assert!(alarms[0].contains("change tracker"), "{alarms:?}");
+        assert!(sender.stats.snapshot().tracker_stalled_s.is_some());
         assert!(!sender.warn_if_tracker_stalls(None, t + TRACKER_STALL_WARN));
+        assert_eq!(sender.stats.snapshot().tracker_stalled_s, None);
     }
 
     /// A version the primary cannot keep (here: a file where its conflicts

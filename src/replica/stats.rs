@@ -32,6 +32,9 @@ pub struct ReplStats {
     pub needs_received: AtomicU64,
     pub refused_by_peer: AtomicU64,
     pub peer_disk_full: AtomicBool,
+    /// Since when a held delete's look has waited for the change tracker,
+    /// while that is past `sender::TRACKER_STALL_WARN`.
+    pub tracker_stalled_since: Mutex<Option<Instant>>,
     pub lag_us: Mutex<Histogram<u64>>,
     /// Where the lag goes, stage by stage (µs): see [`Stages`].
     pub stages: Mutex<Stages>,
@@ -198,6 +201,7 @@ impl Default for ReplStats {
             needs_received: AtomicU64::new(0),
             refused_by_peer: AtomicU64::new(0),
             peer_disk_full: AtomicBool::new(false),
+            tracker_stalled_since: Mutex::new(None),
             lag_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
             ),
@@ -316,6 +320,12 @@ pub struct ReplStatus {
     pub needs_received: u64,
     pub refused_by_peer: u64,
     pub peer_disk_full: bool,
+    /// Primary: how long the change tracker has not read past a held
+    /// delete's look (its thread stuck, or its reads always full), once
+    /// that is past 10 s; those deletes wait meanwhile, and so do
+    /// `CaughtUp` and a switchover's drain. Absent otherwise.
+    #[serde(default)]
+    pub tracker_stalled_s: Option<u64>,
     pub lag_ms_p50: Option<f64>,
     pub lag_ms_p99: Option<f64>,
     pub lag_ms_p999: Option<f64>,
@@ -451,6 +461,11 @@ impl ReplStats {
             needs_received: g(&self.needs_received),
             refused_by_peer: g(&self.refused_by_peer),
             peer_disk_full: self.peer_disk_full.load(Relaxed),
+            tracker_stalled_s: self
+                .tracker_stalled_since
+                .lock()
+                .expect("tracker stall lock")
+                .map(|t| t.elapsed().as_secs()),
             lag_ms_p50: q(0.5),
             lag_ms_p99: q(0.99),
             lag_ms_p999: q(0.999),
