@@ -99,6 +99,9 @@ pub struct NodeProc {
     exe: PathBuf,
     /// Runs inside this network namespace (`ip netns exec`).
     netns: Option<String>,
+    /// Runs in a user namespace of its own with this inotify watch limit
+    /// (see [`NodeProc::limit_watches`]).
+    watch_limit: Option<u64>,
     child: Option<Child>,
 }
 
@@ -273,6 +276,7 @@ quarantine = "mail/quarantine"
                 listen: addrs[i],
                 exe: exe.to_owned(),
                 netns: options.netns.as_ref().map(|ns| ns[i].0.to_string()),
+                watch_limit: None,
                 child: None,
             });
         }
@@ -360,14 +364,29 @@ impl NodeProc {
             .create(true)
             .append(true)
             .open(&self.log_path)?;
-        let mut cmd = match &self.netns {
+        let mut cmd = match (&self.netns, self.watch_limit) {
             // `ip netns exec` execs the daemon: the child's pid is hasync's.
-            Some(ns) => {
+            (Some(ns), None) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns.as_str()]).arg(&self.exe);
                 c
             }
-            None => Command::new(&self.exe),
+            // So do `unshare` and the shell that sets the limit.
+            (None, Some(watches)) => {
+                let mut c = Command::new("unshare");
+                c.args(["--user", "--map-root-user", "sh", "-c"])
+                    .arg(format!(
+                        "echo {watches} > /proc/sys/user/max_inotify_watches && exec \"$0\" \"$@\""
+                    ))
+                    .arg(&self.exe);
+                c
+            }
+            (None, None) => Command::new(&self.exe),
+            (Some(_), Some(_)) => {
+                return Err(std::io::Error::other(
+                    "a node in a network namespace cannot have a watch limit of its own",
+                ))
+            }
         };
         let child = cmd
             .arg("run")
@@ -384,6 +403,37 @@ impl NodeProc {
             .stderr(log)
             .spawn()?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// From the next start on, the daemon runs in a user namespace of its
+    /// own (util-linux's `unshare`, root mapped to root) whose inotify
+    /// watch limit is `watches`: a node that runs out of watches, without
+    /// lowering the host's limit for every other process.
+    pub fn limit_watches(&mut self, watches: u64) {
+        self.watch_limit = Some(watches);
+    }
+
+    /// Sets the running daemon's inotify watch limit (see
+    /// [`NodeProc::limit_watches`]) to `watches` (`nsenter` into its user
+    /// namespace).
+    pub fn set_watch_limit(&self, watches: u64) -> std::io::Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| std::io::Error::other("the node is not running"))?;
+        let status = Command::new("nsenter")
+            .args(["--user", "--target", &pid.to_string(), "sh", "-c"])
+            .arg(format!(
+                "echo {watches} > /proc/sys/user/max_inotify_watches"
+            ))
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!(
+                "setting the watch limit of pid {pid}: nsenter {status}"
+            )));
+        }
         Ok(())
     }
 

@@ -214,6 +214,12 @@ pub fn render(s: &Status) -> String {
     );
     gauge(
         &mut r,
+        "unwatched_folders",
+        "Folders whose inotify watch failed and that are not watched yet (their store is rescanned every 30 s)",
+        rp.unwatched_folders as i64,
+    );
+    gauge(
+        &mut r,
         "tracker_stalled",
         "1 while the change tracker has not read past a held delete's look for 10 s or more",
         i64::from(rp.tracker_stalled_s.is_some()),

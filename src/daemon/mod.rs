@@ -1998,6 +1998,13 @@ pub fn render_status(s: &Status) -> String {
         r.refused_paths,
         if r.disk_full || r.peer_disk_full { ", DISK FULL: paused" } else { "" }
     );
+    if r.unwatched_folders > 0 {
+        let _ = writeln!(
+            o,
+            "          {} FOLDERS NOT WATCHED (inotify watch limit? fs.inotify.max_user_watches): their stores are rescanned every 30 s",
+            r.unwatched_folders
+        );
+    }
     if let Some(secs) = r.tracker_stalled_s {
         let _ = writeln!(
             o,

@@ -394,6 +394,10 @@ pub struct ReplStatus {
     pub inotify_overflows: u64,
     pub rescans: u64,
     pub watch_failures: u64,
+    /// Primary: folders whose watch failed and that are not watched yet
+    /// (tried again every 30 s; their store is rescanned as often).
+    #[serde(default)]
+    pub unwatched_folders: u64,
     pub last_error: Option<String>,
     /// Admission on the sync port.
     #[serde(default)]
@@ -537,6 +541,7 @@ impl ReplStats {
             inotify_overflows: tracker.overflows,
             rescans: tracker.rescans,
             watch_failures: tracker.watch_failures,
+            unwatched_folders: tracker.unwatched,
             last_error: self.last_error.lock().expect("error lock").clone(),
             sync_port: self.gate.snapshot(),
         }

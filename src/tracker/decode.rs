@@ -3,7 +3,7 @@
 //! [`Decoder::handle`] turns one raw event into ops and is fed synthetic events in tests; the
 //! thread ([`run`]) only polls, reads, decodes and sends.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::mem::MaybeUninit;
 use std::ops::Bound;
@@ -34,6 +34,15 @@ const MOVES_PENDING_MAX: usize = 4096;
 /// still finds what it holds). Entries of folders deleted since stay here
 /// until pushed out.
 const LOST_FOLDERS_MAX: usize = 1024;
+/// Folders whose watch failed, remembered to be tried again; past this a
+/// failure is only counted (its store's periodic verification finds what
+/// changed there).
+const UNWATCHED_MAX: usize = 65_536;
+/// How often folders whose watch failed are tried again; while any stays
+/// unwatched its store is rescanned as often (its changes have no events).
+pub(crate) const WATCH_RETRY_EVERY: Duration = Duration::from_secs(30);
+/// Folders whose failure is warned of one by one; the rest are counted.
+const UNWATCHED_WARNED_MAX: usize = 10;
 /// One read; the kernel needs 16 bytes + NAME_MAX + 1 per event at most, so this never truncates.
 const READ_BUF_BYTES: usize = 64 * 1024;
 /// Events decoded between two sends, so a flood cannot starve the consumer or the stop flag.
@@ -111,6 +120,11 @@ pub(crate) struct Decoder {
     /// name, unwatched) or it was deleted; the rename, queued after, finds
     /// them again.
     lost: VecDeque<(i32, OsString)>,
+    /// Folders whose watch (or listing) failed, to be tried again at
+    /// `retry_at` (see [`WATCH_RETRY_EVERY`]).
+    unwatched: BTreeSet<(usize, RelPath)>,
+    retry_at: Option<Instant>,
+    retry_every: Duration,
 }
 
 impl Decoder {
@@ -146,6 +160,9 @@ impl Decoder {
             moves: VecDeque::new(),
             unsettled: false,
             lost: VecDeque::new(),
+            unwatched: BTreeSet::new(),
+            retry_at: None,
+            retry_every: crate::failpoint::wait_or("WATCH_RETRY", WATCH_RETRY_EVERY),
         })
     }
 
@@ -661,16 +678,16 @@ impl Decoder {
         report: Option<Instant>,
         out: &mut Vec<Op>,
     ) -> Vec<RelPath> {
-        let abs = || self.roots[store].join(rel);
         match found {
             Found::Skip => {
                 // A folder to report gone from under its name before its
                 // watch: where it went is reported by a rename not read yet.
                 self.unsettled |= report.is_some();
+                self.watched_again(store, rel);
                 Vec::new()
             }
             Found::Failed(why) => {
-                self.watch_failed(store, &abs(), &why, out);
+                self.watch_failed(store, rel, &why, out);
                 Vec::new()
             }
             Found::Watched {
@@ -693,8 +710,9 @@ impl Decoder {
                         folders.push(child);
                     }
                 }
-                if let Some(why) = failed {
-                    self.watch_failed(store, &self.roots[store].join(rel), &why, out);
+                match failed {
+                    Some(why) => self.watch_failed(store, rel, &why, out),
+                    None => self.watched_again(store, rel),
                 }
                 folders
             }
@@ -710,16 +728,92 @@ impl Decoder {
         }
     }
 
-    fn watch_failed(&self, store: usize, abs: &Path, why: &str, out: &mut Vec<Op>) {
+    /// Watching (or listing) folder `rel` failed: it is rescanned now (once:
+    /// not at every failed retry), and tried again every
+    /// [`WATCH_RETRY_EVERY`], its store rescanned as often meanwhile.
+    fn watch_failed(&mut self, store: usize, rel: &RelPath, why: &str, out: &mut Vec<Op>) {
         Shared::add(&self.shared.watch_failures, 1);
-        tracing::warn!(
-            store,
-            path = %abs.display(),
-            error = why,
-            "cannot watch directory; changes below it are found by a rescan"
-        );
+        let key = (store, rel.clone());
+        let abs = self.roots[store].join(rel);
         let reason = format!("cannot watch {}: {why}", abs.display());
+        if self.unwatched.contains(&key) {
+            tracing::debug!(store, path = %abs.display(), error = why, "still cannot watch directory");
+            return;
+        }
+        if self.unwatched.len() >= UNWATCHED_MAX {
+            // Not remembered: rescanned once, as every failure is.
+            tracing::debug!(store, path = %abs.display(), error = why, "cannot watch directory (past the bound of folders tried again)");
+            self.rescan(store, reason, Instant::now(), out);
+            return;
+        }
+        self.unwatched.insert(key);
+        self.publish_unwatched();
+        let hint = if why.contains("No space left") || why.contains("NOSPC") {
+            " (the inotify watch limit: raise fs.inotify.max_user_watches)"
+        } else {
+            ""
+        };
+        match self.unwatched.len() {
+            n if n <= UNWATCHED_WARNED_MAX => tracing::warn!(
+                store,
+                path = %abs.display(),
+                error = why,
+                "cannot watch directory{hint}; rescanning its store now and every {} s until it is watched",
+                self.retry_every.as_secs()
+            ),
+            n if n == UNWATCHED_WARNED_MAX + 1 => tracing::warn!(
+                store,
+                error = why,
+                "more directories cannot be watched{hint}; counted in status (unwatched_folders), not logged one by one"
+            ),
+            _ => tracing::debug!(store, path = %abs.display(), error = why, "cannot watch directory"),
+        }
+        self.retry_at
+            .get_or_insert(Instant::now() + self.retry_every);
         self.rescan(store, reason, Instant::now(), out);
+    }
+
+    /// Folder `rel` is watched now, or gone: not tried again.
+    fn watched_again(&mut self, store: usize, rel: &RelPath) {
+        if !self.unwatched.is_empty() && self.unwatched.remove(&(store, rel.clone())) {
+            self.publish_unwatched();
+        }
+    }
+
+    fn publish_unwatched(&self) {
+        let n = self.unwatched.len() as u64;
+        self.shared.unwatched.store(n, Ordering::Relaxed);
+    }
+
+    /// Tries the folders whose watch failed again, if their time has come:
+    /// each is watched with what is below it, or gone, or still failing.
+    /// Every store that had one is rescanned: what changed in a folder
+    /// while it was not watched has no events.
+    fn retry_unwatched(&mut self, now: Instant, out: &mut Vec<Op>) {
+        if self.retry_at.is_none_or(|t| now < t) {
+            return;
+        }
+        let tried: Vec<(usize, RelPath)> = self.unwatched.iter().cloned().collect();
+        let stores: BTreeSet<usize> = tried.iter().map(|(s, _)| *s).collect();
+        for (store, rel) in tried {
+            // Watched meanwhile with a folder above it: still listed again.
+            self.watch_tree(store, rel, None, out);
+        }
+        let left = self.unwatched.len();
+        tracing::info!(
+            tried = stores.len(),
+            still_unwatched = left,
+            "directories whose watch failed tried again; rescanning their stores"
+        );
+        for store in stores {
+            let reason = if left == 0 {
+                "directories watched again after their watch failed".to_string()
+            } else {
+                format!("{left} directories still cannot be watched")
+            };
+            self.rescan(store, reason, now, out);
+        }
+        self.retry_at = (left > 0).then(|| now + self.retry_every);
     }
 
     /// Waits up to `timeout` for events, or for a consumer's ask for a
@@ -1029,6 +1123,7 @@ pub(crate) fn run(mut decoder: Decoder, producer: Producer, stop: Arc<AtomicBool
             }
         }
         decoder.expire_moves(Instant::now(), &mut ops);
+        decoder.retry_unwatched(Instant::now(), &mut ops);
         for op in ops.drain(..) {
             if producer.send(op).is_err() {
                 tracing::debug!("change consumer dropped; tracker thread exits");

@@ -105,6 +105,9 @@ pub struct TrackerStats {
     pub rescans: u64,
     /// Directories that could not be watched (or listed).
     pub watch_failures: u64,
+    /// Folders whose watch failed and that are not watched yet (tried
+    /// again every 30 s, their store rescanned meanwhile).
+    pub unwatched: u64,
     /// Ops waiting in the coalescer, as last seen.
     pub pending: u64,
 }
@@ -160,6 +163,7 @@ pub(crate) struct Shared {
     overflows: AtomicU64,
     rescans: AtomicU64,
     watch_failures: AtomicU64,
+    unwatched: AtomicU64,
     pending: AtomicU64,
     /// Per store: ops were dropped at the channel bound since the last drain.
     lost: Box<[AtomicBool]>,
@@ -192,6 +196,7 @@ impl Shared {
             overflows: AtomicU64::new(0),
             rescans: AtomicU64::new(0),
             watch_failures: AtomicU64::new(0),
+            unwatched: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             lost: (0..stores).map(|_| AtomicBool::new(false)).collect(),
             any_lost: AtomicBool::new(false),
@@ -272,6 +277,7 @@ impl Shared {
             overflows: self.overflows.load(Ordering::Relaxed),
             rescans: self.rescans.load(Ordering::Relaxed),
             watch_failures: self.watch_failures.load(Ordering::Relaxed),
+            unwatched: self.unwatched.load(Ordering::Relaxed),
             pending: self.pending.load(Ordering::Relaxed),
         }
     }

@@ -294,6 +294,84 @@ fn overflow_rescans_converge_exactly_including_names_moved_away() {
     assert!(r.inotify_overflows > 0, "a queue of 16 events overflows");
 }
 
+/// The primary's inotify watch limit (its own user namespace's, so the
+/// host's is left alone) too low for the store's folders: the folders it
+/// cannot watch are counted in status and the limit is named in the log;
+/// their store is rescanned at each retry (every second here, 30 s in
+/// production), so mail delivered into them still reaches the replica;
+/// once the limit is raised every folder is watched, the count clears, and
+/// changes travel as events again, with no rescan.
+#[test]
+fn folders_the_primary_cannot_watch_are_rescanned_until_the_limit_allows_them() {
+    let mut tp = TestPair::new(fast());
+    let src = tp.store(0, "inbox");
+    let boxes = 10;
+    for f in 0..boxes {
+        for d in ["cur", "new", "tmp"] {
+            std::fs::create_dir_all(src.join(format!("u{f:02}/Maildir/{d}"))).unwrap();
+        }
+    }
+    // 2 store roots and 41 folders below inbox's: about half cannot be
+    // watched.
+    tp.nodes[0].limit_watches(24);
+    let guard = inotify_guard();
+    tp.nodes[0]
+        .start_with_env(&[("HASYNC_FAILPOINT_WATCH_RETRY_MS", "1000")])
+        .unwrap();
+    tp.nodes[1].start().unwrap();
+    let formed = tp.wait_formed(Duration::from_secs(20));
+    let short = tp.nodes[0].wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+        s.replication.unwatched_folders > 0
+    });
+    drop(guard);
+    formed.unwrap_or_else(|e| fail_with_logs(&tp, &e.to_string()));
+    let short = short.unwrap_or_else(|e| fail_with_logs(&tp, &e.to_string()));
+    println!(
+        "watches {}, unwatched {}",
+        short.replication.watches, short.replication.unwatched_folders
+    );
+    assert!(
+        tp.nodes[0].log_shows("max_user_watches"),
+        "the log names the limit"
+    );
+    let deliver = |round: usize| {
+        for f in 0..boxes {
+            let mb = src.join(format!("u{f:02}/Maildir"));
+            let name = format!("{round}.M{f}P1.mx");
+            std::fs::write(mb.join("tmp").join(&name), format!("message {round}/{f}\n")).unwrap();
+            std::fs::rename(mb.join("tmp").join(&name), mb.join("new").join(&name)).unwrap();
+        }
+    };
+    // Into folders that have no watch: found by the rescans.
+    deliver(1);
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(20))
+        .unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    assert!(tp.repl(0).unwatched_folders > 0, "still short of watches");
+
+    tp.nodes[0].set_watch_limit(100_000).unwrap();
+    let watched = tp.nodes[0]
+        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+            s.replication.unwatched_folders == 0
+        })
+        .unwrap_or_else(|e| fail_with_logs(&tp, &e.to_string()));
+    assert!(
+        watched.replication.watches >= 43,
+        "every folder watched: {}",
+        watched.replication.watches
+    );
+    // The rescan of the retry that watched them may still be under way.
+    std::thread::sleep(Duration::from_millis(500));
+    let rescans = tp.repl(0).rescans;
+    deliver(2);
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(10))
+        .unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    assert_eq!(
+        tp.repl(0).rescans,
+        rescans,
+        "events, not rescans, carried them"
+    );
+}
+
 #[test]
 fn secondary_killed_mid_sync_resumes_instead_of_starting_over() {
     let _g = inotify_guard();
