@@ -1809,6 +1809,41 @@ mod tests {
         conn.split()
     }
 
+    /// Pushes queue `q` (at `epoch`, idle limit `idle`) over real sockets
+    /// to a fake new primary that accepts the connection, authenticates
+    /// and then does `serve`; returns the push's outcome and how long it
+    /// took.
+    fn push_to_fake<F, Fut>(
+        q: &Path,
+        epoch: u64,
+        idle: Duration,
+        serve: F,
+    ) -> (Result<PushReport, PushError>, Duration)
+    where
+        F: FnOnce(FrameReader, FrameWriter) -> Fut + 'static,
+        Fut: std::future::Future<Output = ()> + 'static,
+    {
+        tokio_uring::start(async {
+            let listener =
+                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let fake = tokio_uring::spawn(async move {
+                let (stream, peer) = listener.accept().await.unwrap();
+                let (r, w) = authenticated(stream, peer, ["new", "old"], Side::Responder).await;
+                serve(r, w).await;
+            });
+            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
+            let (r, w) = authenticated(stream, addr, ["old", "new"], Side::Initiator).await;
+            let progress = Mutex::new(PushReport::default());
+            let t0 = Instant::now();
+            let res = push(Layout::Flat, q, r, w.clone(), &progress, epoch, idle).await;
+            let waited = t0.elapsed();
+            let _ = w.shutdown();
+            let _ = fake.await;
+            (res, waited)
+        })
+    }
+
     /// A new primary that refuses the push (it serves a later epoch) and
     /// closes while the pusher is in the middle of a write: the push ends
     /// with the refusal, not the write's error, and nothing is deleted.
@@ -1827,43 +1862,20 @@ mod tests {
             )
             .unwrap();
         }
-        let res = tokio_uring::start(async {
-            let listener =
-                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let addr = listener.local_addr().unwrap();
-            // The new primary: reads up to the first message, lets the
-            // pusher fill the buffers, refuses and closes without reading
-            // the rest (a reset).
-            let fake = tokio_uring::spawn(async move {
-                let (stream, peer) = listener.accept().await.unwrap();
-                let (mut r, w) = authenticated(stream, peer, ["new", "old"], Side::Responder).await;
-                while let Ok(f) = r.recv_frame().await {
-                    if matches!(SyncMsg::decode(&f), Ok(SyncMsg::QueueMsg { .. })) {
-                        break;
-                    }
+        // The new primary: reads up to the first message, lets the pusher
+        // fill the buffers, refuses and closes without reading the rest (a
+        // reset).
+        let (res, _) = push_to_fake(&q, 3, Duration::from_secs(5), |mut r, w| async move {
+            while let Ok(f) = r.recv_frame().await {
+                if matches!(SyncMsg::decode(&f), Ok(SyncMsg::QueueMsg { .. })) {
+                    break;
                 }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let mut out = Vec::new();
-                SyncMsg::Fenced { seen: 7 }.encode(&mut out);
-                w.send_bytes(out).await.unwrap();
-                let _ = w.shutdown();
-            });
-            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
-            let (r, w) = authenticated(stream, addr, ["old", "new"], Side::Initiator).await;
-            let progress = Mutex::new(PushReport::default());
-            let res = push(
-                Layout::Flat,
-                &q,
-                r,
-                w.clone(),
-                &progress,
-                3,
-                Duration::from_secs(5),
-            )
-            .await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut out = Vec::new();
+            SyncMsg::Fenced { seen: 7 }.encode(&mut out);
+            w.send_bytes(out).await.unwrap();
             let _ = w.shutdown();
-            let _ = fake.await;
-            res
         });
         assert!(
             matches!(
@@ -1895,40 +1907,22 @@ mod tests {
             std::fs::write(q.join(format!("msg-{i}.eml")), format!("message {i}\r\n")).unwrap();
         }
         let idle = Duration::from_millis(400);
-        let (res, waited) = tokio_uring::start(async {
-            let listener =
-                tokio_uring::net::TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-            let addr = listener.local_addr().unwrap();
-            // The new primary: answers the first message, then only reads.
-            let fake = tokio_uring::spawn(async move {
-                let (stream, peer) = listener.accept().await.unwrap();
-                let (mut r, w) = authenticated(stream, peer, ["new", "old"], Side::Responder).await;
-                let mut answered = false;
-                while let Ok(f) = r.recv_frame().await {
-                    if let (false, Ok(SyncMsg::QueueMsg { id, .. })) =
-                        (answered, SyncMsg::decode(&f))
-                    {
-                        let mut out = Vec::new();
-                        SyncMsg::QueueAck {
-                            id,
-                            outcome: QueueOutcome::Ingested,
-                            detail: String::new(),
-                        }
-                        .encode(&mut out);
-                        w.send_bytes(out).await.unwrap();
-                        answered = true;
+        // The new primary: answers the first message, then only reads.
+        let (res, waited) = push_to_fake(&q, 1, idle, |mut r, w| async move {
+            let mut answered = false;
+            while let Ok(f) = r.recv_frame().await {
+                if let (false, Ok(SyncMsg::QueueMsg { id, .. })) = (answered, SyncMsg::decode(&f)) {
+                    let mut out = Vec::new();
+                    SyncMsg::QueueAck {
+                        id,
+                        outcome: QueueOutcome::Ingested,
+                        detail: String::new(),
                     }
+                    .encode(&mut out);
+                    w.send_bytes(out).await.unwrap();
+                    answered = true;
                 }
-            });
-            let stream = tokio_uring::net::TcpStream::connect(addr).await.unwrap();
-            let (r, w) = authenticated(stream, addr, ["old", "new"], Side::Initiator).await;
-            let progress = Mutex::new(PushReport::default());
-            let t0 = Instant::now();
-            let res = push(Layout::Flat, &q, r, w.clone(), &progress, 1, idle).await;
-            let waited = t0.elapsed();
-            let _ = w.shutdown();
-            let _ = fake.await;
-            (res, waited)
+            }
         });
         assert!(
             matches!(res, Err(PushError::Link(LinkError::Timeout { .. }))),
