@@ -215,7 +215,7 @@ pub fn render(s: &Status) -> String {
     gauge(
         &mut r,
         "unwatched_folders",
-        "Folders whose inotify watch failed and that are not watched yet (their store is rescanned every 30 s)",
+        "Folders whose inotify watch failed and that are not watched yet (tried again after 30 s, the wait doubling up to 5 min; the stores compared with the replica at each retry)",
         rp.unwatched_folders as i64,
     );
     gauge(

@@ -2001,7 +2001,7 @@ pub fn render_status(s: &Status) -> String {
     if r.unwatched_folders > 0 {
         let _ = writeln!(
             o,
-            "          {} FOLDERS NOT WATCHED (inotify watch limit? fs.inotify.max_user_watches): their stores are rescanned every 30 s",
+            "          {} FOLDERS NOT WATCHED (inotify watch limit? fs.inotify.max_user_watches): compared with the replica at each retry (30 s, doubling up to 5 min)",
             r.unwatched_folders
         );
     }

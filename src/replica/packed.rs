@@ -288,7 +288,16 @@ impl<T: Record> Packed<T> {
         }
         self.bytes += std::mem::take(&mut other.bytes);
         self.len += std::mem::take(&mut other.len);
+        let from = self.chunks.len();
         self.chunks.append(&mut other.chunks);
+        // What came raw from a list that held less is deflated once this
+        // one holds enough (the last chunk may still grow).
+        if self.bytes >= self.deflate_after {
+            let full = self.chunks.len().saturating_sub(1);
+            for c in self.chunks.range_mut(from..full.max(from)) {
+                self.bytes -= c.seal();
+            }
+        }
     }
 }
 

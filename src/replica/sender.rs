@@ -459,6 +459,20 @@ fn rel_from(bytes: &[u8]) -> Option<PathBuf> {
     super::fsops::check_rel(bytes).ok()
 }
 
+/// A sender that ends (the node no longer primary) no longer waits for
+/// its tracker: the status shows no stall of it.
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        if self.tracker_stall_warned {
+            *self
+                .stats
+                .tracker_stalled_since
+                .lock()
+                .expect("tracker stall lock") = None;
+        }
+    }
+}
+
 impl<T: LocalTree> Sender<T> {
     pub fn new(
         stores: Vec<Store<T>>,
@@ -861,6 +875,9 @@ impl<T: LocalTree> Sender<T> {
     /// given), or by the tracker having read past their time.
     fn requeue_retries_due(&mut self, now: Option<Instant>) {
         if self.retry.is_empty() {
+            if self.tracker_stall_warned {
+                self.warn_if_tracker_stalls(None, now.unwrap_or_else(Instant::now));
+            }
             return;
         }
         let read_upto = self.coalescer.read_upto();
@@ -3745,6 +3762,12 @@ mod tests {
         assert!(sender.stats.snapshot().tracker_stalled_s.is_some());
         assert!(!sender.warn_if_tracker_stalls(None, t + TRACKER_STALL_WARN));
         assert_eq!(sender.stats.snapshot().tracker_stalled_s, None);
+        // A sender that ends stalled (the node no longer primary) does not
+        // leave the stall in the status.
+        assert!(sender.warn_if_tracker_stalls(Some(t), t + TRACKER_STALL_WARN));
+        let stats = sender.stats.clone();
+        drop(sender);
+        assert_eq!(stats.snapshot().tracker_stalled_s, None);
     }
 
     /// A version the primary cannot keep (here: a file where its conflicts

@@ -395,7 +395,8 @@ pub struct ReplStatus {
     pub rescans: u64,
     pub watch_failures: u64,
     /// Primary: folders whose watch failed and that are not watched yet
-    /// (tried again every 30 s; their store is rescanned as often).
+    /// (tried again after 30 s, the wait doubling up to 5 min; the stores are
+    /// compared with the replica at each retry).
     #[serde(default)]
     pub unwatched_folders: u64,
     pub last_error: Option<String>,

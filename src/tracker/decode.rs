@@ -38,9 +38,13 @@ const LOST_FOLDERS_MAX: usize = 1024;
 /// failure is only counted (its store's periodic verification finds what
 /// changed there).
 const UNWATCHED_MAX: usize = 65_536;
-/// How often folders whose watch failed are tried again; while any stays
-/// unwatched its store is rescanned as often (its changes have no events).
+/// How soon folders whose watch failed are tried again; while any stays
+/// unwatched the wait doubles, up to [`WATCH_RETRY_WAIT_MAX_TIMES`] this,
+/// and at each retry the stores are compared with the replica (changes
+/// in an unwatched folder have no events).
 pub(crate) const WATCH_RETRY_EVERY: Duration = Duration::from_secs(30);
+/// The longest wait between retries, in [`WATCH_RETRY_EVERY`]s (5 min).
+const WATCH_RETRY_WAIT_MAX_TIMES: u32 = 10;
 /// Folders whose failure is warned of one by one; the rest are counted.
 const UNWATCHED_WARNED_MAX: usize = 10;
 /// One read; the kernel needs 16 bytes + NAME_MAX + 1 per event at most, so this never truncates.
@@ -125,6 +129,9 @@ pub(crate) struct Decoder {
     unwatched: BTreeSet<(usize, RelPath)>,
     retry_at: Option<Instant>,
     retry_every: Duration,
+    /// The wait before the next retry (doubling while folders stay
+    /// unwatched; back to `retry_every` when one newly fails).
+    retry_wait: Duration,
 }
 
 impl Decoder {
@@ -163,6 +170,7 @@ impl Decoder {
             unwatched: BTreeSet::new(),
             retry_at: None,
             retry_every: crate::failpoint::wait_or("WATCH_RETRY", WATCH_RETRY_EVERY),
+            retry_wait: Duration::ZERO,
         })
     }
 
@@ -730,7 +738,8 @@ impl Decoder {
 
     /// Watching (or listing) folder `rel` failed: it is rescanned now (once:
     /// not at every failed retry), and tried again every
-    /// [`WATCH_RETRY_EVERY`], its store rescanned as often meanwhile.
+    /// [`WATCH_RETRY_EVERY`] (the wait doubling), the stores compared with
+    /// the replica at each retry while any stays unwatched.
     fn watch_failed(&mut self, store: usize, rel: &RelPath, why: &str, out: &mut Vec<Op>) {
         Shared::add(&self.shared.watch_failures, 1);
         let key = (store, rel.clone());
@@ -758,8 +767,9 @@ impl Decoder {
                 store,
                 path = %abs.display(),
                 error = why,
-                "cannot watch directory{hint}; rescanning its store now and every {} s until it is watched",
-                self.retry_every.as_secs()
+                "cannot watch directory{hint}; rescanning now and at each retry until it is watched (after {} s, the wait doubling up to {} s)",
+                self.retry_every.as_secs(),
+                (self.retry_every * WATCH_RETRY_WAIT_MAX_TIMES).as_secs()
             ),
             n if n == UNWATCHED_WARNED_MAX + 1 => tracing::warn!(
                 store,
@@ -768,6 +778,7 @@ impl Decoder {
             ),
             _ => tracing::debug!(store, path = %abs.display(), error = why, "cannot watch directory"),
         }
+        self.retry_wait = self.retry_every;
         self.retry_at
             .get_or_insert(Instant::now() + self.retry_every);
         self.rescan(store, reason, Instant::now(), out);
@@ -795,9 +806,22 @@ impl Decoder {
         }
         let tried: Vec<(usize, RelPath)> = self.unwatched.iter().cloned().collect();
         let stores: BTreeSet<usize> = tried.iter().map(|(s, _)| *s).collect();
+        let mut moved = BTreeSet::new();
         for (store, rel) in tried {
             // Watched meanwhile with a folder above it: still listed again.
-            self.watch_tree(store, rel, None, out);
+            self.watch_tree(store, rel.clone(), None, out);
+            let gone = !self.unwatched.contains(&(store, rel.clone()))
+                && !self.by_path[store].contains_key(&rel);
+            if gone {
+                // Deleted, or moved with a folder above it (renamed while
+                // it was remembered by its old name): every folder of the
+                // store is watched again under the name it has now, as
+                // after an overflow.
+                moved.insert(store);
+            }
+        }
+        for store in moved {
+            self.watch_tree(store, RelPath::new(), None, out);
         }
         let left = self.unwatched.len();
         tracing::info!(
@@ -813,7 +837,8 @@ impl Decoder {
             };
             self.rescan(store, reason, now, out);
         }
-        self.retry_at = (left > 0).then(|| now + self.retry_every);
+        self.retry_wait = (self.retry_wait * 2).min(self.retry_every * WATCH_RETRY_WAIT_MAX_TIMES);
+        self.retry_at = (left > 0).then(|| now + self.retry_wait);
     }
 
     /// Waits up to `timeout` for events, or for a consumer's ask for a

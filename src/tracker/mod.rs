@@ -106,7 +106,8 @@ pub struct TrackerStats {
     /// Directories that could not be watched (or listed).
     pub watch_failures: u64,
     /// Folders whose watch failed and that are not watched yet (tried
-    /// again every 30 s, their store rescanned meanwhile).
+    /// again after 30 s, the wait doubling up to 5 min; the stores compared
+    /// with the replica at each retry).
     pub unwatched: u64,
     /// Ops waiting in the coalescer, as last seen.
     pub pending: u64,

@@ -297,8 +297,9 @@ fn overflow_rescans_converge_exactly_including_names_moved_away() {
 /// The primary's inotify watch limit (its own user namespace's, so the
 /// host's is left alone) too low for the store's folders: the folders it
 /// cannot watch are counted in status and the limit is named in the log;
-/// their store is rescanned at each retry (every second here, 30 s in
-/// production), so mail delivered into them still reaches the replica;
+/// the stores are compared with the replica at each retry (after 1 s here,
+/// doubling up to 10 s; 30 s and 5 min in production), so mail delivered
+/// into them still reaches the replica;
 /// once the limit is raised every folder is watched, the count clears, and
 /// changes travel as events again, with no rescan.
 #[test]
@@ -311,8 +312,8 @@ fn folders_the_primary_cannot_watch_are_rescanned_until_the_limit_allows_them() 
             std::fs::create_dir_all(src.join(format!("u{f:02}/Maildir/{d}"))).unwrap();
         }
     }
-    // 2 store roots and 41 folders below inbox's: about half cannot be
-    // watched.
+    // 52 folders: the 2 store roots and 5 per mailbox below inbox's; the
+    // limit leaves part of them unwatched (and what is below those unseen).
     tp.nodes[0].limit_watches(24);
     let guard = inotify_guard();
     tp.nodes[0]
@@ -334,35 +335,43 @@ fn folders_the_primary_cannot_watch_are_rescanned_until_the_limit_allows_them() 
         tp.nodes[0].log_shows("max_user_watches"),
         "the log names the limit"
     );
-    let deliver = |round: usize| {
-        for f in 0..boxes {
-            let mb = src.join(format!("u{f:02}/Maildir"));
+    let mut boxes: Vec<String> = (0..boxes).map(|f| format!("u{f:02}")).collect();
+    let deliver = |round: usize, boxes: &[String]| {
+        for (f, b) in boxes.iter().enumerate() {
+            let mb = src.join(b).join("Maildir");
             let name = format!("{round}.M{f}P1.mx");
             std::fs::write(mb.join("tmp").join(&name), format!("message {round}/{f}\n")).unwrap();
             std::fs::rename(mb.join("tmp").join(&name), mb.join("new").join(&name)).unwrap();
         }
     };
-    // Into folders that have no watch: found by the rescans.
-    deliver(1);
+    // Into folders that have no watch: found by the comparisons.
+    deliver(1, &boxes);
     wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(20))
         .unwrap_or_else(|e| fail_with_logs(&tp, &e));
     assert!(tp.repl(0).unwatched_folders > 0, "still short of watches");
+    // A watched mailbox whose folders below could not all be watched
+    // (path order: u00–u03 and u04/Maildir took the watches) is renamed:
+    // what was remembered by the old name is found under the new one.
+    std::fs::rename(src.join("u04"), src.join("u10")).unwrap();
+    boxes[4] = "u10".into();
+    wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(20))
+        .unwrap_or_else(|e| fail_with_logs(&tp, &e));
 
     tp.nodes[0].set_watch_limit(100_000).unwrap();
     let watched = tp.nodes[0]
-        .wait_status(Duration::from_secs(10), Duration::from_millis(20), |s| {
+        .wait_status(Duration::from_secs(20), Duration::from_millis(20), |s| {
             s.replication.unwatched_folders == 0
         })
         .unwrap_or_else(|e| fail_with_logs(&tp, &e.to_string()));
     assert!(
-        watched.replication.watches >= 43,
+        watched.replication.watches >= 52,
         "every folder watched: {}",
         watched.replication.watches
     );
     // The rescan of the retry that watched them may still be under way.
     std::thread::sleep(Duration::from_millis(500));
     let rescans = tp.repl(0).rescans;
-    deliver(2);
+    deliver(2, &boxes);
     wait_identical(&src, &tp.store(1, "inbox"), Duration::from_secs(10))
         .unwrap_or_else(|e| fail_with_logs(&tp, &e));
     assert_eq!(
