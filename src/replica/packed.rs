@@ -191,15 +191,6 @@ impl<T: Record> Packed<T> {
         }
     }
 
-    /// Deflates `chunk` (see [`Chunk::seal`]) if the list holds enough for
-    /// that to be worth its CPU; returns the bytes it gave back.
-    fn seal(bytes: usize, deflate_after: usize, chunk: &mut Chunk) -> usize {
-        if bytes < deflate_after {
-            return 0;
-        }
-        chunk.seal()
-    }
-
     pub fn len(&self) -> usize {
         self.len
     }
@@ -234,8 +225,12 @@ impl<T: Record> Packed<T> {
             .back()
             .is_none_or(|c| c.packed_from != 0 || c.bytes.len() >= CHUNK_BYTES)
         {
-            if let Some(full) = self.chunks.back_mut() {
-                self.bytes -= Self::seal(self.bytes, self.deflate_after, full);
+            if let Some(full) = self
+                .chunks
+                .back_mut()
+                .filter(|_| self.bytes >= self.deflate_after)
+            {
+                self.bytes -= full.seal();
             }
             self.chunks.push_back(Chunk {
                 bytes: Vec::with_capacity(CHUNK_BYTES + 256),
@@ -283,18 +278,16 @@ impl<T: Record> Packed<T> {
         if other.is_empty() {
             return;
         }
-        if let Some(last) = self.chunks.back_mut() {
-            self.bytes -= Self::seal(self.bytes, self.deflate_after, last);
-        }
+        // From this list's last chunk (full now) on: what came raw from
+        // a list that held less is deflated once this one holds enough
+        // (the new last chunk may still grow).
+        let from = self.chunks.len().saturating_sub(1);
         self.bytes += std::mem::take(&mut other.bytes);
         self.len += std::mem::take(&mut other.len);
-        let from = self.chunks.len();
         self.chunks.append(&mut other.chunks);
-        // What came raw from a list that held less is deflated once this
-        // one holds enough (the last chunk may still grow).
         if self.bytes >= self.deflate_after {
-            let full = self.chunks.len().saturating_sub(1);
-            for c in self.chunks.range_mut(from..full.max(from)) {
+            let last = self.chunks.len() - 1;
+            for c in self.chunks.range_mut(from..last) {
                 self.bytes -= c.seal();
             }
         }
