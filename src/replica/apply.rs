@@ -1771,7 +1771,9 @@ impl Applier {
     /// replica never guesses from its own index, which a crash can leave
     /// behind. `staged`: the staged file's state as written, or why
     /// writing it failed (the staging thread's writes and metadata, known
-    /// only now): it is discarded and asked for again.
+    /// only now): it is discarded and asked for again. `apart`: it must
+    /// not keep an inode this name shares with other names here (see
+    /// `SyncMsg::File`).
     #[allow(clippy::too_many_arguments)]
     pub fn land<T: ReplicaTree>(
         &mut self,
@@ -1782,6 +1784,7 @@ impl Applier {
         rel: PathBuf,
         hash: u128,
         size: u64,
+        apart: bool,
         staged: Result<Option<Stat>, FsError>,
     ) {
         let staged = match staged {
@@ -1822,7 +1825,12 @@ impl Applier {
             // discards what landed since (simulator seed 25475: the same
             // message sent again before its first copy's ack, the second
             // landing discarded by a failed flush, the name gone).
-            if same && staged.is_some_and(|st| st.meta == cur.meta) {
+            //
+            // Unless the primary holds this name apart from the others
+            // that share its inode here (names joined here after a refused
+            // rename, say): then the copy lands in an inode of its own.
+            let joined_here = apart && cur.nlink > 1;
+            if same && !joined_here && staged.is_some_and(|st| st.meta == cur.meta) {
                 self.took(tree, index, s, &rel, seq, hash);
                 tree.discard_staged(seq);
                 add(&self.stats.files_landed, 1);
@@ -2307,6 +2315,68 @@ mod tests {
         }
     }
 
+    /// A file that arrives with the content and metadata its name already
+    /// holds keeps that name's file, links and all, unless it comes
+    /// `apart` (the primary holds the name apart from the others that
+    /// share its file here): then it lands in a file of its own.
+    #[test]
+    fn a_file_sent_apart_lands_in_a_file_of_its_own_over_names_joined_here() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::MetadataExt;
+        let body = b"the message";
+        let hash = index::hash_bytes(body);
+        for apart in [false, true] {
+            let (_tmp, dir, internal) = store_with(&[("cur/a", "the message")]);
+            std::fs::create_dir_all(dir.join("new")).unwrap();
+            std::fs::hard_link(dir.join("cur/a"), dir.join("new/b")).unwrap();
+            let on_disk = std::fs::metadata(dir.join("cur/a")).unwrap();
+            let m = Meta {
+                mode: on_disk.mode() & 0o7777,
+                uid: on_disk.uid(),
+                gid: on_disk.gid(),
+                mtime_sec: on_disk.mtime(),
+                mtime_nsec: on_disk.mtime_nsec() as u32,
+            };
+            let mut root = Root::open(&dir, &internal).unwrap();
+            let mut index = Index::in_memory();
+            let mut r = Applier::new(Arc::new(ReplStats::default()));
+            let fd = root.create_staged(1).unwrap();
+            let mut f = std::fs::File::from(fd);
+            f.write_all(body).unwrap();
+            let fd = std::os::fd::OwnedFd::from(f);
+            root.finish_staged(&fd, &m).unwrap();
+            let staged = index::fstat(fd.as_fd()).unwrap();
+            drop(fd);
+            let rel = PathBuf::from("new/b");
+            r.land(
+                &mut root,
+                &mut index,
+                0,
+                1,
+                rel,
+                hash,
+                11,
+                apart,
+                Ok(staged),
+            );
+            assert_eq!(r.take_replies().count(), 0, "apart: {apart}");
+            let (a, b) = (
+                std::fs::metadata(dir.join("cur/a")).unwrap(),
+                std::fs::metadata(dir.join("new/b")).unwrap(),
+            );
+            assert_eq!(std::fs::read(dir.join("new/b")).unwrap(), body);
+            assert_eq!((b.mode() & 0o7777, b.mtime()), (m.mode, m.mtime_sec));
+            if apart {
+                assert_ne!(a.ino(), b.ino(), "landed in a file of its own");
+                assert_eq!((a.nlink(), b.nlink()), (1, 1));
+            } else {
+                assert_eq!(a.ino(), b.ino(), "the link stays a link");
+                assert_eq!(a.nlink(), 2);
+            }
+        }
+    }
+
     /// A store root holding `files` (path, content), and where its internal
     /// directory goes.
     /// The delete of a message's old name waits while its content waits
@@ -2496,6 +2566,7 @@ mod tests {
             "box".into(),
             another,
             15,
+            true,
             Ok(None),
         );
         assert_eq!(held_at(&mut r), [(20, PathBuf::from("box"))]);

@@ -706,6 +706,7 @@ struct Pending {
     rel: PathBuf,
     hash: u128,
     size: u64,
+    apart: bool,
 }
 
 impl StagedAt for Pending {
@@ -1546,6 +1547,7 @@ impl Replica {
                 hash,
                 size,
                 meta,
+                apart,
                 ..
             } => {
                 // Its inode is made as it is staged.
@@ -1563,6 +1565,7 @@ impl Replica {
                     rel,
                     hash,
                     size,
+                    apart,
                 });
             }
         }
@@ -1794,7 +1797,13 @@ impl Replica {
     }
 
     fn land_file(&mut self, p: Pending) {
-        let Pending { seq, rel, hash, .. } = p;
+        let Pending {
+            seq,
+            rel,
+            hash,
+            apart,
+            ..
+        } = p;
         let Some((size, meta, ino)) = self
             .staged
             .get(&seq)
@@ -1832,7 +1841,9 @@ impl Replica {
                 Err(e)
             }
         };
-        self.decide(|ops, disk, index| ops.land(disk, index, 0, seq, rel, hash, size, staged));
+        self.decide(|ops, disk, index| {
+            ops.land(disk, index, 0, seq, rel, hash, size, apart, staged)
+        });
     }
 
     /// One message from the primary, as the receiver's loop handles it.
@@ -1921,11 +1932,12 @@ impl Replica {
                 meta,
                 size,
                 hash,
+                apart,
                 ..
             } => {
                 let rel = self.admit(seq, &path);
                 let inc = Incoming {
-                    rx: Reception::start(seq, 0, rel, meta, size, hash),
+                    rx: Reception::start(seq, 0, rel, meta, size, hash, apart),
                     data: Vec::new(),
                 };
                 if inc.rx.is_whole() {
@@ -2096,9 +2108,10 @@ pub struct Outcome {
     /// a verification then must join it, or the run fails
     /// (docs/INVARIANTS.md).
     pub split_links: u64,
-    /// Runs that ended with names joined on the replica that the primary
-    /// holds apart (content and metadata right): counted with faults, and
-    /// after a failover for a group the old primary held.
+    /// Runs that settled with names joined on the replica that the
+    /// primary holds apart (content and metadata right): counted with
+    /// faults, and after a failover for a group the old primary held; a
+    /// verification then must take them apart, or the run fails.
     pub joined_links: u64,
     /// Ops on paths applied while received files stayed staged (the group
     /// commit's files overtaken where the op touched none of them).
@@ -3440,6 +3453,7 @@ impl DataSim {
             meta: st.meta,
             size: len,
             hash,
+            apart: self.sender.file_apart(0, rel, st),
         }
         .encode(&mut f);
         if len > 0 {
@@ -4041,14 +4055,23 @@ impl DataSim {
                 self.sender
                     .requeue_retries_at(Instant::now() + Duration::from_secs(3600));
                 if self.settled() {
-                    // A hard-link group split on the replica: counted, and
-                    // a verification must join it.
+                    // A hard-link group split on the replica, or names
+                    // joined there that are apart here: counted, and a
+                    // verification must make the groups the primary's.
                     if !links_verified {
                         links_verified = true;
-                        if let Links::Split = self.check()? {
-                            self.out.split_links += 1;
-                            self.verify_wanted = true;
-                            continue;
+                        match self.check()? {
+                            Links::Same => {}
+                            Links::Split => {
+                                self.out.split_links += 1;
+                                self.verify_wanted = true;
+                                continue;
+                            }
+                            Links::Joined | Links::JoinedByOldPrimary => {
+                                self.out.joined_links += 1;
+                                self.verify_wanted = true;
+                                continue;
+                            }
                         }
                     }
                     break;
@@ -4130,7 +4153,12 @@ impl DataSim {
                         .into(),
                 )
             }
-            Links::Joined | Links::JoinedByOldPrimary => self.out.joined_links += 1,
+            Links::Joined | Links::JoinedByOldPrimary => {
+                return Err(
+                    "names joined on the replica that are apart on the primary are still joined after a verification"
+                        .into(),
+                )
+            }
         }
         self.check_conflicts()?;
         self.out.paths_at_end = self.primary.borrow().names.len() as u64;
@@ -4268,13 +4296,12 @@ impl DataSim {
             link_groups(r, &self.excludes),
         );
         // A group on the replica the primary does not have (names joined
-        // that are apart here) would be wrong content waiting to happen:
-        // a failure. A primary's group split on the replica is counted (and
-        // a verification must then join it: the comparison sees the
-        // replica's link identities), and so is, after a failover, a group
-        // the old primary had whose names the new primary held apart (the
-        // same gap, seen from the other side: the comparison does not undo
-        // a join).
+        // that are apart here) is wrong content waiting to happen: without
+        // faults a failure; with them counted, and a verification must
+        // take it apart. So is a primary's group split on the replica (a
+        // verification must join it: the comparison sees the replica's
+        // link identities), and, after a failover, a group the old primary
+        // had whose names the new primary holds apart.
         let within = |g: &Vec<PathBuf>, groups: &[Vec<PathBuf>]| {
             groups.iter().any(|h| g.iter().all(|n| h.contains(n)))
         };
@@ -4289,9 +4316,10 @@ impl DataSim {
             // With refusals (a full disk, I/O errors) a rename the replica
             // lacks the source of becomes a sync of both names, and the
             // receiver keeps a name's shared inode when the same content
-            // and metadata arrive (so that a link stays a link): a name the
-            // primary holds apart stays joined there. Counted in runs with
-            // faults (docs/INVARIANTS.md), a failure without.
+            // and metadata arrive unless the file goes `apart`: a name the
+            // primary held with others as it was sent can stay joined
+            // there. Counted in runs with faults (docs/INVARIANTS.md), a
+            // failure without.
             if !self.faults {
                 return Err(format!(
                     "names linked on the replica but not on the primary: {g:?}"
@@ -4469,6 +4497,7 @@ mod tests {
             meta: meta(0o600),
             size: 0,
             hash: index::hash_bytes(b""),
+            apart: true,
         }
     }
 

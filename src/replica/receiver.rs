@@ -182,6 +182,8 @@ struct Staged {
     rel: PathBuf,
     hash: u128,
     size: u64,
+    /// It lands in an inode of its own (see `SyncMsg::File`).
+    apart: bool,
     /// The staged file as written (from its descriptor), for the index
     /// entry once landed: a rename keeps everything but the ctime.
     st: Option<index::Stat>,
@@ -1013,6 +1015,7 @@ impl Receiver {
                 f.rel,
                 f.hash,
                 f.size,
+                f.apart,
                 st,
             );
         }
@@ -1452,11 +1455,12 @@ impl Receiver {
                 meta,
                 size,
                 hash,
+                apart,
             } => {
                 let s = self.store_index(store, peer)?;
                 let rel = self.check(seq, s, &path, peer);
                 let mut inc = Incoming {
-                    rx: Reception::start(seq, s, rel, meta, size, hash),
+                    rx: Reception::start(seq, s, rel, meta, size, hash, apart),
                     fd: None,
                 };
                 // A refused path was answered by `check`; its data frames
@@ -1636,7 +1640,7 @@ impl Receiver {
         let Some(Incoming { rx, fd }) = self.current.take() else {
             return;
         };
-        let (seq, store, rel, hash, size, meta) = match rx.finish() {
+        let (seq, store, rel, hash, size, meta, apart) = match rx.finish() {
             // Refused or set aside earlier; already answered.
             Received::Dropped => return,
             Received::Mismatch {
@@ -1660,7 +1664,8 @@ impl Receiver {
                 hash,
                 size,
                 meta,
-            } => (seq, store, rel, hash, size, meta),
+                apart,
+            } => (seq, store, rel, hash, size, meta, apart),
         };
         let s = store;
         let Some(fd) = fd else {
@@ -1719,6 +1724,7 @@ impl Receiver {
             rel,
             hash,
             size,
+            apart,
             st,
             fsync,
         });

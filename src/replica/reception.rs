@@ -57,6 +57,8 @@ pub enum Received {
         hash: u128,
         size: u64,
         meta: Meta,
+        /// It lands in an inode of its own (see `SyncMsg::File`).
+        apart: bool,
     },
 }
 
@@ -71,6 +73,7 @@ pub struct Reception {
     written: u64,
     hash: u128,
     hasher: Xxh3,
+    apart: bool,
 }
 
 impl Reception {
@@ -82,6 +85,7 @@ impl Reception {
         meta: Meta,
         size: u64,
         hash: u128,
+        apart: bool,
     ) -> Reception {
         Reception {
             seq,
@@ -92,6 +96,7 @@ impl Reception {
             written: 0,
             hash,
             hasher: Xxh3::new(),
+            apart,
         }
     }
 
@@ -167,6 +172,7 @@ impl Reception {
             hash: self.hash,
             size: self.size,
             meta: self.meta,
+            apart: self.apart,
         }
     }
 }
@@ -194,6 +200,7 @@ mod tests {
             meta(),
             content.len() as u64,
             hash_bytes(content),
+            false,
         )
     }
 
@@ -214,6 +221,7 @@ mod tests {
                 hash: hash_bytes(b"hello world"),
                 size: 11,
                 meta: meta(),
+                apart: false,
             }
         );
     }

@@ -269,6 +269,9 @@ pub struct Sender<T = Tree> {
     listed: LinkNames,
     /// Names queued from such a listing, not yet planned.
     from_listing: std::collections::HashSet<(usize, PathBuf)>,
+    /// Names a comparison found joined on the replica with names apart
+    /// here: their next file goes `apart` (see [`Sender::file_apart`]).
+    unjoin: std::collections::HashSet<(usize, PathBuf)>,
     manifest_id: u64,
     /// Batches in flight, numbering, flow control, ops asked for again.
     window: AckWindow<Inflight>,
@@ -489,6 +492,7 @@ impl<T: LocalTree> Sender<T> {
             stats,
             verify_interval,
             inodes: LinkNames::default(),
+            unjoin: Default::default(),
             recent: LinkNames::default(),
             listed: LinkNames::default(),
             from_listing: Default::default(),
@@ -2125,7 +2129,8 @@ impl<T: LocalTree> Sender<T> {
             }
             Read::Ready(data) => {
                 let hash = index::hash_bytes(&data);
-                self.file_frames(seq, store, &rel, st, &data, hash, out);
+                let apart = self.file_apart(store, &rel, st);
+                self.file_frames(seq, store, &rel, st, (&data, hash, apart), out);
                 self.account_file(seq, store, rel, st, hash, data.len() as u64, batch);
             }
         }
@@ -2202,15 +2207,22 @@ impl<T: LocalTree> Sender<T> {
         self.window.sent(n, batch);
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Whether a file sent now must land in an inode of its own on the
+    /// replica (`SyncMsg::File`'s `apart`): it has no other name here, or
+    /// a comparison found its name joined there with names apart here
+    /// (said once: the names linked to it follow as links).
+    pub(crate) fn file_apart(&mut self, store: usize, rel: &Path, st: &Stat) -> bool {
+        let unjoin = !self.unjoin.is_empty() && self.unjoin.remove(&(store, rel.to_path_buf()));
+        st.nlink <= 1 || unjoin
+    }
+
     fn file_frames(
         &self,
         seq: u64,
         store: usize,
         rel: &Path,
         st: &Stat,
-        data: &[u8],
-        hash: u128,
+        (data, hash, apart): (&[u8], u128, bool),
         out: &mut Vec<u8>,
     ) {
         SyncMsg::File {
@@ -2220,6 +2232,7 @@ impl<T: LocalTree> Sender<T> {
             meta: st.meta,
             size: data.len() as u64,
             hash,
+            apart,
         }
         .encode(out);
         for chunk in data.chunks(DATA_BYTES_MAX) {
@@ -3428,6 +3441,7 @@ impl Sender<Tree> {
             meta: st.meta,
             size: len,
             hash,
+            apart: self.file_apart(store, rel, st),
         }
         .encode(&mut out);
         w.send_bytes(out).await?;

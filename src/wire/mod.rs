@@ -37,7 +37,7 @@ pub const MAGIC: [u8; 2] = *b"HS";
 /// Version 5: links carry the content hash. Version 4: epochs as fencing tokens (`Start.epoch`, `QueueStart.epoch`,
 /// `Fenced`). Version 3: exact conflicts (`PeerState`, `KeepAside`, `ConflictFile`,
 /// `ConflictAck`). Version 2 added `Bulk` frames and `Need` naming its op.
-pub const VERSION: u8 = 9;
+pub const VERSION: u8 = 10;
 pub const HEADER_LEN: usize = 8;
 pub const TRAILER_LEN: usize = 8;
 /// Header of a `Bulk` frame: the common 8 bytes and their checksum.

@@ -75,6 +75,11 @@ pub enum SyncMsg {
         id: u64,
         full_verify: bool,
     },
+    /// `apart`: the name must hold an inode of its own on the replica,
+    /// shared with no other name there: the primary's file has no other
+    /// name, or its names are joined there with names apart here. Without
+    /// it, a name whose file there already holds this content and
+    /// metadata keeps it, links and all.
     File {
         seq: u64,
         store: u16,
@@ -82,6 +87,7 @@ pub enum SyncMsg {
         meta: Meta,
         size: u64,
         hash: u128,
+        apart: bool,
     },
     Data {
         seq: u64,
@@ -265,6 +271,7 @@ mod tag {
     pub const START: u8 = 1;
     pub const MANIFEST_REQUEST: u8 = 2;
     pub const FILE: u8 = 3;
+    pub const FILE_APART: u8 = 17;
     pub const DATA: u8 = 4;
     pub const MKDIR: u8 = 5;
     pub const DELETE: u8 = 6;
@@ -361,8 +368,10 @@ impl SyncMsg {
                 meta,
                 size,
                 hash,
+                apart,
             } => {
-                w.u8(tag::FILE).u64(*seq).u16(*store).blob16(path);
+                let t = if *apart { tag::FILE_APART } else { tag::FILE };
+                w.u8(t).u64(*seq).u16(*store).blob16(path);
                 put_meta(&mut w, meta);
                 w.u64(*size).u128(*hash);
             }
@@ -613,13 +622,14 @@ impl SyncMsg {
                 id: r.u64("manifest_request.id")?,
                 full_verify: r.u8("manifest_request.full")? != 0,
             },
-            tag::FILE => SyncMsg::File {
+            tag::FILE | tag::FILE_APART => SyncMsg::File {
                 seq: r.u64("file.seq")?,
                 store: r.u16("file.store")?,
                 path: path(&mut r, "file.path")?,
                 meta: get_meta(&mut r)?,
                 size: r.u64("file.size")?,
                 hash: r.u128("file.hash")?,
+                apart: t == tag::FILE_APART,
             },
             tag::DATA => SyncMsg::Data {
                 seq: r.u64("data.seq")?,
@@ -883,6 +893,16 @@ mod tests {
             meta,
             size: 10,
             hash: u128::MAX - 7,
+            apart: false,
+        });
+        round(SyncMsg::File {
+            seq: 2,
+            store: 0,
+            path: b"a/cur/y".to_vec(),
+            meta,
+            size: 0,
+            hash: 1,
+            apart: true,
         });
         let mut f = Vec::new();
         SyncMsg::Data {
@@ -1099,8 +1119,11 @@ mod tests {
                 any::<u64>().prop_map(|seen| SyncMsg::Fenced { seen }),
                 (any::<u64>(), any::<bool>())
                     .prop_map(|(id, full_verify)| SyncMsg::ManifestRequest { id, full_verify }),
-                (seq, store, path(), meta(), any::<u64>(), any::<u128>()).prop_map(
-                    |(seq, store, path, meta, size, hash)| {
+                (
+                    (seq, store, path(), meta()),
+                    (any::<u64>(), any::<u128>(), any::<bool>())
+                )
+                    .prop_map(|((seq, store, path, meta), (size, hash, apart))| {
                         SyncMsg::File {
                             seq,
                             store,
@@ -1108,9 +1131,9 @@ mod tests {
                             meta,
                             size,
                             hash,
+                            apart,
                         }
-                    }
-                ),
+                    }),
                 (seq, bytes(DATA_BYTES_MAX)).prop_map(|(seq, bytes)| SyncMsg::Data { seq, bytes }),
                 (seq, store, path(), meta()).prop_map(|(seq, store, path, meta)| SyncMsg::Mkdir {
                     seq,

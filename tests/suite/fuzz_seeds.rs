@@ -61,6 +61,7 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                 meta,
                 size: 5,
                 hash: 42,
+                apart: true,
             },
         ),
         (

@@ -532,6 +532,80 @@ fn a_hard_link_group_held_apart_on_the_replica_is_joined_again_by_verification()
     );
 }
 
+/// The other way round: two names the primary holds as two files of the
+/// same content, mode, owner and mtime (a message copied with its times)
+/// that the replica holds as one file. A periodic verification sends one
+/// name again apart: it lands in a file of its own, and nothing is
+/// counted as drift.
+#[test]
+fn names_joined_on_the_replica_that_are_apart_here_are_taken_apart_by_verification() {
+    use std::os::unix::fs::MetadataExt;
+    let mut opts = fast();
+    opts.verify_interval_ms = 1000;
+    opts.watch_foreign_writes = false;
+    let tp = started_with_fixture(opts, 5, 3, 20);
+    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
+    wait_identical(&src, &dst, CONVERGE).unwrap();
+    // A message copied into another mailbox with its mode and times: two
+    // files here.
+    let first = walk_files(&src)
+        .into_iter()
+        .find(|p| p.to_string_lossy().contains("user0000/Maildir/cur/"))
+        .expect("a message in user0000's cur/");
+    let copy = src.join("user0001/Maildir/cur/1700000000.copy.host:2,S");
+    let status = std::process::Command::new("cp")
+        .arg("-p")
+        .arg(&first)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    // Joined there: the copy's name made a link to the first's file, its
+    // folder's mtime put back.
+    let (there_first, there_copy) = (
+        dst.join(first.strip_prefix(&src).unwrap()),
+        dst.join(copy.strip_prefix(&src).unwrap()),
+    );
+    let folder = there_copy.parent().unwrap().to_path_buf();
+    let folder_md = std::fs::metadata(&folder).unwrap();
+    assert_eq!(std::fs::metadata(&there_copy).unwrap().nlink(), 1);
+    let tmp = folder.join("../tmp/joined");
+    std::fs::hard_link(&there_first, &tmp).unwrap();
+    std::fs::rename(&tmp, &there_copy).unwrap();
+    std::fs::File::open(&folder)
+        .unwrap()
+        .set_times(
+            std::fs::FileTimes::new()
+                .set_accessed(folder_md.accessed().unwrap())
+                .set_modified(folder_md.modified().unwrap()),
+        )
+        .unwrap();
+    assert_eq!(std::fs::metadata(&there_copy).unwrap().nlink(), 2);
+    let repaired_before = tp.repl(0).repaired;
+    wait_identical(&src, &dst, CONVERGE).unwrap_or_else(|e| fail_with_logs(&tp, &e));
+    let (a, b) = (
+        std::fs::metadata(&there_first).unwrap(),
+        std::fs::metadata(&there_copy).unwrap(),
+    );
+    assert_ne!(a.ino(), b.ino(), "the names are two files again");
+    assert_eq!((a.nlink(), b.nlink()), (1, 1));
+    assert_eq!(
+        std::fs::read(&there_copy).unwrap(),
+        std::fs::read(&copy).unwrap()
+    );
+    let logs = tp.logs_when(|l| l.contains("a file of its own"));
+    assert!(
+        logs.contains("held as one file on the replica are apart here"),
+        "the primary says it took the names apart\n{logs}"
+    );
+    assert_eq!(
+        tp.repl(0).repaired,
+        repaired_before,
+        "names joined there are not drift"
+    );
+}
+
 /// Periodic verification during live traffic (deliveries, flag renames,
 /// deletes, folder renames): the differences it meets are changes on
 /// their way, not drift; none is counted as a repair, none alarmed, and

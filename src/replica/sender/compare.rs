@@ -386,15 +386,19 @@ impl<T: LocalTree> Sender<T> {
         }
         store.index.set_synced(&rel, same);
         if same {
-            if st.kind == Kind::File && st.nlink > 1 {
+            let remote = theirs.map_or(0, |r| r.link);
+            if st.kind == Kind::File && (st.nlink > 1 || remote != 0) {
                 let key = (st.dev, st.version.ino);
-                self.inodes.record(key, s, &rel, st.version);
+                if st.nlink > 1 {
+                    self.inodes.record(key, s, &rel, st.version);
+                }
                 if sc.linked.len() < LINKED_NAMES_MAX {
                     sc.linked.push(LinkedName {
                         rel,
                         key,
-                        remote: theirs.map_or(0, |r| r.link),
+                        remote,
                         version: st.version,
+                        unjoin: false,
                     });
                 } else {
                     sc.linked_over += 1;
@@ -560,28 +564,36 @@ impl<T: LocalTree> Sender<T> {
         (differ, out)
     }
 
-    /// Names of one inode here that the replica holds the same but not as
-    /// one inode (a hard-link group split there: after a refused folder
+    /// Hard-link groups the replica holds otherwise than here. Not drift
+    /// (nothing is lost or wrong: same names, same content), so not
+    /// counted as a repair; logged.
+    ///
+    /// First, names the replica holds as one inode that are apart here
+    /// (joined there after a refused rename became a sync of both names,
+    /// say): of each inode there, the names of the file here that has the
+    /// most of them stay; the others are sent again `apart`, each landing
+    /// in an inode of its own (see [`Sender::file_apart`]).
+    ///
+    /// Then names of one inode here that the replica holds the same but
+    /// not as one inode (a group split there: after a refused folder
     /// rename, say, a name sent as bytes): each name apart from the
     /// group's largest part there is sent again, as a link to a name of
-    /// that part. Not drift (nothing is lost or wrong: same names, same
-    /// content), so not counted as a repair. Names joined there that are
-    /// apart here are left alone (the receiver keeps an inode when the
-    /// same content arrives; docs/INVARIANTS.md).
+    /// that part. The files sent apart go first, so that the links to
+    /// them follow their landing.
     fn split_links(&mut self, sc: &mut StoreComparison, s: usize) {
         let mut linked = std::mem::take(&mut sc.linked);
         if sc.linked_over > 0 {
             info!(
                 store = %self.stores[s].name,
                 names = sc.linked_over,
-                "{} names with other names here were past the {LINKED_NAMES_MAX} whose links this comparison checks on the replica",
+                "{} names with other names here or there were past the {LINKED_NAMES_MAX} whose links this comparison checks on the replica",
                 sc.linked_over
             );
         }
+        let unjoined = unjoin(&mut linked);
         // A group's names together, in path order within it.
         linked.sort_unstable_by(|a, b| a.key.cmp(&b.key).then_with(|| path_order(&a.rel, &b.rel)));
-        let mut sent_again = 0usize;
-        let mut first = None;
+        let mut links = Vec::new();
         for group in linked.chunk_by(|a, b| a.key == b.key) {
             if group.len() < 2 {
                 continue;
@@ -596,11 +608,7 @@ impl<T: LocalTree> Sender<T> {
                     continue;
                 }
                 apart = true;
-                self.stores[s].index.set_synced(&n.rel, false);
-                self.inodes.forget_name(n.key, s, &n.rel);
-                sc.queue.push(s, &n.rel);
-                sent_again += 1;
-                first.get_or_insert_with(|| n.rel.clone());
+                links.push(n);
             }
             // The name the others link to, whatever the record dropped of
             // a group of many names.
@@ -608,24 +616,79 @@ impl<T: LocalTree> Sender<T> {
                 self.inodes.record(n.key, s, &n.rel, n.version);
             }
         }
-        if let Some(first) = first {
+        // Sent as files: the names taken apart that no name here links to
+        // another name (a name sent as a link needs no `apart`).
+        let linking: HashSet<&Path> = links.iter().map(|n| n.rel.as_path()).collect();
+        let files: Vec<&LinkedName> = linked
+            .iter()
+            .filter(|n| n.unjoin && !linking.contains(n.rel.as_path()))
+            .collect();
+        for n in files.iter().chain(&links) {
+            self.stores[s].index.set_synced(&n.rel, false);
+            self.inodes.forget_name(n.key, s, &n.rel);
+            sc.queue.push(s, &n.rel);
+        }
+        for n in &files {
+            self.unjoin.insert((s, n.rel.clone()));
+        }
+        if unjoined > 0 {
             info!(
                 store = %self.stores[s].name,
-                names = sent_again,
-                "{sent_again} names of hard-link groups held apart on the replica are sent again as links (first: {})",
-                first.display()
+                names = unjoined,
+                "{unjoined} names held as one file on the replica are apart here: sent again, each to a file of its own (first: {})",
+                files.first().map_or(Path::new("").display(), |n| n.rel.display())
+            );
+        }
+        if let Some(n) = links.first() {
+            info!(
+                store = %self.stores[s].name,
+                names = links.len(),
+                "{} names of hard-link groups held apart on the replica are sent again as links (first: {})",
+                links.len(),
+                n.rel.display()
             );
         }
     }
+}
+
+/// Marks the names the replica holds as one inode (one link identity
+/// there) that are apart here: of each such inode there, the names of the
+/// file here that has the most of them stay (ties: the smallest inode
+/// here); the others are marked `unjoin` and count as not linked there.
+/// Returns how many were marked.
+fn unjoin(linked: &mut [LinkedName]) -> usize {
+    linked.sort_unstable_by_key(|n| (n.remote, n.key));
+    let mut marked = 0;
+    for group in linked.chunk_by_mut(|a, b| a.remote == b.remote) {
+        if group[0].remote == 0 || group.iter().all(|n| n.key == group[0].key) {
+            continue;
+        }
+        // Sorted by key within the group: the longest run stays.
+        let mut stays = (group[0].key, 0usize);
+        for run in group.chunk_by(|a, b| a.key == b.key) {
+            if run.len() > stays.1 {
+                stays = (run[0].key, run.len());
+            }
+        }
+        for n in group.iter_mut().filter(|n| n.key != stays.0) {
+            n.unjoin = true;
+            n.remote = 0;
+            marked += 1;
+        }
+    }
+    marked
 }
 
 /// A name found the same whose file has other names here.
 struct LinkedName {
     rel: PathBuf,
     key: InodeKey,
-    /// Its link identity on the replica (0: no other name there).
+    /// Its link identity on the replica (0: no other name there, or
+    /// taken apart there: `unjoin`).
     remote: u64,
     version: super::super::index::Version,
+    /// Held there as one file with names apart here: sent again apart.
+    unjoin: bool,
 }
 
 /// Names with other names here whose links one store's comparison checks
@@ -719,6 +782,7 @@ mod tests {
     use crate::replica::stats::ReplStats;
     use crate::replica::tree::Tree;
     use crate::tracker::Coalescer;
+    use std::os::unix::fs::MetadataExt;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -767,6 +831,21 @@ mod tests {
     /// Compares the store with `manifest` fed `chunk` entries at a time;
     /// returns the paths queued, sorted.
     fn queued(dir: &Path, manifest: &[ManifestEntry], chunk: usize) -> Vec<String> {
+        let mut out = in_queue(&compared(dir, manifest, chunk));
+        out.sort();
+        out
+    }
+
+    /// The backlog, in the order it is sent.
+    fn in_queue(s: &Sender<Tree>) -> Vec<String> {
+        s.backlog
+            .iter()
+            .map(|(_, p)| p.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// A sender over `dir` after a comparison with `manifest`.
+    fn compared(dir: &Path, manifest: &[ManifestEntry], chunk: usize) -> Sender<Tree> {
         let mut s = sender_over(dir, &[]);
         let (on_way, _) = s.begin_comparison(false, true);
         let locals = s.local_entries(false);
@@ -781,14 +860,8 @@ mod tests {
         }
         assert!(cmp.complete());
         let (differ, _) = s.finish_compare(cmp);
-        let mut out: Vec<String> = s
-            .backlog
-            .iter()
-            .map(|(_, p)| p.to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(differ as usize, out.len());
-        out.sort();
-        out
+        assert_eq!(differ as usize, s.backlog.len());
+        s
     }
 
     #[test]
@@ -895,6 +968,108 @@ mod tests {
                 ["c/cur/1", "e/cur/2"],
                 "chunks of {chunk}"
             );
+        }
+    }
+
+    /// The manifest of the files under `dir` as the replica would list
+    /// them with the link identities `links` (the others: no other name).
+    fn manifest_with(s: &mut Sender<Tree>, links: &[(&str, u64)]) -> Vec<ManifestEntry> {
+        let store = &mut s.stores[0];
+        let scan = store
+            .index
+            .scan(&store.tree, &s.excludes, Rehash::Changed, false)
+            .unwrap();
+        scan.entries
+            .iter()
+            .map(|(rel, st, hash)| {
+                let hash = hash.unwrap_or_else(|| s.stores[0].tree.hash(&rel, st.kind).unwrap());
+                let mut e = crate::replica::index::manifest_entry(&rel, &st, hash);
+                let p = String::from_utf8(e.path.clone()).unwrap();
+                e.link = links.iter().find(|(n, _)| *n == p).map_or(0, |l| l.1);
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn names_joined_on_the_replica_that_are_apart_here_are_sent_again_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        // Here: a/cur/1 and b/cur/1 one file, c/cur/1 and g/cur/1 another
+        // with the same content; d/cur/2 and e/cur/2 two files of the same
+        // content.
+        let mut s = sender_over(
+            dir.path(),
+            &[
+                ("a/cur/1", b"x"),
+                ("c/cur/1", b"x"),
+                ("d/cur/2", b"y"),
+                ("e/cur/2", b"y"),
+            ],
+        );
+        for (from, to) in [("a/cur/1", "b/cur/1"), ("c/cur/1", "g/cur/1")] {
+            let to = dir.path().join(to);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::hard_link(dir.path().join(from), to).unwrap();
+        }
+        let exact = manifest_with(
+            &mut s,
+            &[
+                ("a/cur/1", 1),
+                ("b/cur/1", 1),
+                ("c/cur/1", 2),
+                ("g/cur/1", 2),
+            ],
+        );
+        // a, b and c one file there (g apart from it); d and e one file.
+        let joined = manifest_with(
+            &mut s,
+            &[
+                ("a/cur/1", 9),
+                ("b/cur/1", 9),
+                ("c/cur/1", 9),
+                ("d/cur/2", 5),
+                ("e/cur/2", 5),
+            ],
+        );
+        let ino = |p: &str| std::fs::metadata(dir.path().join(p)).unwrap().ino();
+        // Of d and e, the file with the smaller inode here stays.
+        let (d_stays, moved) = if ino("d/cur/2") < ino("e/cur/2") {
+            (true, "e/cur/2")
+        } else {
+            (false, "d/cur/2")
+        };
+        for chunk in [1, 4096] {
+            let s = compared(dir.path(), &exact, chunk);
+            assert!(in_queue(&s).is_empty(), "chunks of {chunk}");
+            assert!(s.unjoin.is_empty());
+            let mut s = compared(dir.path(), &joined, chunk);
+            // c is taken from a and b's file there, and g follows it as a
+            // link, after it; one of d and e is taken apart.
+            let q = in_queue(&s);
+            assert_eq!(q.len(), 3, "chunks of {chunk}: {q:?}");
+            let at = |p: &str| q.iter().position(|n| n == p);
+            assert!(
+                at("c/cur/1") < at("g/cur/1") && at("g/cur/1").is_some(),
+                "{q:?}"
+            );
+            assert!(q.iter().any(|n| n == moved), "{q:?} (d stays: {d_stays})");
+            let mut unjoin: Vec<String> = s
+                .unjoin
+                .iter()
+                .map(|(_, p)| p.to_string_lossy().into_owned())
+                .collect();
+            unjoin.sort();
+            assert_eq!(unjoin, ["c/cur/1", moved], "chunks of {chunk}");
+            // Said once, for the file sent: a later file of the name goes
+            // apart only if it has no other name here.
+            let st =
+                |s: &Sender<Tree>, p: &str| s.stores[0].tree.lstat(Path::new(p)).unwrap().unwrap();
+            let c = st(&s, "c/cur/1");
+            assert!(s.file_apart(0, Path::new("c/cur/1"), &c));
+            assert!(!s.file_apart(0, Path::new("c/cur/1"), &c));
+            let m = st(&s, moved);
+            assert!(s.file_apart(0, Path::new(moved), &m));
+            assert!(s.file_apart(0, Path::new(moved), &m), "no other name here");
         }
     }
 
