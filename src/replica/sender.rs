@@ -32,6 +32,8 @@ use crate::wire::sync::{NeedReason, SyncMsg, DATA_BYTES_MAX};
 
 mod backlog;
 mod behind;
+#[cfg(test)]
+pub(crate) use behind::LOOK_BEHIND_MESSAGE_DELAY;
 mod compare;
 mod vanished;
 
@@ -270,7 +272,8 @@ pub struct Sender<T = Tree> {
     /// Names queued from such a listing, not yet planned.
     from_listing: std::collections::HashSet<(usize, PathBuf)>,
     /// Names a comparison found joined on the replica with names apart
-    /// here: their next file goes `apart` (see [`Sender::file_apart`]).
+    /// here: their next file goes `apart` (see [`Sender::file_apart`]);
+    /// until the next comparison, or the name goes as a link.
     unjoin: std::collections::HashSet<(usize, PathBuf)>,
     manifest_id: u64,
     /// Batches in flight, numbering, flow control, ops asked for again.
@@ -305,6 +308,8 @@ pub struct Sender<T = Tree> {
     /// begun yet: the looks at names found gone wait for it (and then go
     /// behind its backlog).
     comparison_owed: bool,
+    /// When the last comparison began (see [`Sender::delete_sure_due`]).
+    compared_at: Option<Instant>,
     /// The syncs of the batch being planned, by message (see [`behind`]).
     batch_names: behind::BatchNames,
     /// Names whose sure delete stayed unsure behind another name of their
@@ -510,6 +515,7 @@ impl<T: LocalTree> Sender<T> {
             last_save: Instant::now(),
             pending_verify: false,
             comparison_owed: false,
+            compared_at: None,
             batch_names: Default::default(),
             looks_behind: Default::default(),
             vanished: None,
@@ -1021,6 +1027,15 @@ impl<T: LocalTree> Sender<T> {
                         look = Due::TrackerReadAfter(now, now + behind::LOOK_BEHIND_MESSAGE_DELAY);
                     }
                 }
+                // Where the tracker cannot watch, no event says where it
+                // went: the next comparison (the tracker's next retry of
+                // the folder asks for one) finds the name still gone and
+                // sends its delete, then sure.
+                let unseen = reason == NeedReason::MayHaveMoved
+                    && self.coalescer.unwatched_at_or_above(s, &rel);
+                if unseen {
+                    tracing::debug!(path = %rel.display(), "held in a folder that is not watched: its delete waits for the next comparison");
+                }
                 let op = Op::Sync {
                     store: store as usize,
                     rel,
@@ -1031,8 +1046,10 @@ impl<T: LocalTree> Sender<T> {
                     // tracker has read every change made before now (the
                     // rename that took it away, if one did, is then queued
                     // ahead of it), its delete then sure.
-                    self.retry.push((look, op));
-                    self.coalescer.ask_read_upto();
+                    if !unseen {
+                        self.retry.push((look, op));
+                        self.coalescer.ask_read_upto();
+                    }
                 } else if reason == NeedReason::LocalError {
                     // Whatever failed there may fail again: not in a loop.
                     self.retry
@@ -2129,7 +2146,7 @@ impl<T: LocalTree> Sender<T> {
             }
             Read::Ready(data) => {
                 let hash = index::hash_bytes(&data);
-                let apart = self.file_apart(store, &rel, st);
+                let apart = self.file_apart(store, &rel);
                 self.file_frames(seq, store, &rel, st, (&data, hash, apart), out);
                 self.account_file(seq, store, rel, st, hash, data.len() as u64, batch);
             }
@@ -2207,13 +2224,15 @@ impl<T: LocalTree> Sender<T> {
         self.window.sent(n, batch);
     }
 
-    /// Whether a file sent now must land in an inode of its own on the
-    /// replica (`SyncMsg::File`'s `apart`): it has no other name here, or
-    /// a comparison found its name joined there with names apart here
-    /// (said once: the names linked to it follow as links).
-    pub(crate) fn file_apart(&mut self, store: usize, rel: &Path, st: &Stat) -> bool {
-        let unjoin = !self.unjoin.is_empty() && self.unjoin.remove(&(store, rel.to_path_buf()));
-        st.nlink <= 1 || unjoin
+    /// Whether a file sent now must land in a file of its own on the
+    /// replica (`SyncMsg::File`'s `apart`): a comparison found its name
+    /// joined there with names apart here (said once: the names linked to
+    /// it here follow as links; if it does not land, the next comparison
+    /// finds it joined again). Only then: landing a copy over a name whose
+    /// content is durable there replaces that content with one a failed
+    /// flush may lose, so the replica otherwise keeps the file it has.
+    pub(crate) fn file_apart(&mut self, store: usize, rel: &Path) -> bool {
+        !self.unjoin.is_empty() && self.unjoin.remove(&(store, rel.to_path_buf()))
     }
 
     fn file_frames(
@@ -2410,10 +2429,18 @@ impl<T: LocalTree> Sender<T> {
     /// Whether the delete of `rel`, by a Sync queued at `since`, may be
     /// sure: queued since the replica held it (the caller forgets the mark
     /// once the delete goes sure).
+    /// In or under a folder the tracker cannot watch, where a rename has no
+    /// event, also a comparison begun since the replica held the name
+    /// (which lists where it may have gone): the tracker compares the store
+    /// at each retry of such folders.
     fn delete_sure_due(&self, store: usize, rel: &Path, since: Instant) -> bool {
         self.deletes_sure
             .get(&(store, rel.to_path_buf()))
-            .is_some_and(|at| since >= *at)
+            .is_some_and(|at| {
+                since >= *at
+                    && (self.compared_at.is_some_and(|c| c > *at)
+                        || !self.coalescer.unwatched_at_or_above(store, rel))
+            })
     }
 
     /// Names at or below `rel` (renamed onto): their next delete is unsure.
@@ -2785,6 +2812,10 @@ impl<T: LocalTree> Sender<T> {
         .encode(&mut f);
         add(&self.stats.links_sent, 1);
         tracing::debug!(existing = %existing.display(), path = %rel.display(), "plan link");
+        // A link gives the name the file of its group there.
+        if !self.unjoin.is_empty() {
+            self.unjoin.remove(&(store, rel.to_path_buf()));
+        }
         // Another name to link to (ops apply in order there), should
         // `existing` be deleted next.
         self.inodes.record(key, store, rel, st.version);
@@ -3441,7 +3472,7 @@ impl Sender<Tree> {
             meta: st.meta,
             size: len,
             hash,
-            apart: self.file_apart(store, rel, st),
+            apart: self.file_apart(store, rel),
         }
         .encode(&mut out);
         w.send_bytes(out).await?;

@@ -243,6 +243,25 @@ impl Coalescer {
         self.shared.read_upto()
     }
 
+    /// Whether `rel` of `store`, or a folder above it, is one the tracker
+    /// cannot watch: a rename there has no event.
+    pub(crate) fn unwatched_at_or_above(&self, store: usize, rel: &std::path::Path) -> bool {
+        self.shared.unwatched_at_or_above(store, rel)
+    }
+
+    /// The tracker could not watch folder `rel` (`true`), or watches it
+    /// again (for a tracker model driving the coalescer).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn note_unwatched(&self, store: usize, rel: &std::path::Path, unwatched: bool) {
+        self.shared.note_unwatched(store, rel, unwatched);
+    }
+
+    /// Every folder is watched again (for a tracker model).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn clear_unwatched(&self) {
+        self.shared.clear_unwatched();
+    }
+
     /// Asks the tracker for a fresh [`Coalescer::read_upto`] now; the
     /// waker is notified when it advances.
     pub(crate) fn ask_read_upto(&self) {

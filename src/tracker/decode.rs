@@ -446,7 +446,30 @@ impl Decoder {
             // Still watched where it went: its events would be misattributed to the old path.
             self.unwatch(from.store, &from.rel, &from.wds);
         }
+        // Where it went may be a folder of the store the tracker cannot
+        // watch (no event comes from there): the store is compared, so that
+        // the replica keeps the old name until the comparison has looked
+        // (the sender makes no delete sure while a rescan is ahead of it).
+        let unseen = !self.filter.excluded(&from.rel) && self.unwatched_in(from.store);
+        let (store, since) = (from.store, from.since);
+        if unseen {
+            tracing::debug!(store, path = %from.rel.display(), "moved out while folders of its store are not watched: rescanning");
+        }
         self.sync(from.store, from.rel, from.since, out);
+        if unseen {
+            let reason = "an entry moved out while folders cannot be watched".to_string();
+            self.rescan(store, reason, since, out);
+        }
+    }
+
+    /// Whether a folder of `store` is remembered as not watched.
+    fn unwatched_in(&self, store: usize) -> bool {
+        !self.unwatched.is_empty()
+            && self
+                .unwatched
+                .range((store, RelPath::new())..)
+                .next()
+                .is_some_and(|(s, _)| *s == store)
     }
 
     fn moved_in(
@@ -740,7 +763,13 @@ impl Decoder {
     /// not at every failed retry), and tried again every
     /// [`WATCH_RETRY_EVERY`] (the wait doubling), the stores compared with
     /// the replica at each retry while any stays unwatched.
-    fn watch_failed(&mut self, store: usize, rel: &RelPath, why: &str, out: &mut Vec<Op>) {
+    pub(super) fn watch_failed(
+        &mut self,
+        store: usize,
+        rel: &RelPath,
+        why: &str,
+        out: &mut Vec<Op>,
+    ) {
         Shared::add(&self.shared.watch_failures, 1);
         let key = (store, rel.clone());
         let abs = self.roots[store].join(rel);
@@ -756,7 +785,7 @@ impl Decoder {
             return;
         }
         self.unwatched.insert(key);
-        self.publish_unwatched();
+        self.shared.note_unwatched(store, rel, true);
         let hint = if why.contains("No space left") || why.contains("NOSPC") {
             " (the inotify watch limit: raise fs.inotify.max_user_watches)"
         } else {
@@ -787,13 +816,8 @@ impl Decoder {
     /// Folder `rel` is watched now, or gone: not tried again.
     fn watched_again(&mut self, store: usize, rel: &RelPath) {
         if !self.unwatched.is_empty() && self.unwatched.remove(&(store, rel.clone())) {
-            self.publish_unwatched();
+            self.shared.note_unwatched(store, rel, false);
         }
-    }
-
-    fn publish_unwatched(&self) {
-        let n = self.unwatched.len() as u64;
-        self.shared.unwatched.store(n, Ordering::Relaxed);
     }
 
     /// Tries the folders whose watch failed again, if their time has come:

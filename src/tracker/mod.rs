@@ -157,7 +157,8 @@ pub(crate) const CHANNEL_OPS_MAX: usize = 1_000_000;
 /// it before the count does.
 pub(crate) const CHANNEL_BYTES_MAX: usize = 64 << 20;
 
-/// State shared by producers and the consumer: atomics only.
+/// State shared by producers and the consumer: atomics, and the folders
+/// not watched (locked as that set changes and when the sender asks).
 pub(crate) struct Shared {
     watches: AtomicU64,
     events: AtomicU64,
@@ -165,6 +166,9 @@ pub(crate) struct Shared {
     rescans: AtomicU64,
     watch_failures: AtomicU64,
     unwatched: AtomicU64,
+    /// The folders whose watch failed and that are tried again (at most
+    /// `decode::UNWATCHED_MAX`): no event comes from in or under them.
+    unwatched_dirs: std::sync::Mutex<std::collections::BTreeSet<(usize, RelPath)>>,
     pending: AtomicU64,
     /// Per store: ops were dropped at the channel bound since the last drain.
     lost: Box<[AtomicBool]>,
@@ -198,6 +202,7 @@ impl Shared {
             rescans: AtomicU64::new(0),
             watch_failures: AtomicU64::new(0),
             unwatched: AtomicU64::new(0),
+            unwatched_dirs: Default::default(),
             pending: AtomicU64::new(0),
             lost: (0..stores).map(|_| AtomicBool::new(false)).collect(),
             any_lost: AtomicBool::new(false),
@@ -210,6 +215,35 @@ impl Shared {
             read_upto_waited: AtomicBool::new(false),
             poke: None,
         }
+    }
+
+    /// Folder `rel` of `store` is not watched (`true`) or is again.
+    pub(crate) fn note_unwatched(&self, store: usize, rel: &Path, unwatched: bool) {
+        let mut set = self.unwatched_dirs.lock().expect("unwatched lock");
+        if unwatched {
+            set.insert((store, rel.to_path_buf()));
+        } else {
+            set.remove(&(store, rel.to_path_buf()));
+        }
+        self.unwatched.store(set.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Every folder is watched again (a tracker model's).
+    #[cfg(any(test, feature = "tools"))]
+    pub(crate) fn clear_unwatched(&self) {
+        self.unwatched_dirs.lock().expect("unwatched lock").clear();
+        self.unwatched.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether `rel` of `store`, or a folder above it, is not watched: a
+    /// change there (a rename, say) has no event.
+    pub(crate) fn unwatched_at_or_above(&self, store: usize, rel: &Path) -> bool {
+        if self.unwatched.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let set = self.unwatched_dirs.lock().expect("unwatched lock");
+        rel.ancestors()
+            .any(|a| set.contains(&(store, a.to_path_buf())))
     }
 
     /// With the descriptor that wakes the reader thread for a fresh

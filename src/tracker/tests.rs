@@ -779,6 +779,38 @@ fn moves_pair_by_cookie_and_unpaired_ones_expire_into_syncs() {
     assert_eq!(plains(&out), ["sync 0 gone"]);
 }
 
+/// A move out of the tree while a folder of its store cannot be watched
+/// may be a move into that folder (no event comes from there): the store
+/// is compared too. Another store's moves out are syncs alone.
+#[test]
+fn a_move_out_while_a_folder_of_its_store_is_unwatched_asks_for_a_rescan() {
+    let (_tmp, mut d, shared, wds) = decoder(2);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    let later = now + Duration::from_secs(1);
+    d.watch_failed(
+        1,
+        &PathBuf::from(".Full"),
+        "No space left on device",
+        &mut out,
+    );
+    assert_eq!(plains(&out), ["rescan 1"], "compared at the failure");
+    assert_eq!(shared.snapshot().unwatched, 1);
+    out.clear();
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM, 1, Some("a")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[1], ReadFlags::MOVED_FROM, 2, Some("b")),
+        now,
+        &mut out,
+    );
+    d.expire_moves(later, &mut out);
+    assert_eq!(plains(&out), ["sync 0 a", "sync 1 b", "rescan 1"]);
+}
+
 #[test]
 fn ignored_and_delete_self_drop_the_watch() {
     let (tmp, mut d, shared, wds) = decoder(1);

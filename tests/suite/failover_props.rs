@@ -351,7 +351,7 @@ fn data_sim_seeds_that_dropped_a_message_at_a_failover() {
     use hasync::replica::data_sim::DataSim;
     for seed in [
         263, 457, 668, 1045, 1323, 1397, 1453, 1491, 2153, 2871, 4757, 9343, 9959, 10529, 12576,
-        13859, 19568, 25475, 27621, 39462,
+        13859, 19568, 25475, 27621, 39462, 8884, 9291,
     ] {
         match DataSim::sweep(seed, true).run() {
             Ok(o) => {

@@ -77,11 +77,11 @@ struct StoreComparison {
     root: Option<DirStamp>,
     /// The last folder only the replica holds that topped its subtree.
     last_gone_top: Option<PathBuf>,
-    /// Files found the same that have other names here: their inode here,
+    /// Files found the same that have other names here or there: their inode here,
     /// their link identity on the replica and their version (see
     /// [`Sender::split_links`]); at most [`LINKED_NAMES_MAX`].
     linked: Vec<LinkedName>,
-    /// Names with other names here past [`LINKED_NAMES_MAX`], not checked.
+    /// Such names past [`LINKED_NAMES_MAX`], not checked.
     linked_over: u64,
     done: bool,
 }
@@ -145,6 +145,7 @@ impl<T: LocalTree> Sender<T> {
             SyncPhase::Verifying
         });
         self.comparison_owed = false;
+        self.compared_at = Some(Instant::now());
         // Its walk begins after every folder found gone so far.
         self.vanished = None;
         self.gone_at_walk = None;
@@ -155,8 +156,10 @@ impl<T: LocalTree> Sender<T> {
         for (s, rel) in self.backlog.iter() {
             on_way.add_path(s, &rel);
         }
-        // This comparison finds everything still different.
+        // This comparison finds everything still different, and names
+        // still joined on the replica.
         self.backlog.clear();
+        self.unjoin.clear();
         self.manifest_id += 1;
         let id = self.manifest_id;
         let mut out = Vec::new();
@@ -571,8 +574,10 @@ impl<T: LocalTree> Sender<T> {
     /// First, names the replica holds as one inode that are apart here
     /// (joined there after a refused rename became a sync of both names,
     /// say): of each inode there, the names of the file here that has the
-    /// most of them stay; the others are sent again `apart`, each landing
-    /// in an inode of its own (see [`Sender::file_apart`]).
+    /// most of them stay; the others are sent again: as a file `apart`
+    /// (landing in an inode of its own, see [`Sender::file_apart`]), or as
+    /// a link where their file here has a name the replica holds apart
+    /// from that inode.
     ///
     /// Then names of one inode here that the replica holds the same but
     /// not as one inode (a group split there: after a refused folder
@@ -590,7 +595,13 @@ impl<T: LocalTree> Sender<T> {
                 sc.linked_over
             );
         }
-        let unjoined = unjoin(&mut linked);
+        // Only with every such name seen: a part of a group would take
+        // apart names the rest shows to belong together.
+        let unjoined = if sc.linked_over == 0 {
+            unjoin(&mut linked)
+        } else {
+            0
+        };
         // A group's names together, in path order within it.
         linked.sort_unstable_by(|a, b| a.key.cmp(&b.key).then_with(|| path_order(&a.rel, &b.rel)));
         let mut links = Vec::new();
@@ -679,7 +690,7 @@ fn unjoin(linked: &mut [LinkedName]) -> usize {
     marked
 }
 
-/// A name found the same whose file has other names here.
+/// A name found the same whose file has other names here or on the replica.
 struct LinkedName {
     rel: PathBuf,
     key: InodeKey,
@@ -687,13 +698,16 @@ struct LinkedName {
     /// taken apart there: `unjoin`).
     remote: u64,
     version: super::super::index::Version,
-    /// Held there as one file with names apart here: sent again apart.
+    /// Held there as one file with names apart here: sent again, apart
+    /// or as a link.
     unjoin: bool,
 }
 
-/// Names with other names here whose links one store's comparison checks
-/// (about 100 bytes each, held until the store's manifest has all
-/// arrived); past it, the store's other names are not checked (logged).
+/// Names with other names here or on the replica whose links one store's
+/// comparison checks (about 100 bytes each, held until the store's
+/// manifest has all arrived); past it, the store's other names are not
+/// checked (logged), and no names joined on the replica are taken apart
+/// in that store.
 pub(crate) const LINKED_NAMES_MAX: usize = 1 << 18;
 
 /// The replica's link identity most names of a group share (ties: the
@@ -1060,16 +1074,13 @@ mod tests {
                 .collect();
             unjoin.sort();
             assert_eq!(unjoin, ["c/cur/1", moved], "chunks of {chunk}");
-            // Said once, for the file sent: a later file of the name goes
-            // apart only if it has no other name here.
-            let st =
-                |s: &Sender<Tree>, p: &str| s.stores[0].tree.lstat(Path::new(p)).unwrap().unwrap();
-            let c = st(&s, "c/cur/1");
-            assert!(s.file_apart(0, Path::new("c/cur/1"), &c));
-            assert!(!s.file_apart(0, Path::new("c/cur/1"), &c));
-            let m = st(&s, moved);
-            assert!(s.file_apart(0, Path::new(moved), &m));
-            assert!(s.file_apart(0, Path::new(moved), &m), "no other name here");
+            // Said once, for the file sent; a file of another name is not
+            // apart; a new comparison starts afresh.
+            assert!(s.file_apart(0, Path::new("c/cur/1")));
+            assert!(!s.file_apart(0, Path::new("c/cur/1")));
+            assert!(!s.file_apart(0, Path::new("a/cur/1")));
+            let _ = s.begin_comparison(false, false);
+            assert!(!s.file_apart(0, Path::new(moved)));
         }
     }
 
