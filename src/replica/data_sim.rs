@@ -3254,6 +3254,12 @@ impl DataSim {
                     }
                 }
                 Event::Moved(from, to, dir) => {
+                    if dir.is_some() {
+                        // Folders whose watch failed go with it.
+                        let to_in =
+                            !self.excludes.is_excluded(&from) && !self.excludes.is_excluded(&to);
+                        self.follow_unwatched(&from, to_in.then_some(to.as_path()));
+                    }
                     match (
                         self.excludes.is_excluded(&from),
                         self.excludes.is_excluded(&to),
@@ -3376,6 +3382,7 @@ impl DataSim {
         }
         if let Some(i) = top {
             self.watched.insert(i);
+            self.watched_again(dir);
         }
         // In path order: a folder comes before what is under it.
         let mut failed: Vec<PathBuf> = Vec::new();
@@ -3396,8 +3403,41 @@ impl DataSim {
                     failed.push(p);
                 } else {
                     self.watched.insert(i);
+                    self.watched_again(&p);
                 }
             }
+        }
+    }
+
+    /// Folders remembered as not watched at or under `from` are
+    /// remembered under `to` (`None`: forgotten), as the real tracker does
+    /// at a folder's rename.
+    fn follow_unwatched(&mut self, from: &Path, to: Option<&Path>) {
+        let moved: Vec<PathBuf> = self
+            .unwatched
+            .iter()
+            .filter(|p| p.starts_with(from))
+            .cloned()
+            .collect();
+        for p in moved {
+            self.unwatched.remove(&p);
+            self.sender.coalescer.note_unwatched(0, &p, false);
+            if let (Some(to), Ok(below)) = (to, p.strip_prefix(from)) {
+                let q = if below.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(below)
+                };
+                self.sender.coalescer.note_unwatched(0, &q, true);
+                self.unwatched.insert(q);
+            }
+        }
+    }
+
+    /// Folder `dir` is watched: not tried again.
+    fn watched_again(&mut self, dir: &Path) {
+        if !self.unwatched.is_empty() && self.unwatched.remove(dir) {
+            self.sender.coalescer.note_unwatched(0, dir, false);
         }
     }
 
@@ -4818,12 +4858,9 @@ mod tests {
         assert_eq!(files(&sim.primary.borrow()), files(&sim.replica.fs));
     }
 
-    /// A folder the tracker cannot watch (the watch limit): the store is
-    /// compared at once, nothing made in it later is reported until the
-    /// retry, which watches it and compares again; from then on its
-    /// changes travel as events.
-    #[test]
-    fn a_folder_the_tracker_cannot_watch_is_compared_and_watched_at_its_retry() {
+    /// A settled pair whose tracker could not watch folder `name`, just
+    /// made (every watch fails; its retry far off).
+    fn with_unwatched_folder(name: &str) -> DataSim {
         let mut sim = DataSim::without_crashes(1);
         // Watches fail only while the users work.
         sim.workload_left = 1;
@@ -4831,12 +4868,22 @@ mod tests {
         sim.session();
         settle(&mut sim);
         let _ = sim.sender.take_verify_request();
-        sim.mkdir(Path::new(".n"));
+        sim.mkdir(Path::new(name));
         primary_turn(&mut sim);
         send_all(&mut sim);
-        assert!(sim.unwatched.contains(Path::new(".n")));
-        assert!(sim.sender.take_verify_request(), "compared at once");
+        assert!(sim.unwatched.contains(Path::new(name)));
         sim.watch_retry_in = 1_000;
+        sim
+    }
+
+    /// A folder the tracker cannot watch (the watch limit): the store is
+    /// compared at once, nothing made in it later is reported until the
+    /// retry, which watches it and compares again; from then on its
+    /// changes travel as events.
+    #[test]
+    fn a_folder_the_tracker_cannot_watch_is_compared_and_watched_at_its_retry() {
+        let mut sim = with_unwatched_folder(".n");
+        assert!(sim.sender.take_verify_request(), "compared at once");
         sim.mkdir(Path::new(".n/new"));
         sim.write_new(Path::new(".n/new/1"), b"one".to_vec(), 0o600);
         assert!(sim.events.is_empty(), "no event from an unwatched folder");
@@ -4874,16 +4921,7 @@ mod tests {
     /// mailbox at a failover).
     #[test]
     fn a_delete_in_a_folder_the_tracker_cannot_watch_waits_for_the_next_comparison() {
-        let mut sim = DataSim::without_crashes(1);
-        sim.workload_left = 1;
-        sim.watch_fail_percent = 100;
-        sim.session();
-        settle(&mut sim);
-        sim.mkdir(Path::new(".n"));
-        primary_turn(&mut sim);
-        send_all(&mut sim);
-        assert!(sim.unwatched.contains(Path::new(".n")));
-        sim.watch_retry_in = 1_000;
+        let mut sim = with_unwatched_folder(".n");
         for d in [".n/new", ".n/cur"] {
             sim.mkdir(Path::new(d));
         }

@@ -400,6 +400,12 @@ impl Decoder {
     fn on_rename(&mut self, from: PendingMove, to: RelPath, out: &mut Vec<Op>) {
         let store = from.store;
         let both_in = !self.filter.excluded(&from.rel) && !self.filter.excluded(&to);
+        if from.is_dir {
+            // Folders whose watch failed go with it: tried again where
+            // they are (a folder made again at the old name meanwhile is
+            // another folder).
+            self.follow_unwatched(store, &from.rel, both_in.then_some(to.as_path()));
+        }
         if from.is_dir && both_in && from.wds.is_empty() {
             // Never watched: made and renamed before its IN_CREATE was read
             // (the watch for the old name found nothing). Watched now under
@@ -811,6 +817,35 @@ impl Decoder {
         self.retry_at
             .get_or_insert(Instant::now() + self.retry_every);
         self.rescan(store, reason, Instant::now(), out);
+    }
+
+    /// Folders remembered as not watched at or under `from` are remembered
+    /// under `to` instead (renamed with a folder above them), or forgotten
+    /// (`None`: moved out of what is replicated).
+    fn follow_unwatched(&mut self, store: usize, from: &Path, to: Option<&Path>) {
+        if self.unwatched.is_empty() {
+            return;
+        }
+        // In path order, what is under `from` follows it.
+        let moved: Vec<RelPath> = self
+            .unwatched
+            .range((store, from.to_path_buf())..)
+            .take_while(|(s, p)| *s == store && p.starts_with(from))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for p in moved {
+            self.unwatched.remove(&(store, p.clone()));
+            self.shared.note_unwatched(store, &p, false);
+            if let (Some(to), Ok(below)) = (to, p.strip_prefix(from)) {
+                let q = if below.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(below)
+                };
+                self.shared.note_unwatched(store, &q, true);
+                self.unwatched.insert((store, q));
+            }
+        }
     }
 
     /// Folder `rel` is watched now, or gone: not tried again.

@@ -811,6 +811,43 @@ fn a_move_out_while_a_folder_of_its_store_is_unwatched_asks_for_a_rescan() {
     assert_eq!(plains(&out), ["sync 0 a", "sync 1 b", "rescan 1"]);
 }
 
+/// A folder whose watch failed goes with a rename of a folder above it:
+/// tried again (here at once, as the renamed folder is watched under its
+/// new name) where it is, not under its old name, which may hold another
+/// folder by the retry.
+#[test]
+fn a_folder_whose_watch_failed_follows_a_rename_above_it() {
+    let (tmp, mut d, shared, wds) = decoder(1);
+    let mut out = Vec::new();
+    let now = Instant::now();
+    // As the tree is after the rename of `a` to `c`.
+    fs::create_dir_all(tmp.path().join("s0/c/b")).expect("mkdir");
+    d.watch_failed(
+        0,
+        &PathBuf::from("a/b"),
+        "No space left on device",
+        &mut out,
+    );
+    assert_eq!(shared.snapshot().unwatched, 1);
+    out.clear();
+    let dir = ReadFlags::ISDIR;
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_FROM | dir, 9, Some("a")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_TO | dir, 9, Some("c")),
+        now,
+        &mut out,
+    );
+    assert!(
+        d.watched(0, Path::new("c/b")).is_some(),
+        "watched where it went"
+    );
+    assert_eq!(shared.snapshot().unwatched, 0);
+}
+
 #[test]
 fn ignored_and_delete_self_drop_the_watch() {
     let (tmp, mut d, shared, wds) = decoder(1);

@@ -1,5 +1,6 @@
 //! Mailstore replication between two real daemons.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use hasync::fixture::{generate_maildirs, Step, Workload};
@@ -461,20 +462,35 @@ fn anti_entropy_repairs_drift_on_the_secondary() {
 /// rename say) is joined again by the next verification, which sends the
 /// names apart as links; not counted as drift, since nothing differs but
 /// the links.
-#[test]
-fn a_hard_link_group_held_apart_on_the_replica_is_joined_again_by_verification() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+/// A pair verifying every second (writes on the replica not watched),
+/// converged on a small fixture; its two stores and a message in
+/// user0000's cur/ on the primary.
+fn verifying_pair() -> (TestPair, PathBuf, PathBuf, PathBuf) {
     let mut opts = fast();
     opts.verify_interval_ms = 1000;
     opts.watch_foreign_writes = false;
     let tp = started_with_fixture(opts, 5, 3, 20);
     let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
     wait_identical(&src, &dst, CONVERGE).unwrap();
-    // A Dovecot copy into two other mailboxes: one inode, three names.
     let first = walk_files(&src)
         .into_iter()
         .find(|p| p.to_string_lossy().contains("user0000/Maildir/cur/"))
         .expect("a message in user0000's cur/");
+    (tp, src, dst, first)
+}
+
+/// The access and modification times `md` has, for `set_times`.
+fn times_of(md: &std::fs::Metadata) -> std::fs::FileTimes {
+    std::fs::FileTimes::new()
+        .set_accessed(md.accessed().unwrap())
+        .set_modified(md.modified().unwrap())
+}
+
+#[test]
+fn a_hard_link_group_held_apart_on_the_replica_is_joined_again_by_verification() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (tp, src, dst, first) = verifying_pair();
+    // A Dovecot copy into two other mailboxes: one inode, three names.
     let copies = ["user0001", "user0002"].map(|u| {
         let c = src.join(u).join("Maildir/cur/1700000000.copy.host:2,S");
         std::fs::hard_link(&first, &c).unwrap();
@@ -494,21 +510,16 @@ fn a_hard_link_group_held_apart_on_the_replica_is_joined_again_by_verification()
     std::fs::copy(&apart, &tmp).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(md.mode() & 0o7777)).unwrap();
     std::os::unix::fs::chown(&tmp, Some(md.uid()), Some(md.gid())).unwrap();
-    let times = |m: &std::fs::Metadata| {
-        std::fs::FileTimes::new()
-            .set_accessed(m.accessed().unwrap())
-            .set_modified(m.modified().unwrap())
-    };
     std::fs::File::options()
         .write(true)
         .open(&tmp)
         .unwrap()
-        .set_times(times(&md))
+        .set_times(times_of(&md))
         .unwrap();
     std::fs::rename(&tmp, &apart).unwrap();
     std::fs::File::open(&folder)
         .unwrap()
-        .set_times(times(&folder_md))
+        .set_times(times_of(&folder_md))
         .unwrap();
     assert_eq!(std::fs::metadata(&apart).unwrap().nlink(), 1);
     let repaired_before = tp.repl(0).repaired;
@@ -540,18 +551,9 @@ fn a_hard_link_group_held_apart_on_the_replica_is_joined_again_by_verification()
 #[test]
 fn names_joined_on_the_replica_that_are_apart_here_are_taken_apart_by_verification() {
     use std::os::unix::fs::MetadataExt;
-    let mut opts = fast();
-    opts.verify_interval_ms = 1000;
-    opts.watch_foreign_writes = false;
-    let tp = started_with_fixture(opts, 5, 3, 20);
-    let (src, dst) = (tp.store(0, "inbox"), tp.store(1, "inbox"));
-    wait_identical(&src, &dst, CONVERGE).unwrap();
+    let (tp, src, dst, first) = verifying_pair();
     // A message copied into another mailbox with its mode and times: two
     // files here.
-    let first = walk_files(&src)
-        .into_iter()
-        .find(|p| p.to_string_lossy().contains("user0000/Maildir/cur/"))
-        .expect("a message in user0000's cur/");
     let copy = src.join("user0001/Maildir/cur/1700000000.copy.host:2,S");
     let status = std::process::Command::new("cp")
         .arg("-p")
@@ -575,11 +577,7 @@ fn names_joined_on_the_replica_that_are_apart_here_are_taken_apart_by_verificati
     std::fs::rename(&tmp, &there_copy).unwrap();
     std::fs::File::open(&folder)
         .unwrap()
-        .set_times(
-            std::fs::FileTimes::new()
-                .set_accessed(folder_md.accessed().unwrap())
-                .set_modified(folder_md.modified().unwrap()),
-        )
+        .set_times(times_of(&folder_md))
         .unwrap();
     assert_eq!(std::fs::metadata(&there_copy).unwrap().nlink(), 2);
     let repaired_before = tp.repl(0).repaired;
