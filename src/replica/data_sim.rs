@@ -3382,7 +3382,7 @@ impl DataSim {
         }
         if let Some(i) = top {
             self.watched.insert(i);
-            self.watched_again(dir);
+            self.watched_again(dir, ops);
         }
         // In path order: a folder comes before what is under it.
         let mut failed: Vec<PathBuf> = Vec::new();
@@ -3403,7 +3403,7 @@ impl DataSim {
                     failed.push(p);
                 } else {
                     self.watched.insert(i);
-                    self.watched_again(&p);
+                    self.watched_again(&p, ops);
                 }
             }
         }
@@ -3434,10 +3434,16 @@ impl DataSim {
         }
     }
 
-    /// Folder `dir` is watched: not tried again.
-    fn watched_again(&mut self, dir: &Path) {
+    /// Folder `dir` is watched: not tried again, and, as the real tracker
+    /// does, the store compared (no event said what changed in it).
+    fn watched_again(&mut self, dir: &Path, ops: &mut Vec<Op>) {
         if !self.unwatched.is_empty() && self.unwatched.remove(dir) {
             self.sender.coalescer.note_unwatched(0, dir, false);
+            ops.push(Op::Rescan {
+                store: 0,
+                reason: format!("{} watched again (simulated)", dir.display()),
+                since: Instant::now(),
+            });
         }
     }
 

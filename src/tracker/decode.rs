@@ -720,7 +720,7 @@ impl Decoder {
                 // A folder to report gone from under its name before its
                 // watch: where it went is reported by a rename not read yet.
                 self.unsettled |= report.is_some();
-                self.watched_again(store, rel);
+                self.watched_again(store, rel, out);
                 Vec::new()
             }
             Found::Failed(why) => {
@@ -749,7 +749,7 @@ impl Decoder {
                 }
                 match failed {
                     Some(why) => self.watch_failed(store, rel, &why, out),
-                    None => self.watched_again(store, rel),
+                    None => self.watched_again(store, rel, out),
                 }
                 folders
             }
@@ -848,10 +848,15 @@ impl Decoder {
         }
     }
 
-    /// Folder `rel` is watched now, or gone: not tried again.
-    fn watched_again(&mut self, store: usize, rel: &RelPath) {
+    /// Folder `rel` is watched now, or gone: not tried again. If it was
+    /// remembered, its store is compared: what changed in it while it was
+    /// not watched had no events (renamed with its folder, it is watched
+    /// under the new name before the retry that would compare).
+    fn watched_again(&mut self, store: usize, rel: &RelPath, out: &mut Vec<Op>) {
         if !self.unwatched.is_empty() && self.unwatched.remove(&(store, rel.clone())) {
             self.shared.note_unwatched(store, rel, false);
+            let reason = format!("{} watched again after its watch failed", rel.display());
+            self.rescan(store, reason, Instant::now(), out);
         }
     }
 

@@ -814,7 +814,7 @@ fn a_move_out_while_a_folder_of_its_store_is_unwatched_asks_for_a_rescan() {
 /// A folder whose watch failed goes with a rename of a folder above it:
 /// tried again (here at once, as the renamed folder is watched under its
 /// new name) where it is, not under its old name, which may hold another
-/// folder by the retry.
+/// folder by the retry; watched, its store is compared.
 #[test]
 fn a_folder_whose_watch_failed_follows_a_rename_above_it() {
     let (tmp, mut d, shared, wds) = decoder(1);
@@ -846,6 +846,12 @@ fn a_folder_whose_watch_failed_follows_a_rename_above_it() {
         "watched where it went"
     );
     assert_eq!(shared.snapshot().unwatched, 0);
+    // What changed in it while it was not watched had no events.
+    assert!(
+        plains(&out).iter().any(|o| o == "rescan 0"),
+        "{:?}",
+        plains(&out)
+    );
 }
 
 #[test]

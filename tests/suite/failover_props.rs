@@ -499,8 +499,13 @@ fn data_sim_seeds_that_found_bugs() {
     // whose watch failed renamed, and a folder made again at the old name
     // before the retry; the moved folder stayed unwatched and forgotten (a
     // flag change in it never replicated): remembered folders now follow
-    // renames above them.
-    for seed in [411, 1071, 1971, 2213, 5319, 8285, 11494, 21116, 29986, 38973] {
+    // renames above them. 43050 (with that): such a folder renamed itself,
+    // and so watched under its new name before the retry, reported what it
+    // held and not a name gone from it: a remembered folder now compares
+    // its store whenever it comes to be watched.
+    for seed in [
+        411, 1071, 1971, 2213, 5319, 8285, 11494, 21116, 29986, 38973, 43050,
+    ] {
         if let Err(v) = DataSim::sweep(seed, true).run() {
             panic!("seed {seed}: {v}\nreplay with: HASYNC_DATA_SIM_SEED={seed} cargo test --test tests data_sim_seeds");
         }
