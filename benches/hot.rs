@@ -51,7 +51,7 @@ fn file_msg() -> SyncMsg {
         },
         size: 10_240,
         hash: 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
-        apart: true,
+        apart: false,
     }
 }
 

@@ -4702,7 +4702,7 @@ mod tests {
             meta: meta(0o600),
             size: 0,
             hash: index::hash_bytes(b""),
-            apart: true,
+            apart: false,
         }
     }
 

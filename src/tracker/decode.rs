@@ -276,8 +276,9 @@ impl Decoder {
                     if from.store == store {
                         self.on_rename(from, rel, out);
                     } else {
-                        // Between two stores on one filesystem: a delete here, a new path there.
-                        self.moved_out(from, out);
+                        // Between two stores on one filesystem: a delete here, a new path there
+                        // (seen: no rescan for where it went).
+                        self.moved_out_to(from, true, out);
                         self.moved_in(store, ev.wd, rel, is_dir, now, out);
                     }
                 }
@@ -448,6 +449,12 @@ impl Decoder {
     }
 
     fn moved_out(&mut self, from: PendingMove, out: &mut Vec<Op>) {
+        self.moved_out_to(from, false, out);
+    }
+
+    /// [`Decoder::moved_out`]; `seen`: where it went is known (another
+    /// store).
+    fn moved_out_to(&mut self, from: PendingMove, seen: bool, out: &mut Vec<Op>) {
         if from.is_dir {
             // Still watched where it went: its events would be misattributed to the old path.
             self.unwatch(from.store, &from.rel, &from.wds);
@@ -456,7 +463,7 @@ impl Decoder {
         // watch (no event comes from there): the store is compared, so that
         // the replica keeps the old name until the comparison has looked
         // (the sender makes no delete sure while a rescan is ahead of it).
-        let unseen = !self.filter.excluded(&from.rel) && self.unwatched_in(from.store);
+        let unseen = !seen && !self.filter.excluded(&from.rel) && self.unwatched_in(from.store);
         let (store, since) = (from.store, from.since);
         if unseen {
             tracing::debug!(store, path = %from.rel.display(), "moved out while folders of its store are not watched: rescanning");

@@ -781,7 +781,8 @@ fn moves_pair_by_cookie_and_unpaired_ones_expire_into_syncs() {
 
 /// A move out of the tree while a folder of its store cannot be watched
 /// may be a move into that folder (no event comes from there): the store
-/// is compared too. Another store's moves out are syncs alone.
+/// is compared too. Another store's moves out, and a move to another
+/// store (seen where it went), are syncs alone.
 #[test]
 fn a_move_out_while_a_folder_of_its_store_is_unwatched_asks_for_a_rescan() {
     let (_tmp, mut d, shared, wds) = decoder(2);
@@ -809,6 +810,18 @@ fn a_move_out_while_a_folder_of_its_store_is_unwatched_asks_for_a_rescan() {
     );
     d.expire_moves(later, &mut out);
     assert_eq!(plains(&out), ["sync 0 a", "sync 1 b", "rescan 1"]);
+    out.clear();
+    d.handle(
+        event(wds[1], ReadFlags::MOVED_FROM, 3, Some("c")),
+        now,
+        &mut out,
+    );
+    d.handle(
+        event(wds[0], ReadFlags::MOVED_TO, 3, Some("c")),
+        now,
+        &mut out,
+    );
+    assert_eq!(plains(&out), ["sync 1 c", "sync 0 c"]);
 }
 
 /// A folder whose watch failed goes with a rename of a folder above it:

@@ -161,7 +161,7 @@ fn an_announced_size_that_cannot_fit_is_refused_before_a_byte_is_staged() {
             meta: super::hostile::meta(),
             size: 10 << 30,
             hash: 0,
-            apart: true,
+            apart: false,
         }
         .encode(&mut out);
         w.send_bytes(out).await.unwrap();

@@ -61,6 +61,18 @@ fn sync_samples() -> Vec<(&'static str, SyncMsg)> {
                 meta,
                 size: 5,
                 hash: 42,
+                apart: false,
+            },
+        ),
+        (
+            "file-apart",
+            SyncMsg::File {
+                seq: 2,
+                store: 0,
+                path: b"v/cur/1:2,S".to_vec(),
+                meta,
+                size: 5,
+                hash: 42,
                 apart: true,
             },
         ),

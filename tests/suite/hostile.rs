@@ -46,7 +46,7 @@ pub fn file_header(seq: u64, path: &[u8], body: &[u8], claimed: &[u8], out: &mut
         meta: meta(),
         size: body.len() as u64,
         hash: xxhash_rust::xxh3::xxh3_128(claimed),
-        apart: true,
+        apart: false,
     }
     .encode(out);
 }
@@ -442,7 +442,7 @@ fn an_authenticated_peer_mirrors_mail_but_cannot_own_the_secondary() {
                 meta: m,
                 size: 3,
                 hash: xxhash_rust::xxh3::xxh3_128(b"abc"),
-                apart: true,
+                apart: false,
             }
             .encode(out);
             SyncMsg::Data {
