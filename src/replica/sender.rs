@@ -2429,6 +2429,7 @@ impl<T: LocalTree> Sender<T> {
     /// Whether the delete of `rel`, by a Sync queued at `since`, may be
     /// sure: queued since the replica held it (the caller forgets the mark
     /// once the delete goes sure).
+    ///
     /// In or under a folder the tracker cannot watch, where a rename has no
     /// event, also a comparison begun since the replica held the name
     /// (which lists where it may have gone): the tracker compares the store

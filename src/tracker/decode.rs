@@ -401,10 +401,13 @@ impl Decoder {
     fn on_rename(&mut self, from: PendingMove, to: RelPath, out: &mut Vec<Op>) {
         let store = from.store;
         let both_in = !self.filter.excluded(&from.rel) && !self.filter.excluded(&to);
-        if from.is_dir {
-            // Folders whose watch failed go with it: tried again where
-            // they are (a folder made again at the old name meanwhile is
-            // another folder).
+        // Folders whose watch failed go with it: tried again where they
+        // are (a folder made again at the old name meanwhile is another
+        // folder). Not when the folder watched under the old name is still
+        // there (below): what was remembered under it is its own.
+        if from.is_dir
+            && !(both_in && !from.wds.is_empty() && self.still_under_old_name(store, &from.rel))
+        {
             self.follow_unwatched(store, &from.rel, both_in.then_some(to.as_path()));
         }
         if from.is_dir && both_in && from.wds.is_empty() {
