@@ -3422,12 +3422,7 @@ impl DataSim {
         for p in moved {
             self.unwatched.remove(&p);
             self.sender.coalescer.note_unwatched(0, &p, false);
-            if let (Some(to), Ok(below)) = (to, p.strip_prefix(from)) {
-                let q = if below.as_os_str().is_empty() {
-                    to.to_path_buf()
-                } else {
-                    to.join(below)
-                };
+            if let Some(q) = to.and_then(|to| crate::model::moved_path(&p, from, to)) {
                 self.sender.coalescer.note_unwatched(0, &q, true);
                 self.unwatched.insert(q);
             }

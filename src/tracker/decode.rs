@@ -846,12 +846,7 @@ impl Decoder {
         for p in moved {
             self.unwatched.remove(&(store, p.clone()));
             self.shared.note_unwatched(store, &p, false);
-            if let (Some(to), Ok(below)) = (to, p.strip_prefix(from)) {
-                let q = if below.as_os_str().is_empty() {
-                    to.to_path_buf()
-                } else {
-                    to.join(below)
-                };
+            if let Some(q) = to.and_then(|to| crate::model::moved_path(&p, from, to)) {
                 self.shared.note_unwatched(store, &q, true);
                 self.unwatched.insert((store, q));
             }
